@@ -1,0 +1,165 @@
+"""Batched training augmentation that runs on whatever device the batch is on (GPU when there is one).
+
+`Augment` takes a (B, H, W, 3) uint8 batch and returns (B, 3, H, W) normalised floats and soft
+targets: random crop with reflect padding, horizontal flip, a TrivialAugment-style policy (one
+randomly chosen op with a random magnitude per image), then mixup or cutmix on the batch and label
+smoothing. Every op is vectorised over the batch: no per-image Python loop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quant.data import normalize
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 4
+    flip: bool = True
+    trivial_augment: bool = True
+    mixup_alpha: float = 0.8      # 0 disables mixup
+    cutmix_alpha: float = 1.0     # 0 disables cutmix
+    mix_prob: float = 1.0         # chance a batch is mixed at all
+    label_smoothing: float = 0.1
+
+
+# TrivialAugment-wide ops. Colour ops act on [0, 1] images; geometric ops build affine matrices.
+_COLOR_OPS = ("identity", "brightness", "color", "contrast", "sharpness",
+              "posterize", "solarize", "autocontrast")
+_GEOM_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+_OPS = _COLOR_OPS + _GEOM_OPS
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageEnhance blend: b + factor * (a - b), clamped to [0, 1]; factor is (B,)."""
+    return (b + factor.view(-1, 1, 1, 1) * (a - b)).clamp_(0, 1)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (B, 1, H, W)
+
+
+def _color_op(name: str, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Apply one colour op to all of x (B, 3, H, W) in [0, 1]; m (B,) is the magnitude in [0, 1]."""
+    sign = torch.where(torch.rand_like(m) < 0.5, -1.0, 1.0)
+    factor = 1 + sign * 0.99 * m  # enhance factor in [0.01, 1.99]
+    if name == "identity":
+        return x
+    if name == "brightness":
+        return _blend(x, torch.zeros_like(x), factor)
+    if name == "color":
+        return _blend(x, _gray(x).expand_as(x), factor)
+    if name == "contrast":
+        return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), factor)
+    if name == "sharpness":
+        kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13
+        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"),
+                           kernel.expand(3, 1, 3, 3), groups=3)
+        return _blend(x, blurred, factor)
+    if name == "posterize":
+        bits = (8 - (m * 6).round()).view(-1, 1, 1, 1)  # keep 2..8 bits
+        step = 2 ** (8 - bits)
+        return torch.floor(x * 255 / step) * step / 255
+    if name == "solarize":
+        threshold = (1 - m).view(-1, 1, 1, 1)
+        return torch.where(x >= threshold, 1 - x, x)
+    if name == "autocontrast":
+        lo = x.amin(dim=(2, 3), keepdim=True)
+        hi = x.amax(dim=(2, 3), keepdim=True)
+        return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
+    raise ValueError(name)
+
+
+def _affine(op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(B, 2, 3) affine matrices (normalised coordinates) for per-image geometric op indices."""
+    B = op.shape[0]
+    sign = torch.where(torch.rand_like(m) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3, device=m.device)
+    angle = sign * m * math.radians(135) * (op == _OPS.index("rotate"))
+    theta[:, 0, 0] = torch.cos(angle)
+    theta[:, 0, 1] = -torch.sin(angle)
+    theta[:, 1, 0] = torch.sin(angle)
+    theta[:, 1, 1] = torch.cos(angle)
+    theta[:, 0, 1] += sign * m * 0.99 * (op == _OPS.index("shear_x"))
+    theta[:, 1, 0] += sign * m * 0.99 * (op == _OPS.index("shear_y"))
+    # Shift by up to 30 % of the image (normalised coordinates span 2).
+    theta[:, 0, 2] = sign * m * 0.6 * (op == _OPS.index("translate_x"))
+    theta[:, 1, 2] = sign * m * 0.6 * (op == _OPS.index("translate_y"))
+    return theta
+
+
+def trivial_augment(x: torch.Tensor) -> torch.Tensor:
+    """One random op of random strength per image; x is (B, 3, H, W) in [0, 1]."""
+    B = x.shape[0]
+    op = torch.randint(len(_OPS), (B,), device=x.device)
+    m = torch.rand(B, device=x.device)
+    out = x.clone()
+    for i, name in enumerate(_COLOR_OPS[1:], start=1):
+        sel = op == i
+        if sel.any():
+            out[sel] = _color_op(name, x[sel], m[sel])
+    geom = op >= len(_COLOR_OPS)
+    if geom.any():
+        grid = F.affine_grid(_affine(op[geom], m[geom]), list(x[geom].shape), align_corners=False)
+        # Fill exposed corners with mid-grey (0.5) as torchvision's fill=128 does.
+        out[geom] = F.grid_sample(x[geom] - 0.5, grid, mode="bilinear", padding_mode="zeros",
+                                  align_corners=False) + 0.5
+    return out
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
+    """Random crops shifted up to `padding` pixels (reflect padding) and horizontal flips; x (B, C, H, W)."""
+    B, C, H, W = x.shape
+    if padding:
+        padded = F.pad(x, (padding,) * 4, mode="reflect").permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
+        rows = torch.randint(0, 2 * padding + 1, (B, 1), device=x.device) + torch.arange(H, device=x.device)
+        cols = torch.randint(0, 2 * padding + 1, (B, 1), device=x.device) + torch.arange(W, device=x.device)
+        batch = torch.arange(B, device=x.device).view(B, 1, 1)
+        x = padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
+    if flip:
+        x = torch.where(torch.rand(B, 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
+    return x
+
+
+def mix(x: torch.Tensor, target: torch.Tensor, cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix (chosen per batch) of images x (B, 3, H, W) and soft targets (B, K)."""
+    use = [a for a in (cfg.mixup_alpha, cfg.cutmix_alpha) if a > 0]
+    if not use or torch.rand(()) >= cfg.mix_prob:
+        return x, target
+    perm = torch.randperm(x.shape[0], device=x.device)
+    if cfg.cutmix_alpha > 0 and (cfg.mixup_alpha <= 0 or torch.rand(()) < 0.5):
+        lam = float(torch.distributions.Beta(cfg.cutmix_alpha, cfg.cutmix_alpha).sample())
+        H, W = x.shape[-2:]
+        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        lam = float(torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha).sample())
+        x = lam * x + (1 - lam) * x[perm]
+    return x, lam * target + (1 - lam) * target[perm]
+
+
+class Augment:
+    """uint8 (B, H, W, 3) images + int labels -> normalised (B, 3, H, W) floats + soft targets (B, K)."""
+
+    def __init__(self, cfg: AugmentConfig, num_classes: int, mean, std):
+        self.cfg, self.num_classes = cfg, num_classes
+        self.mean, self.std = mean, std
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).float().div_(255)   # (B, 3, H, W) in [0, 1]
+        x = random_crop_flip(x, self.cfg.crop_padding, self.cfg.flip)
+        if self.cfg.trivial_augment:
+            x = trivial_augment(x)
+        s = self.cfg.label_smoothing
+        target = F.one_hot(labels, self.num_classes).float() * (1 - s) + s / self.num_classes
+        x, target = mix(x, target, self.cfg)
+        return normalize(x, self.mean, self.std), target

@@ -1,0 +1,334 @@
+"""Image data for bitvit: CIFAR-10 and image-folder trees, decoded once into cached uint8 arrays.
+
+Sources `load_split` reads:
+  * the JPEG copy of CIFAR-10, as its `.tar.gz` or unpacked (`train/<class>/*.jpg`, `test/<class>/*.jpg`);
+  * torchvision's official `cifar-10-batches-py` folder (read with a pickle loader that only admits
+    numpy arrays, lists, dicts and strings, so a hostile file cannot run code);
+  * any image-folder tree with `train/` and `test/` (optionally `val/`) folders of class folders,
+    or a flat tree of class folders, read as split `all`.
+
+Splits: `train` is the training set minus a held-out validation split (`val`: the last
+`val_fraction` (10 %) of each class's images, 500 per CIFAR-10 class, unless the tree has its own
+`val/`); `trainval` is all of it; `test` is for final reporting only.
+
+Decoded splits are cached as `.npy` files under `$BITVIT_CACHE` (default `~/.cache/bitvit`), keyed
+by the source path, its size and modification time and the image size.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+SPLITS = ("train", "val", "trainval", "test", "all")
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray        # (N, H, W, 3) uint8
+    labels: np.ndarray        # (N,) int64
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], self.classes)
+
+
+def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 32,
+               val_fraction: float = 0.1, limit: int | None = None, progress: bool = True) -> ImageSet:
+    """One split of a data source (see the module docstring) as a uint8 array.
+
+    `limit` keeps the first `limit` images of each class in turn (a balanced subset).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data path does not exist: {path}")
+    source = _source_for(path)
+    if split in ("train", "val"):
+        if source.has("val"):
+            data = _cached(source, split, image_size, progress)
+        else:
+            data = _cached(source, "train", image_size, progress)
+            held_out = _last_per_class(data.labels, val_fraction)
+            data = data.subset(held_out if split == "val" else ~held_out)
+    elif split == "trainval":
+        data = _cached(source, "train", image_size, progress)
+        if source.has("val"):
+            val = _cached(source, "val", image_size, progress)
+            _check_same_classes(data, val, path)
+            data = ImageSet(np.concatenate([data.images, val.images]),
+                            np.concatenate([data.labels, val.labels]), data.classes)
+    else:
+        data = _cached(source, split, image_size, progress)
+    if limit is not None:
+        data = data.subset(_balanced_first(data.labels, limit))
+    return data
+
+
+def _last_per_class(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask of the last `fraction` (at least one image) of every class's images."""
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = max(1, round(fraction * len(idx)))
+        if n >= len(idx):
+            raise ValueError(f"class {c} has {len(idx)} training images, too few to hold out "
+                             f"{n} for validation")
+        mask[idx[-n:]] = True
+    return mask
+
+
+def _balanced_first(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of `limit` images, taken round-robin over classes in file order."""
+    rank = np.empty(len(labels), dtype=np.int64)  # position of each image within its class
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rank[idx] = np.arange(len(idx))
+    return np.sort(np.lexsort((np.arange(len(labels)), rank))[:limit])
+
+
+def _check_same_classes(a: ImageSet, b: ImageSet, path: Path) -> None:
+    if a.classes != b.classes:
+        raise ValueError(f"{path}: splits disagree on the classes ({list(a.classes)} vs {list(b.classes)})")
+
+
+# ----------------------------------------------------------------------------- sources
+
+class _Source:
+    """A data source: which splits it holds and how to decode one."""
+    key: str
+
+    def has(self, split: str) -> bool:
+        raise NotImplementedError
+
+    def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
+        raise NotImplementedError
+
+
+def _source_for(path: Path) -> _Source:
+    if path.is_file():
+        if tarfile.is_tarfile(path):
+            return _TarSource(path)
+        raise ValueError(f"{path} is a file but not a tar archive; give a .tar.gz of the JPEG copy, "
+                         f"a cifar-10-batches-py folder or an image-folder tree")
+    if (path / "data_batch_1").exists() or (path / "cifar-10-batches-py").is_dir():
+        return _PickleSource(path if (path / "data_batch_1").exists() else path / "cifar-10-batches-py")
+    return _FolderSource(path)
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _tree_key(root: Path) -> str:
+    """Path, names, sizes and modification times of every file under `root` (cache key)."""
+    h = hashlib.sha1(str(root.resolve()).encode())
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            h.update(f"{dirpath}/{name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+class _FolderSource(_Source):
+    def __init__(self, root: Path):
+        self.root = root
+        self.flat = not any((root / s).is_dir() for s in ("train", "test", "val"))
+        self.key = _tree_key(root)
+
+    def has(self, split: str) -> bool:
+        return split == "all" if self.flat else (self.root / split).is_dir()
+
+    def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
+        if self.flat and split != "all":
+            raise ValueError(f"{self.root} has no train/ or test/ folder; it is one pool of "
+                             f"class folders: use split 'all'")
+        folder = self.root if split == "all" else self.root / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{self.root} has no {split}/ folder")
+        class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+        if not class_dirs:
+            raise ValueError(f"{folder} holds no class folders")
+        files, labels = [], []
+        for label, d in enumerate(class_dirs):
+            found = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                raise ValueError(f"class folder {d} holds no images")
+            files += found
+            labels += [label] * len(found)
+        images = np.stack([_decode(f.read_bytes(), str(f), image_size)
+                           for f in _progress(files, f"decoding {folder}", progress)])
+        return ImageSet(images, np.array(labels, dtype=np.int64), tuple(d.name for d in class_dirs))
+
+
+class _TarSource(_Source):
+    """The JPEG copy as a tar archive: members `<split>/<class>/<file>`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.key = _stat_key(path)
+        with tarfile.open(path) as tar:
+            self.members = [m for m in tar.getmembers()
+                            if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
+        self.splits = {Path(m.name).parts[-3] for m in self.members if len(Path(m.name).parts) >= 3}
+        if not self.members:
+            raise ValueError(f"{path} holds no images")
+
+    def has(self, split: str) -> bool:
+        return split in self.splits
+
+    def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
+        members = sorted((m for m in self.members if len(Path(m.name).parts) >= 3
+                          and Path(m.name).parts[-3] == split), key=lambda m: m.name)
+        if not members:
+            raise ValueError(f"{self.path} has no {split}/<class>/ images")
+        classes = sorted({Path(m.name).parts[-2] for m in members})
+        images = []
+        with tarfile.open(self.path) as tar:
+            for m in _progress(members, f"decoding {self.path.name}:{split}", progress):
+                images.append(_decode(tar.extractfile(m).read(), f"{self.path}:{m.name}", image_size))
+        labels = np.array([classes.index(Path(m.name).parts[-2]) for m in members], dtype=np.int64)
+        return ImageSet(np.stack(images), labels, tuple(classes))
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR's python batches hold: numpy arrays and builtin containers."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+class _PickleSource(_Source):
+    """torchvision's `cifar-10-batches-py`: data_batch_1..5, test_batch, batches.meta."""
+    TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.key = _tree_key(root)
+
+    def has(self, split: str) -> bool:
+        return split in ("train", "test")
+
+    def _load(self, name: str) -> dict:
+        path = self.root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root} is missing {name}")
+        try:
+            with open(path, "rb") as f:
+                obj = _SafeUnpickler(f, encoding="bytes").load()
+        except Exception as e:
+            raise ValueError(f"{path} is not a CIFAR python batch ({type(e).__name__}: {e})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} is not a CIFAR python batch (holds a {type(obj).__name__})")
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+    def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
+        if split not in ("train", "test"):
+            raise ValueError(f"{self.root} holds train and test batches only")
+        meta = self._load("batches.meta")
+        classes = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in meta.get("label_names", ()))
+        images, labels = [], []
+        for name in self.TRAIN if split == "train" else ("test_batch",):
+            batch = self._load(name)
+            data, lab = batch.get("data"), batch.get("labels")
+            if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 \
+                    or lab is None or len(lab) != len(data):
+                raise ValueError(f"{self.root / name} is not a CIFAR python batch (bad data/labels)")
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(lab, dtype=np.int64))
+        images = np.ascontiguousarray(np.concatenate(images).astype(np.uint8))
+        if image_size != 32:
+            images = np.stack([_resize(Image.fromarray(im), image_size) for im in images])
+        labels = np.concatenate(labels)
+        if len(classes) != int(labels.max()) + 1:
+            raise ValueError(f"{self.root}/batches.meta names {len(classes)} classes, "
+                             f"labels go up to {int(labels.max())}")
+        return ImageSet(images, labels, classes)
+
+
+# ----------------------------------------------------------------------------- decoding and cache
+
+def _resize(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to `size`, then centre-crop to `size` x `size`."""
+    w, h = img.size
+    if (w, h) != (size, size):
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode(data: bytes, name: str, image_size: int) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return _resize(img.convert("RGB"), image_size)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"cannot decode image {name}: {e}") from None
+
+
+def _progress(items, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="img", disable=not enabled, leave=False)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BITVIT_CACHE", Path.home() / ".cache" / "bitvit"))
+
+
+def _cached(source: _Source, split: str, image_size: int, progress: bool) -> ImageSet:
+    if not source.has(split):
+        raise ValueError(f"the data source has no {split!r} split")
+    digest = hashlib.sha1(f"{source.key}|{split}|{image_size}|v1".encode()).hexdigest()[:16]
+    base = cache_dir() / "data" / digest
+    files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.txt")]
+    if all(f.exists() for f in files):
+        return ImageSet(np.load(files[0], allow_pickle=False), np.load(files[1], allow_pickle=False),
+                        tuple(files[2].read_text().splitlines()))
+    data = source.decode(split, image_size, progress)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    tmp = base.with_suffix(f".{os.getpid()}.tmp.npy")
+    for f, arr in zip(files[:2], (data.images, data.labels)):
+        np.save(tmp, arr)
+        os.replace(tmp, f)
+    files[2].write_text("\n".join(data.classes))
+    return data
+
+
+# ----------------------------------------------------------------------------- model input
+
+def normalize(x, mean, std):
+    """(B, 3, H, W) floats in [0, 1] -> normalised with per-channel `mean` and `std`."""
+    import torch
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def to_model_input(images, mean, std, device=None):
+    """(B, H, W, 3) uint8 array or tensor -> (B, 3, H, W) float tensor normalised with `mean`/`std`."""
+    import torch
+    x = torch.as_tensor(images, device=device)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected (B, H, W, 3) uint8 images, got {tuple(x.shape)} {x.dtype}")
+    return normalize(x.permute(0, 3, 1, 2).float().div_(255), mean, std)

@@ -1,0 +1,25 @@
+"""Distillation losses from a full-precision teacher, shared by training and quantization-aware training."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (B, K) (label smoothing and mixup produce these)."""
+    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """Loss pulling student logits (B, K) towards the teacher's.
+
+    `hard`: cross-entropy with the teacher's top-1 class (DeiT's hard distillation).
+    `soft`: KL(teacher || student) at `temperature`, scaled by T^2 as in Hinton et al.
+    """
+    if kind == "hard":
+        return F.cross_entropy(student, teacher.argmax(dim=-1))
+    if kind == "soft":
+        t = temperature
+        return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                        reduction="batchmean", log_target=True) * t * t
+    raise ValueError(f"unknown distillation kind {kind!r}; use 'hard' or 'soft'")

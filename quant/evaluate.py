@@ -1,0 +1,148 @@
+"""Score a checkpoint: `python -m quant.evaluate --checkpoint PATH --data PATH [--split test]`.
+
+Prints top-1 (as `top1=0.xxxx` on the last line), per-class accuracy, parameter count, size on disk
+and batch-1 latency; writes a confusion-matrix PNG and, with `--json`, all of it as JSON. Every later
+stage (post-training quantization, QAT, export) scores its models through `evaluate`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from quant.cli import run
+from quant.data import ImageSet, load_split, to_model_input
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, mean, std, batch_size: int = 500,
+            device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
+    """Logits (N, K) of uint8 images (N, H, W, 3), computed in batches."""
+    from tqdm import tqdm
+    model.eval()
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="evaluating", unit="batch",
+                  disable=not progress, leave=False):
+        x = to_model_input(images[i:i + batch_size], mean, std, device=device)
+        out.append(model(x).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, device="cpu",
+             progress: bool = False) -> dict:
+    """top1, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    cfg = model.config
+    if data.classes and cfg.classes and tuple(data.classes) != tuple(cfg.classes):
+        raise ValueError(f"the data's classes {list(data.classes)} are not the model's {list(cfg.classes)}")
+    pred = predict(model, data.images, cfg.mean, cfg.std, batch_size, device, progress).argmax(1).numpy()
+    k = cfg.num_classes
+    confusion = np.bincount(data.labels * k + pred, minlength=k * k).reshape(k, k)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    return {"top1": float((pred == data.labels).mean()), "n": int(len(pred)),
+            "per_class": {c: float(a) for c, a in zip(data.classes, per_class)},
+            "confusion": confusion.tolist()}
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, img_size: int, batch: int = 1, runs: int = 30) -> float:
+    """Median wall time of one forward pass of a (batch, 3, img_size, img_size) input, in ms."""
+    x = torch.randn(batch, 3, img_size, img_size)
+    model.eval()
+    for _ in range(3):
+        model(x)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def plot_confusion(confusion, classes, path: str | os.PathLike, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cm = np.asarray(confusion, dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_checkpoint(path: str) -> nn.Module:
+    """A model from any bitvit checkpoint file."""
+    from quant.models import load_model
+    return load_model(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m quant.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="bitvit model file (.safetensors)")
+    p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its unpacked folder, "
+                                                 "cifar-10-batches-py, or an image-folder tree")
+    p.add_argument("--split", default="test", help="test (default), val, train, trainval or all")
+    p.add_argument("--limit", type=int, help="score only this many images (balanced over classes)")
+    p.add_argument("--json", help="write all results to this JSON file")
+    p.add_argument("--confusion", help="confusion-matrix PNG (default: next to --json, "
+                                       "or <checkpoint>.confusion.png)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = load_checkpoint(args.checkpoint)
+    cfg = model.config
+    data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    res = evaluate(model.to(device), data, args.batch_size, device, progress=True)
+    eval_s = time.perf_counter() - t0
+    model.cpu()
+    size = Path(args.checkpoint).stat().st_size
+    params = sum(p.numel() for p in model.parameters())
+    lat = latency_ms(model, cfg.img_size)
+    res.update(checkpoint=str(args.checkpoint), split=args.split, params=params, size_bytes=size,
+               latency_ms_batch1_cpu=lat, threads=torch.get_num_threads(), eval_seconds=eval_s)
+
+    confusion_png = args.confusion or (Path(args.json).with_suffix(".confusion.png") if args.json
+                                       else Path(str(args.checkpoint) + ".confusion.png"))
+    plot_confusion(res["confusion"], data.classes, confusion_png,
+                   f"{Path(args.checkpoint).name} on {args.split} (top-1 {res['top1']:.4f})")
+    res["confusion_png"] = str(confusion_png)
+
+    width = max(len(c) for c in data.classes)
+    print(f"{args.checkpoint}: {params:,} parameters, {size / 1e6:.2f} MB on disk, "
+          f"batch-1 CPU latency {lat:.2f} ms ({torch.get_num_threads()} threads)")
+    print(f"{args.split} split: {res['n']} images")
+    for c, a in res["per_class"].items():
+        print(f"  {c:<{width}}  {a:.4f}")
+    print(f"confusion matrix: {confusion_png}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(f"results: {args.json}")
+    print(f"top1={res['top1']:.4f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

@@ -1,0 +1,341 @@
+"""The Vision Transformer bitvit quantizes, with timm's parameter names, and its checkpoint files.
+
+Parameter names follow timm's `VisionTransformer` (`patch_embed.proj`, `cls_token`, `pos_embed`,
+`blocks.N.norm1`, `blocks.N.attn.qkv`, `blocks.N.attn.proj`, `blocks.N.norm2`, `blocks.N.mlp.fc1`,
+`blocks.N.mlp.fc2`, `norm`, `head`), so timm and DeiT checkpoints load without renaming. The CIFAR
+configs may put a small convolutional stem in front of the patch projection (`patch_embed.backbone`,
+the name timm gives a hybrid ViT's backbone); the transformer blocks are always the standard
+pre-norm MHSA + GELU MLP blocks.
+
+A bitvit checkpoint is one safetensors file whose metadata holds the `ViTConfig` as JSON, so a file
+rebuilds its own model: `save_model(model, path)` / `load_model(path)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FORMAT = "bitvit-vit/1"  # safetensors metadata key "format" of a full-precision bitvit checkpoint
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything needed to rebuild a ViT and feed it images."""
+    img_size: int = 32
+    patch_size: int = 4
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    stem_channels: tuple[int, ...] = ()  # 3x3 conv+BN+GELU layers before `patch_embed.proj`
+    num_classes: int = 10
+    classes: tuple[str, ...] = CIFAR10_CLASSES  # may be empty for hub models without label names
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    drop_path_rate: float = 0.0  # stochastic depth; a training setting, kept so resumed runs match
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ViTConfig":
+        raw = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names
+        if unknown:
+            raise ValueError(f"unknown ViT config fields {sorted(unknown)}")
+        for key in ("stem_channels", "classes", "mean", "std"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+_IMAGENET = dict(img_size=224, patch_size=16, num_classes=1000, classes=(),
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+CONFIGS: dict[str, ViTConfig] = {
+    # CIFAR models, 32x32 input. `vit_cifar_tiny` trains on a 2-core CPU in hours (64 tokens);
+    # `vit_cifar_small` is the GPU reference recipe (256 tokens, CCT-7/3x1-like cost).
+    "vit_cifar_tiny": ViTConfig(patch_size=4, embed_dim=128, depth=6, num_heads=4,
+                                mlp_ratio=2.0, stem_channels=(32,)),
+    "vit_cifar_small": ViTConfig(patch_size=2, embed_dim=256, depth=7, num_heads=4,
+                                 mlp_ratio=2.0, stem_channels=(64,)),
+    # Standard ImageNet configs; their weights come from timm/DeiT checkpoints.
+    "deit_tiny_patch16_224": ViTConfig(embed_dim=192, depth=12, num_heads=3, **_IMAGENET),
+    "deit_small_patch16_224": ViTConfig(embed_dim=384, depth=12, num_heads=6, **_IMAGENET),
+    "deit_base_patch16_224": ViTConfig(embed_dim=768, depth=12, num_heads=12, **_IMAGENET),
+    "vit_base_patch16_224": ViTConfig(embed_dim=768, depth=12, num_heads=12,
+                                      **{**_IMAGENET, "mean": (0.5,) * 3, "std": (0.5,) * 3}),
+}
+
+# Hugging Face hub repositories holding timm's safetensors weights for the standard configs.
+HUB_IDS = {
+    "deit_tiny_patch16_224": "timm/deit_tiny_patch16_224.fb_in1k",
+    "deit_small_patch16_224": "timm/deit_small_patch16_224.fb_in1k",
+    "deit_base_patch16_224": "timm/deit_base_patch16_224.fb_in1k",
+    "vit_base_patch16_224": "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+}
+
+
+class PatchEmbed(nn.Module):
+    """(B, 3, H, W) image -> (B, N, D) tokens: optional conv stem, then a strided patch conv."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in cfg.stem_channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+            c_in = c_out
+        self.backbone = nn.Sequential(*layers) if layers else None
+        self.proj = nn.Conv2d(c_in, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.img_size = cfg.img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
+        if self.backbone is not None:
+            x = self.backbone(x)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Stochastic depth: drop the whole residual branch per sample while training."""
+        if not self.training or self.drop_path == 0.0:
+            return x
+        keep = 1.0 - self.drop_path
+        mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
+        return x * mask / keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self._drop(self.attn(self.norm1(x)))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        if cfg.embed_dim % cfg.num_heads:
+            raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
+        if cfg.classes and len(cfg.classes) != cfg.num_classes:
+            raise ValueError(f"{len(cfg.classes)} class names for {cfg.num_classes} classes")
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.embed_dim))
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.Sequential(*[Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)                                    # (B, N, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.norm(self.blocks(x))                           # (B, N + 1, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x)[:, 0])            # (B, num_classes)
+
+
+def create_model(name: str, **overrides) -> VisionTransformer:
+    """A randomly initialised model of a named config (see `CONFIGS`), with fields overridden."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
+    return VisionTransformer(dataclasses.replace(CONFIGS[name], **overrides))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy `state` into `model`, refusing any missing, unexpected or differently shaped tensor by name."""
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    own_keys = {k for k in own if not k.endswith("num_batches_tracked")}
+    missing = sorted(own_keys - set(state))
+    unexpected = sorted(set(state) - own_keys)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s), first {unexpected[0]!r}")
+        raise ValueError(f"{source} does not fit this model: {'; '.join(parts)}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{source} does not fit this model: tensor {k!r} has shape "
+                             f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+        if not (v.is_floating_point() or k.endswith("num_batches_tracked")):
+            raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a float tensor")
+    model.load_state_dict(state, strict=False)
+
+
+def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               metadata: dict[str, str] | None = None) -> None:
+    """Write `model` as one safetensors file carrying its config (and any extra string metadata)."""
+    from safetensors.torch import save_file
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+             for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    meta = {"format": FORMAT, "config": model.config.to_json(), **(metadata or {})}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with one clear error for a missing or broken file."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:  # safetensors raises its own error types for truncated/garbage files
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a .pth/.pt file (timm or DeiT style), loaded with `weights_only=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a loadable torch checkpoint of plain tensors "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for key in ("model", "state_dict", "model_ema"):  # DeiT and training scripts nest the weights
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} holds no state dict of tensors")
+    return obj
+
+
+def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTransformer:
+    """Load a full-precision ViT, in eval mode, on the CPU.
+
+    `source` is a bitvit safetensors file (its config is inside), or, with `name` naming a config,
+    a timm/DeiT `.safetensors`/`.pth` file or a Hugging Face hub id (`hf-hub:timm/...`, or
+    `name` alone with `source="hub"` for the config's default repository).
+    """
+    source = str(source)
+    if source == "hub" or source.startswith("hf-hub:"):
+        if name is None:
+            raise ValueError("loading from the hub needs a config name (e.g. deit_tiny_patch16_224)")
+        repo = HUB_IDS.get(name) if source == "hub" else source[len("hf-hub:"):]
+        if repo is None:
+            raise ValueError(f"no default hub repository for {name!r}")
+        return _load_from_hub(repo, name)
+    if source.endswith((".pth", ".pt", ".bin")):
+        state, meta = read_torch_state(source), {}
+    else:
+        state, meta = read_safetensors(source)
+    if meta.get("format") == FORMAT:
+        cfg = ViTConfig.from_json(meta["config"])
+        if name is not None and dataclasses.replace(CONFIGS.get(name, cfg), drop_path_rate=0.0) \
+                != dataclasses.replace(cfg, drop_path_rate=0.0):
+            raise ValueError(f"{source} holds a different architecture than {name!r}")
+    elif "format" in meta:
+        raise ValueError(f"{source} is a {meta['format']!r} file, not a full-precision bitvit ViT; "
+                         f"load quantized files with quant.load_quantized")
+    elif name is None:
+        raise ValueError(f"{source} carries no bitvit config: name its architecture "
+                         f"(one of {', '.join(CONFIGS)})")
+    else:
+        cfg = CONFIGS.get(name) or _unknown(name)
+    model = VisionTransformer(cfg)
+    load_state_dict(model, {k: v.float() for k, v in state.items()}, source=source)
+    return model.eval()
+
+
+def _unknown(name: str):
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
+
+
+def _load_from_hub(repo: str, name: str) -> VisionTransformer:
+    """Download (or find in the local hub cache) timm's `model.safetensors` and label names."""
+    from huggingface_hub import hf_hub_download
+    path = hf_hub_download(repo, "model.safetensors")
+    cfg = CONFIGS.get(name) or _unknown(name)
+    try:
+        with open(hf_hub_download(repo, "config.json")) as f:
+            labels = json.load(f).get("label_names") or ()
+    except Exception:  # label names are a nicety; weights are what matters
+        labels = ()
+    if len(labels) == cfg.num_classes:
+        cfg = dataclasses.replace(cfg, classes=tuple(labels))
+    state, _ = read_safetensors(path)
+    model = VisionTransformer(cfg)
+    load_state_dict(model, {k: v.float() for k, v in state.items()}, source=f"hf-hub:{repo}")
+    return model.eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

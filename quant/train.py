@@ -1,0 +1,256 @@
+"""Train a ViT from scratch: `python -m quant.train --model vit_cifar_tiny --data PATH --out DIR`.
+
+AdamW with linear warmup and cosine decay, label smoothing, batched on-device augmentation
+(crop, flip, TrivialAugment, mixup/cutmix), optional distillation from a teacher checkpoint,
+bf16 autocast and `torch.compile` on CUDA, a checkpoint every epoch that a rerun of the same
+command resumes from, and fixed seeds. The same command runs on a CPU, one GPU, or N GPUs under
+`torchrun --nproc-per-node N -m quant.train ...` (DistributedDataParallel).
+
+`fit` is the training loop itself; quantization-aware training reuses it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.augment import Augment, AugmentConfig
+from quant.cli import run
+from quant.data import ImageSet, load_split
+from quant.distill import distill_loss, soft_cross_entropy
+from quant.evaluate import evaluate
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256            # global, over all processes
+    lr: float = 1e-3                 # peak learning rate
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    grad_clip: float = 1.0           # 0 disables
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    distill: str = "none"            # none | hard | soft (needs a teacher)
+    distill_weight: float = 0.5      # loss = (1 - w) * label loss + w * distillation loss
+    distill_temperature: float = 1.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, the class token and position embeddings (1-D or tokens)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Dist:
+    """Rank, world size and device, from torchrun's environment when present."""
+
+    def __init__(self, device: str | None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available() and device != "cpu"
+        self.device = torch.device(device or (f"cuda:{local}" if cuda else "cpu"))
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
+        out_dir: str | os.PathLike, teacher: nn.Module | None = None, device: str | None = None,
+        extra_loss: Callable[[nn.Module], torch.Tensor] | None = None, progress: bool = True) -> nn.Module:
+    """Train `model` in place on `train`, scoring `val` after every epoch; returns the model.
+
+    Writes `out_dir/last.pt` (resume state) after each epoch and `out_dir/log.jsonl`; if `last.pt`
+    from the same config exists it resumes from it. `extra_loss(model)` is added to the loss
+    (quantization-aware training uses it for its bit budget).
+    """
+    from tqdm import tqdm
+    if cfg.distill != "none" and teacher is None:
+        raise ValueError(f"distill={cfg.distill!r} needs a teacher model")
+    env = _Dist(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    model.to(env.device)
+    if teacher is not None:
+        teacher.to(env.device).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+                            fused=env.device.type == "cuda")
+    per_rank = cfg.batch_size // env.world
+    if per_rank < 1 or per_rank > len(train) // env.world:
+        raise ValueError(f"batch size {cfg.batch_size} does not fit {len(train)} images on {env.world} process(es)")
+    steps_per_epoch = len(train) // env.world // per_rank
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(steps_per_epoch * cfg.warmup_epochs)
+
+    start_epoch = 0
+    ckpt_path = out / "last.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
+            raise ValueError(f"{ckpt_path} was written by a run with another config; "
+                             f"use a fresh --out folder or delete it")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"])
+        if env.main:
+            print(f"resuming from {ckpt_path} after epoch {start_epoch}")
+
+    cuda = env.device.type == "cuda"
+    fwd = model
+    if env.world > 1:
+        fwd = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if cuda else None)
+    if cuda:
+        fwd = torch.compile(fwd)
+    augment = Augment(cfg.augment, model.config.num_classes, model.config.mean, model.config.std)
+    images = torch.from_numpy(train.images).to(env.device)   # (N, H, W, 3) uint8, on the device
+    labels = torch.from_numpy(train.labels).to(env.device)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(len(train), generator=g)[env.rank::env.world][:steps_per_epoch * per_rank]
+        order = order.to(env.device)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not (progress and env.main), leave=False, dynamic_ncols=True)
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        for i in bar:
+            step = epoch * steps_per_epoch + i
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, warmup, cfg)
+            idx = order[i * per_rank:(i + 1) * per_rank]
+            x, target = augment(images[idx], labels[idx])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                logits = fwd(x)
+                loss = soft_cross_entropy(logits.float(), target)
+                if teacher is not None and cfg.distill != "none":
+                    with torch.no_grad():
+                        t_logits = teacher(x).float()
+                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distill_loss(
+                        logits.float(), t_logits, cfg.distill, cfg.distill_temperature)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if i % 10 == 0 or i == steps_per_epoch - 1:  # syncing every step would stall the GPU
+                loss_sum += loss.item() * len(idx)
+                correct += int((logits.argmax(1) == target.argmax(1)).sum())
+                seen += len(idx)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                img_s=f"{(i + 1) * per_rank * env.world / (time.perf_counter() - t0):.0f}")
+        bar.close()
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                  "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"],
+                  "seconds": time.perf_counter() - t0}
+        if val is not None:
+            record["val_top1"] = evaluate(model, val, device=env.device)["top1"]
+        if env.main:
+            print(json.dumps(record), flush=True)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "rng": torch.get_rng_state(), "epoch": epoch + 1,
+                        "config": json.dumps(cfg.to_dict(), sort_keys=True)}, tmp)
+            os.replace(tmp, ckpt_path)
+    if env.world > 1:
+        dist.barrier()
+    return model.cpu().eval()
+
+
+def main(argv=None):
+    from quant.models import CONFIGS, count_parameters, create_model, load_model, save_model
+    d, a = TrainConfig(), AugmentConfig()
+    p = argparse.ArgumentParser(prog="python -m quant.train", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_cifar_tiny", choices=list(CONFIGS))
+    p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree")
+    p.add_argument("--out", required=True, help="run folder: model.safetensors, last.pt, log.jsonl")
+    p.add_argument("--split", default="train", choices=["train", "trainval"],
+                   help="train (holds out val for model selection) or trainval (all training images)")
+    p.add_argument("--limit", type=int, help="train on this many images only (smoke tests)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=a.label_smoothing)
+    p.add_argument("--mixup", type=float, default=a.mixup_alpha, help="mixup alpha, 0 disables")
+    p.add_argument("--cutmix", type=float, default=a.cutmix_alpha, help="cutmix alpha, 0 disables")
+    p.add_argument("--mix-prob", type=float, default=a.mix_prob)
+    p.add_argument("--no-trivial-augment", action="store_true")
+    p.add_argument("--teacher", help="checkpoint to distil from")
+    p.add_argument("--distill", default="hard", choices=["hard", "soft"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, seed=args.seed,
+        augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mix_prob=args.mix_prob,
+                              label_smoothing=args.label_smoothing,
+                              trivial_augment=not args.no_trivial_augment),
+        distill=args.distill if args.teacher else "none")
+    img_size = CONFIGS[args.model].img_size
+    train = load_split(args.data, args.split, img_size, limit=args.limit)
+    val = load_split(args.data, "val", img_size, limit=args.limit) if args.split == "train" else None
+    torch.manual_seed(cfg.seed)
+    model = create_model(args.model, drop_path_rate=args.drop_path,
+                         num_classes=len(train.classes), classes=tuple(train.classes))
+    teacher = load_model(args.teacher) if args.teacher else None
+    print(f"{args.model}: {count_parameters(model):,} parameters; {len(train)} training images"
+          f"{f', {len(val)} validation images' if val is not None else ''}")
+    t0 = time.time()
+    model = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split,
+                "train_seconds": f"{time.time() - t0:.0f}"}
+        save_model(model, Path(args.out) / "model.safetensors", metadata=meta)
+        print(f"saved {Path(args.out) / 'model.safetensors'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

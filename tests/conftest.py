@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny models and synthetic data sets, written fresh into temporary folders."""
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach for the network
+
+from quant.models import ViTConfig, VisionTransformer  # noqa: E402
+
+TINY = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                 stem_channels=(8,), num_classes=3, classes=("cat", "dog", "frog"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test decodes into its own cache folder."""
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def tiny_model() -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(TINY).eval()
+
+
+def synthetic_images(n: int, size: int, label: int, seed: int) -> np.ndarray:
+    """(n, size, size, 3) uint8 images whose colour says their class, plus noise."""
+    rng = np.random.default_rng(seed)
+    base = np.zeros(3)
+    base[label % 3] = 200
+    return np.clip(base + rng.normal(0, 30, (n, size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def write_tree(root: Path, splits=("train", "test"), classes=TINY.classes, per_class=6, size=16) -> Path:
+    """An image-folder tree `root/<split>/<class>/NNNN.jpg` of synthetic images."""
+    for s, split in enumerate(splits):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i, img in enumerate(synthetic_images(per_class, size, c, seed=10 * s + c)):
+                Image.fromarray(img).save(d / f"{i:04d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    return write_tree(tmp_path / "tree")
+
+
+@pytest.fixture
+def image_tar(tmp_path, image_tree) -> Path:
+    path = tmp_path / "data.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(image_tree / split, arcname=split)
+    return path
+
+
+@pytest.fixture
+def cifar_batches(tmp_path) -> Path:
+    """A folder in torchvision's cifar-10-batches-py format (python-2 style byte-keyed pickles)."""
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_vis": 3072}, f, protocol=2)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        labels = [int(x) for x in rng.integers(0, 10, 20)]
+        data = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+        with open(root / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [b"x.png"] * 20}, f, protocol=2)
+    return root

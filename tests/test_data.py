@@ -1,0 +1,146 @@
+"""Data loading: every source format, the validation hold-out, the cache, and clear refusals."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from quant.augment import Augment, AugmentConfig, random_crop_flip
+from quant.data import load_split, to_model_input
+from tests.conftest import TINY, write_tree
+
+
+def test_image_tree_loads_train_and_test_with_class_names(image_tree):
+    train = load_split(image_tree, "trainval", image_size=16, progress=False)
+    test = load_split(image_tree, "test", image_size=16, progress=False)
+    assert train.images.shape == (18, 16, 16, 3) and train.images.dtype == np.uint8
+    assert train.classes == TINY.classes == test.classes
+    assert np.bincount(test.labels).tolist() == [6, 6, 6]
+
+
+def test_images_keep_their_colour_class(image_tree):
+    data = load_split(image_tree, "test", image_size=16, progress=False)
+    dominant = data.images.reshape(len(data), -1, 3).mean(1).argmax(1)
+    assert (dominant == data.labels).all()
+
+
+def test_tar_archive_reads_like_the_unpacked_tree(image_tree, image_tar):
+    a = load_split(image_tree, "test", image_size=16, progress=False)
+    b = load_split(image_tar, "test", image_size=16, progress=False)
+    assert a.classes == b.classes
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.images, b.images)
+
+
+def test_cifar_python_batches_load(cifar_batches):
+    train = load_split(cifar_batches.parent, "trainval", progress=False)
+    test = load_split(cifar_batches, "test", progress=False)
+    assert train.images.shape == (100, 32, 32, 3) and test.images.shape == (20, 32, 32, 3)
+    assert train.classes[0] == "airplane" and len(train.classes) == 10
+    with open(cifar_batches / "test_batch", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    assert np.array_equal(test.images[0], raw[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_hostile_pickle_is_refused_without_running_it(cifar_batches, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    with open(cifar_batches / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil()}, f, protocol=2)
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        load_split(cifar_batches, "test", progress=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_validation_split_is_the_last_images_of_each_class_and_disjoint_from_train(image_tree):
+    full = load_split(image_tree, "trainval", image_size=16, progress=False)
+    train = load_split(image_tree, "train", image_size=16, val_fraction=1 / 3, progress=False)
+    val = load_split(image_tree, "val", image_size=16, val_fraction=1 / 3, progress=False)
+    assert len(train) == 12 and len(val) == 6
+    assert np.array_equal(val.images, full.images[[4, 5, 10, 11, 16, 17]])
+    assert not (train.images[:, None] == val.images[None]).all(axis=(2, 3, 4)).any()
+
+
+def test_limit_takes_a_balanced_subset(image_tree):
+    data = load_split(image_tree, "test", image_size=16, limit=6, progress=False)
+    assert np.bincount(data.labels).tolist() == [2, 2, 2]
+
+
+def test_second_load_comes_from_the_cache(image_tree, monkeypatch):
+    first = load_split(image_tree, "test", image_size=16, progress=False)
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again")
+    monkeypatch.setattr("quant.data._decode", no_decoding)
+    again = load_split(image_tree, "test", image_size=16, progress=False)
+    assert np.array_equal(first.images, again.images) and again.classes == first.classes
+
+
+def test_changed_file_invalidates_the_cache(image_tree):
+    load_split(image_tree, "test", image_size=16, progress=False)
+    (image_tree / "test" / "dog" / "0000.jpg").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="0000.jpg"):
+        load_split(image_tree, "test", image_size=16, progress=False)
+
+
+def test_other_sizes_are_resized_and_centre_cropped(tmp_path):
+    root = write_tree(tmp_path / "big", size=40)
+    data = load_split(root, "test", image_size=16, progress=False)
+    assert data.images.shape[1:] == (16, 16, 3)
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_split(tmp_path / "nope", "test")
+
+
+def test_empty_class_folder_is_named(image_tree):
+    (image_tree / "test" / "zebra").mkdir()
+    with pytest.raises(ValueError, match="zebra holds no images"):
+        load_split(image_tree, "test", progress=False)
+
+
+def test_undecodable_image_is_named(image_tree):
+    (image_tree / "test" / "dog" / "0003.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(ValueError, match=r"cannot decode image .*dog/0003\.jpg"):
+        load_split(image_tree, "test", progress=False)
+
+
+def test_truncated_image_is_named(image_tree):
+    f = image_tree / "test" / "frog" / "0001.jpg"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match="frog/0001.jpg"):
+        load_split(image_tree, "test", progress=False)
+
+
+def test_unknown_split_is_refused(image_tree):
+    with pytest.raises(ValueError, match="unknown split"):
+        load_split(image_tree, "holdout")
+
+
+def test_model_input_is_normalised_nchw():
+    x = to_model_input(np.full((2, 4, 4, 3), 255, np.uint8), mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert x.shape == (2, 3, 4, 4) and torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_model_input_refuses_wrong_layout():
+    with pytest.raises(ValueError, match=r"\(B, H, W, 3\) uint8"):
+        to_model_input(np.zeros((2, 3, 4, 4), np.uint8), (0.5,) * 3, (0.5,) * 3)
+
+
+def test_augment_gives_normalised_images_and_soft_targets():
+    images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
+    x, target = Augment(AugmentConfig(), 3, (0.5,) * 3, (0.5,) * 3)(images, torch.arange(8) % 3)
+    assert x.shape == (8, 3, 16, 16) and target.shape == (8, 3)
+    assert torch.allclose(target.sum(1), torch.ones(8))
+    assert x.min() >= -1.0 - 1e-5 and x.max() <= 1.0 + 1e-5
+
+
+def test_crop_shifts_content_without_changing_it():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = random_crop_flip(x, padding=2, flip=False)
+    # each output image is a shifted window of the reflect-padded input
+    padded = torch.nn.functional.pad(x, (2,) * 4, mode="reflect")
+    for b in range(2):
+        assert any(torch.equal(out[b], padded[b, :, i:i + 8, j:j + 8]) for i in range(5) for j in range(5))

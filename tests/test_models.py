@@ -1,0 +1,170 @@
+"""The ViT: timm's names and semantics, shapes, checkpoint files, hub loading, and refusals."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from quant.models import (CONFIGS, ViTConfig, VisionTransformer, create_model, load_model,
+                          load_state_dict, save_model)
+from tests.conftest import TINY
+
+TIMM_BLOCK_KEYS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                   "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                   "mlp.fc2.weight", "mlp.fc2.bias"]
+
+
+def timm_keys(depth: int) -> set[str]:
+    """The state-dict keys timm's VisionTransformer has (class token, no conv stem)."""
+    keys = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+            "norm.weight", "norm.bias", "head.weight", "head.bias"}
+    return keys | {f"blocks.{i}.{k}" for i in range(depth) for k in TIMM_BLOCK_KEYS}
+
+
+def timm_reference_forward(state: dict, x: torch.Tensor, cfg: ViTConfig) -> torch.Tensor:
+    """timm's ViT forward, written out from its definition, reading a state dict by timm's names."""
+    x = F.conv2d(x, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=cfg.patch_size)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([state["cls_token"].expand(len(x), -1, -1), x], 1) + state["pos_embed"]
+    B, N, D = x.shape
+    h = cfg.num_heads
+    for i in range(cfg.depth):
+        p = lambda k: state[f"blocks.{i}.{k}"]  # noqa: E731
+        y = F.layer_norm(x, (D,), p("norm1.weight"), p("norm1.bias"), eps=1e-6)
+        q, k, v = F.linear(y, p("attn.qkv.weight"), p("attn.qkv.bias")).reshape(B, N, 3, h, D // h) \
+            .permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) / math.sqrt(D // h)).softmax(-1)
+        x = x + F.linear((attn @ v).transpose(1, 2).reshape(B, N, D), p("attn.proj.weight"), p("attn.proj.bias"))
+        y = F.layer_norm(x, (D,), p("norm2.weight"), p("norm2.bias"), eps=1e-6)
+        x = x + F.linear(F.gelu(F.linear(y, p("mlp.fc1.weight"), p("mlp.fc1.bias"))),
+                         p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+    x = F.layer_norm(x, (D,), state["norm.weight"], state["norm.bias"], eps=1e-6)
+    return F.linear(x[:, 0], state["head.weight"], state["head.bias"])
+
+
+PLAIN = dataclasses.replace(TINY, stem_channels=())
+
+
+def test_parameter_names_are_timms():
+    assert set(VisionTransformer(PLAIN).state_dict()) == timm_keys(PLAIN.depth)
+
+
+def test_standard_configs_have_timm_shapes():
+    model = create_model("deit_tiny_patch16_224")
+    state = model.state_dict()
+    assert state["pos_embed"].shape == (1, 197, 192)
+    assert state["blocks.11.mlp.fc1.weight"].shape == (768, 192)
+    assert state["head.weight"].shape == (1000, 192)
+    assert sum(p.numel() for p in model.parameters()) == 5_717_416  # timm's deit_tiny_patch16_224
+
+
+def test_timm_state_dict_loads_and_computes_what_timm_computes():
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) * 0.1 for k, v in VisionTransformer(PLAIN).state_dict().items()}
+    model = VisionTransformer(PLAIN)
+    load_state_dict(model, state)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(model.eval()(x), timm_reference_forward(state, x, PLAIN), atol=1e-5)
+
+
+def test_cifar_configs_output_logits_per_class():
+    for name in ("vit_cifar_tiny", "vit_cifar_small"):
+        model = create_model(name).eval()
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        assert model.patch_embed.proj.weight.shape[-1] == CONFIGS[name].patch_size
+
+
+def test_wrong_image_size_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="expected 16x16 images"):
+        tiny_model(torch.randn(1, 3, 32, 32))
+
+
+def test_saved_model_rebuilds_itself(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.config == tiny_model.config
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded(x), tiny_model(x))
+
+
+def test_half_precision_file_is_half_the_size(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "f32.safetensors")
+    save_model(tiny_model, tmp_path / "f16.safetensors", dtype=torch.float16)
+    ratio = (tmp_path / "f16.safetensors").stat().st_size / (tmp_path / "f32.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.6
+    loaded = load_model(tmp_path / "f16.safetensors")
+    assert next(loaded.parameters()).dtype == torch.float32
+
+
+def test_timm_pth_checkpoint_loads_with_a_config_name(tmp_path):
+    model = VisionTransformer(dataclasses.replace(CONFIGS["deit_tiny_patch16_224"]))
+    torch.save({"model": model.state_dict()}, tmp_path / "deit.pth")  # DeiT's release layout
+    loaded = load_model(tmp_path / "deit.pth", name="deit_tiny_patch16_224")
+    assert torch.equal(loaded.state_dict()["head.weight"], model.state_dict()["head.weight"])
+
+
+def test_hub_loading_reads_the_local_hub_cache(tmp_path, monkeypatch):
+    """The real `hf_hub_download` path, served from a local cache with the hub offline."""
+    repo_dir = tmp_path / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k"
+    snap = repo_dir / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("a" * 40)
+    model = create_model("deit_tiny_patch16_224")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "model.safetensors"))
+    (snap / "config.json").write_text('{"label_names": %s}' % str([f"c{i}" for i in range(1000)]).replace("'", '"'))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    loaded = load_model("hub", name="deit_tiny_patch16_224")
+    assert loaded.config.classes[:2] == ("c0", "c1")
+    assert torch.equal(loaded.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
+
+
+def test_checkpoint_of_another_shape_names_the_tensor(tiny_model, tmp_path):
+    wide = VisionTransformer(dataclasses.replace(TINY, mlp_ratio=4.0))
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight.* shape \(128, 32\).*\(64, 32\)"):
+        load_state_dict(tiny_model, wide.state_dict())
+
+
+def test_checkpoint_of_another_architecture_names_the_missing_tensor(tiny_model):
+    state = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith("blocks.1.")}
+    with pytest.raises(ValueError, match=r"missing .*'blocks\.1\.attn\.proj\.bias'"):
+        load_state_dict(tiny_model, state)
+
+
+def test_foreign_safetensors_needs_an_architecture_name(tmp_path):
+    save_file({"weight": torch.zeros(3)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="carries no bitvit config"):
+        load_model(tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="unexpected 1 tensor"):
+        load_model(tmp_path / "x.safetensors", name="deit_tiny_patch16_224")
+
+
+def test_corrupt_file_is_refused_clearly(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_model(tmp_path / "m.safetensors")
+
+
+def test_pickled_code_in_a_pth_is_not_run(tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="not a loadable torch checkpoint"):
+        load_model(tmp_path / "evil.pth", name="deit_tiny_patch16_224")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model file"):
+        load_model(tmp_path / "absent.safetensors")

@@ -1,0 +1,87 @@
+"""Training: the loss falls, the schedule has its shape, and an interrupted run resumes exactly."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from quant.augment import AugmentConfig
+from quant.data import ImageSet
+from quant.models import VisionTransformer
+from quant.train import TrainConfig, fit, lr_at, main
+from tests.conftest import TINY, synthetic_images
+
+NO_AUG = AugmentConfig(crop_padding=0, flip=False, trivial_augment=False, mixup_alpha=0,
+                       cutmix_alpha=0, label_smoothing=0)
+
+
+def colour_set(per_class: int, seed: int = 0) -> ImageSet:
+    images = np.concatenate([synthetic_images(per_class, 16, c, seed + c) for c in range(3)])
+    return ImageSet(images, np.repeat(np.arange(3), per_class), TINY.classes)
+
+
+def test_loss_falls_on_a_learnable_task(tmp_path):
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=3e-3, warmup_epochs=0.5, augment=NO_AUG)
+    model = fit(VisionTransformer(TINY), colour_set(32), colour_set(8, seed=5), cfg, tmp_path, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
+    assert log[-1]["val_top1"] >= 0.9
+    assert not model.training
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1.0, min_lr=0.01)
+    lrs = [lr_at(s, 100, 10, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = TrainConfig(epochs=2, batch_size=16, warmup_epochs=0.5,
+                      augment=AugmentConfig(mixup_alpha=0.2, label_smoothing=0.1))
+    data = colour_set(16)
+
+    def run(out):
+        torch.manual_seed(0)
+        return fit(VisionTransformer(TINY), data, data, cfg, out, progress=False).state_dict()
+    straight = run(tmp_path / "a")
+
+    calls = {"n": 0}
+    real_evaluate = __import__("quant.train", fromlist=["evaluate"]).evaluate
+
+    def evaluate_then_crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed during epoch 2, after epoch 1's checkpoint
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr("quant.train.evaluate", evaluate_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    monkeypatch.setattr("quant.train.evaluate", real_evaluate)
+    resumed = run(tmp_path / "b")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    data = colour_set(8)
+    fit(VisionTransformer(TINY), data, None, TrainConfig(epochs=1, batch_size=8, augment=NO_AUG), tmp_path,
+        progress=False)
+    with pytest.raises(ValueError, match="another config"):
+        fit(VisionTransformer(TINY), data, None, TrainConfig(epochs=2, batch_size=8, augment=NO_AUG),
+            tmp_path, progress=False)
+
+
+def test_distillation_needs_a_teacher(tmp_path):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(distill="hard"), tmp_path)
+
+
+def test_cli_trains_and_saves_a_loadable_model(tmp_path, image_tree, capsys):
+    from quant.models import load_model
+    main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
+          "--epochs", "1", "--batch-size", "4", "--limit", "12"])
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    assert model.config.classes == TINY.classes and model.config.num_classes == 3
+    assert "saved" in capsys.readouterr().out
