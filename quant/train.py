@@ -90,12 +90,15 @@ class _Dist:
 
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
         out_dir: str | os.PathLike, teacher: nn.Module | None = None, device: str | None = None,
-        extra_loss: Callable[[nn.Module], torch.Tensor] | None = None, progress: bool = True) -> nn.Module:
-    """Train `model` in place on `train`, scoring `val` after every epoch; returns the model.
+        extra_loss: Callable[[nn.Module], torch.Tensor] | None = None, progress: bool = True,
+        time_limit: float | None = None) -> tuple[nn.Module, bool]:
+    """Train `model` in place on `train`, scoring `val` after every epoch.
 
-    Writes `out_dir/last.pt` (resume state) after each epoch and `out_dir/log.jsonl`; if `last.pt`
-    from the same config exists it resumes from it. `extra_loss(model)` is added to the loss
-    (quantization-aware training uses it for its bit budget).
+    Returns the model and whether all epochs are done. Writes `out_dir/last.pt` (resume state)
+    after each epoch and `out_dir/log.jsonl`; if `last.pt` from the same config exists it resumes
+    from it. `extra_loss(model)` is added to the loss (quantization-aware training uses it for its
+    bit budget). With `time_limit` (seconds), it stops at the end of the last epoch that fits, so a
+    rerun resumes (for machines lent by the command, such as 10-minute GPU jobs).
     """
     from tqdm import tqdm
     if cfg.distill != "none" and teacher is None:
@@ -142,7 +145,13 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     images = torch.from_numpy(train.images).to(env.device)   # (N, H, W, 3) uint8, on the device
     labels = torch.from_numpy(train.labels).to(env.device)
 
+    started, epoch_seconds, done = time.perf_counter(), 0.0, True
     for epoch in range(start_epoch, cfg.epochs):
+        if time_limit is not None and time.perf_counter() - started + epoch_seconds > time_limit:
+            if env.main:
+                print(f"time limit: stopping after epoch {epoch} of {cfg.epochs}; rerun to resume")
+            done = False
+            break
         model.train()
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order = torch.randperm(len(train), generator=g)[env.rank::env.world][:steps_per_epoch * per_rank]
@@ -181,6 +190,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                   "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"],
                   "seconds": time.perf_counter() - t0}
+        epoch_seconds = record["seconds"]
         if val is not None:
             record["val_top1"] = evaluate(model, val, device=env.device)["top1"]
         if env.main:
@@ -194,7 +204,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             os.replace(tmp, ckpt_path)
     if env.world > 1:
         dist.barrier()
-    return model.cpu().eval()
+    return model.cpu().eval(), done
 
 
 def main(argv=None):
@@ -223,6 +233,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--time-limit", type=float, help="stop after the last epoch that fits in this many "
+                                                    "seconds; rerun the same command to resume")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -241,11 +253,14 @@ def main(argv=None):
     model = create_model(args.model, drop_path_rate=args.drop_path,
                          num_classes=len(train.classes), classes=tuple(train.classes))
     teacher = load_model(args.teacher) if args.teacher else None
-    print(f"{args.model}: {count_parameters(model):,} parameters; {len(train)} training images"
-          f"{f', {len(val)} validation images' if val is not None else ''}")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        print(f"{args.model}: {count_parameters(model):,} parameters; {len(train)} training images"
+              f"{f', {len(val)} validation images' if val is not None else ''}")
     t0 = time.time()
-    model = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device)
-    if int(os.environ.get("RANK", "0")) == 0:
+    model, done = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device,
+                      time_limit=args.time_limit)
+    if done and main_rank:
         meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split,
                 "train_seconds": f"{time.time() - t0:.0f}"}
         save_model(model, Path(args.out) / "model.safetensors", metadata=meta)

@@ -23,7 +23,9 @@ def colour_set(per_class: int, seed: int = 0) -> ImageSet:
 def test_loss_falls_on_a_learnable_task(tmp_path):
     torch.manual_seed(0)
     cfg = TrainConfig(epochs=4, batch_size=16, lr=3e-3, warmup_epochs=0.5, augment=NO_AUG)
-    model = fit(VisionTransformer(TINY), colour_set(32), colour_set(8, seed=5), cfg, tmp_path, progress=False)
+    model, done = fit(VisionTransformer(TINY), colour_set(32), colour_set(8, seed=5), cfg, tmp_path,
+                      progress=False)
+    assert done
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
     assert log[-1]["val_top1"] >= 0.9
@@ -45,7 +47,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     def run(out):
         torch.manual_seed(0)
-        return fit(VisionTransformer(TINY), data, data, cfg, out, progress=False).state_dict()
+        return fit(VisionTransformer(TINY), data, data, cfg, out, progress=False)[0].state_dict()
     straight = run(tmp_path / "a")
 
     calls = {"n": 0}
@@ -71,6 +73,15 @@ def test_resuming_with_another_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another config"):
         fit(VisionTransformer(TINY), data, None, TrainConfig(epochs=2, batch_size=8, augment=NO_AUG),
             tmp_path, progress=False)
+
+
+def test_time_limit_stops_at_an_epoch_boundary_and_a_rerun_finishes(tmp_path):
+    data = colour_set(8)
+    cfg = TrainConfig(epochs=3, batch_size=8, augment=NO_AUG)
+    _, done = fit(VisionTransformer(TINY), data, None, cfg, tmp_path, progress=False, time_limit=0)
+    assert not done and not (tmp_path / "last.pt").exists()
+    _, done = fit(VisionTransformer(TINY), data, None, cfg, tmp_path, progress=False)
+    assert done and len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
 
 
 def test_distillation_needs_a_teacher(tmp_path):
