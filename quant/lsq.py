@@ -1,0 +1,193 @@
+"""Learned-step-size fake quantization for QAT: LSQ+, and Q-ViT's learnable bit-width with switchable scales.
+
+`LearnedQuantizer` maps a tensor x to
+
+    x_hat = s_b * clamp(round((x - beta) / s_b), -Qn(b), Qp(b)) + beta
+
+with a learnable step size s (LSQ, Esser et al. 2019; its gradient scaled by 1 / sqrt(numel * Qp)),
+an optional learnable offset beta (LSQ+, Bhalgat et al. 2020: for activations such as post-GELU
+that are not centred on zero), and integer levels Qn(b) = 2**(b-1), Qp(b) = 2**(b-1) - 1 when signed,
+Qn = 0, Qp = 2**b - 1 when unsigned.
+
+The bit-width b is fixed (LSQ+) or learned (Q-ViT, Li et al. 2022): a float b~ per bit group,
+b = round(clamp(b~, b_min, b_max)) with a straight-through round, so the loss reaches b~ through
+the clipping levels Qn(b), Qp(b) and through the BitOPs penalty (`quant.qvit`). With several
+candidate bit-widths each has its own step size ("switchable scales": one s per candidate b, only
+the selected one is used and trained), so a change of b does not throw the step size off by 2x.
+
+Groups: `groups` independent (s, beta) along tensor dimension `dim` (a weight's output channels,
+attention heads); bit-widths are shared by all groups (`bit_groups=1`, one code width per layer) or
+one per group (`bit_groups=groups`, head-wise). Step sizes are initialised per group and per
+candidate bit-width by minimising the quantization MSE on the first tensor seen after
+`LearnedQuantizer.calibrating(model)` (a weight, or a calibration batch of activations).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity gradient backward (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def scale_grad(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    """x forward, gradient multiplied by `factor` backward."""
+    return (x - x * factor).detach() + x * factor
+
+
+def levels(bits: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Qn, Qp): the number of negative and positive integer levels of `bits`-wide codes."""
+    if signed:
+        return 2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1
+    return torch.zeros_like(bits), 2.0 ** bits - 1
+
+
+class LearnedQuantizer(nn.Module):
+    """Fake-quantize with learned step size(s), optional learned offset and optional learned bit-width.
+
+    bits: one int (fixed width) or a (b_min, b_max) pair of candidate widths; `init_bits` is where a
+    learned width starts. `learn_bits` makes b~ trainable; `freeze_bits()` fixes it for good.
+    """
+
+    def __init__(self, bits: int | tuple[int, int], signed: bool = True, offset: bool = False,
+                 groups: int = 1, dim: int = 0, bit_groups: int = 1, init_bits: float | None = None,
+                 learn_bits: bool = False, bit_lr_scale: float = 100.0):
+        super().__init__()
+        b_min, b_max = (bits, bits) if isinstance(bits, int) else bits
+        if not 1 <= b_min <= b_max <= 8:
+            raise ValueError(f"bit-widths must lie in 1..8, got {bits}")
+        if bit_groups not in (1, groups):
+            raise ValueError(f"bit_groups must be 1 or groups ({groups}), got {bit_groups}")
+        if b_min == 1 and signed:
+            raise ValueError("a signed 1-bit uniform quantizer has no positive level; use the binary quantizer")
+        self.b_min, self.b_max = b_min, b_max
+        self.signed, self.groups, self.dim, self.bit_groups = signed, groups, dim, bit_groups
+        self.bit_lr_scale = bit_lr_scale
+        nb = b_max - b_min + 1
+        # Flat 1-D parameters: the optimizer's "no weight decay for 1-D tensors" rule then covers them.
+        self.scale = nn.Parameter(torch.ones(groups * nb))             # viewed as (groups, nb)
+        self.offset = nn.Parameter(torch.zeros(groups)) if offset else None
+        start = float(init_bits if init_bits is not None else b_max)
+        # b~ = bit_lr_scale * bit_param: Adam moves bit_param by ~lr a step, so the width moves by
+        # ~lr * bit_lr_scale (1e-4 * 100 = 0.01 bit a step) without a separate optimizer group.
+        self.bit_param = nn.Parameter(torch.full((bit_groups,), start / bit_lr_scale),
+                                      requires_grad=learn_bits and nb > 1)
+        self.register_buffer("initialized", torch.tensor(False))
+        self._calibrating = False
+
+    # ------------------------------------------------------------------ bit-width
+    @property
+    def learn_bits(self) -> bool:
+        return self.bit_param.requires_grad
+
+    def soft_bits(self) -> torch.Tensor:
+        """The float bit-width b~ clamped to the candidate range, (bit_groups,)."""
+        return (self.bit_param * self.bit_lr_scale).clamp(self.b_min, self.b_max)
+
+    def bits(self) -> torch.Tensor:
+        """Integer bit-widths b (as floats, straight-through to b~), (bit_groups,)."""
+        return round_ste(self.soft_bits())
+
+    def int_bits(self) -> list[int]:
+        return [int(b) for b in self.bits().detach().round().tolist()]
+
+    def set_bits(self, bits: list[int] | int) -> None:
+        """Fix the bit-width(s) to integers (in the candidate range)."""
+        b = torch.as_tensor(bits, dtype=torch.float32).expand(self.bit_groups).clone()
+        if (b < self.b_min).any() or (b > self.b_max).any():
+            raise ValueError(f"bit-widths {b.tolist()} outside {self.b_min}..{self.b_max}")
+        with torch.no_grad():
+            self.bit_param.copy_(b / self.bit_lr_scale)
+
+    def freeze_bits(self) -> None:
+        """Round the learned widths and stop learning them (Q-ViT's end of the searching stage)."""
+        self.set_bits(self.int_bits())
+        self.bit_param.requires_grad_(False)
+
+    # ------------------------------------------------------------------ forward
+    def _per_group(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A (groups,) tensor shaped to broadcast along `self.dim` of x."""
+        if self.groups == 1:
+            return t.reshape(())
+        shape = [1] * x.ndim
+        shape[self.dim] = self.groups
+        return t.reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups > 1 and x.shape[self.dim] != self.groups:
+            raise ValueError(f"quantizer has {self.groups} groups along dim {self.dim}, "
+                             f"tensor has shape {tuple(x.shape)}")
+        if self._calibrating and not bool(self.initialized):
+            self.init_scales(x.detach())
+        bits = self.bits()                                                  # (bit_groups,)
+        idx = (bits.detach() - self.b_min).long()
+        scales = self.scale.view(self.groups, -1)
+        s = scales[:, idx[0]] if self.bit_groups == 1 else scales.gather(1, idx[:, None])[:, 0]
+        bits = bits.expand(self.groups)                                     # (groups,)
+        qn, qp = levels(bits, self.signed)
+        n_per_group = x.numel() / self.groups
+        g = 1.0 / torch.sqrt(n_per_group * qp.detach().clamp(min=1))        # LSQ gradient scale
+        s = self._per_group(scale_grad(s, g), x).abs() + 1e-8
+        qn, qp = self._per_group(qn, x), self._per_group(qp, x)
+        if self.offset is not None:
+            beta = self._per_group(scale_grad(self.offset, g), x)
+            x = x - beta
+        z = torch.minimum(torch.maximum(x / s, -qn), qp)                  # gradient reaches the levels
+        out = round_ste(z) * s
+        return out + beta if self.offset is not None else out
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_scales(self, x: torch.Tensor, grid: int = 40) -> None:
+        """Per group and per candidate bit-width, the step size (and offset) of least squared error."""
+        xg = x.float().movedim(self.dim, 0).reshape(self.groups, -1) if self.groups > 1 \
+            else x.float().reshape(1, -1)
+        if xg.shape[1] > 65536:  # a random subsample keeps the search cheap on big activations
+            xg = xg[:, torch.randperm(xg.shape[1], device=xg.device)[:65536]]
+        lo, hi = xg.min(1).values, xg.max(1).values
+        if self.offset is not None:
+            self.offset.copy_(lo)
+            xg, lo, hi = xg - lo[:, None], torch.zeros_like(lo), hi - lo
+        scales = self.scale.view(self.groups, -1)
+        ratios = torch.linspace(0.05, 1.0, grid, device=xg.device)
+        for j, b in enumerate(range(self.b_min, self.b_max + 1)):
+            qn, qp = levels(torch.tensor(float(b)), self.signed)
+            if self.signed:  # symmetric: the range is set by the largest magnitude
+                full = torch.maximum(hi, -lo) / qp
+            else:
+                full = hi.clamp(min=0) / qp
+            full = full.clamp(min=1e-8)
+            best, best_err = full.clone(), torch.full_like(full, float("inf"))
+            for r in ratios:
+                s = (full * r)[:, None]
+                err = ((torch.clamp(torch.round(xg / s), -qn, qp) * s - xg) ** 2).mean(1)
+                better = err < best_err
+                best = torch.where(better, s[:, 0], best)
+                best_err = torch.where(better, err, best_err)
+            scales[:, j] = best
+        self.initialized.fill_(True)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def calibrating(model: nn.Module):
+        """Within this block, every not-yet-initialised quantizer of `model` sets its step sizes
+        from the first tensor it quantizes (run a forward pass on a calibration batch inside it)."""
+        qs = [m for m in model.modules() if isinstance(m, LearnedQuantizer)]
+        for q in qs:
+            q._calibrating = True
+        try:
+            yield
+        finally:
+            for q in qs:
+                q._calibrating = False
+
+    def extra_repr(self) -> str:
+        bits = f"{self.b_min}" if self.b_min == self.b_max else f"{self.b_min}..{self.b_max}"
+        return (f"bits={bits}, signed={self.signed}, offset={self.offset is not None}, "
+                f"groups={self.groups}, bit_groups={self.bit_groups}, learn_bits={self.learn_bits}")
+

@@ -1,0 +1,109 @@
+"""LSQ+ / Q-ViT learned quantizer: values on the integer grid, straight-through gradients, switchable scales."""
+import pytest
+import torch
+
+from quant.lsq import LearnedQuantizer, round_ste
+
+
+def calibrated(q: LearnedQuantizer, x: torch.Tensor) -> LearnedQuantizer:
+    with LearnedQuantizer.calibrating(q):
+        q(x)
+    return q
+
+
+def test_signed_values_lie_on_the_b_bit_grid():
+    x = torch.randn(4, 256)
+    q = calibrated(LearnedQuantizer(3, signed=True, groups=4, dim=0), x)
+    y = q(x).detach()
+    s = q.scale.view(4, 1).abs()
+    codes = y / s
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert codes.min() >= -4 and codes.max() <= 3
+    assert all(len(torch.unique(row)) <= 8 for row in y)
+
+
+def test_unsigned_with_offset_covers_post_gelu_values():
+    a = torch.nn.functional.gelu(torch.randn(4096) * 2)
+    q = calibrated(LearnedQuantizer(4, signed=False, offset=True), a)
+    y = q(a).detach()
+    assert q.offset.item() == pytest.approx(float(a.min()), abs=1e-6)
+    codes = (y - q.offset) / q.scale.abs()
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= 0 and codes.max() <= 15
+    assert ((y - a) ** 2).mean() < 0.01 * (a ** 2).mean()
+
+
+def test_mse_init_beats_max_scaling_and_more_bits_mean_less_error():
+    x = torch.randn(20000) ** 3  # heavy tails: clipping pays
+    errors = {}
+    for b in (2, 4, 8):
+        q = calibrated(LearnedQuantizer(b), x)
+        errors[b] = ((q(x) - x) ** 2).mean().item()
+        s_max = x.abs().max() / (2 ** (b - 1) - 1)
+        max_err = ((torch.clamp(torch.round(x / s_max), -2 ** (b - 1), 2 ** (b - 1) - 1) * s_max - x) ** 2).mean()
+        assert errors[b] <= max_err.item() + 1e-9
+    assert errors[2] > errors[4] > errors[8]
+
+
+def test_straight_through_gradient_is_one_inside_the_range_and_zero_outside():
+    q = LearnedQuantizer(4)
+    q.init_scales(torch.linspace(-1, 1, 100))
+    x = torch.tensor([-100.0, -0.3, 0.01, 0.5, 100.0], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0
+
+
+def test_bit_width_gets_gradient_only_through_clipped_values():
+    q = LearnedQuantizer((2, 8), init_bits=4, learn_bits=True)
+    q.init_scales(torch.linspace(-1, 1, 100))
+    q(torch.linspace(-0.5, 0.5, 50)).pow(2).sum().backward()
+    assert q.bit_param.grad.abs().item() == 0
+    q.bit_param.grad = None
+    q(torch.tensor([10.0, -10.0, 0.2])).pow(2).sum().backward()  # clipped: y**2 grows with the top level
+    assert q.bit_param.grad.item() > 0
+
+
+def test_switchable_scales_one_step_size_per_candidate_width():
+    x = torch.randn(5000)
+    q = calibrated(LearnedQuantizer((2, 8), init_bits=8, learn_bits=True), x)
+    steps = q.scale.detach().clone()
+    assert torch.all(steps[:-1] > steps[1:])  # one scale per width, shrinking as bits grow
+    q.set_bits(3)
+    q(x).sum().backward()
+    assert (q.scale.grad != 0).tolist() == [False, True, False, False, False, False, False]
+
+
+def test_bits_round_and_clamp_to_the_candidate_range_and_freeze():
+    q = LearnedQuantizer((2, 8), init_bits=5, learn_bits=True)
+    with torch.no_grad():
+        q.bit_param.fill_(3.6 / q.bit_lr_scale)
+    assert q.int_bits() == [4]
+    with torch.no_grad():
+        q.bit_param.fill_(11.0 / q.bit_lr_scale)
+    assert q.int_bits() == [8]
+    q.freeze_bits()
+    assert q.int_bits() == [8] and not q.bit_param.requires_grad
+    with pytest.raises(ValueError, match="outside"):
+        q.set_bits(9)
+
+
+def test_head_wise_bit_widths_quantize_each_head_at_its_own_width():
+    x = torch.randn(2, 3, 10, 16)  # (B, heads, N, head_dim)
+    q = calibrated(LearnedQuantizer((2, 8), groups=3, dim=1, bit_groups=3, learn_bits=True), x)
+    q.set_bits([2, 4, 8])
+    y = q(x).detach()
+    distinct = [len(torch.unique(y[:, h])) for h in range(3)]
+    assert distinct[0] <= 4 and distinct[1] <= 16 and distinct[2] > 16
+
+
+def test_a_tensor_with_the_wrong_group_count_is_refused():
+    q = LearnedQuantizer(4, groups=3, dim=1)
+    with pytest.raises(ValueError, match="3 groups"):
+        q(torch.randn(2, 4, 5))
+
+
+def test_round_ste_passes_gradient_through():
+    x = torch.tensor([0.4, 1.6], requires_grad=True)
+    y = round_ste(x)
+    y.sum().backward()
+    assert y.tolist() == [0.0, 2.0] and x.grad.tolist() == [1.0, 1.0]
