@@ -78,3 +78,9 @@ def cifar_batches(tmp_path) -> Path:
             pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
                          b"filenames": [b"x.png"] * 20}, f, protocol=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def ortops_cache(tmp_path_factory) -> Path:
+    """An empty cache for bitvit's ONNX Runtime op library: export tests build it from scratch once."""
+    return tmp_path_factory.mktemp("ortops")

@@ -1,0 +1,488 @@
+// bitvit's ONNX Runtime custom ops: linear layers on packed ternary and binary weights.
+//
+// Domain "bitvit", version 1, CPU:
+//   TernaryLinear(X, W, scales[, bias]) -> Y   2-bit codes c = w + 1 for w in {-1, 0, +1}
+//   BinaryLinear(X, W, scales[, bias]) -> Y    1-bit codes, c = 1 means +1, c = 0 means -1
+// X float32 (..., K); W uint8 (N, ceil(K * bits / 8)) in quant/pack.py's `pack_codes` layout;
+// scales float32 (N) or (N, 1); bias float32 (N). Y float32 (..., N). Per token t (row of X):
+//   s[t] = max_k |X[t, k]| / 127,  q[t, k] = clamp(nearbyint(X[t, k] / s[t]), -127, 127)
+//   Y[t, n] = s[t] * scales[n] * sum_k q[t, k] * w[n, k] + bias[n]
+// The sum is exact int32 arithmetic. The kernels never expand W to int8 in memory: at session
+// creation (or per call when W is not a constant) the codes are re-tiled, still at `bits` bits per
+// weight, into 64-byte blocks of 16 output rows; each block unpacks in registers (shift + mask) to
+// the unsigned operand of an int8 dot product with the signed activations:
+//   sum_k c[n, k] * q[t, k]  is  dot + sum_k q[t, k]     for ternary (c = w + 1)
+//                                (dot + sum_k q[t, k]) / 2 for binary  (c = (w + 1) / 2)
+// so dot = that sum minus (ternary) or twice it minus (binary) the token's sum of q.
+// Kernels: AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd) or portable C++, chosen when the
+// library is compiled (it is built with -march=native on the machine that runs it). Work is split
+// over blocks of output rows x tokens on ONNX Runtime's own intra-op thread pool.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#if defined(BITVIT_FORCE_PORTABLE)
+#define BITVIT_ISA "portable"
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(BITVIT_FORCE_AVX2)
+#define BITVIT_AVX512 1
+#define BITVIT_ISA "avx512-vnni"
+#elif defined(__AVX2__)
+#define BITVIT_AVX2 1
+#define BITVIT_ISA "avx2"
+#else
+#define BITVIT_ISA "portable"
+#endif
+
+namespace {
+
+constexpr int kPanel = 16;      // output rows per 64-byte block
+constexpr int kBlockBytes = 64;
+#ifndef BITVIT_MR
+#define BITVIT_MR 4
+#define BITVIT_NB 4
+#endif
+constexpr int kMR = BITVIT_MR;          // tokens per micro-kernel call
+constexpr int kNB = BITVIT_NB;          // panels (of 16 output rows) per task
+constexpr int kTokensPerTask = 32;
+
+// Codes re-tiled for the kernels: block (p, g) holds output rows 16p..16p+15 and KG = 32 / bits
+// inputs starting at g * KG. Byte i of a block, bit field j (width `bits`), holds the code of row
+// 16p + i / 4 and input g * KG + 4j + i % 4: shifting the block right by j * bits and masking
+// gives the 16 x 4 unsigned byte operand of one 4-wide dot-product step.
+struct Tiled {
+  int bits = 0;
+  int64_t n = 0, k_max = 0, groups = 0, panels = 0, row_bytes = 0;
+  std::vector<uint8_t> data;  // panels * groups * 64 bytes
+  int64_t k_per_group() const { return 32 / bits; }
+};
+
+std::string Shape(const std::vector<int64_t>& s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// Re-tile packed rows W (n, row_bytes). Returns an error message, empty when the codes are valid.
+std::string TileWeights(const uint8_t* w, int64_t n, int64_t row_bytes, int bits, Tiled* t) {
+  t->bits = bits;
+  t->n = n;
+  t->row_bytes = row_bytes;
+  t->k_max = row_bytes * 8 / bits;
+  const int64_t kg = t->k_per_group();
+  t->groups = (t->k_max + kg - 1) / kg;
+  t->panels = (n + kPanel - 1) / kPanel;
+  t->data.assign(static_cast<size_t>(t->panels * t->groups * kBlockBytes), 0);
+  const int mask = (1 << bits) - 1;
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    for (int64_t k = 0; k < t->k_max; ++k) {
+      const int code = (row[k * bits / 8] >> (k * bits % 8)) & mask;
+      if (bits == 2 && code == 3)
+        return "TernaryLinear: W row " + std::to_string(r) + " holds the 2-bit code 3 at input " +
+               std::to_string(k) + "; ternary codes are 0, 1 or 2";
+      const int64_t g = k / kg, kk = k % kg;
+      const int64_t i = (r % kPanel) * 4 + kk % 4, j = kk / 4;
+      t->data[static_cast<size_t>(((r / kPanel) * t->groups + g) * kBlockBytes + i)] |=
+          static_cast<uint8_t>(code << (j * bits));
+    }
+  }
+  return {};
+}
+
+// One call's operands: quantized activations and everything the kernels read.
+struct Problem {
+  const Tiled* w;
+  const float* x;         // (m, k)
+  int64_t m, k, kp;       // kp = groups * k_per_group: the padded row length of xq
+  int8_t* xq;             // (m, kp), zero past k
+  float* sx;              // (m) activation scales
+  int32_t* sumq;          // (m) sum of each token's q
+  const float* scales;    // (n)
+  const float* bias;      // (n) or nullptr
+  float* y;               // (m, n)
+  int64_t token_blocks, n_blocks;
+};
+
+// s[t] = absmax / 127; q = clamp(nearbyint(x / s), -127, 127): the division (not a multiply by the
+// reciprocal) and round-half-to-even match torch's reference bit for bit.
+void QuantizeRow(const float* x, int64_t k, int64_t kp, int8_t* q, float* s, int32_t* sum) {
+  float amax = 0.f;
+  int64_t i = 0;
+#if defined(BITVIT_AVX512)
+  __m512 vmax = _mm512_setzero_ps();
+  for (; i + 16 <= k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  amax = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.f;
+  *s = scale;
+  int32_t total = 0;
+  i = 0;
+  if (amax > 0.f) {
+#if defined(BITVIT_AVX512)
+    const __m512 vs = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    __m512i vsum = _mm512_setzero_si512();
+    for (; i + 16 <= k; i += 16) {
+      __m512 v = _mm512_div_ps(_mm512_loadu_ps(x + i), vs);
+      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i qi = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+      vsum = _mm512_add_epi32(vsum, qi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(qi));
+    }
+    total = _mm512_reduce_add_epi32(vsum);
+#endif
+    for (; i < k; ++i) {
+      const float v = std::min(127.f, std::max(-127.f, std::nearbyint(x[i] / scale)));
+      q[i] = static_cast<int8_t>(v);
+      total += q[i];
+    }
+  } else {
+    std::memset(q, 0, static_cast<size_t>(k));
+  }
+  std::memset(q + k, 0, static_cast<size_t>(kp - k));
+  *sum = total;
+}
+
+// Y row segment from raw dot sums `acc` (count values): exact integer correction, then float scaling.
+inline void Epilogue(const Problem& p, int64_t t, int64_t n0, int count, const int32_t* acc) {
+  const int32_t sq = p.sumq[t];
+  const float s = p.sx[t];
+  float* y = p.y + t * p.w->n + n0;
+  const float* sc = p.scales + n0;
+  if (p.w->bits == 2) {
+    for (int j = 0; j < count; ++j) y[j] = static_cast<float>(acc[j] - sq) * s * sc[j];
+  } else {
+    for (int j = 0; j < count; ++j) y[j] = static_cast<float>(2 * acc[j] - sq) * s * sc[j];
+  }
+  if (p.bias)
+    for (int j = 0; j < count; ++j) y[j] += p.bias[n0 + j];
+}
+
+inline const uint8_t* Block(const Tiled& w, int64_t panel, int64_t g) {
+  return w.data.data() + (panel * w.groups + g) * kBlockBytes;
+}
+
+#if defined(BITVIT_AVX512)
+// MR tokens x NP panels: MR * NP accumulators of 16 int32 lanes (one lane per output row).
+template <int BITS, int MR, int NP>
+void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
+  constexpr int kSteps = 8 / BITS;
+  constexpr int kKG = 4 * kSteps;
+  const Tiled& w = *p.w;
+  __m512i acc[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_setzero_si512();
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const int8_t* x = p.xq + t0 * p.kp;
+  for (int64_t g = 0; g < w.groups; ++g) {
+    __m512i blk[NP];
+    for (int q = 0; q < NP; ++q) blk[q] = _mm512_loadu_si512(Block(w, panel0 + q, g));
+    for (int j = 0; j < kSteps; ++j) {
+      __m512i wv[NP];
+      for (int q = 0; q < NP; ++q) {
+        wv[q] = _mm512_and_si512(blk[q], mask);
+        blk[q] = _mm512_srli_epi16(blk[q], BITS);
+      }
+      for (int m = 0; m < MR; ++m) {
+        int32_t x4;
+        std::memcpy(&x4, x + m * p.kp + g * kKG + 4 * j, 4);
+        const __m512i xb = _mm512_set1_epi32(x4);
+        for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_dpbusd_epi32(acc[m][q], wv[q], xb);
+      }
+    }
+  }
+  for (int q = 0; q < NP; ++q) {
+    const int64_t n0 = (panel0 + q) * kPanel;
+    const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(kPanel, w.n - n0)) - 1);
+    const __m512 sc = _mm512_maskz_loadu_ps(valid, p.scales + n0);
+    const __m512 b = p.bias ? _mm512_maskz_loadu_ps(valid, p.bias + n0) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) {
+      __m512i r = BITS == 1 ? _mm512_add_epi32(acc[m][q], acc[m][q]) : acc[m][q];
+      r = _mm512_sub_epi32(r, _mm512_set1_epi32(p.sumq[t0 + m]));
+      const __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(r), _mm512_set1_ps(p.sx[t0 + m])), sc, b);
+      _mm512_mask_storeu_ps(p.y + (t0 + m) * w.n + n0, valid, y);
+    }
+  }
+}
+#elif defined(BITVIT_AVX2)
+// MR tokens x NP panels; each panel is two 8-row halves (one 256-bit register each).
+template <int BITS, int MR, int NP>
+void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
+  constexpr int kSteps = 8 / BITS;
+  constexpr int kKG = 4 * kSteps;
+  const Tiled& w = *p.w;
+  __m256i acc[MR][2 * NP];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < 2 * NP; ++q) acc[m][q] = _mm256_setzero_si256();
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* x = p.xq + t0 * p.kp;
+  for (int64_t g = 0; g < w.groups; ++g) {
+    __m256i blk[2 * NP];
+    for (int q = 0; q < 2 * NP; ++q)
+      blk[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Block(w, panel0 + q / 2, g) + 32 * (q % 2)));
+    for (int j = 0; j < kSteps; ++j) {
+      __m256i wv[2 * NP];
+      for (int q = 0; q < 2 * NP; ++q) {
+        wv[q] = _mm256_and_si256(blk[q], mask);
+        blk[q] = _mm256_srli_epi16(blk[q], BITS);
+      }
+      for (int m = 0; m < MR; ++m) {
+        int32_t x4;
+        std::memcpy(&x4, x + m * p.kp + g * kKG + 4 * j, 4);
+        const __m256i xb = _mm256_set1_epi32(x4);
+        for (int q = 0; q < 2 * NP; ++q)  // code * q <= 2 * 127: the int16 pair sums cannot saturate
+          acc[m][q] = _mm256_add_epi32(acc[m][q], _mm256_madd_epi16(_mm256_maddubs_epi16(wv[q], xb), ones));
+      }
+    }
+  }
+  alignas(32) int32_t out[16];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < NP; ++q) {
+      const int64_t n0 = (panel0 + q) * kPanel;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out), acc[m][2 * q]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out + 8), acc[m][2 * q + 1]);
+      Epilogue(p, t0 + m, n0, static_cast<int>(std::min<int64_t>(kPanel, w.n - n0)), out);
+    }
+}
+#else
+// Portable C++: unpack each panel to one byte per code, then plain dot products the compiler vectorizes.
+template <int BITS, int MR, int NP>
+void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
+  constexpr int kSteps = 8 / BITS;
+  constexpr int kKG = 4 * kSteps;
+  const Tiled& w = *p.w;
+  std::vector<uint8_t> codes(static_cast<size_t>(kPanel * p.kp));  // (16, kp)
+  for (int q = 0; q < NP; ++q) {
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const uint8_t* blk = Block(w, panel0 + q, g);
+      for (int j = 0; j < kSteps; ++j)
+        for (int i = 0; i < kBlockBytes; ++i)
+          codes[(i / 4) * p.kp + g * kKG + 4 * j + i % 4] = (blk[i] >> (j * BITS)) & ((1 << BITS) - 1);
+    }
+    const int64_t n0 = (panel0 + q) * kPanel;
+    for (int m = 0; m < MR; ++m) {
+      const int8_t* x = p.xq + (t0 + m) * p.kp;
+      int32_t out[kPanel];
+      for (int r = 0; r < kPanel; ++r) {
+        const uint8_t* c = codes.data() + r * p.kp;
+        int32_t sum = 0;
+        for (int64_t k = 0; k < p.kp; ++k) sum += c[k] * x[k];
+        out[r] = sum;
+      }
+      Epilogue(p, t0 + m, n0, static_cast<int>(std::min<int64_t>(kPanel, w.n - n0)), out);
+    }
+  }
+}
+#endif
+
+// Tokens t0..t1 against panels panel0..panel0+NP-1, MR tokens at a time, then the remainder.
+template <int BITS, int NP, int MR = kMR>
+void RunTokens(const Problem& p, int64_t t0, int64_t t1, int64_t panel0) {
+  int64_t t = t0;
+  for (; t + MR <= t1; t += MR) MicroKernel<BITS, MR, NP>(p, t, panel0);
+  if constexpr (MR > 1)
+    if (t < t1) RunTokens<BITS, NP, MR - 1>(p, t, t1, panel0);
+}
+
+template <int BITS>
+void RunTask(const Problem& p, int64_t task) {
+  const int64_t tb = task % p.token_blocks, nb = task / p.token_blocks;
+  const int64_t t0 = tb * kTokensPerTask, t1 = std::min(p.m, t0 + kTokensPerTask);
+  const int64_t panel0 = nb * kNB;
+  switch (std::min<int64_t>(kNB, p.w->panels - panel0)) {
+    case 4: RunTokens<BITS, 4>(p, t0, t1, panel0); break;
+    case 3: RunTokens<BITS, 3>(p, t0, t1, panel0); break;
+    case 2: RunTokens<BITS, 2>(p, t0, t1, panel0); break;
+    default: RunTokens<BITS, 1>(p, t0, t1, panel0); break;
+  }
+}
+
+void QuantizeTask(void* data, size_t task) {
+  const Problem& p = *static_cast<const Problem*>(data);
+  const int64_t t0 = static_cast<int64_t>(task) * kTokensPerTask, t1 = std::min(p.m, t0 + kTokensPerTask);
+  for (int64_t t = t0; t < t1; ++t) QuantizeRow(p.x + t * p.k, p.k, p.kp, p.xq + t * p.kp, p.sx + t, p.sumq + t);
+}
+
+void GemmTask2(void* data, size_t task) { RunTask<2>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
+void GemmTask1(void* data, size_t task) { RunTask<1>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
+
+Ort::Status Invalid(const std::string& msg) { return Ort::Status(msg.c_str(), ORT_INVALID_ARGUMENT); }
+
+struct PackedLinearKernel {
+  PackedLinearKernel(const char* op, int bits, const OrtKernelInfo* info) : op_(op), bits_(bits) {
+    Ort::ConstKernelInfo ki(info);
+    int is_constant = 0;
+    Ort::ConstValue w = ki.GetTensorConstantInput(1, &is_constant);
+    if (is_constant) {
+      const std::string err = Prepare(w, &constant_);
+      if (!err.empty()) throw Ort::Exception(std::string(err), ORT_INVALID_ARGUMENT);
+      have_constant_ = true;
+    }
+  }
+
+  // Check W's type and rank and re-tile it; an error message or "".
+  std::string Prepare(const Ort::ConstValue& w, Tiled* t) const {
+    const auto info = w.GetTensorTypeAndShapeInfo();
+    const auto shape = info.GetShape();
+    if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+      return op_ + ": W must be a uint8 tensor of packed codes";
+    if (shape.size() != 2 || shape[0] < 1 || shape[1] < 1)
+      return op_ + ": W must be 2-D (out_features, packed bytes), got shape " + Shape(shape);
+    return TileWeights(w.GetTensorData<uint8_t>(), shape[0], shape[1], bits_, t);
+  }
+
+  Ort::Status Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const size_t n_inputs = ctx.GetInputCount();
+    if (n_inputs < 3 || n_inputs > 4) return Invalid(op_ + " takes 3 or 4 inputs (X, W, scales[, bias])");
+    Ort::ConstValue xv = ctx.GetInput(0);
+    const auto xinfo = xv.GetTensorTypeAndShapeInfo();
+    if (xinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return Invalid(op_ + ": X must be float32");
+    std::vector<int64_t> xshape = xinfo.GetShape();
+    if (xshape.empty()) return Invalid(op_ + ": X must have at least one dimension (..., in_features)");
+    const int64_t k = xshape.back();
+    if (k < 1) return Invalid(op_ + ": X's last dimension (in_features) must be at least 1");
+    int64_t m = 1;
+    for (size_t i = 0; i + 1 < xshape.size(); ++i) m *= xshape[i];
+
+    Tiled per_call;
+    const Tiled* w = &constant_;
+    if (!have_constant_) {
+      const std::string err = Prepare(ctx.GetInput(1), &per_call);
+      if (!err.empty()) return Invalid(err);
+      w = &per_call;
+    }
+    const int64_t need = (k * bits_ + 7) / 8;
+    if (w->row_bytes != need)
+      return Invalid(op_ + ": W rows are " + std::to_string(w->row_bytes) + " bytes, but X's " +
+                     std::to_string(k) + " input features need " + std::to_string(need) + " bytes at " +
+                     std::to_string(bits_) + " bit(s) per weight");
+    Ort::ConstValue sv = ctx.GetInput(2);
+    const auto sinfo = sv.GetTensorTypeAndShapeInfo();
+    if (sinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+        static_cast<int64_t>(sinfo.GetElementCount()) != w->n || sinfo.GetShape().size() > 2)
+      return Invalid(op_ + ": scales must be float32 with one value per output row (" + std::to_string(w->n) +
+                     "), got shape " + Shape(sinfo.GetShape()));
+    const float* bias = nullptr;
+    if (n_inputs == 4) {
+      Ort::ConstValue bv = ctx.GetInput(3);
+      if (bv) {
+        const auto binfo = bv.GetTensorTypeAndShapeInfo();
+        if (binfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || binfo.GetShape().size() != 1 ||
+            binfo.GetShape()[0] != w->n)
+          return Invalid(op_ + ": bias must be float32 of shape (" + std::to_string(w->n) + ",), got " +
+                         Shape(binfo.GetShape()));
+        bias = bv.GetTensorData<float>();
+      }
+    }
+    std::vector<int64_t> yshape = xshape;
+    yshape.back() = w->n;
+    Ort::UnownedValue yv = ctx.GetOutput(0, yshape);
+    if (m == 0) return Ort::Status(nullptr);
+
+    Problem p{};
+    p.w = w;
+    p.x = xv.GetTensorData<float>();
+    p.m = m;
+    p.k = k;
+    p.kp = w->groups * w->k_per_group();
+    std::vector<int8_t> xq(static_cast<size_t>(m * p.kp));
+    std::vector<float> sx(static_cast<size_t>(m));
+    std::vector<int32_t> sumq(static_cast<size_t>(m));
+    p.xq = xq.data();
+    p.sx = sx.data();
+    p.sumq = sumq.data();
+    p.scales = sv.GetTensorData<float>();
+    p.bias = bias;
+    p.y = yv.GetTensorMutableData<float>();
+    p.token_blocks = (m + kTokensPerTask - 1) / kTokensPerTask;
+    p.n_blocks = (w->panels + kNB - 1) / kNB;
+    ctx.ParallelFor(QuantizeTask, static_cast<size_t>(p.token_blocks), 0, &p);
+    ctx.ParallelFor(bits_ == 2 ? GemmTask2 : GemmTask1, static_cast<size_t>(p.token_blocks * p.n_blocks), 0, &p);
+    return Ort::Status(nullptr);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      return Compute(context).release();
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e).release();
+    } catch (const std::exception& e) {
+      return Ort::Status((op_ + ": " + e.what()).c_str(), ORT_FAIL).release();
+    }
+  }
+
+  std::string op_;
+  int bits_;
+  Tiled constant_;
+  bool have_constant_ = false;
+};
+
+template <int BITS>
+struct PackedLinearOp : Ort::CustomOpBase<PackedLinearOp<BITS>, PackedLinearKernel, true> {
+  static constexpr const char* kName = BITS == 2 ? "TernaryLinear" : "BinaryLinear";
+
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new PackedLinearKernel(kName, BITS, info);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::Status(e).release();
+    } catch (const std::exception& e) {
+      return Ort::Status(e).release();
+    }
+  }
+  const char* GetName() const { return kName; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Which kernel this build runs: "avx512-vnni", "avx2" or "portable".
+__attribute__((visibility("default"))) const char* bitvit_ops_isa() { return BITVIT_ISA; }
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                               const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  // One domain per process, added to every session that registers the library.
+  static PackedLinearOp<2> ternary;
+  static PackedLinearOp<1> binary;
+  static std::once_flag once;
+  static Ort::CustomOpDomain* domain = nullptr;
+  try {
+    std::call_once(once, [] {
+      domain = new Ort::CustomOpDomain("bitvit");
+      domain->Add(&ternary);
+      domain->Add(&binary);
+    });
+    Ort::UnownedSessionOptions(options).Add(*domain);
+  } catch (const std::exception& e) {
+    return Ort::Status(e).release();
+  }
+  return nullptr;
+}
+
+}  // extern "C"

@@ -1,0 +1,178 @@
+"""Build bitvit's ONNX Runtime custom-op library (`export/ops/bitvit_ops.cc`) from source, once per machine.
+
+`library_path()` returns the path of `libbitvit_ops.so`, compiling it on first use with
+`-O3 -march=native` into `<cache>/<hash>/`, where `<cache>` is `$BITVIT_ORTOPS_CACHE`, else
+`$BITVIT_CACHE/ortops`, else `~/.cache/bitvit/ortops`, and the hash covers the source, the compiler,
+the flags and the CPU. A `-march=native` binary only runs safely on the CPU that built it, so none is
+ever committed. `python -m export.ortops` builds it and prints the path and the kernel it runs.
+
+ONNX Runtime's C/C++ API headers are not in the pip wheel. They come from `$ORT_INCLUDE_DIR` when set,
+else from Debian trixie's `libonnxruntime-dev` package: apt-get downloads it into a private folder,
+using this machine's own Debian archive and keyring with the suite set to trixie (the system's apt
+configuration and packages are untouched) and `dpkg-deb -x` unpacks it. Headers may be older than the
+runtime that loads the library, never newer.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import getpass
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("ops") / "bitvit_ops.cc"
+LIB_NAME = "libbitvit_ops.so"
+DOMAIN = "bitvit"
+ISAS = {"native": [], "avx2": ["-DBITVIT_FORCE_AVX2"], "portable": ["-DBITVIT_FORCE_PORTABLE"]}
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+
+
+def cache_root() -> Path:
+    if os.environ.get("BITVIT_ORTOPS_CACHE"):
+        return Path(os.environ["BITVIT_ORTOPS_CACHE"]).expanduser()
+    return Path(os.environ.get("BITVIT_CACHE", "~/.cache/bitvit")).expanduser() / "ortops"
+
+
+def library_path(isa: str = "native", force: bool = False) -> Path:
+    """The custom-op library for this machine, built first if needed.
+
+    `isa` picks the kernel: "native" (AVX-512 VNNI or AVX2, whichever the compiler targets here),
+    or forces the "avx2" or "portable" one (for tests and comparisons).
+    """
+    if isa not in ISAS:
+        raise ValueError(f"unknown isa {isa!r}; choose one of {', '.join(ISAS)}")
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise FileNotFoundError(f"no C++ compiler {cxx!r} to build bitvit's ONNX Runtime ops "
+                                f"(install g++, or set CXX)")
+    include = _headers()
+    flags = FLAGS + ISAS[isa]
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), _run([cxx, "--version"]).encode(), " ".join(flags).encode(),
+                 str(include).encode(), _cpu_signature().encode()):
+        key.update(part)
+    out = cache_root() / key.hexdigest()[:16] / LIB_NAME
+    if out.is_file() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    _run([cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)], what="compiling bitvit's ONNX Runtime ops")
+    os.replace(tmp, out)  # atomic: a concurrent build never sees a half-written library
+    return out
+
+
+def kernel_isa(path: str | os.PathLike) -> str:
+    """The kernel a built library runs: "avx512-vnni", "avx2" or "portable"."""
+    lib = ctypes.CDLL(str(path))
+    lib.bitvit_ops_isa.restype = ctypes.c_char_p
+    return lib.bitvit_ops_isa().decode()
+
+
+def _headers() -> Path:
+    """The folder holding `onnxruntime_cxx_api.h`, fetched once into the cache."""
+    if os.environ.get("ORT_INCLUDE_DIR"):
+        include = Path(os.environ["ORT_INCLUDE_DIR"])
+        if not (include / "onnxruntime_cxx_api.h").is_file():
+            raise FileNotFoundError(f"ORT_INCLUDE_DIR={include} holds no onnxruntime_cxx_api.h")
+        return _check_api_version(include)
+    include = cache_root() / "headers" / "usr" / "include" / "onnxruntime"
+    if not (include / "onnxruntime_cxx_api.h").is_file():
+        _fetch_headers(cache_root() / "headers")
+    return _check_api_version(include)
+
+
+def _check_api_version(include: Path) -> Path:
+    import onnxruntime
+    text = (include / "onnxruntime_c_api.h").read_text(errors="replace")
+    found = re.search(r"#define ORT_API_VERSION (\d+)", text)
+    runtime = int(onnxruntime.__version__.split(".")[1])  # ORT 1.x serves C API versions up to x
+    if found is None or int(found.group(1)) > runtime:
+        raise ValueError(f"the ONNX Runtime headers in {include} are newer than the installed "
+                         f"onnxruntime {onnxruntime.__version__}; use headers of API version <= {runtime}")
+    return include
+
+
+def _fetch_headers(dest: Path) -> None:
+    uris, keyring = _debian_archive()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "parts").mkdir()
+        (tmp / "lists" / "partial").mkdir(parents=True)
+        (tmp / "cache" / "archives" / "partial").mkdir(parents=True)
+        (tmp / "parts" / "trixie.sources").write_text(
+            f"Types: deb\nURIs: {uris}\nSuites: trixie\nComponents: main\n"
+            + (f"Signed-By: {keyring}\n" if keyring else ""))
+        apt = ["apt-get", "-q", "-o", "Dir::Etc::SourceList=/dev/null", "-o", f"Dir::Etc::SourceParts={tmp}/parts",
+               "-o", f"Dir::State::Lists={tmp}/lists", "-o", f"Dir::Cache={tmp}/cache",
+               "-o", f"APT::Sandbox::User={getpass.getuser()}"]
+        what = "downloading ONNX Runtime's headers (Debian trixie libonnxruntime-dev)"
+        _run([*apt, "update"], what=what)
+        _run([*apt, "download", "libonnxruntime-dev"], cwd=tmp, what=what)
+        debs = sorted(tmp.glob("libonnxruntime-dev_*.deb"))
+        if not debs:
+            raise FileNotFoundError("apt-get downloaded no libonnxruntime-dev package")
+        staging = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
+        _run(["dpkg-deb", "-x", str(debs[-1]), str(staging)], what="unpacking libonnxruntime-dev")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, dest)
+
+
+def _debian_archive() -> tuple[str, str]:
+    """This machine's Debian archive URI and keyring, from its own apt sources."""
+    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        text = path.read_text(errors="replace")
+        for stanza in text.split("\n\n"):
+            fields = dict(re.findall(r"^([\w-]+):\s*(.+)$", stanza, re.M))
+            if "main" in fields.get("Components", "").split() and "-security" not in fields.get("Suites", "") \
+                    and fields.get("URIs", "").split()[:1] and "debian" in fields.get("URIs", ""):
+                return fields["URIs"].split()[0], fields.get("Signed-By", "")
+    lists = Path("/etc/apt/sources.list")
+    if lists.is_file():
+        for line in lists.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if parts[:1] == ["deb"] and len(parts) >= 3 and "debian" in parts[1] and "security" not in parts[2]:
+                return parts[1], ""
+    raise FileNotFoundError("found no Debian archive in this machine's apt sources to fetch ONNX Runtime's "
+                            "headers from; set ORT_INCLUDE_DIR to a folder holding onnxruntime_cxx_api.h")
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return platform.machine() + flags
+
+
+def _run(cmd: list[str], cwd: Path | None = None, what: str | None = None) -> str:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    except OSError as e:
+        raise FileNotFoundError(f"{what or cmd[0]}: cannot run {cmd[0]} ({e})") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise ValueError(f"{what or cmd[0]} failed (exit {done.returncode}):\n{tail}")
+    return done.stdout
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m export.ortops", description=__doc__.splitlines()[0])
+    p.add_argument("--isa", default="native", choices=list(ISAS))
+    p.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
+    args = p.parse_args(argv)
+    path = library_path(args.isa, force=args.force)
+    print(f"{path} ({kernel_isa(path)} kernels)")
+
+
+if __name__ == "__main__":
+    from quant.cli import run
+    raise SystemExit(run(main))

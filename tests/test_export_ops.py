@@ -1,0 +1,136 @@
+"""bitvit's ONNX Runtime ops: built from source, equal to a numpy reference, refusing bad input cleanly."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from export import ortops
+from quant.pack import pack_codes
+
+OPS = {"TernaryLinear": 2, "BinaryLinear": 1}
+
+
+@pytest.fixture(autouse=True)
+def _ops_cache(ortops_cache, monkeypatch):
+    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(ortops_cache))
+
+
+def reference(x, codes, scales, bias, bits):
+    """The contract's int8-per-token linear, in float64 numpy: torch.round is round-half-to-even."""
+    w = codes.astype(np.float64) - 1 if bits == 2 else codes.astype(np.float64) * 2 - 1
+    x2 = x.reshape(-1, x.shape[-1])
+    s = np.abs(x2).max(-1, keepdims=True).astype(np.float32) / np.float32(127)
+    q = np.clip(np.round(x2 / np.where(s > 0, s, 1)), -127, 127)
+    y = (q @ w.T) * s * scales[None] + (0 if bias is None else bias[None])
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def op_model(op, w, scales, bias=None, w_as_input=False):
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    inits = [numpy_helper.from_array(scales, "s")]
+    if w_as_input:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.UINT8, None))
+    else:
+        inits.append(numpy_helper.from_array(w, "w"))
+    names = ["x", "w", "s"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "b"))
+        names.append("b")
+    graph = helper.make_graph([helper.make_node(op, names, ["y"], domain="bitvit")], "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("bitvit", 1)],
+                              ir_version=10)
+    return model.SerializeToString()
+
+
+def session(model, isa="native", threads=2):
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(ortops.library_path(isa)))
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def random_layer(op, n, k, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 3 if OPS[op] == 2 else 2, (n, k)).astype(np.uint8)
+    packed = pack_codes(torch.from_numpy(codes), OPS[op]).numpy()
+    scales = rng.uniform(0.01, 1.0, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    return codes, packed, scales, bias
+
+
+def test_the_library_builds_from_scratch_with_the_best_kernel_this_cpu_has(ortops_cache):
+    path = ortops.library_path()
+    assert path.is_file() and path.is_relative_to(ortops_cache)
+    assert ortops.kernel_isa(path) in ("avx512-vnni", "avx2", "portable")
+    assert ortops.library_path() == path  # cached: the second call builds nothing
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 33, 17, 19), (70, 129, 65), (5, 64, 48)])
+def test_ops_match_the_numpy_reference_on_odd_shapes(isa, op, shape):
+    *lead, k, n = shape
+    codes, packed, scales, bias = random_layer(op, n, k, seed=sum(shape))
+    x = np.random.default_rng(1).standard_normal((*lead, k)).astype(np.float32)
+    y = session(op_model(op, packed, scales, bias), isa).run(None, {"x": x})[0]
+    assert y.shape == (*lead, n)
+    np.testing.assert_allclose(y, reference(x, codes, scales, bias, OPS[op]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_weights_given_at_run_time_and_no_bias_give_the_same_result(op):
+    codes, packed, scales, _ = random_layer(op, 20, 40, seed=3)
+    x = np.random.default_rng(2).standard_normal((6, 40)).astype(np.float32)
+    y = session(op_model(op, None, scales, w_as_input=True)).run(None, {"x": x, "w": packed})[0]
+    np.testing.assert_allclose(y, reference(x, codes, scales, None, OPS[op]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_token_of_zeros_gives_the_bias_and_single_threaded_runs_agree():
+    codes, packed, scales, bias = random_layer("TernaryLinear", 30, 50, seed=4)
+    x = np.random.default_rng(3).standard_normal((4, 50)).astype(np.float32)
+    x[2] = 0
+    model = op_model("TernaryLinear", packed, scales, bias)
+    y = session(model).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y[2], bias)
+    np.testing.assert_array_equal(y, session(model, threads=1).run(None, {"x": x})[0])
+
+
+def test_ternary_code_3_is_refused_when_the_session_is_created():
+    _, packed, scales, bias = random_layer("TernaryLinear", 4, 8, seed=5)
+    packed[1, 0] |= 0b11
+    with pytest.raises(Exception, match="code 3"):
+        session(op_model("TernaryLinear", packed, scales, bias))
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_input_of_the_wrong_width_is_refused_with_an_error_not_a_crash(op):
+    _, packed, scales, bias = random_layer(op, 8, 40, seed=6)
+    s = session(op_model(op, packed, scales, bias))
+    with pytest.raises(Exception, match="input features need"):
+        s.run(None, {"x": np.ones((2, 41 + 16), np.float32)})
+    assert s.run(None, {"x": np.ones((2, 40), np.float32)})[0].shape == (2, 8)  # still serving
+
+
+def test_scales_of_the_wrong_length_are_refused():
+    _, packed, scales, bias = random_layer("BinaryLinear", 8, 16, seed=7)
+    with pytest.raises(Exception, match="one value per output row"):
+        session(op_model("BinaryLinear", packed, scales[:5], bias)).run(None, {"x": np.ones((1, 16), np.float32)})
+
+
+def test_weights_that_are_not_uint8_codes_are_refused():
+    _, _, scales, bias = random_layer("TernaryLinear", 4, 8, seed=8)
+    with pytest.raises(Exception, match="(?i)type"):
+        session(op_model("TernaryLinear", np.zeros((4, 2), np.int8), scales, bias))
+
+
+def test_weights_of_the_wrong_rank_are_refused():
+    _, _, scales, bias = random_layer("TernaryLinear", 4, 8, seed=9)
+    with pytest.raises(Exception, match="must be 2-D"):
+        session(op_model("TernaryLinear", np.zeros((4, 2, 1), np.uint8), scales, bias))
+
+
+def test_unknown_isa_is_refused():
+    with pytest.raises(ValueError, match="unknown isa"):
+        ortops.library_path("sse9")
