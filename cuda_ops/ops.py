@@ -1,0 +1,243 @@
+"""The bitvit custom ops (`torch.ops.bitvit.*`): packed low-bit linear layers and per-token activation
+quantization, each with a CPU kernel, a Triton kernel for CUDA and a fake (meta) kernel, so they run
+eagerly anywhere, trace under `torch.compile` and export with `torch.export`.
+
+Weights are the packed codes of `quant/pack.py` (`pack_codes` layout), as `quant.QuantLinear` holds them.
+
+- `quantize_per_token(x) -> (q, s)`: x (..., K) float -> q int8 (..., K), s float32 (...);
+  s = max_k |x| / 127, q = clamp(round(x / s), -127, 127), round half to even (a zero row gives s = 0,
+  q = 0).
+- `ternary_linear`, `binary_linear`, `int8_linear` (x, packed, scales, bias, in_features) -> y:
+  W1.58A8, W1A8 and W8A8. The input is quantized per token inside the op, the dot products are exact
+  int32 sums, and y[t, o] = s_x[t] * scales[o] * sum_k q_x[t, k] * w[o, k] (+ bias[o]), in x's dtype.
+  Weight value of a code: ternary code - 1, binary 2 * code - 1, int8 code - 128. scales: (N,) or
+  (N, 1) float32, one per output row (a per-tensor scale is stored repeated).
+- `w4a16_linear(x, packed, scales, zeros, codebook, bias, group_size, in_features) -> y`: 4-bit
+  weight-only, group-quantized, for bf16/fp16 (or fp32) activations: W[o, k] = (value(code) - zero)
+  * scale, per group of `group_size` inputs; value = codebook[code] (NF4) or code; without zeros and
+  without a code book the symmetric offset 8 is subtracted (code = q + 8).
+
+The CPU kernels unpack the codes to int8 and use `torch._int_mm` (exact int32 accumulation), or
+dequantize and use a float matmul for the weight-only op. The CUDA kernels (cuda_ops/triton_kernels.py)
+read the packed bytes directly and never expand the weights in global memory.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quant.pack import packed_row_bytes
+
+# weight format -> (code width in bits, value = code * mul - off)
+A8_FORMATS = {"ternary": (2, 1, 1), "binary": (1, 2, 1), "int8": (8, 1, 128)}
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _check_x(x: Tensor, in_features: int, name: str) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: the input must be a float tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{name}: the input's last dimension is {tuple(x.shape)[-1:] or '()'}, "
+                         f"the layer has in_features={in_features}")
+
+
+def _check_packed(packed: Tensor, in_features: int, bits: int, name: str) -> int:
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"{name}: packed weights must be a 2-D uint8 tensor, got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    if packed.shape[1] != packed_row_bytes(in_features, bits):
+        raise ValueError(f"{name}: packed rows have {packed.shape[1]} bytes, {in_features} {bits}-bit "
+                         f"codes need {packed_row_bytes(in_features, bits)}")
+    return packed.shape[0]
+
+
+def _check_vector(t: Optional[Tensor], n: int, what: str, name: str) -> None:
+    if t is not None and (t.numel() != n or not t.is_floating_point()):
+        raise ValueError(f"{name}: {what} must be a float tensor of {n} values (one per output row), "
+                         f"got {t.dtype} {tuple(t.shape)}")
+
+
+def _check_a8(name, x, packed, scales, bias, in_features) -> int:
+    bits = A8_FORMATS[name][0]
+    _check_x(x, in_features, name)
+    n = _check_packed(packed, in_features, bits, name)
+    if scales.dim() == 2 and scales.shape[1] != 1:
+        raise ValueError(f"{name}: scales must hold one value per output row ({n}, 1); grouped scales "
+                         f"{tuple(scales.shape)} do not give an int32 dot product")
+    _check_vector(scales, n, "scales", name)
+    _check_vector(bias, n, "bias", name)
+    return n
+
+
+def _check_w4a16(x, packed, scales, zeros, codebook, bias, group_size, in_features) -> int:
+    name = "w4a16_linear"
+    _check_x(x, in_features, name)
+    n = _check_packed(packed, in_features, 4, name)
+    if group_size < 1 or (group_size < in_features and group_size % 32):
+        raise ValueError(f"{name}: group_size must be a multiple of 32 or span all {in_features} inputs, "
+                         f"got {group_size}")
+    g = -(-in_features // group_size)
+    for t, what in ((scales, "scales"), (zeros, "zeros")):
+        if t is not None and (tuple(t.shape) != (n, g) or not t.is_floating_point()):
+            raise ValueError(f"{name}: {what} must be float ({n}, {g}), got {t.dtype} {tuple(t.shape)}")
+    if codebook is not None and (codebook.numel() != 16 or not codebook.is_floating_point()):
+        raise ValueError(f"{name}: a code book holds 16 float values, got {codebook.dtype} "
+                         f"{tuple(codebook.shape)}")
+    _check_vector(bias, n, "bias", name)
+    return n
+
+
+# ----------------------------------------------------------------------------- CPU kernels
+
+def unpack_aligned(packed: Tensor, bits: int, k: int) -> Tensor:
+    """uint8 codes (N, K) of `pack_codes` rows for bits in {1, 2, 4, 8} (whole codes per byte)."""
+    if bits == 8:
+        return packed[:, :k]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (N, KB, 8 // bits)
+    return codes.reshape(packed.shape[0], -1)[:, :k]
+
+
+def _quantize_torch(x2: Tensor) -> tuple[Tensor, Tensor]:
+    xf = x2.float()
+    s = xf.abs().amax(-1) / 127
+    q = torch.round(xf / torch.where(s > 0, s, 1.0)[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, s
+
+
+def _a8_torch(name: str, x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
+              in_features: int) -> Tensor:
+    n = _check_a8(name, x, packed, scales, bias, in_features)
+    bits, mul, off = A8_FORMATS[name]
+    x2 = x.reshape(-1, in_features)
+    q, s = _quantize_torch(x2)
+    codes = unpack_aligned(packed, bits, in_features)
+    w = (codes.to(torch.int16) * mul - off).to(torch.int8)  # (N, K)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    acc = torch._int_mm(q, w.t())  # (M, N) int32, exact
+    y = acc.float() * s[:, None] * scales.reshape(1, n).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def dequantize_w4(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], codebook: Optional[Tensor],
+                  group_size: int, in_features: int) -> Tensor:
+    """float32 (N, K) weights of a 4-bit packed layer (the CPU kernel's and the tests' reference)."""
+    codes = unpack_aligned(packed, 4, in_features).long()
+    v = codebook.float()[codes] if codebook is not None else codes.float()
+    if zeros is not None:
+        v = v - zeros.float().repeat_interleave(group_size, 1)[:, :in_features]
+    elif codebook is None:
+        v = v - 8
+    return v * scales.float().repeat_interleave(group_size, 1)[:, :in_features]
+
+
+def _w4a16_torch(x, packed, scales, zeros, codebook, bias, group_size, in_features) -> Tensor:
+    _check_w4a16(x, packed, scales, zeros, codebook, bias, group_size, in_features)
+    w = dequantize_w4(packed, scales, zeros, codebook, group_size, in_features).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------- the ops
+
+@torch.library.custom_op("bitvit::quantize_per_token", mutates_args=())
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    if not x.is_floating_point() or x.dim() == 0:
+        raise ValueError(f"quantize_per_token: needs a float tensor (..., K), got {x.dtype} {tuple(x.shape)}")
+    q, s = _quantize_torch(x.reshape(-1, x.shape[-1]))
+    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+@quantize_per_token.register_fake
+def _(x):
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def _make_a8_op(name: str):
+    @torch.library.custom_op(f"bitvit::{name}_linear", mutates_args=())
+    def op(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], in_features: int) -> Tensor:
+        return _a8_torch(name, x, packed, scales, bias, in_features)
+
+    @op.register_fake
+    def _(x, packed, scales, bias, in_features):
+        n = _check_a8(name, x, packed, scales, bias, in_features)
+        return x.new_empty((*x.shape[:-1], n))
+
+    op.__doc__ = (f"y = s_x * scales * (q_x @ w^T) (+ bias) for packed {name} weights and per-token int8 "
+                  f"activations quantized inside the op; x (..., in_features) -> y (..., N) in x's dtype.")
+    return op
+
+
+ternary_linear = _make_a8_op("ternary")
+binary_linear = _make_a8_op("binary")
+int8_linear = _make_a8_op("int8")
+A8_OPS = {"ternary": ternary_linear, "binary": binary_linear, "int8": int8_linear}
+
+
+@torch.library.custom_op("bitvit::w4a16_linear", mutates_args=())
+def w4a16_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], codebook: Optional[Tensor],
+                 bias: Optional[Tensor], group_size: int, in_features: int) -> Tensor:
+    """y = x @ W^T (+ bias) for 4-bit group-quantized weights (int4 or a 16-entry code book)."""
+    return _w4a16_torch(x, packed, scales, zeros, codebook, bias, group_size, in_features)
+
+
+@w4a16_linear.register_fake
+def _(x, packed, scales, zeros, codebook, bias, group_size, in_features):
+    n = _check_w4a16(x, packed, scales, zeros, codebook, bias, group_size, in_features)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+# ----------------------------------------------------------------------------- CUDA kernels (Triton)
+
+def _rows(x: Tensor, k: int) -> Tensor:
+    """x (..., K) as a (M, K) view (or copy) with unit stride along K."""
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+@quantize_per_token.register_kernel("cuda")
+def _(x):
+    from cuda_ops import triton_kernels as tk
+    if not x.is_floating_point() or x.dim() == 0:
+        raise ValueError(f"quantize_per_token: needs a float tensor (..., K), got {x.dtype} {tuple(x.shape)}")
+    x2 = _rows(x, x.shape[-1])
+    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    s = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    tk.quantize_rows(x2, q, s)
+    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+def _register_a8_cuda(name: str):
+    bits, mul, off = A8_FORMATS[name]
+
+    @A8_OPS[name].register_kernel("cuda")
+    def _(x, packed, scales, bias, in_features):
+        from cuda_ops import triton_kernels as tk
+        n = _check_a8(name, x, packed, scales, bias, in_features)
+        x2 = _rows(x, in_features)
+        y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+        tk.a8_gemm(x2, packed.contiguous(), scales.reshape(n).float().contiguous(),
+                   None if bias is None else bias.contiguous(), y, bits, mul, off)
+        return y.reshape(*x.shape[:-1], n)
+
+
+for _name in A8_FORMATS:
+    _register_a8_cuda(_name)
+
+
+@w4a16_linear.register_kernel("cuda")
+def _(x, packed, scales, zeros, codebook, bias, group_size, in_features):
+    from cuda_ops import triton_kernels as tk
+    n = _check_w4a16(x, packed, scales, zeros, codebook, bias, group_size, in_features)
+    x2 = _rows(x, in_features)
+    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    tk.w4a16_gemm(x2, packed.contiguous(), f32(scales), f32(zeros), f32(codebook),
+                  None if bias is None else bias.contiguous(), min(group_size, in_features), y)
+    return y.reshape(*x.shape[:-1], n)

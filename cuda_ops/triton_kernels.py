@@ -1,0 +1,417 @@
+"""Triton kernels behind the bitvit ops, and the launchers that pick their tile shapes.
+
+Three kernels:
+- `quantize_rows`: per-token int8 quantization in one pass (each row is read once, held in registers
+  when K <= 8192, and written as int8 plus one fp32 scale): s = max|x| / 127, q = clamp(rne(x / s)).
+- `a8_gemm`: y = s_x * s_w * (q_x @ W^T) (+ bias) for packed 1-, 2- or 8-bit integer weights and int8
+  activations, int32 accumulation with `tl.dot` on int8 tiles. With `fuse=True` the activation
+  quantization runs inside the GEMM (a row-absmax pre-pass over the program's rows, then quantizing
+  each tile in registers), which saves the int8 round trip and a launch; otherwise `quantize_rows`
+  runs first. The tuner times both.
+- `w4a16_gemm`: weight-only 4-bit (int4 symmetric / asymmetric, or a 16-entry code book such as NF4)
+  group-quantized weights against bf16/fp16 (or fp32) activations, fp32 accumulation.
+
+Packed weights arrive in `quant/pack.py`'s layout: (N, KB) uint8, KB = ceil(K * bits / 8), row n holds
+output channel n's K codes, code k in byte k // per_byte at bit (k % per_byte) * bits
+(per_byte = 8 // bits). A program loads a (BLOCK_KP, BLOCK_N) tile of packed bytes (contiguous along
+K), shifts out the per_byte code planes in registers, and multiplies plane j with the activation
+columns k = per_byte * kp + j, which it gets by reshaping its contiguous (BLOCK_M, BLOCK_K) activation
+tile to (..., 2, 2, ...) and splitting -- so weights are never expanded in global memory and every load
+is contiguous.
+
+Tile shapes come from a small per-shape tuner (first call per (kernel, M bucket, N, K, ...) times the
+candidates with `triton.testing.do_bench`; set BITVIT_TUNE=0 to use the first candidate, the default
+while a CUDA graph is being captured and under TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _round_half_even(v):
+    """Round fp32 to the nearest integer, ties to even (torch.round), exactly; |v| < 2**22."""
+    f = tl.floor(v)
+    d = v - f  # exact
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _quantize_tile(x, div):
+    """fp32 tile / per-row divisor (nonzero) -> int8 codes in [-127, 127]."""
+    v = _round_half_even(tl.math.div_rn(x, div))
+    return tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n), GROUP_M row blocks at a time so weight tiles are reused from L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+
+
+@triton.jit
+def _int_plane(p, J: tl.constexpr, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr):
+    """Code plane J of a packed byte tile as int8 weight values: code * MUL - OFF."""
+    if BITS == 8:
+        return (p.to(tl.int16) - OFF).to(tl.int8)
+    else:
+        c = ((p >> (J * BITS)) & ((1 << BITS) - 1)).to(tl.int8)
+        return c * MUL - OFF
+
+
+@triton.jit
+def _dot_int_codes(a, p, acc, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """acc += a @ W for int8 activations a (BLOCK_M, BLOCK_KP * 8 // BITS) and packed bytes p
+    (BLOCK_KP, BLOCK_N); activation column per_byte * kp + j meets code plane j of byte kp."""
+    if BITS == 8:
+        acc = tl.dot(a, _int_plane(p, 0, BITS, MUL, OFF), acc)
+    elif BITS == 4:
+        a0, a1 = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_KP, 2)))
+        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc)
+        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc)
+    elif BITS == 2:
+        e, o = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_KP, 2, 2)))  # [m, kp, a, b]: column 4kp + 2a + b
+        a0, a2 = tl.split(e)
+        a1, a3 = tl.split(o)
+        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc)
+        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc)
+        acc = tl.dot(a2, _int_plane(p, 2, BITS, MUL, OFF), acc)
+        acc = tl.dot(a3, _int_plane(p, 3, BITS, MUL, OFF), acc)
+    else:
+        tl.static_assert(BITS == 1)
+        c0, c1 = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_KP, 2, 2, 2)))  # column 8kp + 4a + 2b + c
+        c0b0, c0b1 = tl.split(c0)
+        c1b0, c1b1 = tl.split(c1)
+        a0, a4 = tl.split(c0b0)
+        a2, a6 = tl.split(c0b1)
+        a1, a5 = tl.split(c1b0)
+        a3, a7 = tl.split(c1b1)
+        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc)
+        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc)
+        acc = tl.dot(a2, _int_plane(p, 2, BITS, MUL, OFF), acc)
+        acc = tl.dot(a3, _int_plane(p, 3, BITS, MUL, OFF), acc)
+        acc = tl.dot(a4, _int_plane(p, 4, BITS, MUL, OFF), acc)
+        acc = tl.dot(a5, _int_plane(p, 5, BITS, MUL, OFF), acc)
+        acc = tl.dot(a6, _int_plane(p, 6, BITS, MUL, OFF), acc)
+        acc = tl.dot(a7, _int_plane(p, 7, BITS, MUL, OFF), acc)
+    return acc
+
+
+@triton.jit
+def _float_plane(p, J: tl.constexpr, lut_ptr, z, s, HAS_LUT: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """4-bit code plane J of a packed byte tile, dequantized: (lut[code] or code, minus zero or 8) * s."""
+    c = (p >> (J * 4)) & 15
+    if HAS_LUT:
+        v = tl.load(lut_ptr + c)
+    else:
+        v = c.to(tl.float32)
+    if HAS_ZEROS:
+        v = v - z[None, :]
+    elif not HAS_LUT:
+        v = v - 8.0
+    return (v * s[None, :]).to(DTYPE)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    q_rows = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm
+    if ONE_PASS:  # the whole row fits in registers: read x once
+        mask = m_ok[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)
+        q = _quantize_tile(x, tl.where(s > 0, s, 1.0)[:, None])
+        tl.store(q_rows + offs_k[None, :], q, mask=mask)
+    else:
+        amax = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
+            x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        s = tl.math.div_rn(amax, 127.0)
+        div = tl.where(s > 0, s, 1.0)[:, None]
+        for k0 in range(0, K, BLOCK_K):
+            mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
+            x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_rows + k0 + offs_k[None, :], _quantize_tile(x, div), mask=mask)
+    tl.store(s_ptr + offs_m, s, mask=m_ok)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
+                    M, N, K, KB, stride_xm, stride_qm, stride_ym,
+                    BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr,
+                    FUSE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+    PER: tl.constexpr = 8 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_KP * PER
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kp = tl.arange(0, BLOCK_KP)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    w_rows = w_ptr + offs_n[None, :].to(tl.int64) * KB  # (1, BLOCK_N)
+    if FUSE_QUANT:  # per-token scales of this program's rows, from a pre-pass over x
+        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        amax = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
+            x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        sx = tl.math.div_rn(amax, 127.0)
+        div = tl.where(sx > 0, sx, 1.0)[:, None]
+    else:
+        q_rows = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm
+        sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
+        if FUSE_QUANT:
+            x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            a = _quantize_tile(x, div)
+        else:
+            a = tl.load(q_rows + k0 + offs_k[None, :], mask=mask, other=0)
+        kp = k0 // PER + offs_kp
+        p = tl.load(w_rows + kp[:, None], mask=(kp < KB)[:, None] & n_ok[None, :], other=0)
+        acc = _dot_int_codes(a, p, acc, BITS, MUL, OFF, BLOCK_M, BLOCK_KP)
+    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
+    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
+                       M, N, K, KB, G, group_size, stride_xm, stride_ym,
+                       HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_KP: tl.constexpr, GROUP_M: tl.constexpr):
+    BLOCK_K: tl.constexpr = BLOCK_KP * 2
+    PRECISION: tl.constexpr = "ieee" if DOT_DTYPE == tl.float32 else "tf32"  # fp32 stays fp32
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kp = tl.arange(0, BLOCK_KP)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[None, :].to(tl.int64) * KB
+    g_rows = offs_n.to(tl.int64) * G
+    z = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # a K tile never straddles two groups (the launcher sees to it)
+        x = tl.load(x_rows + k0 + offs_k[None, :], mask=m_ok[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+        kp = k0 // 2 + offs_kp
+        p = tl.load(w_rows + kp[:, None], mask=(kp < KB)[:, None] & n_ok[None, :], other=0)
+        g = k0 // group_size
+        s = tl.load(s_ptr + g_rows + g, mask=n_ok, other=0.0)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g_rows + g, mask=n_ok, other=0.0)
+        x0, x1 = tl.split(tl.reshape(x.to(DOT_DTYPE), (BLOCK_M, BLOCK_KP, 2)))
+        acc = tl.dot(x0, _float_plane(p, 0, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DOT_DTYPE), acc,
+                     input_precision=PRECISION)
+        acc = tl.dot(x1, _float_plane(p, 1, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DOT_DTYPE), acc,
+                     input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- tile configs and tuning
+
+@dataclass(frozen=True)
+class Config:
+    """One GEMM tiling: BLOCK_KP packed bytes of K per step (BLOCK_K = BLOCK_KP * 8 // bits codes)."""
+    block_m: int
+    block_n: int
+    block_kp: int
+    num_warps: int = 4
+    num_stages: int = 3
+    fuse: bool = False  # a8 only: quantize activations inside the GEMM
+
+
+def _bucket(m: int) -> int:
+    return 16 if m <= 16 else 1 << (m - 1).bit_length()
+
+
+# (block_m, block_n, block_kp, num_warps, num_stages); int8 tl.dot needs K >= 32 per plane
+_GEMM_TILES = [(16, 64, 32, 4, 4), (16, 128, 32, 4, 4), (32, 64, 64, 4, 4), (32, 128, 32, 4, 4),
+               (64, 64, 64, 4, 4), (64, 128, 32, 4, 4), (64, 256, 32, 8, 3), (128, 128, 32, 8, 3),
+               (128, 256, 32, 8, 3), (128, 128, 64, 8, 3)]
+_INTERPRET_TILE = (16, 32, 32, 4, 1)  # small and quick under TRITON_INTERPRET=1
+
+
+def a8_candidates(m: int) -> list[Config]:
+    """Tilings worth timing for M rows, most promising first (the first is the untuned default)."""
+    if INTERPRET:
+        return [Config(*_INTERPRET_TILE)]
+    b = _bucket(m)
+    tiles = [t for t in _GEMM_TILES if b // 8 <= t[0] <= b] or [_GEMM_TILES[0]]
+    tiles.sort(key=lambda t: abs(t[0] - min(b, 64)))
+    out = [Config(*t) for t in tiles]
+    if m <= 1024:  # fused quantization repeats the row scan per column block: only for few rows
+        out = [Config(*t, fuse=True) for t in tiles] + out
+    return out
+
+
+def w4a16_candidates(m: int, group_size: int, k: int) -> list[Config]:
+    """As `a8_candidates`; a K tile (2 * block_kp codes) must also lie inside one group, and
+    group_size is a multiple of 32 whenever it is less than K (the op checks)."""
+    b = _bucket(m)
+    tiles = [_INTERPRET_TILE] if INTERPRET else \
+        ([t for t in _GEMM_TILES if b // 8 <= t[0] <= b] or [_GEMM_TILES[0]])
+    if group_size < k:
+        tiles = [t if group_size % (2 * t[2]) == 0 else (t[0], t[1], 16, t[3], t[4]) for t in tiles]
+    tiles = sorted(set(tiles), key=lambda t: (abs(t[0] - min(b, 64)), tiles.index(t)))
+    return [Config(*t) for t in tiles]
+
+
+class Tuner:
+    """Remembers the fastest config per key; times candidates on first sight of a key."""
+
+    def __init__(self):
+        self.best: dict[tuple, Config] = {}
+        self.timings: dict[tuple, dict[Config, float]] = {}
+
+    def pick(self, key: tuple, candidates: list[Config], launch) -> Config:
+        if key in self.best:
+            return self.best[key]
+        if (INTERPRET or len(candidates) == 1 or os.environ.get("BITVIT_TUNE", "1") == "0"
+                or torch.cuda.is_current_stream_capturing()):
+            return candidates[0]
+        times, first_error = {}, None
+        for cfg in candidates:
+            try:
+                times[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+            except Exception as e:  # a tiling that does not fit this device (shared memory, registers)
+                first_error = first_error or e
+        if not times:
+            raise first_error
+        self.best[key] = min(times, key=times.get)
+        self.timings[key] = times
+        return self.best[key]
+
+    def report(self) -> list[dict]:
+        """The chosen config and its time for every key tuned so far (for benchmark records)."""
+        return [{"key": list(map(str, k)), "config": asdict(c), "ms": self.timings[k][c],
+                 "candidates": len(self.timings[k])} for k, c in self.best.items()]
+
+
+TUNER = Tuner()
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def quantize_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+    """x (M, K) float, unit stride along K -> q (M, K) int8 and s (M,) float32, written in place."""
+    m, k = x.shape
+    if m == 0:
+        return
+    one_pass = k <= 8192
+    block_k = triton.next_power_of_2(k) if one_pass else 4096
+    block_m = max(1, min(16, 4096 // block_k))
+    _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
+        x, q, s, m, k, x.stride(0), q.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, ONE_PASS=one_pass,
+        num_warps=4 if block_m * block_k <= 4096 else 8)
+
+
+def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+            out: torch.Tensor, bits: int, mul: int, off: int, config: Config | None = None) -> None:
+    """out (M, N) = s_x * scales * (quantize(x) @ codes^T * mul - off) (+ bias), codes packed at `bits`.
+
+    x (M, K) float with unit stride along K; packed (N, ceil(K * bits / 8)) uint8; scales (N,) float32.
+    """
+    m, k = x.shape
+    n, kb = packed.shape
+    if m == 0:
+        return
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    sx = torch.empty((m,), dtype=torch.float32, device=x.device)
+
+    def launch(cfg: Config):
+        if not cfg.fuse:
+            quantize_rows(x, q, sx)
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        _a8_gemm_kernel[grid](
+            x, q, sx, packed, scales, bias if bias is not None else sx, out,
+            m, n, k, kb, x.stride(0), q.stride(0), out.stride(0),
+            BITS=bits, MUL=mul, OFF=off, FUSE_QUANT=cfg.fuse, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_kp, GROUP_M=8,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if config is None:
+        key = ("a8", bits, _bucket(m), n, k, x.dtype, bias is not None, x.device.index)
+        config = TUNER.pick(key, a8_candidates(m), launch)
+    launch(config)
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """The dot operands' type: the activations' own, except that the interpreter (triton 3.9) multiplies
+    bf16 operands as raw bits, so there bf16 tiles are widened to fp32 (same products, exact)."""
+    if dtype == torch.float16:
+        return tl.float16
+    return tl.bfloat16 if dtype == torch.bfloat16 and not INTERPRET else tl.float32
+
+
+def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               codebook: torch.Tensor | None, bias: torch.Tensor | None, group_size: int, out: torch.Tensor,
+               config: Config | None = None) -> None:
+    """out (M, N) = x @ W^T (+ bias) with W[n, k] = (value(code) - zero) * scale of k's group.
+
+    value(code) = codebook[code] if a code book is given, else code; without zeros the symmetric
+    offset 8 is subtracted instead (int4 code = q + 8). scales, zeros: (N, G) float32.
+    """
+    m, k = x.shape
+    n, kb = packed.shape
+    if m == 0:
+        return
+    g = scales.shape[1]
+
+    def launch(cfg: Config):
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        _w4a16_gemm_kernel[grid](
+            x, packed, scales, zeros if zeros is not None else scales,
+            codebook if codebook is not None else scales, bias if bias is not None else scales, out,
+            m, n, k, kb, g, group_size, x.stride(0), out.stride(0),
+            HAS_ZEROS=zeros is not None, HAS_LUT=codebook is not None, HAS_BIAS=bias is not None,
+            DOT_DTYPE=_dot_dtype(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_KP=cfg.block_kp, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if config is None:
+        key = ("w4a16", _bucket(m), n, k, group_size, x.dtype, zeros is not None, codebook is not None,
+               bias is not None, x.device.index)
+        config = TUNER.pick(key, w4a16_candidates(m, group_size, k), launch)
+    elif group_size < k and group_size % (2 * config.block_kp):
+        raise ValueError(f"config {config} splits groups of {group_size}")
+    launch(config)

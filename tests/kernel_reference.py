@@ -1,0 +1,74 @@
+"""Float64 dequantize-then-matmul references for the cuda_ops kernels, written from the layer contract
+(not from the kernels): codes are unpacked with `quant.pack.unpack_codes`, the generic bit-stream
+unpacker, and every product is taken in float64."""
+import torch
+
+from quant.pack import pack_codes, unpack_codes
+
+A8_BITS = {"ternary": 2, "binary": 1, "int8": 8}
+
+
+def random_codes(n: int, k: int, fmt: str, gen: torch.Generator) -> torch.Tensor:
+    """uint8 codes (n, k) of a weight format ("ternary", "binary", "int8", "int4")."""
+    high = {"ternary": 3, "binary": 2, "int8": 256, "int4": 16}[fmt]
+    return torch.randint(0, high, (n, k), generator=gen).to(torch.uint8)
+
+
+def code_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Contract code meaning: ternary w + 1, binary 1 -> +1 / 0 -> -1, signed 8-bit q + 128."""
+    c = codes.double()
+    return {"ternary": c - 1, "binary": 2 * c - 1, "int8": c - 128}[fmt]
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract's per-token int8 quantization: s = max|x| / 127, q = clamp(round(x / s), -127, 127)."""
+    xf = x.float()
+    s = xf.abs().amax(-1) / 127
+    q = torch.round(xf / torch.where(s > 0, s, torch.ones_like(s))[..., None]).clamp(-127, 127)
+    return q.to(torch.int8), s
+
+
+def reference_a8(x, packed, fmt, scales, bias, k) -> torch.Tensor:
+    """float64 y = s_x * (q_x @ (value(code) * scale)^T) + bias, from the packed bytes."""
+    w = code_values(unpack_codes(packed.cpu(), A8_BITS[fmt], k), fmt) * scales.cpu().double().reshape(-1, 1)
+    q, s = quantize_tokens(x.cpu())
+    y = s.double()[..., None] * (q.double() @ w.t())
+    return y + bias.cpu().double() if bias is not None else y
+
+
+def reference_w4(x, packed, scales, zeros, codebook, bias, group_size, k) -> torch.Tensor:
+    """float64 y = x @ W^T + bias, W[o, k] = (value(code) - zero) * scale of k's group."""
+    codes = unpack_codes(packed.cpu(), 4, k).long()
+    v = codebook.cpu().double()[codes] if codebook is not None else codes.double()
+    group = torch.arange(k) // group_size
+    if zeros is not None:
+        v = v - zeros.cpu().double()[:, group]
+    elif codebook is None:
+        v = v - 8
+    w = v * scales.cpu().double()[:, group]
+    y = x.cpu().double() @ w.t()
+    return y + bias.cpu().double() if bias is not None else y
+
+
+def make_a8_layer(fmt: str, n: int, k: int, gen: torch.Generator, bias: bool = True):
+    """Random (packed, scales, bias) of an A8 layer in the pack.py layout."""
+    packed = pack_codes(random_codes(n, k, fmt, gen), A8_BITS[fmt])
+    scales = torch.rand(n, 1, generator=gen) * 0.1 + 0.01
+    b = torch.randn(n, generator=gen) if bias else None
+    return packed, scales, b
+
+
+def make_w4_layer(kind: str, n: int, k: int, group_size: int, gen: torch.Generator, bias: bool = True):
+    """Random (packed, scales, zeros, codebook, bias) of a 4-bit layer: kind "sym", "asym" or "nf4"."""
+    g = -(-k // group_size)
+    packed = pack_codes(random_codes(n, k, "int4", gen), 4)
+    scales = torch.rand(n, g, generator=gen) * 0.02 + 0.005
+    zeros = torch.rand(n, g, generator=gen) * 15 if kind == "asym" else None
+    codebook = torch.sort(torch.rand(16, generator=gen) * 2 - 1).values if kind == "nf4" else None
+    b = torch.randn(n, generator=gen) if bias else None
+    return packed, scales, zeros, codebook, b
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref||, NaN-propagating (an unwritten NaN-poisoned output never passes)."""
+    return ((y.cpu().double() - ref).norm() / ref.norm()).item()

@@ -1,0 +1,238 @@
+"""The bitvit custom ops: CPU kernels against float64 references, refusals, torch.compile / export tracing,
+and (marked gpu) the CUDA kernels against the same references."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cuda_ops  # noqa: F401  (registers torch.ops.bitvit)
+from cuda_ops.ops import unpack_aligned
+from kernel_reference import (A8_BITS, make_a8_layer, make_w4_layer, quantize_tokens, random_codes,
+                              reference_a8, reference_w4, rel_err)
+from quant.pack import pack_codes, unpack_codes
+
+OPS = torch.ops.bitvit
+A8_FORMATS = ["ternary", "binary", "int8"]
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def a8(fmt):
+    return getattr(OPS, f"{fmt}_linear")
+
+
+# ----------------------------------------------------------------------------- activation quantization
+
+def test_quantize_per_token_rounds_half_to_even_and_keeps_zero_rows_zero():
+    x = torch.tensor([[127.0, 2.5, 3.5, -2.5, -0.5, 0.49], [0, 0, 0, 0, 0, 0]])
+    q, s = OPS.quantize_per_token(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert q.tolist() == [[127, 2, 4, -2, 0, 0], [0] * 6]
+    assert s.tolist() == [1.0, 0.0]
+
+
+def test_quantize_per_token_matches_the_contract_on_any_leading_shape():
+    x = torch.randn(2, 5, 77, generator=gen()) * 3
+    q, s = OPS.quantize_per_token(x)
+    q_ref, s_ref = quantize_tokens(x)
+    assert q.shape == (2, 5, 77) and s.shape == (2, 5)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+# ----------------------------------------------------------------------------- packed linear ops (CPU)
+
+@pytest.mark.parametrize("fmt", A8_FORMATS)
+@pytest.mark.parametrize("m,n,k", [(1, 37, 300), (19, 70, 129), (64, 16, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a8_linear_matches_float64_reference(fmt, m, n, k, bias):
+    g = gen(m * n + k)
+    packed, scales, b = make_a8_layer(fmt, n, k, g, bias)
+    x = torch.randn(m, k, generator=g)
+    y = a8(fmt)(x, packed, scales, b, k)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert rel_err(y, reference_a8(x, packed, fmt, scales, b, k)) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", A8_FORMATS)
+def test_a8_linear_returns_the_input_dtype_and_leading_shape(fmt):
+    g = gen(1)
+    packed, scales, b = make_a8_layer(fmt, 24, 96, g)
+    x = torch.randn(2, 7, 96, generator=g).bfloat16()
+    y = a8(fmt)(x, packed, scales, b, 96)
+    assert y.shape == (2, 7, 24) and y.dtype == torch.bfloat16
+    assert rel_err(y, reference_a8(x, packed, fmt, scales, b, 96)) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["sym", "asym", "nf4"])
+@pytest.mark.parametrize("k,group_size", [(300, 300), (300, 64), (256, 32)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_w4a16_linear_matches_float64_reference(kind, k, group_size, dtype, tol):
+    g = gen(k + group_size)
+    packed, scales, zeros, codebook, b = make_w4_layer(kind, 45, k, group_size, g)
+    x = torch.randn(3, 11, k, generator=g).to(dtype)
+    y = OPS.w4a16_linear(x, packed, scales, zeros, codebook, b, group_size, k)
+    assert y.shape == (3, 11, 45) and y.dtype == dtype
+    assert rel_err(y, reference_w4(x, packed, scales, zeros, codebook, b, group_size, k)) < tol
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4, 8]), n=st.integers(1, 5), k=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_aligned_unpacking_agrees_with_the_pack_module(bits, n, k, seed):
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen(seed)).to(torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert torch.equal(unpack_aligned(packed, bits, k), unpack_codes(packed, bits, k))
+
+
+def test_zero_input_rows_give_the_bias():
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    y = OPS.ternary_linear(torch.zeros(3, 40), packed, scales, b, 40)
+    assert torch.equal(y, b.expand(3, 8))
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_wrong_input_width_is_refused():
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    with pytest.raises(ValueError, match="in_features=40"):
+        OPS.ternary_linear(torch.randn(2, 41), packed, scales, b, 40)
+
+
+def test_packed_rows_of_the_wrong_width_are_refused():
+    packed, scales, b = make_a8_layer("binary", 8, 40, gen())  # 5 bytes a row
+    with pytest.raises(ValueError, match="need 10"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40)
+
+
+def test_grouped_scales_are_refused_by_the_integer_ops():
+    packed, _, b = make_a8_layer("ternary", 8, 64, gen())
+    with pytest.raises(ValueError, match="one value per output row"):
+        OPS.ternary_linear(torch.randn(2, 64), packed, torch.ones(8, 2), b, 64)
+
+
+def test_w4a16_group_size_that_is_not_a_multiple_of_32_is_refused():
+    packed, scales, zeros, codebook, b = make_w4_layer("sym", 8, 96, 48, gen())
+    with pytest.raises(ValueError, match="multiple of 32"):
+        OPS.w4a16_linear(torch.randn(2, 96), packed, scales, zeros, codebook, b, 48, 96)
+
+
+def test_integer_input_is_refused():
+    packed, scales, b = make_a8_layer("int8", 8, 40, gen())
+    with pytest.raises(ValueError, match="float tensor"):
+        OPS.int8_linear(torch.ones(2, 40, dtype=torch.int32), packed, scales, b, 40)
+
+
+# ----------------------------------------------------------------------------- tracing
+
+def _op_args():
+    g = gen(3)
+    x = torch.randn(2, 5, 96, generator=g)
+    yield OPS.quantize_per_token, (x,)
+    for fmt in A8_FORMATS:
+        yield a8(fmt), (x, *make_a8_layer(fmt, 24, 96, g), 96)
+    packed, scales, zeros, codebook, b = make_w4_layer("asym", 24, 96, 32, g)
+    yield OPS.w4a16_linear, (x, packed, scales, zeros, codebook, b, 32, 96)
+
+
+@pytest.mark.parametrize("op,args", list(_op_args()), ids=lambda v: getattr(v, "__name__", ""))
+def test_ops_pass_torch_library_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+class _TwoLayers(torch.nn.Module):
+    """A ternary layer feeding a 4-bit one, as packed tensors."""
+
+    def __init__(self):
+        super().__init__()
+        g = gen(4)
+        self.t = make_a8_layer("ternary", 64, 48, g)
+        self.w = make_w4_layer("sym", 16, 64, 32, g)
+
+    def forward(self, x):
+        h = OPS.ternary_linear(x, *self.t, 48)
+        return OPS.w4a16_linear(torch.relu(h), *self.w, 32, 64)
+
+
+def test_ops_trace_under_torch_compile_with_their_fake_kernels():
+    model = _TwoLayers()
+    x = torch.randn(3, 10, 48, generator=gen(5))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    assert torch.allclose(compiled(x), model(x))
+    assert compiled(x[:1, :4]).shape == (1, 4, 16)  # dynamic shapes go through the fake kernels
+
+
+def test_ops_export_with_torch_export():
+    model = _TwoLayers()
+    x = torch.randn(2, 10, 48, generator=gen(6))
+    ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"bitvit.ternary_linear.default", "bitvit.w4a16_linear.default"} <= targets
+    assert torch.allclose(ep.module()(x), model(x))
+
+
+# ----------------------------------------------------------------------------- CUDA kernels (GPU machine)
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fmt", A8_FORMATS)
+@pytest.mark.parametrize("m,n,k", [(1, 37, 300), (197, 2304, 768), (1576, 768, 3072), (333, 1000, 1030)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a8_linear_on_cuda_matches_float64_reference(fmt, m, n, k, dtype):
+    g = gen(m + n + k)
+    packed, scales, b = make_a8_layer(fmt, n, k, g)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    y = a8(fmt)(x.cuda(), packed.cuda(), scales.cuda(), b.cuda(), k)
+    assert y.dtype == dtype and y.is_cuda
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(y, reference_a8(x, packed, fmt, scales, b, k)) < tol
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fmt", A8_FORMATS)
+def test_a8_linear_on_cuda_agrees_with_the_cpu_kernel(fmt):
+    g = gen(7)
+    packed, scales, b = make_a8_layer(fmt, 384, 1536, g)
+    x = torch.randn(4, 65, 1536, generator=g)
+    y_gpu = a8(fmt)(x.cuda(), packed.cuda(), scales.cuda(), b.cuda(), 1536).cpu()
+    y_cpu = a8(fmt)(x, packed, scales, b, 1536)
+    assert rel_err(y_gpu, y_cpu.double()) < 1e-6  # same int32 sums, fp32 epilogue
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["sym", "asym", "nf4"])
+@pytest.mark.parametrize("m,k,group_size", [(1, 300, 300), (197, 768, 128), (1576, 3072, 64), (50, 1056, 32)])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-5)])
+def test_w4a16_linear_on_cuda_matches_float64_reference(kind, m, k, group_size, dtype, tol):
+    g = gen(m + k)
+    packed, scales, zeros, codebook, b = make_w4_layer(kind, 515, k, group_size, g)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    cu = lambda t: None if t is None else t.cuda()  # noqa: E731
+    y = OPS.w4a16_linear(x.cuda(), packed.cuda(), scales.cuda(), cu(zeros), cu(codebook), cu(b), group_size, k)
+    assert y.dtype == dtype
+    assert rel_err(y, reference_w4(x, packed, scales, zeros, codebook, b, group_size, k)) < tol
+
+
+@gpu
+@needs_cuda
+def test_quantize_per_token_on_cuda_is_bit_exact():
+    x = torch.randn(1000, 3000, generator=gen(8)) * 5
+    x[7] = 0
+    q, s = OPS.quantize_per_token(x.cuda())
+    q_ref, s_ref = quantize_tokens(x)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+@gpu
+@needs_cuda
+def test_ops_run_under_torch_compile_on_cuda():
+    model = _TwoLayers()
+    for name, t in [("t", model.t), ("w", model.w)]:
+        setattr(model, name, tuple(None if v is None else v.cuda() for v in t))
+    x = torch.randn(3, 10, 48, generator=gen(9)).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    assert rel_err(compiled(x), model(x).double()) < 1e-5

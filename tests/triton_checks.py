@@ -1,0 +1,153 @@
+"""The Triton kernels themselves, against float64 references, with poisoned outputs.
+
+Not collected by the plain test run (the file name has no test_ prefix): `test_triton_kernels.py`
+runs it in a subprocess under TRITON_INTERPRET=1 (CPU tensors, small shapes), and the GPU machine
+runs it natively (`python -m pytest tests/triton_checks.py`, see cuda_ops/gpu_session.sh), where the
+larger shapes and every tuning candidate are checked too.
+"""
+import os
+
+import pytest
+import torch
+
+from kernel_reference import (A8_BITS, make_a8_layer, make_w4_layer, quantize_tokens, reference_a8,
+                              reference_w4, rel_err)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+
+from cuda_ops import triton_kernels as tk  # noqa: E402  (after the interpreter switch is known)
+
+DEV = "cpu" if INTERPRET else "cuda"
+A8_MUL_OFF = {"ternary": (1, 1), "binary": (2, 1), "int8": (1, 128)}
+# (M, N, K): none a multiple of the tile sizes; K below, between and above one K tile of each width
+SHAPES = [(1, 37, 100), (19, 70, 300)] if INTERPRET else \
+    [(1, 37, 100), (19, 70, 300), (197, 2304, 768), (1576, 3072, 768), (333, 1000, 1030), (4100, 384, 1536)]
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def poisoned(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+def dev(t):
+    return None if t is None else t.to(DEV)
+
+
+def run_a8(fmt, x, packed, scales, bias, config):
+    out = poisoned(x.shape[0], packed.shape[0], dtype=x.dtype)
+    mul, off = A8_MUL_OFF[fmt]
+    tk.a8_gemm(dev(x), dev(packed), dev(scales).reshape(-1), dev(bias), out, A8_BITS[fmt], mul, off, config)
+    return out
+
+
+# ----------------------------------------------------------------------------- quantization kernel
+
+@pytest.mark.parametrize("k", [1, 77, 4096, 9000])  # 9000: the two-pass path for rows over 8192
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_quantize_rows_is_bit_exact_and_writes_everything(k, dtype):
+    m = 5
+    x = (torch.randn(m, k, generator=gen(k)) * 4).to(dtype)
+    x[1] = 0
+    if k >= 4:
+        x[2, :4] = torch.tensor([127.0, 2.5, -2.5, 3.5])  # s = 1 with exact ties when the rest is small
+        x[2, 4:] = x[2, 4:].clamp(-100, 100)
+    q = torch.full((m, k), -128, dtype=torch.int8, device=DEV)  # -128 is never a valid code
+    s = poisoned(m)
+    tk.quantize_rows(dev(x), q, s)
+    q_ref, s_ref = quantize_tokens(x)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+# ----------------------------------------------------------------------------- W1.58A8 / W1A8 / W8A8
+
+@pytest.mark.parametrize("fmt", list(A8_BITS))
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a8_gemm_matches_float64_reference(fmt, m, n, k, fuse):
+    g = gen(m + n + k)
+    packed, scales, bias = make_a8_layer(fmt, n, k, g)
+    x = torch.randn(m, k, generator=g)
+    cfg = tk.Config(16, 32, 32, fuse=fuse) if INTERPRET else tk.Config(64, 128, 32, 4, 3, fuse=fuse)
+    y = run_a8(fmt, x, packed, scales, bias, cfg)
+    assert rel_err(y, reference_a8(x, packed, fmt, scales, bias, k)) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", list(A8_BITS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a8_gemm_reads_and_writes_16_bit_activations(fmt, dtype):
+    g = gen(11)
+    packed, scales, _ = make_a8_layer(fmt, 70, 300, g, bias=False)
+    x = torch.randn(19, 300, generator=g).to(dtype)
+    y = run_a8(fmt, x, packed, scales, None, tk.a8_candidates(19)[0])
+    assert y.dtype == dtype
+    assert rel_err(y, reference_a8(x, packed, fmt, scales, None, 300)) < 1e-2
+
+
+@pytest.mark.skipif(INTERPRET, reason="every tuning candidate: on the GPU only")
+@pytest.mark.parametrize("fmt", list(A8_BITS))
+@pytest.mark.parametrize("m", [1, 197, 1576, 12608])
+def test_every_a8_candidate_config_is_correct(fmt, m):
+    g = gen(m)
+    packed, scales, bias = make_a8_layer(fmt, 1000, 1030, g)
+    x = torch.randn(m, 1030, generator=g).bfloat16()
+    ref = reference_a8(x, packed, fmt, scales, bias, 1030)
+    for cfg in tk.a8_candidates(m):
+        try:
+            y = run_a8(fmt, x, packed, scales, bias, cfg)
+        except Exception as e:  # the tuner skips tilings a device cannot hold; anything else fails
+            assert "out of resource" in str(e).lower(), f"{cfg}: {e}"
+            continue
+        assert rel_err(y, ref) < 1e-2, cfg
+
+
+# ----------------------------------------------------------------------------- W4A16
+
+@pytest.mark.parametrize("kind", ["sym", "asym", "nf4"])
+@pytest.mark.parametrize("k,group_size", [(300, 300), (300, 64), (256, 32)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_w4a16_gemm_matches_float64_reference(kind, k, group_size, dtype, tol):
+    g = gen(k + group_size)
+    packed, scales, zeros, codebook, bias = make_w4_layer(kind, 37, k, group_size, g)
+    x = torch.randn(19, k, generator=g).to(dtype)
+    out = poisoned(19, 37, dtype=dtype)
+    cfg = tk.w4a16_candidates(19, group_size, k)[0]
+    tk.w4a16_gemm(dev(x), dev(packed), dev(scales), dev(zeros), dev(codebook), dev(bias), group_size, out, cfg)
+    assert rel_err(out, reference_w4(x, packed, scales, zeros, codebook, bias, group_size, k)) < tol
+
+
+@pytest.mark.skipif(INTERPRET, reason="every tuning candidate: on the GPU only")
+@pytest.mark.parametrize("m", [1, 197, 1576, 12608])
+@pytest.mark.parametrize("group_size", [128, 1030])
+def test_every_w4a16_candidate_config_is_correct(m, group_size):
+    k = 1030
+    g = gen(m)
+    packed, scales, zeros, codebook, bias = make_w4_layer("asym", 1000, k, group_size, g)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    ref = reference_w4(x, packed, scales, zeros, codebook, bias, group_size, k)
+    for cfg in tk.w4a16_candidates(m, group_size, k):
+        out = poisoned(m, 1000, dtype=torch.bfloat16)
+        try:
+            tk.w4a16_gemm(dev(x), dev(packed), dev(scales), dev(zeros), None, dev(bias), group_size, out, cfg)
+        except Exception as e:
+            assert "out of resource" in str(e).lower(), f"{cfg}: {e}"
+            continue
+        assert rel_err(out, ref) < 1e-2, cfg
+
+
+@pytest.mark.skipif(INTERPRET, reason="tuning times candidates on the GPU")
+def test_the_tuner_remembers_its_pick_per_shape():
+    g = gen(12)
+    packed, scales, bias = make_a8_layer("ternary", 768, 768, g)
+    x = torch.randn(197, 768, generator=g).bfloat16().cuda()
+    out = torch.empty(197, 768, dtype=torch.bfloat16, device="cuda")
+    args = (x, packed.cuda(), scales.reshape(-1).cuda(), bias.cuda(), out, 2, 1, 1)
+    tk.a8_gemm(*args)
+    key = ("a8", 2, 256, 768, 768, torch.bfloat16, True, x.device.index)
+    assert key in tk.TUNER.best
+    assert rel_err(out, reference_a8(x, packed, "ternary", scales, bias, 768)) < 1e-2
