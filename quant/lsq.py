@@ -6,7 +6,8 @@
 
 with a learnable step size s (LSQ, Esser et al. 2019; its gradient scaled by 1 / sqrt(numel * Qp)),
 an optional learnable offset beta (LSQ+, Bhalgat et al. 2020: for activations such as post-GELU
-that are not centred on zero), and integer levels Qn(b) = 2**(b-1), Qp(b) = 2**(b-1) - 1 when signed,
+that are not centred on zero; snapped to a whole number of steps, beta = -zero * s, so a trained
+quantizer is exactly an integer zero-point quantizer, `quant.quantizers.UniformQuantizer`), and integer levels Qn(b) = 2**(b-1), Qp(b) = 2**(b-1) - 1 when signed,
 Qn = 0, Qp = 2**b - 1 when unsigned.
 
 The bit-width b is fixed (LSQ+) or learned (Q-ViT, Li et al. 2022): a float b~ per bit group,
@@ -134,12 +135,13 @@ class LearnedQuantizer(nn.Module):
         g = 1.0 / torch.sqrt(n_per_group * qp.detach().clamp(min=1))        # LSQ gradient scale
         s = self._per_group(scale_grad(s, g), x).abs() + 1e-8
         qn, qp = self._per_group(qn, x), self._per_group(qp, x)
-        if self.offset is not None:
-            beta = self._per_group(scale_grad(self.offset, g), x)
-            x = x - beta
-        z = torch.minimum(torch.maximum(x / s, -qn), qp)                  # gradient reaches the levels
-        out = round_ste(z) * s
-        return out + beta if self.offset is not None else out
+        z = x / s
+        if self.offset is not None:  # beta = -zero * s with an integer zero point, so that a frozen
+            zero = round_ste(-self._per_group(scale_grad(self.offset, g), x) / s)  # quantizer is exact
+            z = z + zero
+        z = torch.minimum(torch.maximum(z, -qn), qp)                       # gradient reaches the levels
+        out = round_ste(z)
+        return (out - zero) * s if self.offset is not None else out * s
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -150,14 +152,14 @@ class LearnedQuantizer(nn.Module):
         if xg.shape[1] > 65536:  # a random subsample keeps the search cheap on big activations
             xg = xg[:, torch.randperm(xg.shape[1], device=xg.device)[:65536]]
         lo, hi = xg.min(1).values, xg.max(1).values
-        if self.offset is not None:
-            self.offset.copy_(lo)
-            xg, lo, hi = xg - lo[:, None], torch.zeros_like(lo), hi - lo
         scales = self.scale.view(self.groups, -1)
         ratios = torch.linspace(0.05, 1.0, grid, device=xg.device)
+        best_zero = torch.zeros_like(lo)
         for j, b in enumerate(range(self.b_min, self.b_max + 1)):
             qn, qp = levels(torch.tensor(float(b)), self.signed)
-            if self.signed:  # symmetric: the range is set by the largest magnitude
+            if self.offset is not None:      # [lo, hi] onto the codes, lo at code -qn
+                full = (hi - lo) / (qp + qn)
+            elif self.signed:                # symmetric: the range is set by the largest magnitude
                 full = torch.maximum(hi, -lo) / qp
             else:
                 full = hi.clamp(min=0) / qp
@@ -165,11 +167,16 @@ class LearnedQuantizer(nn.Module):
             best, best_err = full.clone(), torch.full_like(full, float("inf"))
             for r in ratios:
                 s = (full * r)[:, None]
-                err = ((torch.clamp(torch.round(xg / s), -qn, qp) * s - xg) ** 2).mean(1)
+                zero = torch.round(-lo[:, None] / s) - qn if self.offset is not None else 0.0
+                err = (((torch.clamp(torch.round(xg / s) + zero, -qn, qp) - zero) * s - xg) ** 2).mean(1)
                 better = err < best_err
                 best = torch.where(better, s[:, 0], best)
                 best_err = torch.where(better, err, best_err)
+                if self.offset is not None and b == self.b_max:
+                    best_zero = torch.where(better, zero[:, 0], best_zero)
             scales[:, j] = best
+        if self.offset is not None:  # one offset for all widths: the widest width's zero point
+            self.offset.copy_(-best_zero * scales[:, -1])
         self.initialized.fill_(True)
 
     @staticmethod
