@@ -1,0 +1,164 @@
+"""QuantLinear: what an nn.Linear becomes once quantized, its weight stored packed.
+
+The layer holds no float copy of its weight. Its state is:
+  packed  uint8 (out_features, ceil(in_features * bits / 8))  codes laid out by `quant.pack.pack_codes`
+  scales  float32 (out_features, n_groups)                    n_groups = ceil(in_features / group_size)
+  zeros   float32 (out_features, n_groups) or None            integer zero points, asymmetric int formats
+  bias    float32 (out_features,) or None
+(NF4 layers also keep `scales_dq`, the double-quantized form of `scales`, which files store instead.)
+and the dequantized weight is W[o, k] = value(code[o, k]) * scales[o, k // group_size], with the code
+meanings of `quant.quantizers` (ternary code = w + 1; binary code 1 = +1, 0 = -1; symmetric intB
+code = q + 2**(B-1); asymmetric value = code - zero; nf4 an index into NF4_CODEBOOK).
+
+Input transforms, applied in this order before the packed matmul (kernels and exporters apply the
+same with standard ops):
+  input_norm  optional LayerNorm over in_features (BitNet's LayerNorm before activation quantization)
+  act_format  "none": the float input as it is;
+              "int8_token": per token s[t] = max_k |x[t, k]| / 127, q = clamp(round(x / s), -127, 127)
+                (round half to even), y[t, o] = s[t] * sum_k q[t, k] * W[o, k] + bias[o];
+              "uintB_tensor" (B in 2..8): a calibrated static per-tensor quantizer `act_quant`
+                (scale, zero): code = clamp(round(x / scale) + zero, 0, 2**B - 1), x_hat = (code - zero) * scale,
+                y = x_hat @ W.T + bias.
+`forward` is the plain-torch reference every kernel and exporter is checked against.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.pack import pack_codes, packed_row_bytes, unpack_codes
+from quant.quantizers import (WEIGHT_FORMATS, DoubleQuantized, UniformQuantizer, dequantize, num_groups,
+                              quantize_int8_token, quantize_nf4, quantize_weight)
+
+_UINT_TENSOR = re.compile(r"uint([2-8])_tensor")
+
+
+def act_bits(act_format: str) -> int | None:
+    """Bits of an activation format (None for "none")."""
+    if act_format == "none":
+        return None
+    if act_format == "int8_token":
+        return 8
+    m = _UINT_TENSOR.fullmatch(act_format)
+    if m is None:
+        raise ValueError(f"unknown act_format {act_format!r}; use none, int8_token or uintB_tensor")
+    return int(m.group(1))
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, weight_format: str, group_size: int | None = None,
+                 bias: bool = True, asymmetric: bool = False, act_format: str = "none",
+                 input_norm: nn.LayerNorm | None = None):
+        super().__init__()
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {weight_format!r}; known: {', '.join(WEIGHT_FORMATS)}")
+        if asymmetric and not weight_format.startswith("int"):
+            raise ValueError(f"{weight_format} weights have no zero points; only intB formats are asymmetric")
+        group_size = group_size or in_features
+        if not 1 <= group_size <= in_features:
+            raise ValueError(f"group_size {group_size} must be in 1..in_features ({in_features})")
+        act_bits(act_format)  # validates
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_format, self.bits, self.group_size = weight_format, WEIGHT_FORMATS[weight_format], group_size
+        self.act_format = act_format
+        g = num_groups(in_features, group_size)
+        self.register_buffer("packed", torch.zeros(out_features, packed_row_bytes(in_features, self.bits),
+                                                   dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, g))
+        self.register_buffer("zeros", torch.zeros(out_features, g) if asymmetric else None)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.input_norm = input_norm
+        m = _UINT_TENSOR.fullmatch(act_format)
+        self.act_quant = UniformQuantizer(int(m.group(1))) if m else None
+        self.scales_dq: DoubleQuantized | None = None  # NF4: the double-quantized form `scales` came from
+        self._cache: tuple | None = None
+
+    # -- construction
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   bias: torch.Tensor | None, weight_format: str, group_size: int | None = None,
+                   act_format: str = "none", input_norm: nn.LayerNorm | None = None) -> "QuantLinear":
+        """A layer from uint8 codes (O, K), scales (O, G), zeros (O, G) or None, bias (O,) or None."""
+        o, k = codes.shape
+        layer = cls(k, o, weight_format, group_size, bias is not None, zeros is not None, act_format, input_norm)
+        if tuple(scales.shape) != tuple(layer.scales.shape):
+            raise ValueError(f"scales of shape {tuple(scales.shape)} do not fit {o}x{k} weights in groups of "
+                             f"{layer.group_size}: expected {tuple(layer.scales.shape)}")
+        layer.packed.copy_(pack_codes(codes.to(torch.uint8).cpu(), layer.bits))
+        layer.scales.copy_(scales)
+        if zeros is not None:
+            layer.zeros.copy_(zeros)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer.to(codes.device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_format: str, group_size: int | None = None,
+                    asymmetric: bool = False, act_format: str = "none", mse_clip: bool = False) -> "QuantLinear":
+        """Round-to-nearest quantization of an nn.Linear (NF4: group size 64 by default, scales
+        double-quantized as in QLoRA; ternary and binary: one scale per tensor)."""
+        if weight_format in ("ternary", "binary"):
+            group_size = None
+        if weight_format == "nf4":
+            q, dq = quantize_nf4(linear.weight, group_size or 64)
+            layer = cls.from_codes(q.codes, q.scales, None, linear.bias, "nf4", group_size or 64, act_format)
+            layer.scales_dq = dq
+            return layer
+        q = quantize_weight(linear.weight, weight_format, group_size, asymmetric, mse_clip)
+        return cls.from_codes(q.codes, q.scales, q.zeros, linear.bias, weight_format, group_size, act_format)
+
+    # -- the weight
+
+    def codes(self) -> torch.Tensor:
+        """uint8 codes (out_features, in_features)."""
+        return unpack_codes(self.packed, self.bits, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 (out_features, in_features)."""
+        tensors = (self.packed, self.scales, self.zeros)
+        versions = tuple(None if t is None else t._version for t in tensors)
+        c = self._cache  # unpacking is slow: reuse the weight until a buffer is replaced or changed in place
+        if c is None or c[1] != versions or any(a is not b for a, b in zip(c[0], tensors)):
+            self._cache = (tensors, versions, dequantize(self.codes(), self.scales, self.zeros,
+                                                         self.weight_format, self.group_size))
+        return self._cache[2]
+
+    # -- the reference computation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        w = self.dequantized_weight().to(x.dtype)
+        if self.act_format == "int8_token":
+            q, s = quantize_int8_token(x)
+            y = F.linear(q, w) * s
+            return y + self.bias if self.bias is not None else y
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return F.linear(x, w, self.bias)
+
+    def spec(self) -> dict:
+        """Everything but the tensors needed to rebuild this layer (the packed file's header entry)."""
+        norm = self.input_norm
+        return {"weight_format": self.weight_format, "bits": self.bits, "in_features": self.in_features,
+                "out_features": self.out_features, "group_size": self.group_size,
+                "asymmetric": self.zeros is not None, "bias": self.bias is not None,
+                "act_format": self.act_format,
+                "input_norm": None if norm is None else {"eps": norm.eps, "affine": norm.elementwise_affine}}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "QuantLinear":
+        norm = spec.get("input_norm")
+        if norm is not None:
+            norm = nn.LayerNorm(spec["in_features"], eps=norm["eps"], elementwise_affine=norm["affine"])
+        return cls(spec["in_features"], spec["out_features"], spec["weight_format"], spec["group_size"],
+                   spec["bias"], spec["asymmetric"], spec["act_format"], norm)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"weight_format={self.weight_format}{' asym' if self.zeros is not None else ''}, "
+                f"group_size={self.group_size}, act_format={self.act_format}, bias={self.bias is not None}")

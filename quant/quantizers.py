@@ -1,0 +1,478 @@
+"""Every bitvit quantizer, as plain functions: weights to integer codes + scales, and fake-quant paths.
+
+Weights are (out_features, in_features) = (O, K) matrices; their scales are (O, G) with
+G = ceil(K / group_size) groups of `group_size` consecutive inputs per output row (group_size = K:
+per output channel; a per-tensor scale is the same value repeated in every row). Codes are uint8
+and mean what `quant.pack` and the QuantLinear contract say:
+
+  format       code range     value of a code                       scale
+  intB (sym)   0 .. 2**B - 1  code - 2**(B-1)                       absmax / (2**(B-1) - 1)
+  intB (asym)  0 .. 2**B - 1  code - zero  (zero an integer code)   (max - min) / (2**B - 1)
+  nf4          0 .. 15        NF4_CODEBOOK[code]                    absmax of the group
+  ternary      0, 1, 2        code - 1                              mean |W| (BitNet b1.58)
+  binary       0, 1           2 * code - 1                          mean |W| (BitNet)
+
+so the dequantized weight is W[o, k] = value(code[o, k]) * scales[o, k // group_size].
+
+Scales of uniform and ternary/binary weights are rounded to float16-representable values when they
+are made, so a file that stores them as float16 reloads the exact same model. NF4 scales go through
+QLoRA's double quantization (`double_quantize`) instead.
+
+Training paths (`fake_quant_*`) return the dequantized tensor in the forward pass and pass the
+gradient straight through (the straight-through estimator, identity on the input) in the backward.
+
+Activations: BitNet's per-token absmax int8 (`quantize_int8_token`, the `int8_token` act format of
+QuantLinear), static per-tensor unsigned uniform codes (`quantize_uint_static`, calibrated scale and
+zero point), and the log-sqrt(2) quantizer for post-softmax attention probabilities (`quantize_log2`).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, identity gradient in the backward (straight-through)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def ste(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """`x_hat`'s values with `x`'s gradient: the straight-through estimator for a whole quantizer."""
+    return x + (x_hat - x).detach()
+
+
+def fp16_scale(s: torch.Tensor) -> torch.Tensor:
+    """Round positive scales to float16-representable float32 values, at least 2**-24 (fp16's smallest)."""
+    return s.clamp(min=2.0 ** -24, max=65504.0).to(torch.float16).to(torch.float32)
+
+
+def num_groups(k: int, group_size: int) -> int:
+    return (k + group_size - 1) // group_size
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(O, K) -> (O, G, group_size), the last group zero-padded when K % group_size != 0."""
+    o, k = w.shape
+    g = num_groups(k, group_size)
+    return torch.nn.functional.pad(w, (0, g * group_size - k)).reshape(o, g, group_size)
+
+
+def _group_stat(w: torch.Tensor, group_size: int, fn) -> torch.Tensor:
+    """A reduction `fn(values) -> scalar` over each group's real (unpadded) entries: (O, K) -> (O, G)."""
+    o, k = w.shape
+    return torch.stack([fn(w[:, i:i + group_size]) for i in range(0, k, group_size)], dim=1)
+
+
+def expand_groups(s: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """Per-group values (O, G) -> per-weight values (O, K)."""
+    return s.repeat_interleave(group_size, dim=1)[:, :k]
+
+
+class QuantizedWeight(NamedTuple):
+    """Integer codes (O, K) uint8, scales (O, G) float32 and zero points (O, G) float32 or None."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+
+# ----------------------------------------------------------------------------- uniform b-bit weights
+
+
+def uniform_params(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                   per_tensor: bool = False, clip: torch.Tensor | float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (O, G) and, when asymmetric, integer zero points (O, G) for uniform b-bit codes of w (O, K).
+
+    Symmetric: scale = clip * absmax / (2**(bits-1) - 1), codes 0 .. 2**bits - 1 hold q + 2**(bits-1).
+    Asymmetric: the range [min(w, 0), max(w, 0)] (shrunk by `clip`) maps onto 0 .. 2**bits - 1.
+    `clip` (a float or an (O, G) tensor) shrinks the range; `search_clip` finds a good one.
+    `per_tensor` uses one range for the whole matrix (stored repeated).
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"uniform weight codes need 2..8 bits, got {bits}")
+    w = w.detach().float()
+    o, k = w.shape
+    group_size = group_size or k
+    if per_tensor:
+        g = num_groups(k, group_size)
+        lo, hi = w.min().clamp(max=0).expand(o, g), w.max().clamp(min=0).expand(o, g)
+    else:
+        lo = _group_stat(w, group_size, lambda x: x.amin(1)).clamp(max=0)
+        hi = _group_stat(w, group_size, lambda x: x.amax(1)).clamp(min=0)
+    lo, hi = lo * clip, hi * clip
+    if symmetric:
+        return fp16_scale(torch.maximum(-lo, hi) / (2 ** (bits - 1) - 1)), None
+    scales = fp16_scale((hi - lo) / (2 ** bits - 1))
+    zeros = torch.round(-lo / scales).clamp(0, 2 ** bits - 1)
+    return scales, zeros
+
+
+def uniform_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                  group_size: int) -> torch.Tensor:
+    """uint8 codes (O, K) of w (O, K) on the grid given by scales/zeros (O, G) (see `uniform_params`)."""
+    k = w.shape[1]
+    s = expand_groups(scales, k, group_size)
+    z = expand_groups(zeros, k, group_size) if zeros is not None else 2 ** (bits - 1)
+    return torch.clamp(torch.round(w.detach().float() / s) + z, 0, 2 ** bits - 1).to(torch.uint8)
+
+
+def uniform_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                       group_size: int) -> torch.Tensor:
+    """float32 (O, K) weight from uniform codes (O, K) and scales/zeros (O, G)."""
+    k = codes.shape[1]
+    z = expand_groups(zeros, k, group_size) if zeros is not None else 2 ** (bits - 1)
+    return (codes.float() - z) * expand_groups(scales, k, group_size)
+
+
+def search_clip(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                grid: int = 20, min_clip: float = 0.5) -> torch.Tensor:
+    """Per-group clip factors (O, G) in [min_clip, 1] minimising the squared rounding error of each group.
+
+    Shrinking the range trades clipping error on a few large weights for finer steps on all the
+    others; below 4 bits that usually lowers the error (GPTQ's and AWQ's weight quantizers do this too).
+    """
+    w = w.detach().float()
+    group_size = group_size or w.shape[1]
+    best_err = best = None
+    for c in torch.linspace(1.0, min_clip, grid).tolist():
+        scales, zeros = uniform_params(w, bits, group_size, symmetric, clip=c)
+        w_hat = uniform_dequantize(uniform_codes(w, scales, zeros, bits, group_size), scales, zeros, bits,
+                                   group_size)
+        err = _grouped((w_hat - w) ** 2, group_size).sum(-1)  # (O, G)
+        if best is None:
+            best_err, best = err, torch.full_like(err, c)
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, c, best)
+    return best
+
+
+def quantize_uniform(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                     per_tensor: bool = False, mse_clip: bool = False) -> QuantizedWeight:
+    """Round-to-nearest b-bit codes of a weight (O, K): codes (O, K), scales (O, G), zeros (O, G) or None."""
+    group_size = group_size or w.shape[1]
+    clip = search_clip(w, bits, group_size, symmetric) if mse_clip and not per_tensor else 1.0
+    scales, zeros = uniform_params(w, bits, group_size, symmetric, per_tensor, clip)
+    return QuantizedWeight(uniform_codes(w, scales, zeros, bits, group_size), scales, zeros)
+
+
+def fake_quant_uniform(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                       per_tensor: bool = False) -> torch.Tensor:
+    """Dequantized round-to-nearest weight (O, K) with a straight-through gradient."""
+    group_size = group_size or w.shape[1]
+    q = quantize_uniform(w, bits, group_size, symmetric, per_tensor)
+    return ste(w, uniform_dequantize(q.codes, q.scales, q.zeros, bits, group_size).to(w.dtype))
+
+
+# ----------------------------------------------------------------------------- NF4 (QLoRA)
+
+
+def _nf4_codebook() -> torch.Tensor:
+    """QLoRA's 4-bit NormalFloat levels: normal quantiles, asymmetric so that 0 is exactly representable.
+
+    8 positive levels are the standard normal quantiles at 8 evenly spaced probabilities from 1/2 to
+    `offset`, 7 negative levels the mirrored quantiles at 7 probabilities, plus 0; all divided by the
+    largest so that they span [-1, 1] (Dettmers et al. 2023, appendix; offset 0.9677 is theirs).
+    """
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (levels / levels.abs().max()).to(torch.float32)
+
+
+NF4_CODEBOOK: torch.Tensor = _nf4_codebook()  # (16,) float32, ascending, NF4_CODEBOOK[7] == 0
+
+
+def nf4_codes(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Index (O, K) uint8 of the code-book level nearest to w / scale, scales (O, G)."""
+    s = expand_groups(scales, w.shape[1], group_size).clamp_min(1e-12)
+    x = (w.detach().float() / s).clamp(-1, 1)
+    book = NF4_CODEBOOK.to(w.device)
+    mids = (book[1:] + book[:-1]) / 2                   # decision boundaries between levels
+    return torch.bucketize(x, mids).to(torch.uint8)
+
+
+def nf4_dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    return NF4_CODEBOOK.to(codes.device)[codes.long()] * expand_groups(scales, codes.shape[1], group_size)
+
+
+class DoubleQuantized(NamedTuple):
+    """QLoRA's quantized quantization constants: scales (O, G) = offset + codes * absmax / 127 per block."""
+    codes: torch.Tensor     # (O, G) int8
+    absmax: torch.Tensor    # (ceil(O * G / block),) float32, one per block of `block` scales
+    offset: torch.Tensor    # () float32, the mean scale, subtracted before quantizing
+    block: int
+
+
+def double_quantize(scales: torch.Tensor, block: int = 256) -> DoubleQuantized:
+    """Quantize positive scales (O, G) to int8 in blocks of `block` (row-major), after subtracting their mean.
+
+    QLoRA uses 8-bit floats here; symmetric linear int8 per block is what bitvit stores (the error is
+    the same order: the scales of one block lie close together once the mean is removed).
+    """
+    flat = scales.detach().float().reshape(-1)
+    offset = flat.mean()
+    n = flat.numel()
+    padded = torch.nn.functional.pad(flat - offset, (0, (-n) % block)).reshape(-1, block)
+    absmax = padded.abs().amax(1).clamp_min(1e-12)
+    codes = torch.round(padded / absmax[:, None] * 127).clamp(-127, 127).to(torch.int8)
+    return DoubleQuantized(codes.reshape(-1)[:n].reshape(scales.shape), absmax, offset, block)
+
+
+def double_dequantize(dq: DoubleQuantized) -> torch.Tensor:
+    """float32 scales (O, G) from `double_quantize`'s output, clamped at 0 (a scale is never negative)."""
+    shape, n = dq.codes.shape, dq.codes.numel()
+    codes = torch.nn.functional.pad(dq.codes.reshape(-1).float(), (0, (-n) % dq.block)).reshape(-1, dq.block)
+    flat = (codes * (dq.absmax[:, None] / 127) + dq.offset).reshape(-1)[:n]
+    return flat.clamp_min(0).reshape(shape)
+
+
+def quantize_nf4(w: torch.Tensor, group_size: int = 64, double_quant: bool = True,
+                 dq_block: int = 256) -> tuple[QuantizedWeight, DoubleQuantized | None]:
+    """NF4 codes of w (O, K) with absmax scales per group, the scales double-quantized (QLoRA).
+
+    Returns the codes and the float32 scales they are meant with (after double quantization, so
+    codes are chosen against the scales the file will hold), and the double-quantized form.
+    """
+    absmax = _group_stat(w.detach().float(), group_size, lambda x: x.abs().amax(1))
+    dq = double_quantize(absmax, dq_block) if double_quant else None
+    scales = double_dequantize(dq) if dq is not None else absmax
+    return QuantizedWeight(nf4_codes(w, scales, group_size), scales, None), dq
+
+
+def fake_quant_nf4(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
+    """Dequantized NF4 weight (O, K) (double-quantized scales) with a straight-through gradient."""
+    q, _ = quantize_nf4(w, group_size)
+    return ste(w, nf4_dequantize(q.codes, q.scales, group_size).to(w.dtype))
+
+
+# ----------------------------------------------------------------------------- ternary and binary (BitNet)
+
+
+def quantize_ternary(w: torch.Tensor, eps: float = 1e-5) -> QuantizedWeight:
+    """BitNet b1.58 absmean ternary codes of w (O, K): q = clamp(round(w / mean|w|), -1, 1), code = q + 1.
+
+    One scale for the tensor, mean |w|, stored repeated as (O, 1).
+    """
+    w = w.detach().float()
+    gamma = fp16_scale(w.abs().mean().clamp_min(eps))
+    q = torch.clamp(torch.round(w / gamma), -1, 1)
+    return QuantizedWeight((q + 1).to(torch.uint8), gamma.expand(w.shape[0], 1).clone(), None)
+
+
+def fake_quant_ternary(w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """clamp(round(w / mean|w|), -1, 1) * mean|w|, (O, K), with a straight-through gradient."""
+    gamma = w.detach().abs().mean().clamp_min(eps)
+    return ste(w, torch.clamp(torch.round(w.detach() / gamma), -1, 1) * gamma)
+
+
+def quantize_binary(w: torch.Tensor) -> QuantizedWeight:
+    """BitNet binary codes of w (O, K): sign(w - mean(w)) (zero counts as +1), code 1 = +1, code 0 = -1.
+
+    One scale for the tensor, beta = mean |w|, stored repeated as (O, 1).
+    """
+    w = w.detach().float()
+    beta = fp16_scale(w.abs().mean())
+    return QuantizedWeight((w >= w.mean()).to(torch.uint8), beta.expand(w.shape[0], 1).clone(), None)
+
+
+def fake_quant_binary(w: torch.Tensor) -> torch.Tensor:
+    """sign(w - mean w) * mean|w|, (O, K), with a straight-through gradient."""
+    d = w.detach()
+    return ste(w, torch.where(d >= d.mean(), 1.0, -1.0).to(w.dtype) * d.abs().mean())
+
+
+# ----------------------------------------------------------------------------- codes -> values
+
+
+WEIGHT_FORMATS = {"int8": 8, "int7": 7, "int6": 6, "int5": 5, "int4": 4, "int3": 3, "int2": 2,
+                  "nf4": 4, "ternary": 2, "binary": 1}  # format -> code width in bits
+
+
+def code_values(codes: torch.Tensor, weight_format: str, zeros: torch.Tensor | None = None,
+                group_size: int | None = None) -> torch.Tensor:
+    """float32 values (O, K) of codes (O, K) before scaling (zeros (O, G) for asymmetric int formats)."""
+    if weight_format == "ternary":
+        return codes.float() - 1
+    if weight_format == "binary":
+        return codes.float() * 2 - 1
+    if weight_format == "nf4":
+        return NF4_CODEBOOK.to(codes.device)[codes.long()]
+    if weight_format in WEIGHT_FORMATS:
+        if zeros is not None:
+            return codes.float() - expand_groups(zeros, codes.shape[1], group_size or codes.shape[1])
+        return codes.float() - 2 ** (WEIGHT_FORMATS[weight_format] - 1)
+    raise ValueError(f"unknown weight format {weight_format!r}; known: {', '.join(WEIGHT_FORMATS)}")
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, weight_format: str,
+               group_size: int) -> torch.Tensor:
+    """The float32 weight (O, K) any bitvit codes (O, K) and scales (O, G) stand for."""
+    values = code_values(codes, weight_format, zeros, group_size)
+    return values * expand_groups(scales, codes.shape[1], group_size)
+
+
+def quantize_weight(w: torch.Tensor, weight_format: str, group_size: int | None = None,
+                    asymmetric: bool = False, mse_clip: bool = False) -> QuantizedWeight:
+    """Round-to-nearest codes of w (O, K) in any format (NF4 without double quantization of the scales)."""
+    if weight_format == "ternary":
+        return quantize_ternary(w)
+    if weight_format == "binary":
+        return quantize_binary(w)
+    if weight_format == "nf4":
+        return quantize_nf4(w, group_size or 64, double_quant=False)[0]
+    if weight_format in WEIGHT_FORMATS:
+        return quantize_uniform(w, WEIGHT_FORMATS[weight_format], group_size, not asymmetric,
+                                mse_clip=mse_clip)
+    raise ValueError(f"unknown weight format {weight_format!r}; known: {', '.join(WEIGHT_FORMATS)}")
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def quantize_int8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet's per-token absmax int8: x (..., K) -> integer-valued q (..., K) in [-127, 127], scale (..., 1).
+
+    s = max_k |x[..., k]| / 127 and q = clamp(round(x / s), -127, 127), round half to even; a token
+    of zeros gets s = 0 and q = 0. x ~= q * s.
+    """
+    s = x.detach().abs().amax(-1, keepdim=True) / 127
+    q = torch.clamp(torch.round(x.detach() / torch.where(s > 0, s, torch.ones_like(s))), -127, 127)
+    return q, s
+
+
+def fake_quant_int8_token(x: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax int8 quantize-dequantize of x (..., K), straight-through gradient."""
+    q, s = quantize_int8_token(x)
+    return ste(x, q * s)
+
+
+def quantize_uint_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned b-bit codes clamp(round(x / scale) + zero, 0, 2**bits - 1) of x with a calibrated scale/zero.
+
+    `scale` and `zero` broadcast against x (a scalar for per-tensor, or per channel / per head).
+    The code stands for (code - zero) * scale.
+    """
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+
+
+def fake_quant_uint_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """(code - zero) * scale of `quantize_uint_static`, straight-through gradient."""
+    return ste(x, (quantize_uint_static(x.detach(), scale, zero, bits) - zero) * scale)
+
+
+def uint_range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point mapping [lo, hi] (widened to include 0) onto 0 .. 2**bits - 1."""
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
+    return scale, torch.round(-lo / scale).clamp(0, 2 ** bits - 1)
+
+
+def quantize_log2(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """log-sqrt(2) codes of probabilities p in [0, 1] (post-softmax attention, RepQ-ViT's quantizer).
+
+    code = round(-2 * log2 p) for p >= 2**(-(2**bits - 2) / 2); code 2**bits - 1 stands for 0 (every
+    smaller p). Value of code c < 2**bits - 1: 2**(-c / 2). Half-octave steps keep the small
+    probabilities' ratios that uniform 4-bit codes would flush to zero.
+    """
+    top = 2 ** bits - 1
+    c = torch.round(-2 * torch.log2(p.clamp_min(1e-30)))
+    return torch.where(c >= top, torch.full_like(c, top), c.clamp_min(0))
+
+
+def log2_dequantize(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    top = 2 ** bits - 1
+    return torch.where(codes >= top, torch.zeros_like(codes), torch.exp2(-codes / 2))
+
+
+def fake_quant_log2(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """log-sqrt(2) quantize-dequantize of probabilities p, straight-through gradient."""
+    return ste(p, log2_dequantize(quantize_log2(p.detach(), bits), bits))
+
+
+def bits_per_weight(nbytes: int, nweights: int) -> float:
+    """Effective storage bits per weight (everything counted in `nbytes`, scales included)."""
+    return 8.0 * nbytes / nweights if nweights else math.nan
+
+
+# ----------------------------------------------------------------------------- activation quantizer modules
+
+
+class UniformQuantizer(torch.nn.Module):
+    """Static unsigned uniform activation quantizer with calibrated scale, zero point and bit-width.
+
+    x -> (clamp(round(x / scale) + zero, 0, 2**bits - 1) - zero) * scale, straight-through gradient.
+    Buffers `scale`, `zero` and `bits` share one `shape` that broadcasts against the input: () for
+    one range per tensor, (1, H, 1, 1) for one per attention head of a (B, H, N, d) tensor, (K,) for
+    one per channel of a (..., K) tensor; `bits` may differ between elements (head-wise bit-widths).
+    """
+
+    def __init__(self, bits: int = 8, shape: tuple[int, ...] = ()):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero", torch.zeros(shape))
+        self.register_buffer("bits", torch.full(shape, float(bits)))
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Calibrate: map [lo, hi] (tensors of this quantizer's shape) onto the codes."""
+        levels = 2 ** self.bits.to(lo.device) - 1
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = ((hi - lo) / levels).clamp_min(1e-8)
+        self.scale.copy_(scale)
+        self.zero.copy_(torch.minimum(torch.round(-lo / scale), levels))
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(torch.round(x / self.scale) + self.zero, 2 ** self.bits - 1).clamp_min(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ste(x, (self.codes(x.detach()) - self.zero) * self.scale)
+
+    def spec(self) -> dict:
+        return {"kind": "uniform", "shape": list(self.scale.shape)}
+
+    def extra_repr(self) -> str:
+        b = self.bits.unique().int().tolist()
+        return f"bits={b[0] if len(b) == 1 else b}, shape={tuple(self.scale.shape)}"
+
+
+class Log2Quantizer(torch.nn.Module):
+    """Post-softmax attention probabilities (B, H, N, N) -> log-sqrt(2) codes (`quantize_log2`) and back."""
+
+    def __init__(self, bits: int = 4):
+        super().__init__()
+        self.n_bits = bits
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return fake_quant_log2(p, self.n_bits)
+
+    def spec(self) -> dict:
+        return {"kind": "log2", "bits": self.n_bits}
+
+    def extra_repr(self) -> str:
+        return f"bits={self.n_bits}"
+
+
+def quantizer_from_spec(spec: dict | None) -> torch.nn.Module:
+    """Rebuild an (uncalibrated) activation quantizer from its `spec()`; None is the identity."""
+    if spec is None:
+        return torch.nn.Identity()
+    kind = spec.get("kind")
+    if kind == "uniform":
+        return UniformQuantizer(shape=tuple(spec["shape"]))
+    if kind == "log2":
+        return Log2Quantizer(int(spec["bits"]))
+    raise ValueError(f"unknown activation quantizer kind {kind!r}")
+
+
+def quantizer_spec(module: torch.nn.Module) -> dict | None:
+    if isinstance(module, torch.nn.Identity):
+        return None
+    if not hasattr(module, "spec"):
+        raise ValueError(f"{type(module).__name__} cannot be saved: freeze it to a UniformQuantizer "
+                         f"or Log2Quantizer first")
+    return module.spec()

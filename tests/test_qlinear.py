@@ -1,0 +1,157 @@
+"""QuantLinear and QuantAttention: the contract's buffers, code meanings and reference computation."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.models import Attention
+from quant.pack import pack_codes, unpack_codes
+from quant.qattention import SLOTS, QuantAttention
+from quant.qlinear import QuantLinear
+from quant.quantizers import NF4_CODEBOOK, Log2Quantizer, UniformQuantizer
+
+
+def linear(k=20, o=6, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, o)
+
+
+@pytest.mark.parametrize("fmt, bits", [("int8", 8), ("int4", 4), ("int3", 3), ("int2", 2), ("nf4", 4),
+                                       ("ternary", 2), ("binary", 1)])
+def test_buffers_have_the_contract_shapes(fmt, bits):
+    q = QuantLinear.from_linear(linear(k=20), fmt, group_size=8)
+    group_size = 20 if fmt in ("ternary", "binary") else 8
+    assert (q.weight_format, q.bits, q.group_size) == (fmt, bits, group_size)
+    assert q.packed.dtype == torch.uint8 and q.packed.shape == (6, math.ceil(20 * bits / 8))
+    assert q.scales.dtype == torch.float32 and q.scales.shape == (6, math.ceil(20 / group_size))
+    assert not any(t.is_floating_point() and t.shape == (6, 20) for t in q.state_dict().values())
+
+
+def test_dequantized_weight_follows_the_code_meanings():
+    codes = torch.tensor([[0, 1, 2, 2], [1, 1, 0, 2]], dtype=torch.uint8)
+    scales = torch.tensor([[2.0], [0.5]])
+    tern = QuantLinear.from_codes(codes, scales, None, None, "ternary")
+    assert tern.dequantized_weight().tolist() == [[-2, 0, 2, 2], [0, 0, -0.5, 0.5]]
+    binary = QuantLinear.from_codes(codes.clamp(max=1), scales, None, None, "binary")
+    assert binary.dequantized_weight().tolist() == [[-2, 2, 2, 2], [0.5, 0.5, -0.5, 0.5]]
+    sym = QuantLinear.from_codes(codes + 6, scales, None, None, "int4")          # q = code - 8
+    assert sym.dequantized_weight().tolist() == [[-4, -2, 0, 0], [-0.5, -0.5, -1, 0]]
+    asym = QuantLinear.from_codes(codes, torch.ones(2, 2), torch.tensor([[1.0, 0.0], [2.0, 1.0]]), None,
+                                  "int4", group_size=2)                          # value = code - zero
+    assert asym.dequantized_weight().tolist() == [[-1, 0, 2, 2], [-1, -1, -1, 1]]
+    nf4 = QuantLinear.from_codes(torch.tensor([[0, 7, 15, 3]], dtype=torch.uint8), torch.ones(1, 1), None,
+                                 None, "nf4")
+    assert nf4.dequantized_weight().tolist() == NF4_CODEBOOK[[0, 7, 15, 3]].unsqueeze(0).tolist()
+
+
+def test_packed_buffer_is_pack_codes_of_the_codes():
+    q = QuantLinear.from_linear(linear(k=13), "int3", group_size=13, asymmetric=True)
+    assert torch.equal(q.packed, pack_codes(unpack_codes(q.packed, 3, 13), 3))
+    assert torch.equal(q.codes(), unpack_codes(q.packed, 3, 13))
+
+
+def test_forward_without_act_quant_is_linear_with_the_dequantized_weight():
+    lin = linear()
+    q = QuantLinear.from_linear(lin, "int8")
+    x = torch.randn(3, 4, 20)
+    assert torch.allclose(q(x), F.linear(x, q.dequantized_weight(), lin.bias), atol=1e-6)
+    assert (q(x) - lin(x)).abs().max() < 0.02
+
+
+def test_int8_token_forward_is_the_integer_dot_product_formula():
+    q = QuantLinear.from_linear(linear(), "ternary", act_format="int8_token")
+    x = torch.randn(5, 20)
+    s = x.abs().amax(-1, keepdim=True) / 127
+    qx = torch.clamp(torch.round(x / s), -127, 127)
+    codes = q.codes().to(torch.int64) - 1
+    acc = qx.to(torch.int64) @ codes.T                               # exact int32-range dot products
+    expected = s * q.scales[:, 0] * acc.float() + q.bias
+    assert torch.allclose(q(x), expected, atol=1e-5)
+
+
+def test_static_act_quant_rounds_the_input_onto_its_grid():
+    q = QuantLinear.from_linear(linear(), "int8", act_format="uint4_tensor")
+    q.act_quant.set_range(torch.tensor(-1.0), torch.tensor(2.0))          # scale 0.2, zero 5
+    x = torch.randn(7, 20)
+    x_hat = (torch.clamp(torch.round(x / 0.2) + 5, 0, 15) - 5) * 0.2
+    assert torch.allclose(q(x), F.linear(x_hat, q.dequantized_weight(), q.bias), atol=1e-5)
+
+
+def test_input_norm_is_applied_first():
+    norm = nn.LayerNorm(20, elementwise_affine=False)
+    q = QuantLinear.from_codes(torch.ones(6, 20, dtype=torch.uint8), torch.ones(6, 1), None, None, "binary",
+                               act_format="int8_token", input_norm=norm)
+    x = torch.randn(3, 20) * 5 + 2
+    ref = QuantLinear.from_codes(torch.ones(6, 20, dtype=torch.uint8), torch.ones(6, 1), None, None, "binary",
+                                 act_format="int8_token")
+    assert torch.allclose(q(x), ref(norm(x)))
+
+
+def test_cached_weight_follows_in_place_changes():
+    q = QuantLinear.from_linear(linear(), "int4", group_size=10)
+    w0 = q.dequantized_weight().clone()
+    q.scales.mul_(2)
+    assert torch.allclose(q.dequantized_weight(), 2 * w0)
+
+
+def test_bad_format_group_size_and_act_format_are_refused():
+    with pytest.raises(ValueError, match="unknown weight format"):
+        QuantLinear(8, 4, "int9")
+    with pytest.raises(ValueError, match="group_size"):
+        QuantLinear(8, 4, "int4", group_size=16)
+    with pytest.raises(ValueError, match="act_format"):
+        QuantLinear(8, 4, "int4", act_format="fp8")
+    with pytest.raises(ValueError, match="zero points"):
+        QuantLinear(8, 4, "ternary", asymmetric=True)
+
+
+# -- attention
+
+
+def test_quant_attention_with_identity_slots_equals_attention():
+    torch.manual_seed(0)
+    attn = Attention(16, 4)
+    qa = QuantAttention.from_attention(attn)
+    x = torch.randn(2, 5, 16)
+    assert torch.allclose(qa(x), attn(x), atol=1e-5)
+    assert set(qa.state_dict()) == set(attn.state_dict())
+
+
+def test_quant_attention_slots_see_the_documented_shapes():
+    torch.manual_seed(0)
+    qa = QuantAttention(16, 4)
+    seen = {}
+
+    def record(slot):
+        def hook(module, inputs, output):
+            seen[slot] = tuple(output.shape)
+        return hook
+
+    for slot in SLOTS:
+        getattr(qa, slot).register_forward_hook(record(slot))
+    qa(torch.randn(2, 5, 16))
+    assert seen == {"q_quant": (2, 4, 5, 4), "k_quant": (2, 4, 5, 4), "v_quant": (2, 4, 5, 4),
+                    "attn_quant": (2, 4, 5, 5), "out_quant": (2, 4, 5, 4)}
+
+
+def test_log2_attention_slot_quantizes_the_softmax_probabilities():
+    torch.manual_seed(0)
+    qa = QuantAttention(16, 4)
+    qa.attn_quant = Log2Quantizer(4)
+    probs = []
+    qa.attn_quant.register_forward_hook(lambda m, i, o: probs.append(o) and None)
+    qa(torch.randn(1, 6, 16))
+    p = probs[0]
+    kept = p[p > 0]
+    assert torch.allclose(-2 * torch.log2(kept), torch.round(-2 * torch.log2(kept)), atol=1e-4)
+    assert p.max() <= 1
+
+
+def test_head_wise_quantizer_uses_each_heads_own_range():
+    qa = QuantAttention(16, 4)
+    qa.q_quant = UniformQuantizer(2, shape=(1, 4, 1, 1))
+    qa.q_quant.set_range(torch.zeros(1, 4, 1, 1), torch.tensor([3.0, 6.0, 9.0, 12.0]).view(1, 4, 1, 1))
+    out = qa.q_quant(torch.full((1, 4, 1, 1), 100.0))
+    assert out.flatten().tolist() == [3.0, 6.0, 9.0, 12.0]

@@ -1,0 +1,201 @@
+"""Quantizers: the values each one produces, their code ranges, and their straight-through gradients."""
+import pytest
+import torch
+
+from quant.quantizers import (NF4_CODEBOOK, Log2Quantizer, UniformQuantizer, code_values, dequantize,
+                              double_dequantize, double_quantize, fake_quant_binary, fake_quant_int8_token,
+                              fake_quant_log2, fake_quant_nf4, fake_quant_ternary, fake_quant_uniform,
+                              log2_dequantize, nf4_dequantize, quantize_binary, quantize_int8_token,
+                              quantize_log2, quantize_nf4, quantize_ternary, quantize_uniform, search_clip,
+                              uniform_dequantize)
+
+
+def weight(o=6, k=40, seed=0):
+    return torch.randn(o, k, generator=torch.Generator().manual_seed(seed))
+
+
+# -- uniform
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_uniform_error_is_at_most_half_a_step(bits):
+    w = weight()
+    q = quantize_uniform(w, bits, group_size=16)
+    assert q.zeros is None and q.scales.shape == (6, 3)
+    w_hat = uniform_dequantize(q.codes, q.scales, None, bits, 16)
+    step = q.scales.repeat_interleave(16, 1)[:, :40]
+    assert ((w_hat - w).abs() <= step / 2 + 1e-6).all()
+    assert int(q.codes.max()) < 2 ** bits
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_asymmetric_uniform_uses_the_full_range_of_codes(bits):
+    w = weight().abs() + 0.5            # all positive: an asymmetric grid still includes 0
+    q = quantize_uniform(w, bits, group_size=None, symmetric=False)
+    assert q.zeros is not None and (q.zeros == 0).all()
+    assert (q.codes.amax(1) == 2 ** bits - 1).all()
+    w_hat = uniform_dequantize(q.codes, q.scales, q.zeros, bits, 40)
+    assert ((w_hat - w).abs() <= q.scales / 2 + 1e-6).all()
+
+
+def test_per_tensor_scale_is_stored_repeated_in_every_row():
+    q = quantize_uniform(weight(), 4, per_tensor=True)
+    assert q.scales.shape == (6, 1) and (q.scales == q.scales[0, 0]).all()
+
+
+def test_signed_codes_are_offset_by_half_the_range():
+    w = torch.tensor([[-7.0, 0.0, 7.0, 3.0]])
+    q = quantize_uniform(w, 4)
+    assert q.scales.item() == 1.0 and q.codes.tolist() == [[1, 8, 15, 11]]
+    assert code_values(q.codes, "int4").tolist() == [[-7, 0, 7, 3]]
+
+
+def test_scales_are_float16_exact():
+    q = quantize_uniform(weight(), 4, group_size=8)
+    assert torch.equal(q.scales.half().float(), q.scales)
+
+
+def test_clip_search_never_increases_the_error():
+    w = torch.cat([weight(), 8 * torch.ones(6, 1)], 1)  # one outlier column stretches every range
+    plain = quantize_uniform(w, 3, symmetric=False)
+    clipped = quantize_uniform(w, 3, symmetric=False, mse_clip=True)
+    err = lambda q: ((uniform_dequantize(q.codes, q.scales, q.zeros, 3, 41) - w) ** 2).sum()  # noqa: E731
+    assert err(clipped) < err(plain)
+    assert ((search_clip(w, 3) > 0) & (search_clip(w, 3) <= 1)).all()
+
+
+def test_uniform_fake_quant_passes_the_gradient_straight_through():
+    w = weight().requires_grad_()
+    out = fake_quant_uniform(w, 4, group_size=8)
+    q = quantize_uniform(w, 4, group_size=8)
+    assert torch.equal(out.detach(), uniform_dequantize(q.codes, q.scales, None, 4, 8))
+    (out * torch.arange(40.0)).sum().backward()
+    assert torch.equal(w.grad, torch.arange(40.0).expand(6, 40))
+
+
+# -- NF4 and double quantization
+
+
+def test_nf4_codebook_is_qloras():
+    assert NF4_CODEBOOK.shape == (16,) and NF4_CODEBOOK[7] == 0
+    assert NF4_CODEBOOK[0] == -1 and NF4_CODEBOOK[15] == 1
+    # QLoRA's published levels (bitsandbytes' NF4 table)
+    assert NF4_CODEBOOK[1].item() == pytest.approx(-0.6961928009986877, abs=1e-6)
+    assert NF4_CODEBOOK[8].item() == pytest.approx(0.07958029955625534, abs=1e-6)
+    assert NF4_CODEBOOK[14].item() == pytest.approx(0.7229568362236023, abs=1e-6)
+
+
+def test_nf4_picks_the_nearest_level():
+    w = weight(4, 64)
+    q, _ = quantize_nf4(w, 32, double_quant=False)
+    x = w / q.scales.repeat_interleave(32, 1)
+    nearest = (x.unsqueeze(-1) - NF4_CODEBOOK).abs().argmin(-1)
+    assert torch.equal(q.codes.long(), nearest)
+    assert torch.allclose(nf4_dequantize(q.codes, q.scales, 32), NF4_CODEBOOK[nearest] * q.scales.repeat_interleave(32, 1))
+
+
+def test_double_quantization_round_trip_is_close_and_stable():
+    scales = torch.rand(30, 17) * 0.1 + 0.02   # 510 scales: two blocks of 256, the last one short
+    dq = double_quantize(scales, block=256)
+    assert dq.codes.dtype == torch.int8 and dq.codes.shape == (30, 17) and dq.absmax.shape == (2,)
+    back = double_dequantize(dq)
+    step = dq.absmax.max() / 127
+    assert (back - scales).abs().max() <= step / 2 + 1e-7
+    assert torch.equal(double_dequantize(dq), back)
+
+
+def test_nf4_codes_are_chosen_against_the_double_quantized_scales():
+    w = weight(8, 128)
+    q, dq = quantize_nf4(w, 64)
+    assert torch.equal(q.scales, double_dequantize(dq))
+    assert torch.equal(q.codes, quantize_nf4(w, 64)[0].codes)
+    rel = (nf4_dequantize(q.codes, q.scales, 64) - w).norm() / w.norm()
+    assert rel < 0.12
+
+
+def test_nf4_fake_quant_gradient_is_identity():
+    w = weight(4, 64).requires_grad_()
+    fake_quant_nf4(w, 32).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+# -- ternary and binary
+
+
+def test_ternary_is_absmean_round_clip():
+    w = torch.tensor([[0.9, -0.1, -2.0, 0.6], [0.2, 0.0, -0.5, 1.5]])
+    gamma = w.abs().mean()                      # 0.725
+    q = quantize_ternary(w)
+    assert q.codes.tolist() == [[2, 1, 0, 2], [1, 1, 0, 2]]   # round(w / 0.725) clipped, + 1
+    assert q.scales.shape == (2, 1) and q.scales[0, 0].item() == pytest.approx(gamma.item(), rel=1e-3)
+    assert torch.equal(fake_quant_ternary(w), (q.codes.float() - 1) * gamma)
+
+
+def test_ternary_fake_quant_gradient_is_identity():
+    w = weight().requires_grad_()
+    (fake_quant_ternary(w) * 3).sum().backward()
+    assert torch.equal(w.grad, torch.full_like(w, 3.0))
+
+
+def test_binary_is_sign_of_the_mean_centred_weight_times_mean_abs():
+    w = torch.tensor([[1.0, 2.0, 3.0, -6.0]])    # mean 0: sign(w - 0); beta = mean|w| = 3
+    q = quantize_binary(w)
+    assert q.codes.tolist() == [[1, 1, 1, 0]] and q.scales.item() == 3.0
+    w2 = torch.tensor([[1.0, 2.0, 3.0, 6.0]])    # mean 3: only 3 and 6 are >= the mean
+    assert quantize_binary(w2).codes.tolist() == [[0, 0, 1, 1]]
+    assert fake_quant_binary(w2).tolist() == [[-3.0, -3.0, 3.0, 3.0]]
+    assert code_values(q.codes, "binary").tolist() == [[1, 1, 1, -1]]
+
+
+def test_binary_fake_quant_gradient_is_identity():
+    w = weight().requires_grad_()
+    fake_quant_binary(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("fmt", ["ternary", "binary", "int4", "nf4"])
+def test_dequantize_is_code_value_times_group_scale(fmt):
+    codes = torch.randint(0, 2 if fmt == "binary" else 3, (3, 10), dtype=torch.uint8)
+    scales = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    w = dequantize(codes, scales, None, fmt, 5)
+    assert torch.equal(w, code_values(codes, fmt) * scales.repeat_interleave(5, 1))
+
+
+# -- activations
+
+
+def test_int8_token_quantizes_each_token_by_its_absmax():
+    x = torch.tensor([[[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [254.0, 1.0, -127.0]]])
+    q, s = quantize_int8_token(x)
+    assert s.squeeze().tolist() == pytest.approx([1 / 127, 0.0, 2.0])
+    assert q[0, 0].tolist() == [64, -127, 32]          # 63.5 rounds half to even: 64; 31.75 -> 32
+    assert q[0, 1].tolist() == [0, 0, 0]
+    assert q[0, 2].tolist() == [127, 0, -64]           # 0.5 -> 0 and -63.5 -> -64 (half to even)
+
+
+def test_int8_token_fake_quant_gradient_is_identity():
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    out = fake_quant_int8_token(x)
+    assert (out - x).abs().max() <= x.abs().amax(-1, keepdim=True).max() / 254 + 1e-6
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_log2_quantizer_keeps_half_octave_levels_and_zeros_the_tail():
+    p = torch.tensor([1.0, 0.5, 0.7071, 2.0 ** -7, 2.0 ** -7.5, 1e-4, 0.0])
+    codes = quantize_log2(p, 4)
+    assert codes.tolist() == [0, 2, 1, 14, 15, 15, 15]       # 2**-7 is code 14, the smallest kept level
+    assert log2_dequantize(codes, 4).tolist() == pytest.approx([1.0, 0.5, 2 ** -0.5, 2 ** -7, 0, 0, 0])
+    p.requires_grad_()
+    fake_quant_log2(p, 4).sum().backward()
+    assert torch.equal(p.grad, torch.ones_like(p))
+
+
+def test_uniform_act_quantizer_calibrates_per_head_ranges_and_bits():
+    qz = UniformQuantizer(4, shape=(1, 2, 1, 1))
+    qz.set_range(torch.tensor([-1.0, 0.0]).view(1, 2, 1, 1), torch.tensor([1.0, 3.0]).view(1, 2, 1, 1))
+    x = torch.tensor([-1.0, 1.0, 0.0, 3.0]).view(1, 2, 1, 2)
+    assert torch.allclose(qz(x), x, atol=0.07)           # range ends are reproduced
+    assert qz.scale.flatten().tolist() == pytest.approx([2 / 15, 3 / 15])
+    assert qz(torch.full((1, 2, 1, 1), 100.0)).flatten().tolist() == pytest.approx([1.0 + 1 / 15, 3.0], abs=1e-5)
+    assert Log2Quantizer(4)(torch.tensor([0.25])).item() == 0.25
