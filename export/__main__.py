@@ -1,0 +1,64 @@
+"""`python -m export --checkpoint PATH --out model.onnx [--format F] [--standard-ops]`.
+
+Writes a bitvit checkpoint (FP or quantized) as ONNX, then checks the file in ONNX Runtime against
+the torch model on random images and prints the agreement. Formats: fp32, fp16 (weights stored at
+half precision), w8a8 (int8 per-token activations x int8 weights, MatMulInteger), int4 (MatMulNBits),
+ternary and binary (bitvit's custom ops; `--standard-ops` writes MatMulNBits 2-bit instead, for
+runtimes without bitvit's library). An FP checkpoint is quantized (round to nearest) for the
+quantized formats; a quantized checkpoint exports as the format it holds.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+import quant
+from quant.cli import run
+from quant.models import load_model
+
+from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export
+from .runtime import load
+
+
+def load_checkpoint(path: str) -> torch.nn.Module:
+    """An FP or quantized bitvit model from its file."""
+    load_any = getattr(quant, "load_any", None)  # the quant core's loader of FP and packed files
+    return (load_any or load_model)(path).eval()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="bitvit model file (.safetensors)")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
+                   help="auto (default): fp32 for an FP checkpoint, else the format it holds")
+    p.add_argument("--standard-ops", action="store_true",
+                   help="ternary/binary as com.microsoft MatMulNBits (2-bit) instead of bitvit's ops")
+    p.add_argument("--threads", type=int, default=2, help="threads for the check run")
+    args = p.parse_args(argv)
+
+    model = load_checkpoint(args.checkpoint)
+    fmt = model_format(model) if args.format == "auto" else args.format
+    if fmt not in FORMATS:
+        raise ValueError(f"{args.checkpoint} holds {fmt} layers, which have no single export format")
+    if not any(is_quantized(m) for m in model.modules()):
+        model = quantize_for_export(model, fmt)
+    path = export(model, args.out, fmt, custom_ops=not args.standard_ops)
+
+    session = load(path, threads=args.threads)
+    cfg = model.config
+    x = torch.randn(8, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = session(x.numpy())
+    agree = int((out.argmax(1) == ref.argmax(1)).sum())
+    print(f"{path}: {fmt}{' (standard ops)' if args.standard_ops else ''}, {path.stat().st_size / 1e6:.2f} MB, "
+          f"custom ops: {'bitvit' if session.uses_custom_ops else 'none'}")
+    print(f"ONNX Runtime vs torch on 8 random images: max |logit diff| {np.abs(out - ref).max():.2e}, "
+          f"top-1 agreement {agree}/8")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

@@ -1,0 +1,266 @@
+"""Write a bitvit ViT as an ONNX graph, each linear layer in the format its weights are stored in.
+
+The graph is built node by node from the model's modules (no tracing), so every linear layer maps
+to exactly the ONNX form chosen for it and the file holds the packed tensors, not float copies:
+
+| layer                                  | ONNX                                                        |
+|----------------------------------------|-------------------------------------------------------------|
+| `nn.Linear`                            | MatMul + Add (fp16: weights stored fp16, cast to fp32 once) |
+| int8 weights, int8 per-token input     | per-token quantize (ReduceMax/Div/Round/Clip) + MatMulInteger (s8 x s8, exact) + scale |
+| int2/int4/int8 weight-only             | `com.microsoft` MatMulNBits (block = group size)            |
+| ternary / binary, int8 per-token input | bitvit's `TernaryLinear` / `BinaryLinear` (`export/ops`)    |
+| the same with `custom_ops=False`       | per-token fake-quant + MatMulNBits bits=2: ternary codes w + 2, binary codes 2c + 1 (values -1, +1), zero point 2; exact, 2 bits per weight |
+
+A QuantLinear's `input_norm` (BitNet's LayerNorm before activation quantization) becomes a
+LayerNormalization in front of it. The rest of the ViT is standard opset-20 ONNX (conv stem with
+BatchNorm folded, LayerNormalization, Gelu, attention as MatMul/Softmax). Input `image`
+(batch, 3, H, W), normalised; output `logits` (batch, classes); the batch is dynamic. The model's
+config (image size, mean/std, class names) rides in the metadata under `bitvit.config`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+from quant.models import Attention, VisionTransformer
+from quant.pack import pack_codes, unpack_codes
+
+from .ortops import DOMAIN
+
+OPSET = 20
+FORMATS = ("fp32", "fp16", "w8a8", "int4", "ternary", "binary")
+META_FORMAT = "bitvit-onnx/1"
+
+
+def is_quantized(m: nn.Module) -> bool:
+    """A quantized linear layer in the sense of the quant core's contract."""
+    return hasattr(m, "weight_format") and hasattr(m, "packed")
+
+
+def model_format(model: nn.Module) -> str:
+    """The export format a model's weights are stored in: fp32, or its quantized layers' format."""
+    formats = {m.weight_format for m in model.modules() if is_quantized(m)}
+    names = {"int8": "w8a8", "int4": "int4", "ternary": "ternary", "binary": "binary"}
+    return "fp32" if not formats else "+".join(sorted(names.get(f, f) for f in formats))
+
+
+class _Graph:
+    """Nodes and initializers with unique names."""
+
+    def __init__(self, fp16: bool = False):
+        self.nodes, self.inits, self.fp16, self._n = [], [], fp16, 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, name: str, value, dtype=None) -> str:
+        """An initializer; float weights are stored fp16 (and cast back) in an fp16 export."""
+        arr = np.asarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        if self.fp16 and arr.dtype == np.float32 and arr.size > 1:
+            self.inits.append(numpy_helper.from_array(arr.astype(np.float16), name + "_fp16"))
+            return self.op("Cast", [name + "_fp16"], to=TensorProto.FLOAT, out=name)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], domain: str = "", out: str | None = None, **attrs) -> str:
+        out = out or self.name(op_type)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, domain=domain or None, **attrs))
+        return out
+
+
+def _layer_norm(g: _Graph, x: str, ln: nn.LayerNorm, name: str) -> str:
+    d = ln.normalized_shape[-1]
+    w = ln.weight if ln.weight is not None else torch.ones(d)
+    b = ln.bias if ln.bias is not None else torch.zeros(d)
+    return g.op("LayerNormalization", [x, g.const(f"{name}.weight", w), g.const(f"{name}.bias", b)],
+                axis=-1, epsilon=float(ln.eps))
+
+
+def _token_scale(g: _Graph, x: str, name: str) -> tuple[str, str]:
+    """Per-token int8 quantization with standard ops: (q as float, s), s = max|x| / 127 per row."""
+    amax = g.op("ReduceMax", [g.op("Abs", [x]), g.const(f"{name}.axes", np.array([-1], np.int64))], keepdims=1)
+    s = g.op("Div", [amax, g.const(f"{name}.127", np.array(127, np.float32))])
+    safe = g.op("Max", [s, g.const(f"{name}.tiny", np.array(np.finfo(np.float32).tiny, np.float32))])
+    q = g.op("Clip", [g.op("Round", [g.op("Div", [x, safe])]), g.const(f"{name}.lo", np.array(-127, np.float32)),
+                      g.const(f"{name}.hi", np.array(127, np.float32))])
+    return q, s
+
+
+def _matmul_nbits(g: _Graph, x: str, codes: torch.Tensor, scales: torch.Tensor, zeros, bits: int,
+                  group: int, bias, name: str) -> str:
+    """MatMulNBits over codes (N, K) with per-group scales (N, K / group); zero point 2**(bits-1) unless given."""
+    n, k = codes.shape
+    # MatMulNBits needs a power-of-two block of at least 16 that the scale groups are made of.
+    if group >= k:  # one scale per row: any block will do
+        block = 128 if k >= 128 else max(16, 1 << (k - 1).bit_length())
+    else:
+        block = min(128, group & -group)
+        if block < 16:
+            raise ValueError(f"{name}: group size {group} is not a multiple of a power of two >= 16, "
+                             f"which MatMulNBits needs")
+    blocks = -(-k // block)
+    codes = torch.nn.functional.pad(codes, (0, blocks * block - k), value=1 << (bits - 1))  # pad with value 0
+    packed = pack_codes(codes.reshape(n, blocks, block), bits)                    # (N, blocks, blob)
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:                               # (N, groups) -> (N * blocks)
+        t = t[:, :1].expand(n, blocks) if group >= k else t.repeat_interleave(group // block, 1)[:, :blocks]
+        return t.reshape(-1).float()
+
+    inputs = [x, g.const(f"{name}.packed", packed), g.const(f"{name}.scales", per_block(scales))]
+    if zeros is not None:
+        inputs.append(g.const(f"{name}.zeros", per_block(zeros)))
+    if bias is not None:
+        inputs += [""] * (5 - len(inputs)) + [g.const(f"{name}.bias", bias)]
+    return g.op("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits, block_size=block)
+
+
+def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool) -> str:
+    if isinstance(m, nn.Linear):
+        y = g.op("MatMul", [x, g.const(f"{name}.weight", m.weight.t())])
+        return y if m.bias is None else g.op("Add", [y, g.const(f"{name}.bias", m.bias)])
+    if not is_quantized(m):
+        raise ValueError(f"{name}: cannot export a {type(m).__name__} layer")
+    if getattr(m, "input_norm", None) is not None:
+        if not isinstance(m.input_norm, nn.LayerNorm):
+            raise ValueError(f"{name}: cannot export an input_norm of type {type(m.input_norm).__name__}")
+        x = _layer_norm(g, x, m.input_norm, f"{name}.input_norm")
+    fmt, act, k = m.weight_format, m.act_format, m.in_features
+    if act not in ("none", "int8_token"):
+        raise ValueError(f"{name}: activation format {act!r} has no ONNX export (only none and int8_token)")
+    codes = unpack_codes(m.packed, m.bits, k)
+    per_row = m.scales.shape[1] == 1
+    if fmt in ("ternary", "binary") and act == "int8_token" and custom_ops and per_row:
+        op = "TernaryLinear" if fmt == "ternary" else "BinaryLinear"
+        inputs = [x, g.const(f"{name}.packed", m.packed), g.const(f"{name}.scales", m.scales[:, 0].float())]
+        if m.bias is not None:
+            inputs.append(g.const(f"{name}.bias", m.bias))
+        return g.op(op, inputs, domain=DOMAIN)
+    if fmt == "int8" and act == "int8_token" and per_row:
+        q, s = _token_scale(g, x, name)
+        w = (codes.to(torch.int16) - 128).to(torch.int8).t()                             # (K, N)
+        y = g.op("MatMulInteger", [g.op("Cast", [q], to=TensorProto.INT8), g.const(f"{name}.qweight", w)])
+        y = g.op("Mul", [g.op("Mul", [g.op("Cast", [y], to=TensorProto.FLOAT), s]),
+                         g.const(f"{name}.scales", m.scales[:, 0].float())])
+        return y if m.bias is None else g.op("Add", [y, g.const(f"{name}.bias", m.bias)])
+    if act == "int8_token":
+        q, s = _token_scale(g, x, name)
+        x = g.op("Mul", [q, s])
+    if fmt == "ternary":   # codes w + 1 -> w + 2 with the default zero point 2
+        return _matmul_nbits(g, x, codes + 1, m.scales, None, 2, k, m.bias, name)
+    if fmt == "binary":    # codes {0, 1} -> {1, 3}: values (c - 2) = -1, +1
+        return _matmul_nbits(g, x, codes * 2 + 1, m.scales, None, 2, k, m.bias, name)
+    if fmt in ("int2", "int4", "int8"):
+        return _matmul_nbits(g, x, codes, m.scales, getattr(m, "zeros", None), m.bits, m.group_size, m.bias, name)
+    raise ValueError(f"{name}: weight format {fmt!r} has no ONNX export (MatMulNBits runs 2, 4 and 8 bits)")
+
+
+def _attention(g: _Graph, x: str, attn: nn.Module, name: str, custom_ops: bool) -> str:
+    if type(attn) is not Attention:
+        raise ValueError(f"{name}: cannot export attention of type {type(attn).__name__} "
+                         f"(quantized attention has no ONNX export)")
+    h, hd = attn.num_heads, attn.head_dim
+    qkv = _linear(g, x, attn.qkv, f"{name}.qkv", custom_ops)                          # (B, N, 3D)
+    qkv = g.op("Reshape", [qkv, g.const(f"{name}.qkv_shape", np.array([0, 0, 3, h, hd], np.int64))])
+    qkv = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])                               # (3, B, h, N, hd)
+    q, k, v = (g.op("Gather", [qkv, g.const(f"{name}.i{i}", np.array(i, np.int64))], axis=0) for i in range(3))
+    scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])            # (B, h, N, N)
+    scores = g.op("Mul", [scores, g.const(f"{name}.scale", np.array(1 / math.sqrt(hd), np.float32))])
+    out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])                      # (B, h, N, hd)
+    out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]),
+                           g.const(f"{name}.out_shape", np.array([0, 0, h * hd], np.int64))])
+    return _linear(g, out, attn.proj, f"{name}.proj", custom_ops)
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * s + (conv.bias * s if conv.bias is not None else 0)
+    return conv.weight * s.view(-1, 1, 1, 1), bias
+
+
+@torch.no_grad()
+def to_onnx(model: VisionTransformer, fmt: str = "fp32", custom_ops: bool = True) -> onnx.ModelProto:
+    """The ONNX graph of `model` as it stands (FP or with quantized layers); `fmt` names the file's
+    format in the metadata and, for "fp16", stores the float weights at half precision."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"can only export bitvit's VisionTransformer, got {type(model).__name__}")
+    model = model.eval()
+    cfg = model.config
+    g = _Graph(fp16=fmt == "fp16")
+    x = "image"
+    pe = model.patch_embed
+    if pe.backbone is not None:
+        layers = list(pe.backbone)
+        for i in range(0, len(layers), 3):
+            conv, bn = layers[i], layers[i + 1]
+            w, b = _fold_bn(conv, bn)
+            x = g.op("Conv", [x, g.const(f"stem{i}.weight", w), g.const(f"stem{i}.bias", b)],
+                     pads=[conv.padding[0]] * 4, strides=list(conv.stride))
+            x = g.op("Gelu", [x])
+    p = cfg.patch_size
+    x = g.op("Conv", [x, g.const("patch_embed.proj.weight", pe.proj.weight), g.const("patch_embed.proj.bias", pe.proj.bias)],
+             strides=[p, p], kernel_shape=[p, p])                                     # (B, D, h, w)
+    d = cfg.embed_dim
+    x = g.op("Transpose", [g.op("Reshape", [x, g.const("tokens_shape", np.array([0, d, -1], np.int64))])],
+             perm=[0, 2, 1])                                                          # (B, N, D)
+    batch = g.op("Shape", [x], start=0, end=1)
+    cls_shape = g.op("Concat", [batch, g.const("cls_shape", np.array([1, d], np.int64))], axis=0)
+    cls = g.op("Expand", [g.const("cls_token", model.cls_token), cls_shape])
+    x = g.op("Add", [g.op("Concat", [cls, x], axis=1), g.const("pos_embed", model.pos_embed)])
+    for i, blk in enumerate(model.blocks):
+        if type(blk.mlp.act) is not nn.GELU or blk.mlp.act.approximate != "none":
+            raise ValueError(f"blocks.{i}.mlp.act: only exact GELU is exported")
+        n = f"blocks.{i}"
+        x = g.op("Add", [x, _attention(g, _layer_norm(g, x, blk.norm1, f"{n}.norm1"), blk.attn, f"{n}.attn", custom_ops)])
+        h = _linear(g, _layer_norm(g, x, blk.norm2, f"{n}.norm2"), blk.mlp.fc1, f"{n}.mlp.fc1", custom_ops)
+        x = g.op("Add", [x, _linear(g, g.op("Gelu", [h]), blk.mlp.fc2, f"{n}.mlp.fc2", custom_ops)])
+    x = _layer_norm(g, x, model.norm, "norm")
+    x = g.op("Gather", [x, g.const("cls_index", np.array(0, np.int64))], axis=1)     # (B, D)
+    g.op("Identity", [_linear(g, x, model.head, "head", custom_ops)], out="logits")
+
+    graph = helper.make_graph(
+        g.nodes, "bitvit_vit",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, cfg.img_size, cfg.img_size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.num_classes])], g.inits)
+    uses_custom = any(nd.domain == DOMAIN for nd in g.nodes)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    if uses_custom:
+        opsets.append(helper.make_opsetid(DOMAIN, 1))
+    proto = helper.make_model(graph, opset_imports=opsets, ir_version=10, producer_name="bitvit")
+    meta = {"format": META_FORMAT, "bitvit.format": fmt if fmt in ("fp32", "fp16") else model_format(model),
+            "bitvit.config": cfg.to_json(), "bitvit.custom_ops": DOMAIN if uses_custom else ""}
+    helper.set_model_props(proto, meta)
+    return proto
+
+
+def quantize_for_export(model: VisionTransformer, fmt: str) -> VisionTransformer:
+    """An FP model quantized (round to nearest) into the layers `fmt` exports; fp32/fp16 leave it as is."""
+    if fmt in ("fp32", "fp16"):
+        return model
+    from .standin import quantize
+    return quantize(copy.deepcopy(model), fmt)
+
+
+def export(model: VisionTransformer, path: str | Path, fmt: str = "fp32", custom_ops: bool = True) -> Path:
+    """Build the graph of `model` as it stands (see `quantize_for_export`), check it, write it to `path`."""
+    quantized = any(is_quantized(m) for m in model.modules())
+    if quantized != (fmt not in ("fp32", "fp16")):
+        raise ValueError(f"the model holds {model_format(model)} weights, not {fmt}"
+                         + ("" if quantized else "; quantize it first (export.exporter.quantize_for_export)"))
+    proto = to_onnx(model, fmt, custom_ops)
+    onnx.checker.check_model(proto)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return path

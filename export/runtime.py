@@ -1,0 +1,98 @@
+"""Run an exported bitvit ONNX file: `export.runtime.load(path)` -> a `Session` ready for images.
+
+The session registers bitvit's custom-op library (building it on first use) only when the file uses
+the `bitvit` domain, turns ONNX Runtime's spinning worker threads off (they slow a torch model in the
+same process about 3x), and knows the preprocessing the model expects from the file's metadata:
+image size, mean/std and class names.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from quant.models import ViTConfig
+
+from .exporter import META_FORMAT
+from .ortops import DOMAIN, library_path
+
+
+class Session:
+    """An ONNX Runtime session of a bitvit ViT plus the preprocessing it expects."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such ONNX file: {path}")
+        try:
+            proto = onnx.load(str(path))
+        except Exception as e:  # protobuf raises its own DecodeError for garbage
+            raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if meta.get("format") != META_FORMAT:
+            raise ValueError(f"{path} is not a bitvit ONNX export (no {META_FORMAT!r} metadata); "
+                             f"write one with python -m export")
+        self.path = path
+        self.config = ViTConfig.from_json(meta["bitvit.config"])
+        self.format = meta.get("bitvit.format", "")
+        self.uses_custom_ops = any(op.domain == DOMAIN for op in proto.opset_import)
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if self.uses_custom_ops:
+            so.register_custom_ops_library(str(library_path()))
+        try:
+            self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT's errors for invalid graphs, bad initializers, unknown ops
+            raise ValueError(f"ONNX Runtime cannot load {path}: {e}") from None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.config.classes
+
+    @property
+    def image_size(self) -> int:
+        return self.config.img_size
+
+    def preprocess(self, images) -> np.ndarray:
+        """uint8 RGB images (H, W, 3) or (B, H, W, 3), any size -> normalised float32 (B, 3, S, S).
+
+        Other sizes are resized the way the data was (shorter side to S, bicubic, centre crop)."""
+        from PIL import Image
+
+        from quant.data import _resize
+        arr = np.asarray(images)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"expected uint8 RGB images (H, W, 3) or (B, H, W, 3), got {arr.dtype} {arr.shape}")
+        s = self.image_size
+        if arr.shape[1:3] != (s, s):
+            arr = np.stack([_resize(Image.fromarray(a), s) for a in arr])
+        x = arr.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        mean = np.asarray(self.config.mean, np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(self.config.std, np.float32).reshape(1, 3, 1, 1)
+        return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Logits (B, classes) of normalised images (B, 3, S, S)."""
+        x = np.asarray(x)
+        s = self.image_size
+        if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (3, s, s):
+            raise ValueError(f"expected float32 input (B, 3, {s}, {s}), got {x.dtype} {x.shape}")
+        return self.session.run(["logits"], {"image": x})[0]
+
+    def predict(self, images) -> np.ndarray:
+        """Logits of uint8 RGB images (see `preprocess`)."""
+        return self(self.preprocess(images))
+
+
+def load(path: str | os.PathLike, threads: int | None = None) -> Session:
+    """Open a bitvit ONNX file for inference on the CPU (`threads`: intra-op threads, default all cores)."""
+    return Session(path, threads)

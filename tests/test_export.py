@@ -1,0 +1,131 @@
+"""ONNX export: every format runs in ONNX Runtime and agrees with the torch model it came from."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from export import runtime
+from export.__main__ import main
+from export.exporter import FORMATS, export, quantize_for_export, to_onnx
+from quant.cli import run
+from quant.data import to_model_input
+from quant.models import save_model
+
+# (format, custom ops) -> max |logit difference| allowed, relative to the largest logit. Formats with
+# int8 activations may round a few values differently after float reordering: a small tolerance.
+CASES = {("fp32", True): 1e-5, ("fp16", True): 2e-2, ("w8a8", True): 5e-2, ("int4", True): 1e-5,
+         ("ternary", True): 5e-2, ("binary", True): 5e-2, ("ternary", False): 5e-2, ("binary", False): 5e-2}
+
+
+@pytest.fixture(autouse=True)
+def _ops_cache(ortops_cache, monkeypatch):
+    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(ortops_cache))
+
+
+def images(n, size=16, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fmt,custom", list(CASES))
+def test_every_format_agrees_with_its_torch_model(tiny_model, tmp_path, fmt, custom):
+    model = quantize_for_export(tiny_model, fmt)
+    session = runtime.load(export(model, tmp_path / "m.onnx", fmt, custom), threads=2)
+    x = images(16)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = session(x.numpy())
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 15 / 16
+    assert np.abs(out - ref).max() <= CASES[fmt, custom] * np.abs(ref).max()
+    assert session.uses_custom_ops == (custom and fmt in ("ternary", "binary"))
+
+
+def test_the_batch_is_dynamic(tiny_model, tmp_path):
+    model = quantize_for_export(tiny_model, "ternary")
+    session = runtime.load(export(model, tmp_path / "m.onnx", "ternary"))
+    x = images(5)
+    batched = session(x.numpy())
+    assert batched.shape == (5, 3)
+    np.testing.assert_allclose(session(x[2:3].numpy())[0], batched[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt,bits", [("ternary", 2), ("binary", 1), ("int4", 4)])
+def test_quantized_weights_are_stored_packed_and_never_as_floats(tiny_model, fmt, bits):
+    model = quantize_for_export(tiny_model, fmt)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in to_onnx(model, fmt).graph.initializer}
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "packed")}
+    packed = sum(a.nbytes for n, a in inits.items() if n.endswith(".packed"))
+    assert packed <= sum(m.in_features * m.out_features for m in layers.values()) * bits / 8 * 1.1  # row padding
+    for name, m in layers.items():
+        floats = [a.size for n, a in inits.items() if n.startswith(name + ".") and a.dtype == np.float32]
+        assert max(floats) < m.in_features * m.out_features  # scales and bias, no float weight copy
+
+
+def test_integer_formats_use_integer_kernels(tiny_model):
+    ops = lambda fmt, custom=True: {n.op_type for n in to_onnx(quantize_for_export(tiny_model, fmt), fmt, custom).graph.node}
+    assert "MatMulInteger" in ops("w8a8")
+    assert "MatMulNBits" in ops("int4")
+    assert {"TernaryLinear"} <= ops("ternary") and "MatMulNBits" not in ops("ternary")
+    assert "BinaryLinear" in ops("binary") and "BinaryLinear" not in ops("binary", False)
+
+
+def test_a_float_model_is_not_written_as_a_quantized_format(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="quantize it first"):
+        export(tiny_model, tmp_path / "m.onnx", "ternary")
+    with pytest.raises(ValueError, match="unknown format"):
+        to_onnx(tiny_model, "int5")
+
+
+def test_the_session_knows_the_preprocessing_the_model_expects(tiny_model, tmp_path):
+    session = runtime.load(export(tiny_model, tmp_path / "m.onnx"))
+    cfg = tiny_model.config
+    assert (session.classes, session.image_size, session.format) == (cfg.classes, 16, "fp32")
+    imgs = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_allclose(session.preprocess(imgs), to_model_input(imgs, cfg.mean, cfg.std).numpy(), atol=1e-6)
+    with torch.no_grad():
+        ref = tiny_model(to_model_input(imgs, cfg.mean, cfg.std)).numpy()
+    np.testing.assert_allclose(session.predict(imgs), ref, atol=1e-4)
+    assert session.preprocess(np.zeros((40, 30, 3), np.uint8)).shape == (1, 3, 16, 16)  # resized
+
+
+def test_input_of_the_wrong_shape_or_type_is_refused(tiny_model, tmp_path):
+    session = runtime.load(export(tiny_model, tmp_path / "m.onnx"))
+    with pytest.raises(ValueError, match=r"expected float32 input \(B, 3, 16, 16\)"):
+        session(np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        session.preprocess(np.zeros((16, 16), np.uint8))
+
+
+def test_missing_corrupt_and_foreign_files_are_refused(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        runtime.load(tmp_path / "none.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="not a readable ONNX model|not a bitvit ONNX export"):
+        runtime.load(tmp_path / "junk.onnx")
+    foreign = helper.make_model(helper.make_graph([], "g", [], []), ir_version=10)
+    onnx.save(foreign, tmp_path / "foreign.onnx")
+    with pytest.raises(ValueError, match="not a bitvit ONNX export"):
+        runtime.load(tmp_path / "foreign.onnx")
+    broken = to_onnx(tiny_model)
+    broken.graph.node[3].input[0] = "no_such_tensor"
+    onnx.save(broken, tmp_path / "broken.onnx")
+    with pytest.raises(ValueError, match="ONNX Runtime cannot load"):
+        runtime.load(tmp_path / "broken.onnx")
+
+
+def test_the_cli_exports_and_checks_against_torch(tiny_model, tmp_path, capsys):
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path / "t.onnx"),
+                      "--format", "ternary"]) == 0
+    out = capsys.readouterr().out
+    assert "ternary" in out and "custom ops: bitvit" in out and "top-1 agreement" in out
+    assert runtime.load(tmp_path / "t.onnx").format == "ternary"
+
+
+def test_the_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    assert run(main, ["--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert capsys.readouterr().err.startswith("error: no such model file")
+
+
+def test_formats_listed_are_all_tested():
+    assert {f for f, _ in CASES} == set(FORMATS)
