@@ -30,7 +30,8 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.models import Attention, VisionTransformer
-from quant.pack import pack_codes, unpack_codes
+from quant.pack import pack_codes
+from quant.qlinear import QuantLinear
 
 from .ortops import DOMAIN
 
@@ -40,8 +41,7 @@ META_FORMAT = "bitvit-onnx/1"
 
 
 def is_quantized(m: nn.Module) -> bool:
-    """A quantized linear layer in the sense of the quant core's contract."""
-    return hasattr(m, "weight_format") and hasattr(m, "packed")
+    return isinstance(m, QuantLinear)
 
 
 def model_format(model: nn.Module) -> str:
@@ -137,7 +137,7 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool) -> str
     fmt, act, k = m.weight_format, m.act_format, m.in_features
     if act not in ("none", "int8_token"):
         raise ValueError(f"{name}: activation format {act!r} has no ONNX export (only none and int8_token)")
-    codes = unpack_codes(m.packed, m.bits, k)
+    codes = m.codes()
     per_row = m.scales.shape[1] == 1
     if fmt in ("ternary", "binary") and act == "int8_token" and custom_ops and per_row:
         op = "TernaryLinear" if fmt == "ternary" else "BinaryLinear"
@@ -244,12 +244,24 @@ def to_onnx(model: VisionTransformer, fmt: str = "fp32", custom_ops: bool = True
     return proto
 
 
+# export format -> the round-to-nearest QuantLinear its FP layers become
+RECIPES = {"w8a8": dict(weight_format="int8", act_format="int8_token"),
+           "int4": dict(weight_format="int4", group_size=32),
+           "ternary": dict(weight_format="ternary", act_format="int8_token"),
+           "binary": dict(weight_format="binary", act_format="int8_token")}
+
+
 def quantize_for_export(model: VisionTransformer, fmt: str) -> VisionTransformer:
-    """An FP model quantized (round to nearest) into the layers `fmt` exports; fp32/fp16 leave it as is."""
+    """A copy of an FP model with every nn.Linear quantized (round to nearest) into what `fmt`
+    exports; fp32/fp16 return the model itself. Trained (QAT/GPTQ) models come quantized already."""
     if fmt in ("fp32", "fp16"):
         return model
-    from .standin import quantize
-    return quantize(copy.deepcopy(model), fmt)
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, QuantLinear.from_linear(child, **RECIPES[fmt]))
+    return model
 
 
 def export(model: VisionTransformer, path: str | Path, fmt: str = "fp32", custom_ops: bool = True) -> Path:

@@ -11,6 +11,7 @@ from export.exporter import FORMATS, export, quantize_for_export, to_onnx
 from quant.cli import run
 from quant.data import to_model_input
 from quant.models import save_model
+from quant.qlinear import QuantLinear
 
 # (format, custom ops) -> max |logit difference| allowed, relative to the largest logit. Formats with
 # int8 activations may round a few values differently after float reordering: a small tolerance.
@@ -53,7 +54,7 @@ def test_the_batch_is_dynamic(tiny_model, tmp_path):
 def test_quantized_weights_are_stored_packed_and_never_as_floats(tiny_model, fmt, bits):
     model = quantize_for_export(tiny_model, fmt)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in to_onnx(model, fmt).graph.initializer}
-    layers = {n: m for n, m in model.named_modules() if hasattr(m, "packed")}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     packed = sum(a.nbytes for n, a in inits.items() if n.endswith(".packed"))
     assert packed <= sum(m.in_features * m.out_features for m in layers.values()) * bits / 8 * 1.1  # row padding
     for name, m in layers.items():
