@@ -4,12 +4,14 @@ eagerly anywhere, trace under `torch.compile` and export with `torch.export`.
 
 Weights are the packed codes of `quant/pack.py` (`pack_codes` layout), as `quant.QuantLinear` holds them.
 
-- `quantize_per_token(x) -> (q, s)`: x (..., K) float -> q int8 (..., K), s float32 (...);
-  s = max_k |x| / 127, q = clamp(round(x / s), -127, 127), round half to even (a zero row gives s = 0,
-  q = 0).
-- `ternary_linear`, `binary_linear`, `int8_linear` (x, packed, scales, bias, in_features) -> y:
-  W1.58A8, W1A8 and W8A8. The input is quantized per token inside the op, the dot products are exact
-  int32 sums, and y[t, o] = s_x[t] * scales[o] * sum_k q_x[t, k] * w[o, k] (+ bias[o]), in x's dtype.
+- `quantize_per_token(x, norm_weight=None, norm_bias=None, norm_eps=None) -> (q, s)`: x (..., K)
+  float -> q int8 (..., K), s float32 (...); s = max_k |x| / 127, q = clamp(round(x / s), -127, 127),
+  round half to even (a zero row gives s = 0, q = 0). With `norm_eps` set, of LayerNorm(x) (weight and
+  bias optional): the input norm of BitNet layers, fused into the same pass on CUDA.
+- `ternary_linear`, `binary_linear`, `int8_linear` (x, packed, scales, bias, in_features, norm_weight,
+  norm_bias, norm_eps) -> y: W1.58A8, W1A8 and W8A8. The input (after the optional LayerNorm) is
+  quantized per token inside the op, the dot products are exact int32 sums, and
+  y[t, o] = s_x[t] * scales[o] * sum_k q_x[t, k] * w[o, k] (+ bias[o]), in x's dtype.
   Weight value of a code: ternary code - 1, binary 2 * code - 1, int8 code - 128. scales: (N,) or
   (N, 1) float32, one per output row (a per-tensor scale is stored repeated).
 - `w4a16_linear(x, packed, scales, zeros, codebook, bias, group_size, in_features) -> y`: 4-bit
@@ -61,9 +63,16 @@ def _check_vector(t: Optional[Tensor], n: int, what: str, name: str) -> None:
                          f"got {t.dtype} {tuple(t.shape)}")
 
 
-def _check_a8(name, x, packed, scales, bias, in_features) -> int:
+def _check_norm(norm_weight, norm_bias, norm_eps, k: int, name: str) -> None:
+    for t, what in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
+        if t is not None and (norm_eps is None or t.numel() != k or not t.is_floating_point()):
+            raise ValueError(f"{name}: {what} must be a float tensor of {k} values, with norm_eps set")
+
+
+def _check_a8(name, x, packed, scales, bias, in_features, norm_weight=None, norm_bias=None, norm_eps=None) -> int:
     bits = A8_FORMATS[name][0]
     _check_x(x, in_features, name)
+    _check_norm(norm_weight, norm_bias, norm_eps, in_features, name)
     n = _check_packed(packed, in_features, bits, name)
     if scales.dim() == 2 and scales.shape[1] != 1:
         raise ValueError(f"{name}: scales must hold one value per output row ({n}, 1); grouped scales "
@@ -109,10 +118,17 @@ def _quantize_torch(x2: Tensor) -> tuple[Tensor, Tensor]:
     return q, s
 
 
-def _a8_torch(name: str, x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
-              in_features: int) -> Tensor:
-    n = _check_a8(name, x, packed, scales, bias, in_features)
+def _layer_norm(x: Tensor, norm_weight, norm_bias, norm_eps) -> Tensor:
+    cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731
+    return F.layer_norm(x, x.shape[-1:], cast(norm_weight), cast(norm_bias), norm_eps)
+
+
+def _a8_torch(name: str, x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], in_features: int,
+              norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: Optional[float]) -> Tensor:
+    n = _check_a8(name, x, packed, scales, bias, in_features, norm_weight, norm_bias, norm_eps)
     bits, mul, off = A8_FORMATS[name]
+    if norm_eps is not None:
+        x = _layer_norm(x, norm_weight, norm_bias, norm_eps)
     x2 = x.reshape(-1, in_features)
     q, s = _quantize_torch(x2)
     codes = unpack_aligned(packed, bits, in_features)
@@ -146,31 +162,44 @@ def _w4a16_torch(x, packed, scales, zeros, codebook, bias, group_size, in_featur
 
 # ----------------------------------------------------------------------------- the ops
 
-@torch.library.custom_op("bitvit::quantize_per_token", mutates_args=())
-def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+def _check_quantize(x, norm_weight, norm_bias, norm_eps) -> None:
     if not x.is_floating_point() or x.dim() == 0:
         raise ValueError(f"quantize_per_token: needs a float tensor (..., K), got {x.dtype} {tuple(x.shape)}")
+    _check_norm(norm_weight, norm_bias, norm_eps, x.shape[-1], "quantize_per_token")
+
+
+@torch.library.custom_op("bitvit::quantize_per_token", mutates_args=())
+def quantize_per_token(x: Tensor, norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+                       norm_eps: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """Per-token absmax int8 codes and scales of x (..., K), of LayerNorm(x) when norm_eps is set."""
+    _check_quantize(x, norm_weight, norm_bias, norm_eps)
+    if norm_eps is not None:
+        x = _layer_norm(x, norm_weight, norm_bias, norm_eps)
     q, s = _quantize_torch(x.reshape(-1, x.shape[-1]))
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
 @quantize_per_token.register_fake
-def _(x):
+def _(x, norm_weight=None, norm_bias=None, norm_eps=None):
+    _check_quantize(x, norm_weight, norm_bias, norm_eps)
     return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 def _make_a8_op(name: str):
     @torch.library.custom_op(f"bitvit::{name}_linear", mutates_args=())
-    def op(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], in_features: int) -> Tensor:
-        return _a8_torch(name, x, packed, scales, bias, in_features)
+    def op(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], in_features: int,
+           norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+           norm_eps: Optional[float] = None) -> Tensor:
+        return _a8_torch(name, x, packed, scales, bias, in_features, norm_weight, norm_bias, norm_eps)
 
     @op.register_fake
-    def _(x, packed, scales, bias, in_features):
-        n = _check_a8(name, x, packed, scales, bias, in_features)
+    def _(x, packed, scales, bias, in_features, norm_weight=None, norm_bias=None, norm_eps=None):
+        n = _check_a8(name, x, packed, scales, bias, in_features, norm_weight, norm_bias, norm_eps)
         return x.new_empty((*x.shape[:-1], n))
 
     op.__doc__ = (f"y = s_x * scales * (q_x @ w^T) (+ bias) for packed {name} weights and per-token int8 "
-                  f"activations quantized inside the op; x (..., in_features) -> y (..., N) in x's dtype.")
+                  f"activations quantized inside the op (after LayerNorm(norm_weight, norm_bias, norm_eps) "
+                  f"when norm_eps is set); x (..., in_features) -> y (..., N) in x's dtype.")
     return op
 
 
@@ -201,15 +230,23 @@ def _rows(x: Tensor, k: int) -> Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _norm(norm_weight, norm_bias, norm_eps):
+    """The triton launchers' LayerNorm argument (fp32 contiguous parameters), or None."""
+    from cuda_ops.triton_kernels import Norm
+    if norm_eps is None:
+        return None
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    return Norm(f32(norm_weight), f32(norm_bias), float(norm_eps))
+
+
 @quantize_per_token.register_kernel("cuda")
-def _(x):
+def _(x, norm_weight=None, norm_bias=None, norm_eps=None):
     from cuda_ops import triton_kernels as tk
-    if not x.is_floating_point() or x.dim() == 0:
-        raise ValueError(f"quantize_per_token: needs a float tensor (..., K), got {x.dtype} {tuple(x.shape)}")
+    _check_quantize(x, norm_weight, norm_bias, norm_eps)
     x2 = _rows(x, x.shape[-1])
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     s = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    tk.quantize_rows(x2, q, s)
+    tk.quantize_rows(x2, q, s, _norm(norm_weight, norm_bias, norm_eps))
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
@@ -217,13 +254,14 @@ def _register_a8_cuda(name: str):
     bits, mul, off = A8_FORMATS[name]
 
     @A8_OPS[name].register_kernel("cuda")
-    def _(x, packed, scales, bias, in_features):
+    def _(x, packed, scales, bias, in_features, norm_weight=None, norm_bias=None, norm_eps=None):
         from cuda_ops import triton_kernels as tk
-        n = _check_a8(name, x, packed, scales, bias, in_features)
+        n = _check_a8(name, x, packed, scales, bias, in_features, norm_weight, norm_bias, norm_eps)
         x2 = _rows(x, in_features)
         y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
         tk.a8_gemm(x2, packed.contiguous(), scales.reshape(n).float().contiguous(),
-                   None if bias is None else bias.contiguous(), y, bits, mul, off)
+                   None if bias is None else bias.contiguous(), y, bits, mul, off,
+                   _norm(norm_weight, norm_bias, norm_eps))
         return y.reshape(*x.shape[:-1], n)
 
 

@@ -2,7 +2,8 @@
 
 Three kernels:
 - `quantize_rows`: per-token int8 quantization in one pass (each row is read once, held in registers
-  when K <= 8192, and written as int8 plus one fp32 scale): s = max|x| / 127, q = clamp(rne(x / s)).
+  when K <= 8192, and written as int8 plus one fp32 scale): s = max|x| / 127, q = clamp(rne(x / s)),
+  optionally of LayerNorm(x) (BitNet's input norm), fused so the normalized rows never reach memory.
 - `a8_gemm`: y = s_x * s_w * (q_x @ W^T) (+ bias) for packed 1-, 2- or 8-bit integer weights and int8
   activations, int32 accumulation with `tl.dot` on int8 tiles. With `fuse=True` the activation
   quantization runs inside the GEMM (a row-absmax pre-pass over the program's rows, then quantizing
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -51,6 +53,20 @@ def _quantize_tile(x, div):
     """fp32 tile / per-row divisor (nonzero) -> int8 codes in [-127, 127]."""
     v = _round_half_even(tl.math.div_rn(x, div))
     return tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _layer_norm_rows(x, offs_k, K, eps, lw_ptr, lb_ptr, LN_W: tl.constexpr, LN_B: tl.constexpr):
+    """LayerNorm of fp32 rows x (BLOCK_M, BLOCK_K) held whole in registers (columns >= K are zero and stay 0)."""
+    k_ok = (offs_k < K)[None, :]
+    mean = tl.sum(x, axis=1) / K
+    d = tl.where(k_ok, x - mean[:, None], 0.0)
+    y = d * tl.rsqrt(tl.sum(d * d, axis=1) / K + eps)[:, None]
+    if LN_W:
+        y = y * tl.load(lw_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
+    if LN_B:
+        y = y + tl.load(lb_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
+    return y
 
 
 @triton.jit
@@ -133,7 +149,8 @@ def _float_plane(p, J: tl.constexpr, lut_ptr, z, s, HAS_LUT: tl.constexpr, HAS_Z
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+def _quantize_rows_kernel(x_ptr, lw_ptr, lb_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, eps,
+                          HAS_LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -143,10 +160,12 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     if ONE_PASS:  # the whole row fits in registers: read x once
         mask = m_ok[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_LN:  # the layer's input LayerNorm, fused: still one read of x
+            x = _layer_norm_rows(x, offs_k, K, eps, lw_ptr, lb_ptr, LN_W, LN_B)
         s = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)
         q = _quantize_tile(x, tl.where(s > 0, s, 1.0)[:, None])
         tl.store(q_rows + offs_k[None, :], q, mask=mask)
-    else:
+    else:  # rows over 8192: two passes (the launcher applies a LayerNorm beforehand)
         amax = tl.zeros((BLOCK_M,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
@@ -250,6 +269,13 @@ def _w4a16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
 
 # ----------------------------------------------------------------------------- tile configs and tuning
 
+class Norm(NamedTuple):
+    """A LayerNorm applied to the activations before they are quantized (weight and bias may be None)."""
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+
 @dataclass(frozen=True)
 class Config:
     """One GEMM tiling: BLOCK_KP packed bytes of K per step (BLOCK_K = BLOCK_KP * 8 // bits codes)."""
@@ -333,25 +359,38 @@ TUNER = Tuner()
 
 # ----------------------------------------------------------------------------- launchers
 
-def quantize_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
-    """x (M, K) float, unit stride along K -> q (M, K) int8 and s (M,) float32, written in place."""
+ONE_PASS_MAX_K = 8192  # rows up to this length are quantized from registers, in one read
+
+
+def quantize_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, norm: Norm | None = None) -> None:
+    """x (M, K) float, unit stride along K -> q (M, K) int8 and s (M,) float32, written in place;
+    with `norm`, of LayerNorm(x) (fused for K <= ONE_PASS_MAX_K)."""
     m, k = x.shape
     if m == 0:
         return
-    one_pass = k <= 8192
+    one_pass = k <= ONE_PASS_MAX_K
+    if norm is not None and not one_pass:
+        x = torch.nn.functional.layer_norm(x.float(), (k,), norm.weight, norm.bias, norm.eps)
+        norm = None
     block_k = triton.next_power_of_2(k) if one_pass else 4096
     block_m = max(1, min(16, 4096 // block_k))
+    lw, lb = (norm.weight, norm.bias) if norm is not None else (None, None)
     _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
-        x, q, s, m, k, x.stride(0), q.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, ONE_PASS=one_pass,
-        num_warps=4 if block_m * block_k <= 4096 else 8)
+        x, x if lw is None else lw, x if lb is None else lb, q, s, m, k, x.stride(0), q.stride(0),
+        norm.eps if norm else 0.0, HAS_LN=norm is not None, LN_W=lw is not None, LN_B=lb is not None,
+        BLOCK_M=block_m, BLOCK_K=block_k, ONE_PASS=one_pass, num_warps=4 if block_m * block_k <= 4096 else 8)
 
 
 def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-            out: torch.Tensor, bits: int, mul: int, off: int, config: Config | None = None) -> None:
-    """out (M, N) = s_x * scales * (quantize(x) @ codes^T * mul - off) (+ bias), codes packed at `bits`.
+            out: torch.Tensor, bits: int, mul: int, off: int, norm: Norm | None = None,
+            config: Config | None = None) -> None:
+    """out (M, N) = s_x * scales * (quantize(x) @ codes^T * mul - off) (+ bias), codes packed at `bits`;
+    with `norm`, of quantize(LayerNorm(x)), the LayerNorm fused into the quantization kernel.
 
     x (M, K) float with unit stride along K; packed (N, ceil(K * bits / 8)) uint8; scales (N,) float32.
     """
+    if norm is not None and config is not None and config.fuse:
+        raise ValueError("a layer with an input LayerNorm quantizes in quantize_rows, not inside the GEMM")
     m, k = x.shape
     n, kb = packed.shape
     if m == 0:
@@ -361,7 +400,7 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
 
     def launch(cfg: Config):
         if not cfg.fuse:
-            quantize_rows(x, q, sx)
+            quantize_rows(x, q, sx, norm)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         _a8_gemm_kernel[grid](
             x, q, sx, packed, scales, bias if bias is not None else sx, out,
@@ -371,8 +410,8 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
-        key = ("a8", bits, _bucket(m), n, k, x.dtype, bias is not None, x.device.index)
-        config = TUNER.pick(key, a8_candidates(m), launch)
+        key = ("a8", bits, _bucket(m), n, k, x.dtype, bias is not None, norm is not None, x.device.index)
+        config = TUNER.pick(key, [c for c in a8_candidates(m) if not (norm and c.fuse)], launch)
     launch(config)
 
 

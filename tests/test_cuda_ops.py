@@ -67,6 +67,20 @@ def test_a8_linear_returns_the_input_dtype_and_leading_shape(fmt):
     assert rel_err(y, reference_a8(x, packed, fmt, scales, b, 96)) < 1e-2
 
 
+@pytest.mark.parametrize("fmt", A8_FORMATS)
+def test_a8_linear_applies_its_input_layer_norm_first(fmt):
+    g = gen(2)
+    packed, scales, b = make_a8_layer(fmt, 30, 100, g)
+    x = torch.randn(4, 100, generator=g) * 3 + 1
+    w, nb = torch.rand(100, generator=g) + 0.5, torch.randn(100, generator=g) * 0.1
+    y = a8(fmt)(x, packed, scales, b, 100, w, nb, 1e-6)
+    x_normed = torch.nn.functional.layer_norm(x, (100,), w, nb, 1e-6)
+    assert rel_err(y, reference_a8(x_normed, packed, fmt, scales, b, 100)) < 1e-6
+    q, s = OPS.quantize_per_token(x, None, None, 1e-5)
+    q_ref, s_ref = quantize_tokens(torch.nn.functional.layer_norm(x, (100,), eps=1e-5))
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
 @pytest.mark.parametrize("kind", ["sym", "asym", "nf4"])
 @pytest.mark.parametrize("k,group_size", [(300, 300), (300, 64), (256, 32)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -119,6 +133,12 @@ def test_w4a16_group_size_that_is_not_a_multiple_of_32_is_refused():
         OPS.w4a16_linear(torch.randn(2, 96), packed, scales, zeros, codebook, b, 48, 96)
 
 
+def test_layer_norm_parameters_of_the_wrong_size_are_refused():
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    with pytest.raises(ValueError, match="norm_weight must be a float tensor of 40"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40, torch.ones(39), None, 1e-6)
+
+
 def test_integer_input_is_refused():
     packed, scales, b = make_a8_layer("int8", 8, 40, gen())
     with pytest.raises(ValueError, match="float tensor"):
@@ -131,8 +151,11 @@ def _op_args():
     g = gen(3)
     x = torch.randn(2, 5, 96, generator=g)
     yield OPS.quantize_per_token, (x,)
+    yield OPS.quantize_per_token, (x, torch.rand(96, generator=g), None, 1e-6)
     for fmt in A8_FORMATS:
         yield a8(fmt), (x, *make_a8_layer(fmt, 24, 96, g), 96)
+    yield OPS.ternary_linear, (x, *make_a8_layer("ternary", 24, 96, g), 96, torch.rand(96, generator=g),
+                               torch.randn(96, generator=g), 1e-6)
     packed, scales, zeros, codebook, b = make_w4_layer("asym", 24, 96, 32, g)
     yield OPS.w4a16_linear, (x, packed, scales, zeros, codebook, b, 32, 96)
 
@@ -188,6 +211,20 @@ def test_a8_linear_on_cuda_matches_float64_reference(fmt, m, n, k, dtype):
     assert y.dtype == dtype and y.is_cuda
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert rel_err(y, reference_a8(x, packed, fmt, scales, b, k)) < tol
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fmt", A8_FORMATS)
+@pytest.mark.parametrize("k", [768, 10000])  # 10000: LayerNorm before the two-pass quantization
+def test_a8_linear_with_input_norm_on_cuda_matches_float64_reference(fmt, k):
+    g = gen(k)
+    packed, scales, b = make_a8_layer(fmt, 300, k, g)
+    x = torch.randn(197, k, generator=g) * 2 + 0.5
+    w, nb = torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g) * 0.1
+    y = a8(fmt)(x.cuda(), packed.cuda(), scales.cuda(), b.cuda(), k, w.cuda(), nb.cuda(), 1e-6)
+    x_normed = torch.nn.functional.layer_norm(x.double(), (k,), w.double(), nb.double(), 1e-6).float()
+    assert rel_err(y, reference_a8(x_normed, packed, fmt, scales, b, k)) < 1e-4  # a code may flip at a tie
 
 
 @gpu

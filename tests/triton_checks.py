@@ -42,7 +42,7 @@ def dev(t):
 def run_a8(fmt, x, packed, scales, bias, config):
     out = poisoned(x.shape[0], packed.shape[0], dtype=x.dtype)
     mul, off = A8_MUL_OFF[fmt]
-    tk.a8_gemm(dev(x), dev(packed), dev(scales).reshape(-1), dev(bias), out, A8_BITS[fmt], mul, off, config)
+    tk.a8_gemm(dev(x), dev(packed), dev(scales).reshape(-1), dev(bias), out, A8_BITS[fmt], mul, off, None, config)
     return out
 
 
@@ -64,6 +64,22 @@ def test_quantize_rows_is_bit_exact_and_writes_everything(k, dtype):
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
 
 
+@pytest.mark.parametrize("k", [77, 768])
+@pytest.mark.parametrize("affine", [True, False])
+def test_quantize_rows_fuses_the_input_layer_norm(k, affine):
+    g = gen(k)
+    x = torch.randn(6, k, generator=g) * 3 + 2
+    w, b = (torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g)) if affine else (None, None)
+    q = torch.full((6, k), -128, dtype=torch.int8, device=DEV)
+    s = poisoned(6)
+    tk.quantize_rows(dev(x), q, s, tk.Norm(dev(w), dev(b), 1e-6))
+    q_ref, s_ref = quantize_tokens(torch.nn.functional.layer_norm(x.double(), (k,), None if w is None else w.double(),
+                                                                  None if b is None else b.double(), 1e-6).float())
+    assert (q.cpu().int() - q_ref.int()).abs().max() <= 1  # fp32 LayerNorm vs float64: a code may flip at a tie
+    assert (q.cpu() != q_ref).float().mean() < 1e-3
+    assert torch.allclose(s.cpu(), s_ref, rtol=1e-5, atol=0)
+
+
 # ----------------------------------------------------------------------------- W1.58A8 / W1A8 / W8A8
 
 @pytest.mark.parametrize("fmt", list(A8_BITS))
@@ -76,6 +92,20 @@ def test_a8_gemm_matches_float64_reference(fmt, m, n, k, fuse):
     cfg = tk.Config(16, 32, 32, fuse=fuse) if INTERPRET else tk.Config(64, 128, 32, 4, 3, fuse=fuse)
     y = run_a8(fmt, x, packed, scales, bias, cfg)
     assert rel_err(y, reference_a8(x, packed, fmt, scales, bias, k)) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", list(A8_BITS))
+def test_a8_gemm_with_input_layer_norm_matches_float64_reference(fmt):
+    g = gen(13)
+    packed, scales, bias = make_a8_layer(fmt, 70, 300, g)
+    x = torch.randn(19, 300, generator=g) * 2 + 1
+    w, b = torch.rand(300, generator=g) + 0.5, torch.randn(300, generator=g) * 0.1
+    out = poisoned(19, 70)
+    mul, off = A8_MUL_OFF[fmt]
+    tk.a8_gemm(dev(x), dev(packed), dev(scales).reshape(-1), dev(bias), out, A8_BITS[fmt], mul, off,
+               tk.Norm(dev(w), dev(b), 1e-6), tk.Config(16, 32, 32) if INTERPRET else None)
+    x_normed = torch.nn.functional.layer_norm(x.double(), (300,), w.double(), b.double(), 1e-6).float()
+    assert rel_err(out, reference_a8(x_normed, packed, fmt, scales, bias, 300)) < 1e-4
 
 
 @pytest.mark.parametrize("fmt", list(A8_BITS))
@@ -148,6 +178,6 @@ def test_the_tuner_remembers_its_pick_per_shape():
     out = torch.empty(197, 768, dtype=torch.bfloat16, device="cuda")
     args = (x, packed.cuda(), scales.reshape(-1).cuda(), bias.cuda(), out, 2, 1, 1)
     tk.a8_gemm(*args)
-    key = ("a8", 2, 256, 768, 768, torch.bfloat16, True, x.device.index)
+    key = ("a8", 2, 256, 768, 768, torch.bfloat16, True, False, x.device.index)
     assert key in tk.TUNER.best
     assert rel_err(out, reference_a8(x, packed, "ternary", scales, bias, 768)) < 1e-2
