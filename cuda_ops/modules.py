@@ -1,0 +1,133 @@
+"""Putting a packed model on the bitvit kernels: `to_kernels(model)`, and `CUDAGraphModel` for latency.
+
+    model = quant.quantize(vit, "w1.58a8")                 # QuantLinear layers, reference forward
+    model = cuda_ops.to_kernels(model).cuda().bfloat16()   # the same layers on the bitvit ops
+    fast = cuda_ops.CUDAGraphModel(model, torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.bfloat16))
+    logits = fast(images)                                  # one graph replay per call
+
+Which QuantLinear layers get a kernel:
+  ternary / binary / int8 weights, one scale per row, "int8_token" activations -> ternary/binary/int8_linear
+      (the layer's input LayerNorm, if any, is fused into the activation quantization)
+  int4 (symmetric or asymmetric) / nf4 weights, float activations, group size a multiple of 32 or
+      all of in_features                                                       -> w4a16_linear
+Other layers (int2/int3/int5-7 weights, static uintB activations) keep QuantLinear's reference forward,
+and `to_kernels` says which.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from cuda_ops.ops import A8_OPS, w4a16_linear
+from quant.qlinear import QuantLinear
+from quant.quantizers import NF4_CODEBOOK
+
+W4_FORMATS = ("int4", "nf4")
+
+
+def kernel_for(layer: QuantLinear) -> str | None:
+    """The op family that runs `layer` ("a8" or "w4a16"), or None when no bitvit kernel does."""
+    if layer.weight_format in A8_OPS and layer.act_format == "int8_token":
+        return "a8" if layer.zeros is None and layer.scales.shape[1] == 1 else None
+    if layer.weight_format in W4_FORMATS and layer.act_format == "none":
+        k, g = layer.in_features, layer.group_size
+        return "w4a16" if g >= k or g % 32 == 0 else None
+    return None
+
+
+class KernelLinear(nn.Module):
+    """A QuantLinear computed by the bitvit ops. It keeps the QuantLinear's tensors under the same names
+    (packed, scales, zeros, bias, input_norm), so state dicts carry over; scales stay float32 whatever
+    dtype the model is cast to."""
+
+    def __init__(self, layer: QuantLinear):
+        super().__init__()
+        self.kernel = kernel_for(layer)
+        if self.kernel is None:
+            raise ValueError(f"no bitvit kernel for {layer.weight_format} weights (group size {layer.group_size}) "
+                             f"with {layer.act_format} activations")
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight_format, self.bits, self.group_size = layer.weight_format, layer.bits, layer.group_size
+        self.act_format = layer.act_format
+        self.register_buffer("packed", layer.packed)
+        self.register_buffer("scales", layer.scales.float())
+        self.register_buffer("zeros", None if layer.zeros is None else layer.zeros.float())
+        self.register_buffer("codebook", NF4_CODEBOOK.to(layer.packed.device) if layer.weight_format == "nf4"
+                             else None, persistent=False)
+        self.bias = layer.bias
+        self.input_norm = layer.input_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.input_norm
+        if self.kernel == "a8":  # the input LayerNorm goes into the quantization pass
+            return A8_OPS[self.weight_format](
+                x, self.packed, self.scales, self.bias, self.in_features,
+                None if norm is None else norm.weight, None if norm is None else norm.bias,
+                None if norm is None else norm.eps)
+        if norm is not None:
+            x = norm(x)
+        return w4a16_linear(x, self.packed, self.scales, self.zeros, self.codebook, self.bias,
+                            self.group_size, self.in_features)
+
+    def _apply(self, fn, recurse=True):
+        exact = {n: getattr(self, n) for n in ("scales", "zeros", "codebook") if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        for name, t in exact.items():  # follow the device, never the dtype
+            setattr(self, name, t.to(getattr(self, name).device))
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"weight_format={self.weight_format}{' asym' if self.zeros is not None else ''}, "
+                f"group_size={self.group_size}, act_format={self.act_format}, kernel={self.kernel}")
+
+
+def to_kernels(model: nn.Module) -> nn.Module:
+    """Swap every QuantLinear of `model` that has a bitvit kernel for a KernelLinear, in place, and return
+    the model. Layers without a kernel keep their reference forward; a warning lists them."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize)")
+    if isinstance(model, QuantLinear):
+        return KernelLinear(model) if kernel_for(model) else model
+    left = []
+    for name, layer in layers:
+        if kernel_for(layer) is None:
+            left.append(f"{name} ({layer.weight_format} weights, group {layer.group_size}, {layer.act_format})")
+        else:
+            model.set_submodule(name, KernelLinear(layer))
+    if left:
+        warnings.warn(f"no bitvit kernel for {len(left)} of {len(layers)} quantized layers, which keep "
+                      f"QuantLinear's reference forward: {', '.join(left)}", stacklevel=2)
+    return model
+
+
+class CUDAGraphModel:
+    """Runs `model` on inputs shaped like `example` by replaying one captured CUDA graph: no per-kernel
+    launch gaps, which is what batch-1 latency is made of. The returned tensor is a static buffer that
+    the next call overwrites (clone it to keep it)."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, warmup: int = 3):
+        if not example.is_cuda:
+            raise ValueError("CUDA graphs need the model and the example input on a CUDA device")
+        self.model = model.eval()
+        self.static_in = example.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):  # first calls also pick each kernel's tiling (not allowed while capturing)
+                model(self.static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.static_out = model(self.static_in)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape != self.static_in.shape or x.dtype != self.static_in.dtype:
+            raise ValueError(f"this graph was captured for {tuple(self.static_in.shape)} {self.static_in.dtype} "
+                             f"inputs, got {tuple(x.shape)} {x.dtype}")
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out

@@ -1,0 +1,111 @@
+"""`to_kernels`: a packed model runs on the bitvit ops and computes what QuantLinear's reference forward does."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import TINY
+from cuda_ops import CUDAGraphModel, KernelLinear, to_kernels
+from quant.models import VisionTransformer
+from quant.qlinear import QuantLinear
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# recipe-like settings: (weight_format, group_size, asymmetric, act_format, input LayerNorm)
+FORMATS = {
+    "w1.58a8": ("ternary", None, False, "int8_token", True),
+    "w1a8": ("binary", None, False, "int8_token", True),
+    "w8a8": ("int8", None, False, "int8_token", False),
+    "w4": ("int4", 32, False, "none", False),
+    "w4-asym": ("int4", 32, True, "none", False),
+    "nf4": ("nf4", 32, False, "none", False),
+}
+
+
+def quantized_tiny(recipe: str, seed: int = 0) -> nn.Module:
+    """The tiny test ViT with every nn.Linear made a QuantLinear of the recipe's format."""
+    torch.manual_seed(seed)
+    model = VisionTransformer(TINY).eval()
+    fmt, group, asym, act, norm = FORMATS[recipe]
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        layer = QuantLinear.from_linear(m, fmt, group, asym, act)
+        if norm:  # BitNet's LayerNorm before the activation quantizer, with non-trivial parameters
+            layer.input_norm = nn.LayerNorm(m.in_features, eps=1e-6)
+            nn.init.uniform_(layer.input_norm.weight, 0.5, 1.5)
+            nn.init.normal_(layer.input_norm.bias, std=0.1)
+        model.set_submodule(name, layer)
+    return model
+
+
+def images(n=3, seed=1):
+    return torch.randn(n, 3, TINY.img_size, TINY.img_size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("recipe", list(FORMATS))
+def test_to_kernels_matches_the_quantlinear_reference_forward(recipe):
+    model = quantized_tiny(recipe)
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        fast = to_kernels(copy.deepcopy(model))
+        y = fast(x)
+    assert not any(isinstance(m, QuantLinear) for m in fast.modules())
+    assert sum(isinstance(m, KernelLinear) for m in fast.modules()) == 4 * TINY.depth + 1
+    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_to_kernels_keeps_the_state_dict_names_and_tensors():
+    model = quantized_tiny("w1.58a8")
+    before = model.state_dict()
+    after = to_kernels(copy.deepcopy(model)).state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_casting_the_model_keeps_kernel_scales_in_float32():
+    model = to_kernels(quantized_tiny("w4")).to(torch.bfloat16)
+    layer = model.blocks[0].mlp.fc1
+    assert layer.scales.dtype == torch.float32 and layer.packed.dtype == torch.uint8
+    assert layer.bias.dtype == torch.bfloat16
+    assert model(images().bfloat16()).dtype == torch.bfloat16
+
+
+def test_layers_without_a_kernel_keep_their_reference_forward_and_are_named():
+    model = quantized_tiny("w8a8")
+    model.head = QuantLinear.from_linear(nn.Linear(TINY.embed_dim, TINY.num_classes), "int3", 32)
+    with pytest.warns(UserWarning, match=r"1 of 9 quantized layers.*head \(int3"):
+        to_kernels(model)
+    assert isinstance(model.head, QuantLinear) and isinstance(model.blocks[0].attn.qkv, KernelLinear)
+
+
+def test_a_model_without_quantized_layers_is_refused():
+    with pytest.raises(ValueError, match="no QuantLinear layers"):
+        to_kernels(VisionTransformer(TINY))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("recipe", list(FORMATS))
+def test_to_kernels_on_cuda_in_bf16_matches_the_float32_reference(recipe):
+    model = quantized_tiny(recipe)
+    x = images(4)
+    with torch.no_grad():
+        ref = model(x)
+        fast = to_kernels(copy.deepcopy(model)).cuda().bfloat16()
+        y = fast(x.cuda().bfloat16()).float().cpu()
+    assert ((y - ref).norm() / ref.norm()).item() < 0.05  # bf16 residual stream, LayerNorms and attention
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_cuda_graph_replays_what_the_eager_model_computes():
+    model = to_kernels(quantized_tiny("w1.58a8")).cuda().bfloat16()
+    x = images(1).cuda().bfloat16()
+    graphed = CUDAGraphModel(model, x)
+    for seed in (2, 3):  # fresh inputs through the same graph
+        x = images(1, seed).cuda().bfloat16()
+        with torch.no_grad():
+            assert torch.equal(graphed(x), model(x))
+    with pytest.raises(ValueError, match="captured for"):
+        graphed(images(2).cuda().bfloat16())
