@@ -1,7 +1,7 @@
 """GPU kernels for packed low-bit ViT layers (with CPU kernels for every op, so the same model runs anywhere).
 
 - `cuda_ops.ops`: the `torch.ops.bitvit.*` custom ops (ternary / binary / int8 weights with per-token
-  int8 activations, 4-bit weight-only, per-token activation quantization with a fused LayerNorm).
+  int8 activations, 2/4/8-bit weight-only (W4A16), per-token activation quantization with a fused LayerNorm).
 - `cuda_ops.triton_kernels`: their CUDA kernels, in Triton.
 - `cuda_ops.modules`: `to_kernels(model)` swaps a quantized model's QuantLinear layers for the ops;
   `CUDAGraphModel` replays a captured CUDA graph for batch-1 latency.
@@ -9,4 +9,4 @@
 """
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, kernel_for, to_kernels  # noqa: F401
 from cuda_ops.ops import (binary_linear, int8_linear, quantize_per_token, ternary_linear,  # noqa: F401
-                          w4a16_linear)
+                          weight_only_linear)

@@ -8,9 +8,9 @@
 Which QuantLinear layers get a kernel:
   ternary / binary / int8 weights, one scale per row, "int8_token" activations -> ternary/binary/int8_linear
       (the layer's input LayerNorm, if any, is fused into the activation quantization)
-  int4 (symmetric or asymmetric) / nf4 weights, float activations, group size a multiple of 32 or
-      all of in_features                                                       -> w4a16_linear
-Other layers (int2/int3/int5-7 weights, static uintB activations) keep QuantLinear's reference forward,
+  int8 / int4 / int2 (symmetric or asymmetric) / nf4 weights, float activations, groups of a multiple
+      of 16 * 8 / bits inputs or one group a row                                -> weight_only_linear
+Other layers (int3/int5-7 weights, static uintB activations) keep QuantLinear's reference forward,
 and `to_kernels` says which.
 """
 from __future__ import annotations
@@ -20,20 +20,20 @@ import warnings
 import torch
 import torch.nn as nn
 
-from cuda_ops.ops import A8_OPS, w4a16_linear
+from cuda_ops.ops import A8_OPS, weight_only_group_ok, weight_only_linear
 from quant.qlinear import QuantLinear
 from quant.quantizers import NF4_CODEBOOK
 
-W4_FORMATS = ("int4", "nf4")
+WEIGHT_ONLY_FORMATS = ("int8", "int4", "int2", "nf4")
 
 
 def kernel_for(layer: QuantLinear) -> str | None:
-    """The op family that runs `layer` ("a8" or "w4a16"), or None when no bitvit kernel does."""
+    """The op family that runs `layer` ("a8" or "weight_only"), or None when no bitvit kernel does."""
     if layer.weight_format in A8_OPS and layer.act_format == "int8_token":
         return "a8" if layer.zeros is None and layer.scales.shape[1] == 1 else None
-    if layer.weight_format in W4_FORMATS and layer.act_format == "none":
-        k, g = layer.in_features, layer.group_size
-        return "w4a16" if g >= k or g % 32 == 0 else None
+    if layer.weight_format in WEIGHT_ONLY_FORMATS and layer.act_format == "none":
+        ok = weight_only_group_ok(layer.bits, layer.group_size, layer.in_features)
+        return "weight_only" if ok else None
     return None
 
 
@@ -68,8 +68,8 @@ class KernelLinear(nn.Module):
                 None if norm is None else norm.eps)
         if norm is not None:
             x = norm(x)
-        return w4a16_linear(x, self.packed, self.scales, self.zeros, self.codebook, self.bias,
-                            self.group_size, self.in_features)
+        return weight_only_linear(x, self.packed, self.scales, self.zeros, self.codebook, self.bias, self.bits,
+                                  self.group_size, self.in_features)
 
     def _apply(self, fn, recurse=True):
         exact = {n: getattr(self, n) for n in ("scales", "zeros", "codebook") if getattr(self, n) is not None}

@@ -14,10 +14,11 @@ Weights are the packed codes of `quant/pack.py` (`pack_codes` layout), as `quant
   y[t, o] = s_x[t] * scales[o] * sum_k q_x[t, k] * w[o, k] (+ bias[o]), in x's dtype.
   Weight value of a code: ternary code - 1, binary 2 * code - 1, int8 code - 128. scales: (N,) or
   (N, 1) float32, one per output row (a per-tensor scale is stored repeated).
-- `w4a16_linear(x, packed, scales, zeros, codebook, bias, group_size, in_features) -> y`: 4-bit
-  weight-only, group-quantized, for bf16/fp16 (or fp32) activations: W[o, k] = (value(code) - zero)
-  * scale, per group of `group_size` inputs; value = codebook[code] (NF4) or code; without zeros and
-  without a code book the symmetric offset 8 is subtracted (code = q + 8).
+- `weight_only_linear(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features) -> y`:
+  2-, 4- or 8-bit weight-only, group-quantized, for bf16/fp16 (or fp32) activations (the W4A16 of
+  the w4/w4-gptq/nf4 recipes, their int8 head, and w2): W[o, k] = (value(code) - zero) * scale, per group of
+  `group_size` inputs; value = codebook[code] (NF4) or code; without zeros and without a code book
+  the symmetric offset 2**(bits-1) is subtracted (code = q + 2**(bits-1)).
 
 The CPU kernels unpack the codes to int8 and use `torch._int_mm` (exact int32 accumulation), or
 dequantize and use a float matmul for the weight-only op. The CUDA kernels (cuda_ops/triton_kernels.py)
@@ -82,20 +83,31 @@ def _check_a8(name, x, packed, scales, bias, in_features, norm_weight=None, norm
     return n
 
 
-def _check_w4a16(x, packed, scales, zeros, codebook, bias, group_size, in_features) -> int:
-    name = "w4a16_linear"
+WEIGHT_ONLY_BITS = (2, 4, 8)
+
+
+def weight_only_group_ok(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether the weight-only kernel takes this grouping: a K tile (at least 16 bytes of codes) must
+    fit inside a group, so groups are multiples of 16 * 8 // bits inputs, or span the whole row."""
+    return group_size >= in_features or group_size % (16 * 8 // bits) == 0
+
+
+def _check_weight_only(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features) -> int:
+    name = "weight_only_linear"
+    if bits not in WEIGHT_ONLY_BITS:
+        raise ValueError(f"{name}: bits must be one of {WEIGHT_ONLY_BITS}, got {bits}")
     _check_x(x, in_features, name)
-    n = _check_packed(packed, in_features, 4, name)
-    if group_size < 1 or (group_size < in_features and group_size % 32):
-        raise ValueError(f"{name}: group_size must be a multiple of 32 or span all {in_features} inputs, "
-                         f"got {group_size}")
+    n = _check_packed(packed, in_features, bits, name)
+    if group_size < 1 or not weight_only_group_ok(bits, group_size, in_features):
+        raise ValueError(f"{name}: group_size must be a multiple of {16 * 8 // bits} for {bits}-bit codes or "
+                         f"span all {in_features} inputs, got {group_size}")
     g = -(-in_features // group_size)
     for t, what in ((scales, "scales"), (zeros, "zeros")):
         if t is not None and (tuple(t.shape) != (n, g) or not t.is_floating_point()):
             raise ValueError(f"{name}: {what} must be float ({n}, {g}), got {t.dtype} {tuple(t.shape)}")
-    if codebook is not None and (codebook.numel() != 16 or not codebook.is_floating_point()):
-        raise ValueError(f"{name}: a code book holds 16 float values, got {codebook.dtype} "
-                         f"{tuple(codebook.shape)}")
+    if codebook is not None and (codebook.numel() != 1 << bits or not codebook.is_floating_point()):
+        raise ValueError(f"{name}: a code book of {bits}-bit codes holds {1 << bits} float values, got "
+                         f"{codebook.dtype} {tuple(codebook.shape)}")
     _check_vector(bias, n, "bias", name)
     return n
 
@@ -142,21 +154,21 @@ def _a8_torch(name: str, x: Tensor, packed: Tensor, scales: Tensor, bias: Option
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def dequantize_w4(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], codebook: Optional[Tensor],
-                  group_size: int, in_features: int) -> Tensor:
-    """float32 (N, K) weights of a 4-bit packed layer (the CPU kernel's and the tests' reference)."""
-    codes = unpack_aligned(packed, 4, in_features).long()
+def dequantize_weight_only(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], codebook: Optional[Tensor],
+                           bits: int, group_size: int, in_features: int) -> Tensor:
+    """float32 (N, K) weights of a weight-only packed layer (what the CPU kernel multiplies by)."""
+    codes = unpack_aligned(packed, bits, in_features).long()
     v = codebook.float()[codes] if codebook is not None else codes.float()
     if zeros is not None:
         v = v - zeros.float().repeat_interleave(group_size, 1)[:, :in_features]
     elif codebook is None:
-        v = v - 8
+        v = v - (1 << (bits - 1))
     return v * scales.float().repeat_interleave(group_size, 1)[:, :in_features]
 
 
-def _w4a16_torch(x, packed, scales, zeros, codebook, bias, group_size, in_features) -> Tensor:
-    _check_w4a16(x, packed, scales, zeros, codebook, bias, group_size, in_features)
-    w = dequantize_w4(packed, scales, zeros, codebook, group_size, in_features).to(x.dtype)
+def _weight_only_torch(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features) -> Tensor:
+    _check_weight_only(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features)
+    w = dequantize_weight_only(packed, scales, zeros, codebook, bits, group_size, in_features).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
@@ -209,16 +221,17 @@ int8_linear = _make_a8_op("int8")
 A8_OPS = {"ternary": ternary_linear, "binary": binary_linear, "int8": int8_linear}
 
 
-@torch.library.custom_op("bitvit::w4a16_linear", mutates_args=())
-def w4a16_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], codebook: Optional[Tensor],
-                 bias: Optional[Tensor], group_size: int, in_features: int) -> Tensor:
-    """y = x @ W^T (+ bias) for 4-bit group-quantized weights (int4 or a 16-entry code book)."""
-    return _w4a16_torch(x, packed, scales, zeros, codebook, bias, group_size, in_features)
+@torch.library.custom_op("bitvit::weight_only_linear", mutates_args=())
+def weight_only_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                       codebook: Optional[Tensor], bias: Optional[Tensor], bits: int, group_size: int,
+                       in_features: int) -> Tensor:
+    """y = x @ W^T (+ bias) for 2/4/8-bit group-quantized weights (integer codes or a code book)."""
+    return _weight_only_torch(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features)
 
 
-@w4a16_linear.register_fake
-def _(x, packed, scales, zeros, codebook, bias, group_size, in_features):
-    n = _check_w4a16(x, packed, scales, zeros, codebook, bias, group_size, in_features)
+@weight_only_linear.register_fake
+def _(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features):
+    n = _check_weight_only(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features)
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -269,13 +282,13 @@ for _name in A8_FORMATS:
     _register_a8_cuda(_name)
 
 
-@w4a16_linear.register_kernel("cuda")
-def _(x, packed, scales, zeros, codebook, bias, group_size, in_features):
+@weight_only_linear.register_kernel("cuda")
+def _(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features):
     from cuda_ops import triton_kernels as tk
-    n = _check_w4a16(x, packed, scales, zeros, codebook, bias, group_size, in_features)
+    n = _check_weight_only(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features)
     x2 = _rows(x, in_features)
     y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
-    tk.w4a16_gemm(x2, packed.contiguous(), f32(scales), f32(zeros), f32(codebook),
-                  None if bias is None else bias.contiguous(), min(group_size, in_features), y)
+    tk.weight_only_gemm(x2, packed.contiguous(), f32(scales), f32(zeros), f32(codebook),
+                        None if bias is None else bias.contiguous(), bits, min(group_size, in_features), y)
     return y.reshape(*x.shape[:-1], n)

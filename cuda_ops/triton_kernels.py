@@ -9,8 +9,8 @@ Three kernels:
   quantization runs inside the GEMM (a row-absmax pre-pass over the program's rows, then quantizing
   each tile in registers), which saves the int8 round trip and a launch; otherwise `quantize_rows`
   runs first. The tuner times both.
-- `w4a16_gemm`: weight-only 4-bit (int4 symmetric / asymmetric, or a 16-entry code book such as NF4)
-  group-quantized weights against bf16/fp16 (or fp32) activations, fp32 accumulation.
+- `weight_only_gemm`: weight-only 2-, 4- or 8-bit group-quantized weights (symmetric, asymmetric, or a
+  code book such as NF4) against bf16/fp16 (or fp32) activations, fp32 accumulation.
 
 Packed weights arrive in `quant/pack.py`'s layout: (N, KB) uint8, KB = ceil(K * bits / 8), row n holds
 output channel n's K codes, code k in byte k // per_byte at bit (k % per_byte) * bits
@@ -131,10 +131,11 @@ def _dot_int_codes(a, p, acc, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.con
 
 
 @triton.jit
-def _float_plane(p, J: tl.constexpr, lut_ptr, z, s, HAS_LUT: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                 DTYPE: tl.constexpr):
-    """4-bit code plane J of a packed byte tile, dequantized: (lut[code] or code, minus zero or 8) * s."""
-    c = (p >> (J * 4)) & 15
+def _float_plane(p, J: tl.constexpr, BITS: tl.constexpr, lut_ptr, z, s, HAS_LUT: tl.constexpr,
+                 HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr):
+    """Code plane J of a packed byte tile, dequantized: (lut[code] or code, minus zero or the symmetric
+    offset 2**(BITS-1)) * s, with z and s (BLOCK_N,) for this K tile's group."""
+    c = (p >> (J * BITS)) & ((1 << BITS) - 1)
     if HAS_LUT:
         v = tl.load(lut_ptr + c)
     else:
@@ -142,8 +143,39 @@ def _float_plane(p, J: tl.constexpr, lut_ptr, z, s, HAS_LUT: tl.constexpr, HAS_Z
     if HAS_ZEROS:
         v = v - z[None, :]
     elif not HAS_LUT:
-        v = v - 8.0
+        v = v - (1 << (BITS - 1))
     return (v * s[None, :]).to(DTYPE)
+
+
+@triton.jit
+def _dot_float_codes(x, p, acc, lut_ptr, z, s, BITS: tl.constexpr, HAS_LUT: tl.constexpr,
+                     HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """acc += x @ W for float activations x (BLOCK_M, BLOCK_KP * 8 // BITS) and packed bytes p
+    (BLOCK_KP, BLOCK_N), as `_dot_int_codes` but dequantizing each code plane to DTYPE."""
+    if BITS == 8:
+        acc = tl.dot(x, _float_plane(p, 0, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
+                     input_precision=PRECISION)
+    elif BITS == 4:
+        x0, x1 = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KP, 2)))
+        acc = tl.dot(x0, _float_plane(p, 0, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
+                     input_precision=PRECISION)
+        acc = tl.dot(x1, _float_plane(p, 1, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
+                     input_precision=PRECISION)
+    else:
+        tl.static_assert(BITS == 2)
+        e, o = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KP, 2, 2)))
+        x0, x2 = tl.split(e)
+        x1, x3 = tl.split(o)
+        acc = tl.dot(x0, _float_plane(p, 0, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
+                     input_precision=PRECISION)
+        acc = tl.dot(x1, _float_plane(p, 1, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
+                     input_precision=PRECISION)
+        acc = tl.dot(x2, _float_plane(p, 2, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
+                     input_precision=PRECISION)
+        acc = tl.dot(x3, _float_plane(p, 3, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
+                     input_precision=PRECISION)
+    return acc
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -229,12 +261,13 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
 
 
 @triton.jit(do_not_specialize=["M"])
-def _w4a16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
-                       M, N, K, KB, G, group_size, stride_xm, stride_ym,
-                       HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_KP: tl.constexpr, GROUP_M: tl.constexpr):
-    BLOCK_K: tl.constexpr = BLOCK_KP * 2
+def _weight_only_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
+                             M, N, K, KB, G, group_size, stride_xm, stride_ym,
+                             BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, GROUP_M: tl.constexpr):
+    PER: tl.constexpr = 8 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_KP * PER
     PRECISION: tl.constexpr = "ieee" if DOT_DTYPE == tl.float32 else "tf32"  # fp32 stays fp32
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -250,17 +283,14 @@ def _w4a16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # a K tile never straddles two groups (the launcher sees to it)
         x = tl.load(x_rows + k0 + offs_k[None, :], mask=m_ok[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
-        kp = k0 // 2 + offs_kp
+        kp = k0 // PER + offs_kp
         p = tl.load(w_rows + kp[:, None], mask=(kp < KB)[:, None] & n_ok[None, :], other=0)
         g = k0 // group_size
         s = tl.load(s_ptr + g_rows + g, mask=n_ok, other=0.0)
         if HAS_ZEROS:
             z = tl.load(z_ptr + g_rows + g, mask=n_ok, other=0.0)
-        x0, x1 = tl.split(tl.reshape(x.to(DOT_DTYPE), (BLOCK_M, BLOCK_KP, 2)))
-        acc = tl.dot(x0, _float_plane(p, 0, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DOT_DTYPE), acc,
-                     input_precision=PRECISION)
-        acc = tl.dot(x1, _float_plane(p, 1, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DOT_DTYPE), acc,
-                     input_precision=PRECISION)
+        acc = _dot_float_codes(x.to(DOT_DTYPE), p, acc, lut_ptr, z, s, BITS, HAS_LUT, HAS_ZEROS, DOT_DTYPE,
+                               PRECISION, BLOCK_M, BLOCK_KP)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
@@ -298,29 +328,35 @@ _GEMM_TILES = [(16, 64, 32, 4, 4), (16, 128, 32, 4, 4), (32, 64, 64, 4, 4), (32,
 _INTERPRET_TILE = (16, 32, 32, 4, 1)  # small and quick under TRITON_INTERPRET=1
 
 
-def a8_candidates(m: int) -> list[Config]:
-    """Tilings worth timing for M rows, most promising first (the first is the untuned default)."""
+def _tiles(m: int) -> list[tuple]:
+    """GEMM tilings worth timing for M rows, the likeliest first."""
     if INTERPRET:
-        return [Config(*_INTERPRET_TILE)]
+        return [_INTERPRET_TILE]
     b = _bucket(m)
-    tiles = [t for t in _GEMM_TILES if b // 8 <= t[0] <= b] or [_GEMM_TILES[0]]
-    tiles.sort(key=lambda t: abs(t[0] - min(b, 64)))
+    tiles = [t for t in _GEMM_TILES if min(b // 8, 64) <= t[0] <= b]
+    return sorted(tiles, key=lambda t: abs(t[0] - min(b, 64)))
+
+
+def a8_candidates(m: int) -> list[Config]:
+    """Configs for the A8 GEMM at M rows (the first is the untuned default)."""
+    tiles = _tiles(m)
     out = [Config(*t) for t in tiles]
     if m <= 1024:  # fused quantization repeats the row scan per column block: only for few rows
         out = [Config(*t, fuse=True) for t in tiles] + out
     return out
 
 
-def w4a16_candidates(m: int, group_size: int, k: int) -> list[Config]:
-    """As `a8_candidates`; a K tile (2 * block_kp codes) must also lie inside one group, and
-    group_size is a multiple of 32 whenever it is less than K (the op checks)."""
-    b = _bucket(m)
-    tiles = [_INTERPRET_TILE] if INTERPRET else \
-        ([t for t in _GEMM_TILES if b // 8 <= t[0] <= b] or [_GEMM_TILES[0]])
-    if group_size < k:
-        tiles = [t if group_size % (2 * t[2]) == 0 else (t[0], t[1], 16, t[3], t[4]) for t in tiles]
-    tiles = sorted(set(tiles), key=lambda t: (abs(t[0] - min(b, 64)), tiles.index(t)))
-    return [Config(*t) for t in tiles]
+def weight_only_candidates(m: int, bits: int, group_size: int, k: int) -> list[Config]:
+    """Configs for the weight-only GEMM; a K tile (block_kp * 8 // bits codes) must lie inside one
+    group (the op guarantees group_size % (16 * 8 // bits) == 0 whenever group_size < K)."""
+    per = 8 // bits
+    out = []
+    for bm, bn, kp, warps, stages in _tiles(m):
+        while group_size < k and group_size % (kp * per):
+            kp //= 2
+        if Config(bm, bn, kp, warps, stages) not in out:
+            out.append(Config(bm, bn, kp, warps, stages))
+    return out
 
 
 class Tuner:
@@ -423,34 +459,34 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.bfloat16 if dtype == torch.bfloat16 and not INTERPRET else tl.float32
 
 
-def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-               codebook: torch.Tensor | None, bias: torch.Tensor | None, group_size: int, out: torch.Tensor,
-               config: Config | None = None) -> None:
-    """out (M, N) = x @ W^T (+ bias) with W[n, k] = (value(code) - zero) * scale of k's group.
+def weight_only_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     codebook: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
+                     out: torch.Tensor, config: Config | None = None) -> None:
+    """out (M, N) = x @ W^T (+ bias) with W[n, k] = (value(code) - zero) * scale of k's group, codes
+    packed at `bits` in {2, 4, 8}.
 
     value(code) = codebook[code] if a code book is given, else code; without zeros the symmetric
-    offset 8 is subtracted instead (int4 code = q + 8). scales, zeros: (N, G) float32.
+    offset 2**(bits-1) is subtracted instead (code = q + 2**(bits-1)). scales, zeros: (N, G) float32.
     """
     m, k = x.shape
     n, kb = packed.shape
     if m == 0:
         return
-    g = scales.shape[1]
+    if config is not None and group_size < k and group_size % (config.block_kp * 8 // bits):
+        raise ValueError(f"config {config} splits groups of {group_size}")
 
     def launch(cfg: Config):
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _w4a16_gemm_kernel[grid](
+        _weight_only_gemm_kernel[grid](
             x, packed, scales, zeros if zeros is not None else scales,
             codebook if codebook is not None else scales, bias if bias is not None else scales, out,
-            m, n, k, kb, g, group_size, x.stride(0), out.stride(0),
-            HAS_ZEROS=zeros is not None, HAS_LUT=codebook is not None, HAS_BIAS=bias is not None,
+            m, n, k, kb, scales.shape[1], group_size, x.stride(0), out.stride(0),
+            BITS=bits, HAS_ZEROS=zeros is not None, HAS_LUT=codebook is not None, HAS_BIAS=bias is not None,
             DOT_DTYPE=_dot_dtype(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_KP=cfg.block_kp, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
-        key = ("w4a16", _bucket(m), n, k, group_size, x.dtype, zeros is not None, codebook is not None,
-               bias is not None, x.device.index)
-        config = TUNER.pick(key, w4a16_candidates(m, group_size, k), launch)
-    elif group_size < k and group_size % (2 * config.block_kp):
-        raise ValueError(f"config {config} splits groups of {group_size}")
+        key = ("weight_only", bits, _bucket(m), n, k, group_size, x.dtype, zeros is not None,
+               codebook is not None, bias is not None, x.device.index)
+        config = TUNER.pick(key, weight_only_candidates(m, bits, group_size, k), launch)
     launch(config)

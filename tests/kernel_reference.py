@@ -9,8 +9,8 @@ A8_BITS = {"ternary": 2, "binary": 1, "int8": 8}
 
 
 def random_codes(n: int, k: int, fmt: str, gen: torch.Generator) -> torch.Tensor:
-    """uint8 codes (n, k) of a weight format ("ternary", "binary", "int8", "int4")."""
-    high = {"ternary": 3, "binary": 2, "int8": 256, "int4": 16}[fmt]
+    """uint8 codes (n, k) of a weight format ("ternary", "binary", "int8", "int4", "int2")."""
+    high = {"ternary": 3, "binary": 2, "int8": 256, "int4": 16, "int2": 4}[fmt]
     return torch.randint(0, high, (n, k), generator=gen).to(torch.uint8)
 
 
@@ -36,15 +36,15 @@ def reference_a8(x, packed, fmt, scales, bias, k) -> torch.Tensor:
     return y + bias.cpu().double() if bias is not None else y
 
 
-def reference_w4(x, packed, scales, zeros, codebook, bias, group_size, k) -> torch.Tensor:
+def reference_weight_only(x, packed, bits, scales, zeros, codebook, bias, group_size, k) -> torch.Tensor:
     """float64 y = x @ W^T + bias, W[o, k] = (value(code) - zero) * scale of k's group."""
-    codes = unpack_codes(packed.cpu(), 4, k).long()
+    codes = unpack_codes(packed.cpu(), bits, k).long()
     v = codebook.cpu().double()[codes] if codebook is not None else codes.double()
     group = torch.arange(k) // group_size
     if zeros is not None:
         v = v - zeros.cpu().double()[:, group]
     elif codebook is None:
-        v = v - 8
+        v = v - 2 ** (bits - 1)
     w = v * scales.cpu().double()[:, group]
     y = x.cpu().double() @ w.t()
     return y + bias.cpu().double() if bias is not None else y
@@ -58,13 +58,15 @@ def make_a8_layer(fmt: str, n: int, k: int, gen: torch.Generator, bias: bool = T
     return packed, scales, b
 
 
-def make_w4_layer(kind: str, n: int, k: int, group_size: int, gen: torch.Generator, bias: bool = True):
-    """Random (packed, scales, zeros, codebook, bias) of a 4-bit layer: kind "sym", "asym" or "nf4"."""
+def make_weight_only_layer(kind: str, bits: int, n: int, k: int, group_size: int, gen: torch.Generator,
+                           bias: bool = True):
+    """Random (packed, scales, zeros, codebook, bias) of a weight-only layer: kind "sym", "asym" or
+    "lut" (a code book, as NF4)."""
     g = -(-k // group_size)
-    packed = pack_codes(random_codes(n, k, "int4", gen), 4)
+    packed = pack_codes(random_codes(n, k, f"int{bits}", gen), bits)
     scales = torch.rand(n, g, generator=gen) * 0.02 + 0.005
-    zeros = torch.rand(n, g, generator=gen) * 15 if kind == "asym" else None
-    codebook = torch.sort(torch.rand(16, generator=gen) * 2 - 1).values if kind == "nf4" else None
+    zeros = torch.randint(0, 1 << bits, (n, g), generator=gen).float() if kind == "asym" else None
+    codebook = torch.sort(torch.rand(1 << bits, generator=gen) * 2 - 1).values if kind == "lut" else None
     b = torch.randn(n, generator=gen) if bias else None
     return packed, scales, zeros, codebook, b
 

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 import cuda_ops  # noqa: F401  (registers torch.ops.bitvit)
 from cuda_ops.ops import unpack_aligned
-from kernel_reference import (A8_BITS, make_a8_layer, make_w4_layer, quantize_tokens, random_codes,
-                              reference_a8, reference_w4, rel_err)
+from kernel_reference import (make_a8_layer, make_weight_only_layer, quantize_tokens, reference_a8,
+                              reference_weight_only, rel_err)
 from quant.pack import pack_codes, unpack_codes
 
 OPS = torch.ops.bitvit
@@ -81,16 +81,21 @@ def test_a8_linear_applies_its_input_layer_norm_first(fmt):
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
-@pytest.mark.parametrize("kind", ["sym", "asym", "nf4"])
-@pytest.mark.parametrize("k,group_size", [(300, 300), (300, 64), (256, 32)])
+# (bits, kind, in_features, group_size): every weight-only flavour, groups not dividing in_features
+WEIGHT_ONLY_CASES = [(4, "sym", 300, 300), (4, "asym", 300, 64), (4, "lut", 256, 32), (2, "asym", 300, 64),
+                     (2, "sym", 200, 200), (8, "sym", 100, 100), (8, "asym", 300, 16)]
+
+
+@pytest.mark.parametrize("bits,kind,k,group_size", WEIGHT_ONLY_CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_w4a16_linear_matches_float64_reference(kind, k, group_size, dtype, tol):
+def test_weight_only_linear_matches_float64_reference(bits, kind, k, group_size, dtype, tol):
     g = gen(k + group_size)
-    packed, scales, zeros, codebook, b = make_w4_layer(kind, 45, k, group_size, g)
+    packed, scales, zeros, codebook, b = make_weight_only_layer(kind, bits, 45, k, group_size, g)
     x = torch.randn(3, 11, k, generator=g).to(dtype)
-    y = OPS.w4a16_linear(x, packed, scales, zeros, codebook, b, group_size, k)
+    y = OPS.weight_only_linear(x, packed, scales, zeros, codebook, b, bits, group_size, k)
     assert y.shape == (3, 11, 45) and y.dtype == dtype
-    assert rel_err(y, reference_w4(x, packed, scales, zeros, codebook, b, group_size, k)) < tol
+    ref = reference_weight_only(x, packed, bits, scales, zeros, codebook, b, group_size, k)
+    assert rel_err(y, ref) < tol
 
 
 @settings(max_examples=40, deadline=None)
@@ -127,10 +132,16 @@ def test_grouped_scales_are_refused_by_the_integer_ops():
         OPS.ternary_linear(torch.randn(2, 64), packed, torch.ones(8, 2), b, 64)
 
 
-def test_w4a16_group_size_that_is_not_a_multiple_of_32_is_refused():
-    packed, scales, zeros, codebook, b = make_w4_layer("sym", 8, 96, 48, gen())
-    with pytest.raises(ValueError, match="multiple of 32"):
-        OPS.w4a16_linear(torch.randn(2, 96), packed, scales, zeros, codebook, b, 48, 96)
+def test_weight_only_group_size_that_splits_a_kernel_tile_is_refused():
+    packed, scales, zeros, codebook, b = make_weight_only_layer("sym", 4, 8, 96, 48, gen())
+    with pytest.raises(ValueError, match="multiple of 32 for 4-bit codes"):
+        OPS.weight_only_linear(torch.randn(2, 96), packed, scales, zeros, codebook, b, 4, 48, 96)
+
+
+def test_weight_only_code_widths_without_a_kernel_are_refused():
+    packed, scales, zeros, codebook, b = make_weight_only_layer("sym", 4, 8, 96, 96, gen())
+    with pytest.raises(ValueError, match="bits must be one of"):
+        OPS.weight_only_linear(torch.randn(2, 96), packed, scales, zeros, codebook, b, 3, 96, 96)
 
 
 def test_layer_norm_parameters_of_the_wrong_size_are_refused():
@@ -156,8 +167,8 @@ def _op_args():
         yield a8(fmt), (x, *make_a8_layer(fmt, 24, 96, g), 96)
     yield OPS.ternary_linear, (x, *make_a8_layer("ternary", 24, 96, g), 96, torch.rand(96, generator=g),
                                torch.randn(96, generator=g), 1e-6)
-    packed, scales, zeros, codebook, b = make_w4_layer("asym", 24, 96, 32, g)
-    yield OPS.w4a16_linear, (x, packed, scales, zeros, codebook, b, 32, 96)
+    packed, scales, zeros, codebook, b = make_weight_only_layer("asym", 4, 24, 96, 32, g)
+    yield OPS.weight_only_linear, (x, packed, scales, zeros, codebook, b, 4, 32, 96)
 
 
 @pytest.mark.parametrize("op,args", list(_op_args()), ids=lambda v: getattr(v, "__name__", ""))
@@ -172,11 +183,11 @@ class _TwoLayers(torch.nn.Module):
         super().__init__()
         g = gen(4)
         self.t = make_a8_layer("ternary", 64, 48, g)
-        self.w = make_w4_layer("sym", 16, 64, 32, g)
+        self.w = make_weight_only_layer("sym", 4, 16, 64, 32, g)
 
     def forward(self, x):
         h = OPS.ternary_linear(x, *self.t, 48)
-        return OPS.w4a16_linear(torch.relu(h), *self.w, 32, 64)
+        return OPS.weight_only_linear(torch.relu(h), *self.w, 4, 32, 64)
 
 
 def test_ops_trace_under_torch_compile_with_their_fake_kernels():
@@ -192,7 +203,7 @@ def test_ops_export_with_torch_export():
     x = torch.randn(2, 10, 48, generator=gen(6))
     ep = torch.export.export(model, (x,))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert {"bitvit.ternary_linear.default", "bitvit.w4a16_linear.default"} <= targets
+    assert {"bitvit.ternary_linear.default", "bitvit.weight_only_linear.default"} <= targets
     assert torch.allclose(ep.module()(x), model(x))
 
 
@@ -241,17 +252,18 @@ def test_a8_linear_on_cuda_agrees_with_the_cpu_kernel(fmt):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("kind", ["sym", "asym", "nf4"])
-@pytest.mark.parametrize("m,k,group_size", [(1, 300, 300), (197, 768, 128), (1576, 3072, 64), (50, 1056, 32)])
+@pytest.mark.parametrize("bits,kind", [(4, "sym"), (4, "asym"), (4, "lut"), (2, "asym"), (8, "sym")])
+@pytest.mark.parametrize("m,k,group_size", [(1, 300, 300), (197, 768, 128), (1576, 3072, 64), (50, 1088, 64)])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-5)])
-def test_w4a16_linear_on_cuda_matches_float64_reference(kind, m, k, group_size, dtype, tol):
+def test_weight_only_linear_on_cuda_matches_float64_reference(bits, kind, m, k, group_size, dtype, tol):
     g = gen(m + k)
-    packed, scales, zeros, codebook, b = make_w4_layer(kind, 515, k, group_size, g)
+    packed, scales, zeros, codebook, b = make_weight_only_layer(kind, bits, 515, k, group_size, g)
     x = torch.randn(m, k, generator=g).to(dtype)
     cu = lambda t: None if t is None else t.cuda()  # noqa: E731
-    y = OPS.w4a16_linear(x.cuda(), packed.cuda(), scales.cuda(), cu(zeros), cu(codebook), cu(b), group_size, k)
+    y = OPS.weight_only_linear(x.cuda(), packed.cuda(), scales.cuda(), cu(zeros), cu(codebook), cu(b), bits,
+                               group_size, k)
     assert y.dtype == dtype
-    assert rel_err(y, reference_w4(x, packed, scales, zeros, codebook, b, group_size, k)) < tol
+    assert rel_err(y, reference_weight_only(x, packed, bits, scales, zeros, codebook, b, group_size, k)) < tol
 
 
 @gpu

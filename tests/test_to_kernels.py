@@ -20,6 +20,8 @@ FORMATS = {
     "w4": ("int4", 32, False, "none", False),
     "w4-asym": ("int4", 32, True, "none", False),
     "nf4": ("nf4", 32, False, "none", False),
+    "w2": ("int2", None, True, "none", False),
+    "w8": ("int8", None, False, "none", False),  # the int8 weight-only head of the low-bit PTQ recipes
 }
 
 

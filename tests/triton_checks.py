@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from kernel_reference import (A8_BITS, make_a8_layer, make_w4_layer, quantize_tokens, reference_a8,
-                              reference_w4, rel_err)
+from kernel_reference import (A8_BITS, make_a8_layer, make_weight_only_layer, quantize_tokens, reference_a8,
+                              reference_weight_only, rel_err)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -136,34 +136,40 @@ def test_every_a8_candidate_config_is_correct(fmt, m):
         assert rel_err(y, ref) < 1e-2, cfg
 
 
-# ----------------------------------------------------------------------------- W4A16
+# ----------------------------------------------------------------------------- weight-only (W4A16 and kin)
 
-@pytest.mark.parametrize("kind", ["sym", "asym", "nf4"])
-@pytest.mark.parametrize("k,group_size", [(300, 300), (300, 64), (256, 32)])
+WEIGHT_ONLY_CASES = [(4, "sym", 300, 300), (4, "asym", 300, 64), (4, "lut", 256, 32), (2, "asym", 300, 64),
+                     (2, "sym", 200, 200), (8, "sym", 100, 100), (8, "asym", 300, 16)]
+
+
+@pytest.mark.parametrize("bits,kind,k,group_size", WEIGHT_ONLY_CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-def test_w4a16_gemm_matches_float64_reference(kind, k, group_size, dtype, tol):
+def test_weight_only_gemm_matches_float64_reference(bits, kind, k, group_size, dtype, tol):
     g = gen(k + group_size)
-    packed, scales, zeros, codebook, bias = make_w4_layer(kind, 37, k, group_size, g)
+    packed, scales, zeros, codebook, bias = make_weight_only_layer(kind, bits, 37, k, group_size, g)
     x = torch.randn(19, k, generator=g).to(dtype)
     out = poisoned(19, 37, dtype=dtype)
-    cfg = tk.w4a16_candidates(19, group_size, k)[0]
-    tk.w4a16_gemm(dev(x), dev(packed), dev(scales), dev(zeros), dev(codebook), dev(bias), group_size, out, cfg)
-    assert rel_err(out, reference_w4(x, packed, scales, zeros, codebook, bias, group_size, k)) < tol
+    cfg = tk.weight_only_candidates(19, bits, group_size, k)[0]
+    tk.weight_only_gemm(dev(x), dev(packed), dev(scales), dev(zeros), dev(codebook), dev(bias), bits, group_size,
+                        out, cfg)
+    ref = reference_weight_only(x, packed, bits, scales, zeros, codebook, bias, group_size, k)
+    assert rel_err(out, ref) < tol
 
 
 @pytest.mark.skipif(INTERPRET, reason="every tuning candidate: on the GPU only")
 @pytest.mark.parametrize("m", [1, 197, 1576, 12608])
-@pytest.mark.parametrize("group_size", [128, 1030])
-def test_every_w4a16_candidate_config_is_correct(m, group_size):
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 1030), (2, 64), (8, 1030)])
+def test_every_weight_only_candidate_config_is_correct(m, bits, group_size):
     k = 1030
     g = gen(m)
-    packed, scales, zeros, codebook, bias = make_w4_layer("asym", 1000, k, group_size, g)
+    packed, scales, zeros, codebook, bias = make_weight_only_layer("asym", bits, 1000, k, group_size, g)
     x = torch.randn(m, k, generator=g).bfloat16()
-    ref = reference_w4(x, packed, scales, zeros, codebook, bias, group_size, k)
-    for cfg in tk.w4a16_candidates(m, group_size, k):
+    ref = reference_weight_only(x, packed, bits, scales, zeros, codebook, bias, group_size, k)
+    for cfg in tk.weight_only_candidates(m, bits, group_size, k):
         out = poisoned(m, 1000, dtype=torch.bfloat16)
         try:
-            tk.w4a16_gemm(dev(x), dev(packed), dev(scales), dev(zeros), None, dev(bias), group_size, out, cfg)
+            tk.weight_only_gemm(dev(x), dev(packed), dev(scales), dev(zeros), None, dev(bias), bits, group_size,
+                                out, cfg)
         except Exception as e:
             assert "out of resource" in str(e).lower(), f"{cfg}: {e}"
             continue
