@@ -57,9 +57,9 @@ class QuantLinear(nn.Module):
             raise ValueError(f"unknown weight format {weight_format!r}; known: {', '.join(WEIGHT_FORMATS)}")
         if asymmetric and not weight_format.startswith("int"):
             raise ValueError(f"{weight_format} weights have no zero points; only intB formats are asymmetric")
-        group_size = group_size or in_features
-        if not 1 <= group_size <= in_features:
-            raise ValueError(f"group_size {group_size} must be in 1..in_features ({in_features})")
+        group_size = min(group_size or in_features, in_features)  # a group wider than a row is the row
+        if group_size < 1:
+            raise ValueError(f"group_size must be positive, got {group_size}")
         act_bits(act_format)  # validates
         self.in_features, self.out_features = in_features, out_features
         self.weight_format, self.bits, self.group_size = weight_format, WEIGHT_FORMATS[weight_format], group_size

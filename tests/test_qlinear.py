@@ -89,6 +89,11 @@ def test_input_norm_is_applied_first():
     assert torch.allclose(q(x), ref(norm(x)))
 
 
+def test_group_wider_than_the_row_is_one_group_per_row():
+    q = QuantLinear.from_linear(linear(k=20), "int4", group_size=64)
+    assert q.group_size == 20 and q.scales.shape == (6, 1)
+
+
 def test_cached_weight_follows_in_place_changes():
     q = QuantLinear.from_linear(linear(), "int4", group_size=10)
     w0 = q.dequantized_weight().clone()
@@ -100,7 +105,7 @@ def test_bad_format_group_size_and_act_format_are_refused():
     with pytest.raises(ValueError, match="unknown weight format"):
         QuantLinear(8, 4, "int9")
     with pytest.raises(ValueError, match="group_size"):
-        QuantLinear(8, 4, "int4", group_size=16)
+        QuantLinear(8, 4, "int4", group_size=-1)
     with pytest.raises(ValueError, match="act_format"):
         QuantLinear(8, 4, "int4", act_format="fp8")
     with pytest.raises(ValueError, match="zero points"):

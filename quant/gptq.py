@@ -1,0 +1,173 @@
+"""GPTQ (Frantar et al. 2022): weight quantization that compensates each column's rounding error.
+
+For a linear layer with inputs X (T, K) the layer-output error ||X W^T - X Q^T||^2 is a quadratic
+form in the weight error with Hessian H = X^T X / T. GPTQ quantizes the columns of W one at a time
+and spreads each column's rounding error over the columns not yet quantized, weighted by the
+inverse Hessian (the optimal-brain-surgeon update), so later columns absorb earlier errors:
+
+  1. H += damp * mean(diag H) * I       (dampening; inputs that are never active get H_kk = 1, W_k = 0)
+  2. optional act-order: columns in order of decreasing H_kk (the most active inputs first)
+  3. U = upper Cholesky factor of H^-1 (a numerically stable form of the sequential inverse updates)
+  4. for each block of `block_size` columns ("lazy batch updates"): quantize column i with its group's
+     scale/zero, err = (w_i - q_i) / U_ii, update the block's remaining columns by -err * U_i,:;
+     after the block, update all later columns at once with one matmul.
+Group scales (one per `group_size` consecutive inputs) are found when the first column of a group
+is reached, from the weights as updated so far; with act-order they are fixed up front from the
+original weight ("static groups"), so that group g is always inputs g*group_size .. (g+1)*group_size - 1
+(the layout QuantLinear and every kernel expect).
+
+Over a whole model (`gptq_model`) the layers are quantized one after another in the order the
+forward pass runs them, each with a Hessian from calibration inputs that already went through the
+quantized layers before it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from quant.qlinear import QuantLinear
+from quant.quantizers import QuantizedWeight, num_groups, search_clip, uniform_params
+
+
+def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
+                asymmetric: bool = True, act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                mse_clip: bool = False) -> QuantizedWeight:
+    """GPTQ codes (O, K) of weight w (O, K) given the input Hessian H (K, K), with scales/zeros (O, G)."""
+    W = w.detach().float().clone()
+    O, K = W.shape
+    gs = group_size or K
+    H = H.detach().double().clone()
+    if H.shape != (K, K):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not fit a weight with {K} inputs")
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    symmetric, maxq = not asymmetric, 2 ** bits - 1
+    G = num_groups(K, gs)
+    scales = torch.zeros(O, G)
+    zeros = torch.full((O, G), float(2 ** (bits - 1)))
+
+    def set_group(g: int, block: torch.Tensor) -> None:   # block (O, <= gs): this group's current weights
+        clip = search_clip(block, bits, None, symmetric) if mse_clip else 1.0
+        s, z = uniform_params(block, bits, None, symmetric, clip=clip)
+        scales[:, g] = s[:, 0]
+        if z is not None:
+            zeros[:, g] = z[:, 0]
+
+    perm = torch.arange(K)
+    if act_order:
+        for g in range(G):
+            set_group(g, W[:, g * gs:(g + 1) * gs])
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H += damp * H.diagonal().mean() * torch.eye(K, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+
+    codes = torch.zeros(O, K)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros(O, i2 - i1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // gs
+            if not act_order and col % gs == 0:
+                set_group(g, torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs])
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / scales[:, g]) + zeros[:, g], 0, maxq)
+            codes[:, i1 + i] = q
+            err = (w - (q - zeros[:, g]) * scales[:, g]) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return QuantizedWeight(out.to(torch.uint8), scales, zeros if asymmetric else None)
+
+
+# ----------------------------------------------------------------------------- calibration over a model
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward pass once the wanted inputs are seen."""
+
+
+def _run(model: nn.Module, calib: torch.Tensor, batch_size: int) -> None:
+    with torch.no_grad():
+        for i in range(0, len(calib), batch_size):
+            try:
+                model(calib[i:i + batch_size])
+            except _Stop:
+                pass
+
+
+def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size: int = 128,
+            output: bool = False) -> torch.Tensor:
+    """The input (or output) of `module` over all calibration batches, stopping each forward pass there.
+
+    Returns the tensors concatenated along the first dimension (for a linear layer's input
+    (B, N, K), the tokens as (B * N, K)).
+    """
+    seen: list[torch.Tensor] = []
+
+    def grab(t: torch.Tensor) -> None:
+        seen.append(t.detach().reshape(-1, t.shape[-1]) if not output else t.detach())
+        raise _Stop
+
+    hook = (module.register_forward_hook(lambda m, i, o: grab(o)) if output
+            else module.register_forward_pre_hook(lambda m, i: grab(i[0])))
+    try:
+        _run(model, calib, batch_size)
+    finally:
+        hook.remove()
+    if not seen:
+        raise ValueError(f"{type(module).__name__} never ran in the model's forward pass")
+    return torch.cat(seen).float()
+
+
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the model's nn.Linear layers in the order one forward pass calls them."""
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, i, n=n: order.append(n) if n not in order else None)
+             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """H = X^T X / T (K, K) of inputs X (T, K), accumulated in float64."""
+    x = x.double()
+    return x.T @ x / max(len(x), 1)
+
+
+def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Linear], dict | None],
+               batch_size: int = 128, progress: bool = True) -> nn.Module:
+    """Quantize every nn.Linear that `plan(name, layer)` gives settings for, in forward order, in place.
+
+    `plan` returns None (leave the layer as it is) or a dict with `weight_format` ("intB"), and
+    optionally `group_size`, `asymmetric`, `act_order`, `damp`, `block_size`, `mse_clip`, `act_format`.
+    """
+    from tqdm import tqdm
+    model.eval()
+    names = execution_order(model, calib[:1])
+    for name in tqdm(names, desc="GPTQ", unit="layer", disable=not progress, leave=False):
+        layer = model.get_submodule(name)
+        settings = plan(name, layer)
+        if settings is None:
+            continue
+        settings = dict(settings)
+        fmt, act_format = settings.pop("weight_format"), settings.pop("act_format", "none")
+        if not fmt.startswith("int"):
+            raise ValueError(f"GPTQ makes uniform integer codes (intB), not {fmt!r}")
+        x = capture(model, layer, calib, batch_size)
+        q = gptq_weight(layer.weight, hessian(x), int(fmt[3:]), **settings)
+        model.set_submodule(name, QuantLinear.from_codes(q.codes, q.scales, q.zeros, layer.bias, fmt,
+                                                         settings.get("group_size"), act_format))
+    return model

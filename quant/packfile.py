@@ -1,0 +1,284 @@
+"""Quantized model files: one safetensors file of packed integer weights, their scales and a JSON header.
+
+`save_quantized(model, path)` / `load_quantized(path)` / `load_any(path)` (FP or quantized bitvit file).
+
+Layout. Safetensors metadata `format` = "bitvit-quant/1" and `header` = JSON with
+  recipe          the recipe the model was made with (a dict, or null)
+  architecture    {"kind": "bitvit-vit", "config": ViTConfig} (null for a model that is not a bitvit
+                  ViT: `load_quantized(path, model=fp_skeleton)` then rebuilds into the given model)
+  layers          {module name: QuantLinear spec + how its tensors are stored}
+  attention       {module name: QuantAttention spec (which activation quantizer sits in each slot)}
+  storage         totals: linear weights, their bytes on disk (codes + scales + zeros) and bits per weight
+  sha256          digest of every tensor's name, dtype, shape and bytes (a damaged file is refused)
+Tensors, per quantized layer NAME:
+  NAME.packed     uint8 codes in `quant.pack.pack_codes` layout, except ternary, which is stored at
+                  1.6 bits per weight in base 3 (`quant.pack.pack_base3`, 5 codes per byte): 20 % smaller
+                  than the 2-bit layout, decoded once at load time into the in-memory 2-bit layout.
+  NAME.scales     float16 when every scale is exactly a float16 (bitvit's quantizers make them so),
+                  else float32; a single value when one scale serves the whole tensor. NF4 layers store
+                  their double-quantized scales instead: NAME.scales.codes (int8), NAME.scales.absmax
+                  (float32 per block of 256 scales) and NAME.scales.offset (float32).
+  NAME.zeros      uint8 zero points of asymmetric formats.
+Every other tensor of the model (embeddings, norms, biases, calibrated activation ranges) is stored
+under its state-dict name in float32.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from quant.models import FORMAT as FP_FORMAT
+from quant.models import ViTConfig, VisionTransformer, load_model, read_safetensors
+from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
+from quant.qattention import QuantAttention
+from quant.qlinear import QuantLinear
+from quant.quantizers import DoubleQuantized, double_dequantize, num_groups
+
+FORMAT = "bitvit-quant/1"
+_OWN = ("packed", "scales", "zeros")  # QuantLinear buffers stored in packed form
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _store_layer(name: str, layer: QuantLinear, out: dict[str, torch.Tensor]) -> dict:
+    """Put one layer's packed tensors into `out`; return its header entry."""
+    entry = layer.spec()
+    codes = layer.codes().cpu()
+    if layer.weight_format == "ternary":
+        out[f"{name}.packed"] = pack_base3(codes)
+        entry["packing"] = "base3"
+    else:
+        out[f"{name}.packed"] = layer.packed.cpu().contiguous()
+        entry["packing"] = "bits"
+    scales = layer.scales.detach().cpu().float()
+    dq = layer.scales_dq
+    if dq is not None and torch.equal(double_dequantize(dq).cpu(), scales):
+        out[f"{name}.scales.codes"] = dq.codes.cpu().contiguous()
+        out[f"{name}.scales.absmax"] = dq.absmax.cpu().float().contiguous()
+        out[f"{name}.scales.offset"] = dq.offset.cpu().float().reshape(1)
+        entry["scales"], entry["dq_block"] = "double_quant", dq.block
+    else:
+        per_tensor = bool((scales == scales.flatten()[0]).all())
+        stored = scales.flatten()[:1] if per_tensor else scales
+        exact16 = torch.equal(stored.half().float(), stored)
+        out[f"{name}.scales"] = stored.half() if exact16 else stored.contiguous()
+        entry["scales"] = ("float16" if exact16 else "float32") + ("_tensor" if per_tensor else "")
+    if layer.zeros is not None:
+        z = layer.zeros.detach().cpu()
+        if not torch.equal(z, z.round()) or z.min() < 0 or z.max() > 2 ** layer.bits - 1:
+            raise ValueError(f"{name}: zero points must be integer codes in 0..{2 ** layer.bits - 1}")
+        out[f"{name}.zeros"] = z.to(torch.uint8)
+    return entry
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Write a model holding QuantLinear layers to one safetensors file; returns the header's storage totals."""
+    from safetensors.torch import save_file
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize)")
+    tensors: dict[str, torch.Tensor] = {}
+    header_layers = {name: _store_layer(name, layer, tensors) for name, layer in layers.items()}
+    linear_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items())
+    n_weights = sum(l.in_features * l.out_features for l in layers.values())
+    own = {f"{n}.{b}" for n in layers for b in _OWN}
+    for k, v in model.state_dict().items():
+        if k not in own and not k.endswith("num_batches_tracked"):
+            tensors[k] = v.detach().cpu().float().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+    cfg = getattr(model, "config", None)
+    storage = {"linear_weights": n_weights, "linear_bytes": linear_bytes,
+               "bits_per_weight": round(8 * linear_bytes / n_weights, 4)}
+    header = {
+        "recipe": getattr(model, "quant_recipe", None),
+        "architecture": {"kind": "bitvit-vit", "config": json.loads(cfg.to_json())}
+        if isinstance(cfg, ViTConfig) else None,
+        "layers": header_layers,
+        "attention": {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantAttention)},
+        "storage": storage,
+        "sha256": _digest(tensors),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": FORMAT, "header": json.dumps(header)})
+    return storage
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _take(tensors: dict, key: str, path, shape=None, dtype=None) -> torch.Tensor:
+    if key not in tensors:
+        raise ValueError(f"{path} is missing tensor {key!r}")
+    t = tensors.pop(key)
+    if dtype is not None and t.dtype not in (dtype if isinstance(dtype, tuple) else (dtype,)):
+        raise ValueError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected {dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the header implies {tuple(shape)}")
+    return t
+
+
+def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
+    try:
+        layer = QuantLinear.from_spec(entry)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: header entry of layer {name!r} is incomplete ({e})") from None
+    o, k, bits = layer.out_features, layer.in_features, layer.bits
+    if entry.get("bits") != bits:
+        raise ValueError(f"{path}: layer {name!r} says {entry.get('bits')} bits for {layer.weight_format}")
+    if entry.get("packing") == "base3" and layer.weight_format == "ternary":
+        codes = unpack_base3(_take(tensors, f"{name}.packed", path, (o, (k + 4) // 5), torch.uint8), k)
+        layer.packed.copy_(pack_codes(codes, 2))
+    elif entry.get("packing") == "bits":
+        layer.packed.copy_(_take(tensors, f"{name}.packed", path, (o, packed_row_bytes(k, bits)), torch.uint8))
+        codes = unpack_codes(layer.packed, bits, k)
+    else:
+        raise ValueError(f"{path}: layer {name!r} has unknown packing {entry.get('packing')!r}")
+    if layer.weight_format == "ternary" and codes.numel() and int(codes.max()) > 2:
+        raise ValueError(f"{path}: layer {name!r} holds ternary code {int(codes.max())} (codes are 0, 1, 2)")
+    g = num_groups(k, layer.group_size)
+    kind = entry.get("scales")
+    if kind == "double_quant":
+        block = int(entry["dq_block"])
+        dq = DoubleQuantized(_take(tensors, f"{name}.scales.codes", path, (o, g), torch.int8),
+                             _take(tensors, f"{name}.scales.absmax", path, ((o * g + block - 1) // block,),
+                                   torch.float32),
+                             _take(tensors, f"{name}.scales.offset", path, (1,), torch.float32)[0], block)
+        layer.scales.copy_(double_dequantize(dq))
+        layer.scales_dq = dq
+    elif kind in ("float16", "float32", "float16_tensor", "float32_tensor"):
+        dtype = torch.float16 if kind.startswith("float16") else torch.float32
+        shape = (1,) if kind.endswith("_tensor") else (o, g)
+        layer.scales.copy_(_take(tensors, f"{name}.scales", path, shape, dtype).float().expand(o, g)
+                           if kind.endswith("_tensor") else _take(tensors, f"{name}.scales", path, shape, dtype))
+    else:
+        raise ValueError(f"{path}: layer {name!r} has unknown scale storage {kind!r}")
+    if not torch.isfinite(layer.scales).all():
+        raise ValueError(f"{path}: layer {name!r} has non-finite scales")
+    if layer.zeros is not None:
+        z = _take(tensors, f"{name}.zeros", path, (o, g), torch.uint8)
+        if z.numel() and int(z.max()) > 2 ** bits - 1:
+            raise ValueError(f"{path}: layer {name!r} has zero point {int(z.max())}, beyond {bits}-bit codes")
+        layer.zeros.copy_(z.float())
+    return layer
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a quantized bitvit file (without loading its tensors)."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return _parse_header(meta, path)
+
+
+def _parse_header(meta: dict, path) -> dict:
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a quantized bitvit file (format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    try:
+        header = json.loads(meta["header"])
+        for key in ("layers", "attention", "architecture", "sha256"):
+            header[key]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} has a damaged header ({type(e).__name__}: {e})") from None
+    return header
+
+
+def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a quantized model from its file, in eval mode on the CPU.
+
+    A bitvit ViT is rebuilt from the architecture in the header. For any other model, pass `model`,
+    a full-precision instance of its architecture: its nn.Linear layers named in the header are
+    replaced and its other tensors loaded from the file. Refuses a file whose header, tensor names,
+    shapes, dtypes, code ranges or checksum disagree, with a ValueError saying what.
+    """
+    tensors, meta = read_safetensors(path)
+    header = _parse_header(meta, path)
+    if _digest(tensors) != header["sha256"]:
+        raise ValueError(f"{path} is corrupt: its tensors do not match the checksum in its header")
+    arch = header["architecture"]
+    if arch is not None:
+        if arch.get("kind") != "bitvit-vit":
+            raise ValueError(f"{path}: unknown architecture kind {arch.get('kind')!r}")
+        cfg = ViTConfig.from_json(json.dumps(arch["config"]))
+        if model is None:
+            model = VisionTransformer(cfg)
+        elif getattr(model, "config", None) != cfg:
+            raise ValueError(f"{path} holds a different architecture than the model given")
+    elif model is None:
+        raise ValueError(f"{path} holds a model that is not a bitvit ViT: pass model= (a full-precision "
+                         f"instance of its architecture) to rebuild it")
+
+    for name, spec in header["attention"].items():
+        attn = _module(model, name, path)
+        if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
+            raise ValueError(f"{path}: module {name!r} is not an attention block in this architecture")
+        model.set_submodule(name, QuantAttention.from_spec(spec, attn.qkv, attn.proj))
+    for name, entry in header["layers"].items():
+        old = _module(model, name, path)
+        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        if not isinstance(old, (nn.Linear, QuantLinear)) or shape != (entry.get("out_features"),
+                                                                       entry.get("in_features")):
+            raise ValueError(f"{path}: layer {name!r} is {entry.get('out_features')}x{entry.get('in_features')} "
+                             f"in the file but {type(old).__name__} {shape} in the architecture")
+        model.set_submodule(name, _load_layer(name, entry, tensors, path))
+
+    own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    own -= {f"{n}.{b}" for n in header["layers"] for b in _OWN}
+    missing, unexpected = sorted(own - set(tensors)), sorted(set(tensors) - own)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit its architecture: "
+                         + "; ".join(([f"missing {missing[0]!r} and {len(missing) - 1} more"] if missing else [])
+                                     + ([f"unexpected {unexpected[0]!r} and {len(unexpected) - 1} more"]
+                                        if unexpected else [])))
+    state = model.state_dict()
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the architecture expects "
+                             f"{tuple(state[k].shape)}")
+    model.load_state_dict(tensors, strict=False)
+    model.quant_recipe = header.get("recipe")
+    return model.eval()
+
+
+def _module(model: nn.Module, name: str, path) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{path} names module {name!r}, which this architecture does not have") from None
+
+
+def load_any(path: str | os.PathLike) -> nn.Module:
+    """A bitvit model from a full-precision or a quantized file (told apart by the file's format)."""
+    path = str(path)
+    if path.endswith((".pth", ".pt", ".bin")):
+        return load_model(path)
+    from safetensors import safe_open
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if fmt == FORMAT:
+        return load_quantized(path)
+    if fmt in (FP_FORMAT, None):
+        return load_model(path)
+    raise ValueError(f"{path} is a {fmt!r} file, neither a bitvit ViT ({FP_FORMAT}) nor a quantized one ({FORMAT})")

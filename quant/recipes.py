@@ -1,0 +1,205 @@
+"""Recipes: small dataclasses naming how a model is quantized, and `quantize(model, recipe)`, the one entry point.
+
+    import quant
+    model = quant.quantize(model, "w4")                                  # round to nearest, int4, groups of 64
+    model = quant.quantize(model, quant.recipe("w4", group_size=128))    # any field overridden
+    model = quant.quantize(model, "w4-gptq", calib=images)                # GPTQ needs calibration inputs
+
+Names (`RECIPES`):
+  w8a8        int8 per-channel weights, per-token int8 activations (BitNet's absmax), RTN
+  w4, w3, w2  round-to-nearest int4/int3/int2, asymmetric, one scale and zero per group of 64 inputs
+  nf4         NF4 with absmax scales per group of 64, double-quantized as in QLoRA
+  w4-gptq, w3-gptq, w2-gptq   GPTQ at 4/3/2 bits, asymmetric, groups of 64
+  w4a4        ViT-aware W4A4 post-training quantization (`quant.w4a4`: RepQ-ViT-style)
+  w1.58a8     ternary BitNet b1.58 weights, int8 per-token activations: quantization-aware training
+  w1a8        binary BitNet weights, int8 per-token activations: quantization-aware training
+  qvit        Q-ViT: learned head-wise mixed precision under a BitOPs budget (`budget_bits`)
+
+`quantize` works on any model built of nn.Linear layers (every one of them is quantized, unless a
+`layer_formats` pattern says otherwise); the classifier `head` of a bitvit ViT is kept at int8 in the
+low-bit PTQ recipes, as PTQ papers keep the last layer at 8 bits. It changes the model in place and
+returns it. Post-training recipes return a model of QuantLinear layers (save it with
+`quant.save_quantized`); quantization-aware recipes return the model with training-time layers,
+to be trained (`python -m quant.qat`) and frozen into QuantLinear layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from quant.qlinear import QuantLinear
+
+
+def _linears(model: nn.Module) -> list[str]:
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    if not names:
+        raise ValueError("the model has no nn.Linear layers to quantize")
+    return names
+
+
+def _override(name: str, layer_formats: tuple[tuple[str, str], ...]) -> str | None:
+    """The weight format the first matching (fnmatch pattern, format) pair gives layer `name`."""
+    for pattern, fmt in layer_formats:
+        if fnmatch.fnmatchcase(name, pattern):
+            return fmt
+    return None
+
+
+def _need_calib(recipe, calib) -> torch.Tensor:
+    if calib is None:
+        raise ValueError(f"recipe {recipe.name!r} needs calibration inputs: quantize(model, recipe, calib=x) "
+                         f"with x a batch of model inputs (a few hundred training images)")
+    return calib
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Round-to-nearest weights (and optional per-token int8 activations)."""
+    name: str
+    weight_format: str                      # int8 .. int2, nf4, ternary, binary
+    group_size: int | None = 64             # None: one scale per output channel
+    asymmetric: bool = True                 # intB only
+    act_format: str = "none"                # none | int8_token
+    mse_clip: bool = False                  # search each group's clipping range (intB)
+    layer_formats: tuple[tuple[str, str], ...] = (("head", "int8"),)
+
+    def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
+        for name in _linears(model):
+            layer, fmt = model.get_submodule(name), _override(name, self.layer_formats)
+            if fmt is not None:   # an 8-bit override: per-channel symmetric
+                q = QuantLinear.from_linear(layer, fmt, None, False,
+                                            "int8_token" if self.act_format != "none" else "none")
+            else:
+                q = QuantLinear.from_linear(layer, self.weight_format, self.group_size,
+                                            self.asymmetric and self.weight_format.startswith("int"),
+                                            self.act_format, self.mse_clip)
+            model.set_submodule(name, q)
+        return model
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ weights (`quant.gptq`), layer by layer in forward order, from calibration inputs."""
+    name: str
+    bits: int
+    group_size: int | None = 64
+    asymmetric: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    mse_clip: bool = False
+    layer_formats: tuple[tuple[str, str], ...] = (("head", "int8"),)
+
+    def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
+        from quant.gptq import gptq_model
+        names = set(_linears(model))
+
+        def plan(name: str, layer: nn.Module) -> dict | None:
+            if name not in names:
+                return None
+            fmt = _override(name, self.layer_formats)
+            if fmt is not None:
+                return {"weight_format": fmt, "group_size": None, "asymmetric": False}
+            return {"weight_format": f"int{self.bits}", "group_size": self.group_size,
+                    "asymmetric": self.asymmetric, "act_order": self.act_order, "damp": self.damp,
+                    "block_size": self.block_size, "mse_clip": self.mse_clip}
+
+        return gptq_model(model, _need_calib(self, calib), plan)
+
+
+@dataclass(frozen=True)
+class W4A4:
+    """ViT-aware W4A4 post-training quantization (see `quant.w4a4` for the method)."""
+    name: str = "w4a4"
+    weight_bits: int = 4
+    act_bits: int = 4
+    group_size: int | None = None           # weights: per output channel
+    gptq: bool = True                       # weights by GPTQ (else round to nearest)
+    softmax: str = "log2"                   # post-softmax quantizer: log2 (log-sqrt(2)) | uniform
+    reparam_layernorm: bool = True          # RepQ-ViT scale reparameterization of post-LayerNorm inputs
+    layer_formats: tuple[tuple[str, str], ...] = (("head", "int8"),)
+
+    def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
+        from quant.w4a4 import quantize_w4a4
+        return quantize_w4a4(model, _need_calib(self, calib), self)
+
+
+@dataclass(frozen=True)
+class QAT:
+    """Quantization-aware training recipes: `apply` swaps in the training-time layers.
+
+    method "bitnet": BitNet BitLinear layers (`quant.bitlinear`), `weight_format` ternary or binary,
+    per-token int8 activations after a LayerNorm (`input_norm`); "qvit": Q-ViT (`quant.qvit`),
+    learnable scales and bit-widths in [min_bits, max_bits] under a BitOPs budget equal to a uniform
+    `budget_bits`-bit model.
+    """
+    name: str
+    method: str
+    weight_format: str | None = None
+    act_format: str = "int8_token"
+    input_norm: bool = True
+    budget_bits: float | None = None
+    min_bits: int = 2
+    max_bits: int = 8
+    skip: tuple[str, ...] = ("head",)       # bitnet: layers left in floating point
+
+    def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
+        if self.method == "bitnet":
+            from quant.bitlinear import prepare
+            return prepare(model, self.weight_format, self.input_norm, self.skip)
+        if self.method == "qvit":
+            from quant.qvit import prepare
+            return prepare(model, budget_bits=self.budget_bits, bits=(self.min_bits, self.max_bits))
+        raise ValueError(f"unknown QAT method {self.method!r}")
+
+
+Recipe = RTN | GPTQ | W4A4 | QAT
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    RTN("w8a8", "int8", group_size=None, asymmetric=False, act_format="int8_token", layer_formats=()),
+    RTN("w4", "int4"),
+    RTN("w3", "int3"),
+    RTN("w2", "int2"),
+    RTN("nf4", "nf4"),
+    GPTQ("w4-gptq", 4),
+    GPTQ("w3-gptq", 3),
+    GPTQ("w2-gptq", 2),
+    W4A4(),
+    QAT("w1.58a8", "bitnet", weight_format="ternary"),
+    QAT("w1a8", "bitnet", weight_format="binary"),
+    QAT("qvit", "qvit", budget_bits=4.0),
+]}
+
+
+def recipe(name: str, **overrides) -> Recipe:
+    """The named recipe, with any of its fields overridden (`recipe("w4", group_size=128)`)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    try:
+        return dataclasses.replace(RECIPES[name], **overrides)
+    except TypeError as e:
+        fields = ", ".join(f.name for f in dataclasses.fields(RECIPES[name]))
+        raise ValueError(f"recipe {name!r} has no such field ({e}); its fields: {fields}") from None
+
+
+def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None = None) -> nn.Module:
+    """Quantize `model` in place with `recipe` (a Recipe or its name); returns the model, in eval mode.
+
+    `calib` is a batch of model inputs (e.g. a few hundred normalised training images, (N, 3, H, W))
+    for the recipes that calibrate (GPTQ, W4A4). The recipe is recorded on the model
+    (`model.quant_recipe`) and in the file `quant.save_quantized` writes.
+    """
+    r = globals()["recipe"](recipe) if isinstance(recipe, str) else recipe
+    if not dataclasses.is_dataclass(r) or not hasattr(r, "apply"):
+        raise ValueError(f"not a recipe: {recipe!r}")
+    if isinstance(r, QAT):
+        return r.apply(model, calib)
+    model.eval()
+    with torch.no_grad():
+        model = r.apply(model, calib)
+    model.quant_recipe = {"type": type(r).__name__, **dataclasses.asdict(r)}
+    return model

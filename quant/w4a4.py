@@ -1,0 +1,192 @@
+"""ViT-aware W4A4 post-training quantization (the `w4a4` recipe), after RepQ-ViT (Li et al. 2023).
+
+Two ViT activations break naive 4-bit quantization, and each gets its own treatment:
+
+* Post-LayerNorm activations (inputs of `qkv` and `fc1`) vary wildly between channels, so one
+  per-tensor range wastes most codes. We calibrate a range per channel c (scale s_c, integer zero
+  z_c), then reparameterize the scales into the model (RepQ-ViT's scale reparameterization): with
+  s = mean_c s_c, z = round(mean_c z_c), r1_c = s_c / s and r2_c = z_c - z,
+      LayerNorm:  gamma' = gamma / r1,  beta' = (beta + s_c * r2) / r1
+      next layer: W' = W * r1 (per input column),  b' = b - W @ (s_c * r2)
+  after which ONE per-tensor quantizer (s, z) gives every channel exactly the codes its own
+  per-channel quantizer gave, and the layer's output is unchanged. The kernels see a plain
+  per-tensor uint4 input.
+* Post-softmax attention probabilities are heavy-tailed in [0, 1]: a log-sqrt(2) quantizer
+  (`quantize_log2`: half-octave levels 2^(-c/2), the last code for 0) keeps the small
+  probabilities that uniform 4-bit codes would flush to zero.
+* Post-GELU activations (inputs of `fc2`) are skewed (a short negative tail down to -0.17, a long
+  positive one): an asymmetric per-tensor uint4 range whose clipping is searched to minimise the
+  error of the layer's OUTPUT, ||(X - X_hat) W^T||, rather than of X itself (the same for the
+  attention head outputs feeding `proj`).
+Q, K and V get per-head asymmetric uint4 ranges (MSE-searched). Weights are 4-bit, per output
+channel, by GPTQ with the Hessian of the quantized inputs each layer really sees. Calibration goes
+block by block, so every range is found on inputs that already passed through the quantized blocks
+before it. The classifier head stays at int8 weights and per-token int8 inputs; the patch embedding
+(a convolution) stays in floating point.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn as nn
+
+from quant.gptq import capture, gptq_weight, hessian
+from quant.qattention import QuantAttention
+from quant.qlinear import QuantLinear
+from quant.quantizers import Log2Quantizer, UniformQuantizer, quantize_weight, uint_range_params
+
+_CLIPS = torch.linspace(1.0, 0.2, 33)   # candidate range shrink factors for the searches below
+_MAX_TOKENS = 4096                      # tokens used by the range searches (a random subset)
+
+
+def _subset(x: torch.Tensor, n: int = _MAX_TOKENS) -> torch.Tensor:
+    if len(x) <= n:
+        return x
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
+
+
+def _fake(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
+
+
+def channel_ranges(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale and integer zero (K,) of x (T, K), each channel's clipping searched for least MSE."""
+    x = _subset(x)
+    lo, hi = x.amin(0), x.amax(0)
+    best_err = best_s = best_z = None
+    for c in _CLIPS.tolist():
+        s, z = uint_range_params(lo * c, hi * c, bits)
+        err = ((_fake(x, s, z, bits) - x) ** 2).sum(0)
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def tensor_range(x: torch.Tensor, bits: int, weight: torch.Tensor | None = None,
+                 dims: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for x, searched over clipping factors of [min, max].
+
+    With `weight` (O, K) the error measured is the next layer's output error ||(x - x_hat) W^T||^2
+    for x (T, K); else the squared error of x itself. `dims`: the dimensions reduced for one range
+    (default all: per tensor); e.g. (0, 2, 3) gives one range per head of a (B, H, N, d) tensor.
+    """
+    dims = dims if dims is not None else tuple(range(x.ndim))
+    lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+    xs = _subset(x) if weight is not None else x
+    best = None
+    for c in _CLIPS.tolist():
+        s, z = uint_range_params(lo * c, hi * c, bits)
+        e = _fake(xs, s, z, bits) - xs
+        err = ((e @ weight.T) ** 2).sum() if weight is not None else (e ** 2).sum(dims, keepdim=True)
+        if best is None:
+            best = (err, s, z)
+        else:
+            better = err < best[0]
+            best = (torch.where(better, err, best[0]), torch.where(better, s, best[1]), torch.where(better, z, best[2]))
+    return best[1], best[2]
+
+
+def reparameterize_layernorm(norm: nn.LayerNorm, linear: nn.Linear, scale: torch.Tensor,
+                             zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold per-channel ranges (scale, zero (K,)) of norm's output into norm and the linear layer after it.
+
+    Returns the per-tensor (scale, zero) that now quantizes norm's output exactly as the per-channel
+    ranges did (see the module docstring for the algebra). Changes norm and linear in place.
+    """
+    s = scale.mean()
+    z = torch.round(zero.mean())
+    r1, r2 = scale / s, zero - z
+    with torch.no_grad():
+        shift = scale * r2                                   # (K,)
+        if linear.bias is not None:
+            linear.bias -= linear.weight @ shift
+        linear.weight *= r1
+        norm.bias.copy_((norm.bias + shift) / r1)
+        norm.weight /= r1
+    return s, z
+
+
+def _quantize_linear(layer: nn.Linear, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     recipe) -> QuantLinear:
+    """QuantLinear with a static uintB input quantizer (scale, zero) and GPTQ (or RTN) weights."""
+    bits, fmt = recipe.act_bits, f"int{recipe.weight_bits}"
+    x_hat = _fake(x, scale, zero, bits)
+    if recipe.gptq:
+        q = gptq_weight(layer.weight, hessian(x_hat), recipe.weight_bits, recipe.group_size, asymmetric=False)
+    else:
+        q = quantize_weight(layer.weight, fmt, recipe.group_size)
+    ql = QuantLinear.from_codes(q.codes, q.scales, q.zeros, layer.bias, fmt, recipe.group_size,
+                                act_format=f"uint{bits}_tensor")
+    ql.act_quant.scale.copy_(scale.reshape(()))
+    ql.act_quant.zero.copy_(zero.reshape(()))
+    return ql
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    blocks = [m for m in model.modules()
+              if all(hasattr(m, a) for a in ("norm1", "attn", "norm2", "mlp"))
+              and hasattr(m.attn, "qkv") and hasattr(m.mlp, "fc2")]
+    if not blocks:
+        raise ValueError("w4a4 is ViT-aware: it needs pre-norm transformer blocks (norm1, attn.qkv/proj, "
+                         "norm2, mlp.fc1/fc2), as in bitvit's or timm's ViT")
+    return blocks
+
+
+def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe, batch_size: int = 128,
+                  progress: bool = True) -> nn.Module:
+    """Apply the W4A4 recipe to a ViT in place (see the module docstring)."""
+    from tqdm import tqdm
+    bits = recipe.act_bits
+    blocks = _blocks(model)
+    for block in tqdm(blocks, desc="W4A4", unit="block", disable=not progress, leave=False):
+        attn = QuantAttention.from_attention(block.attn)
+        block.attn = attn
+        for norm, owner, name in ((block.norm1, attn, "qkv"), (block.norm2, block.mlp, "fc1")):
+            layer = getattr(owner, name)
+            x = capture(model, layer, calib, batch_size)                        # (T, K) post-LayerNorm
+            if recipe.reparam_layernorm:
+                s_c, z_c = channel_ranges(x, bits)
+                s, z = reparameterize_layernorm(norm, layer, s_c, z_c)
+                x = capture(model, layer, calib, batch_size)
+            else:
+                s, z = tensor_range(x, bits, layer.weight)
+            setattr(owner, name, _quantize_linear(layer, x, s, z, recipe))
+            if name == "qkv":
+                _calibrate_attention(model, attn, calib, bits, recipe, batch_size)
+        for owner, name in ((attn, "proj"), (block.mlp, "fc2")):          # head outputs, post-GELU
+            layer = getattr(owner, name)
+            x = capture(model, layer, calib, batch_size)
+            s, z = tensor_range(x, bits, layer.weight.detach())
+            setattr(owner, name, _quantize_linear(layer, x, s, z, recipe))
+    for name, layer in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
+        fmt = next((f for p, f in recipe.layer_formats if fnmatch.fnmatchcase(name, p)), None)
+        if fmt is None:
+            raise ValueError(f"w4a4 does not know where layer {name!r} sits in a ViT block")
+        model.set_submodule(name, QuantLinear.from_linear(layer, fmt, act_format="int8_token"))
+    return model
+
+
+def _calibrate_attention(model, attn: QuantAttention, calib, bits, recipe, batch_size) -> None:
+    """Per-head ranges for Q, K, V from the quantized qkv's outputs; the softmax quantizer."""
+    y = capture(model, attn.qkv, calib, batch_size, output=True)                # (B, N, 3 D)
+    B, N, _ = y.shape
+    qkv = y.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    for i, slot in enumerate(("q_quant", "k_quant", "v_quant")):
+        quantizer = UniformQuantizer(bits, shape=(1, attn.num_heads, 1, 1))
+        s, z = tensor_range(qkv[i], bits, dims=(0, 2, 3))
+        quantizer.scale.copy_(s)
+        quantizer.zero.copy_(z)
+        setattr(attn, slot, quantizer)
+    if recipe.softmax == "log2":
+        attn.attn_quant = Log2Quantizer(bits)
+    elif recipe.softmax == "uniform":
+        quantizer = UniformQuantizer(bits)
+        quantizer.set_range(torch.tensor(0.0), torch.tensor(1.0))
+        attn.attn_quant = quantizer
+    else:
+        raise ValueError(f"unknown softmax quantizer {recipe.softmax!r}; use log2 or uniform")

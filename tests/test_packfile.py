@@ -1,0 +1,184 @@
+"""Quantized model files: exact round trips in every format, honest sizes, and refusal of bad files."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import quant
+from quant.models import save_model
+from quant.qlinear import QuantLinear
+
+FORMATS = ["int8", "int4", "int3", "int2", "nf4", "ternary", "binary"]
+
+
+def mlp(k: int, hidden: int, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(k, hidden), nn.GELU(), nn.Linear(hidden, 3))
+
+
+def quantized_mlp(fmt: str, k: int, hidden: int, group_size: int | None, asymmetric: bool, seed: int = 0):
+    model = mlp(k, hidden, seed)
+    for i in (0, 2):
+        model[i] = QuantLinear.from_linear(model[i], fmt, group_size, asymmetric and fmt.startswith("int"))
+    return model
+
+
+@settings(max_examples=25, deadline=None)
+@given(fmt=st.sampled_from(FORMATS), k=st.integers(1, 70), hidden=st.integers(1, 9),
+       group=st.integers(1, 70), asymmetric=st.booleans(), seed=st.integers(0, 1000))
+def test_every_format_round_trips_on_any_shape(tmp_path_factory, fmt, k, hidden, group, asymmetric, seed):
+    model = quantized_mlp(fmt, k, hidden, min(group, k), asymmetric, seed)
+    path = tmp_path_factory.mktemp("rt") / "m.safetensors"
+    quant.save_quantized(model, path)
+    back = quant.load_quantized(path, model=mlp(k, hidden))
+    for i in (0, 2):
+        assert torch.equal(back[i].codes(), model[i].codes())
+        assert torch.equal(back[i].dequantized_weight(), model[i].dequantized_weight())
+        assert back[i].spec() == model[i].spec()
+    x = torch.randn(4, k)
+    assert torch.equal(back(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4", "nf4", "w3-gptq", "w4a4"])
+def test_quantized_vit_reloads_to_the_same_outputs(tmp_path, tiny_model, name):
+    x = torch.randn(16, 3, 16, 16)
+    model = quant.quantize(tiny_model, name, calib=x)
+    quant.save_quantized(model, tmp_path / "q.safetensors")
+    back = quant.load_any(tmp_path / "q.safetensors")
+    assert torch.equal(back(x), model(x))
+    assert back.quant_recipe["name"] == name
+
+
+def test_ternary_file_costs_about_1_6_bits_per_weight(tmp_path):
+    model = quantized_mlp("ternary", 640, 256, None, False)
+    storage = quant.save_quantized(model, tmp_path / "t.safetensors")
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert tuple(f.get_tensor("0.packed").shape) == (256, 128)       # 640 codes in 128 base-3 bytes
+        assert tuple(f.get_tensor("0.scales").shape) == (1,)             # one scale for the tensor
+    assert storage["bits_per_weight"] < 1.61
+    assert quant.read_header(tmp_path / "t.safetensors")["storage"] == storage
+
+
+def test_storage_counts_scales_and_zeros(tmp_path):
+    model = quantized_mlp("int4", 128, 64, 64, True)                      # 4 bits + fp16 scale + uint8 zero per 64
+    storage = quant.save_quantized(model, tmp_path / "m.safetensors")
+    assert storage["bits_per_weight"] == pytest.approx(4 + 16 / 64 + 8 / 64, abs=0.01)
+
+
+def test_nf4_file_stores_double_quantized_scales(tmp_path):
+    model = quantized_mlp("nf4", 256, 64, 64, False)
+    storage = quant.save_quantized(model, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert f.get_tensor("0.scales.codes").dtype == torch.int8
+    assert storage["bits_per_weight"] < 4.2                               # 4 + 8/64 + a little
+
+
+# -- refusals
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_model):
+    path = tmp_path / "q.safetensors"
+    quant.save_quantized(quant.quantize(tiny_model, "w4"), path)
+    return path
+
+
+def rewrite(path, out, edit_tensors=None, edit_header=None):
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["header"])
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_header:
+        edit_header(header)
+    save_file(tensors, str(out), metadata={**meta, "header": json.dumps(header)})
+    return out
+
+
+def test_flipped_byte_is_refused_by_the_checksum(saved, tmp_path):
+    data = bytearray(saved.read_bytes())
+    data[-100] ^= 0x40
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        quant.load_quantized(tmp_path / "bad.safetensors")
+
+
+def test_truncated_file_is_refused(saved, tmp_path):
+    (tmp_path / "cut.safetensors").write_bytes(saved.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        quant.load_any(tmp_path / "cut.safetensors")
+
+
+def test_header_disagreeing_with_the_tensors_is_refused(saved, tmp_path):
+    def shrink(h):
+        h["layers"]["blocks.0.mlp.fc1"]["group_size"] = 16   # the file holds one group per row (32 inputs)
+    bad = rewrite(saved, tmp_path / "bad.safetensors", edit_header=shrink)
+    with pytest.raises(ValueError, match="header implies"):
+        quant.load_quantized(bad)
+
+
+def test_layer_that_does_not_fit_the_architecture_is_refused(saved, tmp_path):
+    def widen(h):
+        h["layers"]["blocks.0.mlp.fc1"]["in_features"] = 64
+    with pytest.raises(ValueError, match="in the architecture"):
+        quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=widen))
+
+
+def test_packed_tensor_of_the_wrong_size_is_refused_even_with_a_fixed_checksum(saved, tmp_path):
+    from quant.packfile import _digest
+
+    def cut(t):
+        t["blocks.0.attn.qkv.packed"] = t["blocks.0.attn.qkv.packed"][:, :-1].contiguous()
+    tensors = {}
+
+    def keep(t):
+        cut(t)
+        tensors.update(t)
+    bad = rewrite(saved, tmp_path / "bad.safetensors", edit_tensors=keep,
+                  edit_header=lambda h: h.update(sha256=_digest(tensors)))
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv.packed"):
+        quant.load_quantized(bad)
+
+
+def test_damaged_header_is_refused(saved, tmp_path):
+    with safe_open(str(saved), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "header": "{not json"})
+    with pytest.raises(ValueError, match="damaged header"):
+        quant.load_quantized(tmp_path / "bad.safetensors")
+
+
+def test_full_precision_file_is_not_a_quantized_one(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    with pytest.raises(ValueError, match="not a quantized bitvit file"):
+        quant.load_quantized(tmp_path / "fp.safetensors")
+    assert type(quant.load_any(tmp_path / "fp.safetensors")).__name__ == "VisionTransformer"
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "f.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="neither"):
+        quant.load_any(tmp_path / "f.safetensors")
+
+
+def test_plain_model_file_needs_its_architecture(tmp_path):
+    quant.save_quantized(quantized_mlp("int4", 16, 8, 8, True), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="pass model="):
+        quant.load_quantized(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="in the architecture"):
+        quant.load_quantized(tmp_path / "m.safetensors", model=mlp(16, 9))
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        quant.load_any(tmp_path / "absent.safetensors")
+
+
+def test_saving_an_unquantized_model_is_refused(tmp_path, tiny_model):
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        quant.save_quantized(tiny_model, tmp_path / "x.safetensors")

@@ -1,0 +1,89 @@
+"""quantize(model, recipe): the named recipes, overrides, and models that are not bitvit's ViT."""
+import pytest
+import torch
+import torch.nn as nn
+
+import quant
+from quant.qlinear import QuantLinear
+from quant.recipes import RECIPES
+
+
+class TwoTower(nn.Module):
+    """Not a ViT: linear layers in a ModuleDict and a nested Sequential, with a skip connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.towers = nn.ModuleDict({"a": nn.Linear(24, 48), "b": nn.Linear(24, 48)})
+        self.out = nn.Sequential(nn.ReLU(), nn.Linear(96, 5))
+
+    def forward(self, x):
+        return self.out(torch.cat([self.towers["a"](x), self.towers["b"](x) + x.repeat(1, 2)], -1))
+
+
+def plain_model():
+    torch.manual_seed(0)
+    return TwoTower().eval()
+
+
+def test_every_issue_recipe_name_exists():
+    assert {"w8a8", "w4", "nf4", "w4-gptq", "w3-gptq", "w4a4", "w1.58a8", "w1a8", "qvit"} <= set(RECIPES)
+
+
+def test_recipe_fields_can_be_overridden_and_unknown_ones_are_refused():
+    assert quant.recipe("w4", group_size=128).group_size == 128
+    with pytest.raises(ValueError, match="no such field"):
+        quant.recipe("w4", bitz=3)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        quant.recipe("w5")
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4", "w3", "nf4", "w4-gptq", "w2-gptq"])
+def test_quantize_turns_every_linear_of_a_plain_model_into_quantlinear(name):
+    model, x = plain_model(), torch.randn(64, 24)
+    ref = model(x)
+    out = quant.quantize(model, name, calib=x)
+    assert out is model
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert len([m for m in model.modules() if isinstance(m, QuantLinear)]) == 3
+    rel = (model(x) - ref).norm() / ref.norm()
+    assert rel < {"w8a8": 0.02, "w4": 0.15, "w3": 0.3, "nf4": 0.15, "w4-gptq": 0.15, "w2-gptq": 0.8}[name]
+
+
+def test_plain_model_round_trips_through_a_file(tmp_path):
+    model, x = plain_model(), torch.randn(8, 24)
+    quant.quantize(model, "w4")
+    quant.save_quantized(model, tmp_path / "m.safetensors")
+    back = quant.load_quantized(tmp_path / "m.safetensors", model=TwoTower())
+    assert torch.equal(back(x), model(x))
+
+
+def test_vit_head_stays_int8_in_low_bit_recipes(tiny_model):
+    quant.quantize(tiny_model, "w3")
+    assert tiny_model.head.weight_format == "int8"
+    assert tiny_model.blocks[0].mlp.fc1.weight_format == "int3"
+
+
+def test_w8a8_quantizes_activations_per_token(tiny_model):
+    quant.quantize(tiny_model, "w8a8")
+    assert {m.act_format for m in tiny_model.modules() if isinstance(m, QuantLinear)} == {"int8_token"}
+
+
+def test_calibrating_recipes_need_calibration_inputs():
+    with pytest.raises(ValueError, match="calibration inputs"):
+        quant.quantize(plain_model(), "w4-gptq")
+
+
+def test_w4a4_refuses_a_model_without_vit_blocks():
+    with pytest.raises(ValueError, match="ViT-aware"):
+        quant.quantize(plain_model(), "w4a4", calib=torch.randn(4, 24))
+
+
+def test_qat_recipe_hands_over_training_time_layers(tiny_model):
+    model = quant.quantize(tiny_model, "w1.58a8")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "BitLinear" in kinds and isinstance(model.head, nn.Linear)
+
+
+def test_qvit_recipe_hands_over_learnable_quantizers(tiny_model):
+    model = quant.quantize(tiny_model, quant.recipe("qvit", budget_bits=3))
+    assert any(type(m).__name__ == "LSQLinear" for m in model.modules())

@@ -1,0 +1,76 @@
+"""W4A4: LayerNorm reparameterization is exact, and each activation gets the quantizer the method says."""
+import torch
+import torch.nn as nn
+
+import quant
+from quant.qattention import QuantAttention
+from quant.qlinear import QuantLinear
+from quant.quantizers import Log2Quantizer, UniformQuantizer
+from quant.w4a4 import channel_ranges, reparameterize_layernorm, tensor_range
+
+
+def norm_and_linear(k=24, seed=0):
+    torch.manual_seed(seed)
+    norm, lin = nn.LayerNorm(k), nn.Linear(k, 10)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(k) * 4 + 0.1)        # channels with very different spreads
+        norm.bias.copy_(torch.randn(k))
+    return norm, lin
+
+
+def fake(x, s, z, bits=4):
+    return (torch.clamp(torch.round(x / s) + z, 0, 2 ** bits - 1) - z) * s
+
+
+def test_reparameterization_keeps_the_float_output():
+    norm, lin = norm_and_linear()
+    x = torch.randn(200, 24)
+    ref = lin(norm(x))
+    s_c, z_c = channel_ranges(norm(x).detach(), 4)
+    reparameterize_layernorm(norm, lin, s_c, z_c)
+    assert torch.allclose(lin(norm(x)), ref, atol=1e-4)
+
+
+def test_per_tensor_quantizer_after_reparameterization_equals_per_channel_before():
+    norm, lin = norm_and_linear()
+    x = torch.randn(200, 24)
+    y = norm(x).detach()
+    s_c, z_c = channel_ranges(y, 4)
+    per_channel = lin(fake(y, s_c, z_c))
+    s, z = reparameterize_layernorm(norm, lin, s_c, z_c)
+    assert s.ndim == 0 and z.ndim == 0
+    per_tensor = lin(fake(norm(x).detach(), s, z))
+    assert torch.allclose(per_tensor, per_channel, atol=1e-4)
+
+
+def test_output_aware_range_clips_a_rare_outlier():
+    x = torch.rand(4000, 16)
+    x[0, 0] = 50.0                                       # one token far out
+    s, z = tensor_range(x, 4, weight=torch.randn(8, 16))
+    assert (15 - z) * s < 25                             # the range does not stretch to 50
+
+
+def test_head_wise_range_per_head():
+    x = torch.randn(2, 3, 5, 4) * torch.tensor([1.0, 10.0, 100.0]).view(1, 3, 1, 1)
+    s, z = tensor_range(x, 4, dims=(0, 2, 3))
+    assert s.shape == (1, 3, 1, 1) and s[0, 0] < s[0, 1] < s[0, 2]
+
+
+def test_w4a4_puts_each_quantizer_in_its_place(tiny_model):
+    x = torch.randn(16, 3, 16, 16)
+    ref = tiny_model(x)
+    model = quant.quantize(tiny_model, "w4a4", calib=x)
+    for block in model.blocks:
+        attn = block.attn
+        assert isinstance(attn, QuantAttention)
+        for slot in ("q_quant", "k_quant", "v_quant"):
+            assert isinstance(getattr(attn, slot), UniformQuantizer)
+            assert getattr(attn, slot).scale.shape == (1, 2, 1, 1)      # one range per head
+        assert isinstance(attn.attn_quant, Log2Quantizer) and attn.attn_quant.n_bits == 4
+        for layer in (attn.qkv, attn.proj, block.mlp.fc1, block.mlp.fc2):
+            assert isinstance(layer, QuantLinear)
+            assert (layer.weight_format, layer.act_format) == ("int4", "uint4_tensor")
+            assert layer.group_size == layer.in_features                 # per output channel
+    assert (model.head.weight_format, model.head.act_format) == ("int8", "int8_token")
+    assert torch.isfinite(model(x)).all()
+    assert (model(x).argmax(1) == ref.argmax(1)).float().mean() > 0.5
