@@ -260,11 +260,11 @@ def main(argv=None):
     t0 = time.time()
     model, done = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device,
                       time_limit=args.time_limit)
-    if done and main_rank:
+    if main_rank:  # a run stopped by --time-limit still saves the model so far, marked incomplete
         meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split,
-                "train_seconds": f"{time.time() - t0:.0f}"}
+                "train_seconds": f"{time.time() - t0:.0f}", "complete": str(done).lower()}
         save_model(model, Path(args.out) / "model.safetensors", metadata=meta)
-        print(f"saved {Path(args.out) / 'model.safetensors'}")
+        print(f"saved {Path(args.out) / 'model.safetensors'}{'' if done else ' (incomplete: rerun to resume)'}")
 
 
 if __name__ == "__main__":

@@ -96,3 +96,12 @@ def test_cli_trains_and_saves_a_loadable_model(tmp_path, image_tree, capsys):
     model = load_model(tmp_path / "run" / "model.safetensors")
     assert model.config.classes == TINY.classes and model.config.num_classes == 3
     assert "saved" in capsys.readouterr().out
+
+
+def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, image_tree, capsys):
+    from safetensors import safe_open
+    main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
+          "--epochs", "2", "--batch-size", "4", "--limit", "12", "--time-limit", "0"])
+    with safe_open(tmp_path / "run" / "model.safetensors", "pt") as f:
+        assert f.metadata()["complete"] == "false"
+    assert "incomplete" in capsys.readouterr().out
