@@ -1,0 +1,221 @@
+"""The models the app runs, behind one small interface: `open_model(path)` -> `Backend`.
+
+A `Backend` maps normalised images, float32 (B, 3, S, S), to logits (B, classes) and says what it is:
+its file, the runtime that runs it, its weight format, size on disk and bits per weight. How a bitvit
+`.safetensors` file (full precision or packed) runs is decided in one place, `RUNTIME`:
+  "onnxruntime"  the model is exported once (`export.exporter`, cached by the file's hash) and runs
+                 as an ONNX Runtime session (`export.runtime`): bitvit's ternary/binary ops, int8
+                 MatMulInteger, MatMulNBits. A model the exporter cannot express (mixed formats,
+                 quantized attention) runs in torch instead, and its backend says why.
+  "torch"        the model runs as loaded by `quant.load_any` (QuantLinear's reference forward).
+`.onnx` files always run in ONNX Runtime.
+
+Size and bits per weight: `size_bytes` is the file the model ships as; `bits_per_weight` is
+8 * size_bytes / (parameters of the full-precision architecture), everything in the file counted;
+`linear_bits` is a packed file's own figure for its linear layers (codes + scales + zeros).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import quant
+from quant.models import FORMAT as FP_FORMAT
+from quant.models import ViTConfig, VisionTransformer, count_parameters
+
+RUNTIME = "onnxruntime"
+MODEL_SUFFIXES = (".safetensors", ".onnx")
+
+
+@dataclass
+class Backend:
+    name: str                         # the file name, or a description for an in-memory copy
+    runtime: str                      # "torch" or "ONNX Runtime"
+    weight_format: str                # "fp32", "int8", "ternary", ... ("+"-joined when layers differ)
+    config: ViTConfig
+    size_bytes: int
+    run: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    path: Path | None = None
+    linear_bits: float | None = None
+    note: str = ""                    # anything the page should say about how this model runs
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.size_bytes / fp_parameters(self.config)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Logits (B, classes) of normalised float32 images (B, 3, S, S)."""
+        return self.run(x)
+
+
+@functools.lru_cache(maxsize=None)
+def fp_parameters(cfg: ViTConfig) -> int:
+    """Parameters of the full-precision model of this architecture (the weights a file stores)."""
+    return count_parameters(VisionTransformer(cfg))
+
+
+def normalize(images: np.ndarray, cfg: ViTConfig) -> np.ndarray:
+    """uint8 RGB (B, S, S, 3) -> float32 (B, 3, S, S) normalised with the model's mean and std."""
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    mean = np.asarray(cfg.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(cfg.std, np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
+
+
+def weight_format(model: nn.Module) -> str:
+    formats = sorted({m.weight_format for m in model.modules() if isinstance(m, quant.QuantLinear)})
+    return "+".join(formats) or "fp32"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """What a model file is, read from its header without loading its weights."""
+    path: Path
+    kind: str                  # "fp" (full precision) or "quant" (packed, or a low-precision ONNX export)
+    weight_format: str
+    config: ViTConfig
+    linear_bits: float | None  # a packed file's bits per linear-layer weight (scales included)
+
+    @property
+    def label(self) -> str:
+        bits = f" · {self.linear_bits:.2f} bits/weight" if self.linear_bits is not None else ""
+        return f"{self.weight_format} · {self.path.name}{bits}"
+
+
+def inspect_file(path: str | os.PathLike) -> ModelFile:
+    """Read a bitvit model file's header (FP or packed safetensors, or a bitvit ONNX export)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    if path.suffix == ".onnx":
+        import onnx
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if "bitvit.config" not in meta:
+            raise ValueError(f"{path} is not a bitvit ONNX export (no bitvit.config metadata)")
+        fmt = meta.get("bitvit.format", "?")
+        return ModelFile(path, "fp" if fmt == "fp32" else "quant", fmt, ViTConfig.from_json(meta["bitvit.config"]),
+                         None)
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors' own errors for garbage and truncated files
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
+    if meta.get("format") == FP_FORMAT:
+        return ModelFile(path, "fp", "fp32", ViTConfig.from_json(meta["config"]), None)
+    header = quant.read_header(path)  # refuses anything that is not a quantized bitvit file
+    arch = header.get("architecture") or {}
+    if arch.get("kind") != "bitvit-vit":
+        raise ValueError(f"{path} holds no bitvit ViT architecture")
+    formats = sorted({entry.get("weight_format", "?") for entry in header["layers"].values()})
+    return ModelFile(path, "quant", "+".join(formats), ViTConfig.from_json(json.dumps(arch["config"])),
+                     header.get("storage", {}).get("bits_per_weight"))
+
+
+def scan(folder: str | os.PathLike) -> tuple[list[ModelFile], list[str]]:
+    """Every bitvit model file directly in `folder`, and a line for each file that is not one."""
+    found, skipped = [], []
+    for path in sorted(Path(folder).glob("*")) if Path(folder).is_dir() else []:
+        if path.suffix in MODEL_SUFFIXES:
+            try:
+                found.append(inspect_file(path))
+            except (ValueError, OSError) as e:
+                skipped.append(f"{path.name}: {e}")
+    return found, skipped
+
+
+def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str = RUNTIME) -> Backend:
+    """A bitvit model file (FP or packed `.safetensors`, or a bitvit `.onnx` export), ready to run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    if path.suffix == ".onnx":
+        return _ort_backend(path, path, threads, None)
+    linear_bits = inspect_file(path).linear_bits
+    model = quant.load_any(path).eval()
+    note = ""
+    if runtime == "onnxruntime":
+        try:
+            return _ort_backend(_exported(model, path), path, threads, linear_bits)
+        except (ValueError, OSError, RuntimeError) as e:  # not exportable, or no compiler for the ops
+            note = f"runs in torch: ONNX Runtime could not take it ({str(e).splitlines()[0]})"
+    return _torch_backend(model, path.name, path.stat().st_size, path, linear_bits, threads, note)
+
+
+ON_THE_FLY = ("w8a8", "w4")  # PTQ recipes the app builds from the FP model when assets/ holds no packed model
+
+
+def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str) -> Path:
+    """A packed model file built from a full-precision one with a round-to-nearest PTQ recipe.
+
+    `quant.quantize(model, recipe)` quantizes every nn.Linear (no calibration data needed), then
+    `quant.save_quantized` writes it into the bitvit cache, once per FP file and recipe; the app then
+    opens it like a shipped packed model, so its size on disk is real. The low-bit recipes keep the
+    classifier head at 8 bits; here every layer gets the recipe's format, so the model exports as one
+    format and runs in ONNX Runtime."""
+    fp_path = Path(fp_path)
+    r = quant.recipe(recipe)
+    if not hasattr(r, "layer_formats"):
+        raise ValueError(f"recipe {recipe!r} is not a round-to-nearest PTQ recipe (it needs training or calibration)")
+    digest = hashlib.sha256(fp_path.read_bytes()).hexdigest()[:16]
+    out = _cache() / f"{fp_path.stem}-{digest}-{recipe}.safetensors"
+    if not out.is_file():
+        model = quant.load_any(fp_path)
+        if weight_format(model) != "fp32":
+            raise ValueError(f"{fp_path} is already quantized")
+        model = quant.quantize(model, quant.recipe(recipe, layer_formats=()))
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        quant.save_quantized(model, tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def _cache() -> Path:
+    out = Path(os.environ.get("BITVIT_CACHE", "~/.cache/bitvit")).expanduser() / "app"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _torch_backend(model: nn.Module, name: str, size: int, path: Path | None, linear_bits, threads,
+                   note: str) -> Backend:
+    @torch.inference_mode()
+    def run(x: np.ndarray) -> np.ndarray:
+        if threads:
+            torch.set_num_threads(threads)
+        return model(torch.from_numpy(x)).float().numpy()
+    return Backend(name, "torch", weight_format(model), model.config, size, run, path, linear_bits, note)
+
+
+def _ort_backend(onnx_path: Path, source: Path, threads: int | None, linear_bits) -> Backend:
+    from export.runtime import load
+    session = load(onnx_path, threads=threads)
+    return Backend(source.name, "ONNX Runtime", session.format, session.config, source.stat().st_size,
+                   session, source, linear_bits)
+
+
+def _exported(model: nn.Module, source: Path) -> Path:
+    """The ONNX export of a loaded model, written once per source file into the bitvit cache."""
+    from export.exporter import FORMATS, export, model_format
+    fmt = model_format(model)
+    if fmt not in FORMATS:
+        raise ValueError(f"the exporter has no single format for {fmt} layers")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    out = _cache() / f"{digest}-{fmt}.onnx"
+    if not out.is_file():
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        export(model, tmp, fmt)
+        os.replace(tmp, out)
+    return out

@@ -1,0 +1,113 @@
+"""Frames as they come: any image the page hands over -> the uint8 RGB square the models were trained on.
+
+Webcam frames and uploads arrive as numpy arrays of any size, grayscale (H, W) or (H, W, 1), RGB or
+RGBA, uint8, 16-bit or float, mirrored (a selfie preview) or not, and as `None` between stream events.
+Uploaded files are decoded here, with one clear `ValueError` for anything that is not a readable image
+of reasonable size. `model_view` then resizes the way `quant.data` decodes a data set: shorter side to
+the model's image size (bicubic, antialiased), centre crop -- for the CIFAR models a 32x32 square.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from quant.data import _resize
+
+MAX_PIXELS = 50_000_000   # uploads beyond 50 megapixels are refused, not decoded
+MAX_FILE_BYTES = 50 << 20
+
+
+def to_rgb(frame) -> np.ndarray:
+    """A numpy array or PIL image -> uint8 RGB (H, W, 3); alpha is composited over white."""
+    if isinstance(frame, Image.Image):
+        return _pil_to_rgb(frame)
+    if frame is None:
+        raise ValueError("no image")
+    a = np.asarray(frame)
+    if a.dtype == object or not (a.dtype == bool or np.issubdtype(a.dtype, np.number)):
+        raise ValueError(f"expected an image array, got an array of {a.dtype}")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"the image is empty ({a.shape[1]}x{a.shape[0]} pixels)")
+    a = _to_uint8(a)
+    if a.shape[-1] == 1:
+        return np.repeat(a, 3, axis=-1)
+    if a.shape[-1] == 4:
+        alpha = a[..., 3:].astype(np.float32) / 255
+        return (a[..., :3] * alpha + 255 * (1 - alpha) + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """uint8 as is; bool as 0/255; 16-bit integers scaled down; floats in [0, 1] (or 0..255) scaled."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.complexfloating):
+        raise ValueError(f"expected a real-valued image, got {a.dtype}")
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError("the image holds NaN or infinite values")
+        if a.max(initial=0) <= 1.0:
+            a = a * 255
+        return np.clip(a + 0.5, 0, 255).astype(np.uint8)
+    hi = int(a.max(initial=0))
+    if int(a.min(initial=0)) < 0 or hi > 65535:
+        raise ValueError(f"integer image values must lie in 0..65535, got {int(a.min())}..{hi}")
+    return (a // 257 if hi > 255 else a).astype(np.uint8)
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grayscale
+        return to_rgb(np.asarray(img))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        return to_rgb(np.asarray(img.convert("RGBA")))
+    return to_rgb(np.asarray(img.convert("RGB")))
+
+
+def load_image_file(path: str | os.PathLike) -> np.ndarray:
+    """Decode an uploaded file into uint8 RGB (H, W, 3), or raise ValueError saying what is wrong with it."""
+    try:
+        nbytes = os.path.getsize(path)
+    except OSError:
+        raise ValueError("the uploaded file is gone (upload it again)") from None
+    if nbytes == 0:
+        raise ValueError("the uploaded file is empty")
+    if nbytes > MAX_FILE_BYTES:
+        raise ValueError(f"the file is {nbytes / 2**20:.0f} MB; the app takes images up to "
+                         f"{MAX_FILE_BYTES >> 20} MB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise ValueError(f"the image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels); the app takes "
+                                     f"images up to {MAX_PIXELS / 1e6:.0f} megapixels")
+                img.draft("RGB", (512, 512))  # JPEG: decode at a reduced scale, the models see 32x32 anyway
+                img = ImageOps.exif_transpose(img)  # phone photos: upright as shown
+                return _pil_to_rgb(img)
+    except Image.DecompressionBombError:
+        raise ValueError(f"the image is too large to decode (over {MAX_PIXELS / 1e6:.0f} megapixels)") from None
+    except UnidentifiedImageError:
+        raise ValueError("the file is not an image the app can read (PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
+    except (OSError, SyntaxError, EOFError) as e:  # truncated or damaged data (PIL's errors vary by format)
+        raise ValueError(f"the image file is truncated or damaged ({e})") from None
+
+
+def model_view(rgb: np.ndarray, size: int, mirrored: bool = False) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> uint8 (size, size, 3): un-mirror, shorter side to `size`, centre crop."""
+    if mirrored:
+        rgb = rgb[:, ::-1]
+    img = Image.fromarray(np.ascontiguousarray(rgb))
+    k = min(img.size) // (4 * size)
+    if k >= 2:  # a box reduction first keeps big webcam frames cheap (the bicubic pass then sees <= 8x)
+        img = img.reduce(k)
+    return _resize(img, size)

@@ -1,0 +1,147 @@
+"""Both models on every frame: the side-by-side comparison behind the app's Live and Image tabs.
+
+`Comparison` holds the full-precision backend and the quantized variants (opened on first use and
+kept). `Comparison.run(rgb, variant)` turns one frame into the models' 32x32 (or whatever the models
+take) view and runs both models on it, one after the other in the same call, so they see the same
+input on the same, equally busy CPU; the order alternates from frame to frame. `LiveStats` keeps one
+browser session's sliding windows: each model's latencies and the times frames were processed.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from app.backends import Backend, normalize
+from app.frames import model_view
+
+TOP_K = 3
+WINDOW = 30  # frames in the sliding windows of latency and frame rate
+
+
+@dataclass
+class Reading:
+    """One model on one frame."""
+    backend: Backend
+    probs: np.ndarray        # (classes,) softmax
+    latency_ms: float
+
+    def top(self, k: int = TOP_K) -> dict[str, float]:
+        classes = self.backend.config.classes or tuple(f"class {i}" for i in range(len(self.probs)))
+        best = np.argsort(-self.probs)[:k]
+        return {classes[i]: float(self.probs[i]) for i in best}
+
+
+class Meter:
+    """Latencies of one model over the last `window` frames."""
+
+    def __init__(self, window: int = WINDOW):
+        self.ms: deque[float] = deque(maxlen=window)
+
+    def add(self, ms: float) -> None:
+        self.ms.append(ms)
+
+    @property
+    def last(self) -> float | None:
+        return self.ms[-1] if self.ms else None
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.ms) if self.ms else None
+
+
+@dataclass
+class LiveStats:
+    """One browser session's windows; reset when the quantized variant changes."""
+    variant: str | None = None
+    fp: Meter = field(default_factory=Meter)
+    quant: Meter = field(default_factory=Meter)
+    stamps: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    frames: int = 0
+
+    def reset(self, variant: str) -> None:
+        self.variant, self.fp, self.quant, self.stamps = variant, Meter(), Meter(), deque(maxlen=WINDOW)
+
+    def tick(self) -> None:
+        self.stamps.append(time.perf_counter())
+        self.frames += 1
+
+    @property
+    def fps(self) -> float | None:
+        """Frames processed per second over the window (both models on each)."""
+        if len(self.stamps) < 2 or self.stamps[-1] == self.stamps[0]:
+            return None
+        return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
+
+
+class Comparison:
+    """The full-precision model against one of several quantized variants."""
+
+    def __init__(self, fp: Backend, variants: dict[str, Callable[[], Backend]], default: str | None = None):
+        if not variants:
+            raise ValueError("no quantized variant to compare against")
+        self.fp = fp
+        self.openers = dict(variants)
+        self.default = default if default is not None else next(iter(self.openers))
+        if self.default not in self.openers:
+            raise ValueError(f"unknown variant {self.default!r}; known: {', '.join(self.openers)}")
+        self._open: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+        _warm(fp)
+
+    @property
+    def size(self) -> int:
+        return self.fp.config.img_size
+
+    def variant(self, label: str | None) -> Backend:
+        """The quantized backend of a variant label (opened, checked against the FP model and warmed once)."""
+        label = label or self.default
+        if label not in self.openers:
+            raise ValueError(f"unknown quantized variant {label!r}")
+        with self._lock:
+            if label not in self._open:
+                backend = self.openers[label]()
+                a, b = self.fp.config, backend.config
+                if (a.img_size, a.classes, a.num_classes) != (b.img_size, b.classes, b.num_classes):
+                    raise ValueError(f"{backend.name} takes {b.img_size}x{b.img_size} images and classes "
+                                     f"{list(b.classes)}; the full-precision model takes {a.img_size}x"
+                                     f"{a.img_size} and {list(a.classes)}: they cannot be compared")
+                _warm(backend)
+                self._open[label] = backend
+            return self._open[label]
+
+    def run(self, rgb: np.ndarray, label: str | None, mirrored: bool = False, first: int = 0,
+            repeats: int = 1) -> tuple[np.ndarray, Reading, Reading]:
+        """(model view (S, S, 3), FP reading, quantized reading) of one uint8 RGB frame.
+
+        `first` picks which model runs first (0: FP); `repeats` > 1 times each model that many
+        times and reports the median (for still images)."""
+        quant = self.variant(label)
+        view = model_view(rgb, self.size, mirrored)
+        readings = {}
+        for backend in ((self.fp, quant) if first % 2 == 0 else (quant, self.fp)):
+            x = normalize(view[None], backend.config)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                logits = backend(x)
+                times.append((time.perf_counter() - t) * 1e3)
+            readings[id(backend)] = Reading(backend, _softmax(logits[0]), statistics.median(times))
+        return view, readings[id(self.fp)], readings[id(quant)]
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def _warm(backend: Backend) -> None:
+    """One throw-away call, so the first frame is not timed with lazy initialisation in it."""
+    s = backend.config.img_size
+    backend(np.zeros((1, 3, s, s), np.float32))

@@ -1,0 +1,109 @@
+"""`python app/main.py [--host H] [--port 7860] [--share] [--fp MODEL] [--quant MODEL]`: bitvit's webcam demo.
+
+Serves the Gradio page (Live, Image and Results tabs) comparing a full-precision ViT with a quantized
+one, on the models in `assets/` and with no network. `--fp` defaults to
+`assets/vit_cifar_tiny.safetensors`; the quantized menu lists every packed model in `assets/` (plus
+`--quant`, which is also the default choice; otherwise a ternary model when there is one). With no
+packed model at all, the app quantizes the FP model itself when it starts (`quant.quantize` with the
+round-to-nearest recipes w8a8 and w4, saved in the bitvit cache) and says so on the page. Host and
+port default to what Hugging Face Spaces expects (0.0.0.0:7860, or $GRADIO_SERVER_NAME /
+$GRADIO_SERVER_PORT).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script (`python app/main.py`, and on Spaces): app/ is not installed
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import os  # noqa: E402
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from quant.cli import run  # noqa: E402
+
+ASSETS = ROOT / "assets"
+DEFAULT_FP = ASSETS / "vit_cifar_tiny.safetensors"
+
+
+def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str | Path = ASSETS,
+                    threads: int | None = None, runtime: str | None = None):
+    """(Comparison, variant labels, skipped-file notes) for the FP model and every packed model found."""
+    from app.backends import ON_THE_FLY, RUNTIME, inspect_file, open_model, scan
+    from app.live import Comparison
+    runtime = runtime or RUNTIME
+    found, skipped = scan(assets)
+    if fp is None:
+        fps = [m for m in found if m.kind == "fp" and m.path.suffix == ".safetensors"]
+        if Path(DEFAULT_FP).is_file() and Path(assets).resolve() == ASSETS.resolve():
+            fp = DEFAULT_FP
+        elif fps:
+            fp = fps[0].path
+        else:
+            raise FileNotFoundError(f"no full-precision model in {assets}: pass --fp MODEL "
+                                    f"(a bitvit .safetensors file)")
+    fp_file = inspect_file(fp)
+    if fp_file.kind != "fp":
+        raise ValueError(f"--fp {fp} is a {fp_file.weight_format} model, not a full-precision one")
+    variants = [m for m in found if m.kind == "quant"]
+    if quant is not None:
+        q = inspect_file(quant)
+        variants = [q] + [m for m in variants if m.path.resolve() != q.path.resolve()]
+    keep = []
+    for m in variants:
+        a, b = fp_file.config, m.config
+        if (a.img_size, a.classes) != (b.img_size, b.classes):
+            skipped.append(f"{m.path.name}: takes {b.img_size}x{b.img_size} images of other classes than {fp}")
+        else:
+            keep.append(m)
+    openers = {m.label: functools.partial(open_model, m.path, threads, runtime) for m in keep}
+    if not openers:  # nothing shipped: quantize the FP model here (round to nearest), saved in the cache
+        for name in ON_THE_FLY:
+            label = f"{name} · built on the fly from {Path(fp).name} (PTQ, no packed model in assets/)"
+            openers[label] = functools.partial(_on_the_fly, fp, name, threads, runtime)
+    labels = list(openers)
+    default = labels[0] if quant is not None else next(
+        (m.label for m in keep if m.weight_format == "ternary"), labels[0])
+    return Comparison(open_model(fp, threads, runtime), openers, default), labels, skipped
+
+
+def _on_the_fly(fp, recipe: str, threads, runtime):
+    from app.backends import open_model, quantize_on_the_fly
+    backend = open_model(quantize_on_the_fly(fp, recipe), threads, runtime)
+    backend.note = (f"quant.quantize(model, {recipe!r}) of {Path(fp).name}, round to nearest, built when the app "
+                    f"started (assets/ holds no packed model); " + backend.note).rstrip("; ")
+    return backend
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python app/main.py", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+    p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_tiny.safetensors)")
+    p.add_argument("--quant", help="quantized model to select first (.safetensors or .onnx; default: "
+                                   "a ternary model from assets/)")
+    p.add_argument("--assets", default=str(ASSETS), help="folder of models to offer (default: assets/)")
+    p.add_argument("--results", help="results folder for the Results tab (default: <assets>/results)")
+    p.add_argument("--threads", type=int, help="CPU threads per model (default: all cores)")
+    args = p.parse_args(argv)
+
+    from app.ui import build
+    comparison, labels, skipped = make_comparison(args.fp, args.quant, args.assets, args.threads)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    demo = build(comparison, labels, args.results or Path(args.assets) / "results")
+    print(f"full precision: {comparison.fp.name} ({comparison.fp.runtime}); quantized: {len(labels)} variant(s), "
+          f"default {comparison.default}")
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+        allowed_paths=[str(demo.examples_dir)], max_file_size="50mb")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

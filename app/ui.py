@@ -1,0 +1,229 @@
+"""The Gradio page: Live (webcam), Image (upload, paste, examples) and Results tabs.
+
+`Handlers` holds the functions the page's events call; they take what Gradio hands over (a numpy
+frame or `None` from the webcam stream, an uploaded file's data, the selected variant, the session's
+`LiveStats`) and return the page's new values, or a message in the page when the input is bad.
+`build(comparison, ...)` lays the page out and wires the events.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from app import results as results_mod
+from app.examples import write_examples
+from app.frames import load_image_file, to_rgb
+from app.live import Comparison, LiveStats, Reading
+
+STREAM_EVERY = 0.05   # seconds between webcam frames sent to the server (at most 20 frames/s)
+MIRROR_WEBCAM = True  # the preview is a mirror (as people expect); frames are flipped back before the models
+STILL_REPEATS = 10    # an uploaded image is timed over this many runs per model (median)
+VIEW_SCALE = 4        # the models' view is shown enlarged by this factor (nearest neighbour)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def model_markdown(r: Reading, last: float, median: float | None, n: int) -> str:
+    """One model's card: what it is, its latency, frames per second and size."""
+    b = r.backend
+    bits = f"{b.bits_per_weight:.2f} bits/weight (whole file)"
+    if b.linear_bits is not None:
+        bits += f" · linear layers {b.linear_bits:.2f}"
+    med = median if median is not None else last
+    lines = [f"**{b.name}** · {b.weight_format} · {b.runtime}",
+             f"latency **{last:.2f} ms** last · **{med:.2f} ms** median of {n} · up to {1000 / med:.0f} frames/s",
+             f"size **{_mb(b.size_bytes)}** · {bits}"]
+    if b.note:
+        lines.append(f"<small>{b.note}</small>")
+    return "<br>".join(lines)
+
+
+def summary_markdown(fp: Reading, q: Reading, fp_ms: float, q_ms: float, fps: float | None, what: str) -> str:
+    speed = fp_ms / q_ms
+    size = fp.backend.size_bytes / q.backend.size_bytes
+    agree = "agree" if max(fp.top(1), key=fp.top(1).get) == max(q.top(1), key=q.top(1).get) else "disagree"
+    line = (f"### quantized vs full precision: {speed:.2f}x {'faster' if speed >= 1 else 'slower'} "
+            f"({what} latency) · {size:.1f}x smaller on disk · top-1 {agree}")
+    if fps is not None:
+        line += f"\nprocessed **{fps:.1f} frames/s**, both models on every frame"
+    return line
+
+
+def _enlarge(view: np.ndarray) -> np.ndarray:
+    return view.repeat(VIEW_SCALE, axis=0).repeat(VIEW_SCALE, axis=1)
+
+
+def _upload_path(upload) -> str | None:
+    """The file path in what an Image input hands over unprocessed (FileData dict), or a plain path."""
+    if upload is None:
+        return None
+    if isinstance(upload, (str, Path)):
+        return str(upload)
+    if isinstance(upload, dict) and isinstance(upload.get("path"), str):
+        return upload["path"]
+    raise ValueError("the page sent something that is not an uploaded file")
+
+
+class Handlers:
+    """The page's event functions over one `Comparison` (shared by every visitor)."""
+
+    def __init__(self, comparison: Comparison, mirrored: bool = MIRROR_WEBCAM):
+        self.cmp = comparison
+        self.mirrored = mirrored
+
+    def live(self, frame, variant: str | None, stats: LiveStats | None):
+        """A webcam frame -> (model view, FP top-3, FP card, quantized top-3, quantized card, summary, stats).
+
+        `None` (between stream events) leaves the page as it is; a frame that cannot be read leaves
+        the results and says why in the summary."""
+        stats = stats if isinstance(stats, LiveStats) else LiveStats()
+        if frame is None:
+            return (gr.skip(),) * 6 + (stats,)
+        try:
+            rgb = to_rgb(frame)
+            if stats.variant != (variant or self.cmp.default):
+                stats.reset(variant or self.cmp.default)
+            view, fp, q = self.cmp.run(rgb, variant, self.mirrored, first=stats.frames)
+        except ValueError as e:
+            return (gr.skip(),) * 5 + (f"⚠ {e}", stats)
+        stats.fp.add(fp.latency_ms)
+        stats.quant.add(q.latency_ms)
+        stats.tick()
+        n = len(stats.fp.ms)
+        return (_enlarge(view),
+                fp.top(), model_markdown(fp, fp.latency_ms, stats.fp.median, n),
+                q.top(), model_markdown(q, q.latency_ms, stats.quant.median, n),
+                summary_markdown(fp, q, stats.fp.median, stats.quant.median, stats.fps,
+                                 f"median over {n} frames"),
+                stats)
+
+    def still(self, upload, variant: str | None):
+        """An uploaded or pasted image -> (model view, FP top-3, FP card, quantized top-3, quantized card, summary).
+
+        Each model is timed over STILL_REPEATS runs (median). A file that is not a readable image
+        clears the results and says why."""
+        empty = (None, None, "", None, "")
+        try:
+            path = _upload_path(upload)
+            if path is None:
+                return empty + ("Upload, paste or pick an image.",)
+            view, fp, q = self.cmp.run(load_image_file(path), variant, repeats=STILL_REPEATS)
+        except ValueError as e:
+            return empty + (f"⚠ {e}",)
+        return (_enlarge(view),
+                fp.top(), model_markdown(fp, fp.latency_ms, None, STILL_REPEATS),
+                q.top(), model_markdown(q, q.latency_ms, None, STILL_REPEATS),
+                summary_markdown(fp, q, fp.latency_ms, q.latency_ms, None, f"median of {STILL_REPEATS} runs"))
+
+
+def _results_outputs(folder: Path, classes: tuple[str, ...]):
+    res = results_mod.load(folder)
+    cms = res.having("confusion")
+    allocs = res.having("allocation")
+    cm_choice = cms[0].label if cms else None
+    alloc_choice = allocs[0].label if allocs else None
+    return (results_mod.summary(res),
+            _plot(results_mod.accuracy_vs_bits(res)), _plot(results_mod.latency_bars(res)),
+            _plot(results_mod.size_bars(res)),
+            gr.update(choices=[e.label for e in cms], value=cm_choice, visible=bool(cms)),
+            _plot(results_mod.confusion_plot(cms[0], classes) if cms else None),
+            gr.update(choices=[e.label for e in allocs], value=alloc_choice, visible=bool(allocs)),
+            _plot(results_mod.allocation_plot(allocs[0]) if allocs else None))
+
+
+def _plot(fig):
+    return gr.update(value=fig, visible=fig is not None)
+
+
+def _pick(folder: Path, prop: str, label: str | None, draw):
+    entries = {e.label: e for e in results_mod.load(folder).having(prop)}
+    return _plot(draw(entries[label]) if label in entries else None)
+
+
+def build(comparison: Comparison, variant_labels: list[str], results_dir: str | Path,
+          examples_dir: str | Path | None = None) -> gr.Blocks:
+    """The app's page over `comparison`; `variant_labels` fill the quantized-model menu."""
+    h = Handlers(comparison)
+    fp = comparison.fp
+    s = comparison.size
+    classes = fp.config.classes
+    results_dir = Path(results_dir)
+    examples_dir = Path(examples_dir or tempfile.mkdtemp(prefix="bitvit-examples-"))
+    examples = write_examples(examples_dir)
+
+    with gr.Blocks(title="bitvit: full precision vs quantized ViT") as demo:
+        gr.Markdown(
+            f"# bitvit: a full-precision and a quantized Vision Transformer, side by side\n"
+            f"Both models classify the same frames, one after the other in the same call on this machine's "
+            f"CPU. The models see **{s}x{s} pixels**: every frame is resized (shorter side to {s}) and "
+            f"centre-cropped, as their training images were; the small picture shows exactly what they see. "
+            f"Classes: {', '.join(classes)}.\n\n"
+            f"Full precision: **{fp.name}** ({fp.weight_format}, {fp.runtime}, {_mb(fp.size_bytes)})."
+            + (f" <small>{fp.note}</small>" if fp.note else ""))
+        variant = gr.Dropdown(variant_labels, value=comparison.default, label="quantized model",
+                              info="every packed model found in assets/", elem_id="variant")
+
+        def outputs(prefix: str):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    fp_label = gr.Label(num_top_classes=3, label="full precision", elem_id=f"{prefix}-fp-label")
+                    fp_md = gr.Markdown(elem_id=f"{prefix}-fp-stats")
+                with gr.Column(scale=1):
+                    q_label = gr.Label(num_top_classes=3, label="quantized", elem_id=f"{prefix}-q-label")
+                    q_md = gr.Markdown(elem_id=f"{prefix}-q-stats")
+            summary = gr.Markdown(elem_id=f"{prefix}-summary")
+            return fp_label, fp_md, q_label, q_md, summary
+
+        with gr.Tab("Live"):
+            with gr.Row():
+                webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="webcam",
+                                  webcam_options=gr.WebcamOptions(mirror=MIRROR_WEBCAM), elem_id="webcam")
+                live_view = gr.Image(label=f"what the models see ({s}x{s}, enlarged)", interactive=False,
+                                     height=s * VIEW_SCALE + 60, elem_id="live-view")
+            live_out = outputs("live")
+            stats = gr.State(LiveStats())
+            webcam.stream(h.live, [webcam, variant, stats], [live_view, *live_out, stats],
+                          stream_every=STREAM_EVERY, concurrency_limit=1, show_progress="hidden",
+                          api_name="live")
+
+        with gr.Tab("Image"):
+            with gr.Row():
+                still = gr.Image(sources=["upload", "clipboard"], type="filepath", image_mode=None,
+                                 label="upload or paste an image", elem_id="still")
+                still_view = gr.Image(label=f"what the models see ({s}x{s}, enlarged)", interactive=False,
+                                      height=s * VIEW_SCALE + 60)
+            gr.Examples([[str(p)] for p in examples], inputs=[still],
+                        label="drawn examples (not CIFAR images)")
+            still_out = outputs("still")
+            # preprocess=False: the handler decodes the file itself, so a bad upload gets a message
+            still.change(h.still, [still, variant], [still_view, *still_out], preprocess=False,
+                         api_name="classify")
+            variant.change(h.still, [still, variant], [still_view, *still_out], preprocess=False,
+                           api_name=False)
+
+        with gr.Tab("Results"):
+            res_md = gr.Markdown()
+            acc_plot = gr.Plot(label="accuracy against bits per weight")
+            lat_plot = gr.Plot(label="latency")
+            size_plot = gr.Plot(label="size on disk")
+            cm_pick = gr.Dropdown(label="confusion matrix of")
+            cm_plot = gr.Plot(label="confusion matrix")
+            alloc_pick = gr.Dropdown(label="Q-ViT bit allocation of")
+            alloc_plot = gr.Plot(label="bit allocation")
+            reload = gr.Button("Reload results")
+            res_outputs = [res_md, acc_plot, lat_plot, size_plot, cm_pick, cm_plot, alloc_pick, alloc_plot]
+            load_results = lambda: _results_outputs(results_dir, classes)  # noqa: E731
+            demo.load(load_results, None, res_outputs, api_name=False)
+            reload.click(load_results, None, res_outputs, api_name=False)
+            cm_pick.change(lambda label: _pick(results_dir, "confusion", label,
+                                               lambda e: results_mod.confusion_plot(e, classes)),
+                           cm_pick, cm_plot, api_name=False)
+            alloc_pick.change(lambda label: _pick(results_dir, "allocation", label, results_mod.allocation_plot),
+                              alloc_pick, alloc_plot, api_name=False)
+    demo.examples_dir = examples_dir
+    return demo

@@ -1,0 +1,304 @@
+"""The app's pieces on tiny models and synthetic frames: frames, backends, handlers, results plots."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import quant
+from app.backends import inspect_file, open_model, quantize_on_the_fly, scan
+from app.examples import SIZE, write_examples
+from app.frames import load_image_file, model_view, to_rgb
+from app.live import Comparison, LiveStats
+from app.main import main, make_comparison
+from app.ui import Handlers
+from app import results
+from quant.cli import run
+from quant.models import save_model
+
+from conftest import TINY
+
+S = TINY.img_size
+
+
+@pytest.fixture
+def fp_file(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    return tmp_path / "fp.safetensors"
+
+
+def packed(model, path, fmt="int8"):
+    q = quant.quantize(model, quant.recipe("w8a8", weight_format=fmt))
+    quant.save_quantized(q, path)
+    return path
+
+
+@pytest.fixture
+def assets(tmp_path, tiny_model, fp_file):
+    """A folder like assets/: the FP model, a ternary and an int8 packed model, and a stray file."""
+    folder = tmp_path / "assets"
+    folder.mkdir()
+    save_model(tiny_model, folder / "fp.safetensors")
+    packed(quant.load_any(fp_file), folder / "tiny_int8.safetensors")
+    packed(quant.load_any(fp_file), folder / "tiny_ternary.safetensors", "ternary")
+    (folder / "notes.safetensors").write_bytes(b"not a model")
+    return folder
+
+
+@pytest.fixture
+def handlers(fp_file, tmp_path):
+    fp = open_model(fp_file, runtime="torch")
+    q = packed(quant.load_any(fp_file), tmp_path / "q.safetensors")
+    return Handlers(Comparison(fp, {"int8": lambda: open_model(q, runtime="torch")}))
+
+
+def frame(shape, dtype=np.uint8, seed=0):
+    rng = np.random.default_rng(seed)
+    if dtype == np.uint8:
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    if dtype == np.uint16:
+        return rng.integers(0, 65536, shape, dtype=np.uint16)
+    return rng.random(shape).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- frames
+
+@pytest.mark.parametrize("shape", [(48, 64), (48, 64, 1), (48, 64, 3), (48, 64, 4)])
+def test_every_colour_mode_becomes_uint8_rgb(shape):
+    rgb = to_rgb(frame(shape))
+    assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+
+
+def test_grayscale_is_repeated_into_three_equal_channels():
+    rgb = to_rgb(frame((8, 8)))
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+
+
+def test_transparent_pixels_are_composited_over_white():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[0, 0] = (10, 20, 30, 255)
+    rgb = to_rgb(rgba)
+    assert tuple(rgb[0, 0]) == (10, 20, 30) and (rgb[1:, 1:] == 255).all()
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.float64])
+def test_16_bit_and_float_frames_are_scaled_to_uint8(dtype):
+    a = frame((6, 6, 3), dtype)
+    rgb = to_rgb(a)
+    assert rgb.dtype == np.uint8
+    expected = a / 257 if dtype == np.uint16 else a * 255
+    assert np.abs(rgb.astype(float) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("bad", [None, np.zeros((4, 4, 2), np.uint8), np.zeros((2, 4, 4, 3), np.uint8),
+                                 np.zeros((0, 4, 3), np.uint8), np.array([["a"]]), np.full((4, 4), np.nan),
+                                 np.full((4, 4), -5, np.int32)])
+def test_frames_that_are_not_images_are_refused_with_a_message(bad):
+    with pytest.raises(ValueError):
+        to_rgb(bad)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (S, S), (31, 200), (480, 640), (1080, 1920)])
+def test_the_model_view_is_the_models_square_for_any_frame_size(hw):
+    view = model_view(frame((*hw, 3)), S)
+    assert view.shape == (S, S, 3) and view.dtype == np.uint8
+
+
+def test_a_mirrored_frame_is_flipped_back_before_the_model_sees_it():
+    f = frame((40, 60, 3))
+    assert np.array_equal(model_view(f[:, ::-1], S, mirrored=True), model_view(f, S))
+    assert not np.array_equal(model_view(f, S, mirrored=True), model_view(f, S))
+
+
+def test_an_uploaded_png_with_alpha_and_a_jpeg_decode(tmp_path):
+    Image.fromarray(frame((30, 40, 4))).save(tmp_path / "a.png")
+    Image.fromarray(frame((30, 40, 3))).save(tmp_path / "b.jpg")
+    for name in ("a.png", "b.jpg"):
+        assert load_image_file(tmp_path / name).shape == (30, 40, 3)
+
+
+def test_bad_uploads_get_one_clear_message(tmp_path):
+    (tmp_path / "text.png").write_text("hello, not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.fromarray(frame((64, 64, 3))).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:300])
+    Image.new("1", (10_000, 6_000)).save(tmp_path / "huge.png")   # 60 megapixels, a small file
+    expected = {"text.png": "not an image", "empty.png": "empty", "cut.png": "truncated or damaged",
+                "huge.png": "megapixels", "missing.png": "gone"}
+    for name, words in expected.items():
+        with pytest.raises(ValueError, match=words):
+            load_image_file(tmp_path / name)
+
+
+# ----------------------------------------------------------------------------- backends
+
+def test_a_packed_file_is_found_and_described_from_its_header(assets):
+    found, skipped = scan(assets)
+    kinds = {m.path.name: (m.kind, m.weight_format) for m in found}
+    assert kinds == {"fp.safetensors": ("fp", "fp32"), "tiny_int8.safetensors": ("quant", "int8"),
+                     "tiny_ternary.safetensors": ("quant", "ternary")}
+    assert len(skipped) == 1 and skipped[0].startswith("notes.safetensors")
+
+
+def test_a_backends_size_is_its_file_and_bits_per_weight_follow_from_it(assets):
+    b = open_model(assets / "tiny_ternary.safetensors", runtime="torch")
+    params = sum(p.numel() for p in quant.models.VisionTransformer(TINY).parameters())
+    assert b.size_bytes == os.path.getsize(assets / "tiny_ternary.safetensors")
+    assert b.bits_per_weight == pytest.approx(8 * b.size_bytes / params)
+    assert b.weight_format == "ternary" and b.linear_bits < 4
+
+
+def test_foreign_and_missing_model_files_are_refused(tmp_path, assets):
+    with pytest.raises(FileNotFoundError):
+        open_model(tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError):
+        inspect_file(assets / "notes.safetensors")
+
+
+def test_the_torch_and_onnx_runtime_backends_agree(fp_file):
+    x = np.random.default_rng(0).normal(size=(2, 3, S, S)).astype(np.float32)
+    torch_out = open_model(fp_file, runtime="torch")(x)
+    ort = open_model(fp_file, runtime="onnxruntime")
+    assert ort.runtime == "ONNX Runtime"
+    np.testing.assert_allclose(ort(x), torch_out, atol=1e-4)
+
+
+def test_a_model_quantized_on_the_fly_is_a_real_packed_file_close_to_the_fp_model(fp_file):
+    path = quantize_on_the_fly(fp_file, "w8a8")
+    assert quant.read_header(path)["storage"]["bits_per_weight"] > 8
+    x = torch.randn(4, 3, S, S)
+    fp, q = quant.load_any(fp_file), quant.load_any(path)
+    assert path.stat().st_size < fp_file.stat().st_size
+    torch.testing.assert_close(q(x), fp(x), atol=0.05, rtol=0.05)
+    assert quantize_on_the_fly(fp_file, "w8a8") == path   # built once, then taken from the cache
+
+
+# ----------------------------------------------------------------------------- the app's models
+
+def test_the_menu_lists_every_packed_model_and_starts_on_the_ternary_one(assets):
+    cmp, labels, skipped = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
+    assert len(labels) == 2 and cmp.default.startswith("ternary")
+    assert any(s.startswith("notes.safetensors") for s in skipped)
+
+
+def test_without_a_packed_model_the_app_quantizes_the_fp_model_itself(fp_file, tmp_path):
+    cmp, labels, _ = make_comparison(fp_file, None, tmp_path / "empty", runtime="torch")
+    assert [label.split(" ")[0] for label in labels] == ["w8a8", "w4"]
+    q = cmp.variant(cmp.default)
+    assert q.weight_format == "int8" and "on the fly" not in q.name and "quant.quantize" in q.note
+
+
+def test_a_quantized_file_given_as_the_fp_model_is_refused(assets):
+    with pytest.raises(ValueError, match="not a full-precision"):
+        make_comparison(assets / "tiny_int8.safetensors", None, assets, runtime="torch")
+
+
+def test_a_variant_for_other_classes_is_refused(fp_file, tmp_path):
+    other = quant.models.VisionTransformer(quant.models.ViTConfig(**{**TINY.__dict__, "num_classes": 2,
+                                                                     "classes": ("a", "b")}))
+    path = packed(other, tmp_path / "other.safetensors")
+    cmp = Comparison(open_model(fp_file, runtime="torch"), {"other": lambda: open_model(path, runtime="torch")})
+    with pytest.raises(ValueError, match="cannot be compared"):
+        cmp.variant("other")
+
+
+def test_the_command_line_says_error_in_one_line_for_a_missing_model(tmp_path, capsys):
+    assert run(main, ["--fp", str(tmp_path / "missing.safetensors"), "--assets", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+
+
+# ----------------------------------------------------------------------------- handlers
+
+@pytest.mark.parametrize("f", [frame((S, S, 3)), frame((480, 640)), frame((120, 90, 1)), frame((240, 320, 4)),
+                               frame((7, 1000, 3)), frame((50, 50, 3), np.float32), frame((60, 80, 3), np.uint16)],
+                         ids=["square", "gray", "gray1", "rgba", "strip", "float", "uint16"])
+def test_a_webcam_frame_of_any_mode_and_size_gives_both_models_results(handlers, f):
+    view, fp_top, fp_card, q_top, q_card, summary, stats = handlers.live(f, None, LiveStats())
+    assert view.shape[:2] == (4 * S, 4 * S)
+    assert set(fp_top) <= set(TINY.classes) and len(fp_top) == 3 and len(q_top) == 3
+    assert abs(sum(fp_top.values()) - 1) < 1e-6
+    assert "ms" in fp_card and "ms" in q_card and ("MB" in fp_card or "kB" in fp_card)
+    assert "smaller on disk" in summary and stats.frames == 1
+
+
+def test_none_between_stream_events_changes_nothing(handlers):
+    stats = LiveStats()
+    out = handlers.live(None, None, stats)
+    assert stats.frames == 0 and out[-1] is stats
+    assert all(type(o).__name__ != "ndarray" for o in out[:-1])   # gr.skip(): the page keeps its values
+
+
+def test_a_garbage_frame_gives_a_message_and_the_stream_goes_on(handlers):
+    stats = LiveStats()
+    out = handlers.live(np.zeros((5, 5, 2), np.uint8), None, stats)
+    assert out[5].startswith("⚠") and stats.frames == 0
+    assert handlers.live(frame((40, 40, 3)), None, stats)[-1].frames == 1
+
+
+def test_latency_windows_fill_frame_by_frame_and_restart_with_another_variant(handlers):
+    stats = LiveStats()
+    for i in range(4):
+        stats = handlers.live(frame((40, 40, 3), seed=i), None, stats)[-1]
+    assert len(stats.fp.ms) == len(stats.quant.ms) == 4 and stats.fps > 0
+    handlers.cmp.openers["again"] = handlers.cmp.openers["int8"]
+    stats = handlers.live(frame((40, 40, 3)), "again", stats)[-1]
+    assert len(stats.fp.ms) == 1
+
+
+def test_an_uploaded_image_gives_both_models_results(handlers, tmp_path):
+    Image.fromarray(frame((100, 150, 4))).save(tmp_path / "x.png")
+    view, fp_top, fp_card, q_top, q_card, summary = handlers.still({"path": str(tmp_path / "x.png")}, None)
+    assert view.shape[:2] == (4 * S, 4 * S) and len(fp_top) == 3 and "median of" in summary
+
+
+def test_a_bad_upload_clears_the_results_and_says_why(handlers, tmp_path):
+    (tmp_path / "x.png").write_text("not an image")
+    out = handlers.still({"path": str(tmp_path / "x.png")}, None)
+    assert out[:5] == (None, None, "", None, "") and out[5].startswith("⚠")
+    assert handlers.still(None, None)[5].startswith("Upload")
+
+
+def test_the_drawn_examples_are_pictures_not_blank_squares(tmp_path):
+    paths = write_examples(tmp_path)
+    assert len(paths) == 5
+    for p in paths:
+        a = np.asarray(Image.open(p))
+        assert a.shape == (SIZE, SIZE, 3) and a.std() > 10
+
+
+# ----------------------------------------------------------------------------- results
+
+def write_results(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ptq.json").write_text(json.dumps({
+        "command": "python -m quant.ptq", "machine": "test", "split": "test",
+        "results": [{"recipe": "fp32", "top1": 0.8, "bits_per_weight": 32, "size_bytes": 2_000_000,
+                     "latency_ms": {"1": 3.0, "8": 10.0}, "confusion": np.eye(3, dtype=int).tolist()},
+                    {"recipe": "w4", "top1": 0.78, "bits_per_weight": 4.4, "size_bytes": 400_000}]}))
+    (folder / "qvit.json").write_text(json.dumps({
+        "name": "qvit", "attention": {"blocks.0.attn": {"q": [4, 3], "k": [2, 8]}},
+        "layers": {"blocks.0.mlp.fc1": {"weight": 4, "input": 8}}, "bitops": 1.0}))
+    (folder / "broken.json").write_text("{")
+    return folder
+
+
+def test_the_results_tab_reads_every_file_and_draws_what_exists(tmp_path):
+    res = results.load(write_results(tmp_path / "results"))
+    assert {e.name for e in res.having("top1", "bits")} == {"fp32", "w4"}
+    assert res.having("latency_ms")[0].latency_ms == 3.0     # batch 1 of {batch: ms}
+    assert len(res.having("confusion")) == 1 and len(res.having("allocation")) == 1
+    assert res.errors and "broken.json" in res.errors[0]
+    for fig in (results.accuracy_vs_bits(res), results.latency_bars(res), results.size_bars(res),
+                results.confusion_plot(res.having("confusion")[0], TINY.classes),
+                results.allocation_plot(res.having("allocation")[0])):
+        assert fig is not None and fig.axes
+
+
+def test_without_results_files_the_tab_says_what_is_missing(tmp_path):
+    res = results.load(tmp_path / "nothing")
+    assert results.accuracy_vs_bits(res) is None
+    text = results.summary(res)
+    assert "no results files" in text and "confusion" in text
