@@ -87,8 +87,14 @@ class LearnedQuantizer(nn.Module):
         return self.bit_param.requires_grad
 
     def soft_bits(self) -> torch.Tensor:
-        """The float bit-width b~ clamped to the candidate range, (bit_groups,)."""
-        return (self.bit_param * self.bit_lr_scale).clamp(self.b_min, self.b_max)
+        """The float bit-width b~ clamped to the candidate range, (bit_groups,).
+
+        The clamp is straight-through (a width pushed past 8 still feels the BitOPs penalty), and the
+        gradient reaching `bit_param` is dL/db~ / bit_lr_scale: Adam ignores a gradient's size, and a
+        small one keeps the widths out of the global gradient-norm clipping of the weights.
+        """
+        b = scale_grad(self.bit_param, 1.0 / self.bit_lr_scale ** 2) * self.bit_lr_scale
+        return b + (b.clamp(self.b_min, self.b_max) - b).detach()
 
     def bits(self) -> torch.Tensor:
         """Integer bit-widths b (as floats, straight-through to b~), (bit_groups,)."""

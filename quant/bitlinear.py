@@ -1,0 +1,97 @@
+"""BitNet's training-time linear layers, 1-bit (`w1a8`) and ternary b1.58 (`w1.58a8`), and their freezing.
+
+`BitLinear` computes, for x (..., K) and a float latent weight W (O, K) that the optimizer updates,
+
+    x   = LayerNorm(x)                                   optional `input_norm` (BitNet's LN before quant)
+    x_q = per-token absmax int8 of x                     s[t] = max|x[t]| / 127, round half to even
+    W_q = sign(W - mean W) * mean|W|                     binary  (BitNet, Wang et al. 2023)
+        = clamp(round(W / mean|W|), -1, 1) * mean|W|     ternary (BitNet b1.58, Ma et al. 2024)
+    y   = x_q @ W_q^T + bias
+
+with straight-through gradients for both quantizers (`quant.quantizers`). `freeze()` turns it into
+the packed `QuantLinear` (weight codes + one scale, `act_format="int8_token"`, the same LayerNorm as
+`input_norm`), which computes exactly the same function: y[t, o] = s[t] * beta * sum_k q[t, k] c[o, k] + b[o].
+
+`prepare(model, ...)` swaps a model's nn.Linear layers (all but `skip`) for BitLinear layers, for
+quantization-aware training from the model's own weights; `freeze(model)` swaps them for QuantLinear.
+Attention matmuls stay in floating point, as in BitNet.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.qlinear import QuantLinear
+from quant.quantizers import dequantize, fake_quant_int8_token, quantize_binary, quantize_ternary, ste
+
+FORMATS = ("binary", "ternary")
+
+
+class BitLinear(nn.Linear):
+    """nn.Linear with BitNet's binary or ternary weights and per-token int8 inputs (fake-quantized)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_format: str = "binary",
+                 input_norm: bool = True):
+        super().__init__(in_features, out_features, bias)
+        if weight_format not in FORMATS:
+            raise ValueError(f"BitLinear weights are {' or '.join(FORMATS)}, not {weight_format!r}")
+        self.weight_format = weight_format
+        self.input_norm = nn.LayerNorm(in_features, eps=1e-6) if input_norm else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_format: str, input_norm: bool = True) -> "BitLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_format, input_norm)
+        layer.to(linear.weight.device)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def _codes(self):
+        return quantize_ternary(self.weight) if self.weight_format == "ternary" else quantize_binary(self.weight)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight (O, K), straight-through to the latent weight: the very codes and
+        (float16-exact) scale that `freeze` packs, so the frozen layer computes the same function."""
+        q = self._codes()
+        w = dequantize(q.codes, q.scales, None, self.weight_format, self.in_features)
+        return ste(self.weight, w.to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        return F.linear(fake_quant_int8_token(x), self.quantized_weight(), self.bias)
+
+    @torch.no_grad()
+    def freeze(self) -> QuantLinear:
+        """The packed layer computing this layer's function (weights as codes + one scale)."""
+        q = self._codes()
+        norm = None
+        if self.input_norm is not None:
+            norm = nn.LayerNorm(self.in_features, eps=self.input_norm.eps)
+            norm.load_state_dict(self.input_norm.state_dict())
+        return QuantLinear.from_codes(q.codes, q.scales, None, self.bias, self.weight_format,
+                                      act_format="int8_token", input_norm=norm).to(self.weight.device)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_format={self.weight_format}, input_norm={self.input_norm is not None}"
+
+
+def prepare(model: nn.Module, weight_format: str, input_norm: bool = True,
+            skip: tuple[str, ...] = ("head",)) -> nn.Module:
+    """Replace every nn.Linear of `model` whose name is not in `skip` by a BitLinear (in place)."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skip]
+    if not names:
+        raise ValueError("the model has no nn.Linear layers to turn into BitLinear layers")
+    for name in names:
+        model.set_submodule(name, BitLinear.from_linear(model.get_submodule(name), weight_format, input_norm))
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace every BitLinear of `model` by its packed QuantLinear (in place)."""
+    for name in [n for n, m in model.named_modules() if isinstance(m, BitLinear)]:
+        model.set_submodule(name, model.get_submodule(name).freeze())
+    return model

@@ -1,0 +1,356 @@
+"""Q-ViT (Li et al. 2022): quantization-aware training with learned step sizes AND learned bit-widths.
+
+`prepare(model, budget_bits=4)` makes a ViT's linear layers and attention fake-quantized with
+`quant.lsq.LearnedQuantizer`s (candidate widths 2..8, one step size per candidate: switchable scales):
+  * every nn.Linear (qkv, proj, fc1, fc2 of each block, and the classification head): its weight
+    (one learned width per layer, a step size per output channel) and its input (per tensor; the
+    post-GELU input of fc2 with an LSQ+ offset; proj's input is the head outputs, quantized below);
+  * each attention block (`quant.qattention.QuantAttention` slots), head-wise: Q, K, V, the
+    post-softmax attention probabilities and the head outputs each learn one width per head.
+The patch embedding and its conv stem stay in floating point, as in every bitvit recipe (the packed
+format is for linear layers); their multiply-adds are outside the BitOPs count.
+
+BitOPs (`bitops`): sum over quantized matmuls of multiply-adds per image x weight bits x input bits,
+head by head in attention (q k^T: b_q * b_k, attn @ v: b_attn * b_v, proj: b_w * b_out). The budget
+of "N bits" is the BitOPs of the same model at N-bit weights and N-bit inputs everywhere; the
+penalty `eta * max(0, bitops / budget - 1)**2` joins the loss (Q-ViT's eq. 13, made scale-free).
+
+Training (`quant.qat`) runs Q-ViT's two stages: a searching stage (a fraction `search_ratio` of the
+epochs; widths and weights learn together, starting from N + 1 bits and 8 bits for the head), then
+`fix_bits` rounds the widths, lowers the least certain ones until the budget holds, and the model is
+fine-tuned with the widths fixed. With `learn_bits=False` every width stays at N: plain LSQ+.
+
+`bit_allocation` / `save_allocation` / `plot_allocation` write the learned widths (JSON) and draw them
+per layer and per head; `freeze` turns the model into packed `QuantLinear` layers (int2..int8 codes,
+static uint input quantizers) and `UniformQuantizer`s in the attention slots, computing the same function.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.lsq import LearnedQuantizer, levels
+from quant.models import Attention, Mlp
+from quant.qattention import QuantAttention
+from quant.qlinear import QuantLinear
+from quant.quantizers import UniformQuantizer
+
+BIT_RANGE = (2, 8)
+HEAD_SLOTS = {"q_quant": True, "k_quant": True, "v_quant": True, "attn_quant": False, "out_quant": True}  # signed?
+
+
+class LSQLinear(nn.Linear):
+    """nn.Linear with a learned-step-size weight quantizer (per output channel, one width for the
+    layer) and, unless its input is quantized upstream, a per-tensor input quantizer."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 bits: tuple[int, int] = BIT_RANGE, init_bits: float = 4, learn_bits: bool = True,
+                 input_quant: bool = True, input_signed: bool = True, input_offset: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.weight_quant = LearnedQuantizer(bits, signed=True, groups=out_features, dim=0,
+                                             init_bits=init_bits, learn_bits=learn_bits)
+        self.input_quant = LearnedQuantizer(bits, signed=input_signed, offset=input_offset, init_bits=init_bits,
+                                            learn_bits=learn_bits) if input_quant else None
+        self.macs = 0.0  # multiply-adds per image, set by `measure_macs`
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "LSQLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
+        layer.to(linear.weight.device)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.weight_quant(self.weight), self.bias)
+
+    @torch.no_grad()
+    def freeze(self) -> QuantLinear:
+        """The packed layer: int{b} weight codes with the learned per-channel step sizes, and the
+        input quantizer as a static `uint{b}_tensor` quantizer (same zero point and step)."""
+        wq = self.weight_quant
+        b = wq.int_bits()[0]
+        s = wq.scale.view(wq.groups, -1)[:, b - wq.b_min].abs() + 1e-8          # (O,)
+        qn, qp = 2 ** (b - 1), 2 ** (b - 1) - 1
+        codes = (torch.clamp(torch.round(self.weight / s[:, None]), -qn, qp) + qn).to(torch.uint8)
+        act_format = "none"
+        if self.input_quant is not None:
+            act_format = f"uint{self.input_quant.int_bits()[0]}_tensor"
+        layer = QuantLinear.from_codes(codes, s[:, None].float(), None, self.bias, f"int{b}", act_format=act_format)
+        if self.input_quant is not None:
+            _to_uniform(self.input_quant, layer.act_quant)
+        return layer.to(self.weight.device)
+
+
+@torch.no_grad()
+def _to_uniform(q: LearnedQuantizer, u: UniformQuantizer) -> None:
+    """Copy a learned quantizer's selected step size, zero point and width(s) into a UniformQuantizer
+    (of a shape that broadcasts like the learned quantizer's groups): the same function."""
+    bits = torch.tensor(q.int_bits(), dtype=torch.float32).expand(q.groups)
+    s = q.scale.view(q.groups, -1).gather(1, (bits - q.b_min).long()[:, None])[:, 0].abs() + 1e-8
+    qn, _ = levels(bits, q.signed)
+    zero = qn + (torch.round(-q.offset / s) if q.offset is not None else 0)
+    u.scale.copy_(s.reshape(u.scale.shape))
+    u.zero.copy_(zero.reshape(u.zero.shape))
+    u.bits.copy_(bits.reshape(u.bits.shape))
+
+
+def _head_quantizer(heads: int, signed: bool, init_bits: float, learn_bits: bool, bits) -> LearnedQuantizer:
+    return LearnedQuantizer(bits, signed=signed, groups=heads, dim=1, bit_groups=heads,
+                            init_bits=init_bits, learn_bits=learn_bits)
+
+
+def prepare(model: nn.Module, budget_bits: float = 4, learn_bits: bool = True, bits: tuple[int, int] = BIT_RANGE,
+            head_bits: float = 8, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Make `model` (a bitvit ViT, or any model of nn.Linear layers) Q-ViT-trainable, in place.
+
+    Widths start at budget + 1 (learned) or at the budget (LSQ+), the classification head at `head_bits`.
+    Call `calibrate` on a batch, then `measure_macs`, before training.
+    """
+    start = min(budget_bits + 1, bits[1]) if learn_bits else budget_bits
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Attention) and name not in skip:
+            qa = QuantAttention.from_attention(m)
+            for slot, signed in HEAD_SLOTS.items():
+                setattr(qa, slot, _head_quantizer(m.num_heads, signed, start, learn_bits, bits))
+            model.set_submodule(name, qa)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantAttention) and name not in skip:
+            model.set_submodule(f"{name}.qkv", LSQLinear.from_linear(m.qkv, bits=bits, init_bits=start,
+                                                                     learn_bits=learn_bits))
+            model.set_submodule(f"{name}.proj", LSQLinear.from_linear(m.proj, bits=bits, init_bits=start,
+                                                                      learn_bits=learn_bits, input_quant=False))
+        elif isinstance(m, Mlp) and name not in skip:
+            model.set_submodule(f"{name}.fc1", LSQLinear.from_linear(m.fc1, bits=bits, init_bits=start,
+                                                                     learn_bits=learn_bits))
+            model.set_submodule(f"{name}.fc2", LSQLinear.from_linear(  # post-GELU input: LSQ+ offset
+                m.fc2, bits=bits, init_bits=start, learn_bits=learn_bits, input_signed=False, input_offset=True))
+    for name, m in list(model.named_modules()):  # every other linear layer (the head, or a plain model's)
+        if type(m) is nn.Linear and name not in skip:
+            width = head_bits if name == "head" else start
+            model.set_submodule(name, LSQLinear.from_linear(m, bits=bits, init_bits=min(width, bits[1]),
+                                                            learn_bits=learn_bits))
+    model.qvit_budget_bits = budget_bits
+    return model
+
+
+def quantizers(model: nn.Module) -> dict[str, LearnedQuantizer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LearnedQuantizer)}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """Initialise every quantizer's step sizes (MSE, per candidate width) from a batch of inputs x."""
+    was = model.training
+    model.eval()
+    with LearnedQuantizer.calibrating(model):
+        model(x)
+    model.train(was)
+    missing = [n for n, q in quantizers(model).items() if not bool(q.initialized)]
+    if missing:
+        raise ValueError(f"calibration did not reach quantizers {missing[:3]}...")
+
+
+@torch.no_grad()
+def measure_macs(model: nn.Module, x: torch.Tensor) -> float:
+    """Record each quantized layer's and attention block's multiply-adds per image from one forward pass
+    of x (B, ...); returns the total."""
+    hooks = []
+
+    def linear_hook(m, inp, out):
+        m.macs = inp[0].numel() / inp[0].shape[0] * m.out_features
+
+    def attn_hook(m, inp, out):
+        _, n, _ = inp[0].shape
+        m.matmul_macs = 2.0 * m.num_heads * n * n * m.head_dim  # q @ k^T and attn @ v, per image
+
+    for m in model.modules():
+        if isinstance(m, LSQLinear):
+            hooks.append(m.register_forward_hook(linear_hook))
+        elif isinstance(m, QuantAttention):
+            hooks.append(m.register_forward_hook(attn_hook))
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return sum(getattr(m, "macs", 0.0) + getattr(m, "matmul_macs", 0.0) for m in model.modules()
+               if isinstance(m, (LSQLinear, QuantAttention)))
+
+
+def bitops(model: nn.Module, uniform_bits: float | None = None) -> torch.Tensor:
+    """BitOPs per image of the quantized matmuls with the current (straight-through) widths, or, with
+    `uniform_bits`, with every weight and input at that width (the budget)."""
+    total = torch.zeros(())
+    for m in model.modules():
+        if isinstance(m, QuantAttention) and isinstance(m.q_quant, LearnedQuantizer):
+            if not getattr(m, "matmul_macs", 0):
+                raise ValueError("run measure_macs(model, x) before counting BitOPs")
+            per_head = m.matmul_macs / 2 / m.num_heads
+            proj = m.proj
+            if uniform_bits is not None:
+                total = total + m.matmul_macs * uniform_bits ** 2 + proj.macs * uniform_bits ** 2
+                continue
+            b = {s: getattr(m, s).bits() for s in HEAD_SLOTS}              # each (H,)
+            total = total + per_head * (b["q_quant"] * b["k_quant"] + b["attn_quant"] * b["v_quant"]).sum()
+            total = total + proj.macs / m.num_heads * (proj.weight_quant.bits() * b["out_quant"]).sum()
+        elif isinstance(m, LSQLinear) and m.input_quant is not None:
+            if not m.macs:
+                raise ValueError("run measure_macs(model, x) before counting BitOPs")
+            if uniform_bits is not None:
+                total = total + m.macs * uniform_bits ** 2
+            else:
+                total = total + m.macs * (m.weight_quant.bits() * m.input_quant.bits()).sum()
+    return total
+
+
+class BitOpsPenalty:
+    """Q-ViT's penalty for exceeding the BitOPs budget, `eta * max(0, bitops / budget - 1)**2`; use it as
+    `quant.train.fit`'s `extra_loss`."""
+
+    def __init__(self, model: nn.Module, budget_bits: float, eta: float = 0.1):
+        self.budget = float(bitops(model, uniform_bits=budget_bits))
+        self.eta = eta
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        over = F.relu(bitops(model) / self.budget - 1)
+        return self.eta * over ** 2
+
+
+def fix_bits(model: nn.Module, budget_bits: float | None = None) -> None:
+    """End the searching stage: round every learned width and stop learning it; then, while the BitOPs
+    exceed the budget, lower by one bit the width whose float value lies closest to rounding down."""
+    qs = [q for q in quantizers(model).values() if q.b_max > q.b_min]
+    soft = {id(q): q.soft_bits().detach().clone() for q in qs}
+    for q in qs:
+        q.freeze_bits()
+    if budget_bits is None:
+        return
+    budget = float(bitops(model, uniform_bits=budget_bits))
+    while float(bitops(model)) > budget * (1 + 1e-9):
+        best = None
+        for q in qs:
+            b = torch.tensor(q.int_bits(), dtype=torch.float32)
+            margin = soft[id(q)] - (b - 0.5)           # how far above the rounding threshold b~ lies
+            margin[b <= q.b_min] = float("inf")
+            i = int(margin.argmin())
+            if best is None or margin[i] < best[0]:
+                best = (float(margin[i]), q, i)
+        if best is None or best[0] == float("inf"):
+            raise ValueError("the BitOPs budget cannot be met even at the lowest widths")
+        _, q, i = best
+        b = q.int_bits()
+        b[i] -= 1
+        q.set_bits(b)
+        soft[id(q)][i] = b[i]  # lowered: now well inside its new width
+
+
+# ----------------------------------------------------------------------------- bit allocation
+
+
+def bit_allocation(model: nn.Module, budget_bits: float | None = None) -> dict:
+    """The widths of every quantized layer and attention head, and the BitOPs against the budget."""
+    layers, attention = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, LSQLinear):
+            layers[name] = {"weight": m.weight_quant.int_bits()[0],
+                            "input": m.input_quant.int_bits()[0] if m.input_quant is not None else None,
+                            "macs": m.macs}
+        elif isinstance(m, QuantAttention) and isinstance(m.q_quant, LearnedQuantizer):
+            attention[name] = {s.removesuffix("_quant"): getattr(m, s).int_bits() for s in HEAD_SLOTS}
+            attention[name]["macs"] = m.matmul_macs
+    budget_bits = budget_bits if budget_bits is not None else getattr(model, "qvit_budget_bits", None)
+    total = float(bitops(model))
+    out = {"bitops": total, "layers": layers, "attention": attention}
+    if budget_bits is not None:
+        budget = float(bitops(model, uniform_bits=budget_bits))
+        out.update(budget_bits=budget_bits, budget_bitops=budget, bitops_ratio=total / budget)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, LSQLinear))
+    out["mean_weight_bits"] = sum(m.weight.numel() * m.weight_quant.int_bits()[0] for m in model.modules()
+                                  if isinstance(m, LSQLinear)) / max(weights, 1)
+    return out
+
+
+def save_allocation(model: nn.Module, path: str | os.PathLike, budget_bits: float | None = None) -> dict:
+    alloc = bit_allocation(model, budget_bits)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(alloc, indent=1))
+    return alloc
+
+
+def plot_allocation(alloc: dict, path: str | os.PathLike, title: str = "Q-ViT bit allocation") -> None:
+    """Heat maps of the widths per head and block for Q, K, V, attention probabilities and head outputs,
+    and bars of each linear layer's weight and input widths (the Q-ViT paper's figures 4 and 5)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    attn = alloc["attention"]
+    slots = ["q", "k", "v", "attn", "out"]
+    n_blocks = len(attn)
+    fig = plt.figure(figsize=(3.2 * len(slots), 3 + 0.35 * n_blocks + 3.5))
+    grid = fig.add_gridspec(2, len(slots), height_ratios=[max(1.5, 0.35 * n_blocks), 3.2])
+    names = list(attn)
+    for j, slot in enumerate(slots):
+        ax = fig.add_subplot(grid[0, j])
+        if names:
+            data = np.array([attn[n][slot] for n in names], dtype=float)   # (blocks, heads)
+            ax.imshow(data, cmap="viridis", vmin=BIT_RANGE[0], vmax=BIT_RANGE[1], aspect="auto")
+            for r in range(data.shape[0]):
+                for c in range(data.shape[1]):
+                    ax.text(c, r, int(data[r, c]), ha="center", va="center", fontsize=8,
+                            color="white" if data[r, c] < 5 else "black")
+            ax.set_xticks(range(data.shape[1]))
+            ax.set_yticks(range(len(names)), [n.replace(".attn", "") for n in names] if j == 0 else [])
+        ax.set_xlabel("head")
+        ax.set_title({"attn": "attention probs", "out": "head outputs"}.get(slot, slot.upper()))
+    ax = fig.add_subplot(grid[1, :])
+    layers = alloc["layers"]
+    x = np.arange(len(layers))
+    w = [layers[n]["weight"] for n in layers]
+    a = [layers[n]["input"] if layers[n]["input"] is not None else 0 for n in layers]
+    ax.bar(x - 0.2, w, 0.4, label="weight")
+    ax.bar(x + 0.2, a, 0.4, label="input (0: head-wise, above)")
+    ax.set_xticks(x, list(layers), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("bits")
+    ax.set_ylim(0, BIT_RANGE[1] + 0.5)
+    ax.legend(fontsize=8, loc="upper left")
+    summary = f"BitOPs {alloc['bitops'] / 1e6:.1f} M"
+    if "budget_bitops" in alloc:
+        summary += f" / budget {alloc['budget_bitops'] / 1e6:.1f} M ({alloc['budget_bits']:g}-bit)"
+    fig.suptitle(f"{title}: {summary}, mean weight bits {alloc['mean_weight_bits']:.2f}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- freezing
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace LSQLinear layers by packed QuantLinear layers and learned attention quantizers by
+    `UniformQuantizer`s of the same widths, step sizes and zero points (in place)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantAttention):
+            for slot in HEAD_SLOTS:
+                q = getattr(m, slot)
+                if isinstance(q, LearnedQuantizer):
+                    u = UniformQuantizer(shape=(1, m.num_heads, 1, 1)).to(q.scale.device)
+                    _to_uniform(q, u)
+                    setattr(m, slot, u)
+    for name in [n for n, m in model.named_modules() if isinstance(m, LSQLinear)]:
+        model.set_submodule(name, model.get_submodule(name).freeze())
+    return model

@@ -1,0 +1,62 @@
+"""BitNet's training-time layers (binary w1a8, ternary w1.58a8) and their freezing into packed QuantLinear layers."""
+import pytest
+import torch
+import torch.nn as nn
+
+import quant
+from quant.bitlinear import BitLinear, freeze, prepare
+from quant.qlinear import QuantLinear
+
+
+def layer(fmt, norm=True):
+    torch.manual_seed(0)
+    return BitLinear.from_linear(nn.Linear(16, 8), fmt, input_norm=norm)
+
+
+def test_ternary_weights_are_absmean_scaled_minus_one_zero_one():
+    w = layer("ternary").quantized_weight().detach()
+    beta = layer("ternary").weight.abs().mean()
+    assert torch.allclose(w.unique().abs().unique(), torch.stack([torch.zeros(()), beta]), rtol=1e-3)
+
+
+def test_binary_weights_are_sign_of_mean_centred_weight_times_mean_abs():
+    m = layer("binary")
+    w = m.quantized_weight().detach()
+    centred = m.weight.detach() - m.weight.detach().mean()
+    assert torch.equal(torch.sign(w), torch.where(centred >= 0, 1.0, -1.0))
+    assert torch.allclose(w.abs(), m.weight.abs().mean().expand_as(w), rtol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["binary", "ternary"])
+def test_gradient_passes_straight_through_to_latent_weights(fmt):
+    m = layer(fmt, norm=False)
+    x = torch.randn(5, 16)
+    m(x).pow(2).sum().backward()
+    assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fmt", ["binary", "ternary"])
+def test_frozen_layer_computes_the_fake_quantized_forward(fmt):
+    m = layer(fmt)
+    x = torch.randn(3, 7, 16)
+    q = m.freeze()
+    assert isinstance(q, QuantLinear) and q.weight_format == fmt and q.act_format == "int8_token"
+    assert torch.allclose(q(x), m(x), atol=1e-5)
+
+
+def test_unknown_weight_format_is_refused():
+    with pytest.raises(ValueError, match="binary or ternary"):
+        BitLinear(4, 4, weight_format="int4")
+
+
+def test_prepare_keeps_the_head_and_freeze_saves_and_loads(tiny_model, tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    model = prepare(tiny_model, "ternary")
+    assert isinstance(model.head, nn.Linear) and isinstance(model.blocks[0].attn.qkv, BitLinear)
+    model.eval()
+    want = model(x)
+    freeze(model)
+    assert not any(isinstance(m, BitLinear) for m in model.modules())
+    assert torch.allclose(model(x), want, atol=1e-4)
+    quant.save_quantized(model, tmp_path / "t.safetensors")
+    assert torch.allclose(quant.load_quantized(tmp_path / "t.safetensors")(x), want, atol=1e-4)

@@ -1,0 +1,86 @@
+"""Q-ViT: learned step sizes and bit-widths, the BitOPs budget, the searching stage, freezing, bit allocation."""
+import json
+
+import pytest
+import torch
+
+import quant
+from quant import qvit
+from quant.lsq import LearnedQuantizer
+from quant.qattention import QuantAttention
+from quant.qlinear import QuantLinear
+
+
+def prepared(model, budget=4, learn_bits=True):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    qvit.prepare(model, budget_bits=budget, learn_bits=learn_bits)
+    qvit.calibrate(model, x)
+    qvit.measure_macs(model, x)
+    return model, x
+
+
+def test_bitops_count_every_quantized_matmul_of_a_known_model(tiny_model):
+    model, _ = prepared(tiny_model)
+    n, d, hidden, classes = 17, 32, 64, 3            # TINY: 16 patches + class token
+    per_block = n * d * 3 * d + n * d * d + n * d * hidden + n * hidden * d + 2 * n * n * d
+    macs = 2 * per_block + d * classes
+    assert float(qvit.bitops(model, uniform_bits=4)) == pytest.approx(16 * macs)
+    # searching starts at budget + 1 = 5 bits everywhere, the head (weight and input) at 8
+    assert float(qvit.bitops(model).detach()) == pytest.approx(25 * 2 * per_block + 64 * d * classes)
+
+
+def test_attention_is_quantized_head_wise_in_all_five_slots(tiny_model):
+    model, _ = prepared(tiny_model)
+    attn = model.blocks[0].attn
+    assert isinstance(attn, QuantAttention)
+    for slot in qvit.HEAD_SLOTS:
+        q = getattr(attn, slot)
+        assert isinstance(q, LearnedQuantizer) and q.bit_groups == 2 and q.learn_bits
+
+
+def test_budget_penalty_pushes_bit_widths_down(tiny_model):
+    model, _ = prepared(tiny_model, budget=3)
+    penalty = qvit.BitOpsPenalty(model, budget_bits=3)
+    loss = penalty(model)
+    assert loss > 0
+    loss.backward()
+    q = model.blocks[0].mlp.fc1.weight_quant
+    assert q.bit_param.grad is not None and q.bit_param.grad.item() > 0   # descent lowers the width
+
+
+def test_fix_bits_stops_learning_and_meets_the_budget(tiny_model):
+    model, _ = prepared(tiny_model, budget=3)
+    qvit.fix_bits(model, budget_bits=3)
+    assert float(qvit.bitops(model)) <= float(qvit.bitops(model, uniform_bits=3)) + 1e-6
+    assert not any(q.learn_bits for q in qvit.quantizers(model).values())
+
+
+def test_lsq_plus_mode_keeps_every_width_at_the_budget(tiny_model):
+    model, _ = prepared(tiny_model, budget=4, learn_bits=False)
+    widths = {b for q in qvit.quantizers(model).values() for b in q.int_bits()}
+    assert widths <= {4, 8} and not any(q.learn_bits for q in qvit.quantizers(model).values())
+
+
+def test_frozen_model_computes_the_fake_quantized_forward_and_round_trips(tiny_model, tmp_path):
+    model, x = prepared(tiny_model, budget=3)
+    qvit.fix_bits(model, budget_bits=3)
+    model.eval()
+    want = model(x)
+    qvit.freeze(model)
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    assert not qvit.quantizers(model)
+    assert torch.allclose(model(x), want, atol=1e-4)
+    quant.save_quantized(model, tmp_path / "q.safetensors")
+    assert torch.allclose(quant.load_quantized(tmp_path / "q.safetensors")(x), want, atol=1e-4)
+
+
+def test_bit_allocation_is_saved_as_json_and_plotted(tiny_model, tmp_path):
+    model, _ = prepared(tiny_model, budget=3)
+    qvit.fix_bits(model, budget_bits=3)
+    alloc = qvit.save_allocation(model, tmp_path / "bits.json")
+    qvit.plot_allocation(alloc, tmp_path / "bits.png")
+    saved = json.loads((tmp_path / "bits.json").read_text())
+    assert saved["attention"]["blocks.0.attn"]["q"] == model.blocks[0].attn.q_quant.int_bits()
+    assert saved["bitops_ratio"] <= 1 + 1e-9
+    assert (tmp_path / "bits.png").stat().st_size > 1000
