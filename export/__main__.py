@@ -40,10 +40,13 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     model = load_checkpoint(args.checkpoint)
-    fmt = model_format(model) if args.format == "auto" else args.format
-    if fmt not in FORMATS:
-        raise ValueError(f"{args.checkpoint} holds {fmt} layers, which have no single export format")
-    if not any(is_quantized(m) for m in model.modules()):
+    if any(is_quantized(m) for m in model.modules()):
+        fmt = model_format(model)
+        if args.format not in ("auto", fmt):
+            raise ValueError(f"{args.checkpoint} holds {fmt} weights, so it exports as {fmt}, not {args.format} "
+                             f"(re-quantize its full-precision model to get {args.format})")
+    else:
+        fmt = "fp32" if args.format == "auto" else args.format
         model = quantize_for_export(model, fmt)
     path = export(model, args.out, fmt, custom_ops=not args.standard_ops)
 

@@ -45,10 +45,14 @@ def is_quantized(m: nn.Module) -> bool:
 
 
 def model_format(model: nn.Module) -> str:
-    """The export format a model's weights are stored in: fp32, or its quantized layers' format."""
-    formats = {m.weight_format for m in model.modules() if is_quantized(m)}
-    names = {"int8": "w8a8", "int4": "int4", "ternary": "ternary", "binary": "binary"}
-    return "fp32" if not formats else "+".join(sorted(names.get(f, f) for f in formats))
+    """The format a model's weights are stored in: fp32, or that of the quantized layers holding the
+    most weights (low-bit recipes keep a small layer such as the classifier head at int8)."""
+    weights = {}
+    for m in model.modules():
+        if is_quantized(m):
+            name = "w8a8" if (m.weight_format, m.act_format) == ("int8", "int8_token") else m.weight_format
+            weights[name] = weights.get(name, 0) + m.in_features * m.out_features
+    return max(weights, key=weights.get) if weights else "fp32"
 
 
 class _Graph:
@@ -191,7 +195,7 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.T
 def to_onnx(model: VisionTransformer, fmt: str = "fp32", custom_ops: bool = True) -> onnx.ModelProto:
     """The ONNX graph of `model` as it stands (FP or with quantized layers); `fmt` names the file's
     format in the metadata and, for "fp16", stores the float weights at half precision."""
-    if fmt not in FORMATS:
+    if fmt not in FORMATS and not (any(is_quantized(m) for m in model.modules()) and fmt == model_format(model)):
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"can only export bitvit's VisionTransformer, got {type(model).__name__}")

@@ -130,3 +130,25 @@ def test_the_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
 
 def test_formats_listed_are_all_tested():
     assert {f for f, _ in CASES} == set(FORMATS)
+
+
+@pytest.mark.parametrize("name", ["w4", "w8a8"])
+def test_a_quant_core_model_exports_as_the_format_most_of_its_weights_hold(tiny_model, tmp_path, capsys, name):
+    import quant
+    model = quant.quantize(tiny_model, name)                    # w4 keeps the head at int8
+    quant.save_quantized(model, tmp_path / "q.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "q.onnx")]) == 0
+    session = runtime.load(tmp_path / "q.onnx")
+    assert session.format == {"w4": "int4", "w8a8": "w8a8"}[name]
+    x = images(8)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(session(x.numpy()) - ref).max() <= 5e-2 * np.abs(ref).max()
+
+
+def test_a_quantized_checkpoint_is_not_exported_as_another_format(tiny_model, tmp_path, capsys):
+    import quant
+    quant.save_quantized(quant.quantize(tiny_model, "w4"), tmp_path / "q.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "q.onnx"),
+                      "--format", "ternary"]) == 2
+    assert "holds int4 weights, so it exports as int4, not ternary" in capsys.readouterr().err

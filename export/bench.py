@@ -1,0 +1,257 @@
+"""`python -m export.bench`: latency and size of every ONNX variant against torch, plus their accuracy.
+
+On the CPU, with `--threads` (2) threads, at batch 1 and 8, median of `--runs` (>= 30) timed runs
+taken round-robin over the variants (so background load hits them alike), for the reference model
+and a ViT-S/16 at 224 with random weights:
+  torch fp32 | ORT fp32 | ORT dynamic int8 (onnxruntime.quantization.quantize_dynamic of ORT fp32) |
+  ORT w8a8 (bitvit's per-token int8 export, MatMulInteger) | ORT MatMulNBits 4-bit |
+  ORT MatMulNBits 2-bit (the ternary model in standard ops) | bitvit ternary op | bitvit binary op
+Quantized variants come from the FP model by round to nearest unless `--quantized` gives trained
+files (e.g. the QAT ternary model). With `--data`, each reference variant is also scored on the
+CIFAR-10 test split in ONNX Runtime and in torch: the two top-1s must match. Prints tables, writes
+`--out` (JSON) and a plot next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quant.cli import run
+from quant.models import create_model, save_model
+
+from .__main__ import load_checkpoint
+from .exporter import export, is_quantized, model_format, quantize_for_export
+from .runtime import load
+
+
+@dataclass
+class Variant:
+    fn: Callable[[np.ndarray], np.ndarray]   # float32 (B, 3, S, S) -> logits (B, classes)
+    model: torch.nn.Module                    # the torch model it came from (the accuracy reference)
+    size_bytes: int                           # its file on disk
+    weights: str                              # where its weights come from
+
+
+VARIANTS = ("torch fp32", "ORT fp32", "ORT dynamic int8", "ORT w8a8", "ORT MatMulNBits 4-bit",
+            "ORT MatMulNBits 2-bit", "bitvit ternary op", "bitvit binary op")
+# variant -> (export format, bitvit custom ops)
+EXPORTS = {"ORT fp32": ("fp32", True), "ORT w8a8": ("w8a8", True), "ORT MatMulNBits 4-bit": ("int4", True),
+           "ORT MatMulNBits 2-bit": ("ternary", False), "bitvit ternary op": ("ternary", True),
+           "bitvit binary op": ("binary", True)}
+
+
+def build_variants(fp_model, quantized: dict, workdir: Path, threads: int) -> dict[str, Variant]:
+    """Every variant of `fp_model`; `quantized` maps an export format to (trained model, its file)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    fp_file = workdir / "fp32.safetensors"
+    save_model(fp_model, fp_file)
+    out["torch fp32"] = Variant(_torch_fn(fp_model), fp_model, fp_file.stat().st_size, "full precision")
+    models = {}
+    for name, (fmt, custom) in EXPORTS.items():
+        if fmt not in models:
+            models[fmt] = quantized.get(fmt) or (quantize_for_export(fp_model, fmt),
+                                                 "full precision" if fmt == "fp32" else "round to nearest")
+        model, weights = models[fmt]
+        path = export(model, workdir / f"{name.replace(' ', '_')}.onnx", fmt, custom)
+        out[name] = Variant(load(path, threads=threads), model, path.stat().st_size, weights)
+        if name == "ORT fp32":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+            dyn = workdir / "dynamic_int8.onnx"
+            logging.getLogger().setLevel(logging.ERROR)  # its advice to run pre-processing first
+            quantize_dynamic(str(path), str(dyn), per_channel=True, weight_type=QuantType.QInt8)
+            out["ORT dynamic int8"] = Variant(load(dyn, threads=threads), fp_model, dyn.stat().st_size,
+                                              "onnxruntime.quantization.quantize_dynamic (per channel)")
+    return {k: out[k] for k in VARIANTS}
+
+
+def _torch_fn(model):
+    def fn(x):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+    return fn
+
+
+def time_variants(variants: dict, img_size: int, batch: int, runs: int) -> dict[str, float]:
+    """Median ms per call of each variant, timed round-robin after 3 warm-up calls each."""
+    x = np.random.default_rng(batch).standard_normal((batch, 3, img_size, img_size)).astype(np.float32)
+    for v in variants.values():
+        for _ in range(3):
+            v.fn(x)
+    times = {k: [] for k in variants}
+    for _ in range(runs):
+        for name, v in variants.items():
+            t = time.perf_counter()
+            v.fn(x)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def accuracy(variants: dict, data, mean, std, batch: int = 250) -> dict[str, dict]:
+    """CIFAR top-1 of each variant in its runtime and of the torch model it came from."""
+    from tqdm import tqdm
+
+    from quant.data import to_model_input
+    res = {}
+    for name, v in tqdm(variants.items(), desc="accuracy", unit="variant"):
+        preds, ref = [], []
+        for i in range(0, len(data), batch):
+            x = to_model_input(data.images[i:i + batch], mean, std)
+            preds.append(v.fn(x.numpy()).argmax(1))
+            with torch.inference_mode():
+                ref.append(v.model(x).argmax(1).numpy())
+        preds, ref = np.concatenate(preds), np.concatenate(ref)
+        res[name] = {"top1": float((preds == data.labels).mean()), "torch_top1": float((ref == data.labels).mean()),
+                     "prediction_agreement": float((preds == ref).mean())}
+    return res
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    from .ortops import kernel_isa, library_path
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}; bitvit ops: {kernel_isa(library_path())}"
+
+
+def print_table(title: str, rows: dict, batches) -> None:
+    print(f"\n{title}")
+    fp32 = rows["ORT fp32"]["latency_ms"]
+    head = "| variant | size (MB) | " + " | ".join(f"b{b} ms | vs ORT fp32" for b in batches) + " | top-1 ORT / torch |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, r in rows.items():
+        cells = " | ".join(f"{r['latency_ms'][str(b)]:.2f} | {fp32[str(b)] / r['latency_ms'][str(b)]:.2f}x"
+                           for b in batches)
+        acc = f"{r['top1']:.4f} / {r['torch_top1']:.4f}" if "top1" in r else "-"
+        print(f"| {name} | {r['size_bytes'] / 1e6:.2f} | {cells} | {acc} |")
+
+
+def targets(rows: dict) -> dict[str, dict]:
+    """Issue 5's targets at batch 1: measured value, goal, met."""
+    ms = {name: r["latency_ms"]["1"] for name, r in rows.items()}
+    tern, binary = ms["bitvit ternary op"], ms["bitvit binary op"]
+    checks = {
+        "ternary speed-up over ORT fp32": (ms["ORT fp32"] / tern, 2.0),
+        "ternary speed-up over ORT dynamic int8": (ms["ORT dynamic int8"] / tern, 1.0),
+        "ternary speed-up over ORT dynamic int8 (stretch)": (ms["ORT dynamic int8"] / tern, 1.3),
+        "ternary file size, fraction of ORT fp32 (at most)": (
+            rows["bitvit ternary op"]["size_bytes"] / rows["ORT fp32"]["size_bytes"], 1 / 12),
+        "binary speed-up over ternary": (tern / binary, 1.0),
+    }
+    return {k: {"value": round(v, 4), "goal": round(g, 4), "met": bool(v <= g if "at most" in k else v >= g)}
+            for k, (v, g) in checks.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default="assets/vit_cifar_tiny.safetensors", help="the reference FP model")
+    p.add_argument("--quantized", nargs="*", default=[],
+                   help="trained quantized files of the reference model (e.g. its QAT ternary model) to use "
+                        "instead of round to nearest for their format")
+    p.add_argument("--data", help="CIFAR-10 source for top-1 (e.g. ../shared/data/cifar10-jpeg.tar.gz)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, help="score only this many images (a balanced subset; for dry runs)")
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/16 224 model")
+    p.add_argument("--out", default="assets/results/export_bench.json")
+    args = p.parse_args(argv)
+    if args.runs < 30:
+        raise ValueError("--runs must be at least 30 (the medians are reported)")
+    if 1 not in args.batches or min(args.batches) < 1:
+        raise ValueError(f"--batches must include 1 (the targets are at batch 1), got {args.batches}")
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+
+    ref = load_checkpoint(args.checkpoint)
+    if any(is_quantized(m) for m in ref.modules()):
+        raise ValueError(f"{args.checkpoint} is a quantized model; --checkpoint takes the full-precision one "
+                         f"(pass quantized files with --quantized)")
+    quantized = {}
+    for path in args.quantized:
+        qm = load_checkpoint(path)
+        fmt = model_format(qm)
+        if fmt not in {f for f, _ in EXPORTS.values()} - {"fp32"}:
+            raise ValueError(f"{path} holds {fmt} weights; the bench compares "
+                             f"{', '.join(sorted({f for f, _ in EXPORTS.values()} - {'fp32'}))}")
+        if qm.config != ref.config:
+            raise ValueError(f"{path} is not a quantized {Path(args.checkpoint).name}: its architecture differs")
+        quantized[fmt] = (qm, f"trained: {Path(path).name}")
+    torch.manual_seed(0)
+    suites = {"reference": (ref, Path(args.checkpoint).name)}
+    if not args.no_vit_s:
+        suites["vit_s16_224"] = (create_model("deit_small_patch16_224").eval(), "deit_small_patch16_224, random weights")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, (model, desc) in suites.items():
+            print(f"{key}: exporting {len(VARIANTS)} variants of {desc} ...", file=sys.stderr)
+            variants = build_variants(model, quantized if key == "reference" else {}, Path(tmp) / key, args.threads)
+            rows = {name: {"size_bytes": v.size_bytes, "weights": v.weights, "latency_ms": {}}
+                    for name, v in variants.items()}
+            for b in args.batches:
+                print(f"{key}: timing batch {b} ({args.runs} runs x {len(variants)} variants) ...", file=sys.stderr)
+                for name, ms in time_variants(variants, model.config.img_size, b, args.runs).items():
+                    rows[name]["latency_ms"][str(b)] = ms
+            if key == "reference" and args.data:
+                from quant.data import load_split
+                data = load_split(args.data, args.split, image_size=model.config.img_size, limit=args.limit)
+                for name, acc in accuracy(variants, data, model.config.mean, model.config.std).items():
+                    rows[name].update(acc)
+            results[key] = {"model": desc, "variants": rows, "targets": targets(rows)}
+            print_table(f"{key} ({desc}), {args.threads} threads, median of {args.runs} runs", rows, args.batches)
+            for name, t in results[key]["targets"].items():
+                print(f"  {'met   ' if t['met'] else 'MISSED'} {name}: {t['value']:.3f} (goal {t['goal']:.3f})")
+    split = None
+    if args.data:
+        split = f"{args.split} split of {Path(args.data).name}" + (f", first {args.limit} images" if args.limit else "")
+    out = {"command": "python -m export.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "split": split, "threads": args.threads, "runs": args.runs, "batches": args.batches,
+           "load_average_before": load_before, "load_average_after": os.getloadavg(),
+           "wall_s": round(time.perf_counter() - t_start, 1), "results": results}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    plot(out, path.with_suffix(".png"))
+    print(f"\nresults: {path}, plot: {path.with_suffix('.png')}")
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    suites = res["results"]
+    fig, axes = plt.subplots(1, len(suites), figsize=(6.5 * len(suites), 4.5), squeeze=False)
+    for ax, (key, suite) in zip(axes[0], suites.items()):
+        names = list(suite["variants"])
+        b1 = [suite["variants"][n]["latency_ms"]["1"] for n in names]
+        ax.barh(names, b1, color=["#888" if not n.startswith("bitvit") else "#d62728" for n in names])
+        for i, n in enumerate(names):
+            ax.text(b1[i], i, f" {b1[i]:.2f} ms, {suite['variants'][n]['size_bytes'] / 1e6:.1f} MB", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"batch-1 latency, ms ({res['threads']} threads, median of {res['runs']})")
+        ax.set_title(f"{key}: {suite['model']}", fontsize=9)
+        ax.set_xlim(0, max(b1) * 1.45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

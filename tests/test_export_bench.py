@@ -1,0 +1,77 @@
+"""`python -m export.bench`: one run times every variant, scores them, and writes a complete results file."""
+import dataclasses
+import json
+
+import pytest
+
+import quant
+from export.bench import VARIANTS, main
+from quant.cli import run
+from quant.models import VisionTransformer, save_model
+
+
+@pytest.fixture(autouse=True)
+def _ops_cache(ortops_cache, monkeypatch):
+    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(ortops_cache))
+
+
+@pytest.fixture
+def fp_file(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    return tmp_path / "fp.safetensors"
+
+
+def bench(fp_file, tmp_path, *extra):
+    out = tmp_path / "res" / "bench.json"
+    code = run(main, ["--checkpoint", str(fp_file), "--no-vit-s", "--batches", "1", "3", "--out", str(out), *extra])
+    return code, out
+
+
+def test_one_run_times_sizes_and_scores_every_variant(fp_file, image_tar, tmp_path, capsys):
+    code, out = bench(fp_file, tmp_path, "--data", str(image_tar), "--split", "test")
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert {"command", "machine", "date", "split", "wall_s", "threads", "runs"} <= set(res)
+    assert res["split"] == "test split of data.tar.gz" and res["runs"] == 30 and res["threads"] == 2
+    rows = res["results"]["reference"]["variants"]
+    assert list(rows) == list(VARIANTS)
+    for name, r in rows.items():
+        assert set(r["latency_ms"]) == {"1", "3"} and all(ms > 0 for ms in r["latency_ms"].values())
+        assert r["top1"] == r["torch_top1"] or r["prediction_agreement"] >= 0.9, name
+    assert rows["ORT fp32"]["prediction_agreement"] == 1.0
+    assert rows["bitvit ternary op"]["size_bytes"] < rows["ORT w8a8"]["size_bytes"] < rows["ORT fp32"]["size_bytes"]
+    assert rows["bitvit ternary op"]["weights"] == "round to nearest"
+    targets = res["results"]["reference"]["targets"]
+    assert targets["ternary speed-up over ORT fp32"]["goal"] == 2.0
+    assert all(isinstance(t["met"], bool) for t in targets.values())
+    assert out.with_suffix(".png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "| bitvit binary op |" in printed and "b3 ms" in printed and "ternary speed-up over ORT fp32" in printed
+
+
+def test_trained_quantized_files_replace_round_to_nearest_for_their_format(fp_file, tiny_model, tmp_path):
+    quant.save_quantized(quant.quantize(tiny_model, "w8a8"), tmp_path / "w8a8.safetensors")
+    code, out = bench(fp_file, tmp_path, "--quantized", str(tmp_path / "w8a8.safetensors"))
+    assert code == 0
+    rows = json.loads(out.read_text())["results"]["reference"]["variants"]
+    assert rows["ORT w8a8"]["weights"] == "trained: w8a8.safetensors"
+    assert rows["bitvit ternary op"]["weights"] == "round to nearest"
+    assert "top1" not in rows["ORT w8a8"]  # no --data, no accuracy
+
+
+def test_fewer_than_30_runs_are_refused(fp_file, tmp_path, capsys):
+    assert bench(fp_file, tmp_path, "--runs", "10")[0] == 2
+    assert "at least 30" in capsys.readouterr().err
+
+
+def test_a_quantized_reference_checkpoint_is_refused(tiny_model, tmp_path, capsys):
+    quant.save_quantized(quant.quantize(tiny_model, "w8a8"), tmp_path / "q.safetensors")
+    assert bench(tmp_path / "q.safetensors", tmp_path)[0] == 2
+    assert "takes the full-precision one" in capsys.readouterr().err
+
+
+def test_a_quantized_file_of_another_architecture_is_refused(fp_file, tiny_model, tmp_path, capsys):
+    other = quant.quantize(VisionTransformer(dataclasses.replace(tiny_model.config, depth=1)).eval(), "w8a8")
+    quant.save_quantized(other, tmp_path / "other.safetensors")
+    assert bench(fp_file, tmp_path, "--quantized", str(tmp_path / "other.safetensors"))[0] == 2
+    assert "architecture differs" in capsys.readouterr().err
