@@ -97,19 +97,19 @@ def _dot_int_codes(a, p, acc, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.con
     """acc += a @ W for int8 activations a (BLOCK_M, BLOCK_KP * 8 // BITS) and packed bytes p
     (BLOCK_KP, BLOCK_N); activation column per_byte * kp + j meets code plane j of byte kp."""
     if BITS == 8:
-        acc = tl.dot(a, _int_plane(p, 0, BITS, MUL, OFF), acc)
+        acc = tl.dot(a, _int_plane(p, 0, BITS, MUL, OFF), acc, out_dtype=tl.int32)
     elif BITS == 4:
         a0, a1 = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_KP, 2)))
-        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc)
-        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc)
+        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc, out_dtype=tl.int32)
     elif BITS == 2:
         e, o = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_KP, 2, 2)))  # [m, kp, a, b]: column 4kp + 2a + b
         a0, a2 = tl.split(e)
         a1, a3 = tl.split(o)
-        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc)
-        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc)
-        acc = tl.dot(a2, _int_plane(p, 2, BITS, MUL, OFF), acc)
-        acc = tl.dot(a3, _int_plane(p, 3, BITS, MUL, OFF), acc)
+        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a2, _int_plane(p, 2, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a3, _int_plane(p, 3, BITS, MUL, OFF), acc, out_dtype=tl.int32)
     else:
         tl.static_assert(BITS == 1)
         c0, c1 = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_KP, 2, 2, 2)))  # column 8kp + 4a + 2b + c
@@ -119,14 +119,14 @@ def _dot_int_codes(a, p, acc, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.con
         a2, a6 = tl.split(c0b1)
         a1, a5 = tl.split(c1b0)
         a3, a7 = tl.split(c1b1)
-        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc)
-        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc)
-        acc = tl.dot(a2, _int_plane(p, 2, BITS, MUL, OFF), acc)
-        acc = tl.dot(a3, _int_plane(p, 3, BITS, MUL, OFF), acc)
-        acc = tl.dot(a4, _int_plane(p, 4, BITS, MUL, OFF), acc)
-        acc = tl.dot(a5, _int_plane(p, 5, BITS, MUL, OFF), acc)
-        acc = tl.dot(a6, _int_plane(p, 6, BITS, MUL, OFF), acc)
-        acc = tl.dot(a7, _int_plane(p, 7, BITS, MUL, OFF), acc)
+        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a2, _int_plane(p, 2, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a3, _int_plane(p, 3, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a4, _int_plane(p, 4, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a5, _int_plane(p, 5, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a6, _int_plane(p, 6, BITS, MUL, OFF), acc, out_dtype=tl.int32)
+        acc = tl.dot(a7, _int_plane(p, 7, BITS, MUL, OFF), acc, out_dtype=tl.int32)
     return acc
 
 
