@@ -1,0 +1,235 @@
+"""Quantization-aware training: `python -m quant.qat --teacher FP --recipe R --data DATA --out PATH`.
+
+The student starts as a copy of the full-precision teacher, gets the recipe's training-time layers
+(`w1.58a8`, `w1a8`: BitNet `quant.bitlinear`; `qvit`: Q-ViT `quant.qvit`), and is trained with
+`quant.train.fit` against the teacher's logits (KL at temperature T, mixed with the label loss by
+`--distill-weight`) and, with `--feature-weight`, an MSE between the student's and teacher's final
+token features. Q-ViT runs two stages, each its own `fit` (own cosine schedule and resume folder):
+a searching stage of `--search-ratio` of the epochs (bit-widths learned under the BitOPs penalty),
+then `fix_bits` and fine-tuning with the widths fixed. The trained model is frozen into packed
+`QuantLinear` layers and written with `quant.save_quantized`; Q-ViT also writes its bit allocation
+(`PATH.bits.json`) and its plot (`PATH.bits.png`).
+
+Everything resumes: rerun the same command (e.g. after `--time-limit` stopped it) and each stage
+continues from `--run-dir`. `--eval-split test` scores the frozen file and its teacher on that split;
+`--results FILE --name KEY` records the run (top-1, size, bits/weight, command, machine, wall time).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.cli import run
+
+
+class FeatureDistill:
+    """MSE between the student's and the teacher's final normalised tokens (B, N, D), as an
+    `extra_loss` for `quant.train.fit`: forward hooks on both models' `norm` keep the latest outputs
+    (fit runs the student, then the teacher, then calls the extra loss)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, weight: float):
+        self.weight, self.feats = weight, {}
+        for key, m in (("student", student), ("teacher", teacher)):
+            m.norm.register_forward_hook(lambda mod, inp, out, key=key: self.feats.__setitem__(key, out))
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        s, t = self.feats.pop("student"), self.feats.pop("teacher")
+        return self.weight * F.mse_loss(s.float(), t.float().detach())
+
+
+def _sum_losses(*losses):
+    losses = [f for f in losses if f is not None]
+    if not losses:
+        return None
+    return lambda model: sum(f(model) for f in losses)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def record_result(path: str | os.PathLike, name: str, entry: dict) -> None:
+    """Insert or replace `entry` under `name` in the results file {"runs": {name: entry, ...}}."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault("runs", {})[name] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    from quant import quantize, recipe, save_quantized
+    from quant import bitlinear, qvit
+    from quant.augment import AugmentConfig
+    from quant.data import load_split, to_model_input
+    from quant.evaluate import evaluate
+    from quant.models import load_model
+    from quant.ptq import parse_overrides
+    from quant.recipes import QAT
+    from quant.train import TrainConfig, fit
+
+    p = argparse.ArgumentParser(prog="python -m quant.qat", description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True, help="full-precision bitvit model (.safetensors): teacher and start")
+    p.add_argument("--recipe", required=True, help="w1.58a8, w1a8 or qvit")
+    p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree")
+    p.add_argument("--out", required=True, help="packed model file to write (.safetensors)")
+    p.add_argument("--run-dir", help="resume folder of the training stages (default: PATH.run/)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. --set budget_bits=3 --set input_norm=false")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--limit", type=int, help="train on this many images only (balanced over classes)")
+    p.add_argument("--val-limit", type=int, default=2000, help="validation images scored after each epoch")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-epochs", type=float, default=0.5)
+    p.add_argument("--distill", default="soft", choices=["soft", "hard", "none"])
+    p.add_argument("--distill-weight", type=float, default=0.9, help="weight of the distillation loss (0..1)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--feature-weight", type=float, default=0.0, help="weight of the token-feature MSE (0: off)")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (QAT default: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (QAT default: off)")
+    p.add_argument("--search-ratio", type=float, default=0.5, help="qvit: fraction of epochs searching bit-widths")
+    p.add_argument("--bitops-weight", type=float, default=1.0, help="qvit: weight eta of the BitOPs penalty")
+    p.add_argument("--calib-size", type=int, default=256, help="qvit: training images to initialise step sizes")
+    p.add_argument("--eval-split", help="after training, score the packed model and the teacher on this split")
+    p.add_argument("--eval-limit", type=int, help="score only this many images of --eval-split")
+    p.add_argument("--results", help="results JSON to record this run in (with --eval-split)")
+    p.add_argument("--name", help="entry name in --results (default: the recipe name)")
+    p.add_argument("--time-limit", type=float, help="stop after the last epoch that fits in this many seconds "
+                                                    "(all stages together); rerun the same command to resume")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.results and not args.eval_split:
+        raise ValueError("--results needs --eval-split (the split the recorded top-1 is measured on)")
+    if not 0 <= args.search_ratio <= 1:
+        raise ValueError(f"--search-ratio must lie in 0..1, got {args.search_ratio}")
+
+    r = recipe(args.recipe, **parse_overrides(args.set))
+    if not isinstance(r, QAT):
+        raise ValueError(f"{args.recipe} is a post-training recipe: use python -m quant.ptq --checkpoint "
+                         f"{args.teacher} --recipe {args.recipe} ...")
+    teacher = load_model(args.teacher)
+    student = load_model(args.teacher)
+    cfg = student.config
+    train = load_split(args.data, "train", cfg.img_size, limit=args.limit)
+    val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
+    run_dir = Path(args.run_dir or f"{args.out}.run")
+    started = time.time()
+
+    quantize(student, r)
+    penalty = None
+    if r.method == "qvit":
+        calib = to_model_input(train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(
+            args.seed))[:args.calib_size].numpy()], cfg.mean, cfg.std)
+        qvit.calibrate(student, calib)
+        qvit.measure_macs(student, calib[:1])
+        penalty = qvit.BitOpsPenalty(student, r.budget_bits, eta=args.bitops_weight)
+    features = FeatureDistill(student, teacher, args.feature_weight) if args.feature_weight > 0 else None
+
+    train_cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, seed=args.seed,
+        augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix),
+        distill=args.distill, distill_weight=args.distill_weight if args.distill != "none" else 0.0,
+        distill_temperature=args.temperature)
+    search = round(args.epochs * args.search_ratio) if r.method == "qvit" else 0
+    stages = [("search", search, _sum_losses(penalty, features)),
+              ("finetune", args.epochs - search, features)]
+    done = True
+    for stage, epochs, extra in stages:
+        if stage == "finetune" and search:
+            qvit.fix_bits(student, r.budget_bits)
+            alloc = qvit.bit_allocation(student)
+            print(f"searching stage done: BitOPs {alloc['bitops_ratio']:.3f} of the {r.budget_bits:g}-bit budget, "
+                  f"mean weight bits {alloc['mean_weight_bits']:.2f}")
+        if epochs == 0:
+            continue
+        left = None if args.time_limit is None else args.time_limit - (time.time() - started)
+        if left is not None and left <= 0:
+            done = False
+            break
+        print(f"{stage} stage: {epochs} epochs of {len(train)} images")
+        student, done = fit(student, train, val, dataclasses.replace(train_cfg, epochs=epochs),
+                            run_dir / stage, teacher=teacher, device=args.device, extra_loss=extra,
+                            time_limit=left)
+        if not done:
+            break
+    if not done:
+        print(f"stopped by --time-limit; rerun the same command to resume from {run_dir}")
+        return 0
+    train_seconds = sum(json.loads(line)["seconds"] for stage, _, _ in stages
+                        if (run_dir / stage / "log.jsonl").exists()
+                        for line in (run_dir / stage / "log.jsonl").read_text().splitlines())
+
+    student.cpu().eval()
+    if r.method == "qvit":
+        qvit.save_allocation(student, f"{args.out}.bits.json", r.budget_bits)
+        qvit.plot_allocation(json.loads(Path(f"{args.out}.bits.json").read_text()), f"{args.out}.bits.png",
+                             f"Q-ViT {args.recipe} ({r.budget_bits:g}-bit budget)")
+        qvit.freeze(student)
+    else:
+        bitlinear.freeze(student)
+    student.quant_recipe = {"type": type(r).__name__, **dataclasses.asdict(r)}
+    storage = save_quantized(student, args.out)
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out}: {size / 1e6:.3f} MB, quantized linear weights at {storage['bits_per_weight']:.3f} "
+          f"bits/weight (scales included)")
+
+    if args.eval_split:
+        from quant import load_quantized
+        data = load_split(args.data, args.eval_split, cfg.img_size, limit=args.eval_limit)
+        packed = load_quantized(args.out)   # score the file as users will load it
+        res = evaluate(packed, data, progress=True)
+        fp = evaluate(teacher.cpu(), data, progress=True)
+        print(f"{args.eval_split} top-1: {res['top1']:.4f} (teacher {fp['top1']:.4f}, "
+              f"drop {100 * (fp['top1'] - res['top1']):.2f} points)")
+        if args.results:
+            entry = {
+                "recipe": args.recipe, "recipe_fields": dataclasses.asdict(r),
+                "top1": res["top1"], "teacher_top1": fp["top1"], "drop_points": 100 * (fp["top1"] - res["top1"]),
+                "split": args.eval_split, "n": res["n"], "size_bytes": size,
+                "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
+                "teacher": str(args.teacher), "file": str(args.out), "epochs": args.epochs,
+                "train_images": len(train), "images_per_epoch": len(train),
+                "train_seconds": round(train_seconds, 1), "wall_time_s": round(time.time() - started, 1),
+                "images_per_s": round(args.epochs * len(train) / max(train_seconds, 1e-9), 1),
+                "command": "python -m quant.qat " + shlex.join(sys.argv[1:] if argv is None else argv),
+                "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            if r.method == "qvit":
+                alloc = json.loads(Path(f"{args.out}.bits.json").read_text())
+                entry.update(budget_bits=r.budget_bits, bitops_ratio=alloc["bitops_ratio"],
+                             mean_weight_bits=alloc["mean_weight_bits"], allocation=f"{args.out}.bits.json")
+            record_result(args.results, args.name or args.recipe, entry)
+            print(f"recorded {args.name or args.recipe} in {args.results}")
+        print(f"top1={res['top1']:.4f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

@@ -1,0 +1,95 @@
+"""Quantization-aware training: a few steps lower the distillation loss; the CLI trains, packs, scores and records."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quant
+from quant import bitlinear, qvit
+from quant.cli import run
+from quant.models import save_model
+from quant.qat import main
+
+
+def distill_steps(student, teacher, x, steps=15, lr=3e-3):
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    target = F.log_softmax(teacher(x), -1).detach()
+    losses = []
+    for _ in range(steps):
+        loss = F.kl_div(F.log_softmax(student(x), -1), target, log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("fmt", ["ternary", "binary"])
+def test_a_few_bitnet_qat_steps_lower_the_distillation_loss(tiny_model, fmt):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 16, 16)
+    student = bitlinear.prepare(copy.deepcopy(tiny_model), fmt).train()
+    losses = distill_steps(student, tiny_model, x)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_few_qvit_steps_lower_the_loss_with_the_budget_penalty(tiny_model):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 16, 16)
+    student = qvit.prepare(copy.deepcopy(tiny_model), budget_bits=3)
+    qvit.calibrate(student, x)
+    qvit.measure_macs(student, x[:1])
+    penalty = qvit.BitOpsPenalty(student, 3)
+    target = F.log_softmax(tiny_model(x), -1).detach()
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = F.kl_div(F.log_softmax(student(x), -1), target, log_target=True, reduction="batchmean")
+        loss = loss + penalty(student)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.fixture
+def teacher_file(tiny_model, tmp_path):
+    path = tmp_path / "fp.safetensors"
+    save_model(tiny_model, path)
+    return path
+
+
+def test_cli_trains_packs_scores_and_records_a_ternary_model(teacher_file, image_tar, tmp_path):
+    out, results = tmp_path / "t.safetensors", tmp_path / "qat.json"
+    args = ["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar), "--out", str(out),
+            "--epochs", "1", "--batch-size", "8", "--eval-split", "test", "--results", str(results)]
+    assert run(main, args) == 0
+    model = quant.load_quantized(out)
+    assert {m.weight_format for m in model.modules() if isinstance(m, quant.QuantLinear)} == {"ternary"}
+    entry = json.loads(results.read_text())["runs"]["w1.58a8"]
+    assert 0 <= entry["top1"] <= 1 and entry["split"] == "test" and entry["bits_per_weight"] < 2.1
+    assert {"command", "machine", "date", "wall_time_s", "epochs", "size_bytes"} <= set(entry)
+    assert run(main, args) == 0   # a rerun resumes from the finished stages and writes the same model
+    assert json.loads(results.read_text())["runs"]["w1.58a8"]["top1"] == entry["top1"]
+
+
+def test_cli_qvit_searches_then_fine_tunes_and_writes_the_bit_allocation(teacher_file, image_tar, tmp_path):
+    out = tmp_path / "q.safetensors"
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--set", "budget_bits=3",
+                      "--data", str(image_tar), "--out", str(out), "--epochs", "2", "--batch-size", "8",
+                      "--calib-size", "8"]) == 0
+    alloc = json.loads((tmp_path / "q.safetensors.bits.json").read_text())
+    assert alloc["budget_bits"] == 3 and alloc["bitops_ratio"] <= 1 + 1e-9
+    assert (tmp_path / "q.safetensors.bits.png").exists()
+    assert (tmp_path / "q.safetensors.run" / "search" / "log.jsonl").exists()
+    assert (tmp_path / "q.safetensors.run" / "finetune" / "log.jsonl").exists()
+    quant.load_quantized(out)
+
+
+def test_cli_refuses_a_post_training_recipe_with_one_clear_line(teacher_file, image_tar, tmp_path, capsys):
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w4", "--data", str(image_tar),
+                      "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "post-training recipe" in capsys.readouterr().err
