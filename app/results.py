@@ -6,9 +6,11 @@ Q-ViT bit allocations), so this module does not assume one. It walks every file 
   top1                                    accuracy (0..1)
   bits_per_weight | bpw | mean_weight_bits  bits per weight
   size_bytes | size_mb                    size on disk
-  latency_ms (a number, or {batch: ms})   latency; batch 1 is plotted | latency_ms_batch1_cpu
+  latency_ms (a number, or {batch: ms})   latency; batch 1 is plotted | latency_ms_batch1_cpu | ms (a
+                                          model's, at batch 1; per-layer kernel timings are left out)
   confusion                               a square confusion matrix (rows: true class)
   attention + layers + bitops             a Q-ViT bit allocation (`quant.qvit.bit_allocation`)
+  fps                                     frames per second of the app's live handler (`app.bench`)
 named by their own "name"/"recipe"/"variant"/"label" field or else by the keys leading to them,
 plus, for context, a file's "command", "machine"/"device", "date" and "split" where present. A plot is
 drawn for what exists; `Results.missing` says what does not.
@@ -62,9 +64,16 @@ class Entry:
     @property
     def latency_ms(self) -> float | None:
         v = self.data.get("latency_ms", self.data.get("latency_ms_batch1_cpu"))
+        if v is None and _model_ms(self.data):
+            v = self.data["ms"]
         if isinstance(v, dict):  # {batch: ms}: batch 1, else the smallest batch given
             numeric = {int(k): x for k, x in v.items() if str(k).isdigit() and _number(x)}
             v = numeric[min(numeric)] if numeric else None
+        return float(v) if _number(v) else None
+
+    @property
+    def fps(self) -> float | None:
+        v = self.data.get("fps")
         return float(v) if _number(v) else None
 
     @property
@@ -100,6 +109,7 @@ class Results:
                   (("latency_ms",), "latency (entries with latency_ms)"),
                   (("size_mb",), "size on disk (entries with size_bytes)"),
                   (("confusion",), "confusion matrices (entries with confusion)"),
+                  (("fps",), "app frame rates (python -m app.bench)"),
                   (("allocation",), "Q-ViT bit allocation (a quant.qvit bit_allocation JSON)")]
         out += [f"no {what}" for props, what in checks if not self.having(*props)]
         return out
@@ -109,9 +119,14 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _model_ms(d: dict) -> bool:
+    """A whole model's batch-1 time under the plain key "ms" (not one layer's kernel, not batch 8)."""
+    return _number(d.get("ms")) and "layer" not in d and d.get("batch", 1) == 1
+
+
 def _is_entry(d: dict) -> bool:
     keys = set(d)
-    return bool(keys & {"top1", "confusion", *BITS_KEYS, "size_bytes", "size_mb", "latency_ms",
+    return _model_ms(d) or bool(keys & {"top1", "confusion", "fps", *BITS_KEYS, "size_bytes", "size_mb", "latency_ms",
                         "latency_ms_batch1_cpu"}) or {"attention", "layers", "bitops"} <= keys
 
 
@@ -208,6 +223,14 @@ def size_bars(res: Results):
     if not entries:
         return None
     return _bars(entries, [e.size_mb for e in entries], "size on disk, MB", "Size on disk", "{:.2f} MB")
+
+
+def fps_bars(res: Results):
+    entries = res.having("fps")
+    if not entries:
+        return None
+    return _bars(entries, [e.fps for e in entries], "frames per second, both models on every frame",
+                 "App frame rate (python -m app.bench)", "{:.1f}")
 
 
 def confusion_plot(entry: Entry, classes: tuple[str, ...] = ()):

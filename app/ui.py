@@ -129,7 +129,7 @@ def _results_outputs(folder: Path, classes: tuple[str, ...]):
     alloc_choice = allocs[0].label if allocs else None
     return (results_mod.summary(res),
             _plot(results_mod.accuracy_vs_bits(res)), _plot(results_mod.latency_bars(res)),
-            _plot(results_mod.size_bars(res)),
+            _plot(results_mod.size_bars(res)), _plot(results_mod.fps_bars(res)),
             gr.update(choices=[e.label for e in cms], value=cm_choice, visible=bool(cms)),
             _plot(results_mod.confusion_plot(cms[0], classes) if cms else None),
             gr.update(choices=[e.label for e in allocs], value=alloc_choice, visible=bool(allocs)),
@@ -211,12 +211,13 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             acc_plot = gr.Plot(label="accuracy against bits per weight")
             lat_plot = gr.Plot(label="latency")
             size_plot = gr.Plot(label="size on disk")
+            fps_plot = gr.Plot(label="app frame rate")
             cm_pick = gr.Dropdown(label="confusion matrix of")
             cm_plot = gr.Plot(label="confusion matrix")
             alloc_pick = gr.Dropdown(label="Q-ViT bit allocation of")
             alloc_plot = gr.Plot(label="bit allocation")
             reload = gr.Button("Reload results")
-            res_outputs = [res_md, acc_plot, lat_plot, size_plot, cm_pick, cm_plot, alloc_pick, alloc_plot]
+            res_outputs = [res_md, acc_plot, lat_plot, size_plot, fps_plot, cm_pick, cm_plot, alloc_pick, alloc_plot]
             load_results = lambda: _results_outputs(results_dir, classes)  # noqa: E731
             demo.load(load_results, None, res_outputs, api_name=False)
             reload.click(load_results, None, res_outputs, api_name=False)

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import quant
+from app.bench import main as bench_main
 from app.backends import inspect_file, open_model, quantize_on_the_fly, scan
 from app.examples import SIZE, write_examples
 from app.frames import load_image_file, model_view, to_rgb
@@ -281,6 +282,10 @@ def write_results(folder):
     (folder / "qvit.json").write_text(json.dumps({
         "name": "qvit", "attention": {"blocks.0.attn": {"q": [4, 3], "k": [2, 8]}},
         "layers": {"blocks.0.mlp.fc1": {"weight": 4, "input": 8}}, "bitops": 1.0}))
+    (folder / "kernels.json").write_text(json.dumps({
+        "ops": [{"layer": "qkv", "op": "w4", "ms": 0.1, "batch": 1}],
+        "models": [{"variant": "w1.58a8", "ms": 2.5, "batch": 1}, {"variant": "w1.58a8", "ms": 9.0, "batch": 8}]}))
+    (folder / "app_bench.json").write_text(json.dumps({"pairs": [{"name": "fp32 + ternary", "fps": 40.0}]}))
     (folder / "broken.json").write_text("{")
     return folder
 
@@ -288,10 +293,11 @@ def write_results(folder):
 def test_the_results_tab_reads_every_file_and_draws_what_exists(tmp_path):
     res = results.load(write_results(tmp_path / "results"))
     assert {e.name for e in res.having("top1", "bits")} == {"fp32", "w4"}
-    assert res.having("latency_ms")[0].latency_ms == 3.0     # batch 1 of {batch: ms}
+    assert {e.name: e.latency_ms for e in res.having("latency_ms")} == {"fp32": 3.0, "w1.58a8": 2.5}  # batch 1 only,
+    assert res.having("fps")[0].fps == 40.0                                                         # no kernels
     assert len(res.having("confusion")) == 1 and len(res.having("allocation")) == 1
     assert res.errors and "broken.json" in res.errors[0]
-    for fig in (results.accuracy_vs_bits(res), results.latency_bars(res), results.size_bars(res),
+    for fig in (results.accuracy_vs_bits(res), results.latency_bars(res), results.size_bars(res), results.fps_bars(res),
                 results.confusion_plot(res.having("confusion")[0], TINY.classes),
                 results.allocation_plot(res.having("allocation")[0])):
         assert fig is not None and fig.axes
@@ -302,3 +308,14 @@ def test_without_results_files_the_tab_says_what_is_missing(tmp_path):
     assert results.accuracy_vs_bits(res) is None
     text = results.summary(res)
     assert "no results files" in text and "confusion" in text
+
+
+def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(assets, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "3",
+                "--size", "64x48", "--runtime", "torch", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert [p["quant"]["weight_format"] for p in data["pairs"]] == ["ternary", "int8"]   # the default pair first
+    assert all(p["fps"] > 0 and p["frames"] == 3 for p in data["pairs"])
+    assert {"command", "machine", "date", "split", "wall_time_s"} <= data.keys()
+    assert "frames/s target" in capsys.readouterr().out

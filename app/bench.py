@@ -1,0 +1,139 @@
+"""`python -m app.bench`: frames per second of the app's live handler, both models on every frame.
+
+Feeds the same recorded webcam clip -- synthetic 640x480 frames of the drawn examples sliding over a
+noisy background, made before timing starts -- through `Handlers.live`, exactly what the page calls for
+each webcam frame (decode, resize/crop to the models' view, FP model, quantized model, page text), for
+each pair: the full-precision model against every quantized variant the app would offer (the models
+in `--assets`, or the ones it builds on the fly when there are none). Prints a table and writes
+`--out` (JSON: command, machine, load average, date, wall time and per pair frames/s and median
+latencies). The target: >= 15 frames/s for the default pair on a 2-core CPU. Latency on a busy machine
+is noisy: the JSON records the load average before and after, so a reader knows whether it was quiet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from app.examples import DRAWINGS
+from app.live import LiveStats
+from app.main import ASSETS, make_comparison
+from app.ui import Handlers
+from quant.cli import run
+
+TARGET_FPS = 15
+
+
+def recorded_clip(n: int, height: int = 480, width: int = 640, seed: int = 0) -> list[np.ndarray]:
+    """`n` uint8 RGB webcam-like frames: the drawn examples in turn, sliding across, with sensor noise."""
+    rng = np.random.default_rng(seed)
+    side = min(height, width)
+    drawings = [np.asarray(draw().resize((side, side))) for draw in DRAWINGS.values()]
+    frames = []
+    for i in range(n):
+        f = np.full((height, width, 3), 110, np.int16)
+        x = (7 * i) % (width - side + 1)
+        f[:side, x:x + side] = drawings[(i // 30) % len(drawings)]
+        f += rng.integers(-12, 13, f.shape, dtype=np.int16)
+        frames.append(np.clip(f, 0, 255).astype(np.uint8))
+    return frames
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}"
+
+
+def bench_pair(handlers: Handlers, variant: str, frames: list[np.ndarray], warmup: int = 5) -> dict:
+    """Every frame through the live handler (as the page calls it); frames/s over the timed frames."""
+    stats = LiveStats()
+    for f in frames[:warmup]:
+        stats = handlers.live(f, variant, stats)[-1]
+    fp_ms, q_ms = [], []
+    t0 = time.perf_counter()
+    for f in tqdm(frames, desc=variant[:40], leave=False):
+        out = handlers.live(f, variant, stats)
+        stats = out[-1]
+        fp_ms.append(stats.fp.last)
+        q_ms.append(stats.quant.last)
+    wall = time.perf_counter() - t0
+    fp, q = handlers.cmp.fp, handlers.cmp.variant(variant)
+    fp_med, q_med = statistics.median(fp_ms), statistics.median(q_ms)
+    return {"name": f"{fp.weight_format} + {q.weight_format} ({q.runtime})", "variant": variant,
+            "fp": {"file": fp.name, "runtime": fp.runtime, "file_bytes": fp.size_bytes},
+            "quant": {"file": q.name, "runtime": q.runtime, "weight_format": q.weight_format,
+                      "file_bytes": q.size_bytes, "file_bits_per_weight": round(q.bits_per_weight, 3),
+                      "linear_bits": q.linear_bits},
+            "frames": len(frames), "fps": round(len(frames) / wall, 2),
+            "fp_median_ms": round(fp_med, 3), "quant_median_ms": round(q_med, 3),
+            "speedup": round(fp_med / q_med, 3), "size_ratio": round(fp.size_bytes / q.size_bytes, 2),
+            "other_ms_per_frame": round(1e3 * wall / len(frames) - fp_med - q_med, 3)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_tiny.safetensors)")
+    p.add_argument("--assets", default=str(ASSETS), help="folder of packed models (default: assets/)")
+    p.add_argument("--frames", type=int, default=300, help="timed frames per pair (default 300)")
+    p.add_argument("--size", default="640x480", help="frame size WxH (default 640x480, a webcam's)")
+    p.add_argument("--threads", type=int, help="CPU threads per model (default: all cores)")
+    p.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
+                   help="how bitvit .safetensors models run (default: onnxruntime, as in the app)")
+    p.add_argument("--out", default=str(ASSETS / "results" / "app_bench.json"), help="JSON results file")
+    args = p.parse_args(argv)
+    try:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size takes WxH, e.g. 640x480, not {args.size!r}") from None
+    if args.frames < 1 or w < 1 or h < 1:
+        raise ValueError("--frames and --size must be positive")
+
+    start, load_before = time.time(), os.getloadavg()
+    comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    handlers = Handlers(comparison)
+    frames = recorded_clip(args.frames, h, w)
+    order = [comparison.default] + [label for label in labels if label != comparison.default]
+    rows = [bench_pair(handlers, label, frames) for label in order]
+    load_after = os.getloadavg()
+
+    print(f"\napp live handler, {args.frames} frames of {w}x{h}, both models on every frame "
+          f"(load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; {os.cpu_count()} CPUs)")
+    print(f"{'quantized variant':<62} {'frames/s':>8} {'FP ms':>7} {'quant ms':>8} {'speed-up':>8} "
+          f"{'smaller':>7} {'other ms':>8}")
+    for i, r in enumerate(rows):
+        mark = " (default)" if i == 0 else ""
+        print(f"{(r['variant'] + mark)[:62]:<62} {r['fps']:>8.1f} {r['fp_median_ms']:>7.2f} "
+              f"{r['quant_median_ms']:>8.2f} {r['speedup']:>7.2f}x {r['size_ratio']:>6.1f}x "
+              f"{r['other_ms_per_frame']:>8.2f}")
+    verdict = "meets" if rows[0]["fps"] >= TARGET_FPS else "misses"
+    print(f"default pair: {rows[0]['fps']:.1f} frames/s, {verdict} the {TARGET_FPS} frames/s target")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": "python -m app.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(), "threads": args.threads or "all", "runtime": args.runtime,
+        "load_average_before": round(load_before[0], 2), "load_average_after": round(load_after[0], 2),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "split": f"synthetic {w}x{h} frames (drawn examples, no data set)",
+        "wall_time_s": round(time.time() - start, 1), "target_fps": TARGET_FPS, "pairs": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))
