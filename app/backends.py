@@ -4,9 +4,10 @@ A `Backend` maps normalised images, float32 (B, 3, S, S), to logits (B, classes)
 its file, the runtime that runs it, its weight format, size on disk and bits per weight. How a bitvit
 `.safetensors` file (full precision or packed) runs is decided in one place, `RUNTIME`:
   "onnxruntime"  the model is exported once (`export.exporter`, cached by the file's hash) and runs
-                 as an ONNX Runtime session (`export.runtime`): bitvit's ternary/binary ops, int8
-                 MatMulInteger, MatMulNBits. A model the exporter cannot express (mixed formats,
-                 quantized attention) runs in torch instead, and its backend says why.
+                 as an ONNX Runtime session (`export.runtime`): bitvit's ternary/binary ops (standard
+                 MatMulNBits ops when bitvit's op library cannot be built here), int8 MatMulInteger,
+                 MatMulNBits. A model the exporter cannot express (quantized attention, activation
+                 formats other than int8 per token) runs in torch instead, and its backend says why.
   "torch"        the model runs as loaded by `quant.load_any` (QuantLinear's reference forward).
 `.onnx` files always run in ONNX Runtime.
 
@@ -146,13 +147,17 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
         return _ort_backend(path, path, threads, None)
     linear_bits = inspect_file(path).linear_bits
     model = quant.load_any(path).eval()
-    note = ""
+    notes = []
     if runtime == "onnxruntime":
-        try:
-            return _ort_backend(_exported(model, path), path, threads, linear_bits)
-        except (ValueError, OSError, RuntimeError) as e:  # not exportable, or no compiler for the ops
-            note = f"runs in torch: ONNX Runtime could not take it ({str(e).splitlines()[0]})"
-    return _torch_backend(model, path.name, path.stat().st_size, path, linear_bits, threads, note)
+        for custom_ops in (True, False):  # bitvit's own ops first, then standard ops (MatMulNBits)
+            try:
+                backend = _ort_backend(_exported(model, path, custom_ops), path, threads, linear_bits)
+                backend.note = "; ".join(notes)
+                return backend
+            except (ValueError, OSError, RuntimeError) as e:  # not exportable, or no compiler for bitvit's ops
+                notes.append(f"{'bitvit ops' if custom_ops else 'standard ONNX ops'} failed: {str(e).splitlines()[0]}")
+        notes = [f"runs in torch: ONNX Runtime could not take it ({'; '.join(notes)})"]
+    return _torch_backend(model, path.name, path.stat().st_size, path, linear_bits, threads, "; ".join(notes))
 
 
 ON_THE_FLY = ("w8a8", "w4")  # PTQ recipes the app builds from the FP model when assets/ holds no packed model
@@ -161,11 +166,10 @@ ON_THE_FLY = ("w8a8", "w4")  # PTQ recipes the app builds from the FP model when
 def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str) -> Path:
     """A packed model file built from a full-precision one with a round-to-nearest PTQ recipe.
 
-    `quant.quantize(model, recipe)` quantizes every nn.Linear (no calibration data needed), then
-    `quant.save_quantized` writes it into the bitvit cache, once per FP file and recipe; the app then
-    opens it like a shipped packed model, so its size on disk is real. The low-bit recipes keep the
-    classifier head at 8 bits; here every layer gets the recipe's format, so the model exports as one
-    format and runs in ONNX Runtime."""
+    `quant.quantize(model, recipe)` quantizes every nn.Linear (no calibration data needed; the low-bit
+    recipes keep the classifier head at 8 bits), then `quant.save_quantized` writes it into the bitvit
+    cache, once per FP file and recipe; the app then opens it like a shipped packed model, so its size
+    on disk is real."""
     fp_path = Path(fp_path)
     r = quant.recipe(recipe)
     if not hasattr(r, "layer_formats"):
@@ -176,7 +180,7 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str) -> Path:
         model = quant.load_any(fp_path)
         if weight_format(model) != "fp32":
             raise ValueError(f"{fp_path} is already quantized")
-        model = quant.quantize(model, quant.recipe(recipe, layer_formats=()))
+        model = quant.quantize(model, r)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         quant.save_quantized(model, tmp)
         os.replace(tmp, out)
@@ -206,16 +210,14 @@ def _ort_backend(onnx_path: Path, source: Path, threads: int | None, linear_bits
                    session, source, linear_bits)
 
 
-def _exported(model: nn.Module, source: Path) -> Path:
+def _exported(model: nn.Module, source: Path, custom_ops: bool = True) -> Path:
     """The ONNX export of a loaded model, written once per source file into the bitvit cache."""
-    from export.exporter import FORMATS, export, model_format
+    from export.exporter import export, model_format
     fmt = model_format(model)
-    if fmt not in FORMATS:
-        raise ValueError(f"the exporter has no single format for {fmt} layers")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    out = _cache() / f"{digest}-{fmt}.onnx"
+    out = _cache() / f"{digest}-{fmt}{'' if custom_ops else '-standard-ops'}.onnx"
     if not out.is_file():
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        export(model, tmp, fmt)
+        export(model, tmp, fmt, custom_ops=custom_ops)
         os.replace(tmp, out)
     return out

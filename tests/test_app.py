@@ -166,6 +166,15 @@ def test_the_torch_and_onnx_runtime_backends_agree(fp_file):
     np.testing.assert_allclose(ort(x), torch_out, atol=1e-4)
 
 
+def test_without_bitvit_ops_a_ternary_model_runs_on_standard_onnx_ops(assets, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")   # bitvit's op library cannot be built
+    path = assets / "tiny_ternary.safetensors"
+    ort = open_model(path, runtime="onnxruntime")
+    assert ort.runtime == "ONNX Runtime" and "bitvit ops failed" in ort.note
+    x = np.random.default_rng(0).normal(size=(2, 3, S, S)).astype(np.float32)
+    np.testing.assert_allclose(ort(x), open_model(path, runtime="torch")(x), atol=1e-3)
+
+
 def test_a_model_quantized_on_the_fly_is_a_real_packed_file_close_to_the_fp_model(fp_file):
     path = quantize_on_the_fly(fp_file, "w8a8")
     assert quant.read_header(path)["storage"]["bits_per_weight"] > 8
