@@ -177,7 +177,8 @@ def test_every_weight_only_candidate_config_is_correct(m, bits, group_size):
 
 
 @pytest.mark.skipif(INTERPRET, reason="tuning times candidates on the GPU")
-def test_the_tuner_remembers_its_pick_per_shape():
+def test_the_tuner_remembers_its_pick_per_shape(monkeypatch):
+    monkeypatch.setenv("BITVIT_TUNE", "1")  # gpu_session.sh runs the other checks untuned
     g = gen(12)
     packed, scales, bias = make_a8_layer("ternary", 768, 768, g)
     x = torch.randn(197, 768, generator=g).bfloat16().cuda()

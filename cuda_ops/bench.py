@@ -1,0 +1,399 @@
+"""Benchmark the bitvit ops and quantized ViTs against bf16 cuBLAS: `python -m cuda_ops.bench`.
+
+    python -m cuda_ops.bench --out assets/results/cuda_bench.json           # on a GPU: the full run
+    python -m cuda_ops.bench --device cpu --out /tmp/cpu_bench.json         # on a CPU: small and quick
+
+Three parts, printed as tables and written to one JSON file (`--out`, with command, device, date, wall time):
+1. ceilings, measured in the same run: device-to-device copy bandwidth (bytes read + written), the
+   baseline dtype's and int8 matmul rates (torch.mm, torch._int_mm on 8192^3 random operands; 2048^3 on a CPU).
+2. ops: the time of each packed op against "dense", F.linear in the baseline dtype (bf16 cuBLAS on a GPU, fp32 on a CPU), at the
+   linear shapes (qkv, proj, fc1, fc2) of the reference models and ViT-S/B/L, at M = batch x tokens;
+   achieved TB/s and TOPS, whether the shape is memory- or compute-bound on this device, and the
+   fraction of that roofline bound reached (bytes counted as each input read once, output written once).
+3. models: weight memory, batch-1 latency (CUDA graph replays on a GPU) and images/s at larger batches
+   of the FP model and its w8a8, w4 (int4 groups of 64, int8 head, weight-only), w1.58a8 and w1a8 versions
+   on the bitvit kernels (`to_kernels`); random weights (speed does not depend on them).
+Then the issue's speed targets, each marked met or missed, by how much.
+GPU times are medians from `triton.testing.do_bench`, which clears the L2 cache before every run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cuda_ops.modules import CUDAGraphModel, KernelLinear, to_kernels
+from cuda_ops.ops import A8_OPS, weight_only_linear
+from quant.cli import run
+from quant.models import CONFIGS, ViTConfig, VisionTransformer
+from quant.pack import pack_codes
+
+# ViT-L/16 at 224 px has no bitvit config (no checkpoint is used); its shape is standard.
+SHAPES: dict[str, ViTConfig] = {**CONFIGS, "vit_large_patch16_224": ViTConfig(
+    img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, num_classes=1000, classes=())}
+OPS = ("dense", "int_mm", "w8a8", "w4", "w1.58a8", "w1a8")  # "dense": F.linear in the baseline dtype
+VARIANTS = ("fp", "w8a8", "w4", "w1.58a8", "w1a8")
+DEFAULTS = {  # device -> (op models, model-benchmark models, batches)
+    "cuda": (["vit_base_patch16_224", "vit_large_patch16_224", "deit_small_patch16_224", "vit_cifar_small",
+              "vit_cifar_tiny"],
+             ["vit_base_patch16_224", "vit_cifar_small", "deit_small_patch16_224", "vit_cifar_tiny"], [1, 8, 64, 256]),
+    "cpu": (["vit_cifar_tiny"], ["vit_cifar_tiny"], [1, 8]),
+}
+
+
+# ----------------------------------------------------------------------------- timing
+
+CPU_TIMING_S = 0.3  # the CPU timer repeats a call for this long (at least 5 times, at most 50); --quick: 0.02
+
+
+def timed(fn, device: str) -> float:
+    """Median seconds of one call of fn."""
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < CPU_TIMING_S and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ceilings(device: str, dtype: torch.dtype, quick: bool) -> dict:
+    """Copy bandwidth (TB/s, read + write), `dtype` and int8 matmul rates (TFLOP/s, TOP/s) of this device."""
+    n = 8192 if device == "cuda" else (256 if quick else 2048)
+    nbytes = (1 << 30) if device == "cuda" else (1 << 23 if quick else 1 << 28)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t_copy = timed(lambda: dst.copy_(src), device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t_float = timed(lambda: torch.mm(a, b), device)
+    qa = torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8)
+    qb = torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8)
+    t_int8 = timed(lambda: torch._int_mm(qa, qb), device)
+    return {"copy_TBps": 2 * nbytes / t_copy / 1e12, "float_TFLOPs": 2 * n ** 3 / t_float / 1e12,
+            "int8_TOPs": 2 * n ** 3 / t_int8 / 1e12, "matmul_n": n, "copy_bytes": nbytes}
+
+
+# ----------------------------------------------------------------------------- per-op
+
+def layer_shapes(cfg: ViTConfig) -> dict[str, tuple[int, int]]:
+    """(N, K) of a block's linear layers."""
+    d, h = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    return {"qkv": (3 * d, d), "proj": (d, d), "fc1": (h, d), "fc2": (d, h)}
+
+
+def random_codes(n: int, k: int, high: int, device: str) -> torch.Tensor:
+    return torch.randint(0, high, (n, k), dtype=torch.uint8, device=device)
+
+
+def op_call(op: str, n: int, k: int, x: torch.Tensor, bias: torch.Tensor):
+    """(fn, weight bytes, rate key) for one op at weight shape (n, k) on activations x (M, k)."""
+    dev = x.device.type
+    if op == "dense":
+        w = torch.randn(n, k, device=dev, dtype=x.dtype) * 0.02
+        return (lambda: F.linear(x, w, bias)), w.numel() * w.element_size(), "float"
+    if op == "int_mm":  # cuBLASLt's int8 GEMM alone (no quantization, no scaling): the int8 reference
+        q = torch.randint(-127, 128, x.shape, dtype=torch.int8, device=dev)
+        w = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=dev)
+        return (lambda: torch._int_mm(q, w)), n * k, "int8"
+    if op == "w4":  # the w4 recipe's layout: int4 codes, asymmetric, groups of 64
+        g = min(64, k)
+        packed = pack_codes(random_codes(n, k, 16, "cpu"), 4).to(dev)
+        scales = torch.rand(n, -(-k // g), device=dev) * 0.01
+        zeros = torch.randint(0, 16, scales.shape, device=dev).float()
+        fn = lambda: weight_only_linear(x, packed, scales, zeros, None, bias, 4, g, k)  # noqa: E731
+        return fn, packed.numel() + 8 * scales.numel(), "float"
+    fmt, bits = {"w8a8": ("int8", 8), "w1.58a8": ("ternary", 2), "w1a8": ("binary", 1)}[op]
+    packed = pack_codes(random_codes(n, k, 3 if fmt == "ternary" else 1 << bits, "cpu"), bits).to(dev)
+    scales = torch.rand(n, 1, device=dev) * 0.01
+    return (lambda: A8_OPS[fmt](x, packed, scales, bias, k)), packed.numel() + 4 * n, "int8"
+
+
+def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, skipped: list) -> list[dict]:
+    rows = []
+    jobs = [(m, layer, nk, b) for m in models for layer, nk in layer_shapes(SHAPES[m]).items() for b in batches]
+    for model, layer, (n, k), batch in progress(jobs, desc="ops"):
+        m = batch * (SHAPES[model].num_patches + 1)
+        if time.monotonic() > deadline:
+            skipped.append(f"ops {model} {layer} M={m}")
+            continue
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        bias = torch.randn(n, device=device, dtype=dtype)
+        base = None
+        for op in ops:
+            if op == "int_mm" and (device != "cuda" or m <= 16 or n % 8 or k % 8):
+                continue
+            fn, w_bytes, rate = op_call(op, n, k, x, bias)
+            t = timed(fn, device)
+            base = t if op == "dense" else base
+            nbytes = (x.numel() * x.element_size() + w_bytes + m * n * x.element_size()
+                      if op != "int_mm" else m * k + w_bytes + 4 * m * n)
+            flops = 2 * m * n * k
+            peak = ceil["int8_TOPs" if rate == "int8" else "float_TFLOPs"] * 1e12
+            t_mem, t_ops = nbytes / (ceil["copy_TBps"] * 1e12), flops / peak
+            rows.append({"model": model, "layer": layer, "N": n, "K": k, "batch": batch, "M": m, "op": op,
+                         "ms": t * 1e3, "speedup_vs_dense": base / t if base else None, "bytes": nbytes,
+                         "TBps": nbytes / t / 1e12, "TOPS": flops / t / 1e12,
+                         "bound": "memory" if t_mem > t_ops else "compute",
+                         "roofline_frac": max(t_mem, t_ops) / t})
+            del fn
+    if skipped:
+        print(f"time limit: skipped {len(skipped)} of {len(jobs)} op shapes", file=sys.stderr)
+    return rows
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def build(model_name: str, variant: str) -> nn.Module:
+    """A random-weight ViT in one of VARIANTS, its quantized layers on the bitvit kernels (CPU, fp32)."""
+    import quant
+    from quant.bitlinear import freeze
+    torch.manual_seed(0)
+    model = VisionTransformer(SHAPES[model_name]).eval()
+    if variant == "fp":
+        return model
+    model = quant.quantize(model, variant)
+    if variant in ("w1.58a8", "w1a8"):  # QAT recipes: the training-time BitLinear layers, frozen as trained
+        model = freeze(model)
+    return to_kernels(model).eval()
+
+
+def weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """Bytes of all persistent parameters and buffers, and of the linear layers' weights alone."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    linear = 0
+    for m in model.modules():
+        if isinstance(m, KernelLinear):
+            linear += sum(t.numel() * t.element_size() for t in (m.packed, m.scales, m.zeros) if t is not None)
+        elif isinstance(m, nn.Linear):
+            linear += m.weight.numel() * m.weight.element_size()
+    return total, linear
+
+
+def bench_models(models, batches, variants, device, dtype, deadline, progress, skipped: list) -> list[dict]:
+    rows = []
+    for name in models:
+        cfg = SHAPES[name]
+        base = {}
+        for variant in variants:
+            if time.monotonic() > deadline:
+                print(f"time limit: skipped {name} {variant}", file=sys.stderr)
+                skipped.append(f"model {name} {variant}")
+                continue
+            model = build(name, variant).to(device=device, dtype=dtype)
+            total, linear = weight_bytes(model)
+            for batch in progress(batches, desc=f"{name} {variant}", leave=False):
+                x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
+                if device == "cuda":
+                    graphed = CUDAGraphModel(model, x)
+                    t = timed(lambda: graphed(x), device)
+                    del graphed
+                else:
+                    with torch.no_grad():
+                        t = timed(lambda: model(x), device)
+                if variant == "fp":
+                    base[batch] = t
+                rows.append({"model": name, "variant": variant, "dtype": str(dtype).replace("torch.", ""),
+                             "batch": batch, "ms": t * 1e3, "images_per_s": batch / t,
+                             "speedup_vs_fp": base[batch] / t if batch in base else None, "weight_MB": total / 1e6,
+                             "linear_weight_MB": linear / 1e6, "cuda_graph": device == "cuda"})
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    for r in rows:  # weight memory relative to the FP model of the same dtype
+        fp = next((f for f in rows if f["model"] == r["model"] and f["variant"] == "fp"), None)
+        r["memory_ratio_vs_fp"] = fp["weight_MB"] / r["weight_MB"] if fp else None
+        r["linear_memory_ratio_vs_fp"] = fp["linear_weight_MB"] / r["linear_weight_MB"] if fp else None
+    return rows
+
+
+# ----------------------------------------------------------------------------- targets
+
+def check_targets(ops: list[dict], models: list[dict]) -> list[dict]:
+    """The issue's H100 targets, each with the measured value and met / missed."""
+    out = []
+
+    def add(what, value, goal, higher_better=True):
+        if value is None:
+            return
+        met = value >= goal if higher_better else value <= goal
+        out.append({"target": what, "measured": value, "goal": goal, "met": met})
+
+    big = ("vit_base_patch16_224", "vit_large_patch16_224")
+    for op in ("w1.58a8", "w1a8"):
+        small_m = [r["speedup_vs_dense"] for r in ops if r["op"] == op and r["model"] in big and r["M"] <= 256]
+        add(f"{op} >= 1.5x bf16 on ViT-B/L shapes at M <= 256 (worst layer)", min(small_m, default=None), 1.5)
+        at_12608 = [r["speedup_vs_dense"] for r in ops if r["op"] == op and r["model"] in big and r["M"] == 12608]
+        add(f"{op} no slower than bf16 at M = 12608 (worst layer)", min(at_12608, default=None), 1.0)
+        mem = [r["roofline_frac"] for r in ops if r["op"] == op and r["model"] in big and r["bound"] == "memory"]
+        add(f"{op} >= 70% of the memory bound where memory-bound (worst)", min(mem, default=None), 0.7)
+    for name in sorted({r["model"] for r in models}):
+        get = {(r["variant"], r["batch"]): r for r in models if r["model"] == name}
+        if ("w1.58a8", 1) in get and ("fp", 1) in get:
+            add(f"{name}: ternary batch-1 latency / bf16 (graphs)", get[("w1.58a8", 1)]["ms"] / get[("fp", 1)]["ms"],
+                1.0, higher_better=False)
+            add(f"{name}: weight memory bf16 / ternary (whole model)", get[("w1.58a8", 1)]["memory_ratio_vs_fp"], 8.0)
+            add(f"{name}: weight memory bf16 / ternary (linear weights)",
+                get[("w1.58a8", 1)]["linear_memory_ratio_vs_fp"], 8.0)
+        if ("w1.58a8", 256) in get and ("fp", 256) in get:
+            add(f"{name}: ternary images/s at batch 256 / bf16", get[("w1.58a8", 256)]["speedup_vs_fp"], 1.3)
+    return out
+
+
+# ----------------------------------------------------------------------------- printing
+
+def print_ops(rows: list[dict]) -> None:
+    print(f"\n{'model':<24}{'layer':<6}{'N x K':>12}{'M':>7}  {'op':<8}{'us':>9}{'x dense':>8}{'TB/s':>7}"
+          f"{'TOPS':>8}  bound    roofline")
+    for r in rows:
+        sp = f"{r['speedup_vs_dense']:.2f}" if r["speedup_vs_dense"] else "-"
+        print(f"{r['model']:<24}{r['layer']:<6}{r['N']:>6}x{r['K']:<5}{r['M']:>7}  {r['op']:<8}"
+              f"{r['ms'] * 1e3:>9.1f}{sp:>8}{r['TBps']:>7.2f}{r['TOPS']:>8.1f}  {r['bound']:<8} "
+              f"{100 * r['roofline_frac']:>5.0f}%")
+
+
+def print_models(rows: list[dict]) -> None:
+    print(f"\n{'model':<24}{'variant':<9}{'batch':>6}{'ms':>10}{'img/s':>10}{'x fp':>7}{'weights MB':>12}"
+          f"{'fp/this':>9}{'linear fp/this':>16}")
+    for r in rows:
+        f = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        print(f"{r['model']:<24}{r['variant']:<9}{r['batch']:>6}{r['ms']:>10.3f}{r['images_per_s']:>10.0f}"
+              f"{f(r['speedup_vs_fp']):>7}{r['weight_MB']:>12.2f}{f(r['memory_ratio_vs_fp']):>9}"
+              f"{f(r['linear_memory_ratio_vs_fp']):>16}")
+
+
+def print_targets(rows: list[dict], device: str) -> None:
+    print("\nissue 4's targets" + ("" if device == "cuda" else " (set for the H100 against bf16; here informational)"))
+    for r in rows:
+        verdict = "met" if r["met"] else f"MISSED (goal {r['goal']})"
+        print(f"  {r['target']:<66} {r['measured']:>7.2f}  {verdict}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Speed-up over the baseline against M, one panel per model (geometric mean over its 4 layers)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        for op in dict.fromkeys(r["op"] for r in rows if r["op"] != "dense"):
+            pts = {}
+            for r in rows:
+                if r["model"] == name and r["op"] == op and r["speedup_vs_dense"]:
+                    pts.setdefault(r["M"], []).append(math.log(r["speedup_vs_dense"]))
+            ms = sorted(pts)
+            ax.plot(ms, [math.exp(sum(pts[m]) / len(pts[m])) for m in ms], marker="o", label=op)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set(xscale="log", yscale="log", title=name, xlabel="M = batch x tokens", ylabel="speed-up over dense")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cuda_ops.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", help="comma-separated configs for the per-op part (default: per device)")
+    p.add_argument("--e2e-models", help="comma-separated configs for the end-to-end part ('' to skip it)")
+    p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8,64,256 on a GPU, 1,8 on a CPU)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops among {','.join(OPS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"end-to-end variants among {','.join(VARIANTS)}")
+    p.add_argument("--quick", action="store_true", help="smaller ceilings, shorter CPU timings (smoke tests)")
+    p.add_argument("--time-limit", type=float, default=float("inf"),
+                   help="seconds: stop adding rows after this long, the per-op part after 60%% of it so the "
+                        "end-to-end part gets its share (the JSON lists what was skipped)")
+    p.add_argument("--out", type=Path, help="write the results JSON here")
+    p.add_argument("--plot", type=Path, help="write a speed-up plot (PNG) here")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here (use --device cpu)")
+    split = lambda s: [v for v in s.split(",") if v]  # noqa: E731
+    op_models, e2e_models, batches = DEFAULTS[args.device]
+    op_models = split(args.models) if args.models is not None else op_models
+    e2e_models = split(args.e2e_models) if args.e2e_models is not None else e2e_models
+    batches = [int(b) for b in split(args.batches)] if args.batches else batches
+    ops, variants = split(args.ops), split(args.variants)
+    for name in op_models + e2e_models:
+        if name not in SHAPES:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(SHAPES)}")
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    if "dense" in ops:
+        ops = ["dense"] + [o for o in ops if o != "dense"]
+    if "fp" in variants:
+        variants = ["fp"] + [v for v in variants if v != "fp"]
+    if args.quick:
+        global CPU_TIMING_S
+        CPU_TIMING_S = 0.02
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype_name = str(dtype).replace("torch.", "")
+    from tqdm import tqdm
+    start = time.monotonic()
+    deadline = start + args.time_limit
+    ops_deadline = start + (0.6 if e2e_models else 1.0) * args.time_limit
+    progress = lambda it, **kw: tqdm(it, file=sys.stderr, **kw)  # noqa: E731
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or "cpu")
+    result = {"command": "python -m cuda_ops.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device_name, "machine": f"{platform.node()} {platform.machine()}, "
+                                                f"{torch.get_num_threads()} CPU threads",
+              "torch": torch.__version__, "dtype": dtype_name,
+              "data": "random weights and inputs (no data split: speed does not depend on the values)",
+              "baseline": f"dense = F.linear in {dtype_name}" + (" (cuBLAS)" if args.device == "cuda" else ""),
+              "skipped": []}
+    if args.device == "cuda":
+        import triton
+        result["triton"] = triton.__version__
+
+    def save():
+        result["wall_s"] = time.monotonic() - start
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+
+    ceil = result["ceilings"] = ceilings(args.device, dtype, args.quick)
+    print(f"{device_name}: copy {ceil['copy_TBps']:.2f} TB/s, {dtype_name} matmul {ceil['float_TFLOPs']:.1f} TFLOP/s, "
+          f"int8 matmul {ceil['int8_TOPs']:.1f} TOP/s")
+    save()
+    result["ops"] = bench_ops(op_models, batches, ops, args.device, dtype, ceil, ops_deadline, progress,
+                              result["skipped"])
+    save()
+    print_ops(result["ops"])
+    result["models"] = bench_models(e2e_models, batches, variants, args.device, dtype, deadline, progress,
+                                      result["skipped"])
+    if args.device == "cuda":
+        from cuda_ops.triton_kernels import TUNER
+        result["tuned"] = TUNER.report()
+    result["targets"] = check_targets(result["ops"], result["models"])
+    save()
+    print_models(result["models"])
+    print_targets(result["targets"], args.device)
+    if args.plot and result["ops"]:
+        plot(result["ops"], args.plot)
+    print(f"\nwall time {result['wall_s']:.0f} s" + (f"; results in {args.out}" if args.out else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Every pending GPU check and benchmark of cuda_ops/, in one script for a CUDA machine; results go to $OUT.
+#
+#   bash cuda_ops/gpu_session.sh tests            # ~3-5 min: the kernel tests natively on the GPU
+#   bash cuda_ops/gpu_session.sh bench [ARGS]     # <= 9.5 min: python -m cuda_ops.bench --device cuda [ARGS]
+#   bash cuda_ops/gpu_session.sh all              # tests, then bench (where a command may run > 10 min)
+#
+# Through the device tool (10 minutes a command, 8 files back from $OUT), make two back-to-back calls,
+# `tests` then `bench`: the second finds Triton's compile cache of the first while the machine is warm.
+# If the bench's time limit cut the end-to-end part short (its JSON lists "skipped"), a third call
+# `bench --models ''` runs the end-to-end part alone.
+#
+# tests: tests/test_cuda_ops.py, tests/test_to_kernels.py (CPU and gpu-marked tests) and
+#   tests/triton_checks.py (the Triton kernels against float64 references with poisoned outputs, every
+#   tuning candidate on ViT-sized shapes), untuned (BITVIT_TUNE=0) except the tuner's own test, on
+#   pytest-xdist workers when the machine has it.  -> env.txt, tests.log, tests.xml
+# bench: the ceilings, per-op timings (autotuning each shape first), end-to-end latency and weight
+#   memory, and issue 4's targets.  -> env.txt, cuda_bench.json, cuda_bench.png, bench.log (tables),
+#   bench.err (progress, warnings)
+# Then, on the machine the results come back to: copy cuda_bench.json and cuda_bench.png to
+# assets/results/ and the tables into README's "GPU kernels" section.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${1:-all}
+shift || true
+OUT=${OUT:-gpu_out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+env_report() {
+    {
+        date -u +"%Y-%m-%dT%H:%M:%SZ"
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
+        "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
+'| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(),
+torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" 2>&1
+        "$PY" -c "import xdist; print('pytest-xdist', xdist.__version__)" 2>&1 | tail -1
+        git rev-parse HEAD 2>/dev/null || echo "(no git checkout)"
+    } > "$OUT/env.txt"
+    cat "$OUT/env.txt"
+}
+
+run_tests() {
+    local workers=()
+    "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${WORKERS:-8}")
+    BITVIT_TUNE=0 timeout "${TESTS_TIMEOUT:-540}" "$PY" -m pytest -q -ra -p no:cacheprovider "${workers[@]}" \
+        --junitxml "$OUT/tests.xml" tests/test_cuda_ops.py tests/test_to_kernels.py tests/triton_checks.py \
+        > "$OUT/tests.log" 2>&1
+    local rc=$?
+    tail -n 40 "$OUT/tests.log"
+    echo "tests: exit code $rc"
+    return $rc
+}
+
+run_bench() {
+    timeout "${BENCH_TIMEOUT:-570}" "$PY" -m cuda_ops.bench --device cuda --time-limit "${BENCH_TIME_LIMIT:-450}" \
+        --out "$OUT/cuda_bench.json" --plot "$OUT/cuda_bench.png" "$@" > "$OUT/bench.log" 2> "$OUT/bench.err"
+    local rc=$?
+    cat "$OUT/bench.log"
+    tail -n 5 "$OUT/bench.err"
+    echo "bench: exit code $rc"
+    return $rc
+}
+
+env_report
+case "$STAGE" in
+    tests) run_tests ;;
+    bench) run_bench "$@" ;;
+    all) run_tests; t=$?; run_bench "$@"; b=$?; exit $((t || b)) ;;
+    *) echo "usage: bash cuda_ops/gpu_session.sh tests|bench|all [bench arguments]" >&2; exit 2 ;;
+esac

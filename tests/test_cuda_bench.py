@@ -1,0 +1,32 @@
+"""`python -m cuda_ops.bench` on the CPU, at the smallest settings: tables, a complete JSON, clear refusals."""
+import json
+
+import pytest
+
+from cuda_ops import bench
+
+
+def test_the_cpu_benchmark_writes_every_part_of_its_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--quick", "--batches", "1", "--ops", "w1.58a8,dense,w4",
+                       "--variants", "w1.58a8,fp", "--out", str(out), "--plot", str(tmp_path / "b.png")]) == 0
+    r = json.loads(out.read_text())
+    assert {"command", "date", "device", "machine", "data", "wall_s", "ceilings", "skipped"} <= set(r)
+    assert r["ceilings"]["copy_TBps"] > 0 and r["ceilings"]["int8_TOPs"] > 0
+    assert len(r["ops"]) == 4 * 3  # 4 layers x 3 ops, the dense baseline first
+    assert [row["op"] for row in r["ops"][:3]] == ["dense", "w1.58a8", "w4"]
+    assert all(row["ms"] > 0 and row["speedup_vs_dense"] > 0 for row in r["ops"])
+    fp, ternary = r["models"]
+    assert (fp["variant"], ternary["variant"]) == ("fp", "w1.58a8")
+    assert ternary["linear_memory_ratio_vs_fp"] > 10  # 2-bit codes + a scale per row against fp32 weights
+    assert any("weight memory" in t["target"] for t in r["targets"])
+    assert (tmp_path / "b.png").stat().st_size > 0
+    assert "w1.58a8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [(["--ops", "w5"], "unknown op 'w5'"),
+                                        (["--models", "vit_huge"], "unknown model 'vit_huge'"),
+                                        (["--variants", "w7"], "unknown variant 'w7'")])
+def test_unknown_names_are_refused_before_any_timing(args, match):
+    with pytest.raises(ValueError, match=match):
+        bench.main(["--device", "cpu", *args])
