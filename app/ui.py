@@ -34,9 +34,12 @@ def model_markdown(r: Reading, last: float, median: float | None, n: int) -> str
     bits = f"{b.bits_per_weight:.2f} bits/weight (whole file)"
     if b.linear_bits is not None:
         bits += f" · linear layers {b.linear_bits:.2f}"
-    med = median if median is not None else last
-    lines = [f"**{b.name}** · {b.weight_format} · {b.runtime}",
-             f"latency **{last:.2f} ms** last · **{med:.2f} ms** median of {n} · up to {1000 / med:.0f} frames/s",
+    if median is None:  # a still image: `last` is already the median of n runs
+        latency = f"latency **{last:.2f} ms** (median of {n} runs) · up to {1000 / last:.0f} images/s"
+    else:
+        latency = (f"latency **{last:.2f} ms** last · **{median:.2f} ms** median of {n} frames · "
+                   f"up to {1000 / median:.0f} frames/s")
+    lines = [f"**{b.name}** · {b.weight_format} · {b.runtime}", latency,
              f"size **{_mb(b.size_bytes)}** · {bits}"]
     if b.note:
         lines.append(f"<small>{b.note}</small>")
