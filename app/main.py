@@ -58,17 +58,22 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     for m in variants:
         a, b = fp_file.config, m.config
         if (a.img_size, a.classes) != (b.img_size, b.classes):
-            skipped.append(f"{m.path.name}: takes {b.img_size}x{b.img_size} images of other classes than {fp}")
+            skipped.append(f"{m.path.name}: takes {b.img_size}x{b.img_size} images of {len(b.classes)} classes, "
+                           f"the FP model {a.img_size}x{a.img_size} of {len(a.classes)}: not comparable")
         else:
             keep.append(m)
-    openers = {m.label: functools.partial(open_model, m.path, threads, runtime) for m in keep}
+    arch = lambda c: (c.patch_size, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.stem_channels)  # noqa: E731
+    other = {m.label: f" · other architecture than the FP model (depth {m.config.depth}, width {m.config.embed_dim})"
+             for m in keep if arch(m.config) != arch(fp_file.config)}
+    openers = {m.label + other.get(m.label, ""): functools.partial(open_model, m.path, threads, runtime)
+               for m in keep}
     if not openers:  # nothing shipped: quantize the FP model here (round to nearest), saved in the cache
         for name in ON_THE_FLY:
             label = f"{name} · built on the fly from {Path(fp).name} (PTQ, no packed model in assets/)"
             openers[label] = functools.partial(_on_the_fly, fp, name, threads, runtime)
     labels = list(openers)
     default = labels[0] if quant is not None else next(
-        (m.label for m in keep if m.weight_format == "ternary"), labels[0])
+        (m.label for m in keep if m.weight_format == "ternary" and m.label not in other), labels[0])
     return Comparison(open_model(fp, threads, runtime), openers, default), labels, skipped
 
 
@@ -97,6 +102,7 @@ def main(argv=None):
     comparison, labels, skipped = make_comparison(args.fp, args.quant, args.assets, args.threads)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
+    comparison.variant(comparison.default)  # open (or build) and warm it now, not on the first frame
     demo = build(comparison, labels, args.results or Path(args.assets) / "results")
     print(f"full precision: {comparison.fp.name} ({comparison.fp.runtime}); quantized: {len(labels)} variant(s), "
           f"default {comparison.default}")

@@ -193,6 +193,14 @@ def test_the_menu_lists_every_packed_model_and_starts_on_the_ternary_one(assets)
     assert any(s.startswith("notes.safetensors") for s in skipped)
 
 
+def test_a_packed_model_of_another_architecture_is_labelled_and_not_the_default(assets):
+    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
+    packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
+    cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
+    assert sum("other architecture" in label for label in labels) == 1
+    assert cmp.default.startswith("ternary · tiny_ternary")
+
+
 def test_without_a_packed_model_the_app_quantizes_the_fp_model_itself(fp_file, tmp_path):
     cmp, labels, _ = make_comparison(fp_file, None, tmp_path / "empty", runtime="torch")
     assert [label.split(" ")[0] for label in labels] == ["w8a8", "w4"]
