@@ -86,9 +86,12 @@ def _on_the_fly(fp, recipe: str, threads, runtime):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python app/main.py", description=__doc__.splitlines()[0])
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p = argparse.ArgumentParser(prog="python app/main.py", description="bitvit's demo page: a full-precision and a "
+                                "quantized ViT classify the same webcam frames or images side by side.")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
+                   help="address to listen on (default: $GRADIO_SERVER_NAME or 0.0.0.0)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                   help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
     p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_tiny.safetensors)")
     p.add_argument("--quant", help="quantized model to select first (.safetensors or .onnx; default: "
