@@ -9,7 +9,8 @@ Q-ViT bit allocations), so this module does not assume one. It walks every file 
   latency_ms (a number, or {batch: ms})   latency; batch 1 is plotted | latency_ms_batch1_cpu | ms (a
                                           model's, at batch 1; per-layer kernel timings are left out)
   confusion                               a square confusion matrix (rows: true class)
-  attention + layers + bitops             a Q-ViT bit allocation (`quant.qvit.bit_allocation`)
+  attention + layers + bitops             a Q-ViT bit allocation (`quant.qvit.bit_allocation`), or
+  allocation: "<file>.bits.json"          a path to one (as `quant.qat` records it)
   fps                                     frames per second of the app's live handler (`app.bench`)
 named by their own "name"/"recipe"/"variant"/"label" field or else by the keys leading to them,
 plus, for context, a file's "command", "machine"/"device", "date" and "split" where present. A plot is
@@ -146,6 +147,22 @@ def _walk(node, path: list[str], source: str, out: list[Entry]) -> None:
                 _walk(v, path + [str(i)], source, out)
 
 
+def _linked_allocation(entry: Entry, folder: Path) -> Entry | None:
+    """The bit allocation an entry names by path (absolute, from the working directory, from the
+    repository root, or by file name in the results folder), read as an entry of its own."""
+    ref = entry.data.get("allocation")
+    if not isinstance(ref, str):
+        return None
+    for candidate in (Path(ref), folder.parent.parent / ref, folder / Path(ref).name):
+        try:
+            data = json.loads(candidate.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        alloc = Entry(entry.source, f"{entry.name} bit allocation", data if isinstance(data, dict) else {})
+        return alloc if alloc.allocation is not None else None
+    return None
+
+
 def load(folder: str | Path) -> Results:
     """Every `*.json` under `folder`, read into entries; unreadable files are listed in `errors`."""
     folder = Path(folder)
@@ -158,6 +175,7 @@ def load(folder: str | Path) -> Results:
             continue
         found: list[Entry] = []
         _walk(data, [], path.stem, found)
+        found += [a for e in found if (a := _linked_allocation(e, folder)) is not None]
         if not found:
             res.errors.append(f"{path.name}: holds no entry the Results tab knows how to plot")
         res.files[path.stem] = {k: data[k] for k in CONTEXT_KEYS if isinstance(data, dict) and k in data}

@@ -296,9 +296,11 @@ def write_results(folder):
         "results": [{"recipe": "fp32", "top1": 0.8, "bits_per_weight": 32, "size_bytes": 2_000_000,
                      "latency_ms": {"1": 3.0, "8": 10.0}, "confusion": np.eye(3, dtype=int).tolist()},
                     {"recipe": "w4", "top1": 0.78, "bits_per_weight": 4.4, "size_bytes": 400_000}]}))
-    (folder / "qvit.json").write_text(json.dumps({
-        "name": "qvit", "attention": {"blocks.0.attn": {"q": [4, 3], "k": [2, 8]}},
+    (folder.parent / "qvit.bits.json").write_text(json.dumps({
+        "attention": {"blocks.0.attn": {"q": [4, 3], "k": [2, 8]}},
         "layers": {"blocks.0.mlp.fc1": {"weight": 4, "input": 8}}, "bitops": 1.0}))
+    (folder / "qat.json").write_text(json.dumps({"runs": {"qvit": {
+        "recipe": "qvit", "top1": 0.7, "bits_per_weight": 3.9, "allocation": str(folder.parent / "qvit.bits.json")}}}))
     (folder / "kernels.json").write_text(json.dumps({
         "ops": [{"layer": "qkv", "op": "w4", "ms": 0.1, "batch": 1}],
         "models": [{"variant": "w1.58a8", "ms": 2.5, "batch": 1}, {"variant": "w1.58a8", "ms": 9.0, "batch": 8}]}))
@@ -309,10 +311,11 @@ def write_results(folder):
 
 def test_the_results_tab_reads_every_file_and_draws_what_exists(tmp_path):
     res = results.load(write_results(tmp_path / "results"))
-    assert {e.name for e in res.having("top1", "bits")} == {"fp32", "w4"}
+    assert {e.name for e in res.having("top1", "bits")} == {"fp32", "w4", "qvit"}
     assert {e.name: e.latency_ms for e in res.having("latency_ms")} == {"fp32": 3.0, "w1.58a8": 2.5}  # batch 1 only,
     assert res.having("fps")[0].fps == 40.0                                                         # no kernels
-    assert len(res.having("confusion")) == 1 and len(res.having("allocation")) == 1
+    assert len(res.having("confusion")) == 1
+    assert [e.name for e in res.having("allocation")] == ["qvit bit allocation"]   # read from the path qat.json names
     assert res.errors and "broken.json" in res.errors[0]
     for fig in (results.accuracy_vs_bits(res), results.latency_bars(res), results.size_bars(res), results.fps_bars(res),
                 results.confusion_plot(res.having("confusion")[0], TINY.classes),
