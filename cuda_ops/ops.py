@@ -244,12 +244,13 @@ def _rows(x: Tensor, k: int) -> Tensor:
 
 
 def _norm(norm_weight, norm_bias, norm_eps):
-    """The triton launchers' LayerNorm argument (fp32 contiguous parameters), or None."""
+    """The triton launchers' LayerNorm argument, or None. The parameters go in as they are (the kernel
+    widens them to fp32 as it loads them): no cast kernels per call."""
     from cuda_ops.triton_kernels import Norm
     if norm_eps is None:
         return None
-    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
-    return Norm(f32(norm_weight), f32(norm_bias), float(norm_eps))
+    cont = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return Norm(cont(norm_weight), cont(norm_bias), float(norm_eps))
 
 
 @quantize_per_token.register_kernel("cuda")

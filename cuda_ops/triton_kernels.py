@@ -406,7 +406,8 @@ def quantize_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, norm: Norm 
         return
     one_pass = k <= ONE_PASS_MAX_K
     if norm is not None and not one_pass:
-        x = torch.nn.functional.layer_norm(x.float(), (k,), norm.weight, norm.bias, norm.eps)
+        f32 = lambda t: None if t is None else t.float()  # noqa: E731
+        x = torch.nn.functional.layer_norm(x.float(), (k,), f32(norm.weight), f32(norm.bias), norm.eps)
         norm = None
     block_k = triton.next_power_of_2(k) if one_pass else 4096
     block_m = max(1, min(16, 4096 // block_k))

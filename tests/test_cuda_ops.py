@@ -228,11 +228,13 @@ def test_a8_linear_on_cuda_matches_float64_reference(fmt, m, n, k, dtype):
 @needs_cuda
 @pytest.mark.parametrize("fmt", A8_FORMATS)
 @pytest.mark.parametrize("k", [768, 10000])  # 10000: LayerNorm before the two-pass quantization
-def test_a8_linear_with_input_norm_on_cuda_matches_float64_reference(fmt, k):
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.bfloat16])  # a bf16 model's LayerNorm, uncast
+def test_a8_linear_with_input_norm_on_cuda_matches_float64_reference(fmt, k, norm_dtype):
     g = gen(k)
     packed, scales, b = make_a8_layer(fmt, 300, k, g)
     x = torch.randn(197, k, generator=g) * 2 + 0.5
     w, nb = torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g) * 0.1
+    w, nb = w.to(norm_dtype), nb.to(norm_dtype)
     y = a8(fmt)(x.cuda(), packed.cuda(), scales.cuda(), b.cuda(), k, w.cuda(), nb.cuda(), 1e-6)
     x_normed = torch.nn.functional.layer_norm(x.double(), (k,), w.double(), nb.double(), 1e-6).float()
     assert rel_err(y, reference_a8(x_normed, packed, fmt, scales, b, k)) < 1e-4  # a code may flip at a tie

@@ -64,12 +64,15 @@ def test_quantize_rows_is_bit_exact_and_writes_everything(k, dtype):
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
 
 
-@pytest.mark.parametrize("k", [77, 768])
+@pytest.mark.parametrize("k", [77, 768, 9000])  # 9000: LayerNorm in torch, then two passes
 @pytest.mark.parametrize("affine", [True, False])
-def test_quantize_rows_fuses_the_input_layer_norm(k, affine):
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.bfloat16])  # a bf16 model's LayerNorm, uncast
+def test_quantize_rows_fuses_the_input_layer_norm(k, affine, norm_dtype):
     g = gen(k)
     x = torch.randn(6, k, generator=g) * 3 + 2
     w, b = (torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g)) if affine else (None, None)
+    if affine:
+        w, b = w.to(norm_dtype), b.to(norm_dtype)
     q = torch.full((6, k), -128, dtype=torch.int8, device=DEV)
     s = poisoned(6)
     tk.quantize_rows(dev(x), q, s, tk.Norm(dev(w), dev(b), 1e-6))
