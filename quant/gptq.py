@@ -104,16 +104,17 @@ def _run(model: nn.Module, calib: torch.Tensor, batch_size: int) -> None:
 
 
 def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size: int = 128,
-            output: bool = False) -> torch.Tensor:
+            output: bool = False, keep_shape: bool = False) -> torch.Tensor:
     """The input (or output) of `module` over all calibration batches, stopping each forward pass there.
 
-    Returns the tensors concatenated along the first dimension (for a linear layer's input
-    (B, N, K), the tokens as (B * N, K)).
+    Returns the tensors concatenated along the first dimension: a module's output, or with
+    `keep_shape` its input, as it is (B, ...); else its input as tokens (for a linear layer's input
+    (B, N, K), (B * N, K)).
     """
     seen: list[torch.Tensor] = []
 
     def grab(t: torch.Tensor) -> None:
-        seen.append(t.detach().reshape(-1, t.shape[-1]) if not output else t.detach())
+        seen.append(t.detach() if output or keep_shape else t.detach().reshape(-1, t.shape[-1]))
         raise _Stop
 
     hook = (module.register_forward_hook(lambda m, i, o: grab(o)) if output

@@ -21,7 +21,8 @@ Two ViT activations break naive 4-bit quantization, and each gets its own treatm
 Q, K and V get per-head asymmetric uint4 ranges (MSE-searched). Weights are 4-bit, per output
 channel, by GPTQ with the Hessian of the quantized inputs each layer really sees. Calibration goes
 block by block, so every range is found on inputs that already passed through the quantized blocks
-before it. The classifier head stays at int8 weights and per-token int8 inputs; the patch embedding
+before it (the inputs of block i are computed once, by the quantized blocks 0..i-1, and each
+capture inside block i runs only that block). The classifier head stays at int8 weights and per-token int8 inputs; the patch embedding
 (a convolution) stays in floating point.
 """
 from __future__ import annotations
@@ -143,26 +144,29 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe, batch_size: int
     from tqdm import tqdm
     bits = recipe.act_bits
     blocks = _blocks(model)
+    h = capture(model, blocks[0], calib, batch_size, keep_shape=True)          # (B, N, D) into block 0
     for block in tqdm(blocks, desc="W4A4", unit="block", disable=not progress, leave=False):
         attn = QuantAttention.from_attention(block.attn)
         block.attn = attn
         for norm, owner, name in ((block.norm1, attn, "qkv"), (block.norm2, block.mlp, "fc1")):
             layer = getattr(owner, name)
-            x = capture(model, layer, calib, batch_size)                        # (T, K) post-LayerNorm
+            x = capture(block, layer, h, batch_size)                            # (T, K) post-LayerNorm
             if recipe.reparam_layernorm:
                 s_c, z_c = channel_ranges(x, bits)
                 s, z = reparameterize_layernorm(norm, layer, s_c, z_c)
-                x = capture(model, layer, calib, batch_size)
+                x = capture(block, layer, h, batch_size)
             else:
                 s, z = tensor_range(x, bits, layer.weight)
             setattr(owner, name, _quantize_linear(layer, x, s, z, recipe))
             if name == "qkv":
-                _calibrate_attention(model, attn, calib, bits, recipe, batch_size)
+                _calibrate_attention(block, attn, h, bits, recipe, batch_size)
         for owner, name in ((attn, "proj"), (block.mlp, "fc2")):          # head outputs, post-GELU
             layer = getattr(owner, name)
-            x = capture(model, layer, calib, batch_size)
+            x = capture(block, layer, h, batch_size)
             s, z = tensor_range(x, bits, layer.weight.detach())
             setattr(owner, name, _quantize_linear(layer, x, s, z, recipe))
+        with torch.no_grad():                                              # the next block's inputs
+            h = torch.cat([block(h[i:i + batch_size]) for i in range(0, len(h), batch_size)])
     for name, layer in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
         fmt = next((f for p, f in recipe.layer_formats if fnmatch.fnmatchcase(name, p)), None)
         if fmt is None:
