@@ -15,10 +15,12 @@ Three kernels:
 Packed weights arrive in `quant/pack.py`'s layout: (N, KB) uint8, KB = ceil(K * bits / 8), row n holds
 output channel n's K codes, code k in byte k // per_byte at bit (k % per_byte) * bits
 (per_byte = 8 // bits). A program loads a (BLOCK_KP, BLOCK_N) tile of packed bytes (contiguous along
-K), shifts out the per_byte code planes in registers, and multiplies plane j with the activation
-columns k = per_byte * kp + j, which it gets by reshaping its contiguous (BLOCK_M, BLOCK_K) activation
-tile to (..., 2, 2, ...) and splitting -- so weights are never expanded in global memory and every load
-is contiguous.
+K), shifts out the per_byte code planes in registers and interleaves them back into K order (join,
+permute, reshape) as a (BLOCK_K, BLOCK_N) int8 tile, which meets the plainly loaded (BLOCK_M, BLOCK_K)
+activation tile in one `tl.dot` -- so weights are never expanded in global memory, every load is
+contiguous, and the activation loads stay direct dot operands that Triton pipelines (async copies).
+`python -m cuda_ops.compile_check` compiles every tiling for sm_90 without a GPU and reports registers,
+spills, shared memory, pipelining and the MMA instructions (wgmma int8 for BLOCK_M >= 64).
 
 Tile shapes come from a small per-shape tuner (first call per (kernel, M bucket, N, K, ...) times the
 candidates with `triton.testing.do_bench`; set BITVIT_TUNE=0 to use the first candidate, the default
@@ -82,60 +84,45 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _int_plane(p, J: tl.constexpr, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr):
-    """Code plane J of a packed byte tile as int8 weight values: code * MUL - OFF."""
+def _unpack_codes(p, BITS: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Packed bytes p (BLOCK_KP, BLOCK_N) -> uint8 codes (BLOCK_KP * 8 // BITS, BLOCK_N) in K order:
+    row per_byte * kp + j is code plane j of byte kp. The planes are shifted out in registers and
+    interleaved along K with join + permute + reshape, so the tile feeds a single tl.dot."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS == 8:
+        return p
+    elif BITS == 4:
+        t = tl.join(p & MASK, p >> 4)  # [kp, n, j]
+        return tl.reshape(tl.permute(t, (0, 2, 1)), (BLOCK_KP * 2, BLOCK_N))
+    elif BITS == 2:
+        e = tl.join(p & MASK, (p >> 4) & MASK)  # planes 0, 2
+        o = tl.join((p >> 2) & MASK, p >> 6)  # planes 1, 3
+        t = tl.join(e, o)  # [kp, n, a, b]: plane 2a + b
+        return tl.reshape(tl.permute(t, (0, 2, 3, 1)), (BLOCK_KP * 4, BLOCK_N))
+    else:
+        tl.static_assert(BITS == 1)
+        e = tl.join(tl.join(p & 1, (p >> 4) & 1), tl.join((p >> 2) & 1, (p >> 6) & 1))  # planes 0,4 / 2,6
+        o = tl.join(tl.join((p >> 1) & 1, (p >> 5) & 1), tl.join((p >> 3) & 1, p >> 7))  # planes 1,5 / 3,7
+        t = tl.join(e, o)  # [kp, n, a, b, c]: plane 4a + 2b + c
+        return tl.reshape(tl.permute(t, (0, 2, 3, 4, 1)), (BLOCK_KP * 8, BLOCK_N))
+
+
+@triton.jit
+def _int_weights(p, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, BLOCK_KP: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """int8 weight values (BLOCK_K, BLOCK_N), code * MUL - OFF, of a packed byte tile."""
     if BITS == 8:
         return (p.to(tl.int16) - OFF).to(tl.int8)
     else:
-        c = ((p >> (J * BITS)) & ((1 << BITS) - 1)).to(tl.int8)
-        return c * MUL - OFF
+        return _unpack_codes(p, BITS, BLOCK_KP, BLOCK_N).to(tl.int8) * MUL - OFF
 
 
 @triton.jit
-def _dot_int_codes(a, p, acc, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_KP: tl.constexpr):
-    """acc += a @ W for int8 activations a (BLOCK_M, BLOCK_KP * 8 // BITS) and packed bytes p
-    (BLOCK_KP, BLOCK_N); activation column per_byte * kp + j meets code plane j of byte kp."""
-    if BITS == 8:
-        acc = tl.dot(a, _int_plane(p, 0, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-    elif BITS == 4:
-        a0, a1 = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_KP, 2)))
-        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-    elif BITS == 2:
-        e, o = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_KP, 2, 2)))  # [m, kp, a, b]: column 4kp + 2a + b
-        a0, a2 = tl.split(e)
-        a1, a3 = tl.split(o)
-        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a2, _int_plane(p, 2, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a3, _int_plane(p, 3, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-    else:
-        tl.static_assert(BITS == 1)
-        c0, c1 = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_KP, 2, 2, 2)))  # column 8kp + 4a + 2b + c
-        c0b0, c0b1 = tl.split(c0)
-        c1b0, c1b1 = tl.split(c1)
-        a0, a4 = tl.split(c0b0)
-        a2, a6 = tl.split(c0b1)
-        a1, a5 = tl.split(c1b0)
-        a3, a7 = tl.split(c1b1)
-        acc = tl.dot(a0, _int_plane(p, 0, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a1, _int_plane(p, 1, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a2, _int_plane(p, 2, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a3, _int_plane(p, 3, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a4, _int_plane(p, 4, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a5, _int_plane(p, 5, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a6, _int_plane(p, 6, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-        acc = tl.dot(a7, _int_plane(p, 7, BITS, MUL, OFF), acc, out_dtype=tl.int32)
-    return acc
-
-
-@triton.jit
-def _float_plane(p, J: tl.constexpr, BITS: tl.constexpr, lut_ptr, z, s, HAS_LUT: tl.constexpr,
-                 HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr):
-    """Code plane J of a packed byte tile, dequantized: (lut[code] or code, minus zero or the symmetric
-    offset 2**(BITS-1)) * s, with z and s (BLOCK_N,) for this K tile's group."""
-    c = (p >> (J * BITS)) & ((1 << BITS) - 1)
+def _float_weights(p, BITS: tl.constexpr, lut_ptr, z, s, HAS_LUT: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                   DTYPE: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dequantized weights (BLOCK_K, BLOCK_N) in DTYPE of a packed byte tile: (lut[code] or code, minus
+    zero or the symmetric offset 2**(BITS-1)) * s, with z and s (BLOCK_N,) for this K tile's group."""
+    c = _unpack_codes(p, BITS, BLOCK_KP, BLOCK_N)
     if HAS_LUT:
         v = tl.load(lut_ptr + c)
     else:
@@ -145,37 +132,6 @@ def _float_plane(p, J: tl.constexpr, BITS: tl.constexpr, lut_ptr, z, s, HAS_LUT:
     elif not HAS_LUT:
         v = v - (1 << (BITS - 1))
     return (v * s[None, :]).to(DTYPE)
-
-
-@triton.jit
-def _dot_float_codes(x, p, acc, lut_ptr, z, s, BITS: tl.constexpr, HAS_LUT: tl.constexpr,
-                     HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_KP: tl.constexpr):
-    """acc += x @ W for float activations x (BLOCK_M, BLOCK_KP * 8 // BITS) and packed bytes p
-    (BLOCK_KP, BLOCK_N), as `_dot_int_codes` but dequantizing each code plane to DTYPE."""
-    if BITS == 8:
-        acc = tl.dot(x, _float_plane(p, 0, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
-                     input_precision=PRECISION)
-    elif BITS == 4:
-        x0, x1 = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KP, 2)))
-        acc = tl.dot(x0, _float_plane(p, 0, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
-                     input_precision=PRECISION)
-        acc = tl.dot(x1, _float_plane(p, 1, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
-                     input_precision=PRECISION)
-    else:
-        tl.static_assert(BITS == 2)
-        e, o = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KP, 2, 2)))
-        x0, x2 = tl.split(e)
-        x1, x3 = tl.split(o)
-        acc = tl.dot(x0, _float_plane(p, 0, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
-                     input_precision=PRECISION)
-        acc = tl.dot(x1, _float_plane(p, 1, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
-                     input_precision=PRECISION)
-        acc = tl.dot(x2, _float_plane(p, 2, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
-                     input_precision=PRECISION)
-        acc = tl.dot(x3, _float_plane(p, 3, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DTYPE), acc,
-                     input_precision=PRECISION)
-    return acc
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -251,7 +207,7 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
             a = tl.load(q_rows + k0 + offs_k[None, :], mask=mask, other=0)
         kp = k0 // PER + offs_kp
         p = tl.load(w_rows + kp[:, None], mask=(kp < KB)[:, None] & n_ok[None, :], other=0)
-        acc = _dot_int_codes(a, p, acc, BITS, MUL, OFF, BLOCK_M, BLOCK_KP)
+        acc = tl.dot(a, _int_weights(p, BITS, MUL, OFF, BLOCK_KP, BLOCK_N), acc, out_dtype=tl.int32)
     sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     if HAS_BIAS:
@@ -289,8 +245,8 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
         s = tl.load(s_ptr + g_rows + g, mask=n_ok, other=0.0)
         if HAS_ZEROS:
             z = tl.load(z_ptr + g_rows + g, mask=n_ok, other=0.0)
-        acc = _dot_float_codes(x.to(DOT_DTYPE), p, acc, lut_ptr, z, s, BITS, HAS_LUT, HAS_ZEROS, DOT_DTYPE,
-                               PRECISION, BLOCK_M, BLOCK_KP)
+        w = _float_weights(p, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DOT_DTYPE, BLOCK_KP, BLOCK_N)
+        acc = tl.dot(x.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
@@ -308,10 +264,10 @@ class Norm(NamedTuple):
 
 @dataclass(frozen=True)
 class Config:
-    """One GEMM tiling: BLOCK_KP packed bytes of K per step (BLOCK_K = BLOCK_KP * 8 // bits codes)."""
+    """One GEMM tiling: BLOCK_K codes of K per step (BLOCK_K * bits / 8 packed bytes per weight row)."""
     block_m: int
     block_n: int
-    block_kp: int
+    block_k: int
     num_warps: int = 4
     num_stages: int = 3
     fuse: bool = False  # a8 only: quantize activations inside the GEMM
@@ -321,25 +277,27 @@ def _bucket(m: int) -> int:
     return 16 if m <= 16 else 1 << (m - 1).bit_length()
 
 
-# (block_m, block_n, block_kp, num_warps, num_stages); int8 tl.dot needs K >= 32 per plane
-_GEMM_TILES = [(16, 64, 32, 4, 4), (16, 128, 32, 4, 4), (32, 64, 64, 4, 4), (32, 128, 32, 4, 4),
-               (64, 64, 64, 4, 4), (64, 128, 32, 4, 4), (64, 256, 32, 8, 3), (128, 128, 32, 8, 3),
-               (128, 256, 32, 8, 3), (128, 128, 64, 8, 3)]
-_INTERPRET_TILE = (16, 32, 32, 4, 1)  # small and quick under TRITON_INTERPRET=1
+# (block_m, block_n, block_k, num_warps, num_stages): int8 dots over K tiles of 128 or 256 codes (32 or
+# 64 bytes of ternary codes a row), bf16/fp16 dots over 64 or 128
+_A8_TILES = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 256, 4, 4), (32, 128, 128, 4, 4),
+             (64, 64, 256, 4, 4), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 128, 128, 8, 3),
+             (128, 256, 128, 8, 3), (128, 128, 256, 8, 3)]
+_FLOAT_TILES = [(bm, bn, bk // 2, w, s) for bm, bn, bk, w, s in _A8_TILES]
+_INTERPRET_TILE = (16, 32, 64, 4, 1)  # small and quick under TRITON_INTERPRET=1
 
 
-def _tiles(m: int) -> list[tuple]:
+def _tiles(m: int, tiles: list[tuple]) -> list[tuple]:
     """GEMM tilings worth timing for M rows, the likeliest first."""
     if INTERPRET:
         return [_INTERPRET_TILE]
     b = _bucket(m)
-    tiles = [t for t in _GEMM_TILES if min(b // 8, 64) <= t[0] <= b]
+    tiles = [t for t in tiles if min(b // 8, 64) <= t[0] <= b]
     return sorted(tiles, key=lambda t: abs(t[0] - min(b, 64)))
 
 
 def a8_candidates(m: int) -> list[Config]:
     """Configs for the A8 GEMM at M rows (the first is the untuned default)."""
-    tiles = _tiles(m)
+    tiles = _tiles(m, _A8_TILES)
     out = [Config(*t) for t in tiles]
     if m <= 1024:  # fused quantization repeats the row scan per column block: only for few rows
         out = [Config(*t, fuse=True) for t in tiles] + out
@@ -347,15 +305,15 @@ def a8_candidates(m: int) -> list[Config]:
 
 
 def weight_only_candidates(m: int, bits: int, group_size: int, k: int) -> list[Config]:
-    """Configs for the weight-only GEMM; a K tile (block_kp * 8 // bits codes) must lie inside one
-    group (the op guarantees group_size % (16 * 8 // bits) == 0 whenever group_size < K)."""
-    per = 8 // bits
+    """Configs for the weight-only GEMM; a K tile must lie inside one group, so it is halved until it
+    divides the group (the op guarantees group_size % (16 * 8 // bits) == 0 whenever group_size < K:
+    a tile of at least 16 bytes of codes fits)."""
     out = []
-    for bm, bn, kp, warps, stages in _tiles(m):
-        while group_size < k and group_size % (kp * per):
-            kp //= 2
-        if Config(bm, bn, kp, warps, stages) not in out:
-            out.append(Config(bm, bn, kp, warps, stages))
+    for bm, bn, bk, warps, stages in _tiles(m, _FLOAT_TILES):
+        while group_size < k and group_size % bk:
+            bk //= 2
+        if Config(bm, bn, bk, warps, stages) not in out:
+            out.append(Config(bm, bn, bk, warps, stages))
     return out
 
 
@@ -443,7 +401,7 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
             x, q, sx, packed, scales, bias if bias is not None else sx, out,
             m, n, k, kb, x.stride(0), q.stride(0), out.stride(0),
             BITS=bits, MUL=mul, OFF=off, FUSE_QUANT=cfg.fuse, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_kp, GROUP_M=8,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * bits // 8, GROUP_M=8,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
@@ -473,7 +431,7 @@ def weight_only_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     n, kb = packed.shape
     if m == 0:
         return
-    if config is not None and group_size < k and group_size % (config.block_kp * 8 // bits):
+    if config is not None and group_size < k and group_size % config.block_k:
         raise ValueError(f"config {config} splits groups of {group_size}")
 
     def launch(cfg: Config):
@@ -484,7 +442,7 @@ def weight_only_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
             m, n, k, kb, scales.shape[1], group_size, x.stride(0), out.stride(0),
             BITS=bits, HAS_ZEROS=zeros is not None, HAS_LUT=codebook is not None, HAS_BIAS=bias is not None,
             DOT_DTYPE=_dot_dtype(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_KP=cfg.block_kp, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            BLOCK_KP=cfg.block_k * bits // 8, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
         key = ("weight_only", bits, _bucket(m), n, k, group_size, x.dtype, zeros is not None,

@@ -92,7 +92,7 @@ def test_a8_gemm_matches_float64_reference(fmt, m, n, k, fuse):
     g = gen(m + n + k)
     packed, scales, bias = make_a8_layer(fmt, n, k, g)
     x = torch.randn(m, k, generator=g)
-    cfg = tk.Config(16, 32, 32, fuse=fuse) if INTERPRET else tk.Config(64, 128, 32, 4, 3, fuse=fuse)
+    cfg = tk.Config(16, 32, 64, fuse=fuse) if INTERPRET else tk.Config(64, 128, 128, 4, 3, fuse=fuse)
     y = run_a8(fmt, x, packed, scales, bias, cfg)
     assert rel_err(y, reference_a8(x, packed, fmt, scales, bias, k)) < 1e-6
 
@@ -106,7 +106,7 @@ def test_a8_gemm_with_input_layer_norm_matches_float64_reference(fmt):
     out = poisoned(19, 70)
     mul, off = A8_MUL_OFF[fmt]
     tk.a8_gemm(dev(x), dev(packed), dev(scales).reshape(-1), dev(bias), out, A8_BITS[fmt], mul, off,
-               tk.Norm(dev(w), dev(b), 1e-6), tk.Config(16, 32, 32) if INTERPRET else None)
+               tk.Norm(dev(w), dev(b), 1e-6), tk.Config(16, 32, 64) if INTERPRET else None)
     x_normed = torch.nn.functional.layer_norm(x.double(), (300,), w.double(), b.double(), 1e-6).float()
     assert rel_err(out, reference_a8(x_normed, packed, fmt, scales, bias, 300)) < 1e-4
 

@@ -1,0 +1,20 @@
+"""The Triton kernels compile for the H100 (sm_90) here, without a GPU, into what a fast kernel needs."""
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("the interpreter compiles nothing", allow_module_level=True)
+
+from cuda_ops import compile_check  # noqa: E402
+from cuda_ops.triton_kernels import a8_candidates  # noqa: E402
+
+
+def test_the_ternary_gemm_compiles_for_sm90_to_pipelined_wgmma_without_spills():
+    cfg = next(c for c in a8_candidates(197) if not c.fuse and c.block_m == 64)
+    job = next(j for j in compile_check.a8_jobs([197]) if j[1] == "ternary" and j[2] == cfg)
+    r = compile_check.check(job, arch=90)
+    assert "error" not in r, r.get("error")
+    assert r["spill_stack"] == 0 and r["fits"]
+    assert r["pipelined_loads"] > 0  # the K loop's loads are async copies into shared memory
+    assert any(m.startswith("wgmma.mma_async") and m.endswith(".s8.s8") for m in r["mma"])  # int8 tensor cores
