@@ -78,6 +78,18 @@ def record_result(path: str | os.PathLike, name: str, entry: dict) -> None:
     os.replace(tmp, path)
 
 
+def _known_teacher_top1(results: str | None, teacher: str, split: str, n: int) -> float | None:
+    """The teacher's top-1 on this split from an earlier entry of the same results file, if the same
+    teacher file (path and size) was scored on the same images there."""
+    if not results or not Path(results).exists():
+        return None
+    size = Path(teacher).stat().st_size
+    for e in json.loads(Path(results).read_text()).get("runs", {}).values():
+        if (e.get("teacher"), e.get("teacher_bytes"), e.get("split"), e.get("n")) == (str(teacher), size, split, n):
+            return e["teacher_top1"]
+    return None
+
+
 def main(argv=None):
     from quant import quantize, recipe, save_quantized
     from quant import bitlinear, qvit
@@ -112,7 +124,8 @@ def main(argv=None):
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (QAT default: off)")
     p.add_argument("--search-ratio", type=float, default=0.5, help="qvit: fraction of epochs searching bit-widths")
     p.add_argument("--bitops-weight", type=float, default=1.0, help="qvit: weight eta of the BitOPs penalty")
-    p.add_argument("--calib-size", type=int, default=256, help="qvit: training images to initialise step sizes")
+    p.add_argument("--calib-size", type=int, default=256,
+                   help="training images that initialise Q-ViT's step sizes or BitNet's input LayerNorms")
     p.add_argument("--eval-split", help="after training, score the packed model and the teacher on this split")
     p.add_argument("--eval-limit", type=int, help="score only this many images of --eval-split")
     p.add_argument("--results", help="results JSON to record this run in (with --eval-split)")
@@ -144,9 +157,11 @@ def main(argv=None):
 
     quantize(student, r)
     penalty = None
-    if r.method == "qvit":
-        calib = to_model_input(train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(
-            args.seed))[:args.calib_size].numpy()], cfg.mean, cfg.std)
+    calib = to_model_input(train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(
+        args.seed))[:args.calib_size].numpy()], cfg.mean, cfg.std)
+    if r.method == "bitnet":
+        bitlinear.init_input_norms(student, calib)
+    else:
         qvit.calibrate(student, calib)
         qvit.measure_macs(student, calib[:1])
         penalty = qvit.BitOpsPenalty(student, r.budget_bits, eta=args.bitops_weight)
@@ -206,16 +221,19 @@ def main(argv=None):
         data = load_split(args.data, args.eval_split, cfg.img_size, limit=args.eval_limit)
         packed = load_quantized(args.out)   # score the file as users will load it
         res = evaluate(packed, data, progress=True)
-        fp = evaluate(teacher.cpu(), data, progress=True)
+        fp = {"top1": _known_teacher_top1(args.results, args.teacher, args.eval_split, res["n"])}
+        if fp["top1"] is None:
+            fp = evaluate(teacher.cpu(), data, progress=True)
         print(f"{args.eval_split} top-1: {res['top1']:.4f} (teacher {fp['top1']:.4f}, "
               f"drop {100 * (fp['top1'] - res['top1']):.2f} points)")
         if args.results:
             entry = {
-                "recipe": args.recipe, "recipe_fields": dataclasses.asdict(r),
+                "name": args.name or args.recipe, "recipe": args.recipe, "recipe_fields": dataclasses.asdict(r),
                 "top1": res["top1"], "teacher_top1": fp["top1"], "drop_points": 100 * (fp["top1"] - res["top1"]),
                 "split": args.eval_split, "n": res["n"], "size_bytes": size,
                 "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
-                "teacher": str(args.teacher), "file": str(args.out), "epochs": args.epochs,
+                "teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
+                "file": str(args.out), "epochs": args.epochs,
                 "train_images": len(train), "images_per_epoch": len(train),
                 "train_seconds": round(train_seconds, 1), "wall_time_s": round(time.time() - started, 1),
                 "images_per_s": round(args.epochs * len(train) / max(train_seconds, 1e-9), 1),

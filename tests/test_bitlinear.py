@@ -60,3 +60,15 @@ def test_prepare_keeps_the_head_and_freeze_saves_and_loads(tiny_model, tmp_path)
     assert torch.allclose(model(x), want, atol=1e-4)
     quant.save_quantized(model, tmp_path / "t.safetensors")
     assert torch.allclose(quant.load_quantized(tmp_path / "t.safetensors")(x), want, atol=1e-4)
+
+
+def test_fitted_input_norms_bring_the_model_closer_to_its_full_precision_function(tiny_model):
+    import copy
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    want = tiny_model(x)
+    fresh = prepare(copy.deepcopy(tiny_model), "ternary")
+    fitted = prepare(copy.deepcopy(tiny_model), "ternary")
+    from quant.bitlinear import init_input_norms
+    init_input_norms(fitted, x)
+    assert (fitted(x) - want).pow(2).mean() < 0.5 * (fresh(x) - want).pow(2).mean()

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# All of bitvit's QAT result runs, one after another, from the reference model as teacher:
+#   w1.58a8 (ternary, the shipped model), w1a8 (binary), qvit at a 4-bit and a 3-bit BitOPs budget.
+# Each run trains (`python -m quant.qat`), packs, scores the packed file on the test split and records
+# itself in $RESULTS. A run already recorded there (and whose file exists) is skipped; an interrupted
+# run resumes from $RUNS/<name>/ when the script is called again. Pick the runs with ONLY="w1a8 qvit-w3".
+#
+#   PROFILE=cpu  (default) short schedules for a 2-core CPU: a class-balanced subset of the training
+#                split, 1-2 epochs (about 10-15 minutes per run at ~15 images/s).
+#   PROFILE=gpu  the full-length schedules (all 45,000 training images, 30 epochs), for one H100 within
+#                its 10-minute device commands: TIME_LIMIT (default 520 s) stops each call at an epoch
+#                boundary; repeat the call until it prints "all QAT runs done".
+#
+# Outputs: $RESULTS (assets/results/qat.json), the shipped ternary model
+# assets/vit_cifar_tiny-w1.58a8.safetensors, the Q-ViT bit allocations (JSON + plot) in assets/results/,
+# the other packed models in $RUNS/. EVAL_LIMIT=N scores N test images only (dry runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=${PROFILE:-cpu}
+TEACHER=${TEACHER:-assets/vit_cifar_tiny.safetensors}
+DATA=${DATA:-/work/shared/data/cifar10-jpeg.tar.gz}
+RUNS=${RUNS:-runs/qat-$PROFILE}
+RESULTS=${RESULTS:-assets/results/qat.json}
+ASSETS=${ASSETS:-assets}
+ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w4 qvit-w3"}
+export PYTHONUNBUFFERED=1
+
+case "$PROFILE" in
+  cpu) # name: training images, epochs (qvit: half of them searching bit-widths)
+       declare -A LIMIT=([w1.58a8]=${LIMIT:-6000} [w1a8]=${LIMIT:-4000} [qvit-w4]=${LIMIT:-2000} [qvit-w3]=${LIMIT:-2000})
+       EPOCHS=${EPOCHS:-2}; BATCH=${BATCH:-128}; LR=${LR:-5e-4}; VAL_LIMIT=${VAL_LIMIT:-500}
+       EXTRA=(--threads "${THREADS:-2}" --warmup-epochs 0.25) ;;
+  gpu) declare -A LIMIT=([w1.58a8]=${LIMIT:-0} [w1a8]=${LIMIT:-0} [qvit-w4]=${LIMIT:-0} [qvit-w3]=${LIMIT:-0})
+       EPOCHS=${EPOCHS:-30}; BATCH=${BATCH:-512}; LR=${LR:-1e-3}; VAL_LIMIT=${VAL_LIMIT:-5000}
+       EXTRA=(--time-limit "${TIME_LIMIT:-520}" --warmup-epochs 2) ;;
+  *) echo "PROFILE must be cpu or gpu" >&2; exit 2 ;;
+esac
+[ -f "$TEACHER" ] || { echo "error: teacher $TEACHER not found (set TEACHER=...)" >&2; exit 2; }
+
+recorded() {  # is run $1 in $RESULTS, and its file present?
+    [ -f "$2" ] && [ -f "$RESULTS" ] && python -c "import json,sys; sys.exit(0 if sys.argv[1] in json.load(open(sys.argv[2])).get('runs', {}) else 1)" "$1" "$RESULTS"
+}
+
+quiet() {  # progress bars on a terminal; in a log, every line but the bars' updates
+    if [ -t 1 ]; then cat; else tr '\r' '\n' | grep --line-buffered -vE '[0-9]+/[0-9]+ \[' || true; fi
+}
+
+all_done=1
+for name in $ONLY; do
+    case "$name" in
+      w1.58a8) recipe=w1.58a8; set_=(); out="$ASSETS/vit_cifar_tiny-w1.58a8.safetensors" ;;
+      w1a8)    recipe=w1a8;    set_=(); out="$RUNS/vit_cifar_tiny-w1a8.safetensors" ;;
+      qvit-w4) recipe=qvit;    set_=(--set budget_bits=4); out="$RUNS/vit_cifar_tiny-qvit-w4.safetensors" ;;
+      qvit-w3) recipe=qvit;    set_=(--set budget_bits=3); out="$RUNS/vit_cifar_tiny-qvit-w3.safetensors" ;;
+      *) echo "unknown run $name" >&2; exit 2 ;;
+    esac
+    if [ -z "${FORCE:-}" ] && recorded "$name" "$out"; then echo "== $name: recorded, skipped"; continue; fi
+    limit=()
+    [ "${LIMIT[$name]}" != 0 ] && limit=(--limit "${LIMIT[$name]}")
+    echo "== $name ($PROFILE profile)"
+    mkdir -p "$RUNS"
+    python -m quant.qat --teacher "$TEACHER" --recipe "$recipe" "${set_[@]}" --data "$DATA" --out "$out" \
+        --run-dir "$RUNS/$name" "${limit[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$LR" \
+        --val-limit "$VAL_LIMIT" --eval-split test ${EVAL_LIMIT:+--eval-limit "$EVAL_LIMIT"} \
+        --results "$RESULTS" --name "$name" "${EXTRA[@]}" 2>&1 | quiet || true
+    if ! recorded "$name" "$out"; then all_done=0; echo "== $name: not finished (rerun to resume)"; break; fi
+    if [ "$recipe" = qvit ]; then
+        cp "$out.bits.json" "$(dirname "$RESULTS")/qat-$name.bits.json"
+        cp "$out.bits.png" "$(dirname "$RESULTS")/qat-$name.bits.png"
+    fi
+done
+[ "$all_done" = 1 ] && echo "all QAT runs done"
