@@ -12,8 +12,10 @@ them at run time for ViT shapes.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs += list(a8_jobs(ms)) if "a8" in kernels else []
     jobs += list(weight_only_jobs(ms)) if "weight_only" in kernels else []
     jobs += list(quantize_jobs()) if "quantize" in kernels else []
-    rows = []
+    rows, start = [], time.monotonic()
     print(f"triton {triton.__version__}, sm_{args.arch}: {len(jobs)} kernels")
     print(f"{'kernel':<18}{'variant':<22}{'BM':>4}{'BN':>5}{'BK':>5}{'w':>3}{'st':>3}{'fuse':>5}{'regs':>6}"
           f"{'spill':>7}{'smem KB':>9}{'async':>6}  mma")
@@ -171,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for r in rows:
             r["config"] = vars(r["config"]) if hasattr(r["config"], "__dict__") else r["config"]
-        args.out.write_text(json.dumps({"command": "python -m cuda_ops.compile_check " + " ".join(
-            sys.argv[1:] if argv is None else argv), "triton": triton.__version__, "arch": args.arch,
-            "kernels": rows}, indent=1, default=str))
+        args.out.write_text(json.dumps({
+            "command": "python -m cuda_ops.compile_check " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} (no GPU: compiled with triton's ptxas)",
+            "data": "none (compiler output)", "wall_s": time.monotonic() - start, "triton": triton.__version__,
+            "arch": args.arch, "kernels": rows}, indent=1, default=str))
     return 0
 
 

@@ -300,7 +300,10 @@ def a8_candidates(m: int) -> list[Config]:
     tiles = _tiles(m, _A8_TILES)
     out = [Config(*t) for t in tiles]
     if m <= 1024:  # fused quantization repeats the row scan per column block: only for few rows
-        out = [Config(*t, fuse=True) for t in tiles] + out
+        # and only tiles whose fp32 activation tile and accumulator fit in registers (sm_90 compiles of
+        # the others spill: python -m cuda_ops.compile_check)
+        fits = [t for t in tiles if t[2] <= 128 and t[0] * t[1] <= 128 * 128]
+        out = [Config(*t, fuse=True) for t in fits] + out
     return out
 
 
