@@ -156,7 +156,13 @@ def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, ski
                 continue
             fn, w_bytes, rate = op_call(op, n, k, x, bias)
             t_eager = timed(fn, device)  # called from Python, one op at a time
-            t = timed(graphed(fn), device) if device == "cuda" else t_eager
+            if device == "cuda":
+                replay = graphed(fn)
+                t = timed(replay, device)
+                with torch.cuda.nvtx.range(f"profile {op} {model} {layer} M={m}"):  # one replay, for a profiler
+                    replay()
+            else:
+                t = t_eager
             base = t if op == "dense" else base
             nbytes = (x.numel() * x.element_size() + w_bytes + m * n * x.element_size()
                       if op != "int_mm" else m * k + w_bytes + 4 * m * n)

@@ -3,6 +3,7 @@
 #
 #   bash cuda_ops/gpu_session.sh tests            # ~3-5 min: the kernel tests natively on the GPU
 #   bash cuda_ops/gpu_session.sh bench [ARGS]     # <= 9.5 min: python -m cuda_ops.bench --device cuda [ARGS]
+#   bash cuda_ops/gpu_session.sh profile          # ~3 min: Nsight Compute on ViT-B fc1, bf16 vs ternary
 #   bash cuda_ops/gpu_session.sh all              # tests, then bench (where a command may run > 10 min)
 #
 # Through the device tool (10 minutes a command, 8 files back from $OUT), make two back-to-back calls,
@@ -17,6 +18,9 @@
 # bench: the ceilings, per-op timings (autotuning each shape first), end-to-end latency and weight
 #   memory, and issue 4's targets.  -> env.txt, cuda_bench.json, cuda_bench.png, bench.log (tables),
 #   bench.err (progress, warnings)
+# profile: ncu (clocks left as they are) on the CUDA-graph replays of dense bf16 and w1.58a8 at ViT-B's
+#   fc1 for M = 197 and 12,608: speed of light, memory and compute workload, occupancy, launch stats.
+#   -> env.txt, profile.ncu-rep, profile.txt, profile.log
 # Then, on the machine the results come back to: copy cuda_bench.json and cuda_bench.png to
 # assets/results/ and the tables into README's "GPU kernels" section.
 set -uo pipefail
@@ -63,10 +67,33 @@ run_bench() {
     return $rc
 }
 
+run_profile() {
+    local ncu
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+    if [ -z "$ncu" ]; then echo "profile: ncu not found"; return 1; fi
+    local ranges=()  # push/pop NVTX ranges are named with a trailing slash; the bench opens one per op and shape
+    for op in dense w1.58a8; do
+        for m in 197 12608; do ranges+=(--nvtx-include "profile $op vit_base_patch16_224 fc1 M=$m/"); done
+    done
+    timeout "${PROFILE_TIMEOUT:-540}" "$ncu" --clock-control none --nvtx "${ranges[@]}" --launch-count 12 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section Occupancy --section LaunchStats -f -o "$OUT/profile" \
+        "$PY" -m cuda_ops.bench --device cuda --models vit_base_patch16_224 --batches 1,64 --ops dense,w1.58a8 \
+        --e2e-models "" > "$OUT/profile.log" 2>&1
+    local rc=$?
+    "$ncu" -i "$OUT/profile.ncu-rep" --page details > "$OUT/profile.txt" 2>&1
+    grep -E "^  [a-zA-Z_].*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|DRAM Throughput|Registers Per|Achieved Occupancy" \
+        "$OUT/profile.txt" | head -n 80
+    tail -n 5 "$OUT/profile.log"
+    echo "profile: exit code $rc"
+    return $rc
+}
+
 env_report
 case "$STAGE" in
     tests) run_tests ;;
     bench) run_bench "$@" ;;
+    profile) run_profile ;;
     all) run_tests; t=$?; run_bench "$@"; b=$?; exit $((t || b)) ;;
-    *) echo "usage: bash cuda_ops/gpu_session.sh tests|bench|all [bench arguments]" >&2; exit 2 ;;
+    *) echo "usage: bash cuda_ops/gpu_session.sh tests|bench|profile|all [bench arguments]" >&2; exit 2 ;;
 esac
