@@ -89,9 +89,9 @@ def plot_confusion(confusion, classes, path: str | os.PathLike, title: str) -> N
 
 
 def load_checkpoint(path: str) -> nn.Module:
-    """A model from any bitvit checkpoint file."""
-    from quant.models import load_model
-    return load_model(path)
+    """A model from any bitvit checkpoint file, full-precision or quantized."""
+    from quant.packfile import load_any
+    return load_any(path)
 
 
 def main(argv=None):
@@ -110,6 +110,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from quant.qlinear import QuantLinear
     model = load_checkpoint(args.checkpoint)
     cfg = model.config
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
@@ -119,7 +120,8 @@ def main(argv=None):
     eval_s = time.perf_counter() - t0
     model.cpu()
     size = Path(args.checkpoint).stat().st_size
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters()) + sum(  # quantized weights are packed buffers
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     lat = latency_ms(model, cfg.img_size)
     res.update(checkpoint=str(args.checkpoint), split=args.split, params=params, size_bytes=size,
                latency_ms_batch1_cpu=lat, threads=torch.get_num_threads(), eval_seconds=eval_s)

@@ -1,0 +1,86 @@
+"""Post-training quantization: `python -m quant.ptq --checkpoint FP --recipe R --calib DATA --out PATH`.
+
+Loads a full-precision bitvit checkpoint, takes `--calib-size` images of the TRAINING split of
+`--calib` (balanced over classes; never the test split) as calibration inputs for the recipes that
+need them (GPTQ, W4A4), quantizes with the recipe (any field overridable: `--set group_size=128`),
+and writes one packed file (`quant.save_quantized`). Prints the storage cost: bits per linear weight
+(scales and zeros included) and the file size. Score the file with `python -m quant.evaluate`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from quant.cli import run
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`field=value` strings -> a dict, values read as JSON when they parse (numbers, true/false, null)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects field=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+        if isinstance(out[key], list):
+            out[key] = tuple(tuple(v) if isinstance(v, list) else v for v in out[key])
+    return out
+
+
+def calibration_inputs(data: str, n: int, cfg, seed: int = 0) -> torch.Tensor:
+    """(n, 3, H, W) normalised training-split images for calibration."""
+    from quant.data import load_split, to_model_input
+    if n < 1:
+        raise ValueError(f"--calib-size must be positive, got {n}")
+    train = load_split(data, "train", image_size=cfg.img_size, limit=n)
+    return to_model_input(train.images, cfg.mean, cfg.std)
+
+
+def main(argv=None):
+    from quant import quantize, recipe, save_quantized
+    from quant.models import load_model
+    from quant.recipes import QAT
+    p = argparse.ArgumentParser(prog="python -m quant.ptq", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
+    p.add_argument("--recipe", required=True, help="w8a8, w4, w3, w2, nf4, w4-gptq, w3-gptq, w2-gptq, w4a4")
+    p.add_argument("--calib", help="data for calibration (its train split); needed by GPTQ and W4A4")
+    p.add_argument("--calib-size", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--out", required=True, help="quantized model file to write (.safetensors)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. --set group_size=128 --set act_order=true")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    r = recipe(args.recipe, **parse_overrides(args.set))
+    if isinstance(r, QAT):
+        raise ValueError(f"{args.recipe} is a quantization-aware training recipe: "
+                         f"use python -m quant.qat --teacher {args.checkpoint} --recipe {args.recipe} ...")
+    model = load_model(args.checkpoint)
+    calib = None
+    if args.calib:
+        calib = calibration_inputs(args.calib, args.calib_size, model.config)
+    t0 = time.perf_counter()
+    quantize(model, r, calib=calib)
+    seconds = time.perf_counter() - t0
+    storage = save_quantized(model, args.out)
+    size = Path(args.out).stat().st_size
+    fp_size = Path(args.checkpoint).stat().st_size
+    print(f"{args.recipe}: quantized in {seconds:.1f} s"
+          + (f" with {len(calib)} calibration images" if calib is not None else ""))
+    print(f"linear weights: {storage['linear_weights']:,} at {storage['bits_per_weight']:.3f} bits/weight "
+          f"(scales and zeros included)")
+    print(f"wrote {args.out}: {size / 1e6:.3f} MB ({fp_size / size:.1f}x smaller than the "
+          f"{fp_size / 1e6:.3f} MB full-precision file)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

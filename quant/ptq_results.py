@@ -1,0 +1,154 @@
+"""The post-training results table: every PTQ recipe on one model, scored, in one results file.
+
+    python -m quant.ptq_results --checkpoint assets/vit_cifar_tiny.safetensors \\
+        --data ../shared/data/cifar10-jpeg.tar.gz --out assets/results/ptq.json
+
+For the full-precision model and each recipe (default: w8a8, w4, nf4, w4-gptq, w4a4, and w3, w3-gptq,
+w2, w2-gptq to show what GPTQ buys over round to nearest at 3 and 2 bits, groups of 64), it does
+what `python -m quant.ptq` and `python -m quant.evaluate` do: quantizes with `--calib-size` images of
+the TRAIN split, writes the packed file under `--models`, loads that file back (`quant.load_any`)
+and scores it on `--split` (default test). Each entry records top-1, the drop against the FP model,
+the file's size and bits per linear weight (scales and zeros included), the two equivalent
+commands, the machine, the date and the wall times. Entries already in `--out` for other recipes or
+checkpoints are kept, so recipes can be run one at a time (`--recipes w4a4`). Draw the plot with
+`python -m quant.report`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quant.cli import run
+
+DEFAULT_RECIPES = ("w8a8", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
+
+
+def machine() -> str:
+    """The CPU (and GPU, if one is used) this process runs on, in words."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        desc += f", evaluated on {torch.cuda.get_device_name()}"
+    return desc
+
+
+def load_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        return list(json.loads(path.read_text())["results"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a results file of quant.ptq_results ({e}); move it away or pick "
+                         f"another --out") from None
+
+
+def write_results(path: Path, entries: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"description": "post-training quantization of a bitvit model "
+                                              "(python -m quant.ptq_results)", "results": entries}, indent=1))
+    tmp.replace(path)
+
+
+def score(path: Path, data, device: str) -> tuple[dict, float]:
+    """top-1 etc. of the model in file `path` (loaded back from disk) and the seconds it took."""
+    from quant import load_any
+    from quant.evaluate import evaluate
+    model = load_any(path)
+    t0 = time.perf_counter()
+    res = evaluate(model.to(device), data, device=device, progress=True)
+    return res, time.perf_counter() - t0
+
+
+def main(argv=None):
+    from quant import quantize, recipe, save_quantized
+    from quant.data import load_split
+    from quant.models import load_model
+    from quant.ptq import calibration_inputs
+    p = argparse.ArgumentParser(prog="python -m quant.ptq_results", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
+    p.add_argument("--data", required=True, help="CIFAR-10 (calibration on its train split)")
+    p.add_argument("--out", default="assets/results/ptq.json", help="results file (entries are merged)")
+    p.add_argument("--models", default="runs/ptq", help="folder for the quantized model files")
+    p.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), help="PTQ recipes to run")
+    p.add_argument("--split", default="test", help="split to score on (default test)")
+    p.add_argument("--limit", type=int, help="score only this many images (dry runs)")
+    p.add_argument("--calib-size", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in args.recipes:
+        recipe(name)                                   # refuse an unknown name before any work
+    ckpt, out, models = Path(args.checkpoint), Path(args.out), Path(args.models)
+    entries = load_results(out)
+    cfg = load_model(ckpt).config
+    data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
+    calib = calibration_inputs(args.data, args.calib_size, cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = {"checkpoint": str(ckpt), "split": args.split, "n": len(data), "device": device, "machine": machine(),
+              "sweep_command": "python -m quant.ptq_results " + shlex.join(sys.argv[1:] if argv is None else argv)}
+    limit = f" --limit {args.limit}" if args.limit else ""
+    eval_cmd = "python -m quant.evaluate --checkpoint {} --data " + f"{args.data} --split {args.split}{limit}"
+
+    def record(entry: dict) -> None:
+        nonlocal entries
+        entries = [e for e in entries if (e.get("checkpoint"), e.get("recipe")) != (str(ckpt), entry["recipe"])]
+        entries.append({**entry, **common, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        write_results(out, entries)
+
+    fp, eval_s = score(ckpt, data, device)
+    n_fp = sum(m.in_features * m.out_features for m in load_model(ckpt).modules() if isinstance(m, torch.nn.Linear))
+    record({"recipe": "fp32", "top1": fp["top1"], "drop": 0.0, "size_bytes": ckpt.stat().st_size,
+            "bits_per_weight": 32.0, "linear_weights": n_fp, "command": eval_cmd.format(ckpt),
+            "quantize_s": 0.0, "eval_s": round(eval_s, 1), "wall_s": round(eval_s, 1)})
+    print(f"fp32: top1={fp['top1']:.4f}")
+    for name in args.recipes:
+        r = recipe(name)
+        path = models / f"{ckpt.stem}.{name}.safetensors"
+        model = load_model(ckpt)
+        t0 = time.perf_counter()
+        quantize(model, r, calib=calib)
+        quantize_s = time.perf_counter() - t0
+        storage = save_quantized(model, path)
+        res, eval_s = score(path, data, device)
+        ptq_cmd = (f"python -m quant.ptq --checkpoint {ckpt} --recipe {name} --calib {args.data} "
+                   f"--calib-size {args.calib_size} --out {path}")
+        record({"recipe": name, "top1": res["top1"], "drop": round(fp["top1"] - res["top1"], 4),
+                "size_bytes": path.stat().st_size, "bits_per_weight": storage["bits_per_weight"],
+                "linear_weights": storage["linear_weights"], "calib": f"{len(calib)} train-split images",
+                "command": f"{ptq_cmd} && {eval_cmd.format(path)}", "quantize_s": round(quantize_s, 1),
+                "eval_s": round(eval_s, 1), "wall_s": round(quantize_s + eval_s, 1)})
+        print(f"{name}: top1={res['top1']:.4f} (drop {fp['top1'] - res['top1']:+.4f}), "
+              f"{storage['bits_per_weight']:.3f} bits/weight, {path.stat().st_size / 1e6:.3f} MB, "
+              f"quantized in {quantize_s:.0f} s")
+    print(table(entries, str(ckpt)))
+    print(f"results: {out}")
+
+
+def table(entries: list[dict], checkpoint: str | None = None) -> str:
+    """A markdown table of the entries (of one checkpoint)."""
+    rows = [e for e in entries if checkpoint is None or e.get("checkpoint") == checkpoint]
+    lines = ["| recipe | top-1 | drop | bits/weight | size (MB) | quantize (s) |", "|---|---|---|---|---|---|"]
+    for e in rows:
+        lines.append(f"| {e['recipe']} | {e['top1']:.4f} | {e['drop']:+.4f} | {e['bits_per_weight']:.3f} | "
+                     f"{e['size_bytes'] / 1e6:.3f} | {e['quantize_s']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

@@ -1,0 +1,104 @@
+"""The post-training CLIs: `quant.ptq` writes packed files that `quant.evaluate` scores,
+`quant.ptq_results` fills the results table, `quant.report` plots it."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import quant
+from quant.data import load_split, to_model_input
+from quant.models import save_model
+from quant.ptq import calibration_inputs, main as ptq_main, parse_overrides
+from quant.ptq_results import main as results_main
+from quant.report import collect, main as report_main
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_model):
+    path = tmp_path / "tiny.safetensors"
+    save_model(tiny_model, path)
+    return path
+
+
+def test_ptq_cli_writes_a_packed_file_that_evaluate_scores(checkpoint, image_tree, tmp_path, tiny_model):
+    out = tmp_path / "tiny.w4-gptq.safetensors"
+    subprocess.run([sys.executable, "-m", "quant.ptq", "--checkpoint", str(checkpoint), "--recipe", "w4-gptq",
+                    "--calib", str(image_tree), "--calib-size", "6", "--out", str(out)], check=True,
+                   capture_output=True)
+    assert quant.read_header(out)["recipe"]["name"] == "w4-gptq"
+    r = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(out), "--data", str(image_tree),
+                        "--json", str(tmp_path / "r.json")], capture_output=True, text=True, check=True)
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert r.stdout.strip().splitlines()[-1] == f"top1={res['top1']:.4f}"
+    assert res["params"] == sum(p.numel() for p in tiny_model.parameters())  # packed weights counted too
+    assert res["size_bytes"] == out.stat().st_size < checkpoint.stat().st_size
+
+
+def test_ptq_cli_overrides_recipe_fields(checkpoint, tmp_path):
+    out = tmp_path / "w4g16.safetensors"
+    ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4", "--set", "group_size=16", "--out", str(out)])
+    layers = quant.read_header(out)["layers"]
+    assert layers["blocks.0.attn.qkv"]["group_size"] == 16
+
+
+def test_overrides_read_json_values_and_refuse_a_bare_word():
+    assert parse_overrides(["group_size=128", "act_order=true", "softmax=uniform"]) == \
+        {"group_size": 128, "act_order": True, "softmax": "uniform"}
+    with pytest.raises(ValueError, match="field=value"):
+        parse_overrides(["group_size"])
+
+
+def test_calibration_images_come_from_the_train_split(image_tree, tiny_model):
+    x = calibration_inputs(image_tree, 6, tiny_model.config)
+    train = load_split(image_tree, "train", image_size=16, limit=6, progress=False)
+    assert torch.equal(x, to_model_input(train.images, tiny_model.config.mean, tiny_model.config.std))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--recipe", "w1.58a8"], "quantization-aware training recipe"),
+    (["--recipe", "w4-gptq"], "needs calibration inputs"),
+    (["--recipe", "w5"], "unknown recipe"),
+])
+def test_ptq_cli_bad_requests_are_one_error_line(checkpoint, tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "quant.ptq", "--checkpoint", str(checkpoint), "--out",
+                        str(tmp_path / "q.safetensors"), *args], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert message in r.stderr and not (tmp_path / "q.safetensors").exists()
+
+
+def test_results_table_scores_each_recipe_from_its_file_and_merges_reruns(checkpoint, image_tree, tmp_path):
+    out, models = tmp_path / "results" / "ptq.json", tmp_path / "models"
+    common = ["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
+              str(models), "--calib-size", "6"]
+    results_main([*common, "--recipes", "w8a8", "w2-gptq"])
+    results_main([*common, "--recipes", "w4"])
+    entries = {e["recipe"]: e for e in json.loads(out.read_text())["results"]}
+    assert set(entries) == {"fp32", "w8a8", "w2-gptq", "w4"}
+    for name in ("w8a8", "w2-gptq", "w4"):
+        e = entries[name]
+        assert e["size_bytes"] == (models / f"tiny.{name}.safetensors").stat().st_size
+        assert e["drop"] == pytest.approx(entries["fp32"]["top1"] - e["top1"], abs=1e-4)
+        assert e["split"] == "test" and e["n"] == 18 and e["wall_s"] >= e["quantize_s"]
+        assert e["command"].startswith("python -m quant.ptq") and e["machine"] and e["date"]
+    assert entries["w2-gptq"]["bits_per_weight"] < entries["w4"]["bits_per_weight"] < entries["w8a8"]["bits_per_weight"]
+
+
+def test_report_collects_entries_at_any_depth_and_draws_the_plot(tmp_path, capsys):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "ptq.json").write_text(json.dumps({"results": [
+        {"recipe": "fp32", "top1": 0.9, "bits_per_weight": 32.0}, {"recipe": "w4", "top1": 0.89, "bits_per_weight": 4.4}]}))
+    (folder / "qat.json").write_text(json.dumps({"runs": {"w1.58a8": {"top1": 0.88, "bits_per_weight": 1.7}}}))
+    (folder / "bench.json").write_text(json.dumps({"latency_ms": 3.0}))
+    results = collect(folder)
+    assert {s: [e["recipe"] for e in v] for s, v in results.items()} == {"ptq": ["fp32", "w4"], "qat": ["w1.58a8"]}
+    report_main(["--results", str(folder), "--out", str(tmp_path / "plot.png")])
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| qat | w1.58a8 | 0.8800 | 1.700 |" in capsys.readouterr().out
+
+
+def test_report_without_entries_says_what_to_run(tmp_path):
+    with pytest.raises(ValueError, match="quant.ptq_results"):
+        report_main(["--results", str(tmp_path), "--out", str(tmp_path / "p.png")])
