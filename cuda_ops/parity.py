@@ -1,0 +1,103 @@
+"""Does a real quantized model compute the same on the bitvit kernels? `python -m cuda_ops.parity`.
+
+    python -m cuda_ops.parity --model assets/vit_cifar_tiny.safetensors --data cifar10-jpeg.tar.gz \
+        --split test --recipes w8a8,w4,nf4,w2 --quantized runs/qat/w1.58a8.safetensors \
+        --out assets/results/cuda_parity.json
+
+For each post-training recipe applied to the FP model (round to nearest: no calibration data needed),
+and each already-quantized bitvit file (`--quantized`, e.g. a QAT ternary model), the split is scored
+twice: with QuantLinear's reference forward and after `to_kernels` (on this machine's device: the CPU
+kernels on a CPU, the Triton kernels on a GPU). Reported: both top-1s, how many predictions agree,
+and the logits' relative error. Kernel and reference differ only by float rounding (the integer dot
+products are exact), so the top-1s should agree to within a few images.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cuda_ops.modules import KernelLinear, to_kernels
+from quant.cli import run
+from quant.data import load_split
+from quant.evaluate import predict
+
+
+def compare(name: str, model: torch.nn.Module, data, device: str, batch_size: int) -> dict:
+    """Top-1 and logits of `model` (QuantLinear layers) against the same model on the kernels."""
+    cfg = model.config
+    t0 = time.perf_counter()
+    ref = predict(model.to(device), data.images, cfg.mean, cfg.std, batch_size, device, progress=True).double()
+    t_ref = time.perf_counter() - t0
+    fast = to_kernels(copy.deepcopy(model)).to(device)
+    n_kernels = sum(isinstance(m, KernelLinear) for m in fast.modules())
+    t0 = time.perf_counter()
+    out = predict(fast, data.images, cfg.mean, cfg.std, batch_size, device, progress=True).double()
+    t_kernels = time.perf_counter() - t0
+    labels = torch.as_tensor(data.labels)
+    p_ref, p_out = ref.argmax(1), out.argmax(1)
+    return {"model": name, "kernel_layers": n_kernels, "n": len(labels),
+            "top1_reference": (p_ref == labels).double().mean().item(),
+            "top1_kernels": (p_out == labels).double().mean().item(),
+            "predictions_agree": (p_ref == p_out).double().mean().item(),
+            "logits_rel_err": ((out - ref).norm() / ref.norm()).item(),
+            "seconds_reference": t_ref, "seconds_kernels": t_kernels}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cuda_ops.parity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a full-precision bitvit model file, quantized with each of --recipes")
+    p.add_argument("--recipes", default="w8a8,w4,nf4,w2", help="comma-separated post-training recipes "
+                                                               "that need no calibration data")
+    p.add_argument("--quantized", default="", help="comma-separated quantized bitvit files to check as they are")
+    p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz or any source quant.data reads")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, help="only this many images (balanced over classes)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--out", type=Path, help="write the results JSON here")
+    args = p.parse_args(argv)
+    import quant
+    recipes = [r for r in args.recipes.split(",") if r] if args.model else []
+    files = [f for f in args.quantized.split(",") if f]
+    if not recipes and not files:
+        raise ValueError("nothing to check: give --model (with --recipes) and/or --quantized files")
+    from quant.recipes import RTN
+    for r in recipes:
+        if not isinstance(quant.recipe(r), RTN):
+            raise ValueError(f"recipe {r!r} is not a round-to-nearest recipe: quantize it with quant first and "
+                             f"pass the file with --quantized")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fp = quant.load_any(args.model) if args.model else None
+    models = [(f"{Path(args.model).name} {r}", lambda r=r: quant.quantize(copy.deepcopy(fp), r)) for r in recipes]
+    models += [(Path(f).name, lambda f=f: quant.load_any(f)) for f in files]
+    first = fp if fp is not None else models[0][1]()
+    data = load_split(args.data, args.split, image_size=first.config.img_size, limit=args.limit)
+    start = time.monotonic()
+    result = {"command": "python -m cuda_ops.parity " + " ".join(sys.argv[1:] if argv is None else argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} CPU threads"
+                         + (f", {torch.cuda.get_device_name()}" if device == "cuda" else ""),
+              "device": device, "data": f"{args.data} split={args.split} n={len(data)}", "rows": []}
+    for name, make in models:
+        result["rows"].append(compare(name, make(), data, device, args.batch_size))
+        result["wall_s"] = time.monotonic() - start
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+    print(f"\n{'model':<44}{'layers':>7}{'top-1 ref':>10}{'kernels':>9}{'agree':>8}{'logit err':>11}")
+    for r in result["rows"]:
+        print(f"{r['model']:<44}{r['kernel_layers']:>7}{r['top1_reference']:>10.4f}{r['top1_kernels']:>9.4f}"
+              f"{r['predictions_agree']:>8.4f}{r['logits_rel_err']:>11.2e}")
+    print(f"{result['data']} on {device}; wall time {result['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
