@@ -164,7 +164,7 @@ def _linked_allocation(entry: Entry, folder: Path) -> Entry | None:
 
 
 def load(folder: str | Path) -> Results:
-    """Every `*.json` under `folder`, read into entries; unreadable files are listed in `errors`."""
+    """Every `*.json` in `folder`, read into entries; unreadable files are listed in `errors`."""
     folder = Path(folder)
     res = Results(folder)
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -176,8 +176,6 @@ def load(folder: str | Path) -> Results:
         found: list[Entry] = []
         _walk(data, [], path.stem, found)
         found += [a for e in found if (a := _linked_allocation(e, folder)) is not None]
-        if not found:
-            res.errors.append(f"{path.name}: holds no entry the Results tab knows how to plot")
         res.files[path.stem] = {k: data[k] for k in CONTEXT_KEYS if isinstance(data, dict) and k in data}
         res.entries += found
     return res
@@ -321,7 +319,8 @@ def summary(res: Results) -> str:
     for stem, ctx in res.files.items():
         n = sum(e.source == stem for e in res.entries)
         detail = "; ".join(f"{k}: `{ctx[k]}`" if k == "command" else f"{k}: {ctx[k]}" for k in ctx)
-        lines.append(f"- **{stem}.json**: {n} entries" + (f" ({detail})" if detail else ""))
+        lines.append(f"- **{stem}.json**: {f'{n} entries' if n else 'nothing this tab plots'}"
+                     + (f" ({detail})" if detail else ""))
     lines += [f"- ⚠ {e}" for e in res.errors]
     lines += [f"- missing: {m}" for m in res.missing]
     return f"Plots drawn from `{res.folder}/*.json` when the app started (or on Reload):\n\n" + "\n".join(lines)
