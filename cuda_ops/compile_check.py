@@ -96,7 +96,7 @@ def a8_jobs(ms: list[int]):
                     continue
                 seen.add((fmt, c))
                 const = dict(BITS=bits, MUL=mul, OFF=off, FUSE_QUANT=c.fuse, HAS_BIAS=True, BLOCK_M=c.block_m,
-                             BLOCK_N=c.block_n, BLOCK_KP=c.block_k * bits // 8, GROUP_M=8)
+                             BLOCK_N=c.block_n, BLOCK_KP=c.block_k * bits // 8, GROUP_M=8, SPLIT_K=c.split_k)
                 yield tk._a8_gemm_kernel, fmt, c, sig, const, div
 
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs += list(quantize_jobs()) if "quantize" in kernels else []
     rows, start = [], time.monotonic()
     print(f"triton {triton.__version__}, sm_{args.arch}: {len(jobs)} kernels")
-    print(f"{'kernel':<18}{'variant':<22}{'BM':>4}{'BN':>5}{'BK':>5}{'w':>3}{'st':>3}{'fuse':>5}{'regs':>6}"
+    print(f"{'kernel':<18}{'variant':<22}{'BM':>4}{'BN':>5}{'BK':>5}{'w':>3}{'st':>3}{'fuse':>5}{'sk':>3}{'regs':>6}"
           f"{'spill':>7}{'smem KB':>9}{'async':>6}  mma")
     for job in jobs:
         fn, what, cfg = job[:3]
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{fn.__name__[1:18]:<18}{what:<22} {cfg}: ERROR {r['error'][:80]}")
             continue
         print(f"{fn.__name__[1:18]:<18}{what:<22}{cfg.block_m:>4}{cfg.block_n:>5}{cfg.block_k:>5}{cfg.num_warps:>3}"
-              f"{cfg.num_stages:>3}{'y' if cfg.fuse else '':>5}{r['regs']:>6}{r['spill_stack']:>7}"
+              f"{cfg.num_stages:>3}{'y' if cfg.fuse else '':>5}{cfg.split_k:>3}{r['regs']:>6}{r['spill_stack']:>7}"
               f"{r['shared'] / 1024:>9.1f}{r['pipelined_loads']:>6}  {','.join(_mma_name(m) for m in r['mma'])}"
               + ("" if r["fits"] else "  OVER SHARED-MEMORY LIMIT"))
     spilled = [r for r in rows if r.get("spill_stack")]

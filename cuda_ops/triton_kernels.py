@@ -174,7 +174,9 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
                     BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr,
                     FUSE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Program (tile, split): the split's share of the K tiles; with SPLIT_K > 1, y is a zeroed fp32
+    buffer that the splits add their scaled partial sums into (the first split adds the bias)."""
     PER: tl.constexpr = 8 // BITS
     BLOCK_K: tl.constexpr = BLOCK_KP * PER
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -197,8 +199,15 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
     else:
         q_rows = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm
         sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = tl.program_id(1) * per_split
+        k_hi = tl.minimum(K, k_lo + per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
         if FUSE_QUANT:
             x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -211,9 +220,13 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
     sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
-             y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        y += tl.where(tl.program_id(1) == 0, b, 0.0)[None, :]  # once, from the first split
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.atomic_add(y_ptrs, y, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -271,6 +284,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     fuse: bool = False  # a8 only: quantize activations inside the GEMM
+    split_k: int = 1  # a8 only: programs per output tile, each summing a share of K (atomically, in fp32)
 
 
 def _bucket(m: int) -> int:
@@ -303,7 +317,10 @@ def a8_candidates(m: int) -> list[Config]:
         # and only tiles whose fp32 activation tile and accumulator fit in registers (sm_90 compiles of
         # the others spill: python -m cuda_ops.compile_check)
         fits = [t for t in tiles if t[2] <= 128 and t[0] * t[1] <= 128 * 128]
-        out = [Config(*t, fuse=True) for t in fits] + out
+        # few rows make few output tiles: split K too, so that more programs share the weight reads
+        narrow = [t for t in fits if t[1] <= 128][:2]
+        split = [Config(*t, fuse=f, split_k=s) for s in (2, 4) for f in (True, False) for t in narrow]
+        out = [Config(*t, fuse=True) for t in fits] + out + split
     return out
 
 
@@ -399,13 +416,20 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
     def launch(cfg: Config):
         if not cfg.fuse:
             quantize_rows(x, q, sx, norm)
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        y = out
+        if cfg.split_k > 1:  # the splits add into zeroed fp32
+            y = out if out.dtype == torch.float32 and out.stride(1) == 1 else torch.empty(
+                (m, n), dtype=torch.float32, device=out.device)
+            y.zero_()
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
         _a8_gemm_kernel[grid](
-            x, q, sx, packed, scales, bias if bias is not None else sx, out,
-            m, n, k, kb, x.stride(0), q.stride(0), out.stride(0),
+            x, q, sx, packed, scales, bias if bias is not None else sx, y,
+            m, n, k, kb, x.stride(0), q.stride(0), y.stride(0),
             BITS=bits, MUL=mul, OFF=off, FUSE_QUANT=cfg.fuse, HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * bits // 8, GROUP_M=8,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if y is not out:
+            out.copy_(y)
 
     if config is None:
         key = ("a8", bits, _bucket(m), n, k, x.dtype, bias is not None, norm is not None, x.device.index)

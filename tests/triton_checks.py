@@ -88,11 +88,13 @@ def test_quantize_rows_fuses_the_input_layer_norm(k, affine, norm_dtype):
 @pytest.mark.parametrize("fmt", list(A8_BITS))
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("fuse", [False, True])
-def test_a8_gemm_matches_float64_reference(fmt, m, n, k, fuse):
+@pytest.mark.parametrize("split_k", [1, 3])  # 3: uneven shares of K, an empty one where K has 2 tiles
+def test_a8_gemm_matches_float64_reference(fmt, m, n, k, fuse, split_k):
     g = gen(m + n + k)
     packed, scales, bias = make_a8_layer(fmt, n, k, g)
     x = torch.randn(m, k, generator=g)
-    cfg = tk.Config(16, 32, 64, fuse=fuse) if INTERPRET else tk.Config(64, 128, 128, 4, 3, fuse=fuse)
+    cfg = (tk.Config(16, 32, 64, fuse=fuse, split_k=split_k) if INTERPRET
+           else tk.Config(64, 128, 128, 4, 3, fuse=fuse, split_k=split_k))
     y = run_a8(fmt, x, packed, scales, bias, cfg)
     assert rel_err(y, reference_a8(x, packed, fmt, scales, bias, k)) < 1e-6
 
@@ -113,11 +115,14 @@ def test_a8_gemm_with_input_layer_norm_matches_float64_reference(fmt):
 
 @pytest.mark.parametrize("fmt", list(A8_BITS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a8_gemm_reads_and_writes_16_bit_activations(fmt, dtype):
+@pytest.mark.parametrize("split_k", [1, 2])  # 2: fp32 partial sums, then one cast into the 16-bit output
+def test_a8_gemm_reads_and_writes_16_bit_activations(fmt, dtype, split_k):
     g = gen(11)
     packed, scales, _ = make_a8_layer(fmt, 70, 300, g, bias=False)
     x = torch.randn(19, 300, generator=g).to(dtype)
-    y = run_a8(fmt, x, packed, scales, None, tk.a8_candidates(19)[0])
+    cfg = tk.a8_candidates(19)[0]
+    y = run_a8(fmt, x, packed, scales, None, tk.Config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
+                                                       cfg.num_stages, cfg.fuse, split_k))
     assert y.dtype == dtype
     assert rel_err(y, reference_a8(x, packed, fmt, scales, None, 300)) < 1e-2
 
