@@ -6,6 +6,11 @@
 - `cuda_ops.modules`: `to_kernels(model)` swaps a quantized model's QuantLinear layers for the ops;
   `CUDAGraphModel` replays a captured CUDA graph for batch-1 latency.
 - `python -m cuda_ops.bench`: per-op and end-to-end timings against bf16 cuBLAS.
+- `python -m cuda_ops.parity`: a real model's quantized versions score the same on the kernels as on
+  QuantLinear's reference forward.
+- `python -m cuda_ops.compile_check`: every Triton tiling compiled for sm_90 without a GPU (registers,
+  spills, shared memory, pipelining, MMA instructions).
+- `cuda_ops/gpu_session.sh`: everything that needs the GPU (tests, benchmark, profile), for a GPU session.
 """
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, kernel_for, to_kernels  # noqa: F401
 from cuda_ops.ops import (binary_linear, int8_linear, quantize_per_token, ternary_linear,  # noqa: F401
