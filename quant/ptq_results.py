@@ -87,7 +87,7 @@ def main(argv=None):
     p.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), help="PTQ recipes to run")
     p.add_argument("--split", default="test", help="split to score on (default test)")
     p.add_argument("--limit", type=int, help="score only this many images (dry runs)")
-    p.add_argument("--calib-size", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--calib-size", type=int, default=256, help="calibration images (default 256)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:

@@ -178,6 +178,7 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe, batch_size: int
 def _calibrate_attention(model, attn: QuantAttention, calib, bits, recipe, batch_size) -> None:
     """Per-head ranges for Q, K, V from the quantized qkv's outputs; the softmax quantizer."""
     y = capture(model, attn.qkv, calib, batch_size, output=True)                # (B, N, 3 D)
+    y = _subset(y, max(1, _MAX_TOKENS // y.shape[1]))                           # ~_MAX_TOKENS tokens per head
     B, N, _ = y.shape
     qkv = y.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     for i, slot in enumerate(("q_quant", "k_quant", "v_quant")):
