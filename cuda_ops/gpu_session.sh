@@ -4,6 +4,7 @@
 #   bash cuda_ops/gpu_session.sh tests            # ~3-5 min: the kernel tests natively on the GPU
 #   bash cuda_ops/gpu_session.sh bench [ARGS]     # <= 9.5 min: python -m cuda_ops.bench --device cuda [ARGS]
 #   bash cuda_ops/gpu_session.sh profile          # ~3 min: Nsight Compute on ViT-B fc1, bf16 vs ternary
+#   bash cuda_ops/gpu_session.sh parity [ARGS]    # ~2 min: python -m cuda_ops.parity on the GPU kernels
 #   bash cuda_ops/gpu_session.sh all              # tests, then bench (where a command may run > 10 min)
 #
 # Through the device tool (10 minutes a command, 8 files back from $OUT), make two back-to-back calls,
@@ -21,6 +22,10 @@
 # profile: ncu (clocks left as they are) on the CUDA-graph replays of dense bf16 and w1.58a8 at ViT-B's
 #   fc1 for M = 197 and 12,608: speed of light, memory and compute workload, occupancy, launch stats.
 #   -> env.txt, profile.ncu-rep, profile.txt, profile.log
+# parity: the shipped model's w8a8/w4/nf4/w2 versions and every packed model in assets/, scored on the
+#   test split with QuantLinear's reference forward and on the Triton kernels (fp32 models). Needs the
+#   data: here, `mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/` and carry [".data"].
+#   -> env.txt, cuda_parity_gpu.json, parity.log
 # Then, on the machine the results come back to: copy cuda_bench.json and cuda_bench.png to
 # assets/results/ and the tables into README's "GPU kernels" section.
 set -uo pipefail
@@ -89,11 +94,24 @@ run_profile() {
     return $rc
 }
 
+run_parity() {
+    local files
+    files=$(ls assets/*.safetensors 2>/dev/null | grep -v "assets/vit_cifar_tiny.safetensors" | paste -sd, -)
+    timeout "${PARITY_TIMEOUT:-540}" "$PY" -m cuda_ops.parity --model assets/vit_cifar_tiny.safetensors \
+        --quantized "$files" --data "${DATA:-.data/cifar10-jpeg.tar.gz}" --split test \
+        --out "$OUT/cuda_parity_gpu.json" "$@" > "$OUT/parity.log" 2>&1
+    local rc=$?
+    grep -v "it/s\|s/it" "$OUT/parity.log" | tail -n 20
+    echo "parity: exit code $rc"
+    return $rc
+}
+
 env_report
 case "$STAGE" in
     tests) run_tests ;;
     bench) run_bench "$@" ;;
     profile) run_profile ;;
+    parity) run_parity "$@" ;;
     all) run_tests; t=$?; run_bench "$@"; b=$?; exit $((t || b)) ;;
-    *) echo "usage: bash cuda_ops/gpu_session.sh tests|bench|profile|all [bench arguments]" >&2; exit 2 ;;
+    *) echo "usage: bash cuda_ops/gpu_session.sh tests|bench|profile|parity|all [arguments]" >&2; exit 2 ;;
 esac
