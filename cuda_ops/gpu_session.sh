@@ -101,7 +101,7 @@ run_parity() {
         --quantized "$files" --data "${DATA:-.data/cifar10-jpeg.tar.gz}" --split test \
         --out "$OUT/cuda_parity_gpu.json" "$@" > "$OUT/parity.log" 2>&1
     local rc=$?
-    grep -v "it/s\|s/it" "$OUT/parity.log" | tail -n 20
+    tr "\r" "\n" < "$OUT/parity.log" | grep -v "batch/s\|s/batch" | tail -n 20
     echo "parity: exit code $rc"
     return $rc
 }
