@@ -123,6 +123,16 @@ def unpack_aligned(packed: Tensor, bits: int, k: int) -> Tensor:
     return codes.reshape(packed.shape[0], -1)[:, :k]
 
 
+def _a8_weights(name: str, packed: Tensor, k: int) -> Tensor:
+    """int8 weight values (N, K), code * mul - off, of packed ternary/binary/int8 codes (int8: a flip
+    of the sign bit is code - 128)."""
+    bits, mul, off = A8_FORMATS[name]
+    if bits == 8:
+        return (packed[:, :k] ^ 128).view(torch.int8)
+    codes = unpack_aligned(packed, bits, k).view(torch.int8)  # 0 .. 3: the same bits as int8
+    return codes * mul - off
+
+
 def _quantize_torch(x2: Tensor) -> tuple[Tensor, Tensor]:
     xf = x2.float()
     s = xf.abs().amax(-1) / 127
@@ -138,19 +148,16 @@ def _layer_norm(x: Tensor, norm_weight, norm_bias, norm_eps) -> Tensor:
 def _a8_torch(name: str, x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], in_features: int,
               norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], norm_eps: Optional[float]) -> Tensor:
     n = _check_a8(name, x, packed, scales, bias, in_features, norm_weight, norm_bias, norm_eps)
-    bits, mul, off = A8_FORMATS[name]
     if norm_eps is not None:
         x = _layer_norm(x, norm_weight, norm_bias, norm_eps)
     x2 = x.reshape(-1, in_features)
-    q, s = _quantize_torch(x2)
-    codes = unpack_aligned(packed, bits, in_features)
-    w = (codes.to(torch.int16) * mul - off).to(torch.int8)  # (N, K)
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], n))
-    acc = torch._int_mm(q, w.t())  # (M, N) int32, exact
-    y = acc.float() * s[:, None] * scales.reshape(1, n).float()
+    q, s = _quantize_torch(x2)
+    acc = torch._int_mm(q, _a8_weights(name, packed, in_features).t())  # (M, N) int32, exact
+    y = acc.float().mul_(s[:, None]).mul_(scales.reshape(1, n).float())
     if bias is not None:
-        y = y + bias.float()
+        y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
