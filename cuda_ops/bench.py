@@ -248,8 +248,9 @@ def bench_models(models, batches, variants, device, dtype, deadline, progress, s
 
 # ----------------------------------------------------------------------------- targets
 
-def check_targets(ops: list[dict], models: list[dict]) -> list[dict]:
-    """The issue's H100 targets, each with the measured value and met / missed."""
+def check_targets(ops: list[dict], models: list[dict], base: str = "bf16") -> list[dict]:
+    """The issue's H100 targets (against bf16; `base` names this run's baseline dtype), each with the
+    measured value and met / missed."""
     out = []
 
     def add(what, value, goal, higher_better=True):
@@ -261,21 +262,21 @@ def check_targets(ops: list[dict], models: list[dict]) -> list[dict]:
     big = ("vit_base_patch16_224", "vit_large_patch16_224")
     for op in ("w1.58a8", "w1a8"):
         small_m = [r["speedup_vs_dense"] for r in ops if r["op"] == op and r["model"] in big and r["M"] <= 256]
-        add(f"{op} >= 1.5x bf16 on ViT-B/L shapes at M <= 256 (worst layer)", min(small_m, default=None), 1.5)
+        add(f"{op} >= 1.5x {base} on ViT-B/L shapes at M <= 256 (worst layer)", min(small_m, default=None), 1.5)
         at_12608 = [r["speedup_vs_dense"] for r in ops if r["op"] == op and r["model"] in big and r["M"] == 12608]
-        add(f"{op} no slower than bf16 at M = 12608 (worst layer)", min(at_12608, default=None), 1.0)
+        add(f"{op} no slower than {base} at M = 12608 (worst layer)", min(at_12608, default=None), 1.0)
         mem = [r["roofline_frac"] for r in ops if r["op"] == op and r["model"] in big and r["bound"] == "memory"]
         add(f"{op} >= 70% of the memory bound where memory-bound (worst)", min(mem, default=None), 0.7)
     for name in sorted({r["model"] for r in models}):
         get = {(r["variant"], r["batch"]): r for r in models if r["model"] == name}
         if ("w1.58a8", 1) in get and ("fp", 1) in get:
-            add(f"{name}: ternary batch-1 latency / bf16 (graphs)", get[("w1.58a8", 1)]["ms"] / get[("fp", 1)]["ms"],
+            add(f"{name}: ternary batch-1 latency / {base}", get[("w1.58a8", 1)]["ms"] / get[("fp", 1)]["ms"],
                 1.0, higher_better=False)
-            add(f"{name}: weight memory bf16 / ternary (whole model)", get[("w1.58a8", 1)]["memory_ratio_vs_fp"], 8.0)
-            add(f"{name}: weight memory bf16 / ternary (linear weights)",
+            add(f"{name}: weight memory {base} / ternary (whole model)", get[("w1.58a8", 1)]["memory_ratio_vs_fp"], 8.0)
+            add(f"{name}: weight memory {base} / ternary (linear weights)",
                 get[("w1.58a8", 1)]["linear_memory_ratio_vs_fp"], 8.0)
         if ("w1.58a8", 256) in get and ("fp", 256) in get:
-            add(f"{name}: ternary images/s at batch 256 / bf16", get[("w1.58a8", 256)]["speedup_vs_fp"], 1.3)
+            add(f"{name}: ternary images/s at batch 256 / {base}", get[("w1.58a8", 256)]["speedup_vs_fp"], 1.3)
     return out
 
 
@@ -302,7 +303,7 @@ def print_models(rows: list[dict]) -> None:
 
 
 def print_targets(rows: list[dict], device: str) -> None:
-    print("\nissue 4's targets" + ("" if device == "cuda" else " (set for the H100 against bf16; here informational)"))
+    print("\nissue 4's targets" + ("" if device == "cuda" else " (set for the H100 in bf16; here informational)"))
     for r in rows:
         verdict = "met" if r["met"] else f"MISSED (goal {r['goal']})"
         print(f"  {r['target']:<66} {r['measured']:>7.2f}  {verdict}")
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8,64,256 on a GPU, 1,8 on a CPU)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops among {','.join(OPS)}")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"end-to-end variants among {','.join(VARIANTS)}")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="baseline and activation dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--quick", action="store_true", help="smaller ceilings, shorter CPU timings (smoke tests)")
     p.add_argument("--time-limit", type=float, default=float("inf"),
                    help="seconds: stop adding rows after this long, the per-op part after 60%% of it so the "
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         global CPU_TIMING_S
         CPU_TIMING_S = 0.02
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if args.device == "cuda" else torch.float32
     dtype_name = str(dtype).replace("torch.", "")
     from tqdm import tqdm
     start = time.monotonic()
@@ -410,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         from cuda_ops.triton_kernels import TUNER
         result["tuned"] = TUNER.report()
-    result["targets"] = check_targets(result["ops"], result["models"])
+    result["targets"] = check_targets(result["ops"], result["models"], dtype_name)
     save()
     print_models(result["models"])
     print_targets(result["targets"], args.device)
