@@ -25,6 +25,7 @@ import copy
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -306,7 +307,7 @@ def print_targets(rows: list[dict], device: str) -> None:
     print("\nissue 4's targets" + ("" if device == "cuda" else " (set for the H100 in bf16; here informational)"))
     for r in rows:
         verdict = "met" if r["met"] else f"MISSED (goal {r['goal']})"
-        print(f"  {r['target']:<66} {r['measured']:>7.2f}  {verdict}")
+        print(f"  {r['target']:<72} {r['measured']:>7.2f}  {verdict}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -389,13 +390,14 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "dtype": dtype_name,
               "data": "random weights and inputs (no data split: speed does not depend on the values)",
               "baseline": f"dense = F.linear in {dtype_name}" + (" (cuBLAS)" if args.device == "cuda" else ""),
-              "skipped": []}
+              "load_average_1_5_15min": list(os.getloadavg()), "skipped": []}
     if args.device == "cuda":
         import triton
         result["triton"] = triton.__version__
 
     def save():
         result["wall_s"] = time.monotonic() - start
+        result["load_average_at_end"] = list(os.getloadavg())  # CPU timings are noise on a busy machine
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1))
