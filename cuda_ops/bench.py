@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ops_deadline = start + (0.6 if e2e_models else 1.0) * args.time_limit
     progress = lambda it, **kw: tqdm(it, file=sys.stderr, **kw)  # noqa: E731
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or "cpu")
-    result = {"command": "python -m cuda_ops.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+    result = {"command": "python -m cuda_ops.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device_name, "machine": f"{platform.node()} {platform.machine()}, "
                                                 f"{torch.get_num_threads()} CPU threads",

@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import re
 import subprocess
 import sys
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             r["config"] = vars(r["config"]) if hasattr(r["config"], "__dict__") else r["config"]
         args.out.write_text(json.dumps({
-            "command": "python -m cuda_ops.compile_check " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python -m cuda_ops.compile_check " + shlex.join(sys.argv[1:] if argv is None else argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()} (no GPU: compiled with triton's ptxas)",
             "data": "none (compiler output)", "wall_s": time.monotonic() - start, "triton": triton.__version__,

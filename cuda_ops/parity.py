@@ -18,6 +18,7 @@ import copy
 import datetime
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     first = fp if fp is not None else models[0][1]()
     data = load_split(args.data, args.split, image_size=first.config.img_size, limit=args.limit)
     start = time.monotonic()
-    result = {"command": "python -m cuda_ops.parity " + " ".join(sys.argv[1:] if argv is None else argv),
+    result = {"command": "python -m cuda_ops.parity " + shlex.join(sys.argv[1:] if argv is None else argv),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} CPU threads"
                          + (f", {torch.cuda.get_device_name()}" if device == "cuda" else ""),
