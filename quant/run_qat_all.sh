@@ -6,7 +6,8 @@
 # run resumes from $RUNS/<name>/ when the script is called again. Pick the runs with ONLY="w1a8 qvit-w3".
 #
 #   PROFILE=cpu  (default) short schedules for a 2-core CPU: a class-balanced subset of the training
-#                split, 2 epochs (about 5-10 minutes of training per run at 12-25 images/s).
+#                split, 2 epochs (2.5-6 minutes of training per run at 110-180 images/s on an idle
+#                2-core CPU; 15-25 images/s while another job trains).
 #   PROFILE=gpu  the full-length schedules (all 45,000 training images, 30 epochs), for one H100 within
 #                its 10-minute device commands: TIME_LIMIT (default 520 s) stops each call at an epoch
 #                boundary; repeat the call until it prints "all QAT runs done".
@@ -27,7 +28,7 @@ export PYTHONUNBUFFERED=1
 
 case "$PROFILE" in
   cpu) # name: training images, epochs (qvit: half of them searching bit-widths)
-       declare -A LIMIT=([w1.58a8]=${LIMIT:-5000} [w1a8]=${LIMIT:-3000} [qvit-w4]=${LIMIT:-1500} [qvit-w3]=${LIMIT:-1500})
+       declare -A LIMIT=([w1.58a8]=${LIMIT:-30000} [w1a8]=${LIMIT:-15000} [qvit-w4]=${LIMIT:-8000} [qvit-w3]=${LIMIT:-8000})
        EPOCHS=${EPOCHS:-2}; BATCH=${BATCH:-128}; LR=${LR:-1e-3}; VAL_LIMIT=${VAL_LIMIT:-500}
        EXTRA=(--threads "${THREADS:-2}" --warmup-epochs 0.25) ;;
   gpu) declare -A LIMIT=([w1.58a8]=${LIMIT:-0} [w1a8]=${LIMIT:-0} [qvit-w4]=${LIMIT:-0} [qvit-w3]=${LIMIT:-0})
