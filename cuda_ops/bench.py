@@ -11,8 +11,9 @@ Three parts, printed as tables and written to one JSON file (`--out`, with comma
    achieved TB/s and TOPS, whether the shape is memory- or compute-bound on this device, and the
    fraction of that roofline bound reached (bytes counted as each input read once, output written once).
 3. models: weight memory, batch-1 latency (CUDA graph replays on a GPU) and images/s at larger batches
-   of the FP model and its w8a8, w4 (int4 groups of 64, int8 head, weight-only), w1.58a8 and w1a8 versions
-   on the bitvit kernels (`to_kernels`); random weights (speed does not depend on them).
+   of the FP model and its w8a8, w4 (int4 groups of 64, int8 head, weight-only), w1.58a8 (2-bit codes),
+   w1.58a8-b3 (the same model with base-3 trit planes in memory) and w1a8 versions on the bitvit kernels
+   (`to_kernels`); random weights (speed does not depend on them).
 Then the issue's speed targets, each marked met or missed, by how much.
 GPU times are medians from `triton.testing.do_bench`, which clears the L2 cache before every run. A GPU
 op's time ("ms", and the speed-ups) is the replay of a CUDA graph of that one call: the kernels' own time,
@@ -41,13 +42,14 @@ from cuda_ops.modules import CUDAGraphModel, KernelLinear, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
 from quant.cli import run
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
-from quant.pack import pack_codes
+from quant.pack import pack_codes, pack_trit_planes
 
 # ViT-L/16 at 224 px has no bitvit config (no checkpoint is used); its shape is standard.
 SHAPES: dict[str, ViTConfig] = {**CONFIGS, "vit_large_patch16_224": ViTConfig(
     img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, num_classes=1000, classes=())}
-OPS = ("dense", "int_mm", "w8a8", "w4", "w1.58a8", "w1a8")  # "dense": F.linear in the baseline dtype
-VARIANTS = ("fp", "w8a8", "w4", "w1.58a8", "w1a8")
+OPS = ("dense", "int_mm", "w8a8", "w4", "w1.58a8", "w1.58a8-b3", "w1a8")  # "dense": F.linear in the baseline dtype
+VARIANTS = ("fp", "w8a8", "w4", "w1.58a8", "w1.58a8-b3", "w1a8")
+TERNARY = ("w1.58a8", "w1.58a8-b3")  # ternary codes 4 a byte, or trit planes 5 a byte
 DEFAULTS = {  # device -> (op models, model-benchmark models, batches)
     "cuda": (["vit_base_patch16_224", "vit_large_patch16_224", "deit_small_patch16_224", "vit_cifar_small",
               "vit_cifar_tiny"],
@@ -136,8 +138,10 @@ def op_call(op: str, n: int, k: int, x: torch.Tensor, bias: torch.Tensor):
         zeros = torch.randint(0, 16, scales.shape, device=dev).float()
         fn = lambda: weight_only_linear(x, packed, scales, zeros, None, bias, 4, g, k)  # noqa: E731
         return fn, packed.numel() + 8 * scales.numel(), "float"
-    fmt, bits = {"w8a8": ("int8", 8), "w1.58a8": ("ternary", 2), "w1a8": ("binary", 1)}[op]
-    packed = pack_codes(random_codes(n, k, 3 if fmt == "ternary" else 1 << bits, "cpu"), bits).to(dev)
+    fmt, bits = {"w8a8": ("int8", 8), "w1.58a8": ("ternary", 2), "w1.58a8-b3": ("ternary_b3", 2),
+                 "w1a8": ("binary", 1)}[op]
+    codes = random_codes(n, k, 3 if fmt.startswith("ternary") else 1 << bits, "cpu")
+    packed = (pack_trit_planes(codes) if fmt == "ternary_b3" else pack_codes(codes, bits)).to(dev)
     scales = torch.rand(n, 1, device=dev) * 0.01
     return (lambda: A8_OPS[fmt](x, packed, scales, bias, k)), packed.numel() + 4 * n, "int8"
 
@@ -193,10 +197,10 @@ def build(model_name: str, variant: str) -> nn.Module:
     model = VisionTransformer(SHAPES[model_name]).eval()
     if variant == "fp":
         return model
-    model = quant.quantize(model, variant)
-    if variant in ("w1.58a8", "w1a8"):  # QAT recipes: the training-time BitLinear layers, frozen as trained
+    model = quant.quantize(model, "w1.58a8" if variant in TERNARY else variant)
+    if variant in (*TERNARY, "w1a8"):  # QAT recipes: the training-time BitLinear layers, frozen as trained
         model = freeze(model)
-    return to_kernels(model).eval()
+    return to_kernels(model, ternary_layout="base3" if variant == "w1.58a8-b3" else "2bit").eval()
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
@@ -262,7 +266,7 @@ def check_targets(ops: list[dict], models: list[dict], base: str = "bf16") -> li
         out.append({"target": what, "measured": value, "goal": goal, "met": met})
 
     big = ("vit_base_patch16_224", "vit_large_patch16_224")
-    for op in ("w1.58a8", "w1a8"):
+    for op in (*TERNARY, "w1a8"):
         small_m = [r["speedup_vs_dense"] for r in ops if r["op"] == op and r["model"] in big and r["M"] <= 256]
         add(f"{op} >= 1.5x {base} on ViT-B/L shapes at M <= 256 (worst layer)", min(small_m, default=None), 1.5)
         at_12608 = [r["speedup_vs_dense"] for r in ops if r["op"] == op and r["model"] in big and r["M"] == 12608]
@@ -271,35 +275,36 @@ def check_targets(ops: list[dict], models: list[dict], base: str = "bf16") -> li
         add(f"{op} >= 70% of the memory bound where memory-bound (worst)", min(mem, default=None), 0.7)
     for name in sorted({r["model"] for r in models}):
         get = {(r["variant"], r["batch"]): r for r in models if r["model"] == name}
-        if ("w1.58a8", 1) in get and ("fp", 1) in get:
-            add(f"{name}: ternary batch-1 latency / {base}", get[("w1.58a8", 1)]["ms"] / get[("fp", 1)]["ms"],
-                1.0, higher_better=False)
-            add(f"{name}: weight memory {base} / ternary (whole model)", get[("w1.58a8", 1)]["memory_ratio_vs_fp"], 8.0)
-            add(f"{name}: weight memory {base} / ternary (linear weights)",
-                get[("w1.58a8", 1)]["linear_memory_ratio_vs_fp"], 8.0)
-        if ("w1.58a8", 256) in get and ("fp", 256) in get:
-            add(f"{name}: ternary images/s at batch 256 / {base}", get[("w1.58a8", 256)]["speedup_vs_fp"], 1.3)
+        for t in TERNARY:
+            if (t, 1) in get and ("fp", 1) in get:
+                add(f"{name}: {t} batch-1 latency / {base}", get[(t, 1)]["ms"] / get[("fp", 1)]["ms"],
+                    1.0, higher_better=False)
+                add(f"{name}: weight memory {base} / {t} (whole model)", get[(t, 1)]["memory_ratio_vs_fp"], 8.0)
+                add(f"{name}: weight memory {base} / {t} (linear weights)", get[(t, 1)]["linear_memory_ratio_vs_fp"],
+                    8.0)
+            if (t, 256) in get and ("fp", 256) in get:
+                add(f"{name}: {t} images/s at batch 256 / {base}", get[(t, 256)]["speedup_vs_fp"], 1.3)
     return out
 
 
 # ----------------------------------------------------------------------------- printing
 
 def print_ops(rows: list[dict]) -> None:
-    print(f"\n{'model':<24}{'layer':<6}{'N x K':>12}{'M':>7}  {'op':<8}{'us':>9}{'eager':>9}{'x dense':>8}{'TB/s':>7}"
+    print(f"\n{'model':<24}{'layer':<6}{'N x K':>12}{'M':>7}  {'op':<11}{'us':>9}{'eager':>9}{'x dense':>8}{'TB/s':>7}"
           f"{'TOPS':>8}  bound    roofline")
     for r in rows:
         sp = f"{r['speedup_vs_dense']:.2f}" if r["speedup_vs_dense"] else "-"
-        print(f"{r['model']:<24}{r['layer']:<6}{r['N']:>6}x{r['K']:<5}{r['M']:>7}  {r['op']:<8}"
+        print(f"{r['model']:<24}{r['layer']:<6}{r['N']:>6}x{r['K']:<5}{r['M']:>7}  {r['op']:<11}"
               f"{r['ms'] * 1e3:>9.1f}{r['eager_ms'] * 1e3:>9.1f}{sp:>8}{r['TBps']:>7.2f}{r['TOPS']:>8.1f}  {r['bound']:<8} "
               f"{100 * r['roofline_frac']:>5.0f}%")
 
 
 def print_models(rows: list[dict]) -> None:
-    print(f"\n{'model':<24}{'variant':<9}{'batch':>6}{'ms':>10}{'img/s':>10}{'x fp':>7}{'weights MB':>12}"
+    print(f"\n{'model':<24}{'variant':<11}{'batch':>6}{'ms':>10}{'img/s':>10}{'x fp':>7}{'weights MB':>12}"
           f"{'fp/this':>9}{'linear fp/this':>16}")
     for r in rows:
         f = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-        print(f"{r['model']:<24}{r['variant']:<9}{r['batch']:>6}{r['ms']:>10.3f}{r['images_per_s']:>10.0f}"
+        print(f"{r['model']:<24}{r['variant']:<11}{r['batch']:>6}{r['ms']:>10.3f}{r['images_per_s']:>10.0f}"
               f"{f(r['speedup_vs_fp']):>7}{r['weight_MB']:>12.2f}{f(r['memory_ratio_vs_fp']):>9}"
               f"{f(r['linear_memory_ratio_vs_fp']):>16}")
 

@@ -32,7 +32,7 @@ from cuda_ops import triton_kernels as tk
 from quant.cli import run
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}  # bytes of shared memory a program may use
-A8 = {"ternary": (2, 1, 1), "binary": (1, 2, 1), "int8": (8, 1, 128)}
+A8 = {"ternary": (2, 1, 1), "ternary_b3": (2, 1, 1), "binary": (1, 2, 1), "int8": (8, 1, 128)}  # b3: trit planes
 
 
 def _compile(fn, signature: dict, constexprs: dict, divisible: list[str], arch: int, num_warps: int,
@@ -96,7 +96,7 @@ def a8_jobs(ms: list[int]):
                 if (fmt, c) in seen:
                     continue
                 seen.add((fmt, c))
-                const = dict(BITS=bits, MUL=mul, OFF=off, FUSE_QUANT=c.fuse, HAS_BIAS=True, BLOCK_M=c.block_m,
+                const = dict(BITS=bits, MUL=mul, OFF=off, TRITS=fmt == "ternary_b3", FUSE_QUANT=c.fuse, HAS_BIAS=True, BLOCK_M=c.block_m,
                              BLOCK_N=c.block_n, BLOCK_KP=c.block_k * bits // 8, GROUP_M=8, SPLIT_K=c.split_k)
                 yield tk._a8_gemm_kernel, fmt, c, sig, const, div
 

@@ -2,12 +2,14 @@
 
     model = quant.quantize(vit, "w1.58a8")                 # QuantLinear layers, reference forward
     model = cuda_ops.to_kernels(model).cuda().bfloat16()   # the same layers on the bitvit ops
+    # or to_kernels(model, ternary_layout="base3"): ternary codes at 1.6 bits in memory, not 2
     fast = cuda_ops.CUDAGraphModel(model, torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.bfloat16))
     logits = fast(images)                                  # one graph replay per call
 
 Which QuantLinear layers get a kernel:
   ternary / binary / int8 weights, one scale per row, "int8_token" activations -> ternary/binary/int8_linear
-      (the layer's input LayerNorm, if any, is fused into the activation quantization)
+      (the layer's input LayerNorm, if any, is fused into the activation quantization; ternary codes
+      are repacked as trit planes for ternary_b3_linear with ternary_layout="base3")
   int8 / int4 / int2 (symmetric or asymmetric) / nf4 weights, float activations, groups of a multiple
       of 16 * 8 / bits inputs or one group a row                                -> weight_only_linear
 Other layers (int3/int5-7 weights, static uintB activations) keep QuantLinear's reference forward,
@@ -21,10 +23,12 @@ import torch
 import torch.nn as nn
 
 from cuda_ops.ops import A8_OPS, weight_only_group_ok, weight_only_linear
+from quant.pack import pack_trit_planes, unpack_codes
 from quant.qlinear import QuantLinear
 from quant.quantizers import NF4_CODEBOOK
 
 WEIGHT_ONLY_FORMATS = ("int8", "int4", "int2", "nf4")
+TERNARY_LAYOUTS = ("2bit", "base3")  # 2-bit codes (QuantLinear's own), or trit planes (1.6 bits)
 
 
 def kernel_for(layer: QuantLinear) -> str | None:
@@ -39,19 +43,26 @@ def kernel_for(layer: QuantLinear) -> str | None:
 
 class KernelLinear(nn.Module):
     """A QuantLinear computed by the bitvit ops. It keeps the QuantLinear's tensors under the same names
-    (packed, scales, zeros, bias, input_norm), so state dicts carry over; scales stay float32 whatever
-    dtype the model is cast to."""
+    (packed, scales, zeros, bias, input_norm), so state dicts carry over (except `packed` in the base-3
+    ternary layout, which holds trit planes); scales stay float32 whatever dtype the model is cast to."""
 
-    def __init__(self, layer: QuantLinear):
+    def __init__(self, layer: QuantLinear, ternary_layout: str = "2bit"):
         super().__init__()
         self.kernel = kernel_for(layer)
         if self.kernel is None:
             raise ValueError(f"no bitvit kernel for {layer.weight_format} weights (group size {layer.group_size}) "
                              f"with {layer.act_format} activations")
+        if ternary_layout not in TERNARY_LAYOUTS:
+            raise ValueError(f"ternary_layout must be one of {TERNARY_LAYOUTS}, got {ternary_layout!r}")
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.weight_format, self.bits, self.group_size = layer.weight_format, layer.bits, layer.group_size
         self.act_format = layer.act_format
-        self.register_buffer("packed", layer.packed)
+        packed = layer.packed
+        self.op = layer.weight_format
+        if layer.weight_format == "ternary" and ternary_layout == "base3":
+            packed = pack_trit_planes(unpack_codes(packed, 2, layer.in_features))
+            self.op = "ternary_b3"
+        self.register_buffer("packed", packed)
         self.register_buffer("scales", layer.scales.float())
         self.register_buffer("zeros", None if layer.zeros is None else layer.zeros.float())
         self.register_buffer("codebook", NF4_CODEBOOK.to(layer.packed.device) if layer.weight_format == "nf4"
@@ -62,7 +73,7 @@ class KernelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.input_norm
         if self.kernel == "a8":  # the input LayerNorm goes into the quantization pass
-            return A8_OPS[self.weight_format](
+            return A8_OPS[self.op](
                 x, self.packed, self.scales, self.bias, self.in_features,
                 None if norm is None else norm.weight, None if norm is None else norm.bias,
                 None if norm is None else norm.eps)
@@ -81,23 +92,28 @@ class KernelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"weight_format={self.weight_format}{' asym' if self.zeros is not None else ''}, "
-                f"group_size={self.group_size}, act_format={self.act_format}, kernel={self.kernel}")
+                f"group_size={self.group_size}, act_format={self.act_format}, kernel={self.kernel}"
+                + (", layout=base3" if self.op == "ternary_b3" else ""))
 
 
-def to_kernels(model: nn.Module) -> nn.Module:
+def to_kernels(model: nn.Module, ternary_layout: str = "2bit") -> nn.Module:
     """Swap every QuantLinear of `model` that has a bitvit kernel for a KernelLinear, in place, and return
-    the model. Layers without a kernel keep their reference forward; a warning lists them."""
+    the model. Layers without a kernel keep their reference forward; a warning lists them.
+    ternary_layout: "2bit" keeps ternary codes as QuantLinear packs them (4 a byte); "base3" repacks them
+    as trit planes (5 a byte, `quant.pack.pack_trit_planes`): a fifth less weight memory and traffic."""
+    if ternary_layout not in TERNARY_LAYOUTS:
+        raise ValueError(f"ternary_layout must be one of {TERNARY_LAYOUTS}, got {ternary_layout!r}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not layers:
         raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize)")
     if isinstance(model, QuantLinear):
-        return KernelLinear(model) if kernel_for(model) else model
+        return KernelLinear(model, ternary_layout) if kernel_for(model) else model
     left = []
     for name, layer in layers:
         if kernel_for(layer) is None:
             left.append(f"{name} ({layer.weight_format} weights, group {layer.group_size}, {layer.act_format})")
         else:
-            model.set_submodule(name, KernelLinear(layer))
+            model.set_submodule(name, KernelLinear(layer, ternary_layout))
     if left:
         warnings.warn(f"no bitvit kernel for {len(left)} of {len(layers)} quantized layers, which keep "
                       f"QuantLinear's reference forward: {', '.join(left)}", stacklevel=2)

@@ -2,14 +2,16 @@
 quantization, each with a CPU kernel, a Triton kernel for CUDA and a fake (meta) kernel, so they run
 eagerly anywhere, trace under `torch.compile` and export with `torch.export`.
 
-Weights are the packed codes of `quant/pack.py` (`pack_codes` layout), as `quant.QuantLinear` holds them.
+Weights are the packed codes of `quant/pack.py` (`pack_codes` layout), as `quant.QuantLinear` holds them,
+or, for `ternary_b3_linear`, its trit planes (5 codes a byte).
 
 - `quantize_per_token(x, norm_weight=None, norm_bias=None, norm_eps=None) -> (q, s)`: x (..., K)
   float -> q int8 (..., K), s float32 (...); s = max_k |x| / 127, q = clamp(round(x / s), -127, 127),
   round half to even (a zero row gives s = 0, q = 0). With `norm_eps` set, of LayerNorm(x) (weight and
   bias optional): the input norm of BitNet layers, fused into the same pass on CUDA.
-- `ternary_linear`, `binary_linear`, `int8_linear` (x, packed, scales, bias, in_features, norm_weight,
-  norm_bias, norm_eps) -> y: W1.58A8, W1A8 and W8A8. The input (after the optional LayerNorm) is
+- `ternary_linear`, `ternary_b3_linear`, `binary_linear`, `int8_linear` (x, packed, scales, bias,
+  in_features, norm_weight, norm_bias, norm_eps) -> y: W1.58A8 (2-bit codes, or base-3 trit planes at
+  1.6 bits, `quant.pack.pack_trit_planes`), W1A8 and W8A8. The input (after the optional LayerNorm) is
   quantized per token inside the op, the dot products are exact int32 sums, and
   y[t, o] = s_x[t] * scales[o] * sum_k q_x[t, k] * w[o, k] (+ bias[o]), in x's dtype.
   Weight value of a code: ternary code - 1, binary 2 * code - 1, int8 code - 128. scales: (N,) or
@@ -32,10 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from quant.pack import packed_row_bytes
+from quant.pack import packed_row_bytes, trit_plane_bytes, unpack_trit_planes
 
-# weight format -> (code width in bits, value = code * mul - off)
-A8_FORMATS = {"ternary": (2, 1, 1), "binary": (1, 2, 1), "int8": (8, 1, 128)}
+# weight format -> (code width in bits, value = code * mul - off); ternary_b3: trit planes (bits unused)
+A8_FORMATS = {"ternary": (2, 1, 1), "ternary_b3": (0, 1, 1), "binary": (1, 2, 1), "int8": (8, 1, 128)}
+
+
+def a8_row_bytes(name: str, k: int) -> int:
+    """Bytes of one packed weight row of `k` inputs for an A8 format."""
+    return trit_plane_bytes(k) if name == "ternary_b3" else packed_row_bytes(k, A8_FORMATS[name][0])
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -48,13 +55,13 @@ def _check_x(x: Tensor, in_features: int, name: str) -> None:
                          f"the layer has in_features={in_features}")
 
 
-def _check_packed(packed: Tensor, in_features: int, bits: int, name: str) -> int:
+def _check_packed(packed: Tensor, in_features: int, row_bytes: int, what: str, name: str) -> int:
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"{name}: packed weights must be a 2-D uint8 tensor, got {packed.dtype} "
                          f"{tuple(packed.shape)}")
-    if packed.shape[1] != packed_row_bytes(in_features, bits):
-        raise ValueError(f"{name}: packed rows have {packed.shape[1]} bytes, {in_features} {bits}-bit "
-                         f"codes need {packed_row_bytes(in_features, bits)}")
+    if packed.shape[1] != row_bytes:
+        raise ValueError(f"{name}: packed rows have {packed.shape[1]} bytes, {in_features} {what} "
+                         f"codes need {row_bytes}")
     return packed.shape[0]
 
 
@@ -71,10 +78,10 @@ def _check_norm(norm_weight, norm_bias, norm_eps, k: int, name: str) -> None:
 
 
 def _check_a8(name, x, packed, scales, bias, in_features, norm_weight=None, norm_bias=None, norm_eps=None) -> int:
-    bits = A8_FORMATS[name][0]
     _check_x(x, in_features, name)
     _check_norm(norm_weight, norm_bias, norm_eps, in_features, name)
-    n = _check_packed(packed, in_features, bits, name)
+    what = "base-3 (trit-plane)" if name == "ternary_b3" else f"{A8_FORMATS[name][0]}-bit"
+    n = _check_packed(packed, in_features, a8_row_bytes(name, in_features), what, name)
     if scales.dim() == 2 and scales.shape[1] != 1:
         raise ValueError(f"{name}: scales must hold one value per output row ({n}, 1); grouped scales "
                          f"{tuple(scales.shape)} do not give an int32 dot product")
@@ -97,7 +104,7 @@ def _check_weight_only(x, packed, scales, zeros, codebook, bias, bits, group_siz
     if bits not in WEIGHT_ONLY_BITS:
         raise ValueError(f"{name}: bits must be one of {WEIGHT_ONLY_BITS}, got {bits}")
     _check_x(x, in_features, name)
-    n = _check_packed(packed, in_features, bits, name)
+    n = _check_packed(packed, in_features, packed_row_bytes(in_features, bits), f"{bits}-bit", name)
     if group_size < 1 or not weight_only_group_ok(bits, group_size, in_features):
         raise ValueError(f"{name}: group_size must be a multiple of {16 * 8 // bits} for {bits}-bit codes or "
                          f"span all {in_features} inputs, got {group_size}")
@@ -127,6 +134,8 @@ def _a8_weights(name: str, packed: Tensor, k: int) -> Tensor:
     """int8 weight values (N, K), code * mul - off, of packed ternary/binary/int8 codes (int8: a flip
     of the sign bit is code - 128)."""
     bits, mul, off = A8_FORMATS[name]
+    if name == "ternary_b3":
+        return unpack_trit_planes(packed, k).view(torch.int8) - 1
     if bits == 8:
         return (packed[:, :k] ^ 128).view(torch.int8)
     codes = unpack_aligned(packed, bits, k).view(torch.int8)  # 0 .. 3: the same bits as int8
@@ -223,9 +232,10 @@ def _make_a8_op(name: str):
 
 
 ternary_linear = _make_a8_op("ternary")
+ternary_b3_linear = _make_a8_op("ternary_b3")
 binary_linear = _make_a8_op("binary")
 int8_linear = _make_a8_op("int8")
-A8_OPS = {"ternary": ternary_linear, "binary": binary_linear, "int8": int8_linear}
+A8_OPS = {"ternary": ternary_linear, "ternary_b3": ternary_b3_linear, "binary": binary_linear, "int8": int8_linear}
 
 
 @torch.library.custom_op("bitvit::weight_only_linear", mutates_args=())
@@ -282,7 +292,7 @@ def _register_a8_cuda(name: str):
         y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
         tk.a8_gemm(x2, packed.contiguous(), scales.reshape(n).float().contiguous(),
                    None if bias is None else bias.contiguous(), y, bits, mul, off,
-                   _norm(norm_weight, norm_bias, norm_eps))
+                   _norm(norm_weight, norm_bias, norm_eps), trits=name == "ternary_b3")
         return y.reshape(*x.shape[:-1], n)
 
 

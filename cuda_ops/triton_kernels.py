@@ -4,8 +4,8 @@ Three kernels:
 - `quantize_rows`: per-token int8 quantization in one pass (each row is read once, held in registers
   when K <= 8192, and written as int8 plus one fp32 scale): s = max|x| / 127, q = clamp(rne(x / s)),
   optionally of LayerNorm(x) (BitNet's input norm), fused so the normalized rows never reach memory.
-- `a8_gemm`: y = s_x * s_w * (q_x @ W^T) (+ bias) for packed 1-, 2- or 8-bit integer weights and int8
-  activations, int32 accumulation with `tl.dot` on int8 tiles. With `fuse=True` the activation
+- `a8_gemm`: y = s_x * s_w * (q_x @ W^T) (+ bias) for packed 1-, 2- or 8-bit integer weights, or base-3
+  ternary trit planes, and int8 activations, int32 accumulation with `tl.dot` on int8 tiles. With `fuse=True` the activation
   quantization runs inside the GEMM (a row-absmax pre-pass over the program's rows, then quantizing
   each tile in registers), which saves the int8 round trip and a launch; otherwise `quantize_rows`
   runs first. The tuner times both.
@@ -21,6 +21,12 @@ activation tile in one `tl.dot` -- so weights are never expanded in global memor
 contiguous, and the activation loads stay direct dot operands that Triton pipelines (async copies).
 `python -m cuda_ops.compile_check` compiles every tiling for sm_90 without a GPU and reports registers,
 spills, shared memory, pipelining and the MMA instructions (wgmma int8 for BLOCK_M >= 64).
+
+Ternary weights can also arrive as trit planes (`quant.pack.pack_trit_planes`: KC bytes a row, byte j
+holding the codes of k = j + c * KC, c = 0..4, in fixed point). A program then steps over BLOCK_KP bytes
+at a time; each of the five planes decodes with a multiply, a mask and a shift into a (BLOCK_KP, BLOCK_N)
+int8 tile and meets its own contiguous activation tile (columns c * KC + j0 + [0, BLOCK_KP)) in one
+`tl.dot`: 1.6 bits a weight read from memory instead of 2, for a little more integer work per byte.
 
 Tile shapes come from a small per-shape tuner (first call per (kernel, M bucket, N, K, ...) times the
 candidates with `triton.testing.do_bench`; set BITVIT_TUNE=0 to use the first candidate, the default
@@ -118,6 +124,13 @@ def _int_weights(p, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, BL
 
 
 @triton.jit
+def _trit_plane(p, C: tl.constexpr):
+    """int8 weights {-1, 0, 1} of plane C of fixed-point base-3 bytes p: t = ((p * 3**C) mod 256) * 3 >> 8."""
+    t = (((p.to(tl.int32) * (3 ** C)) & 255) * 3) >> 8
+    return (t - 1).to(tl.int8)
+
+
+@triton.jit
 def _float_weights(p, BITS: tl.constexpr, lut_ptr, z, s, HAS_LUT: tl.constexpr, HAS_ZEROS: tl.constexpr,
                    DTYPE: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dequantized weights (BLOCK_K, BLOCK_N) in DTYPE of a packed byte tile: (lut[code] or code, minus
@@ -171,13 +184,14 @@ def _quantize_rows_kernel(x_ptr, lw_ptr, lb_ptr, q_ptr, s_ptr, M, K, stride_xm, 
 @triton.jit(do_not_specialize=["M"])
 def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
                     M, N, K, KB, stride_xm, stride_qm, stride_ym,
-                    BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr,
+                    BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, TRITS: tl.constexpr,
                     FUSE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
                     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Program (tile, split): the split's share of the K tiles; with SPLIT_K > 1, y is a zeroed fp32
-    buffer that the splits add their scaled partial sums into (the first split adds the bias)."""
-    PER: tl.constexpr = 8 // BITS
+    """Program (tile, split): the split's share of the K tiles (of the KB bytes of trit planes when
+    TRITS); with SPLIT_K > 1, y is a zeroed fp32 buffer that the splits add their scaled partial sums
+    into (the first split adds the bias)."""
+    PER: tl.constexpr = 4 if TRITS else 8 // BITS  # K tile: codes a pre-pass step reads (a power of 2)
     BLOCK_K: tl.constexpr = BLOCK_KP * PER
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -199,24 +213,39 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
     else:
         q_rows = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm
         sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
+    STEP: tl.constexpr = BLOCK_KP if TRITS else BLOCK_K  # a main-loop step: bytes of planes, or codes
+    K_LOOP = KB if TRITS else K
     if SPLIT_K == 1:
         k_lo = 0
-        k_hi = K
+        k_hi = K_LOOP
     else:
-        per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        per_split = tl.cdiv(tl.cdiv(K_LOOP, STEP), SPLIT_K) * STEP
         k_lo = tl.program_id(1) * per_split
-        k_hi = tl.minimum(K, k_lo + per_split)
+        k_hi = tl.minimum(K_LOOP, k_lo + per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
-        if FUSE_QUANT:
-            x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            a = _quantize_tile(x, div)
+    for k0 in range(k_lo, k_hi, STEP):
+        if TRITS:  # bytes [k0, k0 + BLOCK_KP) of every plane: five dots of BLOCK_KP codes
+            kp = k0 + offs_kp
+            p = tl.load(w_rows + kp[:, None], mask=(kp < KB)[:, None] & n_ok[None, :], other=0)
+            for c in tl.static_range(5):
+                kc = c * KB + kp  # (BLOCK_KP,) input columns of plane c
+                mask = m_ok[:, None] & ((kp < KB) & (kc < K))[None, :]
+                if FUSE_QUANT:
+                    x = tl.load(x_rows + kc[None, :], mask=mask, other=0.0).to(tl.float32)
+                    a = _quantize_tile(x, div)
+                else:
+                    a = tl.load(q_rows + kc[None, :], mask=mask, other=0)
+                acc = tl.dot(a, _trit_plane(p, c), acc, out_dtype=tl.int32)
         else:
-            a = tl.load(q_rows + k0 + offs_k[None, :], mask=mask, other=0)
-        kp = k0 // PER + offs_kp
-        p = tl.load(w_rows + kp[:, None], mask=(kp < KB)[:, None] & n_ok[None, :], other=0)
-        acc = tl.dot(a, _int_weights(p, BITS, MUL, OFF, BLOCK_KP, BLOCK_N), acc, out_dtype=tl.int32)
+            mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
+            if FUSE_QUANT:
+                x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+                a = _quantize_tile(x, div)
+            else:
+                a = tl.load(q_rows + k0 + offs_k[None, :], mask=mask, other=0)
+            kp = k0 // PER + offs_kp
+            p = tl.load(w_rows + kp[:, None], mask=(kp < KB)[:, None] & n_ok[None, :], other=0)
+            acc = tl.dot(a, _int_weights(p, BITS, MUL, OFF, BLOCK_KP, BLOCK_N), acc, out_dtype=tl.int32)
     sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     if HAS_BIAS:
@@ -398,11 +427,14 @@ def quantize_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, norm: Norm 
 
 def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, bits: int, mul: int, off: int, norm: Norm | None = None,
-            config: Config | None = None) -> None:
-    """out (M, N) = s_x * scales * (quantize(x) @ codes^T * mul - off) (+ bias), codes packed at `bits`;
-    with `norm`, of quantize(LayerNorm(x)), the LayerNorm fused into the quantization kernel.
+            config: Config | None = None, trits: bool = False) -> None:
+    """out (M, N) = s_x * scales * (quantize(x) @ codes^T * mul - off) (+ bias), codes packed at `bits`
+    (with `trits`, ternary trit planes: value = code - 1); with `norm`, of quantize(LayerNorm(x)), the
+    LayerNorm fused into the quantization kernel.
 
-    x (M, K) float with unit stride along K; packed (N, ceil(K * bits / 8)) uint8; scales (N,) float32.
+    x (M, K) float with unit stride along K; packed (N, ceil(K * bits / 8)) uint8, or (N,
+    trit_plane_bytes(K)) with `trits`; scales (N,) float32. A config's block_k is in codes of a 2-bit
+    layout for trit planes (block_k / 4 bytes a step, 5 * block_k / 4 codes).
     """
     if norm is not None and config is not None and config.fuse:
         raise ValueError("a layer with an input LayerNorm quantizes in quantize_rows, not inside the GEMM")
@@ -425,14 +457,15 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
         _a8_gemm_kernel[grid](
             x, q, sx, packed, scales, bias if bias is not None else sx, y,
             m, n, k, kb, x.stride(0), q.stride(0), y.stride(0),
-            BITS=bits, MUL=mul, OFF=off, FUSE_QUANT=cfg.fuse, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * bits // 8, GROUP_M=8,
+            BITS=bits, MUL=mul, OFF=off, TRITS=trits, FUSE_QUANT=cfg.fuse, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * (2 if trits else bits) // 8, GROUP_M=8,
             SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if y is not out:
             out.copy_(y)
 
     if config is None:
-        key = ("a8", bits, _bucket(m), n, k, x.dtype, bias is not None, norm is not None, x.device.index)
+        key = ("a8", "trits" if trits else bits, _bucket(m), n, k, x.dtype, bias is not None, norm is not None,
+               x.device.index)
         config = TUNER.pick(key, [c for c in a8_candidates(m) if not (norm and c.fuse)], launch)
     launch(config)
 

@@ -14,6 +14,15 @@ bits 2j..2j+1).
 
 `pack_base3` stores ternary codes at 1.6 bits per weight: 5 codes c0..c4 per byte as
 c0 + 3*c1 + 9*c2 + 27*c3 + 81*c4 (at most 242), rows padded with code 0 to a multiple of 5.
+
+`pack_trit_planes` is the base-3 layout the GPU kernels read (1.6 bits per weight in memory, plus the
+row padding): a row of K ternary codes becomes KC = `trit_plane_bytes(K)` bytes (ceil(K / 5) rounded up
+to a multiple of 16, so each plane starts 16-byte aligned), and byte j holds the five codes at
+k = j + c * KC for c = 0..4 ("planes" c, each a contiguous run of K). A kernel that loads bytes
+[j0, j0 + B) therefore gets five contiguous K ranges, each a plain activation tile. A byte stores
+v = sum_c t_c * 3**(4 - c) in fixed point, q = ceil(v * 256 / 243), so that code c is one multiply,
+mask and shift away: t_c = (((q * 3**c) mod 256) * 3) >> 8 (exact for all 243 values of v).
+Padding codes are 1 (weight 0).
 """
 from __future__ import annotations
 
@@ -86,3 +95,36 @@ def unpack_base3(packed: torch.Tensor, k: int) -> torch.Tensor:
     digits = (packed.to(torch.int32).unsqueeze(-1)
               // torch.tensor(_POW3, dtype=torch.int32, device=packed.device)) % 3
     return digits.reshape(*lead, n * 5)[..., :k].to(torch.uint8)
+
+
+TRIT_PLANE_ALIGN = 16
+
+
+def trit_plane_bytes(k: int) -> int:
+    """Bytes one `pack_trit_planes` row of `k` ternary codes takes: ceil(k / 5) rounded up to 16."""
+    return -(-((k + 4) // 5) // TRIT_PLANE_ALIGN) * TRIT_PLANE_ALIGN
+
+
+def pack_trit_planes(codes: torch.Tensor) -> torch.Tensor:
+    """Ternary codes (..., K) in {0, 1, 2} -> uint8 (..., trit_plane_bytes(K)), the GPU base-3 layout."""
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8, got {codes.dtype}")
+    if codes.numel() and int(codes.max()) > 2:
+        raise ValueError(f"a ternary code is {int(codes.max())}; codes must be 0, 1 or 2")
+    *lead, k = codes.shape
+    kc = trit_plane_bytes(k)
+    planes = torch.nn.functional.pad(codes, (0, 5 * kc - k), value=1).reshape(*lead, 5, kc).to(torch.int32)
+    pow3 = torch.tensor([81, 27, 9, 3, 1], dtype=torch.int32, device=codes.device)  # plane c: 3**(4 - c)
+    v = (planes * pow3[:, None]).sum(-2)  # (..., KC) in [0, 242]
+    return ((v * 256 + 242) // 243).to(torch.uint8)
+
+
+def unpack_trit_planes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of `pack_trit_planes`: uint8 (..., trit_plane_bytes(K)) -> ternary codes (..., K)."""
+    kc = trit_plane_bytes(k)
+    if packed.dtype != torch.uint8 or packed.shape[-1] != kc:
+        raise ValueError(f"trit-plane rows must be uint8 of {kc} bytes for {k} codes, "
+                         f"got {packed.dtype} of {packed.shape[-1]}")
+    pow3 = torch.tensor(_POW3, dtype=torch.int32, device=packed.device)  # plane c: 3**c
+    t = ((packed.to(torch.int32).unsqueeze(-2) * pow3[:, None]) & 255) * 3 >> 8  # (..., 5, KC)
+    return t.reshape(*packed.shape[:-1], 5 * kc)[..., :k].to(torch.uint8)

@@ -1,23 +1,39 @@
 """Float64 dequantize-then-matmul references for the cuda_ops kernels, written from the layer contract
 (not from the kernels): codes are unpacked with `quant.pack.unpack_codes`, the generic bit-stream
-unpacker, and every product is taken in float64."""
+unpacker (trit planes by base-3 division, `unpack_trit_planes_by_division`), and every product is taken
+in float64."""
 import torch
 
-from quant.pack import pack_codes, unpack_codes
+from quant.pack import pack_codes, pack_trit_planes, unpack_codes
 
-A8_BITS = {"ternary": 2, "binary": 1, "int8": 8}
+A8_BITS = {"ternary": 2, "ternary_b3": 2, "binary": 1, "int8": 8}  # ternary_b3: trit planes, launched as 2-bit
+
+
+def unpack_trit_planes_by_division(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Codes of trit-plane rows, from the layout's definition: byte j of a KC-byte row stores
+    q = ceil(v * 256 / 243), v = sum_c t_c 3**(4 - c) for the codes t_c at k = j + c * KC, so
+    v = floor(q * 243 / 256) and t_c is digit 4 - c of v."""
+    v = packed.long() * 243 // 256  # (N, KC)
+    digits = torch.stack([(v // 3 ** (4 - c)) % 3 for c in range(5)], dim=1)  # (N, 5, KC)
+    return digits.reshape(packed.shape[0], -1)[:, :k].to(torch.uint8)
+
+
+def unpack_a8(packed: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
+    if fmt == "ternary_b3":
+        return unpack_trit_planes_by_division(packed.cpu(), k)
+    return unpack_codes(packed.cpu(), A8_BITS[fmt], k)
 
 
 def random_codes(n: int, k: int, fmt: str, gen: torch.Generator) -> torch.Tensor:
     """uint8 codes (n, k) of a weight format ("ternary", "binary", "int8", "int4", "int2")."""
-    high = {"ternary": 3, "binary": 2, "int8": 256, "int4": 16, "int2": 4}[fmt]
+    high = {"ternary": 3, "ternary_b3": 3, "binary": 2, "int8": 256, "int4": 16, "int2": 4}[fmt]
     return torch.randint(0, high, (n, k), generator=gen).to(torch.uint8)
 
 
 def code_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     """Contract code meaning: ternary w + 1, binary 1 -> +1 / 0 -> -1, signed 8-bit q + 128."""
     c = codes.double()
-    return {"ternary": c - 1, "binary": 2 * c - 1, "int8": c - 128}[fmt]
+    return {"ternary": c - 1, "ternary_b3": c - 1, "binary": 2 * c - 1, "int8": c - 128}[fmt]
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +46,7 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def reference_a8(x, packed, fmt, scales, bias, k) -> torch.Tensor:
     """float64 y = s_x * (q_x @ (value(code) * scale)^T) + bias, from the packed bytes."""
-    w = code_values(unpack_codes(packed.cpu(), A8_BITS[fmt], k), fmt) * scales.cpu().double().reshape(-1, 1)
+    w = code_values(unpack_a8(packed, fmt, k), fmt) * scales.cpu().double().reshape(-1, 1)
     q, s = quantize_tokens(x.cpu())
     y = s.double()[..., None] * (q.double() @ w.t())
     return y + bias.cpu().double() if bias is not None else y
@@ -51,8 +67,9 @@ def reference_weight_only(x, packed, bits, scales, zeros, codebook, bias, group_
 
 
 def make_a8_layer(fmt: str, n: int, k: int, gen: torch.Generator, bias: bool = True):
-    """Random (packed, scales, bias) of an A8 layer in the pack.py layout."""
-    packed = pack_codes(random_codes(n, k, fmt, gen), A8_BITS[fmt])
+    """Random (packed, scales, bias) of an A8 layer in the pack.py layout (trit planes for ternary_b3)."""
+    codes = random_codes(n, k, fmt, gen)
+    packed = pack_trit_planes(codes) if fmt == "ternary_b3" else pack_codes(codes, A8_BITS[fmt])
     scales = torch.rand(n, 1, generator=gen) * 0.1 + 0.01
     b = torch.randn(n, generator=gen) if bias else None
     return packed, scales, b

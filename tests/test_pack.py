@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
+from quant.pack import (pack_base3, pack_codes, pack_trit_planes, packed_row_bytes, trit_plane_bytes, unpack_base3,
+                        unpack_codes, unpack_trit_planes)
 
 
 @settings(max_examples=60, deadline=None)
@@ -25,6 +26,34 @@ def test_base3_round_trips_at_1_6_bits(rows, k, seed):
     packed = pack_base3(codes)
     assert packed.shape == (rows, (k + 4) // 5)
     assert torch.equal(unpack_base3(packed, k), codes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 4), k=st.integers(1, 400), seed=st.integers(0, 2**16))
+def test_trit_planes_round_trip_in_16_byte_aligned_rows(rows, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 3, (rows, k), generator=g).to(torch.uint8)
+    packed = pack_trit_planes(codes)
+    assert packed.shape == (rows, trit_plane_bytes(k)) and trit_plane_bytes(k) % 16 == 0
+    assert trit_plane_bytes(k) < (k + 4) // 5 + 16
+    assert torch.equal(unpack_trit_planes(packed, k), codes)
+
+
+def test_trit_plane_byte_j_holds_the_codes_at_j_plus_c_times_the_row_bytes():
+    k = 200  # 40 bytes of trits, 48 with the alignment: plane c starts at k = 48 c
+    codes = torch.ones(1, k, dtype=torch.uint8)
+    codes[0, 3], codes[0, 3 + 48], codes[0, 3 + 4 * 48] = 2, 0, 2  # byte 3, planes 0, 1 and 4
+    q = pack_trit_planes(codes)[0, 3].item()
+    v = 2 * 81 + 0 * 27 + 1 * 9 + 1 * 3 + 2  # plane c is digit 4 - c
+    assert q == -(-v * 256 // 243)
+
+
+def test_every_byte_value_decodes_to_its_five_trits():
+    import itertools
+    codes = torch.tensor(list(itertools.product(range(3), repeat=5)), dtype=torch.uint8)  # (243, 5): all digit sets
+    wide = torch.ones(243, 80, dtype=torch.uint8)  # trit_plane_bytes(80) = 16: plane c at k = 16 c
+    wide[:, ::16] = codes
+    assert torch.equal(unpack_trit_planes(pack_trit_planes(wide), 80), wide)
 
 
 def test_two_bit_layout_puts_the_first_code_in_the_lowest_bits():

@@ -65,6 +65,24 @@ def test_to_kernels_keeps_the_state_dict_names_and_tensors():
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_the_base3_ternary_layout_computes_the_same_in_less_weight_memory():
+    model = quantized_tiny("w1.58a8")
+    x = images()
+    with torch.no_grad():
+        two_bit = to_kernels(copy.deepcopy(model))
+        base3 = to_kernels(copy.deepcopy(model), ternary_layout="base3")
+        assert torch.equal(base3(x), two_bit(x))  # same codes, same int32 sums
+    assert base3.blocks[0].attn.qkv.op == "ternary_b3"
+    wide = QuantLinear.from_linear(nn.Linear(768, 16), "ternary", None, False, "int8_token")  # a ViT-B width
+    assert KernelLinear(wide, "base3").packed.shape == (16, 160)  # 1.67 bits a weight, 2 in the 2-bit layout
+    assert KernelLinear(wide).packed.shape == (16, 192)
+
+
+def test_an_unknown_ternary_layout_is_refused():
+    with pytest.raises(ValueError, match="ternary_layout"):
+        to_kernels(quantized_tiny("w1.58a8"), ternary_layout="3bit")
+
+
 def test_casting_the_model_keeps_kernel_scales_in_float32():
     model = to_kernels(quantized_tiny("w4")).to(torch.bfloat16)
     layer = model.blocks[0].mlp.fc1
@@ -97,6 +115,17 @@ def test_to_kernels_on_cuda_in_bf16_matches_the_float32_reference(recipe):
         fast = to_kernels(copy.deepcopy(model)).cuda().bfloat16()
         y = fast(x.cuda().bfloat16()).float().cpu()
     assert ((y - ref).norm() / ref.norm()).item() < 0.05  # bf16 residual stream, LayerNorms and attention
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_base3_ternary_layout_on_cuda_computes_what_the_2bit_layout_does():
+    model = quantized_tiny("w1.58a8")
+    x = images(4).cuda().bfloat16()
+    with torch.no_grad():
+        two_bit = to_kernels(copy.deepcopy(model)).cuda().bfloat16()(x)
+        base3 = to_kernels(copy.deepcopy(model), ternary_layout="base3").cuda().bfloat16()(x)
+    assert torch.equal(base3, two_bit)
 
 
 @pytest.mark.gpu

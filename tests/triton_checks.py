@@ -20,7 +20,7 @@ if not INTERPRET and not torch.cuda.is_available():
 from cuda_ops import triton_kernels as tk  # noqa: E402  (after the interpreter switch is known)
 
 DEV = "cpu" if INTERPRET else "cuda"
-A8_MUL_OFF = {"ternary": (1, 1), "binary": (2, 1), "int8": (1, 128)}
+A8_MUL_OFF = {"ternary": (1, 1), "ternary_b3": (1, 1), "binary": (2, 1), "int8": (1, 128)}
 # (M, N, K): none a multiple of the tile sizes; K below, between and above one K tile of each width
 SHAPES = [(1, 37, 100), (19, 70, 300)] if INTERPRET else \
     [(1, 37, 100), (19, 70, 300), (197, 2304, 768), (1576, 3072, 768), (333, 1000, 1030), (4100, 384, 1536)]
@@ -42,7 +42,8 @@ def dev(t):
 def run_a8(fmt, x, packed, scales, bias, config):
     out = poisoned(x.shape[0], packed.shape[0], dtype=x.dtype)
     mul, off = A8_MUL_OFF[fmt]
-    tk.a8_gemm(dev(x), dev(packed), dev(scales).reshape(-1), dev(bias), out, A8_BITS[fmt], mul, off, None, config)
+    tk.a8_gemm(dev(x), dev(packed), dev(scales).reshape(-1), dev(bias), out, A8_BITS[fmt], mul, off, None, config,
+               trits=fmt == "ternary_b3")
     return out
 
 
@@ -108,7 +109,7 @@ def test_a8_gemm_with_input_layer_norm_matches_float64_reference(fmt):
     out = poisoned(19, 70)
     mul, off = A8_MUL_OFF[fmt]
     tk.a8_gemm(dev(x), dev(packed), dev(scales).reshape(-1), dev(bias), out, A8_BITS[fmt], mul, off,
-               tk.Norm(dev(w), dev(b), 1e-6), tk.Config(16, 32, 64) if INTERPRET else None)
+               tk.Norm(dev(w), dev(b), 1e-6), tk.Config(16, 32, 64) if INTERPRET else None, trits=fmt == "ternary_b3")
     x_normed = torch.nn.functional.layer_norm(x.double(), (300,), w.double(), b.double(), 1e-6).float()
     assert rel_err(out, reference_a8(x_normed, packed, fmt, scales, bias, 300)) < 1e-4
 
