@@ -3,7 +3,7 @@
 #
 #   bash cuda_ops/gpu_session.sh tests            # ~3-5 min: the kernel tests natively on the GPU
 #   bash cuda_ops/gpu_session.sh bench [ARGS]     # <= 9.5 min: python -m cuda_ops.bench --device cuda [ARGS]
-#   bash cuda_ops/gpu_session.sh profile          # ~3 min: Nsight Compute on ViT-B fc1, bf16 vs ternary
+#   bash cuda_ops/gpu_session.sh profile          # ~3 min: Nsight Compute on ViT-B fc1, bf16 vs ternary (2-bit, base-3)
 #   bash cuda_ops/gpu_session.sh parity [ARGS]    # ~2 min: python -m cuda_ops.parity on the GPU kernels
 #   bash cuda_ops/gpu_session.sh all              # tests, then bench (where a command may run > 10 min)
 #
@@ -19,7 +19,7 @@
 # bench: the ceilings, per-op timings (autotuning each shape first), end-to-end latency and weight
 #   memory, and issue 4's targets.  -> env.txt, cuda_bench.json, cuda_bench.png, bench.log (tables),
 #   bench.err (progress, warnings)
-# profile: ncu (clocks left as they are) on the CUDA-graph replays of dense bf16 and w1.58a8 at ViT-B's
+# profile: ncu (clocks left as they are) on the CUDA-graph replays of dense bf16, w1.58a8 and w1.58a8-b3 at ViT-B's
 #   fc1 for M = 197 and 12,608: speed of light, memory and compute workload, occupancy, launch stats.
 #   -> env.txt, profile.ncu-rep, profile.txt, profile.log
 # parity: the shipped model's w8a8/w4/nf4/w2 versions and every packed model in assets/, scored on the
@@ -77,13 +77,13 @@ run_profile() {
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
     if [ -z "$ncu" ]; then echo "profile: ncu not found"; return 1; fi
     local ranges=()  # push/pop NVTX ranges are named with a trailing slash; the bench opens one per op and shape
-    for op in dense w1.58a8; do
+    for op in dense w1.58a8 w1.58a8-b3; do
         for m in 197 12608; do ranges+=(--nvtx-include "profile $op vit_base_patch16_224 fc1 M=$m/"); done
     done
-    timeout "${PROFILE_TIMEOUT:-540}" "$ncu" --clock-control none --nvtx "${ranges[@]}" --launch-count 12 \
+    timeout "${PROFILE_TIMEOUT:-540}" "$ncu" --clock-control none --nvtx "${ranges[@]}" --launch-count 16 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         --section Occupancy --section LaunchStats -f -o "$OUT/profile" \
-        "$PY" -m cuda_ops.bench --device cuda --models vit_base_patch16_224 --batches 1,64 --ops dense,w1.58a8 \
+        "$PY" -m cuda_ops.bench --device cuda --models vit_base_patch16_224 --batches 1,64 --ops dense,w1.58a8,w1.58a8-b3 \
         --e2e-models "" > "$OUT/profile.log" 2>&1
     local rc=$?
     "$ncu" -i "$OUT/profile.ncu-rep" --page details > "$OUT/profile.txt" 2>&1
