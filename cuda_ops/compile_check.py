@@ -29,10 +29,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from cuda_ops import triton_kernels as tk
+from cuda_ops.ops import A8_FORMATS
 from quant.cli import run
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}  # bytes of shared memory a program may use
-A8 = {"ternary": (2, 1, 1), "ternary_b3": (2, 1, 1), "binary": (1, 2, 1), "int8": (8, 1, 128)}  # b3: trit planes
 
 
 def _compile(fn, signature: dict, constexprs: dict, divisible: list[str], arch: int, num_warps: int,
@@ -90,14 +90,15 @@ def a8_jobs(ms: list[int]):
     div = ["x_ptr", "q_ptr", "sx_ptr", "w_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "KB", "stride_xm",
            "stride_qm", "stride_ym"]
     seen = set()
-    for fmt, (bits, mul, off) in A8.items():
+    for fmt, (bits, mul, off) in A8_FORMATS.items():
         for m in ms:
             for c in tk.a8_candidates(m):
                 if (fmt, c) in seen:
                     continue
                 seen.add((fmt, c))
-                const = dict(BITS=bits, MUL=mul, OFF=off, TRITS=fmt == "ternary_b3", FUSE_QUANT=c.fuse, HAS_BIAS=True, BLOCK_M=c.block_m,
-                             BLOCK_N=c.block_n, BLOCK_KP=c.block_k * bits // 8, GROUP_M=8, SPLIT_K=c.split_k)
+                const = dict(BITS=bits, MUL=mul, OFF=off, TRITS=fmt == "ternary_b3", FUSE_QUANT=c.fuse, HAS_BIAS=True,
+                             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_KP=c.block_k * bits // 8, GROUP_M=8,
+                             SPLIT_K=c.split_k)
                 yield tk._a8_gemm_kernel, fmt, c, sig, const, div
 
 

@@ -36,8 +36,9 @@ from torch import Tensor
 
 from quant.pack import packed_row_bytes, trit_plane_bytes, unpack_trit_planes
 
-# weight format -> (code width in bits, value = code * mul - off); ternary_b3: trit planes (bits unused)
-A8_FORMATS = {"ternary": (2, 1, 1), "ternary_b3": (0, 1, 1), "binary": (1, 2, 1), "int8": (8, 1, 128)}
+# weight format -> (code width in bits, value = code * mul - off); ternary_b3: trit planes, which the
+# kernel steps through in 2-bit-sized byte tiles (a8_row_bytes gives their row length)
+A8_FORMATS = {"ternary": (2, 1, 1), "ternary_b3": (2, 1, 1), "binary": (1, 2, 1), "int8": (8, 1, 128)}
 
 
 def a8_row_bytes(name: str, k: int) -> int:

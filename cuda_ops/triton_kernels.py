@@ -433,13 +433,15 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
     LayerNorm fused into the quantization kernel.
 
     x (M, K) float with unit stride along K; packed (N, ceil(K * bits / 8)) uint8, or (N,
-    trit_plane_bytes(K)) with `trits`; scales (N,) float32. A config's block_k is in codes of a 2-bit
-    layout for trit planes (block_k / 4 bytes a step, 5 * block_k / 4 codes).
+    trit_plane_bytes(K)) with `trits` (and bits=2: a config's block_k then counts codes of a 2-bit
+    layout, block_k / 4 bytes a step, 5 * block_k / 4 codes); scales (N,) float32.
     """
     if norm is not None and config is not None and config.fuse:
         raise ValueError("a layer with an input LayerNorm quantizes in quantize_rows, not inside the GEMM")
     m, k = x.shape
     n, kb = packed.shape
+    if trits and bits != 2:
+        raise ValueError(f"trit planes are stepped through as 2-bit byte tiles: bits must be 2, got {bits}")
     if m == 0:
         return
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
@@ -458,7 +460,7 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
             x, q, sx, packed, scales, bias if bias is not None else sx, y,
             m, n, k, kb, x.stride(0), q.stride(0), y.stride(0),
             BITS=bits, MUL=mul, OFF=off, TRITS=trits, FUSE_QUANT=cfg.fuse, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * (2 if trits else bits) // 8, GROUP_M=8,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * bits // 8, GROUP_M=8,
             SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if y is not out:
             out.copy_(y)

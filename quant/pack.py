@@ -72,12 +72,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 _POW3 = (1, 3, 9, 27, 81)
 
 
-def pack_base3(codes: torch.Tensor) -> torch.Tensor:
-    """Ternary codes (..., K) in {0, 1, 2} -> uint8 (..., ceil(K / 5)), 5 codes per byte."""
+def _check_ternary_codes(codes: torch.Tensor) -> None:
     if codes.dtype != torch.uint8:
         raise ValueError(f"codes must be uint8, got {codes.dtype}")
     if codes.numel() and int(codes.max()) > 2:
         raise ValueError(f"a ternary code is {int(codes.max())}; codes must be 0, 1 or 2")
+
+
+def pack_base3(codes: torch.Tensor) -> torch.Tensor:
+    """Ternary codes (..., K) in {0, 1, 2} -> uint8 (..., ceil(K / 5)), 5 codes per byte."""
+    _check_ternary_codes(codes)
     *lead, k = codes.shape
     n = (k + 4) // 5
     padded = torch.nn.functional.pad(codes, (0, n * 5 - k)).reshape(*lead, n, 5).to(torch.int32)
@@ -107,14 +111,11 @@ def trit_plane_bytes(k: int) -> int:
 
 def pack_trit_planes(codes: torch.Tensor) -> torch.Tensor:
     """Ternary codes (..., K) in {0, 1, 2} -> uint8 (..., trit_plane_bytes(K)), the GPU base-3 layout."""
-    if codes.dtype != torch.uint8:
-        raise ValueError(f"codes must be uint8, got {codes.dtype}")
-    if codes.numel() and int(codes.max()) > 2:
-        raise ValueError(f"a ternary code is {int(codes.max())}; codes must be 0, 1 or 2")
+    _check_ternary_codes(codes)
     *lead, k = codes.shape
     kc = trit_plane_bytes(k)
     planes = torch.nn.functional.pad(codes, (0, 5 * kc - k), value=1).reshape(*lead, 5, kc).to(torch.int32)
-    pow3 = torch.tensor([81, 27, 9, 3, 1], dtype=torch.int32, device=codes.device)  # plane c: 3**(4 - c)
+    pow3 = torch.tensor(_POW3[::-1], dtype=torch.int32, device=codes.device)  # plane c: 3**(4 - c)
     v = (planes * pow3[:, None]).sum(-2)  # (..., KC) in [0, 242]
     return ((v * 256 + 242) // 243).to(torch.uint8)
 
