@@ -7,10 +7,15 @@
 #   bash cuda_ops/gpu_session.sh parity [ARGS]    # ~2 min: python -m cuda_ops.parity on the GPU kernels
 #   bash cuda_ops/gpu_session.sh all              # tests, then bench (where a command may run > 10 min)
 #
-# Through the device tool (10 minutes a command, 8 files back from $OUT), make two back-to-back calls,
-# `tests` then `bench`: the second finds Triton's compile cache of the first while the machine is warm.
-# If the bench's time limit cut the end-to-end part short (its JSON lists "skipped"), a third call
-# `bench --models ''` runs the end-to-end part alone.
+# Through the device tool (15 minutes of device time a task, machine start included; 10 minutes a
+# command; 8 files back from $OUT; the machine goes back 30 s after a call), make back-to-back calls:
+# `tests`, then at once `bench` with BENCH_TIME_LIMIT set to what is left (the second call finds
+# Triton's compile cache of the first while the machine is warm). A lease shared with the reference
+# model runs `tests` beside its training (README, "GPU runs") and a short bench after it:
+#   BENCH_TIME_LIMIT=150 BENCH_TIMEOUT=200 bash cuda_ops/gpu_session.sh bench \
+#       --models vit_base_patch16_224,vit_large_patch16_224 --batches 1,64 --ops dense,w1.58a8,w1.58a8-b3,w1a8 \
+#       --e2e-models vit_base_patch16_224 --variants fp,w1.58a8,w1.58a8-b3
+# Whatever a time limit cut short is listed under "skipped" in cuda_bench.json, for the next lease.
 #
 # tests: tests/test_cuda_ops.py, tests/test_to_kernels.py (CPU and gpu-marked tests) and
 #   tests/triton_checks.py (the Triton kernels against float64 references with poisoned outputs, every

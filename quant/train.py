@@ -1,6 +1,7 @@
 """Train a ViT from scratch: `python -m quant.train --model vit_cifar_tiny --data PATH --out DIR`.
 
-AdamW with linear warmup and cosine decay, label smoothing, batched on-device augmentation
+AdamW with linear warmup and cosine decay (over the epochs, or over a wall-clock budget for machines
+lent by the minute), label smoothing, batched on-device augmentation
 (crop, flip, TrivialAugment, mixup/cutmix), optional distillation from a teacher checkpoint,
 bf16 autocast and `torch.compile` on CUDA, a checkpoint every epoch that a rerun of the same
 command resumes from, and fixed seeds. The same command runs on a CPU, one GPU, or N GPUs under
@@ -46,16 +47,22 @@ class TrainConfig:
     distill: str = "none"            # none | hard | soft (needs a teacher)
     distill_weight: float = 0.5      # loss = (1 - w) * label loss + w * distillation loss
     distill_temperature: float = 1.0
-    seed: int = 0
+    time_budget: float = 0.0         # seconds; > 0: the cosine decays over this much training time and
+    seed: int = 0                    # training ends when it is spent, or at `epochs` if that comes first
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to `min_lr` over the remaining `total`
+    steps; with `cfg.time_budget`, over the budget (`seconds`: training time spent so far) or the
+    steps, whichever runs out first."""
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
+    if cfg.time_budget:
+        t = max(t, seconds / cfg.time_budget)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -91,18 +98,21 @@ class _Dist:
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
         out_dir: str | os.PathLike, teacher: nn.Module | None = None, device: str | None = None,
         extra_loss: Callable[[nn.Module], torch.Tensor] | None = None, progress: bool = True,
-        time_limit: float | None = None) -> tuple[nn.Module, bool]:
-    """Train `model` in place on `train`, scoring `val` after every epoch.
+        time_limit: float | None = None, save_every: int = 1) -> tuple[nn.Module, bool]:
+    """Train `model` in place on `train`, scoring `val` every `save_every` epochs and after the last.
 
-    Returns the model and whether all epochs are done. Writes `out_dir/last.pt` (resume state)
-    after each epoch and `out_dir/log.jsonl`; if `last.pt` from the same config exists it resumes
-    from it. `extra_loss(model)` is added to the loss (quantization-aware training uses it for its
-    bit budget). With `time_limit` (seconds), it stops at the end of the last epoch that fits, so a
-    rerun resumes (for machines lent by the command, such as 10-minute GPU jobs).
+    Returns the model and whether training is done (all epochs, or `cfg.time_budget` spent). Logs
+    every epoch to `out_dir/log.jsonl` and writes `out_dir/last.pt` (resume state) whenever it scores
+    `val`; if `last.pt` from the same config exists it resumes from it. `extra_loss(model)` is added
+    to the loss (quantization-aware training uses it for its bit budget). With `time_limit`
+    (seconds), it stops at the end of the last epoch that fits, saving the resume state, so a rerun
+    resumes (for machines lent by the command, such as 10-minute GPU jobs).
     """
     from tqdm import tqdm
     if cfg.distill != "none" and teacher is None:
         raise ValueError(f"distill={cfg.distill!r} needs a teacher model")
+    if save_every < 1:
+        raise ValueError(f"save_every must be at least 1, got {save_every}")
     env = _Dist(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +131,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     total = steps_per_epoch * cfg.epochs
     warmup = int(steps_per_epoch * cfg.warmup_epochs)
 
-    start_epoch = 0
+    start_epoch, trained = 0, 0.0  # epochs done, seconds spent in training steps
     ckpt_path = out / "last.pt"
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -131,9 +141,14 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"])
+        start_epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
         if env.main:
             print(f"resuming from {ckpt_path} after epoch {start_epoch}")
+            log_path = out / "log.jsonl"  # drop the epochs after the checkpoint: they are redone
+            if log_path.exists():
+                kept = [line for line in log_path.read_text().splitlines()
+                        if json.loads(line)["epoch"] <= start_epoch]
+                log_path.write_text("".join(line + "\n" for line in kept))
 
     cuda = env.device.type == "cuda"
     fwd = model
@@ -147,6 +162,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
 
     started, epoch_seconds, done = time.perf_counter(), 0.0, True
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.time_budget and trained >= cfg.time_budget:
+            break
         if time_limit is not None and time.perf_counter() - started + epoch_seconds > time_limit:
             if env.main:
                 print(f"time limit: stopping after epoch {epoch} of {cfg.epochs}; rerun to resume")
@@ -156,13 +173,16 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order = torch.randperm(len(train), generator=g)[env.rank::env.world][:steps_per_epoch * per_rank]
         order = order.to(env.device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+        desc = (f"epoch {epoch + 1} ({trained / cfg.time_budget:.0%} of {cfg.time_budget:.0f} s)"
+                if cfg.time_budget else f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = tqdm(range(steps_per_epoch), desc=desc, unit="step",
                    disable=not (progress and env.main), leave=False, dynamic_ncols=True)
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         for i in bar:
             step = epoch * steps_per_epoch + i
+            lr = lr_at(step, total, warmup, cfg, seconds=trained + time.perf_counter() - t0)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, cfg)
+                group["lr"] = lr
             idx = order[i * per_rank:(i + 1) * per_rank]
             x, target = augment(images[idx], labels[idx])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -187,19 +207,24 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{(i + 1) * per_rank * env.world / (time.perf_counter() - t0):.0f}")
         bar.close()
+        epoch_seconds = time.perf_counter() - t0
+        trained += epoch_seconds
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                   "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"],
-                  "seconds": time.perf_counter() - t0}
-        epoch_seconds = record["seconds"]
-        if val is not None:
+                  "seconds": epoch_seconds, "trained_seconds": trained}
+        last = epoch + 1 == cfg.epochs or (cfg.time_budget and trained >= cfg.time_budget)
+        out_of_time = time_limit is not None and time.perf_counter() - started + epoch_seconds > time_limit
+        save = last or out_of_time or (epoch + 1) % save_every == 0
+        if val is not None and save:
             record["val_top1"] = evaluate(model, val, device=env.device)["top1"]
         if env.main:
             print(json.dumps(record), flush=True)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if env.main and save:
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "rng": torch.get_rng_state(), "epoch": epoch + 1,
+                        "rng": torch.get_rng_state(), "epoch": epoch + 1, "trained_seconds": trained,
                         "config": json.dumps(cfg.to_dict(), sort_keys=True)}, tmp)
             os.replace(tmp, ckpt_path)
     if env.world > 1:
@@ -217,7 +242,10 @@ def main(argv=None):
     p.add_argument("--split", default="train", choices=["train", "trainval"],
                    help="train (holds out val for model selection) or trainval (all training images)")
     p.add_argument("--limit", type=int, help="train on this many images only (smoke tests)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (with --time-budget: at most)")
+    p.add_argument("--time-budget", type=float, default=d.time_budget,
+                   help="seconds of training: the learning rate decays over them and training ends when "
+                        "they are spent (for a fixed-length GPU lease); 0 = schedule by epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -235,13 +263,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--time-limit", type=float, help="stop after the last epoch that fits in this many "
                                                     "seconds; rerun the same command to resume")
+    p.add_argument("--save-every", type=int, default=1,
+                   help="score the val split and write the resume state every N epochs (and after the last)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, seed=args.seed,
+        warmup_epochs=args.warmup_epochs, time_budget=args.time_budget, seed=args.seed,
         augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mix_prob=args.mix_prob,
                               label_smoothing=args.label_smoothing,
                               trivial_augment=not args.no_trivial_augment),
@@ -259,7 +289,7 @@ def main(argv=None):
               f"{f', {len(val)} validation images' if val is not None else ''}")
     t0 = time.time()
     model, done = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device,
-                      time_limit=args.time_limit)
+                      time_limit=args.time_limit, save_every=args.save_every)
     if main_rank:  # a run stopped by --time-limit still saves the model so far, marked incomplete
         meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split,
                 "train_seconds": f"{time.time() - t0:.0f}", "complete": str(done).lower()}

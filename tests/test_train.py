@@ -40,6 +40,62 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
 
 
+def test_time_budget_decays_the_rate_over_seconds_or_steps_whichever_run_out_first():
+    cfg = TrainConfig(lr=1.0, min_lr=0.01, time_budget=60)
+    assert lr_at(5, 10_010, 10, cfg, seconds=30) == pytest.approx(0.6)  # warmup still counts steps
+    assert lr_at(10, 10_010, 10, cfg, seconds=0) == pytest.approx(1.0)
+    assert lr_at(50, 10_010, 10, cfg, seconds=30) == pytest.approx(0.505, abs=1e-3)
+    assert lr_at(11, 10_010, 10, cfg, seconds=90) == pytest.approx(0.01)
+    assert lr_at(55, 100, 10, cfg, seconds=1) == pytest.approx(0.505)  # the epochs ran out first
+
+
+def test_time_budget_ends_training_at_the_first_epoch_that_spends_it(tmp_path):
+    cfg = TrainConfig(epochs=10_000, batch_size=8, lr=1e-3, warmup_epochs=1, time_budget=1.0, augment=NO_AUG)
+    _, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert done and 1 < len(log) < 10_000
+    assert log[-1]["trained_seconds"] >= 1.0 > log[-2]["trained_seconds"]
+    lrs = [r["lr"] for r in log[1:]]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.3e-3
+
+
+def test_a_spent_time_budget_survives_a_rerun(tmp_path):
+    cfg = TrainConfig(epochs=10_000, batch_size=8, time_budget=0.3, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    log = (tmp_path / "log.jsonl").read_text()
+    _, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    assert done and (tmp_path / "log.jsonl").read_text() == log
+
+
+def test_save_every_scores_val_and_saves_every_n_epochs_and_after_the_last(tmp_path):
+    data = colour_set(8)
+    fit(VisionTransformer(TINY), data, data, TrainConfig(epochs=5, batch_size=8, augment=NO_AUG), tmp_path,
+        progress=False, save_every=2)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "val_top1" in r] == [2, 4, 5]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 5
+
+
+def test_resume_drops_the_logged_epochs_after_the_checkpoint(tmp_path, monkeypatch):
+    data = colour_set(8)
+    cfg = TrainConfig(epochs=5, batch_size=8, augment=NO_AUG)
+    real_evaluate = __import__("quant.train", fromlist=["evaluate"]).evaluate
+    calls = {"n": 0}
+
+    def evaluate_then_crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed scoring epoch 4: epochs 1-3 logged, epoch 2 saved
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr("quant.train.evaluate", evaluate_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, save_every=2)
+    monkeypatch.setattr("quant.train.evaluate", real_evaluate)
+    fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, save_every=2)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5]
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=2, batch_size=16, warmup_epochs=0.5,
                       augment=AugmentConfig(mixup_alpha=0.2, label_smoothing=0.1))
