@@ -94,6 +94,15 @@ class _Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def agree(self, value: float) -> float:
+        """The largest of `value` over all processes, so that clock-driven decisions are shared."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
 
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
         out_dir: str | os.PathLike, teacher: nn.Module | None = None, device: str | None = None,
@@ -160,11 +169,15 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     images = torch.from_numpy(train.images).to(env.device)   # (N, H, W, 3) uint8, on the device
     labels = torch.from_numpy(train.labels).to(env.device)
 
-    started, epoch_seconds, done = time.perf_counter(), 0.0, True
+    # Clock-driven choices (the budget's learning rate, when to stop) use times agreed by all
+    # processes at each epoch's start; within an epoch the budget's clock advances by the last
+    # epoch's seconds per step, never backwards, so every process sets the same learning rate.
+    started, epoch_seconds, step_seconds, clock, done = time.perf_counter(), 0.0, 0.0, 0.0, True
     for epoch in range(start_epoch, cfg.epochs):
+        trained, step_seconds = env.agree(trained), env.agree(step_seconds)
         if cfg.time_budget and trained >= cfg.time_budget:
             break
-        if time_limit is not None and time.perf_counter() - started + epoch_seconds > time_limit:
+        if env.agree(time_limit is not None and time.perf_counter() - started + epoch_seconds > time_limit):
             if env.main:
                 print(f"time limit: stopping after epoch {epoch} of {cfg.epochs}; rerun to resume")
             done = False
@@ -180,7 +193,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         for i in bar:
             step = epoch * steps_per_epoch + i
-            lr = lr_at(step, total, warmup, cfg, seconds=trained + time.perf_counter() - t0)
+            clock = max(clock, trained + i * step_seconds)
+            lr = lr_at(step, total, warmup, cfg, seconds=clock)
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = order[i * per_rank:(i + 1) * per_rank]
@@ -209,11 +223,13 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         bar.close()
         epoch_seconds = time.perf_counter() - t0
         trained += epoch_seconds
+        step_seconds = epoch_seconds / steps_per_epoch
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                   "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"],
                   "seconds": epoch_seconds, "trained_seconds": trained}
-        last = epoch + 1 == cfg.epochs or (cfg.time_budget and trained >= cfg.time_budget)
-        out_of_time = time_limit is not None and time.perf_counter() - started + epoch_seconds > time_limit
+        last = epoch + 1 == cfg.epochs or (cfg.time_budget and env.agree(trained) >= cfg.time_budget)
+        out_of_time = env.agree(time_limit is not None
+                                and time.perf_counter() - started + epoch_seconds > time_limit)
         save = last or out_of_time or (epoch + 1) % save_every == 0
         if val is not None and save:
             record["val_top1"] = evaluate(model, val, device=env.device)["top1"]

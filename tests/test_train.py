@@ -1,5 +1,7 @@
 """Training: the loss falls, the schedule has its shape, and an interrupted run resumes exactly."""
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
@@ -94,6 +96,30 @@ def test_resume_drops_the_logged_epochs_after_the_checkpoint(tmp_path, monkeypat
     fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, save_every=2)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, cfg: TrainConfig):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)  # different initial weights: DDP must start every process from rank 0's
+    model, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, out, progress=False, device="cpu")
+    torch.save({"done": done, "params": dict(model.named_parameters())}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(120)  # processes that disagree on when to stop wait for each other forever
+def test_two_processes_under_a_time_budget_stop_together_with_the_same_weights(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=1.0, augment=NO_AUG)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path), cfg), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert a["done"] and b["done"]
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(log) > 1 and log[-1]["trained_seconds"] >= 1.0
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
