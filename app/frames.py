@@ -1,7 +1,9 @@
 """Frames as they come: any image the page hands over -> the uint8 RGB square the models were trained on.
 
-Webcam frames and uploads arrive as numpy arrays of any size, grayscale (H, W) or (H, W, 1), RGB or
-RGBA, uint8, 16-bit or float, mirrored (a selfie preview) or not, and as `None` between stream events.
+Webcam frames and uploads arrive as numpy arrays of any size up to 50 megapixels, grayscale (H, W) or
+(H, W, 1), RGB or RGBA, uint8, 16-bit or float, mirrored (a selfie preview) or not, and as `None`
+between stream events. Value ranges: integer frames whose values exceed 255 are 16-bit (0..65535);
+float frames are 0..1 when no value exceeds 1, else 0..255; anything outside those is refused.
 Uploaded files are decoded here, with one clear `ValueError` for anything that is not a readable image
 of reasonable size. `model_view` then resizes the way `quant.data` decodes a data set: shorter side to
 the model's image size (bicubic, antialiased), centre crop -- for the CIFAR models a 32x32 square.
@@ -35,6 +37,9 @@ def to_rgb(frame) -> np.ndarray:
         raise ValueError(f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"the image is empty ({a.shape[1]}x{a.shape[0]} pixels)")
+    if a.shape[0] * a.shape[1] > MAX_PIXELS:
+        raise ValueError(f"the image is {a.shape[1]}x{a.shape[0]} pixels; the app takes images up to "
+                         f"{MAX_PIXELS / 1e6:.0f} megapixels")
     a = _to_uint8(a)
     if a.shape[-1] == 1:
         return np.repeat(a, 3, axis=-1)
@@ -45,7 +50,7 @@ def to_rgb(frame) -> np.ndarray:
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
-    """uint8 as is; bool as 0/255; 16-bit integers scaled down; floats in [0, 1] (or 0..255) scaled."""
+    """uint8 as is; bool as 0/255; 16-bit integers scaled down; floats in 0..1 (or 0..255) scaled."""
     if a.dtype == np.uint8:
         return a
     if a.dtype == bool:
@@ -55,7 +60,10 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all():
             raise ValueError("the image holds NaN or infinite values")
-        if a.max(initial=0) <= 1.0:
+        lo, hi = float(a.min(initial=0)), float(a.max(initial=0))
+        if lo < 0 or hi > 255:
+            raise ValueError(f"float image values must lie in 0..1 or 0..255, got {lo:g}..{hi:g}")
+        if hi <= 1.0:
             a = a * 255
         return np.clip(a + 0.5, 0, 255).astype(np.uint8)
     hi = int(a.max(initial=0))

@@ -13,5 +13,5 @@
 - `cuda_ops/gpu_session.sh`: everything that needs the GPU (tests, benchmark, profile), for a GPU session.
 """
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, kernel_for, to_kernels  # noqa: F401
-from cuda_ops.ops import (binary_linear, int8_linear, quantize_per_token, ternary_linear,  # noqa: F401
-                          weight_only_linear)
+from cuda_ops.ops import (binary_linear, int8_linear, quantize_per_token, ternary_b3_linear,  # noqa: F401
+                          ternary_linear, weight_only_linear)

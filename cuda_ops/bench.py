@@ -22,7 +22,6 @@ as a graphed model runs them; "eager_ms" is the same call from Python, dispatch 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import math

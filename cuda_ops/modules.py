@@ -1,6 +1,6 @@
 """Putting a packed model on the bitvit kernels: `to_kernels(model)`, and `CUDAGraphModel` for latency.
 
-    model = quant.quantize(vit, "w1.58a8")                 # QuantLinear layers, reference forward
+    model = quant.load_any("assets/vit_cifar_tiny-w1.58a8.safetensors")  # packed: QuantLinear layers
     model = cuda_ops.to_kernels(model).cuda().bfloat16()   # the same layers on the bitvit ops
     # or to_kernels(model, ternary_layout="base3"): ternary codes at 1.6 bits in memory, not 2
     fast = cuda_ops.CUDAGraphModel(model, torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.bfloat16))

@@ -1,7 +1,7 @@
 """Does a real quantized model compute the same on the bitvit kernels? `python -m cuda_ops.parity`.
 
-    python -m cuda_ops.parity --model assets/vit_cifar_tiny.safetensors --data cifar10-jpeg.tar.gz \
-        --split test --recipes w8a8,w4,nf4,w2 --quantized runs/qat/w1.58a8.safetensors \
+    python -m cuda_ops.parity --model assets/vit_cifar_tiny.safetensors --data cifar10-jpeg.tar.gz \\
+        --split test --recipes w8a8,w4,nf4,w2 --quantized assets/vit_cifar_tiny-w1.58a8.safetensors \\
         --out assets/results/cuda_parity.json
 
 For each post-training recipe applied to the FP model (round to nearest: no calibration data needed),

@@ -14,18 +14,11 @@ import argparse
 import numpy as np
 import torch
 
-import quant
 from quant.cli import run
-from quant.models import load_model
+from quant.packfile import load_any
 
 from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export
 from .runtime import load
-
-
-def load_checkpoint(path: str) -> torch.nn.Module:
-    """An FP or quantized bitvit model from its file."""
-    load_any = getattr(quant, "load_any", None)  # the quant core's loader of FP and packed files
-    return (load_any or load_model)(path).eval()
 
 
 def main(argv=None):
@@ -39,7 +32,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="threads for the check run")
     args = p.parse_args(argv)
 
-    model = load_checkpoint(args.checkpoint)
+    model = load_any(args.checkpoint).eval()
     if any(is_quantized(m) for m in model.modules()):
         fmt = model_format(model)
         if args.format not in ("auto", fmt):

@@ -32,8 +32,8 @@ import torch
 
 from quant.cli import run
 from quant.models import create_model, save_model
+from quant.packfile import load_any
 
-from .__main__ import load_checkpoint
 from .exporter import export, is_quantized, model_format, quantize_for_export
 from .runtime import load
 
@@ -179,13 +179,13 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
 
-    ref = load_checkpoint(args.checkpoint)
+    ref = load_any(args.checkpoint).eval()
     if any(is_quantized(m) for m in ref.modules()):
         raise ValueError(f"{args.checkpoint} is a quantized model; --checkpoint takes the full-precision one "
                          f"(pass quantized files with --quantized)")
     quantized = {}
     for path in args.quantized:
-        qm = load_checkpoint(path)
+        qm = load_any(path).eval()
         fmt = model_format(qm)
         if fmt not in {f for f, _ in EXPORTS.values()} - {"fp32"}:
             raise ValueError(f"{path} holds {fmt} weights; the bench compares "

@@ -65,11 +65,9 @@ class _Graph:
         self._n += 1
         return f"{hint}_{self._n}"
 
-    def const(self, name: str, value, dtype=None) -> str:
+    def const(self, name: str, value) -> str:
         """An initializer; float weights are stored fp16 (and cast back) in an fp16 export."""
         arr = np.asarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
-        if dtype is not None:
-            arr = arr.astype(dtype)
         if self.fp16 and arr.dtype == np.float32 and arr.size > 1:
             self.inits.append(numpy_helper.from_array(arr.astype(np.float16), name + "_fp16"))
             return self.op("Cast", [name + "_fp16"], to=TensorProto.FLOAT, out=name)

@@ -58,13 +58,21 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
                  str(include).encode(), _cpu_signature().encode()):
         key.update(part)
     out = cache_root() / key.hexdigest()[:16] / LIB_NAME
-    if out.is_file() and not force:
+    digest = out.with_name(LIB_NAME + ".sha256")  # a damaged cached library is rebuilt, never loaded
+    if out.is_file() and digest.is_file() and not force and digest.read_text() == _sha256(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     _run([cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)], what="compiling bitvit's ONNX Runtime ops")
+    tmp_digest = digest.with_suffix(f".{os.getpid()}.tmp")
+    tmp_digest.write_text(_sha256(tmp))
     os.replace(tmp, out)  # atomic: a concurrent build never sees a half-written library
+    os.replace(tmp_digest, digest)
     return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def kernel_isa(path: str | os.PathLike) -> str:
@@ -117,13 +125,14 @@ def _fetch_headers(dest: Path) -> None:
         debs = sorted(tmp.glob("libonnxruntime-dev_*.deb"))
         if not debs:
             raise FileNotFoundError("apt-get downloaded no libonnxruntime-dev package")
-        staging = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
-        _run(["dpkg-deb", "-x", str(debs[-1]), str(staging)], what="unpacking libonnxruntime-dev")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, dest)
+        staging = Path(tempfile.mkdtemp(dir=dest.parent))  # beside dest: os.replace cannot cross filesystems
+        try:
+            _run(["dpkg-deb", "-x", str(debs[-1]), str(staging)], what="unpacking libonnxruntime-dev")
+            if not dest.exists():
+                os.replace(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _debian_archive() -> tuple[str, str]:

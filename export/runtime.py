@@ -36,7 +36,10 @@ class Session:
             raise ValueError(f"{path} is not a bitvit ONNX export (no {META_FORMAT!r} metadata); "
                              f"write one with python -m export")
         self.path = path
-        self.config = ViTConfig.from_json(meta["bitvit.config"])
+        try:
+            self.config = ViTConfig.from_json(meta["bitvit.config"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path} has no readable bitvit.config metadata ({type(e).__name__}: {e})") from None
         self.format = meta.get("bitvit.format", "")
         self.uses_custom_ops = any(op.domain == DOMAIN for op in proto.opset_import)
         so = ort.SessionOptions()
@@ -46,11 +49,28 @@ class Session:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if self.uses_custom_ops:
-            so.register_custom_ops_library(str(library_path()))
+            lib = library_path()
+            try:
+                so.register_custom_ops_library(str(lib))
+            except Exception as e:  # ORT's own Fail/InvalidArgument are not RuntimeErrors
+                raise ValueError(f"ONNX Runtime cannot load bitvit's op library {lib}: {e}") from None
         try:
             self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT's errors for invalid graphs, bad initializers, unknown ops
             raise ValueError(f"ONNX Runtime cannot load {path}: {e}") from None
+        self._check_signature()
+
+    def _check_signature(self) -> None:
+        """One input `image` (B, 3, S, S) and one output `logits` (B, classes), as the metadata says."""
+        s, n = self.config.img_size, self.config.num_classes
+        want = {"image": [3, s, s], "logits": [n]}
+        got = {a.name: a.shape[1:] for a in self.session.get_inputs() + self.session.get_outputs()}
+        if set(got) != set(want) or any(
+                len(got[k]) != len(v) or any(isinstance(g, int) and g != w for g, w in zip(got[k], v))
+                for k, v in want.items()):
+            raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: expected input image "
+                             f"(B, 3, {s}, {s}) and output logits (B, {n}), got "
+                             + ", ".join(f"{k} {tuple(v)}" for k, v in got.items()))
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -72,6 +92,8 @@ class Session:
             arr = arr[None]
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
             raise ValueError(f"expected uint8 RGB images (H, W, 3) or (B, H, W, 3), got {arr.dtype} {arr.shape}")
+        if 0 in arr.shape:
+            raise ValueError(f"expected at least one image of at least 1x1 pixels, got {arr.shape}")
         s = self.image_size
         if arr.shape[1:3] != (s, s):
             arr = np.stack([_resize(Image.fromarray(a), s) for a in arr])
@@ -84,8 +106,10 @@ class Session:
         """Logits (B, classes) of normalised images (B, 3, S, S)."""
         x = np.asarray(x)
         s = self.image_size
-        if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (3, s, s):
-            raise ValueError(f"expected float32 input (B, 3, {s}, {s}), got {x.dtype} {x.shape}")
+        if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (3, s, s) or len(x) == 0:
+            raise ValueError(f"expected float32 input (B, 3, {s}, {s}) with B >= 1, got {x.dtype} {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("the input holds NaN or infinite values")
         return self.session.run(["logits"], {"image": x})[0]
 
     def predict(self, images) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Score a checkpoint: `python -m quant.evaluate --checkpoint PATH --data PATH [--split test]`.
 
 Prints top-1 (as `top1=0.xxxx` on the last line), per-class accuracy, parameter count, size on disk
-and batch-1 latency; writes a confusion-matrix PNG and, with `--json`, all of it as JSON. Every later
-stage (post-training quantization, QAT, export) scores its models through `evaluate`.
+and batch-1 latency; writes a confusion-matrix PNG and, with `--json`, all of it as JSON.
+Post-training quantization and QAT score their torch models through `evaluate`; export's benchmark
+scores ONNX Runtime sessions with its own loop.
 """
 from __future__ import annotations
 
@@ -88,12 +89,6 @@ def plot_confusion(confusion, classes, path: str | os.PathLike, title: str) -> N
     plt.close(fig)
 
 
-def load_checkpoint(path: str) -> nn.Module:
-    """A model from any bitvit checkpoint file, full-precision or quantized."""
-    from quant.packfile import load_any
-    return load_any(path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m quant.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="bitvit model file (.safetensors)")
@@ -111,7 +106,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     from quant.qlinear import QuantLinear
-    model = load_checkpoint(args.checkpoint)
+    from quant.packfile import load_any
+    model = load_any(args.checkpoint)
     cfg = model.config
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,7 +25,6 @@ candidate bit-width by minimising the quantization MSE on the first tensor seen 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn as nn

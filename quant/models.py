@@ -58,7 +58,12 @@ class ViTConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ViTConfig":
-        raw = json.loads(text)
+        try:
+            raw = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"the ViT config is not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"the ViT config is not a JSON object: {text[:80]!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - names
         if unknown:

@@ -22,22 +22,17 @@ Training paths (`fake_quant_*`) return the dequantized tensor in the forward pas
 gradient straight through (the straight-through estimator, identity on the input) in the backward.
 
 Activations: BitNet's per-token absmax int8 (`quantize_int8_token`, the `int8_token` act format of
-QuantLinear), static per-tensor unsigned uniform codes (`quantize_uint_static`, calibrated scale and
-zero point), and the log-sqrt(2) quantizer for post-softmax attention probabilities (`quantize_log2`).
+QuantLinear), static unsigned uniform codes with a calibrated scale and zero point per tensor,
+channel or head (`UniformQuantizer`), and the log-sqrt(2) quantizer for post-softmax attention
+probabilities (`quantize_log2`, `Log2Quantizer`).
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) in the forward pass, identity gradient in the backward (straight-through)."""
-    return x + (torch.round(x) - x).detach()
 
 
 def ste(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -245,12 +240,6 @@ def quantize_nf4(w: torch.Tensor, group_size: int = 64, double_quant: bool = Tru
     return QuantizedWeight(nf4_codes(w, scales, group_size), scales, None), dq
 
 
-def fake_quant_nf4(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
-    """Dequantized NF4 weight (O, K) (double-quantized scales) with a straight-through gradient."""
-    q, _ = quantize_nf4(w, group_size)
-    return ste(w, nf4_dequantize(q.codes, q.scales, group_size).to(w.dtype))
-
-
 # ----------------------------------------------------------------------------- ternary and binary (BitNet)
 
 
@@ -265,12 +254,6 @@ def quantize_ternary(w: torch.Tensor, eps: float = 1e-5) -> QuantizedWeight:
     return QuantizedWeight((q + 1).to(torch.uint8), gamma.expand(w.shape[0], 1).clone(), None)
 
 
-def fake_quant_ternary(w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """clamp(round(w / mean|w|), -1, 1) * mean|w|, (O, K), with a straight-through gradient."""
-    gamma = w.detach().abs().mean().clamp_min(eps)
-    return ste(w, torch.clamp(torch.round(w.detach() / gamma), -1, 1) * gamma)
-
-
 def quantize_binary(w: torch.Tensor) -> QuantizedWeight:
     """BitNet binary codes of w (O, K): sign(w - mean(w)) (zero counts as +1), code 1 = +1, code 0 = -1.
 
@@ -279,12 +262,6 @@ def quantize_binary(w: torch.Tensor) -> QuantizedWeight:
     w = w.detach().float()
     beta = fp16_scale(w.abs().mean())
     return QuantizedWeight((w >= w.mean()).to(torch.uint8), beta.expand(w.shape[0], 1).clone(), None)
-
-
-def fake_quant_binary(w: torch.Tensor) -> torch.Tensor:
-    """sign(w - mean w) * mean|w|, (O, K), with a straight-through gradient."""
-    d = w.detach()
-    return ste(w, torch.where(d >= d.mean(), 1.0, -1.0).to(w.dtype) * d.abs().mean())
 
 
 # ----------------------------------------------------------------------------- codes -> values
@@ -352,20 +329,6 @@ def fake_quant_int8_token(x: torch.Tensor) -> torch.Tensor:
     return ste(x, q * s)
 
 
-def quantize_uint_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned b-bit codes clamp(round(x / scale) + zero, 0, 2**bits - 1) of x with a calibrated scale/zero.
-
-    `scale` and `zero` broadcast against x (a scalar for per-tensor, or per channel / per head).
-    The code stands for (code - zero) * scale.
-    """
-    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
-
-
-def fake_quant_uint_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """(code - zero) * scale of `quantize_uint_static`, straight-through gradient."""
-    return ste(x, (quantize_uint_static(x.detach(), scale, zero, bits) - zero) * scale)
-
-
 def uint_range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point mapping [lo, hi] (widened to include 0) onto 0 .. 2**bits - 1."""
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
@@ -393,11 +356,6 @@ def log2_dequantize(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def fake_quant_log2(p: torch.Tensor, bits: int) -> torch.Tensor:
     """log-sqrt(2) quantize-dequantize of probabilities p, straight-through gradient."""
     return ste(p, log2_dequantize(quantize_log2(p.detach(), bits), bits))
-
-
-def bits_per_weight(nbytes: int, nweights: int) -> float:
-    """Effective storage bits per weight (everything counted in `nbytes`, scales included)."""
-    return 8.0 * nbytes / nweights if nweights else math.nan
 
 
 # ----------------------------------------------------------------------------- activation quantizer modules

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from quant.augment import Augment, AugmentConfig
 from quant.cli import run

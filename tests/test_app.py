@@ -93,11 +93,15 @@ def test_16_bit_and_float_frames_are_scaled_to_uint8(dtype):
     assert np.abs(rgb.astype(float) - expected).max() <= 1
 
 
-@pytest.mark.parametrize("bad", [None, np.zeros((4, 4, 2), np.uint8), np.zeros((2, 4, 4, 3), np.uint8),
-                                 np.zeros((0, 4, 3), np.uint8), np.array([["a"]]), np.full((4, 4), np.nan),
-                                 np.full((4, 4), -5, np.int32)])
-def test_frames_that_are_not_images_are_refused_with_a_message(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    (None, "no image"), (np.zeros((4, 4, 2), np.uint8), "expected an image of shape"),
+    (np.zeros((2, 4, 4, 3), np.uint8), "expected an image of shape"), (np.zeros((0, 4, 3), np.uint8), "empty"),
+    (np.array([["a"]]), "expected an image array"), (np.full((4, 4), np.nan), "NaN"),
+    (np.full((4, 4), -5, np.int32), "0..65535"), (np.full((4, 4), -0.5), "0..1 or 0..255"),
+    (np.full((4, 4), 300.0), "0..1 or 0..255"),
+    (np.broadcast_to(np.uint8(0), (8000, 8000, 3)), "megapixels")])
+def test_frames_that_are_not_images_are_refused_with_a_message(bad, message):
+    with pytest.raises(ValueError, match=message):
         to_rgb(bad)
 
 
@@ -158,6 +162,15 @@ def test_foreign_and_missing_model_files_are_refused(tmp_path, assets):
         inspect_file(assets / "notes.safetensors")
 
 
+def test_a_file_with_a_damaged_config_is_refused_naming_the_file(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "damaged.safetensors"
+    save_file({"head.weight": torch.zeros(3, 4)}, path,
+              metadata={"format": quant.models.FORMAT, "config": "{not json"})
+    with pytest.raises(ValueError, match="damaged.safetensors: the ViT config is not valid JSON"):
+        inspect_file(path)
+
+
 def test_the_torch_and_onnx_runtime_backends_agree(fp_file):
     x = np.random.default_rng(0).normal(size=(2, 3, S, S)).astype(np.float32)
     torch_out = open_model(fp_file, runtime="torch")(x)
@@ -183,6 +196,12 @@ def test_a_model_quantized_on_the_fly_is_a_real_packed_file_close_to_the_fp_mode
     assert path.stat().st_size < fp_file.stat().st_size
     torch.testing.assert_close(q(x), fp(x), atol=0.05, rtol=0.05)
     assert quantize_on_the_fly(fp_file, "w8a8") == path   # built once, then taken from the cache
+
+
+@pytest.mark.parametrize("recipe", ["w4-gptq", "w4a4", "w1.58a8"])
+def test_recipes_that_need_calibration_or_training_are_not_built_on_the_fly(fp_file, recipe):
+    with pytest.raises(ValueError, match="not a round-to-nearest PTQ recipe"):
+        quantize_on_the_fly(fp_file, recipe)
 
 
 # ----------------------------------------------------------------------------- the app's models

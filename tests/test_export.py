@@ -114,6 +114,43 @@ def test_missing_corrupt_and_foreign_files_are_refused(tiny_model, tmp_path):
         runtime.load(tmp_path / "broken.onnx")
 
 
+def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_model, tmp_path):
+    resized = to_onnx(tiny_model)
+    resized.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 64
+    onnx.save(resized, tmp_path / "resized.onnx")
+    foreign = helper.make_model(helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["c"])], "g",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "ab"],
+        [helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [1])]), ir_version=10,
+        opset_imports=[helper.make_opsetid("", 17)])
+    foreign.metadata_props.extend(to_onnx(tiny_model).metadata_props)  # a foreign graph, bitvit's label
+    onnx.save(foreign, tmp_path / "foreign.onnx")
+    for name in ("resized.onnx", "foreign.onnx"):
+        with pytest.raises(ValueError, match="does not match its bitvit metadata"):
+            runtime.load(tmp_path / name)
+
+
+def test_a_file_without_its_model_config_is_refused(tiny_model, tmp_path):
+    model = to_onnx(tiny_model)
+    kept = [p for p in model.metadata_props if p.key != "bitvit.config"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="no readable bitvit.config"):
+        runtime.load(tmp_path / "m.onnx")
+
+
+def test_empty_batches_empty_images_and_non_finite_inputs_are_refused(tiny_model, tmp_path):
+    session = runtime.load(export(tiny_model, tmp_path / "m.onnx"))
+    with pytest.raises(ValueError, match="B >= 1"):
+        session(np.zeros((0, 3, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        session(np.full((1, 3, 16, 16), np.nan, np.float32))
+    for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((0, 20, 20, 3), np.uint8)):
+        with pytest.raises(ValueError, match="at least one image"):
+            session.predict(empty)
+
+
 def test_the_cli_exports_and_checks_against_torch(tiny_model, tmp_path, capsys):
     save_model(tiny_model, tmp_path / "fp.safetensors")
     assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path / "t.onnx"),

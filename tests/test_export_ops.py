@@ -67,6 +67,24 @@ def test_the_library_builds_from_scratch_with_the_best_kernel_this_cpu_has(ortop
     assert ortops.library_path() == path  # cached: the second call builds nothing
 
 
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    fake = tmp_path / "fake-g++"  # a "compiler" that counts its builds into the library it writes
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
+                    'while [ "$1" != -o ]; do shift; done\n'
+                    f'echo build >> {tmp_path}/builds; cat {tmp_path}/builds > "$2"\n')
+    fake.chmod(0o755)
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "onnxruntime_cxx_api.h").write_text("")
+    (tmp_path / "include" / "onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 1\n")
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("ORT_INCLUDE_DIR", str(tmp_path / "include"))
+    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(tmp_path / "cache"))
+    path = ortops.library_path()
+    assert ortops.library_path() == path and path.read_text().count("build") == 1  # cached
+    path.write_bytes(path.read_bytes()[:3])                                          # truncated
+    assert ortops.library_path() == path and path.read_text().count("build") == 2  # rebuilt
+
+
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 33, 17, 19), (70, 129, 65), (5, 64, 48)])

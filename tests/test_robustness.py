@@ -4,7 +4,7 @@ import json
 import torch
 
 from quant.models import save_model
-from quant.robustness import analyse, main, plot
+from quant.robustness import analyse, main
 from quant.cli import run
 
 
