@@ -112,7 +112,7 @@ def weight_only_jobs(ms: list[int]):
     for name, bits, zeros, lut in [("int4 asym g64", 4, True, False), ("nf4 g64", 4, False, True),
                                    ("int8 sym", 8, False, False), ("int2 asym g64", 2, True, False)]:
         for m in ms:
-            for c in tk.weight_only_candidates(m, bits, 64 if bits < 8 else 768, 768):
+            for c in tk.weight_only_candidates(m, 64 if bits < 8 else 768, 768):
                 if (name, c) in seen:
                     continue
                 seen.add((name, c))

@@ -353,7 +353,7 @@ def a8_candidates(m: int) -> list[Config]:
     return out
 
 
-def weight_only_candidates(m: int, bits: int, group_size: int, k: int) -> list[Config]:
+def weight_only_candidates(m: int, group_size: int, k: int) -> list[Config]:
     """Configs for the weight-only GEMM; a K tile must lie inside one group, so it is halved until it
     divides the group (the op guarantees group_size % (16 * 8 // bits) == 0 whenever group_size < K:
     a tile of at least 16 bytes of codes fits)."""
@@ -509,5 +509,5 @@ def weight_only_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     if config is None:
         key = ("weight_only", bits, _bucket(m), n, k, group_size, x.dtype, zeros is not None,
                codebook is not None, bias is not None, x.device.index)
-        config = TUNER.pick(key, weight_only_candidates(m, bits, group_size, k), launch)
+        config = TUNER.pick(key, weight_only_candidates(m, group_size, k), launch)
     launch(config)

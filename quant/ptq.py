@@ -34,7 +34,7 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def calibration_inputs(data: str, n: int, cfg, seed: int = 0) -> torch.Tensor:
+def calibration_inputs(data: str, n: int, cfg) -> torch.Tensor:
     """(n, 3, H, W) normalised training-split images for calibration."""
     from quant.data import load_split, to_model_input
     if n < 1:

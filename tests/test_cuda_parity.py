@@ -23,6 +23,8 @@ def test_parity_scores_each_recipe_and_file_twice_and_finds_them_in_agreement(ti
     assert {"command", "date", "machine", "data", "wall_s"} <= set(r)
 
 
-def test_a_recipe_that_needs_training_or_calibration_is_refused(tiny_model, image_tree, tmp_path):
+@pytest.mark.parametrize("recipe", ["w4-gptq", "w1.58a8"])
+def test_a_recipe_that_needs_calibration_or_training_is_refused(tiny_model, image_tree, tmp_path, recipe):
+    quant.models.save_model(tiny_model, tmp_path / "fp.safetensors")
     with pytest.raises(ValueError, match="not a round-to-nearest recipe"):
-        parity.main(["--model", str(tmp_path / "fp.safetensors"), "--recipes", "w4-gptq", "--data", str(image_tree)])
+        parity.main(["--model", str(tmp_path / "fp.safetensors"), "--recipes", recipe, "--data", str(image_tree)])

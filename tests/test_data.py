@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from quant.augment import Augment, AugmentConfig, random_crop_flip
 from quant.data import load_split, to_model_input
@@ -85,9 +86,13 @@ def test_changed_file_invalidates_the_cache(image_tree):
 
 
 def test_other_sizes_are_resized_and_centre_cropped(tmp_path):
-    root = write_tree(tmp_path / "big", size=40)
-    data = load_split(root, "test", image_size=16, progress=False)
-    assert data.images.shape[1:] == (16, 16, 3)
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, 10:30] = 255                                   # a white centre square in a 40x20 frame
+    (tmp_path / "wide" / "test" / "a").mkdir(parents=True)
+    Image.fromarray(img).save(tmp_path / "wide" / "test" / "a" / "0.png")
+    data = load_split(tmp_path / "wide", "test", image_size=16, progress=False)
+    assert data.images.shape == (1, 16, 16, 3)
+    assert data.images[0, :, 1:-1].min() > 200           # the crop kept the centre: white nearly edge to edge
 
 
 def test_missing_path_is_named(tmp_path):

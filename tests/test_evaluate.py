@@ -49,10 +49,11 @@ def test_cli_bad_checkpoint_is_one_error_line(tmp_path, image_tree, make_bad, me
                         "--data", str(image_tree)], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and message in r.stderr
-    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_cli_wrong_data_path_is_one_error_line(checkpoint, tmp_path):
     r = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(checkpoint),
                         "--data", str(tmp_path / "nowhere")], capture_output=True, text=True)
-    assert r.returncode == 2 and "data path does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "data path does not exist" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -170,7 +170,7 @@ def test_formats_listed_are_all_tested():
 
 
 @pytest.mark.parametrize("name", ["w4", "w8a8"])
-def test_a_quant_core_model_exports_as_the_format_most_of_its_weights_hold(tiny_model, tmp_path, capsys, name):
+def test_a_quant_core_model_exports_as_the_format_most_of_its_weights_hold(tiny_model, tmp_path, name):
     import quant
     model = quant.quantize(tiny_model, name)                    # w4 keeps the head at int8
     quant.save_quantized(model, tmp_path / "q.safetensors")

@@ -125,7 +125,7 @@ def test_hub_loading_reads_the_local_hub_cache(tmp_path, monkeypatch):
     assert torch.equal(loaded.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
 
 
-def test_checkpoint_of_another_shape_names_the_tensor(tiny_model, tmp_path):
+def test_checkpoint_of_another_shape_names_the_tensor(tiny_model):
     wide = VisionTransformer(dataclasses.replace(TINY, mlp_ratio=4.0))
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight.* shape \(128, 32\).*\(64, 32\)"):
         load_state_dict(tiny_model, wide.state_dict())

@@ -55,7 +55,7 @@ def test_scales_are_float16_exact():
     assert torch.equal(q.scales.half().float(), q.scales)
 
 
-def test_clip_search_never_increases_the_error():
+def test_clip_search_lowers_the_error_when_an_outlier_stretches_the_range():
     w = torch.cat([weight(), 8 * torch.ones(6, 1)], 1)  # one outlier column stretches every range
     plain = quantize_uniform(w, 3, symmetric=False)
     clipped = quantize_uniform(w, 3, symmetric=False, mse_clip=True)
@@ -174,11 +174,14 @@ def test_log2_quantizer_keeps_half_octave_levels_and_zeros_the_tail():
     assert torch.equal(p.grad, torch.ones_like(p))
 
 
-def test_uniform_act_quantizer_calibrates_per_head_ranges_and_bits():
+def test_uniform_act_quantizer_calibrates_a_range_per_head():
     qz = UniformQuantizer(4, shape=(1, 2, 1, 1))
     qz.set_range(torch.tensor([-1.0, 0.0]).view(1, 2, 1, 1), torch.tensor([1.0, 3.0]).view(1, 2, 1, 1))
     x = torch.tensor([-1.0, 1.0, 0.0, 3.0]).view(1, 2, 1, 2)
     assert torch.allclose(qz(x), x, atol=0.07)           # range ends are reproduced
     assert qz.scale.flatten().tolist() == pytest.approx([2 / 15, 3 / 15])
     assert qz(torch.full((1, 2, 1, 1), 100.0)).flatten().tolist() == pytest.approx([1.0 + 1 / 15, 3.0], abs=1e-5)
-    assert Log2Quantizer(4)(torch.tensor([0.25])).item() == 0.25
+
+
+def test_log2_quantizer_keeps_powers_of_sqrt2_exact():
+    assert Log2Quantizer(4)(torch.tensor([0.25, 2 ** -0.5, 1.0])).tolist() == pytest.approx([0.25, 2 ** -0.5, 1.0])

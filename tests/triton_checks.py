@@ -158,7 +158,7 @@ def test_weight_only_gemm_matches_float64_reference(bits, kind, k, group_size, d
     packed, scales, zeros, codebook, bias = make_weight_only_layer(kind, bits, 37, k, group_size, g)
     x = torch.randn(19, k, generator=g).to(dtype)
     out = poisoned(19, 37, dtype=dtype)
-    cfg = tk.weight_only_candidates(19, bits, group_size, k)[0]
+    cfg = tk.weight_only_candidates(19, group_size, k)[0]
     tk.weight_only_gemm(dev(x), dev(packed), dev(scales), dev(zeros), dev(codebook), dev(bias), bits, group_size,
                         out, cfg)
     ref = reference_weight_only(x, packed, bits, scales, zeros, codebook, bias, group_size, k)
@@ -174,7 +174,7 @@ def test_every_weight_only_candidate_config_is_correct(m, bits, group_size):
     packed, scales, zeros, codebook, bias = make_weight_only_layer("asym", bits, 1000, k, group_size, g)
     x = torch.randn(m, k, generator=g).bfloat16()
     ref = reference_weight_only(x, packed, bits, scales, zeros, codebook, bias, group_size, k)
-    for cfg in tk.weight_only_candidates(m, bits, group_size, k):
+    for cfg in tk.weight_only_candidates(m, group_size, k):
         out = poisoned(m, 1000, dtype=torch.bfloat16)
         try:
             tk.weight_only_gemm(dev(x), dev(packed), dev(scales), dev(zeros), None, dev(bias), bits, group_size,
