@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
-from quant.cli import run
+from quant.cli import positive_int, run
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
 from quant.pack import pack_codes, pack_trit_planes
 
@@ -362,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     op_models, e2e_models, batches = DEFAULTS[args.device]
     op_models = split(args.models) if args.models is not None else op_models
     e2e_models = split(args.e2e_models) if args.e2e_models is not None else e2e_models
-    batches = [int(b) for b in split(args.batches)] if args.batches else batches
+    if args.batches:
+        try:
+            batches = [positive_int(b) for b in split(args.batches)]
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--batches: {e}") from None
     ops, variants = split(args.ops), split(args.variants)
     for name in op_models + e2e_models:
         if name not in SHAPES:

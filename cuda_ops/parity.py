@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from cuda_ops.modules import KernelLinear, to_kernels
-from quant.cli import run
+from quant.cli import positive_int, run
 from quant.data import load_split
 from quant.evaluate import predict
 
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantized", default="", help="comma-separated quantized bitvit files to check as they are")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz or any source quant.data reads")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, help="only this many images (balanced over classes)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--limit", type=positive_int, help="only this many images (balanced over classes)")
+    p.add_argument("--batch-size", type=positive_int, default=500)
     p.add_argument("--out", type=Path, help="write the results JSON here")
     args = p.parse_args(argv)
     import quant

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from quant.cli import run
+from quant.cli import positive_int, run
 from quant.packfile import load_any
 
 from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export
@@ -29,7 +29,7 @@ def main(argv=None):
                    help="auto (default): fp32 for an FP checkpoint, else the format it holds")
     p.add_argument("--standard-ops", action="store_true",
                    help="ternary/binary as com.microsoft MatMulNBits (2-bit) instead of bitvit's ops")
-    p.add_argument("--threads", type=int, default=2, help="threads for the check run")
+    p.add_argument("--threads", type=positive_int, default=2, help="threads for the check run")
     args = p.parse_args(argv)
 
     model = load_any(args.checkpoint).eval()

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant.cli import run
+from quant.cli import positive_int, run
 from quant.models import create_model, save_model
 from quant.packfile import load_any
 
@@ -164,10 +164,10 @@ def main(argv=None):
                         "instead of round to nearest for their format")
     p.add_argument("--data", help="CIFAR-10 source for top-1 (e.g. ../shared/data/cifar10-jpeg.tar.gz)")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, help="score only this many images (a balanced subset; for dry runs)")
+    p.add_argument("--limit", type=positive_int, help="score only this many images (a balanced subset; for dry runs)")
     p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
     p.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/16 224 model")
     p.add_argument("--out", default="assets/results/export_bench.json")
     args = p.parse_args(argv)

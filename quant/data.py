@@ -21,6 +21,7 @@ import io
 import os
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images, got {limit}")
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data path does not exist: {path}")
@@ -175,15 +178,21 @@ class _FolderSource(_Source):
         return ImageSet(images, np.array(labels, dtype=np.int64), tuple(d.name for d in class_dirs))
 
 
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
 class _TarSource(_Source):
     """The JPEG copy as a tar archive: members `<split>/<class>/<file>`."""
 
     def __init__(self, path: Path):
         self.path = path
         self.key = _stat_key(path)
-        with tarfile.open(path) as tar:
-            self.members = [m for m in tar.getmembers()
-                            if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
+        try:
+            with tarfile.open(path) as tar:
+                self.members = [m for m in tar.getmembers()
+                                if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
+        except _ARCHIVE_ERRORS as e:
+            raise ValueError(f"{path} is a damaged or truncated archive ({type(e).__name__}: {e})") from None
         self.splits = {Path(m.name).parts[-3] for m in self.members if len(Path(m.name).parts) >= 3}
         if not self.members:
             raise ValueError(f"{path} holds no images")
@@ -198,9 +207,12 @@ class _TarSource(_Source):
             raise ValueError(f"{self.path} has no {split}/<class>/ images")
         classes = sorted({Path(m.name).parts[-2] for m in members})
         images = []
-        with tarfile.open(self.path) as tar:
-            for m in _progress(members, f"decoding {self.path.name}:{split}", progress):
-                images.append(_decode(tar.extractfile(m).read(), f"{self.path}:{m.name}", image_size))
+        try:
+            with tarfile.open(self.path) as tar:
+                for m in _progress(members, f"decoding {self.path.name}:{split}", progress):
+                    images.append(_decode(tar.extractfile(m).read(), f"{self.path}:{m.name}", image_size))
+        except _ARCHIVE_ERRORS as e:
+            raise ValueError(f"{self.path} is a damaged or truncated archive ({type(e).__name__}: {e})") from None
         labels = np.array([classes.index(Path(m.name).parts[-2]) for m in members], dtype=np.int64)
         return ImageSet(np.stack(images), labels, tuple(classes))
 

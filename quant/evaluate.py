@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from quant.cli import run
+from quant.cli import output_file, positive_int, run
 from quant.data import ImageSet, load_split, to_model_input
 
 
@@ -95,15 +95,18 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its unpacked folder, "
                                                  "cifar-10-batches-py, or an image-folder tree")
     p.add_argument("--split", default="test", help="test (default), val, train, trainval or all")
-    p.add_argument("--limit", type=int, help="score only this many images (balanced over classes)")
+    p.add_argument("--limit", type=positive_int, help="score only this many images (balanced over classes)")
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--confusion", help="confusion-matrix PNG (default: next to --json, "
                                        "or <checkpoint>.confusion.png)")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    for out in (args.json, args.confusion):
+        if out:
+            output_file(out)
 
     from quant.qlinear import QuantLinear
     from quant.packfile import load_any
@@ -136,7 +139,6 @@ def main(argv=None):
         print(f"  {c:<{width}}  {a:.4f}")
     print(f"confusion matrix: {confusion_png}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1))
         print(f"results: {args.json}")
     print(f"top1={res['top1']:.4f}")

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,6 +272,9 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no such model file: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's weights-only unpickler met code or a foreign object
+        raise ValueError(f"{path} holds pickled objects other than tensors; refused unread "
+                         f"(bitvit loads .pth files with torch.load(weights_only=True))") from None
     except Exception as e:
         raise ValueError(f"{path} is not a loadable torch checkpoint of plain tensors "
                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
@@ -303,7 +307,10 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
     else:
         state, meta = read_safetensors(source)
     if meta.get("format") == FORMAT:
-        cfg = ViTConfig.from_json(meta["config"])
+        try:
+            cfg = ViTConfig.from_json(meta.get("config"))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
         if name is not None and dataclasses.replace(CONFIGS.get(name, cfg), drop_path_rate=0.0) \
                 != dataclasses.replace(cfg, drop_path_rate=0.0):
             raise ValueError(f"{source} holds a different architecture than {name!r}")

@@ -86,6 +86,8 @@ def _store_layer(name: str, layer: QuantLinear, out: dict[str, torch.Tensor]) ->
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> dict:
     """Write a model holding QuantLinear layers to one safetensors file; returns the header's storage totals."""
     from safetensors.torch import save_file
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder; give a file name to write")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize)")

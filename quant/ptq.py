@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import run
+from quant.cli import output_file, positive_int, run
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -46,17 +46,18 @@ def calibration_inputs(data: str, n: int, cfg) -> torch.Tensor:
 def main(argv=None):
     from quant import quantize, recipe, save_quantized
     from quant.models import load_model
-    from quant.recipes import QAT
+    from quant.recipes import GPTQ, QAT, W4A4
     p = argparse.ArgumentParser(prog="python -m quant.ptq", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
     p.add_argument("--recipe", required=True, help="w8a8, w4, w3, w2, nf4, w4-gptq, w3-gptq, w2-gptq, w4a4")
     p.add_argument("--calib", help="data for calibration (its train split); needed by GPTQ and W4A4")
-    p.add_argument("--calib-size", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--calib-size", type=positive_int, default=512, help="calibration images (default 512)")
     p.add_argument("--out", required=True, help="quantized model file to write (.safetensors)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. --set group_size=128 --set act_order=true")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
+    output_file(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -68,6 +69,8 @@ def main(argv=None):
     calib = None
     if args.calib:
         calib = calibration_inputs(args.calib, args.calib_size, model.config)
+    elif isinstance(r, (GPTQ, W4A4)):
+        raise ValueError(f"recipe {args.recipe} calibrates: give --calib DATA (training images to calibrate on)")
     t0 = time.perf_counter()
     quantize(model, r, calib=calib)
     seconds = time.perf_counter() - t0

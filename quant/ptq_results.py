@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import run
+from quant.cli import positive_int, run
 
 DEFAULT_RECIPES = ("w8a8", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
 
@@ -86,9 +86,9 @@ def main(argv=None):
     p.add_argument("--models", default="runs/ptq", help="folder for the quantized model files")
     p.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), help="PTQ recipes to run")
     p.add_argument("--split", default="test", help="split to score on (default test)")
-    p.add_argument("--limit", type=int, help="score only this many images (dry runs)")
-    p.add_argument("--calib-size", type=int, default=256, help="calibration images (default 256)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--limit", type=positive_int, help="score only this many images (dry runs)")
+    p.add_argument("--calib-size", type=positive_int, default=256, help="calibration images (default 256)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

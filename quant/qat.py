@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import run
+from quant.cli import output_file, positive_int, run
+from quant.data import SPLITS
 
 
 class FeatureDistill:
@@ -99,7 +100,7 @@ def main(argv=None):
     from quant.models import load_model
     from quant.ptq import parse_overrides
     from quant.recipes import QAT
-    from quant.train import TrainConfig, fit
+    from quant.train import TrainConfig, check_device, fit
 
     p = argparse.ArgumentParser(prog="python -m quant.qat", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="full-precision bitvit model (.safetensors): teacher and start")
@@ -109,10 +110,10 @@ def main(argv=None):
     p.add_argument("--run-dir", help="resume folder of the training stages (default: PATH.run/)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. --set budget_bits=3 --set input_norm=false")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--limit", type=int, help="train on this many images only (balanced over classes)")
-    p.add_argument("--val-limit", type=int, default=2000, help="validation images scored after each epoch")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--limit", type=positive_int, help="train on this many images only (balanced over classes)")
+    p.add_argument("--val-limit", type=positive_int, default=2000, help="validation images scored after each epoch")
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-epochs", type=float, default=0.5)
@@ -124,18 +125,21 @@ def main(argv=None):
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (QAT default: off)")
     p.add_argument("--search-ratio", type=float, default=0.5, help="qvit: fraction of epochs searching bit-widths")
     p.add_argument("--bitops-weight", type=float, default=1.0, help="qvit: weight eta of the BitOPs penalty")
-    p.add_argument("--calib-size", type=int, default=256,
+    p.add_argument("--calib-size", type=positive_int, default=256,
                    help="training images that initialise Q-ViT's step sizes or BitNet's input LayerNorms")
-    p.add_argument("--eval-split", help="after training, score the packed model and the teacher on this split")
-    p.add_argument("--eval-limit", type=int, help="score only this many images of --eval-split")
+    p.add_argument("--eval-split", choices=SPLITS,
+                   help="after training, score the packed model and the teacher on this split")
+    p.add_argument("--eval-limit", type=positive_int, help="score only this many images of --eval-split")
     p.add_argument("--results", help="results JSON to record this run in (with --eval-split)")
     p.add_argument("--name", help="entry name in --results (default: the recipe name)")
     p.add_argument("--time-limit", type=float, help="stop after the last epoch that fits in this many seconds "
                                                     "(all stages together); rerun the same command to resume")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
+    output_file(args.out)
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.results and not args.eval_split:

@@ -179,11 +179,29 @@ def recipe(name: str, **overrides) -> Recipe:
     """The named recipe, with any of its fields overridden (`recipe("w4", group_size=128)`)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
-    try:
-        return dataclasses.replace(RECIPES[name], **overrides)
-    except TypeError as e:
-        fields = ", ".join(f.name for f in dataclasses.fields(RECIPES[name]))
-        raise ValueError(f"recipe {name!r} has no such field ({e}); its fields: {fields}") from None
+    fields = {f.name: f.type for f in dataclasses.fields(RECIPES[name])}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(f"recipe {name!r} has no field {key!r}; its fields: {', '.join(fields)}")
+        _check_field(name, key, fields[key], value)
+    return dataclasses.replace(RECIPES[name], **overrides)
+
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
+
+
+def _check_field(name: str, key: str, annotation: str, value) -> None:
+    """An override must have its field's type (from the annotation) and, for counts, be positive."""
+    if annotation.startswith("tuple"):
+        ok = isinstance(value, tuple)
+    else:
+        kinds = tuple(_TYPES[t.strip()] for t in annotation.split("|"))
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise ValueError(f"recipe {name!r}: {key} must be {annotation}, got {value!r}")
+    if key in ("group_size", "bits", "weight_bits", "act_bits", "block_size", "min_bits", "max_bits",
+               "budget_bits") and value is not None and value < 1:
+        raise ValueError(f"recipe {name!r}: {key} must be at least 1, got {value!r}")
 
 
 def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None = None) -> nn.Module:
@@ -196,6 +214,9 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
     r = globals()["recipe"](recipe) if isinstance(recipe, str) else recipe
     if not dataclasses.is_dataclass(r) or not hasattr(r, "apply"):
         raise ValueError(f"not a recipe: {recipe!r}")
+    if any(isinstance(m, QuantLinear) or isinstance(m, nn.Linear) and type(m) is not nn.Linear
+           for m in model.modules()):  # QuantLinear, or a QAT layer (BitLinear, LSQLinear: nn.Linear subclasses)
+        raise ValueError("the model is already quantized: quantize its full-precision original")
     if isinstance(r, QAT):
         return r.apply(model, calib)
     model.eval()

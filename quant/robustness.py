@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import run
+from quant.cli import output_file, positive_int, run
 from quant.lsq import LearnedQuantizer
 from quant.models import Attention, VisionTransformer
 from quant.qattention import QuantAttention
@@ -278,15 +278,16 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree")
     p.add_argument("--out", required=True, help="results JSON to write; the plot goes next to it (.png)")
     p.add_argument("--split", default="val", help="split to score on (default val; keep test for final numbers)")
-    p.add_argument("--limit", type=int, default=1000, help="images scored per trial (balanced over classes)")
+    p.add_argument("--limit", type=positive_int, default=1000, help="images scored per trial (balanced over classes)")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--calib-size", type=int, default=128, help="training images that set activation ranges")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--calib-size", type=positive_int, default=128, help="training images that set activation ranges")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if any(not 2 <= b <= 8 for b in args.bits):
         raise ValueError(f"--bits must lie in 2..8, got {args.bits}")
+    out = output_file(args.out)
     model = load_model(args.checkpoint)
     cfg = model.config
     data = load_split(args.data, args.split, cfg.img_size, limit=args.limit)
@@ -298,8 +299,6 @@ def main(argv=None):
                   command="python -m quant.robustness " + shlex.join(sys.argv[1:] if argv is None else argv),
                   machine=machine(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   wall_time_s=round(time.perf_counter() - t0, 1))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))
     print("\n".join(summary(result)))

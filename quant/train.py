@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import run
+from quant.cli import positive_int, run
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -75,6 +75,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device name torch does not know, or CUDA on a machine without it (None: the default)."""
+    if device is None:
+        return
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA device")
+
+
 class _Dist:
     """Rank, world size and device, from torchrun's environment when present."""
 
@@ -82,6 +94,7 @@ class _Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        check_device(device)
         cuda = torch.cuda.is_available() and device != "cpu"
         self.device = torch.device(device or (f"cuda:{local}" if cuda else "cpu"))
         if cuda:
@@ -142,7 +155,15 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     start_epoch, trained = 0, 0.0  # epochs done, seconds spent in training steps
     ckpt_path = out / "last.pt"
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            missing = {"model", "optimizer", "rng", "epoch", "trained_seconds", "config"} - set(state)
+        except Exception as e:  # torch raises many types for truncated, foreign or pickled-code files
+            raise ValueError(f"{ckpt_path} is not a readable resume state ({type(e).__name__}); "
+                             f"delete it to start over") from None
+        if missing:
+            raise ValueError(f"{ckpt_path} is not a bitvit resume state (no {', '.join(sorted(missing))}); "
+                             f"delete it to start over")
         if state["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
             raise ValueError(f"{ckpt_path} was written by a run with another config; "
                              f"use a fresh --out folder or delete it")
@@ -256,12 +277,12 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="run folder: model.safetensors, last.pt, log.jsonl")
     p.add_argument("--split", default="train", choices=["train", "trainval"],
                    help="train (holds out val for model selection) or trainval (all training images)")
-    p.add_argument("--limit", type=int, help="train on this many images only (smoke tests)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (with --time-budget: at most)")
+    p.add_argument("--limit", type=positive_int, help="train on this many images only (smoke tests)")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs (with --time-budget: at most)")
     p.add_argument("--time-budget", type=float, default=d.time_budget,
                    help="seconds of training: the learning rate decays over them and training ends when "
                         "they are spent (for a fixed-length GPU lease); 0 = schedule by epochs")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
@@ -275,12 +296,13 @@ def main(argv=None):
     p.add_argument("--distill", default="hard", choices=["hard", "soft"])
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--time-limit", type=float, help="stop after the last epoch that fits in this many "
                                                     "seconds; rerun the same command to resume")
-    p.add_argument("--save-every", type=int, default=1,
+    p.add_argument("--save-every", type=positive_int, default=1,
                    help="score the val split and write the resume state every N epochs (and after the last)")
     args = p.parse_args(argv)
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -95,6 +95,18 @@ def test_other_sizes_are_resized_and_centre_cropped(tmp_path):
     assert data.images[0, :, 1:-1].min() > 200           # the crop kept the centre: white nearly edge to edge
 
 
+def test_a_truncated_archive_is_named(image_tar, tmp_path):
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(image_tar.read_bytes()[:len(image_tar.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="cut.tar.gz is a damaged or truncated archive"):
+        load_split(cut, "test", image_size=16, progress=False)
+
+
+def test_a_limit_below_one_image_is_refused(image_tree):
+    with pytest.raises(ValueError, match="positive number of images"):
+        load_split(image_tree, "test", image_size=16, limit=0, progress=False)
+
+
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         load_split(tmp_path / "nope", "test")

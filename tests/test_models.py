@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from quant.models import (CONFIGS, ViTConfig, VisionTransformer, create_model, load_model,
+from quant.models import (CONFIGS, FORMAT, ViTConfig, VisionTransformer, create_model, load_model,
                           load_state_dict, save_model)
 from tests.conftest import TINY
 
@@ -160,9 +160,15 @@ def test_pickled_code_in_a_pth_is_not_run(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
     torch.save({"model": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="not a loadable torch checkpoint"):
+    with pytest.raises(ValueError, match="holds pickled objects other than tensors; refused unread"):
         load_model(tmp_path / "evil.pth", name="deit_tiny_patch16_224")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_bitvit_file_without_its_config_is_refused_naming_it(tmp_path):
+    save_file({"head.weight": torch.zeros(3, 4)}, tmp_path / "noconfig.safetensors", metadata={"format": FORMAT})
+    with pytest.raises(ValueError, match="noconfig.safetensors: the ViT config is not valid JSON"):
+        load_model(tmp_path / "noconfig.safetensors")
 
 
 def test_missing_file_is_named(tmp_path):

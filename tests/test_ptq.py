@@ -58,7 +58,7 @@ def test_calibration_images_come_from_the_train_split(image_tree, tiny_model):
 
 @pytest.mark.parametrize("args, message", [
     (["--recipe", "w1.58a8"], "quantization-aware training recipe"),
-    (["--recipe", "w4-gptq"], "needs calibration inputs"),
+    (["--recipe", "w4-gptq"], "give --calib DATA"),
     (["--recipe", "w5"], "unknown recipe"),
 ])
 def test_ptq_cli_bad_requests_are_one_error_line(checkpoint, tmp_path, args, message):

@@ -31,10 +31,18 @@ def test_every_issue_recipe_name_exists():
 
 def test_recipe_fields_can_be_overridden_and_unknown_ones_are_refused():
     assert quant.recipe("w4", group_size=128).group_size == 128
-    with pytest.raises(ValueError, match="no such field"):
+    with pytest.raises(ValueError, match="no field 'bitz'"):
         quant.recipe("w4", bitz=3)
     with pytest.raises(ValueError, match="unknown recipe"):
         quant.recipe("w5")
+
+
+@pytest.mark.parametrize("override, message", [({"group_size": "abc"}, "must be int | None"),
+                                               ({"group_size": -3}, "at least 1"),
+                                               ({"mse_clip": 1}, "must be bool")])
+def test_overrides_of_the_wrong_type_or_range_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        quant.recipe("w4", **override)
 
 
 @pytest.mark.parametrize("name", ["w8a8", "w4", "w3", "nf4", "w4-gptq", "w2-gptq"])
@@ -87,3 +95,9 @@ def test_qat_recipe_hands_over_training_time_layers(tiny_model):
 def test_qvit_recipe_hands_over_learnable_quantizers(tiny_model):
     model = quant.quantize(tiny_model, quant.recipe("qvit", budget_bits=3))
     assert any(type(m).__name__ == "LSQLinear" for m in model.modules())
+
+
+def test_an_already_quantized_model_is_refused(tiny_model):
+    quantized = quant.quantize(tiny_model, "w8a8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quant.quantize(quantized, "w4")

@@ -157,6 +157,19 @@ def test_resuming_with_another_config_is_refused(tmp_path):
             tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("content", [b"", b"\x00garbage"])
+def test_a_damaged_resume_state_is_refused_with_a_message(tmp_path, content):
+    (tmp_path / "last.pt").write_bytes(content)
+    with pytest.raises(ValueError, match="not a readable resume state"):
+        fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(epochs=1, batch_size=8), tmp_path)
+
+
+def test_a_foreign_resume_state_is_refused_with_a_message(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="not a bitvit resume state"):
+        fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(epochs=1, batch_size=8), tmp_path)
+
+
 def test_time_limit_stops_at_an_epoch_boundary_and_a_rerun_finishes(tmp_path):
     data = colour_set(8)
     cfg = TrainConfig(epochs=3, batch_size=8, augment=NO_AUG)

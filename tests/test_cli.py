@@ -1,0 +1,31 @@
+"""What every command line shares: counts must be positive, outputs must be files, failures are one line."""
+import argparse
+
+import pytest
+import torch
+
+from quant.cli import output_file, positive_int, run
+from quant.train import main as train_main
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "1.5"])
+def test_counts_that_are_not_positive_integers_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
+        positive_int(text)
+
+
+def test_an_output_that_is_a_folder_is_refused_and_a_missing_folder_is_made(tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        output_file(tmp_path)
+    assert output_file(tmp_path / "new" / "out.json").parent.is_dir()
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "unknown device"), ("cuda", "no CUDA device")])
+def test_training_on_a_device_that_is_not_there_is_one_error_line(tmp_path, image_tree, capsys, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    argv = ["--data", str(image_tree), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4",
+            "--limit", "12", "--device", device]
+    assert run(train_main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
