@@ -11,7 +11,9 @@ then `fix_bits` and fine-tuning with the widths fixed. The trained model is froz
 (`PATH.bits.json`) and its plot (`PATH.bits.png`).
 
 Everything resumes: rerun the same command (e.g. after `--time-limit` stopped it) and each stage
-continues from `--run-dir`. `--eval-split test` scores the frozen file and its teacher on that split;
+continues from `--run-dir`. `--time-budget S` fits the training into S seconds instead (for a GPU
+lent for a fixed time): each stage gets the share of S its epochs have, its cosine decays over that
+time, and its epochs become a cap. `--eval-split test` scores the frozen file and its teacher on that split;
 `--results FILE --name KEY` records the run (top-1, size, bits/weight, command, machine, wall time).
 """
 from __future__ import annotations
@@ -134,6 +136,9 @@ def main(argv=None):
     p.add_argument("--name", help="entry name in --results (default: the recipe name)")
     p.add_argument("--time-limit", type=float, help="stop after the last epoch that fits in this many seconds "
                                                     "(all stages together); rerun the same command to resume")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds of training for all stages together, shared by their epochs; the learning rate "
+                        "decays over them and --epochs becomes a cap (0: schedule by epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
@@ -194,7 +199,8 @@ def main(argv=None):
             done = False
             break
         print(f"{stage} stage: {epochs} epochs of {len(train)} images")
-        student, done = fit(student, train, val, dataclasses.replace(train_cfg, epochs=epochs),
+        budget = args.time_budget * epochs / args.epochs
+        student, done = fit(student, train, val, dataclasses.replace(train_cfg, epochs=epochs, time_budget=budget),
                             run_dir / stage, teacher=teacher, device=args.device, extra_loss=extra,
                             time_limit=left)
         if not done:

@@ -9,13 +9,16 @@
 #                all 45,000 training images, w1.58a8 8 epochs, w1a8 5, qvit 3 (25-40 minutes a run at
 #                85-165 images/s on an idle 2-core CPU). LIMIT=N trains on a class-balanced subset and
 #                EPOCHS=N sets every run's epochs (quick trials).
-#   PROFILE=gpu  the full-length schedules (all 45,000 training images, 30 epochs), for one H100 within
-#                its 10-minute device commands: TIME_LIMIT (default 520 s) stops each call at an epoch
-#                boundary; repeat the call until it prints "all QAT runs done".
+#   PROFILE=gpu  for one GPU lent for a fixed time (one 10-minute device command for all four runs):
+#                all 45,000 training images, batch 512, at most 30 epochs within TIME_BUDGET seconds of
+#                training a run (default 100; `python -m quant.qat --time-budget`). With $OUT set (the
+#                device tool sets it) the results come back there: qat.json, the four packed models and
+#                the Q-ViT allocations (JSON; plot them here with quant.qvit.plot_allocation).
 #
-# Outputs: $RESULTS (assets/results/qat.json), the shipped ternary model
-# assets/vit_cifar_tiny-w1.58a8.safetensors, the Q-ViT bit allocations (JSON + plot) in assets/results/,
-# the other packed models in $RUNS/. EVAL_LIMIT=N scores N test images only (dry runs).
+# Outputs, named after the teacher's file (TEACHER=assets/NAME.safetensors): $RESULTS
+# (assets/results/qat.json), the shipped ternary model assets/NAME-w1.58a8.safetensors, the Q-ViT bit
+# allocations (JSON + plot) in assets/results/, the other packed models in $RUNS/. EVAL_LIMIT=N scores
+# N test images only (dry runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-cpu}
@@ -36,7 +39,7 @@ case "$PROFILE" in
   gpu) declare -A LIMIT=([w1.58a8]=${LIMIT:-0} [w1a8]=${LIMIT:-0} [qvit-w4]=${LIMIT:-0} [qvit-w3]=${LIMIT:-0})
        declare -A EPOCHS_OF=([w1.58a8]=${EPOCHS:-30} [w1a8]=${EPOCHS:-30} [qvit-w4]=${EPOCHS:-30} [qvit-w3]=${EPOCHS:-30})
        BATCH=${BATCH:-512}; LR=${LR:-1e-3}; VAL_LIMIT=${VAL_LIMIT:-5000}
-       EXTRA=(--time-limit "${TIME_LIMIT:-520}" --warmup-epochs 2) ;;
+       EXTRA=(--time-budget "${TIME_BUDGET:-100}" --warmup-epochs 2) ;;
   *) echo "PROFILE must be cpu or gpu" >&2; exit 2 ;;
 esac
 [ -f "$TEACHER" ] || { echo "error: teacher $TEACHER not found (set TEACHER=...)" >&2; exit 2; }
@@ -50,12 +53,13 @@ quiet() {  # progress bars on a terminal; in a log, every line but the bars' upd
 }
 
 all_done=1
+stem=$(basename "$TEACHER" .safetensors)
 for name in $ONLY; do
     case "$name" in
-      w1.58a8) recipe=w1.58a8; set_=(); out="$ASSETS/vit_cifar_tiny-w1.58a8.safetensors" ;;
-      w1a8)    recipe=w1a8;    set_=(); out="$RUNS/vit_cifar_tiny-w1a8.safetensors" ;;
-      qvit-w4) recipe=qvit;    set_=(--set budget_bits=4); out="$RUNS/vit_cifar_tiny-qvit-w4.safetensors" ;;
-      qvit-w3) recipe=qvit;    set_=(--set budget_bits=3); out="$RUNS/vit_cifar_tiny-qvit-w3.safetensors" ;;
+      w1.58a8) recipe=w1.58a8; set_=(); out="$ASSETS/$stem-w1.58a8.safetensors" ;;
+      w1a8)    recipe=w1a8;    set_=(); out="$RUNS/$stem-w1a8.safetensors" ;;
+      qvit-w4) recipe=qvit;    set_=(--set budget_bits=4); out="$RUNS/$stem-qvit-w4.safetensors" ;;
+      qvit-w3) recipe=qvit;    set_=(--set budget_bits=3); out="$RUNS/$stem-qvit-w3.safetensors" ;;
       *) echo "unknown run $name" >&2; exit 2 ;;
     esac
     if [ -z "${FORCE:-}" ] && recorded "$name" "$out"; then echo "== $name: recorded, skipped"; continue; fi
@@ -73,4 +77,14 @@ for name in $ONLY; do
         cp "$out.bits.png" "$(dirname "$RESULTS")/qat-$name.bits.png"
     fi
 done
+if [ -n "${OUT:-}" ]; then  # a lent machine: bring the results back (at most 8 files)
+    mkdir -p "$OUT"
+    cp "$RESULTS" "$OUT/" 2>/dev/null || true
+    for name in $ONLY; do
+        for f in "$ASSETS/$stem-$name.safetensors" "$RUNS/$stem-$name.safetensors" \
+                 "$(dirname "$RESULTS")/qat-$name.bits.json"; do
+            [ -f "$f" ] && cp "$f" "$OUT/"
+        done
+    done
+fi
 [ "$all_done" = 1 ] && echo "all QAT runs done"

@@ -89,6 +89,18 @@ def test_cli_qvit_searches_then_fine_tunes_and_writes_the_bit_allocation(teacher
     quant.load_quantized(out)
 
 
+def test_cli_time_budget_is_shared_by_the_qvit_stages_in_proportion_to_their_epochs(teacher_file, image_tar,
+                                                                                      tmp_path):
+    out = tmp_path / "q.safetensors"
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--set", "budget_bits=3",
+                      "--data", str(image_tar), "--out", str(out), "--epochs", "4", "--search-ratio", "0.25",
+                      "--batch-size", "8", "--calib-size", "8", "--time-budget", "40"]) == 0
+    budgets = {stage: json.loads(torch.load(tmp_path / "q.safetensors.run" / stage / "last.pt",
+                                            weights_only=True)["config"])["time_budget"]
+               for stage in ("search", "finetune")}
+    assert budgets == {"search": 10.0, "finetune": 30.0}
+
+
 def test_cli_refuses_a_post_training_recipe_with_one_clear_line(teacher_file, image_tar, tmp_path, capsys):
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "w4", "--data", str(image_tar),
                       "--out", str(tmp_path / "x.safetensors")]) == 2
