@@ -28,7 +28,7 @@ from app.examples import DRAWINGS
 from app.live import LiveStats
 from app.main import ASSETS, make_comparison
 from app.ui import Handlers
-from quant.cli import positive_int, run
+from quant.cli import output_file, positive_int, run
 
 TARGET_FPS = 15
 
@@ -94,6 +94,7 @@ def main(argv=None):
                    help="how bitvit .safetensors models run (default: onnxruntime, as in the app)")
     p.add_argument("--out", default=str(ASSETS / "results" / "app_bench.json"), help="JSON results file")
     args = p.parse_args(argv)
+    output_file(args.out)
     try:
         w, h = (int(v) for v in args.size.lower().split("x"))
     except ValueError:

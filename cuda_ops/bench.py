@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
-from quant.cli import positive_int, run
+from quant.cli import output_file, positive_int, run
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
 from quant.pack import pack_codes, pack_trit_planes
 
@@ -356,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the results JSON here")
     p.add_argument("--plot", type=Path, help="write a speed-up plot (PNG) here")
     args = p.parse_args(argv)
+    if args.out:
+        output_file(args.out)
+    if args.plot:
+        output_file(args.plot)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here (use --device cpu)")
     split = lambda s: [v for v in s.split(",") if v]  # noqa: E731

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from cuda_ops.modules import KernelLinear, to_kernels
-from quant.cli import positive_int, run
+from quant.cli import output_file, positive_int, run
 from quant.data import load_split
 from quant.evaluate import predict
 
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=500)
     p.add_argument("--out", type=Path, help="write the results JSON here")
     args = p.parse_args(argv)
+    if args.out:
+        output_file(args.out)
     import quant
     recipes = [r for r in args.recipes.split(",") if r] if args.model else []
     files = [f for f in args.quantized.split(",") if f]

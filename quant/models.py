@@ -251,12 +251,20 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.d
     save_file(state, str(path), metadata=meta)
 
 
+def existing_file(path: str | os.PathLike) -> Path:
+    """`path` if it is a file; else one clear error (missing, or a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a model file")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    return path
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, with one clear error for a missing or broken file."""
     from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such model file: {path}")
+    path = existing_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -267,9 +275,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a .pth/.pt file (timm or DeiT style), loaded with `weights_only=True`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such model file: {path}")
+    path = existing_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's weights-only unpickler met code or a foreign object

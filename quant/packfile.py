@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from quant.models import FORMAT as FP_FORMAT
-from quant.models import ViTConfig, VisionTransformer, load_model, read_safetensors
+from quant.models import ViTConfig, VisionTransformer, existing_file, load_model, read_safetensors
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
@@ -178,9 +178,7 @@ def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a quantized bitvit file (without loading its tensors)."""
     from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such model file: {path}")
+    path = existing_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -272,8 +270,7 @@ def load_any(path: str | os.PathLike) -> nn.Module:
     if path.endswith((".pth", ".pt", ".bin")):
         return load_model(path)
     from safetensors import safe_open
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no such model file: {path}")
+    existing_file(path)
     try:
         with safe_open(path, framework="pt") as f:
             fmt = (f.metadata() or {}).get("format")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import positive_int, run
+from quant.cli import output_file, positive_int, run
 
 DEFAULT_RECIPES = ("w8a8", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
 
@@ -90,6 +90,7 @@ def main(argv=None):
     p.add_argument("--calib-size", type=positive_int, default=256, help="calibration images (default 256)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
+    output_file(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.recipes:
