@@ -28,6 +28,7 @@ RUNS=${RUNS:-runs/qat-$PROFILE}
 RESULTS=${RESULTS:-assets/results/qat.json}
 ASSETS=${ASSETS:-assets}
 ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w3 qvit-w4"}
+PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
 case "$PROFILE" in
@@ -45,7 +46,7 @@ esac
 [ -f "$TEACHER" ] || { echo "error: teacher $TEACHER not found (set TEACHER=...)" >&2; exit 2; }
 
 recorded() {  # is run $1 in $RESULTS, and its file present?
-    [ -f "$2" ] && [ -f "$RESULTS" ] && python -c "import json,sys; sys.exit(0 if sys.argv[1] in json.load(open(sys.argv[2])).get('runs', {}) else 1)" "$1" "$RESULTS"
+    [ -f "$2" ] && [ -f "$RESULTS" ] && "$PY" -c "import json,sys; sys.exit(0 if sys.argv[1] in json.load(open(sys.argv[2])).get('runs', {}) else 1)" "$1" "$RESULTS"
 }
 
 quiet() {  # progress bars on a terminal; in a log, every line but the bars' updates
@@ -67,7 +68,7 @@ for name in $ONLY; do
     [ "${LIMIT[$name]}" != 0 ] && limit=(--limit "${LIMIT[$name]}")
     echo "== $name ($PROFILE profile)"
     mkdir -p "$RUNS"
-    python -m quant.qat --teacher "$TEACHER" --recipe "$recipe" "${set_[@]}" --data "$DATA" --out "$out" \
+    "$PY" -m quant.qat --teacher "$TEACHER" --recipe "$recipe" "${set_[@]}" --data "$DATA" --out "$out" \
         --run-dir "$RUNS/$name" "${limit[@]}" --epochs "${EPOCHS_OF[$name]}" --batch-size "$BATCH" --lr "$LR" \
         --val-limit "$VAL_LIMIT" --eval-split test ${EVAL_LIMIT:+--eval-limit "$EVAL_LIMIT"} \
         --results "$RESULTS" --name "$name" "${EXTRA[@]}" 2>&1 | quiet || true

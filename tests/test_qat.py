@@ -1,6 +1,9 @@
 """Quantization-aware training: a few steps lower the distillation loss; the CLI trains, packs, scores and records."""
 import copy
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +108,16 @@ def test_cli_refuses_a_post_training_recipe_with_one_clear_line(teacher_file, im
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "w4", "--data", str(image_tar),
                       "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "post-training recipe" in capsys.readouterr().err
+
+
+def test_the_gpu_profile_names_results_after_the_teacher_and_hands_them_back(teacher_file, image_tree, tmp_path):
+    env = {**os.environ, "PROFILE": "gpu", "TEACHER": str(teacher_file), "DATA": str(image_tree),
+           "ONLY": "w1.58a8 qvit-w3", "EPOCHS": "2", "BATCH": "8", "TIME_BUDGET": "2", "VAL_LIMIT": "6",
+           "RUNS": str(tmp_path / "runs"), "ASSETS": str(tmp_path / "assets"),
+           "RESULTS": str(tmp_path / "results" / "qat.json"), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", "quant/run_qat_all.sh"], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "all QAT runs done" in r.stdout, r.stdout + r.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["fp-qvit-w3.safetensors", "fp-w1.58a8.safetensors",
+                                                    "qat-qvit-w3.bits.json", "qat.json"]
+    assert set(json.loads((tmp_path / "out" / "qat.json").read_text())["runs"]) == {"w1.58a8", "qvit-w3"}

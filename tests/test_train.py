@@ -2,6 +2,9 @@
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +203,16 @@ def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, i
     with safe_open(tmp_path / "run" / "model.safetensors", "pt") as f:
         assert f.metadata()["complete"] == "false"
     assert "incomplete" in capsys.readouterr().out
+
+
+def test_the_gpu_reference_script_trains_scores_and_hands_back_its_files(tmp_path, image_tree):
+    env = {**os.environ, "DATA": str(image_tree), "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out"),
+           "TIME_BUDGET": "1", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", "quant/gpu_reference.sh", "--model", "vit_cifar_tiny", "--device", "cpu",
+                        "--batch-size", "4", "--warmup-epochs", "1"], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().endswith("reference model done")
+    assert sorted(os.listdir(tmp_path / "out")) == ["log.jsonl", "model.safetensors", "test.json", "train.log",
+                                                    "val.json"]
+    assert json.loads((tmp_path / "out" / "test.json").read_text())["split"] == "test"
