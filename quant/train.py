@@ -3,8 +3,8 @@
 AdamW with linear warmup and cosine decay (over the epochs, or over a wall-clock budget for machines
 lent by the minute), label smoothing, batched on-device augmentation
 (crop, flip, TrivialAugment, mixup/cutmix), optional distillation from a teacher checkpoint,
-bf16 autocast and `torch.compile` on CUDA, a checkpoint every epoch that a rerun of the same
-command resumes from, and fixed seeds. The same command runs on a CPU, one GPU, or N GPUs under
+bf16 autocast and `torch.compile` on CUDA, a checkpoint every epoch (or every N) that a rerun of
+the same command resumes from, and fixed seeds. The same command runs on a CPU, one GPU, or N GPUs under
 `torchrun --nproc-per-node N -m quant.train ...` (DistributedDataParallel).
 
 `fit` is the training loop itself; quantization-aware training reuses it.
@@ -134,6 +134,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         raise ValueError(f"distill={cfg.distill!r} needs a teacher model")
     if save_every < 1:
         raise ValueError(f"save_every must be at least 1, got {save_every}")
+    if cfg.time_budget < 0:
+        raise ValueError(f"the time budget must be positive seconds (or 0: none), got {cfg.time_budget}")
     env = _Dist(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

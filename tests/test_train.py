@@ -64,6 +64,11 @@ def test_time_budget_ends_training_at_the_first_epoch_that_spends_it(tmp_path):
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.3e-3
 
 
+def test_a_negative_time_budget_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="time budget must be positive"):
+        fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(time_budget=-5), tmp_path)
+
+
 def test_a_spent_time_budget_survives_a_rerun(tmp_path):
     cfg = TrainConfig(epochs=10_000, batch_size=8, time_budget=0.3, augment=NO_AUG)
     fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
