@@ -15,10 +15,10 @@ SIZE = 192
 _S = 4 * SIZE  # drawing canvas
 
 
-def _gradient(top: tuple, bottom: tuple, h: int = _S, w: int = _S) -> Image.Image:
-    t = np.linspace(0, 1, h)[:, None, None]
+def _gradient(top: tuple, bottom: tuple) -> Image.Image:
+    t = np.linspace(0, 1, _S)[:, None, None]
     rows = (1 - t) * np.array(top) + t * np.array(bottom)
-    return Image.fromarray(np.repeat(rows, w, axis=1).astype(np.uint8))
+    return Image.fromarray(np.repeat(rows, _S, axis=1).astype(np.uint8))
 
 
 def _p(*xy: float) -> list[tuple[float, float]]:

@@ -38,10 +38,10 @@ class Reading:
 
 
 class Meter:
-    """Latencies of one model over the last `window` frames."""
+    """Latencies of one model over the last WINDOW frames."""
 
-    def __init__(self, window: int = WINDOW):
-        self.ms: deque[float] = deque(maxlen=window)
+    def __init__(self):
+        self.ms: deque[float] = deque(maxlen=WINDOW)
 
     def add(self, ms: float) -> None:
         self.ms.append(ms)

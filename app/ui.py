@@ -75,9 +75,8 @@ def _upload_path(upload) -> str | None:
 class Handlers:
     """The page's event functions over one `Comparison` (shared by every visitor)."""
 
-    def __init__(self, comparison: Comparison, mirrored: bool = MIRROR_WEBCAM):
+    def __init__(self, comparison: Comparison):
         self.cmp = comparison
-        self.mirrored = mirrored
 
     def live(self, frame, variant: str | None, stats: LiveStats | None):
         """A webcam frame -> (model view, FP top-3, FP card, quantized top-3, quantized card, summary, stats).
@@ -91,7 +90,7 @@ class Handlers:
             rgb = to_rgb(frame)
             if stats.variant != (variant or self.cmp.default):
                 stats.reset(variant or self.cmp.default)
-            view, fp, q = self.cmp.run(rgb, variant, self.mirrored, first=stats.frames)
+            view, fp, q = self.cmp.run(rgb, variant, MIRROR_WEBCAM, first=stats.frames)
         except ValueError as e:
             return (gr.skip(),) * 5 + (f"⚠ {e}", stats)
         stats.fp.add(fp.latency_ms)
@@ -148,15 +147,14 @@ def _pick(folder: Path, prop: str, label: str | None, draw):
     return _plot(draw(entries[label]) if label in entries else None)
 
 
-def build(comparison: Comparison, variant_labels: list[str], results_dir: str | Path,
-          examples_dir: str | Path | None = None) -> gr.Blocks:
+def build(comparison: Comparison, variant_labels: list[str], results_dir: str | Path) -> gr.Blocks:
     """The app's page over `comparison`; `variant_labels` fill the quantized-model menu."""
     h = Handlers(comparison)
     fp = comparison.fp
     s = comparison.size
     classes = fp.config.classes
     results_dir = Path(results_dir)
-    examples_dir = Path(examples_dir or tempfile.mkdtemp(prefix="bitvit-examples-"))
+    examples_dir = Path(tempfile.mkdtemp(prefix="bitvit-examples-"))
     examples = write_examples(examples_dir)
 
     with gr.Blocks(title="bitvit: full precision vs quantized ViT") as demo:

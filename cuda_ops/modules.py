@@ -125,7 +125,7 @@ class CUDAGraphModel:
     launch gaps, which is what batch-1 latency is made of. The returned tensor is a static buffer that
     the next call overwrites (clone it to keep it)."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, warmup: int = 3):
+    def __init__(self, model: nn.Module, example: torch.Tensor):
         if not example.is_cuda:
             raise ValueError("CUDA graphs need the model and the example input on a CUDA device")
         self.model = model.eval()
@@ -133,7 +133,7 @@ class CUDAGraphModel:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(warmup):  # first calls also pick each kernel's tiling (not allowed while capturing)
+            for _ in range(3):  # warm-up calls also pick each kernel's tiling (not allowed while capturing)
                 model(self.static_in)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()

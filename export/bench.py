@@ -101,11 +101,12 @@ def time_variants(variants: dict, img_size: int, batch: int, runs: int) -> dict[
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def accuracy(variants: dict, data, mean, std, batch: int = 250) -> dict[str, dict]:
+def accuracy(variants: dict, data, mean, std) -> dict[str, dict]:
     """CIFAR top-1 of each variant in its runtime and of the torch model it came from."""
     from tqdm import tqdm
 
     from quant.data import to_model_input
+    batch = 250  # images per forward pass
     res = {}
     for name, v in tqdm(variants.items(), desc="accuracy", unit="variant"):
         preds, ref = [], []

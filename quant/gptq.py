@@ -149,7 +149,7 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Linear], dict | None],
-               batch_size: int = 128, progress: bool = True) -> nn.Module:
+               progress: bool = True) -> nn.Module:
     """Quantize every nn.Linear that `plan(name, layer)` gives settings for, in forward order, in place.
 
     `plan` returns None (leave the layer as it is) or a dict with `weight_format` ("intB"), and
@@ -167,7 +167,7 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
         fmt, act_format = settings.pop("weight_format"), settings.pop("act_format", "none")
         if not fmt.startswith("int"):
             raise ValueError(f"GPTQ makes uniform integer codes (intB), not {fmt!r}")
-        x = capture(model, layer, calib, batch_size)
+        x = capture(model, layer, calib, 128)
         q = gptq_weight(layer.weight, hessian(x), int(fmt[3:]), **settings)
         model.set_submodule(name, QuantLinear.from_codes(q.codes, q.scales, q.zeros, layer.bias, fmt,
                                                          settings.get("group_size"), act_format))

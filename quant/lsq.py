@@ -54,9 +54,11 @@ class LearnedQuantizer(nn.Module):
     learned width starts. `learn_bits` makes b~ trainable; `freeze_bits()` fixes it for good.
     """
 
+    bit_lr_scale = 100.0  # b~ = bit_lr_scale * bit_param (see __init__)
+
     def __init__(self, bits: int | tuple[int, int], signed: bool = True, offset: bool = False,
                  groups: int = 1, dim: int = 0, bit_groups: int = 1, init_bits: float | None = None,
-                 learn_bits: bool = False, bit_lr_scale: float = 100.0):
+                 learn_bits: bool = False):
         super().__init__()
         b_min, b_max = (bits, bits) if isinstance(bits, int) else bits
         if not 1 <= b_min <= b_max <= 8:
@@ -67,7 +69,6 @@ class LearnedQuantizer(nn.Module):
             raise ValueError("a signed 1-bit uniform quantizer has no positive level; use the binary quantizer")
         self.b_min, self.b_max = b_min, b_max
         self.signed, self.groups, self.dim, self.bit_groups = signed, groups, dim, bit_groups
-        self.bit_lr_scale = bit_lr_scale
         nb = b_max - b_min + 1
         # Flat 1-D parameters: the optimizer's "no weight decay for 1-D tensors" rule then covers them.
         self.scale = nn.Parameter(torch.ones(groups * nb))             # viewed as (groups, nb)
@@ -75,7 +76,7 @@ class LearnedQuantizer(nn.Module):
         start = float(init_bits if init_bits is not None else b_max)
         # b~ = bit_lr_scale * bit_param: Adam moves bit_param by ~lr a step, so the width moves by
         # ~lr * bit_lr_scale (1e-4 * 100 = 0.01 bit a step) without a separate optimizer group.
-        self.bit_param = nn.Parameter(torch.full((bit_groups,), start / bit_lr_scale),
+        self.bit_param = nn.Parameter(torch.full((bit_groups,), start / self.bit_lr_scale),
                                       requires_grad=learn_bits and nb > 1)
         self.register_buffer("initialized", torch.tensor(False))
         self._calibrating = False
@@ -150,7 +151,7 @@ class LearnedQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def init_scales(self, x: torch.Tensor, grid: int = 40) -> None:
+    def init_scales(self, x: torch.Tensor) -> None:
         """Per group and per candidate bit-width, the step size (and offset) of least squared error."""
         xg = x.float().movedim(self.dim, 0).reshape(self.groups, -1) if self.groups > 1 \
             else x.float().reshape(1, -1)
@@ -158,7 +159,7 @@ class LearnedQuantizer(nn.Module):
             xg = xg[:, torch.randperm(xg.shape[1], device=xg.device)[:65536]]
         lo, hi = xg.min(1).values, xg.max(1).values
         scales = self.scale.view(self.groups, -1)
-        ratios = torch.linspace(0.05, 1.0, grid, device=xg.device)
+        ratios = torch.linspace(0.05, 1.0, 40, device=xg.device)  # 40 candidate fractions of the full range
         best_zero = torch.zeros_like(lo)
         for j, b in enumerate(range(self.b_min, self.b_max + 1)):
             qn, qp = levels(torch.tensor(float(b)), self.signed)

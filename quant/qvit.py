@@ -109,33 +109,34 @@ def _head_quantizer(heads: int, signed: bool, init_bits: float, learn_bits: bool
                             init_bits=init_bits, learn_bits=learn_bits)
 
 
-def prepare(model: nn.Module, budget_bits: float = 4, learn_bits: bool = True, bits: tuple[int, int] = BIT_RANGE,
-            head_bits: float = 8, skip: tuple[str, ...] = ()) -> nn.Module:
+def prepare(model: nn.Module, budget_bits: float = 4, learn_bits: bool = True,
+            bits: tuple[int, int] = BIT_RANGE) -> nn.Module:
     """Make `model` (a bitvit ViT, or any model of nn.Linear layers) Q-ViT-trainable, in place.
 
-    Widths start at budget + 1 (learned) or at the budget (LSQ+), the classification head at `head_bits`.
+    Widths start at budget + 1 (learned) or at the budget (LSQ+), the classification head at 8 bits.
     Call `calibrate` on a batch, then `measure_macs`, before training.
     """
+    head_bits = 8
     start = min(budget_bits + 1, bits[1]) if learn_bits else budget_bits
     for name, m in list(model.named_modules()):
-        if isinstance(m, Attention) and name not in skip:
+        if isinstance(m, Attention):
             qa = QuantAttention.from_attention(m)
             for slot, signed in HEAD_SLOTS.items():
                 setattr(qa, slot, _head_quantizer(m.num_heads, signed, start, learn_bits, bits))
             model.set_submodule(name, qa)
     for name, m in list(model.named_modules()):
-        if isinstance(m, QuantAttention) and name not in skip:
+        if isinstance(m, QuantAttention):
             model.set_submodule(f"{name}.qkv", LSQLinear.from_linear(m.qkv, bits=bits, init_bits=start,
                                                                      learn_bits=learn_bits))
             model.set_submodule(f"{name}.proj", LSQLinear.from_linear(m.proj, bits=bits, init_bits=start,
                                                                       learn_bits=learn_bits, input_quant=False))
-        elif isinstance(m, Mlp) and name not in skip:
+        elif isinstance(m, Mlp):
             model.set_submodule(f"{name}.fc1", LSQLinear.from_linear(m.fc1, bits=bits, init_bits=start,
                                                                      learn_bits=learn_bits))
             model.set_submodule(f"{name}.fc2", LSQLinear.from_linear(  # post-GELU input: LSQ+ offset
                 m.fc2, bits=bits, init_bits=start, learn_bits=learn_bits, input_signed=False, input_offset=True))
     for name, m in list(model.named_modules()):  # every other linear layer (the head, or a plain model's)
-        if type(m) is nn.Linear and name not in skip:
+        if type(m) is nn.Linear:
             width = head_bits if name == "head" else start
             model.set_submodule(name, LSQLinear.from_linear(m, bits=bits, init_bits=min(width, bits[1]),
                                                             learn_bits=learn_bits))

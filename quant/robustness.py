@@ -147,13 +147,14 @@ def _trials(model: VisionTransformer, acts, bits: int):
 
 @torch.no_grad()
 def analyse(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor, calib: torch.Tensor,
-            bits=(2, 3, 4), batch_size: int = 250, progress: bool = True) -> dict:
+            bits=(2, 3, 4), progress: bool = True) -> dict:
     """Top-1 drop (points) and logit KL from the FP model for every single-component quantization.
 
     images (N, 3, H, W) normalised eval inputs with labels (N,); calib (M, 3, H, W) training inputs.
     Returns {"fp_top1", "n", "trials": [{"bits", "component", "block", "head", "top1", "drop", "kl"}]}.
     """
     from tqdm import tqdm
+    batch_size = 250  # evaluation images per forward pass
     torch.manual_seed(0)             # the MSE range search subsamples large activations
     model.eval()
     _wrap_attention(model)

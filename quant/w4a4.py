@@ -138,14 +138,14 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe, batch_size: int = 128,
-                  progress: bool = True) -> nn.Module:
+def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
     """Apply the W4A4 recipe to a ViT in place (see the module docstring)."""
     from tqdm import tqdm
+    batch_size = 128  # calibration inputs per forward pass
     bits = recipe.act_bits
     blocks = _blocks(model)
     h = capture(model, blocks[0], calib, batch_size, keep_shape=True)          # (B, N, D) into block 0
-    for block in tqdm(blocks, desc="W4A4", unit="block", disable=not progress, leave=False):
+    for block in tqdm(blocks, desc="W4A4", unit="block", leave=False):
         attn = QuantAttention.from_attention(block.attn)
         block.attn = attn
         for norm, owner, name in ((block.norm1, attn, "qkv"), (block.norm2, block.mlp, "fc1")):
