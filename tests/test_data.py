@@ -9,7 +9,7 @@ from PIL import Image
 
 from quant.augment import Augment, AugmentConfig, random_crop_flip
 from quant.data import load_split, to_model_input
-from tests.conftest import TINY, write_tree
+from tests.conftest import TINY
 
 
 def test_image_tree_loads_train_and_test_with_class_names(image_tree):
