@@ -12,7 +12,9 @@
 # epochs, whichever comes first, then scores the val and test splits and copies the model, its
 # training log and both scores to $OUT: model.safetensors, log.jsonl, train.log, val.json, test.json.
 # Arguments go on to quant.train after the recipe's own, so they override it (smoke test on a CPU:
-# `DATA=some/image/tree TIME_BUDGET=5 bash quant/gpu_reference.sh --batch-size 8 --device cpu`).
+# `DATA=some/image/tree TIME_BUDGET=5 BATCH=8 bash quant/gpu_reference.sh --device cpu`).
+# TEACHER_BUDGET=S first trains a CNN teacher (`quant.teacher`, resnet_cifar) for S of those seconds and
+# distils the ViT from its hard predictions for the rest (DeiT's recipe); its log joins train.log.
 # A machine lent for 10-minute commands starts bare each time, and the resume state (weights plus
 # AdamW moments) is too big to come back through $OUT, so the run is sized to end in one call.
 set -euo pipefail
@@ -21,14 +23,25 @@ DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
 RUN=${RUN:-runs/gpu_small}
 OUT=${OUT:-$RUN/out}
 PY=${PYTHON:-python3}
+BATCH=${BATCH:-512}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
-# tqdm redraws its bar with carriage returns: keep the epoch records and messages, drop the redraws
+quiet() { tr '\r' '\n' | grep -v "step/s\|s/step\|img/s\|^ *$" || true; }  # drop tqdm's redraws
+budget=${TIME_BUDGET:-450}
+distill=()
+: > "$OUT/train.log"
+if [ "${TEACHER_BUDGET:-0}" != 0 ]; then  # DeiT-style: a CNN teacher first, out of the same budget
+    "$PY" -m quant.train --model resnet_cifar --data "$DATA" --out "$RUN-teacher" --epochs 60 \
+        --time-budget "$TEACHER_BUDGET" --save-every 10 --batch-size "$BATCH" --lr 4e-3 --warmup-epochs 2 \
+        --mixup 0 --cutmix 0 2>&1 | quiet >> "$OUT/train.log"
+    distill=(--teacher "$RUN-teacher/model.safetensors" --distill hard)
+    budget=$(awk -v b="$budget" -v t="$TEACHER_BUDGET" 'BEGIN { print (b - t > 60 ? b - t : 60) }')
+fi
 "$PY" -m quant.train --model vit_cifar_small --data "$DATA" --out "$RUN" \
-    --epochs 300 --time-budget "${TIME_BUDGET:-450}" --time-limit "${TIME_LIMIT:-500}" --save-every 25 \
-    --batch-size 512 --lr 2e-3 --warmup-epochs 10 --drop-path 0.1 \
-    --mixup 0.8 --cutmix 1.0 --mix-prob 0.5 "$@" 2>&1 | tr '\r' '\n' | grep -v "step/s\|s/step\|img/s\|^ *$" > "$OUT/train.log" || true
+    --epochs 300 --time-budget "$budget" --time-limit "${TIME_LIMIT:-500}" --save-every 25 \
+    --batch-size "$BATCH" --lr 2e-3 --warmup-epochs 10 --drop-path 0.1 \
+    --mixup 0.8 --cutmix 1.0 --mix-prob 0.5 "${distill[@]}" "$@" 2>&1 | quiet >> "$OUT/train.log"
 tail -n 4 "$OUT/train.log"
 if [ ! -f "$RUN/model.safetensors" ]; then
     echo "reference model: training failed (see $OUT/train.log)"

@@ -265,7 +265,7 @@ def _module(model: nn.Module, name: str, path) -> nn.Module:
 
 
 def load_any(path: str | os.PathLike) -> nn.Module:
-    """A bitvit model from a full-precision or a quantized file (told apart by the file's format)."""
+    """A bitvit model from a full-precision, a quantized or a CNN-teacher file (told apart by its format)."""
     path = str(path)
     if path.endswith((".pth", ".pt", ".bin")):
         return load_model(path)
@@ -280,4 +280,8 @@ def load_any(path: str | os.PathLike) -> nn.Module:
         return load_quantized(path)
     if fmt in (FP_FORMAT, None):
         return load_model(path)
-    raise ValueError(f"{path} is a {fmt!r} file, neither a bitvit ViT ({FP_FORMAT}) nor a quantized one ({FORMAT})")
+    from quant.teacher import FORMAT as TEACHER_FORMAT, load_teacher
+    if fmt == TEACHER_FORMAT:
+        return load_teacher(path)
+    raise ValueError(f"{path} is a {fmt!r} file, neither a bitvit ViT ({FP_FORMAT}), a quantized one ({FORMAT}) "
+                     f"nor a CNN teacher ({TEACHER_FORMAT})")

@@ -271,10 +271,13 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
 
 
 def main(argv=None):
-    from quant.models import CONFIGS, count_parameters, create_model, load_model, save_model
+    from quant import teacher as cnn
+    from quant.models import CONFIGS, count_parameters, create_model, save_model
+    from quant.packfile import load_any
     d, a = TrainConfig(), AugmentConfig()
     p = argparse.ArgumentParser(prog="python -m quant.train", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="vit_cifar_tiny", choices=list(CONFIGS))
+    p.add_argument("--model", default="vit_cifar_tiny", choices=list(CONFIGS) + list(cnn.CONFIGS),
+                   help="a ViT config, or a CNN teacher (quant.teacher) to distil a ViT from later")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree")
     p.add_argument("--out", required=True, help="run folder: model.safetensors, last.pt, log.jsonl")
     p.add_argument("--split", default="train", choices=["train", "trainval"],
@@ -294,7 +297,7 @@ def main(argv=None):
     p.add_argument("--cutmix", type=float, default=a.cutmix_alpha, help="cutmix alpha, 0 disables")
     p.add_argument("--mix-prob", type=float, default=a.mix_prob)
     p.add_argument("--no-trivial-augment", action="store_true")
-    p.add_argument("--teacher", help="checkpoint to distil from")
+    p.add_argument("--teacher", help="model file to distil from: a bitvit ViT or a CNN teacher")
     p.add_argument("--distill", default="hard", choices=["hard", "soft"])
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
@@ -315,13 +318,18 @@ def main(argv=None):
                               label_smoothing=args.label_smoothing,
                               trivial_augment=not args.no_trivial_augment),
         distill=args.distill if args.teacher else "none")
-    img_size = CONFIGS[args.model].img_size
+    is_cnn = args.model in cnn.CONFIGS
+    img_size = (cnn.CONFIGS if is_cnn else CONFIGS)[args.model].img_size
     train = load_split(args.data, args.split, img_size, limit=args.limit)
     val = load_split(args.data, "val", img_size, limit=args.limit) if args.split == "train" else None
     torch.manual_seed(cfg.seed)
-    model = create_model(args.model, drop_path_rate=args.drop_path,
-                         num_classes=len(train.classes), classes=tuple(train.classes))
-    teacher = load_model(args.teacher) if args.teacher else None
+    labels = dict(num_classes=len(train.classes), classes=tuple(train.classes))
+    model = (cnn.create_teacher(args.model, **labels) if is_cnn
+             else create_model(args.model, drop_path_rate=args.drop_path, **labels))
+    teacher = load_any(args.teacher) if args.teacher else None
+    if teacher is not None and tuple(teacher.config.classes) != tuple(train.classes):
+        raise ValueError(f"the teacher {args.teacher} knows classes {list(teacher.config.classes)}, "
+                         f"the data {list(train.classes)}")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
         print(f"{args.model}: {count_parameters(model):,} parameters; {len(train)} training images"
@@ -332,7 +340,7 @@ def main(argv=None):
     if main_rank:  # a run stopped by --time-limit still saves the model so far, marked incomplete
         meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split,
                 "train_seconds": f"{time.time() - t0:.0f}", "complete": str(done).lower()}
-        save_model(model, Path(args.out) / "model.safetensors", metadata=meta)
+        (cnn.save_teacher if is_cnn else save_model)(model, Path(args.out) / "model.safetensors", metadata=meta)
         print(f"saved {Path(args.out) / 'model.safetensors'}{'' if done else ' (incomplete: rerun to resume)'}")
 
 

@@ -210,14 +210,16 @@ def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, i
     assert "incomplete" in capsys.readouterr().out
 
 
-def test_the_gpu_reference_script_trains_scores_and_hands_back_its_files(tmp_path, image_tree):
+@pytest.mark.parametrize("teacher_budget", ["0", "1"])
+def test_the_gpu_reference_script_trains_scores_and_hands_back_its_files(tmp_path, image_tree, teacher_budget):
     env = {**os.environ, "DATA": str(image_tree), "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out"),
-           "TIME_BUDGET": "1", "PYTHON": sys.executable}
+           "TIME_BUDGET": "1", "TEACHER_BUDGET": teacher_budget, "BATCH": "4", "PYTHON": sys.executable}
     r = subprocess.run(["bash", "quant/gpu_reference.sh", "--model", "vit_cifar_tiny", "--device", "cpu",
-                        "--batch-size", "4", "--warmup-epochs", "1"], cwd=Path(__file__).parents[1], env=env,
+                        "--warmup-epochs", "1"], cwd=Path(__file__).parents[1], env=env,
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().endswith("reference model done")
     assert sorted(os.listdir(tmp_path / "out")) == ["log.jsonl", "model.safetensors", "test.json", "train.log",
                                                     "val.json"]
     assert json.loads((tmp_path / "out" / "test.json").read_text())["split"] == "test"
+    assert ("resnet_cifar" in (tmp_path / "out" / "train.log").read_text()) == (teacher_budget == "1")

@@ -1,0 +1,50 @@
+"""The CNN teacher: its shapes, its file, and distilling a ViT from it through the training CLI."""
+import json
+
+import pytest
+import torch
+
+from quant.packfile import load_any
+from quant.teacher import ResNetTeacher, create_teacher, load_teacher, save_teacher
+from quant.train import main
+
+
+def test_the_teacher_maps_images_to_class_logits_and_refuses_other_sizes():
+    model = create_teacher("resnet_cifar_half", num_classes=3, classes=("a", "b", "c"))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(ValueError, match="expected 32x32 images"):
+        model(torch.randn(2, 3, 16, 16))
+
+
+def test_a_teacher_file_rebuilds_the_same_network(tmp_path):
+    model = create_teacher("resnet_cifar_half").eval()
+    save_teacher(model, tmp_path / "t.safetensors")
+    loaded = load_any(tmp_path / "t.safetensors")
+    assert isinstance(loaded, ResNetTeacher) and loaded.config == model.config
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_vit_file_is_not_a_teacher_file(tmp_path, tiny_model):
+    from quant.models import save_model
+    save_model(tiny_model, tmp_path / "vit.safetensors")
+    with pytest.raises(ValueError, match="not a bitvit CNN teacher"):
+        load_teacher(tmp_path / "vit.safetensors")
+
+
+def test_a_vit_distils_from_a_cnn_teacher_trained_by_the_same_command(tmp_path, image_tree, capsys):
+    common = ["--data", str(image_tree), "--epochs", "1", "--batch-size", "4", "--limit", "12"]
+    main(["--model", "resnet_cifar_half", "--out", str(tmp_path / "cnn"), *common])
+    main(["--model", "vit_cifar_tiny", "--out", str(tmp_path / "vit"), "--teacher",
+          str(tmp_path / "cnn" / "model.safetensors"), *common])
+    config = json.loads(torch.load(tmp_path / "vit" / "last.pt", weights_only=True)["config"])
+    assert config["distill"] == "hard"
+    assert load_any(tmp_path / "vit" / "model.safetensors").config.classes == load_any(
+        tmp_path / "cnn" / "model.safetensors").config.classes
+
+
+def test_a_teacher_of_other_classes_is_refused(tmp_path, image_tree):
+    save_teacher(create_teacher("resnet_cifar_half"), tmp_path / "cifar.safetensors")  # CIFAR-10's classes
+    with pytest.raises(ValueError, match="the teacher .* knows classes"):
+        main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "vit"),
+              "--epochs", "1", "--batch-size", "4", "--limit", "12", "--teacher", str(tmp_path / "cifar.safetensors")])
