@@ -107,7 +107,7 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
         if "bitvit.config" not in meta:
             raise ValueError(f"{path} is not a bitvit ONNX export (no bitvit.config metadata)")
         fmt = meta.get("bitvit.format", "?")
-        return ModelFile(path, "fp" if fmt == "fp32" else "quant", fmt, _config(path, meta["bitvit.config"]), None)
+        return ModelFile(path, "fp" if fmt == "fp32" else "quant", fmt, ViTConfig.from_json(meta["bitvit.config"], path), None)
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -115,21 +115,14 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
     except Exception as e:  # safetensors' own errors for garbage and truncated files
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
     if meta.get("format") == FP_FORMAT:
-        return ModelFile(path, "fp", "fp32", _config(path, meta.get("config")), None)
+        return ModelFile(path, "fp", "fp32", ViTConfig.from_json(meta.get("config"), path), None)
     header = quant.read_header(path)  # refuses anything that is not a quantized bitvit file
     arch = header.get("architecture") or {}
     if arch.get("kind") != "bitvit-vit":
         raise ValueError(f"{path} holds no bitvit ViT architecture")
     formats = sorted({entry.get("weight_format", "?") for entry in header["layers"].values()})
-    return ModelFile(path, "quant", "+".join(formats), _config(path, json.dumps(arch.get("config"))),
+    return ModelFile(path, "quant", "+".join(formats), ViTConfig.from_json(json.dumps(arch.get("config")), path),
                      header.get("storage", {}).get("bits_per_weight"))
-
-
-def _config(path: Path, text: str | None) -> ViTConfig:
-    try:
-        return ViTConfig.from_json(text)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
 
 
 def scan(folder: str | os.PathLike) -> tuple[list[ModelFile], list[str]]:

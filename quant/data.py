@@ -16,6 +16,7 @@ by the source path, its size and modification time and the image size.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -178,7 +179,14 @@ class _FolderSource(_Source):
         return ImageSet(images, np.array(labels, dtype=np.int64), tuple(d.name for d in class_dirs))
 
 
-_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+@contextlib.contextmanager
+def _open_archive(path: Path):
+    """`tarfile.open(path)`, with a truncated or damaged archive reported as one ValueError naming it."""
+    try:
+        with tarfile.open(path) as tar:
+            yield tar
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise ValueError(f"{path} is a damaged or truncated archive ({type(e).__name__}: {e})") from None
 
 
 class _TarSource(_Source):
@@ -187,12 +195,9 @@ class _TarSource(_Source):
     def __init__(self, path: Path):
         self.path = path
         self.key = _stat_key(path)
-        try:
-            with tarfile.open(path) as tar:
-                self.members = [m for m in tar.getmembers()
-                                if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
-        except _ARCHIVE_ERRORS as e:
-            raise ValueError(f"{path} is a damaged or truncated archive ({type(e).__name__}: {e})") from None
+        with _open_archive(path) as tar:
+            self.members = [m for m in tar.getmembers()
+                            if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
         self.splits = {Path(m.name).parts[-3] for m in self.members if len(Path(m.name).parts) >= 3}
         if not self.members:
             raise ValueError(f"{path} holds no images")
@@ -207,12 +212,9 @@ class _TarSource(_Source):
             raise ValueError(f"{self.path} has no {split}/<class>/ images")
         classes = sorted({Path(m.name).parts[-2] for m in members})
         images = []
-        try:
-            with tarfile.open(self.path) as tar:
-                for m in _progress(members, f"decoding {self.path.name}:{split}", progress):
-                    images.append(_decode(tar.extractfile(m).read(), f"{self.path}:{m.name}", image_size))
-        except _ARCHIVE_ERRORS as e:
-            raise ValueError(f"{self.path} is a damaged or truncated archive ({type(e).__name__}: {e})") from None
+        with _open_archive(self.path) as tar:
+            for m in _progress(members, f"decoding {self.path.name}:{split}", progress):
+                images.append(_decode(tar.extractfile(m).read(), f"{self.path}:{m.name}", image_size))
         labels = np.array([classes.index(Path(m.name).parts[-2]) for m in members], dtype=np.int64)
         return ImageSet(np.stack(images), labels, tuple(classes))
 

@@ -58,17 +58,19 @@ class ViTConfig:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "ViTConfig":
+    def from_json(cls, text: str | None, source: str | os.PathLike | None = None) -> "ViTConfig":
+        """The config in `text`; errors start with `source` (the file it came from) when given."""
+        where = f"{source}: " if source is not None else ""
         try:
             raw = json.loads(text)
         except (TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"the ViT config is not valid JSON ({e})") from None
+            raise ValueError(f"{where}the ViT config is not valid JSON ({e})") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"the ViT config is not a JSON object: {text[:80]!r}")
+            raise ValueError(f"{where}the ViT config is not a JSON object: {text[:80]!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - names
         if unknown:
-            raise ValueError(f"unknown ViT config fields {sorted(unknown)}")
+            raise ValueError(f"{where}unknown ViT config fields {sorted(unknown)}")
         for key in ("stem_channels", "classes", "mean", "std"):
             if key in raw:
                 raw[key] = tuple(raw[key])
@@ -313,10 +315,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
     else:
         state, meta = read_safetensors(source)
     if meta.get("format") == FORMAT:
-        try:
-            cfg = ViTConfig.from_json(meta.get("config"))
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        cfg = ViTConfig.from_json(meta.get("config"), source)
         if name is not None and dataclasses.replace(CONFIGS.get(name, cfg), drop_path_rate=0.0) \
                 != dataclasses.replace(cfg, drop_path_rate=0.0):
             raise ValueError(f"{source} holds a different architecture than {name!r}")

@@ -37,8 +37,6 @@ def parse_overrides(items: list[str]) -> dict:
 def calibration_inputs(data: str, n: int, cfg) -> torch.Tensor:
     """(n, 3, H, W) normalised training-split images for calibration."""
     from quant.data import load_split, to_model_input
-    if n < 1:
-        raise ValueError(f"--calib-size must be positive, got {n}")
     train = load_split(data, "train", image_size=cfg.img_size, limit=n)
     return to_model_input(train.images, cfg.mean, cfg.std)
 
