@@ -132,10 +132,9 @@ class LearnedQuantizer(nn.Module):
         if self._calibrating and not bool(self.initialized):
             self.init_scales(x.detach())
         bits = self.bits()                                                  # (bit_groups,)
-        idx = (bits.detach() - self.b_min).long()
-        scales = self.scale.view(self.groups, -1)
-        s = scales[:, idx[0]] if self.bit_groups == 1 else scales.gather(1, idx[:, None])[:, 0]
         bits = bits.expand(self.groups)                                     # (groups,)
+        idx = (bits.detach() - self.b_min).long()
+        s = self.scale.view(self.groups, -1).gather(1, idx[:, None])[:, 0]  # each group's step at its width
         qn, qp = levels(bits, self.signed)
         n_per_group = x.numel() / self.groups
         g = 1.0 / torch.sqrt(n_per_group * qp.detach().clamp(min=1))        # LSQ gradient scale

@@ -58,6 +58,21 @@ def test_a_few_qvit_steps_lower_the_loss_with_the_budget_penalty(tiny_model):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("name", ["w1.58a8", "w1a8", "qvit"])
+def test_qat_students_trace_into_one_graph_for_torch_compile(tiny_model, name):
+    """quant.train compiles the student on CUDA: a graph break would split it at every quantizer."""
+    x = torch.randn(4, 3, 16, 16)
+    student, r = copy.deepcopy(tiny_model), quant.recipe(name)
+    quant.quantize(student, r)
+    if r.method == "bitnet":
+        bitlinear.init_input_norms(student, x)
+    else:
+        qvit.calibrate(student, x)
+        qvit.measure_macs(student, x[:1])
+    explained = torch._dynamo.explain(student.train())(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
 @pytest.fixture
 def teacher_file(tiny_model, tmp_path):
     path = tmp_path / "fp.safetensors"
