@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from app.examples import DRAWINGS
 from app.live import LiveStats
 from app.main import ASSETS, make_comparison
 from app.ui import Handlers
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, positive_int, provenance, run
 
 TARGET_FPS = 15
 
@@ -46,15 +44,6 @@ def recorded_clip(n: int, height: int = 480, width: int = 640) -> list[np.ndarra
         f += rng.integers(-12, 13, f.shape, dtype=np.int16)
         frames.append(np.clip(f, 0, 255).astype(np.uint8))
     return frames
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}"
 
 
 def bench_pair(handlers: Handlers, variant: str, frames: list[np.ndarray]) -> dict:
@@ -127,10 +116,8 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "command": "python -m app.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(), "threads": args.threads or "all", "runtime": args.runtime,
+        **provenance("app.bench", argv), "threads": args.threads or "all", "runtime": args.runtime,
         "load_average_before": round(load_before[0], 2), "load_average_after": round(load_after[0], 2),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "split": f"synthetic {w}x{h} frames (drawn examples, no data set)",
         "wall_time_s": round(time.time() - start, 1), "target_fps": TARGET_FPS, "pairs": rows}, indent=1) + "\n")
     print(f"wrote {out}")

@@ -22,12 +22,10 @@ as a graphed model runs them; "eager_ms" is the same call from Python, dispatch 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -39,7 +37,7 @@ import torch.nn.functional as F
 
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, positive_int, provenance, run
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
 from quant.pack import pack_codes, pack_trit_planes
 
@@ -396,11 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ops_deadline = start + (0.6 if e2e_models else 1.0) * args.time_limit
     progress = lambda it, **kw: tqdm(it, file=sys.stderr, **kw)  # noqa: E731
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or "cpu")
-    result = {"command": "python -m cuda_ops.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": device_name, "machine": f"{platform.node()} {platform.machine()}, "
-                                                f"{torch.get_num_threads()} CPU threads",
-              "torch": torch.__version__, "dtype": dtype_name,
+    result = {**provenance("cuda_ops.bench", argv), "device": device_name,
+              "cpu_threads": torch.get_num_threads(), "dtype": dtype_name,
               "data": "random weights and inputs (no data split: speed does not depend on the values)",
               "baseline": f"dense = F.linear in {dtype_name}" + (" (cuBLAS)" if args.device == "cuda" else ""),
               "load_average_1_5_15min": list(os.getloadavg()), "skipped": []}

@@ -12,11 +12,8 @@ them at run time for ViT shapes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
 import re
 import subprocess
 import sys
@@ -30,7 +27,7 @@ from triton.compiler import ASTSource
 
 from cuda_ops import triton_kernels as tk
 from cuda_ops.ops import A8_FORMATS
-from quant.cli import run
+from quant.cli import provenance, run
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}  # bytes of shared memory a program may use
 
@@ -176,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             r["config"] = vars(r["config"]) if hasattr(r["config"], "__dict__") else r["config"]
         args.out.write_text(json.dumps({
-            "command": "python -m cuda_ops.compile_check " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} {platform.machine()} (no GPU: compiled with triton's ptxas)",
+            **provenance("cuda_ops.compile_check", argv), "compiler": "triton's ptxas (no GPU needed)",
             "data": "none (compiler output)", "wall_s": time.monotonic() - start, "triton": triton.__version__,
             "arch": args.arch, "kernels": rows}, indent=1, default=str))
     return 0

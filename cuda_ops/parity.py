@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from cuda_ops.modules import KernelLinear, to_kernels
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, positive_int, provenance, run
 from quant.data import load_split
 from quant.evaluate import predict
 
@@ -83,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     first = fp if fp is not None else models[0][1]()
     data = load_split(args.data, args.split, image_size=first.config.img_size, limit=args.limit)
     start = time.monotonic()
-    result = {"command": "python -m cuda_ops.parity " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} CPU threads"
-                         + (f", {torch.cuda.get_device_name()}" if device == "cuda" else ""),
+    result = {**provenance("cuda_ops.parity", argv), "cpu_threads": torch.get_num_threads(),
               "device": device, "data": f"{args.data} split={args.split} n={len(data)}", "rows": []}
     for name, make in models:
         result["rows"].append(compare(name, make(), data, device, args.batch_size))
@@ -103,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    raise SystemExit(run(main))

@@ -17,12 +17,10 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, positive_int, provenance, run
 from quant.models import create_model, save_model
 from quant.packfile import load_any
 
@@ -119,13 +117,6 @@ def accuracy(variants: dict, data, mean, std) -> dict[str, dict]:
         res[name] = {"top1": float((preds == data.labels).mean()), "torch_top1": float((ref == data.labels).mean()),
                      "prediction_agreement": float((preds == ref).mean())}
     return res
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    from .ortops import kernel_isa, library_path
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}; bitvit ops: {kernel_isa(library_path())}"
 
 
 def print_table(title: str, rows: dict, batches) -> None:
@@ -222,8 +213,8 @@ def main(argv=None):
     split = None
     if args.data:
         split = f"{args.split} split of {Path(args.data).name}" + (f", first {args.limit} images" if args.limit else "")
-    out = {"command": "python -m export.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    from .ortops import kernel_isa, library_path
+    out = {**provenance("export.bench", argv), "bitvit_ops_isa": kernel_isa(library_path()),
            "split": split, "threads": args.threads, "runs": args.runs, "batches": args.batches,
            "load_average_before": load_before, "load_average_after": os.getloadavg(),
            "wall_s": round(time.perf_counter() - t_start, 1), "results": results}

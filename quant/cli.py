@@ -1,9 +1,13 @@
-"""What every bitvit command line shares: turning expected failures into one clear line."""
+"""What every bitvit command line shares: one clear line for expected failures, argument checks, and
+the provenance (command, machine, date) that every results file records."""
 from __future__ import annotations
 
 import argparse
 import os
+import platform
+import shlex
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -38,3 +42,25 @@ def output_file(path: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is a folder; give a file name to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def machine() -> str:
+    """The machine a result was measured on, in words: CPU model, logical cores, OS, torch, and the GPU
+    when one is visible."""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()}, torch {torch.__version__}, {gpu}"
+
+
+def provenance(prog: str, argv: list[str] | None) -> dict[str, str]:
+    """What every results file records about its run: the command line (`python -m PROG ARGS`), the
+    machine and the UTC date."""
+    args = sys.argv[1:] if argv is None else argv
+    return {"command": f"python -m {prog} " + shlex.join(args), "machine": machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

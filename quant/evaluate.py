@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, positive_int, provenance, run
 from quant.data import ImageSet, load_split, to_model_input
 
 
@@ -123,7 +123,8 @@ def main(argv=None):
         m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     lat = latency_ms(model, cfg.img_size)
     res.update(checkpoint=str(args.checkpoint), split=args.split, params=params, size_bytes=size,
-               latency_ms_batch1_cpu=lat, threads=torch.get_num_threads(), eval_seconds=eval_s)
+               latency_ms_batch1_cpu=lat, threads=torch.get_num_threads(), eval_seconds=eval_s,
+               **provenance("quant.evaluate", argv))
 
     confusion_png = args.confusion or (Path(args.json).with_suffix(".confusion.png") if args.json
                                        else Path(str(args.checkpoint) + ".confusion.png"))

@@ -16,34 +16,15 @@ checkpoints are kept, so recipes can be run one at a time (`--recipes w4a4`). Dr
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, positive_int, provenance, run
 
 DEFAULT_RECIPES = ("w8a8", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
-
-
-def machine() -> str:
-    """The CPU (and GPU, if one is used) this process runs on, in words."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if torch.cuda.is_available():
-        desc += f", evaluated on {torch.cuda.get_device_name()}"
-    return desc
 
 
 def load_results(path: Path) -> list[dict]:
@@ -101,15 +82,16 @@ def main(argv=None):
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
     calib = calibration_inputs(args.data, args.calib_size, cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    common = {"checkpoint": str(ckpt), "split": args.split, "n": len(data), "device": device, "machine": machine(),
-              "sweep_command": "python -m quant.ptq_results " + shlex.join(sys.argv[1:] if argv is None else argv)}
+    sweep = provenance("quant.ptq_results", argv)
+    common = {"checkpoint": str(ckpt), "split": args.split, "n": len(data), "device": device,
+              "machine": sweep["machine"], "cpu_threads": torch.get_num_threads(), "sweep_command": sweep["command"]}
     limit = f" --limit {args.limit}" if args.limit else ""
     eval_cmd = "python -m quant.evaluate --checkpoint {} --data " + f"{args.data} --split {args.split}{limit}"
 
     def record(entry: dict) -> None:
         nonlocal entries
         entries = [e for e in entries if (e.get("checkpoint"), e.get("recipe")) != (str(ckpt), entry["recipe"])]
-        entries.append({**entry, **common, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        entries.append({**entry, **common, "date": provenance("quant.ptq_results", argv)["date"]})
         write_results(out, entries)
 
     fp, eval_s = score(ckpt, data, device)

@@ -22,18 +22,14 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import shlex
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, positive_int, provenance, run
 from quant.data import SPLITS
 
 
@@ -57,17 +53,6 @@ def _sum_losses(*losses):
     if not losses:
         return None
     return lambda model: sum(f(model) for f in losses)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
 
 
 def record_result(path: str | os.PathLike, name: str, entry: dict) -> None:
@@ -247,8 +232,7 @@ def main(argv=None):
                 "train_images": len(train), "images_per_epoch": len(train),
                 "train_seconds": round(train_seconds, 1), "wall_time_s": round(time.time() - started, 1),
                 "images_per_s": round(args.epochs * len(train) / max(train_seconds, 1e-9), 1),
-                "command": "python -m quant.qat " + shlex.join(sys.argv[1:] if argv is None else argv),
-                "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **provenance("quant.qat", argv),
             }
             if r.method == "qvit":
                 alloc = json.loads(Path(f"{args.out}.bits.json").read_text())

@@ -19,14 +19,13 @@ import argparse
 import contextlib
 import json
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, positive_int, provenance, run
 from quant.lsq import LearnedQuantizer
 from quant.models import Attention, VisionTransformer
 from quant.qattention import QuantAttention
@@ -269,11 +268,8 @@ def summary(result: dict) -> list[str]:
 
 
 def main(argv=None):
-    import sys
-    import shlex
     from quant.data import load_split, to_model_input
     from quant.models import load_model
-    from quant.qat import machine
     p = argparse.ArgumentParser(prog="python -m quant.robustness", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree")
@@ -297,9 +293,7 @@ def main(argv=None):
     result = analyse(model, to_model_input(data.images, cfg.mean, cfg.std), torch.from_numpy(data.labels),
                      to_model_input(calib.images, cfg.mean, cfg.std), tuple(args.bits))
     result.update(checkpoint=str(args.checkpoint), split=args.split, bits=args.bits, calib_size=len(calib),
-                  command="python -m quant.robustness " + shlex.join(sys.argv[1:] if argv is None else argv),
-                  machine=machine(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  wall_time_s=round(time.perf_counter() - t0, 1))
+                  **provenance("quant.robustness", argv), wall_time_s=round(time.perf_counter() - t0, 1))
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))
     print("\n".join(summary(result)))

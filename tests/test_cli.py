@@ -1,10 +1,11 @@
-"""What every command line shares: counts must be positive, outputs must be files, failures are one line."""
+"""What every command line shares: counts must be positive, outputs must be files, failures are one line,
+results say how they were made."""
 import argparse
 
 import pytest
 import torch
 
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, positive_int, provenance, run
 from quant.train import main as train_main
 
 
@@ -12,6 +13,13 @@ from quant.train import main as train_main
 def test_counts_that_are_not_positive_integers_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
         positive_int(text)
+
+
+def test_a_result_records_its_command_line_quoted_the_machine_and_the_utc_date():
+    p = provenance("quant.evaluate", ["--data", "my data", "--split", "test"])
+    assert p["command"] == "python -m quant.evaluate --data 'my data' --split test"
+    assert f"torch {torch.__version__}" in p["machine"]
+    assert p["date"].endswith("+00:00")
 
 
 def test_an_output_that_is_a_folder_is_refused_and_a_missing_folder_is_made(tmp_path):

@@ -35,6 +35,7 @@ def test_cli_reports_and_ends_with_top1(checkpoint, image_tree, tmp_path):
     assert set(res["per_class"]) == {"cat", "dog", "frog"}
     assert res["params"] > 0 and res["size_bytes"] == checkpoint.stat().st_size
     assert res["latency_ms_batch1_cpu"] > 0
+    assert res["command"].startswith("python -m quant.evaluate --checkpoint") and res["machine"] and res["date"]
     assert (tmp_path / "r.confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert "parameters" in out and "MB on disk" in out
 
