@@ -1,7 +1,7 @@
 """Compile the Triton kernels for a GPU architecture without a GPU, and report what the compiler made of
 them: `python -m cuda_ops.compile_check [--arch 90] [--kernels a8,weight_only,quantize]`.
 
-Triton ships ptxas, so every tiling the tuner may pick can be compiled here to a cubin (sm_90 = H100),
+Triton ships ptxas, so every tiling the tuner may pick can be compiled here to a cubin (sm_90 = H100 and H200),
 and its resources read off before any device time is spent: registers per thread, spilled stack bytes,
 shared memory per program, whether the loop's loads are software-pipelined (async copies into shared
 memory) and which matrix instructions were emitted (wgmma on Hopper). Spills and a missing pipeline
