@@ -47,9 +47,9 @@ if [ ! -f "$RUN/model.safetensors" ]; then
     echo "reference model: training failed (see $OUT/train.log)"
     exit 1
 fi
+cp "$RUN/model.safetensors" "$RUN/log.jsonl" "$OUT/"  # back first: the scores below can be redone here
 for split in val test; do
     "$PY" -m quant.evaluate --checkpoint "$RUN/model.safetensors" --data "$DATA" --split "$split" \
-        --json "$OUT/$split.json" --confusion "$RUN/$split.confusion.png" 2>&1 | tr '\r' '\n' | tail -n 1
+        --json "$OUT/$split.json" --confusion "$RUN/$split.confusion.png" 2>&1 | tr '\r' '\n' | tail -n 1 || true
 done
-cp "$RUN/model.safetensors" "$RUN/log.jsonl" "$OUT/"
 echo "reference model done"

@@ -23,9 +23,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-cpu}
 TEACHER=${TEACHER:-assets/vit_cifar_tiny.safetensors}
-DATA=${DATA:-/work/shared/data/cifar10-jpeg.tar.gz}
 RUNS=${RUNS:-runs/qat-$PROFILE}
-RESULTS=${RESULTS:-assets/results/qat.json}
+if [ "$PROFILE" = gpu ]; then  # the device machine gets the data carried in .data/; its results start fresh
+    DATA=${DATA:-.data/cifar10-jpeg.tar.gz}; RESULTS=${RESULTS:-$RUNS/qat.json}
+else
+    DATA=${DATA:-/work/shared/data/cifar10-jpeg.tar.gz}; RESULTS=${RESULTS:-assets/results/qat.json}
+fi
 ASSETS=${ASSETS:-assets}
 ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w3 qvit-w4"}
 PY=${PYTHON:-python3}

@@ -97,6 +97,8 @@ class _Dist:
         check_device(device)
         cuda = torch.cuda.is_available() and device != "cpu"
         self.device = torch.device(device or (f"cuda:{local}" if cuda else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": this process's GPU
+            self.device = torch.device(f"cuda:{local}")
         if cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
