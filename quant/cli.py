@@ -58,9 +58,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()}, torch {torch.__version__}, {gpu}"
 
 
+def utc_now() -> str:
+    """The current UTC time to the second, ISO 8601: every results file's date."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def provenance(prog: str, argv: list[str] | None) -> dict[str, str]:
     """What every results file records about its run: the command line (`python -m PROG ARGS`), the
     machine and the UTC date."""
     args = sys.argv[1:] if argv is None else argv
     return {"command": f"python -m {prog} " + shlex.join(args), "machine": machine(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "date": utc_now()}

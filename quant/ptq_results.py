@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import output_file, positive_int, provenance, run
+from quant.cli import output_file, positive_int, provenance, run, utc_now
 
 DEFAULT_RECIPES = ("w8a8", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
 
@@ -91,7 +91,7 @@ def main(argv=None):
     def record(entry: dict) -> None:
         nonlocal entries
         entries = [e for e in entries if (e.get("checkpoint"), e.get("recipe")) != (str(ckpt), entry["recipe"])]
-        entries.append({**entry, **common, "date": provenance("quant.ptq_results", argv)["date"]})
+        entries.append({**entry, **common, "date": utc_now()})
         write_results(out, entries)
 
     fp, eval_s = score(ckpt, data, device)

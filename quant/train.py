@@ -96,7 +96,7 @@ class _Dist:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         check_device(device)
         cuda = torch.cuda.is_available() and device != "cpu"
-        self.device = torch.device(device or (f"cuda:{local}" if cuda else "cpu"))
+        self.device = torch.device(device or ("cuda" if cuda else "cpu"))
         if self.device.type == "cuda" and self.device.index is None:  # "cuda": this process's GPU
             self.device = torch.device(f"cuda:{local}")
         if cuda:
