@@ -211,7 +211,8 @@ def quantize_per_token(x: Tensor, norm_weight: Optional[Tensor] = None, norm_bia
 @quantize_per_token.register_fake
 def _(x, norm_weight=None, norm_bias=None, norm_eps=None):
     _check_quantize(x, norm_weight, norm_bias, norm_eps)
-    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    # contiguous codes whatever x's strides, as the CPU and Triton kernels return them
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 def _make_a8_op(name: str):

@@ -162,6 +162,7 @@ def _op_args():
     g = gen(3)
     x = torch.randn(2, 5, 96, generator=g)
     yield OPS.quantize_per_token, (x,)
+    yield OPS.quantize_per_token, (x.transpose(0, 1),)  # a strided input gets contiguous codes
     yield OPS.quantize_per_token, (x, torch.rand(96, generator=g), None, 1e-6)
     for fmt in A8_FORMATS:
         yield a8(fmt), (x, *make_a8_layer(fmt, 24, 96, g), 96)
