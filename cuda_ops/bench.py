@@ -143,7 +143,9 @@ def op_call(op: str, n: int, k: int, x: torch.Tensor, bias: torch.Tensor):
     return (lambda: A8_OPS[fmt](x, packed, scales, bias, k)), packed.numel() + 4 * n, "int8"
 
 
-def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, skipped: list) -> list[dict]:
+def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, skipped: list,
+              saved=lambda rows: None) -> list[dict]:
+    """Per-op rows; `saved(rows)` after each shape, so a run killed later keeps what it measured."""
     rows = []
     jobs = [(m, layer, nk, b) for m in models for layer, nk in layer_shapes(SHAPES[m]).items() for b in batches]
     for model, layer, (n, k), batch in progress(jobs, desc="ops"):
@@ -179,6 +181,7 @@ def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, ski
                          "bound": "memory" if t_mem > t_ops else "compute",
                          "roofline_frac": max(t_mem, t_ops) / t})
             del fn
+        saved(rows)
     if skipped:
         print(f"time limit: skipped {len(skipped)} of {len(jobs)} op shapes", file=sys.stderr)
     return rows
@@ -212,11 +215,13 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
     return total, linear
 
 
-def bench_models(models, batches, variants, device, dtype, deadline, progress, skipped: list) -> list[dict]:
+def bench_models(models, batches, variants, device, dtype, deadline, progress, skipped: list,
+                 saved=lambda rows: None) -> list[dict]:
+    """End-to-end rows (variants: "fp" first, the baseline); `saved(rows)` after each variant."""
     rows = []
     for name in models:
         cfg = SHAPES[name]
-        base = {}
+        base, fp_bytes = {}, None  # the fp variant's time per batch, (all, linear) weight bytes
         for variant in variants:
             if time.monotonic() > deadline:
                 print(f"time limit: skipped {name} {variant}", file=sys.stderr)
@@ -224,6 +229,8 @@ def bench_models(models, batches, variants, device, dtype, deadline, progress, s
                 continue
             model = build(name, variant).to(device=device, dtype=dtype)
             total, linear = weight_bytes(model)
+            if variant == "fp":
+                fp_bytes = total, linear
             for batch in progress(batches, desc=f"{name} {variant}", leave=False):
                 x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
                 if device == "cuda":
@@ -238,14 +245,14 @@ def bench_models(models, batches, variants, device, dtype, deadline, progress, s
                 rows.append({"model": name, "variant": variant, "dtype": str(dtype).replace("torch.", ""),
                              "batch": batch, "ms": t * 1e3, "images_per_s": batch / t,
                              "speedup_vs_fp": base[batch] / t if batch in base else None, "weight_MB": total / 1e6,
-                             "linear_weight_MB": linear / 1e6, "cuda_graph": device == "cuda"})
+                             "linear_weight_MB": linear / 1e6, "cuda_graph": device == "cuda",
+                             # weight memory relative to the FP model of the same dtype
+                             "memory_ratio_vs_fp": fp_bytes[0] / total if fp_bytes else None,
+                             "linear_memory_ratio_vs_fp": fp_bytes[1] / linear if fp_bytes else None})
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
-    for r in rows:  # weight memory relative to the FP model of the same dtype
-        fp = next((f for f in rows if f["model"] == r["model"] and f["variant"] == "fp"), None)
-        r["memory_ratio_vs_fp"] = fp["weight_MB"] / r["weight_MB"] if fp else None
-        r["linear_memory_ratio_vs_fp"] = fp["linear_weight_MB"] / r["linear_weight_MB"] if fp else None
+            saved(rows)
     return rows
 
 
@@ -403,23 +410,25 @@ def main(argv: list[str] | None = None) -> int:
         import triton
         result["triton"] = triton.__version__
 
-    def save():
+    def save(**parts):
+        result.update(parts)
         result["wall_s"] = time.monotonic() - start
         result["load_average_at_end"] = list(os.getloadavg())  # CPU timings are noise on a busy machine
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
+            tmp = args.out.with_suffix(".tmp")  # whole or not at all, should a timeout kill the run here
+            tmp.write_text(json.dumps(result, indent=1))
+            os.replace(tmp, args.out)
 
     ceil = result["ceilings"] = ceilings(args.device, dtype, args.quick)
     print(f"{device_name}: copy {ceil['copy_TBps']:.2f} TB/s, {dtype_name} matmul {ceil['float_TFLOPs']:.1f} TFLOP/s, "
           f"int8 matmul {ceil['int8_TOPs']:.1f} TOP/s")
     save()
     result["ops"] = bench_ops(op_models, batches, ops, args.device, dtype, ceil, ops_deadline, progress,
-                              result["skipped"])
-    save()
+                              result["skipped"], saved=lambda rows: save(ops=rows))
     print_ops(result["ops"])
     result["models"] = bench_models(e2e_models, batches, variants, args.device, dtype, deadline, progress,
-                                      result["skipped"])
+                                    result["skipped"], saved=lambda rows: save(models=rows))
     if args.device == "cuda":
         from cuda_ops.triton_kernels import TUNER
         result["tuned"] = TUNER.report()

@@ -48,6 +48,7 @@ class TrainConfig:
     distill_temperature: float = 1.0
     time_budget: float = 0.0         # seconds; > 0: the cosine decays over this much training time and
     seed: int = 0                    # training ends when it is spent, or at `epochs` if that comes first
+                                     # (a run's first step, which compiles on CUDA, is not charged to it)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,6 +175,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
+            torch.cuda.set_rng_state(state["cuda_rng"], env.device)
         start_epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
         if env.main:
             print(f"resuming from {ckpt_path} after epoch {start_epoch}")
@@ -196,7 +199,10 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     # Clock-driven choices (the budget's learning rate, when to stop) use times agreed by all
     # processes at each epoch's start; within an epoch the budget's clock advances by the last
     # epoch's seconds per step, never backwards, so every process sets the same learning rate.
+    # The first step of each run is timed apart and not charged to the budget: on CUDA it compiles
+    # the model, which can take longer than a short budget's training.
     started, epoch_seconds, step_seconds, clock, done = time.perf_counter(), 0.0, 0.0, 0.0, True
+    warmup_seconds = None
     for epoch in range(start_epoch, cfg.epochs):
         trained, step_seconds = env.agree(trained), env.agree(step_seconds)
         if cfg.time_budget and trained >= cfg.time_budget:
@@ -238,6 +244,10 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if warmup_seconds is None:
+                if cuda:
+                    torch.cuda.synchronize()
+                warmup_seconds = time.perf_counter() - t0
             if i % 10 == 0 or i == steps_per_epoch - 1:  # syncing every step would stall the GPU
                 loss_sum += loss.item() * len(idx)
                 correct += int((logits.argmax(1) == target.argmax(1)).sum())
@@ -246,11 +256,15 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                                 img_s=f"{(i + 1) * per_rank * env.world / (time.perf_counter() - t0):.0f}")
         bar.close()
         epoch_seconds = time.perf_counter() - t0
-        trained += epoch_seconds
-        step_seconds = epoch_seconds / steps_per_epoch
+        charged, steps = epoch_seconds, steps_per_epoch
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                  "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"],
-                  "seconds": epoch_seconds, "trained_seconds": trained}
+                  "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"], "seconds": epoch_seconds}
+        if warmup_seconds:  # this run's first epoch
+            charged, steps = epoch_seconds - warmup_seconds, max(steps_per_epoch - 1, 1)
+            record["first_step_seconds"], warmup_seconds = warmup_seconds, 0.0
+        trained += charged
+        step_seconds = charged / steps
+        record["trained_seconds"] = trained
         last = epoch + 1 == cfg.epochs or (cfg.time_budget and env.agree(trained) >= cfg.time_budget)
         out_of_time = env.agree(time_limit is not None
                                 and time.perf_counter() - started + epoch_seconds > time_limit)
@@ -265,6 +279,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "rng": torch.get_rng_state(), "epoch": epoch + 1, "trained_seconds": trained,
+                        **({"cuda_rng": torch.cuda.get_rng_state(env.device)} if cuda else {}),
                         "config": json.dumps(cfg.to_dict(), sort_keys=True)}, tmp)
             os.replace(tmp, ckpt_path)
     if env.world > 1:

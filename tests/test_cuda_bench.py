@@ -24,6 +24,21 @@ def test_the_cpu_benchmark_writes_every_part_of_its_json(tmp_path, capsys):
     assert "w1.58a8" in capsys.readouterr().out
 
 
+def test_a_benchmark_killed_midway_leaves_the_rows_it_measured_in_its_json(tmp_path, monkeypatch):
+    out, real_build = tmp_path / "bench.json", bench.build
+
+    def build_then_die(name, variant):
+        if variant != "fp":
+            raise KeyboardInterrupt  # the call's time ran out during the end-to-end part
+        return real_build(name, variant)
+    monkeypatch.setattr(bench, "build", build_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device", "cpu", "--quick", "--batches", "1", "--ops", "dense", "--variants", "fp,w1a8",
+                    "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert len(r["ops"]) == 4 and [row["variant"] for row in r["models"]] == ["fp"]
+
+
 @pytest.mark.parametrize("args,match", [(["--ops", "w5"], "unknown op 'w5'"),
                                         (["--models", "vit_huge"], "unknown model 'vit_huge'"),
                                         (["--variants", "w7"], "unknown variant 'w7'")])
