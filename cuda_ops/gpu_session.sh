@@ -11,11 +11,13 @@
 # command; 8 files back from $OUT; the machine goes back 30 s after a call), make back-to-back calls:
 # `tests`, then at once `bench` with BENCH_TIME_LIMIT set to what is left (the second call finds
 # Triton's compile cache of the first while the machine is warm). A lease shared with the reference
-# model runs `tests` beside its training (README, "GPU runs") and a short bench after it:
-#   BENCH_TIME_LIMIT=150 BENCH_TIMEOUT=200 bash cuda_ops/gpu_session.sh bench \
+# model runs `tests` beside its training (README, "GPU runs") and a short bench after it, its limit
+# what the lease has left less 60 s (here 150 s left: timeout_s 150):
+#   BENCH_TIME_LIMIT=90 BENCH_TIMEOUT=120 bash cuda_ops/gpu_session.sh bench \
 #       --models vit_base_patch16_224,vit_large_patch16_224 --batches 1,64 --ops dense,w1.58a8,w1.58a8-b3,w1a8 \
 #       --e2e-models vit_base_patch16_224 --variants fp,w1.58a8,w1.58a8-b3
-# Whatever a time limit cut short is listed under "skipped" in cuda_bench.json, for the next lease.
+# Whatever a time limit cut short is listed under "skipped" in cuda_bench.json, for the next lease; the
+# JSON is rewritten after every shape and variant, so a run killed by BENCH_TIMEOUT keeps what it measured.
 #
 # tests: tests/test_cuda_ops.py, tests/test_to_kernels.py (CPU and gpu-marked tests) and
 #   tests/triton_checks.py (the Triton kernels against float64 references with poisoned outputs, every

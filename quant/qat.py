@@ -13,8 +13,9 @@ then `fix_bits` and fine-tuning with the widths fixed. The trained model is froz
 Everything resumes: rerun the same command (e.g. after `--time-limit` stopped it) and each stage
 continues from `--run-dir`. `--time-budget S` fits the training into S seconds instead (for a GPU
 lent for a fixed time): each stage gets the share of S its epochs have, its cosine decays over that
-time, and its epochs become a cap. `--eval-split test` scores the frozen file and its teacher on that split;
-`--results FILE --name KEY` records the run (top-1, size, bits/weight, command, machine, wall time).
+time, and its epochs become a cap. `--eval-split test` scores the frozen file and its teacher on that
+split, on the device it trained on; `--results FILE --name KEY` records the run (top-1, size,
+bits/weight, command, machine, wall time).
 """
 from __future__ import annotations
 
@@ -214,11 +215,12 @@ def main(argv=None):
     if args.eval_split:
         from quant import load_quantized
         data = load_split(args.data, args.eval_split, cfg.img_size, limit=args.eval_limit)
-        packed = load_quantized(args.out)   # score the file as users will load it
-        res = evaluate(packed, data, progress=True)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # where it trained
+        packed = load_quantized(args.out).to(device)   # score the file as users will load it
+        res = evaluate(packed, data, device=device, progress=True)
         fp = {"top1": _known_teacher_top1(args.results, args.teacher, args.eval_split, res["n"])}
         if fp["top1"] is None:
-            fp = evaluate(teacher.cpu(), data, progress=True)
+            fp = evaluate(teacher.to(device), data, device=device, progress=True)
         print(f"{args.eval_split} top-1: {res['top1']:.4f} (teacher {fp['top1']:.4f}, "
               f"drop {100 * (fp['top1'] - res['top1']):.2f} points)")
         if args.results:

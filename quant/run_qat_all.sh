@@ -11,9 +11,11 @@
 #                EPOCHS=N sets every run's epochs (quick trials).
 #   PROFILE=gpu  for one GPU lent for a fixed time (one 10-minute device command for all four runs):
 #                all 45,000 training images, batch 512, at most 30 epochs within TIME_BUDGET seconds of
-#                training a run (default 100; `python -m quant.qat --time-budget`). With $OUT set (the
-#                device tool sets it) the results come back there: qat.json, the four packed models and
-#                the Q-ViT allocations (JSON; plot them here with quant.qvit.plot_allocation).
+#                training a run (default 75, compiling not counted; `python -m quant.qat --time-budget`).
+#                A run that would not end within DEADLINE seconds of the script's start (default 540) is
+#                skipped. With $OUT set (the device tool sets it) each run's results go there as soon as it
+#                is recorded: qat.json, its packed model and a Q-ViT run's allocation (JSON; plot it here
+#                with quant.qvit.plot_allocation): 8 files at most.
 #
 # Outputs, named after the teacher's file (TEACHER=assets/NAME.safetensors): $RESULTS
 # (assets/results/qat.json), the shipped ternary model assets/NAME-w1.58a8.safetensors, the Q-ViT bit
@@ -43,7 +45,9 @@ case "$PROFILE" in
   gpu) declare -A LIMIT=([w1.58a8]=${LIMIT:-0} [w1a8]=${LIMIT:-0} [qvit-w4]=${LIMIT:-0} [qvit-w3]=${LIMIT:-0})
        declare -A EPOCHS_OF=([w1.58a8]=${EPOCHS:-30} [w1a8]=${EPOCHS:-30} [qvit-w4]=${EPOCHS:-30} [qvit-w3]=${EPOCHS:-30})
        BATCH=${BATCH:-512}; LR=${LR:-1e-3}; VAL_LIMIT=${VAL_LIMIT:-5000}
-       EXTRA=(--time-budget "${TIME_BUDGET:-100}" --warmup-epochs 2) ;;
+       EXTRA=(--time-budget "${TIME_BUDGET:=75}" --warmup-epochs 2)
+       # a run takes its budget plus about 60 s (data, compiling, scoring); the call's 600 s hold them all
+       DEADLINE=${DEADLINE:-540} ;;
   *) echo "PROFILE must be cpu or gpu" >&2; exit 2 ;;
 esac
 [ -f "$TEACHER" ] || { echo "error: teacher $TEACHER not found (set TEACHER=...)" >&2; exit 2; }
@@ -54,6 +58,13 @@ recorded() {  # is run $1 in $RESULTS, and its file present?
 
 quiet() {  # progress bars on a terminal; in a log, every line but the bars' updates
     if [ -t 1 ]; then cat; else tr '\r' '\n' | grep --line-buffered -vE '[0-9]+/[0-9]+ \[' || true; fi
+}
+
+bring_back() {  # on a lent machine ($OUT set), copy a recorded run's results there at once
+    [ -n "${OUT:-}" ] || return 0
+    mkdir -p "$OUT"
+    cp "$RESULTS" "$2" "$OUT/"
+    if [ -n "$3" ]; then cp "$3" "$OUT/"; fi
 }
 
 all_done=1
@@ -67,6 +78,9 @@ for name in $ONLY; do
       *) echo "unknown run $name" >&2; exit 2 ;;
     esac
     if [ -z "${FORCE:-}" ] && recorded "$name" "$out"; then echo "== $name: recorded, skipped"; continue; fi
+    if [ -n "${DEADLINE:-}" ] && [ $((SECONDS + ${TIME_BUDGET:-0} + 60)) -gt "$DEADLINE" ]; then
+        all_done=0; echo "== $name: skipped, it would not end within DEADLINE=$DEADLINE s"; continue
+    fi
     limit=()
     [ "${LIMIT[$name]}" != 0 ] && limit=(--limit "${LIMIT[$name]}")
     echo "== $name ($PROFILE profile)"
@@ -81,20 +95,13 @@ for name in $ONLY; do
         --run-dir "$RUNS/$name" "${limit[@]}" --epochs "${EPOCHS_OF[$name]}" --batch-size "$BATCH" --lr "$LR" \
         --val-limit "$VAL_LIMIT" --eval-split test ${EVAL_LIMIT:+--eval-limit "$EVAL_LIMIT"} \
         --results "$RESULTS" --name "$name" "${EXTRA[@]}" 2>&1 | quiet || true
-    if ! recorded "$name" "$out"; then all_done=0; echo "== $name: not finished (rerun to resume)"; break; fi
+    if ! recorded "$name" "$out"; then all_done=0; echo "== $name: not finished (rerun to resume)"; continue; fi
+    bits=""
     if [ "$recipe" = qvit ]; then
-        cp "$out.bits.json" "$(dirname "$RESULTS")/qat-$name.bits.json"
+        bits="$(dirname "$RESULTS")/qat-$name.bits.json"
+        cp "$out.bits.json" "$bits"
         cp "$out.bits.png" "$(dirname "$RESULTS")/qat-$name.bits.png"
     fi
+    bring_back "$name" "$out" "$bits"
 done
-if [ -n "${OUT:-}" ]; then  # a lent machine: bring the results back (at most 8 files)
-    mkdir -p "$OUT"
-    cp "$RESULTS" "$OUT/" 2>/dev/null || true
-    for name in $ONLY; do
-        for f in "$ASSETS/$stem-$name.safetensors" "$RUNS/$stem-$name.safetensors" \
-                 "$(dirname "$RESULTS")/qat-$name.bits.json"; do
-            [ -f "$f" ] && cp "$f" "$OUT/"
-        done
-    done
-fi
 [ "$all_done" = 1 ] && echo "all QAT runs done"

@@ -136,3 +136,13 @@ def test_the_gpu_profile_names_results_after_the_teacher_and_hands_them_back(tea
     assert sorted(os.listdir(tmp_path / "out")) == ["fp-qvit-w3.safetensors", "fp-w1.58a8.safetensors",
                                                     "qat-qvit-w3.bits.json", "qat.json"]
     assert set(json.loads((tmp_path / "out" / "qat.json").read_text())["runs"]) == {"w1.58a8", "qvit-w3"}
+
+
+def test_the_gpu_profile_skips_runs_that_would_outlast_the_calls_deadline(teacher_file, image_tree, tmp_path):
+    env = {**os.environ, "PROFILE": "gpu", "TEACHER": str(teacher_file), "DATA": str(image_tree),
+           "ONLY": "w1.58a8", "TIME_BUDGET": "100", "DEADLINE": "120", "RUNS": str(tmp_path / "runs"),
+           "ASSETS": str(tmp_path / "assets"), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", "quant/run_qat_all.sh"], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert "w1.58a8: skipped, it would not end within DEADLINE=120 s" in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
