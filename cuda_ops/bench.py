@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
               "cpu_threads": torch.get_num_threads(), "dtype": dtype_name,
               "data": "random weights and inputs (no data split: speed does not depend on the values)",
               "baseline": f"dense = F.linear in {dtype_name}" + (" (cuBLAS)" if args.device == "cuda" else ""),
-              "load_average_1_5_15min": list(os.getloadavg()), "skipped": []}
+              "load_average_1_5_15min": list(os.getloadavg()), "skipped": [],
+              "complete": False}  # until the last save: a run killed midway leaves a partial file
     if args.device == "cuda":
         import triton
         result["triton"] = triton.__version__
@@ -433,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         from cuda_ops.triton_kernels import TUNER
         result["tuned"] = TUNER.report()
     result["targets"] = check_targets(result["ops"], result["models"], dtype_name)
-    save()
+    save(complete=True)
     print_models(result["models"])
     print_targets(result["targets"], args.device)
     if args.plot and result["ops"]:

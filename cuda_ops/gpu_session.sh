@@ -17,7 +17,8 @@
 #       --models vit_base_patch16_224,vit_large_patch16_224 --batches 1,64 --ops dense,w1.58a8,w1.58a8-b3,w1a8 \
 #       --e2e-models vit_base_patch16_224 --variants fp,w1.58a8,w1.58a8-b3
 # Whatever a time limit cut short is listed under "skipped" in cuda_bench.json, for the next lease; the
-# JSON is rewritten after every shape and variant, so a run killed by BENCH_TIMEOUT keeps what it measured.
+# JSON is rewritten after every shape and variant, so a run killed by BENCH_TIMEOUT keeps what it measured
+# (marked "complete": false).
 #
 # tests: tests/test_cuda_ops.py, tests/test_to_kernels.py (CPU and gpu-marked tests) and
 #   tests/triton_checks.py (the Triton kernels against float64 references with poisoned outputs, every

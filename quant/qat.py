@@ -194,9 +194,10 @@ def main(argv=None):
     if not done:
         print(f"stopped by --time-limit; rerun the same command to resume from {run_dir}")
         return 0
-    train_seconds = sum(json.loads(line)["seconds"] for stage, _, _ in stages
-                        if (run_dir / stage / "log.jsonl").exists()
-                        for line in (run_dir / stage / "log.jsonl").read_text().splitlines())
+    epoch_logs = [json.loads(line) for stage, _, _ in stages if (run_dir / stage / "log.jsonl").exists()
+                  for line in (run_dir / stage / "log.jsonl").read_text().splitlines()]
+    epochs_trained = len(epoch_logs)   # fewer than --epochs when --time-budget ended a stage first
+    train_seconds = sum(e["seconds"] - e.get("first_step_seconds", 0.0) for e in epoch_logs)  # compiling left out
 
     student.cpu().eval()
     if r.method == "qvit":
@@ -230,10 +231,10 @@ def main(argv=None):
                 "split": args.eval_split, "n": res["n"], "size_bytes": size,
                 "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
                 "teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
-                "file": str(args.out), "epochs": args.epochs,
+                "file": str(args.out), "epochs": epochs_trained, "max_epochs": args.epochs,
                 "train_images": len(train), "images_per_epoch": len(train),
                 "train_seconds": round(train_seconds, 1), "wall_time_s": round(time.time() - started, 1),
-                "images_per_s": round(args.epochs * len(train) / max(train_seconds, 1e-9), 1),
+                "images_per_s": round(epochs_trained * len(train) / max(train_seconds, 1e-9), 1),
                 **provenance("quant.qat", argv),
             }
             if r.method == "qvit":

@@ -12,10 +12,13 @@
 #   PROFILE=gpu  for one GPU lent for a fixed time (one 10-minute device command for all four runs):
 #                all 45,000 training images, batch 512, at most 30 epochs within TIME_BUDGET seconds of
 #                training a run (default 75, compiling not counted; `python -m quant.qat --time-budget`).
-#                A run that would not end within DEADLINE seconds of the script's start (default 540) is
-#                skipped. With $OUT set (the device tool sets it) each run's results go there as soon as it
-#                is recorded: qat.json, its packed model and a Q-ViT run's allocation (JSON; plot it here
-#                with quant.qvit.plot_allocation): 8 files at most.
+#                A run is forecast to take its budget plus 60 s, or as long as the last run if that took
+#                longer; one that would not end within DEADLINE seconds of the script's start (default
+#                540) is skipped. With $OUT set (the device tool sets it) each run's results go there as
+#                soon as it is recorded: qat.json, its packed model and a Q-ViT run's allocation (JSON;
+#                plot it here with quant.qvit.plot_allocation), 7 files at most; a model packed but not
+#                scored comes back too, to be scored here.
+# Exit status 0 when every run is recorded, 1 when one was skipped or did not finish.
 #
 # Outputs, named after the teacher's file (TEACHER=assets/NAME.safetensors): $RESULTS
 # (assets/results/qat.json), the shipped ternary model assets/NAME-w1.58a8.safetensors, the Q-ViT bit
@@ -60,14 +63,15 @@ quiet() {  # progress bars on a terminal; in a log, every line but the bars' upd
     if [ -t 1 ]; then cat; else tr '\r' '\n' | grep --line-buffered -vE '[0-9]+/[0-9]+ \[' || true; fi
 }
 
-bring_back() {  # on a lent machine ($OUT set), copy a recorded run's results there at once
+bring_back() {  # on a lent machine ($OUT set), copy $RESULTS and the files named that exist there at once
     [ -n "${OUT:-}" ] || return 0
     mkdir -p "$OUT"
-    cp "$RESULTS" "$2" "$OUT/"
-    if [ -n "$3" ]; then cp "$3" "$OUT/"; fi
+    local f
+    for f in "$RESULTS" "$@"; do if [ -f "$f" ]; then cp "$f" "$OUT/"; fi; done
 }
 
 all_done=1
+took=0  # seconds the last run took, compiling included: the next one's forecast when above budget + 60
 stem=$(basename "$TEACHER" .safetensors)
 for name in $ONLY; do
     case "$name" in
@@ -78,30 +82,35 @@ for name in $ONLY; do
       *) echo "unknown run $name" >&2; exit 2 ;;
     esac
     if [ -z "${FORCE:-}" ] && recorded "$name" "$out"; then echo "== $name: recorded, skipped"; continue; fi
-    if [ -n "${DEADLINE:-}" ] && [ $((SECONDS + ${TIME_BUDGET:-0} + 60)) -gt "$DEADLINE" ]; then
+    need=$((${TIME_BUDGET:-0} + 60 > took ? ${TIME_BUDGET:-0} + 60 : took))
+    if [ -n "${DEADLINE:-}" ] && [ $((SECONDS + need)) -gt "$DEADLINE" ]; then
         all_done=0; echo "== $name: skipped, it would not end within DEADLINE=$DEADLINE s"; continue
     fi
+    started=$SECONDS
     limit=()
     [ "${LIMIT[$name]}" != 0 ] && limit=(--limit "${LIMIT[$name]}")
     echo "== $name ($PROFILE profile)"
     mkdir -p "$RUNS"
     # Q-ViT on the GPU trains eagerly: in a CPU rehearsal on a small ViT, inductor took over 12 minutes to
     # compile a Q-ViT student's graph (one a stage, two a run) against 1-2 for the other students; a
-    # compile that long would eat the run's 100-second budget and the 10-minute call, and eager, a
-    # CIFAR-sized model is launch-bound anyway.
+    # compile that long would eat the 10-minute call (compiling is not charged to the run's budget, but
+    # it takes its time), and eager, a CIFAR-sized model is launch-bound anyway.
     eager=()
     if [ "$PROFILE" = gpu ] && [ "$recipe" = qvit ]; then eager=(TORCH_COMPILE_DISABLE=1); fi
     env "${eager[@]}" "$PY" -m quant.qat --teacher "$TEACHER" --recipe "$recipe" "${set_[@]}" --data "$DATA" --out "$out" \
         --run-dir "$RUNS/$name" "${limit[@]}" --epochs "${EPOCHS_OF[$name]}" --batch-size "$BATCH" --lr "$LR" \
         --val-limit "$VAL_LIMIT" --eval-split test ${EVAL_LIMIT:+--eval-limit "$EVAL_LIMIT"} \
         --results "$RESULTS" --name "$name" "${EXTRA[@]}" 2>&1 | quiet || true
-    if ! recorded "$name" "$out"; then all_done=0; echo "== $name: not finished (rerun to resume)"; continue; fi
+    took=$((SECONDS - started))
+    if ! recorded "$name" "$out"; then  # a packed file not yet scored still comes back, to be scored here
+        all_done=0; echo "== $name: not finished (rerun to resume)"; bring_back "$out"; continue
+    fi
     bits=""
     if [ "$recipe" = qvit ]; then
         bits="$(dirname "$RESULTS")/qat-$name.bits.json"
         cp "$out.bits.json" "$bits"
         cp "$out.bits.png" "$(dirname "$RESULTS")/qat-$name.bits.png"
     fi
-    bring_back "$name" "$out" "$bits"
+    bring_back "$out" ${bits:+"$bits"}
 done
 [ "$all_done" = 1 ] && echo "all QAT runs done"

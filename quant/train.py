@@ -255,15 +255,16 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{(i + 1) * per_rank * env.world / (time.perf_counter() - t0):.0f}")
         bar.close()
-        epoch_seconds = time.perf_counter() - t0
-        charged, steps = epoch_seconds, steps_per_epoch
+        seconds = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                  "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"], "seconds": epoch_seconds}
+                  "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"], "seconds": seconds}
+        # the epoch without a first step: what the budget is charged, and the next epoch's forecast
+        epoch_seconds, steps = seconds, steps_per_epoch
         if warmup_seconds:  # this run's first epoch
-            charged, steps = epoch_seconds - warmup_seconds, max(steps_per_epoch - 1, 1)
+            epoch_seconds, steps = seconds - warmup_seconds, max(steps_per_epoch - 1, 1)
             record["first_step_seconds"], warmup_seconds = warmup_seconds, 0.0
-        trained += charged
-        step_seconds = charged / steps
+        trained += epoch_seconds
+        step_seconds = epoch_seconds / steps
         record["trained_seconds"] = trained
         last = epoch + 1 == cfg.epochs or (cfg.time_budget and env.agree(trained) >= cfg.time_budget)
         out_of_time = env.agree(time_limit is not None

@@ -12,6 +12,7 @@ def test_the_cpu_benchmark_writes_every_part_of_its_json(tmp_path, capsys):
                        "--variants", "w1.58a8,fp", "--out", str(out), "--plot", str(tmp_path / "b.png")]) == 0
     r = json.loads(out.read_text())
     assert {"command", "date", "device", "machine", "data", "wall_s", "ceilings", "skipped"} <= set(r)
+    assert r["complete"] is True
     assert r["ceilings"]["copy_TBps"] > 0 and r["ceilings"]["int8_TOPs"] > 0
     assert len(r["ops"]) == 4 * 3  # 4 layers x 3 ops, the dense baseline first
     assert [row["op"] for row in r["ops"][:3]] == ["dense", "w1.58a8", "w4"]
@@ -37,6 +38,7 @@ def test_a_benchmark_killed_midway_leaves_the_rows_it_measured_in_its_json(tmp_p
                     "--out", str(out)])
     r = json.loads(out.read_text())
     assert len(r["ops"]) == 4 and [row["variant"] for row in r["models"]] == ["fp"]
+    assert r["complete"] is False
 
 
 @pytest.mark.parametrize("args,match", [(["--ops", "w5"], "unknown op 'w5'"),

@@ -146,3 +146,13 @@ def test_the_gpu_profile_skips_runs_that_would_outlast_the_calls_deadline(teache
                        capture_output=True, text=True, timeout=60)
     assert "w1.58a8: skipped, it would not end within DEADLINE=120 s" in r.stdout, r.stdout + r.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_run_ended_by_its_time_budget_records_the_epochs_it_trained(teacher_file, image_tar, tmp_path):
+    results = tmp_path / "qat.json"
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "b.safetensors"), "--epochs", "50", "--batch-size", "8",
+                      "--time-budget", "0.01", "--eval-split", "test", "--results", str(results)]) == 0
+    entry = json.loads(results.read_text())["runs"]["w1a8"]
+    log = (tmp_path / "b.safetensors.run" / "finetune" / "log.jsonl").read_text().splitlines()
+    assert entry["epochs"] == len(log) < entry["max_epochs"] == 50
