@@ -105,12 +105,10 @@ for name in $ONLY; do
     if ! recorded "$name" "$out"; then  # a packed file not yet scored still comes back, to be scored here
         all_done=0; echo "== $name: not finished (rerun to resume)"; bring_back "$out"; continue
     fi
-    bits=""
     if [ "$recipe" = qvit ]; then
-        bits="$(dirname "$RESULTS")/qat-$name.bits.json"
-        cp "$out.bits.json" "$bits"
+        cp "$out.bits.json" "$(dirname "$RESULTS")/qat-$name.bits.json"
         cp "$out.bits.png" "$(dirname "$RESULTS")/qat-$name.bits.png"
     fi
-    bring_back "$out" ${bits:+"$bits"}
+    bring_back "$out" "$(dirname "$RESULTS")/qat-$name.bits.json"  # the allocation: Q-ViT runs have one
 done
 [ "$all_done" = 1 ] && echo "all QAT runs done"

@@ -202,7 +202,6 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     # The first step of each run is timed apart and not charged to the budget: on CUDA it compiles
     # the model, which can take longer than a short budget's training.
     started, epoch_seconds, step_seconds, clock, done = time.perf_counter(), 0.0, 0.0, 0.0, True
-    warmup_seconds = None
     for epoch in range(start_epoch, cfg.epochs):
         trained, step_seconds = env.agree(trained), env.agree(step_seconds)
         if cfg.time_budget and trained >= cfg.time_budget:
@@ -244,10 +243,10 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            if warmup_seconds is None:
+            if epoch == start_epoch and i == 0:
                 if cuda:
                     torch.cuda.synchronize()
-                warmup_seconds = time.perf_counter() - t0
+                first_step_seconds = time.perf_counter() - t0
             if i % 10 == 0 or i == steps_per_epoch - 1:  # syncing every step would stall the GPU
                 loss_sum += loss.item() * len(idx)
                 correct += int((logits.argmax(1) == target.argmax(1)).sum())
@@ -260,9 +259,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                   "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"], "seconds": seconds}
         # the epoch without a first step: what the budget is charged, and the next epoch's forecast
         epoch_seconds, steps = seconds, steps_per_epoch
-        if warmup_seconds:  # this run's first epoch
-            epoch_seconds, steps = seconds - warmup_seconds, max(steps_per_epoch - 1, 1)
-            record["first_step_seconds"], warmup_seconds = warmup_seconds, 0.0
+        if epoch == start_epoch:
+            epoch_seconds, steps = seconds - first_step_seconds, max(steps_per_epoch - 1, 1)
+            record["first_step_seconds"] = first_step_seconds
         trained += epoch_seconds
         step_seconds = epoch_seconds / steps
         record["trained_seconds"] = trained
