@@ -31,7 +31,8 @@ import torch.nn as nn
 
 import quant
 from quant.models import FORMAT as FP_FORMAT
-from quant.models import ViTConfig, VisionTransformer, count_parameters
+from quant.packfile import FORMAT as QUANT_FORMAT
+from quant.models import ViTConfig, VisionTransformer, count_parameters, existing_file
 
 RUNTIME = "onnxruntime"
 MODEL_SUFFIXES = (".safetensors", ".onnx")
@@ -94,9 +95,7 @@ class ModelFile:
 
 def inspect_file(path: str | os.PathLike) -> ModelFile:
     """Read a bitvit model file's header (FP or packed safetensors, or a bitvit ONNX export)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such model file: {path}")
+    path = existing_file(path)
     if path.suffix == ".onnx":
         import onnx
         try:
@@ -116,13 +115,17 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
     if meta.get("format") == FP_FORMAT:
         return ModelFile(path, "fp", "fp32", ViTConfig.from_json(meta.get("config"), path), None)
-    header = quant.read_header(path)  # refuses anything that is not a quantized bitvit file
+    if meta.get("format") != QUANT_FORMAT:
+        raise ValueError(f"{path} is not a bitvit ViT file (format {meta.get('format')!r}); the app runs "
+                         f"full-precision ({FP_FORMAT!r}) and quantized ({QUANT_FORMAT!r}) bitvit ViTs")
+    header = quant.read_header(path)
     arch = header.get("architecture") or {}
     if arch.get("kind") != "bitvit-vit":
         raise ValueError(f"{path} holds no bitvit ViT architecture")
-    formats = sorted({entry.get("weight_format", "?") for entry in header["layers"].values()})
+    formats = sorted({str(entry.get("weight_format", "?")) for entry in header["layers"].values()})
+    bits = header["storage"].get("bits_per_weight")
     return ModelFile(path, "quant", "+".join(formats), ViTConfig.from_json(json.dumps(arch.get("config")), path),
-                     header.get("storage", {}).get("bits_per_weight"))
+                     float(bits) if isinstance(bits, (int, float)) and not isinstance(bits, bool) else None)
 
 
 def scan(folder: str | os.PathLike) -> tuple[list[ModelFile], list[str]]:

@@ -73,11 +73,16 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grayscale
+    if img.mode.startswith("I;16"):  # 16-bit grayscale, whatever its values: dark stays dark
+        return to_rgb((np.asarray(img).astype(np.uint32) // 257).astype(np.uint8))
+    if img.mode in ("I", "F"):  # 32-bit integer or float grayscale: value ranges as for arrays
         return to_rgb(np.asarray(img))
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        return to_rgb(np.asarray(img.convert("RGBA")))
-    return to_rgb(np.asarray(img.convert("RGB")))
+    try:
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            return to_rgb(np.asarray(img.convert("RGBA")))
+        return to_rgb(np.asarray(img.convert("RGB")))
+    except ValueError as e:  # PIL cannot convert a few in-memory modes (e.g. premultiplied "La")
+        raise ValueError(f"images of PIL mode {img.mode!r} are not supported ({e})") from None
 
 
 def load_image_file(path: str | os.PathLike) -> np.ndarray:

@@ -131,6 +131,8 @@ class Comparison:
                 t = time.perf_counter()
                 logits = backend(x)
                 times.append((time.perf_counter() - t) * 1e3)
+            if not np.isfinite(logits).all():
+                raise ValueError(f"{backend.name} gave NaN or infinite scores for this image")
             readings[id(backend)] = Reading(backend, _softmax(logits[0]), statistics.median(times))
         return view, readings[id(self.fp)], readings[id(quant)]
 

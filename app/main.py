@@ -53,13 +53,18 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     variants = [m for m in found if m.kind == "quant"]
     if quant is not None:
         q = inspect_file(quant)
+        if q.kind != "quant":
+            raise ValueError(f"--quant {quant} is a full-precision model, not a quantized one")
         variants = [q] + [m for m in variants if m.path.resolve() != q.path.resolve()]
     keep = []
     for m in variants:
         a, b = fp_file.config, m.config
         if (a.img_size, a.classes) != (b.img_size, b.classes):
-            skipped.append(f"{m.path.name}: takes {b.img_size}x{b.img_size} images of {len(b.classes)} classes, "
-                           f"the FP model {a.img_size}x{a.img_size} of {len(a.classes)}: not comparable")
+            why = (f"{m.path.name}: takes {b.img_size}x{b.img_size} images of {len(b.classes)} classes, "
+                   f"the FP model {a.img_size}x{a.img_size} of {len(a.classes)}: not comparable")
+            if quant is not None and m is variants[0]:
+                raise ValueError(f"--quant {why}")
+            skipped.append(why)
         else:
             keep.append(m)
     arch = lambda c: (c.patch_size, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.stem_channels)  # noqa: E731
@@ -68,6 +73,9 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     openers = {m.label + other.get(m.label, ""): functools.partial(open_model, m.path, threads, runtime)
                for m in keep}
     if not openers:  # nothing shipped: quantize the FP model here (round to nearest), saved in the cache
+        if Path(fp).suffix != ".safetensors":
+            raise ValueError(f"no quantized model in {assets} to compare {Path(fp).name} with, and the app can only "
+                             f"quantize a .safetensors model itself: pass --quant MODEL")
         for name in ON_THE_FLY:
             label = f"{name} · built on the fly from {Path(fp).name} (PTQ, no packed model in assets/)"
             openers[label] = functools.partial(_on_the_fly, fp, name, threads, runtime)
@@ -85,12 +93,19 @@ def _on_the_fly(fp, recipe: str, threads, runtime):
     return backend
 
 
+def port(text: str) -> int:
+    """argparse type for --port: an integer in 1..65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 1..65535, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python app/main.py", description="bitvit's demo page: a full-precision and a "
                                 "quantized ViT classify the same webcam frames or images side by side.")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
                    help="address to listen on (default: $GRADIO_SERVER_NAME or 0.0.0.0)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+    p.add_argument("--port", type=port, default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
                    help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
     p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_tiny.safetensors)")

@@ -83,12 +83,18 @@ class Entry:
             cm = np.asarray(self.data.get("confusion"), dtype=float)
         except (TypeError, ValueError):
             return None
-        return cm if cm.ndim == 2 and cm.shape[0] == cm.shape[1] and cm.shape[0] > 1 else None
+        ok = cm.ndim == 2 and cm.shape[0] == cm.shape[1] > 1 and np.isfinite(cm).all() and (cm >= 0).all()
+        return cm if ok else None
 
     @property
     def allocation(self) -> dict | None:
         d = self.data
-        return d if {"attention", "layers", "bitops"} <= d.keys() and isinstance(d["attention"], dict) else None
+        if not ({"attention", "layers", "bitops"} <= d.keys() and isinstance(d["attention"], dict)
+                and isinstance(d["layers"], dict)):
+            return None
+        rows = [bits for slots in d["attention"].values() if isinstance(slots, dict)
+                for bits in slots.values() if isinstance(bits, list)]  # bits per head, one list a block and slot
+        return d if all(_number(b) for row in rows for b in row) else None
 
 
 @dataclass
@@ -168,13 +174,13 @@ def load(folder: str | Path) -> Results:
     folder = Path(folder)
     res = Results(folder)
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        found: list[Entry] = []
         try:
             data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            _walk(data, [], path.stem, found)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             res.errors.append(f"{path.name}: not readable JSON ({type(e).__name__})")
             continue
-        found: list[Entry] = []
-        _walk(data, [], path.stem, found)
         found += [a for e in found if (a := _linked_allocation(e, folder)) is not None]
         res.files[path.stem] = {k: data[k] for k in CONTEXT_KEYS if isinstance(data, dict) and k in data}
         res.entries += found

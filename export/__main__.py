@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from quant.cli import positive_int, run
+from quant.cli import output_file, positive_int, run
 from quant.packfile import load_any
 
 from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export
@@ -32,6 +32,7 @@ def main(argv=None):
     p.add_argument("--threads", type=positive_int, default=2, help="threads for the check run")
     args = p.parse_args(argv)
 
+    output_file(args.out)
     model = load_any(args.checkpoint).eval()
     if any(is_quantized(m) for m in model.modules()):
         fmt = model_format(model)

@@ -110,7 +110,10 @@ class Session:
             raise ValueError(f"expected float32 input (B, 3, {s}, {s}) with B >= 1, got {x.dtype} {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("the input holds NaN or infinite values")
-        return self.session.run(["logits"], {"image": x})[0]
+        try:
+            return self.session.run(["logits"], {"image": x})[0]
+        except Exception as e:  # ORT's Fail/InvalidArgument, e.g. a packed initializer of the wrong size
+            raise ValueError(f"ONNX Runtime could not run {self.path}: {e}") from None
 
     def predict(self, images) -> np.ndarray:
         """Logits of uint8 RGB images (see `preprocess`)."""

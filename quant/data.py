@@ -283,6 +283,11 @@ class _PickleSource(_Source):
 def _resize(img: Image.Image, size: int) -> np.ndarray:
     """Resize the shorter side to `size`, then centre-crop to `size` x `size`."""
     w, h = img.size
+    if max(w, h) > 4 * min(w, h):  # a sliver: only its centre survives the crop, so resize just that
+        keep = 4 * min(w, h)
+        img = img.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h) if w > h else
+                       (0, (h - keep) // 2, w, (h - keep) // 2 + keep))
+        w, h = img.size
     if (w, h) != (size, size):
         s = size / min(w, h)
         img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)

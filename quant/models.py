@@ -50,6 +50,31 @@ class ViTConfig:
     std: tuple[float, float, float] = CIFAR10_STD
     drop_path_rate: float = 0.0  # stochastic depth; a training setting, kept so resumed runs match
 
+    def __post_init__(self):
+        """Refuse a config no model can be built from (a damaged or hand-edited file's), naming the field."""
+        def check(ok: bool, field: str, want: str):
+            if not ok:
+                raise ValueError(f"ViT config field {field!r} must be {want}, got {getattr(self, field)!r}")
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for f in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes"):
+            v = getattr(self, f)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f, "a positive integer")
+        check(self.patch_size <= self.img_size, "patch_size", f"at most img_size ({self.img_size})")
+        check(number(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio", "a positive number")
+        check(number(self.drop_path_rate) and 0 <= self.drop_path_rate < 1, "drop_path_rate", "in [0, 1)")
+        check(isinstance(self.stem_channels, tuple) and all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.stem_channels),
+            "stem_channels", "a list of positive integers")
+        check(isinstance(self.classes, tuple) and all(isinstance(c, str) for c in self.classes)
+              and len(self.classes) in (0, self.num_classes), "classes", f"{self.num_classes} class names or none")
+        for f in ("mean", "std"):
+            v = getattr(self, f)
+            check(isinstance(v, tuple) and len(v) == 3 and all(map(number, v)), f, "three numbers (R, G, B)")
+        check(all(s > 0 for s in self.std), "std", "positive")
+
     @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
@@ -72,9 +97,12 @@ class ViTConfig:
         if unknown:
             raise ValueError(f"{where}unknown ViT config fields {sorted(unknown)}")
         for key in ("stem_channels", "classes", "mean", "std"):
-            if key in raw:
+            if isinstance(raw.get(key), list):
                 raw[key] = tuple(raw[key])
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
 
 
 _IMAGENET = dict(img_size=224, patch_size=16, num_classes=1000, classes=(),
@@ -179,8 +207,6 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if cfg.embed_dim % cfg.num_heads:
             raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
-        if cfg.classes and len(cfg.classes) != cfg.num_classes:
-            raise ValueError(f"{len(cfg.classes)} class names for {cfg.num_classes} classes")
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -220,7 +246,8 @@ def create_model(name: str, **overrides) -> VisionTransformer:
 # ----------------------------------------------------------------------------- checkpoints
 
 def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy `state` into `model`, refusing any missing, unexpected or differently shaped tensor by name."""
+    """Copy `state` into `model` (as its dtypes), refusing any missing, unexpected, differently shaped, non-float or
+    non-finite tensor by name."""
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     own_keys = {k for k in own if not k.endswith("num_batches_tracked")}
@@ -237,9 +264,11 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"{source} does not fit this model: tensor {k!r} has shape "
                              f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-        if not (v.is_floating_point() or k.endswith("num_batches_tracked")):
+        if not v.is_floating_point():
             raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a float tensor")
-    model.load_state_dict(state, strict=False)
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{source}: tensor {k!r} holds NaN or infinite values (a damaged file?)")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
 def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -280,12 +309,16 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = existing_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's weights-only unpickler met code or a foreign object
-        raise ValueError(f"{path} holds pickled objects other than tensors; refused unread "
-                         f"(bitvit loads .pth files with torch.load(weights_only=True))") from None
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # torch's weights-only unpickler met a class or function: maybe code
+            raise ValueError(f"{path} holds pickled objects other than tensors; refused unread "
+                             f"(bitvit loads .pth files with torch.load(weights_only=True))") from None
+        raise ValueError(f"{path} is not a torch checkpoint (not a pickle of tensors; another format, "
+                         f"or damaged)") from None
     except Exception as e:
+        first = (str(e).splitlines() or [""])[0]
         raise ValueError(f"{path} is not a loadable torch checkpoint of plain tensors "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                         f"({type(e).__name__}{': ' + first if first else ''})") from None
     for key in ("model", "state_dict", "model_ema"):  # DeiT and training scripts nest the weights
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -316,19 +349,20 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
         state, meta = read_safetensors(source)
     if meta.get("format") == FORMAT:
         cfg = ViTConfig.from_json(meta.get("config"), source)
-        if name is not None and dataclasses.replace(CONFIGS.get(name, cfg), drop_path_rate=0.0) \
+        if name is not None and dataclasses.replace(CONFIGS.get(name) or _unknown(name), drop_path_rate=0.0) \
                 != dataclasses.replace(cfg, drop_path_rate=0.0):
             raise ValueError(f"{source} holds a different architecture than {name!r}")
     elif "format" in meta:
         raise ValueError(f"{source} is a {meta['format']!r} file, not a full-precision bitvit ViT; "
                          f"load quantized files with quant.load_quantized")
     elif name is None:
-        raise ValueError(f"{source} carries no bitvit config: name its architecture "
-                         f"(one of {', '.join(CONFIGS)})")
+        raise ValueError(f"{source} carries no bitvit config, so it is not a bitvit model file; a timm/DeiT "
+                         f"checkpoint loads with its architecture named: load_model(path, name=...), one of "
+                         f"{', '.join(CONFIGS)}")
     else:
         cfg = CONFIGS.get(name) or _unknown(name)
     model = VisionTransformer(cfg)
-    load_state_dict(model, {k: v.float() for k, v in state.items()}, source=source)
+    load_state_dict(model, state, source=source)
     return model.eval()
 
 
@@ -350,7 +384,7 @@ def _load_from_hub(repo: str, name: str) -> VisionTransformer:
         cfg = dataclasses.replace(cfg, classes=tuple(labels))
     state, _ = read_safetensors(path)
     model = VisionTransformer(cfg)
-    load_state_dict(model, {k: v.float() for k, v in state.items()}, source=f"hf-hub:{repo}")
+    load_state_dict(model, state, source=f"hf-hub:{repo}")
     return model.eval()
 
 

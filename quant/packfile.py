@@ -9,7 +9,8 @@ Layout. Safetensors metadata `format` = "bitvit-quant/1" and `header` = JSON wit
   layers          {module name: QuantLinear spec + how its tensors are stored}
   attention       {module name: QuantAttention spec (which activation quantizer sits in each slot)}
   storage         totals: linear weights, their bytes on disk (codes + scales + zeros) and bits per weight
-  sha256          digest of every tensor's name, dtype, shape and bytes (a damaged file is refused)
+  sha256          digest of the rest of the header and of every tensor's name, dtype, shape and bytes
+                  (a damaged file is refused)
 Tensors, per quantized layer NAME:
   NAME.packed     uint8 codes in `quant.pack.pack_codes` layout, except ternary, which is stored at
                   1.6 bits per weight in base 3 (`quant.pack.pack_base3`, 5 codes per byte): 20 % smaller
@@ -43,8 +44,9 @@ FORMAT = "bitvit-quant/1"
 _OWN = ("packed", "scales", "zeros")  # QuantLinear buffers stored in packed form
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
+    """sha256 of the header (all but this digest) and of every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -63,6 +65,8 @@ def _store_layer(name: str, layer: QuantLinear, out: dict[str, torch.Tensor]) ->
         out[f"{name}.packed"] = layer.packed.cpu().contiguous()
         entry["packing"] = "bits"
     scales = layer.scales.detach().cpu().float()
+    if not torch.isfinite(scales).all():
+        raise ValueError(f"{name} has NaN or infinite scales (did training diverge?); nothing written")
     dq = layer.scales_dq
     if dq is not None and torch.equal(double_dequantize(dq).cpu(), scales):
         out[f"{name}.scales.codes"] = dq.codes.cpu().contiguous()
@@ -98,6 +102,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> dict:
     own = {f"{n}.{b}" for n in layers for b in _OWN}
     for k, v in model.state_dict().items():
         if k not in own and not k.endswith("num_batches_tracked"):
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise ValueError(f"{k} holds NaN or infinite values (did training diverge?); nothing written")
             tensors[k] = v.detach().cpu().float().contiguous() if v.is_floating_point() else v.cpu().contiguous()
     cfg = getattr(model, "config", None)
     storage = {"linear_weights": n_weights, "linear_bytes": linear_bytes,
@@ -109,8 +115,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> dict:
         "layers": header_layers,
         "attention": {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantAttention)},
         "storage": storage,
-        "sha256": _digest(tensors),
     }
+    header = json.loads(json.dumps(header))  # as a reader will see it (tuples as lists, keys as strings)
+    header["sha256"] = _digest(tensors, header)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": FORMAT, "header": json.dumps(header)})
     return storage
@@ -193,10 +200,15 @@ def _parse_header(meta: dict, path) -> dict:
                          f"expected {FORMAT!r})")
     try:
         header = json.loads(meta["header"])
-        for key in ("layers", "attention", "architecture", "sha256"):
-            header[key]
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} has a damaged header ({type(e).__name__}: {e})") from None
+    want = {"layers": dict, "attention": dict, "architecture": (dict, type(None)), "storage": dict, "sha256": str}
+    for key, kind in want.items():
+        if not isinstance(header, dict) or key not in header or not isinstance(header[key], kind):
+            raise ValueError(f"{path} has a damaged header (its {key!r} is missing or of the wrong type)")
+    for section in ("layers", "attention"):
+        if not all(isinstance(entry, dict) for entry in header[section].values()):
+            raise ValueError(f"{path} has a damaged header (an entry of its {section!r} is not an object)")
     return header
 
 
@@ -210,13 +222,13 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     """
     tensors, meta = read_safetensors(path)
     header = _parse_header(meta, path)
-    if _digest(tensors) != header["sha256"]:
-        raise ValueError(f"{path} is corrupt: its tensors do not match the checksum in its header")
+    if _digest(tensors, header) != header["sha256"]:
+        raise ValueError(f"{path} is corrupt: its header or tensors do not match the checksum in its header")
     arch = header["architecture"]
     if arch is not None:
         if arch.get("kind") != "bitvit-vit":
             raise ValueError(f"{path}: unknown architecture kind {arch.get('kind')!r}")
-        cfg = ViTConfig.from_json(json.dumps(arch["config"]))
+        cfg = ViTConfig.from_json(json.dumps(arch.get("config")), path)
         if model is None:
             model = VisionTransformer(cfg)
         elif getattr(model, "config", None) != cfg:
@@ -225,19 +237,12 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         raise ValueError(f"{path} holds a model that is not a bitvit ViT: pass model= (a full-precision "
                          f"instance of its architecture) to rebuild it")
 
-    for name, spec in header["attention"].items():
-        attn = _module(model, name, path)
-        if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
-            raise ValueError(f"{path}: module {name!r} is not an attention block in this architecture")
-        model.set_submodule(name, QuantAttention.from_spec(spec, attn.qkv, attn.proj))
-    for name, entry in header["layers"].items():
-        old = _module(model, name, path)
-        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
-        if not isinstance(old, (nn.Linear, QuantLinear)) or shape != (entry.get("out_features"),
-                                                                       entry.get("in_features")):
-            raise ValueError(f"{path}: layer {name!r} is {entry.get('out_features')}x{entry.get('in_features')} "
-                             f"in the file but {type(old).__name__} {shape} in the architecture")
-        model.set_submodule(name, _load_layer(name, entry, tensors, path))
+    try:  # a header that passes the checksum but that save_quantized did not write still gets one message
+        _rebuild_modules(model, header, tensors, path)
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+        raise ValueError(f"{path} has a damaged header ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise e if str(path) in str(e) else ValueError(f"{path}: {e}") from None
 
     own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     own -= {f"{n}.{b}" for n in header["layers"] for b in _OWN}
@@ -252,9 +257,34 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         if tuple(v.shape) != tuple(state[k].shape):
             raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the architecture expects "
                              f"{tuple(state[k].shape)}")
+        if v.dtype != state[k].dtype:
+            raise ValueError(f"{path}: tensor {k!r} has dtype {v.dtype}, the architecture expects {state[k].dtype}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{path}: tensor {k!r} holds NaN or infinite values")
     model.load_state_dict(tensors, strict=False)
     model.quant_recipe = header.get("recipe")
     return model.eval()
+
+
+def _rebuild_modules(model: nn.Module, header: dict, tensors: dict, path) -> None:
+    """Swap the attention blocks and linear layers the header names for their quantized versions."""
+    for name, spec in header["attention"].items():
+        attn = _module(model, name, path)
+        if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
+            raise ValueError(f"{path}: module {name!r} is not an attention block in this architecture")
+        if (spec.get("dim"), spec.get("num_heads")) != (attn.num_heads * attn.head_dim, attn.num_heads):
+            raise ValueError(f"{path}: attention {name!r} has {spec.get('num_heads')} heads of width "
+                             f"{spec.get('dim')} in the file, {attn.num_heads} of {attn.num_heads * attn.head_dim} "
+                             f"in the architecture")
+        model.set_submodule(name, QuantAttention.from_spec(spec, attn.qkv, attn.proj))
+    for name, entry in header["layers"].items():
+        old = _module(model, name, path)
+        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        if not isinstance(old, (nn.Linear, QuantLinear)) or shape != (entry.get("out_features"),
+                                                                       entry.get("in_features")):
+            raise ValueError(f"{path}: layer {name!r} is {entry.get('out_features')}x{entry.get('in_features')} "
+                             f"in the file but {type(old).__name__} {shape} in the architecture")
+        model.set_submodule(name, _load_layer(name, entry, tensors, path))
 
 
 def _module(model: nn.Module, name: str, path) -> nn.Module:

@@ -104,6 +104,5 @@ def load_teacher(path: str | os.PathLike) -> ResNetTeacher:
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     model = ResNetTeacher(cfg)
-    load_state_dict(model, {k: v.float() for k, v in state.items() if not k.endswith("num_batches_tracked")},
-                    source=str(path))
+    load_state_dict(model, state, source=str(path))
     return model.eval()

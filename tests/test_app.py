@@ -93,6 +93,11 @@ def test_16_bit_and_float_frames_are_scaled_to_uint8(dtype):
     assert np.abs(rgb.astype(float) - expected).max() <= 1
 
 
+def test_a_dark_16_bit_image_stays_dark_even_when_no_value_exceeds_255():
+    img = Image.fromarray(np.full((4, 4), 200, np.uint16))   # PIL mode I;16: 200 / 65535 is near black
+    assert img.mode == "I;16" and to_rgb(img).max() == 0
+
+
 @pytest.mark.parametrize("bad, message", [
     (None, "no image"), (np.zeros((4, 4, 2), np.uint8), "expected an image of shape"),
     (np.zeros((2, 4, 4, 3), np.uint8), "expected an image of shape"), (np.zeros((0, 4, 3), np.uint8), "empty"),
@@ -232,6 +237,44 @@ def test_a_quantized_file_given_as_the_fp_model_is_refused(assets):
         make_comparison(assets / "tiny_int8.safetensors", None, assets, runtime="torch")
 
 
+def test_a_full_precision_file_given_as_the_quantized_model_is_refused(assets):
+    with pytest.raises(ValueError, match="--quant .* is a full-precision model"):
+        make_comparison(assets / "fp.safetensors", assets / "fp.safetensors", assets, runtime="torch")
+
+
+def test_a_quantized_model_given_for_other_classes_is_refused_not_swapped_for_another(assets, tmp_path):
+    other = quant.models.VisionTransformer(quant.models.ViTConfig(**{**TINY.__dict__, "num_classes": 2,
+                                                                     "classes": ("a", "b")}))
+    path = packed(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="--quant other.safetensors: takes .* not comparable"):
+        make_comparison(assets / "fp.safetensors", path, assets, runtime="torch")
+
+
+def test_an_onnx_fp_model_with_nothing_to_compare_it_with_asks_for_a_quantized_model(tiny_model, tmp_path):
+    from export.exporter import export
+    onnx_fp = export(tiny_model, tmp_path / "fp.onnx")
+    with pytest.raises(ValueError, match="pass --quant MODEL"):
+        make_comparison(onnx_fp, None, tmp_path / "empty", runtime="torch")
+
+
+def test_a_packed_file_whose_header_has_the_wrong_structure_is_refused(assets, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(assets / "tiny_int8.safetensors"), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    header = json.loads(meta["header"])
+    header["layers"] = list(header["layers"])
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={**meta, "header": json.dumps(header)})
+    with pytest.raises(ValueError, match="damaged header"):
+        inspect_file(tmp_path / "bad.safetensors")
+
+
+def test_a_port_outside_1_to_65535_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["--port", "99999"])
+    assert "expected a port number" in capsys.readouterr().err
+
+
 def test_a_variant_for_other_classes_is_refused(fp_file, tmp_path):
     other = quant.models.VisionTransformer(quant.models.ViTConfig(**{**TINY.__dict__, "num_classes": 2,
                                                                      "classes": ("a", "b")}))
@@ -283,6 +326,13 @@ def test_latency_windows_fill_frame_by_frame_and_restart_with_another_variant(ha
     handlers.cmp.openers["again"] = handlers.cmp.openers["int8"]
     stats = handlers.live(frame((40, 40, 3)), "again", stats)[-1]
     assert len(stats.fp.ms) == 1
+
+
+def test_a_model_giving_nan_scores_gets_a_message_not_nan_confidences(handlers):
+    nan_model = handlers.cmp.fp.run
+    handlers.cmp.fp.run = lambda x: nan_model(x) * np.nan
+    out = handlers.live(frame((40, 40, 3)), None, LiveStats())
+    assert out[5].startswith("⚠") and "NaN" in out[5]
 
 
 def test_an_uploaded_image_gives_both_models_results(handlers, tmp_path):
@@ -340,6 +390,21 @@ def test_the_results_tab_reads_every_file_and_draws_what_exists(tmp_path):
                 results.confusion_plot(res.having("confusion")[0], TINY.classes),
                 results.allocation_plot(res.having("allocation")[0])):
         assert fig is not None and fig.axes
+
+
+def test_malformed_confusion_matrices_and_allocations_are_not_drawn(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "bad.json").write_text(json.dumps({"results": [
+        {"recipe": "a", "confusion": [[1, float("nan")], [0, 1]]},
+        {"recipe": "b", "confusion": [[1, -1], [0, 1]]},
+        {"attention": {"blocks.0.attn": {"q": [4, "x"]}}, "layers": {}, "bitops": 1},
+        {"attention": {"blocks.0.attn": {"q": [[4], [3]]}}, "layers": {}, "bitops": 1},
+        {"attention": {}, "layers": [1, 2], "bitops": 1}]}))
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    res = results.load(folder)
+    assert not res.having("confusion") and not res.having("allocation")
+    assert any("deep.json" in e for e in res.errors)
 
 
 def test_without_results_files_the_tab_says_what_is_missing(tmp_path):

@@ -95,6 +95,18 @@ def test_other_sizes_are_resized_and_centre_cropped(tmp_path):
     assert data.images[0, :, 1:-1].min() > 200           # the crop kept the centre: white nearly edge to edge
 
 
+def test_a_sliver_image_is_resized_from_its_centre_not_blown_up_whole(monkeypatch):
+    from quant.data import _resize
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size, *a, **k))
+    sliver = np.zeros((1, 100_000, 3), np.uint8)
+    sliver[:, 50_000 - 2: 50_000 + 2] = 255   # a white centre
+    out = _resize(Image.fromarray(sliver), 32)
+    assert out.shape == (32, 32, 3) and out[:, 14:18].min() > 0
+    assert sizes and max(w * h for w, h in sizes) <= 4 * 32 * 32   # not 3.2 million x 32
+
+
 def test_a_truncated_archive_is_named(image_tar, tmp_path):
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(image_tar.read_bytes()[:len(image_tar.read_bytes()) // 2])

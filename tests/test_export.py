@@ -3,7 +3,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from export import runtime
 from export.__main__ import main
@@ -149,6 +149,23 @@ def test_empty_batches_empty_images_and_non_finite_inputs_are_refused(tiny_model
     for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((0, 20, 20, 3), np.uint8)):
         with pytest.raises(ValueError, match="at least one image"):
             session.predict(empty)
+
+
+def test_a_graph_that_fails_when_run_gives_one_message(tiny_model, tmp_path):
+    proto = to_onnx(quantize_for_export(tiny_model, "ternary"), "ternary")
+    packed = next(t for t in proto.graph.initializer if t.name.endswith(".packed"))
+    packed.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(packed)[:, :-1].copy(), packed.name))
+    onnx.save(proto, tmp_path / "cut.onnx")
+    session = runtime.load(tmp_path / "cut.onnx")   # loads: the op checks its weights' size when it runs
+    with pytest.raises(ValueError, match="ONNX Runtime could not run"):
+        session(np.zeros((1, 3, 16, 16), np.float32))
+
+
+def test_the_cli_refuses_a_folder_as_output_before_exporting(tiny_model, tmp_path, capsys):
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.onnx"))
 
 
 def test_the_cli_exports_and_checks_against_torch(tiny_model, tmp_path, capsys):

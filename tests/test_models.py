@@ -1,5 +1,7 @@
 """The ViT: timm's names and semantics, shapes, checkpoint files, hub loading, and refusals."""
 import dataclasses
+import json
+import pickle
 import math
 
 import pytest
@@ -169,6 +171,44 @@ def test_a_bitvit_file_without_its_config_is_refused_naming_it(tmp_path):
     save_file({"head.weight": torch.zeros(3, 4)}, tmp_path / "noconfig.safetensors", metadata={"format": FORMAT})
     with pytest.raises(ValueError, match="noconfig.safetensors: the ViT config is not valid JSON"):
         load_model(tmp_path / "noconfig.safetensors")
+
+
+@pytest.mark.parametrize("field, value", [("num_heads", 0), ("img_size", "32"), ("classes", 5),
+                                          ("stem_channels", 32), ("mean", [0.5]), ("std", [0, 0, 0])])
+def test_a_config_field_of_the_wrong_type_or_range_is_refused_naming_it(field, value):
+    with pytest.raises(ValueError, match=f"m.safetensors: ViT config field '{field}'"):
+        ViTConfig.from_json(json.dumps({field: value}), "m.safetensors")
+
+
+def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(tiny_model, tmp_path):
+    with torch.no_grad():
+        tiny_model.norm.weight[0] = float("nan")
+    save_model(tiny_model, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="'norm.weight' holds NaN"):
+        load_model(tmp_path / "m.safetensors")
+
+
+def test_an_integer_tensor_is_refused_naming_it(tiny_model):
+    state = {**tiny_model.state_dict(), "head.bias": torch.zeros(3, dtype=torch.int32)}
+    with pytest.raises(ValueError, match="'head.bias' has dtype torch.int32"):
+        load_state_dict(tiny_model, state)
+
+
+@pytest.mark.parametrize("kind", ["empty", "safetensors", "plain pickle"])
+def test_a_pth_that_is_no_torch_checkpoint_is_refused_without_blaming_pickled_code(tmp_path, tiny_model, kind):
+    save_model(tiny_model, tmp_path / "m.safetensors")
+    content = {"empty": b"", "safetensors": (tmp_path / "m.safetensors").read_bytes(),
+               "plain pickle": pickle.dumps({"a": 1}, protocol=4)}[kind]
+    (tmp_path / "x.pth").write_bytes(content)
+    with pytest.raises(ValueError, match="torch checkpoint") as e:
+        load_model(tmp_path / "x.pth", name="deit_tiny_patch16_224")
+    assert "pickled objects" not in str(e.value)
+
+
+def test_an_unknown_architecture_name_is_refused_for_a_bitvit_file_too(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="unknown model 'bogus'"):
+        load_model(tmp_path / "m.safetensors", name="bogus")
 
 
 def test_missing_file_is_named(tmp_path):

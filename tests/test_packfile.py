@@ -88,7 +88,9 @@ def saved(tmp_path, tiny_model):
     return path
 
 
-def rewrite(path, out, edit_tensors=None, edit_header=None):
+def rewrite(path, out, edit_tensors=None, edit_header=None, fix_checksum=True):
+    """A copy of a quantized file with its tensors and header edited, and (as a forger would) the checksum fixed."""
+    from quant.packfile import _digest
     with safe_open(str(path), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     header = json.loads(meta["header"])
@@ -96,6 +98,8 @@ def rewrite(path, out, edit_tensors=None, edit_header=None):
         edit_tensors(tensors)
     if edit_header:
         edit_header(header)
+    if fix_checksum:
+        header["sha256"] = _digest(tensors, header)
     save_file(tensors, str(out), metadata={**meta, "header": json.dumps(header)})
     return out
 
@@ -130,19 +134,45 @@ def test_layer_that_does_not_fit_the_architecture_is_refused(saved, tmp_path):
 
 
 def test_packed_tensor_of_the_wrong_size_is_refused_even_with_a_fixed_checksum(saved, tmp_path):
-    from quant.packfile import _digest
-
     def cut(t):
         t["blocks.0.attn.qkv.packed"] = t["blocks.0.attn.qkv.packed"][:, :-1].contiguous()
-    tensors = {}
-
-    def keep(t):
-        cut(t)
-        tensors.update(t)
-    bad = rewrite(saved, tmp_path / "bad.safetensors", edit_tensors=keep,
-                  edit_header=lambda h: h.update(sha256=_digest(tensors)))
     with pytest.raises(ValueError, match="blocks.0.attn.qkv.packed"):
+        quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_tensors=cut))
+
+
+def test_an_edited_header_is_refused_by_the_checksum(saved, tmp_path):
+    def more_heads(h):
+        h["architecture"]["config"]["num_heads"] = 4
+    bad = rewrite(saved, tmp_path / "bad.safetensors", edit_header=more_heads, fix_checksum=False)
+    with pytest.raises(ValueError, match="corrupt"):
         quant.load_quantized(bad)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["layers"]["blocks.0.mlp.fc1"].update(input_norm="x"),
+    lambda h: h["layers"]["blocks.0.mlp.fc1"].pop("act_format"),
+    lambda h: h["layers"]["blocks.0.mlp.fc1"].update(weight_format="int9"),
+    lambda h: h["architecture"].pop("config"),
+    lambda h: h["architecture"]["config"].update(num_heads=0)], ids=["norm", "act", "int9", "noconfig", "heads"])
+def test_a_header_of_the_wrong_shape_is_refused_naming_the_file_even_with_a_fixed_checksum(saved, tmp_path, edit):
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=edit))
+
+
+def test_a_tensor_of_another_dtype_is_refused_even_with_a_fixed_checksum(saved, tmp_path):
+    def to_int(t):
+        t["pos_embed"] = t["pos_embed"].to(torch.int64)
+    with pytest.raises(ValueError, match="'pos_embed' has dtype torch.int64"):
+        quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_tensors=to_int))
+
+
+def test_a_model_with_nan_weights_is_not_saved(tmp_path, tiny_model):
+    q = quant.quantize(tiny_model, "w4")
+    with torch.no_grad():
+        q.norm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="norm.weight holds NaN"):
+        quant.save_quantized(q, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_damaged_header_is_refused(saved, tmp_path):
