@@ -25,6 +25,7 @@ from cuda_ops.modules import KernelLinear, to_kernels
 from quant.cli import output_file, positive_int, provenance, run
 from quant.data import load_split
 from quant.evaluate import predict
+from quant.models import load_model
 
 
 def compare(name: str, model: torch.nn.Module, data, device: str, batch_size: int) -> dict:
@@ -72,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(quant.recipe(r), RTN):
             raise ValueError(f"recipe {r!r} is not a round-to-nearest recipe: quantize it with quant first and "
                              f"pass the file with --quantized")
+    for f in files:
+        quant.read_header(f)  # refuses a file that is not a packed bitvit model before any scoring
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fp = quant.load_any(args.model) if args.model else None
+    fp = load_model(args.model) if args.model else None
     models = [(f"{Path(args.model).name} {r}", lambda r=r: quant.quantize(copy.deepcopy(fp), r)) for r in recipes]
-    models += [(Path(f).name, lambda f=f: quant.load_any(f)) for f in files]
+    models += [(Path(f).name, lambda f=f: quant.load_quantized(f)) for f in files]
     first = fp if fp is not None else models[0][1]()
     data = load_split(args.data, args.split, image_size=first.config.img_size, limit=args.limit)
     start = time.monotonic()

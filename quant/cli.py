@@ -3,6 +3,7 @@ the provenance (command, machine, date) that every results file records."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shlex
@@ -33,6 +34,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def number_in(lo: float, hi: float = math.inf):
+    """argparse type for a float in [lo, hi] (rates, weights, alphas, seconds)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not lo <= value <= hi:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"expected a number {f'in {lo:g}..{hi:g}' if hi < math.inf else f'>= {lo:g}'}"
+                                             f", got {text}")
+        return value
+    return parse
 
 
 def output_file(path: str | os.PathLike) -> Path:

@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -322,8 +323,15 @@ def _cached(source: _Source, split: str, image_size: int, progress: bool) -> Ima
     base = cache_dir() / "data" / digest
     files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.txt")]
     if all(f.exists() for f in files):
-        return ImageSet(np.load(files[0], allow_pickle=False), np.load(files[1], allow_pickle=False),
-                        tuple(files[2].read_text().splitlines()))
+        try:
+            images, labels = (np.load(f, allow_pickle=False) for f in files[:2])
+            classes = tuple(files[2].read_text().splitlines())
+            if (images.dtype == np.uint8 and images.shape[1:] == (image_size, image_size, 3)
+                    and labels.shape == (len(images),) and 0 <= labels.min() and labels.max() < len(classes)):
+                return ImageSet(images, labels, classes)
+        except (OSError, ValueError, EOFError):  # truncated or damaged cache files
+            pass
+        print(f"the decoded copy in {base.parent} ({base.name}.*) is damaged: decoding again", file=sys.stderr)
     data = source.decode(split, image_size, progress)
     base.parent.mkdir(parents=True, exist_ok=True)
     tmp = base.with_suffix(f".{os.getpid()}.tmp.npy")

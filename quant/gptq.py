@@ -63,7 +63,11 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | N
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     H += damp * H.diagonal().mean() * torch.eye(K, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"GPTQ: the inputs' Hessian is not positive definite even with damp={damp}; "
+                         f"raise damp (e.g. --set damp=0.1) or calibrate on more images") from None
 
     codes = torch.zeros(O, K)
     for i1 in range(0, K, block_size):

@@ -146,8 +146,10 @@ class PatchEmbed(nn.Module):
         self.img_size = cfg.img_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
+        s = self.img_size
+        if x.ndim != 4 or x.shape[1:] != (3, s, s) or not x.is_floating_point():
+            raise ValueError(f"expected {s}x{s} RGB images as a float tensor (B, 3, {s}, {s}), got {x.dtype} "
+                             f"{tuple(x.shape)}")
         if self.backbone is not None:
             x = self.backbone(x)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)

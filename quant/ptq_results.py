@@ -31,8 +31,11 @@ def load_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
     try:
-        return list(json.loads(path.read_text())["results"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        entries = list(json.loads(path.read_text())["results"])
+        if not all(isinstance(e, dict) for e in entries):
+            raise TypeError("an entry of 'results' is not an object")
+        return entries
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a results file of quant.ptq_results ({e}); move it away or pick "
                          f"another --out") from None
 
@@ -60,6 +63,7 @@ def main(argv=None):
     from quant.data import load_split
     from quant.models import load_model
     from quant.ptq import calibration_inputs
+    from quant.recipes import QAT
     p = argparse.ArgumentParser(prog="python -m quant.ptq_results", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
     p.add_argument("--data", required=True, help="CIFAR-10 (calibration on its train split)")
@@ -74,8 +78,9 @@ def main(argv=None):
     output_file(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in args.recipes:
-        recipe(name)                                   # refuse an unknown name before any work
+    for name in args.recipes:                          # refuse an unknown or a QAT recipe before any work
+        if isinstance(recipe(name), QAT):
+            raise ValueError(f"{name} is a quantization-aware training recipe: train it with python -m quant.qat")
     ckpt, out, models = Path(args.checkpoint), Path(args.out), Path(args.models)
     entries = load_results(out)
     cfg = load_model(ckpt).config

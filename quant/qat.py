@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import output_file, positive_int, provenance, run
+from quant.cli import number_in, output_file, positive_int, provenance, run
 from quant.data import SPLITS
 
 
@@ -56,11 +56,26 @@ def _sum_losses(*losses):
     return lambda model: sum(f(model) for f in losses)
 
 
+def read_results(path: str | os.PathLike) -> dict:
+    """The results file {"runs": {name: entry, ...}} ({"runs": {}} when absent), or one clear error."""
+    path = Path(path)
+    if not path.exists():
+        return {"runs": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable results JSON ({type(e).__name__}: {e})") from None
+    runs = data.setdefault("runs", {}) if isinstance(data, dict) else None
+    if not isinstance(runs, dict) or not all(isinstance(e, dict) for e in runs.values()):
+        raise ValueError(f'{path} is not a quant.qat results file ({{"runs": {{name: entry, ...}}}})')
+    return data
+
+
 def record_result(path: str | os.PathLike, name: str, entry: dict) -> None:
     """Insert or replace `entry` under `name` in the results file {"runs": {name: entry, ...}}."""
     path = Path(path)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault("runs", {})[name] = entry
+    data = read_results(path)
+    data["runs"][name] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -70,11 +85,12 @@ def record_result(path: str | os.PathLike, name: str, entry: dict) -> None:
 def _known_teacher_top1(results: str | None, teacher: str, split: str, n: int) -> float | None:
     """The teacher's top-1 on this split from an earlier entry of the same results file, if the same
     teacher file (path and size) was scored on the same images there."""
-    if not results or not Path(results).exists():
+    if not results:
         return None
     size = Path(teacher).stat().st_size
-    for e in json.loads(Path(results).read_text()).get("runs", {}).values():
-        if (e.get("teacher"), e.get("teacher_bytes"), e.get("split"), e.get("n")) == (str(teacher), size, split, n):
+    for e in read_results(results)["runs"].values():
+        if (e.get("teacher"), e.get("teacher_bytes"), e.get("split"), e.get("n")) == (str(teacher), size, split, n) \
+                and isinstance(e.get("teacher_top1"), float):
             return e["teacher_top1"]
     return None
 
@@ -102,17 +118,17 @@ def main(argv=None):
     p.add_argument("--limit", type=positive_int, help="train on this many images only (balanced over classes)")
     p.add_argument("--val-limit", type=positive_int, default=2000, help="validation images scored after each epoch")
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-epochs", type=float, default=0.5)
+    p.add_argument("--lr", type=number_in(0), default=5e-4)
+    p.add_argument("--weight-decay", type=number_in(0), default=0.01)
+    p.add_argument("--warmup-epochs", type=number_in(0), default=0.5)
     p.add_argument("--distill", default="soft", choices=["soft", "hard", "none"])
-    p.add_argument("--distill-weight", type=float, default=0.9, help="weight of the distillation loss (0..1)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--feature-weight", type=float, default=0.0, help="weight of the token-feature MSE (0: off)")
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (QAT default: off)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (QAT default: off)")
-    p.add_argument("--search-ratio", type=float, default=0.5, help="qvit: fraction of epochs searching bit-widths")
-    p.add_argument("--bitops-weight", type=float, default=1.0, help="qvit: weight eta of the BitOPs penalty")
+    p.add_argument("--distill-weight", type=number_in(0, 1), default=0.9, help="weight of the distillation loss (0..1)")
+    p.add_argument("--temperature", type=number_in(0.01), default=1.0)
+    p.add_argument("--feature-weight", type=number_in(0), default=0.0, help="weight of the token-feature MSE (0: off)")
+    p.add_argument("--mixup", type=number_in(0), default=0.0, help="mixup alpha (QAT default: off)")
+    p.add_argument("--cutmix", type=number_in(0), default=0.0, help="cutmix alpha (QAT default: off)")
+    p.add_argument("--search-ratio", type=number_in(0, 1), default=0.5, help="qvit: fraction of epochs searching bit-widths")
+    p.add_argument("--bitops-weight", type=number_in(0), default=1.0, help="qvit: weight eta of the BitOPs penalty")
     p.add_argument("--calib-size", type=positive_int, default=256,
                    help="training images that initialise Q-ViT's step sizes or BitNet's input LayerNorms")
     p.add_argument("--eval-split", choices=SPLITS,
@@ -120,9 +136,9 @@ def main(argv=None):
     p.add_argument("--eval-limit", type=positive_int, help="score only this many images of --eval-split")
     p.add_argument("--results", help="results JSON to record this run in (with --eval-split)")
     p.add_argument("--name", help="entry name in --results (default: the recipe name)")
-    p.add_argument("--time-limit", type=float, help="stop after the last epoch that fits in this many seconds "
+    p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many seconds "
                                                     "(all stages together); rerun the same command to resume")
-    p.add_argument("--time-budget", type=float, default=0.0,
+    p.add_argument("--time-budget", type=number_in(0), default=0.0,
                    help="seconds of training for all stages together, shared by their epochs; the learning rate "
                         "decays over them and --epochs becomes a cap (0: schedule by epochs)")
     p.add_argument("--seed", type=int, default=0)
@@ -135,8 +151,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.results and not args.eval_split:
         raise ValueError("--results needs --eval-split (the split the recorded top-1 is measured on)")
-    if not 0 <= args.search_ratio <= 1:
-        raise ValueError(f"--search-ratio must lie in 0..1, got {args.search_ratio}")
+    if args.results:
+        read_results(args.results)  # a file it cannot record into is refused now, not after training
 
     r = recipe(args.recipe, **parse_overrides(args.set))
     if not isinstance(r, QAT):

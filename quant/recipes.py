@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,11 @@ def _need_calib(recipe, calib) -> torch.Tensor:
     if calib is None:
         raise ValueError(f"recipe {recipe.name!r} needs calibration inputs: quantize(model, recipe, calib=x) "
                          f"with x a batch of model inputs (a few hundred training images)")
+    if not isinstance(calib, torch.Tensor) or not calib.is_floating_point() or calib.ndim < 2 or not len(calib):
+        raise ValueError(f"calibration inputs must be a float tensor of N >= 1 model inputs (N, ...; for a ViT "
+                         f"(N, 3, H, W)), got {type(calib).__name__} {tuple(getattr(calib, 'shape', ()))}")
+    if not torch.isfinite(calib).all():
+        raise ValueError("the calibration inputs hold NaN or infinite values")
     return calib
 
 
@@ -202,6 +208,8 @@ def _check_field(name: str, key: str, annotation: str, value) -> None:
     if key in ("group_size", "bits", "weight_bits", "act_bits", "block_size", "min_bits", "max_bits",
                "budget_bits") and value is not None and value < 1:
         raise ValueError(f"recipe {name!r}: {key} must be at least 1, got {value!r}")
+    if key == "damp" and not 0 <= value < math.inf:
+        raise ValueError(f"recipe {name!r}: damp must be a non-negative number, got {value!r}")
 
 
 def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None = None) -> nn.Module:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import positive_int, run
+from quant.cli import number_in, positive_int, run
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -172,8 +172,12 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         if state["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
             raise ValueError(f"{ckpt_path} was written by a run with another config; "
                              f"use a fresh --out folder or delete it")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # written while training another model
+            raise ValueError(f"{ckpt_path} holds the resume state of another model "
+                             f"({str(e).splitlines()[0][:120]}); use a fresh --out folder or delete it") from None
         torch.set_rng_state(state["rng"])
         if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
             torch.cuda.set_rng_state(state["cuda_rng"], env.device)
@@ -301,25 +305,25 @@ def main(argv=None):
                    help="train (holds out val for model selection) or trainval (all training images)")
     p.add_argument("--limit", type=positive_int, help="train on this many images only (smoke tests)")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs (with --time-budget: at most)")
-    p.add_argument("--time-budget", type=float, default=d.time_budget,
+    p.add_argument("--time-budget", type=number_in(0), default=d.time_budget,
                    help="seconds of training: the learning rate decays over them and training ends when "
                         "they are spent (for a fixed-length GPU lease); 0 = schedule by epochs")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--drop-path", type=float, default=0.1)
-    p.add_argument("--label-smoothing", type=float, default=a.label_smoothing)
-    p.add_argument("--mixup", type=float, default=a.mixup_alpha, help="mixup alpha, 0 disables")
-    p.add_argument("--cutmix", type=float, default=a.cutmix_alpha, help="cutmix alpha, 0 disables")
-    p.add_argument("--mix-prob", type=float, default=a.mix_prob)
+    p.add_argument("--lr", type=number_in(0), default=d.lr)
+    p.add_argument("--weight-decay", type=number_in(0), default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=number_in(0), default=d.warmup_epochs)
+    p.add_argument("--drop-path", type=number_in(0, 1), default=0.1, help="stochastic depth rate of the last block")
+    p.add_argument("--label-smoothing", type=number_in(0, 1), default=a.label_smoothing)
+    p.add_argument("--mixup", type=number_in(0), default=a.mixup_alpha, help="mixup alpha, 0 disables")
+    p.add_argument("--cutmix", type=number_in(0), default=a.cutmix_alpha, help="cutmix alpha, 0 disables")
+    p.add_argument("--mix-prob", type=number_in(0, 1), default=a.mix_prob)
     p.add_argument("--no-trivial-augment", action="store_true")
     p.add_argument("--teacher", help="model file to distil from: a bitvit ViT or a CNN teacher")
     p.add_argument("--distill", default="hard", choices=["hard", "soft"])
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--time-limit", type=float, help="stop after the last epoch that fits in this many "
+    p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many "
                                                     "seconds; rerun the same command to resume")
     p.add_argument("--save-every", type=positive_int, default=1,
                    help="score the val split and write the resume state every N epochs (and after the last)")

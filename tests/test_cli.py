@@ -1,11 +1,12 @@
 """What every command line shares: counts must be positive, outputs must be files, failures are one line,
 results say how they were made."""
 import argparse
+import math
 
 import pytest
 import torch
 
-from quant.cli import output_file, positive_int, provenance, run
+from quant.cli import number_in, output_file, positive_int, provenance, run
 from quant.train import main as train_main
 
 
@@ -13,6 +14,20 @@ from quant.train import main as train_main
 def test_counts_that_are_not_positive_integers_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
         positive_int(text)
+
+
+@pytest.mark.parametrize("text, lo, hi", [("-1", 0, 1), ("1.5", 0, 1), ("nan", 0, 1), ("x", 0, 1), ("-0.1", 0, math.inf)])
+def test_numbers_outside_their_range_are_refused(text, lo, hi):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a number"):
+        number_in(lo, hi)(text)
+
+
+@pytest.mark.parametrize("flag, value", [("--drop-path", "2"), ("--label-smoothing", "5"), ("--warmup-epochs", "-1"),
+                                         ("--mixup", "-1"), ("--time-limit", "-1")])
+def test_training_settings_out_of_range_are_argument_errors(tmp_path, image_tree, capsys, flag, value):
+    with pytest.raises(SystemExit):
+        train_main(["--data", str(image_tree), "--out", str(tmp_path / "run"), flag, value])
+    assert f"{flag}: expected a number" in capsys.readouterr().err
 
 
 def test_a_result_records_its_command_line_quoted_the_machine_and_the_utc_date():

@@ -28,3 +28,9 @@ def test_a_recipe_that_needs_calibration_or_training_is_refused(tiny_model, imag
     quant.models.save_model(tiny_model, tmp_path / "fp.safetensors")
     with pytest.raises(ValueError, match="not a round-to-nearest recipe"):
         parity.main(["--model", str(tmp_path / "fp.safetensors"), "--recipes", recipe, "--data", str(image_tree)])
+
+
+def test_a_full_precision_file_given_as_quantized_is_refused_before_scoring(tiny_model, image_tree, tmp_path):
+    quant.models.save_model(tiny_model, tmp_path / "fp.safetensors")
+    with pytest.raises(ValueError, match="fp.safetensors is not a quantized bitvit file"):
+        parity.main(["--quantized", str(tmp_path / "fp.safetensors"), "--data", str(image_tree)])

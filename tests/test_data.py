@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from quant.augment import Augment, AugmentConfig, random_crop_flip
-from quant.data import load_split, to_model_input
+from quant.data import cache_dir, load_split, to_model_input
 from tests.conftest import TINY
 
 
@@ -76,6 +76,15 @@ def test_second_load_comes_from_the_cache(image_tree, monkeypatch):
     monkeypatch.setattr("quant.data._decode", no_decoding)
     again = load_split(image_tree, "test", image_size=16, progress=False)
     assert np.array_equal(first.images, again.images) and again.classes == first.classes
+
+
+def test_a_damaged_cache_is_decoded_again(image_tree, capsys):
+    first = load_split(image_tree, "test", image_size=16, progress=False)
+    cached = next((cache_dir() / "data").glob("*.images.npy"))
+    cached.write_bytes(cached.read_bytes()[:200])   # truncated
+    again = load_split(image_tree, "test", image_size=16, progress=False)
+    assert np.array_equal(first.images, again.images)
+    assert "damaged: decoding again" in capsys.readouterr().err
 
 
 def test_changed_file_invalidates_the_cache(image_tree):

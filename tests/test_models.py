@@ -78,9 +78,12 @@ def test_cifar_configs_output_logits_per_class():
         assert model.patch_embed.proj.weight.shape[-1] == CONFIGS[name].patch_size
 
 
-def test_wrong_image_size_is_refused(tiny_model):
-    with pytest.raises(ValueError, match="expected 16x16 images"):
-        tiny_model(torch.randn(1, 3, 32, 32))
+@pytest.mark.parametrize("x", [torch.randn(1, 3, 32, 32), torch.randn(1, 1, 16, 16), torch.randn(1, 16, 16, 3),
+                               torch.zeros(1, 3, 16, 16, dtype=torch.uint8), torch.randn(3, 16, 16)],
+                         ids=["size", "gray", "hwc", "uint8", "unbatched"])
+def test_input_that_is_not_a_batch_of_the_models_images_is_refused(tiny_model, x):
+    with pytest.raises(ValueError, match=r"expected 16x16 RGB images as a float tensor \(B, 3, 16, 16\)"):
+        tiny_model(x)
 
 
 def test_saved_model_rebuilds_itself(tiny_model, tmp_path):

@@ -85,6 +85,20 @@ def test_results_table_scores_each_recipe_from_its_file_and_merges_reruns(checkp
     assert entries["w2-gptq"]["bits_per_weight"] < entries["w4"]["bits_per_weight"] < entries["w8a8"]["bits_per_weight"]
 
 
+def test_results_table_refuses_a_qat_recipe_before_scoring_anything(checkpoint, image_tree, tmp_path):
+    with pytest.raises(ValueError, match="w1.58a8 is a quantization-aware training recipe"):
+        results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(tmp_path / "r.json"),
+                      "--recipes", "w1.58a8"])
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_results_table_refuses_a_results_file_of_another_shape(checkpoint, image_tree, tmp_path):
+    (tmp_path / "r.json").write_text('{"results": [1, 2]}')
+    with pytest.raises(ValueError, match="not a results file of quant.ptq_results"):
+        results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(tmp_path / "r.json"),
+                      "--recipes", "w4"])
+
+
 def test_report_collects_entries_at_any_depth_and_draws_the_plot(tmp_path, capsys):
     folder = tmp_path / "results"
     folder.mkdir()

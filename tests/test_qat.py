@@ -125,6 +125,25 @@ def test_cli_refuses_a_post_training_recipe_with_one_clear_line(teacher_file, im
     assert "post-training recipe" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", '{"runs": [1]}'])
+def test_a_results_file_it_cannot_record_into_is_refused_before_training(teacher_file, image_tar, tmp_path, capsys,
+                                                                         content):
+    (tmp_path / "results.json").write_text(content)
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "x.safetensors"), "--eval-split", "test",
+                      "--results", str(tmp_path / "results.json")]) == 2
+    err = capsys.readouterr().err
+    assert "results.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors.run").exists()
+
+
+def test_a_zero_temperature_is_an_argument_error(teacher_file, image_tar, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar),
+              "--out", str(tmp_path / "x.safetensors"), "--temperature", "0"])
+    assert "--temperature: expected a number >= 0.01" in capsys.readouterr().err
+
+
 def test_the_gpu_profile_names_results_after_the_teacher_and_hands_them_back(teacher_file, image_tree, tmp_path):
     env = {**os.environ, "PROFILE": "gpu", "TEACHER": str(teacher_file), "DATA": str(image_tree),
            "ONLY": "w1.58a8 qvit-w3", "EPOCHS": "2", "BATCH": "8", "TIME_BUDGET": "2", "VAL_LIMIT": "6",

@@ -1,4 +1,5 @@
 """quantize(model, recipe): the named recipes, overrides, and models that are not bitvit's ViT."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -79,6 +80,19 @@ def test_w8a8_quantizes_activations_per_token(tiny_model):
 def test_calibrating_recipes_need_calibration_inputs():
     with pytest.raises(ValueError, match="calibration inputs"):
         quant.quantize(plain_model(), "w4-gptq")
+
+
+@pytest.mark.parametrize("calib, message", [(torch.full((4, 3, 16, 16), float("nan")), "NaN"),
+                                            (torch.zeros(0, 3, 16, 16), "N >= 1"),
+                                            (np.zeros((4, 3, 16, 16), np.float32), "float tensor")])
+def test_calibration_inputs_that_cannot_calibrate_are_refused(tiny_model, calib, message):
+    with pytest.raises(ValueError, match=message):
+        quant.quantize(tiny_model, "w4-gptq", calib=calib)
+
+
+def test_a_negative_gptq_damping_is_refused():
+    with pytest.raises(ValueError, match="damp must be a non-negative number"):
+        quant.recipe("w4-gptq", damp=-1.0)
 
 
 def test_w4a4_refuses_a_model_without_vit_blocks():

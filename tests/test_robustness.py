@@ -50,3 +50,10 @@ def test_cli_refuses_widths_outside_two_to_eight(tiny_model, image_tar, tmp_path
     assert run(main, ["--checkpoint", str(ckpt), "--data", str(image_tar), "--out", str(tmp_path / "r.json"),
                       "--bits", "1"]) == 2
     assert "--bits" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_out_path_the_plot_would_overwrite(tiny_model, image_tar, tmp_path, capsys):
+    ckpt = tmp_path / "fp.safetensors"
+    save_model(tiny_model, ckpt)
+    assert run(main, ["--checkpoint", str(ckpt), "--data", str(image_tar), "--out", str(tmp_path / "r.png")]) == 2
+    assert "give a .json path" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Training: the loss falls, the schedule has its shape, and an interrupted run resumes exactly."""
+import dataclasses
 import json
 import os
 import socket
@@ -189,6 +190,14 @@ def test_resuming_with_another_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another config"):
         fit(VisionTransformer(TINY), data, None, TrainConfig(epochs=2, batch_size=8, augment=NO_AUG),
             tmp_path, progress=False)
+
+
+def test_resuming_a_run_of_another_model_is_refused(tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    wider = VisionTransformer(dataclasses.replace(TINY, embed_dim=48))
+    with pytest.raises(ValueError, match="the resume state of another model"):
+        fit(wider, colour_set(8), None, cfg, tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage"])
