@@ -197,6 +197,7 @@ def test_an_integer_tensor_is_refused_naming_it(tiny_model):
         load_state_dict(tiny_model, state)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("kind", ["empty", "safetensors", "plain pickle"])
 def test_a_pth_that_is_no_torch_checkpoint_is_refused_without_blaming_pickled_code(tmp_path, tiny_model, kind):
     save_model(tiny_model, tmp_path / "m.safetensors")
