@@ -105,7 +105,10 @@ def to_kernels(model: nn.Module, ternary_layout: str = "2bit") -> nn.Module:
         raise ValueError(f"ternary_layout must be one of {TERNARY_LAYOUTS}, got {ternary_layout!r}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not layers:
-        raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize)")
+        if any(isinstance(m, KernelLinear) for m in model.modules()):
+            raise ValueError("the model already runs on bitvit's kernels (to_kernels was applied before)")
+        raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize), or pack a "
+                         "model in quantization-aware training first (quant.bitlinear.freeze, quant.qvit.freeze)")
     if isinstance(model, QuantLinear):
         return KernelLinear(model, ternary_layout) if kernel_for(model) else model
     left = []

@@ -104,6 +104,12 @@ def test_a_model_without_quantized_layers_is_refused():
         to_kernels(VisionTransformer(TINY))
 
 
+def test_converting_a_converted_model_again_says_so():
+    model = to_kernels(quantized_tiny("w8"))
+    with pytest.raises(ValueError, match="already runs on bitvit's kernels"):
+        to_kernels(model)
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("recipe", list(FORMATS))
