@@ -31,8 +31,8 @@ import torch.nn as nn
 
 import quant
 from quant.models import FORMAT as FP_FORMAT
-from quant.packfile import FORMAT as QUANT_FORMAT
 from quant.models import ViTConfig, VisionTransformer, count_parameters, existing_file
+from quant.packfile import FORMAT as QUANT_FORMAT
 
 RUNTIME = "onnxruntime"
 MODEL_SUFFIXES = (".safetensors", ".onnx")
@@ -115,10 +115,10 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
     if meta.get("format") == FP_FORMAT:
         return ModelFile(path, "fp", "fp32", ViTConfig.from_json(meta.get("config"), path), None)
-    if meta.get("format") != QUANT_FORMAT:
+    if not str(meta.get("format")).startswith("bitvit-quant/"):
         raise ValueError(f"{path} is not a bitvit ViT file (format {meta.get('format')!r}); the app runs "
                          f"full-precision ({FP_FORMAT!r}) and quantized ({QUANT_FORMAT!r}) bitvit ViTs")
-    header = quant.read_header(path)
+    header = quant.read_header(path)  # refuses other versions of the quantized format
     arch = header.get("architecture") or {}
     if arch.get("kind") != "bitvit-vit":
         raise ValueError(f"{path} holds no bitvit ViT architecture")
@@ -142,9 +142,7 @@ def scan(folder: str | os.PathLike) -> tuple[list[ModelFile], list[str]]:
 
 def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str = RUNTIME) -> Backend:
     """A bitvit model file (FP or packed `.safetensors`, or a bitvit `.onnx` export), ready to run."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such model file: {path}")
+    path = existing_file(path)
     if path.suffix == ".onnx":
         return _ort_backend(path, path, threads, None)
     linear_bits = inspect_file(path).linear_bits

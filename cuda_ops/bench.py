@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
-from quant.cli import output_file, positive_int, provenance, run
+from quant.cli import number_in, output_file, positive_int, provenance, run
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
 from quant.pack import pack_codes, pack_trit_planes
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="baseline and activation dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--quick", action="store_true", help="smaller ceilings, shorter CPU timings (smoke tests)")
-    p.add_argument("--time-limit", type=float, default=float("inf"),
+    p.add_argument("--time-limit", type=number_in(0), default=float("inf"),
                    help="seconds: stop adding rows after this long, the per-op part after 60%% of it so the "
                         "end-to-end part gets its share (the JSON lists what was skipped)")
     p.add_argument("--out", type=Path, help="write the results JSON here")

@@ -36,16 +36,19 @@ def positive_int(text: str) -> int:
     return value
 
 
-def number_in(lo: float, hi: float = math.inf):
-    """argparse type for a float in [lo, hi] (rates, weights, alphas, seconds)."""
+def number_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
+    """argparse type for a finite float between lo and hi (ends included unless open): rates, weights, seconds."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not lo <= value <= hi:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"expected a number {f'in {lo:g}..{hi:g}' if hi < math.inf else f'>= {lo:g}'}"
-                                             f", got {text}")
+        above = lo < value if lo_open else lo <= value
+        below = value < hi if hi_open else value <= hi
+        if not (math.isfinite(value) and above and below):  # NaN fails too
+            where = (f"{'>' if lo_open else '>='} {lo:g}" if hi == math.inf else
+                     f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+            raise argparse.ArgumentTypeError(f"expected a number {where}, got {text}")
         return value
     return parse
 

@@ -63,6 +63,7 @@ class ViTConfig:
             v = getattr(self, f)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f, "a positive integer")
         check(self.patch_size <= self.img_size, "patch_size", f"at most img_size ({self.img_size})")
+        check(self.embed_dim % self.num_heads == 0, "num_heads", f"a divisor of embed_dim ({self.embed_dim})")
         check(number(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio", "a positive number")
         check(number(self.drop_path_rate) and 0 <= self.drop_path_rate < 1, "drop_path_rate", "in [0, 1)")
         check(isinstance(self.stem_channels, tuple) and all(
@@ -207,8 +208,6 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        if cfg.embed_dim % cfg.num_heads:
-            raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -312,7 +311,7 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # torch's weights-only unpickler met a class or function: maybe code
+        if "GLOBAL" in str(e):  # the weights-only unpickler met a class or function (torch 2.6-2.13's wording)
             raise ValueError(f"{path} holds pickled objects other than tensors; refused unread "
                              f"(bitvit loads .pth files with torch.load(weights_only=True))") from None
         raise ValueError(f"{path} is not a torch checkpoint (not a pickle of tensors; another format, "

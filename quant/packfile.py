@@ -2,7 +2,7 @@
 
 `save_quantized(model, path)` / `load_quantized(path)` / `load_any(path)` (FP or quantized bitvit file).
 
-Layout. Safetensors metadata `format` = "bitvit-quant/1" and `header` = JSON with
+Layout. Safetensors metadata `format` = "bitvit-quant/2" and `header` = JSON with
   recipe          the recipe the model was made with (a dict, or null)
   architecture    {"kind": "bitvit-vit", "config": ViTConfig} (null for a model that is not a bitvit
                   ViT: `load_quantized(path, model=fp_skeleton)` then rebuilds into the given model)
@@ -40,7 +40,7 @@ from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
 from quant.quantizers import DoubleQuantized, double_dequantize, num_groups
 
-FORMAT = "bitvit-quant/1"
+FORMAT = "bitvit-quant/2"  # /1 (before 2026-12-03) had the same layout, its checksum covering the tensors only
 _OWN = ("packed", "scales", "zeros")  # QuantLinear buffers stored in packed form
 
 
@@ -140,8 +140,8 @@ def _take(tensors: dict, key: str, path, shape=None, dtype=None) -> torch.Tensor
 def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
     try:
         layer = QuantLinear.from_spec(entry)
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: header entry of layer {name!r} is incomplete ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: header entry of layer {name!r} is damaged ({type(e).__name__}: {e})") from None
     o, k, bits = layer.out_features, layer.in_features, layer.bits
     if entry.get("bits") != bits:
         raise ValueError(f"{path}: layer {name!r} says {entry.get('bits')} bits for {layer.weight_format}")
@@ -158,7 +158,9 @@ def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
     g = num_groups(k, layer.group_size)
     kind = entry.get("scales")
     if kind == "double_quant":
-        block = int(entry["dq_block"])
+        block = entry.get("dq_block")
+        if not isinstance(block, int) or block < 1:
+            raise ValueError(f"{path}: layer {name!r} has dq_block {block!r}, expected a positive integer")
         dq = DoubleQuantized(_take(tensors, f"{name}.scales.codes", path, (o, g), torch.int8),
                              _take(tensors, f"{name}.scales.absmax", path, ((o * g + block - 1) // block,),
                                    torch.float32),
@@ -195,6 +197,9 @@ def read_header(path: str | os.PathLike) -> dict:
 
 
 def _parse_header(meta: dict, path) -> dict:
+    if meta.get("format") == "bitvit-quant/1":
+        raise ValueError(f"{path} was written by an older bitvit (format bitvit-quant/1); quantize its "
+                         f"full-precision model again to get a {FORMAT} file")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a quantized bitvit file (format {meta.get('format')!r}, "
                          f"expected {FORMAT!r})")
@@ -237,12 +242,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         raise ValueError(f"{path} holds a model that is not a bitvit ViT: pass model= (a full-precision "
                          f"instance of its architecture) to rebuild it")
 
-    try:  # a header that passes the checksum but that save_quantized did not write still gets one message
-        _rebuild_modules(model, header, tensors, path)
-    except (KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
-        raise ValueError(f"{path} has a damaged header ({type(e).__name__}: {e})") from None
-    except ValueError as e:
-        raise e if str(path) in str(e) else ValueError(f"{path}: {e}") from None
+    _rebuild_modules(model, header, tensors, path)
 
     own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     own -= {f"{n}.{b}" for n in header["layers"] for b in _OWN}
@@ -257,7 +257,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         if tuple(v.shape) != tuple(state[k].shape):
             raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the architecture expects "
                              f"{tuple(state[k].shape)}")
-        if v.dtype != state[k].dtype:
+        if v.is_floating_point() != state[k].is_floating_point():
             raise ValueError(f"{path}: tensor {k!r} has dtype {v.dtype}, the architecture expects {state[k].dtype}")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{path}: tensor {k!r} holds NaN or infinite values")
@@ -276,7 +276,11 @@ def _rebuild_modules(model: nn.Module, header: dict, tensors: dict, path) -> Non
             raise ValueError(f"{path}: attention {name!r} has {spec.get('num_heads')} heads of width "
                              f"{spec.get('dim')} in the file, {attn.num_heads} of {attn.num_heads * attn.head_dim} "
                              f"in the architecture")
-        model.set_submodule(name, QuantAttention.from_spec(spec, attn.qkv, attn.proj))
+        try:
+            model.set_submodule(name, QuantAttention.from_spec(spec, attn.qkv, attn.proj))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: header entry of attention {name!r} is damaged ({type(e).__name__}: {e})") \
+                from None
     for name, entry in header["layers"].items():
         old = _module(model, name, path)
         shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))

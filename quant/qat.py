@@ -122,12 +122,14 @@ def main(argv=None):
     p.add_argument("--weight-decay", type=number_in(0), default=0.01)
     p.add_argument("--warmup-epochs", type=number_in(0), default=0.5)
     p.add_argument("--distill", default="soft", choices=["soft", "hard", "none"])
-    p.add_argument("--distill-weight", type=number_in(0, 1), default=0.9, help="weight of the distillation loss (0..1)")
-    p.add_argument("--temperature", type=number_in(0.01), default=1.0)
+    p.add_argument("--distill-weight", type=number_in(0, 1), default=0.9,
+                   help="weight of the distillation loss (0..1)")
+    p.add_argument("--temperature", type=number_in(0, lo_open=True), default=1.0)
     p.add_argument("--feature-weight", type=number_in(0), default=0.0, help="weight of the token-feature MSE (0: off)")
     p.add_argument("--mixup", type=number_in(0), default=0.0, help="mixup alpha (QAT default: off)")
     p.add_argument("--cutmix", type=number_in(0), default=0.0, help="cutmix alpha (QAT default: off)")
-    p.add_argument("--search-ratio", type=number_in(0, 1), default=0.5, help="qvit: fraction of epochs searching bit-widths")
+    p.add_argument("--search-ratio", type=number_in(0, 1), default=0.5,
+                   help="qvit: fraction of epochs searching bit-widths")
     p.add_argument("--bitops-weight", type=number_in(0), default=1.0, help="qvit: weight eta of the BitOPs penalty")
     p.add_argument("--calib-size", type=positive_int, default=256,
                    help="training images that initialise Q-ViT's step sizes or BitNet's input LayerNorms")

@@ -54,10 +54,11 @@ def _need_calib(recipe, calib) -> torch.Tensor:
     if calib is None:
         raise ValueError(f"recipe {recipe.name!r} needs calibration inputs: quantize(model, recipe, calib=x) "
                          f"with x a batch of model inputs (a few hundred training images)")
-    if not isinstance(calib, torch.Tensor) or not calib.is_floating_point() or calib.ndim < 2 or not len(calib):
-        raise ValueError(f"calibration inputs must be a float tensor of N >= 1 model inputs (N, ...; for a ViT "
-                         f"(N, 3, H, W)), got {type(calib).__name__} {tuple(getattr(calib, 'shape', ()))}")
-    if not torch.isfinite(calib).all():
+    if not isinstance(calib, torch.Tensor) or calib.ndim < 1 or not len(calib):
+        raise ValueError(f"calibration inputs must be a tensor of N >= 1 model inputs (for a ViT: float "
+                         f"(N, 3, H, W)), got {type(calib).__name__} {getattr(calib, 'dtype', '')} "
+                         f"{tuple(getattr(calib, 'shape', ()))}")
+    if calib.is_floating_point() and not torch.isfinite(calib).all():
         raise ValueError("the calibration inputs hold NaN or infinite values")
     return calib
 

@@ -137,7 +137,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         raise ValueError(f"distill={cfg.distill!r} needs a teacher model")
     if save_every < 1:
         raise ValueError(f"save_every must be at least 1, got {save_every}")
-    if cfg.time_budget < 0:
+    if not 0 <= cfg.time_budget < math.inf:
         raise ValueError(f"the time budget must be positive seconds (or 0: none), got {cfg.time_budget}")
     env = _Dist(device)
     out = Path(out_dir)
@@ -177,7 +177,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             opt.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:  # written while training another model
             raise ValueError(f"{ckpt_path} holds the resume state of another model "
-                             f"({str(e).splitlines()[0][:120]}); use a fresh --out folder or delete it") from None
+                             f"({(str(e).splitlines() or [''])[0][:120]}); use a fresh --out folder or delete it") \
+                from None
         torch.set_rng_state(state["rng"])
         if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
             torch.cuda.set_rng_state(state["cuda_rng"], env.device)
@@ -312,7 +313,8 @@ def main(argv=None):
     p.add_argument("--lr", type=number_in(0), default=d.lr)
     p.add_argument("--weight-decay", type=number_in(0), default=d.weight_decay)
     p.add_argument("--warmup-epochs", type=number_in(0), default=d.warmup_epochs)
-    p.add_argument("--drop-path", type=number_in(0, 1), default=0.1, help="stochastic depth rate of the last block")
+    p.add_argument("--drop-path", type=number_in(0, 1, hi_open=True), default=0.1,
+                   help="stochastic depth rate of the last block")
     p.add_argument("--label-smoothing", type=number_in(0, 1), default=a.label_smoothing)
     p.add_argument("--mixup", type=number_in(0), default=a.mixup_alpha, help="mixup alpha, 0 disables")
     p.add_argument("--cutmix", type=number_in(0), default=a.cutmix_alpha, help="cutmix alpha, 0 disables")

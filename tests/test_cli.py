@@ -1,7 +1,6 @@
 """What every command line shares: counts must be positive, outputs must be files, failures are one line,
 results say how they were made."""
 import argparse
-import math
 
 import pytest
 import torch
@@ -16,14 +15,23 @@ def test_counts_that_are_not_positive_integers_are_refused(text):
         positive_int(text)
 
 
-@pytest.mark.parametrize("text, lo, hi", [("-1", 0, 1), ("1.5", 0, 1), ("nan", 0, 1), ("x", 0, 1), ("-0.1", 0, math.inf)])
-def test_numbers_outside_their_range_are_refused(text, lo, hi):
+@pytest.mark.parametrize("text, bounds", [("-1", (0, 1)), ("1.5", (0, 1)), ("nan", (0, 1)), ("x", (0, 1)),
+                                          ("-0.1", (0,)), ("inf", (0,)), ("1e400", (0,))])
+def test_numbers_outside_their_range_are_refused(text, bounds):
     with pytest.raises(argparse.ArgumentTypeError, match="expected a number"):
-        number_in(lo, hi)(text)
+        number_in(*bounds)(text)
 
 
-@pytest.mark.parametrize("flag, value", [("--drop-path", "2"), ("--label-smoothing", "5"), ("--warmup-epochs", "-1"),
-                                         ("--mixup", "-1"), ("--time-limit", "-1")])
+def test_an_open_end_excludes_its_bound():
+    assert number_in(0, 1)("1") == 1.0
+    with pytest.raises(argparse.ArgumentTypeError, match=r"in \[0, 1\)"):
+        number_in(0, 1, hi_open=True)("1")
+    with pytest.raises(argparse.ArgumentTypeError, match="> 0"):
+        number_in(0, lo_open=True)("0")
+
+
+@pytest.mark.parametrize("flag, value", [("--drop-path", "1"), ("--label-smoothing", "5"), ("--warmup-epochs", "-1"),
+                                         ("--mixup", "-1"), ("--time-limit", "-1"), ("--lr", "inf")])
 def test_training_settings_out_of_range_are_argument_errors(tmp_path, image_tree, capsys, flag, value):
     with pytest.raises(SystemExit):
         train_main(["--data", str(image_tree), "--out", str(tmp_path / "run"), flag, value])

@@ -108,7 +108,8 @@ def test_a_sliver_image_is_resized_from_its_centre_not_blown_up_whole(monkeypatc
     from quant.data import _resize
     sizes = []
     resize = Image.Image.resize
-    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size, *a, **k))
+    monkeypatch.setattr(Image.Image, "resize",
+                        lambda self, size, *a, **k: sizes.append(size) or resize(self, size, *a, **k))
     sliver = np.zeros((1, 100_000, 3), np.uint8)
     sliver[:, 50_000 - 2: 50_000 + 2] = 255   # a white centre
     out = _resize(Image.fromarray(sliver), 32)

@@ -1,8 +1,8 @@
 """The ViT: timm's names and semantics, shapes, checkpoint files, hub loading, and refusals."""
 import dataclasses
 import json
-import pickle
 import math
+import pickle
 
 import pytest
 import torch
@@ -176,7 +176,7 @@ def test_a_bitvit_file_without_its_config_is_refused_naming_it(tmp_path):
         load_model(tmp_path / "noconfig.safetensors")
 
 
-@pytest.mark.parametrize("field, value", [("num_heads", 0), ("img_size", "32"), ("classes", 5),
+@pytest.mark.parametrize("field, value", [("num_heads", 0), ("num_heads", 5), ("img_size", "32"), ("classes", 5),
                                           ("stem_channels", 32), ("mean", [0.5]), ("std", [0, 0, 0])])
 def test_a_config_field_of_the_wrong_type_or_range_is_refused_naming_it(field, value):
     with pytest.raises(ValueError, match=f"m.safetensors: ViT config field '{field}'"):

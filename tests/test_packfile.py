@@ -148,15 +148,25 @@ def test_an_edited_header_is_refused_by_the_checksum(saved, tmp_path):
         quant.load_quantized(bad)
 
 
-@pytest.mark.parametrize("edit", [
-    lambda h: h["layers"]["blocks.0.mlp.fc1"].update(input_norm="x"),
-    lambda h: h["layers"]["blocks.0.mlp.fc1"].pop("act_format"),
-    lambda h: h["layers"]["blocks.0.mlp.fc1"].update(weight_format="int9"),
-    lambda h: h["architecture"].pop("config"),
-    lambda h: h["architecture"]["config"].update(num_heads=0)], ids=["norm", "act", "int9", "noconfig", "heads"])
-def test_a_header_of_the_wrong_shape_is_refused_naming_the_file_even_with_a_fixed_checksum(saved, tmp_path, edit):
-    with pytest.raises(ValueError, match="bad.safetensors"):
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(input_norm="x"), "layer 'blocks.0.mlp.fc1' is damaged"),
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"].pop("act_format"), "layer 'blocks.0.mlp.fc1' is damaged"),
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(weight_format="int9"), "layer 'blocks.0.mlp.fc1' is damaged"),
+    (lambda h: h["architecture"].pop("config"), "the ViT config is not a JSON object"),
+    (lambda h: h["architecture"]["config"].update(num_heads=0), "ViT config field 'num_heads'")],
+    ids=["norm", "act", "int9", "noconfig", "heads"])
+def test_a_header_of_the_wrong_shape_is_refused_naming_the_file_even_with_a_fixed_checksum(saved, tmp_path, edit,
+                                                                                           message):
+    with pytest.raises(ValueError, match=f"bad.safetensors: .*{message}"):
         quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=edit))
+
+
+def test_a_file_of_the_first_format_version_is_refused_as_older(saved, tmp_path):
+    with safe_open(str(saved), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**meta, "format": "bitvit-quant/1"})
+    with pytest.raises(ValueError, match="written by an older bitvit"):
+        quant.load_quantized(tmp_path / "old.safetensors")
 
 
 def test_a_tensor_of_another_dtype_is_refused_even_with_a_fixed_checksum(saved, tmp_path):

@@ -84,10 +84,16 @@ def test_calibrating_recipes_need_calibration_inputs():
 
 @pytest.mark.parametrize("calib, message", [(torch.full((4, 3, 16, 16), float("nan")), "NaN"),
                                             (torch.zeros(0, 3, 16, 16), "N >= 1"),
-                                            (np.zeros((4, 3, 16, 16), np.float32), "float tensor")])
+                                            (np.zeros((4, 3, 16, 16), np.float32), "a tensor of N >= 1")])
 def test_calibration_inputs_that_cannot_calibrate_are_refused(tiny_model, calib, message):
     with pytest.raises(ValueError, match=message):
         quant.quantize(tiny_model, "w4-gptq", calib=calib)
+
+
+def test_a_model_fed_token_ids_calibrates_on_integer_inputs():
+    model = nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+    quant.quantize(model, quant.recipe("w4-gptq", layer_formats=()), calib=torch.randint(0, 50, (16, 5)))
+    assert all(isinstance(m, QuantLinear) for m in (model[1], model[3]))
 
 
 def test_a_negative_gptq_damping_is_refused():

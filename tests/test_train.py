@@ -67,28 +67,28 @@ def test_time_budget_ends_training_at_the_first_epoch_that_spends_it(tmp_path):
 
 
 class _SlowFirstStep(VisionTransformer):
-    """A model whose first forward pass takes two seconds, as torch.compile's first step does on CUDA."""
+    """A model whose first forward pass takes three seconds, as torch.compile's first step does on CUDA."""
 
     def forward(self, x):
         if not getattr(self, "warm", False):
             self.warm = True
-            time.sleep(2.0)
+            time.sleep(3.0)
         return super().forward(x)
 
 
 def test_a_runs_first_step_is_timed_apart_and_not_charged_to_the_time_budget(tmp_path):
-    cfg = TrainConfig(epochs=10_000, batch_size=8, time_budget=0.5, augment=NO_AUG)
+    cfg = TrainConfig(epochs=10_000, batch_size=8, time_budget=1.5, augment=NO_AUG)
     fit(_SlowFirstStep(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert log[0]["first_step_seconds"] >= 2.0 and log[0]["seconds"] >= 2.0
-    assert log[0]["trained_seconds"] < 0.5 and len(log) > 1
+    assert log[0]["first_step_seconds"] >= 3.0 and log[0]["seconds"] >= 3.0
+    assert log[0]["trained_seconds"] < 1.5 and len(log) > 1
     assert all("first_step_seconds" not in r for r in log[1:])
 
 
 def test_a_slow_first_step_does_not_make_the_time_limit_stop_training_early(tmp_path):
     cfg = TrainConfig(epochs=3, batch_size=8, augment=NO_AUG)
-    _, done = fit(_SlowFirstStep(TINY), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=3.8)
-    assert done  # the second epoch is forecast without the first step's two seconds
+    _, done = fit(_SlowFirstStep(TINY), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=5.5)
+    assert done  # the second epoch is forecast without the first step's three seconds
 
 
 def test_a_negative_time_budget_is_refused(tmp_path):
