@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from app.examples import DRAWINGS
+from app.frames import MAX_PIXELS
 from app.live import LiveStats
 from app.main import ASSETS, make_comparison
 from app.ui import Handlers
@@ -83,13 +84,15 @@ def main(argv=None):
                    help="how bitvit .safetensors models run (default: onnxruntime, as in the app)")
     p.add_argument("--out", default=str(ASSETS / "results" / "app_bench.json"), help="JSON results file")
     args = p.parse_args(argv)
-    output_file(args.out)
+    output_file(args.out, ".json")
     try:
         w, h = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size takes WxH, e.g. 640x480, not {args.size!r}") from None
     if args.frames < 1 or w < 1 or h < 1:
         raise ValueError("--frames and --size must be positive")
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"--size {args.size} is over the {MAX_PIXELS / 1e6:.0f} megapixels the app takes")
 
     start, load_before = time.time(), os.getloadavg()
     comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime)

@@ -37,6 +37,8 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     from app.backends import ON_THE_FLY, RUNTIME, inspect_file, open_model, scan
     from app.live import Comparison
     runtime = runtime or RUNTIME
+    if not Path(assets).is_dir():
+        raise FileNotFoundError(f"no such models folder: {assets}")
     found, skipped = scan(assets)
     if fp is None:
         fps = [m for m in found if m.kind == "fp" and m.path.suffix == ".safetensors"]

@@ -362,21 +362,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, help="write a speed-up plot (PNG) here")
     args = p.parse_args(argv)
     if args.out:
-        output_file(args.out)
+        output_file(args.out, ".json")
     if args.plot:
-        output_file(args.plot)
+        output_file(args.plot, ".png")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here (use --device cpu)")
-    split = lambda s: [v for v in s.split(",") if v]  # noqa: E731
+    split = lambda s: list(dict.fromkeys(v for v in s.split(",") if v))  # noqa: E731  (duplicates once)
     op_models, e2e_models, batches = DEFAULTS[args.device]
     op_models = split(args.models) if args.models is not None else op_models
     e2e_models = split(args.e2e_models) if args.e2e_models is not None else e2e_models
-    if args.batches:
+    if args.batches is not None:
         try:
             batches = [positive_int(b) for b in split(args.batches)]
         except argparse.ArgumentTypeError as e:
             raise ValueError(f"--batches: {e}") from None
     ops, variants = split(args.ops), split(args.variants)
+    for flag, names in (("--batches", batches), ("--ops", ops), ("--variants", variants)):
+        if not names:
+            raise ValueError(f"{flag} names nothing to measure")
+    if not op_models and not e2e_models:
+        raise ValueError("--models and --e2e-models name no model: nothing to measure")
     for name in op_models + e2e_models:
         if name not in SHAPES:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(SHAPES)}")

@@ -114,6 +114,10 @@ run_parity() {
     return $rc
 }
 
+case "$STAGE" in
+    tests|bench|profile|parity|all) ;;
+    *) echo "usage: bash cuda_ops/gpu_session.sh tests|bench|profile|parity|all [arguments]" >&2; exit 2 ;;
+esac
 env_report
 case "$STAGE" in
     tests) run_tests ;;
@@ -121,5 +125,4 @@ case "$STAGE" in
     profile) run_profile ;;
     parity) run_parity "$@" ;;
     all) run_tests; t=$?; run_bench "$@"; b=$?; exit $((t || b)) ;;
-    *) echo "usage: bash cuda_ops/gpu_session.sh tests|bench|profile|parity|all [arguments]" >&2; exit 2 ;;
 esac

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the results JSON here")
     args = p.parse_args(argv)
     if args.out:
-        output_file(args.out)
+        output_file(args.out, ".json")
     import quant
     recipes = [r for r in args.recipes.split(",") if r] if args.model else []
     files = [f for f in args.quantized.split(",") if f]

@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("--threads", type=positive_int, default=2, help="threads for the check run")
     args = p.parse_args(argv)
 
-    output_file(args.out)
+    output_file(args.out, ".onnx", inputs=(args.checkpoint,))
     model = load_any(args.checkpoint).eval()
     if any(is_quantized(m) for m in model.modules()):
         fmt = model_format(model)

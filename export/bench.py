@@ -163,7 +163,7 @@ def main(argv=None):
     p.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/16 224 model")
     p.add_argument("--out", default="assets/results/export_bench.json")
     args = p.parse_args(argv)
-    output_file(args.out)
+    output_file(args.out, ".json")
     if args.runs < 30:
         raise ValueError("--runs must be at least 30 (the medians are reported)")
     if 1 not in args.batches or min(args.batches) < 1:

@@ -53,11 +53,16 @@ def number_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: b
     return parse
 
 
-def output_file(path: str | os.PathLike) -> Path:
-    """An output file's path, checked before any work is done: not a folder; its folder is made."""
+def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Path:
+    """An output file's path, checked before any work is done: not a folder, named `*{suffix}`, and not one of
+    the command's `inputs` (a model it reads); its folder is made."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give a file name to write")
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{path}: give a {suffix} file name to write")
+    if any(i is not None and Path(i).resolve() == path.resolve() for i in inputs):
+        raise ValueError(f"{path} is also this command's input; write the output to another file")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -104,9 +104,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for out in (args.json, args.confusion):
-        if out:
-            output_file(out)
+    if args.json:
+        output_file(args.json, ".json", inputs=(args.checkpoint,))
+    if args.confusion:
+        output_file(args.confusion, ".png", inputs=(args.checkpoint, args.json))
 
     from quant.qlinear import QuantLinear
     from quant.packfile import load_any

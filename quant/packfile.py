@@ -310,7 +310,7 @@ def load_any(path: str | os.PathLike) -> nn.Module:
             fmt = (f.metadata() or {}).get("format")
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    if fmt == FORMAT:
+    if str(fmt).startswith("bitvit-quant/"):  # this version, or an older one load_quantized names
         return load_quantized(path)
     if fmt in (FP_FORMAT, None):
         return load_model(path)

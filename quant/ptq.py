@@ -55,7 +55,7 @@ def main(argv=None):
                    help="override a recipe field, e.g. --set group_size=128 --set act_order=true")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
-    output_file(args.out)
+    output_file(args.out, ".safetensors", inputs=(args.checkpoint,))
     if args.threads:
         torch.set_num_threads(args.threads)
 

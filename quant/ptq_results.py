@@ -75,7 +75,7 @@ def main(argv=None):
     p.add_argument("--calib-size", type=positive_int, default=256, help="calibration images (default 256)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
-    output_file(args.out)
+    output_file(args.out, ".json")
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.recipes:                          # refuse an unknown or a QAT recipe before any work

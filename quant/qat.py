@@ -147,7 +147,7 @@ def main(argv=None):
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
-    output_file(args.out)
+    output_file(args.out, ".safetensors", inputs=(args.teacher,))
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 from dataclasses import dataclass
 
 import torch
@@ -182,11 +181,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
-def recipe(name: str, **overrides) -> Recipe:
+def recipe(name: str, /, **overrides) -> Recipe:
     """The named recipe, with any of its fields overridden (`recipe("w4", group_size=128)`)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
-    fields = {f.name: f.type for f in dataclasses.fields(RECIPES[name])}
+    fields = {f.name: f.type for f in dataclasses.fields(RECIPES[name]) if f.name != "name"}
     for key, value in overrides.items():
         if key not in fields:
             raise ValueError(f"recipe {name!r} has no field {key!r}; its fields: {', '.join(fields)}")
@@ -199,7 +198,10 @@ _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": t
 
 def _check_field(name: str, key: str, annotation: str, value) -> None:
     """An override must have its field's type (from the annotation) and, for counts, be positive."""
-    if annotation.startswith("tuple"):
+    if key == "layer_formats":  # ((fnmatch pattern, weight format), ...)
+        ok = isinstance(value, tuple) and all(
+            isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value)
+    elif annotation.startswith("tuple"):
         ok = isinstance(value, tuple)
     else:
         kinds = tuple(_TYPES[t.strip()] for t in annotation.split("|"))
@@ -209,8 +211,12 @@ def _check_field(name: str, key: str, annotation: str, value) -> None:
     if key in ("group_size", "bits", "weight_bits", "act_bits", "block_size", "min_bits", "max_bits",
                "budget_bits") and value is not None and value < 1:
         raise ValueError(f"recipe {name!r}: {key} must be at least 1, got {value!r}")
-    if key == "damp" and not 0 <= value < math.inf:
-        raise ValueError(f"recipe {name!r}: damp must be a non-negative number, got {value!r}")
+    if key == "damp" and not 0 <= value <= 1:
+        raise ValueError(f"recipe {name!r}: damp (a fraction of the Hessian's mean diagonal) must lie in 0..1, "
+                         f"got {value!r}")
+    if key == "act_format" and isinstance(RECIPES[name], RTN) and value not in ("none", "int8_token"):
+        raise ValueError(f"recipe {name!r}: act_format must be none or int8_token (round to nearest calibrates "
+                         f"no activation ranges; use w4a4 for static activation quantizers), got {value!r}")
 
 
 def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None = None) -> nn.Module:

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
-from quant.cli import run
+from quant.cli import output_file, run
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _walk(obj, name: str | None = None):
     if isinstance(obj, dict):
-        if isinstance(obj.get("top1"), (int, float)) and isinstance(obj.get("bits_per_weight"), (int, float)):
-            yield {**obj, "recipe": obj.get("recipe") or obj.get("name") or name}
+        top1, bits = obj.get("top1"), obj.get("bits_per_weight")
+        if _number(top1) and 0 <= top1 <= 1 and _number(bits) and bits > 0:
+            yield {**obj, "recipe": obj.get("recipe") or obj.get("name") or name or "?"}
             return
         for k, v in obj.items():
             yield from _walk(v, k)
@@ -35,8 +41,8 @@ def collect(folder: str | Path) -> dict[str, list[dict]]:
     for path in sorted(folder.glob("*.json")):
         try:
             entries = list(_walk(json.loads(path.read_text())))
-        except json.JSONDecodeError as e:
-            print(f"skipping {path}: not valid JSON ({e})")
+        except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, a folder, nested too deep
+            print(f"skipping {path}: not readable JSON ({type(e).__name__}: {e})")
             continue
         if entries:
             out[path.stem] = entries
@@ -89,6 +95,7 @@ def main(argv=None):
     p.add_argument("--out", default="assets/results/accuracy_vs_bits.png", help="plot to write (PNG)")
     p.add_argument("--title", help="plot title (default: the models and split the entries name)")
     args = p.parse_args(argv)
+    output_file(args.out, ".png")
     results = collect(args.results)
     if not results:
         raise ValueError(f"no entries with top1 and bits_per_weight in {args.results}/*.json: "

@@ -284,9 +284,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if any(not 2 <= b <= 8 for b in args.bits):
         raise ValueError(f"--bits must lie in 2..8, got {args.bits}")
-    out = output_file(args.out)
-    if out.suffix == ".png":
-        raise ValueError(f"--out {out} would be overwritten by the plot written next to it; give a .json path")
+    out = output_file(args.out, ".json")
     model = load_model(args.checkpoint)
     cfg = model.config
     data = load_split(args.data, args.split, cfg.img_size, limit=args.limit)

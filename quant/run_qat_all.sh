@@ -54,9 +54,19 @@ case "$PROFILE" in
   *) echo "PROFILE must be cpu or gpu" >&2; exit 2 ;;
 esac
 [ -f "$TEACHER" ] || { echo "error: teacher $TEACHER not found (set TEACHER=...)" >&2; exit 2; }
+for name in $ONLY; do  # every name checked before the first run starts
+    [ -n "${EPOCHS_OF[$name]:-}" ] || { echo "error: unknown run $name (runs: ${!EPOCHS_OF[*]})" >&2; exit 2; }
+done
 
 recorded() {  # is run $1 in $RESULTS, and its file present?
-    [ -f "$2" ] && [ -f "$RESULTS" ] && "$PY" -c "import json,sys; sys.exit(0 if sys.argv[1] in json.load(open(sys.argv[2])).get('runs', {}) else 1)" "$1" "$RESULTS"
+    [ -f "$2" ] && [ -f "$RESULTS" ] && "$PY" - "$1" "$RESULTS" <<'PY'
+import json, sys  # a damaged results file records nothing here; quant.qat refuses it with a message
+try:
+    runs = json.load(open(sys.argv[2])).get("runs", {})
+except (OSError, ValueError, AttributeError):
+    runs = {}
+sys.exit(0 if isinstance(runs, dict) and sys.argv[1] in runs else 1)
+PY
 }
 
 quiet() {  # progress bars on a terminal; in a log, every line but the bars' updates
@@ -79,7 +89,6 @@ for name in $ONLY; do
       w1a8)    recipe=w1a8;    set_=(); out="$RUNS/$stem-w1a8.safetensors" ;;
       qvit-w4) recipe=qvit;    set_=(--set budget_bits=4); out="$RUNS/$stem-qvit-w4.safetensors" ;;
       qvit-w3) recipe=qvit;    set_=(--set budget_bits=3); out="$RUNS/$stem-qvit-w3.safetensors" ;;
-      *) echo "unknown run $name" >&2; exit 2 ;;
     esac
     if [ -z "${FORCE:-}" ] && recorded "$name" "$out"; then echo "== $name: recorded, skipped"; continue; fi
     need=$((${TIME_BUDGET:-0} + 60 > took ? ${TIME_BUDGET:-0} + 60 : took))

@@ -226,6 +226,7 @@ def test_a_packed_model_of_another_architecture_is_labelled_and_not_the_default(
 
 
 def test_without_a_packed_model_the_app_quantizes_the_fp_model_itself(fp_file, tmp_path):
+    (tmp_path / "empty").mkdir()
     cmp, labels, _ = make_comparison(fp_file, None, tmp_path / "empty", runtime="torch")
     assert [label.split(" ")[0] for label in labels] == ["w8a8", "w4"]
     q = cmp.variant(cmp.default)
@@ -254,7 +255,7 @@ def test_an_onnx_fp_model_with_nothing_to_compare_it_with_asks_for_a_quantized_m
     from export.exporter import export
     onnx_fp = export(tiny_model, tmp_path / "fp.onnx")
     with pytest.raises(ValueError, match="pass --quant MODEL"):
-        make_comparison(onnx_fp, None, tmp_path / "empty", runtime="torch")
+        make_comparison(onnx_fp, None, tmp_path, runtime="torch")
 
 
 def test_a_packed_file_whose_header_has_the_wrong_structure_is_refused(assets, tmp_path):
@@ -412,6 +413,11 @@ def test_without_results_files_the_tab_says_what_is_missing(tmp_path):
     assert results.accuracy_vs_bits(res) is None
     text = results.summary(res)
     assert "no results files" in text and "confusion" in text
+
+
+def test_the_bench_refuses_frames_the_app_would_refuse(assets, tmp_path):
+    with pytest.raises(ValueError, match="megapixels"):
+        bench_main(["--assets", str(assets), "--size", "10000x6000", "--out", str(tmp_path / "b.json")])
 
 
 def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(assets, tmp_path, capsys):

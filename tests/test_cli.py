@@ -47,8 +47,20 @@ def test_a_result_records_its_command_line_quoted_the_machine_and_the_utc_date()
 
 def test_an_output_that_is_a_folder_is_refused_and_a_missing_folder_is_made(tmp_path):
     with pytest.raises(ValueError, match="is a folder"):
-        output_file(tmp_path)
-    assert output_file(tmp_path / "new" / "out.json").parent.is_dir()
+        output_file(tmp_path, ".json")
+    assert output_file(tmp_path / "new" / "out.json", ".json").parent.is_dir()
+
+
+def test_an_output_of_another_kind_than_asked_is_refused(tmp_path):
+    for name in ("plot", "plot.txt", "model.safetensors"):
+        with pytest.raises(ValueError, match="give a .png file name"):
+            output_file(tmp_path / name, ".png")
+
+
+def test_an_output_that_is_the_commands_input_is_refused(tmp_path):
+    (tmp_path / "m.safetensors").write_bytes(b"model")
+    with pytest.raises(ValueError, match="is also this command's input"):
+        output_file(tmp_path / "sub" / ".." / "m.safetensors", ".safetensors", inputs=(tmp_path / "m.safetensors",))
 
 
 @pytest.mark.parametrize("device, message", [("bogus", "unknown device"), ("cuda", "no CUDA device")])

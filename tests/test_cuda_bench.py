@@ -43,7 +43,10 @@ def test_a_benchmark_killed_midway_leaves_the_rows_it_measured_in_its_json(tmp_p
 
 @pytest.mark.parametrize("args,match", [(["--ops", "w5"], "unknown op 'w5'"),
                                         (["--models", "vit_huge"], "unknown model 'vit_huge'"),
-                                        (["--variants", "w7"], "unknown variant 'w7'")])
+                                        (["--variants", "w7"], "unknown variant 'w7'"),
+                                        (["--batches", ","], "--batches names nothing"),
+                                        (["--ops", ""], "--ops names nothing"),
+                                        (["--models", ",,", "--e2e-models", ","], "nothing to measure")])
 def test_unknown_names_are_refused_before_any_timing(args, match):
     with pytest.raises(ValueError, match=match):
         bench.main(["--device", "cpu", *args])

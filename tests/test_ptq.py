@@ -113,6 +113,17 @@ def test_report_collects_entries_at_any_depth_and_draws_the_plot(tmp_path, capsy
     assert "| qat | w1.58a8 | 0.8800 | 1.700 |" in capsys.readouterr().out
 
 
+def test_report_leaves_out_impossible_scores_and_unreadable_files(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "ptq.json").write_text(json.dumps({"results": [
+        {"recipe": "ok", "top1": 0.9, "bits_per_weight": 4.0}, {"recipe": "nan", "top1": float("nan"), "bits_per_weight": 4},
+        {"recipe": "bool", "top1": True, "bits_per_weight": 4}, {"recipe": "big", "top1": 5, "bits_per_weight": 4},
+        {"recipe": "neg", "top1": 0.5, "bits_per_weight": -3}]}))
+    (folder / "latin1.json").write_bytes(b'{"top1": 0.5, "bits_per_weight": 4, "name": "\xff"}')
+    assert {s: [e["recipe"] for e in v] for s, v in collect(folder).items()} == {"ptq": ["ok"]}
+
+
 def test_report_without_entries_says_what_to_run(tmp_path):
     with pytest.raises(ValueError, match="quant.ptq_results"):
         report_main(["--results", str(tmp_path), "--out", str(tmp_path / "p.png")])

@@ -96,8 +96,17 @@ def test_a_model_fed_token_ids_calibrates_on_integer_inputs():
     assert all(isinstance(m, QuantLinear) for m in (model[1], model[3]))
 
 
+@pytest.mark.parametrize("override, message", [({"name": "mine"}, "has no field 'name'"),
+                                               ({"layer_formats": ((1, 2),)}, "layer_formats must be"),
+                                               ({"layer_formats": (("head",),)}, "layer_formats must be"),
+                                               ({"act_format": "uint4_tensor"}, "calibrates no activation ranges")])
+def test_overrides_a_round_to_nearest_recipe_cannot_honour_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        quant.recipe("w4", **override)
+
+
 def test_a_negative_gptq_damping_is_refused():
-    with pytest.raises(ValueError, match="damp must be a non-negative number"):
+    with pytest.raises(ValueError, match="damp .* must lie in 0..1"):
         quant.recipe("w4-gptq", damp=-1.0)
 
 

@@ -56,4 +56,4 @@ def test_cli_refuses_an_out_path_the_plot_would_overwrite(tiny_model, image_tar,
     ckpt = tmp_path / "fp.safetensors"
     save_model(tiny_model, ckpt)
     assert run(main, ["--checkpoint", str(ckpt), "--data", str(image_tar), "--out", str(tmp_path / "r.png")]) == 2
-    assert "give a .json path" in capsys.readouterr().err
+    assert "give a .json file name" in capsys.readouterr().err
