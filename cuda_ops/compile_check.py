@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 from cuda_ops import triton_kernels as tk
 from cuda_ops.ops import A8_FORMATS
-from quant.cli import provenance, run
+from quant.cli import output_file, positive_int, provenance, run
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}  # bytes of shared memory a program may use
 
@@ -58,7 +58,7 @@ def _report(kernel, what: str, cfg, compiled, arch: int, seconds: float) -> dict
     shared = max(res.get("shared", 0), compiled.metadata.shared)
     mma = sorted(set(re.findall(r"\b(wgmma\.mma_async\.\S+?|mma\.sync\.\S+?)[\s;]", ptx)))
     return {"kernel": kernel, "variant": what, "config": cfg, "regs": res.get("reg"), "spill_stack": res.get("stack"),
-            "shared": shared, "fits": shared <= SMEM_LIMIT.get(arch, 227 * 1024),
+            "shared": shared, "fits": shared <= SMEM_LIMIT[arch],
             "pipelined_loads": ttgir.count("async_copy_global_to_local"), "mma": mma, "compile_s": seconds}
 
 
@@ -133,18 +133,26 @@ def quantize_jobs():
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cuda_ops.compile_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
+    p.add_argument("--arch", type=int, choices=sorted(SMEM_LIMIT), default=90,
+                   help="compute capability x 10 (90: H100/H200, 80: A100, 89: L4/RTX 40)")
     p.add_argument("--kernels", default="a8,weight_only,quantize", help="comma-separated: a8,weight_only,quantize")
     p.add_argument("--m", default="197,1576,12608", help="M values whose tuning candidates are compiled")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     args = p.parse_args(argv)
+    if args.out:
+        output_file(args.out, ".json")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     kernels = [k for k in args.kernels.split(",") if k]
     unknown = set(kernels) - {"a8", "weight_only", "quantize"}
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; known: a8, weight_only, quantize")
-    ms = [int(v) for v in args.m.split(",") if v]
+    try:
+        ms = [positive_int(v) for v in args.m.split(",") if v]
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--m: {e}") from None
+    if not ms:
+        raise ValueError("--m names no M value")
     jobs = []
     jobs += list(a8_jobs(ms)) if "a8" in kernels else []
     jobs += list(weight_only_jobs(ms)) if "weight_only" in kernels else []
@@ -169,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum('error' in r for r in rows)} failed to compile; {sum(not r.get('fits', True) for r in rows)} over "
           f"the shared-memory limit")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         for r in rows:
             r["config"] = vars(r["config"]) if hasattr(r["config"], "__dict__") else r["config"]
         args.out.write_text(json.dumps({
