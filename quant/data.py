@@ -317,8 +317,7 @@ def cache_dir() -> Path:
 
 
 def _cached(source: _Source, split: str, image_size: int, progress: bool) -> ImageSet:
-    if not source.has(split):
-        raise ValueError(f"the data source has no {split!r} split")
+    """A split decoded once and kept in the cache; a split the source lacks is refused by its `decode`."""
     digest = hashlib.sha1(f"{source.key}|{split}|{image_size}|v1".encode()).hexdigest()[:16]
     base = cache_dir() / "data" / digest
     files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.txt")]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from quant.augment import Augment, AugmentConfig, random_crop_flip
 from quant.data import cache_dir, load_split, to_model_input
-from tests.conftest import TINY
+from tests.conftest import TINY, write_tree
 
 
 def test_image_tree_loads_train_and_test_with_class_names(image_tree):
@@ -156,6 +156,12 @@ def test_truncated_image_is_named(image_tree):
 def test_unknown_split_is_refused(image_tree):
     with pytest.raises(ValueError, match="unknown split"):
         load_split(image_tree, "holdout")
+
+
+def test_a_split_a_flat_class_tree_lacks_is_refused_naming_the_tree_and_the_split_to_use(tmp_path):
+    tree = write_tree(tmp_path / "flat", splits=("",))
+    with pytest.raises(ValueError, match="flat has no train/ or test/ folder.*use split 'all'"):
+        load_split(tree, "test")
 
 
 def test_model_input_is_normalised_nchw():
