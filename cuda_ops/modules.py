@@ -48,6 +48,8 @@ class KernelLinear(nn.Module):
 
     def __init__(self, layer: QuantLinear, ternary_layout: str = "2bit"):
         super().__init__()
+        if not isinstance(layer, QuantLinear):
+            raise ValueError(f"KernelLinear wraps a QuantLinear, got {type(layer).__name__}: quantize it first")
         self.kernel = kernel_for(layer)
         if self.kernel is None:
             raise ValueError(f"no bitvit kernel for {layer.weight_format} weights (group size {layer.group_size}) "

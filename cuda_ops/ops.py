@@ -49,6 +49,8 @@ def a8_row_bytes(name: str, k: int) -> int:
 # ----------------------------------------------------------------------------- argument checks
 
 def _check_x(x: Tensor, in_features: int, name: str) -> None:
+    if in_features < 1:
+        raise ValueError(f"{name}: in_features must be at least 1, got {in_features}")
     if not x.is_floating_point():
         raise ValueError(f"{name}: the input must be a float tensor, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != in_features:
@@ -60,6 +62,8 @@ def _check_packed(packed: Tensor, in_features: int, row_bytes: int, what: str, n
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"{name}: packed weights must be a 2-D uint8 tensor, got {packed.dtype} "
                          f"{tuple(packed.shape)}")
+    if packed.shape[0] == 0:
+        raise ValueError(f"{name}: packed weights have no output rows")
     if packed.shape[1] != row_bytes:
         raise ValueError(f"{name}: packed rows have {packed.shape[1]} bytes, {in_features} {what} "
                          f"codes need {row_bytes}")
@@ -73,13 +77,18 @@ def _check_vector(t: Optional[Tensor], n: int, what: str, name: str) -> None:
 
 
 def _check_norm(norm_weight, norm_bias, norm_eps, k: int, name: str) -> None:
+    if norm_eps is not None and not norm_eps > 0:
+        raise ValueError(f"{name}: norm_eps must be positive, got {norm_eps}")
     for t, what in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
-        if t is not None and (norm_eps is None or t.numel() != k or not t.is_floating_point()):
-            raise ValueError(f"{name}: {what} must be a float tensor of {k} values, with norm_eps set")
+        if t is not None and (norm_eps is None or t.shape != (k,) or not t.is_floating_point()):
+            raise ValueError(f"{name}: {what} must be a 1-D float tensor of {k} values, with norm_eps set")
 
 
 def _check_a8(name, x, packed, scales, bias, in_features, norm_weight=None, norm_bias=None, norm_eps=None) -> int:
     _check_x(x, in_features, name)
+    bits, mul, off = A8_FORMATS[name]
+    if in_features * 127 * max(off, (2 ** bits - 1) * mul - off) >= 2 ** 31:
+        raise ValueError(f"{name}: {in_features} inputs could overflow the int32 dot product")
     _check_norm(norm_weight, norm_bias, norm_eps, in_features, name)
     what = "base-3 (trit-plane)" if name == "ternary_b3" else f"{A8_FORMATS[name][0]}-bit"
     n = _check_packed(packed, in_features, a8_row_bytes(name, in_features), what, name)
@@ -174,6 +183,7 @@ def _a8_torch(name: str, x: Tensor, packed: Tensor, scales: Tensor, bias: Option
 def dequantize_weight_only(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], codebook: Optional[Tensor],
                            bits: int, group_size: int, in_features: int) -> Tensor:
     """float32 (N, K) weights of a weight-only packed layer (what the CPU kernel multiplies by)."""
+    group_size = min(group_size, in_features)  # one group a row, however large group_size is
     codes = unpack_aligned(packed, bits, in_features).long()
     v = codebook.float()[codes] if codebook is not None else codes.float()
     if zeros is not None:
@@ -192,8 +202,9 @@ def _weight_only_torch(x, packed, scales, zeros, codebook, bias, bits, group_siz
 # ----------------------------------------------------------------------------- the ops
 
 def _check_quantize(x, norm_weight, norm_bias, norm_eps) -> None:
-    if not x.is_floating_point() or x.dim() == 0:
-        raise ValueError(f"quantize_per_token: needs a float tensor (..., K), got {x.dtype} {tuple(x.shape)}")
+    if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"quantize_per_token: needs a float tensor (..., K) with K >= 1, got {x.dtype} "
+                         f"{tuple(x.shape)}")
     _check_norm(norm_weight, norm_bias, norm_eps, x.shape[-1], "quantize_per_token")
 
 

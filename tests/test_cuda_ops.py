@@ -146,8 +146,35 @@ def test_weight_only_code_widths_without_a_kernel_are_refused():
 
 def test_layer_norm_parameters_of_the_wrong_size_are_refused():
     packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
-    with pytest.raises(ValueError, match="norm_weight must be a float tensor of 40"):
+    with pytest.raises(ValueError, match="norm_weight must be a 1-D float tensor of 40"):
         OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40, torch.ones(39), None, 1e-6)
+    with pytest.raises(ValueError, match="norm_weight must be a 1-D float tensor of 40"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40, torch.ones(40, 1), None, 1e-6)
+    with pytest.raises(ValueError, match="norm_eps must be positive"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40, torch.ones(40), None, -1.0)
+
+
+def test_layers_without_inputs_or_outputs_are_refused():
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    with pytest.raises(ValueError, match="in_features must be at least 1"):
+        OPS.ternary_linear(torch.randn(5, 0), torch.zeros(8, 0, dtype=torch.uint8), scales, b, 0)
+    with pytest.raises(ValueError, match="no output rows"):
+        OPS.ternary_linear(torch.randn(5, 40), packed[:0], scales[:0], None, 40)
+    with pytest.raises(ValueError, match="K >= 1"):
+        OPS.quantize_per_token(torch.randn(2, 0))
+
+
+def test_an_input_width_whose_dot_products_could_overflow_int32_is_refused():
+    k = 140_000
+    with pytest.raises(ValueError, match="overflow the int32 dot product"):
+        OPS.int8_linear(torch.ones(1, k), torch.full((1, k), 255, dtype=torch.uint8), torch.ones(1), None, k)
+
+
+def test_a_weight_only_group_larger_than_the_row_is_one_group():
+    packed, scales, zeros, codebook, b = make_weight_only_layer("sym", 4, 8, 96, 96, gen())
+    x = torch.randn(2, 96, generator=gen(1))
+    torch.testing.assert_close(OPS.weight_only_linear(x, packed, scales, zeros, codebook, b, 4, 2 ** 20, 96),
+                               OPS.weight_only_linear(x, packed, scales, zeros, codebook, b, 4, 96, 96))
 
 
 def test_integer_input_is_refused():
