@@ -354,8 +354,8 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
                 != dataclasses.replace(cfg, drop_path_rate=0.0):
             raise ValueError(f"{source} holds a different architecture than {name!r}")
     elif "format" in meta:
-        raise ValueError(f"{source} is a {meta['format']!r} file, not a full-precision bitvit ViT; "
-                         f"load quantized files with quant.load_quantized")
+        raise ValueError(f"{source} is a {meta['format']!r} file, not a full-precision bitvit ViT (quantized ViTs "
+                         f"load with quant.load_quantized, CNN teachers with quant.teacher.load_teacher)")
     elif name is None:
         raise ValueError(f"{source} carries no bitvit config, so it is not a bitvit model file; a timm/DeiT "
                          f"checkpoint loads with its architecture named: load_model(path, name=...), one of "
