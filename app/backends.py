@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 import quant
+from quant.cli import finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import ViTConfig, VisionTransformer, count_parameters, existing_file
 from quant.packfile import FORMAT as QUANT_FORMAT
@@ -125,7 +126,7 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
     formats = sorted({str(entry.get("weight_format", "?")) for entry in header["layers"].values()})
     bits = header["storage"].get("bits_per_weight")
     return ModelFile(path, "quant", "+".join(formats), ViTConfig.from_json(json.dumps(arch.get("config")), path),
-                     float(bits) if isinstance(bits, (int, float)) and not isinstance(bits, bool) else None)
+                     float(bits) if finite_number(bits) else None)
 
 
 def scan(folder: str | os.PathLike) -> tuple[list[ModelFile], list[str]]:

@@ -19,7 +19,6 @@ drawn for what exists; `Results.missing` says what does not.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from quant.cli import finite_number  # noqa: E402
 
 BITS_KEYS = ("bits_per_weight", "bpw", "mean_weight_bits")
 NAME_KEYS = ("name", "recipe", "variant", "label", "format")
@@ -47,20 +48,20 @@ class Entry:
     @property
     def top1(self) -> float | None:
         v = self.data.get("top1")
-        return float(v) if _number(v) and 0 <= v <= 1 else None
+        return float(v) if finite_number(v) and 0 <= v <= 1 else None
 
     @property
     def bits(self) -> float | None:
         for key in BITS_KEYS:
-            if _number(self.data.get(key)):
+            if finite_number(self.data.get(key)):
                 return float(self.data[key])
         return None
 
     @property
     def size_mb(self) -> float | None:
-        if _number(self.data.get("size_bytes")):
+        if finite_number(self.data.get("size_bytes")):
             return self.data["size_bytes"] / 1e6
-        return float(self.data["size_mb"]) if _number(self.data.get("size_mb")) else None
+        return float(self.data["size_mb"]) if finite_number(self.data.get("size_mb")) else None
 
     @property
     def latency_ms(self) -> float | None:
@@ -68,14 +69,14 @@ class Entry:
         if v is None and _model_ms(self.data):
             v = self.data["ms"]
         if isinstance(v, dict):  # {batch: ms}: batch 1, else the smallest batch given
-            numeric = {int(k): x for k, x in v.items() if str(k).isdigit() and _number(x)}
+            numeric = {int(k): x for k, x in v.items() if str(k).isdigit() and finite_number(x)}
             v = numeric[min(numeric)] if numeric else None
-        return float(v) if _number(v) else None
+        return float(v) if finite_number(v) else None
 
     @property
     def fps(self) -> float | None:
         v = self.data.get("fps")
-        return float(v) if _number(v) else None
+        return float(v) if finite_number(v) else None
 
     @property
     def confusion(self) -> np.ndarray | None:
@@ -94,7 +95,7 @@ class Entry:
             return None
         rows = [bits for slots in d["attention"].values() if isinstance(slots, dict)
                 for bits in slots.values() if isinstance(bits, list)]  # bits per head, one list a block and slot
-        return d if all(_number(b) for row in rows for b in row) else None
+        return d if all(finite_number(b) for row in rows for b in row) else None
 
 
 @dataclass
@@ -122,13 +123,10 @@ class Results:
         return out
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
 
 def _model_ms(d: dict) -> bool:
     """A whole model's batch-1 time under the plain key "ms" (not one layer's kernel, not batch 8)."""
-    return _number(d.get("ms")) and "layer" not in d and d.get("batch", 1) == 1
+    return finite_number(d.get("ms")) and "layer" not in d and d.get("batch", 1) == 1
 
 
 def _is_entry(d: dict) -> bool:
@@ -283,7 +281,7 @@ def allocation_plot(entry: Entry):
     alloc = entry.allocation
     attn = {name: slots for name, slots in alloc["attention"].items() if isinstance(slots, dict)}
     slots = sorted({s for v in attn.values() for s, bits in v.items() if isinstance(bits, list)})
-    layers = {n: v for n, v in alloc["layers"].items() if isinstance(v, dict) and _number(v.get("weight"))}
+    layers = {n: v for n, v in alloc["layers"].items() if isinstance(v, dict) and finite_number(v.get("weight"))}
     panels = len(slots) + (1 if layers else 0)
     if panels == 0:
         return None
@@ -313,7 +311,7 @@ def allocation_plot(entry: Entry):
         ax.invert_yaxis()
         ax.set_xlabel("bits")
         ax.legend(fontsize=7)
-    extra = f", BitOPs {alloc['bitops_ratio']:.2f}x the budget" if _number(alloc.get("bitops_ratio")) else ""
+    extra = f", BitOPs {alloc['bitops_ratio']:.2f}x the budget" if finite_number(alloc.get("bitops_ratio")) else ""
     fig.suptitle(f"Q-ViT bit allocation: {entry.label}{extra}", fontsize=10)
     fig.tight_layout()
     return fig

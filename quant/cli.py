@@ -53,6 +53,11 @@ def number_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: b
     return parse
 
 
+def finite_number(v) -> bool:
+    """Whether a value read from JSON (a results file, a file header) is a real, finite number; True is not."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Path:
     """An output file's path, checked before any work is done: not a folder, named `*{suffix}`, and not one of
     the command's `inputs` (a model it reads); its folder is made."""

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant.cli import finite_number
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -56,16 +58,13 @@ class ViTConfig:
             if not ok:
                 raise ValueError(f"ViT config field {field!r} must be {want}, got {getattr(self, field)!r}")
 
-        def number(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
         for f in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes"):
             v = getattr(self, f)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f, "a positive integer")
         check(self.patch_size <= self.img_size, "patch_size", f"at most img_size ({self.img_size})")
         check(self.embed_dim % self.num_heads == 0, "num_heads", f"a divisor of embed_dim ({self.embed_dim})")
-        check(number(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio", "a positive number")
-        check(number(self.drop_path_rate) and 0 <= self.drop_path_rate < 1, "drop_path_rate", "in [0, 1)")
+        check(finite_number(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio", "a positive number")
+        check(finite_number(self.drop_path_rate) and 0 <= self.drop_path_rate < 1, "drop_path_rate", "in [0, 1)")
         check(isinstance(self.stem_channels, tuple) and all(
             isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.stem_channels),
             "stem_channels", "a list of positive integers")
@@ -73,7 +72,7 @@ class ViTConfig:
               and len(self.classes) in (0, self.num_classes), "classes", f"{self.num_classes} class names or none")
         for f in ("mean", "std"):
             v = getattr(self, f)
-            check(isinstance(v, tuple) and len(v) == 3 and all(map(number, v)), f, "three numbers (R, G, B)")
+            check(isinstance(v, tuple) and len(v) == 3 and all(map(finite_number, v)), f, "three numbers (R, G, B)")
         check(all(s > 0 for s in self.std), "std", "positive")
 
     @property

@@ -207,9 +207,11 @@ def _parse_header(meta: dict, path) -> dict:
         header = json.loads(meta["header"])
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} has a damaged header ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a damaged header (not a JSON object)")
     want = {"layers": dict, "attention": dict, "architecture": (dict, type(None)), "storage": dict, "sha256": str}
     for key, kind in want.items():
-        if not isinstance(header, dict) or key not in header or not isinstance(header[key], kind):
+        if key not in header or not isinstance(header[key], kind):
             raise ValueError(f"{path} has a damaged header (its {key!r} is missing or of the wrong type)")
     for section in ("layers", "attention"):
         if not all(isinstance(entry, dict) for entry in header[section].values()):

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-from quant.cli import output_file, run
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+from quant.cli import finite_number, output_file, run
 
 
 def _walk(obj, name: str | None = None):
     if isinstance(obj, dict):
         top1, bits = obj.get("top1"), obj.get("bits_per_weight")
-        if _number(top1) and 0 <= top1 <= 1 and _number(bits) and bits > 0:
+        if finite_number(top1) and 0 <= top1 <= 1 and finite_number(bits) and bits > 0:
             yield {**obj, "recipe": obj.get("recipe") or obj.get("name") or name or "?"}
             return
         for k, v in obj.items():
