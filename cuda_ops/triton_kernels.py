@@ -64,6 +64,18 @@ def _quantize_tile(x, div):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_absmax(x):
+    """max |x| of each row of an fp32 tile, NaN where the row holds a NaN (as torch's amax): tl.max drops
+    NaN, which would give such a row a finite scale and finite garbage out instead of NaN."""
+    return tl.reduce(tl.abs(x), 1, _max_keeping_nan)
+
+
+@triton.jit
 def _layer_norm_rows(x, offs_k, K, eps, lw_ptr, lb_ptr, LN_W: tl.constexpr, LN_B: tl.constexpr):
     """LayerNorm of fp32 rows x (BLOCK_M, BLOCK_K) held whole in registers (columns >= K are zero and stay 0)."""
     k_ok = (offs_k < K)[None, :]
@@ -163,7 +175,7 @@ def _quantize_rows_kernel(x_ptr, lw_ptr, lb_ptr, q_ptr, s_ptr, M, K, stride_xm, 
         x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_LN:  # the layer's input LayerNorm, fused: still one read of x
             x = _layer_norm_rows(x, offs_k, K, eps, lw_ptr, lb_ptr, LN_W, LN_B)
-        s = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)
+        s = tl.math.div_rn(_row_absmax(x), 127.0)
         q = _quantize_tile(x, tl.where(s > 0, s, 1.0)[:, None])
         tl.store(q_rows + offs_k[None, :], q, mask=mask)
     else:  # rows over 8192: two passes (the launcher applies a LayerNorm beforehand)
@@ -171,7 +183,7 @@ def _quantize_rows_kernel(x_ptr, lw_ptr, lb_ptr, q_ptr, s_ptr, M, K, stride_xm, 
         for k0 in range(0, K, BLOCK_K):
             mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
             x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            amax = _max_keeping_nan(amax, _row_absmax(x))
         s = tl.math.div_rn(amax, 127.0)
         div = tl.where(s > 0, s, 1.0)[:, None]
         for k0 in range(0, K, BLOCK_K):
@@ -207,7 +219,7 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
         for k0 in range(0, K, BLOCK_K):
             mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
             x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            amax = _max_keeping_nan(amax, _row_absmax(x))
         sx = tl.math.div_rn(amax, 127.0)
         div = tl.where(sx > 0, sx, 1.0)[:, None]
     else:

@@ -65,6 +65,18 @@ def test_quantize_rows_is_bit_exact_and_writes_everything(k, dtype):
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
 
 
+@pytest.mark.parametrize("k", [77, 9000])  # one pass, two passes
+def test_quantize_rows_gives_a_nan_row_a_nan_scale(k):
+    x = torch.randn(3, k, generator=gen(k))
+    x[1, k // 2] = float("nan")
+    q = torch.full((3, k), -128, dtype=torch.int8, device=DEV)
+    s = poisoned(3)
+    tk.quantize_rows(dev(x), q, s)
+    q_ref, s_ref = quantize_tokens(x)
+    assert s.cpu()[1].isnan() and torch.equal(s.cpu()[[0, 2]], s_ref[[0, 2]])
+    assert torch.equal(q.cpu()[[0, 2]], q_ref[[0, 2]])
+
+
 @pytest.mark.parametrize("k", [77, 768, 9000])  # 9000: LayerNorm in torch, then two passes
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("norm_dtype", [torch.float32, torch.bfloat16])  # a bf16 model's LayerNorm, uncast
@@ -98,6 +110,20 @@ def test_a8_gemm_matches_float64_reference(fmt, m, n, k, fuse, split_k):
            else tk.Config(64, 128, 128, 4, 3, fuse=fuse, split_k=split_k))
     y = run_a8(fmt, x, packed, scales, bias, cfg)
     assert rel_err(y, reference_a8(x, packed, fmt, scales, bias, k)) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", list(A8_BITS))
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a8_gemm_turns_a_nan_input_row_into_a_nan_output_row(fmt, fuse):
+    g = gen(17)
+    packed, scales, bias = make_a8_layer(fmt, 37, 100, g)
+    x = torch.randn(5, 100, generator=g)
+    x[2, 40] = float("nan")
+    cfg = tk.Config(16, 32, 64, fuse=fuse) if INTERPRET else tk.Config(64, 128, 128, 4, 3, fuse=fuse)
+    y = run_a8(fmt, x, packed, scales, bias, cfg).cpu()
+    assert y[2].isnan().all()
+    rows = [0, 1, 3, 4]
+    assert rel_err(y[rows], reference_a8(x[rows], packed, fmt, scales, bias, 100)) < 1e-6
 
 
 @pytest.mark.parametrize("fmt", list(A8_BITS))
