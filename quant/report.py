@@ -1,87 +1,239 @@
-"""Accuracy against bits per weight, drawn from the results files: `python -m quant.report`.
+"""Results files: every stage's JSON read into one list of measurements, and the table and plot of
+accuracy against bits per weight drawn from them: `python -m quant.report`.
 
-Reads every JSON file in `--results` (default `assets/results/`), collects each entry (a dict, at
-any depth) that has both `top1` and `bits_per_weight` (the post-training table of
-`quant.ptq_results`, the QAT runs, ...), prints them as one markdown table and plots top-1 against
-bits per weight, one marker style per results file, the full-precision model as a dashed line.
+Each stage writes its own JSON layout (PTQ and QAT tables, the export benchmark, the CUDA benchmark,
+Q-ViT bit allocations), so `load` does not assume one. It walks every `*.json` file of a folder and
+collects *entries*: the dicts that carry a known measurement,
+  top1                                    accuracy (0..1)
+  bits_per_weight | bpw | mean_weight_bits  bits per weight
+  size_bytes | size_mb                    size on disk
+  latency_ms (a number, or {batch: ms})   latency; batch 1 is plotted | latency_ms_batch1_cpu | ms (a
+                                          model's, at batch 1; per-layer kernel timings are left out)
+  confusion                               a square confusion matrix (rows: true class)
+  attention + layers + bitops             a Q-ViT bit allocation (`quant.qvit.bit_allocation`), or
+  allocation: "<file>.bits.json"          a path to one (as `quant.qat` records it)
+  fps                                     frames per second of the app's live handler (`app.bench`)
+named by their own "name"/"recipe"/"variant"/"label" field or else by the keys leading to them,
+plus, for context, a file's "command", "machine"/"device", "date" and "split" where present. The
+app's Results tab (`app.results`) plots the rest of what `load` finds.
+
+The command prints the entries with top-1 and bits per weight as one markdown table and plots them
+(`--out`, default `assets/results/accuracy_vs_bits.png`), the full-precision model as a dashed line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from quant.cli import finite_number, output_file, run
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from quant.cli import finite_number, output_file, run  # noqa: E402
+
+BITS_KEYS = ("bits_per_weight", "bpw", "mean_weight_bits")
+NAME_KEYS = ("name", "recipe", "variant", "label", "format")
+CONTEXT_KEYS = ("command", "machine", "device", "date", "split", "wall_time_s", "wall_s")
 
 
-def _walk(obj, name: str | None = None):
-    if isinstance(obj, dict):
-        top1, bits = obj.get("top1"), obj.get("bits_per_weight")
-        if finite_number(top1) and 0 <= top1 <= 1 and finite_number(bits) and bits > 0:
-            yield {**obj, "recipe": obj.get("recipe") or obj.get("name") or name or "?"}
-            return
-        for k, v in obj.items():
-            yield from _walk(v, k)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _walk(v, name)
+@dataclass
+class Entry:
+    source: str                  # results file stem
+    name: str
+    data: dict
 
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.source})"
 
-def collect(folder: str | Path) -> dict[str, list[dict]]:
-    """{results file stem: its entries with top1 and bits_per_weight}, files without any left out."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such results folder: {folder}")
-    out = {}
-    for path in sorted(folder.glob("*.json")):
+    @property
+    def top1(self) -> float | None:
+        v = self.data.get("top1")
+        return float(v) if finite_number(v) and 0 <= v <= 1 else None
+
+    @property
+    def bits(self) -> float | None:
+        for key in BITS_KEYS:
+            if finite_number(self.data.get(key)) and self.data[key] > 0:
+                return float(self.data[key])
+        return None
+
+    @property
+    def size_mb(self) -> float | None:
+        if finite_number(self.data.get("size_bytes")):
+            return self.data["size_bytes"] / 1e6
+        return float(self.data["size_mb"]) if finite_number(self.data.get("size_mb")) else None
+
+    @property
+    def latency_ms(self) -> float | None:
+        v = self.data.get("latency_ms", self.data.get("latency_ms_batch1_cpu"))
+        if v is None and _model_ms(self.data):
+            v = self.data["ms"]
+        if isinstance(v, dict):  # {batch: ms}: batch 1, else the smallest batch given
+            numeric = {int(k): x for k, x in v.items() if str(k).isdigit() and finite_number(x)}
+            v = numeric[min(numeric)] if numeric else None
+        return float(v) if finite_number(v) else None
+
+    @property
+    def fps(self) -> float | None:
+        v = self.data.get("fps")
+        return float(v) if finite_number(v) else None
+
+    @property
+    def confusion(self) -> np.ndarray | None:
         try:
-            entries = list(_walk(json.loads(path.read_text())))
-        except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, a folder, nested too deep
-            print(f"skipping {path}: not readable JSON ({type(e).__name__}: {e})")
+            cm = np.asarray(self.data.get("confusion"), dtype=float)
+        except (TypeError, ValueError):
+            return None
+        ok = cm.ndim == 2 and cm.shape[0] == cm.shape[1] > 1 and np.isfinite(cm).all() and (cm >= 0).all()
+        return cm if ok else None
+
+    @property
+    def allocation(self) -> dict | None:
+        d = self.data
+        if not ({"attention", "layers", "bitops"} <= d.keys() and isinstance(d["attention"], dict)
+                and isinstance(d["layers"], dict)):
+            return None
+        rows = [bits for slots in d["attention"].values() if isinstance(slots, dict)
+                for bits in slots.values() if isinstance(bits, list)]  # bits per head, one list a block and slot
+        return d if all(finite_number(b) for row in rows for b in row) else None
+
+
+@dataclass
+class Results:
+    folder: Path
+    files: dict[str, dict] = field(default_factory=dict)     # stem -> context (command, machine, ...)
+    entries: list[Entry] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def having(self, *props: str) -> list[Entry]:
+        return [e for e in self.entries if all(getattr(e, p) is not None for p in props)]
+
+    @property
+    def missing(self) -> list[str]:
+        out = []
+        if not self.files:
+            out.append(f"no results files in {self.folder} yet")
+        checks = [(("top1", "bits"), "accuracy against bits per weight (entries with top1 and bits_per_weight)"),
+                  (("latency_ms",), "latency (entries with latency_ms)"),
+                  (("size_mb",), "size on disk (entries with size_bytes)"),
+                  (("confusion",), "confusion matrices (entries with confusion)"),
+                  (("fps",), "app frame rates (python -m app.bench)"),
+                  (("allocation",), "Q-ViT bit allocation (a quant.qvit bit_allocation JSON)")]
+        out += [f"no {what}" for props, what in checks if not self.having(*props)]
+        return out
+
+
+def _model_ms(d: dict) -> bool:
+    """A whole model's batch-1 time under the plain key "ms" (not one layer's kernel, not batch 8)."""
+    return finite_number(d.get("ms")) and "layer" not in d and d.get("batch", 1) == 1
+
+
+def _is_entry(d: dict) -> bool:
+    keys = set(d)
+    return _model_ms(d) or bool(keys & {"top1", "confusion", "fps", *BITS_KEYS, "size_bytes", "size_mb", "latency_ms",
+                        "latency_ms_batch1_cpu"}) or {"attention", "layers", "bitops"} <= keys
+
+
+def _walk(node, path: list[str], source: str, out: list[Entry]) -> None:
+    if isinstance(node, dict):
+        if _is_entry(node):
+            own = next((node[k] for k in NAME_KEYS if isinstance(node.get(k), str)), None)
+            out.append(Entry(source, own or " / ".join(path) or source, node))
+            if {"attention", "layers", "bitops"} <= set(node):
+                return  # an allocation's per-layer dicts are part of it, not entries of their own
+        for k, v in node.items():
+            if isinstance(v, (dict, list)):
+                _walk(v, path + [str(k)], source, out)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            if isinstance(v, (dict, list)):
+                _walk(v, path + [str(i)], source, out)
+
+
+def _linked_allocation(entry: Entry, folder: Path) -> Entry | None:
+    """The bit allocation an entry names by path (absolute, from the working directory, from the
+    repository root, or by file name in the results folder), read as an entry of its own."""
+    ref = entry.data.get("allocation")
+    if not isinstance(ref, str):
+        return None
+    for candidate in (Path(ref), folder.parent.parent / ref, folder / Path(ref).name):
+        try:
+            data = json.loads(candidate.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
-        if entries:
-            out[path.stem] = entries
-    return out
+        alloc = Entry(entry.source, f"{entry.name} bit allocation", data if isinstance(data, dict) else {})
+        return alloc if alloc.allocation is not None else None
+    return None
 
 
-def markdown(results: dict[str, list[dict]]) -> str:
-    lines = ["| results | recipe | top-1 | bits/weight | size (MB) |", "|---|---|---|---|---|"]
-    for source, entries in results.items():
-        for e in sorted(entries, key=lambda e: -e["bits_per_weight"]):
-            size = f"{e['size_bytes'] / 1e6:.3f}" if isinstance(e.get("size_bytes"), (int, float)) else ""
-            lines.append(f"| {source} | {e['recipe']} | {e['top1']:.4f} | {e['bits_per_weight']:.3f} | {size} |")
-    return "\n".join(lines)
+def load(folder: str | Path) -> Results:
+    """Every `*.json` in `folder`, read into entries; unreadable files are listed in `errors`."""
+    folder = Path(folder)
+    res = Results(folder)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        found: list[Entry] = []
+        try:
+            data = json.loads(path.read_text())
+            _walk(data, [], path.stem, found)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            res.errors.append(f"{path.name}: not readable JSON ({type(e).__name__})")
+            continue
+        found += [a for e in found if (a := _linked_allocation(e, folder)) is not None]
+        res.files[path.stem] = {k: data[k] for k in CONTEXT_KEYS if isinstance(data, dict) and k in data}
+        res.entries += found
+    return res
 
 
-def plot(results: dict[str, list[dict]], path: str | Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# ----------------------------------------------------------------------------- accuracy against bits
+
+def colors(sources: list[str]) -> dict[str, tuple]:
+    """One colour per results file, the same in every plot."""
+    cmap = plt.get_cmap("tab10")
+    return {s: cmap(i % 10) for i, s in enumerate(dict.fromkeys(sources))}
+
+
+def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weight"):
+    """Top-1 against bits per weight, one colour and marker per results file; models of 16 bits and more
+    (full precision) as dashed lines. None when no entry has both."""
+    entries = res.having("top1", "bits")
+    if not entries:
+        return None
     fig, ax = plt.subplots(figsize=(8, 5))
-    markers = "osD^vP*X"
-    fp_drawn = False
-    for i, (source, entries) in enumerate(results.items()):
-        quantized = [e for e in entries if e["bits_per_weight"] < 16]
-        for e in entries:
-            if e["bits_per_weight"] >= 16 and not fp_drawn:
-                ax.axhline(e["top1"], color="grey", ls="--", lw=1, label=f"full precision ({e['top1']:.4f})")
-                fp_drawn = True
-        if not quantized:
-            continue
-        ax.scatter([e["bits_per_weight"] for e in quantized], [e["top1"] for e in quantized],
-                   marker=markers[i % len(markers)], s=45, label=source, zorder=3)
-        for e in quantized:
-            ax.annotate(e["recipe"], (e["bits_per_weight"], e["top1"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("bits per linear weight on disk (scales and zeros included)")
-    ax.set_ylabel("top-1")
+    for i, (source, color) in enumerate(colors([e.source for e in entries]).items()):
+        group = [e for e in entries if e.source == source]
+        for e in group:
+            if e.bits >= 16:
+                ax.axhline(100 * e.top1, color=color, ls="--", lw=1, label=f"{e.label}: {100 * e.top1:.2f} %")
+        low = [e for e in group if e.bits < 16]
+        if low:
+            ax.scatter([e.bits for e in low], [100 * e.top1 for e in low], color=color, marker="osD^vP*X"[i % 8],
+                       s=40, label=source, zorder=3)
+        for e in low:
+            ax.annotate(e.name, (e.bits, 100 * e.top1), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 1.58, 2, 3, 4, 8], ["1", "1.58", "2", "3", "4", "8"])
+    ax.minorticks_off()
+    ax.set_xlabel("bits per linear weight on disk, scales and zeros included (log scale)")
+    ax.set_ylabel("top-1 accuracy, %")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def markdown(entries: list[Entry]) -> str:
+    lines = ["| results | recipe | top-1 | bits/weight | size (MB) |", "|---|---|---|---|---|"]
+    for source in dict.fromkeys(e.source for e in entries):
+        for e in sorted((e for e in entries if e.source == source), key=lambda e: -e.bits):
+            size = f"{e.size_mb:.3f}" if e.size_mb is not None else ""
+            lines.append(f"| {e.source} | {e.name} | {e.top1:.4f} | {e.bits:.3f} | {size} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -91,16 +243,22 @@ def main(argv=None):
     p.add_argument("--title", help="plot title (default: the models and split the entries name)")
     args = p.parse_args(argv)
     output_file(args.out, ".png")
-    results = collect(args.results)
-    if not results:
+    if not Path(args.results).is_dir():
+        raise FileNotFoundError(f"no such results folder: {args.results}")
+    res = load(args.results)
+    for error in res.errors:
+        print(f"skipping {error}")
+    entries = res.having("top1", "bits")
+    if not entries:
         raise ValueError(f"no entries with top1 and bits_per_weight in {args.results}/*.json: "
                          f"run python -m quant.ptq_results first")
-    print(markdown(results))
-    entries = [e for v in results.values() for e in v]
-    models = sorted({Path(str(e["checkpoint"])).stem for e in entries if e.get("checkpoint")})
-    splits = sorted({str(e["split"]) for e in entries if e.get("split")})
+    print(markdown(entries))
+    models = sorted({Path(str(e.data["checkpoint"])).stem for e in entries if e.data.get("checkpoint")})
+    splits = sorted({str(e.data["split"]) for e in entries if e.data.get("split")})
     title = args.title or f"{', '.join(models) or 'bitvit'}: top-1 on the {'/'.join(splits) or 'eval'} split"
-    plot(results, args.out, title)
+    fig = accuracy_vs_bits(res, title)
+    fig.savefig(args.out, dpi=120)
+    plt.close(fig)
     print(f"plot: {args.out}")
 
 

@@ -12,7 +12,7 @@ from quant.data import load_split, to_model_input
 from quant.models import save_model
 from quant.ptq import calibration_inputs, main as ptq_main, parse_overrides
 from quant.ptq_results import main as results_main
-from quant.report import collect, main as report_main
+from quant.report import load, main as report_main
 
 
 @pytest.fixture
@@ -106,11 +106,11 @@ def test_report_collects_entries_at_any_depth_and_draws_the_plot(tmp_path, capsy
         {"recipe": "fp32", "top1": 0.9, "bits_per_weight": 32.0}, {"recipe": "w4", "top1": 0.89, "bits_per_weight": 4.4}]}))
     (folder / "qat.json").write_text(json.dumps({"runs": {"w1.58a8": {"top1": 0.88, "bits_per_weight": 1.7}}}))
     (folder / "bench.json").write_text(json.dumps({"latency_ms": 3.0}))
-    results = collect(folder)
-    assert {s: [e["recipe"] for e in v] for s, v in results.items()} == {"ptq": ["fp32", "w4"], "qat": ["w1.58a8"]}
+    assert [(e.source, e.name) for e in load(folder).having("top1", "bits")] == [
+        ("ptq", "fp32"), ("ptq", "w4"), ("qat", "runs / w1.58a8")]
     report_main(["--results", str(folder), "--out", str(tmp_path / "plot.png")])
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| qat | w1.58a8 | 0.8800 | 1.700 |" in capsys.readouterr().out
+    assert "| qat | runs / w1.58a8 | 0.8800 | 1.700 |" in capsys.readouterr().out
 
 
 def test_report_leaves_out_impossible_scores_and_unreadable_files(tmp_path):
@@ -121,7 +121,9 @@ def test_report_leaves_out_impossible_scores_and_unreadable_files(tmp_path):
         {"recipe": "bool", "top1": True, "bits_per_weight": 4}, {"recipe": "big", "top1": 5, "bits_per_weight": 4},
         {"recipe": "neg", "top1": 0.5, "bits_per_weight": -3}]}))
     (folder / "latin1.json").write_bytes(b'{"top1": 0.5, "bits_per_weight": 4, "name": "\xff"}')
-    assert {s: [e["recipe"] for e in v] for s, v in collect(folder).items()} == {"ptq": ["ok"]}
+    res = load(folder)
+    assert [e.name for e in res.having("top1", "bits")] == ["ok"]
+    assert res.errors and "latin1.json" in res.errors[0]
 
 
 def test_report_without_entries_says_what_to_run(tmp_path):
