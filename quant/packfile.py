@@ -20,8 +20,10 @@ Tensors, per quantized layer NAME:
                   their double-quantized scales instead: NAME.scales.codes (int8), NAME.scales.absmax
                   (float32 per block of 256 scales) and NAME.scales.offset (float32).
   NAME.zeros      uint8 zero points of asymmetric formats.
-Every other tensor of the model (embeddings, norms, biases, calibrated activation ranges) is stored
-under its state-dict name in float32.
+Every other tensor of the model (embeddings, norms, biases, calibrated activation ranges, layers left
+in full precision) is stored under its state-dict name in float32, or with `save_quantized(...,
+float16=True)` in float16 (a tensor beyond float16's range stays float32); loading casts them to the
+model's dtype.
 """
 from __future__ import annotations
 
@@ -87,8 +89,12 @@ def _store_layer(name: str, layer: QuantLinear, out: dict[str, torch.Tensor]) ->
     return entry
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike) -> dict:
-    """Write a model holding QuantLinear layers to one safetensors file; returns the header's storage totals."""
+def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = False) -> dict:
+    """Write a model holding QuantLinear layers to one safetensors file; returns the header's storage totals.
+
+    `float16` stores the tensors that are not quantized in float16: half their bytes (the patch
+    embedding, position embeddings, norms, biases and any full-precision head), at the price of
+    rounding them, which can change a few predictions."""
     from safetensors.torch import save_file
     if Path(path).is_dir():
         raise ValueError(f"{path} is a folder; give a file name to write")
@@ -104,7 +110,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> dict:
         if k not in own and not k.endswith("num_batches_tracked"):
             if v.is_floating_point() and not torch.isfinite(v).all():
                 raise ValueError(f"{k} holds NaN or infinite values (did training diverge?); nothing written")
-            tensors[k] = v.detach().cpu().float().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+            v = v.detach().cpu()
+            if v.is_floating_point():
+                v = v.half() if float16 and torch.isfinite(v.half()).all() else v.float()
+            tensors[k] = v.contiguous()
     cfg = getattr(model, "config", None)
     storage = {"linear_weights": n_weights, "linear_bytes": linear_bytes,
                "bits_per_weight": round(8 * linear_bytes / n_weights, 4)}

@@ -54,6 +54,8 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. --set group_size=128 --set act_order=true")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--float16", action="store_true",
+                   help="store the tensors left in floating point (embeddings, norms, biases) in float16")
     args = p.parse_args(argv)
     output_file(args.out, ".safetensors", inputs=(args.checkpoint,))
     if args.threads:
@@ -72,7 +74,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     quantize(model, r, calib=calib)
     seconds = time.perf_counter() - t0
-    storage = save_quantized(model, args.out)
+    storage = save_quantized(model, args.out, args.float16)
     size = Path(args.out).stat().st_size
     fp_size = Path(args.checkpoint).stat().st_size
     print(f"{args.recipe}: quantized in {seconds:.1f} s"

@@ -138,6 +138,8 @@ def main(argv=None):
     p.add_argument("--eval-limit", type=positive_int, help="score only this many images of --eval-split")
     p.add_argument("--results", help="results JSON to record this run in (with --eval-split)")
     p.add_argument("--name", help="entry name in --results (default: the recipe name)")
+    p.add_argument("--float16", action="store_true",
+                   help="store the tensors left in floating point (embeddings, norms, biases, head) in float16")
     p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many seconds "
                                                     "(all stages together); rerun the same command to resume")
     p.add_argument("--time-budget", type=number_in(0), default=0.0,
@@ -226,7 +228,7 @@ def main(argv=None):
     else:
         bitlinear.freeze(student)
     student.quant_recipe = {"type": type(r).__name__, **dataclasses.asdict(r)}
-    storage = save_quantized(student, args.out)
+    storage = save_quantized(student, args.out, args.float16)
     size = Path(args.out).stat().st_size
     print(f"wrote {args.out}: {size / 1e6:.3f} MB, quantized linear weights at {storage['bits_per_weight']:.3f} "
           f"bits/weight (scales included)")

@@ -54,6 +54,30 @@ def test_quantized_vit_reloads_to_the_same_outputs(tmp_path, tiny_model, name):
     assert back.quant_recipe["name"] == name
 
 
+def test_float16_storage_halves_the_unquantized_tensors_and_loads_back_as_float32(tmp_path, tiny_model):
+    model = quant.quantize(tiny_model, "w4")
+    quant.save_quantized(model, tmp_path / "32.safetensors")
+    quant.save_quantized(model, tmp_path / "16.safetensors", float16=True)
+    with safe_open(str(tmp_path / "32.safetensors"), "pt") as f32, \
+            safe_open(str(tmp_path / "16.safetensors"), "pt") as f16:
+        floats = [k for k in f32.keys() if f32.get_tensor(k).dtype == torch.float32]
+        assert "pos_embed" in floats and all(f16.get_tensor(k).dtype == torch.float16 for k in floats)
+    back = quant.load_any(tmp_path / "16.safetensors")
+    assert back.pos_embed.dtype == torch.float32
+    assert torch.equal(back.pos_embed, model.pos_embed.half().float())
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.allclose(back(x), model(x), atol=1e-2)
+
+
+def test_float16_storage_keeps_a_tensor_beyond_its_range_in_float32(tmp_path):
+    model = quantized_mlp("int8", 8, 4, None, False)
+    with torch.no_grad():
+        model[2].bias[0] = 1e6
+    quant.save_quantized(model, tmp_path / "m.safetensors", float16=True)
+    back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(8, 4))
+    assert back[2].bias[0] == 1e6
+
+
 def test_ternary_file_costs_about_1_6_bits_per_weight(tmp_path):
     model = quantized_mlp("ternary", 640, 256, None, False)
     storage = quant.save_quantized(model, tmp_path / "t.safetensors")

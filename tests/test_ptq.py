@@ -43,6 +43,14 @@ def test_ptq_cli_overrides_recipe_fields(checkpoint, tmp_path):
     assert layers["blocks.0.attn.qkv"]["group_size"] == 16
 
 
+def test_ptq_cli_float16_stores_the_rest_in_half_the_bytes(checkpoint, tmp_path):
+    for name, extra in (("32", []), ("16", ["--float16"])):
+        ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4", "--out", str(tmp_path / f"{name}.safetensors")]
+                 + extra)
+    assert (tmp_path / "16.safetensors").stat().st_size < (tmp_path / "32.safetensors").stat().st_size
+    assert quant.load_any(tmp_path / "16.safetensors").pos_embed.dtype == torch.float32
+
+
 def test_overrides_read_json_values_and_refuse_a_bare_word():
     assert parse_overrides(["group_size=128", "act_order=true", "softmax=uniform"]) == \
         {"group_size": 128, "act_order": True, "softmax": "uniform"}

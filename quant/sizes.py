@@ -1,0 +1,108 @@
+"""How much smaller packed files are, per architecture and recipe: `python -m quant.sizes`.
+
+For each model (randomly initialised: a file's size does not depend on the weights' values) it
+writes the full-precision file (`quant.models.save_model`, float32), then quantizes a fresh copy
+with each recipe and writes the packed file (`quant.save_quantized`) twice: with the tensors left in
+floating point (patch embedding, position embeddings, norms, biases, a full-precision head) in
+float32, and in float16 (`--float16` of quant.ptq / quant.qat). It prints one table of sizes and
+ratios, and with `--json` writes it with the command, machine and date (under keys of its own, so
+the app's Results tab does not plot these random models beside trained ones). QAT recipes are frozen right
+after their layers are swapped in (no training: the file layout is what is measured); recipes that
+calibrate get random calibration inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from quant.cli import output_file, provenance, run
+
+DEFAULT_MODELS = "vit_cifar_tiny,vit_cifar_small,deit_small_patch16_224,vit_base_patch16_224"
+DEFAULT_RECIPES = "w8a8,w4,nf4,w2,w1.58a8,w1a8"
+
+
+def packed_model(name: str, recipe_name: str) -> torch.nn.Module:
+    """A randomly initialised `name` model quantized with `recipe_name`, ready to save."""
+    from quant import bitlinear, quantize, recipe
+    from quant.models import create_model
+    from quant.recipes import GPTQ, QAT, W4A4
+    torch.manual_seed(0)
+    model = create_model(name)
+    r = recipe(recipe_name)
+    cfg = model.config
+    calib = torch.randn(8, 3, cfg.img_size, cfg.img_size) if isinstance(r, (GPTQ, W4A4)) else None
+    model = quantize(model, r, calib=calib)
+    if isinstance(r, QAT):  # BitNet: ternary or binary layers
+        bitlinear.freeze(model)
+    return model
+
+
+def measure(name: str, recipes: list[str], folder: Path) -> list[dict]:
+    """One row per recipe: file sizes in bytes and how many times smaller than the float32 file."""
+    from quant import save_quantized
+    from quant.models import create_model, save_model
+    fp_path = folder / f"{name}.safetensors"
+    save_model(create_model(name), fp_path)
+    fp_bytes = fp_path.stat().st_size
+    rows = []
+    for r in recipes:
+        model = packed_model(name, r)
+        sizes = {}
+        for label, half in (("float32", False), ("float16", True)):
+            path = folder / f"{name}-{r}-{label}.safetensors"
+            storage = save_quantized(model, path, float16=half)
+            sizes[label] = path.stat().st_size
+            path.unlink()
+        rows.append({"model": name, "recipe": r, "parameters": sum(p.numel() for p in create_model(name).parameters()),
+                     "fp32_bytes": fp_bytes, "file_bytes": sizes["float32"], "file_bytes_float16": sizes["float16"],
+                     "smaller": round(fp_bytes / sizes["float32"], 2),
+                     "smaller_float16": round(fp_bytes / sizes["float16"], 2),
+                     "linear_bytes": storage["linear_bytes"], "linear_bits": storage["bits_per_weight"]})
+    fp_path.unlink()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | parameters | recipe | linear bits/weight | fp32 file MB | packed MB | x smaller "
+             "| packed MB, rest float16 | x smaller |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['recipe']} | {r['linear_bits']:.3f} "
+                     f"| {r['fp32_bytes'] / 1e6:.2f} | {r['file_bytes'] / 1e6:.3f} | {r['smaller']:.1f}x "
+                     f"| {r['file_bytes_float16'] / 1e6:.3f} | {r['smaller_float16']:.1f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from tqdm import tqdm
+    from quant.models import CONFIGS
+    from quant.recipes import RECIPES
+    p = argparse.ArgumentParser(prog="python -m quant.sizes", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    p.add_argument("--recipes", default=DEFAULT_RECIPES,
+                   help="comma-separated recipe names (not qvit, whose bit-widths come from training)")
+    p.add_argument("--json", help="write the table here as well (.json)")
+    args = p.parse_args(argv)
+    if args.json:
+        output_file(args.json, ".json")
+    models = list(dict.fromkeys(m for m in args.models.split(",") if m))
+    recipes = list(dict.fromkeys(r for r in args.recipes.split(",") if r))
+    fixed = [r for r in RECIPES if r != "qvit"]  # Q-ViT's bit-widths, so its file's size, come from training
+    for what, given, known in (("model", models, list(CONFIGS)), ("recipe", recipes, fixed)):
+        if not given or any(g not in known for g in given):
+            raise ValueError(f"--{what}s must name at least one of: {', '.join(known)} (got {','.join(given)!r})")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in tqdm(models, desc="models", unit="model"):
+            rows += measure(name, recipes, Path(tmp))
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**provenance("quant.sizes", argv), "rows": rows}, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))
