@@ -64,15 +64,11 @@ def _quantize_tile(x, div):
 
 
 @triton.jit
-def _max_keeping_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _row_absmax(x):
     """max |x| of each row of an fp32 tile, NaN where the row holds a NaN (as torch's amax): tl.max drops
-    NaN, which would give such a row a finite scale and finite garbage out instead of NaN."""
-    return tl.reduce(tl.abs(x), 1, _max_keeping_nan)
+    NaN, which would give such a row a finite scale and finite garbage out instead of NaN, so a sum of
+    the row's NaNs (0 without any) is added."""
+    return tl.max(tl.abs(x), axis=1) + tl.sum(tl.where(x != x, x, 0.0), axis=1)
 
 
 @triton.jit
@@ -183,7 +179,7 @@ def _quantize_rows_kernel(x_ptr, lw_ptr, lb_ptr, q_ptr, s_ptr, M, K, stride_xm, 
         for k0 in range(0, K, BLOCK_K):
             mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
             x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            amax = _max_keeping_nan(amax, _row_absmax(x))
+            amax = tl.maximum(amax, _row_absmax(x), propagate_nan=tl.PropagateNan.ALL)
         s = tl.math.div_rn(amax, 127.0)
         div = tl.where(s > 0, s, 1.0)[:, None]
         for k0 in range(0, K, BLOCK_K):
@@ -219,7 +215,7 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
         for k0 in range(0, K, BLOCK_K):
             mask = m_ok[:, None] & (k0 + offs_k < K)[None, :]
             x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            amax = _max_keeping_nan(amax, _row_absmax(x))
+            amax = tl.maximum(amax, _row_absmax(x), propagate_nan=tl.PropagateNan.ALL)
         sx = tl.math.div_rn(amax, 127.0)
         div = tl.where(sx > 0, sx, 1.0)[:, None]
     else:
