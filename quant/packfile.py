@@ -21,9 +21,10 @@ Tensors, per quantized layer NAME:
                   (float32 per block of 256 scales) and NAME.scales.offset (float32).
   NAME.zeros      uint8 zero points of asymmetric formats.
 Every other tensor of the model (embeddings, norms, biases, calibrated activation ranges, layers left
-in full precision) is stored under its state-dict name in float32, or with `save_quantized(...,
-float16=True)` in float16 (a tensor beyond float16's range stays float32); loading casts them to the
-model's dtype.
+in full precision) is stored under its state-dict name in float32; with `save_quantized(...,
+float16=True)` its parameters are stored in float16 (one beyond float16's range stays float32), its
+buffers (calibrated activation ranges, BatchNorm statistics) stay float32. Loading casts them to the
+model's dtype. The header's `storage` says which (`float16`: true or false).
 """
 from __future__ import annotations
 
@@ -92,9 +93,10 @@ def _store_layer(name: str, layer: QuantLinear, out: dict[str, torch.Tensor]) ->
 def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = False) -> dict:
     """Write a model holding QuantLinear layers to one safetensors file; returns the header's storage totals.
 
-    `float16` stores the tensors that are not quantized in float16: half their bytes (the patch
+    `float16` stores the parameters that are not quantized in float16: half their bytes (the patch
     embedding, position embeddings, norms, biases and any full-precision head), at the price of
-    rounding them, which can change a few predictions."""
+    rounding them, which can change a few predictions. Buffers (calibrated activation ranges, whose
+    scales may be far below float16's smallest normal number) stay float32."""
     from safetensors.torch import save_file
     if Path(path).is_dir():
         raise ValueError(f"{path} is a folder; give a file name to write")
@@ -106,17 +108,18 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     linear_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items())
     n_weights = sum(l.in_features * l.out_features for l in layers.values())
     own = {f"{n}.{b}" for n in layers for b in _OWN}
+    params = {n for n, _ in model.named_parameters()}
     for k, v in model.state_dict().items():
         if k not in own and not k.endswith("num_batches_tracked"):
             if v.is_floating_point() and not torch.isfinite(v).all():
                 raise ValueError(f"{k} holds NaN or infinite values (did training diverge?); nothing written")
             v = v.detach().cpu()
             if v.is_floating_point():
-                v = v.half() if float16 and torch.isfinite(v.half()).all() else v.float()
+                v = v.half() if float16 and k in params and torch.isfinite(v.half()).all() else v.float()
             tensors[k] = v.contiguous()
     cfg = getattr(model, "config", None)
     storage = {"linear_weights": n_weights, "linear_bytes": linear_bytes,
-               "bits_per_weight": round(8 * linear_bytes / n_weights, 4)}
+               "bits_per_weight": round(8 * linear_bytes / n_weights, 4), "float16": float16}
     header = {
         "recipe": getattr(model, "quant_recipe", None),
         "architecture": {"kind": "bitvit-vit", "config": json.loads(cfg.to_json())}

@@ -55,7 +55,8 @@ def main(argv=None):
                    help="override a recipe field, e.g. --set group_size=128 --set act_order=true")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--float16", action="store_true",
-                   help="store the tensors left in floating point (embeddings, norms, biases) in float16")
+                   help="store the parameters left in floating point (embeddings, norms, biases) in float16; "
+                        "calibrated activation ranges stay float32")
     args = p.parse_args(argv)
     output_file(args.out, ".safetensors", inputs=(args.checkpoint,))
     if args.threads:

@@ -139,7 +139,7 @@ def main(argv=None):
     p.add_argument("--results", help="results JSON to record this run in (with --eval-split)")
     p.add_argument("--name", help="entry name in --results (default: the recipe name)")
     p.add_argument("--float16", action="store_true",
-                   help="store the tensors left in floating point (embeddings, norms, biases, head) in float16")
+                   help="store the parameters left in floating point (embeddings, norms, biases, head) in float16")
     p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many seconds "
                                                     "(all stages together); rerun the same command to resume")
     p.add_argument("--time-budget", type=number_in(0), default=0.0,
@@ -250,7 +250,7 @@ def main(argv=None):
                 "top1": res["top1"], "teacher_top1": fp["top1"], "drop_points": 100 * (fp["top1"] - res["top1"]),
                 "split": args.eval_split, "n": res["n"], "size_bytes": size,
                 "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
-                "teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
+                "float16": args.float16, "teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
                 "file": str(args.out), "epochs": epochs_trained, "max_epochs": args.epochs,
                 "train_images": len(train), "images_per_epoch": len(train),
                 "train_seconds": round(train_seconds, 1), "wall_time_s": round(time.time() - started, 1),

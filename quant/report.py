@@ -216,7 +216,7 @@ def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weigh
         for e in low:
             ax.annotate(e.name, (e.bits, 100 * e.top1), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log", base=2)
-    ax.set_xticks([1, 1.58, 2, 3, 4, 8], ["1", "1.58", "2", "3", "4", "8"])
+    ax.set_xticks([1, 1.6, 2, 3, 4, 8], ["1", "1.6", "2", "3", "4", "8"])
     ax.minorticks_off()
     ax.set_xlabel("bits per linear weight on disk, scales and zeros included (log scale)")
     ax.set_ylabel("top-1 accuracy, %")

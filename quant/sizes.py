@@ -46,7 +46,10 @@ def measure(name: str, recipes: list[str], folder: Path) -> list[dict]:
     from quant import save_quantized
     from quant.models import create_model, save_model
     fp_path = folder / f"{name}.safetensors"
-    save_model(create_model(name), fp_path)
+    fp = create_model(name)
+    params = sum(p.numel() for p in fp.parameters())
+    save_model(fp, fp_path)
+    del fp
     fp_bytes = fp_path.stat().st_size
     rows = []
     for r in recipes:
@@ -57,10 +60,8 @@ def measure(name: str, recipes: list[str], folder: Path) -> list[dict]:
             storage = save_quantized(model, path, float16=half)
             sizes[label] = path.stat().st_size
             path.unlink()
-        rows.append({"model": name, "recipe": r, "parameters": sum(p.numel() for p in create_model(name).parameters()),
+        rows.append({"model": name, "recipe": r, "parameters": params,
                      "fp32_bytes": fp_bytes, "file_bytes": sizes["float32"], "file_bytes_float16": sizes["float16"],
-                     "smaller": round(fp_bytes / sizes["float32"], 2),
-                     "smaller_float16": round(fp_bytes / sizes["float16"], 2),
                      "linear_bytes": storage["linear_bytes"], "linear_bits": storage["bits_per_weight"]})
     fp_path.unlink()
     return rows
@@ -70,9 +71,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | parameters | recipe | linear bits/weight | fp32 file MB | packed MB | x smaller "
              "| packed MB, rest float16 | x smaller |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        fp32, f32, f16 = r["fp32_bytes"], r["file_bytes"], r["file_bytes_float16"]
         lines.append(f"| {r['model']} | {r['parameters']:,} | {r['recipe']} | {r['linear_bits']:.3f} "
-                     f"| {r['fp32_bytes'] / 1e6:.2f} | {r['file_bytes'] / 1e6:.3f} | {r['smaller']:.1f}x "
-                     f"| {r['file_bytes_float16'] / 1e6:.3f} | {r['smaller_float16']:.1f}x |")
+                     f"| {fp32 / 1e6:.2f} | {f32 / 1e6:.3f} | {fp32 / f32:.1f}x | {f16 / 1e6:.3f} | {fp32 / f16:.1f}x |")
     return "\n".join(lines)
 
 

@@ -54,19 +54,29 @@ def test_quantized_vit_reloads_to_the_same_outputs(tmp_path, tiny_model, name):
     assert back.quant_recipe["name"] == name
 
 
-def test_float16_storage_halves_the_unquantized_tensors_and_loads_back_as_float32(tmp_path, tiny_model):
+def test_float16_storage_halves_the_unquantized_parameters_and_loads_back_as_float32(tmp_path, tiny_model):
     model = quant.quantize(tiny_model, "w4")
-    quant.save_quantized(model, tmp_path / "32.safetensors")
     quant.save_quantized(model, tmp_path / "16.safetensors", float16=True)
-    with safe_open(str(tmp_path / "32.safetensors"), "pt") as f32, \
-            safe_open(str(tmp_path / "16.safetensors"), "pt") as f16:
-        floats = [k for k in f32.keys() if f32.get_tensor(k).dtype == torch.float32]
-        assert "pos_embed" in floats and all(f16.get_tensor(k).dtype == torch.float16 for k in floats)
+    params = [n for n, _ in model.named_parameters()]
+    with safe_open(str(tmp_path / "16.safetensors"), "pt") as f:
+        assert "pos_embed" in params and all(f.get_tensor(k).dtype == torch.float16 for k in params)
     back = quant.load_any(tmp_path / "16.safetensors")
     assert back.pos_embed.dtype == torch.float32
     assert torch.equal(back.pos_embed, model.pos_embed.half().float())
     x = torch.randn(4, 3, 16, 16)
     assert torch.allclose(back(x), model(x), atol=1e-2)
+
+
+def test_float16_storage_keeps_calibrated_activation_ranges_in_float32(tmp_path, tiny_model):
+    x = torch.randn(16, 3, 16, 16)
+    model = quant.quantize(tiny_model, "w4a4", calib=x)
+    buffers = {k for k, v in model.state_dict().items() if k.endswith((".scale", ".zero")) and v.is_floating_point()}
+    assert buffers  # the static activation quantizers' calibrated ranges
+    storage = quant.save_quantized(model, tmp_path / "16.safetensors", float16=True)
+    assert storage["float16"] is True
+    with safe_open(str(tmp_path / "16.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in buffers)
+        assert f.get_tensor("pos_embed").dtype == torch.float16
 
 
 def test_float16_storage_keeps_a_tensor_beyond_its_range_in_float32(tmp_path):

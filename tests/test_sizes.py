@@ -10,7 +10,8 @@ def test_sizes_table_shows_ternary_files_smaller_and_float16_rest_smaller_still(
     out = tmp_path / "sizes.json"
     main(["--models", "vit_cifar_tiny", "--recipes", "w4,w1.58a8", "--json", str(out)])
     rows = {r["recipe"]: r for r in json.loads(out.read_text())["rows"]}
-    assert 1 < rows["w4"]["smaller"] < rows["w1.58a8"]["smaller"] < rows["w1.58a8"]["smaller_float16"]
+    fp32 = rows["w4"]["fp32_bytes"]
+    assert fp32 > rows["w4"]["file_bytes"] > rows["w1.58a8"]["file_bytes"] > rows["w1.58a8"]["file_bytes_float16"]
     assert rows["w1.58a8"]["linear_bits"] < 1.7
     assert rows["w1.58a8"]["file_bytes"] - rows["w1.58a8"]["file_bytes_float16"] > 0.4 * (
         rows["w1.58a8"]["file_bytes"] - rows["w1.58a8"]["linear_bytes"])  # the float rest about halves
