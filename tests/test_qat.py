@@ -154,7 +154,9 @@ def test_the_gpu_profile_names_results_after_the_teacher_and_hands_them_back(tea
     assert r.returncode == 0 and "all QAT runs done" in r.stdout, r.stdout + r.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["fp-qvit-w3.safetensors", "fp-w1.58a8.safetensors",
                                                     "qat-qvit-w3.bits.json", "qat.json"]
-    assert set(json.loads((tmp_path / "out" / "qat.json").read_text())["runs"]) == {"w1.58a8", "qvit-w3"}
+    runs = json.loads((tmp_path / "out" / "qat.json").read_text())["runs"]
+    assert set(runs) == {"w1.58a8", "qvit-w3"}
+    assert all(run["float16"] for run in runs.values())  # the GPU profile packs the float rest in float16
 
 
 def test_the_gpu_profile_skips_runs_that_would_outlast_the_calls_deadline(teacher_file, image_tree, tmp_path):
