@@ -13,7 +13,8 @@ collects *entries*: the dicts that carry a known measurement,
   attention + layers + bitops             a Q-ViT bit allocation (`quant.qvit.bit_allocation`), or
   allocation: "<file>.bits.json"          a path to one (as `quant.qat` records it)
   fps                                     frames per second of the app's live handler (`app.bench`)
-named by their own "name"/"recipe"/"variant"/"label" field or else by the keys leading to them,
+named by their own "name"/"recipe"/"variant"/"label" field, else by the key holding them (or the
+path of keys and list positions leading to a list item),
 plus, for context, a file's "command", "machine"/"device", "date" and "split" where present. The
 app's Results tab (`app.results`) plots the rest of what `load` finds.
 
@@ -143,7 +144,8 @@ def _walk(node, path: list[str], source: str, out: list[Entry]) -> None:
     if isinstance(node, dict):
         if _is_entry(node):
             own = next((node[k] for k in NAME_KEYS if isinstance(node.get(k), str)), None)
-            out.append(Entry(source, own or " / ".join(path) or source, node))
+            key = path[-1] if path and not path[-1].isdigit() else " / ".join(path)  # {"w4": {...}}: "w4"
+            out.append(Entry(source, own or key or source, node))
             if {"attention", "layers", "bitops"} <= set(node):
                 return  # an allocation's per-layer dicts are part of it, not entries of their own
         for k, v in node.items():

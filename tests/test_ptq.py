@@ -115,10 +115,10 @@ def test_report_collects_entries_at_any_depth_and_draws_the_plot(tmp_path, capsy
     (folder / "qat.json").write_text(json.dumps({"runs": {"w1.58a8": {"top1": 0.88, "bits_per_weight": 1.7}}}))
     (folder / "bench.json").write_text(json.dumps({"latency_ms": 3.0}))
     assert [(e.source, e.name) for e in load(folder).having("top1", "bits")] == [
-        ("ptq", "fp32"), ("ptq", "w4"), ("qat", "runs / w1.58a8")]
+        ("ptq", "fp32"), ("ptq", "w4"), ("qat", "w1.58a8")]
     report_main(["--results", str(folder), "--out", str(tmp_path / "plot.png")])
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| qat | runs / w1.58a8 | 0.8800 | 1.700 |" in capsys.readouterr().out
+    assert "| qat | w1.58a8 | 0.8800 | 1.700 |" in capsys.readouterr().out
 
 
 def test_report_leaves_out_impossible_scores_and_unreadable_files(tmp_path):
