@@ -245,12 +245,14 @@ def create_model(name: str, **overrides) -> VisionTransformer:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy `state` into `model` (as its dtypes), refusing any missing, unexpected, differently shaped, non-float or
-    non-finite tensor by name."""
+def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                    loaded: frozenset[str] = frozenset()) -> None:
+    """Copy `state` into `model` (as its dtypes), refusing any missing, unexpected, differently shaped, non-float
+    (where the model's is float) or non-finite tensor by name. `loaded` names tensors the model already holds and
+    `state` does not (a packed file's quantized layers, read by their own rules)."""
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    own_keys = {k for k in own if not k.endswith("num_batches_tracked")}
+    own_keys = {k for k in own if not k.endswith("num_batches_tracked")} - loaded
     missing = sorted(own_keys - set(state))
     unexpected = sorted(set(state) - own_keys)
     if missing or unexpected:
@@ -264,9 +266,9 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"{source} does not fit this model: tensor {k!r} has shape "
                              f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-        if not v.is_floating_point():
-            raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a float tensor")
-        if not torch.isfinite(v).all():
+        if v.is_floating_point() != own[k].is_floating_point():
+            raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected {own[k].dtype}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{source}: tensor {k!r} holds NaN or infinite values (a damaged file?)")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 

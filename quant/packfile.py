@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 
 from quant.models import FORMAT as FP_FORMAT
-from quant.models import ViTConfig, VisionTransformer, existing_file, load_model, read_safetensors
+from quant.models import (ViTConfig, VisionTransformer, existing_file, load_model, load_state_dict,
+                          read_safetensors)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
@@ -257,25 +258,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
                          f"instance of its architecture) to rebuild it")
 
     _rebuild_modules(model, header, tensors, path)
-
-    own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    own -= {f"{n}.{b}" for n in header["layers"] for b in _OWN}
-    missing, unexpected = sorted(own - set(tensors)), sorted(set(tensors) - own)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit its architecture: "
-                         + "; ".join(([f"missing {missing[0]!r} and {len(missing) - 1} more"] if missing else [])
-                                     + ([f"unexpected {unexpected[0]!r} and {len(unexpected) - 1} more"]
-                                        if unexpected else [])))
-    state = model.state_dict()
-    for k, v in tensors.items():
-        if tuple(v.shape) != tuple(state[k].shape):
-            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the architecture expects "
-                             f"{tuple(state[k].shape)}")
-        if v.is_floating_point() != state[k].is_floating_point():
-            raise ValueError(f"{path}: tensor {k!r} has dtype {v.dtype}, the architecture expects {state[k].dtype}")
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise ValueError(f"{path}: tensor {k!r} holds NaN or infinite values")
-    model.load_state_dict(tensors, strict=False)
+    load_state_dict(model, tensors, source=str(path),
+                    loaded=frozenset(f"{n}.{b}" for n in header["layers"] for b in _OWN))  # the other tensors
     model.quant_recipe = header.get("recipe")
     return model.eval()
 
