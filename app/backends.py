@@ -34,6 +34,7 @@ from quant.cli import finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import ViTConfig, VisionTransformer, count_parameters, existing_file
 from quant.packfile import FORMAT as QUANT_FORMAT
+from quant.packfile import is_quantized_format
 
 RUNTIME = "onnxruntime"
 MODEL_SUFFIXES = (".safetensors", ".onnx")
@@ -116,7 +117,7 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
     if meta.get("format") == FP_FORMAT:
         return ModelFile(path, "fp", "fp32", ViTConfig.from_json(meta.get("config"), path), None)
-    if not str(meta.get("format")).startswith("bitvit-quant/"):
+    if not is_quantized_format(meta.get("format")):
         raise ValueError(f"{path} is not a bitvit ViT file (format {meta.get('format')!r}); the app runs "
                          f"full-precision ({FP_FORMAT!r}) and quantized ({QUANT_FORMAT!r}) bitvit ViTs")
     header = quant.read_header(path)  # refuses other versions of the quantized format

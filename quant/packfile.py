@@ -48,6 +48,12 @@ FORMAT = "bitvit-quant/2"  # /1 (before 2026-12-03) had the same layout, its che
 _OWN = ("packed", "scales", "zeros")  # QuantLinear buffers stored in packed form
 
 
+def is_quantized_format(fmt) -> bool:
+    """Whether a safetensors file's `format` names a quantized bitvit file, of this version or an older one
+    (`load_quantized` then says which)."""
+    return str(fmt).startswith("bitvit-quant/")
+
+
 def _digest(tensors: dict[str, torch.Tensor], header: dict) -> str:
     """sha256 of the header (all but this digest) and of every tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
@@ -308,7 +314,7 @@ def load_any(path: str | os.PathLike) -> nn.Module:
             fmt = (f.metadata() or {}).get("format")
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    if str(fmt).startswith("bitvit-quant/"):  # this version, or an older one load_quantized names
+    if is_quantized_format(fmt):
         return load_quantized(path)
     if fmt in (FP_FORMAT, None):
         return load_model(path)

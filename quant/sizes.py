@@ -42,12 +42,12 @@ def packed_model(name: str, recipe_name: str) -> torch.nn.Module:
 
 
 def measure(name: str, recipes: list[str], folder: Path) -> list[dict]:
-    """One row per recipe: file sizes in bytes and how many times smaller than the float32 file."""
+    """One row per recipe: the float32 file's and the packed files' sizes in bytes."""
     from quant import save_quantized
-    from quant.models import create_model, save_model
+    from quant.models import count_parameters, create_model, save_model
     fp_path = folder / f"{name}.safetensors"
     fp = create_model(name)
-    params = sum(p.numel() for p in fp.parameters())
+    params = count_parameters(fp)
     save_model(fp, fp_path)
     del fp
     fp_bytes = fp_path.stat().st_size
@@ -73,7 +73,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         fp32, f32, f16 = r["fp32_bytes"], r["file_bytes"], r["file_bytes_float16"]
         lines.append(f"| {r['model']} | {r['parameters']:,} | {r['recipe']} | {r['linear_bits']:.3f} "
-                     f"| {fp32 / 1e6:.2f} | {f32 / 1e6:.3f} | {fp32 / f32:.1f}x | {f16 / 1e6:.3f} | {fp32 / f16:.1f}x |")
+                     f"| {fp32 / 1e6:.2f} | {f32 / 1e6:.3f} | {fp32 / f32:.1f}x "
+                     f"| {f16 / 1e6:.3f} | {fp32 / f16:.1f}x |")
     return "\n".join(lines)
 
 
