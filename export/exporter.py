@@ -11,16 +11,16 @@ to exactly the ONNX form chosen for it and the file holds the packed tensors, no
 | ternary / binary, int8 per-token input | bitvit's `TernaryLinear` / `BinaryLinear` (`export/ops`)    |
 | the same with `custom_ops=False`       | per-token fake-quant + MatMulNBits bits=2: ternary codes w + 2, binary codes 2c + 1 (values -1, +1), zero point 2; exact, 2 bits per weight |
 
-A QuantLinear's `input_norm` (BitNet's LayerNorm before activation quantization) becomes a
-LayerNormalization in front of it. The rest of the ViT is standard opset-20 ONNX (conv stem with
-BatchNorm folded, LayerNormalization, Gelu, attention as MatMul/Softmax). Input `image`
+A QuantLinear's `input_norm` (BitNet's LayerNorm before activation quantization) is computed inside
+bitvit's op, in the pass that quantizes the input; before any other form it is a LayerNormalization.
+The rest of the ViT is standard opset-20 ONNX (conv stem with BatchNorm folded, LayerNormalization,
+Gelu) plus attention as one `com.microsoft` MultiHeadAttention node per block. Input `image`
 (batch, 3, H, W), normalised; output `logits` (batch, classes); the batch is dynamic. The model's
 config (image size, mean/std, class names) rides in the metadata under `bitvit.config`.
 """
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import numpy as np
@@ -132,21 +132,27 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool) -> str
         return y if m.bias is None else g.op("Add", [y, g.const(f"{name}.bias", m.bias)])
     if not is_quantized(m):
         raise ValueError(f"{name}: cannot export a {type(m).__name__} layer")
-    if getattr(m, "input_norm", None) is not None:
-        if not isinstance(m.input_norm, nn.LayerNorm):
-            raise ValueError(f"{name}: cannot export an input_norm of type {type(m.input_norm).__name__}")
-        x = _layer_norm(g, x, m.input_norm, f"{name}.input_norm")
+    norm = getattr(m, "input_norm", None)
+    if norm is not None and not isinstance(norm, nn.LayerNorm):
+        raise ValueError(f"{name}: cannot export an input_norm of type {type(norm).__name__}")
     fmt, act, k = m.weight_format, m.act_format, m.in_features
     if act not in ("none", "int8_token"):
         raise ValueError(f"{name}: activation format {act!r} has no ONNX export (only none and int8_token)")
-    codes = m.codes()
     per_row = m.scales.shape[1] == 1
     if fmt in ("ternary", "binary") and act == "int8_token" and custom_ops and per_row:
+        # bitvit's op: LayerNorm (when the layer has one), per-token int8 and the packed matmul in one node
         op = "TernaryLinear" if fmt == "ternary" else "BinaryLinear"
-        inputs = [x, g.const(f"{name}.packed", m.packed), g.const(f"{name}.scales", m.scales[:, 0].float())]
-        if m.bias is not None:
-            inputs.append(g.const(f"{name}.bias", m.bias))
-        return g.op(op, inputs, domain=DOMAIN)
+        inputs = [x, g.const(f"{name}.packed", m.packed), g.const(f"{name}.scales", m.scales[:, 0].float()),
+                  "" if m.bias is None else g.const(f"{name}.bias", m.bias)]
+        if norm is None:
+            return g.op(op, inputs if inputs[-1] else inputs[:3], domain=DOMAIN)
+        w = norm.weight if norm.weight is not None else torch.ones(k)
+        b = norm.bias if norm.bias is not None else torch.zeros(k)
+        inputs += [g.const(f"{name}.input_norm.weight", w), g.const(f"{name}.input_norm.bias", b)]
+        return g.op(op, inputs, domain=DOMAIN, epsilon=float(norm.eps))
+    if norm is not None:
+        x = _layer_norm(g, x, norm, f"{name}.input_norm")
+    codes = m.codes()
     if fmt == "int8" and act == "int8_token" and per_row:
         q, s = _token_scale(g, x, name)
         w = (codes.to(torch.int16) - 128).to(torch.int8).t()                             # (K, N)
@@ -170,16 +176,13 @@ def _attention(g: _Graph, x: str, attn: nn.Module, name: str, custom_ops: bool) 
     if type(attn) is not Attention:
         raise ValueError(f"{name}: cannot export attention of type {type(attn).__name__} "
                          f"(quantized attention has no ONNX export)")
-    h, hd = attn.num_heads, attn.head_dim
+    d = attn.num_heads * attn.head_dim
     qkv = _linear(g, x, attn.qkv, f"{name}.qkv", custom_ops)                          # (B, N, 3D)
-    qkv = g.op("Reshape", [qkv, g.const(f"{name}.qkv_shape", np.array([0, 0, 3, h, hd], np.int64))])
-    qkv = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])                               # (3, B, h, N, hd)
-    q, k, v = (g.op("Gather", [qkv, g.const(f"{name}.i{i}", np.array(i, np.int64))], axis=0) for i in range(3))
-    scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])            # (B, h, N, N)
-    scores = g.op("Mul", [scores, g.const(f"{name}.scale", np.array(1 / math.sqrt(hd), np.float32))])
-    out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])                      # (B, h, N, hd)
-    out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]),
-                           g.const(f"{name}.out_shape", np.array([0, 0, h * hd], np.int64))])
+    q, k, v = f"{name}.q", f"{name}.k", f"{name}.v"                                   # (B, N, D) each
+    g.nodes.append(helper.make_node("Split", [qkv, g.const(f"{name}.split", np.array([d, d, d], np.int64))],
+                                    [q, k, v], name=f"{name}.split", axis=-1))
+    # softmax(q k^T / sqrt(head_dim)) v per head, heads side by side in D as timm lays out qkv
+    out = g.op("MultiHeadAttention", [q, k, v], domain="com.microsoft", num_heads=attn.num_heads)  # (B, N, D)
     return _linear(g, out, attn.proj, f"{name}.proj", custom_ops)
 
 

@@ -1,4 +1,6 @@
 """ONNX export: every format runs in ONNX Runtime and agrees with the torch model it came from."""
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -68,6 +70,28 @@ def test_integer_formats_use_integer_kernels(tiny_model):
     assert "MatMulNBits" in ops("int4")
     assert {"TernaryLinear"} <= ops("ternary") and "MatMulNBits" not in ops("ternary")
     assert "BinaryLinear" in ops("binary") and "BinaryLinear" not in ops("binary", False)
+
+
+@pytest.mark.parametrize("fmt", ["ternary", "binary"])
+@pytest.mark.parametrize("custom", [True, False])
+def test_a_bitnet_models_input_layernorms_export_and_agree_with_torch(tiny_model, tmp_path, fmt, custom):
+    from quant import bitlinear
+    model = bitlinear.prepare(copy.deepcopy(tiny_model), fmt)
+    bitlinear.init_input_norms(model, images(4))                 # LayerNorms that are not the identity
+    model = bitlinear.freeze(model).eval()
+    proto = to_onnx(model, fmt, custom)
+    norms = [n for n in proto.graph.node if n.op_type == "LayerNormalization" and ".input_norm" in n.input[1]]
+    packed = [n for n in proto.graph.node if n.domain == "bitvit"]
+    # bitvit's op computes the LayerNorm in the pass that quantizes its input; other forms get a node
+    assert (len(norms), len(packed)) == ((0, 4 * len(model.blocks)) if custom else (4 * len(model.blocks), 0))
+    assert all(len(n.input) == 6 for n in packed)
+    onnx.save(proto, tmp_path / "m.onnx")
+    x = images(16, seed=1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = runtime.load(tmp_path / "m.onnx")(x.numpy())
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 15 / 16
+    assert np.abs(out - ref).max() <= 5e-2 * np.abs(ref).max()
 
 
 def test_a_float_model_is_not_written_as_a_quantized_format(tiny_model, tmp_path):

@@ -16,17 +16,23 @@ def _ops_cache(ortops_cache, monkeypatch):
     monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(ortops_cache))
 
 
-def reference(x, codes, scales, bias, bits):
-    """The contract's int8-per-token linear, in float64 numpy: torch.round is round-half-to-even."""
+def reference(x, codes, scales, bias, bits, norm=None, eps=1e-5):
+    """The contract's int8-per-token linear, in float64 numpy: torch.round is round-half-to-even.
+    `norm` = (weight, bias) of the input LayerNorm applied first (its output rounded to float32)."""
     w = codes.astype(np.float64) - 1 if bits == 2 else codes.astype(np.float64) * 2 - 1
     x2 = x.reshape(-1, x.shape[-1])
+    if norm is not None:
+        x64 = x2.astype(np.float64)
+        mean, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+        x2 = ((x64 - mean) / np.sqrt(var + eps) * norm[0] + norm[1]).astype(np.float32)
     s = np.abs(x2).max(-1, keepdims=True).astype(np.float32) / np.float32(127)
     q = np.clip(np.round(x2 / np.where(s > 0, s, 1)), -127, 127)
     y = (q @ w.T) * s * scales[None] + (0 if bias is None else bias[None])
     return y.reshape(*x.shape[:-1], -1)
 
 
-def op_model(op, w, scales, bias=None, w_as_input=False):
+def op_model(op, w, scales, bias=None, w_as_input=False, norm=(), **attrs):
+    """One-node graph; `norm` = the input LayerNorm's (weight, bias), or one of them, or ()."""
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
     inits = [numpy_helper.from_array(scales, "s")]
     if w_as_input:
@@ -37,7 +43,13 @@ def op_model(op, w, scales, bias=None, w_as_input=False):
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "b"))
         names.append("b")
-    graph = helper.make_graph([helper.make_node(op, names, ["y"], domain="bitvit")], "g", inputs,
+    if norm:
+        names += [""] * (4 - len(names))
+        for i, t in enumerate(norm):
+            if t is not None:
+                inits.append(numpy_helper.from_array(t, f"n{i}"))
+            names.append(f"n{i}" if t is not None else "")
+    graph = helper.make_graph([helper.make_node(op, names, ["y"], domain="bitvit", **attrs)], "g", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("bitvit", 1)],
                               ir_version=10)
@@ -95,6 +107,46 @@ def test_ops_match_the_numpy_reference_on_odd_shapes(isa, op, shape):
     y = session(op_model(op, packed, scales, bias), isa).run(None, {"x": x})[0]
     assert y.shape == (*lead, n)
     np.testing.assert_allclose(y, reference(x, codes, scales, bias, OPS[op]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (70, 129, 65), (2, 5, 128, 48)])
+def test_the_input_layernorm_runs_inside_the_op_as_layernorm_then_quantize(isa, op, shape):
+    *lead, k, n = shape
+    codes, packed, scales, bias = random_layer(op, n, k, seed=sum(shape))
+    rng = np.random.default_rng(2)
+    norm = (rng.uniform(0.5, 2, k).astype(np.float32), rng.standard_normal(k).astype(np.float32))
+    x = (rng.standard_normal((*lead, k)) * 3 + 1).astype(np.float32)
+    y = session(op_model(op, packed, scales, bias, norm=norm, epsilon=1e-3), isa).run(None, {"x": x})[0]
+    want = reference(x, codes, scales, bias, OPS[op], norm, eps=1e-3)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_the_input_layernorm_without_a_bias_for_the_linear_and_the_default_epsilon():
+    codes, packed, scales, _ = random_layer("TernaryLinear", 24, 40, seed=11)
+    norm = (np.full(40, 1.5, np.float32), np.full(40, 0.25, np.float32))
+    x = np.random.default_rng(4).standard_normal((6, 40)).astype(np.float32)
+    y = session(op_model("TernaryLinear", packed, scales, norm=norm)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, reference(x, codes, scales, None, 2, norm), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm,match", [((np.ones(16, np.float32), None), "come together"),
+                                        ((np.ones(15, np.float32), np.zeros(15, np.float32)), "norm_weight must be"),
+                                        ((np.ones(16, np.float32), np.zeros((1, 16), np.float32)), "norm_bias must be")])
+def test_an_input_layernorm_of_the_wrong_shape_or_half_given_is_refused(norm, match):
+    _, packed, scales, bias = random_layer("TernaryLinear", 8, 16, seed=12)
+    s = session(op_model("TernaryLinear", packed, scales, bias, norm=norm))
+    with pytest.raises(Exception, match=match):
+        s.run(None, {"x": np.ones((2, 16), np.float32)})
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("inf")])
+def test_an_epsilon_that_is_not_positive_and_finite_is_refused(eps):
+    _, packed, scales, bias = random_layer("BinaryLinear", 8, 16, seed=13)
+    norm = (np.ones(16, np.float32), np.zeros(16, np.float32))
+    with pytest.raises(Exception, match="epsilon must be a positive finite number"):
+        session(op_model("BinaryLinear", packed, scales, bias, norm=norm, epsilon=eps))
 
 
 @pytest.mark.parametrize("op", list(OPS))

@@ -1,10 +1,13 @@
 // bitvit's ONNX Runtime custom ops: linear layers on packed ternary and binary weights.
 //
 // Domain "bitvit", version 1, CPU:
-//   TernaryLinear(X, W, scales[, bias]) -> Y   2-bit codes c = w + 1 for w in {-1, 0, +1}
-//   BinaryLinear(X, W, scales[, bias]) -> Y    1-bit codes, c = 1 means +1, c = 0 means -1
+//   TernaryLinear(X, W, scales[, bias[, norm_weight, norm_bias]]) -> Y   2-bit codes c = w + 1, w in {-1, 0, +1}
+//   BinaryLinear(X, W, scales[, bias[, norm_weight, norm_bias]]) -> Y    1-bit codes, c = 1 means +1, 0 means -1
 // X float32 (..., K); W uint8 (N, ceil(K * bits / 8)) in quant/pack.py's `pack_codes` layout;
-// scales float32 (N) or (N, 1); bias float32 (N). Y float32 (..., N). Per token t (row of X):
+// scales float32 (N) or (N, 1); bias float32 (N); norm_weight, norm_bias float32 (K), given together:
+// the layer's input LayerNorm (attribute `epsilon`, default 1e-5), applied to each row of X in the
+// same pass that quantizes it (BitNet puts one before every quantized linear). Y float32 (..., N).
+// Per token t (row of X, after the LayerNorm when there is one):
 //   s[t] = max_k |X[t, k]| / 127,  q[t, k] = clamp(nearbyint(X[t, k] / s[t]), -127, 127)
 //   Y[t, n] = s[t] * scales[n] * sum_k q[t, k] * w[n, k] + bias[n]
 // The sum is exact int32 arithmetic. The kernels never expand W to int8 in memory: at session
@@ -111,6 +114,9 @@ struct Problem {
   int32_t* sumq;          // (m) sum of each token's q
   const float* scales;    // (n)
   const float* bias;      // (n) or nullptr
+  const float* norm_w;    // (k) LayerNorm weight, or nullptr for no LayerNorm
+  const float* norm_b;    // (k) LayerNorm bias
+  float eps;
   float* y;               // (m, n)
   int64_t token_blocks, n_blocks;
 };
@@ -310,10 +316,52 @@ void RunTask(const Problem& p, int64_t task) {
   }
 }
 
+// out = LayerNorm(x) over k values: the mean, then the mean squared deviation, then the affine map.
+void NormRow(const float* x, int64_t k, const float* w, const float* b, float eps, float* out) {
+  float sum = 0.f, var = 0.f;
+  int64_t i = 0;
+#if defined(BITVIT_AVX512)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= k; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + i));
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < k; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(k);
+  i = 0;
+#if defined(BITVIT_AVX512)
+  const __m512 vmean = _mm512_set1_ps(mean);
+  acc = _mm512_setzero_ps();
+  for (; i + 16 <= k; i += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), vmean);
+    acc = _mm512_fmadd_ps(d, d, acc);
+  }
+  var = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < k; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float rstd = 1.f / std::sqrt(var / static_cast<float>(k) + eps);
+  i = 0;
+#if defined(BITVIT_AVX512)
+  const __m512 vrstd = _mm512_set1_ps(rstd);
+  for (; i + 16 <= k; i += 16) {
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmean), vrstd);
+    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(d, _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i)));
+  }
+#endif
+  for (; i < k; ++i) out[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
 void QuantizeTask(void* data, size_t task) {
   const Problem& p = *static_cast<const Problem*>(data);
   const int64_t t0 = static_cast<int64_t>(task) * kTokensPerTask, t1 = std::min(p.m, t0 + kTokensPerTask);
-  for (int64_t t = t0; t < t1; ++t) QuantizeRow(p.x + t * p.k, p.k, p.kp, p.xq + t * p.kp, p.sx + t, p.sumq + t);
+  std::vector<float> normed(p.norm_w ? static_cast<size_t>(p.k) : 0);
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* x = p.x + t * p.k;
+    if (p.norm_w) {
+      NormRow(x, p.k, p.norm_w, p.norm_b, p.eps, normed.data());
+      x = normed.data();
+    }
+    QuantizeRow(x, p.k, p.kp, p.xq + t * p.kp, p.sx + t, p.sumq + t);
+  }
 }
 
 void GemmTask2(void* data, size_t task) { RunTask<2>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
@@ -324,6 +372,15 @@ Ort::Status Invalid(const std::string& msg) { return Ort::Status(msg.c_str(), OR
 struct PackedLinearKernel {
   PackedLinearKernel(const char* op, int bits, const OrtKernelInfo* info) : op_(op), bits_(bits) {
     Ort::ConstKernelInfo ki(info);
+    float eps = 1e-5f;  // the attribute is optional: a missing one leaves the default
+    if (OrtStatus* missing = Ort::GetApi().KernelInfoGetAttribute_float(info, "epsilon", &eps)) {
+      Ort::GetApi().ReleaseStatus(missing);
+      eps = 1e-5f;
+    }
+    if (!(eps > 0.f && std::isfinite(eps)))
+      throw Ort::Exception(op_ + ": epsilon must be a positive finite number, got " + std::to_string(eps),
+                           ORT_INVALID_ARGUMENT);
+    eps_ = eps;
     int is_constant = 0;
     Ort::ConstValue w = ki.GetTensorConstantInput(1, &is_constant);
     if (is_constant) {
@@ -347,7 +404,8 @@ struct PackedLinearKernel {
   Ort::Status Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const size_t n_inputs = ctx.GetInputCount();
-    if (n_inputs < 3 || n_inputs > 4) return Invalid(op_ + " takes 3 or 4 inputs (X, W, scales[, bias])");
+    if (n_inputs < 3 || n_inputs > 6)
+      return Invalid(op_ + " takes 3 to 6 inputs (X, W, scales[, bias[, norm_weight, norm_bias]])");
     Ort::ConstValue xv = ctx.GetInput(0);
     const auto xinfo = xv.GetTensorTypeAndShapeInfo();
     if (xinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return Invalid(op_ + ": X must be float32");
@@ -377,7 +435,7 @@ struct PackedLinearKernel {
       return Invalid(op_ + ": scales must be float32 with one value per output row (" + std::to_string(w->n) +
                      "), got shape " + Shape(sinfo.GetShape()));
     const float* bias = nullptr;
-    if (n_inputs == 4) {
+    if (n_inputs >= 4) {
       Ort::ConstValue bv = ctx.GetInput(3);
       if (bv) {
         const auto binfo = bv.GetTensorTypeAndShapeInfo();
@@ -388,6 +446,19 @@ struct PackedLinearKernel {
         bias = bv.GetTensorData<float>();
       }
     }
+    const float* norm[2] = {nullptr, nullptr};
+    for (size_t i = 4; i < 6; ++i) {
+      Ort::ConstValue v = i < n_inputs ? ctx.GetInput(i) : Ort::ConstValue{nullptr};
+      if (!v) continue;
+      const auto info = v.GetTensorTypeAndShapeInfo();
+      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || info.GetShape().size() != 1 ||
+          info.GetShape()[0] != k)
+        return Invalid(op_ + ": " + (i == 4 ? "norm_weight" : "norm_bias") + " must be float32 of shape (" +
+                       std::to_string(k) + ",) like X's last dimension, got " + Shape(info.GetShape()));
+      norm[i - 4] = v.GetTensorData<float>();
+    }
+    if ((norm[0] == nullptr) != (norm[1] == nullptr))
+      return Invalid(op_ + ": norm_weight and norm_bias come together (the input LayerNorm's weight and bias)");
     std::vector<int64_t> yshape = xshape;
     yshape.back() = w->n;
     Ort::UnownedValue yv = ctx.GetOutput(0, yshape);
@@ -407,6 +478,9 @@ struct PackedLinearKernel {
     p.sumq = sumq.data();
     p.scales = sv.GetTensorData<float>();
     p.bias = bias;
+    p.norm_w = norm[0];
+    p.norm_b = norm[1];
+    p.eps = eps_;
     p.y = yv.GetTensorMutableData<float>();
     p.token_blocks = (m + kTokensPerTask - 1) / kTokensPerTask;
     p.n_blocks = (w->panels + kNB - 1) / kNB;
@@ -427,6 +501,7 @@ struct PackedLinearKernel {
 
   std::string op_;
   int bits_;
+  float eps_;
   Tiled constant_;
   bool have_constant_ = false;
 };
@@ -446,12 +521,12 @@ struct PackedLinearOp : Ort::CustomOpBase<PackedLinearOp<BITS>, PackedLinearKern
     }
   }
   const char* GetName() const { return kName; }
-  size_t GetInputTypeCount() const { return 4; }
+  size_t GetInputTypeCount() const { return 6; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
