@@ -9,6 +9,7 @@ from export import ortops
 from quant.pack import pack_codes
 
 OPS = {"TernaryLinear": 2, "BinaryLinear": 1}
+BIG = (4, 150, 130, 70)  # large enough (600 tokens, 5.5M multiply-adds) for the op to use the thread pool
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +100,7 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 33, 17, 19), (70, 129, 65), (5, 64, 48)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 33, 17, 19), (70, 129, 65), (5, 64, 48), BIG])
 def test_ops_match_the_numpy_reference_on_odd_shapes(isa, op, shape):
     *lead, k, n = shape
     codes, packed, scales, bias = random_layer(op, n, k, seed=sum(shape))
@@ -111,7 +112,7 @@ def test_ops_match_the_numpy_reference_on_odd_shapes(isa, op, shape):
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (70, 129, 65), (2, 5, 128, 48)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (70, 129, 65), (2, 5, 128, 48), BIG])
 def test_the_input_layernorm_runs_inside_the_op_as_layernorm_then_quantize(isa, op, shape):
     *lead, k, n = shape
     codes, packed, scales, bias = random_layer(op, n, k, seed=sum(shape))
@@ -120,7 +121,14 @@ def test_the_input_layernorm_runs_inside_the_op_as_layernorm_then_quantize(isa, 
     x = (rng.standard_normal((*lead, k)) * 3 + 1).astype(np.float32)
     y = session(op_model(op, packed, scales, bias, norm=norm, epsilon=1e-3), isa).run(None, {"x": x})[0]
     want = reference(x, codes, scales, bias, OPS[op], norm, eps=1e-3)
-    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    tight = np.abs(y - want) <= 1e-4 * (1 + np.abs(want))
+    # the float32 LayerNorm may land a value on the other side of a rounding tie: a code or two of the
+    # token move by one step (the token's scale times the row's), on a few tokens
+    x64 = x.astype(np.float64)
+    normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-3) * norm[0] + norm[1]
+    step = np.abs(normed).max(-1, keepdims=True) / 127 * scales
+    assert (np.abs(y - want) <= 2.01 * step + 1e-4 * (1 + np.abs(want))).all()
+    assert tight.all(-1).mean() >= 0.98
 
 
 def test_the_input_layernorm_without_a_bias_for_the_linear_and_the_default_epsilon():

@@ -19,7 +19,8 @@
 // so dot = that sum minus (ternary) or twice it minus (binary) the token's sum of q.
 // Kernels: AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd) or portable C++, chosen when the
 // library is compiled (it is built with -march=native on the machine that runs it). Work is split
-// over blocks of output rows x tokens on ONNX Runtime's own intra-op thread pool.
+// over blocks of output rows x tokens on ONNX Runtime's own intra-op thread pool, except for small
+// problems (a CIFAR ViT at batch 1), which run on the calling thread.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -367,6 +368,19 @@ void QuantizeTask(void* data, size_t task) {
 void GemmTask2(void* data, size_t task) { RunTask<2>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
 void GemmTask1(void* data, size_t task) { RunTask<1>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
 
+// Below these sizes a step runs on the calling thread: ORT's pool threads sleep between calls (spinning
+// is off), and waking one costs about as much as quantizing 64K values or 4M multiply-adds (~10 us).
+constexpr int64_t kSerialQuantize = int64_t{1} << 16;  // m * k
+constexpr int64_t kSerialMacs = int64_t{1} << 22;      // m * k * n
+
+void RunTasks(Ort::KernelContext& ctx, void (*fn)(void*, size_t), int64_t tasks, bool serial, Problem* p) {
+  if (serial) {
+    for (int64_t t = 0; t < tasks; ++t) fn(p, static_cast<size_t>(t));
+  } else {
+    ctx.ParallelFor(fn, static_cast<size_t>(tasks), 0, p);
+  }
+}
+
 Ort::Status Invalid(const std::string& msg) { return Ort::Status(msg.c_str(), ORT_INVALID_ARGUMENT); }
 
 struct PackedLinearKernel {
@@ -484,8 +498,8 @@ struct PackedLinearKernel {
     p.y = yv.GetTensorMutableData<float>();
     p.token_blocks = (m + kTokensPerTask - 1) / kTokensPerTask;
     p.n_blocks = (w->panels + kNB - 1) / kNB;
-    ctx.ParallelFor(QuantizeTask, static_cast<size_t>(p.token_blocks), 0, &p);
-    ctx.ParallelFor(bits_ == 2 ? GemmTask2 : GemmTask1, static_cast<size_t>(p.token_blocks * p.n_blocks), 0, &p);
+    RunTasks(ctx, QuantizeTask, p.token_blocks, m * k <= kSerialQuantize, &p);
+    RunTasks(ctx, bits_ == 2 ? GemmTask2 : GemmTask1, p.token_blocks * p.n_blocks, m * k * w->n <= kSerialMacs, &p);
     return Ort::Status(nullptr);
   }
 
