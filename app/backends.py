@@ -3,7 +3,8 @@
 A `Backend` maps normalised images, float32 (B, 3, S, S), to logits (B, classes) and says what it is:
 its file, the runtime that runs it, its weight format, size on disk and bits per weight. How a bitvit
 `.safetensors` file (full precision or packed) runs is decided in one place, `RUNTIME`:
-  "onnxruntime"  the model is exported once (`export.exporter`, cached by the file's hash) and runs
+  "onnxruntime"  the model is exported once (`export.exporter`, cached by the hashes of the file and
+                 of the exporter's source, so a newer exporter writes a new graph) and runs
                  as an ONNX Runtime session (`export.runtime`): bitvit's ternary/binary ops (standard
                  MatMulNBits ops when bitvit's op library cannot be built here), int8 MatMulInteger,
                  MatMulNBits. A model the exporter cannot express (quantized attention, activation
@@ -213,13 +214,13 @@ def _ort_backend(onnx_path: Path, source: Path, threads: int | None, linear_bits
 
 
 def _exported(model: nn.Module, source: Path, custom_ops: bool = True) -> Path:
-    """The ONNX export of a loaded model, written once per source file into the bitvit cache."""
-    from export.exporter import export, model_format
-    fmt = model_format(model)
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    """The ONNX export of a loaded model, written once per source file and exporter into the bitvit cache."""
+    from export import exporter
+    fmt = exporter.model_format(model)
+    digest = hashlib.sha256(source.read_bytes() + Path(exporter.__file__).read_bytes()).hexdigest()[:16]
     out = _cache() / f"{digest}-{fmt}{'' if custom_ops else '-standard-ops'}.onnx"
     if not out.is_file():
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        export(model, tmp, fmt, custom_ops=custom_ops)
+        exporter.export(model, tmp, fmt, custom_ops=custom_ops)
         os.replace(tmp, out)
     return out

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from quant.cli import output_file, positive_int, provenance, run
@@ -71,7 +72,9 @@ def build_variants(fp_model, quantized: dict, workdir: Path, threads: int) -> di
             from onnxruntime.quantization import QuantType, quantize_dynamic
             dyn = workdir / "dynamic_int8.onnx"
             logging.getLogger().setLevel(logging.ERROR)  # its advice to run pre-processing first
-            quantize_dynamic(str(path), str(dyn), per_channel=True, weight_type=QuantType.QInt8)
+            # its shape inference does not type the outputs of com.microsoft's MultiHeadAttention: float
+            quantize_dynamic(str(path), str(dyn), per_channel=True, weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             out["ORT dynamic int8"] = Variant(load(dyn, threads=threads), fp_model, dyn.stat().st_size,
                                               "onnxruntime.quantization.quantize_dynamic (per channel)")
     return {k: out[k] for k in VARIANTS}

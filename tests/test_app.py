@@ -184,6 +184,19 @@ def test_the_torch_and_onnx_runtime_backends_agree(fp_file):
     np.testing.assert_allclose(ort(x), torch_out, atol=1e-4)
 
 
+def test_the_onnx_export_is_cached_once_and_written_again_by_a_changed_exporter(fp_file, tmp_path, monkeypatch):
+    from app import backends
+    from export import exporter
+    model = quant.load_any(fp_file)
+    first = backends._exported(model, fp_file)
+    assert backends._exported(model, fp_file) == first
+    changed = tmp_path / "exporter.py"
+    changed.write_bytes(open(exporter.__file__, "rb").read() + b"# a newer exporter\n")
+    monkeypatch.setattr(exporter, "__file__", str(changed))
+    second = backends._exported(model, fp_file)
+    assert second != first and second.is_file()
+
+
 def test_without_bitvit_ops_a_ternary_model_runs_on_standard_onnx_ops(assets, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")   # bitvit's op library cannot be built
     path = assets / "tiny_ternary.safetensors"
