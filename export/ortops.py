@@ -29,8 +29,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("ops") / "bitvit_ops.cc"
 LIB_NAME = "libbitvit_ops.so"
 DOMAIN = "bitvit"
-ISAS = {"native": [], "vnni": ["-DBITVIT_NO_AMX"], "avx2": ["-DBITVIT_FORCE_AVX2"],
-        "portable": ["-DBITVIT_FORCE_PORTABLE"]}
+ISAS = {"native": [], "avx2": ["-DBITVIT_FORCE_AVX2"], "portable": ["-DBITVIT_FORCE_PORTABLE"]}
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 
 
@@ -43,8 +42,7 @@ def cache_root() -> Path:
 def library_path(isa: str = "native", force: bool = False) -> Path:
     """The custom-op library for this machine, built first if needed.
 
-    `isa` picks the kernel: "native" (AMX int8, AVX-512 VNNI or AVX2, the best the compiler targets
-    here; AMX when Linux grants the process the tile state), "vnni" (native without AMX),
+    `isa` picks the kernel: "native" (AVX-512 VNNI or AVX2, whichever the compiler targets here),
     or forces the "avx2" or "portable" one (for tests and comparisons).
     """
     if isa not in ISAS:
@@ -78,7 +76,7 @@ def _sha256(path: Path) -> str:
 
 
 def kernel_isa(path: str | os.PathLike) -> str:
-    """The kernel a built library runs: "amx-int8", "avx512-vnni", "avx2" or "portable"."""
+    """The kernel a built library runs: "avx512-vnni", "avx2" or "portable"."""
     lib = ctypes.CDLL(str(path))
     lib.bitvit_ops_isa.restype = ctypes.c_char_p
     return lib.bitvit_ops_isa().decode()

@@ -17,11 +17,8 @@
 //   sum_k c[n, k] * q[t, k]  is  dot + sum_k q[t, k]     for ternary (c = w + 1)
 //                                (dot + sum_k q[t, k]) / 2 for binary  (c = (w + 1) / 2)
 // so dot = that sum minus (ternary) or twice it minus (binary) the token's sum of q.
-// Kernels: AMX int8 tiles (tdpbsud), AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd) or portable
-// C++, chosen when the library is compiled (it is built with -march=native on the machine that runs
-// it); the AMX kernel runs when Linux grants the process the tile state, else the VNNI one. For AMX the
-// codes of each 16-row panel are unpacked (shift + mask, in AVX-512 registers) into a per-thread L2-sized
-// scratch of int8 codes, one 64-byte tile row per 4 inputs, which the tile loads read. Work is split
+// Kernels: AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd) or portable C++, chosen when the
+// library is compiled (it is built with -march=native on the machine that runs it). Work is split
 // over blocks of output rows x tokens on ONNX Runtime's own intra-op thread pool, except for small
 // problems (a CIFAR ViT at batch 1), which run on the calling thread.
 #define ORT_API_MANUAL_INIT
@@ -45,11 +42,6 @@
 #elif defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(BITVIT_FORCE_AVX2)
 #define BITVIT_AVX512 1
 #define BITVIT_ISA "avx512-vnni"
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__) && !defined(BITVIT_NO_AMX)
-#define BITVIT_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 #elif defined(__AVX2__)
 #define BITVIT_AVX2 1
 #define BITVIT_ISA "avx2"
@@ -117,8 +109,8 @@ std::string TileWeights(const uint8_t* w, int64_t n, int64_t row_bytes, int bits
 struct Problem {
   const Tiled* w;
   const float* x;         // (m, k)
-  int64_t m, k, kp;       // kp = groups * k_per_group rounded up to 64 (one AMX tile row): xq's row length
-  int8_t* xq;             // (token_blocks * kTokensPerTask, kp), zero past k and past m
+  int64_t m, k, kp;       // kp = groups * k_per_group: the padded row length of xq
+  int8_t* xq;             // (m, kp), zero past k
   float* sx;              // (m) activation scales
   int32_t* sumq;          // (m) sum of each token's q
   const float* scales;    // (n)
@@ -303,111 +295,6 @@ void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
 }
 #endif
 
-#if defined(BITVIT_AMX)
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Linux hands out the AMX tile state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA); once granted it holds for every thread.
-bool AmxReady() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return ok;
-}
-
-// y for the tokens of one 16 x 16 int32 tile (rows = tokens tt.., columns = outputs of `panel`).
-template <int BITS>
-void AmxEpilogue(const Problem& p, const int32_t* tile, int64_t tt, int64_t rows, int64_t panel) {
-  const int64_t n0 = panel * kPanel;
-  const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(kPanel, p.w->n - n0)) - 1);
-  const __m512 sc = _mm512_maskz_loadu_ps(valid, p.scales + n0);
-  const __m512 b = p.bias ? _mm512_maskz_loadu_ps(valid, p.bias + n0) : _mm512_setzero_ps();
-  for (int64_t r = 0; r < rows; ++r) {
-    __m512i acc = _mm512_load_si512(tile + 16 * r);
-    if (BITS == 1) acc = _mm512_add_epi32(acc, acc);
-    acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(p.sumq[tt + r]));
-    const __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(p.sx[tt + r])), sc, b);
-    _mm512_mask_storeu_ps(p.y + (tt + r) * p.w->n + n0, valid, y);
-  }
-}
-
-// Tokens t0..t1 (at most 32: two 16-row A tiles) against `np` panels, two panels (B tiles) at a time:
-// tiles 0-3 accumulate (token tile, panel), 4-5 hold activations, 6-7 unpacked codes.
-template <int BITS>
-void AmxTask(const Problem& p, int64_t t0, int64_t t1, int64_t panel0, int np) {
-  constexpr int kSteps = 8 / BITS;
-  constexpr int kKG = 4 * kSteps;
-  const Tiled& w = *p.w;
-  const int64_t chunks = p.kp / 64, panel_bytes = p.kp * kPanel;  // a panel's codes: kp / 4 rows of 64 bytes
-  thread_local std::vector<uint8_t> scratch;
-  scratch.resize(static_cast<size_t>(kNB * panel_bytes + 64));
-  uint8_t* codes = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
-  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
-  for (int q = 0; q < np; ++q) {
-    uint8_t* c = codes + q * panel_bytes;
-    // row r (inputs 4r..4r+3 of 16 outputs) of the panel is bit field j of block g, for 4r = g * KG + 4j
-    std::memset(c + w.groups * kKG * kPanel, 0, static_cast<size_t>((p.kp - w.groups * kKG) * kPanel));
-    for (int64_t g = 0; g < w.groups; ++g) {
-      __m512i blk = _mm512_loadu_si512(Block(w, panel0 + q, g));
-      for (int j = 0; j < kSteps; ++j) {
-        _mm512_store_si512(c + (g * kKG + 4 * j) * kPanel, _mm512_and_si512(blk, mask));
-        blk = _mm512_srli_epi16(blk, BITS);
-      }
-    }
-  }
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-  alignas(64) int32_t out[16 * 16];
-  const int64_t rows0 = std::min<int64_t>(16, t1 - t0), rows1 = std::max<int64_t>(0, t1 - t0 - 16);
-  const int8_t* a0 = p.xq + t0 * p.kp;
-  const int8_t* a1 = a0 + 16 * p.kp;
-  for (int q = 0; q < np; q += 2) {
-    const bool two = q + 1 < np;
-    const uint8_t* b0 = codes + q * panel_bytes;
-    const uint8_t* b1 = b0 + panel_bytes;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t c = 0; c < chunks; ++c) {
-      _tile_loadd(4, a0 + 64 * c, p.kp);
-      _tile_loadd(6, b0 + 1024 * c, 64);
-      _tile_dpbsud(0, 4, 6);
-      if (two) {
-        _tile_loadd(7, b1 + 1024 * c, 64);
-        _tile_dpbsud(1, 4, 7);
-      }
-      if (rows1 > 0) {
-        _tile_loadd(5, a1 + 64 * c, p.kp);
-        _tile_dpbsud(2, 5, 6);
-        if (two) _tile_dpbsud(3, 5, 7);
-      }
-    }
-    _tile_stored(0, out, 64);
-    AmxEpilogue<BITS>(p, out, t0, rows0, panel0 + q);
-    if (two) {
-      _tile_stored(1, out, 64);
-      AmxEpilogue<BITS>(p, out, t0, rows0, panel0 + q + 1);
-    }
-    if (rows1 > 0) {
-      _tile_stored(2, out, 64);
-      AmxEpilogue<BITS>(p, out, t0 + 16, rows1, panel0 + q);
-      if (two) {
-        _tile_stored(3, out, 64);
-        AmxEpilogue<BITS>(p, out, t0 + 16, rows1, panel0 + q + 1);
-      }
-    }
-  }
-  _tile_release();
-}
-#endif
-
 // Tokens t0..t1 against panels panel0..panel0+NP-1, MR tokens at a time, then the remainder.
 template <int BITS, int NP, int MR = kMR>
 void RunTokens(const Problem& p, int64_t t0, int64_t t1, int64_t panel0) {
@@ -422,10 +309,6 @@ void RunTask(const Problem& p, int64_t task) {
   const int64_t tb = task % p.token_blocks, nb = task / p.token_blocks;
   const int64_t t0 = tb * kTokensPerTask, t1 = std::min(p.m, t0 + kTokensPerTask);
   const int64_t panel0 = nb * kNB;
-#if defined(BITVIT_AMX)
-  static_assert(kTokensPerTask <= 32, "AmxTask takes at most two 16-token tiles");
-  if (AmxReady()) return AmxTask<BITS>(p, t0, t1, panel0, static_cast<int>(std::min<int64_t>(kNB, p.w->panels - panel0)));
-#endif
   switch (std::min<int64_t>(kNB, p.w->panels - panel0)) {
     case 4: RunTokens<BITS, 4>(p, t0, t1, panel0); break;
     case 3: RunTokens<BITS, 3>(p, t0, t1, panel0); break;
@@ -600,9 +483,8 @@ struct PackedLinearKernel {
     p.x = xv.GetTensorData<float>();
     p.m = m;
     p.k = k;
-    p.kp = (w->groups * w->k_per_group() + 63) / 64 * 64;
-    p.token_blocks = (m + kTokensPerTask - 1) / kTokensPerTask;
-    std::vector<int8_t> xq(static_cast<size_t>(p.token_blocks * kTokensPerTask * p.kp));
+    p.kp = w->groups * w->k_per_group();
+    std::vector<int8_t> xq(static_cast<size_t>(m * p.kp));
     std::vector<float> sx(static_cast<size_t>(m));
     std::vector<int32_t> sumq(static_cast<size_t>(m));
     p.xq = xq.data();
@@ -614,6 +496,7 @@ struct PackedLinearKernel {
     p.norm_b = norm[1];
     p.eps = eps_;
     p.y = yv.GetTensorMutableData<float>();
+    p.token_blocks = (m + kTokensPerTask - 1) / kTokensPerTask;
     p.n_blocks = (w->panels + kNB - 1) / kNB;
     RunTasks(ctx, QuantizeTask, p.token_blocks, m * k <= kSerialQuantize, &p);
     RunTasks(ctx, bits_ == 2 ? GemmTask2 : GemmTask1, p.token_blocks * p.n_blocks, m * k * w->n <= kSerialMacs, &p);
@@ -667,13 +550,8 @@ struct PackedLinearOp : Ort::CustomOpBase<PackedLinearOp<BITS>, PackedLinearKern
 
 extern "C" {
 
-// Which kernel this build runs: "amx-int8", "avx512-vnni", "avx2" or "portable".
-__attribute__((visibility("default"))) const char* bitvit_ops_isa() {
-#if defined(BITVIT_AMX)
-  if (AmxReady()) return "amx-int8";
-#endif
-  return BITVIT_ISA;
-}
+// Which kernel this build runs: "avx512-vnni", "avx2" or "portable".
+__attribute__((visibility("default"))) const char* bitvit_ops_isa() { return BITVIT_ISA; }
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* api_base) {
