@@ -85,6 +85,9 @@ def test_a_bitnet_models_input_layernorms_export_and_agree_with_torch(tiny_model
     # bitvit's op computes the LayerNorm in the pass that quantizes its input; other forms get a node
     assert (len(norms), len(packed)) == ((0, 4 * len(model.blocks)) if custom else (4 * len(model.blocks), 0))
     assert all(len(n.input) == 6 for n in packed)
+    (eps,) = {m.input_norm.eps for m in model.modules() if getattr(m, "input_norm", None) is not None}
+    assert [helper.get_attribute_value(a) for n in packed for a in n.attribute if a.name == "epsilon"] == \
+        pytest.approx([eps] * len(packed))                        # BitLinear's 1e-6, not the op's default
     onnx.save(proto, tmp_path / "m.onnx")
     x = images(16, seed=1)
     with torch.no_grad():

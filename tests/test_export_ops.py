@@ -149,11 +149,42 @@ def test_an_input_layernorm_of_the_wrong_shape_or_half_given_is_refused(norm, ma
         s.run(None, {"x": np.ones((2, 16), np.float32)})
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-5, float("inf")])
-def test_an_epsilon_that_is_not_positive_and_finite_is_refused(eps):
+@pytest.mark.parametrize("isa", list(ortops.ISAS))
+@pytest.mark.parametrize("k,offset", [(768, 30.0), (384, 100.0)])
+def test_the_input_layernorm_is_as_accurate_as_torchs_on_rows_far_from_zero(isa, k, offset):
+    codes, packed, scales, bias = random_layer("TernaryLinear", 16, k, seed=0)
+    x = (offset + np.random.default_rng(0).standard_normal((200, k))).astype(np.float32)
+    norm = (np.ones(k, np.float32), np.zeros(k, np.float32))
+    want = reference(x, codes, scales, bias, 2, norm)              # LayerNorm in float64
+
+    def tokens_off(y):
+        return int((~np.isclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()).all(-1)).sum())
+
+    normed_by_torch = torch.nn.functional.layer_norm(torch.from_numpy(x), (k,), eps=1e-5).numpy()
+    y = session(op_model("TernaryLinear", packed, scales, bias, norm=norm), isa).run(None, {"x": x})[0]
+    assert tokens_off(y) <= tokens_off(reference(normed_by_torch, codes, scales, bias, 2))
+
+
+@pytest.mark.parametrize("isa", list(ortops.ISAS))
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_a_token_holding_nan_or_inf_gives_nan_outputs_and_leaves_the_others_alone(isa, with_norm):
+    codes, packed, scales, bias = random_layer("TernaryLinear", 8, 40, seed=14)
+    x = np.random.default_rng(5).standard_normal((4, 40)).astype(np.float32)
+    x[1, 33], x[2, 3] = np.nan, -np.inf                              # one in the vector body, one in the tail
+    norm = (np.ones(40, np.float32), np.zeros(40, np.float32)) if with_norm else ()
+    y = session(op_model("TernaryLinear", packed, scales, bias, norm=norm), isa).run(None, {"x": x})[0]
+    assert np.isnan(y[1:3]).all()
+    clean = x[[0, 3]]
+    np.testing.assert_allclose(y[[0, 3]], reference(clean, codes, scales, bias, 2, norm or None), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("eps,match", [(0.0, "positive finite"), (-1e-5, "positive finite"),
+                                       (float("inf"), "positive finite"), (1, "must be a float"),
+                                       ("1e-5", "must be a float")])
+def test_an_epsilon_that_is_not_a_positive_finite_float_is_refused(eps, match):
     _, packed, scales, bias = random_layer("BinaryLinear", 8, 16, seed=13)
     norm = (np.ones(16, np.float32), np.zeros(16, np.float32))
-    with pytest.raises(Exception, match="epsilon must be a positive finite number"):
+    with pytest.raises(Exception, match=f"epsilon {match}" if match == "must be a float" else match):
         session(op_model("BinaryLinear", packed, scales, bias, norm=norm, epsilon=eps))
 
 

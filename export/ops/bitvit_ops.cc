@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -124,20 +125,32 @@ struct Problem {
 
 // s[t] = absmax / 127; q = clamp(nearbyint(x / s), -127, 127): the division (not a multiply by the
 // reciprocal) and round-half-to-even match torch's reference bit for bit.
+// A row holding NaN or inf gets a NaN scale and all-zero codes, so its outputs are NaN, as torch's are.
 void QuantizeRow(const float* x, int64_t k, int64_t kp, int8_t* q, float* s, int32_t* sum) {
   float amax = 0.f;
+  bool finite = true;
   int64_t i = 0;
 #if defined(BITVIT_AVX512)
   __m512 vmax = _mm512_setzero_ps();
-  for (; i + 16 <= k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+  __mmask16 bad = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+    bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);  // inf or NaN
+    vmax = _mm512_max_ps(vmax, a);
+  }
   amax = _mm512_reduce_max_ps(vmax);
+  finite = bad == 0;
 #endif
-  for (; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float scale = amax / 127.f;
+  for (; i < k; ++i) {
+    finite = finite && std::isfinite(x[i]);
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  const float scale = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
   *s = scale;
   int32_t total = 0;
   i = 0;
-  if (amax > 0.f) {
+  if (finite && amax > 0.f) {
 #if defined(BITVIT_AVX512)
     const __m512 vs = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
     __m512i vsum = _mm512_setzero_si512();
@@ -318,32 +331,49 @@ void RunTask(const Problem& p, int64_t task) {
 }
 
 // out = LayerNorm(x) over k values: the mean, then the mean squared deviation, then the affine map.
+// The sums run in 16 lanes (AVX-512 registers, double for the mean; or float arrays the compiler
+// vectorizes), folded together in double.
 void NormRow(const float* x, int64_t k, const float* w, const float* b, float eps, float* out) {
-  float sum = 0.f, var = 0.f;
+  constexpr int kLanes = 16;
+  double sum = 0.0, var = 0.0;
   int64_t i = 0;
 #if defined(BITVIT_AVX512)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= k; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + i));
-  sum = _mm512_reduce_add_ps(acc);
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();  // the mean in double: rows far from 0
+  for (; i + kLanes <= k; i += kLanes) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+  }
+  sum = _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+#else
+  float lane[kLanes] = {};
+  for (; i + kLanes <= k; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += x[i + j];
+  for (int j = 0; j < kLanes; ++j) sum += lane[j];
 #endif
   for (; i < k; ++i) sum += x[i];
-  const float mean = sum / static_cast<float>(k);
+  const float mean = static_cast<float>(sum / static_cast<double>(k));
   i = 0;
 #if defined(BITVIT_AVX512)
   const __m512 vmean = _mm512_set1_ps(mean);
-  acc = _mm512_setzero_ps();
-  for (; i + 16 <= k; i += 16) {
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + kLanes <= k; i += kLanes) {
     const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), vmean);
     acc = _mm512_fmadd_ps(d, d, acc);
   }
   var = _mm512_reduce_add_ps(acc);
+#else
+  float sq[kLanes] = {};
+  for (; i + kLanes <= k; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) sq[j] += (x[i + j] - mean) * (x[i + j] - mean);
+  for (int j = 0; j < kLanes; ++j) var += sq[j];
 #endif
   for (; i < k; ++i) var += (x[i] - mean) * (x[i] - mean);
-  const float rstd = 1.f / std::sqrt(var / static_cast<float>(k) + eps);
+  const float rstd = 1.f / std::sqrt(static_cast<float>(var / static_cast<double>(k)) + eps);
   i = 0;
 #if defined(BITVIT_AVX512)
   const __m512 vrstd = _mm512_set1_ps(rstd);
-  for (; i + 16 <= k; i += 16) {
+  for (; i + kLanes <= k; i += kLanes) {
     const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmean), vrstd);
     _mm512_storeu_ps(out + i, _mm512_fmadd_ps(d, _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i)));
   }
@@ -386,9 +416,12 @@ Ort::Status Invalid(const std::string& msg) { return Ort::Status(msg.c_str(), OR
 struct PackedLinearKernel {
   PackedLinearKernel(const char* op, int bits, const OrtKernelInfo* info) : op_(op), bits_(bits) {
     Ort::ConstKernelInfo ki(info);
-    float eps = 1e-5f;  // the attribute is optional: a missing one leaves the default
-    if (OrtStatus* missing = Ort::GetApi().KernelInfoGetAttribute_float(info, "epsilon", &eps)) {
-      Ort::GetApi().ReleaseStatus(missing);
+    float eps = 1e-5f;  // the attribute is optional: a missing one leaves the default, a mistyped one is refused
+    if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_float(info, "epsilon", &eps)) {
+      const std::string why = Ort::GetApi().GetErrorMessage(status);
+      Ort::GetApi().ReleaseStatus(status);
+      if (why.find("No attribute") == std::string::npos)
+        throw Ort::Exception(op_ + ": epsilon must be a float attribute (" + why + ")", ORT_INVALID_ARGUMENT);
       eps = 1e-5f;
     }
     if (!(eps > 0.f && std::isfinite(eps)))
