@@ -80,12 +80,16 @@ class _Graph:
         return out
 
 
-def _layer_norm(g: _Graph, x: str, ln: nn.LayerNorm, name: str) -> str:
+def _norm_consts(g: _Graph, ln: nn.LayerNorm, name: str) -> list[str]:
+    """A LayerNorm's weight and bias as initializers (ones and zeros where it has none)."""
     d = ln.normalized_shape[-1]
     w = ln.weight if ln.weight is not None else torch.ones(d)
     b = ln.bias if ln.bias is not None else torch.zeros(d)
-    return g.op("LayerNormalization", [x, g.const(f"{name}.weight", w), g.const(f"{name}.bias", b)],
-                axis=-1, epsilon=float(ln.eps))
+    return [g.const(f"{name}.weight", w), g.const(f"{name}.bias", b)]
+
+
+def _layer_norm(g: _Graph, x: str, ln: nn.LayerNorm, name: str) -> str:
+    return g.op("LayerNormalization", [x, *_norm_consts(g, ln, name)], axis=-1, epsilon=float(ln.eps))
 
 
 def _token_scale(g: _Graph, x: str, name: str) -> tuple[str, str]:
@@ -146,9 +150,7 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool) -> str
                   "" if m.bias is None else g.const(f"{name}.bias", m.bias)]
         if norm is None:
             return g.op(op, inputs if inputs[-1] else inputs[:3], domain=DOMAIN)
-        w = norm.weight if norm.weight is not None else torch.ones(k)
-        b = norm.bias if norm.bias is not None else torch.zeros(k)
-        inputs += [g.const(f"{name}.input_norm.weight", w), g.const(f"{name}.input_norm.bias", b)]
+        inputs += _norm_consts(g, norm, f"{name}.input_norm")
         return g.op(op, inputs, domain=DOMAIN, epsilon=float(norm.eps))
     if norm is not None:
         x = _layer_norm(g, x, norm, f"{name}.input_norm")

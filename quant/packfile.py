@@ -122,7 +122,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
                 raise ValueError(f"{k} holds NaN or infinite values (did training diverge?); nothing written")
             v = v.detach().cpu()
             if v.is_floating_point():
-                v = v.half() if float16 and k in params and torch.isfinite(v.half()).all() else v.float()
+                half = v.half() if float16 and k in params else None
+                v = half if half is not None and torch.isfinite(half).all() else v.float()
             tensors[k] = v.contiguous()
     cfg = getattr(model, "config", None)
     storage = {"linear_weights": n_weights, "linear_bytes": linear_bytes,
