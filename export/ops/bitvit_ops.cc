@@ -481,28 +481,22 @@ struct PackedLinearKernel {
         static_cast<int64_t>(sinfo.GetElementCount()) != w->n || sinfo.GetShape().size() > 2)
       return Invalid(op_ + ": scales must be float32 with one value per output row (" + std::to_string(w->n) +
                      "), got shape " + Shape(sinfo.GetShape()));
+    // The optional 1-D inputs: bias (N), then the input LayerNorm's weight and bias (K).
     const float* bias = nullptr;
-    if (n_inputs >= 4) {
-      Ort::ConstValue bv = ctx.GetInput(3);
-      if (bv) {
-        const auto binfo = bv.GetTensorTypeAndShapeInfo();
-        if (binfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || binfo.GetShape().size() != 1 ||
-            binfo.GetShape()[0] != w->n)
-          return Invalid(op_ + ": bias must be float32 of shape (" + std::to_string(w->n) + ",), got " +
-                         Shape(binfo.GetShape()));
-        bias = bv.GetTensorData<float>();
-      }
-    }
     const float* norm[2] = {nullptr, nullptr};
-    for (size_t i = 4; i < 6; ++i) {
-      Ort::ConstValue v = i < n_inputs ? ctx.GetInput(i) : Ort::ConstValue{nullptr};
+    const struct { const char* name; int64_t len; const char* like; const float** data; } vectors[] = {
+        {"bias", w->n, "", &bias}, {"norm_weight", k, " like X's last dimension", &norm[0]},
+        {"norm_bias", k, " like X's last dimension", &norm[1]}};
+    for (size_t i = 3; i < n_inputs; ++i) {
+      Ort::ConstValue v = ctx.GetInput(i);
       if (!v) continue;
+      const auto& want = vectors[i - 3];
       const auto info = v.GetTensorTypeAndShapeInfo();
       if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || info.GetShape().size() != 1 ||
-          info.GetShape()[0] != k)
-        return Invalid(op_ + ": " + (i == 4 ? "norm_weight" : "norm_bias") + " must be float32 of shape (" +
-                       std::to_string(k) + ",) like X's last dimension, got " + Shape(info.GetShape()));
-      norm[i - 4] = v.GetTensorData<float>();
+          info.GetShape()[0] != want.len)
+        return Invalid(op_ + ": " + want.name + " must be float32 of shape (" + std::to_string(want.len) + ",)" +
+                       want.like + ", got " + Shape(info.GetShape()));
+      *want.data = v.GetTensorData<float>();
     }
     if ((norm[0] == nullptr) != (norm[1] == nullptr))
       return Invalid(op_ + ": norm_weight and norm_bias come together (the input LayerNorm's weight and bias)");
