@@ -11,8 +11,10 @@ to exactly the ONNX form chosen for it and the file holds the packed tensors, no
 | ternary / binary, int8 per-token input | bitvit's `TernaryLinear` / `BinaryLinear` (`export/ops`)    |
 | the same with `custom_ops=False`       | per-token fake-quant + MatMulNBits bits=2: ternary codes w + 2, binary codes 2c + 1 (values -1, +1), zero point 2; exact, 2 bits per weight |
 
-A QuantLinear's `input_norm` (BitNet's LayerNorm before activation quantization) is computed inside
-bitvit's op, in the pass that quantizes the input; before any other form it is a LayerNormalization.
+Where bitvit's op runs a layer it also runs what sits around the matmul: the block's LayerNorm in front
+of qkv and fc1 and the QuantLinear's `input_norm` (BitNet's LayerNorm before activation quantization),
+one after the other in the pass that quantizes the input, and the GELU after fc1; around any other form
+they are LayerNormalization and Gelu nodes.
 The rest of the ViT is standard opset-20 ONNX (conv stem with BatchNorm folded, LayerNormalization,
 Gelu) plus attention as one `com.microsoft` MultiHeadAttention node per block. Input `image`
 (batch, 3, H, W), normalised; output `logits` (batch, classes); the batch is dynamic. The model's
@@ -130,30 +132,44 @@ def _matmul_nbits(g: _Graph, x: str, codes: torch.Tensor, scales: torch.Tensor, 
     return g.op("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits, block_size=block)
 
 
-def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool) -> str:
+def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool,
+            pre_norm: tuple[nn.LayerNorm, str] | None = None, gelu: bool = False) -> str:
+    """Layer `m` on x, after the LayerNorm `pre_norm` (module, name) and with GELU on its output when
+    asked: all inside bitvit's op where the layer runs as one, as nodes around the layer otherwise."""
     if isinstance(m, nn.Linear):
+        x = x if pre_norm is None else _layer_norm(g, x, *pre_norm)
         y = g.op("MatMul", [x, g.const(f"{name}.weight", m.weight.t())])
-        return y if m.bias is None else g.op("Add", [y, g.const(f"{name}.bias", m.bias)])
+        y = y if m.bias is None else g.op("Add", [y, g.const(f"{name}.bias", m.bias)])
+        return g.op("Gelu", [y]) if gelu else y
     if not is_quantized(m):
         raise ValueError(f"{name}: cannot export a {type(m).__name__} layer")
     norm = getattr(m, "input_norm", None)
     if norm is not None and not isinstance(norm, nn.LayerNorm):
         raise ValueError(f"{name}: cannot export an input_norm of type {type(norm).__name__}")
-    fmt, act, k = m.weight_format, m.act_format, m.in_features
+    fmt, act = m.weight_format, m.act_format
     if act not in ("none", "int8_token"):
         raise ValueError(f"{name}: activation format {act!r} has no ONNX export (only none and int8_token)")
-    per_row = m.scales.shape[1] == 1
-    if fmt in ("ternary", "binary") and act == "int8_token" and custom_ops and per_row:
-        # bitvit's op: LayerNorm (when the layer has one), per-token int8 and the packed matmul in one node
+    norms = [n for n in (pre_norm, None if norm is None else (norm, f"{name}.input_norm")) if n is not None]
+    if fmt in ("ternary", "binary") and act == "int8_token" and custom_ops and m.scales.shape[1] == 1:
+        # bitvit's op: the LayerNorms (up to two), per-token int8, the packed matmul and GELU in one node
         op = "TernaryLinear" if fmt == "ternary" else "BinaryLinear"
         inputs = [x, g.const(f"{name}.packed", m.packed), g.const(f"{name}.scales", m.scales[:, 0].float()),
                   "" if m.bias is None else g.const(f"{name}.bias", m.bias)]
-        if norm is None:
-            return g.op(op, inputs if inputs[-1] else inputs[:3], domain=DOMAIN)
-        inputs += _norm_consts(g, norm, f"{name}.input_norm")
-        return g.op(op, inputs, domain=DOMAIN, epsilon=float(norm.eps))
-    if norm is not None:
-        x = _layer_norm(g, x, norm, f"{name}.input_norm")
+        attrs = {"activation": "gelu"} if gelu else {}
+        for (ln, ln_name), eps in zip(norms, ("epsilon", "epsilon2")):
+            inputs += _norm_consts(g, ln, ln_name)
+            attrs[eps] = float(ln.eps)
+        return g.op(op, inputs if norms or m.bias is not None else inputs[:3], domain=DOMAIN, **attrs)
+    for ln, ln_name in norms:
+        x = _layer_norm(g, x, ln, ln_name)
+    y = _quantized_linear(g, x, m, name)
+    return g.op("Gelu", [y]) if gelu else y
+
+
+def _quantized_linear(g: _Graph, x: str, m: nn.Module, name: str) -> str:
+    """A QuantLinear (its input LayerNorm already applied) in standard and com.microsoft ops."""
+    fmt, act, k = m.weight_format, m.act_format, m.in_features
+    per_row = m.scales.shape[1] == 1
     codes = m.codes()
     if fmt == "int8" and act == "int8_token" and per_row:
         q, s = _token_scale(g, x, name)
@@ -174,12 +190,13 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool) -> str
     raise ValueError(f"{name}: weight format {fmt!r} has no ONNX export (MatMulNBits runs 2, 4 and 8 bits)")
 
 
-def _attention(g: _Graph, x: str, attn: nn.Module, name: str, custom_ops: bool) -> str:
+def _attention(g: _Graph, x: str, attn: nn.Module, name: str, custom_ops: bool,
+               pre_norm: tuple[nn.LayerNorm, str]) -> str:
     if type(attn) is not Attention:
         raise ValueError(f"{name}: cannot export attention of type {type(attn).__name__} "
                          f"(quantized attention has no ONNX export)")
     d = attn.num_heads * attn.head_dim
-    qkv = _linear(g, x, attn.qkv, f"{name}.qkv", custom_ops)                          # (B, N, 3D)
+    qkv = _linear(g, x, attn.qkv, f"{name}.qkv", custom_ops, pre_norm)               # (B, N, 3D)
     q, k, v = f"{name}.q", f"{name}.k", f"{name}.v"                                   # (B, N, D) each
     g.nodes.append(helper.make_node("Split", [qkv, g.const(f"{name}.split", np.array([d, d, d], np.int64))],
                                     [q, k, v], name=f"{name}.split", axis=-1))
@@ -229,9 +246,9 @@ def to_onnx(model: VisionTransformer, fmt: str = "fp32", custom_ops: bool = True
         if type(blk.mlp.act) is not nn.GELU or blk.mlp.act.approximate != "none":
             raise ValueError(f"blocks.{i}.mlp.act: only exact GELU is exported")
         n = f"blocks.{i}"
-        x = g.op("Add", [x, _attention(g, _layer_norm(g, x, blk.norm1, f"{n}.norm1"), blk.attn, f"{n}.attn", custom_ops)])
-        h = _linear(g, _layer_norm(g, x, blk.norm2, f"{n}.norm2"), blk.mlp.fc1, f"{n}.mlp.fc1", custom_ops)
-        x = g.op("Add", [x, _linear(g, g.op("Gelu", [h]), blk.mlp.fc2, f"{n}.mlp.fc2", custom_ops)])
+        x = g.op("Add", [x, _attention(g, x, blk.attn, f"{n}.attn", custom_ops, (blk.norm1, f"{n}.norm1"))])
+        h = _linear(g, x, blk.mlp.fc1, f"{n}.mlp.fc1", custom_ops, (blk.norm2, f"{n}.norm2"), gelu=True)
+        x = g.op("Add", [x, _linear(g, h, blk.mlp.fc2, f"{n}.mlp.fc2", custom_ops)])
     x = _layer_norm(g, x, model.norm, "norm")
     x = g.op("Gather", [x, g.const("cls_index", np.array(0, np.int64))], axis=1)     # (B, D)
     g.op("Identity", [_linear(g, x, model.head, "head", custom_ops)], out="logits")

@@ -74,20 +74,30 @@ def test_integer_formats_use_integer_kernels(tiny_model):
 
 @pytest.mark.parametrize("fmt", ["ternary", "binary"])
 @pytest.mark.parametrize("custom", [True, False])
-def test_a_bitnet_models_input_layernorms_export_and_agree_with_torch(tiny_model, tmp_path, fmt, custom):
+def test_a_bitnet_models_layernorms_and_gelu_export_and_agree_with_torch(tiny_model, tmp_path, fmt, custom):
     from quant import bitlinear
     model = bitlinear.prepare(copy.deepcopy(tiny_model), fmt)
     bitlinear.init_input_norms(model, images(4))                 # LayerNorms that are not the identity
     model = bitlinear.freeze(model).eval()
     proto = to_onnx(model, fmt, custom)
-    norms = [n for n in proto.graph.node if n.op_type == "LayerNormalization" and ".input_norm" in n.input[1]]
+    count = lambda op: sum(n.op_type == op for n in proto.graph.node)
     packed = [n for n in proto.graph.node if n.domain == "bitvit"]
-    # bitvit's op computes the LayerNorm in the pass that quantizes its input; other forms get a node
-    assert (len(norms), len(packed)) == ((0, 4 * len(model.blocks)) if custom else (4 * len(model.blocks), 0))
-    assert all(len(n.input) == 6 for n in packed)
-    (eps,) = {m.input_norm.eps for m in model.modules() if getattr(m, "input_norm", None) is not None}
-    assert [helper.get_attribute_value(a) for n in packed for a in n.attribute if a.name == "epsilon"] == \
-        pytest.approx([eps] * len(packed))                        # BitLinear's 1e-6, not the op's default
+    blocks = len(model.blocks)
+    fp_gelus = sum(n.op_type == "Gelu" for n in to_onnx(tiny_model).graph.node)   # the stem's and one a block
+    if custom:
+        # bitvit's op runs the block's LayerNorm, the layer's own one and fc1's GELU around its matmul:
+        # what stays is the final norm, and the conv stem's GELUs
+        assert (len(packed), count("LayerNormalization"), count("Gelu")) == (4 * blocks, 1, fp_gelus - blocks)
+        block_eps = model.blocks[0].norm1.eps
+        (eps,) = {m.input_norm.eps for m in model.modules() if getattr(m, "input_norm", None) is not None}
+        want = {"qkv": {"epsilon": block_eps, "epsilon2": eps}, "proj": {"epsilon": eps},
+                "fc1": {"epsilon": block_eps, "epsilon2": eps, "activation": b"gelu"}, "fc2": {"epsilon": eps}}
+        for n in packed:
+            layer = want[n.input[1].split(".")[-2]]
+            assert len(n.input) == 4 + 2 * sum(k.startswith("eps") for k in layer)
+            assert {a.name: helper.get_attribute_value(a) for a in n.attribute} == pytest.approx(layer)
+    else:
+        assert (len(packed), count("LayerNormalization"), count("Gelu")) == (0, 6 * blocks + 1, fp_gelus)
     onnx.save(proto, tmp_path / "m.onnx")
     x = images(16, seed=1)
     with torch.no_grad():

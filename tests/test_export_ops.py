@@ -17,23 +17,39 @@ def _ops_cache(ortops_cache, monkeypatch):
     monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(ortops_cache))
 
 
-def reference(x, codes, scales, bias, bits, norm=None, eps=1e-5):
+def layer_norm(x, norm, eps):
+    """LayerNorm over the last axis in float64, rounded to float32 as the op keeps it."""
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+    return ((x64 - mean) / np.sqrt(var + eps) * norm[0] + norm[1]).astype(np.float32)
+
+
+def gelu(y):
+    """Exact GELU in float64."""
+    y = np.asarray(y, np.float64)
+    return 0.5 * y * (1 + torch.erf(torch.from_numpy(y) / np.sqrt(2)).numpy())
+
+
+def reference(x, codes, scales, bias, bits, norm=None, eps=1e-5, norm2=None, eps2=1e-5, act="none"):
     """The contract's int8-per-token linear, in float64 numpy: torch.round is round-half-to-even.
-    `norm` = (weight, bias) of the input LayerNorm applied first (its output rounded to float32)."""
+    `norm` = (weight, bias) of the input LayerNorm applied first, `norm2` of a second one after it."""
     w = codes.astype(np.float64) - 1 if bits == 2 else codes.astype(np.float64) * 2 - 1
     x2 = x.reshape(-1, x.shape[-1])
     if norm is not None:
-        x64 = x2.astype(np.float64)
-        mean, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
-        x2 = ((x64 - mean) / np.sqrt(var + eps) * norm[0] + norm[1]).astype(np.float32)
+        x2 = layer_norm(x2, norm, eps)
+    if norm2 is not None:
+        x2 = layer_norm(x2, norm2, eps2)
     s = np.abs(x2).max(-1, keepdims=True).astype(np.float32) / np.float32(127)
     q = np.clip(np.round(x2 / np.where(s > 0, s, 1)), -127, 127)
     y = (q @ w.T) * s * scales[None] + (0 if bias is None else bias[None])
+    if act == "gelu":
+        y = gelu(y)
     return y.reshape(*x.shape[:-1], -1)
 
 
 def op_model(op, w, scales, bias=None, w_as_input=False, norm=(), **attrs):
-    """One-node graph; `norm` = the input LayerNorm's (weight, bias), or one of them, or ()."""
+    """One-node graph; `norm` = the inputs from norm_weight on: (weight, bias[, weight2, bias2]), None
+    leaving one out, or ()."""
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
     inits = [numpy_helper.from_array(scales, "s")]
     if w_as_input:
@@ -124,11 +140,49 @@ def test_the_input_layernorm_runs_inside_the_op_as_layernorm_then_quantize(isa, 
     tight = np.abs(y - want) <= 1e-4 * (1 + np.abs(want))
     # the float32 LayerNorm may land a value on the other side of a rounding tie: a code or two of the
     # token move by one step (the token's scale times the row's), on a few tokens
-    x64 = x.astype(np.float64)
-    normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-3) * norm[0] + norm[1]
-    step = np.abs(normed).max(-1, keepdims=True) / 127 * scales
+    step = np.abs(layer_norm(x, norm, 1e-3)).max(-1, keepdims=True) / 127 * scales
     assert (np.abs(y - want) <= 2.01 * step + 1e-4 * (1 + np.abs(want))).all()
     assert tight.all(-1).mean() >= 0.98
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (70, 129, 65), (2, 5, 128, 48), BIG])
+def test_a_second_layernorm_runs_after_the_first_inside_the_op(isa, op, shape):
+    *lead, k, n = shape
+    codes, packed, scales, bias = random_layer(op, n, k, seed=sum(shape))
+    rng = np.random.default_rng(3)
+    norms = [rng.uniform(0.5, 2, k).astype(np.float32), rng.standard_normal(k).astype(np.float32),
+             rng.uniform(0.5, 2, k).astype(np.float32), rng.standard_normal(k).astype(np.float32)]
+    x = (rng.standard_normal((*lead, k)) * 3 + 1).astype(np.float32)
+    model = op_model(op, packed, scales, bias, norm=norms, epsilon=1e-6, epsilon2=1e-3)
+    y = session(model, isa).run(None, {"x": x})[0]
+    want = reference(x, codes, scales, bias, OPS[op], norms[:2], 1e-6, norms[2:], 1e-3)
+    tight = np.abs(y - want) <= 1e-4 * (1 + np.abs(want))
+    step = np.abs(layer_norm(layer_norm(x, norms[:2], 1e-6), norms[2:], 1e-3)).max(-1, keepdims=True) / 127 * scales
+    assert (np.abs(y - want) <= 2.01 * step + 1e-4 * (1 + np.abs(want))).all()  # rounding ties, as above
+    assert tight.all(-1).mean() >= 0.98
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (70, 129, 65), BIG])
+def test_the_gelu_activation_applies_exact_gelu_to_the_output(isa, op, shape):
+    *lead, k, n = shape
+    codes, packed, scales, bias = random_layer(op, n, k, seed=sum(shape))
+    x = np.random.default_rng(1).standard_normal((*lead, k)).astype(np.float32)
+    y = session(op_model(op, packed, scales, bias, activation="gelu"), isa).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, reference(x, codes, scales, bias, OPS[op], act="gelu"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+def test_the_fused_gelu_is_exact_to_a_few_float32_roundings_from_minus_ten_to_ten(isa):
+    v = np.linspace(-10, 10, 200_001).astype(np.float32)     # the outputs before GELU: a token of zeros gives the bias
+    _, packed, scales, _ = random_layer("TernaryLinear", v.size, 4, seed=15)
+    model = op_model("TernaryLinear", packed, scales, v, activation="gelu")
+    y = session(model, isa).run(None, {"x": np.zeros((1, 4), np.float32)})[0][0]
+    err = np.abs(y - gelu(v))   # (torch's float32 GELU is up to 1.1e-6 off here, ONNX Runtime's Gelu 4.5e-7)
+    assert err.max() <= 1e-6 and (err <= 3e-7 * np.maximum(1, np.abs(v))).all()
 
 
 def test_the_input_layernorm_without_a_bias_for_the_linear_and_the_default_epsilon():
@@ -141,8 +195,14 @@ def test_the_input_layernorm_without_a_bias_for_the_linear_and_the_default_epsil
 
 @pytest.mark.parametrize("norm,match", [((np.ones(16, np.float32), None), "come together"),
                                         ((np.ones(15, np.float32), np.zeros(15, np.float32)), "norm_weight must be"),
-                                        ((np.ones(16, np.float32), np.zeros((1, 16), np.float32)), "norm_bias must be")])
-def test_an_input_layernorm_of_the_wrong_shape_or_half_given_is_refused(norm, match):
+                                        ((np.ones(16, np.float32), np.zeros((1, 16), np.float32)), "norm_bias must be"),
+                                        ((None, None, np.ones(16, np.float32), np.zeros(16, np.float32)),
+                                         "need norm_weight and norm_bias"),
+                                        ((np.ones(16, np.float32), np.zeros(16, np.float32), np.ones(16, np.float32)),
+                                         "norm2_weight and norm2_bias come together"),
+                                        ((np.ones(16, np.float32), np.zeros(16, np.float32), np.ones(16, np.float32),
+                                          np.zeros(8, np.float32)), "norm2_bias must be")])
+def test_a_layernorm_of_the_wrong_shape_half_given_or_without_the_first_is_refused(norm, match):
     _, packed, scales, bias = random_layer("TernaryLinear", 8, 16, seed=12)
     s = session(op_model("TernaryLinear", packed, scales, bias, norm=norm))
     with pytest.raises(Exception, match=match):
@@ -166,26 +226,36 @@ def test_the_input_layernorm_is_as_accurate_as_torchs_on_rows_far_from_zero(isa,
 
 
 @pytest.mark.parametrize("isa", list(ortops.ISAS))
-@pytest.mark.parametrize("with_norm", [False, True])
-def test_a_token_holding_nan_or_inf_gives_nan_outputs_and_leaves_the_others_alone(isa, with_norm):
+@pytest.mark.parametrize("norms,act", [(0, "none"), (1, "none"), (2, "gelu")])
+def test_a_token_holding_nan_or_inf_gives_nan_outputs_and_leaves_the_others_alone(isa, norms, act):
     codes, packed, scales, bias = random_layer("TernaryLinear", 8, 40, seed=14)
     x = np.random.default_rng(5).standard_normal((4, 40)).astype(np.float32)
     x[1, 33], x[2, 3] = np.nan, -np.inf                              # one in the vector body, one in the tail
-    norm = (np.ones(40, np.float32), np.zeros(40, np.float32)) if with_norm else ()
-    y = session(op_model("TernaryLinear", packed, scales, bias, norm=norm), isa).run(None, {"x": x})[0]
+    norm = (np.ones(40, np.float32), np.zeros(40, np.float32)) * norms
+    y = session(op_model("TernaryLinear", packed, scales, bias, norm=norm, activation=act), isa).run(None, {"x": x})[0]
     assert np.isnan(y[1:3]).all()
-    clean = x[[0, 3]]
-    np.testing.assert_allclose(y[[0, 3]], reference(clean, codes, scales, bias, 2, norm or None), rtol=1e-4, atol=1e-4)
+    want = reference(x[[0, 3]], codes, scales, bias, 2, *((norm[:2], 1e-5, norm[2:]) if norms == 2 else (norm or None,)),
+                     act=act)
+    np.testing.assert_allclose(y[[0, 3]], want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("eps,match", [(0.0, "positive finite"), (-1e-5, "positive finite"),
                                        (float("inf"), "positive finite"), (1, "must be a float"),
                                        ("1e-5", "must be a float")])
-def test_an_epsilon_that_is_not_a_positive_finite_float_is_refused(eps, match):
+@pytest.mark.parametrize("name", ["epsilon", "epsilon2"])
+def test_an_epsilon_that_is_not_a_positive_finite_float_is_refused(eps, match, name):
     _, packed, scales, bias = random_layer("BinaryLinear", 8, 16, seed=13)
-    norm = (np.ones(16, np.float32), np.zeros(16, np.float32))
-    with pytest.raises(Exception, match=f"epsilon {match}" if match == "must be a float" else match):
-        session(op_model("BinaryLinear", packed, scales, bias, norm=norm, epsilon=eps))
+    norm = (np.ones(16, np.float32), np.zeros(16, np.float32)) * 2
+    with pytest.raises(Exception, match=f"{name} {match}" if match == "must be a float" else match):
+        session(op_model("BinaryLinear", packed, scales, bias, norm=norm, **{name: eps}))
+
+
+@pytest.mark.parametrize("act,match", [("relu", 'activation must be "none" or "gelu"'),
+                                       (1, "activation must be a string")])
+def test_an_unknown_activation_is_refused(act, match):
+    _, packed, scales, bias = random_layer("TernaryLinear", 8, 16, seed=16)
+    with pytest.raises(Exception, match=match):
+        session(op_model("TernaryLinear", packed, scales, bias, activation=act))
 
 
 @pytest.mark.parametrize("op", list(OPS))

@@ -1,15 +1,19 @@
 // bitvit's ONNX Runtime custom ops: linear layers on packed ternary and binary weights.
 //
 // Domain "bitvit", version 1, CPU:
-//   TernaryLinear(X, W, scales[, bias[, norm_weight, norm_bias]]) -> Y   2-bit codes c = w + 1, w in {-1, 0, +1}
-//   BinaryLinear(X, W, scales[, bias[, norm_weight, norm_bias]]) -> Y    1-bit codes, c = 1 means +1, 0 means -1
+//   TernaryLinear(X, W, scales[, bias[, norm_weight, norm_bias[, norm2_weight, norm2_bias]]]) -> Y
+//       2-bit codes c = w + 1, w in {-1, 0, +1}
+//   BinaryLinear(same inputs) -> Y    1-bit codes, c = 1 means +1, 0 means -1
 // X float32 (..., K); W uint8 (N, ceil(K * bits / 8)) in quant/pack.py's `pack_codes` layout;
 // scales float32 (N) or (N, 1); bias float32 (N); norm_weight, norm_bias float32 (K), given together:
-// the layer's input LayerNorm (attribute `epsilon`, default 1e-5), applied to each row of X in the
-// same pass that quantizes it (BitNet puts one before every quantized linear). Y float32 (..., N).
-// Per token t (row of X, after the LayerNorm when there is one):
+// a LayerNorm (attribute `epsilon`, default 1e-5) applied to each row of X in the same pass that
+// quantizes it (BitNet puts one before every quantized linear); norm2_weight, norm2_bias (K, attribute
+// `epsilon2`): a second LayerNorm applied after the first (a ViT block's pre-norm followed by the
+// BitNet layer's own). Attribute `activation`: "none" (default) or "gelu", applied to Y (exact GELU,
+// x/2 (1 + erf(x / sqrt 2)), erf to about 4e-7). Y float32 (..., N).
+// Per token t (row of X, after the LayerNorms when there are any):
 //   s[t] = max_k |X[t, k]| / 127,  q[t, k] = clamp(nearbyint(X[t, k] / s[t]), -127, 127)
-//   Y[t, n] = s[t] * scales[n] * sum_k q[t, k] * w[n, k] + bias[n]
+//   Y[t, n] = act(s[t] * scales[n] * sum_k q[t, k] * w[n, k] + bias[n])
 // The sum is exact int32 arithmetic. The kernels never expand W to int8 in memory: at session
 // creation (or per call when W is not a constant) the codes are re-tiled, still at `bits` bits per
 // weight, into 64-byte blocks of 16 output rows; each block unpacks in registers (shift + mask) to
@@ -116,9 +120,10 @@ struct Problem {
   int32_t* sumq;          // (m) sum of each token's q
   const float* scales;    // (n)
   const float* bias;      // (n) or nullptr
-  const float* norm_w;    // (k) LayerNorm weight, or nullptr for no LayerNorm
-  const float* norm_b;    // (k) LayerNorm bias
-  float eps;
+  const float* norm_w[2];  // (k) weights of the LayerNorms applied in turn, nullptr where absent
+  const float* norm_b[2];  // (k) their biases
+  float eps[2];
+  bool gelu;               // GELU on Y
   float* y;               // (m, n)
   int64_t token_blocks, n_blocks;
 };
@@ -175,6 +180,38 @@ void QuantizeRow(const float* x, int64_t k, int64_t kp, int8_t* q, float* s, int
   *sum = total;
 }
 
+// GELU(x) = x / 2 * (1 + erf(x / sqrt 2)) with erf(z) = z P(z^2) / Q(z^2) on |z| <= 3.92 (beyond it erf
+// is +-1 in float32): a rational least-squares fit made for bitvit (weighted to the error it gives GELU),
+// at most 9.5e-7, 2.2e-7 relative, off exact GELU on [-10, 10] in float32 (tests/test_export_ops.py).
+// NaN stays NaN.
+constexpr float kErfClamp = 3.92f;
+constexpr float kErfP[] = {1.12837923f, 0.191683367f, 0.0559923016f, 0.00422881404f, 0.000428643456f, 7.50421532e-06f};
+constexpr float kErfQ[] = {1.0f,          0.503208995f, 0.117355473f,  0.0163598452f,  0.00144378375f,
+                           7.77308669e-05f, 2.98781686e-07f};
+
+inline float Gelu(float x) {
+  const float z = std::min(std::max(x * 0.707106781f, -kErfClamp), kErfClamp), t = z * z;
+  float num = kErfP[5], den = kErfQ[6];
+  for (int i = 4; i >= 0; --i) num = num * t + kErfP[i];
+  for (int i = 5; i >= 0; --i) den = den * t + kErfQ[i];
+  const float erf = std::min(std::max(z * num / den, -1.f), 1.f);
+  return 0.5f * x * (1.f + erf);
+}
+
+#if defined(BITVIT_AVX512)
+inline __m512 Gelu(__m512 x) {  // the same, 16 lanes; _mm512_min/max_ps return their second operand on NaN
+  const __m512 z = _mm512_min_ps(_mm512_set1_ps(kErfClamp), _mm512_max_ps(_mm512_set1_ps(-kErfClamp),
+                                                                           _mm512_mul_ps(x, _mm512_set1_ps(0.707106781f))));
+  const __m512 t = _mm512_mul_ps(z, z);
+  __m512 num = _mm512_set1_ps(kErfP[5]), den = _mm512_set1_ps(kErfQ[6]);
+  for (int i = 4; i >= 0; --i) num = _mm512_fmadd_ps(num, t, _mm512_set1_ps(kErfP[i]));
+  for (int i = 5; i >= 0; --i) den = _mm512_fmadd_ps(den, t, _mm512_set1_ps(kErfQ[i]));
+  __m512 erf = _mm512_div_ps(_mm512_mul_ps(z, num), den);
+  erf = _mm512_min_ps(_mm512_set1_ps(1.f), _mm512_max_ps(_mm512_set1_ps(-1.f), erf));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.f), erf));
+}
+#endif
+
 // Y row segment from raw dot sums `acc` (count values): exact integer correction, then float scaling.
 inline void Epilogue(const Problem& p, int64_t t, int64_t n0, int count, const int32_t* acc) {
   const int32_t sq = p.sumq[t];
@@ -188,6 +225,8 @@ inline void Epilogue(const Problem& p, int64_t t, int64_t n0, int count, const i
   }
   if (p.bias)
     for (int j = 0; j < count; ++j) y[j] += p.bias[n0 + j];
+  if (p.gelu)
+    for (int j = 0; j < count; ++j) y[j] = Gelu(y[j]);
 }
 
 inline const uint8_t* Block(const Tiled& w, int64_t panel, int64_t g) {
@@ -232,7 +271,7 @@ void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
       __m512i r = BITS == 1 ? _mm512_add_epi32(acc[m][q], acc[m][q]) : acc[m][q];
       r = _mm512_sub_epi32(r, _mm512_set1_epi32(p.sumq[t0 + m]));
       const __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(r), _mm512_set1_ps(p.sx[t0 + m])), sc, b);
-      _mm512_mask_storeu_ps(p.y + (t0 + m) * w.n + n0, valid, y);
+      _mm512_mask_storeu_ps(p.y + (t0 + m) * w.n + n0, valid, p.gelu ? Gelu(y) : y);
     }
   }
 }
@@ -384,11 +423,11 @@ void NormRow(const float* x, int64_t k, const float* w, const float* b, float ep
 void QuantizeTask(void* data, size_t task) {
   const Problem& p = *static_cast<const Problem*>(data);
   const int64_t t0 = static_cast<int64_t>(task) * kTokensPerTask, t1 = std::min(p.m, t0 + kTokensPerTask);
-  std::vector<float> normed(p.norm_w ? static_cast<size_t>(p.k) : 0);
+  std::vector<float> normed(p.norm_w[0] ? static_cast<size_t>(p.k) : 0);
   for (int64_t t = t0; t < t1; ++t) {
     const float* x = p.x + t * p.k;
-    if (p.norm_w) {
-      NormRow(x, p.k, p.norm_w, p.norm_b, p.eps, normed.data());
+    for (int i = 0; i < 2 && p.norm_w[i]; ++i) {  // in place for the second: NormRow reads x[j] before writing out[j]
+      NormRow(x, p.k, p.norm_w[i], p.norm_b[i], p.eps[i], normed.data());
       x = normed.data();
     }
     QuantizeRow(x, p.k, p.kp, p.xq + t * p.kp, p.sx + t, p.sumq + t);
@@ -416,18 +455,26 @@ Ort::Status Invalid(const std::string& msg) { return Ort::Status(msg.c_str(), OR
 struct PackedLinearKernel {
   PackedLinearKernel(const char* op, int bits, const OrtKernelInfo* info) : op_(op), bits_(bits) {
     Ort::ConstKernelInfo ki(info);
-    float eps = 1e-5f;  // the attribute is optional: a missing one leaves the default, a mistyped one is refused
-    if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_float(info, "epsilon", &eps)) {
-      const std::string why = Ort::GetApi().GetErrorMessage(status);
-      Ort::GetApi().ReleaseStatus(status);
-      if (why.find("No attribute") == std::string::npos)
-        throw Ort::Exception(op_ + ": epsilon must be a float attribute (" + why + ")", ORT_INVALID_ARGUMENT);
-      eps = 1e-5f;
+    const OrtApi& api = Ort::GetApi();
+    for (int i = 0; i < 2; ++i) {  // the attributes are optional: a missing one leaves the default
+      const char* name = i == 0 ? "epsilon" : "epsilon2";
+      float eps = 1e-5f;
+      if (!Given(name, "float", api.KernelInfoGetAttribute_float(info, name, &eps))) eps = 1e-5f;
+      if (!(eps > 0.f && std::isfinite(eps)))
+        throw Ort::Exception(op_ + ": " + name + " must be a positive finite number, got " + std::to_string(eps),
+                             ORT_INVALID_ARGUMENT);
+      eps_[i] = eps;
     }
-    if (!(eps > 0.f && std::isfinite(eps)))
-      throw Ort::Exception(op_ + ": epsilon must be a positive finite number, got " + std::to_string(eps),
-                           ORT_INVALID_ARGUMENT);
-    eps_ = eps;
+    size_t size = 0;
+    if (Given("activation", "string", api.KernelInfoGetAttribute_string(info, "activation", nullptr, &size))) {
+      std::string act(size, '\0');
+      Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, "activation", act.data(), &size));
+      act.resize(std::strlen(act.c_str()));
+      if (act != "none" && act != "gelu")
+        throw Ort::Exception(op_ + ": activation must be \"none\" or \"gelu\", got \"" + act + "\"",
+                             ORT_INVALID_ARGUMENT);
+      gelu_ = act == "gelu";
+    }
     int is_constant = 0;
     Ort::ConstValue w = ki.GetTensorConstantInput(1, &is_constant);
     if (is_constant) {
@@ -435,6 +482,16 @@ struct PackedLinearKernel {
       if (!err.empty()) throw Ort::Exception(std::string(err), ORT_INVALID_ARGUMENT);
       have_constant_ = true;
     }
+  }
+
+  // Whether the node has the attribute `name` that `status` (of reading it) is about; throws if it has
+  // one of another type than `type`.
+  bool Given(const char* name, const char* type, OrtStatus* status) const {
+    if (status == nullptr) return true;
+    const std::string why = Ort::GetApi().GetErrorMessage(status);
+    Ort::GetApi().ReleaseStatus(status);
+    if (why.find("No attribute") != std::string::npos) return false;
+    throw Ort::Exception(op_ + ": " + name + " must be a " + type + " attribute (" + why + ")", ORT_INVALID_ARGUMENT);
   }
 
   // Check W's type and rank and re-tile it; an error message or "".
@@ -451,8 +508,9 @@ struct PackedLinearKernel {
   Ort::Status Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const size_t n_inputs = ctx.GetInputCount();
-    if (n_inputs < 3 || n_inputs > 6)
-      return Invalid(op_ + " takes 3 to 6 inputs (X, W, scales[, bias[, norm_weight, norm_bias]])");
+    if (n_inputs < 3 || n_inputs > 8)
+      return Invalid(op_ + " takes 3 to 8 inputs (X, W, scales[, bias[, norm_weight, norm_bias[, norm2_weight, "
+                           "norm2_bias]]])");
     Ort::ConstValue xv = ctx.GetInput(0);
     const auto xinfo = xv.GetTensorTypeAndShapeInfo();
     if (xinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return Invalid(op_ + ": X must be float32");
@@ -481,12 +539,13 @@ struct PackedLinearKernel {
         static_cast<int64_t>(sinfo.GetElementCount()) != w->n || sinfo.GetShape().size() > 2)
       return Invalid(op_ + ": scales must be float32 with one value per output row (" + std::to_string(w->n) +
                      "), got shape " + Shape(sinfo.GetShape()));
-    // The optional 1-D inputs: bias (N), then the input LayerNorm's weight and bias (K).
+    // The optional 1-D inputs: bias (N), then the weights and biases of two LayerNorms (K).
     const float* bias = nullptr;
-    const float* norm[2] = {nullptr, nullptr};
+    const float* norm[4] = {nullptr, nullptr, nullptr, nullptr};
     const struct { const char* name; int64_t len; const char* like; const float** data; } vectors[] = {
         {"bias", w->n, "", &bias}, {"norm_weight", k, " like X's last dimension", &norm[0]},
-        {"norm_bias", k, " like X's last dimension", &norm[1]}};
+        {"norm_bias", k, " like X's last dimension", &norm[1]}, {"norm2_weight", k, " like X's last dimension", &norm[2]},
+        {"norm2_bias", k, " like X's last dimension", &norm[3]}};
     for (size_t i = 3; i < n_inputs; ++i) {
       Ort::ConstValue v = ctx.GetInput(i);
       if (!v) continue;
@@ -500,6 +559,10 @@ struct PackedLinearKernel {
     }
     if ((norm[0] == nullptr) != (norm[1] == nullptr))
       return Invalid(op_ + ": norm_weight and norm_bias come together (the input LayerNorm's weight and bias)");
+    if ((norm[2] == nullptr) != (norm[3] == nullptr))
+      return Invalid(op_ + ": norm2_weight and norm2_bias come together (the second LayerNorm's weight and bias)");
+    if (norm[2] && !norm[0])
+      return Invalid(op_ + ": norm2_weight and norm2_bias need norm_weight and norm_bias (the LayerNorm before)");
     std::vector<int64_t> yshape = xshape;
     yshape.back() = w->n;
     Ort::UnownedValue yv = ctx.GetOutput(0, yshape);
@@ -519,9 +582,13 @@ struct PackedLinearKernel {
     p.sumq = sumq.data();
     p.scales = sv.GetTensorData<float>();
     p.bias = bias;
-    p.norm_w = norm[0];
-    p.norm_b = norm[1];
-    p.eps = eps_;
+    p.norm_w[0] = norm[0];
+    p.norm_b[0] = norm[1];
+    p.norm_w[1] = norm[2];
+    p.norm_b[1] = norm[3];
+    p.eps[0] = eps_[0];
+    p.eps[1] = eps_[1];
+    p.gelu = gelu_;
     p.y = yv.GetTensorMutableData<float>();
     p.token_blocks = (m + kTokensPerTask - 1) / kTokensPerTask;
     p.n_blocks = (w->panels + kNB - 1) / kNB;
@@ -542,7 +609,8 @@ struct PackedLinearKernel {
 
   std::string op_;
   int bits_;
-  float eps_;
+  float eps_[2];
+  bool gelu_ = false;
   Tiled constant_;
   bool have_constant_ = false;
 };
@@ -562,7 +630,7 @@ struct PackedLinearOp : Ort::CustomOpBase<PackedLinearOp<BITS>, PackedLinearKern
     }
   }
   const char* GetName() const { return kName; }
-  size_t GetInputTypeCount() const { return 6; }
+  size_t GetInputTypeCount() const { return 8; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
