@@ -8,9 +8,9 @@
 // scales float32 (N) or (N, 1); bias float32 (N); norm_weight, norm_bias float32 (K), given together:
 // a LayerNorm (attribute `epsilon`, default 1e-5) applied to each row of X in the same pass that
 // quantizes it (BitNet puts one before every quantized linear); norm2_weight, norm2_bias (K, attribute
-// `epsilon2`): a second LayerNorm applied after the first (a ViT block's pre-norm followed by the
-// BitNet layer's own). Attribute `activation`: "none" (default) or "gelu", applied to Y (exact GELU,
-// x/2 (1 + erf(x / sqrt 2)), erf to about 4e-7). Y float32 (..., N).
+// `epsilon2`, default 1e-5): a second LayerNorm applied after the first (a ViT block's pre-norm
+// followed by the BitNet layer's own); it needs the first. Attribute `activation`: "none" (default) or
+// "gelu", applied to Y: x / 2 * (1 + erf(x / sqrt 2)), within 9.5e-7 of exact. Y float32 (..., N).
 // Per token t (row of X, after the LayerNorms when there are any):
 //   s[t] = max_k |X[t, k]| / 127,  q[t, k] = clamp(nearbyint(X[t, k] / s[t]), -127, 127)
 //   Y[t, n] = act(s[t] * scales[n] * sum_k q[t, k] * w[n, k] + bias[n])
