@@ -149,7 +149,9 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool,
     fmt, act = m.weight_format, m.act_format
     if act not in ("none", "int8_token"):
         raise ValueError(f"{name}: activation format {act!r} has no ONNX export (only none and int8_token)")
-    norms = [n for n in (pre_norm, None if norm is None else (norm, f"{name}.input_norm")) if n is not None]
+    norms = [pre_norm] if pre_norm is not None else []                 # (LayerNorm, name), in the order applied
+    if norm is not None:
+        norms.append((norm, f"{name}.input_norm"))
     if fmt in ("ternary", "binary") and act == "int8_token" and custom_ops and m.scales.shape[1] == 1:
         # bitvit's op: the LayerNorms (up to two), per-token int8, the packed matmul and GELU in one node
         op = "TernaryLinear" if fmt == "ternary" else "BinaryLinear"

@@ -185,12 +185,16 @@ def test_the_fused_gelu_is_exact_to_a_few_float32_roundings_from_minus_ten_to_te
     assert err.max() <= 1e-6 and (err <= 3e-7 * np.maximum(1, np.abs(v))).all()
 
 
-def test_the_input_layernorm_without_a_bias_for_the_linear_and_the_default_epsilon():
+@pytest.mark.parametrize("norms", [1, 2])
+def test_the_layernorms_default_to_epsilon_1e_5_and_need_no_bias_for_the_linear(norms):
     codes, packed, scales, _ = random_layer("TernaryLinear", 24, 40, seed=11)
-    norm = (np.full(40, 1.5, np.float32), np.full(40, 0.25, np.float32))
-    x = np.random.default_rng(4).standard_normal((6, 40)).astype(np.float32)
+    # rows of variance ~1e-5 into both LayerNorms, so that their epsilon shows in the output
+    norm = (np.full(40, 0.004, np.float32), np.full(40, 0.25, np.float32),
+            np.full(40, 1.5, np.float32), np.zeros(40, np.float32))[:2 * norms]
+    x = (np.random.default_rng(4).standard_normal((6, 40)) * 0.003).astype(np.float32)
     y = session(op_model("TernaryLinear", packed, scales, norm=norm)).run(None, {"x": x})[0]
-    np.testing.assert_allclose(y, reference(x, codes, scales, None, 2, norm), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, reference(x, codes, scales, None, 2, norm[:2], 1e-5, norm[2:] or None, 1e-5),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("norm,match", [((np.ones(16, np.float32), None), "come together"),
@@ -234,19 +238,18 @@ def test_a_token_holding_nan_or_inf_gives_nan_outputs_and_leaves_the_others_alon
     norm = (np.ones(40, np.float32), np.zeros(40, np.float32)) * norms
     y = session(op_model("TernaryLinear", packed, scales, bias, norm=norm, activation=act), isa).run(None, {"x": x})[0]
     assert np.isnan(y[1:3]).all()
-    want = reference(x[[0, 3]], codes, scales, bias, 2, *((norm[:2], 1e-5, norm[2:]) if norms == 2 else (norm or None,)),
-                     act=act)
+    want = reference(x[[0, 3]], codes, scales, bias, 2, norm[:2] or None, norm2=norm[2:] or None, act=act)
     np.testing.assert_allclose(y[[0, 3]], want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("eps,match", [(0.0, "positive finite"), (-1e-5, "positive finite"),
-                                       (float("inf"), "positive finite"), (1, "must be a float"),
+@pytest.mark.parametrize("eps,match", [(0.0, "must be a positive finite"), (-1e-5, "must be a positive finite"),
+                                       (float("inf"), "must be a positive finite"), (1, "must be a float"),
                                        ("1e-5", "must be a float")])
 @pytest.mark.parametrize("name", ["epsilon", "epsilon2"])
 def test_an_epsilon_that_is_not_a_positive_finite_float_is_refused(eps, match, name):
     _, packed, scales, bias = random_layer("BinaryLinear", 8, 16, seed=13)
     norm = (np.ones(16, np.float32), np.zeros(16, np.float32)) * 2
-    with pytest.raises(Exception, match=f"{name} {match}" if match == "must be a float" else match):
+    with pytest.raises(Exception, match=f"{name} {match}"):
         session(op_model("BinaryLinear", packed, scales, bias, norm=norm, **{name: eps}))
 
 
