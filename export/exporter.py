@@ -136,35 +136,35 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool,
             pre_norm: tuple[nn.LayerNorm, str] | None = None, gelu: bool = False) -> str:
     """Layer `m` on x, after the LayerNorm `pre_norm` (module, name) and with GELU on its output when
     asked: all inside bitvit's op where the layer runs as one, as nodes around the layer otherwise."""
-    if isinstance(m, nn.Linear):
-        x = x if pre_norm is None else _layer_norm(g, x, *pre_norm)
-        y = g.op("MatMul", [x, g.const(f"{name}.weight", m.weight.t())])
-        y = y if m.bias is None else g.op("Add", [y, g.const(f"{name}.bias", m.bias)])
-        return g.op("Gelu", [y]) if gelu else y
-    if not is_quantized(m):
-        raise ValueError(f"{name}: cannot export a {type(m).__name__} layer")
-    norm = getattr(m, "input_norm", None)
-    if norm is not None and not isinstance(norm, nn.LayerNorm):
-        raise ValueError(f"{name}: cannot export an input_norm of type {type(norm).__name__}")
-    fmt, act = m.weight_format, m.act_format
-    if act not in ("none", "int8_token"):
-        raise ValueError(f"{name}: activation format {act!r} has no ONNX export (only none and int8_token)")
     norms = [pre_norm] if pre_norm is not None else []                 # (LayerNorm, name), in the order applied
-    if norm is not None:
-        norms.append((norm, f"{name}.input_norm"))
-    if fmt in ("ternary", "binary") and act == "int8_token" and custom_ops and m.scales.shape[1] == 1:
-        # bitvit's op: the LayerNorms (up to two), per-token int8, the packed matmul and GELU in one node
-        op = "TernaryLinear" if fmt == "ternary" else "BinaryLinear"
-        inputs = [x, g.const(f"{name}.packed", m.packed), g.const(f"{name}.scales", m.scales[:, 0].float()),
-                  "" if m.bias is None else g.const(f"{name}.bias", m.bias)]
-        attrs = {"activation": "gelu"} if gelu else {}
-        for (ln, ln_name), eps in zip(norms, ("epsilon", "epsilon2")):
-            inputs += _norm_consts(g, ln, ln_name)
-            attrs[eps] = float(ln.eps)
-        return g.op(op, inputs if norms or m.bias is not None else inputs[:3], domain=DOMAIN, **attrs)
+    if not isinstance(m, nn.Linear):
+        if not is_quantized(m):
+            raise ValueError(f"{name}: cannot export a {type(m).__name__} layer")
+        norm = getattr(m, "input_norm", None)
+        if norm is not None and not isinstance(norm, nn.LayerNorm):
+            raise ValueError(f"{name}: cannot export an input_norm of type {type(norm).__name__}")
+        fmt, act = m.weight_format, m.act_format
+        if act not in ("none", "int8_token"):
+            raise ValueError(f"{name}: activation format {act!r} has no ONNX export (only none and int8_token)")
+        if norm is not None:
+            norms.append((norm, f"{name}.input_norm"))
+        if fmt in ("ternary", "binary") and act == "int8_token" and custom_ops and m.scales.shape[1] == 1:
+            # bitvit's op: the LayerNorms (up to two), per-token int8, the packed matmul and GELU in one node
+            op = "TernaryLinear" if fmt == "ternary" else "BinaryLinear"
+            inputs = [x, g.const(f"{name}.packed", m.packed), g.const(f"{name}.scales", m.scales[:, 0].float()),
+                      "" if m.bias is None else g.const(f"{name}.bias", m.bias)]
+            attrs = {"activation": "gelu"} if gelu else {}
+            for (ln, ln_name), eps in zip(norms, ("epsilon", "epsilon2")):
+                inputs += _norm_consts(g, ln, ln_name)
+                attrs[eps] = float(ln.eps)
+            return g.op(op, inputs if norms or m.bias is not None else inputs[:3], domain=DOMAIN, **attrs)
     for ln, ln_name in norms:
         x = _layer_norm(g, x, ln, ln_name)
-    y = _quantized_linear(g, x, m, name)
+    if isinstance(m, nn.Linear):
+        y = g.op("MatMul", [x, g.const(f"{name}.weight", m.weight.t())])
+        y = y if m.bias is None else g.op("Add", [y, g.const(f"{name}.bias", m.bias)])
+    else:
+        y = _quantized_linear(g, x, m, name)
     return g.op("Gelu", [y]) if gelu else y
 
 

@@ -540,13 +540,14 @@ struct PackedLinearKernel {
         static_cast<int64_t>(sinfo.GetElementCount()) != w->n || sinfo.GetShape().size() > 2)
       return Invalid(op_ + ": scales must be float32 with one value per output row (" + std::to_string(w->n) +
                      "), got shape " + Shape(sinfo.GetShape()));
-    // The optional 1-D inputs: bias (N), then the weights and biases of two LayerNorms (K).
-    const float* bias = nullptr;
-    const float* norm[4] = {nullptr, nullptr, nullptr, nullptr};
+    // The optional 1-D inputs, read straight into the Problem: bias (N), then two LayerNorms' weight
+    // and bias (K).
+    Problem p{};
     const struct { const char* name; int64_t len; const char* like; const float** data; } vectors[] = {
-        {"bias", w->n, "", &bias}, {"norm_weight", k, " like X's last dimension", &norm[0]},
-        {"norm_bias", k, " like X's last dimension", &norm[1]}, {"norm2_weight", k, " like X's last dimension", &norm[2]},
-        {"norm2_bias", k, " like X's last dimension", &norm[3]}};
+        {"bias", w->n, "", &p.bias}, {"norm_weight", k, " like X's last dimension", &p.norm_w[0]},
+        {"norm_bias", k, " like X's last dimension", &p.norm_b[0]},
+        {"norm2_weight", k, " like X's last dimension", &p.norm_w[1]},
+        {"norm2_bias", k, " like X's last dimension", &p.norm_b[1]}};
     for (size_t i = 3; i < n_inputs; ++i) {
       Ort::ConstValue v = ctx.GetInput(i);
       if (!v) continue;
@@ -558,18 +559,17 @@ struct PackedLinearKernel {
                        want.like + ", got " + Shape(info.GetShape()));
       *want.data = v.GetTensorData<float>();
     }
-    if ((norm[0] == nullptr) != (norm[1] == nullptr))
+    if ((p.norm_w[0] == nullptr) != (p.norm_b[0] == nullptr))
       return Invalid(op_ + ": norm_weight and norm_bias come together (the input LayerNorm's weight and bias)");
-    if ((norm[2] == nullptr) != (norm[3] == nullptr))
+    if ((p.norm_w[1] == nullptr) != (p.norm_b[1] == nullptr))
       return Invalid(op_ + ": norm2_weight and norm2_bias come together (the second LayerNorm's weight and bias)");
-    if (norm[2] && !norm[0])
+    if (p.norm_w[1] && !p.norm_w[0])
       return Invalid(op_ + ": norm2_weight and norm2_bias need norm_weight and norm_bias (the LayerNorm before)");
     std::vector<int64_t> yshape = xshape;
     yshape.back() = w->n;
     Ort::UnownedValue yv = ctx.GetOutput(0, yshape);
     if (m == 0) return Ort::Status(nullptr);
 
-    Problem p{};
     p.w = w;
     p.x = xv.GetTensorData<float>();
     p.m = m;
@@ -582,13 +582,7 @@ struct PackedLinearKernel {
     p.sx = sx.data();
     p.sumq = sumq.data();
     p.scales = sv.GetTensorData<float>();
-    p.bias = bias;
-    p.norm_w[0] = norm[0];
-    p.norm_b[0] = norm[1];
-    p.norm_w[1] = norm[2];
-    p.norm_b[1] = norm[3];
-    p.eps[0] = eps_[0];
-    p.eps[1] = eps_[1];
+    std::copy(eps_, eps_ + 2, p.eps);
     p.gelu = gelu_;
     p.y = yv.GetTensorMutableData<float>();
     p.token_blocks = (m + kTokensPerTask - 1) / kTokensPerTask;
