@@ -43,9 +43,14 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (B, 1, H, W)
 
 
-def _color_op(name: str, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Apply one colour op to all of x (B, 3, H, W) in [0, 1]; m (B,) is the magnitude in [0, 1]."""
-    sign = torch.where(torch.rand_like(m) < 0.5, -1.0, 1.0)
+def _random_sign(m: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.rand_like(m) < 0.5, -1.0, 1.0)
+
+
+def _color_op(name: str, x: torch.Tensor, m: torch.Tensor, sign: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply one colour op to all of x (B, 3, H, W) in [0, 1]; m (B,) is the magnitude in [0, 1], sign
+    (B,) of +-1 its direction (drawn when not given)."""
+    sign = _random_sign(m) if sign is None else sign
     factor = 1 + sign * 0.99 * m  # enhance factor in [0.01, 1.99]
     if name == "identity":
         return x
@@ -74,10 +79,11 @@ def _color_op(name: str, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     raise ValueError(name)
 
 
-def _affine(op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """(B, 2, 3) affine matrices (normalised coordinates) for per-image geometric op indices."""
+def _affine(op: torch.Tensor, m: torch.Tensor, sign: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 2, 3) affine matrices (normalised coordinates) for per-image geometric op indices (the
+    identity for the others)."""
     B = op.shape[0]
-    sign = torch.where(torch.rand_like(m) < 0.5, -1.0, 1.0)
+    sign = _random_sign(m) if sign is None else sign
     theta = torch.zeros(B, 2, 3, device=m.device)
     angle = sign * m * math.radians(135) * (op == _OPS.index("rotate"))
     theta[:, 0, 0] = torch.cos(angle)
@@ -92,11 +98,28 @@ def _affine(op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return theta
 
 
-def trivial_augment(x: torch.Tensor) -> torch.Tensor:
-    """One random op of random strength per image; x is (B, 3, H, W) in [0, 1]."""
+def _trivial_augment_dense(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """`trivial_augment` without a host sync: every op runs on the whole batch and each image keeps
+    its own op's result (boolean indexing and `.any()` wait for the GPU, some 25 times a batch, which
+    leaves it idle while the host queues the next ops; these ops cost it next to nothing)."""
+    sel = op.view(-1, 1, 1, 1)
+    out = x
+    for i, name in enumerate(_COLOR_OPS[1:], start=1):
+        out = torch.where(sel == i, _color_op(name, x, m, sign), out)
+    grid = F.affine_grid(_affine(op, m, sign), list(x.shape), align_corners=False)
+    moved = F.grid_sample(x - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5
+    return torch.where(sel >= len(_COLOR_OPS), moved, out)
+
+
+def trivial_augment(x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+    """One random op of random strength per image; x is (B, 3, H, W) in [0, 1]. `dense` (default: on
+    CUDA) computes every op for every image and selects, with no host sync; the CPU default computes
+    each op on its images only (the same draws, so CPU runs are unchanged)."""
     B = x.shape[0]
     op = torch.randint(len(_OPS), (B,), device=x.device)
     m = torch.rand(B, device=x.device)
+    if x.is_cuda if dense is None else dense:
+        return _trivial_augment_dense(x, op, m, _random_sign(m))
     out = x.clone()
     for i, name in enumerate(_COLOR_OPS[1:], start=1):
         sel = op == i

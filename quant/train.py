@@ -54,15 +54,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
+          budget: float | None = None) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to `min_lr` over the remaining `total`
     steps; with `cfg.time_budget`, over the budget (`seconds`: training time spent so far) or the
-    steps, whichever runs out first."""
+    steps, whichever runs out first. `budget` (seconds) replaces `cfg.time_budget` when given."""
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
-    if cfg.time_budget:
-        t = max(t, seconds / cfg.time_budget)
+    budget = cfg.time_budget if budget is None else budget
+    if budget:
+        t = max(t, seconds / max(budget, 1e-9))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -122,7 +124,8 @@ class _Dist:
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
         out_dir: str | os.PathLike, teacher: nn.Module | None = None, device: str | None = None,
         extra_loss: Callable[[nn.Module], torch.Tensor] | None = None, progress: bool = True,
-        time_limit: float | None = None, save_every: int = 1) -> tuple[nn.Module, bool]:
+        time_limit: float | None = None, save_every: int = 1,
+        end_within_time_limit: bool = False) -> tuple[nn.Module, bool]:
     """Train `model` in place on `train`, scoring `val` every `save_every` epochs and after the last.
 
     Returns the model and whether training is done (all epochs, or `cfg.time_budget` spent). Logs
@@ -131,6 +134,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     to the loss (quantization-aware training uses it for its bit budget). With `time_limit`
     (seconds), it stops at the end of the last epoch that fits, saving the resume state, so a rerun
     resumes (for machines lent by the command, such as 10-minute GPU jobs).
+    With `end_within_time_limit` (and `cfg.time_budget`), the budget shrinks, from the second epoch on,
+    to what the time limit leaves, so that a run that must end within one call still decays its
+    learning rate to `min_lr` and ends complete, instead of being stopped mid-schedule.
     """
     from tqdm import tqdm
     if cfg.distill != "none" and teacher is None:
@@ -207,9 +213,15 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     # The first step of each run is timed apart and not charged to the budget: on CUDA it compiles
     # the model, which can take longer than a short budget's training.
     started, epoch_seconds, step_seconds, clock, done = time.perf_counter(), 0.0, 0.0, 0.0, True
+    budget = cfg.time_budget  # the cosine's horizon in training seconds (0: none)
     for epoch in range(start_epoch, cfg.epochs):
         trained, step_seconds = env.agree(trained), env.agree(step_seconds)
-        if cfg.time_budget and trained >= cfg.time_budget:
+        if end_within_time_limit and budget and time_limit is not None and epoch_seconds:
+            # spend the budget by the last epoch the limit leaves room for: keep an epoch and a half
+            # and 2 % of what is left (scoring val, saving, logging) in reserve
+            left = time_limit - env.agree(time.perf_counter() - started)
+            budget = min(budget, trained + 0.98 * left - 1.5 * epoch_seconds)
+        if cfg.time_budget and trained >= budget:
             break
         if env.agree(time_limit is not None and time.perf_counter() - started + epoch_seconds > time_limit):
             if env.main:
@@ -228,7 +240,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         for i in bar:
             step = epoch * steps_per_epoch + i
             clock = max(clock, trained + i * step_seconds)
-            lr = lr_at(step, total, warmup, cfg, seconds=clock)
+            lr = lr_at(step, total, warmup, cfg, seconds=clock, budget=budget)
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = order[i * per_rank:(i + 1) * per_rank]
@@ -270,7 +282,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         trained += epoch_seconds
         step_seconds = epoch_seconds / steps
         record["trained_seconds"] = trained
-        last = epoch + 1 == cfg.epochs or (cfg.time_budget and env.agree(trained) >= cfg.time_budget)
+        if budget != cfg.time_budget:
+            record["time_budget"] = budget
+        last = epoch + 1 == cfg.epochs or bool(cfg.time_budget and env.agree(trained) >= budget)
         out_of_time = env.agree(time_limit is not None
                                 and time.perf_counter() - started + epoch_seconds > time_limit)
         save = last or out_of_time or (epoch + 1) % save_every == 0
@@ -327,6 +341,9 @@ def main(argv=None):
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many "
                                                     "seconds; rerun the same command to resume")
+    p.add_argument("--end-within-time-limit", action="store_true",
+                   help="with --time-budget and --time-limit: shrink the budget to what the limit leaves, so "
+                        "the learning rate decays fully and the run ends complete (one-call runs)")
     p.add_argument("--save-every", type=positive_int, default=1,
                    help="score the val split and write the resume state every N epochs (and after the last)")
     args = p.parse_args(argv)
@@ -353,13 +370,19 @@ def main(argv=None):
     if teacher is not None and tuple(teacher.config.classes) != tuple(train.classes):
         raise ValueError(f"the teacher {args.teacher} knows classes {list(teacher.config.classes)}, "
                          f"the data {list(train.classes)}")
+    if teacher is not None and any(tuple(getattr(teacher.config, k)) != tuple(getattr(model.config, k))
+                                   for k in ("mean", "std")):  # it sees the student's normalised input
+        raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "
+                         f"{teacher.config.mean}, std {teacher.config.std}; the student uses "
+                         f"{model.config.mean}, {model.config.std}")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
         print(f"{args.model}: {count_parameters(model):,} parameters; {len(train)} training images"
               f"{f', {len(val)} validation images' if val is not None else ''}")
     t0 = time.time()
     model, done = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device,
-                      time_limit=args.time_limit, save_every=args.save_every)
+                      time_limit=args.time_limit, save_every=args.save_every,
+                      end_within_time_limit=args.end_within_time_limit)
     if main_rank:  # a run stopped by --time-limit still saves the model so far, marked incomplete
         meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split,
                 "train_seconds": f"{time.time() - t0:.0f}", "complete": str(done).lower()}

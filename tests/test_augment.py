@@ -1,0 +1,93 @@
+"""Training augmentation: value ranges, per-image draws, label mixing that matches the pixels, and an
+input that, with every augmentation off, is exactly what evaluation feeds the model."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from quant.augment import Augment, AugmentConfig, _color_op, mix, random_crop_flip, trivial_augment
+from quant.data import to_model_input
+from quant.models import CIFAR10_MEAN, CIFAR10_STD
+
+OFF = AugmentConfig(crop_padding=0, flip=False, trivial_augment=False, mixup_alpha=0, cutmix_alpha=0,
+                    label_smoothing=0)
+
+
+def _images(n=64, size=16, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+def test_with_everything_off_the_training_input_is_the_evaluation_input():
+    images, labels = _images(), torch.arange(64) % 10
+    x, target = Augment(OFF, 10, CIFAR10_MEAN, CIFAR10_STD)(images, labels)
+    assert torch.equal(x, to_model_input(images, CIFAR10_MEAN, CIFAR10_STD))  # normalised once, the same way
+    assert torch.equal(target, F.one_hot(labels, 10).float())
+
+
+def test_the_full_pipeline_gives_normalised_floats_and_soft_targets_that_sum_to_one():
+    torch.manual_seed(0)
+    images, labels = _images(), torch.arange(64) % 10
+    x, target = Augment(AugmentConfig(), 10, CIFAR10_MEAN, CIFAR10_STD)(images, labels)
+    assert x.shape == (64, 3, 16, 16) and x.dtype == torch.float32
+    lo = min((0 - m) / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD))
+    hi = max((1 - m) / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD))
+    assert lo - 1e-5 <= float(x.min()) and float(x.max()) <= hi + 1e-5
+    assert torch.allclose(target.sum(1), torch.ones(64)) and float(target.min()) >= 0.1 / 10 - 1e-6
+
+
+def test_trivial_augment_keeps_images_in_range_and_draws_an_op_per_image():
+    torch.manual_seed(0)
+    x = _images(256).permute(0, 3, 1, 2).float() / 255
+    y = trivial_augment(x)
+    assert float(y.min()) >= 0 and float(y.max()) <= 1
+    unchanged = (y == x).flatten(1).all(1).float().mean()
+    assert 0.02 < unchanged < 0.2  # identity is one op in 13; the rest change the image
+
+
+def test_posterize_matches_pils_bit_mask_on_every_level():
+    k = torch.arange(256, dtype=torch.float32)
+    x = (k / 255).view(1, 1, 1, 256).expand(1, 3, 1, 256)
+    for bits in range(2, 9):
+        out = _color_op("posterize", x, torch.tensor([(8 - bits) / 6]))[0, 0, 0]
+        assert torch.allclose(out * 255, (k.long() & ~((1 << (8 - bits)) - 1)).float(), atol=1e-3)
+
+
+def test_crops_and_flips_are_drawn_per_image():
+    torch.manual_seed(0)
+    x = torch.arange(16 * 16, dtype=torch.float32).view(1, 1, 16, 16).expand(64, 3, 16, 16)
+    y = random_crop_flip(x, 4, True)
+    assert len({tuple(img.flatten().tolist()) for img in y[:, 0]}) > 20
+
+
+def test_cutmix_and_mixup_targets_match_the_mixed_pixels():
+    for seed in range(50):
+        torch.manual_seed(seed)
+        labels = torch.randint(0, 10, (16,))
+        x = labels.float().view(16, 1, 1, 1).expand(16, 3, 16, 16).clone()  # an image's pixels = its label
+        xm, tm = mix(x, F.one_hot(labels, 10).float(), AugmentConfig())
+        # mixup and cutmix both: each image's mean pixel is the target's expected label
+        assert torch.allclose(xm.mean((1, 2, 3)), tm @ torch.arange(10.0), atol=1e-4)
+        if torch.equal(xm, xm.round()):  # cutmix: the fraction of each label's pixels is its target
+            frac = torch.stack([(xm[:, 0] == k).float().mean((1, 2)) for k in range(10)], 1)
+            assert torch.allclose(frac, tm, atol=1e-6)
+
+
+def test_the_dense_trivial_augment_gives_each_image_its_own_op():
+    """The sync-free path (CUDA's default) against one image at a time."""
+    from quant.augment import _COLOR_OPS, _OPS, _affine, _trivial_augment_dense
+    torch.manual_seed(0)
+    x = _images(130).permute(0, 3, 1, 2).float() / 255
+    op = torch.arange(130) % len(_OPS)
+    m, sign = torch.rand(130), torch.where(torch.rand(130) < 0.5, -1.0, 1.0)
+    y = _trivial_augment_dense(x, op, m, sign)
+    for j in range(130):
+        xj, k = x[j:j + 1], int(op[j])
+        if k == 0:
+            want = xj
+        elif k < len(_COLOR_OPS):
+            want = _color_op(_OPS[k], xj, m[j:j + 1], sign[j:j + 1])
+        else:
+            grid = F.affine_grid(_affine(op[j:j + 1], m[j:j + 1], sign[j:j + 1]), list(xj.shape), align_corners=False)
+            want = F.grid_sample(xj - 0.5, grid, align_corners=False) + 0.5
+        assert torch.allclose(y[j:j + 1], want, atol=1e-6), _OPS[k]
+    z = trivial_augment(x, dense=True)
+    assert z.shape == x.shape and float(z.min()) >= 0 and float(z.max()) <= 1
