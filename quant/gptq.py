@@ -77,8 +77,11 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | N
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             g = col // gs
-            if not act_order and col % gs == 0:
-                set_group(g, torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs])
+            if not act_order and col % gs == 0:   # the group's weights as updated so far: those past this
+                ahead = W[:, i2:i1 + i + gs]          # block still owe it the lazy update of columns i1..i-1
+                if ahead.shape[1]:
+                    ahead = ahead - Err1[:, :i] @ U[i1:i1 + i, i2:i1 + i + gs]
+                set_group(g, torch.cat([W1[:, i:], ahead], 1)[:, :gs])
             w = W1[:, i]
             q = torch.clamp(torch.round(w / scales[:, g]) + zeros[:, g], 0, maxq)
             codes[:, i1 + i] = q

@@ -37,7 +37,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def scale_grad(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
     """x forward, gradient multiplied by `factor` backward."""
-    return (x - x * factor).detach() + x * factor
+    y = x * factor
+    return x.detach() + (y - y.detach())   # exactly x in the forward pass
 
 
 def levels(bits: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +132,9 @@ class LearnedQuantizer(nn.Module):
                              f"tensor has shape {tuple(x.shape)}")
         if self._calibrating and not bool(self.initialized):
             self.init_scales(x.detach())
+        dtype = x.dtype   # the arithmetic below in float32 also for float16/bfloat16 inputs (autocast):
+        if dtype in (torch.float16, torch.bfloat16):  # x / s rounded to 8 mantissa bits moves codes
+            x = x.float()
         bits = self.bits()                                                  # (bit_groups,)
         bits = bits.expand(self.groups)                                     # (groups,)
         idx = (bits.detach() - self.b_min).long()
@@ -146,7 +150,7 @@ class LearnedQuantizer(nn.Module):
             z = z + zero
         z = torch.minimum(torch.maximum(z, -qn), qp)                       # gradient reaches the levels
         out = round_ste(z)
-        return (out - zero) * s if self.offset is not None else out * s
+        return ((out - zero) * s if self.offset is not None else out * s).to(dtype)
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()

@@ -122,7 +122,8 @@ class QuantLinear(nn.Module):
         tensors = (self.packed, self.scales, self.zeros)
         versions = tuple(None if t is None else t._version for t in tensors)
         c = self._cache  # unpacking is slow: reuse the weight until a buffer is replaced or changed in place
-        if c is None or c[1] != versions or any(a is not b for a, b in zip(c[0], tensors)):
+        if (c is None or c[1] != versions or any(a is not b for a, b in zip(c[0], tensors))
+                or c[2].is_inference() and not torch.is_inference_mode_enabled()):  # unusable by autograd
             self._cache = (tensors, versions, dequantize(self.codes(), self.scales, self.zeros,
                                                          self.weight_format, self.group_size))
         return self._cache[2]

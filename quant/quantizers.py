@@ -40,6 +40,12 @@ def ste(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return x + (x_hat - x).detach()
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when it is float16/bfloat16 (quantizer arithmetic: x / scale and its rounding must not
+    happen at 8 or 11 mantissa bits, or codes differ from the kernels' float32 ones), else x itself."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def fp16_scale(s: torch.Tensor) -> torch.Tensor:
     """Round positive scales to float16-representable float32 values, at least 2**-24 (fp16's smallest)."""
     return s.clamp(min=2.0 ** -24, max=65504.0).to(torch.float16).to(torch.float32)
@@ -317,9 +323,10 @@ def quantize_int8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = max_k |x[..., k]| / 127 and q = clamp(round(x / s), -127, 127), round half to even; a token
     of zeros gets s = 0 and q = 0. x ~= q * s.
     """
-    s = x.detach().abs().amax(-1, keepdim=True) / 127
-    q = torch.clamp(torch.round(x.detach() / torch.where(s > 0, s, torch.ones_like(s))), -127, 127)
-    return q, s
+    xw = _wide(x.detach())
+    s = xw.abs().amax(-1, keepdim=True) / 127
+    q = torch.clamp(torch.round(xw / torch.where(s > 0, s, torch.ones_like(s))), -127, 127)
+    return q.to(x.dtype), s.to(x.dtype)
 
 
 def fake_quant_int8_token(x: torch.Tensor) -> torch.Tensor:
@@ -354,7 +361,7 @@ def log2_dequantize(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def fake_quant_log2(p: torch.Tensor, bits: int) -> torch.Tensor:
     """log-sqrt(2) quantize-dequantize of probabilities p, straight-through gradient."""
-    return ste(p, log2_dequantize(quantize_log2(p.detach(), bits), bits))
+    return ste(p, log2_dequantize(quantize_log2(_wide(p.detach()), bits), bits).to(p.dtype))
 
 
 # ----------------------------------------------------------------------------- activation quantizer modules
@@ -384,10 +391,12 @@ class UniformQuantizer(torch.nn.Module):
         self.zero.copy_(torch.minimum(torch.round(-lo / scale), levels))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(torch.round(x / self.scale) + self.zero, 2 ** self.bits - 1).clamp_min(0)
+        scale, zero, bits = _wide(self.scale), _wide(self.zero), _wide(self.bits)
+        return torch.minimum(torch.round(_wide(x) / scale) + zero, 2 ** bits - 1).clamp_min(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ste(x, (self.codes(x.detach()) - self.zero) * self.scale)
+        x_hat = (self.codes(x.detach()) - _wide(self.zero)) * _wide(self.scale)
+        return ste(x, x_hat.to(x.dtype))
 
     def spec(self) -> dict:
         return {"kind": "uniform", "shape": list(self.scale.shape)}

@@ -57,3 +57,13 @@ def test_gptq_model_quantizes_in_forward_order_with_quantized_upstream_inputs():
     assert all(isinstance(model[i], QuantLinear) for i in (0, 2))
     assert torch.equal(capture(model, model[2], x), model[1](model[0](x)))
     assert (model(x) - ref).norm() / ref.norm() < 0.1
+
+
+def test_gptq_codes_do_not_depend_on_the_lazy_batch_size():
+    torch.manual_seed(0)
+    x = torch.randn(2000, 96) @ torch.randn(96, 96) * 0.3
+    w = torch.randn(24, 96) * 0.1
+    h = hessian(x)
+    whole = gptq_weight(w, h, 4, 64, block_size=96)            # one block: no lazy updates
+    for block in (40, 50, 128):                                 # groups straddling block ends
+        assert torch.equal(gptq_weight(w, h, 4, 64, block_size=block).codes, whole.codes)

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from quant.lsq import LearnedQuantizer, round_ste
+from quant.lsq import LearnedQuantizer, round_ste, scale_grad
+from quant.quantizers import UniformQuantizer
+from quant.qvit import _to_uniform
 
 
 @pytest.fixture(autouse=True)
@@ -117,3 +119,34 @@ def test_round_ste_passes_gradient_through():
     y = round_ste(x)
     y.sum().backward()
     assert y.tolist() == [0.0, 2.0] and x.grad.tolist() == [1.0, 1.0]
+
+
+def test_scale_grad_leaves_the_forward_value_exactly_unchanged():
+    torch.manual_seed(0)
+    x = torch.rand(10000) * 3
+    for factor in (1 / (128 * 7) ** 0.5, 1 / 3 ** 0.5, 1e-3):   # LSQ's 1 / sqrt(N * Qp) and others
+        assert torch.equal(scale_grad(x, factor), x)
+
+
+def test_a_learned_quantizer_and_the_uniform_quantizer_it_freezes_into_agree_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 17, 16) * 2
+    for signed in (True, False):
+        q = LearnedQuantizer((2, 8), signed=signed, groups=4, dim=1, bit_groups=4, learn_bits=True)
+        with LearnedQuantizer.calibrating(q):
+            q(x)
+        q.set_bits([2, 3, 5, 8])
+        with torch.no_grad():
+            q.scale.mul_(1 + torch.rand(q.scale.shape))    # step sizes with full float32 mantissas
+        u = UniformQuantizer(shape=(1, 4, 1, 1))
+        _to_uniform(q, u)
+        assert torch.equal(q(x), u(x))
+
+
+def test_a_learned_quantizer_rounds_a_bfloat16_input_as_it_rounds_its_float32_value():
+    torch.manual_seed(0)
+    x = (torch.randn(512, 256) * 2).bfloat16()
+    q = LearnedQuantizer(8, signed=False, offset=True)
+    with LearnedQuantizer.calibrating(q):
+        q(x.float())
+    assert torch.equal(q(x), q(x.float()).bfloat16())

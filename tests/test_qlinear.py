@@ -160,3 +160,12 @@ def test_head_wise_quantizer_uses_each_heads_own_range():
     qa.q_quant.set_range(torch.zeros(1, 4, 1, 1), torch.tensor([3.0, 6.0, 9.0, 12.0]).view(1, 4, 1, 1))
     out = qa.q_quant(torch.full((1, 4, 1, 1), 100.0))
     assert out.flatten().tolist() == [3.0, 6.0, 9.0, 12.0]
+
+
+def test_a_weight_cached_under_inference_mode_still_serves_autograd():
+    layer = QuantLinear.from_linear(nn.Linear(16, 8), "int4", 8, True)
+    with torch.inference_mode():
+        layer(torch.randn(2, 16))
+    x = torch.randn(2, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None

@@ -185,3 +185,13 @@ def test_uniform_act_quantizer_calibrates_a_range_per_head():
 
 def test_log2_quantizer_keeps_powers_of_sqrt2_exact():
     assert Log2Quantizer(4)(torch.tensor([0.25, 2 ** -0.5, 1.0])).tolist() == pytest.approx([0.25, 2 ** -0.5, 1.0])
+
+
+def test_quantizers_round_a_bfloat16_input_as_the_float32_kernels_do():
+    torch.manual_seed(0)
+    x = (torch.randn(512, 256) * 2).bfloat16()
+    q, s = quantize_int8_token(x)
+    assert q.dtype == torch.bfloat16 and torch.equal(q.float(), quantize_int8_token(x.float())[0])
+    u = UniformQuantizer(4)
+    u.set_range(torch.tensor(-3.0), torch.tensor(5.0))
+    assert torch.equal(u.codes(x), u.codes(x.float()))

@@ -84,3 +84,13 @@ def test_bit_allocation_is_saved_as_json_and_plotted(tiny_model, tmp_path):
     assert saved["attention"]["blocks.0.attn"]["q"] == model.blocks[0].attn.q_quant.int_bits()
     assert saved["bitops_ratio"] <= 1 + 1e-9
     assert (tmp_path / "bits.png").stat().st_size > 1000
+
+
+def test_a_frozen_lsq_layer_holds_exactly_the_weights_it_trained_with():
+    torch.manual_seed(0)
+    layer = qvit.LSQLinear(128, 64, bits=(2, 8), init_bits=3)
+    with LearnedQuantizer.calibrating(layer):
+        layer(torch.randn(4, 128))
+    with torch.no_grad():
+        layer.weight_quant.scale.mul_(1 + torch.rand(layer.weight_quant.scale.shape))
+    assert torch.equal(layer.weight_quant(layer.weight), layer.freeze().dequantized_weight())
