@@ -148,8 +148,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     env = _Dist(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + env.rank)  # each process its own augmentation draws (DDP makes the weights agree)
+    np.random.seed(cfg.seed + env.rank)
 
     model.to(env.device)
     if teacher is not None:
@@ -188,6 +188,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         torch.set_rng_state(state["rng"])
         if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
             torch.cuda.set_rng_state(state["cuda_rng"], env.device)
+        if env.rank:  # only rank 0's draws are saved: the others start a stream of their rank and epoch
+            torch.manual_seed(cfg.seed + env.rank + 1000 * int(state["epoch"]))
         start_epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
         if env.main:
             print(f"resuming from {ckpt_path} after epoch {start_epoch}")

@@ -152,7 +152,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, cfg: TrainConfig):
     torch.set_num_threads(1)
     torch.manual_seed(rank)  # different initial weights: DDP must start every process from rank 0's
     model, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, out, progress=False, device="cpu")
-    torch.save({"done": done, "params": dict(model.named_parameters())}, f"{out}/rank{rank}.pt")
+    torch.save({"done": done, "params": dict(model.named_parameters()), "next_draws": torch.rand(4)},
+               f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -168,6 +169,7 @@ def test_two_processes_under_a_time_budget_stop_together_with_the_same_weights(t
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(log) > 1 and log[-1]["trained_seconds"] >= 1.0
+    assert not torch.equal(a["next_draws"], b["next_draws"])  # each process augments with its own draws
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
