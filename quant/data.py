@@ -17,6 +17,7 @@ by the source path, its size and modification time and the image size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -196,15 +197,28 @@ class _TarSource(_Source):
     def __init__(self, path: Path):
         self.path = path
         self.key = _stat_key(path)
-        with _open_archive(path) as tar:
-            self.members = [m for m in tar.getmembers()
-                            if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
-        self.splits = {Path(m.name).parts[-3] for m in self.members if len(Path(m.name).parts) >= 3}
-        if not self.members:
-            raise ValueError(f"{path} holds no images")
+
+    @functools.cached_property
+    def members(self) -> list[tarfile.TarInfo]:
+        """The archive's images (listing them decompresses all of it: seconds for CIFAR-10)."""
+        with _open_archive(self.path) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
+        if not members:
+            raise ValueError(f"{self.path} holds no images")
+        return members
 
     def has(self, split: str) -> bool:
-        return split in self.splits
+        """Whether the archive has `split`/ images; the answer is cached beside the decoded splits, so a
+        split already decoded loads without reading the archive at all."""
+        listing = cache_dir() / "data" / (hashlib.sha1(f"{self.key}|splits".encode()).hexdigest()[:16] + ".splits.txt")
+        if listing.exists():
+            return split in listing.read_text().splitlines()
+        splits = sorted({Path(m.name).parts[-3] for m in self.members if len(Path(m.name).parts) >= 3})
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        tmp = listing.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("\n".join(splits))
+        os.replace(tmp, listing)
+        return split in splits
 
     def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
         members = sorted((m for m in self.members if len(Path(m.name).parts) >= 3

@@ -78,6 +78,17 @@ def test_second_load_comes_from_the_cache(image_tree, monkeypatch):
     assert np.array_equal(first.images, again.images) and again.classes == first.classes
 
 
+def test_splits_already_decoded_load_without_reading_the_archive(image_tar, monkeypatch):
+    first = {split: load_split(image_tar, split, image_size=16, progress=False) for split in ("train", "test")}
+
+    def no_reading(*args):
+        raise AssertionError("archive read again")
+    monkeypatch.setattr("quant.data._open_archive", no_reading)
+    for split in ("train", "val", "test"):  # val: the hold-out of the decoded train split
+        again = load_split(image_tar, split, image_size=16, progress=False)
+        assert split == "val" or np.array_equal(first[split].images, again.images)
+
+
 def test_a_damaged_cache_is_decoded_again(image_tree, capsys):
     first = load_split(image_tree, "test", image_size=16, progress=False)
     cached = next((cache_dir() / "data").glob("*.images.npy"))
