@@ -60,16 +60,19 @@ DEFAULTS = {  # device -> (op models, model-benchmark models, batches)
 CPU_TIMING_S = 0.3  # the CPU timer repeats a call for this long (at least 5 times, at most 50); --quick: 0.02
 
 
-def timed(fn, device: str) -> float:
-    """Median seconds of one call of fn."""
-    if device == "cuda":
+def timed(fn, device: str, host: bool = False) -> float:
+    """Median seconds of one call of fn: on a GPU the kernels' time from `do_bench` (its L2 clearing
+    hides the host's launch cost), or with `host` the wall time of a call and a synchronize, dispatch
+    from Python included."""
+    if device == "cuda" and not host:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3
-    fn()
+    run = (lambda: (fn(), torch.cuda.synchronize())) if device == "cuda" else fn
+    run()
     times, start = [], time.perf_counter()
     while len(times) < 5 or (time.perf_counter() - start < CPU_TIMING_S and len(times) < 50):
         t0 = time.perf_counter()
-        fn()
+        run()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -160,7 +163,7 @@ def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, ski
             if op == "int_mm" and (device != "cuda" or m <= 16 or n % 8 or k % 8):
                 continue
             fn, w_bytes, rate = op_call(op, n, k, x, bias)
-            t_eager = timed(fn, device)  # called from Python, one op at a time
+            t_eager = timed(fn, device, host=True)  # called from Python, one op at a time
             if device == "cuda":
                 replay = graphed(fn)
                 t = timed(replay, device)
@@ -271,9 +274,11 @@ def check_targets(ops: list[dict], models: list[dict], base: str = "bf16") -> li
 
     big = ("vit_base_patch16_224", "vit_large_patch16_224")
     for op in (*TERNARY, "w1a8"):
-        small_m = [r["speedup_vs_dense"] for r in ops if r["op"] == op and r["model"] in big and r["M"] <= 256]
+        # rows measured without the dense baseline (--ops without "dense") have no speed-up to compare
+        speedups = [r for r in ops if r["op"] == op and r["model"] in big and r["speedup_vs_dense"] is not None]
+        small_m = [r["speedup_vs_dense"] for r in speedups if r["M"] <= 256]
         add(f"{op} >= 1.5x {base} on ViT-B/L shapes at M <= 256 (worst layer)", min(small_m, default=None), 1.5)
-        at_12608 = [r["speedup_vs_dense"] for r in ops if r["op"] == op and r["model"] in big and r["M"] == 12608]
+        at_12608 = [r["speedup_vs_dense"] for r in speedups if r["M"] == 12608]
         add(f"{op} no slower than {base} at M = 12608 (worst layer)", min(at_12608, default=None), 1.0)
         mem = [r["roofline_frac"] for r in ops if r["op"] == op and r["model"] in big and r["bound"] == "memory"]
         add(f"{op} >= 70% of the memory bound where memory-bound (worst)", min(mem, default=None), 0.7)

@@ -60,8 +60,15 @@ torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" 2>&1
 
 run_tests() {
     local workers=()
+    if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then  # else all would skip
+        echo "tests: torch sees no CUDA device (see env.txt)"
+        return 3
+    fi
     "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${WORKERS:-8}")
-    BITVIT_TUNE=0 timeout "${TESTS_TIMEOUT:-540}" "$PY" -m pytest -q -ra -p no:cacheprovider "${workers[@]}" \
+    # -q -ra come from pyproject's addopts (given twice, -qq drops the "N passed, M skipped" line); at the
+    # time limit SIGINT, not SIGTERM, so that pytest still prints its failures and writes tests.xml
+    BITVIT_TUNE=0 timeout --signal=INT --kill-after=30 "${TESTS_TIMEOUT:-540}" "$PY" -m pytest -p no:cacheprovider \
+        "${workers[@]}" \
         --junitxml "$OUT/tests.xml" tests/test_cuda_ops.py tests/test_to_kernels.py tests/triton_checks.py \
         > "$OUT/tests.log" 2>&1
     local rc=$?
@@ -75,7 +82,7 @@ run_bench() {
         --out "$OUT/cuda_bench.json" --plot "$OUT/cuda_bench.png" "$@" > "$OUT/bench.log" 2> "$OUT/bench.err"
     local rc=$?
     cat "$OUT/bench.log"
-    tail -n 5 "$OUT/bench.err"
+    tr "\r" "\n" < "$OUT/bench.err" | grep -v "it/s\|s/it" | tail -n 5  # tqdm's redraws are one \r-joined line
     echo "bench: exit code $rc"
     return $rc
 }

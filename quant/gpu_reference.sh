@@ -5,7 +5,8 @@
 # On the GPU (device tool, carry [".data"], timeout_s 600):
 #            bash quant/gpu_reference.sh
 # or, sharing the call with the kernel tests (they time nothing, so the two can share the GPU):
-#            bash quant/gpu_reference.sh & bash cuda_ops/gpu_session.sh tests; wait
+#            bash quant/gpu_reference.sh & OMP_NUM_THREADS=2 nice -n 19 bash cuda_ops/gpu_session.sh tests; wait
+#            (the tests niced and at 2 threads a worker, so that they take no CPU time from training)
 #
 # It trains for TIME_BUDGET seconds of steps (default 390; the learning rate's cosine decays over
 # them, see `python -m quant.train --time-budget`; the budget is checked at epoch ends, and the first
