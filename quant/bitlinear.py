@@ -11,6 +11,10 @@
 with straight-through gradients for both quantizers (`quant.quantizers`). `freeze()` turns it into
 the packed `QuantLinear` (weight codes + one scale, `act_format="int8_token"`, the same LayerNorm as
 `input_norm`), which computes exactly the same function: y[t, o] = s[t] * beta * sum_k q[t, k] c[o, k] + b[o].
+The training forward takes the same steps in the same order (codes times weights, then the token scale,
+then the bias), so in float32 a frozen model's logits equal its training form's bit for bit (the
+dequantized input (q s) @ W_q^T differed by an ulp, enough to flip later tokens' int8 rounding and move a
+6-block model's logits by ~2e-3).
 
 `prepare(model, ...)` swaps a model's nn.Linear layers (all but `skip`) for BitLinear layers, for
 quantization-aware training from the model's own weights; `freeze(model)` swaps them for QuantLinear.
@@ -27,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.qlinear import QuantLinear
-from quant.quantizers import dequantize, fake_quant_int8_token, quantize_binary, quantize_ternary, ste
+from quant.quantizers import dequantize, quantize_binary, quantize_int8_token, quantize_ternary, ste
 
 FORMATS = ("binary", "ternary")
 
@@ -66,7 +70,11 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_norm is not None:
             x = self.input_norm(x)
-        return F.linear(fake_quant_int8_token(x), self.quantized_weight(), self.bias)
+        q, s = quantize_int8_token(x)                       # QuantLinear's int8_token steps, in its order:
+        xs = x / torch.where(s > 0, s, torch.ones_like(s))  # q's gradient is x's over s, the scale multiplies it
+        y = F.linear(ste(xs, q), self.quantized_weight())  # back: the plain straight-through gradient
+        y = y * s.to(y.dtype)                               # (bfloat16 under autocast, as F.linear's output)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     @torch.no_grad()
     def freeze(self) -> QuantLinear:

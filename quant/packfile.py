@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from quant.cli import finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import (ViTConfig, VisionTransformer, existing_file, load_model, load_state_dict,
                           read_safetensors)
@@ -165,8 +166,17 @@ def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
     o, k, bits = layer.out_features, layer.in_features, layer.bits
     if entry.get("bits") != bits:
         raise ValueError(f"{path}: layer {name!r} says {entry.get('bits')} bits for {layer.weight_format}")
+    norm = entry.get("input_norm")  # from_spec took any eps: a string failed only in forward, eps <= 0 gave NaN
+    if norm is not None and not (finite_number(norm.get("eps")) and norm["eps"] > 0
+                                 and isinstance(norm.get("affine"), bool)):
+        raise ValueError(f"{path}: layer {name!r} has input_norm {norm!r}, expected a positive eps and a "
+                         f"true/false affine")
     if entry.get("packing") == "base3" and layer.weight_format == "ternary":
-        codes = unpack_base3(_take(tensors, f"{name}.packed", path, (o, (k + 4) // 5), torch.uint8), k)
+        packed = _take(tensors, f"{name}.packed", path, (o, (k + 4) // 5), torch.uint8)
+        try:
+            codes = unpack_base3(packed, k)
+        except ValueError as e:  # a byte above 242: say which file and layer
+            raise ValueError(f"{path}: layer {name!r}: {e}") from None
         layer.packed.copy_(pack_codes(codes, 2))
     elif entry.get("packing") == "bits":
         layer.packed.copy_(_take(tensors, f"{name}.packed", path, (o, packed_row_bytes(k, bits)), torch.uint8))
@@ -194,8 +204,8 @@ def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
                            if kind.endswith("_tensor") else _take(tensors, f"{name}.scales", path, shape, dtype))
     else:
         raise ValueError(f"{path}: layer {name!r} has unknown scale storage {kind!r}")
-    if not torch.isfinite(layer.scales).all():
-        raise ValueError(f"{path}: layer {name!r} has non-finite scales")
+    if not torch.isfinite(layer.scales).all() or (layer.scales < 0).any():
+        raise ValueError(f"{path}: layer {name!r} has negative or non-finite scales")
     if layer.zeros is not None:
         z = _take(tensors, f"{name}.zeros", path, (o, g), torch.uint8)
         if z.numel() and int(z.max()) > 2 ** bits - 1:

@@ -157,6 +157,8 @@ def main(argv=None):
         raise ValueError("--results needs --eval-split (the split the recorded top-1 is measured on)")
     if args.results:
         read_results(args.results)  # a file it cannot record into is refused now, not after training
+    if args.feature_weight > 0 and args.distill == "none":  # fit runs the teacher only to distil its logits
+        raise ValueError("--feature-weight compares features with the teacher's: use it with --distill soft or hard")
 
     r = recipe(args.recipe, **parse_overrides(args.set))
     if not isinstance(r, QAT):
@@ -193,8 +195,8 @@ def main(argv=None):
               ("finetune", args.epochs - search, features)]
     done = True
     for stage, epochs, extra in stages:
-        if stage == "finetune" and search:
-            qvit.fix_bits(student, r.budget_bits)
+        if stage == "finetune" and r.method == "qvit":  # also with no search epochs (--epochs 1): the widths
+            qvit.fix_bits(student, r.budget_bits)           # must still be fixed and brought within the budget
             alloc = qvit.bit_allocation(student)
             print(f"searching stage done: BitOPs {alloc['bitops_ratio']:.3f} of the {r.budget_bits:g}-bit budget, "
                   f"mean weight bits {alloc['mean_weight_bits']:.2f}")

@@ -36,8 +36,10 @@ import torch
 
 
 def ste(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """`x_hat`'s values with `x`'s gradient: the straight-through estimator for a whole quantizer."""
-    return x + (x_hat - x).detach()
+    """`x_hat`'s values with `x`'s gradient: the straight-through estimator for a whole quantizer. Written
+    x_hat + (x - x.detach()), which adds an exact zero, so the forward value is x_hat bit for bit (the
+    usual x + (x_hat - x).detach() can miss it by an ulp, enough to move a later layer's int8 rounding)."""
+    return x_hat + (x - x.detach())
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -327,12 +329,6 @@ def quantize_int8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = xw.abs().amax(-1, keepdim=True) / 127
     q = torch.clamp(torch.round(xw / torch.where(s > 0, s, torch.ones_like(s))), -127, 127)
     return q.to(x.dtype), s.to(x.dtype)
-
-
-def fake_quant_int8_token(x: torch.Tensor) -> torch.Tensor:
-    """Per-token absmax int8 quantize-dequantize of x (..., K), straight-through gradient."""
-    q, s = quantize_int8_token(x)
-    return ste(x, q * s)
 
 
 def uint_range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,6 +57,9 @@ case "$PROFILE" in
        DEADLINE=${DEADLINE:-540} ;;
   *) echo "PROFILE must be cpu or gpu" >&2; exit 2 ;;
 esac
+for v in TIME_BUDGET DEADLINE; do  # bash arithmetic below: a fraction there ended the loop unrun, "all done"
+    [ -z "${!v:-}" ] || [[ ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v must be whole seconds, got ${!v}" >&2; exit 2; }
+done
 [ -f "$TEACHER" ] || { echo "error: teacher $TEACHER not found (set TEACHER=...)" >&2; exit 2; }
 for name in $ONLY; do  # every name checked before the first run starts
     [ -n "${EPOCHS_OF[$name]:-}" ] || { echo "error: unknown run $name (runs: ${!EPOCHS_OF[*]})" >&2; exit 2; }
@@ -110,14 +113,18 @@ for name in $ONLY; do
     # it takes its time), and eager, a CIFAR-sized model is launch-bound anyway.
     eager=()
     if [ "$PROFILE" = gpu ] && [ "$recipe" = qvit ]; then eager=(TORCH_COMPILE_DISABLE=1); fi
+    stamp=$(mktemp)  # files newer than this were written by this run ($out may be a model already shipped)
     env "${eager[@]}" "$PY" -m quant.qat --teacher "$TEACHER" --recipe "$recipe" "${set_[@]}" --data "$DATA" --out "$out" \
         --run-dir "$RUNS/$name" "${limit[@]}" --epochs "${EPOCHS_OF[$name]}" --batch-size "$BATCH" --lr "$LR" \
         --val-limit "$VAL_LIMIT" --eval-split test ${EVAL_LIMIT:+--eval-limit "$EVAL_LIMIT"} \
         --results "$RESULTS" --name "$name" "${EXTRA[@]}" 2>&1 | quiet || true
     took=$((SECONDS - started))
     if ! recorded "$name" "$out"; then  # a packed file not yet scored still comes back, to be scored here
-        all_done=0; echo "== $name: not finished (rerun to resume)"; bring_back "$out"; continue
+        all_done=0; echo "== $name: not finished (rerun to resume)"
+        packed=(); if [ "$out" -nt "$stamp" ]; then packed=("$out"); fi  # written by this run, not a shipped one
+        bring_back "${packed[@]}"; rm -f "$stamp"; continue
     fi
+    rm -f "$stamp"
     if [ "$recipe" = qvit ]; then
         cp "$out.bits.json" "$(dirname "$RESULTS")/qat-$name.bits.json"
         cp "$out.bits.png" "$(dirname "$RESULTS")/qat-$name.bits.png"

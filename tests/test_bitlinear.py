@@ -44,6 +44,35 @@ def test_frozen_layer_computes_the_fake_quantized_forward(fmt):
     assert torch.allclose(q(x), m(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["binary", "ternary"])
+def test_a_frozen_and_reloaded_model_gives_its_training_forms_logits_bit_for_bit(tiny_model, tmp_path, fmt):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 16, 16)
+    model = prepare(tiny_model, fmt)
+    with torch.no_grad():  # a trained student: latent weights and input norms away from their start
+        for m in model.modules():
+            if isinstance(m, BitLinear):
+                m.weight.add_(0.05 * torch.randn_like(m.weight))
+                m.input_norm.weight.normal_(1.0, 0.5)
+                m.input_norm.bias.normal_(0.0, 0.5)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        freeze(model)
+        assert torch.equal(model(x), want)
+        quant.save_quantized(model, tmp_path / "m.safetensors")
+        assert torch.equal(quant.load_quantized(tmp_path / "m.safetensors")(x), want)
+
+
+@pytest.mark.parametrize("fmt", ["binary", "ternary"])
+def test_input_gradient_is_the_straight_through_estimators(fmt):
+    m = layer(fmt, norm=False)
+    x = torch.randn(4, 5, 16, requires_grad=True)
+    g = torch.randn(4, 5, 8)
+    (m(x) * g).sum().backward()
+    assert torch.allclose(x.grad, g @ m.quantized_weight().detach(), atol=1e-5)
+
+
 def test_unknown_weight_format_is_refused():
     with pytest.raises(ValueError, match="binary or ternary"):
         BitLinear(4, 4, weight_format="int4")

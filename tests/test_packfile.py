@@ -195,6 +195,29 @@ def test_a_header_of_the_wrong_shape_is_refused_naming_the_file_even_with_a_fixe
         quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=edit))
 
 
+@pytest.fixture
+def saved_ternary(tmp_path, tiny_model):
+    """A BitNet ternary file: base-3 packed codes and LayerNorms inside the quantized layers."""
+    from quant.bitlinear import freeze, prepare
+    path = tmp_path / "t.safetensors"
+    quant.save_quantized(freeze(prepare(tiny_model, "ternary")), path)
+    return path
+
+
+@pytest.mark.parametrize("edit_header, edit_tensors, message", [
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"]["input_norm"].update(eps="x"), None, "has input_norm"),
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"]["input_norm"].update(eps=-1.0), None, "has input_norm"),
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"]["input_norm"].update(affine="yes"), None, "has input_norm"),
+    (None, lambda t: t.update({"blocks.0.mlp.fc1.scales": -t["blocks.0.mlp.fc1.scales"]}), "negative"),
+    (None, lambda t: t["blocks.0.mlp.fc1.packed"].fill_(243), "byte value 243")],
+    ids=["eps-text", "eps-negative", "affine-text", "negative-scale", "base3-byte"])
+def test_a_forged_ternary_layer_is_refused_on_loading_naming_the_file_and_layer(saved_ternary, tmp_path,
+                                                                                edit_header, edit_tensors, message):
+    bad = rewrite(saved_ternary, tmp_path / "bad.safetensors", edit_tensors=edit_tensors, edit_header=edit_header)
+    with pytest.raises(ValueError, match=f"bad.safetensors: layer 'blocks.0.mlp.fc1'.*{message}"):
+        quant.load_quantized(bad)
+
+
 def test_a_file_of_the_first_format_version_is_refused_as_older(saved, tmp_path):
     with safe_open(str(saved), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}

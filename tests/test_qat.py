@@ -107,6 +107,15 @@ def test_cli_qvit_searches_then_fine_tunes_and_writes_the_bit_allocation(teacher
     quant.load_quantized(out)
 
 
+def test_a_qvit_run_too_short_to_search_still_fixes_its_widths_within_the_budget(teacher_file, image_tar, tmp_path):
+    out = tmp_path / "q.safetensors"   # one epoch: round(1 * 0.5) = 0 search epochs
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--set", "budget_bits=3",
+                      "--data", str(image_tar), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                      "--calib-size", "8"]) == 0
+    alloc = json.loads((tmp_path / "q.safetensors.bits.json").read_text())
+    assert alloc["bitops_ratio"] <= 1 + 1e-9
+
+
 def test_cli_time_budget_is_shared_by_the_qvit_stages_in_proportion_to_their_epochs(teacher_file, image_tar,
                                                                                       tmp_path):
     out = tmp_path / "q.safetensors"
@@ -144,6 +153,14 @@ def test_a_zero_temperature_is_an_argument_error(teacher_file, image_tar, tmp_pa
     assert "--temperature: expected a number > 0" in capsys.readouterr().err
 
 
+def test_feature_distillation_without_logit_distillation_is_refused_before_training(teacher_file, image_tar,
+                                                                                    tmp_path, capsys):
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "x.safetensors"), "--distill", "none", "--feature-weight", "1"]) == 2
+    assert "--feature-weight" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors.run").exists()
+
+
 def test_the_gpu_profile_names_results_after_the_teacher_and_hands_them_back(teacher_file, image_tree, tmp_path):
     env = {**os.environ, "PROFILE": "gpu", "TEACHER": str(teacher_file), "DATA": str(image_tree),
            "ONLY": "w1.58a8 qvit-w3", "EPOCHS": "2", "BATCH": "8", "TIME_BUDGET": "2", "VAL_LIMIT": "6",
@@ -167,6 +184,30 @@ def test_the_gpu_profile_skips_runs_that_would_outlast_the_calls_deadline(teache
                        capture_output=True, text=True, timeout=60)
     assert "w1.58a8: skipped, it would not end within DEADLINE=120 s" in r.stdout, r.stdout + r.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("var", ["TIME_BUDGET", "DEADLINE"])
+def test_the_gpu_profile_refuses_a_time_in_fractions_of_a_second_instead_of_reporting_all_done(teacher_file,
+                                                                                               tmp_path, var):
+    env = {**os.environ, "PROFILE": "gpu", "TEACHER": str(teacher_file), "DATA": str(tmp_path / "data"),
+           "ONLY": "w1a8", "RUNS": str(tmp_path / "runs"), "ASSETS": str(tmp_path / "assets"), var: "75.5"}
+    r = subprocess.run(["bash", "quant/run_qat_all.sh"], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"{var} must be whole seconds" in r.stderr, r.stdout + r.stderr
+    assert "all QAT runs done" not in r.stdout
+
+
+def test_a_failed_run_does_not_hand_back_the_model_already_at_its_output_path(teacher_file, tmp_path):
+    (tmp_path / "assets").mkdir()
+    shipped = tmp_path / "assets" / "fp-w1.58a8.safetensors"   # the shipped ternary model of this teacher
+    shipped.write_bytes(b"an older model")
+    env = {**os.environ, "PROFILE": "gpu", "TEACHER": str(teacher_file), "DATA": str(tmp_path / "no-such-data"),
+           "ONLY": "w1.58a8", "RUNS": str(tmp_path / "runs"), "ASSETS": str(tmp_path / "assets"),
+           "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", "quant/run_qat_all.sh"], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "w1.58a8: not finished" in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "out" / shipped.name).exists()
 
 
 def test_a_run_ended_by_its_time_budget_records_the_epochs_it_trained(teacher_file, image_tar, tmp_path):
