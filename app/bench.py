@@ -50,13 +50,17 @@ def recorded_clip(n: int, height: int = 480, width: int = 640) -> list[np.ndarra
 def bench_pair(handlers: Handlers, variant: str, frames: list[np.ndarray]) -> dict:
     """Every frame through the live handler (as the page calls it); frames/s over the timed frames."""
     stats = LiveStats()
+    def live(frame, stats):
+        out = handlers.live(frame, variant, stats)
+        if str(out[-2]).startswith("⚠"):  # the page's message for a refused frame: no latency to record
+            raise ValueError(str(out[-2])[1:].strip())
+        return out[-1]
     for f in frames[:5]:  # warm-up
-        stats = handlers.live(f, variant, stats)[-1]
+        stats = live(f, stats)
     fp_ms, q_ms = [], []
     t0 = time.perf_counter()
     for f in tqdm(frames, desc=variant[:40], leave=False):
-        out = handlers.live(f, variant, stats)
-        stats = out[-1]
+        stats = live(f, stats)
         fp_ms.append(stats.fp.last)
         q_ms.append(stats.quant.last)
     wall = time.perf_counter() - t0

@@ -91,7 +91,7 @@ class Handlers:
             if stats.variant != (variant or self.cmp.default):
                 stats.reset(variant or self.cmp.default)
             view, fp, q = self.cmp.run(rgb, variant, MIRROR_WEBCAM, first=stats.frames)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # OSError: a variant's file gone or its cache unwritable since start
             return (gr.skip(),) * 5 + (f"⚠ {e}", stats)
         stats.fp.add(fp.latency_ms)
         stats.quant.add(q.latency_ms)
@@ -115,7 +115,7 @@ class Handlers:
             if path is None:
                 return empty + ("Upload, paste or pick an image.",)
             view, fp, q = self.cmp.run(load_image_file(path), variant, repeats=STILL_REPEATS)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             return empty + (f"⚠ {e}",)
         return (_enlarge(view),
                 fp.top(), model_markdown(fp, fp.latency_ms, None, STILL_REPEATS),

@@ -211,7 +211,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.embed_dim))
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # cpu: also under a meta device
         self.blocks = nn.Sequential(*[Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
@@ -246,7 +246,7 @@ def create_model(name: str, **overrides) -> VisionTransformer:
 # ----------------------------------------------------------------------------- checkpoints
 
 def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                    loaded: frozenset[str] = frozenset()) -> None:
+                    loaded: frozenset[str] = frozenset(), copy: bool = True) -> None:
     """Copy `state` into `model` (as its dtypes), refusing any missing, unexpected, differently shaped, non-float
     (where the model's is float) or non-finite tensor by name. `loaded` names tensors the model already holds and
     `state` does not (a packed file's quantized layers, read by their own rules)."""
@@ -270,7 +270,8 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
             raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected {own[k].dtype}")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{source}: tensor {k!r} holds NaN or infinite values (a damaged file?)")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    if copy:
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
 def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -363,9 +364,19 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
                          f"{', '.join(CONFIGS)}")
     else:
         cfg = CONFIGS.get(name) or _unknown(name)
+    check_fits(cfg, state, source)  # before allocating: a damaged config could ask for terabytes
     model = VisionTransformer(cfg)
     load_state_dict(model, state, source=source)
     return model.eval()
+
+
+def check_fits(cfg: ViTConfig, state: dict[str, torch.Tensor], source: str = "checkpoint",
+               loaded: frozenset[str] = frozenset()) -> None:
+    """Refuse `state` for a model of `cfg` (names and shapes, as `load_state_dict`) without allocating the model:
+    the shapes come from a skeleton on the meta device."""
+    with torch.device("meta"):
+        skeleton = VisionTransformer(cfg)
+    load_state_dict(skeleton, state, source=source, loaded=loaded, copy=False)
 
 
 def _unknown(name: str):
@@ -375,8 +386,8 @@ def _unknown(name: str):
 def _load_from_hub(repo: str, name: str) -> VisionTransformer:
     """Download (or find in the local hub cache) timm's `model.safetensors` and label names."""
     from huggingface_hub import hf_hub_download
+    cfg = CONFIGS.get(name) or _unknown(name)  # before any download: a wrong name is the error to report
     path = hf_hub_download(repo, "model.safetensors")
-    cfg = CONFIGS.get(name) or _unknown(name)
     try:
         with open(hf_hub_download(repo, "config.json")) as f:
             labels = json.load(f).get("label_names") or ()

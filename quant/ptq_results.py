@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import output_file, positive_int, provenance, run, utc_now
+from quant.cli import finite_number, output_file, positive_int, provenance, run, utc_now
 
+TABLE_KEYS = ("recipe", "top1", "drop", "bits_per_weight", "size_bytes", "quantize_s")
 DEFAULT_RECIPES = ("w8a8", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
 
 
@@ -34,6 +35,11 @@ def load_results(path: Path) -> list[dict]:
         entries = list(json.loads(path.read_text())["results"])
         if not all(isinstance(e, dict) for e in entries):
             raise TypeError("an entry of 'results' is not an object")
+        for e in entries:  # what `table` prints of every entry, checked before hours of work, not after
+            bad = [k for k in TABLE_KEYS
+                   if not (isinstance(e.get(k), str) if k == "recipe" else finite_number(e.get(k)))]
+            if bad:
+                raise TypeError(f"entry {e.get('recipe')!r} has no valid {bad[0]!r}")
         return entries
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a results file of quant.ptq_results ({e}); move it away or pick "

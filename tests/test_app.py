@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import quant
+from app.bench import bench_pair
 from app.bench import main as bench_main
 from app.backends import inspect_file, open_model, quantize_on_the_fly, scan
 from app.examples import SIZE, write_examples
@@ -442,3 +443,28 @@ def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(ass
     assert all(p["fps"] > 0 and p["frames"] == 3 for p in data["pairs"])
     assert {"command", "machine", "date", "split", "wall_time_s"} <= data.keys()
     assert "frames/s target" in capsys.readouterr().out
+
+
+def test_a_variant_whose_file_went_away_gives_a_message_not_a_crash(fp_file, tmp_path):
+    q = packed(quant.load_any(fp_file), tmp_path / "q.safetensors")
+    h = Handlers(Comparison(open_model(fp_file, runtime="torch"), {"int8": lambda: open_model(q, runtime="torch")}))
+    q.unlink()  # removed from assets/ after the app started, before anyone picked it
+    out = h.live(frame((40, 40, 3)), "int8", LiveStats())
+    assert out[5].startswith("⚠") and "no such model file" in out[5]
+    Image.fromarray(frame((40, 40, 3))).save(tmp_path / "x.png")
+    assert h.still(str(tmp_path / "x.png"), "int8")[-1].startswith("⚠")
+
+
+def test_bits_per_weight_of_a_huge_architecture_is_counted_without_allocating_it():
+    from app.backends import fp_parameters
+    from quant.models import ViTConfig
+    huge = ViTConfig(**{**TINY.__dict__, "embed_dim": 2 ** 20, "num_heads": 1})  # ~10^13 bytes if allocated
+    assert fp_parameters(huge) > 10 ** 12
+
+
+def test_the_bench_stops_with_the_pages_message_when_the_handler_refuses_a_frame(fp_file, tmp_path):
+    q = packed(quant.load_any(fp_file), tmp_path / "q.safetensors")
+    h = Handlers(Comparison(open_model(fp_file, runtime="torch"), {"int8": lambda: open_model(q, runtime="torch")}))
+    q.unlink()  # every frame now gets the page's warning: there is no latency to record
+    with pytest.raises(ValueError, match="no such model file"):
+        bench_pair(h, "int8", [frame((40, 40, 3))] * 6)

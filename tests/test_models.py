@@ -218,3 +218,31 @@ def test_an_unknown_architecture_name_is_refused_for_a_bitvit_file_too(tiny_mode
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model file"):
         load_model(tmp_path / "absent.safetensors")
+
+
+def test_a_config_asking_for_a_huge_model_is_refused_before_allocating_it(tiny_model, tmp_path):
+    """A damaged or hand-edited config (here 10^10 patches) is checked against the tensors on the meta
+    device, so the file gets one clear error instead of a failed multi-terabyte allocation."""
+    cfg = json.loads(tiny_model.config.to_json())
+    cfg.update(img_size=100_000, patch_size=1)
+    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(state, str(tmp_path / "m.safetensors"), metadata={"format": FORMAT, "config": json.dumps(cfg)})
+    with pytest.raises(ValueError, match="does not fit this model: tensor 'patch_embed.proj.weight'"):
+        load_model(tmp_path / "m.safetensors")
+
+
+def test_a_model_still_loads_its_weights_after_the_shape_check(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert all(not p.is_meta for p in loaded.parameters())
+    assert torch.equal(loaded.pos_embed, tiny_model.pos_embed)
+
+
+def test_an_unknown_config_name_for_a_hub_id_is_refused_before_any_download(monkeypatch):
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded before checking the config name")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    with pytest.raises(ValueError, match="unknown model 'bogus'"):
+        load_model("hf-hub:timm/some_repo", name="bogus")

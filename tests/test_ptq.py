@@ -137,3 +137,12 @@ def test_report_leaves_out_impossible_scores_and_unreadable_files(tmp_path):
 def test_report_without_entries_says_what_to_run(tmp_path):
     with pytest.raises(ValueError, match="quant.ptq_results"):
         report_main(["--results", str(tmp_path), "--out", str(tmp_path / "p.png")])
+
+
+def test_results_table_refuses_an_entry_missing_a_column_before_scoring_anything(checkpoint, image_tree, tmp_path):
+    """An entry the final table cannot print (here no 'drop') is refused up front, not as a KeyError after the sweep."""
+    (tmp_path / "r.json").write_text(json.dumps({"results": [{"recipe": "w8a8", "checkpoint": str(checkpoint),
+                                                              "top1": 0.5}]}))
+    with pytest.raises(ValueError, match="not a results file of quant.ptq_results.*'drop'"):
+        results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(tmp_path / "r.json"),
+                      "--recipes", "w4"])
