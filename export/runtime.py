@@ -59,6 +59,7 @@ class Session:
         except Exception as e:  # ORT's errors for invalid graphs, bad initializers, unknown ops
             raise ValueError(f"ONNX Runtime cannot load {path}: {e}") from None
         self._check_signature()
+        self._check_architecture(proto)
 
     def _check_signature(self) -> None:
         """One input `image` (B, 3, S, S) and one output `logits` (B, classes), as the metadata says."""
@@ -71,6 +72,17 @@ class Session:
             raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: expected input image "
                              f"(B, 3, {s}, {s}) and output logits (B, {n}), got "
                              + ", ".join(f"{k} {tuple(v)}" for k, v in got.items()))
+
+    def _check_architecture(self, proto) -> None:
+        """The graph's weights have the metadata's width and depth (what the app counts parameters from)."""
+        cfg = self.config
+        dims = {t.name: list(t.dims) for t in proto.graph.initializer}
+        depth = len({name.split(".")[1] for name in dims if name.startswith("blocks.")})
+        pos = dims.get("pos_embed", dims.get("pos_embed_fp16"))  # fp16 exports store it half and cast it
+        want = [1, cfg.num_patches + 1, cfg.embed_dim]
+        if pos != want or depth != cfg.depth:
+            raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: pos_embed {pos} and "
+                             f"{depth} blocks, the metadata says {want} and {cfg.depth}")
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
 """ONNX export: every format runs in ONNX Runtime and agrees with the torch model it came from."""
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -164,7 +165,12 @@ def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_mo
         opset_imports=[helper.make_opsetid("", 17)])
     foreign.metadata_props.extend(to_onnx(tiny_model).metadata_props)  # a foreign graph, bitvit's label
     onnx.save(foreign, tmp_path / "foreign.onnx")
-    for name in ("resized.onnx", "foreign.onnx"):
+    for key, value in (("embed_dim", 1 << 20), ("depth", 40)):  # the app counts parameters from the metadata
+        lying = to_onnx(tiny_model)
+        meta = next(p for p in lying.metadata_props if p.key == "bitvit.config")
+        meta.value = json.dumps({**json.loads(meta.value), key: value})
+        onnx.save(lying, tmp_path / f"{key}.onnx")
+    for name in ("resized.onnx", "foreign.onnx", "embed_dim.onnx", "depth.onnx"):
         with pytest.raises(ValueError, match="does not match its bitvit metadata"):
             runtime.load(tmp_path / name)
 
