@@ -65,7 +65,7 @@ class Backend:
 @functools.lru_cache(maxsize=None)
 def fp_parameters(cfg: ViTConfig) -> int:
     """Parameters of the full-precision model of this architecture (the weights a file stores); counted on
-    the meta device, so nothing is allocated (an ONNX file's metadata config is not checked against its graph)."""
+    the meta device, so nothing is allocated."""
     with torch.device("meta"):
         return count_parameters(VisionTransformer(cfg))
 

@@ -29,6 +29,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from quant.quantizers import widen
+
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity gradient backward (straight-through estimator)."""
@@ -132,9 +134,7 @@ class LearnedQuantizer(nn.Module):
                              f"tensor has shape {tuple(x.shape)}")
         if self._calibrating and not bool(self.initialized):
             self.init_scales(x.detach())
-        dtype = x.dtype   # the arithmetic below in float32 also for float16/bfloat16 inputs (autocast):
-        if dtype in (torch.float16, torch.bfloat16):  # x / s rounded to 8 mantissa bits moves codes
-            x = x.float()
+        dtype, x = x.dtype, widen(x)  # the arithmetic below in float32 also for half inputs (autocast)
         bits = self.bits()                                                  # (bit_groups,)
         bits = bits.expand(self.groups)                                     # (groups,)
         idx = (bits.detach() - self.b_min).long()

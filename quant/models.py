@@ -364,19 +364,12 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
                          f"{', '.join(CONFIGS)}")
     else:
         cfg = CONFIGS.get(name) or _unknown(name)
-    check_fits(cfg, state, source)  # before allocating: a damaged config could ask for terabytes
+    with torch.device("meta"):  # checked against a skeleton first: a damaged config could ask for terabytes
+        skeleton = VisionTransformer(cfg)
+    load_state_dict(skeleton, state, source=source, copy=False)
     model = VisionTransformer(cfg)
     load_state_dict(model, state, source=source)
     return model.eval()
-
-
-def check_fits(cfg: ViTConfig, state: dict[str, torch.Tensor], source: str = "checkpoint",
-               loaded: frozenset[str] = frozenset()) -> None:
-    """Refuse `state` for a model of `cfg` (names and shapes, as `load_state_dict`) without allocating the model:
-    the shapes come from a skeleton on the meta device."""
-    with torch.device("meta"):
-        skeleton = VisionTransformer(cfg)
-    load_state_dict(skeleton, state, source=source, loaded=loaded, copy=False)
 
 
 def _unknown(name: str):

@@ -42,7 +42,7 @@ def ste(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return x_hat + (x - x.detach())
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
+def widen(x: torch.Tensor) -> torch.Tensor:
     """x in float32 when it is float16/bfloat16 (quantizer arithmetic: x / scale and its rounding must not
     happen at 8 or 11 mantissa bits, or codes differ from the kernels' float32 ones), else x itself."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -325,7 +325,7 @@ def quantize_int8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = max_k |x[..., k]| / 127 and q = clamp(round(x / s), -127, 127), round half to even; a token
     of zeros gets s = 0 and q = 0. x ~= q * s.
     """
-    xw = _wide(x.detach())
+    xw = widen(x.detach())
     s = xw.abs().amax(-1, keepdim=True) / 127
     q = torch.clamp(torch.round(xw / torch.where(s > 0, s, torch.ones_like(s))), -127, 127)
     return q.to(x.dtype), s.to(x.dtype)
@@ -357,7 +357,7 @@ def log2_dequantize(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def fake_quant_log2(p: torch.Tensor, bits: int) -> torch.Tensor:
     """log-sqrt(2) quantize-dequantize of probabilities p, straight-through gradient."""
-    return ste(p, log2_dequantize(quantize_log2(_wide(p.detach()), bits), bits).to(p.dtype))
+    return ste(p, log2_dequantize(quantize_log2(widen(p.detach()), bits), bits).to(p.dtype))
 
 
 # ----------------------------------------------------------------------------- activation quantizer modules
@@ -387,11 +387,11 @@ class UniformQuantizer(torch.nn.Module):
         self.zero.copy_(torch.minimum(torch.round(-lo / scale), levels))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zero, bits = _wide(self.scale), _wide(self.zero), _wide(self.bits)
-        return torch.minimum(torch.round(_wide(x) / scale) + zero, 2 ** bits - 1).clamp_min(0)
+        scale, zero, bits = widen(self.scale), widen(self.zero), widen(self.bits)
+        return torch.minimum(torch.round(widen(x) / scale) + zero, 2 ** bits - 1).clamp_min(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = (self.codes(x.detach()) - _wide(self.zero)) * _wide(self.scale)
+        x_hat = (self.codes(x.detach()) - widen(self.zero)) * widen(self.scale)
         return ste(x, x_hat.to(x.dtype))
 
     def spec(self) -> dict:

@@ -445,10 +445,15 @@ def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(ass
     assert "frames/s target" in capsys.readouterr().out
 
 
-def test_a_variant_whose_file_went_away_gives_a_message_not_a_crash(fp_file, tmp_path):
+def _handlers_whose_variant_went_away(fp_file, tmp_path) -> Handlers:
     q = packed(quant.load_any(fp_file), tmp_path / "q.safetensors")
     h = Handlers(Comparison(open_model(fp_file, runtime="torch"), {"int8": lambda: open_model(q, runtime="torch")}))
     q.unlink()  # removed from assets/ after the app started, before anyone picked it
+    return h
+
+
+def test_a_variant_whose_file_went_away_gives_a_message_not_a_crash(fp_file, tmp_path):
+    h = _handlers_whose_variant_went_away(fp_file, tmp_path)
     out = h.live(frame((40, 40, 3)), "int8", LiveStats())
     assert out[5].startswith("⚠") and "no such model file" in out[5]
     Image.fromarray(frame((40, 40, 3))).save(tmp_path / "x.png")
@@ -463,8 +468,6 @@ def test_bits_per_weight_of_a_huge_architecture_is_counted_without_allocating_it
 
 
 def test_the_bench_stops_with_the_pages_message_when_the_handler_refuses_a_frame(fp_file, tmp_path):
-    q = packed(quant.load_any(fp_file), tmp_path / "q.safetensors")
-    h = Handlers(Comparison(open_model(fp_file, runtime="torch"), {"int8": lambda: open_model(q, runtime="torch")}))
-    q.unlink()  # every frame now gets the page's warning: there is no latency to record
+    h = _handlers_whose_variant_went_away(fp_file, tmp_path)  # every frame gets the page's warning
     with pytest.raises(ValueError, match="no such model file"):
         bench_pair(h, "int8", [frame((40, 40, 3))] * 6)
