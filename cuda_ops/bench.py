@@ -18,6 +18,9 @@ Then the issue's speed targets, each marked met or missed, by how much.
 GPU times are medians from `triton.testing.do_bench`, which clears the L2 cache before every run. A GPU
 op's time ("ms", and the speed-ups) is the replay of a CUDA graph of that one call: the kernels' own time,
 as a graphed model runs them; "eager_ms" is the same call from Python, dispatch overhead included.
+A GPU model's "ms" is a graph replay after the L2 clearing too (a cold cache: the conservative figure,
+which the targets judge); "ms_back_to_back" replays it again and again with a synchronize after each, as
+a stream of frames runs, where a low-bit model's weights can stay in L2 and the bf16 model's cannot.
 """
 from __future__ import annotations
 
@@ -238,15 +241,16 @@ def bench_models(models, batches, variants, device, dtype, deadline, progress, s
                 x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
                 if device == "cuda":
                     replay = CUDAGraphModel(model, x)
-                    t = timed(lambda: replay(x), device)
+                    t = timed(lambda: replay(x), device)  # L2 cleared before each replay
+                    t_warm = timed(lambda: replay(x), device, host=True)  # back to back, as frames stream
                     del replay
                 else:
                     with torch.no_grad():
-                        t = timed(lambda: model(x), device)
+                        t = t_warm = timed(lambda: model(x), device)  # a CPU run is timed back to back
                 if variant == "fp":
                     base[batch] = t
                 rows.append({"model": name, "variant": variant, "dtype": str(dtype).replace("torch.", ""),
-                             "batch": batch, "ms": t * 1e3, "images_per_s": batch / t,
+                             "batch": batch, "ms": t * 1e3, "ms_back_to_back": t_warm * 1e3, "images_per_s": batch / t,
                              "speedup_vs_fp": base[batch] / t if batch in base else None, "weight_MB": total / 1e6,
                              "linear_weight_MB": linear / 1e6, "cuda_graph": device == "cuda",
                              # weight memory relative to the FP model of the same dtype
@@ -288,6 +292,9 @@ def check_targets(ops: list[dict], models: list[dict], base: str = "bf16") -> li
             if (t, 1) in get and ("fp", 1) in get:
                 add(f"{name}: {t} batch-1 latency / {base}", get[(t, 1)]["ms"] / get[("fp", 1)]["ms"],
                     1.0, higher_better=False)
+                if get[(t, 1)]["cuda_graph"]:  # the same, replays back to back: a low-bit model's weights stay in L2
+                    add(f"{name}: {t} batch-1 latency / {base}, back to back", get[(t, 1)]["ms_back_to_back"]
+                        / get[("fp", 1)]["ms_back_to_back"], 1.0, higher_better=False)
                 add(f"{name}: weight memory {base} / {t} (whole model)", get[(t, 1)]["memory_ratio_vs_fp"], 8.0)
                 add(f"{name}: weight memory {base} / {t} (linear weights)", get[(t, 1)]["linear_memory_ratio_vs_fp"],
                     8.0)
@@ -309,11 +316,12 @@ def print_ops(rows: list[dict]) -> None:
 
 
 def print_models(rows: list[dict]) -> None:
-    print(f"\n{'model':<24}{'variant':<11}{'batch':>6}{'ms':>10}{'img/s':>10}{'x fp':>7}{'weights MB':>12}"
-          f"{'fp/this':>9}{'linear fp/this':>16}")
+    print(f"\n{'model':<24}{'variant':<11}{'batch':>6}{'ms':>10}{'b2b ms':>10}{'img/s':>10}{'x fp':>7}"
+          f"{'weights MB':>12}{'fp/this':>9}{'linear fp/this':>16}")
     for r in rows:
         f = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-        print(f"{r['model']:<24}{r['variant']:<11}{r['batch']:>6}{r['ms']:>10.3f}{r['images_per_s']:>10.0f}"
+        print(f"{r['model']:<24}{r['variant']:<11}{r['batch']:>6}{r['ms']:>10.3f}{r['ms_back_to_back']:>10.3f}"
+              f"{r['images_per_s']:>10.0f}"
               f"{f(r['speedup_vs_fp']):>7}{r['weight_MB']:>12.2f}{f(r['memory_ratio_vs_fp']):>9}"
               f"{f(r['linear_memory_ratio_vs_fp']):>16}")
 

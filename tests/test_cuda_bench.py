@@ -61,3 +61,18 @@ def test_targets_skip_op_rows_measured_without_the_dense_baseline():
     targets = bench.check_targets(rows, [])
     assert {t["target"].split(" ")[0] for t in targets} == {"w1.58a8", "w1a8"}
     assert all("memory bound" in t["target"] for t in targets)
+
+
+def test_graphed_models_are_also_judged_back_to_back_where_weights_can_stay_in_l2():
+    """A GPU run's batch-1 target is judged on the L2-cleared replay and, beside it, on back-to-back
+    replays; a CPU run (no graphs, timed back to back already) gets the one target."""
+    def rows(graphed):
+        return [{"model": "vit_base_patch16_224", "variant": v, "batch": 1, "ms": ms, "ms_back_to_back": b2b,
+                 "cuda_graph": graphed, "memory_ratio_vs_fp": 1.0, "linear_memory_ratio_vs_fp": 1.0}
+                for v, ms, b2b in (("fp", 2.0, 1.9), ("w1.58a8", 2.2, 0.95))]
+    latency = lambda targets: {t["target"]: t["measured"] for t in targets if "latency" in t["target"]}  # noqa: E731
+    assert latency(bench.check_targets([], rows(graphed=True))) == {
+        "vit_base_patch16_224: w1.58a8 batch-1 latency / bf16": 1.1,
+        "vit_base_patch16_224: w1.58a8 batch-1 latency / bf16, back to back": 0.5}
+    assert list(latency(bench.check_targets([], rows(graphed=False)))) == [
+        "vit_base_patch16_224: w1.58a8 batch-1 latency / bf16"]
