@@ -165,7 +165,7 @@ class LearnedQuantizer(nn.Module):
         ratios = torch.linspace(0.05, 1.0, 40, device=xg.device)  # 40 candidate fractions of the full range
         best_zero = torch.zeros_like(lo)
         for j, b in enumerate(range(self.b_min, self.b_max + 1)):
-            qn, qp = levels(torch.tensor(float(b)), self.signed)
+            qn, qp = levels(torch.tensor(float(b), device=xg.device), self.signed)
             if self.offset is not None:      # [lo, hi] onto the codes, lo at code -qn
                 full = (hi - lo) / (qp + qn)
             elif self.signed:                # symmetric: the range is set by the largest magnitude

@@ -104,7 +104,7 @@ def main(argv=None):
     from quant.models import load_model
     from quant.ptq import parse_overrides
     from quant.recipes import QAT
-    from quant.train import TrainConfig, check_device, fit
+    from quant.train import TrainConfig, fit, resolve_device
 
     p = argparse.ArgumentParser(prog="python -m quant.qat", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="full-precision bitvit model (.safetensors): teacher and start")
@@ -150,7 +150,7 @@ def main(argv=None):
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
     output_file(args.out, ".safetensors", inputs=(args.teacher,))
-    check_device(args.device)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.results and not args.eval_split:
@@ -173,9 +173,10 @@ def main(argv=None):
     started = time.time()
 
     quantize(student, r)
+    student.to(device)  # calibrated where it trains: Q-ViT's step-size search takes minutes on a small CPU
     penalty = None
     calib = to_model_input(train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(
-        args.seed))[:args.calib_size].numpy()], cfg.mean, cfg.std)
+        args.seed))[:args.calib_size].numpy()], cfg.mean, cfg.std, device=device)
     if r.method == "bitnet":
         bitlinear.init_input_norms(student, calib)
     else:
@@ -238,8 +239,7 @@ def main(argv=None):
     if args.eval_split:
         from quant import load_quantized
         data = load_split(args.data, args.eval_split, cfg.img_size, limit=args.eval_limit)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # where it trained
-        packed = load_quantized(args.out).to(device)   # score the file as users will load it
+        packed = load_quantized(args.out).to(device)   # score the file as users will load it, where it trained
         res = evaluate(packed, data, device=device, progress=True)
         fp = {"top1": _known_teacher_top1(args.results, args.teacher, args.eval_split, res["n"])}
         if fp["top1"] is None:

@@ -95,7 +95,7 @@ class LSQLinear(nn.Linear):
 def _to_uniform(q: LearnedQuantizer, u: UniformQuantizer) -> None:
     """Copy a learned quantizer's selected step size, zero point and width(s) into a UniformQuantizer
     (of a shape that broadcasts like the learned quantizer's groups): the same function."""
-    bits = torch.tensor(q.int_bits(), dtype=torch.float32).expand(q.groups)
+    bits = torch.tensor(q.int_bits(), dtype=torch.float32, device=q.scale.device).expand(q.groups)
     s = q.scale.view(q.groups, -1).gather(1, (bits - q.b_min).long()[:, None])[:, 0].abs() + 1e-8
     qn, _ = levels(bits, q.signed)
     zero = qn + (torch.round(-q.offset / s) if q.offset is not None else 0)

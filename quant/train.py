@@ -90,18 +90,24 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"device {device!r} asked for, but this machine has no CUDA device")
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """The device a run trains on: `device`, else CUDA when there is one; "cuda" is this process's GPU
+    (torchrun's LOCAL_RANK)."""
+    check_device(device)
+    d = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if d.type == "cuda" and d.index is None:
+        d = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return d
+
+
 class _Dist:
     """Rank, world size and device, from torchrun's environment when present."""
 
     def __init__(self, device: str | None):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        check_device(device)
-        cuda = torch.cuda.is_available() and device != "cpu"
-        self.device = torch.device(device or ("cuda" if cuda else "cpu"))
-        if self.device.type == "cuda" and self.device.index is None:  # "cuda": this process's GPU
-            self.device = torch.device(f"cuda:{local}")
+        self.device = resolve_device(device)
+        cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():

@@ -39,6 +39,17 @@ def test_attention_is_quantized_head_wise_in_all_five_slots(tiny_model):
         assert isinstance(q, LearnedQuantizer) and q.bit_groups == 2 and q.learn_bits
 
 
+def test_calibration_makes_its_tensors_on_the_model_device(tiny_model):
+    """On a GPU, a tensor made on torch's default device (the CPU) meeting the CUDA model's fails (the step
+    search's clamp bounds did). Here the model is on the CPU and the default device is meta: the same
+    mistake fails on a CPU machine."""
+    qvit.prepare(tiny_model, budget_bits=4)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.device("meta"):
+        qvit.calibrate(tiny_model, x)
+    assert all(bool(q.initialized) and q.scale.device.type == "cpu" for q in qvit.quantizers(tiny_model).values())
+
+
 def test_budget_penalty_pushes_bit_widths_down(tiny_model):
     model, _ = prepared(tiny_model, budget=3)
     penalty = qvit.BitOpsPenalty(model, budget_bits=3)
