@@ -46,8 +46,8 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | N
     W[:, dead] = 0
     symmetric, maxq = not asymmetric, 2 ** bits - 1
     G = num_groups(K, gs)
-    scales = torch.zeros(O, G)
-    zeros = torch.full((O, G), float(2 ** (bits - 1)))
+    scales = torch.zeros(O, G, device=W.device)
+    zeros = torch.full((O, G), float(2 ** (bits - 1)), device=W.device)
 
     def set_group(g: int, block: torch.Tensor) -> None:   # block (O, <= gs): this group's current weights
         clip = search_clip(block, bits, None, symmetric) if mse_clip else 1.0
@@ -56,24 +56,24 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | N
         if z is not None:
             zeros[:, g] = z[:, 0]
 
-    perm = torch.arange(K)
+    perm = torch.arange(K, device=W.device)
     if act_order:
         for g in range(G):
             set_group(g, W[:, g * gs:(g + 1) * gs])
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    H += damp * H.diagonal().mean() * torch.eye(K, dtype=H.dtype)
+    H += damp * H.diagonal().mean() * torch.eye(K, dtype=H.dtype, device=H.device)
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     except torch.linalg.LinAlgError:
         raise ValueError(f"GPTQ: the inputs' Hessian is not positive definite even with damp={damp}; "
                          f"raise damp (e.g. --set damp=0.1) or calibrate on more images") from None
 
-    codes = torch.zeros(O, K)
+    codes = torch.zeros(O, K, device=W.device)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.zeros(O, i2 - i1)
+        Err1 = torch.zeros(O, i2 - i1, device=W.device)
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             g = col // gs

@@ -140,7 +140,7 @@ def search_clip(w: torch.Tensor, bits: int, group_size: int | None = None, symme
     w = w.detach().float()
     group_size = group_size or w.shape[1]
     best_err = best = None
-    for c in torch.linspace(1.0, 0.5, 20).tolist():  # 20 candidate clip factors, 1 down to 0.5
+    for c in torch.linspace(1.0, 0.5, 20, device="cpu").tolist():  # 20 candidate clip factors, 1 down to 0.5
         scales, zeros = uniform_params(w, bits, group_size, symmetric, clip=c)
         w_hat = uniform_dequantize(uniform_codes(w, scales, zeros, bits, group_size), scales, zeros, bits,
                                    group_size)

@@ -49,7 +49,8 @@ def _override(name: str, layer_formats: tuple[tuple[str, str], ...]) -> str | No
     return None
 
 
-def _need_calib(recipe, calib) -> torch.Tensor:
+def _need_calib(recipe, calib, model: nn.Module) -> torch.Tensor:
+    """The calibration inputs, checked, on the model's device."""
     if calib is None:
         raise ValueError(f"recipe {recipe.name!r} needs calibration inputs: quantize(model, recipe, calib=x) "
                          f"with x a batch of model inputs (a few hundred training images)")
@@ -59,7 +60,7 @@ def _need_calib(recipe, calib) -> torch.Tensor:
                          f"{tuple(getattr(calib, 'shape', ()))}")
     if calib.is_floating_point() and not torch.isfinite(calib).all():
         raise ValueError("the calibration inputs hold NaN or infinite values")
-    return calib
+    return calib.to(next(model.parameters(), calib).device)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class GPTQ:
                     "asymmetric": self.asymmetric, "act_order": self.act_order, "damp": self.damp,
                     "block_size": self.block_size, "mse_clip": self.mse_clip}
 
-        return gptq_model(model, _need_calib(self, calib), plan)
+        return gptq_model(model, _need_calib(self, calib, model), plan)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class W4A4:
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         from quant.w4a4 import quantize_w4a4
-        return quantize_w4a4(model, _need_calib(self, calib), self)
+        return quantize_w4a4(model, _need_calib(self, calib, model), self)
 
 
 @dataclass(frozen=True)

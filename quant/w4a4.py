@@ -182,7 +182,7 @@ def _calibrate_attention(model, attn: QuantAttention, calib, bits, recipe, batch
     B, N, _ = y.shape
     qkv = y.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     for i, slot in enumerate(("q_quant", "k_quant", "v_quant")):
-        quantizer = UniformQuantizer(bits, shape=(1, attn.num_heads, 1, 1))
+        quantizer = UniformQuantizer(bits, shape=(1, attn.num_heads, 1, 1)).to(y.device)
         s, z = tensor_range(qkv[i], bits, dims=(0, 2, 3))
         quantizer.scale.copy_(s)
         quantizer.zero.copy_(z)
@@ -190,8 +190,8 @@ def _calibrate_attention(model, attn: QuantAttention, calib, bits, recipe, batch
     if recipe.softmax == "log2":
         attn.attn_quant = Log2Quantizer(bits)
     elif recipe.softmax == "uniform":
-        quantizer = UniformQuantizer(bits)
-        quantizer.set_range(torch.tensor(0.0), torch.tensor(1.0))
+        quantizer = UniformQuantizer(bits).to(y.device)
+        quantizer.set_range(torch.tensor(0.0, device=y.device), torch.tensor(1.0, device=y.device))
         attn.attn_quant = quantizer
     else:
         raise ValueError(f"unknown softmax quantizer {recipe.softmax!r}; use log2 or uniform")
