@@ -45,6 +45,7 @@ def main(argv=None):
     from quant import quantize, recipe, save_quantized
     from quant.models import load_model
     from quant.recipes import GPTQ, QAT, W4A4
+    from quant.train import resolve_device
     p = argparse.ArgumentParser(prog="python -m quant.ptq", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
     p.add_argument("--recipe", required=True, help="w8a8, w4, w3, w2, nf4, w4-gptq, w3-gptq, w2-gptq, w4a4")
@@ -53,12 +54,14 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="quantized model file to write (.safetensors)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. --set group_size=128 --set act_order=true")
+    p.add_argument("--device", help="cpu or cuda[:N] to calibrate and quantize on (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--float16", action="store_true",
                    help="store the parameters left in floating point (embeddings, norms, biases) in float16; "
                         "calibrated activation ranges stay float32")
     args = p.parse_args(argv)
     output_file(args.out, ".safetensors", inputs=(args.checkpoint,))
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -66,15 +69,16 @@ def main(argv=None):
     if isinstance(r, QAT):
         raise ValueError(f"{args.recipe} is a quantization-aware training recipe: "
                          f"use python -m quant.qat --teacher {args.checkpoint} --recipe {args.recipe} ...")
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint).to(device)
     calib = None
     if args.calib:
         calib = calibration_inputs(args.calib, args.calib_size, model.config)
     elif isinstance(r, (GPTQ, W4A4)):
         raise ValueError(f"recipe {args.recipe} calibrates: give --calib DATA (training images to calibrate on)")
     t0 = time.perf_counter()
-    quantize(model, r, calib=calib)
+    quantize(model, r, calib=calib)  # calibration inputs follow the model to its device
     seconds = time.perf_counter() - t0
+    model.cpu()
     storage = save_quantized(model, args.out, args.float16)
     size = Path(args.out).stat().st_size
     fp_size = Path(args.checkpoint).stat().st_size

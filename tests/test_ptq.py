@@ -68,6 +68,7 @@ def test_calibration_images_come_from_the_train_split(image_tree, tiny_model):
     (["--recipe", "w1.58a8"], "quantization-aware training recipe"),
     (["--recipe", "w4-gptq"], "give --calib DATA"),
     (["--recipe", "w5"], "unknown recipe"),
+    (["--recipe", "w4", "--device", "gpu"], "unknown device 'gpu'"),
 ])
 def test_ptq_cli_bad_requests_are_one_error_line(checkpoint, tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "quant.ptq", "--checkpoint", str(checkpoint), "--out",
