@@ -70,12 +70,13 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | N
                          f"raise damp (e.g. --set damp=0.1) or calibrate on more images") from None
 
     codes = torch.zeros(O, K, device=W.device)
+    cols = perm.tolist()  # on the host: one transfer, not a device sync per column
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.zeros(O, i2 - i1, device=W.device)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = cols[i1 + i]
             g = col // gs
             if not act_order and col % gs == 0:   # the group's weights as updated so far: those past this
                 ahead = W[:, i2:i1 + i + gs]          # block still owe it the lazy update of columns i1..i-1
