@@ -123,7 +123,7 @@ def prepare(model: nn.Module, budget_bits: float = 4, learn_bits: bool = True,
             qa = QuantAttention.from_attention(m)
             for slot, signed in HEAD_SLOTS.items():
                 setattr(qa, slot, _head_quantizer(m.num_heads, signed, start, learn_bits, bits))
-            model.set_submodule(name, qa)
+            model.set_submodule(name, qa.to(m.qkv.weight.device))
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantAttention):
             model.set_submodule(f"{name}.qkv", LSQLinear.from_linear(m.qkv, bits=bits, init_bits=start,

@@ -126,6 +126,18 @@ def test_qvit_recipe_hands_over_learnable_quantizers(tiny_model):
     assert any(type(m).__name__ == "LSQLinear" for m in model.modules())
 
 
+@pytest.mark.parametrize("name", ["w1.58a8", "w1a8", "qvit"])
+def test_qat_layers_are_built_on_the_model_device(name):
+    """A CUDA model's Q-ViT attention quantizers were left on the host. A model on the meta device (with the
+    default device the CPU) shows the same: every tensor of the prepared model must be on meta."""
+    from conftest import TINY
+    from quant.models import VisionTransformer
+    with torch.device("meta"):
+        model = VisionTransformer(TINY)
+    quant.quantize(model, name)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
 def test_an_already_quantized_model_is_refused(tiny_model):
     quantized = quant.quantize(tiny_model, "w8a8")
     with pytest.raises(ValueError, match="already quantized"):
