@@ -30,7 +30,8 @@ int8 tile and meets its own contiguous activation tile (columns c * KC + j0 + [0
 
 Tile shapes come from a small per-shape tuner (first call per (kernel, M bucket, N, K, ...) times the
 candidates with `triton.testing.do_bench`; set BITVIT_TUNE=0 to use the first candidate, the default
-while a CUDA graph is being captured and under TRITON_INTERPRET=1).
+while a CUDA graph is being captured and under TRITON_INTERPRET=1; BITVIT_TUNE=compile launches every
+candidate once, untimed, and uses the first: it fills Triton's compile cache for a later tuning run).
 """
 from __future__ import annotations
 
@@ -384,8 +385,15 @@ class Tuner:
     def pick(self, key: tuple, candidates: list[Config], launch) -> Config:
         if key in self.best:
             return self.best[key]
-        if (INTERPRET or len(candidates) == 1 or os.environ.get("BITVIT_TUNE", "1") == "0"
-                or torch.cuda.is_current_stream_capturing()):
+        mode = os.environ.get("BITVIT_TUNE", "1")
+        if INTERPRET or len(candidates) == 1 or mode == "0" or torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        if mode == "compile":  # compile each tiling (a tiling the device cannot hold is skipped), time none
+            for cfg in candidates:
+                try:
+                    launch(cfg)
+                except Exception:
+                    pass
             return candidates[0]
         times, first_error = {}, None
         for cfg in candidates:

@@ -17,3 +17,24 @@ def test_triton_kernels_pass_their_checks_under_the_interpreter():
     assert r.returncode == 0, f"{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
     passed = re.search(r"(\d+) passed", r.stdout)
     assert passed and int(passed.group(1)) >= 50, r.stdout[-2000:]  # the checks ran, not skipped
+
+
+def test_a_compile_only_tuner_launches_every_candidate_once_and_keeps_no_pick(monkeypatch):
+    """BITVIT_TUNE=compile (gpu_session.sh fills Triton's cache with it beside the reference run): each
+    tiling is launched once, untimed, one that fails to launch is passed over, and the first is used; a
+    later tuning run still times them all."""
+    from cuda_ops import triton_kernels as tk
+    monkeypatch.setenv("BITVIT_TUNE", "compile")
+    monkeypatch.setattr(tk, "INTERPRET", False)
+    monkeypatch.setattr(tk.torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU build has no CUDA
+    launched = []
+
+    def launch(cfg):
+        launched.append(cfg)
+        if cfg.block_m == 32:
+            raise RuntimeError("out of resource: shared memory")
+
+    candidates = [tk.Config(16, 64, 128, 4, 4), tk.Config(32, 64, 256, 4, 4), tk.Config(64, 64, 256, 4, 4)]
+    tuner = tk.Tuner()
+    assert tuner.pick(("a8", 2, 256, 768, 768), candidates, launch) == candidates[0]
+    assert launched == candidates and tuner.best == {}
