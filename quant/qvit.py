@@ -194,7 +194,7 @@ def measure_macs(model: nn.Module, x: torch.Tensor) -> float:
 def bitops(model: nn.Module, uniform_bits: float | None = None) -> torch.Tensor:
     """BitOPs per image of the quantized matmuls with the current (straight-through) widths, or, with
     `uniform_bits`, with every weight and input at that width (the budget)."""
-    total = torch.zeros(())
+    total = torch.zeros((), device=next(model.parameters()).device)
     for m in model.modules():
         if isinstance(m, QuantAttention) and isinstance(m.q_quant, LearnedQuantizer):
             if not getattr(m, "matmul_macs", 0):

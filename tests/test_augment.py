@@ -43,6 +43,16 @@ def test_trivial_augment_keeps_images_in_range_and_draws_an_op_per_image():
     assert 0.02 < unchanged < 0.2  # identity is one op in 13; the rest change the image
 
 
+def test_the_gpu_augment_path_makes_no_tensor_on_the_default_device():
+    """The dense path runs on the GPU: a tensor made there on the default device (the host) would fail.
+    With the batch on the CPU and meta as the default device, the same mistake fails here."""
+    torch.manual_seed(0)
+    x = _images(32).permute(0, 3, 1, 2).float() / 255
+    with torch.device("meta"):
+        y = random_crop_flip(trivial_augment(x, dense=True), 4, True)
+    assert y.device.type == "cpu" and y.shape == x.shape
+
+
 def test_posterize_matches_pils_bit_mask_on_every_level():
     k = torch.arange(256, dtype=torch.float32)
     x = (k / 255).view(1, 1, 1, 256).expand(1, 3, 1, 256)

@@ -73,6 +73,26 @@ def test_qat_students_trace_into_one_graph_for_torch_compile(tiny_model, name):
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
 
 
+@pytest.mark.parametrize("name", ["w1.58a8", "w1a8", "qvit"])
+def test_qat_training_steps_make_no_tensor_on_the_default_device(tiny_model, name):
+    """On a GPU, a tensor made on torch's default device (the host) beside the student's fails or syncs.
+    With the student on the CPU and meta as the default device, the same mistake fails here."""
+    x = torch.randn(4, 3, 16, 16)
+    student = quant.quantize(copy.deepcopy(tiny_model), name)
+    if name == "qvit":
+        qvit.calibrate(student, x)
+        qvit.measure_macs(student, x[:1])
+        penalty = qvit.BitOpsPenalty(student, 3)
+    else:
+        bitlinear.init_input_norms(student, x)
+        penalty = lambda m: 0.0  # noqa: E731
+    target = torch.softmax(torch.randn(4, tiny_model.config.num_classes), 1)
+    with torch.device("meta"):
+        loss = -(target * F.log_softmax(student.train()(x), 1)).sum(1).mean() + penalty(student)
+        loss.backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
 @pytest.fixture
 def teacher_file(tiny_model, tmp_path):
     path = tmp_path / "fp.safetensors"
