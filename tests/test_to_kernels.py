@@ -78,6 +78,18 @@ def test_the_base3_ternary_layout_computes_the_same_in_less_weight_memory():
     assert KernelLinear(wide).packed.shape == (16, 192)
 
 
+@pytest.mark.parametrize("recipe,layout", [("w1.58a8", "2bit"), ("w1.58a8", "base3"), ("w1a8", "2bit"),
+                                           ("w8a8", "2bit"), ("w4", "2bit"), ("nf4", "2bit"), ("w2", "2bit")])
+def test_a_kernel_model_forward_makes_no_tensor_on_the_default_device(recipe, layout):
+    """On a GPU, a tensor made on torch's default device (the host) beside the model's fails. With the model
+    on the CPU and meta as the default device, the same mistake fails here (the CPU kernels' wrappers)."""
+    model = to_kernels(quantized_tiny(recipe), ternary_layout=layout)
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)
+    with torch.device("meta"):
+        assert torch.equal(model(x), expected)
+
+
 def test_an_unknown_ternary_layout_is_refused():
     with pytest.raises(ValueError, match="ternary_layout"):
         to_kernels(quantized_tiny("w1.58a8"), ternary_layout="3bit")
