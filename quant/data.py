@@ -210,7 +210,7 @@ class _TarSource(_Source):
     def has(self, split: str) -> bool:
         """Whether the archive has `split`/ images; the answer is cached beside the decoded splits, so a
         split already decoded loads without reading the archive at all."""
-        listing = cache_dir() / "data" / (hashlib.sha1(f"{self.key}|splits".encode()).hexdigest()[:16] + ".splits.txt")
+        listing = _cache_base(self.key, "splits").with_suffix(".splits.txt")
         if listing.exists():
             return split in listing.read_text().splitlines()
         splits = sorted({Path(m.name).parts[-3] for m in self.members if len(Path(m.name).parts) >= 3})
@@ -330,10 +330,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BITVIT_CACHE", Path.home() / ".cache" / "bitvit"))
 
 
+def _cache_base(*parts: object) -> Path:
+    """The cache's path stem (a suffix goes after it) for what `parts` identify."""
+    return cache_dir() / "data" / hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
 def _cached(source: _Source, split: str, image_size: int, progress: bool) -> ImageSet:
     """A split decoded once and kept in the cache; a split the source lacks is refused by its `decode`."""
-    digest = hashlib.sha1(f"{source.key}|{split}|{image_size}|v1".encode()).hexdigest()[:16]
-    base = cache_dir() / "data" / digest
+    base = _cache_base(source.key, split, image_size, "v1")
     files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.txt")]
     if all(f.exists() for f in files):
         try:
