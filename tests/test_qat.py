@@ -58,17 +58,22 @@ def test_a_few_qvit_steps_lower_the_loss_with_the_budget_penalty(tiny_model):
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("name", ["w1.58a8", "w1a8", "qvit"])
-def test_qat_students_trace_into_one_graph_for_torch_compile(tiny_model, name):
-    """quant.train compiles the student on CUDA: a graph break would split it at every quantizer."""
-    x = torch.randn(4, 3, 16, 16)
-    student, r = copy.deepcopy(tiny_model), quant.recipe(name)
-    quant.quantize(student, r)
-    if r.method == "bitnet":
+def ready_student(model, name, x):
+    """A copy of `model` prepared for QAT with recipe `name` and initialised on inputs x, as quant.qat does."""
+    student = quant.quantize(copy.deepcopy(model), name)
+    if quant.recipe(name).method == "bitnet":
         bitlinear.init_input_norms(student, x)
     else:
         qvit.calibrate(student, x)
         qvit.measure_macs(student, x[:1])
+    return student
+
+
+@pytest.mark.parametrize("name", ["w1.58a8", "w1a8", "qvit"])
+def test_qat_students_trace_into_one_graph_for_torch_compile(tiny_model, name):
+    """quant.train compiles the student on CUDA: a graph break would split it at every quantizer."""
+    x = torch.randn(4, 3, 16, 16)
+    student = ready_student(tiny_model, name, x)
     explained = torch._dynamo.explain(student.train())(x)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
 
@@ -78,14 +83,8 @@ def test_qat_training_steps_make_no_tensor_on_the_default_device(tiny_model, nam
     """On a GPU, a tensor made on torch's default device (the host) beside the student's fails or syncs.
     With the student on the CPU and meta as the default device, the same mistake fails here."""
     x = torch.randn(4, 3, 16, 16)
-    student = quant.quantize(copy.deepcopy(tiny_model), name)
-    if name == "qvit":
-        qvit.calibrate(student, x)
-        qvit.measure_macs(student, x[:1])
-        penalty = qvit.BitOpsPenalty(student, 3)
-    else:
-        bitlinear.init_input_norms(student, x)
-        penalty = lambda m: 0.0  # noqa: E731
+    student = ready_student(tiny_model, name, x)
+    penalty = qvit.BitOpsPenalty(student, 3) if name == "qvit" else (lambda m: 0.0)
     target = torch.softmax(torch.randn(4, tiny_model.config.num_classes), 1)
     with torch.device("meta"):
         loss = -(target * F.log_softmax(student.train()(x), 1)).sum(1).mean() + penalty(student)
