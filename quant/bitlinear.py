@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant.models import forward_with_hooks
 from quant.qlinear import QuantLinear
 from quant.quantizers import dequantize, quantize_binary, quantize_int8_token, quantize_ternary, ste
 
@@ -115,16 +116,8 @@ def init_input_norms(model: nn.Module, x: torch.Tensor) -> None:
         m.input_norm.weight.copy_(w)
         m.input_norm.bias.copy_(y.mean(0) - w * z.mean(0))
 
-    hooks = [m.register_forward_pre_hook(fit) for m in model.modules()
-             if isinstance(m, BitLinear) and m.input_norm is not None]
-    was = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    forward_with_hooks(model, x, [m.register_forward_pre_hook(fit) for m in model.modules()
+                                  if isinstance(m, BitLinear) and m.input_norm is not None])
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from quant.models import forward_with_hooks
 from quant.qlinear import QuantLinear
 from quant.quantizers import QuantizedWeight, num_groups, search_clip, uniform_params
 
@@ -139,14 +140,9 @@ def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size
 def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the model's nn.Linear layers in the order one forward pass calls them."""
     order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, i, n=n: order.append(n) if n not in order else None)
-             for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example, [
+        m.register_forward_pre_hook(lambda mod, i, n=n: order.append(n) if n not in order else None)
+        for n, m in model.named_modules() if isinstance(m, nn.Linear)])
     return order
 
 

@@ -396,3 +396,17 @@ def _load_from_hub(repo: str, name: str) -> VisionTransformer:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def forward_with_hooks(model: nn.Module, x: torch.Tensor, hooks: list) -> torch.Tensor:
+    """One eval-mode forward pass of x for the sake of the hooks (handles of registered hooks) it runs;
+    the hooks are removed and the model's train/eval mode restored afterwards, even on an error."""
+    was = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.lsq import LearnedQuantizer, levels
-from quant.models import Attention, Mlp
+from quant.models import Attention, Mlp, forward_with_hooks
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
 from quant.quantizers import UniformQuantizer
@@ -179,14 +179,7 @@ def measure_macs(model: nn.Module, x: torch.Tensor) -> float:
             hooks.append(m.register_forward_hook(linear_hook))
         elif isinstance(m, QuantAttention):
             hooks.append(m.register_forward_hook(attn_hook))
-    was = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    forward_with_hooks(model, x, hooks)
     return sum(getattr(m, "macs", 0.0) + getattr(m, "matmul_macs", 0.0) for m in model.modules()
                if isinstance(m, (LSQLinear, QuantAttention)))
 

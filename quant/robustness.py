@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from quant.cli import output_file, positive_int, provenance, run
 from quant.lsq import LearnedQuantizer
-from quant.models import Attention, VisionTransformer
+from quant.models import Attention, VisionTransformer, forward_with_hooks
 from quant.qattention import QuantAttention
 from quant.quantizers import fake_quant_uniform
 
@@ -70,11 +70,7 @@ def _activations(model: VisionTransformer, x: torch.Tensor) -> list[dict[str, to
                 lambda m, inp, out, i=i, slot=slot: acts[i].__setitem__(slot, inp[0])))
         hooks.append(block.mlp.fc2.register_forward_pre_hook(
             lambda m, inp, i=i: acts[i].__setitem__("gelu", inp[0])))
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, x, hooks)
     return acts
 
 
@@ -82,12 +78,8 @@ def _activations(model: VisionTransformer, x: torch.Tensor) -> list[dict[str, to
 def _block_inputs(model: VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]:
     """The token tensor (B, N, D) entering each block."""
     inputs = []
-    hooks = [b.register_forward_pre_hook(lambda m, inp: inputs.append(inp[0])) for b in model.blocks]
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, x, [b.register_forward_pre_hook(lambda m, inp: inputs.append(inp[0]))
+                                  for b in model.blocks])
     return inputs
 
 

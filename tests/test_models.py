@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from quant.models import (CONFIGS, FORMAT, ViTConfig, VisionTransformer, create_model, load_model,
-                          load_state_dict, save_model)
+from quant.models import (CONFIGS, FORMAT, ViTConfig, VisionTransformer, create_model, forward_with_hooks,
+                          load_model, load_state_dict, save_model)
 from tests.conftest import TINY
 
 TIMM_BLOCK_KEYS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
@@ -84,6 +84,20 @@ def test_cifar_configs_output_logits_per_class():
 def test_input_that_is_not_a_batch_of_the_models_images_is_refused(tiny_model, x):
     with pytest.raises(ValueError, match=r"expected 16x16 RGB images as a float tensor \(B, 3, 16, 16\)"):
         tiny_model(x)
+
+
+def test_a_hooked_forward_pass_removes_its_hooks_and_restores_the_mode_even_when_it_fails(tiny_model):
+    seen = []
+    tiny_model.train()
+
+    def fail(m, inp):
+        seen.append(m.training)
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        forward_with_hooks(tiny_model, torch.randn(2, 3, 16, 16), [tiny_model.blocks[0].register_forward_pre_hook(fail)])
+    assert seen == [False]                                 # the pass ran in eval mode
+    assert tiny_model.training and not tiny_model.blocks[0]._forward_pre_hooks
 
 
 def test_saved_model_rebuilds_itself(tiny_model, tmp_path):
