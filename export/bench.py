@@ -1,7 +1,9 @@
 """`python -m export.bench`: latency and size of every ONNX variant against torch, plus their accuracy.
 
 On the CPU, with `--threads` (2) threads, at batch 1 and 8, median of `--runs` (>= 30) timed runs
-taken round-robin over the variants (so background load hits them alike), for the reference model
+taken round-robin over the variants (so background load hits them alike), each timed call right
+after an untimed one of the same variant (so no variant is timed waking threads that slept while the
+others ran: torch's OpenMP threads doze off within milliseconds), for the reference model
 and a ViT-S/16 at 224 with random weights:
   torch fp32 | ORT fp32 | ORT dynamic int8 (onnxruntime.quantization.quantize_dynamic of ORT fp32) |
   ORT w8a8 (bitvit's per-token int8 export, MatMulInteger) | ORT MatMulNBits 4-bit |
@@ -88,7 +90,8 @@ def _torch_fn(model):
 
 
 def time_variants(variants: dict, img_size: int, batch: int, runs: int) -> dict[str, float]:
-    """Median ms per call of each variant, timed round-robin after 3 warm-up calls each."""
+    """Median ms per call of each variant, timed round-robin after 3 warm-up calls each; each timed call
+    follows an untimed call of the same variant."""
     x = np.random.default_rng(batch).standard_normal((batch, 3, img_size, img_size)).astype(np.float32)
     for v in variants.values():
         for _ in range(3):
@@ -96,6 +99,7 @@ def time_variants(variants: dict, img_size: int, batch: int, runs: int) -> dict[
     times = {k: [] for k in variants}
     for _ in range(runs):
         for name, v in variants.items():
+            v.fn(x)
             t = time.perf_counter()
             v.fn(x)
             times[name].append((time.perf_counter() - t) * 1e3)
@@ -186,9 +190,14 @@ def main(argv=None):
         if fmt not in {f for f, _ in EXPORTS.values()} - {"fp32"}:
             raise ValueError(f"{path} holds {fmt} weights; the bench compares "
                              f"{', '.join(sorted({f for f, _ in EXPORTS.values()} - {'fp32'}))}")
-        if qm.config != ref.config:
+        if not qm.config.same_architecture(ref.config):
             raise ValueError(f"{path} is not a quantized {Path(args.checkpoint).name}: its architecture differs")
         quantized[fmt] = (qm, f"trained: {Path(path).name}")
+    data = None
+    if args.data:  # decoded (and refused, if it must be) before minutes of timing
+        from quant.data import load_split
+        data = load_split(args.data, args.split, image_size=ref.config.img_size,
+                          limit=args.limit).require_classes(ref.config.classes)
     torch.manual_seed(0)
     suites = {"reference": (ref, Path(args.checkpoint).name)}
     if not args.no_vit_s:
@@ -204,9 +213,7 @@ def main(argv=None):
                 print(f"{key}: timing batch {b} ({args.runs} runs x {len(variants)} variants) ...", file=sys.stderr)
                 for name, ms in time_variants(variants, model.config.img_size, b, args.runs).items():
                     rows[name]["latency_ms"][str(b)] = ms
-            if key == "reference" and args.data:
-                from quant.data import load_split
-                data = load_split(args.data, args.split, image_size=model.config.img_size, limit=args.limit)
+            if key == "reference" and data is not None:
                 for name, acc in accuracy(variants, data, model.config.mean, model.config.std).items():
                     rows[name].update(acc)
             results[key] = {"model": desc, "variants": rows, "targets": targets(rows)}

@@ -47,6 +47,12 @@ class ImageSet:
     def subset(self, index: np.ndarray) -> "ImageSet":
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
+    def require_classes(self, classes: tuple[str, ...], whose: str = "the model's") -> "ImageSet":
+        """This set, if its classes are `classes` (a model's), in order; else one clear error."""
+        if self.classes and classes and tuple(self.classes) != tuple(classes):
+            raise ValueError(f"the data's classes {list(self.classes)} are not {whose} {list(classes)}")
+        return self
+
 
 def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 32,
                val_fraction: float = 0.1, limit: int | None = None, progress: bool = True) -> ImageSet:

@@ -40,8 +40,7 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, device="cp
              progress: bool = False) -> dict:
     """top1, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
     cfg = model.config
-    if data.classes and cfg.classes and tuple(data.classes) != tuple(cfg.classes):
-        raise ValueError(f"the data's classes {list(data.classes)} are not the model's {list(cfg.classes)}")
+    data.require_classes(cfg.classes)
     pred = predict(model, data.images, cfg.mean, cfg.std, batch_size, device, progress).argmax(1).numpy()
     k = cfg.num_classes
     confusion = np.bincount(data.labels * k + pred, minlength=k * k).reshape(k, k)

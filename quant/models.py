@@ -79,6 +79,10 @@ class ViTConfig:
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
 
+    def same_architecture(self, other: "ViTConfig") -> bool:
+        """Whether the two configs build the same network (training settings such as drop_path_rate aside)."""
+        return dataclasses.replace(self, drop_path_rate=0.0) == dataclasses.replace(other, drop_path_rate=0.0)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
@@ -352,8 +356,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
         state, meta = read_safetensors(source)
     if meta.get("format") == FORMAT:
         cfg = ViTConfig.from_json(meta.get("config"), source)
-        if name is not None and dataclasses.replace(CONFIGS.get(name) or _unknown(name), drop_path_rate=0.0) \
-                != dataclasses.replace(cfg, drop_path_rate=0.0):
+        if name is not None and not (CONFIGS.get(name) or _unknown(name)).same_architecture(cfg):
             raise ValueError(f"{source} holds a different architecture than {name!r}")
     elif "format" in meta:
         raise ValueError(f"{source} is a {meta['format']!r} file, not a full-precision bitvit ViT (quantized ViTs "

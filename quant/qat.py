@@ -167,7 +167,7 @@ def main(argv=None):
     teacher = load_model(args.teacher)
     student = load_model(args.teacher)
     cfg = student.config
-    train = load_split(args.data, "train", cfg.img_size, limit=args.limit)
+    train = load_split(args.data, "train", cfg.img_size, limit=args.limit).require_classes(cfg.classes)
     val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
     run_dir = Path(args.run_dir or f"{args.out}.run")
     started = time.time()

@@ -375,9 +375,8 @@ def main(argv=None):
     model = (cnn.create_teacher(args.model, **labels) if is_cnn
              else create_model(args.model, drop_path_rate=args.drop_path, **labels))
     teacher = load_any(args.teacher) if args.teacher else None
-    if teacher is not None and tuple(teacher.config.classes) != tuple(train.classes):
-        raise ValueError(f"the teacher {args.teacher} knows classes {list(teacher.config.classes)}, "
-                         f"the data {list(train.classes)}")
+    if teacher is not None:
+        train.require_classes(teacher.config.classes, whose=f"the teacher {args.teacher}'s")
     if teacher is not None and any(tuple(getattr(teacher.config, k)) != tuple(getattr(model.config, k))
                                    for k in ("mean", "std")):  # it sees the student's normalised input
         raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "

@@ -8,6 +8,7 @@ import quant
 from export.bench import VARIANTS, main
 from quant.cli import run
 from quant.models import VisionTransformer, save_model
+from tests.conftest import write_tree
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +76,19 @@ def test_a_quantized_file_of_another_architecture_is_refused(fp_file, tiny_model
     quant.save_quantized(other, tmp_path / "other.safetensors")
     assert bench(fp_file, tmp_path, "--quantized", str(tmp_path / "other.safetensors"))[0] == 2
     assert "architecture differs" in capsys.readouterr().err
+
+
+def test_data_of_other_classes_is_refused_before_any_timing(fp_file, tmp_path, capsys):
+    other = write_tree(tmp_path / "other", classes=("a", "b", "c"))
+    assert bench(fp_file, tmp_path, "--data", str(other))[0] == 2
+    captured = capsys.readouterr()
+    assert "are not the model's" in captured.err and "timing" not in captured.err
+
+
+def test_a_quantized_file_trained_with_another_drop_path_rate_is_the_same_architecture(fp_file, tiny_model, tmp_path):
+    trained = VisionTransformer(dataclasses.replace(tiny_model.config, drop_path_rate=0.1)).eval()
+    quant.save_quantized(quant.quantize(trained, "w8a8"), tmp_path / "w8a8.safetensors")
+    code, out = bench(fp_file, tmp_path, "--quantized", str(tmp_path / "w8a8.safetensors"))
+    assert code == 0
+    assert json.loads(out.read_text())["results"]["reference"]["variants"]["ORT w8a8"]["weights"] == \
+        "trained: w8a8.safetensors"

@@ -14,6 +14,7 @@ from quant import bitlinear, qvit
 from quant.cli import run
 from quant.models import save_model
 from quant.qat import main
+from tests.conftest import write_tree
 
 
 def distill_steps(student, teacher, x, steps=15, lr=3e-3):
@@ -177,6 +178,14 @@ def test_feature_distillation_without_logit_distillation_is_refused_before_train
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
                       "--out", str(tmp_path / "x.safetensors"), "--distill", "none", "--feature-weight", "1"]) == 2
     assert "--feature-weight" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors.run").exists()
+
+
+def test_data_of_other_classes_is_refused_before_training(teacher_file, tmp_path, capsys):
+    other = write_tree(tmp_path / "other", classes=("a", "b", "c"))
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(other),
+                      "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "are not the model's" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors.run").exists()
 
 

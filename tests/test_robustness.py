@@ -6,6 +6,7 @@ import torch
 from quant.models import save_model
 from quant.robustness import analyse, main
 from quant.cli import run
+from tests.conftest import write_tree
 
 
 def inputs(n, seed):
@@ -57,3 +58,12 @@ def test_cli_refuses_an_out_path_the_plot_would_overwrite(tiny_model, image_tar,
     save_model(tiny_model, ckpt)
     assert run(main, ["--checkpoint", str(ckpt), "--data", str(image_tar), "--out", str(tmp_path / "r.png")]) == 2
     assert "give a .json file name" in capsys.readouterr().err
+
+
+def test_cli_refuses_data_of_other_classes(tiny_model, tmp_path, capsys):
+    ckpt = tmp_path / "fp.safetensors"
+    save_model(tiny_model, ckpt)
+    other = write_tree(tmp_path / "other", classes=("a", "b", "c"))
+    assert run(main, ["--checkpoint", str(ckpt), "--data", str(other), "--out", str(tmp_path / "r.json"),
+                      "--split", "test"]) == 2
+    assert "are not the model's" in capsys.readouterr().err
