@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from quant.models import ViTConfig
 
@@ -74,7 +75,8 @@ class Session:
                              + ", ".join(f"{k} {tuple(v)}" for k, v in got.items()))
 
     def _check_architecture(self, proto) -> None:
-        """The graph's weights have the metadata's width and depth (what the app counts parameters from)."""
+        """The graph's weights have the metadata's width and depth (what the app counts parameters from), and
+        finite values."""
         cfg = self.config
         dims = {t.name: list(t.dims) for t in proto.graph.initializer}
         depth = len({name.split(".")[1] for name in dims if name.startswith("blocks.")})
@@ -83,6 +85,10 @@ class Session:
         if pos != want or depth != cfg.depth:
             raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: pos_embed {pos} and "
                              f"{depth} blocks, the metadata says {want} and {cfg.depth}")
+        floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+        for t in proto.graph.initializer:  # a damaged weight or scale would turn every output into NaN
+            if t.data_type in floats and not np.isfinite(numpy_helper.to_array(t)).all():
+                raise ValueError(f"{self.path}: weight {t.name!r} holds NaN or infinite values (a damaged file?)")
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -116,12 +122,7 @@ class Session:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Logits (B, classes) of normalised images (B, 3, S, S)."""
-        x = np.asarray(x)
-        s = self.image_size
-        if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (3, s, s) or len(x) == 0:
-            raise ValueError(f"expected float32 input (B, 3, {s}, {s}) with B >= 1, got {x.dtype} {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError("the input holds NaN or infinite values")
+        x = check_input(x, self.image_size)
         try:
             return self.session.run(["logits"], {"image": x})[0]
         except Exception as e:  # ORT's Fail/InvalidArgument, e.g. a packed initializer of the wrong size
@@ -130,6 +131,16 @@ class Session:
     def predict(self, images) -> np.ndarray:
         """Logits of uint8 RGB images (see `preprocess`)."""
         return self(self.preprocess(images))
+
+
+def check_input(x, size: int) -> np.ndarray:
+    """`x` if it is a model input: normalised float32 images (B, 3, size, size), B >= 1, all finite."""
+    x = np.asarray(x)
+    if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (3, size, size) or len(x) == 0:
+        raise ValueError(f"expected float32 input (B, 3, {size}, {size}) with B >= 1, got {x.dtype} {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("the input holds NaN or infinite values")
+    return x
 
 
 def load(path: str | os.PathLike, threads: int | None = None) -> Session:

@@ -58,6 +58,20 @@ def finite_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_positive_int(v) -> bool:
+    """Whether a value read from JSON is a positive integer; True is not."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def run_folder(path: str | os.PathLike) -> Path:
+    """A run's folder (made now), checked before any work is done: not an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a run folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Path:
     """An output file's path, checked before any work is done: not a folder, named `*{suffix}`, and not one of
     the command's `inputs` (a model it reads); its folder is made."""

@@ -323,7 +323,9 @@ def _decode(data: bytes, name: str, image_size: int) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         img.load()
         return _resize(img.convert("RGB"), image_size)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError:  # its own message names a BytesIO object, not the file
+        raise ValueError(f"cannot decode image {name}: not in an image format PIL reads") from None
+    except (Image.DecompressionBombError, OSError, ValueError) as e:
         raise ValueError(f"cannot decode image {name}: {e}") from None
 
 

@@ -19,12 +19,13 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import finite_number
+from quant.cli import finite_number, is_positive_int
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -34,6 +35,24 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FORMAT = "bitvit-vit/1"  # safetensors metadata key "format" of a full-precision bitvit checkpoint
+
+
+def check_image_config(cfg, kind: str, sizes: tuple[str, ...]) -> Callable[[bool, str, str], None]:
+    """Refuse a model config (ViT or CNN teacher) whose `sizes` fields, num_classes, classes, mean or std
+    no model can be built from or fed with, naming the field; returns the check for the kind's own fields."""
+    def check(ok: bool, field: str, want: str):
+        if not ok:
+            raise ValueError(f"{kind} config field {field!r} must be {want}, got {getattr(cfg, field)!r}")
+
+    for f in (*sizes, "num_classes"):
+        check(is_positive_int(getattr(cfg, f)), f, "a positive integer")
+    check(isinstance(cfg.classes, tuple) and all(isinstance(c, str) for c in cfg.classes)
+          and len(cfg.classes) in (0, cfg.num_classes), "classes", f"{cfg.num_classes} class names or none")
+    for f in ("mean", "std"):
+        v = getattr(cfg, f)
+        check(isinstance(v, tuple) and len(v) == 3 and all(map(finite_number, v)), f, "three numbers (R, G, B)")
+    check(all(s > 0 for s in cfg.std), "std", "positive")
+    return check
 
 
 @dataclass(frozen=True)
@@ -54,26 +73,13 @@ class ViTConfig:
 
     def __post_init__(self):
         """Refuse a config no model can be built from (a damaged or hand-edited file's), naming the field."""
-        def check(ok: bool, field: str, want: str):
-            if not ok:
-                raise ValueError(f"ViT config field {field!r} must be {want}, got {getattr(self, field)!r}")
-
-        for f in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes"):
-            v = getattr(self, f)
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f, "a positive integer")
+        check = check_image_config(self, "ViT", ("img_size", "patch_size", "embed_dim", "depth", "num_heads"))
         check(self.patch_size <= self.img_size, "patch_size", f"at most img_size ({self.img_size})")
         check(self.embed_dim % self.num_heads == 0, "num_heads", f"a divisor of embed_dim ({self.embed_dim})")
         check(finite_number(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio", "a positive number")
         check(finite_number(self.drop_path_rate) and 0 <= self.drop_path_rate < 1, "drop_path_rate", "in [0, 1)")
-        check(isinstance(self.stem_channels, tuple) and all(
-            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.stem_channels),
-            "stem_channels", "a list of positive integers")
-        check(isinstance(self.classes, tuple) and all(isinstance(c, str) for c in self.classes)
-              and len(self.classes) in (0, self.num_classes), "classes", f"{self.num_classes} class names or none")
-        for f in ("mean", "std"):
-            v = getattr(self, f)
-            check(isinstance(v, tuple) and len(v) == 3 and all(map(finite_number, v)), f, "three numbers (R, G, B)")
-        check(all(s > 0 for s in self.std), "std", "positive")
+        check(isinstance(self.stem_channels, tuple) and all(map(is_positive_int, self.stem_channels)),
+              "stem_channels", "a list of positive integers")
 
     @property
     def num_patches(self) -> int:
@@ -367,12 +373,17 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
                          f"{', '.join(CONFIGS)}")
     else:
         cfg = CONFIGS.get(name) or _unknown(name)
-    with torch.device("meta"):  # checked against a skeleton first: a damaged config could ask for terabytes
-        skeleton = VisionTransformer(cfg)
-    load_state_dict(skeleton, state, source=source, copy=False)
-    model = VisionTransformer(cfg)
+    return build_and_load(lambda: VisionTransformer(cfg), state, source).eval()
+
+
+def build_and_load(build: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """`build()` with `state` loaded. The state is first checked against a skeleton built on the meta device,
+    which holds no memory: a damaged config in a file could otherwise ask for terabytes."""
+    with torch.device("meta"):
+        load_state_dict(build(), state, source=source, copy=False)
+    model = build()
     load_state_dict(model, state, source=source)
-    return model.eval()
+    return model
 
 
 def _unknown(name: str):

@@ -267,6 +267,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
             raise ValueError(f"{path}: unknown architecture kind {arch.get('kind')!r}")
         cfg = ViTConfig.from_json(json.dumps(arch.get("config")), path)
         if model is None:
+            _check_full_precision_part(cfg, header, tensors, path)
             model = VisionTransformer(cfg)
         elif getattr(model, "config", None) != cfg:
             raise ValueError(f"{path} holds a different architecture than the model given")
@@ -279,6 +280,17 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
                     loaded=frozenset(f"{n}.{b}" for n in header["layers"] for b in _OWN))  # the other tensors
     model.quant_recipe = header.get("recipe")
     return model.eval()
+
+
+def _check_full_precision_part(cfg: ViTConfig, header: dict, tensors: dict, path) -> None:
+    """Check the file's tensors outside its quantized layers and attention blocks against a skeleton of
+    the header's architecture on the meta device, before building it: a damaged header could otherwise
+    ask for terabytes."""
+    quantized = tuple(f"{name}." for name in (*header["layers"], *header["attention"]))
+    with torch.device("meta"):
+        skeleton = VisionTransformer(cfg)
+    load_state_dict(skeleton, {k: v for k, v in tensors.items() if not k.startswith(quantized)}, source=str(path),
+                    loaded=frozenset(k for k in skeleton.state_dict() if k.startswith(quantized)), copy=False)
 
 
 def _rebuild_modules(model: nn.Module, header: dict, tensors: dict, path) -> None:
@@ -318,6 +330,9 @@ def load_any(path: str | os.PathLike) -> nn.Module:
     path = str(path)
     if path.endswith((".pth", ".pt", ".bin")):
         return load_model(path)
+    if path.lower().endswith(".onnx"):
+        raise ValueError(f"{path} is an ONNX file: this takes a torch model file (.safetensors, .pth); "
+                         f"ONNX files run with export.runtime.load")
     from safetensors import safe_open
     existing_file(path)
     try:

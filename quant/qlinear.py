@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant.cli import is_positive_int
 from quant.pack import pack_codes, packed_row_bytes, unpack_codes
 from quant.quantizers import (WEIGHT_FORMATS, DoubleQuantized, UniformQuantizer, dequantize, num_groups,
                               quantize_int8_token, quantize_nf4, quantize_weight)
@@ -57,9 +58,10 @@ class QuantLinear(nn.Module):
             raise ValueError(f"unknown weight format {weight_format!r}; known: {', '.join(WEIGHT_FORMATS)}")
         if asymmetric and not weight_format.startswith("int"):
             raise ValueError(f"{weight_format} weights have no zero points; only intB formats are asymmetric")
+        for field, v in (("in_features", in_features), ("out_features", out_features), ("group_size", group_size)):
+            if not (v is None and field == "group_size" or is_positive_int(v)):
+                raise ValueError(f"{field} must be a positive integer, got {v!r}")
         group_size = min(group_size or in_features, in_features)  # a group wider than a row is the row
-        if group_size < 1:
-            raise ValueError(f"group_size must be positive, got {group_size}")
         act_bits(act_format)  # validates
         self.in_features, self.out_features = in_features, out_features
         self.weight_format, self.bits, self.group_size = weight_format, WEIGHT_FORMATS[weight_format], group_size

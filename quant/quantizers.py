@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import torch
 
+from quant.cli import is_positive_int
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -425,9 +427,15 @@ def quantizer_from_spec(spec: dict | None) -> torch.nn.Module:
         return torch.nn.Identity()
     kind = spec.get("kind")
     if kind == "uniform":
-        return UniformQuantizer(shape=tuple(spec["shape"]))
+        shape = spec.get("shape")  # () per tensor, (H, 1, 1) per head, (K,) per channel
+        if not (isinstance(shape, list) and len(shape) <= 4 and all(is_positive_int(n) and n <= 65536 for n in shape)):
+            raise ValueError(f"a uniform quantizer's shape must be up to 4 sizes in 1..65536, got {shape!r}")
+        return UniformQuantizer(shape=tuple(shape))
     if kind == "log2":
-        return Log2Quantizer(int(spec["bits"]))
+        bits = spec.get("bits")
+        if not (is_positive_int(bits) and bits <= 8):
+            raise ValueError(f"a log2 quantizer's bits must be an integer in 1..8, got {bits!r}")
+        return Log2Quantizer(bits)
     raise ValueError(f"unknown activation quantizer kind {kind!r}")
 
 

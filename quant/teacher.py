@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from quant.models import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, load_state_dict, read_safetensors
+from quant.cli import is_positive_int
+from quant.models import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, build_and_load, check_image_config,
+                          read_safetensors)
 
 FORMAT = "bitvit-cnn/1"
 
@@ -36,6 +38,13 @@ class CNNConfig:
     classes: tuple[str, ...] = CIFAR10_CLASSES
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
+
+    def __post_init__(self):
+        """Refuse a config no network can be built from (a damaged or hand-edited file's), naming the field."""
+        check = check_image_config(self, "CNN teacher", ("img_size",))
+        check(isinstance(self.widths, tuple) and len(self.widths) == 4
+              and all(map(is_positive_int, self.widths)), "widths", "four positive integers (stem, stage 1, 2, 3)")
+        check(self.img_size >= 8, "img_size", "at least 8 (three 2x poolings)")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -59,8 +68,6 @@ def _conv(c_in: int, c_out: int) -> nn.Sequential:
 class ResNetTeacher(nn.Module):
     def __init__(self, cfg: CNNConfig):
         super().__init__()
-        if len(cfg.classes) not in (0, cfg.num_classes):
-            raise ValueError(f"{len(cfg.classes)} class names for {cfg.num_classes} classes")
         self.config = cfg
         w0, w1, w2, w3 = cfg.widths
         self.stem = _conv(3, w0)
@@ -103,6 +110,4 @@ def load_teacher(path: str | os.PathLike) -> ResNetTeacher:
         cfg = CNNConfig.from_json(meta.get("config"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    model = ResNetTeacher(cfg)
-    load_state_dict(model, state, source=str(path))
-    return model.eval()
+    return build_and_load(lambda: ResNetTeacher(cfg), state, str(path)).eval()

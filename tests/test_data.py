@@ -157,6 +157,19 @@ def test_undecodable_image_is_named(image_tree):
         load_split(image_tree, "test", progress=False)
 
 
+def test_undecodable_image_message_names_the_file_not_a_buffer(image_tree):
+    (image_tree / "test" / "dog" / "0003.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(ValueError, match="not in an image format") as e:
+        load_split(image_tree, "test", progress=False)
+    assert "BytesIO" not in str(e.value)
+
+
+def test_an_image_too_large_to_decode_safely_is_named(image_tree, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 16x16 test images count as decompression bombs
+    with pytest.raises(ValueError, match=r"cannot decode image .*\.jpg.*decompression bomb"):
+        load_split(image_tree, "test", progress=False)
+
+
 def test_truncated_image_is_named(image_tree):
     f = image_tree / "test" / "frog" / "0001.jpg"
     f.write_bytes(f.read_bytes()[:100])

@@ -175,6 +175,16 @@ def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_mo
             runtime.load(tmp_path / name)
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "ternary"])
+def test_a_file_with_a_non_finite_weight_or_scale_is_refused_when_loaded(tiny_model, tmp_path, fmt):
+    proto = to_onnx(quantize_for_export(tiny_model, fmt), fmt)
+    t = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and "blocks.0" in t.name)
+    t.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(t).shape, np.nan, np.float32), t.name))
+    onnx.save(proto, tmp_path / "nan.onnx")
+    with pytest.raises(ValueError, match=f"nan.onnx: weight '{t.name}' holds NaN"):
+        runtime.load(tmp_path / "nan.onnx")
+
+
 def test_a_file_without_its_model_config_is_refused(tiny_model, tmp_path):
     model = to_onnx(tiny_model)
     kept = [p for p in model.metadata_props if p.key != "bitvit.config"]

@@ -86,7 +86,7 @@ def test_input_that_is_not_a_batch_of_the_models_images_is_refused(tiny_model, x
         tiny_model(x)
 
 
-def test_a_hooked_forward_pass_removes_its_hooks_and_restores_the_mode_even_when_it_fails(tiny_model):
+def test_a_hooked_forward_pass_removes_its_hooks_and_restores_the_mode_even_on_failure(tiny_model):
     seen = []
     tiny_model.train()
 

@@ -187,12 +187,33 @@ def test_an_edited_header_is_refused_by_the_checksum(saved, tmp_path):
     (lambda h: h["layers"]["blocks.0.mlp.fc1"].pop("act_format"), "layer 'blocks.0.mlp.fc1' is damaged"),
     (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(weight_format="int9"), "layer 'blocks.0.mlp.fc1' is damaged"),
     (lambda h: h["architecture"].pop("config"), "the ViT config is not a JSON object"),
-    (lambda h: h["architecture"]["config"].update(num_heads=0), "ViT config field 'num_heads'")],
-    ids=["norm", "act", "int9", "noconfig", "heads"])
+    (lambda h: h["architecture"]["config"].update(num_heads=0), "ViT config field 'num_heads'"),
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(group_size=True), "layer 'blocks.0.mlp.fc1' is damaged")],
+    ids=["norm", "act", "int9", "noconfig", "heads", "group-true"])
 def test_a_header_of_the_wrong_shape_is_refused_naming_the_file_even_with_a_fixed_checksum(saved, tmp_path, edit,
                                                                                            message):
     with pytest.raises(ValueError, match=f"bad.safetensors: .*{message}"):
         quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=edit))
+
+
+def test_a_header_asking_for_a_huge_architecture_is_refused_before_building_it(saved, tmp_path):
+    def huge(h):
+        h["architecture"]["config"].update(embed_dim=65536, depth=48)  # 50 GB of float32 weights
+    with pytest.raises(ValueError, match="bad.safetensors does not fit this model: missing"):
+        quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=huge))
+
+
+@pytest.mark.parametrize("spec, message", [({"kind": "uniform", "shape": [-1]}, "shape must be"),
+                                           ({"kind": "uniform", "shape": "4"}, "shape must be"),
+                                           ({"kind": "log2", "bits": 99}, "bits must be")],
+                         ids=["negative-shape", "text-shape", "log2-bits"])
+def test_a_damaged_attention_quantizer_entry_is_refused_on_loading(tmp_path, tiny_model, spec, message):
+    path = tmp_path / "w4a4.safetensors"
+    quant.save_quantized(quant.quantize(tiny_model, "w4a4", calib=torch.randn(8, 3, 16, 16)), path)
+    bad = rewrite(path, tmp_path / "bad.safetensors",
+                  edit_header=lambda h: h["attention"]["blocks.0.attn"]["slots"].update(attn_quant=spec))
+    with pytest.raises(ValueError, match=f"attention 'blocks.0.attn' is damaged.*{message}"):
+        quant.load_quantized(bad)
 
 
 @pytest.fixture
@@ -262,6 +283,12 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "f.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="neither"):
         quant.load_any(tmp_path / "f.safetensors")
+
+
+def test_an_onnx_file_is_refused_pointing_to_the_onnx_runtime(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    with pytest.raises(ValueError, match="is an ONNX file.*export.runtime.load"):
+        quant.load_any(tmp_path / "m.onnx")
 
 
 def test_plain_model_file_needs_its_architecture(tmp_path):

@@ -25,6 +25,27 @@ def test_a_teacher_file_rebuilds_the_same_network(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("widths", [-1, 64, 128, 256], "CNN teacher config field 'widths'"),
+    ("widths", ["a", 64, 128, 256], "CNN teacher config field 'widths'"),
+    ("mean", [0.5, 0.5], "CNN teacher config field 'mean'"),
+    ("std", [0.0, 0.0, 0.0], "CNN teacher config field 'std'"),
+    ("img_size", 0, "CNN teacher config field 'img_size'"),
+    ("classes", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "CNN teacher config field 'classes'"),
+    ("widths", [32, 64, 128, 2_000_000], "does not fit this model")],  # on a skeleton: no terabytes allocated
+    ids=["negative-width", "text-width", "two-means", "zero-std", "no-size", "numeric-classes", "huge"])
+def test_a_teacher_file_with_a_damaged_config_is_refused_naming_the_field(tmp_path, field, value, message):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    save_teacher(create_teacher("resnet_cifar_half"), tmp_path / "t.safetensors")
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = {**json.loads(meta["config"]), field: value}
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "config": json.dumps(config)})
+    with pytest.raises(ValueError, match=f"bad.safetensors.*{message}"):
+        load_teacher(tmp_path / "bad.safetensors")
+
+
 def test_a_vit_file_is_not_a_teacher_file(tmp_path, tiny_model):
     from quant.models import save_model
     save_model(tiny_model, tmp_path / "vit.safetensors")
