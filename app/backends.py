@@ -200,8 +200,11 @@ def _cache() -> Path:
 
 def _torch_backend(model: nn.Module, name: str, size: int, path: Path | None, linear_bits, threads,
                    note: str) -> Backend:
+    from export.runtime import check_input
+
     @torch.inference_mode()
     def run(x: np.ndarray) -> np.ndarray:
+        x = check_input(x, model.config.img_size)  # refused as the ONNX Runtime backend refuses it
         if threads:
             torch.set_num_threads(threads)
         return model(torch.from_numpy(x)).float().numpy()

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import number_in, output_file, positive_int, provenance, run
+from quant.cli import number_in, output_file, positive_int, provenance, run, run_folder
 from quant.data import SPLITS
 
 
@@ -169,7 +169,7 @@ def main(argv=None):
     cfg = student.config
     train = load_split(args.data, "train", cfg.img_size, limit=args.limit).require_classes(cfg.classes)
     val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
-    run_dir = Path(args.run_dir or f"{args.out}.run")
+    run_dir = run_folder(args.run_dir or f"{args.out}.run")
     started = time.time()
 
     quantize(student, r)

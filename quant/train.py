@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import number_in, positive_int, run
+from quant.cli import number_in, positive_int, run, run_folder
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -52,6 +52,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _trim_log(path: Path, epochs: int) -> None:
+    """Drop the records of the epochs after `epochs` from a run's log (a resumed run redoes them)."""
+    if not path.exists():
+        return
+    kept = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            keep = json.loads(line)["epoch"] <= epochs
+        except (json.JSONDecodeError, TypeError, KeyError):
+            raise ValueError(f"{path}, line {n}, is not an epoch record; fix or delete the log") from None
+        if keep:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
@@ -191,19 +208,19 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             raise ValueError(f"{ckpt_path} holds the resume state of another model "
                              f"({(str(e).splitlines() or [''])[0][:120]}); use a fresh --out folder or delete it") \
                 from None
-        torch.set_rng_state(state["rng"])
-        if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
-            torch.cuda.set_rng_state(state["cuda_rng"], env.device)
+        try:
+            torch.set_rng_state(state["rng"])
+            if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
+                torch.cuda.set_rng_state(state["cuda_rng"], env.device)
+            start_epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{ckpt_path} holds a damaged resume state ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:120]}); delete it to start over") from None
         if env.rank:  # only rank 0's draws are saved: the others start a stream of their rank and epoch
-            torch.manual_seed(cfg.seed + env.rank + 1000 * int(state["epoch"]))
-        start_epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
+            torch.manual_seed(cfg.seed + env.rank + 1000 * start_epoch)
         if env.main:
             print(f"resuming from {ckpt_path} after epoch {start_epoch}")
-            log_path = out / "log.jsonl"  # drop the epochs after the checkpoint: they are redone
-            if log_path.exists():
-                kept = [line for line in log_path.read_text().splitlines()
-                        if json.loads(line)["epoch"] <= start_epoch]
-                log_path.write_text("".join(line + "\n" for line in kept))
+            _trim_log(out / "log.jsonl", start_epoch)
 
     cuda = env.device.type == "cuda"
     fwd = model
@@ -356,6 +373,7 @@ def main(argv=None):
                    help="score the val split and write the resume state every N epochs (and after the last)")
     args = p.parse_args(argv)
     check_device(args.device)
+    run_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -161,6 +161,16 @@ def test_a_backends_size_is_its_file_and_bits_per_weight_follow_from_it(assets):
     assert b.weight_format == "ternary" and b.linear_bits < 4
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("x", [np.zeros((1, 3, 16, 16), np.float64), np.full((1, 3, 16, 16), np.nan, np.float32),
+                               np.zeros((1, 16, 16, 3), np.float32), np.zeros((0, 3, 16, 16), np.float32)],
+                         ids=["float64", "nan", "channels-last", "empty"])
+def test_both_runtimes_refuse_what_is_not_a_batch_of_normalised_images_alike(assets, runtime, x):
+    b = open_model(assets / "tiny_ternary.safetensors", runtime=runtime)
+    with pytest.raises(ValueError, match="expected float32 input|NaN or infinite"):
+        b(x)
+
+
 def test_foreign_and_missing_model_files_are_refused(tmp_path, assets):
     with pytest.raises(FileNotFoundError):
         open_model(tmp_path / "nope.safetensors")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from quant.augment import AugmentConfig
+from quant.cli import run
 from quant.data import ImageSet
 from quant.models import VisionTransformer
 from quant.train import TrainConfig, fit, lr_at, main
@@ -226,6 +227,35 @@ def test_a_foreign_resume_state_is_refused_with_a_message(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "last.pt")
     with pytest.raises(ValueError, match="not a bitvit resume state"):
         fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(epochs=1, batch_size=8), tmp_path)
+
+
+def test_a_resume_state_with_a_damaged_field_is_refused_with_a_message(tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), colour_set(8), cfg, tmp_path, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    torch.save({**state, "rng": torch.zeros(3)}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="holds a damaged resume state"):
+        fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("record", ["", "{not json", '{"loss": 1.0}'], ids=["blank", "garbage", "no-epoch"])
+def test_a_resumed_run_skips_blank_log_lines_and_names_a_damaged_log(tmp_path, record):
+    data = colour_set(8)
+    cfg = TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False)  # 2 epochs logged, epoch 2 saved
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(record + "\n")
+    if record:
+        with pytest.raises(ValueError, match=r"log.jsonl, line 3, is not an epoch record"):
+            fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False)
+    else:
+        assert fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False)[1]
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, capsys):
+    (tmp_path / "run").write_text("")
+    assert run(main, ["--data", str(tmp_path / "no-data-here"), "--out", str(tmp_path / "run")]) == 2
+    assert "is a file, not a run folder" in capsys.readouterr().err
 
 
 def test_time_limit_stops_at_an_epoch_boundary_and_a_rerun_finishes(tmp_path):
