@@ -32,6 +32,7 @@ import torch.nn as nn
 
 import quant
 from quant.cli import finite_number
+from quant.data import check_model_input
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import ViTConfig, VisionTransformer, count_parameters, existing_file
 from quant.packfile import FORMAT as QUANT_FORMAT
@@ -200,11 +201,9 @@ def _cache() -> Path:
 
 def _torch_backend(model: nn.Module, name: str, size: int, path: Path | None, linear_bits, threads,
                    note: str) -> Backend:
-    from export.runtime import check_input
-
     @torch.inference_mode()
     def run(x: np.ndarray) -> np.ndarray:
-        x = check_input(x, model.config.img_size)  # refused as the ONNX Runtime backend refuses it
+        x = check_model_input(x, model.config.img_size)  # refused as the ONNX Runtime backend refuses it
         if threads:
             torch.set_num_threads(threads)
         return model(torch.from_numpy(x)).float().numpy()

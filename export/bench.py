@@ -2,9 +2,9 @@
 
 On the CPU, with `--threads` (2) threads, at batch 1 and 8, median of `--runs` (>= 30) timed runs
 taken round-robin over the variants (so background load hits them alike), each timed call right
-after an untimed one of the same variant (so no variant is timed waking threads that slept while the
-others ran: torch's OpenMP threads doze off within milliseconds), for the reference model
-and a ViT-S/16 at 224 with random weights:
+after an untimed one of the same variant (so a variant is timed with its threads awake, not waking them
+from the sleep they fell into while the others ran: torch's OpenMP threads doze off within
+milliseconds), for the reference model and a ViT-S/16 at 224 with random weights:
   torch fp32 | ORT fp32 | ORT dynamic int8 (onnxruntime.quantization.quantize_dynamic of ORT fp32) |
   ORT w8a8 (bitvit's per-token int8 export, MatMulInteger) | ORT MatMulNBits 4-bit |
   ORT MatMulNBits 2-bit (the ternary model in standard ops) | bitvit ternary op | bitvit binary op
@@ -190,14 +190,15 @@ def main(argv=None):
         if fmt not in {f for f, _ in EXPORTS.values()} - {"fp32"}:
             raise ValueError(f"{path} holds {fmt} weights; the bench compares "
                              f"{', '.join(sorted({f for f, _ in EXPORTS.values()} - {'fp32'}))}")
-        if not qm.config.same_architecture(ref.config):
-            raise ValueError(f"{path} is not a quantized {Path(args.checkpoint).name}: its architecture differs")
+        if not qm.config.same_model(ref.config):
+            raise ValueError(f"{path} is not a quantized {Path(args.checkpoint).name}: its architecture, classes "
+                             f"or input normalisation differ")
         quantized[fmt] = (qm, f"trained: {Path(path).name}")
     data = None
     if args.data:  # decoded (and refused, if it must be) before minutes of timing
         from quant.data import load_split
         data = load_split(args.data, args.split, image_size=ref.config.img_size,
-                          limit=args.limit).require_classes(ref.config.classes)
+                          limit=args.limit).require_classes(ref.config)
     torch.manual_seed(0)
     suites = {"reference": (ref, Path(args.checkpoint).name)}
     if not args.no_vit_s:

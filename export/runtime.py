@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from quant.data import check_model_input
 from quant.models import ViTConfig
 
 from .exporter import META_FORMAT
@@ -85,9 +86,11 @@ class Session:
         if pos != want or depth != cfg.depth:
             raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: pos_embed {pos} and "
                              f"{depth} blocks, the metadata says {want} and {cfg.depth}")
-        floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-        for t in proto.graph.initializer:  # a damaged weight or scale would turn every output into NaN
-            if t.data_type in floats and not np.isfinite(numpy_helper.to_array(t)).all():
+        T = onnx.TensorProto
+        floats = (T.FLOAT, T.FLOAT16, T.BFLOAT16, T.DOUBLE)
+        constants = [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+        for t in [*proto.graph.initializer, *constants]:  # a damaged weight or scale turns every output into NaN
+            if t.data_type in floats and not np.isfinite(numpy_helper.to_array(t).astype(np.float32)).all():
                 raise ValueError(f"{self.path}: weight {t.name!r} holds NaN or infinite values (a damaged file?)")
 
     @property
@@ -122,7 +125,7 @@ class Session:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Logits (B, classes) of normalised images (B, 3, S, S)."""
-        x = check_input(x, self.image_size)
+        x = check_model_input(x, self.image_size)
         try:
             return self.session.run(["logits"], {"image": x})[0]
         except Exception as e:  # ORT's Fail/InvalidArgument, e.g. a packed initializer of the wrong size
@@ -131,16 +134,6 @@ class Session:
     def predict(self, images) -> np.ndarray:
         """Logits of uint8 RGB images (see `preprocess`)."""
         return self(self.preprocess(images))
-
-
-def check_input(x, size: int) -> np.ndarray:
-    """`x` if it is a model input: normalised float32 images (B, 3, size, size), B >= 1, all finite."""
-    x = np.asarray(x)
-    if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (3, size, size) or len(x) == 0:
-        raise ValueError(f"expected float32 input (B, 3, {size}, {size}) with B >= 1, got {x.dtype} {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("the input holds NaN or infinite values")
-    return x
 
 
 def load(path: str | os.PathLike, threads: int | None = None) -> Session:

@@ -64,11 +64,10 @@ def is_positive_int(v) -> bool:
 
 
 def run_folder(path: str | os.PathLike) -> Path:
-    """A run's folder (made now), checked before any work is done: not an existing file."""
+    """A run's folder, checked before any work is done (not an existing file); made later, by the run."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file, not a run folder")
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

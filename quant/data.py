@@ -47,10 +47,14 @@ class ImageSet:
     def subset(self, index: np.ndarray) -> "ImageSet":
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
-    def require_classes(self, classes: tuple[str, ...], whose: str = "the model's") -> "ImageSet":
-        """This set, if its classes are `classes` (a model's), in order; else one clear error."""
-        if self.classes and classes and tuple(self.classes) != tuple(classes):
-            raise ValueError(f"the data's classes {list(self.classes)} are not {whose} {list(classes)}")
+    def require_classes(self, cfg, whose: str = "the model's") -> "ImageSet":
+        """This set, if its classes are those of the model config `cfg` (in order; by number where the model
+        names none, as an ImageNet config does); else one clear error. A set without class names (an
+        in-memory one) is taken as it is."""
+        if self.classes and cfg.classes and tuple(self.classes) != tuple(cfg.classes):
+            raise ValueError(f"the data's classes {list(self.classes)} are not {whose} {list(cfg.classes)}")
+        if self.classes and len(self.classes) != cfg.num_classes:
+            raise ValueError(f"the data's {len(self.classes)} classes are not {whose} {cfg.num_classes}")
         return self
 
 
@@ -375,6 +379,17 @@ def normalize(x, mean, std):
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def check_model_input(x, size: int) -> np.ndarray:
+    """`x` if it is what a model runtime takes: normalised float32 images (B, 3, size, size), B >= 1, all
+    finite; else one clear error."""
+    x = np.asarray(x)
+    if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (3, size, size) or len(x) == 0:
+        raise ValueError(f"expected float32 input (B, 3, {size}, {size}) with B >= 1, got {x.dtype} {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("the input holds NaN or infinite values")
+    return x
 
 
 def to_model_input(images, mean, std, device=None):

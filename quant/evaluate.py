@@ -40,7 +40,7 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, device="cp
              progress: bool = False) -> dict:
     """top1, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
     cfg = model.config
-    data.require_classes(cfg.classes)
+    data.require_classes(cfg)
     pred = predict(model, data.images, cfg.mean, cfg.std, batch_size, device, progress).argmax(1).numpy()
     k = cfg.num_classes
     confusion = np.bincount(data.labels * k + pred, minlength=k * k).reshape(k, k)

@@ -138,7 +138,7 @@ def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size
 
 
 def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the model's nn.Linear layers in the order one forward pass calls them."""
+    """Names of the model's nn.Linear layers in the order one (eval-mode) forward pass calls them."""
     order: list[str] = []
     forward_with_hooks(model, example, [
         m.register_forward_pre_hook(lambda mod, i, n=n: order.append(n) if n not in order else None)

@@ -85,8 +85,9 @@ class ViTConfig:
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
 
-    def same_architecture(self, other: "ViTConfig") -> bool:
-        """Whether the two configs build the same network (training settings such as drop_path_rate aside)."""
+    def same_model(self, other: "ViTConfig") -> bool:
+        """Whether the two configs describe the same model: network, classes and input normalisation
+        (training settings such as drop_path_rate aside)."""
         return dataclasses.replace(self, drop_path_rate=0.0) == dataclasses.replace(other, drop_path_rate=0.0)
 
     def to_json(self) -> str:
@@ -362,7 +363,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
         state, meta = read_safetensors(source)
     if meta.get("format") == FORMAT:
         cfg = ViTConfig.from_json(meta.get("config"), source)
-        if name is not None and not (CONFIGS.get(name) or _unknown(name)).same_architecture(cfg):
+        if name is not None and not (CONFIGS.get(name) or _unknown(name)).same_model(cfg):
             raise ValueError(f"{source} holds a different architecture than {name!r}")
     elif "format" in meta:
         raise ValueError(f"{source} is a {meta['format']!r} file, not a full-precision bitvit ViT (quantized ViTs "
@@ -376,7 +377,8 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
     return build_and_load(lambda: VisionTransformer(cfg), state, source).eval()
 
 
-def build_and_load(build: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: str) -> nn.Module:
+def build_and_load(build: Callable[[], nn.Module], state: dict[str, torch.Tensor],
+                   source: str | os.PathLike) -> nn.Module:
     """`build()` with `state` loaded. The state is first checked against a skeleton built on the meta device,
     which holds no memory: a damaged config in a file could otherwise ask for terabytes."""
     with torch.device("meta"):
@@ -414,13 +416,15 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def forward_with_hooks(model: nn.Module, x: torch.Tensor, hooks: list) -> torch.Tensor:
-    """One eval-mode forward pass of x for the sake of the hooks (handles of registered hooks) it runs;
-    the hooks are removed and the model's train/eval mode restored afterwards, even on an error."""
-    was = model.training
+    """One eval-mode forward pass of x, without gradients, for the sake of the hooks (handles of registered
+    hooks) it runs; the hooks are removed and every module's train/eval mode restored afterwards, even on an
+    error."""
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         return model(x)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
+        for m, training in modes.items():
+            m.training = training

@@ -267,9 +267,9 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
             raise ValueError(f"{path}: unknown architecture kind {arch.get('kind')!r}")
         cfg = ViTConfig.from_json(json.dumps(arch.get("config")), path)
         if model is None:
-            _check_full_precision_part(cfg, header, tensors, path)
+            _check_architecture(cfg, header, tensors, path)
             model = VisionTransformer(cfg)
-        elif getattr(model, "config", None) != cfg:
+        elif not (hasattr(model, "config") and model.config.same_model(cfg)):
             raise ValueError(f"{path} holds a different architecture than the model given")
     elif model is None:
         raise ValueError(f"{path} holds a model that is not a bitvit ViT: pass model= (a full-precision "
@@ -282,15 +282,24 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     return model.eval()
 
 
-def _check_full_precision_part(cfg: ViTConfig, header: dict, tensors: dict, path) -> None:
-    """Check the file's tensors outside its quantized layers and attention blocks against a skeleton of
-    the header's architecture on the meta device, before building it: a damaged header could otherwise
-    ask for terabytes."""
+def _check_architecture(cfg: ViTConfig, header: dict, tensors: dict, path) -> None:
+    """Check the header's layer sizes and the file's other tensors against a skeleton of the header's
+    architecture on the meta device, before building it: a damaged header could otherwise ask for terabytes."""
     quantized = tuple(f"{name}." for name in (*header["layers"], *header["attention"]))
     with torch.device("meta"):
         skeleton = VisionTransformer(cfg)
+    for name, entry in header["layers"].items():
+        _check_layer_fits(_module(skeleton, name, path), entry, name, path)
     load_state_dict(skeleton, {k: v for k, v in tensors.items() if not k.startswith(quantized)}, source=str(path),
                     loaded=frozenset(k for k in skeleton.state_dict() if k.startswith(quantized)), copy=False)
+
+
+def _check_layer_fits(old: nn.Module, entry: dict, name: str, path) -> None:
+    """The header's layer `entry` has the size of the architecture's layer `old` it replaces."""
+    shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+    if not isinstance(old, (nn.Linear, QuantLinear)) or shape != (entry.get("out_features"), entry.get("in_features")):
+        raise ValueError(f"{path}: layer {name!r} is {entry.get('out_features')}x{entry.get('in_features')} "
+                         f"in the file but {type(old).__name__} {shape} in the architecture")
 
 
 def _rebuild_modules(model: nn.Module, header: dict, tensors: dict, path) -> None:
@@ -309,12 +318,7 @@ def _rebuild_modules(model: nn.Module, header: dict, tensors: dict, path) -> Non
             raise ValueError(f"{path}: header entry of attention {name!r} is damaged ({type(e).__name__}: {e})") \
                 from None
     for name, entry in header["layers"].items():
-        old = _module(model, name, path)
-        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
-        if not isinstance(old, (nn.Linear, QuantLinear)) or shape != (entry.get("out_features"),
-                                                                       entry.get("in_features")):
-            raise ValueError(f"{path}: layer {name!r} is {entry.get('out_features')}x{entry.get('in_features')} "
-                             f"in the file but {type(old).__name__} {shape} in the architecture")
+        _check_layer_fits(_module(model, name, path), entry, name, path)
         model.set_submodule(name, _load_layer(name, entry, tensors, path))
 
 

@@ -104,7 +104,7 @@ def main(argv=None):
     from quant.models import load_model
     from quant.ptq import parse_overrides
     from quant.recipes import QAT
-    from quant.train import TrainConfig, fit, resolve_device
+    from quant.train import TrainConfig, fit, read_log, resolve_device
 
     p = argparse.ArgumentParser(prog="python -m quant.qat", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="full-precision bitvit model (.safetensors): teacher and start")
@@ -150,6 +150,7 @@ def main(argv=None):
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = p.parse_args(argv)
     output_file(args.out, ".safetensors", inputs=(args.teacher,))
+    run_dir = run_folder(args.run_dir or f"{args.out}.run")
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,9 +168,8 @@ def main(argv=None):
     teacher = load_model(args.teacher)
     student = load_model(args.teacher)
     cfg = student.config
-    train = load_split(args.data, "train", cfg.img_size, limit=args.limit).require_classes(cfg.classes)
+    train = load_split(args.data, "train", cfg.img_size, limit=args.limit).require_classes(cfg)
     val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
-    run_dir = run_folder(args.run_dir or f"{args.out}.run")
     started = time.time()
 
     quantize(student, r)
@@ -217,8 +217,7 @@ def main(argv=None):
     if not done:
         print(f"stopped by --time-limit; rerun the same command to resume from {run_dir}")
         return 0
-    epoch_logs = [json.loads(line) for stage, _, _ in stages if (run_dir / stage / "log.jsonl").exists()
-                  for line in (run_dir / stage / "log.jsonl").read_text().splitlines()]
+    epoch_logs = [record for stage, _, _ in stages for record in read_log(run_dir / stage / "log.jsonl")]
     epochs_trained = len(epoch_logs)   # fewer than --epochs when --time-budget ended a stage first
     train_seconds = sum(e["seconds"] - e.get("first_step_seconds", 0.0) for e in epoch_logs)  # compiling left out
 

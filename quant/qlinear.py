@@ -59,7 +59,7 @@ class QuantLinear(nn.Module):
         if asymmetric and not weight_format.startswith("int"):
             raise ValueError(f"{weight_format} weights have no zero points; only intB formats are asymmetric")
         for field, v in (("in_features", in_features), ("out_features", out_features), ("group_size", group_size)):
-            if not (v is None and field == "group_size" or is_positive_int(v)):
+            if not ((v is None and field == "group_size") or is_positive_int(v)):
                 raise ValueError(f"{field} must be a positive integer, got {v!r}")
         group_size = min(group_size or in_features, in_features)  # a group wider than a row is the row
         act_bits(act_format)  # validates

@@ -279,7 +279,7 @@ def main(argv=None):
     out = output_file(args.out, ".json")
     model = load_model(args.checkpoint)
     cfg = model.config
-    data = load_split(args.data, args.split, cfg.img_size, limit=args.limit).require_classes(cfg.classes)
+    data = load_split(args.data, args.split, cfg.img_size, limit=args.limit).require_classes(cfg)
     calib = load_split(args.data, "train", cfg.img_size, limit=args.calib_size)
     t0 = time.perf_counter()
     result = analyse(model, to_model_input(data.images, cfg.mean, cfg.std), torch.from_numpy(data.labels),

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import number_in, positive_int, run, run_folder
+from quant.cli import finite_number, number_in, positive_int, run, run_folder
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -54,21 +54,31 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _trim_log(path: Path, epochs: int) -> None:
-    """Drop the records of the epochs after `epochs` from a run's log (a resumed run redoes them)."""
+def read_log(path: Path) -> list[dict]:
+    """The epoch records of a run's `log.jsonl` (none if there is no log); blank lines are skipped, a damaged
+    line is named."""
     if not path.exists():
-        return
-    kept = []
+        return []
+    records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            keep = json.loads(line)["epoch"] <= epochs
-        except (json.JSONDecodeError, TypeError, KeyError):
-            raise ValueError(f"{path}, line {n}, is not an epoch record; fix or delete the log") from None
-        if keep:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+            record = json.loads(line)
+            ok = isinstance(record, dict) and finite_number(record.get("epoch"))
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{path}, line {n}, is not an epoch record; fix or delete the log")
+        records.append(record)
+    return records
+
+
+def _trim_log(path: Path, epochs: int) -> None:
+    """Drop the records of the epochs after `epochs` from a run's log (a resumed run redoes them)."""
+    records = read_log(path)
+    if records:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] <= epochs))
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
@@ -210,12 +220,14 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                 from None
         try:
             torch.set_rng_state(state["rng"])
-            if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
-                torch.cuda.set_rng_state(state["cuda_rng"], env.device)
             start_epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
-        except (TypeError, ValueError, RuntimeError) as e:
+            if not (0 <= start_epoch <= cfg.epochs and 0 <= trained < math.inf):
+                raise ValueError(f"epoch {start_epoch} of {cfg.epochs}, {trained} s trained")
+        except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
             raise ValueError(f"{ckpt_path} holds a damaged resume state ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:120]}); delete it to start over") from None
+        if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
+            torch.cuda.set_rng_state(state["cuda_rng"], env.device)
         if env.rank:  # only rank 0's draws are saved: the others start a stream of their rank and epoch
             torch.manual_seed(cfg.seed + env.rank + 1000 * start_epoch)
         if env.main:
@@ -394,7 +406,7 @@ def main(argv=None):
              else create_model(args.model, drop_path_rate=args.drop_path, **labels))
     teacher = load_any(args.teacher) if args.teacher else None
     if teacher is not None:
-        train.require_classes(teacher.config.classes, whose=f"the teacher {args.teacher}'s")
+        train.require_classes(teacher.config, whose=f"the teacher {args.teacher}'s")
     if teacher is not None and any(tuple(getattr(teacher.config, k)) != tuple(getattr(model.config, k))
                                    for k in ("mean", "std")):  # it sees the student's normalised input
         raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "

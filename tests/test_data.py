@@ -1,4 +1,5 @@
 """Data loading: every source format, the validation hold-out, the cache, and clear refusals."""
+import dataclasses
 import os
 import pickle
 
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 from quant.augment import Augment, AugmentConfig, random_crop_flip
-from quant.data import cache_dir, load_split, to_model_input
+from quant.data import ImageSet, cache_dir, load_split, to_model_input
 from tests.conftest import TINY, write_tree
 
 
@@ -18,6 +19,15 @@ def test_image_tree_loads_train_and_test_with_class_names(image_tree):
     assert train.images.shape == (18, 16, 16, 3) and train.images.dtype == np.uint8
     assert train.classes == TINY.classes == test.classes
     assert np.bincount(test.labels).tolist() == [6, 6, 6]
+
+
+def test_data_must_have_the_models_classes_by_name_or_where_it_names_none_by_number():
+    data = ImageSet(np.zeros((3, 16, 16, 3), np.uint8), np.arange(3), TINY.classes)
+    assert data.require_classes(TINY) is data
+    with pytest.raises(ValueError, match=r"the data's classes \['cat', 'dog', 'frog'\] are not the model's"):
+        data.require_classes(dataclasses.replace(TINY, classes=("a", "b", "c")))
+    with pytest.raises(ValueError, match="the data's 3 classes are not the model's 7"):
+        data.require_classes(dataclasses.replace(TINY, num_classes=7, classes=()))
 
 
 def test_images_keep_their_colour_class(image_tree):

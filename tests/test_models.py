@@ -89,15 +89,18 @@ def test_input_that_is_not_a_batch_of_the_models_images_is_refused(tiny_model, x
 def test_a_hooked_forward_pass_removes_its_hooks_and_restores_the_mode_even_on_failure(tiny_model):
     seen = []
     tiny_model.train()
+    tiny_model.blocks[1].eval()                            # a part kept in eval mode inside a training model
 
     def fail(m, inp):
         seen.append(m.training)
         raise RuntimeError("hook failed")
 
     with pytest.raises(RuntimeError, match="hook failed"):
-        forward_with_hooks(tiny_model, torch.randn(2, 3, 16, 16), [tiny_model.blocks[0].register_forward_pre_hook(fail)])
+        forward_with_hooks(tiny_model, torch.randn(2, 3, 16, 16),
+                           [tiny_model.blocks[0].register_forward_pre_hook(fail)])
     assert seen == [False]                                 # the pass ran in eval mode
-    assert tiny_model.training and not tiny_model.blocks[0]._forward_pre_hooks
+    assert tiny_model.training and not tiny_model.blocks[1].training
+    assert not tiny_model.blocks[0]._forward_pre_hooks
 
 
 def test_saved_model_rebuilds_itself(tiny_model, tmp_path):

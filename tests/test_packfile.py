@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import quant
-from quant.models import save_model
+from quant.models import VisionTransformer, save_model
 from quant.qlinear import QuantLinear
 
 FORMATS = ["int8", "int4", "int3", "int2", "nf4", "ternary", "binary"]
@@ -199,8 +199,24 @@ def test_a_header_of_the_wrong_shape_is_refused_naming_the_file_even_with_a_fixe
 def test_a_header_asking_for_a_huge_architecture_is_refused_before_building_it(saved, tmp_path):
     def huge(h):
         h["architecture"]["config"].update(embed_dim=65536, depth=48)  # 50 GB of float32 weights
-    with pytest.raises(ValueError, match="bad.safetensors does not fit this model: missing"):
+    with pytest.raises(ValueError, match="bad.safetensors: layer .* in the architecture"):
         quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=huge))
+
+
+def test_a_header_whose_layers_ask_for_more_than_the_file_holds_is_refused_before_building_the_model(
+        saved, tmp_path, monkeypatch):
+    built = []
+
+    def recording(cfg):
+        model = VisionTransformer(cfg)
+        built.append(next(model.parameters()).device.type)
+        return model
+    monkeypatch.setattr("quant.packfile.VisionTransformer", recording)
+    bad = rewrite(saved, tmp_path / "bad.safetensors",
+                  edit_header=lambda h: h["architecture"]["config"].update(mlp_ratio=2000.0))
+    with pytest.raises(ValueError, match="layer 'blocks.0.mlp.fc1' is .* in the architecture"):
+        quant.load_quantized(bad)
+    assert built == ["meta"]
 
 
 @pytest.mark.parametrize("spec, message", [({"kind": "uniform", "shape": [-1]}, "shape must be"),

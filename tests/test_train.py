@@ -229,11 +229,13 @@ def test_a_foreign_resume_state_is_refused_with_a_message(tmp_path):
         fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(epochs=1, batch_size=8), tmp_path)
 
 
-def test_a_resume_state_with_a_damaged_field_is_refused_with_a_message(tmp_path):
+@pytest.mark.parametrize("field, value", [("rng", torch.zeros(3)), ("epoch", -1), ("epoch", 9),
+                                          ("trained_seconds", float("inf"))])
+def test_a_resume_state_with_a_damaged_field_is_refused_with_a_message(tmp_path, field, value):
     cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
     fit(VisionTransformer(TINY), colour_set(8), colour_set(8), cfg, tmp_path, progress=False)
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    torch.save({**state, "rng": torch.zeros(3)}, tmp_path / "last.pt")
+    torch.save({**state, field: value}, tmp_path / "last.pt")
     with pytest.raises(ValueError, match="holds a damaged resume state"):
         fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
 
