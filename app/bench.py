@@ -110,11 +110,12 @@ def main(argv=None):
 
     print(f"\napp live handler, {args.frames} frames of {w}x{h}, both models on every frame "
           f"(load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; {os.cpu_count()} CPUs)")
-    print(f"{'quantized variant':<62} {'frames/s':>8} {'FP ms':>7} {'quant ms':>8} {'speed-up':>8} "
+    width = max(len("quantized variant"), *(len(r["variant"]) + len(" (default)") for r in rows))
+    print(f"{'quantized variant':<{width}} {'frames/s':>8} {'FP ms':>7} {'quant ms':>8} {'speed-up':>8} "
           f"{'smaller':>7} {'other ms':>8}")
     for i, r in enumerate(rows):
         mark = " (default)" if i == 0 else ""
-        print(f"{(r['variant'] + mark)[:62]:<62} {r['fps']:>8.1f} {r['fp_median_ms']:>7.2f} "
+        print(f"{r['variant'] + mark:<{width}} {r['fps']:>8.1f} {r['fp_median_ms']:>7.2f} "
               f"{r['quant_median_ms']:>8.2f} {r['speedup']:>7.2f}x {r['size_ratio']:>6.1f}x "
               f"{r['other_ms_per_frame']:>8.2f}")
     verdict = "meets" if rows[0]["fps"] >= TARGET_FPS else "misses"

@@ -327,7 +327,8 @@ def print_models(rows: list[dict]) -> None:
 
 
 def print_targets(rows: list[dict], device: str) -> None:
-    print("\nissue 4's targets" + ("" if device == "cuda" else " (set for the H100 in bf16; here informational)"))
+    print("\ntargets (README, \"GPU kernels\")"
+          + ("" if device == "cuda" else " (set for the H100 in bf16; here informational)"))
     for r in rows:
         verdict = "met" if r["met"] else f"MISSED (goal {r['goal']})"
         print(f"  {r['target']:<72} {r['measured']:>7.2f}  {verdict}")

@@ -10,6 +10,7 @@ quantized formats; a quantized checkpoint exports as the format it holds.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
@@ -41,6 +42,10 @@ def main(argv=None):
                              f"(re-quantize its full-precision model to get {args.format})")
     else:
         fmt = "fp32" if args.format == "auto" else args.format
+        if fmt in ("ternary", "binary"):
+            print(f"note: rounding a full-precision model to {fmt} weights without training loses much of its "
+                  f"accuracy; {fmt} models are trained (python -m quant.qat --recipe "
+                  f"{'w1.58a8' if fmt == 'ternary' else 'w1a8'}): export the trained file instead", file=sys.stderr)
         model = quantize_for_export(model, fmt)
     path = export(model, args.out, fmt, custom_ops=not args.standard_ops)
 

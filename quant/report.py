@@ -239,7 +239,7 @@ def markdown(entries: list[Entry]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m quant.report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m quant.report", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--results", default="assets/results", help="folder of results JSON files")
     p.add_argument("--out", default="assets/results/accuracy_vs_bits.png", help="plot to write (PNG)")
     p.add_argument("--title", help="plot title (default: the models and split the entries name)")

@@ -254,8 +254,8 @@ def summary(result: dict) -> list[str]:
     worst = sorted(result["trials"], key=lambda t: -t["kl"])[:5]
     def where(t):
         return f"block {t['block']}" + ("" if t["head"] is None else f" head {t['head']}")
-    lines.append("largest logit KL: " + ", ".join(
-        f"{t['component']} {where(t)} {t['bits']}-bit ({t['drop']:+.1f} pts)" for t in worst))
+    lines.append("largest logit KL from the FP model: " + ", ".join(
+        f"{t['component']} {where(t)} {t['bits']}-bit (KL {t['kl']:.3f}, {t['drop']:+.1f} pts)" for t in worst))
     return lines
 
 
