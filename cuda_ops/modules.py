@@ -112,7 +112,12 @@ def to_kernels(model: nn.Module, ternary_layout: str = "2bit") -> nn.Module:
         raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize), or pack a "
                          "model in quantization-aware training first (quant.bitlinear.freeze, quant.qvit.freeze)")
     if isinstance(model, QuantLinear):
-        return KernelLinear(model, ternary_layout) if kernel_for(model) else model
+        if kernel_for(model):
+            return KernelLinear(model, ternary_layout)
+        warnings.warn(f"no bitvit kernel for this layer ({model.weight_format} weights, group "
+                      f"{model.group_size}, {model.act_format}), which keeps QuantLinear's reference forward",
+                      stacklevel=2)
+        return model
     left = []
     for name, layer in layers:
         if kernel_for(layer) is None:

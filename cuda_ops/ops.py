@@ -76,6 +76,14 @@ def _check_vector(t: Optional[Tensor], n: int, what: str, name: str) -> None:
                          f"got {t.dtype} {tuple(t.shape)}")
 
 
+def _check_devices(x: Tensor, others: tuple, name: str) -> None:
+    """Every tensor operand on x's device (a kernel would read foreign memory otherwise)."""
+    for t in others:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: the input is on {x.device} but a weight tensor is on {t.device}; "
+                             f"move the layer and its input to one device")
+
+
 def _check_norm(norm_weight, norm_bias, norm_eps, k: int, name: str) -> None:
     if norm_eps is not None and not norm_eps > 0:
         raise ValueError(f"{name}: norm_eps must be positive, got {norm_eps}")
@@ -97,6 +105,7 @@ def _check_a8(name, x, packed, scales, bias, in_features, norm_weight=None, norm
                          f"{tuple(scales.shape)} do not give an int32 dot product")
     _check_vector(scales, n, "scales", name)
     _check_vector(bias, n, "bias", name)
+    _check_devices(x, (packed, scales, bias, norm_weight, norm_bias), name)
     return n
 
 
@@ -126,6 +135,7 @@ def _check_weight_only(x, packed, scales, zeros, codebook, bias, bits, group_siz
         raise ValueError(f"{name}: a code book of {bits}-bit codes holds {1 << bits} float values, got "
                          f"{codebook.dtype} {tuple(codebook.shape)}")
     _check_vector(bias, n, "bias", name)
+    _check_devices(x, (packed, scales, zeros, codebook, bias), name)
     return n
 
 
@@ -153,10 +163,13 @@ def _a8_weights(name: str, packed: Tensor, k: int) -> Tensor:
 
 
 def _quantize_torch(x2: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row absmax int8 codes (M, K), contiguous, and scales (M,); a row holding NaN or inf gets a NaN
+    scale (so NaN outputs), and its NaN codes become 0 rather than whatever a cast of NaN gives."""
     xf = x2.float()
     s = xf.abs().amax(-1) / 127
-    q = torch.round(xf / torch.where(s > 0, s, 1.0)[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, s
+    s = torch.where(torch.isinf(s), torch.nan, s)
+    q = torch.round(xf / torch.where(s > 0, s, 1.0)[:, None]).clamp_(-127, 127).nan_to_num_(0.0)
+    return q.to(torch.int8).contiguous(), s
 
 
 def _layer_norm(x: Tensor, norm_weight, norm_bias, norm_eps) -> Tensor:
@@ -173,7 +186,9 @@ def _a8_torch(name: str, x: Tensor, packed: Tensor, scales: Tensor, bias: Option
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], n))
     q, s = _quantize_torch(x2)
-    acc = torch._int_mm(q, _a8_weights(name, packed, in_features).t())  # (M, N) int32, exact
+    w = _a8_weights(name, packed, in_features)
+    # (M, N) int32, exact; torch's CPU _int_mm is wrong for K = 1 (torch 2.13), where a plain product is cheap
+    acc = torch._int_mm(q, w.t()) if in_features > 1 else q.int() * w.int().t()
     y = acc.float().mul_(s[:, None]).mul_(scales.reshape(1, n).float())
     if bias is not None:
         y.add_(bias.float())
@@ -206,6 +221,7 @@ def _check_quantize(x, norm_weight, norm_bias, norm_eps) -> None:
         raise ValueError(f"quantize_per_token: needs a float tensor (..., K) with K >= 1, got {x.dtype} "
                          f"{tuple(x.shape)}")
     _check_norm(norm_weight, norm_bias, norm_eps, x.shape[-1], "quantize_per_token")
+    _check_devices(x, (norm_weight, norm_bias), "quantize_per_token")
 
 
 @torch.library.custom_op("bitvit::quantize_per_token", mutates_args=())
@@ -290,7 +306,8 @@ def _(x, norm_weight=None, norm_bias=None, norm_eps=None):
     x2 = _rows(x, x.shape[-1])
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     s = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    tk.quantize_rows(x2, q, s, _norm(norm_weight, norm_bias, norm_eps))
+    with torch.cuda.device(x.device):  # Triton launches on the current device, which may be another
+        tk.quantize_rows(x2, q, s, _norm(norm_weight, norm_bias, norm_eps))
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
@@ -303,9 +320,10 @@ def _register_a8_cuda(name: str):
         n = _check_a8(name, x, packed, scales, bias, in_features, norm_weight, norm_bias, norm_eps)
         x2 = _rows(x, in_features)
         y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-        tk.a8_gemm(x2, packed.contiguous(), scales.reshape(n).float().contiguous(),
-                   None if bias is None else bias.contiguous(), y, bits, mul, off,
-                   _norm(norm_weight, norm_bias, norm_eps), trits=name == "ternary_b3")
+        with torch.cuda.device(x.device):
+            tk.a8_gemm(x2, packed.contiguous(), scales.reshape(n).float().contiguous(),
+                       None if bias is None else bias.contiguous(), y, bits, mul, off,
+                       _norm(norm_weight, norm_bias, norm_eps), trits=name == "ternary_b3")
         return y.reshape(*x.shape[:-1], n)
 
 
@@ -320,6 +338,7 @@ def _(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features):
     x2 = _rows(x, in_features)
     y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
-    tk.weight_only_gemm(x2, packed.contiguous(), f32(scales), f32(zeros), f32(codebook),
-                        None if bias is None else bias.contiguous(), bits, min(group_size, in_features), y)
+    with torch.cuda.device(x.device):
+        tk.weight_only_gemm(x2, packed.contiguous(), f32(scales), f32(zeros), f32(codebook),
+                            None if bias is None else bias.contiguous(), bits, min(group_size, in_features), y)
     return y.reshape(*x.shape[:-1], n)

@@ -66,10 +66,12 @@ def _quantize_tile(x, div):
 
 @triton.jit
 def _row_absmax(x):
-    """max |x| of each row of an fp32 tile, NaN where the row holds a NaN (as torch's amax): tl.max drops
-    NaN, which would give such a row a finite scale and finite garbage out instead of NaN, so a sum of
-    the row's NaNs (0 without any) is added."""
-    return tl.max(tl.abs(x), axis=1) + tl.sum(tl.where(x != x, x, 0.0), axis=1)
+    """max |x| of each row of an fp32 tile, NaN where the row holds a NaN (as torch's amax) or an infinity.
+    tl.max drops NaN, which would give such a row a finite scale and finite garbage out instead of NaN, so
+    a sum of the row's NaNs (0 without any) is added; an infinite max would make its own code inf / inf,
+    NaN, clamped to -127, so it becomes NaN too: the row's scale is NaN and so are its outputs."""
+    a = tl.max(tl.abs(x), axis=1) + tl.sum(tl.where(x != x, x, 0.0), axis=1)
+    return tl.where(a == float("inf"), float("nan"), a)
 
 
 @triton.jit

@@ -46,7 +46,7 @@ def test_quantize_per_token_matches_the_contract_on_any_leading_shape():
 # ----------------------------------------------------------------------------- packed linear ops (CPU)
 
 @pytest.mark.parametrize("fmt", A8_FORMATS)
-@pytest.mark.parametrize("m,n,k", [(1, 37, 300), (19, 70, 129), (64, 16, 8)])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 300), (19, 70, 129), (64, 16, 8), (5, 9, 1)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_a8_linear_matches_float64_reference(fmt, m, n, k, bias):
     g = gen(m * n + k)
@@ -104,6 +104,17 @@ def test_aligned_unpacking_agrees_with_the_pack_module(bits, n, k, seed):
     codes = torch.randint(0, 1 << bits, (n, k), generator=gen(seed)).to(torch.uint8)
     packed = pack_codes(codes, bits)
     assert torch.equal(unpack_aligned(packed, bits, k), unpack_codes(packed, bits, k))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_an_input_row_holding_nan_or_inf_gives_a_nan_output_row(bad):
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    x = torch.randn(3, 40, generator=gen(1))
+    x[1, 7] = bad
+    y = OPS.ternary_linear(x, packed, scales, b, 40)
+    assert y[1].isnan().all() and torch.isfinite(y[[0, 2]]).all()
+    q, s = OPS.quantize_per_token(x)
+    assert s[1].isnan() and (q[1] == 0).sum() >= 1                         # the bad value's own code is 0
 
 
 def test_zero_input_rows_give_the_bias():
@@ -177,6 +188,14 @@ def test_a_weight_only_group_larger_than_the_row_is_one_group():
                                OPS.weight_only_linear(x, packed, scales, zeros, codebook, b, 4, 96, 96))
 
 
+@pytest.mark.parametrize("operand", ["packed", "scales", "bias"])
+def test_weights_on_another_device_than_the_input_are_refused(operand):
+    layer = dict(zip(("packed", "scales", "bias"), make_a8_layer("ternary", 8, 40, gen())))
+    layer[operand] = layer[operand].to("meta")
+    with pytest.raises(ValueError, match="the input is on cpu but a weight tensor is on meta"):
+        OPS.ternary_linear(torch.randn(2, 40), layer["packed"], layer["scales"], layer["bias"], 40)
+
+
 def test_integer_input_is_refused():
     packed, scales, b = make_a8_layer("int8", 8, 40, gen())
     with pytest.raises(ValueError, match="float tensor"):
@@ -190,6 +209,7 @@ def _op_args():
     x = torch.randn(2, 5, 96, generator=g)
     yield OPS.quantize_per_token, (x,)
     yield OPS.quantize_per_token, (x.transpose(0, 1),)  # a strided input gets contiguous codes
+    yield OPS.quantize_per_token, (torch.randn(96, 7, generator=g).t(),)  # strided along K too
     yield OPS.quantize_per_token, (x, torch.rand(96, generator=g), None, 1e-6)
     for fmt in A8_FORMATS:
         yield a8(fmt), (x, *make_a8_layer(fmt, 24, 96, g), 96)

@@ -111,6 +111,14 @@ def test_layers_without_a_kernel_keep_their_reference_forward_and_are_named():
     assert isinstance(model.head, QuantLinear) and isinstance(model.blocks[0].attn.qkv, KernelLinear)
 
 
+def test_a_single_layer_is_swapped_or_kept_with_a_warning():
+    ternary = QuantLinear.from_linear(nn.Linear(32, 8), "ternary", 32, act_format="int8_token")
+    assert isinstance(to_kernels(ternary), KernelLinear)
+    int3 = QuantLinear.from_linear(nn.Linear(32, 8), "int3", 32)
+    with pytest.warns(UserWarning, match=r"no bitvit kernel for this layer \(int3 weights"):
+        assert to_kernels(int3) is int3
+
+
 def test_a_model_without_quantized_layers_is_refused():
     with pytest.raises(ValueError, match="no QuantLinear layers"):
         to_kernels(VisionTransformer(TINY))

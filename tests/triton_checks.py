@@ -66,9 +66,10 @@ def test_quantize_rows_is_bit_exact_and_writes_everything(k, dtype):
 
 
 @pytest.mark.parametrize("k", [77, 9000])  # one pass, two passes
-def test_quantize_rows_gives_a_nan_row_a_nan_scale(k):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_quantize_rows_gives_a_row_holding_nan_or_inf_a_nan_scale(k, bad):
     x = torch.randn(3, k, generator=gen(k))
-    x[1, k // 2] = float("nan")
+    x[1, k // 2] = bad
     q = torch.full((3, k), -128, dtype=torch.int8, device=DEV)
     s = poisoned(3)
     tk.quantize_rows(dev(x), q, s)
@@ -114,11 +115,12 @@ def test_a8_gemm_matches_float64_reference(fmt, m, n, k, fuse, split_k):
 
 @pytest.mark.parametrize("fmt", list(A8_BITS))
 @pytest.mark.parametrize("fuse", [False, True])
-def test_a8_gemm_turns_a_nan_input_row_into_a_nan_output_row(fmt, fuse):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a8_gemm_turns_an_input_row_holding_nan_or_inf_into_a_nan_output_row(fmt, fuse, bad):
     g = gen(17)
     packed, scales, bias = make_a8_layer(fmt, 37, 100, g)
     x = torch.randn(5, 100, generator=g)
-    x[2, 40] = float("nan")
+    x[2, 40] = bad
     cfg = tk.Config(16, 32, 64, fuse=fuse) if INTERPRET else tk.Config(64, 128, 128, 4, 3, fuse=fuse)
     y = run_a8(fmt, x, packed, scales, bias, cfg).cpu()
     assert y[2].isnan().all()
