@@ -95,7 +95,7 @@ class ModelFile:
 
     @property
     def label(self) -> str:
-        bits = f" · {self.linear_bits:.2f} bits/weight" if self.linear_bits is not None else ""
+        bits = f" · linear layers {self.linear_bits:.2f} bits/weight" if self.linear_bits is not None else ""
         return f"{self.weight_format} · {self.path.name}{bits}"
 
 

@@ -101,7 +101,7 @@ class Comparison:
     def variant(self, label: str | None) -> Backend:
         """The quantized backend of a variant label (opened, checked against the FP model and warmed once)."""
         label = label or self.default
-        if label not in self.openers:
+        if not isinstance(label, str) or label not in self.openers:
             raise ValueError(f"unknown quantized variant {label!r}")
         with self._lock:
             if label not in self._open:

@@ -40,18 +40,25 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     if not Path(assets).is_dir():
         raise FileNotFoundError(f"no such models folder: {assets}")
     found, skipped = scan(assets)
-    if fp is None:
-        fps = [m for m in found if m.kind == "fp" and m.path.suffix == ".safetensors"]
+    if fp is not None:
+        fp_file = inspect_file(fp)
+        if fp_file.kind != "fp":
+            raise ValueError(f"--fp {fp} is a {fp_file.weight_format} model, not a full-precision one")
+        fp_backend = open_model(fp, threads, runtime)
+    else:  # the shipped reference, or the first FP file of the folder that opens
+        fps = [m.path for m in found if m.kind == "fp" and m.path.suffix == ".safetensors"]
         if Path(DEFAULT_FP).is_file() and Path(assets).resolve() == ASSETS.resolve():
-            fp = DEFAULT_FP
-        elif fps:
-            fp = fps[0].path
+            fps = [DEFAULT_FP]
+        for fp in fps:
+            try:
+                fp_backend = open_model(fp, threads, runtime)
+                break
+            except (ValueError, OSError) as e:
+                skipped.append(f"{Path(fp).name}: {e}")
         else:
-            raise FileNotFoundError(f"no full-precision model in {assets}: pass --fp MODEL "
+            raise FileNotFoundError(f"no full-precision model in {assets} that opens: pass --fp MODEL "
                                     f"(a bitvit .safetensors file)")
-    fp_file = inspect_file(fp)
-    if fp_file.kind != "fp":
-        raise ValueError(f"--fp {fp} is a {fp_file.weight_format} model, not a full-precision one")
+        fp_file = inspect_file(fp)
     variants = [m for m in found if m.kind == "quant"]
     if quant is not None:
         q = inspect_file(quant)
@@ -84,15 +91,32 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     labels = list(openers)
     default = labels[0] if quant is not None else next(
         (m.label for m in keep if m.weight_format == "ternary" and m.label not in other), labels[0])
-    return Comparison(open_model(fp, threads, runtime), openers, default), labels, skipped
+    return Comparison(fp_backend, openers, default), labels, skipped
 
 
 def _on_the_fly(fp, recipe: str, threads, runtime):
     from app.backends import open_model, quantize_on_the_fly
     backend = open_model(quantize_on_the_fly(fp, recipe), threads, runtime)
-    backend.note = (f"quant.quantize(model, {recipe!r}) of {Path(fp).name}, round to nearest, built when the app "
-                    f"started (assets/ holds no packed model); " + backend.note).rstrip("; ")
+    backend.note = (f"quant.quantize(model, {recipe!r}) of {Path(fp).name}, round to nearest, built by the app "
+                    f"(the models folder holds no packed model); " + backend.note).rstrip("; ")
     return backend
+
+
+def open_default(comparison, labels: list[str], skipped: list[str], explicit: bool) -> list[str]:
+    """Open (or build) and warm the default quantized variant now, not on the first frame. One that does not
+    open (a damaged file the scan's header reading let through) leaves the menu with a note in `skipped`,
+    and the next one becomes the default; a `--quant` the user named must open. Returns the menu's labels."""
+    for label in [comparison.default] + [x for x in labels if x != comparison.default]:
+        try:
+            comparison.variant(label)
+        except (ValueError, OSError) as e:
+            if explicit and label == comparison.default:
+                raise
+            skipped.append(f"{label}: {e}")
+            continue
+        comparison.default = label
+        return [x for x in labels if not any(s.startswith(f"{x}: ") for s in skipped)]
+    raise ValueError("none of the quantized models opens: " + "; ".join(skipped[-len(labels):]))
 
 
 def port(text: str) -> int:
@@ -120,9 +144,9 @@ def main(argv=None):
 
     from app.ui import build
     comparison, labels, skipped = make_comparison(args.fp, args.quant, args.assets, args.threads)
+    labels = open_default(comparison, labels, skipped, explicit=args.quant is not None)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
-    comparison.variant(comparison.default)  # open (or build) and warm it now, not on the first frame
     demo = build(comparison, labels, args.results or Path(args.assets) / "results")
     print(f"full precision: {comparison.fp.name} ({comparison.fp.runtime}); quantized: {len(labels)} variant(s), "
           f"default {comparison.default}")

@@ -37,7 +37,7 @@ def model_markdown(r: Reading, last: float, median: float | None, n: int) -> str
     if median is None:  # a still image: `last` is already the median of n runs
         latency = f"latency **{last:.2f} ms** (median of {n} runs) · up to {1000 / last:.0f} images/s"
     else:
-        latency = (f"latency **{last:.2f} ms** last · **{median:.2f} ms** median of {n} frames · "
+        latency = (f"latency **{last:.2f} ms** last · **{median:.2f} ms** median of {n} frame{'s' * (n != 1)} · "
                    f"up to {1000 / median:.0f} frames/s")
     lines = [f"**{b.name}** · {b.weight_format} · {b.runtime}", latency,
              f"size **{_mb(b.size_bytes)}** · {bits}"]
@@ -101,7 +101,7 @@ class Handlers:
                 fp.top(), model_markdown(fp, fp.latency_ms, stats.fp.median, n),
                 q.top(), model_markdown(q, q.latency_ms, stats.quant.median, n),
                 summary_markdown(fp, q, stats.fp.median, stats.quant.median, stats.fps,
-                                 f"median over {n} frames"),
+                                 f"median over {n} frame{'s' * (n != 1)}"),
                 stats)
 
     def still(self, upload, variant: str | None):
@@ -167,7 +167,7 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             f"Full precision: **{fp.name}** ({fp.weight_format}, {fp.runtime}, {_mb(fp.size_bytes)})."
             + (f" <small>{fp.note}</small>" if fp.note else ""))
         variant = gr.Dropdown(variant_labels, value=comparison.default, label="quantized model",
-                              info="every packed model found in assets/", elem_id="variant")
+                              info="the packed models found in the models folder", elem_id="variant")
 
         def outputs(prefix: str):
             with gr.Row():
@@ -188,9 +188,11 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                                      height=s * VIEW_SCALE + 60, elem_id="live-view")
             live_out = outputs("live")
             stats = gr.State(LiveStats())
+            # the webcam's stream is the page's own, not an API endpoint: Gradio would decode an API
+            # caller's upload in full before the app could check its size (API callers use /classify)
             webcam.stream(h.live, [webcam, variant, stats], [live_view, *live_out, stats],
                           stream_every=STREAM_EVERY, concurrency_limit=1, show_progress="hidden",
-                          api_name="live")
+                          api_name=False)
 
         with gr.Tab("Image"):
             with gr.Row():

@@ -14,7 +14,7 @@ from app.backends import inspect_file, open_model, quantize_on_the_fly, scan
 from app.examples import SIZE, write_examples
 from app.frames import load_image_file, model_view, to_rgb
 from app.live import Comparison, LiveStats
-from app.main import main, make_comparison
+from app.main import main, make_comparison, open_default
 from app.ui import Handlers
 from app import results
 from quant.cli import run
@@ -255,6 +255,46 @@ def test_without_a_packed_model_the_app_quantizes_the_fp_model_itself(fp_file, t
     assert [label.split(" ")[0] for label in labels] == ["w8a8", "w4"]
     q = cmp.variant(cmp.default)
     assert q.weight_format == "int8" and "on the fly" not in q.name and "quant.quantize" in q.note
+
+
+def damage(path):
+    """Flip a byte of the file's tensor data: its header still reads, its checksum no longer matches."""
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_default_quantized_model_that_does_not_open_leaves_the_menu_for_the_next(assets):
+    damage(assets / "tiny_ternary.safetensors")
+    cmp, labels, skipped = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
+    labels = open_default(cmp, labels, skipped, explicit=False)
+    assert labels == [cmp.default] and cmp.default.startswith("int8")
+    assert any(s.startswith("ternary · tiny_ternary") and "corrupt" in s for s in skipped)
+
+
+def test_a_quantized_model_named_with_quant_must_open(assets):
+    damage(assets / "tiny_ternary.safetensors")
+    cmp, labels, skipped = make_comparison(assets / "fp.safetensors", assets / "tiny_ternary.safetensors", assets,
+                                           runtime="torch")
+    with pytest.raises(ValueError, match="corrupt"):
+        open_default(cmp, labels, skipped, explicit=True)
+
+
+def test_without_fp_the_first_full_precision_file_that_opens_is_taken(assets):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(assets / "fp.safetensors"), "pt") as f:  # a bitvit FP header over foreign tensors
+        save_file({"x": torch.zeros(1)}, str(assets / "a_broken_fp.safetensors"), metadata=f.metadata())
+    cmp, _, skipped = make_comparison(None, None, assets, runtime="torch")
+    assert cmp.fp.name == "fp.safetensors"
+    assert any(s.startswith("a_broken_fp.safetensors") for s in skipped)
+
+
+@pytest.mark.parametrize("label", [["a"], {"x": 1}, 12345])
+def test_a_variant_that_is_not_a_menu_label_is_refused_clearly(assets, label):
+    cmp, _, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
+    with pytest.raises(ValueError, match="unknown quantized variant"):
+        cmp.variant(label)
 
 
 def test_a_quantized_file_given_as_the_fp_model_is_refused(assets):
