@@ -122,6 +122,19 @@ def _texts(page, selector: str) -> str:
     return page.locator(selector).inner_text(timeout=5000)
 
 
+def _live_view(page, url: str, error: type) -> np.ndarray:
+    """The live view's current image. The stream keeps replacing it, so a fetch can be cut off as the
+    page moves on to the next frame: try the latest one again."""
+    for attempt in range(5):
+        src = page.locator("#live-view img").get_attribute("src")
+        try:
+            return np.asarray(Image.open(io.BytesIO(page.request.get(urljoin(url, src)).body())).convert("RGB"))
+        except error:
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
+
+
 def test_the_webcam_stream_updates_both_models_in_headless_chromium(server, tmp_path):
     if CHROMIUM is None:
         pytest.skip("no chromium executable (README's test command installs Debian's chromium)")
@@ -152,8 +165,7 @@ def test_the_webcam_stream_updates_both_models_in_headless_chromium(server, tmp_
             if os.environ.get("BITVIT_SCREENSHOT"):
                 shutil.copy(tmp_path / "live.png", os.environ["BITVIT_SCREENSHOT"])
             assert len(set(seen)) >= 3, f"latencies did not update (saw {seen[-1:] or 'none'})"
-            src = page.locator("#live-view img").get_attribute("src")
-            view = np.asarray(Image.open(io.BytesIO(page.request.get(urljoin(url, src)).body())).convert("RGB"))
+            view = _live_view(page, url, sync.Error)
             band = view[: view.shape[0] // 5].astype(int)
             left, right = band[:, : view.shape[1] // 3].mean((0, 1)), band[:, -view.shape[1] // 3:].mean((0, 1))
             assert left[0] > left[2] + 100 and right[2] > right[0] + 100, "the models see the webcam mirrored"
