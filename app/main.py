@@ -147,7 +147,7 @@ def main(argv=None):
     labels = open_default(comparison, labels, skipped, explicit=args.quant is not None)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
-    demo = build(comparison, labels, args.results or Path(args.assets) / "results")
+    demo = build(comparison, labels, args.results or Path(args.assets) / "results", skipped)
     print(f"full precision: {comparison.fp.name} ({comparison.fp.runtime}); quantized: {len(labels)} variant(s), "
           f"default {comparison.default}")
     demo.queue(default_concurrency_limit=1).launch(

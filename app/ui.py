@@ -147,8 +147,10 @@ def _pick(folder: Path, prop: str, label: str | None, draw):
     return _plot(draw(entries[label]) if label in entries else None)
 
 
-def build(comparison: Comparison, variant_labels: list[str], results_dir: str | Path) -> gr.Blocks:
-    """The app's page over `comparison`; `variant_labels` fill the quantized-model menu."""
+def build(comparison: Comparison, variant_labels: list[str], results_dir: str | Path,
+          skipped: list[str] = ()) -> gr.Blocks:
+    """The app's page over `comparison`; `variant_labels` fill the quantized-model menu; `skipped` names the
+    model files left out, and why."""
     h = Handlers(comparison)
     fp = comparison.fp
     s = comparison.size
@@ -168,6 +170,9 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             + (f" <small>{fp.note}</small>" if fp.note else ""))
         variant = gr.Dropdown(variant_labels, value=comparison.default, label="quantized model",
                               info="the packed models found in the models folder", elem_id="variant")
+        if skipped:
+            with gr.Accordion(f"{len(skipped)} model file(s) left out", open=False):
+                gr.Markdown("\n".join(f"- {line}" for line in skipped))
 
         def outputs(prefix: str):
             with gr.Row():

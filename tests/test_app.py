@@ -290,6 +290,14 @@ def test_without_fp_the_first_full_precision_file_that_opens_is_taken(assets):
     assert any(s.startswith("a_broken_fp.safetensors") for s in skipped)
 
 
+def test_the_page_lists_the_model_files_left_out_and_why(assets, tmp_path):
+    from app.ui import build
+    cmp, labels, skipped = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
+    demo = build(cmp, labels, tmp_path, skipped)
+    texts = [str(c.get("props", {}).get("value", "")) for c in demo.config["components"]]
+    assert any("notes.safetensors" in t for t in texts)
+
+
 @pytest.mark.parametrize("label", [["a"], {"x": 1}, 12345])
 def test_a_variant_that_is_not_a_menu_label_is_refused_clearly(assets, label):
     cmp, _, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
