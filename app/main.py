@@ -119,6 +119,18 @@ def open_default(comparison, labels: list[str], skipped: list[str], explicit: bo
     raise ValueError("none of the quantized models opens: " + "; ".join(skipped[-len(labels):]))
 
 
+def check_port_free(host: str, number: int) -> None:
+    """One clear error now if another program already listens on host:number (the server binds it later)."""
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            s.bind((host, number))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{number} ({e.strerror}): pass --port with a free port, "
+                             f"or stop what holds it") from None
+
+
 def port(text: str) -> int:
     """argparse type for --port: an integer in 1..65535."""
     if not text.isdigit() or not 1 <= int(text) <= 65535:
@@ -142,6 +154,7 @@ def main(argv=None):
     p.add_argument("--threads", type=positive_int, help="CPU threads per model (default: all cores)")
     args = p.parse_args(argv)
 
+    check_port_free(args.host, args.port)  # before minutes of loading and warming models
     from app.ui import build
     comparison, labels, skipped = make_comparison(args.fp, args.quant, args.assets, args.threads)
     labels = open_default(comparison, labels, skipped, explicit=args.quant is not None)

@@ -306,6 +306,8 @@ def check_targets(ops: list[dict], models: list[dict], base: str = "bf16") -> li
 # ----------------------------------------------------------------------------- printing
 
 def print_ops(rows: list[dict]) -> None:
+    if not rows:  # --models "": no per-op part
+        return
     print(f"\n{'model':<24}{'layer':<6}{'N x K':>12}{'M':>7}  {'op':<11}{'us':>9}{'eager':>9}{'x dense':>8}{'TB/s':>7}"
           f"{'TOPS':>8}  bound    roofline")
     for r in rows:
@@ -316,6 +318,8 @@ def print_ops(rows: list[dict]) -> None:
 
 
 def print_models(rows: list[dict]) -> None:
+    if not rows:  # --e2e-models "": no end-to-end part
+        return
     print(f"\n{'model':<24}{'variant':<11}{'batch':>6}{'ms':>10}{'b2b ms':>10}{'img/s':>10}{'x fp':>7}"
           f"{'weights MB':>12}{'fp/this':>9}{'linear fp/this':>16}")
     for r in rows:

@@ -342,6 +342,20 @@ def test_a_packed_file_whose_header_has_the_wrong_structure_is_refused(assets, t
         inspect_file(tmp_path / "bad.safetensors")
 
 
+def test_a_port_in_use_is_refused_before_any_model_is_loaded(capsys, monkeypatch):
+    import socket
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models loaded before the port was checked")
+    monkeypatch.setattr("app.main.make_comparison", no_loading)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        assert run(main, ["--host", "127.0.0.1", "--port", str(taken)]) == 2
+    assert f"cannot listen on 127.0.0.1:{taken}" in capsys.readouterr().err
+
+
 def test_a_port_outside_1_to_65535_is_an_argument_error(capsys):
     with pytest.raises(SystemExit):
         main(["--port", "99999"])
