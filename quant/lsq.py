@@ -108,7 +108,7 @@ class LearnedQuantizer(nn.Module):
 
     def set_bits(self, bits: list[int] | int) -> None:
         """Fix the bit-width(s) to integers (in the candidate range)."""
-        b = torch.as_tensor(bits, dtype=torch.float32).expand(self.bit_groups).clone()
+        b = torch.as_tensor(bits, dtype=torch.float32, device=self.bit_param.device).expand(self.bit_groups).clone()
         if (b < self.b_min).any() or (b > self.b_max).any():
             raise ValueError(f"bit-widths {b.tolist()} outside {self.b_min}..{self.b_max}")
         with torch.no_grad():

@@ -216,8 +216,11 @@ class DoubleQuantized(NamedTuple):
 def double_quantize(scales: torch.Tensor, block: int = 256) -> DoubleQuantized:
     """Quantize positive scales (O, G) to int8 in blocks of `block` (row-major), after subtracting their mean.
 
-    QLoRA uses 8-bit floats here; symmetric linear int8 per block is what bitvit stores (the error is
-    the same order: the scales of one block lie close together once the mean is removed).
+    QLoRA stores 8-bit floats here; bitvit stores symmetric linear int8 per block, which is as good
+    where a block's scales lie close together once the mean is removed, and worse where a few scales
+    are far larger than the rest of their block: the small ones then keep few levels (a 64x256 weight
+    with 4 rows 100x larger, groups of 64: NF4 relative error on the other rows 0.092 with float32
+    scales, 0.156 with these, 0.103 with e4m3 floats; measured 2026-12-04).
     """
     flat = scales.detach().float().reshape(-1)
     offset = flat.mean()

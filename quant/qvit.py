@@ -236,7 +236,7 @@ def fix_bits(model: nn.Module, budget_bits: float | None = None) -> None:
     while float(bitops(model)) > budget * (1 + 1e-9):
         best = None
         for q in qs:
-            b = torch.tensor(q.int_bits(), dtype=torch.float32)
+            b = torch.tensor(q.int_bits(), dtype=torch.float32, device=soft[id(q)].device)
             margin = soft[id(q)] - (b - 0.5)           # how far above the rounding threshold b~ lies
             margin[b <= q.b_min] = float("inf")
             i = int(margin.argmin())

@@ -104,8 +104,13 @@ def reparameterize_layernorm(norm: nn.LayerNorm, linear: nn.Linear, scale: torch
     r1, r2 = scale / s, zero - z
     with torch.no_grad():
         shift = scale * r2                                   # (K,)
-        if linear.bias is not None:
-            linear.bias -= linear.weight @ shift
+        if linear.bias is None:  # a layer without bias (timm's qkv_bias=False) gets one to absorb the shift
+            linear.bias = nn.Parameter(torch.zeros_like(linear.weight[:, 0]))
+        if norm.weight is None:  # a LayerNorm without affine gets the identity one to fold into
+            norm.weight = nn.Parameter(torch.ones_like(shift))
+            norm.bias = nn.Parameter(torch.zeros_like(shift))
+            norm.elementwise_affine = True
+        linear.bias -= linear.weight @ shift
         linear.weight *= r1
         norm.bias.copy_((norm.bias + shift) / r1)
         norm.weight /= r1

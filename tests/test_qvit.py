@@ -67,6 +67,15 @@ def test_fix_bits_stops_learning_and_meets_the_budget(tiny_model):
     assert not any(q.learn_bits for q in qvit.quantizers(model).values())
 
 
+def test_fixing_the_bits_makes_its_tensors_on_the_model_device(tiny_model):
+    """fix_bits runs on the training device when no search stage ran (a one-epoch run); meta as the default
+    device stands in for a CUDA model meeting host tensors, as in the calibration test."""
+    model, _ = prepared(tiny_model, budget=3)
+    with torch.device("meta"):
+        qvit.fix_bits(model, budget_bits=3)
+    assert not any(q.learn_bits for q in qvit.quantizers(model).values())
+
+
 def test_lsq_plus_mode_keeps_every_width_at_the_budget(tiny_model):
     model, _ = prepared(tiny_model, budget=4, learn_bits=False)
     widths = {b for q in qvit.quantizers(model).values() for b in q.int_bits()}

@@ -1,4 +1,5 @@
 """W4A4: LayerNorm reparameterization is exact, and each activation gets the quantizer the method says."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -24,6 +25,18 @@ def fake(x, s, z, bits=4):
 
 def test_reparameterization_keeps_the_float_output():
     norm, lin = norm_and_linear()
+    x = torch.randn(200, 24)
+    ref = lin(norm(x))
+    s_c, z_c = channel_ranges(norm(x).detach(), 4)
+    reparameterize_layernorm(norm, lin, s_c, z_c)
+    assert torch.allclose(lin(norm(x)), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias, affine", [(False, True), (True, False)], ids=["no-bias", "no-affine"])
+def test_reparameterization_keeps_the_float_output_of_a_layer_without_bias_or_affine(bias, affine):
+    norm, lin = norm_and_linear()
+    norm = norm if affine else nn.LayerNorm(24, elementwise_affine=False)
+    lin = lin if bias else nn.Linear(24, 10, bias=False)
     x = torch.randn(200, 24)
     ref = lin(norm(x))
     s_c, z_c = channel_ranges(norm(x).detach(), 4)
