@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from quant.gptq import capture, execution_order, gptq_model, gptq_weight, hessian
 from quant.qlinear import QuantLinear
-from quant.quantizers import quantize_uniform, uniform_dequantize
+from quant.quantizers import num_groups, quantize_uniform, uniform_dequantize, uniform_params
 
 
 def correlated_inputs(t=2048, k=64, seed=0):
@@ -78,3 +78,58 @@ def test_gptq_codes_do_not_depend_on_the_lazy_batch_size():
     whole = gptq_weight(w, h, 4, 64, block_size=96)            # one block: no lazy updates
     for block in (40, 50, 128):                                 # groups straddling block ends
         assert torch.equal(gptq_weight(w, h, 4, 64, block_size=block).codes, whole.codes)
+
+
+def obs_reference(w, H, bits, group_size, asymmetric, act_order, damp=0.01):
+    """GPTQ's Algorithm 1 the slow way: one column at a time in float64, the inverse Hessian of the columns
+    still to quantize kept explicitly and shrunk by one row and column after each (the OBS update), no
+    Cholesky factor and no lazy batches. Group scales come from the group's weights as updated so far
+    (with act_order: from the original weights, before any update)."""
+    W, H = w.double().clone(), H.double().clone()
+    o, k = W.shape
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    gs, maxq = group_size or k, 2 ** bits - 1
+    S = torch.zeros(o, num_groups(k, gs), dtype=torch.double)
+    Z = torch.full_like(S, float(2 ** (bits - 1)))
+
+    def set_group(g, block):
+        s, z = uniform_params(block.float(), bits, None, not asymmetric)
+        S[:, g] = s[:, 0].double()
+        if z is not None:
+            Z[:, g] = z[:, 0].double()
+
+    order = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(k)
+    if act_order:
+        for g in range(S.shape[1]):
+            set_group(g, W[:, g * gs:(g + 1) * gs])
+    Hinv = torch.linalg.inv(H + damp * H.diagonal().mean() * torch.eye(k, dtype=H.dtype))[order][:, order]
+    Wp, codes = W[:, order], torch.zeros(o, k, dtype=torch.uint8)
+    for j, col in enumerate(order.tolist()):
+        g = col // gs
+        if not act_order and col % gs == 0:
+            set_group(g, Wp[:, j:j + gs])
+        q = torch.clamp(torch.round(Wp[:, j] / S[:, g]) + Z[:, g], 0, maxq)
+        codes[:, col] = q.to(torch.uint8)
+        err = (Wp[:, j] - (q - Z[:, g]) * S[:, g]) / Hinv[0, 0]
+        Wp[:, j:] -= err[:, None] * Hinv[0][None, :]                       # spread the error over the rest
+        Hinv = Hinv[1:, 1:] - Hinv[1:, :1] @ Hinv[:1, 1:] / Hinv[0, 0]     # drop the quantized column
+    return codes, S.float(), Z.float()
+
+
+@pytest.mark.parametrize("k, group_size, act_order, asymmetric, block_size", [
+    (100, 32, False, True, 16), (100, 32, True, True, 16), (96, None, False, False, 128),
+    (130, 64, False, True, 128), (130, 64, True, False, 40)])
+def test_gptq_computes_the_obs_updates_of_its_definition(k, group_size, act_order, asymmetric, block_size):
+    torch.manual_seed(k + block_size)
+    x = torch.randn(400, k) * torch.rand(k) * 3
+    x[:, 5] = 0                                                            # a dead input
+    w = torch.randn(24, k)
+    H = hessian(x)
+    got = gptq_weight(w, H, 3, group_size, asymmetric=asymmetric, act_order=act_order, block_size=block_size)
+    codes, scales, zeros = obs_reference(w, H, 3, group_size, asymmetric, act_order)
+    assert (got.codes != codes).float().mean() <= 0.002                    # a rounding tie may fall either way
+    torch.testing.assert_close(got.scales, scales, rtol=1e-4, atol=1e-6)
+    if asymmetric:
+        assert torch.equal(got.zeros, zeros)
