@@ -65,6 +65,18 @@ def test_straight_through_gradient_is_one_inside_the_range_and_zero_outside():
     assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0
 
 
+def test_step_size_gradient_is_lsqs_scaled_by_one_over_sqrt_of_numel_times_qp():
+    """LSQ: d x_hat / d s = -Qn below the range, Qp above it, round(x / s) - x / s inside, summed over the
+    tensor and scaled by g = 1 / sqrt(numel * Qp)."""
+    q = LearnedQuantizer(4)                                 # signed: Qn = 8, Qp = 7
+    q.init_scales(torch.linspace(-1, 1, 100))
+    x = torch.tensor([-100.0, -0.3, 0.01, 0.5, 0.77, 100.0])
+    q(x).sum().backward()
+    v = x / q.scale.detach()
+    want = torch.where(v <= -8, -8.0, torch.where(v >= 7, 7.0, v.round() - v)).sum() / (x.numel() * 7) ** 0.5
+    torch.testing.assert_close(q.scale.grad, want.reshape(1))
+
+
 def test_bit_width_gets_gradient_only_through_clipped_values():
     q = LearnedQuantizer((2, 8), init_bits=4, learn_bits=True)
     q.init_scales(torch.linspace(-1, 1, 100))
