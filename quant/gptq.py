@@ -79,8 +79,10 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | N
         for i in range(i2 - i1):
             col = cols[i1 + i]
             g = col // gs
-            if not act_order and col % gs == 0:   # the group's weights as updated so far: those past this
-                ahead = W[:, i2:i1 + i + gs]          # block still owe it the lazy update of columns i1..i-1
+            if not act_order and col % gs == 0:
+                # the group's scales come from its weights as updated so far; those past this lazy block
+                # (columns i2..) have not yet received the update of this block's columns i1..i-1: apply it
+                ahead = W[:, i2:i1 + i + gs]
                 if ahead.shape[1]:
                     ahead = ahead - Err1[:, :i] @ U[i1:i1 + i, i2:i1 + i + gs]
                 set_group(g, torch.cat([W1[:, i:], ahead], 1)[:, :gs])

@@ -7,8 +7,8 @@
 with a learnable step size s (LSQ, Esser et al. 2019; its gradient scaled by 1 / sqrt(numel * Qp)),
 an optional learnable offset beta (LSQ+, Bhalgat et al. 2020: for activations such as post-GELU
 that are not centred on zero; snapped to a whole number of steps, beta = -zero * s, so a trained
-quantizer is exactly an integer zero-point quantizer, `quant.quantizers.UniformQuantizer`), and integer levels Qn(b) = 2**(b-1), Qp(b) = 2**(b-1) - 1 when signed,
-Qn = 0, Qp = 2**b - 1 when unsigned.
+quantizer is exactly an integer zero-point quantizer, `quant.quantizers.UniformQuantizer`), and integer
+levels Qn(b) = 2**(b-1), Qp(b) = 2**(b-1) - 1 when signed, Qn = 0, Qp = 2**b - 1 when unsigned.
 
 The bit-width b is fixed (LSQ+) or learned (Q-ViT, Li et al. 2022): a float b~ per bit group,
 b = round(clamp(b~, b_min, b_max)) with a straight-through round, so the loss reaches b~ through

@@ -22,8 +22,8 @@ Q, K and V get per-head asymmetric uint4 ranges (MSE-searched). Weights are 4-bi
 channel, by GPTQ with the Hessian of the quantized inputs each layer really sees. Calibration goes
 block by block, so every range is found on inputs that already passed through the quantized blocks
 before it (the inputs of block i are computed once, by the quantized blocks 0..i-1, and each
-capture inside block i runs only that block). The classifier head stays at int8 weights and per-token int8 inputs; the patch embedding
-(a convolution) stays in floating point.
+capture inside block i runs only that block). The classifier head stays at int8 weights and per-token
+int8 inputs; the patch embedding (a convolution) stays in floating point.
 """
 from __future__ import annotations
 
