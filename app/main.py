@@ -48,7 +48,7 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     else:  # the shipped reference, or the first FP file of the folder that opens
         fps = [m.path for m in found if m.kind == "fp" and m.path.suffix == ".safetensors"]
         if Path(DEFAULT_FP).is_file() and Path(assets).resolve() == ASSETS.resolve():
-            fps = [DEFAULT_FP]
+            fps = [DEFAULT_FP] + [p for p in fps if p.resolve() != DEFAULT_FP.resolve()]
         for fp in fps:
             try:
                 fp_backend = open_model(fp, threads, runtime)
@@ -106,29 +106,39 @@ def open_default(comparison, labels: list[str], skipped: list[str], explicit: bo
     """Open (or build) and warm the default quantized variant now, not on the first frame. One that does not
     open (a damaged file the scan's header reading let through) leaves the menu with a note in `skipped`,
     and the next one becomes the default; a `--quant` the user named must open. Returns the menu's labels."""
-    for label in [comparison.default] + [x for x in labels if x != comparison.default]:
+    failed = []
+    others = sorted((x for x in labels if x != comparison.default), key=lambda x: "other architecture" in x)
+    for label in [comparison.default] + others:  # then those of the FP model's architecture first
         try:
             comparison.variant(label)
         except (ValueError, OSError) as e:
             if explicit and label == comparison.default:
                 raise
             skipped.append(f"{label}: {e}")
+            failed.append(label)
+            del comparison.openers[label]
             continue
         comparison.default = label
-        return [x for x in labels if not any(s.startswith(f"{x}: ") for s in skipped)]
-    raise ValueError("none of the quantized models opens: " + "; ".join(skipped[-len(labels):]))
+        return [x for x in labels if x not in failed]
+    raise ValueError("none of the quantized models opens: " + "; ".join(skipped[-len(failed):]))
 
 
 def check_port_free(host: str, number: int) -> None:
-    """One clear error now if another program already listens on host:number (the server binds it later)."""
+    """One clear error now, not after minutes of loading models, if the server could not listen on
+    host:number (another program may still take the port between this check and the server's start)."""
+    import errno
     import socket
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
-        try:
-            s.bind((host, number))
-        except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{number} ({e.strerror}): pass --port with a free port, "
-                             f"or stop what holds it") from None
+    host = host.strip("[]")  # an IPv6 address may come bracketed
+    where = f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, number, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server: TIME_WAIT is no conflict
+            s.bind(address)
+    except OSError as e:
+        hint = (": pass --port with a free port, or stop what holds it" if e.errno == errno.EADDRINUSE
+                else " (is --host an address of this machine?)")
+        raise ValueError(f"cannot listen on {where} ({e.strerror or e}){hint}") from None
 
 
 def port(text: str) -> int:

@@ -193,8 +193,9 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                                      height=s * VIEW_SCALE + 60, elem_id="live-view")
             live_out = outputs("live")
             stats = gr.State(LiveStats())
-            # the webcam's stream is the page's own, not an API endpoint: Gradio would decode an API
-            # caller's upload in full before the app could check its size (API callers use /classify)
+            # the webcam's stream is the page's own, not a listed API endpoint: Gradio decodes an upload in
+            # full before the app can check its size, so API callers are pointed to /classify, which checks
+            # first (a hand-made queue request naming the stream's function can still reach it)
             webcam.stream(h.live, [webcam, variant, stats], [live_view, *live_out, stats],
                           stream_every=STREAM_EVERY, concurrency_limit=1, show_progress="hidden",
                           api_name=False)

@@ -59,9 +59,10 @@ def _round_half_even(v):
 
 @triton.jit
 def _quantize_tile(x, div):
-    """fp32 tile / per-row divisor (nonzero) -> int8 codes in [-127, 127]."""
+    """fp32 tile / per-row divisor (nonzero) -> int8 codes in [-127, 127]; a NaN value's code is 0 (its row's
+    scale is NaN), as on the CPU."""
     v = _round_half_even(tl.math.div_rn(x, div))
-    return tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8)
+    return tl.where(v != v, 0.0, tl.minimum(tl.maximum(v, -127.0), 127.0)).to(tl.int8)
 
 
 @triton.jit

@@ -99,6 +99,9 @@ def reparameterize_layernorm(norm: nn.LayerNorm, linear: nn.Linear, scale: torch
     Returns the per-tensor (scale, zero) that now quantizes norm's output exactly as the per-channel
     ranges did (see the module docstring for the algebra). Changes norm and linear in place.
     """
+    if norm.weight is None or norm.bias is None:  # checked before anything is changed
+        raise ValueError("W4A4 folds the activation ranges into the LayerNorm's weight and bias: it needs a "
+                         "LayerNorm with both (elementwise_affine and bias)")
     s = scale.mean()
     z = torch.round(zero.mean())
     r1, r2 = scale / s, zero - z
@@ -106,10 +109,6 @@ def reparameterize_layernorm(norm: nn.LayerNorm, linear: nn.Linear, scale: torch
         shift = scale * r2                                   # (K,)
         if linear.bias is None:  # a layer without bias (timm's qkv_bias=False) gets one to absorb the shift
             linear.bias = nn.Parameter(torch.zeros_like(linear.weight[:, 0]))
-        if norm.weight is None:  # a LayerNorm without affine gets the identity one to fold into
-            norm.weight = nn.Parameter(torch.ones_like(shift))
-            norm.bias = nn.Parameter(torch.zeros_like(shift))
-            norm.elementwise_affine = True
         linear.bias -= linear.weight @ shift
         linear.weight *= r1
         norm.bias.copy_((norm.bias + shift) / r1)

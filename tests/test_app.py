@@ -270,6 +270,7 @@ def test_a_default_quantized_model_that_does_not_open_leaves_the_menu_for_the_ne
     labels = open_default(cmp, labels, skipped, explicit=False)
     assert labels == [cmp.default] and cmp.default.startswith("int8")
     assert any(s.startswith("ternary · tiny_ternary") and "corrupt" in s for s in skipped)
+    assert list(cmp.openers) == labels                         # the damaged file is not read again
 
 
 def test_a_quantized_model_named_with_quant_must_open(assets):

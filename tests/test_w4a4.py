@@ -32,16 +32,25 @@ def test_reparameterization_keeps_the_float_output():
     assert torch.allclose(lin(norm(x)), ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("bias, affine", [(False, True), (True, False)], ids=["no-bias", "no-affine"])
-def test_reparameterization_keeps_the_float_output_of_a_layer_without_bias_or_affine(bias, affine):
-    norm, lin = norm_and_linear()
-    norm = norm if affine else nn.LayerNorm(24, elementwise_affine=False)
-    lin = lin if bias else nn.Linear(24, 10, bias=False)
+def test_reparameterization_keeps_the_float_output_of_a_linear_layer_without_bias():
+    norm, _ = norm_and_linear()
+    lin = nn.Linear(24, 10, bias=False)                     # timm's qkv_bias=False
     x = torch.randn(200, 24)
     ref = lin(norm(x))
     s_c, z_c = channel_ranges(norm(x).detach(), 4)
     reparameterize_layernorm(norm, lin, s_c, z_c)
     assert torch.allclose(lin(norm(x)), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(24, elementwise_affine=False), nn.LayerNorm(24, bias=False)],
+                         ids=["no-affine", "no-bias"])
+def test_a_layer_norm_without_weight_and_bias_is_refused_before_anything_changes(norm):
+    lin = nn.Linear(24, 10)
+    before = lin.weight.clone()
+    s_c, z_c = channel_ranges(norm(torch.randn(200, 24)).detach(), 4)
+    with pytest.raises(ValueError, match="needs a LayerNorm with both"):
+        reparameterize_layernorm(norm, lin, s_c, z_c)
+    assert torch.equal(lin.weight, before)
 
 
 def test_per_tensor_quantizer_after_reparameterization_equals_per_channel_before():

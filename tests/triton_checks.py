@@ -76,6 +76,7 @@ def test_quantize_rows_gives_a_row_holding_nan_or_inf_a_nan_scale(k, bad):
     q_ref, s_ref = quantize_tokens(x)
     assert s.cpu()[1].isnan() and torch.equal(s.cpu()[[0, 2]], s_ref[[0, 2]])
     assert torch.equal(q.cpu()[[0, 2]], q_ref[[0, 2]])
+    assert q.cpu()[1, k // 2] == (0 if bad != bad else 127)  # the CPU kernel's codes for such a row
 
 
 @pytest.mark.parametrize("k", [77, 768, 9000])  # 9000: LayerNorm in torch, then two passes
