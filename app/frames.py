@@ -1,6 +1,8 @@
 """Frames as they come: any image the page hands over -> the uint8 RGB square the models were trained on.
 
-Webcam frames and uploads arrive as numpy arrays of any size up to 50 megapixels, grayscale (H, W) or
+Webcam frames arrive as base64 data URLs (Gradio's stream; `load_data_url`), uploads as files
+(`load_image_file`), both checked for size before they are decoded; frames handed over as numpy
+arrays (the benchmark) are taken as they are. Arrays may be of any size up to 50 megapixels, grayscale (H, W) or
 (H, W, 1), RGB or RGBA, uint8, 16-bit or float, mirrored (a selfie preview) or not, and as `None`
 between stream events. Value ranges: integer frames whose values exceed 255 are 16-bit (0..65535);
 float frames are 0..1 when no value exceeds 1, else 0..255; anything outside those is refused.
@@ -10,6 +12,8 @@ the model's image size (bicubic, antialiased), centre crop -- for the CIFAR mode
 """
 from __future__ import annotations
 
+import base64
+import io
 import os
 import warnings
 
@@ -96,10 +100,33 @@ def load_image_file(path: str | os.PathLike) -> np.ndarray:
     if nbytes > MAX_FILE_BYTES:
         raise ValueError(f"the file is {nbytes / 2**20:.0f} MB; the app takes images up to "
                          f"{MAX_FILE_BYTES >> 20} MB")
+    return _decode(path)
+
+
+def load_data_url(url: str) -> np.ndarray:
+    """Decode a `data:image/...;base64,...` URL (how Gradio streams webcam frames) into uint8 RGB (H, W, 3),
+    refusing it by its length and image header before any pixel is decoded."""
+    head, sep, payload = url.partition(",")
+    if not (sep and head.startswith("data:image/") and head.endswith(";base64")):
+        raise ValueError("the page sent a frame that is not a base64 image")
+    if len(payload) * 3 // 4 > MAX_FILE_BYTES:
+        raise ValueError(f"the frame is over {MAX_FILE_BYTES >> 20} MB; the app takes images up to "
+                         f"{MAX_FILE_BYTES >> 20} MB")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise ValueError("the page sent a frame whose base64 data is damaged") from None
+    if not data:
+        raise ValueError("the page sent an empty frame")
+    return _decode(io.BytesIO(data))
+
+
+def _decode(source) -> np.ndarray:
+    """A path or file object of an image -> uint8 RGB (H, W, 3), its pixel count checked from the header."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise ValueError(f"the image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels); the app takes "

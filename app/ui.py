@@ -15,7 +15,7 @@ import numpy as np
 
 from app import results as results_mod
 from app.examples import write_examples
-from app.frames import load_image_file, to_rgb
+from app.frames import load_data_url, load_image_file, to_rgb
 from app.live import Comparison, LiveStats, Reading
 
 STREAM_EVERY = 0.05   # seconds between webcam frames sent to the server (at most 20 frames/s)
@@ -72,6 +72,16 @@ def _upload_path(upload) -> str | None:
     raise ValueError("the page sent something that is not an uploaded file")
 
 
+def _frame_rgb(frame) -> np.ndarray:
+    """A webcam frame as the stream hands it over unprocessed (a FileData dict holding a base64 data URL or
+    a file path) or as an array or PIL image (the benchmark, tests) -> uint8 RGB (H, W, 3)."""
+    if isinstance(frame, dict):
+        if isinstance(frame.get("url"), str) and frame["url"].startswith("data:"):
+            return load_data_url(frame["url"])
+        return load_image_file(_upload_path(frame))
+    return to_rgb(frame)
+
+
 class Handlers:
     """The page's event functions over one `Comparison` (shared by every visitor)."""
 
@@ -87,7 +97,7 @@ class Handlers:
         if frame is None:
             return (gr.skip(),) * 6 + (stats,)
         try:
-            rgb = to_rgb(frame)
+            rgb = _frame_rgb(frame)
             if stats.variant != (variant or self.cmp.default):
                 stats.reset(variant or self.cmp.default)
             view, fp, q = self.cmp.run(rgb, variant, MIRROR_WEBCAM, first=stats.frames)
@@ -193,12 +203,11 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                                      height=s * VIEW_SCALE + 60, elem_id="live-view")
             live_out = outputs("live")
             stats = gr.State(LiveStats())
-            # the webcam's stream is the page's own, not a listed API endpoint: Gradio decodes an upload in
-            # full before the app can check its size, so API callers are pointed to /classify, which checks
-            # first (a hand-made queue request naming the stream's function can still reach it)
+            # frames come unprocessed (preprocess=False), so the app checks a frame's size before decoding
+            # it, as /classify does for uploads; the stream is the page's own, not a listed API endpoint
             webcam.stream(h.live, [webcam, variant, stats], [live_view, *live_out, stats],
                           stream_every=STREAM_EVERY, concurrency_limit=1, show_progress="hidden",
-                          api_name=False)
+                          api_name=False, preprocess=False)
 
         with gr.Tab("Image"):
             with gr.Row():

@@ -1,4 +1,6 @@
 """The app's pieces on tiny models and synthetic frames: frames, backends, handlers, results plots."""
+import base64
+import io
 import json
 import os
 
@@ -390,6 +392,28 @@ def test_a_webcam_frame_of_any_mode_and_size_gives_both_models_results(handlers,
     assert abs(sum(fp_top.values()) - 1) < 1e-6
     assert "ms" in fp_card and "ms" in q_card and ("MB" in fp_card or "kB" in fp_card)
     assert "smaller on disk" in summary and stats.frames == 1
+
+
+def data_url(img: Image.Image, fmt: str = "JPEG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a_streamed_frame_arrives_as_a_base64_data_url_and_gives_results(handlers):
+    out = handlers.live({"path": None, "url": data_url(Image.fromarray(frame((48, 64, 3))))}, None, LiveStats())
+    assert out[0].shape[:2] == (4 * S, 4 * S) and out[-1].frames == 1
+
+
+@pytest.mark.parametrize("url, words", [
+    ("data:image/png;base64,!!not base64!!", "base64 data is damaged"),
+    ("data:text/plain;base64,aGVsbG8=", "not a base64 image"),
+    ("data:image/png;base64,aGVsbG8=", "not an image"),
+    (None, "megapixels")], ids=["damaged", "not-image-type", "not-image-data", "too-many-pixels"])
+def test_a_streamed_frame_that_is_no_readable_image_of_reasonable_size_gets_a_message(handlers, url, words):
+    url = url or data_url(Image.new("1", (10_000, 6_000)), "PNG")  # 60 megapixels in a few kB: refused unread
+    out = handlers.live({"path": None, "url": url}, None, LiveStats())
+    assert out[5].startswith("⚠") and words in out[5]
 
 
 def test_none_between_stream_events_changes_nothing(handlers):
