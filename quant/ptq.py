@@ -71,10 +71,10 @@ def main(argv=None):
                          f"use python -m quant.qat --teacher {args.checkpoint} --recipe {args.recipe} ...")
     model = load_model(args.checkpoint).to(device)
     calib = None
-    if args.calib and isinstance(r, (GPTQ, W4A4)):  # the other recipes round to nearest: no images needed
+    if isinstance(r, (GPTQ, W4A4)):  # the other recipes round to nearest: no images needed
+        if not args.calib:
+            raise ValueError(f"recipe {args.recipe} calibrates: give --calib DATA (training images to calibrate on)")
         calib = calibration_inputs(args.calib, args.calib_size, model.config)
-    elif isinstance(r, (GPTQ, W4A4)):
-        raise ValueError(f"recipe {args.recipe} calibrates: give --calib DATA (training images to calibrate on)")
     t0 = time.perf_counter()
     quantize(model, r, calib=calib)  # calibration inputs follow the model to its device
     seconds = time.perf_counter() - t0

@@ -407,11 +407,11 @@ def main(argv=None):
     teacher = load_any(args.teacher) if args.teacher else None
     if teacher is not None:
         train.require_classes(teacher.config, whose=f"the teacher {args.teacher}'s")
-    if teacher is not None and any(tuple(getattr(teacher.config, k)) != tuple(getattr(model.config, k))
-                                   for k in ("mean", "std")):  # it sees the student's normalised input
-        raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "
-                         f"{teacher.config.mean}, std {teacher.config.std}; the student uses "
-                         f"{model.config.mean}, {model.config.std}")
+        if any(tuple(getattr(teacher.config, k)) != tuple(getattr(model.config, k))
+               for k in ("mean", "std")):  # it sees the student's normalised input
+            raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "
+                             f"{teacher.config.mean}, std {teacher.config.std}; the student uses "
+                             f"{model.config.mean}, {model.config.std}")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
         print(f"{args.model}: {count_parameters(model):,} parameters; {len(train)} training images"
