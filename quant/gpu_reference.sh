@@ -50,11 +50,19 @@ if [ "${TEACHER_BUDGET:-0}" != 0 ]; then  # DeiT-style: a CNN teacher first, out
         echo "teacher training failed (see above); training the ViT without distillation" | tee -a "$OUT/train.log"
     fi
 fi
-"$PY" -m quant.train --model vit_cifar_small --data "$DATA" --out "$RUN" \
-    --epochs 300 --time-budget "$budget" --time-limit "$(left_until "${TIME_LIMIT:-500}")" --end-within-time-limit \
-    --save-every 25 \
-    --batch-size "$BATCH" --lr 2e-3 --warmup-epochs 10 --drop-path 0.1 \
-    --mixup 0.8 --cutmix 1.0 --mix-prob 0.5 "${distill[@]}" "$@" 2>&1 | quiet >> "$OUT/train.log" || true
+train_vit() {
+    "$PY" -m quant.train --model vit_cifar_small --data "$DATA" --out "$RUN" \
+        --epochs 300 --time-budget "$budget" --time-limit "$(left_until "${TIME_LIMIT:-500}")" --end-within-time-limit \
+        --save-every 25 \
+        --batch-size "$BATCH" --lr 2e-3 --warmup-epochs 10 --drop-path 0.1 \
+        --mixup 0.8 --cutmix 1.0 --mix-prob 0.5 "${distill[@]}" "$@" 2>&1 | quiet >> "$OUT/train.log" || true
+}
+train_vit "$@"
+if [ ! -f "$RUN/model.safetensors" ] && [ ! -f "$RUN/last.pt" ] && [ "$SECONDS" -lt 240 ]; then
+    # failed before its first checkpoint, early: most likely torch.compile on this machine's stack
+    echo "training failed early (see above); again without torch.compile" | tee -a "$OUT/train.log"
+    TORCH_COMPILE_DISABLE=1 train_vit "$@"
+fi
 tail -n 4 "$OUT/train.log"  # the last epochs, or the error that ended training
 if [ ! -f "$RUN/model.safetensors" ]; then
     echo "reference model: training failed (see $OUT/train.log)"
