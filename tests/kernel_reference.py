@@ -89,5 +89,7 @@ def make_weight_only_layer(kind: str, bits: int, n: int, k: int, group_size: int
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """||y - ref|| / ||ref||, NaN-propagating (an unwritten NaN-poisoned output never passes)."""
+    """||y - ref|| / ||ref||, on the CPU in float64 wherever the two live; NaN-propagating (an unwritten
+    NaN-poisoned output never passes)."""
+    ref = ref.cpu().double()
     return ((y.cpu().double() - ref).norm() / ref.norm()).item()
