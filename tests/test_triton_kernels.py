@@ -38,3 +38,27 @@ def test_a_compile_only_tuner_launches_every_candidate_once_and_keeps_no_pick(mo
     tuner = tk.Tuner()
     assert tuner.pick(("a8", 2, 256, 768, 768), candidates, launch) == candidates[0]
     assert launched == candidates and tuner.best == {}
+
+
+def test_the_tuner_picks_the_fastest_replay_and_passes_over_a_tiling_that_does_not_launch(monkeypatch):
+    """Each candidate is launched once (compiling it; one that does not fit the device is passed over), then
+    timed as a CUDA-graph replay (`replay_ms`), and the fastest is remembered for the key."""
+    from cuda_ops import triton_kernels as tk
+    monkeypatch.setenv("BITVIT_TUNE", "1")
+    monkeypatch.setattr(tk, "INTERPRET", False)
+    monkeypatch.setattr(tk.torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU build has no CUDA
+    candidates = [tk.Config(16, 64, 128, 4, 4), tk.Config(32, 64, 256, 4, 4), tk.Config(64, 64, 256, 4, 4)]
+    replay = {candidates[0]: 0.030, candidates[1]: 0.010, candidates[2]: 0.020}  # ms
+    current = []
+
+    def launch(cfg):
+        current[:] = [cfg]
+        if cfg.block_m == 32:
+            raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(tk, "replay_ms", lambda fn: (fn(), replay[current[0]])[1])
+    tuner = tk.Tuner()
+    key = ("a8", 2, 256, 768, 768)
+    assert tuner.pick(key, candidates, launch) == candidates[2]
+    assert set(tuner.timings[key]) == {candidates[0], candidates[2]}
+    assert tuner.pick(key, candidates, lambda cfg: 1 / 0) == candidates[2]  # remembered: nothing launched
