@@ -90,6 +90,14 @@ def a8_jobs(ms: list[int]):
     for fmt, (bits, mul, off) in A8_FORMATS.items():
         for m in ms:
             for c in tk.a8_candidates(m):
+                if c.predecode:  # then the GEMM reads int8 weights, the same kernel for every format
+                    if bits == 8 or ("int8 decoded", c) in seen:
+                        continue
+                    seen.add(("int8 decoded", c))
+                    const = dict(BITS=8, MUL=1, OFF=0, TRITS=False, FUSE_QUANT=False, HAS_BIAS=True,
+                                 BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_KP=c.block_k, GROUP_M=8, SPLIT_K=1)
+                    yield tk._a8_gemm_kernel, "int8 decoded", c, {**sig, "w_ptr": "*i8"}, const, div
+                    continue
                 if (fmt, c) in seen:
                     continue
                 seen.add((fmt, c))

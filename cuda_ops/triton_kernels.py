@@ -9,6 +9,9 @@ Three kernels:
   quantization runs inside the GEMM (a row-absmax pre-pass over the program's rows, then quantizing
   each tile in registers), which saves the int8 round trip and a launch; otherwise `quantize_rows`
   runs first. The tuner times both.
+  A tuning candidate may instead decode the layer's codes once into int8 (`_decode_weights_kernel`, a
+  transient (N, K) scratch) and run the GEMM on int8 weights: the decode is then done once per call
+  rather than once per row block and K step.
 - `weight_only_gemm`: weight-only 2-, 4- or 8-bit group-quantized weights (symmetric, asymmetric, or a
   code book such as NF4) against bf16/fp16 (or fp32) activations, fp32 accumulation.
 
@@ -193,6 +196,27 @@ def _quantize_rows_kernel(x_ptr, lw_ptr, lb_ptr, q_ptr, s_ptr, M, K, stride_xm, 
     tl.store(s_ptr + offs_m, s, mask=m_ok)
 
 
+@triton.jit
+def _decode_weights_kernel(w_ptr, d_ptr, N, K, KB, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr,
+                           TRITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed codes (N, KB) -> int8 weight values (N, K), code * MUL - OFF (trit planes: code k is plane
+    k // KB of byte k % KB, value t - 1)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * KB
+    if TRITS:
+        c = offs_k // KB
+        p = tl.load(rows + (offs_k % KB)[None, :], mask=mask, other=0).to(tl.int32)
+        pow3 = tl.where(c == 0, 1, tl.where(c == 1, 3, tl.where(c == 2, 9, tl.where(c == 3, 27, 81))))
+        v = ((((p * pow3[None, :]) & 255) * 3) >> 8) - 1
+    else:
+        PER: tl.constexpr = 8 // BITS
+        p = tl.load(rows + (offs_k // PER)[None, :], mask=mask, other=0).to(tl.int32)
+        v = ((p >> ((offs_k % PER) * BITS)[None, :]) & ((1 << BITS) - 1)) * MUL - OFF
+    tl.store(d_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], v.to(tl.int8), mask=mask)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
                     M, N, K, KB, stride_xm, stride_qm, stride_ym,
@@ -326,6 +350,7 @@ class Config:
     num_stages: int = 3
     fuse: bool = False  # a8 only: quantize activations inside the GEMM
     split_k: int = 1  # a8 only: programs per output tile, each summing a share of K (atomically, in fp32)
+    predecode: bool = False  # a8 only: decode the layer's codes into an int8 (N, K) scratch, then a plain int8 GEMM
 
 
 def _bucket(m: int) -> int:
@@ -362,7 +387,10 @@ def a8_candidates(m: int) -> list[Config]:
         narrow = [t for t in fits if t[1] <= 128][:2]
         split = [Config(*t, fuse=f, split_k=s) for s in (2, 4) for f in (True, False) for t in narrow]
         out = [Config(*t, fuse=True) for t in fits] + out + split
-    return out
+    # decoding the codes in the main loop costs integer work per weight that wgmma's int8 rate outruns; a
+    # separate decode pass into int8 (N x K bytes, the layer's alone, in torch's caching allocator) then
+    # a plain int8 GEMM may win, most likely at many rows (tried for bits < 8 only)
+    return out + [Config(*t, predecode=True) for t in tiles]
 
 
 def weight_only_candidates(m: int, group_size: int, k: int) -> list[Config]:
@@ -489,6 +517,12 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
     sx = torch.empty((m,), dtype=torch.float32, device=x.device)
 
     def launch(cfg: Config):
+        w, w_bytes, w_bits, w_mul, w_off, w_trits = packed, kb, bits, mul, off, trits
+        if cfg.predecode:
+            w = torch.empty((n, k), dtype=torch.int8, device=x.device)
+            _decode_weights_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 128))](
+                packed, w, n, k, kb, BITS=bits, MUL=mul, OFF=off, TRITS=trits, BLOCK_N=32, BLOCK_K=128)
+            w_bytes, w_bits, w_mul, w_off, w_trits = k, 8, 1, 0, False
         if not cfg.fuse:
             quantize_rows(x, q, sx, norm)
         y = out
@@ -498,10 +532,10 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
             y.zero_()
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
         _a8_gemm_kernel[grid](
-            x, q, sx, packed, scales, bias if bias is not None else sx, y,
-            m, n, k, kb, x.stride(0), q.stride(0), y.stride(0),
-            BITS=bits, MUL=mul, OFF=off, TRITS=trits, FUSE_QUANT=cfg.fuse, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * bits // 8, GROUP_M=8,
+            x, q, sx, w, scales, bias if bias is not None else sx, y,
+            m, n, k, w_bytes, x.stride(0), q.stride(0), y.stride(0),
+            BITS=w_bits, MUL=w_mul, OFF=w_off, TRITS=w_trits, FUSE_QUANT=cfg.fuse, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * w_bits // 8, GROUP_M=8,
             SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if y is not out:
             out.copy_(y)
@@ -509,7 +543,8 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
     if config is None:
         key = ("a8", "trits" if trits else bits, _bucket(m), n, k, x.dtype, bias is not None, norm is not None,
                x.device.index)
-        config = TUNER.pick(key, [c for c in a8_candidates(m) if not (norm and c.fuse)], launch)
+        config = TUNER.pick(key, [c for c in a8_candidates(m) if not (norm and c.fuse) and not (bits == 8 and c.predecode)],
+                            launch)
     launch(config)
 
 
