@@ -32,7 +32,7 @@
 # profile: ncu (clocks left as they are) on the CUDA-graph replays of dense bf16, w1.58a8 and w1.58a8-b3 at ViT-B's
 #   fc1 for M = 197 and 12,608: speed of light, memory and compute workload, occupancy, launch stats.
 #   -> env.txt, profile.ncu-rep, profile.txt, profile.log
-# parity: the shipped model's w8a8/w4/nf4/w2 versions and every packed model in assets/, scored on the
+# parity: vit_cifar_tiny's w8a8/w4/nf4/w2 versions and every packed model in assets/, scored on the
 #   test split with QuantLinear's reference forward and on the Triton kernels (fp32 models). Needs the
 #   data: here, `mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/` and carry [".data"].
 #   -> env.txt, cuda_parity_gpu.json, parity.log
@@ -128,7 +128,10 @@ run_profile() {
 
 run_parity() {
     local files
-    files=$(ls assets/*.safetensors 2>/dev/null | grep -v "assets/vit_cifar_tiny.safetensors" | paste -sd, -)
+    files=$("$PY" -c "import glob
+from safetensors import safe_open
+packed = lambda p: (safe_open(p, 'pt').metadata() or {}).get('format', '').startswith('bitvit-quant')
+print(','.join(p for p in sorted(glob.glob('assets/*.safetensors')) if packed(p)))")  # the packed models
     timeout "${PARITY_TIMEOUT:-540}" "$PY" -m cuda_ops.parity --model assets/vit_cifar_tiny.safetensors \
         --quantized "$files" --data "${DATA:-.data/cifar10-jpeg.tar.gz}" --split test \
         --out "$OUT/cuda_parity_gpu.json" "$@" > "$OUT/parity.log" 2>&1
