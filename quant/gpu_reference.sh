@@ -23,7 +23,15 @@
 # TEACHER_BUDGET=S first trains a CNN teacher (`quant.teacher`, resnet_cifar) for S of those seconds and
 # distils the ViT from its hard predictions for the rest (DeiT's recipe); its log joins train.log.
 # A machine lent for 10-minute commands starts bare each time, and the resume state (weights plus
-# AdamW moments) is too big to come back through $OUT, so the run is sized to end in one call.
+# AdamW moments) is too big to come back through $OUT, so the run is sized to end in one call -- or in two
+# calls back to back on the same warm machine, which keeps runs/ between calls (about 11 minutes of
+# training in a 15-minute lease instead of 6.5):
+#   PART=1 TIME_BUDGET=660 bash quant/gpu_reference.sh     (timeout_s 600: trains until TIME_LIMIT, default
+#                                                           520 s, and keeps the resume state; no scores)
+#   PART=2 TIME_BUDGET=660 bash quant/gpu_reference.sh     (at once, timeout_s = what the lease has left less
+#                                                           10 s: resumes, finishes the schedule by TIME_LIMIT,
+#                                                           default 200 s, shrinking it to fit, and scores)
+# Both parts need the same TIME_BUDGET (and arguments); a teacher (TEACHER_BUDGET) is trained in part 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
@@ -37,22 +45,31 @@ export PYTHONUNBUFFERED=1
 quiet() { tr '\r' '\n' | grep -v "step/s\|s/step\|img/s\|^ *$" || true; }  # drop tqdm's redraws
 left_until() { local s=$(($1 - SECONDS)); echo $((s > 1 ? s : 1)); }  # seconds from now to $1 s after the start
 budget=${TIME_BUDGET:-390}
+PART=${PART:-}
+case "$PART" in
+    "") limit=${TIME_LIMIT:-500}; score_by=590; fit=(--end-within-time-limit) ;;
+    1) limit=${TIME_LIMIT:-520}; fit=() ;;  # stop at the limit, resume state kept, schedule unchanged
+    2) limit=${TIME_LIMIT:-200}; score_by=$((limit + 70)); fit=(--end-within-time-limit) ;;
+    *) echo "PART must be 1, 2 or unset, got '$PART'" >&2; exit 2 ;;
+esac
 distill=()
 : > "$OUT/train.log"
-if [ "${TEACHER_BUDGET:-0}" != 0 ]; then  # DeiT-style: a CNN teacher first, out of the same budget
+if [ "${TEACHER_BUDGET:-0}" != 0 ] && { [ "$PART" != 2 ] || [ ! -f "$RUN-teacher/model.safetensors" ]; }; then
+    # DeiT-style: a CNN teacher first, out of the same budget
     "$PY" -m quant.train --model resnet_cifar --data "$DATA" --out "$RUN-teacher" --epochs 60 \
         --time-budget "$TEACHER_BUDGET" --save-every 10 --batch-size "$BATCH" --lr 4e-3 --warmup-epochs 2 \
         --mixup 0 --cutmix 0 2>&1 | quiet >> "$OUT/train.log" || true
-    if [ -f "$RUN-teacher/model.safetensors" ]; then
-        distill=(--teacher "$RUN-teacher/model.safetensors" --distill hard)
-        budget=$(awk -v b="$budget" -v t="$TEACHER_BUDGET" 'BEGIN { print (b - t > 60 ? b - t : 60) }')
-    else  # no teacher: the one-call run still trains the ViT, undistilled, on what time is left
+    if [ ! -f "$RUN-teacher/model.safetensors" ]; then  # no teacher: the ViT trains undistilled
         echo "teacher training failed (see above); training the ViT without distillation" | tee -a "$OUT/train.log"
     fi
 fi
+if [ "${TEACHER_BUDGET:-0}" != 0 ] && [ -f "$RUN-teacher/model.safetensors" ]; then
+    distill=(--teacher "$RUN-teacher/model.safetensors" --distill hard)
+    budget=$(awk -v b="$budget" -v t="$TEACHER_BUDGET" 'BEGIN { print (b - t > 60 ? b - t : 60) }')
+fi
 train_vit() {
     "$PY" -m quant.train --model vit_cifar_small --data "$DATA" --out "$RUN" \
-        --epochs 300 --time-budget "$budget" --time-limit "$(left_until "${TIME_LIMIT:-500}")" --end-within-time-limit \
+        --epochs 300 --time-budget "$budget" --time-limit "$(left_until "$limit")" "${fit[@]}" \
         --save-every 25 \
         --batch-size "$BATCH" --lr 2e-3 --warmup-epochs 10 --drop-path 0.1 \
         --mixup 0.8 --cutmix 1.0 --mix-prob 0.5 "${distill[@]}" "$@" 2>&1 | quiet >> "$OUT/train.log" || true
@@ -69,8 +86,12 @@ if [ ! -f "$RUN/model.safetensors" ]; then
     exit 1
 fi
 cp "$RUN/model.safetensors" "$RUN/log.jsonl" "$OUT/"  # back first: the scores below can be redone here
+if [ "$PART" = 1 ]; then  # the model so far comes back too (marked incomplete), should part 2 not run
+    echo "part 1 done: run PART=2 with the same TIME_BUDGET at once, while the machine keeps $RUN/last.pt"
+    exit 0
+fi
 for split in test val; do  # the test score first: the one the card needs
-    timeout "$(left_until 590)" "$PY" -m quant.evaluate --checkpoint "$RUN/model.safetensors" --data "$DATA" \
+    timeout "$(left_until "$score_by")" "$PY" -m quant.evaluate --checkpoint "$RUN/model.safetensors" --data "$DATA" \
         --split "$split" --json "$OUT/$split.json" --confusion "$RUN/$split.confusion.png" 2>&1 | tr '\r' '\n' | tail -n 1 || true
 done
 echo "reference model done"

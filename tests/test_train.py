@@ -305,3 +305,25 @@ def test_the_gpu_reference_script_trains_scores_and_hands_back_its_files(tmp_pat
                                                     "val.json"]
     assert json.loads((tmp_path / "out" / "test.json").read_text())["split"] == "test"
     assert ("resnet_cifar" in (tmp_path / "out" / "train.log").read_text()) == (teacher_budget == "1")
+
+
+def test_the_gpu_reference_script_in_two_parts_resumes_in_the_second_and_finishes_there(tmp_path, image_tree):
+    """PART=1 trains until its time limit and keeps the resume state (no scores); PART=2, the same command
+    at once, resumes from it, ends the schedule within its own limit and scores."""
+    from safetensors import safe_open
+    env = {**os.environ, "DATA": str(image_tree), "RUN": str(tmp_path / "run"), "TIME_BUDGET": "1000",
+           "TIME_LIMIT": "1", "BATCH": "4", "PYTHON": sys.executable}
+    args = ["bash", "quant/gpu_reference.sh", "--model", "vit_cifar_tiny", "--device", "cpu", "--warmup-epochs", "1"]
+    run = lambda part: subprocess.run(args, cwd=Path(__file__).parents[1], capture_output=True, text=True,  # noqa: E731
+                                      timeout=240, env={**env, "PART": part, "OUT": str(tmp_path / f"out{part}")})
+    first = run("1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "part 1 done" in first.stdout and (tmp_path / "run" / "last.pt").exists()
+    assert sorted(os.listdir(tmp_path / "out1")) == ["log.jsonl", "model.safetensors", "train.log"]
+    second = run("2")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming from" in (tmp_path / "out2" / "train.log").read_text()
+    assert second.stdout.strip().endswith("reference model done")
+    with safe_open(tmp_path / "run" / "model.safetensors", "pt") as f:
+        assert f.metadata()["complete"] == "true"
+    assert json.loads((tmp_path / "out2" / "test.json").read_text())["split"] == "test"
