@@ -8,7 +8,8 @@ collects *entries*: the dicts that carry a known measurement,
   bits_per_weight | bpw | mean_weight_bits  bits per weight
   size_bytes | size_mb                    size on disk
   latency_ms (a number, or {batch: ms})   latency; batch 1 is plotted | latency_ms_batch1_cpu | ms (a
-                                          model's, at batch 1; per-layer kernel timings are left out)
+                                          model's, at batch 1; per-layer kernel timings and tuner
+                                          picks are left out)
   confusion                               a square confusion matrix (rows: true class)
   attention + layers + bitops             a Q-ViT bit allocation (`quant.qvit.bit_allocation`), or
   allocation: "<file>.bits.json"          a path to one (as `quant.qat` records it)
@@ -130,8 +131,9 @@ class Results:
 
 
 def _model_ms(d: dict) -> bool:
-    """A whole model's batch-1 time under the plain key "ms" (not one layer's kernel, not batch 8)."""
-    return finite_number(d.get("ms")) and "layer" not in d and d.get("batch", 1) == 1
+    """A whole model's batch-1 time under the plain key "ms" (not one layer's kernel, not the kernel tuner's
+    pick for a shape, which `cuda_ops.bench` records under its "key", not batch 8)."""
+    return finite_number(d.get("ms")) and "layer" not in d and "key" not in d and d.get("batch", 1) == 1
 
 
 def _is_entry(d: dict) -> bool:

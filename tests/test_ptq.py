@@ -122,6 +122,16 @@ def test_report_collects_entries_at_any_depth_and_draws_the_plot(tmp_path, capsy
     assert "| qat | w1.58a8 | 0.8800 | 1.700 |" in capsys.readouterr().out
 
 
+def test_report_takes_a_models_time_but_not_a_layers_kernel_or_a_tuner_pick(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "cuda_bench.json").write_text(json.dumps({
+        "models": [{"variant": "w1.58a8", "batch": 1, "ms": 1.4}, {"variant": "w1.58a8", "batch": 64, "ms": 11.5}],
+        "ops": [{"op": "w1.58a8", "layer": "fc1", "ms": 0.05}],
+        "tuned": [{"key": ["a8", "2", "256"], "config": {"block_m": 32}, "ms": 0.05, "candidates": 20}]}))
+    assert [(e.name, e.latency_ms) for e in load(folder).having("latency_ms")] == [("w1.58a8", 1.4)]
+
+
 def test_report_leaves_out_impossible_scores_and_unreadable_files(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
