@@ -107,6 +107,16 @@ def a8_jobs(ms: list[int]):
                 yield tk._a8_gemm_kernel, fmt, c, sig, const, div
 
 
+def decode_jobs():
+    """The predecode candidates' first pass (codes -> int8), one per packed format."""
+    sig = {"w_ptr": "*u8", "d_ptr": "*i8", "N": "i32", "K": "i32", "KB": "i32"}
+    for fmt, (bits, mul, off) in A8_FORMATS.items():
+        if bits < 8:
+            const = dict(BITS=bits, MUL=mul, OFF=off, TRITS=fmt == "ternary_b3", BLOCK_N=32, BLOCK_K=128)
+            yield tk._decode_weights_kernel, f"decode {fmt}", tk.Config(0, 32, 128, 4, 3), sig, const, \
+                ["w_ptr", "d_ptr", "N", "K", "KB"]
+
+
 def weight_only_jobs(ms: list[int]):
     sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32", "lut_ptr": "*fp32",
            "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "G": "i32",
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ms:
         raise ValueError("--m names no M value")
     jobs = []
-    jobs += list(a8_jobs(ms)) if "a8" in kernels else []
+    jobs += list(a8_jobs(ms)) + list(decode_jobs()) if "a8" in kernels else []
     jobs += list(weight_only_jobs(ms)) if "weight_only" in kernels else []
     jobs += list(quantize_jobs()) if "quantize" in kernels else []
     rows, start = [], time.monotonic()

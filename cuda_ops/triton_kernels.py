@@ -409,19 +409,22 @@ def weight_only_candidates(m: int, group_size: int, k: int) -> list[Config]:
 def replay_ms(fn) -> float:
     """Median ms of fn's kernels replayed from a CUDA graph (the time a graphed model sees), L2 cleared
     before each replay. Eager launches are timed where capturing fails. Timing eager launches let the
-    host's launch cost decide at few rows: on an H200 every ViT-B tiling at M = 197 timed 45-60 us
+    host's launch cost decide at few rows: on an H200 the picks for ViT-B at M = 197 timed 45-61 us
     that way, against 22-46 us replayed, so the picks there were noise (2026-12-04)."""
     bench = lambda f: triton.testing.do_bench(f, warmup=5, rep=20, return_mode="median")  # noqa: E731
+    stream = torch.cuda.current_stream()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side.wait_stream(stream)
     with torch.cuda.stream(side):  # warm on a side stream first, as capturing asks
         fn()
-    torch.cuda.current_stream().wait_stream(side)
+    stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
             fn()
-    except RuntimeError:
+    except RuntimeError:  # a capture that fails can leave its own stream current: back to ours
+        torch.cuda.set_stream(stream)
+        torch.cuda.synchronize()
         return bench(fn)
     return bench(graph.replay)
 
@@ -450,10 +453,9 @@ class Tuner:
         for cfg in candidates:
             try:
                 launch(cfg)  # compiles; a tiling that does not fit this device (shared memory) fails here
+                times[cfg] = replay_ms(lambda: launch(cfg))
             except Exception as e:
                 first_error = first_error or e
-                continue
-            times[cfg] = replay_ms(lambda: launch(cfg))
         if not times:
             raise first_error
         self.best[key] = min(times, key=times.get)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train the GPU reference model (vit_cifar_small) within one device-tool command (10 minutes at most).
+# Train the GPU reference model (vit_cifar_small) within one device-tool command (10 minutes at most),
+# or two (PART=1, PART=2: below).
 #
 # Here:      mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/   (.data/ is git-ignored)
 # On the GPU (device tool, carry [".data"], timeout_s 600):
@@ -30,8 +31,11 @@
 #                                                           520 s, and keeps the resume state; no scores)
 #   PART=2 TIME_BUDGET=660 bash quant/gpu_reference.sh     (at once, timeout_s = what the lease has left less
 #                                                           10 s: resumes, finishes the schedule by TIME_LIMIT,
-#                                                           default 200 s, shrinking it to fit, and scores)
-# Both parts need the same TIME_BUDGET (and arguments); a teacher (TEACHER_BUDGET) is trained in part 1.
+#                                                           default 200 s, shrinking it to fit, and scores by
+#                                                           TIME_LIMIT + 70 s: set TIME_LIMIT = timeout_s - 70)
+# Both parts need the same TIME_BUDGET, TEACHER_BUDGET and arguments (else quant.train refuses to resume);
+# a teacher is trained in part 1 only. PART=2 without part 1's resume state on the machine stops at once;
+# a model that did not finish its schedule is still scored and handed back, with a warning.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
@@ -52,9 +56,13 @@ case "$PART" in
     2) limit=${TIME_LIMIT:-200}; score_by=$((limit + 70)); fit=(--end-within-time-limit) ;;
     *) echo "PART must be 1, 2 or unset, got '$PART'" >&2; exit 2 ;;
 esac
+if [ "$PART" = 2 ] && [ ! -f "$RUN/last.pt" ]; then
+    echo "PART=2: no $RUN/last.pt here; run PART=1 first, on the same machine while it is warm" >&2
+    exit 1
+fi
 distill=()
 : > "$OUT/train.log"
-if [ "${TEACHER_BUDGET:-0}" != 0 ] && { [ "$PART" != 2 ] || [ ! -f "$RUN-teacher/model.safetensors" ]; }; then
+if [ "${TEACHER_BUDGET:-0}" != 0 ] && [ "$PART" != 2 ]; then
     # DeiT-style: a CNN teacher first, out of the same budget
     "$PY" -m quant.train --model resnet_cifar --data "$DATA" --out "$RUN-teacher" --epochs 60 \
         --time-budget "$TEACHER_BUDGET" --save-every 10 --batch-size "$BATCH" --lr 4e-3 --warmup-epochs 2 \
@@ -63,7 +71,7 @@ if [ "${TEACHER_BUDGET:-0}" != 0 ] && { [ "$PART" != 2 ] || [ ! -f "$RUN-teacher
         echo "teacher training failed (see above); training the ViT without distillation" | tee -a "$OUT/train.log"
     fi
 fi
-if [ "${TEACHER_BUDGET:-0}" != 0 ] && [ -f "$RUN-teacher/model.safetensors" ]; then
+if [ "${TEACHER_BUDGET:-0}" != 0 ] && [ -f "$RUN-teacher/model.safetensors" ]; then  # (PART=2: part 1's)
     distill=(--teacher "$RUN-teacher/model.safetensors" --distill hard)
     budget=$(awk -v b="$budget" -v t="$TEACHER_BUDGET" 'BEGIN { print (b - t > 60 ? b - t : 60) }')
 fi
@@ -78,6 +86,7 @@ train_vit "$@"
 if [ ! -f "$RUN/model.safetensors" ] && [ ! -f "$RUN/last.pt" ] && [ "$SECONDS" -lt 240 ]; then
     # failed before its first checkpoint, early: most likely torch.compile on this machine's stack
     echo "training failed early (see above); again without torch.compile" | tee -a "$OUT/train.log"
+    rm -f "$RUN/log.jsonl"  # epochs the failed run may have logged
     TORCH_COMPILE_DISABLE=1 train_vit "$@"
 fi
 tail -n 4 "$OUT/train.log"  # the last epochs, or the error that ended training
@@ -86,6 +95,12 @@ if [ ! -f "$RUN/model.safetensors" ]; then
     exit 1
 fi
 cp "$RUN/model.safetensors" "$RUN/log.jsonl" "$OUT/"  # back first: the scores below can be redone here
+complete=$("$PY" -c "import sys; from safetensors import safe_open
+print((safe_open(sys.argv[1], 'pt').metadata() or {}).get('complete', '?'))" "$RUN/model.safetensors")
+if [ "$complete" != true ] && [ "$PART" != 1 ]; then
+    echo "WARNING: the model did not finish its schedule (complete=$complete; see train.log); scoring it anyway" \
+        | tee -a "$OUT/train.log"
+fi
 if [ "$PART" = 1 ]; then  # the model so far comes back too (marked incomplete), should part 2 not run
     echo "part 1 done: run PART=2 with the same TIME_BUDGET at once, while the machine keeps $RUN/last.pt"
     exit 0

@@ -327,3 +327,10 @@ def test_the_gpu_reference_script_in_two_parts_resumes_in_the_second_and_finishe
     with safe_open(tmp_path / "run" / "model.safetensors", "pt") as f:
         assert f.metadata()["complete"] == "true"
     assert json.loads((tmp_path / "out2" / "test.json").read_text())["split"] == "test"
+
+
+def test_the_second_part_of_the_gpu_reference_script_refuses_to_start_without_the_first(tmp_path):
+    env = {**os.environ, "PART": "2", "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", "quant/gpu_reference.sh"], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "run PART=1 first" in r.stderr

@@ -41,14 +41,15 @@ def test_a_compile_only_tuner_launches_every_candidate_once_and_keeps_no_pick(mo
 
 
 def test_the_tuner_picks_the_fastest_replay_and_passes_over_a_tiling_that_does_not_launch(monkeypatch):
-    """Each candidate is launched once (compiling it; one that does not fit the device is passed over), then
-    timed as a CUDA-graph replay (`replay_ms`), and the fastest is remembered for the key."""
+    """Each candidate is launched once (compiling it), then timed as a CUDA-graph replay (`replay_ms`); one
+    that fails either way is passed over, and the fastest is remembered for the key."""
     from cuda_ops import triton_kernels as tk
     monkeypatch.setenv("BITVIT_TUNE", "1")
     monkeypatch.setattr(tk, "INTERPRET", False)
     monkeypatch.setattr(tk.torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU build has no CUDA
     candidates = [tk.Config(16, 64, 128, 4, 4), tk.Config(32, 64, 256, 4, 4), tk.Config(64, 64, 256, 4, 4)]
-    replay = {candidates[0]: 0.030, candidates[1]: 0.010, candidates[2]: 0.020}  # ms
+    candidates.append(tk.Config(128, 64, 256, 8, 3))  # launches, but its timing fails: passed over too
+    replay = {candidates[0]: 0.030, candidates[1]: 0.010, candidates[2]: 0.020, candidates[3]: 0.001}  # ms
     current = []
 
     def launch(cfg):
@@ -56,7 +57,13 @@ def test_the_tuner_picks_the_fastest_replay_and_passes_over_a_tiling_that_does_n
         if cfg.block_m == 32:
             raise RuntimeError("out of resource: shared memory")
 
-    monkeypatch.setattr(tk, "replay_ms", lambda fn: (fn(), replay[current[0]])[1])
+    def replay_ms(fn):
+        fn()
+        if current[0].block_m == 128:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return replay[current[0]]
+
+    monkeypatch.setattr(tk, "replay_ms", replay_ms)
     tuner = tk.Tuner()
     key = ("a8", 2, 256, 768, 768)
     assert tuner.pick(key, candidates, launch) == candidates[2]
