@@ -130,7 +130,8 @@ run_parity() {
     local files
     files=$("$PY" -c "import glob
 from safetensors import safe_open
-packed = lambda p: (safe_open(p, 'pt').metadata() or {}).get('format', '').startswith('bitvit-quant')
+from quant.packfile import is_quantized_format
+packed = lambda p: is_quantized_format((safe_open(p, 'pt').metadata() or {}).get('format'))
 print(','.join(p for p in sorted(glob.glob('assets/*.safetensors')) if packed(p)))")  # the packed models
     timeout "${PARITY_TIMEOUT:-540}" "$PY" -m cuda_ops.parity --model assets/vit_cifar_tiny.safetensors \
         --quantized "$files" --data "${DATA:-.data/cifar10-jpeg.tar.gz}" --split test \
