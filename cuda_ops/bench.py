@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cuda_ops.modules import CUDAGraphModel, KernelLinear, to_kernels
+from cuda_ops.modules import CUDAGraphModel, KernelLinear, capture_graph, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
 from quant.cli import number_in, output_file, positive_int, provenance, run
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
@@ -86,15 +86,7 @@ def graphed(fn):
     """fn's GPU work captured once in a CUDA graph: replaying it times the kernels without Python's
     dispatch in between, as a graphed model runs them."""
     fn()  # tunes and compiles first (neither may happen while capturing)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return capture_graph(fn).replay
 
 
 def ceilings(device: str, dtype: torch.dtype, quick: bool) -> dict:

@@ -130,6 +130,27 @@ def to_kernels(model: nn.Module, ternary_layout: str = "2bit") -> nn.Module:
     return model
 
 
+def capture_graph(fn, warmups: int = 1) -> torch.cuda.CUDAGraph:
+    """fn's GPU work captured in a CUDA graph, after `warmups` calls on a side stream (as capturing asks;
+    they also pick and compile kernels, which capturing does not allow). A capture that fails raises with
+    the caller's stream current again (a failed capture can leave its own stream current)."""
+    stream = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    stream.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.set_stream(stream)
+        raise
+    return graph
+
+
 class CUDAGraphModel:
     """Runs `model` on inputs shaped like `example` by replaying one captured CUDA graph: no per-kernel
     launch gaps, which is what batch-1 latency is made of. The returned tensor is a static buffer that
@@ -140,15 +161,10 @@ class CUDAGraphModel:
             raise ValueError("CUDA graphs need the model and the example input on a CUDA device")
         self.model = model.eval()
         self.static_in = example.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(3):  # warm-up calls also pick each kernel's tiling (not allowed while capturing)
-                model(self.static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.static_out = model(self.static_in)
+        out = []
+        with torch.no_grad():
+            self.graph = capture_graph(lambda: out.append(model(self.static_in)), warmups=3)
+        self.static_out = out[-1]  # the captured call's output, which each replay rewrites
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape != self.static_in.shape or x.dtype != self.static_in.dtype:

@@ -411,22 +411,14 @@ def replay_ms(fn) -> float:
     before each replay. Eager launches are timed where capturing fails. Timing eager launches let the
     host's launch cost decide at few rows: on an H200 the picks for ViT-B at M = 197 timed 45-61 us
     that way, against 22-46 us replayed, so the picks there were noise (2026-12-04)."""
+    from cuda_ops.modules import capture_graph
     bench = lambda f: triton.testing.do_bench(f, warmup=5, rep=20, return_mode="median")  # noqa: E731
-    stream = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
-    side.wait_stream(stream)
-    with torch.cuda.stream(side):  # warm on a side stream first, as capturing asks
-        fn()
-    stream.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError:  # a capture that fails can leave its own stream current: back to ours
-        torch.cuda.set_stream(stream)
+        replay = capture_graph(fn).replay
+    except RuntimeError:
         torch.cuda.synchronize()
         return bench(fn)
-    return bench(graph.replay)
+    return bench(replay)
 
 
 class Tuner:
