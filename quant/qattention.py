@@ -67,4 +67,7 @@ class QuantAttention(nn.Module):
             raise ValueError(f"unknown attention quantizer slots {sorted(unknown)}")
         for slot, s in spec["slots"].items():
             setattr(m, slot, quantizer_from_spec(s))
+            offsets = getattr(getattr(m, slot), "offsets", [0])
+            if len(offsets) not in (1, m.num_heads):
+                raise ValueError(f"slot {slot} has {len(offsets)} log2 offsets for {m.num_heads} heads")
         return m

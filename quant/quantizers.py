@@ -343,26 +343,30 @@ def uint_range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[to
     return scale, torch.round(-lo / scale).clamp(0, 2 ** bits - 1)
 
 
-def quantize_log2(p: torch.Tensor, bits: int) -> torch.Tensor:
-    """log-sqrt(2) codes of probabilities p in [0, 1] (post-softmax attention, RepQ-ViT's quantizer).
+def quantize_log2(p: torch.Tensor, bits: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
+    """log-sqrt(2) codes of probabilities p in [0, 1] (post-softmax attention, after RepQ-ViT's quantizer).
 
-    code = round(-2 * log2 p) for p >= 2**(-(2**bits - 2) / 2); code 2**bits - 1 stands for 0 (every
-    smaller p). Value of code c < 2**bits - 1: 2**(-c / 2). Half-octave steps keep the small
-    probabilities' ratios that uniform 4-bit codes would flush to zero.
+    code = clamp(round(-2 * log2 p) - offset, 0) while below 2**bits - 1; code 2**bits - 1 stands for
+    0 (every smaller p). Value of code c < 2**bits - 1: 2**(-(c + offset) / 2). Half-octave steps keep
+    the small probabilities' ratios that uniform 4-bit codes would flush to zero. The integer `offset`
+    (a scalar, or one per head shaped (1, H, 1, 1)) slides the 2**bits - 1 levels down from
+    [2**-7, 1] (4 bits, offset 0) to where a long sequence's probabilities lie: with 257 tokens most
+    probabilities are below 2**-7, and p above the top level 2**(-offset / 2) is clipped to it.
     """
     top = 2 ** bits - 1
-    c = torch.round(-2 * torch.log2(p.clamp_min(1e-30)))
-    return torch.where(c >= top, torch.full_like(c, top), c.clamp_min(0))
+    c = (torch.round(-2 * torch.log2(p.clamp_min(1e-30))) - offset).clamp_min(0)
+    return torch.where(c >= top, torch.full_like(c, top), c)
 
 
-def log2_dequantize(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def log2_dequantize(codes: torch.Tensor, bits: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
     top = 2 ** bits - 1
-    return torch.where(codes >= top, torch.zeros_like(codes), torch.exp2(-codes / 2))
+    return torch.where(codes >= top, torch.zeros_like(codes), torch.exp2(-(codes + offset) / 2))
 
 
-def fake_quant_log2(p: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quant_log2(p: torch.Tensor, bits: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """log-sqrt(2) quantize-dequantize of probabilities p, straight-through gradient."""
-    return ste(p, log2_dequantize(quantize_log2(widen(p.detach()), bits), bits).to(p.dtype))
+    codes = quantize_log2(widen(p.detach()), bits, offset)
+    return ste(p, log2_dequantize(codes, bits, offset).to(p.dtype))
 
 
 # ----------------------------------------------------------------------------- activation quantizer modules
@@ -408,20 +412,26 @@ class UniformQuantizer(torch.nn.Module):
 
 
 class Log2Quantizer(torch.nn.Module):
-    """Post-softmax attention probabilities (B, H, N, N) -> log-sqrt(2) codes (`quantize_log2`) and back."""
+    """Post-softmax attention probabilities (B, H, N, N) -> log-sqrt(2) codes (`quantize_log2`) and back.
 
-    def __init__(self, bits: int = 4):
+    `offsets`: the integer level offset, one for all heads (a 1-list) or one per head (an H-list).
+    """
+
+    def __init__(self, bits: int = 4, offsets: list[int] = (0,)):
         super().__init__()
-        self.n_bits = bits
+        self.n_bits, self.offsets = bits, [int(o) for o in offsets]
+        shape = (1, len(self.offsets), 1, 1) if len(self.offsets) > 1 else ()
+        self.register_buffer("offset", torch.tensor(self.offsets, dtype=torch.float32).reshape(shape),
+                             persistent=False)  # the spec holds the offsets; this copy follows the device
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        return fake_quant_log2(p, self.n_bits)
+        return fake_quant_log2(p, self.n_bits, self.offset)
 
     def spec(self) -> dict:
-        return {"kind": "log2", "bits": self.n_bits}
+        return {"kind": "log2", "bits": self.n_bits, "offsets": self.offsets}
 
     def extra_repr(self) -> str:
-        return f"bits={self.n_bits}"
+        return f"bits={self.n_bits}, offsets={self.offsets}"
 
 
 def quantizer_from_spec(spec: dict | None) -> torch.nn.Module:
@@ -438,7 +448,12 @@ def quantizer_from_spec(spec: dict | None) -> torch.nn.Module:
         bits = spec.get("bits")
         if not (is_positive_int(bits) and bits <= 8):
             raise ValueError(f"a log2 quantizer's bits must be an integer in 1..8, got {bits!r}")
-        return Log2Quantizer(bits)
+        offsets = spec.get("offsets", [0])  # files written before offsets existed used offset 0
+        if not (isinstance(offsets, list) and 1 <= len(offsets) <= 65536
+                and all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2 ** bits - 1 for o in offsets)):
+            raise ValueError(f"a log2 quantizer's offsets must be a list of integers in 0..{2 ** bits - 2}, "
+                             f"got {offsets!r}")
+        return Log2Quantizer(bits, offsets)
     raise ValueError(f"unknown activation quantizer kind {kind!r}")
 
 

@@ -221,8 +221,10 @@ def test_a_header_whose_layers_ask_for_more_than_the_file_holds_is_refused_befor
 
 @pytest.mark.parametrize("spec, message", [({"kind": "uniform", "shape": [-1]}, "shape must be"),
                                            ({"kind": "uniform", "shape": "4"}, "shape must be"),
-                                           ({"kind": "log2", "bits": 99}, "bits must be")],
-                         ids=["negative-shape", "text-shape", "log2-bits"])
+                                           ({"kind": "log2", "bits": 99}, "bits must be"),
+                                           ({"kind": "log2", "bits": 4, "offsets": [15]}, "offsets must be"),
+                                           ({"kind": "log2", "bits": 4, "offsets": [0, 1, 2]}, "3 log2 offsets for 2 heads")],
+                         ids=["negative-shape", "text-shape", "log2-bits", "log2-offset", "log2-offset-count"])
 def test_a_damaged_attention_quantizer_entry_is_refused_on_loading(tmp_path, tiny_model, spec, message):
     path = tmp_path / "w4a4.safetensors"
     quant.save_quantized(quant.quantize(tiny_model, "w4a4", calib=torch.randn(8, 3, 16, 16)), path)

@@ -165,6 +165,16 @@ def test_log2_quantizer_keeps_half_octave_levels_and_zeros_the_tail():
     assert torch.equal(p.grad, torch.ones_like(p))
 
 
+def test_log2_offset_slides_the_levels_down_and_clips_above_the_top_one():
+    p = torch.tensor([1.0, 2.0 ** -2, 2.0 ** -9, 2.0 ** -9.5])
+    assert fake_quant_log2(p, 4, offset=4).tolist() == pytest.approx([2 ** -2, 2 ** -2, 2 ** -9, 0.0])
+
+
+def test_log2_quantizer_takes_one_offset_per_head():
+    p = torch.full((1, 2, 1, 1), 2.0 ** -9)
+    assert Log2Quantizer(4, [0, 4])(p).flatten().tolist() == pytest.approx([0.0, 2 ** -9])
+
+
 def test_uniform_act_quantizer_calibrates_a_range_per_head():
     qz = UniformQuantizer(4, shape=(1, 2, 1, 1))
     qz.set_range(torch.tensor([-1.0, 0.0]).view(1, 2, 1, 1), torch.tensor([1.0, 3.0]).view(1, 2, 1, 1))

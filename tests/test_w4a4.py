@@ -7,7 +7,9 @@ import quant
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
 from quant.quantizers import Log2Quantizer, UniformQuantizer
-from quant.w4a4 import channel_ranges, reparameterize_layernorm, tensor_range
+from quant.recipes import W4A4
+from quant.w4a4 import (_quantize_linear, channel_ranges, log2_offsets, reparameterize_layernorm,
+                        tensor_range)
 
 
 def norm_and_linear(k=24, seed=0):
@@ -76,6 +78,27 @@ def test_head_wise_range_per_head():
     x = torch.randn(2, 3, 5, 4) * torch.tensor([1.0, 10.0, 100.0]).view(1, 3, 1, 1)
     s, z = tensor_range(x, 4, dims=(0, 2, 3))
     assert s.shape == (1, 3, 1, 1) and s[0, 0] < s[0, 1] < s[0, 2]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bias_correction_leaves_no_mean_output_error_on_the_calibration_tokens(bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 8, bias=bias)
+    x = torch.rand(2000, 32) * 3 - 0.2                   # skewed, like a post-GELU input
+    s, z = tensor_range(x, 4)
+    ql = _quantize_linear(layer, x, s, z, W4A4())
+    with torch.no_grad():
+        err = ql(x) - layer(x)
+    assert err.mean(0).abs().max() < 1e-4 < err.abs().mean()    # rounding errors remain, their mean does not
+
+
+def test_softmax_offset_follows_each_heads_attention():
+    n = 512
+    diffuse = torch.full((n, n), 1.0 / n)                # every probability 2**-9, below offset 0's levels
+    peaked = torch.eye(n)                                # one probability of 1 per row
+    p = torch.stack([diffuse, peaked])[None]             # (1, 2, N, N)
+    offsets = log2_offsets(p, torch.randn(1, 2, n, 8), 4)
+    assert offsets[0] >= 4 and offsets[1] == 0
 
 
 def test_w4a4_puts_each_quantizer_in_its_place(tiny_model):
