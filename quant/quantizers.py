@@ -40,7 +40,10 @@ from quant.cli import is_positive_int
 def ste(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """`x_hat`'s values with `x`'s gradient: the straight-through estimator for a whole quantizer. Written
     x_hat + (x - x.detach()), which adds an exact zero, so the forward value is x_hat bit for bit (the
-    usual x + (x_hat - x).detach() can miss it by an ulp, enough to move a later layer's int8 rounding)."""
+    usual x + (x_hat - x).detach() can miss it by an ulp, enough to move a later layer's int8 rounding).
+    Without a gradient to carry (inference, or an x that needs none) it is x_hat itself: two passes fewer."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x_hat
     return x_hat + (x - x.detach())
 
 
@@ -353,14 +356,13 @@ def quantize_log2(p: torch.Tensor, bits: int, offset: int | torch.Tensor = 0) ->
     [2**-7, 1] (4 bits, offset 0) to where a long sequence's probabilities lie: with 257 tokens most
     probabilities are below 2**-7, and p above the top level 2**(-offset / 2) is clipped to it.
     """
-    top = 2 ** bits - 1
-    c = (torch.round(-2 * torch.log2(p.clamp_min(1e-30))) - offset).clamp_min(0)
-    return torch.where(c >= top, torch.full_like(c, top), c)
+    c = p.clamp_min(1e-30).log2_().mul_(-2).round_().sub_(offset)  # in place on one new (B, H, N, N) tensor
+    return c.clamp_(0, 2 ** bits - 1)
 
 
 def log2_dequantize(codes: torch.Tensor, bits: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
-    top = 2 ** bits - 1
-    return torch.where(codes >= top, torch.zeros_like(codes), torch.exp2(-(codes + offset) / 2))
+    v = (codes + offset).mul_(-0.5).exp2_()
+    return v.masked_fill_(codes >= 2 ** bits - 1, 0.0)
 
 
 def fake_quant_log2(p: torch.Tensor, bits: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
