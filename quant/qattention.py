@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn as nn
 
-from quant.quantizers import quantizer_from_spec, quantizer_spec
+from quant.quantizers import Log2Quantizer, quantizer_from_spec, quantizer_spec
 
 SLOTS = ("q_quant", "k_quant", "v_quant", "attn_quant", "out_quant")
 
@@ -47,12 +47,21 @@ class QuantAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                       # each (B, H, N, d)
-        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
-        attn = (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim))).softmax(-1)  # (B, H, N, N)
+        attn, v = self.attend(self.qkv(x))
         out = self.out_quant(self.attn_quant(attn) @ v)                # (B, H, N, d)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+    def split_heads(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv's output (B, N, 3 D) -> q, k, v, each (B, H, N, d)."""
+        B, N, _ = y.shape
+        return y.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attend(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """qkv's output (B, N, 3 D) -> the attention probabilities (B, H, N, N) of the quantized q and k,
+        before `attn_quant`, and the quantized values v (B, H, N, d)."""
+        q, k, v = self.split_heads(y)
+        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+        return (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim))).softmax(-1), v
 
     def spec(self) -> dict:
         """The slots' quantizer kinds (their calibrated values are buffers in the state dict)."""
@@ -67,7 +76,7 @@ class QuantAttention(nn.Module):
             raise ValueError(f"unknown attention quantizer slots {sorted(unknown)}")
         for slot, s in spec["slots"].items():
             setattr(m, slot, quantizer_from_spec(s))
-            offsets = getattr(getattr(m, slot), "offsets", [0])
-            if len(offsets) not in (1, m.num_heads):
-                raise ValueError(f"slot {slot} has {len(offsets)} log2 offsets for {m.num_heads} heads")
+            n = getattr(m, slot).offset.numel() if isinstance(getattr(m, slot), Log2Quantizer) else 1
+            if n not in (1, m.num_heads):
+                raise ValueError(f"slot {slot} has {n} log2 offsets for {m.num_heads} heads")
         return m

@@ -421,10 +421,14 @@ class Log2Quantizer(torch.nn.Module):
 
     def __init__(self, bits: int = 4, offsets: list[int] = (0,)):
         super().__init__()
-        self.n_bits, self.offsets = bits, [int(o) for o in offsets]
-        shape = (1, len(self.offsets), 1, 1) if len(self.offsets) > 1 else ()
-        self.register_buffer("offset", torch.tensor(self.offsets, dtype=torch.float32).reshape(shape),
-                             persistent=False)  # the spec holds the offsets; this copy follows the device
+        self.n_bits = bits
+        shape = (1, len(offsets), 1, 1) if len(offsets) > 1 else ()
+        self.register_buffer("offset", torch.tensor([float(o) for o in offsets]).reshape(shape),
+                             persistent=False)  # not in the state dict: the spec holds the offsets
+
+    @property
+    def offsets(self) -> list[int]:
+        return [int(o) for o in self.offset.flatten().tolist()]
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         return fake_quant_log2(p, self.n_bits, self.offset)

@@ -33,7 +33,6 @@ int8 inputs; the patch embedding (a convolution) stays in floating point.
 from __future__ import annotations
 
 import fnmatch
-import math
 
 import torch
 import torch.nn as nn
@@ -210,18 +209,15 @@ def _calibrate_attention(model, attn: QuantAttention, calib, bits, recipe, batch
     """Per-head ranges for Q, K, V from the quantized qkv's outputs; the softmax quantizer."""
     y = capture(model, attn.qkv, calib, batch_size, output=True)                # (B, N, 3 D)
     y = _subset(y, max(1, _MAX_TOKENS // y.shape[1]))                           # ~_MAX_TOKENS tokens per head
-    B, N, _ = y.shape
-    qkv = y.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    for i, slot in enumerate(("q_quant", "k_quant", "v_quant")):
+    for t, slot in zip(attn.split_heads(y), ("q_quant", "k_quant", "v_quant")):   # each (B, H, N, d)
         quantizer = UniformQuantizer(bits, shape=(1, attn.num_heads, 1, 1)).to(y.device)
-        s, z = tensor_range(qkv[i], bits, dims=(0, 2, 3))
+        s, z = tensor_range(t, bits, dims=(0, 2, 3))
         quantizer.scale.copy_(s)
         quantizer.zero.copy_(z)
         setattr(attn, slot, quantizer)
     if recipe.softmax == "log2":
         with torch.no_grad():
-            q, k, v = (getattr(attn, s)(t) for s, t in zip(("q_quant", "k_quant", "v_quant"), qkv))
-            p = (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(attn.head_dim))).softmax(-1)  # (B, H, N, N)
+            p, v = attn.attend(y)                                                  # (B, H, N, N), (B, H, N, d)
         attn.attn_quant = Log2Quantizer(bits, log2_offsets(p, v, bits)).to(y.device)
     elif recipe.softmax == "uniform":
         quantizer = UniformQuantizer(bits).to(y.device)
