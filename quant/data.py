@@ -155,7 +155,10 @@ def _tree_key(root: Path) -> str:
     for dirpath, dirnames, filenames in sorted(os.walk(root)):
         dirnames.sort()
         for name in sorted(filenames):
-            st = os.stat(os.path.join(dirpath, name))
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError as e:  # a dangling link, a file without permission to read
+                raise ValueError(f"cannot read {os.path.join(dirpath, name)} ({e.strerror})") from None
             h.update(f"{dirpath}/{name}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
@@ -186,7 +189,7 @@ class _FolderSource(_Source):
                 raise ValueError(f"class folder {d} holds no images")
             files += found
             labels += [label] * len(found)
-        images = np.stack([_decode(f.read_bytes(), str(f), image_size)
+        images = np.stack([_decode(_read_file(f), str(f), image_size)
                            for f in _progress(files, f"decoding {folder}", progress)])
         return ImageSet(images, np.array(labels, dtype=np.int64), tuple(d.name for d in class_dirs))
 
@@ -320,6 +323,13 @@ def _resize(img: Image.Image, size: int) -> np.ndarray:
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8)
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read image {path} ({e.strerror or e})") from None
 
 
 def _decode(data: bytes, name: str, image_size: int) -> np.ndarray:

@@ -223,3 +223,9 @@ def test_crop_shifts_content_without_changing_it():
     padded = torch.nn.functional.pad(x, (2,) * 4, mode="reflect")
     for b in range(2):
         assert any(torch.equal(out[b], padded[b, :, i:i + 8, j:j + 8]) for i in range(5) for j in range(5))
+
+
+def test_an_unreadable_image_file_is_named(image_tree):
+    (image_tree / "test" / "dog" / "0009.jpg").symlink_to(image_tree / "nowhere.jpg")
+    with pytest.raises(ValueError, match=r"cannot read .*dog/0009\.jpg"):
+        load_split(image_tree, "test", progress=False)
