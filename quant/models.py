@@ -315,7 +315,15 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             meta = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except Exception as e:  # safetensors raises its own error types for truncated/garbage files
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        raise unreadable_safetensors(path, e) from None
+
+
+def unreadable_safetensors(path, error: Exception) -> ValueError:
+    """The one error for a file safetensors cannot open; an ONNX file is told where it belongs."""
+    if str(path).lower().endswith(".onnx"):
+        return ValueError(f"{path} is an ONNX file: this takes a torch model file (.safetensors, .pth); "
+                          f"ONNX files run with export.runtime.load")
+    return ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})")
 
 
 def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ import torch.nn as nn
 from quant.cli import finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import (ViTConfig, VisionTransformer, existing_file, load_model, load_state_dict,
-                          read_safetensors)
+                          read_safetensors, unreadable_safetensors)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
@@ -334,16 +334,13 @@ def load_any(path: str | os.PathLike) -> nn.Module:
     path = str(path)
     if path.endswith((".pth", ".pt", ".bin")):
         return load_model(path)
-    if path.lower().endswith(".onnx"):
-        raise ValueError(f"{path} is an ONNX file: this takes a torch model file (.safetensors, .pth); "
-                         f"ONNX files run with export.runtime.load")
     from safetensors import safe_open
     existing_file(path)
     try:
         with safe_open(path, framework="pt") as f:
             fmt = (f.metadata() or {}).get("format")
     except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        raise unreadable_safetensors(path, e) from None
     if is_quantized_format(fmt):
         return load_quantized(path)
     if fmt in (FP_FORMAT, None):

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import quant
-from quant.models import VisionTransformer, save_model
+from quant.models import VisionTransformer, load_model, save_model
 from quant.qlinear import QuantLinear
 
 FORMATS = ["int8", "int4", "int3", "int2", "nf4", "ternary", "binary"]
@@ -303,10 +303,11 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
         quant.load_any(tmp_path / "f.safetensors")
 
 
-def test_an_onnx_file_is_refused_pointing_to_the_onnx_runtime(tmp_path):
+@pytest.mark.parametrize("loader", [quant.load_any, quant.load_quantized, load_model])
+def test_an_onnx_file_is_refused_pointing_to_the_onnx_runtime(tmp_path, loader):
     (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
     with pytest.raises(ValueError, match="is an ONNX file.*export.runtime.load"):
-        quant.load_any(tmp_path / "m.onnx")
+        loader(tmp_path / "m.onnx")
 
 
 def test_plain_model_file_needs_its_architecture(tmp_path):
