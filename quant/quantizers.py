@@ -204,10 +204,6 @@ def nf4_codes(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.T
     return torch.bucketize(x, mids).to(torch.uint8)
 
 
-def nf4_dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    return NF4_CODEBOOK.to(codes.device)[codes.long()] * expand_groups(scales, codes.shape[1], group_size)
-
-
 class DoubleQuantized(NamedTuple):
     """QLoRA's quantized quantization constants: scales (O, G) = offset + codes * absmax / 127 per block."""
     codes: torch.Tensor     # (O, G) int8

@@ -4,7 +4,7 @@ import torch
 
 from quant.quantizers import (NF4_CODEBOOK, Log2Quantizer, UniformQuantizer, code_values, dequantize,
                               double_dequantize, double_quantize, fake_quant_log2, fake_quant_uniform,
-                              log2_dequantize, nf4_dequantize, quantize_binary, quantize_int8_token,
+                              log2_dequantize, quantize_binary, quantize_int8_token,
                               quantize_log2, quantize_nf4, quantize_ternary, quantize_uniform, search_clip,
                               uniform_dequantize)
 
@@ -90,7 +90,7 @@ def test_nf4_picks_the_nearest_level():
     x = w / q.scales.repeat_interleave(32, 1)
     nearest = (x.unsqueeze(-1) - NF4_CODEBOOK).abs().argmin(-1)
     assert torch.equal(q.codes.long(), nearest)
-    assert torch.allclose(nf4_dequantize(q.codes, q.scales, 32), NF4_CODEBOOK[nearest] * q.scales.repeat_interleave(32, 1))
+    assert torch.allclose(dequantize(q.codes, q.scales, None, "nf4", 32), NF4_CODEBOOK[nearest] * q.scales.repeat_interleave(32, 1))
 
 
 def test_double_quantization_round_trip_is_close_and_stable():
@@ -108,7 +108,7 @@ def test_nf4_codes_are_chosen_against_the_double_quantized_scales():
     q, dq = quantize_nf4(w, 64)
     assert torch.equal(q.scales, double_dequantize(dq))
     assert torch.equal(q.codes, quantize_nf4(w, 64)[0].codes)
-    rel = (nf4_dequantize(q.codes, q.scales, 64) - w).norm() / w.norm()
+    rel = (dequantize(q.codes, q.scales, None, "nf4", 64) - w).norm() / w.norm()
     assert rel < 0.12
 
 
