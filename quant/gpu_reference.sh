@@ -36,6 +36,14 @@
 # Both parts need the same TIME_BUDGET, TEACHER_BUDGET and arguments (else quant.train refuses to resume);
 # a teacher is trained in part 1 only. PART=2 without part 1's resume state on the machine stops at once;
 # a model that did not finish its schedule is still scored and handed back, with a warning.
+# Across leases: PART=1 also hands its resume state back, in 15 MiB pieces (last.pt.00, .01, ...; its
+# sha256 in train.log; with log.jsonl and train.log 5 files, 8 with the kernel tests beside it), so that a
+# schedule longer than one lease can go on in the next one. Here, reassemble it:
+#   mkdir -p runs/gpu_small && cat FILES_AT/last.pt.?? > runs/gpu_small/last.pt && cp FILES_AT/log.jsonl runs/gpu_small/ \
+#     && grep '  last.pt$' FILES_AT/train.log | (cd runs/gpu_small && sha256sum -c)
+# and in the next lease carry [".data", "runs/gpu_small/last.pt", "runs/gpu_small/log.jsonl"] (65.5 MB, within
+# the 64 MiB = 67.1 MB a call may carry, without a teacher: distil only within one lease) and run PART=1 again
+# (resumes) or PART=2 (finishes), with the same TIME_BUDGET and arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
@@ -94,16 +102,20 @@ if [ ! -f "$RUN/model.safetensors" ]; then
     echo "reference model: training failed (see $OUT/train.log)"
     exit 1
 fi
+if [ "$PART" = 1 ]; then  # the resume state (the model so far is in it) in pieces a call may return
+    (cd "$RUN" && sha256sum last.pt) | tee -a "$OUT/train.log"
+    split -b 15M -d "$RUN/last.pt" "$OUT/last.pt."
+    cp "$RUN/log.jsonl" "$OUT/"
+    echo "part 1 done: run PART=2 with the same TIME_BUDGET at once, while the machine keeps $RUN/last.pt," \
+         "or in a later lease with the pieces of last.pt reassembled and carried (see this script's header)"
+    exit 0
+fi
 cp "$RUN/model.safetensors" "$RUN/log.jsonl" "$OUT/"  # back first: the scores below can be redone here
 complete=$("$PY" -c "import sys; from safetensors import safe_open
 print((safe_open(sys.argv[1], 'pt').metadata() or {}).get('complete', '?'))" "$RUN/model.safetensors")
-if [ "$complete" != true ] && [ "$PART" != 1 ]; then
+if [ "$complete" != true ]; then
     echo "WARNING: the model did not finish its schedule (complete=$complete; see train.log); scoring it anyway" \
         | tee -a "$OUT/train.log"
-fi
-if [ "$PART" = 1 ]; then  # the model so far comes back too (marked incomplete), should part 2 not run
-    echo "part 1 done: run PART=2 with the same TIME_BUDGET at once, while the machine keeps $RUN/last.pt"
-    exit 0
 fi
 for split in test val; do  # the test score first: the one the card needs
     timeout "$(left_until "$score_by")" "$PY" -m quant.evaluate --checkpoint "$RUN/model.safetensors" --data "$DATA" \
