@@ -158,8 +158,9 @@ class LearnedQuantizer(nn.Module):
         """Per group and per candidate bit-width, the step size (and offset) of least squared error."""
         xg = x.float().movedim(self.dim, 0).reshape(self.groups, -1) if self.groups > 1 \
             else x.float().reshape(1, -1)
-        if xg.shape[1] > 65536:  # a random subsample keeps the search cheap on big activations
-            xg = xg[:, torch.randperm(xg.shape[1], device=xg.device)[:65536]]
+        if xg.shape[1] > 65536:  # a random subsample keeps the search cheap on big activations; a fixed one
+            pick = torch.randperm(xg.shape[1], generator=torch.Generator().manual_seed(0))[:65536]  # reproduces
+            xg = xg[:, pick.to(xg.device)]
         lo, hi = xg.min(1).values, xg.max(1).values
         scales = self.scale.view(self.groups, -1)
         ratios = torch.linspace(0.05, 1.0, 40, device=xg.device)  # 40 candidate fractions of the full range

@@ -56,6 +56,15 @@ def test_mse_init_beats_max_scaling_and_more_bits_mean_less_error():
     assert errors[2] > errors[4] > errors[8]
 
 
+def test_calibrating_on_a_subsampled_large_activation_does_not_depend_on_the_global_random_state():
+    x = torch.randn(2, 200000) ** 3  # over the 65,536 values a group's range search looks at
+    scales = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        scales.append(calibrated(LearnedQuantizer(3, signed=True, groups=2, dim=0), x).scale.detach())
+    assert torch.equal(scales[0], scales[1])
+
+
 def test_straight_through_gradient_is_one_inside_the_range_and_zero_outside():
     q = LearnedQuantizer(4)
     q.init_scales(torch.linspace(-1, 1, 100))
