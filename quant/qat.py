@@ -20,6 +20,7 @@ bits/weight, command, machine, wall time).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -95,17 +96,76 @@ def _known_teacher_top1(results: str | None, teacher: str, split: str, n: int) -
     return None
 
 
-def main(argv=None):
-    from quant import quantize, recipe, save_quantized
-    from quant import bitlinear, qvit
-    from quant.augment import AugmentConfig
-    from quant.data import load_split, to_model_input
-    from quant.evaluate import evaluate
-    from quant.models import load_model
-    from quant.ptq import parse_overrides
-    from quant.recipes import QAT
-    from quant.train import TrainConfig, fit, read_log, resolve_device
+def prepare_student(teacher: nn.Module, r, train, calib_size: int, seed: int, device: torch.device,
+                    bitops_weight: float = 1.0):
+    """A copy of `teacher` with the QAT recipe `r`'s training-time layers, on `device`, initialised on
+    `calib_size` training images (BitNet: its input LayerNorms; Q-ViT: step sizes and MAC counts).
+    Returns (student, Q-ViT's BitOPs penalty or None)."""
+    from quant import bitlinear, qvit, quantize
+    from quant.data import to_model_input
+    student = quantize(copy.deepcopy(teacher), r)
+    student.to(device)  # calibrated where it trains: Q-ViT's step-size search takes minutes on a small CPU
+    cfg = student.config
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calib_size].numpy()
+    calib = to_model_input(train.images[pick], cfg.mean, cfg.std, device=device)
+    if r.method == "bitnet":
+        bitlinear.init_input_norms(student, calib)
+        return student, None
+    qvit.calibrate(student, calib)
+    qvit.measure_macs(student, calib[:1])
+    return student, qvit.BitOpsPenalty(student, r.budget_bits, eta=bitops_weight)
 
+
+def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cfg, run_dir: Path,
+                 search_epochs: int, penalty=None, features=None, time_limit: float | None = None,
+                 device=None) -> tuple[nn.Module, bool, list[dict]]:
+    """Q-ViT: `search_epochs` learning bit-widths under the BitOPs penalty, `fix_bits`, then the rest
+    fine-tuning; BitNet: one stage. Each stage is its own `fit` (schedule, resume folder) with its share
+    of `train_cfg.time_budget`. Returns (student, done, every epoch's log record); done is False when
+    `time_limit` (seconds, all stages together) stopped it."""
+    from quant import qvit
+    from quant.train import fit, read_log
+    started = time.time()
+    stages = [("search", search_epochs, _sum_losses(penalty, features)),
+              ("finetune", train_cfg.epochs - search_epochs, features)]
+    for stage, epochs, extra in stages:
+        if stage == "finetune" and r.method == "qvit":  # also with no search epochs (--epochs 1): the widths
+            qvit.fix_bits(student, r.budget_bits)           # must still be fixed and brought within the budget
+            alloc = qvit.bit_allocation(student)
+            print(f"searching stage done: BitOPs {alloc['bitops_ratio']:.3f} of the {r.budget_bits:g}-bit budget, "
+                  f"mean weight bits {alloc['mean_weight_bits']:.2f}")
+        if epochs == 0:
+            continue
+        left = None if time_limit is None else time_limit - (time.time() - started)
+        if left is not None and left <= 0:
+            return student, False, []
+        print(f"{stage} stage: {epochs} epochs of {len(train)} images")
+        stage_cfg = dataclasses.replace(train_cfg, epochs=epochs,
+                                        time_budget=train_cfg.time_budget * epochs / train_cfg.epochs)
+        student, done = fit(student, train, val, stage_cfg, run_dir / stage, teacher=teacher, device=device,
+                            extra_loss=extra, time_limit=left)
+        if not done:
+            return student, False, []
+    return student, True, [record for stage, _, _ in stages for record in read_log(run_dir / stage / "log.jsonl")]
+
+
+def freeze_and_save(student: nn.Module, r, name: str, out: str, float16: bool) -> dict:
+    """Freeze the trained student into packed QuantLinear layers and write it (Q-ViT: its bit allocation
+    too, `out.bits.json` and `.png`); returns `save_quantized`'s storage totals."""
+    from quant import bitlinear, qvit, save_quantized
+    student.cpu().eval()
+    if r.method == "qvit":
+        qvit.save_allocation(student, f"{out}.bits.json", r.budget_bits)
+        qvit.plot_allocation(json.loads(Path(f"{out}.bits.json").read_text()), f"{out}.bits.png",
+                             f"Q-ViT {name} ({r.budget_bits:g}-bit budget)")
+        qvit.freeze(student)
+    else:
+        bitlinear.freeze(student)
+    student.quant_recipe = {"type": type(r).__name__, **dataclasses.asdict(r)}
+    return save_quantized(student, out, float16)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m quant.qat", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="full-precision bitvit model (.safetensors): teacher and start")
     p.add_argument("--recipe", required=True, help="w1.58a8, w1a8 or qvit")
@@ -148,7 +208,20 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    from quant import load_quantized, recipe
+    from quant.augment import AugmentConfig
+    from quant.data import load_split
+    from quant.evaluate import evaluate
+    from quant.models import load_model
+    from quant.ptq import parse_overrides
+    from quant.recipes import QAT
+    from quant.train import TrainConfig, resolve_device
+
+    args = _parser().parse_args(argv)
     output_file(args.out, ".safetensors", inputs=(args.teacher,))
     run_dir = run_folder(args.run_dir or f"{args.out}.run")
     device = resolve_device(args.device)
@@ -160,112 +233,69 @@ def main(argv=None):
         read_results(args.results)  # a file it cannot record into is refused now, not after training
     if args.feature_weight > 0 and args.distill == "none":  # fit runs the teacher only to distil its logits
         raise ValueError("--feature-weight compares features with the teacher's: use it with --distill soft or hard")
-
     r = recipe(args.recipe, **parse_overrides(args.set))
     if not isinstance(r, QAT):
         raise ValueError(f"{args.recipe} is a post-training recipe: use python -m quant.ptq --checkpoint "
                          f"{args.teacher} --recipe {args.recipe} ...")
+
     teacher = load_model(args.teacher)
-    student = load_model(args.teacher)
-    cfg = student.config
+    cfg = teacher.config
     train = load_split(args.data, "train", cfg.img_size, limit=args.limit).require_classes(cfg)
     val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
     started = time.time()
-
-    quantize(student, r)
-    student.to(device)  # calibrated where it trains: Q-ViT's step-size search takes minutes on a small CPU
-    penalty = None
-    calib = to_model_input(train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(
-        args.seed))[:args.calib_size].numpy()], cfg.mean, cfg.std, device=device)
-    if r.method == "bitnet":
-        bitlinear.init_input_norms(student, calib)
-    else:
-        qvit.calibrate(student, calib)
-        qvit.measure_macs(student, calib[:1])
-        penalty = qvit.BitOpsPenalty(student, r.budget_bits, eta=args.bitops_weight)
+    student, penalty = prepare_student(teacher, r, train, args.calib_size, args.seed, device, args.bitops_weight)
     features = FeatureDistill(student, teacher, args.feature_weight) if args.feature_weight > 0 else None
-
     train_cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, seed=args.seed,
+        warmup_epochs=args.warmup_epochs, seed=args.seed, time_budget=args.time_budget,
         augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix),
         distill=args.distill, distill_weight=args.distill_weight if args.distill != "none" else 0.0,
         distill_temperature=args.temperature)
     search = round(args.epochs * args.search_ratio) if r.method == "qvit" else 0
-    stages = [("search", search, _sum_losses(penalty, features)),
-              ("finetune", args.epochs - search, features)]
-    done = True
-    for stage, epochs, extra in stages:
-        if stage == "finetune" and r.method == "qvit":  # also with no search epochs (--epochs 1): the widths
-            qvit.fix_bits(student, r.budget_bits)           # must still be fixed and brought within the budget
-            alloc = qvit.bit_allocation(student)
-            print(f"searching stage done: BitOPs {alloc['bitops_ratio']:.3f} of the {r.budget_bits:g}-bit budget, "
-                  f"mean weight bits {alloc['mean_weight_bits']:.2f}")
-        if epochs == 0:
-            continue
-        left = None if args.time_limit is None else args.time_limit - (time.time() - started)
-        if left is not None and left <= 0:
-            done = False
-            break
-        print(f"{stage} stage: {epochs} epochs of {len(train)} images")
-        budget = args.time_budget * epochs / args.epochs
-        student, done = fit(student, train, val, dataclasses.replace(train_cfg, epochs=epochs, time_budget=budget),
-                            run_dir / stage, teacher=teacher, device=args.device, extra_loss=extra,
-                            time_limit=left)
-        if not done:
-            break
+    left = None if args.time_limit is None else args.time_limit - (time.time() - started)  # calibration counts
+    student, done, epoch_logs = train_stages(student, teacher, r, train, val, train_cfg, run_dir, search, penalty,
+                                             features, left, args.device)
     if not done:
         print(f"stopped by --time-limit; rerun the same command to resume from {run_dir}")
         return 0
-    epoch_logs = [record for stage, _, _ in stages for record in read_log(run_dir / stage / "log.jsonl")]
-    epochs_trained = len(epoch_logs)   # fewer than --epochs when --time-budget ended a stage first
     train_seconds = sum(e["seconds"] - e.get("first_step_seconds", 0.0) for e in epoch_logs)  # compiling left out
 
-    student.cpu().eval()
-    if r.method == "qvit":
-        qvit.save_allocation(student, f"{args.out}.bits.json", r.budget_bits)
-        qvit.plot_allocation(json.loads(Path(f"{args.out}.bits.json").read_text()), f"{args.out}.bits.png",
-                             f"Q-ViT {args.recipe} ({r.budget_bits:g}-bit budget)")
-        qvit.freeze(student)
-    else:
-        bitlinear.freeze(student)
-    student.quant_recipe = {"type": type(r).__name__, **dataclasses.asdict(r)}
-    storage = save_quantized(student, args.out, args.float16)
+    storage = freeze_and_save(student, r, args.recipe, args.out, args.float16)
     size = Path(args.out).stat().st_size
     print(f"wrote {args.out}: {size / 1e6:.3f} MB, quantized linear weights at {storage['bits_per_weight']:.3f} "
           f"bits/weight (scales included)")
-
-    if args.eval_split:
-        from quant import load_quantized
-        data = load_split(args.data, args.eval_split, cfg.img_size, limit=args.eval_limit)
-        packed = load_quantized(args.out).to(device)   # score the file as users will load it, where it trained
-        res = evaluate(packed, data, device=device, progress=True)
-        fp = {"top1": _known_teacher_top1(args.results, args.teacher, args.eval_split, res["n"])}
-        if fp["top1"] is None:
-            fp = evaluate(teacher.to(device), data, device=device, progress=True)
-        print(f"{args.eval_split} top-1: {res['top1']:.4f} (teacher {fp['top1']:.4f}, "
-              f"drop {100 * (fp['top1'] - res['top1']):.2f} points)")
-        if args.results:
-            entry = {
-                "name": args.name or args.recipe, "recipe": args.recipe, "recipe_fields": dataclasses.asdict(r),
-                "top1": res["top1"], "teacher_top1": fp["top1"], "drop_points": 100 * (fp["top1"] - res["top1"]),
-                "split": args.eval_split, "n": res["n"], "size_bytes": size,
-                "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
-                "float16": args.float16,
-                "teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
-                "file": str(args.out), "epochs": epochs_trained, "max_epochs": args.epochs,
-                "train_images": len(train), "images_per_epoch": len(train),
-                "train_seconds": round(train_seconds, 1), "wall_time_s": round(time.time() - started, 1),
-                "images_per_s": round(epochs_trained * len(train) / max(train_seconds, 1e-9), 1),
-                **provenance("quant.qat", argv),
-            }
-            if r.method == "qvit":
-                alloc = json.loads(Path(f"{args.out}.bits.json").read_text())
-                entry.update(budget_bits=r.budget_bits, bitops_ratio=alloc["bitops_ratio"],
-                             mean_weight_bits=alloc["mean_weight_bits"], allocation=f"{args.out}.bits.json")
-            record_result(args.results, args.name or args.recipe, entry)
-            print(f"recorded {args.name or args.recipe} in {args.results}")
-        print(f"top1={res['top1']:.4f}")
+    if not args.eval_split:
+        return 0
+    data = load_split(args.data, args.eval_split, cfg.img_size, limit=args.eval_limit)
+    packed = load_quantized(args.out).to(device)   # score the file as users will load it, where it trained
+    res = evaluate(packed, data, device=device, progress=True)
+    fp = {"top1": _known_teacher_top1(args.results, args.teacher, args.eval_split, res["n"])}
+    if fp["top1"] is None:
+        fp = evaluate(teacher.to(device), data, device=device, progress=True)
+    print(f"{args.eval_split} top-1: {res['top1']:.4f} (teacher {fp['top1']:.4f}, "
+          f"drop {100 * (fp['top1'] - res['top1']):.2f} points)")
+    if args.results:
+        entry = {
+            "name": args.name or args.recipe, "recipe": args.recipe, "recipe_fields": dataclasses.asdict(r),
+            "top1": res["top1"], "teacher_top1": fp["top1"], "drop_points": 100 * (fp["top1"] - res["top1"]),
+            "split": args.eval_split, "n": res["n"], "size_bytes": size,
+            "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
+            "float16": args.float16,
+            "teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
+            "file": str(args.out), "epochs": len(epoch_logs), "max_epochs": args.epochs,  # fewer: --time-budget
+            "train_images": len(train), "images_per_epoch": len(train),
+            "train_seconds": round(train_seconds, 1), "wall_time_s": round(time.time() - started, 1),
+            "images_per_s": round(len(epoch_logs) * len(train) / max(train_seconds, 1e-9), 1),
+            **provenance("quant.qat", argv),
+        }
+        if r.method == "qvit":
+            alloc = json.loads(Path(f"{args.out}.bits.json").read_text())
+            entry.update(budget_bits=r.budget_bits, bitops_ratio=alloc["bitops_ratio"],
+                         mean_weight_bits=alloc["mean_weight_bits"], allocation=f"{args.out}.bits.json")
+        record_result(args.results, args.name or args.recipe, entry)
+        print(f"recorded {args.name or args.recipe} in {args.results}")
+    print(f"top1={res['top1']:.4f}")
+    return 0
 
 
 if __name__ == "__main__":
