@@ -174,9 +174,9 @@ def analyse(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor
 
 
 def plot(result: dict, path: str | Path) -> None:
-    """Rows 1-2: top-1 drop and logit KL per block for each weight and the post-GELU activation, one
-    panel per bit-width. Rows 3-4: per slot (Q, K, V, attention scores), block x head heat maps of the
-    KL and of the top-1 drop at the lowest bit-width (the Q-ViT paper's figure 2, made per head).
+    """Row 1: per bit-width, the top-1 drop and the logit KL per block for each weight and the post-GELU
+    activation. Rows 2-3: per slot (Q, K, V, attention scores), block x head heat maps of the KL and of
+    the top-1 drop at the lowest bit-width (the Q-ViT paper's figure 2, made per head).
     On a few hundred images the drop moves in steps of 100 / n points; the KL resolves far smaller effects."""
     import matplotlib
     matplotlib.use("Agg")
@@ -186,30 +186,28 @@ def plot(result: dict, path: str | Path) -> None:
     bits = sorted({t["bits"] for t in trials})
     blocks = sorted({t["block"] for t in trials})
     heads = sorted({t["head"] for t in trials if t["head"] is not None})
-    ncol = max(len(bits), len(HEAD_SLOTS))
-    fig, axes = plt.subplots(4, ncol, figsize=(4 * ncol, 14), squeeze=False)
+    ncol = max(2 * len(bits), len(HEAD_SLOTS))
+    fig, axes = plt.subplots(3, ncol, figsize=(4 * ncol, 11), squeeze=False)
     comps = [f"w_{w}" for w in WEIGHTS] + ["a_gelu"]
-    for row, metric in enumerate(("drop", "kl")):
-        for j in range(ncol):
-            ax = axes[row, j]
-            if j >= len(bits):
-                ax.axis("off")
-                continue
+    for j in range(2 * len(bits), ncol):
+        axes[0, j].axis("off")
+    for i, b in enumerate(bits):
+        for ax, metric in zip(axes[0, 2 * i:2 * i + 2], ("drop", "kl")):
             width = 0.8 / len(comps)
             for k, comp in enumerate(comps):
-                d = {t["block"]: t[metric] for t in trials if t["bits"] == bits[j] and t["component"] == comp}
-                ax.bar(np.array(blocks) + (k - len(comps) / 2 + 0.5) * width, [d.get(b, 0) for b in blocks],
+                d = {t["block"]: t[metric] for t in trials if t["bits"] == b and t["component"] == comp}
+                ax.bar(np.array(blocks) + (k - len(comps) / 2 + 0.5) * width, [d.get(x, 0) for x in blocks],
                        width, label=comp.replace("w_", "weight ").replace("a_gelu", "post-GELU act"))
-            ax.set_title(f"{bits[j]}-bit, one component at a time")
+            ax.set_title(f"{b}-bit, one component at a time")
             ax.set_xlabel("block")
             ax.set_ylabel("top-1 drop (points)" if metric == "drop" else "logit KL from FP (nats)")
             ax.set_xticks(blocks)
             if metric == "kl":
                 ax.set_yscale("log")
-            if j == 0 and row == 0:
+            if i == 0 and metric == "drop":
                 ax.legend(fontsize=7)
     low = bits[0]
-    for row, metric in ((2, "kl"), (3, "drop")):
+    for row, metric in ((1, "kl"), (2, "drop")):
         for j in range(ncol):
             ax = axes[row, j]
             if j >= len(HEAD_SLOTS):
