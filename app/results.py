@@ -2,8 +2,8 @@
 
 `quant.report.load` reads the files into entries (what it recognises is listed there); this module
 draws them: accuracy against bits per weight (`quant.report.accuracy_vs_bits`), latency, size, app
-frame rate, confusion matrices and Q-ViT bit allocations, and a summary of what was read and what
-is missing.
+frame rate, confusion matrices, Q-ViT bit allocations and robustness analyses (`quant.robustness.figure`),
+and a summary of what was read and what is missing.
 """
 from __future__ import annotations
 
@@ -128,3 +128,9 @@ def summary(res: Results) -> str:
     lines += [f"- ⚠ {e}" for e in res.errors]
     lines += [f"- missing: {m}" for m in res.missing]
     return f"Plots drawn from `{res.folder}/*.json` when the app started (or on Reload):\n\n" + "\n".join(lines)
+
+
+def robustness_plot(entry: Entry):
+    """The robustness analysis' figure: drop and KL per block and component, KL and drop per head."""
+    from quant.robustness import figure
+    return figure(entry.robustness)

@@ -137,6 +137,7 @@ def _results_outputs(folder: Path, classes: tuple[str, ...]):
     res = results_mod.load(folder)
     cms = res.having("confusion")
     allocs = res.having("allocation")
+    robust = res.having("robustness")
     cm_choice = cms[0].label if cms else None
     alloc_choice = allocs[0].label if allocs else None
     return (results_mod.summary(res),
@@ -145,7 +146,10 @@ def _results_outputs(folder: Path, classes: tuple[str, ...]):
             gr.update(choices=[e.label for e in cms], value=cm_choice, visible=bool(cms)),
             _plot(results_mod.confusion_plot(cms[0], classes) if cms else None),
             gr.update(choices=[e.label for e in allocs], value=alloc_choice, visible=bool(allocs)),
-            _plot(results_mod.allocation_plot(allocs[0]) if allocs else None))
+            _plot(results_mod.allocation_plot(allocs[0]) if allocs else None),
+            gr.update(choices=[e.label for e in robust], value=robust[0].label if robust else None,
+                      visible=bool(robust)),
+            _plot(results_mod.robustness_plot(robust[0]) if robust else None))
 
 
 def _plot(fig):
@@ -234,8 +238,11 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             cm_plot = gr.Plot(label="confusion matrix")
             alloc_pick = gr.Dropdown(label="Q-ViT bit allocation of")
             alloc_plot = gr.Plot(label="bit allocation")
+            robust_pick = gr.Dropdown(label="robustness analysis of")
+            robust_plot = gr.Plot(label="where the bits matter: one component quantized at a time")
             reload = gr.Button("Reload results")
-            res_outputs = [res_md, acc_plot, lat_plot, size_plot, fps_plot, cm_pick, cm_plot, alloc_pick, alloc_plot]
+            res_outputs = [res_md, acc_plot, lat_plot, size_plot, fps_plot, cm_pick, cm_plot, alloc_pick, alloc_plot,
+                           robust_pick, robust_plot]
             load_results = lambda: _results_outputs(results_dir, classes)  # noqa: E731
             demo.load(load_results, None, res_outputs, api_name=False)
             reload.click(load_results, None, res_outputs, api_name=False)
@@ -244,5 +251,7 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                            cm_pick, cm_plot, api_name=False)
             alloc_pick.change(lambda label: _pick(results_dir, "allocation", label, results_mod.allocation_plot),
                               alloc_pick, alloc_plot, api_name=False)
+            robust_pick.change(lambda label: _pick(results_dir, "robustness", label, results_mod.robustness_plot),
+                               robust_pick, robust_plot, api_name=False)
     demo.examples_dir = examples_dir
     return demo

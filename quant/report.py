@@ -14,6 +14,8 @@ collects *entries*: the dicts that carry a known measurement,
   attention + layers + bitops             a Q-ViT bit allocation (`quant.qvit.bit_allocation`), or
   allocation: "<file>.bits.json"          a path to one (as `quant.qat` records it)
   fps                                     frames per second of the app's live handler (`app.bench`)
+  fp_top1 + trials                        a robustness analysis (`quant.robustness`; its trials are
+                                          part of it, not entries of their own)
 named by their own "name"/"recipe"/"variant"/"label" field, else by the key holding them (or the
 path of keys and list positions leading to a list item),
 plus, for context, a file's "command", "machine"/"device", "date" and "split" where present. The
@@ -104,6 +106,20 @@ class Entry:
                 for bits in slots.values() if isinstance(bits, list)]  # bits per head, one list a block and slot
         return d if all(finite_number(b) for row in rows for b in row) else None
 
+    @property
+    def robustness(self) -> dict | None:
+        d = self.data
+        trials = d.get("trials")
+        ok = (finite_number(d.get("fp_top1")) and finite_number(d.get("n")) and isinstance(trials, list) and trials
+              and all(isinstance(t, dict) and isinstance(t.get("component"), str) and isinstance(t.get("bits"), int)
+                      and isinstance(t.get("block"), int) and (t.get("head") is None or isinstance(t["head"], int))
+                      and finite_number(t.get("drop")) and finite_number(t.get("kl")) for t in trials))
+        return d if ok else None
+
+
+def _robustness_keys(keys) -> bool:
+    return {"fp_top1", "trials"} <= set(keys)
+
 
 @dataclass
 class Results:
@@ -125,7 +141,8 @@ class Results:
                   (("size_mb",), "size on disk (entries with size_bytes)"),
                   (("confusion",), "confusion matrices (entries with confusion)"),
                   (("fps",), "app frame rates (python -m app.bench)"),
-                  (("allocation",), "Q-ViT bit allocation (a quant.qvit bit_allocation JSON)")]
+                  (("allocation",), "Q-ViT bit allocation (a quant.qvit bit_allocation JSON)"),
+                  (("robustness",), "robustness analysis (python -m quant.robustness)")]
         out += [f"no {what}" for props, what in checks if not self.having(*props)]
         return out
 
@@ -139,17 +156,19 @@ def _model_ms(d: dict) -> bool:
 def _is_entry(d: dict) -> bool:
     keys = set(d)
     return _model_ms(d) or bool(keys & {"top1", "confusion", "fps", *BITS_KEYS, "size_bytes", "size_mb", "latency_ms",
-                        "latency_ms_batch1_cpu"}) or {"attention", "layers", "bitops"} <= keys
+                        "latency_ms_batch1_cpu"}) or {"attention", "layers", "bitops"} <= keys or _robustness_keys(keys)
 
 
 def _walk(node, path: list[str], source: str, out: list[Entry]) -> None:
     if isinstance(node, dict):
         if _is_entry(node):
             own = next((node[k] for k in NAME_KEYS if isinstance(node.get(k), str)), None)
+            if own is None and _robustness_keys(node) and isinstance(node.get("checkpoint"), str):
+                own = Path(node["checkpoint"]).stem  # the model analysed
             key = path[-1] if path and not path[-1].isdigit() else " / ".join(path)  # {"w4": {...}}: "w4"
             out.append(Entry(source, own or key or source, node))
-            if {"attention", "layers", "bitops"} <= set(node):
-                return  # an allocation's per-layer dicts are part of it, not entries of their own
+            if {"attention", "layers", "bitops"} <= set(node) or _robustness_keys(node):
+                return  # an allocation's per-layer dicts, a robustness analysis' trials: part of it
         for k, v in node.items():
             if isinstance(v, (dict, list)):
                 _walk(v, path + [str(k)], source, out)

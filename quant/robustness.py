@@ -174,6 +174,15 @@ def analyse(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor
 
 
 def plot(result: dict, path: str | Path) -> None:
+    """Write `figure(result)` to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+    fig = figure(result)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure(result: dict):
     """Row 1: per bit-width, the top-1 drop and the logit KL per block for each weight and the post-GELU
     activation. Rows 2-3: per slot (Q, K, V, attention scores), block x head heat maps of the KL and of
     the top-1 drop at the lowest bit-width (the Q-ViT paper's figure 2, made per head).
@@ -233,9 +242,7 @@ def plot(result: dict, path: str | Path) -> None:
     fig.suptitle(f"Quantizing one component at a time (FP top-1 {result['fp_top1']:.4f}, "
                  f"{result['n']} {result.get('split', '')} images)")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def summary(result: dict) -> list[str]:

@@ -486,6 +486,9 @@ def write_results(folder):
         "ops": [{"layer": "qkv", "op": "w4", "ms": 0.1, "batch": 1}],
         "models": [{"variant": "w1.58a8", "ms": 2.5, "batch": 1}, {"variant": "w1.58a8", "ms": 9.0, "batch": 8}]}))
     (folder / "app_bench.json").write_text(json.dumps({"pairs": [{"name": "fp32 + ternary", "fps": 40.0}]}))
+    (folder / "robustness.json").write_text(json.dumps({"fp_top1": 0.8, "n": 500, "split": "val", "trials": [
+        {"bits": 2, "component": c, "block": b, "head": h, "top1": 0.79, "drop": 1.0, "kl": 0.01}
+        for b in range(2) for c, h in [("w_qkv", None), ("a_gelu", None), ("h_q", 0), ("h_q", 1), ("h_attn", 0)]]}))
     (folder / "broken.json").write_text("{")
     return folder
 
@@ -497,14 +500,16 @@ def test_the_results_tab_reads_every_file_and_draws_what_exists(tmp_path):
     assert res.having("fps")[0].fps == 40.0                                                         # no kernels
     assert len(res.having("confusion")) == 1
     assert [e.name for e in res.having("allocation")] == ["qvit bit allocation"]   # read from the path qat.json names
+    assert [e.source for e in res.entries].count("robustness") == 1                # its trials are not entries
     assert res.errors and "broken.json" in res.errors[0]
     for fig in (results.accuracy_vs_bits(res), results.latency_bars(res), results.size_bars(res), results.fps_bars(res),
                 results.confusion_plot(res.having("confusion")[0], TINY.classes),
-                results.allocation_plot(res.having("allocation")[0])):
+                results.allocation_plot(res.having("allocation")[0]),
+                results.robustness_plot(res.having("robustness")[0])):
         assert fig is not None and fig.axes
 
 
-def test_malformed_confusion_matrices_and_allocations_are_not_drawn(tmp_path):
+def test_malformed_confusion_matrices_allocations_and_robustness_analyses_are_not_drawn(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
     (folder / "bad.json").write_text(json.dumps({"results": [
@@ -512,10 +517,13 @@ def test_malformed_confusion_matrices_and_allocations_are_not_drawn(tmp_path):
         {"recipe": "b", "confusion": [[1, -1], [0, 1]]},
         {"attention": {"blocks.0.attn": {"q": [4, "x"]}}, "layers": {}, "bitops": 1},
         {"attention": {"blocks.0.attn": {"q": [[4], [3]]}}, "layers": {}, "bitops": 1},
-        {"attention": {}, "layers": [1, 2], "bitops": 1}]}))
+        {"attention": {}, "layers": [1, 2], "bitops": 1},
+        {"fp_top1": 0.8, "n": 10, "trials": []},
+        {"fp_top1": 0.8, "n": 10, "trials": [{"bits": 2, "component": "w_qkv", "block": "0", "drop": 1, "kl": 0.1}]},
+        {"fp_top1": 0.8, "n": 10, "trials": [{"bits": 2, "component": "w_qkv", "block": 0, "drop": 1, "kl": None}]}]}))
     (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     res = results.load(folder)
-    assert not res.having("confusion") and not res.having("allocation")
+    assert not res.having("confusion") and not res.having("allocation") and not res.having("robustness")
     assert any("deep.json" in e for e in res.errors)
 
 
