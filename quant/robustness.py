@@ -211,7 +211,7 @@ def figure(result: dict):
             ax.set_xlabel("block")
             ax.set_ylabel("top-1 drop (points)" if metric == "drop" else "logit KL from FP (nats)")
             ax.set_xticks(blocks)
-            if metric == "kl":
+            if metric == "kl" and any(t["kl"] > 0 for t in trials if t["bits"] == b and t["component"] in comps):
                 ax.set_yscale("log")
             if i == 0 and metric == "drop":
                 ax.legend(fontsize=7)
@@ -219,7 +219,7 @@ def figure(result: dict):
     for row, metric in ((1, "kl"), (2, "drop")):
         for j in range(ncol):
             ax = axes[row, j]
-            if j >= len(HEAD_SLOTS):
+            if j >= len(HEAD_SLOTS) or not heads:  # (an analysis of weights alone has no heat maps)
                 ax.axis("off")
                 continue
             slot = list(HEAD_SLOTS)[j]

@@ -527,6 +527,14 @@ def test_malformed_confusion_matrices_allocations_and_robustness_analyses_are_no
     assert any("deep.json" in e for e in res.errors)
 
 
+@pytest.mark.parametrize("component,head", [("w_qkv", None), ("h_q", 0)])
+def test_a_robustness_analysis_of_weights_alone_or_of_heads_alone_is_drawn(tmp_path, component, head):
+    (tmp_path / "r.json").write_text(json.dumps({"fp_top1": 0.8, "n": 10, "trials": [
+        {"bits": 2, "component": component, "block": 0, "head": head, "drop": 1.0, "kl": 0.1}]}))
+    fig = results.robustness_plot(results.load(tmp_path).having("robustness")[0])
+    assert any(ax.has_data() for ax in fig.axes)
+
+
 def test_without_results_files_the_tab_says_what_is_missing(tmp_path):
     res = results.load(tmp_path / "nothing")
     assert results.accuracy_vs_bits(res) is None
