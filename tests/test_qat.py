@@ -114,6 +114,17 @@ def test_cli_trains_packs_scores_and_records_a_ternary_model(teacher_file, image
     assert json.loads(results.read_text())["runs"]["w1.58a8"]["top1"] == entry["top1"]
 
 
+def test_a_run_out_of_time_writes_no_model_and_the_same_command_without_the_limit_finishes(
+        teacher_file, image_tar, tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    args = ["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar), "--out", str(out),
+            "--epochs", "1", "--batch-size", "8"]
+    assert run(main, args + ["--time-limit", "0"]) == 0   # calibration alone spends it
+    assert "stopped by --time-limit" in capsys.readouterr().out and not out.exists()
+    assert run(main, args) == 0
+    assert quant.load_quantized(out)
+
+
 def test_cli_qvit_searches_then_fine_tunes_and_writes_the_bit_allocation(teacher_file, image_tar, tmp_path):
     out = tmp_path / "q.safetensors"
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--set", "budget_bits=3",
