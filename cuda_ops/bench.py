@@ -125,28 +125,44 @@ def random_codes(n: int, k: int, high: int, device: str) -> torch.Tensor:
 
 
 def op_call(op: str, n: int, k: int, x: torch.Tensor, bias: torch.Tensor):
-    """(fn, weight bytes, rate key) for one op at weight shape (n, k) on activations x (M, k)."""
+    """(fn, weight bytes, rate key, reference) for one op at weight shape (n, k) on activations x (M, k).
+    reference(r), for the bitvit ops: the same op on the CPU (its CPU kernel, exact int32 sums for the int8
+    ops) on copies of the first r rows and of the weights, to check the device's output against."""
     dev = x.device.type
     if op == "dense":
         w = torch.randn(n, k, device=dev, dtype=x.dtype) * 0.02
-        return (lambda: F.linear(x, w, bias)), w.numel() * w.element_size(), "float"
+        return (lambda: F.linear(x, w, bias)), w.numel() * w.element_size(), "float", None
     if op == "int_mm":  # cuBLASLt's int8 GEMM alone (no quantization, no scaling): the int8 reference
         q = torch.randint(-127, 128, x.shape, dtype=torch.int8, device=dev)
         w = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=dev)
-        return (lambda: torch._int_mm(q, w)), n * k, "int8"
+        return (lambda: torch._int_mm(q, w)), n * k, "int8", None
     if op == "w4":  # the w4 recipe's layout: int4 codes, asymmetric, groups of 64
         g = min(64, k)
         packed = pack_codes(random_codes(n, k, 16, "cpu"), 4).to(dev)
         scales = torch.rand(n, -(-k // g), device=dev) * 0.01
         zeros = torch.randint(0, 16, scales.shape, device=dev).float()
-        fn = lambda: weight_only_linear(x, packed, scales, zeros, None, bias, 4, g, k)  # noqa: E731
-        return fn, packed.numel() + 8 * scales.numel(), "float"
+        call = lambda x, packed, scales, zeros, bias: weight_only_linear(  # noqa: E731
+            x, packed, scales, zeros, None, bias, 4, g, k)
+        tensors = (packed, scales, zeros, bias)
+        return ((lambda: call(x, *tensors)), packed.numel() + 8 * scales.numel(), "float",
+                lambda r: call(x[:r].cpu(), *(t.cpu() for t in tensors)))
     fmt, bits = {"w8a8": ("int8", 8), "w1.58a8": ("ternary", 2), "w1.58a8-b3": ("ternary_b3", 2),
                  "w1a8": ("binary", 1)}[op]
     codes = random_codes(n, k, 3 if fmt.startswith("ternary") else 1 << bits, "cpu")
     packed = (pack_trit_planes(codes) if fmt == "ternary_b3" else pack_codes(codes, bits)).to(dev)
     scales = torch.rand(n, 1, device=dev) * 0.01
-    return (lambda: A8_OPS[fmt](x, packed, scales, bias, k)), packed.numel() + 4 * n, "int8"
+    return ((lambda: A8_OPS[fmt](x, packed, scales, bias, k)), packed.numel() + 4 * n, "int8",
+            lambda r: A8_OPS[fmt](x[:r].cpu(), packed.cpu(), scales.cpu(), bias.cpu(), k))
+
+
+CHECK_ROWS, CHECK_TOL = 64, 1e-2  # rows checked against the CPU kernel; relative error tolerated (bf16 output)
+
+
+def rel_err_vs_cpu(fn, reference, m: int) -> float:
+    """Relative (Frobenius) error of the op's first rows against its CPU kernel's output."""
+    r = min(m, CHECK_ROWS)
+    got, want = fn()[:r].float().cpu(), reference(r).float()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
 def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, skipped: list,
@@ -165,8 +181,12 @@ def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, ski
         for op in ops:
             if op == "int_mm" and (device != "cuda" or m <= 16 or n % 8 or k % 8):
                 continue
-            fn, w_bytes, rate = op_call(op, n, k, x, bias)
-            t_eager = timed(fn, device, host=True)  # called from Python, one op at a time
+            fn, w_bytes, rate, reference = op_call(op, n, k, x, bias)
+            t_eager = timed(fn, device, host=True)  # called from Python, one op at a time (tunes it first)
+            err = rel_err_vs_cpu(fn, reference, m) if reference is not None else None
+            if err is not None and not err <= CHECK_TOL:
+                print(f"WARNING: {op} {model} {layer} M={m}: output off its CPU kernel's by {err:.1e} "
+                      f"(relative; tolerated {CHECK_TOL:g}): this row times a wrong result", file=sys.stderr)
             if device == "cuda":
                 replay = graphed(fn)
                 t = timed(replay, device)
@@ -182,6 +202,7 @@ def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, ski
             t_mem, t_ops = nbytes / (ceil["copy_TBps"] * 1e12), flops / peak
             rows.append({"model": model, "layer": layer, "N": n, "K": k, "batch": batch, "M": m, "op": op,
                          "ms": t * 1e3, "eager_ms": t_eager * 1e3, "speedup_vs_dense": base / t if base else None,
+                         "rel_err_vs_cpu": err,
                          "bytes": nbytes,
                          "TBps": nbytes / t / 1e12, "TOPS": flops / t / 1e12,
                          "bound": "memory" if t_mem > t_ops else "compute",

@@ -17,12 +17,27 @@ def test_the_cpu_benchmark_writes_every_part_of_its_json(tmp_path, capsys):
     assert len(r["ops"]) == 4 * 3  # 4 layers x 3 ops, the dense baseline first
     assert [row["op"] for row in r["ops"][:3]] == ["dense", "w1.58a8", "w4"]
     assert all(row["ms"] > 0 and row["speedup_vs_dense"] > 0 for row in r["ops"])
+    assert {row["op"]: row["rel_err_vs_cpu"] for row in r["ops"][:3]} == {"dense": None, "w1.58a8": 0.0, "w4": 0.0}
     fp, ternary = r["models"]
     assert (fp["variant"], ternary["variant"]) == ("fp", "w1.58a8")
     assert ternary["linear_memory_ratio_vs_fp"] > 10  # 2-bit codes + a scale per row against fp32 weights
     assert any("weight memory" in t["target"] for t in r["targets"])
     assert (tmp_path / "b.png").stat().st_size > 0
     assert "w1.58a8" in capsys.readouterr().out
+
+
+def test_an_op_whose_output_is_off_its_cpu_kernels_is_flagged_in_its_row_and_on_stderr(monkeypatch, capsys):
+    real = bench.op_call
+
+    def off_by_a_tenth(op, n, k, x, bias):  # a device kernel 10 % off what the CPU kernel computes
+        fn, w_bytes, rate, reference = real(op, n, k, x, bias)
+        return (lambda: fn() * 1.1), w_bytes, rate, reference
+    monkeypatch.setattr(bench, "op_call", off_by_a_tenth)
+    rows = bench.bench_ops(["vit_cifar_tiny"], [1], ["w1a8"], "cpu", bench.torch.float32,
+                           {"copy_TBps": 1.0, "int8_TOPs": 1.0, "float_TFLOPs": 1.0}, float("inf"),
+                           lambda jobs, desc: jobs, [])
+    assert all(abs(row["rel_err_vs_cpu"] - 0.1) < 1e-3 for row in rows)
+    assert "this row times a wrong result" in capsys.readouterr().err
 
 
 def test_a_benchmark_killed_midway_leaves_the_rows_it_measured_in_its_json(tmp_path, monkeypatch):
