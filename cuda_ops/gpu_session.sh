@@ -9,8 +9,9 @@
 #
 # Through the device tool (15 minutes of device time a task, machine start included; 10 minutes a
 # command; 8 files back from $OUT; the machine goes back 30 s after a call), make back-to-back calls:
-# `tests`, then at once `bench` with BENCH_TIME_LIMIT set to what is left (the second call finds
-# Triton's compile cache of the first while the machine is warm). A lease shared with the reference
+# `bench` (BENCH_TIME_LIMIT=520 BENCH_TIMEOUT=570, timeout_s 600; it checks each op it times against
+# the op's CPU kernel), then at once `tests` with TESTS_TIMEOUT set to what is left less 60 s. (`tests`
+# first fills Triton's compile cache for a bench after it, at the cost of the bench's time.) A lease shared with the reference
 # model runs `tests` beside its training (README, "GPU runs") and a short bench after it, its limit
 # what the lease has left less 60 s (here 150 s left: timeout_s 150):
 #   BENCH_TIME_LIMIT=90 BENCH_TIMEOUT=120 bash cuda_ops/gpu_session.sh bench \
