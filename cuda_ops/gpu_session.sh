@@ -12,8 +12,8 @@
 # `bench` (BENCH_TIME_LIMIT=520 BENCH_TIMEOUT=570, timeout_s 600; it checks each op it times against
 # the op's CPU kernel), then at once `tests` with TESTS_TIMEOUT set to what is left less 60 s. (`tests`
 # first fills Triton's compile cache for a bench after it, at the cost of the bench's time.) A lease
-# shared with the reference model runs `tests` beside its training (README, "GPU runs") and a short bench after it, its limit
-# what the lease has left less 60 s (here 150 s left: timeout_s 150):
+# shared with the reference model runs `tests` beside its training (README, "GPU runs") and a short
+# bench after it, its limit what the lease has left less 60 s (here 150 s left: timeout_s 150):
 #   BENCH_TIME_LIMIT=90 BENCH_TIMEOUT=120 bash cuda_ops/gpu_session.sh bench \
 #       --models vit_base_patch16_224,vit_large_patch16_224 --batches 1,64 --ops dense,w1.58a8,w1.58a8-b3,w1a8 \
 #       --e2e-models vit_base_patch16_224 --variants fp,w1.58a8,w1.58a8-b3
