@@ -34,7 +34,7 @@ import quant
 from quant.cli import finite_number
 from quant.data import check_model_input
 from quant.models import FORMAT as FP_FORMAT
-from quant.models import ViTConfig, VisionTransformer, count_parameters, existing_file
+from quant.models import ViTConfig, VisionTransformer, count_parameters, existing_file, read_safetensors_metadata
 from quant.packfile import FORMAT as QUANT_FORMAT
 from quant.packfile import is_quantized_format
 
@@ -113,12 +113,7 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
             raise ValueError(f"{path} is not a bitvit ONNX export (no bitvit.config metadata)")
         fmt = meta.get("bitvit.format", "?")
         return ModelFile(path, "fp" if fmt == "fp32" else "quant", fmt, ViTConfig.from_json(meta["bitvit.config"], path), None)
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors' own errors for garbage and truncated files
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__})") from None
+    meta = read_safetensors_metadata(path)
     if meta.get("format") == FP_FORMAT:
         return ModelFile(path, "fp", "fp32", ViTConfig.from_json(meta.get("config"), path), None)
     if not is_quantized_format(meta.get("format")):

@@ -318,6 +318,17 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise unreadable_safetensors(path, e) from None
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A safetensors file's metadata, without reading its tensors, with the same one clear error."""
+    from safetensors import safe_open
+    path = existing_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise unreadable_safetensors(path, e) from None
+
+
 def unreadable_safetensors(path, error: Exception) -> ValueError:
     """The one error for a file safetensors cannot open; an ONNX file is told where it belongs."""
     if str(path).lower().endswith(".onnx"):

@@ -38,8 +38,8 @@ import torch.nn as nn
 
 from quant.cli import finite_number
 from quant.models import FORMAT as FP_FORMAT
-from quant.models import (ViTConfig, VisionTransformer, existing_file, load_model, load_state_dict,
-                          read_safetensors, unreadable_safetensors)
+from quant.models import (ViTConfig, VisionTransformer, load_model, load_state_dict,
+                          read_safetensors, read_safetensors_metadata)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
@@ -216,14 +216,7 @@ def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
 
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a quantized bitvit file (without loading its tensors)."""
-    from safetensors import safe_open
-    path = existing_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return _parse_header(meta, path)
+    return _parse_header(read_safetensors_metadata(path), path)
 
 
 def _parse_header(meta: dict, path) -> dict:
@@ -334,13 +327,7 @@ def load_any(path: str | os.PathLike) -> nn.Module:
     path = str(path)
     if path.endswith((".pth", ".pt", ".bin")):
         return load_model(path)
-    from safetensors import safe_open
-    existing_file(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            fmt = (f.metadata() or {}).get("format")
-    except Exception as e:
-        raise unreadable_safetensors(path, e) from None
+    fmt = read_safetensors_metadata(path).get("format")
     if is_quantized_format(fmt):
         return load_quantized(path)
     if fmt in (FP_FORMAT, None):
