@@ -21,6 +21,7 @@ def test_the_cpu_benchmark_writes_every_part_of_its_json(tmp_path, capsys):
     fp, ternary = r["models"]
     assert (fp["variant"], ternary["variant"]) == ("fp", "w1.58a8")
     assert ternary["linear_memory_ratio_vs_fp"] > 10  # 2-bit codes + a scale per row against fp32 weights
+    assert fp["logits_rel_err_vs_cpu_fp32"] == ternary["logits_rel_err_vs_cpu_fp32"] == 0.0  # the same float32 CPU run
     assert any("weight memory" in t["target"] for t in r["targets"])
     assert (tmp_path / "b.png").stat().st_size > 0
     assert "w1.58a8" in capsys.readouterr().out
@@ -38,6 +39,25 @@ def test_an_op_whose_output_is_off_its_cpu_kernels_is_flagged_in_its_row_and_on_
                            lambda jobs, desc: jobs, [])
     assert all(abs(row["rel_err_vs_cpu"] - 0.1) < 1e-3 for row in rows)
     assert "this row times a wrong result" in capsys.readouterr().err
+
+
+def test_a_model_whose_logits_are_off_its_cpu_float32_runs_is_flagged_in_its_rows_and_on_stderr(monkeypatch, capsys):
+    real = bench.build
+
+    def broken_after_the_move(name, variant):  # a model whose device copy computes something else
+        model = real(name, variant)
+        real_to = model.to
+        def to(*args, **kwargs):
+            moved = real_to(*args, **kwargs)
+            moved.head.bias.data += 10.0
+            return moved
+        model.to = to
+        return model
+    monkeypatch.setattr(bench, "build", broken_after_the_move)
+    rows = bench.bench_models(["vit_cifar_tiny"], [1], ["w1a8"], "cpu", bench.torch.float32, float("inf"),
+                              lambda items, desc, leave: items, [])
+    assert rows[0]["logits_rel_err_vs_cpu_fp32"] > 1
+    assert "its rows time a wrong model" in capsys.readouterr().err
 
 
 def test_a_benchmark_killed_midway_leaves_the_rows_it_measured_in_its_json(tmp_path, monkeypatch):
