@@ -2,6 +2,7 @@
 import dataclasses
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,4 +229,16 @@ def test_crop_shifts_content_without_changing_it():
 def test_an_unreadable_image_file_is_named(image_tree):
     (image_tree / "test" / "dog" / "0009.jpg").symlink_to(image_tree / "nowhere.jpg")
     with pytest.raises(ValueError, match=r"cannot read .*dog/0009\.jpg"):
+        load_split(image_tree, "test", progress=False)
+
+
+def test_an_image_that_cannot_be_read_while_decoding_is_named(image_tree, monkeypatch):
+    real = Path.read_bytes
+
+    def refuse(self):
+        if self.name == "0001.jpg" and self.parent.name == "frog":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(ValueError, match=r"cannot read image .*frog/0001\.jpg \(Permission denied\)"):
         load_split(image_tree, "test", progress=False)
