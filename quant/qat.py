@@ -149,20 +149,21 @@ def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cf
     return student, True, [record for stage, _, _ in stages for record in read_log(run_dir / stage / "log.jsonl")]
 
 
-def freeze_and_save(student: nn.Module, r, name: str, out: str, float16: bool) -> dict:
+def freeze_and_save(student: nn.Module, r, name: str, out: str, float16: bool) -> tuple[dict, dict | None]:
     """Freeze the trained student into packed QuantLinear layers and write it (Q-ViT: its bit allocation
-    too, `out.bits.json` and `.png`); returns `save_quantized`'s storage totals."""
+    too, `out.bits.json` and `.png`); returns `save_quantized`'s storage totals and the allocation (Q-ViT)
+    or None."""
     from quant import bitlinear, qvit, save_quantized
     student.cpu().eval()
+    alloc = None
     if r.method == "qvit":
-        qvit.save_allocation(student, f"{out}.bits.json", r.budget_bits)
-        qvit.plot_allocation(json.loads(Path(f"{out}.bits.json").read_text()), f"{out}.bits.png",
-                             f"Q-ViT {name} ({r.budget_bits:g}-bit budget)")
+        alloc = qvit.save_allocation(student, f"{out}.bits.json", r.budget_bits)
+        qvit.plot_allocation(alloc, f"{out}.bits.png", f"Q-ViT {name} ({r.budget_bits:g}-bit budget)")
         qvit.freeze(student)
     else:
         bitlinear.freeze(student)
     student.quant_recipe = {"type": type(r).__name__, **dataclasses.asdict(r)}
-    return save_quantized(student, out, float16)
+    return save_quantized(student, out, float16), alloc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -260,7 +261,7 @@ def main(argv=None):
         return 0
     train_seconds = sum(e["seconds"] - e.get("first_step_seconds", 0.0) for e in epoch_logs)  # compiling left out
 
-    storage = freeze_and_save(student, r, args.recipe, args.out, args.float16)
+    storage, alloc = freeze_and_save(student, r, args.recipe, args.out, args.float16)
     size = Path(args.out).stat().st_size
     print(f"wrote {args.out}: {size / 1e6:.3f} MB, quantized linear weights at {storage['bits_per_weight']:.3f} "
           f"bits/weight (scales included)")
@@ -288,8 +289,7 @@ def main(argv=None):
             "images_per_s": round(len(epoch_logs) * len(train) / max(train_seconds, 1e-9), 1),
             **provenance("quant.qat", argv),
         }
-        if r.method == "qvit":
-            alloc = json.loads(Path(f"{args.out}.bits.json").read_text())
+        if alloc is not None:
             entry.update(budget_bits=r.budget_bits, bitops_ratio=alloc["bitops_ratio"],
                          mean_weight_bits=alloc["mean_weight_bits"], allocation=f"{args.out}.bits.json")
         record_result(args.results, args.name or args.recipe, entry)
