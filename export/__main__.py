@@ -2,10 +2,10 @@
 
 Writes a bitvit checkpoint (FP or quantized) as ONNX, then checks the file in ONNX Runtime against
 the torch model on random images and prints the agreement. Formats: fp32, fp16 (weights stored at
-half precision), w8a8 (int8 per-token activations x int8 weights, MatMulInteger), int4 (MatMulNBits),
-ternary and binary (bitvit's custom ops; `--standard-ops` writes MatMulNBits 2-bit instead, for
-runtimes without bitvit's library). An FP checkpoint is quantized (round to nearest) for the
-quantized formats; a quantized checkpoint exports as the format it holds.
+half precision), w8a8 (int8 per-token activations x int8 weights), int4 (MatMulNBits), ternary and
+binary; w8a8, ternary and binary run on bitvit's custom ops (`--standard-ops` writes MatMulInteger and
+MatMulNBits 2-bit instead, for runtimes without bitvit's library). An FP checkpoint is quantized (round
+to nearest) for the quantized formats; a quantized checkpoint exports as the format it holds.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def main(argv=None):
     p.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
                    help="auto (default): fp32 for an FP checkpoint, else the format it holds")
     p.add_argument("--standard-ops", action="store_true",
-                   help="ternary/binary as com.microsoft MatMulNBits (2-bit) instead of bitvit's ops")
+                   help="w8a8 as MatMulInteger, ternary/binary as com.microsoft MatMulNBits (2-bit), "
+                        "instead of bitvit's ops")
     p.add_argument("--threads", type=positive_int, default=2, help="threads for the check run")
     args = p.parse_args(argv)
 

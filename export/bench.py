@@ -6,8 +6,9 @@ after an untimed one of the same variant (so a variant is timed with its threads
 from the sleep they fell into while the others ran: torch's OpenMP threads doze off within
 milliseconds), for the reference model and a ViT-S/16 at 224 with random weights:
   torch fp32 | ORT fp32 | ORT dynamic int8 (onnxruntime.quantization.quantize_dynamic of ORT fp32) |
-  ORT w8a8 (bitvit's per-token int8 export, MatMulInteger) | ORT MatMulNBits 4-bit |
-  ORT MatMulNBits 2-bit (the ternary model in standard ops) | bitvit ternary op | bitvit binary op
+  ORT w8a8 (MatMulInteger: the w8a8 model in standard ops) | bitvit int8 op (the same model) |
+  ORT MatMulNBits 4-bit | ORT MatMulNBits 2-bit (the ternary model in standard ops) | bitvit ternary op |
+  bitvit binary op
 Quantized variants come from the FP model by round to nearest unless `--quantized` gives trained
 files (e.g. the QAT ternary model). With `--data`, each reference variant is also scored on the
 CIFAR-10 test split in ONNX Runtime and in torch: the two top-1s must match. Prints tables, writes
@@ -47,10 +48,11 @@ class Variant:
     weights: str                              # where its weights come from
 
 
-VARIANTS = ("torch fp32", "ORT fp32", "ORT dynamic int8", "ORT w8a8", "ORT MatMulNBits 4-bit",
-            "ORT MatMulNBits 2-bit", "bitvit ternary op", "bitvit binary op")
+VARIANTS = ("torch fp32", "ORT fp32", "ORT dynamic int8", "ORT w8a8 (MatMulInteger)", "bitvit int8 op",
+            "ORT MatMulNBits 4-bit", "ORT MatMulNBits 2-bit", "bitvit ternary op", "bitvit binary op")
 # variant -> (export format, bitvit custom ops)
-EXPORTS = {"ORT fp32": ("fp32", True), "ORT w8a8": ("w8a8", True), "ORT MatMulNBits 4-bit": ("int4", True),
+EXPORTS = {"ORT fp32": ("fp32", True), "ORT w8a8 (MatMulInteger)": ("w8a8", False),
+           "bitvit int8 op": ("w8a8", True), "ORT MatMulNBits 4-bit": ("int4", True),
            "ORT MatMulNBits 2-bit": ("ternary", False), "bitvit ternary op": ("ternary", True),
            "bitvit binary op": ("binary", True)}
 

@@ -3,13 +3,17 @@
 The graph is built node by node from the model's modules (no tracing), so every linear layer maps
 to exactly the ONNX form chosen for it and the file holds the packed tensors, not float copies:
 
-| layer                                  | ONNX                                                        |
-|----------------------------------------|-------------------------------------------------------------|
-| `nn.Linear`                            | MatMul + Add (fp16: weights stored fp16, cast to fp32 once) |
-| int8 weights, int8 per-token input     | per-token quantize (ReduceMax/Div/Round/Clip) + MatMulInteger (s8 x s8, exact) + scale |
-| int2/int4/int8 weight-only             | `com.microsoft` MatMulNBits (block = group size)            |
-| ternary / binary, int8 per-token input | bitvit's `TernaryLinear` / `BinaryLinear` (`export/ops`)    |
-| the same with `custom_ops=False`       | per-token fake-quant + MatMulNBits bits=2: ternary codes w + 2, binary codes 2c + 1 (values -1, +1), zero point 2; exact, 2 bits per weight |
+| layer                                          | ONNX                                                          |
+|------------------------------------------------|---------------------------------------------------------------|
+| `nn.Linear`                                    | MatMul + Add (fp16: weights stored fp16, cast to fp32 once)   |
+| int2/int4/int8 weight-only                     | `com.microsoft` MatMulNBits (block = group size)              |
+| ternary / binary / int8 (a scale per output),  | bitvit's `TernaryLinear` / `BinaryLinear` / `Int8Linear`      |
+|   int8 per-token input                         |   (`export/ops`)                                              |
+| the same with `custom_ops=False`: int8         | per-token quantize (ReduceMax/Div/Round/Clip) + MatMulInteger |
+|                                                |   (s8 x s8, exact) + scale                                    |
+| the same with `custom_ops=False`: ternary,     | per-token fake-quant + MatMulNBits bits=2: ternary codes      |
+|   binary                                       |   w + 2, binary codes 2c + 1 (values -1, +1), zero point 2;   |
+|                                                |   exact, 2 bits per weight                                    |
 
 Where bitvit's op runs a layer it also runs what sits around the matmul: the block's LayerNorm in front
 of qkv and fc1 and the QuantLinear's `input_norm` (BitNet's LayerNorm before activation quantization),
@@ -39,6 +43,7 @@ from .ortops import DOMAIN
 
 OPSET = 20
 FORMATS = ("fp32", "fp16", "w8a8", "int4", "ternary", "binary")
+OPS = {"ternary": "TernaryLinear", "binary": "BinaryLinear", "int8": "Int8Linear"}  # bitvit's op per weight format
 META_FORMAT = "bitvit-onnx/1"
 
 
@@ -148,9 +153,9 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool,
             raise ValueError(f"{name}: activation format {act!r} has no ONNX export (only none and int8_token)")
         if norm is not None:
             norms.append((norm, f"{name}.input_norm"))
-        if fmt in ("ternary", "binary") and act == "int8_token" and custom_ops and m.scales.shape[1] == 1:
+        if fmt in OPS and act == "int8_token" and custom_ops and m.scales.shape[1] == 1:
             # bitvit's op: the LayerNorms (up to two), per-token int8, the packed matmul and GELU in one node
-            op = "TernaryLinear" if fmt == "ternary" else "BinaryLinear"
+            op = OPS[fmt]
             inputs = [x, g.const(f"{name}.packed", m.packed), g.const(f"{name}.scales", m.scales[:, 0].float()),
                       "" if m.bias is None else g.const(f"{name}.bias", m.bias)]
             attrs = {"activation": "gelu"} if gelu else {}

@@ -40,7 +40,7 @@ def test_one_run_times_sizes_and_scores_every_variant(fp_file, image_tar, tmp_pa
         assert set(r["latency_ms"]) == {"1", "3"} and all(ms > 0 for ms in r["latency_ms"].values())
         assert r["top1"] == r["torch_top1"] or r["prediction_agreement"] >= 0.9, name
     assert rows["ORT fp32"]["prediction_agreement"] == 1.0
-    assert rows["bitvit ternary op"]["size_bytes"] < rows["ORT w8a8"]["size_bytes"] < rows["ORT fp32"]["size_bytes"]
+    assert rows["bitvit ternary op"]["size_bytes"] < rows["bitvit int8 op"]["size_bytes"] < rows["ORT fp32"]["size_bytes"]
     assert rows["bitvit ternary op"]["weights"] == "round to nearest"
     targets = res["results"]["reference"]["targets"]
     assert targets["ternary speed-up over ORT fp32"]["goal"] == 2.0
@@ -55,9 +55,9 @@ def test_trained_quantized_files_replace_round_to_nearest_for_their_format(fp_fi
     code, out = bench(fp_file, tmp_path, "--quantized", str(tmp_path / "w8a8.safetensors"))
     assert code == 0
     rows = json.loads(out.read_text())["results"]["reference"]["variants"]
-    assert rows["ORT w8a8"]["weights"] == "trained: w8a8.safetensors"
+    assert rows["ORT w8a8 (MatMulInteger)"]["weights"] == rows["bitvit int8 op"]["weights"] == "trained: w8a8.safetensors"
     assert rows["bitvit ternary op"]["weights"] == "round to nearest"
-    assert "top1" not in rows["ORT w8a8"]  # no --data, no accuracy
+    assert "top1" not in rows["bitvit int8 op"]  # no --data, no accuracy
 
 
 def test_fewer_than_30_runs_are_refused(fp_file, tmp_path, capsys):
@@ -92,5 +92,5 @@ def test_a_quantized_file_trained_with_another_drop_path_rate_is_the_same_model(
     quant.save_quantized(quant.quantize(trained, "w8a8"), tmp_path / "w8a8.safetensors")
     code, out = bench(fp_file, tmp_path, "--quantized", str(tmp_path / "w8a8.safetensors"))
     assert code == 0
-    assert json.loads(out.read_text())["results"]["reference"]["variants"]["ORT w8a8"]["weights"] == \
+    assert json.loads(out.read_text())["results"]["reference"]["variants"]["bitvit int8 op"]["weights"] == \
         "trained: w8a8.safetensors"

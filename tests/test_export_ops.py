@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 from export import ortops
 from quant.pack import pack_codes
 
-OPS = {"TernaryLinear": 2, "BinaryLinear": 1}
+OPS = {"TernaryLinear": 2, "BinaryLinear": 1, "Int8Linear": 8}
 BIG = (4, 150, 130, 70)  # large enough (600 tokens, 5.5M multiply-adds) for the op to use the thread pool
 
 
@@ -30,10 +30,16 @@ def gelu(y):
     return 0.5 * y * (1 + torch.erf(torch.from_numpy(y) / np.sqrt(2)).numpy())
 
 
+def weights(codes, bits):
+    """The integer weights (N, K) the codes stand for, float64."""
+    c = codes.astype(np.float64)
+    return {2: c - 1, 1: c * 2 - 1, 8: c - 128}[bits]
+
+
 def reference(x, codes, scales, bias, bits, norm=None, eps=1e-5, norm2=None, eps2=1e-5, act="none"):
     """The contract's int8-per-token linear, in float64 numpy: torch.round is round-half-to-even.
     `norm` = (weight, bias) of the input LayerNorm applied first, `norm2` of a second one after it."""
-    w = codes.astype(np.float64) - 1 if bits == 2 else codes.astype(np.float64) * 2 - 1
+    w = weights(codes, bits)
     x2 = x.reshape(-1, x.shape[-1])
     if norm is not None:
         x2 = layer_norm(x2, norm, eps)
@@ -47,11 +53,12 @@ def reference(x, codes, scales, bias, bits, norm=None, eps=1e-5, norm2=None, eps
     return y.reshape(*x.shape[:-1], -1)
 
 
-def assert_equal_but_for_rounding_ties(y, want, normed, scales):
+def assert_equal_but_for_rounding_ties(y, want, normed, scales, w):
     """The op's float32 LayerNorm may land a value on the other side of a rounding tie from the float64
-    reference's: a code or two of a token move by one step (the token's scale times the row's), on a
-    few tokens. `normed`: the reference's input to the quantizer."""
-    step = np.abs(normed).max(-1, keepdims=True) / 127 * scales
+    reference's: a code or two of a token move by one step (the token's scale times the row's, times
+    the row's largest weight at most), on a few tokens. `normed`: the reference's input to the
+    quantizer; `w`: the integer weights (N, K)."""
+    step = np.abs(normed).max(-1, keepdims=True) / 127 * scales * np.abs(w).max(1)
     assert (np.abs(y - want) <= 2.01 * step + 1e-4 * (1 + np.abs(want))).all()
     assert (np.abs(y - want) <= 1e-4 * (1 + np.abs(want))).all(-1).mean() >= 0.98
 
@@ -91,7 +98,7 @@ def session(model, isa="native", threads=2):
 
 def random_layer(op, n, k, seed):
     rng = np.random.default_rng(seed)
-    codes = rng.integers(0, 3 if OPS[op] == 2 else 2, (n, k)).astype(np.uint8)
+    codes = rng.integers(0, {2: 3, 1: 2, 8: 256}[OPS[op]], (n, k)).astype(np.uint8)
     packed = pack_codes(torch.from_numpy(codes), OPS[op]).numpy()
     scales = rng.uniform(0.01, 1.0, n).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
@@ -146,7 +153,7 @@ def test_the_input_layernorm_runs_inside_the_op_as_layernorm_then_quantize(isa, 
     x = (rng.standard_normal((*lead, k)) * 3 + 1).astype(np.float32)
     y = session(op_model(op, packed, scales, bias, norm=norm, epsilon=1e-3), isa).run(None, {"x": x})[0]
     want = reference(x, codes, scales, bias, OPS[op], norm, eps=1e-3)
-    assert_equal_but_for_rounding_ties(y, want, layer_norm(x, norm, 1e-3), scales)
+    assert_equal_but_for_rounding_ties(y, want, layer_norm(x, norm, 1e-3), scales, weights(codes, OPS[op]))
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
@@ -162,7 +169,8 @@ def test_a_second_layernorm_runs_after_the_first_inside_the_op(isa, op, shape):
     model = op_model(op, packed, scales, bias, norm=norms, epsilon=1e-6, epsilon2=1e-3)
     y = session(model, isa).run(None, {"x": x})[0]
     want = reference(x, codes, scales, bias, OPS[op], norms[:2], 1e-6, norms[2:], 1e-3)
-    assert_equal_but_for_rounding_ties(y, want, layer_norm(layer_norm(x, norms[:2], 1e-6), norms[2:], 1e-3), scales)
+    assert_equal_but_for_rounding_ties(y, want, layer_norm(layer_norm(x, norms[:2], 1e-6), norms[2:], 1e-3), scales,
+                                       weights(codes, OPS[op]))
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
@@ -260,6 +268,16 @@ def test_an_unknown_activation_is_refused(act, match):
     _, packed, scales, bias = random_layer("TernaryLinear", 8, 16, seed=16)
     with pytest.raises(Exception, match=match):
         session(op_model("TernaryLinear", packed, scales, bias, activation=act))
+
+
+@pytest.mark.parametrize("isa", list(ortops.ISAS))
+def test_int8_weights_and_activations_at_their_extremes_sum_exactly(isa):
+    # |c * q| up to 255 * 127: a pair of them overflows the int16 sums of AVX2's vpmaddubsw if added naively
+    codes = np.tile(np.array([[255, 0], [0, 255], [255, 255]], np.uint8), (1, 100))      # w = 127 / -128
+    x = np.tile(np.array([[1, -1], [-1, -1], [1, 1]], np.float32), (1, 100))            # q = +-127
+    scales = np.ones(3, np.float32)
+    y = session(op_model("Int8Linear", codes, scales), isa).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, reference(x, codes, scales, None, 8).astype(np.float32))
 
 
 @pytest.mark.parametrize("op", list(OPS))

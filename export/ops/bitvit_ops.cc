@@ -1,9 +1,10 @@
-// bitvit's ONNX Runtime custom ops: linear layers on packed ternary and binary weights.
+// bitvit's ONNX Runtime custom ops: linear layers on packed ternary, binary and int8 weights.
 //
 // Domain "bitvit", version 1, CPU:
 //   TernaryLinear(X, W, scales[, bias[, norm_weight, norm_bias[, norm2_weight, norm2_bias]]]) -> Y
 //       2-bit codes c = w + 1, w in {-1, 0, +1}
 //   BinaryLinear(same inputs) -> Y    1-bit codes, c = 1 means +1, 0 means -1
+//   Int8Linear(same inputs) -> Y      8-bit codes c = w + 128, w in [-128, 127]
 // X float32 (..., K); W uint8 (N, ceil(K * bits / 8)) in quant/pack.py's `pack_codes` layout;
 // scales float32 (N) or (N, 1); bias float32 (N); norm_weight, norm_bias float32 (K), given together:
 // a LayerNorm (attribute `epsilon`, default 1e-5) applied to each row of X in the same pass that
@@ -19,9 +20,10 @@
 // creation (or per call when W is not a constant) the codes are re-tiled, still at `bits` bits per
 // weight, into 64-byte blocks of 16 output rows; each block unpacks in registers (shift + mask) to
 // the unsigned operand of an int8 dot product with the signed activations:
-//   sum_k c[n, k] * q[t, k]  is  dot + sum_k q[t, k]     for ternary (c = w + 1)
-//                                (dot + sum_k q[t, k]) / 2 for binary  (c = (w + 1) / 2)
-// so dot = that sum minus (ternary) or twice it minus (binary) the token's sum of q.
+//   sum_k c[n, k] * q[t, k]  is  dot + sum_k q[t, k]       for ternary (c = w + 1)
+//                                (dot + sum_k q[t, k]) / 2   for binary  (c = (w + 1) / 2)
+//                                dot + 128 * sum_k q[t, k]   for int8    (c = w + 128)
+// so dot is that sum (twice it for binary) less a multiple of the token's sum of q (`Dot` below).
 // Kernels: AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd) or portable C++, chosen when the
 // library is compiled (it is built with -march=native on the machine that runs it). Work is split
 // over blocks of output rows x tokens on ONNX Runtime's own intra-op thread pool, except for small
@@ -213,17 +215,20 @@ inline __m512 Gelu(__m512 x) {  // the same, 16 lanes
 }
 #endif
 
+// dot = sum_k w[n, k] * q[t, k] from acc = sum_k c[n, k] * q[t, k] and the token's sum of q (exact).
+template <int BITS>
+constexpr int32_t Dot(int32_t acc, int32_t sumq) {
+  return BITS == 1 ? 2 * acc - sumq : BITS == 2 ? acc - sumq : acc - 128 * sumq;
+}
+
 // Y row segment from raw dot sums `acc` (count values): exact integer correction, then float scaling.
+template <int BITS>
 inline void Epilogue(const Problem& p, int64_t t, int64_t n0, int count, const int32_t* acc) {
   const int32_t sq = p.sumq[t];
   const float s = p.sx[t];
   float* y = p.y + t * p.w->n + n0;
   const float* sc = p.scales + n0;
-  if (p.w->bits == 2) {
-    for (int j = 0; j < count; ++j) y[j] = static_cast<float>(acc[j] - sq) * s * sc[j];
-  } else {
-    for (int j = 0; j < count; ++j) y[j] = static_cast<float>(2 * acc[j] - sq) * s * sc[j];
-  }
+  for (int j = 0; j < count; ++j) y[j] = static_cast<float>(Dot<BITS>(acc[j], sq)) * s * sc[j];
   if (p.bias)
     for (int j = 0; j < count; ++j) y[j] += p.bias[n0 + j];
   if (p.gelu)
@@ -270,7 +275,7 @@ void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
     const __m512 b = p.bias ? _mm512_maskz_loadu_ps(valid, p.bias + n0) : _mm512_setzero_ps();
     for (int m = 0; m < MR; ++m) {
       __m512i r = BITS == 1 ? _mm512_add_epi32(acc[m][q], acc[m][q]) : acc[m][q];
-      r = _mm512_sub_epi32(r, _mm512_set1_epi32(p.sumq[t0 + m]));
+      r = _mm512_sub_epi32(r, _mm512_set1_epi32(BITS == 8 ? 128 * p.sumq[t0 + m] : p.sumq[t0 + m]));
       const __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(r), _mm512_set1_ps(p.sx[t0 + m])), sc, b);
       _mm512_mask_storeu_ps(p.y + (t0 + m) * w.n + n0, valid, p.gelu ? Gelu(y) : y);
     }
@@ -287,7 +292,7 @@ void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
   for (int m = 0; m < MR; ++m)
     for (int q = 0; q < 2 * NP; ++q) acc[m][q] = _mm256_setzero_si256();
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
-  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1), c128 = _mm256_set1_epi16(128);
   const int8_t* x = p.xq + t0 * p.kp;
   for (int64_t g = 0; g < w.groups; ++g) {
     __m256i blk[2 * NP];
@@ -303,8 +308,16 @@ void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
         int32_t x4;
         std::memcpy(&x4, x + m * p.kp + g * kKG + 4 * j, 4);
         const __m256i xb = _mm256_set1_epi32(x4);
-        for (int q = 0; q < 2 * NP; ++q)  // code * q <= 2 * 127: the int16 pair sums cannot saturate
-          acc[m][q] = _mm256_add_epi32(acc[m][q], _mm256_madd_epi16(_mm256_maddubs_epi16(wv[q], xb), ones));
+        for (int q = 0; q < 2 * NP; ++q) {
+          if constexpr (BITS == 8) {  // c = lo + 128 hi: a pair of c * q would saturate int16, of lo * q cannot
+            const __m256i lo = _mm256_and_si256(wv[q], _mm256_set1_epi8(0x7f));
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv[q], 7), _mm256_set1_epi8(1));
+            acc[m][q] = _mm256_add_epi32(acc[m][q], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xb), ones));
+            acc[m][q] = _mm256_add_epi32(acc[m][q], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb), c128));
+          } else {  // code * q <= 2 * 127: the int16 pair sums cannot saturate
+            acc[m][q] = _mm256_add_epi32(acc[m][q], _mm256_madd_epi16(_mm256_maddubs_epi16(wv[q], xb), ones));
+          }
+        }
       }
     }
   }
@@ -314,7 +327,7 @@ void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
       const int64_t n0 = (panel0 + q) * kPanel;
       _mm256_store_si256(reinterpret_cast<__m256i*>(out), acc[m][2 * q]);
       _mm256_store_si256(reinterpret_cast<__m256i*>(out + 8), acc[m][2 * q + 1]);
-      Epilogue(p, t0 + m, n0, static_cast<int>(std::min<int64_t>(kPanel, w.n - n0)), out);
+      Epilogue<BITS>(p, t0 + m, n0, static_cast<int>(std::min<int64_t>(kPanel, w.n - n0)), out);
     }
 }
 #else
@@ -342,7 +355,7 @@ void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
         for (int64_t k = 0; k < p.kp; ++k) sum += c[k] * x[k];
         out[r] = sum;
       }
-      Epilogue(p, t0 + m, n0, static_cast<int>(std::min<int64_t>(kPanel, w.n - n0)), out);
+      Epilogue<BITS>(p, t0 + m, n0, static_cast<int>(std::min<int64_t>(kPanel, w.n - n0)), out);
     }
   }
 }
@@ -437,6 +450,7 @@ void QuantizeTask(void* data, size_t task) {
 
 void GemmTask2(void* data, size_t task) { RunTask<2>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
 void GemmTask1(void* data, size_t task) { RunTask<1>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
+void GemmTask8(void* data, size_t task) { RunTask<8>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
 
 // Below these sizes a step runs on the calling thread: ORT's pool threads sleep between calls (spinning
 // is off), and waking one costs about as much as quantizing 64K values or 4M multiply-adds (~10 us).
@@ -588,7 +602,8 @@ struct PackedLinearKernel {
     p.token_blocks = (m + kTokensPerTask - 1) / kTokensPerTask;
     p.n_blocks = (w->panels + kNB - 1) / kNB;
     RunTasks(ctx, QuantizeTask, p.token_blocks, m * k <= kSerialQuantize, &p);
-    RunTasks(ctx, bits_ == 2 ? GemmTask2 : GemmTask1, p.token_blocks * p.n_blocks, m * k * w->n <= kSerialMacs, &p);
+    RunTasks(ctx, bits_ == 8 ? GemmTask8 : bits_ == 2 ? GemmTask2 : GemmTask1, p.token_blocks * p.n_blocks,
+             m * k * w->n <= kSerialMacs, &p);
     return Ort::Status(nullptr);
   }
 
@@ -612,7 +627,7 @@ struct PackedLinearKernel {
 
 template <int BITS>
 struct PackedLinearOp : Ort::CustomOpBase<PackedLinearOp<BITS>, PackedLinearKernel, true> {
-  static constexpr const char* kName = BITS == 2 ? "TernaryLinear" : "BinaryLinear";
+  static constexpr const char* kName = BITS == 8 ? "Int8Linear" : BITS == 2 ? "TernaryLinear" : "BinaryLinear";
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     try {
@@ -649,6 +664,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   // One domain per process, added to every session that registers the library.
   static PackedLinearOp<2> ternary;
   static PackedLinearOp<1> binary;
+  static PackedLinearOp<8> int8;
   static std::once_flag once;
   static Ort::CustomOpDomain* domain = nullptr;
   try {
@@ -656,6 +672,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
       domain = new Ort::CustomOpDomain("bitvit");
       domain->Add(&ternary);
       domain->Add(&binary);
+      domain->Add(&int8);
     });
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const std::exception& e) {
