@@ -3,8 +3,10 @@
 Feeds the same recorded webcam clip -- synthetic 640x480 frames of the drawn examples sliding over a
 noisy background, made before timing starts -- through `Handlers.live`, exactly what the page calls for
 each webcam frame (decode, resize/crop to the models' view, FP model, quantized model, page text), for
-each pair: the full-precision model against every quantized variant the app would offer (the models
-in `--assets`, or the ones it builds on the fly when there are none). Prints a table and writes
+each pair: the full-precision model against every quantized variant the app would offer of the same
+architecture (the models in `--assets`, or the ones it builds on the fly when there are none); the
+menu's models of another architecture are left out, as a speed-up or size ratio against them would
+compare two different networks. Prints a table and writes
 `--out` (JSON: command, machine, load average, date, wall time and per pair frames/s and median
 latencies). The target: >= 15 frames/s for the default pair on a 2-core CPU. Latency on a busy machine
 is noisy: the JSON records the load average before and after, so a reader knows whether it was quiet.
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from app.examples import DRAWINGS
 from app.frames import MAX_PIXELS
 from app.live import LiveStats
-from app.main import ASSETS, make_comparison
+from app.main import ASSETS, OTHER, make_comparison
 from app.ui import Handlers
 from quant.cli import output_file, positive_int, provenance, run
 
@@ -102,9 +104,15 @@ def main(argv=None):
     comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
+    for label in (x for x in labels if OTHER in x):
+        print(f"left out {label}: not a quantized version of the FP model", file=sys.stderr)
+    order = [label for label in [comparison.default] + labels if OTHER not in label]
+    order = list(dict.fromkeys(order))  # the default pair first
+    if not order:
+        raise ValueError(f"no quantized model of {comparison.fp.name}'s architecture in {args.assets} to time it "
+                         f"against (make one with python -m quant.ptq or quant.qat)")
     handlers = Handlers(comparison)
     frames = recorded_clip(args.frames, h, w)
-    order = [comparison.default] + [label for label in labels if label != comparison.default]
     rows = [bench_pair(handlers, label, frames) for label in order]
     load_after = os.getloadavg()
 

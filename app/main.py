@@ -3,11 +3,11 @@
 Serves the Gradio page (Live, Image and Results tabs) comparing a full-precision ViT with a quantized
 one, on the models in `assets/` and with no network. `--fp` defaults to
 `assets/vit_cifar_tiny.safetensors`; the quantized menu lists every packed model in `assets/` (plus
-`--quant`, which is also the default choice; otherwise a ternary model when there is one). With no
-packed model at all, the app quantizes the FP model itself when it starts (`quant.quantize` with the
-round-to-nearest recipes w8a8 and w4, saved in the bitvit cache) and says so on the page. Host and
-port default to what Hugging Face Spaces expects (0.0.0.0:7860, or $GRADIO_SERVER_NAME /
-$GRADIO_SERVER_PORT).
+`--quant`, which is also the default choice; otherwise a ternary model of the FP model's architecture
+when there is one, else another of its architecture). With no packed model at all, the app quantizes
+the FP model itself when it starts (`quant.quantize` with the round-to-nearest recipes w8a8 and w4,
+saved in the bitvit cache) and says so on the page. Host and port default to what Hugging Face Spaces
+expects (0.0.0.0:7860, or $GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from quant.cli import positive_int, run  # noqa: E402
 
 ASSETS = ROOT / "assets"
 DEFAULT_FP = ASSETS / "vit_cifar_tiny.safetensors"
+OTHER = "other architecture than the FP model"  # in the menu label of a packed model of another architecture
 
 
 def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str | Path = ASSETS,
@@ -77,7 +78,7 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
         else:
             keep.append(m)
     arch = lambda c: (c.patch_size, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.stem_channels)  # noqa: E731
-    other = {m.label: f" · other architecture than the FP model (depth {m.config.depth}, width {m.config.embed_dim})"
+    other = {m.label: f" · {OTHER} (depth {m.config.depth}, width {m.config.embed_dim})"
              for m in keep if arch(m.config) != arch(fp_file.config)}
     openers = {m.label + other.get(m.label, ""): functools.partial(open_model, m.path, threads, runtime)
                for m in keep}
@@ -89,8 +90,9 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
             label = f"{name} · built on the fly from {Path(fp).name} (PTQ, no packed model in assets/)"
             openers[label] = functools.partial(_on_the_fly, fp, name, threads, runtime)
     labels = list(openers)
+    own = [m for m in keep if m.label not in other]  # of the FP model's architecture: a ternary one first
     default = labels[0] if quant is not None else next(
-        (m.label for m in keep if m.weight_format == "ternary" and m.label not in other), labels[0])
+        (m.label for m in own if m.weight_format == "ternary"), own[0].label if own else labels[0])
     return Comparison(fp_backend, openers, default), labels, skipped
 
 
@@ -107,7 +109,7 @@ def open_default(comparison, labels: list[str], skipped: list[str], explicit: bo
     open (a damaged file the scan's header reading let through) leaves the menu with a note in `skipped`,
     and the next one becomes the default; a `--quant` the user named must open. Returns the menu's labels."""
     failed = []
-    others = sorted((x for x in labels if x != comparison.default), key=lambda x: "other architecture" in x)
+    others = sorted((x for x in labels if x != comparison.default), key=lambda x: OTHER in x)
     for label in [comparison.default] + others:  # then those of the FP model's architecture first
         try:
             comparison.variant(label)

@@ -251,6 +251,14 @@ def test_a_packed_model_of_another_architecture_is_labelled_and_not_the_default(
     assert cmp.default.startswith("ternary · tiny_ternary")
 
 
+def test_without_a_ternary_model_of_its_own_architecture_the_default_is_another_of_its_own(assets):
+    (assets / "tiny_ternary.safetensors").unlink()
+    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
+    packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
+    cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
+    assert labels[0].startswith("ternary · a_wide_ternary") and cmp.default.startswith("int8 · tiny_int8")
+
+
 def test_without_a_packed_model_the_app_quantizes_the_fp_model_itself(fp_file, tmp_path):
     (tmp_path / "empty").mkdir()
     cmp, labels, _ = make_comparison(fp_file, None, tmp_path / "empty", runtime="torch")
@@ -556,6 +564,21 @@ def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(ass
     assert all(p["fps"] > 0 and p["frames"] == 3 for p in data["pairs"])
     assert {"command", "machine", "date", "split", "wall_time_s"} <= data.keys()
     assert "frames/s target" in capsys.readouterr().out
+
+
+def test_the_bench_leaves_out_packed_models_of_another_architecture(assets, tmp_path, capsys):
+    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
+    packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
+    out = tmp_path / "bench.json"
+    bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "3",
+                "--size", "64x48", "--runtime", "torch", "--out", str(out)])
+    assert [p["quant"]["file"] for p in json.loads(out.read_text())["pairs"]] == ["tiny_ternary.safetensors",
+                                                                                  "tiny_int8.safetensors"]
+    assert "left out ternary · a_wide_ternary" in capsys.readouterr().err
+    for name in ("tiny_ternary", "tiny_int8"):
+        (assets / f"{name}.safetensors").unlink()
+    with pytest.raises(ValueError, match="no quantized model of fp.safetensors's architecture"):
+        bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--out", str(out)])
 
 
 def _handlers_whose_variant_went_away(fp_file, tmp_path) -> Handlers:
