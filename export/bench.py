@@ -7,8 +7,9 @@ from the sleep they fell into while the others ran: torch's OpenMP threads doze 
 milliseconds), for the reference model and a ViT-S/16 at 224 with random weights:
   torch fp32 | ORT fp32 | ORT dynamic int8 (onnxruntime.quantization.quantize_dynamic of ORT fp32) |
   ORT w8a8 (MatMulInteger: the w8a8 model in standard ops) | bitvit int8 op (the same model) |
-  ORT MatMulNBits 4-bit | ORT MatMulNBits 2-bit (the ternary model in standard ops) | bitvit ternary op |
-  bitvit binary op
+  bitvit int4 op (w4a8: int4 weights, one scale per output, int8 activations) |
+  ORT MatMulNBits 4-bit (weight-only, groups of 32) | ORT MatMulNBits 2-bit (the ternary model in standard
+  ops) | bitvit ternary op | bitvit binary op
 Quantized variants come from the FP model by round to nearest unless `--quantized` gives trained
 files (e.g. the QAT ternary model). With `--data`, each reference variant is also scored on the
 CIFAR-10 test split in ONNX Runtime and in torch: the two top-1s must match. Prints tables, writes
@@ -49,10 +50,11 @@ class Variant:
 
 
 VARIANTS = ("torch fp32", "ORT fp32", "ORT dynamic int8", "ORT w8a8 (MatMulInteger)", "bitvit int8 op",
-            "ORT MatMulNBits 4-bit", "ORT MatMulNBits 2-bit", "bitvit ternary op", "bitvit binary op")
+            "bitvit int4 op", "ORT MatMulNBits 4-bit", "ORT MatMulNBits 2-bit", "bitvit ternary op",
+            "bitvit binary op")
 # variant -> (export format, bitvit custom ops)
 EXPORTS = {"ORT fp32": ("fp32", True), "ORT w8a8 (MatMulInteger)": ("w8a8", False),
-           "bitvit int8 op": ("w8a8", True), "ORT MatMulNBits 4-bit": ("int4", True),
+           "bitvit int8 op": ("w8a8", True), "bitvit int4 op": ("w4a8", True), "ORT MatMulNBits 4-bit": ("int4", True),
            "ORT MatMulNBits 2-bit": ("ternary", False), "bitvit ternary op": ("ternary", True),
            "bitvit binary op": ("binary", True)}
 

@@ -7,13 +7,14 @@ to exactly the ONNX form chosen for it and the file holds the packed tensors, no
 |------------------------------------------------|---------------------------------------------------------------|
 | `nn.Linear`                                    | MatMul + Add (fp16: weights stored fp16, cast to fp32 once)   |
 | int2/int4/int8 weight-only                     | `com.microsoft` MatMulNBits (block = group size)              |
-| ternary / binary / int8 (a scale per output),  | bitvit's `TernaryLinear` / `BinaryLinear` / `Int8Linear`      |
-|   int8 per-token input                         |   (`export/ops`)                                              |
+| ternary / binary / int4 / int8 (symmetric, a   | bitvit's `TernaryLinear` / `BinaryLinear` / `Int4Linear` /    |
+|   scale per output), int8 per-token input      |   `Int8Linear` (`export/ops`)                                 |
 | the same with `custom_ops=False`: int8         | per-token quantize (ReduceMax/Div/Round/Clip) + MatMulInteger |
 |                                                |   (s8 x s8, exact) + scale                                    |
 | the same with `custom_ops=False`: ternary,     | per-token fake-quant + MatMulNBits bits=2: ternary codes      |
 |   binary                                       |   w + 2, binary codes 2c + 1 (values -1, +1), zero point 2;   |
 |                                                |   exact, 2 bits per weight                                    |
+| the same with `custom_ops=False`: int4         | per-token fake-quant + MatMulNBits bits=4                     |
 
 Where bitvit's op runs a layer it also runs what sits around the matmul: the block's LayerNorm in front
 of qkv and fc1 and the QuantLinear's `input_norm` (BitNet's LayerNorm before activation quantization),
@@ -42,8 +43,11 @@ from quant.qlinear import QuantLinear
 from .ortops import DOMAIN
 
 OPSET = 20
-FORMATS = ("fp32", "fp16", "w8a8", "int4", "ternary", "binary")
-OPS = {"ternary": "TernaryLinear", "binary": "BinaryLinear", "int8": "Int8Linear"}  # bitvit's op per weight format
+FORMATS = ("fp32", "fp16", "w8a8", "w4a8", "int4", "ternary", "binary")
+# bitvit's op per weight format (with int8 per-token input and one scale per output)
+OPS = {"ternary": "TernaryLinear", "binary": "BinaryLinear", "int4": "Int4Linear", "int8": "Int8Linear"}
+# (weight format, activation format) -> export format name, where it is not the weight format
+_ACT_FORMATS = {("int8", "int8_token"): "w8a8", ("int4", "int8_token"): "w4a8"}
 META_FORMAT = "bitvit-onnx/1"
 
 
@@ -57,7 +61,7 @@ def model_format(model: nn.Module) -> str:
     weights = {}
     for m in model.modules():
         if is_quantized(m):
-            name = "w8a8" if (m.weight_format, m.act_format) == ("int8", "int8_token") else m.weight_format
+            name = _ACT_FORMATS.get((m.weight_format, m.act_format), m.weight_format)
             weights[name] = weights.get(name, 0) + m.in_features * m.out_features
     return max(weights, key=weights.get) if weights else "fp32"
 
@@ -153,7 +157,7 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool,
             raise ValueError(f"{name}: activation format {act!r} has no ONNX export (only none and int8_token)")
         if norm is not None:
             norms.append((norm, f"{name}.input_norm"))
-        if fmt in OPS and act == "int8_token" and custom_ops and m.scales.shape[1] == 1:
+        if fmt in OPS and act == "int8_token" and custom_ops and m.scales.shape[1] == 1 and m.zeros is None:
             # bitvit's op: the LayerNorms (up to two), per-token int8, the packed matmul and GELU in one node
             op = OPS[fmt]
             inputs = [x, g.const(f"{name}.packed", m.packed), g.const(f"{name}.scales", m.scales[:, 0].float()),
@@ -277,6 +281,7 @@ def to_onnx(model: VisionTransformer, fmt: str = "fp32", custom_ops: bool = True
 
 # export format -> the round-to-nearest QuantLinear its FP layers become
 RECIPES = {"w8a8": dict(weight_format="int8", act_format="int8_token"),
+           "w4a8": dict(weight_format="int4", act_format="int8_token"),
            "int4": dict(weight_format="int4", group_size=32),
            "ternary": dict(weight_format="ternary", act_format="int8_token"),
            "binary": dict(weight_format="binary", act_format="int8_token")}

@@ -48,7 +48,8 @@ def main(argv=None):
     from quant.train import resolve_device
     p = argparse.ArgumentParser(prog="python -m quant.ptq", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
-    p.add_argument("--recipe", required=True, help="w8a8, w4, w3, w2, nf4, w4-gptq, w3-gptq, w2-gptq, w4a4")
+    p.add_argument("--recipe", required=True,
+                   help="w8a8, w4a8, w4a8-gptq, w4, w3, w2, nf4, w4-gptq, w3-gptq, w2-gptq, w4a4")
     p.add_argument("--calib", help="data for calibration (its train split); needed by GPTQ and W4A4")
     p.add_argument("--calib-size", type=positive_int, default=512, help="calibration images (default 512)")
     p.add_argument("--out", required=True, help="quantized model file to write (.safetensors)")

@@ -3,8 +3,9 @@
     python -m quant.ptq_results --checkpoint assets/vit_cifar_tiny.safetensors \\
         --data ../shared/data/cifar10-jpeg.tar.gz --out assets/results/ptq.json
 
-For the full-precision model and each recipe (default: w8a8, w4, nf4, w4-gptq, w4a4, and w3, w3-gptq,
-w2, w2-gptq to show what GPTQ buys over round to nearest at 3 and 2 bits, groups of 64), it does
+For the full-precision model and each recipe (default: w8a8, w4a8, w4a8-gptq, w4, nf4, w4-gptq, w4a4,
+and w3, w3-gptq, w2, w2-gptq to show what GPTQ buys over round to nearest at 3 and 2 bits, groups of
+64), it does
 what `python -m quant.ptq` and `python -m quant.evaluate` do: quantizes with `--calib-size` images of
 the TRAIN split, writes the packed file under `--models`, loads that file back (`quant.load_any`)
 and scores it on `--split` (default test). Each entry records top-1, the drop against the FP model,
@@ -25,7 +26,7 @@ import torch
 from quant.cli import finite_number, output_file, positive_int, provenance, run, utc_now
 
 TABLE_KEYS = ("recipe", "top1", "drop", "bits_per_weight", "size_bytes", "quantize_s")
-DEFAULT_RECIPES = ("w8a8", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
+DEFAULT_RECIPES = ("w8a8", "w4a8", "w4a8-gptq", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
 
 
 def load_results(path: Path) -> list[dict]:

@@ -7,6 +7,8 @@
 
 Names (`RECIPES`):
   w8a8        int8 per-channel weights, per-token int8 activations (BitNet's absmax), RTN
+  w4a8, w4a8-gptq   symmetric int4 per-channel weights (RTN or GPTQ), per-token int8 activations:
+              integer activations, so they run on bitvit's int kernels as w8a8 does
   w4, w3, w2  round-to-nearest int4/int3/int2, asymmetric, one scale and zero per group of 64 inputs
   nf4         NF4 with absmax scales per group of 64, double-quantized as in QLoRA
   w4-gptq, w3-gptq, w2-gptq   GPTQ at 4/3/2 bits, asymmetric, groups of 64
@@ -99,6 +101,7 @@ class GPTQ:
     damp: float = 0.01
     block_size: int = 128
     mse_clip: bool = False
+    act_format: str = "none"                # none | int8_token
     layer_formats: tuple[tuple[str, str], ...] = (("head", "int8"),)
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
@@ -110,10 +113,10 @@ class GPTQ:
                 return None
             fmt = _override(name, self.layer_formats)
             if fmt is not None:
-                return {"weight_format": fmt, "group_size": None, "asymmetric": False}
+                return {"weight_format": fmt, "group_size": None, "asymmetric": False, "act_format": self.act_format}
             return {"weight_format": f"int{self.bits}", "group_size": self.group_size,
                     "asymmetric": self.asymmetric, "act_order": self.act_order, "damp": self.damp,
-                    "block_size": self.block_size, "mse_clip": self.mse_clip}
+                    "block_size": self.block_size, "mse_clip": self.mse_clip, "act_format": self.act_format}
 
         return gptq_model(model, _need_calib(self, calib, model), plan)
 
@@ -168,6 +171,8 @@ Recipe = RTN | GPTQ | W4A4 | QAT
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     RTN("w8a8", "int8", group_size=None, asymmetric=False, act_format="int8_token", layer_formats=()),
+    RTN("w4a8", "int4", group_size=None, asymmetric=False, act_format="int8_token"),
+    GPTQ("w4a8-gptq", 4, group_size=None, asymmetric=False, act_format="int8_token"),
     RTN("w4", "int4"),
     RTN("w3", "int3"),
     RTN("w2", "int2"),
@@ -215,9 +220,9 @@ def _check_field(name: str, key: str, annotation: str, value) -> None:
     if key == "damp" and not 0 <= value <= 1:
         raise ValueError(f"recipe {name!r}: damp (a fraction of the Hessian's mean diagonal) must lie in 0..1, "
                          f"got {value!r}")
-    if key == "act_format" and isinstance(RECIPES[name], RTN) and value not in ("none", "int8_token"):
-        raise ValueError(f"recipe {name!r}: act_format must be none or int8_token (round to nearest calibrates "
-                         f"no activation ranges; use w4a4 for static activation quantizers), got {value!r}")
+    if key == "act_format" and isinstance(RECIPES[name], RTN | GPTQ) and value not in ("none", "int8_token"):
+        raise ValueError(f"recipe {name!r}: act_format must be none or int8_token ({type(RECIPES[name]).__name__} "
+                         f"calibrates no activation ranges; use w4a4 for static activation quantizers), got {value!r}")
 
 
 def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None = None) -> nn.Module:

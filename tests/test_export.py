@@ -18,7 +18,8 @@ from quant.qlinear import QuantLinear
 
 # (format, custom ops) -> max |logit difference| allowed, relative to the largest logit. Formats with
 # int8 activations may round a few values differently after float reordering: a small tolerance.
-CASES = {("fp32", True): 1e-5, ("fp16", True): 2e-2, ("w8a8", True): 5e-2, ("w8a8", False): 5e-2, ("int4", True): 1e-5,
+CASES = {("fp32", True): 1e-5, ("fp16", True): 2e-2, ("w8a8", True): 5e-2, ("w8a8", False): 5e-2,
+         ("w4a8", True): 5e-2, ("w4a8", False): 5e-2, ("int4", True): 1e-5,
          ("ternary", True): 5e-2, ("binary", True): 5e-2, ("ternary", False): 5e-2, ("binary", False): 5e-2}
 
 
@@ -41,7 +42,7 @@ def test_every_format_agrees_with_its_torch_model(tiny_model, tmp_path, fmt, cus
     out = session(x.numpy())
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 15 / 16
     assert np.abs(out - ref).max() <= CASES[fmt, custom] * np.abs(ref).max()
-    assert session.uses_custom_ops == (custom and fmt in ("w8a8", "ternary", "binary"))
+    assert session.uses_custom_ops == (custom and fmt in ("w8a8", "w4a8", "ternary", "binary"))
 
 
 def test_the_batch_is_dynamic(tiny_model, tmp_path):
@@ -68,6 +69,7 @@ def test_quantized_weights_are_stored_packed_and_never_as_floats(tiny_model, fmt
 def test_integer_formats_use_integer_kernels(tiny_model):
     ops = lambda fmt, custom=True: {n.op_type for n in to_onnx(quantize_for_export(tiny_model, fmt), fmt, custom).graph.node}
     assert "Int8Linear" in ops("w8a8") and "MatMulInteger" in ops("w8a8", False)
+    assert "Int4Linear" in ops("w4a8") and "MatMulNBits" in ops("w4a8", False)
     assert "MatMulNBits" in ops("int4")
     assert {"TernaryLinear"} <= ops("ternary") and "MatMulNBits" not in ops("ternary")
     assert "BinaryLinear" in ops("binary") and "BinaryLinear" not in ops("binary", False)
@@ -242,14 +244,14 @@ def test_formats_listed_are_all_tested():
     assert {f for f, _ in CASES} == set(FORMATS)
 
 
-@pytest.mark.parametrize("name", ["w4", "w8a8"])
+@pytest.mark.parametrize("name", ["w4", "w8a8", "w4a8"])
 def test_a_quant_core_model_exports_as_the_format_most_of_its_weights_hold(tiny_model, tmp_path, name):
     import quant
     model = quant.quantize(tiny_model, name)                    # w4 keeps the head at int8
     quant.save_quantized(model, tmp_path / "q.safetensors")
     assert run(main, ["--checkpoint", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "q.onnx")]) == 0
     session = runtime.load(tmp_path / "q.onnx")
-    assert session.format == {"w4": "int4", "w8a8": "w8a8"}[name]
+    assert session.format == {"w4": "int4", "w8a8": "w8a8", "w4a8": "w4a8"}[name]
     x = images(8)
     with torch.no_grad():
         ref = model(x).numpy()

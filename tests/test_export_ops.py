@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 from export import ortops
 from quant.pack import pack_codes
 
-OPS = {"TernaryLinear": 2, "BinaryLinear": 1, "Int8Linear": 8}
+OPS = {"TernaryLinear": 2, "BinaryLinear": 1, "Int4Linear": 4, "Int8Linear": 8}
 BIG = (4, 150, 130, 70)  # large enough (600 tokens, 5.5M multiply-adds) for the op to use the thread pool
 
 
@@ -33,7 +33,7 @@ def gelu(y):
 def weights(codes, bits):
     """The integer weights (N, K) the codes stand for, float64."""
     c = codes.astype(np.float64)
-    return {2: c - 1, 1: c * 2 - 1, 8: c - 128}[bits]
+    return {2: c - 1, 1: c * 2 - 1, 4: c - 8, 8: c - 128}[bits]
 
 
 def reference(x, codes, scales, bias, bits, norm=None, eps=1e-5, norm2=None, eps2=1e-5, act="none"):
@@ -98,7 +98,7 @@ def session(model, isa="native", threads=2):
 
 def random_layer(op, n, k, seed):
     rng = np.random.default_rng(seed)
-    codes = rng.integers(0, {2: 3, 1: 2, 8: 256}[OPS[op]], (n, k)).astype(np.uint8)
+    codes = rng.integers(0, {2: 3, 1: 2, 4: 16, 8: 256}[OPS[op]], (n, k)).astype(np.uint8)
     packed = pack_codes(torch.from_numpy(codes), OPS[op]).numpy()
     scales = rng.uniform(0.01, 1.0, n).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)

@@ -46,7 +46,7 @@ def test_overrides_of_the_wrong_type_or_range_are_refused(override, message):
         quant.recipe("w4", **override)
 
 
-@pytest.mark.parametrize("name", ["w8a8", "w4", "w3", "nf4", "w4-gptq", "w2-gptq"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a8", "w4a8-gptq", "w4", "w3", "nf4", "w4-gptq", "w2-gptq"])
 def test_quantize_turns_every_linear_of_a_plain_model_into_quantlinear(name):
     model, x = plain_model(), torch.randn(64, 24)
     ref = model(x)
@@ -55,7 +55,8 @@ def test_quantize_turns_every_linear_of_a_plain_model_into_quantlinear(name):
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert len([m for m in model.modules() if isinstance(m, QuantLinear)]) == 3
     rel = (model(x) - ref).norm() / ref.norm()
-    assert rel < {"w8a8": 0.02, "w4": 0.15, "w3": 0.3, "nf4": 0.15, "w4-gptq": 0.15, "w2-gptq": 0.8}[name]
+    assert rel < {"w8a8": 0.02, "w4a8": 0.2, "w4a8-gptq": 0.2, "w4": 0.15, "w3": 0.3, "nf4": 0.15, "w4-gptq": 0.15,
+                  "w2-gptq": 0.8}[name]
 
 
 def test_plain_model_round_trips_through_a_file(tmp_path):
@@ -75,6 +76,14 @@ def test_vit_head_stays_int8_in_low_bit_recipes(tiny_model):
 def test_w8a8_quantizes_activations_per_token(tiny_model):
     quant.quantize(tiny_model, "w8a8")
     assert {m.act_format for m in tiny_model.modules() if isinstance(m, QuantLinear)} == {"int8_token"}
+
+
+@pytest.mark.parametrize("name", ["w4a8", "w4a8-gptq"])
+def test_w4a8_holds_symmetric_int4_rows_with_per_token_int8_inputs_and_an_int8_head(tiny_model, name):
+    quant.quantize(tiny_model, name, calib=torch.randn(16, 3, 16, 16))
+    fc1, head = tiny_model.blocks[0].mlp.fc1, tiny_model.head
+    assert (fc1.weight_format, fc1.scales.shape[1], fc1.zeros, fc1.act_format) == ("int4", 1, None, "int8_token")
+    assert (head.weight_format, head.act_format) == ("int8", "int8_token")
 
 
 def test_calibrating_recipes_need_calibration_inputs():

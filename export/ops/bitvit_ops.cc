@@ -1,9 +1,10 @@
-// bitvit's ONNX Runtime custom ops: linear layers on packed ternary, binary and int8 weights.
+// bitvit's ONNX Runtime custom ops: linear layers on packed ternary, binary, int4 and int8 weights.
 //
 // Domain "bitvit", version 1, CPU:
 //   TernaryLinear(X, W, scales[, bias[, norm_weight, norm_bias[, norm2_weight, norm2_bias]]]) -> Y
 //       2-bit codes c = w + 1, w in {-1, 0, +1}
 //   BinaryLinear(same inputs) -> Y    1-bit codes, c = 1 means +1, 0 means -1
+//   Int4Linear(same inputs) -> Y      4-bit codes c = w + 8, w in [-8, 7]
 //   Int8Linear(same inputs) -> Y      8-bit codes c = w + 128, w in [-128, 127]
 // X float32 (..., K); W uint8 (N, ceil(K * bits / 8)) in quant/pack.py's `pack_codes` layout;
 // scales float32 (N) or (N, 1); bias float32 (N); norm_weight, norm_bias float32 (K), given together:
@@ -22,6 +23,7 @@
 // the unsigned operand of an int8 dot product with the signed activations:
 //   sum_k c[n, k] * q[t, k]  is  dot + sum_k q[t, k]       for ternary (c = w + 1)
 //                                (dot + sum_k q[t, k]) / 2   for binary  (c = (w + 1) / 2)
+//                                dot + 8 * sum_k q[t, k]     for int4    (c = w + 8)
 //                                dot + 128 * sum_k q[t, k]   for int8    (c = w + 128)
 // so dot is that sum (twice it for binary) less a multiple of the token's sum of q (`Dot` below).
 // Kernels: AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw + vpmaddwd) or portable C++, chosen when the
@@ -215,10 +217,14 @@ inline __m512 Gelu(__m512 x) {  // the same, 16 lanes
 }
 #endif
 
+// c = w + kOffset (ternary, int4, int8); binary: 2c = w + kOffset.
+template <int BITS>
+constexpr int32_t kOffset = BITS <= 2 ? 1 : 1 << (BITS - 1);
+
 // dot = sum_k w[n, k] * q[t, k] from acc = sum_k c[n, k] * q[t, k] and the token's sum of q (exact).
 template <int BITS>
 constexpr int32_t Dot(int32_t acc, int32_t sumq) {
-  return BITS == 1 ? 2 * acc - sumq : BITS == 2 ? acc - sumq : acc - 128 * sumq;
+  return BITS == 1 ? 2 * acc - sumq : acc - kOffset<BITS> * sumq;
 }
 
 // Y row segment from raw dot sums `acc` (count values): exact integer correction, then float scaling.
@@ -275,7 +281,7 @@ void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
     const __m512 b = p.bias ? _mm512_maskz_loadu_ps(valid, p.bias + n0) : _mm512_setzero_ps();
     for (int m = 0; m < MR; ++m) {
       __m512i r = BITS == 1 ? _mm512_add_epi32(acc[m][q], acc[m][q]) : acc[m][q];
-      r = _mm512_sub_epi32(r, _mm512_set1_epi32(BITS == 8 ? 128 * p.sumq[t0 + m] : p.sumq[t0 + m]));
+      r = _mm512_sub_epi32(r, _mm512_set1_epi32(kOffset<BITS> * p.sumq[t0 + m]));
       const __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(r), _mm512_set1_ps(p.sx[t0 + m])), sc, b);
       _mm512_mask_storeu_ps(p.y + (t0 + m) * w.n + n0, valid, p.gelu ? Gelu(y) : y);
     }
@@ -314,7 +320,7 @@ void MicroKernel(const Problem& p, int64_t t0, int64_t panel0) {
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv[q], 7), _mm256_set1_epi8(1));
             acc[m][q] = _mm256_add_epi32(acc[m][q], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xb), ones));
             acc[m][q] = _mm256_add_epi32(acc[m][q], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb), c128));
-          } else {  // code * q <= 2 * 127: the int16 pair sums cannot saturate
+          } else {  // a pair of code * q is at most 2 * 15 * 127: the int16 sums cannot saturate
             acc[m][q] = _mm256_add_epi32(acc[m][q], _mm256_madd_epi16(_mm256_maddubs_epi16(wv[q], xb), ones));
           }
         }
@@ -450,6 +456,7 @@ void QuantizeTask(void* data, size_t task) {
 
 void GemmTask2(void* data, size_t task) { RunTask<2>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
 void GemmTask1(void* data, size_t task) { RunTask<1>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
+void GemmTask4(void* data, size_t task) { RunTask<4>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
 void GemmTask8(void* data, size_t task) { RunTask<8>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
 
 // Below these sizes a step runs on the calling thread: ORT's pool threads sleep between calls (spinning
@@ -602,8 +609,8 @@ struct PackedLinearKernel {
     p.token_blocks = (m + kTokensPerTask - 1) / kTokensPerTask;
     p.n_blocks = (w->panels + kNB - 1) / kNB;
     RunTasks(ctx, QuantizeTask, p.token_blocks, m * k <= kSerialQuantize, &p);
-    RunTasks(ctx, bits_ == 8 ? GemmTask8 : bits_ == 2 ? GemmTask2 : GemmTask1, p.token_blocks * p.n_blocks,
-             m * k * w->n <= kSerialMacs, &p);
+    void (*gemm)(void*, size_t) = bits_ == 8 ? GemmTask8 : bits_ == 4 ? GemmTask4 : bits_ == 2 ? GemmTask2 : GemmTask1;
+    RunTasks(ctx, gemm, p.token_blocks * p.n_blocks, m * k * w->n <= kSerialMacs, &p);
     return Ort::Status(nullptr);
   }
 
@@ -627,7 +634,10 @@ struct PackedLinearKernel {
 
 template <int BITS>
 struct PackedLinearOp : Ort::CustomOpBase<PackedLinearOp<BITS>, PackedLinearKernel, true> {
-  static constexpr const char* kName = BITS == 8 ? "Int8Linear" : BITS == 2 ? "TernaryLinear" : "BinaryLinear";
+  static constexpr const char* kName = BITS == 8   ? "Int8Linear"
+                                       : BITS == 4 ? "Int4Linear"
+                                       : BITS == 2 ? "TernaryLinear"
+                                                   : "BinaryLinear";
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     try {
@@ -664,6 +674,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   // One domain per process, added to every session that registers the library.
   static PackedLinearOp<2> ternary;
   static PackedLinearOp<1> binary;
+  static PackedLinearOp<4> int4;
   static PackedLinearOp<8> int8;
   static std::once_flag once;
   static Ort::CustomOpDomain* domain = nullptr;
@@ -672,6 +683,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
       domain = new Ort::CustomOpDomain("bitvit");
       domain->Add(&ternary);
       domain->Add(&binary);
+      domain->Add(&int4);
       domain->Add(&int8);
     });
     Ort::UnownedSessionOptions(options).Add(*domain);
