@@ -2,9 +2,10 @@
 
 Writes a bitvit checkpoint (FP or quantized) as ONNX, then checks the file in ONNX Runtime against
 the torch model on random images and prints the agreement. Formats: fp32, fp16 (weights stored at
-half precision), w8a8 (int8 per-token activations x int8 weights), int4 (MatMulNBits), ternary and
-binary; w8a8, ternary and binary run on bitvit's custom ops (`--standard-ops` writes MatMulInteger and
-MatMulNBits 2-bit instead, for runtimes without bitvit's library). An FP checkpoint is quantized (round
+half precision), w8a8 and w4a8 (int8 per-token activations x int8 or int4 weights, one scale per
+output), int4 (weight-only, MatMulNBits), ternary and binary; w8a8, w4a8, ternary and binary run on
+bitvit's custom ops (`--standard-ops` writes MatMulInteger and MatMulNBits instead, for runtimes
+without bitvit's library). An FP checkpoint is quantized (round
 to nearest) for the quantized formats; a quantized checkpoint exports as the format it holds.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main(argv=None):
     p.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
                    help="auto (default): fp32 for an FP checkpoint, else the format it holds")
     p.add_argument("--standard-ops", action="store_true",
-                   help="w8a8 as MatMulInteger, ternary/binary as com.microsoft MatMulNBits (2-bit), "
+                   help="w8a8 as MatMulInteger, w4a8/ternary/binary as com.microsoft MatMulNBits, "
                         "instead of bitvit's ops")
     p.add_argument("--threads", type=positive_int, default=2, help="threads for the check run")
     args = p.parse_args(argv)
