@@ -5,10 +5,11 @@ its file, the runtime that runs it, its weight format, size on disk and bits per
 `.safetensors` file (full precision or packed) runs is decided in one place, `RUNTIME`:
   "onnxruntime"  the model is exported once (`export.exporter`, cached by the hashes of the file and
                  of the exporter's source, so a newer exporter writes a new graph) and runs
-                 as an ONNX Runtime session (`export.runtime`): bitvit's ternary/binary/int8 ops
+                 as an ONNX Runtime session (`export.runtime`): bitvit's ternary/binary/int4/int8 ops
                  (standard MatMulNBits and MatMulInteger ops when bitvit's op library cannot be built
-                 here), MatMulNBits for weight-only formats. A model the exporter cannot express (quantized attention, activation
-                 formats other than int8 per token) runs in torch instead, and its backend says why.
+                 here), MatMulNBits for weight-only formats. A model the exporter cannot express
+                 (quantized attention, activation formats other than int8 per token) runs in torch
+                 instead, and its backend says why.
   "torch"        the model runs as loaded by `quant.load_any` (QuantLinear's reference forward).
 `.onnx` files always run in ONNX Runtime.
 
