@@ -1,1 +1,1 @@
-"""ONNX export of bitvit models, and the ONNX Runtime ops that run packed ternary and binary layers."""
+"""ONNX export of bitvit models, and the ONNX Runtime ops that run packed ternary, binary, int4 and int8 layers."""
