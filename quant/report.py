@@ -236,11 +236,10 @@ def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weigh
         if low:
             ax.scatter([e.bits for e in low], [100 * e.top1 for e in low], color=color, marker="osD^vP*X"[i % 8],
                        s=40, label=source, zorder=3)
-        for e in low:
-            ax.annotate(e.name, (e.bits, 100 * e.top1), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 1.6, 2, 3, 4, 8], ["1", "1.6", "2", "3", "4", "8"])
     ax.minorticks_off()
+    _label_points(ax, [(e.bits, 100 * e.top1, e.name) for e in entries if e.bits < 16])
     ax.set_xlabel("bits per linear weight on disk, scales and zeros included (log scale)")
     ax.set_ylabel("top-1 accuracy, %")
     ax.set_title(title)
@@ -248,6 +247,27 @@ def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weigh
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _label_points(ax, points: list[tuple[float, float, str]], size: float = 7) -> None:
+    """Name each point beside it, lifting a name in steps of one line while it would cover one placed before."""
+    ax.figure.canvas.draw()                              # settle the axis limits the positions depend on
+    px_per_pt = ax.figure.dpi / 72
+    placed = []                                          # (left, bottom, width) of each name, in pixels
+    for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):
+        px, py = ax.transData.transform((x, y))
+        left, width, height = px + 4 * px_per_pt, 0.6 * size * len(text) * px_per_pt, 1.2 * size * px_per_pt
+        dy = 3.0
+        while any(left < ql + qw and ql < left + width and abs(py + dy * px_per_pt - qb) < height
+                  for ql, qb, qw in placed):
+            dy += 1.2 * size
+        placed.append((left, py + dy * px_per_pt, width))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, dy), fontsize=size)
+    over = max((b + 1.2 * size * px_per_pt for _, b, _ in placed), default=0) - ax.bbox.y1
+    if over > 0:                                         # names stacked above the top: make room for them
+        lo, hi = ax.get_ylim()
+        frac = over / ax.bbox.height
+        ax.set_ylim(lo, hi + 1.2 * (hi - lo) * frac / max(1 - frac, 0.2))
 
 
 def markdown(entries: list[Entry]) -> str:
