@@ -5,8 +5,8 @@ the torch model on random images and prints the agreement. Formats: fp32, fp16 (
 half precision), w8a8 and w4a8 (int8 per-token activations x int8 or int4 weights, one scale per
 output), int4 (weight-only, MatMulNBits), ternary and binary; w8a8, w4a8, ternary and binary run on
 bitvit's custom ops (`--standard-ops` writes MatMulInteger and MatMulNBits instead, for runtimes
-without bitvit's library). An FP checkpoint is quantized (round
-to nearest) for the quantized formats; a quantized checkpoint exports as the format it holds.
+without bitvit's library). An FP checkpoint is quantized (round to nearest) for the quantized formats;
+a quantized checkpoint exports as the format it holds.
 """
 from __future__ import annotations
 

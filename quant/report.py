@@ -251,7 +251,7 @@ def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weigh
 
 def _label_points(ax, points: list[tuple[float, float, str]], size: float = 7) -> None:
     """Name each point beside it, lifting a name in steps of one line while it would cover one placed before."""
-    ax.figure.canvas.draw()                              # settle the axis limits the positions depend on
+    ax.autoscale_view()                                  # settle the axis limits the positions depend on
     px_per_pt = ax.figure.dpi / 72
     placed = []                                          # (left, bottom, width) of each name, in pixels
     for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):

@@ -454,10 +454,8 @@ void QuantizeTask(void* data, size_t task) {
   }
 }
 
-void GemmTask2(void* data, size_t task) { RunTask<2>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
-void GemmTask1(void* data, size_t task) { RunTask<1>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
-void GemmTask4(void* data, size_t task) { RunTask<4>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
-void GemmTask8(void* data, size_t task) { RunTask<8>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
+template <int BITS>
+void GemmTask(void* data, size_t task) { RunTask<BITS>(*static_cast<const Problem*>(data), static_cast<int64_t>(task)); }
 
 // Below these sizes a step runs on the calling thread: ORT's pool threads sleep between calls (spinning
 // is off), and waking one costs about as much as quantizing 64K values or 4M multiply-adds (~10 us).
@@ -609,7 +607,8 @@ struct PackedLinearKernel {
     p.token_blocks = (m + kTokensPerTask - 1) / kTokensPerTask;
     p.n_blocks = (w->panels + kNB - 1) / kNB;
     RunTasks(ctx, QuantizeTask, p.token_blocks, m * k <= kSerialQuantize, &p);
-    void (*gemm)(void*, size_t) = bits_ == 8 ? GemmTask8 : bits_ == 4 ? GemmTask4 : bits_ == 2 ? GemmTask2 : GemmTask1;
+    void (*gemm)(void*, size_t) = bits_ == 8 ? GemmTask<8> : bits_ == 4 ? GemmTask<4> : bits_ == 2 ? GemmTask<2>
+                                                                                                 : GemmTask<1>;
     RunTasks(ctx, gemm, p.token_blocks * p.n_blocks, m * k * w->n <= kSerialMacs, &p);
     return Ort::Status(nullptr);
   }
