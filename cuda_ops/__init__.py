@@ -1,6 +1,6 @@
 """GPU kernels for packed low-bit ViT layers (with CPU kernels for every op, so the same model runs anywhere).
 
-- `cuda_ops.ops`: the `torch.ops.bitvit.*` custom ops (ternary / binary / int8 weights with per-token
+- `cuda_ops.ops`: the `torch.ops.bitvit.*` custom ops (ternary / binary / int4 / int8 weights with per-token
   int8 activations, 2/4/8-bit weight-only (W4A16), per-token activation quantization with a fused LayerNorm).
 - `cuda_ops.triton_kernels`: their CUDA kernels, in Triton.
 - `cuda_ops.modules`: `to_kernels(model)` swaps a quantized model's QuantLinear layers for the ops;
@@ -13,5 +13,5 @@
 - `cuda_ops/gpu_session.sh`: everything that needs the GPU (tests, benchmark, profile), for a GPU session.
 """
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, kernel_for, to_kernels  # noqa: F401
-from cuda_ops.ops import (binary_linear, int8_linear, quantize_per_token, ternary_b3_linear,  # noqa: F401
-                          ternary_linear, weight_only_linear)
+from cuda_ops.ops import (binary_linear, int4_linear, int8_linear, quantize_per_token,  # noqa: F401
+                          ternary_b3_linear, ternary_linear, weight_only_linear)

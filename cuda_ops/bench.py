@@ -13,9 +13,10 @@ Three parts, printed as tables and written to one JSON file (`--out`, with comma
    achieved TB/s and TOPS, whether the shape is memory- or compute-bound on this device, and the
    fraction of that roofline bound reached (bytes counted as each input read once, output written once).
 3. models: weight memory, batch-1 latency (CUDA graph replays on a GPU) and images/s at larger batches
-   of the FP model and its w8a8, w4 (int4 groups of 64, int8 head, weight-only), w1.58a8 (2-bit codes),
-   w1.58a8-b3 (the same model with base-3 trit planes in memory) and w1a8 versions on the bitvit kernels
-   (`to_kernels`); random weights (speed does not depend on them).
+   of the FP model and its w8a8, w4 (int4 groups of 64, int8 head, weight-only), w4a8 (int4, one scale
+   per row, int8 activations), w1.58a8 (2-bit codes), w1.58a8-b3 (the same model with base-3 trit planes
+   in memory) and w1a8 versions on the bitvit kernels (`to_kernels`); random weights (speed does not
+   depend on them).
 Then the issue's speed targets, each marked met or missed, by how much.
 GPU times are medians from `triton.testing.do_bench`, which clears the L2 cache before every run. A GPU
 op's time ("ms", and the speed-ups) is the replay of a CUDA graph of that one call: the kernels' own time,
@@ -49,8 +50,8 @@ from quant.pack import pack_codes, pack_trit_planes
 # ViT-L/16 at 224 px has no bitvit config (no checkpoint is used); its shape is standard.
 SHAPES: dict[str, ViTConfig] = {**CONFIGS, "vit_large_patch16_224": ViTConfig(
     img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, num_classes=1000, classes=())}
-OPS = ("dense", "int_mm", "w8a8", "w4", "w1.58a8", "w1.58a8-b3", "w1a8")  # "dense": F.linear in the baseline dtype
-VARIANTS = ("fp", "w8a8", "w4", "w1.58a8", "w1.58a8-b3", "w1a8")
+OPS = ("dense", "int_mm", "w8a8", "w4", "w4a8", "w1.58a8", "w1.58a8-b3", "w1a8")  # "dense": F.linear in the baseline dtype
+VARIANTS = ("fp", "w8a8", "w4", "w4a8", "w1.58a8", "w1.58a8-b3", "w1a8")
 TERNARY = ("w1.58a8", "w1.58a8-b3")  # ternary codes 4 a byte, or trit planes 5 a byte
 DEFAULTS = {  # device -> (op models, model-benchmark models, batches)
     "cuda": (["vit_base_patch16_224", "vit_large_patch16_224", "deit_small_patch16_224", "vit_cifar_small",
@@ -146,8 +147,8 @@ def op_call(op: str, n: int, k: int, x: torch.Tensor, bias: torch.Tensor):
         tensors = (packed, scales, zeros, bias)
         return ((lambda: call(x, *tensors)), packed.numel() + 8 * scales.numel(), "float",
                 lambda r: call(x[:r].cpu(), *(t.cpu() for t in tensors)))
-    fmt, bits = {"w8a8": ("int8", 8), "w1.58a8": ("ternary", 2), "w1.58a8-b3": ("ternary_b3", 2),
-                 "w1a8": ("binary", 1)}[op]
+    fmt, bits = {"w8a8": ("int8", 8), "w4a8": ("int4", 4), "w1.58a8": ("ternary", 2),
+                 "w1.58a8-b3": ("ternary_b3", 2), "w1a8": ("binary", 1)}[op]
     codes = random_codes(n, k, 3 if fmt.startswith("ternary") else 1 << bits, "cpu")
     packed = (pack_trit_planes(codes) if fmt == "ternary_b3" else pack_codes(codes, bits)).to(dev)
     scales = torch.rand(n, 1, device=dev) * 0.01

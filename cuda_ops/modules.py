@@ -7,7 +7,8 @@
     logits = fast(images)                                  # one graph replay per call
 
 Which QuantLinear layers get a kernel:
-  ternary / binary / int8 weights, one scale per row, "int8_token" activations -> ternary/binary/int8_linear
+  ternary / binary / int4 / int8 weights (symmetric), one scale per row, "int8_token" activations
+      (the w1.58a8, w1a8, w4a8 and w8a8 recipes)                          -> ternary/binary/int4/int8_linear
       (the layer's input LayerNorm, if any, is fused into the activation quantization; ternary codes
       are repacked as trit planes for ternary_b3_linear with ternary_layout="base3")
   int8 / int4 / int2 (symmetric or asymmetric) / nf4 weights, float activations, groups of a multiple

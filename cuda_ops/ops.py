@@ -9,12 +9,12 @@ or, for `ternary_b3_linear`, its trit planes (5 codes a byte).
   float -> q int8 (..., K), s float32 (...); s = max_k |x| / 127, q = clamp(round(x / s), -127, 127),
   round half to even (a zero row gives s = 0, q = 0). With `norm_eps` set, of LayerNorm(x) (weight and
   bias optional): the input norm of BitNet layers, fused into the same pass on CUDA.
-- `ternary_linear`, `ternary_b3_linear`, `binary_linear`, `int8_linear` (x, packed, scales, bias,
-  in_features, norm_weight, norm_bias, norm_eps) -> y: W1.58A8 (2-bit codes, or base-3 trit planes at
-  1.6 bits, `quant.pack.pack_trit_planes`), W1A8 and W8A8. The input (after the optional LayerNorm) is
+- `ternary_linear`, `ternary_b3_linear`, `binary_linear`, `int4_linear`, `int8_linear` (x, packed, scales,
+  bias, in_features, norm_weight, norm_bias, norm_eps) -> y: W1.58A8 (2-bit codes, or base-3 trit planes at
+  1.6 bits, `quant.pack.pack_trit_planes`), W1A8, W4A8 and W8A8. The input (after the optional LayerNorm) is
   quantized per token inside the op, the dot products are exact int32 sums, and
   y[t, o] = s_x[t] * scales[o] * sum_k q_x[t, k] * w[o, k] (+ bias[o]), in x's dtype.
-  Weight value of a code: ternary code - 1, binary 2 * code - 1, int8 code - 128. scales: (N,) or
+  Weight value of a code: ternary code - 1, binary 2 * code - 1, int4 code - 8, int8 code - 128. scales: (N,) or
   (N, 1) float32, one per output row (a per-tensor scale is stored repeated).
 - `weight_only_linear(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features) -> y`:
   2-, 4- or 8-bit weight-only, group-quantized, for bf16/fp16 (or fp32) activations (the W4A16 of
@@ -38,7 +38,8 @@ from quant.pack import packed_row_bytes, trit_plane_bytes, unpack_trit_planes
 
 # weight format -> (code width in bits, value = code * mul - off); ternary_b3: trit planes, which the
 # kernel steps through in 2-bit-sized byte tiles (a8_row_bytes gives their row length)
-A8_FORMATS = {"ternary": (2, 1, 1), "ternary_b3": (2, 1, 1), "binary": (1, 2, 1), "int8": (8, 1, 128)}
+A8_FORMATS = {"ternary": (2, 1, 1), "ternary_b3": (2, 1, 1), "binary": (1, 2, 1), "int4": (4, 1, 8),
+              "int8": (8, 1, 128)}
 
 
 def a8_row_bytes(name: str, k: int) -> int:
@@ -151,14 +152,14 @@ def unpack_aligned(packed: Tensor, bits: int, k: int) -> Tensor:
 
 
 def _a8_weights(name: str, packed: Tensor, k: int) -> Tensor:
-    """int8 weight values (N, K), code * mul - off, of packed ternary/binary/int8 codes (int8: a flip
+    """int8 weight values (N, K), code * mul - off, of packed ternary/binary/int4/int8 codes (int8: a flip
     of the sign bit is code - 128)."""
     bits, mul, off = A8_FORMATS[name]
     if name == "ternary_b3":
         return unpack_trit_planes(packed, k).view(torch.int8) - 1
     if bits == 8:
         return (packed[:, :k] ^ 128).view(torch.int8)
-    codes = unpack_aligned(packed, bits, k).view(torch.int8)  # 0 .. 3: the same bits as int8
+    codes = unpack_aligned(packed, bits, k).view(torch.int8)  # 0 .. 15: the same bits as int8
     return codes * mul - off
 
 
@@ -263,8 +264,10 @@ def _make_a8_op(name: str):
 ternary_linear = _make_a8_op("ternary")
 ternary_b3_linear = _make_a8_op("ternary_b3")
 binary_linear = _make_a8_op("binary")
+int4_linear = _make_a8_op("int4")
 int8_linear = _make_a8_op("int8")
-A8_OPS = {"ternary": ternary_linear, "ternary_b3": ternary_b3_linear, "binary": binary_linear, "int8": int8_linear}
+A8_OPS = {"ternary": ternary_linear, "ternary_b3": ternary_b3_linear, "binary": binary_linear, "int4": int4_linear,
+          "int8": int8_linear}
 
 
 @torch.library.custom_op("bitvit::weight_only_linear", mutates_args=())

@@ -1,7 +1,7 @@
 """Does a real quantized model compute the same on the bitvit kernels? `python -m cuda_ops.parity`.
 
     python -m cuda_ops.parity --model assets/vit_cifar_tiny.safetensors --data cifar10-jpeg.tar.gz \\
-        --split test --recipes w8a8,w4,nf4,w2 --quantized assets/vit_cifar_tiny-w1.58a8.safetensors \\
+        --split test --recipes w8a8,w4a8,w4,nf4,w2 --quantized assets/vit_cifar_tiny-w1.58a8.safetensors \\
         --out assets/results/cuda_parity.json
 
 For each post-training recipe applied to the FP model (round to nearest: no calibration data needed),
@@ -52,7 +52,7 @@ def compare(name: str, model: torch.nn.Module, data, device: str, batch_size: in
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cuda_ops.parity", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a full-precision bitvit model file, quantized with each of --recipes")
-    p.add_argument("--recipes", default="w8a8,w4,nf4,w2", help="comma-separated post-training recipes "
+    p.add_argument("--recipes", default="w8a8,w4a8,w4,nf4,w2", help="comma-separated post-training recipes "
                                                                "that need no calibration data")
     p.add_argument("--quantized", default="", help="comma-separated quantized bitvit files to check as they are")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz or any source quant.data reads")

@@ -4,7 +4,7 @@ Three kernels:
 - `quantize_rows`: per-token int8 quantization in one pass (each row is read once, held in registers
   when K <= 8192, and written as int8 plus one fp32 scale): s = max|x| / 127, q = clamp(rne(x / s)),
   optionally of LayerNorm(x) (BitNet's input norm), fused so the normalized rows never reach memory.
-- `a8_gemm`: y = s_x * s_w * (q_x @ W^T) (+ bias) for packed 1-, 2- or 8-bit integer weights, or base-3
+- `a8_gemm`: y = s_x * s_w * (q_x @ W^T) (+ bias) for packed 1-, 2-, 4- or 8-bit integer weights, or base-3
   ternary trit planes, and int8 activations, int32 accumulation with `tl.dot` on int8 tiles. With `fuse=True` the activation
   quantization runs inside the GEMM (a row-absmax pre-pass over the program's rows, then quantizing
   each tile in registers), which saves the int8 round trip and a launch; otherwise `quantize_rows`

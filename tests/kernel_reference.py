@@ -6,7 +6,7 @@ import torch
 
 from quant.pack import pack_codes, pack_trit_planes, unpack_codes
 
-A8_BITS = {"ternary": 2, "ternary_b3": 2, "binary": 1, "int8": 8}  # ternary_b3: trit planes, launched as 2-bit
+A8_BITS = {"ternary": 2, "ternary_b3": 2, "binary": 1, "int4": 4, "int8": 8}  # ternary_b3: trit planes, launched as 2-bit
 
 
 def unpack_trit_planes_by_division(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -31,9 +31,9 @@ def random_codes(n: int, k: int, fmt: str, gen: torch.Generator) -> torch.Tensor
 
 
 def code_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Contract code meaning: ternary w + 1, binary 1 -> +1 / 0 -> -1, signed 8-bit q + 128."""
+    """Contract code meaning: ternary w + 1, binary 1 -> +1 / 0 -> -1, signed 4-bit q + 8, signed 8-bit q + 128."""
     c = codes.double()
-    return {"ternary": c - 1, "ternary_b3": c - 1, "binary": 2 * c - 1, "int8": c - 128}[fmt]
+    return {"ternary": c - 1, "ternary_b3": c - 1, "binary": 2 * c - 1, "int4": c - 8, "int8": c - 128}[fmt]
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from kernel_reference import (make_a8_layer, make_weight_only_layer, quantize_to
 from quant.pack import pack_codes, unpack_codes
 
 OPS = torch.ops.bitvit
-A8_FORMATS = ["ternary", "ternary_b3", "binary", "int8"]
+A8_FORMATS = ["ternary", "ternary_b3", "binary", "int4", "int8"]
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -17,6 +17,7 @@ FORMATS = {
     "w1.58a8": ("ternary", None, False, "int8_token", True),
     "w1a8": ("binary", None, False, "int8_token", True),
     "w8a8": ("int8", None, False, "int8_token", False),
+    "w4a8": ("int4", None, False, "int8_token", False),
     "w4": ("int4", 32, False, "none", False),
     "w4-asym": ("int4", 32, True, "none", False),
     "nf4": ("nf4", 32, False, "none", False),

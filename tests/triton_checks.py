@@ -20,7 +20,7 @@ if not INTERPRET and not torch.cuda.is_available():
 from cuda_ops import triton_kernels as tk  # noqa: E402  (after the interpreter switch is known)
 
 DEV = "cpu" if INTERPRET else "cuda"
-A8_MUL_OFF = {"ternary": (1, 1), "ternary_b3": (1, 1), "binary": (2, 1), "int8": (1, 128)}
+A8_MUL_OFF = {"ternary": (1, 1), "ternary_b3": (1, 1), "binary": (2, 1), "int4": (1, 8), "int8": (1, 128)}
 # (M, N, K): none a multiple of the tile sizes; K below, between and above one K tile of each width
 SHAPES = [(1, 37, 100), (19, 70, 300)] if INTERPRET else \
     [(1, 37, 100), (19, 70, 300), (197, 2304, 768), (1576, 3072, 768), (333, 1000, 1030), (4100, 384, 1536)]
