@@ -93,11 +93,15 @@ class ModelFile:
     weight_format: str
     config: ViTConfig
     linear_bits: float | None  # a packed file's bits per linear-layer weight (scales included)
+    activations: str = ""      # a packed file's activation formats: "int8", "float", "uint4", "+"-joined
 
     @property
     def label(self) -> str:
+        """The app's menu entry, e.g. "int4+int8 · int8 activations · x.safetensors · linear layers 4.06 bits/weight"
+        (a weight-only file reads "float activations": the two run differently)."""
+        acts = f" · {self.activations} activations" if self.activations else ""
         bits = f" · linear layers {self.linear_bits:.2f} bits/weight" if self.linear_bits is not None else ""
-        return f"{self.weight_format} · {self.path.name}{bits}"
+        return f"{self.weight_format}{acts} · {self.path.name}{bits}"
 
 
 def inspect_file(path: str | os.PathLike) -> ModelFile:
@@ -125,9 +129,16 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
     if arch.get("kind") != "bitvit-vit":
         raise ValueError(f"{path} holds no bitvit ViT architecture")
     formats = sorted({str(entry.get("weight_format", "?")) for entry in header["layers"].values()})
+    acts = sorted({activation_name(str(entry.get("act_format", "?"))) for entry in header["layers"].values()})
     bits = header["storage"].get("bits_per_weight")
     return ModelFile(path, "quant", "+".join(formats), ViTConfig.from_json(json.dumps(arch.get("config")), path),
-                     float(bits) if finite_number(bits) else None)
+                     float(bits) if finite_number(bits) else None, "+".join(acts))
+
+
+def activation_name(act_format: str) -> str:
+    """A layer's activation format as the menu says it: "none" -> "float", "int8_token" -> "int8",
+    "uint4_tensor" -> "uint4"."""
+    return "float" if act_format == "none" else act_format.split("_")[0]
 
 
 def scan(folder: str | os.PathLike) -> tuple[list[ModelFile], list[str]]:

@@ -248,7 +248,7 @@ def test_a_packed_model_of_another_architecture_is_labelled_and_not_the_default(
     packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
     cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
     assert sum("other architecture" in label for label in labels) == 1
-    assert cmp.default.startswith("ternary · tiny_ternary")
+    assert cmp.default.startswith("ternary · int8 activations · tiny_ternary")
 
 
 def test_without_a_ternary_model_of_its_own_architecture_the_default_is_another_of_its_own(assets):
@@ -256,7 +256,18 @@ def test_without_a_ternary_model_of_its_own_architecture_the_default_is_another_
     wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
     packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
     cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
-    assert labels[0].startswith("ternary · a_wide_ternary") and cmp.default.startswith("int8 · tiny_int8")
+    assert labels[0].startswith("ternary · int8 activations · a_wide_ternary")
+    assert cmp.default.startswith("int8 · int8 activations · tiny_int8")
+
+
+def test_the_menu_tells_int8_activations_from_weight_only_models_of_the_same_weights(tmp_path, fp_file):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for recipe in ("w4a8", "w4"):
+        quant.save_quantized(quant.quantize(quant.load_any(fp_file), recipe), folder / f"{recipe}.safetensors")
+    found, _ = scan(folder)
+    assert sorted(m.label.split(" · ")[:3] for m in found) == [
+        ["int4+int8", "float activations", "w4.safetensors"], ["int4+int8", "int8 activations", "w4a8.safetensors"]]
 
 
 def test_without_a_packed_model_the_app_quantizes_the_fp_model_itself(fp_file, tmp_path):
@@ -279,7 +290,7 @@ def test_a_default_quantized_model_that_does_not_open_leaves_the_menu_for_the_ne
     cmp, labels, skipped = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
     labels = open_default(cmp, labels, skipped, explicit=False)
     assert labels == [cmp.default] and cmp.default.startswith("int8")
-    assert any(s.startswith("ternary · tiny_ternary") and "corrupt" in s for s in skipped)
+    assert any(s.startswith("ternary · int8 activations · tiny_ternary") and "corrupt" in s for s in skipped)
     assert list(cmp.openers) == labels                         # the damaged file is not read again
 
 
@@ -574,7 +585,7 @@ def test_the_bench_leaves_out_packed_models_of_another_architecture(assets, tmp_
                 "--size", "64x48", "--runtime", "torch", "--out", str(out)])
     assert [p["quant"]["file"] for p in json.loads(out.read_text())["pairs"]] == ["tiny_ternary.safetensors",
                                                                                   "tiny_int8.safetensors"]
-    assert "left out ternary · a_wide_ternary" in capsys.readouterr().err
+    assert "left out ternary · int8 activations · a_wide_ternary" in capsys.readouterr().err
     for name in ("tiny_ternary", "tiny_int8"):
         (assets / f"{name}.safetensors").unlink()
     with pytest.raises(ValueError, match="no quantized model of fp.safetensors's architecture"):
