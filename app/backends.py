@@ -97,8 +97,8 @@ class ModelFile:
 
     @property
     def label(self) -> str:
-        """The app's menu entry, e.g. "int4+int8 · int8 activations · x.safetensors · linear layers 4.06 bits/weight"
-        (a weight-only file reads "float activations": the two run differently)."""
+        """The app's menu entry, e.g. "int4+int8 · int8 activations · x.safetensors · linear layers 4.06
+        bits/weight" (a weight-only file reads "float activations": the two run differently)."""
         acts = f" · {self.activations} activations" if self.activations else ""
         bits = f" · linear layers {self.linear_bits:.2f} bits/weight" if self.linear_bits is not None else ""
         return f"{self.weight_format}{acts} · {self.path.name}{bits}"

@@ -50,7 +50,8 @@ from quant.pack import pack_codes, pack_trit_planes
 # ViT-L/16 at 224 px has no bitvit config (no checkpoint is used); its shape is standard.
 SHAPES: dict[str, ViTConfig] = {**CONFIGS, "vit_large_patch16_224": ViTConfig(
     img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, num_classes=1000, classes=())}
-OPS = ("dense", "int_mm", "w8a8", "w4", "w4a8", "w1.58a8", "w1.58a8-b3", "w1a8")  # "dense": F.linear in the baseline dtype
+# "dense": F.linear in the baseline dtype
+OPS = ("dense", "int_mm", "w8a8", "w4", "w4a8", "w1.58a8", "w1.58a8-b3", "w1a8")
 VARIANTS = ("fp", "w8a8", "w4", "w4a8", "w1.58a8", "w1.58a8-b3", "w1a8")
 TERNARY = ("w1.58a8", "w1.58a8-b3")  # ternary codes 4 a byte, or trit planes 5 a byte
 DEFAULTS = {  # device -> (op models, model-benchmark models, batches)

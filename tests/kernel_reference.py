@@ -31,7 +31,8 @@ def random_codes(n: int, k: int, fmt: str, gen: torch.Generator) -> torch.Tensor
 
 
 def code_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Contract code meaning: ternary w + 1, binary 1 -> +1 / 0 -> -1, signed 4-bit q + 8, signed 8-bit q + 128."""
+    """Contract code meaning: ternary w + 1, binary 1 -> +1 / 0 -> -1, signed 4-bit q + 8, signed 8-bit
+    q + 128."""
     c = codes.double()
     return {"ternary": c - 1, "ternary_b3": c - 1, "binary": 2 * c - 1, "int4": c - 8, "int8": c - 128}[fmt]
 
