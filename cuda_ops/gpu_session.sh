@@ -33,7 +33,7 @@
 # profile: ncu (clocks left as they are) on the CUDA-graph replays of dense bf16, w1.58a8 and w1.58a8-b3 at ViT-B's
 #   fc1 for M = 197 and 12,608: speed of light, memory and compute workload, occupancy, launch stats.
 #   -> env.txt, profile.ncu-rep, profile.txt, profile.log
-# parity: vit_cifar_tiny's w8a8/w4/nf4/w2 versions and every packed model in assets/, scored on the
+# parity: vit_cifar_tiny's w8a8/w4a8/w4/nf4/w2 versions and every packed model in assets/, scored on the
 #   test split with QuantLinear's reference forward and on the Triton kernels (fp32 models). Needs the
 #   data: here, `mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/` and carry [".data"].
 #   -> env.txt, cuda_parity_gpu.json, parity.log
