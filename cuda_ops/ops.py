@@ -14,8 +14,8 @@ or, for `ternary_b3_linear`, its trit planes (5 codes a byte).
   1.6 bits, `quant.pack.pack_trit_planes`), W1A8, W4A8 and W8A8. The input (after the optional LayerNorm) is
   quantized per token inside the op, the dot products are exact int32 sums, and
   y[t, o] = s_x[t] * scales[o] * sum_k q_x[t, k] * w[o, k] (+ bias[o]), in x's dtype.
-  Weight value of a code: ternary code - 1, binary 2 * code - 1, int4 code - 8, int8 code - 128. scales: (N,) or
-  (N, 1) float32, one per output row (a per-tensor scale is stored repeated).
+  Weight value of a code: ternary code - 1, binary 2 * code - 1, int4 code - 8, int8 code - 128.
+  scales: (N,) or (N, 1) float32, one per output row (a per-tensor scale is stored repeated).
 - `weight_only_linear(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features) -> y`:
   2-, 4- or 8-bit weight-only, group-quantized, for bf16/fp16 (or fp32) activations (the W4A16 of
   the w4/w4-gptq/nf4 recipes, their int8 head, and w2): W[o, k] = (value(code) - zero) * scale, per group of

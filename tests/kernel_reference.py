@@ -6,7 +6,8 @@ import torch
 
 from quant.pack import pack_codes, pack_trit_planes, unpack_codes
 
-A8_BITS = {"ternary": 2, "ternary_b3": 2, "binary": 1, "int4": 4, "int8": 8}  # ternary_b3: trit planes, launched as 2-bit
+# bits a code of each A8 format; ternary_b3: trit planes, launched as 2-bit
+A8_BITS = {"ternary": 2, "ternary_b3": 2, "binary": 1, "int4": 4, "int8": 8}
 
 
 def unpack_trit_planes_by_division(packed: torch.Tensor, k: int) -> torch.Tensor:
