@@ -4,7 +4,8 @@ them: `python -m cuda_ops.compile_check [--arch 90] [--kernels a8,weight_only,qu
 Triton ships ptxas, so every tiling the tuner may pick can be compiled here to a cubin (sm_90 = H100 and H200),
 and its resources read off before any device time is spent: registers per thread, spilled stack bytes,
 shared memory per program, whether the loop's loads are software-pipelined (async copies into shared
-memory) and which matrix instructions were emitted (wgmma on Hopper). Spills and a missing pipeline
+memory), which matrix instructions were emitted (wgmma on Hopper) and where wgmma reads its first
+operand from (registers or shared memory). Spills and a missing pipeline
 are the first suspects when a kernel is slow; shared memory over the device's limit is a tiling the
 tuner will skip ("out of resource"). Pointers and sizes are assumed 16-divisible, as Triton specializes
 them at run time for ViT shapes.
@@ -57,9 +58,13 @@ def _report(kernel, what: str, cfg, compiled, arch: int, seconds: float) -> dict
     res = _resources(compiled.asm["cubin"])
     shared = max(res.get("shared", 0), compiled.metadata.shared)
     mma = sorted(set(re.findall(r"\b(wgmma\.mma_async\.\S+?|mma\.sync\.\S+?)[\s;]", ptx)))
+    # wgmma's first operand: a register list ({%r1, ...}) or a shared-memory descriptor (%rd...)
+    a_operands = re.findall(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*(\S)", ptx)
+    wgmma_a = None if not a_operands else "registers" if all(a == "{" for a in a_operands) else "shared"
     return {"kernel": kernel, "variant": what, "config": cfg, "regs": res.get("reg"), "spill_stack": res.get("stack"),
             "shared": shared, "fits": shared <= SMEM_LIMIT[arch],
-            "pipelined_loads": ttgir.count("async_copy_global_to_local"), "mma": mma, "compile_s": seconds}
+            "pipelined_loads": ttgir.count("async_copy_global_to_local"), "mma": mma, "wgmma_a": wgmma_a,
+            "compile_s": seconds}
 
 
 def check(job: tuple, arch: int = 90) -> dict:
@@ -86,10 +91,21 @@ def a8_jobs(ms: list[int]):
            "stride_qm": "i32", "stride_ym": "i32"}
     div = ["x_ptr", "q_ptr", "sx_ptr", "w_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "KB", "stride_xm",
            "stride_qm", "stride_ym"]
+    swap_sig = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*u8", "sw_ptr": "*fp32", "b_ptr": "*bf16",
+                "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "stride_qm": "i32",
+                "stride_ym": "i32"}
+    swap_div = ["q_ptr", "sx_ptr", "w_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "KB", "stride_qm", "stride_ym"]
     seen = set()
     for fmt, (bits, mul, off) in A8_FORMATS.items():
         for m in ms:
-            for c in tk.a8_candidates(m):
+            for c in tk.a8_candidates(m, trits=fmt == "ternary_b3"):
+                if c.swap:  # the swapped kernel: y^T = W q^T
+                    if (fmt, c) not in seen:
+                        seen.add((fmt, c))
+                        const = dict(BITS=bits, MUL=mul, OFF=off, HAS_BIAS=True, BLOCK_M=c.block_m,
+                                     BLOCK_N=c.block_n, BLOCK_KP=c.block_k * bits // 8, GROUP_N=8)
+                        yield tk._a8_gemm_swap_kernel, f"{fmt} swapped", c, swap_sig, const, swap_div
+                    continue
                 if c.predecode:  # then the GEMM reads int8 weights, the same kernel for every format
                     if bits == 8 or ("int8 decoded", c) in seen:
                         continue
@@ -189,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fn.__name__[1:18]:<18}{what:<22}{cfg.block_m:>4}{cfg.block_n:>5}{cfg.block_k:>5}{cfg.num_warps:>3}"
               f"{cfg.num_stages:>3}{'y' if cfg.fuse else '':>5}{cfg.split_k:>3}{r['regs']:>6}{r['spill_stack']:>7}"
               f"{r['shared'] / 1024:>9.1f}{r['pipelined_loads']:>6}  {','.join(_mma_name(m) for m in r['mma'])}"
+              + (" (A in registers)" if r["wgmma_a"] == "registers" else "")
               + ("" if r["fits"] else "  OVER SHARED-MEMORY LIMIT"))
     spilled = [r for r in rows if r.get("spill_stack")]
     print(f"\n{len(rows)} kernels; {len(spilled)} spill registers; "

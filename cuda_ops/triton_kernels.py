@@ -1,6 +1,6 @@
 """Triton kernels behind the bitvit ops, and the launchers that pick their tile shapes.
 
-Three kernels:
+The kernels:
 - `quantize_rows`: per-token int8 quantization in one pass (each row is read once, held in registers
   when K <= 8192, and written as int8 plus one fp32 scale): s = max|x| / 127, q = clamp(rne(x / s)),
   optionally of LayerNorm(x) (BitNet's input norm), fused so the normalized rows never reach memory.
@@ -11,7 +11,11 @@ Three kernels:
   runs first. The tuner times both.
   A tuning candidate may instead decode the layer's codes once into int8 (`_decode_weights_kernel`, a
   transient (N, K) scratch) and run the GEMM on int8 weights: the decode is then done once per call
-  rather than once per row block and K step.
+  rather than once per row block and K step. For M <= 256, candidates of `_a8_gemm_swap_kernel` compute
+  y^T = W q^T instead: the decoded weight tile becomes wgmma's first operand, which it reads from
+  registers (the second operand always comes from shared memory, so unswapped, every decoded tile is
+  stored there first), and the rows of x become wgmma's N dimension, 16 wide at the narrowest (unswapped,
+  16- and 32-row tiles compile to mma.sync).
 - `weight_only_gemm`: weight-only 2-, 4- or 8-bit group-quantized weights (symmetric, asymmetric, or a
   code book such as NF4) against bf16/fp16 (or fp32) activations, fp32 accumulation.
 
@@ -136,6 +140,29 @@ def _int_weights(p, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, BL
         return (p.to(tl.int16) - OFF).to(tl.int8)
     else:
         return _unpack_codes(p, BITS, BLOCK_KP, BLOCK_N).to(tl.int8) * MUL - OFF
+
+
+@triton.jit
+def _int_weight_rows(p, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_KP: tl.constexpr):
+    """int8 weight values (BLOCK_N, BLOCK_K), code * MUL - OFF, of a packed byte tile p (BLOCK_N, BLOCK_KP)
+    that keeps the rows' layout: the code planes joined along new trailing axes are already in K order
+    (code per_byte * kp + j is plane j of byte kp), so a reshape interleaves them, with no permute."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS == 8:
+        w = (p.to(tl.int16) - OFF).to(tl.int8)
+    elif BITS == 4:
+        w = tl.reshape(tl.join(p & MASK, p >> 4), (BLOCK_N, BLOCK_KP * 2)).to(tl.int8) * MUL - OFF
+    elif BITS == 2:
+        t = tl.join(tl.join(p & MASK, (p >> 4) & MASK), tl.join((p >> 2) & MASK, p >> 6))  # [n, kp, a, b]: 2a + b
+        w = tl.reshape(t, (BLOCK_N, BLOCK_KP * 4)).to(tl.int8) * MUL - OFF
+    else:
+        tl.static_assert(BITS == 1)
+        e = tl.join(tl.join(p & 1, (p >> 4) & 1), tl.join((p >> 2) & 1, (p >> 6) & 1))
+        o = tl.join(tl.join((p >> 1) & 1, (p >> 5) & 1), tl.join((p >> 3) & 1, p >> 7))
+        t = tl.join(e, o)  # [n, kp, a, b, c]: plane 4a + 2b + c
+        w = tl.reshape(t, (BLOCK_N, BLOCK_KP * 8)).to(tl.int8) * MUL - OFF
+    return w
 
 
 @triton.jit
@@ -295,6 +322,42 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
 
 
 @triton.jit(do_not_specialize=["M"])
+def _a8_gemm_swap_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, KB, stride_qm, stride_ym,
+                         BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+                         GROUP_N: tl.constexpr):
+    """The A8 GEMM with its operands swapped, y^T = W q^T, for few rows: the decoded weight tile
+    (BLOCK_N, BLOCK_K) is the dot's first operand, which wgmma can read from registers (the unswapped
+    kernel's decoded tile is the second operand, which wgmma reads from shared memory), and the rows
+    are the dot's N dimension, which may be as small as 16 (where the unswapped kernel's 16- and 32-row
+    tiles fall back to mma.sync). Activations are quantized beforehand (q int8 (M, K), sx (M,))."""
+    PER: tl.constexpr = 8 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_KP * PER
+    pid_n, pid_m = _tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kp = tl.arange(0, BLOCK_KP)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * KB  # (BLOCK_N, 1)
+    q_cols = q_ptr + offs_m[None, :].to(tl.int64) * stride_qm  # (1, BLOCK_M): K-major, as int8 wgmma wants
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kp = k0 // PER + offs_kp
+        p = tl.load(w_rows + kp[None, :], mask=n_ok[:, None] & (kp < KB)[None, :], other=0)
+        a = tl.load(q_cols + (k0 + offs_k)[:, None], mask=(k0 + offs_k < K)[:, None] & m_ok[None, :], other=0)
+        acc = tl.dot(_int_weight_rows(p, BITS, MUL, OFF, BLOCK_N, BLOCK_KP), a, acc, out_dtype=tl.int32)
+    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
+    sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
+    y = acc.to(tl.float32) * sw[:, None] * sx[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & m_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
 def _weight_only_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
                              M, N, K, KB, G, group_size, stride_xm, stride_ym,
                              BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
@@ -351,6 +414,7 @@ class Config:
     fuse: bool = False  # a8 only: quantize activations inside the GEMM
     split_k: int = 1  # a8 only: programs per output tile, each summing a share of K (atomically, in fp32)
     predecode: bool = False  # a8 only: decode the layer's codes into an int8 (N, K) scratch, then a plain int8 GEMM
+    swap: bool = False  # a8 only: y^T = W q^T (`_a8_gemm_swap_kernel`), decoded weights in registers, for few rows
 
 
 def _bucket(m: int) -> int:
@@ -363,6 +427,8 @@ _A8_TILES = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 256, 4, 4), (32
              (64, 64, 256, 4, 4), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 128, 128, 8, 3),
              (128, 256, 128, 8, 3), (128, 128, 256, 8, 3)]
 _FLOAT_TILES = [(bm, bn, bk // 2, w, s) for bm, bn, bk, w, s in _A8_TILES]
+# the swapped A8 GEMM's tilings (block_m: rows of x, wgmma's N; block_n: output channels, wgmma's M)
+_SWAP_TILES = [(16, 64, 128, 4, 4), (16, 128, 256, 4, 3), (32, 128, 128, 4, 4), (64, 128, 128, 4, 3)]
 _INTERPRET_TILE = (16, 32, 64, 4, 1)  # small and quick under TRITON_INTERPRET=1
 
 
@@ -375,8 +441,9 @@ def _tiles(m: int, tiles: list[tuple]) -> list[tuple]:
     return sorted(tiles, key=lambda t: abs(t[0] - min(b, 64)))
 
 
-def a8_candidates(m: int) -> list[Config]:
-    """Configs for the A8 GEMM at M rows (the first is the untuned default)."""
+def a8_candidates(m: int, trits: bool = False) -> list[Config]:
+    """Configs for the A8 GEMM at M rows (the first is the untuned default); `trits`: for trit planes,
+    which the swapped kernel does not read."""
     tiles = _tiles(m, _A8_TILES)
     out = [Config(*t) for t in tiles]
     if m <= 1024:  # fused quantization repeats the row scan per column block: only for few rows
@@ -390,7 +457,10 @@ def a8_candidates(m: int) -> list[Config]:
     # decoding the codes in the main loop costs integer work per weight that wgmma's int8 rate outruns; a
     # separate decode pass into int8 (N x K bytes, the layer's alone, in torch's caching allocator) then
     # a plain int8 GEMM may win, most likely at many rows (tried for bits < 8 only)
-    return out + [Config(*t, predecode=True) for t in tiles]
+    out += [Config(*t, predecode=True) for t in tiles]
+    if m <= 256 and not trits:  # few rows: wgmma as narrow as 16 rows, the decoded weights its register operand
+        out += [Config(*t, swap=True) for t in _SWAP_TILES if t[0] <= _bucket(m)]
+    return out
 
 
 def weight_only_candidates(m: int, group_size: int, k: int) -> list[Config]:
@@ -501,6 +571,8 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
     """
     if norm is not None and config is not None and config.fuse:
         raise ValueError("a layer with an input LayerNorm quantizes in quantize_rows, not inside the GEMM")
+    if trits and config is not None and config.swap:
+        raise ValueError("the swapped GEMM reads 1-, 2-, 4- or 8-bit codes, not trit planes")
     m, k = x.shape
     n, kb = packed.shape
     if trits and bits != 2:
@@ -511,6 +583,14 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
     sx = torch.empty((m,), dtype=torch.float32, device=x.device)
 
     def launch(cfg: Config):
+        if cfg.swap:
+            quantize_rows(x, q, sx, norm)
+            _a8_gemm_swap_kernel[(triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m),)](
+                q, sx, packed, scales, bias if bias is not None else sx, out, m, n, k, kb, q.stride(0),
+                out.stride(0), BITS=bits, MUL=mul, OFF=off, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * bits // 8, GROUP_N=8, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+            return
         w, w_bytes, w_bits, w_mul, w_off, w_trits = packed, kb, bits, mul, off, trits
         if cfg.predecode:
             w = torch.empty((n, k), dtype=torch.int8, device=x.device)
@@ -537,8 +617,8 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
     if config is None:
         key = ("a8", "trits" if trits else bits, _bucket(m), n, k, x.dtype, bias is not None, norm is not None,
                x.device.index)
-        config = TUNER.pick(key, [c for c in a8_candidates(m) if not (norm and c.fuse) and not (bits == 8 and c.predecode)],
-                            launch)
+        candidates = [c for c in a8_candidates(m, trits) if not (norm and c.fuse) and not (bits == 8 and c.predecode)]
+        config = TUNER.pick(key, candidates, launch)
     launch(config)
 
 

@@ -18,3 +18,14 @@ def test_the_ternary_gemm_compiles_for_sm90_to_pipelined_wgmma_without_spills():
     assert r["spill_stack"] == 0 and r["fits"]
     assert r["pipelined_loads"] > 0  # the K loop's loads are async copies into shared memory
     assert any(m.startswith("wgmma.mma_async") and m.endswith(".s8.s8") for m in r["mma"])  # int8 tensor cores
+
+
+def test_the_swapped_gemm_feeds_wgmma_its_decoded_weights_from_registers():
+    cfg = next(c for c in a8_candidates(16) if c.swap)
+    job = next(j for j in compile_check.a8_jobs([16]) if j[1] == "ternary swapped" and j[2] == cfg)
+    r = compile_check.check(job, arch=90)
+    assert "error" not in r, r.get("error")
+    assert r["spill_stack"] == 0 and r["fits"]
+    assert r["mma"] == ["wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8"]  # 16 rows of x: wgmma's N
+    assert r["wgmma_a"] == "registers"
+
