@@ -98,12 +98,12 @@ def a8_jobs(ms: list[int]):
     seen = set()
     for fmt, (bits, mul, off) in A8_FORMATS.items():
         for m in ms:
-            for c in tk.a8_candidates(m, trits=fmt == "ternary_b3"):
+            for c in tk.a8_candidates(m):
                 if c.swap:  # the swapped kernel: y^T = W q^T
                     if (fmt, c) not in seen:
                         seen.add((fmt, c))
-                        const = dict(BITS=bits, MUL=mul, OFF=off, HAS_BIAS=True, BLOCK_M=c.block_m,
-                                     BLOCK_N=c.block_n, BLOCK_KP=c.block_k * bits // 8, GROUP_N=8)
+                        const = dict(BITS=bits, MUL=mul, OFF=off, TRITS=fmt == "ternary_b3", HAS_BIAS=True,
+                                     BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_KP=c.block_k * bits // 8, GROUP_N=8)
                         yield tk._a8_gemm_swap_kernel, f"{fmt} swapped", c, swap_sig, const, swap_div
                     continue
                 if c.predecode:  # then the GEMM reads int8 weights, the same kernel for every format

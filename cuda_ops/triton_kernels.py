@@ -33,7 +33,8 @@ Ternary weights can also arrive as trit planes (`quant.pack.pack_trit_planes`: K
 holding the codes of k = j + c * KC, c = 0..4, in fixed point). A program then steps over BLOCK_KP bytes
 at a time; each of the five planes decodes with a multiply, a mask and a shift into a (BLOCK_KP, BLOCK_N)
 int8 tile and meets its own contiguous activation tile (columns c * KC + j0 + [0, BLOCK_KP)) in one
-`tl.dot`: 1.6 bits a weight read from memory instead of 2, for a little more integer work per byte.
+`tl.dot`: 1.6 bits a weight read from memory instead of 2, for a little more integer work per byte (the
+swapped kernel likewise, on (BLOCK_N, BLOCK_KP) tiles).
 
 Tile shapes come from a small per-shape tuner (first call per (kernel, M bucket, N, K, ...) times the
 candidates' CUDA-graph replays with `triton.testing.do_bench`; set BITVIT_TUNE=0 to use the first candidate, the default
@@ -323,14 +324,16 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
 
 @triton.jit(do_not_specialize=["M"])
 def _a8_gemm_swap_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, KB, stride_qm, stride_ym,
-                         BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-                         GROUP_N: tl.constexpr):
+                         BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, TRITS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_KP: tl.constexpr, GROUP_N: tl.constexpr):
     """The A8 GEMM with its operands swapped, y^T = W q^T, for few rows: the decoded weight tile
     (BLOCK_N, BLOCK_K) is the dot's first operand, which wgmma can read from registers (the unswapped
     kernel's decoded tile is the second operand, which wgmma reads from shared memory), and the rows
     are the dot's N dimension, which may be as small as 16 (where the unswapped kernel's 16- and 32-row
-    tiles fall back to mma.sync). Activations are quantized beforehand (q int8 (M, K), sx (M,))."""
+    tiles fall back to mma.sync). Activations are quantized beforehand (q int8 (M, K), sx (M,)). With
+    TRITS, each step reads BLOCK_KP bytes of trit planes and makes five dots, one per plane, as the
+    unswapped kernel does."""
     PER: tl.constexpr = 8 // BITS
     BLOCK_K: tl.constexpr = BLOCK_KP * PER
     pid_n, pid_m = _tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
@@ -343,11 +346,20 @@ def _a8_gemm_swap_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, KB
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * KB  # (BLOCK_N, 1)
     q_cols = q_ptr + offs_m[None, :].to(tl.int64) * stride_qm  # (1, BLOCK_M): K-major, as int8 wgmma wants
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        kp = k0 // PER + offs_kp
-        p = tl.load(w_rows + kp[None, :], mask=n_ok[:, None] & (kp < KB)[None, :], other=0)
-        a = tl.load(q_cols + (k0 + offs_k)[:, None], mask=(k0 + offs_k < K)[:, None] & m_ok[None, :], other=0)
-        acc = tl.dot(_int_weight_rows(p, BITS, MUL, OFF, BLOCK_N, BLOCK_KP), a, acc, out_dtype=tl.int32)
+    STEP: tl.constexpr = BLOCK_KP if TRITS else BLOCK_K  # a step: bytes of trit planes, or codes
+    for k0 in range(0, KB if TRITS else K, STEP):
+        if TRITS:
+            kp = k0 + offs_kp
+            p = tl.load(w_rows + kp[None, :], mask=n_ok[:, None] & (kp < KB)[None, :], other=0)
+            for c in tl.static_range(5):
+                kc = c * KB + kp  # (BLOCK_KP,) input columns of plane c
+                a = tl.load(q_cols + kc[:, None], mask=((kp < KB) & (kc < K))[:, None] & m_ok[None, :], other=0)
+                acc = tl.dot(_trit_plane(p, c), a, acc, out_dtype=tl.int32)
+        else:
+            kp = k0 // PER + offs_kp
+            p = tl.load(w_rows + kp[None, :], mask=n_ok[:, None] & (kp < KB)[None, :], other=0)
+            a = tl.load(q_cols + (k0 + offs_k)[:, None], mask=(k0 + offs_k < K)[:, None] & m_ok[None, :], other=0)
+            acc = tl.dot(_int_weight_rows(p, BITS, MUL, OFF, BLOCK_N, BLOCK_KP), a, acc, out_dtype=tl.int32)
     sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
     sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
     y = acc.to(tl.float32) * sw[:, None] * sx[None, :]
@@ -441,9 +453,8 @@ def _tiles(m: int, tiles: list[tuple]) -> list[tuple]:
     return sorted(tiles, key=lambda t: abs(t[0] - min(b, 64)))
 
 
-def a8_candidates(m: int, trits: bool = False) -> list[Config]:
-    """Configs for the A8 GEMM at M rows (the first is the untuned default); `trits`: for trit planes,
-    which the swapped kernel does not read."""
+def a8_candidates(m: int) -> list[Config]:
+    """Configs for the A8 GEMM at M rows (the first is the untuned default)."""
     tiles = _tiles(m, _A8_TILES)
     out = [Config(*t) for t in tiles]
     if m <= 1024:  # fused quantization repeats the row scan per column block: only for few rows
@@ -458,7 +469,7 @@ def a8_candidates(m: int, trits: bool = False) -> list[Config]:
     # separate decode pass into int8 (N x K bytes, the layer's alone, in torch's caching allocator) then
     # a plain int8 GEMM may win, most likely at many rows (tried for bits < 8 only)
     out += [Config(*t, predecode=True) for t in tiles]
-    if m <= 256 and not trits:  # few rows: wgmma as narrow as 16 rows, the decoded weights its register operand
+    if m <= 256:  # few rows: wgmma as narrow as 16 rows, the decoded weights its register operand
         out += [Config(*t, swap=True) for t in _SWAP_TILES if t[0] <= _bucket(m)]
     return out
 
@@ -571,8 +582,6 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
     """
     if norm is not None and config is not None and config.fuse:
         raise ValueError("a layer with an input LayerNorm quantizes in quantize_rows, not inside the GEMM")
-    if trits and config is not None and config.swap:
-        raise ValueError("the swapped GEMM reads 1-, 2-, 4- or 8-bit codes, not trit planes")
     m, k = x.shape
     n, kb = packed.shape
     if trits and bits != 2:
@@ -587,9 +596,9 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
             quantize_rows(x, q, sx, norm)
             _a8_gemm_swap_kernel[(triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m),)](
                 q, sx, packed, scales, bias if bias is not None else sx, out, m, n, k, kb, q.stride(0),
-                out.stride(0), BITS=bits, MUL=mul, OFF=off, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * bits // 8, GROUP_N=8, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                out.stride(0), BITS=bits, MUL=mul, OFF=off, TRITS=trits, HAS_BIAS=bias is not None,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k * bits // 8, GROUP_N=8,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
         w, w_bytes, w_bits, w_mul, w_off, w_trits = packed, kb, bits, mul, off, trits
         if cfg.predecode:
@@ -617,7 +626,7 @@ def a8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: t
     if config is None:
         key = ("a8", "trits" if trits else bits, _bucket(m), n, k, x.dtype, bias is not None, norm is not None,
                x.device.index)
-        candidates = [c for c in a8_candidates(m, trits) if not (norm and c.fuse) and not (bits == 8 and c.predecode)]
+        candidates = [c for c in a8_candidates(m) if not (norm and c.fuse) and not (bits == 8 and c.predecode)]
         config = TUNER.pick(key, candidates, launch)
     launch(config)
 

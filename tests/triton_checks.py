@@ -125,7 +125,7 @@ def test_a8_gemm_on_weights_decoded_to_int8_first_matches_float64_reference(fmt,
     assert rel_err(y, reference_a8(x, packed, fmt, scales, bias, k)) < 1e-6
 
 
-@pytest.mark.parametrize("fmt", [f for f in A8_BITS if f != "ternary_b3"])
+@pytest.mark.parametrize("fmt", list(A8_BITS))
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_a8_gemm_with_its_operands_swapped_matches_float64_reference(fmt, m, n, k):
     g = gen(m + n + k + 2)
@@ -140,8 +140,6 @@ def test_a8_gemm_with_its_operands_swapped_matches_float64_reference(fmt, m, n, 
 @pytest.mark.parametrize("path", ["plain", "fused", "swapped"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_a8_gemm_turns_an_input_row_holding_nan_or_inf_into_a_nan_output_row(fmt, path, bad):
-    if path == "swapped" and fmt == "ternary_b3":
-        pytest.skip("trit planes have no swapped kernel")
     g = gen(17)
     packed, scales, bias = make_a8_layer(fmt, 37, 100, g)
     x = torch.randn(5, 100, generator=g)
@@ -190,7 +188,7 @@ def test_every_a8_candidate_config_is_correct(fmt, m):
     packed, scales, bias = make_a8_layer(fmt, 1000, 1030, g)
     x = torch.randn(m, 1030, generator=g).bfloat16()
     ref = reference_a8(x, packed, fmt, scales, bias, 1030)
-    for cfg in tk.a8_candidates(m, trits=fmt == "ternary_b3"):
+    for cfg in tk.a8_candidates(m):
         try:
             y = run_a8(fmt, x, packed, scales, bias, cfg)
         except Exception as e:  # the tuner skips tilings a device cannot hold; anything else fails
