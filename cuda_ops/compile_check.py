@@ -148,8 +148,12 @@ def weight_only_jobs(ms: list[int]):
                     continue
                 seen.add((name, c))
                 const = dict(BITS=bits, HAS_ZEROS=zeros, HAS_LUT=lut, HAS_BIAS=True, DOT_DTYPE=tk.tl.bfloat16,
-                             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_KP=c.block_k * bits // 8, GROUP_M=8)
-                yield tk._weight_only_gemm_kernel, name, c, sig, const, div
+                             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_KP=c.block_k * bits // 8,
+                             **{"GROUP_N" if c.swap else "GROUP_M": 8})
+                if c.swap:
+                    yield tk._weight_only_gemm_swap_kernel, f"{name} swapped", c, sig, const, div
+                else:
+                    yield tk._weight_only_gemm_kernel, name, c, sig, const, div
 
 
 def quantize_jobs():

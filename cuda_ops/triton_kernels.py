@@ -17,7 +17,8 @@ The kernels:
   stored there first), and the rows of x become wgmma's N dimension, 16 wide at the narrowest (unswapped,
   16- and 32-row tiles compile to mma.sync).
 - `weight_only_gemm`: weight-only 2-, 4- or 8-bit group-quantized weights (symmetric, asymmetric, or a
-  code book such as NF4) against bf16/fp16 (or fp32) activations, fp32 accumulation.
+  code book such as NF4) against bf16/fp16 (or fp32) activations, fp32 accumulation; for M <= 256 also
+  swapped (`_weight_only_gemm_swap_kernel`, the dequantized tile wgmma's register operand).
 
 Packed weights arrive in `quant/pack.py`'s layout: (N, KB) uint8, KB = ceil(K * bits / 8), row n holds
 output channel n's K codes, code k in byte k // per_byte at bit (k % per_byte) * bits
@@ -144,25 +145,35 @@ def _int_weights(p, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, BL
 
 
 @triton.jit
-def _int_weight_rows(p, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_KP: tl.constexpr):
-    """int8 weight values (BLOCK_N, BLOCK_K), code * MUL - OFF, of a packed byte tile p (BLOCK_N, BLOCK_KP)
-    that keeps the rows' layout: the code planes joined along new trailing axes are already in K order
-    (code per_byte * kp + j is plane j of byte kp), so a reshape interleaves them, with no permute."""
+def _unpack_rows(p, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """Packed bytes p (BLOCK_N, BLOCK_KP) in the rows' own layout -> uint8 codes (BLOCK_N, BLOCK_KP * 8 // BITS)
+    in K order. The code planes joined along new trailing axes are already in K order (code per_byte * kp + j
+    is plane j of byte kp), so a reshape interleaves them, with no permute (the swapped kernels' operand)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     if BITS == 8:
-        w = (p.to(tl.int16) - OFF).to(tl.int8)
+        c = p
     elif BITS == 4:
-        w = tl.reshape(tl.join(p & MASK, p >> 4), (BLOCK_N, BLOCK_KP * 2)).to(tl.int8) * MUL - OFF
+        c = tl.reshape(tl.join(p & MASK, p >> 4), (BLOCK_N, BLOCK_KP * 2))
     elif BITS == 2:
         t = tl.join(tl.join(p & MASK, (p >> 4) & MASK), tl.join((p >> 2) & MASK, p >> 6))  # [n, kp, a, b]: 2a + b
-        w = tl.reshape(t, (BLOCK_N, BLOCK_KP * 4)).to(tl.int8) * MUL - OFF
+        c = tl.reshape(t, (BLOCK_N, BLOCK_KP * 4))
     else:
         tl.static_assert(BITS == 1)
         e = tl.join(tl.join(p & 1, (p >> 4) & 1), tl.join((p >> 2) & 1, (p >> 6) & 1))
         o = tl.join(tl.join((p >> 1) & 1, (p >> 5) & 1), tl.join((p >> 3) & 1, p >> 7))
         t = tl.join(e, o)  # [n, kp, a, b, c]: plane 4a + 2b + c
-        w = tl.reshape(t, (BLOCK_N, BLOCK_KP * 8)).to(tl.int8) * MUL - OFF
+        c = tl.reshape(t, (BLOCK_N, BLOCK_KP * 8))
+    return c
+
+
+@triton.jit
+def _int_weight_rows(p, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_KP: tl.constexpr):
+    """int8 weight values (BLOCK_N, BLOCK_K), code * MUL - OFF, of a packed byte tile p (BLOCK_N, BLOCK_KP)."""
+    if BITS == 8:
+        w = (p.to(tl.int16) - OFF).to(tl.int8)
+    else:
+        w = _unpack_rows(p, BITS, BLOCK_N, BLOCK_KP).to(tl.int8) * MUL - OFF
     return w
 
 
@@ -174,20 +185,19 @@ def _trit_plane(p, C: tl.constexpr):
 
 
 @triton.jit
-def _float_weights(p, BITS: tl.constexpr, lut_ptr, z, s, HAS_LUT: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                   DTYPE: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Dequantized weights (BLOCK_K, BLOCK_N) in DTYPE of a packed byte tile: (lut[code] or code, minus
-    zero or the symmetric offset 2**(BITS-1)) * s, with z and s (BLOCK_N,) for this K tile's group."""
-    c = _unpack_codes(p, BITS, BLOCK_KP, BLOCK_N)
+def _float_weights(c, BITS: tl.constexpr, lut_ptr, z, s, HAS_LUT: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                   DTYPE: tl.constexpr):
+    """Dequantized weights in DTYPE of a tile of codes c: (lut[code] or code, minus zero or the symmetric
+    offset 2**(BITS-1)) * s, with z and s this K tile's group's, shaped to broadcast along c's K axis."""
     if HAS_LUT:
         v = tl.load(lut_ptr + c)
     else:
         v = c.to(tl.float32)
     if HAS_ZEROS:
-        v = v - z[None, :]
+        v = v - z
     elif not HAS_LUT:
         v = v - (1 << (BITS - 1))
-    return (v * s[None, :]).to(DTYPE)
+    return (v * s).to(DTYPE)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -398,12 +408,53 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
         s = tl.load(s_ptr + g_rows + g, mask=n_ok, other=0.0)
         if HAS_ZEROS:
             z = tl.load(z_ptr + g_rows + g, mask=n_ok, other=0.0)
-        w = _float_weights(p, BITS, lut_ptr, z, s, HAS_LUT, HAS_ZEROS, DOT_DTYPE, BLOCK_KP, BLOCK_N)
+        w = _float_weights(_unpack_codes(p, BITS, BLOCK_KP, BLOCK_N), BITS, lut_ptr, z[None, :], s[None, :],
+                           HAS_LUT, HAS_ZEROS, DOT_DTYPE)
         acc = tl.dot(x.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _weight_only_gemm_swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
+                                  M, N, K, KB, G, group_size, stride_xm, stride_ym,
+                                  BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
+                                  HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, GROUP_N: tl.constexpr):
+    """The weight-only GEMM swapped, y^T = W x^T, for few rows (as `_a8_gemm_swap_kernel`): the
+    dequantized weight tile (BLOCK_N, BLOCK_K) is the dot's first operand, in registers."""
+    PER: tl.constexpr = 8 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_KP * PER
+    PRECISION: tl.constexpr = "ieee" if DOT_DTYPE == tl.float32 else "tf32"
+    pid_n, pid_m = _tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kp = tl.arange(0, BLOCK_KP)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * KB  # (BLOCK_N, 1)
+    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # (1, BLOCK_M)
+    g_rows = offs_n.to(tl.int64) * G
+    z = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # a K tile never straddles two groups (the launcher sees to it)
+        x = tl.load(x_cols + (k0 + offs_k)[:, None], mask=(k0 + offs_k < K)[:, None] & m_ok[None, :], other=0.0)
+        kp = k0 // PER + offs_kp
+        p = tl.load(w_rows + kp[None, :], mask=n_ok[:, None] & (kp < KB)[None, :], other=0)
+        g = k0 // group_size
+        s = tl.load(s_ptr + g_rows + g, mask=n_ok, other=0.0)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g_rows + g, mask=n_ok, other=0.0)
+        w = _float_weights(_unpack_rows(p, BITS, BLOCK_N, BLOCK_KP), BITS, lut_ptr, z[:, None], s[:, None],
+                           HAS_LUT, HAS_ZEROS, DOT_DTYPE)
+        acc = tl.dot(w, x.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & m_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- tile configs and tuning
@@ -426,7 +477,7 @@ class Config:
     fuse: bool = False  # a8 only: quantize activations inside the GEMM
     split_k: int = 1  # a8 only: programs per output tile, each summing a share of K (atomically, in fp32)
     predecode: bool = False  # a8 only: decode the layer's codes into an int8 (N, K) scratch, then a plain int8 GEMM
-    swap: bool = False  # a8 only: y^T = W q^T (`_a8_gemm_swap_kernel`), decoded weights in registers, for few rows
+    swap: bool = False  # y^T = W x^T (the *_swap_kernel GEMMs): decoded weights in registers, for few rows
 
 
 def _bucket(m: int) -> int:
@@ -441,6 +492,7 @@ _A8_TILES = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 256, 4, 4), (32
 _FLOAT_TILES = [(bm, bn, bk // 2, w, s) for bm, bn, bk, w, s in _A8_TILES]
 # the swapped A8 GEMM's tilings (block_m: rows of x, wgmma's N; block_n: output channels, wgmma's M)
 _SWAP_TILES = [(16, 64, 128, 4, 4), (16, 128, 256, 4, 3), (32, 128, 128, 4, 4), (64, 128, 128, 4, 3)]
+_SWAP_FLOAT_TILES = [(bm, bn, bk // 2, w, s) for bm, bn, bk, w, s in _SWAP_TILES]
 _INTERPRET_TILE = (16, 32, 64, 4, 1)  # small and quick under TRITON_INTERPRET=1
 
 
@@ -478,12 +530,15 @@ def weight_only_candidates(m: int, group_size: int, k: int) -> list[Config]:
     """Configs for the weight-only GEMM; a K tile must lie inside one group, so it is halved until it
     divides the group (the op guarantees group_size % (16 * 8 // bits) == 0 whenever group_size < K:
     a tile of at least 16 bytes of codes fits)."""
+    tiles = [(t, False) for t in _tiles(m, _FLOAT_TILES)]
+    if m <= 256:  # few rows: the swapped kernel too
+        tiles += [(t, True) for t in _SWAP_FLOAT_TILES if t[0] <= _bucket(m)]
     out = []
-    for bm, bn, bk, warps, stages in _tiles(m, _FLOAT_TILES):
+    for (bm, bn, bk, warps, stages), swap in tiles:
         while group_size < k and group_size % bk:
             bk //= 2
-        if Config(bm, bn, bk, warps, stages) not in out:
-            out.append(Config(bm, bn, bk, warps, stages))
+        if Config(bm, bn, bk, warps, stages, swap=swap) not in out:
+            out.append(Config(bm, bn, bk, warps, stages, swap=swap))
     return out
 
 
@@ -657,13 +712,15 @@ def weight_only_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
 
     def launch(cfg: Config):
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _weight_only_gemm_kernel[grid](
+        kernel = _weight_only_gemm_swap_kernel if cfg.swap else _weight_only_gemm_kernel
+        group = "GROUP_N" if cfg.swap else "GROUP_M"  # row blocks (swapped: column blocks) sharing L2
+        kernel[grid](
             x, packed, scales, zeros if zeros is not None else scales,
             codebook if codebook is not None else scales, bias if bias is not None else scales, out,
             m, n, k, kb, scales.shape[1], group_size, x.stride(0), out.stride(0),
             BITS=bits, HAS_ZEROS=zeros is not None, HAS_LUT=codebook is not None, HAS_BIAS=bias is not None,
             DOT_DTYPE=_dot_dtype(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_KP=cfg.block_k * bits // 8, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            BLOCK_KP=cfg.block_k * bits // 8, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **{group: 8})
 
     if config is None:
         key = ("weight_only", bits, _bucket(m), n, k, group_size, x.dtype, zeros is not None,

@@ -20,12 +20,13 @@ def test_the_ternary_gemm_compiles_for_sm90_to_pipelined_wgmma_without_spills():
     assert any(m.startswith("wgmma.mma_async") and m.endswith(".s8.s8") for m in r["mma"])  # int8 tensor cores
 
 
-def test_the_swapped_gemm_feeds_wgmma_its_decoded_weights_from_registers():
-    cfg = next(c for c in a8_candidates(16) if c.swap)
-    job = next(j for j in compile_check.a8_jobs([16]) if j[1] == "ternary swapped" and j[2] == cfg)
+@pytest.mark.parametrize("jobs,variant,mma", [
+    (compile_check.a8_jobs, "ternary swapped", "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8"),
+    (compile_check.weight_only_jobs, "int4 asym g64 swapped", "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16")])
+def test_the_swapped_gemms_feed_wgmma_their_decoded_weights_from_registers(jobs, variant, mma):
+    job = next(j for j in jobs([16]) if j[1] == variant and j[2].block_m == 16)
     r = compile_check.check(job, arch=90)
     assert "error" not in r, r.get("error")
     assert r["spill_stack"] == 0 and r["fits"]
-    assert r["mma"] == ["wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8"]  # 16 rows of x: wgmma's N
+    assert r["mma"] == [mma]  # 16 rows of x: wgmma's N
     assert r["wgmma_a"] == "registers"
-

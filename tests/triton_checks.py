@@ -217,6 +217,20 @@ def test_weight_only_gemm_matches_float64_reference(bits, kind, k, group_size, d
     assert rel_err(out, ref) < tol
 
 
+@pytest.mark.parametrize("bits,kind,k,group_size", WEIGHT_ONLY_CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_weight_only_gemm_with_its_operands_swapped_matches_float64_reference(bits, kind, k, group_size, dtype, tol):
+    g = gen(k + group_size + 1)
+    packed, scales, zeros, codebook, bias = make_weight_only_layer(kind, bits, 37, k, group_size, g)
+    x = torch.randn(19, k, generator=g).to(dtype)
+    out = poisoned(19, 37, dtype=dtype)
+    cfg = next(c for c in tk.weight_only_candidates(19, group_size, k) if c.swap)  # K tiles fitted to the groups
+    tk.weight_only_gemm(dev(x), dev(packed), dev(scales), dev(zeros), dev(codebook), dev(bias), bits, group_size,
+                        out, cfg)
+    ref = reference_weight_only(x, packed, bits, scales, zeros, codebook, bias, group_size, k)
+    assert rel_err(out, ref) < tol
+
+
 @pytest.mark.skipif(INTERPRET, reason="every tuning candidate: on the GPU only")
 @pytest.mark.parametrize("m", [1, 197, 1576, 12608])
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 1030), (2, 64), (8, 1030)])
