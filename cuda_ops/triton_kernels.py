@@ -135,16 +135,6 @@ def _unpack_codes(p, BITS: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
-def _int_weights(p, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, BLOCK_KP: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """int8 weight values (BLOCK_K, BLOCK_N), code * MUL - OFF, of a packed byte tile."""
-    if BITS == 8:
-        return (p.to(tl.int16) - OFF).to(tl.int8)
-    else:
-        return _unpack_codes(p, BITS, BLOCK_KP, BLOCK_N).to(tl.int8) * MUL - OFF
-
-
-@triton.jit
 def _unpack_rows(p, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
     """Packed bytes p (BLOCK_N, BLOCK_KP) in the rows' own layout -> uint8 codes (BLOCK_N, BLOCK_KP * 8 // BITS)
     in K order. The code planes joined along new trailing axes are already in K order (code per_byte * kp + j
@@ -167,13 +157,13 @@ def _unpack_rows(p, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.cons
 
 
 @triton.jit
-def _int_weight_rows(p, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_KP: tl.constexpr):
-    """int8 weight values (BLOCK_N, BLOCK_K), code * MUL - OFF, of a packed byte tile p (BLOCK_N, BLOCK_KP)."""
+def _int_weights(c, BITS: tl.constexpr, MUL: tl.constexpr, OFF: tl.constexpr):
+    """int8 weight values, code * MUL - OFF, of a tile of uint8 codes (`_unpack_codes` or `_unpack_rows`;
+    8-bit codes go through int16, where code - 128 cannot wrap)."""
     if BITS == 8:
-        w = (p.to(tl.int16) - OFF).to(tl.int8)
+        w = (c.to(tl.int16) - OFF).to(tl.int8)
     else:
-        w = _unpack_rows(p, BITS, BLOCK_N, BLOCK_KP).to(tl.int8) * MUL - OFF
+        w = c.to(tl.int8) * MUL - OFF
     return w
 
 
@@ -319,7 +309,8 @@ def _a8_gemm_kernel(x_ptr, q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr,
                 a = tl.load(q_rows + k0 + offs_k[None, :], mask=mask, other=0)
             kp = k0 // PER + offs_kp
             p = tl.load(w_rows + kp[:, None], mask=(kp < KB)[:, None] & n_ok[None, :], other=0)
-            acc = tl.dot(a, _int_weights(p, BITS, MUL, OFF, BLOCK_KP, BLOCK_N), acc, out_dtype=tl.int32)
+            acc = tl.dot(a, _int_weights(_unpack_codes(p, BITS, BLOCK_KP, BLOCK_N), BITS, MUL, OFF), acc,
+                         out_dtype=tl.int32)
     sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     if HAS_BIAS:
@@ -369,7 +360,8 @@ def _a8_gemm_swap_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, KB
             kp = k0 // PER + offs_kp
             p = tl.load(w_rows + kp[None, :], mask=n_ok[:, None] & (kp < KB)[None, :], other=0)
             a = tl.load(q_cols + (k0 + offs_k)[:, None], mask=(k0 + offs_k < K)[:, None] & m_ok[None, :], other=0)
-            acc = tl.dot(_int_weight_rows(p, BITS, MUL, OFF, BLOCK_N, BLOCK_KP), a, acc, out_dtype=tl.int32)
+            acc = tl.dot(_int_weights(_unpack_rows(p, BITS, BLOCK_N, BLOCK_KP), BITS, MUL, OFF), a, acc,
+                         out_dtype=tl.int32)
     sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
     sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
     y = acc.to(tl.float32) * sw[:, None] * sx[None, :]

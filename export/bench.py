@@ -54,9 +54,9 @@ VARIANTS = ("torch fp32", "ORT fp32", "ORT dynamic int8", "ORT w8a8 (MatMulInteg
             "bitvit binary op")
 # variant -> (export format, bitvit custom ops)
 EXPORTS = {"ORT fp32": ("fp32", True), "ORT w8a8 (MatMulInteger)": ("w8a8", False),
-           "bitvit int8 op": ("w8a8", True), "bitvit int4 op": ("w4a8", True), "ORT MatMulNBits 4-bit": ("int4", True),
-           "ORT MatMulNBits 2-bit": ("ternary", False), "bitvit ternary op": ("ternary", True),
-           "bitvit binary op": ("binary", True)}
+           "bitvit int8 op": ("w8a8", True), "bitvit int4 op": ("w4a8", True),
+           "ORT MatMulNBits 4-bit": ("int4", True), "ORT MatMulNBits 2-bit": ("ternary", False),
+           "bitvit ternary op": ("ternary", True), "bitvit binary op": ("binary", True)}
 
 
 def build_variants(fp_model, quantized: dict, workdir: Path, threads: int) -> dict[str, Variant]:
