@@ -91,10 +91,9 @@ def a8_jobs(ms: list[int]):
            "stride_qm": "i32", "stride_ym": "i32"}
     div = ["x_ptr", "q_ptr", "sx_ptr", "w_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "KB", "stride_xm",
            "stride_qm", "stride_ym"]
-    swap_sig = {"q_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*u8", "sw_ptr": "*fp32", "b_ptr": "*bf16",
-                "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "stride_qm": "i32",
-                "stride_ym": "i32"}
-    swap_div = ["q_ptr", "sx_ptr", "w_ptr", "sw_ptr", "b_ptr", "y_ptr", "N", "K", "KB", "stride_qm", "stride_ym"]
+    # the swapped kernel reads quantized activations only: the same arguments, less x's
+    swap_sig = {a: t for a, t in sig.items() if a not in ("x_ptr", "stride_xm")}
+    swap_div = [a for a in div if a in swap_sig]
     seen = set()
     for fmt, (bits, mul, off) in A8_FORMATS.items():
         for m in ms:
