@@ -4,7 +4,10 @@ On the CPU, with `--threads` (2) threads, at batch 1 and 8, median of `--runs` (
 taken round-robin over the variants (so background load hits them alike), each timed call right
 after an untimed one of the same variant (so a variant is timed with its threads awake, not waking them
 from the sleep they fell into while the others ran: torch's OpenMP threads doze off within
-milliseconds), for the reference model and a ViT-S/16 at 224 with random weights:
+milliseconds), for the reference model and a ViT-S/16 at 224 with random weights. ONNX Runtime's worker
+threads sleep between calls, as in `export.runtime`; with `--spinning` they spin-wait (ONNX Runtime's
+own default) and each variant's runs are timed together, one variant after another, since the threads
+one session leaves spinning slow the next:
   torch fp32 | ORT fp32 | ORT dynamic int8 (onnxruntime.quantization.quantize_dynamic of ORT fp32) |
   ORT w8a8 (MatMulInteger: the w8a8 model in standard ops) | bitvit int8 op (the same model) |
   bitvit int4 op (w4a8: int4 weights, one scale per output, int8 activations) |
@@ -59,7 +62,7 @@ EXPORTS = {"ORT fp32": ("fp32", True), "ORT w8a8 (MatMulInteger)": ("w8a8", Fals
            "bitvit ternary op": ("ternary", True), "bitvit binary op": ("binary", True)}
 
 
-def build_variants(fp_model, quantized: dict, workdir: Path, threads: int) -> dict[str, Variant]:
+def build_variants(fp_model, quantized: dict, workdir: Path, threads: int, spinning: bool) -> dict[str, Variant]:
     """Every variant of `fp_model`; `quantized` maps an export format to (trained model, its file)."""
     workdir.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -73,7 +76,7 @@ def build_variants(fp_model, quantized: dict, workdir: Path, threads: int) -> di
                                                  "full precision" if fmt == "fp32" else "round to nearest")
         model, weights = models[fmt]
         path = export(model, workdir / f"{name.replace(' ', '_')}.onnx", fmt, custom)
-        out[name] = Variant(load(path, threads=threads), model, path.stat().st_size, weights)
+        out[name] = Variant(load(path, threads, spinning), model, path.stat().st_size, weights)
         if name == "ORT fp32":
             from onnxruntime.quantization import QuantType, quantize_dynamic
             dyn = workdir / "dynamic_int8.onnx"
@@ -81,7 +84,7 @@ def build_variants(fp_model, quantized: dict, workdir: Path, threads: int) -> di
             # its shape inference does not type the outputs of com.microsoft's MultiHeadAttention: float
             quantize_dynamic(str(path), str(dyn), per_channel=True, weight_type=QuantType.QInt8,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-            out["ORT dynamic int8"] = Variant(load(dyn, threads=threads), fp_model, dyn.stat().st_size,
+            out["ORT dynamic int8"] = Variant(load(dyn, threads, spinning), fp_model, dyn.stat().st_size,
                                               "onnxruntime.quantization.quantize_dynamic (per channel)")
     return {k: out[k] for k in VARIANTS}
 
@@ -93,20 +96,30 @@ def _torch_fn(model):
     return fn
 
 
-def time_variants(variants: dict, img_size: int, batch: int, runs: int) -> dict[str, float]:
-    """Median ms per call of each variant, timed round-robin after 3 warm-up calls each; each timed call
-    follows an untimed call of the same variant."""
+def time_variants(variants: dict, img_size: int, batch: int, runs: int, round_robin: bool) -> dict[str, float]:
+    """Median ms per call of each variant after 3 warm-up calls, each timed call following an untimed
+    call of the same variant; round-robin over the variants, or all of one variant's runs together."""
     x = np.random.default_rng(batch).standard_normal((batch, 3, img_size, img_size)).astype(np.float32)
-    for v in variants.values():
-        for _ in range(3):
-            v.fn(x)
     times = {k: [] for k in variants}
-    for _ in range(runs):
+
+    def timed(name, v):
+        v.fn(x)
+        t = time.perf_counter()
+        v.fn(x)
+        times[name].append((time.perf_counter() - t) * 1e3)
+    if round_robin:
+        for v in variants.values():
+            for _ in range(3):
+                v.fn(x)
+        for _ in range(runs):
+            for name, v in variants.items():
+                timed(name, v)
+    else:
         for name, v in variants.items():
-            v.fn(x)
-            t = time.perf_counter()
-            v.fn(x)
-            times[name].append((time.perf_counter() - t) * 1e3)
+            for _ in range(3):
+                v.fn(x)
+            for _ in range(runs):
+                timed(name, v)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -172,6 +185,8 @@ def main(argv=None):
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
     p.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/16 224 model")
+    p.add_argument("--spinning", action="store_true",
+                   help="ONNX Runtime's worker threads spin-wait between calls (its own default) instead of sleeping")
     p.add_argument("--out", default="assets/results/export_bench.json")
     args = p.parse_args(argv)
     output_file(args.out, ".json")
@@ -211,18 +226,21 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for key, (model, desc) in suites.items():
             print(f"{key}: exporting {len(VARIANTS)} variants of {desc} ...", file=sys.stderr)
-            variants = build_variants(model, quantized if key == "reference" else {}, Path(tmp) / key, args.threads)
+            variants = build_variants(model, quantized if key == "reference" else {}, Path(tmp) / key, args.threads,
+                                      args.spinning)
             rows = {name: {"size_bytes": v.size_bytes, "weights": v.weights, "latency_ms": {}}
                     for name, v in variants.items()}
             for b in args.batches:
                 print(f"{key}: timing batch {b} ({args.runs} runs x {len(variants)} variants) ...", file=sys.stderr)
-                for name, ms in time_variants(variants, model.config.img_size, b, args.runs).items():
+                for name, ms in time_variants(variants, model.config.img_size, b, args.runs,
+                                              round_robin=not args.spinning).items():
                     rows[name]["latency_ms"][str(b)] = ms
             if key == "reference" and data is not None:
                 for name, acc in accuracy(variants, data, model.config.mean, model.config.std).items():
                     rows[name].update(acc)
             results[key] = {"model": desc, "variants": rows, "targets": targets(rows)}
-            print_table(f"{key} ({desc}), {args.threads} threads, median of {args.runs} runs", rows, args.batches)
+            print_table(f"{key} ({desc}), {args.threads} threads{', spinning' if args.spinning else ''}, "
+                        f"median of {args.runs} runs", rows, args.batches)
             for name, t in results[key]["targets"].items():
                 print(f"  {'met   ' if t['met'] else 'MISSED'} {name}: {t['value']:.3f} (goal {t['goal']:.3f})")
     split = None
@@ -230,7 +248,8 @@ def main(argv=None):
         split = f"{args.split} split of {Path(args.data).name}" + (f", first {args.limit} images" if args.limit else "")
     from .ortops import kernel_isa, library_path
     out = {**provenance("export.bench", argv), "bitvit_ops_isa": kernel_isa(library_path()),
-           "split": split, "threads": args.threads, "runs": args.runs, "batches": args.batches,
+           "split": split, "threads": args.threads, "ort_spinning": args.spinning, "runs": args.runs,
+           "batches": args.batches,
            "load_average_before": load_before, "load_average_after": os.getloadavg(),
            "wall_s": round(time.perf_counter() - t_start, 1), "results": results}
     path = Path(args.out)
@@ -253,7 +272,8 @@ def plot(res: dict, path: Path) -> None:
         for i, n in enumerate(names):
             ax.text(b1[i], i, f" {b1[i]:.2f} ms, {suite['variants'][n]['size_bytes'] / 1e6:.1f} MB", va="center", fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(f"batch-1 latency, ms ({res['threads']} threads, median of {res['runs']})")
+        spin = ", ORT spinning" if res["ort_spinning"] else ""
+        ax.set_xlabel(f"batch-1 latency, ms ({res['threads']} threads{spin}, median of {res['runs']})")
         ax.set_title(f"{key}: {suite['model']}", fontsize=9)
         ax.set_xlim(0, max(b1) * 1.45)
     fig.tight_layout()

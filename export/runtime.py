@@ -1,8 +1,8 @@
 """Run an exported bitvit ONNX file: `export.runtime.load(path)` -> a `Session` ready for images.
 
 The session registers bitvit's custom-op library (building it on first use) only when the file uses
-the `bitvit` domain, turns ONNX Runtime's spinning worker threads off (they slow a torch model in the
-same process about 3x), and knows the preprocessing the model expects from the file's metadata:
+the `bitvit` domain, turns ONNX Runtime's spinning worker threads off unless asked to keep them (they
+slow a torch model in the same process about 3x), and knows the preprocessing the model expects from the file's metadata:
 image size, mean/std and class names.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .ortops import DOMAIN, library_path
 class Session:
     """An ONNX Runtime session of a bitvit ViT plus the preprocessing it expects."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = False):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such ONNX file: {path}")
@@ -48,8 +48,8 @@ class Session:
         if threads:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         if self.uses_custom_ops:
             lib = library_path()
             try:
@@ -136,6 +136,7 @@ class Session:
         return self(self.preprocess(images))
 
 
-def load(path: str | os.PathLike, threads: int | None = None) -> Session:
-    """Open a bitvit ONNX file for inference on the CPU (`threads`: intra-op threads, default all cores)."""
-    return Session(path, threads)
+def load(path: str | os.PathLike, threads: int | None = None, spinning: bool = False) -> Session:
+    """Open a bitvit ONNX file for inference on the CPU (`threads`: intra-op threads, default all cores;
+    `spinning`: worker threads spin-wait between calls, ONNX Runtime's own default, instead of sleeping)."""
+    return Session(path, threads, spinning)

@@ -131,6 +131,13 @@ def test_the_session_knows_the_preprocessing_the_model_expects(tiny_model, tmp_p
     assert session.preprocess(np.zeros((40, 30, 3), np.uint8)).shape == (1, 3, 16, 16)  # resized
 
 
+def test_sessions_let_their_worker_threads_sleep_between_calls_unless_asked_to_spin(tiny_model, tmp_path):
+    path = export(tiny_model, tmp_path / "m.onnx")
+    for kwargs, want in (({}, "0"), ({"spinning": True}, "1")):
+        options = runtime.load(path, **kwargs).session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == want
+
+
 def test_input_of_the_wrong_shape_or_type_is_refused(tiny_model, tmp_path):
     session = runtime.load(export(tiny_model, tmp_path / "m.onnx"))
     with pytest.raises(ValueError, match=r"expected float32 input \(B, 3, 16, 16\)"):

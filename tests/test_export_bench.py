@@ -5,7 +5,8 @@ import json
 import pytest
 
 import quant
-from export.bench import VARIANTS, main
+from export import bench as export_bench
+from export.bench import VARIANTS, Variant, main
 from quant.cli import run
 from quant.models import VisionTransformer, save_model
 from tests.conftest import write_tree
@@ -94,3 +95,23 @@ def test_a_quantized_file_trained_with_another_drop_path_rate_is_the_same_model(
     assert code == 0
     assert json.loads(out.read_text())["results"]["reference"]["variants"]["bitvit int8 op"]["weights"] == \
         "trained: w8a8.safetensors"
+
+
+@pytest.mark.parametrize("round_robin", [True, False])
+def test_variants_are_timed_round_robin_or_one_after_another(round_robin):
+    calls = []
+    variants = {name: Variant(lambda x, name=name: calls.append(name), None, 0, "") for name in "ab"}
+    ms = export_bench.time_variants(variants, img_size=4, batch=1, runs=3, round_robin=round_robin)
+    assert set(ms) == {"a", "b"}
+    # 3 warm-up calls, then per run an untimed and a timed call
+    assert calls == (["a"] * 3 + ["b"] * 3 + ["a", "a", "b", "b"] * 3 if round_robin else ["a"] * 9 + ["b"] * 9)
+
+
+def test_spinning_threads_are_asked_for_and_recorded(fp_file, tmp_path, monkeypatch):
+    asked = []
+    load = export_bench.load
+    monkeypatch.setattr(export_bench, "load", lambda path, threads, spinning: asked.append(spinning) or
+                        load(path, threads, spinning))
+    code, out = bench(fp_file, tmp_path, "--spinning")
+    assert code == 0 and asked and all(asked)
+    assert json.loads(out.read_text())["ort_spinning"] is True
