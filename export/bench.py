@@ -99,14 +99,17 @@ def _torch_fn(model):
 def time_variants(variants: dict, img_size: int, batch: int, runs: int, round_robin: bool) -> dict[str, float]:
     """Median ms per call of each variant after 3 warm-up calls, each timed call following an untimed
     call of the same variant; round-robin over the variants, or all of one variant's runs together."""
+    from tqdm import tqdm
     x = np.random.default_rng(batch).standard_normal((batch, 3, img_size, img_size)).astype(np.float32)
     times = {k: [] for k in variants}
+    bar = tqdm(total=runs * len(variants), desc=f"batch {batch}", unit="run", leave=False)
 
     def timed(name, v):
         v.fn(x)
         t = time.perf_counter()
         v.fn(x)
         times[name].append((time.perf_counter() - t) * 1e3)
+        bar.update()
     if round_robin:
         for v in variants.values():
             for _ in range(3):
@@ -120,6 +123,7 @@ def time_variants(variants: dict, img_size: int, batch: int, runs: int, round_ro
                 v.fn(x)
             for _ in range(runs):
                 timed(name, v)
+    bar.close()
     return {k: statistics.median(v) for k, v in times.items()}
 
 
