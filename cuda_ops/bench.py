@@ -9,7 +9,8 @@ Three parts, printed as tables and written to one JSON file (`--out`, with comma
    On a GPU with a 16-bit baseline the int8 ceiling is twice the 16-bit rate where torch._int_mm
    reaches less (the tensor cores' int8 rate; cuBLASLt's int8 GEMM falls far short of it on Hopper).
 2. ops: the time of each packed op against "dense", F.linear in the baseline dtype (bf16 cuBLAS on a GPU, fp32 on a CPU), at the
-   linear shapes (qkv, proj, fc1, fc2) of the reference models and ViT-S/B/L, at M = batch x tokens;
+   linear shapes (qkv, proj, fc1, fc2) of the reference models and ViT-S/B/L, at M = batch x tokens
+   (batches 1 and 64 first, the targets' M, so that `--time-limit` cuts the others first);
    achieved TB/s and TOPS, whether the shape is memory- or compute-bound on this device, and the
    fraction of that roofline bound reached (bytes counted as each input read once, output written once).
 3. models: weight memory, batch-1 latency (CUDA graph replays on a GPU) and images/s at larger batches
@@ -54,6 +55,7 @@ SHAPES: dict[str, ViTConfig] = {**CONFIGS, "vit_large_patch16_224": ViTConfig(
 OPS = ("dense", "int_mm", "w8a8", "w4", "w4a8", "w1.58a8", "w1.58a8-b3", "w1a8")
 VARIANTS = ("fp", "w8a8", "w4", "w4a8", "w1.58a8", "w1.58a8-b3", "w1a8")
 TERNARY = ("w1.58a8", "w1.58a8-b3")  # ternary codes 4 a byte, or trit planes 5 a byte
+TARGET_BATCHES = (1, 64)  # the op targets' M <= 256 and M = 12,608 (ViT-B/L's 197 tokens a batch)
 DEFAULTS = {  # device -> (op models, model-benchmark models, batches)
     "cuda": (["vit_base_patch16_224", "vit_large_patch16_224", "deit_small_patch16_224", "vit_cifar_small",
               "vit_cifar_tiny"],
@@ -174,6 +176,7 @@ def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, ski
     """Per-op rows; `saved(rows)` after each shape, so a run killed later keeps what it measured."""
     rows = []
     jobs = [(m, layer, nk, b) for m in models for layer, nk in layer_shapes(SHAPES[m]).items() for b in batches]
+    jobs.sort(key=lambda job: job[3] not in TARGET_BATCHES)  # so that a time limit cuts the other batches first
     for model, layer, (n, k), batch in progress(jobs, desc="ops"):
         m = batch * (SHAPES[model].num_patches + 1)
         if time.monotonic() > deadline:

@@ -17,6 +17,7 @@
 #   BENCH_TIME_LIMIT=90 BENCH_TIMEOUT=120 bash cuda_ops/gpu_session.sh bench \
 #       --models vit_base_patch16_224,vit_large_patch16_224 --batches 1,64 --ops dense,w1.58a8,w1.58a8-b3,w1a8 \
 #       --e2e-models vit_base_patch16_224 --variants fp,w1.58a8,w1.58a8-b3
+# The op shapes run at batches 1 and 64 (the targets' M) before 8 and 256, so a time limit cuts those first.
 # Whatever a time limit cut short is listed under "skipped" in cuda_bench.json, for the next lease; the
 # JSON is rewritten after every shape and variant, so a run killed by BENCH_TIMEOUT keeps what it measured
 # (marked "complete": false).

@@ -41,6 +41,15 @@ def test_an_op_whose_output_is_off_its_cpu_kernels_is_flagged_in_its_row_and_on_
     assert "this row times a wrong result" in capsys.readouterr().err
 
 
+def test_op_shapes_at_the_targets_batches_come_first_so_a_time_limit_cuts_the_others():
+    order = []
+    bench.bench_ops(["vit_base_patch16_224", "vit_cifar_tiny"], [1, 8, 64, 256], ["dense"], "cpu",
+                    bench.torch.float32, {}, float("inf"), lambda jobs, desc: order.extend(jobs) or [], [])
+    batches = [batch for _, _, _, batch in order]
+    assert batches == [1, 64] * 8 + [8, 256] * 8  # 2 models x 4 layers, each in its own order
+    assert [model for model, *_ in order[:8]] == ["vit_base_patch16_224"] * 8
+
+
 def test_a_model_whose_logits_are_off_its_cpu_float32_runs_is_flagged_in_its_rows_and_on_stderr(monkeypatch, capsys):
     real = bench.build
 
