@@ -50,6 +50,10 @@ def test_op_shapes_at_the_targets_batches_come_first_so_a_time_limit_cuts_the_ot
     assert [model for model, *_ in order[:8]] == ["vit_base_patch16_224"] * 8
 
 
+def test_end_to_end_variants_the_targets_judge_run_right_after_the_fp_baseline():
+    assert bench.VARIANTS[:4] == ("fp", *bench.TERNARY, "w1a8")
+
+
 def test_a_model_whose_logits_are_off_its_cpu_float32_runs_is_flagged_in_its_rows_and_on_stderr(monkeypatch, capsys):
     real = bench.build
 
