@@ -2,19 +2,26 @@
 # Every pending GPU check and benchmark of cuda_ops/, in one script for a CUDA machine; results go to $OUT.
 #
 #   bash cuda_ops/gpu_session.sh tests            # ~4-7 min: the kernel tests on the GPU, then its compile cache
-#   bash cuda_ops/gpu_session.sh bench [ARGS]     # <= 9.5 min: python -m cuda_ops.bench --device cuda [ARGS]
+#   bash cuda_ops/gpu_session.sh bench [ARGS]     # <= 9.5 min: Triton's compile cache filled in parallel (WARM_TIME,
+#                                                 # 100 s), then python -m cuda_ops.bench --device cuda [ARGS]
 #   bash cuda_ops/gpu_session.sh profile          # ~3 min: Nsight Compute on ViT-B fc1, bf16 vs ternary (2-bit, base-3)
 #   bash cuda_ops/gpu_session.sh parity [ARGS]    # ~2 min: python -m cuda_ops.parity on the GPU kernels
 #   bash cuda_ops/gpu_session.sh all              # tests, then bench (where a command may run > 10 min)
 #
 # Through the device tool (15 minutes of device time a task, machine start included; 10 minutes a
 # command; 8 files back from $OUT; the machine goes back 30 s after a call), make back-to-back calls:
-# `bench` (BENCH_TIME_LIMIT=520 BENCH_TIMEOUT=570, timeout_s 600; it checks each op it times against
-# the op's CPU kernel), then at once `tests` with TESTS_TIMEOUT set to what is left less 60 s. (`tests`
-# first fills Triton's compile cache for a bench after it, at the cost of the bench's time.) A lease
+# `bench` (its defaults WARM_TIME=100 BENCH_TIME_LIMIT=420 BENCH_TIMEOUT=470 fit timeout_s 600; it
+# checks each op it times against the op's CPU kernel), then at once `tests` with TESTS_TIMEOUT set to what
+# is left less 60 s. Warming: the bench tunes every op at every shape, each tiling compiled (0.6 s each on a
+# 2-core VM, serially, in the bench's own process) before it is timed: some 360 for ViT-B's op shapes alone
+# (`cuda_ops.triton_kernels.a8_candidates`: 32 tilings at M = 197, 12 at larger M, for each of five A8 ops),
+# minutes of a 10-minute call. So `bench` first compiles them in 12 processes side by side (one per op
+# for the op shapes, one per quantized variant for ViT-B end to end; BITVIT_TUNE=compile: each tiling
+# launched once, nothing timed or kept) into Triton's on-disk cache, which the bench then reads. A lease
 # shared with the reference model runs `tests` beside its training (README, "GPU runs") and a short
-# bench after it, its limit what the lease has left less 60 s (here 150 s left: timeout_s 150):
-#   BENCH_TIME_LIMIT=90 BENCH_TIMEOUT=120 bash cuda_ops/gpu_session.sh bench \
+# bench after it (no warming: `tests` did it), its limit what the lease has left less 60 s (here 150 s
+# left: timeout_s 150):
+#   WARM_TIME=0 BENCH_TIME_LIMIT=90 BENCH_TIMEOUT=120 bash cuda_ops/gpu_session.sh bench \
 #       --models vit_base_patch16_224,vit_large_patch16_224 --batches 1,64 --ops dense,w1.58a8,w1.58a8-b3,w1a8 \
 #       --e2e-models vit_base_patch16_224 --variants fp,w1.58a8,w1.58a8-b3
 # The op shapes run at batches 1 and 64 (the targets' M) before 8 and 256, so a time limit cuts those first.
@@ -26,8 +33,7 @@
 #   tests/triton_checks.py (the Triton kernels against float64 references with poisoned outputs, every
 #   tuning candidate on ViT-sized shapes), untuned (BITVIT_TUNE=0) except the tuner's own test, on
 #   pytest-xdist workers when the machine has it; then, within WARM_DEADLINE (540) s of the call's start,
-#   compiles the bench's ViT-B/L tilings into Triton's cache (BITVIT_TUNE=compile, nothing timed or
-#   kept).  -> env.txt, tests.log, tests.xml
+#   warms Triton's cache for a bench after it, as `bench` does first.  -> env.txt, tests.log, tests.xml
 # bench: the ceilings, per-op timings (autotuning each shape first), end-to-end latency and weight
 #   memory, and issue 4's targets.  -> env.txt, cuda_bench.json, cuda_bench.png, bench.log (tables),
 #   bench.err (progress, warnings)
@@ -78,26 +84,31 @@ run_tests() {
     local rc=$?
     tail -n 40 "$OUT/tests.log"
     echo "tests: exit code $rc"
-    warm_cache
+    warm_cache $(( ${WARM_DEADLINE:-540} - SECONDS ))
     return $rc
 }
 
-warm_cache() {  # compile the bench's tilings now, for the bench call after this one (see the header)
-    # The tests' odd shapes specialise Triton's kernels otherwise than ViT widths (multiples of 16) do, so
-    # the bench would compile every tiling again (~1 s each) before timing anything. BITVIT_TUNE=compile
-    # launches each, untimed: little GPU time beside a reference run (ViT-L's widths specialise as ViT-B's
-    # do; the end-to-end models' few LayerNorm-fused quantization kernels are left to the bench). Ends
-    # WARM_DEADLINE s into the call.
-    local left=$(( ${WARM_DEADLINE:-540} - SECONDS ))
-    if [ "$left" -lt 60 ]; then echo "warm: skipped, ${left} s left"; return 0; fi
-    BITVIT_TUNE=compile timeout "$left" "$PY" -m cuda_ops.bench --device cuda --time-limit "$left" \
-        --models vit_base_patch16_224 --batches 1,64 --ops w1.58a8,w1.58a8-b3,w1a8 --e2e-models "" \
-        --out /tmp/bitvit-warm.json > /tmp/bitvit-warm.log 2>&1
-    echo "warm: Triton compile cache filled for the bench's ViT shapes (exit code $?, $((SECONDS)) s into the call)"
+warm_cache() {  # compile the bench's tilings into Triton's cache for $1 s at most, in parallel (see the header)
+    # The ViT-B shapes stand for ViT-S and ViT-L too (the same M; widths specialise alike, as multiples of 16).
+    local seconds=$1 op
+    if [ "$seconds" -lt 30 ]; then echo "warm: skipped, ${seconds} s"; return 0; fi
+    rm -f /tmp/bitvit-warm-*.json
+    for op in w1.58a8 w1.58a8-b3 w1a8 w8a8 w4a8 w4; do
+        BITVIT_TUNE=compile timeout "$seconds" "$PY" -m cuda_ops.bench --device cuda --quick \
+            --models vit_base_patch16_224 --batches 1,8,64,256 --ops "$op" --e2e-models "" \
+            --out "/tmp/bitvit-warm-ops-$op.json" > "/tmp/bitvit-warm-ops-$op.log" 2>&1 &
+        BITVIT_TUNE=compile timeout "$seconds" "$PY" -m cuda_ops.bench --device cuda --quick \
+            --models "" --e2e-models vit_base_patch16_224 --batches 1,8,64,256 --variants "$op" \
+            --out "/tmp/bitvit-warm-e2e-$op.json" > "/tmp/bitvit-warm-e2e-$op.log" 2>&1 &
+    done
+    wait
+    echo "warm: Triton's compile cache filled for the bench's ViT-B shapes ($SECONDS s into the call;" \
+         "$(ls /tmp/bitvit-warm-*.json 2>/dev/null | wc -l) of 12 warming runs finished)"
 }
 
 run_bench() {
-    timeout "${BENCH_TIMEOUT:-570}" "$PY" -m cuda_ops.bench --device cuda --time-limit "${BENCH_TIME_LIMIT:-450}" \
+    warm_cache "${WARM_TIME:-100}"
+    timeout "${BENCH_TIMEOUT:-470}" "$PY" -m cuda_ops.bench --device cuda --time-limit "${BENCH_TIME_LIMIT:-420}" \
         --out "$OUT/cuda_bench.json" --plot "$OUT/cuda_bench.png" "$@" > "$OUT/bench.log" 2> "$OUT/bench.err"
     local rc=$?
     cat "$OUT/bench.log"
