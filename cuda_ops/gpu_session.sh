@@ -88,18 +88,21 @@ run_tests() {
     return $rc
 }
 
+warm_run() {  # warm_run SECONDS NAME BENCH-ARGS...: one compile-only bench run (BITVIT_TUNE=compile)
+    local seconds=$1 name=$2
+    shift 2
+    BITVIT_TUNE=compile timeout "$seconds" "$PY" -m cuda_ops.bench --device cuda --quick --batches 1,8,64,256 \
+        "$@" --out "/tmp/bitvit-warm-$name.json" > "/tmp/bitvit-warm-$name.log" 2>&1
+}
+
 warm_cache() {  # compile the bench's tilings into Triton's cache for $1 s at most, in parallel (see the header)
     # The ViT-B shapes stand for ViT-S and ViT-L too (the same M; widths specialise alike, as multiples of 16).
     local seconds=$1 op
     if [ "$seconds" -lt 30 ]; then echo "warm: skipped, ${seconds} s"; return 0; fi
     rm -f /tmp/bitvit-warm-*.json
     for op in w1.58a8 w1.58a8-b3 w1a8 w8a8 w4a8 w4; do
-        BITVIT_TUNE=compile timeout "$seconds" "$PY" -m cuda_ops.bench --device cuda --quick \
-            --models vit_base_patch16_224 --batches 1,8,64,256 --ops "$op" --e2e-models "" \
-            --out "/tmp/bitvit-warm-ops-$op.json" > "/tmp/bitvit-warm-ops-$op.log" 2>&1 &
-        BITVIT_TUNE=compile timeout "$seconds" "$PY" -m cuda_ops.bench --device cuda --quick \
-            --models "" --e2e-models vit_base_patch16_224 --batches 1,8,64,256 --variants "$op" \
-            --out "/tmp/bitvit-warm-e2e-$op.json" > "/tmp/bitvit-warm-e2e-$op.log" 2>&1 &
+        warm_run "$seconds" "ops-$op" --models vit_base_patch16_224 --ops "$op" --e2e-models "" &
+        warm_run "$seconds" "e2e-$op" --models "" --e2e-models vit_base_patch16_224 --variants "$op" &
     done
     wait
     echo "warm: Triton's compile cache filled for the bench's ViT-B shapes ($SECONDS s into the call;" \

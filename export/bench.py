@@ -102,27 +102,20 @@ def time_variants(variants: dict, img_size: int, batch: int, runs: int, round_ro
     from tqdm import tqdm
     x = np.random.default_rng(batch).standard_normal((batch, 3, img_size, img_size)).astype(np.float32)
     times = {k: [] for k in variants}
+    # round-robin: one group of every variant; otherwise a group per variant, timed one after another
+    groups = [list(variants.items())] if round_robin else [[item] for item in variants.items()]
     bar = tqdm(total=runs * len(variants), desc=f"batch {batch}", unit="run", leave=False)
-
-    def timed(name, v):
-        v.fn(x)
-        t = time.perf_counter()
-        v.fn(x)
-        times[name].append((time.perf_counter() - t) * 1e3)
-        bar.update()
-    if round_robin:
-        for v in variants.values():
+    for group in groups:
+        for _, v in group:
             for _ in range(3):
                 v.fn(x)
         for _ in range(runs):
-            for name, v in variants.items():
-                timed(name, v)
-    else:
-        for name, v in variants.items():
-            for _ in range(3):
+            for name, v in group:
                 v.fn(x)
-            for _ in range(runs):
-                timed(name, v)
+                t = time.perf_counter()
+                v.fn(x)
+                times[name].append((time.perf_counter() - t) * 1e3)
+                bar.update()
     bar.close()
     return {k: statistics.median(v) for k, v in times.items()}
 

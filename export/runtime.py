@@ -2,8 +2,8 @@
 
 The session registers bitvit's custom-op library (building it on first use) only when the file uses
 the `bitvit` domain, turns ONNX Runtime's spinning worker threads off unless asked to keep them (they
-slow a torch model in the same process about 3x), and knows the preprocessing the model expects from the file's metadata:
-image size, mean/std and class names.
+slow a torch model in the same process about 3x), and knows the preprocessing the model expects from
+the file's metadata: image size, mean/std and class names.
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ class Session:
         if threads:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+        for pool in ("intra_op", "inter_op"):
+            so.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
         if self.uses_custom_ops:
             lib = library_path()
             try:
