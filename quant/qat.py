@@ -278,7 +278,8 @@ def main(argv=None):
     if args.results:
         entry = {
             "name": args.name or args.recipe, "recipe": args.recipe, "recipe_fields": dataclasses.asdict(r),
-            "top1": res["top1"], "teacher_top1": fp["top1"], "drop_points": 100 * (fp["top1"] - res["top1"]),
+            "top1": res["top1"], "teacher_top1": fp["top1"],
+            "drop_points": round(100 * (fp["top1"] - res["top1"]), 4),  # top-1 points, without float noise
             "split": args.eval_split, "n": res["n"], "size_bytes": size,
             "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
             "float16": args.float16,

@@ -110,6 +110,7 @@ def test_cli_trains_packs_scores_and_records_a_ternary_model(teacher_file, image
     entry = json.loads(results.read_text())["runs"]["w1.58a8"]
     assert 0 <= entry["top1"] <= 1 and entry["split"] == "test" and entry["bits_per_weight"] < 2.1
     assert {"command", "machine", "date", "wall_time_s", "epochs", "size_bytes"} <= set(entry)
+    assert entry["drop_points"] == round(100 * (entry["teacher_top1"] - entry["top1"]), 4)  # no float noise
     assert run(main, args) == 0   # a rerun resumes from the finished stages and writes the same model
     assert json.loads(results.read_text())["runs"]["w1.58a8"]["top1"] == entry["top1"]
 
