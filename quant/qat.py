@@ -273,13 +273,12 @@ def main(argv=None):
     fp = {"top1": _known_teacher_top1(args.results, args.teacher, args.eval_split, res["n"])}
     if fp["top1"] is None:
         fp = evaluate(teacher.to(device), data, device=device, progress=True)
-    print(f"{args.eval_split} top-1: {res['top1']:.4f} (teacher {fp['top1']:.4f}, "
-          f"drop {100 * (fp['top1'] - res['top1']):.2f} points)")
+    drop = round(100 * (fp["top1"] - res["top1"]), 4)  # top-1 points, without float noise
+    print(f"{args.eval_split} top-1: {res['top1']:.4f} (teacher {fp['top1']:.4f}, drop {drop:.2f} points)")
     if args.results:
         entry = {
             "name": args.name or args.recipe, "recipe": args.recipe, "recipe_fields": dataclasses.asdict(r),
-            "top1": res["top1"], "teacher_top1": fp["top1"],
-            "drop_points": round(100 * (fp["top1"] - res["top1"]), 4),  # top-1 points, without float noise
+            "top1": res["top1"], "teacher_top1": fp["top1"], "drop_points": drop,
             "split": args.eval_split, "n": res["n"], "size_bytes": size,
             "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
             "float16": args.float16,
