@@ -2,8 +2,9 @@
 
 Prints top-1 (as `top1=0.xxxx` on the last line), per-class accuracy, parameter count, size on disk
 and batch-1 latency; writes a confusion-matrix PNG and, with `--json`, all of it as JSON.
-Post-training quantization and QAT score their torch models through `evaluate`; export's benchmark
-scores ONNX Runtime sessions with its own loop.
+The checkpoint is a bitvit `.safetensors` file (run in torch) or a bitvit `.onnx` export (run in ONNX
+Runtime, with bitvit's ops where the graph uses them). Post-training quantization and QAT score their
+torch models through `evaluate`; export's benchmark scores ONNX Runtime sessions with its own loop.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 from quant.cli import output_file, positive_int, provenance, run
 from quant.data import ImageSet, load_split, to_model_input
+from quant.models import VisionTransformer, count_parameters
 
 
 @torch.no_grad()
@@ -65,6 +67,20 @@ def latency_ms(model: nn.Module, img_size: int) -> float:
     return statistics.median(times)
 
 
+class OnnxModel(nn.Module):
+    """A bitvit ONNX export in ONNX Runtime (on the CPU), behind the module interface `evaluate` and
+    `latency_ms` call."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        super().__init__()
+        from export.runtime import load  # the export stage, needed only for .onnx files
+        self.session = load(path, threads=threads)
+        self.config = self.session.config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, classes)
+        return torch.from_numpy(self.session(x.detach().cpu().numpy()))
+
+
 def plot_confusion(confusion, classes, path: str | os.PathLike, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -90,7 +106,8 @@ def plot_confusion(confusion, classes, path: str | os.PathLike, title: str) -> N
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m quant.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="bitvit model file (.safetensors)")
+    p.add_argument("--checkpoint", required=True, help="bitvit model file (.safetensors, or an .onnx export "
+                                                       "run in ONNX Runtime)")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its unpacked folder, "
                                                  "cifar-10-batches-py, or an image-folder tree")
     p.add_argument("--split", default="test", help="test (default), val, train, trainval or all")
@@ -99,7 +116,8 @@ def main(argv=None):
     p.add_argument("--confusion", help="confusion-matrix PNG (default: next to --json, "
                                        "or <checkpoint>.confusion.png)")
     p.add_argument("--batch-size", type=positive_int, default=500)
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="CPU threads of torch or ONNX Runtime "
+                                                       "(default: torch's, one per core)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,21 +128,27 @@ def main(argv=None):
 
     from quant.qlinear import QuantLinear
     from quant.packfile import load_any
-    model = load_any(args.checkpoint)
+    onnx = Path(args.checkpoint).suffix == ".onnx"
+    model = OnnxModel(args.checkpoint, torch.get_num_threads()) if onnx else load_any(args.checkpoint)
     cfg = model.config
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not onnx else "cpu"
     t0 = time.perf_counter()
     res = evaluate(model.to(device), data, args.batch_size, device, progress=True)
     eval_s = time.perf_counter() - t0
     model.cpu()
     size = Path(args.checkpoint).stat().st_size
-    params = sum(p.numel() for p in model.parameters()) + sum(  # quantized weights are packed buffers
-        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    if onnx:  # the weights the exported architecture holds, whatever their storage
+        with torch.device("meta"):
+            params = count_parameters(VisionTransformer(cfg))
+    else:  # quantized weights are packed buffers
+        params = sum(p.numel() for p in model.parameters()) + sum(
+            m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     lat = latency_ms(model, cfg.img_size)
-    res.update(checkpoint=str(args.checkpoint), split=args.split, params=params, size_bytes=size,
-               latency_ms_batch1_cpu=lat, threads=torch.get_num_threads(), eval_seconds=eval_s,
-               **provenance("quant.evaluate", argv))
+    threads = torch.get_num_threads()  # ONNX Runtime was given as many
+    res.update(checkpoint=str(args.checkpoint), runtime="onnxruntime" if onnx else "torch", split=args.split,
+               params=params, size_bytes=size, latency_ms_batch1_cpu=lat, threads=threads,
+               eval_seconds=eval_s, **provenance("quant.evaluate", argv))
 
     confusion_png = args.confusion or (Path(args.json).with_suffix(".confusion.png") if args.json
                                        else Path(str(args.checkpoint) + ".confusion.png"))
@@ -134,7 +158,7 @@ def main(argv=None):
 
     width = max(len(c) for c in data.classes)
     print(f"{args.checkpoint}: {params:,} parameters, {size / 1e6:.2f} MB on disk, "
-          f"batch-1 CPU latency {lat:.2f} ms ({torch.get_num_threads()} threads)")
+          f"batch-1 CPU latency {lat:.2f} ms in {res['runtime']} ({threads} threads)")
     print(f"{args.split} split: {res['n']} images")
     for c, a in res["per_class"].items():
         print(f"  {c:<{width}}  {a:.4f}")

@@ -1,4 +1,5 @@
-"""`python -m quant.evaluate`: its report, its last line, and one clear error for bad input."""
+"""`python -m quant.evaluate`: its report, its last line, ONNX exports scored like torch models, and one
+clear error for bad input."""
 import json
 import re
 import subprocess
@@ -8,7 +9,8 @@ import pytest
 
 from quant.data import load_split
 from quant.evaluate import evaluate
-from quant.models import save_model
+from export.exporter import export
+from quant.models import count_parameters, save_model
 
 
 @pytest.fixture
@@ -40,10 +42,25 @@ def test_cli_reports_and_ends_with_top1(checkpoint, image_tree, tmp_path):
     assert "parameters" in out and "MB on disk" in out
 
 
+def test_cli_scores_an_onnx_export_in_onnx_runtime_as_its_torch_model_scores(tiny_model, image_tree, tmp_path):
+    onnx_path = export(tiny_model, tmp_path / "tiny.onnx", "fp32")
+    out = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(onnx_path),
+                          "--data", str(image_tree), "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, check=True).stdout
+    res = json.loads((tmp_path / "r.json").read_text())
+    torch_res = evaluate(tiny_model, load_split(image_tree, "test", image_size=16, progress=False))
+    assert res["runtime"] == "onnxruntime" and "in onnxruntime" in out
+    assert res["top1"] == torch_res["top1"] and res["confusion"] == torch_res["confusion"]
+    assert res["params"] == count_parameters(tiny_model) and res["size_bytes"] == onnx_path.stat().st_size
+    assert res["latency_ms_batch1_cpu"] > 0
+
+
 @pytest.mark.parametrize("make_bad, message", [
     (lambda p: p / "absent.safetensors", "no such model file"),
     (lambda p: (p / "junk.safetensors").write_bytes(b"\x00" * 64) and p / "junk.safetensors",
      "not a readable safetensors file"),
+    (lambda p: (p / "junk.onnx").write_bytes(b"\x07garbage" * 8) and p / "junk.onnx", "not a readable ONNX model"),
+    (lambda p: p / "absent.onnx", "no such ONNX file"),
 ])
 def test_cli_bad_checkpoint_is_one_error_line(tmp_path, image_tree, make_bad, message):
     r = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(make_bad(tmp_path)),
