@@ -19,7 +19,6 @@ Size and bits per weight: `size_bytes` is the file the model ships as; `bits_per
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -35,7 +34,7 @@ import quant
 from quant.cli import finite_number
 from quant.data import check_model_input
 from quant.models import FORMAT as FP_FORMAT
-from quant.models import ViTConfig, VisionTransformer, count_parameters, existing_file, read_safetensors_metadata
+from quant.models import ViTConfig, existing_file, fp_parameters, read_safetensors_metadata
 from quant.packfile import FORMAT as QUANT_FORMAT
 from quant.packfile import is_quantized_format
 
@@ -62,14 +61,6 @@ class Backend:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Logits (B, classes) of normalised float32 images (B, 3, S, S)."""
         return self.run(x)
-
-
-@functools.lru_cache(maxsize=None)
-def fp_parameters(cfg: ViTConfig) -> int:
-    """Parameters of the full-precision model of this architecture (the weights a file stores); counted on
-    the meta device, so nothing is allocated."""
-    with torch.device("meta"):
-        return count_parameters(VisionTransformer(cfg))
 
 
 def normalize(images: np.ndarray, cfg: ViTConfig) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from quant.cli import output_file, positive_int, provenance, run
 from quant.data import ImageSet, load_split, to_model_input
-from quant.models import VisionTransformer, count_parameters
+from quant.models import fp_parameters
 
 
 @torch.no_grad()
@@ -139,8 +139,7 @@ def main(argv=None):
     model.cpu()
     size = Path(args.checkpoint).stat().st_size
     if onnx:  # the weights the exported architecture holds, whatever their storage
-        with torch.device("meta"):
-            params = count_parameters(VisionTransformer(cfg))
+        params = fp_parameters(cfg)
     else:  # quantized weights are packed buffers
         params = sum(p.numel() for p in model.parameters()) + sum(
             m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))

@@ -13,6 +13,7 @@ rebuilds its own model: `save_model(model, path)` / `load_model(path)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -431,6 +432,14 @@ def _load_from_hub(repo: str, name: str) -> VisionTransformer:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def fp_parameters(cfg: ViTConfig) -> int:
+    """Parameters of the full-precision model of this architecture (the weights a file stores); counted on
+    the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        return count_parameters(VisionTransformer(cfg))
 
 
 @torch.no_grad()
