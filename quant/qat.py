@@ -13,7 +13,9 @@ then `fix_bits` and fine-tuning with the widths fixed. The trained model is froz
 Everything resumes: rerun the same command (e.g. after `--time-limit` stopped it) and each stage
 continues from `--run-dir`. `--time-budget S` fits the training into S seconds instead (for a GPU
 lent for a fixed time): each stage gets the share of S its epochs have, its cosine decays over that
-time, and its epochs become a cap. `--eval-split test` scores the frozen file and its teacher on that
+time, and its epochs become a cap. `--init STATE` warm-restarts a BitNet run: the student starts from the
+weights of an earlier run of the same recipe and teacher (a stage's `last.pt` in its run folder) under a
+fresh schedule, so training can go on past the epochs that run was scheduled for. `--eval-split test` scores the frozen file and its teacher on that
 split, on the device it trained on; `--results FILE --name KEY` records the run (top-1, size,
 bits/weight, command, machine, wall time).
 """
@@ -96,6 +98,34 @@ def _known_teacher_top1(results: str | None, teacher: str, split: str, n: int) -
     return None
 
 
+def read_init(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The student weights in an earlier QAT run's resume state (`RUN_DIR/finetune/last.pt`), read
+    without unpickling code, or one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such resume state (give an earlier run's RUN_DIR/finetune/last.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated, foreign or pickled-code files
+        raise ValueError(f"{path} is not a readable resume state ({type(e).__name__})") from None
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{path} is not a bitvit resume state (no model weights); give an earlier run's "
+                         f"RUN_DIR/finetune/last.pt")
+    return weights
+
+
+def init_student(student: nn.Module, weights: dict[str, torch.Tensor], path) -> None:
+    """Load an earlier run's student weights (`read_init`) into a freshly prepared student of the same
+    recipe and teacher, naming the first tensor that disagrees."""
+    try:
+        student.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{path} holds the weights of another student "
+                         f"({(str(e).splitlines() or [''])[-1].strip()[:160]}); give a resume state of the same "
+                         f"recipe and teacher") from None
+
+
 def prepare_student(teacher: nn.Module, r, train, calib_size: int, seed: int, device: torch.device,
                     bitops_weight: float = 1.0):
     """A copy of `teacher` with the QAT recipe `r`'s training-time layers, on `device`, initialised on
@@ -173,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree")
     p.add_argument("--out", required=True, help="packed model file to write (.safetensors)")
     p.add_argument("--run-dir", help="resume folder of the training stages (default: PATH.run/)")
+    p.add_argument("--init", metavar="STATE",
+                   help="BitNet recipes: start from an earlier run's weights (RUN_DIR/finetune/last.pt) under a "
+                        "fresh schedule (a warm restart)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. --set budget_bits=3 --set input_norm=false")
     p.add_argument("--epochs", type=positive_int, default=10)
@@ -238,6 +271,9 @@ def main(argv=None):
     if not isinstance(r, QAT):
         raise ValueError(f"{args.recipe} is a post-training recipe: use python -m quant.ptq --checkpoint "
                          f"{args.teacher} --recipe {args.recipe} ...")
+    if args.init and r.method != "bitnet":  # a Q-ViT student's widths are fixed between its two stages
+        raise ValueError(f"--init warm-restarts the BitNet recipes (w1.58a8, w1a8), not {args.recipe}")
+    init = read_init(args.init) if args.init else None
 
     teacher = load_model(args.teacher)
     cfg = teacher.config
@@ -245,6 +281,8 @@ def main(argv=None):
     val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
     started = time.time()
     student, penalty = prepare_student(teacher, r, train, args.calib_size, args.seed, device, args.bitops_weight)
+    if init is not None:
+        init_student(student, init, args.init)
     features = FeatureDistill(student, teacher, args.feature_weight) if args.feature_weight > 0 else None
     train_cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -283,7 +321,7 @@ def main(argv=None):
             "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
             "float16": args.float16,
             "teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
-            "file": str(args.out), "epochs": len(epoch_logs), "max_epochs": args.epochs,  # fewer: --time-budget
+            "file": str(args.out), "init": args.init, "epochs": len(epoch_logs), "max_epochs": args.epochs,  # fewer: --time-budget
             "train_images": len(train), "images_per_epoch": len(train),
             "train_seconds": round(train_seconds, 1), "wall_time_s": round(time.time() - started, 1),
             "images_per_s": round(len(epoch_logs) * len(train) / max(train_seconds, 1e-9), 1),

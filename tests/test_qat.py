@@ -258,3 +258,38 @@ def test_a_run_ended_by_its_time_budget_records_the_epochs_it_trained(teacher_fi
     entry = json.loads(results.read_text())["runs"]["w1a8"]
     log = (tmp_path / "b.safetensors.run" / "finetune" / "log.jsonl").read_text().splitlines()
     assert entry["epochs"] == len(log) < entry["max_epochs"] == 50
+
+
+def test_a_warm_restart_at_learning_rate_zero_writes_the_earlier_runs_model(teacher_file, image_tar, tmp_path):
+    common = ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar), "--epochs", "1",
+              "--batch-size", "8"]
+    first, again = tmp_path / "first.safetensors", tmp_path / "again.safetensors"
+    assert run(main, common + ["--out", str(first)]) == 0
+    state = tmp_path / "first.safetensors.run" / "finetune" / "last.pt"
+    assert run(main, common + ["--out", str(again), "--init", str(state), "--lr", "0", "--calib-size", "3"]) == 0
+    a, b = quant.load_quantized(first).state_dict(), quant.load_quantized(again).state_dict()
+    assert a.keys() == b.keys()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}   # BatchNorm statistics still move in training mode
+    assert all("running_" in k for k in moved)
+
+
+@pytest.mark.parametrize("kind", ["missing", "not a torch file", "no model weights", "another student"])
+def test_a_warm_restart_from_a_bad_state_is_refused_before_training(teacher_file, image_tar, tmp_path, capsys, kind):
+    state = tmp_path / "last.pt"
+    if kind == "not a torch file":
+        state.write_bytes(b"not a resume state")
+    elif kind == "no model weights":
+        torch.save({"epoch": 1}, state)
+    elif kind == "another student":
+        torch.save({"model": {"blocks.0.attn.qkv.weight": torch.zeros(2, 2)}}, state)
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "x.safetensors"), "--init", str(state)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the data's progress bar, for another student
+    assert err.startswith("error: ") and "last.pt" in err
+    assert not (tmp_path / "x.safetensors.run").exists()
+
+
+def test_a_warm_restart_of_a_qvit_recipe_is_refused(teacher_file, image_tar, tmp_path, capsys):
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--data", str(image_tar),
+                      "--out", str(tmp_path / "x.safetensors"), "--init", str(tmp_path / "last.pt")]) == 2
+    assert "--init warm-restarts the BitNet recipes" in capsys.readouterr().err
