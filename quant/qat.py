@@ -13,11 +13,11 @@ then `fix_bits` and fine-tuning with the widths fixed. The trained model is froz
 Everything resumes: rerun the same command (e.g. after `--time-limit` stopped it) and each stage
 continues from `--run-dir`. `--time-budget S` fits the training into S seconds instead (for a GPU
 lent for a fixed time): each stage gets the share of S its epochs have, its cosine decays over that
-time, and its epochs become a cap. `--init STATE` warm-restarts a BitNet run: the student starts from the
-weights of an earlier run of the same recipe and teacher (a stage's `last.pt` in its run folder) under a
-fresh schedule, so training can go on past the epochs that run was scheduled for. `--eval-split test` scores the frozen file and its teacher on that
-split, on the device it trained on; `--results FILE --name KEY` records the run (top-1, size,
-bits/weight, command, machine, wall time).
+time, and its epochs become a cap. `--init STATE` warm-restarts a BitNet run: the student starts from
+the weights of an earlier run of the same recipe and teacher (a stage's `last.pt` in its run folder)
+under a fresh schedule, so training can go on past the epochs that run was scheduled for.
+`--eval-split test` scores the frozen file and its teacher on that split, on the device it trained on;
+`--results FILE --name KEY` records the run (top-1, size, bits/weight, command, machine, wall time).
 """
 from __future__ import annotations
 
@@ -321,7 +321,8 @@ def main(argv=None):
             "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
             "float16": args.float16,
             "teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
-            "file": str(args.out), "init": args.init, "epochs": len(epoch_logs), "max_epochs": args.epochs,  # fewer: --time-budget
+            "file": str(args.out), "init": args.init,
+            "epochs": len(epoch_logs), "max_epochs": args.epochs,  # fewer: --time-budget
             "train_images": len(train), "images_per_epoch": len(train),
             "train_seconds": round(train_seconds, 1), "wall_time_s": round(time.time() - started, 1),
             "images_per_s": round(len(epoch_logs) * len(train) / max(train_seconds, 1e-9), 1),
