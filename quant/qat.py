@@ -101,17 +101,13 @@ def _known_teacher_top1(results: str | None, teacher: str, split: str, n: int) -
 def read_init(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The student weights in an earlier QAT run's resume state (`RUN_DIR/finetune/last.pt`), read
     without unpickling code, or one clear error."""
-    path = Path(path)
+    from quant.train import read_resume_state
+    path, advice = Path(path), "give an earlier run's RUN_DIR/finetune/last.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such resume state (give an earlier run's RUN_DIR/finetune/last.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated, foreign or pickled-code files
-        raise ValueError(f"{path} is not a readable resume state ({type(e).__name__})") from None
-    weights = state.get("model") if isinstance(state, dict) else None
+        raise FileNotFoundError(f"{path}: no such resume state ({advice})")
+    weights = read_resume_state(path, advice)["model"]
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"{path} is not a bitvit resume state (no model weights); give an earlier run's "
-                         f"RUN_DIR/finetune/last.pt")
+        raise ValueError(f"{path} is not a bitvit resume state (no model weights); {advice}")
     return weights
 
 

@@ -154,6 +154,19 @@ class _Dist:
         return float(t)
 
 
+def read_resume_state(path: Path, advice: str) -> dict:
+    """A resume state `fit` wrote (`last.pt`), read without unpickling code, or one clear error ending
+    in `advice`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"model", "optimizer", "rng", "epoch", "trained_seconds", "config"} - set(state)
+    except Exception as e:  # torch raises many types for truncated, foreign or pickled-code files
+        raise ValueError(f"{path} is not a readable resume state ({type(e).__name__}); {advice}") from None
+    if missing:
+        raise ValueError(f"{path} is not a bitvit resume state (no {', '.join(sorted(missing))}); {advice}")
+    return state
+
+
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
         out_dir: str | os.PathLike, teacher: nn.Module | None = None, device: str | None = None,
         extra_loss: Callable[[nn.Module], torch.Tensor] | None = None, progress: bool = True,
@@ -199,15 +212,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     start_epoch, trained = 0, 0.0  # epochs done, seconds spent in training steps
     ckpt_path = out / "last.pt"
     if ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            missing = {"model", "optimizer", "rng", "epoch", "trained_seconds", "config"} - set(state)
-        except Exception as e:  # torch raises many types for truncated, foreign or pickled-code files
-            raise ValueError(f"{ckpt_path} is not a readable resume state ({type(e).__name__}); "
-                             f"delete it to start over") from None
-        if missing:
-            raise ValueError(f"{ckpt_path} is not a bitvit resume state (no {', '.join(sorted(missing))}); "
-                             f"delete it to start over")
+        state = read_resume_state(ckpt_path, "delete it to start over")
         if state["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
             raise ValueError(f"{ckpt_path} was written by a run with another config; "
                              f"use a fresh --out folder or delete it")
