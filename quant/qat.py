@@ -123,14 +123,18 @@ def init_student(student: nn.Module, weights: dict[str, torch.Tensor], path) -> 
 
 
 def prepare_student(teacher: nn.Module, r, train, calib_size: int, seed: int, device: torch.device,
-                    bitops_weight: float = 1.0):
+                    bitops_weight: float = 1.0, init: tuple[dict[str, torch.Tensor], str] | None = None):
     """A copy of `teacher` with the QAT recipe `r`'s training-time layers, on `device`, initialised on
-    `calib_size` training images (BitNet: its input LayerNorms; Q-ViT: step sizes and MAC counts).
+    `calib_size` training images (BitNet: its input LayerNorms; Q-ViT: step sizes and MAC counts), or,
+    given `init` = (weights, path) from `read_init`, with an earlier BitNet run's weights instead.
     Returns (student, Q-ViT's BitOPs penalty or None)."""
     from quant import bitlinear, qvit, quantize
     from quant.data import to_model_input
     student = quantize(copy.deepcopy(teacher), r)
     student.to(device)  # calibrated where it trains: Q-ViT's step-size search takes minutes on a small CPU
+    if init is not None:  # main allows it for BitNet only: Q-ViT's penalty needs calibrated MAC counts
+        init_student(student, *init)
+        return student, None
     cfg = student.config
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calib_size].numpy()
     calib = to_model_input(train.images[pick], cfg.mean, cfg.std, device=device)
@@ -222,7 +226,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="qvit: fraction of epochs searching bit-widths")
     p.add_argument("--bitops-weight", type=number_in(0), default=1.0, help="qvit: weight eta of the BitOPs penalty")
     p.add_argument("--calib-size", type=positive_int, default=256,
-                   help="training images that initialise Q-ViT's step sizes or BitNet's input LayerNorms")
+                   help="training images that initialise Q-ViT's step sizes or BitNet's input LayerNorms "
+                        "(not used with --init)")
     p.add_argument("--eval-split", choices=SPLITS,
                    help="after training, score the packed model and the teacher on this split")
     p.add_argument("--eval-limit", type=positive_int, help="score only this many images of --eval-split")
@@ -269,16 +274,15 @@ def main(argv=None):
                          f"{args.teacher} --recipe {args.recipe} ...")
     if args.init and r.method != "bitnet":  # a Q-ViT student's widths are fixed between its two stages
         raise ValueError(f"--init warm-restarts the BitNet recipes (w1.58a8, w1a8), not {args.recipe}")
-    init = read_init(args.init) if args.init else None
+    init = (read_init(args.init), args.init) if args.init else None
 
     teacher = load_model(args.teacher)
     cfg = teacher.config
     train = load_split(args.data, "train", cfg.img_size, limit=args.limit).require_classes(cfg)
     val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
     started = time.time()
-    student, penalty = prepare_student(teacher, r, train, args.calib_size, args.seed, device, args.bitops_weight)
-    if init is not None:
-        init_student(student, init, args.init)
+    student, penalty = prepare_student(teacher, r, train, args.calib_size, args.seed, device, args.bitops_weight,
+                                       init)
     features = FeatureDistill(student, teacher, args.feature_weight) if args.feature_weight > 0 else None
     train_cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
