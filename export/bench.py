@@ -124,17 +124,12 @@ def accuracy(variants: dict, data, mean, std) -> dict[str, dict]:
     """CIFAR top-1 of each variant in its runtime and of the torch model it came from."""
     from tqdm import tqdm
 
-    from quant.data import to_model_input
-    batch = 250  # images per forward pass
+    from quant.evaluate import predict
     res = {}
     for name, v in tqdm(variants.items(), desc="accuracy", unit="variant"):
-        preds, ref = [], []
-        for i in range(0, len(data), batch):
-            x = to_model_input(data.images[i:i + batch], mean, std)
-            preds.append(v.fn(x.numpy()).argmax(1))
-            with torch.inference_mode():
-                ref.append(v.model(x).argmax(1).numpy())
-        preds, ref = np.concatenate(preds), np.concatenate(ref)
+        preds = predict(lambda x, fn=v.fn: torch.from_numpy(fn(x.numpy())), data.images, mean, std, 250)
+        ref = predict(v.model, data.images, mean, std, 250)
+        preds, ref = preds.argmax(1).numpy(), ref.argmax(1).numpy()
         res[name] = {"top1": float((preds == data.labels).mean()), "torch_top1": float((ref == data.labels).mean()),
                      "prediction_agreement": float((preds == ref).mean())}
     return res

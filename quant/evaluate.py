@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,13 @@ from quant.models import fp_parameters
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, mean, std, batch_size: int = 500,
+def predict(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, mean, std, batch_size: int = 500,
             device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
-    """Logits (N, K) of uint8 images (N, H, W, 3), computed in batches."""
+    """Logits (N, K) of uint8 images (N, H, W, 3), computed in batches by a module (put in eval mode) or
+    any function of a normalised batch (B, 3, S, S)."""
     from tqdm import tqdm
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="evaluating", unit="batch",
                   disable=not progress, leave=False):
