@@ -4,8 +4,9 @@ Webcam frames arrive as base64 data URLs (Gradio's stream; `load_data_url`), upl
 (`load_image_file`), both checked for size before they are decoded; frames handed over as numpy
 arrays (the benchmark) are taken as they are. Arrays may be of any size up to 50 megapixels, grayscale (H, W) or
 (H, W, 1), RGB or RGBA, uint8, 16-bit or float, mirrored (a selfie preview) or not, and as `None`
-between stream events. Value ranges: integer frames whose values exceed 255 are 16-bit (0..65535);
-float frames are 0..1 when no value exceeds 1, else 0..255; anything outside those is refused.
+between stream events. Value ranges: uint16 frames are 16-bit (0..65535, dark stays dark); other
+integer frames hold 8-bit values (0..255); float frames are 0..1 when no value exceeds 1, else 0..255;
+anything outside those is refused.
 Uploaded files are decoded here, with one clear `ValueError` for anything that is not a readable image
 of reasonable size. `model_view` then resizes the way `quant.data` decodes a data set: shorter side to
 the model's image size (bicubic, antialiased), centre crop -- for the CIFAR models a 32x32 square.
@@ -32,7 +33,10 @@ def to_rgb(frame) -> np.ndarray:
         return _pil_to_rgb(frame)
     if frame is None:
         raise ValueError("no image")
-    a = np.asarray(frame)
+    try:
+        a = np.asarray(frame)
+    except ValueError:  # a ragged nested sequence
+        raise ValueError("expected an image array, got a sequence of rows of different lengths") from None
     if a.dtype == object or not (a.dtype == bool or np.issubdtype(a.dtype, np.number)):
         raise ValueError(f"expected an image array, got an array of {a.dtype}")
     if a.ndim == 2:
@@ -54,7 +58,7 @@ def to_rgb(frame) -> np.ndarray:
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
-    """uint8 as is; bool as 0/255; 16-bit integers scaled down; floats in 0..1 (or 0..255) scaled."""
+    """uint8 as is; bool as 0/255; uint16 scaled down; other integers 0..255; floats in 0..1 (or 0..255) scaled."""
     if a.dtype == np.uint8:
         return a
     if a.dtype == bool:
@@ -70,27 +74,38 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
         if hi <= 1.0:
             a = a * 255
         return np.clip(a + 0.5, 0, 255).astype(np.uint8)
-    hi = int(a.max(initial=0))
-    if int(a.min(initial=0)) < 0 or hi > 65535:
-        raise ValueError(f"integer image values must lie in 0..65535, got {int(a.min())}..{hi}")
-    return (a // 257 if hi > 255 else a).astype(np.uint8)
+    if a.dtype == np.uint16:  # 16-bit whatever its values, as PIL's 16-bit images: a dark frame stays dark
+        return (a // 257).astype(np.uint8)
+    lo, hi = int(a.min(initial=0)), int(a.max(initial=0))
+    if lo < 0 or hi > 255:
+        raise ValueError(f"{a.dtype} image values must lie in 0..255 (8-bit; give 16-bit images as uint16), "
+                         f"got {lo}..{hi}")
+    return a.astype(np.uint8)
+
+
+# PIL modes whose convert("RGB"/"RGBA") gives the colours shown (LAB, for one, would copy its channels as RGB)
+_PIL_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV", "LA", "PA", "RGBA", "RGBa"}
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode.startswith("I;16"):  # 16-bit grayscale, whatever its values: dark stays dark
-        return to_rgb((np.asarray(img).astype(np.uint32) // 257).astype(np.uint8))
-    if img.mode in ("I", "F"):  # 32-bit integer or float grayscale: value ranges as for arrays
+        return to_rgb(np.asarray(img).astype(np.uint16))
+    if img.mode == "I":  # 32-bit integers: 16-bit values (as 16-bit PNGs once opened) when any exceeds 255
+        a = np.asarray(img)
+        return to_rgb(a.astype(np.uint16) if 255 < a.max(initial=0) <= 65535 and a.min(initial=0) >= 0 else a)
+    if img.mode == "F":  # float grayscale: value ranges as for arrays
         return to_rgb(np.asarray(img))
-    try:
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            return to_rgb(np.asarray(img.convert("RGBA")))
-        return to_rgb(np.asarray(img.convert("RGB")))
-    except ValueError as e:  # PIL cannot convert a few in-memory modes (e.g. premultiplied "La")
-        raise ValueError(f"images of PIL mode {img.mode!r} are not supported ({e})") from None
+    if img.mode not in _PIL_MODES:
+        raise ValueError(f"images of PIL mode {img.mode!r} are not supported (give RGB, RGBA, L, P or CMYK)")
+    if img.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in img.info:
+        return to_rgb(np.asarray(img.convert("RGBA")))
+    return to_rgb(np.asarray(img.convert("RGB")))
 
 
 def load_image_file(path: str | os.PathLike) -> np.ndarray:
     """Decode an uploaded file into uint8 RGB (H, W, 3), or raise ValueError saying what is wrong with it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not an image file")
     try:
         nbytes = os.path.getsize(path)
     except OSError:

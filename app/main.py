@@ -70,8 +70,11 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     for m in variants:
         a, b = fp_file.config, m.config
         if (a.img_size, a.classes) != (b.img_size, b.classes):
-            why = (f"{m.path.name}: takes {b.img_size}x{b.img_size} images of {len(b.classes)} classes, "
-                   f"the FP model {a.img_size}x{a.img_size} of {len(a.classes)}: not comparable")
+            differ = (f"classes {', '.join(b.classes)}, the FP model's {', '.join(a.classes)}"
+                      if (a.img_size, len(a.classes)) == (b.img_size, len(b.classes)) else
+                      f"{b.img_size}x{b.img_size} images of {len(b.classes)} classes, the FP model "
+                      f"{a.img_size}x{a.img_size} of {len(a.classes)}")
+            why = f"{m.path.name}: takes {differ}: not comparable"
             if quant is not None and m is variants[0]:
                 raise ValueError(f"--quant {why}")
             skipped.append(why)
@@ -87,7 +90,7 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
             raise ValueError(f"no quantized model in {assets} to compare {Path(fp).name} with, and the app can only "
                              f"quantize a .safetensors model itself: pass --quant MODEL")
         for name in ON_THE_FLY:
-            label = f"{name} · built on the fly from {Path(fp).name} (PTQ, no packed model in assets/)"
+            label = f"{name} · built on the fly from {Path(fp).name} (PTQ, no comparable packed model in {Path(assets).name}/)"
             openers[label] = functools.partial(_on_the_fly, fp, name, threads, runtime)
     labels = list(openers)
     own = [m for m in keep if m.label not in other]  # of the FP model's architecture: a ternary one first
@@ -100,7 +103,7 @@ def _on_the_fly(fp, recipe: str, threads, runtime):
     from app.backends import open_model, quantize_on_the_fly
     backend = open_model(quantize_on_the_fly(fp, recipe), threads, runtime)
     backend.note = (f"quant.quantize(model, {recipe!r}) of {Path(fp).name}, round to nearest, built by the app "
-                    f"(the models folder holds no packed model); " + backend.note).rstrip("; ")
+                    f"(the models folder holds no packed model comparable with it); " + backend.note).rstrip("; ")
     return backend
 
 
@@ -165,7 +168,9 @@ def main(argv=None):
     p.add_argument("--results", help="results folder for the Results tab (default: <assets>/results)")
     p.add_argument("--threads", type=positive_int, help="CPU threads per model (default: all cores)")
     args = p.parse_args(argv)
-
+    if args.results is not None and not Path(args.results).is_dir():
+        raise FileNotFoundError(f"--results {args.results}: no such folder (the Results tab shows the results "
+                                f"files of a folder)")
     check_port_free(args.host, args.port)  # before minutes of loading and warming models
     from app.ui import build
     comparison, labels, skipped = make_comparison(args.fp, args.quant, args.assets, args.threads)

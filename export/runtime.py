@@ -8,6 +8,7 @@ the file's metadata: image size, mean/std and class names.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,13 @@ from quant.models import ViTConfig
 
 from .exporter import META_FORMAT
 from .ortops import DOMAIN, library_path
+
+
+def ort_message(e: Exception) -> str:
+    """ONNX Runtime's error as one line, without the C++ source location and signature it prefixes
+    (`/onnxruntime_src/...cc:256 onnxruntime::Model::Model(...) `)."""
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ [^(\s]+\([^)]*\)\s*", "", str(e))
+    return " ".join(text.split()).rstrip(",")
 
 
 class Session:
@@ -55,11 +63,11 @@ class Session:
             try:
                 so.register_custom_ops_library(str(lib))
             except Exception as e:  # ORT's own Fail/InvalidArgument are not RuntimeErrors
-                raise ValueError(f"ONNX Runtime cannot load bitvit's op library {lib}: {e}") from None
+                raise ValueError(f"ONNX Runtime cannot load bitvit's op library {lib}: {ort_message(e)}") from None
         try:
             self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT's errors for invalid graphs, bad initializers, unknown ops
-            raise ValueError(f"ONNX Runtime cannot load {path}: {e}") from None
+            raise ValueError(f"ONNX Runtime cannot load {path}: {ort_message(e)}") from None
         self._check_signature()
         self._check_architecture(proto)
 
@@ -129,7 +137,7 @@ class Session:
         try:
             return self.session.run(["logits"], {"image": x})[0]
         except Exception as e:  # ORT's Fail/InvalidArgument, e.g. a packed initializer of the wrong size
-            raise ValueError(f"ONNX Runtime could not run {self.path}: {e}") from None
+            raise ValueError(f"ONNX Runtime could not run {self.path}: {ort_message(e)}") from None
 
     def predict(self, images) -> np.ndarray:
         """Logits of uint8 RGB images (see `preprocess`)."""

@@ -101,11 +101,32 @@ def test_a_dark_16_bit_png_stays_dark_even_when_no_value_exceeds_255(tmp_path):
     assert load_image_file(tmp_path / "dark.png").max() == 0
 
 
+def test_a_dark_uint16_frame_stays_dark_even_when_no_value_exceeds_255():
+    assert to_rgb(np.full((4, 4, 3), 200, np.uint16)).max() == 0
+
+
+def test_a_premultiplied_rgba_image_is_composited_over_white_like_a_straight_one():
+    straight = to_rgb(Image.new("RGBA", (2, 2), (20, 40, 60, 128)))
+    premultiplied = to_rgb(Image.new("RGBA", (2, 2), (20, 40, 60, 128)).convert("RGBa"))
+    assert np.abs(straight.astype(int) - premultiplied).max() <= 2 and straight[0, 0, 0] > 100
+
+
+def test_an_image_in_a_pil_mode_whose_rgb_conversion_would_garble_its_colours_is_refused():
+    with pytest.raises(ValueError, match="PIL mode 'LAB' are not supported"):
+        to_rgb(Image.new("LAB", (2, 2), (50, 0, 0)))
+
+
+def test_a_folder_given_as_an_upload_is_refused_as_a_folder(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, not an image file"):
+        load_image_file(tmp_path)
+
+
 @pytest.mark.parametrize("bad, message", [
     (None, "no image"), (np.zeros((4, 4, 2), np.uint8), "expected an image of shape"),
     (np.zeros((2, 4, 4, 3), np.uint8), "expected an image of shape"), (np.zeros((0, 4, 3), np.uint8), "empty"),
     (np.array([["a"]]), "expected an image array"), (np.full((4, 4), np.nan), "NaN"),
-    (np.full((4, 4), -5, np.int32), "0..65535"), (np.full((4, 4), -0.5), "0..1 or 0..255"),
+    (np.full((4, 4), -5, np.int32), "0..255"), (np.full((4, 4), 300, np.int32), "give 16-bit images as uint16"),
+    ([[1, 2], [3]], "rows of different lengths"), (np.full((4, 4), -0.5), "0..1 or 0..255"),
     (np.full((4, 4), 300.0), "0..1 or 0..255"),
     (np.broadcast_to(np.uint8(0), (8000, 8000, 3)), "megapixels")])
 def test_frames_that_are_not_images_are_refused_with_a_message(bad, message):
@@ -345,6 +366,14 @@ def test_a_quantized_model_given_for_other_classes_is_refused_not_swapped_for_an
         make_comparison(assets / "fp.safetensors", path, assets, runtime="torch")
 
 
+def test_a_quantized_model_of_as_many_classes_with_other_names_is_refused_naming_the_classes(assets, tmp_path):
+    names = tuple(f"other{i}" for i in range(TINY.num_classes))
+    other = quant.models.VisionTransformer(quant.models.ViTConfig(**{**TINY.__dict__, "classes": names}))
+    path = packed(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="takes classes other0, .*, the FP model's .*: not comparable"):
+        make_comparison(assets / "fp.safetensors", path, assets, runtime="torch")
+
+
 def test_an_onnx_fp_model_with_nothing_to_compare_it_with_asks_for_a_quantized_model(tiny_model, tmp_path):
     from export.exporter import export
     onnx_fp = export(tiny_model, tmp_path / "fp.onnx")
@@ -382,6 +411,15 @@ def test_a_port_outside_1_to_65535_is_an_argument_error(capsys):
     with pytest.raises(SystemExit):
         main(["--port", "99999"])
     assert "expected a port number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["missing", "file"])
+def test_a_results_folder_that_is_not_a_folder_is_refused_before_the_app_starts(tmp_path, capsys, where):
+    path = tmp_path / "results"
+    if where == "file":
+        path.write_text("{}")
+    assert run(main, ["--results", str(path)]) == 2
+    assert "no such folder" in capsys.readouterr().err
 
 
 def test_a_variant_for_other_classes_is_refused(fp_file, tmp_path):

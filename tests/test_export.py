@@ -163,6 +163,15 @@ def test_missing_corrupt_and_foreign_files_are_refused(tiny_model, tmp_path):
         runtime.load(tmp_path / "broken.onnx")
 
 
+def test_onnx_runtimes_refusal_reads_as_one_line_without_its_cpp_source_location(tiny_model, tmp_path):
+    newer = to_onnx(tiny_model)
+    newer.ir_version = 99  # as written by an onnx newer than this onnxruntime
+    onnx.save(newer, tmp_path / "newer.onnx")
+    with pytest.raises(ValueError, match="ONNX Runtime cannot load .*IR version") as e:
+        runtime.load(tmp_path / "newer.onnx")
+    assert "onnxruntime_src" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_model, tmp_path):
     resized = to_onnx(tiny_model)
     resized.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 64
