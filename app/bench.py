@@ -29,7 +29,7 @@ from app.frames import MAX_PIXELS
 from app.live import LiveStats
 from app.main import ASSETS, OTHER, make_comparison
 from app.ui import Handlers
-from quant.cli import output_file, positive_int, provenance, run
+from quant.cli import output_file, provenance, run, thread_count
 
 TARGET_FPS = 15
 
@@ -85,7 +85,7 @@ def main(argv=None):
     p.add_argument("--assets", default=str(ASSETS), help="folder of packed models (default: assets/)")
     p.add_argument("--frames", type=int, default=300, help="timed frames per pair (default 300)")
     p.add_argument("--size", default="640x480", help="frame size WxH (default 640x480, a webcam's)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads per model (default: all cores)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads per model (default: all cores)")
     p.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
                    help="how bitvit .safetensors models run (default: onnxruntime, as in the app)")
     p.add_argument("--out", default=str(ASSETS / "results" / "app_bench.json"), help="JSON results file")

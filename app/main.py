@@ -25,7 +25,7 @@ import os  # noqa: E402
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from quant.cli import positive_int, run  # noqa: E402
+from quant.cli import run, thread_count  # noqa: E402
 
 ASSETS = ROOT / "assets"
 DEFAULT_FP = ASSETS / "vit_cifar_tiny.safetensors"
@@ -166,7 +166,7 @@ def main(argv=None):
                                    "a ternary model from assets/)")
     p.add_argument("--assets", default=str(ASSETS), help="folder of models to offer (default: assets/)")
     p.add_argument("--results", help="results folder for the Results tab (default: <assets>/results)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads per model (default: all cores)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads per model (default: all cores)")
     args = p.parse_args(argv)
     if args.results is not None and not Path(args.results).is_dir():
         raise FileNotFoundError(f"--results {args.results}: no such folder (the Results tab shows the results "

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import torch
 
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, run, thread_count
 from quant.packfile import load_any
 
 from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export
@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("--standard-ops", action="store_true",
                    help="w8a8 as MatMulInteger, w4a8/ternary/binary as com.microsoft MatMulNBits, "
                         "instead of bitvit's ops")
-    p.add_argument("--threads", type=positive_int, default=2, help="threads for the check run")
+    p.add_argument("--threads", type=thread_count, default=2, help="threads for the check run")
     args = p.parse_args(argv)
 
     output_file(args.out, ".onnx", inputs=(args.checkpoint,))

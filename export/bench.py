@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 import torch
 
-from quant.cli import output_file, positive_int, provenance, run
+from quant.cli import output_file, positive_int, provenance, run, thread_count
 from quant.models import create_model, save_model
 from quant.packfile import load_any
 
@@ -174,7 +174,7 @@ def main(argv=None):
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=positive_int, help="score only this many images (a balanced subset; for dry runs)")
     p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--threads", type=thread_count, default=2)
     p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
     p.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/16 224 model")
     p.add_argument("--spinning", action="store_true",

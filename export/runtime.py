@@ -135,9 +135,12 @@ class Session:
         """Logits (B, classes) of normalised images (B, 3, S, S)."""
         x = check_model_input(x, self.image_size)
         try:
-            return self.session.run(["logits"], {"image": x})[0]
+            logits = self.session.run(["logits"], {"image": x})[0]
         except Exception as e:  # ORT's Fail/InvalidArgument, e.g. a packed initializer of the wrong size
             raise ValueError(f"ONNX Runtime could not run {self.path}: {ort_message(e)}") from None
+        if not np.isfinite(logits).all():  # finite inputs (checked above) but, say, a scale of 1e30
+            raise ValueError(f"{self.path} gives NaN or infinite logits for finite images (a damaged file?)")
+        return logits
 
     def predict(self, images) -> np.ndarray:
         """Logits of uint8 RGB images (see `preprocess`)."""

@@ -36,6 +36,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """argparse type for CPU threads: 1 up to the machine's logical cores (more only slows torch and ONNX
+    Runtime down, and thousands hang them)."""
+    value, cores = positive_int(text), os.cpu_count() or 1
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"expected at most {cores} threads (the machine's logical cores), got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """argparse type for a random seed: an integer in 0..2**32 - 1 (what numpy's and torch's generators take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{2**32 - 1}, got {value}")
+    return value
+
+
 def number_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
     """argparse type for a finite float between lo and hi (ends included unless open): rates, weights, seconds."""
     def parse(text: str) -> float:
@@ -63,11 +83,22 @@ def is_positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+def _check_parents(path: Path) -> None:
+    """Refuse a path under an existing file (where making its folder would fail with "File exists")."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{path}: {parent} is a file, not a folder")
+            return
+
+
 def run_folder(path: str | os.PathLike) -> Path:
-    """A run's folder, checked before any work is done (not an existing file); made later, by the run."""
+    """A run's folder, checked before any work is done (not an existing file, nor under one); made later, by
+    the run."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file, not a run folder")
+    _check_parents(path)
     return path
 
 
@@ -81,6 +112,7 @@ def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Pat
         raise ValueError(f"{path}: give a {suffix} file name to write")
     if any(i is not None and Path(i).resolve() == path.resolve() for i in inputs):
         raise ValueError(f"{path} is also this command's input; write the output to another file")
+    _check_parents(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -174,8 +174,9 @@ class _FolderSource(_Source):
 
     def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
         if self.flat and split != "all":
-            raise ValueError(f"{self.root} has no train/ or test/ folder; it is one pool of "
-                             f"class folders: use split 'all'")
+            raise ValueError(f"{self.root} has no train/ or test/ folder, only class folders: move them into "
+                             f"{self.root / 'train'}/ (a test set into {self.root / 'test'}/) to train on them, or "
+                             f"score them all as one pool with split 'all' (quant.evaluate --split all)")
         folder = self.root if split == "all" else self.root / split
         if not folder.is_dir():
             raise FileNotFoundError(f"{self.root} has no {split}/ folder")

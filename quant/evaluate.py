@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from quant.cli import output_file, positive_int, provenance, run
+from quant.cli import output_file, positive_int, provenance, run, thread_count
 from quant.data import ImageSet, load_split, to_model_input
 from quant.models import fp_parameters
 
@@ -46,7 +46,11 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, device="cp
     """top1, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
     cfg = model.config
     data.require_classes(cfg)
-    pred = predict(model, data.images, cfg.mean, cfg.std, batch_size, device, progress).argmax(1).numpy()
+    logits = predict(model, data.images, cfg.mean, cfg.std, batch_size, device, progress)
+    bad = int((~logits.isfinite().all(1)).sum())
+    if bad:  # argmax would call them all class 0 and report a top-1 regardless
+        raise ValueError(f"the model gives NaN or infinite logits for {bad} of {len(logits)} images (a damaged model?)")
+    pred = logits.argmax(1).numpy()
     k = cfg.num_classes
     confusion = np.bincount(data.labels * k + pred, minlength=k * k).reshape(k, k)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
@@ -119,7 +123,7 @@ def main(argv=None):
     p.add_argument("--confusion", help="confusion-matrix PNG (default: next to --json, "
                                        "or <checkpoint>.confusion.png)")
     p.add_argument("--batch-size", type=positive_int, default=500)
-    p.add_argument("--threads", type=positive_int, help="CPU threads of torch or ONNX Runtime "
+    p.add_argument("--threads", type=thread_count, help="CPU threads of torch or ONNX Runtime "
                                                        "(default: torch's, one per core)")
     args = p.parse_args(argv)
     if args.threads:

@@ -288,13 +288,22 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
 
 def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                metadata: dict[str, str] | None = None) -> None:
-    """Write `model` as one safetensors file carrying its config (and any extra string metadata)."""
+    """Write `model` as one safetensors file carrying its config (and any extra string metadata); a model
+    holding NaN or infinite values (a diverged run) is refused, as loading would refuse it."""
     from safetensors.torch import save_file
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
              for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    refuse_non_finite(state)
     meta = {"format": FORMAT, "config": model.config.to_json(), **(metadata or {})}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
+
+
+def refuse_non_finite(state: dict[str, torch.Tensor]) -> None:
+    """One error naming the first float tensor that holds NaN or infinite values, before anything is written."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"{bad} holds NaN or infinite values (did training diverge? lower --lr); nothing written")
 
 
 def existing_file(path: str | os.PathLike) -> Path:
@@ -383,6 +392,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
         state, meta = read_safetensors(source)
     if meta.get("format") == FORMAT:
         cfg = ViTConfig.from_json(meta.get("config"), source)
+        check_depth(cfg, state, source)
         if name is not None and not (CONFIGS.get(name) or _unknown(name)).same_model(cfg):
             raise ValueError(f"{source} holds a different architecture than {name!r}")
     elif "format" in meta:
@@ -397,12 +407,31 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
     return build_and_load(lambda: VisionTransformer(cfg), state, source).eval()
 
 
+def check_depth(cfg: ViTConfig, tensors: dict, source) -> None:
+    """Refuse a config of more blocks than the file holds tensors of before a skeleton of it is built (a
+    damaged config's 100,000 blocks would take minutes to build even on the meta device)."""
+    held = {k.split(".")[1] for k in tensors if k.startswith("blocks.")}
+    if cfg.depth > len(held):
+        first = next(i for i in range(cfg.depth) if str(i) not in held)
+        raise ValueError(f"{source} does not fit its config: the config has {cfg.depth} blocks, the file holds "
+                         f"tensors of {len(held)} (none of 'blocks.{first}')")
+
+
+def meta_skeleton(build: Callable[[], nn.Module], source) -> nn.Module:
+    """`build()` on the meta device, which holds no memory, or one error for a config whose tensors no
+    storage could hold (a damaged file's 10^9-wide layers overflow even there)."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, OverflowError) as e:
+        raise ValueError(f"{source}: its config describes a model too large to build ({e})") from None
+
+
 def build_and_load(build: Callable[[], nn.Module], state: dict[str, torch.Tensor],
                    source: str | os.PathLike) -> nn.Module:
     """`build()` with `state` loaded. The state is first checked against a skeleton built on the meta device,
     which holds no memory: a damaged config in a file could otherwise ask for terabytes."""
-    with torch.device("meta"):
-        load_state_dict(build(), state, source=source, copy=False)
+    load_state_dict(meta_skeleton(build, source), state, source=source, copy=False)
     model = build()
     load_state_dict(model, state, source=source)
     return model

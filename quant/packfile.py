@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from quant.cli import finite_number
 from quant.models import FORMAT as FP_FORMAT
-from quant.models import (ViTConfig, VisionTransformer, load_model, load_state_dict,
+from quant.models import (ViTConfig, VisionTransformer, check_depth, load_model, load_state_dict, meta_skeleton,
                           read_safetensors, read_safetensors_metadata)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
@@ -279,8 +279,8 @@ def _check_architecture(cfg: ViTConfig, header: dict, tensors: dict, path) -> No
     """Check the header's layer sizes and the file's other tensors against a skeleton of the header's
     architecture on the meta device, before building it: a damaged header could otherwise ask for terabytes."""
     quantized = tuple(f"{name}." for name in (*header["layers"], *header["attention"]))
-    with torch.device("meta"):
-        skeleton = VisionTransformer(cfg)
+    check_depth(cfg, tensors.keys() | header["layers"].keys(), path)
+    skeleton = meta_skeleton(lambda: VisionTransformer(cfg), path)
     for name, entry in header["layers"].items():
         _check_layer_fits(_module(skeleton, name, path), entry, name, path)
     load_state_dict(skeleton, {k: v for k, v in tensors.items() if not k.startswith(quantized)}, source=str(path),

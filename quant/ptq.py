@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import output_file, positive_int, run
+from quant.cli import output_file, positive_int, run, thread_count
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -56,7 +56,7 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. --set group_size=128 --set act_order=true")
     p.add_argument("--device", help="cpu or cuda[:N] to calibrate and quantize on (default: cuda when available)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     p.add_argument("--float16", action="store_true",
                    help="store the parameters left in floating point (embeddings, norms, biases) in float16; "
                         "calibrated activation ranges stay float32")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import finite_number, output_file, positive_int, provenance, run, utc_now
+from quant.cli import finite_number, output_file, positive_int, provenance, run, thread_count, utc_now
 
 TABLE_KEYS = ("recipe", "top1", "drop", "bits_per_weight", "size_bytes", "quantize_s")
 DEFAULT_RECIPES = ("w8a8", "w4a8", "w4a8-gptq", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
@@ -80,7 +80,7 @@ def main(argv=None):
     p.add_argument("--split", default="test", help="split to score on (default test)")
     p.add_argument("--limit", type=positive_int, help="score only this many images (dry runs)")
     p.add_argument("--calib-size", type=positive_int, default=256, help="calibration images (default 256)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     args = p.parse_args(argv)
     output_file(args.out, ".json")
     if args.threads:

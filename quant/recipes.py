@@ -196,10 +196,17 @@ def recipe(name: str, /, **overrides) -> Recipe:
         if key not in fields:
             raise ValueError(f"recipe {name!r} has no field {key!r}; its fields: {', '.join(fields)}")
         _check_field(name, key, fields[key], value)
-    return dataclasses.replace(RECIPES[name], **overrides)
+    r = dataclasses.replace(RECIPES[name], **overrides)
+    if isinstance(r, QAT) and r.method == "qvit" and not r.min_bits <= r.budget_bits <= r.max_bits:
+        raise ValueError(f"recipe {name!r}: min_bits <= budget_bits <= max_bits must hold, got {r.min_bits}, "
+                         f"{r.budget_bits}, {r.max_bits}")
+    return r
 
 
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
+
+
+_BIT_RANGES = {"bits": 2, "weight_bits": 2, "act_bits": 2}  # lowest width of each field; Q-ViT's are 1
 
 
 def _check_field(name: str, key: str, annotation: str, value) -> None:
@@ -214,9 +221,11 @@ def _check_field(name: str, key: str, annotation: str, value) -> None:
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
         raise ValueError(f"recipe {name!r}: {key} must be {annotation}, got {value!r}")
-    if key in ("group_size", "bits", "weight_bits", "act_bits", "block_size", "min_bits", "max_bits",
-               "budget_bits") and value is not None and value < 1:
+    if key in ("group_size", "block_size", "budget_bits") and value is not None and value < 1:
         raise ValueError(f"recipe {name!r}: {key} must be at least 1, got {value!r}")
+    lo = _BIT_RANGES.get(key, 1)  # integer weights and static activations come in 2..8 bits, Q-ViT's in 1..8
+    if key in ("bits", "weight_bits", "act_bits", "min_bits", "max_bits") and not lo <= value <= 8:
+        raise ValueError(f"recipe {name!r}: {key} must lie in {lo}..8, got {value!r}")
     if key == "damp" and not 0 <= value <= 1:
         raise ValueError(f"recipe {name!r}: damp (a fraction of the Hessian's mean diagonal) must lie in 0..1, "
                          f"got {value!r}")

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import output_file, positive_int, provenance, run
+from quant.cli import output_file, positive_int, provenance, run, thread_count
 from quant.lsq import LearnedQuantizer
 from quant.models import Attention, VisionTransformer, forward_with_hooks
 from quant.qattention import QuantAttention
@@ -274,7 +274,7 @@ def main(argv=None):
     p.add_argument("--limit", type=positive_int, default=1000, help="images scored per trial (balanced over classes)")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--calib-size", type=positive_int, default=128, help="training images that set activation ranges")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

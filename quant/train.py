@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import finite_number, number_in, positive_int, run, run_folder
+from quant.cli import finite_number, number_in, positive_int, run, run_folder, seed, thread_count
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -313,6 +313,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{(i + 1) * per_rank * env.world / (time.perf_counter() - t0):.0f}")
         bar.close()
+        if not math.isfinite(loss_sum):  # every later step would be NaN too: stop before saving the weights
+            raise ValueError(f"training diverged in epoch {epoch + 1} (the loss is {loss_sum / max(seen, 1)}): "
+                             f"start a fresh --out with a lower --lr")
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                   "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"], "seconds": seconds}
@@ -378,9 +381,9 @@ def main(argv=None):
     p.add_argument("--no-trivial-augment", action="store_true")
     p.add_argument("--teacher", help="model file to distil from: a bitvit ViT or a CNN teacher")
     p.add_argument("--distill", default="hard", choices=["hard", "soft"])
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=seed, default=d.seed)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many "
                                                     "seconds; rerun the same command to resume")
     p.add_argument("--end-within-time-limit", action="store_true",

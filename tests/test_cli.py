@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from quant.cli import number_in, output_file, positive_int, provenance, run
+from quant.cli import number_in, output_file, positive_int, provenance, run, run_folder, seed, thread_count
 from quant.train import main as train_main
 
 
@@ -13,6 +13,19 @@ from quant.train import main as train_main
 def test_counts_that_are_not_positive_integers_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
         positive_int(text)
+
+
+def test_more_threads_than_the_machine_has_cores_are_refused(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert thread_count("4") == 4
+    with pytest.raises(argparse.ArgumentTypeError, match="at most 4 threads"):
+        thread_count("5000")
+
+
+@pytest.mark.parametrize("text", ["-5", str(2**32), "99999999999999999999999", "x"])
+def test_a_seed_outside_what_the_generators_take_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an integer"):
+        seed(text)
 
 
 @pytest.mark.parametrize("text, bounds", [("-1", (0, 1)), ("1.5", (0, 1)), ("nan", (0, 1)), ("x", (0, 1)),
@@ -49,6 +62,14 @@ def test_an_output_that_is_a_folder_is_refused_and_a_missing_folder_is_made(tmp_
     with pytest.raises(ValueError, match="is a folder"):
         output_file(tmp_path, ".json")
     assert output_file(tmp_path / "new" / "out.json", ".json").parent.is_dir()
+
+
+def test_an_output_or_run_folder_under_an_existing_file_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="model.pt is a file, not a folder"):
+        output_file(tmp_path / "model.pt" / "sub" / "out.json", ".json")
+    with pytest.raises(ValueError, match="model.pt is a file, not a folder"):
+        run_folder(tmp_path / "model.pt" / "run")
 
 
 def test_an_output_of_another_kind_than_asked_is_refused(tmp_path):

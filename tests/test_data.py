@@ -195,7 +195,8 @@ def test_unknown_split_is_refused(image_tree):
 
 def test_a_split_a_flat_class_tree_lacks_is_refused_naming_the_tree_and_the_split_to_use(tmp_path):
     tree = write_tree(tmp_path / "flat", splits=("",))
-    with pytest.raises(ValueError, match="flat has no train/ or test/ folder.*use split 'all'"):
+    with pytest.raises(ValueError,
+                       match="flat has no train/ or test/ folder.*into .*flat/train/ .*to train on them.*split 'all'"):
         load_split(tree, "test")
 
 

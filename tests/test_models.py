@@ -201,10 +201,35 @@ def test_a_config_field_of_the_wrong_type_or_range_is_refused_naming_it(field, v
 
 
 def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(tiny_model, tmp_path):
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    state["norm.weight"][0] = float("nan")  # written past save_model, which refuses it
+    save_file(state, tmp_path / "m.safetensors", metadata={"format": FORMAT, "config": TINY.to_json()})
+    with pytest.raises(ValueError, match="'norm.weight' holds NaN"):
+        load_model(tmp_path / "m.safetensors")
+
+
+def test_a_model_holding_nan_is_not_saved(tiny_model, tmp_path):
     with torch.no_grad():
         tiny_model.norm.weight[0] = float("nan")
-    save_model(tiny_model, tmp_path / "m.safetensors")
-    with pytest.raises(ValueError, match="'norm.weight' holds NaN"):
+    with pytest.raises(ValueError, match="norm.weight holds NaN or infinite values .*nothing written"):
+        save_model(tiny_model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_config_of_more_blocks_than_the_file_holds_is_refused_before_a_model_is_built(tiny_model, tmp_path):
+    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    deep = dataclasses.replace(TINY, depth=10**6)  # a million blocks would take hours to build, even on meta
+    save_file(state, tmp_path / "m.safetensors", metadata={"format": FORMAT, "config": deep.to_json()})
+    with pytest.raises(ValueError, match=f"the config has {10**6} blocks, the file holds tensors of {TINY.depth} "
+                                         f"\\(none of 'blocks.{TINY.depth}'\\)"):
+        load_model(tmp_path / "m.safetensors")
+
+
+def test_a_config_too_large_for_any_storage_is_refused_with_a_message(tiny_model, tmp_path):
+    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    huge = dataclasses.replace(TINY, embed_dim=10**9, num_heads=1)
+    save_file(state, tmp_path / "m.safetensors", metadata={"format": FORMAT, "config": huge.to_json()})
+    with pytest.raises(ValueError, match="its config describes a model too large to build"):
         load_model(tmp_path / "m.safetensors")
 
 

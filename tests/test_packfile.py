@@ -198,9 +198,16 @@ def test_a_header_of_the_wrong_shape_is_refused_naming_the_file_even_with_a_fixe
 
 def test_a_header_asking_for_a_huge_architecture_is_refused_before_building_it(saved, tmp_path):
     def huge(h):
-        h["architecture"]["config"].update(embed_dim=65536, depth=48)  # 50 GB of float32 weights
+        h["architecture"]["config"].update(embed_dim=65536)  # 400 GB of float32 weights
     with pytest.raises(ValueError, match="bad.safetensors: layer .* in the architecture"):
         quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=huge))
+
+
+def test_a_header_asking_for_more_blocks_than_the_file_holds_is_refused_before_building_it(saved, tmp_path):
+    def deep(h):
+        h["architecture"]["config"].update(depth=10**6)
+    with pytest.raises(ValueError, match=f"the config has {10**6} blocks, the file holds tensors of"):
+        quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=deep))
 
 
 def test_a_header_whose_layers_ask_for_more_than_the_file_holds_is_refused_before_building_the_model(

@@ -46,6 +46,22 @@ def test_overrides_of_the_wrong_type_or_range_are_refused(override, message):
         quant.recipe("w4", **override)
 
 
+@pytest.mark.parametrize("name, override, message", [("w4a4", {"act_bits": 99}, "act_bits must lie in 2..8"),
+                                                     ("w4a4", {"act_bits": 1}, "act_bits must lie in 2..8"),
+                                                     ("w4a4", {"weight_bits": 9}, "weight_bits must lie in 2..8"),
+                                                     ("w4-gptq", {"bits": 12}, "bits must lie in 2..8"),
+                                                     ("qvit", {"max_bits": 9}, "max_bits must lie in 1..8")])
+def test_bit_widths_no_format_has_are_refused_before_any_work(name, override, message):
+    with pytest.raises(ValueError, match=message):
+        quant.recipe(name, **override)
+
+
+@pytest.mark.parametrize("override", [{"min_bits": 8, "max_bits": 2}, {"budget_bits": 100.0}])
+def test_a_qvit_budget_outside_its_bit_range_is_refused(override):
+    with pytest.raises(ValueError, match="min_bits <= budget_bits <= max_bits must hold"):
+        quant.recipe("qvit", **override)
+
+
 @pytest.mark.parametrize("name", ["w8a8", "w4a8", "w4a8-gptq", "w4", "w3", "nf4", "w4-gptq", "w2-gptq"])
 def test_quantize_turns_every_linear_of_a_plain_model_into_quantlinear(name):
     model, x = plain_model(), torch.randn(64, 24)

@@ -105,6 +105,13 @@ def test_a_budget_the_time_limit_cuts_short_shrinks_to_fit_when_asked(tmp_path, 
         assert not done and "time_budget" not in log[-1] and log[-1]["lr"] > 0.1 * cfg.lr
 
 
+def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_saves_no_weights(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e30, warmup_epochs=0, augment=NO_AUG)
+    with pytest.raises(ValueError, match="training diverged in epoch 1 .*lower --lr"):
+        fit(VisionTransformer(TINY), colour_set(8), colour_set(2), cfg, tmp_path, progress=False)
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_a_negative_time_budget_is_refused(tmp_path):
     with pytest.raises(ValueError, match="time budget must be positive"):
         fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(time_budget=-5), tmp_path)

@@ -60,7 +60,7 @@ def test_the_tuner_picks_the_fastest_replay_and_passes_over_a_tiling_that_does_n
     def replay_ms(fn):
         fn()
         if current[0].block_m == 128:
-            raise torch.OutOfMemoryError("CUDA out of memory")
+            raise tk.torch.OutOfMemoryError("CUDA out of memory")
         return replay[current[0]]
 
     monkeypatch.setattr(tk, "replay_ms", replay_ms)
