@@ -98,7 +98,7 @@ class ModelFile:
 def inspect_file(path: str | os.PathLike) -> ModelFile:
     """Read a bitvit model file's header (FP or packed safetensors, or a bitvit ONNX export)."""
     path = existing_file(path)
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         import onnx
         try:
             proto = onnx.load(str(path), load_external_data=False)
@@ -136,7 +136,7 @@ def scan(folder: str | os.PathLike) -> tuple[list[ModelFile], list[str]]:
     """Every bitvit model file directly in `folder`, and a line for each file that is not one."""
     found, skipped = [], []
     for path in sorted(Path(folder).glob("*")) if Path(folder).is_dir() else []:
-        if path.suffix in MODEL_SUFFIXES:
+        if path.suffix.lower() in MODEL_SUFFIXES:
             try:
                 found.append(inspect_file(path))
             except (ValueError, OSError) as e:
@@ -147,7 +147,7 @@ def scan(folder: str | os.PathLike) -> tuple[list[ModelFile], list[str]]:
 def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str = RUNTIME) -> Backend:
     """A bitvit model file (FP or packed `.safetensors`, or a bitvit `.onnx` export), ready to run."""
     path = existing_file(path)
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         return _ort_backend(path, path, threads, None)
     linear_bits = inspect_file(path).linear_bits
     model = quant.load_any(path).eval()

@@ -56,6 +56,7 @@ OPS = ("dense", "int_mm", "w8a8", "w4", "w4a8", "w1.58a8", "w1.58a8-b3", "w1a8")
 # end to end: the FP baseline, then the variants the targets judge, then the others (a time limit cuts the last)
 VARIANTS = ("fp", "w1.58a8", "w1.58a8-b3", "w1a8", "w8a8", "w4a8", "w4")
 TERNARY = ("w1.58a8", "w1.58a8-b3")  # ternary codes 4 a byte, or trit planes 5 a byte
+MAX_BATCH = 1024  # four times the targets' largest; ViT-L's fc2 input is then 1.7 GB in bf16
 TARGET_BATCHES = (1, 64)  # the op targets' M <= 256 and M = 12,608 (ViT-B/L's 197 tokens a batch)
 DEFAULTS = {  # device -> (op models, model-benchmark models, batches)
     "cuda": (["vit_base_patch16_224", "vit_large_patch16_224", "deit_small_patch16_224", "vit_cifar_small",
@@ -433,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         except argparse.ArgumentTypeError as e:
             raise ValueError(f"--batches: {e}") from None
     ops, variants = split(args.ops), split(args.variants)
+    if max(batches, default=0) > MAX_BATCH:
+        raise ValueError(f"--batches: at most {MAX_BATCH} images a batch (the targets' largest is 256), "
+                         f"got {max(batches)}")
     for flag, names in (("--batches", batches), ("--ops", ops), ("--variants", variants)):
         if not names:
             raise ValueError(f"{flag} names nothing to measure")

@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     kernels = [k for k in args.kernels.split(",") if k]
+    if not kernels:
+        raise ValueError("--kernels names no kernel; known: a8, weight_only, quantize")
     unknown = set(kernels) - {"a8", "weight_only", "quantize"}
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; known: a8, weight_only, quantize")

@@ -104,6 +104,9 @@ def to_kernels(model: nn.Module, ternary_layout: str = "2bit") -> nn.Module:
     the model. Layers without a kernel keep their reference forward; a warning lists them.
     ternary_layout: "2bit" keeps ternary codes as QuantLinear packs them (4 a byte); "base3" repacks them
     as trit planes (5 a byte, `quant.pack.pack_trit_planes`): a fifth less weight memory and traffic."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"to_kernels takes a model (nn.Module), got {type(model).__name__}; load a file first "
+                         f"with quant.load_quantized(path)")
     if ternary_layout not in TERNARY_LAYOUTS:
         raise ValueError(f"ternary_layout must be one of {TERNARY_LAYOUTS}, got {ternary_layout!r}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]

@@ -11,6 +11,7 @@ a quantized checkpoint exports as the format it holds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -32,7 +33,8 @@ def main(argv=None):
     p.add_argument("--standard-ops", action="store_true",
                    help="w8a8 as MatMulInteger, w4a8/ternary/binary as com.microsoft MatMulNBits, "
                         "instead of bitvit's ops")
-    p.add_argument("--threads", type=thread_count, default=2, help="threads for the check run")
+    p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1),
+                   help="threads for the check run (default 2)")
     args = p.parse_args(argv)
 
     output_file(args.out, ".onnx", inputs=(args.checkpoint,))

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from quant.cli import is_positive_int
 from quant.data import check_model_input
 from quant.models import ViTConfig
 
@@ -35,8 +36,15 @@ class Session:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = False):
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not an ONNX file")
         if not path.is_file():
             raise FileNotFoundError(f"no such ONNX file: {path}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty, not an ONNX model")
+        if threads is not None and not (is_positive_int(threads) and threads <= (os.cpu_count() or 1)):
+            raise ValueError(f"threads must be an integer in 1..{os.cpu_count() or 1} (this machine's cores), "
+                             f"got {threads!r}")
         try:
             proto = onnx.load(str(path))
         except Exception as e:  # protobuf raises its own DecodeError for garbage
@@ -53,6 +61,7 @@ class Session:
         self.format = meta.get("bitvit.format", "")
         self.uses_custom_ops = any(op.domain == DOMAIN for op in proto.opset_import)
         so = ort.SessionOptions()
+        so.log_severity_level = 4  # its errors reach the caller as one ValueError, not also as a log line
         if threads:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

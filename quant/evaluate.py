@@ -135,7 +135,7 @@ def main(argv=None):
 
     from quant.qlinear import QuantLinear
     from quant.packfile import load_any
-    onnx = Path(args.checkpoint).suffix == ".onnx"
+    onnx = Path(args.checkpoint).suffix.lower() == ".onnx"
     model = OnnxModel(args.checkpoint, torch.get_num_threads()) if onnx else load_any(args.checkpoint)
     cfg = model.config
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)

@@ -30,3 +30,10 @@ def test_the_swapped_gemms_feed_wgmma_their_decoded_weights_from_registers(jobs,
     assert r["spill_stack"] == 0 and r["fits"]
     assert r["mma"] == [mma]  # 16 rows of x: wgmma's N
     assert r["wgmma_a"] == "registers"
+
+
+@pytest.mark.parametrize("args, match", [(["--kernels", ","], "--kernels names no kernel"),
+                                         (["--kernels", "a9"], "unknown kernels"), (["--m", ","], "--m names no M")])
+def test_a_check_of_nothing_or_of_unknown_kernels_is_refused(args, match):
+    with pytest.raises(ValueError, match=match):
+        compile_check.main(args)

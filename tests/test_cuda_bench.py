@@ -94,8 +94,9 @@ def test_a_benchmark_killed_midway_leaves_the_rows_it_measured_in_its_json(tmp_p
                                         (["--variants", "w7"], "unknown variant 'w7'"),
                                         (["--batches", ","], "--batches names nothing"),
                                         (["--ops", ""], "--ops names nothing"),
-                                        (["--models", ",,", "--e2e-models", ","], "nothing to measure")])
-def test_unknown_names_are_refused_before_any_timing(args, match):
+                                        (["--models", ",,", "--e2e-models", ","], "nothing to measure"),
+                                        (["--batches", "1,99999999999999999999"], "at most 1024 images a batch")])
+def test_unknown_names_and_impossible_batches_are_refused_before_any_timing(args, match):
     with pytest.raises(ValueError, match=match):
         bench.main(["--device", "cpu", *args])
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from quant.data import load_split
 from quant.evaluate import evaluate
@@ -42,6 +43,13 @@ def test_cli_reports_and_ends_with_top1(checkpoint, image_tree, tmp_path):
     assert "parameters" in out and "MB on disk" in out
 
 
+def test_a_model_giving_nan_logits_is_refused_not_scored_as_class_zero(tiny_model, image_tree):
+    with torch.no_grad():
+        tiny_model.head.weight.fill_(float("inf"))
+    with pytest.raises(ValueError, match="gives NaN or infinite logits for .* images"):
+        evaluate(tiny_model, load_split(image_tree, "test", image_size=16, progress=False))
+
+
 def test_cli_scores_an_onnx_export_in_onnx_runtime_as_its_torch_model_scores(tiny_model, image_tree, tmp_path):
     onnx_path = export(tiny_model, tmp_path / "tiny.onnx", "fp32")
     out = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(onnx_path),
@@ -61,6 +69,7 @@ def test_cli_scores_an_onnx_export_in_onnx_runtime_as_its_torch_model_scores(tin
      "not a readable safetensors file"),
     (lambda p: (p / "junk.onnx").write_bytes(b"\x07garbage" * 8) and p / "junk.onnx", "not a readable ONNX model"),
     (lambda p: p / "absent.onnx", "no such ONNX file"),
+    (lambda p: (p / "JUNK.ONNX").write_bytes(b"\x07garbage" * 8) and p / "JUNK.ONNX", "not a readable ONNX model"),
 ])
 def test_cli_bad_checkpoint_is_one_error_line(tmp_path, image_tree, make_bad, message):
     r = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(make_bad(tmp_path)),

@@ -234,6 +234,27 @@ def test_a_graph_that_fails_when_run_gives_one_message(tiny_model, tmp_path):
         session(np.zeros((1, 3, 16, 16), np.float32))
 
 
+def test_a_model_whose_finite_weights_overflow_to_nan_logits_is_refused_not_scored(tiny_model, tmp_path):
+    proto = to_onnx(quantize_for_export(tiny_model, "ternary"), "ternary")
+    scales = next(t for t in proto.graph.initializer if t.name.endswith(".scales"))
+    scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales) * np.float32(1e30), scales.name))
+    onnx.save(proto, tmp_path / "loud.onnx")
+    session = runtime.load(tmp_path / "loud.onnx")  # finite, so it loads
+    with pytest.raises(ValueError, match="gives NaN or infinite logits for finite images"):
+        session(np.zeros((1, 3, 16, 16), np.float32))
+
+
+def test_a_folder_an_empty_file_and_an_impossible_thread_count_are_refused_by_name(tiny_model, tmp_path):
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(ValueError, match="is a folder, not an ONNX file"):
+        runtime.load(tmp_path / "dir.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty, not an ONNX model"):
+        runtime.load(tmp_path / "empty.onnx")
+    with pytest.raises(ValueError, match="threads must be an integer"):
+        runtime.load(export(tiny_model, tmp_path / "m.onnx"), threads=2**40)
+
+
 def test_the_cli_refuses_a_folder_as_output_before_exporting(tiny_model, tmp_path, capsys):
     save_model(tiny_model, tmp_path / "fp.safetensors")
     assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path)]) == 2

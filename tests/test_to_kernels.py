@@ -125,6 +125,12 @@ def test_a_model_without_quantized_layers_is_refused():
         to_kernels(VisionTransformer(TINY))
 
 
+@pytest.mark.parametrize("thing", ["assets/vit_cifar_tiny-w1.58a8.safetensors", None])
+def test_something_other_than_a_model_is_refused_pointing_to_the_loader(thing):
+    with pytest.raises(ValueError, match="to_kernels takes a model .*quant.load_quantized"):
+        to_kernels(thing)
+
+
 def test_converting_a_converted_model_again_says_so():
     model = to_kernels(quantized_tiny("w8"))
     with pytest.raises(ValueError, match="already runs on bitvit's kernels"):
