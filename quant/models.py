@@ -400,8 +400,8 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
                          f"load with quant.load_quantized, CNN teachers with quant.teacher.load_teacher)")
     elif name is None:
         raise ValueError(f"{source} carries no bitvit config, so it is not a bitvit model file; a timm/DeiT "
-                         f"checkpoint loads with its architecture named: load_model(path, name=...), one of "
-                         f"{', '.join(CONFIGS)}")
+                         f"checkpoint loads in Python with its architecture named, quant.models.load_model(path, "
+                         f"name=...), one of {', '.join(CONFIGS)}")
     else:
         cfg = CONFIGS.get(name) or _unknown(name)
     return build_and_load(lambda: VisionTransformer(cfg), state, source).eval()
