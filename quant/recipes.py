@@ -197,7 +197,8 @@ def recipe(name: str, /, **overrides) -> Recipe:
             raise ValueError(f"recipe {name!r} has no field {key!r}; its fields: {', '.join(fields)}")
         _check_field(name, key, fields[key], value)
     r = dataclasses.replace(RECIPES[name], **overrides)
-    if isinstance(r, QAT) and r.method == "qvit" and not r.min_bits <= r.budget_bits <= r.max_bits:
+    if isinstance(r, QAT) and r.method == "qvit" and (r.budget_bits is None
+                                                      or not r.min_bits <= r.budget_bits <= r.max_bits):
         raise ValueError(f"recipe {name!r}: min_bits <= budget_bits <= max_bits must hold, got {r.min_bits}, "
                          f"{r.budget_bits}, {r.max_bits}")
     return r
@@ -206,11 +207,13 @@ def recipe(name: str, /, **overrides) -> Recipe:
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
 
 
-_BIT_RANGES = {"bits": 2, "weight_bits": 2, "act_bits": 2}  # lowest width of each field; Q-ViT's are 1
+# the widths formats exist for: integer weights and static activations 2..8 bits, Q-ViT's learned ones 1..8
+_BIT_RANGES = {"bits": 2, "weight_bits": 2, "act_bits": 2, "min_bits": 1, "max_bits": 1}
 
 
 def _check_field(name: str, key: str, annotation: str, value) -> None:
-    """An override must have its field's type (from the annotation) and, for counts, be positive."""
+    """An override must have its field's type (from the annotation), be positive for counts, and name a
+    bit width that a format exists for."""
     if key == "layer_formats":  # ((fnmatch pattern, weight format), ...)
         ok = isinstance(value, tuple) and all(
             isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value)
@@ -223,9 +226,8 @@ def _check_field(name: str, key: str, annotation: str, value) -> None:
         raise ValueError(f"recipe {name!r}: {key} must be {annotation}, got {value!r}")
     if key in ("group_size", "block_size", "budget_bits") and value is not None and value < 1:
         raise ValueError(f"recipe {name!r}: {key} must be at least 1, got {value!r}")
-    lo = _BIT_RANGES.get(key, 1)  # integer weights and static activations come in 2..8 bits, Q-ViT's in 1..8
-    if key in ("bits", "weight_bits", "act_bits", "min_bits", "max_bits") and not lo <= value <= 8:
-        raise ValueError(f"recipe {name!r}: {key} must lie in {lo}..8, got {value!r}")
+    if key in _BIT_RANGES and not _BIT_RANGES[key] <= value <= 8:
+        raise ValueError(f"recipe {name!r}: {key} must lie in {_BIT_RANGES[key]}..8, got {value!r}")
     if key == "damp" and not 0 <= value <= 1:
         raise ValueError(f"recipe {name!r}: damp (a fraction of the Hessian's mean diagonal) must lie in 0..1, "
                          f"got {value!r}")
