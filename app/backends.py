@@ -32,7 +32,7 @@ import torch.nn as nn
 
 import quant
 from quant.cli import finite_number
-from quant.data import check_model_input
+from quant.data import cache_dir, check_model_input
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import ViTConfig, existing_file, fp_parameters, read_safetensors_metadata
 from quant.packfile import FORMAT as QUANT_FORMAT
@@ -154,12 +154,15 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
     notes = []
     if runtime == "onnxruntime":
         for custom_ops in (True, False):  # bitvit's own ops first, then standard ops (MatMulNBits)
-            try:
-                backend = _ort_backend(_exported(model, path, custom_ops), path, threads, linear_bits)
-                backend.note = "; ".join(notes)
-                return backend
-            except (ValueError, OSError, RuntimeError) as e:  # not exportable, or no compiler for bitvit's ops
-                notes.append(f"{'bitvit ops' if custom_ops else 'standard ONNX ops'} failed: {str(e).splitlines()[0]}")
+            cached = _export_path(model, path, custom_ops).is_file()
+            for again in (False, True) if cached else (True,):  # a cached export that fails is written again
+                try:
+                    backend = _ort_backend(_exported(model, path, custom_ops, again), path, threads, linear_bits)
+                    backend.note = "; ".join(notes)
+                    return backend
+                except (ValueError, OSError, RuntimeError) as e:  # not exportable, or no compiler for bitvit's ops
+                    error = e
+            notes.append(f"{'bitvit ops' if custom_ops else 'standard ONNX ops'} failed: {str(error).splitlines()[0]}")
         notes = [f"runs in torch: ONNX Runtime could not take it ({'; '.join(notes)})"]
     return _torch_backend(model, path.name, path.stat().st_size, path, linear_bits, threads, "; ".join(notes))
 
@@ -192,7 +195,7 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str) -> Path:
 
 
 def _cache() -> Path:
-    out = Path(os.environ.get("BITVIT_CACHE", "~/.cache/bitvit")).expanduser() / "app"
+    out = cache_dir() / "app"
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -215,14 +218,20 @@ def _ort_backend(onnx_path: Path, source: Path, threads: int | None, linear_bits
                    session, source, linear_bits)
 
 
-def _exported(model: nn.Module, source: Path, custom_ops: bool = True) -> Path:
-    """The ONNX export of a loaded model, written once per source file and exporter into the bitvit cache."""
+def _export_path(model: nn.Module, source: Path, custom_ops: bool) -> Path:
+    """Where the bitvit cache keeps a model's ONNX export: one file per source file, exporter and op set."""
     from export import exporter
-    fmt = exporter.model_format(model)
     digest = hashlib.sha256(source.read_bytes() + Path(exporter.__file__).read_bytes()).hexdigest()[:16]
-    out = _cache() / f"{digest}-{fmt}{'' if custom_ops else '-standard-ops'}.onnx"
-    if not out.is_file():
+    return _cache() / f"{digest}-{exporter.model_format(model)}{'' if custom_ops else '-standard-ops'}.onnx"
+
+
+def _exported(model: nn.Module, source: Path, custom_ops: bool = True, again: bool = False) -> Path:
+    """The ONNX export of a loaded model, written once into the bitvit cache (`again`: written anew, over a
+    cached file that failed to load)."""
+    from export import exporter
+    out = _export_path(model, source, custom_ops)
+    if again or not out.is_file():
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        exporter.export(model, tmp, fmt, custom_ops=custom_ops)
+        exporter.export(model, tmp, exporter.model_format(model), custom_ops=custom_ops)
         os.replace(tmp, out)
     return out

@@ -29,9 +29,10 @@ from app.frames import MAX_PIXELS
 from app.live import LiveStats
 from app.main import ASSETS, OTHER, make_comparison
 from app.ui import Handlers
-from quant.cli import output_file, provenance, run, thread_count
+from quant.cli import output_file, positive_int, provenance, run, thread_count
 
 TARGET_FPS = 15
+MAX_CLIP_BYTES = 4 << 30  # the recorded clip, held in memory
 
 
 def recorded_clip(n: int, height: int = 480, width: int = 640) -> list[np.ndarray]:
@@ -72,7 +73,7 @@ def bench_pair(handlers: Handlers, variant: str, frames: list[np.ndarray]) -> di
             "fp": {"file": fp.name, "runtime": fp.runtime, "file_bytes": fp.size_bytes},
             "quant": {"file": q.name, "runtime": q.runtime, "weight_format": q.weight_format,
                       "file_bytes": q.size_bytes, "file_bits_per_weight": round(q.bits_per_weight, 3),
-                      "linear_bits": q.linear_bits},
+                      "linear_bits": q.linear_bits, "note": q.note},
             "frames": len(frames), "fps": round(len(frames) / wall, 2),
             "fp_median_ms": round(fp_med, 3), "quant_median_ms": round(q_med, 3),
             "speedup": round(fp_med / q_med, 3), "size_ratio": round(fp.size_bytes / q.size_bytes, 2),
@@ -83,7 +84,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0])
     p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_tiny.safetensors)")
     p.add_argument("--assets", default=str(ASSETS), help="folder of packed models (default: assets/)")
-    p.add_argument("--frames", type=int, default=300, help="timed frames per pair (default 300)")
+    p.add_argument("--frames", type=positive_int, default=300, help="timed frames per pair (default 300)")
     p.add_argument("--size", default="640x480", help="frame size WxH (default 640x480, a webcam's)")
     p.add_argument("--threads", type=thread_count, help="CPU threads per model (default: all cores)")
     p.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
@@ -95,10 +96,13 @@ def main(argv=None):
         w, h = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size takes WxH, e.g. 640x480, not {args.size!r}") from None
-    if args.frames < 1 or w < 1 or h < 1:
-        raise ValueError("--frames and --size must be positive")
+    if w < 1 or h < 1:
+        raise ValueError("--size must be positive")
     if w * h > MAX_PIXELS:
         raise ValueError(f"--size {args.size} is over the {MAX_PIXELS / 1e6:.0f} megapixels the app takes")
+    if args.frames * w * h * 3 > MAX_CLIP_BYTES:  # the clip is drawn into memory before the timing
+        raise ValueError(f"--frames {args.frames} of {w}x{h} would take {args.frames * w * h * 3 / 2**30:.1f} GB of "
+                         f"memory; the clip is held to {MAX_CLIP_BYTES >> 30} GB")
 
     start, load_before = time.time(), os.getloadavg()
     comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime)
@@ -114,6 +118,9 @@ def main(argv=None):
     handlers = Handlers(comparison)
     frames = recorded_clip(args.frames, h, w)
     rows = [bench_pair(handlers, label, frames) for label in order]
+    for backend in [comparison.fp] + [handlers.cmp.variant(label) for label in order]:
+        if backend.note:  # e.g. a model that runs in torch because ONNX Runtime could not take it
+            print(f"note, {backend.name}: {backend.note}", file=sys.stderr)
     load_after = os.getloadavg()
 
     print(f"\napp live handler, {args.frames} frames of {w}x{h}, both models on every frame "

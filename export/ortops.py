@@ -26,6 +26,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from quant.data import cache_dir
+
 SOURCE = Path(__file__).with_name("ops") / "bitvit_ops.cc"
 LIB_NAME = "libbitvit_ops.so"
 DOMAIN = "bitvit"
@@ -36,7 +38,7 @@ FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility
 def cache_root() -> Path:
     if os.environ.get("BITVIT_ORTOPS_CACHE"):
         return Path(os.environ["BITVIT_ORTOPS_CACHE"]).expanduser()
-    return Path(os.environ.get("BITVIT_CACHE", "~/.cache/bitvit")).expanduser() / "ortops"
+    return cache_dir() / "ortops"
 
 
 def library_path(isa: str = "native", force: bool = False) -> Path:

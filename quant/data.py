@@ -350,7 +350,12 @@ def _progress(items, desc: str, enabled: bool):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BITVIT_CACHE", Path.home() / ".cache" / "bitvit"))
+    """bitvit's cache folder, shared by every stage: $BITVIT_CACHE (`~` expanded; empty counts as unset), else
+    ~/.cache/bitvit. A file there is refused."""
+    path = Path(os.environ.get("BITVIT_CACHE") or "~/.cache/bitvit").expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"the cache folder {path} ($BITVIT_CACHE) is a file; point BITVIT_CACHE at a folder")
+    return path
 
 
 def _cache_base(*parts: object) -> Path:
@@ -359,27 +364,38 @@ def _cache_base(*parts: object) -> Path:
 
 
 def _cached(source: _Source, split: str, image_size: int, progress: bool) -> ImageSet:
-    """A split decoded once and kept in the cache; a split the source lacks is refused by its `decode`."""
+    """A split decoded once and kept in the cache; a split the source lacks is refused by its `decode`.
+    The copy's SHA-256, written last, is checked on every read: a damaged copy is decoded again."""
     base = _cache_base(source.key, split, image_size, "v1")
-    files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.txt")]
-    if all(f.exists() for f in files):
+    files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.txt", ".sha256")]
+    if files[3].exists():
         try:
             images, labels = (np.load(f, allow_pickle=False) for f in files[:2])
             classes = tuple(files[2].read_text().splitlines())
             if (images.dtype == np.uint8 and images.shape[1:] == (image_size, image_size, 3)
-                    and labels.shape == (len(images),) and 0 <= labels.min() and labels.max() < len(classes)):
+                    and labels.shape == (len(images),) and files[3].read_text() == _digest(images, labels, classes)):
                 return ImageSet(images, labels, classes)
         except (OSError, ValueError, EOFError):  # truncated or damaged cache files
             pass
         print(f"the decoded copy in {base.parent} ({base.name}.*) is damaged: decoding again", file=sys.stderr)
     data = source.decode(split, image_size, progress)
     base.parent.mkdir(parents=True, exist_ok=True)
+    files[3].unlink(missing_ok=True)  # the copy counts only once all of it is written
     tmp = base.with_suffix(f".{os.getpid()}.tmp.npy")
     for f, arr in zip(files[:2], (data.images, data.labels)):
         np.save(tmp, arr)
         os.replace(tmp, f)
     files[2].write_text("\n".join(data.classes))
+    files[3].write_text(_digest(data.images, data.labels, data.classes))
     return data
+
+
+def _digest(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> str:
+    """SHA-256 of a decoded split (0.1 s for CIFAR-10's 45,000 training images)."""
+    h = hashlib.sha256(np.ascontiguousarray(images).data)
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).data)
+    h.update("\n".join(classes).encode())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- model input

@@ -231,6 +231,15 @@ def test_the_onnx_export_is_cached_once_and_written_again_by_a_changed_exporter(
     assert second != first and second.is_file()
 
 
+def test_a_damaged_cached_onnx_export_is_written_again_not_passed_over(fp_file):
+    from app import backends
+    cached = backends._exported(quant.load_any(fp_file), fp_file)
+    cached.write_bytes(cached.read_bytes()[:500])  # truncated
+    backend = open_model(fp_file, runtime="onnxruntime")
+    assert backend.runtime == "ONNX Runtime" and backend.note == ""
+    assert cached.stat().st_size > 500
+
+
 def test_without_bitvit_ops_a_ternary_model_runs_on_standard_onnx_ops(assets, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")   # bitvit's op library cannot be built
     path = assets / "tiny_ternary.safetensors"
@@ -604,6 +613,11 @@ def test_the_bench_refuses_frames_the_app_would_refuse(assets, tmp_path):
         bench_main(["--assets", str(assets), "--size", "10000x6000", "--out", str(tmp_path / "b.json")])
 
 
+def test_the_bench_refuses_a_clip_too_large_to_hold_before_loading_any_model(tmp_path):
+    with pytest.raises(ValueError, match="would take .* GB of memory"):
+        bench_main(["--assets", str(tmp_path / "none"), "--frames", "100000000", "--out", str(tmp_path / "b.json")])
+
+
 def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(assets, tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "3",
@@ -612,6 +626,7 @@ def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(ass
     assert [p["quant"]["weight_format"] for p in data["pairs"]] == ["ternary", "int8"]   # the default pair first
     assert all(p["fps"] > 0 and p["frames"] == 3 for p in data["pairs"])
     assert {"command", "machine", "date", "split", "wall_time_s"} <= data.keys()
+    assert all(p["quant"]["note"] == "" for p in data["pairs"])  # each pair ran as asked, nothing fell back
     assert "frames/s target" in capsys.readouterr().out
 
 

@@ -109,6 +109,33 @@ def test_a_damaged_cache_is_decoded_again(image_tree, capsys):
     assert "damaged: decoding again" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("suffix", [".images.npy", ".labels.npy", ".classes.txt"])
+def test_a_cache_damaged_without_changing_its_size_is_decoded_again_not_used(image_tree, capsys, suffix):
+    first = load_split(image_tree, "test", image_size=16, progress=False)
+    cached = next((cache_dir() / "data").glob(f"*{suffix}"))
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last image, label or class name
+    cached.write_bytes(bytes(data))
+    again = load_split(image_tree, "test", image_size=16, progress=False)
+    assert np.array_equal(first.images, again.images) and np.array_equal(first.labels, again.labels)
+    assert again.classes == first.classes and "damaged: decoding again" in capsys.readouterr().err
+
+
+def test_an_empty_cache_setting_means_the_default_and_a_tilde_is_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("BITVIT_CACHE", "")
+    assert cache_dir() == tmp_path / ".cache" / "bitvit"
+    monkeypatch.setenv("BITVIT_CACHE", "~/elsewhere")
+    assert cache_dir() == tmp_path / "elsewhere"
+
+
+def test_a_cache_setting_naming_a_file_is_refused(monkeypatch, tmp_path):
+    (tmp_path / "f").write_text("x")
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "f"))
+    with pytest.raises(ValueError, match="is a file; point BITVIT_CACHE at a folder"):
+        cache_dir()
+
+
 def test_changed_file_invalidates_the_cache(image_tree):
     load_split(image_tree, "test", image_size=16, progress=False)
     (image_tree / "test" / "dog" / "0000.jpg").write_bytes(b"garbage")
