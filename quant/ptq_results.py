@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import finite_number, output_file, positive_int, provenance, run, thread_count, utc_now
+from quant.cli import (finite_number, output_file, positive_int, provenance, run, run_folder, thread_count,
+                       utc_now)
 
 TABLE_KEYS = ("recipe", "top1", "drop", "bits_per_weight", "size_bytes", "quantize_s")
 DEFAULT_RECIPES = ("w8a8", "w4a8", "w4a8-gptq", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
@@ -83,6 +84,7 @@ def main(argv=None):
     p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     args = p.parse_args(argv)
     output_file(args.out, ".json")
+    run_folder(args.models)  # not a file: checked before the full-precision model is scored
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.recipes:                          # refuse an unknown or a QAT recipe before any work

@@ -34,6 +34,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["text.parse_math"] = False  # names from results files are text: "$" is a dollar, not TeX
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -62,7 +63,7 @@ class Entry:
     @property
     def bits(self) -> float | None:
         for key in BITS_KEYS:
-            if finite_number(self.data.get(key)) and self.data[key] > 0:
+            if finite_number(self.data.get(key)) and 0 < self.data[key] <= 64:  # no weight format holds more
                 return float(self.data[key])
         return None
 
@@ -187,7 +188,7 @@ def _linked_allocation(entry: Entry, folder: Path) -> Entry | None:
     for candidate in (Path(ref), folder.parent.parent / ref, folder / Path(ref).name):
         try:
             data = json.loads(candidate.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, ValueError):  # unreadable, not JSON (JSONDecodeError), a NUL byte in the path
             continue
         alloc = Entry(entry.source, f"{entry.name} bit allocation", data if isinstance(data, dict) else {})
         return alloc if alloc.allocation is not None else None

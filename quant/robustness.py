@@ -281,6 +281,7 @@ def main(argv=None):
     if any(not 2 <= b <= 8 for b in args.bits):
         raise ValueError(f"--bits must lie in 2..8, got {args.bits}")
     out = output_file(args.out, ".json")
+    output_file(out.with_suffix(".png"), ".png")  # the plot's path too, before minutes of trials
     model = load_model(args.checkpoint)
     cfg = model.config
     data = load_split(args.data, args.split, cfg.img_size, limit=args.limit).require_classes(cfg)

@@ -108,6 +108,14 @@ def test_results_table_refuses_a_results_file_of_another_shape(checkpoint, image
                       "--recipes", "w4"])
 
 
+def test_results_table_refuses_a_models_folder_that_is_a_file_before_scoring_anything(checkpoint, image_tree,
+                                                                                      tmp_path):
+    (tmp_path / "models").write_text("x")
+    with pytest.raises(ValueError, match="models is a file, not a run folder"):
+        results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(tmp_path / "r.json"),
+                      "--recipes", "w4", "--models", str(tmp_path / "models")])
+
+
 def test_report_collects_entries_at_any_depth_and_draws_the_plot(tmp_path, capsys):
     folder = tmp_path / "results"
     folder.mkdir()
@@ -138,11 +146,21 @@ def test_report_leaves_out_impossible_scores_and_unreadable_files(tmp_path):
     (folder / "ptq.json").write_text(json.dumps({"results": [
         {"recipe": "ok", "top1": 0.9, "bits_per_weight": 4.0}, {"recipe": "nan", "top1": float("nan"), "bits_per_weight": 4},
         {"recipe": "bool", "top1": True, "bits_per_weight": 4}, {"recipe": "big", "top1": 5, "bits_per_weight": 4},
-        {"recipe": "neg", "top1": 0.5, "bits_per_weight": -3}]}))
+        {"recipe": "neg", "top1": 0.5, "bits_per_weight": -3}, {"recipe": "vast", "top1": 0.5, "bits_per_weight": 1e308}]}))
     (folder / "latin1.json").write_bytes(b'{"top1": 0.5, "bits_per_weight": 4, "name": "\xff"}')
     res = load(folder)
     assert [e.name for e in res.having("top1", "bits")] == ["ok"]
     assert res.errors and "latin1.json" in res.errors[0]
+
+
+def test_report_draws_names_with_dollar_signs_and_nul_bytes_as_text(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "ptq.json").write_text(json.dumps({"results": [
+        {"recipe": "w4 $\\frac$", "top1": 0.9, "bits_per_weight": 4.0},  # TeX to matplotlib's mathtext
+        {"recipe": "qvit", "top1": 0.8, "bits_per_weight": 3.0, "allocation": "a\u0000b"}]}))
+    report_main(["--results", str(folder), "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_without_entries_says_what_to_run(tmp_path):

@@ -60,6 +60,14 @@ def test_cli_refuses_an_out_path_the_plot_would_overwrite(tiny_model, image_tar,
     assert "give a .json file name" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_plot_path_that_is_a_folder_before_any_trial(tiny_model, image_tar, tmp_path, capsys):
+    ckpt = tmp_path / "fp.safetensors"
+    save_model(tiny_model, ckpt)
+    (tmp_path / "r.png").mkdir()
+    assert run(main, ["--checkpoint", str(ckpt), "--data", str(image_tar), "--out", str(tmp_path / "r.json")]) == 2
+    assert "r.png is a folder" in capsys.readouterr().err
+
+
 def test_cli_refuses_data_of_other_classes(tiny_model, tmp_path, capsys):
     ckpt = tmp_path / "fp.safetensors"
     save_model(tiny_model, ckpt)
