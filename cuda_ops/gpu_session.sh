@@ -52,16 +52,17 @@ STAGE=${1:-all}
 shift || true
 OUT=${OUT:-gpu_out}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 env_report() {
     {
         date -u +"%Y-%m-%dT%H:%M:%SZ"
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
-        "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
-'| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(),
-torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" 2>&1
+        "$PY" -c "import sys, torch, triton
+gpu = ((torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')
+       if torch.cuda.is_available() else ('no CUDA device',))
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda',
+      torch.version.cuda, '|', *gpu)" 2>&1
         "$PY" -c "import xdist; print('pytest-xdist', xdist.__version__)" 2>&1 | tail -1
         git rev-parse HEAD 2>/dev/null || echo "(no git checkout)"
     } > "$OUT/env.txt"
@@ -162,6 +163,11 @@ case "$STAGE" in
     tests|bench|profile|parity|all) ;;
     *) echo "usage: bash cuda_ops/gpu_session.sh tests|bench|profile|parity|all [arguments]" >&2; exit 2 ;;
 esac
+for v in WORKERS TESTS_TIMEOUT WARM_DEADLINE WARM_TIME BENCH_TIMEOUT BENCH_TIME_LIMIT PROFILE_TIMEOUT PARITY_TIMEOUT; do
+    [ -z "${!v:-}" ] || [[ ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v must be a whole number, got ${!v}" >&2; exit 2; }
+done
+[ ! -e "$OUT" ] || [ -d "$OUT" ] || { echo "error: OUT=$OUT is a file, not a folder" >&2; exit 2; }
+mkdir -p "$OUT"
 env_report
 case "$STAGE" in
     tests) run_tests ;;

@@ -51,7 +51,6 @@ RUN=${RUN:-runs/gpu_small}
 OUT=${OUT:-$RUN/out}
 PY=${PYTHON:-python3}
 BATCH=${BATCH:-512}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 quiet() { tr '\r' '\n' | grep -v "step/s\|s/step\|img/s\|^ *$" || true; }  # drop tqdm's redraws
@@ -64,10 +63,17 @@ case "$PART" in
     2) limit=${TIME_LIMIT:-200}; score_by=$((limit + 70)); fit=(--end-within-time-limit) ;;
     *) echo "PART must be 1, 2 or unset, got '$PART'" >&2; exit 2 ;;
 esac
+whole() {  # bash arithmetic below takes whole numbers only: refuse anything else before any work
+    [[ $2 =~ ^[0-9]+$ ]] || { echo "error: $1 must be a whole number, got '$2'" >&2; exit 2; }
+}
+whole TIME_BUDGET "$budget"; whole TIME_LIMIT "$limit"; whole TEACHER_BUDGET "${TEACHER_BUDGET:-0}"
+[[ $BATCH =~ ^[1-9][0-9]*$ ]] || { echo "error: BATCH must be a positive whole number, got '$BATCH'" >&2; exit 2; }
 if [ "$PART" = 2 ] && [ ! -f "$RUN/last.pt" ]; then
     echo "PART=2: no $RUN/last.pt here; run PART=1 first, on the same machine while it is warm" >&2
     exit 1
 fi
+[ -e "$DATA" ] || { echo "error: no data at $DATA (here: copy it into .data/, see this script's header)" >&2; exit 2; }
+mkdir -p "$OUT"
 distill=()
 : > "$OUT/train.log"
 if [ "${TEACHER_BUDGET:-0}" != 0 ] && [ "$PART" != 2 ]; then

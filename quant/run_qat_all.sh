@@ -60,7 +60,12 @@ esac
 for v in TIME_BUDGET DEADLINE; do  # bash arithmetic below: a fraction there ended the loop unrun, "all done"
     [ -z "${!v:-}" ] || [[ ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v must be whole seconds, got ${!v}" >&2; exit 2; }
 done
+for v in EPOCHS BATCH THREADS LIMIT VAL_LIMIT EVAL_LIMIT; do  # counts, checked once rather than failing every run
+    [ -z "${!v:-}" ] || [[ ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v must be a whole number, got ${!v}" >&2; exit 2; }
+done
+[[ $LR =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || { echo "error: LR must be a number, got $LR" >&2; exit 2; }
 [ -f "$TEACHER" ] || { echo "error: teacher $TEACHER not found (set TEACHER=...)" >&2; exit 2; }
+[ -e "$DATA" ] || { echo "error: data $DATA not found (set DATA=...)" >&2; exit 2; }
 for name in $ONLY; do  # every name checked before the first run starts
     [ -n "${EPOCHS_OF[$name]:-}" ] || { echo "error: unknown run $name (runs: ${!EPOCHS_OF[*]})" >&2; exit 2; }
 done

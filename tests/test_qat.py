@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -237,11 +238,24 @@ def test_the_gpu_profile_refuses_a_time_in_fractions_of_a_second_instead_of_repo
     assert "all QAT runs done" not in r.stdout
 
 
+@pytest.mark.parametrize("var, value, message", [("DATA", "no-such-data", "data .*no-such-data not found"),
+                                                 ("EPOCHS", "two", "EPOCHS must be a whole number"),
+                                                 ("LR", "fast", "LR must be a number")])
+def test_the_qat_script_refuses_a_bad_setting_before_the_first_run(teacher_file, tmp_path, var, value, message):
+    env = {**os.environ, "TEACHER": str(teacher_file), "DATA": str(tmp_path), "RUNS": str(tmp_path / "runs"),
+           "RESULTS": str(tmp_path / "qat.json"), var: str(tmp_path / value) if var == "DATA" else value}
+    r = subprocess.run(["bash", "quant/run_qat_all.sh"], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and re.search(message, r.stderr), r.stdout + r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_failed_run_does_not_hand_back_the_model_already_at_its_output_path(teacher_file, tmp_path):
     (tmp_path / "assets").mkdir()
     shipped = tmp_path / "assets" / "fp-w1.58a8.safetensors"   # the shipped ternary model of this teacher
     shipped.write_bytes(b"an older model")
-    env = {**os.environ, "PROFILE": "gpu", "TEACHER": str(teacher_file), "DATA": str(tmp_path / "no-such-data"),
+    (tmp_path / "empty-data").mkdir()  # the run fails on it: no class folders
+    env = {**os.environ, "PROFILE": "gpu", "TEACHER": str(teacher_file), "DATA": str(tmp_path / "empty-data"),
            "ONLY": "w1.58a8", "RUNS": str(tmp_path / "runs"), "ASSETS": str(tmp_path / "assets"),
            "OUT": str(tmp_path / "out")}
     r = subprocess.run(["bash", "quant/run_qat_all.sh"], cwd=Path(__file__).parents[1], env=env,

@@ -358,6 +358,18 @@ def test_the_gpu_reference_scripts_first_part_hands_back_a_resume_state_a_later_
     assert second.stdout.strip().endswith("reference model done")
 
 
+@pytest.mark.parametrize("var, value, message", [("TIME_LIMIT", "5.5", "TIME_LIMIT must be a whole number"),
+                                                 ("TEACHER_BUDGET", "abc", "TEACHER_BUDGET must be a whole number"),
+                                                 ("BATCH", "0", "BATCH must be a positive whole number"),
+                                                 ("DATA", "/no/such/data", "no data at /no/such/data")])
+def test_the_gpu_reference_script_refuses_a_bad_setting_before_any_work(tmp_path, var, value, message):
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out"), var: value}
+    r = subprocess.run(["bash", "quant/gpu_reference.sh"], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_second_part_of_the_gpu_reference_script_refuses_to_start_without_the_first(tmp_path):
     env = {**os.environ, "PART": "2", "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out")}
     r = subprocess.run(["bash", "quant/gpu_reference.sh"], cwd=Path(__file__).parents[1], env=env,
