@@ -66,6 +66,8 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     _run([cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)], what="compiling bitvit's ONNX Runtime ops")
+    if not tmp.is_file():  # a "compiler" that exits 0 without writing (CXX=true)
+        raise ValueError(f"the compiler {cxx} wrote no library (is $CXX a C++ compiler?)")
     tmp_digest = digest.with_suffix(f".{os.getpid()}.tmp")
     tmp_digest.write_text(_sha256(tmp))
     os.replace(tmp, out)  # atomic: a concurrent build never sees a half-written library

@@ -130,6 +130,20 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     assert ortops.library_path() == path and path.read_text().count("build") == 2  # rebuilt
 
 
+def test_a_compiler_that_writes_no_library_is_named(tmp_path, monkeypatch):
+    fake = tmp_path / "fake-g++"  # answers --version, then exits 0 without writing anything
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo fake 1.0\nexit 0\n')
+    fake.chmod(0o755)
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "onnxruntime_cxx_api.h").write_text("")
+    (tmp_path / "include" / "onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 1\n")
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("ORT_INCLUDE_DIR", str(tmp_path / "include"))
+    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="fake-g\\+\\+ wrote no library"):
+        ortops.library_path()
+
+
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 33, 17, 19), (70, 129, 65), (5, 64, 48), BIG])
