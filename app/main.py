@@ -90,7 +90,8 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
             raise ValueError(f"no quantized model in {assets} to compare {Path(fp).name} with, and the app can only "
                              f"quantize a .safetensors model itself: pass --quant MODEL")
         for name in ON_THE_FLY:
-            label = f"{name} · built on the fly from {Path(fp).name} (PTQ, no comparable packed model in {Path(assets).name}/)"
+            label = (f"{name} · built on the fly from {Path(fp).name} "
+                     f"(PTQ, no comparable packed model in {Path(assets).name}/)")
             openers[label] = functools.partial(_on_the_fly, fp, name, threads, runtime)
     labels = list(openers)
     own = [m for m in keep if m.label not in other]  # of the FP model's architecture: a ternary one first
@@ -168,6 +169,7 @@ def main(argv=None):
     p.add_argument("--results", help="results folder for the Results tab (default: <assets>/results)")
     p.add_argument("--threads", type=thread_count, help="CPU threads per model (default: all cores)")
     args = p.parse_args(argv)
+
     if args.results is not None and not Path(args.results).is_dir():
         raise FileNotFoundError(f"--results {args.results}: no such folder (the Results tab shows the results "
                                 f"files of a folder)")

@@ -45,7 +45,7 @@ def thread_count(text: str) -> int:
     return value
 
 
-def seed(text: str) -> int:
+def random_seed(text: str) -> int:
     """argparse type for a random seed: an integer in 0..2**32 - 1 (what numpy's and torch's generators take)."""
     try:
         value = int(text)

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import number_in, output_file, positive_int, provenance, run, run_folder, seed, thread_count
+from quant.cli import (number_in, output_file, positive_int, provenance, random_seed, run, run_folder,
+                       thread_count)
 from quant.data import SPLITS
 
 
@@ -240,7 +241,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=number_in(0), default=0.0,
                    help="seconds of training for all stages together, shared by their epochs; the learning rate "
                         "decays over them and --epochs becomes a cap (0: schedule by epochs)")
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     return p

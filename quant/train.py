@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import finite_number, number_in, positive_int, run, run_folder, seed, thread_count
+from quant.cli import finite_number, number_in, positive_int, random_seed, run, run_folder, thread_count
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -381,7 +381,7 @@ def main(argv=None):
     p.add_argument("--no-trivial-augment", action="store_true")
     p.add_argument("--teacher", help="model file to distil from: a bitvit ViT or a CNN teacher")
     p.add_argument("--distill", default="hard", choices=["hard", "soft"])
-    p.add_argument("--seed", type=seed, default=d.seed)
+    p.add_argument("--seed", type=random_seed, default=d.seed)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many "

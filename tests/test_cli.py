@@ -5,7 +5,8 @@ import argparse
 import pytest
 import torch
 
-from quant.cli import number_in, output_file, positive_int, provenance, run, run_folder, seed, thread_count
+from quant.cli import (number_in, output_file, positive_int, provenance, random_seed, run, run_folder,
+                       thread_count)
 from quant.train import main as train_main
 
 
@@ -25,7 +26,7 @@ def test_more_threads_than_the_machine_has_cores_are_refused(monkeypatch):
 @pytest.mark.parametrize("text", ["-5", str(2**32), "99999999999999999999999", "x"])
 def test_a_seed_outside_what_the_generators_take_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected an integer"):
-        seed(text)
+        random_seed(text)
 
 
 @pytest.mark.parametrize("text, bounds", [("-1", (0, 1)), ("1.5", (0, 1)), ("nan", (0, 1)), ("x", (0, 1)),
