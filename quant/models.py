@@ -445,7 +445,11 @@ def _load_from_hub(repo: str, name: str) -> VisionTransformer:
     """Download (or find in the local hub cache) timm's `model.safetensors` and label names."""
     from huggingface_hub import hf_hub_download
     cfg = CONFIGS.get(name) or _unknown(name)  # before any download: a wrong name is the error to report
-    path = hf_hub_download(repo, "model.safetensors")
+    try:
+        path = hf_hub_download(repo, "model.safetensors")
+    except OSError as e:  # the hub's errors (not cached and offline, no such repository, HTTP) are OSErrors
+        raise FileNotFoundError(f"hf-hub:{repo}: model.safetensors is neither in the local hub cache nor "
+                                f"downloadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     try:
         with open(hf_hub_download(repo, "config.json")) as f:
             labels = json.load(f).get("label_names") or ()

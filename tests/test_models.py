@@ -147,6 +147,14 @@ def test_hub_loading_reads_the_local_hub_cache(tmp_path, monkeypatch):
     assert torch.equal(loaded.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
 
 
+def test_a_hub_model_neither_cached_nor_downloadable_is_one_error_naming_the_repository(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))  # empty
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)                 # no download tried, as on this machine
+    with pytest.raises(FileNotFoundError, match="hf-hub:timm/deit_tiny_patch16_224.* neither in the local hub cache"):
+        load_model("hub", name="deit_tiny_patch16_224")
+
+
 def test_checkpoint_of_another_shape_names_the_tensor(tiny_model):
     wide = VisionTransformer(dataclasses.replace(TINY, mlp_ratio=4.0))
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight.* shape \(128, 32\).*\(64, 32\)"):
