@@ -161,7 +161,7 @@ class CUDAGraphModel:
     the next call overwrites (clone it to keep it)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
-        if not example.is_cuda:
+        if not isinstance(example, torch.Tensor) or not example.is_cuda:
             raise ValueError("CUDA graphs need the model and the example input on a CUDA device")
         self.model = model.eval()
         self.static_in = example.clone()

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
+from quant.cli import file_to_write
 from quant.models import Attention, VisionTransformer
 from quant.pack import pack_codes
 from quant.qlinear import QuantLinear
@@ -290,6 +291,8 @@ RECIPES = {"w8a8": dict(weight_format="int8", act_format="int8_token"),
 def quantize_for_export(model: VisionTransformer, fmt: str) -> VisionTransformer:
     """A copy of an FP model with every nn.Linear quantized (round to nearest) into what `fmt`
     exports; fp32/fp16 return the model itself. Trained (QAT/GPTQ) models come quantized already."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt in ("fp32", "fp16"):
         return model
     model = copy.deepcopy(model)
@@ -302,13 +305,22 @@ def quantize_for_export(model: VisionTransformer, fmt: str) -> VisionTransformer
 
 def export(model: VisionTransformer, path: str | Path, fmt: str = "fp32", custom_ops: bool = True) -> Path:
     """Build the graph of `model` as it stands (see `quantize_for_export`), check it, write it to `path`."""
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"can only export bitvit's VisionTransformer, got {type(model).__name__}")
+    if any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in model.modules()):
+        raise ValueError("the model holds quantization-aware training layers: pack them first "
+                         "(quant.bitlinear.freeze or quant.qvit.freeze), then export the packed model")
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise ValueError("export the float32 model (format fp16 stores its float weights at half precision)")
     quantized = any(is_quantized(m) for m in model.modules())
-    if quantized != (fmt not in ("fp32", "fp16")):
-        raise ValueError(f"the model holds {model_format(model)} weights, not {fmt}"
-                         + ("" if quantized else "; quantize it first (export.exporter.quantize_for_export)"))
+    if quantized and fmt != model_format(model):
+        raise ValueError(f"the model holds {model_format(model)} weights, not {fmt}: export it as "
+                         f"{model_format(model)}")
+    if not quantized and fmt not in ("fp32", "fp16"):
+        raise ValueError(f"the model holds fp32 weights, not {fmt}; quantize it first "
+                         f"(export.exporter.quantize_for_export)")
+    path = file_to_write(path)
     proto = to_onnx(model, fmt, custom_ops)
     onnx.checker.check_model(proto)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
     return path

@@ -119,13 +119,21 @@ class Session:
         return self.config.img_size
 
     def preprocess(self, images) -> np.ndarray:
-        """uint8 RGB images (H, W, 3) or (B, H, W, 3), any size -> normalised float32 (B, 3, S, S).
+        """uint8 RGB images (H, W, 3) or (B, H, W, 3), or a list of images of any sizes -> normalised float32
+        (B, 3, S, S).
 
         Other sizes are resized the way the data was (shorter side to S, bicubic, centre crop)."""
         from PIL import Image
 
         from quant.data import _resize
-        arr = np.asarray(images)
+        try:
+            arr = np.asarray(images)
+        except ValueError:  # a list of images of different sizes
+            arr = None
+        if arr is None or arr.dtype == object:
+            if not isinstance(images, (list, tuple)) or not images:
+                raise ValueError(f"expected uint8 RGB images (H, W, 3) or (B, H, W, 3), got {type(images).__name__}")
+            return np.concatenate([self.preprocess(image) for image in images])  # each resized on its own
         if arr.ndim == 3:
             arr = arr[None]
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:

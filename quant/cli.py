@@ -102,6 +102,16 @@ def run_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+def file_to_write(path: str | os.PathLike) -> Path:
+    """A path a writer may use, checked before it writes: not a folder nor under a file; its folder is made."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name to write")
+    _check_parents(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Path:
     """An output file's path, checked before any work is done: not a folder, named `*{suffix}`, and not one of
     the command's `inputs` (a model it reads); its folder is made."""
@@ -112,9 +122,7 @@ def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Pat
         raise ValueError(f"{path}: give a {suffix} file name to write")
     if any(i is not None and Path(i).resolve() == path.resolve() for i in inputs):
         raise ValueError(f"{path} is also this command's input; write the output to another file")
-    _check_parents(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return file_to_write(path)
 
 
 def machine() -> str:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import finite_number, is_positive_int
+from quant.cli import file_to_write, finite_number, is_positive_int
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -159,9 +159,15 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.img_size
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"expected {s}x{s} RGB images as a float tensor (B, 3, {s}, {s}), got a "
+                             f"{type(x).__name__} (torch.from_numpy(x) makes one)")
         if x.ndim != 4 or x.shape[1:] != (3, s, s) or not x.is_floating_point():
             raise ValueError(f"expected {s}x{s} RGB images as a float tensor (B, 3, {s}, {s}), got {x.dtype} "
                              f"{tuple(x.shape)}")
+        dtype = self.proj.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"the model's weights are {dtype} but the images {x.dtype}: give x.to({dtype})")
         if self.backbone is not None:
             x = self.backbone(x)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
@@ -252,6 +258,10 @@ def create_model(name: str, **overrides) -> VisionTransformer:
     """A randomly initialised model of a named config (see `CONFIGS`), with fields overridden."""
     if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ViTConfig)}
+    if unknown:
+        raise ValueError(f"{name}: no config fields {sorted(unknown)}; its fields: "
+                         f"{', '.join(f.name for f in dataclasses.fields(ViTConfig))}")
     return VisionTransformer(dataclasses.replace(CONFIGS[name], **overrides))
 
 
@@ -291,11 +301,20 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.d
     """Write `model` as one safetensors file carrying its config (and any extra string metadata); a model
     holding NaN or infinite values (a diverged run) is refused, as loading would refuse it."""
     from safetensors.torch import save_file
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"save_model writes bitvit's VisionTransformer, got {type(model).__name__}")
+    if any(isinstance(m, nn.Linear) and type(m) is not nn.Linear or hasattr(m, "weight_format")
+           for m in model.modules()):  # a QAT layer (nn.Linear subclasses) or a packed QuantLinear
+        raise ValueError("the model holds quantized layers: write it with quant.save_quantized (packed codes)")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"save_model stores float32, float16 or bfloat16 weights, not {dtype}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in (metadata or {}).items()):
+        raise ValueError("metadata must map strings to strings (safetensors' header)")
+    path = file_to_write(path)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
              for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     refuse_non_finite(state)
     meta = {"format": FORMAT, "config": model.config.to_json(), **(metadata or {})}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
 
 

@@ -31,12 +31,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from quant.cli import finite_number
+from quant.cli import file_to_write, finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import (ViTConfig, VisionTransformer, check_depth, load_model, load_state_dict, meta_skeleton,
                           read_safetensors, read_safetensors_metadata)
@@ -106,8 +105,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     rounding them, which can change a few predictions. Buffers (calibrated activation ranges, whose
     scales may be far below float16's smallest normal number) stay float32."""
     from safetensors.torch import save_file
-    if Path(path).is_dir():
-        raise ValueError(f"{path} is a folder; give a file name to write")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"save_quantized writes a model (nn.Module), got {type(model).__name__}")
+    path = file_to_write(path)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize)")
@@ -139,7 +139,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     }
     header = json.loads(json.dumps(header))  # as a reader will see it (tuples as lists, keys as strings)
     header["sha256"] = _digest(tensors, header)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": FORMAT, "header": json.dumps(header)})
     return storage
 

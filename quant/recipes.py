@@ -62,7 +62,11 @@ def _need_calib(recipe, calib, model: nn.Module) -> torch.Tensor:
                          f"{tuple(getattr(calib, 'shape', ()))}")
     if calib.is_floating_point() and not torch.isfinite(calib).all():
         raise ValueError("the calibration inputs hold NaN or infinite values")
-    return calib.to(next(model.parameters(), calib).device)
+    first = next(model.parameters(), calib)
+    if calib.is_floating_point() and calib.dtype != first.dtype:
+        raise ValueError(f"the calibration inputs are {calib.dtype}, the model {first.dtype}: "
+                         f"give calib.to({first.dtype})")
+    return calib.to(first.device)
 
 
 @dataclass(frozen=True)
@@ -244,8 +248,15 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
     (`model.quant_recipe`) and in the file `quant.save_quantized` writes.
     """
     r = globals()["recipe"](recipe) if isinstance(recipe, str) else recipe
-    if not dataclasses.is_dataclass(r) or not hasattr(r, "apply"):
-        raise ValueError(f"not a recipe: {recipe!r}")
+    if not dataclasses.is_dataclass(r) or isinstance(r, type) or not hasattr(r, "apply"):
+        raise ValueError(f"not a recipe: {recipe!r} (give a name, e.g. 'w4', or quant.recipe(name, ...))")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"quantize takes a model (nn.Module), got {type(model).__name__}; load a file first "
+                         f"(quant.models.load_model)")
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes - {torch.float32}:
+        raise ValueError(f"quantize a float32 model (this one holds {sorted(map(str, dtypes))}); cast the "
+                         f"quantized model afterwards (.half(), .bfloat16())")
     if any(isinstance(m, QuantLinear) or isinstance(m, nn.Linear) and type(m) is not nn.Linear
            for m in model.modules()):  # QuantLinear, or a QAT layer (BitLinear, LSQLinear: nn.Linear subclasses)
         raise ValueError("the model is already quantized: quantize its full-precision original")

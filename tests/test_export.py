@@ -255,6 +255,36 @@ def test_a_folder_an_empty_file_and_an_impossible_thread_count_are_refused_by_na
         runtime.load(export(tiny_model, tmp_path / "m.onnx"), threads=2**40)
 
 
+def test_a_quantized_model_is_exported_only_as_the_format_it_holds(tiny_model, tmp_path):
+    ternary = quantize_for_export(tiny_model, "ternary")
+    with pytest.raises(ValueError, match="holds ternary weights, not w8a8: export it as ternary"):
+        export(ternary, tmp_path / "m.onnx", "w8a8")
+
+
+def test_a_model_still_in_quantization_aware_training_is_refused_until_packed(tiny_model, tmp_path):
+    import quant
+    with pytest.raises(ValueError, match="quantization-aware training layers: pack them first"):
+        export(quant.quantize(tiny_model, "w1.58a8"), tmp_path / "m.onnx", "fp32")
+
+
+def test_a_half_precision_model_is_refused_in_favour_of_the_fp16_format(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="export the float32 model"):
+        export(copy.deepcopy(tiny_model).half(), tmp_path / "m.onnx", "fp16")
+
+
+def test_an_unknown_format_to_quantize_for_is_refused_by_name(tiny_model):
+    with pytest.raises(ValueError, match="unknown format 'ternery'"):
+        quantize_for_export(tiny_model, "ternery")
+
+
+def test_predict_takes_a_list_of_images_of_different_sizes(tiny_model, tmp_path):
+    session = runtime.load(export(tiny_model, tmp_path / "m.onnx"))
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 256, (16, 16, 3), np.uint8), rng.integers(0, 256, (40, 30, 3), np.uint8)
+    np.testing.assert_allclose(session.predict([a, b]), np.concatenate([session.predict(a), session.predict(b)]),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_the_cli_refuses_a_folder_as_output_before_exporting(tiny_model, tmp_path, capsys):
     save_model(tiny_model, tmp_path / "fp.safetensors")
     assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path)]) == 2

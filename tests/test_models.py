@@ -155,6 +155,33 @@ def test_a_hub_model_neither_cached_nor_downloadable_is_one_error_naming_the_rep
         load_model("hub", name="deit_tiny_patch16_224")
 
 
+@pytest.mark.parametrize("x, message", [
+    (torch.zeros(1, 3, 16, 16, dtype=torch.float64), "weights are torch.float32 but the images torch.float64"),
+    ([[0.0]], "got a list")])
+def test_images_the_model_cannot_take_are_refused_saying_what_to_give(tiny_model, x, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(x)
+
+
+def test_a_config_field_that_does_not_exist_is_refused_naming_it():
+    with pytest.raises(ValueError, match="no config fields \\['depht'\\]"):
+        create_model("vit_cifar_tiny", depht=2)
+
+
+def test_save_model_refuses_a_quantized_model_pointing_to_save_quantized(tiny_model, tmp_path):
+    import quant
+    with pytest.raises(ValueError, match="quant.save_quantized"):
+        save_model(quant.quantize(tiny_model, "w8a8"), tmp_path / "m.safetensors")
+
+
+def test_save_model_refuses_a_folder_and_a_path_under_a_file(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        save_model(tiny_model, tmp_path)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="f is a file, not a folder"):
+        save_model(tiny_model, tmp_path / "f" / "m.safetensors")
+
+
 def test_checkpoint_of_another_shape_names_the_tensor(tiny_model):
     wide = VisionTransformer(dataclasses.replace(TINY, mlp_ratio=4.0))
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight.* shape \(128, 32\).*\(64, 32\)"):

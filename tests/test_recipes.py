@@ -140,6 +140,20 @@ def test_w4a4_refuses_a_model_without_vit_blocks():
         quant.quantize(plain_model(), "w4a4", calib=torch.randn(4, 24))
 
 
+@pytest.mark.parametrize("model, recipe, message", [
+    ("model.safetensors", "w4", "quantize takes a model"), (None, "w4", "quantize takes a model"),
+    ("half", "w4", "quantize a float32 model"), ("tiny", quant.recipes.RTN, "not a recipe")])
+def test_quantize_refuses_what_it_cannot_quantize_saying_what_to_give(tiny_model, model, recipe, message):
+    model = {"tiny": tiny_model, "half": tiny_model.half()}.get(model, model)
+    with pytest.raises(ValueError, match=message):
+        quant.quantize(model, recipe)
+
+
+def test_calibration_inputs_of_another_dtype_than_the_model_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="calibration inputs are torch.float64, the model torch.float32"):
+        quant.quantize(tiny_model, "w4-gptq", calib=torch.zeros(4, 3, 16, 16, dtype=torch.float64))
+
+
 def test_qat_recipe_hands_over_training_time_layers(tiny_model):
     model = quant.quantize(tiny_model, "w1.58a8")
     kinds = {type(m).__name__ for m in model.modules()}

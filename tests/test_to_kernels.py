@@ -131,6 +131,11 @@ def test_something_other_than_a_model_is_refused_pointing_to_the_loader(thing):
         to_kernels(thing)
 
 
+def test_a_cuda_graph_of_something_other_than_a_cuda_tensor_is_refused():
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        CUDAGraphModel(quantized_tiny("w8"), None)
+
+
 def test_converting_a_converted_model_again_says_so():
     model = to_kernels(quantized_tiny("w8"))
     with pytest.raises(ValueError, match="already runs on bitvit's kernels"):
