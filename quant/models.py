@@ -325,9 +325,16 @@ def refuse_non_finite(state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"{bad} holds NaN or infinite values (did training diverge? lower --lr); nothing written")
 
 
+def path_text(path) -> str:
+    """A file path given as str or os.PathLike, as text; anything else (a model, None) is one clear error."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"expected a file path, got {type(path).__name__}")
+    return os.fspath(path)
+
+
 def existing_file(path: str | os.PathLike) -> Path:
     """`path` if it is a file; else one clear error (missing, or a folder)."""
-    path = Path(path)
+    path = Path(path_text(path))
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a model file")
     if not path.is_file():
@@ -397,7 +404,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
     a timm/DeiT `.safetensors`/`.pth` file or a Hugging Face hub id (`hf-hub:timm/...`, or
     `name` alone with `source="hub"` for the config's default repository).
     """
-    source = str(source)
+    source = path_text(source)
     if source == "hub" or source.startswith("hf-hub:"):
         if name is None:
             raise ValueError("loading from the hub needs a config name (e.g. deit_tiny_patch16_224)")

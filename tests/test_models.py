@@ -292,6 +292,12 @@ def test_an_unknown_architecture_name_is_refused_for_a_bitvit_file_too(tiny_mode
         load_model(tmp_path / "m.safetensors", name="bogus")
 
 
+@pytest.mark.parametrize("source", [None, 3])
+def test_something_other_than_a_path_is_refused_as_a_path(source):
+    with pytest.raises(ValueError, match="expected a file path"):
+        load_model(source)
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model file"):
         load_model(tmp_path / "absent.safetensors")

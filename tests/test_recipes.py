@@ -149,6 +149,13 @@ def test_quantize_refuses_what_it_cannot_quantize_saying_what_to_give(tiny_model
         quant.quantize(model, recipe)
 
 
+def test_a_model_holding_nan_weights_is_refused_before_quantizing(tiny_model):
+    with torch.no_grad():
+        tiny_model.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc1.weight holds NaN"):
+        quant.quantize(tiny_model, "w4")
+
+
 def test_calibration_inputs_of_another_dtype_than_the_model_are_refused(tiny_model):
     with pytest.raises(ValueError, match="calibration inputs are torch.float64, the model torch.float32"):
         quant.quantize(tiny_model, "w4-gptq", calib=torch.zeros(4, 3, 16, 16, dtype=torch.float64))
