@@ -112,11 +112,10 @@ def test_the_library_builds_from_scratch_with_the_best_kernel_this_cpu_has(ortop
     assert ortops.library_path() == path  # cached: the second call builds nothing
 
 
-def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
-    fake = tmp_path / "fake-g++"  # a "compiler" that counts its builds into the library it writes
-    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
-                    'while [ "$1" != -o ]; do shift; done\n'
-                    f'echo build >> {tmp_path}/builds; cat {tmp_path}/builds > "$2"\n')
+def use_fake_compiler(script: str, tmp_path, monkeypatch) -> None:
+    """Build the op library with `script` (a shell script) as $CXX, against empty ONNX Runtime headers."""
+    fake = tmp_path / "fake-g++"
+    fake.write_text(script)
     fake.chmod(0o755)
     (tmp_path / "include").mkdir()
     (tmp_path / "include" / "onnxruntime_cxx_api.h").write_text("")
@@ -124,6 +123,12 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(fake))
     monkeypatch.setenv("ORT_INCLUDE_DIR", str(tmp_path / "include"))
     monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(tmp_path / "cache"))
+
+
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'  # counts its builds into
+                      'while [ "$1" != -o ]; do shift; done\n'                            # the library it writes
+                      f'echo build >> {tmp_path}/builds; cat {tmp_path}/builds > "$2"\n', tmp_path, monkeypatch)
     path = ortops.library_path()
     assert ortops.library_path() == path and path.read_text().count("build") == 1  # cached
     path.write_bytes(path.read_bytes()[:3])                                          # truncated
@@ -131,15 +136,7 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
 
 
 def test_a_compiler_that_writes_no_library_is_named(tmp_path, monkeypatch):
-    fake = tmp_path / "fake-g++"  # answers --version, then exits 0 without writing anything
-    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo fake 1.0\nexit 0\n')
-    fake.chmod(0o755)
-    (tmp_path / "include").mkdir()
-    (tmp_path / "include" / "onnxruntime_cxx_api.h").write_text("")
-    (tmp_path / "include" / "onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 1\n")
-    monkeypatch.setenv("CXX", str(fake))
-    monkeypatch.setenv("ORT_INCLUDE_DIR", str(tmp_path / "include"))
-    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(tmp_path / "cache"))
+    use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && echo fake 1.0\nexit 0\n', tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="fake-g\\+\\+ wrote no library"):
         ortops.library_path()
 
