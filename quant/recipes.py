@@ -257,7 +257,7 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
     if dtypes - {torch.float32}:
         raise ValueError(f"quantize a float32 model (this one holds {sorted(map(str, dtypes))}); cast the "
                          f"quantized model afterwards (.half(), .bfloat16())")
-    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    bad = next((n for n, p in model.named_parameters() if not p.is_meta and not torch.isfinite(p).all()), None)
     if bad is not None:
         raise ValueError(f"the model's {bad} holds NaN or infinite values: nothing to quantize")
     if any(isinstance(m, QuantLinear) or isinstance(m, nn.Linear) and type(m) is not nn.Linear
