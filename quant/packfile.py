@@ -107,6 +107,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     from safetensors.torch import save_file
     if not isinstance(model, nn.Module):
         raise ValueError(f"save_quantized writes a model (nn.Module), got {type(model).__name__}")
+    if not isinstance(float16, bool):
+        raise ValueError(f"float16 must be True or False, got {float16!r}")
     path = file_to_write(path)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:

@@ -333,3 +333,11 @@ def test_missing_file_is_file_not_found(tmp_path):
 def test_saving_an_unquantized_model_is_refused(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="no QuantLinear"):
         quant.save_quantized(tiny_model, tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("model, kwargs, message", [("path", {}, "writes a model"),
+                                                    ("tiny", {"float16": "no"}, "float16 must be True or False")])
+def test_saving_something_other_than_a_model_or_a_flag_that_is_not_a_bool_is_refused(tmp_path, tiny_model, model,
+                                                                                      kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quant.save_quantized(tiny_model if model == "tiny" else "m.safetensors", tmp_path / "x.safetensors", **kwargs)
