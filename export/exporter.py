@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quant.cli import file_to_write
 from quant.models import Attention, VisionTransformer
 from quant.pack import pack_codes
-from quant.qlinear import QuantLinear
+from quant.qlinear import QuantLinear, is_qat_layer
 
 from .ortops import DOMAIN
 
@@ -307,7 +307,7 @@ def export(model: VisionTransformer, path: str | Path, fmt: str = "fp32", custom
     """Build the graph of `model` as it stands (see `quantize_for_export`), check it, write it to `path`."""
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"can only export bitvit's VisionTransformer, got {type(model).__name__}")
-    if any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in model.modules()):
+    if any(is_qat_layer(m) for m in model.modules()):
         raise ValueError("the model holds quantization-aware training layers: pack them first "
                          "(quant.bitlinear.freeze or quant.qvit.freeze), then export the packed model")
     if any(p.dtype != torch.float32 for p in model.parameters()):

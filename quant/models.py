@@ -303,8 +303,8 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.d
     from safetensors.torch import save_file
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"save_model writes bitvit's VisionTransformer, got {type(model).__name__}")
-    if any(isinstance(m, nn.Linear) and type(m) is not nn.Linear or hasattr(m, "weight_format")
-           for m in model.modules()):  # a QAT layer (nn.Linear subclasses) or a packed QuantLinear
+    from quant.qlinear import is_quantized_layer
+    if any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError("the model holds quantized layers: write it with quant.save_quantized (packed codes)")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"save_model stores float32, float16 or bfloat16 weights, not {dtype}")

@@ -38,7 +38,7 @@ import torch.nn as nn
 from quant.cli import file_to_write, finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import (ViTConfig, VisionTransformer, check_depth, load_model, load_state_dict, meta_skeleton,
-                          path_text, read_safetensors, read_safetensors_metadata)
+                          path_text, read_safetensors, read_safetensors_metadata, refuse_non_finite)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
@@ -119,15 +119,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     n_weights = sum(l.in_features * l.out_features for l in layers.values())
     own = {f"{n}.{b}" for n in layers for b in _OWN}
     params = {n for n, _ in model.named_parameters()}
-    for k, v in model.state_dict().items():
-        if k not in own and not k.endswith("num_batches_tracked"):
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                raise ValueError(f"{k} holds NaN or infinite values (did training diverge?); nothing written")
-            v = v.detach().cpu()
-            if v.is_floating_point():
-                half = v.half() if float16 and k in params else None
-                v = half if half is not None and torch.isfinite(half).all() else v.float()
-            tensors[k] = v.contiguous()
+    rest = {k: v for k, v in model.state_dict().items() if k not in own and not k.endswith("num_batches_tracked")}
+    refuse_non_finite(rest)
+    for k, v in rest.items():
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            half = v.half() if float16 and k in params else None
+            v = half if half is not None and torch.isfinite(half).all() else v.float()
+        tensors[k] = v.contiguous()
     cfg = getattr(model, "config", None)
     storage = {"linear_weights": n_weights, "linear_bytes": linear_bytes,
                "bits_per_weight": round(8 * linear_bytes / n_weights, 4), "float16": float16}

@@ -165,3 +165,13 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"weight_format={self.weight_format}{' asym' if self.zeros is not None else ''}, "
                 f"group_size={self.group_size}, act_format={self.act_format}, bias={self.bias is not None}")
+
+
+def is_qat_layer(m: nn.Module) -> bool:
+    """A layer still in quantization-aware training (BitLinear, LSQLinear: nn.Linear subclasses), not yet packed."""
+    return isinstance(m, nn.Linear) and type(m) is not nn.Linear
+
+
+def is_quantized_layer(m: nn.Module) -> bool:
+    """A packed QuantLinear or a layer in quantization-aware training."""
+    return isinstance(m, QuantLinear) or is_qat_layer(m)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from quant.qlinear import QuantLinear
+from quant.qlinear import QuantLinear, is_quantized_layer
 
 
 def _linears(model: nn.Module) -> list[str]:
@@ -260,8 +260,7 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
     bad = next((n for n, p in model.named_parameters() if not p.is_meta and not torch.isfinite(p).all()), None)
     if bad is not None:
         raise ValueError(f"the model's {bad} holds NaN or infinite values: nothing to quantize")
-    if any(isinstance(m, QuantLinear) or isinstance(m, nn.Linear) and type(m) is not nn.Linear
-           for m in model.modules()):  # QuantLinear, or a QAT layer (BitLinear, LSQLinear: nn.Linear subclasses)
+    if any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError("the model is already quantized: quantize its full-precision original")
     if isinstance(r, QAT):
         return r.apply(model, calib)
