@@ -197,7 +197,7 @@ def test_both_runtimes_refuse_what_is_not_a_batch_of_normalised_images_alike(ass
 def test_foreign_and_missing_model_files_are_refused(tmp_path, assets):
     with pytest.raises(FileNotFoundError):
         open_model(tmp_path / "nope.safetensors")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="notes.safetensors is not a readable safetensors file"):
         inspect_file(assets / "notes.safetensors")
 
 
@@ -572,7 +572,7 @@ def test_the_results_tab_reads_every_file_and_draws_what_exists(tmp_path):
                 results.confusion_plot(res.having("confusion")[0], TINY.classes),
                 results.allocation_plot(res.having("allocation")[0]),
                 results.robustness_plot(res.having("robustness")[0])):
-        assert fig is not None and fig.axes
+        assert any(ax.has_data() for ax in fig.axes)
 
 
 def test_malformed_confusion_matrices_allocations_and_robustness_analyses_are_not_drawn(tmp_path):
@@ -663,8 +663,12 @@ def test_a_variant_whose_file_went_away_gives_a_message_not_a_crash(fp_file, tmp
 def test_bits_per_weight_of_a_huge_architecture_is_counted_without_allocating_it():
     from app.backends import fp_parameters
     from quant.models import ViTConfig
-    huge = ViTConfig(**{**TINY.__dict__, "embed_dim": 2 ** 20, "num_heads": 1})  # ~10^13 bytes if allocated
-    assert fp_parameters(huge) > 10 ** 12
+    from quant.models import VisionTransformer, count_parameters
+    assert fp_parameters(TINY) == count_parameters(VisionTransformer(TINY))
+    d = 2 ** 20
+    huge = ViTConfig(**{**TINY.__dict__, "embed_dim": d, "num_heads": 1})  # ~10^14 bytes if allocated
+    blocks = TINY.depth * (4 + 2 * TINY.mlp_ratio) * d * d  # qkv, proj, fc1, fc2: (3 + 1 + 2 mlp_ratio) d^2 a block
+    assert fp_parameters(huge) == pytest.approx(blocks, rel=1e-3)
 
 
 def test_the_bench_stops_with_the_pages_message_when_the_handler_refuses_a_frame(fp_file, tmp_path):

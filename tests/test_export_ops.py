@@ -1,4 +1,6 @@
 """bitvit's ONNX Runtime ops: built from source, equal to a numpy reference, refusing bad input cleanly."""
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -108,7 +110,10 @@ def random_layer(op, n, k, seed):
 def test_the_library_builds_from_scratch_with_the_best_kernel_this_cpu_has(ortops_cache):
     path = ortops.library_path()
     assert path.is_file() and path.is_relative_to(ortops_cache)
-    assert ortops.kernel_isa(path) in ("avx512-vnni", "avx2", "portable")
+    flags = set(next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+                     "").split())
+    best = ("avx512-vnni" if {"avx512_vnni", "avx512bw"} <= flags else "avx2" if "avx2" in flags else "portable")
+    assert ortops.kernel_isa(path) == best  # -march=native: the widest integer dot products this CPU has
     assert ortops.library_path() == path  # cached: the second call builds nothing
 
 
@@ -333,7 +338,7 @@ def test_scales_of_the_wrong_length_are_refused():
 
 def test_weights_that_are_not_uint8_codes_are_refused():
     _, _, scales, bias = random_layer("TernaryLinear", 4, 8, seed=8)
-    with pytest.raises(Exception, match="(?i)type"):
+    with pytest.raises(Exception, match=r"tensor\(int8\)' of input parameter \(w\)"):  # the op's declared uint8 input
         session(op_model("TernaryLinear", np.zeros((4, 2), np.int8), scales, bias))
 
 

@@ -52,7 +52,7 @@ def test_mse_init_beats_max_scaling_and_more_bits_mean_less_error():
         errors[b] = ((q(x) - x) ** 2).mean().item()
         s_max = x.abs().max() / (2 ** (b - 1) - 1)
         max_err = ((torch.clamp(torch.round(x / s_max), -2 ** (b - 1), 2 ** (b - 1) - 1) * s_max - x) ** 2).mean()
-        assert errors[b] <= max_err.item() + 1e-9
+        assert errors[b] < 0.95 * max_err.item()  # the search clips the tails: 0.35-0.92 of max scaling's error
     assert errors[2] > errors[4] > errors[8]
 
 

@@ -100,14 +100,15 @@ def test_double_quantization_round_trip_is_close_and_stable():
     back = double_dequantize(dq)
     step = dq.absmax.max() / 127
     assert (back - scales).abs().max() <= step / 2 + 1e-7
-    assert torch.equal(double_dequantize(dq), back)
+    assert torch.equal(double_quantize(back, block=256).codes, dq.codes)  # stable: quantizing again keeps the codes
 
 
 def test_nf4_codes_are_chosen_against_the_double_quantized_scales():
-    w = weight(8, 128)
+    w = weight(64, 1024)
     q, dq = quantize_nf4(w, 64)
     assert torch.equal(q.scales, double_dequantize(dq))
-    assert torch.equal(q.codes, quantize_nf4(w, 64)[0].codes)
+    x = w / q.scales.repeat_interleave(64, 1)  # against the raw absmax scales 209 of these codes differ
+    assert torch.equal(q.codes.long(), (x.unsqueeze(-1) - NF4_CODEBOOK).abs().argmin(-1))
     rel = (dequantize(q.codes, q.scales, None, "nf4", 64) - w).norm() / w.norm()
     assert rel < 0.12
 
