@@ -10,7 +10,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from quant.cli import finite_number
+from quant.evaluate import confusion_figure
+from quant.qvit import allocation_figure
 from quant.report import Entry, Results, accuracy_vs_bits, colors, load  # noqa: F401  (the tab's API)
 
 
@@ -54,67 +55,14 @@ def fps_bars(res: Results):
 
 
 def confusion_plot(entry: Entry, classes: tuple[str, ...] = ()):
-    cm = entry.confusion
-    k = cm.shape[0]
-    names = list(classes) if len(classes) == k else [str(i) for i in range(k)]
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(6.2, 5.4))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), names, fontsize=8)
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
     top1 = entry.top1
-    ax.set_title(entry.label + (f", top-1 {100 * top1:.2f} %" if top1 is not None else ""), fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return fig
+    return confusion_figure(entry.confusion, classes,
+                            entry.label + (f", top-1 {100 * top1:.2f} %" if top1 is not None else ""))
 
 
 def allocation_plot(entry: Entry):
     """Bits per head and block for each attention slot, and each linear layer's weight/input bits."""
-    alloc = entry.allocation
-    attn = {name: slots for name, slots in alloc["attention"].items() if isinstance(slots, dict)}
-    slots = sorted({s for v in attn.values() for s, bits in v.items() if isinstance(bits, list)})
-    layers = {n: v for n, v in alloc["layers"].items() if isinstance(v, dict) and finite_number(v.get("weight"))}
-    panels = len(slots) + (1 if layers else 0)
-    if panels == 0:
-        return None
-    fig, axes = plt.subplots(1, panels, figsize=(2.6 * panels + 2, 4.2), squeeze=False)
-    axes = axes[0]
-    for ax, slot in zip(axes, slots):
-        rows = [attn[n][slot] for n in attn if isinstance(attn[n].get(slot), list)]
-        width = max(len(r) for r in rows)
-        grid = np.array([r + [np.nan] * (width - len(r)) for r in rows], dtype=float)
-        im = ax.imshow(grid, cmap="viridis", vmin=2, vmax=8, aspect="auto")
-        ax.set_title(slot, fontsize=9)
-        ax.set_xlabel("head")
-        ax.set_ylabel("block")
-        for i in range(grid.shape[0]):
-            for j in range(grid.shape[1]):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:g}", ha="center", va="center", fontsize=7, color="white")
-    if slots:
-        fig.colorbar(im, ax=axes[len(slots) - 1], fraction=0.05, label="bits")
-    if layers:
-        ax = axes[-1]
-        names = list(layers)
-        y = np.arange(len(names))
-        ax.barh(y - 0.2, [layers[n]["weight"] for n in names], 0.4, label="weight")
-        ax.barh(y + 0.2, [layers[n].get("input") or 0 for n in names], 0.4, label="input")
-        ax.set_yticks(y, names, fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlabel("bits")
-        ax.legend(fontsize=7)
-    extra = f", BitOPs {alloc['bitops_ratio']:.2f}x the budget" if finite_number(alloc.get("bitops_ratio")) else ""
-    fig.suptitle(f"Q-ViT bit allocation: {entry.label}{extra}", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return allocation_figure(entry.allocation, f"Q-ViT bit allocation: {entry.label}")
 
 
 def summary(res: Results) -> str:

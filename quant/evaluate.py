@@ -4,7 +4,7 @@ Prints top-1 (as `top1=0.xxxx` on the last line), per-class accuracy, parameter 
 and batch-1 latency; writes a confusion-matrix PNG and, with `--json`, all of it as JSON.
 The checkpoint is a bitvit `.safetensors` file (run in torch) or a bitvit `.onnx` export (run in ONNX
 Runtime, with bitvit's ops where the graph uses them). Post-training quantization and QAT score their
-torch models through `evaluate`; export's benchmark scores ONNX Runtime sessions with its own loop.
+torch models through `evaluate`, export's benchmark its ONNX Runtime sessions through `predict`.
 """
 from __future__ import annotations
 
@@ -88,25 +88,36 @@ class OnnxModel(nn.Module):
         return torch.from_numpy(self.session(x.detach().cpu().numpy()))
 
 
+def confusion_figure(confusion, classes, title: str):
+    """A confusion matrix (rows: true class) as a heat map of each row's fractions, with the counts written
+    in where there are at most 20 classes; `classes` name them (numbers when they do not fit)."""
+    import matplotlib.pyplot as plt
+    cm = np.asarray(confusion, dtype=float)
+    k = cm.shape[0]
+    names = list(classes) if len(classes) == k else [str(i) for i in range(k)]
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
 def plot_confusion(confusion, classes, path: str | os.PathLike, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cm = np.asarray(confusion, dtype=float)
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    fig = confusion_figure(confusion, classes, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

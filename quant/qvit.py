@@ -20,9 +20,10 @@ epochs; widths and weights learn together, starting from N + 1 bits and 8 bits f
 `fix_bits` rounds the widths, lowers the least certain ones until the budget holds, and the model is
 fine-tuned with the widths fixed. With `learn_bits=False` every width stays at N: plain LSQ+.
 
-`bit_allocation` / `save_allocation` / `plot_allocation` write the learned widths (JSON) and draw them
-per layer and per head; `freeze` turns the model into packed `QuantLinear` layers (int2..int8 codes,
-static uint input quantizers) and `UniformQuantizer`s in the attention slots, computing the same function.
+`bit_allocation` / `save_allocation` / `plot_allocation` (`allocation_figure`) write the learned widths
+(JSON) and draw them per layer and per head; `freeze` turns the model into packed `QuantLinear` layers
+(int2..int8 codes, static uint input quantizers) and `UniformQuantizer`s in the attention slots, computing
+the same function.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant.cli import finite_number
 from quant.lsq import LearnedQuantizer, levels
 from quant.models import Attention, Mlp, forward_with_hooks
 from quant.qattention import QuantAttention
@@ -284,48 +286,64 @@ def save_allocation(model: nn.Module, path: str | os.PathLike, budget_bits: floa
     return alloc
 
 
-def plot_allocation(alloc: dict, path: str | os.PathLike, title: str = "Q-ViT bit allocation") -> None:
+def allocation_figure(alloc: dict, title: str = "Q-ViT bit allocation"):
     """Heat maps of the widths per head and block for Q, K, V, attention probabilities and head outputs,
-    and bars of each linear layer's weight and input widths (the Q-ViT paper's figures 4 and 5)."""
+    and bars of each linear layer's weight and input widths (the Q-ViT paper's figures 4 and 5). Draws
+    what the dict holds (the app reads them from results files): None where it holds neither part."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    attn = {n: v for n, v in alloc["attention"].items() if isinstance(v, dict)}
+    slots = [s.removesuffix("_quant") for s in HEAD_SLOTS]
+    slots = [s for s in slots if any(isinstance(v.get(s), list) for v in attn.values())]
+    layers = {n: v for n, v in alloc["layers"].items()
+              if isinstance(v, dict) and finite_number(v.get("weight"))}
+    if not slots and not layers:
+        return None
+    names = [n for n in attn if any(isinstance(attn[n].get(s), list) for s in slots)]
+    top = max(1.5, 0.35 * len(names)) if slots else 0
+    fig = plt.figure(figsize=(max(3.2 * len(slots), 8), 1 + top + (3.5 if layers else 0)))
+    grid = fig.add_gridspec(bool(slots) + bool(layers), max(len(slots), 1),
+                            height_ratios=[r for r in (top, 3.2 if layers else 0) if r])
+    for j, slot in enumerate(slots):
+        ax = fig.add_subplot(grid[0, j])
+        rows = [attn[n].get(slot) if isinstance(attn[n].get(slot), list) else [] for n in names]
+        width = max(len(r) for r in rows)
+        data = np.array([r + [np.nan] * (width - len(r)) for r in rows], dtype=float)   # (blocks, heads)
+        ax.imshow(data, cmap="viridis", vmin=BIT_RANGE[0], vmax=BIT_RANGE[1], aspect="auto")
+        for r, c in zip(*np.nonzero(np.isfinite(data))):
+            ax.text(c, r, f"{data[r, c]:g}", ha="center", va="center", fontsize=8,
+                    color="white" if data[r, c] < 5 else "black")
+        ax.set_xticks(range(width))
+        ax.set_yticks(range(len(names)), [n.replace(".attn", "") for n in names] if j == 0 else [])
+        ax.set_xlabel("head")
+        ax.set_title({"attn": "attention probs", "out": "head outputs"}.get(slot, slot.upper()))
+    if layers:
+        ax = fig.add_subplot(grid[-1, :])
+        x = np.arange(len(layers))
+        ax.bar(x - 0.2, [v["weight"] for v in layers.values()], 0.4, label="weight")
+        ax.bar(x + 0.2, [v.get("input") or 0 for v in layers.values()], 0.4, label="input (0: head-wise, above)")
+        ax.set_xticks(x, list(layers), rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("bits")
+        ax.set_ylim(0, BIT_RANGE[1] + 0.5)
+        ax.legend(fontsize=8, loc="upper left")
+    summary = []
+    if finite_number(alloc.get("bitops")):
+        summary.append(f"BitOPs {alloc['bitops'] / 1e6:.1f} M")
+        if finite_number(alloc.get("budget_bitops")) and finite_number(alloc.get("budget_bits")):
+            summary[-1] += f" / budget {alloc['budget_bitops'] / 1e6:.1f} M ({alloc['budget_bits']:g}-bit)"
+    if finite_number(alloc.get("mean_weight_bits")):
+        summary.append(f"mean weight bits {alloc['mean_weight_bits']:.2f}")
+    fig.suptitle(f"{title}: {', '.join(summary)}" if summary else title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_allocation(alloc: dict, path: str | os.PathLike, title: str = "Q-ViT bit allocation") -> None:
+    """`allocation_figure` saved as an image."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    attn = alloc["attention"]
-    slots = ["q", "k", "v", "attn", "out"]
-    n_blocks = len(attn)
-    fig = plt.figure(figsize=(3.2 * len(slots), 3 + 0.35 * n_blocks + 3.5))
-    grid = fig.add_gridspec(2, len(slots), height_ratios=[max(1.5, 0.35 * n_blocks), 3.2])
-    names = list(attn)
-    for j, slot in enumerate(slots):
-        ax = fig.add_subplot(grid[0, j])
-        if names:
-            data = np.array([attn[n][slot] for n in names], dtype=float)   # (blocks, heads)
-            ax.imshow(data, cmap="viridis", vmin=BIT_RANGE[0], vmax=BIT_RANGE[1], aspect="auto")
-            for r in range(data.shape[0]):
-                for c in range(data.shape[1]):
-                    ax.text(c, r, int(data[r, c]), ha="center", va="center", fontsize=8,
-                            color="white" if data[r, c] < 5 else "black")
-            ax.set_xticks(range(data.shape[1]))
-            ax.set_yticks(range(len(names)), [n.replace(".attn", "") for n in names] if j == 0 else [])
-        ax.set_xlabel("head")
-        ax.set_title({"attn": "attention probs", "out": "head outputs"}.get(slot, slot.upper()))
-    ax = fig.add_subplot(grid[1, :])
-    layers = alloc["layers"]
-    x = np.arange(len(layers))
-    w = [layers[n]["weight"] for n in layers]
-    a = [layers[n]["input"] if layers[n]["input"] is not None else 0 for n in layers]
-    ax.bar(x - 0.2, w, 0.4, label="weight")
-    ax.bar(x + 0.2, a, 0.4, label="input (0: head-wise, above)")
-    ax.set_xticks(x, list(layers), rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("bits")
-    ax.set_ylim(0, BIT_RANGE[1] + 0.5)
-    ax.legend(fontsize=8, loc="upper left")
-    summary = f"BitOPs {alloc['bitops'] / 1e6:.1f} M"
-    if "budget_bitops" in alloc:
-        summary += f" / budget {alloc['budget_bitops'] / 1e6:.1f} M ({alloc['budget_bits']:g}-bit)"
-    fig.suptitle(f"{title}: {summary}, mean weight bits {alloc['mean_weight_bits']:.2f}")
-    fig.tight_layout()
+    fig = allocation_figure(alloc, title)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
