@@ -63,14 +63,6 @@ class Backend:
         return self.run(x)
 
 
-def normalize(images: np.ndarray, cfg: ViTConfig) -> np.ndarray:
-    """uint8 RGB (B, S, S, 3) -> float32 (B, 3, S, S) normalised with the model's mean and std."""
-    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    mean = np.asarray(cfg.mean, np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(cfg.std, np.float32).reshape(1, 3, 1, 1)
-    return np.ascontiguousarray((x - mean) / std)
-
-
 def weight_format(model: nn.Module) -> str:
     formats = sorted({m.weight_format for m in model.modules() if isinstance(m, quant.QuantLinear)})
     return "+".join(formats) or "fp32"

@@ -17,8 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from app.backends import Backend, normalize
+from app.backends import Backend
 from app.frames import model_view
+from quant.data import to_model_array
 
 TOP_K = 3
 WINDOW = 30  # frames in the sliding windows of latency and frame rate
@@ -125,7 +126,7 @@ class Comparison:
         view = model_view(rgb, self.size, mirrored)
         readings = {}
         for backend in ((self.fp, quant) if first % 2 == 0 else (quant, self.fp)):
-            x = normalize(view[None], backend.config)
+            x = to_model_array(view[None], backend.config.mean, backend.config.std)
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()

@@ -17,7 +17,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from quant.cli import is_positive_int
-from quant.data import check_model_input
+from quant.data import check_model_input, to_model_array
 from quant.models import ViTConfig
 
 from .exporter import META_FORMAT
@@ -143,10 +143,7 @@ class Session:
         s = self.image_size
         if arr.shape[1:3] != (s, s):
             arr = np.stack([_resize(Image.fromarray(a), s) for a in arr])
-        x = arr.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-        mean = np.asarray(self.config.mean, np.float32).reshape(1, 3, 1, 1)
-        std = np.asarray(self.config.std, np.float32).reshape(1, 3, 1, 1)
-        return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+        return to_model_array(arr, self.config.mean, self.config.std)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Logits (B, classes) of normalised images (B, 3, S, S)."""

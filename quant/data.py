@@ -408,6 +408,15 @@ def normalize(x, mean, std):
     return (x - m) / s
 
 
+def to_model_array(images: np.ndarray, mean, std) -> np.ndarray:
+    """NumPy's `to_model_input`, for the runtimes that take arrays (ONNX Runtime, the app): uint8 RGB
+    (B, H, W, 3) -> contiguous float32 (B, 3, H, W) normalised with `mean` and `std`."""
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - m) / s)
+
+
 def check_model_input(x, size: int) -> np.ndarray:
     """`x` if it is what a model runtime takes: normalised float32 images (B, 3, size, size), B >= 1, all
     finite; else one clear error."""
