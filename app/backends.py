@@ -44,13 +44,13 @@ MODEL_SUFFIXES = (".safetensors", ".onnx")
 
 @dataclass
 class Backend:
-    name: str                         # the file name, or a description for an in-memory copy
+    name: str                         # the model file's name
     runtime: str                      # "torch" or "ONNX Runtime"
-    weight_format: str                # "fp32", "int8", "ternary", ... ("+"-joined when layers differ)
+    weight_format: str                # "fp32"; in ONNX Runtime the export's format ("w1.58a8", "w8a8", ...),
+                                      # in torch the layers' ("ternary", "int8", ...; "+"-joined when they differ)
     config: ViTConfig
     size_bytes: int
     run: Callable[[np.ndarray], np.ndarray] = field(repr=False)
-    path: Path | None = None
     linear_bits: float | None = None
     note: str = ""                    # anything the page should say about how this model runs
 
@@ -156,7 +156,7 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
                     error = e
             notes.append(f"{'bitvit ops' if custom_ops else 'standard ONNX ops'} failed: {str(error).splitlines()[0]}")
         notes = [f"runs in torch: ONNX Runtime could not take it ({'; '.join(notes)})"]
-    return _torch_backend(model, path.name, path.stat().st_size, path, linear_bits, threads, "; ".join(notes))
+    return _torch_backend(model, path, linear_bits, threads, "; ".join(notes))
 
 
 ON_THE_FLY = ("w8a8", "w4")  # PTQ recipes the app builds from the FP model when assets/ holds no packed model
@@ -192,22 +192,22 @@ def _cache() -> Path:
     return out
 
 
-def _torch_backend(model: nn.Module, name: str, size: int, path: Path | None, linear_bits, threads,
-                   note: str) -> Backend:
+def _torch_backend(model: nn.Module, path: Path, linear_bits, threads, note: str) -> Backend:
     @torch.inference_mode()
     def run(x: np.ndarray) -> np.ndarray:
         x = check_model_input(x, model.config.img_size)  # refused as the ONNX Runtime backend refuses it
         if threads:
             torch.set_num_threads(threads)
         return model(torch.from_numpy(x)).float().numpy()
-    return Backend(name, "torch", weight_format(model), model.config, size, run, path, linear_bits, note)
+    return Backend(path.name, "torch", weight_format(model), model.config, path.stat().st_size, run, linear_bits,
+                   note)
 
 
 def _ort_backend(onnx_path: Path, source: Path, threads: int | None, linear_bits) -> Backend:
     from export.runtime import load
     session = load(onnx_path, threads=threads)
     return Backend(source.name, "ONNX Runtime", session.format, session.config, source.stat().st_size,
-                   session, source, linear_bits)
+                   session, linear_bits)
 
 
 def _export_path(model: nn.Module, source: Path, custom_ops: bool) -> Path:
