@@ -116,16 +116,16 @@ class Comparison:
                 self._open[label] = backend
             return self._open[label]
 
-    def run(self, rgb: np.ndarray, label: str | None, mirrored: bool = False, first: int = 0,
+    def run(self, rgb: np.ndarray, label: str | None, mirrored: bool = False, frame_index: int = 0,
             repeats: int = 1) -> tuple[np.ndarray, Reading, Reading]:
         """(model view (S, S, 3), FP reading, quantized reading) of one uint8 RGB frame.
 
-        `first` picks which model runs first (0: FP); `repeats` > 1 times each model that many
-        times and reports the median (for still images)."""
+        The models take turns to run first (the FP model on even `frame_index`); `repeats` > 1 times each
+        model that many times and reports the median (for still images)."""
         quant = self.variant(label)
         view = model_view(rgb, self.size, mirrored)
         readings = {}
-        for backend in ((self.fp, quant) if first % 2 == 0 else (quant, self.fp)):
+        for backend in ((self.fp, quant) if frame_index % 2 == 0 else (quant, self.fp)):
             x = to_model_array(view[None], backend.config.mean, backend.config.std)
             times = []
             for _ in range(repeats):

@@ -100,7 +100,7 @@ class Handlers:
             rgb = _frame_rgb(frame)
             if stats.variant != (variant or self.cmp.default):
                 stats.reset(variant or self.cmp.default)
-            view, fp, q = self.cmp.run(rgb, variant, MIRROR_WEBCAM, first=stats.frames)
+            view, fp, q = self.cmp.run(rgb, variant, MIRROR_WEBCAM, frame_index=stats.frames)
         except (ValueError, OSError) as e:  # OSError: a variant's file gone or its cache unwritable since start
             return (gr.skip(),) * 5 + (f"⚠ {e}", stats)
         stats.fp.add(fp.latency_ms)

@@ -300,7 +300,6 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.d
                metadata: dict[str, str] | None = None) -> None:
     """Write `model` as one safetensors file carrying its config (and any extra string metadata); a model
     holding NaN or infinite values (a diverged run) is refused, as loading would refuse it."""
-    from safetensors.torch import save_file
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"save_model writes bitvit's VisionTransformer, got {type(model).__name__}")
     from quant.qlinear import is_quantized_layer
@@ -308,14 +307,20 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.d
         raise ValueError("the model holds quantized layers: write it with quant.save_quantized (packed codes)")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"save_model stores float32, float16 or bfloat16 weights, not {dtype}")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in (metadata or {}).items()):
+    state = {k: (v.to(dtype) if v.is_floating_point() else v)
+             for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    write_safetensors(state, path, {**(metadata or {}), "format": FORMAT, "config": model.config.to_json()})
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """A state dict and its string metadata as one safetensors file, after the checks every model file
+    gets: metadata of strings, an output path that can be written, no NaN or infinite value."""
+    from safetensors.torch import save_file
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("metadata must map strings to strings (safetensors' header)")
     path = file_to_write(path)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
-             for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     refuse_non_finite(state)
-    meta = {"format": FORMAT, "config": model.config.to_json(), **(metadata or {})}
-    save_file(state, str(path), metadata=meta)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
 
 
 def refuse_non_finite(state: dict[str, torch.Tensor]) -> None:

@@ -16,7 +16,7 @@ collects *entries*: the dicts that carry a known measurement,
   fps                                     frames per second of the app's live handler (`app.bench`)
   fp_top1 + trials                        a robustness analysis (`quant.robustness`; its trials are
                                           part of it, not entries of their own)
-named by their own "name"/"recipe"/"variant"/"label" field, else by the key holding them (or the
+named by their own "name"/"recipe"/"variant"/"label"/"format" field, else by the key holding them (or the
 path of keys and list positions leading to a list item),
 plus, for context, a file's "command", "machine"/"device", "date" and "split" where present. The
 app's Results tab (`app.results`) plots the rest of what `load` finds.

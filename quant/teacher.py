@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from quant.cli import is_positive_int
 from quant.models import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, build_and_load, check_image_config,
-                          read_safetensors, refuse_non_finite)
+                          read_safetensors, write_safetensors)
 
 FORMAT = "bitvit-cnn/1"
 
@@ -96,10 +96,7 @@ def create_teacher(name: str, **overrides) -> ResNetTeacher:
 
 
 def save_teacher(model: ResNetTeacher, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    refuse_non_finite(state)
-    save_file(state, str(path), metadata={**(metadata or {}), "format": FORMAT, "config": model.config.to_json()})
+    write_safetensors(model.state_dict(), path, {**(metadata or {}), "format": FORMAT, "config": model.config.to_json()})
 
 
 def load_teacher(path: str | os.PathLike) -> ResNetTeacher:

@@ -111,6 +111,11 @@ def test_saved_model_rebuilds_itself(tiny_model, tmp_path):
     assert torch.equal(loaded(x), tiny_model(x))
 
 
+def test_extra_metadata_cannot_overwrite_the_files_format_or_config(tiny_model, tmp_path):
+    save_model(tiny_model, tmp_path / "m.safetensors", metadata={"format": "other", "config": "{}", "run": "r1"})
+    assert load_model(tmp_path / "m.safetensors").config == tiny_model.config
+
+
 def test_half_precision_file_is_half_the_size(tiny_model, tmp_path):
     save_model(tiny_model, tmp_path / "f32.safetensors")
     save_model(tiny_model, tmp_path / "f16.safetensors", dtype=torch.float16)

@@ -46,6 +46,17 @@ def test_a_teacher_file_with_a_damaged_config_is_refused_naming_the_field(tmp_pa
         load_teacher(tmp_path / "bad.safetensors")
 
 
+def test_a_teacher_is_saved_with_the_checks_every_model_file_gets(tmp_path):
+    teacher = create_teacher("resnet_cifar_half")
+    with pytest.raises(ValueError, match="is a folder"):
+        save_teacher(teacher, tmp_path)
+    with torch.no_grad():
+        next(teacher.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite values.*nothing written"):
+        save_teacher(teacher, tmp_path / "t.safetensors")
+    assert not (tmp_path / "t.safetensors").exists()
+
+
 def test_a_vit_file_is_not_a_teacher_file(tmp_path, tiny_model):
     from quant.models import save_model
     save_model(tiny_model, tmp_path / "vit.safetensors")
