@@ -29,12 +29,12 @@ import torch.nn as nn
 
 from quant.models import forward_with_hooks
 from quant.qlinear import QuantLinear
-from quant.quantizers import QuantizedWeight, num_groups, search_clip, uniform_params
+from quant.quantizers import QuantizedWeight, num_groups, uniform_params
 
 
 def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
-                asymmetric: bool = True, act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                mse_clip: bool = False) -> QuantizedWeight:
+                asymmetric: bool = True, act_order: bool = False, damp: float = 0.01,
+                block_size: int = 128) -> QuantizedWeight:
     """GPTQ codes (O, K) of weight w (O, K) given the input Hessian H (K, K), with scales/zeros (O, G)."""
     W = w.detach().float().clone()
     O, K = W.shape
@@ -51,8 +51,7 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | N
     zeros = torch.full((O, G), float(2 ** (bits - 1)), device=W.device)
 
     def set_group(g: int, block: torch.Tensor) -> None:   # block (O, <= gs): this group's current weights
-        clip = search_clip(block, bits, None, symmetric) if mse_clip else 1.0
-        s, z = uniform_params(block, bits, None, symmetric, clip=clip)
+        s, z = uniform_params(block, bits, None, symmetric)
         scales[:, g] = s[:, 0]
         if z is not None:
             zeros[:, g] = z[:, 0]
@@ -159,7 +158,7 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
     """Quantize every nn.Linear that `plan(name, layer)` gives settings for, in forward order, in place.
 
     `plan` returns None (leave the layer as it is) or a dict with `weight_format` ("intB"), and
-    optionally `group_size`, `asymmetric`, `act_order`, `damp`, `block_size`, `mse_clip`, `act_format`.
+    optionally `group_size`, `asymmetric`, `act_order`, `damp`, `block_size`, `act_format`.
     """
     from tqdm import tqdm
     model.eval()

@@ -100,7 +100,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_format: str, group_size: int | None = None,
-                    asymmetric: bool = False, act_format: str = "none", mse_clip: bool = False) -> "QuantLinear":
+                    asymmetric: bool = False, act_format: str = "none") -> "QuantLinear":
         """Round-to-nearest quantization of an nn.Linear (NF4: group size 64 by default, scales
         double-quantized as in QLoRA; ternary and binary: one scale per tensor)."""
         if weight_format in ("ternary", "binary"):
@@ -110,7 +110,7 @@ class QuantLinear(nn.Module):
             layer = cls.from_codes(q.codes, q.scales, None, linear.bias, "nf4", group_size or 64, act_format)
             layer.scales_dq = dq
             return layer
-        q = quantize_weight(linear.weight, weight_format, group_size, asymmetric, mse_clip)
+        q = quantize_weight(linear.weight, weight_format, group_size, asymmetric)
         return cls.from_codes(q.codes, q.scales, q.zeros, linear.bias, weight_format, group_size, act_format)
 
     # -- the weight

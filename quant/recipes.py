@@ -77,7 +77,6 @@ class RTN:
     group_size: int | None = 64             # None: one scale per output channel
     asymmetric: bool = True                 # intB only
     act_format: str = "none"                # none | int8_token
-    mse_clip: bool = False                  # search each group's clipping range (intB)
     layer_formats: tuple[tuple[str, str], ...] = (("head", "int8"),)
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
@@ -89,7 +88,7 @@ class RTN:
             else:
                 q = QuantLinear.from_linear(layer, self.weight_format, self.group_size,
                                             self.asymmetric and self.weight_format.startswith("int"),
-                                            self.act_format, self.mse_clip)
+                                            self.act_format)
             model.set_submodule(name, q)
         return model
 
@@ -104,7 +103,6 @@ class GPTQ:
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
-    mse_clip: bool = False
     act_format: str = "none"                # none | int8_token
     layer_formats: tuple[tuple[str, str], ...] = (("head", "int8"),)
 
@@ -120,7 +118,7 @@ class GPTQ:
                 return {"weight_format": fmt, "group_size": None, "asymmetric": False, "act_format": self.act_format}
             return {"weight_format": f"int{self.bits}", "group_size": self.group_size,
                     "asymmetric": self.asymmetric, "act_order": self.act_order, "damp": self.damp,
-                    "block_size": self.block_size, "mse_clip": self.mse_clip, "act_format": self.act_format}
+                    "block_size": self.block_size, "act_format": self.act_format}
 
         return gptq_model(model, _need_calib(self, calib, model), plan)
 

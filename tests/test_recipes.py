@@ -40,7 +40,7 @@ def test_recipe_fields_can_be_overridden_and_unknown_ones_are_refused():
 
 @pytest.mark.parametrize("override, message", [({"group_size": "abc"}, "must be int | None"),
                                                ({"group_size": -3}, "at least 1"),
-                                               ({"mse_clip": 1}, "must be bool")])
+                                               ({"asymmetric": 1}, "must be bool")])
 def test_overrides_of_the_wrong_type_or_range_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
         quant.recipe("w4", **override)
