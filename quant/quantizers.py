@@ -305,11 +305,14 @@ def quantize_int8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(x.dtype), s.to(x.dtype)
 
 
-def uint_range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point mapping [lo, hi] (widened to include 0) onto 0 .. 2**bits - 1."""
+def uint_range_params(lo: torch.Tensor, hi: torch.Tensor,
+                      bits: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point mapping [lo, hi] (widened to include 0) onto 0 .. 2**bits - 1 (`bits`
+    an int or a tensor of widths that broadcasts against lo and hi)."""
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
-    return scale, torch.round(-lo / scale).clamp(0, 2 ** bits - 1)
+    levels = 2 ** bits - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-8)
+    return scale, torch.minimum(torch.round(-lo / scale), torch.as_tensor(levels, dtype=scale.dtype))
 
 
 def quantize_log2(p: torch.Tensor, bits: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
@@ -357,11 +360,9 @@ class UniformQuantizer(torch.nn.Module):
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Calibrate: map [lo, hi] (tensors of this quantizer's shape) onto the codes."""
-        levels = 2 ** self.bits.to(lo.device) - 1
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = ((hi - lo) / levels).clamp_min(1e-8)
+        scale, zero = uint_range_params(lo, hi, self.bits.to(lo.device))
         self.scale.copy_(scale)
-        self.zero.copy_(torch.minimum(torch.round(-lo / scale), levels))
+        self.zero.copy_(zero)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero, bits = widen(self.scale), widen(self.zero), widen(self.bits)

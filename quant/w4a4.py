@@ -59,19 +59,8 @@ def _fake(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -
 
 def channel_ranges(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel scale and integer zero (K,) of x (T, K), each channel's clipping searched for least MSE."""
-    x = _subset(x)
-    lo, hi = x.amin(0), x.amax(0)
-    best_err = best_s = best_z = None
-    for c in _CLIPS.tolist():
-        s, z = uint_range_params(lo * c, hi * c, bits)
-        err = ((_fake(x, s, z, bits) - x) ** 2).sum(0)
-        if best_err is None:
-            best_err, best_s, best_z = err, s, z
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-    return best_s, best_z
+    s, z = tensor_range(_subset(x), bits, dims=(0,))  # (1, K) each
+    return s[0], z[0]
 
 
 def tensor_range(x: torch.Tensor, bits: int, weight: torch.Tensor | None = None,
