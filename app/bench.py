@@ -14,12 +14,10 @@ is noisy: the JSON records the load average before and after, so a reader knows 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -29,7 +27,7 @@ from app.frames import MAX_PIXELS
 from app.live import LiveStats
 from app.main import ASSETS, OTHER, make_comparison
 from app.ui import Handlers
-from quant.cli import output_file, positive_int, provenance, run, thread_count
+from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json
 
 TARGET_FPS = 15
 MAX_CLIP_BYTES = 4 << 30  # the recorded clip, held in memory
@@ -136,14 +134,12 @@ def main(argv=None):
     verdict = "meets" if rows[0]["fps"] >= TARGET_FPS else "misses"
     print(f"default pair: {rows[0]['fps']:.1f} frames/s, {verdict} the {TARGET_FPS} frames/s target")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json(args.out, {
         **provenance("app.bench", argv), "threads": args.threads or "all", "runtime": args.runtime,
         "load_average_before": round(load_before[0], 2), "load_average_after": round(load_after[0], 2),
         "split": f"synthetic {w}x{h} frames (drawn examples, no data set)",
-        "wall_time_s": round(time.time() - start, 1), "target_fps": TARGET_FPS, "pairs": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+        "wall_time_s": round(time.time() - start, 1), "target_fps": TARGET_FPS, "pairs": rows})
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

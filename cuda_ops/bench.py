@@ -29,7 +29,6 @@ a stream of frames runs, where a low-bit model's weights can stay in L2 and the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, capture_graph, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
-from quant.cli import number_in, output_file, positive_int, provenance, run
+from quant.cli import number_in, output_file, positive_int, provenance, run, write_json
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
 from quant.pack import pack_codes, pack_trit_planes
 
@@ -481,10 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_s"] = time.monotonic() - start
         result["load_average_at_end"] = list(os.getloadavg())  # CPU timings are noise on a busy machine
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out.with_suffix(".tmp")  # whole or not at all, should a timeout kill the run here
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, args.out)
+            write_json(args.out, result)  # whole or not at all, should a timeout kill the run here
 
     ceil = result["ceilings"] = ceilings(args.device, dtype, args.quick)
     print(f"{device_name}: copy {ceil['copy_TBps']:.2f} TB/s, {dtype_name} matmul {ceil['float_TFLOPs']:.1f} TFLOP/s, "

@@ -13,7 +13,6 @@ them at run time for ViT shapes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -28,7 +27,7 @@ from triton.compiler import ASTSource
 
 from cuda_ops import triton_kernels as tk
 from cuda_ops.ops import A8_FORMATS
-from quant.cli import output_file, positive_int, provenance, run
+from quant.cli import output_file, positive_int, provenance, run, write_json
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}  # bytes of shared memory a program may use
 
@@ -219,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         for r in rows:
             r["config"] = vars(r["config"]) if hasattr(r["config"], "__dict__") else r["config"]
-        args.out.write_text(json.dumps({
+        write_json(args.out, {
             **provenance("cuda_ops.compile_check", argv), "compiler": "triton's ptxas (no GPU needed)",
             "data": "none (compiler output)", "wall_s": time.monotonic() - start, "triton": triton.__version__,
-            "arch": args.arch, "kernels": rows}, indent=1, default=str))
+            "arch": args.arch, "kernels": rows}, default=str)
     return 0
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from cuda_ops.modules import KernelLinear, to_kernels
-from quant.cli import output_file, positive_int, provenance, run
+from quant.cli import output_file, positive_int, provenance, run, write_json
 from quant.data import load_split
 from quant.evaluate import predict
 from quant.models import load_model
@@ -88,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"].append(compare(name, make(), data, device, args.batch_size))
         result["wall_s"] = time.monotonic() - start
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
+            write_json(args.out, result)
     print(f"\n{'model':<44}{'layers':>7}{'top-1 ref':>10}{'kernels':>9}{'agree':>8}{'logit err':>11}")
     for r in result["rows"]:
         print(f"{r['model']:<44}{r['kernel_layers']:>7}{r['top1_reference']:>10.4f}{r['top1_kernels']:>9.4f}"

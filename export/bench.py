@@ -21,7 +21,6 @@ CIFAR-10 test split in ONNX Runtime and in torch: the two top-1s must match. Pri
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -36,7 +35,7 @@ import numpy as np
 import onnx
 import torch
 
-from quant.cli import output_file, positive_int, provenance, run, thread_count
+from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json
 from quant.models import create_model, save_model
 from quant.packfile import load_any
 
@@ -246,7 +245,7 @@ def main(argv=None):
            "load_average_before": load_before, "load_average_after": os.getloadavg(),
            "wall_s": round(time.perf_counter() - t_start, 1), "results": results}
     path = Path(args.out)
-    path.write_text(json.dumps(out, indent=1))
+    write_json(path, out)
     plot(out, path.with_suffix(".png"))
     print(f"\nresults: {path}, plot: {path.with_suffix('.png')}")
 

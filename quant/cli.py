@@ -1,8 +1,9 @@
 """What every bitvit command line shares: one clear line for expected failures, argument checks, and
-the provenance (command, machine, date) that every results file records."""
+the provenance (command, machine, date) that every results file records, and how results files are written."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -142,6 +143,16 @@ def machine() -> str:
 def utc_now() -> str:
     """The current UTC time to the second, ISO 8601: every results file's date."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: str | os.PathLike, data, default=None) -> None:
+    """A results file: `data` as indented JSON, written whole or not at all (to a temporary file beside it,
+    then renamed, should the run be killed meanwhile), its folder made first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=default) + "\n")
+    os.replace(tmp, path)
 
 
 def provenance(prog: str, argv: list[str] | None) -> dict[str, str]:

@@ -9,7 +9,6 @@ torch models through `evaluate`, export's benchmark its ONNX Runtime sessions th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from quant.cli import output_file, positive_int, provenance, run, thread_count
+from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json
 from quant.data import ImageSet, load_split, to_model_input
 from quant.models import fp_parameters
 
@@ -181,7 +180,7 @@ def main(argv=None):
         print(f"  {c:<{width}}  {a:.4f}")
     print(f"confusion matrix: {confusion_png}")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        write_json(args.json, res)
         print(f"results: {args.json}")
     print(f"top1={res['top1']:.4f}")
 

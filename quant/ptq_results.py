@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from quant.cli import (finite_number, output_file, positive_int, provenance, run, run_folder, thread_count,
-                       utc_now)
+                       utc_now, write_json)
 
 TABLE_KEYS = ("recipe", "top1", "drop", "bits_per_weight", "size_bytes", "quantize_s")
 DEFAULT_RECIPES = ("w8a8", "w4a8", "w4a8-gptq", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
@@ -49,11 +49,8 @@ def load_results(path: Path) -> list[dict]:
 
 
 def write_results(path: Path, entries: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"description": "post-training quantization of a bitvit model "
-                                              "(python -m quant.ptq_results)", "results": entries}, indent=1))
-    tmp.replace(path)
+    write_json(path, {"description": "post-training quantization of a bitvit model (python -m quant.ptq_results)",
+                      "results": entries})
 
 
 def score(path: Path, data, device: str) -> tuple[dict, float]:

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.cli import (number_in, output_file, positive_int, provenance, random_seed, run, run_folder,
-                       thread_count)
+                       thread_count, write_json)
 from quant.data import SPLITS
 
 
@@ -80,10 +80,7 @@ def record_result(path: str | os.PathLike, name: str, entry: dict) -> None:
     path = Path(path)
     data = read_results(path)
     data["runs"][name] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 def _known_teacher_top1(results: str | None, teacher: str, split: str, n: int) -> float | None:

@@ -27,7 +27,6 @@ the same function.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import finite_number
+from quant.cli import finite_number, write_json
 from quant.lsq import LearnedQuantizer, levels
 from quant.models import Attention, Mlp, forward_with_hooks
 from quant.qattention import QuantAttention
@@ -281,8 +280,7 @@ def bit_allocation(model: nn.Module, budget_bits: float | None = None) -> dict:
 
 def save_allocation(model: nn.Module, path: str | os.PathLike, budget_bits: float | None = None) -> dict:
     alloc = bit_allocation(model, budget_bits)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(alloc, indent=1))
+    write_json(path, alloc)
     return alloc
 
 

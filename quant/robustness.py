@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import output_file, positive_int, provenance, run, thread_count
+from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json
 from quant.lsq import LearnedQuantizer
 from quant.models import Attention, VisionTransformer, forward_with_hooks
 from quant.qattention import QuantAttention
@@ -291,7 +290,7 @@ def main(argv=None):
                      to_model_input(calib.images, cfg.mean, cfg.std), tuple(args.bits))
     result.update(checkpoint=str(args.checkpoint), split=args.split, bits=args.bits, calib_size=len(calib),
                   **provenance("quant.robustness", argv), wall_time_s=round(time.perf_counter() - t0, 1))
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result)
     plot(result, out.with_suffix(".png"))
     print("\n".join(summary(result)))
     print(f"wrote {out} and {out.with_suffix('.png')}")

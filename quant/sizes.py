@@ -13,13 +13,12 @@ calibrate get random calibration inputs.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-from quant.cli import output_file, provenance, run
+from quant.cli import output_file, provenance, run, write_json
 
 DEFAULT_MODELS = "vit_cifar_tiny,vit_cifar_small,deit_small_patch16_224,vit_base_patch16_224"
 DEFAULT_RECIPES = "w8a8,w4,nf4,w2,w1.58a8,w1a8"
@@ -102,7 +101,7 @@ def main(argv=None):
             rows += measure(name, recipes, Path(tmp))
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({**provenance("quant.sizes", argv), "rows": rows}, indent=1))
+        write_json(args.json, {**provenance("quant.sizes", argv), "rows": rows})
         print(f"wrote {args.json}")
 
 

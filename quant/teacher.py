@@ -96,7 +96,8 @@ def create_teacher(name: str, **overrides) -> ResNetTeacher:
 
 
 def save_teacher(model: ResNetTeacher, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    write_safetensors(model.state_dict(), path, {**(metadata or {}), "format": FORMAT, "config": model.config.to_json()})
+    meta = {**(metadata or {}), "format": FORMAT, "config": model.config.to_json()}
+    write_safetensors(model.state_dict(), path, meta)
 
 
 def load_teacher(path: str | os.PathLike) -> ResNetTeacher:
