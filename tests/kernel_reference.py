@@ -8,6 +8,13 @@ from quant.pack import pack_codes, pack_trit_planes, unpack_codes
 
 # bits a code of each A8 format; ternary_b3: trit planes, launched as 2-bit
 A8_BITS = {"ternary": 2, "ternary_b3": 2, "binary": 1, "int4": 4, "int8": 8}
+# weight-only layers checked on the CPU and Triton kernels: (bits, kind, in_features, group_size)
+WEIGHT_ONLY_CASES = [(4, "sym", 300, 300), (4, "asym", 300, 64), (4, "lut", 256, 32), (2, "asym", 300, 64),
+                     (2, "sym", 200, 200), (8, "sym", 100, 100), (8, "asym", 300, 16)]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def unpack_trit_planes_by_division(packed: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,18 +7,14 @@ from hypothesis import strategies as st
 
 import cuda_ops  # noqa: F401  (registers torch.ops.bitvit)
 from cuda_ops.ops import unpack_aligned
-from kernel_reference import (make_a8_layer, make_weight_only_layer, quantize_tokens, reference_a8,
-                              reference_weight_only, rel_err)
+from kernel_reference import (WEIGHT_ONLY_CASES, gen, make_a8_layer, make_weight_only_layer, quantize_tokens,
+                              reference_a8, reference_weight_only, rel_err)
 from quant.pack import pack_codes, unpack_codes
 
 OPS = torch.ops.bitvit
 A8_FORMATS = ["ternary", "ternary_b3", "binary", "int4", "int8"]
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def a8(fmt):
@@ -82,10 +78,6 @@ def test_a8_linear_applies_its_input_layer_norm_first(fmt):
 
 
 # (bits, kind, in_features, group_size): every weight-only flavour, groups not dividing in_features
-WEIGHT_ONLY_CASES = [(4, "sym", 300, 300), (4, "asym", 300, 64), (4, "lut", 256, 32), (2, "asym", 300, 64),
-                     (2, "sym", 200, 200), (8, "sym", 100, 100), (8, "asym", 300, 16)]
-
-
 @pytest.mark.parametrize("bits,kind,k,group_size", WEIGHT_ONLY_CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_weight_only_linear_matches_float64_reference(bits, kind, k, group_size, dtype, tol):

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from kernel_reference import (A8_BITS, make_a8_layer, make_weight_only_layer, quantize_tokens, reference_a8,
-                              reference_weight_only, rel_err)
+from kernel_reference import (A8_BITS, WEIGHT_ONLY_CASES, gen, make_a8_layer, make_weight_only_layer,
+                              quantize_tokens, reference_a8, reference_weight_only, rel_err)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -25,10 +25,6 @@ A8_MUL_OFF = {"ternary": (1, 1), "ternary_b3": (1, 1), "binary": (2, 1), "int4":
 SHAPES = [(1, 37, 100), (19, 70, 300)] if INTERPRET else \
     [(1, 37, 100), (19, 70, 300), (197, 2304, 768), (1576, 3072, 768), (333, 1000, 1030), (4100, 384, 1536)]
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def poisoned(*shape, dtype=torch.float32):
@@ -190,10 +186,6 @@ def test_every_a8_candidate_config_is_correct(fmt, m):
 
 
 # ----------------------------------------------------------------------------- weight-only (W4A16 and kin)
-
-WEIGHT_ONLY_CASES = [(4, "sym", 300, 300), (4, "asym", 300, 64), (4, "lut", 256, 32), (2, "asym", 300, 64),
-                     (2, "sym", 200, 200), (8, "sym", 100, 100), (8, "asym", 300, 16)]
-
 
 @pytest.mark.parametrize("bits,kind,k,group_size", WEIGHT_ONLY_CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
