@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from quant.qlinear import QuantLinear, is_quantized_layer
+from quant.quantizers import WEIGHT_FORMATS
 
 
 def _linears(model: nn.Module) -> list[str]:
@@ -211,6 +212,7 @@ _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": t
 
 # the widths formats exist for: integer weights and static activations 2..8 bits, Q-ViT's learned ones 1..8
 _BIT_RANGES = {"bits": 2, "weight_bits": 2, "act_bits": 2, "min_bits": 1, "max_bits": 1}
+_CHOICES = {"weight_format": tuple(WEIGHT_FORMATS), "softmax": ("log2", "uniform")}
 
 
 def _check_field(name: str, key: str, annotation: str, value) -> None:
@@ -226,6 +228,11 @@ def _check_field(name: str, key: str, annotation: str, value) -> None:
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
         raise ValueError(f"recipe {name!r}: {key} must be {annotation}, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ValueError(f"recipe {name!r}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    if key == "layer_formats" and (bad := [f for _, f in value if f not in WEIGHT_FORMATS]):
+        raise ValueError(f"recipe {name!r}: layer_formats names unknown weight format {bad[0]!r}; known: "
+                         f"{', '.join(WEIGHT_FORMATS)}")
     if key in ("group_size", "block_size", "budget_bits") and value is not None and value < 1:
         raise ValueError(f"recipe {name!r}: {key} must be at least 1, got {value!r}")
     if key in _BIT_RANGES and not _BIT_RANGES[key] <= value <= 8:

@@ -56,6 +56,15 @@ def test_bit_widths_no_format_has_are_refused_before_any_work(name, override, me
         quant.recipe(name, **override)
 
 
+@pytest.mark.parametrize("name, override, message", [
+    ("w4a4", {"softmax": "linear"}, "softmax must be one of log2, uniform, got 'linear'"),
+    ("w4", {"weight_format": "int9"}, "weight_format must be one of int8, .*binary, got 'int9'"),
+    ("w4-gptq", {"layer_formats": (("head", "fp8"),)}, "layer_formats names unknown weight format 'fp8'")])
+def test_formats_and_quantizers_that_do_not_exist_are_refused_before_any_work(name, override, message):
+    with pytest.raises(ValueError, match=message):
+        quant.recipe(name, **override)
+
+
 @pytest.mark.parametrize("override", [{"min_bits": 8, "max_bits": 2}, {"budget_bits": 100.0}])
 def test_a_qvit_budget_outside_its_bit_range_is_refused(override):
     with pytest.raises(ValueError, match="min_bits <= budget_bits <= max_bits must hold"):
