@@ -101,3 +101,57 @@ def test_the_dense_trivial_augment_gives_each_image_its_own_op():
         assert torch.allclose(y[j:j + 1], want, atol=1e-6), _OPS[k]
     z = trivial_augment(x, dense=True)
     assert z.shape == x.shape and float(z.min()) >= 0 and float(z.max()) <= 1
+
+
+def test_colour_ops_weaken_or_strengthen_by_their_sign():
+    x = torch.full((2, 3, 4, 4), 0.5)
+    y = _color_op("brightness", x, torch.tensor([0.5, 0.5]), torch.tensor([-1.0, 1.0]))
+    assert float(y[0].max()) < 0.5 < float(y[1].min())
+
+
+def test_solarize_inverts_the_pixels_above_one_minus_the_magnitude():
+    x = torch.linspace(0, 1, 11).view(1, 1, 1, 11).expand(1, 3, 1, 11)
+    y = _color_op("solarize", x, torch.tensor([0.25]))
+    assert torch.allclose(y, torch.where(x >= 0.75, 1 - x, x))
+
+
+def test_about_half_of_the_images_are_flipped():
+    torch.manual_seed(0)
+    x = torch.arange(8.0).view(1, 1, 1, 8).expand(200, 3, 4, 8)
+    y = random_crop_flip(x, 0, True)
+    flipped = (y == x.flip(-1)).flatten(1).all(1)
+    assert ((y == x).flatten(1).all(1) | flipped).all() and 0.3 < float(flipped.float().mean()) < 0.7
+
+
+def test_crops_take_every_shift_up_to_the_padding_both_ways():
+    torch.manual_seed(0)
+    x = torch.arange(64.0).view(1, 1, 8, 8).expand(400, 1, 8, 8)
+    y = random_crop_flip(x, 2, False)
+    padded = F.pad(x[:1], (2,) * 4, mode="reflect")[0, 0]
+    shifts = {next((i, j) for i in range(5) for j in range(5) if torch.equal(img, padded[i:i + 8, j:j + 8]))
+              for img in y[:, 0]}
+    assert shifts == {(i, j) for i in range(5) for j in range(5)}
+
+
+def test_corners_a_geometric_op_exposes_are_mid_grey_on_the_cpu_path_too():
+    torch.manual_seed(0)
+    y = trivial_augment(torch.zeros(64, 3, 8, 8), dense=False)   # every op keeps black black; only fill is grey
+    assert float(y.max()) == 0.5
+
+
+def test_a_batch_is_mixed_with_probability_mix_prob():
+    torch.manual_seed(0)
+    x, target = torch.rand(8, 3, 4, 4), F.one_hot(torch.arange(8) % 4, 4).float()
+    xm, tm = mix(x, target, AugmentConfig(mix_prob=0.0))
+    assert torch.equal(xm, x) and torch.equal(tm, target)
+
+
+def test_with_both_alphas_a_batch_gets_mixup_or_cutmix():
+    kinds = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        labels = torch.randint(0, 10, (16,))
+        x = labels.float().view(16, 1, 1, 1).expand(16, 3, 16, 16).clone()
+        xm, _ = mix(x, F.one_hot(labels, 10).float(), AugmentConfig())
+        kinds.add("cutmix" if torch.equal(xm, xm.round()) else "mixup")
+    assert kinds == {"cutmix", "mixup"}

@@ -270,3 +270,30 @@ def test_an_image_that_cannot_be_read_while_decoding_is_named(image_tree, monkey
     monkeypatch.setattr(Path, "read_bytes", refuse)
     with pytest.raises(ValueError, match=r"cannot read image .*frog/0001\.jpg \(Permission denied\)"):
         load_split(image_tree, "test", progress=False)
+
+
+def test_validation_holds_out_at_least_one_image_of_a_small_class(tmp_path):
+    tree = write_tree(tmp_path / "t", per_class=3)                  # 10 % of 3 rounds to 0
+    val = load_split(tree, "val", image_size=16, progress=False)
+    train = load_split(tree, "train", image_size=16, progress=False)
+    assert np.bincount(val.labels).tolist() == [1, 1, 1] and np.bincount(train.labels).tolist() == [2, 2, 2]
+
+
+def test_a_class_too_small_to_hold_out_a_validation_image_is_refused(tmp_path):
+    tree = write_tree(tmp_path / "t", per_class=1)
+    with pytest.raises(ValueError, match="class 0 has 1 training images, too few to hold out 1"):
+        load_split(tree, "train", image_size=16, progress=False)
+
+
+def test_trainval_of_a_tree_with_its_own_val_folder_holds_both(tmp_path):
+    tree = write_tree(tmp_path / "t", splits=("train", "val", "test"), per_class=4)
+    trainval = load_split(tree, "trainval", image_size=16, progress=False)
+    val = load_split(tree, "val", image_size=16, progress=False)
+    assert len(trainval) == 24 and np.array_equal(trainval.images[12:], val.images)
+
+
+def test_cifar_batches_whose_meta_names_too_few_classes_are_refused(cifar_batches):
+    with open(cifar_batches / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"airplane", b"automobile"]}, f, protocol=2)
+    with pytest.raises(ValueError, match="names 2 classes, labels go up to 9"):
+        load_split(cifar_batches, "test", progress=False)

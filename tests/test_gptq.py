@@ -133,3 +133,15 @@ def test_gptq_computes_the_obs_updates_of_its_definition(k, group_size, act_orde
     torch.testing.assert_close(got.scales, scales, rtol=1e-4, atol=1e-6)
     if asymmetric:
         assert torch.equal(got.zeros, zeros)
+
+
+def test_execution_order_names_a_layer_called_twice_once():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.GELU(), shared, nn.Linear(8, 2)).eval()   # the shared layer runs twice
+    assert execution_order(model, torch.randn(1, 8)) == ["0", "3"]
+
+
+def test_capturing_a_module_the_forward_pass_never_runs_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="Linear never ran in the model's forward pass"):
+        capture(model, nn.Linear(4, 4), torch.randn(2, 4))

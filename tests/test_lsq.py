@@ -171,3 +171,38 @@ def test_a_learned_quantizer_rounds_a_bfloat16_input_as_it_rounds_its_float32_va
     with LearnedQuantizer.calibrating(q):
         q(x.float())
     assert torch.equal(q(x), q(x.float()).bfloat16())
+
+
+def test_a_width_pushed_past_the_range_still_gets_its_gradient_scaled_down_by_bit_lr_scale():
+    q = LearnedQuantizer((2, 8), learn_bits=True)
+    with torch.no_grad():
+        q.bit_param.fill_(9.0 / q.bit_lr_scale)          # b~ = 9, beyond b_max
+    b = q.soft_bits()
+    assert b.item() == pytest.approx(8.0)
+    b.sum().backward()                                   # straight-through clamp: dL/db~ = 1 reaches bit_param
+    assert q.bit_param.grad.item() == pytest.approx(1 / q.bit_lr_scale)
+
+
+def test_a_learned_width_quantizer_takes_its_offset_from_the_widest_width():
+    a = torch.nn.functional.gelu(torch.randn(4096) * 2)
+    q = calibrated(LearnedQuantizer((2, 8), signed=False, offset=True, learn_bits=True), a)
+    fixed = calibrated(LearnedQuantizer(8, signed=False, offset=True), a)
+    assert q.scale[-1] == fixed.scale[0] and fixed.offset.item() != 0
+    torch.testing.assert_close(q.offset, fixed.offset)
+
+
+def test_calibration_sets_the_step_size_from_the_first_tensor_only():
+    q = LearnedQuantizer(4)
+    with LearnedQuantizer.calibrating(q):
+        q(torch.randn(1000))
+        first = q.scale.detach().clone()
+        q(torch.randn(1000) * 10)                        # a later batch with a 10x range
+    assert torch.equal(q.scale.detach(), first)
+
+
+def test_with_an_offset_signed_and_unsigned_codes_give_the_same_quantizer():
+    a = torch.nn.functional.gelu(torch.randn(4096) * 2)
+    signed = calibrated(LearnedQuantizer(4, signed=True, offset=True), a)      # [lo, hi] onto codes -8..7
+    unsigned = calibrated(LearnedQuantizer(4, signed=False, offset=True), a)   # ... or onto 0..15
+    torch.testing.assert_close(signed.scale, unsigned.scale)
+    torch.testing.assert_close(signed(a), unsigned(a))

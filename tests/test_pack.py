@@ -79,3 +79,15 @@ def test_wrong_packed_row_length_is_refused():
 def test_base3_byte_out_of_range_is_refused():
     with pytest.raises(ValueError, match="max 242"):
         unpack_base3(torch.tensor([[250]], dtype=torch.uint8), 5)
+
+
+def test_a_ternary_code_above_two_is_refused():
+    for pack in (pack_base3, pack_trit_planes):
+        with pytest.raises(ValueError, match="codes must be 0, 1 or 2"):
+            pack(torch.tensor([[1, 3]], dtype=torch.uint8))
+
+
+def test_trit_plane_padding_codes_are_one_so_padded_weights_are_zero():
+    k = 7                                                   # trit_plane_bytes(7) = 16 bytes: 80 slots, 73 padding
+    packed = pack_trit_planes(torch.zeros(1, k, dtype=torch.uint8))
+    assert (unpack_trit_planes(packed, 80)[0, k:] == 1).all()

@@ -341,3 +341,52 @@ def test_saving_something_other_than_a_model_or_a_flag_that_is_not_a_bool_is_ref
                                                                                       kwargs, message):
     with pytest.raises(ValueError, match=message):
         quant.save_quantized(tiny_model if model == "tiny" else "m.safetensors", tmp_path / "x.safetensors", **kwargs)
+
+
+def test_scales_that_are_not_float16_values_are_stored_exactly(tmp_path):
+    model = quantized_mlp("int4", 16, 8, 8, True)
+    with torch.no_grad():
+        model[0].scales.mul_(1 + 2 ** -14)                                # no longer float16 values
+    quant.save_quantized(model, tmp_path / "m.safetensors")
+    back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(16, 8))
+    assert torch.equal(back[0].scales, model[0].scales)
+    assert quant.read_header(tmp_path / "m.safetensors")["layers"]["0"]["scales"] == "float32"
+
+
+def test_zero_points_beyond_the_code_range_are_not_saved(tmp_path):
+    model = quantized_mlp("int4", 16, 8, 8, True)
+    with torch.no_grad():
+        model[0].zeros[0, 0] = 16
+    with pytest.raises(ValueError, match=r"zero points must be integer codes in 0\.\.15"):
+        quant.save_quantized(model, tmp_path / "m.safetensors")
+
+
+def test_a_forged_zero_point_beyond_the_code_range_is_refused_even_with_a_fixed_checksum(tmp_path):
+    path = tmp_path / "m.safetensors"
+    quant.save_quantized(quantized_mlp("int4", 16, 8, 8, True), path)
+    bad = rewrite(path, tmp_path / "bad.safetensors", edit_tensors=lambda t: t["0.zeros"].fill_(16))
+    with pytest.raises(ValueError, match="layer '0' has zero point 16, beyond 4-bit codes"):
+        quant.load_quantized(bad, model=mlp(16, 8))
+
+
+def test_a_forged_ternary_layer_in_the_two_bit_layout_holding_code_3_is_refused(saved_ternary, tmp_path):
+    def two_bit(t):                                                       # fc1: 32 inputs, 8 bytes of 2-bit codes
+        t["blocks.0.mlp.fc1.packed"] = torch.full((len(t["blocks.0.mlp.fc1.packed"]), 8), 255, dtype=torch.uint8)
+    bad = rewrite(saved_ternary, tmp_path / "bad.safetensors", edit_tensors=two_bit,
+                  edit_header=lambda h: h["layers"]["blocks.0.mlp.fc1"].update(packing="bits"))
+    with pytest.raises(ValueError, match="layer 'blocks.0.mlp.fc1' holds ternary code 3"):
+        quant.load_quantized(bad)
+
+
+def test_a_forged_input_norm_with_eps_zero_is_refused(saved_ternary, tmp_path):
+    bad = rewrite(saved_ternary, tmp_path / "bad.safetensors",
+                  edit_header=lambda h: h["layers"]["blocks.0.mlp.fc1"]["input_norm"].update(eps=0.0))
+    with pytest.raises(ValueError, match="layer 'blocks.0.mlp.fc1' has input_norm"):
+        quant.load_quantized(bad)
+
+
+def test_a_vit_file_loaded_into_a_model_of_another_config_is_refused(saved, tiny_model):
+    import dataclasses
+    other = VisionTransformer(dataclasses.replace(tiny_model.config, classes=("a", "b", "c")))  # same shapes
+    with pytest.raises(ValueError, match="holds a different architecture than the model given"):
+        quant.load_quantized(saved, model=other)

@@ -171,3 +171,14 @@ def test_a_weight_cached_under_inference_mode_still_serves_autograd():
     x = torch.randn(2, 16, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad is not None
+
+
+def test_quant_attention_spec_naming_an_unknown_slot_is_refused():
+    spec = {"dim": 16, "num_heads": 4, "slots": {"qk_quant": None}}
+    with pytest.raises(ValueError, match=r"unknown attention quantizer slots \['qk_quant'\]"):
+        QuantAttention.from_spec(spec, nn.Linear(16, 48), nn.Linear(16, 16))
+
+
+def test_quant_attention_refuses_a_width_its_heads_do_not_divide():
+    with pytest.raises(ValueError, match="dim 10 is not divisible by num_heads 4"):
+        QuantAttention(10, 4)

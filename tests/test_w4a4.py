@@ -119,3 +119,70 @@ def test_w4a4_puts_each_quantizer_in_its_place(tiny_model):
     assert (model.head.weight_format, model.head.act_format) == ("int8", "int8_token")
     assert torch.isfinite(model(x)).all()
     assert (model(x).argmax(1) == ref.argmax(1)).float().mean() > 0.5
+
+
+def test_softmax_offset_candidates_reach_the_largest_offset():
+    p = torch.full((1, 1, 4, 4), 2.0 ** -14)             # exactly offset 14's smallest level (code 14 of 0..15)
+    assert log2_offsets(p, torch.randn(1, 1, 4, 2), 4) == [14]
+
+
+def test_head_outputs_and_post_gelu_inputs_get_output_aware_ranges(tiny_model, monkeypatch):
+    import quant.w4a4 as w4a4
+    real, per_tensor = w4a4.tensor_range, []
+
+    def spy(x, bits, weight=None, dims=None):
+        if dims is None:                                 # per-tensor ranges: proj's and fc2's inputs
+            per_tensor.append(weight is not None)
+        return real(x, bits, weight, dims)
+    monkeypatch.setattr(w4a4, "tensor_range", spy)
+    quant.quantize(tiny_model, "w4a4", calib=torch.randn(8, 3, 16, 16))
+    assert per_tensor == [True] * 4                      # 2 blocks x (proj, fc2), each with its layer's weight
+
+
+def test_bias_correction_sees_the_inputs_after_the_layer_norm_is_reparameterized(tiny_model):
+    import copy
+    from quant.gptq import capture
+    x = torch.randn(16, 3, 16, 16)
+    fp = copy.deepcopy(tiny_model)
+    model = quant.quantize(tiny_model, "w4a4", calib=x)
+    want = capture(fp, fp.blocks[0].attn.qkv, x, output=True)          # block 0's qkv: inputs as in float
+    got = capture(model, model.blocks[0].attn.qkv, x, output=True)
+    assert (got - want).mean((0, 1)).abs().max() < 1e-4 < (got - want).abs().mean()
+
+
+def test_the_range_search_keeps_the_clip_of_least_error_on_the_4_bit_grid():
+    from quant.quantizers import uint_range_params
+    from quant.w4a4 import _CLIPS
+    torch.manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(4000, 16) * 2)    # post-GELU: a long positive tail
+    errors = [((fake(x, *uint_range_params(x.min() * c, x.max() * c, 4)) - x) ** 2).sum() for c in _CLIPS.tolist()]
+    s, z = tensor_range(x, 4)
+    assert ((fake(x, s, z) - x) ** 2).sum() <= min(errors) * (1 + 1e-6)
+
+
+def test_w4a4_calibrates_the_softmax_offsets_on_the_attention_it_sees():
+    import dataclasses
+    from conftest import TINY
+    from quant.models import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(dataclasses.replace(TINY, img_size=64)).eval()          # 257 tokens
+    with torch.no_grad():
+        for block in model.blocks:                       # q = 0: uniform attention, 1/257 everywhere
+            block.attn.qkv.weight[:32] = 0
+            block.attn.qkv.bias[:32] = 0
+            block.attn.qkv.bias[64:] = 1                 # values far from zero: flushing the weights costs
+    model = quant.quantize(model, "w4a4", calib=torch.randn(2, 3, 64, 64))
+    offsets = [block.attn.attn_quant.offset.flatten().tolist() for block in model.blocks]
+    assert offsets == [[2.0, 2.0]] * 2                   # 1/257 ~ 2**-8: offset 2's smallest level (0 flushes it)
+
+
+def test_a_later_block_is_calibrated_on_the_outputs_of_the_quantized_blocks_before_it(tiny_model):
+    import copy
+    from quant.gptq import capture
+    x = torch.randn(16, 3, 16, 16)
+    fp = copy.deepcopy(tiny_model)
+    model = quant.quantize(tiny_model, "w4a4", calib=x)
+    fc2 = model.blocks[1].mlp.fc2                        # its float weight is not reparameterized
+    s, z = tensor_range(capture(model, fc2, x), 4, fp.blocks[1].mlp.fc2.weight.detach())
+    torch.testing.assert_close(fc2.act_quant.scale, s.reshape(()))
+    torch.testing.assert_close(fc2.act_quant.zero, z.reshape(()))
