@@ -675,3 +675,114 @@ def test_the_bench_stops_with_the_pages_message_when_the_handler_refuses_a_frame
     h = _handlers_whose_variant_went_away(fp_file, tmp_path)  # every frame gets the page's warning
     with pytest.raises(ValueError, match="no such model file"):
         bench_pair(h, "int8", [frame((40, 40, 3))] * 6)
+
+
+def test_partly_transparent_pixels_are_blended_and_rounded_not_truncated():
+    assert to_rgb(np.array([[[10, 10, 10, 16]]], np.uint8)).tolist() == [[[240, 240, 240]]]  # 239.63 -> 240
+
+
+def test_float_frames_up_to_exactly_one_are_0_to_1_and_rounded_to_the_nearest_level():
+    assert to_rgb(np.array([[[0.0, 0.5, 1.0]]], np.float32)).tolist() == [[[0, 128, 255]]]
+    assert to_rgb(np.array([[[0.0, 100.6, 255.0]]], np.float64)).tolist() == [[[0, 101, 255]]]
+
+
+def test_float_frames_just_above_255_are_refused():
+    with pytest.raises(ValueError, match="must lie in 0..1 or 0..255"):
+        to_rgb(np.full((2, 2, 3), 255.5, np.float32))
+
+
+def test_uint16_frames_map_65535_levels_proportionally_onto_255():
+    a = np.arange(65536, dtype=np.uint16).reshape(256, 256, 1)
+    assert (to_rgb(a)[..., :1] == a.astype(np.int64) * 255 // 65535).all()
+
+
+def test_a_32_bit_integer_pil_image_of_16_bit_values_is_scaled_down():
+    img = Image.fromarray(np.full((2, 2), 50_000, np.int32), mode="I")   # as a 16-bit PNG opens
+    assert to_rgb(img).tolist() == [[[194] * 3] * 2] * 2
+
+
+def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6                                       # "rotate 90 degrees clockwise to view"
+    Image.new("RGB", (40, 20), (200, 0, 0)).save(tmp_path / "phone.jpg", exif=exif)
+    assert load_image_file(tmp_path / "phone.jpg").shape == (40, 20, 3)
+
+
+def test_a_palette_image_with_a_transparent_colour_is_composited_over_white(tmp_path):
+    img = Image.new("P", (2, 2), 0)
+    img.putpalette([0, 0, 0, 255, 0, 0])
+    img.save(tmp_path / "t.png", transparency=0)           # palette entry 0 (black) is transparent
+    assert (load_image_file(tmp_path / "t.png") == 255).all()
+
+
+def test_a_streamed_frame_over_the_size_limit_is_refused_before_decoding(monkeypatch):
+    from app import frames
+    monkeypatch.setattr(frames, "MAX_FILE_BYTES", 1000)
+    buf = io.BytesIO()
+    Image.fromarray(frame((64, 64, 3))).save(buf, "PNG")    # ~12 kB of noise
+    with pytest.raises(ValueError, match="the frame is over"):
+        frames.load_data_url("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+
+
+class FakeBackend:
+    """A backend that records what it is called with and returns fixed logits."""
+
+    def __init__(self, name, log, logits=(1.0, 2.0, 3.0), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        from types import SimpleNamespace
+        self.name, self.log, self.logits = name, log, np.array([logits], np.float32)
+        self.config = SimpleNamespace(img_size=S, classes=TINY.classes, num_classes=3, mean=mean, std=std)
+
+    def __call__(self, x):
+        self.log.append((self.name, x.copy()))
+        return self.logits
+
+
+def test_the_models_take_turns_to_run_first_each_on_its_own_normalisation():
+    from quant.data import to_model_array
+    log = []
+    fp, q = FakeBackend("fp", log), FakeBackend("q", log, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    cmp = Comparison(fp, {"q": lambda: q})
+    cmp.variant("q")
+    log.clear()
+    view, _, _ = cmp.run(frame((40, 40, 3)), "q", frame_index=0)
+    cmp.run(frame((40, 40, 3)), "q", frame_index=1)
+    assert [name for name, _ in log] == ["fp", "q", "q", "fp"]
+    np.testing.assert_array_equal(log[1][1], to_model_array(view[None], q.config.mean, q.config.std))
+
+
+def test_the_fp_model_and_a_variant_are_opened_and_warmed_once():
+    log, opened = [], []
+    fp, q = FakeBackend("fp", log), FakeBackend("q", log)
+    cmp = Comparison(fp, {"q": lambda: opened.append(1) or q})
+    assert [name for name, _ in log] == ["fp"] and not log[0][1].any()   # the fp model's warm-up call
+    for i in range(3):
+        cmp.run(frame((40, 40, 3)), None, frame_index=i)                 # None: the default variant
+    assert len(opened) == 1 and [name for name, _ in log].count("q") == 4
+
+
+def test_confidences_are_a_softmax_that_survives_large_logits_and_rank_best_first():
+    log = []
+    cmp = Comparison(FakeBackend("fp", log, logits=(1000.0, 0.0, 999.0)), {"q": lambda: FakeBackend("q", log)})
+    _, fp_reading, _ = cmp.run(frame((40, 40, 3)), "q")
+    assert np.isfinite(fp_reading.probs).all() and fp_reading.probs.sum() == pytest.approx(1)
+    assert list(fp_reading.top(2)) == ["cat", "frog"]
+
+
+def test_repeated_runs_report_the_median_latency(monkeypatch):
+    from types import SimpleNamespace
+    from app import live
+    log = []
+    cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log)})
+    cmp.variant("q")
+    clock = iter([0, 0.005, 0.010, 0.011, 0.020, 0.023] * 2)             # 5, 1 and 3 ms for each model
+    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    _, fp_reading, q_reading = cmp.run(frame((40, 40, 3)), "q", repeats=3)
+    assert fp_reading.latency_ms == pytest.approx(3) and q_reading.latency_ms == pytest.approx(3)
+
+
+def test_the_frame_rate_counts_intervals_and_restarts_with_another_variant():
+    stats = LiveStats()
+    stats.stamps.extend([10.0, 11.0, 12.0])
+    assert stats.fps == pytest.approx(1.0)                               # 2 intervals in 2 s
+    stats.reset("other")
+    assert stats.fps is None and len(stats.stamps) == 0

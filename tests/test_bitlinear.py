@@ -106,3 +106,33 @@ def test_fitted_input_norms_bring_the_model_closer_to_its_full_precision_functio
     from quant.bitlinear import init_input_norms
     init_input_norms(fitted, x)
     assert (fitted(x) - want).pow(2).mean() < 0.5 * (fresh(x) - want).pow(2).mean()
+
+
+def test_fitted_input_norm_recovers_the_affine_map_its_layernorm_removed():
+    from quant.bitlinear import init_input_norms
+    m = layer("ternary")
+    z = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    z = (z - z.mean(1, keepdim=True)) / z.std(1, unbiased=False, keepdim=True)   # already normalised tokens
+    init_input_norms(m, 3.0 * z + 0.5)                                           # LN(y) = z exactly
+    assert torch.allclose(m.input_norm.weight, torch.full((16,), 3.0), atol=1e-3)
+    assert torch.allclose(m.input_norm.bias, torch.full((16,), 0.5), atol=1e-3)
+
+
+def test_fitting_input_norms_on_one_token_gives_finite_parameters():
+    from quant.bitlinear import init_input_norms
+    m = layer("binary")
+    init_input_norms(m, torch.randn(1, 16))  # every channel constant over the batch: nothing to fit
+    assert torch.isfinite(m.input_norm.weight).all() and torch.isfinite(m.input_norm.bias).all()
+
+
+@pytest.mark.parametrize("fmt", ["binary", "ternary"])
+def test_a_zero_input_row_gives_the_bias_and_finite_gradients_in_training(fmt):
+    m = layer(fmt, norm=False)
+    x = torch.zeros(2, 16, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    assert torch.equal(y, m.bias.expand(2, 8)) and torch.isfinite(x.grad).all()
+
+
+def test_prepare_leaves_the_skipped_head_a_plain_linear_layer(tiny_model):
+    assert type(prepare(tiny_model, "binary").head) is nn.Linear   # BitLinear is an nn.Linear too

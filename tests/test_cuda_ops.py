@@ -327,3 +327,26 @@ def test_ops_run_under_torch_compile_on_cuda():
     x = torch.randn(3, 10, 48, generator=gen(9)).cuda()
     compiled = torch.compile(model, fullgraph=True)
     assert rel_err(compiled(x), model(x).double()) < 1e-5
+
+
+def test_a_ternary_input_width_whose_dot_products_could_overflow_int32_is_refused():
+    # a 2-bit ternary code can hold 3 (value 2): the bound is K * 127 * 2, not K * 127
+    k = 9_000_000
+    meta = dict(device="meta")
+    with pytest.raises(ValueError, match="overflow the int32 dot product"):
+        OPS.ternary_linear(torch.empty(1, k, **meta), torch.empty(1, k // 4, dtype=torch.uint8, **meta),
+                           torch.ones(1, **meta), None, k)
+
+
+def test_a_zero_norm_eps_is_refused():
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    with pytest.raises(ValueError, match="norm_eps must be positive"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40, torch.ones(40), None, 0.0)
+
+
+def test_weight_only_scales_or_zeros_of_the_wrong_group_count_are_refused():
+    packed, scales, zeros, codebook, b = make_weight_only_layer("asym", 4, 8, 96, 32, gen())  # 3 groups
+    with pytest.raises(ValueError, match=r"scales must be float \(8, 3\)"):
+        OPS.weight_only_linear(torch.randn(2, 96), packed, scales[:, :2], zeros, codebook, b, 4, 32, 96)
+    with pytest.raises(ValueError, match=r"zeros must be float \(8, 3\)"):
+        OPS.weight_only_linear(torch.randn(2, 96), packed, scales, torch.cat([zeros, zeros], 1), codebook, b, 4, 32, 96)

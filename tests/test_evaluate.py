@@ -85,3 +85,35 @@ def test_cli_wrong_data_path_is_one_error_line(checkpoint, tmp_path):
                         "--data", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert r.returncode == 2 and "data path does not exist" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_confusion_rows_are_the_true_classes_and_per_class_accuracy_is_their_recall(tiny_model, image_tree):
+    data = load_split(image_tree, "test", image_size=16, progress=False)
+    tiny_model.forward = lambda x: torch.tensor([[1.0, 0.0, 0.0]]).expand(len(x), 3)  # calls everything "cat"
+    res = evaluate(tiny_model, data)
+    assert res["confusion"] == [[6, 0, 0], [6, 0, 0], [6, 0, 0]]
+    assert res["per_class"] == {"cat": 1.0, "dog": 0.0, "frog": 0.0}
+
+
+def test_predict_puts_a_module_in_eval_mode(tiny_model):
+    import numpy as np
+    from quant.evaluate import predict
+    tiny_model.train()
+    predict(tiny_model, np.zeros((2, 16, 16, 3), np.uint8), (0.5,) * 3, (0.5,) * 3)
+    assert not tiny_model.training
+
+
+def test_the_confusion_figure_shades_each_true_class_row_by_its_fractions():
+    import matplotlib
+    matplotlib.use("Agg")
+    from quant.evaluate import confusion_figure
+    fig = confusion_figure([[1, 3], [0, 4]], ["a", "b"], "t")
+    assert fig.axes[0].images[0].get_array().tolist() == [[0.25, 0.75], [0.0, 1.0]]
+
+
+def test_predict_scores_every_image_across_batches():
+    import numpy as np
+    from quant.evaluate import predict
+    images = np.arange(5, dtype=np.uint8)[:, None, None, None].repeat(16, 1).repeat(16, 2).repeat(3, 3)
+    logits = predict(lambda x: x.mean((2, 3)), images, (0.0,) * 3, (1 / 255,) * 3, batch_size=2)
+    assert logits[:, 0].round().tolist() == [0, 1, 2, 3, 4]

@@ -331,3 +331,66 @@ def test_a_quantized_checkpoint_is_not_exported_as_another_format(tiny_model, tm
     assert run(main, ["--checkpoint", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "q.onnx"),
                       "--format", "ternary"]) == 2
     assert "holds int4 weights, so it exports as int4, not ternary" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", [64, 40])
+@pytest.mark.parametrize("fmt", ["ternary", "binary", "w8a8", "w4a8", "int4"])
+@pytest.mark.parametrize("custom", [True, False])
+def test_one_exported_layer_computes_its_torch_forward_on_inputs_that_are_not_zero_mean(fmt, custom, k):
+    # in a ViT, LayerNorms feed qkv/fc1/head zero-mean tokens, which hide a constant offset in the weight codes
+    import onnxruntime as ort
+    from export.exporter import RECIPES, _Graph, _linear
+    from export.ortops import library_path
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(k, 8), **RECIPES[fmt])
+    g = _Graph()
+    g.op("Identity", [_linear(g, "x", layer, "l", custom)], out="y")
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, k])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 8])], g.inits)
+    proto = helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("bitvit", 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(library_path()))
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(1)) + 1.0
+    out = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        ["y"], {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = layer(x).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_the_stems_batchnorm_is_folded_with_its_running_statistics(tiny_model, tmp_path):
+    model = copy.deepcopy(tiny_model)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    g = torch.Generator().manual_seed(0)
+    bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+    bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+    session = runtime.load(export(model, tmp_path / "m.onnx"))
+    x = images(4)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(session(x.numpy()), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_an_fp16_export_says_fp16_in_its_metadata(tiny_model, tmp_path):
+    assert runtime.load(export(tiny_model, tmp_path / "m.onnx", "fp16")).format == "fp16"
+
+
+def test_a_file_with_a_non_finite_half_precision_weight_is_refused_when_loaded(tiny_model, tmp_path):
+    proto = to_onnx(tiny_model, "fp16")
+    t = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16 and "blocks.0" in t.name)
+    t.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(t).shape, np.nan, np.float16), t.name))
+    onnx.save(proto, tmp_path / "nan.onnx")
+    with pytest.raises(ValueError, match=f"weight '{t.name}' holds NaN"):
+        runtime.load(tmp_path / "nan.onnx")
+
+
+def test_a_constant_node_holding_nan_is_refused_when_loaded(tiny_model, tmp_path):
+    proto = to_onnx(tiny_model)
+    t = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and "blocks.0" in t.name)
+    nan = numpy_helper.from_array(np.full(numpy_helper.to_array(t).shape, np.nan, np.float32), t.name)
+    proto.graph.initializer.remove(t)
+    proto.graph.node.insert(0, helper.make_node("Constant", [], [t.name], value=nan))   # the weight as a node
+    onnx.save(proto, tmp_path / "c.onnx")
+    with pytest.raises(ValueError, match=f"weight '{t.name}' holds NaN"):
+        runtime.load(tmp_path / "c.onnx")

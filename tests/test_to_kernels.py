@@ -178,3 +178,23 @@ def test_a_cuda_graph_replays_what_the_eager_model_computes():
             assert torch.equal(graphed(x), model(x))
     with pytest.raises(ValueError, match="captured for"):
         graphed(images(2).cuda().bfloat16())
+
+
+@pytest.mark.parametrize("layer", [
+    QuantLinear.from_linear(nn.Linear(64, 8), "int4", None, True, "int8_token"),  # zero points: no int8 kernel
+    QuantLinear.from_linear(nn.Linear(96, 8), "int4", 48)],                      # a group splits a kernel tile
+    ids=["asymmetric-a8", "tile-splitting-group"])
+def test_layers_the_kernels_cannot_run_exactly_keep_their_reference_forward(layer):
+    with pytest.warns(UserWarning, match=r"no bitvit kernel for this layer"):
+        assert to_kernels(layer) is layer
+
+
+def test_a_weight_only_layer_applies_its_input_layer_norm_first():
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(64, 8), "int4", 32)
+    layer.input_norm = nn.LayerNorm(64)
+    nn.init.uniform_(layer.input_norm.weight, 0.5, 1.5)
+    nn.init.normal_(layer.input_norm.bias, std=0.1)
+    x = torch.randn(3, 64) * 2 + 1
+    with torch.no_grad():
+        torch.testing.assert_close(to_kernels(copy.deepcopy(layer))(x), layer(x), rtol=1e-4, atol=1e-5)

@@ -375,3 +375,29 @@ def test_the_second_part_of_the_gpu_reference_script_refuses_to_start_without_th
     r = subprocess.run(["bash", "quant/gpu_reference.sh"], cwd=Path(__file__).parents[1], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "run PART=1 first" in r.stderr
+
+
+def test_weight_decay_skips_biases_norms_and_the_token_embeddings():
+    from quant.train import param_groups
+    model = VisionTransformer(TINY)
+    decay, no_decay = param_groups(model, 0.05)
+    name = {id(p): n for n, p in model.named_parameters()}
+    assert {"cls_token", "pos_embed", "blocks.0.norm1.weight", "head.bias"} <= {name[id(p)] for p in no_decay["params"]}
+    assert "head.weight" in {name[id(p)] for p in decay["params"]}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+
+
+def test_a_resume_state_with_negative_training_seconds_is_refused(tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    torch.save({**state, "trained_seconds": -1.0}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="holds a damaged resume state"):
+        fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+
+
+def test_a_resume_state_without_its_config_is_refused_by_name(tmp_path):
+    from quant.train import read_resume_state
+    torch.save({k: 0 for k in ("model", "optimizer", "rng", "epoch", "trained_seconds")}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"not a bitvit resume state \(no config\)"):
+        read_resume_state(tmp_path / "last.pt", "delete it to start over")
