@@ -290,21 +290,23 @@ def allocation_figure(alloc: dict, title: str = "Q-ViT bit allocation"):
     what the dict holds (the app reads them from results files): None where it holds neither part."""
     import matplotlib.pyplot as plt
     import numpy as np
-    attn = {n: v for n, v in alloc["attention"].items() if isinstance(v, dict)}
-    slots = [s.removesuffix("_quant") for s in HEAD_SLOTS]
-    slots = [s for s in slots if any(isinstance(v.get(s), list) for v in attn.values())]
+    slot_names = [s.removesuffix("_quant") for s in HEAD_SLOTS]
+    attn = {n: {s: v[s] for s in slot_names if isinstance(v.get(s), list)}   # block -> slot -> bits per head
+            for n, v in alloc["attention"].items() if isinstance(v, dict)}
+    attn = {n: v for n, v in attn.items() if v}
+    slots = [s for s in slot_names if any(s in v for v in attn.values())]
     layers = {n: v for n, v in alloc["layers"].items()
               if isinstance(v, dict) and finite_number(v.get("weight"))}
     if not slots and not layers:
         return None
-    names = [n for n in attn if any(isinstance(attn[n].get(s), list) for s in slots)]
+    names = list(attn)
     top = max(1.5, 0.35 * len(names)) if slots else 0
     fig = plt.figure(figsize=(max(3.2 * len(slots), 8), 1 + top + (3.5 if layers else 0)))
     grid = fig.add_gridspec(bool(slots) + bool(layers), max(len(slots), 1),
                             height_ratios=[r for r in (top, 3.2 if layers else 0) if r])
     for j, slot in enumerate(slots):
         ax = fig.add_subplot(grid[0, j])
-        rows = [attn[n].get(slot) if isinstance(attn[n].get(slot), list) else [] for n in names]
+        rows = [attn[n].get(slot, []) for n in names]
         width = max(len(r) for r in rows)
         data = np.array([r + [np.nan] * (width - len(r)) for r in rows], dtype=float)   # (blocks, heads)
         ax.imshow(data, cmap="viridis", vmin=BIT_RANGE[0], vmax=BIT_RANGE[1], aspect="auto")
