@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from quant.cli import (number_in, output_file, positive_int, provenance, random_seed, run, run_folder,
                        thread_count, write_json)
 from quant.data import SPLITS
+from quant.recipes import QAT, BitNet, QViT
 
 
 class FeatureDistill:
@@ -136,7 +137,7 @@ def prepare_student(teacher: nn.Module, r, train, calib_size: int, seed: int, de
     cfg = student.config
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calib_size].numpy()
     calib = to_model_input(train.images[pick], cfg.mean, cfg.std, device=device)
-    if r.method == "bitnet":
+    if isinstance(r, BitNet):
         bitlinear.init_input_norms(student, calib)
         return student, None
     qvit.calibrate(student, calib)
@@ -157,7 +158,7 @@ def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cf
     stages = [("search", search_epochs, _sum_losses(penalty, features)),
               ("finetune", train_cfg.epochs - search_epochs, features)]
     for stage, epochs, extra in stages:
-        if stage == "finetune" and r.method == "qvit":  # also with no search epochs (--epochs 1): the widths
+        if stage == "finetune" and isinstance(r, QViT):  # also with no search epochs (--epochs 1): the widths
             qvit.fix_bits(student, r.budget_bits)           # must still be fixed and brought within the budget
             alloc = qvit.bit_allocation(student)
             print(f"searching stage done: BitOPs {alloc['bitops_ratio']:.3f} of the {r.budget_bits:g}-bit budget, "
@@ -184,7 +185,7 @@ def freeze_and_save(student: nn.Module, r, name: str, out: str, float16: bool) -
     from quant import bitlinear, qvit, save_quantized
     student.cpu().eval()
     alloc = None
-    if r.method == "qvit":
+    if isinstance(r, QViT):
         alloc = qvit.save_allocation(student, f"{out}.bits.json", r.budget_bits)
         qvit.plot_allocation(alloc, f"{out}.bits.png", f"Q-ViT {name} ({r.budget_bits:g}-bit budget)")
         qvit.freeze(student)
@@ -251,7 +252,6 @@ def main(argv=None):
     from quant.evaluate import evaluate
     from quant.models import load_model
     from quant.ptq import parse_overrides
-    from quant.recipes import QAT
     from quant.train import TrainConfig, resolve_device
 
     args = _parser().parse_args(argv)
@@ -270,7 +270,7 @@ def main(argv=None):
     if not isinstance(r, QAT):
         raise ValueError(f"{args.recipe} is a post-training recipe: use python -m quant.ptq --checkpoint "
                          f"{args.teacher} --recipe {args.recipe} ...")
-    if args.init and r.method != "bitnet":  # a Q-ViT student's widths are fixed between its two stages
+    if args.init and not isinstance(r, BitNet):  # a Q-ViT student's widths are fixed between its two stages
         raise ValueError(f"--init warm-restarts the BitNet recipes (w1.58a8, w1a8), not {args.recipe}")
     init = (read_init(args.init), args.init) if args.init else None
 
@@ -288,7 +288,7 @@ def main(argv=None):
         augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix),
         distill=args.distill, distill_weight=args.distill_weight if args.distill != "none" else 0.0,
         distill_temperature=args.temperature)
-    search = round(args.epochs * args.search_ratio) if r.method == "qvit" else 0
+    search = round(args.epochs * args.search_ratio) if isinstance(r, QViT) else 0
     left = None if args.time_limit is None else args.time_limit - (time.time() - started)  # calibration counts
     student, done, epoch_logs = train_stages(student, teacher, r, train, val, train_cfg, run_dir, search, penalty,
                                              features, left, args.device)

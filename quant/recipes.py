@@ -70,8 +70,57 @@ def _need_calib(recipe, calib, model: nn.Module) -> torch.Tensor:
     return calib.to(first.device)
 
 
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
+
+
+# the widths formats exist for: integer weights and static activations 2..8 bits, Q-ViT's learned ones 1..8
+_BIT_RANGES = {"bits": 2, "weight_bits": 2, "act_bits": 2, "min_bits": 1, "max_bits": 1}
+_CHOICES = {"weight_format": tuple(WEIGHT_FORMATS), "softmax": ("log2", "uniform")}
+
+
+def _check_field(recipe, key: str, annotation: str, value) -> None:
+    """A recipe's field must have its type (from the annotation), be positive for counts, name a bit width
+    that a format exists for, and name formats and methods that exist."""
+    name = recipe.name
+    if key == "layer_formats":  # ((fnmatch pattern, weight format), ...)
+        ok = isinstance(value, tuple) and all(
+            isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value)
+    elif annotation.startswith("tuple"):
+        ok = isinstance(value, tuple)
+    else:
+        kinds = tuple(_TYPES[t.strip()] for t in annotation.split("|"))
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise ValueError(f"recipe {name!r}: {key} must be {annotation}, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ValueError(f"recipe {name!r}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    if key == "layer_formats" and (bad := [f for _, f in value if f not in WEIGHT_FORMATS]):
+        raise ValueError(f"recipe {name!r}: layer_formats names unknown weight format {bad[0]!r}; known: "
+                         f"{', '.join(WEIGHT_FORMATS)}")
+    if key in ("group_size", "block_size", "budget_bits") and value is not None and value < 1:
+        raise ValueError(f"recipe {name!r}: {key} must be at least 1, got {value!r}")
+    if key in _BIT_RANGES and not _BIT_RANGES[key] <= value <= 8:
+        raise ValueError(f"recipe {name!r}: {key} must lie in {_BIT_RANGES[key]}..8, got {value!r}")
+    if key == "damp" and not 0 <= value <= 1:
+        raise ValueError(f"recipe {name!r}: damp (a fraction of the Hessian's mean diagonal) must lie in 0..1, "
+                         f"got {value!r}")
+    if key == "act_format" and isinstance(recipe, RTN | GPTQ) and value not in ("none", "int8_token"):
+        raise ValueError(f"recipe {name!r}: act_format must be none or int8_token ({type(recipe).__name__} "
+                         f"calibrates no activation ranges; use w4a4 for static activation quantizers), got {value!r}")
+
+
+class _Checked:
+    """Every recipe's fields are checked when it is built, however it is built (`RTN(...)`,
+    `quant.recipe(name, **overrides)`, `dataclasses.replace`)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.name != "name":
+                _check_field(self, f.name, f.type, getattr(self, f.name))
+
+
 @dataclass(frozen=True)
-class RTN:
+class RTN(_Checked):
     """Round-to-nearest weights (and optional per-token int8 activations)."""
     name: str
     weight_format: str                      # int8 .. int2, nf4, ternary, binary
@@ -95,7 +144,7 @@ class RTN:
 
 
 @dataclass(frozen=True)
-class GPTQ:
+class GPTQ(_Checked):
     """GPTQ weights (`quant.gptq`), layer by layer in forward order, from calibration inputs."""
     name: str
     bits: int
@@ -125,7 +174,7 @@ class GPTQ:
 
 
 @dataclass(frozen=True)
-class W4A4:
+class W4A4(_Checked):
     """ViT-aware W4A4 post-training quantization (see `quant.w4a4` for the method)."""
     name: str = "w4a4"
     weight_bits: int = 4
@@ -142,35 +191,49 @@ class W4A4:
 
 
 @dataclass(frozen=True)
-class QAT:
-    """Quantization-aware training recipes: `apply` swaps in the training-time layers.
-
-    method "bitnet": BitNet BitLinear layers (`quant.bitlinear`), `weight_format` ternary or binary,
-    per-token int8 activations after a LayerNorm (`input_norm`); "qvit": Q-ViT (`quant.qvit`),
-    learnable scales and bit-widths in [min_bits, max_bits] under a BitOPs budget equal to a uniform
-    `budget_bits`-bit model.
-    """
+class BitNet(_Checked):
+    """BitNet quantization-aware training (`quant.bitlinear`): `apply` swaps in BitLinear layers with ternary
+    (b1.58) or binary weights and per-token int8 activations after a LayerNorm (`input_norm`); the `skip`
+    layers stay in floating point."""
     name: str
-    method: str
-    weight_format: str | None = None
-    act_format: str = "int8_token"
+    weight_format: str                      # ternary | binary
     input_norm: bool = True
-    budget_bits: float | None = None
-    min_bits: int = 2
-    max_bits: int = 8
-    skip: tuple[str, ...] = ("head",)       # bitnet: layers left in floating point
+    skip: tuple[str, ...] = ("head",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weight_format not in ("ternary", "binary"):
+            raise ValueError(f"recipe {self.name!r}: BitNet's weight_format is ternary or binary, "
+                             f"got {self.weight_format!r}")
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
-        if self.method == "bitnet":
-            from quant.bitlinear import prepare
-            return prepare(model, self.weight_format, self.input_norm, self.skip)
-        if self.method == "qvit":
-            from quant.qvit import prepare
-            return prepare(model, budget_bits=self.budget_bits, bits=(self.min_bits, self.max_bits))
-        raise ValueError(f"unknown QAT method {self.method!r}")
+        from quant.bitlinear import prepare
+        return prepare(model, self.weight_format, self.input_norm, self.skip)
 
 
-Recipe = RTN | GPTQ | W4A4 | QAT
+@dataclass(frozen=True)
+class QViT(_Checked):
+    """Q-ViT quantization-aware training (`quant.qvit`): `apply` swaps in layers with learnable scales and
+    bit-widths in [min_bits, max_bits], trained under a BitOPs budget equal to a uniform `budget_bits`-bit model."""
+    name: str = "qvit"
+    budget_bits: float = 4.0
+    min_bits: int = 2
+    max_bits: int = 8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.min_bits <= self.budget_bits <= self.max_bits:
+            raise ValueError(f"recipe {self.name!r}: min_bits <= budget_bits <= max_bits must hold, got "
+                             f"{self.min_bits}, {self.budget_bits}, {self.max_bits}")
+
+    def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
+        from quant.qvit import prepare
+        return prepare(model, budget_bits=self.budget_bits, bits=(self.min_bits, self.max_bits))
+
+
+QAT = BitNet | QViT                         # the recipes `python -m quant.qat` trains
+
+Recipe = RTN | GPTQ | W4A4 | BitNet | QViT
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     RTN("w8a8", "int8", group_size=None, asymmetric=False, act_format="int8_token", layer_formats=()),
@@ -184,9 +247,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     GPTQ("w3-gptq", 3),
     GPTQ("w2-gptq", 2),
     W4A4(),
-    QAT("w1.58a8", "bitnet", weight_format="ternary"),
-    QAT("w1a8", "bitnet", weight_format="binary"),
-    QAT("qvit", "qvit", budget_bits=4.0),
+    BitNet("w1.58a8", "ternary"),
+    BitNet("w1a8", "binary"),
+    QViT(),
 ]}
 
 
@@ -194,55 +257,10 @@ def recipe(name: str, /, **overrides) -> Recipe:
     """The named recipe, with any of its fields overridden (`recipe("w4", group_size=128)`)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
-    fields = {f.name: f.type for f in dataclasses.fields(RECIPES[name]) if f.name != "name"}
-    for key, value in overrides.items():
-        if key not in fields:
-            raise ValueError(f"recipe {name!r} has no field {key!r}; its fields: {', '.join(fields)}")
-        _check_field(name, key, fields[key], value)
-    r = dataclasses.replace(RECIPES[name], **overrides)
-    if isinstance(r, QAT) and r.method == "qvit" and (r.budget_bits is None
-                                                      or not r.min_bits <= r.budget_bits <= r.max_bits):
-        raise ValueError(f"recipe {name!r}: min_bits <= budget_bits <= max_bits must hold, got {r.min_bits}, "
-                         f"{r.budget_bits}, {r.max_bits}")
-    return r
-
-
-_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
-
-
-# the widths formats exist for: integer weights and static activations 2..8 bits, Q-ViT's learned ones 1..8
-_BIT_RANGES = {"bits": 2, "weight_bits": 2, "act_bits": 2, "min_bits": 1, "max_bits": 1}
-_CHOICES = {"weight_format": tuple(WEIGHT_FORMATS), "softmax": ("log2", "uniform")}
-
-
-def _check_field(name: str, key: str, annotation: str, value) -> None:
-    """An override must have its field's type (from the annotation), be positive for counts, and name a
-    bit width that a format exists for."""
-    if key == "layer_formats":  # ((fnmatch pattern, weight format), ...)
-        ok = isinstance(value, tuple) and all(
-            isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value)
-    elif annotation.startswith("tuple"):
-        ok = isinstance(value, tuple)
-    else:
-        kinds = tuple(_TYPES[t.strip()] for t in annotation.split("|"))
-        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if not ok:
-        raise ValueError(f"recipe {name!r}: {key} must be {annotation}, got {value!r}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise ValueError(f"recipe {name!r}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-    if key == "layer_formats" and (bad := [f for _, f in value if f not in WEIGHT_FORMATS]):
-        raise ValueError(f"recipe {name!r}: layer_formats names unknown weight format {bad[0]!r}; known: "
-                         f"{', '.join(WEIGHT_FORMATS)}")
-    if key in ("group_size", "block_size", "budget_bits") and value is not None and value < 1:
-        raise ValueError(f"recipe {name!r}: {key} must be at least 1, got {value!r}")
-    if key in _BIT_RANGES and not _BIT_RANGES[key] <= value <= 8:
-        raise ValueError(f"recipe {name!r}: {key} must lie in {_BIT_RANGES[key]}..8, got {value!r}")
-    if key == "damp" and not 0 <= value <= 1:
-        raise ValueError(f"recipe {name!r}: damp (a fraction of the Hessian's mean diagonal) must lie in 0..1, "
-                         f"got {value!r}")
-    if key == "act_format" and isinstance(RECIPES[name], RTN | GPTQ) and value not in ("none", "int8_token"):
-        raise ValueError(f"recipe {name!r}: act_format must be none or int8_token ({type(RECIPES[name]).__name__} "
-                         f"calibrates no activation ranges; use w4a4 for static activation quantizers), got {value!r}")
+    fields = [f.name for f in dataclasses.fields(RECIPES[name]) if f.name != "name"]
+    if unknown := [key for key in overrides if key not in fields]:
+        raise ValueError(f"recipe {name!r} has no field {unknown[0]!r}; its fields: {', '.join(fields)}")
+    return dataclasses.replace(RECIPES[name], **overrides)   # checked by the recipe's __post_init__
 
 
 def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None = None) -> nn.Module:

@@ -28,14 +28,14 @@ def packed_model(name: str, recipe_name: str) -> torch.nn.Module:
     """A randomly initialised `name` model quantized with `recipe_name`, ready to save."""
     from quant import bitlinear, quantize, recipe
     from quant.models import create_model
-    from quant.recipes import GPTQ, QAT, W4A4
+    from quant.recipes import GPTQ, W4A4, BitNet
     torch.manual_seed(0)
     model = create_model(name)
     r = recipe(recipe_name)
     cfg = model.config
     calib = torch.randn(8, 3, cfg.img_size, cfg.img_size) if isinstance(r, (GPTQ, W4A4)) else None
     model = quantize(model, r, calib=calib)
-    if isinstance(r, QAT):  # BitNet: ternary or binary layers
+    if isinstance(r, BitNet):  # ternary or binary layers
         bitlinear.freeze(model)
     return model
 

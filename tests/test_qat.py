@@ -15,6 +15,7 @@ from quant import bitlinear, qvit
 from quant.cli import run
 from quant.models import save_model
 from quant.qat import main
+from quant.recipes import BitNet
 from tests.conftest import write_tree
 
 
@@ -63,7 +64,7 @@ def test_a_few_qvit_steps_lower_the_loss_with_the_budget_penalty(tiny_model):
 def ready_student(model, name, x):
     """A copy of `model` prepared for QAT with recipe `name` and initialised on inputs x, as quant.qat does."""
     student = quant.quantize(copy.deepcopy(model), name)
-    if quant.recipe(name).method == "bitnet":
+    if isinstance(quant.recipe(name), BitNet):
         bitlinear.init_input_norms(student, x)
     else:
         qvit.calibrate(student, x)

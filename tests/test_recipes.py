@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import quant
 from quant.qlinear import QuantLinear
-from quant.recipes import RECIPES
+from quant.recipes import GPTQ, RECIPES, RTN, W4A4, BitNet, QViT
 
 
 class TwoTower(nn.Module):
@@ -63,6 +63,23 @@ def test_bit_widths_no_format_has_are_refused_before_any_work(name, override, me
 def test_formats_and_quantizers_that_do_not_exist_are_refused_before_any_work(name, override, message):
     with pytest.raises(ValueError, match=message):
         quant.recipe(name, **override)
+
+
+@pytest.mark.parametrize("build, message", [(lambda: W4A4(softmax="linear"), "softmax must be one of"),
+                                            (lambda: RTN("mine", "int9"), "weight_format must be one of"),
+                                            (lambda: GPTQ("mine", 4, damp=2.0), "damp .* must lie in 0..1"),
+                                            (lambda: BitNet("mine", "int4"), "BitNet's weight_format is ternary or binary"),
+                                            (lambda: QViT(budget_bits=9.0), "min_bits <= budget_bits <= max_bits")])
+def test_a_recipe_built_directly_is_checked_as_an_override_is(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+@pytest.mark.parametrize("name, field", [("w1.58a8", "act_format"), ("w1.58a8", "budget_bits"),
+                                         ("qvit", "input_norm"), ("qvit", "weight_format")])
+def test_a_qat_recipe_refuses_fields_its_method_does_not_read(name, field):
+    with pytest.raises(ValueError, match=f"has no field '{field}'"):
+        quant.recipe(name, **{field: None})
 
 
 @pytest.mark.parametrize("override", [{"min_bits": 8, "max_bits": 2}, {"budget_bits": 100.0}])
