@@ -168,8 +168,11 @@ class QuantLinear(nn.Module):
 
 
 def is_qat_layer(m: nn.Module) -> bool:
-    """A layer still in quantization-aware training (BitLinear, LSQLinear: nn.Linear subclasses), not yet packed."""
-    return isinstance(m, nn.Linear) and type(m) is not nn.Linear
+    """A layer still in quantization-aware training (BitNet's BitLinear, Q-ViT's LSQLinear), not yet packed.
+    (Other nn.Linear subclasses, such as nn.MultiheadAttention's out_proj, are not.)"""
+    from quant.bitlinear import BitLinear   # they import this module
+    from quant.qvit import LSQLinear
+    return isinstance(m, BitLinear | LSQLinear)
 
 
 def is_quantized_layer(m: nn.Module) -> bool:

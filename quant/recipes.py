@@ -156,6 +156,12 @@ class GPTQ(_Checked):
     act_format: str = "none"                # none | int8_token
     layer_formats: tuple[tuple[str, str], ...] = (("head", "int8"),)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if bad := [f for _, f in self.layer_formats if not f.startswith("int")]:
+            raise ValueError(f"recipe {self.name!r}: GPTQ solves for uniform integer codes, so its layer_formats "
+                             f"must be int2..int8, got {bad[0]!r}")
+
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         from quant.gptq import gptq_model
         names = set(_linears(model))
@@ -264,7 +270,8 @@ def recipe(name: str, /, **overrides) -> Recipe:
 
 
 def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None = None) -> nn.Module:
-    """Quantize `model` in place with `recipe` (a Recipe or its name); returns the model, in eval mode.
+    """Quantize `model` in place with `recipe` (a Recipe or its name); returns the model: post-training recipes
+    in eval mode, quantization-aware ones (BitNet, QViT) with their training-time layers, to be trained.
 
     `calib` is a batch of model inputs (e.g. a few hundred normalised training images, (N, 3, H, W))
     for the recipes that calibrate (GPTQ, W4A4). The recipe is recorded on the model

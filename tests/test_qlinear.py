@@ -10,7 +10,8 @@ from quant.models import Attention
 from quant.pack import pack_codes
 from quant.qattention import SLOTS, QuantAttention
 from quant.qlinear import QuantLinear
-from quant.quantizers import NF4_CODEBOOK, Log2Quantizer, UniformQuantizer, quantize_uniform
+from quant.quantizers import (NF4_CODEBOOK, Log2Quantizer, UniformQuantizer, double_dequantize,
+                              quantize_uniform)
 
 
 def linear(k=20, o=6, seed=0):
@@ -112,6 +113,43 @@ def test_bad_format_group_size_and_act_format_are_refused():
         QuantLinear(8, 4, "int4", act_format="fp8")
     with pytest.raises(ValueError, match="zero points"):
         QuantLinear(8, 4, "ternary", asymmetric=True)
+
+
+@pytest.mark.parametrize("act_format", ["uint1_tensor", "uint9_tensor", "uint4_tensors", "int4_tensor"])
+def test_static_act_formats_are_uint2_to_uint8_per_tensor_only(act_format):
+    with pytest.raises(ValueError, match="act_format"):
+        QuantLinear(8, 4, "int4", act_format=act_format)
+
+
+def test_scales_that_do_not_fit_the_groups_are_refused():
+    with pytest.raises(ValueError, match=r"scales of shape \(2, 1\) do not fit 2x8 weights in groups of 4"):
+        QuantLinear.from_codes(torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2, 1), None, None, "int4", 4)
+
+
+def test_nf4_layer_defaults_to_groups_of_64():
+    q = QuantLinear.from_linear(linear(k=128), "nf4")
+    assert q.group_size == 64 and q.scales.shape == (6, 2)
+
+
+def test_nf4_layer_keeps_the_double_quantized_scales_it_was_built_from():
+    q = QuantLinear.from_linear(linear(k=128), "nf4")
+    assert q.scales_dq is not None and torch.equal(double_dequantize(q.scales_dq), q.scales)
+
+
+def test_cached_weight_follows_a_replaced_buffer():
+    a = QuantLinear.from_linear(linear(seed=0), "int4", group_size=10)
+    b = QuantLinear.from_linear(linear(seed=1), "int4", group_size=10)
+    a.dequantized_weight()
+    a.packed, a.scales = b.packed, b.scales
+    assert torch.equal(a.dequantized_weight(), b.dequantized_weight())
+
+
+def test_a_layer_is_rebuilt_from_its_spec():
+    layer = QuantLinear(20, 6, "int4", 8, asymmetric=True, act_format="uint4_tensor",
+                        input_norm=nn.LayerNorm(20, eps=1e-3))
+    back = QuantLinear.from_spec(layer.spec())
+    assert back.spec() == layer.spec()
+    assert {k: v.shape for k, v in back.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
 
 
 # -- attention

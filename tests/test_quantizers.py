@@ -4,8 +4,9 @@ import torch
 
 from quant.quantizers import (NF4_CODEBOOK, Log2Quantizer, UniformQuantizer, code_values, dequantize,
                               double_dequantize, double_quantize, fake_quant_log2, fake_quant_uniform,
-                              log2_dequantize, quantize_binary, quantize_int8_token,
+                              log2_dequantize, nf4_codes, quantize_binary, quantize_int8_token,
                               quantize_log2, quantize_nf4, quantize_ternary, quantize_uniform,
+                              quantize_weight, quantizer_from_spec, quantizer_spec, uniform_codes,
                               uniform_dequantize)
 
 
@@ -58,6 +59,50 @@ def test_uniform_fake_quant_passes_the_gradient_straight_through():
     assert torch.equal(w.grad, torch.arange(40.0).expand(6, 40))
 
 
+def test_each_group_scale_comes_from_its_own_inputs_only():
+    q = quantize_uniform(torch.tensor([[1.0, 1.0, 1.0, 1.0, 8.0, 8.0, 8.0, 8.0]]), 4, group_size=4)
+    assert q.scales.tolist() == [[torch.tensor(1 / 7).half().item(), torch.tensor(8 / 7).half().item()]]
+
+
+@pytest.mark.parametrize("bits", [1, 9])
+def test_uniform_weight_codes_need_2_to_8_bits(bits):
+    with pytest.raises(ValueError, match="need 2..8 bits"):
+        quantize_uniform(weight(), bits)
+
+
+def test_asymmetric_grid_of_an_all_negative_weight_ends_at_zero():
+    w = -weight().abs() - 0.5           # all negative: the grid's top code stands for 0
+    q = quantize_uniform(w, 3, group_size=None, symmetric=False)
+    assert (q.zeros == 7).all() and (q.codes.amin(1) == 0).all()
+    w_hat = uniform_dequantize(q.codes, q.scales, q.zeros, 3, 40)
+    assert ((w_hat - w).abs() <= q.scales / 2 + 1e-6).all()
+
+
+def test_asymmetric_zero_point_is_the_nearest_code_to_zero():
+    q = quantize_uniform(torch.tensor([[-1.0, 3.0]]), 4, symmetric=False)   # -lo / scale = 1 / (4 / 15) = 3.75
+    assert q.zeros.item() == 4 and q.codes.tolist() == [[0, 15]]
+
+
+def test_uniform_codes_clip_values_beyond_the_grid_to_the_end_codes():
+    codes = uniform_codes(torch.tensor([[100.0, -100.0, 2.0]]), torch.ones(1, 1), None, 4, 3)
+    assert codes.tolist() == [[15, 0, 10]]
+
+
+def test_an_all_zero_weight_row_gets_the_zero_code_and_a_positive_scale():
+    q = quantize_uniform(torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]]), 4)
+    assert q.codes[0].tolist() == [8, 8, 8] and q.scales[0].item() == 2.0 ** -24
+
+
+def test_scales_beyond_float16_range_saturate_at_its_largest_value():
+    q = quantize_uniform(torch.tensor([[1e6, -1e6]]), 4)
+    assert q.scales.item() == 65504.0
+    assert torch.isfinite(uniform_dequantize(q.codes, q.scales, None, 4, 2)).all()
+
+
+def test_uniform_fake_quant_keeps_the_weight_dtype():
+    assert fake_quant_uniform(weight().half(), 4, group_size=8).dtype == torch.float16
+
+
 # -- NF4 and double quantization
 
 
@@ -99,6 +144,24 @@ def test_nf4_codes_are_chosen_against_the_double_quantized_scales():
     assert rel < 0.12
 
 
+def test_nf4_codes_an_all_zero_group_at_the_zero_level():
+    assert nf4_codes(torch.zeros(1, 4), torch.zeros(1, 1), 4).tolist() == [[7, 7, 7, 7]]
+
+
+def test_double_dequantized_scales_are_never_negative():
+    dq = double_quantize(torch.tensor([[0.0, 0.0, 0.0, 0.0, 10.0]]))   # the zeros' code -32 alone gives -0.016
+    assert double_dequantize(dq).tolist() == [[0.0, 0.0, 0.0, 0.0, 10.0]]
+
+
+def test_nf4_scales_are_double_quantized_in_blocks_of_256():
+    _, dq = quantize_nf4(weight(64, 640), 64)        # 640 scales: three blocks
+    assert dq.block == 256 and dq.absmax.shape == (3,)
+
+
+def test_nf4_weight_codes_default_to_groups_of_64():
+    assert quantize_weight(weight(4, 128), "nf4").scales.shape == (4, 2)
+
+
 # -- ternary and binary
 
 
@@ -128,6 +191,13 @@ def test_dequantize_is_code_value_times_group_scale(fmt):
     scales = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     w = dequantize(codes, scales, None, fmt, 5)
     assert torch.equal(w, code_values(codes, fmt) * scales.repeat_interleave(5, 1))
+
+
+@pytest.mark.parametrize("quantize", [lambda: code_values(torch.zeros(2, 2, dtype=torch.uint8), "fp8"),
+                                      lambda: quantize_weight(weight(), "fp8")])
+def test_an_unknown_weight_format_is_refused_naming_the_known_ones(quantize):
+    with pytest.raises(ValueError, match="unknown weight format 'fp8'; known: int8, .*binary"):
+        quantize()
 
 
 # -- activations
@@ -183,3 +253,59 @@ def test_quantizers_round_a_bfloat16_input_as_the_float32_kernels_do():
     u = UniformQuantizer(4)
     u.set_range(torch.tensor(-3.0), torch.tensor(5.0))
     assert torch.equal(u.codes(x), u.codes(x.float()))
+    p = torch.tensor([0.419921875, 0.2099609375, 0.1494140625]).bfloat16()  # -2 log2 p rounds otherwise in bf16
+    assert torch.equal(fake_quant_log2(p, 4), fake_quant_log2(p.float(), 4).bfloat16())
+
+
+@pytest.mark.parametrize("lo, hi, scale, zero", [(1.0, 3.0, 0.2, 0.0), (-3.0, -1.0, 0.2, 15.0)])
+def test_a_calibrated_range_is_widened_to_include_zero(lo, hi, scale, zero):
+    qz = UniformQuantizer(4)
+    qz.set_range(torch.tensor(lo), torch.tensor(hi))
+    assert qz.scale.item() == pytest.approx(scale) and qz.zero.item() == zero
+    assert qz(torch.tensor(0.0)).item() == 0.0
+
+
+def test_a_range_of_zeros_quantizes_without_nan():
+    qz = UniformQuantizer(4)
+    qz.set_range(torch.tensor(0.0), torch.tensor(0.0))
+    assert torch.isfinite(qz(torch.tensor([-3.0, 0.0, 5.0]))).all()
+
+
+def test_act_zero_point_is_the_nearest_code_to_zero():
+    qz = UniformQuantizer(4)
+    qz.set_range(torch.tensor(-1.0), torch.tensor(3.0))     # -lo / scale = 3.75
+    assert qz.zero.item() == 4.0
+
+
+def test_uniform_act_quantizer_clips_inputs_outside_its_range_to_the_range_ends():
+    qz = UniformQuantizer(4)
+    qz.set_range(torch.tensor(-2.0), torch.tensor(1.0))     # scale 0.2, zero 10
+    assert qz(torch.tensor([-100.0, 100.0])).tolist() == pytest.approx([-2.0, 1.0])
+
+
+def test_uniform_act_quantizer_defaults_to_8_bits():
+    qz = UniformQuantizer()
+    qz.set_range(torch.tensor(0.0), torch.tensor(255.0))
+    assert qz(torch.tensor([300.0, 7.0])).tolist() == [255.0, 7.0]
+
+
+# -- quantizer specs
+
+
+@pytest.mark.parametrize("quantizer", [UniformQuantizer(shape=(1, 2, 3, 4)), Log2Quantizer(8, [0, 254])])
+def test_an_activation_quantizer_is_rebuilt_from_its_spec(quantizer):
+    spec = quantizer_spec(quantizer)
+    assert quantizer_spec(quantizer_from_spec(spec)) == spec
+
+
+def test_the_identity_quantizer_has_no_spec():
+    assert quantizer_spec(torch.nn.Identity()) is None
+    assert isinstance(quantizer_from_spec(None), torch.nn.Identity)
+
+
+@pytest.mark.parametrize("spec, message", [({"kind": "log2", "bits": 9}, "bits must be an integer in 1..8"),
+                                           ({"kind": "log2", "bits": 4, "offsets": [15]}, "integers in 0..14"),
+                                           ({"kind": "uniform", "shape": [1, 1, 1, 1, 1]}, "up to 4 sizes")])
+def test_an_activation_quantizer_spec_out_of_range_is_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        quantizer_from_spec(spec)

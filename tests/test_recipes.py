@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import quant
+from quant import gptq
 from quant.qlinear import QuantLinear
 from quant.recipes import GPTQ, RECIPES, RTN, W4A4, BitNet, QViT
 
@@ -39,7 +40,9 @@ def test_recipe_fields_can_be_overridden_and_unknown_ones_are_refused():
 
 
 @pytest.mark.parametrize("override, message", [({"group_size": "abc"}, "must be int | None"),
+                                               ({"group_size": True}, "must be int | None"),
                                                ({"group_size": -3}, "at least 1"),
+                                               ({"group_size": 0}, "at least 1"),
                                                ({"asymmetric": 1}, "must be bool")])
 def test_overrides_of_the_wrong_type_or_range_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
@@ -69,6 +72,8 @@ def test_formats_and_quantizers_that_do_not_exist_are_refused_before_any_work(na
                                             (lambda: RTN("mine", "int9"), "weight_format must be one of"),
                                             (lambda: GPTQ("mine", 4, damp=2.0), "damp .* must lie in 0..1"),
                                             (lambda: BitNet("mine", "int4"), "BitNet's weight_format is ternary or binary"),
+                                            (lambda: BitNet("mine", "ternary", input_norm="yes"),
+                                             "input_norm must be bool"),
                                             (lambda: QViT(budget_bits=9.0), "min_bits <= budget_bits <= max_bits")])
 def test_a_recipe_built_directly_is_checked_as_an_override_is(build, message):
     with pytest.raises(ValueError, match=message):
@@ -86,6 +91,14 @@ def test_a_qat_recipe_refuses_fields_its_method_does_not_read(name, field):
 def test_a_qvit_budget_outside_its_bit_range_is_refused(override):
     with pytest.raises(ValueError, match="min_bits <= budget_bits <= max_bits must hold"):
         quant.recipe("qvit", **override)
+
+
+@pytest.mark.parametrize("name, override", [("qvit", {"min_bits": 1, "budget_bits": 1.0}),
+                                            ("qvit", {"budget_bits": 8}), ("w4a4", {"weight_bits": 2, "act_bits": 2}),
+                                            ("w4-gptq", {"bits": 8, "damp": 0.0})])
+def test_the_range_ends_of_widths_budgets_and_damping_are_accepted(name, override):
+    r = quant.recipe(name, **override)
+    assert all(getattr(r, k) == v for k, v in override.items())
 
 
 @pytest.mark.parametrize("name", ["w8a8", "w4a8", "w4a8-gptq", "w4", "w3", "nf4", "w4-gptq", "w2-gptq"])
@@ -115,6 +128,43 @@ def test_vit_head_stays_int8_in_low_bit_recipes(tiny_model):
     assert tiny_model.blocks[0].mlp.fc1.weight_format == "int3"
 
 
+@pytest.mark.parametrize("name", ["w4", "w4-gptq"])
+def test_a_layer_format_override_is_per_output_channel_and_symmetric(name):
+    model = plain_model()                                       # out.1 has 96 inputs: more than one group of 64
+    quant.quantize(model, quant.recipe(name, layer_formats=(("out.1", "int8"),)), calib=torch.randn(16, 24))
+    out = model.out[1]
+    assert (out.weight_format, out.scales.shape, out.zeros) == ("int8", (5, 1), None)
+
+
+def test_the_first_matching_layer_format_pattern_wins():
+    model = plain_model()
+    quant.quantize(model, quant.recipe("w4", layer_formats=(("out.*", "int8"), ("out.1", "int2"))))
+    assert model.out[1].weight_format == "int8" and model.towers["a"].weight_format == "int4"
+
+
+def test_w4_holds_asymmetric_int4_in_groups_of_64():
+    model = plain_model()
+    quant.quantize(model, "w4")
+    fc = model.out[1]                                           # 96 inputs: groups of 64 and 32
+    assert (fc.weight_format, fc.scales.shape, fc.zeros.shape) == ("int4", (5, 2), (5, 2))
+
+
+def test_quantize_records_the_recipe_on_the_model():
+    model = quant.quantize(plain_model(), quant.recipe("w4", group_size=32))
+    assert model.quant_recipe == {"type": "RTN", "name": "w4", "weight_format": "int4", "group_size": 32,
+                                  "asymmetric": True, "act_format": "none", "layer_formats": (("head", "int8"),)}
+
+
+def test_quantize_returns_the_model_in_eval_mode():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)).train()
+    assert not quant.quantize(model, "w4").training
+
+
+def test_a_model_without_linear_layers_is_refused():
+    with pytest.raises(ValueError, match="no nn.Linear layers"):
+        quant.quantize(nn.Sequential(nn.ReLU()), "w4")
+
+
 def test_w8a8_quantizes_activations_per_token(tiny_model):
     quant.quantize(tiny_model, "w8a8")
     assert {m.act_format for m in tiny_model.modules() if isinstance(m, QuantLinear)} == {"int8_token"}
@@ -135,6 +185,7 @@ def test_calibrating_recipes_need_calibration_inputs():
 
 @pytest.mark.parametrize("calib, message", [(torch.full((4, 3, 16, 16), float("nan")), "NaN"),
                                             (torch.zeros(0, 3, 16, 16), "N >= 1"),
+                                            (torch.tensor(1.0), "N >= 1"),
                                             (np.zeros((4, 3, 16, 16), np.float32), "a tensor of N >= 1")])
 def test_calibration_inputs_that_cannot_calibrate_are_refused(tiny_model, calib, message):
     with pytest.raises(ValueError, match=message):
@@ -154,6 +205,26 @@ def test_a_model_fed_token_ids_calibrates_on_integer_inputs():
 def test_overrides_a_round_to_nearest_recipe_cannot_honour_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
         quant.recipe("w4", **override)
+
+
+def test_gptq_refuses_static_activation_formats_it_cannot_calibrate():
+    with pytest.raises(ValueError, match="calibrates no activation ranges"):
+        quant.recipe("w4-gptq", act_format="uint4_tensor")
+
+
+def test_gptq_settings_of_the_recipe_reach_every_layer_it_solves(monkeypatch):
+    seen = []
+    solve = gptq.gptq_weight
+
+    def spy(w, H, bits, **settings):
+        seen.append((bits, settings))
+        return solve(w, H, bits, **settings)
+
+    monkeypatch.setattr(gptq, "gptq_weight", spy)
+    r = quant.recipe("w3-gptq", group_size=8, asymmetric=False, act_order=True, damp=0.1, block_size=16,
+                     layer_formats=())
+    quant.quantize(plain_model(), r, calib=torch.randn(16, 24))
+    assert seen == 3 * [(3, {"group_size": 8, "asymmetric": False, "act_order": True, "damp": 0.1, "block_size": 16})]
 
 
 def test_a_negative_gptq_damping_is_refused():
@@ -214,3 +285,23 @@ def test_an_already_quantized_model_is_refused(tiny_model):
     quantized = quant.quantize(tiny_model, "w8a8")
     with pytest.raises(ValueError, match="already quantized"):
         quant.quantize(quantized, "w4")
+
+
+def test_a_model_holding_multihead_attention_is_not_taken_for_a_quantized_one():
+    """nn.MultiheadAttention's out_proj is an nn.Linear subclass, not a QAT layer: the plain linears are quantized."""
+    class WithAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    model = quant.quantize(WithAttention(), "w8a8")
+    assert isinstance(model.fc, QuantLinear) and type(model.attn.out_proj) is not QuantLinear
+    assert model(torch.randn(2, 5, 16)).shape == (2, 5, 4)
+
+
+def test_gptq_refuses_a_layer_format_it_cannot_solve_for_before_touching_the_model():
+    with pytest.raises(ValueError, match="layer_formats must be int2..int8, got 'nf4'"):
+        quant.recipe("w4-gptq", layer_formats=(("2", "nf4"),))

@@ -11,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import quant.train
 from quant.augment import AugmentConfig
 from quant.cli import run
 from quant.data import ImageSet
+from quant.distill import distill_loss, soft_cross_entropy
 from quant.models import VisionTransformer
 from quant.train import TrainConfig, fit, lr_at, main
 from tests.conftest import TINY, synthetic_images
@@ -57,8 +60,31 @@ def test_time_budget_decays_the_rate_over_seconds_or_steps_whichever_run_out_fir
     assert lr_at(55, 100, 10, cfg, seconds=1) == pytest.approx(0.505)  # the epochs ran out first
 
 
-def test_time_budget_ends_training_at_the_first_epoch_that_spends_it(tmp_path):
-    # 2 s: the first epoch's later steps (one-off set-up, ~0.3 s alone) can take 1 s on a busy machine
+class FakeClock:
+    """quant.train's `time`: the clock advances 0.1 s at each reading and by what `sleep` asks, so that the
+    time-budget tests see the same seconds on an idle and on a busy machine."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.1
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    time = staticmethod(time.time)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(quant.train, "time", fake)
+    return fake
+
+
+def test_time_budget_ends_training_at_the_first_epoch_that_spends_it(tmp_path, clock):
     cfg = TrainConfig(epochs=10_000, batch_size=8, lr=1e-3, warmup_epochs=1, time_budget=2.0, augment=NO_AUG)
     _, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -69,34 +95,39 @@ def test_time_budget_ends_training_at_the_first_epoch_that_spends_it(tmp_path):
 
 
 class _SlowFirstStep(VisionTransformer):
-    """A model whose first forward pass takes three seconds, as torch.compile's first step does on CUDA."""
+    """A model whose first forward pass takes three seconds of the clock, as torch.compile's first step does
+    on CUDA."""
+
+    def __init__(self, cfg, clock: FakeClock):
+        super().__init__(cfg)
+        self.clock = clock
 
     def forward(self, x):
         if not getattr(self, "warm", False):
             self.warm = True
-            time.sleep(3.0)
+            self.clock.sleep(3.0)
         return super().forward(x)
 
 
-def test_a_runs_first_step_is_timed_apart_and_not_charged_to_the_time_budget(tmp_path):
+def test_a_runs_first_step_is_timed_apart_and_not_charged_to_the_time_budget(tmp_path, clock):
     cfg = TrainConfig(epochs=10_000, batch_size=8, time_budget=1.5, augment=NO_AUG)
-    fit(_SlowFirstStep(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    fit(_SlowFirstStep(TINY, clock), colour_set(8), None, cfg, tmp_path, progress=False)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[0]["first_step_seconds"] >= 3.0 and log[0]["seconds"] >= 3.0
     assert log[0]["trained_seconds"] < 1.5 and len(log) > 1
     assert all("first_step_seconds" not in r for r in log[1:])
 
 
-def test_a_slow_first_step_does_not_make_the_time_limit_stop_training_early(tmp_path):
+def test_a_slow_first_step_does_not_make_the_time_limit_stop_training_early(tmp_path, clock):
     cfg = TrainConfig(epochs=3, batch_size=8, augment=NO_AUG)
-    _, done = fit(_SlowFirstStep(TINY), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=5.5)
+    _, done = fit(_SlowFirstStep(TINY, clock), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=5.5)
     assert done  # the second epoch is forecast without the first step's three seconds
 
 
 @pytest.mark.parametrize("end_within", [False, True])
-def test_a_budget_the_time_limit_cuts_short_shrinks_to_fit_when_asked(tmp_path, end_within):
+def test_a_budget_the_time_limit_cuts_short_shrinks_to_fit_when_asked(tmp_path, clock, end_within):
     cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=30.0, augment=NO_AUG)
-    _, done = fit(_SlowFirstStep(TINY), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=8.0,
+    _, done = fit(_SlowFirstStep(TINY, clock), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=8.0,
                   end_within_time_limit=end_within)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     if end_within:  # the cosine decays over what the limit leaves, and the run ends complete
@@ -279,6 +310,32 @@ def test_time_limit_stops_at_an_epoch_boundary_and_a_rerun_finishes(tmp_path):
 def test_distillation_needs_a_teacher(tmp_path):
     with pytest.raises(ValueError, match="needs a teacher"):
         fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(distill="hard"), tmp_path)
+
+
+def logits(seed: int) -> torch.Tensor:
+    return torch.randn(4, 5, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_soft_cross_entropy_is_the_batch_mean_cross_entropy_against_probabilities():
+    target = logits(1).softmax(-1)
+    want = -(target * logits(0).log_softmax(-1)).sum(-1).mean()
+    assert soft_cross_entropy(logits(0), target).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_hard_distillation_is_cross_entropy_with_the_teachers_top_class():
+    want = F.cross_entropy(logits(0), logits(1).argmax(-1))
+    assert distill_loss(logits(0), logits(1), "hard").item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_soft_distillation_is_the_batch_mean_kl_from_the_teacher_at_temperature_times_its_square():
+    p_teacher, log_p_student = (logits(1) / 2).softmax(-1), (logits(0) / 2).log_softmax(-1)
+    want = 4 * (p_teacher * (p_teacher.log() - log_p_student)).sum(-1).mean()
+    assert distill_loss(logits(0), logits(1), "soft", temperature=2.0).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_an_unknown_distillation_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown distillation kind 'feature'"):
+        distill_loss(logits(0), logits(1), "feature")
 
 
 def test_cli_trains_and_saves_a_loadable_model(tmp_path, image_tree, capsys):
