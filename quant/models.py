@@ -318,8 +318,8 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, m
     from safetensors.torch import save_file
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("metadata must map strings to strings (safetensors' header)")
-    path = file_to_write(path)
     refuse_non_finite(state)
+    path = file_to_write(path)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
 
 

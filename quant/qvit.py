@@ -117,6 +117,8 @@ def prepare(model: nn.Module, budget_bits: float = 4, learn_bits: bool = True,
     Widths start at budget + 1 (learned) or at the budget (LSQ+), the classification head at 8 bits.
     Call `calibrate` on a batch, then `measure_macs`, before training.
     """
+    if not learn_bits and budget_bits != int(budget_bits):
+        raise ValueError(f"LSQ+ (learn_bits=False) keeps every width at the budget: give whole bits, got {budget_bits}")
     head_bits = 8
     start = min(budget_bits + 1, bits[1]) if learn_bits else budget_bits
     for name, m in list(model.named_modules()):

@@ -1,12 +1,13 @@
 """What every command line shares: counts must be positive, outputs must be files, failures are one line,
 results say how they were made."""
 import argparse
+import json
 
 import pytest
 import torch
 
-from quant.cli import (number_in, output_file, positive_int, provenance, random_seed, run, run_folder,
-                       thread_count)
+from quant.cli import (finite_number, is_positive_int, number_in, output_file, positive_int, provenance, random_seed,
+                       run, run_folder, thread_count, write_json)
 from quant.train import main as train_main
 
 
@@ -29,11 +30,32 @@ def test_a_seed_outside_what_the_generators_take_is_refused(text):
         random_seed(text)
 
 
+def test_a_seed_may_be_anything_the_generators_take():
+    assert random_seed("0") == 0
+    assert random_seed(str(2**32 - 1)) == 2**32 - 1
+
+
 @pytest.mark.parametrize("text, bounds", [("-1", (0, 1)), ("1.5", (0, 1)), ("nan", (0, 1)), ("x", (0, 1)),
                                           ("-0.1", (0,)), ("inf", (0,)), ("1e400", (0,))])
 def test_numbers_outside_their_range_are_refused(text, bounds):
     with pytest.raises(argparse.ArgumentTypeError, match="expected a number"):
         number_in(*bounds)(text)
+
+
+def test_a_closed_end_includes_its_bound():
+    assert number_in(0, 1)("0") == 0.0
+    assert number_in(0, 1)("1") == 1.0
+    assert number_in(0.5)("0.5") == 0.5
+
+
+@pytest.mark.parametrize("value", [True, False, float("nan"), float("inf"), "1", None])
+def test_a_value_read_from_json_that_is_no_finite_number_is_told_apart(value):
+    assert not finite_number(value)
+
+
+@pytest.mark.parametrize("value", [True, 0, -1, 1.0, "1"])
+def test_a_value_read_from_json_that_is_no_positive_integer_is_told_apart(value):
+    assert not is_positive_int(value)
 
 
 def test_an_open_end_excludes_its_bound():
@@ -94,3 +116,35 @@ def test_training_on_a_device_that_is_not_there_is_one_error_line(tmp_path, imag
     assert run(train_main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_an_existing_file_is_refused_as_a_run_folder(tmp_path):
+    (tmp_path / "run").write_text("x")
+    with pytest.raises(ValueError, match="run is a file, not a run folder"):
+        run_folder(tmp_path / "run")
+
+
+def test_an_output_suffix_is_matched_whatever_its_case(tmp_path):
+    assert output_file(tmp_path / "plot.PNG", ".png") == tmp_path / "plot.PNG"
+
+
+def test_an_input_that_was_not_given_is_not_compared_with_the_output(tmp_path):
+    assert output_file(tmp_path / "out.json", ".json", inputs=(None,)) == tmp_path / "out.json"
+
+
+def test_a_command_that_returns_nothing_exits_0_and_an_interrupted_one_130(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    assert run(lambda argv: None, []) == 0
+    assert run(interrupted, []) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_result_records_the_processs_own_arguments_when_given_none(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/x/quant/evaluate.py", "--data", "d"])
+    assert provenance("quant.evaluate", None)["command"] == "python -m quant.evaluate --data d"
+
+
+def test_a_results_file_writes_what_json_cannot_hold_through_its_default(tmp_path):
+    write_json(tmp_path / "r.json", {"path": tmp_path}, default=str)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"path": str(tmp_path)}

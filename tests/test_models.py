@@ -132,8 +132,9 @@ def test_timm_pth_checkpoint_loads_with_a_config_name(tmp_path):
     assert torch.equal(loaded.state_dict()["head.weight"], model.state_dict()["head.weight"])
 
 
-def test_hub_loading_reads_the_local_hub_cache(tmp_path, monkeypatch):
-    """The real `hf_hub_download` path, served from a local cache with the hub offline."""
+def local_hub_cache(tmp_path, monkeypatch, labels: list[str]) -> VisionTransformer:
+    """timm's deit_tiny_patch16_224 repository in a local hub cache (weights and these label names), with the
+    hub offline; returns the model whose weights it holds."""
     repo_dir = tmp_path / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k"
     snap = repo_dir / "snapshots" / ("a" * 40)
     snap.mkdir(parents=True)
@@ -141,15 +142,34 @@ def test_hub_loading_reads_the_local_hub_cache(tmp_path, monkeypatch):
     (repo_dir / "refs" / "main").write_text("a" * 40)
     model = create_model("deit_tiny_patch16_224")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "model.safetensors"))
-    (snap / "config.json").write_text('{"label_names": %s}' % str([f"c{i}" for i in range(1000)]).replace("'", '"'))
+    (snap / "config.json").write_text(json.dumps({"label_names": labels}))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    loaded = load_model("hub", name="deit_tiny_patch16_224")
+    return model
+
+
+@pytest.mark.parametrize("source", ["hub", "hf-hub:timm/deit_tiny_patch16_224.fb_in1k"])
+def test_hub_loading_reads_the_local_hub_cache(tmp_path, monkeypatch, source):
+    """The real `hf_hub_download` path, served from a local cache with the hub offline."""
+    model = local_hub_cache(tmp_path, monkeypatch, [f"c{i}" for i in range(1000)])
+    loaded = load_model(source, name="deit_tiny_patch16_224")
     assert loaded.config.classes[:2] == ("c0", "c1")
     assert torch.equal(loaded.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
+
+
+def test_hub_label_names_that_do_not_match_the_classes_are_left_out(tmp_path, monkeypatch):
+    local_hub_cache(tmp_path, monkeypatch, ["cat", "dog", "frog"])
+    assert load_model("hub", name="deit_tiny_patch16_224").config.classes == ()
+
+
+def test_loading_from_the_hub_needs_a_config_that_names_its_repository():
+    with pytest.raises(ValueError, match="needs a config name"):
+        load_model("hub")
+    with pytest.raises(ValueError, match="no default hub repository for 'vit_cifar_tiny'"):
+        load_model("hub", name="vit_cifar_tiny")
 
 
 def test_a_hub_model_neither_cached_nor_downloadable_is_one_error_naming_the_repository(tmp_path, monkeypatch):
@@ -234,26 +254,30 @@ def test_a_bitvit_file_without_its_config_is_refused_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("num_heads", 0), ("num_heads", 5), ("img_size", "32"), ("classes", 5),
-                                          ("stem_channels", 32), ("mean", [0.5]), ("std", [0, 0, 0])])
+                                          ("stem_channels", 32), ("mean", [0.5]), ("std", [0, 0, 0]),
+                                          ("classes", ["cat", "dog"]), ("mean", [0.5] * 4), ("patch_size", 64),
+                                          ("mlp_ratio", 0), ("drop_path_rate", 1)])
 def test_a_config_field_of_the_wrong_type_or_range_is_refused_naming_it(field, value):
     with pytest.raises(ValueError, match=f"m.safetensors: ViT config field '{field}'"):
         ViTConfig.from_json(json.dumps({field: value}), "m.safetensors")
 
 
-def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(tiny_model, tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_checkpoint_holding_nan_or_infinity_is_refused_naming_the_tensor(tiny_model, tmp_path, value):
     state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    state["norm.weight"][0] = float("nan")  # written past save_model, which refuses it
+    state["norm.weight"][0] = value  # written past save_model, which refuses it
     save_file(state, tmp_path / "m.safetensors", metadata={"format": FORMAT, "config": TINY.to_json()})
     with pytest.raises(ValueError, match="'norm.weight' holds NaN"):
         load_model(tmp_path / "m.safetensors")
 
 
-def test_a_model_holding_nan_is_not_saved(tiny_model, tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")], ids=["nan", "-inf"])
+def test_a_model_holding_nan_or_infinity_is_not_saved(tiny_model, tmp_path, value):
     with torch.no_grad():
-        tiny_model.norm.weight[0] = float("nan")
+        tiny_model.norm.weight[0] = value
     with pytest.raises(ValueError, match="norm.weight holds NaN or infinite values .*nothing written"):
-        save_model(tiny_model, tmp_path / "m.safetensors")
-    assert not (tmp_path / "m.safetensors").exists()
+        save_model(tiny_model, tmp_path / "new" / "m.safetensors")
+    assert not (tmp_path / "new").exists()  # not even the folder it would have gone in
 
 
 def test_a_config_of_more_blocks_than_the_file_holds_is_refused_before_a_model_is_built(tiny_model, tmp_path):
@@ -334,3 +358,106 @@ def test_an_unknown_config_name_for_a_hub_id_is_refused_before_any_download(monk
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
     with pytest.raises(ValueError, match="unknown model 'bogus'"):
         load_model("hf-hub:timm/some_repo", name="bogus")
+
+
+def test_a_config_field_that_does_not_exist_in_a_file_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"m.safetensors: unknown ViT config fields \['depht'\]"):
+        ViTConfig.from_json(json.dumps({"depht": 2}), "m.safetensors")
+
+
+def test_a_config_that_is_not_a_json_object_is_refused():
+    with pytest.raises(ValueError, match="m.safetensors: the ViT config is not a JSON object"):
+        ViTConfig.from_json("[1, 2]", "m.safetensors")
+
+
+def test_stochastic_depth_grows_linearly_from_nothing_at_the_first_block_to_the_rate_at_the_last():
+    model = VisionTransformer(dataclasses.replace(TINY, depth=3, drop_path_rate=0.2))
+    assert [b.drop_path for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_stochastic_depth_drops_whole_samples_and_scales_the_kept_ones_to_keep_the_expectation():
+    torch.manual_seed(0)
+    block = VisionTransformer(dataclasses.replace(TINY, drop_path_rate=0.25)).blocks[-1].train()   # its rate: 0.25
+    out = block._drop(torch.ones(2000, 3, 4))
+    kept = out[:, 0, 0] != 0
+    assert torch.equal(out[kept], torch.full_like(out[kept], 1 / 0.75))   # a kept sample is scaled by 1 / keep
+    assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))          # a dropped one is dropped whole
+    assert 0.7 < kept.float().mean() < 0.8                                # each sample is kept with 1 - rate
+
+
+def test_stochastic_depth_is_off_in_eval_mode():
+    torch.manual_seed(0)
+    model = VisionTransformer(dataclasses.replace(TINY, drop_path_rate=0.5)).eval()
+    x = torch.randn(8, 3, 16, 16)
+    first = model(x)
+    assert all(torch.equal(model(x), first) for _ in range(3))
+
+
+def test_a_new_models_linear_biases_start_at_zero(tiny_model):
+    assert all(not m.bias.any() for m in tiny_model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_a_file_loads_under_its_config_name_whatever_its_training_settings_but_not_under_another(tmp_path):
+    save_model(create_model("vit_cifar_tiny", drop_path_rate=0.1), tmp_path / "m.safetensors")
+    assert load_model(tmp_path / "m.safetensors", name="vit_cifar_tiny").config.drop_path_rate == 0.1
+    with pytest.raises(ValueError, match="holds a different architecture than 'vit_cifar_small'"):
+        load_model(tmp_path / "m.safetensors", name="vit_cifar_small")
+
+
+def test_save_model_refuses_a_dtype_other_than_float_ones(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="stores float32, float16 or bfloat16 weights, not torch.int8"):
+        save_model(tiny_model, tmp_path / "m.safetensors", dtype=torch.int8)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_save_model_refuses_metadata_that_is_not_text(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="metadata must map strings to strings"):
+        save_model(tiny_model, tmp_path / "m.safetensors", metadata={"epoch": 3})
+
+
+def test_a_folder_is_refused_as_a_model_file(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, not a model file"):
+        load_model(tmp_path)
+
+
+def test_an_onnx_file_is_pointed_to_the_onnx_runtime(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07onnx graph")
+    with pytest.raises(ValueError, match="m.onnx is an ONNX file.*export.runtime.load"):
+        load_model(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("layout", ["model", "state_dict", "model_ema", "model+model_ema", "plain"])
+def test_a_pth_loads_the_weights_nested_as_deit_and_training_scripts_nest_them(tmp_path, layout):
+    torch.manual_seed(0)
+    model, ema = create_model("vit_cifar_tiny"), create_model("vit_cifar_tiny")
+    state = model.state_dict()
+    content = {"model": {"model": state}, "state_dict": {"state_dict": state, "epoch": 3},
+               "model_ema": {"model_ema": state}, "model+model_ema": {"model": state, "model_ema": ema.state_dict()},
+               "plain": state}[layout]
+    torch.save(content, tmp_path / "m.pth")
+    loaded = load_model(tmp_path / "m.pth", name="vit_cifar_tiny")
+    assert torch.equal(loaded.pos_embed, model.pos_embed)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin"])
+def test_pt_and_bin_files_load_as_torch_checkpoints(tmp_path, suffix):
+    model = create_model("vit_cifar_tiny")
+    torch.save(model.state_dict(), tmp_path / f"m{suffix}")
+    assert torch.equal(load_model(tmp_path / f"m{suffix}", name="vit_cifar_tiny").pos_embed, model.pos_embed)
+
+
+def test_a_pth_holding_no_tensors_is_refused(tmp_path):
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "m.pth")
+    with pytest.raises(ValueError, match="m.pth holds no state dict of tensors"):
+        load_model(tmp_path / "m.pth", name="vit_cifar_tiny")
+
+
+def test_a_file_of_another_bitvit_format_is_refused_naming_its_format(tmp_path):
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "t.safetensors"), metadata={"format": "bitvit-cnn/1"})
+    with pytest.raises(ValueError, match="is a 'bitvit-cnn/1' file, not a full-precision bitvit ViT"):
+        load_model(tmp_path / "t.safetensors")
+
+
+def test_a_loaded_model_is_in_eval_mode(tiny_model, tmp_path):
+    save_model(tiny_model.train(), tmp_path / "m.safetensors")
+    assert not any(m.training for m in load_model(tmp_path / "m.safetensors").modules())

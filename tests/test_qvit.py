@@ -76,6 +76,11 @@ def test_fixing_the_bits_makes_its_tensors_on_the_model_device(tiny_model):
     assert not any(q.learn_bits for q in qvit.quantizers(model).values())
 
 
+def test_lsq_plus_mode_refuses_a_budget_of_fractional_bits(tiny_model):
+    with pytest.raises(ValueError, match="give whole bits, got 3.5"):
+        qvit.prepare(tiny_model, budget_bits=3.5, learn_bits=False)  # rounded to 4, every width would exceed it
+
+
 def test_lsq_plus_mode_keeps_every_width_at_the_budget(tiny_model):
     model, _ = prepared(tiny_model, budget=4, learn_bits=False)
     quantizers = qvit.quantizers(model)
@@ -116,3 +121,104 @@ def test_a_frozen_lsq_layer_holds_exactly_the_weights_it_trained_with():
     with torch.no_grad():
         layer.weight_quant.scale.mul_(1 + torch.rand(layer.weight_quant.scale.shape))
     assert torch.equal(layer.weight_quant(layer.weight), layer.freeze().dequantized_weight())
+
+
+def test_prepare_keeps_the_weights_and_biases_of_the_layers_it_replaces(tiny_model):
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(0.01)                                  # biases too, which start at zero
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    qvit.prepare(tiny_model, budget_bits=4)
+    after = tiny_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_post_gelu_and_post_softmax_inputs_are_quantized_unsigned_the_post_gelu_one_with_an_offset(tiny_model):
+    qvit.prepare(tiny_model, budget_bits=4)
+    fc2_input = tiny_model.blocks[0].mlp.fc2.input_quant
+    assert not fc2_input.signed and fc2_input.offset is not None
+    attn = tiny_model.blocks[0].attn
+    assert not attn.attn_quant.signed
+    assert all(getattr(attn, s).signed for s in ("q_quant", "k_quant", "v_quant", "out_quant"))
+    assert attn.proj.input_quant is None                        # its input is the head outputs, quantized head-wise
+
+
+def test_bitops_pair_each_matmuls_own_widths_head_by_head(tiny_model):
+    model, _ = prepared(tiny_model)
+    for q in qvit.quantizers(model).values():
+        q.set_bits(2)
+    widths = {"q_quant": [2, 3], "k_quant": [4, 5], "v_quant": [6, 7], "attn_quant": [8, 2], "out_quant": [3, 4]}
+    for block in model.blocks:
+        for slot, bits in widths.items():
+            getattr(block.attn, slot).set_bits(bits)
+        block.attn.proj.weight_quant.set_bits(5)
+    n, d, hidden, classes = 17, 32, 64, 3
+    per_head = n * n * d // 2                                        # 2 heads of width 16
+    attention = per_head * (2 * 4 + 3 * 5 + 8 * 6 + 2 * 7) + n * d * d // 2 * (5 * 3 + 5 * 4)
+    linear = 4 * (n * d * 3 * d + n * d * hidden + n * hidden * d)    # qkv, fc1, fc2 at 2-bit weights and inputs
+    assert float(qvit.bitops(model).detach()) == pytest.approx(2 * (attention + linear) + 4 * d * classes)
+
+
+def test_bitops_before_measuring_the_macs_are_refused():
+    model = qvit.prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), budget_bits=4)
+    with pytest.raises(ValueError, match="run measure_macs"):
+        qvit.bitops(model)
+
+
+def test_the_budget_penalty_is_zero_within_the_budget(tiny_model):
+    model, _ = prepared(tiny_model, budget=4)                        # searching starts at 5 bits, the head at 8
+    assert float(qvit.BitOpsPenalty(model, budget_bits=6)(model).detach()) == 0.0
+
+
+def test_a_budget_below_the_lowest_width_cannot_be_met(tiny_model):
+    model, _ = prepared(tiny_model, budget=3)
+    with pytest.raises(ValueError, match="budget cannot be met even at the lowest widths"):
+        qvit.fix_bits(model, budget_bits=1.5)
+
+
+def test_fix_bits_lowers_the_width_that_lies_closest_to_rounding_down(tiny_model):
+    model, _ = prepared(tiny_model)
+    for q in qvit.quantizers(model).values():
+        q.set_bits(4)                                                # 0.5 above the rounding threshold
+    q = model.blocks[1].attn.k_quant
+    with torch.no_grad():
+        q.bit_param.copy_(torch.tensor([4.45, 3.55]) / q.bit_lr_scale)   # both round to 4; head 1 barely
+    full = float(qvit.bitops(model).detach())
+    per_head = 17 * 17 * 16
+    budget_bits = 4 * (1 - 2 * per_head / full) ** 0.5               # 2 per_head under: any one lowering meets it
+    qvit.fix_bits(model, budget_bits=budget_bits)
+    assert q.int_bits() == [4, 3]
+    assert all(set(p.int_bits()) == {4} for p in qvit.quantizers(model).values() if p is not q)
+
+
+def test_calibration_keeps_the_models_training_mode(tiny_model):
+    qvit.prepare(tiny_model.train(), budget_bits=4)
+    qvit.calibrate(tiny_model, torch.randn(2, 3, 16, 16))
+    assert tiny_model.training
+
+
+def test_calibration_refuses_a_quantizer_the_forward_pass_does_not_reach():
+    class Partly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = qvit.prepare(Partly(), budget_bits=4)
+    with pytest.raises(ValueError, match="calibration did not reach quantizers \\['unused.weight_quant'"):
+        qvit.calibrate(model, torch.randn(2, 4))
+
+
+def test_bit_allocation_records_each_layers_macs_and_the_parameter_weighted_mean_weight_width(tiny_model):
+    model, _ = prepared(tiny_model, budget=4, learn_bits=False)    # 4 bits, the head 8
+    alloc = qvit.bit_allocation(model)
+    assert alloc["layers"]["head"]["macs"] == 32 * 3
+    assert alloc["layers"]["blocks.0.mlp.fc1"]["macs"] == 17 * 32 * 64
+    blocks, head = 2 * (32 * 96 + 32 * 32 + 32 * 64 + 64 * 32), 32 * 3
+    assert alloc["mean_weight_bits"] == pytest.approx((4 * blocks + 8 * head) / (blocks + head))
+
+
+def test_an_allocation_holding_no_widths_draws_no_figure():
+    assert qvit.allocation_figure({"layers": {}, "attention": {}}) is None

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from quant.packfile import load_any
-from quant.teacher import ResNetTeacher, create_teacher, load_teacher, save_teacher
+from quant.teacher import CNNConfig, ResNetTeacher, create_teacher, load_teacher, save_teacher
 from quant.train import main
 
 
@@ -32,8 +32,12 @@ def test_a_teacher_file_rebuilds_the_same_network(tmp_path):
     ("std", [0.0, 0.0, 0.0], "CNN teacher config field 'std'"),
     ("img_size", 0, "CNN teacher config field 'img_size'"),
     ("classes", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "CNN teacher config field 'classes'"),
+    ("widths", [32, 64, 128], "CNN teacher config field 'widths'"),
+    ("img_size", 4, "CNN teacher config field 'img_size' must be at least 8"),
+    ("depth", 9, "not a CNN teacher config"),
     ("widths", [32, 64, 128, 2_000_000], "does not fit this model")],  # on a skeleton: no terabytes allocated
-    ids=["negative-width", "text-width", "two-means", "zero-std", "no-size", "numeric-classes", "huge"])
+    ids=["negative-width", "text-width", "two-means", "zero-std", "no-size", "numeric-classes", "three-widths",
+         "too-small", "unknown-field", "huge"])
 def test_a_teacher_file_with_a_damaged_config_is_refused_naming_the_field(tmp_path, field, value, message):
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -44,6 +48,39 @@ def test_a_teacher_file_with_a_damaged_config_is_refused_naming_the_field(tmp_pa
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "config": json.dumps(config)})
     with pytest.raises(ValueError, match=f"bad.safetensors.*{message}"):
         load_teacher(tmp_path / "bad.safetensors")
+
+
+def test_the_smallest_teacher_takes_8x8_images():
+    assert create_teacher("resnet_cifar_half", img_size=8).eval()(torch.randn(1, 3, 8, 8)).shape == (1, 10)
+
+
+def test_a_teacher_config_that_is_not_a_json_object_is_refused():
+    with pytest.raises(ValueError, match="not a CNN teacher config"):
+        CNNConfig.from_json("[32, 64, 128, 256]")
+
+
+def test_the_residual_pairs_add_to_their_input_and_the_head_reads_the_global_max():
+    torch.manual_seed(0)
+    model = create_teacher("resnet_cifar_half").eval()
+    seen = {}
+    model.res1.register_forward_hook(lambda m, inp, out: seen.update(res1=inp[0] + out))
+    model.stage2.register_forward_pre_hook(lambda m, inp: seen.update(stage2=inp[0]))
+    model.res3.register_forward_hook(lambda m, inp, out: seen.update(res3=inp[0] + out))
+    model.head.register_forward_pre_hook(lambda m, inp: seen.update(head=inp[0]))
+    model(torch.randn(2, 3, 32, 32))
+    assert torch.equal(seen["stage2"], seen["res1"])
+    assert torch.equal(seen["head"], seen["res3"].amax(dim=(2, 3)))
+
+
+def test_an_unknown_teacher_name_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match="unknown teacher 'resnet50'; known: resnet_cifar, resnet_cifar_half"):
+        create_teacher("resnet50")
+
+
+def test_extra_metadata_cannot_overwrite_the_teacher_files_format_or_config(tmp_path):
+    teacher = create_teacher("resnet_cifar_half", num_classes=3, classes=("a", "b", "c"))
+    save_teacher(teacher, tmp_path / "t.safetensors", metadata={"format": "other", "config": "{}", "run": "r1"})
+    assert load_teacher(tmp_path / "t.safetensors").config == teacher.config
 
 
 def test_a_teacher_is_saved_with_the_checks_every_model_file_gets(tmp_path):
