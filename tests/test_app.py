@@ -265,6 +265,12 @@ def test_recipes_that_need_calibration_or_training_are_not_built_on_the_fly(fp_f
         quantize_on_the_fly(fp_file, recipe)
 
 
+def test_a_packed_model_is_not_quantized_again_on_the_fly(fp_file, tmp_path):
+    q = packed(quant.load_any(fp_file), tmp_path / "q.safetensors")
+    with pytest.raises(ValueError, match="q.safetensors is already quantized"):
+        quantize_on_the_fly(q, "w8a8")
+
+
 # ----------------------------------------------------------------------------- the app's models
 
 def test_the_menu_lists_every_packed_model_and_starts_on_the_ternary_one(assets):
@@ -506,6 +512,13 @@ def test_latency_windows_fill_frame_by_frame_and_restart_with_another_variant(ha
     assert len(stats.fp.ms) == 1
 
 
+def test_naming_the_default_variant_after_none_keeps_the_latency_windows(handlers):
+    stats = LiveStats()
+    for variant in (None, None, "int8", "int8"):   # None is the default variant, "int8" here
+        stats = handlers.live(frame((40, 40, 3)), variant, stats)[-1]
+    assert len(stats.fp.ms) == len(stats.quant.ms) == 4 and stats.variant == "int8"
+
+
 def test_a_model_giving_nan_scores_gets_a_message_not_nan_confidences(handlers):
     nan_model = handlers.cmp.fp.run
     handlers.cmp.fp.run = lambda x: nan_model(x) * np.nan
@@ -611,6 +624,12 @@ def test_without_results_files_the_tab_says_what_is_missing(tmp_path):
 def test_the_bench_refuses_frames_the_app_would_refuse(assets, tmp_path):
     with pytest.raises(ValueError, match="megapixels"):
         bench_main(["--assets", str(assets), "--size", "10000x6000", "--out", str(tmp_path / "b.json")])
+
+
+@pytest.mark.parametrize("size", ["0x480", "640x0"])
+def test_the_bench_refuses_a_frame_size_without_pixels_before_loading_any_model(tmp_path, size):
+    with pytest.raises(ValueError, match="--size must be positive"):
+        bench_main(["--assets", str(tmp_path / "none"), "--size", size, "--out", str(tmp_path / "b.json")])
 
 
 def test_the_bench_refuses_a_clip_too_large_to_hold_before_loading_any_model(tmp_path):
@@ -786,3 +805,109 @@ def test_the_frame_rate_counts_intervals_and_restarts_with_another_variant():
     assert stats.fps == pytest.approx(1.0)                               # 2 intervals in 2 s
     stats.reset("other")
     assert stats.fps is None and len(stats.stamps) == 0
+
+
+# ----------------------------------------------------------------------------- what the page says
+
+def fake_reading(name, size_bytes, logits, linear_bits=None):
+    from app.backends import Backend
+    from app.live import Reading, _softmax
+    backend = Backend(name, "torch", "int8", TINY, size_bytes, lambda x: x, linear_bits)
+    return Reading(backend, _softmax(np.array(logits, np.float64)), 1.0)
+
+
+def test_a_models_card_gives_frames_per_second_from_the_median_latency_not_the_last():
+    from app.ui import model_markdown
+    card = model_markdown(fake_reading("q.safetensors", 50_000, [1, 2, 3]), last=10.0, median=20.0, n=4)
+    assert "**10.00 ms** last" in card and "**20.00 ms** median of 4 frames" in card and "up to 50 frames/s" in card
+
+
+def test_a_models_card_gives_the_linear_layers_bits_when_the_file_says_them():
+    from app.ui import model_markdown
+    card = model_markdown(fake_reading("q.safetensors", 50_000, [1, 2, 3], linear_bits=1.6), 5.0, None, 10)
+    assert "linear layers 1.60" in card and "(median of 10 runs)" in card
+
+
+@pytest.mark.parametrize("n,text", [(99_999, "100.0 kB"), (100_000, "0.10 MB"), (2_500_000, "2.50 MB")])
+def test_sizes_from_100_kb_are_given_in_mb(n, text):
+    from app.ui import _mb
+    assert _mb(n) == text
+
+
+@pytest.mark.parametrize("fp_ms,q_ms,words", [(4.0, 2.0, "2.00x faster"), (2.0, 4.0, "0.50x slower")])
+def test_the_summary_gives_the_speed_up_and_the_size_ratio_of_the_quantized_model(fp_ms, q_ms, words):
+    from app.ui import summary_markdown
+    fp, q = fake_reading("fp", 4_000_000, [1, 2, 3]), fake_reading("q", 1_000_000, [1, 2, 3])
+    line = summary_markdown(fp, q, fp_ms, q_ms, None, "median")
+    assert words in line and "4.0x smaller on disk" in line
+
+
+def test_the_summary_says_whether_the_two_models_top_classes_agree():
+    from app.ui import summary_markdown
+    fp = fake_reading("fp", 1000, [1, 2, 3])
+    same, other = fake_reading("q", 1000, [0, 1, 5]), fake_reading("q", 1000, [3, 2, 1])
+    assert "top-1 agree" in summary_markdown(fp, same, 1.0, 1.0, None, "median")
+    assert "top-1 disagree" in summary_markdown(fp, other, 1.0, 1.0, None, "median")
+
+
+def test_an_upload_that_is_not_a_file_gets_a_message(handlers):
+    out = handlers.still({"path": 123}, None)
+    assert out[:5] == (None, None, "", None, "") and "not an uploaded file" in out[5]
+
+
+def test_the_bench_reports_the_speed_up_as_fp_latency_over_quantized_latency():
+    from types import SimpleNamespace
+
+    def live(f, variant, stats):  # the page's handler, with the FP model taking 6 ms a frame, the quantized 2 ms
+        stats.fp.add(6.0)
+        stats.quant.add(2.0)
+        stats.tick()
+        return (None,) * 5 + ("summary", stats)
+
+    def backend(size_bytes):
+        return SimpleNamespace(name="m", runtime="torch", weight_format="int8", size_bytes=size_bytes,
+                               bits_per_weight=8.0, linear_bits=None, note="")
+    fp, q = backend(3000), backend(1000)
+    handlers = SimpleNamespace(live=live, cmp=SimpleNamespace(fp=fp, variant=lambda label: q))
+    row = bench_pair(handlers, "q", [frame((8, 8, 3))] * 3)
+    assert row["speedup"] == 3.0 and row["size_ratio"] == 3.0
+    assert (row["fp_median_ms"], row["quant_median_ms"], row["frames"]) == (6.0, 2.0, 3)
+
+
+def test_the_results_summary_counts_each_files_entries_and_names_one_with_nothing_to_plot(tmp_path):
+    folder = write_results(tmp_path / "results")
+    (folder / "empty.json").write_text(json.dumps({"results": []}))
+    text = results.summary(results.load(folder))
+    assert "- **ptq.json**: 2 entries (command: `python -m quant.ptq`" in text
+    assert "- **empty.json**: nothing this tab plots" in text
+
+
+def test_a_confusion_matrix_is_titled_with_its_top_1_accuracy_in_percent(tmp_path):
+    entry = results.load(write_results(tmp_path / "results")).having("confusion")[0]
+    assert results.confusion_plot(entry, TINY.classes).axes[0].get_title().endswith(", top-1 80.00 %")
+
+
+@pytest.mark.parametrize("text", ["0", "65536", "http", "-1"])
+def test_a_port_outside_1_to_65535_or_not_a_number_is_refused_by_the_port_type(text):
+    import argparse
+    from app.main import port
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a port number"):
+        port(text)
+
+
+def test_a_bracketed_ipv6_host_is_checked_as_its_address():
+    import socket
+    from app.main import check_port_free
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        free = s.getsockname()[1]
+    check_port_free("[::1]", free)   # no error: the brackets are URL syntax, not part of the address
+
+
+def test_when_the_default_does_not_open_the_next_default_is_of_the_fp_models_architecture(assets):
+    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
+    packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")  # listed first
+    damage(assets / "tiny_ternary.safetensors")
+    cmp, labels, skipped = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
+    open_default(cmp, labels, skipped, explicit=False)
+    assert cmp.default.startswith("int8 · int8 activations · tiny_int8")

@@ -351,3 +351,68 @@ def test_weights_of_the_wrong_rank_are_refused():
 def test_unknown_isa_is_refused():
     with pytest.raises(ValueError, match="unknown isa"):
         ortops.library_path("sse9")
+
+
+@pytest.mark.parametrize("isa", list(ortops.ISAS))
+def test_outputs_are_the_float32_product_of_the_exact_dot_and_the_two_scales(isa):
+    """Without a bias, Y = float32(dot) * s * scale in float32, bit for bit, with s = max|x| / 127 divided
+    in float32 (not multiplied by a rounded 1/127) and q = x / s rounded half to even."""
+    codes, packed, scales, _ = random_layer("Int8Linear", 20, 48, seed=17)
+    x = np.random.default_rng(6).standard_normal((256, 48)).astype(np.float32)
+    s = np.abs(x).max(-1, keepdims=True) / np.float32(127)
+    dot = np.clip(np.round(x / s), -127, 127).astype(np.int64) @ weights(codes, 8).astype(np.int64).T
+    y = session(op_model("Int8Linear", packed, scales), isa).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, dot.astype(np.float32) * s * scales[None])
+
+
+@pytest.mark.parametrize("isa", list(ortops.ISAS))
+def test_activations_exactly_halfway_between_two_codes_round_to_the_even_one(isa):
+    # max |x| = 127 makes s = 1: the codes are the rounded values themselves, ties in the vector body and tail
+    ties = np.array([2.5, -2.5, 3.5, -3.5, 0.5, -0.5, 1.5, -1.5, 126.5, -126.5], np.float32)
+    x = np.concatenate([[127], ties, ties, ties[:3]]).astype(np.float32)[None]   # 24 features
+    k = x.shape[1]
+    codes = (np.eye(k, dtype=np.uint8) + 128).astype(np.uint8)                   # w = identity
+    y = session(op_model("Int8Linear", codes, np.ones(k, np.float32)), isa).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, np.round(x))
+
+
+@pytest.mark.parametrize("isa", list(ortops.ISAS))
+def test_a_nan_among_the_first_features_gives_nan_outputs(isa):
+    """A NaN in the AVX-512 kernel's 16-wide vector body (here its first block of two), not only in the
+    scalar tail, makes the token's scale and outputs NaN."""
+    codes, packed, scales, bias = random_layer("TernaryLinear", 8, 40, seed=18)
+    x = np.random.default_rng(7).standard_normal((3, 40)).astype(np.float32)
+    x[1, 5] = np.nan
+    y = session(op_model("TernaryLinear", packed, scales, bias), isa).run(None, {"x": x})[0]
+    assert np.isnan(y[1]).all()
+    np.testing.assert_allclose(y[[0, 2]], reference(x[[0, 2]], codes, scales, bias, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0, 2, 4, 6])
+def test_ternary_code_3_is_refused_in_any_of_the_four_places_of_a_byte(shift):
+    _, packed, scales, bias = random_layer("TernaryLinear", 4, 8, seed=5)
+    packed[2, 1] |= 0b11 << shift
+    with pytest.raises(Exception, match=f"W row 2 holds the 2-bit code 3 at input {4 + shift // 2}"):
+        session(op_model("TernaryLinear", packed, scales, bias))
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_input_narrower_than_the_weights_rows_is_refused(op):
+    _, packed, scales, bias = random_layer(op, 8, 40, seed=6)
+    s = session(op_model(op, packed, scales, bias))
+    with pytest.raises(Exception, match="input features need"):
+        s.run(None, {"x": np.ones((2, 16), np.float32)})
+
+
+def test_more_scales_than_output_rows_are_refused():
+    _, packed, scales, bias = random_layer("BinaryLinear", 8, 16, seed=7)
+    too_many = np.concatenate([scales, scales])
+    with pytest.raises(Exception, match="one value per output row"):
+        session(op_model("BinaryLinear", packed, too_many, bias)).run(None, {"x": np.ones((1, 16), np.float32)})
+
+
+def test_a_bias_longer_than_the_output_rows_is_refused():
+    _, packed, scales, bias = random_layer("TernaryLinear", 8, 16, seed=10)
+    with pytest.raises(Exception, match=r"bias must be float32 of shape \(8,\)"):
+        session(op_model("TernaryLinear", packed, scales, np.append(bias, 0).astype(np.float32))).run(
+            None, {"x": np.ones((1, 16), np.float32)})

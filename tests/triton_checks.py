@@ -140,6 +140,23 @@ def test_a8_gemm_turns_an_input_row_holding_nan_or_inf_into_a_nan_output_row(fmt
     assert rel_err(y[rows], reference_a8(x[rows], packed, fmt, scales, bias, 100)) < 1e-6
 
 
+@pytest.mark.parametrize("path", ["plain", "fused", "swapped"])
+def test_a8_gemm_ignores_whatever_trit_planes_hold_past_k(path):
+    """Codes past K in the last plane are padding (pack_trit_planes writes 1, a zero weight): the kernels
+    mask those columns off rather than rely on it, so padding of +1 weights changes nothing."""
+    from quant.pack import pack_trit_planes, trit_plane_bytes
+    g = gen(19)
+    n, k = 37, 100
+    codes = torch.full((n, 5 * trit_plane_bytes(k)), 2, dtype=torch.uint8)  # padding: weight +1
+    codes[:, :k] = torch.randint(0, 3, (n, k), generator=g)
+    packed, scales = pack_trit_planes(codes), torch.rand(n, 1, generator=g) * 0.1 + 0.01
+    x = torch.randn(3, k, generator=g)
+    how = {"fuse": path == "fused", "swap": path == "swapped"}
+    cfg = tk.Config(16, 32, 64, **how) if INTERPRET else tk.Config(64, 128, 128, 4, 3, **how)
+    y = run_a8("ternary_b3", x, packed, scales, None, cfg)
+    assert rel_err(y, reference_a8(x, packed, "ternary_b3", scales, None, k)) < 1e-6
+
+
 @pytest.mark.parametrize("fmt", list(A8_BITS))
 def test_a8_gemm_with_input_layer_norm_matches_float64_reference(fmt):
     g = gen(13)
