@@ -80,7 +80,7 @@ _CHOICES = {"weight_format": tuple(WEIGHT_FORMATS), "softmax": ("log2", "uniform
 
 def _check_field(recipe, key: str, annotation: str, value) -> None:
     """A recipe's field must have its type (from the annotation), be positive for counts, name a bit width
-    that a format exists for, and name formats and methods that exist."""
+    that a format exists for, and name formats and quantizers that exist."""
     name = recipe.name
     if key == "layer_formats":  # ((fnmatch pattern, weight format), ...)
         ok = isinstance(value, tuple) and all(
