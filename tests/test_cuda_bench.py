@@ -125,3 +125,176 @@ def test_graphed_models_are_also_judged_back_to_back_where_weights_can_stay_in_l
         "vit_base_patch16_224: w1.58a8 batch-1 latency / bf16, back to back": 0.5}
     assert list(latency(bench.check_targets([], rows(graphed=False)))) == [
         "vit_base_patch16_224: w1.58a8 batch-1 latency / bf16"]
+
+
+def test_the_op_shapes_are_the_vit_s_b_l_blocks_at_m_of_batch_times_197_tokens():
+    shapes = {name: bench.layer_shapes(bench.SHAPES[name])
+              for name in ("deit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224")}
+    assert shapes == {
+        "deit_small_patch16_224": {"qkv": (1152, 384), "proj": (384, 384), "fc1": (1536, 384), "fc2": (384, 1536)},
+        "vit_base_patch16_224": {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (768, 3072)},
+        "vit_large_patch16_224": {"qkv": (3072, 1024), "proj": (1024, 1024), "fc1": (4096, 1024),
+                                  "fc2": (1024, 4096)}}
+    op_models, _, batches = bench.DEFAULTS["cuda"]
+    assert set(shapes) <= set(op_models) and batches == [1, 8, 64, 256]
+    assert {bench.SHAPES[name].num_patches + 1 for name in shapes} == {197}
+
+
+def _synthetic_op_rows(monkeypatch, models, batches, ops, seconds, ceil, layers=("qkv",)):
+    """bench_ops' rows with each op's time set to seconds[op] (no clock read)."""
+    real, op_of = bench.op_call, {}
+
+    def tagged(op, n, k, x, bias):
+        fn, w_bytes, rate, reference = real(op, n, k, x, bias)
+        op_of[fn] = op
+        return fn, w_bytes, rate, reference
+    monkeypatch.setattr(bench, "op_call", tagged)
+    monkeypatch.setattr(bench, "timed", lambda fn, device, host=False: seconds[op_of[fn]])
+    return bench.bench_ops(models, batches, ops, "cpu", bench.torch.float32, ceil, float("inf"),
+                           lambda jobs, desc: [job for job in jobs if job[1] in layers], [])
+
+
+def test_op_rows_use_m_of_batch_times_tokens(monkeypatch):
+    rows = _synthetic_op_rows(monkeypatch, ["vit_base_patch16_224"], [1, 8], ["dense"], {"dense": 1e-3},
+                              {"copy_TBps": 1.0, "int8_TOPs": 1.0, "float_TFLOPs": 1.0}, layers=("proj",))
+    assert [(row["batch"], row["M"]) for row in rows] == [(1, 197), (8, 1576)]
+
+
+def test_op_rows_derive_bytes_rates_roofline_and_speed_up_from_the_measured_time(monkeypatch):
+    # 1 GB/s copies, 10 GFLOP/s float and 100 GOP/s int8: dense is compute-bound, the 1-bit op memory-bound
+    ceil = {"copy_TBps": 1e-3, "float_TFLOPs": 1e-2, "int8_TOPs": 1e-1}
+    dense, w1a8 = _synthetic_op_rows(monkeypatch, ["vit_cifar_tiny"], [2], ["dense", "w1a8"],
+                                     {"dense": 4e-3, "w1a8": 1e-3}, ceil)
+    m, n, k = 2 * 65, 384, 128  # the qkv layer of vit_cifar_tiny (64 patches + the class token)
+    flops = 2 * m * n * k
+    dense_bytes = 4 * m * k + 4 * n * k + 4 * m * n  # x, the fp32 weights and y, each once
+    w1a8_bytes = 4 * m * k + (n * k // 8 + 4 * n) + 4 * m * n  # 1-bit codes and a float32 scale a row
+    assert (dense["M"], dense["bytes"], w1a8["bytes"]) == (m, dense_bytes, w1a8_bytes)
+    assert (dense["ms"], w1a8["ms"], w1a8["eager_ms"]) == (4.0, 1.0, 1.0)
+    assert dense["speedup_vs_dense"] == 1.0 and w1a8["speedup_vs_dense"] == 4.0
+    assert w1a8["TBps"] == pytest.approx(w1a8_bytes / 1e-3 / 1e12)
+    assert w1a8["TOPS"] == pytest.approx(flops / 1e-3 / 1e12)
+    assert (dense["bound"], w1a8["bound"]) == ("compute", "memory")
+    assert dense["roofline_frac"] == pytest.approx(flops / 1e10 / 4e-3)
+    assert w1a8["roofline_frac"] == pytest.approx(w1a8_bytes / 1e9 / 1e-3)
+
+
+def test_each_ops_weight_bytes_count_its_codes_and_float32_scales():
+    n, k, x, bias = 8, 640, bench.torch.randn(2, 640), bench.torch.randn(8)  # 640: trit planes take 128 bytes
+    got = {op: bench.op_call(op, n, k, x, bias)[1:3] for op in bench.OPS if op != "int_mm"}
+    assert got == {"dense": (n * k * 4, "float"),
+                   "w8a8": (n * k + 4 * n, "int8"), "w4a8": (n * k // 2 + 4 * n, "int8"),
+                   "w1.58a8": (n * k // 4 + 4 * n, "int8"), "w1.58a8-b3": (n * 128 + 4 * n, "int8"),
+                   "w1a8": (n * k // 8 + 4 * n, "int8"),
+                   "w4": (n * k // 2 + 8 * n * (k // 64), "float")}  # a float32 scale and zero per group of 64
+
+
+def test_the_ceilings_count_a_copy_as_bytes_read_and_written(monkeypatch):
+    monkeypatch.setattr(bench, "timed", lambda fn, device, host=False: 1e-3)
+    ceil = bench.ceilings("cpu", bench.torch.float32, quick=True)
+    assert ceil == {"copy_TBps": 2 * 2 ** 23 / 1e-3 / 1e12, "float_TFLOPs": 2 * 256 ** 3 / 1e-3 / 1e12,
+                    "int8_TOPs": 2 * 256 ** 3 / 1e-3 / 1e12, "int8_TOPs_int_mm": 2 * 256 ** 3 / 1e-3 / 1e12,
+                    "matmul_n": 256, "copy_bytes": 2 ** 23}
+
+
+def test_weight_bytes_count_codes_scales_and_zero_points_of_kernel_layers_and_float_weights():
+    from cuda_ops import KernelLinear
+    from quant.qlinear import QuantLinear
+    layer = KernelLinear(QuantLinear.from_linear(bench.nn.Linear(64, 8), "int4", 32, True))
+    codes, groups, bias = 8 * 32, 4 * 8 * 2, 4 * 8  # 4-bit codes, a float32 scale and zero per group of 32
+    assert bench.weight_bytes(layer) == (codes + 2 * groups + bias, codes + 2 * groups)
+    assert bench.weight_bytes(bench.nn.Sequential(bench.nn.Linear(4, 2))) == (4 * (8 + 2), 4 * 8)
+
+
+def test_model_rows_derive_throughput_speed_up_and_memory_ratios_against_the_fp_model(monkeypatch):
+    real, current = bench.build, []
+
+    def build(name, variant):
+        current.append(variant)
+        return real(name, variant)
+    monkeypatch.setattr(bench, "build", build)
+    monkeypatch.setattr(bench, "timed", lambda fn, device, host=False: {"fp": 4e-3, "w1a8": 1e-3}[current[-1]])
+    rows = bench.bench_models(["vit_cifar_tiny"], [1, 2], ["fp", "w1a8"], "cpu", bench.torch.float32, float("inf"),
+                              lambda items, desc, leave: items, [])
+    fp_bytes = bench.weight_bytes(real("vit_cifar_tiny", "fp"))
+    w1a8_bytes = bench.weight_bytes(real("vit_cifar_tiny", "w1a8"))
+    assert [(r["variant"], r["batch"], r["ms"], r["images_per_s"], r["speedup_vs_fp"]) for r in rows] == [
+        ("fp", 1, 4.0, 250.0, 1.0), ("fp", 2, 4.0, 500.0, 1.0), ("w1a8", 1, 1.0, 1000.0, 4.0),
+        ("w1a8", 2, 1.0, 2000.0, 4.0)]
+    assert rows[2]["weight_MB"] == w1a8_bytes[0] / 1e6 and rows[2]["linear_weight_MB"] == w1a8_bytes[1] / 1e6
+    assert rows[2]["memory_ratio_vs_fp"] == fp_bytes[0] / w1a8_bytes[0] > 1
+    assert rows[2]["linear_memory_ratio_vs_fp"] == fp_bytes[1] / w1a8_bytes[1]
+
+
+def _targets(targets):
+    return {t["target"]: (t["measured"], t["goal"], t["met"]) for t in targets}
+
+
+def test_op_targets_judge_the_worst_vit_b_l_layer_at_small_m_and_at_m_12608_against_their_goals():
+    def row(model, m, speedup, bound="compute", frac=0.5):
+        return {"model": model, "op": "w1a8", "M": m, "speedup_vs_dense": speedup, "bound": bound,
+                "roofline_frac": frac}
+    rows = [row("vit_base_patch16_224", 197, 1.5), row("vit_large_patch16_224", 197, 2.0),
+            row("vit_base_patch16_224", 1576, 0.5),  # neither M <= 256 nor M = 12608: judged by no target
+            row("vit_base_patch16_224", 12608, 0.9, "memory", 0.8),
+            row("vit_cifar_tiny", 65, 0.1, "memory", 0.1)]  # not a ViT-B/L shape: judged by no target
+    assert _targets(bench.check_targets(rows, [])) == {
+        "w1a8 >= 1.5x bf16 on ViT-B/L shapes at M <= 256 (worst layer)": (1.5, 1.5, True),
+        "w1a8 no slower than bf16 at M = 12608 (worst layer)": (0.9, 1.0, False),
+        "w1a8 >= 70% of the memory bound where memory-bound (worst)": (0.8, 0.7, True)}
+
+
+def test_model_targets_judge_latency_lower_and_memory_and_throughput_higher_than_their_goals():
+    def row(variant, batch, ms, speedup=None, memory=None, linear=None):
+        return {"model": "vit_base_patch16_224", "variant": variant, "batch": batch, "ms": ms, "cuda_graph": False,
+                "speedup_vs_fp": speedup, "memory_ratio_vs_fp": memory, "linear_memory_ratio_vs_fp": linear}
+    rows = [row("fp", 1, 2.0), row("w1.58a8", 1, 1.0, memory=7.5, linear=12.0),
+            row("fp", 256, 100.0), row("w1.58a8", 256, 80.0, speedup=1.25)]
+    name = "vit_base_patch16_224: "
+    assert _targets(bench.check_targets([], rows, "float16")) == {
+        name + "w1.58a8 batch-1 latency / float16": (0.5, 1.0, True),
+        name + "weight memory float16 / w1.58a8 (whole model)": (7.5, 8.0, False),
+        name + "weight memory float16 / w1.58a8 (linear weights)": (12.0, 8.0, True),
+        name + "w1.58a8 images/s at batch 256 / float16": (1.25, 1.3, False)}
+
+
+@pytest.fixture
+def stubbed_main(monkeypatch):
+    """bench.main with its measuring parts replaced: what they are given, and a clock standing at 100 s."""
+    seen = {}
+
+    def ops(models, batches, ops, device, dtype, ceil, deadline, *rest, **kw):
+        seen.update(ops_deadline=deadline, batches=batches)
+        return []
+
+    def models(models, batches, variants, device, dtype, deadline, *rest, **kw):
+        seen["models_deadline"] = deadline
+        return [{"model": "vit_cifar_tiny", "variant": v, "batch": 1, "ms": 1.0, "ms_back_to_back": 1.0,
+                 "images_per_s": 1e3, "cuda_graph": False, "speedup_vs_fp": None, "weight_MB": 1.0,
+                 "memory_ratio_vs_fp": 9.0, "linear_memory_ratio_vs_fp": 9.0} for v in ("fp", "w1.58a8")]
+    monkeypatch.setattr(bench, "ceilings", lambda device, dtype, quick: {
+        "copy_TBps": 1.0, "float_TFLOPs": 1.0, "int8_TOPs": 1.0, "int8_TOPs_int_mm": 1.0})
+    monkeypatch.setattr(bench, "bench_ops", ops)
+    monkeypatch.setattr(bench, "bench_models", models)
+    monkeypatch.setattr(bench, "time", type("Clock", (), {"monotonic": staticmethod(lambda: 100.0)}))
+    return seen
+
+
+def test_the_per_op_part_gets_60_percent_of_the_time_limit_unless_there_is_no_end_to_end_part(stubbed_main):
+    bench.main(["--device", "cpu", "--time-limit", "10"])
+    assert (stubbed_main["ops_deadline"], stubbed_main["models_deadline"]) == (106.0, 110.0)
+    bench.main(["--device", "cpu", "--time-limit", "10", "--e2e-models", ""])
+    assert stubbed_main["ops_deadline"] == 110.0
+
+
+def test_the_results_file_names_the_baseline_dtype_in_its_fields_and_targets(stubbed_main, tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--dtype", "float16", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert (r["dtype"], r["baseline"], r["complete"]) == ("float16", "dense = F.linear in float16", True)
+    assert "vit_cifar_tiny: weight memory float16 / w1.58a8 (whole model)" in {t["target"] for t in r["targets"]}
+
+
+def test_batches_of_up_to_1024_images_are_accepted(stubbed_main):
+    assert bench.main(["--device", "cpu", "--batches", "1024"]) == 0
+    assert stubbed_main["batches"] == [1024]

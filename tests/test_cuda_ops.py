@@ -350,3 +350,113 @@ def test_weight_only_scales_or_zeros_of_the_wrong_group_count_are_refused():
         OPS.weight_only_linear(torch.randn(2, 96), packed, scales[:, :2], zeros, codebook, b, 4, 32, 96)
     with pytest.raises(ValueError, match=r"zeros must be float \(8, 3\)"):
         OPS.weight_only_linear(torch.randn(2, 96), packed, scales, torch.cat([zeros, zeros], 1), codebook, b, 4, 32, 96)
+
+
+# ----------------------------------------------------------------------------- fake (meta) kernels and more refusals
+
+def _on_meta(*tensors):
+    return tuple(None if t is None else t.to("meta") for t in tensors)
+
+
+def test_the_fake_quantize_per_token_gives_int8_codes_and_float32_scales_whatever_the_input_dtype():
+    q, s = OPS.quantize_per_token(torch.empty(2, 5, 96, dtype=torch.bfloat16, device="meta"))
+    assert (q.shape, q.dtype, s.shape, s.dtype) == ((2, 5, 96), torch.int8, (2, 5), torch.float32)
+
+
+@pytest.mark.parametrize("fmt", A8_FORMATS)
+def test_the_fake_a8_linear_gives_one_output_per_packed_row_in_the_input_dtype(fmt):
+    packed, scales, b = _on_meta(*make_a8_layer(fmt, 24, 96, gen()))
+    y = a8(fmt)(torch.empty(2, 5, 96, dtype=torch.bfloat16, device="meta"), packed, scales, b.bfloat16(), 96)
+    assert y.shape == (2, 5, 24) and y.dtype == torch.bfloat16
+
+
+def test_the_fake_weight_only_linear_gives_one_output_per_packed_row_in_the_input_dtype():
+    packed, scales, zeros, codebook, b = _on_meta(*make_weight_only_layer("asym", 4, 24, 96, 32, gen()))
+    x = torch.empty(2, 5, 96, dtype=torch.float16, device="meta")
+    y = OPS.weight_only_linear(x, packed, scales, zeros, codebook, b.half(), 4, 32, 96)
+    assert y.shape == (2, 5, 24) and y.dtype == torch.float16
+
+
+def test_the_fake_kernels_refuse_what_the_cpu_kernels_refuse():
+    packed, scales, b = _on_meta(*make_a8_layer("ternary", 8, 40, gen()))
+    with pytest.raises(ValueError, match="in_features=40"):
+        OPS.ternary_linear(torch.empty(2, 41, device="meta"), packed, scales, b, 40)
+    with pytest.raises(ValueError, match="K >= 1"):
+        OPS.quantize_per_token(torch.empty(2, 0, device="meta"))
+
+
+def test_a_zero_dimensional_input_is_refused():
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    with pytest.raises(ValueError, match=r"last dimension is \(\)"):
+        OPS.ternary_linear(torch.tensor(1.0), packed, scales, b, 40)
+    with pytest.raises(ValueError, match="K >= 1"):
+        OPS.quantize_per_token(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("change", [lambda p: p.view(torch.int8), lambda p: p.reshape(-1)], ids=["int8", "1-D"])
+def test_packed_weights_that_are_not_a_2d_uint8_tensor_are_refused(change):
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    with pytest.raises(ValueError, match="packed weights must be a 2-D uint8 tensor"):
+        OPS.ternary_linear(torch.randn(2, 40), change(packed), scales, b, 40)
+
+
+def test_scales_or_bias_of_the_wrong_count_or_dtype_are_refused():
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    with pytest.raises(ValueError, match="scales must be a float tensor of 8 values"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales[:7], b, 40)
+    with pytest.raises(ValueError, match="bias must be a float tensor of 8 values"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales, b.int(), 40)
+
+
+def test_layer_norm_parameters_without_norm_eps_or_of_integer_dtype_are_refused():
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    with pytest.raises(ValueError, match="norm_weight must be a 1-D float tensor of 40 values, with norm_eps set"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40, torch.ones(40), None, None)
+    with pytest.raises(ValueError, match="norm_bias must be a 1-D float tensor of 40"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40, None, torch.zeros(40, dtype=torch.int32), 1e-6)
+
+
+def test_layer_norm_parameters_on_another_device_than_the_input_are_refused():
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    meta_ones = torch.ones(40, device="meta")
+    with pytest.raises(ValueError, match="a weight tensor is on meta"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40, meta_ones, None, 1e-6)
+    with pytest.raises(ValueError, match="a weight tensor is on meta"):
+        OPS.quantize_per_token(torch.randn(2, 40), None, meta_ones, 1e-6)
+
+
+def test_integer_input_to_quantize_per_token_is_refused():
+    with pytest.raises(ValueError, match="needs a float tensor"):
+        OPS.quantize_per_token(torch.ones(2, 40, dtype=torch.int32))
+
+
+def test_the_int8_overflow_bound_counts_the_code_minus_128_of_magnitude_128():
+    # |q_x| <= 127, |w| <= 128: K = 133,000 could reach 2**31 (K * 127 * 128), K = 132,000 cannot
+    meta = dict(device="meta")
+    for k in (132_000, 133_000):
+        args = (torch.empty(1, k, **meta), torch.empty(1, k, dtype=torch.uint8, **meta), torch.ones(1, **meta), None, k)
+        if k == 132_000:
+            assert OPS.int8_linear(*args).shape == (1, 1)
+        else:
+            with pytest.raises(ValueError, match="overflow the int32 dot product"):
+                OPS.int8_linear(*args)
+
+
+def test_a_weight_only_group_size_of_zero_is_refused():
+    packed, scales, zeros, codebook, b = make_weight_only_layer("sym", 4, 8, 96, 96, gen())
+    with pytest.raises(ValueError, match="group_size must be a multiple of 32 .* got 0"):
+        OPS.weight_only_linear(torch.randn(2, 96), packed, scales, zeros, codebook, b, 4, 0, 96)
+
+
+def test_a_weight_only_code_book_of_the_wrong_size_or_device_is_refused():
+    packed, scales, zeros, codebook, b = make_weight_only_layer("lut", 4, 8, 96, 32, gen())
+    with pytest.raises(ValueError, match="a code book of 4-bit codes holds 16 float values"):
+        OPS.weight_only_linear(torch.randn(2, 96), packed, scales, zeros, codebook[:8], b, 4, 32, 96)
+    with pytest.raises(ValueError, match="a weight tensor is on meta"):
+        OPS.weight_only_linear(torch.randn(2, 96), packed, scales, zeros, codebook.to("meta"), b, 4, 32, 96)
+
+
+def test_weight_only_integer_scales_are_refused():
+    packed, scales, zeros, codebook, b = make_weight_only_layer("asym", 4, 8, 96, 32, gen())
+    with pytest.raises(ValueError, match=r"scales must be float \(8, 3\)"):
+        OPS.weight_only_linear(torch.randn(2, 96), packed, scales.int(), zeros, codebook, b, 4, 32, 96)

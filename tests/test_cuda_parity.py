@@ -1,8 +1,10 @@
 """`python -m cuda_ops.parity`: a saved model, quantized and put on the kernels, scores as its reference does."""
 import json
+import types
 
 import pytest
 import quant
+import torch
 from cuda_ops import parity
 
 
@@ -34,3 +36,39 @@ def test_a_full_precision_file_given_as_quantized_is_refused_before_scoring(tiny
     quant.models.save_model(tiny_model, tmp_path / "fp.safetensors")
     with pytest.raises(ValueError, match="fp.safetensors is not a quantized bitvit file"):
         parity.main(["--quantized", str(tmp_path / "fp.safetensors"), "--data", str(image_tree)])
+
+
+def test_compare_scores_the_reference_and_the_kernels_on_their_own_predictions(monkeypatch):
+    class Model(torch.nn.Module):
+        config = types.SimpleNamespace(mean=(0.5,) * 3, std=(0.5,) * 3)
+    model, on_kernels = Model(), torch.nn.Sequential()
+    ref = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 0]])  # predicts 0, 1, 2, 1
+    out = torch.tensor([[1.0, 0, 0], [0, 1, 0], [2, 0, 0], [0, 1, 0]])  # predicts 0, 1, 0, 1
+    monkeypatch.setattr(parity, "to_kernels", lambda m: on_kernels)
+    monkeypatch.setattr(parity, "predict", lambda m, *args, **kwargs: out if m is on_kernels else ref)
+    data = types.SimpleNamespace(images=None, labels=[0, 1, 2, 0])
+    r = parity.compare("m", model, data, "cpu", 2)
+    assert (r["model"], r["n"], r["kernel_layers"]) == ("m", 4, 0)
+    assert (r["top1_reference"], r["top1_kernels"], r["predictions_agree"]) == (0.75, 0.5, 0.75)
+    assert r["logits_rel_err"] == pytest.approx(5 ** 0.5 / 2)  # |out - ref| / |ref|
+
+
+def test_a_quantized_file_alone_is_checked_without_a_model(tiny_model, image_tree, tmp_path):
+    packed = tmp_path / "w8a8.safetensors"
+    quant.save_quantized(quant.quantize(tiny_model, "w8a8"), packed)
+    out = tmp_path / "parity.json"
+    assert parity.main(["--quantized", str(packed), "--data", str(image_tree), "--out", str(out)]) == 0
+    assert [row["model"] for row in json.loads(out.read_text())["rows"]] == ["w8a8.safetensors"]
+
+
+def test_a_check_of_nothing_is_refused(image_tree):
+    with pytest.raises(ValueError, match="nothing to check"):
+        parity.main(["--data", str(image_tree)])
+
+
+def test_every_quantized_file_is_checked_before_the_data_is_read(tiny_model, tmp_path):
+    quant.models.save_model(tiny_model, tmp_path / "fp.safetensors")
+    quant.save_quantized(quant.quantize(tiny_model, "w8a8"), tmp_path / "w8a8.safetensors")
+    files = f"{tmp_path / 'w8a8.safetensors'},{tmp_path / 'fp.safetensors'}"
+    with pytest.raises(ValueError, match="fp.safetensors is not a quantized bitvit file"):
+        parity.main(["--quantized", files, "--data", str(tmp_path / "no-such-data")])

@@ -8,6 +8,7 @@ import torch.nn as nn
 from conftest import TINY
 from cuda_ops import CUDAGraphModel, KernelLinear, to_kernels
 from quant.models import VisionTransformer
+from quant.pack import pack_trit_planes, unpack_codes
 from quant.qlinear import QuantLinear
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -58,8 +59,9 @@ def test_to_kernels_matches_the_quantlinear_reference_forward(recipe):
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_to_kernels_keeps_the_state_dict_names_and_tensors():
-    model = quantized_tiny("w1.58a8")
+@pytest.mark.parametrize("recipe", ["w1.58a8", "nf4", "w4-asym"])
+def test_to_kernels_keeps_the_state_dict_names_and_tensors(recipe):
+    model = quantized_tiny(recipe)
     before = model.state_dict()
     after = to_kernels(copy.deepcopy(model)).state_dict()
     assert list(after) == list(before)
@@ -182,8 +184,11 @@ def test_a_cuda_graph_replays_what_the_eager_model_computes():
 
 @pytest.mark.parametrize("layer", [
     QuantLinear.from_linear(nn.Linear(64, 8), "int4", None, True, "int8_token"),  # zero points: no int8 kernel
-    QuantLinear.from_linear(nn.Linear(96, 8), "int4", 48)],                      # a group splits a kernel tile
-    ids=["asymmetric-a8", "tile-splitting-group"])
+    QuantLinear.from_linear(nn.Linear(96, 8), "int4", 48),                       # a group splits a kernel tile
+    QuantLinear.from_linear(nn.Linear(64, 8), "int4", 32, False, "int8_token"),  # grouped scales: no int8 kernel
+    QuantLinear.from_linear(nn.Linear(64, 8), "ternary", None, False, "none"),   # float activations: no a8 kernel
+    QuantLinear.from_linear(nn.Linear(64, 8), "nf4", 32, False, "int8_token")],  # int8 activations: no weight-only
+    ids=["asymmetric-a8", "tile-splitting-group", "grouped-a8", "ternary-float-activations", "nf4-int8-activations"])
 def test_layers_the_kernels_cannot_run_exactly_keep_their_reference_forward(layer):
     with pytest.warns(UserWarning, match=r"no bitvit kernel for this layer"):
         assert to_kernels(layer) is layer
@@ -198,3 +203,54 @@ def test_a_weight_only_layer_applies_its_input_layer_norm_first():
     x = torch.randn(3, 64) * 2 + 1
     with torch.no_grad():
         torch.testing.assert_close(to_kernels(copy.deepcopy(layer))(x), layer(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer,match", [
+    (nn.Linear(32, 8), "KernelLinear wraps a QuantLinear, got Linear"),
+    (QuantLinear.from_linear(nn.Linear(32, 8), "int3", 32), "no bitvit kernel for int3 weights")],
+    ids=["nn.Linear", "int3"])
+def test_a_kernel_linear_of_a_layer_without_a_kernel_is_refused(layer, match):
+    with pytest.raises(ValueError, match=match):
+        KernelLinear(layer)
+
+
+def test_a_kernel_linear_with_an_unknown_ternary_layout_is_refused():
+    ternary = QuantLinear.from_linear(nn.Linear(32, 8), "ternary", None, False, "int8_token")
+    with pytest.raises(ValueError, match="ternary_layout must be one of"):
+        KernelLinear(ternary, "3bit")
+
+
+def test_a_single_ternary_layer_is_swapped_into_the_base3_layout():
+    ternary = QuantLinear.from_linear(nn.Linear(40, 8), "ternary", None, False, "int8_token")
+    fast = to_kernels(ternary, ternary_layout="base3")
+    assert isinstance(fast, KernelLinear) and fast.op == "ternary_b3"
+    assert torch.equal(fast.packed, pack_trit_planes(unpack_codes(ternary.packed, 2, 40)))
+
+
+@pytest.mark.parametrize("recipe,name", [("w4-asym", "zeros"), ("nf4", "codebook")])
+def test_casting_the_model_keeps_zero_points_and_the_code_book_in_float32(recipe, name):
+    model = to_kernels(quantized_tiny(recipe)).to(torch.bfloat16)
+    assert getattr(model.blocks[0].mlp.fc1, name).dtype == torch.float32
+
+
+def test_an_int8_activation_layer_applies_its_input_layer_norm_with_its_own_eps():
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(64, 8), "ternary", None, False, "int8_token")
+    layer.input_norm = nn.LayerNorm(64, eps=10.0)  # far from the default: a fused eps that ignored it shows
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(to_kernels(copy.deepcopy(layer))(x), layer(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_cuda_graph_of_a_cpu_tensor_is_refused():
+    with pytest.raises(ValueError, match="CUDA graphs need the model and the example input on a CUDA device"):
+        CUDAGraphModel(quantized_tiny("w8"), torch.randn(1, 3, TINY.img_size, TINY.img_size))
+
+
+def test_a_kernel_linear_says_which_kernel_runs_it_and_in_which_layout():
+    asym = KernelLinear(QuantLinear.from_linear(nn.Linear(64, 8), "int4", 32, True))
+    assert repr(asym).endswith("(in_features=64, out_features=8, weight_format=int4 asym, group_size=32, "
+                               "act_format=none, kernel=weight_only)")
+    ternary = QuantLinear.from_linear(nn.Linear(64, 8), "ternary", None, False, "int8_token")
+    assert "kernel=a8, layout=base3" in repr(KernelLinear(ternary, "base3"))
+    assert "layout" not in repr(KernelLinear(ternary))
