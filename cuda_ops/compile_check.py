@@ -78,10 +78,13 @@ def check(job: tuple, arch: int = 90) -> dict:
 
 
 def _mma_name(instr: str) -> str:
-    """'wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8' -> 'wgmma m64n128k32 s8'."""
+    """The instruction, its tile and the type of its A operand, the second type named (the first is the
+    accumulator's): 'wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8' -> 'wgmma m64n128k32 s8',
+    'mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32' -> 'mma m16n8k32 s8'."""
     parts = instr.split(".")
     shape = next((t for t in parts if re.fullmatch(r"m\d+n\d+k\d+", t)), "?")
-    return f"{parts[0]} {shape} {parts[-1]}"
+    types = [t for t in parts if re.fullmatch(r"[suf]\d+|bf16|tf32|e[45]m[23]", t)]
+    return f"{parts[0]} {shape} {types[1] if len(types) > 1 else '?'}"
 
 
 def a8_jobs(ms: list[int]):

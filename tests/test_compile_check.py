@@ -74,6 +74,7 @@ def test_the_report_counts_pipelined_loads_and_says_where_wgmma_reads_its_first_
 def test_mma_instructions_are_named_by_family_shape_and_operand_type():
     assert compile_check._mma_name("wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8") == "wgmma m64n128k32 s8"
     assert compile_check._mma_name("wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16") == "wgmma m64n16k16 bf16"
+    assert compile_check._mma_name("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32") == "mma m16n8k32 s8"
 
 
 def test_a_tiling_the_compiler_refuses_is_reported_with_the_first_line_of_its_error(monkeypatch):
