@@ -97,7 +97,9 @@ def main(argv=None):
     common = {"checkpoint": str(ckpt), "split": args.split, "n": len(data), "device": device,
               "machine": sweep["machine"], "cpu_threads": torch.get_num_threads(), "sweep_command": sweep["command"]}
     limit = f" --limit {args.limit}" if args.limit else ""
-    eval_cmd = "python -m quant.evaluate --checkpoint {} --data " + f"{args.data} --split {args.split}{limit}"
+
+    def eval_cmd(path) -> str:
+        return f"python -m quant.evaluate --checkpoint {path} --data {args.data} --split {args.split}{limit}"
 
     def record(entry: dict) -> None:
         nonlocal entries
@@ -108,7 +110,7 @@ def main(argv=None):
     fp, eval_s = score(ckpt, data, device)
     n_fp = sum(m.in_features * m.out_features for m in load_model(ckpt).modules() if isinstance(m, torch.nn.Linear))
     record({"recipe": "fp32", "top1": fp["top1"], "drop": 0.0, "size_bytes": ckpt.stat().st_size,
-            "bits_per_weight": 32.0, "linear_weights": n_fp, "command": eval_cmd.format(ckpt),
+            "bits_per_weight": 32.0, "linear_weights": n_fp, "command": eval_cmd(ckpt),
             "quantize_s": 0.0, "eval_s": round(eval_s, 1), "wall_s": round(eval_s, 1)})
     print(f"fp32: top1={fp['top1']:.4f}")
     for name in args.recipes:
@@ -125,7 +127,7 @@ def main(argv=None):
         record({"recipe": name, "top1": res["top1"], "drop": round(fp["top1"] - res["top1"], 4),
                 "size_bytes": path.stat().st_size, "bits_per_weight": storage["bits_per_weight"],
                 "linear_weights": storage["linear_weights"], "calib": f"{len(calib)} train-split images",
-                "command": f"{ptq_cmd} && {eval_cmd.format(path)}", "quantize_s": round(quantize_s, 1),
+                "command": f"{ptq_cmd} && {eval_cmd(path)}", "quantize_s": round(quantize_s, 1),
                 "eval_s": round(eval_s, 1), "wall_s": round(quantize_s + eval_s, 1)})
         print(f"{name}: top1={res['top1']:.4f} (drop {fp['top1'] - res['top1']:+.4f}), "
               f"{storage['bits_per_weight']:.3f} bits/weight, {path.stat().st_size / 1e6:.3f} MB, "

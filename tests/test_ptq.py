@@ -11,8 +11,9 @@ import quant
 from quant.data import load_split, to_model_input
 from quant.models import save_model
 from quant.ptq import calibration_inputs, main as ptq_main, parse_overrides
-from quant.ptq_results import main as results_main
+from quant.ptq_results import main as results_main, table
 from quant.report import load, main as report_main
+from tests.conftest import write_tree
 
 
 @pytest.fixture
@@ -58,6 +59,20 @@ def test_overrides_read_json_values_and_refuse_a_bare_word():
         parse_overrides(["group_size"])
 
 
+def test_overrides_refuse_an_empty_field_name():
+    with pytest.raises(ValueError, match="field=value"):
+        parse_overrides(["=128"])
+
+
+def test_overrides_split_at_the_first_equals_sign():
+    assert parse_overrides(["softmax=a=b"]) == {"softmax": "a=b"}
+
+
+def test_overrides_read_json_lists_as_tuples_nested_ones_too():
+    """Recipe fields are frozen dataclasses: their sequences are tuples, lists would not hash or compare equal."""
+    assert parse_overrides(['skip=["head", [1, 2]]']) == {"skip": ("head", (1, 2))}
+
+
 def test_calibration_images_come_from_the_train_split(image_tree, tiny_model):
     x = calibration_inputs(image_tree, 6, tiny_model.config)
     train = load_split(image_tree, "train", image_size=16, limit=6, progress=False)
@@ -77,6 +92,31 @@ def test_ptq_cli_bad_requests_are_one_error_line(checkpoint, tmp_path, args, mes
     assert message in r.stderr and not (tmp_path / "q.safetensors").exists()
 
 
+def test_ptq_cli_asks_for_calibration_data_for_w4a4_too(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="recipe w4a4 calibrates: give --calib DATA"):
+        ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4a4", "--out", str(tmp_path / "q.safetensors")])
+
+
+def test_ptq_cli_refuses_to_write_over_its_checkpoint(checkpoint):
+    before = checkpoint.read_bytes()
+    with pytest.raises(ValueError, match="also this command's input"):
+        ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4", "--out", str(checkpoint)])
+    assert checkpoint.read_bytes() == before
+
+
+def test_ptq_cli_calibrates_on_calib_size_images(checkpoint, image_tree, tmp_path, capsys):
+    ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4-gptq", "--calib", str(image_tree), "--calib-size", "5",
+              "--out", str(tmp_path / "q.safetensors")])  # the tree has 18 training images
+    assert "with 5 calibration images" in capsys.readouterr().out
+
+
+def test_ptq_cli_prints_how_many_times_smaller_the_packed_file_is(checkpoint, tmp_path, capsys):
+    out = tmp_path / "q.safetensors"
+    ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4", "--out", str(out)])
+    ratio = checkpoint.stat().st_size / out.stat().st_size
+    assert ratio > 1 and f"({ratio:.1f}x smaller than the" in capsys.readouterr().out
+
+
 def test_results_table_scores_each_recipe_from_its_file_and_merges_reruns(checkpoint, image_tree, tmp_path):
     out, models = tmp_path / "results" / "ptq.json", tmp_path / "models"
     common = ["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
@@ -92,6 +132,59 @@ def test_results_table_scores_each_recipe_from_its_file_and_merges_reruns(checkp
         assert e["split"] == "test" and e["n"] == 18 and e["wall_s"] >= e["quantize_s"]
         assert e["command"].startswith("python -m quant.ptq") and e["machine"] and e["date"]
     assert entries["w2-gptq"]["bits_per_weight"] < entries["w4"]["bits_per_weight"] < entries["w8a8"]["bits_per_weight"]
+
+
+def results_entry(recipe, checkpoint, top1=0.5, drop=0.1):
+    return {"recipe": recipe, "checkpoint": str(checkpoint), "top1": top1, "drop": drop, "bits_per_weight": 4.5,
+            "size_bytes": 2_000_000, "quantize_s": 3.0}
+
+
+def test_results_table_rerun_replaces_its_own_entries_and_keeps_the_others_in_order(checkpoint, image_tree, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"results": [results_entry("w4", "other.safetensors"),
+                                           results_entry("w4", checkpoint, top1=0.123)]}))
+    results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
+                  str(tmp_path / "models"), "--recipes", "w4", "--limit", "3", "--calib-size", "6"])
+    entries = json.loads(out.read_text())["results"]
+    assert [(e["checkpoint"], e["recipe"]) for e in entries] == [
+        ("other.safetensors", "w4"), (str(checkpoint), "fp32"), (str(checkpoint), "w4")]
+    assert entries[2]["top1"] != 0.123 and entries[2]["n"] == 3
+
+
+def test_results_full_precision_entry_counts_32_bits_per_linear_weight(checkpoint, image_tree, tmp_path, tiny_model):
+    out = tmp_path / "r.json"
+    results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
+                  str(tmp_path / "models"), "--recipes", "w8a8", "--limit", "3", "--calib-size", "6"])
+    fp = json.loads(out.read_text())["results"][0]
+    linear = sum(m.weight.numel() for m in tiny_model.modules() if isinstance(m, torch.nn.Linear))
+    assert (fp["recipe"], fp["bits_per_weight"], fp["linear_weights"], fp["drop"]) == ("fp32", 32.0, linear, 0.0)
+    assert fp["size_bytes"] == checkpoint.stat().st_size
+
+
+def test_results_entries_record_the_calibration_size(checkpoint, image_tree, tmp_path):
+    out = tmp_path / "r.json"
+    results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
+                  str(tmp_path / "models"), "--recipes", "w4-gptq", "--limit", "3", "--calib-size", "5"])
+    assert json.loads(out.read_text())["results"][1]["calib"] == "5 train-split images"  # of 18 in the tree
+
+
+def test_results_commands_name_a_data_path_holding_braces_as_it_is(checkpoint, tmp_path):
+    data = write_tree(tmp_path / "data{x}")
+    out = tmp_path / "r.json"
+    results_main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--models",
+                  str(tmp_path / "models"), "--recipes", "w4", "--limit", "3"])
+    fp, w4 = json.loads(out.read_text())["results"]
+    assert fp["command"] == f"python -m quant.evaluate --checkpoint {checkpoint} --data {data} --split test --limit 3"
+    assert w4["command"].endswith(f"--checkpoint {tmp_path / 'models' / 'tiny.w4.safetensors'} --data {data} "
+                                  f"--split test --limit 3")
+
+
+def test_results_markdown_table_lists_one_checkpoints_entries_with_signed_drops():
+    entries = [results_entry("w4", "a.safetensors", top1=0.8, drop=0.05),
+               results_entry("w2", "b.safetensors"), results_entry("w3", "a.safetensors", top1=0.9, drop=-0.01)]
+    assert table(entries, "a.safetensors").splitlines()[2:] == [
+        "| w4 | 0.8000 | +0.0500 | 4.500 | 2.000 | 3 |", "| w3 | 0.9000 | -0.0100 | 4.500 | 2.000 | 3 |"]
+    assert len(table(entries).splitlines()) == 2 + 3
 
 
 def test_results_table_refuses_a_qat_recipe_before_scoring_anything(checkpoint, image_tree, tmp_path):

@@ -13,9 +13,12 @@ import torch.nn.functional as F
 import quant
 from quant import bitlinear, qvit
 from quant.cli import run
+from quant.data import load_split
 from quant.models import save_model
-from quant.qat import main
+from quant.qat import (FeatureDistill, _known_teacher_top1, init_student, main, prepare_student, read_init,
+                       read_results, record_result, train_stages)
 from quant.recipes import BitNet
+from quant.train import TrainConfig
 from tests.conftest import write_tree
 
 
@@ -308,3 +311,150 @@ def test_a_warm_restart_of_a_qvit_recipe_is_refused(teacher_file, image_tar, tmp
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--data", str(image_tar),
                       "--out", str(tmp_path / "x.safetensors"), "--init", str(tmp_path / "last.pt")]) == 2
     assert "--init warm-restarts the BitNet recipes" in capsys.readouterr().err
+
+
+def test_the_feature_loss_is_its_weight_times_the_mse_of_the_final_normalised_tokens(tiny_model):
+    student = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        student.norm.weight.mul_(2)
+    feats = []
+    for m in (student, tiny_model):
+        m.norm.register_forward_hook(lambda mod, inp, out: feats.append(out))
+    loss = FeatureDistill(student, tiny_model, 0.25)
+    x = torch.randn(2, 3, 16, 16)
+    student(x), tiny_model(x)
+    expected = 0.25 * F.mse_loss(feats[0], feats[1]).item()
+    assert expected > 0 and loss(student).item() == pytest.approx(expected)
+
+
+def fake_fit(calls, widen_bits=False):
+    """A stand-in for quant.train.fit: records each stage's epochs, extra loss and whether the student's widths
+    still learn, writes one log record per epoch, and (widen_bits) ends the searching stage at the widest widths."""
+    def fit(student, train, val, cfg, out_dir, extra_loss=None, **kwargs):
+        learning = any(q.learn_bits for q in qvit.quantizers(student).values())
+        calls.append((Path(out_dir).name, cfg.epochs, extra_loss(student) if extra_loss else None, learning))
+        if widen_bits and Path(out_dir).name == "search":
+            for q in qvit.quantizers(student).values():
+                q.set_bits(q.b_max)
+        Path(out_dir).mkdir(parents=True)
+        Path(out_dir, "log.jsonl").write_text("".join(json.dumps({"epoch": e, "seconds": 1.0}) + "\n"
+                                                      for e in range(cfg.epochs)))
+        return student, True
+    return fit
+
+
+def test_qvit_searches_under_penalty_and_features_then_fine_tunes_fixed_widths_on_features_alone(
+        tiny_model, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("quant.train.fit", fake_fit(calls))
+    student = quant.quantize(copy.deepcopy(tiny_model), "qvit")
+    qvit.measure_macs(student, torch.randn(1, 3, 16, 16))  # no step-size calibration: fit is not run
+    _, done, logs = train_stages(student, tiny_model, quant.recipe("qvit"), [0] * 6, None, TrainConfig(epochs=3),
+                                 tmp_path, 2, penalty=lambda m: 1.0, features=lambda m: 10.0)
+    assert done and calls == [("search", 2, 11.0, True), ("finetune", 1, 10.0, False)]
+    assert len(logs) == 3  # every epoch of both stages
+
+
+def test_the_searched_widths_are_brought_within_the_budget_before_fine_tuning(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("quant.train.fit", fake_fit([], widen_bits=True))
+    r = quant.recipe("qvit", budget_bits=3)
+    student = quant.quantize(copy.deepcopy(tiny_model), "qvit")
+    qvit.measure_macs(student, torch.randn(1, 3, 16, 16))  # no step-size calibration: fit is not run
+    train_stages(student, tiny_model, r, [0] * 6, None, TrainConfig(epochs=2), tmp_path, 1)
+    assert qvit.bitops(student) <= qvit.bitops(student, uniform_bits=3)
+
+
+def test_the_student_is_initialised_on_calib_size_training_images(tiny_model, image_tree, monkeypatch):
+    seen = []
+    init = bitlinear.init_input_norms
+    monkeypatch.setattr(bitlinear, "init_input_norms", lambda model, x: seen.append(len(x)) or init(model, x))
+    train = load_split(image_tree, "train", 16)
+    prepare_student(tiny_model, quant.recipe("w1.58a8"), train, 5, 0, torch.device("cpu"))
+    assert seen == [5]
+
+
+def test_the_qvit_penalty_takes_the_bitops_weight(tiny_model, image_tree):
+    train = load_split(image_tree, "train", 16)
+    _, penalty = prepare_student(tiny_model, quant.recipe("qvit"), train, 1, 0, torch.device("cpu"), 0.25)
+    assert penalty.eta == 0.25
+
+
+def test_recording_a_run_keeps_the_other_runs(tmp_path):
+    path = tmp_path / "qat.json"
+    record_result(path, "a", {"top1": 0.5})
+    record_result(path, "b", {"top1": 0.6})
+    record_result(path, "a", {"top1": 0.7})
+    assert read_results(path)["runs"] == {"a": {"top1": 0.7}, "b": {"top1": 0.6}}
+
+
+def test_a_results_file_whose_runs_are_not_objects_is_refused(tmp_path):
+    (tmp_path / "qat.json").write_text('{"runs": {"w1a8": 0.5}}')
+    with pytest.raises(ValueError, match="not a quant.qat results file"):
+        read_results(tmp_path / "qat.json")
+
+
+@pytest.mark.parametrize("change, known", [({}, 0.75), ({"teacher_bytes": 1}, None), ({"split": "val"}, None),
+                                           ({"n": 17}, None), ({"teacher_top1": "0.75"}, None)])
+def test_the_teachers_score_is_reused_only_for_the_same_file_split_and_images(teacher_file, tmp_path, change, known):
+    entry = {"teacher": str(teacher_file), "teacher_bytes": teacher_file.stat().st_size, "split": "test", "n": 18,
+             "teacher_top1": 0.75}
+    record_result(tmp_path / "qat.json", "earlier", {**entry, **change})
+    assert _known_teacher_top1(str(tmp_path / "qat.json"), str(teacher_file), "test", 18) == known
+
+
+def test_a_warm_restart_from_a_missing_state_is_a_file_not_found_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such resume state"):
+        read_init(tmp_path / "last.pt")
+
+
+def test_a_warm_restart_from_a_state_without_model_weights_is_refused(tmp_path):
+    state = dict.fromkeys(("optimizer", "rng", "epoch", "trained_seconds", "config"), 0)
+    torch.save({**state, "model": [torch.zeros(2)]}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="no model weights"):
+        read_init(tmp_path / "last.pt")
+
+
+def test_a_warm_restart_from_weights_missing_a_tensor_is_refused(tiny_model):
+    student = quant.quantize(copy.deepcopy(tiny_model), "w1.58a8")
+    weights = dict(student.state_dict())
+    weights.pop("head.weight")
+    with pytest.raises(ValueError, match="last.pt holds the weights of another student"):
+        init_student(student, weights, "last.pt")
+
+
+def test_results_without_an_eval_split_are_refused(teacher_file, image_tar, tmp_path, capsys):
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "x.safetensors"), "--results", str(tmp_path / "qat.json")]) == 2
+    assert "--results needs --eval-split" in capsys.readouterr().err
+
+
+def test_a_recorded_run_is_named_by_name_and_records_its_teacher_and_float16(teacher_file, image_tar, tmp_path):
+    results = tmp_path / "qat.json"
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "b.safetensors"), "--epochs", "1", "--batch-size", "8", "--float16",
+                      "--eval-split", "test", "--results", str(results), "--name", "mine"]) == 0
+    entry = read_results(results)["runs"]["mine"]
+    assert (entry["name"], entry["recipe"], entry["float16"]) == ("mine", "w1a8", True)
+    assert (entry["teacher"], entry["teacher_bytes"]) == (str(teacher_file), teacher_file.stat().st_size)
+
+
+def test_a_run_reuses_the_teachers_score_recorded_for_the_same_teacher_and_images(teacher_file, image_tar, tmp_path):
+    results = tmp_path / "qat.json"
+    record_result(results, "earlier", {"teacher": str(teacher_file), "teacher_bytes": teacher_file.stat().st_size,
+                                       "split": "test", "n": 18, "teacher_top1": 0.123})  # no real score of 18 images
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "b.safetensors"), "--epochs", "1", "--batch-size", "8",
+                      "--eval-split", "test", "--results", str(results)]) == 0
+    entry = read_results(results)["runs"]["w1a8"]
+    assert entry["teacher_top1"] == 0.123 and entry["drop_points"] == round(100 * (0.123 - entry["top1"]), 4)
+
+
+def test_the_searching_stage_takes_the_search_ratio_of_the_epochs_rounded_to_nearest(teacher_file, image_tar,
+                                                                                     tmp_path, monkeypatch):
+    search = []
+    monkeypatch.setattr("quant.qat.prepare_student", lambda teacher, *args: (teacher, None))  # no calibration
+    monkeypatch.setattr("quant.qat.train_stages", lambda student, teacher, r, train, val, cfg, run_dir, search_epochs,
+                        *args: search.append(search_epochs) or (student, False, []))
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--data", str(image_tar), "--out",
+                      str(tmp_path / "q.safetensors"), "--epochs", "3", "--search-ratio", "0.6"]) == 0
+    assert search == [2]  # 1.8 epochs

@@ -3,7 +3,10 @@ import json
 
 import pytest
 
-from quant.sizes import main
+import quant
+from quant.models import VisionTransformer
+from quant.sizes import main, packed_model, table
+from tests.conftest import TINY
 
 
 def test_sizes_table_shows_ternary_files_smaller_and_float16_rest_smaller_still(tmp_path, capsys):
@@ -23,3 +26,30 @@ def test_sizes_table_shows_ternary_files_smaller_and_float16_rest_smaller_still(
 def test_sizes_refuses_what_it_cannot_measure(args):
     with pytest.raises(ValueError, match="must name at least one of"):
         main(args)
+
+
+def test_sizes_measures_each_named_model_and_recipe_once(tmp_path):
+    out = tmp_path / "sizes.json"
+    main(["--models", "vit_cifar_tiny,,vit_cifar_tiny,", "--recipes", "w8a8,w8a8,", "--json", str(out)])
+    assert [(r["model"], r["recipe"]) for r in json.loads(out.read_text())["rows"]] == [("vit_cifar_tiny", "w8a8")]
+
+
+def test_sizes_table_divides_the_float32_file_by_each_packed_file():
+    row = {"model": "m", "parameters": 1000, "recipe": "w4", "linear_bits": 4.5, "fp32_bytes": 8_000_000,
+           "file_bytes": 2_000_000, "file_bytes_float16": 1_000_000}
+    assert table([row]).splitlines()[2] == "| m | 1,000 | w4 | 4.500 | 8.00 | 2.000 | 4.0x | 1.000 | 8.0x |"
+
+
+def test_a_recipe_that_calibrates_is_measured_on_random_calibration_inputs(monkeypatch):
+    monkeypatch.setattr("quant.models.create_model", lambda name: VisionTransformer(TINY))  # W4A4 in seconds
+    model = packed_model("tiny", "w4a4")
+    assert any(isinstance(m, quant.QuantLinear) for m in model.modules())
+
+
+def test_sizes_linear_bits_are_the_packed_linear_bytes_per_quantized_weight(tmp_path):
+    out = tmp_path / "sizes.json"
+    main(["--models", "vit_cifar_tiny", "--recipes", "w8a8", "--json", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    layers = [m for m in packed_model("vit_cifar_tiny", "w8a8").modules() if isinstance(m, quant.QuantLinear)]
+    weights = sum(m.in_features * m.out_features for m in layers)
+    assert 8 < row["linear_bits"] == pytest.approx(8 * row["linear_bytes"] / weights, abs=1e-4)
