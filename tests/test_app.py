@@ -911,3 +911,162 @@ def test_when_the_default_does_not_open_the_next_default_is_of_the_fp_models_arc
     cmp, labels, skipped = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
     open_default(cmp, labels, skipped, explicit=False)
     assert cmp.default.startswith("int8 · int8 activations · tiny_int8")
+
+
+def test_a_still_images_card_gives_images_per_second_from_its_median_latency():
+    from app.ui import model_markdown
+    card = model_markdown(fake_reading("q.safetensors", 50_000, [1, 2, 3]), 5.0, None, 10)
+    assert "latency **5.00 ms** (median of 10 runs) · up to 200 images/s" in card
+
+
+def test_a_models_card_after_one_frame_says_frame_not_frames():
+    from app.ui import model_markdown
+    card = model_markdown(fake_reading("q.safetensors", 50_000, [1, 2, 3]), last=4.0, median=4.0, n=1)
+    assert "median of 1 frame ·" in card
+
+
+def test_a_models_card_ends_with_its_backends_note():
+    import dataclasses
+    from app.ui import model_markdown
+    r = fake_reading("q.safetensors", 50_000, [1, 2, 3])
+    r = dataclasses.replace(r, backend=dataclasses.replace(r.backend, note="fell back to torch"))
+    assert model_markdown(r, 5.0, None, 10).endswith("<br><small>fell back to torch</small>")
+
+
+def test_the_summary_gives_the_frame_rate_when_there_is_one():
+    from app.ui import summary_markdown
+    fp, q = fake_reading("fp", 1000, [1, 2, 3]), fake_reading("q", 1000, [1, 2, 3])
+    assert "frames/s" not in summary_markdown(fp, q, 3.0, 3.0, None, "median")
+    assert summary_markdown(fp, q, 3.0, 3.0, 12.5, "median").endswith("\nprocessed **12.5 frames/s**, both models on "
+                                                                       "every frame")
+
+
+class StubComparison:
+    """Both models on a frame, the FP model taking 6 ms and the quantized one 2 ms; records how it was asked to run."""
+    default = "q"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, rgb, label, mirrored=False, frame_index=0, repeats=1):
+        import dataclasses
+        self.calls.append({"mirrored": mirrored, "frame_index": frame_index, "repeats": repeats})
+        fp, q = fake_reading("fp", 4_000_000, [1, 2, 3]), fake_reading("q", 1_000_000, [1, 2, 3])
+        return (np.zeros((S, S, 3), np.uint8), dataclasses.replace(fp, latency_ms=6.0),
+                dataclasses.replace(q, latency_ms=2.0))
+
+
+def test_the_live_handler_keeps_each_models_latencies_and_the_frame_rate_in_its_cards_and_summary(monkeypatch):
+    import itertools
+    from types import SimpleNamespace
+    from app import live
+    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=itertools.count().__next__))   # a frame a second
+    h, stats = Handlers(StubComparison()), LiveStats()
+    for _ in range(2):
+        _, _, fp_card, _, q_card, summary, stats = h.live(frame((8, 8, 3)), None, stats)
+    assert list(stats.fp.ms) == [6.0, 6.0] and list(stats.quant.ms) == [2.0, 2.0]
+    assert "**6.00 ms** median of 2 frames" in fp_card and "**2.00 ms** median of 2 frames" in q_card
+    assert "3.00x faster" in summary and "processed **1.0 frames/s**" in summary
+
+
+def test_the_live_handler_alternates_which_model_runs_first_and_flips_the_mirrored_webcam_back():
+    cmp = StubComparison()
+    h, stats = Handlers(cmp), LiveStats()
+    for _ in range(3):
+        stats = h.live(frame((8, 8, 3)), None, stats)[-1]
+    assert [c["frame_index"] for c in cmp.calls] == [0, 1, 2] and all(c["mirrored"] for c in cmp.calls)
+
+
+def test_an_uploaded_image_given_as_a_path_is_timed_over_ten_runs(tmp_path):
+    cmp = StubComparison()
+    Image.fromarray(frame((20, 20, 3))).save(tmp_path / "x.png")
+    summary = Handlers(cmp).still(tmp_path / "x.png", None)[-1]
+    assert [c["repeats"] for c in cmp.calls] == [10] and "(median of 10 runs latency)" in summary
+
+
+def write_robustness(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / f"{name}.json").write_text(json.dumps({"fp_top1": 0.8, "n": 10, "trials": [
+            {"bits": 2, "component": "w_qkv", "block": 0, "head": None, "drop": 1.0, "kl": 0.1}]}))
+    return folder
+
+
+def test_the_results_tab_opens_on_the_first_robustness_analysis_and_hides_what_it_has_nothing_for(tmp_path):
+    from app.ui import _results_outputs
+    out = _results_outputs(write_robustness(tmp_path / "results", "r1", "r2"), TINY.classes)
+    assert out[9]["choices"] == ["r1 (r1)", "r2 (r2)"] and out[9]["value"] == "r1 (r1)" and out[9]["visible"]
+    assert out[10]["visible"] and out[10]["value"] is not None
+    assert not any(out[i]["visible"] for i in (1, 2, 3, 4, 5, 6, 7, 8))
+
+
+def test_picking_a_robustness_analysis_draws_that_one(tmp_path):
+    from app.ui import _pick
+    folder = write_robustness(tmp_path / "results", "r1", "r2")
+    assert _pick(folder, "robustness", "r2 (r2)", lambda e: e.source)["value"] == "r2"
+    assert not _pick(folder, "robustness", "gone (gone)", lambda e: e.source)["visible"]
+
+
+def test_a_model_without_class_names_gives_its_classes_by_number():
+    import dataclasses
+    r = fake_reading("q", 1000, [1, 2, 3])
+    r = dataclasses.replace(r, backend=dataclasses.replace(r.backend, config=dataclasses.replace(TINY, classes=())))
+    assert list(r.top(2)) == ["class 2", "class 1"]
+
+
+def test_a_meter_keeps_the_last_30_latencies_and_gives_their_median_and_the_latest():
+    from app.live import Meter
+    m = Meter()
+    for ms in range(31):
+        m.add(float(ms))
+    assert list(m.ms) == [float(x) for x in range(1, 31)] and m.median == 15.5 and m.last == 30.0
+    m = Meter()
+    for ms in (1.0, 2.0, 10.0):
+        m.add(ms)
+    assert m.median == 2.0
+
+
+def test_the_frame_rate_is_over_the_last_30_frames(monkeypatch):
+    from types import SimpleNamespace
+    from app import live
+    clock = iter([10.0 * i for i in range(10)] + [100.0 + i for i in range(30)])   # slow at first, then 1 frame/s
+    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    stats = LiveStats()
+    for _ in range(40):
+        stats.tick()
+    assert stats.fps == pytest.approx(1.0) and stats.frames == 40
+
+
+def test_a_comparison_needs_a_quantized_variant_and_a_default_among_them():
+    log = []
+    with pytest.raises(ValueError, match="no quantized variant"):
+        Comparison(FakeBackend("fp", log), {})
+    with pytest.raises(ValueError, match="unknown variant 'w9'"):
+        Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log)}, default="w9")
+
+
+def test_a_variant_taking_another_image_size_cannot_be_compared():
+    log = []
+    q = FakeBackend("q", log)
+    q.config.img_size = 2 * S
+    with pytest.raises(ValueError, match=f"takes {2 * S}x{2 * S} images.*cannot be compared"):
+        Comparison(FakeBackend("fp", log), {"q": lambda: q}).variant("q")
+
+
+def test_repeated_runs_report_the_median_not_the_mean_latency(monkeypatch):
+    from types import SimpleNamespace
+    from app import live
+    log = []
+    cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log)})
+    cmp.variant("q")
+    clock = iter([0, 0.001, 0.010, 0.012, 0.020, 0.029] * 2)             # 1, 2 and 9 ms for each model
+    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    _, fp_reading, q_reading = cmp.run(frame((40, 40, 3)), "q", repeats=3)
+    assert fp_reading.latency_ms == pytest.approx(2) and q_reading.latency_ms == pytest.approx(2)
+
+
+def test_a_single_nan_score_is_refused():
+    log = []
+    cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log, logits=(1.0, float("nan"), 3.0))})
+    with pytest.raises(ValueError, match="q gave NaN or infinite scores"):
+        cmp.run(frame((40, 40, 3)), "q")

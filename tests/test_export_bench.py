@@ -1,8 +1,11 @@
 """`python -m export.bench`: one run times every variant, scores them, and writes a complete results file."""
 import dataclasses
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 import quant
 from export import bench as export_bench
@@ -116,3 +119,79 @@ def test_spinning_threads_are_asked_for_and_recorded(fp_file, tmp_path, monkeypa
     code, out = bench(fp_file, tmp_path, "--spinning")
     assert code == 0 and asked and all(asked)
     assert json.loads(out.read_text())["ort_spinning"] is True
+
+
+def test_a_variants_latency_is_the_median_of_its_timed_calls_in_milliseconds(monkeypatch):
+    ticks = iter([0.0, 0.001, 0.0, 0.002, 0.0, 0.009])                  # timed calls of 1, 2 and 9 ms
+    monkeypatch.setattr(export_bench, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    variants = {"a": Variant(lambda x: None, None, 0, "")}
+    ms = export_bench.time_variants(variants, img_size=4, batch=1, runs=3, round_robin=True)
+    assert ms == {"a": pytest.approx(2.0)}
+
+
+def test_the_targets_are_speed_ups_at_batch_1_and_the_ternary_files_fraction_of_ort_fp32():
+    ms = {"ORT fp32": 8.0, "ORT dynamic int8": 5.0, "bitvit ternary op": 4.0, "bitvit binary op": 2.0}
+    rows = {name: {"latency_ms": {"1": t, "8": 1.0}, "size_bytes": 1200} for name, t in ms.items()}
+    rows["bitvit ternary op"]["size_bytes"] = 50
+    targets = export_bench.targets(rows)
+    assert {k: (t["value"], t["goal"], t["met"]) for k, t in targets.items()} == {
+        "ternary speed-up over ORT fp32": (2.0, 2.0, True),
+        "ternary speed-up over ORT dynamic int8": (1.25, 1.0, True),
+        "ternary speed-up over ORT dynamic int8 (stretch)": (1.25, 1.3, False),
+        "ternary file size, fraction of ORT fp32 (at most)": (0.0417, 0.0833, True),
+        "binary speed-up over ternary": (2.0, 1.0, True)}
+
+
+def test_the_table_gives_size_latency_speed_up_over_ort_fp32_and_the_ort_then_torch_top1(capsys):
+    rows = {"ORT fp32": {"size_bytes": 4_000_000, "latency_ms": {"1": 8.0}},
+            "bitvit ternary op": {"size_bytes": 500_000, "latency_ms": {"1": 2.0}, "top1": 0.8, "torch_top1": 0.85}}
+    export_bench.print_table("reference", rows, [1])
+    out = capsys.readouterr().out
+    assert "| ORT fp32 | 4.00 | 8.00 | 1.00x | - |" in out
+    assert "| bitvit ternary op | 0.50 | 2.00 | 4.00x | 0.8000 / 0.8500 |" in out
+
+
+def test_accuracy_scores_each_variant_in_its_runtime_and_its_torch_model_and_how_often_they_agree():
+    data = SimpleNamespace(images=np.zeros((4, 4, 4, 3), np.uint8), labels=np.array([0, 0, 0, 1]))
+    runtime = lambda x: np.eye(3, dtype=np.float32)[[0] * len(x)]        # noqa: E731  says class 0 each time
+    model = lambda x: torch.eye(3)[[1, 1, 0, 1]]                          # noqa: E731  right on the last two
+    res = export_bench.accuracy({"v": Variant(runtime, model, 0, "")}, data, (0.5,) * 3, (0.5,) * 3)
+    assert res == {"v": {"top1": 0.75, "torch_top1": 0.5, "prediction_agreement": 0.25}}
+
+
+def test_batches_without_batch_1_are_refused(fp_file, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert run(main, ["--checkpoint", str(fp_file), "--no-vit-s", "--batches", "8", "--out", str(out)]) == 2
+    assert "--batches must include 1" in capsys.readouterr().err
+
+
+def test_quantized_variants_say_they_are_rounded_and_the_fp_variants_full_precision(tiny_model, tmp_path):
+    variants = export_bench.build_variants(tiny_model, {}, tmp_path, threads=1, spinning=False)
+    weights = {name: v.weights for name, v in variants.items()}
+    assert weights["torch fp32"] == weights["ORT fp32"] == "full precision"
+    assert weights["ORT dynamic int8"].startswith("onnxruntime.quantization.quantize_dynamic")
+    assert {weights[n] for n in VARIANTS[3:]} == {"round to nearest"}
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The bench with no export, every variant of 1 kB taking fixed times: what main makes of the measurements."""
+    ms = {**{name: 4.0 for name in VARIANTS}, "ORT fp32": 8.0, "bitvit ternary op": 2.0, "bitvit binary op": 3.0}
+    monkeypatch.setattr(export_bench, "build_variants", lambda model, quantized, workdir, threads, spinning:
+                        {name: Variant(None, model, 1000, "w") for name in VARIANTS})
+    monkeypatch.setattr(export_bench, "time_variants", lambda variants, img_size, batch, runs, round_robin: dict(ms))
+    monkeypatch.setattr(export_bench, "accuracy", lambda variants, data, mean, std:
+                        {name: {"top1": 0.5, "torch_top1": 0.5, "prediction_agreement": 1.0} for name in variants})
+
+
+def test_the_split_records_how_many_images_were_scored(fp_file, image_tar, tmp_path, measured):
+    code, out = bench(fp_file, tmp_path, "--data", str(image_tar), "--limit", "6")
+    assert code == 0
+    assert json.loads(out.read_text())["split"] == "test split of data.tar.gz, first 6 images"
+
+
+def test_each_target_is_printed_as_met_or_missed(fp_file, tmp_path, capsys, measured):
+    assert bench(fp_file, tmp_path)[0] == 0
+    printed = capsys.readouterr().out
+    assert "  met    ternary speed-up over ORT fp32: 4.000 (goal 2.000)" in printed
+    assert "  MISSED binary speed-up over ternary: 0.667 (goal 1.000)" in printed

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import quant
+from quant import report
 from quant.data import load_split, to_model_input
 from quant.models import save_model
 from quant.ptq import calibration_inputs, main as ptq_main, parse_overrides
 from quant.ptq_results import main as results_main, table
-from quant.report import load, main as report_main
+from quant.report import accuracy_vs_bits, load, main as report_main, markdown
 from tests.conftest import write_tree
 
 
@@ -259,6 +260,89 @@ def test_report_draws_names_with_dollar_signs_and_nul_bytes_as_text(tmp_path):
 def test_report_without_entries_says_what_to_run(tmp_path):
     with pytest.raises(ValueError, match="quant.ptq_results"):
         report_main(["--results", str(tmp_path), "--out", str(tmp_path / "p.png")])
+
+
+def results_folder(tmp_path, **files):
+    folder = tmp_path / "results"
+    folder.mkdir(exist_ok=True)
+    for stem, data in files.items():
+        (folder / f"{stem}.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_report_takes_a_score_of_zero_but_not_zero_bits_per_weight(tmp_path):
+    folder = results_folder(tmp_path, ptq={"results": [{"recipe": "dead", "top1": 0, "bits_per_weight": 2},
+                                                       {"recipe": "nothing", "top1": 0.5, "bits_per_weight": 0}]})
+    assert [(e.name, e.top1) for e in load(folder).having("top1", "bits")] == [("dead", 0.0)]
+
+
+def test_report_takes_a_square_confusion_matrix_of_two_classes_or_more(tmp_path):
+    folder = results_folder(tmp_path, ptq={"results": [{"recipe": "one", "confusion": [[5]]},
+                                                       {"recipe": "two", "confusion": [[5, 1], [0, 4]]}]})
+    assert [e.name for e in load(folder).having("confusion")] == ["two"]
+
+
+def test_report_gives_sizes_in_bytes_as_megabytes(tmp_path):
+    folder = results_folder(tmp_path, ptq={"results": [{"recipe": "w4", "size_bytes": 2_500_000}]})
+    assert load(folder).entries[0].size_mb == 2.5
+
+
+def test_report_names_an_unnamed_list_item_by_its_path_and_a_named_dict_by_its_key(tmp_path):
+    folder = results_folder(tmp_path, ptq={"results": [{"recipe": "w4", "top1": 0.8}, {"top1": 0.7}],
+                                           "runs": {"w8": {"top1": 0.9}}})
+    assert [e.name for e in load(folder).entries] == ["w4", "results / 1", "w8"]
+
+
+def test_report_names_a_robustness_analysis_by_the_checkpoints_stem(tmp_path):
+    folder = results_folder(tmp_path, robustness={"checkpoint": "runs/vit_tiny.safetensors", "fp_top1": 0.8, "n": 4,
+                                                  "trials": [{"bits": 2, "component": "w_qkv", "block": 0,
+                                                              "head": None, "drop": 1.0, "kl": 0.1}]})
+    assert [e.label for e in load(folder).having("robustness")] == ["vit_tiny (robustness)"]
+
+
+def test_report_finds_a_bit_allocation_by_its_file_name_in_the_results_folder(tmp_path):
+    folder = results_folder(tmp_path, qat={"recipe": "qvit", "top1": 0.7, "allocation": "gone/elsewhere/q.bits.json"})
+    (folder / "q.bits.json").write_text(json.dumps({"attention": {"blocks.0.attn": {"q": [4, 3]}}, "layers": {},
+                                                    "bitops": 1.0}))
+    assert "qvit bit allocation" in [e.name for e in load(folder).having("allocation")]
+
+
+def test_report_keeps_each_files_context(tmp_path):
+    folder = results_folder(tmp_path, ptq={"command": "python -m quant.ptq", "machine": "m", "date": "d",
+                                           "split": "val", "wall_time_s": 3.0, "results": [], "other": 1})
+    assert load(folder).files["ptq"] == {"command": "python -m quant.ptq", "machine": "m", "date": "d", "split": "val",
+                                         "wall_time_s": 3.0}
+
+
+def test_report_table_lists_each_files_entries_from_the_most_bits_down_with_their_size(tmp_path):
+    folder = results_folder(tmp_path, ptq={"results": [
+        {"recipe": "w2", "top1": 0.5, "bits_per_weight": 2.0},
+        {"recipe": "fp32", "top1": 0.9, "bits_per_weight": 32.0, "size_bytes": 1_234_000},
+        {"recipe": "w4", "top1": 0.8, "bits_per_weight": 4.0}]})
+    assert markdown(load(folder).having("top1", "bits")).splitlines()[2:] == [
+        "| ptq | fp32 | 0.9000 | 32.000 | 1.234 |", "| ptq | w4 | 0.8000 | 4.000 |  |",
+        "| ptq | w2 | 0.5000 | 2.000 |  |"]
+
+
+def test_report_plots_models_of_16_bits_and_more_as_lines_and_the_rest_as_points_in_percent(tmp_path):
+    folder = results_folder(tmp_path, ptq={"results": [{"recipe": "fp16", "top1": 0.9, "bits_per_weight": 16},
+                                                       {"recipe": "w4", "top1": 0.85, "bits_per_weight": 4.0}]})
+    ax = accuracy_vs_bits(load(folder)).axes[0]
+    assert [line.get_ydata()[0] for line in ax.get_lines()] == [pytest.approx(90.0)]
+    assert ax.collections[0].get_offsets().tolist() == [[4.0, pytest.approx(85.0)]]
+
+
+def test_report_titles_the_plot_with_the_models_and_the_split_and_says_which_files_it_skipped(tmp_path, capsys,
+                                                                                            monkeypatch):
+    titles = []
+    draw = report.accuracy_vs_bits
+    monkeypatch.setattr(report, "accuracy_vs_bits", lambda res, title: titles.append(title) or draw(res, title))
+    folder = results_folder(tmp_path, ptq={"results": [
+        {"recipe": "w4", "top1": 0.8, "bits_per_weight": 4.0, "checkpoint": "runs/tiny.safetensors", "split": "val"}]})
+    (folder / "broken.json").write_text("{")
+    report_main(["--results", str(folder), "--out", str(tmp_path / "p.png")])
+    assert titles == ["tiny: top-1 on the val split"]
+    assert "skipping broken.json: not readable JSON" in capsys.readouterr().out
 
 
 def test_results_table_refuses_an_entry_missing_a_column_before_scoring_anything(checkpoint, image_tree, tmp_path):
