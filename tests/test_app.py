@@ -787,18 +787,6 @@ def test_confidences_are_a_softmax_that_survives_large_logits_and_rank_best_firs
     assert list(fp_reading.top(2)) == ["cat", "frog"]
 
 
-def test_repeated_runs_report_the_median_latency(monkeypatch):
-    from types import SimpleNamespace
-    from app import live
-    log = []
-    cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log)})
-    cmp.variant("q")
-    clock = iter([0, 0.005, 0.010, 0.011, 0.020, 0.023] * 2)             # 5, 1 and 3 ms for each model
-    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
-    _, fp_reading, q_reading = cmp.run(frame((40, 40, 3)), "q", repeats=3)
-    assert fp_reading.latency_ms == pytest.approx(3) and q_reading.latency_ms == pytest.approx(3)
-
-
 def test_the_frame_rate_counts_intervals_and_restarts_with_another_variant():
     stats = LiveStats()
     stats.stamps.extend([10.0, 11.0, 12.0])
