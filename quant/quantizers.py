@@ -315,6 +315,14 @@ def uint_range_params(lo: torch.Tensor, hi: torch.Tensor,
     return scale, torch.minimum(torch.round(-lo / scale), torch.as_tensor(levels, dtype=scale.dtype))
 
 
+def uint_fake(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+    """x quantized onto unsigned codes and back, no gradient path: (clamp(round(x / scale) + zero, 0,
+    2**bits - 1) - zero) * scale, with scale, zero and bits (an int or a tensor of widths) broadcasting
+    against x."""
+    codes = (torch.round(x / scale) + zero).clamp(min=0).clamp(max=2 ** bits - 1)
+    return (codes - zero) * scale
+
+
 def quantize_log2(p: torch.Tensor, bits: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """log-sqrt(2) codes of probabilities p in [0, 1] (post-softmax attention, after RepQ-ViT's quantizer).
 
@@ -364,12 +372,8 @@ class UniformQuantizer(torch.nn.Module):
         self.scale.copy_(scale)
         self.zero.copy_(zero)
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zero, bits = widen(self.scale), widen(self.zero), widen(self.bits)
-        return torch.minimum(torch.round(widen(x) / scale) + zero, 2 ** bits - 1).clamp_min(0)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = (self.codes(x.detach()) - widen(self.zero)) * widen(self.scale)
+        x_hat = uint_fake(widen(x.detach()), widen(self.scale), widen(self.zero), widen(self.bits))
         return ste(x, x_hat.to(x.dtype))
 
     def spec(self) -> dict:

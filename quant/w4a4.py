@@ -40,7 +40,7 @@ import torch.nn as nn
 from quant.gptq import capture, gptq_weight, hessian
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
-from quant.quantizers import (Log2Quantizer, UniformQuantizer, fake_quant_log2, quantize_weight,
+from quant.quantizers import (Log2Quantizer, UniformQuantizer, fake_quant_log2, quantize_weight, uint_fake,
                               uint_range_params)
 
 _CLIPS = torch.linspace(1.0, 0.2, 33)   # candidate range shrink factors for the searches below
@@ -51,10 +51,6 @@ def _subset(x: torch.Tensor, n: int = _MAX_TOKENS) -> torch.Tensor:
     if len(x) <= n:
         return x
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
-
-
-def _fake(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    return (torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
 
 
 def channel_ranges(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +73,7 @@ def tensor_range(x: torch.Tensor, bits: int, weight: torch.Tensor | None = None,
     best = None
     for c in _CLIPS.tolist():
         s, z = uint_range_params(lo * c, hi * c, bits)
-        e = _fake(xs, s, z, bits) - xs
+        e = uint_fake(xs, s, z, bits) - xs
         err = ((e @ weight.T) ** 2).sum() if weight is not None else (e ** 2).sum(dims, keepdim=True)
         if best is None:
             best = (err, s, z)
@@ -120,7 +116,7 @@ def _quantize_linear(layer: nn.Linear, x: torch.Tensor, scale: torch.Tensor, zer
     rounding errors that do not average out do not shift the next LayerNorm's or GELU's input.
     """
     bits, fmt = recipe.act_bits, f"int{recipe.weight_bits}"
-    x_hat = _fake(x, scale, zero, bits)
+    x_hat = uint_fake(x, scale, zero, bits)
     if recipe.gptq:
         q = gptq_weight(layer.weight, hessian(x_hat), recipe.weight_bits, recipe.group_size, asymmetric=False)
     else:
