@@ -12,8 +12,11 @@ rebuilds its own model: `save_model(model, path)` / `load_model(path)`.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -520,3 +523,23 @@ def forward_with_hooks(model: nn.Module, x: torch.Tensor, hooks: list) -> torch.
             h.remove()
         for m, training in modes.items():
             m.training = training
+
+
+@contextlib.contextmanager
+def unchanged_on_error(model: nn.Module):
+    """Put `model` back as it was if the block raises: its module tree, every module's attributes (mode,
+    added biases, recorded recipes) and every parameter's and buffer's values. Quantizing and loading
+    swap and edit layers one at a time, and a refusal halfway must not leave a half-quantized model."""
+    attrs = {m: {k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in vars(m).items()}
+             for m in model.modules()}
+    values = [(t, t.detach().clone()) for t in itertools.chain(model.parameters(), model.buffers())]
+    try:
+        yield model
+    except BaseException:
+        for m, saved in attrs.items():
+            vars(m).clear()
+            vars(m).update(saved)
+        with torch.no_grad():
+            for t, v in values:
+                t.copy_(v)
+        raise

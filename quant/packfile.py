@@ -38,7 +38,8 @@ import torch.nn as nn
 from quant.cli import file_to_write, finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import (ViTConfig, VisionTransformer, check_depth, load_model, load_state_dict, meta_skeleton,
-                          path_text, read_safetensors, read_safetensors_metadata, refuse_non_finite)
+                          path_text, read_safetensors, read_safetensors_metadata, refuse_non_finite,
+                          unchanged_on_error)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
@@ -268,9 +269,10 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         raise ValueError(f"{path} holds a model that is not a bitvit ViT: pass model= (a full-precision "
                          f"instance of its architecture) to rebuild it")
 
-    _rebuild_modules(model, header, tensors, path)
-    load_state_dict(model, tensors, source=str(path),
-                    loaded=frozenset(f"{n}.{b}" for n in header["layers"] for b in _OWN))  # the other tensors
+    with unchanged_on_error(model):  # a given model is left as it was when a layer of the file does not fit
+        _rebuild_modules(model, header, tensors, path)
+        load_state_dict(model, tensors, source=str(path),
+                        loaded=frozenset(f"{n}.{b}" for n in header["layers"] for b in _OWN))  # the other tensors
     model.quant_recipe = header.get("recipe")
     return model.eval()
 

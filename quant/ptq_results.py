@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -96,10 +97,11 @@ def main(argv=None):
     sweep = provenance("quant.ptq_results", argv)
     common = {"checkpoint": str(ckpt), "split": args.split, "n": len(data), "device": device,
               "machine": sweep["machine"], "cpu_threads": torch.get_num_threads(), "sweep_command": sweep["command"]}
-    limit = f" --limit {args.limit}" if args.limit else ""
+    limit = ["--limit", str(args.limit)] if args.limit else []
 
     def eval_cmd(path) -> str:
-        return f"python -m quant.evaluate --checkpoint {path} --data {args.data} --split {args.split}{limit}"
+        return shlex.join(["python", "-m", "quant.evaluate", "--checkpoint", str(path), "--data", args.data,
+                           "--split", args.split, *limit])
 
     def record(entry: dict) -> None:
         nonlocal entries
@@ -122,8 +124,8 @@ def main(argv=None):
         quantize_s = time.perf_counter() - t0
         storage = save_quantized(model, path)
         res, eval_s = score(path, data, device)
-        ptq_cmd = (f"python -m quant.ptq --checkpoint {ckpt} --recipe {name} --calib {args.data} "
-                   f"--calib-size {args.calib_size} --out {path}")
+        ptq_cmd = shlex.join(["python", "-m", "quant.ptq", "--checkpoint", str(ckpt), "--recipe", name,
+                              "--calib", args.data, "--calib-size", str(args.calib_size), "--out", str(path)])
         record({"recipe": name, "top1": res["top1"], "drop": round(fp["top1"] - res["top1"], 4),
                 "size_bytes": path.stat().st_size, "bits_per_weight": storage["bits_per_weight"],
                 "linear_weights": storage["linear_weights"], "calib": f"{len(calib)} train-split images",

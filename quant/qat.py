@@ -191,7 +191,6 @@ def freeze_and_save(student: nn.Module, r, name: str, out: str, float16: bool) -
         qvit.freeze(student)
     else:
         bitlinear.freeze(student)
-    student.quant_recipe = {"type": type(r).__name__, **dataclasses.asdict(r)}
     return save_quantized(student, out, float16), alloc
 
 

@@ -11,7 +11,8 @@ ViT's weights load unchanged) and computes, for x (B, N, D) with H heads of widt
     out     = out_quant(attn @ v)              slot 5: head outputs, (B, H, N, d)
     y       = proj(merge_heads(out))           (B, N, D)
 
-Every slot defaults to the identity, so a fresh QuantAttention computes exactly what Attention does.
+Every slot defaults to the identity, so a fresh QuantAttention computes Attention's function (equal up to
+float rounding: Attention calls scaled_dot_product_attention).
 Slot modules map a tensor to its quantize-dequantized value with a straight-through gradient; for a
 head-wise quantizer, give it per-head parameters of shape (1, H, 1, 1). W4A4 PTQ fills the slots
 with `UniformQuantizer`s (q, k, v) and a `Log2Quantizer` (attn); Q-ViT puts its head-wise learnable

@@ -37,18 +37,6 @@ from quant.quantizers import (WEIGHT_FORMATS, DoubleQuantized, UniformQuantizer,
 _UINT_TENSOR = re.compile(r"uint([2-8])_tensor")
 
 
-def act_bits(act_format: str) -> int | None:
-    """Bits of an activation format (None for "none")."""
-    if act_format == "none":
-        return None
-    if act_format == "int8_token":
-        return 8
-    m = _UINT_TENSOR.fullmatch(act_format)
-    if m is None:
-        raise ValueError(f"unknown act_format {act_format!r}; use none, int8_token or uintB_tensor")
-    return int(m.group(1))
-
-
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, weight_format: str, group_size: int | None = None,
                  bias: bool = True, asymmetric: bool = False, act_format: str = "none",
@@ -62,7 +50,9 @@ class QuantLinear(nn.Module):
             if not ((v is None and field == "group_size") or is_positive_int(v)):
                 raise ValueError(f"{field} must be a positive integer, got {v!r}")
         group_size = min(group_size or in_features, in_features)  # a group wider than a row is the row
-        act_bits(act_format)  # validates
+        uint_act = _UINT_TENSOR.fullmatch(act_format)
+        if act_format not in ("none", "int8_token") and not uint_act:
+            raise ValueError(f"unknown act_format {act_format!r}; use none, int8_token or uintB_tensor (B in 2..8)")
         self.in_features, self.out_features = in_features, out_features
         self.weight_format, self.bits, self.group_size = weight_format, WEIGHT_FORMATS[weight_format], group_size
         self.act_format = act_format
@@ -73,8 +63,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", torch.zeros(out_features, g) if asymmetric else None)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.input_norm = input_norm
-        m = _UINT_TENSOR.fullmatch(act_format)
-        self.act_quant = UniformQuantizer(int(m.group(1))) if m else None
+        self.act_quant = UniformQuantizer(int(uint_act.group(1))) if uint_act else None
         self.scales_dq: DoubleQuantized | None = None  # NF4: the double-quantized form `scales` came from
         self._cache: tuple | None = None
 
@@ -87,9 +76,11 @@ class QuantLinear(nn.Module):
         """A layer from uint8 codes (O, K), scales (O, G), zeros (O, G) or None, bias (O,) or None."""
         o, k = codes.shape
         layer = cls(k, o, weight_format, group_size, bias is not None, zeros is not None, act_format, input_norm)
-        if tuple(scales.shape) != tuple(layer.scales.shape):
-            raise ValueError(f"scales of shape {tuple(scales.shape)} do not fit {o}x{k} weights in groups of "
-                             f"{layer.group_size}: expected {tuple(layer.scales.shape)}")
+        for field, t, want in (("scales", scales, layer.scales), ("zeros", zeros, layer.zeros),
+                               ("bias", bias, layer.bias)):
+            if t is not None and tuple(t.shape) != tuple(want.shape):
+                raise ValueError(f"{field} of shape {tuple(t.shape)} do not fit {o}x{k} weights in groups of "
+                                 f"{layer.group_size}: expected {tuple(want.shape)}")
         layer.packed.copy_(pack_codes(codes.to(torch.uint8).cpu(), layer.bits))
         layer.scales.copy_(scales)
         if zeros is not None:

@@ -62,13 +62,6 @@ def num_groups(k: int, group_size: int) -> int:
     return (k + group_size - 1) // group_size
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(O, K) -> (O, G, group_size), the last group zero-padded when K % group_size != 0."""
-    o, k = w.shape
-    g = num_groups(k, group_size)
-    return torch.nn.functional.pad(w, (0, g * group_size - k)).reshape(o, g, group_size)
-
-
 def _group_stat(w: torch.Tensor, group_size: int, fn) -> torch.Tensor:
     """A reduction `fn(values) -> scalar` over each group's real (unpadded) entries: (O, K) -> (O, G)."""
     o, k = w.shape
@@ -417,7 +410,7 @@ def quantizer_from_spec(spec: dict | None) -> torch.nn.Module:
         return torch.nn.Identity()
     kind = spec.get("kind")
     if kind == "uniform":
-        shape = spec.get("shape")  # () per tensor, (H, 1, 1) per head, (K,) per channel
+        shape = spec.get("shape")  # () per tensor, (1, H, 1, 1) per head, (K,) per channel
         if not (isinstance(shape, list) and len(shape) <= 4 and all(is_positive_int(n) and n <= 65536 for n in shape)):
             raise ValueError(f"a uniform quantizer's shape must be up to 4 sizes in 1..65536, got {shape!r}")
         return UniformQuantizer(shape=tuple(shape))

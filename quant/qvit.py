@@ -346,6 +346,8 @@ def plot_allocation(alloc: dict, path: str | os.PathLike, title: str = "Q-ViT bi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig = allocation_figure(alloc, title)
+    if fig is None:
+        raise ValueError("the bit allocation holds no layers or attention heads to plot")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from quant.models import unchanged_on_error
 from quant.qlinear import QuantLinear, is_quantized_layer
 from quant.quantizers import WEIGHT_FORMATS
 
@@ -44,7 +45,7 @@ def _linears(model: nn.Module) -> list[str]:
     return names
 
 
-def _override(name: str, layer_formats: tuple[tuple[str, str], ...]) -> str | None:
+def format_override(name: str, layer_formats: tuple[tuple[str, str], ...]) -> str | None:
     """The weight format the first matching (fnmatch pattern, format) pair gives layer `name`."""
     for pattern, fmt in layer_formats:
         if fnmatch.fnmatchcase(name, pattern):
@@ -73,8 +74,9 @@ def _need_calib(recipe, calib, model: nn.Module) -> torch.Tensor:
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
 
 
-# the widths formats exist for: integer weights and static activations 2..8 bits, Q-ViT's learned ones 1..8
-_BIT_RANGES = {"bits": 2, "weight_bits": 2, "act_bits": 2, "min_bits": 1, "max_bits": 1}
+# the lowest width formats exist for (the highest is 8): integer weights, static activations and Q-ViT's learned
+# widths (signed weight codes: 1 bit is the binary format, not a uniform one) all start at 2
+_BIT_RANGES = {"bits": 2, "weight_bits": 2, "act_bits": 2, "min_bits": 2, "max_bits": 2}
 _CHOICES = {"weight_format": tuple(WEIGHT_FORMATS), "softmax": ("log2", "uniform")}
 
 
@@ -131,7 +133,7 @@ class RTN(_Checked):
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         for name in _linears(model):
-            layer, fmt = model.get_submodule(name), _override(name, self.layer_formats)
+            layer, fmt = model.get_submodule(name), format_override(name, self.layer_formats)
             if fmt is not None:   # an 8-bit override: per-channel symmetric
                 q = QuantLinear.from_linear(layer, fmt, None, False,
                                             "int8_token" if self.act_format != "none" else "none")
@@ -169,12 +171,13 @@ class GPTQ(_Checked):
         def plan(name: str, layer: nn.Module) -> dict | None:
             if name not in names:
                 return None
-            fmt = _override(name, self.layer_formats)
-            if fmt is not None:
-                return {"weight_format": fmt, "group_size": None, "asymmetric": False, "act_format": self.act_format}
-            return {"weight_format": f"int{self.bits}", "group_size": self.group_size,
-                    "asymmetric": self.asymmetric, "act_order": self.act_order, "damp": self.damp,
-                    "block_size": self.block_size, "act_format": self.act_format}
+            solver = {"act_order": self.act_order, "damp": self.damp, "block_size": self.block_size,
+                      "act_format": self.act_format}
+            fmt = format_override(name, self.layer_formats)
+            if fmt is not None:  # per output, symmetric: e.g. the head at int8
+                return {"weight_format": fmt, "group_size": None, "asymmetric": False, **solver}
+            return {"weight_format": f"int{self.bits}", "group_size": self.group_size, "asymmetric": self.asymmetric,
+                    **solver}
 
         return gptq_model(model, _need_calib(self, calib, model), plan)
 
@@ -292,10 +295,12 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
         raise ValueError(f"the model's {bad} holds NaN or infinite values: nothing to quantize")
     if any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError("the model is already quantized: quantize its full-precision original")
-    if isinstance(r, QAT):
-        return r.apply(model, calib)
-    model.eval()
-    with torch.no_grad():
-        model = r.apply(model, calib)
+    with unchanged_on_error(model):  # a refusal halfway (GPTQ's Hessian, say) leaves the model as it was
+        if isinstance(r, QAT):
+            model = r.apply(model, calib)
+        else:
+            model.eval()
+            with torch.no_grad():
+                model = r.apply(model, calib)
     model.quant_recipe = {"type": type(r).__name__, **dataclasses.asdict(r)}
     return model

@@ -32,7 +32,6 @@ int8 inputs; the patch embedding (a convolution) stays in floating point.
 """
 from __future__ import annotations
 
-import fnmatch
 
 import torch
 import torch.nn as nn
@@ -42,6 +41,7 @@ from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
 from quant.quantizers import (Log2Quantizer, UniformQuantizer, fake_quant_log2, quantize_weight, uint_fake,
                               uint_range_params)
+from quant.recipes import format_override
 
 _CLIPS = torch.linspace(1.0, 0.2, 33)   # candidate range shrink factors for the searches below
 _MAX_TOKENS = 4096                      # tokens used by the range searches (a random subset)
@@ -148,6 +148,12 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
     batch_size = 128  # calibration inputs per forward pass
     bits = recipe.act_bits
     blocks = _blocks(model)
+    in_blocks = {id(m) for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)}
+    others = {n: format_override(n, recipe.layer_formats) for n, m in model.named_modules()
+              if type(m) is nn.Linear and id(m) not in in_blocks}                  # e.g. the head
+    if unplaced := [n for n, fmt in others.items() if fmt is None]:
+        raise ValueError(f"w4a4 quantizes the linear layers outside qkv, proj, fc1 and fc2 by the recipe's "
+                         f"layer_formats, and none matches {unplaced[0]!r}")
     h = capture(model, blocks[0], calib, batch_size, keep_shape=True)          # (B, N, D) into block 0
     for block in tqdm(blocks, desc="W4A4", unit="block", leave=False):
         attn = QuantAttention.from_attention(block.attn)
@@ -171,11 +177,8 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
             setattr(owner, name, _quantize_linear(layer, x, s, z, recipe))
         with torch.no_grad():                                              # the next block's inputs
             h = torch.cat([block(h[i:i + batch_size]) for i in range(0, len(h), batch_size)])
-    for name, layer in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
-        fmt = next((f for p, f in recipe.layer_formats if fnmatch.fnmatchcase(name, p)), None)
-        if fmt is None:
-            raise ValueError(f"w4a4 does not know where layer {name!r} sits in a ViT block")
-        model.set_submodule(name, QuantLinear.from_linear(layer, fmt, act_format="int8_token"))
+    for name, fmt in others.items():
+        model.set_submodule(name, QuantLinear.from_linear(model.get_submodule(name), fmt, act_format="int8_token"))
     return model
 
 

@@ -325,6 +325,16 @@ def test_plain_model_file_needs_its_architecture(tmp_path):
         quant.load_quantized(tmp_path / "m.safetensors", model=mlp(16, 9))
 
 
+def test_a_model_a_file_does_not_fit_is_left_as_it_was(tmp_path):
+    quant.save_quantized(quantized_mlp("int4", 16, 8, 8, True), tmp_path / "m.safetensors")
+    other = nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 4))   # the first layer fits, the last not
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="layer '2' is 3x8 in the file"):
+        quant.load_quantized(tmp_path / "m.safetensors", model=other)
+    assert [type(m) for m in other] == [nn.Linear, nn.GELU, nn.Linear]
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         quant.load_any(tmp_path / "absent.safetensors")

@@ -1,6 +1,7 @@
 """The post-training CLIs: `quant.ptq` writes packed files that `quant.evaluate` scores,
 `quant.ptq_results` fills the results table, `quant.report` plots it."""
 import json
+import shlex
 import subprocess
 import sys
 
@@ -169,15 +170,19 @@ def test_results_entries_record_the_calibration_size(checkpoint, image_tree, tmp
     assert json.loads(out.read_text())["results"][1]["calib"] == "5 train-split images"  # of 18 in the tree
 
 
-def test_results_commands_name_a_data_path_holding_braces_as_it_is(checkpoint, tmp_path):
-    data = write_tree(tmp_path / "data{x}")
+def test_results_commands_rerun_as_shell_lines_with_a_data_path_holding_braces_and_a_space(checkpoint, tmp_path):
+    data = write_tree(tmp_path / "my data{x}")
     out = tmp_path / "r.json"
     results_main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--models",
                   str(tmp_path / "models"), "--recipes", "w4", "--limit", "3"])
     fp, w4 = json.loads(out.read_text())["results"]
-    assert fp["command"] == f"python -m quant.evaluate --checkpoint {checkpoint} --data {data} --split test --limit 3"
-    assert w4["command"].endswith(f"--checkpoint {tmp_path / 'models' / 'tiny.w4.safetensors'} --data {data} "
-                                  f"--split test --limit 3")
+    model = str(tmp_path / "models" / "tiny.w4.safetensors")
+    assert shlex.split(fp["command"]) == ["python", "-m", "quant.evaluate", "--checkpoint", str(checkpoint),
+                                          "--data", str(data), "--split", "test", "--limit", "3"]
+    assert shlex.split(w4["command"]) == [
+        "python", "-m", "quant.ptq", "--checkpoint", str(checkpoint), "--recipe", "w4", "--calib", str(data),
+        "--calib-size", "256", "--out", model, "&&", "python", "-m", "quant.evaluate", "--checkpoint", model,
+        "--data", str(data), "--split", "test", "--limit", "3"]
 
 
 def test_results_markdown_table_lists_one_checkpoints_entries_with_signed_drops():

@@ -126,6 +126,14 @@ def test_scales_that_do_not_fit_the_groups_are_refused():
         QuantLinear.from_codes(torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2, 1), None, None, "int4", 4)
 
 
+@pytest.mark.parametrize("zeros, bias, message", [(torch.ones(2, 1), None, r"zeros of shape \(2, 1\)"),
+                                                  (torch.ones(2, 3), None, r"zeros of shape \(2, 3\)"),
+                                                  (None, torch.zeros(5), r"bias of shape \(5,\)")])
+def test_zeros_or_a_bias_that_do_not_fit_the_layer_are_refused(zeros, bias, message):
+    with pytest.raises(ValueError, match=message + r" do not fit 2x8 weights in groups of 4: expected"):
+        QuantLinear.from_codes(torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2, 2), zeros, bias, "int4", 4)
+
+
 def test_nf4_layer_defaults_to_groups_of_64():
     q = QuantLinear.from_linear(linear(k=128), "nf4")
     assert q.group_size == 64 and q.scales.shape == (6, 2)

@@ -222,3 +222,9 @@ def test_bit_allocation_records_each_layers_macs_and_the_parameter_weighted_mean
 
 def test_an_allocation_holding_no_widths_draws_no_figure():
     assert qvit.allocation_figure({"layers": {}, "attention": {}}) is None
+
+
+def test_an_allocation_holding_no_widths_is_refused_as_a_plot_file(tmp_path):
+    with pytest.raises(ValueError, match="holds no layers or attention heads to plot"):
+        qvit.plot_allocation({"layers": {}, "attention": {}}, tmp_path / "bits.png")
+    assert not (tmp_path / "bits.png").exists()

@@ -53,7 +53,8 @@ def test_overrides_of_the_wrong_type_or_range_are_refused(override, message):
                                                      ("w4a4", {"act_bits": 1}, "act_bits must lie in 2..8"),
                                                      ("w4a4", {"weight_bits": 9}, "weight_bits must lie in 2..8"),
                                                      ("w4-gptq", {"bits": 12}, "bits must lie in 2..8"),
-                                                     ("qvit", {"max_bits": 9}, "max_bits must lie in 1..8")])
+                                                     ("qvit", {"max_bits": 9}, "max_bits must lie in 2..8"),
+                                                     ("qvit", {"min_bits": 1}, "min_bits must lie in 2..8")])
 def test_bit_widths_no_format_has_are_refused_before_any_work(name, override, message):
     with pytest.raises(ValueError, match=message):
         quant.recipe(name, **override)
@@ -93,7 +94,7 @@ def test_a_qvit_budget_outside_its_bit_range_is_refused(override):
         quant.recipe("qvit", **override)
 
 
-@pytest.mark.parametrize("name, override", [("qvit", {"min_bits": 1, "budget_bits": 1.0}),
+@pytest.mark.parametrize("name, override", [("qvit", {"min_bits": 2, "budget_bits": 2.0}),
                                             ("qvit", {"budget_bits": 8}), ("w4a4", {"weight_bits": 2, "act_bits": 2}),
                                             ("w4-gptq", {"bits": 8, "damp": 0.0})])
 def test_the_range_ends_of_widths_budgets_and_damping_are_accepted(name, override):
@@ -153,6 +154,66 @@ def test_quantize_records_the_recipe_on_the_model():
     model = quant.quantize(plain_model(), quant.recipe("w4", group_size=32))
     assert model.quant_recipe == {"type": "RTN", "name": "w4", "weight_format": "int4", "group_size": 32,
                                   "asymmetric": True, "act_format": "none", "layer_formats": (("head", "int8"),)}
+
+
+def test_a_qat_recipe_is_recorded_on_the_model_too():
+    model = quant.quantize(plain_model(), "w1.58a8")
+    assert model.quant_recipe["type"] == "BitNet" and model.quant_recipe["weight_format"] == "ternary"
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_quantize_that_fails_halfway_leaves_the_model_as_it_was_and_a_retry_works(monkeypatch):
+    model, calib = plain_model().train(), torch.randn(64, 24)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    solve, calls = gptq.gptq_weight, []
+
+    def fail_on_the_second_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("GPTQ: the inputs' Hessian is not positive definite")
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(gptq, "gptq_weight", fail_on_the_second_layer)
+    with pytest.raises(ValueError, match="not positive definite"):
+        quant.quantize(model, "w4-gptq", calib=calib)
+    assert len(calls) == 2 and model.training and not hasattr(model, "quant_recipe")
+    assert [type(m) for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))] == [nn.Linear] * 3
+    assert same_state(model.state_dict(), before)
+    monkeypatch.setattr(gptq, "gptq_weight", solve)
+    assert isinstance(quant.quantize(model, "w4-gptq", calib=calib).out[1], QuantLinear)
+
+
+def test_a_gptq_recipe_missing_its_calibration_leaves_the_models_mode_alone():
+    model = plain_model().train()
+    with pytest.raises(ValueError, match="calibration"):
+        quant.quantize(model, "w4-gptq")
+    assert model.training
+
+
+def test_w4a4_refuses_a_layer_outside_the_blocks_no_layer_format_matches_before_touching_the_model(
+        tiny_model, monkeypatch):
+    from quant import w4a4
+    monkeypatch.setattr(w4a4, "capture", lambda *a, **k: pytest.fail("W4A4 calibrated before refusing"))
+    with pytest.raises(ValueError, match="none matches 'head'"):
+        quant.quantize(tiny_model, quant.recipe("w4a4", layer_formats=()), calib=torch.randn(4, 3, 32, 32))
+
+
+def test_gptq_solves_the_layers_named_in_layer_formats_with_the_recipes_damping_and_order(monkeypatch):
+    seen, solve = {}, gptq.gptq_weight
+
+    def record(w, H, bits, **settings):
+        seen[bits] = settings
+        return solve(w, H, bits, **settings)
+
+    monkeypatch.setattr(gptq, "gptq_weight", record)
+    quant.quantize(plain_model(), quant.recipe("w4-gptq", layer_formats=(("out.1", "int8"),), damp=0.2,
+                                               act_order=True, block_size=16), calib=torch.randn(64, 24))
+    assert {k: seen[8][k] for k in ("damp", "act_order", "block_size")} == {"damp": 0.2, "act_order": True,
+                                                                            "block_size": 16}
+    assert seen[8]["group_size"] is None and seen[4]["damp"] == 0.2
 
 
 def test_quantize_returns_the_model_in_eval_mode():
