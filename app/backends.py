@@ -46,7 +46,7 @@ MODEL_SUFFIXES = (".safetensors", ".onnx")
 class Backend:
     name: str                         # the model file's name
     runtime: str                      # "torch" or "ONNX Runtime"
-    weight_format: str                # "fp32"; in ONNX Runtime the export's format ("w1.58a8", "w8a8", ...),
+    weight_format: str                # "fp32"; in ONNX Runtime the export's format ("ternary", "w8a8", "int4", ...),
                                       # in torch the layers' ("ternary", "int8", ...; "+"-joined when they differ)
     config: ViTConfig
     size_bytes: int

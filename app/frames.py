@@ -58,7 +58,10 @@ def to_rgb(frame) -> np.ndarray:
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
-    """uint8 as is; bool as 0/255; uint16 scaled down; other integers 0..255; floats in 0..1 (or 0..255) scaled."""
+    """uint8 as is; bool as 0/255; uint16 scaled down; other integers 0..255; floats in 0..1 (or 0..255) scaled.
+    `a` is not empty (`to_rgb` checks)."""
+    if not a.dtype.isnative:  # big-endian bytes (a '>u2' 16-bit frame, say): the same values in native order
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype == np.uint8:
         return a
     if a.dtype == bool:
@@ -68,7 +71,7 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all():
             raise ValueError("the image holds NaN or infinite values")
-        lo, hi = float(a.min(initial=0)), float(a.max(initial=0))
+        lo, hi = float(a.min()), float(a.max())
         if lo < 0 or hi > 255:
             raise ValueError(f"float image values must lie in 0..1 or 0..255, got {lo:g}..{hi:g}")
         if hi <= 1.0:
@@ -76,7 +79,7 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
         return np.clip(a + 0.5, 0, 255).astype(np.uint8)
     if a.dtype == np.uint16:  # 16-bit whatever its values, as PIL's 16-bit images: a dark frame stays dark
         return (a // 257).astype(np.uint8)
-    lo, hi = int(a.min(initial=0)), int(a.max(initial=0))
+    lo, hi = int(a.min()), int(a.max())
     if lo < 0 or hi > 255:
         raise ValueError(f"{a.dtype} image values must lie in 0..255 (8-bit; give 16-bit images as uint16), "
                          f"got {lo}..{hi}")

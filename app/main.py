@@ -81,10 +81,16 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
         else:
             keep.append(m)
     arch = lambda c: (c.patch_size, c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.stem_channels)  # noqa: E731
-    other = {m.label: f" · {OTHER} (depth {m.config.depth}, width {m.config.embed_dim})"
-             for m in keep if arch(m.config) != arch(fp_file.config)}
-    openers = {m.label + other.get(m.label, ""): functools.partial(open_model, m.path, threads, runtime)
-               for m in keep}
+    own, openers = [], {}  # own: the menu labels of the FP model's architecture
+    for m in keep:
+        label = m.label
+        if label in openers:  # a --quant file named like one in the folder: tell them apart by folder
+            label += f" · in {m.path.parent}"
+        if arch(m.config) != arch(fp_file.config):
+            label += f" · {OTHER} (depth {m.config.depth}, width {m.config.embed_dim})"
+        else:
+            own.append((label, m.weight_format))
+        openers[label] = functools.partial(open_model, m.path, threads, runtime)
     if not openers:  # nothing shipped: quantize the FP model here (round to nearest), saved in the cache
         if Path(fp).suffix != ".safetensors":
             raise ValueError(f"no quantized model in {assets} to compare {Path(fp).name} with, and the app can only "
@@ -94,9 +100,8 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
                      f"(PTQ, no comparable packed model in {Path(assets).name}/)")
             openers[label] = functools.partial(_on_the_fly, fp, name, threads, runtime)
     labels = list(openers)
-    own = [m for m in keep if m.label not in other]  # of the FP model's architecture: a ternary one first
-    default = labels[0] if quant is not None else next(
-        (m.label for m in own if m.weight_format == "ternary"), own[0].label if own else labels[0])
+    default = labels[0] if quant is not None else next(  # of the FP model's architecture: a ternary one first
+        (label for label, fmt in own if fmt == "ternary"), own[0][0] if own else labels[0])
     return Comparison(fp_backend, openers, default), labels, skipped
 
 

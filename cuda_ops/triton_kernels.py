@@ -40,7 +40,7 @@ swapped kernel likewise, on (BLOCK_N, BLOCK_KP) tiles).
 Tile shapes come from a small per-shape tuner (first call per (kernel, M bucket, N, K, ...) times the
 candidates' CUDA-graph replays with `triton.testing.do_bench`; set BITVIT_TUNE=0 to use the first candidate, the default
 while a CUDA graph is being captured and under TRITON_INTERPRET=1; BITVIT_TUNE=compile launches every
-candidate once, untimed, and uses the first: it fills Triton's compile cache for a later tuning run).
+candidate once per key, untimed, and uses the first: it fills Triton's compile cache for a later tuning run).
 """
 from __future__ import annotations
 
@@ -555,6 +555,7 @@ class Tuner:
     def __init__(self):
         self.best: dict[tuple, Config] = {}
         self.timings: dict[tuple, dict[Config, float]] = {}
+        self.compiled: set[tuple] = set()  # keys BITVIT_TUNE=compile has launched every candidate of
 
     def pick(self, key: tuple, candidates: list[Config], launch) -> Config:
         if key in self.best:
@@ -562,12 +563,14 @@ class Tuner:
         mode = os.environ.get("BITVIT_TUNE", "1")
         if INTERPRET or len(candidates) == 1 or mode == "0" or torch.cuda.is_current_stream_capturing():
             return candidates[0]
-        if mode == "compile":  # compile each tiling (a tiling the device cannot hold is skipped), time none
-            for cfg in candidates:
-                try:
-                    launch(cfg)
-                except Exception:
-                    pass
+        if mode == "compile":  # compile each tiling once (one the device cannot hold is skipped), time none
+            if key not in self.compiled:
+                for cfg in candidates:
+                    try:
+                        launch(cfg)
+                    except Exception:
+                        pass
+                self.compiled.add(key)
             return candidates[0]
         times, first_error = {}, None
         for cfg in candidates:

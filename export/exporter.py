@@ -6,7 +6,8 @@ to exactly the ONNX form chosen for it and the file holds the packed tensors, no
 | layer                                          | ONNX                                                          |
 |------------------------------------------------|---------------------------------------------------------------|
 | `nn.Linear`                                    | MatMul + Add (fp16: weights stored fp16, cast to fp32 once)   |
-| int2/int4/int8 weight-only                     | `com.microsoft` MatMulNBits (block = group size)              |
+| int2/int4/int8 weight-only                     | `com.microsoft` MatMulNBits (block: the largest power of two  |
+|                                                |   <= 128 the scale groups are made of, at least 16)           |
 | ternary / binary / int4 / int8 (symmetric, a   | bitvit's `TernaryLinear` / `BinaryLinear` / `Int4Linear` /    |
 |   scale per output), int8 per-token input      |   `Int8Linear` (`export/ops`)                                 |
 | the same with `custom_ops=False`: int8         | per-token quantize (ReduceMax/Div/Round/Clip) + MatMulInteger |
@@ -182,6 +183,9 @@ def _quantized_linear(g: _Graph, x: str, m: nn.Module, name: str) -> str:
     """A QuantLinear (its input LayerNorm already applied) in standard and com.microsoft ops."""
     fmt, act, k = m.weight_format, m.act_format, m.in_features
     per_row = m.scales.shape[1] == 1
+    if fmt == "int8" and m.zeros is not None:
+        raise ValueError(f"{name}: int8 weights with zero points have no ONNX Runtime kernel (MatMulNBits runs "
+                         f"8 bits without them only); quantize to symmetric int8 (asymmetric=False)")
     codes = m.codes()
     if fmt == "int8" and act == "int8_token" and per_row:
         q, s = _token_scale(g, x, name)
@@ -225,13 +229,10 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def to_onnx(model: VisionTransformer, fmt: str = "fp32", custom_ops: bool = True) -> onnx.ModelProto:
-    """The ONNX graph of `model` as it stands (FP or with quantized layers); `fmt` names the file's
-    format in the metadata and, for "fp16", stores the float weights at half precision."""
-    if fmt not in FORMATS and not (any(is_quantized(m) for m in model.modules()) and fmt == model_format(model)):
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"can only export bitvit's VisionTransformer, got {type(model).__name__}")
-    model = model.eval()
+    """The ONNX graph of `model` as it stands (FP or with quantized layers), which it leaves unchanged.
+    `fmt` is the format its weights are in (`model_format`; an FP model's is fp32, or "fp16" to store the
+    float weights at half precision) and is written to the metadata."""
+    _check_exportable(model, fmt)
     cfg = model.config
     g = _Graph(fp16=fmt == "fp16")
     x = "image"
@@ -303,22 +304,28 @@ def quantize_for_export(model: VisionTransformer, fmt: str) -> VisionTransformer
     return model
 
 
-def export(model: VisionTransformer, path: str | Path, fmt: str = "fp32", custom_ops: bool = True) -> Path:
-    """Build the graph of `model` as it stands (see `quantize_for_export`), check it, write it to `path`."""
+def _check_exportable(model: VisionTransformer, fmt: str) -> None:
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"can only export bitvit's VisionTransformer, got {type(model).__name__}")
+    quantized = any(is_quantized(m) for m in model.modules())
+    if fmt not in FORMATS and not (quantized and fmt == model_format(model)):
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if any(is_qat_layer(m) for m in model.modules()):
         raise ValueError("the model holds quantization-aware training layers: pack them first "
                          "(quant.bitlinear.freeze or quant.qvit.freeze), then export the packed model")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("export the float32 model (format fp16 stores its float weights at half precision)")
-    quantized = any(is_quantized(m) for m in model.modules())
     if quantized and fmt != model_format(model):
         raise ValueError(f"the model holds {model_format(model)} weights, not {fmt}: export it as "
                          f"{model_format(model)}")
     if not quantized and fmt not in ("fp32", "fp16"):
         raise ValueError(f"the model holds fp32 weights, not {fmt}; quantize it first "
                          f"(export.exporter.quantize_for_export)")
+
+
+def export(model: VisionTransformer, path: str | Path, fmt: str = "fp32", custom_ops: bool = True) -> Path:
+    """Build the graph of `model` as it stands (see `quantize_for_export`), check it, write it to `path`."""
+    _check_exportable(model, fmt)
     path = file_to_write(path)
     proto = to_onnx(model, fmt, custom_ops)
     onnx.checker.check_model(proto)

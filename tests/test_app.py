@@ -16,7 +16,7 @@ from app.backends import inspect_file, open_model, quantize_on_the_fly, scan
 from app.examples import SIZE, write_examples
 from app.frames import load_image_file, model_view, to_rgb
 from app.live import Comparison, LiveStats
-from app.main import main, make_comparison, open_default
+from app.main import OTHER, main, make_comparison, open_default
 from app.ui import Handlers
 from app import results
 from quant.cli import run
@@ -132,6 +132,16 @@ def test_a_folder_given_as_an_upload_is_refused_as_a_folder(tmp_path):
 def test_frames_that_are_not_images_are_refused_with_a_message(bad, message):
     with pytest.raises(ValueError, match=message):
         to_rgb(bad)
+
+
+def test_an_out_of_range_frame_is_refused_naming_its_own_value_range():
+    with pytest.raises(ValueError, match=r"got 40\.\.300$"):
+        to_rgb(np.array([[40, 300]], np.int32))
+
+
+def test_a_big_endian_16_bit_frame_reads_as_its_native_twin():
+    native = frame((6, 5, 3), np.uint16)
+    assert np.array_equal(to_rgb(native.astype(">u2")), to_rgb(native))
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (S, S), (31, 200), (480, 640), (1080, 1920)])
@@ -334,6 +344,17 @@ def test_a_quantized_model_named_with_quant_must_open(assets):
     damage(assets / "tiny_ternary.safetensors")
     cmp, labels, skipped = make_comparison(assets / "fp.safetensors", assets / "tiny_ternary.safetensors", assets,
                                            runtime="torch")
+    with pytest.raises(ValueError, match="corrupt"):
+        open_default(cmp, labels, skipped, explicit=True)
+
+
+def test_a_quant_file_named_like_one_in_the_folder_is_the_one_opened_and_both_are_listed(assets, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "tiny_ternary.safetensors"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes((assets / "tiny_ternary.safetensors").read_bytes())
+    damage(elsewhere)  # its header reads like the folder's file; opening it fails
+    cmp, labels, skipped = make_comparison(assets / "fp.safetensors", elsewhere, assets, runtime="torch")
+    assert len([x for x in labels if "tiny_ternary.safetensors" in x]) == 2
     with pytest.raises(ValueError, match="corrupt"):
         open_default(cmp, labels, skipped, explicit=True)
 

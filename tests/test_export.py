@@ -119,6 +119,32 @@ def test_a_float_model_is_not_written_as_a_quantized_format(tiny_model, tmp_path
         to_onnx(tiny_model, "int5")
 
 
+def test_the_graph_builder_refuses_a_format_the_model_is_not_in(tiny_model):
+    with pytest.raises(ValueError, match="quantize it first"):
+        to_onnx(tiny_model, "ternary")
+    with pytest.raises(ValueError, match="holds w8a8 weights, not fp16"):
+        to_onnx(quantize_for_export(tiny_model, "w8a8"), "fp16")
+
+
+def test_exporting_leaves_a_model_in_training_mode_as_it_was(tiny_model, tmp_path):
+    tiny_model.train()
+    export(tiny_model, tmp_path / "m.onnx")
+    tiny_model.blocks[0].mlp.act = torch.nn.GELU(approximate="tanh")
+    with pytest.raises(ValueError, match="only exact GELU"):
+        to_onnx(tiny_model)
+    assert all(m.training for m in tiny_model.modules())
+
+
+@pytest.mark.parametrize("act_format, fmt, custom", [("int8_token", "w8a8", True), ("int8_token", "w8a8", False),
+                                                     ("none", "int8", True)])
+def test_int8_weights_with_zero_points_are_refused_not_exported_without_them(tiny_model, tmp_path, act_format,
+                                                                             fmt, custom):
+    import quant
+    model = quant.quantize(copy.deepcopy(tiny_model), quant.recipe("w8a8", asymmetric=True, act_format=act_format))
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv: int8 weights with zero points have no ONNX Runtime"):
+        export(model, tmp_path / "m.onnx", fmt, custom)
+
+
 def test_the_session_knows_the_preprocessing_the_model_expects(tiny_model, tmp_path):
     session = runtime.load(export(tiny_model, tmp_path / "m.onnx"))
     cfg = tiny_model.config
