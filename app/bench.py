@@ -80,7 +80,7 @@ def bench_pair(handlers: Handlers, variant: str, frames: list[np.ndarray]) -> di
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_tiny.safetensors)")
+    p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_small.safetensors)")
     p.add_argument("--assets", default=str(ASSETS), help="folder of packed models (default: assets/)")
     p.add_argument("--frames", type=positive_int, default=300, help="timed frames per pair (default 300)")
     p.add_argument("--size", default="640x480", help="frame size WxH (default 640x480, a webcam's)")

@@ -1,8 +1,8 @@
 """`python app/main.py [--host H] [--port 7860] [--share] [--fp MODEL] [--quant MODEL]`: bitvit's webcam demo.
 
 Serves the Gradio page (Live, Image and Results tabs) comparing a full-precision ViT with a quantized
-one, on the models in `assets/` and with no network. `--fp` defaults to
-`assets/vit_cifar_tiny.safetensors`; the quantized menu lists every packed model in `assets/` (plus
+one, on the models in `assets/` and with no network. `--fp` defaults to the GPU-trained reference,
+`assets/vit_cifar_small.safetensors`; the quantized menu lists every packed model in `assets/` (plus
 `--quant`, which is also the default choice; otherwise a ternary model of the FP model's architecture
 when there is one, else another of its architecture). With no packed model at all, the app quantizes
 the FP model itself when it starts (`quant.quantize` with the round-to-nearest recipes w8a8 and w4,
@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from quant.cli import run, thread_count  # noqa: E402
 
 ASSETS = ROOT / "assets"
-DEFAULT_FP = ASSETS / "vit_cifar_tiny.safetensors"
+DEFAULT_FP = ASSETS / "vit_cifar_small.safetensors"
 OTHER = "other architecture than the FP model"  # in the menu label of a packed model of another architecture
 
 
@@ -167,7 +167,7 @@ def main(argv=None):
     p.add_argument("--port", type=port, default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
                    help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
-    p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_tiny.safetensors)")
+    p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_small.safetensors)")
     p.add_argument("--quant", help="quantized model to select first (.safetensors or .onnx; default: "
                                    "a ternary model from assets/)")
     p.add_argument("--assets", default=str(ASSETS), help="folder of models to offer (default: assets/)")

@@ -369,6 +369,13 @@ def test_without_fp_the_first_full_precision_file_that_opens_is_taken(assets):
     assert any(s.startswith("a_broken_fp.safetensors") for s in skipped)
 
 
+def test_without_arguments_the_app_compares_the_shipped_reference_with_its_own_ternary_model():
+    cmp, labels, skipped = make_comparison(None, None, runtime="torch")
+    assert cmp.fp.name == "vit_cifar_small.safetensors" and skipped == []
+    assert cmp.default.startswith("ternary") and "vit_cifar_small-w1.58a8.safetensors" in cmp.default
+    assert OTHER not in cmp.default and any(OTHER in x for x in labels)
+
+
 def test_the_page_lists_the_model_files_left_out_and_why(assets, tmp_path):
     from app.ui import build
     cmp, labels, skipped = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
