@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 import quant
-from quant.cli import finite_number
+from quant.cli import finite_number, written_whole
 from quant.data import cache_dir, check_model_input
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import ViTConfig, existing_file, fp_parameters, read_safetensors_metadata
@@ -180,9 +180,8 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str) -> Path:
         if weight_format(model) != "fp32":
             raise ValueError(f"{fp_path} is already quantized")
         model = quant.quantize(model, r)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        quant.save_quantized(model, tmp)
-        os.replace(tmp, out)
+        with written_whole(out) as tmp:
+            quant.save_quantized(model, tmp)
     return out
 
 
@@ -223,7 +222,6 @@ def _exported(model: nn.Module, source: Path, custom_ops: bool = True, again: bo
     from export import exporter
     out = _export_path(model, source, custom_ops)
     if again or not out.is_file():
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        exporter.export(model, tmp, exporter.model_format(model), custom_ops=custom_ops)
-        os.replace(tmp, out)
+        with written_whole(out) as tmp:
+            exporter.export(model, tmp, exporter.model_format(model), custom_ops=custom_ops)
     return out

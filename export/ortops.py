@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from quant.cli import written_whole
 from quant.data import cache_dir
 
 SOURCE = Path(__file__).with_name("ops") / "bitvit_ops.cc"
@@ -64,14 +65,13 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
     if out.is_file() and digest.is_file() and not force and digest.read_text() == _sha256(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    _run([cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)], what="compiling bitvit's ONNX Runtime ops")
-    if not tmp.is_file():  # a "compiler" that exits 0 without writing (CXX=true)
-        raise ValueError(f"the compiler {cxx} wrote no library (is $CXX a C++ compiler?)")
-    tmp_digest = digest.with_suffix(f".{os.getpid()}.tmp")
-    tmp_digest.write_text(_sha256(tmp))
-    os.replace(tmp, out)  # atomic: a concurrent build never sees a half-written library
-    os.replace(tmp_digest, digest)
+    with written_whole(out) as tmp:  # a concurrent build never sees a half-written library
+        _run([cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)], what="compiling bitvit's ONNX Runtime ops")
+        if not tmp.is_file():  # a "compiler" that exits 0 without writing (CXX=true)
+            raise ValueError(f"the compiler {cxx} wrote no library (is $CXX a C++ compiler?)")
+        sha = _sha256(tmp)
+    with written_whole(digest) as tmp:
+        tmp.write_text(sha)
     return out
 
 

@@ -3,6 +3,7 @@ the provenance (command, machine, date) that every results file records, and how
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -145,14 +146,27 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+@contextlib.contextmanager
+def written_whole(path: str | os.PathLike):
+    """Yields a temporary path beside `path` to write to, renamed onto `path` when the block ends without
+    an error, removed when it fails: `path` is written whole or not at all, should the run be killed
+    meanwhile, and a concurrent reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: str | os.PathLike, data, default=None) -> None:
-    """A results file: `data` as indented JSON, written whole or not at all (to a temporary file beside it,
-    then renamed, should the run be killed meanwhile), its folder made first."""
+    """A results file: `data` as indented JSON, written whole or not at all (`written_whole`), its folder
+    made first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=default) + "\n")
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=default) + "\n")
 
 
 def provenance(prog: str, argv: list[str] | None) -> dict[str, str]:

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from quant.cli import written_whole
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 SPLITS = ("train", "val", "trainval", "test", "all")
 
@@ -229,9 +231,8 @@ class _TarSource(_Source):
             return split in listing.read_text().splitlines()
         splits = sorted({Path(m.name).parts[-3] for m in self.members if len(Path(m.name).parts) >= 3})
         listing.parent.mkdir(parents=True, exist_ok=True)
-        tmp = listing.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text("\n".join(splits))
-        os.replace(tmp, listing)
+        with written_whole(listing) as tmp:
+            tmp.write_text("\n".join(splits))
         return split in splits
 
     def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
@@ -381,10 +382,9 @@ def _cached(source: _Source, split: str, image_size: int, progress: bool) -> Ima
     data = source.decode(split, image_size, progress)
     base.parent.mkdir(parents=True, exist_ok=True)
     files[3].unlink(missing_ok=True)  # the copy counts only once all of it is written
-    tmp = base.with_suffix(f".{os.getpid()}.tmp.npy")
     for f, arr in zip(files[:2], (data.images, data.labels)):
-        np.save(tmp, arr)
-        os.replace(tmp, f)
+        with written_whole(f) as tmp, open(tmp, "wb") as out:  # a file object: np.save adds no suffix
+            np.save(out, arr)
     files[2].write_text("\n".join(data.classes))
     files[3].write_text(_digest(data.images, data.labels, data.classes))
     return data

@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import finite_number, number_in, positive_int, random_seed, run, run_folder, thread_count
+from quant.cli import (finite_number, number_in, positive_int, random_seed, run, run_folder, thread_count,
+                       written_whole)
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -340,12 +341,11 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if env.main and save:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "rng": torch.get_rng_state(), "epoch": epoch + 1, "trained_seconds": trained,
-                        **({"cuda_rng": torch.cuda.get_rng_state(env.device)} if cuda else {}),
-                        "config": json.dumps(cfg.to_dict(), sort_keys=True)}, tmp)
-            os.replace(tmp, ckpt_path)
+            with written_whole(ckpt_path) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "rng": torch.get_rng_state(), "epoch": epoch + 1, "trained_seconds": trained,
+                            **({"cuda_rng": torch.cuda.get_rng_state(env.device)} if cuda else {}),
+                            "config": json.dumps(cfg.to_dict(), sort_keys=True)}, tmp)
     if env.world > 1:
         dist.barrier()
     return model.cpu().eval(), done

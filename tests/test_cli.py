@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quant.cli import (finite_number, is_positive_int, number_in, output_file, positive_int, provenance, random_seed,
-                       run, run_folder, thread_count, write_json)
+                       run, run_folder, thread_count, write_json, written_whole)
 from quant.train import main as train_main
 
 
@@ -148,3 +148,16 @@ def test_a_result_records_the_processs_own_arguments_when_given_none(monkeypatch
 def test_a_results_file_writes_what_json_cannot_hold_through_its_default(tmp_path):
     write_json(tmp_path / "r.json", {"path": tmp_path}, default=str)
     assert json.loads((tmp_path / "r.json").read_text()) == {"path": str(tmp_path)}
+
+
+def test_a_file_written_whole_keeps_its_old_content_and_no_temporary_when_the_write_fails(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        with written_whole(path) as tmp:
+            tmp.write_text("half")
+            raise OSError("disk full")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.bin"]
+    with written_whole(path) as tmp:
+        tmp.write_text("new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model.bin"]
