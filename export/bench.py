@@ -172,14 +172,19 @@ def main(argv=None):
     p.add_argument("--data", help="CIFAR-10 source for top-1 (e.g. ../shared/data/cifar10-jpeg.tar.gz)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=positive_int, help="score only this many images (a balanced subset; for dry runs)")
-    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--runs", type=int, default=30, help="timed runs per model and batch, 30..10000 (default 30)")
     p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1))
     p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
     p.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/16 224 model")
     p.add_argument("--spinning", action="store_true",
                    help="ONNX Runtime's worker threads spin-wait between calls (its own default) instead of sleeping")
-    p.add_argument("--out", default="assets/results/export_bench.json")
+    p.add_argument("--out", help="results JSON, the plot beside it (default assets/results/export_bench.json, the "
+                                 "shipped results, which a --limit dry run must not overwrite: it needs --out)")
     args = p.parse_args(argv)
+    if args.out is None and args.limit:
+        raise ValueError("a --limit dry run needs --out FILE: the default, assets/results/export_bench.json, holds "
+                         "the shipped results on a whole split")
+    args.out = args.out or "assets/results/export_bench.json"
     output_file(args.out, ".json")
     output_file(Path(args.out).with_suffix(".png"), ".png")  # the plot beside it, checked before the timing
     if not 30 <= args.runs <= 10_000:

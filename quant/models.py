@@ -317,13 +317,17 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.d
 
 def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """A state dict and its string metadata as one safetensors file, after the checks every model file
-    gets: metadata of strings, an output path that can be written, no NaN or infinite value."""
+    gets: metadata of strings, an output path that can be written, no NaN or infinite value. The file is
+    readable as the umask allows, as any other written file (safetensors makes it owner-only)."""
     from safetensors.torch import save_file
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("metadata must map strings to strings (safetensors' header)")
     refuse_non_finite(state)
     path = file_to_write(path)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def refuse_non_finite(state: dict[str, torch.Tensor]) -> None:

@@ -39,7 +39,7 @@ from quant.cli import file_to_write, finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import (ViTConfig, VisionTransformer, check_depth, load_model, load_state_dict, meta_skeleton,
                           path_text, read_safetensors, read_safetensors_metadata, refuse_non_finite,
-                          unchanged_on_error)
+                          unchanged_on_error, write_safetensors)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
@@ -105,7 +105,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     embedding, position embeddings, norms, biases and any full-precision head), at the price of
     rounding them, which can change a few predictions. Buffers (calibrated activation ranges, whose
     scales may be far below float16's smallest normal number) stay float32."""
-    from safetensors.torch import save_file
     if not isinstance(model, nn.Module):
         raise ValueError(f"save_quantized writes a model (nn.Module), got {type(model).__name__}")
     if not isinstance(float16, bool):
@@ -141,7 +140,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     }
     header = json.loads(json.dumps(header))  # as a reader will see it (tuples as lists, keys as strings)
     header["sha256"] = _digest(tensors, header)
-    save_file(tensors, str(path), metadata={"format": FORMAT, "header": json.dumps(header)})
+    write_safetensors(tensors, path, {"format": FORMAT, "header": json.dumps(header)})
     return storage
 
 

@@ -73,7 +73,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m quant.ptq_results", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
     p.add_argument("--data", required=True, help="CIFAR-10 (calibration on its train split)")
-    p.add_argument("--out", default="assets/results/ptq.json", help="results file (entries are merged)")
+    p.add_argument("--out", help="results file (entries are merged; default assets/results/ptq.json, the shipped "
+                                 "results, which a --limit dry run must not overwrite: it needs --out)")
     p.add_argument("--models", default="runs/ptq", help="folder for the quantized model files")
     p.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), help="PTQ recipes to run")
     p.add_argument("--split", default="test", help="split to score on (default test)")
@@ -81,6 +82,10 @@ def main(argv=None):
     p.add_argument("--calib-size", type=positive_int, default=256, help="calibration images (default 256)")
     p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.out is None and args.limit:
+        raise ValueError("a --limit dry run needs --out FILE: the default, assets/results/ptq.json, holds the "
+                         "shipped results on whole splits")
+    args.out = args.out or "assets/results/ptq.json"
     output_file(args.out, ".json")
     run_folder(args.models)  # not a file: checked before the full-precision model is scored
     if args.threads:
@@ -131,7 +136,7 @@ def main(argv=None):
                 "linear_weights": storage["linear_weights"], "calib": f"{len(calib)} train-split images",
                 "command": f"{ptq_cmd} && {eval_cmd(path)}", "quantize_s": round(quantize_s, 1),
                 "eval_s": round(eval_s, 1), "wall_s": round(quantize_s + eval_s, 1)})
-        print(f"{name}: top1={res['top1']:.4f} (drop {fp['top1'] - res['top1']:+.4f}), "
+        print(f"{name}: top1={res['top1']:.4f} (drop {100 * (fp['top1'] - res['top1']):+.2f} points), "
               f"{storage['bits_per_weight']:.3f} bits/weight, {path.stat().st_size / 1e6:.3f} MB, "
               f"quantized in {quantize_s:.0f} s")
     print(table(entries, str(ckpt)))
@@ -141,9 +146,9 @@ def main(argv=None):
 def table(entries: list[dict], checkpoint: str | None = None) -> str:
     """A markdown table of the entries (of one checkpoint)."""
     rows = [e for e in entries if checkpoint is None or e.get("checkpoint") == checkpoint]
-    lines = ["| recipe | top-1 | drop | bits/weight | size (MB) | quantize (s) |", "|---|---|---|---|---|---|"]
+    lines = ["| recipe | top-1 | drop (points) | bits/weight | size (MB) | quantize (s) |", "|---|---|---|---|---|---|"]
     for e in rows:
-        lines.append(f"| {e['recipe']} | {e['top1']:.4f} | {e['drop']:+.4f} | {e['bits_per_weight']:.3f} | "
+        lines.append(f"| {e['recipe']} | {e['top1']:.4f} | {100 * e['drop']:+.2f} | {e['bits_per_weight']:.3f} | "
                      f"{e['size_bytes'] / 1e6:.3f} | {e['quantize_s']:.0f} |")
     return "\n".join(lines)
 

@@ -153,11 +153,23 @@ def quantizers(model: nn.Module) -> dict[str, LearnedQuantizer]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    """Initialise every quantizer's step sizes (MSE, per candidate width) from a batch of inputs x."""
+    """Initialise every quantizer's step sizes (MSE, per candidate width) from a batch of inputs x, with
+    a progress bar (the search takes minutes on a small CPU)."""
+    from tqdm import tqdm
     was = model.training
     model.eval()
-    with LearnedQuantizer.calibrating(model):
-        model(x)
+    qs = [m for m in model.modules() if isinstance(m, LearnedQuantizer) and not bool(m.initialized)]
+    with tqdm(total=len(qs), desc="Q-ViT step sizes", unit="quantizer", leave=False) as bar:
+        def done(*_) -> None:  # a forward hook's return value would replace the quantizer's output
+            bar.update()
+
+        hooks = [q.register_forward_hook(done) for q in qs]
+        try:
+            with LearnedQuantizer.calibrating(model):
+                model(x)
+        finally:
+            for h in hooks:
+                h.remove()
     model.train(was)
     missing = [n for n, q in quantizers(model).items() if not bool(q.initialized)]
     if missing:

@@ -32,10 +32,11 @@ cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-cpu}
 TEACHER=${TEACHER:-assets/vit_cifar_tiny.safetensors}
 RUNS=${RUNS:-runs/qat-$PROFILE}
-if [ "$PROFILE" = gpu ]; then  # the device machine gets the data carried in .data/; its results start fresh
-    DATA=${DATA:-.data/cifar10-jpeg.tar.gz}; RESULTS=${RESULTS:-$RUNS/qat.json}
+DATA=${DATA:-.data/cifar10-jpeg.tar.gz}  # the JPEG copy inside the checkout (the device machine gets it carried)
+if [ "$PROFILE" = gpu ]; then  # a GPU run's results start fresh
+    RESULTS=${RESULTS:-$RUNS/qat.json}
 else
-    DATA=${DATA:-/work/shared/data/cifar10-jpeg.tar.gz}; RESULTS=${RESULTS:-assets/results/qat.json}
+    RESULTS=${RESULTS:-assets/results/qat.json}
 fi
 ASSETS=${ASSETS:-assets}
 ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w3 qvit-w4"}

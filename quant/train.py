@@ -215,7 +215,10 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     if ckpt_path.exists():
         state = read_resume_state(ckpt_path, "delete it to start over")
         if state["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
-            raise ValueError(f"{ckpt_path} was written by a run with another config; "
+            was, now = json.loads(state["config"]), json.loads(json.dumps(cfg.to_dict()))  # tuples as lists
+            changed = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
+                                if was.get(k) != now.get(k))
+            raise ValueError(f"{ckpt_path} was written by a run with another config ({changed}); "
                              f"use a fresh --out folder or delete it")
         try:
             model.load_state_dict(state["model"])
@@ -314,9 +317,10 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{(i + 1) * per_rank * env.world / (time.perf_counter() - t0):.0f}")
         bar.close()
-        if not math.isfinite(loss_sum):  # every later step would be NaN too: stop before saving the weights
-            raise ValueError(f"training diverged in epoch {epoch + 1} (the loss is {loss_sum / max(seen, 1)}): "
-                             f"start a fresh --out with a lower --lr")
+        if not (math.isfinite(loss_sum) and all(bool(torch.isfinite(p).all()) for p in model.parameters())):
+            # every later step would be NaN too: stop before scoring or saving the weights
+            raise ValueError(f"training diverged in epoch {epoch + 1} (the loss or the weights are NaN or "
+                             f"infinite): start a fresh --out with a lower --lr")
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                   "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"], "seconds": seconds}

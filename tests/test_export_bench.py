@@ -195,3 +195,8 @@ def test_each_target_is_printed_as_met_or_missed(fp_file, tmp_path, capsys, meas
     printed = capsys.readouterr().out
     assert "  met    ternary speed-up over ORT fp32: 4.000 (goal 2.000)" in printed
     assert "  MISSED binary speed-up over ternary: 0.667 (goal 1.000)" in printed
+
+
+def test_a_limit_dry_run_without_out_is_refused_not_written_over_the_shipped_results(fp_file, capsys):
+    assert run(main, ["--checkpoint", str(fp_file), "--no-vit-s", "--limit", "5"]) == 2
+    assert "a --limit dry run needs --out FILE" in capsys.readouterr().err

@@ -2,12 +2,16 @@
 import dataclasses
 import json
 import math
+import os
 import pickle
+import stat
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+
+import quant
 
 from quant.models import (CONFIGS, FORMAT, ViTConfig, VisionTransformer, create_model, forward_with_hooks,
                           load_model, load_state_dict, save_model)
@@ -461,3 +465,17 @@ def test_a_file_of_another_bitvit_format_is_refused_naming_its_format(tmp_path):
 def test_a_loaded_model_is_in_eval_mode(tiny_model, tmp_path):
     save_model(tiny_model.train(), tmp_path / "m.safetensors")
     assert not any(m.training for m in load_model(tmp_path / "m.safetensors").modules())
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_written_model_file_has_the_permissions_the_umask_gives(tmp_path, packed):
+    model = VisionTransformer(TINY)
+    old = os.umask(0o022)
+    try:
+        if packed:
+            quant.save_quantized(quant.quantize(model, "w8a8"), tmp_path / "m.safetensors")
+        else:
+            save_model(model, tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644

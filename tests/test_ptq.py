@@ -10,6 +10,7 @@ import torch
 
 import quant
 from quant import report
+from quant.cli import run
 from quant.data import load_split, to_model_input
 from quant.models import save_model
 from quant.ptq import calibration_inputs, main as ptq_main, parse_overrides
@@ -163,6 +164,11 @@ def test_results_full_precision_entry_counts_32_bits_per_linear_weight(checkpoin
     assert fp["size_bytes"] == checkpoint.stat().st_size
 
 
+def test_a_limit_dry_run_of_the_results_table_without_out_is_refused(checkpoint, image_tree, capsys):
+    assert run(results_main, ["--checkpoint", str(checkpoint), "--data", str(image_tree), "--limit", "3"]) == 2
+    assert "a --limit dry run needs --out FILE" in capsys.readouterr().err
+
+
 def test_results_entries_record_the_calibration_size(checkpoint, image_tree, tmp_path):
     out = tmp_path / "r.json"
     results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
@@ -185,11 +191,11 @@ def test_results_commands_rerun_as_shell_lines_with_a_data_path_holding_braces_a
         "--data", str(data), "--split", "test", "--limit", "3"]
 
 
-def test_results_markdown_table_lists_one_checkpoints_entries_with_signed_drops():
+def test_results_markdown_table_lists_one_checkpoints_entries_with_signed_drops_in_points():
     entries = [results_entry("w4", "a.safetensors", top1=0.8, drop=0.05),
                results_entry("w2", "b.safetensors"), results_entry("w3", "a.safetensors", top1=0.9, drop=-0.01)]
     assert table(entries, "a.safetensors").splitlines()[2:] == [
-        "| w4 | 0.8000 | +0.0500 | 4.500 | 2.000 | 3 |", "| w3 | 0.9000 | -0.0100 | 4.500 | 2.000 | 3 |"]
+        "| w4 | 0.8000 | +5.00 | 4.500 | 2.000 | 3 |", "| w3 | 0.9000 | -1.00 | 4.500 | 2.000 | 3 |"]
     assert len(table(entries).splitlines()) == 2 + 3
 
 

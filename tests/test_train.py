@@ -143,6 +143,14 @@ def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_saves_no_weights(tm
     assert not (tmp_path / "last.pt").exists()
 
 
+def test_a_last_step_that_leaves_nan_weights_is_caught_as_divergence_not_blamed_on_the_model(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=24, warmup_epochs=0, augment=NO_AUG, grad_clip=0.0)  # 1 step an epoch
+    model = VisionTransformer(TINY)
+    model.head.bias.register_hook(lambda g: torch.full_like(g, float("nan")))  # the first step's update: NaN
+    with pytest.raises(ValueError, match="training diverged in epoch 1 .*lower --lr"):
+        fit(model, colour_set(8), colour_set(2), cfg, tmp_path, progress=False)
+
+
 def test_a_negative_time_budget_is_refused(tmp_path):
     with pytest.raises(ValueError, match="time budget must be positive"):
         fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(time_budget=-5), tmp_path)
@@ -237,11 +245,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-def test_resuming_with_another_config_is_refused(tmp_path):
+def test_resuming_with_another_config_is_refused_naming_what_changed(tmp_path):
     data = colour_set(8)
     fit(VisionTransformer(TINY), data, None, TrainConfig(epochs=1, batch_size=8, augment=NO_AUG), tmp_path,
         progress=False)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match=r"another config \(epochs 1 -> 2\)"):
         fit(VisionTransformer(TINY), data, None, TrainConfig(epochs=2, batch_size=8, augment=NO_AUG),
             tmp_path, progress=False)
 
