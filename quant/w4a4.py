@@ -32,7 +32,6 @@ int8 inputs; the patch embedding (a convolution) stays in floating point.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
