@@ -189,19 +189,24 @@ def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, ski
         for op in ops:
             if op == "int_mm" and (device != "cuda" or m <= 16 or n % 8 or k % 8):
                 continue
-            fn, w_bytes, rate, reference = op_call(op, n, k, x, bias)
-            t_eager = timed(fn, device, host=True)  # called from Python, one op at a time (tunes it first)
-            err = rel_err_vs_cpu(fn, reference, m) if reference is not None else None
+            try:  # one op failing on a device (a tiling, graph capture) must not end the run: the rest is measured
+                fn, w_bytes, rate, reference = op_call(op, n, k, x, bias)
+                t_eager = timed(fn, device, host=True)  # called from Python, one op at a time (tunes it first)
+                err = rel_err_vs_cpu(fn, reference, m) if reference is not None else None
+                if device == "cuda":
+                    replay = graphed(fn)
+                    t = timed(replay, device)
+                    with torch.cuda.nvtx.range(f"profile {op} {model} {layer} M={m}"):  # one replay, for a profiler
+                        replay()
+                else:
+                    t = t_eager
+            except Exception as e:
+                print(f"WARNING: {op} {model} {layer} M={m} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                skipped.append(f"ops {model} {layer} M={m} {op}: failed ({type(e).__name__}: {str(e)[:200]})")
+                continue
             if err is not None and not err <= CHECK_TOL:
                 print(f"WARNING: {op} {model} {layer} M={m}: output off its CPU kernel's by {err:.1e} "
                       f"(relative; tolerated {CHECK_TOL:g}): this row times a wrong result", file=sys.stderr)
-            if device == "cuda":
-                replay = graphed(fn)
-                t = timed(replay, device)
-                with torch.cuda.nvtx.range(f"profile {op} {model} {layer} M={m}"):  # one replay, for a profiler
-                    replay()
-            else:
-                t = t_eager
             base = t if op == "dense" else base
             nbytes = (x.numel() * x.element_size() + w_bytes + m * n * x.element_size()
                       if op != "int_mm" else m * k + w_bytes + 4 * m * n)
@@ -218,7 +223,8 @@ def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, ski
             del fn
         saved(rows)
     if skipped:
-        print(f"time limit: skipped {len(skipped)} of {len(jobs)} op shapes", file=sys.stderr)
+        print(f"skipped {len(skipped)} measurements of {len(jobs)} op shapes (time limit or failure: "
+              f"'skipped' in the results)", file=sys.stderr)
     return rows
 
 
@@ -262,12 +268,18 @@ def bench_models(models, batches, variants, device, dtype, deadline, progress, s
                 print(f"time limit: skipped {name} {variant}", file=sys.stderr)
                 skipped.append(f"model {name} {variant}")
                 continue
-            model = build(name, variant)  # on the CPU, float32: its logits for one image are the reference
-            x1 = torch.randn(1, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                ref = model(x1)
-                model = model.to(device=device, dtype=dtype)
-                err = float((model(x1.to(device, dtype)).float().cpu() - ref).norm() / ref.norm().clamp_min(1e-30))
+            try:  # a variant failing on a device must not end the run
+                model = build(name, variant)  # on the CPU, float32: its logits for one image are the reference
+                x1 = torch.randn(1, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+                with torch.no_grad():
+                    ref = model(x1)
+                    model = model.to(device=device, dtype=dtype)
+                    out = model(x1.to(device, dtype)).float().cpu()
+                err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+            except Exception as e:
+                print(f"WARNING: {name} {variant} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                skipped.append(f"model {name} {variant}: failed ({type(e).__name__}: {str(e)[:200]})")
+                continue
             if not err <= E2E_TOL:
                 print(f"WARNING: {name} {variant}: logits off the CPU float32 model's by {err:.1e} (relative; "
                       f"tolerated {E2E_TOL:g}): its rows time a wrong model", file=sys.stderr)
@@ -276,14 +288,20 @@ def bench_models(models, batches, variants, device, dtype, deadline, progress, s
                 fp_bytes = total, linear
             for batch in progress(batches, desc=f"{name} {variant}", leave=False):
                 x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
-                if device == "cuda":
-                    replay = CUDAGraphModel(model, x)
-                    t = timed(lambda: replay(x), device)  # L2 cleared before each replay
-                    t_warm = timed(lambda: replay(x), device, host=True)  # back to back, as frames stream
-                    del replay
-                else:
-                    with torch.no_grad():
-                        t = t_warm = timed(lambda: model(x), device)  # a CPU run is timed back to back
+                try:
+                    if device == "cuda":
+                        replay = CUDAGraphModel(model, x)
+                        t = timed(lambda: replay(x), device)  # L2 cleared before each replay
+                        t_warm = timed(lambda: replay(x), device, host=True)  # back to back, as frames stream
+                        del replay
+                    else:
+                        with torch.no_grad():
+                            t = t_warm = timed(lambda: model(x), device)  # a CPU run is timed back to back
+                except Exception as e:
+                    print(f"WARNING: {name} {variant} batch {batch} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    skipped.append(f"model {name} {variant} batch {batch}: failed ({type(e).__name__}: "
+                                   f"{str(e)[:200]})")
+                    continue
                 if variant == "fp":
                     base[batch] = t
                 rows.append({"model": name, "variant": variant, "dtype": str(dtype).replace("torch.", ""),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every pending GPU check and benchmark of cuda_ops/, in one script for a CUDA machine; results go to $OUT.
 #
-#   bash cuda_ops/gpu_session.sh tests            # ~4-7 min: the kernel tests on the GPU, then its compile cache
+#   bash cuda_ops/gpu_session.sh tests            # ~4-7 min: the kernel tests on the GPU (WARM_DEADLINE: then warming)
 #   bash cuda_ops/gpu_session.sh bench [ARGS]     # <= 9.5 min: Triton's compile cache filled in parallel (WARM_TIME,
 #                                                 # 100 s), then python -m cuda_ops.bench --device cuda [ARGS]
 #   bash cuda_ops/gpu_session.sh profile          # ~3 min: Nsight Compute on ViT-B fc1, bf16 vs ternary (2-bit, base-3)
@@ -32,8 +32,9 @@
 # tests: tests/test_cuda_ops.py, tests/test_to_kernels.py (CPU and gpu-marked tests) and
 #   tests/triton_checks.py (the Triton kernels against float64 references with poisoned outputs, every
 #   tuning candidate on ViT-sized shapes), untuned (BITVIT_TUNE=0) except the tuner's own test, on
-#   pytest-xdist workers when the machine has it; then, within WARM_DEADLINE (540) s of the call's start,
-#   warms Triton's cache for a bench after it, as `bench` does first.  -> env.txt, tests.log, tests.xml
+#   pytest-xdist workers when the machine has it; then, with WARM_DEADLINE=S (default 0: off), warms
+#   Triton's cache until S s after the call's start for a short bench later in the lease, as `bench`
+#   does first (the lease shared with the reference model: WARM_DEADLINE=540).  -> env.txt, tests.log, tests.xml
 # bench: the ceilings, per-op timings (autotuning each shape first), end-to-end latency and weight
 #   memory, and issue 4's targets.  -> env.txt, cuda_bench.json, cuda_bench.png, bench.log (tables),
 #   bench.err (progress, warnings)
@@ -85,7 +86,7 @@ run_tests() {
     local rc=$?
     tail -n 40 "$OUT/tests.log"
     echo "tests: exit code $rc"
-    warm_cache $(( ${WARM_DEADLINE:-540} - SECONDS ))
+    warm_cache $(( ${WARM_DEADLINE:-0} - SECONDS ))  # only when a bench follows in this lease (see the header)
     return $rc
 }
 
@@ -107,7 +108,7 @@ warm_cache() {  # compile the bench's tilings into Triton's cache for $1 s at mo
     done
     wait
     echo "warm: Triton's compile cache filled for the bench's ViT-B shapes ($SECONDS s into the call;" \
-         "$(ls /tmp/bitvit-warm-*.json 2>/dev/null | wc -l) of 12 warming runs finished)"
+         "$(grep -l '"complete": true' /tmp/bitvit-warm-*.json 2>/dev/null | wc -l) of 12 warming runs finished)"
 }
 
 run_bench() {
@@ -150,7 +151,7 @@ from safetensors import safe_open
 from quant.packfile import is_quantized_format
 packed = lambda p: is_quantized_format((safe_open(p, 'pt').metadata() or {}).get('format'))
 print(','.join(p for p in sorted(glob.glob('assets/*.safetensors')) if packed(p)))")  # the packed models
-    timeout "${PARITY_TIMEOUT:-540}" "$PY" -m cuda_ops.parity --model assets/vit_cifar_tiny.safetensors \
+    BITVIT_TUNE=0 timeout "${PARITY_TIMEOUT:-540}" "$PY" -m cuda_ops.parity --model assets/vit_cifar_tiny.safetensors \
         --quantized "$files" --data "${DATA:-.data/cifar10-jpeg.tar.gz}" --split test \
         --out "$OUT/cuda_parity_gpu.json" "$@" > "$OUT/parity.log" 2>&1
     local rc=$?

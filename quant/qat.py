@@ -147,11 +147,12 @@ def prepare_student(teacher: nn.Module, r, train, calib_size: int, seed: int, de
 
 def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cfg, run_dir: Path,
                  search_epochs: int, penalty=None, features=None, time_limit: float | None = None,
-                 device=None) -> tuple[nn.Module, bool, list[dict]]:
+                 device=None, save_every: int = 1) -> tuple[nn.Module, bool, list[dict]]:
     """Q-ViT: `search_epochs` learning bit-widths under the BitOPs penalty, `fix_bits`, then the rest
     fine-tuning; BitNet: one stage. Each stage is its own `fit` (schedule, resume folder) with its share
     of `train_cfg.time_budget`. Returns (student, done, every epoch's log record); done is False when
-    `time_limit` (seconds, all stages together) stopped it."""
+    `time_limit` (seconds, all stages together) stopped it. Each stage scores val and writes its resume state
+    every `save_every` epochs and after its last."""
     from quant import qvit
     from quant.train import fit, read_log
     started = time.time()
@@ -172,7 +173,7 @@ def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cf
         stage_cfg = dataclasses.replace(train_cfg, epochs=epochs,
                                         time_budget=train_cfg.time_budget * epochs / train_cfg.epochs)
         student, done = fit(student, train, val, stage_cfg, run_dir / stage, teacher=teacher, device=device,
-                            extra_loss=extra, time_limit=left)
+                            extra_loss=extra, time_limit=left, save_every=save_every)
         if not done:
             return student, False, []
     return student, True, [record for stage, _, _ in stages for record in read_log(run_dir / stage / "log.jsonl")]
@@ -233,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="entry name in --results (default: the recipe name)")
     p.add_argument("--float16", action="store_true",
                    help="store the parameters left in floating point (embeddings, norms, biases, head) in float16")
+    p.add_argument("--save-every", type=positive_int, default=1,
+                   help="score the val split and write the resume state every N epochs (and after the last)")
     p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many seconds "
                                                     "(all stages together); rerun the same command to resume")
     p.add_argument("--time-budget", type=number_in(0), default=0.0,
@@ -290,7 +293,7 @@ def main(argv=None):
     search = round(args.epochs * args.search_ratio) if isinstance(r, QViT) else 0
     left = None if args.time_limit is None else args.time_limit - (time.time() - started)  # calibration counts
     student, done, epoch_logs = train_stages(student, teacher, r, train, val, train_cfg, run_dir, search, penalty,
-                                             features, left, args.device)
+                                             features, left, args.device, args.save_every)
     if not done:
         print(f"stopped by --time-limit; rerun the same command to resume from {run_dir}")
         return 0

@@ -9,9 +9,11 @@
 #                all 45,000 training images, w1.58a8 8 epochs, w1a8 5, qvit 3 (25-40 minutes a run at
 #                85-165 images/s on an idle 2-core CPU). LIMIT=N trains on a class-balanced subset and
 #                EPOCHS=N sets every run's epochs (quick trials).
-#   PROFILE=gpu  for one GPU lent for a fixed time (one 10-minute device command for all four runs):
+#   PROFILE=gpu  for one GPU lent for a fixed time (one 10-minute device command for all four runs), the
+#                teacher by default the GPU reference assets/vit_cifar_small.safetensors:
 #                all 45,000 training images, batch 512, at most 30 epochs within TIME_BUDGET seconds of
-#                training a run (default 75, compiling not counted; `python -m quant.qat --time-budget`).
+#                training a run (default 75, compiling not counted; `python -m quant.qat --time-budget`),
+#                val scored and the resume state written every SAVE_EVERY (5) epochs.
 #                A run is forecast to take its budget plus 60 s, or as long as the last run if that took
 #                longer; one that would not end within DEADLINE seconds of the script's start (default
 #                540) is skipped. With $OUT set (the device tool sets it) each run's results go there as
@@ -30,7 +32,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-cpu}
-TEACHER=${TEACHER:-assets/vit_cifar_tiny.safetensors}
+if [ "${PROFILE:-cpu}" = gpu ]; then TEACHER=${TEACHER:-assets/vit_cifar_small.safetensors}  # the GPU reference
+else TEACHER=${TEACHER:-assets/vit_cifar_tiny.safetensors}; fi
 RUNS=${RUNS:-runs/qat-$PROFILE}
 DATA=${DATA:-.data/cifar10-jpeg.tar.gz}  # the JPEG copy inside the checkout (the device machine gets it carried)
 if [ "$PROFILE" = gpu ]; then  # a GPU run's results start fresh
@@ -52,7 +55,8 @@ case "$PROFILE" in
   gpu) declare -A LIMIT=([w1.58a8]=${LIMIT:-0} [w1a8]=${LIMIT:-0} [qvit-w4]=${LIMIT:-0} [qvit-w3]=${LIMIT:-0})
        declare -A EPOCHS_OF=([w1.58a8]=${EPOCHS:-30} [w1a8]=${EPOCHS:-30} [qvit-w4]=${EPOCHS:-30} [qvit-w3]=${EPOCHS:-30})
        BATCH=${BATCH:-512}; LR=${LR:-1e-3}; VAL_LIMIT=${VAL_LIMIT:-5000}
-       EXTRA=(--time-budget "${TIME_BUDGET:=75}" --warmup-epochs 2)
+       # val scored and the resume state written every 5 epochs: uncharged to the budget, each costs seconds
+       EXTRA=(--time-budget "${TIME_BUDGET:=75}" --warmup-epochs 2 --save-every "${SAVE_EVERY:-5}")
        [ "${FLOAT16:-1}" = 1 ] && EXTRA+=(--float16)
        # a run takes its budget plus about 60 s (data, compiling, scoring); the call's 600 s hold them all
        DEADLINE=${DEADLINE:-540} ;;
@@ -61,7 +65,7 @@ esac
 for v in TIME_BUDGET DEADLINE; do  # bash arithmetic below: a fraction there ended the loop unrun, "all done"
     [ -z "${!v:-}" ] || [[ ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v must be whole seconds, got ${!v}" >&2; exit 2; }
 done
-for v in EPOCHS BATCH THREADS LIMIT VAL_LIMIT EVAL_LIMIT; do  # counts, checked once rather than failing every run
+for v in EPOCHS BATCH THREADS LIMIT VAL_LIMIT EVAL_LIMIT SAVE_EVERY; do  # counts, checked once rather than failing every run
     [ -z "${!v:-}" ] || [[ ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v must be a whole number, got ${!v}" >&2; exit 2; }
 done
 [[ $LR =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || { echo "error: LR must be a number, got $LR" >&2; exit 2; }

@@ -41,6 +41,39 @@ def test_an_op_whose_output_is_off_its_cpu_kernels_is_flagged_in_its_row_and_on_
     assert "this row times a wrong result" in capsys.readouterr().err
 
 
+def test_an_op_that_fails_is_listed_as_skipped_and_the_other_ops_are_still_measured(monkeypatch, capsys):
+    real = bench.op_call
+
+    def w1a8_fails(op, n, k, x, bias):  # e.g. a tiling the device cannot launch
+        if op == "w1a8":
+            raise RuntimeError("out of resource: shared memory")
+        return real(op, n, k, x, bias)
+    monkeypatch.setattr(bench, "op_call", w1a8_fails)
+    skipped = []
+    rows = bench.bench_ops(["vit_cifar_tiny"], [1], ["dense", "w1a8", "w1.58a8"], "cpu", bench.torch.float32,
+                           {"copy_TBps": 1.0, "int8_TOPs": 1.0, "float_TFLOPs": 1.0}, float("inf"),
+                           lambda jobs, desc: jobs, skipped)
+    assert [r["op"] for r in rows] == ["dense", "w1.58a8"] * 4
+    assert len(skipped) == 4 and all("w1a8: failed (RuntimeError: out of resource" in s for s in skipped)
+    assert "w1a8 vit_cifar_tiny" in capsys.readouterr().err
+
+
+def test_a_model_variant_that_fails_is_listed_as_skipped_and_the_others_are_still_timed(monkeypatch):
+    real = bench.build
+
+    def w1a8_fails(name, variant):
+        if variant == "w1a8":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(name, variant)
+    monkeypatch.setattr(bench, "build", w1a8_fails)
+    skipped = []
+    rows = bench.bench_models(["vit_cifar_tiny"], [1], ["fp", "w1a8", "w1.58a8"], "cpu", bench.torch.float32,
+                              float("inf"), lambda items, desc, leave: items, skipped)
+    assert [r["variant"] for r in rows] == ["fp", "w1.58a8"]
+    assert skipped == ["model vit_cifar_tiny w1a8: failed (RuntimeError: CUDA error: an illegal memory access "
+                       "was encountered)"]
+
+
 def test_op_shapes_at_the_targets_batches_come_first_so_a_time_limit_cuts_the_others():
     order = []
     bench.bench_ops(["vit_base_patch16_224", "vit_cifar_tiny"], [1, 8, 64, 256], ["dense"], "cpu",

@@ -278,6 +278,15 @@ def test_a_run_ended_by_its_time_budget_records_the_epochs_it_trained(teacher_fi
     assert entry["epochs"] == len(log) < entry["max_epochs"] == 50
 
 
+def test_save_every_scores_val_only_every_n_epochs_and_after_the_last(teacher_file, image_tar, tmp_path):
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "b.safetensors"), "--epochs", "3", "--batch-size", "8",
+                      "--save-every", "2"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "b.safetensors.run" / "finetune" / "log.jsonl").read_text()
+           .splitlines()]
+    assert ["val_top1" in r for r in log] == [False, True, True]
+
+
 def test_a_warm_restart_at_learning_rate_zero_writes_the_earlier_runs_model(teacher_file, image_tar, tmp_path):
     common = ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar), "--epochs", "1",
               "--batch-size", "8"]
