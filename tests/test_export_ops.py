@@ -286,6 +286,31 @@ def test_an_unknown_activation_is_refused(act, match):
         session(op_model("TernaryLinear", packed, scales, bias, activation=act))
 
 
+def test_an_activation_holding_a_nul_character_is_refused():
+    _, packed, scales, bias = random_layer("TernaryLinear", 8, 16, seed=16)
+    with pytest.raises(Exception, match="activation holds a NUL character"):
+        session(op_model("TernaryLinear", packed, scales, bias, activation="gelu\0x"))
+
+
+@pytest.mark.parametrize("isa", list(ortops.ISAS))
+def test_a_token_of_denormals_too_small_for_a_scale_gives_the_bias(isa):
+    _, packed, scales, bias = random_layer("Int8Linear", 4, 40, seed=17)
+    x = np.zeros((2, 40), np.float32)
+    x[0, ::3] = np.float32(1.4e-45)           # below 127 * the smallest denormal: its scale rounds to 0
+    y = session(op_model("Int8Linear", packed, scales, bias), isa).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, np.stack([bias, bias]))
+
+
+@pytest.mark.parametrize("op, k_max", [("Int8Linear", 33155), ("Int4Linear", 563644)])
+def test_input_features_beyond_what_int32_sums_hold_exactly_are_refused(op, k_max):
+    _, packed, scales, bias = random_layer(op, 1, k_max + 1, seed=18)
+    with pytest.raises(Exception, match=f"{k_max + 1} input features are over the {k_max}"):
+        session(op_model(op, packed, scales, bias)).run(None, {"x": np.ones((1, k_max + 1), np.float32)})
+    _, packed, scales, bias = random_layer(op, 1, k_max, seed=18)
+    assert session(op_model(op, packed, scales, bias)).run(None, {"x": np.ones((1, k_max), np.float32)})[0].shape \
+        == (1, 1)
+
+
 @pytest.mark.parametrize("isa", list(ortops.ISAS))
 def test_int8_weights_and_activations_at_their_extremes_sum_exactly(isa):
     # |c * q| up to 255 * 127: a pair of them overflows the int16 sums of AVX2's vpmaddubsw if added naively

@@ -17,7 +17,8 @@
 // Per token t (row of X, after the LayerNorms when there are any):
 //   s[t] = max_k |X[t, k]| / 127,  q[t, k] = clamp(nearbyint(X[t, k] / s[t]), -127, 127)
 //   Y[t, n] = act(s[t] * scales[n] * sum_k q[t, k] * w[n, k] + bias[n])
-// The sum is exact int32 arithmetic. The kernels never expand W to int8 in memory: at session
+// The sum is exact int32 arithmetic (in_features up to INT32_MAX / (254 * max code): 33,155 at int8, more at
+// fewer bits; wider X is refused). The kernels never expand W to int8 in memory: at session
 // creation (or per call when W is not a constant) the codes are re-tiled, still at `bits` bits per
 // weight, into 64-byte blocks of 16 output rows; each block unpacks in registers (shift + mask) to
 // the unsigned operand of an int8 dot product with the signed activations:
@@ -160,7 +161,7 @@ void QuantizeRow(const float* x, int64_t k, int64_t kp, int8_t* q, float* s, int
   *s = scale;
   int32_t total = 0;
   i = 0;
-  if (finite && amax > 0.f) {
+  if (finite && scale > 0.f) {  // not amax > 0: a row of denormals below 127 * FLT_TRUE_MIN has scale 0
 #if defined(BITVIT_AVX512)
     const __m512 vs = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
     __m512i vsum = _mm512_setzero_si512();
@@ -489,7 +490,10 @@ struct PackedLinearKernel {
     if (Given("activation", "string", api.KernelInfoGetAttribute_string(info, "activation", nullptr, &size))) {
       std::string act(size, '\0');
       Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, "activation", act.data(), &size));
-      act.resize(std::strlen(act.c_str()));
+      const size_t len = std::strlen(act.c_str());
+      if (len + 1 < size)  // "gelu\0x" would read as "gelu"
+        throw Ort::Exception(op_ + ": activation holds a NUL character", ORT_INVALID_ARGUMENT);
+      act.resize(len);
       if (act != "none" && act != "gelu")
         throw Ort::Exception(op_ + ": activation must be \"none\" or \"gelu\", got \"" + act + "\"",
                              ORT_INVALID_ARGUMENT);
@@ -538,6 +542,11 @@ struct PackedLinearKernel {
     if (xshape.empty()) return Invalid(op_ + ": X must have at least one dimension (..., in_features)");
     const int64_t k = xshape.back();
     if (k < 1) return Invalid(op_ + ": X's last dimension (in_features) must be at least 1");
+    // |sum_k q c| <= 127 K max_code (binary: twice that) must fit the int32 accumulators
+    const int64_t k_max = INT32_MAX / (254 * ((int64_t{1} << bits_) - 1));
+    if (k > k_max)
+      return Invalid(op_ + ": " + std::to_string(k) + " input features are over the " + std::to_string(k_max) +
+                     " whose sums this op keeps exact in int32");
     int64_t m = 1;
     for (size_t i = 0; i + 1 < xshape.size(); ++i) m *= xshape[i];
 
