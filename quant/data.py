@@ -137,7 +137,11 @@ class _Source:
 
 def _source_for(path: Path) -> _Source:
     if path.is_file():
-        if tarfile.is_tarfile(path):
+        try:
+            is_tar = tarfile.is_tarfile(path)
+        except (EOFError, zlib.error, OSError) as e:  # a .gz cut within its first blocks
+            raise ValueError(f"{path} is a damaged or truncated archive ({type(e).__name__}: {e})") from None
+        if is_tar:
             return _TarSource(path)
         raise ValueError(f"{path} is a file but not a tar archive; give a .tar.gz of the JPEG copy, "
                          f"a cifar-10-batches-py folder or an image-folder tree")
@@ -236,17 +240,19 @@ class _TarSource(_Source):
         return split in splits
 
     def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
-        members = sorted((m for m in self.members if len(Path(m.name).parts) >= 3
-                          and Path(m.name).parts[-3] == split), key=lambda m: m.name)
+        # read in the archive's own order (a step back in a .gz decompresses it again from the start), then
+        # sorted by name, whatever order the archive was written in
+        members = [m for m in self.members if len(Path(m.name).parts) >= 3 and Path(m.name).parts[-3] == split]
         if not members:
             raise ValueError(f"{self.path} has no {split}/<class>/ images")
         classes = sorted({Path(m.name).parts[-2] for m in members})
-        images = []
+        decoded = {}
         with _open_archive(self.path) as tar:
             for m in _progress(members, f"decoding {self.path.name}:{split}", progress):
-                images.append(_decode(tar.extractfile(m).read(), f"{self.path}:{m.name}", image_size))
-        labels = np.array([classes.index(Path(m.name).parts[-2]) for m in members], dtype=np.int64)
-        return ImageSet(np.stack(images), labels, tuple(classes))
+                decoded[m.name] = _decode(tar.extractfile(m).read(), f"{self.path}:{m.name}", image_size)
+        names = sorted(decoded)
+        labels = np.array([classes.index(Path(n).parts[-2]) for n in names], dtype=np.int64)
+        return ImageSet(np.stack([decoded[n] for n in names]), labels, tuple(classes))
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -334,11 +340,25 @@ def _read_file(path: Path) -> bytes:
         raise ValueError(f"cannot read image {path} ({e.strerror or e})") from None
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit (I;16*), 32-bit integer (I) and float (F) grayscale scaled to 8 bits, which PIL's convert("RGB")
+    would clip (a 16-bit mid-grey turning white): 16-bit full scale, I as 16-bit when a value exceeds 255,
+    F in 0..1 or 0..255. Other modes as they are."""
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError("it holds NaN or infinite values")
+    top = (1.0 if a.max() <= 1 else 255.0) if img.mode == "F" else 255.0 if img.mode == "I" and a.max() <= 255 \
+        else 65535.0
+    return Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def _decode(data: bytes, name: str, image_size: int) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        return _resize(img.convert("RGB"), image_size)
+        return _resize(_to_8bit(img).convert("RGB"), image_size)
     except UnidentifiedImageError:  # its own message names a BytesIO object, not the file
         raise ValueError(f"cannot decode image {name}: not in an image format PIL reads") from None
     except (Image.DecompressionBombError, OSError, ValueError) as e:

@@ -53,8 +53,8 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, device="cp
     k = cfg.num_classes
     confusion = np.bincount(data.labels * k + pred, minlength=k * k).reshape(k, k)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-    return {"top1": float((pred == data.labels).mean()), "n": int(len(pred)),
-            "per_class": {c: float(a) for c, a in zip(data.classes, per_class)},
+    return {"top1": float((pred == data.labels).mean()), "n": int(len(pred)),  # per class: None without images
+            "per_class": {c: float(a) if n else None for c, a, n in zip(data.classes, per_class, confusion.sum(1))},
             "confusion": confusion.tolist()}
 
 
@@ -177,7 +177,7 @@ def main(argv=None):
           f"batch-1 CPU latency {lat:.2f} ms in {res['runtime']} ({threads} threads)")
     print(f"{args.split} split: {res['n']} images")
     for c, a in res["per_class"].items():
-        print(f"  {c:<{width}}  {a:.4f}")
+        print(f"  {c:<{width}}  {'no images' if a is None else f'{a:.4f}'}")
     print(f"confusion matrix: {confusion_png}")
     if args.json:
         write_json(args.json, res)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -80,6 +81,16 @@ def _trim_log(path: Path, epochs: int) -> None:
     records = read_log(path)
     if records:
         path.write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] <= epochs))
+
+
+def _fingerprint(data: ImageSet) -> str:
+    """A digest of a training set's images, labels and classes (a resumed run must train on the same)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (data.images.shape, data.classes):
+        h.update(repr(part).encode())
+    h.update(np.ascontiguousarray(data.labels).tobytes())
+    h.update(np.ascontiguousarray(data.images).tobytes())
+    return h.hexdigest()
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
@@ -208,7 +219,10 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         raise ValueError(f"batch size {cfg.batch_size} does not fit {len(train)} images on {env.world} process(es)")
     steps_per_epoch = len(train) // env.world // per_rank
     total = steps_per_epoch * cfg.epochs
-    warmup = int(steps_per_epoch * cfg.warmup_epochs)
+    warmup = min(int(steps_per_epoch * cfg.warmup_epochs), total // 2)  # a short run still decays
+    # what else a resumed run must share with the run that wrote the state: its images and its model
+    run_key = {"data_digest": _fingerprint(train),
+               "model_config": model.config.to_json() if hasattr(model, "config") else None}
 
     start_epoch, trained = 0, 0.0  # epochs done, seconds spent in training steps
     ckpt_path = out / "last.pt"
@@ -220,6 +234,11 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                                 if was.get(k) != now.get(k))
             raise ValueError(f"{ckpt_path} was written by a run with another config ({changed}); "
                              f"use a fresh --out folder or delete it")
+        for key, what in (("data_digest", "training images (another --data, --split or --limit)"),
+                          ("model_config", "model config (another --model or --drop-path)")):
+            if key in state and state[key] != run_key[key]:  # states written before these were kept: unchecked
+                raise ValueError(f"{ckpt_path} was written by a run with other {what}; use a fresh --out folder "
+                                 f"or delete it")
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -242,6 +261,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         if env.main:
             print(f"resuming from {ckpt_path} after epoch {start_epoch}")
             _trim_log(out / "log.jsonl", start_epoch)
+    elif env.main:
+        (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run: no earlier run's epochs in its log
 
     cuda = env.device.type == "cuda"
     fwd = model
@@ -349,7 +370,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "rng": torch.get_rng_state(), "epoch": epoch + 1, "trained_seconds": trained,
                             **({"cuda_rng": torch.cuda.get_rng_state(env.device)} if cuda else {}),
-                            "config": json.dumps(cfg.to_dict(), sort_keys=True)}, tmp)
+                            "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}, tmp)
     if env.world > 1:
         dist.barrier()
     return model.cpu().eval(), done
@@ -416,6 +437,8 @@ def main(argv=None):
     labels = dict(num_classes=len(train.classes), classes=tuple(train.classes))
     model = (cnn.create_teacher(args.model, **labels) if is_cnn
              else create_model(args.model, drop_path_rate=args.drop_path, **labels))
+    if val is not None:  # a tree's own val/ folder may name other classes: refused now, not after an epoch
+        val.require_classes(model.config, whose="the train split's")
     teacher = load_any(args.teacher) if args.teacher else None
     if teacher is not None:
         train.require_classes(teacher.config, whose=f"the teacher {args.teacher}'s")

@@ -44,6 +44,39 @@ def test_tar_archive_reads_like_the_unpacked_tree(image_tree, image_tar):
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.images, b.images)
 
 
+def test_an_archive_written_in_any_member_order_reads_like_the_tree_and_in_one_pass(image_tree, tmp_path,
+                                                                                   monkeypatch):
+    import random
+    import tarfile
+    files = sorted(p for p in image_tree.rglob("*.jpg"))
+    random.Random(0).shuffle(files)
+    shuffled = tmp_path / "shuffled.tar.gz"
+    with tarfile.open(shuffled, "w:gz") as tar:
+        for p in files:
+            tar.add(p, arcname=str(p.relative_to(image_tree)))
+    offsets, extract = [], tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: offsets.append(m.offset) or extract(self, m))
+    a = load_split(image_tree, "test", image_size=16, progress=False)
+    b = load_split(shuffled, "test", image_size=16, progress=False)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.images, b.images)
+    assert offsets == sorted(offsets)  # never a step back, which a .gz pays for by decompressing from the start
+
+
+def test_a_16_bit_image_in_a_tree_keeps_its_grey_level(tmp_path):
+    tree = write_tree(tmp_path / "t", splits=("test",), per_class=1)
+    grey = tree / "test" / TINY.classes[0] / "grey16.png"
+    Image.fromarray(np.full((16, 16), 32896, np.uint16)).save(grey)   # 32896 / 257 = 128
+    data = load_split(tree, "test", image_size=16, progress=False)
+    assert Image.open(grey).mode == "I;16" and (data.images[data.labels == 0][-1] == 128).all()
+
+
+def test_an_archive_cut_within_its_first_bytes_is_named(image_tar, tmp_path):
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(image_tar.read_bytes()[:20])
+    with pytest.raises(ValueError, match="cut.tar.gz is a damaged or truncated archive"):
+        load_split(cut, "test", image_size=16, progress=False)
+
+
 def test_cifar_python_batches_load(cifar_batches):
     train = load_split(cifar_batches.parent, "trainval", progress=False)
     test = load_split(cifar_batches, "test", progress=False)

@@ -95,6 +95,13 @@ def test_confusion_rows_are_the_true_classes_and_per_class_accuracy_is_their_rec
     assert res["per_class"] == {"cat": 1.0, "dog": 0.0, "frog": 0.0}
 
 
+def test_a_class_without_images_in_the_scored_set_has_no_accuracy_rather_than_zero(tiny_model, image_tree):
+    data = load_split(image_tree, "test", image_size=16, progress=False)
+    keep = data.labels != 2
+    res = evaluate(tiny_model, type(data)(data.images[keep], data.labels[keep], data.classes))
+    assert res["per_class"]["frog"] is None and res["per_class"]["cat"] is not None
+
+
 def test_predict_puts_a_module_in_eval_mode(tiny_model):
     import numpy as np
     from quant.evaluate import predict

@@ -19,8 +19,8 @@ from quant.cli import run
 from quant.data import ImageSet
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.models import VisionTransformer
-from quant.train import TrainConfig, fit, lr_at, main
-from tests.conftest import TINY, synthetic_images
+from quant.train import TrainConfig, fit, lr_at, main, read_log
+from tests.conftest import TINY, synthetic_images, write_tree
 
 NO_AUG = AugmentConfig(crop_padding=0, flip=False, trivial_augment=False, mixup_alpha=0,
                        cutmix_alpha=0, label_smoothing=0)
@@ -258,8 +258,35 @@ def test_resuming_a_run_of_another_model_is_refused(tmp_path):
     cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
     fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
     wider = VisionTransformer(dataclasses.replace(TINY, embed_dim=48))
-    with pytest.raises(ValueError, match="the resume state of another model"):
+    with pytest.raises(ValueError, match="written by a run with other model config"):
         fit(wider, colour_set(8), None, cfg, tmp_path, progress=False)
+
+
+def test_resuming_on_other_training_images_is_refused(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), None, dataclasses.replace(cfg, epochs=1), tmp_path, progress=False)
+    (tmp_path / "log.jsonl").unlink()
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state["config"] = json.dumps(cfg.to_dict(), sort_keys=True)   # as if stopped after epoch 1 of 2
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="written by a run with other training images"):
+        fit(VisionTransformer(TINY), colour_set(8, seed=1), None, cfg, tmp_path, progress=False)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)  # the same images resume
+
+
+def test_a_fresh_run_in_a_used_folder_starts_its_own_log(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    (tmp_path / "last.pt").unlink()   # as the refusal of a changed config advises
+    fit(VisionTransformer(TINY), colour_set(8), None, dataclasses.replace(cfg, lr=1e-4), tmp_path, progress=False)
+    assert [r["epoch"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2]
+
+
+def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it_so_the_rate_still_decays(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=8, warmup_epochs=5, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    lrs = [r["lr"] for r in read_log(tmp_path / "log.jsonl")]   # at each epoch's end: the peak, then decayed
+    assert lrs[0] == pytest.approx(cfg.lr) and lrs[1] < 0.5 * cfg.lr
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage"])
@@ -353,6 +380,14 @@ def test_cli_trains_and_saves_a_loadable_model(tmp_path, image_tree, capsys):
     model = load_model(tmp_path / "run" / "model.safetensors")
     assert model.config.classes == TINY.classes and model.config.num_classes == 3
     assert "saved" in capsys.readouterr().out
+
+
+def test_cli_refuses_a_val_folder_of_other_classes_before_training(tmp_path, capsys):
+    tree = write_tree(tmp_path / "t", splits=("train",))
+    write_tree(tmp_path / "t", splits=("val",), classes=TINY.classes[:2])
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(tree), "--out", str(tmp_path / "run"),
+                      "--epochs", "1", "--batch-size", "4"]) == 2
+    assert "are not the train split's" in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, image_tree, capsys):
