@@ -79,7 +79,7 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
             data = _cached(source, split, image_size, progress)
         else:
             data = _cached(source, "train", image_size, progress)
-            held_out = _last_per_class(data.labels, val_fraction)
+            held_out = _last_per_class(data.labels, val_fraction, data.classes)
             data = data.subset(held_out if split == "val" else ~held_out)
     elif split == "trainval":
         data = _cached(source, "train", image_size, progress)
@@ -95,14 +95,15 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
     return data
 
 
-def _last_per_class(labels: np.ndarray, fraction: float) -> np.ndarray:
+def _last_per_class(labels: np.ndarray, fraction: float, classes: tuple[str, ...] = ()) -> np.ndarray:
     """Boolean mask of the last `fraction` (at least one image) of every class's images."""
     mask = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         n = max(1, round(fraction * len(idx)))
         if n >= len(idx):
-            raise ValueError(f"class {c} has {len(idx)} training images, too few to hold out "
+            name = repr(classes[c]) if c < len(classes) else str(c)
+            raise ValueError(f"class {name} has {len(idx)} training images, too few to hold out "
                              f"{n} for validation")
         mask[idx[-n:]] = True
     return mask
@@ -158,8 +159,14 @@ def _stat_key(path: Path) -> str:
 def _tree_key(root: Path) -> str:
     """Path, names, sizes and modification times of every file under `root` (cache key)."""
     h = hashlib.sha1(str(root.resolve()).encode())
-    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # class folders may be links
         dirnames.sort()
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree
+            dirnames.clear()
+            continue
+        seen.add(real)
         for name in sorted(filenames):
             try:
                 st = os.stat(os.path.join(dirpath, name))
@@ -179,6 +186,9 @@ class _FolderSource(_Source):
         return split == "all" if self.flat else (self.root / split).is_dir()
 
     def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
+        if not self.flat and split == "all":
+            raise ValueError(f"{self.root} holds split folders (train/, test/, ...): choose one of them; split "
+                             f"'all' scores a tree of class folders alone")
         if self.flat and split != "all":
             raise ValueError(f"{self.root} has no train/ or test/ folder, only class folders: move them into "
                              f"{self.root / 'train'}/ (a test set into {self.root / 'test'}/) to train on them, or "
@@ -222,8 +232,12 @@ class _TarSource(_Source):
     def members(self) -> list[tarfile.TarInfo]:
         """The archive's images (listing them decompresses all of it: seconds for CIFAR-10)."""
         with _open_archive(self.path) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
+            every = tar.getmembers()
+        members = [m for m in every if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
         if not members:
+            if any(m.name.endswith("data_batch_1") for m in every):
+                raise ValueError(f"{self.path} is CIFAR-10's python archive: unpack it (tar xzf) and give its "
+                                 f"cifar-10-batches-py folder")
             raise ValueError(f"{self.path} holds no images")
         return members
 

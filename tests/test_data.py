@@ -314,8 +314,22 @@ def test_validation_holds_out_at_least_one_image_of_a_small_class(tmp_path):
 
 def test_a_class_too_small_to_hold_out_a_validation_image_is_refused(tmp_path):
     tree = write_tree(tmp_path / "t", per_class=1)
-    with pytest.raises(ValueError, match="class 0 has 1 training images, too few to hold out 1"):
+    with pytest.raises(ValueError, match=f"class '{TINY.classes[0]}' has 1 training images, too few to hold out 1"):
         load_split(tree, "train", image_size=16, progress=False)
+
+
+def test_split_all_on_a_tree_of_split_folders_is_refused_naming_the_splits(image_tree):
+    with pytest.raises(ValueError, match="holds split folders .*split 'all' scores a tree of class folders alone"):
+        load_split(image_tree, "all", image_size=16, progress=False)
+
+
+def test_cifars_python_archive_not_unpacked_is_named_with_what_to_do(cifar_batches, tmp_path):
+    import tarfile
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(cifar_batches, arcname="cifar-10-batches-py")
+    with pytest.raises(ValueError, match="is CIFAR-10's python archive: unpack it"):
+        load_split(archive, "test", progress=False)
 
 
 def test_trainval_of_a_tree_with_its_own_val_folder_holds_both(tmp_path):
@@ -330,3 +344,16 @@ def test_cifar_batches_whose_meta_names_too_few_classes_are_refused(cifar_batche
         pickle.dump({b"label_names": [b"airplane", b"automobile"]}, f, protocol=2)
     with pytest.raises(ValueError, match="names 2 classes, labels go up to 9"):
         load_split(cifar_batches, "test", progress=False)
+
+
+def test_a_tree_whose_class_folders_are_links_is_decoded_again_when_their_images_change(tmp_path):
+    real = write_tree(tmp_path / "real", splits=("test",))
+    tree = tmp_path / "linked" / "test"
+    tree.mkdir(parents=True)
+    for c in TINY.classes:
+        (tree / c).symlink_to(real / "test" / c, target_is_directory=True)
+    (real / "test" / TINY.classes[1] / "loop").symlink_to(tmp_path / "linked", target_is_directory=True)  # a cycle
+    before = load_split(tmp_path / "linked", "test", image_size=16, progress=False)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(real / "test" / TINY.classes[0] / "9999.png")
+    after = load_split(tmp_path / "linked", "test", image_size=16, progress=False)
+    assert len(after.labels) == len(before.labels) + 1
