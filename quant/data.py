@@ -248,9 +248,12 @@ class _TarSource(_Source):
         if listing.exists():
             return split in listing.read_text().splitlines()
         splits = sorted({Path(m.name).parts[-3] for m in self.members if len(Path(m.name).parts) >= 3})
-        listing.parent.mkdir(parents=True, exist_ok=True)
-        with written_whole(listing) as tmp:
-            tmp.write_text("\n".join(splits))
+        try:
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            with written_whole(listing) as tmp:
+                tmp.write_text("\n".join(splits))
+        except OSError:  # a read-only cache: listed again next time (`_cached` says so once it decodes)
+            pass
         return split in splits
 
     def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
@@ -414,13 +417,17 @@ def _cached(source: _Source, split: str, image_size: int, progress: bool) -> Ima
             pass
         print(f"the decoded copy in {base.parent} ({base.name}.*) is damaged: decoding again", file=sys.stderr)
     data = source.decode(split, image_size, progress)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    files[3].unlink(missing_ok=True)  # the copy counts only once all of it is written
-    for f, arr in zip(files[:2], (data.images, data.labels)):
-        with written_whole(f) as tmp, open(tmp, "wb") as out:  # a file object: np.save adds no suffix
-            np.save(out, arr)
-    files[2].write_text("\n".join(data.classes))
-    files[3].write_text(_digest(data.images, data.labels, data.classes))
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        files[3].unlink(missing_ok=True)  # the copy counts only once all of it is written
+        for f, arr in zip(files[:2], (data.images, data.labels)):
+            with written_whole(f) as tmp, open(tmp, "wb") as out:  # a file object: np.save adds no suffix
+                np.save(out, arr)
+        files[2].write_text("\n".join(data.classes))
+        files[3].write_text(_digest(data.images, data.labels, data.classes))
+    except OSError as e:  # a read-only or full cache: this run goes on with the copy in memory
+        print(f"warning: cannot keep the decoded copy in the cache folder {base.parent} ($BITVIT_CACHE): "
+              f"{e.strerror or e}; it will be decoded again next time", file=sys.stderr)
     return data
 
 

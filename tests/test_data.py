@@ -357,3 +357,12 @@ def test_a_tree_whose_class_folders_are_links_is_decoded_again_when_their_images
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(real / "test" / TINY.classes[0] / "9999.png")
     after = load_split(tmp_path / "linked", "test", image_size=16, progress=False)
     assert len(after.labels) == len(before.labels) + 1
+
+
+def test_a_cache_folder_that_cannot_be_written_warns_and_the_split_still_loads(image_tar, tmp_path, monkeypatch,
+                                                                               capsys):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")                                    # a file where the cache's folders would go
+    monkeypatch.setenv("BITVIT_CACHE", str(blocked / "cache"))
+    data = load_split(image_tar, "test", image_size=16, progress=False)
+    assert len(data.labels) == 18 and "cannot keep the decoded copy" in capsys.readouterr().err
