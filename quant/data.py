@@ -409,7 +409,7 @@ def _cached(source: _Source, split: str, image_size: int, progress: bool) -> Ima
     if files[3].exists():
         try:
             images, labels = (np.load(f, allow_pickle=False) for f in files[:2])
-            classes = tuple(files[2].read_text().splitlines())
+            classes = tuple(files[2].read_text().split("\n"))  # not splitlines: a name may hold \x1c or \x85
             if (images.dtype == np.uint8 and images.shape[1:] == (image_size, image_size, 3)
                     and labels.shape == (len(images),) and files[3].read_text() == _digest(images, labels, classes)):
                 return ImageSet(images, labels, classes)

@@ -366,3 +366,10 @@ def test_a_cache_folder_that_cannot_be_written_warns_and_the_split_still_loads(i
     monkeypatch.setenv("BITVIT_CACHE", str(blocked / "cache"))
     data = load_split(image_tar, "test", image_size=16, progress=False)
     assert len(data.labels) == 18 and "cannot keep the decoded copy" in capsys.readouterr().err
+
+
+def test_a_class_name_holding_a_line_separator_character_is_read_back_from_the_cache(tmp_path, capsys):
+    tree = write_tree(tmp_path / "t", splits=("test",), classes=("cat\x1cdog", "frog"))
+    first = load_split(tree, "test", image_size=16, progress=False)
+    again = load_split(tree, "test", image_size=16, progress=False)
+    assert again.classes == first.classes == ("cat\x1cdog", "frog") and "damaged" not in capsys.readouterr().err
