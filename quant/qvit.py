@@ -240,8 +240,9 @@ class BitOpsPenalty:
 
 def fix_bits(model: nn.Module, budget_bits: float | None = None) -> None:
     """End the searching stage: round every learned width and stop learning it; then, while the BitOPs
-    exceed the budget, lower by one bit the width whose float value lies closest to rounding down."""
-    qs = [q for q in quantizers(model).values() if q.b_max > q.b_min]
+    exceed the budget, lower by one bit the width whose float value lies closest to rounding down. Widths that
+    were never learned (LSQ+, `learn_bits=False`) stay as they are."""
+    qs = [q for q in quantizers(model).values() if q.b_max > q.b_min and q.learn_bits]
     soft = {id(q): q.soft_bits().detach().clone() for q in qs}
     for q in qs:
         q.freeze_bits()

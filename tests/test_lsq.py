@@ -206,3 +206,18 @@ def test_with_an_offset_signed_and_unsigned_codes_give_the_same_quantizer():
     unsigned = calibrated(LearnedQuantizer(4, signed=False, offset=True), a)   # ... or onto 0..15
     torch.testing.assert_close(signed.scale, unsigned.scale)
     torch.testing.assert_close(signed(a), unsigned(a))
+
+
+def test_an_offset_quantizer_rounds_as_its_frozen_form_even_where_x_over_s_plus_zero_ties_in_float32():
+    from quant.qvit import _to_uniform
+    q = LearnedQuantizer(4, signed=False, offset=True)
+    s = 1.576453447341919
+    with torch.no_grad():
+        q.scale.fill_(s - 1e-8)
+        q.offset.fill_(-9 * s)          # zero point 9
+        q.initialized.fill_(True)
+    u = UniformQuantizer(shape=())
+    _to_uniform(q, u)
+    x = torch.tensor([-0.7882266640663147])  # x / s = -0.49999997, + 9 rounds to 8.5 in float32
+    with torch.no_grad():
+        assert torch.equal(q(x), u(x))

@@ -228,3 +228,10 @@ def test_an_allocation_holding_no_widths_is_refused_as_a_plot_file(tmp_path):
     with pytest.raises(ValueError, match="holds no layers or attention heads to plot"):
         qvit.plot_allocation({"layers": {}, "attention": {}}, tmp_path / "bits.png")
     assert not (tmp_path / "bits.png").exists()
+
+
+def test_lsq_plus_keeps_every_width_at_the_budget_when_the_widths_are_fixed(tiny_model):
+    model, _ = prepared(tiny_model, budget=4, learn_bits=False)
+    qvit.fix_bits(model, 4)
+    widths = {n: set(q.int_bits()) for n, q in qvit.quantizers(model).items()}
+    assert all(w == ({8} if n.startswith("head.") else {4}) for n, w in widths.items())
