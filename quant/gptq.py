@@ -5,7 +5,10 @@ form in the weight error with Hessian H = X^T X / T. GPTQ quantizes the columns 
 and spreads each column's rounding error over the columns not yet quantized, weighted by the
 inverse Hessian (the optimal-brain-surgeon update), so later columns absorb earlier errors:
 
-  1. H += damp * mean(diag H) * I       (dampening; inputs that are never active get H_kk = 1, W_k = 0)
+  1. H += damp * mean(diag H) * I       (dampening; inputs never active on the calibration data get H_kk = 1,
+                                        so their weights are rounded to nearest and pass no error on; the
+                                        reference code zeroes them, but W4A4's quantized calibration inputs
+                                        can be 0 on a channel live on other images)
   2. optional act-order: columns in order of decreasing H_kk (the most active inputs first)
   3. U = upper Cholesky factor of H^-1 (a numerically stable form of the sequential inverse updates)
   4. for each block of `block_size` columns ("lazy batch updates"): quantize column i with its group's
@@ -44,7 +47,6 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | N
         raise ValueError(f"Hessian of shape {tuple(H.shape)} does not fit a weight with {K} inputs")
     dead = H.diagonal() == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
     symmetric, maxq = not asymmetric, 2 ** bits - 1
     G = num_groups(K, gs)
     scales = torch.zeros(O, G, device=W.device)

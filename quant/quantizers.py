@@ -54,8 +54,14 @@ def widen(x: torch.Tensor) -> torch.Tensor:
 
 
 def fp16_scale(s: torch.Tensor) -> torch.Tensor:
-    """Round positive scales to float16-representable float32 values, at least 2**-24 (fp16's smallest)."""
-    return s.clamp(min=2.0 ** -24, max=65504.0).to(torch.float16).to(torch.float32)
+    """Round positive scales to float16-representable float32 values, at least 2**-24 (fp16's smallest).
+    Below float16's normal range (6.1e-5) its steps are coarse enough that rounding a scale down would clip
+    its group's largest weights (by up to 8 % near 1e-6), so there a scale is rounded up; above it, rounding
+    to nearest is off by at most 2**-11 relative, too little to clip any code."""
+    s = s.clamp(min=2.0 ** -24, max=65504.0)
+    h = s.to(torch.float16)
+    up = torch.nextafter(h, torch.full_like(h, float("inf")))
+    return torch.where((h.float() < s) & (s < 2.0 ** -14), up, h).to(torch.float32)
 
 
 def num_groups(k: int, group_size: int) -> int:

@@ -51,11 +51,13 @@ def test_gptq_makes_its_tensors_on_the_weight_device(act_order):
     assert torch.equal(q.codes, expected.codes) and torch.equal(q.scales, expected.scales)
 
 
-def test_dead_inputs_get_zero_weights():
+def test_an_input_dead_on_the_calibration_data_keeps_its_weights_rounded_to_nearest():
     x = correlated_inputs(k=16)
-    x[:, 3] = 0
-    q = gptq_weight(torch.randn(4, 16), hessian(x), 4, asymmetric=False)
-    assert (q.codes[:, 3] == 8).all()      # symmetric code 8 is the value 0
+    x[:, 3] = 0                            # e.g. a W4A4 channel whose calibration values all quantize to 0
+    w = torch.randn(4, 16)
+    q = gptq_weight(w, hessian(x), 4, asymmetric=False)
+    assert torch.equal(q.codes[:, 3], torch.clamp(torch.round(w[:, 3] / q.scales[:, 0]) + 8, 0, 15).to(q.codes.dtype))
+    assert (q.codes[:, 3] != 8).any()
 
 
 def test_gptq_model_quantizes_in_forward_order_with_quantized_upstream_inputs():
@@ -89,7 +91,6 @@ def obs_reference(w, H, bits, group_size, asymmetric, act_order, damp=0.01):
     o, k = W.shape
     dead = H.diagonal() == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
     gs, maxq = group_size or k, 2 ** bits - 1
     S = torch.zeros(o, num_groups(k, gs), dtype=torch.double)
     Z = torch.full_like(S, float(2 ** (bits - 1)))

@@ -309,3 +309,12 @@ def test_the_identity_quantizer_has_no_spec():
 def test_an_activation_quantizer_spec_out_of_range_is_refused(spec, message):
     with pytest.raises(ValueError, match=message):
         quantizer_from_spec(spec)
+
+
+@pytest.mark.parametrize("amax, bits", [(1e-3, 8), (2e-4, 8), (2e-5, 4), (0.5, 8), (0.5, 4)])
+def test_a_group_of_tiny_weights_is_never_clipped_by_its_float16_scale(amax, bits):
+    from quant.quantizers import uniform_codes, uniform_dequantize, uniform_params
+    w = torch.linspace(-amax, amax, 64)[None]
+    s, z = uniform_params(w, bits, None, True)
+    err = (uniform_dequantize(uniform_codes(w, s, z, bits, 64), s, z, bits, 64) - w).abs().max()
+    assert err <= s[0, 0] / 2 * (1 + 1e-6)     # rounding only: the extremes lie within the codes' range
