@@ -8,7 +8,10 @@
         = clamp(round(W / mean|W|), -1, 1) * mean|W|     ternary (BitNet b1.58, Ma et al. 2024)
     y   = x_q @ W_q^T + bias
 
-with straight-through gradients for both quantizers (`quant.quantizers`). `freeze()` turns it into
+with straight-through gradients for both quantizers (`quant.quantizers`). Against the 1-bit ViT paper's
+BitLinear (per-tensor absmax, a [0, Q_b] range before non-linearities, W - mean <= 0 mapped to -1): the
+activations are quantized per token to [-127, 127] throughout, as in BitNet b1.58, and a weight equal to
+the mean maps to +1. `freeze()` turns it into
 the packed `QuantLinear` (weight codes + one scale, `act_format="int8_token"`, the same LayerNorm as
 `input_norm`), which computes exactly the same function: y[t, o] = s[t] * beta * sum_k q[t, k] c[o, k] + b[o].
 The training forward takes the same steps in the same order (codes times weights, then the token scale,
