@@ -91,11 +91,8 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
     """Read a bitvit model file's header (FP or packed safetensors, or a bitvit ONNX export)."""
     path = existing_file(path)
     if path.suffix.lower() == ".onnx":
-        import onnx
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # protobuf's DecodeError and friends
-            raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+        from export.runtime import read_onnx
+        proto = read_onnx(path)
         meta = {p.key: p.value for p in proto.metadata_props}
         if "bitvit.config" not in meta:
             raise ValueError(f"{path} is not a bitvit ONNX export (no bitvit.config metadata)")

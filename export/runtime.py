@@ -18,10 +18,30 @@ from onnx import numpy_helper
 
 from quant.cli import is_positive_int
 from quant.data import check_model_input, to_model_array
-from quant.models import ViTConfig
+from quant.models import ViTConfig, refuse_newer
 
 from .exporter import META_FORMAT
 from .ortops import DOMAIN, library_path
+
+MAX_ONNX_BYTES = 2 ** 31  # protobuf's limit on one message: no ONNX model file is larger
+
+
+def read_onnx(path: Path) -> onnx.ModelProto:
+    """The ONNX model in file `path`, after a size check (a 2 GiB sparse file would otherwise be read whole
+    before protobuf refused it). bitvit's exports hold all their weights, so one keeping tensors in
+    external files is refused rather than followed."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty, not an ONNX model")
+    if size > MAX_ONNX_BYTES:
+        raise ValueError(f"{path} is {size / 2 ** 30:.1f} GiB, over the 2 GiB an ONNX model file can hold")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError for garbage
+        raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise ValueError(f"{path} keeps tensors in external files; a bitvit export holds all of its weights")
+    return proto
 
 
 def ort_message(e: Exception) -> str:
@@ -40,16 +60,12 @@ class Session:
             raise ValueError(f"{path} is a folder, not an ONNX file")
         if not path.is_file():
             raise FileNotFoundError(f"no such ONNX file: {path}")
-        if path.stat().st_size == 0:
-            raise ValueError(f"{path} is empty, not an ONNX model")
         if threads is not None and not (is_positive_int(threads) and threads <= (os.cpu_count() or 1)):
             raise ValueError(f"threads must be an integer in 1..{os.cpu_count() or 1} (this machine's cores), "
                              f"got {threads!r}")
-        try:
-            proto = onnx.load(str(path))
-        except Exception as e:  # protobuf raises its own DecodeError for garbage
-            raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+        proto = read_onnx(path)
         meta = {p.key: p.value for p in proto.metadata_props}
+        refuse_newer(meta.get("format"), META_FORMAT, path)
         if meta.get("format") != META_FORMAT:
             raise ValueError(f"{path} is not a bitvit ONNX export (no {META_FORMAT!r} metadata); "
                              f"write one with python -m export")

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -103,8 +104,9 @@ class ViTConfig:
         where = f"{source}: " if source is not None else ""
         try:
             raw = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{where}the ViT config is not valid JSON ({e})") from None
+        except (TypeError, ValueError, RecursionError) as e:  # ValueError: JSON's, or a 5000-digit integer
+            raise ValueError(f"{where}the ViT config is not valid JSON ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:120]})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{where}the ViT config is not a JSON object: {text[:80]!r}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -288,6 +290,10 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
             parts.append(f"unexpected {len(unexpected)} tensor(s), first {unexpected[0]!r}")
         raise ValueError(f"{source} does not fit this model: {'; '.join(parts)}")
     for k, v in state.items():
+        if v.layout != torch.strided or v.device.type != "cpu" or (
+                v.is_floating_point() and v.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
+            raise ValueError(f"{source}: tensor {k!r} is a {v.layout} {v.dtype} tensor on {v.device}; a model file "
+                             f"holds dense float16/bfloat16/float32/float64 tensors")
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"{source} does not fit this model: tensor {k!r} has shape "
                              f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
@@ -344,6 +350,15 @@ def path_text(path) -> str:
     return os.fspath(path)
 
 
+def refuse_newer(found, known: str, path) -> None:
+    """One error for a file in a later version of the bitvit format `known` ("name/N") than this bitvit reads."""
+    name, _, version = known.rpartition("/")
+    later = found[len(name) + 1:] if isinstance(found, str) and found.startswith(name + "/") else ""
+    if later.isdigit() and int(later) > int(version):
+        raise ValueError(f"{path} was written by a newer bitvit (format {found}; this one reads {known}): update "
+                         f"bitvit to load it")
+
+
 def existing_file(path: str | os.PathLike) -> Path:
     """`path` if it is a file; else one clear error (missing, or a folder)."""
     path = Path(path_text(path))
@@ -385,9 +400,22 @@ def unreadable_safetensors(path, error: Exception) -> ValueError:
     return ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})")
 
 
+def refuse_compressed_zip(path: Path) -> None:
+    """torch.save writes its zip archive uncompressed; a compressed entry could inflate to gigabytes before any
+    check (a zip bomb), so a .pth/.pt holding one is refused unread."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = next((i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
+    except (zipfile.BadZipFile, OSError):  # not a zip (a legacy torch file) or damaged: torch.load says which
+        return
+    if bad is not None:
+        raise ValueError(f"{path} holds a compressed entry ({bad}), which torch.save never writes; refused unread")
+
+
 def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a .pth/.pt file (timm or DeiT style), loaded with `weights_only=True`."""
     path = existing_file(path)
+    refuse_compressed_zip(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -398,13 +426,15 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                          f"or damaged)") from None
     except Exception as e:
         first = (str(e).splitlines() or [""])[0]
+        if "weights_only" in first:  # torch's advice to load unsafely, which bitvit never does
+            first = "not a torch checkpoint of tensors"
         raise ValueError(f"{path} is not a loadable torch checkpoint of plain tensors "
                          f"({type(e).__name__}{': ' + first if first else ''})") from None
     for key in ("model", "state_dict", "model_ema"):  # DeiT and training scripts nest the weights
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"{path} holds no state dict of tensors")
     return obj
 
@@ -434,6 +464,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
         if name is not None and not (CONFIGS.get(name) or _unknown(name)).same_model(cfg):
             raise ValueError(f"{source} holds a different architecture than {name!r}")
     elif "format" in meta:
+        refuse_newer(meta["format"], FORMAT, source)
         raise ValueError(f"{source} is a {meta['format']!r} file, not a full-precision bitvit ViT (quantized ViTs "
                          f"load with quant.load_quantized, CNN teachers with quant.teacher.load_teacher)")
     elif name is None:
@@ -461,8 +492,9 @@ def meta_skeleton(build: Callable[[], nn.Module], source) -> nn.Module:
     try:
         with torch.device("meta"):
             return build()
-    except (RuntimeError, OverflowError) as e:
-        raise ValueError(f"{source}: its config describes a model too large to build ({e})") from None
+    except (RuntimeError, OverflowError, TypeError) as e:  # TypeError: a size past int64 (torch's own wording)
+        raise ValueError(f"{source}: its config describes a model too large to build "
+                         f"({(str(e).splitlines() or [''])[0][:160]})") from None
 
 
 def build_and_load(build: Callable[[], nn.Module], state: dict[str, torch.Tensor],

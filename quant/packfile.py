@@ -38,7 +38,7 @@ import torch.nn as nn
 from quant.cli import file_to_write, finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import (ViTConfig, VisionTransformer, check_depth, load_model, load_state_dict, meta_skeleton,
-                          path_text, read_safetensors, read_safetensors_metadata, refuse_non_finite,
+                          path_text, read_safetensors, read_safetensors_metadata, refuse_newer, refuse_non_finite,
                           unchanged_on_error, write_safetensors)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
@@ -223,12 +223,13 @@ def _parse_header(meta: dict, path) -> dict:
     if meta.get("format") == "bitvit-quant/1":
         raise ValueError(f"{path} was written by an older bitvit (format bitvit-quant/1); quantize its "
                          f"full-precision model again to get a {FORMAT} file")
+    refuse_newer(meta.get("format"), FORMAT, path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a quantized bitvit file (format {meta.get('format')!r}, "
                          f"expected {FORMAT!r})")
     try:
         header = json.loads(meta["header"])
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path} has a damaged header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path} has a damaged header (not a JSON object)")
@@ -336,5 +337,7 @@ def load_any(path: str | os.PathLike) -> nn.Module:
     from quant.teacher import FORMAT as TEACHER_FORMAT, load_teacher
     if fmt == TEACHER_FORMAT:
         return load_teacher(path)
+    for known in (FP_FORMAT, FORMAT, TEACHER_FORMAT):
+        refuse_newer(fmt, known, path)
     raise ValueError(f"{path} is a {fmt!r} file, neither a bitvit ViT ({FP_FORMAT}), a quantized one ({FORMAT}) "
                      f"nor a CNN teacher ({TEACHER_FORMAT})")

@@ -27,7 +27,7 @@ def parse_overrides(items: list[str]) -> dict:
             raise ValueError(f"--set expects field=value, got {item!r}")
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             out[key] = value
         if isinstance(out[key], list):
             out[key] = tuple(tuple(v) if isinstance(v, list) else v for v in out[key])

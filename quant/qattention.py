@@ -76,6 +76,10 @@ class QuantAttention(nn.Module):
         if unknown:
             raise ValueError(f"unknown attention quantizer slots {sorted(unknown)}")
         for slot, s in spec["slots"].items():
+            shape = s.get("shape") if isinstance(s, dict) and s.get("kind") == "uniform" else []
+            if shape not in ([], [1, m.num_heads, 1, 1]):
+                raise ValueError(f"slot {slot}'s uniform quantizer has shape {shape!r}; an attention slot's is [] "
+                                 f"(per tensor) or [1, {m.num_heads}, 1, 1] (per head)")
             setattr(m, slot, quantizer_from_spec(s))
             n = getattr(m, slot).offset.numel() if isinstance(getattr(m, slot), Log2Quantizer) else 1
             if n not in (1, m.num_heads):

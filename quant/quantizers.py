@@ -28,6 +28,7 @@ probabilities (`quantize_log2`, `Log2Quantizer`).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -417,8 +418,10 @@ def quantizer_from_spec(spec: dict | None) -> torch.nn.Module:
     kind = spec.get("kind")
     if kind == "uniform":
         shape = spec.get("shape")  # () per tensor, (1, H, 1, 1) per head, (K,) per channel
-        if not (isinstance(shape, list) and len(shape) <= 4 and all(is_positive_int(n) and n <= 65536 for n in shape)):
-            raise ValueError(f"a uniform quantizer's shape must be up to 4 sizes in 1..65536, got {shape!r}")
+        if not (isinstance(shape, list) and len(shape) <= 4 and all(is_positive_int(n) and n <= 65536 for n in shape)
+                and math.prod(shape) <= 65536):  # a damaged header must not ask for gigabytes of ranges
+            raise ValueError(f"a uniform quantizer's shape must be up to 4 sizes of at most 65536 values in all, "
+                             f"got {shape!r}")
         return UniformQuantizer(shape=tuple(shape))
     if kind == "log2":
         bits = spec.get("bits")

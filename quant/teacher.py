@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from quant.cli import is_positive_int
 from quant.models import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, build_and_load, check_image_config,
-                          read_safetensors, write_safetensors)
+                          read_safetensors, refuse_newer, write_safetensors)
 
 FORMAT = "bitvit-cnn/1"
 
@@ -54,7 +54,7 @@ class CNNConfig:
         try:
             raw = json.loads(text)
             return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-        except (TypeError, AttributeError, json.JSONDecodeError) as e:
+        except (TypeError, AttributeError, json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"not a CNN teacher config ({e})") from None
 
 
@@ -103,6 +103,7 @@ def save_teacher(model: ResNetTeacher, path: str | os.PathLike, metadata: dict[s
 def load_teacher(path: str | os.PathLike) -> ResNetTeacher:
     """A teacher file, in eval mode, on the CPU; one clear error for anything else."""
     state, meta = read_safetensors(path)
+    refuse_newer(meta.get("format"), FORMAT, path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a bitvit CNN teacher (format {meta.get('format')!r})")
     try:

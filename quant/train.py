@@ -33,6 +33,7 @@ from quant.cli import (finite_number, number_in, positive_int, random_seed, run,
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
+from quant.models import refuse_compressed_zip
 
 
 @dataclass
@@ -68,7 +69,7 @@ def read_log(path: Path) -> list[dict]:
         try:
             record = json.loads(line)
             ok = isinstance(record, dict) and finite_number(record.get("epoch"))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             ok = False
         if not ok:
             raise ValueError(f"{path}, line {n}, is not an epoch record; fix or delete the log")
@@ -169,13 +170,24 @@ class _Dist:
 def read_resume_state(path: Path, advice: str) -> dict:
     """A resume state `fit` wrote (`last.pt`), read without unpickling code, or one clear error ending
     in `advice`."""
+    if not path.is_file():  # a folder, or a FIFO that torch.load would wait on forever
+        raise ValueError(f"{path} is not a regular file; {advice}")
+    refuse_compressed_zip(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"model", "optimizer", "rng", "epoch", "trained_seconds", "config"} - set(state)
     except Exception as e:  # torch raises many types for truncated, foreign or pickled-code files
         raise ValueError(f"{path} is not a readable resume state ({type(e).__name__}); {advice}") from None
+    missing = {"model", "optimizer", "rng", "epoch", "trained_seconds", "config"} - set(state) \
+        if isinstance(state, dict) else {"a dict at the top"}
     if missing:
         raise ValueError(f"{path} is not a bitvit resume state (no {', '.join(sorted(missing))}); {advice}")
+    if not isinstance(state["model"], dict) or not isinstance(state["config"], str):
+        raise ValueError(f"{path} is not a bitvit resume state (its model weights or config are of the wrong "
+                         f"kind); {advice}")
+    bad = next((k for k, v in state["model"].items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"{path} holds NaN or infinite weights ({bad}); {advice}")
     return state
 
 

@@ -412,3 +412,19 @@ def test_a_constant_node_holding_nan_is_refused_when_loaded(tiny_model, tmp_path
     onnx.save(proto, tmp_path / "c.onnx")
     with pytest.raises(ValueError, match=f"weight '{t.name}' holds NaN"):
         runtime.load(tmp_path / "c.onnx")
+
+
+def test_an_onnx_file_over_2_gib_is_refused_by_its_size_unread(tmp_path):
+    big = tmp_path / "big.onnx"
+    with open(big, "wb") as f:
+        f.truncate(2 ** 31 + 1)                 # sparse: nothing to read, and nothing should be
+    with pytest.raises(ValueError, match="over the 2 GiB an ONNX model file can hold"):
+        runtime.load(big)
+
+
+def test_an_onnx_file_keeping_its_weights_in_external_files_is_refused(tiny_model, tmp_path):
+    proto = to_onnx(tiny_model)
+    onnx.save(proto, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.bin", size_threshold=0)
+    with pytest.raises(ValueError, match="keeps tensors in external files"):
+        runtime.load(tmp_path / "m.onnx")

@@ -479,3 +479,45 @@ def test_a_written_model_file_has_the_permissions_the_umask_gives(tmp_path, pack
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
+
+
+def test_a_pth_whose_zip_entries_are_compressed_is_refused_unread(tmp_path, tiny_model):
+    import zipfile
+    plain = tmp_path / "plain.pth"
+    torch.save(tiny_model.state_dict(), plain)
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))      # what a zip bomb would be: entries that inflate
+    with pytest.raises(ValueError, match="holds a compressed entry .*refused unread"):
+        load_model(bomb, name="vit_cifar_tiny")
+
+
+@pytest.mark.parametrize("make", [lambda v: v.to(torch.float8_e4m3fn), lambda v: v.to_sparse(),
+                                  lambda v: torch.empty_like(v, device="meta")], ids=["float8", "sparse", "meta"])
+def test_a_tensor_of_a_kind_no_model_file_holds_is_refused_by_name(tmp_path, make):
+    model = VisionTransformer(TINY)
+    state = dict(model.state_dict())
+    state["pos_embed"] = make(state["pos_embed"])
+    with pytest.raises(ValueError, match="tensor 'pos_embed' is a .* a model file holds dense"):
+        load_state_dict(VisionTransformer(TINY), state, source="x.pth")
+
+
+def test_a_pth_with_keys_that_are_not_names_is_refused(tmp_path, tiny_model):
+    torch.save({**tiny_model.state_dict(), 0: torch.zeros(1)}, tmp_path / "m.pth")
+    with pytest.raises(ValueError, match="holds no state dict of tensors"):
+        load_model(tmp_path / "m.pth", name="vit_cifar_tiny")
+
+
+@pytest.mark.parametrize("text, message", [("[" * 100000 + "]" * 100000, "RecursionError"),
+                                           ('{"img_size": ' + "9" * 5000 + "}", "4300 digits")],
+                         ids=["deeply-nested", "5000-digit-integer"])
+def test_a_config_json_that_json_itself_cannot_read_is_refused_naming_the_file(text, message):
+    with pytest.raises(ValueError, match=f"m.safetensors: the ViT config is not valid JSON .*{message}"):
+        ViTConfig.from_json(text, "m.safetensors")
+
+
+def test_a_config_whose_sizes_overflow_torchs_integers_is_refused_as_too_large():
+    from quant.models import meta_skeleton
+    with pytest.raises(ValueError, match="m.safetensors: its config describes a model too large to build"):
+        meta_skeleton(lambda: VisionTransformer(dataclasses.replace(TINY, mlp_ratio=1e300)), "m.safetensors")

@@ -226,12 +226,14 @@ def test_a_header_whose_layers_ask_for_more_than_the_file_holds_is_refused_befor
     assert built == ["meta"]
 
 
-@pytest.mark.parametrize("spec, message", [({"kind": "uniform", "shape": [-1]}, "shape must be"),
-                                           ({"kind": "uniform", "shape": "4"}, "shape must be"),
+@pytest.mark.parametrize("spec, message", [({"kind": "uniform", "shape": [-1]}, "uniform quantizer has shape"),
+                                           ({"kind": "uniform", "shape": "4"}, "uniform quantizer has shape"),
+                                           ({"kind": "uniform", "shape": [65536, 256]}, "uniform quantizer has shape"),
                                            ({"kind": "log2", "bits": 99}, "bits must be"),
                                            ({"kind": "log2", "bits": 4, "offsets": [15]}, "offsets must be"),
                                            ({"kind": "log2", "bits": 4, "offsets": [0, 1, 2]}, "3 log2 offsets for 2 heads")],
-                         ids=["negative-shape", "text-shape", "log2-bits", "log2-offset", "log2-offset-count"])
+                         ids=["negative-shape", "text-shape", "huge-shape", "log2-bits", "log2-offset",
+                              "log2-offset-count"])
 def test_a_damaged_attention_quantizer_entry_is_refused_on_loading(tmp_path, tiny_model, spec, message):
     path = tmp_path / "w4a4.safetensors"
     quant.save_quantized(quant.quantize(tiny_model, "w4a4", calib=torch.randn(8, 3, 16, 16)), path)
@@ -400,3 +402,17 @@ def test_a_vit_file_loaded_into_a_model_of_another_config_is_refused(saved, tiny
     other = VisionTransformer(dataclasses.replace(tiny_model.config, classes=("a", "b", "c")))  # same shapes
     with pytest.raises(ValueError, match="holds a different architecture than the model given"):
         quant.load_quantized(saved, model=other)
+
+
+def test_a_quantizer_spec_asking_for_more_than_65536_ranges_is_refused_before_allocating():
+    from quant.quantizers import quantizer_from_spec
+    with pytest.raises(ValueError, match="at most 65536 values in all"):
+        quantizer_from_spec({"kind": "uniform", "shape": [65536, 65536, 65536, 65536]})
+
+
+@pytest.mark.parametrize("fmt", ["bitvit-quant/3", "bitvit-vit/2", "bitvit-cnn/9"])
+def test_a_file_of_a_newer_bitvit_format_says_so(tmp_path, fmt):
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "m.safetensors"), metadata={"format": fmt})
+    with pytest.raises(ValueError, match=f"written by a newer bitvit \\(format {fmt}; this one reads"):
+        quant.load_any(tmp_path / "m.safetensors")

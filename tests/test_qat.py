@@ -419,7 +419,7 @@ def test_a_warm_restart_from_a_missing_state_is_a_file_not_found_error(tmp_path)
 def test_a_warm_restart_from_a_state_without_model_weights_is_refused(tmp_path):
     state = dict.fromkeys(("optimizer", "rng", "epoch", "trained_seconds", "config"), 0)
     torch.save({**state, "model": [torch.zeros(2)]}, tmp_path / "last.pt")
-    with pytest.raises(ValueError, match="no model weights"):
+    with pytest.raises(ValueError, match="is not a bitvit resume state"):
         read_init(tmp_path / "last.pt")
 
 

@@ -479,3 +479,24 @@ def test_a_resume_state_without_its_config_is_refused_by_name(tmp_path):
     torch.save({k: 0 for k in ("model", "optimizer", "rng", "epoch", "trained_seconds")}, tmp_path / "last.pt")
     with pytest.raises(ValueError, match=r"not a bitvit resume state \(no config\)"):
         read_resume_state(tmp_path / "last.pt", "delete it to start over")
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda: ["model", "optimizer", "rng", "epoch", "trained_seconds", "config"], "no a dict at the top"),
+    (lambda: {"model": {}, "optimizer": {}, "rng": torch.zeros(1), "epoch": 1, "trained_seconds": 1.0,
+              "config": 5}, "of the wrong kind"),
+    (lambda: {"model": {"w": torch.tensor([float("nan")])}, "optimizer": {}, "rng": torch.zeros(1), "epoch": 1,
+              "trained_seconds": 1.0, "config": "{}"}, "NaN or infinite weights")],
+    ids=["a-list", "config-not-text", "nan-weights"])
+def test_a_resume_state_of_the_wrong_shape_or_with_nan_weights_is_refused(tmp_path, content, message):
+    from quant.train import read_resume_state
+    torch.save(content(), tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=message):
+        read_resume_state(tmp_path / "last.pt", "delete it")
+
+
+def test_a_resume_state_that_is_not_a_regular_file_is_refused_not_waited_on(tmp_path):
+    from quant.train import read_resume_state
+    os.mkfifo(tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="is not a regular file"):
+        read_resume_state(tmp_path / "last.pt", "delete it")
