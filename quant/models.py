@@ -517,6 +517,8 @@ def _load_from_hub(repo: str, name: str) -> VisionTransformer:
     cfg = CONFIGS.get(name) or _unknown(name)  # before any download: a wrong name is the error to report
     try:
         path = hf_hub_download(repo, "model.safetensors")
+    except ValueError as e:  # huggingface_hub's HFValidationError: a malformed repository id
+        raise ValueError(f"hf-hub:{repo} is not a valid hub repository id ({str(e).splitlines()[0][:160]})") from None
     except OSError as e:  # the hub's errors (not cached and offline, no such repository, HTTP) are OSErrors
         raise FileNotFoundError(f"hf-hub:{repo}: model.safetensors is neither in the local hub cache nor "
                                 f"downloadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -525,7 +527,7 @@ def _load_from_hub(repo: str, name: str) -> VisionTransformer:
             labels = json.load(f).get("label_names") or ()
     except Exception:  # label names are a nicety; weights are what matters
         labels = ()
-    if len(labels) == cfg.num_classes:
+    if isinstance(labels, list) and len(labels) == cfg.num_classes and all(isinstance(x, str) for x in labels):
         cfg = dataclasses.replace(cfg, classes=tuple(labels))
     state, _ = read_safetensors(path)
     model = VisionTransformer(cfg)

@@ -164,9 +164,16 @@ def test_hub_loading_reads_the_local_hub_cache(tmp_path, monkeypatch, source):
     assert torch.equal(loaded.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
 
 
-def test_hub_label_names_that_do_not_match_the_classes_are_left_out(tmp_path, monkeypatch):
-    local_hub_cache(tmp_path, monkeypatch, ["cat", "dog", "frog"])
+@pytest.mark.parametrize("labels", [["cat", "dog", "frog"], "x" * 1000, list(range(1000))],
+                         ids=["too-few", "a-string", "numbers"])
+def test_hub_label_names_that_are_not_one_name_a_class_are_left_out(tmp_path, monkeypatch, labels):
+    local_hub_cache(tmp_path, monkeypatch, labels)
     assert load_model("hub", name="deit_tiny_patch16_224").config.classes == ()
+
+
+def test_a_malformed_hub_repository_id_is_one_error_naming_it():
+    with pytest.raises(ValueError, match="hf-hub:../../etc is not a valid hub repository id"):
+        load_model("hf-hub:../../etc", name="deit_tiny_patch16_224")
 
 
 def test_loading_from_the_hub_needs_a_config_that_names_its_repository():
