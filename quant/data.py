@@ -366,8 +366,12 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     a = np.asarray(img, dtype=np.float64)
     if not np.isfinite(a).all():
         raise ValueError("it holds NaN or infinite values")
-    top = (1.0 if a.max() <= 1 else 255.0) if img.mode == "F" else 255.0 if img.mode == "I" and a.max() <= 255 \
-        else 65535.0
+    if img.mode == "F":
+        top = 1.0 if a.max() <= 1 else 255.0
+    elif img.mode == "I" and a.max() <= 255:
+        top = 255.0
+    else:
+        top = 65535.0
     return Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
 
 

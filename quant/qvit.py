@@ -252,7 +252,7 @@ def fix_bits(model: nn.Module, budget_bits: float | None = None) -> None:
     soft = {id(q): q.soft_bits().detach().clone() for q in qs}
     for q in qs:
         q.freeze_bits()
-    if budget_bits is None:
+    if budget_bits is None or not qs:  # nothing learned a width (LSQ+): nothing to lower
         return
     budget = float(bitops(model, uniform_bits=budget_bits))
     while float(bitops(model)) > budget * (1 + 1e-9):

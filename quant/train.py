@@ -350,7 +350,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{(i + 1) * per_rank * env.world / (time.perf_counter() - t0):.0f}")
         bar.close()
-        if not (math.isfinite(loss_sum) and all(bool(torch.isfinite(p).all()) for p in model.parameters())):
+        weights_finite = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # 1 sync
+        if not (math.isfinite(loss_sum) and weights_finite):
             # every later step would be NaN too: stop before scoring or saving the weights
             raise ValueError(f"training diverged in epoch {epoch + 1} (the loss or the weights are NaN or "
                              f"infinite): start a fresh --out with a lower --lr")
