@@ -91,9 +91,8 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
     """Read a bitvit model file's header (FP or packed safetensors, or a bitvit ONNX export)."""
     path = existing_file(path)
     if path.suffix.lower() == ".onnx":
-        from export.runtime import read_onnx
-        proto = read_onnx(path)
-        meta = {p.key: p.value for p in proto.metadata_props}
+        from export.runtime import bitvit_metadata, read_onnx
+        meta = bitvit_metadata(read_onnx(path), path)
         if "bitvit.config" not in meta:
             raise ValueError(f"{path} is not a bitvit ONNX export (no bitvit.config metadata)")
         fmt = meta.get("bitvit.format", "?")

@@ -44,6 +44,16 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     return proto
 
 
+def bitvit_metadata(proto: onnx.ModelProto, path: Path) -> dict[str, str]:
+    """The metadata of a bitvit export (written by this bitvit's version of the format), else one error."""
+    meta = {p.key: p.value for p in proto.metadata_props}
+    refuse_newer(meta.get("format"), META_FORMAT, path)
+    if meta.get("format") != META_FORMAT:
+        raise ValueError(f"{path} is not a bitvit ONNX export (no {META_FORMAT!r} metadata); "
+                         f"write one with python -m export")
+    return meta
+
+
 def ort_message(e: Exception) -> str:
     """ONNX Runtime's error as one line, without the C++ source location and signature it prefixes
     (`/onnxruntime_src/...cc:256 onnxruntime::Model::Model(...) `)."""
@@ -64,11 +74,7 @@ class Session:
             raise ValueError(f"threads must be an integer in 1..{os.cpu_count() or 1} (this machine's cores), "
                              f"got {threads!r}")
         proto = read_onnx(path)
-        meta = {p.key: p.value for p in proto.metadata_props}
-        refuse_newer(meta.get("format"), META_FORMAT, path)
-        if meta.get("format") != META_FORMAT:
-            raise ValueError(f"{path} is not a bitvit ONNX export (no {META_FORMAT!r} metadata); "
-                             f"write one with python -m export")
+        meta = bitvit_metadata(proto, path)
         self.path = path
         try:
             self.config = ViTConfig.from_json(meta["bitvit.config"])

@@ -51,6 +51,7 @@ def check_image_config(cfg, kind: str, sizes: tuple[str, ...]) -> Callable[[bool
 
     for f in (*sizes, "num_classes"):
         check(is_positive_int(getattr(cfg, f)), f, "a positive integer")
+    check(cfg.img_size <= 16384, "img_size", "at most 16384 pixels")  # a damaged file's 2**62 fed nothing
     check(isinstance(cfg.classes, tuple) and all(isinstance(c, str) for c in cfg.classes)
           and len(cfg.classes) in (0, cfg.num_classes), "classes", f"{cfg.num_classes} class names or none")
     for f in ("mean", "std"):
@@ -412,6 +413,18 @@ def refuse_compressed_zip(path: Path) -> None:
         raise ValueError(f"{path} holds a compressed entry ({bad}), which torch.save never writes; refused unread")
 
 
+def is_torch_file(path: str) -> bool:
+    """Whether `path` is a torch checkpoint rather than safetensors: by its suffix, any case (.pth, .pt, .bin,
+    .ckpt), or by the zip signature torch.save writes."""
+    if path.lower().endswith((".pth", ".pt", ".bin", ".ckpt")):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:  # missing or unreadable: the safetensors reader names the problem
+        return False
+
+
 def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a .pth/.pt file (timm or DeiT style), loaded with `weights_only=True`."""
     path = existing_file(path)
@@ -454,7 +467,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
         if repo is None:
             raise ValueError(f"no default hub repository for {name!r}")
         return _load_from_hub(repo, name)
-    if source.endswith((".pth", ".pt", ".bin")):
+    if is_torch_file(source):
         state, meta = read_torch_state(source), {}
     else:
         state, meta = read_safetensors(source)

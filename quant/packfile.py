@@ -37,9 +37,9 @@ import torch.nn as nn
 
 from quant.cli import file_to_write, finite_number
 from quant.models import FORMAT as FP_FORMAT
-from quant.models import (ViTConfig, VisionTransformer, check_depth, load_model, load_state_dict, meta_skeleton,
-                          path_text, read_safetensors, read_safetensors_metadata, refuse_newer, refuse_non_finite,
-                          unchanged_on_error, write_safetensors)
+from quant.models import (ViTConfig, VisionTransformer, check_depth, is_torch_file, load_model, load_state_dict,
+                          meta_skeleton, path_text, read_safetensors, read_safetensors_metadata, refuse_newer,
+                          refuse_non_finite, unchanged_on_error, write_safetensors)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
@@ -328,7 +328,7 @@ def _module(model: nn.Module, name: str, path) -> nn.Module:
 def load_any(path: str | os.PathLike) -> nn.Module:
     """A bitvit model from a full-precision, a quantized or a CNN-teacher file (told apart by its format)."""
     path = path_text(path)
-    if path.endswith((".pth", ".pt", ".bin")):
+    if is_torch_file(path):
         return load_model(path)
     fmt = read_safetensors_metadata(path).get("format")
     if is_quantized_format(fmt):

@@ -1086,3 +1086,14 @@ def test_a_single_nan_score_is_refused():
     cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log, logits=(1.0, float("nan"), 3.0))})
     with pytest.raises(ValueError, match="q gave NaN or infinite scores"):
         cmp.run(frame((40, 40, 3)), "q")
+
+
+def test_an_onnx_export_of_a_newer_bitvit_format_is_left_out_of_the_menu_saying_so(tmp_path, tiny_model):
+    import onnx
+    from export.exporter import export
+    path = export(tiny_model, tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    next(p for p in proto.metadata_props if p.key == "format").value = "bitvit-onnx/2"
+    onnx.save(proto, str(path))
+    with pytest.raises(ValueError, match="written by a newer bitvit"):
+        inspect_file(path)

@@ -344,10 +344,10 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_a_config_asking_for_a_huge_model_is_refused_before_allocating_it(tiny_model, tmp_path):
-    """A damaged or hand-edited config (here 10^10 patches) is checked against the tensors on the meta
-    device, so the file gets one clear error instead of a failed multi-terabyte allocation."""
+    """A damaged or hand-edited config (here 2.7 * 10^8 patches) is checked against the tensors on the meta
+    device, so the file gets one clear error instead of a failed many-gigabyte allocation."""
     cfg = json.loads(tiny_model.config.to_json())
-    cfg.update(img_size=100_000, patch_size=1)
+    cfg.update(img_size=16_384, patch_size=1)
     state = {k: v.contiguous() for k, v in tiny_model.state_dict().items() if not k.endswith("num_batches_tracked")}
     save_file(state, str(tmp_path / "m.safetensors"), metadata={"format": FORMAT, "config": json.dumps(cfg)})
     with pytest.raises(ValueError, match="does not fit this model: tensor 'patch_embed.proj.weight'"):
@@ -528,3 +528,11 @@ def test_a_config_whose_sizes_overflow_torchs_integers_is_refused_as_too_large()
     from quant.models import meta_skeleton
     with pytest.raises(ValueError, match="m.safetensors: its config describes a model too large to build"):
         meta_skeleton(lambda: VisionTransformer(dataclasses.replace(TINY, mlp_ratio=1e300)), "m.safetensors")
+
+
+@pytest.mark.parametrize("file", ["UPPER.PTH", "model.ckpt", "weights.data"], ids=["upper-case", "ckpt", "zip-only"])
+def test_a_torch_checkpoint_is_read_as_one_whatever_its_suffix(tmp_path, file):
+    model = create_model("vit_cifar_tiny")
+    torch.save(model.state_dict(), tmp_path / file)
+    loaded = load_model(tmp_path / file, name="vit_cifar_tiny")
+    assert torch.equal(loaded.state_dict()["pos_embed"], model.state_dict()["pos_embed"])

@@ -34,10 +34,11 @@ def test_a_teacher_file_rebuilds_the_same_network(tmp_path):
     ("classes", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "CNN teacher config field 'classes'"),
     ("widths", [32, 64, 128], "CNN teacher config field 'widths'"),
     ("img_size", 4, "CNN teacher config field 'img_size' must be at least 8"),
+    ("img_size", 2 ** 62, "CNN teacher config field 'img_size' must be at most 16384 pixels"),
     ("depth", 9, "not a CNN teacher config"),
     ("widths", [32, 64, 128, 2_000_000], "does not fit this model")],  # on a skeleton: no terabytes allocated
     ids=["negative-width", "text-width", "two-means", "zero-std", "no-size", "numeric-classes", "three-widths",
-         "too-small", "unknown-field", "huge"])
+         "too-small", "too-large", "unknown-field", "huge"])
 def test_a_teacher_file_with_a_damaged_config_is_refused_naming_the_field(tmp_path, field, value, message):
     from safetensors import safe_open
     from safetensors.torch import save_file
