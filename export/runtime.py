@@ -125,6 +125,15 @@ class Session:
         if pos != want or depth != cfg.depth:
             raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: pos_embed {pos} and "
                              f"{depth} blocks, the metadata says {want} and {cfg.depth}")
+        get = lambda name: dims.get(name, dims.get(name + "_fp16"))  # noqa: E731
+        shapes = {  # what else the parameter count (bits per weight in the app) is made of: stem and MLP widths
+            "patch_embed.proj.weight": (get("patch_embed.proj.weight"),
+                                        [cfg.embed_dim, (cfg.stem_channels or (3,))[-1], cfg.patch_size, cfg.patch_size]),
+            "blocks.0.mlp.fc1.bias": (get("blocks.0.mlp.fc1.bias"), [int(cfg.embed_dim * cfg.mlp_ratio)])}
+        for what, (found, meta_says) in shapes.items():
+            if found is not None and found != meta_says:  # absent: renamed by a tool (ORT's quantize_dynamic)
+                raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: {what} {found}, the "
+                                 f"metadata says {meta_says}")
         T = onnx.TensorProto
         floats = (T.FLOAT, T.FLOAT16, T.BFLOAT16, T.DOUBLE)
         constants = [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]

@@ -209,12 +209,13 @@ def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_mo
         opset_imports=[helper.make_opsetid("", 17)])
     foreign.metadata_props.extend(to_onnx(tiny_model).metadata_props)  # a foreign graph, bitvit's label
     onnx.save(foreign, tmp_path / "foreign.onnx")
-    for key, value in (("embed_dim", 1 << 20), ("depth", 40)):  # the app counts parameters from the metadata
+    lies = (("embed_dim", 1 << 20), ("depth", 40), ("mlp_ratio", 8.0), ("stem_channels", [64, 64]))
+    for key, value in lies:  # the app counts parameters from the metadata
         lying = to_onnx(tiny_model)
         meta = next(p for p in lying.metadata_props if p.key == "bitvit.config")
         meta.value = json.dumps({**json.loads(meta.value), key: value})
         onnx.save(lying, tmp_path / f"{key}.onnx")
-    for name in ("resized.onnx", "foreign.onnx", "embed_dim.onnx", "depth.onnx"):
+    for name in ("resized.onnx", "foreign.onnx", *(f"{key}.onnx" for key, _ in lies)):
         with pytest.raises(ValueError, match="does not match its bitvit metadata"):
             runtime.load(tmp_path / name)
 
