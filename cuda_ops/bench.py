@@ -507,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     result["ops"] = bench_ops(op_models, batches, ops, args.device, dtype, ceil, ops_deadline, progress,
                               result["skipped"], saved=lambda rows: save(ops=rows))
     print_ops(result["ops"])
+    if args.plot and result["ops"]:  # drawn now: the plot shows the per-op part, which a later timeout keeps
+        plot(result["ops"], args.plot)
     result["models"] = bench_models(e2e_models, batches, variants, args.device, dtype, deadline, progress,
                                     result["skipped"], saved=lambda rows: save(models=rows))
     if args.device == "cuda":
@@ -516,8 +518,6 @@ def main(argv: list[str] | None = None) -> int:
     save(complete=True)
     print_models(result["models"])
     print_targets(result["targets"], args.device)
-    if args.plot and result["ops"]:
-        plot(result["ops"], args.plot)
     print(f"\nwall time {result['wall_s']:.0f} s" + (f"; results in {args.out}" if args.out else ""))
     return 0
 

@@ -115,11 +115,12 @@ def test_a_benchmark_killed_midway_leaves_the_rows_it_measured_in_its_json(tmp_p
         return real_build(name, variant)
     monkeypatch.setattr(bench, "build", build_then_die)
     with pytest.raises(KeyboardInterrupt):
-        bench.main(["--device", "cpu", "--quick", "--batches", "1", "--ops", "dense", "--variants", "fp,w1a8",
-                    "--out", str(out)])
+        bench.main(["--device", "cpu", "--quick", "--batches", "1", "--ops", "dense,w1a8", "--variants", "fp,w1a8",
+                    "--out", str(out), "--plot", str(tmp_path / "bench.png")])
     r = json.loads(out.read_text())
-    assert len(r["ops"]) == 4 and [row["variant"] for row in r["models"]] == ["fp"]
+    assert len(r["ops"]) == 4 * 2 and [row["variant"] for row in r["models"]] == ["fp"]
     assert r["complete"] is False
+    assert (tmp_path / "bench.png").stat().st_size > 0   # the per-op plot, drawn before the end-to-end part
 
 
 @pytest.mark.parametrize("args,match", [(["--ops", "w5"], "unknown op 'w5'"),
