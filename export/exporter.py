@@ -325,9 +325,8 @@ def _check_exportable(model: VisionTransformer, fmt: str) -> None:
 
 def export(model: VisionTransformer, path: str | Path, fmt: str = "fp32", custom_ops: bool = True) -> Path:
     """Build the graph of `model` as it stands (see `quantize_for_export`), check it, write it to `path`."""
-    _check_exportable(model, fmt)
+    proto = to_onnx(model, fmt, custom_ops)  # checks the model first
     path = file_to_write(path)
-    proto = to_onnx(model, fmt, custom_ops)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path

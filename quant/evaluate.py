@@ -52,9 +52,10 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, device="cp
     pred = logits.argmax(1).numpy()
     k = cfg.num_classes
     confusion = np.bincount(data.labels * k + pred, minlength=k * k).reshape(k, k)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    counts = confusion.sum(1)                                     # images of each true class
+    per_class = confusion.diagonal() / np.maximum(counts, 1)
     return {"top1": float((pred == data.labels).mean()), "n": int(len(pred)),  # per class: None without images
-            "per_class": {c: float(a) if n else None for c, a, n in zip(data.classes, per_class, confusion.sum(1))},
+            "per_class": {c: float(a) if n else None for c, a, n in zip(data.classes, per_class, counts)},
             "confusion": confusion.tolist()}
 
 

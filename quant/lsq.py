@@ -144,9 +144,10 @@ class LearnedQuantizer(nn.Module):
         g = 1.0 / torch.sqrt(n_per_group * qp.detach().clamp(min=1))        # LSQ gradient scale
         s = self._per_group(scale_grad(s, g), x).abs() + 1e-8
         qn, qp = self._per_group(qn, x), self._per_group(qp, x)
-        z = round_ste(x / s)  # rounded before the zero point is added, as the frozen quantizer does: x/s + zero
-        if self.offset is not None:  # can round to a .5 tie in float32 that round(x/s) + zero does not hit
-            # beta = -zero * s with an integer zero point, so that a frozen quantizer is exact
+        # rounded before the zero point is added, as the frozen quantizer does (x/s + zero can round to a .5
+        # tie in float32 that round(x/s) + zero does not)
+        z = round_ste(x / s)
+        if self.offset is not None:  # beta = -zero * s with an integer zero point, so a frozen quantizer is exact
             zero = round_ste(-self._per_group(scale_grad(self.offset, g), x) / s)
             z = z + zero
         out = torch.minimum(torch.maximum(z, -qn), qp)                     # gradient reaches the levels

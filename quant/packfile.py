@@ -28,6 +28,7 @@ model's dtype. The header's `storage` says which (`float16`: true or false).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,11 +36,11 @@ import os
 import torch
 import torch.nn as nn
 
-from quant.cli import file_to_write, finite_number
+from quant.cli import finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import (ViTConfig, VisionTransformer, check_depth, is_torch_file, load_model, load_state_dict,
                           meta_skeleton, path_text, read_safetensors, read_safetensors_metadata, refuse_newer,
-                          refuse_non_finite, unchanged_on_error, write_safetensors)
+                          unchanged_on_error, write_safetensors)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
@@ -110,7 +111,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
         raise ValueError(f"save_quantized writes a model (nn.Module), got {type(model).__name__}")
     if not isinstance(float16, bool):
         raise ValueError(f"float16 must be True or False, got {float16!r}")
-    path = file_to_write(path)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize)")
@@ -121,7 +121,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     own = {f"{n}.{b}" for n in layers for b in _OWN}
     params = {n for n, _ in model.named_parameters()}
     rest = {k: v for k, v in model.state_dict().items() if k not in own and not k.endswith("num_batches_tracked")}
-    refuse_non_finite(rest)
     for k, v in rest.items():
         v = v.detach().cpu()
         if v.is_floating_point():
@@ -252,6 +251,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     replaced and its other tensors loaded from the file. Refuses a file whose header, tensor names,
     shapes, dtypes, code ranges or checksum disagree, with a ValueError saying what.
     """
+    given = model is not None
     tensors, meta = read_safetensors(path)
     header = _parse_header(meta, path)
     if _digest(tensors, header) != header["sha256"]:
@@ -270,7 +270,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         raise ValueError(f"{path} holds a model that is not a bitvit ViT: pass model= (a full-precision "
                          f"instance of its architecture) to rebuild it")
 
-    with unchanged_on_error(model):  # a given model is left as it was when a layer of the file does not fit
+    # a given model is left as it was when a layer of the file does not fit; a fresh one needs no copy
+    with unchanged_on_error(model) if given else contextlib.nullcontext():
         _rebuild_modules(model, header, tensors, path)
         load_state_dict(model, tensors, source=str(path),
                         loaded=frozenset(f"{n}.{b}" for n in header["layers"] for b in _OWN))  # the other tensors
