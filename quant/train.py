@@ -97,11 +97,11 @@ def _fingerprint(data: ImageSet) -> str:
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
           budget: float | None = None) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to `min_lr` over the remaining `total`
-    steps; with `cfg.time_budget`, over the budget (`seconds`: training time spent so far) or the
+    steps (the last, step `total - 1`, at `min_lr`); with `cfg.time_budget`, over the budget (`seconds`: training time spent so far) or the
     steps, whichever runs out first. `budget` (seconds) replaces `cfg.time_budget` when given."""
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
+    t = (step - warmup) / max(1, total - warmup - 1)
     budget = cfg.time_budget if budget is None else budget
     if budget:
         t = max(t, seconds / max(budget, 1e-9))
@@ -261,8 +261,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         try:
             torch.set_rng_state(state["rng"])
             start_epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
-            if not (0 <= start_epoch <= cfg.epochs and 0 <= trained < math.inf):
-                raise ValueError(f"epoch {start_epoch} of {cfg.epochs}, {trained} s trained")
+            warmup = min(warmup, int(state.get("warmup", warmup)))  # as a time budget may have cut it
+            if not (0 <= start_epoch <= cfg.epochs and 0 <= trained < math.inf and warmup >= 0):
+                raise ValueError(f"epoch {start_epoch} of {cfg.epochs}, {trained} s trained, warmup {warmup}")
         except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
             raise ValueError(f"{ckpt_path} holds a damaged resume state ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:120]}); delete it to start over") from None
@@ -302,6 +303,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             budget = min(budget, trained + 0.98 * left - 1.5 * epoch_seconds)
         if cfg.time_budget and trained >= budget:
             break
+        if budget and step_seconds:  # a budget shorter than the warmup: cut it to half the steps the budget holds
+            warmup = min(warmup, int(epoch * steps_per_epoch + (budget - trained) / step_seconds) // 2)
         if env.agree(time_limit is not None and time.perf_counter() - started + epoch_seconds > time_limit):
             if env.main:
                 print(f"time limit: stopping after epoch {epoch} of {cfg.epochs}; rerun to resume")
@@ -382,6 +385,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             with written_whole(ckpt_path) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "rng": torch.get_rng_state(), "epoch": epoch + 1, "trained_seconds": trained,
+                            "warmup": warmup,
                             **({"cuda_rng": torch.cuda.get_rng_state(env.device)} if cuda else {}),
                             "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}, tmp)
     if env.world > 1:

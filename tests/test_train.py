@@ -48,7 +48,7 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     lrs = [lr_at(s, 100, 10, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
+    assert lrs[-1] == pytest.approx(0.01, rel=1e-9)  # the last step is at min_lr, not a step short of it
 
 
 def test_time_budget_decays_the_rate_over_seconds_or_steps_whichever_run_out_first():
@@ -57,7 +57,7 @@ def test_time_budget_decays_the_rate_over_seconds_or_steps_whichever_run_out_fir
     assert lr_at(10, 10_010, 10, cfg, seconds=0) == pytest.approx(1.0)
     assert lr_at(50, 10_010, 10, cfg, seconds=30) == pytest.approx(0.505, abs=1e-3)
     assert lr_at(11, 10_010, 10, cfg, seconds=90) == pytest.approx(0.01)
-    assert lr_at(55, 100, 10, cfg, seconds=1) == pytest.approx(0.505)  # the epochs ran out first
+    assert lr_at(55, 101, 10, cfg, seconds=1) == pytest.approx(0.505)  # the epochs ran out first
 
 
 class FakeClock:
@@ -107,6 +107,13 @@ class _SlowFirstStep(VisionTransformer):
             self.warm = True
             self.clock.sleep(3.0)
         return super().forward(x)
+
+
+def test_a_budget_shorter_than_the_warmup_cuts_the_warmup_so_the_rate_still_decays(tmp_path, clock):
+    cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=20, time_budget=2.0, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    lrs = [r["lr"] for r in read_log(tmp_path / "log.jsonl")]  # 3 steps an epoch, 0.1 s a step: 7 epochs
+    assert max(lrs) > 0.5 * cfg.lr and lrs[-1] < 0.1 * cfg.lr  # without the cut: ended mid-warmup, at 35 %
 
 
 def test_a_runs_first_step_is_timed_apart_and_not_charged_to_the_time_budget(tmp_path, clock):
