@@ -82,6 +82,10 @@ class LearnedQuantizer(nn.Module):
         self.bit_param = nn.Parameter(torch.full((bit_groups,), start / self.bit_lr_scale),
                                       requires_grad=learn_bits and nb > 1)
         self.register_buffer("initialized", torch.tensor(False))
+        # the step sizes as the last training forward left them, and which of them it used (all, before one)
+        # (saved with the rest, so that a resumed run goes on exactly as an uninterrupted one)
+        self.register_buffer("held", torch.ones(groups * nb))
+        self.register_buffer("used", torch.ones(groups * nb, dtype=torch.bool))
         self._calibrating = False
 
     # ------------------------------------------------------------------ bit-width
@@ -138,6 +142,8 @@ class LearnedQuantizer(nn.Module):
         bits = self.bits()                                                  # (bit_groups,)
         bits = bits.expand(self.groups)                                     # (groups,)
         idx = (bits.detach() - self.b_min).long()
+        if self.training and not self._calibrating and self.scale.numel() > self.groups:
+            self._hold_unselected(idx)
         s = self.scale.view(self.groups, -1).gather(1, idx[:, None])[:, 0]  # each group's step at its width
         qn, qp = levels(bits, self.signed)
         n_per_group = x.numel() / self.groups
@@ -152,6 +158,16 @@ class LearnedQuantizer(nn.Module):
             z = z + zero
         out = torch.minimum(torch.maximum(z, -qn), qp)                     # gradient reaches the levels
         return ((out - zero) * s if self.offset is not None else out * s).to(dtype)
+
+    @torch.no_grad()
+    def _hold_unselected(self, idx: torch.Tensor) -> None:
+        """Put back the step sizes the last training forward did not use: they had no gradient, but the
+        optimizer's momentum (Adam's running mean) goes on moving them for a few steps after a switch of
+        width; only the selected step size trains. Then remember the step sizes and this forward's choice."""
+        self.scale.copy_(torch.where(self.used, self.scale, self.held))
+        used = torch.zeros(self.groups, self.b_max - self.b_min + 1, dtype=torch.bool, device=idx.device)
+        self.used.copy_(used.scatter_(1, idx[:, None], True).view(-1))
+        self.held.copy_(self.scale)
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()

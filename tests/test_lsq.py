@@ -1,4 +1,6 @@
 """LSQ+ / Q-ViT learned quantizer: values on the integer grid, straight-through gradients, switchable scales."""
+import copy
+
 import pytest
 import torch
 
@@ -104,6 +106,51 @@ def test_switchable_scales_one_step_size_per_candidate_width():
     q.set_bits(3)
     q(x).sum().backward()
     assert (q.scale.grad != 0).tolist() == [False, True, False, False, False, False, False]
+
+
+def test_a_step_size_left_by_a_switch_of_width_stays_where_it_was_under_adam_momentum():
+    x = torch.randn(5000)
+    q = calibrated(LearnedQuantizer((2, 8), init_bits=8, learn_bits=True), x)
+    q.freeze_bits()  # the width switches below by hand only
+    opt = torch.optim.AdamW(q.parameters(), lr=1e-2)
+
+    def step():
+        opt.zero_grad()
+        (q(x) - x).pow(2).mean().backward()
+        opt.step()
+    for _ in range(3):
+        step()   # the 8-bit step size trains and gathers momentum
+    q.set_bits(4)
+    left = q.scale.detach().clone()
+    for _ in range(3):
+        step()
+    q(x)     # a training forward puts back what momentum moved since the last one
+    assert q.scale[-1] == left[-1] and q.scale[2] != left[2]
+
+
+def test_a_resumed_switch_of_width_goes_on_exactly_as_the_uninterrupted_one():
+    x = torch.randn(5000)
+
+    def steps(q, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            (q(x) - x).pow(2).mean().backward()
+            opt.step()
+    q = calibrated(LearnedQuantizer((2, 8), init_bits=8, learn_bits=True), x)
+    q.freeze_bits()
+    opt = torch.optim.AdamW(q.parameters(), lr=1e-2)
+    steps(q, opt, 3)
+    q.set_bits(4)
+    steps(q, opt, 1)
+    saved = copy.deepcopy((q.state_dict(), opt.state_dict()))
+    steps(q, opt, 2)
+    resumed = LearnedQuantizer((2, 8), init_bits=8, learn_bits=True)
+    resumed.freeze_bits()
+    resumed.load_state_dict(saved[0])
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    opt2.load_state_dict(saved[1])
+    steps(resumed, opt2, 2)
+    assert torch.equal(resumed.scale, q.scale)
 
 
 def test_bits_round_and_clamp_to_the_candidate_range_and_freeze():
