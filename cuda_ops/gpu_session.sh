@@ -65,7 +65,7 @@ gpu = ((torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda',
       torch.version.cuda, '|', *gpu)" 2>&1
         "$PY" -c "import xdist; print('pytest-xdist', xdist.__version__)" 2>&1 | tail -1
-        git rev-parse HEAD 2>/dev/null || echo "(no git checkout)"
+        echo "commit ${BITVIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (no .git here: give BITVIT_COMMIT=<hash> in the command)")}"
     } > "$OUT/env.txt"
     cat "$OUT/env.txt"
 }

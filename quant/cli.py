@@ -1,5 +1,5 @@
 """What every bitvit command line shares: one clear line for expected failures, argument checks, and
-the provenance (command, machine, date) that every results file records, and how results files are written."""
+the provenance (command, machine, date, commit) that every results file records, and how results files are written."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -141,6 +142,23 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()}, torch {torch.__version__}, {gpu}"
 
 
+def commit() -> str | None:
+    """The bitvit commit a result comes from: $BITVIT_COMMIT where it is set (give it where the code travels
+    without its .git, as to the GPU machine), else the checkout's HEAD, "+dirty" when tracked files differ
+    from it; None outside a git checkout."""
+    if os.environ.get("BITVIT_COMMIT"):
+        return os.environ["BITVIT_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def utc_now() -> str:
     """The current UTC time to the second, ISO 8601: every results file's date."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -171,7 +189,7 @@ def write_json(path: str | os.PathLike, data, default=None) -> None:
 
 def provenance(prog: str, argv: list[str] | None) -> dict[str, str]:
     """What every results file records about its run: the command line (`python -m PROG ARGS`), the
-    machine and the UTC date."""
+    machine, the UTC date and, where it is known, the commit (`commit`)."""
     args = sys.argv[1:] if argv is None else argv
     return {"command": f"python -m {prog} " + shlex.join(args), "machine": machine(),
-            "date": utc_now()}
+            "date": utc_now(), **({"commit": c} if (c := commit()) else {})}

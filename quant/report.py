@@ -18,7 +18,7 @@ collects *entries*: the dicts that carry a known measurement,
                                           part of it, not entries of their own)
 named by their own "name"/"recipe"/"variant"/"label"/"format" field, else by the key holding them (or the
 path of keys and list positions leading to a list item),
-plus, for context, a file's "command", "machine"/"device", "date" and "split" where present. The
+plus, for context, a file's "command", "machine"/"device", "date", "commit" and "split" where present. The
 app's Results tab (`app.results`) plots the rest of what `load` finds.
 
 The command prints the entries with top-1 and bits per weight as one markdown table and plots them
@@ -42,7 +42,7 @@ from quant.cli import finite_number, output_file, run  # noqa: E402
 
 BITS_KEYS = ("bits_per_weight", "bpw", "mean_weight_bits")
 NAME_KEYS = ("name", "recipe", "variant", "label", "format")
-CONTEXT_KEYS = ("command", "machine", "device", "date", "split", "wall_time_s", "wall_s")
+CONTEXT_KEYS = ("command", "machine", "device", "date", "commit", "split", "wall_time_s", "wall_s")
 
 
 @dataclass

@@ -2,6 +2,9 @@
 results say how they were made."""
 import argparse
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +82,20 @@ def test_a_result_records_its_command_line_quoted_the_machine_and_the_utc_date()
     assert p["command"] == "python -m quant.evaluate --data 'my data' --split test"
     assert f"torch {torch.__version__}" in p["machine"]
     assert p["date"].endswith("+00:00")
+
+
+def test_a_result_records_the_commit_given_where_the_code_travels_without_git(monkeypatch):
+    monkeypatch.setenv("BITVIT_COMMIT", "17dd810")
+    assert provenance("quant.evaluate", [])["commit"] == "17dd810"
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / ".git").exists() or not shutil.which("git"),
+                    reason="not a git checkout")
+def test_a_result_in_a_git_checkout_records_its_head(monkeypatch):
+    monkeypatch.delenv("BITVIT_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert provenance("quant.evaluate", [])["commit"] in (head, head + "+dirty")
 
 
 def test_an_output_that_is_a_folder_is_refused_and_a_missing_folder_is_made(tmp_path):
