@@ -147,13 +147,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
 # ----------------------------------------------------------------------------- loading
 
 
-def _take(tensors: dict, key: str, path, shape=None, dtype=None) -> torch.Tensor:
+def _take(tensors: dict, key: str, path, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     if key not in tensors:
         raise ValueError(f"{path} is missing tensor {key!r}")
     t = tensors.pop(key)
-    if dtype is not None and t.dtype not in (dtype if isinstance(dtype, tuple) else (dtype,)):
+    if t.dtype != dtype:
         raise ValueError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected {dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
+    if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the header implies {tuple(shape)}")
     return t
 
