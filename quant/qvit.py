@@ -244,7 +244,7 @@ class BitOpsPenalty:
         return self.eta * over ** 2
 
 
-def fix_bits(model: nn.Module, budget_bits: float | None = None) -> None:
+def fix_bits(model: nn.Module, budget_bits: float) -> None:
     """End the searching stage: round every learned width and stop learning it; then, while the BitOPs
     exceed the budget, lower by one bit the width whose float value lies closest to rounding down. Widths that
     were never learned (LSQ+, `learn_bits=False`) stay as they are."""
@@ -252,7 +252,7 @@ def fix_bits(model: nn.Module, budget_bits: float | None = None) -> None:
     soft = {id(q): q.soft_bits().detach().clone() for q in qs}
     for q in qs:
         q.freeze_bits()
-    if budget_bits is None or not qs:  # nothing learned a width (LSQ+): nothing to lower
+    if not qs:  # nothing learned a width (LSQ+): nothing to lower
         return
     budget = float(bitops(model, uniform_bits=budget_bits))
     while float(bitops(model)) > budget * (1 + 1e-9):
