@@ -250,8 +250,9 @@ def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weigh
     return fig
 
 
-def _label_points(ax, points: list[tuple[float, float, str]], size: float = 7) -> None:
+def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
     """Name each point beside it, lifting a name in steps of one line while it would cover one placed before."""
+    size = 7                                             # font size, points
     ax.autoscale_view()                                  # settle the axis limits the positions depend on
     px_per_pt = ax.figure.dpi / 72
     placed = []                                          # (left, bottom, width) of each name, in pixels
