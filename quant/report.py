@@ -5,8 +5,8 @@ Each stage writes its own JSON layout (PTQ and QAT tables, the export benchmark,
 Q-ViT bit allocations), so `load` does not assume one. It walks every `*.json` file of a folder and
 collects *entries*: the dicts that carry a known measurement,
   top1                                    accuracy (0..1)
-  bits_per_weight | bpw | mean_weight_bits  bits per weight
-  size_bytes | size_mb                    size on disk
+  bits_per_weight | mean_weight_bits      bits per weight
+  size_bytes                              size on disk
   latency_ms (a number, or {batch: ms})   latency; batch 1 is plotted | latency_ms_batch1_cpu | ms (a
                                           model's, at batch 1; per-layer kernel timings and tuner
                                           picks are left out)
@@ -16,10 +16,10 @@ collects *entries*: the dicts that carry a known measurement,
   fps                                     frames per second of the app's live handler (`app.bench`)
   fp_top1 + trials                        a robustness analysis (`quant.robustness`; its trials are
                                           part of it, not entries of their own)
-named by their own "name"/"recipe"/"variant"/"label"/"format" field, else by the key holding them (or the
-path of keys and list positions leading to a list item),
-plus, for context, a file's "command", "machine"/"device", "date", "commit" and "split" where present. The
-app's Results tab (`app.results`) plots the rest of what `load` finds.
+named by their own "name"/"recipe"/"variant" field, else by the key holding them (or the path of keys
+and list positions leading to a list item), plus, for context, a file's "command", "machine"/"device",
+"date", "commit" and "split" where present. The app's Results tab (`app.results`) plots the rest of what
+`load` finds.
 
 The command prints the entries with top-1 and bits per weight as one markdown table and plots them
 (`--out`, default `assets/results/accuracy_vs_bits.png`), the full-precision model as a dashed line.
@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 
 from quant.cli import finite_number, output_file, run  # noqa: E402
 
-BITS_KEYS = ("bits_per_weight", "bpw", "mean_weight_bits")
-NAME_KEYS = ("name", "recipe", "variant", "label", "format")
+BITS_KEYS = ("bits_per_weight", "mean_weight_bits")
+NAME_KEYS = ("name", "recipe", "variant")
 CONTEXT_KEYS = ("command", "machine", "device", "date", "commit", "split", "wall_time_s", "wall_s")
 
 
@@ -69,9 +69,7 @@ class Entry:
 
     @property
     def size_mb(self) -> float | None:
-        if finite_number(self.data.get("size_bytes")):
-            return self.data["size_bytes"] / 1e6
-        return float(self.data["size_mb"]) if finite_number(self.data.get("size_mb")) else None
+        return self.data["size_bytes"] / 1e6 if finite_number(self.data.get("size_bytes")) else None
 
     @property
     def latency_ms(self) -> float | None:
@@ -156,7 +154,7 @@ def _model_ms(d: dict) -> bool:
 
 def _is_entry(d: dict) -> bool:
     keys = set(d)
-    return _model_ms(d) or bool(keys & {"top1", "confusion", "fps", *BITS_KEYS, "size_bytes", "size_mb", "latency_ms",
+    return _model_ms(d) or bool(keys & {"top1", "confusion", "fps", *BITS_KEYS, "size_bytes", "latency_ms",
                         "latency_ms_batch1_cpu"}) or {"attention", "layers", "bitops"} <= keys or _robustness_keys(keys)
 
 
