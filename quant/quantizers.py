@@ -138,11 +138,10 @@ def quantize_uniform(w: torch.Tensor, bits: int, group_size: int | None = None,
     return QuantizedWeight(uniform_codes(w, scales, zeros, bits, group_size), scales, zeros)
 
 
-def fake_quant_uniform(w: torch.Tensor, bits: int, group_size: int | None = None,
-                       symmetric: bool = True) -> torch.Tensor:
-    """Dequantized round-to-nearest weight (O, K) with a straight-through gradient."""
+def fake_quant_uniform(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Dequantized symmetric round-to-nearest weight (O, K) with a straight-through gradient."""
     group_size = group_size or w.shape[1]
-    q = quantize_uniform(w, bits, group_size, symmetric)
+    q = quantize_uniform(w, bits, group_size)
     return ste(w, uniform_dequantize(q.codes, q.scales, q.zeros, bits, group_size).to(w.dtype))
 
 

@@ -125,7 +125,7 @@ def _trials(model: VisionTransformer, acts, bits: int):
         for name in WEIGHTS:
             layer = block.attn.qkv if name == "qkv" else block.attn.proj if name == "proj" \
                 else getattr(block.mlp, name)
-            w = fake_quant_uniform(layer.weight.detach(), bits, None, symmetric=True)
+            w = fake_quant_uniform(layer.weight.detach(), bits)
             yield f"w_{name}", i, None, _swapped(layer, "weight", w)
         yield "a_gelu", i, None, _pre_quant(block.mlp.fc2, calibrated(acts[i]["gelu"], bits, False, True))
         for slot, signed in HEAD_SLOTS.items():

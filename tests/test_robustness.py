@@ -103,7 +103,7 @@ def test_a_weight_trial_scores_the_whole_model_with_that_one_weight_rounded(tiny
     tiny_model.head.weight.data *= 30       # confident logits: a KL far above rounding noise, asymmetric in its sides
     rounded = copy.deepcopy(tiny_model)
     fc2 = rounded.blocks[1].mlp.fc2
-    fc2.weight.data = fake_quant_uniform(fc2.weight.data, 2, None, symmetric=True)
+    fc2.weight.data = fake_quant_uniform(fc2.weight.data, 2)
     with torch.no_grad():
         fp, q = tiny_model(x), rounded(x)
     res = analyse(tiny_model, x, y, inputs(8, 1), bits=(2,), progress=False)
