@@ -126,12 +126,12 @@ def test_nf4_picks_the_nearest_level():
 
 def test_double_quantization_round_trip_is_close_and_stable():
     scales = torch.rand(30, 17) * 0.1 + 0.02   # 510 scales: two blocks of 256, the last one short
-    dq = double_quantize(scales, block=256)
+    dq = double_quantize(scales)
     assert dq.codes.dtype == torch.int8 and dq.codes.shape == (30, 17) and dq.absmax.shape == (2,)
     back = double_dequantize(dq)
     step = dq.absmax.max() / 127
     assert (back - scales).abs().max() <= step / 2 + 1e-7
-    assert torch.equal(double_quantize(back, block=256).codes, dq.codes)  # stable: quantizing again keeps the codes
+    assert torch.equal(double_quantize(back).codes, dq.codes)  # stable: quantizing again keeps the codes
 
 
 def test_nf4_codes_are_chosen_against_the_double_quantized_scales():
