@@ -306,18 +306,15 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
-def save_model(model: VisionTransformer, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-               metadata: dict[str, str] | None = None) -> None:
-    """Write `model` as one safetensors file carrying its config (and any extra string metadata); a model
-    holding NaN or infinite values (a diverged run) is refused, as loading would refuse it."""
+def save_model(model: VisionTransformer, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write `model` (float32) as one safetensors file carrying its config (and any extra string metadata); a
+    model holding NaN or infinite values (a diverged run) is refused, as loading would refuse it."""
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"save_model writes bitvit's VisionTransformer, got {type(model).__name__}")
     from quant.qlinear import is_quantized_layer
     if any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError("the model holds quantized layers: write it with quant.save_quantized (packed codes)")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"save_model stores float32, float16 or bfloat16 weights, not {dtype}")
-    state = {k: (v.to(dtype) if v.is_floating_point() else v)
+    state = {k: (v.float() if v.is_floating_point() else v)
              for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     write_safetensors(state, path, {**(metadata or {}), "format": FORMAT, "config": model.config.to_json()})
 

@@ -120,11 +120,10 @@ def test_extra_metadata_cannot_overwrite_the_files_format_or_config(tiny_model, 
     assert load_model(tmp_path / "m.safetensors").config == tiny_model.config
 
 
-def test_half_precision_file_is_half_the_size(tiny_model, tmp_path):
-    save_model(tiny_model, tmp_path / "f32.safetensors")
-    save_model(tiny_model, tmp_path / "f16.safetensors", dtype=torch.float16)
-    ratio = (tmp_path / "f16.safetensors").stat().st_size / (tmp_path / "f32.safetensors").stat().st_size
-    assert 0.45 < ratio < 0.6
+def test_a_half_precision_file_loads_as_float32(tiny_model, tmp_path):
+    state = {k: v.half() if v.is_floating_point() else v for k, v in tiny_model.state_dict().items()}
+    save_file(state, str(tmp_path / "f16.safetensors"),
+              metadata={"format": FORMAT, "config": tiny_model.config.to_json()})
     loaded = load_model(tmp_path / "f16.safetensors")
     assert next(loaded.parameters()).dtype == torch.float32
 
@@ -413,12 +412,6 @@ def test_a_file_loads_under_its_config_name_whatever_its_training_settings_but_n
     assert load_model(tmp_path / "m.safetensors", name="vit_cifar_tiny").config.drop_path_rate == 0.1
     with pytest.raises(ValueError, match="holds a different architecture than 'vit_cifar_small'"):
         load_model(tmp_path / "m.safetensors", name="vit_cifar_small")
-
-
-def test_save_model_refuses_a_dtype_other_than_float_ones(tiny_model, tmp_path):
-    with pytest.raises(ValueError, match="stores float32, float16 or bfloat16 weights, not torch.int8"):
-        save_model(tiny_model, tmp_path / "m.safetensors", dtype=torch.int8)
-    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_save_model_refuses_metadata_that_is_not_text(tiny_model, tmp_path):
