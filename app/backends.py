@@ -123,7 +123,7 @@ def activation_name(act_format: str) -> str:
 def scan(folder: str | os.PathLike) -> tuple[list[ModelFile], list[str]]:
     """Every bitvit model file directly in `folder`, and a line for each file that is not one."""
     found, skipped = [], []
-    for path in sorted(Path(folder).glob("*")) if Path(folder).is_dir() else []:
+    for path in sorted(Path(folder).glob("*")):
         if path.suffix.lower() in MODEL_SUFFIXES:
             try:
                 found.append(inspect_file(path))

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
           f"the shared-memory limit")
     if args.out:
         for r in rows:
-            r["config"] = vars(r["config"]) if hasattr(r["config"], "__dict__") else r["config"]
+            r["config"] = vars(r["config"])
         write_json(args.out, {
             **provenance("cuda_ops.compile_check", argv), "compiler": "triton's ptxas (no GPU needed)",
             "data": "none (compiler output)", "wall_s": time.monotonic() - start, "triton": triton.__version__,

@@ -151,7 +151,7 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool,
     if not isinstance(m, nn.Linear):
         if not is_quantized(m):
             raise ValueError(f"{name}: cannot export a {type(m).__name__} layer")
-        norm = getattr(m, "input_norm", None)
+        norm = m.input_norm
         if norm is not None and not isinstance(norm, nn.LayerNorm):
             raise ValueError(f"{name}: cannot export an input_norm of type {type(norm).__name__}")
         fmt, act = m.weight_format, m.act_format
@@ -202,7 +202,7 @@ def _quantized_linear(g: _Graph, x: str, m: nn.Module, name: str) -> str:
     if fmt == "binary":    # codes {0, 1} -> {1, 3}: values (c - 2) = -1, +1
         return _matmul_nbits(g, x, codes * 2 + 1, m.scales, None, 2, k, m.bias, name)
     if fmt in ("int2", "int4", "int8"):
-        return _matmul_nbits(g, x, codes, m.scales, getattr(m, "zeros", None), m.bits, m.group_size, m.bias, name)
+        return _matmul_nbits(g, x, codes, m.scales, m.zeros, m.bits, m.group_size, m.bias, name)
     raise ValueError(f"{name}: weight format {fmt!r} has no ONNX export (MatMulNBits runs 2, 4 and 8 bits)")
 
 
