@@ -95,7 +95,7 @@ def uniform_params(w: torch.Tensor, bits: int, group_size: int | None = None, sy
     """Scales (O, G) and, when asymmetric, integer zero points (O, G) for uniform b-bit codes of w (O, K).
 
     Symmetric: scale = absmax / (2**(bits-1) - 1), codes 0 .. 2**bits - 1 hold q + 2**(bits-1).
-    Asymmetric: the range [min(w, 0), max(w, 0)] maps onto 0 .. 2**bits - 1.
+    Asymmetric: the range [min(w, 0), max(w, 0)] maps onto 0 .. 2**bits - 1 (`uint_range_params`).
     The full range, never clipped: shrinking it to minimise each group's squared rounding error (a search
     over clip factors 0.5..1) cost accuracy on the tiny CIFAR ViT at 2 and 3 bits, round to nearest and
     GPTQ alike (README "Post-training results").
@@ -108,9 +108,7 @@ def uniform_params(w: torch.Tensor, bits: int, group_size: int | None = None, sy
     hi = _group_stat(w, group_size, lambda x: x.amax(1)).clamp(min=0)
     if symmetric:
         return fp16_scale(torch.maximum(-lo, hi) / (2 ** (bits - 1) - 1)), None
-    scales = fp16_scale((hi - lo) / (2 ** bits - 1))
-    zeros = torch.round(-lo / scales).clamp(0, 2 ** bits - 1)
-    return scales, zeros
+    return uint_range_params(lo, hi, bits, fp16=True)
 
 
 def uniform_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -305,14 +303,17 @@ def quantize_int8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(x.dtype), s.to(x.dtype)
 
 
-def uint_range_params(lo: torch.Tensor, hi: torch.Tensor,
-                      bits: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def uint_range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int | torch.Tensor,
+                      fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point mapping [lo, hi] (widened to include 0) onto 0 .. 2**bits - 1 (`bits`
-    an int or a tensor of widths that broadcasts against lo and hi)."""
+    an int or a tensor of widths that broadcasts against lo and hi); `fp16`: the scale float16-exact
+    (`fp16_scale`), as weight scales are, and the zero point chosen against it."""
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     levels = 2 ** bits - 1
     scale = ((hi - lo) / levels).clamp_min(1e-8)
-    return scale, torch.minimum(torch.round(-lo / scale), torch.as_tensor(levels, dtype=scale.dtype))
+    if fp16:
+        scale = fp16_scale(scale)
+    return scale, torch.round(-lo / scale).clamp(max=levels)
 
 
 def uint_fake(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
