@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.models import forward_with_hooks
+from quant.models import forward_with_hooks, linear_from
 from quant.qlinear import QuantLinear
 from quant.quantizers import dequantize, quantize_binary, quantize_int8_token, quantize_ternary, ste
 
@@ -53,13 +53,7 @@ class BitLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_format: str, input_norm: bool = True) -> "BitLinear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_format, input_norm)
-        layer.to(linear.weight.device)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        return linear_from(cls, linear, weight_format, input_norm)
 
     def _codes(self):
         return quantize_ternary(self.weight) if self.weight_format == "ternary" else quantize_binary(self.weight)

@@ -557,6 +557,18 @@ def fp_parameters(cfg: ViTConfig) -> int:
         return count_parameters(VisionTransformer(cfg))
 
 
+def linear_from(cls: type[nn.Linear], linear: nn.Linear, *args, **kwargs) -> nn.Linear:
+    """A `cls(in_features, out_features, bias, *args, **kwargs)` layer on `linear`'s device holding its weight
+    and bias: how a training recipe swaps its own nn.Linear subclass in for a model's linear layer."""
+    layer = cls(linear.in_features, linear.out_features, linear.bias is not None, *args, **kwargs)
+    layer.to(linear.weight.device)
+    with torch.no_grad():
+        layer.weight.copy_(linear.weight)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+    return layer
+
+
 @torch.no_grad()
 def forward_with_hooks(model: nn.Module, x: torch.Tensor, hooks: list) -> torch.Tensor:
     """One eval-mode forward pass of x, without gradients, for the sake of the hooks (handles of registered

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from quant.cli import finite_number, write_json
 from quant.lsq import LearnedQuantizer, levels
-from quant.models import Attention, Mlp, forward_with_hooks
+from quant.models import Attention, Mlp, forward_with_hooks, linear_from
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
 from quant.quantizers import UniformQuantizer
@@ -67,13 +67,7 @@ class LSQLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "LSQLinear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
-        layer.to(linear.weight.device)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        return linear_from(cls, linear, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
