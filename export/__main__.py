@@ -11,13 +11,12 @@ a quantized checkpoint exports as the format it holds.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 import torch
 
-from quant.cli import output_file, run, thread_count
+from quant.cli import max_threads, output_file, run, thread_count
 from quant.packfile import load_any
 
 from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export
@@ -33,7 +32,7 @@ def main(argv=None):
     p.add_argument("--standard-ops", action="store_true",
                    help="w8a8 as MatMulInteger, w4a8/ternary/binary as com.microsoft MatMulNBits, "
                         "instead of bitvit's ops")
-    p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--threads", type=thread_count, default=min(2, max_threads()),
                    help="threads for the check run (default 2)")
     args = p.parse_args(argv)
 

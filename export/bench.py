@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import torch
 
-from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json
+from quant.cli import max_threads, output_file, positive_int, provenance, run, thread_count, write_json
 from quant.models import create_model, save_model
 from quant.packfile import load_any
 
@@ -173,7 +173,7 @@ def main(argv=None):
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=positive_int, help="score only this many images (a balanced subset; for dry runs)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model and batch, 30..10000 (default 30)")
-    p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--threads", type=thread_count, default=min(2, max_threads()))
     p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
     p.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/16 224 model")
     p.add_argument("--spinning", action="store_true",

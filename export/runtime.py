@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from quant.cli import is_positive_int
+from quant.cli import is_positive_int, max_threads
 from quant.data import check_model_input, to_model_array
 from quant.models import ViTConfig, refuse_newer
 
@@ -70,8 +70,8 @@ class Session:
             raise ValueError(f"{path} is a folder, not an ONNX file")
         if not path.is_file():
             raise FileNotFoundError(f"no such ONNX file: {path}")
-        if threads is not None and not (is_positive_int(threads) and threads <= (os.cpu_count() or 1)):
-            raise ValueError(f"threads must be an integer in 1..{os.cpu_count() or 1} (this machine's cores), "
+        if threads is not None and not (is_positive_int(threads) and threads <= max_threads()):
+            raise ValueError(f"threads must be an integer in 1..{max_threads()} (this machine's cores), "
                              f"got {threads!r}")
         proto = read_onnx(path)
         meta = bitvit_metadata(proto, path)

@@ -39,10 +39,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def max_threads() -> int:
+    """The most CPU threads bitvit lets torch or ONNX Runtime use: the machine's logical cores (more only slows
+    them down, and thousands hang them)."""
+    return os.cpu_count() or 1
+
+
 def thread_count(text: str) -> int:
-    """argparse type for CPU threads: 1 up to the machine's logical cores (more only slows torch and ONNX
-    Runtime down, and thousands hang them)."""
-    value, cores = positive_int(text), os.cpu_count() or 1
+    """argparse type for CPU threads: 1 up to `max_threads()`."""
+    value, cores = positive_int(text), max_threads()
     if value > cores:
         raise argparse.ArgumentTypeError(f"expected at most {cores} threads (the machine's logical cores), got {value}")
     return value
