@@ -169,6 +169,15 @@ class LearnedQuantizer(nn.Module):
         self.used.copy_(used.scatter_(1, idx[:, None], True).view(-1))
         self.held.copy_(self.scale)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state written before `held` and `used` were kept (an earlier Q-ViT run's last.pt): nothing held
+        # yet, as in a fresh quantizer (all used: the next training forward puts nothing back)
+        scale = state_dict.get(prefix + "scale")
+        if isinstance(scale, torch.Tensor) and prefix + "held" not in state_dict and prefix + "used" not in state_dict:
+            state_dict[prefix + "held"] = scale.detach().clone()
+            state_dict[prefix + "used"] = torch.ones(scale.shape, dtype=torch.bool, device=scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def init_scales(self, x: torch.Tensor) -> None:

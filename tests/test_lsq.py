@@ -268,3 +268,19 @@ def test_an_offset_quantizer_rounds_as_its_frozen_form_even_where_x_over_s_plus_
     x = torch.tensor([-0.7882266640663147])  # x / s = -0.49999997, + 9 rounds to 8.5 in float32
     with torch.no_grad():
         assert torch.equal(q(x), u(x))
+
+
+def test_a_state_saved_before_the_held_step_sizes_were_kept_still_loads_and_holds_nothing_back():
+    """An earlier Q-ViT run's resume state has no `held`/`used`: it resumes as a fresh quantizer would."""
+    x = torch.randn(5000)
+    q = calibrated(LearnedQuantizer((2, 8), init_bits=8, learn_bits=True), x)
+    old = {k: v for k, v in q.state_dict().items() if k not in ("held", "used")}
+    old["scale"] = old["scale"] * 1.5
+    resumed = LearnedQuantizer((2, 8), init_bits=8, learn_bits=True)
+    resumed.load_state_dict(old)
+    resumed.set_bits(4)
+    resumed(x)  # a training forward
+    assert torch.equal(resumed.scale, old["scale"]) and resumed.used.tolist() == [False, False, True] + [False] * 4
+    with pytest.raises(RuntimeError, match="Missing key"):  # a state missing anything else is still refused
+        LearnedQuantizer((2, 8), init_bits=8, learn_bits=True).load_state_dict(
+            {k: v for k, v in old.items() if k != "initialized"})
