@@ -213,6 +213,7 @@ class LearnedQuantizer(nn.Module):
             scales[:, j] = best
         if self.offset is not None:  # one offset for all widths: the widest width's zero point
             self.offset.copy_(-best_zero * scales[:, -1])
+        self.used.fill_(True)  # the calibrated step sizes stand: the next training forward puts none back
         self.initialized.fill_(True)
 
     @staticmethod

@@ -284,3 +284,13 @@ def test_a_state_saved_before_the_held_step_sizes_were_kept_still_loads_and_hold
     with pytest.raises(RuntimeError, match="Missing key"):  # a state missing anything else is still refused
         LearnedQuantizer((2, 8), init_bits=8, learn_bits=True).load_state_dict(
             {k: v for k, v in old.items() if k != "initialized"})
+
+
+def test_calibration_after_a_training_forward_keeps_every_calibrated_step_size():
+    x = torch.randn(5000)
+    q = LearnedQuantizer((2, 8), init_bits=8, learn_bits=True)
+    q(x)  # a training forward before calibration (a dry run)
+    q = calibrated(q, x)
+    scales = q.scale.detach().clone()
+    q(x)
+    assert torch.equal(q.scale, scales)
