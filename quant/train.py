@@ -300,7 +300,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             # spend the budget by the last epoch the limit leaves room for: keep an epoch and a half
             # and 2 % of what is left (scoring val, saving, logging) in reserve
             left = time_limit - env.agree(time.perf_counter() - started)
-            budget = min(budget, trained + 0.98 * left - 1.5 * epoch_seconds)
+            budget = min(budget, trained + 0.98 * left - 1.5 * env.agree(epoch_seconds))  # the same on every process
         if cfg.time_budget and trained >= budget:
             break
         if budget and step_seconds:  # a budget shorter than the warmup: cut it to half the steps the budget holds

@@ -226,6 +226,41 @@ def test_two_processes_under_a_time_budget_stop_together_with_the_same_weights(t
     assert not torch.equal(a["next_draws"], b["next_draws"])  # each process augments with its own draws
 
 
+class _RankClock(FakeClock):
+    """A FakeClock ticking `tick` seconds a reading: processes whose epochs take different times."""
+
+    def __init__(self, tick: float):
+        super().__init__()
+        self.tick = tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def _ddp_limit_worker(rank: int, world: int, port: int, out: str, cfg: TrainConfig):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    quant.train.time = _RankClock(0.1 if rank == 0 else 0.13)  # rank 1's epochs take longer
+    model, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, out, progress=False, device="cpu",
+                      time_limit=8.0, end_within_time_limit=True)
+    torch.save({"done": done, "params": dict(model.named_parameters())}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(120)  # processes that disagree on the budget stop at different epochs and wait forever
+def test_two_processes_shrinking_the_budget_to_the_time_limit_agree_on_it(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=100.0, augment=NO_AUG)
+    torch.multiprocessing.spawn(_ddp_limit_worker, args=(2, port, str(tmp_path), cfg), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert a["done"] and b["done"]
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=2, batch_size=16, warmup_epochs=0.5,
                       augment=AugmentConfig(mixup_alpha=0.2, label_smoothing=0.1))
