@@ -150,16 +150,21 @@ def machine() -> str:
 def commit() -> str | None:
     """The bitvit commit a result comes from: $BITVIT_COMMIT where it is set (give it where the code travels
     without its .git, as to the GPU machine), else the checkout's HEAD, "+dirty" when tracked files differ
-    from it; None outside a git checkout."""
+    from it; None outside a git checkout of its own (code copied without its .git into another repository
+    is not that repository's commit). Read only: git's optional index refresh is off, so a concurrent git
+    command never finds the index locked by it."""
     if os.environ.get("BITVIT_COMMIT"):
         return os.environ["BITVIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
+    git = ["git", "--no-optional-locks", "-C", str(root)]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=30, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        top, head = subprocess.run([*git, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True,
+                                   timeout=30, check=True).stdout.splitlines()
+        if Path(top).resolve() != root:
+            return None
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None
     return head + ("+dirty" if dirty else "")
 

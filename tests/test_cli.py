@@ -2,6 +2,7 @@
 results say how they were made."""
 import argparse
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import quant.cli
 from quant.cli import (finite_number, is_positive_int, number_in, output_file, positive_int, provenance, random_seed,
                        run, run_folder, thread_count, write_json, written_whole)
 from quant.train import main as train_main
@@ -178,3 +180,34 @@ def test_a_file_written_whole_keeps_its_old_content_and_no_temporary_when_the_wr
     with written_whole(path) as tmp:
         tmp.write_text("new")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model.bin"]
+
+
+def _git(cwd, *args) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(not shutil.which("git"), reason="no git")
+def test_code_copied_without_its_git_into_another_repository_records_no_commit(tmp_path, monkeypatch):
+    monkeypatch.delenv("BITVIT_COMMIT", raising=False)
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "commit", "-q", "--allow-empty", "-m", "another project")
+    (tmp_path / "bitvit" / "quant").mkdir(parents=True)
+    monkeypatch.setattr(quant.cli, "__file__", str(tmp_path / "bitvit" / "quant" / "cli.py"))
+    assert "commit" not in provenance("quant.evaluate", [])
+
+
+@pytest.mark.skipif(not shutil.which("git"), reason="no git")
+def test_reading_the_commit_writes_nothing_into_the_repository(tmp_path, monkeypatch):
+    monkeypatch.delenv("BITVIT_COMMIT", raising=False)
+    (tmp_path / "quant").mkdir()
+    (tmp_path / "quant" / "cli.py").write_text("# bitvit\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "bitvit")
+    index = tmp_path / ".git" / "index"
+    before = index.stat().st_mtime_ns
+    os.utime(tmp_path / "quant" / "cli.py", ns=(before + 10**9, before + 10**9))  # stat changed, content not: git
+    monkeypatch.setattr(quant.cli, "__file__", str(tmp_path / "quant" / "cli.py"))   # status would refresh the index
+    assert provenance("quant.evaluate", [])["commit"] == _git(tmp_path, "rev-parse", "HEAD")
+    assert index.stat().st_mtime_ns == before  # a concurrent git command never finds index.lock taken by it
