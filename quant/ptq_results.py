@@ -101,7 +101,8 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sweep = provenance("quant.ptq_results", argv)
     common = {"checkpoint": str(ckpt), "split": args.split, "n": len(data), "device": device,
-              "machine": sweep["machine"], "cpu_threads": torch.get_num_threads(), "sweep_command": sweep["command"]}
+              "machine": sweep["machine"], "cpu_threads": torch.get_num_threads(), "sweep_command": sweep["command"],
+              **({"commit": sweep["commit"]} if "commit" in sweep else {})}
     limit = ["--limit", str(args.limit)] if args.limit else []
 
     def eval_cmd(path) -> str:

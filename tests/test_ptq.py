@@ -120,7 +120,9 @@ def test_ptq_cli_prints_how_many_times_smaller_the_packed_file_is(checkpoint, tm
     assert ratio > 1 and f"({ratio:.1f}x smaller than the" in capsys.readouterr().out
 
 
-def test_results_table_scores_each_recipe_from_its_file_and_merges_reruns(checkpoint, image_tree, tmp_path):
+def test_results_table_scores_each_recipe_from_its_file_and_merges_reruns(checkpoint, image_tree, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("BITVIT_COMMIT", "17dd810")
     out, models = tmp_path / "results" / "ptq.json", tmp_path / "models"
     common = ["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
               str(models), "--calib-size", "6"]
@@ -134,6 +136,7 @@ def test_results_table_scores_each_recipe_from_its_file_and_merges_reruns(checkp
         assert e["drop"] == pytest.approx(entries["fp32"]["top1"] - e["top1"], abs=1e-4)
         assert e["split"] == "test" and e["n"] == 18 and e["wall_s"] >= e["quantize_s"]
         assert e["command"].startswith("python -m quant.ptq") and e["machine"] and e["date"]
+        assert e["commit"] == "17dd810"
     assert entries["w2-gptq"]["bits_per_weight"] < entries["w4"]["bits_per_weight"] < entries["w8a8"]["bits_per_weight"]
 
 
