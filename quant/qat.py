@@ -159,8 +159,8 @@ def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cf
     stages = [("search", search_epochs, _sum_losses(penalty, features)),
               ("finetune", train_cfg.epochs - search_epochs, features)]
     for stage, epochs, extra in stages:
-        if stage == "finetune" and isinstance(r, QViT):  # also with no search epochs (--epochs 1): the widths
-            qvit.fix_bits(student, r.budget_bits)           # must still be fixed and brought within the budget
+        if stage == "finetune" and isinstance(r, QViT) and r.learn_bits:  # also with no search epochs (--epochs
+            qvit.fix_bits(student, r.budget_bits)  # 1): the widths must still be fixed and brought within the budget
             alloc = qvit.bit_allocation(student)
             print(f"searching stage done: BitOPs {alloc['bitops_ratio']:.3f} of the {r.budget_bits:g}-bit budget, "
                   f"mean weight bits {alloc['mean_weight_bits']:.2f}")
@@ -188,7 +188,8 @@ def freeze_and_save(student: nn.Module, r, name: str, out: str, float16: bool) -
     alloc = None
     if isinstance(r, QViT):
         alloc = qvit.save_allocation(student, f"{out}.bits.json", r.budget_bits)
-        qvit.plot_allocation(alloc, f"{out}.bits.png", f"Q-ViT {name} ({r.budget_bits:g}-bit budget)")
+        method = "Q-ViT" if r.learn_bits else "LSQ+"
+        qvit.plot_allocation(alloc, f"{out}.bits.png", f"{method} {name} ({r.budget_bits:g}-bit budget)")
         qvit.freeze(student)
     else:
         bitlinear.freeze(student)
@@ -198,7 +199,7 @@ def freeze_and_save(student: nn.Module, r, name: str, out: str, float16: bool) -
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m quant.qat", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="full-precision bitvit model (.safetensors): teacher and start")
-    p.add_argument("--recipe", required=True, help="w1.58a8, w1a8 or qvit")
+    p.add_argument("--recipe", required=True, help="w1.58a8, w1a8, qvit or lsq")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree")
     p.add_argument("--out", required=True, help="packed model file to write (.safetensors)")
     p.add_argument("--run-dir", help="resume folder of the training stages (default: PATH.run/)")
@@ -222,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", type=number_in(0), default=0.0, help="mixup alpha (QAT default: off)")
     p.add_argument("--cutmix", type=number_in(0), default=0.0, help="cutmix alpha (QAT default: off)")
     p.add_argument("--search-ratio", type=number_in(0, 1), default=0.5,
-                   help="qvit: fraction of epochs searching bit-widths")
+                   help="qvit: fraction of epochs searching bit-widths (lsq learns none: all epochs fine-tune)")
     p.add_argument("--bitops-weight", type=number_in(0), default=1.0, help="qvit: weight eta of the BitOPs penalty")
     p.add_argument("--calib-size", type=positive_int, default=256,
                    help="training images that initialise Q-ViT's step sizes or BitNet's input LayerNorms "
@@ -290,7 +291,7 @@ def main(argv=None):
         augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix),
         distill=args.distill, distill_weight=args.distill_weight if args.distill != "none" else 0.0,
         distill_temperature=args.temperature)
-    search = round(args.epochs * args.search_ratio) if isinstance(r, QViT) else 0
+    search = round(args.epochs * args.search_ratio) if isinstance(r, QViT) and r.learn_bits else 0
     left = None if args.time_limit is None else args.time_limit - (time.time() - started)  # calibration counts
     student, done, epoch_logs = train_stages(student, teacher, r, train, val, train_cfg, run_dir, search, penalty,
                                              features, left, args.device, args.save_every)

@@ -16,6 +16,8 @@ Names (`RECIPES`):
   w1.58a8     ternary BitNet b1.58 weights, int8 per-token activations: quantization-aware training
   w1a8        binary BitNet weights, int8 per-token activations: quantization-aware training
   qvit        Q-ViT: learned head-wise mixed precision under a BitOPs budget (`budget_bits`)
+  lsq         LSQ+: learned step sizes (and offsets for post-GELU inputs) with every width at `budget_bits`
+              (the classifier head at 8): Q-ViT's layers with the widths fixed, quantization-aware training
 
 `quantize` works on any model built of nn.Linear layers (every one of them is quantized, unless a
 `layer_formats` pattern says otherwise); the classifier `head` of a bitvit ViT is kept at int8 in the
@@ -223,21 +225,27 @@ class BitNet(_Checked):
 @dataclass(frozen=True)
 class QViT(_Checked):
     """Q-ViT quantization-aware training (`quant.qvit`): `apply` swaps in layers with learnable scales and
-    bit-widths in [min_bits, max_bits], trained under a BitOPs budget equal to a uniform `budget_bits`-bit model."""
+    bit-widths in [min_bits, max_bits], trained under a BitOPs budget equal to a uniform `budget_bits`-bit model;
+    with `learn_bits` off, every width stays at `budget_bits` (the head at 8) and only the scales learn (LSQ+)."""
     name: str = "qvit"
     budget_bits: float = 4.0
     min_bits: int = 2
     max_bits: int = 8
+    learn_bits: bool = True
 
     def __post_init__(self):
         super().__post_init__()
         if not self.min_bits <= self.budget_bits <= self.max_bits:
             raise ValueError(f"recipe {self.name!r}: min_bits <= budget_bits <= max_bits must hold, got "
                              f"{self.min_bits}, {self.budget_bits}, {self.max_bits}")
+        if not self.learn_bits and self.budget_bits != int(self.budget_bits):
+            raise ValueError(f"recipe {self.name!r}: with learn_bits off every width is budget_bits, a whole "
+                             f"number of bits; got {self.budget_bits}")
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         from quant.qvit import prepare
-        return prepare(model, budget_bits=self.budget_bits, bits=(self.min_bits, self.max_bits))
+        return prepare(model, budget_bits=self.budget_bits, learn_bits=self.learn_bits,
+                       bits=(self.min_bits, self.max_bits))
 
 
 QAT = BitNet | QViT                         # the recipes `python -m quant.qat` trains
@@ -259,6 +267,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     BitNet("w1.58a8", "ternary"),
     BitNet("w1a8", "binary"),
     QViT(),
+    QViT("lsq", learn_bits=False),
 ]}
 
 

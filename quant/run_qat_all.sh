@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # All of bitvit's QAT result runs, one after another, from the reference model as teacher:
-#   w1.58a8 (ternary, the shipped model), w1a8 (binary), qvit at a 3-bit and a 4-bit BitOPs budget.
+#   w1.58a8 (ternary, the shipped model), w1a8 (binary), qvit at a 3-bit and a 4-bit BitOPs budget, and
+#   (CPU profile) lsq-w4, LSQ+ with every width at 4 bits: the fixed-width baseline of Q-ViT's search.
 # Each run trains (`python -m quant.qat`), packs, scores the packed file on the test split and records
 # itself in $RESULTS. A run already recorded there (and whose file exists) is skipped; an interrupted
 # run resumes from $RUNS/<name>/ when the script is called again. Pick the runs with ONLY="w1a8 qvit-w3".
 #
 #   PROFILE=cpu  (default) schedules for a 2-core CPU that meet the QAT targets on the shipped reference:
-#                all 45,000 training images, w1.58a8 8 epochs, w1a8 5, qvit 3 (25-40 minutes a run at
+#                all 45,000 training images, w1.58a8 8 epochs, w1a8 5, qvit and lsq 3 (25-40 minutes a run at
 #                85-165 images/s on an idle 2-core CPU). LIMIT=N trains on a class-balanced subset and
 #                EPOCHS=N sets every run's epochs (quick trials).
 #   PROFILE=gpu  for one GPU lent for a fixed time (one 10-minute device command for all four runs), the
@@ -42,18 +43,23 @@ else
     RESULTS=${RESULTS:-assets/results/qat.json}
 fi
 ASSETS=${ASSETS:-assets}
-ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w3 qvit-w4"}
+if [ "$PROFILE" = gpu ]; then ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w3 qvit-w4"}  # what one 10-minute call holds
+else ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w3 qvit-w4 lsq-w4"}; fi
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
 case "$PROFILE" in
   cpu) # name: training images (0: all), epochs (qvit: 2 of 3 searching bit-widths)
-       declare -A LIMIT=([w1.58a8]=${LIMIT:-0} [w1a8]=${LIMIT:-0} [qvit-w4]=${LIMIT:-0} [qvit-w3]=${LIMIT:-0})
-       declare -A EPOCHS_OF=([w1.58a8]=${EPOCHS:-8} [w1a8]=${EPOCHS:-5} [qvit-w4]=${EPOCHS:-3} [qvit-w3]=${EPOCHS:-3})
+       declare -A LIMIT=([w1.58a8]=${LIMIT:-0} [w1a8]=${LIMIT:-0} [qvit-w4]=${LIMIT:-0} [qvit-w3]=${LIMIT:-0}
+                         [lsq-w4]=${LIMIT:-0})
+       declare -A EPOCHS_OF=([w1.58a8]=${EPOCHS:-8} [w1a8]=${EPOCHS:-5} [qvit-w4]=${EPOCHS:-3} [qvit-w3]=${EPOCHS:-3}
+                             [lsq-w4]=${EPOCHS:-3})
        BATCH=${BATCH:-128}; LR=${LR:-1e-3}; VAL_LIMIT=${VAL_LIMIT:-500}
        EXTRA=(--threads "${THREADS:-2}" --warmup-epochs 0.25) ;;
-  gpu) declare -A LIMIT=([w1.58a8]=${LIMIT:-0} [w1a8]=${LIMIT:-0} [qvit-w4]=${LIMIT:-0} [qvit-w3]=${LIMIT:-0})
-       declare -A EPOCHS_OF=([w1.58a8]=${EPOCHS:-30} [w1a8]=${EPOCHS:-30} [qvit-w4]=${EPOCHS:-30} [qvit-w3]=${EPOCHS:-30})
+  gpu) declare -A LIMIT=([w1.58a8]=${LIMIT:-0} [w1a8]=${LIMIT:-0} [qvit-w4]=${LIMIT:-0} [qvit-w3]=${LIMIT:-0}
+                         [lsq-w4]=${LIMIT:-0})
+       declare -A EPOCHS_OF=([w1.58a8]=${EPOCHS:-30} [w1a8]=${EPOCHS:-30} [qvit-w4]=${EPOCHS:-30} [qvit-w3]=${EPOCHS:-30}
+                             [lsq-w4]=${EPOCHS:-30})
        BATCH=${BATCH:-512}; LR=${LR:-1e-3}; VAL_LIMIT=${VAL_LIMIT:-5000}
        # val scored and the resume state written every 5 epochs: uncharged to the budget, each costs seconds
        EXTRA=(--time-budget "${TIME_BUDGET:=75}" --warmup-epochs 2 --save-every "${SAVE_EVERY:-5}")
@@ -106,6 +112,7 @@ for name in $ONLY; do
       w1a8)    recipe=w1a8;    set_=(); out="$RUNS/$stem-w1a8.safetensors" ;;
       qvit-w4) recipe=qvit;    set_=(--set budget_bits=4); out="$RUNS/$stem-qvit-w4.safetensors" ;;
       qvit-w3) recipe=qvit;    set_=(--set budget_bits=3); out="$RUNS/$stem-qvit-w3.safetensors" ;;
+      lsq-w4)  recipe=lsq;     set_=(--set budget_bits=4); out="$RUNS/$stem-lsq-w4.safetensors" ;;
     esac
     if [ -z "${FORCE:-}" ] && recorded "$name" "$out"; then echo "== $name: recorded, skipped"; continue; fi
     need=$((${TIME_BUDGET:-0} + 60 > took ? ${TIME_BUDGET:-0} + 60 : took))
@@ -122,7 +129,9 @@ for name in $ONLY; do
     # compile that long would eat the 10-minute call (compiling is not charged to the run's budget, but
     # it takes its time), and eager, a CIFAR-sized model is launch-bound anyway.
     eager=()
-    if [ "$PROFILE" = gpu ] && [ "$recipe" = qvit ]; then eager=(TORCH_COMPILE_DISABLE=1); fi
+    if [ "$PROFILE" = gpu ] && [ "$recipe" != w1.58a8 ] && [ "$recipe" != w1a8 ]; then  # Q-ViT's layers
+        eager=(TORCH_COMPILE_DISABLE=1)
+    fi
     stamp=$(mktemp)  # files newer than this were written by this run ($out may be a model already shipped)
     env "${eager[@]}" "$PY" -m quant.qat --teacher "$TEACHER" --recipe "$recipe" "${set_[@]}" --data "$DATA" --out "$out" \
         --run-dir "$RUNS/$name" "${limit[@]}" --epochs "${EPOCHS_OF[$name]}" --batch-size "$BATCH" --lr "$LR" \
@@ -135,7 +144,7 @@ for name in $ONLY; do
         bring_back "${packed[@]}"; rm -f "$stamp"; continue
     fi
     rm -f "$stamp"
-    if [ "$recipe" = qvit ]; then
+    if [ -f "$out.bits.json" ]; then  # Q-ViT's layers (qvit, lsq): the widths
         cp "$out.bits.json" "$(dirname "$RESULTS")/qat-$name.bits.json"
         cp "$out.bits.png" "$(dirname "$RESULTS")/qat-$name.bits.png"
     fi

@@ -80,18 +80,19 @@ def table(rows: list[dict]) -> str:
 def main(argv=None):
     from tqdm import tqdm
     from quant.models import CONFIGS
-    from quant.recipes import RECIPES
+    from quant.recipes import RECIPES, QViT
     p = argparse.ArgumentParser(prog="python -m quant.sizes", description=__doc__.splitlines()[0])
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--recipes", default=DEFAULT_RECIPES,
-                   help="comma-separated recipe names (not qvit, whose bit-widths come from training)")
+                   help="comma-separated recipe names (not qvit or lsq, whose files need training)")
     p.add_argument("--json", help="write the table here as well (.json)")
     args = p.parse_args(argv)
     if args.json:
         output_file(args.json, ".json")
     models = list(dict.fromkeys(m for m in args.models.split(",") if m))
     recipes = list(dict.fromkeys(r for r in args.recipes.split(",") if r))
-    fixed = [r for r in RECIPES if r != "qvit"]  # Q-ViT's bit-widths, so its file's size, come from training
+    # Q-ViT's layers (qvit, lsq) freeze only with calibrated step sizes, and qvit's widths come from training
+    fixed = [n for n, r in RECIPES.items() if not isinstance(r, QViT)]
     for what, given, known in (("model", models, list(CONFIGS)), ("recipe", recipes, fixed)):
         if not given or any(g not in known for g in given):
             raise ValueError(f"--{what}s must name at least one of: {', '.join(known)} (got {','.join(given)!r})")

@@ -18,7 +18,7 @@ from quant.models import save_model
 from quant.qat import (FeatureDistill, _known_teacher_top1, init_student, main, prepare_student, read_init,
                        read_results, record_result, train_stages)
 from quant.recipes import BitNet
-from quant.train import TrainConfig
+from quant.train import TrainConfig, read_log
 from tests.conftest import write_tree
 
 
@@ -144,6 +144,21 @@ def test_cli_qvit_searches_then_fine_tunes_and_writes_the_bit_allocation(teacher
     quant.load_quantized(out)
 
 
+def test_cli_lsq_trains_every_width_at_the_budget_without_a_search_stage(teacher_file, image_tar, tmp_path):
+    out = tmp_path / "l.safetensors"
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "lsq", "--set", "budget_bits=3",
+                      "--data", str(image_tar), "--out", str(out), "--epochs", "2", "--batch-size", "8",
+                      "--calib-size", "8"]) == 0
+    alloc = json.loads((tmp_path / "l.safetensors.bits.json").read_text())
+    widths = {n: (layer["weight"], layer["input"]) for n, layer in alloc["layers"].items()}
+    assert widths.pop("head") == (8, 8) and set(widths.values()) <= {(3, 3), (3, None)}
+    assert {b for head in alloc["attention"].values() for slot, bits in head.items() if slot != "macs"
+            for b in bits} == {3}
+    assert not (tmp_path / "l.safetensors.run" / "search").exists()
+    assert len(read_log(tmp_path / "l.safetensors.run" / "finetune" / "log.jsonl")) == 2
+    quant.load_quantized(out)
+
+
 def test_a_qvit_run_too_short_to_search_still_fixes_its_widths_within_the_budget(teacher_file, image_tar, tmp_path):
     out = tmp_path / "q.safetensors"   # one epoch: round(1 * 0.5) = 0 search epochs
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--set", "budget_bits=3",
@@ -252,6 +267,14 @@ def test_the_qat_script_refuses_a_bad_setting_before_the_first_run(teacher_file,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and re.search(message, r.stderr), r.stdout + r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_qat_script_refuses_a_run_it_does_not_know(teacher_file, tmp_path):
+    env = {**os.environ, "TEACHER": str(teacher_file), "ONLY": "lsq-w5", "RUNS": str(tmp_path / "runs"),
+           "RESULTS": str(tmp_path / "qat.json")}
+    r = subprocess.run(["bash", "quant/run_qat_all.sh"], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown run lsq-w5 (runs:" in r.stderr, r.stdout + r.stderr
 
 
 def test_a_failed_run_does_not_hand_back_the_model_already_at_its_output_path(teacher_file, tmp_path):

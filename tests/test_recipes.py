@@ -94,6 +94,11 @@ def test_a_qvit_budget_outside_its_bit_range_is_refused(override):
         quant.recipe("qvit", **override)
 
 
+def test_lsq_refuses_a_budget_of_fractional_bits():
+    with pytest.raises(ValueError, match="a whole number of bits"):
+        quant.recipe("lsq", budget_bits=3.5)
+
+
 @pytest.mark.parametrize("name, override", [("qvit", {"min_bits": 2, "budget_bits": 2.0}),
                                             ("qvit", {"budget_bits": 8}), ("w4a4", {"weight_bits": 2, "act_bits": 2}),
                                             ("w4-gptq", {"bits": 8, "damp": 0.0})])
