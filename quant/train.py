@@ -96,9 +96,10 @@ def _fingerprint(data: ImageSet) -> str:
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
           budget: float | None = None) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to `min_lr` over the remaining `total`
-    steps (the last, step `total - 1`, at `min_lr`); with `cfg.time_budget`, over the budget (`seconds`: training time spent so far) or the
-    steps, whichever runs out first. `budget` (seconds) replaces `cfg.time_budget` when given."""
+    """Linear warmup over `warmup` steps, then cosine decay to `min_lr` over the remaining `total` steps
+    (the last, step `total - 1`, at `min_lr`); with `cfg.time_budget`, over the budget (`seconds`: training
+    time spent so far) or the steps, whichever runs out first. `budget` (seconds) replaces
+    `cfg.time_budget` when given."""
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup - 1)
