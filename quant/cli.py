@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Callable
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Call `main(argv)`; a bad path or bad file ends with `error: ...` on stderr and exit code 2."""
+    commit()  # the code as the command starts, for the results it writes (`provenance`)
     try:
         return main(argv) or 0
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -151,10 +153,15 @@ def commit() -> str | None:
     """The bitvit commit a result comes from: $BITVIT_COMMIT where it is set (give it where the code travels
     without its .git, as to the GPU machine), else the checkout's HEAD, "+dirty" when tracked files differ
     from it; None outside a git checkout of its own (code copied without its .git into another repository
-    is not that repository's commit). Read only: git's optional index refresh is off, so a concurrent git
-    command never finds the index locked by it."""
-    if os.environ.get("BITVIT_COMMIT"):
-        return os.environ["BITVIT_COMMIT"]
+    is not that repository's commit). The checkout is read once a process, when `run` starts a command, so
+    that a result written after hours of training names the code that trained, not a checkout changed
+    meanwhile. Read only: git's optional index refresh is off, so a concurrent git command never finds the
+    index locked by it."""
+    return os.environ.get("BITVIT_COMMIT") or _checkout_commit()
+
+
+@functools.cache
+def _checkout_commit() -> str | None:
     root = Path(__file__).resolve().parents[1]
     git = ["git", "--no-optional-locks", "-C", str(root)]
     try:

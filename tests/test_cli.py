@@ -16,6 +16,14 @@ from quant.cli import (finite_number, is_positive_int, number_in, output_file, p
 from quant.train import main as train_main
 
 
+@pytest.fixture(autouse=True)
+def _commit_read_afresh():
+    """quant.cli reads the checkout's commit once a process: each test reads it for itself."""
+    quant.cli._checkout_commit.cache_clear()
+    yield
+    quant.cli._checkout_commit.cache_clear()
+
+
 @pytest.mark.parametrize("text", ["0", "-1", "abc", "1.5"])
 def test_counts_that_are_not_positive_integers_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
@@ -98,6 +106,26 @@ def test_a_result_in_a_git_checkout_records_its_head(monkeypatch):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True,
                           text=True, check=True).stdout.strip()
     assert provenance("quant.evaluate", [])["commit"] in (head, head + "+dirty")
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / ".git").exists() or not shutil.which("git"),
+                    reason="not a git checkout")
+def test_a_result_names_the_commit_its_command_started_on_not_a_later_one(monkeypatch):
+    monkeypatch.delenv("BITVIT_COMMIT", raising=False)
+    root = Path(__file__).parents[1].resolve()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+    def moved_on(args, **kwargs):  # the checkout as git reports it after a commit made during the run
+        out = "" if "status" in args else f"{root}\n{'f' * 40}\n"
+        return subprocess.CompletedProcess(args, 0, stdout=out)
+    recorded = []
+
+    def main(argv):
+        monkeypatch.setattr(quant.cli.subprocess, "run", moved_on)
+        recorded.append(provenance("quant.evaluate", [])["commit"])
+    run(main, [])
+    assert recorded[0] in (head, head + "+dirty")
 
 
 def test_an_output_that_is_a_folder_is_refused_and_a_missing_folder_is_made(tmp_path):

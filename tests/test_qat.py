@@ -131,11 +131,15 @@ def test_a_run_out_of_time_writes_no_model_and_the_same_command_without_the_limi
     assert quant.load_quantized(out)
 
 
+def three_bit_run(teacher_file, data, recipe: str, out, *more: str) -> list[str]:
+    """quant.qat's arguments for a small Q-ViT-layer run (qvit or lsq) at 3 bits."""
+    return ["--teacher", str(teacher_file), "--recipe", recipe, "--set", "budget_bits=3", "--data", str(data),
+            "--out", str(out), "--batch-size", "8", "--calib-size", "8", *more]
+
+
 def test_cli_qvit_searches_then_fine_tunes_and_writes_the_bit_allocation(teacher_file, image_tar, tmp_path):
     out = tmp_path / "q.safetensors"
-    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--set", "budget_bits=3",
-                      "--data", str(image_tar), "--out", str(out), "--epochs", "2", "--batch-size", "8",
-                      "--calib-size", "8"]) == 0
+    assert run(main, three_bit_run(teacher_file, image_tar, "qvit", out, "--epochs", "2")) == 0
     alloc = json.loads((tmp_path / "q.safetensors.bits.json").read_text())
     assert alloc["budget_bits"] == 3 and alloc["bitops_ratio"] <= 1 + 1e-9
     assert (tmp_path / "q.safetensors.bits.png").exists()
@@ -146,9 +150,7 @@ def test_cli_qvit_searches_then_fine_tunes_and_writes_the_bit_allocation(teacher
 
 def test_cli_lsq_trains_every_width_at_the_budget_without_a_search_stage(teacher_file, image_tar, tmp_path):
     out = tmp_path / "l.safetensors"
-    assert run(main, ["--teacher", str(teacher_file), "--recipe", "lsq", "--set", "budget_bits=3",
-                      "--data", str(image_tar), "--out", str(out), "--epochs", "2", "--batch-size", "8",
-                      "--calib-size", "8"]) == 0
+    assert run(main, three_bit_run(teacher_file, image_tar, "lsq", out, "--epochs", "2")) == 0
     alloc = json.loads((tmp_path / "l.safetensors.bits.json").read_text())
     widths = {n: (layer["weight"], layer["input"]) for n, layer in alloc["layers"].items()}
     assert widths.pop("head") == (8, 8) and set(widths.values()) <= {(3, 3), (3, None)}
@@ -161,9 +163,7 @@ def test_cli_lsq_trains_every_width_at_the_budget_without_a_search_stage(teacher
 
 def test_a_qvit_run_too_short_to_search_still_fixes_its_widths_within_the_budget(teacher_file, image_tar, tmp_path):
     out = tmp_path / "q.safetensors"   # one epoch: round(1 * 0.5) = 0 search epochs
-    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--set", "budget_bits=3",
-                      "--data", str(image_tar), "--out", str(out), "--epochs", "1", "--batch-size", "8",
-                      "--calib-size", "8"]) == 0
+    assert run(main, three_bit_run(teacher_file, image_tar, "qvit", out, "--epochs", "1")) == 0
     alloc = json.loads((tmp_path / "q.safetensors.bits.json").read_text())
     assert alloc["bitops_ratio"] <= 1 + 1e-9
 
@@ -171,9 +171,8 @@ def test_a_qvit_run_too_short_to_search_still_fixes_its_widths_within_the_budget
 def test_cli_time_budget_is_shared_by_the_qvit_stages_in_proportion_to_their_epochs(teacher_file, image_tar,
                                                                                       tmp_path):
     out = tmp_path / "q.safetensors"
-    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--set", "budget_bits=3",
-                      "--data", str(image_tar), "--out", str(out), "--epochs", "4", "--search-ratio", "0.25",
-                      "--batch-size", "8", "--calib-size", "8", "--time-budget", "40"]) == 0
+    assert run(main, three_bit_run(teacher_file, image_tar, "qvit", out, "--epochs", "4", "--search-ratio", "0.25",
+                                   "--time-budget", "40")) == 0
     budgets = {stage: json.loads(torch.load(tmp_path / "q.safetensors.run" / stage / "last.pt",
                                             weights_only=True)["config"])["time_budget"]
                for stage in ("search", "finetune")}

@@ -211,14 +211,19 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, cfg: TrainConfig):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.timeout(120)  # processes that disagree on when to stop wait for each other forever
-def test_two_processes_under_a_time_budget_stop_together_with_the_same_weights(tmp_path):
+def _run_two_processes(worker, out, cfg: TrainConfig) -> tuple[dict, dict]:
+    """`worker(rank, 2, port, out, cfg)` in two processes on a free local port; what each saved."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    torch.multiprocessing.spawn(worker, args=(2, port, str(out), cfg), nprocs=2)
+    return tuple(torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2))
+
+
+@pytest.mark.timeout(120)  # processes that disagree on when to stop wait for each other forever
+def test_two_processes_under_a_time_budget_stop_together_with_the_same_weights(tmp_path):
     cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=1.0, augment=NO_AUG)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path), cfg), nprocs=2)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    a, b = _run_two_processes(_ddp_worker, tmp_path, cfg)
     assert a["done"] and b["done"]
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -251,12 +256,8 @@ def _ddp_limit_worker(rank: int, world: int, port: int, out: str, cfg: TrainConf
 
 @pytest.mark.timeout(120)  # processes that disagree on the budget stop at different epochs and wait forever
 def test_two_processes_shrinking_the_budget_to_the_time_limit_agree_on_it(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=100.0, augment=NO_AUG)
-    torch.multiprocessing.spawn(_ddp_limit_worker, args=(2, port, str(tmp_path), cfg), nprocs=2)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    a, b = _run_two_processes(_ddp_limit_worker, tmp_path, cfg)
     assert a["done"] and b["done"]
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
 
