@@ -296,7 +296,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     started, epoch_seconds, step_seconds, clock, done = time.perf_counter(), 0.0, 0.0, 0.0, True
     budget = cfg.time_budget  # the cosine's horizon in training seconds (0: none)
     for epoch in range(start_epoch, cfg.epochs):
-        trained, step_seconds = env.agree(trained), env.agree(step_seconds)
+        step_seconds = env.agree(step_seconds)
         if end_within_time_limit and budget and time_limit is not None and epoch_seconds:
             # spend the budget by the last epoch the limit leaves room for: keep an epoch and a half
             # and 2 % of what is left (scoring val, saving, logging) in reserve
@@ -367,12 +367,12 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         if epoch == start_epoch:
             epoch_seconds, steps = seconds - first_step_seconds, max(steps_per_epoch - 1, 1)
             record["first_step_seconds"] = first_step_seconds
-        trained += epoch_seconds
+        trained = env.agree(trained + epoch_seconds)  # the slowest process's: the budget's clock, logged as such
         step_seconds = epoch_seconds / steps
         record["trained_seconds"] = trained
         if budget != cfg.time_budget:
             record["time_budget"] = budget
-        last = epoch + 1 == cfg.epochs or bool(cfg.time_budget and env.agree(trained) >= budget)
+        last = epoch + 1 == cfg.epochs or bool(cfg.time_budget and trained >= budget)
         out_of_time = env.agree(time_limit is not None
                                 and time.perf_counter() - started + epoch_seconds > time_limit)
         save = last or out_of_time or (epoch + 1) % save_every == 0

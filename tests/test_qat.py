@@ -269,8 +269,8 @@ def test_the_qat_script_refuses_a_bad_setting_before_the_first_run(teacher_file,
 
 
 def test_the_qat_script_refuses_a_run_it_does_not_know(teacher_file, tmp_path):
-    env = {**os.environ, "TEACHER": str(teacher_file), "ONLY": "lsq-w5", "RUNS": str(tmp_path / "runs"),
-           "RESULTS": str(tmp_path / "qat.json")}
+    env = {**os.environ, "TEACHER": str(teacher_file), "DATA": str(tmp_path), "ONLY": "lsq-w5",
+           "RUNS": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "qat.json")}
     r = subprocess.run(["bash", "quant/run_qat_all.sh"], cwd=Path(__file__).parents[1], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown run lsq-w5 (runs:" in r.stderr, r.stdout + r.stderr
