@@ -289,19 +289,18 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     labels = torch.from_numpy(train.labels).to(env.device)
 
     # Clock-driven choices (the budget's learning rate, when to stop) use times agreed by all
-    # processes at each epoch's start; within an epoch the budget's clock advances by the last
+    # processes at each epoch's end (the slowest one's); within an epoch the budget's clock advances by the last
     # epoch's seconds per step, never backwards, so every process sets the same learning rate.
     # The first step of each run is timed apart and not charged to the budget: on CUDA it compiles
     # the model, which can take longer than a short budget's training.
     started, epoch_seconds, step_seconds, clock, done = time.perf_counter(), 0.0, 0.0, 0.0, True
     budget = cfg.time_budget  # the cosine's horizon in training seconds (0: none)
     for epoch in range(start_epoch, cfg.epochs):
-        step_seconds = env.agree(step_seconds)
         if end_within_time_limit and budget and time_limit is not None and epoch_seconds:
             # spend the budget by the last epoch the limit leaves room for: keep an epoch and a half
             # and 2 % of what is left (scoring val, saving, logging) in reserve
             left = time_limit - env.agree(time.perf_counter() - started)
-            budget = min(budget, trained + 0.98 * left - 1.5 * env.agree(epoch_seconds))  # the same on every process
+            budget = min(budget, trained + 0.98 * left - 1.5 * epoch_seconds)
         if cfg.time_budget and trained >= budget:
             break
         if budget and step_seconds:  # a budget shorter than the warmup: cut it to half the steps the budget holds
@@ -367,7 +366,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         if epoch == start_epoch:
             epoch_seconds, steps = seconds - first_step_seconds, max(steps_per_epoch - 1, 1)
             record["first_step_seconds"] = first_step_seconds
-        trained = env.agree(trained + epoch_seconds)  # the slowest process's: the budget's clock, logged as such
+        epoch_seconds = env.agree(epoch_seconds)  # so the budget's clock, logged as such, is every process's
+        trained += epoch_seconds
         step_seconds = epoch_seconds / steps
         record["trained_seconds"] = trained
         if budget != cfg.time_budget:
