@@ -35,7 +35,8 @@ import numpy as np
 import onnx
 import torch
 
-from quant.cli import max_threads, output_file, positive_int, provenance, run, thread_count, write_json
+from quant.cli import (max_threads, output_file, positive_int, provenance, results_file, run, thread_count,
+                       write_json)
 from quant.models import create_model, save_model
 from quant.packfile import load_any
 
@@ -181,10 +182,7 @@ def main(argv=None):
     p.add_argument("--out", help="results JSON, the plot beside it (default assets/results/export_bench.json, the "
                                  "shipped results, which a --limit dry run must not overwrite: it needs --out)")
     args = p.parse_args(argv)
-    if args.out is None and args.limit:
-        raise ValueError("a --limit dry run needs --out FILE: the default, assets/results/export_bench.json, holds "
-                         "the shipped results on a whole split")
-    args.out = args.out or "assets/results/export_bench.json"
+    args.out = results_file(args.out, args.limit, "assets/results/export_bench.json")
     output_file(args.out, ".json")
     output_file(Path(args.out).with_suffix(".png"), ".png")  # the plot beside it, checked before the timing
     if not 30 <= args.runs <= 10_000:

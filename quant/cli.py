@@ -102,6 +102,15 @@ def _check_parents(path: Path) -> None:
             return
 
 
+def results_file(out: str | None, limit: int | None, shipped: str) -> str:
+    """A command's results file: `out`, else `shipped` (results in assets/results, measured on whole splits),
+    which a `--limit` dry run must not overwrite."""
+    if out is None and limit:
+        raise ValueError(f"a --limit dry run needs --out FILE: the default, {shipped}, holds the shipped "
+                         f"results on whole splits")
+    return out or shipped
+
+
 def run_folder(path: str | os.PathLike) -> Path:
     """A run's folder, checked before any work is done (not an existing file, nor under one); made later, by
     the run."""

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import (finite_number, output_file, positive_int, provenance, run, run_folder, thread_count,
-                       utc_now, write_json)
+from quant.cli import (finite_number, output_file, positive_int, provenance, results_file, run, run_folder,
+                       thread_count, utc_now, write_json)
 
 TABLE_KEYS = ("recipe", "top1", "drop", "bits_per_weight", "size_bytes", "quantize_s")
 DEFAULT_RECIPES = ("w8a8", "w4a8", "w4a8-gptq", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
@@ -82,10 +82,7 @@ def main(argv=None):
     p.add_argument("--calib-size", type=positive_int, default=256, help="calibration images (default 256)")
     p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     args = p.parse_args(argv)
-    if args.out is None and args.limit:
-        raise ValueError("a --limit dry run needs --out FILE: the default, assets/results/ptq.json, holds the "
-                         "shipped results on whole splits")
-    args.out = args.out or "assets/results/ptq.json"
+    args.out = results_file(args.out, args.limit, "assets/results/ptq.json")
     output_file(args.out, ".json")
     run_folder(args.models)  # not a file: checked before the full-precision model is scored
     if args.threads:
