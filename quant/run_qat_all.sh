@@ -33,18 +33,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-cpu}
-if [ "${PROFILE:-cpu}" = gpu ]; then TEACHER=${TEACHER:-assets/vit_cifar_small.safetensors}  # the GPU reference
-else TEACHER=${TEACHER:-assets/vit_cifar_tiny.safetensors}; fi
 RUNS=${RUNS:-runs/qat-$PROFILE}
 DATA=${DATA:-.data/cifar10-jpeg.tar.gz}  # the JPEG copy inside the checkout (the device machine gets it carried)
-if [ "$PROFILE" = gpu ]; then  # a GPU run's results start fresh
-    RESULTS=${RESULTS:-$RUNS/qat.json}
+if [ "$PROFILE" = gpu ]; then
+    TEACHER=${TEACHER:-assets/vit_cifar_small.safetensors}  # the GPU reference
+    RESULTS=${RESULTS:-$RUNS/qat.json}                      # a GPU run's results start fresh
+    ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w3 qvit-w4"}            # what one 10-minute call holds
 else
+    TEACHER=${TEACHER:-assets/vit_cifar_tiny.safetensors}
     RESULTS=${RESULTS:-assets/results/qat.json}
+    ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w3 qvit-w4 lsq-w4"}
 fi
 ASSETS=${ASSETS:-assets}
-if [ "$PROFILE" = gpu ]; then ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w3 qvit-w4"}  # what one 10-minute call holds
-else ONLY=${ONLY:-"w1.58a8 w1a8 qvit-w3 qvit-w4 lsq-w4"}; fi
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
