@@ -84,8 +84,14 @@ def number_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: b
 
 
 def finite_number(v) -> bool:
-    """Whether a value read from JSON (a results file, a file header) is a real, finite number; True is not."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """Whether a value read from JSON (a results file, a file header) is a real, finite number; True is not, nor
+    an integer too large for a float (JSON's 10**400), which every use of the value would turn into one."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def is_positive_int(v) -> bool:

@@ -424,6 +424,16 @@ def test_an_onnx_fp_model_with_nothing_to_compare_it_with_asks_for_a_quantized_m
         make_comparison(onnx_fp, None, tmp_path, runtime="torch")
 
 
+def test_a_model_whose_config_holds_a_number_too_large_for_a_float_is_refused_in_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+    config = json.dumps({**json.loads(TINY.to_json()), "mlp_ratio": 10 ** 400})
+    save_file({"head.weight": torch.zeros(3, 4)}, tmp_path / "big.safetensors",
+              metadata={"format": quant.models.FORMAT, "config": config})
+    assert run(main, ["--fp", str(tmp_path / "big.safetensors"), "--assets", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mlp_ratio" in err[0]
+
+
 def test_a_packed_file_whose_header_has_the_wrong_structure_is_refused(assets, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -632,6 +642,14 @@ def test_malformed_confusion_matrices_allocations_and_robustness_analyses_are_no
     res = results.load(folder)
     assert not res.having("confusion") and not res.having("allocation") and not res.having("robustness")
     assert any("deep.json" in e for e in res.errors)
+
+
+def test_a_results_number_too_large_for_a_float_is_left_out_not_a_crash(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"w4": {"top1": 0.5, "bits_per_weight": 4, "size_bytes": 10 ** 400,
+                                                        "latency_ms": 10 ** 400, "fps": 10 ** 400}}))
+    res = results.load(tmp_path)
+    assert len(res.having("top1", "bits")) == 1 and not res.having("size_mb") and not res.having("latency_ms")
+    assert results.size_bars(res) is None and "no app frame rates" in results.summary(res)
 
 
 @pytest.mark.parametrize("component,head", [("w_qkv", None), ("h_q", 0)])

@@ -61,7 +61,8 @@ def test_a_closed_end_includes_its_bound():
     assert number_in(0.5)("0.5") == 0.5
 
 
-@pytest.mark.parametrize("value", [True, False, float("nan"), float("inf"), "1", None])
+@pytest.mark.parametrize("value", [True, False, float("nan"), float("inf"), "1", None,
+                                   pytest.param(10 ** 400, id="10**400")])
 def test_a_value_read_from_json_that_is_no_finite_number_is_told_apart(value):
     assert not finite_number(value)
 
