@@ -202,7 +202,7 @@ def load(folder: str | Path) -> Results:
         try:
             data = json.loads(path.read_text())
             _walk(data, [], path.stem, found)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON's, a bad encoding, a 5000-digit integer
             res.errors.append(f"{path.name}: not readable JSON ({type(e).__name__})")
             continue
         found += [a for e in found if (a := _linked_allocation(e, folder)) is not None]

@@ -652,6 +652,13 @@ def test_a_results_number_too_large_for_a_float_is_left_out_not_a_crash(tmp_path
     assert results.size_bars(res) is None and "no app frame rates" in results.summary(res)
 
 
+def test_a_results_file_with_an_integer_of_more_digits_than_python_reads_is_listed_as_unreadable(tmp_path):
+    (tmp_path / "huge.json").write_text('{"w4": {"top1": 0.5, "n": ' + "9" * 5000 + "}}")
+    (tmp_path / "ok.json").write_text(json.dumps({"w4": {"top1": 0.5, "bits_per_weight": 4}}))
+    res = results.load(tmp_path)
+    assert any("huge.json: not readable JSON" in e for e in res.errors) and len(res.having("top1", "bits")) == 1
+
+
 @pytest.mark.parametrize("component,head", [("w_qkv", None), ("h_q", 0)])
 def test_a_robustness_analysis_of_weights_alone_or_of_heads_alone_is_drawn(tmp_path, component, head):
     (tmp_path / "r.json").write_text(json.dumps({"fp_top1": 0.8, "n": 10, "trials": [
