@@ -77,7 +77,7 @@ class Entry:
         if v is None and _model_ms(self.data):
             v = self.data["ms"]
         if isinstance(v, dict):  # {batch: ms}: batch 1, else the smallest batch given
-            numeric = {int(k): x for k, x in v.items() if str(k).isdigit() and finite_number(x)}
+            numeric = {int(k): x for k, x in v.items() if str(k).isdecimal() and finite_number(x)}
             v = numeric[min(numeric)] if numeric else None
         return float(v) if finite_number(v) else None
 

@@ -659,6 +659,11 @@ def test_a_results_file_with_an_integer_of_more_digits_than_python_reads_is_list
     assert any("huge.json: not readable JSON" in e for e in res.errors) and len(res.having("top1", "bits")) == 1
 
 
+def test_a_latency_keyed_by_a_superscript_digit_is_no_batch_size_not_a_crash(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"a": {"latency_ms": {"\u00b2": 9.0, "4": 2.0}}}))  # superscript 2
+    assert results.load(tmp_path).entries[0].latency_ms == 2.0
+
+
 @pytest.mark.parametrize("component,head", [("w_qkv", None), ("h_q", 0)])
 def test_a_robustness_analysis_of_weights_alone_or_of_heads_alone_is_drawn(tmp_path, component, head):
     (tmp_path / "r.json").write_text(json.dumps({"fp_top1": 0.8, "n": 10, "trials": [
