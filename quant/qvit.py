@@ -336,7 +336,8 @@ def allocation_figure(alloc: dict, title: str = "Q-ViT bit allocation"):
         ax = fig.add_subplot(grid[-1, :])
         x = np.arange(len(layers))
         ax.bar(x - 0.2, [v["weight"] for v in layers.values()], 0.4, label="weight")
-        ax.bar(x + 0.2, [v.get("input") or 0 for v in layers.values()], 0.4, label="input (0: head-wise, above)")
+        ax.bar(x + 0.2, [v["input"] if finite_number(v.get("input")) else 0 for v in layers.values()], 0.4,
+               label="input (0: head-wise, above)")
         ax.set_xticks(x, list(layers), rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("bits")
         ax.set_ylim(0, BIT_RANGE[1] + 0.5)

@@ -664,6 +664,14 @@ def test_a_latency_keyed_by_a_superscript_digit_is_no_batch_size_not_a_crash(tmp
     assert results.load(tmp_path).entries[0].latency_ms == 2.0
 
 
+def test_an_allocation_whose_layer_input_bits_are_not_a_number_is_drawn_with_that_bar_at_zero(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"attention": {}, "bitops": 1, "layers": {
+        "blocks.0.attn.qkv": {"weight": 4, "input": "x"}, "blocks.0.mlp.fc1": {"weight": 3, "input": [8]}}}))
+    fig = results.allocation_plot(results.load(tmp_path).having("allocation")[0])
+    fig.canvas.draw()
+    assert [p.get_height() for p in fig.axes[0].patches] == [4, 3, 0, 0]
+
+
 @pytest.mark.parametrize("component,head", [("w_qkv", None), ("h_q", 0)])
 def test_a_robustness_analysis_of_weights_alone_or_of_heads_alone_is_drawn(tmp_path, component, head):
     (tmp_path / "r.json").write_text(json.dumps({"fp_top1": 0.8, "n": 10, "trials": [
