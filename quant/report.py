@@ -185,6 +185,8 @@ def _linked_allocation(entry: Entry, folder: Path) -> Entry | None:
         return None
     for candidate in (Path(ref), folder.parent.parent / ref, folder / Path(ref).name):
         try:
+            if not candidate.is_file():  # a device or pipe ("/dev/zero") would be read forever
+                continue
             data = json.loads(candidate.read_text())
         except (OSError, ValueError):  # unreadable, not JSON (JSONDecodeError), a NUL byte in the path
             continue

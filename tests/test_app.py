@@ -672,6 +672,13 @@ def test_an_allocation_whose_layer_input_bits_are_not_a_number_is_drawn_with_tha
     assert [p.get_height() for p in fig.axes[0].patches] == [4, 3, 0, 0]
 
 
+def test_an_allocation_path_naming_a_pipe_is_not_followed(tmp_path):
+    os.mkfifo(tmp_path / "pipe")  # like /dev/zero or /dev/stdin: reading it would never end
+    (tmp_path / "qat.json").write_text(json.dumps({"w4": {"top1": 0.5, "allocation": str(tmp_path / "pipe")}}))
+    res = results.load(tmp_path)
+    assert len(res.entries) == 1 and not res.having("allocation")
+
+
 @pytest.mark.parametrize("component,head", [("w_qkv", None), ("h_q", 0)])
 def test_a_robustness_analysis_of_weights_alone_or_of_heads_alone_is_drawn(tmp_path, component, head):
     (tmp_path / "r.json").write_text(json.dumps({"fp_top1": 0.8, "n": 10, "trials": [
