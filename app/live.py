@@ -145,6 +145,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _warm(backend: Backend) -> None:
-    """One throw-away call, so the first frame is not timed with lazy initialisation in it."""
-    s = backend.config.img_size
-    backend(np.zeros((1, 3, s, s), np.float32))
+    """One throw-away call, so the first frame is not timed with lazy initialisation in it; a model that gives
+    other than one score per class of its config (an ONNX graph whose output width is left open) is refused."""
+    s, n = backend.config.img_size, backend.config.num_classes
+    shape = np.shape(backend(np.zeros((1, 3, s, s), np.float32)))
+    if shape != (1, n):
+        raise ValueError(f"{backend.name} gives scores of shape {shape} for one image, not (1, {n}) for its "
+                         f"{n} classes")

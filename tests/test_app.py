@@ -1126,6 +1126,13 @@ def test_repeated_runs_report_the_median_not_the_mean_latency(monkeypatch):
     assert fp_reading.latency_ms == pytest.approx(2) and q_reading.latency_ms == pytest.approx(2)
 
 
+@pytest.mark.parametrize("logits", [(1.0, 2.0), (1.0, 2.0, 3.0, 4.0, 5.0)], ids=["fewer", "more"])
+def test_a_variant_giving_other_than_one_score_per_class_is_refused_when_opened(logits):
+    cmp = Comparison(FakeBackend("fp", []), {"q": lambda: FakeBackend("q", [], logits=logits)})
+    with pytest.raises(ValueError, match=r"q gives scores of shape \(1, \d\) for one image, not \(1, 3\)"):
+        cmp.variant("q")
+
+
 def test_a_single_nan_score_is_refused():
     log = []
     cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log, logits=(1.0, float("nan"), 3.0))})
