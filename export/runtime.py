@@ -56,8 +56,8 @@ def bitvit_metadata(proto: onnx.ModelProto, path: Path) -> dict[str, str]:
 
 def ort_message(e: Exception) -> str:
     """ONNX Runtime's error as one line, without the C++ source location and signature it prefixes
-    (`/onnxruntime_src/...cc:256 onnxruntime::Model::Model(...) `)."""
-    text = re.sub(r"/onnxruntime_src/\S+:\d+ [^(\s]+\([^)]*\)\s*", "", str(e))
+    (`/onnxruntime_src/...cc:256 onnxruntime::Model::Model(...) `, `...cc:1587 void onnxruntime::Graph::...() `)."""
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ (?:[^(\s]+ ){0,2}?[^(\s]+\([^)]*\)\s*", "", str(e))  # "void ...(...)" too
     return " ".join(text.split()).rstrip(",")
 
 

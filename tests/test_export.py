@@ -198,6 +198,16 @@ def test_onnx_runtimes_refusal_reads_as_one_line_without_its_cpp_source_location
     assert "onnxruntime_src" not in str(e.value) and "\n" not in str(e.value)
 
 
+def test_onnx_runtimes_refusal_of_a_graph_without_its_output_reads_without_its_cpp_source_location(tiny_model,
+                                                                                                  tmp_path):
+    headless = to_onnx(tiny_model)
+    del headless.graph.node[-1]  # the node writing "logits": ORT names a function with its return type ("void ...")
+    onnx.save(headless, tmp_path / "headless.onnx")
+    with pytest.raises(ValueError, match="ONNX Runtime cannot load .*logits") as e:
+        runtime.load(tmp_path / "headless.onnx")
+    assert "onnxruntime_src" not in str(e.value)
+
+
 def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_model, tmp_path):
     resized = to_onnx(tiny_model)
     resized.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 64
