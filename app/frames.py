@@ -156,8 +156,11 @@ def _decode(source) -> np.ndarray:
         raise ValueError(f"the image is too large to decode (over {MAX_PIXELS / 1e6:.0f} megapixels)") from None
     except UnidentifiedImageError:
         raise ValueError("the file is not an image the app can read (PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
-    except (OSError, SyntaxError, EOFError) as e:  # truncated or damaged data (PIL's errors vary by format)
-        raise ValueError(f"the image file is truncated or damaged ({e})") from None
+    except ValueError:  # the app's own messages (too many pixels, an unsupported mode, values out of range)
+        raise
+    except Exception as e:  # truncated or damaged data: PIL's errors vary by format (OSError, SyntaxError and
+        # EOFError mostly; IndexError from QOI, NotImplementedError from DDS, RuntimeError from AVIF, ...)
+        raise ValueError(f"the image file is truncated or damaged ({e or type(e).__name__})") from None
 
 
 def model_view(rgb: np.ndarray, size: int, mirrored: bool = False) -> np.ndarray:

@@ -176,6 +176,23 @@ def test_bad_uploads_get_one_clear_message(tmp_path):
             load_image_file(tmp_path / name)
 
 
+def _damaged(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame((24, 32, 3))).save(buf, fmt)
+    data = bytearray(buf.getvalue())
+    if fmt == "DDS":
+        data[80:84] = (0x400000).to_bytes(4, "little")  # pixel format flags no DDS reader knows
+        return bytes(data)
+    return bytes(data[:14])                               # QOI: the header alone
+
+
+@pytest.mark.parametrize("fmt", ["QOI", "DDS"])
+def test_a_damaged_image_of_a_format_whose_reader_raises_its_own_errors_gets_the_damaged_file_message(tmp_path, fmt):
+    (tmp_path / "x.img").write_bytes(_damaged(fmt))  # PIL raises IndexError (QOI), NotImplementedError (DDS)
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        load_image_file(tmp_path / "x.img")
+
+
 # ----------------------------------------------------------------------------- backends
 
 def test_a_packed_file_is_found_and_described_from_its_header(assets):
