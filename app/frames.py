@@ -146,21 +146,20 @@ def _decode(source) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise ValueError(f"the image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels); the app takes "
-                                     f"images up to {MAX_PIXELS / 1e6:.0f} megapixels")
-                img.draft("RGB", (512, 512))  # JPEG: decode at a reduced scale, the models see 32x32 anyway
-                img = ImageOps.exif_transpose(img)  # phone photos: upright as shown
-                return _pil_to_rgb(img)
+                if w * h <= MAX_PIXELS:  # else refused below, undecoded
+                    img.draft("RGB", (512, 512))  # JPEG: decode at a reduced scale, the models see 32x32 anyway
+                    img = ImageOps.exif_transpose(img)  # phone photos: upright as shown (a decoded copy)
     except Image.DecompressionBombError:
         raise ValueError(f"the image is too large to decode (over {MAX_PIXELS / 1e6:.0f} megapixels)") from None
     except UnidentifiedImageError:
         raise ValueError("the file is not an image the app can read (PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
-    except ValueError:  # the app's own messages (too many pixels, an unsupported mode, values out of range)
-        raise
     except Exception as e:  # truncated or damaged data: PIL's errors vary by format (OSError, SyntaxError and
-        # EOFError mostly; IndexError from QOI, NotImplementedError from DDS, RuntimeError from AVIF, ...)
+        # EOFError mostly; ValueError from PPM or XPM, IndexError from QOI, NotImplementedError from DDS, ...)
         raise ValueError(f"the image file is truncated or damaged ({e or type(e).__name__})") from None
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"the image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels); the app takes "
+                         f"images up to {MAX_PIXELS / 1e6:.0f} megapixels")
+    return _pil_to_rgb(img)
 
 
 def model_view(rgb: np.ndarray, size: int, mirrored: bool = False) -> np.ndarray:

@@ -183,12 +183,14 @@ def _damaged(fmt: str) -> bytes:
     if fmt == "DDS":
         data[80:84] = (0x400000).to_bytes(4, "little")  # pixel format flags no DDS reader knows
         return bytes(data)
+    if fmt == "PPM":
+        return bytes(data).replace(b"32 24", b"32 2x", 1)  # a damaged header
     return bytes(data[:14])                               # QOI: the header alone
 
 
-@pytest.mark.parametrize("fmt", ["QOI", "DDS"])
+@pytest.mark.parametrize("fmt", ["QOI", "DDS", "PPM"])
 def test_a_damaged_image_of_a_format_whose_reader_raises_its_own_errors_gets_the_damaged_file_message(tmp_path, fmt):
-    (tmp_path / "x.img").write_bytes(_damaged(fmt))  # PIL raises IndexError (QOI), NotImplementedError (DDS)
+    (tmp_path / "x.img").write_bytes(_damaged(fmt))  # PIL: IndexError (QOI), NotImplementedError (DDS), ValueError
     with pytest.raises(ValueError, match="truncated or damaged"):
         load_image_file(tmp_path / "x.img")
 
