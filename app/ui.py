@@ -208,9 +208,11 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             live_out = outputs("live")
             stats = gr.State(LiveStats())
             # frames come unprocessed (preprocess=False), so the app checks a frame's size before decoding
-            # it, as /classify does for uploads; the stream is the page's own, not a listed API endpoint
+            # it, as /classify does for uploads; the stream is the page's own, not a listed API endpoint.
+            # A stream holds its worker until its webcam stops: with a limit, the next visitor's would wait
+            # in the queue all that time; the handler is safe to run for several visitors at once
             webcam.stream(h.live, [webcam, variant, stats], [live_view, *live_out, stats],
-                          stream_every=STREAM_EVERY, concurrency_limit=1, show_progress="hidden",
+                          stream_every=STREAM_EVERY, concurrency_limit=None, show_progress="hidden",
                           api_name=False, preprocess=False)
 
         with gr.Tab("Image"):

@@ -403,6 +403,13 @@ def test_the_page_lists_the_model_files_left_out_and_why(assets, tmp_path):
     assert any("notes.safetensors" in t for t in texts)
 
 
+def test_two_visitors_can_stream_their_webcams_at_once(handlers, tmp_path):
+    from app.ui import build
+    demo = build(handlers.cmp, ["int8"], tmp_path)
+    live = next(fn for fn in demo.fns.values() if fn.name == "live")
+    assert live.concurrency_limit is None  # a stream holds its worker until its webcam stops
+
+
 @pytest.mark.parametrize("label", [["a"], {"x": 1}, 12345])
 def test_a_variant_that_is_not_a_menu_label_is_refused_clearly(assets, label):
     cmp, _, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
