@@ -193,7 +193,7 @@ def figure(result: dict):
     trials = result["trials"]
     bits = sorted({t["bits"] for t in trials})
     blocks = sorted({t["block"] for t in trials})
-    heads = sorted({t["head"] for t in trials if t["head"] is not None})
+    heads = sorted({t["head"] for t in trials if t.get("head") is not None})  # (a results file may leave it out)
     ncol = max(2 * len(bits), len(HEAD_SLOTS))
     fig, axes = plt.subplots(3, ncol, figsize=(4 * ncol, 11), squeeze=False)
     comps = [f"w_{w}" for w in WEIGHTS] + ["a_gelu"]
@@ -224,7 +224,7 @@ def figure(result: dict):
             slot = list(HEAD_SLOTS)[j]
             grid = np.zeros((len(blocks), len(heads)))
             for t in trials:
-                if t["bits"] == low and t["component"] == f"h_{slot}":
+                if t["bits"] == low and t["component"] == f"h_{slot}" and t.get("head") is not None:
                     grid[blocks.index(t["block"]), heads.index(t["head"])] = t[metric]
             im = ax.imshow(grid, cmap="magma_r", vmin=min(0, grid.min()), vmax=max(grid.max(), 1e-6), aspect="auto")
             for r in range(grid.shape[0]):

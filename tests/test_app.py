@@ -713,6 +713,16 @@ def test_a_robustness_analysis_of_weights_alone_or_of_heads_alone_is_drawn(tmp_p
     assert any(ax.has_data() for ax in fig.axes)
 
 
+@pytest.mark.parametrize("trial", [{"component": "w_qkv"}, {"component": "h_k", "head": None}],
+                         ids=["no-head-key", "head-slot-without-head"])
+def test_a_robustness_trial_without_a_head_is_drawn_without_one_not_a_crash(tmp_path, trial):
+    trials = [{"bits": 2, "component": "h_q", "block": 0, "head": 0, "drop": 1.0, "kl": 0.1},
+              {"bits": 2, "block": 0, "drop": 1.0, "kl": 0.1, **trial}]
+    (tmp_path / "r.json").write_text(json.dumps({"fp_top1": 0.8, "n": 10, "trials": trials}))
+    fig = results.robustness_plot(results.load(tmp_path).having("robustness")[0])
+    assert any(ax.has_data() for ax in fig.axes)
+
+
 def test_without_results_files_the_tab_says_what_is_missing(tmp_path):
     res = results.load(tmp_path / "nothing")
     assert results.accuracy_vs_bits(res) is None
