@@ -352,7 +352,7 @@ def refuse_newer(found, known: str, path) -> None:
     """One error for a file in a later version of the bitvit format `known` ("name/N") than this bitvit reads."""
     name, _, version = known.rpartition("/")
     later = found[len(name) + 1:] if isinstance(found, str) and found.startswith(name + "/") else ""
-    if later.isdigit() and int(later) > int(version):
+    if later.isdecimal() and int(later) > int(version):
         raise ValueError(f"{path} was written by a newer bitvit (format {found}; this one reads {known}): update "
                          f"bitvit to load it")
 

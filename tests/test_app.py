@@ -230,6 +230,13 @@ def test_foreign_and_missing_model_files_are_refused(tmp_path, assets):
         inspect_file(assets / "notes.safetensors")
 
 
+def test_a_file_whose_format_version_is_a_superscript_digit_is_refused_naming_the_file(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, tmp_path / "odd.safetensors", metadata={"format": "bitvit-quant/\u00b2"})
+    with pytest.raises(ValueError, match="odd.safetensors is not a quantized bitvit file"):
+        inspect_file(tmp_path / "odd.safetensors")
+
+
 def test_a_file_with_a_damaged_config_is_refused_naming_the_file(tmp_path):
     from safetensors.torch import save_file
     path = tmp_path / "damaged.safetensors"
