@@ -229,7 +229,7 @@ def _parse_header(meta: dict, path) -> dict:
                          f"expected {FORMAT!r})")
     try:
         header = json.loads(meta["header"])
-    except (KeyError, TypeError, json.JSONDecodeError, RecursionError) as e:
+    except (KeyError, TypeError, ValueError, RecursionError) as e:  # ValueError: JSON's, or a 5000-digit integer
         raise ValueError(f"{path} has a damaged header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path} has a damaged header (not a JSON object)")

@@ -479,6 +479,18 @@ def test_a_packed_file_whose_header_has_the_wrong_structure_is_refused(assets, t
         inspect_file(tmp_path / "bad.safetensors")
 
 
+def test_a_packed_file_whose_header_holds_an_integer_of_more_digits_than_python_reads_is_refused_naming_it(
+        assets, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(assets / "tiny_int8.safetensors"), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    header = meta["header"].replace('"storage": {', '"storage": {"n": ' + "9" * 5000 + ", ", 1)
+    save_file(tensors, tmp_path / "long.safetensors", metadata={**meta, "header": header})
+    with pytest.raises(ValueError, match="long.safetensors has a damaged header"):
+        inspect_file(tmp_path / "long.safetensors")
+
+
 def test_a_port_in_use_is_refused_before_any_model_is_loaded(capsys, monkeypatch):
     import socket
 
