@@ -209,7 +209,7 @@ def _export_path(model: nn.Module, source: Path, custom_ops: bool) -> Path:
     """Where the bitvit cache keeps a model's ONNX export: one file per source file, exporter and op set."""
     from export import exporter
     digest = hashlib.sha256(source.read_bytes() + Path(exporter.__file__).read_bytes()).hexdigest()[:16]
-    return _cache() / f"{digest}-{exporter.model_format(model)}{'' if custom_ops else '-standard-ops'}.onnx"
+    return cache_dir() / "app" / f"{digest}-{exporter.model_format(model)}{'' if custom_ops else '-standard-ops'}.onnx"
 
 
 def _exported(model: nn.Module, source: Path, custom_ops: bool = True, again: bool = False) -> Path:
@@ -218,6 +218,7 @@ def _exported(model: nn.Module, source: Path, custom_ops: bool = True, again: bo
     from export import exporter
     out = _export_path(model, source, custom_ops)
     if again or not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)  # here, where an unwritable cache leaves the model to torch
         with written_whole(out) as tmp:
             exporter.export(model, tmp, exporter.model_format(model), custom_ops=custom_ops)
     return out

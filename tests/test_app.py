@@ -276,6 +276,13 @@ def test_a_damaged_cached_onnx_export_is_written_again_not_passed_over(fp_file):
     assert cached.stat().st_size > 500
 
 
+def test_a_model_whose_onnx_export_cannot_be_cached_runs_in_torch_saying_why(fp_file, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "file" / "cache"))  # no folder can be made there
+    backend = open_model(fp_file)
+    assert backend.runtime == "torch" and "runs in torch" in backend.note and "Not a directory" in backend.note
+
+
 def test_without_bitvit_ops_a_ternary_model_runs_on_standard_onnx_ops(assets, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")   # bitvit's op library cannot be built
     path = assets / "tiny_ternary.safetensors"
