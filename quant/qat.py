@@ -281,6 +281,8 @@ def main(argv=None):
     cfg = teacher.config
     train = load_split(args.data, "train", cfg.img_size, limit=args.limit).require_classes(cfg)
     val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
+    if val is not None:  # a tree's own val/ folder may name other classes: refused now, not after an epoch
+        val.require_classes(cfg)
     started = time.time()
     student, penalty = prepare_student(teacher, r, train, args.calib_size, args.seed, device, args.bitops_weight,
                                        init)

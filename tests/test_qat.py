@@ -220,6 +220,15 @@ def test_data_of_other_classes_is_refused_before_training(teacher_file, tmp_path
     assert not (tmp_path / "x.safetensors.run").exists()
 
 
+def test_a_val_folder_of_other_classes_is_refused_before_training(teacher_file, tmp_path, capsys):
+    tree = write_tree(tmp_path / "tree")
+    write_tree(tree, splits=("val",), classes=("cat", "dog", "horse"))
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(tree),
+                      "--out", str(tmp_path / "x.safetensors"), "--epochs", "1", "--batch-size", "8"]) == 2
+    assert "are not the model's" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors.run").exists()
+
+
 def test_the_gpu_profile_names_results_after_the_teacher_and_hands_them_back(teacher_file, image_tree, tmp_path):
     env = {**os.environ, "PROFILE": "gpu", "TEACHER": str(teacher_file), "DATA": str(image_tree),
            "ONLY": "w1.58a8 qvit-w3", "EPOCHS": "2", "BATCH": "8", "TIME_BUDGET": "2", "VAL_LIMIT": "6",
