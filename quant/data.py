@@ -319,8 +319,17 @@ class _PickleSource(_Source):
             if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 \
                     or lab is None or len(lab) != len(data):
                 raise ValueError(f"{self.root / name} is not a CIFAR python batch (bad data/labels)")
+            try:
+                lab = np.asarray(lab)
+            except ValueError:  # a ragged list
+                lab = np.asarray(None)
+            # casting would wrap pixels beyond 8 bits and a label of -1 would pass for class 9 in a bincount
+            if lab.ndim != 1 or lab.dtype.kind not in "iu" or (len(lab) and lab.min() < 0):
+                raise ValueError(f"{self.root / name} is not a CIFAR python batch (labels are not class numbers)")
+            if data.dtype.kind not in "iu" or (data.size and (data.min() < 0 or data.max() > 255)):
+                raise ValueError(f"{self.root / name} is not a CIFAR python batch (pixels are not 8-bit values)")
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.append(np.asarray(lab, dtype=np.int64))
+            labels.append(lab.astype(np.int64))
         images = np.ascontiguousarray(np.concatenate(images).astype(np.uint8))
         if image_size != 32:
             images = np.stack([_resize(Image.fromarray(im), image_size) for im in images])

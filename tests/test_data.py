@@ -346,6 +346,18 @@ def test_cifar_batches_whose_meta_names_too_few_classes_are_refused(cifar_batche
         load_split(cifar_batches, "test", progress=False)
 
 
+@pytest.mark.parametrize("labels, data", [
+    ([-1] + [i % 10 for i in range(19)], np.zeros((20, 3072), np.uint8)),     # a label no class has
+    ([0.5] + [i % 10 for i in range(19)], np.zeros((20, 3072), np.uint8)),    # a label that is not an integer
+    ([i % 10 for i in range(20)], np.full((20, 3072), 300, np.int64)),         # pixels beyond 8 bits
+    ([i % 10 for i in range(20)], np.full((20, 3072), 0.5, np.float32))])      # pixels that are not integers
+def test_a_cifar_batch_of_impossible_labels_or_pixels_is_refused_naming_it(cifar_batches, labels, data):
+    with open(cifar_batches / "test_batch", "wb") as f:
+        pickle.dump({b"labels": labels, b"data": data}, f, protocol=2)
+    with pytest.raises(ValueError, match="test_batch is not a CIFAR python batch"):
+        load_split(cifar_batches, "test", progress=False)
+
+
 def test_a_tree_whose_class_folders_are_links_is_decoded_again_when_their_images_change(tmp_path):
     real = write_tree(tmp_path / "real", splits=("test",))
     tree = tmp_path / "linked" / "test"
