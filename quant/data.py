@@ -229,10 +229,15 @@ class _TarSource(_Source):
         self.key = _stat_key(path)
 
     @functools.cached_property
-    def members(self) -> list[tarfile.TarInfo]:
-        """The archive's images (listing them decompresses all of it: seconds for CIFAR-10)."""
+    def every(self) -> list[tarfile.TarInfo]:
+        """All the archive's members (listing them decompresses all of it: seconds for CIFAR-10)."""
         with _open_archive(self.path) as tar:
-            every = tar.getmembers()
+            return tar.getmembers()
+
+    @functools.cached_property
+    def members(self) -> list[tarfile.TarInfo]:
+        """The archive's images."""
+        every = self.every
         members = [m for m in every if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
         if not members:
             if any(m.name.endswith("data_batch_1") for m in every):
@@ -263,6 +268,11 @@ class _TarSource(_Source):
         if not members:
             raise ValueError(f"{self.path} has no {split}/<class>/ images")
         classes = sorted({Path(m.name).parts[-2] for m in members})
+        folders = {p[-2] for m in self.every if m.isfile() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
+        folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}
+        empty = sorted(folders - set(classes))
+        if empty:  # as a tree's: a class left out would shift the others' labels without a word
+            raise ValueError(f"class folder {self.path}:{split}/{empty[0]} holds no images")
         decoded = {}
         with _open_archive(self.path) as tar:
             for m in _progress(members, f"decoding {self.path.name}:{split}", progress):

@@ -222,6 +222,20 @@ def test_empty_class_folder_is_named(image_tree):
         load_split(image_tree, "test", progress=False)
 
 
+@pytest.mark.parametrize("kind", ["empty folder", "no image files"])
+def test_an_archives_class_folder_without_images_is_refused_as_a_trees_is(image_tree, tmp_path, kind):
+    import tarfile
+    zebra = image_tree / "test" / "zebra"
+    zebra.mkdir()
+    if kind == "no image files":
+        (zebra / "notes.txt").write_text("no images here")
+    archive = tmp_path / "zebra.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(image_tree / "test", arcname="test")
+    with pytest.raises(ValueError, match="zebra holds no images"):
+        load_split(archive, "test", progress=False)
+
+
 def test_undecodable_image_is_named(image_tree):
     (image_tree / "test" / "dog" / "0003.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(ValueError, match=r"cannot decode image .*dog/0003\.jpg"):
