@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import pickle
+import posixpath
 import sys
 import tarfile
 import zlib
@@ -238,13 +239,31 @@ class _TarSource(_Source):
     def members(self) -> list[tarfile.TarInfo]:
         """The archive's images."""
         every = self.every
-        members = [m for m in every if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
+        members = [m for m in every if (m.isfile() or m.islnk() or m.issym()) and m.name.lower().endswith(IMAGE_EXTS)]
         if not members:
             if any(m.name.endswith("data_batch_1") for m in every):
                 raise ValueError(f"{self.path} is CIFAR-10's python archive: unpack it (tar xzf) and give its "
                                  f"cifar-10-batches-py folder")
             raise ValueError(f"{self.path} holds no images")
         return members
+
+    def _target(self, m: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        """The file member `m` is or links to, as the unpacked tree would follow its links (hard links and
+        symlinks, which a tree of duplicate images holds); None for a link to nothing the archive holds."""
+        for _ in range(40):  # a chain of links, not a loop
+            if m is None or m.isfile():
+                return m
+            if m.islnk():
+                m = self._by_name.get(posixpath.normpath(m.linkname))
+            elif m.issym():
+                m = self._by_name.get(posixpath.normpath(posixpath.join(posixpath.dirname(m.name), m.linkname)))
+            else:
+                return None
+        return None
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, tarfile.TarInfo]:
+        return {posixpath.normpath(x.name): x for x in self.every}
 
     def has(self, split: str) -> bool:
         """Whether the archive has `split`/ images; the answer is cached beside the decoded splits, so a
@@ -268,7 +287,7 @@ class _TarSource(_Source):
         if not members:
             raise ValueError(f"{self.path} has no {split}/<class>/ images")
         classes = sorted({Path(m.name).parts[-2] for m in members})
-        folders = {p[-2] for m in self.every if m.isfile() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
+        folders = {p[-2] for m in self.every if not m.isdir() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}
         empty = sorted(folders - set(classes))
         if empty:  # as a tree's: a class left out would shift the others' labels without a word
@@ -276,7 +295,11 @@ class _TarSource(_Source):
         decoded = {}
         with _open_archive(self.path) as tar:
             for m in _progress(members, f"decoding {self.path.name}:{split}", progress):
-                decoded[m.name] = _decode(tar.extractfile(m).read(), f"{self.path}:{m.name}", image_size)
+                target = self._target(m)
+                if target is None:
+                    raise ValueError(f"cannot read image {self.path}:{m.name}: a link to {m.linkname!r}, which is "
+                                     f"no file of the archive")
+                decoded[m.name] = _decode(tar.extractfile(target).read(), f"{self.path}:{m.name}", image_size)
         names = sorted(decoded)
         labels = np.array([classes.index(Path(n).parts[-2]) for n in names], dtype=np.int64)
         return ImageSet(np.stack([decoded[n] for n in names]), labels, tuple(classes))
