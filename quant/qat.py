@@ -283,6 +283,9 @@ def main(argv=None):
     val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
     if val is not None:  # a tree's own val/ folder may name other classes: refused now, not after an epoch
         val.require_classes(cfg)
+    data = None  # the split scored at the end, read now: one the data lacks is refused before training, not after
+    if args.eval_split:
+        data = load_split(args.data, args.eval_split, cfg.img_size, limit=args.eval_limit).require_classes(cfg)
     started = time.time()
     student, penalty = prepare_student(teacher, r, train, args.calib_size, args.seed, device, args.bitops_weight,
                                        init)
@@ -306,9 +309,8 @@ def main(argv=None):
     size = Path(args.out).stat().st_size
     print(f"wrote {args.out}: {size / 1e6:.3f} MB, quantized linear weights at {storage['bits_per_weight']:.3f} "
           f"bits/weight (scales included)")
-    if not args.eval_split:
+    if data is None:
         return 0
-    data = load_split(args.data, args.eval_split, cfg.img_size, limit=args.eval_limit)
     packed = load_quantized(args.out).to(device)   # score the file as users will load it, where it trained
     res = evaluate(packed, data, device=device, progress=True)
     fp = {"top1": _known_teacher_top1(args.results, args.teacher, args.eval_split, res["n"])}

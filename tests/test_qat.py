@@ -229,6 +229,15 @@ def test_a_val_folder_of_other_classes_is_refused_before_training(teacher_file, 
     assert not (tmp_path / "x.safetensors.run").exists()
 
 
+def test_an_eval_split_the_data_lacks_is_refused_before_training(teacher_file, tmp_path, capsys):
+    tree = write_tree(tmp_path / "tree", splits=("train",))
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(tree),
+                      "--out", str(tmp_path / "x.safetensors"), "--epochs", "1", "--batch-size", "8",
+                      "--eval-split", "test"]) == 2
+    assert "no test/ folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors.run").exists()
+
+
 def test_the_gpu_profile_names_results_after_the_teacher_and_hands_them_back(teacher_file, image_tree, tmp_path):
     env = {**os.environ, "PROFILE": "gpu", "TEACHER": str(teacher_file), "DATA": str(image_tree),
            "ONLY": "w1.58a8 qvit-w3", "EPOCHS": "2", "BATCH": "8", "TIME_BUDGET": "2", "VAL_LIMIT": "6",
