@@ -147,6 +147,9 @@ def _source_for(path: Path) -> _Source:
             return _TarSource(path)
         raise ValueError(f"{path} is a file but not a tar archive; give a .tar.gz of the JPEG copy, "
                          f"a cifar-10-batches-py folder or an image-folder tree")
+    if not path.is_dir():  # a pipe or a device, which the folder reader took for a tree without split folders
+        raise ValueError(f"{path} is neither a file nor a folder; give a .tar.gz of the JPEG copy, a "
+                         f"cifar-10-batches-py folder or an image-folder tree")
     if (path / "data_batch_1").exists() or (path / "cifar-10-batches-py").is_dir():
         return _PickleSource(path if (path / "data_batch_1").exists() else path / "cifar-10-batches-py")
     return _FolderSource(path)

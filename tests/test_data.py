@@ -228,6 +228,13 @@ def test_missing_path_is_named(tmp_path):
         load_split(tmp_path / "nope", "test")
 
 
+def test_a_data_path_that_is_neither_file_nor_folder_is_named_as_such(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="pipe is neither a file nor a folder"):
+        load_split(fifo, "test", progress=False)
+
+
 def test_empty_class_folder_is_named(image_tree):
     (image_tree / "test" / "zebra").mkdir()
     with pytest.raises(ValueError, match="zebra holds no images"):
