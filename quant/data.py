@@ -303,7 +303,9 @@ class _TarSource(_Source):
                     raise ValueError(f"cannot read image {self.path}:{m.name}: a link to {m.linkname!r}, which is "
                                      f"no file of the archive")
                 decoded[m.name] = _decode(tar.extractfile(target).read(), f"{self.path}:{m.name}", image_size)
-        names = sorted(decoded)
+        # class by class, each by file name, as the unpacked tree reads (sorting whole names would put
+        # "sea-lion/" before "sea/", since "-" sorts before "/")
+        names = sorted(decoded, key=lambda n: (classes.index(Path(n).parts[-2]), Path(n).name, n))
         labels = np.array([classes.index(Path(n).parts[-2]) for n in names], dtype=np.int64)
         return ImageSet(np.stack([decoded[n] for n in names]), labels, tuple(classes))
 

@@ -44,6 +44,18 @@ def test_tar_archive_reads_like_the_unpacked_tree(image_tree, image_tar):
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.images, b.images)
 
 
+def test_an_archive_reads_in_the_trees_order_when_a_class_name_extends_another(tmp_path):
+    import tarfile
+    tree = write_tree(tmp_path / "tree", splits=("test",), classes=("sea", "sea-lion", "sea_lion"), per_class=2)
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree / "test", arcname="test")
+    a = load_split(tree, "test", image_size=16, progress=False)
+    b = load_split(archive, "test", image_size=16, progress=False)
+    assert a.classes == b.classes and a.labels.tolist() == b.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert np.array_equal(a.images, b.images)
+
+
 def test_an_archive_written_in_any_member_order_reads_like_the_tree_and_in_one_pass(image_tree, tmp_path,
                                                                                    monkeypatch):
     import random
