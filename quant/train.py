@@ -120,13 +120,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def check_device(device: str | None) -> None:
-    """Refuse a device name torch does not know, or CUDA on a machine without it (None: the default)."""
+    """Refuse a device other than cpu and cuda[:N], or CUDA on a machine without it (None: the default)."""
     if device is None:
         return
     try:
-        torch.device(device)
+        kind = torch.device(device).type
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        kind = None
+    if kind not in ("cpu", "cuda"):  # torch knows mps, meta, xpu, ...: each failed later with a traceback
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no CUDA device")
 

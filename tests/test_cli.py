@@ -155,7 +155,8 @@ def test_an_output_that_is_the_commands_input_is_refused(tmp_path):
         output_file(tmp_path / "sub" / ".." / "m.safetensors", ".safetensors", inputs=(tmp_path / "m.safetensors",))
 
 
-@pytest.mark.parametrize("device, message", [("bogus", "unknown device"), ("cuda", "no CUDA device")])
+@pytest.mark.parametrize("device, message", [("bogus", "unknown device"), ("cuda", "no CUDA device"),
+                                             ("mps", "unknown device 'mps'"), ("meta", "unknown device 'meta'")])
 def test_training_on_a_device_that_is_not_there_is_one_error_line(tmp_path, image_tree, capsys, device, message):
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
