@@ -131,6 +131,10 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no CUDA device")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():  # "invalid device ordinal"
+        raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device{'s' if torch.cuda.device_count() != 1 else ''} (cuda:0 first)")
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -167,6 +167,15 @@ def test_training_on_a_device_that_is_not_there_is_one_error_line(tmp_path, imag
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_a_cuda_device_number_the_machine_lacks_is_refused(monkeypatch):
+    from quant.train import check_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:1")
+    with pytest.raises(ValueError, match="device 'cuda:2' asked for, but this machine has 2 CUDA devices"):
+        check_device("cuda:2")
+
+
 def test_an_existing_file_is_refused_as_a_run_folder(tmp_path):
     (tmp_path / "run").write_text("x")
     with pytest.raises(ValueError, match="run is a file, not a run folder"):
