@@ -302,7 +302,10 @@ class _TarSource(_Source):
                 if target is None:
                     raise ValueError(f"cannot read image {self.path}:{m.name}: a link to {m.linkname!r}, which is "
                                      f"no file of the archive")
-                decoded[m.name] = _decode(tar.extractfile(target).read(), f"{self.path}:{m.name}", image_size)
+                if target.name in decoded:  # a hard link to an image read already: no step back in the .gz
+                    decoded[m.name] = decoded[target.name]
+                else:
+                    decoded[m.name] = _decode(tar.extractfile(target).read(), f"{self.path}:{m.name}", image_size)
         # class by class, each by file name, as the unpacked tree reads (sorting whole names would put
         # "sea-lion/" before "sea/", since "-" sorts before "/")
         names = sorted(decoded, key=lambda n: (classes.index(Path(n).parts[-2]), Path(n).name, n))

@@ -74,16 +74,19 @@ def test_an_archive_written_in_any_member_order_reads_like_the_tree_and_in_one_p
     assert offsets == sorted(offsets)  # never a step back, which a .gz pays for by decompressing from the start
 
 
-def test_an_archives_linked_images_read_like_the_trees(image_tree, tmp_path):
+def test_an_archives_linked_images_read_like_the_trees_in_one_pass(image_tree, tmp_path, monkeypatch):
     import tarfile
     os.link(image_tree / "test" / "cat" / "0000.jpg", image_tree / "test" / "cat" / "0100.jpg")  # a duplicate
     os.symlink("0001.jpg", image_tree / "test" / "dog" / "0101.jpg")
     archive = tmp_path / "links.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:  # stores the second name of an inode as a hard link, and the symlink
         tar.add(image_tree / "test", arcname="test")
+    offsets, extract = [], tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: offsets.append(m.offset) or extract(self, m))
     a = load_split(image_tree, "test", image_size=16, progress=False)
     b = load_split(archive, "test", image_size=16, progress=False)
     assert len(a) == 20 and np.array_equal(a.labels, b.labels) and np.array_equal(a.images, b.images)
+    assert offsets == sorted(offsets)  # the hard link's image is not read again from behind
 
 
 def test_a_16_bit_image_in_a_tree_keeps_its_grey_level(tmp_path):
