@@ -466,6 +466,9 @@ def main(argv=None):
     teacher = load_any(args.teacher) if args.teacher else None
     if teacher is not None:
         train.require_classes(teacher.config, whose=f"the teacher {args.teacher}'s")
+        if teacher.config.img_size != img_size:  # it sees the student's images
+            raise ValueError(f"the teacher {args.teacher} takes {teacher.config.img_size}x{teacher.config.img_size} "
+                             f"images; the student {args.model} takes {img_size}x{img_size}")
         if any(tuple(getattr(teacher.config, k)) != tuple(getattr(model.config, k))
                for k in ("mean", "std")):  # it sees the student's normalised input
             raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "

@@ -433,6 +433,16 @@ def test_cli_refuses_a_val_folder_of_other_classes_before_training(tmp_path, cap
     assert "are not the train split's" in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
 
 
+def test_cli_refuses_a_teacher_of_another_image_size_naming_it(tmp_path, image_tree, capsys):
+    from quant.models import create_model, save_model
+    teacher = tmp_path / "t64.safetensors"
+    save_model(create_model("vit_cifar_tiny", img_size=64, num_classes=3, classes=TINY.classes), teacher)
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
+                      "--epochs", "1", "--batch-size", "4", "--limit", "12", "--teacher", str(teacher)]) == 2
+    err = capsys.readouterr().err
+    assert "t64.safetensors takes 64x64 images" in err and not (tmp_path / "run").exists()
+
+
 def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, image_tree, capsys):
     from safetensors import safe_open
     main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
