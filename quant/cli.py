@@ -139,7 +139,7 @@ def file_to_write(path: str | os.PathLike) -> Path:
 
 def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Path:
     """An output file's path, checked before any work is done: not a folder, named `*{suffix}`, and not one of
-    the command's `inputs` (a model it reads); its folder is made."""
+    the command's `inputs` (a model it reads); its folder is made, and must take a new file."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give a file name to write")
@@ -147,7 +147,14 @@ def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Pat
         raise ValueError(f"{path}: give a {suffix} file name to write")
     if any(i is not None and Path(i).resolve() == path.resolve() for i in inputs):
         raise ValueError(f"{path} is also this command's input; write the output to another file")
-    return file_to_write(path)
+    path = file_to_write(path)
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")  # a read-only folder failed only once written to
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write files in {path.parent} ({e.strerror or e})") from None
+    return path
 
 
 def machine() -> str:

@@ -135,6 +135,19 @@ def test_an_output_that_is_a_folder_is_refused_and_a_missing_folder_is_made(tmp_
     assert output_file(tmp_path / "new" / "out.json", ".json").parent.is_dir()
 
 
+def test_an_output_in_a_folder_it_cannot_write_is_refused_before_any_work(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root: permission bits do not stop it, but sysfs refuses even root a new file
+        folder = Path("/sys")
+        if not folder.is_dir():
+            pytest.skip("running as root without /sys: no folder it cannot write")
+    with pytest.raises(ValueError, match=f"cannot write files in {folder}"):
+        output_file(folder / "out.json", ".json")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "read-only"]
+
+
 def test_an_output_or_run_folder_under_an_existing_file_is_refused_naming_the_file(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"x")
     with pytest.raises(ValueError, match="model.pt is a file, not a folder"):
