@@ -149,6 +149,10 @@ def main(argv=None):
     onnx = Path(args.checkpoint).suffix.lower() == ".onnx"
     model = OnnxModel(args.checkpoint, torch.get_num_threads()) if onnx else load_any(args.checkpoint)
     cfg = model.config
+    confusion_png = args.confusion or (Path(args.json).with_suffix(".confusion.png") if args.json
+                                       else Path(str(args.checkpoint) + ".confusion.png"))
+    if not args.confusion:  # the default path too, before scoring (here, where the checkpoint's folder is known)
+        output_file(confusion_png, ".png", inputs=(args.checkpoint, args.json))
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
     device = "cuda" if torch.cuda.is_available() and not onnx else "cpu"
     t0 = time.perf_counter()
@@ -167,8 +171,6 @@ def main(argv=None):
                params=params, size_bytes=size, latency_ms_batch1_cpu=lat, threads=threads,
                eval_seconds=eval_s, **provenance("quant.evaluate", argv))
 
-    confusion_png = args.confusion or (Path(args.json).with_suffix(".confusion.png") if args.json
-                                       else Path(str(args.checkpoint) + ".confusion.png"))
     plot_confusion(res["confusion"], data.classes, confusion_png,
                    f"{Path(args.checkpoint).name} on {args.split} (top-1 {res['top1']:.4f})")
     res["confusion_png"] = str(confusion_png)

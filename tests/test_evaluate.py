@@ -87,6 +87,14 @@ def test_cli_wrong_data_path_is_one_error_line(checkpoint, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_cli_checks_the_default_confusion_plots_path_before_scoring(checkpoint, image_tree, tmp_path):
+    (tmp_path / "r.confusion.png").mkdir()  # where the plot beside --json r.json would go
+    r = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(checkpoint),
+                        "--data", str(image_tree), "--json", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "r.confusion.png is a folder; give a file name" in r.stderr
+    assert "evaluating" not in r.stderr
+
+
 def test_confusion_rows_are_the_true_classes_and_per_class_accuracy_is_their_recall(tiny_model, image_tree):
     data = load_split(image_tree, "test", image_size=16, progress=False)
     tiny_model.forward = lambda x: torch.tensor([[1.0, 0.0, 0.0]]).expand(len(x), 3)  # calls everything "cat"
