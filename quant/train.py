@@ -238,7 +238,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         raise ValueError(f"batch size {cfg.batch_size} does not fit {len(train)} images on {env.world} process(es)")
     steps_per_epoch = len(train) // env.world // per_rank
     total = steps_per_epoch * cfg.epochs
-    warmup = min(int(steps_per_epoch * cfg.warmup_epochs), total // 2)  # a short run still decays
+    warmup = int(min(steps_per_epoch * cfg.warmup_epochs, total // 2))  # a short run still decays (and
+    # --warmup-epochs 1e308, whose steps are infinite, too)
     # what else a resumed run must share with the run that wrote the state: its images and its model
     run_key = {"data_digest": _fingerprint(train),
                "model_config": model.config.to_json() if hasattr(model, "config") else None}

@@ -332,6 +332,13 @@ def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it_so_the_rate_still_dec
     assert lrs[0] == pytest.approx(cfg.lr) and lrs[1] < 0.5 * cfg.lr
 
 
+def test_a_warmup_of_more_epochs_than_a_float_counts_in_steps_is_cut_like_any_long_warmup(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=4, warmup_epochs=1e308, augment=NO_AUG)  # steps x epochs: infinite
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    lrs = [r["lr"] for r in read_log(tmp_path / "log.jsonl")]
+    assert lrs[0] == pytest.approx(cfg.lr) and lrs[1] < 0.5 * cfg.lr
+
+
 @pytest.mark.parametrize("content", [b"", b"\x00garbage"])
 def test_a_damaged_resume_state_is_refused_with_a_message(tmp_path, content):
     (tmp_path / "last.pt").write_bytes(content)
