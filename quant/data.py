@@ -150,8 +150,9 @@ def _source_for(path: Path) -> _Source:
     if not path.is_dir():  # a pipe or a device, which the folder reader took for a tree without split folders
         raise ValueError(f"{path} is neither a file nor a folder; give a .tar.gz of the JPEG copy, a "
                          f"cifar-10-batches-py folder or an image-folder tree")
-    if (path / "data_batch_1").exists() or (path / "cifar-10-batches-py").is_dir():
-        return _PickleSource(path if (path / "data_batch_1").exists() else path / "cifar-10-batches-py")
+    batches = any((path / name).is_file() for name in _PickleSource.FILES)  # any one: a missing batch is named
+    if batches or (path / "cifar-10-batches-py").is_dir():
+        return _PickleSource(path if batches else path / "cifar-10-batches-py")
     return _FolderSource(path)
 
 
@@ -327,6 +328,7 @@ class _SafeUnpickler(pickle.Unpickler):
 class _PickleSource(_Source):
     """torchvision's `cifar-10-batches-py`: data_batch_1..5, test_batch, batches.meta."""
     TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+    FILES = (*TRAIN, "test_batch", "batches.meta")
 
     def __init__(self, root: Path):
         self.root = root

@@ -114,6 +114,13 @@ def test_cifar_python_batches_load(cifar_batches):
     assert np.array_equal(test.images[0], raw[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
 
 
+def test_cifar_batches_without_their_first_batch_are_still_told_apart_from_an_image_tree(cifar_batches):
+    (cifar_batches / "data_batch_1").unlink()
+    assert len(load_split(cifar_batches, "test", progress=False)) == 20
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py is missing data_batch_1"):
+        load_split(cifar_batches, "train", progress=False)
+
+
 def test_hostile_pickle_is_refused_without_running_it(cifar_batches, tmp_path):
     class Evil:
         def __reduce__(self):
