@@ -194,6 +194,9 @@ class _FolderSource(_Source):
         if not self.flat and split == "all":
             raise ValueError(f"{self.root} holds split folders (train/, test/, ...): choose one of them; split "
                              f"'all' scores a tree of class folders alone")
+        if self.flat and not any(p.is_dir() for p in self.root.iterdir()):  # empty, or holding the data's archive
+            raise ValueError(f"{self.root} holds no train/ or test/ folder, nor class folders; give a .tar.gz of the "
+                             f"JPEG copy, a cifar-10-batches-py folder or an image-folder tree")
         if self.flat and split != "all":
             raise ValueError(f"{self.root} has no train/ or test/ folder, only class folders: move them into "
                              f"{self.root / 'train'}/ (a test set into {self.root / 'test'}/) to train on them, or "

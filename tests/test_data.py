@@ -257,6 +257,15 @@ def test_a_data_path_that_is_neither_file_nor_folder_is_named_as_such(tmp_path):
         load_split(fifo, "test", progress=False)
 
 
+def test_a_folder_of_neither_splits_nor_class_folders_is_not_told_to_move_its_class_folders(image_tar, tmp_path):
+    holder = tmp_path / "holder"  # the folder holding the archive, given in its place
+    holder.mkdir()
+    image_tar.rename(holder / image_tar.name)
+    with pytest.raises(ValueError, match="holder holds no train/ or test/ folder, nor class folders") as e:
+        load_split(holder, "test", progress=False)
+    assert "move them" not in str(e.value)
+
+
 def test_empty_class_folder_is_named(image_tree):
     (image_tree / "test" / "zebra").mkdir()
     with pytest.raises(ValueError, match="zebra holds no images"):
