@@ -299,6 +299,11 @@ class _TarSource(_Source):
         empty = sorted(folders - set(classes))
         if empty:  # as a tree's: a class left out would shift the others' labels without a word
             raise ValueError(f"class folder {self.path}:{split}/{empty[0]} holds no images")
+        linked = sorted(p[-1] for m in self.every if m.issym() and len(p := Path(m.name).parts) >= 2 and p[-2] == split
+                        and self._target(m) is None)  # a link to no file: to a folder (or to nothing)
+        if linked:  # the tree follows it to a class of its own; the archive holds none of its images
+            raise ValueError(f"class folder {self.path}:{split}/{linked[0]} is a link, whose images the archive does "
+                             f"not hold: archive the tree with its links followed (tar -h)")
         decoded = {}
         with _open_archive(self.path) as tar:
             for m in _progress(members, f"decoding {self.path.name}:{split}", progress):

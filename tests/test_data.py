@@ -286,6 +286,17 @@ def test_an_archives_class_folder_without_images_is_refused_as_a_trees_is(image_
         load_split(archive, "test", progress=False)
 
 
+def test_an_archives_class_folder_stored_as_a_link_is_refused_not_left_out(image_tree, tmp_path):
+    import tarfile
+    (image_tree / "test" / "zebra").symlink_to("cat", target_is_directory=True)  # the tree reads it as a class
+    archive = tmp_path / "linked.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # which the archive keeps as a link, holding none of its images
+        tar.add(image_tree / "test", arcname="test")
+    assert load_split(image_tree, "test", image_size=16, progress=False).classes == ("cat", "dog", "frog", "zebra")
+    with pytest.raises(ValueError, match="class folder .*zebra is a link"):
+        load_split(archive, "test", image_size=16, progress=False)
+
+
 def test_undecodable_image_is_named(image_tree):
     (image_tree / "test" / "dog" / "0003.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(ValueError, match=r"cannot decode image .*dog/0003\.jpg"):
