@@ -1,6 +1,7 @@
 """ONNX export: every format runs in ONNX Runtime and agrees with the torch model it came from."""
 import copy
 import json
+import re
 
 import numpy as np
 import onnx
@@ -206,6 +207,18 @@ def test_onnx_runtimes_refusal_of_a_graph_without_its_output_reads_without_its_c
     with pytest.raises(ValueError, match="ONNX Runtime cannot load .*logits") as e:
         runtime.load(tmp_path / "headless.onnx")
     assert "onnxruntime_src" not in str(e.value)
+
+
+def test_onnx_runtimes_refusals_lose_a_signature_with_a_return_type_and_a_bare_source_location(tiny_model, tmp_path):
+    unreleased = to_onnx(tiny_model)
+    next(o for o in unreleased.opset_import if o.domain == "").version = 99  # "void onnxruntime::...(...)"
+    cut = to_onnx(tiny_model)
+    cut.graph.initializer[0].raw_data = cut.graph.initializer[0].raw_data[:4]  # "tensorprotoutils.cc:N Fn"
+    for name, proto, says in (("unreleased", unreleased, "Opset 99"), ("cut", cut, "raw_data size")):
+        onnx.save(proto, tmp_path / f"{name}.onnx")
+        with pytest.raises(ValueError, match=says) as e:
+            runtime.load(tmp_path / f"{name}.onnx")
+        assert not re.search(r"onnxruntime_src|onnxruntime::|\.cc:\d", str(e.value)), str(e.value)
 
 
 def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_model, tmp_path):
