@@ -42,7 +42,7 @@ from quant.models import Attention, VisionTransformer
 from quant.pack import pack_codes
 from quant.qlinear import QuantLinear, is_qat_layer
 
-from .ortops import DOMAIN
+from .ortops import DOMAIN, DOMAIN_VERSION
 
 OPSET = 20
 FORMATS = ("fp32", "fp16", "w8a8", "w4a8", "int4", "ternary", "binary")
@@ -273,7 +273,7 @@ def to_onnx(model: VisionTransformer, fmt: str = "fp32", custom_ops: bool = True
     uses_custom = any(nd.domain == DOMAIN for nd in g.nodes)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
     if uses_custom:
-        opsets.append(helper.make_opsetid(DOMAIN, 1))
+        opsets.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     proto = helper.make_model(graph, opset_imports=opsets, ir_version=10, producer_name="bitvit")
     meta = {"format": META_FORMAT, "bitvit.format": fmt if fmt in ("fp32", "fp16") else model_format(model),
             "bitvit.config": cfg.to_json(), "bitvit.custom_ops": DOMAIN if uses_custom else ""}

@@ -32,6 +32,7 @@ from quant.data import cache_dir
 SOURCE = Path(__file__).with_name("ops") / "bitvit_ops.cc"
 LIB_NAME = "libbitvit_ops.so"
 DOMAIN = "bitvit"
+DOMAIN_VERSION = 1  # the version of the domain the library's ops implement
 ISAS = {"native": [], "avx2": ["-DBITVIT_FORCE_AVX2"], "portable": ["-DBITVIT_FORCE_PORTABLE"]}
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 

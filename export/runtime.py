@@ -21,7 +21,7 @@ from quant.data import check_model_input, to_model_array
 from quant.models import ViTConfig, refuse_newer
 
 from .exporter import META_FORMAT
-from .ortops import DOMAIN, library_path
+from .ortops import DOMAIN, DOMAIN_VERSION, library_path
 
 MAX_ONNX_BYTES = 2 ** 31  # protobuf's limit on one message: no ONNX model file is larger
 
@@ -84,6 +84,10 @@ class Session:
             raise ValueError(f"{path} has no readable bitvit.config metadata ({type(e).__name__}: {e})") from None
         self.format = meta.get("bitvit.format", "")
         self.uses_custom_ops = any(op.domain == DOMAIN for op in proto.opset_import)
+        for op in proto.opset_import:  # ONNX Runtime would run another version's nodes as version 1's
+            if op.domain == DOMAIN and op.version != DOMAIN_VERSION:
+                raise ValueError(f"{path} imports version {op.version} of bitvit's ops; this bitvit's op library "
+                                 f"implements version {DOMAIN_VERSION}")
         so = ort.SessionOptions()
         so.log_severity_level = 4  # its errors reach the caller as one ValueError, not also as a log line
         if threads:

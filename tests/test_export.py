@@ -221,6 +221,14 @@ def test_onnx_runtimes_refusals_lose_a_signature_with_a_return_type_and_a_bare_s
         assert not re.search(r"onnxruntime_src|onnxruntime::|\.cc:\d", str(e.value)), str(e.value)
 
 
+def test_a_file_importing_a_later_version_of_bitvits_ops_is_refused_not_run_as_version_1(tiny_model, tmp_path):
+    proto = to_onnx(quantize_for_export(tiny_model, "ternary"), "ternary")
+    next(o for o in proto.opset_import if o.domain == "bitvit").version = 2  # ONNX Runtime runs it as version 1
+    onnx.save(proto, tmp_path / "v.onnx")
+    with pytest.raises(ValueError, match="imports version 2 of bitvit's ops; .* implements version 1"):
+        runtime.load(tmp_path / "v.onnx")
+
+
 def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_model, tmp_path):
     resized = to_onnx(tiny_model)
     resized.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 64
