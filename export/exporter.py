@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from quant.cli import file_to_write
+from quant.cli import file_to_write, written_whole
 from quant.models import Attention, VisionTransformer
 from quant.pack import pack_codes
 from quant.qlinear import QuantLinear, is_qat_layer
@@ -328,5 +328,6 @@ def export(model: VisionTransformer, path: str | Path, fmt: str = "fp32", custom
     proto = to_onnx(model, fmt, custom_ops)  # checks the model first
     path = file_to_write(path)
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+    with written_whole(path) as tmp:  # a run killed meanwhile leaves no half-written model behind
+        onnx.save(proto, str(tmp), format="protobuf")
     return path

@@ -120,6 +120,21 @@ def test_a_float_model_is_not_written_as_a_quantized_format(tiny_model, tmp_path
         to_onnx(tiny_model, "int5")
 
 
+def test_an_export_that_fails_while_writing_leaves_no_half_written_file(tiny_model, tmp_path, monkeypatch):
+    (tmp_path / "m.onnx").write_bytes(b"an older export")
+
+    def save_half(proto, path, **kw):
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString()[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", save_half)
+    with pytest.raises(OSError):
+        export(tiny_model, tmp_path / "m.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"an older export"
+
+
 def test_the_graph_builder_refuses_a_format_the_model_is_not_in(tiny_model):
     with pytest.raises(ValueError, match="quantize it first"):
         to_onnx(tiny_model, "ternary")
