@@ -281,6 +281,19 @@ def recipe(name: str, /, **overrides) -> Recipe:
     return dataclasses.replace(RECIPES[name], **overrides)   # checked by the recipe's __post_init__
 
 
+def _check_patterns(r, model: nn.Module) -> None:
+    """Each `layer_formats` pattern given (the recipe's default, the head at int8, holds only where there is
+    a head) must match a linear layer: a mistyped one would quantize its layers at the recipe's width."""
+    given = getattr(r, "layer_formats", ())
+    if not given or given == {f.name: f.default for f in dataclasses.fields(r)}["layer_formats"]:
+        return
+    names = _linears(model)
+    for pattern, _ in given:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"recipe {r.name!r}: layer_formats pattern {pattern!r} matches no linear layer of "
+                             f"the model (its linear layers: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+
+
 def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None = None) -> nn.Module:
     """Quantize `model` in place with `recipe` (a Recipe or its name); returns the model: post-training recipes
     in eval mode, quantization-aware ones (BitNet, QViT) with their training-time layers, to be trained.
@@ -304,6 +317,7 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
         raise ValueError(f"the model's {bad} holds NaN or infinite values: nothing to quantize")
     if any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError("the model is already quantized: quantize its full-precision original")
+    _check_patterns(r, model)
     with unchanged_on_error(model):  # a refusal halfway (GPTQ's Hessian, say) leaves the model as it was
         if isinstance(r, QAT):
             model = r.apply(model, calib)

@@ -371,3 +371,15 @@ def test_a_model_holding_multihead_attention_is_not_taken_for_a_quantized_one():
 def test_gptq_refuses_a_layer_format_it_cannot_solve_for_before_touching_the_model():
     with pytest.raises(ValueError, match="layer_formats must be int2..int8, got 'nf4'"):
         quant.recipe("w4-gptq", layer_formats=(("2", "nf4"),))
+
+
+def test_a_layer_formats_pattern_that_matches_no_layer_is_refused_naming_it(tiny_model):
+    typo = quant.recipe("w4", layer_formats=(("head", "int8"), ("blocks.*.mlp.fc3", "int8")))
+    with pytest.raises(ValueError, match=r"pattern 'blocks\.\*\.mlp\.fc3' matches no linear layer"):
+        quant.quantize(tiny_model, typo)
+    assert not any(isinstance(m, QuantLinear) for m in tiny_model.modules())
+
+
+def test_the_default_head_pattern_holds_only_where_a_model_has_a_head():
+    model = quant.quantize(plain_model(), "w4")
+    assert all(m.weight_format == "int4" for m in model.modules() if isinstance(m, QuantLinear))
