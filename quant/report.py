@@ -288,6 +288,9 @@ def main(argv=None):
     p.add_argument("--title", help="plot title (default: the models and split the entries name)")
     args = p.parse_args(argv)
     output_file(args.out, ".png")
+    if Path(args.results).is_file():
+        raise ValueError(f"{args.results} is a file; --results takes the folder of results files "
+                         f"(here {Path(args.results).parent})")
     if not Path(args.results).is_dir():
         raise FileNotFoundError(f"no such results folder: {args.results}")
     res = load(args.results)

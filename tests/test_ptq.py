@@ -276,6 +276,12 @@ def test_report_without_entries_says_what_to_run(tmp_path):
         report_main(["--results", str(tmp_path), "--out", str(tmp_path / "p.png")])
 
 
+def test_report_given_a_results_file_for_its_folder_names_the_folder_to_give(tmp_path):
+    (tmp_path / "ptq.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"is a file; --results takes the folder .*{tmp_path.name}"):
+        report_main(["--results", str(tmp_path / "ptq.json"), "--out", str(tmp_path / "p.png")])
+
+
 def results_folder(tmp_path, **files):
     folder = tmp_path / "results"
     folder.mkdir(exist_ok=True)
