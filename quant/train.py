@@ -68,7 +68,7 @@ def read_log(path: Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-            ok = isinstance(record, dict) and finite_number(record.get("epoch"))
+            ok = isinstance(record, dict) and all(finite_number(record.get(k)) for k in ("epoch", "seconds"))
         except (json.JSONDecodeError, RecursionError):
             ok = False
         if not ok:

@@ -363,7 +363,8 @@ def test_a_resume_state_with_a_damaged_field_is_refused_with_a_message(tmp_path,
         fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("record", ["", "{not json", '{"loss": 1.0}'], ids=["blank", "garbage", "no-epoch"])
+@pytest.mark.parametrize("record", ["", "{not json", '{"loss": 1.0, "seconds": 1.0}', '{"epoch": 3}'],
+                         ids=["blank", "garbage", "no-epoch", "no-seconds"])
 def test_a_resumed_run_skips_blank_log_lines_and_names_a_damaged_log(tmp_path, record):
     data = colour_set(8)
     cfg = TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
