@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and synthetic data sets, written fresh into temporary folders."""
 import os
 import pickle
+import sys
 import tarfile
 from pathlib import Path
 
@@ -21,6 +22,15 @@ TINY = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, 
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test decodes into its own cache folder."""
     monkeypatch.setenv("BITVIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
+def _figures_closed():
+    """Figures a test draws are closed after it (the functions that draw hand them to their caller to close, as
+    Gradio's Plot does)."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:  # (imported by whatever drew them)
+        sys.modules["matplotlib.pyplot"].close("all")
 
 
 @pytest.fixture
