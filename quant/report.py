@@ -201,6 +201,9 @@ def load(folder: str | Path) -> Results:
     res = Results(folder)
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         found: list[Entry] = []
+        if not path.is_file():  # a folder, pipe or device named *.json: a pipe would be waited on for ever
+            res.errors.append(f"{path.name}: not a file")
+            continue
         try:
             data = json.loads(path.read_text())
             _walk(data, [], path.stem, found)

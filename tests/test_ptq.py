@@ -261,6 +261,16 @@ def test_report_leaves_out_impossible_scores_and_unreadable_files(tmp_path):
     assert res.errors and "latin1.json" in res.errors[0]
 
 
+def test_report_lists_a_pipe_or_folder_named_json_as_not_a_file_without_reading_it(tmp_path):
+    import os
+    folder = results_folder(tmp_path, ptq={"results": [{"recipe": "ok", "top1": 0.9, "bits_per_weight": 4.0}]})
+    os.mkfifo(folder / "pipe.json")  # reading it would wait for a writer for ever
+    (folder / "dir.json").mkdir()
+    res = load(folder)
+    assert [e.name for e in res.having("top1", "bits")] == ["ok"]
+    assert sorted(res.errors) == ["dir.json: not a file", "pipe.json: not a file"]
+
+
 def test_report_draws_names_with_dollar_signs_and_nul_bytes_as_text(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
