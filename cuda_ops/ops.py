@@ -191,8 +191,8 @@ def _a8_torch(name: str, x: Tensor, packed: Tensor, scales: Tensor, bias: Option
     # (M, N) int32, exact; torch's CPU _int_mm is wrong for K = 1 (torch 2.13), where a plain product is cheap
     acc = torch._int_mm(q, w.t()) if in_features > 1 else q.int() * w.int().t()
     y = acc.float().mul_(s[:, None]).mul_(scales.reshape(1, n).float())
-    if bias is not None:
-        y.add_(bias.float())
+    if bias is not None:  # n values in any shape, as the check takes them (a (n, 1) bias must not broadcast)
+        y.add_(bias.reshape(n).float())
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
@@ -201,7 +201,7 @@ def dequantize_weight_only(packed: Tensor, scales: Tensor, zeros: Optional[Tenso
     """float32 (N, K) weights of a weight-only packed layer (what the CPU kernel multiplies by)."""
     group_size = min(group_size, in_features)  # one group a row, however large group_size is
     codes = unpack_aligned(packed, bits, in_features).long()
-    v = codebook.float()[codes] if codebook is not None else codes.float()
+    v = codebook.float().reshape(-1)[codes] if codebook is not None else codes.float()  # 2**bits values, any shape
     if zeros is not None:
         v = v - zeros.float().repeat_interleave(group_size, 1)[:, :in_features]
     elif codebook is None:
@@ -212,7 +212,7 @@ def dequantize_weight_only(packed: Tensor, scales: Tensor, zeros: Optional[Tenso
 def _weight_only_torch(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features) -> Tensor:
     _check_weight_only(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features)
     w = dequantize_weight_only(packed, scales, zeros, codebook, bits, group_size, in_features).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return F.linear(x, w, None if bias is None else bias.reshape(-1).to(x.dtype))  # (n, 1) would broadcast
 
 
 # ----------------------------------------------------------------------------- the ops

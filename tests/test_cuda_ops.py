@@ -115,6 +115,21 @@ def test_zero_input_rows_give_the_bias():
     assert torch.equal(y, b.expand(3, 8))
 
 
+@pytest.mark.parametrize("fmt", ["ternary", "int8"])
+def test_a_bias_of_one_value_per_output_row_shaped_n_by_1_is_added_per_row(fmt):
+    packed, scales, b = make_a8_layer(fmt, 8, 40, gen())
+    x = torch.randn(8, 40, generator=gen(1))  # as many rows as outputs: an (8, 1) bias would broadcast
+    y = a8(fmt)(x, packed, scales, b.reshape(8, 1), 40)
+    assert rel_err(y, reference_a8(x, packed, fmt, scales, b, 40)) < 1e-6
+
+
+def test_a_weight_only_bias_or_code_book_shaped_as_a_column_is_used_as_its_values():
+    packed, scales, zeros, codebook, b = make_weight_only_layer("lut", 4, 8, 64, 32, gen())
+    x = torch.randn(8, 64, generator=gen(1))
+    y = OPS.weight_only_linear(x, packed, scales, zeros, codebook.reshape(16, 1), b.reshape(8, 1), 4, 32, 64)
+    assert rel_err(y, reference_weight_only(x, packed, 4, scales, zeros, codebook, b, 32, 64)) < 1e-6
+
+
 # ----------------------------------------------------------------------------- refusals
 
 def test_wrong_input_width_is_refused():
