@@ -72,3 +72,12 @@ def test_every_quantized_file_is_checked_before_the_data_is_read(tiny_model, tmp
     files = f"{tmp_path / 'w8a8.safetensors'},{tmp_path / 'fp.safetensors'}"
     with pytest.raises(ValueError, match="fp.safetensors is not a quantized bitvit file"):
         parity.main(["--quantized", files, "--data", str(tmp_path / "no-such-data")])
+
+
+def test_data_of_other_classes_than_the_model_is_refused_before_scoring(tiny_model, tmp_path):
+    from conftest import write_tree
+    packed = tmp_path / "w8a8.safetensors"
+    quant.save_quantized(quant.quantize(tiny_model, "w8a8"), packed)
+    other = write_tree(tmp_path / "other", classes=("ant", "bee", "cow"), per_class=2)
+    with pytest.raises(ValueError, match="the data's classes .* are not w8a8.safetensors's"):
+        parity.main(["--quantized", str(packed), "--data", str(other)])
