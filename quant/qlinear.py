@@ -24,6 +24,7 @@ same with standard ops):
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
 import torch.nn as nn
@@ -169,3 +170,12 @@ def is_qat_layer(m: nn.Module) -> bool:
 def is_quantized_layer(m: nn.Module) -> bool:
     """A packed QuantLinear or a layer in quantization-aware training."""
     return isinstance(m, QuantLinear) or is_qat_layer(m)
+
+
+def runs_on_kernels(model: nn.Module) -> bool:
+    """Whether `cuda_ops.to_kernels` put layers of `model` on the bitvit ops (cuda_ops.modules.KernelLinear:
+    no QuantLinear any more, and no layer quant's recipes or files know). None exists before cuda_ops is
+    imported, so quant does not import it."""
+    kernels = sys.modules.get("cuda_ops.modules")
+    return kernels is not None and any(isinstance(m, kernels.KernelLinear) for m in model.modules())
+

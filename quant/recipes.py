@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from quant.models import unchanged_on_error
-from quant.qlinear import QuantLinear, is_quantized_layer
+from quant.qlinear import QuantLinear, is_quantized_layer, runs_on_kernels
 from quant.quantizers import WEIGHT_FORMATS
 
 
@@ -317,6 +317,9 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
         raise ValueError(f"the model's {bad} holds NaN or infinite values: nothing to quantize")
     if any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError("the model is already quantized: quantize its full-precision original")
+    if runs_on_kernels(model):
+        raise ValueError("the model is already quantized, on bitvit's kernels (cuda_ops.to_kernels): quantize "
+                         "its full-precision original")
     _check_patterns(r, model)
     with unchanged_on_error(model):  # a refusal halfway (GPTQ's Hessian, say) leaves the model as it was
         if isinstance(r, QAT):

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import quant
 from conftest import TINY
 from cuda_ops import CUDAGraphModel, KernelLinear, to_kernels
-from quant.models import VisionTransformer
+from quant.models import VisionTransformer, save_model
 from quant.pack import pack_trit_planes, unpack_codes
 from quant.qlinear import QuantLinear
 
@@ -254,3 +255,29 @@ def test_a_kernel_linear_says_which_kernel_runs_it_and_in_which_layout():
     ternary = QuantLinear.from_linear(nn.Linear(64, 8), "ternary", None, False, "int8_token")
     assert "kernel=a8, layout=base3" in repr(KernelLinear(ternary, "base3"))
     assert "layout" not in repr(KernelLinear(ternary))
+
+
+def test_a_model_partly_on_the_kernels_is_not_saved_as_a_quantized_file_that_cannot_load(tmp_path):
+    model = quantized_tiny("w8a8")
+    model.head = QuantLinear.from_linear(nn.Linear(TINY.embed_dim, TINY.num_classes), "int3", 32)
+    with pytest.warns(UserWarning, match="no bitvit kernel"):
+        to_kernels(model)  # the int3 head stays a QuantLinear
+    with pytest.raises(ValueError, match="runs on bitvit's kernels .*save the QuantLinear model it was made from"):
+        quant.save_quantized(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_model_on_the_kernels_is_not_saved_as_a_full_precision_file(tmp_path):
+    model = to_kernels(quantized_tiny("w8a8"))
+    with pytest.raises(ValueError, match="runs on bitvit's kernels .*save the QuantLinear model it was made from"):
+        save_model(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_model_on_the_kernels_is_not_quantized_again():
+    model = quantized_tiny("w8a8")
+    model.head = nn.Linear(TINY.embed_dim, TINY.num_classes)  # a full-precision layer a recipe would take
+    to_kernels(model)
+    with pytest.raises(ValueError, match="already quantized, on bitvit's kernels"):
+        quant.quantize(model, "w4")
+    assert isinstance(model.head, nn.Linear) and not isinstance(model.head, QuantLinear)
