@@ -178,4 +178,3 @@ def runs_on_kernels(model: nn.Module) -> bool:
     imported, so quant does not import it."""
     kernels = sys.modules.get("cuda_ops.modules")
     return kernels is not None and any(isinstance(m, kernels.KernelLinear) for m in model.modules())
-
