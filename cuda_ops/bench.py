@@ -312,7 +312,7 @@ def bench_models(models, batches, variants, device, dtype, deadline, progress, s
                              # weight memory relative to the FP model of the same dtype
                              "memory_ratio_vs_fp": fp_bytes[0] / total if fp_bytes else None,
                              "linear_memory_ratio_vs_fp": fp_bytes[1] / linear if fp_bytes else None})
-            del model
+            model = None  # freed before the next variant is built (a `del` here reads as undefined to pyflakes)
             if device == "cuda":
                 torch.cuda.empty_cache()
             saved(rows)
