@@ -29,7 +29,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from quant.quantizers import widen
+from quant.quantizers import ste, widen
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -152,11 +152,16 @@ class LearnedQuantizer(nn.Module):
         qn, qp = self._per_group(qn, x), self._per_group(qp, x)
         # rounded before the zero point is added, as the frozen quantizer does (x/s + zero can round to a .5
         # tie in float32 that round(x/s) + zero does not)
-        z = round_ste(x / s)
+        z = v = x / s
+        z = round_ste(z)
         if self.offset is not None:  # beta = -zero * s with an integer zero point, so a frozen quantizer is exact
             zero = round_ste(-self._per_group(scale_grad(self.offset, g), x) / s)
-            z = z + zero
-        out = torch.minimum(torch.maximum(z, -qn), qp)                     # gradient reaches the levels
+            z, v = z + zero, v + zero
+        # clipped where the unrounded v lies outside [-Qn, Qp] (LSQ; Q-ViT's eq. 8 clamps before rounding): there
+        # the gradient reaches the level (its width), elsewhere x and s. (Clamping the rounded z split it half and
+        # half with the level over the half step either side of each bound, where round(v) ties with it.)
+        clipped = torch.where(v >= qp, qp, torch.where(v <= -qn, -qn, z))
+        out = ste(clipped, torch.minimum(torch.maximum(z, -qn), qp).detach())  # the values as before, exactly
         return ((out - zero) * s if self.offset is not None else out * s).to(dtype)
 
     @torch.no_grad()

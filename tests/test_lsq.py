@@ -88,6 +88,20 @@ def test_step_size_gradient_is_lsqs_scaled_by_one_over_sqrt_of_numel_times_qp():
     torch.testing.assert_close(q.scale.grad, want.reshape(1))
 
 
+def test_the_clipping_that_stops_the_gradient_is_of_x_over_s_not_of_its_rounding():
+    """LSQ and Q-ViT's eq. 8 clip x / s before rounding: inside [-Qn, Qp] the gradient is 1 (x) and
+    round(x / s) - x / s (s), past a bound 0 and -Qn or Qp, also within the half step that rounds onto it."""
+    for signed, bounds in ((True, (-8, 7)), (False, (0, 15))):
+        q = LearnedQuantizer(4, signed=signed)
+        with torch.no_grad():
+            q.scale.fill_(1.0)
+        v = torch.tensor([bounds[0] - 0.3, bounds[0] + 0.3, bounds[1] - 0.3, bounds[1] + 0.3], requires_grad=True)
+        q(v).sum().backward()
+        assert v.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+        want = (bounds[0] - 0.3 + 0.3 + bounds[1]) / (4 * bounds[1]) ** 0.5   # -Qn, -0.3 and 0.3 inside, Qp
+        assert q.scale.grad.item() == pytest.approx(want)
+
+
 def test_bit_width_gets_gradient_only_through_clipped_values():
     q = LearnedQuantizer((2, 8), init_bits=4, learn_bits=True)
     q.init_scales(torch.linspace(-1, 1, 100))
