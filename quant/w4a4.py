@@ -27,8 +27,10 @@ bias absorbs its mean output error on the calibration tokens (bias correction, a
 2019, here for weight and input rounding together). Calibration goes
 block by block, so every range is found on inputs that already passed through the quantized blocks
 before it (the inputs of block i are computed once, by the quantized blocks 0..i-1, and each
-capture inside block i runs only that block). The classifier head stays at int8 weights and per-token
-int8 inputs; the patch embedding (a convolution) stays in floating point.
+capture inside block i runs only that block), and inside a block the layers are quantized in
+forward order (qkv, proj, fc1, fc2), each on inputs that passed through the block's quantized layers
+before it. The classifier head stays at int8 weights and per-token int8 inputs; the patch embedding
+(a convolution) stays in floating point.
 """
 from __future__ import annotations
 
@@ -157,10 +159,14 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
     for block in tqdm(blocks, desc="W4A4", unit="block", leave=False):
         attn = QuantAttention.from_attention(block.attn)
         block.attn = attn
-        for norm, owner, name in ((block.norm1, attn, "qkv"), (block.norm2, block.mlp, "fc1")):
+        # in forward order, so each layer is calibrated on the inputs it sees behind the quantized layers before it
+        for norm, owner, name in ((block.norm1, attn, "qkv"), (None, attn, "proj"),
+                                  (block.norm2, block.mlp, "fc1"), (None, block.mlp, "fc2")):
             layer = getattr(owner, name)
-            x = capture(block, layer, h, batch_size)                            # (T, K) post-LayerNorm
-            if recipe.reparam_layernorm:
+            x = capture(block, layer, h, batch_size)                            # (T, K)
+            if norm is None:                                                    # head outputs, post-GELU
+                s, z = tensor_range(x, bits, layer.weight.detach())
+            elif recipe.reparam_layernorm:                                      # post-LayerNorm
                 s_c, z_c = channel_ranges(x, bits)
                 s, z = reparameterize_layernorm(norm, layer, s_c, z_c)
                 x = capture(block, layer, h, batch_size)
@@ -169,11 +175,6 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
             setattr(owner, name, _quantize_linear(layer, x, s, z, recipe))
             if name == "qkv":
                 _calibrate_attention(block, attn, h, bits, recipe, batch_size)
-        for owner, name in ((attn, "proj"), (block.mlp, "fc2")):          # head outputs, post-GELU
-            layer = getattr(owner, name)
-            x = capture(block, layer, h, batch_size)
-            s, z = tensor_range(x, bits, layer.weight.detach())
-            setattr(owner, name, _quantize_linear(layer, x, s, z, recipe))
         with torch.no_grad():                                              # the next block's inputs
             h = torch.cat([block(h[i:i + batch_size]) for i in range(0, len(h), batch_size)])
     for name, fmt in others.items():

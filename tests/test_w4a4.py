@@ -186,3 +186,17 @@ def test_a_later_block_is_calibrated_on_the_outputs_of_the_quantized_blocks_befo
     s, z = tensor_range(capture(model, fc2, x), 4, fp.blocks[1].mlp.fc2.weight.detach())
     torch.testing.assert_close(fc2.act_quant.scale, s.reshape(()))
     torch.testing.assert_close(fc2.act_quant.zero, z.reshape(()))
+
+
+def test_fc1_is_calibrated_on_inputs_that_passed_through_the_quantized_proj(tiny_model):
+    """Layers are quantized in forward order (qkv, proj, fc1, fc2), so fc1's range (and GPTQ Hessian) come from
+    the inputs it sees once its block's proj is quantized, not from those of a float proj."""
+    import copy
+    from quant.gptq import capture
+    x = torch.randn(16, 3, 16, 16)
+    fp = copy.deepcopy(tiny_model)
+    model = quant.quantize(tiny_model, W4A4(reparam_layernorm=False), calib=x)   # fc1's float weight kept
+    fc1 = model.blocks[0].mlp.fc1
+    s, z = tensor_range(capture(model, fc1, x), 4, fp.blocks[0].mlp.fc1.weight.detach())
+    torch.testing.assert_close(fc1.act_quant.scale, s.reshape(()))
+    torch.testing.assert_close(fc1.act_quant.zero, z.reshape(()))
