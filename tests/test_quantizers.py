@@ -38,6 +38,16 @@ def test_asymmetric_uniform_uses_the_full_range_of_codes(bits):
     assert ((w_hat - w).abs() <= q.scales / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", [5, 6, 7, 8])
+def test_asymmetric_uniform_error_is_at_most_half_a_step(bits):
+    """The float16 scale must still cover the group's range: rounded down, it clipped the extreme weights
+    (by up to 0.1 step at 8 bits) once the zero point's rounding had used the half step of slack."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    q = quantize_uniform(w, bits, group_size=16, symmetric=False)
+    w_hat = uniform_dequantize(q.codes, q.scales, q.zeros, bits, 16)
+    assert ((w_hat - w).abs() <= q.scales.repeat_interleave(16, 1) / 2 + 1e-6).all()
+
+
 def test_signed_codes_are_offset_by_half_the_range():
     w = torch.tensor([[-7.0, 0.0, 7.0, 3.0]])
     q = quantize_uniform(w, 4)
