@@ -54,16 +54,17 @@ def widen(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def fp16_scale(s: torch.Tensor) -> torch.Tensor:
+def fp16_scale(s: torch.Tensor, up: bool = False) -> torch.Tensor:
     """Round positive scales to float16-representable float32 values, at least 2**-24 (fp16's smallest).
     Below float16's normal range (6.1e-5) its steps are coarse enough that rounding a scale down would clip
     its group's largest weights (by up to 8 % near 1e-6), so there a scale is rounded up; above it, rounding
-    to nearest is off by at most 2**-11 relative, too little to clip any code of a symmetric grid (asymmetric
-    grids, whose zero point may use up the half step of slack, round up: `uint_range_params`)."""
+    to nearest is off by at most 2**-11 relative, too little to clip any code of a symmetric grid. `up` rounds
+    up everywhere, for asymmetric grids, whose zero point may use up the half step of slack
+    (`uint_range_params`)."""
     s = s.clamp(min=2.0 ** -24, max=65504.0)
     h = s.to(torch.float16)
-    up = torch.nextafter(h, torch.full_like(h, float("inf")))
-    return torch.where((h.float() < s) & (s < 2.0 ** -14), up, h).to(torch.float32)
+    above = torch.nextafter(h, torch.full_like(h, float("inf")))
+    return torch.where((h.float() < s) & ((s < 2.0 ** -14) | up), above, h).to(torch.float32)
 
 
 def num_groups(k: int, group_size: int) -> int:
@@ -313,9 +314,7 @@ def uint_range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int | torch.Tens
     levels = 2 ** bits - 1
     scale = ((hi - lo) / levels).clamp_min(1e-8)
     if fp16:  # rounded up, not to nearest: a scale a little short of the range clips the group's extreme weights
-        h = fp16_scale(scale)     # once the zero point's rounding has taken the half step of slack at the ends
-        up = torch.nextafter(h.half(), torch.full_like(h.half(), float("inf"))).float()
-        scale = torch.where((h < scale) & torch.isfinite(up), up, h)
+        scale = fp16_scale(scale, up=True)  # once the zero point's rounding has taken the half step of slack
     return scale, torch.round(-lo / scale).clamp(max=levels)
 
 
