@@ -152,8 +152,8 @@ class LearnedQuantizer(nn.Module):
         qn, qp = self._per_group(qn, x), self._per_group(qp, x)
         # rounded before the zero point is added, as the frozen quantizer does (x/s + zero can round to a .5
         # tie in float32 that round(x/s) + zero does not)
-        z = v = x / s
-        z = round_ste(z)
+        v = x / s
+        z = round_ste(v)
         if self.offset is not None:  # beta = -zero * s with an integer zero point, so a frozen quantizer is exact
             zero = round_ste(-self._per_group(scale_grad(self.offset, g), x) / s)
             z, v = z + zero, v + zero

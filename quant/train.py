@@ -124,15 +124,14 @@ def check_device(device: str | None) -> None:
     if device is None:
         return
     try:
-        kind = torch.device(device).type
+        dev = torch.device(device)
     except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):  # torch knows mps, meta, xpu, ...: each failed later with a traceback
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):  # torch knows mps, meta, xpu, ...: each failed later
         raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no CUDA device")
-    index = torch.device(device).index
-    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():  # "invalid device ordinal"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():  # "invalid ordinal"
         raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
                          f"device{'s' if torch.cuda.device_count() != 1 else ''} (cuda:0 first)")
 
