@@ -134,14 +134,21 @@ def test_nf4_picks_the_nearest_level():
     assert torch.allclose(dequantize(q.codes, q.scales, None, "nf4", 32), NF4_CODEBOOK[nearest] * q.scales.repeat_interleave(32, 1))
 
 
-def test_double_quantization_round_trip_is_close_and_stable():
-    scales = torch.rand(30, 17) * 0.1 + 0.02   # 510 scales: two blocks of 256, the last one short
+@pytest.mark.parametrize("spread", [0.1, 1e-4])
+def test_double_quantization_round_trip_is_close_and_stable(spread):
+    scales = torch.rand(30, 17) * spread + 0.02   # 510 scales: two blocks of 256, the last one short
     dq = double_quantize(scales)
     assert dq.codes.dtype == torch.int8 and dq.codes.shape == (30, 17) and dq.absmax.shape == (2,)
     back = double_dequantize(dq)
-    step = dq.absmax.max() / 127
-    assert (back - scales).abs().max() <= step / 2 + 1e-7
+    step = (scales - scales.mean()).abs().max() / 127   # the mean removed, the spread sets the step, not the size
+    assert (back - scales).abs().max() <= step / 2 + 1e-8
     assert torch.equal(double_quantize(back).codes, dq.codes)  # stable: quantizing again keeps the codes
+
+
+def test_double_quantization_gives_each_block_of_256_scales_its_own_absmax():
+    scales = torch.cat([torch.rand(256) * 0.1 + 0.02, torch.full((254,), 0.05)]).reshape(30, 17)
+    back = double_dequantize(double_quantize(scales)).flatten()
+    torch.testing.assert_close(back[256:], scales.flatten()[256:], rtol=1e-6, atol=0)  # code +-127 of its absmax
 
 
 def test_nf4_codes_are_chosen_against_the_double_quantized_scales():
