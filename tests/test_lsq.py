@@ -88,6 +88,17 @@ def test_step_size_gradient_is_lsqs_scaled_by_one_over_sqrt_of_numel_times_qp():
     torch.testing.assert_close(q.scale.grad, want.reshape(1))
 
 
+def test_each_groups_step_size_gradient_is_scaled_by_its_own_groups_numel():
+    q = LearnedQuantizer(4, groups=2, dim=1)                # signed: Qp = 7; 3 of the 6 values in each group
+    with torch.no_grad():
+        q.scale.copy_(torch.tensor([0.1, 0.2]))
+    x = torch.tensor([[-100.0, 0.33], [0.01, 0.52], [0.77, 100.0]])
+    q(x).sum().backward()
+    v = x / q.scale.detach()
+    want = torch.where(v <= -8, -8.0, torch.where(v >= 7, 7.0, v.round() - v)).sum(0) / (3 * 7) ** 0.5
+    torch.testing.assert_close(q.scale.grad, want)
+
+
 def test_the_clipping_that_stops_the_gradient_is_of_x_over_s_not_of_its_rounding():
     """LSQ and Q-ViT's eq. 8 clip x / s before rounding: inside [-Qn, Qp] the gradient is 1 (x) and
     round(x / s) - x / s (s), past a bound 0 and -Qn or Qp, also within the half step that rounds onto it."""
