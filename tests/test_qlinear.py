@@ -152,9 +152,10 @@ def test_cached_weight_follows_a_replaced_buffer():
     assert torch.equal(a.dequantized_weight(), b.dequantized_weight())
 
 
-def test_a_layer_is_rebuilt_from_its_spec():
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_layer_is_rebuilt_from_its_spec(affine):
     layer = QuantLinear(20, 6, "int4", 8, asymmetric=True, act_format="uint4_tensor",
-                        input_norm=nn.LayerNorm(20, eps=1e-3))
+                        input_norm=nn.LayerNorm(20, eps=1e-3, elementwise_affine=affine))
     back = QuantLinear.from_spec(layer.spec())
     assert back.spec() == layer.spec()
     assert {k: v.shape for k, v in back.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
