@@ -191,6 +191,19 @@ def test_fix_bits_lowers_the_width_that_lies_closest_to_rounding_down(tiny_model
     assert all(set(p.int_bits()) == {4} for p in qvit.quantizers(model).values() if p is not q)
 
 
+def test_a_width_fix_bits_lowered_counts_as_well_inside_its_new_width_not_as_far_above_it():
+    model = qvit.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), budget_bits=4)
+    qvit.measure_macs(model, torch.randn(1, 8))                      # 64 multiply-adds a layer
+    qs = [model[0].weight_quant, model[0].input_quant, model[1].weight_quant, model[1].input_quant]
+    with torch.no_grad():
+        for q, b in zip(qs, (4.2, 4.2, 4.6, 5.45)):                  # widths 4, 4, 5, 5: 64 * 41 BitOPs, budget 64 * 32
+            q.bit_param.fill_(b / q.bit_lr_scale)
+    qvit.fix_bits(model, budget_bits=4)
+    # 4.6 is lowered to 4 first (0.1 above rounding down), then sits 0.5 above 3.5 and goes before 4.2 (0.7);
+    # had it kept its 4.6 (1.1 above 3.5), the first layer's weight would have gone to 3 instead
+    assert [q.int_bits()[0] for q in qs] == [4, 4, 3, 5]
+
+
 def test_calibration_keeps_the_models_training_mode(tiny_model):
     qvit.prepare(tiny_model.train(), budget_bits=4)
     qvit.calibrate(tiny_model, torch.randn(2, 3, 16, 16))
