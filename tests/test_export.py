@@ -410,8 +410,9 @@ def test_a_quantized_checkpoint_is_not_exported_as_another_format(tiny_model, tm
 @pytest.mark.parametrize("k", [64, 40])
 @pytest.mark.parametrize("fmt", ["ternary", "binary", "w8a8", "w4a8", "int4"])
 @pytest.mark.parametrize("custom", [True, False])
-def test_one_exported_layer_computes_its_torch_forward_on_inputs_that_are_not_zero_mean(fmt, custom, k):
-    # in a ViT, LayerNorms feed qkv/fc1/head zero-mean tokens, which hide a constant offset in the weight codes
+def test_one_exported_layer_computes_its_torch_forward_on_off_centre_tokens_and_an_all_zero_one(fmt, custom, k):
+    # in a ViT, LayerNorms feed qkv/fc1/head zero-mean tokens, which hide a constant offset in the weight codes;
+    # an all-zero token has per-token scale 0, its output the bias (not 0 / 0)
     import onnxruntime as ort
     from export.exporter import RECIPES, _Graph, _linear
     from export.ortops import library_path
@@ -426,6 +427,7 @@ def test_one_exported_layer_computes_its_torch_forward_on_inputs_that_are_not_ze
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(library_path()))
     x = torch.randn(4, k, generator=torch.Generator().manual_seed(1)) + 1.0
+    x[3] = 0
     out = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
         ["y"], {"x": x.numpy()})[0]
     with torch.no_grad():
