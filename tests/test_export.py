@@ -408,7 +408,7 @@ def test_a_quantized_checkpoint_is_not_exported_as_another_format(tiny_model, tm
 
 
 @pytest.mark.parametrize("k", [64, 40])
-@pytest.mark.parametrize("fmt", ["ternary", "binary", "w8a8", "w4a8", "int4"])
+@pytest.mark.parametrize("fmt", ["ternary", "binary", "w8a8", "w4a8", "int4", "w4a8-g32"])
 @pytest.mark.parametrize("custom", [True, False])
 def test_one_exported_layer_computes_its_torch_forward_on_off_centre_tokens_and_an_all_zero_one(fmt, custom, k):
     # in a ViT, LayerNorms feed qkv/fc1/head zero-mean tokens, which hide a constant offset in the weight codes;
@@ -417,7 +417,8 @@ def test_one_exported_layer_computes_its_torch_forward_on_off_centre_tokens_and_
     from export.exporter import RECIPES, _Graph, _linear
     from export.ortops import library_path
     torch.manual_seed(0)
-    layer = QuantLinear.from_linear(torch.nn.Linear(k, 8), **RECIPES[fmt])
+    recipe = RECIPES[fmt] if fmt in RECIPES else dict(RECIPES["w4a8"], group_size=32)  # scales bitvit's op cannot take
+    layer = QuantLinear.from_linear(torch.nn.Linear(k, 8), **recipe)
     g = _Graph()
     g.op("Identity", [_linear(g, "x", layer, "l", custom)], out="y")
     graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, k])],
