@@ -112,6 +112,15 @@ def test_nf4_file_stores_double_quantized_scales(tmp_path):
     assert storage["bits_per_weight"] < 4.2                               # 4 + 8/64 + a little
 
 
+def test_nf4_scales_changed_after_quantizing_are_stored_as_they_are_not_as_the_stale_double_quantized_form(tmp_path):
+    model = quantized_mlp("nf4", 128, 8, 64, False)
+    with torch.no_grad():
+        model[0].scales.mul_(2)                                           # scales_dq no longer gives them
+    quant.save_quantized(model, tmp_path / "m.safetensors")
+    back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(128, 8))
+    assert torch.equal(back[0].scales, model[0].scales)
+
+
 # -- refusals
 
 
