@@ -374,12 +374,22 @@ def test_scales_that_are_not_float16_values_are_stored_exactly(tmp_path):
     assert quant.read_header(tmp_path / "m.safetensors")["layers"]["0"]["scales"] == "float32"
 
 
-def test_zero_points_beyond_the_code_range_are_not_saved(tmp_path):
+@pytest.mark.parametrize("zero", [16, 7.5])
+def test_zero_points_beyond_the_code_range_or_between_codes_are_not_saved(tmp_path, zero):
     model = quantized_mlp("int4", 16, 8, 8, True)
     with torch.no_grad():
-        model[0].zeros[0, 0] = 16
+        model[0].zeros[0, 0] = zero
     with pytest.raises(ValueError, match=r"zero points must be integer codes in 0\.\.15"):
         quant.save_quantized(model, tmp_path / "m.safetensors")
+
+
+def test_a_layer_with_nan_scales_is_not_saved(tmp_path):
+    model = quantized_mlp("int4", 16, 8, 8, True)
+    with torch.no_grad():
+        model[2].scales[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="2 has NaN or infinite scales"):
+        quant.save_quantized(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_a_forged_zero_point_beyond_the_code_range_is_refused_even_with_a_fixed_checksum(tmp_path):
