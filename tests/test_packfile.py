@@ -197,8 +197,9 @@ def test_an_edited_header_is_refused_by_the_checksum(saved, tmp_path):
     (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(weight_format="int9"), "layer 'blocks.0.mlp.fc1' is damaged"),
     (lambda h: h["architecture"].pop("config"), "the ViT config is not a JSON object"),
     (lambda h: h["architecture"]["config"].update(num_heads=0), "ViT config field 'num_heads'"),
-    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(group_size=True), "layer 'blocks.0.mlp.fc1' is damaged")],
-    ids=["norm", "act", "int9", "noconfig", "heads", "group-true"])
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(group_size=True), "layer 'blocks.0.mlp.fc1' is damaged"),
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(bits=3), "layer 'blocks.0.mlp.fc1' says 3 bits for int4")],
+    ids=["norm", "act", "int9", "noconfig", "heads", "group-true", "bits"])
 def test_a_header_of_the_wrong_shape_is_refused_naming_the_file_even_with_a_fixed_checksum(saved, tmp_path, edit,
                                                                                            message):
     with pytest.raises(ValueError, match=f"bad.safetensors: .*{message}"):
@@ -266,8 +267,9 @@ def saved_ternary(tmp_path, tiny_model):
     (lambda h: h["layers"]["blocks.0.mlp.fc1"]["input_norm"].update(eps=-1.0), None, "has input_norm"),
     (lambda h: h["layers"]["blocks.0.mlp.fc1"]["input_norm"].update(affine="yes"), None, "has input_norm"),
     (None, lambda t: t.update({"blocks.0.mlp.fc1.scales": -t["blocks.0.mlp.fc1.scales"]}), "negative"),
+    (None, lambda t: t["blocks.0.mlp.fc1.scales"].fill_(float("inf")), "non-finite scales"),
     (None, lambda t: t["blocks.0.mlp.fc1.packed"].fill_(243), "byte value 243")],
-    ids=["eps-text", "eps-negative", "affine-text", "negative-scale", "base3-byte"])
+    ids=["eps-text", "eps-negative", "affine-text", "negative-scale", "inf-scale", "base3-byte"])
 def test_a_forged_ternary_layer_is_refused_on_loading_naming_the_file_and_layer(saved_ternary, tmp_path,
                                                                                 edit_header, edit_tensors, message):
     bad = rewrite(saved_ternary, tmp_path / "bad.safetensors", edit_tensors=edit_tensors, edit_header=edit_header)
