@@ -302,11 +302,6 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     started, epoch_seconds, step_seconds, clock, done = time.perf_counter(), 0.0, 0.0, 0.0, True
     budget = cfg.time_budget  # the cosine's horizon in training seconds (0: none)
     for epoch in range(start_epoch, cfg.epochs):
-        if end_within_time_limit and budget and time_limit is not None and epoch_seconds:
-            # spend the budget by the last epoch the limit leaves room for: keep an epoch and a half
-            # and 2 % of what is left (scoring val, saving, logging) in reserve
-            left = time_limit - env.agree(time.perf_counter() - started)
-            budget = min(budget, trained + 0.98 * left - 1.5 * epoch_seconds)
         if cfg.time_budget and trained >= budget:
             break
         if budget and step_seconds:  # a budget shorter than the warmup: cut it to half the steps the budget holds
@@ -376,6 +371,12 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         trained += epoch_seconds
         step_seconds = epoch_seconds / steps
         record["trained_seconds"] = trained
+        if end_within_time_limit and budget and time_limit is not None:
+            # spend the budget by the last epoch the limit leaves room for: keep an epoch and a half
+            # and 2 % of what is left (scoring val, saving, logging) in reserve; shrunk here, so that an
+            # epoch the shrunk budget ends is the last, scored and saved
+            left = time_limit - env.agree(time.perf_counter() - started)
+            budget = min(budget, trained + 0.98 * left - 1.5 * epoch_seconds)
         if budget != cfg.time_budget:
             record["time_budget"] = budget
         last = epoch + 1 == cfg.epochs or bool(cfg.time_budget and trained >= budget)

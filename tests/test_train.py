@@ -143,6 +143,15 @@ def test_a_budget_the_time_limit_cuts_short_shrinks_to_fit_when_asked(tmp_path, 
         assert not done and "time_budget" not in log[-1] and log[-1]["lr"] > 0.1 * cfg.lr
 
 
+def test_the_epoch_a_budget_shrunk_to_the_time_limit_ends_is_scored_and_saved(tmp_path, clock):
+    cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=100.0, augment=NO_AUG)
+    data = colour_set(8)
+    _, done = fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, time_limit=4.6,
+                  end_within_time_limit=True, save_every=1000)
+    log = read_log(tmp_path / "log.jsonl")  # was: the budget shrunk at the next epoch's start, ending the run
+    assert done and "val_top1" in log[-1]   # unscored and unsaved (a rerun started over)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == log[-1]["epoch"]
+
 def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_saves_no_weights(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e30, warmup_epochs=0, augment=NO_AUG)
     with pytest.raises(ValueError, match="training diverged in epoch 1 .*lower --lr"):
