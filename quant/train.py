@@ -301,12 +301,14 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     # the model, which can take longer than a short budget's training.
     started, epoch_seconds, step_seconds, clock, done = time.perf_counter(), 0.0, 0.0, 0.0, True
     budget = cfg.time_budget  # the cosine's horizon in training seconds (0: none)
+    # whether the next epoch would overrun the time limit: decided at each epoch's end, where it also saves
+    out_of_time = env.agree(time_limit is not None and time.perf_counter() - started > time_limit)
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.time_budget and trained >= budget:
             break
         if budget and step_seconds:  # a budget shorter than the warmup: cut it to half the steps the budget holds
             warmup = min(warmup, int(epoch * steps_per_epoch + (budget - trained) / step_seconds) // 2)
-        if env.agree(time_limit is not None and time.perf_counter() - started + epoch_seconds > time_limit):
+        if out_of_time:
             if env.main:
                 print(f"time limit: stopping after epoch {epoch} of {cfg.epochs}; rerun to resume")
             done = False

@@ -152,6 +152,14 @@ def test_the_epoch_a_budget_shrunk_to_the_time_limit_ends_is_scored_and_saved(tm
     assert done and "val_top1" in log[-1]   # unscored and unsaved (a rerun started over)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == log[-1]["epoch"]
 
+def test_a_run_the_time_limit_stops_saved_the_epoch_it_stops_after(tmp_path, clock):
+    cfg = TrainConfig(epochs=100, batch_size=8, augment=NO_AUG)
+    _, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=2.3,
+                  save_every=1000)
+    log = read_log(tmp_path / "log.jsonl")  # was: stopped at an epoch's start on a later reading of the clock
+    assert not done                          # than the one its end saved by: no last.pt, a rerun started over
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == log[-1]["epoch"]
+
 def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_saves_no_weights(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e30, warmup_epochs=0, augment=NO_AUG)
     with pytest.raises(ValueError, match="training diverged in epoch 1 .*lower --lr"):
