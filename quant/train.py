@@ -94,6 +94,15 @@ def _fingerprint(data: ImageSet) -> str:
     return h.hexdigest()
 
 
+def _weights_digest(module: nn.Module) -> str:
+    """A digest of a module's weights and buffers (a resumed run must distil from the same teacher)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
           budget: float | None = None) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to `min_lr` over the remaining `total` steps
@@ -239,9 +248,10 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     total = steps_per_epoch * cfg.epochs
     warmup = int(min(steps_per_epoch * cfg.warmup_epochs, total // 2))  # a short run still decays (and
     # --warmup-epochs 1e308, whose steps are infinite, too)
-    # what else a resumed run must share with the run that wrote the state: its images and its model
+    # what else a resumed run must share with the run that wrote the state: its images, model and teacher
     run_key = {"data_digest": _fingerprint(train),
-               "model_config": model.config.to_json() if hasattr(model, "config") else None}
+               "model_config": model.config.to_json() if hasattr(model, "config") else None,
+               "teacher_digest": _weights_digest(teacher) if teacher is not None else None}
 
     start_epoch, trained = 0, 0.0  # epochs done, seconds spent in training steps
     ckpt_path = out / "last.pt"
@@ -254,7 +264,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             raise ValueError(f"{ckpt_path} was written by a run with another config ({changed}); "
                              f"use a fresh --out folder or delete it")
         for key, what in (("data_digest", "training images (another --data, --split or --limit)"),
-                          ("model_config", "model config (another --model or --drop-path)")):
+                          ("model_config", "model config (another --model or --drop-path)"),
+                          ("teacher_digest", "teacher (another --teacher)")):
             if key in state and state[key] != run_key[key]:  # states written before these were kept: unchecked
                 raise ValueError(f"{ckpt_path} was written by a run with other {what}; use a fresh --out folder "
                                  f"or delete it")

@@ -334,6 +334,15 @@ def test_resuming_on_other_training_images_is_refused(tmp_path):
     fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)  # the same images resume
 
 
+def test_resuming_with_another_teacher_is_refused(tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=8, distill="hard", augment=NO_AUG)
+    torch.manual_seed(1)
+    teacher, other = VisionTransformer(TINY), VisionTransformer(TINY)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, teacher=teacher, progress=False)
+    with pytest.raises(ValueError, match="written by a run with other teacher"):
+        fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, teacher=other, progress=False)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, teacher=teacher, progress=False)
+
 def test_a_fresh_run_in_a_used_folder_starts_its_own_log(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
     fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
