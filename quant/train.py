@@ -253,7 +253,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                "model_config": model.config.to_json() if hasattr(model, "config") else None,
                "teacher_digest": _weights_digest(teacher) if teacher is not None else None}
 
-    start_epoch, trained = 0, 0.0  # epochs done, seconds spent in training steps
+    start_epoch, trained, step_seconds = 0, 0.0, 0.0  # epochs done, seconds spent in training steps, per step
     ckpt_path = out / "last.pt"
     if ckpt_path.exists():
         state = read_resume_state(ckpt_path, "delete it to start over")
@@ -279,9 +279,12 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         try:
             torch.set_rng_state(state["rng"])
             start_epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
+            step_seconds = float(state.get("step_seconds", 0.0))  # the budget's clock runs on from the first step
             warmup = min(warmup, int(state.get("warmup", warmup)))  # as a time budget may have cut it
-            if not (0 <= start_epoch <= cfg.epochs and 0 <= trained < math.inf and warmup >= 0):
-                raise ValueError(f"epoch {start_epoch} of {cfg.epochs}, {trained} s trained, warmup {warmup}")
+            if not (0 <= start_epoch <= cfg.epochs and 0 <= trained < math.inf and warmup >= 0
+                    and 0 <= step_seconds < math.inf):
+                raise ValueError(f"epoch {start_epoch} of {cfg.epochs}, {trained} s trained, warmup {warmup}, "
+                                 f"{step_seconds} s a step")
         except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
             raise ValueError(f"{ckpt_path} holds a damaged resume state ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:120]}); delete it to start over") from None
@@ -310,7 +313,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     # epoch's seconds per step, never backwards, so every process sets the same learning rate.
     # The first step of each run is timed apart and not charged to the budget: on CUDA it compiles
     # the model, which can take longer than a short budget's training.
-    started, epoch_seconds, step_seconds, clock, done = time.perf_counter(), 0.0, 0.0, 0.0, True
+    started, epoch_seconds, clock, done = time.perf_counter(), 0.0, 0.0, True
     budget = cfg.time_budget  # the cosine's horizon in training seconds (0: none)
     # whether the next epoch would overrun the time limit: decided at each epoch's end, where it also saves
     out_of_time = env.agree(time_limit is not None and time.perf_counter() - started > time_limit)
@@ -406,7 +409,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             with written_whole(ckpt_path) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "rng": torch.get_rng_state(), "epoch": epoch + 1, "trained_seconds": trained,
-                            "warmup": warmup,
+                            "warmup": warmup, "step_seconds": step_seconds,
                             **({"cuda_rng": torch.cuda.get_rng_state(env.device)} if cuda else {}),
                             "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}, tmp)
     if env.world > 1:

@@ -160,6 +160,26 @@ def test_a_run_the_time_limit_stops_saved_the_epoch_it_stops_after(tmp_path, clo
     assert not done                          # than the one its end saved by: no last.pt, a rerun started over
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == log[-1]["epoch"]
 
+def test_a_resumed_run_decays_the_budgets_rate_through_its_first_epoch_as_an_unbroken_run(tmp_path, monkeypatch):
+    cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=6.0, augment=NO_AUG)
+    lrs = {}
+
+    def spy(step, *args, **kwargs):
+        lrs[step] = lr_at(step, *args, **kwargs)
+        return lrs[step]
+    monkeypatch.setattr(quant.train, "lr_at", spy)
+
+    def run(out, time_limit=None):
+        monkeypatch.setattr(quant.train, "time", FakeClock())
+        torch.manual_seed(0)
+        return fit(VisionTransformer(TINY), colour_set(8), None, cfg, out, progress=False, time_limit=time_limit)[1]
+    run(tmp_path / "a")
+    straight = dict(lrs)
+    assert not run(tmp_path / "b", time_limit=2.0)  # stops after epoch 3: steps 0-8
+    lrs.clear()
+    run(tmp_path / "b")
+    assert [lrs[s] for s in (9, 10, 11)] == [straight[s] for s in (9, 10, 11)]  # was: held at step 9's
+
 def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_saves_no_weights(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e30, warmup_epochs=0, augment=NO_AUG)
     with pytest.raises(ValueError, match="training diverged in epoch 1 .*lower --lr"):
