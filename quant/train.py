@@ -446,7 +446,7 @@ def main(argv=None):
     p.add_argument("--mix-prob", type=number_in(0, 1), default=a.mix_prob)
     p.add_argument("--no-trivial-augment", action="store_true")
     p.add_argument("--teacher", help="model file to distil from: a bitvit ViT or a CNN teacher")
-    p.add_argument("--distill", default="hard", choices=["hard", "soft"])
+    p.add_argument("--distill", choices=["hard", "soft"], help="with --teacher (default hard)")
     p.add_argument("--seed", type=random_seed, default=d.seed)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=thread_count, help="torch CPU threads")
@@ -458,6 +458,8 @@ def main(argv=None):
     p.add_argument("--save-every", type=positive_int, default=1,
                    help="score the val split and write the resume state every N epochs (and after the last)")
     args = p.parse_args(argv)
+    if args.distill and not args.teacher:
+        raise ValueError(f"--distill {args.distill} needs --teacher, the model file to distil from")
     check_device(args.device)
     run_folder(args.out)
     if args.threads:
@@ -469,7 +471,7 @@ def main(argv=None):
         augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mix_prob=args.mix_prob,
                               label_smoothing=args.label_smoothing,
                               trivial_augment=not args.no_trivial_augment),
-        distill=args.distill if args.teacher else "none")
+        distill=(args.distill or "hard") if args.teacher else "none")
     is_cnn = args.model in cnn.CONFIGS
     img_size = (cnn.CONFIGS if is_cnn else CONFIGS)[args.model].img_size
     train = load_split(args.data, args.split, img_size, limit=args.limit)

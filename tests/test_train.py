@@ -497,6 +497,11 @@ def test_cli_refuses_a_teacher_of_another_image_size_naming_it(tmp_path, image_t
     assert "t64.safetensors takes 64x64 images" in err and not (tmp_path / "run").exists()
 
 
+def test_cli_refuses_distill_without_a_teacher_instead_of_training_undistilled(tmp_path, capsys):
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                      "--distill", "soft"]) == 2
+    assert "--distill soft needs --teacher" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
 def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, image_tree, capsys):
     from safetensors import safe_open
     main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
