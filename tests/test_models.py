@@ -529,3 +529,9 @@ def test_a_torch_checkpoint_is_read_as_one_whatever_its_suffix(tmp_path, file):
     torch.save(model.state_dict(), tmp_path / file)
     loaded = load_model(tmp_path / file, name="vit_cifar_tiny")
     assert torch.equal(loaded.state_dict()["pos_embed"], model.state_dict()["pos_embed"])
+
+
+def test_a_safetensors_checkpoint_tagged_format_pt_as_hugging_face_writes_it_loads_with_a_config_name(tmp_path):
+    model = create_model("vit_cifar_tiny")
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
+    assert torch.equal(load_model(tmp_path / "m.safetensors", name="vit_cifar_tiny").pos_embed, model.pos_embed)
