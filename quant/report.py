@@ -17,9 +17,10 @@ collects *entries*: the dicts that carry a known measurement,
   fp_top1 + trials                        a robustness analysis (`quant.robustness`; its trials are
                                           part of it, not entries of their own)
 named by their own "name"/"recipe"/"variant" field, else by the key holding them (or the path of keys
-and list positions leading to a list item), plus, for context, a file's "command", "machine"/"device",
-"date", "commit" and "split" where present. The app's Results tab (`app.results`) plots the rest of what
-`load` finds.
+and list positions leading to a list item), after the "model" they or a dict holding them name (a
+benchmark of several models runs the same variants on each), plus, for context, a file's "command",
+"machine"/"device", "date", "commit" and "split" where present. The app's Results tab (`app.results`)
+plots the rest of what `load` finds.
 
 The command prints the entries with top-1 and bits per weight as one markdown table and plots them
 (`--out`, default `assets/results/accuracy_vs_bits.png`), the full-precision model as a dashed line.
@@ -158,23 +159,25 @@ def _is_entry(d: dict) -> bool:
                         "latency_ms_batch1_cpu"}) or {"attention", "layers", "bitops"} <= keys or _robustness_keys(keys)
 
 
-def _walk(node, path: list[str], source: str, out: list[Entry]) -> None:
+def _walk(node, path: list[str], source: str, out: list[Entry], model: str | None = None) -> None:
     if isinstance(node, dict):
+        model = node["model"] if isinstance(node.get("model"), str) else model
         if _is_entry(node):
             own = next((node[k] for k in NAME_KEYS if isinstance(node.get(k), str)), None)
             if own is None and _robustness_keys(node) and isinstance(node.get("checkpoint"), str):
                 own = Path(node["checkpoint"]).stem  # the model analysed
             key = path[-1] if path and not path[-1].isdigit() else " / ".join(path)  # {"w4": {...}}: "w4"
-            out.append(Entry(source, own or key or source, node))
+            name = own or key or source
+            out.append(Entry(source, f"{model}: {name}" if model else name, node))
             if {"attention", "layers", "bitops"} <= set(node) or _robustness_keys(node):
                 return  # an allocation's per-layer dicts, a robustness analysis' trials: part of it
         for k, v in node.items():
             if isinstance(v, (dict, list)):
-                _walk(v, path + [str(k)], source, out)
+                _walk(v, path + [str(k)], source, out, model)
     elif isinstance(node, list):
         for i, v in enumerate(node):
             if isinstance(v, (dict, list)):
-                _walk(v, path + [str(i)], source, out)
+                _walk(v, path + [str(i)], source, out, model)
 
 
 def _linked_allocation(entry: Entry, folder: Path) -> Entry | None:

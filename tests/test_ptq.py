@@ -382,3 +382,15 @@ def test_results_table_refuses_an_entry_missing_a_column_before_scoring_anything
     with pytest.raises(ValueError, match="not a results file of quant.ptq_results.*'drop'"):
         results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(tmp_path / "r.json"),
                       "--recipes", "w4"])
+
+
+def test_report_names_each_models_entries_after_the_model_where_a_benchmark_runs_the_same_variants_on_several(
+        tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "bench.json").write_text(json.dumps({
+        "models": [{"model": "tiny", "variant": "fp", "batch": 1, "ms": 2.0},
+                   {"model": "vit_b", "variant": "fp", "batch": 1, "ms": 60.0}],
+        "results": {"reference": {"model": "tiny.safetensors", "variants": {"torch fp32": {"latency_ms": 2.2}}}}}))
+    assert [(e.name, e.latency_ms) for e in load(folder).having("latency_ms")] == [
+        ("tiny: fp", 2.0), ("vit_b: fp", 60.0), ("tiny.safetensors: torch fp32", 2.2)]
