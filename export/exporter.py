@@ -24,7 +24,8 @@ they are LayerNormalization and Gelu nodes.
 The rest of the ViT is standard opset-20 ONNX (conv stem with BatchNorm folded, LayerNormalization,
 Gelu) plus attention as one `com.microsoft` MultiHeadAttention node per block. Input `image`
 (batch, 3, H, W), normalised; output `logits` (batch, classes); the batch is dynamic. The model's
-config (image size, mean/std, class names) rides in the metadata under `bitvit.config`.
+config (image size, mean/std, class names) rides in the metadata under `bitvit.config`, its parameter
+count (`quant.qlinear.weight_count`) under `bitvit.parameters`.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quant.cli import file_to_write, written_whole
 from quant.models import Attention, VisionTransformer
 from quant.pack import pack_codes
-from quant.qlinear import QuantLinear, is_qat_layer
+from quant.qlinear import QuantLinear, is_qat_layer, weight_count
 
 from .ortops import DOMAIN, DOMAIN_VERSION
 
@@ -276,7 +277,8 @@ def to_onnx(model: VisionTransformer, fmt: str = "fp32", custom_ops: bool = True
         opsets.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     proto = helper.make_model(graph, opset_imports=opsets, ir_version=10, producer_name="bitvit")
     meta = {"format": META_FORMAT, "bitvit.format": fmt if fmt in ("fp32", "fp16") else model_format(model),
-            "bitvit.config": cfg.to_json(), "bitvit.custom_ops": DOMAIN if uses_custom else ""}
+            "bitvit.config": cfg.to_json(), "bitvit.custom_ops": DOMAIN if uses_custom else "",
+            "bitvit.parameters": str(weight_count(model))}
     helper.set_model_props(proto, meta)
     return proto
 

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from quant.cli import is_positive_int, max_threads
 from quant.data import check_model_input, to_model_array
-from quant.models import ViTConfig, refuse_newer
+from quant.models import ViTConfig, fp_parameters, refuse_newer
 
 from .exporter import META_FORMAT
 from .ortops import DOMAIN, DOMAIN_VERSION, library_path
@@ -83,6 +83,11 @@ class Session:
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} has no readable bitvit.config metadata ({type(e).__name__}: {e})") from None
         self.format = meta.get("bitvit.format", "")
+        try:  # exports before 2026-12-06 do not record it: the full-precision architecture's count then
+            self.weight_count = int(meta.get("bitvit.parameters") or fp_parameters(self.config))
+        except ValueError:
+            raise ValueError(f"{path}'s bitvit.parameters metadata is not a count: "
+                             f"{meta['bitvit.parameters']!r}") from None
         self.uses_custom_ops = any(op.domain == DOMAIN for op in proto.opset_import)
         for op in proto.opset_import:  # ONNX Runtime would run another version's nodes as version 1's
             if op.domain == DOMAIN and op.version != DOMAIN_VERSION:

@@ -21,7 +21,6 @@ import torch.nn as nn
 
 from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json
 from quant.data import ImageSet, load_split, to_model_input
-from quant.models import fp_parameters
 
 
 @torch.no_grad()
@@ -144,7 +143,7 @@ def main(argv=None):
     if args.confusion:
         output_file(args.confusion, ".png", inputs=(args.checkpoint, args.json))
 
-    from quant.qlinear import QuantLinear
+    from quant.qlinear import weight_count
     from quant.packfile import load_any
     onnx = Path(args.checkpoint).suffix.lower() == ".onnx"
     model = OnnxModel(args.checkpoint, torch.get_num_threads()) if onnx else load_any(args.checkpoint)
@@ -160,11 +159,7 @@ def main(argv=None):
     eval_s = time.perf_counter() - t0
     model.cpu()
     size = Path(args.checkpoint).stat().st_size
-    if onnx:  # the weights the exported architecture holds, whatever their storage
-        params = fp_parameters(cfg)
-    else:  # quantized weights are packed buffers
-        params = sum(p.numel() for p in model.parameters()) + sum(
-            m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    params = model.session.weight_count if onnx else weight_count(model)
     lat = latency_ms(model, cfg.img_size)
     threads = torch.get_num_threads()  # ONNX Runtime was given as many
     res.update(checkpoint=str(args.checkpoint), runtime="onnxruntime" if onnx else "torch", split=args.split,

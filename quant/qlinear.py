@@ -159,6 +159,13 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, act_format={self.act_format}, bias={self.bias is not None}")
 
 
+def weight_count(model: nn.Module) -> int:
+    """The model's parameters, each packed QuantLinear weight counted as its in x out weights (they are
+    buffers there): what `quant.evaluate` reports, and a bitvit ONNX export records for it."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+
+
 def is_qat_layer(m: nn.Module) -> bool:
     """A layer still in quantization-aware training (BitNet's BitLinear, Q-ViT's LSQLinear), not yet packed.
     (Other nn.Linear subclasses, such as nn.MultiheadAttention's out_proj, are not.)"""

@@ -76,6 +76,16 @@ def test_integer_formats_use_integer_kernels(tiny_model):
     assert "BinaryLinear" in ops("binary") and "BinaryLinear" not in ops("binary", False)
 
 
+def test_a_bitnet_export_counts_the_parameters_of_its_layers_own_layernorms(tiny_model, tmp_path):
+    from quant import bitlinear
+    model = bitlinear.freeze(bitlinear.prepare(copy.deepcopy(tiny_model), "ternary")).eval()
+    norms = sum(p.numel() for m in model.modules() if getattr(m, "input_norm", None) is not None
+                for p in m.input_norm.parameters())
+    export(model, tmp_path / "m.onnx", "ternary")
+    assert norms > 0
+    assert runtime.load(tmp_path / "m.onnx").weight_count == sum(p.numel() for p in tiny_model.parameters()) + norms
+
+
 @pytest.mark.parametrize("fmt", ["ternary", "binary"])
 @pytest.mark.parametrize("custom", [True, False])
 def test_a_bitnet_models_layernorms_and_gelu_export_and_agree_with_torch(tiny_model, tmp_path, fmt, custom):
