@@ -460,6 +460,11 @@ def cache_dir() -> Path:
     return path
 
 
+# Raised whenever decoding changes what a source gives, so that copies decoded before are not read. 2 (2026-12-06):
+# archives' class folders without images, images stored as links, and "sea-lion/" beside "sea/" read right.
+CACHE_VERSION = 2
+
+
 def _cache_base(*parts: object) -> Path:
     """The cache's path stem (a suffix goes after it) for what `parts` identify."""
     return cache_dir() / "data" / hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
@@ -468,7 +473,7 @@ def _cache_base(*parts: object) -> Path:
 def _cached(source: _Source, split: str, image_size: int, progress: bool) -> ImageSet:
     """A split decoded once and kept in the cache; a split the source lacks is refused by its `decode`.
     The copy's SHA-256, written last, is checked on every read: a damaged copy is decoded again."""
-    base = _cache_base(source.key, split, image_size, "v1")
+    base = _cache_base(source.key, split, image_size, CACHE_VERSION)
     files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.txt", ".sha256")]
     if files[3].exists():
         try:

@@ -167,6 +167,16 @@ def test_splits_already_decoded_load_without_reading_the_archive(image_tar, monk
         assert split == "val" or np.array_equal(first[split].images, again.images)
 
 
+def test_a_split_decoded_by_an_older_version_of_the_decoder_is_decoded_again(image_tree, monkeypatch):
+    import quant.data
+    load_split(image_tree, "test", image_size=16, progress=False)
+    monkeypatch.setattr(quant.data, "CACHE_VERSION", quant.data.CACHE_VERSION + 1)
+    decode, decoded = quant.data._decode, []
+    monkeypatch.setattr(quant.data, "_decode", lambda *args: decoded.append(args) or decode(*args))
+    load_split(image_tree, "test", image_size=16, progress=False)
+    assert decoded
+
+
 def test_a_damaged_cache_is_decoded_again(image_tree, capsys):
     first = load_split(image_tree, "test", image_size=16, progress=False)
     cached = next((cache_dir() / "data").glob("*.images.npy"))
