@@ -65,7 +65,8 @@ gpu = ((torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda',
       torch.version.cuda, '|', *gpu)" 2>&1
         "$PY" -c "import xdist; print('pytest-xdist', xdist.__version__)" 2>&1 | tail -1
-        echo "commit ${BITVIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (no .git here: give BITVIT_COMMIT=<hash> in the command)")}"
+        "$PY" -c "from quant.cli import commit
+print('commit', commit() or 'unknown (no .git of its own here: give BITVIT_COMMIT=<hash> in the command)')" 2>&1
     } > "$OUT/env.txt"
     cat "$OUT/env.txt"
 }
