@@ -9,16 +9,16 @@
 #            bash quant/gpu_reference.sh & WARM_DEADLINE=540 OMP_NUM_THREADS=2 nice -n 19 bash cuda_ops/gpu_session.sh tests; wait
 #            (the tests niced and at 2 threads a worker, so that they take no CPU time from training)
 #
-# It trains for TIME_BUDGET seconds of steps (default 390; the learning rate's cosine decays over
-# them, see `python -m quant.train --time-budget`; the budget is checked at epoch ends, and the first
-# step, which compiles, is not charged to it) or 300 epochs, whichever comes first, stopping anyway
-# at the last epoch that ends within TIME_LIMIT seconds (default 500) of this script's start (counted
-# from when training starts, after the data is loaded: a few tens of seconds later; the budget shrinks
-# to fit, so that the learning rate still decays fully, `--end-within-time-limit`); then
-# scores the test and val splits (until 590 s after the start at most) and copies the model, its
-# training log and both scores to $OUT: model.safetensors, log.jsonl, train.log, test.json, val.json.
-# About 8-9 minutes in all, so that a 15-minute lease keeps time for a short kernel benchmark after
-# it (README, "GPU runs").
+# It trains for TIME_BUDGET seconds of steps (default 390; the learning rate's cosine decays over what
+# the warmup leaves of them, see `python -m quant.train --time-budget`; the budget is checked at epoch
+# ends, and the first step, which compiles, is not charged to it) or 300 epochs, whichever comes
+# first, stopping anyway at the last epoch that ends within TIME_LIMIT seconds (default 500) of this
+# script's start (counted from when training starts, after the data is loaded: a few tens of seconds
+# later; the budget shrinks to fit, so that the learning rate still decays fully,
+# `--end-within-time-limit`); then scores the test and val splits (until 590 s after the start at
+# most) and copies the model, its training log and both scores to $OUT: model.safetensors, log.jsonl,
+# train.log, test.json, val.json. About 8-9 minutes in all, so that a 15-minute lease keeps time for a
+# short kernel benchmark after it (README, "GPU runs").
 # Arguments go on to quant.train after the recipe's own, so they override it (smoke test on a CPU:
 # `DATA=some/image/tree TIME_BUDGET=5 BATCH=8 bash quant/gpu_reference.sh --device cpu`).
 # TEACHER_BUDGET=S first trains a CNN teacher (`quant.teacher`, resnet_cifar) for S of those seconds and

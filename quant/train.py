@@ -49,7 +49,7 @@ class TrainConfig:
     distill: str = "none"            # none | hard | soft (needs a teacher)
     distill_weight: float = 0.5      # loss = (1 - w) * label loss + w * distillation loss
     distill_temperature: float = 1.0
-    time_budget: float = 0.0         # seconds; > 0: the cosine decays over this much training time and
+    time_budget: float = 0.0         # seconds; > 0: the cosine decays over what the warmup leaves of them and
     seed: int = 0                    # training ends when it is spent, or at `epochs` if that comes first
                                      # (a run's first step, which compiles on CUDA, is not charged to it)
 
@@ -104,17 +104,17 @@ def _weights_digest(module: nn.Module) -> str:
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
-          budget: float | None = None) -> float:
+          budget: float | None = None, warmup_seconds: float = 0.0) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to `min_lr` over the remaining `total` steps
-    (the last, step `total - 1`, at `min_lr`); with `cfg.time_budget`, over the budget (`seconds`: training
-    time spent so far) or the steps, whichever runs out first. `budget` (seconds) replaces
-    `cfg.time_budget` when given."""
+    (the last, step `total - 1`, at `min_lr`); with `cfg.time_budget`, over what the warmup left of the
+    budget (`seconds`: training time spent so far; `warmup_seconds`: when the warmup ended) or the steps,
+    whichever runs out first. `budget` (seconds) replaces `cfg.time_budget` when given."""
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup - 1)
     budget = cfg.time_budget if budget is None else budget
     if budget:
-        t = max(t, seconds / max(budget, 1e-9))
+        t = max(t, (seconds - warmup_seconds) / max(budget - warmup_seconds, 1e-9))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -254,6 +254,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                "teacher_digest": _weights_digest(teacher) if teacher is not None else None}
 
     start_epoch, trained, step_seconds = 0, 0.0, 0.0  # epochs done, seconds spent in training steps, per step
+    warmup_seconds = None  # the budget's clock when the warmup ended (None: it goes on)
     ckpt_path = out / "last.pt"
     if ckpt_path.exists():
         state = read_resume_state(ckpt_path, "delete it to start over")
@@ -281,10 +282,12 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             start_epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
             step_seconds = float(state.get("step_seconds", 0.0))  # the budget's clock runs on from the first step
             warmup = min(warmup, int(state.get("warmup", warmup)))  # as a time budget may have cut it
+            warmup_seconds = state.get("warmup_seconds", 0.0)  # states kept before it: over all the budget
+            warmup_seconds = None if warmup_seconds is None else float(warmup_seconds)
             if not (0 <= start_epoch <= cfg.epochs and 0 <= trained < math.inf and warmup >= 0
-                    and 0 <= step_seconds < math.inf):
+                    and 0 <= step_seconds < math.inf and (warmup_seconds is None or 0 <= warmup_seconds < math.inf)):
                 raise ValueError(f"epoch {start_epoch} of {cfg.epochs}, {trained} s trained, warmup {warmup}, "
-                                 f"{step_seconds} s a step")
+                                 f"{step_seconds} s a step, warmup ended at {warmup_seconds} s")
         except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
             raise ValueError(f"{ckpt_path} holds a damaged resume state ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:120]}); delete it to start over") from None
@@ -339,7 +342,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         for i in bar:
             step = epoch * steps_per_epoch + i
             clock = max(clock, trained + i * step_seconds)
-            lr = lr_at(step, total, warmup, cfg, seconds=clock, budget=budget)
+            if warmup_seconds is None and step >= warmup:  # the budget's cosine starts where the warmup ends
+                warmup_seconds = clock
+            lr = lr_at(step, total, warmup, cfg, seconds=clock, budget=budget, warmup_seconds=warmup_seconds or 0.0)
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = order[i * per_rank:(i + 1) * per_rank]
@@ -409,7 +414,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             with written_whole(ckpt_path) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "rng": torch.get_rng_state(), "epoch": epoch + 1, "trained_seconds": trained,
-                            "warmup": warmup, "step_seconds": step_seconds,
+                            "warmup": warmup, "step_seconds": step_seconds, "warmup_seconds": warmup_seconds,
                             **({"cuda_rng": torch.cuda.get_rng_state(env.device)} if cuda else {}),
                             "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}, tmp)
     if env.world > 1:
@@ -432,8 +437,8 @@ def main(argv=None):
     p.add_argument("--limit", type=positive_int, help="train on this many images only (smoke tests)")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs (with --time-budget: at most)")
     p.add_argument("--time-budget", type=number_in(0), default=d.time_budget,
-                   help="seconds of training: the learning rate decays over them and training ends when "
-                        "they are spent (for a fixed-length GPU lease); 0 = schedule by epochs")
+                   help="seconds of training: the learning rate decays over what the warmup leaves of them and "
+                        "training ends when they are spent (for a fixed-length GPU lease); 0 = schedule by epochs")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--lr", type=number_in(0), default=d.lr)
     p.add_argument("--weight-decay", type=number_in(0), default=d.weight_decay)
