@@ -106,12 +106,12 @@ def _weights_digest(module: nn.Module) -> str:
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
           budget: float | None = None, warmup_seconds: float = 0.0) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to `min_lr` over the remaining `total` steps
-    (the last, step `total - 1`, at `min_lr`); with `cfg.time_budget`, over what the warmup left of the
-    budget (`seconds`: training time spent so far; `warmup_seconds`: when the warmup ended) or the steps,
-    whichever runs out first. `budget` (seconds) replaces `cfg.time_budget` when given."""
+    (the last, step `total - 1`, at `min_lr`, unless it is the only one); with `cfg.time_budget`, over what
+    the warmup left of the budget (`seconds`: training time spent so far; `warmup_seconds`: when the warmup
+    ended) or the steps, whichever runs out first. `budget` (seconds) replaces `cfg.time_budget` when given."""
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup - 1)
+    t = (step - warmup) / max(1, total - warmup - 1) if step < max(total - 1, 1) else 1.0
     budget = cfg.time_budget if budget is None else budget
     if budget:
         t = max(t, (seconds - warmup_seconds) / max(budget - warmup_seconds, 1e-9))

@@ -51,6 +51,11 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[-1] == pytest.approx(0.01, rel=1e-9)  # the last step is at min_lr, not a step short of it
 
 
+def test_a_schedule_with_one_step_after_its_warmup_takes_that_last_step_at_min_lr():
+    cfg = TrainConfig(lr=1.0, min_lr=0.01)
+    assert [lr_at(s, 2, 1, cfg) for s in range(2)] == pytest.approx([1.0, 0.01])  # was: [1.0, 1.0]
+
+
 def test_time_budget_decays_the_rate_over_seconds_or_steps_whichever_run_out_first():
     cfg = TrainConfig(lr=1.0, min_lr=0.01, time_budget=60)
     assert lr_at(5, 10_010, 10, cfg, seconds=30) == pytest.approx(0.6)  # warmup still counts steps
