@@ -12,7 +12,8 @@ Splits: `train` is the training set minus a held-out validation split (`val`: th
 `val/`); `trainval` is all of it; `test` is for final reporting only.
 
 Decoded splits are cached as `.npy` files under `$BITVIT_CACHE` (default `~/.cache/bitvit`), keyed
-by the source path, its size and modification time and the image size.
+by the source path, its size and modification time (a folder's: every file's), the split, the image size
+and `CACHE_VERSION`, and checked against a SHA-256 of their contents on every read.
 """
 from __future__ import annotations
 
