@@ -7,8 +7,8 @@
 # run resumes from $RUNS/<name>/ when the script is called again. Pick the runs with ONLY="w1a8 qvit-w3".
 #
 #   PROFILE=cpu  (default) schedules for a 2-core CPU that meet the QAT targets on the shipped reference:
-#                all 45,000 training images, w1.58a8 8 epochs, w1a8 5, qvit and lsq 3 (25-40 minutes a run at
-#                85-165 images/s on an idle 2-core CPU). LIMIT=N trains on a class-balanced subset and
+#                all 45,000 training images, w1.58a8 8 epochs, w1a8 5, qvit-w3 4, qvit-w4 and lsq 3 (15-40 minutes
+#                a run at 85-165 images/s on an idle 2-core CPU). LIMIT=N trains on a class-balanced subset and
 #                EPOCHS=N sets every run's epochs (quick trials).
 #   PROFILE=gpu  for one GPU lent for a fixed time (one 10-minute device command for all four runs), the
 #                teacher by default the GPU reference assets/vit_cifar_small.safetensors:
@@ -49,10 +49,10 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
 case "$PROFILE" in
-  cpu) # name: training images (0: all), epochs (qvit: 2 of 3 searching bit-widths)
+  cpu) # name: training images (0: all), epochs (qvit: 2 searching bit-widths, the rest fine-tuning)
        declare -A LIMIT=([w1.58a8]=${LIMIT:-0} [w1a8]=${LIMIT:-0} [qvit-w4]=${LIMIT:-0} [qvit-w3]=${LIMIT:-0}
                          [lsq-w4]=${LIMIT:-0})
-       declare -A EPOCHS_OF=([w1.58a8]=${EPOCHS:-8} [w1a8]=${EPOCHS:-5} [qvit-w4]=${EPOCHS:-3} [qvit-w3]=${EPOCHS:-3}
+       declare -A EPOCHS_OF=([w1.58a8]=${EPOCHS:-8} [w1a8]=${EPOCHS:-5} [qvit-w4]=${EPOCHS:-3} [qvit-w3]=${EPOCHS:-4}
                              [lsq-w4]=${EPOCHS:-3})
        BATCH=${BATCH:-128}; LR=${LR:-1e-3}; VAL_LIMIT=${VAL_LIMIT:-500}
        EXTRA=(--threads "${THREADS:-2}" --warmup-epochs 0.25) ;;
