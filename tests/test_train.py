@@ -89,6 +89,18 @@ def clock(monkeypatch) -> FakeClock:
     return fake
 
 
+@pytest.fixture
+def rates(monkeypatch) -> dict[int, float]:
+    """The learning rate `fit` sets at each step, by step (a resumed run's replace the earlier run's)."""
+    lrs = {}
+
+    def spy(step, *args, **kwargs):
+        lrs[step] = lr_at(step, *args, **kwargs)
+        return lrs[step]
+    monkeypatch.setattr(quant.train, "lr_at", spy)
+    return lrs
+
+
 def test_time_budget_ends_training_at_the_first_epoch_that_spends_it(tmp_path, clock):
     cfg = TrainConfig(epochs=10_000, batch_size=8, lr=1e-3, warmup_epochs=1, time_budget=2.0, augment=NO_AUG)
     _, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
@@ -121,15 +133,10 @@ def test_a_budget_shorter_than_the_warmup_cuts_the_warmup_so_the_rate_still_deca
     assert max(lrs) > 0.5 * cfg.lr and lrs[-1] < 0.1 * cfg.lr  # without the cut: ended mid-warmup, at 35 %
 
 
-def test_a_budgets_cosine_starts_at_the_peak_where_a_cut_warmup_ends(tmp_path, clock, monkeypatch):
+def test_a_budgets_cosine_starts_at_the_peak_where_a_cut_warmup_ends(tmp_path, clock, rates):
     cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=20, time_budget=2.0, augment=NO_AUG)
-    lrs = []
-
-    def spy(*args, **kwargs):
-        lrs.append(lr_at(*args, **kwargs))
-        return lrs[-1]
-    monkeypatch.setattr(quant.train, "lr_at", spy)
     fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    lrs = [rates[s] for s in sorted(rates)]
     end = lrs.index(max(lrs)) + 1  # the first step after the warmup
     assert lrs[end] == pytest.approx(cfg.lr)  # was: 73 % of it, the cut warmup having spent a third of the budget
 
@@ -170,6 +177,7 @@ def test_the_epoch_a_budget_shrunk_to_the_time_limit_ends_is_scored_and_saved(tm
     assert done and "val_top1" in log[-1]   # unscored and unsaved (a rerun started over)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == log[-1]["epoch"]
 
+
 def test_a_run_the_time_limit_stops_saved_the_epoch_it_stops_after(tmp_path, clock):
     cfg = TrainConfig(epochs=100, batch_size=8, augment=NO_AUG)
     _, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=2.3,
@@ -178,26 +186,23 @@ def test_a_run_the_time_limit_stops_saved_the_epoch_it_stops_after(tmp_path, clo
     assert not done                          # than the one its end saved by: no last.pt, a rerun started over
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == log[-1]["epoch"]
 
-def test_a_resumed_run_decays_the_budgets_rate_through_its_first_epoch_as_an_unbroken_run(tmp_path, monkeypatch):
-    cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=6.0, augment=NO_AUG)
-    lrs = {}
 
-    def spy(step, *args, **kwargs):
-        lrs[step] = lr_at(step, *args, **kwargs)
-        return lrs[step]
-    monkeypatch.setattr(quant.train, "lr_at", spy)
+def test_a_resumed_run_decays_the_budgets_rate_through_its_first_epoch_as_an_unbroken_run(tmp_path, monkeypatch,
+                                                                                         rates):
+    cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=6.0, augment=NO_AUG)
 
     def run(out, time_limit=None):
         monkeypatch.setattr(quant.train, "time", FakeClock())
         torch.manual_seed(0)
         return fit(VisionTransformer(TINY), colour_set(8), None, cfg, out, progress=False, time_limit=time_limit)[1]
     run(tmp_path / "a")
-    straight = dict(lrs)
+    straight = dict(rates)
     assert not run(tmp_path / "b", time_limit=2.0)  # stops after epoch 3: steps 0-8
-    lrs.clear()
+    rates.clear()
     run(tmp_path / "b")
     # was: held at step 9's (approx: the resumed run's fake clock readings differ from the unbroken's in the last bit)
-    assert [lrs[s] for s in (9, 10, 11)] == pytest.approx([straight[s] for s in (9, 10, 11)], rel=1e-12)
+    assert [rates[s] for s in (9, 10, 11)] == pytest.approx([straight[s] for s in (9, 10, 11)], rel=1e-12)
+
 
 def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_saves_no_weights(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e30, warmup_epochs=0, augment=NO_AUG)
@@ -382,6 +387,7 @@ def test_resuming_with_another_teacher_is_refused(tmp_path):
         fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, teacher=other, progress=False)
     fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, teacher=teacher, progress=False)
 
+
 def test_a_fresh_run_in_a_used_folder_starts_its_own_log(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
     fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
@@ -520,6 +526,7 @@ def test_cli_refuses_distill_without_a_teacher_instead_of_training_undistilled(t
     assert run(main, ["--model", "vit_cifar_tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
                       "--distill", "soft"]) == 2
     assert "--distill soft needs --teacher" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
 
 def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, image_tree, capsys):
     from safetensors import safe_open
