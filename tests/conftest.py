@@ -63,13 +63,17 @@ def image_tree(tmp_path) -> Path:
     return write_tree(tmp_path / "tree")
 
 
+def write_tar(tree: Path, path: Path, splits=("train", "test")) -> Path:
+    """`tree`'s split folders in a .tar.gz, as the JPEG copy ships (links stored as links)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for split in splits:
+            tar.add(tree / split, arcname=split)
+    return path
+
+
 @pytest.fixture
 def image_tar(tmp_path, image_tree) -> Path:
-    path = tmp_path / "data.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for split in ("train", "test"):
-            tar.add(image_tree / split, arcname=split)
-    return path
+    return write_tar(image_tree, tmp_path / "data.tar.gz")
 
 
 @pytest.fixture

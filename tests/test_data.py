@@ -11,7 +11,7 @@ from PIL import Image
 
 from quant.augment import Augment, AugmentConfig, random_crop_flip
 from quant.data import ImageSet, cache_dir, load_split, to_model_input
-from tests.conftest import TINY, write_tree
+from tests.conftest import TINY, write_tar, write_tree
 
 
 def test_image_tree_loads_train_and_test_with_class_names(image_tree):
@@ -45,11 +45,8 @@ def test_tar_archive_reads_like_the_unpacked_tree(image_tree, image_tar):
 
 
 def test_an_archive_reads_in_the_trees_order_when_a_class_name_extends_another(tmp_path):
-    import tarfile
     tree = write_tree(tmp_path / "tree", splits=("test",), classes=("sea", "sea-lion", "sea_lion"), per_class=2)
-    archive = tmp_path / "data.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(tree / "test", arcname="test")
+    archive = write_tar(tree, tmp_path / "data.tar.gz", splits=("test",))
     a = load_split(tree, "test", image_size=16, progress=False)
     b = load_split(archive, "test", image_size=16, progress=False)
     assert a.classes == b.classes and a.labels.tolist() == b.labels.tolist() == [0, 0, 1, 1, 2, 2]
@@ -78,9 +75,8 @@ def test_an_archives_linked_images_read_like_the_trees_in_one_pass(image_tree, t
     import tarfile
     os.link(image_tree / "test" / "cat" / "0000.jpg", image_tree / "test" / "cat" / "0100.jpg")  # a duplicate
     os.symlink("0001.jpg", image_tree / "test" / "dog" / "0101.jpg")
-    archive = tmp_path / "links.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:  # stores the second name of an inode as a hard link, and the symlink
-        tar.add(image_tree / "test", arcname="test")
+    # the archive stores the second name of an inode as a hard link, and the symlink
+    archive = write_tar(image_tree, tmp_path / "links.tar.gz", splits=("test",))
     offsets, extract = [], tarfile.TarFile.extractfile
     monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: offsets.append(m.offset) or extract(self, m))
     a = load_split(image_tree, "test", image_size=16, progress=False)
@@ -284,24 +280,19 @@ def test_empty_class_folder_is_named(image_tree):
 
 @pytest.mark.parametrize("kind", ["empty folder", "no image files"])
 def test_an_archives_class_folder_without_images_is_refused_as_a_trees_is(image_tree, tmp_path, kind):
-    import tarfile
     zebra = image_tree / "test" / "zebra"
     zebra.mkdir()
     if kind == "no image files":
         (zebra / "notes.txt").write_text("no images here")
-    archive = tmp_path / "zebra.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(image_tree / "test", arcname="test")
+    archive = write_tar(image_tree, tmp_path / "zebra.tar.gz", splits=("test",))
     with pytest.raises(ValueError, match="zebra holds no images"):
         load_split(archive, "test", progress=False)
 
 
 def test_an_archives_class_folder_stored_as_a_link_is_refused_not_left_out(image_tree, tmp_path):
-    import tarfile
     (image_tree / "test" / "zebra").symlink_to("cat", target_is_directory=True)  # the tree reads it as a class
-    archive = tmp_path / "linked.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:  # which the archive keeps as a link, holding none of its images
-        tar.add(image_tree / "test", arcname="test")
+    # which the archive keeps as a link, holding none of its images
+    archive = write_tar(image_tree, tmp_path / "linked.tar.gz", splits=("test",))
     assert load_split(image_tree, "test", image_size=16, progress=False).classes == ("cat", "dog", "frog", "zebra")
     with pytest.raises(ValueError, match="class folder .*zebra is a link"):
         load_split(archive, "test", image_size=16, progress=False)
