@@ -387,7 +387,7 @@ def print_models(rows: list[dict]) -> None:
 
 
 def print_targets(rows: list[dict], device: str) -> None:
-    print("\ntargets (README, \"GPU kernels\")"
+    print("\ntargets (cuda_ops/README.md)"
           + ("" if device == "cuda" else " (set for the H100 in bf16; here informational)"))
     for r in rows:
         verdict = "met" if r["met"] else f"MISSED (goal {r['goal']})"

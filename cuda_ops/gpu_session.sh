@@ -46,7 +46,7 @@
 #   data: here, `mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/` and carry [".data"].
 #   -> env.txt, cuda_parity_gpu.json, parity.log
 # Then, on the machine the results come back to: copy cuda_bench.json and cuda_bench.png to
-# assets/results/ and the tables into README's "GPU kernels" section.
+# assets/results/ and the tables into cuda_ops/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}

@@ -52,7 +52,7 @@ def main(argv=None):
                    help="w8a8, w4a8, w4a8-gptq, w4, w3, w2, nf4, w4-gptq, w3-gptq, w2-gptq, w4a4")
     p.add_argument("--calib", help="data for calibration (its train split); needed by GPTQ and W4A4")
     p.add_argument("--calib-size", type=positive_int, default=256,
-                   help="calibration images (default 256, as quant.ptq_results and the README tables)")
+                   help="calibration images (default 256, as quant.ptq_results and quant/README.md's tables)")
     p.add_argument("--out", required=True, help="quantized model file to write (.safetensors)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. --set group_size=128 --set act_order=true")

@@ -100,7 +100,7 @@ def uniform_params(w: torch.Tensor, bits: int, group_size: int | None = None, sy
     Asymmetric: the range [min(w, 0), max(w, 0)] maps onto 0 .. 2**bits - 1 (`uint_range_params`).
     The full range, never clipped: shrinking it to minimise each group's squared rounding error (a search
     over clip factors 0.5..1) cost accuracy on the tiny CIFAR ViT at 2 and 3 bits, round to nearest and
-    GPTQ alike (README "Post-training results").
+    GPTQ alike (quant/README.md, "Post-training results").
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"uniform weight codes need 2..8 bits, got {bits}")

@@ -22,8 +22,8 @@
 #                plot it here with quant.qvit.plot_allocation), 7 files at most; a model packed but not
 #                scored comes back too, to be scored here. Its packed files keep the parameters left in
 #                floating point in float16 (`quant.qat --float16`; FLOAT16=0 for float32): vit_cifar_small's
-#                ternary file is then 13.7x smaller than its float32 model instead of 10.4x (README,
-#                "Whole files").
+#                ternary file is then 13.7x smaller than its float32 model instead of 10.4x
+#                (quant/README.md, "Whole files").
 # Exit status 0 when every run is recorded, 1 when one was skipped or did not finish.
 #
 # Outputs, named after the teacher's file (TEACHER=assets/NAME.safetensors): $RESULTS
