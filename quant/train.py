@@ -52,6 +52,7 @@ class TrainConfig:
     time_budget: float = 0.0         # seconds; > 0: the cosine decays over what the warmup leaves of them and
     seed: int = 0                    # training ends when it is spent, or at `epochs` if that comes first
                                      # (a run's first step, which compiles on CUDA, is not charged to it)
+    init: str = ""                   # digest of the weights training started from (--init); "": random
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,6 +102,27 @@ def _weights_digest(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def start_from(model: nn.Module, path: str) -> str:
+    """Copy the weights of the model file at `path` into `model` (`--init`: a warm restart of a finished run, or
+    a fine-tune on other data of the same classes) and return their digest. The file must hold the network
+    being trained: a full-precision bitvit ViT or a CNN teacher of the same config, classes and input
+    normalisation (training settings such as stochastic depth aside)."""
+    from quant.packfile import load_any
+    from quant.qlinear import is_quantized_layer
+    start = load_any(path)
+    if any(map(is_quantized_layer, start.modules())):
+        raise ValueError(f"--init {path} is a quantized model; start from a full-precision one (quantization-"
+                         f"aware training warm-restarts with python -m quant.qat --init)")
+    if type(start) is not type(model):
+        raise ValueError(f"--init {path} holds a {type(start).__name__}, not the {type(model).__name__} to train")
+    was, now = dataclasses.asdict(start.config), dataclasses.asdict(model.config)
+    differ = [f"{k} {was[k]!r} (to train: {now[k]!r})" for k in was if k != "drop_path_rate" and was[k] != now[k]]
+    if differ:
+        raise ValueError(f"--init {path} holds another model than the one to train: {'; '.join(differ)}")
+    model.load_state_dict(start.state_dict())
+    return _weights_digest(model)
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
@@ -462,6 +484,10 @@ def main(argv=None):
                         "the learning rate decays fully and the run ends complete (one-call runs)")
     p.add_argument("--save-every", type=positive_int, default=1,
                    help="score the val split and write the resume state every N epochs (and after the last)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="start from this model file's weights instead of random ones (a finished run's "
+                        "model.safetensors of the same --model and classes): a warm restart, whose warmup and "
+                        "decay start over")
     args = p.parse_args(argv)
     if args.distill and not args.teacher:
         raise ValueError(f"--distill {args.distill} needs --teacher, the model file to distil from")
@@ -487,6 +513,8 @@ def main(argv=None):
              else create_model(args.model, drop_path_rate=args.drop_path, **labels))
     if val is not None:  # a tree's own val/ folder may name other classes: refused now, not after an epoch
         val.require_classes(model.config, whose="the train split's")
+    if args.init:
+        cfg.init = start_from(model, args.init)
     teacher = load_any(args.teacher) if args.teacher else None
     if teacher is not None:
         train.require_classes(teacher.config, whose=f"the teacher {args.teacher}'s")
@@ -500,14 +528,15 @@ def main(argv=None):
                              f"{model.config.mean}, {model.config.std}")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
-        print(f"{args.model}: {count_parameters(model):,} parameters; {len(train)} training images"
+        print(f"{args.model}: {count_parameters(model):,} parameters{f' from {args.init}' if args.init else ''}; "
+              f"{len(train)} training images"
               f"{f', {len(val)} validation images' if val is not None else ''}")
     t0 = time.time()
     model, done = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device,
                       time_limit=args.time_limit, save_every=args.save_every,
                       end_within_time_limit=args.end_within_time_limit)
     if main_rank:  # a run stopped by --time-limit still saves the model so far, marked incomplete
-        meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split,
+        meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split, "init": args.init or "",
                 "train_seconds": f"{time.time() - t0:.0f}", "complete": str(done).lower()}
         (cnn.save_teacher if is_cnn else save_model)(model, Path(args.out) / "model.safetensors", metadata=meta)
         print(f"saved {Path(args.out) / 'model.safetensors'}{'' if done else ' (incomplete: rerun to resume)'}")

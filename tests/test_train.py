@@ -537,6 +537,58 @@ def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, i
     assert "incomplete" in capsys.readouterr().out
 
 
+def tiny_file(path: Path, seed: int, **overrides) -> Path:
+    """A randomly initialised `vit_cifar_tiny` of the image tree's three classes, saved at `path`."""
+    from quant.models import create_model, save_model
+    torch.manual_seed(seed)
+    save_model(create_model("vit_cifar_tiny", **{"num_classes": 3, "classes": TINY.classes, **overrides}), path)
+    return path
+
+
+def test_cli_init_starts_training_from_the_files_weights(tmp_path, image_tree, monkeypatch):
+    from quant.models import load_model
+    start = tiny_file(tmp_path / "start.safetensors", seed=1)
+    seen = {}
+    def spy(model, *args, **kwargs):
+        seen.update({k: v.clone() for k, v in model.state_dict().items()})
+        return fit(model, *args, **kwargs)
+    monkeypatch.setattr(quant.train, "fit", spy)
+    main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
+          "--epochs", "1", "--batch-size", "4", "--limit", "12", "--init", str(start)])
+    for k, v in load_model(start).state_dict().items():
+        assert torch.equal(seen[k], v), k
+
+
+def test_resuming_with_another_init_is_refused(tmp_path, image_tree, capsys):
+    args = ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
+            "--epochs", "1", "--batch-size", "4", "--limit", "12", "--init"]
+    main(args + [str(tiny_file(tmp_path / "a.safetensors", seed=1))])
+    assert run(main, args + [str(tiny_file(tmp_path / "b.safetensors", seed=2))]) == 2
+    assert "another config (init " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"embed_dim": 64}, "holds another model than the one to train: embed_dim 64 (to train: 128)"),
+    ({"num_classes": 2, "classes": TINY.classes[:2]}, "num_classes 2 (to train: 3)"),
+])
+def test_cli_refuses_an_init_file_of_another_model_naming_what_differs(tmp_path, image_tree, capsys, overrides,
+                                                                        message):
+    start = tiny_file(tmp_path / "start.safetensors", seed=1, **overrides)
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
+                      "--epochs", "1", "--batch-size", "4", "--init", str(start)]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_cli_refuses_a_quantized_init_file(tmp_path, image_tree, capsys):
+    import quant
+    from quant.models import load_model
+    quant.save_quantized(quant.quantize(load_model(tiny_file(tmp_path / "fp.safetensors", seed=1)), "w8a8"),
+                         tmp_path / "q.safetensors")
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
+                      "--epochs", "1", "--batch-size", "4", "--init", str(tmp_path / "q.safetensors")]) == 2
+    assert "q.safetensors is a quantized model; start from a full-precision one" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("teacher_budget", ["0", "1"])
 def test_the_gpu_reference_script_trains_scores_and_hands_back_its_files(tmp_path, image_tree, teacher_budget):
     env = {**os.environ, "DATA": str(image_tree), "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out"),
