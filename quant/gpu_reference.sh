@@ -20,7 +20,9 @@
 # train.log, test.json, val.json. About 8-9 minutes in all, so that a 15-minute lease keeps time for a
 # short kernel benchmark after it (README, "GPU runs").
 # Arguments go on to quant.train after the recipe's own, so they override it (smoke test on a CPU:
-# `DATA=some/image/tree TIME_BUDGET=5 BATCH=8 bash quant/gpu_reference.sh --device cpu`).
+# `DATA=some/image/tree TIME_BUDGET=5 BATCH=8 bash quant/gpu_reference.sh --device cpu`). A warm restart
+# from the shipped model, which is how training goes on across leases (each starts bare, but the checkout
+# travels): `bash quant/gpu_reference.sh --init assets/vit_cifar_small.safetensors --lr 1e-3 --warmup-epochs 5`.
 # TEACHER_BUDGET=S first trains a CNN teacher (`quant.teacher`, resnet_cifar) for S of those seconds and
 # distils the ViT from its hard predictions for the rest (DeiT's recipe); its log joins train.log.
 # A machine lent for 10-minute commands starts bare each time, and the resume state (weights plus
