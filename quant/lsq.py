@@ -4,7 +4,9 @@
 
     x_hat = s_b * clamp(round((x - beta) / s_b), -Qn(b), Qp(b)) + beta
 
-with a learnable step size s (LSQ, Esser et al. 2019; its gradient scaled by 1 / sqrt(numel * Qp)),
+with a learnable step size s (LSQ, Esser et al. 2019; its gradient scaled by 1 / sqrt(numel * Qp), where
+numel counts the batch too, not the paper's features per sample: AdamW divides a constant factor out of
+a parameter's steps, so it only sets the step sizes' share of the clipped gradient norm),
 an optional learnable offset beta (LSQ+, Bhalgat et al. 2020: for activations such as post-GELU
 that are not centred on zero; snapped to a whole number of steps, beta = -zero * s, so a trained
 quantizer is exactly an integer zero-point quantizer, `quant.quantizers.UniformQuantizer`), and integer
