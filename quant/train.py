@@ -104,14 +104,17 @@ def _weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def start_from(model: nn.Module, path: str) -> str:
-    """Copy the weights of the model file at `path` into `model` (`--init`: a warm restart of a finished run, or
-    a fine-tune on other data of the same classes) and return their digest. The file must hold the network
-    being trained: a full-precision bitvit ViT or a CNN teacher of the same config, classes and input
-    normalisation (training settings such as stochastic depth aside)."""
+def start_from(model: nn.Module, path: str, name: str) -> str:
+    """Copy the weights of the model file at `path` into `model`, of config `name` (`--init`: a warm restart of a
+    finished run, or a fine-tune on other data of the same classes) and return their digest. The file must hold
+    the network being trained: a full-precision bitvit ViT or CNN teacher, or a timm/DeiT checkpoint of a ViT,
+    of the same config, classes and input normalisation (training settings such as stochastic depth aside)."""
+    from quant.models import VisionTransformer, is_torch_file, load_model, read_safetensors_metadata
     from quant.packfile import load_any
     from quant.qlinear import is_quantized_layer
-    start = load_any(path)
+    foreign = isinstance(model, VisionTransformer) and (  # a timm/DeiT file: its config is the named one
+        is_torch_file(path) or not str(read_safetensors_metadata(path).get("format", "")).startswith("bitvit-"))
+    start = load_model(path, name=name) if foreign else load_any(path)
     if any(map(is_quantized_layer, start.modules())):
         raise ValueError(f"--init {path} is a quantized model; start from a full-precision one (quantization-"
                          f"aware training warm-restarts with python -m quant.qat --init)")
@@ -486,8 +489,8 @@ def main(argv=None):
                    help="score the val split and write the resume state every N epochs (and after the last)")
     p.add_argument("--init", metavar="MODEL",
                    help="start from this model file's weights instead of random ones (a finished run's "
-                        "model.safetensors of the same --model and classes): a warm restart, whose warmup and "
-                        "decay start over")
+                        "model.safetensors, or a timm/DeiT checkpoint, of the same --model and classes): a warm "
+                        "restart, whose warmup and decay start over")
     args = p.parse_args(argv)
     if args.distill and not args.teacher:
         raise ValueError(f"--distill {args.distill} needs --teacher, the model file to distil from")
@@ -514,7 +517,7 @@ def main(argv=None):
     if val is not None:  # a tree's own val/ folder may name other classes: refused now, not after an epoch
         val.require_classes(model.config, whose="the train split's")
     if args.init:
-        cfg.init = start_from(model, args.init)
+        cfg.init = start_from(model, args.init, args.model)
     teacher = load_any(args.teacher) if args.teacher else None
     if teacher is not None:
         train.require_classes(teacher.config, whose=f"the teacher {args.teacher}'s")

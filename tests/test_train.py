@@ -559,6 +559,24 @@ def test_cli_init_starts_training_from_the_files_weights(tmp_path, image_tree, m
         assert torch.equal(seen[k], v), k
 
 
+def test_cli_init_takes_a_timm_checkpoint_of_the_network_to_train(tmp_path):
+    from quant.models import CIFAR10_CLASSES, create_model, load_model
+    tree = write_tree(tmp_path / "cifar", classes=CIFAR10_CLASSES, per_class=2)
+    torch.manual_seed(1)
+    torch.save(create_model("vit_cifar_tiny").state_dict(), tmp_path / "timm.pth")   # timm's names, no config
+    main(["--model", "vit_cifar_tiny", "--data", str(tree), "--out", str(tmp_path / "run"), "--epochs", "1",
+          "--batch-size", "4", "--limit", "10", "--init", str(tmp_path / "timm.pth")])
+    assert load_model(tmp_path / "run" / "model.safetensors").config.classes == CIFAR10_CLASSES
+
+
+def test_cli_refuses_a_timm_checkpoint_of_other_classes_naming_them(tmp_path, image_tree, capsys):
+    from quant.models import create_model
+    torch.save(create_model("vit_cifar_tiny").state_dict(), tmp_path / "timm.pth")   # CIFAR-10's 10 classes
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
+                      "--epochs", "1", "--batch-size", "4", "--init", str(tmp_path / "timm.pth")]) == 2
+    assert "num_classes 10 (to train: 3)" in capsys.readouterr().err
+
+
 def test_resuming_with_another_init_is_refused(tmp_path, image_tree, capsys):
     args = ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
             "--epochs", "1", "--batch-size", "4", "--limit", "12", "--init"]
