@@ -91,7 +91,7 @@ class Entry:
     def confusion(self) -> np.ndarray | None:
         try:
             cm = np.asarray(self.data.get("confusion"), dtype=float)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
             return None
         ok = cm.ndim == 2 and cm.shape[0] == cm.shape[1] > 1 and np.isfinite(cm).all() and (cm >= 0).all()
         return cm if ok else None

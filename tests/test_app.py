@@ -704,6 +704,12 @@ def test_a_results_number_too_large_for_a_float_is_left_out_not_a_crash(tmp_path
     assert results.size_bars(res) is None and "no app frame rates" in results.summary(res)
 
 
+def test_a_confusion_matrix_holding_an_integer_too_large_for_a_float_is_not_drawn_not_a_crash(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"a": {"top1": 0.5, "confusion": [[10 ** 400, 1], [0, 1]]}}))
+    res = results.load(tmp_path)
+    assert len(res.entries) == 1 and not res.having("confusion")
+
+
 def test_a_results_file_with_an_integer_of_more_digits_than_python_reads_is_listed_as_unreadable(tmp_path):
     (tmp_path / "huge.json").write_text('{"w4": {"top1": 0.5, "n": ' + "9" * 5000 + "}}")
     (tmp_path / "ok.json").write_text(json.dumps({"w4": {"top1": 0.5, "bits_per_weight": 4}}))
