@@ -78,7 +78,8 @@ class Entry:
         if v is None and _model_ms(self.data):
             v = self.data["ms"]
         if isinstance(v, dict):  # {batch: ms}: batch 1, else the smallest batch given
-            numeric = {int(k): x for k, x in v.items() if str(k).isdecimal() and finite_number(x)}
+            numeric = {int(k): x for k, x in v.items()  # (a batch size of thousands of digits is none)
+                       if str(k).isdecimal() and len(str(k)) <= 18 and finite_number(x)}
             v = numeric[min(numeric)] if numeric else None
         return float(v) if finite_number(v) else None
 

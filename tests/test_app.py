@@ -722,6 +722,11 @@ def test_a_latency_keyed_by_a_superscript_digit_is_no_batch_size_not_a_crash(tmp
     assert results.load(tmp_path).entries[0].latency_ms == 2.0
 
 
+def test_a_latency_keyed_by_more_digits_than_python_reads_is_no_batch_size_not_a_crash(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"a": {"latency_ms": {"9" * 5000: 9.0, "1": 2.0}}}))
+    assert results.load(tmp_path).entries[0].latency_ms == 2.0
+
+
 def test_an_allocation_whose_layer_input_bits_are_not_a_number_is_drawn_with_that_bar_at_zero(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"attention": {}, "bitops": 1, "layers": {
         "blocks.0.attn.qkv": {"weight": 4, "input": "x"}, "blocks.0.mlp.fc1": {"weight": 3, "input": [8]}}}))
