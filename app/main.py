@@ -152,6 +152,13 @@ def check_port_free(host: str, number: int) -> None:
         raise ValueError(f"cannot listen on {where} ({e.strerror or e}){hint}") from None
 
 
+def server_name(host: str) -> str:
+    """--host as the server takes it: an IPv6 address bracketed (Gradio builds its own URL of host and port from
+    it, and `::1` unbracketed reads as host `:` and port `:1:7860`), anything else as given."""
+    bare = host.strip("[]")
+    return f"[{bare}]" if ":" in bare else host
+
+
 def port(text: str) -> int:
     """argparse type for --port: an integer in 1..65535."""
     if not text.isdigit() or not 1 <= int(text) <= 65535:
@@ -188,7 +195,7 @@ def main(argv=None):
     print(f"full precision: {comparison.fp.name} ({comparison.fp.runtime}); quantized: {len(labels)} variant(s), "
           f"default {comparison.default}")
     demo.queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+        server_name=server_name(args.host), server_port=args.port, share=args.share, show_error=True,
         allowed_paths=[str(demo.examples_dir)], max_file_size="50mb")
 
 

@@ -1038,6 +1038,29 @@ def test_a_bracketed_ipv6_host_is_checked_as_its_address():
     check_port_free("[::1]", free)   # no error: the brackets are URL syntax, not part of the address
 
 
+def test_an_unbracketed_ipv6_host_reaches_the_server_bracketed(monkeypatch):
+    import app.ui
+    launched = {}
+
+    class Demo:
+        examples_dir = "."
+
+        def queue(self, **kwargs):
+            return self
+
+        def launch(self, **kwargs):
+            launched.update(kwargs)
+
+    class Fp:
+        name, runtime = "fp", "torch"
+    monkeypatch.setattr("app.main.check_port_free", lambda host, number: None)
+    monkeypatch.setattr("app.main.make_comparison", lambda *a, **k: (type("C", (), {"fp": Fp, "default": "q"}), ["q"], []))
+    monkeypatch.setattr("app.main.open_default", lambda comparison, labels, skipped, explicit: labels)
+    monkeypatch.setattr(app.ui, "build", lambda *a, **k: Demo())
+    for host, expected in [("::1", "[::1]"), ("[::1]", "[::1]"), ("127.0.0.1", "127.0.0.1")]:
+        assert run(main, ["--host", host]) == 0 and launched["server_name"] == expected
+
+
 def test_when_the_default_does_not_open_the_next_default_is_of_the_fp_models_architecture(assets):
     wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
     packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")  # listed first
