@@ -104,6 +104,9 @@ class Comparison:
         label = label or self.default
         if not isinstance(label, str) or label not in self.openers:
             raise ValueError(f"unknown quantized variant {label!r}")
+        opened = self._open.get(label)
+        if opened is not None:  # not waiting on the lock while another visitor's variant is built (minutes)
+            return opened
         with self._lock:
             if label not in self._open:
                 backend = self.openers[label]()

@@ -925,6 +925,28 @@ def test_the_fp_model_and_a_variant_are_opened_and_warmed_once():
     assert len(opened) == 1 and [name for name, _ in log].count("q") == 4
 
 
+def test_frames_of_an_open_variant_do_not_wait_while_another_visitors_variant_is_being_built():
+    import threading
+    log, building, release = [], threading.Event(), threading.Event()
+
+    def slow():  # a variant built on the fly, or exported and its ops compiled, at first choice
+        building.set()
+        release.wait(10)
+        return FakeBackend("slow", log)
+    cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log), "slow": slow})
+    cmp.variant("q")
+    other = threading.Thread(target=cmp.variant, args=("slow",))
+    other.start()
+    try:
+        assert building.wait(5)
+        done = threading.Event()
+        threading.Thread(target=lambda: (cmp.run(frame((40, 40, 3)), "q"), done.set()), daemon=True).start()
+        assert done.wait(5), "a frame of the open variant waited for the other variant to be built"
+    finally:
+        release.set()
+        other.join()
+
+
 def test_confidences_are_a_softmax_that_survives_large_logits_and_rank_best_first():
     log = []
     cmp = Comparison(FakeBackend("fp", log, logits=(1000.0, 0.0, 999.0)), {"q": lambda: FakeBackend("q", log)})
