@@ -25,7 +25,7 @@ from tqdm import tqdm
 from app.examples import DRAWINGS
 from app.frames import MAX_PIXELS
 from app.live import LiveStats
-from app.main import ASSETS, OTHER, make_comparison
+from app.main import ASSETS, OTHER, make_comparison, open_default
 from app.ui import Handlers
 from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json
 
@@ -104,12 +104,19 @@ def main(argv=None):
 
     start, load_before = time.time(), os.getloadavg()
     comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime)
+    labels = open_default(comparison, labels, skipped, explicit=False)  # the app's default, as the app opens it
+    order = [label for label in [comparison.default] + labels if OTHER not in label]
+    order = list(dict.fromkeys(order))  # the default pair first
+    for label in order[1:]:  # a file the app would leave out of its menu (damaged) is left out here too
+        try:
+            comparison.variant(label)
+        except (ValueError, OSError) as e:
+            skipped.append(f"{label}: {e}")
+            order.remove(label)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     for label in (x for x in labels if OTHER in x):
         print(f"left out {label}: not a quantized version of the FP model", file=sys.stderr)
-    order = [label for label in [comparison.default] + labels if OTHER not in label]
-    order = list(dict.fromkeys(order))  # the default pair first
     if not order:
         raise ValueError(f"no quantized model of {comparison.fp.name}'s architecture in {args.assets} to time it "
                          f"against (make one with python -m quant.ptq or quant.qat)")

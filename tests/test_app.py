@@ -795,6 +795,18 @@ def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(ass
     assert "frames/s target" in capsys.readouterr().out
 
 
+def test_the_bench_leaves_out_a_packed_model_that_does_not_open_as_the_app_does(assets, tmp_path, capsys):
+    (assets / "a_ternary.safetensors").write_bytes((assets / "tiny_ternary.safetensors").read_bytes())
+    damage(assets / "a_ternary.safetensors")   # sorts first: the default ternary model, were it whole
+    damage(assets / "tiny_int8.safetensors")   # not the default
+    out = tmp_path / "bench.json"
+    bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "2",
+                "--size", "64x48", "--runtime", "torch", "--out", str(out)])
+    assert [p["quant"]["file"] for p in json.loads(out.read_text())["pairs"]] == ["tiny_ternary.safetensors"]
+    err = capsys.readouterr().err
+    assert "skipped ternary · int8 activations · a_ternary" in err and "skipped int8" in err
+
+
 def test_the_bench_leaves_out_packed_models_of_another_architecture(assets, tmp_path, capsys):
     wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
     packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
