@@ -335,8 +335,9 @@ def allocation_figure(alloc: dict, title: str = "Q-ViT bit allocation"):
     if layers:
         ax = fig.add_subplot(grid[-1, :])
         x = np.arange(len(layers))
-        ax.bar(x - 0.2, [v["weight"] for v in layers.values()], 0.4, label="weight")
-        ax.bar(x + 0.2, [v["input"] if finite_number(v.get("input")) else 0 for v in layers.values()], 0.4,
+        # as floats: matplotlib turns a Python int beyond 64 bits (a damaged file's 2**63) into an OverflowError
+        ax.bar(x - 0.2, [float(v["weight"]) for v in layers.values()], 0.4, label="weight")
+        ax.bar(x + 0.2, [float(v["input"]) if finite_number(v.get("input")) else 0 for v in layers.values()], 0.4,
                label="input (0: head-wise, above)")
         ax.set_xticks(x, list(layers), rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("bits")

@@ -204,12 +204,14 @@ def figure(result: dict):
             width = 0.8 / len(comps)
             for k, comp in enumerate(comps):
                 d = {t["block"]: t[metric] for t in trials if t["bits"] == b and t["component"] == comp}
-                ax.bar(np.array(blocks) + (k - len(comps) / 2 + 0.5) * width, [d.get(x, 0) for x in blocks],
-                       width, label=comp.replace("w_", "weight ").replace("a_gelu", "post-GELU act"))
+                # as floats: matplotlib and numpy take no Python int beyond 64 bits (a damaged file's 2**63)
+                ax.bar(np.array(blocks, float) + (k - len(comps) / 2 + 0.5) * width,
+                       [float(d.get(x, 0)) for x in blocks], width,
+                       label=comp.replace("w_", "weight ").replace("a_gelu", "post-GELU act"))
             ax.set_title(f"{b}-bit, one component at a time")
             ax.set_xlabel("block")
             ax.set_ylabel("top-1 drop (points)" if metric == "drop" else "logit KL from FP (nats)")
-            ax.set_xticks(blocks)
+            ax.set_xticks(np.array(blocks, float), [str(x) for x in blocks])
             if metric == "kl" and any(t["kl"] > 0 for t in trials if t["bits"] == b and t["component"] in comps):
                 ax.set_yscale("log")
             if i == 0 and metric == "drop":

@@ -735,6 +735,13 @@ def test_an_allocation_whose_layer_input_bits_are_not_a_number_is_drawn_with_tha
     assert [p.get_height() for p in fig.axes[0].patches] == [4, 3, 0, 0]
 
 
+def test_an_allocation_whose_layer_bits_are_an_integer_beyond_64_bits_is_drawn_not_a_crash(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"attention": {}, "bitops": 1, "layers": {
+        "blocks.0.attn.qkv": {"weight": 2 ** 63, "input": 2 ** 64}, "blocks.0.mlp.fc1": {"weight": 3, "input": 8}}}))
+    fig = results.allocation_plot(results.load(tmp_path).having("allocation")[0])
+    assert any(ax.has_data() for ax in fig.axes)
+
+
 def test_an_allocation_path_naming_a_pipe_is_not_followed(tmp_path):
     os.mkfifo(tmp_path / "pipe")  # like /dev/zero or /dev/stdin: reading it would never end
     (tmp_path / "qat.json").write_text(json.dumps({"w4": {"top1": 0.5, "allocation": str(tmp_path / "pipe")}}))
@@ -757,6 +764,15 @@ def test_a_robustness_trial_without_a_head_is_drawn_without_one_not_a_crash(tmp_
               {"bits": 2, "block": 0, "drop": 1.0, "kl": 0.1, **trial}]
     (tmp_path / "r.json").write_text(json.dumps({"fp_top1": 0.8, "n": 10, "trials": trials}))
     fig = results.robustness_plot(results.load(tmp_path).having("robustness")[0])
+    assert any(ax.has_data() for ax in fig.axes)
+
+
+def test_a_robustness_analysis_holding_integers_beyond_64_bits_is_drawn_not_a_crash(tmp_path):
+    trials = [{"bits": 2, "component": "w_qkv", "block": 0, "drop": 2 ** 63, "kl": 0.1},
+              {"bits": 2, "component": "w_qkv", "block": 2 ** 70, "drop": 1.0, "kl": 2 ** 64}]
+    (tmp_path / "r.json").write_text(json.dumps({"fp_top1": 0.8, "n": 10, "trials": trials}))
+    fig = results.robustness_plot(results.load(tmp_path).having("robustness")[0])
+    fig.canvas.draw()
     assert any(ax.has_data() for ax in fig.axes)
 
 
