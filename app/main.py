@@ -47,7 +47,8 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
             raise ValueError(f"--fp {fp} is a {fp_file.weight_format} model, not a full-precision one")
         fp_backend = open_model(fp, threads, runtime)
     else:  # the shipped reference, or the first FP file of the folder that opens
-        fps = [m.path for m in found if m.kind == "fp" and m.path.suffix == ".safetensors"]
+        fps = sorted((m.path for m in found if m.kind == "fp"),  # .safetensors first (the app can quantize them),
+                     key=lambda p: p.suffix.lower() != ".safetensors")  # then ONNX exports (a folder of python -m export's)
         if Path(DEFAULT_FP).is_file() and Path(assets).resolve() == ASSETS.resolve():
             fps = [DEFAULT_FP] + [p for p in fps if p.resolve() != DEFAULT_FP.resolve()]
         for fp in fps:
@@ -58,7 +59,7 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
                 skipped.append(f"{Path(fp).name}: {e}")
         else:
             raise FileNotFoundError(f"no full-precision model in {assets} that opens: pass --fp MODEL "
-                                    f"(a bitvit .safetensors file)")
+                                    f"(a bitvit .safetensors file or ONNX export)")
         fp_file = inspect_file(fp)
     variants = [m for m in found if m.kind == "quant"]
     if quant is not None:

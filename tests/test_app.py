@@ -464,6 +464,16 @@ def test_an_onnx_fp_model_with_nothing_to_compare_it_with_asks_for_a_quantized_m
         make_comparison(onnx_fp, None, tmp_path, runtime="torch")
 
 
+def test_without_fp_a_folder_of_onnx_exports_compares_its_fp_export_with_its_quantized_one(tiny_model, tmp_path):
+    from export.exporter import export, quantize_for_export
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    export(tiny_model, folder / "fp32.onnx")
+    export(quantize_for_export(tiny_model, "w8a8"), folder / "w8a8.onnx", "w8a8", custom_ops=False)
+    cmp, labels, _ = make_comparison(None, None, folder)
+    assert cmp.fp.name == "fp32.onnx" and labels == [cmp.default] and "w8a8.onnx" in cmp.default
+
+
 def test_a_model_whose_config_holds_a_number_too_large_for_a_float_is_refused_in_one_line(tmp_path, capsys):
     from safetensors.torch import save_file
     config = json.dumps({**json.loads(TINY.to_json()), "mlp_ratio": 10 ** 400})
