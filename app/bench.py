@@ -103,7 +103,8 @@ def main(argv=None):
                          f"memory; the clip is held to {MAX_CLIP_BYTES >> 30} GB")
 
     start, load_before = time.time(), os.getloadavg()
-    comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime)
+    comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime,
+                                                  has_quant_option=False)
     labels = open_default(comparison, labels, skipped, explicit=False)  # the app's default, as the app opens it
     order = [label for label in [comparison.default] + labels if OTHER not in label]
     order = list(dict.fromkeys(order))  # the default pair first

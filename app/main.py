@@ -33,8 +33,9 @@ OTHER = "other architecture than the FP model"  # in the menu label of a packed 
 
 
 def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str | Path = ASSETS,
-                    threads: int | None = None, runtime: str | None = None):
-    """(Comparison, variant labels, skipped-file notes) for the FP model and every packed model found."""
+                    threads: int | None = None, runtime: str | None = None, has_quant_option: bool = True):
+    """(Comparison, variant labels, skipped-file notes) for the FP model and every packed model found
+    (`has_quant_option`: whether the command asking has a --quant option to suggest)."""
     from app.backends import ON_THE_FLY, RUNTIME, inspect_file, open_model, scan
     from app.live import Comparison
     runtime = runtime or RUNTIME
@@ -95,7 +96,8 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     if not openers:  # nothing shipped: quantize the FP model here (round to nearest), saved in the cache
         if Path(fp).suffix != ".safetensors":
             raise ValueError(f"no quantized model in {assets} to compare {Path(fp).name} with, and the app can only "
-                             f"quantize a .safetensors model itself: pass --quant MODEL")
+                             f"quantize a .safetensors model itself: " + ("pass --quant MODEL" if has_quant_option else
+                             f"put a quantized bitvit model of it (.safetensors or .onnx) in {assets}"))
         for name in ON_THE_FLY:
             label = (f"{name} · built on the fly from {Path(fp).name} "
                      f"(PTQ, no comparable packed model in {Path(assets).name}/)")

@@ -474,6 +474,16 @@ def test_without_fp_a_folder_of_onnx_exports_compares_its_fp_export_with_its_qua
     assert cmp.fp.name == "fp32.onnx" and labels == [cmp.default] and "w8a8.onnx" in cmp.default
 
 
+def test_the_bench_given_an_onnx_fp_model_with_nothing_to_compare_does_not_ask_for_an_option_it_lacks(tiny_model,
+                                                                                                   tmp_path):
+    from export.exporter import export
+    onnx_fp = export(tiny_model, tmp_path / "fp.onnx")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="put a quantized bitvit model of it") as e:
+        bench_main(["--fp", str(onnx_fp), "--assets", str(tmp_path / "empty"), "--out", str(tmp_path / "b.json")])
+    assert "--quant" not in str(e.value)
+
+
 def test_a_model_whose_config_holds_a_number_too_large_for_a_float_is_refused_in_one_line(tmp_path, capsys):
     from safetensors.torch import save_file
     config = json.dumps({**json.loads(TINY.to_json()), "mlp_ratio": 10 ** 400})
