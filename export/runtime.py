@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import Message
 from onnx import numpy_helper
 
 from quant.cli import is_positive_int, max_threads
@@ -41,7 +42,26 @@ def read_onnx(path: Path) -> onnx.ModelProto:
         raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
         raise ValueError(f"{path} keeps tensors in external files; a bitvit export holds all of its weights")
+    bad = _non_utf8_text(proto, "model")
+    if bad is not None:  # ONNX Runtime's error naming it would fail to decode ("'utf-8' codec can't decode")
+        raise ValueError(f"{path} is damaged: its {bad[0]} holds {bad[1]!r}, which is not UTF-8 text")
     return proto
+
+
+def _non_utf8_text(msg: Message, where: str) -> tuple[str, bytes] | None:
+    """(field path, value) of the first string field of `msg` that is not valid UTF-8 (protobuf hands
+    such a proto2 string over as bytes), or None."""
+    for field, value in msg.ListFields():
+        if field.type == field.TYPE_STRING:
+            for v in (value,) if isinstance(value, (str, bytes)) else value:
+                if isinstance(v, bytes):
+                    return f"{where}.{field.name}", v
+        elif field.type == field.TYPE_MESSAGE:
+            for i, sub in enumerate((value,) if isinstance(value, Message) else value):
+                found = _non_utf8_text(sub, f"{where}.{field.name}" + ("" if isinstance(value, Message) else f"[{i}]"))
+                if found is not None:
+                    return found
+    return None
 
 
 def bitvit_metadata(proto: onnx.ModelProto, path: Path) -> dict[str, str]:
@@ -107,7 +127,9 @@ class Session:
             except Exception as e:  # ORT's own Fail/InvalidArgument are not RuntimeErrors
                 raise ValueError(f"ONNX Runtime cannot load bitvit's op library {lib}: {ort_message(e)}") from None
         try:
-            self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            # enable_fallback=0: its retry on the CPU (where it already is) first prints an "EP Error" banner
+            self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                                enable_fallback=0)
         except Exception as e:  # ORT's errors for invalid graphs, bad initializers, unknown ops
             raise ValueError(f"ONNX Runtime cannot load {path}: {ort_message(e)}") from None
         self._check_signature()

@@ -488,3 +488,15 @@ def test_an_onnx_file_keeping_its_weights_in_external_files_is_refused(tiny_mode
               location="w.bin", size_threshold=0)
     with pytest.raises(ValueError, match="keeps tensors in external files"):
         runtime.load(tmp_path / "m.onnx")
+
+
+def test_a_file_whose_damaged_name_is_not_utf8_is_refused_by_name_without_onnx_runtimes_banner(tiny_model, tmp_path,
+                                                                                                capfd):
+    data = to_onnx(tiny_model).SerializeToString()
+    name = b"blocks.1.mlp.fc1.bias"
+    assert data.index(name) < data.rindex(name)  # the first is the Add node's input, the last the initializer
+    (tmp_path / "bad.onnx").write_bytes(data.replace(name, b"blocks.1.mlp\xd4fc1.bias", 1))  # one flipped byte
+    with pytest.raises(ValueError, match=r"bad.onnx is damaged: its model.graph.node\[\d+\].input holds "
+                                         r"b'blocks.1.mlp\\xd4fc1.bias', which is not UTF-8 text"):
+        runtime.load(tmp_path / "bad.onnx")
+    assert capfd.readouterr().out == ""  # not ONNX Runtime's "EP Error ... Falling back" banner
