@@ -77,9 +77,10 @@ def bitvit_metadata(proto: onnx.ModelProto, path: Path) -> dict[str, str]:
 def ort_message(e: Exception) -> str:
     """ONNX Runtime's error as one line, without the C++ source location and signature it prefixes
     (`/onnxruntime_src/...cc:256 onnxruntime::Model::Model(...) `, the signature maybe after a return type
-    `void `), or the bare location and function name (`tensorprotoutils.cc:1534 ValidateEmbedded... `)."""
+    `void `), or the bare location and function name (`tensorprotoutils.cc:1534 ValidateEmbedded... `, or a
+    lambda's `matmul_nbits.cc:316 operator() `)."""
     text = re.sub(r"/onnxruntime_src/\S+:\d+ (?:[^(]*? )?[^(\s]+\([^)]*\)\s*", "", str(e))
-    text = re.sub(r"\b\w+\.(?:cc|h):\d+ \w+\s+", "", text)
+    text = re.sub(r"\b\w+\.(?:cc|h):\d+ \w+(?:\(\))?\s+", "", text)
     return " ".join(text.split()).rstrip(",")
 
 

@@ -246,6 +246,15 @@ def test_onnx_runtimes_refusals_lose_a_signature_with_a_return_type_and_a_bare_s
         assert not re.search(r"onnxruntime_src|onnxruntime::|\.cc:\d", str(e.value)), str(e.value)
 
 
+def test_onnx_runtimes_refusal_of_a_matmulnbits_scale_count_loses_its_lambdas_source_location(tiny_model, tmp_path):
+    proto = to_onnx(quantize_for_export(tiny_model, "int4"), "int4")
+    scales = next(t for t in proto.graph.initializer if t.name.endswith(".scales"))  # "matmul_nbits.cc:N operator()"
+    scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales)[:-1].copy(), scales.name))
+    onnx.save(proto, tmp_path / "short.onnx")
+    with pytest.raises(ValueError, match="MatMulNBits PrePack: scales initializer shape") as e:
+        runtime.load(tmp_path / "short.onnx")
+    assert not re.search(r"\.cc:\d|operator\(\)", str(e.value)), str(e.value)
+
 def test_a_file_importing_a_later_version_of_bitvits_ops_is_refused_not_run_as_version_1(tiny_model, tmp_path):
     proto = to_onnx(quantize_for_export(tiny_model, "ternary"), "ternary")
     next(o for o in proto.opset_import if o.domain == "bitvit").version = 2  # ONNX Runtime runs it as version 1
