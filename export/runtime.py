@@ -93,9 +93,13 @@ class Session:
             raise ValueError(f"{path} is a folder, not an ONNX file")
         if not path.is_file():
             raise FileNotFoundError(f"no such ONNX file: {path}")
+        if isinstance(threads, np.integer):  # a count computed with numpy
+            threads = int(threads)
         if threads is not None and not (is_positive_int(threads) and threads <= max_threads()):
             raise ValueError(f"threads must be an integer in 1..{max_threads()} (this machine's cores), "
                              f"got {threads!r}")
+        if not isinstance(spinning, (bool, np.bool_)):  # "no" or "false" would turn spinning on
+            raise ValueError(f"spinning must be True or False, got {spinning!r}")
         proto = read_onnx(path)
         meta = bitvit_metadata(proto, path)
         self.path = path

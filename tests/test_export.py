@@ -348,6 +348,13 @@ def test_a_folder_an_empty_file_and_an_impossible_thread_count_are_refused_by_na
         runtime.load(export(tiny_model, tmp_path / "m.onnx"), threads=2**40)
 
 
+def test_a_numpy_thread_count_is_taken_and_a_spinning_flag_that_is_not_a_bool_is_refused(tiny_model, tmp_path):
+    path = export(tiny_model, tmp_path / "m.onnx")
+    assert runtime.load(path, threads=np.int64(1)).session.get_session_options().intra_op_num_threads == 1
+    for spinning in ("false", "no", 0, None):
+        with pytest.raises(ValueError, match=f"spinning must be True or False, got {spinning!r}"):
+            runtime.load(path, spinning=spinning)
+
 def test_a_quantized_model_is_exported_only_as_the_format_it_holds(tiny_model, tmp_path):
     ternary = quantize_for_export(tiny_model, "ternary")
     with pytest.raises(ValueError, match="holds ternary weights, not w8a8: export it as ternary"):
