@@ -108,11 +108,11 @@ class Session:
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path} has no readable bitvit.config metadata ({type(e).__name__}: {e})") from None
         self.format = meta.get("bitvit.format", "")
-        try:  # exports before 2026-12-06 do not record it: the full-precision architecture's count then
-            self.weight_count = int(meta.get("bitvit.parameters") or fp_parameters(self.config))
-        except ValueError:
-            raise ValueError(f"{path}'s bitvit.parameters metadata is not a count: "
-                             f"{meta['bitvit.parameters']!r}") from None
+        # exports before 2026-12-06 do not record it: the full-precision architecture's count then
+        count = meta.get("bitvit.parameters") or str(fp_parameters(self.config))
+        if not (count.isascii() and count.isdigit() and int(count) > 0):  # int() takes "-5", " 7 " and "1_000"
+            raise ValueError(f"{path}'s bitvit.parameters metadata is not a count: {count!r}")
+        self.weight_count = int(count)
         self.uses_custom_ops = any(op.domain == DOMAIN for op in proto.opset_import)
         for op in proto.opset_import:  # ONNX Runtime would run another version's nodes as version 1's
             if op.domain == DOMAIN and op.version != DOMAIN_VERSION:
