@@ -172,6 +172,11 @@ class Session:
             if found is not None and found != meta_says:  # absent: renamed by a tool (ORT's quantize_dynamic)
                 raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: {what} {found}, the "
                                  f"metadata says {meta_says}")
+        heads = {a.i for n in proto.graph.node if n.op_type == "MultiHeadAttention" for a in n.attribute
+                 if a.name == "num_heads"}
+        if heads - {cfg.num_heads}:  # another divisor of the width would run, splitting the heads otherwise
+            raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: attention with "
+                             f"{sorted(heads - {cfg.num_heads})} heads, the metadata says {cfg.num_heads}")
         T = onnx.TensorProto
         floats = (T.FLOAT, T.FLOAT16, T.BFLOAT16, T.DOUBLE)
         constants = [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]

@@ -285,6 +285,15 @@ def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_mo
             runtime.load(tmp_path / name)
 
 
+def test_a_graph_whose_attention_splits_another_number_of_heads_than_its_metadata_is_refused(tiny_model, tmp_path):
+    proto = to_onnx(tiny_model)
+    mha = next(n for n in proto.graph.node if n.op_type == "MultiHeadAttention")
+    next(a for a in mha.attribute if a.name == "num_heads").i = 1   # a divisor of the width: it would run
+    onnx.save(proto, tmp_path / "heads.onnx")
+    with pytest.raises(ValueError, match=r"attention with \[1\] heads, the metadata says 2"):
+        runtime.load(tmp_path / "heads.onnx")
+
+
 @pytest.mark.parametrize("fmt", ["fp32", "fp16", "ternary"])
 def test_a_file_with_a_non_finite_weight_or_scale_is_refused_when_loaded(tiny_model, tmp_path, fmt):
     proto = to_onnx(quantize_for_export(tiny_model, fmt), fmt)
