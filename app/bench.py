@@ -4,7 +4,7 @@ Feeds the same recorded webcam clip -- synthetic 640x480 frames of the drawn exa
 noisy background, made before timing starts -- through `Handlers.live`, exactly what the page calls for
 each webcam frame (decode, resize/crop to the models' view, FP model, quantized model, page text), for
 each pair: the full-precision model against every quantized variant the app would offer of the same
-architecture (the models in `--assets`, or the ones it builds on the fly when there are none); the
+architecture (the models in `--assets`, or the ones it builds on the fly when there are none of it); the
 menu's models of another architecture are left out, as a speed-up or size ratio against them would
 compare two different networks. Prints a table and writes
 `--out` (JSON: command, machine, load average, date, wall time and per pair frames/s and median

@@ -4,8 +4,8 @@ Serves the Gradio page (Live, Image and Results tabs) comparing a full-precision
 one, on the models in `assets/` and with no network. `--fp` defaults to the GPU-trained reference,
 `assets/vit_cifar_small.safetensors`; the quantized menu lists every packed model in `assets/` (plus
 `--quant`, which is also the default choice; otherwise a ternary model of the FP model's architecture
-when there is one, else another of its architecture). With no packed model at all, the app quantizes
-the FP model itself when it starts (`quant.quantize` with the round-to-nearest recipes w8a8 and w4,
+when there is one, else another of its architecture). With no packed model of its architecture, the app
+quantizes the FP model itself when it starts (`quant.quantize` with the round-to-nearest recipes w8a8 and w4,
 saved in the bitvit cache) and says so on the page. Host and port default to what Hugging Face Spaces
 expects (0.0.0.0:7860, or $GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT).
 """
@@ -93,15 +93,16 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
         else:
             own.append((label, m.weight_format))
         openers[label] = functools.partial(open_model, m.path, threads, runtime)
-    if not openers:  # nothing shipped: quantize the FP model here (round to nearest), saved in the cache
-        if Path(fp).suffix != ".safetensors":
-            raise ValueError(f"no quantized model in {assets} to compare {Path(fp).name} with, and the app can only "
-                             f"quantize a .safetensors model itself: " + ("pass --quant MODEL" if has_quant_option else
-                             f"put a quantized bitvit model of it (.safetensors or .onnx) in {assets}"))
-        for name in ON_THE_FLY:
+    if not own and Path(fp).suffix == ".safetensors":  # none of its network: quantize it here (round to nearest),
+        for name in ON_THE_FLY:                           # saved in the cache; a ratio to another network means little
             label = (f"{name} · built on the fly from {Path(fp).name} "
                      f"(PTQ, no comparable packed model in {Path(assets).name}/)")
             openers[label] = functools.partial(_on_the_fly, fp, name, threads, runtime)
+            own.append((label, name))
+    if not openers:
+        raise ValueError(f"no quantized model in {assets} to compare {Path(fp).name} with, and the app can only "
+                         f"quantize a .safetensors model itself: " + ("pass --quant MODEL" if has_quant_option else
+                         f"put a quantized bitvit model of it (.safetensors or .onnx) in {assets}"))
     labels = list(openers)
     default = labels[0] if quant is not None else next(  # of the FP model's architecture: a ternary one first
         (label for label, fmt in own if fmt == "ternary"), own[0][0] if own else labels[0])

@@ -330,6 +330,16 @@ def test_a_packed_model_of_another_architecture_is_labelled_and_not_the_default(
     assert cmp.default.startswith("ternary · int8 activations · tiny_ternary")
 
 
+def test_with_packed_models_of_other_architectures_only_the_fp_model_is_quantized_on_the_fly(assets):
+    for name in ("tiny_ternary", "tiny_int8"):
+        (assets / f"{name}.safetensors").unlink()
+    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
+    packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
+    cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
+    assert cmp.default.startswith("w8a8 · built on the fly from fp.safetensors")
+    assert any(OTHER in label for label in labels)   # still in the menu, labelled
+
+
 def test_without_a_ternary_model_of_its_own_architecture_the_default_is_another_of_its_own(assets):
     (assets / "tiny_ternary.safetensors").unlink()
     wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
@@ -854,8 +864,11 @@ def test_the_bench_leaves_out_packed_models_of_another_architecture(assets, tmp_
     assert "left out ternary · int8 activations · a_wide_ternary" in capsys.readouterr().err
     for name in ("tiny_ternary", "tiny_int8"):
         (assets / f"{name}.safetensors").unlink()
-    with pytest.raises(ValueError, match="no quantized model of fp.safetensors's architecture"):
-        bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--out", str(out)])
+    from export.exporter import export
+    export_fp = tmp_path / "fp.onnx"   # an FP export, which the app cannot quantize itself
+    export(quant.load_any(assets / "fp.safetensors"), export_fp)
+    with pytest.raises(ValueError, match="no quantized model of fp.onnx's architecture"):
+        bench_main(["--fp", str(export_fp), "--assets", str(assets), "--out", str(out)])
 
 
 def _handlers_whose_variant_went_away(fp_file, tmp_path) -> Handlers:
