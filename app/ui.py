@@ -7,6 +7,8 @@ frame or `None` from the webcam stream, an uploaded file's data, the selected va
 """
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -170,7 +172,8 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
     s = comparison.size
     classes = fp.config.classes
     results_dir = Path(results_dir)
-    examples_dir = Path(tempfile.mkdtemp(prefix="bitvit-examples-"))
+    examples_dir = Path(tempfile.mkdtemp(prefix="bitvit-examples-"))  # in the temp folder, which Gradio serves
+    atexit.register(shutil.rmtree, examples_dir, ignore_errors=True)  # not one more folder left at every start
     examples = write_examples(examples_dir)
 
     with gr.Blocks(title="bitvit: full precision vs quantized ViT") as demo:

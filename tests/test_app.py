@@ -427,6 +427,20 @@ def test_the_page_lists_the_model_files_left_out_and_why(assets, tmp_path):
     assert any("notes.safetensors" in t for t in texts)
 
 
+def test_the_pages_drawn_examples_are_removed_when_the_app_exits(handlers, tmp_path, monkeypatch):
+    import atexit
+    import shutil
+    from app.ui import build
+    at_exit = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *args, **kw: at_exit.append((fn, args, kw)))
+    build(handlers.cmp, ["int8"], tmp_path)
+    folders = [args[0] for fn, args, _ in at_exit if fn is shutil.rmtree]
+    assert len(folders) == 1 and sorted(p.suffix for p in folders[0].iterdir()) == [".png"] * 5
+    for fn, args, kw in at_exit:
+        fn(*args, **kw)
+    assert not folders[0].exists()
+
+
 def test_two_visitors_can_stream_their_webcams_at_once(handlers, tmp_path):
     from app.ui import build
     demo = build(handlers.cmp, ["int8"], tmp_path)
