@@ -284,6 +284,61 @@ def _(x, packed, scales, zeros, codebook, bias, bits, group_size, in_features):
     return x.new_empty((*x.shape[:-1], n))
 
 
+# ----------------------------------------------------------------------------- gradients
+# As QuantLinear's reference forward has them, so that a model on the ops runs backward, and traces under
+# torch.compile with gradients enabled (AOTAutograd traces the backward too): per-token int8 quantization
+# takes a detached input (no gradient reaches x or the input LayerNorm), the weight-only op is a linear
+# layer in x, the bias gets the output's gradient, and the packed weights, scales and code books (buffers)
+# get none.
+
+def _bias_grad(grad: Tensor, bias: tuple) -> Tensor:
+    shape, dtype = bias
+    return grad.reshape(-1, grad.shape[-1]).sum(0).reshape(shape).to(dtype)
+
+
+def _setup_a8(ctx, inputs, output):
+    bias = inputs[3]
+    ctx.bias_like = None if bias is None else (bias.shape, bias.dtype)
+
+
+def _backward_a8(ctx, grad):
+    bias = None if ctx.bias_like is None or not ctx.needs_input_grad[3] else _bias_grad(grad, ctx.bias_like)
+    return None, None, None, bias, None, None, None, None
+
+
+for _op in A8_OPS.values():
+    _op.register_autograd(_backward_a8, setup_context=_setup_a8)
+
+
+def _setup_weight_only(ctx, inputs, output):
+    x, packed, scales, zeros, codebook, bias, bits, group_size, in_features = inputs
+    ctx.save_for_backward(packed, scales, zeros, codebook)
+    ctx.layout = (bits, group_size, in_features, x.dtype)
+    ctx.bias_like = None if bias is None else (bias.shape, bias.dtype)
+
+
+def _backward_weight_only(ctx, grad):
+    packed, scales, zeros, codebook = ctx.saved_tensors
+    bits, group_size, in_features, dtype = ctx.layout
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize_weight_only(packed, scales, zeros, codebook, bits, group_size, in_features)
+        grad_x = (grad @ w.to(grad.dtype)).to(dtype)
+    if ctx.bias_like is not None and ctx.needs_input_grad[5]:
+        grad_bias = _bias_grad(grad, ctx.bias_like)
+    return grad_x, None, None, None, None, grad_bias, None, None, None
+
+
+weight_only_linear.register_autograd(_backward_weight_only, setup_context=_setup_weight_only)
+
+
+def _backward_quantize(ctx, grad_q, grad_s):
+    return None, None, None, None
+
+
+quantize_per_token.register_autograd(_backward_quantize)
+
+
 # ----------------------------------------------------------------------------- CUDA kernels (Triton)
 
 def _rows(x: Tensor, k: int) -> Tensor:

@@ -281,3 +281,35 @@ def test_a_model_on_the_kernels_is_not_quantized_again():
     with pytest.raises(ValueError, match="already quantized, on bitvit's kernels"):
         quant.quantize(model, "w4")
     assert isinstance(model.head, nn.Linear) and not isinstance(model.head, QuantLinear)
+
+
+@pytest.mark.parametrize("recipe", ["w1.58a8", "w4"])
+def test_a_kernel_model_compiles_with_gradients_enabled(recipe):
+    """torch.compile traces the backward too where the model's parameters require gradients (the default)."""
+    model = to_kernels(quantized_tiny(recipe))
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["w1.58a8", "w4a8", "w4", "nf4"])
+def test_a_kernel_model_backpropagates_what_the_quantlinear_reference_does(recipe):
+    """Per-token int8 quantization passes no gradient (its input is detached); a weight-only layer passes
+    x's gradient through its dequantized weights; biases get theirs."""
+    model = quantized_tiny(recipe)
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.bias is not None:
+            m.bias.requires_grad_(True)
+    fast = to_kernels(copy.deepcopy(model))
+    grads = []
+    for net in (model, fast):
+        x = images().requires_grad_()
+        net(x).square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in net.parameters()])
+    for ref, got in zip(*grads):
+        if ref is None or got is None:  # no gradient on one side: none or zeros on the other
+            assert (ref if got is None else got) is None or not (ref if got is None else got).any()
+        else:
+            assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
