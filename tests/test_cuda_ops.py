@@ -475,3 +475,17 @@ def test_weight_only_integer_scales_are_refused():
     packed, scales, zeros, codebook, b = make_weight_only_layer("asym", 4, 8, 96, 32, gen())
     with pytest.raises(ValueError, match=r"scales must be float \(8, 3\)"):
         OPS.weight_only_linear(torch.randn(2, 96), packed, scales.int(), zeros, codebook, b, 4, 32, 96)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_activations_are_refused_by_every_op(dtype):
+    """No kernel takes them: the CPU kernels ran them (the fused LayerNorm failed inside torch)."""
+    x = torch.randn(3, 64, generator=gen()).to(dtype)
+    packed, scales, b = make_a8_layer("ternary", 8, 64, gen())
+    wo = make_weight_only_layer("sym", 4, 8, 64, 32, gen())
+    calls = [lambda: OPS.quantize_per_token(x), lambda: OPS.ternary_linear(x, packed, scales, b, 64),
+             lambda: OPS.ternary_linear(x, packed, scales, b, 64, torch.ones(64), None, 1e-5),
+             lambda: OPS.weight_only_linear(x, *wo, 4, 32, 64)]
+    for call in calls:
+        with pytest.raises(ValueError, match="float32, bfloat16, float16 or float64"):
+            call()
