@@ -91,8 +91,8 @@ def _check_devices(x: Tensor, others: tuple, name: str) -> None:
 
 
 def _check_norm(norm_weight, norm_bias, norm_eps, k: int, name: str) -> None:
-    if norm_eps is not None and not norm_eps > 0:
-        raise ValueError(f"{name}: norm_eps must be positive, got {norm_eps}")
+    if norm_eps is not None and not 0 < norm_eps < float("inf"):  # an infinite eps normalizes every row to 0
+        raise ValueError(f"{name}: norm_eps must be positive and finite, got {norm_eps}")
     for t, what in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
         if t is not None and (norm_eps is None or t.shape != (k,) or not t.is_floating_point()):
             raise ValueError(f"{name}: {what} must be a 1-D float tensor of {k} values, with norm_eps set")

@@ -489,3 +489,12 @@ def test_float8_activations_are_refused_by_every_op(dtype):
     for call in calls:
         with pytest.raises(ValueError, match="float32, bfloat16, float16 or float64"):
             call()
+
+
+def test_an_infinite_norm_eps_is_refused():
+    """LayerNorm with it gives every row its bias alone: the layer's output no longer depends on the input."""
+    packed, scales, b = make_a8_layer("ternary", 8, 40, gen())
+    with pytest.raises(ValueError, match="norm_eps must be positive and finite, got inf"):
+        OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40, torch.ones(40), None, float("inf"))
+    with pytest.raises(ValueError, match="norm_eps must be positive and finite, got inf"):
+        OPS.quantize_per_token(torch.randn(2, 40), None, None, float("inf"))
