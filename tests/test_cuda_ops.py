@@ -498,3 +498,14 @@ def test_an_infinite_norm_eps_is_refused():
         OPS.ternary_linear(torch.randn(2, 40), packed, scales, b, 40, torch.ones(40), None, float("inf"))
     with pytest.raises(ValueError, match="norm_eps must be positive and finite, got inf"):
         OPS.quantize_per_token(torch.randn(2, 40), None, None, float("inf"))
+
+
+def test_a_weight_only_row_holding_inf_is_multiplied_as_a_float_matmul_does():
+    """No per-token scale to turn it into NaN: the row is non-finite as the reference's, the others finite."""
+    packed, scales, zeros, codebook, b = make_weight_only_layer("sym", 8, 8, 64, 64, gen())
+    x = torch.randn(3, 64, generator=gen(1))
+    x[1, 5] = float("inf")
+    y = OPS.weight_only_linear(x, packed, scales, zeros, codebook, b, 8, 64, 64)
+    ref = reference_weight_only(x, packed, 8, scales, zeros, codebook, b, 64, 64)
+    assert torch.equal(y[1].isnan(), ref[1].isnan()) and torch.equal(y[1].isposinf(), ref[1].isposinf())
+    assert not torch.isfinite(y[1]).any() and torch.isfinite(y[[0, 2]]).all()
