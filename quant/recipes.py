@@ -139,8 +139,8 @@ class RTN(_Checked):
             if fmt is not None:   # an 8-bit override: per-channel symmetric
                 q = QuantLinear.from_linear(layer, fmt, None, False,
                                             "int8_token" if self.act_format != "none" else "none")
-            else:
-                q = QuantLinear.from_linear(layer, self.weight_format, self.group_size,
+            else:   # group_size None is one scale per output channel, for NF4 too (from_linear's own default is 64)
+                q = QuantLinear.from_linear(layer, self.weight_format, self.group_size or layer.in_features,
                                             self.asymmetric and self.weight_format.startswith("int"),
                                             self.act_format)
             model.set_submodule(name, q)

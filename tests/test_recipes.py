@@ -155,6 +155,13 @@ def test_w4_holds_asymmetric_int4_in_groups_of_64():
     assert (fc.weight_format, fc.scales.shape, fc.zeros.shape) == ("int4", (5, 2), (5, 2))
 
 
+def test_nf4_with_group_size_none_has_one_scale_per_output_channel():
+    model = plain_model()                                       # out.1 has 96 inputs: two groups of 64 by default
+    quant.quantize(model, quant.recipe("nf4", group_size=None, layer_formats=()))
+    fc = model.out[1]
+    assert (fc.weight_format, fc.group_size, fc.scales.shape) == ("nf4", 96, (5, 1))
+
+
 def test_quantize_records_the_recipe_on_the_model():
     model = quant.quantize(plain_model(), quant.recipe("w4", group_size=32))
     assert model.quant_recipe == {"type": "RTN", "name": "w4", "weight_format": "int4", "group_size": 32,
