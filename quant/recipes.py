@@ -194,7 +194,7 @@ class W4A4(_Checked):
     gptq: bool = True                       # weights by GPTQ (else round to nearest)
     softmax: str = "log2"                   # post-softmax quantizer: log2 (log-sqrt(2)) | uniform
     reparam_layernorm: bool = True          # RepQ-ViT scale reparameterization of post-LayerNorm inputs
-    layer_formats: tuple[tuple[str, str], ...] = (("head", "int8"),)
+    layer_formats: tuple[tuple[str, str], ...] = (("head", "int8"),)   # block layers: intB weights only
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         from quant.w4a4 import quantize_w4a4

@@ -109,17 +109,19 @@ def reparameterize_layernorm(norm: nn.LayerNorm, linear: nn.Linear, scale: torch
 
 
 def _quantize_linear(layer: nn.Linear, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                     recipe) -> QuantLinear:
-    """QuantLinear with a static uintB input quantizer (scale, zero), GPTQ (or RTN) weights, corrected bias.
+                     recipe, weight_bits: int | None = None) -> QuantLinear:
+    """QuantLinear with a static uintB input quantizer (scale, zero), GPTQ (or RTN) weights of `weight_bits`
+    (default the recipe's), corrected bias.
 
     Bias correction: the quantized layer's mean output error over the calibration tokens x (T, K),
     mean_T (x_hat W_hat^T - x W^T), is subtracted from its bias (a layer without bias gets one), so
     rounding errors that do not average out do not shift the next LayerNorm's or GELU's input.
     """
-    bits, fmt = recipe.act_bits, f"int{recipe.weight_bits}"
+    weight_bits = weight_bits or recipe.weight_bits
+    bits, fmt = recipe.act_bits, f"int{weight_bits}"
     x_hat = uint_fake(x, scale, zero, bits)
     if recipe.gptq:
-        q = gptq_weight(layer.weight, hessian(x_hat), recipe.weight_bits, recipe.group_size, asymmetric=False)
+        q = gptq_weight(layer.weight, hessian(x_hat), weight_bits, recipe.group_size, asymmetric=False)
     else:
         q = quantize_weight(layer.weight, fmt, recipe.group_size)
     bias = layer.bias if layer.bias is not None else torch.zeros_like(layer.weight[:, 0])
@@ -150,6 +152,14 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
     bits = recipe.act_bits
     blocks = _blocks(model)
     in_blocks = {id(m) for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)}
+    # a layer_formats pattern may set a block layer's weight width (intB); its input stays at act_bits
+    widths = {}
+    for n, m in model.named_modules():
+        if id(m) in in_blocks:
+            widths[id(m)] = fmt = format_override(n, recipe.layer_formats)
+            if fmt is not None and not fmt.startswith("int"):
+                raise ValueError(f"w4a4 quantizes the weights of qkv, proj, fc1 and fc2 to uniform integer codes, "
+                                 f"so layer_formats can give {n!r} int2..int8, not {fmt!r}")
     others = {n: format_override(n, recipe.layer_formats) for n, m in model.named_modules()
               if type(m) is nn.Linear and id(m) not in in_blocks}                  # e.g. the head
     if unplaced := [n for n, fmt in others.items() if fmt is None]:
@@ -172,7 +182,9 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
                 x = capture(block, layer, h, batch_size)
             else:
                 s, z = tensor_range(x, bits, layer.weight)
-            setattr(owner, name, _quantize_linear(layer, x, s, z, recipe))
+            fmt = widths[id(layer)]
+            setattr(owner, name, _quantize_linear(layer, x, s, z, recipe,
+                                                  recipe.weight_bits if fmt is None else int(fmt[3:])))
             if name == "qkv":
                 _calibrate_attention(block, attn, h, bits, recipe, batch_size)
         with torch.no_grad():                                              # the next block's inputs

@@ -121,6 +121,21 @@ def test_w4a4_puts_each_quantizer_in_its_place(tiny_model):
     assert (model(x).argmax(1) == ref.argmax(1)).float().mean() > 0.5
 
 
+def test_a_layer_formats_pattern_sets_the_weight_width_of_block_layers(tiny_model):
+    r = quant.recipe("w4a4", layer_formats=(("head", "int8"), ("blocks.0.mlp.*", "int8")))
+    model = quant.quantize(tiny_model, r, calib=torch.randn(8, 3, 16, 16))
+    widths = {n: m.weight_format for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert widths["blocks.0.mlp.fc1"] == widths["blocks.0.mlp.fc2"] == "int8"
+    assert widths["blocks.0.attn.qkv"] == widths["blocks.1.mlp.fc1"] == "int4"
+    assert model.blocks[0].mlp.fc1.act_format == "uint4_tensor"        # the inputs stay at act_bits
+
+
+def test_a_layer_formats_pattern_giving_a_block_layer_a_non_integer_format_is_refused(tiny_model):
+    r = quant.recipe("w4a4", layer_formats=(("head", "int8"), ("blocks.*.attn.qkv", "nf4")))
+    with pytest.raises(ValueError, match="'blocks.0.attn.qkv' int2..int8, not 'nf4'"):
+        quant.quantize(tiny_model, r, calib=torch.randn(8, 3, 16, 16))
+
+
 def test_softmax_offset_candidates_reach_the_largest_offset():
     p = torch.full((1, 1, 4, 4), 2.0 ** -14)             # exactly offset 14's smallest level (code 14 of 0..15)
     assert log2_offsets(p, torch.randn(1, 1, 4, 2), 4) == [14]
