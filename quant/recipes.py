@@ -89,6 +89,8 @@ def _check_field(recipe, key: str, annotation: str, value) -> None:
     if key == "layer_formats":  # ((fnmatch pattern, weight format), ...)
         ok = isinstance(value, tuple) and all(
             isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value)
+    elif annotation == "tuple[str, ...]":   # BitNet's skip: layer names
+        ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
     elif annotation.startswith("tuple"):
         ok = isinstance(value, tuple)
     else:
@@ -283,9 +285,18 @@ def recipe(name: str, /, **overrides) -> Recipe:
 
 def _check_patterns(r, model: nn.Module) -> None:
     """Each `layer_formats` pattern given (the recipe's default, the head at int8, holds only where there is
-    a head) must match a linear layer: a mistyped one would quantize its layers at the recipe's width."""
+    a head) must match a linear layer: a mistyped one would quantize its layers at the recipe's width. So must
+    each name BitNet's `skip` gives (the default, the head, aside): a mistyped one would quantize that layer."""
+    defaults = {f.name: f.default for f in dataclasses.fields(r)}
+    skip = getattr(r, "skip", ())
+    if skip and skip != defaults["skip"]:
+        names = _linears(model)
+        if bad := next((s for s in skip if s not in names), None):
+            raise ValueError(f"recipe {r.name!r}: skip names {bad!r}, which is not a linear layer of the model "
+                             f"(skip takes layer names, not patterns; its linear layers: {', '.join(names[:4])}"
+                             f"{', ...' if len(names) > 4 else ''})")
     given = getattr(r, "layer_formats", ())
-    if not given or given == {f.name: f.default for f in dataclasses.fields(r)}["layer_formats"]:
+    if not given or given == defaults["layer_formats"]:
         return
     names = _linears(model)
     for pattern, _ in given:

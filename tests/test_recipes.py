@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import quant
 from quant import gptq
+from quant.bitlinear import BitLinear
 from quant.qlinear import QuantLinear
 from quant.recipes import GPTQ, RECIPES, RTN, W4A4, BitNet, QViT
 
@@ -385,6 +386,23 @@ def test_a_layer_formats_pattern_that_matches_no_layer_is_refused_naming_it(tiny
     with pytest.raises(ValueError, match=r"pattern 'blocks\.\*\.mlp\.fc3' matches no linear layer"):
         quant.quantize(tiny_model, typo)
     assert not any(isinstance(m, QuantLinear) for m in tiny_model.modules())
+
+
+def test_a_bitnet_skip_name_that_is_no_layer_of_the_model_is_refused_naming_it(tiny_model):
+    typo = quant.recipe("w1.58a8", skip=("head", "blocks.*.mlp.fc2"))     # a pattern, not a layer name
+    with pytest.raises(ValueError, match=r"skip names 'blocks\.\*\.mlp\.fc2', which is not a linear layer"):
+        quant.quantize(tiny_model, typo)
+    assert not any(isinstance(m, BitLinear) for m in tiny_model.modules())
+
+
+def test_bitnet_skip_keeps_the_layers_it_names_in_floating_point(tiny_model):
+    quant.quantize(tiny_model, quant.recipe("w1.58a8", skip=("head", "blocks.0.mlp.fc2")))
+    assert type(tiny_model.blocks[0].mlp.fc2) is nn.Linear and isinstance(tiny_model.blocks[1].mlp.fc2, BitLinear)
+
+
+def test_bitnet_skip_must_hold_layer_names():
+    with pytest.raises(ValueError, match=r"skip must be tuple\[str, ...\], got \(1,\)"):
+        quant.recipe("w1a8", skip=(1,))
 
 
 def test_the_default_head_pattern_holds_only_where_a_model_has_a_head():
