@@ -142,6 +142,16 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     if not blocks:
         raise ValueError("w4a4 is ViT-aware: it needs pre-norm transformer blocks (norm1, attn.qkv/proj, "
                          "norm2, mlp.fc1/fc2), as in bitvit's or timm's ViT")
+    for b in blocks:   # what QuantAttention, which replaces each attention, and the calibration read of it
+        attn, mlp = b.attn, b.mlp
+        if not (all(isinstance(getattr(attn, a, None), nn.Linear) for a in ("qkv", "proj"))
+                and all(isinstance(getattr(mlp, a, None), nn.Linear) for a in ("fc1", "fc2"))
+                and isinstance(getattr(attn, "num_heads", None), int) and isinstance(getattr(attn, "head_dim", None), int)
+                and attn.num_heads * attn.head_dim * 3 == attn.qkv.out_features):
+            raise ValueError(f"w4a4 is ViT-aware: it needs attention modules with nn.Linear qkv and proj and integer "
+                             f"num_heads and head_dim (qkv giving 3 x num_heads x head_dim outputs) and MLPs with "
+                             f"nn.Linear fc1 and fc2, as in bitvit's or timm's ViT; this model's {type(attn).__name__} "
+                             f"and {type(mlp).__name__} do not")
     return blocks
 
 

@@ -136,6 +136,29 @@ def test_a_layer_formats_pattern_giving_a_block_layer_a_non_integer_format_is_re
         quant.quantize(tiny_model, r, calib=torch.randn(8, 3, 16, 16))
 
 
+class HeadlessAttention(nn.Module):
+    """qkv and proj as in a ViT, but the head count under another name (no num_heads, head_dim)."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+def test_a_block_whose_attention_has_no_head_count_is_refused_with_one_clear_error():
+    block = nn.Module()
+    block.norm1, block.attn, block.norm2 = nn.LayerNorm(16), HeadlessAttention(), nn.LayerNorm(16)
+    block.mlp = nn.Module()
+    block.mlp.fc1, block.mlp.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+    model = nn.Sequential(block, nn.Linear(16, 3))   # (never run: refused before calibrating)
+    with pytest.raises(ValueError, match="integer num_heads and head_dim.*HeadlessAttention"):
+        quant.quantize(model, quant.recipe("w4a4", layer_formats=(("1", "int8"),)), calib=torch.randn(2, 5, 16))
+
+
 def test_softmax_offset_candidates_reach_the_largest_offset():
     p = torch.full((1, 1, 4, 4), 2.0 ** -14)             # exactly offset 14's smallest level (code 14 of 0..15)
     assert log2_offsets(p, torch.randn(1, 1, 4, 2), 4) == [14]
