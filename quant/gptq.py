@@ -165,7 +165,9 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
     from tqdm import tqdm
     model.eval()
     names = execution_order(model, calib[:1])
-    for name in tqdm(names, desc="GPTQ", unit="layer", disable=not progress, leave=False):
+    called = {id(model.get_submodule(n)) for n in names}
+    unused = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in called]
+    for name in tqdm(names + unused, desc="GPTQ", unit="layer", disable=not progress, leave=False):
         layer = model.get_submodule(name)
         settings = plan(name, layer)
         if settings is None:
@@ -174,8 +176,10 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
         fmt, act_format = settings.pop("weight_format"), settings.pop("act_format", "none")
         if not fmt.startswith("int"):
             raise ValueError(f"GPTQ makes uniform integer codes (intB), not {fmt!r}")
-        x = capture(model, layer, calib, 128)
-        q = gptq_weight(layer.weight, hessian(x), int(fmt[3:]), **settings)
+        # a layer the forward pass never calls has no inputs to weigh its error by: H = I, round to nearest
+        h = hessian(capture(model, layer, calib, 128)) if name not in unused else \
+            torch.eye(layer.in_features, dtype=torch.float64, device=layer.weight.device)
+        q = gptq_weight(layer.weight, h, int(fmt[3:]), **settings)
         model.set_submodule(name, QuantLinear.from_codes(q.codes, q.scales, q.zeros, layer.bias, fmt,
                                                          settings.get("group_size"), act_format))
     return model

@@ -72,6 +72,24 @@ def test_gptq_model_quantizes_in_forward_order_with_quantized_upstream_inputs():
     assert (model(x) - ref).norm() / ref.norm() < 0.1
 
 
+def test_gptq_model_rounds_a_layer_the_forward_pass_never_calls_to_nearest_instead_of_leaving_it_float():
+    from quant.quantizers import quantize_weight
+    torch.manual_seed(0)
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head, self.spare = nn.Linear(16, 8), nn.Linear(16, 4)   # spare: held, never called
+
+        def forward(self, x):
+            return self.head(x)
+    model = TwoHeads().eval()
+    rtn = quantize_weight(model.spare.weight.detach(), "int4", 16, asymmetric=True)   # GPTQ's default
+    gptq_model(model, torch.randn(64, 16), lambda name, layer: {"weight_format": "int4", "group_size": 16},
+               progress=False)
+    assert isinstance(model.spare, QuantLinear)
+    assert torch.equal(model.spare.codes(), rtn.codes) and torch.equal(model.spare.zeros, rtn.zeros)
+
+
 def test_gptq_codes_do_not_depend_on_the_lazy_batch_size():
     torch.manual_seed(0)
     x = torch.randn(2000, 96) @ torch.randn(96, 96) * 0.3
