@@ -109,15 +109,14 @@ def reparameterize_layernorm(norm: nn.LayerNorm, linear: nn.Linear, scale: torch
 
 
 def _quantize_linear(layer: nn.Linear, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                     recipe, weight_bits: int | None = None) -> QuantLinear:
-    """QuantLinear with a static uintB input quantizer (scale, zero), GPTQ (or RTN) weights of `weight_bits`
-    (default the recipe's), corrected bias.
+                     recipe, weight_bits: int) -> QuantLinear:
+    """QuantLinear with a static uintB input quantizer (scale, zero), GPTQ (or RTN) weights of `weight_bits`,
+    corrected bias.
 
     Bias correction: the quantized layer's mean output error over the calibration tokens x (T, K),
     mean_T (x_hat W_hat^T - x W^T), is subtracted from its bias (a layer without bias gets one), so
     rounding errors that do not average out do not shift the next LayerNorm's or GELU's input.
     """
-    weight_bits = weight_bits or recipe.weight_bits
     bits, fmt = recipe.act_bits, f"int{weight_bits}"
     x_hat = uint_fake(x, scale, zero, bits)
     if recipe.gptq:
@@ -146,7 +145,7 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
         attn, mlp = b.attn, b.mlp
         if not (all(isinstance(getattr(attn, a, None), nn.Linear) for a in ("qkv", "proj"))
                 and all(isinstance(getattr(mlp, a, None), nn.Linear) for a in ("fc1", "fc2"))
-                and isinstance(getattr(attn, "num_heads", None), int) and isinstance(getattr(attn, "head_dim", None), int)
+                and all(isinstance(getattr(attn, a, None), int) for a in ("num_heads", "head_dim"))
                 and attn.num_heads * attn.head_dim * 3 == attn.qkv.out_features):
             raise ValueError(f"w4a4 is ViT-aware: it needs attention modules with nn.Linear qkv and proj and integer "
                              f"num_heads and head_dim (qkv giving 3 x num_heads x head_dim outputs) and MLPs with "
@@ -163,13 +162,14 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
     blocks = _blocks(model)
     in_blocks = {id(m) for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)}
     # a layer_formats pattern may set a block layer's weight width (intB); its input stays at act_bits
-    widths = {}
+    weight_bits = {}                                                           # id(layer) -> B
     for n, m in model.named_modules():
         if id(m) in in_blocks:
-            widths[id(m)] = fmt = format_override(n, recipe.layer_formats)
+            fmt = format_override(n, recipe.layer_formats)
             if fmt is not None and not fmt.startswith("int"):
                 raise ValueError(f"w4a4 quantizes the weights of qkv, proj, fc1 and fc2 to uniform integer codes, "
                                  f"so layer_formats can give {n!r} int2..int8, not {fmt!r}")
+            weight_bits[id(m)] = recipe.weight_bits if fmt is None else int(fmt[3:])
     others = {n: format_override(n, recipe.layer_formats) for n, m in model.named_modules()
               if type(m) is nn.Linear and id(m) not in in_blocks}                  # e.g. the head
     if unplaced := [n for n, fmt in others.items() if fmt is None]:
@@ -192,9 +192,7 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
                 x = capture(block, layer, h, batch_size)
             else:
                 s, z = tensor_range(x, bits, layer.weight)
-            fmt = widths[id(layer)]
-            setattr(owner, name, _quantize_linear(layer, x, s, z, recipe,
-                                                  recipe.weight_bits if fmt is None else int(fmt[3:])))
+            setattr(owner, name, _quantize_linear(layer, x, s, z, recipe, weight_bits[id(layer)]))
             if name == "qkv":
                 _calibrate_attention(block, attn, h, bits, recipe, batch_size)
         with torch.no_grad():                                              # the next block's inputs

@@ -86,7 +86,7 @@ def test_bias_correction_leaves_no_mean_output_error_on_the_calibration_tokens(b
     layer = nn.Linear(32, 8, bias=bias)
     x = torch.rand(2000, 32) * 3 - 0.2                   # skewed, like a post-GELU input
     s, z = tensor_range(x, 4)
-    ql = _quantize_linear(layer, x, s, z, W4A4())
+    ql = _quantize_linear(layer, x, s, z, W4A4(), 4)
     with torch.no_grad():
         err = ql(x) - layer(x)
     assert err.mean(0).abs().max() < 1e-4 < err.abs().mean()    # rounding errors remain, their mean does not
