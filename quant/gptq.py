@@ -165,8 +165,7 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
     from tqdm import tqdm
     model.eval()
     names = execution_order(model, calib[:1])
-    called = {id(model.get_submodule(n)) for n in names}
-    unused = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in called]
+    unused = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
     for name in tqdm(names + unused, desc="GPTQ", unit="layer", disable=not progress, leave=False):
         layer = model.get_submodule(name)
         settings = plan(name, layer)
