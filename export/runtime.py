@@ -110,7 +110,8 @@ class Session:
         self.format = meta.get("bitvit.format", "")
         # exports before 2026-12-06 do not record it: the full-precision architecture's count then
         count = meta.get("bitvit.parameters") or str(fp_parameters(self.config))
-        if not (count.isascii() and count.isdigit() and int(count) > 0):  # int() takes "-5", " 7 " and "1_000"
+        # int() takes "-5", " 7 " and "1_000", and refuses more than 4300 digits with its own message
+        if not (count.isascii() and count.isdigit() and len(count) <= 18 and int(count) > 0):
             raise ValueError(f"{path}'s bitvit.parameters metadata is not a count: {count!r}")
         self.weight_count = int(count)
         self.uses_custom_ops = any(op.domain == DOMAIN for op in proto.opset_import)
