@@ -116,8 +116,9 @@ def start_from(model: nn.Module, path: str, name: str) -> str:
         is_torch_file(path) or not str(read_safetensors_metadata(path).get("format", "")).startswith("bitvit-"))
     start = load_model(path, name=name) if foreign else load_any(path)
     if any(map(is_quantized_layer, start.modules())):
-        raise ValueError(f"--init {path} is a quantized model; start from a full-precision one (quantization-"
-                         f"aware training warm-restarts with python -m quant.qat --init)")
+        raise ValueError(f"--init {path} is a quantized model; start from a full-precision one (a quantization-"
+                         f"aware run warm-restarts from its training state: python -m quant.qat --init "
+                         f"RUN_DIR/finetune/last.pt)")
     if type(start) is not type(model):
         raise ValueError(f"--init {path} holds a {type(start).__name__}, not the {type(model).__name__} to train")
     was, now = dataclasses.asdict(start.config), dataclasses.asdict(model.config)
