@@ -288,21 +288,20 @@ def _check_patterns(r, model: nn.Module) -> None:
     a head) must match a linear layer: a mistyped one would quantize its layers at the recipe's width. So must
     each name BitNet's `skip` gives (the default, the head, aside): a mistyped one would quantize that layer."""
     defaults = {f.name: f.default for f in dataclasses.fields(r)}
-    skip = getattr(r, "skip", ())
-    if skip and skip != defaults["skip"]:
-        names = _linears(model)
-        if bad := next((s for s in skip if s not in names), None):
-            raise ValueError(f"recipe {r.name!r}: skip names {bad!r}, which is not a linear layer of the model "
-                             f"(skip takes layer names, not patterns; its linear layers: {', '.join(names[:4])}"
-                             f"{', ...' if len(names) > 4 else ''})")
-    given = getattr(r, "layer_formats", ())
-    if not given or given == defaults["layer_formats"]:
+    skip, given = getattr(r, "skip", ()), getattr(r, "layer_formats", ())
+    skip = () if skip == defaults.get("skip") else skip
+    given = () if given == defaults.get("layer_formats") else given
+    if not skip and not given:
         return
     names = _linears(model)
+    listing = f"its linear layers: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+    if bad := next((s for s in skip if s not in names), None):
+        raise ValueError(f"recipe {r.name!r}: skip names {bad!r}, which is not a linear layer of the model "
+                         f"(skip takes layer names, not patterns; {listing})")
     for pattern, _ in given:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ValueError(f"recipe {r.name!r}: layer_formats pattern {pattern!r} matches no linear layer of "
-                             f"the model (its linear layers: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+                             f"the model ({listing})")
 
 
 def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None = None) -> nn.Module:
