@@ -138,7 +138,7 @@ class RTN(_Checked):
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         for name in _linears(model):
             layer, fmt = model.get_submodule(name), format_override(name, self.layer_formats)
-            if fmt is not None:   # an 8-bit override: per-channel symmetric
+            if fmt is not None:   # an override, symmetric: a scale per output channel (nf4: groups of 64)
                 q = QuantLinear.from_linear(layer, fmt, None, False,
                                             "int8_token" if self.act_format != "none" else "none")
             else:   # group_size None is one scale per output channel, for NF4 too (from_linear's own default is 64)
