@@ -51,14 +51,14 @@ def a8_row_bytes(name: str, k: int) -> int:
 
 # activation dtypes the kernels take (float8 has no LayerNorm, matmul or Triton dot of its own here)
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ACT_DTYPE_NAMES = "float32, bfloat16, float16 or float64"  # ACT_DTYPES, as the refusals name them
 
 
 def _check_x(x: Tensor, in_features: int, name: str) -> None:
     if in_features < 1:
         raise ValueError(f"{name}: in_features must be at least 1, got {in_features}")
     if x.dtype not in ACT_DTYPES:
-        raise ValueError(f"{name}: the input must be a float tensor (float32, bfloat16, float16 or float64), "
-                         f"got {x.dtype}")
+        raise ValueError(f"{name}: the input must be a float tensor ({ACT_DTYPE_NAMES}), got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"{name}: the input's last dimension is {tuple(x.shape)[-1:] or '()'}, "
                          f"the layer has in_features={in_features}")
@@ -224,9 +224,8 @@ def _weight_only_torch(x, packed, scales, zeros, codebook, bias, bits, group_siz
 
 def _check_quantize(x, norm_weight, norm_bias, norm_eps) -> None:
     if x.dtype not in ACT_DTYPES or x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"quantize_per_token: needs a float tensor (float32, bfloat16, float16 or float64) "
-                         f"(..., K) with K >= 1, got {x.dtype} "
-                         f"{tuple(x.shape)}")
+        raise ValueError(f"quantize_per_token: needs a float tensor ({ACT_DTYPE_NAMES}) (..., K) with K >= 1, "
+                         f"got {x.dtype} {tuple(x.shape)}")
     _check_norm(norm_weight, norm_bias, norm_eps, x.shape[-1], "quantize_per_token")
     _check_devices(x, (norm_weight, norm_bias), "quantize_per_token")
 
