@@ -512,10 +512,16 @@ def test_cli_refuses_a_val_folder_of_other_classes_before_training(tmp_path, cap
     assert "are not the train split's" in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
 
 
-def test_cli_refuses_a_teacher_of_another_image_size_naming_it(tmp_path, image_tree, capsys):
+def tiny_file(path: Path, seed: int, **overrides) -> Path:
+    """A randomly initialised `vit_cifar_tiny` of the image tree's three classes, saved at `path`."""
     from quant.models import create_model, save_model
-    teacher = tmp_path / "t64.safetensors"
-    save_model(create_model("vit_cifar_tiny", img_size=64, num_classes=3, classes=TINY.classes), teacher)
+    torch.manual_seed(seed)
+    save_model(create_model("vit_cifar_tiny", **{"num_classes": 3, "classes": TINY.classes, **overrides}), path)
+    return path
+
+
+def test_cli_refuses_a_teacher_of_another_image_size_naming_it(tmp_path, image_tree, capsys):
+    teacher = tiny_file(tmp_path / "t64.safetensors", seed=0, img_size=64)
     assert run(main, ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
                       "--epochs", "1", "--batch-size", "4", "--limit", "12", "--teacher", str(teacher)]) == 2
     err = capsys.readouterr().err
@@ -535,14 +541,6 @@ def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, i
     with safe_open(tmp_path / "run" / "model.safetensors", "pt") as f:
         assert f.metadata()["complete"] == "false"
     assert "incomplete" in capsys.readouterr().out
-
-
-def tiny_file(path: Path, seed: int, **overrides) -> Path:
-    """A randomly initialised `vit_cifar_tiny` of the image tree's three classes, saved at `path`."""
-    from quant.models import create_model, save_model
-    torch.manual_seed(seed)
-    save_model(create_model("vit_cifar_tiny", **{"num_classes": 3, "classes": TINY.classes, **overrides}), path)
-    return path
 
 
 def test_cli_init_starts_training_from_the_files_weights(tmp_path, image_tree, monkeypatch):
