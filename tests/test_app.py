@@ -3,6 +3,7 @@ import base64
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +38,12 @@ def packed(model, path, fmt="int8"):
     q = quant.quantize(model, quant.recipe("w8a8", weight_format=fmt))
     quant.save_quantized(q, path)
     return path
+
+
+def packed_other_architecture(folder: Path) -> Path:
+    """A ternary model of a wider network than the FP model's, packed into `folder` (named to sort first)."""
+    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
+    return packed(quant.models.VisionTransformer(wider), folder / "a_wide_ternary.safetensors", "ternary")
 
 
 @pytest.fixture
@@ -323,8 +330,7 @@ def test_the_menu_lists_every_packed_model_and_starts_on_the_ternary_one(assets)
 
 
 def test_a_packed_model_of_another_architecture_is_labelled_and_not_the_default(assets):
-    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
-    packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
+    packed_other_architecture(assets)
     cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
     assert sum("other architecture" in label for label in labels) == 1
     assert cmp.default.startswith("ternary · int8 activations · tiny_ternary")
@@ -333,8 +339,7 @@ def test_a_packed_model_of_another_architecture_is_labelled_and_not_the_default(
 def test_with_packed_models_of_other_architectures_only_the_fp_model_is_quantized_on_the_fly(assets):
     for name in ("tiny_ternary", "tiny_int8"):
         (assets / f"{name}.safetensors").unlink()
-    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
-    packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
+    packed_other_architecture(assets)
     cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
     assert cmp.default.startswith("w8a8 · built on the fly from fp.safetensors")
     assert any(OTHER in label for label in labels)   # still in the menu, labelled
@@ -342,8 +347,7 @@ def test_with_packed_models_of_other_architectures_only_the_fp_model_is_quantize
 
 def test_without_a_ternary_model_of_its_own_architecture_the_default_is_another_of_its_own(assets):
     (assets / "tiny_ternary.safetensors").unlink()
-    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
-    packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
+    packed_other_architecture(assets)
     cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
     assert labels[0].startswith("ternary · int8 activations · a_wide_ternary")
     assert cmp.default.startswith("int8 · int8 activations · tiny_int8")
@@ -868,8 +872,7 @@ def test_the_bench_leaves_out_a_packed_model_that_does_not_open_as_the_app_does(
 
 
 def test_the_bench_leaves_out_packed_models_of_another_architecture(assets, tmp_path, capsys):
-    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
-    packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")
+    packed_other_architecture(assets)
     out = tmp_path / "bench.json"
     bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "3",
                 "--size", "64x48", "--runtime", "torch", "--out", str(out)])
@@ -1159,8 +1162,7 @@ def test_an_unbracketed_ipv6_host_reaches_the_server_bracketed(monkeypatch):
 
 
 def test_when_the_default_does_not_open_the_next_default_is_of_the_fp_models_architecture(assets):
-    wider = quant.models.ViTConfig(**{**TINY.__dict__, "embed_dim": 48})
-    packed(quant.models.VisionTransformer(wider), assets / "a_wide_ternary.safetensors", "ternary")  # listed first
+    packed_other_architecture(assets)  # listed first
     damage(assets / "tiny_ternary.safetensors")
     cmp, labels, skipped = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
     open_default(cmp, labels, skipped, explicit=False)
