@@ -241,7 +241,13 @@ class _TarSource(_Source):
     def every(self) -> list[tarfile.TarInfo]:
         """All the archive's members (listing them decompresses all of it: seconds for CIFAR-10)."""
         with _open_archive(self.path) as tar:
-            return tar.getmembers()
+            every = tar.getmembers()
+            # tarfile ends its listing without a word where the data stops at or within a member's header; the
+            # read that ended it took a whole (zero) block only at the archive's end-of-archive marker
+            if tar.fileobj.tell() != tar.offset + tarfile.BLOCKSIZE:
+                raise ValueError(f"{self.path} is a damaged or truncated archive (its data ends before tar's "
+                                 f"end-of-archive marker)")
+            return every
 
     @functools.cached_property
     def members(self) -> list[tarfile.TarInfo]:

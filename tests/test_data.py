@@ -246,6 +246,19 @@ def test_a_truncated_archive_is_named(image_tar, tmp_path):
         load_split(cut, "test", image_size=16, progress=False)
 
 
+def test_an_archive_cut_within_a_members_header_is_named_not_read_short(image_tree, tmp_path):
+    import tarfile
+    whole = tmp_path / "data.tar"
+    with tarfile.open(whole, "w") as tar:
+        tar.add(image_tree / "test", arcname="test")
+    with tarfile.open(whole) as tar:
+        last = tar.getmembers()[-1]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:last.offset + 100])   # tarfile would list all but the last image
+    with pytest.raises(ValueError, match="cut.tar is a damaged or truncated archive"):
+        load_split(cut, "test", image_size=16, progress=False)
+
+
 def test_a_limit_below_one_image_is_refused(image_tree):
     with pytest.raises(ValueError, match="positive number of images"):
         load_split(image_tree, "test", image_size=16, limit=0, progress=False)
