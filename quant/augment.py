@@ -178,6 +178,9 @@ class Augment:
         self.mean, self.std = mean, std
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # floats (already in [0, 1]) would be divided by 255 again, one channel broadcast to three
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected (B, H, W, 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
         x = images.permute(0, 3, 1, 2).float().div_(255)   # (B, 3, H, W) in [0, 1]
         x = random_crop_flip(x, self.cfg.crop_padding, self.cfg.flip)
         if self.cfg.trivial_augment:

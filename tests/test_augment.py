@@ -1,6 +1,7 @@
 """Training augmentation: value ranges, per-image draws, label mixing that matches the pixels, and an
 input that, with every augmentation off, is exactly what evaluation feeds the model."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,13 @@ def test_with_everything_off_the_training_input_is_the_evaluation_input():
     x, target = Augment(OFF, 10, CIFAR10_MEAN, CIFAR10_STD)(images, labels)
     assert torch.equal(x, to_model_input(images, CIFAR10_MEAN, CIFAR10_STD))  # normalised once, the same way
     assert torch.equal(target, F.one_hot(labels, 10).float())
+
+
+def test_float_or_one_channel_images_are_refused_not_scaled_or_broadcast_without_a_word():
+    augment = Augment(OFF, 10, CIFAR10_MEAN, CIFAR10_STD)
+    for images in (_images(4).float() / 255, _images(4)[..., :1]):
+        with pytest.raises(ValueError, match=r"expected \(B, H, W, 3\) uint8 images"):
+            augment(images, torch.arange(4))
 
 
 def test_the_full_pipeline_gives_normalised_floats_and_soft_targets_that_sum_to_one():
