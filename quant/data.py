@@ -21,6 +21,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import os
 import pickle
 import posixpath
@@ -468,8 +469,9 @@ def cache_dir() -> Path:
 
 
 # Raised whenever decoding changes what a source gives, so that copies decoded before are not read. 2 (2026-12-06):
-# archives' class folders without images, images stored as links, and "sea-lion/" beside "sea/" read right.
-CACHE_VERSION = 2
+# archives' class folders without images, images stored as links, and "sea-lion/" beside "sea/" read right. 3
+# (2026-12-07): class names kept as JSON (a name holding a newline came back as two classes).
+CACHE_VERSION = 3
 
 
 def _cache_base(*parts: object) -> Path:
@@ -481,15 +483,15 @@ def _cached(source: _Source, split: str, image_size: int, progress: bool) -> Ima
     """A split decoded once and kept in the cache; a split the source lacks is refused by its `decode`.
     The copy's SHA-256, written last, is checked on every read: a damaged copy is decoded again."""
     base = _cache_base(source.key, split, image_size, CACHE_VERSION)
-    files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.txt", ".sha256")]
+    files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.json", ".sha256")]
     if files[3].exists():
         try:
             images, labels = (np.load(f, allow_pickle=False) for f in files[:2])
-            classes = tuple(files[2].read_text().split("\n"))  # not splitlines: a name may hold \x1c or \x85
+            classes = tuple(json.loads(files[2].read_text()))  # a folder name may hold any character but /
             if (images.dtype == np.uint8 and images.shape[1:] == (image_size, image_size, 3)
                     and labels.shape == (len(images),) and files[3].read_text() == _digest(images, labels, classes)):
                 return ImageSet(images, labels, classes)
-        except (OSError, ValueError, EOFError):  # truncated or damaged cache files
+        except (OSError, ValueError, EOFError, TypeError):  # truncated or damaged cache files
             pass
         print(f"the decoded copy in {base.parent} ({base.name}.*) is damaged: decoding again", file=sys.stderr)
     data = source.decode(split, image_size, progress)
@@ -499,7 +501,7 @@ def _cached(source: _Source, split: str, image_size: int, progress: bool) -> Ima
         for f, arr in zip(files[:2], (data.images, data.labels)):
             with written_whole(f) as tmp, open(tmp, "wb") as out:  # a file object: np.save adds no suffix
                 np.save(out, arr)
-        files[2].write_text("\n".join(data.classes))
+        files[2].write_text(json.dumps(data.classes))
         files[3].write_text(_digest(data.images, data.labels, data.classes))
     except OSError as e:  # a read-only or full cache: this run goes on with the copy in memory
         print(f"warning: cannot keep the decoded copy in the cache folder {base.parent} ($BITVIT_CACHE): "
@@ -511,7 +513,7 @@ def _digest(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) ->
     """SHA-256 of a decoded split (0.1 s for CIFAR-10's 45,000 training images)."""
     h = hashlib.sha256(np.ascontiguousarray(images).data)
     h.update(np.ascontiguousarray(labels, dtype=np.int64).data)
-    h.update("\n".join(classes).encode())
+    h.update(json.dumps(classes).encode())
     return h.hexdigest()
 
 

@@ -182,7 +182,7 @@ def test_a_damaged_cache_is_decoded_again(image_tree, capsys):
     assert "damaged: decoding again" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("suffix", [".images.npy", ".labels.npy", ".classes.txt"])
+@pytest.mark.parametrize("suffix", [".images.npy", ".labels.npy", ".classes.json"])
 def test_a_cache_damaged_without_changing_its_size_is_decoded_again_not_used(image_tree, capsys, suffix):
     first = load_split(image_tree, "test", image_size=16, progress=False)
     cached = next((cache_dir() / "data").glob(f"*{suffix}"))
@@ -474,3 +474,10 @@ def test_a_class_name_holding_a_line_separator_character_is_read_back_from_the_c
     first = load_split(tree, "test", image_size=16, progress=False)
     again = load_split(tree, "test", image_size=16, progress=False)
     assert again.classes == first.classes == ("cat\x1cdog", "frog") and "damaged" not in capsys.readouterr().err
+
+
+def test_a_class_name_holding_a_newline_is_read_back_from_the_cache_as_one_class(tmp_path, capsys):
+    tree = write_tree(tmp_path / "t", splits=("test",), classes=("cat\ndog", "frog"))
+    first = load_split(tree, "test", image_size=16, progress=False)
+    again = load_split(tree, "test", image_size=16, progress=False)
+    assert again.classes == first.classes == ("cat\ndog", "frog") and "damaged" not in capsys.readouterr().err
