@@ -165,7 +165,7 @@ def _stat_key(path: Path) -> str:
 
 def _tree_key(root: Path) -> str:
     """Path, names, sizes and modification times of every file under `root` (cache key)."""
-    h = hashlib.sha1(str(root.resolve()).encode())
+    h = hashlib.sha1(os.fsencode(root.resolve()))  # fsencode: a name need not be UTF-8
     seen = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # class folders may be links
         dirnames.sort()
@@ -179,7 +179,7 @@ def _tree_key(root: Path) -> str:
                 st = os.stat(os.path.join(dirpath, name))
             except OSError as e:  # a dangling link, a file without permission to read
                 raise ValueError(f"cannot read {os.path.join(dirpath, name)} ({e.strerror})") from None
-            h.update(f"{dirpath}/{name}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(os.fsencode(f"{dirpath}/{name}|{st.st_size}|{st.st_mtime_ns}"))
     return h.hexdigest()
 
 
@@ -476,7 +476,7 @@ CACHE_VERSION = 3
 
 def _cache_base(*parts: object) -> Path:
     """The cache's path stem (a suffix goes after it) for what `parts` identify."""
-    return cache_dir() / "data" / hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
+    return cache_dir() / "data" / hashlib.sha1(os.fsencode("|".join(map(str, parts)))).hexdigest()[:16]
 
 
 def _cached(source: _Source, split: str, image_size: int, progress: bool) -> ImageSet:

@@ -476,6 +476,14 @@ def test_a_class_name_holding_a_line_separator_character_is_read_back_from_the_c
     assert again.classes == first.classes == ("cat\x1cdog", "frog") and "damaged" not in capsys.readouterr().err
 
 
+def test_file_and_folder_names_that_are_not_utf_8_load_and_come_back_from_the_cache(tmp_path):
+    tree = write_tree(tmp_path / "t", splits=("test",), classes=("caf\udce9", "frog"))   # b"caf\xe9": Latin-1
+    archive = write_tar(tree, tmp_path / "caf\udce9.tar.gz", splits=("test",))
+    for source in (tree, archive):
+        for _ in range(2):   # decoded, then read from the cache
+            assert load_split(source, "test", image_size=16, progress=False).classes == ("caf\udce9", "frog")
+
+
 def test_a_class_name_holding_a_newline_is_read_back_from_the_cache_as_one_class(tmp_path, capsys):
     tree = write_tree(tmp_path / "t", splits=("test",), classes=("cat\ndog", "frog"))
     first = load_split(tree, "test", image_size=16, progress=False)
