@@ -435,6 +435,13 @@ def test_cifar_batches_whose_meta_names_too_few_classes_are_refused(cifar_batche
         load_split(cifar_batches, "test", progress=False)
 
 
+def test_cifar_batches_in_which_a_class_is_absent_still_load_with_every_class_the_meta_names(cifar_batches):
+    with open(cifar_batches / "test_batch", "wb") as f:   # a subset holding no truck (class 9)
+        pickle.dump({b"labels": [i % 9 for i in range(20)], b"data": np.zeros((20, 3072), np.uint8)}, f, protocol=2)
+    test = load_split(cifar_batches, "test", progress=False)
+    assert len(test.classes) == 10 and test.classes[9] == "truck" and test.labels.max() == 8
+
+
 @pytest.mark.parametrize("labels, data", [
     ([-1] + [i % 10 for i in range(19)], np.zeros((20, 3072), np.uint8)),     # a label no class has
     ([0.5] + [i % 10 for i in range(19)], np.zeros((20, 3072), np.uint8)),    # a label that is not an integer
