@@ -73,6 +73,8 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
+    if not isinstance(image_size, (int, np.integer)) or image_size < 1:  # else blamed on the first image decoded
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size!r}")
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data path does not exist: {path}")

@@ -264,6 +264,11 @@ def test_a_limit_below_one_image_is_refused(image_tree):
         load_split(image_tree, "test", image_size=16, limit=0, progress=False)
 
 
+def test_an_image_size_below_one_pixel_is_refused_naming_it_not_the_first_image(image_tree):
+    with pytest.raises(ValueError, match="image_size must be a positive number of pixels, got 0"):
+        load_split(image_tree, "test", image_size=0, progress=False)
+
+
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         load_split(tmp_path / "nope", "test")
