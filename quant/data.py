@@ -198,6 +198,11 @@ class _FolderSource(_Source):
         if not self.flat and split == "all":
             raise ValueError(f"{self.root} holds split folders (train/, test/, ...): choose one of them; split "
                              f"'all' scores a tree of class folders alone")
+        if self.flat:  # an archive's top folder, unpacked, is no class folder to move or score
+            inner = next((p for p in sorted(self.root.iterdir())
+                          if p.is_dir() and any((p / s).is_dir() for s in ("train", "test", "val"))), None)
+            if inner:
+                raise ValueError(f"{self.root} holds no train/ or test/ folder, but {inner} does: give that folder")
         if self.flat and not any(p.is_dir() for p in self.root.iterdir()):  # empty, or holding the data's archive
             raise ValueError(f"{self.root} holds no train/ or test/ folder, nor class folders; give a .tar.gz of the "
                              f"JPEG copy, a cifar-10-batches-py folder or an image-folder tree")

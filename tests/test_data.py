@@ -290,6 +290,14 @@ def test_a_folder_of_neither_splits_nor_class_folders_is_not_told_to_move_its_cl
     assert "move them" not in str(e.value)
 
 
+def test_a_folder_holding_the_tree_one_level_down_names_that_folder_not_a_class_to_move(tmp_path):
+    write_tree(tmp_path / "outer" / "cifar10")
+    for split in ("test", "all"):
+        with pytest.raises(ValueError, match="outer holds no train/ or test/ folder, but .*outer/cifar10 does: give "
+                                             "that folder"):
+            load_split(tmp_path / "outer", split, image_size=16, progress=False)
+
+
 def test_empty_class_folder_is_named(image_tree):
     (image_tree / "test" / "zebra").mkdir()
     with pytest.raises(ValueError, match="zebra holds no images"):
