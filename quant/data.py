@@ -504,12 +504,14 @@ def _cached(source: _Source, split: str, image_size: int, progress: bool) -> Ima
     data = source.decode(split, image_size, progress)
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
-        files[3].unlink(missing_ok=True)  # the copy counts only once all of it is written
+        # each file replaced whole, the SHA-256 last: a copy another process wrote (the same, or a damaged one the
+        # SHA-256 refuses) stays readable meanwhile, and one left half-written is refused by it
         for f, arr in zip(files[:2], (data.images, data.labels)):
             with written_whole(f) as tmp, open(tmp, "wb") as out:  # a file object: np.save adds no suffix
                 np.save(out, arr)
-        files[2].write_text(json.dumps(data.classes))
-        files[3].write_text(_digest(data.images, data.labels, data.classes))
+        for f, text in zip(files[2:], (json.dumps(data.classes), _digest(data.images, data.labels, data.classes))):
+            with written_whole(f) as tmp:
+                tmp.write_text(text)
     except OSError as e:  # a read-only or full cache: this run goes on with the copy in memory
         print(f"warning: cannot keep the decoded copy in the cache folder {base.parent} ($BITVIT_CACHE): "
               f"{e.strerror or e}; it will be decoded again next time", file=sys.stderr)

@@ -163,6 +163,29 @@ def test_splits_already_decoded_load_without_reading_the_archive(image_tar, monk
         assert split == "val" or np.array_equal(first[split].images, again.images)
 
 
+def test_a_copy_that_another_process_writes_again_stays_readable_meanwhile(image_tree, monkeypatch, capsys):
+    """Two processes decode a split at once (torchrun's ranks on an empty cache): while the later one writes
+    its copy over the first one's, the first reads the split again from the cache, not by decoding it."""
+    import quant.data
+    decode, save, state = quant.data._FolderSource.decode, np.save, {"decodes": 0, "first_done": False}
+
+    def decode_beside_another(self, *args):
+        state["decodes"] += 1
+        if state["decodes"] == 1:   # while this (the later) process decodes, the first decodes and keeps its copy
+            load_split(image_tree, "test", image_size=16, progress=False)
+            state["first_done"] = True
+        return decode(self, *args)
+
+    def save_while_read(out, arr):  # the later process writes; the first reads meanwhile
+        if state["first_done"] and state["decodes"] == 2 and "read" not in state:
+            state["read"] = load_split(image_tree, "test", image_size=16, progress=False)
+        save(out, arr)
+    monkeypatch.setattr(quant.data._FolderSource, "decode", decode_beside_another)
+    monkeypatch.setattr(np, "save", save_while_read)
+    load_split(image_tree, "test", image_size=16, progress=False)
+    assert "read" in state and state["decodes"] == 2 and "damaged" not in capsys.readouterr().err
+
+
 def test_a_split_decoded_by_an_older_version_of_the_decoder_is_decoded_again(image_tree, monkeypatch):
     import quant.data
     load_split(image_tree, "test", image_size=16, progress=False)
