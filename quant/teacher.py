@@ -80,8 +80,12 @@ class ResNetTeacher(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.config.img_size
-        if x.shape[-2:] != (s, s):
-            raise ValueError(f"expected {s}x{s} images, got {tuple(x.shape[-2:])}")
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1:] != (3, s, s) or not x.is_floating_point():
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+            raise ValueError(f"expected {s}x{s} images as a float tensor (B, 3, {s}, {s}), got {got}")
+        dtype = self.head.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"the teacher's weights are {dtype} but the images {x.dtype}: give x.to({dtype})")
         x = self.stage1(self.stem(x))                  # (B, w1, s/2, s/2)
         x = x + self.res1(x)
         x = self.stage3(self.stage2(x))                # (B, w3, s/8, s/8)

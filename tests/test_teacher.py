@@ -16,6 +16,16 @@ def test_the_teacher_maps_images_to_class_logits_and_refuses_other_sizes():
         model(torch.randn(2, 3, 16, 16))
 
 
+def test_the_teacher_refuses_channels_last_uint8_double_or_numpy_images_naming_what_to_give():
+    import numpy as np
+    model = create_teacher("resnet_cifar_half")
+    for x in (torch.zeros(2, 32, 32, 3), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), np.zeros((2, 3, 32, 32))):
+        with pytest.raises(ValueError, match=r"expected 32x32 images as a float tensor \(B, 3, 32, 32\), got"):
+            model(x)
+    with pytest.raises(ValueError, match=r"weights are torch.float32 but the images torch.float64"):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.float64))
+
+
 def test_a_teacher_file_rebuilds_the_same_network(tmp_path):
     model = create_teacher("resnet_cifar_half").eval()
     save_teacher(model, tmp_path / "t.safetensors")
