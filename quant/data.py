@@ -457,7 +457,7 @@ def _decode(data: bytes, name: str, image_size: int) -> np.ndarray:
         return _resize(_to_8bit(img).convert("RGB"), image_size)
     except UnidentifiedImageError:  # its own message names a BytesIO object, not the file
         raise ValueError(f"cannot decode image {name}: not in an image format PIL reads") from None
-    except (Image.DecompressionBombError, OSError, ValueError) as e:
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's broken PNG
         raise ValueError(f"cannot decode image {name}: {e}") from None
 
 

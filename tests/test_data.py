@@ -366,6 +366,18 @@ def test_an_image_too_large_to_decode_safely_is_named(image_tree, monkeypatch):
         load_split(image_tree, "test", progress=False)
 
 
+def test_a_png_whose_chunk_length_is_damaged_is_named_not_a_syntax_error(image_tree):
+    import io
+    import struct
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(png, "PNG")
+    data = bytearray(png.getvalue())
+    data[33:37] = struct.pack(">I", struct.unpack(">I", data[33:37])[0] - 8)  # IDAT's length: the next chunk misread
+    (image_tree / "test" / "cat" / "0006.png").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"cannot decode image .*cat/0006\.png: broken PNG file"):
+        load_split(image_tree, "test", progress=False)
+
+
 def test_truncated_image_is_named(image_tree):
     f = image_tree / "test" / "frog" / "0001.jpg"
     f.write_bytes(f.read_bytes()[:100])
