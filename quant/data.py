@@ -250,11 +250,12 @@ class _TarSource(_Source):
         """All the archive's members (listing them decompresses all of it: seconds for CIFAR-10)."""
         with _open_archive(self.path) as tar:
             every = tar.getmembers()
-            # tarfile ends its listing without a word where the data stops at or within a member's header; the
-            # read that ended it took a whole (zero) block only at the archive's end-of-archive marker
-            if tar.fileobj.tell() != tar.offset + tarfile.BLOCKSIZE:
-                raise ValueError(f"{self.path} is a damaged or truncated archive (its data ends before tar's "
-                                 f"end-of-archive marker)")
+            # tarfile ends its listing without a word where a member's header is cut short or damaged; at the
+            # end-of-archive marker it has read one whole zero block, and what follows is zeros (or nothing)
+            cut = tar.fileobj.tell() != tar.offset + tarfile.BLOCKSIZE
+            if cut or tar.fileobj.read(tarfile.BLOCKSIZE).strip(tarfile.NUL):
+                raise ValueError(f"{self.path} is a damaged or truncated archive (a member's header is "
+                                 f"{'cut short' if cut else 'damaged'})")
             return every
 
     @functools.cached_property

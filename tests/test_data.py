@@ -282,6 +282,20 @@ def test_an_archive_cut_within_a_members_header_is_named_not_read_short(image_tr
         load_split(cut, "test", image_size=16, progress=False)
 
 
+def test_an_archive_with_a_damaged_members_header_is_named_not_read_short(image_tree, tmp_path):
+    import tarfile
+    damaged = tmp_path / "damaged.tar"
+    with tarfile.open(damaged, "w") as tar:
+        tar.add(image_tree / "test", arcname="test")
+    with tarfile.open(damaged) as tar:
+        offset = tar.getmembers()[5].offset
+    data = bytearray(damaged.read_bytes())
+    data[offset] ^= 0x01                     # a bit of a name: its checksum fails, and tarfile stops listing there
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged.tar is a damaged or truncated archive"):
+        load_split(damaged, "test", image_size=16, progress=False)
+
+
 def test_a_limit_below_one_image_is_refused(image_tree):
     with pytest.raises(ValueError, match="positive number of images"):
         load_split(image_tree, "test", image_size=16, limit=0, progress=False)
