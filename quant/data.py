@@ -499,7 +499,7 @@ def _cached(source: _Source, split: str, image_size: int, progress: bool) -> Ima
             if (images.dtype == np.uint8 and images.shape[1:] == (image_size, image_size, 3)
                     and labels.shape == (len(images),) and files[3].read_text() == _digest(images, labels, classes)):
                 return ImageSet(images, labels, classes)
-        except (OSError, ValueError, EOFError, TypeError):  # truncated or damaged cache files
+        except Exception:  # truncated or damaged cache files (np.load's header parser raises its tokenizer's errors)
             pass
         print(f"the decoded copy in {base.parent} ({base.name}.*) is damaged: decoding again", file=sys.stderr)
     data = source.decode(split, image_size, progress)

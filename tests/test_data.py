@@ -217,6 +217,14 @@ def test_a_cache_damaged_without_changing_its_size_is_decoded_again_not_used(ima
     assert again.classes == first.classes and "damaged: decoding again" in capsys.readouterr().err
 
 
+def test_a_cache_whose_array_header_is_damaged_is_decoded_again(image_tree, capsys):
+    first = load_split(image_tree, "test", image_size=16, progress=False)
+    cached = next((cache_dir() / "data").glob("*.images.npy"))
+    cached.write_bytes(cached.read_bytes().replace(b"3)", b"3(", 1))   # the shape's closing bracket
+    again = load_split(image_tree, "test", image_size=16, progress=False)
+    assert np.array_equal(first.images, again.images) and "damaged: decoding again" in capsys.readouterr().err
+
+
 def test_an_empty_cache_setting_means_the_default_and_a_tilde_is_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("BITVIT_CACHE", "")
