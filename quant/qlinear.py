@@ -77,12 +77,16 @@ class QuantLinear(nn.Module):
         """A layer from uint8 codes (O, K), scales (O, G), zeros (O, G) or None, bias (O,) or None."""
         o, k = codes.shape
         layer = cls(k, o, weight_format, group_size, bias is not None, zeros is not None, act_format, input_norm)
+        top = 2 if weight_format == "ternary" else 2 ** layer.bits - 1  # never cast: int8 -1 or 256 would wrap
+        if codes.dtype != torch.uint8 or (codes.numel() and int(codes.max()) > top):
+            got = codes.dtype if codes.dtype != torch.uint8 else f"a {int(codes.max())}"
+            raise ValueError(f"{weight_format} codes must be uint8 in 0..{top}, got {got}")
         for field, t, want in (("scales", scales, layer.scales), ("zeros", zeros, layer.zeros),
                                ("bias", bias, layer.bias)):
             if t is not None and tuple(t.shape) != tuple(want.shape):
                 raise ValueError(f"{field} of shape {tuple(t.shape)} do not fit {o}x{k} weights in groups of "
                                  f"{layer.group_size}: expected {tuple(want.shape)}")
-        layer.packed.copy_(pack_codes(codes.to(torch.uint8).cpu(), layer.bits))
+        layer.packed.copy_(pack_codes(codes.cpu(), layer.bits))
         layer.scales.copy_(scales)
         if zeros is not None:
             layer.zeros.copy_(zeros)

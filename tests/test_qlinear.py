@@ -229,3 +229,12 @@ def test_quant_attention_spec_naming_an_unknown_slot_is_refused():
 def test_quant_attention_refuses_a_width_its_heads_do_not_divide():
     with pytest.raises(ValueError, match="dim 10 is not divisible by num_heads 4"):
         QuantAttention(10, 4)
+
+
+@pytest.mark.parametrize("codes, fmt, message", [
+    (torch.full((2, 8), 3, dtype=torch.uint8), "ternary", r"ternary codes must be uint8 in 0\.\.2, got a 3"),
+    (torch.full((2, 8), -1, dtype=torch.int8), "int8", r"int8 codes must be uint8 in 0\.\.255, got torch\.int8"),
+    (torch.full((2, 8), 256), "int8", r"int8 codes must be uint8 in 0\.\.255, got torch\.int64")])
+def test_codes_outside_the_formats_range_or_not_uint8_are_refused_not_wrapped(codes, fmt, message):
+    with pytest.raises(ValueError, match=message):
+        QuantLinear.from_codes(codes, torch.ones(2, 1), None, None, fmt)
