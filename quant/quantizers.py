@@ -73,6 +73,8 @@ def num_groups(k: int, group_size: int) -> int:
 
 def _group_stat(w: torch.Tensor, group_size: int, fn) -> torch.Tensor:
     """A reduction `fn(values) -> scalar` over each group's real (unpadded) entries: (O, K) -> (O, G)."""
+    if not is_positive_int(group_size):  # range() would give no groups (a negative size) or a TypeError
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     o, k = w.shape
     return torch.stack([fn(w[:, i:i + group_size]) for i in range(0, k, group_size)], dim=1)
 

@@ -179,6 +179,13 @@ def test_nf4_weight_codes_default_to_groups_of_64():
     assert quantize_weight(weight(4, 128), "nf4").scales.shape == (4, 2)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("group_size", [-5, 2.5])
+def test_a_group_size_that_is_not_a_positive_integer_is_refused(fmt, group_size):
+    with pytest.raises(ValueError, match=f"group_size must be a positive integer, got {group_size}"):
+        quantize_weight(weight(), fmt, group_size)
+
+
 # -- ternary and binary
 
 
