@@ -78,8 +78,8 @@ def _store_layer(name: str, layer: QuantLinear, out: dict[str, torch.Tensor]) ->
         out[f"{name}.packed"] = layer.packed.cpu().contiguous()
         entry["packing"] = "bits"
     scales = layer.scales.detach().cpu().float()
-    if not torch.isfinite(scales).all():
-        raise ValueError(f"{name} has NaN or infinite scales (did training diverge?); nothing written")
+    if not torch.isfinite(scales).all() or (scales < 0).any():  # loading refuses a negative one
+        raise ValueError(f"{name} has NaN, infinite or negative scales (did training diverge?); nothing written")
     dq = layer.scales_dq
     if dq is not None and torch.equal(double_dequantize(dq).cpu(), scales):
         out[f"{name}.scales.codes"] = dq.codes.cpu().contiguous()

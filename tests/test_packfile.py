@@ -385,11 +385,13 @@ def test_zero_points_beyond_the_code_range_or_between_codes_are_not_saved(tmp_pa
         quant.save_quantized(model, tmp_path / "m.safetensors")
 
 
-def test_a_layer_with_nan_scales_is_not_saved(tmp_path):
+@pytest.mark.parametrize("scale", [float("nan"), -1.0])
+def test_a_layer_with_nan_or_negative_scales_is_not_saved(tmp_path, scale):
+    """A negative scale would be written into a file that loading refuses."""
     model = quantized_mlp("int4", 16, 8, 8, True)
     with torch.no_grad():
-        model[2].scales[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="2 has NaN or infinite scales"):
+        model[2].scales[0, 0] = scale
+    with pytest.raises(ValueError, match="2 has NaN, infinite or negative scales"):
         quant.save_quantized(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
 
