@@ -43,7 +43,7 @@ from quant.models import (ViTConfig, VisionTransformer, check_depth, is_torch_fi
                           unchanged_on_error, write_safetensors)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
-from quant.qlinear import QuantLinear, runs_on_kernels
+from quant.qlinear import QuantLinear, is_qat_layer, runs_on_kernels
 from quant.quantizers import DoubleQuantized, double_dequantize, num_groups
 
 FORMAT = "bitvit-quant/2"  # /1 (before 2026-12-03) had the same layout, its checksum covering the tensors only
@@ -114,6 +114,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     if runs_on_kernels(model):  # its kernel layers' tensors would be written as unquantized ones
         raise ValueError("the model runs on bitvit's kernels (cuda_ops.to_kernels): save the QuantLinear model "
                          "it was made from")
+    if any(is_qat_layer(m) for m in model.modules()):  # their latent weights would be written as unexpected tensors
+        raise ValueError("the model holds quantization-aware training layers: freeze them first "
+                         "(quant.bitlinear.freeze or quant.qvit.freeze), then save the packed model")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize)")

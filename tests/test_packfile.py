@@ -358,6 +358,18 @@ def test_saving_an_unquantized_model_is_refused(tmp_path, tiny_model):
         quant.save_quantized(tiny_model, tmp_path / "x.safetensors")
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_model_still_holding_training_time_layers_is_refused_naming_freeze(tmp_path, tiny_model, frozen):
+    """Not 'quantize it first' for a model in QAT; and one layer frozen by hand no longer writes a file that
+    loading refuses (the other layers' latent weights and input norms as unexpected tensors)."""
+    model = quant.quantize(tiny_model, "w1.58a8")
+    if frozen:
+        model.blocks[0].mlp.fc1 = model.blocks[0].mlp.fc1.freeze()
+    with pytest.raises(ValueError, match=r"training layers: freeze them first \(quant\.bitlinear\.freeze or "):
+        quant.save_quantized(model, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 @pytest.mark.parametrize("model, kwargs, message", [("path", {}, "writes a model"),
                                                     ("tiny", {"float16": "no"}, "float16 must be True or False")])
 def test_saving_something_other_than_a_model_or_a_flag_that_is_not_a_bool_is_refused(tmp_path, tiny_model, model,
