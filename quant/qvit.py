@@ -282,7 +282,7 @@ def bit_allocation(model: nn.Module, budget_bits: float | None = None) -> dict:
             attention[name] = {s.removesuffix("_quant"): getattr(m, s).int_bits() for s in HEAD_SLOTS}
             attention[name]["macs"] = m.matmul_macs
     budget_bits = budget_bits if budget_bits is not None else getattr(model, "qvit_budget_bits", None)
-    total = float(bitops(model))
+    total = float(bitops(model).detach())  # widths still learned carry a gradient
     out = {"bitops": total, "layers": layers, "attention": attention}
     if budget_bits is not None:
         budget = float(bitops(model, uniform_bits=budget_bits))

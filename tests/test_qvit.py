@@ -1,5 +1,6 @@
 """Q-ViT: learned step sizes and bit-widths, the BitOPs budget, the searching stage, freezing, bit allocation."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -232,6 +233,14 @@ def test_bit_allocation_records_each_layers_macs_and_the_parameter_weighted_mean
     blocks, head = 2 * (32 * 96 + 32 * 32 + 32 * 64 + 64 * 32), 32 * 3
     assert alloc["mean_weight_bits"] == pytest.approx((4 * blocks + 8 * head) / (blocks + head))
 
+
+def test_bit_allocation_during_the_search_raises_no_warning(tiny_model):
+    """The BitOPs of widths still being learned carry a gradient: turned into a float without detaching
+    them, torch warned 'Converting a tensor with requires_grad=True to a scalar'."""
+    model, _ = prepared(tiny_model, budget=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert qvit.bit_allocation(model, 3)["bitops_ratio"] > 1
 
 def test_an_allocation_holding_no_widths_draws_no_figure():
     assert qvit.allocation_figure({"layers": {}, "attention": {}}) is None
