@@ -202,6 +202,9 @@ def measure_macs(model: nn.Module, x: torch.Tensor) -> float:
 def bitops(model: nn.Module, uniform_bits: float | None = None) -> torch.Tensor:
     """BitOPs per image of the quantized matmuls with the current (straight-through) widths, or, with
     `uniform_bits`, with every weight and input at that width (the budget)."""
+    if not any(isinstance(m, LSQLinear) for m in model.modules()):  # a budget of 0 BitOPs would divide by zero
+        raise ValueError("the model holds no Q-ViT layers to count BitOPs of: count them after qvit.prepare "
+                         "and before qvit.freeze")
     total = torch.zeros((), device=next(model.parameters()).device)
     for m in model.modules():
         if isinstance(m, QuantAttention) and isinstance(m.q_quant, LearnedQuantizer):

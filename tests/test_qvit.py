@@ -166,6 +166,13 @@ def test_bitops_before_measuring_the_macs_are_refused():
         qvit.bitops(model)
 
 
+@pytest.mark.parametrize("count", [lambda m: qvit.bit_allocation(m, 3), lambda m: qvit.BitOpsPenalty(m, 3)])
+def test_bitops_of_a_model_without_qvit_layers_are_refused(tiny_model, count):
+    """A model never prepared, or already frozen, has 0 BitOPs: the allocation divided by a budget of 0
+    (ZeroDivisionError), the penalty would be 0 / 0 = NaN."""
+    with pytest.raises(ValueError, match="holds no Q-ViT layers"):
+        count(tiny_model)
+
 def test_the_budget_penalty_is_zero_within_the_budget(tiny_model):
     model, _ = prepared(tiny_model, budget=4)                        # searching starts at 5 bits, the head at 8
     assert float(qvit.BitOpsPenalty(model, budget_bits=6)(model).detach()) == 0.0
