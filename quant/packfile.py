@@ -174,9 +174,9 @@ def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
         raise ValueError(f"{path}: layer {name!r} says {entry.get('bits')} bits for {layer.weight_format}")
     norm = entry.get("input_norm")  # from_spec took any eps: a string failed only in forward, eps <= 0 gave NaN
     if norm is not None and not (finite_number(norm.get("eps")) and norm["eps"] > 0
-                                 and isinstance(norm.get("affine"), bool)):
+                                 and isinstance(norm.get("affine"), bool) and isinstance(norm.get("bias", True), bool)):
         raise ValueError(f"{path}: layer {name!r} has input_norm {norm!r}, expected a positive eps and a "
-                         f"true/false affine")
+                         f"true/false affine and bias")
     if entry.get("packing") == "base3" and layer.weight_format == "ternary":
         packed = _take(tensors, f"{name}.packed", path, (o, (k + 4) // 5), torch.uint8)
         try:

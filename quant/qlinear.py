@@ -147,13 +147,15 @@ class QuantLinear(nn.Module):
                 "out_features": self.out_features, "group_size": self.group_size,
                 "asymmetric": self.zeros is not None, "bias": self.bias is not None,
                 "act_format": self.act_format,
-                "input_norm": None if norm is None else {"eps": norm.eps, "affine": norm.elementwise_affine}}
+                "input_norm": None if norm is None else {"eps": norm.eps, "affine": norm.elementwise_affine,
+                                                         "bias": norm.bias is not None}}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "QuantLinear":
         norm = spec.get("input_norm")
         if norm is not None:
-            norm = nn.LayerNorm(spec["in_features"], eps=norm["eps"], elementwise_affine=norm["affine"])
+            norm = nn.LayerNorm(spec["in_features"], eps=norm["eps"], elementwise_affine=norm["affine"],
+                                bias=norm.get("bias", True))  # files written before "bias" was recorded had one
         return cls(spec["in_features"], spec["out_features"], spec["weight_format"], spec["group_size"],
                    spec["bias"], spec["asymmetric"], spec["act_format"], norm)
 

@@ -266,10 +266,11 @@ def saved_ternary(tmp_path, tiny_model):
     (lambda h: h["layers"]["blocks.0.mlp.fc1"]["input_norm"].update(eps="x"), None, "has input_norm"),
     (lambda h: h["layers"]["blocks.0.mlp.fc1"]["input_norm"].update(eps=-1.0), None, "has input_norm"),
     (lambda h: h["layers"]["blocks.0.mlp.fc1"]["input_norm"].update(affine="yes"), None, "has input_norm"),
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"]["input_norm"].update(bias="yes"), None, "has input_norm"),
     (None, lambda t: t.update({"blocks.0.mlp.fc1.scales": -t["blocks.0.mlp.fc1.scales"]}), "negative"),
     (None, lambda t: t["blocks.0.mlp.fc1.scales"].fill_(float("inf")), "non-finite scales"),
     (None, lambda t: t["blocks.0.mlp.fc1.packed"].fill_(243), "byte value 243")],
-    ids=["eps-text", "eps-negative", "affine-text", "negative-scale", "inf-scale", "base3-byte"])
+    ids=["eps-text", "eps-negative", "affine-text", "bias-text", "negative-scale", "inf-scale", "base3-byte"])
 def test_a_forged_ternary_layer_is_refused_on_loading_naming_the_file_and_layer(saved_ternary, tmp_path,
                                                                                 edit_header, edit_tensors, message):
     bad = rewrite(saved_ternary, tmp_path / "bad.safetensors", edit_tensors=edit_tensors, edit_header=edit_header)

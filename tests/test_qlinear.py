@@ -152,10 +152,12 @@ def test_cached_weight_follows_a_replaced_buffer():
     assert torch.equal(a.dequantized_weight(), b.dequantized_weight())
 
 
-@pytest.mark.parametrize("affine", [True, False])
-def test_a_layer_is_rebuilt_from_its_spec(affine):
+@pytest.mark.parametrize("norm", [{"elementwise_affine": True}, {"elementwise_affine": False}, {"bias": False}],
+                         ids=["affine", "no-affine", "no-bias"])
+def test_a_layer_is_rebuilt_from_its_spec(norm):
+    """Also with a LayerNorm without bias, which came back with one (a file of it did not load)."""
     layer = QuantLinear(20, 6, "int4", 8, asymmetric=True, act_format="uint4_tensor",
-                        input_norm=nn.LayerNorm(20, eps=1e-3, elementwise_affine=affine))
+                        input_norm=nn.LayerNorm(20, eps=1e-3, **norm))
     back = QuantLinear.from_spec(layer.spec())
     assert back.spec() == layer.spec()
     assert {k: v.shape for k, v in back.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
