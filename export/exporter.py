@@ -182,7 +182,7 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool,
 
 def _quantized_linear(g: _Graph, x: str, m: nn.Module, name: str) -> str:
     """A QuantLinear (its input LayerNorm already applied) in standard and com.microsoft ops."""
-    fmt, act, k = m.weight_format, m.act_format, m.in_features
+    fmt, act = m.weight_format, m.act_format
     per_row = m.scales.shape[1] == 1
     if fmt == "int8" and m.zeros is not None:
         raise ValueError(f"{name}: int8 weights with zero points have no ONNX Runtime kernel (MatMulNBits runs "
@@ -199,9 +199,9 @@ def _quantized_linear(g: _Graph, x: str, m: nn.Module, name: str) -> str:
         q, s = _token_scale(g, x, name)
         x = g.op("Mul", [q, s])
     if fmt == "ternary":   # codes w + 1 -> w + 2 with the default zero point 2
-        return _matmul_nbits(g, x, codes + 1, m.scales, None, 2, k, m.bias, name)
+        return _matmul_nbits(g, x, codes + 1, m.scales, None, 2, m.group_size, m.bias, name)
     if fmt == "binary":    # codes {0, 1} -> {1, 3}: values (c - 2) = -1, +1
-        return _matmul_nbits(g, x, codes * 2 + 1, m.scales, None, 2, k, m.bias, name)
+        return _matmul_nbits(g, x, codes * 2 + 1, m.scales, None, 2, m.group_size, m.bias, name)
     if fmt in ("int2", "int4", "int8"):
         return _matmul_nbits(g, x, codes, m.scales, m.zeros, m.bits, m.group_size, m.bias, name)
     raise ValueError(f"{name}: weight format {fmt!r} has no ONNX export (MatMulNBits runs 2, 4 and 8 bits)")

@@ -480,6 +480,22 @@ def test_one_exported_layer_computes_its_torch_forward_on_off_centre_tokens_and_
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("fmt", ["ternary", "binary"])
+@pytest.mark.parametrize("custom", [True, False])
+def test_ternary_and_binary_weights_with_a_scale_per_group_export_every_groups_scale(tiny_model, tmp_path, fmt,
+                                                                                    custom):
+    model = copy.deepcopy(tiny_model)
+    fc1 = model.blocks[0].mlp.fc1                                                        # 32 -> 64: two groups of 16
+    codes = torch.randint(0, 3 if fmt == "ternary" else 2, (64, 32), generator=torch.Generator().manual_seed(0))
+    scales = torch.tensor([[0.02, 0.5]]).expand(64, 2)
+    model.blocks[0].mlp.fc1 = QuantLinear.from_codes(codes, scales, None, fc1.bias, fmt, 16, "int8_token")
+    session = runtime.load(export(model, tmp_path / "m.onnx", fmt, custom))
+    x = images(4)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(session(x.numpy()), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def test_the_stems_batchnorm_is_folded_with_its_running_statistics(tiny_model, tmp_path):
     model = copy.deepcopy(tiny_model)
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
