@@ -83,6 +83,8 @@ class _Graph:
         """An initializer; float weights are stored fp16 (and cast back) in an fp16 export."""
         arr = np.asarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
         if self.fp16 and arr.dtype == np.float32 and arr.size > 1:
+            if np.abs(arr).max() > np.finfo(np.float16).max:  # it would be stored as inf
+                raise ValueError(f"{name} holds values beyond float16's range (65504): export the model as fp32")
             self.inits.append(numpy_helper.from_array(arr.astype(np.float16), name + "_fp16"))
             return self.op("Cast", [name + "_fp16"], to=TensorProto.FLOAT, out=name)
         self.inits.append(numpy_helper.from_array(arr, name))

@@ -513,6 +513,15 @@ def test_an_fp16_export_says_fp16_in_its_metadata(tiny_model, tmp_path):
     assert runtime.load(export(tiny_model, tmp_path / "m.onnx", "fp16")).format == "fp16"
 
 
+def test_an_fp16_export_of_weights_beyond_float16s_range_is_refused_not_written_as_inf(tiny_model, tmp_path):
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[0, 0] = 1e5
+    with pytest.raises(ValueError, match=r"blocks.0.mlp.fc1.weight holds values beyond float16's range"):
+        export(model, tmp_path / "m.onnx", "fp16")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_a_constant_node_holding_nan_is_refused_when_loaded(tiny_model, tmp_path):
     proto = to_onnx(tiny_model)
     t = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and "blocks.0" in t.name)
