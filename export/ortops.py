@@ -3,8 +3,9 @@
 `library_path()` returns the path of `libbitvit_ops.so`, compiling it on first use with
 `-O3 -march=native` into `<cache>/<hash>/`, where `<cache>` is `$BITVIT_ORTOPS_CACHE`, else
 `$BITVIT_CACHE/ortops`, else `~/.cache/bitvit/ortops`, and the hash covers the source, the compiler,
-the flags and the CPU. A `-march=native` binary only runs safely on the CPU that built it, so none is
-ever committed. `python -m export.ortops` builds it and prints the path and the kernel it runs.
+the flags, ONNX Runtime's C API header and the CPU. A `-march=native` binary only runs safely on the
+CPU that built it, so none is ever committed. `python -m export.ortops` builds it and prints the path
+and the kernel it runs.
 
 ONNX Runtime's C/C++ API headers are not in the pip wheel. They come from `$ORT_INCLUDE_DIR` when set,
 else from Debian trixie's `libonnxruntime-dev` package: apt-get downloads it into a private folder,
@@ -59,7 +60,7 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
     flags = FLAGS + ISAS[isa]
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), _run([cxx, "--version"]).encode(), " ".join(flags).encode(),
-                 str(include).encode(), _cpu_signature().encode()):
+                 (include / "onnxruntime_c_api.h").read_bytes(), _cpu_signature().encode()):
         key.update(part)
     out = cache_root() / key.hexdigest()[:16] / LIB_NAME
     digest = out.with_name(LIB_NAME + ".sha256")  # a damaged cached library is rebuilt, never loaded

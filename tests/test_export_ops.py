@@ -140,6 +140,16 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     assert ortops.library_path() == path and path.read_text().count("build") == 2  # rebuilt
 
 
+def test_headers_changed_in_place_rebuild_the_library(tmp_path, monkeypatch):
+    # a library built against newer headers than the runtime that loads it crashes that runtime
+    use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
+                      'while [ "$1" != -o ]; do shift; done\n'
+                      f'echo build >> {tmp_path}/builds; cat {tmp_path}/builds > "$2"\n', tmp_path, monkeypatch)
+    ortops.library_path()
+    (tmp_path / "include" / "onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 0\n")  # same folder
+    assert ortops.library_path().read_text().count("build") == 2
+
+
 def test_a_compiler_that_writes_no_library_is_named(tmp_path, monkeypatch):
     use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && echo fake 1.0\nexit 0\n', tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="fake-g\\+\\+ wrote no library"):
