@@ -207,6 +207,9 @@ def main(argv=None):
         if not qm.config.same_model(ref.config):
             raise ValueError(f"{path} is not a quantized {Path(args.checkpoint).name}: its architecture, classes "
                              f"or input normalisation differ")
+        if fmt in quantized:
+            raise ValueError(f"{path} and {quantized[fmt][1][len('trained: '):]} both hold {fmt} weights; "
+                             f"give one file per format")
         quantized[fmt] = (qm, f"trained: {Path(path).name}")
     data = None
     if args.data:  # decoded (and refused, if it must be) before minutes of timing

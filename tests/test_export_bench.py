@@ -1,4 +1,5 @@
 """`python -m export.bench`: one run times every variant, scores them, and writes a complete results file."""
+import copy
 import dataclasses
 import json
 from types import SimpleNamespace
@@ -62,6 +63,13 @@ def test_trained_quantized_files_replace_round_to_nearest_for_their_format(fp_fi
     assert rows["ORT w8a8 (MatMulInteger)"]["weights"] == rows["bitvit int8 op"]["weights"] == "trained: w8a8.safetensors"
     assert rows["bitvit ternary op"]["weights"] == "round to nearest"
     assert "top1" not in rows["bitvit int8 op"]  # no --data, no accuracy
+
+
+def test_two_quantized_files_of_one_format_are_refused_not_one_silently_dropped(fp_file, tiny_model, tmp_path, capsys):
+    for name in ("a.safetensors", "b.safetensors"):
+        quant.save_quantized(quant.quantize(copy.deepcopy(tiny_model), "w8a8"), tmp_path / name)
+    assert bench(fp_file, tmp_path, "--quantized", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))[0] == 2
+    assert "a.safetensors both hold w8a8 weights; give one file per format" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("runs", ["10", "99999999999999999999"])
