@@ -1,7 +1,8 @@
 """Build bitvit's ONNX Runtime custom-op library (`export/ops/bitvit_ops.cc`) from source, once per machine.
 
 `library_path()` returns the path of `libbitvit_ops.so`, compiling it on first use with
-`-O3 -march=native` into `<cache>/<hash>/`, where `<cache>` is `$BITVIT_ORTOPS_CACHE`, else
+`-O3 -march=native` (by `$CXX`, a command with its arguments, e.g. `ccache g++`; else `g++`) into
+`<cache>/<hash>/`, where `<cache>` is `$BITVIT_ORTOPS_CACHE`, else
 `$BITVIT_CACHE/ortops`, else `~/.cache/bitvit/ortops`, and the hash covers the source, the compiler,
 the flags, ONNX Runtime's C API header and the CPU. A `-march=native` binary only runs safely on the
 CPU that built it, so none is ever committed. `python -m export.ortops` builds it and prints the path
@@ -22,6 +23,7 @@ import hashlib
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -52,14 +54,14 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
     """
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}; choose one of {', '.join(ISAS)}")
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        raise FileNotFoundError(f"no C++ compiler {cxx!r} to build bitvit's ONNX Runtime ops "
-                                f"(install g++, or set CXX)")
+    cxx = shlex.split(os.environ.get("CXX") or "g++")  # a command with arguments too, e.g. "ccache g++"
+    if not cxx or shutil.which(cxx[0]) is None:
+        raise FileNotFoundError(f"no C++ compiler {os.environ.get('CXX') or 'g++'!r} to build bitvit's ONNX "
+                                f"Runtime ops (install g++, or set CXX)")
     include = _headers()
     flags = FLAGS + ISAS[isa]
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), _run([cxx, "--version"]).encode(), " ".join(flags).encode(),
+    for part in (SOURCE.read_bytes(), _run([*cxx, "--version"]).encode(), " ".join(flags).encode(),
                  (include / "onnxruntime_c_api.h").read_bytes(), _cpu_signature().encode()):
         key.update(part)
     out = cache_root() / key.hexdigest()[:16] / LIB_NAME
@@ -68,9 +70,9 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(out) as tmp:  # a concurrent build never sees a half-written library
-        _run([cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)], what="compiling bitvit's ONNX Runtime ops")
+        _run([*cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)], what="compiling bitvit's ONNX Runtime ops")
         if not tmp.is_file():  # a "compiler" that exits 0 without writing (CXX=true)
-            raise ValueError(f"the compiler {cxx} wrote no library (is $CXX a C++ compiler?)")
+            raise ValueError(f"the compiler {shlex.join(cxx)} wrote no library (is $CXX a C++ compiler?)")
         sha = _sha256(tmp)
     with written_whole(digest) as tmp:
         tmp.write_text(sha)

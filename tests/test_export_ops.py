@@ -150,6 +150,14 @@ def test_headers_changed_in_place_rebuild_the_library(tmp_path, monkeypatch):
     assert ortops.library_path().read_text().count("build") == 2
 
 
+def test_a_compiler_command_with_arguments_in_cxx_runs_with_them(tmp_path, monkeypatch):
+    use_fake_compiler('#!/bin/sh\n[ "$1" = --wrapped ] || exit 1; shift\n'              # as "ccache g++" would
+                      '[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
+                      'while [ "$1" != -o ]; do shift; done\necho built > "$2"\n', tmp_path, monkeypatch)
+    monkeypatch.setenv("CXX", f"{tmp_path / 'fake-g++'} --wrapped")
+    assert ortops.library_path().read_text() == "built\n"
+
+
 def test_a_compiler_that_writes_no_library_is_named(tmp_path, monkeypatch):
     use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && echo fake 1.0\nexit 0\n', tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="fake-g\\+\\+ wrote no library"):
