@@ -250,14 +250,15 @@ def _parse_header(meta: dict, path) -> dict:
 
 
 def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a quantized model from its file, in eval mode on the CPU.
+    """Rebuild a quantized model from its file, in eval mode (on the CPU, unless `model` is given).
 
     A bitvit ViT is rebuilt from the architecture in the header. For any other model, pass `model`,
     a full-precision instance of its architecture: its nn.Linear layers named in the header are
-    replaced and its other tensors loaded from the file. Refuses a file whose header, tensor names,
+    replaced and its other tensors loaded from the file, on the device the model is on. Refuses a file whose header, tensor names,
     shapes, dtypes, code ranges or checksum disagree, with a ValueError saying what.
     """
     given = model is not None
+    device = next((t.device for t in model.state_dict().values()), torch.device("cpu")) if given else None
     tensors, meta = read_safetensors(path)
     header = _parse_header(meta, path)
     if _digest(tensors, header) != header["sha256"]:
@@ -282,7 +283,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         load_state_dict(model, tensors, source=str(path),
                         loaded=frozenset(f"{n}.{b}" for n in header["layers"] for b in _OWN))  # the other tensors
     model.quant_recipe = header.get("recipe")
-    return model.eval()
+    return (model.to(device) if given else model).eval()  # the rebuilt layers join the given model's device
 
 
 def _check_architecture(cfg: ViTConfig, header: dict, tensors: dict, path) -> None:

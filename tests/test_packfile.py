@@ -379,6 +379,12 @@ def test_saving_something_other_than_a_model_or_a_flag_that_is_not_a_bool_is_ref
         quant.save_quantized(tiny_model if model == "tiny" else "m.safetensors", tmp_path / "x.safetensors", **kwargs)
 
 
+def test_layers_rebuilt_into_a_given_model_join_its_device(tmp_path):
+    quant.save_quantized(quantized_mlp("int4", 16, 8, 8, False), tmp_path / "m.safetensors")
+    back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(16, 8).to("meta"))  # meta: as a GPU would be
+    assert {t.device.type for t in back.state_dict().values()} == {"meta"}
+
+
 def test_scales_that_are_not_float16_values_are_stored_exactly(tmp_path):
     model = quantized_mlp("int4", 16, 8, 8, True)
     with torch.no_grad():
