@@ -33,7 +33,7 @@ TARGET_FPS = 15
 MAX_CLIP_BYTES = 4 << 30  # the recorded clip, held in memory
 
 
-def recorded_clip(n: int, height: int = 480, width: int = 640) -> list[np.ndarray]:
+def recorded_clip(n: int, height: int, width: int) -> list[np.ndarray]:
     """`n` uint8 RGB webcam-like frames: the drawn examples in turn, sliding across, with sensor noise."""
     rng = np.random.default_rng(0)
     side = min(height, width)

@@ -98,7 +98,7 @@ def _check_norm(norm_weight, norm_bias, norm_eps, k: int, name: str) -> None:
             raise ValueError(f"{name}: {what} must be a 1-D float tensor of {k} values, with norm_eps set")
 
 
-def _check_a8(name, x, packed, scales, bias, in_features, norm_weight=None, norm_bias=None, norm_eps=None) -> int:
+def _check_a8(name, x, packed, scales, bias, in_features, norm_weight, norm_bias, norm_eps) -> int:
     _check_x(x, in_features, name)
     bits, mul, off = A8_FORMATS[name]
     if in_features * 127 * max(off, (2 ** bits - 1) * mul - off) >= 2 ** 31:

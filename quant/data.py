@@ -100,7 +100,7 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
     return data
 
 
-def _last_per_class(labels: np.ndarray, fraction: float, classes: tuple[str, ...] = ()) -> np.ndarray:
+def _last_per_class(labels: np.ndarray, fraction: float, classes: tuple[str, ...]) -> np.ndarray:
     """Boolean mask of the last `fraction` (at least one image) of every class's images."""
     mask = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):

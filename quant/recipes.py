@@ -76,9 +76,9 @@ def _need_calib(recipe, calib, model: nn.Module) -> torch.Tensor:
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
 
 
-# the lowest width formats exist for (the highest is 8): integer weights, static activations and Q-ViT's learned
-# widths (signed weight codes: 1 bit is the binary format, not a uniform one) all start at 2
-_BIT_RANGES = {"bits": 2, "weight_bits": 2, "act_bits": 2, "min_bits": 2, "max_bits": 2}
+# bit-width fields: formats exist for 2..8 bits of integer weights, static activations and Q-ViT's learned
+# widths (signed weight codes: 1 bit is the binary format, not a uniform one)
+_BIT_FIELDS = ("bits", "weight_bits", "act_bits", "min_bits", "max_bits")
 _CHOICES = {"weight_format": tuple(WEIGHT_FORMATS), "softmax": ("log2", "uniform")}
 
 
@@ -105,8 +105,8 @@ def _check_field(recipe, key: str, annotation: str, value) -> None:
                          f"{', '.join(WEIGHT_FORMATS)}")
     if key in ("group_size", "block_size", "budget_bits") and value is not None and value < 1:
         raise ValueError(f"recipe {name!r}: {key} must be at least 1, got {value!r}")
-    if key in _BIT_RANGES and not _BIT_RANGES[key] <= value <= 8:
-        raise ValueError(f"recipe {name!r}: {key} must lie in {_BIT_RANGES[key]}..8, got {value!r}")
+    if key in _BIT_FIELDS and not 2 <= value <= 8:
+        raise ValueError(f"recipe {name!r}: {key} must lie in 2..8, got {value!r}")
     if key == "damp" and not 0 <= value <= 1:
         raise ValueError(f"recipe {name!r}: damp (a fraction of the Hessian's mean diagonal) must lie in 0..1, "
                          f"got {value!r}")
