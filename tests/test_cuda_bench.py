@@ -137,7 +137,7 @@ def test_unknown_names_and_impossible_batches_are_refused_before_any_timing(args
 
 def test_targets_skip_op_rows_measured_without_the_dense_baseline():
     """`--ops w1.58a8,w1a8` (no "dense") leaves speedup_vs_dense None: the speed-up targets are not judged,
-    the roofline target still is (min() over None values crashed the run before its complete save)."""
+    the roofline target still is."""
     rows = [{"model": "vit_base_patch16_224", "layer": layer, "op": op, "M": m, "speedup_vs_dense": None,
              "bound": "memory", "roofline_frac": 0.5}
             for op in ("w1.58a8", "w1a8") for layer in ("qkv", "fc1") for m in (197, 12608)]

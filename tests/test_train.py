@@ -53,7 +53,7 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 def test_a_schedule_with_one_step_after_its_warmup_takes_that_last_step_at_min_lr():
     cfg = TrainConfig(lr=1.0, min_lr=0.01)
-    assert [lr_at(s, 2, 1, cfg) for s in range(2)] == pytest.approx([1.0, 0.01])  # was: [1.0, 1.0]
+    assert [lr_at(s, 2, 1, cfg) for s in range(2)] == pytest.approx([1.0, 0.01])  # that step is also the last: min_lr
 
 
 def test_time_budget_decays_the_rate_over_seconds_or_steps_whichever_run_out_first():
@@ -138,7 +138,7 @@ def test_a_budgets_cosine_starts_at_the_peak_where_a_cut_warmup_ends(tmp_path, c
     fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
     lrs = [rates[s] for s in sorted(rates)]
     end = lrs.index(max(lrs)) + 1  # the first step after the warmup
-    assert lrs[end] == pytest.approx(cfg.lr)  # was: 73 % of it, the cut warmup having spent a third of the budget
+    assert lrs[end] == pytest.approx(cfg.lr)  # the decay starts where the cut warmup ends, not at the budget's start
 
 
 def test_a_runs_first_step_is_timed_apart_and_not_charged_to_the_time_budget(tmp_path, clock):
@@ -173,8 +173,8 @@ def test_the_epoch_a_budget_shrunk_to_the_time_limit_ends_is_scored_and_saved(tm
     data = colour_set(8)
     _, done = fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, time_limit=4.6,
                   end_within_time_limit=True, save_every=1000)
-    log = read_log(tmp_path / "log.jsonl")  # was: the budget shrunk at the next epoch's start, ending the run
-    assert done and "val_top1" in log[-1]   # unscored and unsaved (a rerun started over)
+    log = read_log(tmp_path / "log.jsonl")  # the epoch the shrunk budget ends is the run's last: scored and saved
+    assert done and "val_top1" in log[-1]
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == log[-1]["epoch"]
 
 
@@ -182,8 +182,8 @@ def test_a_run_the_time_limit_stops_saved_the_epoch_it_stops_after(tmp_path, clo
     cfg = TrainConfig(epochs=100, batch_size=8, augment=NO_AUG)
     _, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=2.3,
                   save_every=1000)
-    log = read_log(tmp_path / "log.jsonl")  # was: stopped at an epoch's start on a later reading of the clock
-    assert not done                          # than the one its end saved by: no last.pt, a rerun started over
+    log = read_log(tmp_path / "log.jsonl")  # the stop is decided on the clock reading the epoch's end saved by,
+    assert not done                          # so a rerun resumes from the epoch it stopped after
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == log[-1]["epoch"]
 
 
@@ -200,7 +200,7 @@ def test_a_resumed_run_decays_the_budgets_rate_through_its_first_epoch_as_an_unb
     assert not run(tmp_path / "b", time_limit=2.0)  # stops after epoch 3: steps 0-8
     rates.clear()
     run(tmp_path / "b")
-    # was: held at step 9's (approx: the resumed run's fake clock readings differ from the unbroken's in the last bit)
+    # approx: the resumed run's fake clock readings differ from the unbroken run's in the last bit
     assert [rates[s] for s in (9, 10, 11)] == pytest.approx([straight[s] for s in (9, 10, 11)], rel=1e-12)
 
 
