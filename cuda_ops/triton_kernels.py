@@ -536,9 +536,9 @@ def weight_only_candidates(m: int, group_size: int, k: int) -> list[Config]:
 
 def replay_ms(fn) -> float:
     """Median ms of fn's kernels replayed from a CUDA graph (the time a graphed model sees), L2 cleared
-    before each replay. Eager launches are timed where capturing fails. Timing eager launches let the
-    host's launch cost decide at few rows: on an H200 the picks for ViT-B at M = 197 timed 45-61 us
-    that way, against 22-46 us replayed, so the picks there were noise (2026-12-04)."""
+    before each replay. Eager launches are timed where capturing fails. Timed eagerly, the host's launch
+    cost decides at few rows: on an H200 the picks for ViT-B at M = 197 time 45-61 us that way, against
+    22-46 us replayed, so eager picks there are noise (measured 2026-12-04)."""
     from cuda_ops.modules import capture_graph
     bench = lambda f: triton.testing.do_bench(f, warmup=5, rep=20, return_mode="median")  # noqa: E731
     try:

@@ -148,7 +148,7 @@ def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Pat
     if any(i is not None and Path(i).resolve() == path.resolve() for i in inputs):
         raise ValueError(f"{path} is also this command's input; write the output to another file")
     path = file_to_write(path)
-    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")  # a read-only folder failed only once written to
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")  # a read-only folder: refused before the work
     try:
         probe.touch()
         probe.unlink()

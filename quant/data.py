@@ -151,7 +151,7 @@ def _source_for(path: Path) -> _Source:
             return _TarSource(path)
         raise ValueError(f"{path} is a file but not a tar archive; give a .tar.gz of the JPEG copy, "
                          f"a cifar-10-batches-py folder or an image-folder tree")
-    if not path.is_dir():  # a pipe or a device, which the folder reader took for a tree without split folders
+    if not path.is_dir():  # a pipe or a device, which the folder reader would take for a tree without split folders
         raise ValueError(f"{path} is neither a file nor a folder; give a .tar.gz of the JPEG copy, a "
                          f"cifar-10-batches-py folder or an image-folder tree")
     batches = any((path / name).is_file() for name in _PickleSource.FILES)  # any one: a missing batch is named

@@ -172,7 +172,7 @@ def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
     o, k, bits = layer.out_features, layer.in_features, layer.bits
     if entry.get("bits") != bits:
         raise ValueError(f"{path}: layer {name!r} says {entry.get('bits')} bits for {layer.weight_format}")
-    norm = entry.get("input_norm")  # from_spec took any eps: a string failed only in forward, eps <= 0 gave NaN
+    norm = entry.get("input_norm")  # from_spec takes any eps: a string would fail in forward, eps <= 0 give NaN
     if norm is not None and not (finite_number(norm.get("eps")) and norm["eps"] > 0
                                  and isinstance(norm.get("affine"), bool) and isinstance(norm.get("bias", True), bool)):
         raise ValueError(f"{path}: layer {name!r} has input_norm {norm!r}, expected a positive eps and a "

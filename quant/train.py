@@ -162,7 +162,7 @@ def check_device(device: str | None) -> None:
         dev = torch.device(device)
     except RuntimeError:
         dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):  # torch knows mps, meta, xpu, ...: each failed later
+    if dev is None or dev.type not in ("cpu", "cuda"):  # torch knows mps, meta, xpu, ...: each would fail later
         raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no CUDA device")
