@@ -1,8 +1,9 @@
 """The Gradio page: Live (webcam), Image (upload, paste, examples) and Results tabs.
 
-`Handlers` holds the functions the page's events call; they take what Gradio hands over (a numpy
-frame or `None` from the webcam stream, an uploaded file's data, the selected variant, the session's
-`LiveStats`) and return the page's new values, or a message in the page when the input is bad.
+`Handlers` holds the functions the page's events call; they take what Gradio hands over unprocessed
+(a webcam frame as the stream sends it, a file's data holding a base64 data URL, or `None` between
+frames; an uploaded file's data; the selected variant; the session's `LiveStats`) and return the
+page's new values, or a message in the page when the input is bad.
 `build(comparison, ...)` lays the page out and wires the events.
 """
 from __future__ import annotations

@@ -213,10 +213,12 @@ def double_dequantize(dq: DoubleQuantized) -> torch.Tensor:
 
 def quantize_nf4(w: torch.Tensor, group_size: int = 64,
                  double_quant: bool = True) -> tuple[QuantizedWeight, DoubleQuantized | None]:
-    """NF4 codes of w (O, K) with absmax scales per group, the scales double-quantized (QLoRA).
+    """NF4 codes of w (O, K) with absmax scales per group, the scales double-quantized (QLoRA) unless
+    `double_quant` is False.
 
     Returns the codes and the float32 scales they are meant with (after double quantization, so
-    codes are chosen against the scales the file will hold), and the double-quantized form.
+    codes are chosen against the scales the file will hold), and the double-quantized form (None
+    without double quantization).
     """
     absmax = _group_stat(w.detach().float(), group_size, lambda x: x.abs().amax(1))
     dq = double_quantize(absmax) if double_quant else None

@@ -19,7 +19,7 @@ collects *entries*: the dicts that carry a known measurement,
 named by their own "name"/"recipe"/"variant" field, else by the key holding them (or the path of keys
 and list positions leading to a list item), after the "model" they or a dict holding them name (a
 benchmark of several models runs the same variants on each), plus, for context, a file's "command",
-"machine"/"device", "date", "commit" and "split" where present. The app's Results tab (`app.results`)
+"machine"/"device", "date", "commit", "split" and wall time ("wall_time_s"/"wall_s") where present. The app's Results tab (`app.results`)
 plots the rest of what `load` finds.
 
 The command prints the entries with top-1 and bits per weight as one markdown table and plots them
