@@ -114,7 +114,8 @@ def _trivial_augment_dense(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, s
 def trivial_augment(x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
     """One random op of random strength per image; x is (B, 3, H, W) in [0, 1]. `dense` (default: on
     CUDA) computes every op for every image and selects, with no host sync; the CPU default computes
-    each op on its images only (the same draws, so CPU runs are unchanged)."""
+    each op on its images only, drawing their directions op by op (so one seed augments otherwise than
+    `dense` does)."""
     B = x.shape[0]
     op = torch.randint(len(_OPS), (B,), device=x.device)
     m = torch.rand(B, device=x.device)

@@ -15,9 +15,9 @@ the mean maps to +1. `freeze()` turns it into
 the packed `QuantLinear` (weight codes + one scale, `act_format="int8_token"`, the same LayerNorm as
 `input_norm`), which computes exactly the same function: y[t, o] = s[t] * beta * sum_k q[t, k] c[o, k] + b[o].
 The training forward takes the same steps in the same order (codes times weights, then the token scale,
-then the bias), so in float32 a frozen model's logits equal its training form's bit for bit (the
-dequantized input (q s) @ W_q^T differed by an ulp, enough to flip later tokens' int8 rounding and move a
-6-block model's logits by ~2e-3).
+then the bias), so in float32 a frozen model's logits equal its training form's bit for bit (computing
+the dequantized input (q s) @ W_q^T instead differs by an ulp, enough to flip later tokens' int8 rounding
+and move a 6-block model's logits by ~2e-3).
 
 `prepare(model, ...)` swaps a model's nn.Linear layers (all but `skip`) for BitLinear layers, for
 quantization-aware training from the model's own weights; `freeze(model)` swaps them for QuantLinear.
