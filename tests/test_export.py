@@ -486,7 +486,8 @@ def test_ternary_and_binary_weights_with_a_scale_per_group_export_every_groups_s
                                                                                     custom):
     model = copy.deepcopy(tiny_model)
     fc1 = model.blocks[0].mlp.fc1                                                        # 32 -> 64: two groups of 16
-    codes = torch.randint(0, 3 if fmt == "ternary" else 2, (64, 32), generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(0, 3 if fmt == "ternary" else 2, (64, 32), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.uint8)
     scales = torch.tensor([[0.02, 0.5]]).expand(64, 2)
     model.blocks[0].mlp.fc1 = QuantLinear.from_codes(codes, scales, None, fc1.bias, fmt, 16, "int8_token")
     session = runtime.load(export(model, tmp_path / "m.onnx", fmt, custom))
