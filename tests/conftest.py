@@ -12,7 +12,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach for the network
 
-from quant.models import ViTConfig, VisionTransformer  # noqa: E402
+from quant.models import ViTConfig, VisionTransformer, save_model  # noqa: E402
 
 TINY = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
                  stem_channels=(8,), num_classes=3, classes=("cat", "dog", "frog"))
@@ -37,6 +37,20 @@ def _figures_closed():
 def tiny_model() -> VisionTransformer:
     torch.manual_seed(0)
     return VisionTransformer(TINY).eval()
+
+
+@pytest.fixture
+def fp_file(tmp_path, tiny_model) -> Path:
+    """`tiny_model` saved as a full-precision bitvit file, `fp.safetensors`."""
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    return tmp_path / "fp.safetensors"
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_model) -> Path:
+    """`tiny_model` saved as `tiny.safetensors` (results name a model by its file's stem)."""
+    save_model(tiny_model, tmp_path / "tiny.safetensors")
+    return tmp_path / "tiny.safetensors"
 
 
 def synthetic_images(n: int, size: int, label: int, seed: int) -> np.ndarray:
@@ -98,3 +112,10 @@ def cifar_batches(tmp_path) -> Path:
 def ortops_cache(tmp_path_factory) -> Path:
     """An empty cache for bitvit's ONNX Runtime op library: export tests build it from scratch once."""
     return tmp_path_factory.mktemp("ortops")
+
+
+@pytest.fixture
+def shared_ortops_cache(ortops_cache, monkeypatch) -> Path:
+    """$BITVIT_ORTOPS_CACHE set to the session's `ortops_cache`, so the export tests share one build."""
+    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(ortops_cache))
+    return ortops_cache

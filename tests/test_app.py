@@ -28,12 +28,6 @@ from conftest import TINY
 S = TINY.img_size
 
 
-@pytest.fixture
-def fp_file(tmp_path, tiny_model):
-    save_model(tiny_model, tmp_path / "fp.safetensors")
-    return tmp_path / "fp.safetensors"
-
-
 def packed(model, path, fmt="int8"):
     q = quant.quantize(model, quant.recipe("w8a8", weight_format=fmt))
     quant.save_quantized(q, path)

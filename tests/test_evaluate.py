@@ -11,14 +11,7 @@ import torch
 from quant.data import load_split
 from quant.evaluate import evaluate
 from export.exporter import export
-from quant.models import count_parameters, save_model
-
-
-@pytest.fixture
-def checkpoint(tmp_path, tiny_model):
-    path = tmp_path / "tiny.safetensors"
-    save_model(tiny_model, path)
-    return path
+from quant.models import count_parameters
 
 
 def test_evaluate_counts_correct_predictions(tiny_model, image_tree):

@@ -24,9 +24,7 @@ CASES = {("fp32", True): 1e-5, ("fp16", True): 2e-2, ("w8a8", True): 5e-2, ("w8a
          ("ternary", True): 5e-2, ("binary", True): 5e-2, ("ternary", False): 5e-2, ("binary", False): 5e-2}
 
 
-@pytest.fixture(autouse=True)
-def _ops_cache(ortops_cache, monkeypatch):
-    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(ortops_cache))
+pytestmark = pytest.mark.usefixtures("shared_ortops_cache")
 
 
 def images(n, size=16, seed=0):

@@ -12,19 +12,11 @@ import quant
 from export import bench as export_bench
 from export.bench import VARIANTS, Variant, main
 from quant.cli import run
-from quant.models import VisionTransformer, save_model
+from quant.models import VisionTransformer
 from tests.conftest import write_tree
 
 
-@pytest.fixture(autouse=True)
-def _ops_cache(ortops_cache, monkeypatch):
-    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(ortops_cache))
-
-
-@pytest.fixture
-def fp_file(tiny_model, tmp_path):
-    save_model(tiny_model, tmp_path / "fp.safetensors")
-    return tmp_path / "fp.safetensors"
+pytestmark = pytest.mark.usefixtures("shared_ortops_cache")
 
 
 def bench(fp_file, tmp_path, *extra):

@@ -14,9 +14,7 @@ OPS = {"TernaryLinear": 2, "BinaryLinear": 1, "Int4Linear": 4, "Int8Linear": 8}
 BIG = (4, 150, 130, 70)  # large enough (600 tokens, 5.5M multiply-adds) for the op to use the thread pool
 
 
-@pytest.fixture(autouse=True)
-def _ops_cache(ortops_cache, monkeypatch):
-    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(ortops_cache))
+pytestmark = pytest.mark.usefixtures("shared_ortops_cache")
 
 
 def layer_norm(x, norm, eps):

@@ -12,18 +12,10 @@ import quant
 from quant import report
 from quant.cli import run
 from quant.data import load_split, to_model_input
-from quant.models import save_model
 from quant.ptq import calibration_inputs, main as ptq_main, parse_overrides
 from quant.ptq_results import main as results_main, table
 from quant.report import accuracy_vs_bits, load, main as report_main, markdown
 from tests.conftest import write_tree
-
-
-@pytest.fixture
-def checkpoint(tmp_path, tiny_model):
-    path = tmp_path / "tiny.safetensors"
-    save_model(tiny_model, path)
-    return path
 
 
 def test_ptq_cli_writes_a_packed_file_that_evaluate_scores(checkpoint, image_tree, tmp_path, tiny_model):
