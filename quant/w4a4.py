@@ -91,9 +91,10 @@ def reparameterize_layernorm(norm: nn.LayerNorm, linear: nn.Linear, scale: torch
     Returns the per-tensor (scale, zero) that now quantizes norm's output exactly as the per-channel
     ranges did (see the module docstring for the algebra). Changes norm and linear in place.
     """
-    if norm.weight is None or norm.bias is None:  # checked before anything is changed
-        raise ValueError("W4A4 folds the activation ranges into the LayerNorm's weight and bias: it needs a "
-                         "LayerNorm with both (elementwise_affine and bias)")
+    if getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is None:  # before anything changes
+        raise ValueError(f"W4A4 folds the activation ranges into the LayerNorm's weight and bias: it needs a "
+                         f"LayerNorm with both (elementwise_affine and bias), not {norm!r}; or give the recipe "
+                         f"reparam_layernorm=False")
     s = scale.mean()
     z = torch.round(zero.mean())
     r1, r2 = scale / s, zero - z

@@ -55,6 +55,13 @@ def test_a_layer_norm_without_weight_and_bias_is_refused_before_anything_changes
     assert torch.equal(lin.weight, before)
 
 
+@pytest.mark.parametrize("norm", [nn.RMSNorm(32), nn.Identity()], ids=["rms-norm", "identity"])
+def test_a_block_norm_that_is_no_layer_norm_is_refused_with_one_clear_error(tiny_model, norm):
+    tiny_model.blocks[0].norm1 = norm                         # it raised AttributeError (no bias, no weight)
+    with pytest.raises(ValueError, match="needs a LayerNorm with both.*reparam_layernorm=False"):
+        quant.quantize(tiny_model, "w4a4", calib=torch.randn(2, 3, 16, 16))
+
+
 def test_per_tensor_quantizer_after_reparameterization_equals_per_channel_before():
     norm, lin = norm_and_linear()
     x = torch.randn(200, 24)
