@@ -5,8 +5,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _same_shape(logits: torch.Tensor, target: torch.Tensor, what: str) -> None:
+    """Refuse a target that is not (B, K) like the logits (broadcasting would give a loss silently)."""
+    if logits.ndim != 2 or target.shape != logits.shape:
+        raise ValueError(f"the {what} {tuple(target.shape)} do not match the student's logits "
+                         f"{tuple(logits.shape)}: give both (B, K), for the same batch and classes")
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against soft targets (B, K) (label smoothing and mixup produce these)."""
+    _same_shape(logits, target, "soft targets")
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
@@ -16,6 +24,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temper
     `hard`: cross-entropy with the teacher's top-1 class (DeiT's hard distillation).
     `soft`: KL(teacher || student) at `temperature`, scaled by T^2 as in Hinton et al.
     """
+    _same_shape(student, teacher, "teacher's logits")
     if kind == "hard":
         return F.cross_entropy(student, teacher.argmax(dim=-1))
     if kind == "soft":

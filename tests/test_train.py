@@ -490,6 +490,15 @@ def test_soft_distillation_is_the_batch_mean_kl_from_the_teacher_at_temperature_
     assert distill_loss(logits(0), logits(1), "soft", temperature=2.0).item() == pytest.approx(want.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("loss", [lambda s, t: distill_loss(s, t, "hard"), lambda s, t: distill_loss(s, t, "soft"),
+                                  lambda s, t: soft_cross_entropy(s, t.softmax(-1))], ids=["hard", "soft", "targets"])
+@pytest.mark.parametrize("target", [logits(1)[:, :3], logits(1)[:, :1], logits(1)[:1]],
+                         ids=["fewer-classes", "one-class", "one-image"])
+def test_logits_and_targets_of_different_shapes_are_refused(loss, target):
+    with pytest.raises(ValueError, match=r"do not match the student's logits \(4, 5\)"):  # they broadcast or
+        loss(logits(0), target)                                      # took the argmax of 3 classes silently
+
+
 def test_an_unknown_distillation_kind_is_refused():
     with pytest.raises(ValueError, match="unknown distillation kind 'feature'"):
         distill_loss(logits(0), logits(1), "feature")
