@@ -1,6 +1,8 @@
 """Distillation losses from a full-precision teacher, shared by training and quantization-aware training."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temper
         return F.cross_entropy(student, teacher.argmax(dim=-1))
     if kind == "soft":
         t = temperature
+        if not 0 < t < math.inf:  # 0 gave NaN, a negative one a loss of the reversed logits
+            raise ValueError(f"the distillation temperature must be a positive finite number, got {t!r}")
         return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
                         reduction="batchmean", log_target=True) * t * t
     raise ValueError(f"unknown distillation kind {kind!r}; use 'hard' or 'soft'")

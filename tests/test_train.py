@@ -499,6 +499,12 @@ def test_logits_and_targets_of_different_shapes_are_refused(loss, target):
         loss(logits(0), target)                                      # took the argmax of 3 classes silently
 
 
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_soft_distillation_temperature_that_is_not_positive_and_finite_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):  # it gave NaN or a loss
+        distill_loss(logits(0), logits(1), "soft", temperature)
+
+
 def test_an_unknown_distillation_kind_is_refused():
     with pytest.raises(ValueError, match="unknown distillation kind 'feature'"):
         distill_loss(logits(0), logits(1), "feature")
