@@ -177,7 +177,7 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
         raise ValueError(f"w4a4 quantizes the linear layers outside qkv, proj, fc1 and fc2 by the recipe's "
                          f"layer_formats, and none matches {unplaced[0]!r}")
     h = capture(model, blocks[0], calib, batch_size, keep_shape=True)          # (B, N, D) into block 0
-    for block in tqdm(blocks, desc="W4A4", unit="block", leave=False):
+    for i, block in enumerate(tqdm(blocks, desc="W4A4", unit="block", leave=False)):
         attn = QuantAttention.from_attention(block.attn)
         block.attn = attn
         # in forward order, so each layer is calibrated on the inputs it sees behind the quantized layers before it
@@ -185,6 +185,9 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
                                   (block.norm2, block.mlp, "fc1"), (None, block.mlp, "fc2")):
             layer = getattr(owner, name)
             x = capture(block, layer, h, batch_size)                            # (T, K)
+            if not torch.isfinite(x).all():  # e.g. inputs so large a LayerNorm's variance overflows: NaN ranges
+                raise ValueError(f"the inputs of block {i}'s {name} are NaN or infinite on the calibration images: "
+                                 f"calibrate on inputs the model takes (normalised images, quant.data.to_model_input)")
             if norm is None:                                                    # head outputs, post-GELU
                 s, z = tensor_range(x, bits, layer.weight.detach())
             elif recipe.reparam_layernorm:                                      # post-LayerNorm

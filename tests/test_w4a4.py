@@ -62,6 +62,14 @@ def test_a_block_norm_that_is_no_layer_norm_is_refused_with_one_clear_error(tiny
         quant.quantize(tiny_model, "w4a4", calib=torch.randn(2, 3, 16, 16))
 
 
+@pytest.mark.parametrize("gptq", [True, False])
+def test_calibration_inputs_driving_a_layers_inputs_to_nan_are_refused_naming_the_layer(tiny_model, gptq):
+    calib = torch.randn(2, 3, 16, 16) * 1e20                 # finite, but block 0's LayerNorm overflows
+    # GPTQ blamed its Hessian (advising a damp the recipe has no field for); round to nearest gave a NaN model
+    with pytest.raises(ValueError, match="inputs of block 0's qkv are NaN or infinite on the calibration"):
+        quant.quantize(tiny_model, quant.recipe("w4a4", gptq=gptq), calib=calib)
+
+
 def test_per_tensor_quantizer_after_reparameterization_equals_per_channel_before():
     norm, lin = norm_and_linear()
     x = torch.randn(200, 24)
