@@ -152,6 +152,11 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
                              f"num_heads and head_dim (qkv giving 3 x num_heads x head_dim outputs) and MLPs with "
                              f"nn.Linear fc1 and fc2, as in bitvit's or timm's ViT; this model's {type(attn).__name__} "
                              f"and {type(mlp).__name__} do not")
+        if lost := [n for n, c in attn.named_children()
+                    if n not in ("qkv", "proj") and not isinstance(c, (nn.Identity, nn.Dropout))]:
+            raise ValueError(f"w4a4 replaces each attention by a QuantAttention (qkv, softmax, proj), which would drop "
+                             f"this model's {type(attn).__name__}.{lost[0]} ({type(getattr(attn, lost[0])).__name__}); "
+                             f"quantize a model whose attention has no such module (timm's: qk_norm=False)")
     return blocks
 
 

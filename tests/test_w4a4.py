@@ -174,6 +174,28 @@ def test_a_block_whose_attention_has_no_head_count_is_refused_with_one_clear_err
         quant.quantize(model, quant.recipe("w4a4", layer_formats=(("1", "int8"),)), calib=torch.randn(2, 5, 16))
 
 
+class QKNormAttention(nn.Module):
+    """timm's attention with qk_norm=True: a LayerNorm on each head's queries and keys, which QuantAttention lacks."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm, self.attn_drop = nn.LayerNorm(dim // heads), nn.LayerNorm(dim // heads), nn.Dropout()
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = nn.functional.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+def test_an_attention_with_a_module_quant_attention_would_drop_is_refused_naming_it(tiny_model):
+    tiny_model.blocks[1].attn = QKNormAttention()            # its q_norm and k_norm were dropped without a word
+    with pytest.raises(ValueError, match=r"would drop this model's QKNormAttention.q_norm \(LayerNorm\)"):
+        quant.quantize(tiny_model, "w4a4", calib=torch.randn(2, 3, 16, 16))
+
+
 def test_softmax_offset_candidates_reach_the_largest_offset():
     p = torch.full((1, 1, 4, 4), 2.0 ** -14)             # exactly offset 14's smallest level (code 14 of 0..15)
     assert log2_offsets(p, torch.randn(1, 1, 4, 2), 4) == [14]
