@@ -178,6 +178,9 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
         # a layer the forward pass never calls has no inputs to weigh its error by: H = I, round to nearest
         h = hessian(capture(model, layer, calib, 128)) if name not in unused else \
             torch.eye(layer.in_features, dtype=torch.float64, device=layer.weight.device)
+        if not torch.isfinite(h).all():  # else blamed on the Hessian's definiteness, which no damping mends
+            raise ValueError(f"GPTQ: the inputs of {name} are NaN or infinite on the calibration images: calibrate "
+                             f"on inputs the model takes (normalised images, quant.data.to_model_input)")
         q = gptq_weight(layer.weight, h, int(fmt[3:]), **settings)
         model.set_submodule(name, QuantLinear.from_codes(q.codes, q.scales, q.zeros, layer.bias, fmt,
                                                          settings.get("group_size"), act_format))

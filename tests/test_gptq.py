@@ -72,6 +72,15 @@ def test_gptq_model_quantizes_in_forward_order_with_quantized_upstream_inputs():
     assert (model(x) - ref).norm() / ref.norm() < 0.1
 
 
+def test_gptq_model_refuses_calibration_inputs_that_drive_a_layers_inputs_to_nan_naming_the_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)).eval()
+    x = torch.randn(64, 16) * 1e30                           # finite, but the LayerNorm's variance overflows
+    # it was refused as a Hessian 'not positive definite even with damp=0.01', advising a higher damp
+    with pytest.raises(ValueError, match="inputs of 2 are NaN or infinite"):
+        gptq_model(model, x, lambda name, layer: {"weight_format": "int4"}, progress=False)
+
+
 def test_gptq_model_rounds_a_layer_the_forward_pass_never_calls_to_nearest_instead_of_leaving_it_float():
     from quant.quantizers import quantize_weight
     torch.manual_seed(0)
