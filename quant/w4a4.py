@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from quant.gptq import capture, gptq_weight, hessian
+from quant.models import forward_with_hooks
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
 from quant.quantizers import (Log2Quantizer, UniformQuantizer, fake_quant_log2, quantize_weight, uint_fake,
@@ -160,6 +161,21 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def _check_chained(model: nn.Module, blocks: list[nn.Module], example: torch.Tensor) -> None:
+    """Refuse a model whose blocks do not run one after another, each on the previous one's output: W4A4
+    computes each block's calibration inputs that way (a pooling stage or a second tower between them would
+    calibrate a block on inputs it never sees, or crash)."""
+    calls = []  # (block, its input, its output), in the order the forward pass runs them
+    forward_with_hooks(model, example, [b.register_forward_hook(lambda m, i, o: calls.append((m, i[0], o)))
+                                        for b in blocks])
+    fed = all(x is y for (_, _, y), (_, x, _) in zip(calls, calls[1:]))   # each input the output before it
+    if not ([m for m, _, _ in calls] == blocks and fed):
+        names = {m: n for n, m in model.named_modules()}
+        raise ValueError(f"w4a4 calibrates each block on the previous block's outputs, but this model's blocks "
+                         f"({', '.join(names[b] for b in blocks[:3])}{', ...' if len(blocks) > 3 else ''}) do not "
+                         f"run one after another, each once, on the previous one's output: quantize a plain ViT")
+
+
 def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
     """Apply the W4A4 recipe to a ViT in place (see the module docstring)."""
     from tqdm import tqdm
@@ -181,6 +197,7 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
     if unplaced := [n for n, fmt in others.items() if fmt is None]:
         raise ValueError(f"w4a4 quantizes the linear layers outside qkv, proj, fc1 and fc2 by the recipe's "
                          f"layer_formats, and none matches {unplaced[0]!r}")
+    _check_chained(model, blocks, calib[:1])
     h = capture(model, blocks[0], calib, batch_size, keep_shape=True)          # (B, N, D) into block 0
     for i, block in enumerate(tqdm(blocks, desc="W4A4", unit="block", leave=False)):
         attn = QuantAttention.from_attention(block.attn)

@@ -196,6 +196,13 @@ def test_an_attention_with_a_module_quant_attention_would_drop_is_refused_naming
         quant.quantize(tiny_model, "w4a4", calib=torch.randn(2, 3, 16, 16))
 
 
+def test_a_model_whose_blocks_do_not_feed_each_other_directly_is_refused(tiny_model):
+    b0, b1 = tiny_model.blocks
+    tiny_model.blocks = nn.Sequential(b0, nn.LayerNorm(32), b1)   # block 1 was calibrated on block 0's raw outputs
+    with pytest.raises(ValueError, match=r"blocks \(blocks.0, blocks.2\) do not run one after another"):
+        quant.quantize(tiny_model, "w4a4", calib=torch.randn(2, 3, 16, 16))
+
+
 def test_softmax_offset_candidates_reach_the_largest_offset():
     p = torch.full((1, 1, 4, 4), 2.0 ** -14)             # exactly offset 14's smallest level (code 14 of 0..15)
     assert log2_offsets(p, torch.randn(1, 1, 4, 2), 4) == [14]
