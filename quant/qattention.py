@@ -65,9 +65,12 @@ class QuantAttention(nn.Module):
         return (q @ k.transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim))).softmax(-1), v
 
     def spec(self) -> dict:
-        """The slots' quantizer kinds (their calibrated values are buffers in the state dict)."""
-        return {"dim": self.num_heads * self.head_dim, "num_heads": self.num_heads,
+        """The slots' quantizer kinds (their calibrated values are buffers in the state dict); refused where
+        `from_spec` would refuse it (a slot's ranges neither per tensor nor per head), so no file fails to load."""
+        spec = {"dim": self.num_heads * self.head_dim, "num_heads": self.num_heads,
                 "slots": {s: quantizer_spec(getattr(self, s)) for s in SLOTS}}
+        QuantAttention.from_spec(spec, self.qkv, self.proj)
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict, qkv: nn.Module, proj: nn.Module) -> "QuantAttention":

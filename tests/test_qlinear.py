@@ -228,6 +228,14 @@ def test_quant_attention_spec_naming_an_unknown_slot_is_refused():
         QuantAttention.from_spec(spec, nn.Linear(16, 48), nn.Linear(16, 16))
 
 
+def test_an_attention_slot_neither_per_tensor_nor_per_head_is_refused_when_saved_not_when_loaded():
+    qa = QuantAttention(16, 4)
+    qa.out_quant = UniformQuantizer(4, shape=(4,))            # one range per channel of each head: it runs,
+    qa(torch.randn(2, 5, 16))                                # but its file was refused as damaged on loading
+    with pytest.raises(ValueError, match=r"slot out_quant's uniform quantizer has shape \[4\]; .* \[1, 4, 1, 1\]"):
+        qa.spec()
+
+
 def test_quant_attention_refuses_a_width_its_heads_do_not_divide():
     with pytest.raises(ValueError, match="dim 10 is not divisible by num_heads 4"):
         QuantAttention(10, 4)
