@@ -18,8 +18,11 @@ from typing import Callable
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Call `main(argv)`; a bad path or bad file ends with `error: ...` on stderr and exit code 2."""
+    """Call `main(argv)`; a bad path or bad file ends with `error: ...` on stderr and exit code 2. A character
+    stdout's encoding lacks (a class or file name on an ASCII terminal) is printed escaped, as on stderr."""
     commit()  # the code as the command starts, for the results it writes (`provenance`)
+    if hasattr(sys.stdout, "reconfigure"):  # not an error after the work, before the results file is written
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return main(argv) or 0
     except (FileNotFoundError, ValueError, OSError) as e:

@@ -1,6 +1,7 @@
 """What every command line shares: counts must be positive, outputs must be files, failures are one line,
 results say how they were made."""
 import argparse
+import io
 import json
 import os
 import shutil
@@ -209,6 +210,14 @@ def test_a_command_that_returns_nothing_exits_0_and_an_interrupted_one_130(capsy
     assert run(lambda argv: None, []) == 0
     assert run(interrupted, []) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_name_the_stdout_encoding_lacks_is_printed_escaped_not_an_error(monkeypatch):
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr("sys.stdout", out)
+    assert run(lambda argv: print("int8 \u00b7 t\u00efny.safetensors"), []) == 0
+    out.flush()
+    assert out.buffer.getvalue() == b"int8 \\xb7 t\\xefny.safetensors\n"
 
 
 def test_a_result_records_the_processs_own_arguments_when_given_none(monkeypatch):
