@@ -135,6 +135,11 @@ def test_unknown_names_and_impossible_batches_are_refused_before_any_timing(args
         bench.main(["--device", "cpu", *args])
 
 
+def test_a_plot_of_speed_ups_without_the_dense_baseline_is_refused_before_any_timing(tmp_path):
+    with pytest.raises(ValueError, match="add dense to --ops"):
+        bench.main(["--device", "cpu", "--ops", "w8a8", "--plot", str(tmp_path / "b.png")])
+
+
 def test_targets_skip_op_rows_measured_without_the_dense_baseline():
     """`--ops w1.58a8,w1a8` (no "dense") leaves speedup_vs_dense None: the speed-up targets are not judged,
     the roofline target still is."""
