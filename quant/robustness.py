@@ -151,6 +151,9 @@ def analyse(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor
     chunks = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     cached = [_block_inputs(model, x) for x, _ in chunks]                # [chunk][block] (b, N, D)
     fp_logits = [_logits_from(model, 0, c[0]) for c in cached]
+    bad = sum(int((~lg.isfinite().all(1)).sum()) for lg in fp_logits)
+    if bad:  # every trial's drop and KL would be measured against NaN
+        raise ValueError(f"the model gives NaN or infinite logits for {bad} of {len(images)} images (a damaged model?)")
     fp_top1 = sum(int((l.argmax(1) == y).sum()) for l, (_, y) in zip(fp_logits, chunks)) / len(images)
     per_bits = 5 * len(model.blocks) + len(HEAD_SLOTS) * sum(b.attn.num_heads for b in model.blocks)
     bar = tqdm(total=per_bits * len(bits), desc="robustness", unit="trial", disable=not progress)

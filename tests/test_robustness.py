@@ -40,6 +40,13 @@ def test_analysis_leaves_the_model_computing_what_it_did(tiny_model):
     assert torch.allclose(tiny_model(x), before, atol=1e-5)
 
 
+def test_a_model_with_infinite_logits_is_refused_not_analysed_into_nan(tiny_model):
+    with torch.no_grad():
+        tiny_model.blocks[1].mlp.fc2.weight.mul_(1e30)
+    with pytest.raises(ValueError, match="NaN or infinite logits for 6 of 6 images"):
+        analyse(tiny_model, inputs(6, 0), torch.arange(6) % 3, inputs(8, 1), bits=(2,), progress=False)
+
+
 def test_cli_writes_results_and_plot(tiny_model, image_tar, tmp_path):
     ckpt, out = tmp_path / "fp.safetensors", tmp_path / "rob.json"
     save_model(tiny_model, ckpt)
