@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,17 +206,19 @@ def load(folder: str | Path) -> Results:
     res = Results(folder)
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         found: list[Entry] = []
+        name = os.fsencode(path.name).decode(errors="replace")  # a name not in UTF-8 is no text a plot can draw
         if not path.is_file():  # a folder, pipe or device named *.json: a pipe would be waited on for ever
-            res.errors.append(f"{path.name}: not a file")
+            res.errors.append(f"{name}: not a file")
             continue
         try:
             data = json.loads(path.read_text())
-            _walk(data, [], path.stem, found)
+            json.dumps(data, ensure_ascii=False).encode()  # nor is a lone surrogate ("\ud800") read from it
+            _walk(data, [], Path(name).stem, found)
         except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON's, a bad encoding, a 5000-digit integer
-            res.errors.append(f"{path.name}: not readable JSON ({type(e).__name__})")
+            res.errors.append(f"{name}: not readable JSON ({type(e).__name__})")
             continue
         found += [a for e in found if (a := _linked_allocation(e, folder)) is not None]
-        res.files[path.stem] = {k: data[k] for k in CONTEXT_KEYS if isinstance(data, dict) and k in data}
+        res.files[Path(name).stem] = {k: data[k] for k in CONTEXT_KEYS if isinstance(data, dict) and k in data}
         res.entries += found
     return res
 

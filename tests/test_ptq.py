@@ -1,6 +1,7 @@
 """The post-training CLIs: `quant.ptq` writes packed files that `quant.evaluate` scores,
 `quant.ptq_results` fills the results table, `quant.report` plots it."""
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -254,7 +255,6 @@ def test_report_leaves_out_impossible_scores_and_unreadable_files(tmp_path):
 
 
 def test_report_lists_a_pipe_or_folder_named_json_as_not_a_file_without_reading_it(tmp_path):
-    import os
     folder = results_folder(tmp_path, ptq={"results": [{"recipe": "ok", "top1": 0.9, "bits_per_weight": 4.0}]})
     os.mkfifo(folder / "pipe.json")  # reading it would wait for a writer for ever
     (folder / "dir.json").mkdir()
@@ -271,6 +271,19 @@ def test_report_draws_names_with_dollar_signs_and_nul_bytes_as_text(tmp_path):
         {"recipe": "qvit", "top1": 0.8, "bits_per_weight": 3.0, "allocation": "a\u0000b"}]}))
     report_main(["--results", str(folder), "--out", str(tmp_path / "p.png")])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_draws_a_file_name_not_in_utf8_and_lists_a_file_holding_a_lone_surrogate_as_unreadable(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    entry = {"top1": 0.9, "bits_per_weight": 4.0}
+    (folder / os.fsdecode(b"r\xe9sultats.json")).write_text(json.dumps({"w4": entry}))  # a Latin-1 file name
+    (folder / "bad.json").write_text(json.dumps({"w\ud800": entry}))  # json.dumps writes it as \ud800
+    report_main(["--results", str(folder), "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    res = load(folder)
+    assert [e.label for e in res.entries] == ["w4 (r\ufffdsultats)"] and res.errors == ["bad.json: not readable JSON "
+                                                                                        "(UnicodeEncodeError)"]
 
 
 def test_report_without_entries_says_what_to_run(tmp_path):
