@@ -82,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     data = load_split(args.data, args.split, image_size=first.config.img_size, limit=args.limit)
     start = time.monotonic()
     result = {**provenance("cuda_ops.parity", argv), "cpu_threads": torch.get_num_threads(),
-              "device": device, "data": f"{args.data} split={args.split} n={len(data)}", "rows": []}
+              "device": device, "data": f"{args.data} split={args.split} n={len(data)}", "rows": [],
+              "complete": False}  # until the last row: a run killed or refused midway leaves a partial file
     for name, make in models:
         model = make()
         data.require_classes(model.config, whose=f"{name}'s")  # top-1s against other classes' labels mean nothing
         result["rows"].append(compare(name, model, data, device, args.batch_size))
         result["wall_s"] = time.monotonic() - start
+        result["complete"] = len(result["rows"]) == len(models)
         if args.out:
             write_json(args.out, result)
     print(f"\n{'model':<44}{'layers':>7}{'top-1 ref':>10}{'kernels':>9}{'agree':>8}{'logit err':>11}")

@@ -81,3 +81,21 @@ def test_data_of_other_classes_than_the_model_is_refused_before_scoring(tiny_mod
     other = write_tree(tmp_path / "other", classes=("ant", "bee", "cow"), per_class=2)
     with pytest.raises(ValueError, match="the data's classes .* are not w8a8.safetensors's"):
         parity.main(["--quantized", str(packed), "--data", str(other)])
+
+
+def test_a_run_ended_midway_leaves_its_rows_in_a_file_marked_incomplete(tiny_model, image_tree, tmp_path,
+                                                                         monkeypatch):
+    quant.models.save_model(tiny_model, tmp_path / "fp.safetensors")
+    out, compare = tmp_path / "parity.json", parity.compare
+    args = ["--model", str(tmp_path / "fp.safetensors"), "--recipes", "w4,nf4", "--data", str(image_tree),
+            "--out", str(out)]
+    assert parity.main(args) == 0 and json.loads(out.read_text())["complete"] is True
+    def killed_at_nf4(name, *a):
+        if name.endswith("nf4"):
+            raise KeyboardInterrupt
+        return compare(name, *a)
+    monkeypatch.setattr(parity, "compare", killed_at_nf4)
+    with pytest.raises(KeyboardInterrupt):
+        parity.main(args)
+    r = json.loads(out.read_text())
+    assert [row["model"] for row in r["rows"]] == ["fp.safetensors w4"] and r["complete"] is False
