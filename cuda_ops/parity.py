@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         output_file(args.out, ".json")
     import quant
-    recipes = [r for r in args.recipes.split(",") if r] if args.model else []
-    files = [f for f in args.quantized.split(",") if f]
+    recipes = list(dict.fromkeys(r for r in args.recipes.split(",") if r)) if args.model else []  # (each once)
+    files = list(dict.fromkeys(f for f in args.quantized.split(",") if f))
     if not recipes and not files:
         raise ValueError("nothing to check: give --model (with --recipes) and/or --quantized files")
     from quant.recipes import RTN

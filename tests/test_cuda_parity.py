@@ -61,6 +61,16 @@ def test_a_quantized_file_alone_is_checked_without_a_model(tiny_model, image_tre
     assert [row["model"] for row in json.loads(out.read_text())["rows"]] == ["w8a8.safetensors"]
 
 
+def test_a_recipe_or_file_named_twice_is_checked_once(tiny_model, image_tree, tmp_path):
+    quant.models.save_model(tiny_model, tmp_path / "fp.safetensors")
+    packed = tmp_path / "w8a8.safetensors"
+    quant.save_quantized(quant.quantize(tiny_model, "w8a8"), packed)
+    out = tmp_path / "parity.json"
+    assert parity.main(["--model", str(tmp_path / "fp.safetensors"), "--recipes", "w4,w4,", "--quantized",
+                        f"{packed},{packed}", "--data", str(image_tree), "--out", str(out)]) == 0
+    assert [row["model"] for row in json.loads(out.read_text())["rows"]] == ["fp.safetensors w4", "w8a8.safetensors"]
+
+
 def test_a_check_of_nothing_is_refused(image_tree):
     with pytest.raises(ValueError, match="nothing to check"):
         parity.main(["--data", str(image_tree)])
