@@ -284,6 +284,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if any(not 2 <= b <= 8 for b in args.bits):
         raise ValueError(f"--bits must lie in 2..8, got {args.bits}")
+    args.bits = list(dict.fromkeys(args.bits))  # a width given twice is analysed once
     out = output_file(args.out, ".json")
     output_file(out.with_suffix(".png"), ".png")  # the plot's path too, before minutes of trials
     model = load_model(args.checkpoint)

@@ -67,6 +67,15 @@ def test_cli_takes_eight_bits_and_records_how_many_calibration_images_it_had(tin
     assert res["calib_size"] == 15                                  # all the training images the val split left
 
 
+def test_cli_analyses_a_width_given_twice_once(tiny_model, image_tar, tmp_path):
+    ckpt, out = tmp_path / "fp.safetensors", tmp_path / "rob.json"
+    save_model(tiny_model, ckpt)
+    assert run(main, ["--checkpoint", str(ckpt), "--data", str(image_tar), "--out", str(out), "--split", "test",
+                      "--bits", "3", "3", "--calib-size", "6"]) == 0
+    res = json.loads(out.read_text())
+    assert res["bits"] == [3] and len(res["trials"]) == 2 * 5 + 2 * 2 * 4  # TINY's components, each tried once
+
+
 def test_cli_refuses_widths_outside_two_to_eight(tiny_model, image_tar, tmp_path, capsys):
     ckpt = tmp_path / "fp.safetensors"
     save_model(tiny_model, ckpt)
