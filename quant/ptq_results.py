@@ -87,6 +87,7 @@ def main(argv=None):
     run_folder(args.models)  # not a file: checked before the full-precision model is scored
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.recipes = list(dict.fromkeys(args.recipes))  # a recipe named twice is quantized and scored once
     for name in args.recipes:                          # refuse an unknown or a QAT recipe before any work
         if isinstance(recipe(name), QAT):
             raise ValueError(f"{name} is a quantization-aware training recipe: train it with python -m quant.qat")

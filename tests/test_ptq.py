@@ -160,6 +160,13 @@ def test_results_full_precision_entry_counts_32_bits_per_linear_weight(checkpoin
     assert fp["size_bytes"] == checkpoint.stat().st_size
 
 
+def test_results_table_runs_a_recipe_named_twice_once(checkpoint, image_tree, tmp_path, capsys):
+    results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(tmp_path / "r.json"),
+                  "--models", str(tmp_path / "models"), "--recipes", "w8a8", "w8a8", "--limit", "3",
+                  "--calib-size", "6"])
+    assert capsys.readouterr().out.count("w8a8: top1=") == 1
+
+
 def test_a_limit_dry_run_of_the_results_table_without_out_is_refused(checkpoint, image_tree, capsys):
     assert run(results_main, ["--checkpoint", str(checkpoint), "--data", str(image_tree), "--limit", "3"]) == 2
     assert "a --limit dry run needs --out FILE" in capsys.readouterr().err
