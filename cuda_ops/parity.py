@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
               "complete": False}  # until the last row: a run killed or refused midway leaves a partial file
     for name, make in models:
         model = make()
+        if data.images.shape[1] != model.config.img_size:  # a file of another input size: the split at its size
+            data = load_split(args.data, args.split, image_size=model.config.img_size, limit=args.limit)
         data.require_classes(model.config, whose=f"{name}'s")  # top-1s against other classes' labels mean nothing
         result["rows"].append(compare(name, model, data, device, args.batch_size))
         result["wall_s"] = time.monotonic() - start

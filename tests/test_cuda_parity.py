@@ -71,6 +71,18 @@ def test_a_recipe_or_file_named_twice_is_checked_once(tiny_model, image_tree, tm
     assert [row["model"] for row in json.loads(out.read_text())["rows"]] == ["fp.safetensors w4", "w8a8.safetensors"]
 
 
+def test_files_of_two_input_sizes_are_each_scored_on_the_split_at_their_size(tiny_model, image_tree, tmp_path):
+    import dataclasses
+    from conftest import TINY
+    big = quant.models.VisionTransformer(dataclasses.replace(TINY, img_size=32)).eval()
+    files = [tmp_path / "16.safetensors", tmp_path / "32.safetensors"]
+    for model, path in zip((tiny_model, big), files):
+        quant.save_quantized(quant.quantize(model, "w8a8"), path)
+    out = tmp_path / "parity.json"
+    assert parity.main(["--quantized", ",".join(map(str, files)), "--data", str(image_tree), "--out", str(out)]) == 0
+    assert [row["n"] for row in json.loads(out.read_text())["rows"]] == [18, 18]
+
+
 def test_a_check_of_nothing_is_refused(image_tree):
     with pytest.raises(ValueError, match="nothing to check"):
         parity.main(["--data", str(image_tree)])
