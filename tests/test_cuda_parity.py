@@ -83,6 +83,13 @@ def test_files_of_two_input_sizes_are_each_scored_on_the_split_at_their_size(tin
     assert [row["n"] for row in json.loads(out.read_text())["rows"]] == [18, 18]
 
 
+def test_recipes_without_a_model_to_quantize_are_refused_not_left_unused(tiny_model, image_tree, tmp_path):
+    packed = tmp_path / "w8a8.safetensors"
+    quant.save_quantized(quant.quantize(tiny_model, "w8a8"), packed)
+    with pytest.raises(ValueError, match="--recipes quantizes the --model file: give --model too"):
+        parity.main(["--quantized", str(packed), "--recipes", "w4", "--data", str(image_tree)])
+
+
 def test_a_check_of_nothing_is_refused(image_tree):
     with pytest.raises(ValueError, match="nothing to check"):
         parity.main(["--data", str(image_tree)])
