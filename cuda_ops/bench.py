@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e_models = split(args.e2e_models) if args.e2e_models is not None else e2e_models
     if args.batches is not None:
         try:
-            batches = [positive_int(b) for b in split(args.batches)]
+            batches = list(dict.fromkeys(positive_int(b) for b in split(args.batches)))  # "1, 1" or "8,08": once
         except argparse.ArgumentTypeError as e:
             raise ValueError(f"--batches: {e}") from None
     ops, variants = split(args.ops), split(args.variants)

@@ -337,3 +337,8 @@ def test_the_results_file_names_the_baseline_dtype_in_its_fields_and_targets(stu
 def test_batches_of_up_to_1024_images_are_accepted(stubbed_main):
     assert bench.main(["--device", "cpu", "--batches", "1024"]) == 0
     assert stubbed_main["batches"] == [1024]
+
+
+def test_a_batch_size_written_twice_in_two_ways_is_measured_once(stubbed_main):
+    assert bench.main(["--device", "cpu", "--batches", "1, 8,1,08"]) == 0
+    assert stubbed_main["batches"] == [1, 8]
