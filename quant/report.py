@@ -182,6 +182,13 @@ def _walk(node, path: list[str], source: str, out: list[Entry], model: str | Non
                 _walk(v, path + [str(i)], source, out, model)
 
 
+def _read_json(path: Path):
+    """A file's JSON; a ValueError for one holding a lone surrogate ("\\ud800"), no text a plot can draw."""
+    data = json.loads(path.read_text())
+    json.dumps(data, ensure_ascii=False).encode()
+    return data
+
+
 def _linked_allocation(entry: Entry, folder: Path) -> Entry | None:
     """The bit allocation an entry names by path (absolute, from the working directory, from the
     repository root, or by file name in the results folder), read as an entry of its own."""
@@ -192,7 +199,7 @@ def _linked_allocation(entry: Entry, folder: Path) -> Entry | None:
         try:
             if not candidate.is_file():  # a device or pipe ("/dev/zero") would be read forever
                 continue
-            data = json.loads(candidate.read_text())
+            data = _read_json(candidate)
         except (OSError, ValueError):  # unreadable, not JSON (JSONDecodeError), a NUL byte in the path
             continue
         alloc = Entry(entry.source, f"{entry.name} bit allocation", data if isinstance(data, dict) else {})
@@ -211,8 +218,7 @@ def load(folder: str | Path) -> Results:
             res.errors.append(f"{name}: not a file")
             continue
         try:
-            data = json.loads(path.read_text())
-            json.dumps(data, ensure_ascii=False).encode()  # nor is a lone surrogate ("\ud800") read from it
+            data = _read_json(path)
             _walk(data, [], Path(name).stem, found)
         except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON's, a bad encoding, a 5000-digit integer
             res.errors.append(f"{name}: not readable JSON ({type(e).__name__})")

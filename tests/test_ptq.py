@@ -349,6 +349,13 @@ def test_report_finds_a_bit_allocation_by_its_file_name_in_the_results_folder(tm
     assert "qvit bit allocation" in [e.name for e in load(folder).having("allocation")]
 
 
+def test_report_leaves_out_a_linked_bit_allocation_holding_a_lone_surrogate(tmp_path):
+    folder = results_folder(tmp_path, qat={"recipe": "qvit", "top1": 0.7, "allocation": str(tmp_path / "q.bits.json")})
+    (tmp_path / "q.bits.json").write_text(json.dumps({"attention": {}, "bitops": 1.0, "layers": {
+        "blocks.0.attn.qkv\ud800": {"weight": 4, "input": 8}}}))  # a layer name no plot can draw
+    assert load(folder).having("allocation") == []
+
+
 def test_report_keeps_each_files_context(tmp_path):
     folder = results_folder(tmp_path, ptq={"command": "python -m quant.ptq", "machine": "m", "date": "d",
                                            "split": "val", "wall_time_s": 3.0, "results": [], "other": 1})
