@@ -200,7 +200,7 @@ def _linked_allocation(entry: Entry, folder: Path) -> Entry | None:
             if not candidate.is_file():  # a device or pipe ("/dev/zero") would be read forever
                 continue
             data = _read_json(candidate)
-        except (OSError, ValueError):  # unreadable, not JSON (JSONDecodeError), a NUL byte in the path
+        except (OSError, ValueError, RecursionError):  # unreadable, not JSON, a NUL byte in the path, nested too deep
             continue
         alloc = Entry(entry.source, f"{entry.name} bit allocation", data if isinstance(data, dict) else {})
         return alloc if alloc.allocation is not None else None

@@ -356,6 +356,13 @@ def test_report_leaves_out_a_linked_bit_allocation_holding_a_lone_surrogate(tmp_
     assert load(folder).having("allocation") == []
 
 
+def test_report_leaves_out_a_linked_bit_allocation_nested_deeper_than_python_reads(tmp_path):
+    folder = results_folder(tmp_path, qat={"recipe": "qvit", "top1": 0.7, "allocation": str(tmp_path / "q.bits.json")})
+    (tmp_path / "q.bits.json").write_text("[" * 100_000 + "]" * 100_000)
+    res = load(folder)
+    assert [e.name for e in res.entries] == ["qvit"] and res.errors == []
+
+
 def test_report_keeps_each_files_context(tmp_path):
     folder = results_folder(tmp_path, ptq={"command": "python -m quant.ptq", "machine": "m", "date": "d",
                                            "split": "val", "wall_time_s": 3.0, "results": [], "other": 1})
