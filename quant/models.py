@@ -476,7 +476,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
         check_depth(cfg, state, source)
         if name is not None and not (CONFIGS.get(name) or _unknown(name)).same_model(cfg):
             raise ValueError(f"{source} holds a different architecture than {name!r}")
-    elif "format" in meta and (name is None or str(meta["format"]).startswith("bitvit-")):  # "pt": Hugging Face's tag
+    elif str(meta.get("format", "")).startswith("bitvit-"):  # not Hugging Face's "pt" tag of timm files
         refuse_newer(meta["format"], FORMAT, source)
         raise ValueError(f"{source} is a {meta['format']!r} file, not a full-precision bitvit ViT (quantized ViTs "
                          f"load with quant.load_quantized, CNN teachers with quant.teacher.load_teacher)")

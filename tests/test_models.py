@@ -535,3 +535,9 @@ def test_a_safetensors_checkpoint_tagged_format_pt_as_hugging_face_writes_it_loa
     model = create_model("vit_cifar_tiny")
     save_file(model.state_dict(), str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
     assert torch.equal(load_model(tmp_path / "m.safetensors", name="vit_cifar_tiny").pos_embed, model.pos_embed)
+
+
+def test_a_timm_safetensors_file_tagged_format_pt_without_a_config_name_is_told_to_name_one(tmp_path):
+    save_file(create_model("vit_cifar_tiny").state_dict(), str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="carries no bitvit config.*load_model\\(path, name=...\\)"):
+        load_model(tmp_path / "m.safetensors")
