@@ -300,8 +300,9 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
                              f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
         if v.is_floating_point() != own[k].is_floating_point():
             raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected {own[k].dtype}")
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise ValueError(f"{source}: tensor {k!r} holds NaN or infinite values (a damaged file?)")
+        if v.is_floating_point() and not torch.isfinite(v.to(own[k].dtype)).all():  # float64 past float32's range
+            raise ValueError(f"{source}: tensor {k!r} holds NaN or infinite values, or values beyond the model's "
+                             f"{own[k].dtype} (a damaged file?)")
     if copy:
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 

@@ -281,6 +281,13 @@ def test_a_checkpoint_holding_nan_or_infinity_is_refused_naming_the_tensor(tiny_
         load_model(tmp_path / "m.safetensors")
 
 
+def test_a_float64_checkpoint_holding_values_beyond_float32_is_refused_naming_the_tensor(tiny_model):
+    state = {k: v.double() for k, v in tiny_model.state_dict().items()}
+    state["head.bias"][0] = 1e300  # finite in float64, infinite once loaded as float32
+    with pytest.raises(ValueError, match="tensor 'head.bias' holds .* values beyond the model's torch.float32"):
+        load_state_dict(tiny_model, state)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("-inf")], ids=["nan", "-inf"])
 def test_a_model_holding_nan_or_infinity_is_not_saved(tiny_model, tmp_path, value):
     with torch.no_grad():
