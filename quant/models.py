@@ -366,6 +366,8 @@ def existing_file(path: str | os.PathLike) -> Path:
     path = Path(path_text(path))
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a model file")
+    if path.exists() and not path.is_file():  # a pipe or device, which reading would wait on for ever
+        raise ValueError(f"{path} is not a regular file; give a model file")
     if not path.is_file():
         raise FileNotFoundError(f"no such model file: {path}")
     return path
@@ -419,10 +421,12 @@ def is_torch_file(path: str) -> bool:
     .ckpt), or by the zip signature torch.save writes."""
     if path.lower().endswith((".pth", ".pt", ".bin", ".ckpt")):
         return True
+    if not os.path.isfile(path):  # missing, a folder or a pipe (never opened): the reader names the problem
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"PK\x03\x04"
-    except OSError:  # missing or unreadable: the safetensors reader names the problem
+    except OSError:  # unreadable: the safetensors reader names the problem
         return False
 
 

@@ -431,6 +431,14 @@ def test_a_folder_is_refused_as_a_model_file(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.timeout(20)  # opening a pipe waits for a writer for ever
+@pytest.mark.parametrize("file", ["pipe.safetensors", "pipe.pth"])
+def test_a_pipe_given_as_a_model_file_is_refused_not_waited_on(tmp_path, file):
+    os.mkfifo(tmp_path / file)
+    with pytest.raises(ValueError, match=f"{file} is not a regular file"):
+        load_model(tmp_path / file)
+
+
 def test_an_onnx_file_is_pointed_to_the_onnx_runtime(tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"\x08\x07onnx graph")
     with pytest.raises(ValueError, match="m.onnx is an ONNX file.*export.runtime.load"):
