@@ -417,17 +417,20 @@ def refuse_compressed_zip(path: Path) -> None:
 
 
 def is_torch_file(path: str) -> bool:
-    """Whether `path` is a torch checkpoint rather than safetensors: by its suffix, any case (.pth, .pt, .bin,
-    .ckpt), or by the zip signature torch.save writes."""
-    if path.lower().endswith((".pth", ".pt", ".bin", ".ckpt")):
-        return True
+    """Whether `path` is a torch checkpoint rather than safetensors: by the zip signature torch.save writes, or by
+    its suffix, any case (.pth, .pt, .bin, .ckpt), unless it starts as a safetensors file does (save_model writes
+    safetensors under whatever name it is given)."""
+    suffix = path.lower().endswith((".pth", ".pt", ".bin", ".ckpt"))
     if not os.path.isfile(path):  # missing, a folder or a pipe (never opened): the reader names the problem
-        return False
+        return suffix
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
-    except OSError:  # unreadable: the safetensors reader names the problem
+            head = f.read(9)
+    except OSError:  # unreadable: the reader names the problem
+        return suffix
+    if head[8:] == b"{":  # safetensors: the header's length in 8 bytes, then the header's JSON
         return False
+    return suffix or head[:4] == b"PK\x03\x04"
 
 
 def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
