@@ -331,7 +331,7 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, m
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("metadata must map strings to strings (safetensors' header)")
     refuse_non_finite(state)
-    path = file_to_write(path)
+    path = file_to_write(path_text(path))
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)

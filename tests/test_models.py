@@ -209,6 +209,11 @@ def test_save_model_refuses_a_quantized_model_pointing_to_save_quantized(tiny_mo
         save_model(quant.quantize(tiny_model, "w8a8"), tmp_path / "m.safetensors")
 
 
+def test_save_model_refuses_something_other_than_a_path_as_a_path(tiny_model):
+    with pytest.raises(ValueError, match="expected a file path, got NoneType"):
+        save_model(tiny_model, None)
+
+
 def test_save_model_refuses_a_folder_and_a_path_under_a_file(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="is a folder"):
         save_model(tiny_model, tmp_path)
