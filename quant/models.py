@@ -471,6 +471,8 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
     if source == "hub" or source.startswith("hf-hub:"):
         if name is None:
             raise ValueError("loading from the hub needs a config name (e.g. deit_tiny_patch16_224)")
+        if name not in CONFIGS:  # a misspelt name is the error to report, not its missing repository
+            _unknown(name)
         repo = HUB_IDS.get(name) if source == "hub" else source[len("hf-hub:"):]
         if repo is None:
             raise ValueError(f"no default hub repository for {name!r}")

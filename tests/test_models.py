@@ -182,6 +182,11 @@ def test_loading_from_the_hub_needs_a_config_that_names_its_repository():
         load_model("hub", name="vit_cifar_tiny")
 
 
+def test_an_unknown_config_name_for_the_hub_is_refused_listing_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'deit_tiny_patch16'; known: .*deit_tiny_patch16_224"):
+        load_model("hub", name="deit_tiny_patch16")
+
+
 def test_a_hub_model_neither_cached_nor_downloadable_is_one_error_naming_the_repository(tmp_path, monkeypatch):
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))  # empty
