@@ -540,11 +540,12 @@ def _load_from_hub(repo: str, name: str) -> VisionTransformer:
     cfg = CONFIGS.get(name) or _unknown(name)  # before any download: a wrong name is the error to report
     try:
         path = hf_hub_download(repo, "model.safetensors")
-    except ValueError as e:  # huggingface_hub's HFValidationError: a malformed repository id
-        raise ValueError(f"hf-hub:{repo} is not a valid hub repository id ({str(e).splitlines()[0][:160]})") from None
-    except OSError as e:  # the hub's errors (not cached and offline, no such repository, HTTP) are OSErrors
+    except OSError as e:  # the hub's errors (not cached and offline, no such repository, HTTP) are OSErrors;
+        # first: huggingface_hub 0.x's LocalEntryNotFoundError is a ValueError too
         raise FileNotFoundError(f"hf-hub:{repo}: model.safetensors is neither in the local hub cache nor "
                                 f"downloadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except ValueError as e:  # huggingface_hub's HFValidationError: a malformed repository id
+        raise ValueError(f"hf-hub:{repo} is not a valid hub repository id ({str(e).splitlines()[0][:160]})") from None
     try:
         with open(hf_hub_download(repo, "config.json")) as f:
             labels = json.load(f).get("label_names") or ()

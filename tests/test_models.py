@@ -195,6 +195,19 @@ def test_a_hub_model_neither_cached_nor_downloadable_is_one_error_naming_the_rep
         load_model("hub", name="deit_tiny_patch16_224")
 
 
+def test_a_hub_model_not_cached_offline_is_not_called_a_malformed_id_on_huggingface_hub_0x(monkeypatch):
+    import huggingface_hub
+
+    class LocalEntryNotFoundError(FileNotFoundError, ValueError):  # its bases in huggingface_hub 0.24-0.36
+        pass
+
+    def download(repo, filename):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache, and offline")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(FileNotFoundError, match="deit_tiny_patch16_224.*neither in the local hub cache"):
+        load_model("hub", name="deit_tiny_patch16_224")
+
+
 @pytest.mark.parametrize("x, message", [
     (torch.zeros(1, 3, 16, 16, dtype=torch.float64), "weights are torch.float32 but the images torch.float64"),
     ([[0.0]], "got a list")])
