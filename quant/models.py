@@ -83,6 +83,8 @@ class ViTConfig:
         check(self.patch_size <= self.img_size, "patch_size", f"at most img_size ({self.img_size})")
         check(self.embed_dim % self.num_heads == 0, "num_heads", f"a divisor of embed_dim ({self.embed_dim})")
         check(finite_number(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio", "a positive number")
+        check(self.embed_dim * self.mlp_ratio >= 1, "mlp_ratio",  # the MLP's width is int(embed_dim * mlp_ratio)
+              f"at least 1/embed_dim (1/{self.embed_dim}) for an MLP at least 1 wide")
         check(finite_number(self.drop_path_rate) and 0 <= self.drop_path_rate < 1, "drop_path_rate", "in [0, 1)")
         check(isinstance(self.stem_channels, tuple) and all(map(is_positive_int, self.stem_channels)),
               "stem_channels", "a list of positive integers")

@@ -295,6 +295,11 @@ def test_a_config_field_of_the_wrong_type_or_range_is_refused_naming_it(field, v
         ViTConfig.from_json(json.dumps({field: value}), "m.safetensors")
 
 
+def test_an_mlp_ratio_giving_a_zero_wide_mlp_is_refused_naming_it():
+    with pytest.raises(ValueError, match="ViT config field 'mlp_ratio' must be at least 1/embed_dim"):
+        dataclasses.replace(TINY, mlp_ratio=0.01)  # int(32 * 0.01) = 0 hidden units
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_a_checkpoint_holding_nan_or_infinity_is_refused_naming_the_tensor(tiny_model, tmp_path, value):
     state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
