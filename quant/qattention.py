@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn as nn
 
+from quant.cli import is_positive_int
 from quant.quantizers import Log2Quantizer, quantizer_from_spec, quantizer_spec
 
 SLOTS = ("q_quant", "k_quant", "v_quant", "attn_quant", "out_quant")
@@ -33,6 +34,9 @@ SLOTS = ("q_quant", "k_quant", "v_quant", "attn_quant", "out_quant")
 class QuantAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv: nn.Module | None = None, proj: nn.Module | None = None):
         super().__init__()
+        if not (is_positive_int(dim) and is_positive_int(num_heads)):
+            raise ValueError(f"dim and num_heads must be positive integers, got dim {dim!r} and "
+                             f"num_heads {num_heads!r}")
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads

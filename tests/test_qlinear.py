@@ -241,6 +241,12 @@ def test_quant_attention_refuses_a_width_its_heads_do_not_divide():
         QuantAttention(10, 4)
 
 
+@pytest.mark.parametrize("num_heads", [0, -4, 4.0])
+def test_quant_attention_refuses_a_head_count_that_is_not_a_positive_integer(num_heads):
+    with pytest.raises(ValueError, match=f"num_heads must be positive integers, got dim 32 and num_heads {num_heads}"):
+        QuantAttention(32, num_heads)
+
+
 @pytest.mark.parametrize("codes, fmt, message", [
     (torch.full((2, 8), 3, dtype=torch.uint8), "ternary", r"ternary codes must be uint8 in 0\.\.2, got a 3"),
     (torch.full((2, 8), -1, dtype=torch.int8), "int8", r"int8 codes must be uint8 in 0\.\.255, got torch\.int8"),
