@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", help="comma-separated configs for the per-op part (default: per device)")
     p.add_argument("--e2e-models", help="comma-separated configs for the end-to-end part ('' to skip it)")
     p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8,64,256 on a GPU, 1,8 on a CPU)")
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops among {','.join(OPS)}")
+    p.add_argument("--ops", help=f"comma-separated ops among {','.join(OPS)} (default: all; int_mm on a GPU only)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"end-to-end variants among {','.join(VARIANTS)}")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="baseline and activation dtype (default: bfloat16 on a GPU, float32 on a CPU)")
@@ -450,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             batches = list(dict.fromkeys(positive_int(b) for b in split(args.batches)))  # "1, 1" or "8,08": once
         except argparse.ArgumentTypeError as e:
             raise ValueError(f"--batches: {e}") from None
-    ops, variants = split(args.ops), split(args.variants)
+    ops = split(args.ops) if args.ops is not None else [o for o in OPS if args.device == "cuda" or o != "int_mm"]
+    variants = split(args.variants)
     if max(batches, default=0) > MAX_BATCH:
         raise ValueError(f"--batches: at most {MAX_BATCH} images a batch (the targets' largest is 256), "
                          f"got {max(batches)}")
@@ -465,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     for op in ops:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+    if args.device == "cpu" and "int_mm" in ops:
+        raise ValueError("--ops int_mm times cuBLASLt's int8 GEMM, which runs on --device cuda only")
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")

@@ -135,6 +135,11 @@ def test_unknown_names_and_impossible_batches_are_refused_before_any_timing(args
         bench.main(["--device", "cpu", *args])
 
 
+def test_the_gpu_only_int_mm_op_is_refused_on_the_cpu_before_any_timing():
+    with pytest.raises(ValueError, match="--ops int_mm .* runs on --device cuda only"):
+        bench.main(["--device", "cpu", "--ops", "dense,int_mm"])
+
+
 def test_a_plot_of_speed_ups_without_the_dense_baseline_is_refused_before_any_timing(tmp_path):
     with pytest.raises(ValueError, match="add dense to --ops"):
         bench.main(["--device", "cpu", "--ops", "w8a8", "--plot", str(tmp_path / "b.png")])
