@@ -145,6 +145,14 @@ def test_a_plot_of_speed_ups_without_the_dense_baseline_is_refused_before_any_ti
         bench.main(["--device", "cpu", "--ops", "w8a8", "--plot", str(tmp_path / "b.png")])
 
 
+def test_the_speed_up_plot_leaves_no_figure_open(tmp_path):
+    import matplotlib.pyplot as plt
+    open_before = plt.get_fignums()
+    rows = [{"model": "vit_cifar_tiny", "op": op, "M": 65, "speedup_vs_dense": s} for op, s in [("dense", 1), ("w1a8", 2)]]
+    bench.plot(rows, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 0 and plt.get_fignums() == open_before
+
+
 def test_targets_skip_op_rows_measured_without_the_dense_baseline():
     """`--ops w1.58a8,w1a8` (no "dense") leaves speedup_vs_dense None: the speed-up targets are not judged,
     the roofline target still is."""
