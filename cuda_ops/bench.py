@@ -430,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="baseline and activation dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--quick", action="store_true", help="smaller ceilings, shorter CPU timings (smoke tests)")
-    p.add_argument("--time-limit", type=number_in(0), default=float("inf"),
+    p.add_argument("--time-limit", default=math.inf,  # "inf", the default, too: no limit
+                   type=lambda text: math.inf if text.strip().lower() in ("inf", "infinity") else number_in(0)(text),
                    help="seconds: stop adding rows after this long, the per-op part after 60%% of it so the "
-                        "end-to-end part gets its share (the JSON lists what was skipped)")
+                        "end-to-end part gets its share (the JSON lists what was skipped; default: inf, no limit)")
     p.add_argument("--out", type=Path, help="write the results JSON here")
     p.add_argument("--plot", type=Path, help="write a speed-up plot (PNG) here")
     args = p.parse_args(argv)

@@ -339,6 +339,11 @@ def test_the_per_op_part_gets_60_percent_of_the_time_limit_unless_there_is_no_en
     assert stubbed_main["ops_deadline"] == 110.0
 
 
+def test_a_time_limit_of_inf_the_default_is_accepted_as_no_limit(stubbed_main):
+    assert bench.main(["--device", "cpu", "--time-limit", "inf"]) == 0
+    assert stubbed_main["ops_deadline"] == stubbed_main["models_deadline"] == float("inf")
+
+
 def test_the_results_file_names_the_baseline_dtype_in_its_fields_and_targets(stubbed_main, tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--device", "cpu", "--dtype", "float16", "--out", str(out)])
