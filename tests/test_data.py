@@ -2,6 +2,7 @@
 import dataclasses
 import os
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,6 @@ def test_an_archive_reads_in_the_trees_order_when_a_class_name_extends_another(t
 def test_an_archive_written_in_any_member_order_reads_like_the_tree_and_in_one_pass(image_tree, tmp_path,
                                                                                    monkeypatch):
     import random
-    import tarfile
     files = sorted(p for p in image_tree.rglob("*.jpg"))
     random.Random(0).shuffle(files)
     shuffled = tmp_path / "shuffled.tar.gz"
@@ -72,7 +72,6 @@ def test_an_archive_written_in_any_member_order_reads_like_the_tree_and_in_one_p
 
 
 def test_an_archives_linked_images_read_like_the_trees_in_one_pass(image_tree, tmp_path, monkeypatch):
-    import tarfile
     os.link(image_tree / "test" / "cat" / "0000.jpg", image_tree / "test" / "cat" / "0100.jpg")  # a duplicate
     os.symlink("0001.jpg", image_tree / "test" / "dog" / "0101.jpg")
     # the archive stores the second name of an inode as a hard link, and the symlink
@@ -277,26 +276,25 @@ def test_a_truncated_archive_is_named(image_tar, tmp_path):
         load_split(cut, "test", image_size=16, progress=False)
 
 
-def test_an_archive_cut_within_a_members_header_is_named_not_read_short(image_tree, tmp_path):
-    import tarfile
-    whole = tmp_path / "data.tar"
-    with tarfile.open(whole, "w") as tar:
+def plain_tar(image_tree, path) -> list[tarfile.TarInfo]:
+    """Write the test split of `image_tree` as an uncompressed tar at `path`; its members."""
+    with tarfile.open(path, "w") as tar:
         tar.add(image_tree / "test", arcname="test")
-    with tarfile.open(whole) as tar:
-        last = tar.getmembers()[-1]
+    with tarfile.open(path) as tar:
+        return tar.getmembers()
+
+
+def test_an_archive_cut_within_a_members_header_is_named_not_read_short(image_tree, tmp_path):
+    last = plain_tar(image_tree, tmp_path / "data.tar")[-1]
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(whole.read_bytes()[:last.offset + 100])   # tarfile would list all but the last image
+    cut.write_bytes((tmp_path / "data.tar").read_bytes()[:last.offset + 100])   # tarfile would list all but the last image
     with pytest.raises(ValueError, match="cut.tar is a damaged or truncated archive"):
         load_split(cut, "test", image_size=16, progress=False)
 
 
 def test_an_archive_with_a_damaged_members_header_is_named_not_read_short(image_tree, tmp_path):
-    import tarfile
     damaged = tmp_path / "damaged.tar"
-    with tarfile.open(damaged, "w") as tar:
-        tar.add(image_tree / "test", arcname="test")
-    with tarfile.open(damaged) as tar:
-        offset = tar.getmembers()[5].offset
+    offset = plain_tar(image_tree, damaged)[5].offset
     data = bytearray(damaged.read_bytes())
     data[offset] ^= 0x01                     # a bit of a name: its checksum fails, and tarfile stops listing there
     damaged.write_bytes(bytes(data))
@@ -483,7 +481,6 @@ def test_split_all_on_a_tree_of_split_folders_is_refused_naming_the_splits(image
 
 
 def test_cifars_python_archive_not_unpacked_is_named_with_what_to_do(cifar_batches, tmp_path):
-    import tarfile
     archive = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(cifar_batches, arcname="cifar-10-batches-py")
