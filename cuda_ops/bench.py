@@ -473,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    if args.plot and not op_models:
+        raise ValueError("--plot draws the per-op part, which --models '' skips: name models there, or leave --plot out")
     if args.plot and "dense" not in ops:  # (found only after the per-op part, it ended the run there)
         raise ValueError("--plot draws each op's speed-up over dense: add dense to --ops, or leave --plot out")
     if "dense" in ops:

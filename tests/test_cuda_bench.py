@@ -145,6 +145,13 @@ def test_a_plot_of_speed_ups_without_the_dense_baseline_is_refused_before_any_ti
         bench.main(["--device", "cpu", "--ops", "w8a8", "--plot", str(tmp_path / "b.png")])
 
 
+def test_a_plot_without_the_per_op_part_is_refused_before_any_timing(tmp_path):
+    """`--models ''` times no op, so there is nothing to plot: refused, not a run that writes no PNG."""
+    with pytest.raises(ValueError, match="--plot draws the per-op part"):
+        bench.main(["--device", "cpu", "--models", "", "--e2e-models", "vit_cifar_tiny", "--plot", str(tmp_path / "b.png")])
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_the_speed_up_plot_leaves_no_figure_open(tmp_path):
     import matplotlib.pyplot as plt
     open_before = plt.get_fignums()
