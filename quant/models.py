@@ -453,6 +453,9 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             first = "not a torch checkpoint of tensors"
         raise ValueError(f"{path} is not a loadable torch checkpoint of plain tensors "
                          f"({type(e).__name__}{': ' + first if first else ''})") from None
+    if isinstance(obj, dict) and {"model", "optimizer", "rng", "epoch", "trained_seconds", "config"} <= set(obj):
+        raise ValueError(f"{path} is a training run's resume state (quant.train's last.pt), not a model file; "
+                         f"give the model file the run saved instead (RUN_DIR/model.safetensors)")
     for key in ("model", "state_dict", "model_ema"):  # DeiT and training scripts nest the weights
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

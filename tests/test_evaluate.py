@@ -64,6 +64,8 @@ def test_cli_scores_an_onnx_export_in_onnx_runtime_as_its_torch_model_scores(tin
     (lambda p: (p / "junk.onnx").write_bytes(b"\x07garbage" * 8) and p / "junk.onnx", "not a readable ONNX model"),
     (lambda p: p / "absent.onnx", "no such ONNX file"),
     (lambda p: (p / "JUNK.ONNX").write_bytes(b"\x07garbage" * 8) and p / "JUNK.ONNX", "not a readable ONNX model"),
+    (lambda p: torch.save({k: 0 for k in ("model", "optimizer", "rng", "epoch", "trained_seconds", "config")},
+                          p / "last.pt") or p / "last.pt", "resume state"),   # quant.train's last.pt
 ])
 def test_cli_bad_checkpoint_is_one_error_line(tmp_path, image_tree, make_bad, message):
     r = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(make_bad(tmp_path)),

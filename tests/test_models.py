@@ -135,6 +135,13 @@ def test_timm_pth_checkpoint_loads_with_a_config_name(tmp_path):
     assert torch.equal(loaded.state_dict()["head.weight"], model.state_dict()["head.weight"])
 
 
+def test_a_training_runs_resume_state_is_refused_as_a_model_file_naming_what_to_give(tiny_model, tmp_path):
+    torch.save({"model": tiny_model.state_dict(), "optimizer": {}, "rng": torch.get_rng_state(), "epoch": 1,
+                "trained_seconds": 1.0, "config": "{}"}, tmp_path / "last.pt")   # the keys quant.train writes
+    with pytest.raises(ValueError, match="last.pt is a training run's resume state.*RUN_DIR/model.safetensors"):
+        load_model(tmp_path / "last.pt")
+
+
 def local_hub_cache(tmp_path, monkeypatch, labels: list[str]) -> VisionTransformer:
     """timm's deit_tiny_patch16_224 repository in a local hub cache (weights and these label names), with the
     hub offline; returns the model whose weights it holds."""
