@@ -96,7 +96,16 @@ class ViTConfig:
     def same_model(self, other: "ViTConfig") -> bool:
         """Whether the two configs describe the same model: network, classes and input normalisation
         (training settings such as drop_path_rate aside)."""
-        return dataclasses.replace(self, drop_path_rate=0.0) == dataclasses.replace(other, drop_path_rate=0.0)
+        return not self.differences(other)
+
+    def differences(self, other: "ViTConfig") -> str:
+        """What keeps the two configs from describing the same model, for an error message ("a different
+        architecture and different classes"), or "" where they describe the same one."""
+        a, b = dataclasses.asdict(self), dataclasses.asdict(other)
+        parts = (("classes",), "different classes"), (("mean", "std"), "a different input normalisation")
+        network = tuple(k for k in a if k not in ("classes", "mean", "std", "drop_path_rate"))
+        return " and ".join(what for keys, what in (((network, "a different architecture"),) + parts)
+                            if any(a[k] != b[k] for k in keys))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -489,8 +498,8 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
     if meta.get("format") == FORMAT:
         cfg = ViTConfig.from_json(meta.get("config"), source)
         check_depth(cfg, state, source)
-        if name is not None and not (CONFIGS.get(name) or _unknown(name)).same_model(cfg):
-            raise ValueError(f"{source} holds a different architecture than {name!r}")
+        if name is not None and (differs := (CONFIGS.get(name) or _unknown(name)).differences(cfg)):
+            raise ValueError(f"{source} holds {differs} than {name!r}")
     elif str(meta.get("format", "")).startswith("bitvit-"):  # not Hugging Face's "pt" tag of timm files
         refuse_newer(meta["format"], FORMAT, source)
         raise ValueError(f"{source} is a {meta['format']!r} file, not a full-precision bitvit ViT (quantized ViTs "

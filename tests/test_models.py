@@ -454,6 +454,14 @@ def test_a_file_loads_under_its_config_name_whatever_its_training_settings_but_n
         load_model(tmp_path / "m.safetensors", name="vit_cifar_small")
 
 
+@pytest.mark.parametrize("change, differs", [(dict(classes=tuple("abcdefghij")), "different classes"),
+                                             (dict(mean=(0.5, 0.5, 0.5)), "a different input normalisation")])
+def test_a_file_of_another_config_name_is_refused_saying_what_differs(tmp_path, change, differs):
+    save_model(create_model("vit_cifar_tiny", **change), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=f"m.safetensors holds {differs} than 'vit_cifar_tiny'$"):
+        load_model(tmp_path / "m.safetensors", name="vit_cifar_tiny")
+
+
 def test_save_model_refuses_metadata_that_is_not_text(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="metadata must map strings to strings"):
         save_model(tiny_model, tmp_path / "m.safetensors", metadata={"epoch": 3})
