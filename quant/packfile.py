@@ -271,8 +271,10 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         if model is None:
             _check_architecture(cfg, header, tensors, path)
             model = VisionTransformer(cfg)
-        elif not (isinstance(getattr(model, "config", None), ViTConfig) and model.config.same_model(cfg)):
+        elif not isinstance(getattr(model, "config", None), ViTConfig):
             raise ValueError(f"{path} holds a different architecture than the model given")
+        elif differs := model.config.differences(cfg):
+            raise ValueError(f"{path} holds {differs} than the model given")
     elif model is None:
         raise ValueError(f"{path} holds a model that is not a bitvit ViT: pass model= (a full-precision "
                          f"instance of its architecture) to rebuild it")

@@ -442,7 +442,7 @@ def test_a_forged_input_norm_with_eps_zero_is_refused(saved_ternary, tmp_path):
 def test_a_vit_file_loaded_into_a_model_of_another_config_is_refused(saved, tiny_model):
     import dataclasses
     other = VisionTransformer(dataclasses.replace(tiny_model.config, classes=("a", "b", "c")))  # same shapes
-    with pytest.raises(ValueError, match="holds a different architecture than the model given"):
+    with pytest.raises(ValueError, match="holds different classes than the model given"):
         quant.load_quantized(saved, model=other)
 
 
