@@ -556,10 +556,11 @@ def _load_from_hub(repo: str, name: str) -> VisionTransformer:
         path = hf_hub_download(repo, "model.safetensors")
     except OSError as e:  # the hub's errors (not cached and offline, no such repository, HTTP) are OSErrors;
         # first: huggingface_hub 0.x's LocalEntryNotFoundError is a ValueError too
-        raise FileNotFoundError(f"hf-hub:{repo}: model.safetensors is neither in the local hub cache nor "
-                                f"downloadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise FileNotFoundError(f"hf-hub:{repo}: model.safetensors is neither in the local hub cache nor downloadable "
+                                f"({': '.join([type(e).__name__, *str(e).splitlines()[:1]])[:200]})") from None
     except ValueError as e:  # huggingface_hub's HFValidationError: a malformed repository id
-        raise ValueError(f"hf-hub:{repo} is not a valid hub repository id ({str(e).splitlines()[0][:160]})") from None
+        raise ValueError(f"hf-hub:{repo} is not a valid hub repository id "
+                         f"({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
     try:
         with open(hf_hub_download(repo, "config.json")) as f:
             labels = json.load(f).get("label_names") or ()

@@ -202,6 +202,18 @@ def test_a_hub_model_neither_cached_nor_downloadable_is_one_error_naming_the_rep
         load_model("hub", name="deit_tiny_patch16_224")
 
 
+@pytest.mark.parametrize("error, message", [(OSError, r"neither in the local hub cache nor downloadable \(OSError\)"),
+                                            (ValueError, r"not a valid hub repository id \(ValueError\)")])
+def test_a_hub_error_without_text_is_still_one_clear_error(monkeypatch, error, message):
+    import huggingface_hub
+
+    def download(repo, filename):
+        raise error()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(error, match=message):
+        load_model("hub", name="deit_tiny_patch16_224")
+
+
 def test_a_hub_model_not_cached_offline_is_not_called_a_malformed_id_on_huggingface_hub_0x(monkeypatch):
     import huggingface_hub
 
