@@ -21,7 +21,8 @@ Names (`RECIPES`):
 
 `quantize` works on any model built of nn.Linear layers (every one of them is quantized, unless a
 `layer_formats` pattern says otherwise); the classifier `head` of a bitvit ViT is kept at int8 in the
-low-bit PTQ recipes, as PTQ papers keep the last layer at 8 bits. It changes the model in place and
+low-bit PTQ recipes, as PTQ papers keep the last layer at 8 bits (a wrapped ViT, whose head is `1.head`, is
+refused unless `layer_formats` names its head). It changes the model in place and
 returns it. Post-training recipes return a model of QuantLinear layers (save it with
 `quant.save_quantized`); quantization-aware recipes return the model with training-time layers,
 to be trained (`python -m quant.qat`) and frozen into QuantLinear layers.
@@ -286,9 +287,18 @@ def recipe(name: str, /, **overrides) -> Recipe:
 def _check_patterns(r, model: nn.Module) -> None:
     """Each `layer_formats` pattern given (the recipe's default, the head at int8, holds only where there is
     a head) must match a linear layer: a mistyped one would quantize its layers at the recipe's width. So must
-    each name BitNet's `skip` gives (the default, the head, aside): a mistyped one would quantize that layer."""
+    each name BitNet's `skip` gives (the default, the head, aside): a mistyped one would quantize that layer.
+    The defaults (and Q-ViT's 8-bit head) name the layer `head`: a model whose head is nested (`1.head` in
+    nn.Sequential(prep, vit), `_orig_mod.head` once torch.compile'd) is refused rather than quantized whole."""
     defaults = {f.name: f.default for f in dataclasses.fields(r)}
     skip, given = getattr(r, "skip", ()), getattr(r, "layer_formats", ())
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    nested = next((n for n in linears if n.endswith(".head")), None) if "head" not in linears else None
+    if nested and (isinstance(r, QViT) or skip == defaults.get("skip") or given == defaults.get("layer_formats")):
+        field = "" if isinstance(r, QViT) else "skip" if isinstance(r, BitNet) else "layer_formats"
+        raise ValueError(f"recipe {r.name!r} keeps the layer named 'head' at higher precision, and this model's "
+                         f"head is {nested!r}: quantize the model inside, model.get_submodule("
+                         f"{nested[:-len('.head')]!r}){f', or give {field} naming {nested!r}' if field else ''}")
     skip = () if skip == defaults.get("skip") else skip
     given = () if given == defaults.get("layer_formats") else given
     if not skip and not given:

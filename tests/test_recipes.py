@@ -1,4 +1,6 @@
 """quantize(model, recipe): the named recipes, overrides, and models that are not bitvit's ViT."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -212,6 +214,18 @@ def test_w4a4_refuses_a_layer_outside_the_blocks_no_layer_format_matches_before_
     monkeypatch.setattr(w4a4, "capture", lambda *a, **k: pytest.fail("W4A4 calibrated before refusing"))
     with pytest.raises(ValueError, match="none matches 'head'"):
         quant.quantize(tiny_model, quant.recipe("w4a4", layer_formats=()), calib=torch.randn(4, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name, advice", [("w4", ", or give layer_formats naming '1.head'"),
+                                          ("nf4", ", or give layer_formats naming '1.head'"),
+                                          ("w4-gptq", ", or give layer_formats naming '1.head'"),
+                                          ("w1.58a8", ", or give skip naming '1.head'"), ("qvit", "")])
+def test_a_wrapped_vits_head_is_refused_rather_than_quantized_at_the_recipes_low_width(tiny_model, name, advice):
+    model = nn.Sequential(nn.Identity(), tiny_model)   # its head is '1.head', which the default 'head' misses
+    with pytest.raises(ValueError, match=rf"this model's head is '1\.head': quantize the model inside, "
+                                         rf"model\.get_submodule\('1'\){re.escape(advice)}$"):
+        quant.quantize(model, name, calib=torch.randn(2, 3, 16, 16))
+    assert type(tiny_model.head) is nn.Linear
 
 
 def test_gptq_solves_the_layers_named_in_layer_formats_with_the_recipes_damping_and_order(monkeypatch):
