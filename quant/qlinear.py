@@ -148,14 +148,14 @@ class QuantLinear(nn.Module):
                 "asymmetric": self.zeros is not None, "bias": self.bias is not None,
                 "act_format": self.act_format,
                 "input_norm": None if norm is None else {"eps": norm.eps, "affine": norm.elementwise_affine,
-                                                         "bias": norm.bias is not None}}
+                                                         **({} if norm.bias is not None else {"bias": False})}}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "QuantLinear":
         norm = spec.get("input_norm")
         if norm is not None:
             norm = nn.LayerNorm(spec["in_features"], eps=norm["eps"], elementwise_affine=norm["affine"],
-                                bias=norm.get("bias", True))  # files written before "bias" was recorded had one
+                                bias=norm.get("bias", True))  # recorded only where the norm has none
         return cls(spec["in_features"], spec["out_features"], spec["weight_format"], spec["group_size"],
                    spec["bias"], spec["asymmetric"], spec["act_format"], norm)
 

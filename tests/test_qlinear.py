@@ -155,12 +155,18 @@ def test_cached_weight_follows_a_replaced_buffer():
 @pytest.mark.parametrize("norm", [{"elementwise_affine": True}, {"elementwise_affine": False}, {"bias": False}],
                          ids=["affine", "no-affine", "no-bias"])
 def test_a_layer_is_rebuilt_from_its_spec(norm):
-    """Also with a LayerNorm without bias, which came back with one (a file of it did not load)."""
+    """Also with a LayerNorm without bias, which must not come back with one."""
     layer = QuantLinear(20, 6, "int4", 8, asymmetric=True, act_format="uint4_tensor",
                         input_norm=nn.LayerNorm(20, eps=1e-3, **norm))
     back = QuantLinear.from_spec(layer.spec())
     assert back.spec() == layer.spec()
     assert {k: v.shape for k, v in back.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
+
+
+def test_the_spec_records_a_norms_bias_only_where_it_has_none():
+    # files of a norm with a bias, every recipe's, keep the header (and size) they had before the key existed
+    spec = lambda **kw: QuantLinear(20, 6, "ternary", input_norm=nn.LayerNorm(20, **kw)).spec()["input_norm"]
+    assert "bias" not in spec() and spec(bias=False)["bias"] is False
 
 
 # -- attention
