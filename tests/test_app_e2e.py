@@ -15,7 +15,7 @@ from urllib.parse import urljoin
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 import quant
 from app.examples import DRAWINGS, SIZE
@@ -123,13 +123,13 @@ def _texts(page, selector: str) -> str:
 
 
 def _live_view(page, url: str, error: type) -> np.ndarray:
-    """The live view's current image. The stream keeps replacing it, so a fetch can be cut off as the
-    page moves on to the next frame: try the latest one again."""
+    """The live view's current image. The stream keeps replacing it, so a fetch can be cut off, or find
+    the file gone (a body that is no image), as the page moves on to the next frame: try the latest one again."""
     for attempt in range(5):
         src = page.locator("#live-view img").get_attribute("src")
         try:
             return np.asarray(Image.open(io.BytesIO(page.request.get(urljoin(url, src)).body())).convert("RGB"))
-        except error:
+        except (error, UnidentifiedImageError):
             if attempt == 4:
                 raise
             time.sleep(0.5)
