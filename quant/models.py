@@ -301,6 +301,7 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s), first {unexpected[0]!r}")
         raise ValueError(f"{source} does not fit this model: {'; '.join(parts)}")
+    cast = {}  # the file's tensors in the model's dtypes
     for k, v in state.items():
         if v.layout != torch.strided or v.device.type != "cpu" or (
                 v.is_floating_point() and v.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
@@ -311,11 +312,12 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
                              f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
         if v.is_floating_point() != own[k].is_floating_point():
             raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected {own[k].dtype}")
-        if v.is_floating_point() and not torch.isfinite(v.to(own[k].dtype)).all():  # float64 past float32's range
+        cast[k] = v.to(own[k].dtype)
+        if v.is_floating_point() and not torch.isfinite(cast[k]).all():  # float64 past float32's range too
             raise ValueError(f"{source}: tensor {k!r} holds NaN or infinite values, or values beyond the model's "
                              f"{own[k].dtype} (a damaged file?)")
     if copy:
-        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+        model.load_state_dict(cast, strict=False)
 
 
 def save_model(model: VisionTransformer, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
