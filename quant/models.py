@@ -102,10 +102,10 @@ class ViTConfig:
         """What keeps the two configs from describing the same model, for an error message ("a different
         architecture and different classes"), or "" where they describe the same one."""
         a, b = dataclasses.asdict(self), dataclasses.asdict(other)
-        parts = (("classes",), "different classes"), (("mean", "std"), "a different input normalisation")
-        network = tuple(k for k in a if k not in ("classes", "mean", "std", "drop_path_rate"))
-        return " and ".join(what for keys, what in (((network, "a different architecture"),) + parts)
-                            if any(a[k] != b[k] for k in keys))
+        network = [k for k in a if k not in ("classes", "mean", "std", "drop_path_rate")]
+        groups = {"a different architecture": network, "different classes": ["classes"],
+                  "a different input normalisation": ["mean", "std"]}
+        return " and ".join(what for what, keys in groups.items() if any(a[k] != b[k] for k in keys))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
