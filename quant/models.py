@@ -446,6 +446,10 @@ def is_torch_file(path: str) -> bool:
     return suffix or head[:4] == b"PK\x03\x04"
 
 
+# what quant.train's resume state (last.pt) holds: told apart from a model checkpoint by it
+RESUME_STATE_KEYS = frozenset({"model", "optimizer", "rng", "epoch", "trained_seconds", "config"})
+
+
 def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a .pth/.pt file (timm or DeiT style), loaded with `weights_only=True`."""
     path = existing_file(path)
@@ -464,7 +468,7 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             first = "not a torch checkpoint of tensors"
         raise ValueError(f"{path} is not a loadable torch checkpoint of plain tensors "
                          f"({type(e).__name__}{': ' + first if first else ''})") from None
-    if isinstance(obj, dict) and {"model", "optimizer", "rng", "epoch", "trained_seconds", "config"} <= set(obj):
+    if isinstance(obj, dict) and RESUME_STATE_KEYS <= set(obj):
         raise ValueError(f"{path} is a training run's resume state (quant.train's last.pt), not a model file; "
                          f"give the model file the run saved instead (RUN_DIR/model.safetensors)")
     for key in ("model", "state_dict", "model_ema"):  # DeiT and training scripts nest the weights

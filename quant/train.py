@@ -33,7 +33,7 @@ from quant.cli import (finite_number, number_in, positive_int, random_seed, run,
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
-from quant.models import refuse_compressed_zip
+from quant.models import RESUME_STATE_KEYS, refuse_compressed_zip
 
 
 @dataclass
@@ -218,7 +218,7 @@ def read_resume_state(path: Path, advice: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated, foreign or pickled-code files
         raise ValueError(f"{path} is not a readable resume state ({type(e).__name__}); {advice}") from None
-    missing = {"model", "optimizer", "rng", "epoch", "trained_seconds", "config"} - set(state) \
+    missing = RESUME_STATE_KEYS - set(state) \
         if isinstance(state, dict) else {"a dict at the top"}
     if missing:
         raise ValueError(f"{path} is not a bitvit resume state (no {', '.join(sorted(missing))}); {advice}")
