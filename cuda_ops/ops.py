@@ -51,7 +51,8 @@ def a8_row_bytes(name: str, k: int) -> int:
 
 # activation dtypes the kernels take (float8 has no LayerNorm, matmul or Triton dot of its own here)
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-ACT_DTYPE_NAMES = "float32, bfloat16, float16 or float64"  # ACT_DTYPES, as the refusals name them
+_names = [str(d).removeprefix("torch.") for d in ACT_DTYPES]
+ACT_DTYPE_NAMES = f"{', '.join(_names[:-1])} or {_names[-1]}"  # as the refusals name them
 
 
 def _check_x(x: Tensor, in_features: int, name: str) -> None:
