@@ -27,6 +27,9 @@ from quant.evaluate import predict
 from quant.models import load_model
 
 
+RECIPES = "w8a8,w4a8,w4,nf4,w2"  # --recipes' default
+
+
 def compare(name: str, model: torch.nn.Module, data, device: str, batch_size: int) -> dict:
     """Top-1 and logits of `model` (QuantLinear layers) against the same model on the kernels."""
     cfg = model.config
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cuda_ops.parity", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a full-precision bitvit model file, quantized with each of --recipes")
     p.add_argument("--recipes", help="comma-separated post-training recipes that need no calibration data "
-                                     "(default: w8a8,w4a8,w4,nf4,w2)")
+                                     f"(default: {RECIPES})")
     p.add_argument("--quantized", default="", help="comma-separated quantized bitvit files to check as they are")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz or any source quant.data reads")
     p.add_argument("--split", default="test")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import quant
     if args.recipes is not None and not args.model:  # else left unused without a word
         raise ValueError("--recipes quantizes the --model file: give --model too, or leave --recipes out")
-    names = "w8a8,w4a8,w4,nf4,w2" if args.recipes is None else args.recipes
+    names = RECIPES if args.recipes is None else args.recipes
     recipes = list(dict.fromkeys(r for r in names.split(",") if r)) if args.model else []  # (each once)
     files = list(dict.fromkeys(f for f in args.quantized.split(",") if f))
     if not recipes and not files:
