@@ -197,7 +197,7 @@ def main(argv=None):
     if any(is_quantized(m) for m in ref.modules()):
         raise ValueError(f"{args.checkpoint} is a quantized model; --checkpoint takes the full-precision one "
                          f"(pass quantized files with --quantized)")
-    quantized = {}
+    quantized, given = {}, {}  # export format -> (model, its weights' label), the file it came from
     for path in args.quantized:
         qm = load_any(path).eval()
         fmt = model_format(qm)
@@ -207,9 +207,9 @@ def main(argv=None):
         if not qm.config.same_model(ref.config):
             raise ValueError(f"{path} is not a quantized {Path(args.checkpoint).name}: its architecture, classes "
                              f"or input normalisation differ")
-        if fmt in quantized:
-            raise ValueError(f"{path} and {quantized[fmt][1][len('trained: '):]} both hold {fmt} weights; "
-                             f"give one file per format")
+        if fmt in given:
+            raise ValueError(f"{path} and {given[fmt]} both hold {fmt} weights; give one file per format")
+        given[fmt] = path
         quantized[fmt] = (qm, f"trained: {Path(path).name}")
     data = None
     if args.data:  # decoded (and refused, if it must be) before minutes of timing
