@@ -274,10 +274,12 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     total = steps_per_epoch * cfg.epochs
     warmup = int(min(steps_per_epoch * cfg.warmup_epochs, total // 2))  # a short run still decays (and
     # --warmup-epochs 1e308, whose steps are infinite, too)
-    # what else a resumed run must share with the run that wrote the state: its images, model and teacher
+    # what else a resumed run must share with the run that wrote the state: its images, model, teacher and
+    # quantization recipe (quant.qat's: the students of w1.58a8 and w1a8, or of two Q-ViT budgets, hold the same tensors)
     run_key = {"data_digest": _fingerprint(train),
                "model_config": model.config.to_json() if hasattr(model, "config") else None,
-               "teacher_digest": _weights_digest(teacher) if teacher is not None else None}
+               "teacher_digest": _weights_digest(teacher) if teacher is not None else None,
+               "recipe": getattr(model, "quant_recipe", None)}   # a dict: budget_bits 3 and 3.0 are one recipe
 
     start_epoch, trained, step_seconds = 0, 0.0, 0.0  # epochs done, seconds spent in training steps, per step
     warmup_seconds = None  # the budget's clock when the warmup ended (None: it goes on)
@@ -292,7 +294,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                              f"use a fresh --out folder or delete it")
         for key, what in (("data_digest", "training images (another --data, --split or --limit)"),
                           ("model_config", "model config (another --model or --drop-path)"),
-                          ("teacher_digest", "teacher (another --teacher)")):
+                          ("teacher_digest", "teacher (another --teacher)"),
+                          ("recipe", "quantization recipe (another --recipe or --set)")):
             if key in state and state[key] != run_key[key]:  # states written before these were kept: unchecked
                 raise ValueError(f"{ckpt_path} was written by a run with other {what}; use a fresh --out folder "
                                  f"or delete it")

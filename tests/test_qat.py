@@ -185,6 +185,16 @@ def test_cli_refuses_a_post_training_recipe_with_one_clear_line(teacher_file, im
     assert "post-training recipe" in capsys.readouterr().err
 
 
+def test_a_run_folder_of_another_recipe_is_refused_not_resumed(teacher_file, image_tar, tmp_path, capsys):
+    """A ternary and a binary student hold the same tensors: the binary run must not take the ternary one's state."""
+    args = ["--teacher", str(teacher_file), "--data", str(image_tar), "--epochs", "1", "--batch-size", "8",
+            "--val-limit", "6", "--run-dir", str(tmp_path / "run")]
+    assert run(main, args + ["--recipe", "w1.58a8", "--out", str(tmp_path / "t.safetensors")]) == 0
+    capsys.readouterr()
+    assert run(main, args + ["--recipe", "w1a8", "--out", str(tmp_path / "b.safetensors")]) == 2
+    assert "quantization recipe" in capsys.readouterr().err and not (tmp_path / "b.safetensors").exists()
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", "{not json", '{"runs": [1]}'])
 def test_a_results_file_it_cannot_record_into_is_refused_before_training(teacher_file, image_tar, tmp_path, capsys,
                                                                          content):
