@@ -377,6 +377,9 @@ def plot_allocation(alloc: dict, path: str | os.PathLike, title: str = "Q-ViT bi
 def freeze(model: nn.Module) -> nn.Module:
     """Replace LSQLinear layers by packed QuantLinear layers and learned attention quantizers by
     `UniformQuantizer`s of the same widths, step sizes and zero points (in place)."""
+    if missing := [n for n, q in quantizers(model).items() if not bool(q.initialized)]:  # step sizes still 1.0
+        raise ValueError(f"quantizer {missing[0]} was never calibrated: run qvit.calibrate(model, x) on a batch of "
+                         f"inputs before training and freezing")
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantAttention):
             for slot in HEAD_SLOTS:

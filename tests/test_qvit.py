@@ -264,3 +264,11 @@ def test_lsq_plus_keeps_every_width_at_the_budget_when_the_widths_are_fixed(tiny
     qvit.fix_bits(model, 4)
     widths = {n: set(q.int_bits()) for n, q in qvit.quantizers(model).items()}
     assert all(w == ({8} if n.startswith("head.") else {4}) for n, w in widths.items())
+
+
+def test_freezing_a_student_that_was_never_calibrated_is_refused(tiny_model):
+    """Its step sizes are still 1.0: every weight would freeze to code 0."""
+    model = qvit.prepare(tiny_model, budget_bits=4)
+    with pytest.raises(ValueError, match=r"never calibrated: run qvit.calibrate\(model, x\)"):
+        qvit.freeze(model)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
