@@ -15,7 +15,8 @@ continues from `--run-dir`. `--time-budget S` fits the training into S seconds i
 lent for a fixed time): each stage gets the share of S its epochs have, its cosine decays over that
 time, and its epochs become a cap. `--init STATE` warm-restarts a BitNet run: the student starts from
 the weights of an earlier run of the same recipe and teacher (a stage's `last.pt` in its run folder)
-under a fresh schedule, so training can go on past the epochs that run was scheduled for.
+under a fresh schedule, so training can go on past the epochs that run was scheduled for (in a run folder
+of its own: one holding another run's state, such as the one it starts from, is refused).
 `--eval-split test` scores the frozen file and its teacher on that split, on the device it trained on;
 `--results FILE --name KEY` records the run (top-1, size, bits/weight, command, machine, wall time).
 """
@@ -255,7 +256,7 @@ def main(argv=None):
     from quant.evaluate import evaluate
     from quant.models import load_model
     from quant.ptq import parse_overrides
-    from quant.train import TrainConfig, resolve_device
+    from quant.train import TrainConfig, _weights_digest, resolve_device
 
     args = _parser().parse_args(argv)
     output_file(args.out, ".safetensors", inputs=(args.teacher,))
@@ -295,7 +296,8 @@ def main(argv=None):
         warmup_epochs=args.warmup_epochs, seed=args.seed, time_budget=args.time_budget,
         augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix),
         distill=args.distill, distill_weight=args.distill_weight if args.distill != "none" else 0.0,
-        distill_temperature=args.temperature)
+        distill_temperature=args.temperature,
+        init=_weights_digest(student) if init else "")  # a warm restart never resumes the run it starts from
     search = round(args.epochs * args.search_ratio) if isinstance(r, QViT) and r.learn_bits else 0
     left = None if args.time_limit is None else args.time_limit - (time.time() - started)  # calibration counts
     student, done, epoch_logs = train_stages(student, teacher, r, train, val, train_cfg, run_dir, search, penalty,

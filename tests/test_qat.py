@@ -350,6 +350,18 @@ def test_a_warm_restart_at_learning_rate_zero_writes_the_earlier_runs_model(teac
     assert all("running_" in k for k in moved)
 
 
+def test_a_warm_restart_into_the_run_folder_it_starts_from_is_refused_not_resumed(teacher_file, image_tar, tmp_path,
+                                                                                  capsys):
+    """Resuming that folder's finished state would train nothing and write the earlier model again."""
+    args = ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar), "--epochs", "1",
+            "--batch-size", "8", "--out", str(tmp_path / "m.safetensors")]
+    assert run(main, args) == 0
+    capsys.readouterr()
+    state = tmp_path / "m.safetensors.run" / "finetune" / "last.pt"
+    assert run(main, args + ["--init", str(state)]) == 2
+    assert "another config (init" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["missing", "not a torch file", "no model weights", "another student"])
 def test_a_warm_restart_from_a_bad_state_is_refused_before_training(teacher_file, image_tar, tmp_path, capsys, kind):
     state = tmp_path / "last.pt"
