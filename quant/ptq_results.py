@@ -11,7 +11,8 @@ the TRAIN split, writes the packed file under `--models`, loads that file back (
 and scores it on `--split` (default test). Each entry records top-1, the drop against the FP model,
 the file's size and bits per linear weight (scales and zeros included), the two equivalent
 commands, the machine, the date and the wall times. Entries already in `--out` for other recipes or
-checkpoints are kept, so recipes can be run one at a time (`--recipes w4a4`). Draw the plot with
+checkpoints are kept, so recipes can be run one at a time (`--recipes w4a4`); a rerun replaces those of the
+same recipe and checkpoint file, however its path is spelled. Draw the plot with
 `python -m quant.report`.
 """
 from __future__ import annotations
@@ -107,9 +108,13 @@ def main(argv=None):
         return shlex.join(["python", "-m", "quant.evaluate", "--checkpoint", str(path), "--data", args.data,
                            "--split", args.split, *limit])
 
+    def same_run(e: dict, recipe: str) -> bool:  # the checkpoint however its path was spelled (relative, a/../b)
+        c = e.get("checkpoint")
+        return e.get("recipe") == recipe and isinstance(c, str) and Path(c).resolve() == ckpt.resolve()
+
     def record(entry: dict) -> None:
         nonlocal entries
-        entries = [e for e in entries if (e.get("checkpoint"), e.get("recipe")) != (str(ckpt), entry["recipe"])]
+        entries = [e for e in entries if not same_run(e, entry["recipe"])]
         entries.append({**entry, **common, "date": utc_now()})
         write_results(out, entries)
 

@@ -150,6 +150,17 @@ def test_results_table_rerun_replaces_its_own_entries_and_keeps_the_others_in_or
     assert entries[2]["top1"] != 0.123 and entries[2]["n"] == 3
 
 
+def test_results_table_rerun_replaces_the_entry_of_the_same_file_given_by_another_path(checkpoint, image_tree,
+                                                                                       tmp_path):
+    out, sub = tmp_path / "r.json", checkpoint.parent / "sub"
+    sub.mkdir()
+    out.write_text(json.dumps({"results": [results_entry("w4", os.path.relpath(checkpoint), top1=0.123)]}))
+    results_main(["--checkpoint", str(sub / ".." / checkpoint.name), "--data", str(image_tree),
+                  "--out", str(out), "--models", str(tmp_path / "models"), "--recipes", "w4", "--limit", "3",
+                  "--calib-size", "6"])
+    assert [e["recipe"] for e in json.loads(out.read_text())["results"]] == ["fp32", "w4"]
+
+
 def test_results_full_precision_entry_counts_32_bits_per_linear_weight(checkpoint, image_tree, tmp_path, tiny_model):
     out = tmp_path / "r.json"
     results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
