@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, capture_graph, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
-from quant.cli import number_in, output_file, positive_int, provenance, run, write_json
+from quant.cli import number_in, output_file, positive_int, provenance, run, write_json, written_whole
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
 from quant.pack import pack_codes, pack_trit_planes
 
@@ -413,7 +413,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(xscale="log", yscale="log", title=name, xlabel="M = batch x tokens", ylabel="speed-up over dense")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with written_whole(path) as tmp:  # a run killed meanwhile leaves the old plot whole
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -34,6 +34,17 @@ def _figures_closed():
 
 
 @pytest.fixture
+def savefig_killed_midway(monkeypatch):
+    """Figure.savefig writes half a file where it was told to, then the run is interrupted."""
+    from matplotlib.figure import Figure
+
+    def half(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Figure, "savefig", half)
+
+
+@pytest.fixture
 def tiny_model() -> VisionTransformer:
     torch.manual_seed(0)
     return VisionTransformer(TINY).eval()

@@ -121,6 +121,15 @@ def test_the_confusion_figure_shades_each_true_class_row_by_its_fractions():
     assert fig.axes[0].images[0].get_array().tolist() == [[0.25, 0.75], [0.0, 1.0]]
 
 
+def test_an_interrupted_confusion_plot_leaves_the_old_one_whole(tmp_path, savefig_killed_midway):
+    from quant.evaluate import plot_confusion
+    path = tmp_path / "c.png"
+    path.write_bytes(b"old plot")
+    with pytest.raises(KeyboardInterrupt):
+        plot_confusion([[1, 0], [0, 1]], ["a", "b"], path, "t")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.png"] and path.read_bytes() == b"old plot"
+
+
 def test_predict_scores_every_image_across_batches():
     import numpy as np
     from quant.evaluate import predict

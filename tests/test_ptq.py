@@ -249,6 +249,14 @@ def test_report_collects_entries_at_any_depth_and_draws_the_plot(tmp_path, capsy
     assert "| qat | w1.58a8 | 0.8800 | 1.700 |" in capsys.readouterr().out
 
 
+def test_report_interrupted_while_plotting_leaves_the_old_plot_whole(tmp_path, savefig_killed_midway):
+    (tmp_path / "ptq.json").write_text(json.dumps({"results": [{"recipe": "w4", "top1": 0.89, "bits_per_weight": 4.4}]}))
+    (tmp_path / "p.png").write_bytes(b"old plot")
+    with pytest.raises(KeyboardInterrupt):
+        report_main(["--results", str(tmp_path), "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes() == b"old plot" and not list(tmp_path.glob("*.tmp"))
+
+
 def test_report_takes_a_models_time_but_not_a_layers_kernel_or_a_tuner_pick(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
