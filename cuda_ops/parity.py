@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from cuda_ops.modules import KernelLinear, to_kernels
 from quant.cli import output_file, positive_int, provenance, run, write_json
 from quant.data import load_split
 from quant.evaluate import predict
-from quant.models import load_model
+from quant.models import ViTConfig, load_model
 
 
 RECIPES = "w8a8,w4a8,w4,nf4,w2"  # --recipes' default
@@ -78,14 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(quant.recipe(r), RTN):
             raise ValueError(f"recipe {r!r} is not a round-to-nearest recipe: quantize it with quant first and "
                              f"pass the file with --quantized")
-    for f in files:
-        quant.read_header(f)  # refuses a file that is not a packed bitvit model before any scoring
+    headers = {f: quant.read_header(f) for f in files}  # refuses a file that is not a packed bitvit model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fp = load_model(args.model) if args.model else None
     models = [(f"{Path(args.model).name} {r}", lambda r=r: quant.quantize(copy.deepcopy(fp), r)) for r in recipes]
     models += [(Path(f).name, lambda f=f: quant.load_quantized(f)) for f in files]
     first = fp if fp is not None else models[0][1]()
     data = load_split(args.data, args.split, image_size=first.config.img_size, limit=args.limit)
+    configs = [(Path(args.model).name, fp.config)] if fp is not None else []
+    configs += [(Path(f).name, ViTConfig.from_json(json.dumps(h["architecture"]["config"]), f))
+                for f, h in headers.items() if h["architecture"] is not None]
+    for name, cfg in configs:  # every model's classes before the first is scored: top-1s against other
+        data.require_classes(cfg, whose=f"{name}'s")  # classes' labels mean nothing
     start = time.monotonic()
     result = {**provenance("cuda_ops.parity", argv), "cpu_threads": torch.get_num_threads(),
               "device": device, "data": f"{args.data} split={args.split} n={len(data)}", "rows": [],
@@ -94,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         model = make()
         if data.images.shape[1] != model.config.img_size:  # a file of another input size: the split at its size
             data = load_split(args.data, args.split, image_size=model.config.img_size, limit=args.limit)
-        data.require_classes(model.config, whose=f"{name}'s")  # top-1s against other classes' labels mean nothing
         result["rows"].append(compare(name, model, data, device, args.batch_size))
         result["wall_s"] = time.monotonic() - start
         result["complete"] = len(result["rows"]) == len(models)

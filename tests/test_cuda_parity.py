@@ -112,6 +112,19 @@ def test_data_of_other_classes_than_the_model_is_refused_before_scoring(tiny_mod
         parity.main(["--quantized", str(packed), "--data", str(other)])
 
 
+def test_a_later_file_of_other_classes_is_refused_before_the_first_is_scored(tiny_model, image_tree, tmp_path,
+                                                                           monkeypatch):
+    import dataclasses
+    from conftest import TINY
+    quant.save_quantized(quant.quantize(tiny_model, "w8a8"), tmp_path / "a.safetensors")
+    four = quant.models.VisionTransformer(dataclasses.replace(TINY, num_classes=4, classes=()))
+    quant.save_quantized(quant.quantize(four, "w8a8"), tmp_path / "b.safetensors")
+    monkeypatch.setattr(parity, "compare", lambda *a: pytest.fail("scored before the refusal"))
+    with pytest.raises(ValueError, match="the data's 3 classes are not b.safetensors's 4"):
+        parity.main(["--quantized", f"{tmp_path / 'a.safetensors'},{tmp_path / 'b.safetensors'}",
+                     "--data", str(image_tree)])
+
+
 def test_a_run_ended_midway_leaves_its_rows_in_a_file_marked_incomplete(tiny_model, image_tree, tmp_path,
                                                                          monkeypatch):
     quant.models.save_model(tiny_model, tmp_path / "fp.safetensors")
