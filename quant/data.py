@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from quant.cli import written_whole
+from quant.cli import finite_number, written_whole
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 SPLITS = ("train", "val", "trainval", "test", "all")
@@ -75,6 +75,9 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
         raise ValueError(f"limit must be a positive number of images, got {limit}")
     if not isinstance(image_size, (int, np.integer)) or image_size < 1:  # else blamed on the first image decoded
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size!r}")
+    if not finite_number(val_fraction) or not 0 < val_fraction < 1:  # else 0 or -1 held out one image per class
+        raise ValueError(f"val_fraction must be a fraction of each class's images between 0 and 1 (split "
+                         f"'trainval' holds out none), got {val_fraction!r}")
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data path does not exist: {path}")

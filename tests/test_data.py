@@ -307,6 +307,12 @@ def test_a_limit_below_one_image_is_refused(image_tree):
         load_split(image_tree, "test", image_size=16, limit=0, progress=False)
 
 
+@pytest.mark.parametrize("fraction", [0, -0.5, 1.0, float("nan"), "0.1"])
+def test_a_val_fraction_outside_zero_to_one_is_refused_naming_it(image_tree, fraction):
+    with pytest.raises(ValueError, match="val_fraction must be a fraction .* between 0 and 1"):
+        load_split(image_tree, "val", image_size=16, val_fraction=fraction, progress=False)
+
+
 def test_an_image_size_below_one_pixel_is_refused_naming_it_not_the_first_image(image_tree):
     with pytest.raises(ValueError, match="image_size must be a positive number of pixels, got 0"):
         load_split(image_tree, "test", image_size=0, progress=False)
