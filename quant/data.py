@@ -5,7 +5,7 @@ Sources `load_split` reads:
   * torchvision's official `cifar-10-batches-py` folder (read with a pickle loader that only admits
     numpy arrays, lists, dicts and strings, so a hostile file cannot run code);
   * any image-folder tree with `train/` and `test/` (optionally `val/`) folders of class folders,
-    or a flat tree of class folders, read as split `all`.
+    or a flat tree of class folders, read as split `all` (images: the files ending in one of `IMAGE_EXTS`).
 
 Splits: `train` is the training set minus a held-out validation split (`val`: the last
 `val_fraction` (10 %) of each class's images, 500 per CIFAR-10 class, unless the tree has its own
@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from quant.cli import finite_number, written_whole
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+NO_IMAGES = f"holds no images (files ending {', '.join(IMAGE_EXTS)}; others, such as .qoi, are not read)"
 SPLITS = ("train", "val", "trainval", "test", "all")
 
 
@@ -223,7 +224,7 @@ class _FolderSource(_Source):
         for label, d in enumerate(class_dirs):
             found = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS)
             if not found:
-                raise ValueError(f"class folder {d} holds no images")
+                raise ValueError(f"class folder {d} {NO_IMAGES}")
             files += found
             labels += [label] * len(found)
         images = np.stack([_decode(_read_file(f), str(f), image_size)
@@ -270,7 +271,7 @@ class _TarSource(_Source):
             if any(m.name.endswith("data_batch_1") for m in every):
                 raise ValueError(f"{self.path} is CIFAR-10's python archive: unpack it (tar xzf) and give its "
                                  f"cifar-10-batches-py folder")
-            raise ValueError(f"{self.path} holds no images")
+            raise ValueError(f"{self.path} {NO_IMAGES}")
         return members
 
     def _target(self, m: tarfile.TarInfo) -> tarfile.TarInfo | None:
@@ -317,7 +318,7 @@ class _TarSource(_Source):
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}
         empty = sorted(folders - set(classes))
         if empty:  # as a tree's: a class left out would shift the others' labels without a word
-            raise ValueError(f"class folder {self.path}:{split}/{empty[0]} holds no images")
+            raise ValueError(f"class folder {self.path}:{split}/{empty[0]} {NO_IMAGES}")
         linked = sorted(p[-1] for m in self.every if m.issym() and len(p := Path(m.name).parts) >= 2 and p[-2] == split
                         and self._target(m) is None)  # a link to no file: to a folder (or to nothing)
         if linked:  # the tree follows it to a class of its own; the archive holds none of its images

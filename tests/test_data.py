@@ -364,6 +364,17 @@ def test_an_archives_class_folder_without_images_is_refused_as_a_trees_is(image_
         load_split(archive, "test", progress=False)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_class_folder_of_images_in_a_format_not_read_names_the_endings_read(image_tree, tmp_path, packed):
+    from PIL import Image
+    (image_tree / "test" / "zebra").mkdir()
+    Image.new("RGB", (16, 16)).save(image_tree / "test" / "zebra" / "z.qoi")
+    data = write_tar(image_tree, tmp_path / "z.tar.gz", splits=("test",)) if packed else image_tree
+    with pytest.raises(ValueError, match=r"zebra holds no images \(files ending \.jpg, .*\.tiff; others, such as "
+                                         r"\.qoi, are not read\)"):
+        load_split(data, "test", progress=False)
+
+
 def test_an_archives_class_folder_stored_as_a_link_is_refused_not_left_out(image_tree, tmp_path):
     (image_tree / "test" / "zebra").symlink_to("cat", target_is_directory=True)  # the tree reads it as a class
     # which the archive keeps as a link, holding none of its images
