@@ -222,7 +222,8 @@ class _FolderSource(_Source):
             raise ValueError(f"{folder} holds no class folders")
         files, labels = [], []
         for label, d in enumerate(class_dirs):
-            found = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            # a folder named x.jpg is no image, as in an archive (whose images are its file members)
+            found = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.is_dir())
             if not found:
                 raise ValueError(f"class folder {d} {NO_IMAGES}")
             files += found
