@@ -267,7 +267,8 @@ class _TarSource(_Source):
     def members(self) -> list[tarfile.TarInfo]:
         """The archive's images."""
         every = self.every
-        members = [m for m in every if (m.isfile() or m.islnk() or m.issym()) and m.name.lower().endswith(IMAGE_EXTS)]
+        members = [m for m in every if (m.isfile() or m.islnk() or m.issym())  # suffix: as a tree's (".jpg" has none)
+                   and Path(m.name).suffix.lower() in IMAGE_EXTS]
         if not members:
             if any(m.name.endswith("data_batch_1") for m in every):
                 raise ValueError(f"{self.path} is CIFAR-10's python archive: unpack it (tar xzf) and give its "

@@ -384,6 +384,13 @@ def test_a_folder_named_like_an_image_is_left_out_of_a_tree_as_of_its_archive(im
     assert (tree.images == packed.images).all() and (tree.labels == packed.labels).all()
 
 
+def test_a_file_named_only_by_an_image_ending_is_left_out_of_an_archive_as_of_its_tree(image_tree, tmp_path):
+    (image_tree / "test" / "cat" / "0000.jpg").rename(image_tree / "test" / "cat" / ".jpg")
+    archive = write_tar(image_tree, tmp_path / "t.tar.gz", splits=("test",))
+    tree, packed = (load_split(p, "test", image_size=16, progress=False) for p in (image_tree, archive))
+    assert len(packed) == len(tree) == 17 and (tree.images == packed.images).all()
+
+
 def test_an_archives_class_folder_stored_as_a_link_is_refused_not_left_out(image_tree, tmp_path):
     (image_tree / "test" / "zebra").symlink_to("cat", target_is_directory=True)  # the tree reads it as a class
     # which the archive keeps as a link, holding none of its images
