@@ -273,13 +273,12 @@ class VisionTransformer(nn.Module):
 
 def create_model(name: str, **overrides) -> VisionTransformer:
     """A randomly initialised model of a named config (see `CONFIGS`), with fields overridden."""
-    if name not in CONFIGS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
+    cfg = _config(name)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ViTConfig)}
     if unknown:
         raise ValueError(f"{name}: no config fields {sorted(unknown)}; its fields: "
                          f"{', '.join(f.name for f in dataclasses.fields(ViTConfig))}")
-    return VisionTransformer(dataclasses.replace(CONFIGS[name], **overrides))
+    return VisionTransformer(dataclasses.replace(cfg, **overrides))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -491,8 +490,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
     if source == "hub" or source.startswith("hf-hub:"):
         if name is None:
             raise ValueError("loading from the hub needs a config name (e.g. deit_tiny_patch16_224)")
-        if name not in CONFIGS:  # a misspelt name is the error to report, not its missing repository
-            _unknown(name)
+        _config(name)  # a misspelt name is the error to report, not its missing repository
         repo = HUB_IDS.get(name) if source == "hub" else source[len("hf-hub:"):]
         if repo is None:
             raise ValueError(f"no default hub repository for {name!r}")
@@ -504,7 +502,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
     if meta.get("format") == FORMAT:
         cfg = ViTConfig.from_json(meta.get("config"), source)
         check_depth(cfg, state, source)
-        if name is not None and (differs := (CONFIGS.get(name) or _unknown(name)).differences(cfg)):
+        if name is not None and (differs := _config(name).differences(cfg)):
             raise ValueError(f"{source} holds {differs} than {name!r}")
     elif str(meta.get("format", "")).startswith("bitvit-"):  # not Hugging Face's "pt" tag of timm files
         refuse_newer(meta["format"], FORMAT, source)
@@ -515,7 +513,7 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
                          f"checkpoint loads in Python with its architecture named, quant.models.load_model(path, "
                          f"name=...), one of {', '.join(CONFIGS)}")
     else:
-        cfg = CONFIGS.get(name) or _unknown(name)
+        cfg = _config(name)
     return build_and_load(lambda: VisionTransformer(cfg), state, source).eval()
 
 
@@ -550,14 +548,17 @@ def build_and_load(build: Callable[[], nn.Module], state: dict[str, torch.Tensor
     return model
 
 
-def _unknown(name: str):
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
+def _config(name) -> ViTConfig:
+    """The config named `name`, or one error listing the known ones (for a name that is no string, too)."""
+    if not isinstance(name, str) or name not in CONFIGS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
+    return CONFIGS[name]
 
 
 def _load_from_hub(repo: str, name: str) -> VisionTransformer:
     """Download (or find in the local hub cache) timm's `model.safetensors` and label names."""
     from huggingface_hub import hf_hub_download
-    cfg = CONFIGS.get(name) or _unknown(name)  # before any download: a wrong name is the error to report
+    cfg = _config(name)  # before any download: a wrong name is the error to report
     try:
         path = hf_hub_download(repo, "model.safetensors")
     except OSError as e:  # the hub's errors (not cached and offline, no such repository, HTTP) are OSErrors;

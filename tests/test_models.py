@@ -377,6 +377,15 @@ def test_a_pth_that_is_no_torch_checkpoint_is_refused_without_blaming_pickled_co
     assert "pickled objects" not in str(e.value)
 
 
+@pytest.mark.parametrize("load", ["create", "file", "hub"])
+def test_a_config_name_that_is_no_string_is_refused_as_an_unknown_one(tiny_model, tmp_path, load):
+    save_model(tiny_model, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"unknown model \['vit_cifar_tiny'\]; known: .*vit_cifar_tiny"):
+        {"create": lambda: create_model(["vit_cifar_tiny"]),
+         "file": lambda: load_model(tmp_path / "m.safetensors", name=["vit_cifar_tiny"]),
+         "hub": lambda: load_model("hub", name=["vit_cifar_tiny"])}[load]()
+
+
 def test_an_unknown_architecture_name_is_refused_for_a_bitvit_file_too(tiny_model, tmp_path):
     save_model(tiny_model, tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="unknown model 'bogus'"):
