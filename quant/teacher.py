@@ -94,7 +94,7 @@ class ResNetTeacher(nn.Module):
 
 
 def create_teacher(name: str, **overrides) -> ResNetTeacher:
-    if name not in CONFIGS:
+    if not isinstance(name, str) or name not in CONFIGS:  # (a list is unhashable)
         raise ValueError(f"unknown teacher {name!r}; known: {', '.join(CONFIGS)}")
     return ResNetTeacher(dataclasses.replace(CONFIGS[name], **overrides))
 

@@ -88,6 +88,11 @@ def test_an_unknown_teacher_name_is_refused_naming_the_known_ones():
         create_teacher("resnet50")
 
 
+def test_a_teacher_name_that_is_no_string_is_refused_as_an_unknown_one():
+    with pytest.raises(ValueError, match=r"unknown teacher \['resnet_cifar'\]; known: resnet_cifar"):
+        create_teacher(["resnet_cifar"])
+
+
 def test_extra_metadata_cannot_overwrite_the_teacher_files_format_or_config(tmp_path):
     teacher = create_teacher("resnet_cifar_half", num_classes=3, classes=("a", "b", "c"))
     save_teacher(teacher, tmp_path / "t.safetensors", metadata={"format": "other", "config": "{}", "run": "r1"})
