@@ -276,7 +276,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 
 def recipe(name: str, /, **overrides) -> Recipe:
     """The named recipe, with any of its fields overridden (`recipe("w4", group_size=128)`)."""
-    if name not in RECIPES:
+    if not isinstance(name, str) or name not in RECIPES:  # (a list is unhashable)
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     fields = [f.name for f in dataclasses.fields(RECIPES[name]) if f.name != "name"]
     if unknown := [key for key in overrides if key not in fields]:

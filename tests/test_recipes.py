@@ -42,6 +42,11 @@ def test_recipe_fields_can_be_overridden_and_unknown_ones_are_refused():
         quant.recipe("w5")
 
 
+def test_a_recipe_name_that_is_no_string_is_refused_as_an_unknown_one():
+    with pytest.raises(ValueError, match=r"unknown recipe \['w4'\]; known: w8a8"):
+        quant.recipe(["w4"])
+
+
 @pytest.mark.parametrize("override, message", [({"group_size": "abc"}, "must be int | None"),
                                                ({"group_size": True}, "must be int | None"),
                                                ({"group_size": -3}, "at least 1"),
