@@ -258,6 +258,9 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     shapes, dtypes, code ranges or checksum disagree, with a ValueError saying what.
     """
     given = model is not None
+    if given and not isinstance(model, nn.Module):  # a path given for it, say
+        raise ValueError(f"model must be a full-precision nn.Module of the file's architecture, got "
+                         f"{type(model).__name__}")
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu")) if given else None
     tensors, meta = read_safetensors(path)
     header = _parse_header(meta, path)

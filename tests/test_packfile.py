@@ -339,6 +339,12 @@ def test_plain_model_file_needs_its_architecture(tmp_path):
         quant.load_quantized(tmp_path / "m.safetensors", model=mlp(16, 9))
 
 
+def test_a_model_argument_that_is_no_module_is_refused_naming_its_type(tmp_path):
+    quant.save_quantized(quantized_mlp("int4", 16, 8, 8, True), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="model must be a full-precision nn.Module .*, got str"):
+        quant.load_quantized(tmp_path / "m.safetensors", model="mlp.safetensors")
+
+
 def test_a_model_a_file_does_not_fit_is_left_as_it_was(tmp_path):
     quant.save_quantized(quantized_mlp("int4", 16, 8, 8, True), tmp_path / "m.safetensors")
     other = nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 4))   # the first layer fits, the last not
