@@ -202,6 +202,11 @@ class _FolderSource(_Source):
         if not self.flat and split == "all":
             raise ValueError(f"{self.root} holds split folders (train/, test/, ...): choose one of them; split "
                              f"'all' scores a tree of class folders alone")
+        cased = sorted(p.name + "/" for p in self.root.iterdir()
+                       if p.is_dir() and p.name.lower() in ("train", "test", "val")) if self.flat else []
+        if cased:  # Train/ and Test/ would be taken for two classes
+            raise ValueError(f"{self.root} holds {', '.join(cased)}: split folders are train/, test/, val/, in "
+                             f"lower case; rename them")
         if self.flat:  # an archive's top folder, unpacked, is no class folder to move or score
             inner = next((p for p in sorted(self.root.iterdir())
                           if p.is_dir() and any((p / s).is_dir() for s in ("train", "test", "val"))), None)
@@ -314,7 +319,10 @@ class _TarSource(_Source):
         # sorted by name, whatever order the archive was written in
         members = [m for m in self.members if len(Path(m.name).parts) >= 3 and Path(m.name).parts[-3] == split]
         if not members:
-            raise ValueError(f"{self.path} has no {split}/<class>/ images")
+            found = sorted({p[-3] + "/" for m in self.members if len(p := Path(m.name).parts) >= 3})
+            raise ValueError(f"{self.path} has no {split}/<class>/ images"
+                             + (f"; its images are in {', '.join(found)} (split folders are train/, test/, val/, "
+                                f"in lower case)" if found else ""))
         classes = sorted({Path(m.name).parts[-2] for m in members})
         folders = {p[-2] for m in self.every if not m.isdir() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}

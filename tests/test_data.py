@@ -391,6 +391,15 @@ def test_a_file_named_only_by_an_image_ending_is_left_out_of_an_archive_as_of_it
     assert len(packed) == len(tree) == 17 and (tree.images == packed.images).all()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_capitalised_split_folders_are_named_with_the_names_to_give(image_tree, tmp_path, packed):
+    for split in ("train", "test"):
+        (image_tree / split).rename(image_tree / split.capitalize())
+    data = write_tar(image_tree, tmp_path / "t.tar.gz", splits=("Train", "Test")) if packed else image_tree
+    with pytest.raises(ValueError, match=r"Test/, Train/.*split folders are .*train/, test/, val/.*lower case"):
+        load_split(data, "train", image_size=16, progress=False)
+
+
 def test_an_archives_class_folder_stored_as_a_link_is_refused_not_left_out(image_tree, tmp_path):
     (image_tree / "test" / "zebra").symlink_to("cat", target_is_directory=True)  # the tree reads it as a class
     # which the archive keeps as a link, holding none of its images
