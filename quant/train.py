@@ -130,18 +130,23 @@ def start_from(model: nn.Module, path: str, name: str) -> str:
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float = 0.0,
-          budget: float | None = None, warmup_seconds: float = 0.0) -> float:
+          budget: float | None = None, warmup_seconds: float = 0.0, start: tuple[int, float] = (0, 0.0),
+          peak: float | None = None) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to `min_lr` over the remaining `total` steps
     (the last, step `total - 1`, at `min_lr`, unless it is the only one); with `cfg.time_budget`, over what
     the warmup left of the budget (`seconds`: training time spent so far; `warmup_seconds`: when the warmup
-    ended) or the steps, whichever runs out first. `budget` (seconds) replaces `cfg.time_budget` when given."""
+    ended) or the steps, whichever runs out first. `budget` (seconds) replaces `cfg.time_budget` when given.
+    A warmup cut short mid-way rises from `start` (the step it was cut at, the rate it had reached) to `peak`
+    (default `cfg.lr`), where the decay starts."""
+    s0, lr0 = start
+    peak = cfg.lr if peak is None else peak
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return lr0 + (peak - lr0) * (step - s0 + 1) / (warmup - s0)
     t = (step - warmup) / max(1, total - warmup - 1) if step < max(total - 1, 1) else 1.0
     budget = cfg.time_budget if budget is None else budget
     if budget:
         t = max(t, (seconds - warmup_seconds) / max(budget - warmup_seconds, 1e-9))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -283,6 +288,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
 
     start_epoch, trained, step_seconds = 0, 0.0, 0.0  # epochs done, seconds spent in training steps, per step
     warmup_seconds = None  # the budget's clock when the warmup ended (None: it goes on)
+    start, peak = (0, 0.0), cfg.lr  # the step and rate the warmup rises from, the rate the decay starts from
     ckpt_path = out / "last.pt"
     if ckpt_path.exists():
         state = read_resume_state(ckpt_path, "delete it to start over")
@@ -313,10 +319,15 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             warmup = min(warmup, int(state.get("warmup", warmup)))  # as a time budget may have cut it
             warmup_seconds = state.get("warmup_seconds", 0.0)  # states kept before it: over all the budget
             warmup_seconds = None if warmup_seconds is None else float(warmup_seconds)
+            s0, lr0 = state.get("warmup_start", start)  # states kept before it: a warmup never cut mid-way
+            start = (int(s0), float(lr0))
+            peak = float(state.get("peak", peak))
             if not (0 <= start_epoch <= cfg.epochs and 0 <= trained < math.inf and warmup >= 0
-                    and 0 <= step_seconds < math.inf and (warmup_seconds is None or 0 <= warmup_seconds < math.inf)):
+                    and 0 <= step_seconds < math.inf and (warmup_seconds is None or 0 <= warmup_seconds < math.inf)
+                    and 0 <= start[0] <= warmup and 0 <= start[1] <= cfg.lr and 0 <= peak <= cfg.lr):
                 raise ValueError(f"epoch {start_epoch} of {cfg.epochs}, {trained} s trained, warmup {warmup}, "
-                                 f"{step_seconds} s a step, warmup ended at {warmup_seconds} s")
+                                 f"{step_seconds} s a step, warmup ended at {warmup_seconds} s, rising from {start}, "
+                                 f"decaying from {peak}")
         except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
             raise ValueError(f"{ckpt_path} holds a damaged resume state ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:120]}); delete it to start over") from None
@@ -352,8 +363,14 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.time_budget and trained >= budget:
             break
-        if budget and step_seconds:  # a budget shorter than the warmup: cut it to half the steps the budget holds
-            warmup = min(warmup, int(epoch * steps_per_epoch + (budget - trained) / step_seconds) // 2)
+        here = epoch * steps_per_epoch
+        cut = int(here + (budget - trained) / step_seconds) // 2 if budget and step_seconds else warmup
+        if cut < warmup and here < warmup:  # a budget shorter than the warmup: cut it to half the steps the budget
+            # holds; the rate rises on from where it stands, to the peak if as many steps are left as were taken,
+            # to a lower one if fewer (none: it decays from where it stands), never leaping up
+            start = (here, lr_at(here - 1, total, warmup, cfg, start=start, peak=peak))
+            warmup = max(cut, here)
+            peak = start[1] + (cfg.lr - start[1]) * min(1.0, (warmup - here) / here)
         if out_of_time:
             if env.main:
                 print(f"time limit: stopping after epoch {epoch} of {cfg.epochs}; rerun to resume")
@@ -373,7 +390,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             clock = max(clock, trained + i * step_seconds)
             if warmup_seconds is None and step >= warmup:  # the budget's cosine starts where the warmup ends
                 warmup_seconds = clock
-            lr = lr_at(step, total, warmup, cfg, seconds=clock, budget=budget, warmup_seconds=warmup_seconds or 0.0)
+            lr = lr_at(step, total, warmup, cfg, seconds=clock, budget=budget, warmup_seconds=warmup_seconds or 0.0,
+                       start=start, peak=peak)
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = order[i * per_rank:(i + 1) * per_rank]
@@ -444,6 +462,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "rng": torch.get_rng_state(), "epoch": epoch + 1, "trained_seconds": trained,
                             "warmup": warmup, "step_seconds": step_seconds, "warmup_seconds": warmup_seconds,
+                            "warmup_start": start, "peak": peak,
                             **({"cuda_rng": torch.cuda.get_rng_state(env.device)} if cuda else {}),
                             "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}, tmp)
     if env.world > 1:

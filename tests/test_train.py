@@ -204,6 +204,34 @@ def test_a_resumed_run_decays_the_budgets_rate_through_its_first_epoch_as_an_unb
     assert [rates[s] for s in (9, 10, 11)] == pytest.approx([straight[s] for s in (9, 10, 11)], rel=1e-12)
 
 
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_warmup_a_shrinking_budget_cuts_mid_way_does_not_leap_to_the_peak(tmp_path, monkeypatch, rates, resumed):
+    cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=4, time_budget=100.0, augment=NO_AUG)
+    for time_limit, end_within in ((0.7, False), (1.2, True)) if resumed else ((1.5, True),):
+        monkeypatch.setattr(quant.train, "time", FakeClock())  # 3 steps an epoch, 0.1 s a step: a 12-step warmup
+        fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=time_limit,
+            end_within_time_limit=end_within)
+    lrs = [rates[s] for s in sorted(rates)]  # the budget shrinks to the time limit, cutting the warmup where it is
+    assert len(lrs) > 5 and max(b - a for a, b in zip(lrs, lrs[1:])) == pytest.approx(cfg.lr / 12)  # its own rise
+    assert max(lrs) < 0.6 * cfg.lr and lrs[-1] < 0.1 * cfg.lr  # it decays from where it stood
+
+
+def test_a_resumed_run_rises_on_from_a_cut_warmup_as_an_unbroken_run(tmp_path, monkeypatch, rates):
+    cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=20, time_budget=4.0, augment=NO_AUG)
+
+    def run(out, time_limit=None):
+        monkeypatch.setattr(quant.train, "time", FakeClock())
+        torch.manual_seed(0)
+        return fit(VisionTransformer(TINY), colour_set(8), None, cfg, out, progress=False, time_limit=time_limit)[1]
+    run(tmp_path / "a")
+    straight = dict(rates)
+    assert not run(tmp_path / "b", time_limit=1.0)  # the 60-step warmup cut to 20 after epoch 1, stopped at step 6
+    rates.clear()
+    run(tmp_path / "b")
+    assert min(rates) == 6 and straight[6] < 0.5 * cfg.lr
+    assert [rates[s] for s in (6, 7, 8)] == pytest.approx([straight[s] for s in (6, 7, 8)], rel=1e-12)
+
+
 def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_saves_no_weights(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e30, warmup_epochs=0, augment=NO_AUG)
     with pytest.raises(ValueError, match="training diverged in epoch 1 .*lower --lr"):
