@@ -76,8 +76,10 @@ class KernelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.input_norm
         if self.kernel == "a8":  # the input LayerNorm goes into the quantization pass
+            # x detached, as QuantLinear's quantizer takes it: the op passes it no gradient, and torch.compile
+            # otherwise traces the backward of the layers before it on that missing gradient (and crashes)
             return A8_OPS[self.op](
-                x, self.packed, self.scales, self.bias, self.in_features,
+                x.detach(), self.packed, self.scales, self.bias, self.in_features,
                 None if norm is None else norm.weight, None if norm is None else norm.bias,
                 None if norm is None else norm.eps)
         if norm is not None:

@@ -313,3 +313,17 @@ def test_a_kernel_model_backpropagates_what_the_quantlinear_reference_does(recip
             assert (ref if got is None else got) is None or not (ref if got is None else got).any()
         else:
             assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["w1.58a8", "w8a8"])
+def test_a_compiled_kernel_model_trains_its_biases_as_the_reference_does(recipe):
+    """Biases requiring gradients: torch.compile traced the attention's backward on the input gradient the
+    int8-activation ops do not pass (the input is detached, as QuantLinear's quantizer takes it) and crashed."""
+    model = quantized_tiny(recipe)
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.bias is not None:
+            m.bias.requires_grad_(True)
+    fast = to_kernels(copy.deepcopy(model))
+    torch.compile(fast, backend="aot_eager", fullgraph=True)(images()).square().sum().backward()
+    model(images()).square().sum().backward()
+    assert torch.allclose(fast.head.bias.grad, model.head.bias.grad, rtol=1e-4, atol=1e-6)
