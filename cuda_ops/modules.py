@@ -32,8 +32,11 @@ WEIGHT_ONLY_FORMATS = ("int8", "int4", "int2", "nf4")
 TERNARY_LAYOUTS = ("2bit", "base3")  # 2-bit codes (QuantLinear's own), or trit planes (1.6 bits)
 
 
-def kernel_for(layer: QuantLinear) -> str | None:
-    """The op family that runs `layer` ("a8" or "weight_only"), or None when no bitvit kernel does."""
+def kernel_for(layer: nn.Module) -> str | None:
+    """The op family that runs `layer` ("a8" or "weight_only"), or None when no bitvit kernel does (as for
+    any layer but a QuantLinear)."""
+    if not isinstance(layer, QuantLinear):
+        return None
     if layer.weight_format in A8_OPS and layer.act_format == "int8_token":
         return "a8" if layer.zeros is None and layer.scales.shape[1] == 1 else None
     if layer.weight_format in WEIGHT_ONLY_FORMATS and layer.act_format == "none":

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import quant
 from conftest import TINY
-from cuda_ops import CUDAGraphModel, KernelLinear, to_kernels
+from cuda_ops import CUDAGraphModel, KernelLinear, kernel_for, to_kernels
 from quant.models import VisionTransformer, save_model
 from quant.pack import pack_trit_planes, unpack_codes
 from quant.qlinear import QuantLinear
@@ -327,3 +327,8 @@ def test_a_compiled_kernel_model_trains_its_biases_as_the_reference_does(recipe)
     torch.compile(fast, backend="aot_eager", fullgraph=True)(images()).square().sum().backward()
     model(images()).square().sum().backward()
     assert torch.allclose(fast.head.bias.grad, model.head.bias.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_kernel_for_a_layer_that_is_not_a_quantlinear_is_none():
+    assert kernel_for(nn.Linear(32, 8)) is None and kernel_for(nn.LayerNorm(32)) is None
+    assert kernel_for(QuantLinear.from_linear(nn.Linear(32, 8), "int8", act_format="int8_token")) == "a8"
