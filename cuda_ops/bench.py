@@ -519,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     print_ops(result["ops"])
     if args.plot and result["ops"]:  # drawn now: the plot shows the per-op part, which a later timeout keeps
         plot(result["ops"], args.plot)
+    elif args.plot:  # every op shape skipped (time limit) or failed
+        print(f"WARNING: no op was measured, so no plot was written to {args.plot}", file=sys.stderr)
     result["models"] = bench_models(e2e_models, batches, variants, args.device, dtype, deadline, progress,
                                     result["skipped"], saved=lambda rows: save(models=rows))
     if args.device == "cuda":

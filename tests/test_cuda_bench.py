@@ -367,3 +367,9 @@ def test_batches_of_up_to_1024_images_are_accepted(stubbed_main):
 def test_a_batch_size_written_twice_in_two_ways_is_measured_once(stubbed_main):
     assert bench.main(["--device", "cpu", "--batches", "1, 8,1,08"]) == 0
     assert stubbed_main["batches"] == [1, 8]
+
+
+def test_a_plot_of_a_run_that_measured_no_op_says_it_was_not_written(stubbed_main, tmp_path, capsys):
+    plot = tmp_path / "speedup.png"
+    assert bench.main(["--device", "cpu", "--plot", str(plot)]) == 0  # the stub measures no op, as a time limit may
+    assert not plot.exists() and f"no plot was written to {plot}" in capsys.readouterr().err
