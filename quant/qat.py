@@ -291,14 +291,16 @@ def main(argv=None):
     student, penalty = prepare_student(teacher, r, train, args.calib_size, args.seed, device, args.bitops_weight,
                                        init)
     features = FeatureDistill(student, teacher, args.feature_weight) if args.feature_weight > 0 else None
+    search = round(args.epochs * args.search_ratio) if isinstance(r, QViT) and r.learn_bits else 0
     train_cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, seed=args.seed, time_budget=args.time_budget,
         augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix),
         distill=args.distill, distill_weight=args.distill_weight if args.distill != "none" else 0.0,
         distill_temperature=args.temperature,
-        init=_weights_digest(student) if init else "")  # a warm restart never resumes the run it starts from
-    search = round(args.epochs * args.search_ratio) if isinstance(r, QViT) and r.learn_bits else 0
+        init=_weights_digest(student) if init else "",  # a warm restart never resumes the run it starts from
+        extra_loss={"feature_weight": args.feature_weight,  # the penalty weighs only in a searching stage
+                    **({"bitops_weight": args.bitops_weight} if search else {})})
     left = None if args.time_limit is None else args.time_limit - (time.time() - started)  # calibration counts
     student, done, epoch_logs = train_stages(student, teacher, r, train, val, train_cfg, run_dir, search, penalty,
                                              features, left, args.device, args.save_every)

@@ -53,6 +53,8 @@ class TrainConfig:
     seed: int = 0                    # training ends when it is spent, or at `epochs` if that comes first
                                      # (a run's first step, which compiles on CUDA, is not charged to it)
     init: str = ""                   # digest of the weights training started from (--init); "": random
+    extra_loss: dict = field(default_factory=dict)  # the settings of `fit`'s extra_loss (quant.qat: its BitOPs
+                                                    # and feature weights), so that a resumed run adds the same
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -292,8 +294,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     ckpt_path = out / "last.pt"
     if ckpt_path.exists():
         state = read_resume_state(ckpt_path, "delete it to start over")
-        if state["config"] != json.dumps(cfg.to_dict(), sort_keys=True):
-            was, now = json.loads(state["config"]), json.loads(json.dumps(cfg.to_dict()))  # tuples as lists
+        was, now = json.loads(state["config"]), json.loads(json.dumps(cfg.to_dict()))  # tuples as lists
+        was.setdefault("extra_loss", now["extra_loss"])  # states written before it was kept: unchecked
+        if was != now:
             changed = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
                                 if was.get(k) != now.get(k))
             raise ValueError(f"{ckpt_path} was written by a run with another config ({changed}); "

@@ -195,6 +195,17 @@ def test_a_run_folder_of_another_recipe_is_refused_not_resumed(teacher_file, ima
     assert "quantization recipe" in capsys.readouterr().err and not (tmp_path / "b.safetensors").exists()
 
 
+@pytest.mark.parametrize("recipe, option", [("w1a8", "--feature-weight"), ("qvit", "--bitops-weight")])
+def test_a_rerun_with_another_extra_loss_weight_is_refused_not_resumed(teacher_file, image_tar, tmp_path, capsys,
+                                                                        recipe, option):
+    args = ["--teacher", str(teacher_file), "--recipe", recipe, "--data", str(image_tar), "--out",
+            str(tmp_path / "m.safetensors"), "--epochs", "2", "--batch-size", "8", "--calib-size", "8"]
+    assert run(main, args) == 0
+    capsys.readouterr()
+    assert run(main, args + [option, "0.5"]) == 2
+    assert "another config (extra_loss" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", "{not json", '{"runs": [1]}'])
 def test_a_results_file_it_cannot_record_into_is_refused_before_training(teacher_file, image_tar, tmp_path, capsys,
                                                                          content):
