@@ -232,6 +232,12 @@ def read_resume_state(path: Path, advice: str) -> dict:
     if not isinstance(state["model"], dict) or not isinstance(state["config"], str):
         raise ValueError(f"{path} is not a bitvit resume state (its model weights or config are of the wrong "
                          f"kind); {advice}")
+    try:
+        config = json.loads(state["config"])
+    except (json.JSONDecodeError, RecursionError):
+        config = None
+    if not isinstance(config, dict):  # fit compares it field by field with the run's
+        raise ValueError(f"{path} holds a damaged resume state (its config is no JSON object); {advice}")
     bad = next((k for k, v in state["model"].items()
                 if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:

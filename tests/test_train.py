@@ -744,6 +744,15 @@ def test_a_resume_state_of_the_wrong_shape_or_with_nan_weights_is_refused(tmp_pa
         read_resume_state(tmp_path / "last.pt", "delete it")
 
 
+@pytest.mark.parametrize("config", ["{not json", "[1]"])
+def test_a_resume_state_whose_config_is_no_json_object_is_refused_with_a_message(tmp_path, config):
+    from quant.train import read_resume_state
+    torch.save({"model": {}, "optimizer": {}, "rng": torch.zeros(1), "epoch": 1, "trained_seconds": 1.0,
+                "config": config}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="its config is no JSON object"):
+        read_resume_state(tmp_path / "last.pt", "delete it")
+
+
 def test_a_resume_state_that_is_not_a_regular_file_is_refused_not_waited_on(tmp_path):
     from quant.train import read_resume_state
     os.mkfifo(tmp_path / "last.pt")
