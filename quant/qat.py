@@ -177,7 +177,9 @@ def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cf
                             extra_loss=extra, time_limit=left, save_every=save_every)
         if not done:
             return student, False, []
-    return student, True, [record for stage, _, _ in stages for record in read_log(run_dir / stage / "log.jsonl")]
+    # the stages this run trained: the folder may keep the log of one an earlier run trained and this one skips
+    return student, True, [record for stage, epochs, _ in stages if epochs
+                           for record in read_log(run_dir / stage / "log.jsonl")]
 
 
 def freeze_and_save(student: nn.Module, r, name: str, out: str, float16: bool) -> tuple[dict, dict | None]:

@@ -446,6 +446,17 @@ def test_the_searched_widths_are_brought_within_the_budget_before_fine_tuning(ti
     assert qvit.bitops(student) <= qvit.bitops(student, uniform_bits=3)
 
 
+def test_an_earlier_runs_search_log_is_not_counted_by_a_run_without_a_searching_stage(tiny_model, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setattr("quant.train.fit", fake_fit([]))
+    (tmp_path / "search").mkdir()  # left by a qvit run in the same folder
+    (tmp_path / "search" / "log.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 1.0}) + "\n")
+    student = quant.quantize(copy.deepcopy(tiny_model), "lsq")
+    _, done, logs = train_stages(student, tiny_model, quant.recipe("lsq"), [0] * 6, None, TrainConfig(epochs=2),
+                                 tmp_path, 0)
+    assert done and len(logs) == 2
+
+
 def test_the_student_is_initialised_on_calib_size_training_images(tiny_model, image_tree, monkeypatch):
     seen = []
     init = bitlinear.init_input_norms
