@@ -98,22 +98,29 @@ def _known_teacher_top1(results: str | None, teacher: str, split: str, n: int) -
     return None
 
 
-def read_init(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The student weights in an earlier QAT run's resume state (`RUN_DIR/finetune/last.pt`), read
-    without unpickling code, or one clear error."""
+def read_init(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The student weights in an earlier QAT run's resume state (`RUN_DIR/finetune/last.pt`) and the recipe
+    it records (None in states written before recipes were), read without unpickling code, or one clear error."""
     from quant.train import read_resume_state
     path, advice = Path(path), "give an earlier run's RUN_DIR/finetune/last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such resume state ({advice})")
-    weights = read_resume_state(path, advice)["model"]
+    state = read_resume_state(path, advice)
+    weights = state["model"]
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ValueError(f"{path} is not a bitvit resume state (no model weights); {advice}")
-    return weights
+    return weights, state.get("recipe")
 
 
-def init_student(student: nn.Module, weights: dict[str, torch.Tensor], path) -> None:
+def init_student(student: nn.Module, weights: dict[str, torch.Tensor], path, recipe: dict | None = None) -> None:
     """Load an earlier run's student weights (`read_init`) into a freshly prepared student of the same
-    recipe and teacher, naming the first tensor that disagrees."""
+    recipe and teacher, naming the first tensor that disagrees, or the recipe fields where the `recipe` the
+    state records differs from the student's (w1.58a8 and w1a8 students hold the same tensors)."""
+    if isinstance(recipe, dict) and recipe != student.quant_recipe:
+        differ = ", ".join(f"{k} {recipe.get(k)!r} (this run: {v!r})" for k, v in student.quant_recipe.items()
+                           if recipe.get(k) != v)
+        raise ValueError(f"{path} holds a student of another recipe ({differ}); give a resume state of the same "
+                         f"recipe and teacher")
     try:
         student.load_state_dict(weights)
     except RuntimeError as e:
@@ -123,17 +130,18 @@ def init_student(student: nn.Module, weights: dict[str, torch.Tensor], path) -> 
 
 
 def prepare_student(teacher: nn.Module, r, train, calib_size: int, seed: int, device: torch.device,
-                    bitops_weight: float = 1.0, init: tuple[dict[str, torch.Tensor], str] | None = None):
+                    bitops_weight: float = 1.0, init: tuple[dict[str, torch.Tensor], dict | None, str] | None = None):
     """A copy of `teacher` with the QAT recipe `r`'s training-time layers, on `device`, initialised on
     `calib_size` training images (BitNet: its input LayerNorms; Q-ViT: step sizes and MAC counts), or,
-    given `init` = (weights, path) from `read_init`, with an earlier BitNet run's weights instead.
+    given `init` = (weights, recipe, path) from `read_init`, with an earlier BitNet run's weights instead.
     Returns (student, Q-ViT's BitOPs penalty or None)."""
     from quant import bitlinear, qvit, quantize
     from quant.data import to_model_input
     student = quantize(copy.deepcopy(teacher), r)
     student.to(device)  # calibrated where it trains: Q-ViT's step-size search takes minutes on a small CPU
     if init is not None:  # main allows it for BitNet only: Q-ViT's penalty needs calibrated MAC counts
-        init_student(student, *init)
+        weights, recorded, path = init
+        init_student(student, weights, path, recorded)
         return student, None
     cfg = student.config
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calib_size].numpy()
@@ -278,7 +286,7 @@ def main(argv=None):
                          f"{args.teacher} --recipe {args.recipe} ...")
     if args.init and not isinstance(r, BitNet):  # a Q-ViT student's widths are fixed between its two stages
         raise ValueError(f"--init warm-restarts the BitNet recipes (w1.58a8, w1a8), not {args.recipe}")
-    init = (read_init(args.init), args.init) if args.init else None
+    init = (*read_init(args.init), args.init) if args.init else None
 
     teacher = load_model(args.teacher)
     cfg = teacher.config

@@ -373,6 +373,18 @@ def test_a_warm_restart_into_the_run_folder_it_starts_from_is_refused_not_resume
     assert "another config (init" in capsys.readouterr().err
 
 
+def test_a_warm_restart_from_a_run_of_the_other_bitnet_recipe_is_refused(teacher_file, image_tar, tmp_path, capsys):
+    """A binary and a ternary student hold the same tensors: only the recipe the state records tells them apart."""
+    common = ["--teacher", str(teacher_file), "--data", str(image_tar), "--epochs", "1", "--batch-size", "8"]
+    assert run(main, common + ["--recipe", "w1a8", "--out", str(tmp_path / "b.safetensors")]) == 0
+    capsys.readouterr()
+    state = tmp_path / "b.safetensors.run" / "finetune" / "last.pt"
+    assert run(main, common + ["--recipe", "w1.58a8", "--out", str(tmp_path / "t.safetensors"), "--init",
+                               str(state)]) == 2
+    assert "another recipe (name 'w1a8'" in capsys.readouterr().err
+    assert not (tmp_path / "t.safetensors.run").exists()
+
+
 @pytest.mark.parametrize("kind", ["missing", "not a torch file", "no model weights", "another student"])
 def test_a_warm_restart_from_a_bad_state_is_refused_before_training(teacher_file, image_tar, tmp_path, capsys, kind):
     state = tmp_path / "last.pt"
