@@ -168,8 +168,8 @@ def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cf
     stages = [("search", search_epochs, _sum_losses(penalty, features)),
               ("finetune", train_cfg.epochs - search_epochs, features)]
     for stage, epochs, extra in stages:
-        if stage == "finetune" and isinstance(r, QViT) and r.learn_bits:  # also with no search epochs (--epochs
-            qvit.fix_bits(student, r.budget_bits)  # 1): the widths must still be fixed and brought within the budget
+        if stage == "finetune" and isinstance(r, QViT) and r.learn_bits:  # also with no search epochs (a low
+            qvit.fix_bits(student, r.budget_bits)  # --search-ratio): the widths must still be fixed, within the budget
             alloc = qvit.bit_allocation(student)
             print(f"searching stage done: BitOPs {alloc['bitops_ratio']:.3f} of the {r.budget_bits:g}-bit budget, "
                   f"mean weight bits {alloc['mean_weight_bits']:.2f}")
@@ -234,7 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", type=number_in(0), default=0.0, help="mixup alpha (QAT default: off)")
     p.add_argument("--cutmix", type=number_in(0), default=0.0, help="cutmix alpha (QAT default: off)")
     p.add_argument("--search-ratio", type=number_in(0, 1), default=0.5,
-                   help="qvit: fraction of epochs searching bit-widths (lsq learns none: all epochs fine-tune)")
+                   help="qvit: fraction of epochs searching bit-widths, rounded to the nearest epoch, a half up "
+                        "(lsq learns none: all epochs fine-tune)")
     p.add_argument("--bitops-weight", type=number_in(0), default=1.0, help="qvit: weight eta of the BitOPs penalty")
     p.add_argument("--calib-size", type=positive_int, default=256,
                    help="training images that initialise Q-ViT's step sizes or BitNet's input LayerNorms "
@@ -301,7 +302,8 @@ def main(argv=None):
     student, penalty = prepare_student(teacher, r, train, args.calib_size, args.seed, device, args.bitops_weight,
                                        init)
     features = FeatureDistill(student, teacher, args.feature_weight) if args.feature_weight > 0 else None
-    search = round(args.epochs * args.search_ratio) if isinstance(r, QViT) and r.learn_bits else 0
+    # the nearest whole epoch, a half up (Python's round takes halves to even: 5 epochs searched 2, 7 searched 4)
+    search = int(args.epochs * args.search_ratio + 0.5) if isinstance(r, QViT) and r.learn_bits else 0
     train_cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, seed=args.seed, time_budget=args.time_budget,

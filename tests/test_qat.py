@@ -162,8 +162,8 @@ def test_cli_lsq_trains_every_width_at_the_budget_without_a_search_stage(teacher
 
 
 def test_a_qvit_run_too_short_to_search_still_fixes_its_widths_within_the_budget(teacher_file, image_tar, tmp_path):
-    out = tmp_path / "q.safetensors"   # one epoch: round(1 * 0.5) = 0 search epochs
-    assert run(main, three_bit_run(teacher_file, image_tar, "qvit", out, "--epochs", "1")) == 0
+    out = tmp_path / "q.safetensors"   # 0.4 of one epoch: no search epochs
+    assert run(main, three_bit_run(teacher_file, image_tar, "qvit", out, "--epochs", "1", "--search-ratio", "0.4")) == 0
     alloc = json.loads((tmp_path / "q.safetensors.bits.json").read_text())
     assert alloc["bitops_ratio"] <= 1 + 1e-9
 
@@ -563,3 +563,16 @@ def test_the_searching_stage_takes_the_search_ratio_of_the_epochs_rounded_to_nea
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--data", str(image_tar), "--out",
                       str(tmp_path / "q.safetensors"), "--epochs", "3", "--search-ratio", "0.6"]) == 0
     assert search == [2]  # 1.8 epochs
+
+
+@pytest.mark.parametrize("epochs, searching", [(3, 2), (5, 3), (7, 4)])
+def test_half_a_search_epoch_rounds_up_whatever_the_epochs(teacher_file, image_tar, tmp_path, monkeypatch, epochs,
+                                                          searching):
+    """Python's round takes halves to even: 5 epochs searched 2 of them, 7 searched 4."""
+    search = []
+    monkeypatch.setattr("quant.qat.prepare_student", lambda teacher, *args: (teacher, None))  # no calibration
+    monkeypatch.setattr("quant.qat.train_stages", lambda student, teacher, r, train, val, cfg, run_dir, search_epochs,
+                        *args: search.append(search_epochs) or (student, False, []))
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--data", str(image_tar), "--out",
+                      str(tmp_path / "q.safetensors"), "--epochs", str(epochs)]) == 0
+    assert search == [searching]
