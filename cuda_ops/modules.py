@@ -108,7 +108,8 @@ def to_kernels(model: nn.Module, ternary_layout: str = "2bit") -> nn.Module:
     """Swap every QuantLinear of `model` that has a bitvit kernel for a KernelLinear, in place, and return
     the model. Layers without a kernel keep their reference forward; a warning lists them.
     ternary_layout: "2bit" keeps ternary codes as QuantLinear packs them (4 a byte); "base3" repacks them
-    as trit planes (5 a byte, `quant.pack.pack_trit_planes`): a fifth less weight memory and traffic."""
+    as trit planes (5 a byte, `quant.pack.pack_trit_planes`): a fifth less weight memory and traffic. A model
+    whose ternary layers already run on the kernels in the other layout is refused."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"to_kernels takes a model (nn.Module), got {type(model).__name__}; load a file first "
                          f"with quant.load_quantized(path)")
@@ -120,6 +121,10 @@ def to_kernels(model: nn.Module, ternary_layout: str = "2bit") -> nn.Module:
             raise ValueError("the model already runs on bitvit's kernels (to_kernels was applied before)")
         raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize), or pack a "
                          "model in quantization-aware training first (quant.bitlinear.freeze, quant.qvit.freeze)")
+    kept = "ternary_b3" if ternary_layout == "2bit" else "ternary"  # a ternary KernelLinear's op in the other layout
+    if any(isinstance(m, KernelLinear) and m.op == kept for m in model.modules()):
+        raise ValueError(f"the model's ternary layers already run on bitvit's kernels in the other layout, not "
+                         f"{ternary_layout!r}: call to_kernels once, on the model as loaded, with the layout you want")
     if isinstance(model, QuantLinear):
         if kernel_for(model):
             return KernelLinear(model, ternary_layout)

@@ -332,3 +332,13 @@ def test_a_compiled_kernel_model_trains_its_biases_as_the_reference_does(recipe)
 def test_kernel_for_a_layer_that_is_not_a_quantlinear_is_none():
     assert kernel_for(nn.Linear(32, 8)) is None and kernel_for(nn.LayerNorm(32)) is None
     assert kernel_for(QuantLinear.from_linear(nn.Linear(32, 8), "int8", act_format="int8_token")) == "a8"
+
+
+@pytest.mark.parametrize("first,again", [("2bit", "base3"), ("base3", "2bit")])
+def test_converting_a_partly_converted_model_again_in_the_other_ternary_layout_is_refused(first, again):
+    model = quantized_tiny("w1.58a8")
+    model.head = QuantLinear.from_linear(nn.Linear(TINY.embed_dim, TINY.num_classes), "int3", 32)  # no kernel
+    with pytest.warns(UserWarning, match="no bitvit kernel"):
+        to_kernels(model, ternary_layout=first)
+    with pytest.raises(ValueError, match=f"already run on bitvit's kernels in the other layout, not '{again}'"):
+        to_kernels(model, ternary_layout=again)
