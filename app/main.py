@@ -93,8 +93,8 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
         else:
             own.append((label, m.weight_format))
         openers[label] = functools.partial(open_model, m.path, threads, runtime)
-    if not own and Path(fp).suffix == ".safetensors":  # none of its network: quantize it here (round to nearest),
-        for name in ON_THE_FLY:                           # saved in the cache; a ratio to another network means little
+    if not own and Path(fp).suffix.lower() == ".safetensors":  # none of its network: quantize it here (round to
+        for name in ON_THE_FLY:  # nearest), saved in the cache; a ratio to another network means little
             label = (f"{name} · built on the fly from {Path(fp).name} "
                      f"(PTQ, no comparable packed model in {Path(assets).name}/)")
             openers[label] = functools.partial(_on_the_fly, fp, name, threads, runtime)

@@ -365,6 +365,13 @@ def test_without_a_packed_model_the_app_quantizes_the_fp_model_itself(fp_file, t
     assert q.weight_format == "int8" and "on the fly" not in q.name and "quant.quantize" in q.note
 
 
+def test_an_fp_model_whose_file_name_ends_in_capitals_is_quantized_on_the_fly_too(fp_file, tmp_path):
+    (tmp_path / "empty").mkdir()
+    upper = fp_file.rename(tmp_path / "FP.SAFETENSORS")
+    _, labels, _ = make_comparison(upper, None, tmp_path / "empty", runtime="torch")
+    assert [label.split(" ")[0] for label in labels] == ["w8a8", "w4"]
+
+
 def damage(path):
     """Flip a byte of the file's tensor data: its header still reads, its checksum no longer matches."""
     data = bytearray(path.read_bytes())
