@@ -71,7 +71,7 @@ class Entry:
 
     @property
     def size_mb(self) -> float | None:
-        return self.data["size_bytes"] / 1e6 if finite_number(self.data.get("size_bytes")) else None
+        return self.data["size_bytes"] / 1e6 if _positive(self.data.get("size_bytes")) else None
 
     @property
     def latency_ms(self) -> float | None:
@@ -82,12 +82,12 @@ class Entry:
             numeric = {int(k): x for k, x in v.items()  # (a batch size of thousands of digits is none)
                        if str(k).isdecimal() and len(str(k)) <= 18 and finite_number(x)}
             v = numeric[min(numeric)] if numeric else None
-        return float(v) if finite_number(v) else None
+        return float(v) if _positive(v) else None
 
     @property
     def fps(self) -> float | None:
         v = self.data.get("fps")
-        return float(v) if finite_number(v) else None
+        return float(v) if _positive(v) else None
 
     @property
     def confusion(self) -> np.ndarray | None:
@@ -117,6 +117,11 @@ class Entry:
                       and isinstance(t.get("block"), int) and (t.get("head") is None or isinstance(t["head"], int))
                       and finite_number(t.get("drop")) and finite_number(t.get("kl")) for t in trials))
         return d if ok else None
+
+
+def _positive(v) -> bool:
+    """A time, size or rate a measurement can give: a finite number above 0 (not one drawn as a bar to the left)."""
+    return finite_number(v) and v > 0
 
 
 def _robustness_keys(keys) -> bool:

@@ -280,6 +280,17 @@ def test_report_leaves_out_impossible_scores_and_unreadable_files(tmp_path):
     assert res.errors and "latin1.json" in res.errors[0]
 
 
+def test_report_leaves_out_latencies_sizes_and_frame_rates_of_zero_or_below(tmp_path):
+    """No measurement gives them: the Results tab drew them as bars to the left of zero."""
+    folder = results_folder(tmp_path, bench={"results": [
+        {"recipe": "ok", "latency_ms": 2.0, "size_bytes": 1000, "fps": 30.0},
+        {"recipe": "neg", "latency_ms": -3.0, "size_bytes": -1000, "fps": -1.0},
+        {"recipe": "zero", "latency_ms": {"1": 0, "8": 4.0}, "size_bytes": 0, "fps": 0},
+        {"recipe": "neg-ms", "ms": -1.0, "batch": 1}]})
+    res = load(folder)
+    assert [[e.name for e in res.having(p)] for p in ("latency_ms", "size_mb", "fps")] == [["ok"]] * 3
+
+
 def test_report_lists_a_pipe_or_folder_named_json_as_not_a_file_without_reading_it(tmp_path):
     folder = results_folder(tmp_path, ptq={"results": [{"recipe": "ok", "top1": 0.9, "bits_per_weight": 4.0}]})
     os.mkfifo(folder / "pipe.json")  # reading it would wait for a writer for ever
