@@ -80,7 +80,7 @@ class Entry:
             v = self.data["ms"]
         if isinstance(v, dict):  # {batch: ms}: batch 1, else the smallest batch given
             numeric = {int(k): x for k, x in v.items()  # (a batch size of thousands of digits is none)
-                       if str(k).isdecimal() and len(str(k)) <= 18 and finite_number(x)}
+                       if str(k).isdecimal() and len(str(k)) <= 18 and int(k) >= 1 and finite_number(x)}
             v = numeric[min(numeric)] if numeric else None
         return float(v) if _positive(v) else None
 

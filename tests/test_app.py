@@ -771,6 +771,11 @@ def test_a_latency_keyed_by_a_superscript_digit_is_no_batch_size_not_a_crash(tmp
     assert results.load(tmp_path).entries[0].latency_ms == 2.0
 
 
+def test_a_latency_keyed_by_batch_zero_is_no_batch_size_and_batch_one_is_drawn(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"a": {"latency_ms": {"0": 0.5, "00": 0.4, "1": 2.0}}}))
+    assert results.load(tmp_path).entries[0].latency_ms == 2.0
+
+
 def test_a_latency_keyed_by_more_digits_than_python_reads_is_no_batch_size_not_a_crash(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"a": {"latency_ms": {"9" * 5000: 9.0, "1": 2.0}}}))
     assert results.load(tmp_path).entries[0].latency_ms == 2.0
