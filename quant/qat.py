@@ -69,7 +69,7 @@ def read_results(path: str | os.PathLike) -> dict:
         return {"runs": {}}
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON's, a bad encoding, a 5000-digit integer
         raise ValueError(f"{path} is not a readable results JSON ({type(e).__name__}: {e})") from None
     runs = data.setdefault("runs", {}) if isinstance(data, dict) else None
     if not isinstance(runs, dict) or not all(isinstance(e, dict) for e in runs.values()):

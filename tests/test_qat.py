@@ -498,6 +498,12 @@ def test_a_results_file_whose_runs_are_not_objects_is_refused(tmp_path):
         read_results(tmp_path / "qat.json")
 
 
+def test_a_results_file_holding_an_integer_of_more_digits_than_python_reads_is_refused_naming_it(tmp_path):
+    (tmp_path / "qat.json").write_text('{"runs": {"w1a8": {"n": ' + "9" * 5000 + "}}}")
+    with pytest.raises(ValueError, match="qat.json is not a readable results JSON"):
+        read_results(tmp_path / "qat.json")
+
+
 @pytest.mark.parametrize("change, known", [({}, 0.75), ({"teacher_bytes": 1}, None), ({"split": "val"}, None),
                                            ({"n": 17}, None), ({"teacher_top1": "0.75"}, None)])
 def test_the_teachers_score_is_reused_only_for_the_same_file_split_and_images(teacher_file, tmp_path, change, known):
