@@ -227,6 +227,14 @@ def test_results_table_refuses_a_results_file_of_another_shape(checkpoint, image
                       "--recipes", "w4"])
 
 
+def test_results_table_names_a_results_file_holding_an_integer_of_more_digits_than_python_reads(checkpoint,
+                                                                                                image_tree, tmp_path):
+    (tmp_path / "r.json").write_text('{"results": [{"n": ' + "9" * 5000 + "}]}")
+    with pytest.raises(ValueError, match="r.json is not a results file of quant.ptq_results"):
+        results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(tmp_path / "r.json"),
+                      "--recipes", "w4"])
+
+
 def test_results_table_refuses_a_models_folder_that_is_a_file_before_scoring_anything(checkpoint, image_tree,
                                                                                       tmp_path):
     (tmp_path / "models").write_text("x")
