@@ -15,9 +15,12 @@ from quant.qvit import allocation_figure
 from quant.report import Entry, Results, accuracy_vs_bits, colors, load  # noqa: F401  (the tab's API)
 
 
+MAX_HEIGHT = 160  # inches: the page gets each plot as WebP, at most 16383 pixels a side (at matplotlib's 100 dpi)
+
+
 def _bars(entries: list[Entry], values: list[float], xlabel: str, title: str, fmt: str):
     palette = colors([e.source for e in entries])
-    fig, ax = plt.subplots(figsize=(7.5, 0.8 + 0.28 * len(entries)))
+    fig, ax = plt.subplots(figsize=(7.5, min(0.8 + 0.28 * len(entries), MAX_HEIGHT)))
     y = np.arange(len(entries))
     ax.barh(y, values, color=[palette[e.source] for e in entries])
     ax.set_yticks(y, [e.label for e in entries], fontsize=7)

@@ -745,6 +745,13 @@ def test_malformed_confusion_matrices_allocations_and_robustness_analyses_are_no
     assert any("deep.json" in e for e in res.errors)
 
 
+def test_latency_bars_of_600_entries_reach_the_page_as_a_webp_plot(tmp_path):
+    """Gradio sends plots as WebP, at most 16383 pixels a side: 600 bars' figure was taller, and the tab failed."""
+    import gradio as gr
+    (tmp_path / "r.json").write_text(json.dumps({"r": [{"recipe": f"r{i}", "latency_ms": 1.0 + i} for i in range(600)]}))
+    assert gr.Plot().postprocess(results.latency_bars(results.load(tmp_path))).plot.startswith("data:image/webp")
+
+
 def test_a_results_number_too_large_for_a_float_is_left_out_not_a_crash(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"w4": {"top1": 0.5, "bits_per_weight": 4, "size_bytes": 10 ** 400,
                                                         "latency_ms": 10 ** 400, "fps": 10 ** 400}}))
