@@ -88,13 +88,15 @@ class OnnxModel(nn.Module):
 
 
 def confusion_figure(confusion, classes, title: str):
-    """A confusion matrix (rows: true class) as a heat map of each row's fractions, with the counts written
-    in where there are at most 20 classes; `classes` name them (numbers when they do not fit)."""
+    """A confusion matrix (rows: true class) as a heat map of each row's fractions, with the counts (or a
+    matrix's own fractions) written in where there are at most 20 classes; `classes` name them (numbers when
+    they do not fit)."""
     import matplotlib.pyplot as plt
     cm = np.asarray(confusion, dtype=float)
     k = cm.shape[0]
     names = list(classes) if len(classes) == k else [str(i) for i in range(k)]
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    sums = cm.sum(1, keepdims=True)
+    norm = cm / np.where(sums > 0, sums, 1)  # (a matrix of fractions, not counts, has rows summing below 1)
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
@@ -102,8 +104,8 @@ def confusion_figure(confusion, classes, title: str):
     if k <= 20:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(j, i, int(cm[i, j]) if cm[i, j].is_integer() else f"{cm[i, j]:.2g}", ha="center",
+                        va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)

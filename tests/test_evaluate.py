@@ -121,6 +121,16 @@ def test_the_confusion_figure_shades_each_true_class_row_by_its_fractions():
     assert fig.axes[0].images[0].get_array().tolist() == [[0.25, 0.75], [0.0, 1.0]]
 
 
+def test_a_confusion_matrix_of_fractions_is_shaded_by_row_and_its_fractions_written_in():
+    """A matrix normalised over all cells (another tool's) was shaded unscaled and written in as zeros."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from quant.evaluate import confusion_figure
+    fig = confusion_figure([[0.1, 0.3], [0.0, 0.6]], ["a", "b"], "t")
+    assert fig.axes[0].images[0].get_array().ravel().tolist() == pytest.approx([0.25, 0.75, 0.0, 1.0])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["0.1", "0.3", "0", "0.6"]
+
+
 def test_an_interrupted_confusion_plot_leaves_the_old_one_whole(tmp_path, savefig_killed_midway):
     from quant.evaluate import plot_confusion
     path = tmp_path / "c.png"
