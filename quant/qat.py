@@ -71,7 +71,7 @@ def read_results(path: str | os.PathLike) -> dict:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON's, a bad encoding, a 5000-digit integer
         raise ValueError(f"{path} is not a readable results JSON ({type(e).__name__}: {e})") from None
-    runs = data.setdefault("runs", {}) if isinstance(data, dict) else None
+    runs = data.get("runs") if isinstance(data, dict) else None  # none: another stage's file (ptq.json ...)
     if not isinstance(runs, dict) or not all(isinstance(e, dict) for e in runs.values()):
         raise ValueError(f'{path} is not a quant.qat results file ({{"runs": {{name: entry, ...}}}})')
     return data

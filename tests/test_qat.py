@@ -498,6 +498,14 @@ def test_a_results_file_whose_runs_are_not_objects_is_refused(tmp_path):
         read_results(tmp_path / "qat.json")
 
 
+def test_a_results_file_of_another_stage_is_refused_not_recorded_into(tmp_path):
+    """A QAT run recorded into ptq.json was dropped when quant.ptq_results next rewrote it."""
+    (tmp_path / "ptq.json").write_text('{"results": [{"recipe": "w4", "top1": 0.7}]}')
+    with pytest.raises(ValueError, match="ptq.json is not a quant.qat results file"):
+        record_result(tmp_path / "ptq.json", "w1a8", {"top1": 0.6})
+    assert json.loads((tmp_path / "ptq.json").read_text()) == {"results": [{"recipe": "w4", "top1": 0.7}]}
+
+
 def test_a_results_file_holding_an_integer_of_more_digits_than_python_reads_is_refused_naming_it(tmp_path):
     (tmp_path / "qat.json").write_text('{"runs": {"w1a8": {"n": ' + "9" * 5000 + "}}}")
     with pytest.raises(ValueError, match="qat.json is not a readable results JSON"):
