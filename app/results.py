@@ -74,7 +74,7 @@ def summary(res: Results) -> str:
     for stem, ctx in res.files.items():
         n = sum(e.source == stem for e in res.entries)
         detail = "; ".join(f"{k}: `{ctx[k]}`" if k == "command" else f"{k}: {ctx[k]}" for k in ctx)
-        lines.append(f"- **{stem}.json**: {f'{n} entries' if n else 'nothing this tab plots'}"
+        lines.append(f"- **{stem}.json**: {f'{n} entr' + ('y' if n == 1 else 'ies') if n else 'nothing this tab plots'}"
                      + (f" ({detail})" if detail else ""))
     lines += [f"- ⚠ {e}" for e in res.errors]
     lines += [f"- missing: {m}" for m in res.missing]

@@ -1129,6 +1129,11 @@ def test_the_results_summary_counts_each_files_entries_and_names_one_with_nothin
     assert "- **empty.json**: nothing this tab plots" in text
 
 
+def test_the_results_summary_counts_one_entry_in_the_singular(tmp_path):
+    (tmp_path / "qat.json").write_text(json.dumps({"runs": {"w4": {"top1": 0.5}}}))
+    assert "- **qat.json**: 1 entry\n" in results.summary(results.load(tmp_path))
+
+
 def test_a_confusion_matrix_is_titled_with_its_top_1_accuracy_in_percent(tmp_path):
     entry = results.load(write_results(tmp_path / "results")).having("confusion")[0]
     assert results.confusion_plot(entry, TINY.classes).axes[0].get_title().endswith(", top-1 80.00 %")
