@@ -298,7 +298,8 @@ def markdown(entries: list[Entry]) -> str:
     for source in dict.fromkeys(e.source for e in entries):
         for e in sorted((e for e in entries if e.source == source), key=lambda e: -e.bits):
             size = f"{e.size_mb:.3f}" if e.size_mb is not None else ""
-            lines.append(f"| {e.source} | {e.name} | {e.top1:.4f} | {e.bits:.3f} | {size} |")
+            file, name = (" ".join(t.splitlines()).replace("|", "\\|") for t in (e.source, e.name))  # one cell each
+            lines.append(f"| {file} | {name} | {e.top1:.4f} | {e.bits:.3f} | {size} |")
     return "\n".join(lines)
 
 

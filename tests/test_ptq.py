@@ -418,6 +418,11 @@ def test_report_table_lists_each_files_entries_from_the_most_bits_down_with_thei
         "| ptq | w2 | 0.5000 | 2.000 |  |"]
 
 
+def test_report_table_keeps_a_name_holding_a_bar_or_a_line_break_in_its_cell(tmp_path):
+    folder = results_folder(tmp_path, qat={"runs": {"w4|lsq\nrun 2": {"top1": 0.8, "bits_per_weight": 4.0}}})
+    assert markdown(load(folder).having("top1", "bits")).splitlines()[2:] == ["| qat | w4\\|lsq run 2 | 0.8000 | 4.000 |  |"]
+
+
 def test_report_plots_models_of_16_bits_and_more_as_lines_and_the_rest_as_points_in_percent(tmp_path):
     folder = results_folder(tmp_path, ptq={"results": [{"recipe": "fp16", "top1": 0.9, "bits_per_weight": 16},
                                                        {"recipe": "w4", "top1": 0.85, "bits_per_weight": 4.0}]})
