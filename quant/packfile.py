@@ -279,8 +279,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         elif differs := model.config.differences(cfg):
             raise ValueError(f"{path} holds {differs} than the model given")
     elif model is None:
-        raise ValueError(f"{path} holds a model that is not a bitvit ViT: pass model= (a full-precision "
-                         f"instance of its architecture) to rebuild it")
+        raise ValueError(f"{path} holds a model that is not a bitvit ViT: rebuild it with quant.load_quantized(path, "
+                         f"model=...), given a full-precision instance of its architecture")
 
     # a given model is left as it was when a layer of the file does not fit; a fresh one needs no copy
     with unchanged_on_error(model) if given else contextlib.nullcontext():

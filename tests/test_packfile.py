@@ -333,10 +333,16 @@ def test_an_onnx_file_is_refused_pointing_to_the_onnx_runtime(tmp_path, loader):
 
 def test_plain_model_file_needs_its_architecture(tmp_path):
     quant.save_quantized(quantized_mlp("int4", 16, 8, 8, True), tmp_path / "m.safetensors")
-    with pytest.raises(ValueError, match="pass model="):
+    with pytest.raises(ValueError, match="model="):
         quant.load_quantized(tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="in the architecture"):
         quant.load_quantized(tmp_path / "m.safetensors", model=mlp(16, 9))
+
+
+def test_load_any_of_a_plain_model_file_points_to_load_quantized_with_its_model(tmp_path):
+    quant.save_quantized(quantized_mlp("int4", 16, 8, 8, True), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"quant\.load_quantized\(path, model="):  # load_any takes no model=
+        quant.load_any(tmp_path / "m.safetensors")
 
 
 def test_a_model_argument_that_is_no_module_is_refused_naming_its_type(tmp_path):
