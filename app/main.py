@@ -5,8 +5,8 @@ one, on the models in `assets/` and with no network. `--fp` defaults to the GPU-
 `assets/vit_cifar_small.safetensors`; the quantized menu lists every packed model in `assets/` (plus
 `--quant`, which is also the default choice; otherwise a ternary model of the FP model's architecture
 when there is one, else another of its architecture). With no packed model of its architecture, the app
-quantizes the FP model itself when it starts (`quant.quantize` with the round-to-nearest recipes w8a8 and w4,
-saved in the bitvit cache) and says so on the page. Host and port default to what Hugging Face Spaces
+quantizes the FP model itself (`quant.quantize` with the round-to-nearest recipes w8a8, when it starts, and
+w4, when first chosen; saved in the bitvit cache) and says so on the page. Host and port default to what Hugging Face Spaces
 expects (0.0.0.0:7860, or $GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT).
 """
 from __future__ import annotations
