@@ -3,8 +3,8 @@
     model = quant.load_any("assets/vit_cifar_tiny-w1.58a8.safetensors")  # packed: QuantLinear layers
     model = cuda_ops.to_kernels(model).cuda().bfloat16()   # the same layers on the bitvit ops
     # or to_kernels(model, ternary_layout="base3"): ternary codes at 1.6 bits in memory, not 2
-    fast = cuda_ops.CUDAGraphModel(model, torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.bfloat16))
-    logits = fast(images)                                  # one graph replay per call
+    fast = cuda_ops.CUDAGraphModel(model, torch.randn(1, 3, 32, 32, device="cuda", dtype=torch.bfloat16))
+    logits = fast(images)                                  # one graph replay per call, images of that shape
 
 Which QuantLinear layers get a kernel:
   ternary / binary / int4 / int8 weights (symmetric), one scale per row, "int8_token" activations
