@@ -347,6 +347,6 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
         else:
             model.eval()
             with torch.no_grad():
-                model = r.apply(model, calib)
+                model = r.apply(model, calib).eval()  # the layers it swapped in are built in training mode
     model.quant_recipe = {"type": type(r).__name__, **dataclasses.asdict(r)}
     return model

@@ -253,6 +253,12 @@ def test_quantize_returns_the_model_in_eval_mode():
     assert not quant.quantize(model, "w4").training
 
 
+@pytest.mark.parametrize("name", ["w4", "w4-gptq", "w4a4"])
+def test_quantize_returns_every_module_in_eval_mode_the_quantized_layers_too(tiny_model, name):
+    model = quant.quantize(tiny_model.train(), name, calib=torch.randn(4, 3, 16, 16))
+    assert [n for n, m in model.named_modules() if m.training] == []
+
+
 def test_a_model_without_linear_layers_is_refused():
     with pytest.raises(ValueError, match="no nn.Linear layers"):
         quant.quantize(nn.Sequential(nn.ReLU()), "w4")
