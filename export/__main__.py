@@ -19,7 +19,7 @@ import torch
 from quant.cli import max_threads, output_file, run, thread_count
 from quant.packfile import load_any
 
-from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export
+from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export, to_onnx
 from .runtime import load
 
 
@@ -41,6 +41,7 @@ def main(argv=None):
     if any(is_quantized(m) for m in model.modules()):
         fmt = model_format(model)
         if args.format not in ("auto", fmt):
+            to_onnx(model, fmt)  # a held format that has no ONNX export at all is the error to report
             raise ValueError(f"{args.checkpoint} holds {fmt} weights, so it exports as {fmt}, not {args.format} "
                              f"(re-quantize its full-precision model to get {args.format})")
     else:

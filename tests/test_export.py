@@ -449,6 +449,15 @@ def test_a_quantized_checkpoint_is_not_exported_as_another_format(tiny_model, tm
     assert "holds int4 weights, so it exports as int4, not ternary" in capsys.readouterr().err
 
 
+def test_a_quantized_checkpoint_of_a_format_without_export_asked_for_another_says_it_has_none(
+        tiny_model, tmp_path, capsys):
+    import quant
+    quant.save_quantized(quant.quantize(tiny_model, "w3"), tmp_path / "q.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "q.onnx"),
+                      "--format", "int4"]) == 2
+    assert "weight format 'int3' has no ONNX export" in capsys.readouterr().err  # not "it exports as int3"
+
+
 @pytest.mark.parametrize("k", [64, 40])
 @pytest.mark.parametrize("fmt", ["ternary", "binary", "w8a8", "w4a8", "int4", "w4a8-g32"])
 @pytest.mark.parametrize("custom", [True, False])
