@@ -56,6 +56,11 @@ def test_every_byte_value_decodes_to_its_five_trits():
     assert torch.equal(unpack_trit_planes(pack_trit_planes(wide), 80), wide)
 
 
+def test_base3_byte_is_c0_plus_3_c1_up_to_81_c4_with_rows_padded_by_code_0():
+    codes = torch.tensor([[2, 1, 0, 2, 1, 1, 2]], dtype=torch.uint8)
+    assert pack_base3(codes).tolist() == [[2 + 3 * 1 + 9 * 0 + 27 * 2 + 81 * 1, 1 + 3 * 2]]
+
+
 def test_two_bit_layout_puts_the_first_code_in_the_lowest_bits():
     codes = torch.tensor([[1, 2, 3, 0, 3]], dtype=torch.uint8)
     assert pack_codes(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4, 3]]
