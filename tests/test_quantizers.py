@@ -246,6 +246,11 @@ def test_log2_quantizer_keeps_half_octave_levels_and_zeros_the_tail():
     assert torch.equal(p.grad, torch.ones_like(p))
 
 
+def test_log2_codes_round_minus_two_log2_p_to_the_nearest_integer():
+    p = torch.tensor([0.8, 0.6, 0.55, 0.3])                  # -2 log2 p = 0.64, 1.47, 1.72, 3.47
+    assert quantize_log2(p, 4).tolist() == [1, 1, 2, 3]
+
+
 def test_log2_offset_slides_the_levels_down_and_clips_above_the_top_one():
     p = torch.tensor([1.0, 2.0 ** -2, 2.0 ** -9, 2.0 ** -9.5])
     assert fake_quant_log2(p, 4, offset=4).tolist() == pytest.approx([2 ** -2, 2 ** -2, 2 ** -9, 0.0])
