@@ -107,6 +107,18 @@ def test_bias_correction_leaves_no_mean_output_error_on_the_calibration_tokens(b
     assert err.mean(0).abs().max() < 1e-4 < err.abs().mean()    # rounding errors remain, their mean does not
 
 
+def test_gptq_weighs_the_weight_error_by_the_layers_inputs_after_their_4_bit_rounding():
+    from quant.gptq import gptq_weight, hessian
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 8)
+    x = torch.randn(2000, 32) @ torch.randn(32, 32) * 0.3
+    x[:, 0] *= 20                                        # one wide channel sets the range: the others round coarsely
+    s, z = tensor_range(x, 4)
+    ql = _quantize_linear(layer, x, s, z, W4A4(), 4)
+    want = gptq_weight(layer.weight, hessian(fake(x, s, z)), 4, None, asymmetric=False)   # 131 codes differ with x's
+    assert torch.equal(ql.codes(), want.codes)
+
+
 def test_softmax_offset_follows_each_heads_attention():
     n = 512
     diffuse = torch.full((n, n), 1.0 / n)                # every probability 2**-9, below offset 0's levels
