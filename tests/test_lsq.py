@@ -58,6 +58,16 @@ def test_mse_init_beats_max_scaling_and_more_bits_mean_less_error():
     assert errors[2] > errors[4] > errors[8]
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_calibration_finds_the_step_size_of_least_squared_error(bits):
+    x = torch.randn(20000) ** 3                # heavy tails: at 2 bits the best step spans an eighth of the range
+    q = calibrated(LearnedQuantizer(bits), x)
+    qn, qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    steps = x.abs().max() / qp * torch.linspace(0.005, 1, 1000)
+    best = min(((torch.clamp(torch.round(x / s), -qn, qp) * s - x) ** 2).mean().item() for s in steps)
+    assert ((q(x) - x) ** 2).mean().item() <= 1.01 * best
+
+
 def test_calibrating_on_a_subsampled_large_activation_does_not_depend_on_the_global_random_state():
     x = torch.randn(2, 200000) ** 3  # over the 65,536 values a group's range search looks at
     scales = []
