@@ -198,6 +198,20 @@ def test_quant_attention_slots_see_the_documented_shapes():
                     "attn_quant": (2, 4, 5, 5), "out_quant": (2, 4, 5, 4)}
 
 
+def test_each_attention_slot_quantizes_its_own_tensor():
+    torch.manual_seed(0)
+    qa = QuantAttention(16, 4)
+    x = torch.randn(2, 5, 16)
+    q, k, v = qa.split_heads(qa.qkv(x))
+    p = (q @ k.transpose(-2, -1) / 2).softmax(-1)                   # head_dim 4: scaled by 1 / 2
+    seen = {}
+    for slot in SLOTS:
+        getattr(qa, slot).register_forward_hook(lambda m, i, o, slot=slot: seen.setdefault(slot, i[0]))
+    qa(x)
+    for slot, want in zip(SLOTS, (q, k, v, p, p @ v)):
+        torch.testing.assert_close(seen[slot], want, msg=slot)
+
+
 def test_log2_attention_slot_quantizes_the_softmax_probabilities():
     torch.manual_seed(0)
     qa = QuantAttention(16, 4)
