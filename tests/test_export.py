@@ -504,12 +504,13 @@ def test_ternary_and_binary_weights_with_a_scale_per_group_export_every_groups_s
     np.testing.assert_allclose(session(x.numpy()), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_the_stems_batchnorm_is_folded_with_its_running_statistics(tiny_model, tmp_path):
+def test_the_stems_batchnorm_is_folded_with_its_running_statistics_and_eps(tiny_model, tmp_path):
     model = copy.deepcopy(tiny_model)
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     g = torch.Generator().manual_seed(0)
     bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
     bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+    bn.eps = 0.1                                     # the default 1e-5 would leave no trace against variances ~1
     session = runtime.load(export(model, tmp_path / "m.onnx"))
     x = images(4)
     with torch.no_grad():
