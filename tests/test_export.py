@@ -487,6 +487,26 @@ def test_one_exported_layer_computes_its_torch_forward_on_off_centre_tokens_and_
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("fmt", ["w8a8", "ternary"])
+def test_the_standard_ops_round_activations_halfway_between_two_codes_to_the_even_one(fmt):
+    import onnxruntime as ort
+    from export.exporter import RECIPES, _Graph, _linear
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(8, 4), **RECIPES[fmt])
+    g = _Graph()
+    g.op("Identity", [_linear(g, "x", layer, "l", False)], out="y")
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], g.inits)
+    proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 20),
+                                                                   helper.make_opsetid("com.microsoft", 1)])
+    x = torch.tensor([[127.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, 0.0]])     # token scale 1: six ties
+    out = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["y"], {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = layer(x).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("fmt", ["ternary", "binary"])
 @pytest.mark.parametrize("custom", [True, False])
 def test_ternary_and_binary_weights_with_a_scale_per_group_export_every_groups_scale(tiny_model, tmp_path, fmt,
