@@ -112,6 +112,13 @@ def test_nf4_file_stores_double_quantized_scales(tmp_path):
     assert storage["bits_per_weight"] < 4.2                               # 4 + 8/64 + a little
 
 
+def test_a_loaded_nf4_model_saved_again_keeps_its_double_quantized_scales(tmp_path):
+    model = quantized_mlp("nf4", 256, 64, 64, False)
+    first = quant.save_quantized(model, tmp_path / "a.safetensors")
+    back = quant.load_quantized(tmp_path / "a.safetensors", model=mlp(256, 64))
+    assert quant.save_quantized(back, tmp_path / "b.safetensors") == first      # 4.13 bits, not 4.5 with float32 scales
+
+
 def test_nf4_scales_changed_after_quantizing_are_stored_as_they_are_not_as_the_stale_double_quantized_form(tmp_path):
     model = quantized_mlp("nf4", 128, 8, 64, False)
     with torch.no_grad():
