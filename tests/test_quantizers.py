@@ -293,6 +293,12 @@ def test_quantizers_round_a_bfloat16_input_as_the_float32_kernels_do():
     assert torch.equal(fake_quant_log2(p, 4), fake_quant_log2(p.float(), 4).bfloat16())
 
 
+def test_int8_token_quantizes_a_float16_input_as_its_float32_value():
+    torch.manual_seed(0)
+    x = (torch.randn(512, 256) * 2).half()
+    assert torch.equal(quantize_int8_token(x)[0].float(), quantize_int8_token(x.float())[0])
+
+
 @pytest.mark.parametrize("lo, hi, scale, zero", [(1.0, 3.0, 0.2, 0.0), (-3.0, -1.0, 0.2, 15.0)])
 def test_a_calibrated_range_is_widened_to_include_zero(lo, hi, scale, zero):
     qz = UniformQuantizer(4)
