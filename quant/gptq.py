@@ -165,7 +165,11 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
     """
     from tqdm import tqdm
     model.eval()
-    names = execution_order(model, calib[:1])
+    try:  # one input first: inputs of the wrong shape or dtype fail here, in torch's words, not mid-calibration
+        names = execution_order(model, calib[:1])
+    except RuntimeError as e:
+        raise ValueError(f"the model cannot run on the calibration inputs ({calib.dtype} {tuple(calib.shape)}: "
+                         f"{(str(e).splitlines() or [''])[0][:160]}); give a batch of the inputs the model takes") from None
     unused = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
     for name in tqdm(names + unused, desc="GPTQ", unit="layer", disable=not progress, leave=False):
         layer = model.get_submodule(name)

@@ -433,3 +433,9 @@ def test_bitnet_skip_must_hold_layer_names():
 def test_the_default_head_pattern_holds_only_where_a_model_has_a_head():
     model = quant.quantize(plain_model(), "w4")
     assert all(m.weight_format == "int4" for m in model.modules() if isinstance(m, QuantLinear))
+
+
+@pytest.mark.parametrize("calib", [torch.randn(8, 23), torch.ones(8, 24, dtype=torch.long)])
+def test_calibration_inputs_the_model_cannot_run_on_are_refused_with_one_message(calib):
+    with pytest.raises(ValueError, match="cannot run on the calibration inputs"):
+        quant.quantize(plain_model(), "w4-gptq", calib=calib)
