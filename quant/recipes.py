@@ -340,6 +340,11 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
     if runs_on_kernels(model):
         raise ValueError("the model is already quantized, on bitvit's kernels (cuda_ops.to_kernels): quantize "
                          "its full-precision original")
+    first: dict[nn.Module, str] = {}   # a layer reached under two names would be swapped under the first only
+    for name, m in model.named_modules(remove_duplicate=False):
+        if type(m) is nn.Linear and first.setdefault(m, name) != name:
+            raise ValueError(f"the model uses one linear layer as both {first[m]!r} and {name!r}, and quantizing "
+                             f"would replace it under the first name only: quantize a model whose layers are not shared")
     _check_patterns(r, model)
     with unchanged_on_error(model):  # a refusal halfway (GPTQ's Hessian, say) leaves the model as it was
         if isinstance(r, QAT):

@@ -413,6 +413,15 @@ def test_a_layer_formats_pattern_that_matches_no_layer_is_refused_naming_it(tiny
     assert not any(isinstance(m, QuantLinear) for m in tiny_model.modules())
 
 
+@pytest.mark.parametrize("name", ["w4", "w4-gptq"])
+def test_a_linear_layer_shared_under_two_names_is_refused_naming_both(name):
+    fc = nn.Linear(8, 8)
+    model = nn.Sequential(fc, nn.ReLU(), fc)                   # quantized as '0', '2' stayed float
+    with pytest.raises(ValueError, match="one linear layer as both '0' and '2'"):
+        quant.quantize(model, quant.recipe(name, layer_formats=()), calib=torch.randn(4, 8))
+    assert all(type(m) is nn.Linear for m in (model[0], model[2]))
+
+
 def test_a_bitnet_skip_name_that_is_no_layer_of_the_model_is_refused_naming_it(tiny_model):
     typo = quant.recipe("w1.58a8", skip=("head", "blocks.*.mlp.fc2"))     # a pattern, not a layer name
     with pytest.raises(ValueError, match=r"skip names 'blocks\.\*\.mlp\.fc2', which is not a linear layer"):
