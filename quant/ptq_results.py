@@ -148,8 +148,9 @@ def main(argv=None):
 
 
 def table(entries: list[dict], checkpoint: str | None = None) -> str:
-    """A markdown table of the entries (of one checkpoint)."""
-    rows = [e for e in entries if checkpoint is None or e.get("checkpoint") == checkpoint]
+    """A markdown table of the entries (of one checkpoint file, however each entry spells its path)."""
+    rows = [e for e in entries if checkpoint is None or isinstance(e.get("checkpoint"), str)
+            and Path(e["checkpoint"]).resolve() == Path(checkpoint).resolve()]
     lines = ["| recipe | top-1 | drop (points) | bits/weight | size (MB) | quantize (s) |", "|---|---|---|---|---|---|"]
     for e in rows:
         lines.append(f"| {e['recipe']} | {e['top1']:.4f} | {100 * e['drop']:+.2f} | {e['bits_per_weight']:.3f} | "

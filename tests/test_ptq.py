@@ -213,6 +213,11 @@ def test_results_markdown_table_lists_one_checkpoints_entries_with_signed_drops_
     assert len(table(entries).splitlines()) == 2 + 3
 
 
+def test_results_markdown_table_lists_the_entries_of_the_same_file_given_by_another_path():
+    entries = [results_entry("w4", "a.safetensors"), results_entry("w2", "sub/../b.safetensors")]
+    assert [row.split()[1] for row in table(entries, os.path.abspath("a.safetensors")).splitlines()[2:]] == ["w4"]
+
+
 def test_results_table_refuses_a_qat_recipe_before_scoring_anything(checkpoint, image_tree, tmp_path):
     with pytest.raises(ValueError, match="w1.58a8 is a quantization-aware training recipe"):
         results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(tmp_path / "r.json"),
