@@ -422,6 +422,14 @@ def test_a_linear_layer_shared_under_two_names_is_refused_naming_both(name):
     assert all(type(m) is nn.Linear for m in (model[0], model[2]))
 
 
+@pytest.mark.parametrize("name", ["w4", "w4-gptq"])
+def test_post_training_quantization_of_a_model_on_the_meta_device_is_refused(name):
+    with torch.device("meta"):
+        model = plain_model()
+    with pytest.raises(ValueError, match="on the meta device, without values"):
+        quant.quantize(model, name, calib=torch.randn(4, 24))
+
+
 def test_a_bitnet_skip_name_that_is_no_layer_of_the_model_is_refused_naming_it(tiny_model):
     typo = quant.recipe("w1.58a8", skip=("head", "blocks.*.mlp.fc2"))     # a pattern, not a layer name
     with pytest.raises(ValueError, match=r"skip names 'blocks\.\*\.mlp\.fc2', which is not a linear layer"):
