@@ -45,6 +45,10 @@ def _linears(model: nn.Module) -> list[str]:
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     if not names:
         raise ValueError("the model has no nn.Linear layers to quantize")
+    if empty := next((n for n in names if not model.get_submodule(n).weight.numel()), None):
+        layer = model.get_submodule(empty)
+        raise ValueError(f"linear layer {empty!r} has no weights ({layer.in_features} inputs, {layer.out_features} "
+                         f"outputs): give a model whose linear layers have at least one input and one output")
     return names
 
 

@@ -430,6 +430,14 @@ def test_post_training_quantization_of_a_model_on_the_meta_device_is_refused(nam
         quant.quantize(model, name, calib=torch.randn(4, 24))
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("name", ["w4", "nf4", "w4-gptq"])
+def test_a_linear_layer_without_inputs_is_refused_naming_it(name):
+    model = nn.Sequential(nn.Linear(0, 4))
+    with pytest.raises(ValueError, match="linear layer '0' has no weights"):
+        quant.quantize(model, quant.recipe(name, layer_formats=()), calib=torch.randn(4, 0))
+
+
 def test_a_bitnet_skip_name_that_is_no_layer_of_the_model_is_refused_naming_it(tiny_model):
     typo = quant.recipe("w1.58a8", skip=("head", "blocks.*.mlp.fc2"))     # a pattern, not a layer name
     with pytest.raises(ValueError, match=r"skip names 'blocks\.\*\.mlp\.fc2', which is not a linear layer"):
