@@ -320,6 +320,7 @@ def _check_exportable(model: VisionTransformer, fmt: str) -> None:
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("export the float32 model (format fp16 stores its float weights at half precision)")
     if quantized and fmt != model_format(model):
+        to_onnx(model, model_format(model))  # a held format that has no ONNX export at all is the error to report
         raise ValueError(f"the model holds {model_format(model)} weights, not {fmt}: export it as "
                          f"{model_format(model)}")
     if not quantized and fmt not in ("fp32", "fp16"):

@@ -377,6 +377,12 @@ def test_a_quantized_model_is_exported_only_as_the_format_it_holds(tiny_model, t
         export(ternary, tmp_path / "m.onnx", "w8a8")
 
 
+def test_a_quantized_model_of_a_format_without_export_asked_for_another_says_it_has_none(tiny_model, tmp_path):
+    import quant
+    with pytest.raises(ValueError, match="weight format 'int3' has no ONNX export"):  # not "export it as int3"
+        export(quant.quantize(tiny_model, "w3"), tmp_path / "m.onnx", "int4")
+
+
 def test_a_model_still_in_quantization_aware_training_is_refused_until_packed(tiny_model, tmp_path):
     import quant
     with pytest.raises(ValueError, match="quantization-aware training layers: pack them first"):
