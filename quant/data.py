@@ -12,7 +12,7 @@ Splits: `train` is the training set minus a held-out validation split (`val`: th
 `val/`); `trainval` is all of it; `test` is for final reporting only.
 
 Decoded splits are cached as `.npy` files under `$BITVIT_CACHE` (default `~/.cache/bitvit`), keyed
-by the source path, its size and modification time (a folder's: every file's), the split, the image size
+by the source path, its size and modification time (a folder's: every image file's), the split, the image size
 and `CACHE_VERSION`, and checked against a SHA-256 of their contents on every read.
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ def _stat_key(path: Path) -> str:
 
 
 def _tree_key(root: Path) -> str:
-    """Path, names, sizes and modification times of every file under `root` (cache key)."""
+    """Path, names, sizes and modification times of every image file under `root` (cache key)."""
     h = hashlib.sha1(os.fsencode(root.resolve()))  # fsencode: a name need not be UTF-8
     seen = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # class folders may be links
@@ -181,6 +181,8 @@ def _tree_key(root: Path) -> str:
             continue
         seen.add(real)
         for name in sorted(filenames):
+            if Path(name).suffix.lower() not in IMAGE_EXTS:  # not read: a dangling link there is no matter
+                continue
             try:
                 st = os.stat(os.path.join(dirpath, name))
             except OSError as e:  # a dangling link, a file without permission to read

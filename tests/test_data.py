@@ -492,6 +492,11 @@ def test_an_unreadable_image_file_is_named(image_tree):
         load_split(image_tree, "test", progress=False)
 
 
+def test_a_dangling_link_that_is_no_image_is_ignored_like_other_files_that_are_not(image_tree):
+    (image_tree / "test" / "dog" / "notes.txt").symlink_to(image_tree / "nowhere.txt")
+    assert len(load_split(image_tree, "test", progress=False)) == len(list((image_tree / "test").glob("*/*.jpg")))
+
+
 def test_an_image_that_cannot_be_read_while_decoding_is_named(image_tree, monkeypatch):
     real = Path.read_bytes
 
