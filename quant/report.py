@@ -106,6 +106,9 @@ class Entry:
             return None
         rows = [bits for slots in d["attention"].values() if isinstance(slots, dict)
                 for bits in slots.values() if isinstance(bits, list)]  # bits per head, one list a block and slot
+        layers = [v for v in d["layers"].values() if isinstance(v, dict) and finite_number(v.get("weight"))]
+        if not any(rows) and not layers:  # nothing to draw
+            return None
         return d if all(finite_number(b) for row in rows for b in row) else None
 
     @property

@@ -803,6 +803,12 @@ def test_an_allocation_whose_layer_bits_are_an_integer_beyond_64_bits_is_drawn_n
     assert any(ax.has_data() for ax in fig.axes)
 
 
+def test_an_allocation_with_nothing_to_draw_is_not_offered_and_the_tab_says_there_is_none(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"attention": {"blocks.0.attn": {"q": []}}, "layers": {}, "bitops": 1}))
+    res = results.load(tmp_path)
+    assert not res.having("allocation") and "missing: no Q-ViT bit allocation" in results.summary(res)
+
+
 def test_an_allocation_path_naming_a_pipe_is_not_followed(tmp_path):
     os.mkfifo(tmp_path / "pipe")  # like /dev/zero or /dev/stdin: reading it would never end
     (tmp_path / "qat.json").write_text(json.dumps({"w4": {"top1": 0.5, "allocation": str(tmp_path / "pipe")}}))
