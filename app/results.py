@@ -15,12 +15,12 @@ from quant.qvit import allocation_figure
 from quant.report import Entry, Results, accuracy_vs_bits, colors, load  # noqa: F401  (the tab's API)
 
 
-MAX_HEIGHT = 160  # inches: the page gets each plot as WebP, at most 16383 pixels a side (at matplotlib's 100 dpi)
+MAX_SIDE = 160  # inches: the page gets each plot as WebP, at most 16383 pixels a side (at matplotlib's 100 dpi)
 
 
 def _bars(entries: list[Entry], values: list[float], xlabel: str, title: str, fmt: str):
     palette = colors([e.source for e in entries])
-    fig, ax = plt.subplots(figsize=(7.5, min(0.8 + 0.28 * len(entries), MAX_HEIGHT)))
+    fig, ax = plt.subplots(figsize=(7.5, min(0.8 + 0.28 * len(entries), MAX_SIDE)))
     y = np.arange(len(entries))
     ax.barh(y, values, color=[palette[e.source] for e in entries])
     ax.set_yticks(y, [e.label for e in entries], fontsize=7)
@@ -57,6 +57,15 @@ def fps_bars(res: Results):
                  "App frame rate (python -m app.bench)", "{:.1f}")
 
 
+def _within_webp(fig):
+    """`fig` shrunk to at most MAX_SIDE inches a side (an allocation of hundreds of blocks, a robustness analysis
+    of over 20 bit widths would be larger) and laid out again."""
+    if fig is not None and fig.get_size_inches().max() > MAX_SIDE:
+        fig.set_size_inches(np.minimum(fig.get_size_inches(), MAX_SIDE))
+        fig.tight_layout()
+    return fig
+
+
 def confusion_plot(entry: Entry, classes: tuple[str, ...] = ()):
     top1 = entry.top1
     return confusion_figure(entry.confusion, classes,
@@ -65,7 +74,7 @@ def confusion_plot(entry: Entry, classes: tuple[str, ...] = ()):
 
 def allocation_plot(entry: Entry):
     """Bits per head and block for each attention slot, and each linear layer's weight/input bits."""
-    return allocation_figure(entry.allocation, f"Q-ViT bit allocation: {entry.label}")
+    return _within_webp(allocation_figure(entry.allocation, f"Q-ViT bit allocation: {entry.label}"))
 
 
 def summary(res: Results) -> str:
@@ -84,4 +93,4 @@ def summary(res: Results) -> str:
 def robustness_plot(entry: Entry):
     """The robustness analysis' figure: drop and KL per block and component, KL and drop per head."""
     from quant.robustness import figure
-    return figure(entry.robustness)
+    return _within_webp(figure(entry.robustness))

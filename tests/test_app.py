@@ -752,6 +752,18 @@ def test_latency_bars_of_600_entries_reach_the_page_as_a_webp_plot(tmp_path):
     assert gr.Plot().postprocess(results.latency_bars(results.load(tmp_path))).plot.startswith("data:image/webp")
 
 
+def test_an_allocation_of_470_blocks_and_a_robustness_analysis_of_21_widths_reach_the_page_as_webp_plots(tmp_path):
+    import gradio as gr
+    (tmp_path / "a.json").write_text(json.dumps({"attention": {f"blocks.{i}.attn": {"q": [4]} for i in range(470)},
+                                                 "layers": {}, "bitops": 1}))
+    (tmp_path / "r.json").write_text(json.dumps({"fp_top1": 0.8, "n": 10, "trials": [
+        {"bits": b, "component": "w_qkv", "block": 0, "drop": 1.0, "kl": 0.1} for b in range(2, 23)]}))
+    res = results.load(tmp_path)
+    for fig in (results.allocation_plot(res.having("allocation")[0]),
+                results.robustness_plot(res.having("robustness")[0])):
+        assert gr.Plot().postprocess(fig).plot.startswith("data:image/webp")
+
+
 def test_a_results_number_too_large_for_a_float_is_left_out_not_a_crash(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"w4": {"top1": 0.5, "bits_per_weight": 4, "size_bytes": 10 ** 400,
                                                         "latency_ms": 10 ** 400, "fps": 10 ** 400}}))
