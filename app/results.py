@@ -66,6 +66,16 @@ def _within_webp(fig):
     return fig
 
 
+def labels(entries: list[Entry]) -> list[str]:
+    """The entries' labels for a menu, a label repeated (two entries of one name in a file) numbered #2, #3, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for e in entries:
+        seen[e.label] = seen.get(e.label, 0) + 1
+        out.append(e.label if seen[e.label] == 1 else f"{e.label} #{seen[e.label]}")
+    return out
+
+
 def confusion_plot(entry: Entry, classes: tuple[str, ...] = ()):
     top1 = entry.top1
     return confusion_figure(entry.confusion, classes,

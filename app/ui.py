@@ -146,11 +146,11 @@ def _results_outputs(folder: Path, classes: tuple[str, ...]):
     return (results_mod.summary(res),
             _plot(results_mod.accuracy_vs_bits(res)), _plot(results_mod.latency_bars(res)),
             _plot(results_mod.size_bars(res)), _plot(results_mod.fps_bars(res)),
-            gr.update(choices=[e.label for e in cms], value=cm_choice, visible=bool(cms)),
+            gr.update(choices=results_mod.labels(cms), value=cm_choice, visible=bool(cms)),
             _plot(results_mod.confusion_plot(cms[0], classes) if cms else None),
-            gr.update(choices=[e.label for e in allocs], value=alloc_choice, visible=bool(allocs)),
+            gr.update(choices=results_mod.labels(allocs), value=alloc_choice, visible=bool(allocs)),
             _plot(results_mod.allocation_plot(allocs[0]) if allocs else None),
-            gr.update(choices=[e.label for e in robust], value=robust[0].label if robust else None,
+            gr.update(choices=results_mod.labels(robust), value=robust[0].label if robust else None,
                       visible=bool(robust)),
             _plot(results_mod.robustness_plot(robust[0]) if robust else None))
 
@@ -160,7 +160,8 @@ def _plot(fig):
 
 
 def _pick(folder: Path, prop: str, label: str | None, draw):
-    entries = {e.label: e for e in results_mod.load(folder).having(prop)}
+    entries = results_mod.load(folder).having(prop)
+    entries = dict(zip(results_mod.labels(entries), entries))
     return _plot(draw(entries[label]) if label in entries else None)
 
 

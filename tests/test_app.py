@@ -1299,6 +1299,15 @@ def test_picking_a_robustness_analysis_draws_that_one(tmp_path):
     assert not _pick(folder, "robustness", "gone (gone)", lambda e: e.source)["visible"]
 
 
+def test_two_confusion_matrices_of_one_name_are_told_apart_in_the_menu_and_each_is_drawn_when_picked(tmp_path):
+    from app.ui import _pick, _results_outputs
+    (tmp_path / "r.json").write_text(json.dumps({"runs": [{"name": "w4", "top1": 0.5, "confusion": [[1, 0], [0, 1]]},
+                                                          {"name": "w4", "top1": 0.6, "confusion": [[0, 1], [1, 0]]}]}))
+    assert _results_outputs(tmp_path, TINY.classes)[5]["choices"] == ["w4 (r)", "w4 (r) #2"]
+    assert [_pick(tmp_path, "confusion", label, lambda e: e.top1)["value"] for label in ("w4 (r)", "w4 (r) #2")] == [
+        0.5, 0.6]
+
+
 def test_a_model_without_class_names_gives_its_classes_by_number():
     import dataclasses
     r = fake_reading("q", 1000, [1, 2, 3])
