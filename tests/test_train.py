@@ -89,6 +89,13 @@ def clock(monkeypatch) -> FakeClock:
     return fake
 
 
+def fit_on_fake_clock(cfg: TrainConfig, out, monkeypatch, time_limit=None) -> bool:
+    """`fit` of a fresh tiny model, seed 0, on a fresh fake clock; whether it finished."""
+    monkeypatch.setattr(quant.train, "time", FakeClock())
+    torch.manual_seed(0)
+    return fit(VisionTransformer(TINY), colour_set(8), None, cfg, out, progress=False, time_limit=time_limit)[1]
+
+
 @pytest.fixture
 def rates(monkeypatch) -> dict[int, float]:
     """The learning rate `fit` sets at each step, by step (a resumed run's replace the earlier run's)."""
@@ -191,15 +198,11 @@ def test_a_resumed_run_decays_the_budgets_rate_through_its_first_epoch_as_an_unb
                                                                                          rates):
     cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=6.0, augment=NO_AUG)
 
-    def run(out, time_limit=None):
-        monkeypatch.setattr(quant.train, "time", FakeClock())
-        torch.manual_seed(0)
-        return fit(VisionTransformer(TINY), colour_set(8), None, cfg, out, progress=False, time_limit=time_limit)[1]
-    run(tmp_path / "a")
+    fit_on_fake_clock(cfg, tmp_path / "a", monkeypatch)
     straight = dict(rates)
-    assert not run(tmp_path / "b", time_limit=2.0)  # stops after epoch 3: steps 0-8
+    assert not fit_on_fake_clock(cfg, tmp_path / "b", monkeypatch, time_limit=2.0)  # stops after epoch 3: steps 0-8
     rates.clear()
-    run(tmp_path / "b")
+    fit_on_fake_clock(cfg, tmp_path / "b", monkeypatch)
     # approx: the resumed run's fake clock readings differ from the unbroken run's in the last bit
     assert [rates[s] for s in (9, 10, 11)] == pytest.approx([straight[s] for s in (9, 10, 11)], rel=1e-12)
 
@@ -219,15 +222,11 @@ def test_a_warmup_a_shrinking_budget_cuts_mid_way_does_not_leap_to_the_peak(tmp_
 def test_a_resumed_run_rises_on_from_a_cut_warmup_as_an_unbroken_run(tmp_path, monkeypatch, rates):
     cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=20, time_budget=4.0, augment=NO_AUG)
 
-    def run(out, time_limit=None):
-        monkeypatch.setattr(quant.train, "time", FakeClock())
-        torch.manual_seed(0)
-        return fit(VisionTransformer(TINY), colour_set(8), None, cfg, out, progress=False, time_limit=time_limit)[1]
-    run(tmp_path / "a")
+    fit_on_fake_clock(cfg, tmp_path / "a", monkeypatch)
     straight = dict(rates)
-    assert not run(tmp_path / "b", time_limit=1.0)  # the 60-step warmup cut to 20 after epoch 1, stopped at step 6
+    assert not fit_on_fake_clock(cfg, tmp_path / "b", monkeypatch, time_limit=1.0)  # the 60-step warmup cut to 20 after epoch 1, stopped at step 6
     rates.clear()
-    run(tmp_path / "b")
+    fit_on_fake_clock(cfg, tmp_path / "b", monkeypatch)
     assert min(rates) == 6 and straight[6] < 0.5 * cfg.lr
     assert [rates[s] for s in (6, 7, 8)] == pytest.approx([straight[s] for s in (6, 7, 8)], rel=1e-12)
 
