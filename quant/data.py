@@ -485,8 +485,13 @@ def _progress(items, desc: str, enabled: bool):
 
 def cache_dir() -> Path:
     """bitvit's cache folder, shared by every stage: $BITVIT_CACHE (`~` expanded; empty counts as unset), else
-    ~/.cache/bitvit. A file there is refused."""
-    path = Path(os.environ.get("BITVIT_CACHE") or "~/.cache/bitvit").expanduser()
+    ~/.cache/bitvit. A file there is refused, and so is `~` where this user has no home folder."""
+    path = Path(os.environ.get("BITVIT_CACHE") or "~/.cache/bitvit")
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # no $HOME, and no home for this user id in the password database (a container's)
+        raise ValueError(f"the cache folder {path} is under the home folder, and this user has none; set "
+                         f"BITVIT_CACHE (or HOME) to a writable folder") from None
     if path.exists() and not path.is_dir():
         raise ValueError(f"the cache folder {path} ($BITVIT_CACHE) is a file; point BITVIT_CACHE at a folder")
     return path

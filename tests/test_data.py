@@ -239,6 +239,14 @@ def test_a_cache_setting_naming_a_file_is_refused(monkeypatch, tmp_path):
         cache_dir()
 
 
+def test_a_cache_under_a_home_folder_the_user_lacks_is_one_error_saying_to_set_bitvit_cache(monkeypatch):
+    monkeypatch.delenv("HOME")
+    monkeypatch.setenv("BITVIT_CACHE", "")
+    monkeypatch.setattr("pwd.getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))  # a container's user id
+    with pytest.raises(ValueError, match=r"~/.cache/bitvit is under the home folder.*set BITVIT_CACHE"):
+        cache_dir()
+
+
 def test_changed_file_invalidates_the_cache(image_tree):
     load_split(image_tree, "test", image_size=16, progress=False)
     (image_tree / "test" / "dog" / "0000.jpg").write_bytes(b"garbage")
