@@ -303,6 +303,15 @@ def test_a_model_quantized_on_the_fly_is_a_real_packed_file_close_to_the_fp_mode
     assert quantize_on_the_fly(fp_file, "w8a8") == path   # built once, then taken from the cache
 
 
+def test_a_model_quantized_on_the_fly_where_the_cache_cannot_be_written_goes_to_a_temp_folder_with_a_warning(
+        fp_file, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "file" / "cache"))  # no folder can be made there
+    path = quantize_on_the_fly(fp_file, "w8a8")
+    assert quant.read_header(path)["storage"]["bits_per_weight"] > 8
+    assert "cannot keep" in capsys.readouterr().err and "file" not in path.parts
+
+
 @pytest.mark.parametrize("recipe", ["w4-gptq", "w4a4", "w1.58a8"])
 def test_recipes_that_need_calibration_or_training_are_not_built_on_the_fly(fp_file, recipe):
     with pytest.raises(ValueError, match="not a round-to-nearest PTQ recipe"):
