@@ -124,9 +124,13 @@ def _fetch_headers(dest: Path) -> None:
         (tmp / "parts" / "trixie.sources").write_text(
             f"Types: deb\nURIs: {uris}\nSuites: trixie\nComponents: main\n"
             + (f"Signed-By: {keyring}\n" if keyring else ""))
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # a user id with no name (a container's); apt drops privileges only as root
+            user = None
         apt = ["apt-get", "-q", "-o", "Dir::Etc::SourceList=/dev/null", "-o", f"Dir::Etc::SourceParts={tmp}/parts",
                "-o", f"Dir::State::Lists={tmp}/lists", "-o", f"Dir::Cache={tmp}/cache",
-               "-o", f"APT::Sandbox::User={getpass.getuser()}"]
+               *(["-o", f"APT::Sandbox::User={user}"] if user else [])]
         what = "downloading ONNX Runtime's headers (Debian trixie libonnxruntime-dev)"
         _run([*apt, "update"], what=what)
         _run([*apt, "download", "libonnxruntime-dev"], cwd=tmp, what=what)

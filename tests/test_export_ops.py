@@ -138,6 +138,21 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     assert ortops.library_path() == path and path.read_text().count("build") == 2  # rebuilt
 
 
+def test_headers_are_fetched_by_a_user_id_with_no_name(tmp_path, monkeypatch):
+    # a container run as a user id the password database lacks, with no $USER: getpass.getuser() raises KeyError
+    monkeypatch.setattr("getpass.getuser", lambda: (_ for _ in ()).throw(KeyError("getpwuid(): uid not found")))
+    monkeypatch.setattr(ortops, "_debian_archive", lambda: ("http://deb.debian.org/debian", ""))
+    ran = []
+
+    def offline(cmd, cwd=None, what=None):
+        ran.append(cmd)
+        raise ValueError(f"{what} failed (exit 100):\nno network")
+    monkeypatch.setattr(ortops, "_run", offline)
+    with pytest.raises(ValueError, match="no network"):
+        ortops._fetch_headers(tmp_path / "headers")
+    assert ran[0][0] == "apt-get" and not any("Sandbox" in part for part in ran[0])
+
+
 def test_headers_changed_in_place_rebuild_the_library(tmp_path, monkeypatch):
     # a library built against newer headers than the runtime that loads it crashes that runtime
     use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
