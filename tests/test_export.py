@@ -424,6 +424,16 @@ def test_the_cli_exports_and_checks_against_torch(tiny_model, tmp_path, capsys):
     assert "without training loses much of its accuracy" in captured.err  # rounded, not trained: said so
 
 
+def test_the_cli_without_a_compiler_writes_the_export_and_says_it_is_unchecked(tiny_model, tmp_path, monkeypatch,
+                                                                              capsys):
+    monkeypatch.setenv("CXX", "no-such-compiler")   # bitvit's op library cannot be built
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path / "t.onnx"),
+                      "--format", "w8a8"]) == 0
+    assert "not checked against torch: no C++ compiler" in capsys.readouterr().err
+    assert runtime.read_onnx(tmp_path / "t.onnx").graph.node
+
+
 def test_the_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     assert run(main, ["--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert capsys.readouterr().err.startswith("error: no such model file")
