@@ -162,14 +162,15 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
 ON_THE_FLY = ("w8a8", "w4")  # PTQ recipes the app builds from the FP model when assets/ holds no packed model
 
 
-def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str) -> Path:
+def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str, again: bool = False) -> Path:
     """A packed model file built from a full-precision one with a round-to-nearest PTQ recipe.
 
     `quant.quantize(model, recipe)` quantizes every nn.Linear (no calibration data needed; the low-bit
     recipes keep the classifier head at 8 bits), then `quant.save_quantized` writes it into the bitvit
     cache, once per FP file and recipe; the app then opens it like a shipped packed model, so its size
     on disk is real. Where the cache cannot take it (read-only, full, no home folder), it is written to a
-    temporary folder for this run instead, with a warning."""
+    temporary folder for this run instead, with a warning. `again`: built anew, over a cached file that failed
+    to open."""
     fp_path = Path(fp_path)
     r = quant.recipe(recipe)
     if not isinstance(r, quant.recipes.RTN):
@@ -178,7 +179,7 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str) -> Path:
     name = f"{fp_path.stem}-{digest}-{recipe}.safetensors"
     try:
         out = _cache() / name
-        if out.is_file():
+        if out.is_file() and not again:
             return out
     except (OSError, ValueError) as e:
         out, error = None, e

@@ -312,6 +312,16 @@ def test_a_model_quantized_on_the_fly_where_the_cache_cannot_be_written_goes_to_
     assert "cannot keep" in capsys.readouterr().err and "file" not in path.parts
 
 
+def test_a_damaged_cached_model_quantized_on_the_fly_is_built_again_not_left_out(fp_file, tmp_path):
+    cached = quantize_on_the_fly(fp_file, "w8a8")
+    cached.write_bytes(cached.read_bytes()[:len(cached.read_bytes()) // 2])  # truncated
+    (tmp_path / "models").mkdir()                                            # no packed model: built by the app
+    cmp, labels, skipped = make_comparison(fp_file, None, tmp_path / "models")
+    open_default(cmp, labels, skipped, explicit=False)
+    assert cmp.default.startswith("w8a8") and skipped == []
+    assert quant.read_header(cached)["storage"]["bits_per_weight"] > 8
+
+
 @pytest.mark.parametrize("recipe", ["w4-gptq", "w4a4", "w1.58a8"])
 def test_recipes_that_need_calibration_or_training_are_not_built_on_the_fly(fp_file, recipe):
     with pytest.raises(ValueError, match="not a round-to-nearest PTQ recipe"):
