@@ -424,13 +424,16 @@ def test_the_cli_exports_and_checks_against_torch(tiny_model, tmp_path, capsys):
     assert "without training loses much of its accuracy" in captured.err  # rounded, not trained: said so
 
 
-def test_the_cli_without_a_compiler_writes_the_export_and_says_it_is_unchecked(tiny_model, tmp_path, monkeypatch,
-                                                                              capsys):
-    monkeypatch.setenv("CXX", "no-such-compiler")   # bitvit's op library cannot be built
+@pytest.mark.parametrize("env, why", [("CXX", "no C++ compiler"), ("BITVIT_ORTOPS_CACHE", "Not a directory")])
+def test_the_cli_where_bitvit_ops_cannot_be_built_writes_the_export_and_says_it_is_unchecked(
+        tiny_model, tmp_path, monkeypatch, capsys, env, why):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(env, {"CXX": "no-such-compiler", "BITVIT_ORTOPS_CACHE": str(tmp_path / "file" / "c")}[env])
     save_model(tiny_model, tmp_path / "fp.safetensors")
     assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path / "t.onnx"),
                       "--format", "w8a8"]) == 0
-    assert "not checked against torch: no C++ compiler" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "t.onnx: w8a8" in err and "not checked against torch" in err and why in err
     assert runtime.read_onnx(tmp_path / "t.onnx").graph.node
 
 
