@@ -1,7 +1,7 @@
 """Post-training quantization: `python -m quant.ptq --checkpoint FP --recipe R --calib DATA --out PATH`.
 
-Loads a full-precision bitvit checkpoint, takes `--calib-size` images of the TRAINING split of
-`--calib` (balanced over classes; never the test split) as calibration inputs for the recipes that
+Loads a full-precision bitvit checkpoint, takes `--calib-size` TRAINING images of `--calib` (split
+`trainval`, balanced over classes; never the test split) as calibration inputs for the recipes that
 need them (GPTQ, W4A4), quantizes with the recipe (any field overridable: `--set group_size=128`),
 and writes one packed file (`quant.save_quantized`). Prints the storage cost: bits per linear weight
 (scales and zeros included) and the file size. Score the file with `python -m quant.evaluate`.
@@ -35,9 +35,10 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def calibration_inputs(data: str, n: int, cfg) -> torch.Tensor:
-    """(n, 3, H, W) normalised training-split images for calibration."""
+    """(n, 3, H, W) normalised training images for calibration: split `trainval`, as calibration needs no
+    validation hold-out (the first images of each class, so those of split `train` where it has enough)."""
     from quant.data import load_split, to_model_input
-    train = load_split(data, "train", image_size=cfg.img_size, limit=n)
+    train = load_split(data, "trainval", image_size=cfg.img_size, limit=n)
     return to_model_input(train.images, cfg.mean, cfg.std)
 
 
@@ -50,7 +51,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
     p.add_argument("--recipe", required=True,
                    help="w8a8, w4a8, w4a8-gptq, w4, w3, w2, nf4, w4-gptq, w3-gptq, w2-gptq, w4a4")
-    p.add_argument("--calib", help="data for calibration (its train split); needed by GPTQ and W4A4")
+    p.add_argument("--calib", help="data for calibration (its training images); needed by GPTQ and W4A4")
     p.add_argument("--calib-size", type=positive_int, default=256,
                    help="calibration images (default 256, as quant.ptq_results and quant/README.md's tables)")
     p.add_argument("--out", required=True, help="quantized model file to write (.safetensors)")

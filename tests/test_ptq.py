@@ -106,6 +106,14 @@ def test_ptq_cli_calibrates_on_calib_size_images(checkpoint, image_tree, tmp_pat
     assert "with 5 calibration images" in capsys.readouterr().out
 
 
+def test_ptq_cli_calibrates_on_a_tree_of_one_training_image_per_class(checkpoint, tmp_path, capsys):
+    """Calibration holds out no validation images: a tree too small to spare one per class still calibrates."""
+    tree = write_tree(tmp_path / "one", per_class=1)
+    ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4-gptq", "--calib", str(tree),
+              "--out", str(tmp_path / "q.safetensors")])
+    assert "with 3 calibration images" in capsys.readouterr().out
+
+
 def test_ptq_cli_prints_how_many_times_smaller_the_packed_file_is(checkpoint, tmp_path, capsys):
     out = tmp_path / "q.safetensors"
     ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4", "--out", str(out)])
