@@ -21,7 +21,8 @@ original weight ("static groups"), so that group g is always inputs g*group_size
 
 Over a whole model (`gptq_model`) the layers are quantized one after another in the order the
 forward pass runs them, each with a Hessian from calibration inputs that already went through the
-quantized layers before it: its float inputs, also for a layer that will round them to int8 per token
+quantized layers before it (the inputs of every call, for a layer the forward pass calls more than once):
+its float inputs, also for a layer that will round them to int8 per token
 (weighing by the rounded inputs instead changed w4a8-gptq's test top-1 by under 0.1 point: quant/README.md).
 """
 from __future__ import annotations
@@ -117,8 +118,9 @@ def _run(model: nn.Module, calib: torch.Tensor, batch_size: int) -> None:
 
 
 def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size: int = 128,
-            output: bool = False, keep_shape: bool = False) -> torch.Tensor:
-    """The input (or output) of `module` over all calibration batches, stopping each forward pass there.
+            output: bool = False, keep_shape: bool = False, calls: int = 1) -> torch.Tensor:
+    """The input (or output) of `module` over all calibration batches, stopping each forward pass there
+    (at its `calls`-th call: a module the forward pass calls more than once gives the tensors of each).
 
     Returns the tensors concatenated along the first dimension: a module's output, or with
     `keep_shape` its input, as it is (B, ...); else its input as tokens (for a linear layer's input
@@ -128,7 +130,8 @@ def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size
 
     def grab(t: torch.Tensor) -> None:
         seen.append(t.detach() if output or keep_shape else t.detach().reshape(-1, t.shape[-1]))
-        raise _Stop
+        if len(seen) % calls == 0:
+            raise _Stop
 
     hook = (module.register_forward_hook(lambda m, i, o: grab(o)) if output
             else module.register_forward_pre_hook(lambda m, i: grab(i[0])))
@@ -141,12 +144,18 @@ def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size
     return torch.cat(seen).float()
 
 
-def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the model's nn.Linear layers in the order one (eval-mode) forward pass calls them."""
+def execution_order(model: nn.Module, example: torch.Tensor, calls: dict[str, int] | None = None) -> list[str]:
+    """Names of the model's nn.Linear layers in the order one (eval-mode) forward pass first calls them;
+    `calls`, if given, gets how many times the pass calls each."""
     order: list[str] = []
-    forward_with_hooks(model, example, [
-        m.register_forward_pre_hook(lambda mod, i, n=n: order.append(n) if n not in order else None)
-        for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+    calls = {} if calls is None else calls
+
+    def called(n: str) -> None:
+        calls[n] = calls.get(n, 0) + 1
+        if n not in order:
+            order.append(n)
+    forward_with_hooks(model, example, [m.register_forward_pre_hook(lambda mod, i, n=n: called(n))
+                                        for n, m in model.named_modules() if isinstance(m, nn.Linear)])
     return order
 
 
@@ -166,7 +175,8 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
     from tqdm import tqdm
     model.eval()
     try:  # one input first: inputs of the wrong shape or dtype fail here, in torch's words, not mid-calibration
-        names = execution_order(model, calib[:1])
+        calls: dict[str, int] = {}
+        names = execution_order(model, calib[:1], calls)
     except RuntimeError as e:
         raise ValueError(f"the model cannot run on the calibration inputs ({calib.dtype} {tuple(calib.shape)}: "
                          f"{(str(e).splitlines() or [''])[0][:160]}); give a batch of the inputs the model takes") from None
@@ -181,7 +191,7 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
         if not fmt.startswith("int"):
             raise ValueError(f"GPTQ makes uniform integer codes (intB), not {fmt!r}")
         # a layer the forward pass never calls has no inputs to weigh its error by: H = I, round to nearest
-        h = hessian(capture(model, layer, calib, 128)) if name not in unused else \
+        h = hessian(capture(model, layer, calib, 128, calls=calls[name])) if name not in unused else \
             torch.eye(layer.in_features, dtype=torch.float64, device=layer.weight.device)
         if not torch.isfinite(h).all():  # else blamed on the Hessian's definiteness, which no damping mends
             raise ValueError(f"GPTQ: the inputs of {name} are NaN or infinite on the calibration images: calibrate "

@@ -169,6 +169,23 @@ def test_execution_order_names_a_layer_called_twice_once():
     assert execution_order(model, torch.randn(1, 8)) == ["0", "3"]
 
 
+def test_gptq_weighs_a_layer_called_twice_by_the_inputs_of_both_calls():
+    torch.manual_seed(0)
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+    model = Twice().eval()
+    x = torch.randn(64, 8)
+    both = torch.cat([x, torch.relu(model.fc(x))]).detach()     # the two calls' inputs, the layer still float
+    want = gptq_weight(model.fc.weight, hessian(both), 4, 8)
+    gptq_model(model, x, lambda name, layer: {"weight_format": "int4", "group_size": 8}, progress=False)
+    assert torch.equal(model.fc.codes(), want.codes)
+
+
 def test_capturing_a_module_the_forward_pass_never_runs_is_refused():
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="Linear never ran in the model's forward pass"):
