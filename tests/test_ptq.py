@@ -75,6 +75,11 @@ def test_calibration_images_come_from_the_train_split(image_tree, tiny_model):
     assert torch.equal(x, to_model_input(train.images, tiny_model.config.mean, tiny_model.config.std))
 
 
+def test_calibration_images_of_another_size_are_resized_to_the_models(tmp_path, tiny_model):
+    tree = write_tree(tmp_path / "big", per_class=2, size=64)    # the model takes 16 x 16
+    assert calibration_inputs(tree, 3, tiny_model.config).shape == (3, 3, 16, 16)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--recipe", "w1.58a8"], "quantization-aware training recipe"),
     (["--recipe", "w4-gptq"], "give --calib DATA"),
