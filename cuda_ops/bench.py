@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, capture_graph, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
-from quant.cli import number_in, output_file, positive_int, provenance, run, write_json, written_whole
+from quant.cli import number_in, output_file, positive_int, provenance, run, write_json, write_png
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
 from quant.pack import pack_codes, pack_trit_planes
 
@@ -413,9 +413,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(xscale="log", yscale="log", title=name, xlabel="M = batch x tokens", ylabel="speed-up over dense")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with written_whole(path) as tmp:  # a run killed meanwhile leaves the old plot whole
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    write_png(path, fig, dpi=120)
 
 
 # ----------------------------------------------------------------------------- main

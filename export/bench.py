@@ -38,7 +38,7 @@ import onnx
 import torch
 
 from quant.cli import (max_threads, output_file, positive_int, provenance, results_file, run, thread_count,
-                       write_json, written_whole)
+                       write_json, write_png)
 from quant.models import create_model, save_model
 from quant.packfile import load_any
 
@@ -276,9 +276,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_title(f"{key}: {suite['model']}", fontsize=9)
         ax.set_xlim(0, max(b1) * 1.45)
     fig.tight_layout()
-    with written_whole(path) as tmp:  # a run killed meanwhile leaves the old plot whole
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    write_png(path, fig, dpi=110)
 
 
 if __name__ == "__main__":

@@ -229,6 +229,15 @@ def write_json(path: str | os.PathLike, data, default=None) -> None:
         tmp.write_text(json.dumps(data, indent=1, default=default) + "\n")
 
 
+def write_png(path: str | os.PathLike, fig, dpi: int) -> None:
+    """A plot: the matplotlib figure `fig` as a PNG, written whole or not at all (`written_whole`: a run killed
+    meanwhile leaves the old plot whole), then closed."""
+    import matplotlib.pyplot as plt
+    with written_whole(path) as tmp:  # (a .tmp name: the format is named)
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
 def provenance(prog: str, argv: list[str] | None) -> dict[str, str]:
     """What every results file records about its run: the command line (`python -m PROG ARGS`), the
     machine, the UTC date and, where it is known, the commit (`commit`)."""

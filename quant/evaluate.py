@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json, written_whole
+from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json, write_png
 from quant.data import ImageSet, load_split, to_model_input
 
 
@@ -117,11 +117,8 @@ def confusion_figure(confusion, classes, title: str):
 def plot_confusion(confusion, classes, path: str | os.PathLike, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig = confusion_figure(confusion, classes, title)
-    with written_whole(path) as tmp:  # a run killed meanwhile leaves the old plot whole
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    write_png(path, fig, dpi=120)
 
 
 def main(argv=None):

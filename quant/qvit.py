@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import finite_number, write_json, written_whole
+from quant.cli import finite_number, write_json, write_png
 from quant.lsq import LearnedQuantizer, levels
 from quant.models import Attention, Mlp, forward_with_hooks, linear_from
 from quant.qattention import QuantAttention
@@ -362,14 +362,11 @@ def plot_allocation(alloc: dict, path: str | os.PathLike, title: str = "Q-ViT bi
     """`allocation_figure` saved as an image."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig = allocation_figure(alloc, title)
     if fig is None:
         raise ValueError("the bit allocation holds no layers or attention heads to plot")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with written_whole(path) as tmp:  # a run killed meanwhile leaves the old plot whole
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    write_png(path, fig, dpi=110)
 
 
 # ----------------------------------------------------------------------------- freezing

@@ -40,7 +40,7 @@ matplotlib.rcParams["text.parse_math"] = False  # names from results files are t
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from quant.cli import finite_number, output_file, run, written_whole  # noqa: E402
+from quant.cli import finite_number, output_file, run, write_png  # noqa: E402
 
 BITS_KEYS = ("bits_per_weight", "mean_weight_bits")
 NAME_KEYS = ("name", "recipe", "variant")
@@ -330,9 +330,7 @@ def main(argv=None):
     splits = sorted({str(e.data["split"]) for e in entries if e.data.get("split")})
     title = args.title or f"{', '.join(models) or 'bitvit'}: top-1 on the {'/'.join(splits) or 'eval'} split"
     fig = accuracy_vs_bits(res, title)
-    with written_whole(args.out) as tmp:  # a run killed meanwhile leaves the old plot whole
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    write_png(args.out, fig, dpi=120)
     print(f"plot: {args.out}")
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json, written_whole
+from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json, write_png
 from quant.lsq import LearnedQuantizer
 from quant.models import Attention, VisionTransformer, forward_with_hooks
 from quant.qattention import QuantAttention
@@ -177,12 +177,9 @@ def analyse(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor
 
 def plot(result: dict, path: str | Path) -> None:
     """Write `figure(result)` to `path` (PNG)."""
-    import matplotlib.pyplot as plt
     fig = figure(result)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with written_whole(path) as tmp:  # a run killed meanwhile leaves the old plot whole
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    write_png(path, fig, dpi=100)
 
 
 def figure(result: dict):
