@@ -108,13 +108,9 @@ def main(argv=None):
         return shlex.join(["python", "-m", "quant.evaluate", "--checkpoint", str(path), "--data", args.data,
                            "--split", args.split, *limit])
 
-    def same_run(e: dict, recipe: str) -> bool:  # the checkpoint however its path was spelled (relative, a/../b)
-        c = e.get("checkpoint")
-        return e.get("recipe") == recipe and isinstance(c, str) and Path(c).resolve() == ckpt.resolve()
-
     def record(entry: dict) -> None:
         nonlocal entries
-        entries = [e for e in entries if not same_run(e, entry["recipe"])]
+        entries = [e for e in entries if not (e.get("recipe") == entry["recipe"] and of_file(e, ckpt))]
         entries.append({**entry, **common, "date": utc_now()})
         write_results(out, entries)
 
@@ -147,10 +143,15 @@ def main(argv=None):
     print(f"results: {out}")
 
 
+def of_file(entry: dict, checkpoint: str | Path) -> bool:
+    """Whether a results entry is of the checkpoint file, however either spells its path (relative, a/../b)."""
+    c = entry.get("checkpoint")
+    return isinstance(c, str) and Path(c).resolve() == Path(checkpoint).resolve()
+
+
 def table(entries: list[dict], checkpoint: str | None = None) -> str:
     """A markdown table of the entries (of one checkpoint file, however each entry spells its path)."""
-    rows = [e for e in entries if checkpoint is None or isinstance(e.get("checkpoint"), str)
-            and Path(e["checkpoint"]).resolve() == Path(checkpoint).resolve()]
+    rows = [e for e in entries if checkpoint is None or of_file(e, checkpoint)]
     lines = ["| recipe | top-1 | drop (points) | bits/weight | size (MB) | quantize (s) |", "|---|---|---|---|---|---|"]
     for e in rows:
         lines.append(f"| {e['recipe']} | {e['top1']:.4f} | {100 * e['drop']:+.2f} | {e['bits_per_weight']:.3f} | "
