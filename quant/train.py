@@ -216,8 +216,8 @@ class _Dist:
 
 
 def read_resume_state(path: Path, advice: str) -> dict:
-    """A resume state `fit` wrote (`last.pt`), read without unpickling code, or one clear error ending
-    in `advice`."""
+    """A resume state `fit` wrote (`last.pt`), read without unpickling code, its "config" parsed from its
+    JSON, or one clear error ending in `advice`."""
     if not path.is_file():  # a folder, or a FIFO that torch.load would wait on forever
         raise ValueError(f"{path} is not a regular file; {advice}")
     refuse_compressed_zip(path)
@@ -233,10 +233,10 @@ def read_resume_state(path: Path, advice: str) -> dict:
         raise ValueError(f"{path} is not a bitvit resume state (its model weights or config are of the wrong "
                          f"kind); {advice}")
     try:
-        config = json.loads(state["config"])
+        state["config"] = json.loads(state["config"])
     except (json.JSONDecodeError, RecursionError):
-        config = None
-    if not isinstance(config, dict):  # fit compares it field by field with the run's
+        state["config"] = None
+    if not isinstance(state["config"], dict):  # fit compares it field by field with the run's
         raise ValueError(f"{path} holds a damaged resume state (its config is no JSON object); {advice}")
     bad = next((k for k, v in state["model"].items()
                 if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()), None)
@@ -300,7 +300,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     ckpt_path = out / "last.pt"
     if ckpt_path.exists():
         state = read_resume_state(ckpt_path, "delete it to start over")
-        was, now = json.loads(state["config"]), json.loads(json.dumps(cfg.to_dict()))  # tuples as lists
+        was, now = state["config"], json.loads(json.dumps(cfg.to_dict()))  # tuples as lists
         was.setdefault("extra_loss", now["extra_loss"])  # states written before it was kept: unchecked
         if was != now:
             changed = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
