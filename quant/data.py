@@ -41,6 +41,12 @@ NO_IMAGES = f"holds no images (files ending {', '.join(IMAGE_EXTS)}; others, suc
 SPLITS = ("train", "val", "trainval", "test", "all")
 
 
+def _is_image(name: str) -> bool:
+    """Whether a file of this name is read as an image, in a tree and in an archive alike (by its suffix, any case:
+    ".jpg" alone, a hidden file's name, is none)."""
+    return Path(name).suffix.lower() in IMAGE_EXTS
+
+
 @dataclass
 class ImageSet:
     images: np.ndarray        # (N, H, W, 3) uint8
@@ -181,7 +187,7 @@ def _tree_key(root: Path) -> str:
             continue
         seen.add(real)
         for name in sorted(filenames):
-            if Path(name).suffix.lower() not in IMAGE_EXTS:  # not read: a dangling link there is no matter
+            if not _is_image(name):  # not read: a dangling link there is no matter
                 continue
             try:
                 st = os.stat(os.path.join(dirpath, name))
@@ -230,7 +236,7 @@ class _FolderSource(_Source):
         files, labels = [], []
         for label, d in enumerate(class_dirs):
             # a folder named x.jpg is no image, as in an archive (whose images are its file members)
-            found = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.is_dir())
+            found = sorted(p for p in d.iterdir() if _is_image(p.name) and not p.is_dir())
             if not found:
                 raise ValueError(f"class folder {d} {NO_IMAGES}")
             files += found
@@ -274,8 +280,7 @@ class _TarSource(_Source):
     def members(self) -> list[tarfile.TarInfo]:
         """The archive's images."""
         every = self.every
-        members = [m for m in every if (m.isfile() or m.islnk() or m.issym())  # suffix: as a tree's (".jpg" has none)
-                   and Path(m.name).suffix.lower() in IMAGE_EXTS]
+        members = [m for m in every if (m.isfile() or m.islnk() or m.issym()) and _is_image(m.name)]
         if not members:
             if any(m.name.endswith("data_batch_1") for m in every):
                 raise ValueError(f"{self.path} is CIFAR-10's python archive: unpack it (tar xzf) and give its "
