@@ -159,6 +159,14 @@ def execution_order(model: nn.Module, example: torch.Tensor, calls: dict[str, in
     return order
 
 
+def refuse_non_finite_inputs(t: torch.Tensor, what: str) -> None:
+    """Refuse calibration that gave a layer NaN or infinite inputs (`t`: the inputs or their Hessian), which no
+    damping or range mends; `what` names them ("the inputs of blocks.0.attn.qkv")."""
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} are NaN or infinite on the calibration images: calibrate on inputs the model takes "
+                         f"(normalised images, quant.data.to_model_input)")
+
+
 def hessian(x: torch.Tensor) -> torch.Tensor:
     """H = X^T X / T (K, K) of inputs X (T, K), accumulated in float64."""
     x = x.double()
@@ -193,9 +201,7 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
         # a layer the forward pass never calls has no inputs to weigh its error by: H = I, round to nearest
         h = hessian(capture(model, layer, calib, 128, calls=calls[name])) if name not in unused else \
             torch.eye(layer.in_features, dtype=torch.float64, device=layer.weight.device)
-        if not torch.isfinite(h).all():  # else blamed on the Hessian's definiteness, which no damping mends
-            raise ValueError(f"GPTQ: the inputs of {name} are NaN or infinite on the calibration images: calibrate "
-                             f"on inputs the model takes (normalised images, quant.data.to_model_input)")
+        refuse_non_finite_inputs(h, f"GPTQ: the inputs of {name}")  # else blamed on the Hessian's definiteness
         q = gptq_weight(layer.weight, h, int(fmt[3:]), **settings)
         model.set_submodule(name, QuantLinear.from_codes(q.codes, q.scales, q.zeros, layer.bias, fmt,
                                                          settings.get("group_size"), act_format))

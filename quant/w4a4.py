@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from quant.gptq import capture, gptq_weight, hessian
+from quant.gptq import capture, gptq_weight, hessian, refuse_non_finite_inputs
 from quant.models import forward_with_hooks
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
@@ -207,9 +207,8 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
                                   (block.norm2, block.mlp, "fc1"), (None, block.mlp, "fc2")):
             layer = getattr(owner, name)
             x = capture(block, layer, h, batch_size)                            # (T, K)
-            if not torch.isfinite(x).all():  # e.g. inputs so large a LayerNorm's variance overflows: NaN ranges
-                raise ValueError(f"the inputs of block {i}'s {name} are NaN or infinite on the calibration images: "
-                                 f"calibrate on inputs the model takes (normalised images, quant.data.to_model_input)")
+            # e.g. inputs so large a LayerNorm's variance overflows: NaN ranges
+            refuse_non_finite_inputs(x, f"the inputs of block {i}'s {name}")
             if norm is None:                                                    # head outputs, post-GELU
                 s, z = tensor_range(x, bits, layer.weight.detach())
             elif recipe.reparam_layernorm:                                      # post-LayerNorm
