@@ -111,8 +111,9 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
 
 def _on_the_fly(fp, recipe: str, threads, runtime):
     from app.backends import open_model, quantize_on_the_fly
+    path = quantize_on_the_fly(fp, recipe)
     try:
-        backend = open_model(quantize_on_the_fly(fp, recipe), threads, runtime)
+        backend = open_model(path, threads, runtime)
     except (ValueError, OSError):  # a cached file damaged since it was built: built again
         backend = open_model(quantize_on_the_fly(fp, recipe, again=True), threads, runtime)
     backend.note = (f"quant.quantize(model, {recipe!r}) of {Path(fp).name}, round to nearest, built by the app "
