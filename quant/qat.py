@@ -277,6 +277,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.results and not args.eval_split:
         raise ValueError("--results needs --eval-split (the split the recorded top-1 is measured on)")
+    if args.eval_limit and not args.eval_split:
+        raise ValueError("--eval-limit needs --eval-split (the split to score that many images of)")
+    if args.name and not args.results:
+        raise ValueError("--name needs --results (the results file the run is recorded in under that name)")
     if args.results:
         read_results(args.results)  # a file it cannot record into is refused now, not after training
     if args.feature_weight > 0 and args.distill == "none":  # fit runs the teacher only to distil its logits

@@ -547,6 +547,15 @@ def test_results_without_an_eval_split_are_refused(teacher_file, image_tar, tmp_
     assert "--results needs --eval-split" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, needs", [("--eval-limit", "10", "--eval-split"), ("--name", "mine", "--results")])
+def test_a_flag_its_companion_is_missing_for_is_refused_not_ignored(teacher_file, image_tar, tmp_path, capsys,
+                                                                    flag, value, needs):
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "x.safetensors"), flag, value]) == 2
+    assert f"{flag} needs {needs}" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors.run").exists()
+
+
 def test_a_recorded_run_is_named_by_name_and_records_its_teacher_and_float16(teacher_file, image_tar, tmp_path):
     results = tmp_path / "qat.json"
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
