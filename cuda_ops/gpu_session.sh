@@ -73,10 +73,6 @@ print('commit', commit() or 'unknown (no .git of its own here: give BITVIT_COMMI
 
 run_tests() {
     local workers=()
-    if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then  # else all would skip
-        echo "tests: torch sees no CUDA device (see env.txt)"
-        return 3
-    fi
     "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${WORKERS:-8}")
     # -q -ra come from pyproject's addopts (given twice, -qq drops the "N passed, M skipped" line); at the
     # time limit SIGINT, not SIGTERM, so that pytest still prints its failures and writes tests.xml
@@ -171,6 +167,11 @@ done
 [ ! -e "$OUT" ] || [ -d "$OUT" ] || { echo "error: OUT=$OUT is a file, not a folder" >&2; exit 2; }
 mkdir -p "$OUT"
 env_report
+# every stage times or checks the CUDA kernels: without a device, bench would warm for minutes, parity run on the CPU
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "error: torch sees no CUDA device (see $OUT/env.txt); this script runs on a CUDA machine" >&2
+    exit 2
+fi
 case "$STAGE" in
     tests) run_tests ;;
     bench) run_bench "$@" ;;

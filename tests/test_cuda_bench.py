@@ -1,5 +1,8 @@
 """`python -m cuda_ops.bench` on the CPU, at the smallest settings: tables, a complete JSON, clear refusals."""
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -373,3 +376,13 @@ def test_a_plot_of_a_run_that_measured_no_op_says_it_was_not_written(stubbed_mai
     plot = tmp_path / "speedup.png"
     assert bench.main(["--device", "cpu", "--plot", str(plot)]) == 0  # the stub measures no op, as a time limit may
     assert not plot.exists() and f"no plot was written to {plot}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bench.torch.cuda.is_available(), reason="the refusal is for a machine without a CUDA device")
+@pytest.mark.parametrize("stage", ["bench", "parity"])
+def test_the_gpu_session_script_refuses_at_once_without_a_cuda_device(tmp_path, stage):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "no-data")}
+    r = subprocess.run(["bash", "cuda_ops/gpu_session.sh", stage], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "error: torch sees no CUDA device" in r.stderr, r.stdout + r.stderr
+    assert "warm:" not in r.stdout and "exit code" not in r.stdout  # nothing was warmed or run
