@@ -526,6 +526,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.distill and not args.teacher:
         raise ValueError(f"--distill {args.distill} needs --teacher, the model file to distil from")
+    if args.end_within_time_limit and not (args.time_budget and args.time_limit is not None):
+        raise ValueError("--end-within-time-limit needs --time-budget and --time-limit (it shrinks the budget to "
+                         "what the limit leaves)")
     check_device(args.device)
     run_folder(args.out)
     if args.threads:

@@ -576,6 +576,15 @@ def test_cli_refuses_distill_without_a_teacher_instead_of_training_undistilled(t
     assert "--distill soft needs --teacher" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("given", [[], ["--time-budget", "60"], ["--time-limit", "60"]])
+def test_cli_refuses_end_within_time_limit_without_a_budget_and_a_limit_instead_of_ignoring_it(tmp_path, capsys,
+                                                                                              given):
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                      "--end-within-time-limit", *given]) == 2
+    err = capsys.readouterr().err
+    assert "--end-within-time-limit needs --time-budget and --time-limit" in err and not (tmp_path / "run").exists()
+
+
 def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, image_tree, capsys):
     from safetensors import safe_open
     main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
