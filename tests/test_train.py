@@ -705,6 +705,16 @@ def test_the_gpu_reference_script_refuses_a_bad_setting_before_any_work(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a CUDA device")
+def test_the_gpu_reference_script_refuses_a_machine_without_cuda_unless_a_device_is_given(tmp_path, image_tree):
+    env = {**os.environ, "DATA": str(image_tree), "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", "quant/gpu_reference.sh"], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "torch sees no CUDA device" in r.stderr and "--device cpu" in r.stderr, \
+        r.stdout + r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_second_part_of_the_gpu_reference_script_refuses_to_start_without_the_first(tmp_path):
     env = {**os.environ, "PART": "2", "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out")}
     r = subprocess.run(["bash", "quant/gpu_reference.sh"], cwd=Path(__file__).parents[1], env=env,
