@@ -1,4 +1,6 @@
 """bitvit's ONNX Runtime ops: built from source, equal to a numpy reference, refusing bad input cleanly."""
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -458,3 +460,29 @@ def test_a_bias_longer_than_the_output_rows_is_refused():
     with pytest.raises(Exception, match=r"bias must be float32 of shape \(8,\)"):
         session(op_model("TernaryLinear", packed, scales, np.append(bias, 0).astype(np.float32))).run(
             None, {"x": np.ones((1, 16), np.float32)})
+
+
+def test_an_onnx_runtime_older_than_the_headers_gets_an_error_status_not_a_crash(tmp_path):
+    # ONNX Runtime's entry point, wrapped to serve no API version newer than 1 (an old runtime's), hands the
+    # library's RegisterCustomOps a status naming the version; before, it went on with a null API and crashed
+    script = tmp_path / "old_runtime.py"
+    script.write_text(f"""
+import ctypes, glob, os, onnxruntime
+ort = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*"))[0])
+GetApi = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
+Version = ctypes.CFUNCTYPE(ctypes.c_char_p)
+class Base(ctypes.Structure):
+    _fields_ = [("GetApi", GetApi), ("GetVersionString", Version)]
+ort.OrtGetApiBase.restype = ctypes.POINTER(Base)
+real = ort.OrtGetApiBase().contents
+old = Base(GetApi(lambda v: real.GetApi(v) if v == 1 else None), Version(lambda: b"1.0.0"))
+lib = ctypes.CDLL({str(ortops.library_path())!r})
+lib.RegisterCustomOps.restype = ctypes.c_void_p
+status = lib.RegisterCustomOps(None, ctypes.byref(old))
+api = ctypes.cast(real.GetApi(1), ctypes.POINTER(ctypes.c_void_p))  # OrtApi[2]: GetErrorMessage
+message = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(api[2])
+print(message(status).decode())
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "built for ONNX Runtime's C API version" in done.stdout and "(1.0.0) does not serve" in done.stdout

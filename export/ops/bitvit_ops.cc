@@ -678,7 +678,15 @@ __attribute__((visibility("default"))) const char* bitvit_ops_isa() { return BIT
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* api_base) {
-  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {  // an ONNX Runtime older than the headers: report it through its first API version
+    const OrtApi* v1 = api_base->GetApi(1);
+    const std::string msg = std::string("bitvit's op library was built for ONNX Runtime's C API version ") +
+                            std::to_string(ORT_API_VERSION) + ", which this ONNX Runtime (" +
+                            api_base->GetVersionString() + ") does not serve; rebuild it against this runtime's headers";
+    return v1 ? v1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
+  }
+  Ort::InitApi(api);
   // One domain per process, added to every session that registers the library.
   static PackedLinearOp<2> ternary;
   static PackedLinearOp<1> binary;
