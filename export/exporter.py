@@ -167,7 +167,7 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool,
             op = OPS[fmt]
             inputs = [x, g.const(f"{name}.packed", m.packed), g.const(f"{name}.scales", m.scales[:, 0].float()),
                       "" if m.bias is None else g.const(f"{name}.bias", m.bias)]
-            attrs = {"activation": "gelu"} if gelu else {}
+            attrs = {"in_features": m.in_features, **({"activation": "gelu"} if gelu else {})}
             for (ln, ln_name), eps in zip(norms, ("epsilon", "epsilon2")):
                 inputs += _norm_consts(g, ln, ln_name)
                 attrs[eps] = float(ln.eps)

@@ -74,6 +74,14 @@ def test_integer_formats_use_integer_kernels(tiny_model):
     assert "BinaryLinear" in ops("binary") and "BinaryLinear" not in ops("binary", False)
 
 
+@pytest.mark.parametrize("fmt", ["w8a8", "w4a8", "ternary", "binary"])
+def test_bitvits_op_nodes_record_their_layers_in_features(tiny_model, fmt):
+    model = quantize_for_export(tiny_model, fmt)
+    nodes = [n for n in to_onnx(model, fmt).graph.node if n.domain == "bitvit"]
+    want = [m.in_features for m in model.modules() if isinstance(m, QuantLinear)]
+    assert [helper.get_node_attr_value(n, "in_features") for n in nodes] == want
+
+
 def test_a_bitnet_export_counts_the_parameters_of_its_layers_own_layernorms(tiny_model, tmp_path):
     from quant import bitlinear
     model = bitlinear.freeze(bitlinear.prepare(copy.deepcopy(tiny_model), "ternary")).eval()
@@ -104,8 +112,11 @@ def test_a_bitnet_models_layernorms_and_gelu_export_and_agree_with_torch(tiny_mo
         assert (len(packed), count("LayerNormalization"), count("Gelu")) == (4 * blocks, 1, fp_gelus - blocks)
         block_eps = model.blocks[0].norm1.eps
         (eps,) = {m.input_norm.eps for m in model.modules() if getattr(m, "input_norm", None) is not None}
-        want = {"qkv": {"epsilon": block_eps, "epsilon2": eps}, "proj": {"epsilon": eps},
-                "fc1": {"epsilon": block_eps, "epsilon2": eps, "activation": b"gelu"}, "fc2": {"epsilon": eps}}
+        d, hidden = model.config.embed_dim, model.blocks[0].mlp.fc2.in_features
+        want = {"qkv": {"epsilon": block_eps, "epsilon2": eps, "in_features": d},
+                "proj": {"epsilon": eps, "in_features": d},
+                "fc1": {"epsilon": block_eps, "epsilon2": eps, "activation": b"gelu", "in_features": d},
+                "fc2": {"epsilon": eps, "in_features": hidden}}
         for n in packed:
             layer = want[n.input[1].split(".")[-2]]
             assert len(n.input) == 4 + 2 * sum(k.startswith("eps") for k in layer)

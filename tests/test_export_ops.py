@@ -486,3 +486,21 @@ print(message(status).decode())
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "built for ONNX Runtime's C API version" in done.stdout and "(1.0.0) does not serve" in done.stdout
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_input_wider_than_in_features_within_the_same_packed_bytes_is_refused(op):
+    # 20 binary inputs pack into 3 bytes, as 24 do: only the attribute tells that 4 padding codes would count
+    _, packed, scales, bias = random_layer(op, 8, 20, seed=11)
+    s = session(op_model(op, packed, scales, bias, in_features=20))
+    with pytest.raises(Exception, match=r"X has 21 input features, but the layer takes 20 \(attribute in_features\)"):
+        s.run(None, {"x": np.ones((2, 21), np.float32)})
+    assert s.run(None, {"x": np.ones((2, 20), np.float32)})[0].shape == (2, 8)
+
+
+@pytest.mark.parametrize("value,match", [(0, "in_features must be at least 1, got 0"),
+                                         (20.0, "in_features must be an integer attribute")])
+def test_an_in_features_that_is_not_a_positive_integer_is_refused(value, match):
+    _, packed, scales, bias = random_layer("BinaryLinear", 8, 20, seed=11)
+    with pytest.raises(Exception, match=match):
+        session(op_model("BinaryLinear", packed, scales, bias, in_features=value))

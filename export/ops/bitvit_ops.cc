@@ -12,7 +12,9 @@
 // quantizes it (BitNet puts one before every quantized linear); norm2_weight, norm2_bias (K, attribute
 // `epsilon2`, default 1e-5): a second LayerNorm applied after the first (a ViT block's pre-norm
 // followed by the BitNet layer's own); it needs the first. Attribute `activation`: "none" (default) or
-// "gelu", applied to Y: x / 2 * (1 + erf(x / sqrt 2)), within 9.5e-7 of exact on [-10, 10].
+// "gelu", applied to Y: x / 2 * (1 + erf(x / sqrt 2)), within 9.5e-7 of exact on [-10, 10]. Attribute
+// `in_features` (optional): K, which X's last dimension must equal (W's row bytes alone leave it open
+// within a byte's codes, and padding codes would multiply a wider X's extra features).
 // Y float32 (..., N).
 // Per token t (row of X, after the LayerNorms when there are any):
 //   s[t] = max_k |X[t, k]| / 127,  q[t, k] = clamp(nearbyint(X[t, k] / s[t]), -127, 127)
@@ -480,14 +482,18 @@ struct PackedLinearKernel {
     for (int i = 0; i < 2; ++i) {  // the attributes are optional: a missing one leaves the default
       const char* name = i == 0 ? "epsilon" : "epsilon2";
       float eps = 1e-5f;
-      if (!Given(name, "float", api.KernelInfoGetAttribute_float(info, name, &eps))) eps = 1e-5f;
+      if (!Given(name, "a float", api.KernelInfoGetAttribute_float(info, name, &eps))) eps = 1e-5f;
       if (!(eps > 0.f && std::isfinite(eps)))
         throw Ort::Exception(op_ + ": " + name + " must be a positive finite number, got " + std::to_string(eps),
                              ORT_INVALID_ARGUMENT);
       eps_[i] = eps;
     }
+    if (Given("in_features", "an integer", api.KernelInfoGetAttribute_int64(info, "in_features", &in_features_)) &&
+        in_features_ < 1)
+      throw Ort::Exception(op_ + ": in_features must be at least 1, got " + std::to_string(in_features_),
+                           ORT_INVALID_ARGUMENT);
     size_t size = 0;
-    if (Given("activation", "string", api.KernelInfoGetAttribute_string(info, "activation", nullptr, &size))) {
+    if (Given("activation", "a string", api.KernelInfoGetAttribute_string(info, "activation", nullptr, &size))) {
       std::string act(size, '\0');
       Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, "activation", act.data(), &size));
       const size_t len = std::strlen(act.c_str());
@@ -515,7 +521,7 @@ struct PackedLinearKernel {
     const std::string why = Ort::GetApi().GetErrorMessage(status);
     Ort::GetApi().ReleaseStatus(status);
     if (why.find("No attribute") != std::string::npos) return false;
-    throw Ort::Exception(op_ + ": " + name + " must be a " + type + " attribute (" + why + ")", ORT_INVALID_ARGUMENT);
+    throw Ort::Exception(op_ + ": " + name + " must be " + type + " attribute (" + why + ")", ORT_INVALID_ARGUMENT);
   }
 
   // Check W's type and rank and re-tile it; an error message or "".
@@ -558,6 +564,9 @@ struct PackedLinearKernel {
       w = &per_call;
     }
     const int64_t need = (k * bits_ + 7) / 8;
+    if (in_features_ && k != in_features_)
+      return Invalid(op_ + ": X has " + std::to_string(k) + " input features, but the layer takes " +
+                     std::to_string(in_features_) + " (attribute in_features)");
     if (w->row_bytes != need)
       return Invalid(op_ + ": W rows are " + std::to_string(w->row_bytes) + " bytes, but X's " +
                      std::to_string(k) + " input features need " + std::to_string(need) + " bytes at " +
@@ -635,6 +644,7 @@ struct PackedLinearKernel {
   std::string op_;
   int bits_;
   float eps_[2];
+  int64_t in_features_ = 0;  // 0: not given
   bool gelu_ = false;
   Tiled constant_;
   bool have_constant_ = false;
@@ -683,7 +693,8 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     const OrtApi* v1 = api_base->GetApi(1);
     const std::string msg = std::string("bitvit's op library was built for ONNX Runtime's C API version ") +
                             std::to_string(ORT_API_VERSION) + ", which this ONNX Runtime (" +
-                            api_base->GetVersionString() + ") does not serve; rebuild it against this runtime's headers";
+                            api_base->GetVersionString() +
+                            ") does not serve; rebuild it against this runtime's headers";
     return v1 ? v1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
   }
   Ort::InitApi(api);
