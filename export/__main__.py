@@ -2,12 +2,13 @@
 
 Writes a bitvit checkpoint (FP or quantized) as ONNX, then checks the file in ONNX Runtime against
 the torch model on random images and prints the agreement (where bitvit's op library cannot be built,
-for lack of a C++ compiler or of a writable cache, a file on bitvit's ops is written unchecked, and the
-command says so). Formats: fp32, fp16 (weights stored at half precision), w8a8 and w4a8 (int8 per-token
-activations x int8 or int4 weights, one scale per output), int4 (weight-only, MatMulNBits), ternary and
-binary; w8a8, w4a8, ternary and binary run on bitvit's custom ops (`--standard-ops` writes MatMulInteger
-and MatMulNBits instead, for runtimes without bitvit's library). An FP checkpoint is quantized (round to
-nearest) for the quantized formats; a quantized checkpoint exports as the format it holds.
+for lack of a C++ compiler, of a writable cache or of ONNX Runtime's headers (offline), a file on
+bitvit's ops is written unchecked, and the command says so). Formats: fp32, fp16 (weights stored at half
+precision), w8a8 and w4a8 (int8 per-token activations x int8 or int4 weights, one scale per output), int4
+(weight-only, MatMulNBits), ternary and binary; w8a8, w4a8, ternary and binary run on bitvit's custom ops
+(`--standard-ops` writes MatMulInteger and MatMulNBits instead, for runtimes without bitvit's library). An
+FP checkpoint is quantized (round to nearest) for the quantized formats; a quantized checkpoint exports as
+the format it holds.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from quant.cli import max_threads, output_file, run, thread_count
 from quant.packfile import load_any
 
 from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export, to_onnx
-from .runtime import load
+from .ortops import DOMAIN, library_path
+from .runtime import load, read_onnx
 
 
 def main(argv=None):
@@ -54,12 +56,15 @@ def main(argv=None):
         model = quantize_for_export(model, fmt)
     path = export(model, args.out, fmt, custom_ops=not args.standard_ops)
 
-    try:
-        session = load(path, threads=args.threads)
-    except OSError as e:  # bitvit's op library cannot be built here (no compiler, no writable cache): the file stands
-        print(f"{path}: {fmt}, {path.stat().st_size / 1e6:.2f} MB, custom ops: bitvit; not checked against torch: "
-              f"{e} (or export with --standard-ops)", file=sys.stderr)
-        return
+    if any(op.domain == DOMAIN for op in read_onnx(path).opset_import):
+        try:
+            library_path()
+        except (OSError, ValueError) as e:  # no compiler, no writable cache, no headers to download, a failed
+            # compile: bitvit's op library cannot be built here, and the file stands
+            print(f"{path}: {fmt}, {path.stat().st_size / 1e6:.2f} MB, custom ops: bitvit; not checked against "
+                  f"torch: {e} (or export with --standard-ops)", file=sys.stderr)
+            return
+    session = load(path, threads=args.threads)
     cfg = model.config
     x = torch.randn(8, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -448,6 +448,23 @@ def test_the_cli_where_bitvit_ops_cannot_be_built_writes_the_export_and_says_it_
     assert runtime.read_onnx(tmp_path / "t.onnx").graph.node
 
 
+def test_the_cli_offline_without_onnx_runtimes_headers_writes_the_export_and_says_it_is_unchecked(
+        tiny_model, tmp_path, monkeypatch, capsys):
+    from export import ortops
+
+    def offline(dest):
+        raise ValueError("downloading ONNX Runtime's headers (Debian trixie libonnxruntime-dev) failed (exit 100):\n"
+                         "E: Failed to fetch")
+    monkeypatch.setattr(ortops, "_fetch_headers", offline)
+    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(tmp_path / "empty"))
+    monkeypatch.delenv("ORT_INCLUDE_DIR", raising=False)
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path / "t.onnx"),
+                      "--format", "ternary"]) == 0
+    err = capsys.readouterr().err
+    assert "t.onnx: ternary" in err and "not checked against torch" in err and "Failed to fetch" in err
+
+
 def test_the_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     assert run(main, ["--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert capsys.readouterr().err.startswith("error: no such model file")
