@@ -2,11 +2,11 @@
 
 `library_path()` returns the path of `libbitvit_ops.so`, compiling it on first use with
 `-O3 -march=native` (by `$CXX`, a command with its arguments, e.g. `ccache g++`; else `g++`) into
-`<cache>/<hash>/`, where `<cache>` is `$BITVIT_ORTOPS_CACHE`, else
-`$BITVIT_CACHE/ortops`, else `~/.cache/bitvit/ortops`, and the hash covers the source, the compiler,
-the flags, ONNX Runtime's C API header and the CPU. A `-march=native` binary only runs safely on the
-CPU that built it, so none is ever committed. `python -m export.ortops` builds it and prints the path
-and the kernel it runs.
+`<cache>/<hash>/<compiler hash>/`, where `<cache>` is `$BITVIT_ORTOPS_CACHE`, else
+`$BITVIT_CACHE/ortops`, else `~/.cache/bitvit/ortops`, and the hash covers the source, the flags, ONNX
+Runtime's C API header and the CPU; without a compiler, one built earlier by any compiler serves. A
+`-march=native` binary only runs safely on the CPU that built it, so none is ever committed.
+`python -m export.ortops` builds it and prints the path and the kernel it runs.
 
 ONNX Runtime's C/C++ API headers are not in the pip wheel. They come from `$ORT_INCLUDE_DIR` when set,
 else from Debian trixie's `libonnxruntime-dev` package: apt-get downloads it into a private folder,
@@ -55,19 +55,27 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}; choose one of {', '.join(ISAS)}")
     cxx = shlex.split(os.environ.get("CXX") or "g++")  # a command with arguments too, e.g. "ccache g++"
-    if not cxx or shutil.which(cxx[0]) is None:
-        raise FileNotFoundError(f"no C++ compiler {os.environ.get('CXX') or 'g++'!r} to build bitvit's ONNX "
-                                f"Runtime ops (install g++, or set CXX)")
+    no_compiler = FileNotFoundError(f"no C++ compiler {os.environ.get('CXX') or 'g++'!r} to build bitvit's ONNX "
+                                    f"Runtime ops (install g++, or set CXX)")
+    compiler = bool(cxx) and shutil.which(cxx[0]) is not None
+    if not compiler and not (_include_dir() / "onnxruntime_c_api.h").is_file():  # nothing built here: fetch nothing
+        raise no_compiler
     include = _headers()
     flags = FLAGS + ISAS[isa]
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), _run([*cxx, "--version"]).encode(), " ".join(flags).encode(),
-                 (include / "onnxruntime_c_api.h").read_bytes(), _cpu_signature().encode()):
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), (include / "onnxruntime_c_api.h").read_bytes(),
+                 _cpu_signature().encode()):
         key.update(part)
-    out = cache_root() / key.hexdigest()[:16] / LIB_NAME
-    digest = out.with_name(LIB_NAME + ".sha256")  # a damaged cached library is rebuilt, never loaded
-    if out.is_file() and digest.is_file() and not force and digest.read_text() == _sha256(out):
+    folder = cache_root() / key.hexdigest()[:16]
+    if not compiler:  # a library that a compiler since removed built serves
+        built = [lib for lib in sorted(folder.glob(f"*/{LIB_NAME}")) if _intact(lib)]
+        if built and not force:
+            return built[0]
+        raise no_compiler
+    out = folder / hashlib.sha256(_run([*cxx, "--version"]).encode()).hexdigest()[:16] / LIB_NAME
+    if _intact(out) and not force:
         return out
+    digest = out.with_name(LIB_NAME + ".sha256")
     out.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(out) as tmp:  # a concurrent build never sees a half-written library
         _run([*cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)], what="compiling bitvit's ONNX Runtime ops")
@@ -77,6 +85,12 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
     with written_whole(digest) as tmp:
         tmp.write_text(sha)
     return out
+
+
+def _intact(lib: Path) -> bool:
+    """Whether a cached library is whole: a damaged one is rebuilt, never loaded."""
+    digest = lib.with_name(LIB_NAME + ".sha256")
+    return lib.is_file() and digest.is_file() and digest.read_text() == _sha256(lib)
 
 
 def _sha256(path: Path) -> str:
@@ -92,15 +106,21 @@ def kernel_isa(path: str | os.PathLike) -> str:
 
 def _headers() -> Path:
     """The folder holding `onnxruntime_cxx_api.h`, fetched once into the cache."""
+    include = _include_dir()
     if os.environ.get("ORT_INCLUDE_DIR"):
-        include = Path(os.environ["ORT_INCLUDE_DIR"])
         if not (include / "onnxruntime_cxx_api.h").is_file():
             raise FileNotFoundError(f"ORT_INCLUDE_DIR={include} holds no onnxruntime_cxx_api.h")
         return _check_api_version(include)
-    include = cache_root() / "headers" / "usr" / "include" / "onnxruntime"
     if not (include / "onnxruntime_cxx_api.h").is_file():
         _fetch_headers(cache_root() / "headers")
     return _check_api_version(include)
+
+
+def _include_dir() -> Path:
+    """Where ONNX Runtime's headers are: `$ORT_INCLUDE_DIR`, else the cache's copy (maybe not fetched yet)."""
+    if os.environ.get("ORT_INCLUDE_DIR"):
+        return Path(os.environ["ORT_INCLUDE_DIR"])
+    return cache_root() / "headers" / "usr" / "include" / "onnxruntime"
 
 
 def _check_api_version(include: Path) -> Path:

@@ -439,6 +439,7 @@ def test_the_cli_exports_and_checks_against_torch(tiny_model, tmp_path, capsys):
 def test_the_cli_where_bitvit_ops_cannot_be_built_writes_the_export_and_says_it_is_unchecked(
         tiny_model, tmp_path, monkeypatch, capsys, env, why):
     (tmp_path / "file").write_text("")
+    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(tmp_path / "empty"))  # no library built earlier to load
     monkeypatch.setenv(env, {"CXX": "no-such-compiler", "BITVIT_ORTOPS_CACHE": str(tmp_path / "file" / "c")}[env])
     save_model(tiny_model, tmp_path / "fp.safetensors")
     assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path / "t.onnx"),

@@ -504,3 +504,14 @@ def test_an_in_features_that_is_not_a_positive_integer_is_refused(value, match):
     _, packed, scales, bias = random_layer("BinaryLinear", 8, 20, seed=11)
     with pytest.raises(Exception, match=match):
         session(op_model("BinaryLinear", packed, scales, bias, in_features=value))
+
+
+def test_a_library_built_before_the_compiler_was_removed_is_loaded_not_refused(tmp_path, monkeypatch):
+    use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
+                      'while [ "$1" != -o ]; do shift; done\necho built > "$2"\n', tmp_path, monkeypatch)
+    path = ortops.library_path()
+    monkeypatch.setenv("CXX", str(tmp_path / "removed-g++"))
+    assert ortops.library_path() == path
+    monkeypatch.setenv("ORT_INCLUDE_DIR", str(tmp_path / "no-headers"))  # nothing built against them: the compiler
+    with pytest.raises(FileNotFoundError, match="no C\\+\\+ compiler .*removed-g\\+\\+"):  # is what is missing
+        ortops.library_path()
