@@ -15,7 +15,8 @@ and mean what `quant.pack` and the QuantLinear contract say:
 so the dequantized weight is W[o, k] = value(code[o, k]) * scales[o, k // group_size].
 
 Scales of uniform and ternary/binary weights are rounded to float16-representable values when they
-are made, so a file that stores them as float16 reloads the exact same model. NF4 scales go through
+are made (all but those beyond float16's range), so a file that stores them as float16 reloads the exact
+same model. NF4 scales go through
 QLoRA's double quantization (`double_quantize`) instead.
 
 Training paths (`fake_quant_*`) return the dequantized tensor in the forward pass and pass the
@@ -60,11 +61,12 @@ def fp16_scale(s: torch.Tensor, up: bool = False) -> torch.Tensor:
     its group's largest weights (by up to 8 % near 1e-6), so there a scale is rounded up; above it, rounding
     to nearest is off by at most 2**-11 relative, too little to clip any code of a symmetric grid. `up` rounds
     up everywhere, for asymmetric grids, whose zero point may use up the half step of slack
-    (`uint_range_params`)."""
-    s = s.clamp(min=2.0 ** -24, max=65504.0)
-    h = s.to(torch.float16)
+    (`uint_range_params`). A scale beyond float16's range (65504) stays as it is, and files store it in
+    float32: saturated, it would clip its group's largest weights."""
+    s = s.clamp(min=2.0 ** -24)
+    h = s.clamp(max=65504.0).to(torch.float16)
     above = torch.nextafter(h, torch.full_like(h, float("inf")))
-    return torch.where((h.float() < s) & ((s < 2.0 ** -14) | up), above, h).to(torch.float32)
+    return torch.where(s > 65504.0, s, torch.where((h.float() < s) & ((s < 2.0 ** -14) | up), above, h).float())
 
 
 def num_groups(k: int, group_size: int) -> int:

@@ -110,10 +110,18 @@ def test_an_all_zero_weight_row_gets_the_zero_code_and_a_positive_scale():
     assert q.codes[0].tolist() == [8, 8, 8] and q.scales[0].item() == 2.0 ** -24
 
 
-def test_scales_beyond_float16_range_saturate_at_its_largest_value():
-    q = quantize_uniform(torch.tensor([[1e6, -1e6]]), 4)
-    assert q.scales.item() == 65504.0
-    assert torch.isfinite(uniform_dequantize(q.codes, q.scales, None, 4, 2)).all()
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scales_beyond_float16_range_stay_float32_and_clip_no_weight(symmetric):
+    w = torch.tensor([[1e6, -2.3e5, 3e5]])
+    q = quantize_uniform(w, 4, symmetric=symmetric)
+    assert q.scales.item() > 65504.0   # saturated at 65504, 1e6 came back as 7 * 65504 = 458528
+    assert ((uniform_dequantize(q.codes, q.scales, q.zeros, 4, 3) - w).abs() <= q.scales / 2).all()
+
+
+def test_a_ternary_scale_beyond_float16_range_stays_float32():
+    w = torch.tensor([[1e5, -1e5]])
+    q = quantize_ternary(w)
+    assert torch.equal((q.codes.float() - 1) * q.scales, w)
 
 
 def test_uniform_fake_quant_keeps_the_weight_dtype():
