@@ -39,8 +39,9 @@ from quant.quantizers import QuantizedWeight, num_groups, uniform_params
 
 def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
                 asymmetric: bool = True, act_order: bool = False, damp: float = 0.01,
-                block_size: int = 128) -> QuantizedWeight:
-    """GPTQ codes (O, K) of weight w (O, K) given the input Hessian H (K, K), with scales/zeros (O, G)."""
+                block_size: int = 128, what: str = "the inputs") -> QuantizedWeight:
+    """GPTQ codes (O, K) of weight w (O, K) given the input Hessian H (K, K), with scales/zeros (O, G);
+    `what` names the inputs in a refusal ("the inputs of blocks.0.attn.qkv")."""
     W = w.detach().float().clone()
     O, K = W.shape
     gs = group_size or K
@@ -70,7 +71,7 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | N
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     except torch.linalg.LinAlgError:
-        raise ValueError(f"GPTQ: the inputs' Hessian is not positive definite even with damp={damp}; "
+        raise ValueError(f"GPTQ: the Hessian of {what} is not positive definite even with damp={damp}; "
                          f"raise damp (e.g. --set damp=0.1) or calibrate on more images") from None
 
     codes = torch.zeros(O, K, device=W.device)
@@ -202,7 +203,7 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
         h = hessian(capture(model, layer, calib, 128, calls=calls[name])) if name not in unused else \
             torch.eye(layer.in_features, dtype=torch.float64, device=layer.weight.device)
         refuse_non_finite_inputs(h, f"GPTQ: the inputs of {name}")  # else blamed on the Hessian's definiteness
-        q = gptq_weight(layer.weight, h, int(fmt[3:]), **settings)
+        q = gptq_weight(layer.weight, h, int(fmt[3:]), **settings, what=f"the inputs of {name}")
         model.set_submodule(name, QuantLinear.from_codes(q.codes, q.scales, q.zeros, layer.bias, fmt,
                                                          settings.get("group_size"), act_format))
     return model

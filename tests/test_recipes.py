@@ -315,9 +315,9 @@ def test_gptq_settings_of_the_recipe_reach_every_layer_it_solves(monkeypatch):
     seen = []
     solve = gptq.gptq_weight
 
-    def spy(w, H, bits, **settings):
+    def spy(w, H, bits, what, **settings):   # `what`: the layer, named in a refusal
         seen.append((bits, settings))
-        return solve(w, H, bits, **settings)
+        return solve(w, H, bits, what=what, **settings)
 
     monkeypatch.setattr(gptq, "gptq_weight", spy)
     r = quant.recipe("w3-gptq", group_size=8, asymmetric=False, act_order=True, damp=0.1, block_size=16,
