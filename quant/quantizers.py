@@ -364,9 +364,10 @@ class UniformQuantizer(torch.nn.Module):
     """Static unsigned uniform activation quantizer with calibrated scale, zero point and bit-width.
 
     x -> (clamp(round(x / scale) + zero, 0, 2**bits - 1) - zero) * scale, straight-through gradient.
-    Buffers `scale`, `zero` and `bits` share one `shape` that broadcasts against the input: () for
-    one range per tensor, (1, H, 1, 1) for one per attention head of a (B, H, N, d) tensor, (K,) for
-    one per channel of a (..., K) tensor; `bits` may differ between elements (head-wise bit-widths).
+    Buffers `scale`, `zero` and `bits` (float32 whatever dtype the model is cast to) share one `shape` that
+    broadcasts against the input: () for one range per tensor, (1, H, 1, 1) for one per attention head of a
+    (B, H, N, d) tensor, (K,) for one per channel of a (..., K) tensor; `bits` may differ between elements
+    (head-wise bit-widths).
     """
 
     def __init__(self, bits: int = 8, shape: tuple[int, ...] = ()):
@@ -382,8 +383,17 @@ class UniformQuantizer(torch.nn.Module):
         self.zero.copy_(zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = uint_fake(widen(x.detach()), widen(self.scale), widen(self.zero), widen(self.bits))
+        x_hat = uint_fake(widen(x.detach()), self.scale, self.zero, self.bits)
         return ste(x, x_hat.to(x.dtype))
+
+    def _apply(self, fn, recurse=True):
+        # the ranges follow the model's device, never its dtype (.half()): in float16 a scale below 3e-8 (a range
+        # calibrated on zeros gets 1e-8) would become 0, and a zero input 0 / 0 = NaN
+        ranges = {n: getattr(self, n) for n in ("scale", "zero", "bits")}
+        super()._apply(fn, recurse)
+        for n, t in ranges.items():
+            setattr(self, n, t.to(getattr(self, n).device))
+        return self
 
     def spec(self) -> dict:
         return {"kind": "uniform", "shape": list(self.scale.shape)}

@@ -321,6 +321,15 @@ def test_a_range_of_zeros_quantizes_without_nan():
     assert torch.isfinite(qz(torch.tensor([-3.0, 0.0, 5.0]))).all()
 
 
+def test_a_range_of_zeros_in_a_model_cast_to_float16_still_quantizes_without_nan():
+    qz = UniformQuantizer(4)
+    qz.set_range(torch.tensor(0.0), torch.tensor(0.0))      # scale 1e-8: 0 in float16, and 0 / 0 = NaN
+    qz = qz.half()
+    y = qz(torch.tensor([0.0, 1.0], dtype=torch.float16))
+    assert y.dtype == torch.float16 and torch.isfinite(y).all() and y[0] == 0
+    assert qz.scale.dtype == torch.float32
+
+
 def test_act_zero_point_is_the_nearest_code_to_zero():
     qz = UniformQuantizer(4)
     qz.set_range(torch.tensor(-1.0), torch.tensor(3.0))     # -lo / scale = 3.75
