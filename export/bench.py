@@ -14,7 +14,8 @@ one session leaves spinning slow the next:
   ORT MatMulNBits 4-bit (weight-only, groups of 32) | ORT MatMulNBits 2-bit (the ternary model in standard
   ops) | bitvit ternary op | bitvit binary op
 Quantized variants come from the FP model by round to nearest unless `--quantized` gives trained
-files (e.g. the QAT ternary model). With `--data`, each reference variant is also scored on the
+files (e.g. the QAT ternary model; w8a8, w4a8, ternary and binary ones with one symmetric scale per output, as
+the rows' ops take). With `--data`, each reference variant is also scored on the
 CIFAR-10 test split in ONNX Runtime and in torch, side by side, with the share of predictions that agree
 (nothing enforces a match: integer rounding ties move a few images, and ORT dynamic int8's torch model is the
 float one it was quantized from). Prints tables, writes
@@ -206,6 +207,10 @@ def main(argv=None):
         if fmt not in {f for f, _ in EXPORTS.values()} - {"fp32"}:
             raise ValueError(f"{path} holds {fmt} weights; the bench compares "
                              f"{', '.join(sorted({f for f, _ in EXPORTS.values()} - {'fp32'}))}")
+        if fmt != "int4" and any(is_quantized(m) and (m.scales.shape[1] != 1 or m.zeros is not None)
+                                 for m in qm.modules()):  # they would export as MatMulNBits under an op's row
+            raise ValueError(f"{path} has {fmt} weights in groups or with zero points, which bitvit's op and "
+                             f"MatMulInteger do not run; give a file with one symmetric scale per output")
         if not qm.config.same_model(ref.config):
             raise ValueError(f"{path} is not a quantized {Path(args.checkpoint).name}: its architecture, classes "
                              f"or input normalisation differ")

@@ -64,6 +64,13 @@ def test_two_quantized_files_of_one_format_are_refused_not_one_silently_dropped(
     assert "a.safetensors both hold w8a8 weights; give one file per format" in capsys.readouterr().err
 
 
+def test_a_w4a8_file_with_grouped_scales_is_refused_not_timed_on_matmulnbits_as_the_int4_op(
+        fp_file, tiny_model, tmp_path, capsys):
+    quant.save_quantized(quant.quantize(tiny_model, quant.recipe("w4a8", group_size=16)), tmp_path / "g.safetensors")
+    assert bench(fp_file, tmp_path, "--quantized", str(tmp_path / "g.safetensors"))[0] == 2
+    assert "g.safetensors has w4a8 weights in groups or with zero points" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("runs", ["10", "99999999999999999999"])
 def test_runs_outside_30_to_10000_are_refused(fp_file, tmp_path, capsys, runs):
     assert bench(fp_file, tmp_path, "--runs", runs)[0] == 2
