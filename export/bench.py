@@ -250,7 +250,8 @@ def main(argv=None):
                 print(f"  {'met   ' if t['met'] else 'MISSED'} {name}: {t['value']:.3f} (goal {t['goal']:.3f})")
     split = None
     if args.data:
-        split = f"{args.split} split of {Path(args.data).name}" + (f", first {args.limit} images" if args.limit else "")
+        split = f"{args.split} split of {Path(args.data).name}" + (
+            f", {len(data.labels)} images balanced over classes" if args.limit else "")
     from .ortops import kernel_isa, library_path
     out = {**provenance("export.bench", argv), "bitvit_ops_isa": kernel_isa(library_path()),
            "split": split, "threads": args.threads, "ort_spinning": args.spinning, "runs": args.runs,

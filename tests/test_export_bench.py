@@ -191,10 +191,11 @@ def measured(monkeypatch):
                         {name: {"top1": 0.5, "torch_top1": 0.5, "prediction_agreement": 1.0} for name in variants})
 
 
-def test_the_split_records_how_many_images_were_scored(fp_file, image_tar, tmp_path, measured):
-    code, out = bench(fp_file, tmp_path, "--data", str(image_tar), "--limit", "6")
+@pytest.mark.parametrize("limit, scored", [("6", 6), ("100", 18)])
+def test_the_split_records_how_many_images_were_scored(fp_file, image_tar, tmp_path, measured, limit, scored):
+    code, out = bench(fp_file, tmp_path, "--data", str(image_tar), "--limit", limit)  # the split holds 18
     assert code == 0
-    assert json.loads(out.read_text())["split"] == "test split of data.tar.gz, first 6 images"
+    assert json.loads(out.read_text())["split"] == f"test split of data.tar.gz, {scored} images balanced over classes"
 
 
 def test_each_target_is_printed_as_met_or_missed(fp_file, tmp_path, capsys, measured):
