@@ -233,7 +233,7 @@ def figure(result: dict):
             for r in range(grid.shape[0]):
                 for c in range(grid.shape[1]):
                     ax.text(c, r, f"{grid[r, c]:.3f}" if metric == "kl" else f"{grid[r, c]:.1f}", ha="center",
-                            va="center", fontsize=7, color="white" if grid[r, c] > 0.6 * grid.max() else "black")
+                            va="center", fontsize=7, color="white" if im.norm(grid[r, c]) > 0.6 else "black")  # on the dark end
             ax.set_xticks(range(len(heads)))
             ax.set_yticks(range(len(blocks)))
             ax.set_xlabel("head")

@@ -219,5 +219,11 @@ def test_the_figures_heat_maps_show_the_kl_then_the_drop_per_head_at_the_lowest_
     assert fig.axes[7].get_title() == "attention scores, 2-bit: logit KL per head"
 
 
+def test_a_heat_maps_numbers_are_white_on_its_dark_cells_when_some_drops_are_negative():
+    trials = [trial(2, "h_q", 0, h, drop=d) for h, d in enumerate((0.0, -5.0))]  # a better top-1 and no change
+    texts = {t.get_text(): t.get_color() for t in figure({"fp_top1": 0.9, "n": 20, "trials": trials}).axes[8].texts}
+    assert texts == {"0.0": "white", "-5.0": "black"}  # 0 is the top of the scale, -5 its bottom
+
+
 def test_the_figure_is_titled_with_the_fp_top1_and_how_many_images_of_which_split():
     assert figure_of().get_suptitle() == "Quantizing one component at a time (FP top-1 0.9000, 40 val images)"
