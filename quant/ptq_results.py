@@ -12,7 +12,8 @@ and scores it on `--split` (default test). Each entry records top-1, the drop ag
 the file's size and bits per linear weight (scales and zeros included), the two equivalent
 commands, the machine, the date and the wall times. Entries already in `--out` for other recipes or
 checkpoints are kept, so recipes can be run one at a time (`--recipes w4a4`); a rerun replaces those of the
-same recipe and checkpoint file, however its path is spelled. Draw the plot with
+same recipe and checkpoint file, however its path is spelled (entries of that file scored on another split or
+number of images are refused: the drops are against one fp32 score). Draw the plot with
 `python -m quant.report`.
 """
 from __future__ import annotations
@@ -96,6 +97,10 @@ def main(argv=None):
     entries = load_results(out)
     cfg = load_model(ckpt).config
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
+    for e in entries:  # one table, one fp32 score its drops are measured against
+        if of_file(e, ckpt) and (e.get("split", args.split), e.get("n", len(data))) != (args.split, len(data)):
+            raise ValueError(f"{out} holds {ckpt.name}'s {e['recipe']} scored on {e.get('n')} {e.get('split')} "
+                             f"images, not {len(data)} {args.split} images as this run; give another --out")
     calib = calibration_inputs(args.data, args.calib_size, cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sweep = provenance("quant.ptq_results", argv)

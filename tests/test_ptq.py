@@ -174,6 +174,16 @@ def test_results_table_rerun_replaces_the_entry_of_the_same_file_given_by_anothe
     assert [e["recipe"] for e in json.loads(out.read_text())["results"]] == ["fp32", "w4"]
 
 
+def test_results_table_refuses_a_file_holding_the_checkpoints_scores_on_another_split_or_count(checkpoint,
+                                                                                              image_tree, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"results": [{**results_entry("w4", checkpoint), "split": "test", "n": 18}]}))
+    with pytest.raises(ValueError, match="holds tiny.safetensors's w4 scored on 18 test images, not 3 test images"):
+        results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
+                      str(tmp_path / "models"), "--recipes", "w8a8", "--limit", "3", "--calib-size", "6"])
+    assert len(json.loads(out.read_text())["results"]) == 1
+
+
 def test_results_full_precision_entry_counts_32_bits_per_linear_weight(checkpoint, image_tree, tmp_path, tiny_model):
     out = tmp_path / "r.json"
     results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
