@@ -190,6 +190,7 @@ def main(argv=None):
     output_file(Path(args.out).with_suffix(".png"), ".png")  # the plot beside it, checked before the timing
     if not 30 <= args.runs <= 10_000:
         raise ValueError(f"--runs must lie in 30..10000 (the medians are reported), got {args.runs}")
+    args.batches = list(dict.fromkeys(args.batches))  # a batch given twice is timed once
     if 1 not in args.batches:
         raise ValueError(f"--batches must include 1 (the targets are at batch 1), got {args.batches}")
     t_start = time.perf_counter()

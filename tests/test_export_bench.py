@@ -191,6 +191,12 @@ def measured(monkeypatch):
                         {name: {"top1": 0.5, "torch_top1": 0.5, "prediction_agreement": 1.0} for name in variants})
 
 
+def test_a_batch_given_twice_is_timed_and_tabled_once(fp_file, tmp_path, capsys, measured):
+    code, out = bench(fp_file, tmp_path, "--batches", "1", "1")
+    assert code == 0 and json.loads(out.read_text())["batches"] == [1]
+    assert capsys.readouterr().out.count("b1 ms") == 1
+
+
 @pytest.mark.parametrize("limit, scored", [("6", 6), ("100", 18)])
 def test_the_split_records_how_many_images_were_scored(fp_file, image_tar, tmp_path, measured, limit, scored):
     code, out = bench(fp_file, tmp_path, "--data", str(image_tar), "--limit", limit)  # the split holds 18
