@@ -135,7 +135,8 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float =
           budget: float | None = None, warmup_seconds: float = 0.0, start: tuple[int, float] = (0, 0.0),
           peak: float | None = None) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to `min_lr` over the remaining `total` steps
-    (the last, step `total - 1`, at `min_lr`, unless it is the only one); with `cfg.time_budget`, over what
+    (the last, step `total - 1`, at `min_lr`, unless it is the only one; a peak below `min_lr` is kept, never
+    exceeded); with `cfg.time_budget`, over what
     the warmup left of the budget (`seconds`: training time spent so far; `warmup_seconds`: when the warmup
     ended) or the steps, whichever runs out first. `budget` (seconds) replaces `cfg.time_budget` when given.
     A warmup cut short mid-way rises from `start` (the step it was cut at, the rate it had reached) to `peak`
@@ -148,7 +149,8 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, seconds: float =
     budget = cfg.time_budget if budget is None else budget
     if budget:
         t = max(t, (seconds - warmup_seconds) / max(budget - warmup_seconds, 1e-9))
-    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+    floor = min(cfg.min_lr, peak)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -56,6 +56,12 @@ def test_a_schedule_with_one_step_after_its_warmup_takes_that_last_step_at_min_l
     assert [lr_at(s, 2, 1, cfg) for s in range(2)] == pytest.approx([1.0, 0.01])  # that step is also the last: min_lr
 
 
+def test_a_peak_rate_below_min_lr_is_never_exceeded():
+    cfg = TrainConfig(lr=1e-6, min_lr=1e-5)  # --lr 1e-6 rose to the default min_lr, 10x the rate asked for
+    assert max(lr_at(s, 100, 10, cfg) for s in range(100)) == pytest.approx(1e-6)
+    assert max(lr_at(s, 100, 10, dataclasses.replace(cfg, lr=0.0)) for s in range(100)) == 0.0
+
+
 def test_time_budget_decays_the_rate_over_seconds_or_steps_whichever_run_out_first():
     cfg = TrainConfig(lr=1.0, min_lr=0.01, time_budget=60)
     assert lr_at(5, 10_010, 10, cfg, seconds=30) == pytest.approx(0.6)  # warmup still counts steps
