@@ -69,6 +69,18 @@ def test_posterize_matches_pils_bit_mask_on_every_level():
         assert torch.allclose(out * 255, (k.long() & ~((1 << (8 - bits)) - 1)).float(), atol=1e-3)
 
 
+def test_sharpness_matches_pils_and_leaves_the_border_pixels_as_they_are():
+    from PIL import Image, ImageEnhance
+    a = _images(1, 8)[0].numpy()
+    x = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
+    for factor in (0.3, 1.7):  # PIL's smoothed image keeps the border: blending leaves it unchanged
+        want = torch.tensor(np.array(ImageEnhance.Sharpness(Image.fromarray(a)).enhance(factor)), dtype=torch.float32)
+        y = _color_op("sharpness", x, torch.tensor([abs(factor - 1) / 0.99]), torch.tensor([1.0 if factor > 1 else -1.0]))
+        assert (y[0].permute(1, 2, 0) * 255 - want).abs().max() <= 1.5, factor
+    small = torch.rand(2, 3, 2, 2)  # all border
+    assert torch.equal(_color_op("sharpness", small, torch.ones(2)), small)
+
+
 def test_crops_and_flips_are_drawn_per_image():
     torch.manual_seed(0)
     x = torch.arange(16 * 16, dtype=torch.float32).view(1, 1, 16, 16).expand(64, 3, 16, 16)
