@@ -8,7 +8,7 @@ architecture (the models in `--assets`, or the ones it builds on the fly when th
 menu's models of another architecture are left out, as a speed-up or size ratio against them would
 compare two different networks. Prints a table and writes
 `--out` (JSON: command, machine, load average, date, wall time and per pair frames/s and median
-latencies). The target: >= 15 frames/s for the default pair on a 2-core CPU. Latency on a busy machine
+latencies; by default the shipped `assets/results/app_bench.json`, which only the default run may write). The target: >= 15 frames/s for the default pair on a 2-core CPU. Latency on a busy machine
 is noisy: the JSON records the load average before and after, so a reader knows whether it was quiet.
 """
 from __future__ import annotations
@@ -87,8 +87,15 @@ def main(argv=None):
     p.add_argument("--threads", type=thread_count, help="CPU threads per model (default: all cores)")
     p.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
                    help="how bitvit .safetensors models run (default: onnxruntime, as in the app)")
-    p.add_argument("--out", default=str(ASSETS / "results" / "app_bench.json"), help="JSON results file")
+    p.add_argument("--out", help="JSON results file (default assets/results/app_bench.json, the shipped results "
+                                 "of the default run, which a run with other options must not overwrite: it needs --out)")
     args = p.parse_args(argv)
+    if args.out is None:
+        changed = [f"--{k}" for k, v in vars(args).items() if k != "out" and v != p.get_default(k)]
+        if changed:
+            raise ValueError(f"a run with {', '.join(changed)} needs --out FILE: the default, "
+                             f"assets/results/app_bench.json, holds the shipped results of the default run")
+        args.out = str(ASSETS / "results" / "app_bench.json")
     output_file(args.out, ".json")
     try:
         w, h = (int(v) for v in args.size.lower().split("x"))

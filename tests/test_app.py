@@ -17,7 +17,7 @@ from app.backends import inspect_file, open_model, quantize_on_the_fly, scan
 from app.examples import SIZE, write_examples
 from app.frames import load_image_file, model_view, to_rgb
 from app.live import Comparison, LiveStats
-from app.main import OTHER, main, make_comparison, open_default
+from app.main import ASSETS, OTHER, main, make_comparison, open_default
 from app.ui import Handlers
 from app import results
 from quant.cli import run
@@ -890,6 +890,14 @@ def test_the_bench_refuses_frames_the_app_would_refuse(assets, tmp_path):
 def test_the_bench_refuses_a_frame_size_without_pixels_before_loading_any_model(tmp_path, size):
     with pytest.raises(ValueError, match="--size must be positive"):
         bench_main(["--assets", str(tmp_path / "none"), "--size", size, "--out", str(tmp_path / "b.json")])
+
+
+def test_the_bench_refuses_to_write_the_shipped_results_from_a_run_with_other_options(tmp_path):
+    shipped = ASSETS / "results" / "app_bench.json"
+    before = shipped.read_bytes()
+    with pytest.raises(ValueError, match="--assets, --frames needs --out FILE"):
+        bench_main(["--frames", "3", "--assets", str(tmp_path / "none")])
+    assert shipped.read_bytes() == before
 
 
 def test_the_bench_refuses_a_clip_too_large_to_hold_before_loading_any_model(tmp_path):
