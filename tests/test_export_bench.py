@@ -90,6 +90,18 @@ def test_a_quantized_file_of_another_architecture_is_refused(fp_file, tiny_model
     assert "its architecture, classes or input normalisation differ" in capsys.readouterr().err
 
 
+def test_a_quantized_file_with_no_onnx_export_is_refused_naming_it_before_any_export(fp_file, tiny_model, tmp_path,
+                                                                                    capsys, monkeypatch):
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before the quantized file was checked")
+    monkeypatch.setattr("export.bench.build_variants", no_export)
+    torch.manual_seed(0)  # W4A4 holds int4 weights, but its quantized attention has no ONNX export
+    quant.save_quantized(quant.quantize(tiny_model, "w4a4", calib=torch.randn(8, 3, 16, 16)), tmp_path / "w4a4.safetensors")
+    assert bench(fp_file, tmp_path, "--quantized", str(tmp_path / "w4a4.safetensors"))[0] == 2
+    err = capsys.readouterr().err
+    assert "w4a4.safetensors has no ONNX export" in err and "QuantAttention" in err
+
+
 def test_data_of_other_classes_is_refused_before_any_timing(fp_file, tmp_path, capsys, monkeypatch):
     def no_timing(*args):
         raise AssertionError("timed before the data was checked")
