@@ -68,7 +68,7 @@ def test_a_w4a8_file_with_grouped_scales_is_refused_not_timed_on_matmulnbits_as_
         fp_file, tiny_model, tmp_path, capsys):
     quant.save_quantized(quant.quantize(tiny_model, quant.recipe("w4a8", group_size=16)), tmp_path / "g.safetensors")
     assert bench(fp_file, tmp_path, "--quantized", str(tmp_path / "g.safetensors"))[0] == 2
-    assert "g.safetensors has w4a8 weights in groups or with zero points" in capsys.readouterr().err
+    assert "g.safetensors: its w4a8 layers do not all run on bitvit's op" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("runs", ["10", "99999999999999999999"])
@@ -100,6 +100,14 @@ def test_a_quantized_file_with_no_onnx_export_is_refused_naming_it_before_any_ex
     assert bench(fp_file, tmp_path, "--quantized", str(tmp_path / "w4a4.safetensors"))[0] == 2
     err = capsys.readouterr().err
     assert "w4a4.safetensors has no ONNX export" in err and "QuantAttention" in err
+
+
+def test_a_quantized_file_whose_layers_miss_bitvits_op_is_refused_not_timed_as_it(fp_file, tiny_model, tmp_path,
+                                                                                  capsys):
+    # asymmetric int4 weights export as MatMulNBits: the "bitvit int4 op" row would time that
+    quant.save_quantized(quant.quantize(tiny_model, quant.recipe("w4a8", asymmetric=True)), tmp_path / "w4a8.safetensors")
+    assert bench(fp_file, tmp_path, "--quantized", str(tmp_path / "w4a8.safetensors"))[0] == 2
+    assert "w4a8.safetensors: its w4a8 layers do not all run on bitvit's op" in capsys.readouterr().err
 
 
 def test_data_of_other_classes_is_refused_before_any_timing(fp_file, tmp_path, capsys, monkeypatch):
