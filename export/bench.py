@@ -14,8 +14,8 @@ one session leaves spinning slow the next:
   ORT MatMulNBits 4-bit (weight-only, groups of 32) | ORT MatMulNBits 2-bit (the ternary model in standard
   ops) | bitvit ternary op | bitvit binary op
 Quantized variants come from the FP model by round to nearest unless `--quantized` gives trained
-files (e.g. the QAT ternary model; w8a8, w4a8, ternary and binary ones with one symmetric scale per output, as
-the rows' ops take). With `--data`, each reference variant is also scored on the
+files (e.g. the QAT ternary model; one with no ONNX export, or whose layers would not run on the bitvit op
+its row names, is refused). With `--data`, each reference variant is also scored on the
 CIFAR-10 test split in ONNX Runtime and in torch, side by side, with the share of predictions that agree
 (nothing enforces a match: integer rounding ties move a few images, and ORT dynamic int8's torch model is the
 float one it was quantized from). Prints tables, writes
