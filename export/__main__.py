@@ -45,8 +45,10 @@ def main(argv=None):
         fmt = model_format(model)
         if args.format not in ("auto", fmt):
             to_onnx(model, fmt)  # a held format that has no ONNX export at all is the error to report
+            fix = (f"export its full-precision model as {args.format}" if args.format in ("fp32", "fp16") else
+                   f"re-quantize its full-precision model to get {args.format}")
             raise ValueError(f"{args.checkpoint} holds {fmt} weights, so it exports as {fmt}, not {args.format} "
-                             f"(re-quantize its full-precision model to get {args.format})")
+                             f"({fix})")
     else:
         fmt = "fp32" if args.format == "auto" else args.format
         if fmt in ("ternary", "binary"):

@@ -497,6 +497,15 @@ def test_a_quantized_checkpoint_is_not_exported_as_another_format(tiny_model, tm
     assert "holds int4 weights, so it exports as int4, not ternary" in capsys.readouterr().err
 
 
+def test_a_quantized_checkpoint_asked_for_a_float_format_is_told_to_export_its_fp_model(tiny_model, tmp_path, capsys):
+    import quant
+    quant.save_quantized(quant.quantize(tiny_model, "w8a8"), tmp_path / "q.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "q.onnx"),
+                      "--format", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "not fp16 (export its full-precision model as fp16)" in err and "re-quantize" not in err
+
+
 def test_a_quantized_checkpoint_of_a_format_without_export_asked_for_another_says_it_has_none(
         tiny_model, tmp_path, capsys):
     import quant
