@@ -41,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quant.cli import file_to_write, written_whole
 from quant.models import Attention, VisionTransformer
 from quant.pack import pack_codes
-from quant.qlinear import QuantLinear, is_qat_layer, weight_count
+from quant.qlinear import QuantLinear, is_qat_layer, runs_on_kernels, weight_count
 
 from .ortops import DOMAIN, DOMAIN_VERSION
 
@@ -314,6 +314,9 @@ def _check_exportable(model: VisionTransformer, fmt: str) -> None:
     quantized = any(is_quantized(m) for m in model.modules())
     if fmt not in FORMATS and not (quantized and fmt == model_format(model)):
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if runs_on_kernels(model):  # (its KernelLinear layers are no format the exporter knows)
+        raise ValueError("the model runs on bitvit's kernels (cuda_ops.to_kernels): export the QuantLinear model "
+                         "it was made from")
     if any(is_qat_layer(m) for m in model.modules()):
         raise ValueError("the model holds quantization-aware training layers: pack them first "
                          "(quant.bitlinear.freeze or quant.qvit.freeze), then export the packed model")

@@ -400,6 +400,14 @@ def test_a_model_still_in_quantization_aware_training_is_refused_until_packed(ti
         export(quant.quantize(tiny_model, "w1.58a8"), tmp_path / "m.onnx", "fp32")
 
 
+def test_a_model_on_bitvits_kernels_is_refused_naming_the_quantlinear_model_to_export(tiny_model, tmp_path):
+    import quant
+    from cuda_ops import to_kernels
+    model = to_kernels(quant.quantize(tiny_model, "w4a8"))  # its layers count as no format: "fp32" was let through
+    with pytest.raises(ValueError, match="runs on bitvit's kernels .* export the QuantLinear model it was made from"):
+        export(model, tmp_path / "m.onnx", "fp32")
+
+
 def test_a_half_precision_model_is_refused_in_favour_of_the_fp16_format(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="export the float32 model"):
         export(copy.deepcopy(tiny_model).half(), tmp_path / "m.onnx", "fp16")
