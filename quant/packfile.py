@@ -135,7 +135,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
         tensors[k] = v.contiguous()
     cfg = getattr(model, "config", None)
     storage = {"linear_weights": n_weights, "linear_bytes": linear_bytes,
-               "bits_per_weight": round(8 * linear_bytes / n_weights, 4), "float16": float16}
+               "bits_per_weight": 8 * linear_bytes / n_weights, "float16": float16}
     header = {
         "recipe": getattr(model, "quant_recipe", None),
         "architecture": {"kind": "bitvit-vit", "config": json.loads(cfg.to_json())}
