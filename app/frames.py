@@ -116,8 +116,8 @@ def load_image_file(path: str | os.PathLike) -> np.ndarray:
     if nbytes == 0:
         raise ValueError("the uploaded file is empty")
     if nbytes > MAX_FILE_BYTES:
-        raise ValueError(f"the file is {nbytes / 2**20:.0f} MB; the app takes images up to "
-                         f"{MAX_FILE_BYTES >> 20} MB")
+        raise ValueError(f"the file is {nbytes:,} bytes; the app takes images up to {MAX_FILE_BYTES >> 20} MiB "
+                         f"({MAX_FILE_BYTES:,} bytes)")
     return _decode(path)
 
 
@@ -128,8 +128,8 @@ def load_data_url(url: str) -> np.ndarray:
     if not (sep and head.startswith("data:image/") and head.endswith(";base64")):
         raise ValueError("the page sent a frame that is not a base64 image")
     if len(payload) * 3 // 4 > MAX_FILE_BYTES:
-        raise ValueError(f"the frame is over {MAX_FILE_BYTES >> 20} MB; the app takes images up to "
-                         f"{MAX_FILE_BYTES >> 20} MB")
+        raise ValueError(f"the frame is over {MAX_FILE_BYTES >> 20} MiB; the app takes images up to "
+                         f"{MAX_FILE_BYTES >> 20} MiB")
     try:
         data = base64.b64decode(payload, validate=True)
     except ValueError:

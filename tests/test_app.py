@@ -1016,6 +1016,16 @@ def test_a_palette_image_with_a_transparent_colour_is_composited_over_white(tmp_
     assert (load_image_file(tmp_path / "t.png") == 255).all()
 
 
+def test_a_file_just_over_the_size_limit_is_not_said_to_be_as_large_as_the_limit(tmp_path):
+    from app import frames
+    path = tmp_path / "big.png"
+    with open(path, "wb") as f:
+        f.truncate(frames.MAX_FILE_BYTES + 1)                # sparse: one byte over, 50 MiB on the page
+    with pytest.raises(ValueError) as e:
+        load_image_file(path)
+    assert f"{frames.MAX_FILE_BYTES + 1:,} bytes" in str(e.value) and "MiB" in str(e.value)
+
+
 def test_a_streamed_frame_over_the_size_limit_is_refused_before_decoding(monkeypatch):
     from app import frames
     monkeypatch.setattr(frames, "MAX_FILE_BYTES", 1000)
