@@ -106,8 +106,8 @@ def main(argv=None):
     if w * h > MAX_PIXELS:
         raise ValueError(f"--size {args.size} is over the {MAX_PIXELS / 1e6:.0f} megapixels the app takes")
     if args.frames * w * h * 3 > MAX_CLIP_BYTES:  # the clip is drawn into memory before the timing
-        raise ValueError(f"--frames {args.frames} of {w}x{h} would take {args.frames * w * h * 3 / 2**30:.1f} GB of "
-                         f"memory; the clip is held to {MAX_CLIP_BYTES >> 30} GB")
+        raise ValueError(f"--frames {args.frames} of {w}x{h} would take {args.frames * w * h * 3:,} bytes of "
+                         f"memory; the clip is held to {MAX_CLIP_BYTES >> 30} GiB ({MAX_CLIP_BYTES:,} bytes)")
 
     start, load_before = time.time(), os.getloadavg()
     comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime,

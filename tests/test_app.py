@@ -901,8 +901,15 @@ def test_the_bench_refuses_to_write_the_shipped_results_from_a_run_with_other_op
 
 
 def test_the_bench_refuses_a_clip_too_large_to_hold_before_loading_any_model(tmp_path):
-    with pytest.raises(ValueError, match="would take .* GB of memory"):
+    with pytest.raises(ValueError, match="would take .* bytes of memory"):
         bench_main(["--assets", str(tmp_path / "none"), "--frames", "100000000", "--out", str(tmp_path / "b.json")])
+
+
+
+def test_a_clip_just_over_the_memory_limit_is_not_said_to_be_as_large_as_the_limit(tmp_path):
+    with pytest.raises(ValueError) as e:  # 4,661 frames of 640x480: 4,295,577,600 bytes, 4 GiB and 0.06 %
+        bench_main(["--assets", str(tmp_path / "none"), "--frames", "4661", "--out", str(tmp_path / "b.json")])
+    assert "4,295,577,600 bytes" in str(e.value) and "GiB" in str(e.value)
 
 
 def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(assets, tmp_path, capsys):
