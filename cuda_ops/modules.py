@@ -108,8 +108,9 @@ def to_kernels(model: nn.Module, ternary_layout: str = "2bit") -> nn.Module:
     """Swap every QuantLinear of `model` that has a bitvit kernel for a KernelLinear, in place, and return
     the model. Layers without a kernel keep their reference forward; a warning lists them.
     ternary_layout: "2bit" keeps ternary codes as QuantLinear packs them (4 a byte); "base3" repacks them
-    as trit planes (5 a byte, `quant.pack.pack_trit_planes`): a fifth less weight memory and traffic. A model
-    whose ternary layers already run on the kernels in the other layout is refused."""
+    as trit planes (5 a byte, `quant.pack.pack_trit_planes`): up to a fifth less weight memory and traffic (a
+    row's bytes round up to a multiple of 16: a sixth less at ViT-B's widths, nothing on 128- and 256-wide
+    rows). A model whose ternary layers already run on the kernels in the other layout is refused."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"to_kernels takes a model (nn.Module), got {type(model).__name__}; load a file first "
                          f"with quant.load_quantized(path)")
