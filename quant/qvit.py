@@ -114,9 +114,11 @@ def prepare(model: nn.Module, budget_bits: float = 4, learn_bits: bool = True,
             bits: tuple[int, int] = BIT_RANGE) -> nn.Module:
     """Make `model` (a bitvit ViT, or any model of nn.Linear layers) Q-ViT-trainable, in place.
 
-    Widths start at budget + 1 (learned) or at the budget (LSQ+), the classification head at 8 bits.
-    Call `calibrate` on a batch, then `measure_macs`, before training.
+    Widths start at budget + 1 (learned) or at the budget (LSQ+), the classification head at 8 bits; the
+    budget lies within the candidate widths `bits`. Call `calibrate` on a batch, then `measure_macs`, before training.
     """
+    if not bits[0] <= budget_bits <= bits[1]:  # 0 would be a budget of 0 BitOPs, one below bits[0] unmeetable
+        raise ValueError(f"budget_bits must lie in the candidate widths {bits[0]}..{bits[1]}, got {budget_bits}")
     if not learn_bits and budget_bits != int(budget_bits):
         raise ValueError(f"LSQ+ (learn_bits=False) keeps every width at the budget: give whole bits, got {budget_bits}")
     head_bits = 8

@@ -82,6 +82,12 @@ def test_lsq_plus_mode_refuses_a_budget_of_fractional_bits(tiny_model):
         qvit.prepare(tiny_model, budget_bits=3.5, learn_bits=False)  # rounded to 4, every width would exceed it
 
 
+
+@pytest.mark.parametrize("budget", [0, -3, 1, 9, float("nan")])
+def test_a_budget_outside_the_candidate_widths_is_refused(tiny_model, budget):
+    with pytest.raises(ValueError, match="budget_bits must lie in the candidate widths 2..8"):
+        qvit.prepare(tiny_model, budget_bits=budget)  # 0 made a budget of 0 BitOPs: an infinite penalty
+
 def test_lsq_plus_mode_keeps_every_width_at_the_budget(tiny_model):
     model, _ = prepared(tiny_model, budget=4, learn_bits=False)
     quantizers = qvit.quantizers(model)
