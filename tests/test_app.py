@@ -924,6 +924,22 @@ def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(ass
     assert "frames/s target" in capsys.readouterr().out
 
 
+
+def test_the_bench_prints_each_size_ratio_from_the_file_sizes_not_from_its_rounded_record(assets, tmp_path, capsys,
+                                                                                          monkeypatch):
+    import app.bench
+    timed = app.bench.bench_pair
+
+    def pair(*args):
+        row = timed(*args)
+        row["fp"]["file_bytes"], row["quant"]["file_bytes"] = 62_504, 10_000   # 6.2504x smaller: "6.3x"
+        row["size_ratio"] = round(62_504 / 10_000, 2)                         # recorded 6.25, which prints "6.2x"
+        return row
+    monkeypatch.setattr(app.bench, "bench_pair", pair)
+    bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "2",
+                "--size", "64x48", "--runtime", "torch", "--out", str(tmp_path / "bench.json")])
+    assert "6.3x" in capsys.readouterr().out
+
 def test_the_bench_leaves_out_a_packed_model_that_does_not_open_as_the_app_does(assets, tmp_path, capsys):
     (assets / "a_ternary.safetensors").write_bytes((assets / "tiny_ternary.safetensors").read_bytes())
     damage(assets / "a_ternary.safetensors")   # sorts first: the default ternary model, were it whole
