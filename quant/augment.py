@@ -183,6 +183,9 @@ class Augment:
         # floats (already in [0, 1]) would be divided by 255 again, one channel broadcast to three
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected (B, H, W, 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
+        pad, size = self.cfg.crop_padding, min(images.shape[1:3])
+        if not 0 <= pad < size:  # reflect padding needs a border narrower than the image
+            raise ValueError(f"crop_padding must be at least 0 and less than the image size ({size}), got {pad}")
         x = images.permute(0, 3, 1, 2).float().div_(255)   # (B, 3, H, W) in [0, 1]
         x = random_crop_flip(x, self.cfg.crop_padding, self.cfg.flip)
         if self.cfg.trivial_augment:

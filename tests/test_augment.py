@@ -31,6 +31,13 @@ def test_float_or_one_channel_images_are_refused_not_scaled_or_broadcast_without
             augment(images, torch.arange(4))
 
 
+def test_a_crop_padding_not_less_than_the_image_size_is_refused_naming_the_setting():
+    for padding in (4, -1):
+        augment = Augment(AugmentConfig(crop_padding=padding), 10, CIFAR10_MEAN, CIFAR10_STD)
+        with pytest.raises(ValueError, match=rf"crop_padding must be .* less than the image size \(4\), got {padding}"):
+            augment(_images(4, size=4), torch.arange(4))
+
+
 def test_the_full_pipeline_gives_normalised_floats_and_soft_targets_that_sum_to_one():
     torch.manual_seed(0)
     images, labels = _images(), torch.arange(64) % 10
