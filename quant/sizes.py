@@ -94,8 +94,10 @@ def main(argv=None):
     # Q-ViT's layers (qvit, lsq) freeze only with calibrated step sizes, and qvit's widths come from training
     fixed = [n for n, r in RECIPES.items() if not isinstance(r, QViT)]
     for what, given, known in (("model", models, list(CONFIGS)), ("recipe", recipes, fixed)):
-        if not given or any(g not in known for g in given):
-            raise ValueError(f"--{what}s must name at least one of: {', '.join(known)} (got {','.join(given)!r})")
+        if not given:
+            raise ValueError(f"--{what}s must name at least one of: {', '.join(known)}")
+        if bad := [g for g in given if g not in known]:  # named, so one valid name beside them reads right
+            raise ValueError(f"--{what}s names {', '.join(bad)}, not one of: {', '.join(known)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in tqdm(models, desc="models", unit="model"):

@@ -21,11 +21,18 @@ def test_sizes_table_shows_ternary_files_smaller_and_float16_rest_smaller_still(
     assert "| vit_cifar_tiny | 871,466 | w1.58a8 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args", [["--recipes", "qvit"], ["--recipes", "w5"], ["--models", "resnet50"],
-                                  ["--models", ","]])
-def test_sizes_refuses_what_it_cannot_measure(args):
-    with pytest.raises(ValueError, match="must name at least one of"):
+@pytest.mark.parametrize("args, message", [(["--recipes", "qvit"], "--recipes names qvit, not one of: "),
+                                           (["--recipes", "w5"], "--recipes names w5, not one of: "),
+                                           (["--models", "resnet50"], "--models names resnet50, not one of: "),
+                                           (["--models", ","], "--models must name at least one of: ")])
+def test_sizes_refuses_what_it_cannot_measure(args, message):
+    with pytest.raises(ValueError, match=message):
         main(args)
+
+
+def test_sizes_names_the_unknown_model_beside_a_known_one():
+    with pytest.raises(ValueError, match="--models names bogus, not one of: vit_cifar_tiny, "):
+        main(["--models", "vit_cifar_tiny,bogus"])
 
 
 def test_sizes_measures_each_named_model_and_recipe_once(tmp_path):
