@@ -233,10 +233,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-weight", type=number_in(0), default=0.0, help="weight of the token-feature MSE (0: off)")
     p.add_argument("--mixup", type=number_in(0), default=0.0, help="mixup alpha (QAT default: off)")
     p.add_argument("--cutmix", type=number_in(0), default=0.0, help="cutmix alpha (QAT default: off)")
-    p.add_argument("--search-ratio", type=number_in(0, 1), default=0.5,
-                   help="qvit: fraction of epochs searching bit-widths, rounded to the nearest epoch, a half up "
-                        "(lsq learns none: all epochs fine-tune)")
-    p.add_argument("--bitops-weight", type=number_in(0), default=1.0, help="qvit: weight eta of the BitOPs penalty")
+    p.add_argument("--search-ratio", type=number_in(0, 1),
+                   help="qvit: fraction of epochs searching bit-widths (default 0.5), rounded to the nearest epoch, "
+                        "a half up (lsq learns none: all epochs fine-tune)")
+    p.add_argument("--bitops-weight", type=number_in(0),
+                   help="qvit: weight eta of the BitOPs penalty of its bit-width search (default 1)")
     p.add_argument("--calib-size", type=positive_int, default=256,
                    help="training images that initialise Q-ViT's step sizes or BitNet's input LayerNorms "
                         "(not used with --init)")
@@ -291,6 +292,13 @@ def main(argv=None):
                          f"{args.teacher} --recipe {args.recipe} ...")
     if args.init and not isinstance(r, BitNet):  # a Q-ViT student's widths are fixed between its two stages
         raise ValueError(f"--init warm-restarts the BitNet recipes (w1.58a8, w1a8), not {args.recipe}")
+    # the Q-ViT options do nothing with the other recipes: refused like --init, not ignored
+    if args.search_ratio is not None and not isinstance(r, QViT):
+        raise ValueError(f"--search-ratio sets the qvit recipe's bit-width search; {args.recipe} searches none")
+    if args.bitops_weight is not None and not (isinstance(r, QViT) and r.learn_bits):
+        raise ValueError(f"--bitops-weight weighs the qvit recipe's bit-width search; {args.recipe} searches none")
+    args.search_ratio = 0.5 if args.search_ratio is None else args.search_ratio
+    args.bitops_weight = 1.0 if args.bitops_weight is None else args.bitops_weight
     init = (*read_init(args.init), args.init) if args.init else None
 
     teacher = load_model(args.teacher)

@@ -185,6 +185,15 @@ def test_cli_refuses_a_post_training_recipe_with_one_clear_line(teacher_file, im
     assert "post-training recipe" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("recipe, option", [("w1a8", "--search-ratio"), ("w1.58a8", "--bitops-weight"),
+                                            ("lsq", "--bitops-weight")])
+def test_a_qvit_search_option_with_a_recipe_that_searches_no_widths_is_refused_not_ignored(
+        teacher_file, image_tar, tmp_path, capsys, recipe, option):
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", recipe, "--data", str(image_tar),
+                      "--out", str(tmp_path / "x.safetensors"), option, "0.5"]) == 2
+    assert f"error: {option} " in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
 def test_a_run_folder_of_another_recipe_is_refused_not_resumed(teacher_file, image_tar, tmp_path, capsys):
     """A ternary and a binary student hold the same tensors: the binary run must not take the ternary one's state."""
     args = ["--teacher", str(teacher_file), "--data", str(image_tar), "--epochs", "1", "--batch-size", "8",
