@@ -86,6 +86,16 @@ def number_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: b
     return parse
 
 
+def mix_alpha(text: str) -> float:
+    """argparse type for a mixup or cutmix alpha: 0 (off), or 0.01 to 1e38, where torch's float32 Beta draws
+    soundly (a smaller alpha's gamma draws underflow and mix at 0.5, the opposite of its near-0-or-1 mixes, or 1e-300
+    fails; a larger one overflows and draws 0)."""
+    value = number_in(0, 1e38)(text)
+    if 0 < value < 0.01:
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or an alpha of at least 0.01, got {text}")
+    return value
+
+
 def finite_number(v) -> bool:
     """Whether a value read from JSON (a results file, a file header) is a real, finite number; True is not, nor
     an integer too large for a float (JSON's 10**400), which every use of the value would turn into one."""

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import (number_in, output_file, positive_int, provenance, random_seed, run, run_folder,
+from quant.cli import (mix_alpha, number_in, output_file, positive_int, provenance, random_seed, run, run_folder,
                        thread_count, write_json)
 from quant.data import SPLITS
 from quant.recipes import QAT, BitNet, QViT
@@ -231,8 +231,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight of the distillation loss (0..1)")
     p.add_argument("--temperature", type=number_in(0, lo_open=True), default=1.0)
     p.add_argument("--feature-weight", type=number_in(0), default=0.0, help="weight of the token-feature MSE (0: off)")
-    p.add_argument("--mixup", type=number_in(0), default=0.0, help="mixup alpha (QAT default: off)")
-    p.add_argument("--cutmix", type=number_in(0), default=0.0, help="cutmix alpha (QAT default: off)")
+    p.add_argument("--mixup", type=mix_alpha, default=0.0, help="mixup alpha (QAT default: off)")
+    p.add_argument("--cutmix", type=mix_alpha, default=0.0, help="cutmix alpha (QAT default: off)")
     p.add_argument("--search-ratio", type=number_in(0, 1),
                    help="qvit: fraction of epochs searching bit-widths (default 0.5), rounded to the nearest epoch, "
                         "a half up (lsq learns none: all epochs fine-tune)")

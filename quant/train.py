@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import (finite_number, number_in, positive_int, random_seed, run, run_folder, thread_count,
+from quant.cli import (finite_number, mix_alpha, number_in, positive_int, random_seed, run, run_folder, thread_count,
                        written_whole)
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
@@ -505,8 +505,8 @@ def main(argv=None):
     p.add_argument("--drop-path", type=number_in(0, 1, hi_open=True), default=0.1,
                    help="stochastic depth rate of the last block")
     p.add_argument("--label-smoothing", type=number_in(0, 1), default=a.label_smoothing)
-    p.add_argument("--mixup", type=number_in(0), default=a.mixup_alpha, help="mixup alpha, 0 disables")
-    p.add_argument("--cutmix", type=number_in(0), default=a.cutmix_alpha, help="cutmix alpha, 0 disables")
+    p.add_argument("--mixup", type=mix_alpha, default=a.mixup_alpha, help="mixup alpha, 0 disables")
+    p.add_argument("--cutmix", type=mix_alpha, default=a.cutmix_alpha, help="cutmix alpha, 0 disables")
     p.add_argument("--mix-prob", type=number_in(0, 1), default=a.mix_prob)
     p.add_argument("--no-trivial-augment", action="store_true")
     p.add_argument("--teacher", help="model file to distil from: a bitvit ViT or a CNN teacher")

@@ -89,6 +89,13 @@ def test_training_settings_out_of_range_are_argument_errors(tmp_path, image_tree
     assert f"{flag}: expected a number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["1e-300", "0.001", "1e39"])
+def test_a_mix_alpha_torchs_float32_beta_cannot_draw_from_is_an_argument_error(tmp_path, image_tree, capsys, value):
+    with pytest.raises(SystemExit):  # 1e-300 failed at the first batch; 0.001 mixed a quarter at 0.5, 1e39 at 0
+        train_main(["--data", str(image_tree), "--out", str(tmp_path / "run"), "--cutmix", value])
+    assert "--cutmix: expected " in capsys.readouterr().err
+
+
 def test_a_result_records_its_command_line_quoted_the_machine_and_the_utc_date():
     p = provenance("quant.evaluate", ["--data", "my data", "--split", "test"])
     assert p["command"] == "python -m quant.evaluate --data 'my data' --split test"
