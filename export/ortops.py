@@ -161,8 +161,11 @@ def _fetch_headers(dest: Path) -> None:
         staging = Path(tempfile.mkdtemp(dir=dest.parent))  # beside dest: os.replace cannot cross filesystems
         try:
             _run(["dpkg-deb", "-x", str(debs[-1]), str(staging)], what="unpacking libonnxruntime-dev")
-            if not dest.exists():
+            try:
                 os.replace(staging, dest)
+            except OSError:  # dest is not empty: another process's whole copy, moved in first, serves
+                if not dest.is_dir():
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

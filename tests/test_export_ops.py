@@ -1,4 +1,5 @@
 """bitvit's ONNX Runtime ops: built from source, equal to a numpy reference, refusing bad input cleanly."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,28 @@ def test_headers_are_fetched_by_a_user_id_with_no_name(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no network"):
         ortops._fetch_headers(tmp_path / "headers")
     assert ran[0][0] == "apt-get" and not any("Sandbox" in part for part in ran[0])
+
+
+def test_a_process_that_loses_the_race_to_fetch_the_headers_takes_the_winners_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(ortops, "_debian_archive", lambda: ("http://deb.debian.org/debian", ""))
+    dest, header = tmp_path / "headers", Path("usr/include/onnxruntime/onnxruntime_cxx_api.h")
+
+    def fake(cmd, cwd=None, what=None):  # apt-get writes a package; dpkg-deb unpacks the header from it
+        if cmd[-2:] == ["download", "libonnxruntime-dev"]:
+            (Path(cwd) / "libonnxruntime-dev_1.0_amd64.deb").write_text("deb")
+        elif cmd[0] == "dpkg-deb":
+            (Path(cmd[-1]) / header).parent.mkdir(parents=True)
+            (Path(cmd[-1]) / header).write_text("loser")
+    monkeypatch.setattr(ortops, "_run", fake)
+    replace = os.replace
+
+    def winner_first(src, dst):  # the other process moves its copy in after this one found no dest
+        (Path(dst) / header).parent.mkdir(parents=True)
+        (Path(dst) / header).write_text("winner")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", winner_first)
+    ortops._fetch_headers(dest)
+    assert (dest / header).read_text() == "winner" and [p.name for p in tmp_path.iterdir()] == ["headers"]
 
 
 def test_headers_changed_in_place_rebuild_the_library(tmp_path, monkeypatch):
