@@ -142,7 +142,7 @@ class Session:
         self._check_architecture(proto)
 
     def _check_signature(self) -> None:
-        """One input `image` (B, 3, S, S) and one output `logits` (B, classes), as the metadata says."""
+        """One float32 input `image` (B, 3, S, S) and one output `logits` (B, classes), as the metadata says."""
         s, n = self.config.img_size, self.config.num_classes
         want = {"image": [3, s, s], "logits": [n]}
         got = {a.name: a.shape[1:] for a in self.session.get_inputs() + self.session.get_outputs()}
@@ -152,6 +152,10 @@ class Session:
             raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: expected input image "
                              f"(B, 3, {s}, {s}) and output logits (B, {n}), got "
                              + ", ".join(f"{k} {tuple(v)}" for k, v in got.items()))
+        kind = next(a.type for a in self.session.get_inputs())  # "tensor(float16)": refused at the first call
+        if kind != "tensor(float)":
+            raise ValueError(f"{self.path}'s graph takes {kind[7:-1]} images; bitvit feeds float32 ones (export "
+                             f"it with a float32 input)")
 
     def _check_architecture(self, proto) -> None:
         """The graph's weights have the metadata's width and depth (what the app counts parameters from), and

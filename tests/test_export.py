@@ -294,6 +294,17 @@ def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_mo
             runtime.load(tmp_path / name)
 
 
+def test_a_graph_taking_float16_images_is_refused_when_loaded_not_at_its_first_call(tiny_model, tmp_path):
+    proto = to_onnx(tiny_model)
+    for node in proto.graph.node:  # a converter's float16 input, cast to float inside
+        node.input[:] = ["image32" if name == "image" else name for name in node.input]
+    proto.graph.node.insert(0, helper.make_node("Cast", ["image"], ["image32"], to=onnx.TensorProto.FLOAT))
+    proto.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(proto, tmp_path / "half.onnx")
+    with pytest.raises(ValueError, match=r"half.onnx's graph takes float16 images; bitvit feeds float32"):
+        runtime.load(tmp_path / "half.onnx")
+
+
 def test_a_graph_whose_attention_splits_another_number_of_heads_than_its_metadata_is_refused(tiny_model, tmp_path):
     proto = to_onnx(tiny_model)
     mha = next(n for n in proto.graph.node if n.op_type == "MultiHeadAttention")
