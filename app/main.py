@@ -105,7 +105,7 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
                          f"put a quantized bitvit model of it (.safetensors or .onnx) in {assets}"))
     labels = list(openers)
     default = labels[0] if quant is not None else next(  # of the FP model's architecture: a ternary one first
-        (label for label, fmt in own if fmt == "ternary"), own[0][0] if own else labels[0])
+        (label for label, fmt in own if "ternary" in fmt.split("+")), own[0][0] if own else labels[0])
     return Comparison(fp_backend, openers, default), labels, skipped
 
 

@@ -366,6 +366,15 @@ def test_without_a_ternary_model_of_its_own_architecture_the_default_is_another_
     assert cmp.default.startswith("int8 · int8 activations · tiny_int8")
 
 
+def test_a_ternary_model_with_an_int8_head_is_the_ternary_one_started_on(assets, fp_file):
+    (assets / "tiny_ternary.safetensors").unlink()
+    q = quant.quantize(quant.load_any(fp_file), quant.recipe("w8a8", weight_format="ternary",
+                                                              layer_formats=(("head", "int8"),)))
+    quant.save_quantized(q, assets / "x_ternary.safetensors")  # sorts after tiny_int8
+    cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
+    assert cmp.default.startswith("int8+ternary · int8 activations · x_ternary")
+
+
 def test_the_menu_tells_int8_activations_from_weight_only_models_of_the_same_weights(tmp_path, fp_file):
     folder = tmp_path / "models"
     folder.mkdir()
