@@ -247,6 +247,73 @@ def read_resume_state(path: Path, advice: str) -> dict:
     return state
 
 
+def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, run_key: dict,
+            env: _Dist, warmup: int) -> tuple[int, float, float, int, float | None, tuple[int, float], float]:
+    """Restore `model`, `opt` and the random streams from the resume state at `path`, once it is checked to be
+    from a run of the same `cfg` and `run_key`, and trim the run's log to its epochs. Returns where the schedule
+    stands: the epochs done, the seconds trained and per step, the warmup's steps (at most `warmup`), the
+    budget's clock when the warmup ended (None: it goes on), the (step, rate) it rises from, the peak rate."""
+    state = read_resume_state(path, "delete it to start over")
+    was, now = state["config"], json.loads(json.dumps(cfg.to_dict()))  # tuples as lists
+    was.setdefault("extra_loss", now["extra_loss"])  # states written before it was kept: unchecked
+    if was != now:
+        changed = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
+                            if was.get(k) != now.get(k))
+        raise ValueError(f"{path} was written by a run with another config ({changed}); "
+                         f"use a fresh --out folder or delete it")
+    for key, what in (("data_digest", "training images (another --data, --split or --limit)"),
+                      ("model_config", "model config (another --model or --drop-path)"),
+                      ("teacher_digest", "teacher (another --teacher)"),
+                      ("recipe", "quantization recipe (another --recipe or --set)")):
+        if key in state and state[key] != run_key[key]:  # states written before these were kept: unchecked
+            raise ValueError(f"{path} was written by a run with other {what}; use a fresh --out folder "
+                             f"or delete it")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # written while training another model
+        raise ValueError(f"{path} holds the resume state of another model "
+                         f"({(str(e).splitlines() or [''])[0][:120]}); use a fresh --out folder or delete it") \
+            from None
+    try:
+        torch.set_rng_state(state["rng"])
+        epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
+        step_seconds = float(state.get("step_seconds", 0.0))  # the budget's clock runs on from the first step
+        warmup = min(warmup, int(state.get("warmup", warmup)))  # as a time budget may have cut it
+        warmup_seconds = state.get("warmup_seconds", 0.0)  # states kept before it: over all the budget
+        warmup_seconds = None if warmup_seconds is None else float(warmup_seconds)
+        s0, lr0 = state.get("warmup_start", (0, 0.0))  # states kept before it: a warmup never cut mid-way
+        start = (int(s0), float(lr0))
+        peak = float(state.get("peak", cfg.lr))
+        if not (0 <= epoch <= cfg.epochs and 0 <= trained < math.inf and warmup >= 0
+                and 0 <= step_seconds < math.inf and (warmup_seconds is None or 0 <= warmup_seconds < math.inf)
+                and 0 <= start[0] <= warmup and 0 <= start[1] <= cfg.lr and 0 <= peak <= cfg.lr):
+            raise ValueError(f"epoch {epoch} of {cfg.epochs}, {trained} s trained, warmup {warmup}, "
+                             f"{step_seconds} s a step, warmup ended at {warmup_seconds} s, rising from {start}, "
+                             f"decaying from {peak}")
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
+        raise ValueError(f"{path} holds a damaged resume state ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:120]}); delete it to start over") from None
+    if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
+        torch.cuda.set_rng_state(state["cuda_rng"], env.device)
+    if env.rank:  # only rank 0's draws are saved: the others start a stream of their rank and epoch
+        torch.manual_seed(cfg.seed + env.rank + 1000 * epoch)
+    if env.main:
+        print(f"resuming from {path} after epoch {epoch}")
+        _trim_log(path.with_name("log.jsonl"), epoch)
+    return epoch, trained, step_seconds, warmup, warmup_seconds, start, peak
+
+
+def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, run_key: dict,
+                device: torch.device, **schedule) -> None:
+    """Write the resume state `_resume` reads: the weights, optimizer and random streams, `schedule` (epoch,
+    trained_seconds, warmup, step_seconds, warmup_seconds, warmup_start, peak), the config and `run_key`."""
+    with written_whole(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                    **schedule, **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                    "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}, tmp)
+
+
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
         out_dir: str | os.PathLike, teacher: nn.Module | None = None, device: str | None = None,
         extra_loss: Callable[[nn.Module], torch.Tensor] | None = None, progress: bool = True,
@@ -296,61 +363,16 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                "teacher_digest": _weights_digest(teacher) if teacher is not None else None,
                "recipe": getattr(model, "quant_recipe", None)}   # a dict: budget_bits 3 and 3.0 are one recipe
 
-    start_epoch, trained, step_seconds = 0, 0.0, 0.0  # epochs done, seconds spent in training steps, per step
-    warmup_seconds = None  # the budget's clock when the warmup ended (None: it goes on)
-    start, peak = (0, 0.0), cfg.lr  # the step and rate the warmup rises from, the rate the decay starts from
     ckpt_path = out / "last.pt"
     if ckpt_path.exists():
-        state = read_resume_state(ckpt_path, "delete it to start over")
-        was, now = state["config"], json.loads(json.dumps(cfg.to_dict()))  # tuples as lists
-        was.setdefault("extra_loss", now["extra_loss"])  # states written before it was kept: unchecked
-        if was != now:
-            changed = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
-                                if was.get(k) != now.get(k))
-            raise ValueError(f"{ckpt_path} was written by a run with another config ({changed}); "
-                             f"use a fresh --out folder or delete it")
-        for key, what in (("data_digest", "training images (another --data, --split or --limit)"),
-                          ("model_config", "model config (another --model or --drop-path)"),
-                          ("teacher_digest", "teacher (another --teacher)"),
-                          ("recipe", "quantization recipe (another --recipe or --set)")):
-            if key in state and state[key] != run_key[key]:  # states written before these were kept: unchecked
-                raise ValueError(f"{ckpt_path} was written by a run with other {what}; use a fresh --out folder "
-                                 f"or delete it")
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:  # written while training another model
-            raise ValueError(f"{ckpt_path} holds the resume state of another model "
-                             f"({(str(e).splitlines() or [''])[0][:120]}); use a fresh --out folder or delete it") \
-                from None
-        try:
-            torch.set_rng_state(state["rng"])
-            start_epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
-            step_seconds = float(state.get("step_seconds", 0.0))  # the budget's clock runs on from the first step
-            warmup = min(warmup, int(state.get("warmup", warmup)))  # as a time budget may have cut it
-            warmup_seconds = state.get("warmup_seconds", 0.0)  # states kept before it: over all the budget
-            warmup_seconds = None if warmup_seconds is None else float(warmup_seconds)
-            s0, lr0 = state.get("warmup_start", start)  # states kept before it: a warmup never cut mid-way
-            start = (int(s0), float(lr0))
-            peak = float(state.get("peak", peak))
-            if not (0 <= start_epoch <= cfg.epochs and 0 <= trained < math.inf and warmup >= 0
-                    and 0 <= step_seconds < math.inf and (warmup_seconds is None or 0 <= warmup_seconds < math.inf)
-                    and 0 <= start[0] <= warmup and 0 <= start[1] <= cfg.lr and 0 <= peak <= cfg.lr):
-                raise ValueError(f"epoch {start_epoch} of {cfg.epochs}, {trained} s trained, warmup {warmup}, "
-                                 f"{step_seconds} s a step, warmup ended at {warmup_seconds} s, rising from {start}, "
-                                 f"decaying from {peak}")
-        except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
-            raise ValueError(f"{ckpt_path} holds a damaged resume state ({type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0][:120]}); delete it to start over") from None
-        if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
-            torch.cuda.set_rng_state(state["cuda_rng"], env.device)
-        if env.rank:  # only rank 0's draws are saved: the others start a stream of their rank and epoch
-            torch.manual_seed(cfg.seed + env.rank + 1000 * start_epoch)
+        start_epoch, trained, step_seconds, warmup, warmup_seconds, start, peak = _resume(
+            ckpt_path, model, opt, cfg, run_key, env, warmup)
+    else:
+        start_epoch, trained, step_seconds = 0, 0.0, 0.0  # epochs done, seconds spent in training steps, per step
+        warmup_seconds = None  # the budget's clock when the warmup ended (None: it goes on)
+        start, peak = (0, 0.0), cfg.lr  # the step and rate the warmup rises from, the rate the decay starts from
         if env.main:
-            print(f"resuming from {ckpt_path} after epoch {start_epoch}")
-            _trim_log(out / "log.jsonl", start_epoch)
-    elif env.main:
-        (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run: no earlier run's epochs in its log
+            (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run: no earlier run's epochs in its log
 
     cuda = env.device.type == "cuda"
     fwd = model
@@ -469,13 +491,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if env.main and save:
-            with written_whole(ckpt_path) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "rng": torch.get_rng_state(), "epoch": epoch + 1, "trained_seconds": trained,
-                            "warmup": warmup, "step_seconds": step_seconds, "warmup_seconds": warmup_seconds,
-                            "warmup_start": start, "peak": peak,
-                            **({"cuda_rng": torch.cuda.get_rng_state(env.device)} if cuda else {}),
-                            "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}, tmp)
+            _save_state(ckpt_path, model, opt, cfg, run_key, env.device, epoch=epoch + 1, trained_seconds=trained,
+                        warmup=warmup, step_seconds=step_seconds, warmup_seconds=warmup_seconds,
+                        warmup_start=start, peak=peak)
     if env.world > 1:
         dist.barrier()
     return model.cpu().eval(), done
