@@ -27,7 +27,7 @@ from app.frames import MAX_PIXELS
 from app.live import LiveStats
 from app.main import ASSETS, OTHER, make_comparison, open_default
 from app.ui import Handlers
-from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json
+from quant.cli import load_average, output_file, positive_int, provenance, run, thread_count, write_json
 
 TARGET_FPS = 15
 MAX_CLIP_BYTES = 4 << 30  # the recorded clip, held in memory
@@ -109,7 +109,7 @@ def main(argv=None):
         raise ValueError(f"--frames {args.frames} of {w}x{h} would take {args.frames * w * h * 3:,} bytes of "
                          f"memory; the clip is held to {MAX_CLIP_BYTES >> 30} GiB ({MAX_CLIP_BYTES:,} bytes)")
 
-    start, load_before = time.time(), os.getloadavg()
+    start, load_before = time.time(), load_average()
     comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime,
                                                   has_quant_option=False)
     labels = open_default(comparison, labels, skipped, explicit=False)  # the app's default, as the app opens it
@@ -134,10 +134,11 @@ def main(argv=None):
     for backend in [comparison.fp] + [handlers.cmp.variant(label) for label in order]:
         if backend.note:  # e.g. a model that runs in torch because ONNX Runtime could not take it
             print(f"note, {backend.name}: {backend.note}", file=sys.stderr)
-    load_after = os.getloadavg()
+    load_after = load_average()
+    loads = [f"{load[0]:.2f}" if load else "n/a" for load in (load_before, load_after)]  # n/a: Windows keeps none
 
     print(f"\napp live handler, {args.frames} frames of {w}x{h}, both models on every frame "
-          f"(load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; {os.cpu_count()} CPUs)")
+          f"(load average {loads[0]} before, {loads[1]} after; {os.cpu_count()} CPUs)")
     width = max(len("quantized variant"), *(len(r["variant"]) + len(" (default)") for r in rows))
     print(f"{'quantized variant':<{width}} {'frames/s':>8} {'FP ms':>7} {'quant ms':>8} {'speed-up':>8} "
           f"{'smaller':>7} {'other ms':>8}")
@@ -152,7 +153,8 @@ def main(argv=None):
 
     write_json(args.out, {
         **provenance("app.bench", argv), "threads": args.threads or "all", "runtime": args.runtime,
-        "load_average_before": round(load_before[0], 2), "load_average_after": round(load_after[0], 2),
+        "load_average_before": load_before and round(load_before[0], 2),
+        "load_average_after": load_after and round(load_after[0], 2),
         "split": f"synthetic {w}x{h} frames (drawn examples, no data set)",
         "wall_time_s": round(time.time() - start, 1), "target_fps": TARGET_FPS, "pairs": rows})
     print(f"wrote {args.out}")

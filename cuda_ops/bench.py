@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
 import statistics
 import sys
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, capture_graph, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
-from quant.cli import number_in, output_file, positive_int, provenance, run, write_json, write_png
+from quant.cli import load_average, number_in, output_file, positive_int, provenance, run, write_json, write_png
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
 from quant.pack import pack_codes, pack_trit_planes
 
@@ -495,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
               "cpu_threads": torch.get_num_threads(), "dtype": dtype_name,
               "data": "random weights and inputs (no data split: speed does not depend on the values)",
               "baseline": f"dense = F.linear in {dtype_name}" + (" (cuBLAS)" if args.device == "cuda" else ""),
-              "load_average_1_5_15min": list(os.getloadavg()), "skipped": [],
+              "load_average_1_5_15min": load_average(), "skipped": [],
               "complete": False}  # until the last save: a run killed midway leaves a partial file
     if args.device == "cuda":
         import triton
@@ -504,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(**parts):
         result.update(parts)
         result["wall_s"] = time.monotonic() - start
-        result["load_average_at_end"] = list(os.getloadavg())  # CPU timings are noise on a busy machine
+        result["load_average_at_end"] = load_average()  # CPU timings are noise on a busy machine
         if args.out:
             write_json(args.out, result)  # whole or not at all, should a timeout kill the run here
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -38,8 +37,8 @@ import numpy as np
 import onnx
 import torch
 
-from quant.cli import (max_threads, output_file, positive_int, provenance, results_file, run, thread_count,
-                       write_json, write_png)
+from quant.cli import (load_average, max_threads, output_file, positive_int, provenance, results_file, run,
+                       thread_count, write_json, write_png)
 from quant.models import create_model, save_model
 from quant.packfile import load_any
 
@@ -196,7 +195,7 @@ def main(argv=None):
         raise ValueError(f"--batches must include 1 (the targets are at batch 1), got {args.batches}")
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    load_before = load_average()
 
     ref = load_any(args.checkpoint).eval()
     if any(is_quantized(m) for m in ref.modules()):
@@ -262,7 +261,7 @@ def main(argv=None):
     out = {**provenance("export.bench", argv), "bitvit_ops_isa": kernel_isa(library_path()),
            "split": split, "threads": args.threads, "ort_spinning": args.spinning, "runs": args.runs,
            "batches": args.batches,
-           "load_average_before": load_before, "load_average_after": os.getloadavg(),
+           "load_average_before": load_before, "load_average_after": load_average(),
            "wall_s": round(time.perf_counter() - t_start, 1), "results": results}
     path = Path(args.out)
     write_json(path, out)

@@ -170,6 +170,12 @@ def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Pat
     return path
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages, recorded beside CPU timings; None where the OS keeps none
+    (Windows)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def machine() -> str:
     """The machine a result was measured on, in words: CPU model, logical cores, OS, torch, and the GPU
     when one is visible."""

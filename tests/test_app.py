@@ -934,6 +934,16 @@ def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(ass
 
 
 
+def test_the_bench_records_no_load_average_where_the_os_has_none(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.delattr(os, "getloadavg")  # Windows
+    out = tmp_path / "bench.json"
+    bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "2",
+                "--size", "64x48", "--runtime", "torch", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["load_average_before"] is None and data["load_average_after"] is None
+    assert "load average n/a" in capsys.readouterr().out
+
+
 def test_the_bench_prints_each_size_ratio_from_the_file_sizes_not_from_its_rounded_record(assets, tmp_path, capsys,
                                                                                           monkeypatch):
     import app.bench

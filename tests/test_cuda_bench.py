@@ -30,6 +30,15 @@ def test_the_cpu_benchmark_writes_every_part_of_its_json(tmp_path, capsys):
     assert "w1.58a8" in capsys.readouterr().out
 
 
+def test_the_load_average_is_recorded_as_null_where_the_os_has_none(tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "getloadavg")  # Windows
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--quick", "--batches", "1", "--ops", "dense", "--models", "",
+                       "--variants", "fp", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["load_average_1_5_15min"] is None and r["load_average_at_end"] is None
+
+
 def test_an_op_whose_output_is_off_its_cpu_kernels_is_flagged_in_its_row_and_on_stderr(monkeypatch, capsys):
     real = bench.op_call
 

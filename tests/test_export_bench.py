@@ -231,6 +231,13 @@ def test_each_target_is_printed_as_met_or_missed(fp_file, tmp_path, capsys, meas
     assert "  MISSED binary speed-up over ternary: 0.667 (goal 1.000)" in printed
 
 
+def test_the_load_average_is_recorded_as_null_where_the_os_has_none(fp_file, tmp_path, measured, monkeypatch):
+    monkeypatch.delattr("os.getloadavg")  # Windows
+    code, out = bench(fp_file, tmp_path)
+    res = json.loads(out.read_text())
+    assert code == 0 and res["load_average_before"] is None and res["load_average_after"] is None
+
+
 def test_a_limit_dry_run_without_out_is_refused_not_written_over_the_shipped_results(fp_file, capsys):
     assert run(main, ["--checkpoint", str(fp_file), "--no-vit-s", "--limit", "5"]) == 2
     assert "a --limit dry run needs --out FILE" in capsys.readouterr().err
