@@ -5,7 +5,9 @@
 `<cache>/<hash>/<compiler hash>/`, where `<cache>` is `$BITVIT_ORTOPS_CACHE`, else
 `$BITVIT_CACHE/ortops`, else `~/.cache/bitvit/ortops`, and the hash covers the source, the flags, ONNX
 Runtime's C API header and the CPU; without a compiler, one built earlier by any compiler serves. A
-`-march=native` binary only runs safely on the CPU that built it, so none is ever committed.
+`-march=native` binary only runs safely on the CPU that built it, so none is ever committed. On Apple
+silicon it is built without `-march=native` (Apple clang before 15 refuses it there); on Windows it is not
+built, and models run on ONNX Runtime's standard ops.
 `python -m export.ortops` builds it and prints the path and the kernel it runs.
 
 ONNX Runtime's C/C++ API headers are not in the pip wheel. They come from `$ORT_INCLUDE_DIR` when set,
@@ -26,6 +28,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,6 +57,9 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
     """
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}; choose one of {', '.join(ISAS)}")
+    if sys.platform == "win32":  # its build (flags, exports, header download) is Linux's and macOS's
+        raise FileNotFoundError("bitvit's ONNX Runtime ops are built on Linux and macOS, not on Windows; run "
+                                "models on ONNX Runtime's standard ops (python -m export --standard-ops)")
     cxx = shlex.split(os.environ.get("CXX") or "g++")  # a command with arguments too, e.g. "ccache g++"
     no_compiler = FileNotFoundError(f"no C++ compiler {os.environ.get('CXX') or 'g++'!r} to build bitvit's ONNX "
                                     f"Runtime ops (install g++, or set CXX)")
@@ -62,6 +68,8 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
         raise no_compiler
     include = _headers()
     flags = FLAGS + ISAS[isa]
+    if sys.platform == "darwin" and platform.machine() == "arm64":  # Apple clang before 15 refuses it there, and
+        flags.remove("-march=native")                                 # its default target has the NEON it needs
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(flags).encode(), (include / "onnxruntime_c_api.h").read_bytes(),
                  _cpu_signature().encode()):

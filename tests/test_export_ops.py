@@ -196,6 +196,23 @@ def test_a_compiler_command_with_arguments_in_cxx_runs_with_them(tmp_path, monke
     assert ortops.library_path().read_text() == "built\n"
 
 
+def test_on_apple_silicon_the_library_is_built_without_march_native_which_apple_clang_refuses(tmp_path, monkeypatch):
+    use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && { echo Apple clang 14; exit 0; }\n'
+                      'for a; do [ "$a" = -march=native ] && { echo "clang: error: the clang compiler does not '
+                      'support \'-march=native\'" >&2; exit 1; }; done\n'
+                      'while [ "$1" != -o ]; do shift; done\necho built > "$2"\n', tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(ortops.platform, "machine", lambda: "arm64")
+    assert ortops.library_path().read_text() == "built\n"
+
+
+def test_on_windows_the_library_is_refused_in_one_line_that_leads_to_standard_ops(tmp_path, monkeypatch):
+    use_fake_compiler('#!/bin/sh\nexit 1\n', tmp_path, monkeypatch)  # a g++ (MinGW's) is no help there
+    monkeypatch.setattr(sys, "platform", "win32")
+    with pytest.raises(FileNotFoundError, match="not on Windows.*--standard-ops"):
+        ortops.library_path()
+
+
 def test_a_compiler_that_writes_no_library_is_named(tmp_path, monkeypatch):
     use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && echo fake 1.0\nexit 0\n', tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="fake-g\\+\\+ wrote no library"):
