@@ -19,8 +19,11 @@ if str(ROOT) not in sys.path:  # run as a script (`python app/main.py`, and on S
     sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import functools  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -160,6 +163,25 @@ def check_port_free(host: str, number: int) -> None:
         raise ValueError(f"cannot listen on {where} ({e.strerror or e}){hint}") from None
 
 
+def writable_cache() -> None:
+    """Point $BITVIT_CACHE at a temporary folder for this run, with a warning, where the bitvit cache cannot be
+    written (a read-only home, or none): there the models' ONNX exports and bitvit's ops would have nowhere to
+    go, and every model would run in torch, the quantized ones slower than the FP model."""
+    from quant.data import cache_dir
+    try:
+        folder = cache_dir() / "app"
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a read-only folder that exists already is no place either
+        return
+    except (OSError, ValueError) as e:
+        error = e
+    tmp = tempfile.mkdtemp(prefix="bitvit-cache-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    os.environ["BITVIT_CACHE"] = tmp
+    print(f"warning: cannot write the bitvit cache ({getattr(error, 'strerror', None) or error}); the models' ONNX "
+          f"exports go to {tmp} for this run only (set BITVIT_CACHE to a writable folder)", file=sys.stderr)
+
+
 def server_name(host: str) -> str:
     """--host as the server takes it: an IPv6 address bracketed (Gradio builds its own URL of host and port from
     it, and `::1` unbracketed reads as host `:` and port `:1:7860`), anything else as given."""
@@ -194,6 +216,7 @@ def main(argv=None):
         raise FileNotFoundError(f"--results {args.results}: no such folder (the Results tab shows the results "
                                 f"files of a folder)")
     check_port_free(args.host, args.port)  # before minutes of loading and warming models
+    writable_cache()
     from app.ui import build
     comparison, labels, skipped = make_comparison(args.fp, args.quant, args.assets, args.threads)
     labels = open_default(comparison, labels, skipped, explicit=args.quant is not None)

@@ -589,6 +589,23 @@ def test_a_port_in_use_is_refused_before_any_model_is_loaded(capsys, monkeypatch
     assert f"cannot listen on 127.0.0.1:{taken}" in capsys.readouterr().err
 
 
+def test_the_app_where_the_cache_cannot_be_written_keeps_its_exports_for_the_run_and_runs_in_onnx_runtime(
+        assets, tmp_path, monkeypatch, capsys):
+    import gradio as gr
+    import app.main
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "file" / "cache"))  # no folder can be made there (a read-only home)
+    monkeypatch.setenv("CXX", "no-such-compiler")  # standard ONNX ops: no build in the test
+    made = []
+    monkeypatch.setattr(app.main, "make_comparison", lambda *a, **kw: made.append(make_comparison(*a, **kw)) or made[0])
+    monkeypatch.setattr(app.main, "check_port_free", lambda host, number: None)
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: None)
+    main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets)])
+    cmp = made[0][0]
+    assert cmp.fp.runtime == "ONNX Runtime" and cmp.variant(cmp.default).runtime == "ONNX Runtime"
+    assert "cannot write the bitvit cache" in capsys.readouterr().err
+
+
 def test_a_port_outside_1_to_65535_is_an_argument_error(capsys):
     with pytest.raises(SystemExit):
         main(["--port", "99999"])
