@@ -154,7 +154,9 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
                     return backend
                 except (ValueError, OSError, RuntimeError) as e:  # not exportable, or no compiler for bitvit's ops
                     error = e
-            notes.append(f"{'bitvit ops' if custom_ops else 'standard ONNX ops'} failed: {str(error).splitlines()[0]}")
+            lines = str(error).splitlines()  # a failed command's: what failed, then its output: its last line says why
+            notes.append(f"{'bitvit ops' if custom_ops else 'standard ONNX ops'} failed: {lines[0]}"
+                         + (f" {lines[-1].strip()}" if len(lines) > 1 else ""))
         notes = [f"runs in torch: ONNX Runtime could not take it ({'; '.join(notes)})"]
     return _torch_backend(model, path, linear_bits, threads, "; ".join(notes))
 

@@ -293,6 +293,14 @@ def test_without_bitvit_ops_a_ternary_model_runs_on_standard_onnx_ops(assets, mo
     np.testing.assert_allclose(ort(x), open_model(path, runtime="torch")(x), atol=1e-3)
 
 
+def test_a_failed_build_of_bitvit_ops_is_noted_with_its_reason_not_a_line_ending_in_a_colon(assets, monkeypatch):
+    def failing(*args, **kwargs):  # as export.ortops._run says a failed command: a line, then the command's output
+        raise ValueError("downloading ONNX Runtime's headers failed (exit 100):\nE: Could not resolve host")
+    monkeypatch.setattr("export.runtime.library_path", failing)
+    ort = open_model(assets / "tiny_ternary.safetensors", runtime="onnxruntime")
+    assert ort.runtime == "ONNX Runtime" and "failed (exit 100): E: Could not resolve host" in ort.note
+
+
 def test_a_model_quantized_on_the_fly_is_a_real_packed_file_close_to_the_fp_model(fp_file):
     path = quantize_on_the_fly(fp_file, "w8a8")
     assert quant.read_header(path)["storage"]["bits_per_weight"] > 8
