@@ -159,7 +159,7 @@ def check_port_free(host: str, number: int) -> None:
             s.bind(address)
     except OSError as e:
         hint = (": pass --port with a free port, or stop what holds it" if e.errno == errno.EADDRINUSE
-                else " (is --host an address of this machine?)")
+                else " (is --host, or $GRADIO_SERVER_NAME without it, an address of this machine?)")
         raise ValueError(f"cannot listen on {where} ({e.strerror or e}){hint}") from None
 
 
@@ -201,7 +201,7 @@ def main(argv=None):
                                 "quantized ViT classify the same webcam frames or images side by side.")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
                    help="address to listen on (default: $GRADIO_SERVER_NAME or 0.0.0.0)")
-    p.add_argument("--port", type=port, default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
+    p.add_argument("--port", type=port,
                    help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
     p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_small.safetensors)")
@@ -211,6 +211,11 @@ def main(argv=None):
     p.add_argument("--results", help="results folder for the Results tab (default: <assets>/results)")
     p.add_argument("--threads", type=thread_count, help="CPU threads per model (default: all cores)")
     args = p.parse_args(argv)
+    if args.port is None:  # checked here, so that a bad value is blamed on the variable, not on --port
+        try:
+            args.port = port(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+        except argparse.ArgumentTypeError as e:
+            p.error(f"$GRADIO_SERVER_PORT: {e}")
 
     if args.results is not None and not Path(args.results).is_dir():
         raise FileNotFoundError(f"--results {args.results}: no such folder (the Results tab shows the results "

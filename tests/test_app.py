@@ -620,6 +620,21 @@ def test_a_port_outside_1_to_65535_is_an_argument_error(capsys):
     assert "expected a port number" in capsys.readouterr().err
 
 
+def test_a_bad_port_in_gradio_server_port_is_refused_naming_the_variable_not_an_option_never_given(capsys,
+                                                                                                   monkeypatch):
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "")  # as a deployment's GRADIO_SERVER_PORT=$PORT with PORT unset
+    with pytest.raises(SystemExit):
+        main([])
+    err = capsys.readouterr().err
+    assert "$GRADIO_SERVER_PORT" in err and "expected a port number" in err and "argument --port" not in err
+
+
+def test_a_host_in_gradio_server_name_that_is_no_address_here_is_refused_naming_the_variable(capsys, monkeypatch):
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "no-such-host.invalid")
+    assert run(main, []) == 2
+    assert "$GRADIO_SERVER_NAME" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("where", ["missing", "file"])
 def test_a_results_folder_that_is_not_a_folder_is_refused_before_the_app_starts(tmp_path, capsys, where):
     path = tmp_path / "results"
