@@ -635,6 +635,12 @@ def test_a_host_in_gradio_server_name_that_is_no_address_here_is_refused_naming_
     assert "$GRADIO_SERVER_NAME" in capsys.readouterr().err
 
 
+def test_the_readme_short_description_fits_the_60_characters_a_space_allows():
+    front = (ASSETS.parent / "README.md").read_text(encoding="utf-8").split("---")[1]
+    description = next(line for line in front.splitlines() if line.startswith("short_description:"))
+    assert len(description.split(":", 1)[1].strip()) <= 60  # the Hub refuses a push whose card says more
+
+
 @pytest.mark.parametrize("where", ["missing", "file"])
 def test_a_results_folder_that_is_not_a_folder_is_refused_before_the_app_starts(tmp_path, capsys, where):
     path = tmp_path / "results"
