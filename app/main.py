@@ -236,4 +236,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # the address reaches a log file or a container's log as it is printed
     raise SystemExit(run(main))

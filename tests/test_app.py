@@ -641,6 +641,28 @@ def test_the_readme_short_description_fits_the_60_characters_a_space_allows():
     assert len(description.split(":", 1)[1].strip()) <= 60  # the Hub refuses a push whose card says more
 
 
+def test_the_app_prints_its_address_as_it_starts_where_its_output_goes_to_a_log_not_a_terminal(assets):
+    import select
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"CXX": "no-such-compiler"}
+    app = subprocess.Popen([sys.executable, str(ASSETS.parent / "app" / "main.py"), "--fp", str(assets / "fp.safetensors"),
+                            "--assets", str(assets), "--host", "127.0.0.1", "--port", str(free)],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    try:  # a pipe, as a container's or a Space's log: what the app prints must arrive while it serves
+        lines = []
+        while not any(f"127.0.0.1:{free}" in line for line in lines):
+            assert select.select([app.stdout], [], [], 120)[0], f"no address printed within 120 s, only {lines}"
+            lines.append(app.stdout.readline().decode())
+    finally:
+        app.kill()
+        app.wait()
+
+
 @pytest.mark.parametrize("where", ["missing", "file"])
 def test_a_results_folder_that_is_not_a_folder_is_refused_before_the_app_starts(tmp_path, capsys, where):
     path = tmp_path / "results"
