@@ -23,6 +23,7 @@ import atexit  # noqa: E402
 import functools  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import tempfile  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -237,4 +238,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)  # the address reaches a log file or a container's log as it is printed
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped as by Ctrl+C: the temporary folders are removed
     raise SystemExit(run(main))

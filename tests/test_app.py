@@ -641,7 +641,9 @@ def test_the_readme_short_description_fits_the_60_characters_a_space_allows():
     assert len(description.split(":", 1)[1].strip()) <= 60  # the Hub refuses a push whose card says more
 
 
-def test_the_app_prints_its_address_as_it_starts_where_its_output_goes_to_a_log_not_a_terminal(assets):
+def started_app(assets, tmp=None):
+    """`python app/main.py` on `assets`' models, its output going to a pipe (a log, not a terminal), once it has printed
+    the address it serves on (within 120 s; `tmp`: its $TMPDIR)."""
     import select
     import socket
     import subprocess
@@ -650,17 +652,40 @@ def test_the_app_prints_its_address_as_it_starts_where_its_output_goes_to_a_log_
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"CXX": "no-such-compiler"}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
     app = subprocess.Popen([sys.executable, str(ASSETS.parent / "app" / "main.py"), "--fp", str(assets / "fp.safetensors"),
                             "--assets", str(assets), "--host", "127.0.0.1", "--port", str(free)],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    try:  # a pipe, as a container's or a Space's log: what the app prints must arrive while it serves
+    try:
         lines = []
         while not any(f"127.0.0.1:{free}" in line for line in lines):
             assert select.select([app.stdout], [], [], 120)[0], f"no address printed within 120 s, only {lines}"
             lines.append(app.stdout.readline().decode())
-    finally:
+    except BaseException:
         app.kill()
         app.wait()
+        raise
+    return app
+
+
+def test_the_app_prints_its_address_as_it_starts_where_its_output_goes_to_a_log_not_a_terminal(assets, tmp_path):
+    app = started_app(assets, tmp_path)  # asserts the address arrives while it serves
+    app.kill()
+    app.wait()
+
+
+def test_the_app_stopped_by_sigterm_removes_its_temporary_folders(assets, tmp_path):
+    import signal
+    (tmp_path / "tmp").mkdir()
+    app = started_app(assets, tmp_path / "tmp")
+    assert list((tmp_path / "tmp").glob("bitvit-*"))  # the drawn examples
+    app.send_signal(signal.SIGTERM)  # as `docker stop`, systemd or a Space's restart stop it
+    try:
+        app.wait(60)
+    finally:
+        app.kill()
+    assert list((tmp_path / "tmp").glob("bitvit-*")) == []
 
 
 @pytest.mark.parametrize("where", ["missing", "file"])
