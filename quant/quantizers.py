@@ -392,7 +392,8 @@ class UniformQuantizer(torch.nn.Module):
         ranges = {n: getattr(self, n) for n in ("scale", "zero", "bits")}
         super()._apply(fn, recurse)
         for n, t in ranges.items():
-            setattr(self, n, t.to(getattr(self, n).device))
+            if getattr(self, n).dtype != t.dtype:  # else fn's own result: to_empty's storage off the meta device
+                setattr(self, n, t.to(getattr(self, n).device))
         return self
 
     def spec(self) -> dict:

@@ -330,6 +330,13 @@ def test_a_range_of_zeros_in_a_model_cast_to_float16_still_quantizes_without_nan
     assert qz.scale.dtype == torch.float32
 
 
+def test_a_quantizer_built_on_the_meta_device_takes_storage_with_to_empty():
+    with torch.device("meta"):
+        qz = UniformQuantizer(4, (3,))
+    qz.to_empty(device="cpu")                               # failed: its ranges were copied out of the meta device
+    assert qz.scale.device.type == "cpu" and qz.scale.shape == (3,) and qz.scale.dtype == torch.float32
+
+
 def test_act_zero_point_is_the_nearest_code_to_zero():
     qz = UniformQuantizer(4)
     qz.set_range(torch.tensor(-1.0), torch.tensor(3.0))     # -lo / scale = 3.75
