@@ -69,7 +69,7 @@ if [ "$PART" = 2 ] && [ ! -f "$RUN/last.pt" ]; then
     exit 1
 fi
 [ -e "$DATA" ] || { echo "error: no data at $DATA (here: copy it into .data/, see this script's header)" >&2; exit 2; }
-if [[ " $* " != *" --device "* ]] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+if [[ " $* " != *" --device "* && " $* " != *" --device="* ]] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     echo "error: torch sees no CUDA device; this script trains the GPU reference (a smoke test on a CPU: add --device cpu)" >&2
     exit 2
 fi

@@ -721,6 +721,14 @@ def test_the_gpu_reference_script_refuses_a_machine_without_cuda_unless_a_device
     assert not (tmp_path / "out").exists()
 
 
+def test_the_gpu_reference_script_takes_a_device_given_with_an_equals_sign(tmp_path, image_tree):
+    env = {**os.environ, "DATA": str(image_tree), "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", "quant/gpu_reference.sh", "--device=cpu", "--lr", "-1"],  # quant.train refuses --lr
+                       cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120)
+    assert "torch sees no CUDA device" not in r.stderr and "--lr" in (tmp_path / "out" / "train.log").read_text(), \
+        r.stdout + r.stderr
+
+
 def test_the_second_part_of_the_gpu_reference_script_refuses_to_start_without_the_first(tmp_path):
     env = {**os.environ, "PART": "2", "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out")}
     r = subprocess.run(["bash", "quant/gpu_reference.sh"], cwd=Path(__file__).parents[1], env=env,
