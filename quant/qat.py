@@ -235,7 +235,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cutmix", type=mix_alpha, default=0.0, help="cutmix alpha (QAT default: off)")
     p.add_argument("--search-ratio", type=number_in(0, 1),
                    help="qvit: fraction of epochs searching bit-widths (default 0.5), rounded to the nearest epoch, "
-                        "a half up (lsq learns none: all epochs fine-tune)")
+                        "a half up")
     p.add_argument("--bitops-weight", type=number_in(0),
                    help="qvit: weight eta of the BitOPs penalty of its bit-width search (default 1)")
     p.add_argument("--calib-size", type=positive_int, default=256,
@@ -293,7 +293,7 @@ def main(argv=None):
     if args.init and not isinstance(r, BitNet):  # a Q-ViT student's widths are fixed between its two stages
         raise ValueError(f"--init warm-restarts the BitNet recipes (w1.58a8, w1a8), not {args.recipe}")
     # the Q-ViT options do nothing with the other recipes: refused like --init, not ignored
-    if args.search_ratio is not None and not isinstance(r, QViT):
+    if args.search_ratio is not None and not (isinstance(r, QViT) and r.learn_bits):
         raise ValueError(f"--search-ratio sets the qvit recipe's bit-width search; {args.recipe} searches none")
     if args.bitops_weight is not None and not (isinstance(r, QViT) and r.learn_bits):
         raise ValueError(f"--bitops-weight weighs the qvit recipe's bit-width search; {args.recipe} searches none")

@@ -186,7 +186,7 @@ def test_cli_refuses_a_post_training_recipe_with_one_clear_line(teacher_file, im
 
 
 @pytest.mark.parametrize("recipe, option", [("w1a8", "--search-ratio"), ("w1.58a8", "--bitops-weight"),
-                                            ("lsq", "--bitops-weight")])
+                                            ("lsq", "--bitops-weight"), ("lsq", "--search-ratio")])
 def test_a_qvit_search_option_with_a_recipe_that_searches_no_widths_is_refused_not_ignored(
         teacher_file, image_tar, tmp_path, capsys, recipe, option):
     assert run(main, ["--teacher", str(teacher_file), "--recipe", recipe, "--data", str(image_tar),
