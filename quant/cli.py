@@ -90,9 +90,12 @@ def mix_alpha(text: str) -> float:
     """argparse type for a mixup or cutmix alpha: 0 (off), or 0.01 to 1e38, where torch's float32 Beta draws
     soundly (a smaller alpha's gamma draws underflow and mix at 0.5, the opposite of its near-0-or-1 mixes, or 1e-300
     fails; a larger one overflows and draws 0)."""
-    value = number_in(0, 1e38)(text)
-    if 0 < value < 0.01:
-        raise argparse.ArgumentTypeError(f"expected 0 (off) or an alpha of at least 0.01, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value == 0 or 0.01 <= value <= 1e38):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number, 0 (off) or in [0.01, 1e+38], got {text}")
     return value
 
 

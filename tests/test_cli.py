@@ -96,6 +96,13 @@ def test_a_mix_alpha_torchs_float32_beta_cannot_draw_from_is_an_argument_error(t
     assert "--cutmix: expected " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "0.001", "1e39", "nan"])
+def test_every_mix_alpha_out_of_range_gets_the_one_range_it_may_take(value):
+    # -1 was told [0, 1e+38], a range holding the 0.001 refused next
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"a number, 0 \(off\) or in \[0.01, 1e\+38\], got {value}"):
+        quant.cli.mix_alpha(value)
+
+
 def test_a_result_records_its_command_line_quoted_the_machine_and_the_utc_date():
     p = provenance("quant.evaluate", ["--data", "my data", "--split", "test"])
     assert p["command"] == "python -m quant.evaluate --data 'my data' --split test"
