@@ -15,10 +15,11 @@ Tensors, per quantized layer NAME:
   NAME.packed     uint8 codes in `quant.pack.pack_codes` layout, except ternary, which is stored at
                   1.6 bits per weight in base 3 (`quant.pack.pack_base3`, 5 codes per byte): 20 % smaller
                   than the 2-bit layout, decoded once at load time into the in-memory 2-bit layout.
-  NAME.scales     float16 when every scale is exactly a float16 (the PTQ and BitNet quantizers make them so),
-                  else float32 (Q-ViT's learned step sizes); a single value when one scale serves the whole
-                  tensor. NF4 layers store their double-quantized scales instead: NAME.scales.codes (int8),
-                  NAME.scales.absmax (float32 per block of 256 scales) and NAME.scales.offset (float32).
+  NAME.scales     float16 when every scale is exactly a float16 (the PTQ and BitNet quantizers make them so,
+                  but for one beyond float16's range), else float32 (that one, or Q-ViT's learned step
+                  sizes); a single value when one scale serves the whole tensor. NF4 layers store their
+                  double-quantized scales instead: NAME.scales.codes (int8), NAME.scales.absmax (float32
+                  per block of 256 scales) and NAME.scales.offset (float32).
   NAME.zeros      uint8 zero points of asymmetric formats.
 Every other tensor of the model (embeddings, norms, biases, calibrated activation ranges, layers left
 in full precision) is stored under its state-dict name in float32; with `save_quantized(...,
