@@ -8,7 +8,8 @@ architecture (the models in `--assets`, or the ones it builds on the fly when th
 menu's models of another architecture are left out, as a speed-up or size ratio against them would
 compare two different networks. Prints a table and writes
 `--out` (JSON: command, machine, load average, date, wall time and per pair frames/s and median
-latencies; by default the shipped `assets/results/app_bench.json`, which only the default run may write). The target: >= 15 frames/s for the default pair on a 2-core CPU. Latency on a busy machine
+latencies; by default the shipped `assets/results/app_bench.json`, which only the default run may
+write). The target: >= 15 frames/s for the default pair on a 2-core CPU. Latency on a busy machine
 is noisy: the JSON records the load average before and after, so a reader knows whether it was quiet.
 """
 from __future__ import annotations
