@@ -93,8 +93,9 @@ class KernelLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         exact = {n: getattr(self, n) for n in ("scales", "zeros", "codebook") if getattr(self, n) is not None}
         super()._apply(fn, recurse)
-        for name, t in exact.items():  # follow the device, never the dtype
-            setattr(self, name, t.to(getattr(self, name).device))
+        for name, t in exact.items():  # follow the device, never the dtype (else fn's own result: to_empty's storage)
+            if getattr(self, name).dtype != t.dtype:
+                setattr(self, name, t.to(getattr(self, name).device))
         return self
 
     def extra_repr(self) -> str:

@@ -342,3 +342,9 @@ def test_converting_a_partly_converted_model_again_in_the_other_ternary_layout_i
         to_kernels(model, ternary_layout=first)
     with pytest.raises(ValueError, match=f"already run on bitvit's kernels in the other layout, not '{again}'"):
         to_kernels(model, ternary_layout=again)
+
+
+def test_a_kernel_model_moved_to_the_meta_device_takes_fresh_storage_with_to_empty():
+    model = to_kernels(quantized_tiny("w4")).to("meta").to_empty(device="cpu")
+    layer = next(m for m in model.modules() if isinstance(m, KernelLinear))
+    assert layer.scales.device.type == "cpu" and layer.scales.dtype == torch.float32
