@@ -90,7 +90,7 @@ class OnnxModel(nn.Module):
 def confusion_figure(confusion, classes, title: str):
     """A confusion matrix (rows: true class) as a heat map of each row's fractions, with the counts (or a
     matrix's own fractions) written in where there are at most 20 classes; `classes` name them (numbers when
-    they do not fit)."""
+    they do not fit). Names and title are drawn as text: a "$" in them is a dollar, not TeX."""
     import matplotlib.pyplot as plt
     cm = np.asarray(confusion, dtype=float)
     k = cm.shape[0]
@@ -99,8 +99,8 @@ def confusion_figure(confusion, classes, title: str):
     norm = cm / np.where(sums > 0, sums, 1)  # (a matrix of fractions, not counts, has rows summing below 1)
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8, parse_math=False)
+    ax.set_yticks(range(k), names, fontsize=8, parse_math=False)
     if k <= 20:
         for i in range(k):
             for j in range(k):
@@ -108,7 +108,7 @@ def confusion_figure(confusion, classes, title: str):
                         va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, parse_math=False)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig

@@ -146,3 +146,10 @@ def test_predict_scores_every_image_across_batches():
     images = np.arange(5, dtype=np.uint8)[:, None, None, None].repeat(16, 1).repeat(16, 2).repeat(3, 3)
     logits = predict(lambda x: x.mean((2, 3)), images, (0.0,) * 3, (1 / 255,) * 3, batch_size=2)
     assert logits[:, 0].round().tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_dollar_in_a_class_or_file_name_is_drawn_as_text_not_parsed_as_tex(tmp_path):
+    """A checkpoint named `a$^$b.safetensors` ended the run in a TeX parse error after it was scored."""
+    from quant.evaluate import plot_confusion
+    plot_confusion([[1, 0], [0, 1]], ["$5 bill", "$^$"], tmp_path / "c.png", "a$^$b.safetensors on test")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
