@@ -62,7 +62,9 @@ esac
 whole() {  # bash arithmetic below takes whole numbers only: refuse anything else before any work
     [[ $2 =~ ^[0-9]+$ ]] || { echo "error: $1 must be a whole number, got '$2'" >&2; exit 2; }
 }
-whole TIME_BUDGET "$budget"; whole TIME_LIMIT "$limit"; whole TEACHER_BUDGET "${TEACHER_BUDGET:-0}"
+whole TIME_LIMIT "$limit"; whole TEACHER_BUDGET "${TEACHER_BUDGET:-0}"
+# 0 would be quant.train's schedule by epochs, which --end-within-time-limit (PART unset or 2) refuses
+[[ $budget =~ ^[1-9][0-9]*$ ]] || { echo "error: TIME_BUDGET must be a positive whole number of seconds, got '$budget'" >&2; exit 2; }
 [[ $BATCH =~ ^[1-9][0-9]*$ ]] || { echo "error: BATCH must be a positive whole number, got '$BATCH'" >&2; exit 2; }
 if [ "$PART" = 2 ] && [ ! -f "$RUN/last.pt" ]; then
     echo "PART=2: no $RUN/last.pt here; run PART=1 first, on the same machine while it is warm" >&2

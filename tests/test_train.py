@@ -701,6 +701,7 @@ def test_the_gpu_reference_script_in_two_parts_resumes_in_the_second_and_finishe
 
 @pytest.mark.parametrize("var, value, message", [("TIME_LIMIT", "5.5", "TIME_LIMIT must be a whole number"),
                                                  ("TEACHER_BUDGET", "abc", "TEACHER_BUDGET must be a whole number"),
+                                                 ("TIME_BUDGET", "0", "TIME_BUDGET must be a positive whole number"),
                                                  ("BATCH", "0", "BATCH must be a positive whole number"),
                                                  ("DATA", "/no/such/data", "no data at /no/such/data")])
 def test_the_gpu_reference_script_refuses_a_bad_setting_before_any_work(tmp_path, var, value, message):
