@@ -153,7 +153,7 @@ def main(argv=None):
     if not args.confusion:  # the default path too, before scoring (here, where the checkpoint's folder is known)
         output_file(confusion_png, ".png", inputs=(args.checkpoint, args.json))
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
-    device = "cuda" if torch.cuda.is_available() and not onnx else "cpu"
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() and not onnx else "cpu"
     t0 = time.perf_counter()
     res = evaluate(model.to(device), data, args.batch_size, device, progress=True)
     eval_s = time.perf_counter() - t0
@@ -162,8 +162,8 @@ def main(argv=None):
     params = model.session.weight_count if onnx else weight_count(model)
     lat = latency_ms(model, cfg.img_size)
     threads = torch.get_num_threads()  # ONNX Runtime was given as many
-    res.update(checkpoint=str(args.checkpoint), runtime="onnxruntime" if onnx else "torch", split=args.split,
-               params=params, size_bytes=size, latency_ms_batch1_cpu=lat, threads=threads,
+    res.update(checkpoint=str(args.checkpoint), runtime="onnxruntime" if onnx else "torch", device=device,
+               split=args.split, params=params, size_bytes=size, latency_ms_batch1_cpu=lat, threads=threads,
                eval_seconds=eval_s, **provenance("quant.evaluate", argv))
 
     plot_confusion(res["confusion"], data.classes, confusion_png,

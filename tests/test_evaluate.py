@@ -37,6 +37,12 @@ def test_cli_reports_and_ends_with_top1(checkpoint, image_tree, tmp_path):
     assert "parameters" in out and "MB on disk" in out
 
 
+def test_cli_json_records_the_device_that_scored(checkpoint, image_tree, tmp_path):
+    subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(checkpoint), "--data", str(image_tree),
+                    "--json", str(tmp_path / "r.json")], capture_output=True, text=True, check=True)
+    assert json.loads((tmp_path / "r.json").read_text())["device"] == "cpu"  # no GPU here
+
+
 def test_a_model_giving_nan_logits_is_refused_not_scored_as_class_zero(tiny_model, image_tree):
     with torch.no_grad():
         tiny_model.head.weight.fill_(float("inf"))
