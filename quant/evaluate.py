@@ -1,10 +1,19 @@
 """Score a checkpoint: `python -m quant.evaluate --checkpoint PATH --data PATH [--split test]`.
 
 Prints top-1 (as `top1=0.xxxx` on the last line), per-class accuracy, parameter count, size on disk
-and batch-1 latency; writes a confusion-matrix PNG and, with `--json`, all of it as JSON.
+and batch-1 latency; writes a confusion-matrix PNG and, with `--json`, all of it as JSON (its fields below).
 The checkpoint is a bitvit `.safetensors` file (run in torch) or a bitvit `.onnx` export (run in ONNX
 Runtime, with bitvit's ops where the graph uses them). Post-training quantization and QAT score their
 torch models through `evaluate`, export's benchmark its ONNX Runtime sessions through `predict`.
+
+The JSON's fields: `top1` (the fraction of images predicted right), `n` (images scored), `per_class`
+({class: accuracy}, null for a class without images), `confusion` (counts; rows: true class, columns:
+predicted, in `per_class`'s order), `checkpoint`, `runtime` ("torch" or "onnxruntime"), `device` (where it
+scored: "cuda:N" for a torch checkpoint where a GPU is visible, else "cpu"), `split`, `params` (each
+packed weight counted as one), `size_bytes` (the checkpoint file's), `latency_ms_batch1_cpu` (in ms,
+the median of 30 timed runs, after 3 warm-ups, of one random image at the model's input size on the CPU),
+`threads` (of torch or ONNX Runtime), `eval_seconds` (the wall time of scoring, loading not included),
+`command`, `machine`, `date`, `commit` (where known) and `confusion_png` (the plot's path).
 """
 from __future__ import annotations
 
