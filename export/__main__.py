@@ -63,8 +63,9 @@ def main(argv=None):
             library_path()
         except (OSError, ValueError) as e:  # no compiler, no writable cache, no headers to download, a failed
             # compile: bitvit's op library cannot be built here, and the file stands
+            advice = "" if "--standard-ops" in str(e) else " (or export with --standard-ops)"  # Windows' says it
             print(f"{path}: {fmt}, {path.stat().st_size / 1e6:.2f} MB, custom ops: bitvit; not checked against "
-                  f"torch: {e} (or export with --standard-ops)", file=sys.stderr)
+                  f"torch: {e}{advice}", file=sys.stderr)
             return
     session = load(path, threads=args.threads)
     cfg = model.config

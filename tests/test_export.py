@@ -2,6 +2,7 @@
 import copy
 import json
 import re
+import sys
 
 import numpy as np
 import onnx
@@ -466,6 +467,21 @@ def test_the_cli_where_bitvit_ops_cannot_be_built_writes_the_export_and_says_it_
     err = capsys.readouterr().err
     assert "t.onnx: w8a8" in err and "not checked against torch" in err and why in err
     assert runtime.read_onnx(tmp_path / "t.onnx").graph.node
+
+
+def test_the_cli_on_windows_advises_standard_ops_once(tiny_model, tmp_path, monkeypatch, capsys):
+    from export import __main__ as cli, ortops
+
+    def library_path_on_windows():  # only there: torch imports lazily what Linux's sys.platform finds
+        with monkeypatch.context() as m:
+            m.setattr(sys, "platform", "win32")
+            return ortops.library_path()  # refused, naming --standard-ops itself
+    monkeypatch.setattr(cli, "library_path", library_path_on_windows)
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path / "t.onnx"),
+                      "--format", "ternary"]) == 0
+    err = capsys.readouterr().err
+    assert "not on Windows" in err and err.count("--standard-ops") == 1
 
 
 def test_the_cli_offline_without_onnx_runtimes_headers_writes_the_export_and_says_it_is_unchecked(
