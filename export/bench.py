@@ -214,8 +214,8 @@ def main(argv=None):
             raise ValueError(f"{path} has no ONNX export: {e}") from None
         if fmt in BITVIT_OP_FORMATS and {n.op_type for n in proto.graph.node} & {"MatMulNBits", "MatMulInteger"}:
             raise ValueError(f"{path}: its {fmt} layers do not all run on bitvit's op (grouped scales, zero points "
-                             f"or float activations export as MatMulNBits), which the bench times for {fmt}; give "
-                             f"a file with one symmetric scale per output and int8 activations")
+                             f"or float activations export in ONNX Runtime's standard ops instead), which the bench "
+                             f"times for {fmt}; give a file with one symmetric scale per output and int8 activations")
         if not qm.config.same_model(ref.config):
             raise ValueError(f"{path} is not a quantized {Path(args.checkpoint).name}: its architecture, classes "
                              f"or input normalisation differ")
