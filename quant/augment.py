@@ -62,7 +62,7 @@ def _color_op(name: str, x: torch.Tensor, m: torch.Tensor, sign: torch.Tensor | 
         return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), factor)
     if name == "sharpness":
         kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13
-        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3), groups=3)
+        blurred = F.conv2d(x, kernel.expand(3, 1, 3, 3), padding=1, groups=3)  # border unused
         inner = torch.zeros_like(x[:1, :1], dtype=torch.bool)
         inner[..., 1:-1, 1:-1] = True  # PIL's smoothed image keeps the border: sharpness leaves it as it is
         return _blend(x, torch.where(inner, blurred, x), factor)
