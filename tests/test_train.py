@@ -62,6 +62,11 @@ def test_a_peak_rate_below_min_lr_is_never_exceeded():
     assert max(lr_at(s, 100, 10, dataclasses.replace(cfg, lr=0.0)) for s in range(100)) == 0.0
 
 
+def test_a_cut_warmups_peak_below_min_lr_is_never_exceeded():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5)  # a warmup cut short at 2e-6 decays from there, not up to min_lr
+    assert max(lr_at(s, 100, 10, cfg, peak=2e-6) for s in range(10, 100)) == pytest.approx(2e-6)
+
+
 def test_time_budget_decays_the_rate_over_seconds_or_steps_whichever_run_out_first():
     cfg = TrainConfig(lr=1.0, min_lr=0.01, time_budget=60)
     assert lr_at(5, 10_010, 10, cfg, seconds=30) == pytest.approx(0.6)  # warmup still counts steps
