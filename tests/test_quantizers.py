@@ -330,6 +330,12 @@ def test_a_range_of_zeros_in_a_model_cast_to_float16_still_quantizes_without_nan
     assert qz.scale.dtype == torch.float32
 
 
+def test_a_quantizers_ranges_follow_a_cast_models_device_and_all_stay_float32():
+    qz = UniformQuantizer(4, (3,)).to("meta", torch.float16)  # as model.to("cuda", torch.float16)
+    for t in (qz.scale, qz.zero, qz.bits):
+        assert t.device.type == "meta" and t.dtype == torch.float32
+
+
 def test_a_quantizer_built_on_the_meta_device_takes_storage_with_to_empty():
     with torch.device("meta"):
         qz = UniformQuantizer(4, (3,))
