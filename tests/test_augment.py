@@ -38,6 +38,13 @@ def test_a_crop_padding_not_less_than_the_image_size_is_refused_naming_the_setti
             augment(_images(4, size=4), torch.arange(4))
 
 
+def test_a_crop_padding_not_less_than_a_wide_or_tall_images_shorter_side_is_refused():
+    augment = Augment(AugmentConfig(crop_padding=4), 10, CIFAR10_MEAN, CIFAR10_STD)
+    for images in (_images(4, size=8)[:, :, :4], _images(4, size=8)[:, :4]):  # 8 by 4, 4 by 8: 4 bounds the padding
+        with pytest.raises(ValueError, match=r"crop_padding must be .* less than the image size \(4\), got 4"):
+            augment(images.contiguous(), torch.arange(4))
+
+
 def test_the_full_pipeline_gives_normalised_floats_and_soft_targets_that_sum_to_one():
     torch.manual_seed(0)
     images, labels = _images(), torch.arange(64) % 10
