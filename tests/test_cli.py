@@ -103,6 +103,11 @@ def test_every_mix_alpha_out_of_range_gets_the_one_range_it_may_take(value):
         quant.cli.mix_alpha(value)
 
 
+@pytest.mark.parametrize("value", ["0", "0.01", "1e38"])
+def test_mix_alpha_takes_0_and_both_ends_of_its_range(value):
+    assert quant.cli.mix_alpha(value) == float(value)
+
+
 def test_a_result_records_its_command_line_quoted_the_machine_and_the_utc_date():
     p = provenance("quant.evaluate", ["--data", "my data", "--split", "test"])
     assert p["command"] == "python -m quant.evaluate --data 'my data' --split test"
