@@ -88,6 +88,17 @@ def test_a_budget_outside_the_candidate_widths_is_refused(tiny_model, budget):
     with pytest.raises(ValueError, match="budget_bits must lie in the candidate widths 2..8"):
         qvit.prepare(tiny_model, budget_bits=budget)  # 0 made a budget of 0 BitOPs: an infinite penalty
 
+
+@pytest.mark.parametrize("budget", [2, 8])
+def test_a_budget_at_either_end_of_the_candidate_widths_is_taken(tiny_model, budget):
+    qvit.prepare(tiny_model, budget_bits=budget)
+
+
+def test_the_budget_is_bounded_by_the_candidate_widths_given(tiny_model):
+    with pytest.raises(ValueError, match="budget_bits must lie in the candidate widths 3..6, got 2"):
+        qvit.prepare(tiny_model, budget_bits=2, bits=(3, 6))
+
+
 def test_lsq_plus_mode_keeps_every_width_at_the_budget(tiny_model):
     model, _ = prepared(tiny_model, budget=4, learn_bits=False)
     quantizers = qvit.quantizers(model)
