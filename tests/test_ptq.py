@@ -153,8 +153,8 @@ def results_entry(recipe, checkpoint, top1=0.5, drop=0.1):
 
 def test_results_table_rerun_replaces_its_own_entries_and_keeps_the_others_in_order(checkpoint, image_tree, tmp_path):
     out = tmp_path / "r.json"
-    out.write_text(json.dumps({"results": [results_entry("w4", "other.safetensors"),
-                                           results_entry("w4", checkpoint, top1=0.123)]}))
+    other = {**results_entry("w4", "other.safetensors"), "split": "val", "n": 99}  # another file's split: its own
+    out.write_text(json.dumps({"results": [other, results_entry("w4", checkpoint, top1=0.123)]}))
     results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
                   str(tmp_path / "models"), "--recipes", "w4", "--limit", "3", "--calib-size", "6"])
     entries = json.loads(out.read_text())["results"]
@@ -174,11 +174,12 @@ def test_results_table_rerun_replaces_the_entry_of_the_same_file_given_by_anothe
     assert [e["recipe"] for e in json.loads(out.read_text())["results"]] == ["fp32", "w4"]
 
 
-def test_results_table_refuses_a_file_holding_the_checkpoints_scores_on_another_split_or_count(checkpoint,
-                                                                                              image_tree, tmp_path):
+@pytest.mark.parametrize("split, n", [("test", 18), ("val", 3)])
+def test_results_table_refuses_a_file_holding_the_checkpoints_scores_on_another_split_or_count(checkpoint, image_tree,
+                                                                                              tmp_path, split, n):
     out = tmp_path / "r.json"
-    out.write_text(json.dumps({"results": [{**results_entry("w4", checkpoint), "split": "test", "n": 18}]}))
-    with pytest.raises(ValueError, match="holds tiny.safetensors's w4 scored on 18 test images, not 3 test images"):
+    out.write_text(json.dumps({"results": [{**results_entry("w4", checkpoint), "split": split, "n": n}]}))
+    with pytest.raises(ValueError, match=f"holds tiny.safetensors's w4 scored on {n} {split} images, not 3 test images"):
         results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
                       str(tmp_path / "models"), "--recipes", "w8a8", "--limit", "3", "--calib-size", "6"])
     assert len(json.loads(out.read_text())["results"]) == 1
