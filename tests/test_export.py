@@ -295,14 +295,16 @@ def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_mo
             runtime.load(tmp_path / name)
 
 
-def test_a_graph_taking_float16_images_is_refused_when_loaded_not_at_its_first_call(tiny_model, tmp_path):
+@pytest.mark.parametrize("dtype, kind", [(onnx.TensorProto.FLOAT16, "float16"), (onnx.TensorProto.DOUBLE, "double")])
+def test_a_graph_taking_other_than_float32_images_is_refused_when_loaded_not_at_its_first_call(tiny_model, tmp_path,
+                                                                                               dtype, kind):
     proto = to_onnx(tiny_model)
-    for node in proto.graph.node:  # a converter's float16 input, cast to float inside
+    for node in proto.graph.node:  # a converter's float16 (or double) input, cast to float inside
         node.input[:] = ["image32" if name == "image" else name for name in node.input]
     proto.graph.node.insert(0, helper.make_node("Cast", ["image"], ["image32"], to=onnx.TensorProto.FLOAT))
-    proto.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    proto.graph.input[0].type.tensor_type.elem_type = dtype
     onnx.save(proto, tmp_path / "half.onnx")
-    with pytest.raises(ValueError, match=r"half.onnx's graph takes float16 images; bitvit feeds float32"):
+    with pytest.raises(ValueError, match=rf"half.onnx's graph takes {kind} images; bitvit feeds float32"):
         runtime.load(tmp_path / "half.onnx")
 
 
