@@ -614,6 +614,20 @@ def test_the_app_where_the_cache_cannot_be_written_keeps_its_exports_for_the_run
     assert "cannot write the bitvit cache" in capsys.readouterr().err
 
 
+def test_a_bitvit_cache_naming_a_file_gets_a_temporary_cache_removed_at_exit(tmp_path, monkeypatch, capsys):
+    import app.main
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "file"))  # cache_dir refuses it with ValueError
+    at_exit = []
+    monkeypatch.setattr(app.main.atexit, "register", lambda fn, *a, **kw: at_exit.append((fn, a, kw)))
+    app.main.writable_cache()
+    tmp = Path(os.environ["BITVIT_CACHE"])
+    assert tmp.is_dir() and "cannot write the bitvit cache" in capsys.readouterr().err
+    for fn, a, kw in at_exit:
+        fn(*a, **kw)
+    assert not tmp.exists()
+
+
 def test_a_port_outside_1_to_65535_is_an_argument_error(capsys):
     with pytest.raises(SystemExit):
         main(["--port", "99999"])
