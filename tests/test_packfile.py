@@ -483,3 +483,4 @@ def test_bits_per_weight_are_not_rounded_before_they_are_printed(tmp_path):
     model = quantized_mlp("int4", 14, 10, None, False)               # 5.22353 bits, "5.224"; rounded to 5.2235, "5.223"
     storage = quant.save_quantized(model, tmp_path / "m.safetensors")
     assert f"{storage['bits_per_weight']:.3f}" == f"{8 * storage['linear_bytes'] / storage['linear_weights']:.3f}"
+    assert storage["bits_per_weight"] == 8 * storage["linear_bytes"] / storage["linear_weights"]  # exact, not rounded finer
