@@ -178,6 +178,21 @@ def test_a_process_that_loses_the_race_to_fetch_the_headers_takes_the_winners_co
     assert (dest / header).read_text() == "winner" and [p.name for p in tmp_path.iterdir()] == ["headers"]
 
 
+def test_a_failed_move_of_the_headers_with_no_other_copy_in_place_is_raised(tmp_path, monkeypatch):
+    monkeypatch.setattr(ortops, "_debian_archive", lambda: ("http://deb.debian.org/debian", ""))
+
+    def fake(cmd, cwd=None, what=None):  # apt-get writes a package; dpkg-deb unpacks nothing that matters
+        if cmd[-2:] == ["download", "libonnxruntime-dev"]:
+            (Path(cwd) / "libonnxruntime-dev_1.0_amd64.deb").write_text("deb")
+    monkeypatch.setattr(ortops, "_run", fake)
+
+    def fails(src, dst):  # no winner: the move itself failed (a full disk, no permission)
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "replace", fails)
+    with pytest.raises(PermissionError):
+        ortops._fetch_headers(tmp_path / "headers")
+
+
 def test_headers_changed_in_place_rebuild_the_library(tmp_path, monkeypatch):
     # a library built against newer headers than the runtime that loads it crashes that runtime
     use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
