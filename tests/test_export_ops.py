@@ -221,6 +221,14 @@ def test_on_apple_silicon_the_library_is_built_without_march_native_which_apple_
     assert ortops.library_path().read_text() == "built\n"
 
 
+def test_on_an_intel_mac_the_library_is_still_built_with_march_native(tmp_path, monkeypatch):
+    use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && { echo Apple clang 14; exit 0; }\n'
+                      'args="$*"\nwhile [ "$1" != -o ]; do shift; done\necho "$args" > "$2"\n', tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(ortops.platform, "machine", lambda: "x86_64")
+    assert "-march=native" in ortops.library_path().read_text().split()
+
+
 def test_on_windows_the_library_is_refused_in_one_line_that_leads_to_standard_ops(tmp_path, monkeypatch):
     use_fake_compiler('#!/bin/sh\nexit 1\n', tmp_path, monkeypatch)  # a g++ (MinGW's) is no help there
     monkeypatch.setattr(sys, "platform", "win32")
