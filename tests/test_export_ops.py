@@ -578,3 +578,31 @@ def test_a_library_built_before_the_compiler_was_removed_is_loaded_not_refused(t
     monkeypatch.setenv("ORT_INCLUDE_DIR", str(tmp_path / "no-headers"))  # nothing built against them: the compiler
     with pytest.raises(FileNotFoundError, match="no C\\+\\+ compiler .*removed-g\\+\\+"):  # is what is missing
         ortops.library_path()
+
+
+FAKE_BUILD = ('#!/bin/sh\n[ "$1" = --version ] && { echo fake ${FAKE_VERSION:-1.0}; exit 0; }\n'
+              'while [ "$1" != -o ]; do shift; done\necho built > "$2"\n')
+
+
+def test_without_the_compiler_a_damaged_library_is_refused_not_loaded(tmp_path, monkeypatch):
+    use_fake_compiler(FAKE_BUILD, tmp_path, monkeypatch)
+    ortops.library_path().write_text("damaged")
+    monkeypatch.setenv("CXX", str(tmp_path / "removed-g++"))
+    with pytest.raises(FileNotFoundError, match="no C\\+\\+ compiler"):
+        ortops.library_path()
+
+
+def test_without_the_compiler_a_forced_rebuild_is_refused_not_served_from_the_cache(tmp_path, monkeypatch):
+    use_fake_compiler(FAKE_BUILD, tmp_path, monkeypatch)
+    ortops.library_path()
+    monkeypatch.setenv("CXX", str(tmp_path / "removed-g++"))
+    with pytest.raises(FileNotFoundError, match="no C\\+\\+ compiler"):
+        ortops.library_path(force=True)
+
+
+def test_another_compiler_version_builds_a_library_of_its_own(tmp_path, monkeypatch):
+    use_fake_compiler(FAKE_BUILD, tmp_path, monkeypatch)
+    first = ortops.library_path()
+    monkeypatch.setenv("FAKE_VERSION", "2.0")
+    second = ortops.library_path()
+    assert second != first and second.parent.parent == first.parent.parent and first.is_file()
