@@ -561,6 +561,15 @@ def test_input_wider_than_in_features_within_the_same_packed_bytes_is_refused(op
     assert s.run(None, {"x": np.ones((2, 20), np.float32)})[0].shape == (2, 8)
 
 
+@pytest.mark.parametrize("op", list(OPS))
+def test_input_narrower_than_in_features_within_the_same_packed_bytes_is_refused(op):
+    # 19 binary inputs pack into 3 bytes, as 20 do: the layer's 20th weight would be dropped silently
+    _, packed, scales, bias = random_layer(op, 8, 20, seed=11)
+    s = session(op_model(op, packed, scales, bias, in_features=20))
+    with pytest.raises(Exception, match=r"X has 19 input features, but the layer takes 20 \(attribute in_features\)"):
+        s.run(None, {"x": np.ones((2, 19), np.float32)})
+
+
 @pytest.mark.parametrize("value,match", [(0, "in_features must be at least 1, got 0"),
                                          (20.0, "in_features must be an integer attribute")])
 def test_an_in_features_that_is_not_a_positive_integer_is_refused(value, match):
