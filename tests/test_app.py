@@ -1175,6 +1175,16 @@ def test_a_file_just_over_the_size_limit_is_not_said_to_be_as_large_as_the_limit
     assert f"{frames.MAX_FILE_BYTES + 1:,} bytes" in str(e.value) and "MiB" in str(e.value)
 
 
+def test_a_file_of_exactly_the_size_limit_is_not_refused_for_its_size(tmp_path):
+    from app import frames
+    path = tmp_path / "big.png"
+    with open(path, "wb") as f:
+        f.truncate(frames.MAX_FILE_BYTES)                    # sparse zeros: refused as no image, not as too large
+    with pytest.raises(ValueError) as e:
+        load_image_file(path)
+    assert "the app takes images up to" not in str(e.value)
+
+
 def test_a_streamed_frame_over_the_size_limit_is_refused_before_decoding(monkeypatch):
     from app import frames
     monkeypatch.setattr(frames, "MAX_FILE_BYTES", 1000)
