@@ -348,3 +348,9 @@ def test_a_kernel_model_moved_to_the_meta_device_takes_fresh_storage_with_to_emp
     model = to_kernels(quantized_tiny("w4")).to("meta").to_empty(device="cpu")
     layer = next(m for m in model.modules() if isinstance(m, KernelLinear))
     assert layer.scales.device.type == "cpu" and layer.scales.dtype == torch.float32
+
+
+def test_a_kernel_models_scales_follow_it_to_another_device_when_it_is_cast():
+    model = to_kernels(quantized_tiny("w4")).to("meta", torch.float16)  # as model.to("cuda", torch.float16)
+    layer = next(m for m in model.modules() if isinstance(m, KernelLinear))
+    assert layer.scales.device.type == "meta" and layer.scales.dtype == torch.float32
