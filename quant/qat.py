@@ -292,10 +292,11 @@ def main(argv=None):
                          f"{args.teacher} --recipe {args.recipe} ...")
     if args.init and not isinstance(r, BitNet):  # a Q-ViT student's widths are fixed between its two stages
         raise ValueError(f"--init warm-restarts the BitNet recipes (w1.58a8, w1a8), not {args.recipe}")
+    searches = isinstance(r, QViT) and r.learn_bits  # a bit-width search (qvit; lsq keeps its widths)
     # the Q-ViT options do nothing with the other recipes: refused like --init, not ignored
-    if args.search_ratio is not None and not (isinstance(r, QViT) and r.learn_bits):
+    if args.search_ratio is not None and not searches:
         raise ValueError(f"--search-ratio sets the qvit recipe's bit-width search; {args.recipe} searches none")
-    if args.bitops_weight is not None and not (isinstance(r, QViT) and r.learn_bits):
+    if args.bitops_weight is not None and not searches:
         raise ValueError(f"--bitops-weight weighs the qvit recipe's bit-width search; {args.recipe} searches none")
     args.search_ratio = 0.5 if args.search_ratio is None else args.search_ratio
     args.bitops_weight = 1.0 if args.bitops_weight is None else args.bitops_weight
@@ -315,7 +316,7 @@ def main(argv=None):
                                        init)
     features = FeatureDistill(student, teacher, args.feature_weight) if args.feature_weight > 0 else None
     # the nearest whole epoch, a half up (Python's round takes halves to even: 5 epochs searched 2, 7 searched 4)
-    search = int(args.epochs * args.search_ratio + 0.5) if isinstance(r, QViT) and r.learn_bits else 0
+    search = int(args.epochs * args.search_ratio + 0.5) if searches else 0
     train_cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, seed=args.seed, time_budget=args.time_budget,
