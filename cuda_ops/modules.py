@@ -26,7 +26,7 @@ import torch.nn as nn
 from cuda_ops.ops import A8_OPS, weight_only_group_ok, weight_only_linear
 from quant.pack import pack_trit_planes, unpack_codes
 from quant.qlinear import QuantLinear
-from quant.quantizers import NF4_CODEBOOK
+from quant.quantizers import NF4_CODEBOOK, undo_dtype_casts
 
 WEIGHT_ONLY_FORMATS = ("int8", "int4", "int2", "nf4")
 TERNARY_LAYOUTS = ("2bit", "base3")  # 2-bit codes (QuantLinear's own), or trit planes (1.6 bits)
@@ -93,10 +93,7 @@ class KernelLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         exact = {n: getattr(self, n) for n in ("scales", "zeros", "codebook") if getattr(self, n) is not None}
         super()._apply(fn, recurse)
-        for name, t in exact.items():  # follow the device, never the dtype (else fn's own result: to_empty's storage)
-            if getattr(self, name).dtype != t.dtype:
-                setattr(self, name, t.to(getattr(self, name).device))
-        return self
+        return undo_dtype_casts(self, exact)  # they follow the device, never the dtype
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

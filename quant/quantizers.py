@@ -360,6 +360,16 @@ def fake_quant_log2(p: torch.Tensor, bits: int, offset: int | torch.Tensor = 0) 
 # ----------------------------------------------------------------------------- activation quantizer modules
 
 
+def undo_dtype_casts(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """After `nn.Module._apply`: each tensor of `before` (name: the tensor before it) that the conversion cast to
+    another dtype is put back in its own dtype, on the device it moved to; the others keep the conversion's result
+    (to_empty's fresh storage off the meta device). For an `_apply` override whose tensors must stay exact."""
+    for name, t in before.items():
+        if getattr(module, name).dtype != t.dtype:
+            setattr(module, name, t.to(getattr(module, name).device))
+    return module
+
+
 class UniformQuantizer(torch.nn.Module):
     """Static unsigned uniform activation quantizer with calibrated scale, zero point and bit-width.
 
@@ -391,10 +401,7 @@ class UniformQuantizer(torch.nn.Module):
         # calibrated on zeros gets 1e-8) would become 0, and a zero input 0 / 0 = NaN
         ranges = {n: getattr(self, n) for n in ("scale", "zero", "bits")}
         super()._apply(fn, recurse)
-        for n, t in ranges.items():
-            if getattr(self, n).dtype != t.dtype:  # else fn's own result: to_empty's storage off the meta device
-                setattr(self, n, t.to(getattr(self, n).device))
-        return self
+        return undo_dtype_casts(self, ranges)
 
     def spec(self) -> dict:
         return {"kind": "uniform", "shape": list(self.scale.shape)}
