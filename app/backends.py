@@ -4,7 +4,7 @@ A `Backend` maps normalised images, float32 (B, 3, S, S), to logits (B, classes)
 its file, the runtime that runs it, its weight format, size on disk and bits per weight. How a bitvit
 `.safetensors` file (full precision or packed) runs is decided in one place, `RUNTIME`:
   "onnxruntime"  the model is exported once (`export.exporter`, cached by the hashes of the file and
-                 of the exporter's source, so a newer exporter writes a new graph) and runs
+                 of bitvit's code in quant/ and export/, so changed code writes a new graph) and runs
                  as an ONNX Runtime session (`export.runtime`): bitvit's ternary/binary/int4/int8 ops
                  (standard MatMulNBits and MatMulInteger ops when bitvit's op library cannot be built
                  here), MatMulNBits for weight-only formats. A model the exporter cannot express
@@ -20,6 +20,7 @@ Size and bits per weight: `size_bytes` is the file the model ships as; `bits_per
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import export
 import quant
 from quant.cli import finite_number, written_whole
 from quant.data import cache_dir, check_model_input
@@ -44,6 +46,8 @@ from quant.packfile import is_quantized_format
 
 RUNTIME = "onnxruntime"
 MODEL_SUFFIXES = (".safetensors", ".onnx")
+# the code that makes the files the app caches: loading, quantizing, packing and exporting a model
+CODE = (Path(quant.__file__).parent, Path(export.__file__).parent)
 
 
 @dataclass
@@ -169,15 +173,15 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str, again: bool = F
 
     `quant.quantize(model, recipe)` quantizes every nn.Linear (no calibration data needed; the low-bit
     recipes keep the classifier head at 8 bits), then `quant.save_quantized` writes it into the bitvit
-    cache, once per FP file and recipe; the app then opens it like a shipped packed model, so its size
-    on disk is real. Where the cache cannot take it (read-only, full, no home folder), it is written to a
-    temporary folder for this run instead, with a warning. `again`: built anew, over a cached file that failed
-    to open."""
+    cache, once per FP file, recipe and version of bitvit's code (`code_digest`); the app then opens it
+    like a shipped packed model, so its size on disk is real. Where the cache cannot take it (read-only,
+    full, no home folder), it is written to a temporary folder for this run instead, with a warning.
+    `again`: built anew, over a cached file that failed to open."""
     fp_path = Path(fp_path)
     r = quant.recipe(recipe)
     if not isinstance(r, quant.recipes.RTN):
         raise ValueError(f"recipe {recipe!r} is not a round-to-nearest PTQ recipe (it needs training or calibration)")
-    digest = hashlib.sha256(fp_path.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(fp_path.read_bytes() + code_digest().encode()).hexdigest()[:16]
     name = f"{fp_path.stem}-{digest}-{recipe}.safetensors"
     try:
         out = _cache() / name
@@ -202,6 +206,19 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str, again: bool = F
           f"written to {out.parent} for this run only (set BITVIT_CACHE to a writable folder)", file=sys.stderr)
     quant.save_quantized(model, out)
     return out
+
+
+@functools.cache
+def code_digest() -> str:
+    """A hash of every .py file in CODE (quant/ and export/), read once per process: the cache's exports and
+    packed files are keyed by it, so a change to any of that code (rounding, packing, the graph) makes new
+    ones. (bitvit's C++ ops are no part of a graph: `export.ortops` keys the library it builds by their source.)"""
+    h = hashlib.sha256()
+    for folder in CODE:
+        for path in sorted(folder.rglob("*.py")):
+            name = path.relative_to(folder.parent).as_posix()
+            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def _cache() -> Path:
@@ -229,9 +246,10 @@ def _ort_backend(onnx_path: Path, source: Path, threads: int | None, linear_bits
 
 
 def _export_path(model: nn.Module, source: Path, custom_ops: bool) -> Path:
-    """Where the bitvit cache keeps a model's ONNX export: one file per source file, exporter and op set."""
+    """Where the bitvit cache keeps a model's ONNX export: one file per source file, version of bitvit's code
+    and op set."""
     from export import exporter
-    digest = hashlib.sha256(source.read_bytes() + Path(exporter.__file__).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + code_digest().encode()).hexdigest()[:16]
     return cache_dir() / "app" / f"{digest}-{exporter.model_format(model)}{'' if custom_ops else '-standard-ops'}.onnx"
 
 

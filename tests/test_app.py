@@ -40,6 +40,13 @@ def packed_other_architecture(folder: Path) -> Path:
     return packed(quant.models.VisionTransformer(wider), folder / "a_wide_ternary.safetensors", "ternary")
 
 
+@pytest.fixture(autouse=True)
+def _asked_anew():
+    """What the app learns once per process (its code's hash) learnt again by every test."""
+    from app import backends
+    backends.code_digest.cache_clear()
+
+
 @pytest.fixture
 def assets(tmp_path, tiny_model, fp_file):
     """A folder like assets/: the FP model, a ternary and an int8 packed model, and a stray file."""
@@ -255,17 +262,23 @@ def test_the_torch_and_onnx_runtime_backends_agree(fp_file):
     np.testing.assert_allclose(ort(x), torch_out, atol=1e-4)
 
 
-def test_the_onnx_export_is_cached_once_and_written_again_by_a_changed_exporter(fp_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("module", ["export/exporter.py", "quant/pack.py"])
+def test_the_onnx_export_and_the_model_quantized_on_the_fly_are_made_anew_after_a_change_to_bitvits_code(
+        fp_file, tmp_path, monkeypatch, module):
+    import shutil
     from app import backends
-    from export import exporter
     model = quant.load_any(fp_file)
-    first = backends._exported(model, fp_file)
-    assert backends._exported(model, fp_file) == first
-    changed = tmp_path / "exporter.py"
-    changed.write_bytes(open(exporter.__file__, "rb").read() + b"# a newer exporter\n")
-    monkeypatch.setattr(exporter, "__file__", str(changed))
-    second = backends._exported(model, fp_file)
-    assert second != first and second.is_file()
+    exported, built = backends._exported(model, fp_file), quantize_on_the_fly(fp_file, "w8a8")
+    assert backends._exported(model, fp_file) == exported and quantize_on_the_fly(fp_file, "w8a8") == built
+    code = tmp_path / "code"
+    for folder in backends.CODE:
+        shutil.copytree(folder, code / folder.name, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(code / module, "a") as f:
+        f.write("# changed\n")
+    monkeypatch.setattr(backends, "CODE", tuple(code / folder.name for folder in backends.CODE))
+    backends.code_digest.cache_clear()  # as the app's next start
+    assert backends._exported(model, fp_file) != exported
+    assert quantize_on_the_fly(fp_file, "w8a8") != built
 
 
 def test_a_damaged_cached_onnx_export_is_written_again_not_passed_over(fp_file):
