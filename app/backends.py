@@ -7,9 +7,10 @@ its file, the runtime that runs it, its weight format, size on disk and bits per
                  of bitvit's code in quant/ and export/, so changed code writes a new graph) and runs
                  as an ONNX Runtime session (`export.runtime`): bitvit's ternary/binary/int4/int8 ops
                  (standard MatMulNBits and MatMulInteger ops when bitvit's op library cannot be built
-                 here), MatMulNBits for weight-only formats. A model the exporter cannot express
-                 (quantized attention, activation formats other than int8 per token) runs in torch
-                 instead, and its backend says why.
+                 here, which is asked once per process: `bitvit_ops_missing`), MatMulNBits for
+                 weight-only formats. A model the exporter cannot express (quantized attention,
+                 activation formats other than int8 per token) runs in torch instead, and its backend
+                 says why.
   "torch"        the model runs as loaded by `quant.load_any` (QuantLinear's reference forward).
 `.onnx` files always run in ONNX Runtime.
 
@@ -150,19 +151,47 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
     notes = []
     if runtime == "onnxruntime":
         for custom_ops in (True, False):  # bitvit's own ops first, then standard ops (MatMulNBits)
-            cached = _export_path(model, path, custom_ops).is_file()
-            for again in (False, True) if cached else (True,):  # a cached export that fails is written again
-                try:
-                    backend = _ort_backend(_exported(model, path, custom_ops, again), path, threads, linear_bits)
-                    backend.note = "; ".join(notes)
-                    return backend
-                except (ValueError, OSError, RuntimeError) as e:  # not exportable, or no compiler for bitvit's ops
-                    error = e
+            if custom_ops and _uses_bitvit_ops(model) and bitvit_ops_missing():
+                error = bitvit_ops_missing()  # no library here: not exported nor loaded only to fail again
+            else:
+                cached = _export_path(model, path, custom_ops).is_file()
+                for again in (False, True) if cached else (True,):  # a cached export that fails is written again
+                    try:
+                        backend = _ort_backend(_exported(model, path, custom_ops, again), path, threads, linear_bits)
+                        backend.note = "; ".join(notes)
+                        return backend
+                    except (ValueError, OSError, RuntimeError) as e:  # not exportable, not cached, or does not load
+                        error = e
             lines = str(error).splitlines()  # a failed command's: what failed, then its output: its last line says why
             notes.append(f"{'bitvit ops' if custom_ops else 'standard ONNX ops'} failed: {lines[0]}"
                          + (f" {lines[-1].strip()}" if len(lines) > 1 else ""))
         notes = [f"runs in torch: ONNX Runtime could not take it ({'; '.join(notes)})"]
     return _torch_backend(model, path, linear_bits, threads, "; ".join(notes))
+
+
+@functools.cache
+def bitvit_ops_missing() -> Exception | None:
+    """Why bitvit's ONNX Runtime op library cannot be had here (no C++ compiler, a failed build), or None: asked
+    once per process, when the first model that needs it opens, so that the models after it go straight to
+    standard ops."""
+    from export import runtime
+    try:
+        runtime.library_path()  # what export.runtime.load calls for a graph of bitvit's ops
+    except (ValueError, OSError, RuntimeError) as e:
+        return e
+    return None
+
+
+def _uses_bitvit_ops(model: nn.Module) -> bool:
+    """Whether the model's export holds bitvit's ops (not for an FP or weight-only model; a model that cannot be
+    exported: no, its export's own error is the one to report)."""
+    from export import exporter
+    from export.ortops import DOMAIN
+    try:
+        graph = exporter.to_onnx(model, exporter.model_format(model))
+    except (ValueError, RuntimeError):
+        return False
+    return any(op.domain == DOMAIN for op in graph.opset_import)
 
 
 ON_THE_FLY = ("w8a8", "w4")  # PTQ recipes the app builds from the FP model when assets/ holds no packed model

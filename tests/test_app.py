@@ -42,9 +42,11 @@ def packed_other_architecture(folder: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _asked_anew():
-    """What the app learns once per process (its code's hash) learnt again by every test."""
+    """What the app learns once per process (its code's hash, whether bitvit's ops can be had) learnt again by every
+    test."""
     from app import backends
     backends.code_digest.cache_clear()
+    backends.bitvit_ops_missing.cache_clear()
 
 
 @pytest.fixture
@@ -304,6 +306,20 @@ def test_without_bitvit_ops_a_ternary_model_runs_on_standard_onnx_ops(assets, mo
     assert ort.runtime == "ONNX Runtime" and "bitvit ops failed" in ort.note
     x = np.random.default_rng(0).normal(size=(2, 3, S, S)).astype(np.float32)
     np.testing.assert_allclose(ort(x), open_model(path, runtime="torch")(x), atol=1e-3)
+
+
+def test_without_a_compiler_the_app_learns_it_once_and_exports_its_models_on_standard_ops_only(assets, monkeypatch):
+    from export import exporter, ortops
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    asked, exported = [], []
+    monkeypatch.setattr("export.runtime.library_path", lambda: asked.append(1) or ortops.library_path())
+    export = exporter.export
+    monkeypatch.setattr(exporter, "export", lambda *a, **kw: exported.append(kw["custom_ops"]) or export(*a, **kw))
+    for name in ("fp", "tiny_ternary", "tiny_int8", "tiny_ternary"):  # the last: its standard export cached
+        backend = open_model(assets / f"{name}.safetensors")
+        assert backend.runtime == "ONNX Runtime"
+        assert ("bitvit ops failed: no C++ compiler" in backend.note) == (name != "fp")
+    assert asked == [1] and exported == [True, False, False]  # the FP model's export holds no bitvit op
 
 
 def test_a_failed_build_of_bitvit_ops_is_noted_with_its_reason_not_a_line_ending_in_a_colon(assets, monkeypatch):
