@@ -20,14 +20,10 @@ Size and bits per weight: `size_bytes` is the file the model ships as; `bits_per
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import hashlib
 import json
 import os
-import shutil
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -203,37 +199,23 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str, again: bool = F
     `quant.quantize(model, recipe)` quantizes every nn.Linear (no calibration data needed; the low-bit
     recipes keep the classifier head at 8 bits), then `quant.save_quantized` writes it into the bitvit
     cache, once per FP file, recipe and version of bitvit's code (`code_digest`); the app then opens it
-    like a shipped packed model, so its size on disk is real. Where the cache cannot take it (read-only,
-    full, no home folder), it is written to a temporary folder for this run instead, with a warning.
+    like a shipped packed model, so its size on disk is real. The cache is one that can be written
+    (`app.main.writable_cache`, which the app and its bench call first, makes it so); a write that fails
+    all the same (a disk that filled up since) is an OSError, which the page reports for that model.
     `again`: built anew, over a cached file that failed to open."""
     fp_path = Path(fp_path)
     r = quant.recipe(recipe)
     if not isinstance(r, quant.recipes.RTN):
         raise ValueError(f"recipe {recipe!r} is not a round-to-nearest PTQ recipe (it needs training or calibration)")
     digest = hashlib.sha256(fp_path.read_bytes() + code_digest().encode()).hexdigest()[:16]
-    name = f"{fp_path.stem}-{digest}-{recipe}.safetensors"
-    try:
-        out = _cache() / name
-        if out.is_file() and not again:
-            return out
-    except (OSError, ValueError) as e:
-        out, error = None, e
+    out = _cache() / f"{fp_path.stem}-{digest}-{recipe}.safetensors"
+    if out.is_file() and not again:
+        return out
     model = quant.load_any(fp_path)
     if weight_format(model) != "fp32":
         raise ValueError(f"{fp_path} is already quantized")
-    model = quant.quantize(model, r)
-    if out is not None:
-        try:
-            with written_whole(out) as tmp:
-                quant.save_quantized(model, tmp)
-            return out
-        except OSError as e:
-            error = e
-    out = Path(tempfile.mkdtemp(prefix="bitvit-")) / name
-    atexit.register(shutil.rmtree, out.parent, ignore_errors=True)
-    print(f"warning: cannot keep {name} in the bitvit cache ({getattr(error, 'strerror', None) or error}); "
-          f"written to {out.parent} for this run only (set BITVIT_CACHE to a writable folder)", file=sys.stderr)
-    quant.save_quantized(model, out)
+    with written_whole(out) as tmp:
+        quant.save_quantized(quant.quantize(model, r), tmp)
     return out
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from app.examples import DRAWINGS
 from app.frames import MAX_PIXELS
 from app.live import LiveStats
-from app.main import ASSETS, OTHER, make_comparison, open_default
+from app.main import ASSETS, OTHER, make_comparison, open_default, writable_cache
 from app.ui import Handlers
 from quant.cli import load_average, output_file, positive_int, provenance, run, thread_count, write_json
 
@@ -110,6 +110,7 @@ def main(argv=None):
         raise ValueError(f"--frames {args.frames} of {w}x{h} would take {args.frames * w * h * 3:,} bytes of "
                          f"memory; the clip is held to {MAX_CLIP_BYTES >> 30} GiB ({MAX_CLIP_BYTES:,} bytes)")
 
+    writable_cache()  # as the app: the models' exports and the ones it quantizes need it
     start, load_before = time.time(), load_average()
     comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime,
                                                   has_quant_option=False)

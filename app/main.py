@@ -166,8 +166,9 @@ def check_port_free(host: str, number: int) -> None:
 
 def writable_cache() -> None:
     """Point $BITVIT_CACHE at a temporary folder for this run, with a warning, where the bitvit cache cannot be
-    written (a read-only home, or none): there the models' ONNX exports and bitvit's ops would have nowhere to
-    go, and every model would run in torch, the quantized ones slower than the FP model."""
+    written (a read-only home, or none): there the models' ONNX exports, bitvit's ops and the models the app
+    quantizes itself would have nowhere to go, and every model would run in torch, the quantized ones slower
+    than the FP model. The app and `app.bench` call it before they open any model."""
     from quant.data import cache_dir
     try:
         folder = cache_dir() / "app"
@@ -180,7 +181,8 @@ def writable_cache() -> None:
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     os.environ["BITVIT_CACHE"] = tmp
     print(f"warning: cannot write the bitvit cache ({getattr(error, 'strerror', None) or error}); the models' ONNX "
-          f"exports go to {tmp} for this run only (set BITVIT_CACHE to a writable folder)", file=sys.stderr)
+          f"exports and the models the app quantizes go to {tmp} for this run only (set BITVIT_CACHE to a writable "
+          f"folder)", file=sys.stderr)
 
 
 def server_name(host: str) -> str:

@@ -340,13 +340,17 @@ def test_a_model_quantized_on_the_fly_is_a_real_packed_file_close_to_the_fp_mode
     assert quantize_on_the_fly(fp_file, "w8a8") == path   # built once, then taken from the cache
 
 
-def test_a_model_quantized_on_the_fly_where_the_cache_cannot_be_written_goes_to_a_temp_folder_with_a_warning(
-        fp_file, tmp_path, monkeypatch, capsys):
-    (tmp_path / "file").write_text("")
-    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "file" / "cache"))  # no folder can be made there
-    path = quantize_on_the_fly(fp_file, "w8a8")
-    assert quant.read_header(path)["storage"]["bits_per_weight"] > 8
-    assert "cannot keep" in capsys.readouterr().err and "file" not in path.parts
+def test_a_model_quantized_on_the_fly_whose_write_fails_after_start_up_gets_the_reason_on_the_page(fp_file, tmp_path,
+                                                                                                   monkeypatch):
+    import errno
+    (tmp_path / "none").mkdir()
+    cmp, labels, _ = make_comparison(fp_file, None, tmp_path / "none", runtime="torch")
+
+    def disk_full(model, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(quant, "save_quantized", disk_full)
+    out = Handlers(cmp).live(frame((40, 40, 3)), labels[1], LiveStats())  # w4: built when first chosen
+    assert out[5].startswith("⚠") and "No space left on device" in out[5]
 
 
 def test_a_damaged_cached_model_quantized_on_the_fly_is_built_again_not_left_out(fp_file, tmp_path):
@@ -1068,6 +1072,21 @@ def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(ass
     assert all(p["quant"]["note"] == "" for p in data["pairs"])  # each pair ran as asked, nothing fell back
     assert "frames/s target" in capsys.readouterr().out
 
+
+
+def test_the_bench_where_the_cache_cannot_be_written_keeps_its_files_for_the_run_and_runs_in_onnx_runtime(
+        fp_file, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "file" / "cache"))  # no folder can be made there
+    monkeypatch.setenv("CXX", "no-such-compiler")  # standard ONNX ops: no build in the test
+    (tmp_path / "none").mkdir()
+    out = tmp_path / "bench.json"
+    bench_main(["--fp", str(fp_file), "--assets", str(tmp_path / "none"), "--frames", "2", "--size", "64x48",
+                "--out", str(out)])  # no packed model: both quantized ones built on the fly
+    pairs = json.loads(out.read_text())["pairs"]
+    assert [p["quant"]["runtime"] for p in pairs] == ["ONNX Runtime"] * 2
+    assert all(p["quant"]["note"].startswith("quant.quantize") for p in pairs), pairs  # no fallback noted
+    assert "cannot write the bitvit cache" in capsys.readouterr().err
 
 
 def test_the_bench_records_no_load_average_where_the_os_has_none(assets, tmp_path, capsys, monkeypatch):
