@@ -33,9 +33,12 @@ class Reading:
     latency_ms: float
 
     def top(self, k: int = TOP_K) -> dict[str, float]:
+        """The k likeliest classes, name -> probability; a name the model gives two classes (ImageNet's "crane",
+        the bird and the machine) carries each one's index, "crane (class 134)", so that they stay apart."""
         classes = self.backend.config.classes or tuple(f"class {i}" for i in range(len(self.probs)))
         best = np.argsort(-self.probs)[:k]
-        return {classes[i]: float(self.probs[i]) for i in best}
+        return {(classes[i] if classes.count(classes[i]) == 1 else f"{classes[i]} (class {i})"): float(self.probs[i])
+                for i in best}
 
 
 class Meter:

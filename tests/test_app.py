@@ -1318,11 +1318,25 @@ def test_the_frame_rate_counts_intervals_and_restarts_with_another_variant():
 
 # ----------------------------------------------------------------------------- what the page says
 
-def fake_reading(name, size_bytes, logits, linear_bits=None):
+def fake_reading(name, size_bytes, logits, linear_bits=None, config=TINY):
     from app.backends import Backend
     from app.live import Reading, _softmax
-    backend = Backend(name, "torch", "int8", TINY, size_bytes, lambda x: x, linear_bits)
+    backend = Backend(name, "torch", "int8", config, size_bytes, lambda x: x, linear_bits)
     return Reading(backend, _softmax(np.array(logits, np.float64)), 1.0)
+
+
+CRANES = quant.models.ViTConfig(**{**TINY.__dict__, "classes": ("crane", "cat", "crane")})  # as ImageNet's two
+
+
+def test_two_classes_of_one_name_are_shown_apart_in_the_top_classes():
+    top = fake_reading("fp", 1000, [3, 1, 2], config=CRANES).top()
+    assert top.keys() == {"crane (class 0)", "crane (class 2)", "cat"} and sum(top.values()) == pytest.approx(1)
+
+
+def test_the_summary_says_two_models_disagree_whose_top_classes_share_a_name():
+    from app.ui import summary_markdown
+    fp, q = fake_reading("fp", 1000, [3, 1, 2], config=CRANES), fake_reading("q", 1000, [2, 1, 3], config=CRANES)
+    assert "top-1 disagree" in summary_markdown(fp, q, 1.0, 1.0, None, "median")
 
 
 def test_a_models_card_gives_frames_per_second_from_the_median_latency_not_the_last():
