@@ -1397,6 +1397,26 @@ def test_the_bench_reports_the_speed_up_as_fp_latency_over_quantized_latency():
     assert (row["fp_median_ms"], row["quant_median_ms"], row["frames"]) == (6.0, 2.0, 3)
 
 
+def test_the_benchs_time_outside_the_models_is_each_frames_own_not_a_mean_less_two_medians():
+    import time
+    from types import SimpleNamespace
+    fp_ms = iter([20.0, 20.0, 1.0] * 3)  # the FP model's median, 20 ms, above its mean, 13.7 ms
+
+    def live(f, variant, stats):  # the page's handler, spending just its models' time
+        ms = next(fp_ms)
+        time.sleep((ms + 1.0) / 1e3)
+        stats.fp.add(ms)
+        stats.quant.add(1.0)
+        stats.tick()
+        return (None,) * 5 + ("summary", stats)
+
+    backend = SimpleNamespace(name="m", runtime="torch", weight_format="int8", size_bytes=1000, bits_per_weight=8.0,
+                              linear_bits=None, note="")
+    handlers = SimpleNamespace(live=live, cmp=SimpleNamespace(fp=backend, variant=lambda label: backend))
+    row = bench_pair(handlers, "q", [frame((8, 8, 3))] * 3)  # 3 frames after 3 of warm-up
+    assert row["other_ms_per_frame"] >= 0
+
+
 def test_the_results_summary_counts_each_files_entries_and_names_one_with_nothing_to_plot(tmp_path):
     folder = write_results(tmp_path / "results")
     (folder / "empty.json").write_text(json.dumps({"results": []}))
