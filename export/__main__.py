@@ -21,7 +21,7 @@ import torch
 from quant.cli import max_threads, output_file, run, thread_count
 from quant.packfile import load_any
 
-from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export, to_onnx
+from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export
 from .ortops import DOMAIN, library_path
 from .runtime import load, read_onnx
 
@@ -42,13 +42,7 @@ def main(argv=None):
     output_file(args.out, ".onnx", inputs=(args.checkpoint,))
     model = load_any(args.checkpoint).eval()
     if any(is_quantized(m) for m in model.modules()):
-        fmt = model_format(model)
-        if args.format not in ("auto", fmt):
-            to_onnx(model, fmt)  # a held format that has no ONNX export at all is the error to report
-            fix = (f"export its full-precision model as {args.format}" if args.format in ("fp32", "fp16") else
-                   f"re-quantize its full-precision model to get {args.format}")
-            raise ValueError(f"{args.checkpoint} holds {fmt} weights, so it exports as {fmt}, not {args.format} "
-                             f"({fix})")
+        fmt = model_format(model) if args.format == "auto" else args.format  # another is refused by export
     else:
         fmt = "fp32" if args.format == "auto" else args.format
         if fmt in ("ternary", "binary"):

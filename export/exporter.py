@@ -323,9 +323,11 @@ def _check_exportable(model: VisionTransformer, fmt: str) -> None:
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("export the float32 model (format fp16 stores its float weights at half precision)")
     if quantized and fmt != model_format(model):
-        to_onnx(model, model_format(model))  # a held format that has no ONNX export at all is the error to report
-        raise ValueError(f"the model holds {model_format(model)} weights, not {fmt}: export it as "
-                         f"{model_format(model)}")
+        held = model_format(model)
+        to_onnx(model, held)  # a held format that has no ONNX export at all is the error to report
+        fix = (f"export its full-precision model as {fmt}" if fmt in ("fp32", "fp16") else
+               f"re-quantize its full-precision model to get {fmt}")
+        raise ValueError(f"the model holds {held} weights, so it exports as {held}, not {fmt} ({fix})")
     if not quantized and fmt not in ("fp32", "fp16"):
         raise ValueError(f"the model holds fp32 weights, not {fmt}; quantize it first "
                          f"(export.exporter.quantize_for_export)")

@@ -158,7 +158,7 @@ def test_an_export_that_fails_while_writing_leaves_no_half_written_file(tiny_mod
 def test_the_graph_builder_refuses_a_format_the_model_is_not_in(tiny_model):
     with pytest.raises(ValueError, match="quantize it first"):
         to_onnx(tiny_model, "ternary")
-    with pytest.raises(ValueError, match="holds w8a8 weights, not fp16"):
+    with pytest.raises(ValueError, match="holds w8a8 weights, so it exports as w8a8, not fp16"):
         to_onnx(quantize_for_export(tiny_model, "w8a8"), "fp16")
 
 
@@ -398,13 +398,13 @@ def test_a_numpy_thread_count_is_taken_and_a_spinning_flag_that_is_not_a_bool_is
 
 def test_a_quantized_model_is_exported_only_as_the_format_it_holds(tiny_model, tmp_path):
     ternary = quantize_for_export(tiny_model, "ternary")
-    with pytest.raises(ValueError, match="holds ternary weights, not w8a8: export it as ternary"):
+    with pytest.raises(ValueError, match="holds ternary weights, so it exports as ternary, not w8a8 \\(re-quantize"):
         export(ternary, tmp_path / "m.onnx", "w8a8")
 
 
 def test_a_quantized_model_of_a_format_without_export_asked_for_another_says_it_has_none(tiny_model, tmp_path):
     import quant
-    with pytest.raises(ValueError, match="weight format 'int3' has no ONNX export"):  # not "export it as int3"
+    with pytest.raises(ValueError, match="weight format 'int3' has no ONNX export"):  # not "it exports as int3"
         export(quant.quantize(tiny_model, "w3"), tmp_path / "m.onnx", "int4")
 
 
