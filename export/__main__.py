@@ -52,16 +52,17 @@ def main(argv=None):
         model = quantize_for_export(model, fmt)
     path = export(model, args.out, fmt, custom_ops=not args.standard_ops)
 
+    lib = None
     if any(op.domain == DOMAIN for op in read_onnx(path).opset_import):
         try:
-            library_path()
+            lib = library_path()
         except (OSError, ValueError) as e:  # no compiler, no writable cache, no headers to download, a failed
             # compile: bitvit's op library cannot be built here, and the file stands
             advice = "" if "--standard-ops" in str(e) else " (or export with --standard-ops)"  # Windows' says it
             print(f"{path}: {fmt}, {path.stat().st_size / 1e6:.2f} MB, custom ops: bitvit; not checked against "
                   f"torch: {e}{advice}", file=sys.stderr)
             return
-    session = load(path, threads=args.threads)
+    session = load(path, threads=args.threads, library=lib)  # the library looked up once
     cfg = model.config
     x = torch.randn(8, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -87,7 +87,8 @@ def ort_message(e: Exception) -> str:
 class Session:
     """An ONNX Runtime session of a bitvit ViT plus the preprocessing it expects."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = False):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = False,
+                 library: Path | None = None):
         path = Path(path)
         if path.is_dir():
             raise ValueError(f"{path} is a folder, not an ONNX file")
@@ -127,7 +128,7 @@ class Session:
         for pool in ("intra_op", "inter_op"):
             so.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
         if self.uses_custom_ops:
-            lib = library_path()
+            lib = library or library_path()
             try:
                 so.register_custom_ops_library(str(lib))
             except Exception as e:  # ORT's own Fail/InvalidArgument are not RuntimeErrors
@@ -240,7 +241,9 @@ class Session:
         return self(self.preprocess(images))
 
 
-def load(path: str | os.PathLike, threads: int | None = None, spinning: bool = False) -> Session:
+def load(path: str | os.PathLike, threads: int | None = None, spinning: bool = False,
+         library: Path | None = None) -> Session:
     """Open a bitvit ONNX file for inference on the CPU (`threads`: intra-op threads, default all cores;
-    `spinning`: worker threads spin-wait between calls, ONNX Runtime's own default, instead of sleeping)."""
-    return Session(path, threads, spinning)
+    `spinning`: worker threads spin-wait between calls, ONNX Runtime's own default, instead of sleeping;
+    `library`: bitvit's op library where the caller has looked it up already, else `library_path()`'s)."""
+    return Session(path, threads, spinning, library)
