@@ -42,7 +42,7 @@ from quant.cli import (load_average, max_threads, output_file, positive_int, pro
 from quant.models import create_model, save_model
 from quant.packfile import load_any
 
-from .exporter import export, is_quantized, model_format, quantize_for_export, to_onnx
+from .exporter import export, is_quantized, model_format, quantize_for_export, to_onnx, write_onnx
 from .runtime import load
 
 
@@ -66,7 +66,8 @@ BITVIT_OP_FORMATS = {fmt for name, (fmt, _) in EXPORTS.items() if name.startswit
 
 
 def build_variants(fp_model, quantized: dict, workdir: Path, threads: int, spinning: bool) -> dict[str, Variant]:
-    """Every variant of `fp_model`; `quantized` maps an export format to (trained model, its file)."""
+    """Every variant of `fp_model`; `quantized` maps an export format to (trained model, its file, its graph
+    on bitvit's ops, built when it was checked)."""
     workdir.mkdir(parents=True, exist_ok=True)
     out = {}
     fp_file = workdir / "fp32.safetensors"
@@ -76,9 +77,10 @@ def build_variants(fp_model, quantized: dict, workdir: Path, threads: int, spinn
     for name, (fmt, custom) in EXPORTS.items():
         if fmt not in models:
             models[fmt] = quantized.get(fmt) or (quantize_for_export(fp_model, fmt),
-                                                 "full precision" if fmt == "fp32" else "round to nearest")
-        model, weights = models[fmt]
-        path = export(model, workdir / f"{name.replace(' ', '_')}.onnx", fmt, custom)
+                                                 "full precision" if fmt == "fp32" else "round to nearest", None)
+        model, weights, graph = models[fmt]
+        path = workdir / f"{name.replace(' ', '_')}.onnx"
+        path = write_onnx(graph, path) if custom and graph is not None else export(model, path, fmt, custom)
         out[name] = Variant(load(path, threads, spinning), model, path.stat().st_size, weights)
         if name == "ORT fp32":
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -201,7 +203,7 @@ def main(argv=None):
     if any(is_quantized(m) for m in ref.modules()):
         raise ValueError(f"{args.checkpoint} is a quantized model; --checkpoint takes the full-precision one "
                          f"(pass quantized files with --quantized)")
-    quantized, given = {}, {}  # export format -> (model, its weights' label), the file it came from
+    quantized, given = {}, {}  # export format -> (model, its weights' label, its graph), the file it came from
     for path in args.quantized:
         qm = load_any(path).eval()
         fmt = model_format(qm)
@@ -222,7 +224,7 @@ def main(argv=None):
         if fmt in given:
             raise ValueError(f"{path} and {given[fmt]} both hold {fmt} weights; give one file per format")
         given[fmt] = path
-        quantized[fmt] = (qm, f"trained: {Path(path).name}")
+        quantized[fmt] = (qm, f"trained: {Path(path).name}", proto)
     data = None
     if args.data:  # decoded (and refused, if it must be) before minutes of timing
         from quant.data import load_split

@@ -335,7 +335,11 @@ def _check_exportable(model: VisionTransformer, fmt: str) -> None:
 
 def export(model: VisionTransformer, path: str | Path, fmt: str = "fp32", custom_ops: bool = True) -> Path:
     """Build the graph of `model` as it stands (see `quantize_for_export`), check it, write it to `path`."""
-    proto = to_onnx(model, fmt, custom_ops)  # checks the model first
+    return write_onnx(to_onnx(model, fmt, custom_ops), path)  # (to_onnx checks the model first)
+
+
+def write_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
+    """Check a graph `to_onnx` built and write it to `path`."""
     path = file_to_write(path)
     onnx.checker.check_model(proto)
     with written_whole(path) as tmp:  # a run killed meanwhile leaves no half-written model behind
