@@ -198,10 +198,18 @@ def _debian_archive() -> tuple[str, str]:
 
 
 def _cpu_signature() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
+    """The CPU's architecture and features, which a `-march=native` build is made for."""
+    if sys.platform == "darwin":  # no /proc/cpuinfo there; Apple silicon lacks the feature keys (and builds
+        try:                      # without -march=native): what sysctl prints serves
+            flags = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string", "machdep.cpu.features",
+                                    "machdep.cpu.leaf7_features"], capture_output=True, text=True).stdout
+        except OSError:
+            flags = ""
+    else:
+        try:
+            flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        except (OSError, StopIteration):
+            flags = ""
     return platform.machine() + flags
 
 

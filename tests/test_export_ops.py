@@ -608,3 +608,19 @@ def test_another_compiler_version_builds_a_library_of_its_own(tmp_path, monkeypa
     monkeypatch.setenv("FAKE_VERSION", "2.0")
     second = ortops.library_path()
     assert second != first and second.parent.parent == first.parent.parent and first.is_file()
+
+
+def test_on_an_intel_mac_another_cpus_features_build_a_library_of_their_own(tmp_path, monkeypatch):
+    # macOS has no /proc/cpuinfo: sysctl's CPU features tell two Macs' -march=native builds apart
+    use_fake_compiler(FAKE_BUILD, tmp_path, monkeypatch)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sysctl").write_text('#!/bin/sh\necho "$FAKE_CPU"\n')
+    (tmp_path / "bin" / "sysctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(ortops.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("FAKE_CPU", "FPU SSE4.2 AVX1.0 | AVX2 AVX512F")
+    first = ortops.library_path()
+    monkeypatch.setenv("FAKE_CPU", "FPU SSE4.2 AVX1.0 | AVX2")
+    second = ortops.library_path()
+    assert second.parent.parent != first.parent.parent and first.is_file()
