@@ -39,7 +39,7 @@ import torch
 
 from quant.cli import (load_average, max_threads, output_file, positive_int, provenance, results_file, run,
                        thread_count, write_json, write_png)
-from quant.models import create_model, save_model
+from quant.models import VisionTransformer, create_model, save_model
 from quant.packfile import load_any
 
 from .exporter import export, is_quantized, model_format, quantize_for_export, to_onnx, write_onnx
@@ -200,6 +200,9 @@ def main(argv=None):
     load_before = load_average()
 
     ref = load_any(args.checkpoint).eval()
+    if not isinstance(ref, VisionTransformer):  # (a CNN teacher file loads too)
+        raise ValueError(f"{args.checkpoint} holds a {type(ref).__name__}, not a bitvit ViT; --checkpoint takes the "
+                         f"full-precision ViT whose exports the bench times")
     if any(is_quantized(m) for m in ref.modules()):
         raise ValueError(f"{args.checkpoint} is a quantized model; --checkpoint takes the full-precision one "
                          f"(pass quantized files with --quantized)")

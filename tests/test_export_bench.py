@@ -83,6 +83,17 @@ def test_a_quantized_reference_checkpoint_is_refused(tiny_model, tmp_path, capsy
     assert "takes the full-precision one" in capsys.readouterr().err
 
 
+def test_a_cnn_teacher_as_the_reference_checkpoint_is_refused_before_any_export(tmp_path, capsys, monkeypatch):
+    from quant.teacher import create_teacher, save_teacher
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before the reference checkpoint was checked")
+    monkeypatch.setattr("export.bench.build_variants", no_export)
+    save_teacher(create_teacher("resnet_cifar_half", widths=(4, 4, 4, 4)), tmp_path / "teacher.safetensors")
+    assert bench(tmp_path / "teacher.safetensors", tmp_path)[0] == 2
+    assert "teacher.safetensors holds a ResNetTeacher, not a bitvit ViT" in capsys.readouterr().err
+
+
 def test_a_quantized_file_of_another_architecture_is_refused(fp_file, tiny_model, tmp_path, capsys):
     other = quant.quantize(VisionTransformer(dataclasses.replace(tiny_model.config, depth=1)).eval(), "w8a8")
     quant.save_quantized(other, tmp_path / "other.safetensors")
