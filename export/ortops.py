@@ -41,6 +41,7 @@ DOMAIN = "bitvit"
 DOMAIN_VERSION = 1  # the version of the domain the library's ops implement
 ISAS = {"native": [], "avx2": ["-DBITVIT_FORCE_AVX2"], "portable": ["-DBITVIT_FORCE_PORTABLE"]}
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+CPUINFO = Path("/proc/cpuinfo")  # Linux's CPU features: x86's "flags" line, Arm's "Features"
 
 
 def cache_root() -> Path:
@@ -207,7 +208,7 @@ def _cpu_signature() -> str:
             flags = ""
     else:
         try:
-            flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+            flags = next(line for line in CPUINFO.read_text().splitlines() if line.startswith(("flags", "Features")))
         except (OSError, StopIteration):
             flags = ""
     return platform.machine() + flags

@@ -624,3 +624,15 @@ def test_on_an_intel_mac_another_cpus_features_build_a_library_of_their_own(tmp_
     monkeypatch.setenv("FAKE_CPU", "FPU SSE4.2 AVX1.0 | AVX2")
     second = ortops.library_path()
     assert second.parent.parent != first.parent.parent and first.is_file()
+
+
+def test_on_arm_linux_another_cpus_features_build_a_library_of_their_own(tmp_path, monkeypatch):
+    # Arm's /proc/cpuinfo lists them as "Features", not x86's "flags": an SVE build ran on a CPU without SVE
+    use_fake_compiler(FAKE_BUILD, tmp_path, monkeypatch)
+    monkeypatch.setattr(ortops, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(ortops.platform, "machine", lambda: "aarch64")
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    first = ortops.library_path()
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    second = ortops.library_path()
+    assert second.parent.parent != first.parent.parent and first.is_file()
