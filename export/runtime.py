@@ -159,8 +159,8 @@ class Session:
                              f"it with a float32 input)")
 
     def _check_architecture(self, proto) -> None:
-        """The graph's weights have the metadata's width and depth (what the app counts parameters from), and
-        finite values."""
+        """The graph's weights have the metadata's width and depth (what the app counts parameters from) and
+        number of classes (what it names predictions from), and finite values."""
         cfg = self.config
         dims = {t.name: list(t.dims) for t in proto.graph.initializer}
         depth = len({name.split(".")[1] for name in dims if name.startswith("blocks.")})
@@ -170,10 +170,12 @@ class Session:
             raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: pos_embed {pos} and "
                              f"{depth} blocks, the metadata says {want} and {cfg.depth}")
         get = lambda name: dims.get(name, dims.get(name + "_fp16"))  # noqa: E731
-        shapes = {  # what else the parameter count (bits per weight in the app) is made of: stem and MLP widths
+        shapes = {  # what else the parameter count (bits per weight in the app) is made of: stem and MLP widths,
+            # and the classes the head scores (a graph output's declared width is believed past bitvit's op)
             "patch_embed.proj.weight": (get("patch_embed.proj.weight"),
                                         [cfg.embed_dim, (cfg.stem_channels or (3,))[-1], cfg.patch_size, cfg.patch_size]),
-            "blocks.0.mlp.fc1.bias": (get("blocks.0.mlp.fc1.bias"), [int(cfg.embed_dim * cfg.mlp_ratio)])}
+            "blocks.0.mlp.fc1.bias": (get("blocks.0.mlp.fc1.bias"), [int(cfg.embed_dim * cfg.mlp_ratio)]),
+            "head.bias": (get("head.bias"), [cfg.num_classes])}
         for what, (found, meta_says) in shapes.items():
             if found is not None and found != meta_says:  # absent: renamed by a tool (ORT's quantize_dynamic)
                 raise ValueError(f"{self.path}'s graph does not match its bitvit metadata: {what} {found}, the "

@@ -295,6 +295,18 @@ def test_a_graph_that_disagrees_with_its_metadata_is_refused_when_loaded(tiny_mo
             runtime.load(tmp_path / name)
 
 
+def test_a_file_whose_metadata_names_fewer_classes_than_its_head_on_bitvits_op_scores_is_refused(tiny_model,
+                                                                                                  tmp_path):
+    # ONNX Runtime infers no shape through bitvit's op: the graph output's declared width was believed
+    lying = to_onnx(quantize_for_export(tiny_model, "w8a8"), "w8a8")
+    meta = next(p for p in lying.metadata_props if p.key == "bitvit.config")
+    meta.value = json.dumps({**json.loads(meta.value), "num_classes": 2, "classes": ["cat", "dog"]})
+    lying.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 2
+    onnx.save(lying, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"does not match its bitvit metadata: head.bias \[3\], the metadata says \[2\]"):
+        runtime.load(tmp_path / "m.onnx")
+
+
 @pytest.mark.parametrize("dtype, kind", [(onnx.TensorProto.FLOAT16, "float16"), (onnx.TensorProto.DOUBLE, "double")])
 def test_a_graph_taking_other_than_float32_images_is_refused_when_loaded_not_at_its_first_call(tiny_model, tmp_path,
                                                                                                dtype, kind):
