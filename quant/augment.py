@@ -13,7 +13,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quant.cli import finite_number
 from quant.data import normalize
+
+MIX_ALPHAS = "0 (off) or in [0.01, 1e+38]"
+
+
+def sound_mix_alpha(alpha) -> bool:
+    """Whether `alpha` is a mixup or cutmix alpha torch's float32 Beta draws soundly from: 0 (off), or 0.01 to
+    1e38 (a smaller alpha's gamma draws underflow and mix at 0.5, the opposite of its near-0-or-1 mixes, or 1e-300
+    fails; a larger one overflows and draws 0)."""
+    return finite_number(alpha) and (alpha == 0 or 0.01 <= alpha <= 1e38)
 
 
 @dataclass
@@ -25,6 +35,16 @@ class AugmentConfig:
     cutmix_alpha: float = 1.0     # 0 disables cutmix
     mix_prob: float = 1.0         # chance a batch is mixed at all
     label_smoothing: float = 0.1
+
+    def __post_init__(self):
+        """Refuse settings that would fail at the first batch or train on garbage without a word, naming the field
+        (crop_padding is checked against the images, in `Augment`)."""
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if not sound_mix_alpha(getattr(self, name)):
+                raise ValueError(f"AugmentConfig {name} must be a number, {MIX_ALPHAS}, got {getattr(self, name)!r}")
+        for name in ("mix_prob", "label_smoothing"):  # a label smoothing over 1 gives negative targets
+            if not (finite_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1):
+                raise ValueError(f"AugmentConfig {name} must be a number in [0, 1], got {getattr(self, name)!r}")
 
 
 # TrivialAugment-wide ops. Colour ops act on [0, 1] images; geometric ops build affine matrices.

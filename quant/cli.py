@@ -87,15 +87,14 @@ def number_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: b
 
 
 def mix_alpha(text: str) -> float:
-    """argparse type for a mixup or cutmix alpha: 0 (off), or 0.01 to 1e38, where torch's float32 Beta draws
-    soundly (a smaller alpha's gamma draws underflow and mix at 0.5, the opposite of its near-0-or-1 mixes, or 1e-300
-    fails; a larger one overflows and draws 0)."""
+    """argparse type for a mixup or cutmix alpha: one `quant.augment.AugmentConfig` takes (`sound_mix_alpha`)."""
+    from quant.augment import MIX_ALPHAS, sound_mix_alpha
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value == 0 or 0.01 <= value <= 1e38):  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a number, 0 (off) or in [0.01, 1e+38], got {text}")
+    if not sound_mix_alpha(value):
+        raise argparse.ArgumentTypeError(f"expected a number, {MIX_ALPHAS}, got {text}")
     return value
 
 

@@ -1,5 +1,7 @@
 """Training augmentation: value ranges, per-image draws, label mixing that matches the pixels, and an
 input that, with every augmentation off, is exactly what evaluation feeds the model."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,13 @@ def test_with_both_alphas_a_batch_gets_mixup_or_cutmix():
         xm, _ = mix(x, F.one_hot(labels, 10).float(), AugmentConfig())
         kinds.add("cutmix" if torch.equal(xm, xm.round()) else "mixup")
     assert kinds == {"cutmix", "mixup"}
+
+
+@pytest.mark.parametrize("field, value", [("cutmix_alpha", 1e-300), ("mixup_alpha", 0.001), ("cutmix_alpha", 1e39),
+                                          ("mixup_alpha", float("nan")), ("mixup_alpha", -1.0),
+                                          ("label_smoothing", 5.0), ("mix_prob", float("nan"))])
+def test_a_setting_augmentation_cannot_use_is_refused_when_the_config_is_built(field, value):
+    # a Python caller's 1e-300 failed at the first batch; 0.001 mixed at 0.5, 1e39 at 0, a smoothing of 5 gave
+    # negative targets, all without a word
+    with pytest.raises(ValueError, match=rf"AugmentConfig {field} must be a number.*, got {re.escape(repr(value))}$"):
+        AugmentConfig(**{field: value})
