@@ -23,12 +23,17 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
     """Loss pulling student logits (B, K) towards the teacher's.
 
-    `hard`: cross-entropy with the teacher's top-1 class (DeiT's hard distillation).
+    `hard`: cross-entropy with the teacher's top-1 class (DeiT's hard distillation); NaN where the teacher's
+    logits are not all finite.
     `soft`: KL(teacher || student) at `temperature`, scaled by T^2 as in Hinton et al.
     """
     _same_shape(student, teacher, "teacher's logits")
     if kind == "hard":
-        return F.cross_entropy(student, teacher.argmax(dim=-1))
+        # NaN or infinite teacher logits would pick class 0 (or a NaN's: argmax takes NaN as the top) as the
+        # target without a word: they make the loss and its gradients NaN instead, as soft distillation's do, which
+        # training stops on (at an epoch's end: checking them here would wait for the GPU every step)
+        finite = torch.where(torch.isfinite(teacher).all(), 1.0, math.nan)
+        return F.cross_entropy(student, teacher.argmax(dim=-1)) * finite
     if kind == "soft":
         t = temperature
         if not 0 < t < math.inf:  # 0 gave NaN, a negative one a loss of the reversed logits

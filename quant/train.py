@@ -458,8 +458,12 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         weights_finite = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # 1 sync
         if not (math.isfinite(loss_sum) and weights_finite):
             # every later step would be NaN too: stop before scoring or saving the weights
-            raise ValueError(f"training diverged in epoch {epoch + 1} (the loss or the weights are NaN or "
-                             f"infinite): start a fresh --out with a lower --lr")
+            what, advice = "the loss or the weights", "a lower --lr"
+            if cfg.distill != "none":  # a teacher's NaN logits make the loss NaN (quant.distill)
+                what = "the loss, the weights or the teacher's logits"
+                advice += ", or a teacher whose logits are finite"
+            raise ValueError(f"training diverged in epoch {epoch + 1} ({what} are NaN or infinite): start a fresh "
+                             f"--out with {advice}")
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                   "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"], "seconds": seconds}

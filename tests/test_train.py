@@ -257,6 +257,15 @@ def test_a_last_step_that_leaves_nan_weights_is_caught_as_divergence_not_blamed_
         fit(model, colour_set(8), colour_set(2), cfg, tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("distill", ["hard", "soft"])
+def test_distilling_from_a_teacher_with_nan_logits_stops_as_divergence_naming_the_teacher(tmp_path, distill):
+    cfg = TrainConfig(epochs=1, batch_size=8, warmup_epochs=0, augment=NO_AUG, distill=distill)
+    teacher = VisionTransformer(TINY)
+    torch.nn.init.constant_(teacher.head.bias, float("nan"))  # hard distillation trained on class 0 without a word
+    with pytest.raises(ValueError, match="training diverged in epoch 1 .*the teacher's logits"):
+        fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, teacher=teacher, progress=False)
+
+
 def test_a_negative_time_budget_is_refused(tmp_path):
     with pytest.raises(ValueError, match="time budget must be positive"):
         fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(time_budget=-5), tmp_path)
