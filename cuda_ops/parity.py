@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cuda_ops.modules import KernelLinear, to_kernels
+from cuda_ops.modules import KernelLinear, kernel_for, to_kernels
 from quant.cli import output_file, positive_int, provenance, run, write_json
 from quant.data import load_split
 from quant.evaluate import predict
@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
               "complete": False}  # until the last row: a run killed or refused midway leaves a partial file
     for name, make in models:
         model = make()
+        if not any(map(kernel_for, model.modules())):  # else both forwards are the reference: "agreement"
+            raise ValueError(f"{name} has no layer bitvit's kernels run (to_kernels would leave every quantized layer "
+                             f"on the reference forward): give a model quantized to a format with a kernel "
+                             f"(cuda_ops/README.md)")
         if data.images.shape[1] != model.config.img_size:  # a file of another input size: the split at its size
             data = load_split(args.data, args.split, image_size=model.config.img_size, limit=args.limit)
         result["rows"].append(compare(name, model, data, device, args.batch_size))

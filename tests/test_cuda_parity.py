@@ -141,3 +141,10 @@ def test_a_run_ended_midway_leaves_its_rows_in_a_file_marked_incomplete(tiny_mod
         parity.main(args)
     r = json.loads(out.read_text())
     assert [row["model"] for row in r["rows"]] == ["fp.safetensors w4"] and r["complete"] is False
+
+
+def test_a_model_with_no_layer_the_kernels_run_is_refused_not_found_in_agreement(tiny_model, image_tree, tmp_path):
+    packed = tmp_path / "w3.safetensors"  # int3 weights, the head's too: to_kernels converts none of its layers
+    quant.save_quantized(quant.quantize(tiny_model, quant.recipe("w3", layer_formats=())), packed)
+    with pytest.raises(ValueError, match="w3.safetensors has no layer bitvit's kernels run"):  # printed 0 layers
+        parity.main(["--quantized", str(packed), "--data", str(image_tree)])               # and full agreement
