@@ -5,14 +5,16 @@
 
 Three parts, printed as tables and written to one JSON file (`--out`, with command, device, date, wall time):
 1. ceilings, measured in the same run: device-to-device copy bandwidth (bytes read + written), the
-   baseline dtype's and int8 matmul rates (torch.mm, torch._int_mm on 8192^3 random operands; 2048^3 on a CPU).
+   baseline dtype's and int8 matmul rates (torch.mm, torch._int_mm on 8192^3 random operands; 2048^3 on a CPU;
+   none by `--quick` on a CPU, whose operands small enough to be quick would time its caches and call overhead).
    On a GPU with a 16-bit baseline the int8 ceiling is twice the 16-bit rate where torch._int_mm
    reaches less (the tensor cores' int8 rate; cuBLASLt's int8 GEMM falls far short of it on Hopper).
 2. ops: the time of each packed op against "dense", F.linear in the baseline dtype (bf16 cuBLAS on a GPU, fp32 on a CPU), at the
    linear shapes (qkv, proj, fc1, fc2) of the reference models and ViT-S/B/L, at M = batch x tokens
    (batches 1 and 64 first, the targets' M, so that `--time-limit` cuts the others first);
    achieved TB/s and TOPS, whether the shape is memory- or compute-bound on this device, and the
-   fraction of that roofline bound reached (bytes counted as each input read once, output written once).
+   fraction of that roofline bound reached (bytes counted as each input read once, output written once;
+   none without ceilings).
 3. models: weight memory, batch-1 latency (CUDA graph replays on a GPU) and images/s at larger batches
    of the FP model and its w8a8, w4 (int4 groups of 64, int8 head, weight-only), w4a8 (int4, one scale
    per row, int8 activations), w1.58a8 (2-bit codes), w1.58a8-b3 (the same model with base-3 trit planes
@@ -93,10 +95,10 @@ def graphed(fn):
     return capture_graph(fn).replay
 
 
-def ceilings(device: str, dtype: torch.dtype, quick: bool) -> dict:
+def ceilings(device: str, dtype: torch.dtype) -> dict:
     """Copy bandwidth (TB/s, read + write), `dtype` and int8 matmul rates (TFLOP/s, TOP/s) of this device."""
-    n = 8192 if device == "cuda" else (256 if quick else 2048)
-    nbytes = (1 << 30) if device == "cuda" else (1 << 23 if quick else 1 << 28)
+    n = 8192 if device == "cuda" else 2048
+    nbytes = (1 << 30) if device == "cuda" else (1 << 28)
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t_copy = timed(lambda: dst.copy_(src), device)
@@ -173,7 +175,8 @@ def rel_err_vs_cpu(fn, reference, m: int) -> float:
 
 def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, skipped: list,
               saved=lambda rows: None) -> list[dict]:
-    """Per-op rows; `saved(rows)` after each shape, so a run killed later keeps what it measured."""
+    """Per-op rows; `saved(rows)` after each shape, so a run killed later keeps what it measured. Without
+    ceilings (`ceil` None) a row has no bound nor roofline fraction."""
     rows = []
     jobs = [(m, layer, nk, b) for m in models for layer, nk in layer_shapes(SHAPES[m]).items() for b in batches]
     jobs.sort(key=lambda job: job[3] not in TARGET_BATCHES)  # so that a time limit cuts the other batches first
@@ -210,15 +213,17 @@ def bench_ops(models, batches, ops, device, dtype, ceil, deadline, progress, ski
             nbytes = (x.numel() * x.element_size() + w_bytes + m * n * x.element_size()
                       if op != "int_mm" else m * k + w_bytes + 4 * m * n)
             flops = 2 * m * n * k
-            peak = ceil["int8_TOPs" if rate == "int8" else "float_TFLOPs"] * 1e12
-            t_mem, t_ops = nbytes / (ceil["copy_TBps"] * 1e12), flops / peak
+            bound = frac = None
+            if ceil is not None:
+                peak = ceil["int8_TOPs" if rate == "int8" else "float_TFLOPs"] * 1e12
+                t_mem, t_ops = nbytes / (ceil["copy_TBps"] * 1e12), flops / peak
+                bound, frac = "memory" if t_mem > t_ops else "compute", max(t_mem, t_ops) / t
             rows.append({"model": model, "layer": layer, "N": n, "K": k, "batch": batch, "M": m, "op": op,
                          "ms": t * 1e3, "eager_ms": t_eager * 1e3, "speedup_vs_dense": base / t if base else None,
                          "rel_err_vs_cpu": err,
                          "bytes": nbytes,
                          "TBps": nbytes / t / 1e12, "TOPS": flops / t / 1e12,
-                         "bound": "memory" if t_mem > t_ops else "compute",
-                         "roofline_frac": max(t_mem, t_ops) / t})
+                         "bound": bound, "roofline_frac": frac})
             del fn
         saved(rows)
     if skipped:
@@ -367,9 +372,10 @@ def print_ops(rows: list[dict]) -> None:
           f"{'TOPS':>8}  bound    roofline")
     for r in rows:
         sp = f"{r['speedup_vs_dense']:.2f}" if r["speedup_vs_dense"] else "-"
+        frac = f"{100 * r['roofline_frac']:>5.0f}%" if r["roofline_frac"] is not None else f"{'-':>5}"
         print(f"{r['model']:<24}{r['layer']:<6}{r['N']:>6}x{r['K']:<5}{r['M']:>7}  {r['op']:<11}"
-              f"{r['ms'] * 1e3:>9.1f}{r['eager_ms'] * 1e3:>9.1f}{sp:>8}{r['TBps']:>7.2f}{r['TOPS']:>8.1f}  {r['bound']:<8} "
-              f"{100 * r['roofline_frac']:>5.0f}%")
+              f"{r['ms'] * 1e3:>9.1f}{r['eager_ms'] * 1e3:>9.1f}{sp:>8}{r['TBps']:>7.2f}{r['TOPS']:>8.1f}  "
+              f"{r['bound'] or '-':<8} {frac}")
 
 
 def print_models(rows: list[dict]) -> None:
@@ -427,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"end-to-end variants among {','.join(VARIANTS)}")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="baseline and activation dtype (default: bfloat16 on a GPU, float32 on a CPU)")
-    p.add_argument("--quick", action="store_true", help="smaller ceilings, shorter CPU timings (smoke tests)")
+    p.add_argument("--quick", action="store_true", help="shorter CPU timings and, on a CPU, no ceilings (smoke tests)")
     p.add_argument("--time-limit", default=math.inf,  # "inf", the default, too: no limit
                    type=lambda text: math.inf if text.strip().lower() in ("inf", "infinity") else number_in(0)(text),
                    help="seconds: stop adding rows after this long, the per-op part after 60%% of it so the "
@@ -507,9 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             write_json(args.out, result)  # whole or not at all, should a timeout kill the run here
 
-    ceil = result["ceilings"] = ceilings(args.device, dtype, args.quick)
-    print(f"{device_name}: copy {ceil['copy_TBps']:.2f} TB/s, {dtype_name} matmul {ceil['float_TFLOPs']:.1f} TFLOP/s, "
-          f"int8 matmul {ceil['int8_TOPs']:.1f} TOP/s (torch._int_mm {ceil['int8_TOPs_int_mm']:.1f})")
+    ceil = result["ceilings"] = None if args.quick and args.device == "cpu" else ceilings(args.device, dtype)
+    if ceil is None:
+        print(f"{device_name}: no ceilings measured (--quick on a CPU), so no roofline")
+    else:
+        print(f"{device_name}: copy {ceil['copy_TBps']:.2f} TB/s, {dtype_name} matmul {ceil['float_TFLOPs']:.1f} "
+              f"TFLOP/s, int8 matmul {ceil['int8_TOPs']:.1f} TOP/s (torch._int_mm {ceil['int8_TOPs_int_mm']:.1f})")
     save()
     result["ops"] = bench_ops(op_models, batches, ops, args.device, dtype, ceil, ops_deadline, progress,
                               result["skipped"], saved=lambda rows: save(ops=rows))
