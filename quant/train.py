@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import (finite_number, mix_alpha, number_in, positive_int, random_seed, run, run_folder, thread_count,
-                       written_whole)
+from quant.cli import (finite_number, is_positive_int, mix_alpha, number_in, positive_int, random_seed, run, run_folder,
+                       thread_count, written_whole)
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -55,6 +55,16 @@ class TrainConfig:
     init: str = ""                   # digest of the weights training started from (--init); "": random
     extra_loss: dict = field(default_factory=dict)  # the settings of `fit`'s extra_loss (quant.qat: its BitOPs
                                                     # and feature weights), so that a resumed run adds the same
+
+    def __post_init__(self):
+        """Refuse settings that would train on garbage without a word, naming the field (the optimiser and
+        `fit` refuse the others)."""
+        if not is_positive_int(self.epochs):  # 0 returned the untrained model as done
+            raise ValueError(f"TrainConfig epochs must be a positive integer, got {self.epochs!r}")
+        if not (finite_number(self.grad_clip) and self.grad_clip >= 0):  # a negative one flipped the gradients
+            raise ValueError(f"TrainConfig grad_clip must be a number >= 0 (0: off), got {self.grad_clip!r}")
+        if not (finite_number(self.distill_weight) and 0 <= self.distill_weight <= 1):
+            raise ValueError(f"TrainConfig distill_weight must be a number in [0, 1], got {self.distill_weight!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

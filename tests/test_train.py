@@ -266,6 +266,15 @@ def test_distilling_from_a_teacher_with_nan_logits_stops_as_divergence_naming_th
         fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, teacher=teacher, progress=False)
 
 
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("grad_clip", -1.0), ("grad_clip", float("nan")),
+                                          ("distill_weight", 1.5)])
+def test_a_training_setting_that_trains_garbage_is_refused_when_the_config_is_built(field, value):
+    # epochs 0 returned the untrained model as done; a negative grad_clip flipped every gradient (the loss
+    # climbed, val top-1 fell to 0); a distillation weight over 1 weighed the labels negatively
+    with pytest.raises(ValueError, match=rf"TrainConfig {field} must be .*, got {value}$"):
+        TrainConfig(**{field: value})
+
+
 def test_a_negative_time_budget_is_refused(tmp_path):
     with pytest.raises(ValueError, match="time budget must be positive"):
         fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(time_budget=-5), tmp_path)
