@@ -170,19 +170,19 @@ def writable_cache() -> None:
     quantizes itself would have nowhere to go, and every model would run in torch, the quantized ones slower
     than the FP model. The app and `app.bench` call it before they open any model."""
     from quant.data import cache_dir
+    folder = None
     try:
         folder = cache_dir() / "app"
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()  # a read-only folder that exists already is no place either
         return
-    except (OSError, ValueError) as e:
-        error = e
+    except (OSError, ValueError) as e:  # cache_dir's refusals name the folder; an OSError's reason alone does not
+        why = f"{folder}: {e.strerror}" if folder is not None and getattr(e, "strerror", None) else e
     tmp = tempfile.mkdtemp(prefix="bitvit-cache-")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     os.environ["BITVIT_CACHE"] = tmp
-    print(f"warning: cannot write the bitvit cache ({getattr(error, 'strerror', None) or error}); the models' ONNX "
-          f"exports and the models the app quantizes go to {tmp} for this run only (set BITVIT_CACHE to a writable "
-          f"folder)", file=sys.stderr)
+    print(f"warning: cannot write the bitvit cache ({why}); the models' ONNX exports and the models the app quantizes "
+          f"go to {tmp} for this run only (set BITVIT_CACHE to a writable folder)", file=sys.stderr)
 
 
 def server_name(host: str) -> str:

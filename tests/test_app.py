@@ -661,6 +661,14 @@ def test_a_bitvit_cache_naming_a_file_gets_a_temporary_cache_removed_at_exit(tmp
     assert not tmp.exists()
 
 
+def test_the_warning_for_a_bitvit_cache_that_cannot_be_written_names_the_folder(tmp_path, monkeypatch, capsys):
+    import app.main
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "file" / "cache"))  # "Not a directory" alone says not where
+    app.main.writable_cache()
+    assert f"{tmp_path / 'file' / 'cache' / 'app'}: Not a directory" in capsys.readouterr().err
+
+
 def test_a_port_outside_1_to_65535_is_an_argument_error(capsys):
     with pytest.raises(SystemExit):
         main(["--port", "99999"])
