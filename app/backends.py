@@ -144,7 +144,7 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
         return _ort_backend(path, path, threads, None)
     linear_bits = inspect_file(path).linear_bits
     model = quant.load_any(path).eval()
-    notes = []
+    why = []  # why each op set failed, bitvit's first
     if runtime == "onnxruntime":
         for custom_ops in (True, False):  # bitvit's own ops first, then standard ops (MatMulNBits)
             if custom_ops and _uses_bitvit_ops(model) and bitvit_ops_missing():
@@ -154,15 +154,17 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
                 for again in (False, True) if cached else (True,):  # a cached export that fails is written again
                     try:
                         backend = _ort_backend(_exported(model, path, custom_ops, again), path, threads, linear_bits)
-                        backend.note = "; ".join(notes)
+                        backend.note = f"bitvit ops failed: {why[0]}" if why else ""
                         return backend
                     except (ValueError, OSError, RuntimeError) as e:  # not exportable, not cached, or does not load
                         error = e
             lines = str(error).splitlines()  # a failed command's: what failed, then its output: its last line says why
-            notes.append(f"{'bitvit ops' if custom_ops else 'standard ONNX ops'} failed: {lines[0]}"
-                         + (f" {lines[-1].strip()}" if len(lines) > 1 else ""))
-        notes = [f"runs in torch: ONNX Runtime could not take it ({'; '.join(notes)})"]
-    return _torch_backend(model, path, linear_bits, threads, "; ".join(notes))
+            why.append(lines[0] + (f" {lines[-1].strip()}" if len(lines) > 1 else ""))
+        reason = (why[0] if why[0] == why[1]  # a model the exporter refuses whatever the ops: said once
+                  else f"bitvit ops failed: {why[0]}; standard ONNX ops failed: {why[1]}")
+        return _torch_backend(model, path, linear_bits, threads, f"runs in torch: ONNX Runtime could not take it "
+                                                                 f"({reason})")
+    return _torch_backend(model, path, linear_bits, threads, "")
 
 
 @functools.cache

@@ -299,6 +299,13 @@ def test_a_model_whose_onnx_export_cannot_be_cached_runs_in_torch_saying_why(fp_
     assert backend.runtime == "torch" and "runs in torch" in backend.note and "Not a directory" in backend.note
 
 
+def test_a_model_no_onnx_op_set_can_express_runs_in_torch_saying_why_once(fp_file, tmp_path):
+    path = tmp_path / "w3.safetensors"
+    quant.save_quantized(quant.quantize(quant.load_any(fp_file), quant.recipe("w3")), path)
+    backend = open_model(path, runtime="onnxruntime")
+    assert backend.runtime == "torch" and backend.note.count("has no ONNX export") == 1
+
+
 def test_without_bitvit_ops_a_ternary_model_runs_on_standard_onnx_ops(assets, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")   # bitvit's op library cannot be built
     path = assets / "tiny_ternary.safetensors"
