@@ -3,8 +3,9 @@
 A `Backend` maps normalised images, float32 (B, 3, S, S), to logits (B, classes) and says what it is:
 its file, the runtime that runs it, its weight format, size on disk and bits per weight. How a bitvit
 `.safetensors` file (full precision or packed) runs is decided in one place, `RUNTIME`:
-  "onnxruntime"  the model is exported once (`export.exporter`, cached by the hashes of the file and
-                 of bitvit's code in quant/ and export/, so changed code writes a new graph) and runs
+  "onnxruntime"  the model is exported once (`export.exporter`, cached under the file's hash in a folder
+                 per version of bitvit's code in quant/ and export/, so changed code writes a new graph;
+                 `tidy_cache` removes the versions unused for a week) and runs
                  as an ONNX Runtime session (`export.runtime`): bitvit's ternary/binary/int4/int8 ops
                  (standard MatMulNBits and MatMulInteger ops when bitvit's op library cannot be built
                  here, which is asked once per process: `bitvit_ops_missing`), MatMulNBits for
@@ -24,6 +25,9 @@ import functools
 import hashlib
 import json
 import os
+import re
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -209,13 +213,14 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str, again: bool = F
     r = quant.recipe(recipe)
     if not isinstance(r, quant.recipes.RTN):
         raise ValueError(f"recipe {recipe!r} is not a round-to-nearest PTQ recipe (it needs training or calibration)")
-    digest = hashlib.sha256(fp_path.read_bytes() + code_digest().encode()).hexdigest()[:16]
+    digest = hashlib.sha256(fp_path.read_bytes()).hexdigest()[:16]
     out = _cache() / f"{fp_path.stem}-{digest}-{recipe}.safetensors"
     if out.is_file() and not again:
         return out
     model = quant.load_any(fp_path)
     if weight_format(model) != "fp32":
         raise ValueError(f"{fp_path} is already quantized")
+    out.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(out) as tmp:
         quant.save_quantized(quant.quantize(model, r), tmp)
     return out
@@ -235,9 +240,33 @@ def code_digest() -> str:
 
 
 def _cache() -> Path:
-    out = cache_dir() / "app"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    """The app's cache folder for this version of bitvit's code: `<cache>/app/<code_digest()[:16]>/`."""
+    return cache_dir() / "app" / code_digest()[:16]
+
+
+def tidy_cache() -> None:
+    """Keep the app's cache bounded: mark this code version's folder as used (its mtime) and remove the other
+    versions' folders unused for 7 days, and the files bitvit cached directly in `<cache>/app/` before it kept
+    version folders. Two checkouts run alternately keep each other's files; what cannot be removed (a file in use,
+    no permission, removed by another process first) is left. The app and `app.bench` call it at start, through
+    `app.main.writable_cache`, once the cache is known to be writable."""
+    current = _cache()
+    try:
+        current.mkdir(parents=True, exist_ok=True)
+        os.utime(current)
+        entries = list(current.parent.iterdir())
+    except OSError:
+        return
+    week_ago = time.time() - 7 * 24 * 3600
+    for path in entries:
+        try:
+            if path.is_dir():
+                if re.fullmatch(r"[0-9a-f]{16}", path.name) and path != current and path.stat().st_mtime < week_ago:
+                    shutil.rmtree(path, ignore_errors=True)
+            elif path.suffix in (".onnx", ".safetensors", ".tmp"):  # a killed write's leftover too
+                path.unlink()
+        except OSError:
+            continue
 
 
 def _torch_backend(model: nn.Module, path: Path, linear_bits, threads, note: str) -> Backend:
@@ -259,11 +288,11 @@ def _ort_backend(onnx_path: Path, source: Path, threads: int | None, linear_bits
 
 
 def _export_path(model: nn.Module, source: Path, custom_ops: bool) -> Path:
-    """Where the bitvit cache keeps a model's ONNX export: one file per source file, version of bitvit's code
-    and op set."""
+    """Where the bitvit cache keeps a model's ONNX export: one file per source file and op set in the folder of
+    this version of bitvit's code."""
     from export import exporter
-    digest = hashlib.sha256(source.read_bytes() + code_digest().encode()).hexdigest()[:16]
-    return cache_dir() / "app" / f"{digest}-{exporter.model_format(model)}{'' if custom_ops else '-standard-ops'}.onnx"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    return _cache() / f"{digest}-{exporter.model_format(model)}{'' if custom_ops else '-standard-ops'}.onnx"
 
 
 def _exported(model: nn.Module, source: Path, custom_ops: bool = True, again: bool = False) -> Path:

@@ -168,16 +168,20 @@ def writable_cache() -> None:
     """Point $BITVIT_CACHE at a temporary folder for this run, with a warning, where the bitvit cache cannot be
     written (a read-only home, or none): there the models' ONNX exports, bitvit's ops and the models the app
     quantizes itself would have nowhere to go, and every model would run in torch, the quantized ones slower
-    than the FP model. The app and `app.bench` call it before they open any model."""
+    than the FP model. Where it can be written, its old code versions' files go (`app.backends.tidy_cache`). The
+    app and `app.bench` call it before they open any model."""
+    from app.backends import tidy_cache
     from quant.data import cache_dir
     folder = None
     try:
         folder = cache_dir() / "app"
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()  # a read-only folder that exists already is no place either
-        return
     except (OSError, ValueError) as e:  # cache_dir's refusals name the folder; an OSError's reason alone does not
         why = f"{folder}: {e.strerror}" if folder is not None and getattr(e, "strerror", None) else e
+    else:
+        tidy_cache()
+        return
     tmp = tempfile.mkdtemp(prefix="bitvit-cache-")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     os.environ["BITVIT_CACHE"] = tmp

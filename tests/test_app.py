@@ -676,6 +676,60 @@ def test_the_warning_for_a_bitvit_cache_that_cannot_be_written_names_the_folder(
     assert f"{tmp_path / 'file' / 'cache' / 'app'}: Not a directory" in capsys.readouterr().err
 
 
+def _app_cache_folders(*ages_days: float) -> list[Path]:
+    """Folders of the app's cache, the current code version's first, then others, each with a file in it and
+    last used `ages_days` ago."""
+    import time
+    from app import backends
+    app_cache = Path(os.environ["BITVIT_CACHE"]) / "app"
+    folders = [app_cache / backends.code_digest()[:16]] + [app_cache / f"{i:016x}" for i in range(len(ages_days) - 1)]
+    for folder, days in zip(folders, ages_days):
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"x")
+        os.utime(folder, (time.time() - days * 86400,) * 2)
+    return folders
+
+
+def test_at_start_the_cache_folders_of_code_versions_unused_for_7_days_are_removed_the_current_and_recent_kept():
+    import time
+    import app.main
+    current, old, recent = _app_cache_folders(30, 7.1, 6.9)
+    app.main.writable_cache()
+    assert current.is_dir() and recent.is_dir() and not old.exists()
+    assert time.time() - current.stat().st_mtime < 60  # marked used: kept for 7 days more
+
+
+def test_at_start_the_files_cached_by_bitvit_before_the_version_folders_are_removed():
+    import app.main
+    from app import backends
+    app_cache = Path(os.environ["BITVIT_CACHE"]) / "app"
+    app_cache.mkdir(parents=True)
+    for name in ("0123456789abcdef-ternary.onnx", "fp-0123456789abcdef-w8a8.safetensors", "x.onnx.123.tmp"):
+        (app_cache / name).write_bytes(b"x")
+    app.main.writable_cache()
+    assert [p.name for p in app_cache.iterdir()] == [backends.code_digest()[:16]]
+
+
+def test_cache_files_that_cannot_be_removed_at_start_are_skipped_and_the_app_starts(monkeypatch, capsys):
+    import errno
+    import app.main
+    cache = os.environ["BITVIT_CACHE"]
+    current, in_use, old = _app_cache_folders(0, 30, 30)
+    (in_use / "in-use.onnx").write_bytes(b"x")
+    (current.parent / "in-use.onnx").write_bytes(b"x")  # the layout before version folders
+    os.utime(in_use, (0, 0))
+    unlink = os.unlink
+
+    def locked(path, *args, **kwargs):  # as Windows refuses a file another process has open
+        if os.path.basename(path) == "in-use.onnx":
+            raise PermissionError(errno.EACCES, "in use by another process", path)
+        return unlink(path, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", locked)
+    app.main.writable_cache()
+    assert os.environ["BITVIT_CACHE"] == cache and capsys.readouterr().err == ""  # no temporary cache instead
+    assert (in_use / "in-use.onnx").is_file() and not (in_use / "model.onnx").exists() and not old.exists()
+
+
 def test_a_port_outside_1_to_65535_is_an_argument_error(capsys):
     with pytest.raises(SystemExit):
         main(["--port", "99999"])
