@@ -63,6 +63,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig epochs must be a positive integer, got {self.epochs!r}")
         if not (finite_number(self.grad_clip) and self.grad_clip >= 0):  # a negative one flipped the gradients
             raise ValueError(f"TrainConfig grad_clip must be a number >= 0 (0: off), got {self.grad_clip!r}")
+        # a negative min_lr decayed the rate below 0 (gradient ascent); a negative weight decay, set per parameter
+        # group past AdamW's own check, grew the weights
+        for name in ("min_lr", "weight_decay", "warmup_epochs"):
+            if not (finite_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"TrainConfig {name} must be a number >= 0, got {getattr(self, name)!r}")
         if not (finite_number(self.distill_weight) and 0 <= self.distill_weight <= 1):
             raise ValueError(f"TrainConfig distill_weight must be a number in [0, 1], got {self.distill_weight!r}")
 
