@@ -469,6 +469,18 @@ def test_the_cli_exports_and_checks_against_torch(tiny_model, tmp_path, capsys):
     assert "without training loses much of its accuracy" in captured.err  # rounded, not trained: said so
 
 
+def test_the_cli_looks_up_bitvits_op_library_once(tiny_model, tmp_path, monkeypatch):
+    from export import ortops
+    asked = []  # each lookup runs g++ --version and hashes the source and headers
+    lookup = lambda: asked.append(1) or ortops.library_path()  # noqa: E731
+    monkeypatch.setattr("export.__main__.library_path", lookup)
+    monkeypatch.setattr(runtime, "library_path", lookup)
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path / "t.onnx"),
+                      "--format", "w8a8"]) == 0
+    assert asked == [1]
+
+
 @pytest.mark.parametrize("env, why", [("CXX", "no C++ compiler"), ("BITVIT_ORTOPS_CACHE", "Not a directory")])
 def test_the_cli_where_bitvit_ops_cannot_be_built_writes_the_export_and_says_it_is_unchecked(
         tiny_model, tmp_path, monkeypatch, capsys, env, why):
