@@ -57,6 +57,21 @@ def test_trained_quantized_files_replace_round_to_nearest_for_their_format(fp_fi
     assert "top1" not in rows["bitvit int8 op"]  # no --data, no accuracy
 
 
+def test_a_quantized_files_graph_on_bitvits_ops_is_built_once_checked_then_timed(fp_file, tiny_model, tmp_path,
+                                                                                  monkeypatch):
+    from export import exporter
+    built, to_onnx = [], exporter.to_onnx
+
+    def counted(model, fmt="fp32", custom_ops=True):
+        built.append((fmt, custom_ops))
+        return to_onnx(model, fmt, custom_ops)
+    monkeypatch.setattr(exporter, "to_onnx", counted)
+    monkeypatch.setattr(export_bench, "to_onnx", counted)
+    quant.save_quantized(quant.quantize(tiny_model, "w8a8"), tmp_path / "w8a8.safetensors")
+    assert bench(fp_file, tmp_path, "--quantized", str(tmp_path / "w8a8.safetensors"))[0] == 0
+    assert built.count(("w8a8", True)) == 1 and built.count(("w8a8", False)) == 1  # (MatMulInteger: its own graph)
+
+
 def test_two_quantized_files_of_one_format_are_refused_not_one_silently_dropped(fp_file, tiny_model, tmp_path, capsys):
     for name in ("a.safetensors", "b.safetensors"):
         quant.save_quantized(quant.quantize(copy.deepcopy(tiny_model), "w8a8"), tmp_path / name)
