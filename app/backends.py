@@ -150,8 +150,9 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
     model = quant.load_any(path).eval()
     why = []  # why each op set failed, bitvit's first
     if runtime == "onnxruntime":
+        from export.exporter import on_bitvit_op
         for custom_ops in (True, False):  # bitvit's own ops first, then standard ops (MatMulNBits)
-            if custom_ops and _uses_bitvit_ops(model) and bitvit_ops_missing():
+            if custom_ops and any(map(on_bitvit_op, model.modules())) and bitvit_ops_missing():
                 error = bitvit_ops_missing()  # no library here: not exported nor loaded only to fail again
             else:
                 cached = _export_path(model, path, custom_ops).is_file()
@@ -182,18 +183,6 @@ def bitvit_ops_missing() -> Exception | None:
     except (ValueError, OSError, RuntimeError) as e:
         return e
     return None
-
-
-def _uses_bitvit_ops(model: nn.Module) -> bool:
-    """Whether the model's export holds bitvit's ops (not for an FP or weight-only model; a model that cannot be
-    exported: no, its export's own error is the one to report)."""
-    from export import exporter
-    from export.ortops import DOMAIN
-    try:
-        graph = exporter.to_onnx(model, exporter.model_format(model))
-    except (ValueError, RuntimeError):
-        return False
-    return any(op.domain == DOMAIN for op in graph.opset_import)
 
 
 ON_THE_FLY = ("w8a8", "w4")  # PTQ recipes the app builds from the FP model when assets/ holds no packed model

@@ -69,6 +69,13 @@ def model_format(model: nn.Module) -> str:
     return max(weights, key=weights.get) if weights else "fp32"
 
 
+def on_bitvit_op(m: nn.Module) -> bool:
+    """Whether layer `m` exports as one of bitvit's ops (`OPS`: int8 per-token input, one scale per output, no
+    zero points) where custom ops are asked for."""
+    return (is_quantized(m) and m.weight_format in OPS and m.act_format == "int8_token" and m.scales.shape[1] == 1
+            and m.zeros is None)
+
+
 class _Graph:
     """Nodes and initializers with unique names."""
 
@@ -162,7 +169,7 @@ def _linear(g: _Graph, x: str, m: nn.Module, name: str, custom_ops: bool,
             raise ValueError(f"{name}: activation format {act!r} has no ONNX export (only none and int8_token)")
         if norm is not None:
             norms.append((norm, f"{name}.input_norm"))
-        if fmt in OPS and act == "int8_token" and custom_ops and m.scales.shape[1] == 1 and m.zeros is None:
+        if custom_ops and on_bitvit_op(m):
             # bitvit's op: the LayerNorms (up to two), per-token int8, the packed matmul and GELU in one node
             op = OPS[fmt]
             inputs = [x, g.const(f"{name}.packed", m.packed), g.const(f"{name}.scales", m.scales[:, 0].float()),

@@ -283,6 +283,17 @@ def test_the_onnx_export_and_the_model_quantized_on_the_fly_are_made_anew_after_
     assert quantize_on_the_fly(fp_file, "w8a8") != built
 
 
+def test_a_model_whose_export_is_cached_opens_without_building_a_graph(assets, monkeypatch):
+    from export import exporter
+    for name in ("fp.safetensors", "tiny_ternary.safetensors"):
+        open_model(assets / name, runtime="onnxruntime")          # exported into the cache
+    built = []
+    monkeypatch.setattr(exporter, "to_onnx", lambda *a, **k: built.append(a) or pytest.fail("graph built"))
+    for name in ("fp.safetensors", "tiny_ternary.safetensors"):
+        assert open_model(assets / name, runtime="onnxruntime").runtime == "ONNX Runtime"
+    assert built == []
+
+
 def test_a_damaged_cached_onnx_export_is_written_again_not_passed_over(fp_file):
     from app import backends
     cached = backends._exported(quant.load_any(fp_file), fp_file)
