@@ -275,20 +275,20 @@ def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: Train
         changed = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
                             if was.get(k) != now.get(k))
         raise ValueError(f"{path} was written by a run with another config ({changed}); "
-                         f"use a fresh --out folder or delete it")
+                         f"use another run folder or delete it")
     for key, what in (("data_digest", "training images (another --data, --split or --limit)"),
                       ("model_config", "model config (another --model or --drop-path)"),
                       ("teacher_digest", "teacher (another --teacher)"),
                       ("recipe", "quantization recipe (another --recipe or --set)")):
         if key in state and state[key] != run_key[key]:  # states written before these were kept: unchecked
-            raise ValueError(f"{path} was written by a run with other {what}; use a fresh --out folder "
+            raise ValueError(f"{path} was written by a run with other {what}; use another run folder "
                              f"or delete it")
     try:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:  # written while training another model
         raise ValueError(f"{path} holds the resume state of another model "
-                         f"({(str(e).splitlines() or [''])[0][:120]}); use a fresh --out folder or delete it") \
+                         f"({(str(e).splitlines() or [''])[0][:120]}); use another run folder or delete it") \
             from None
     try:
         torch.set_rng_state(state["rng"])
@@ -477,8 +477,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             if cfg.distill != "none":  # a teacher's NaN logits make the loss NaN (quant.distill)
                 what = "the loss, the weights or the teacher's logits"
                 advice += ", or a teacher whose logits are finite"
-            raise ValueError(f"training diverged in epoch {epoch + 1} ({what} are NaN or infinite): start a fresh "
-                             f"--out with {advice}")
+            raise ValueError(f"training diverged in epoch {epoch + 1} ({what} are NaN or infinite): start again in a "
+                             f"run folder other than {out} with {advice}")
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                   "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"], "seconds": seconds}
