@@ -227,9 +227,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=number_in(0), default=0.01)
     p.add_argument("--warmup-epochs", type=number_in(0), default=0.5)
     p.add_argument("--distill", default="soft", choices=["soft", "hard", "none"])
-    p.add_argument("--distill-weight", type=number_in(0, 1), default=0.9,
-                   help="weight of the distillation loss (0..1)")
-    p.add_argument("--temperature", type=number_in(0, lo_open=True), default=1.0)
+    p.add_argument("--distill-weight", type=number_in(0, 1),
+                   help="weight of the distillation loss (0..1, default 0.9; not with --distill none)")
+    p.add_argument("--temperature", type=number_in(0, lo_open=True),
+                   help="temperature of --distill soft (default 1)")
     p.add_argument("--feature-weight", type=number_in(0), default=0.0, help="weight of the token-feature MSE (0: off)")
     p.add_argument("--mixup", type=mix_alpha, default=0.0, help="mixup alpha (QAT default: off)")
     p.add_argument("--cutmix", type=mix_alpha, default=0.0, help="cutmix alpha (QAT default: off)")
@@ -286,6 +287,14 @@ def main(argv=None):
         read_results(args.results)  # a file it cannot record into is refused now, not after training
     if args.feature_weight > 0 and args.distill == "none":  # fit runs the teacher only to distil its logits
         raise ValueError("--feature-weight compares features with the teacher's: use it with --distill soft or hard")
+    # like --feature-weight, the distillation options a --distill mode does without are refused, not ignored
+    if args.distill_weight is not None and args.distill == "none":
+        raise ValueError("--distill-weight weighs the distillation loss: use it with --distill soft or hard")
+    if args.temperature is not None and args.distill != "soft":
+        raise ValueError(f"--temperature softens the logits of soft distillation: use it with --distill soft, "
+                         f"not --distill {args.distill}")
+    args.distill_weight = 0.9 if args.distill_weight is None else args.distill_weight
+    args.temperature = 1.0 if args.temperature is None else args.temperature
     r = recipe(args.recipe, **parse_overrides(args.set))
     if not isinstance(r, QAT):
         raise ValueError(f"{args.recipe} is a post-training recipe: use python -m quant.ptq --checkpoint "

@@ -242,6 +242,15 @@ def test_feature_distillation_without_logit_distillation_is_refused_before_train
     assert not (tmp_path / "x.safetensors.run").exists()
 
 
+@pytest.mark.parametrize("distill, option, value", [("hard", "--temperature", "2"), ("none", "--temperature", "2"),
+                                                    ("none", "--distill-weight", "0.5")])
+def test_a_distillation_option_its_distill_mode_does_without_is_refused_not_ignored(teacher_file, image_tar, tmp_path,
+                                                                                   capsys, distill, option, value):
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "x.safetensors"), "--distill", distill, option, value]) == 2
+    assert f"error: {option} " in capsys.readouterr().err and not (tmp_path / "x.safetensors.run").exists()
+
+
 def test_data_of_other_classes_is_refused_before_training(teacher_file, tmp_path, capsys):
     other = write_tree(tmp_path / "other", classes=("a", "b", "c"))
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(other),
