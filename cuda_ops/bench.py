@@ -12,9 +12,9 @@ Three parts, printed as tables and written to one JSON file (`--out`, with comma
 2. ops: the time of each packed op against "dense", F.linear in the baseline dtype (bf16 cuBLAS on a GPU, fp32 on a CPU), at the
    linear shapes (qkv, proj, fc1, fc2) of the reference models and ViT-S/B/L, at M = batch x tokens
    (batches 1 and 64 first, the targets' M, so that `--time-limit` cuts the others first);
-   achieved TB/s and TOPS, whether the shape is memory- or compute-bound on this device, and the
-   fraction of that roofline bound reached (bytes counted as each input read once, output written once;
-   none without ceilings).
+   achieved TB/s and TOPS (printed in GB/s and GOPS on a CPU), whether the shape is memory- or compute-bound
+   on this device, and the fraction of that roofline bound reached (bytes counted as each input read once,
+   output written once; none without ceilings).
 3. models: weight memory, batch-1 latency (CUDA graph replays on a GPU) and images/s at larger batches
    of the FP model and its w8a8, w4 (int4 groups of 64, int8 head, weight-only), w4a8 (int4, one scale
    per row, int8 activations), w1.58a8 (2-bit codes), w1.58a8-b3 (the same model with base-3 trit planes
@@ -365,16 +365,19 @@ def check_targets(ops: list[dict], models: list[dict], base: str = "bf16") -> li
 
 # ----------------------------------------------------------------------------- printing
 
-def print_ops(rows: list[dict]) -> None:
+def print_ops(rows: list[dict], device: str) -> None:
     if not rows:  # --models "": no per-op part
         return
-    print(f"\n{'model':<24}{'layer':<6}{'N x K':>12}{'M':>7}  {'op':<11}{'us':>9}{'eager':>9}{'x dense':>8}{'TB/s':>7}"
-          f"{'TOPS':>8}  bound    roofline")
+    # a CPU's rates in GB/s and GOPS: in TB/s and TOPS they round to 0.00 and 0.0 (the JSON keeps TB/s, TOPS)
+    scale, bw, ops = (1, "TB/s", "TOPS") if device == "cuda" else (1e3, "GB/s", "GOPS")
+    print(f"\n{'model':<24}{'layer':<6}{'N x K':>12}{'M':>7}  {'op':<11}{'us':>9}{'eager':>9}{'x dense':>8}{bw:>7}"
+          f"{ops:>8}  bound    roofline")
     for r in rows:
         sp = f"{r['speedup_vs_dense']:.2f}" if r["speedup_vs_dense"] else "-"
         frac = f"{100 * r['roofline_frac']:>5.0f}%" if r["roofline_frac"] is not None else f"{'-':>5}"
         print(f"{r['model']:<24}{r['layer']:<6}{r['N']:>6}x{r['K']:<5}{r['M']:>7}  {r['op']:<11}"
-              f"{r['ms'] * 1e3:>9.1f}{r['eager_ms'] * 1e3:>9.1f}{sp:>8}{r['TBps']:>7.2f}{r['TOPS']:>8.1f}  "
+              f"{r['ms'] * 1e3:>9.1f}{r['eager_ms'] * 1e3:>9.1f}{sp:>8}"
+              f"{r['TBps'] * scale:>7.2f}{r['TOPS'] * scale:>8.1f}  "
               f"{r['bound'] or '-':<8} {frac}")
 
 
@@ -522,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
     result["ops"] = bench_ops(op_models, batches, ops, args.device, dtype, ceil, ops_deadline, progress,
                               result["skipped"], saved=lambda rows: save(ops=rows))
-    print_ops(result["ops"])
+    print_ops(result["ops"], args.device)
     if args.plot and result["ops"]:  # drawn now: the plot shows the per-op part, which a later timeout keeps
         plot(result["ops"], args.plot)
     elif args.plot:  # every op shape skipped (time limit) or failed

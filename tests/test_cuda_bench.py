@@ -39,6 +39,27 @@ def test_a_quick_cpu_run_measures_no_ceilings_and_prints_no_roofline(tmp_path, c
     assert "TFLOP/s" not in printed and "%" not in printed and "compute" not in printed
 
 
+def test_a_cpu_run_prints_its_op_rates_in_gb_per_s_and_gops_not_as_zero_tb_per_s(tmp_path, capsys):
+    out = tmp_path / "bench.json"  # a CPU's few GB/s and GOPS printed as 0.00 TB/s and 0.0 TOPS
+    assert bench.main(["--device", "cpu", "--quick", "--batches", "1", "--ops", "dense", "--e2e-models", "",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["ops"]
+    printed = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(printed) if line.endswith("bound    roofline"))
+    assert "GB/s" in printed[at] and "GOPS" in printed[at] and "TB/s" not in printed[at]
+    for row, line in zip(rows, printed[at + 1:at + 1 + len(rows)]):  # the JSON keeps TB/s and TOPS
+        assert line.split()[-4:-2] == [f"{row['TBps'] * 1e3:.2f}", f"{row['TOPS'] * 1e3:.1f}"]
+
+
+def test_a_gpu_run_prints_its_op_rates_in_tb_per_s_and_tops(capsys):
+    bench.print_ops([{"model": "vit_base_patch16_224", "layer": "fc1", "N": 3072, "K": 768, "M": 197, "op": "w1a8",
+                      "ms": 0.01, "eager_ms": 0.02, "speedup_vs_dense": 2.0, "TBps": 1.234, "TOPS": 56.78,
+                      "bound": "memory", "roofline_frac": 0.5}], "cuda")
+    header, line = capsys.readouterr().out.strip().splitlines()
+    assert "TB/s" in header and "TOPS" in header
+    assert line.split()[-4:-1] == ["1.23", "56.8", "memory"]
+
+
 def test_the_load_average_is_recorded_as_null_where_the_os_has_none(tmp_path, monkeypatch):
     monkeypatch.delattr(os, "getloadavg")  # Windows
     out = tmp_path / "bench.json"
