@@ -710,6 +710,14 @@ def test_at_start_the_cache_folders_of_code_versions_unused_for_7_days_are_remov
     assert time.time() - current.stat().st_mtime < 60  # marked used: kept for 7 days more
 
 
+def test_at_start_an_old_folder_in_the_app_cache_not_named_as_a_code_version_is_kept():
+    import app.main
+    _, other = _app_cache_folders(0, 30)
+    mine = other.rename(other.parent / "my-exports")  # no folder bitvit made: not its to remove
+    app.main.writable_cache()
+    assert (mine / "model.onnx").is_file()
+
+
 def test_at_start_the_files_cached_by_bitvit_before_the_version_folders_are_removed():
     import app.main
     from app import backends
