@@ -1485,16 +1485,19 @@ def test_the_bench_reports_the_speed_up_as_fp_latency_over_quantized_latency():
     assert (row["fp_median_ms"], row["quant_median_ms"], row["frames"]) == (6.0, 2.0, 3)
 
 
-def test_the_benchs_time_outside_the_models_is_each_frames_own_not_a_mean_less_two_medians():
-    import time
+def test_the_benchs_time_outside_the_models_is_each_frames_own_not_a_mean_less_two_medians(monkeypatch):
     from types import SimpleNamespace
-    fp_ms = iter([20.0, 20.0, 1.0] * 3)  # the FP model's median, 20 ms, above its mean, 13.7 ms
+    import app.bench
+    clock = [0.0]  # the bench's clock, moved by the handler alone: exact times
+    monkeypatch.setattr(app.bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    # per frame: the FP model's ms (median 20 above its mean 13.7), the quantized model's (4) and the rest (median 2)
+    times = iter([(20.0, 4.0, 2.0), (20.0, 4.0, 2.0), (1.0, 4.0, 30.0)] * 2)
 
-    def live(f, variant, stats):  # the page's handler, spending just its models' time
-        ms = next(fp_ms)
-        time.sleep((ms + 1.0) / 1e3)
-        stats.fp.add(ms)
-        stats.quant.add(1.0)
+    def live(f, variant, stats):  # the page's handler
+        fp, q, other = next(times)
+        clock[0] += (fp + q + other) / 1e3
+        stats.fp.add(fp)
+        stats.quant.add(q)
         stats.tick()
         return (None,) * 5 + ("summary", stats)
 
@@ -1502,7 +1505,7 @@ def test_the_benchs_time_outside_the_models_is_each_frames_own_not_a_mean_less_t
                               linear_bits=None, note="")
     handlers = SimpleNamespace(live=live, cmp=SimpleNamespace(fp=backend, variant=lambda label: backend))
     row = bench_pair(handlers, "q", [frame((8, 8, 3))] * 3)  # 3 frames after 3 of warm-up
-    assert row["other_ms_per_frame"] >= 0
+    assert row["other_ms_per_frame"] == pytest.approx(2.0)  # not the mean per frame less the medians, 5.0
 
 
 def test_the_results_summary_counts_each_files_entries_and_names_one_with_nothing_to_plot(tmp_path):
