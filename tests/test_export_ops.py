@@ -614,14 +614,19 @@ def test_on_an_intel_mac_another_cpus_features_build_a_library_of_their_own(tmp_
     # macOS has no /proc/cpuinfo: sysctl's CPU features tell two Macs' -march=native builds apart
     use_fake_compiler(FAKE_BUILD, tmp_path, monkeypatch)
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "sysctl").write_text('#!/bin/sh\necho "$FAKE_CPU"\n')
+    (tmp_path / "bin" / "sysctl").write_text(  # one line per key asked for, as sysctl -n prints them
+        '#!/bin/sh\nfor key; do case "$key" in\n'
+        '  machdep.cpu.brand_string) echo "Intel(R) Core(TM) i9";;\n'
+        '  machdep.cpu.features) echo "FPU SSE4.2 AVX1.0";;\n'
+        '  machdep.cpu.leaf7_features) echo "$FAKE_LEAF7";;\n'  # where an Intel Mac lists AVX2 and AVX-512
+        'esac; done\n')
     (tmp_path / "bin" / "sysctl").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr(ortops.platform, "machine", lambda: "x86_64")
-    monkeypatch.setenv("FAKE_CPU", "FPU SSE4.2 AVX1.0 | AVX2 AVX512F")
+    monkeypatch.setenv("FAKE_LEAF7", "AVX2 AVX512F")
     first = ortops.library_path()
-    monkeypatch.setenv("FAKE_CPU", "FPU SSE4.2 AVX1.0 | AVX2")
+    monkeypatch.setenv("FAKE_LEAF7", "AVX2")
     second = ortops.library_path()
     assert second.parent.parent != first.parent.parent and first.is_file()
 
