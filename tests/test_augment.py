@@ -201,3 +201,8 @@ def test_a_setting_augmentation_cannot_use_is_refused_when_the_config_is_built(f
     # negative targets, all without a word
     with pytest.raises(ValueError, match=rf"AugmentConfig {field} must be a number.*, got {re.escape(repr(value))}$"):
         AugmentConfig(**{field: value})
+
+
+def test_mixup_and_cutmix_alphas_at_the_ends_of_the_sound_range_are_taken():
+    cfg = AugmentConfig(mixup_alpha=0.01, cutmix_alpha=1e38)  # [0.01, 1e38], both ends in
+    assert (cfg.mixup_alpha, cfg.cutmix_alpha) == (0.01, 1e38)
