@@ -244,7 +244,7 @@ def test_a_resumed_run_rises_on_from_a_cut_warmup_as_an_unbroken_run(tmp_path, m
 
 def test_a_run_whose_loss_turns_nan_stops_with_a_message_and_saves_no_weights(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e30, warmup_epochs=0, augment=NO_AUG)
-    with pytest.raises(ValueError, match=f"training diverged in epoch 1 .*other than {tmp_path} with a lower --lr"):
+    with pytest.raises(ValueError, match=f"training diverged in epoch 1 .*other than {tmp_path} with a lower --lr$"):  # no teacher
         fit(VisionTransformer(TINY), colour_set(8), colour_set(2), cfg, tmp_path, progress=False)
     assert not (tmp_path / "last.pt").exists()
 
@@ -267,7 +267,7 @@ def test_distilling_from_a_teacher_with_nan_logits_stops_as_divergence_naming_th
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("grad_clip", -1.0), ("grad_clip", float("nan")),
-                                          ("distill_weight", 1.5), ("min_lr", -1e-3), ("weight_decay", -1.0),
+                                          ("distill_weight", 1.5), ("distill_weight", -0.5), ("min_lr", -1e-3), ("weight_decay", -1.0),
                                           ("warmup_epochs", float("nan"))])
 def test_a_training_setting_that_trains_garbage_is_refused_when_the_config_is_built(field, value):
     # epochs 0 returned the untrained model as done; a negative grad_clip flipped every gradient (the loss
@@ -421,7 +421,7 @@ def test_resuming_a_run_of_another_model_is_refused(tmp_path):
     cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
     fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
     wider = VisionTransformer(dataclasses.replace(TINY, embed_dim=48))
-    with pytest.raises(ValueError, match="written by a run with other model config"):
+    with pytest.raises(ValueError, match="written by a run with other model config.*; use another run folder or delete it$"):
         fit(wider, colour_set(8), None, cfg, tmp_path, progress=False)
 
 
@@ -541,6 +541,12 @@ def test_soft_cross_entropy_is_the_batch_mean_cross_entropy_against_probabilitie
 def test_hard_distillation_is_cross_entropy_with_the_teachers_top_class():
     want = F.cross_entropy(logits(0), logits(1).argmax(-1))
     assert distill_loss(logits(0), logits(1), "hard").item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_hard_distillation_from_a_teacher_with_nan_logits_for_one_image_only_gives_a_nan_loss():
+    teacher = logits(1)
+    teacher[2, 3] = float("nan")  # one image of four: its target would be class 3, the NaN's, without a word
+    assert distill_loss(logits(0), teacher, "hard").isnan()
 
 
 def test_soft_distillation_is_the_batch_mean_kl_from_the_teacher_at_temperature_times_its_square():
