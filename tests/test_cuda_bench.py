@@ -393,6 +393,18 @@ def test_a_time_limit_of_inf_the_default_is_accepted_as_no_limit(stubbed_main):
     assert stubbed_main["ops_deadline"] == stubbed_main["models_deadline"] == float("inf")
 
 
+def test_a_quick_cuda_run_still_measures_its_ceilings(stubbed_main, tmp_path, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)  # a GPU, as far as main asks
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "a GPU")
+    monkeypatch.setitem(sys.modules, "triton", SimpleNamespace(__version__="0"))
+    monkeypatch.setitem(sys.modules, "cuda_ops.triton_kernels", SimpleNamespace(TUNER=SimpleNamespace(report=dict)))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cuda", "--quick", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["ceilings"]["copy_TBps"] == 1.0  # only a CPU's quick run goes without
+
+
 def test_the_results_file_names_the_baseline_dtype_in_its_fields_and_targets(stubbed_main, tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--device", "cpu", "--dtype", "float16", "--out", str(out)])
