@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from export import runtime
 from export.__main__ import main
-from export.exporter import FORMATS, export, quantize_for_export, to_onnx
+from export.exporter import FORMATS, export, quantize_for_export, to_onnx, write_onnx
 from quant.cli import run
 from quant.data import to_model_input
 from quant.models import save_model
@@ -153,6 +153,14 @@ def test_an_export_that_fails_while_writing_leaves_no_half_written_file(tiny_mod
         export(tiny_model, tmp_path / "m.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
     assert (tmp_path / "m.onnx").read_bytes() == b"an older export"
+
+
+def test_a_graph_onnxs_checker_rejects_is_refused_and_not_written(tiny_model, tmp_path):
+    proto = to_onnx(tiny_model, "fp32")
+    proto.graph.node[0].op_type = "NoSuchOp"  # no file ONNX Runtime would load
+    with pytest.raises(onnx.checker.ValidationError, match="No Op registered for NoSuchOp"):
+        write_onnx(proto, tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_graph_builder_refuses_a_format_the_model_is_not_in(tiny_model):
