@@ -544,7 +544,8 @@ def main(argv=None):
     p.add_argument("--label-smoothing", type=number_in(0, 1), default=a.label_smoothing)
     p.add_argument("--mixup", type=mix_alpha, default=a.mixup_alpha, help="mixup alpha, 0 disables")
     p.add_argument("--cutmix", type=mix_alpha, default=a.cutmix_alpha, help="cutmix alpha, 0 disables")
-    p.add_argument("--mix-prob", type=number_in(0, 1), default=a.mix_prob)
+    p.add_argument("--mix-prob", type=number_in(0, 1),
+                   help=f"chance a batch is mixed, with --mixup or --cutmix (default {a.mix_prob})")
     p.add_argument("--no-trivial-augment", action="store_true")
     p.add_argument("--teacher", help="model file to distil from: a bitvit ViT or a CNN teacher")
     p.add_argument("--distill", choices=["hard", "soft"], help="with --teacher (default hard)")
@@ -565,6 +566,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.distill and not args.teacher:
         raise ValueError(f"--distill {args.distill} needs --teacher, the model file to distil from")
+    if args.mix_prob is not None and args.mixup == 0 and args.cutmix == 0:
+        raise ValueError("--mix-prob is the chance a batch is mixed: use it with --mixup or --cutmix, not with both 0")
     if args.end_within_time_limit and not (args.time_budget and args.time_limit is not None):
         raise ValueError("--end-within-time-limit needs --time-budget and --time-limit (it shrinks the budget to "
                          "what the limit leaves)")
@@ -576,7 +579,7 @@ def main(argv=None):
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, time_budget=args.time_budget, seed=args.seed,
-        augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mix_prob=args.mix_prob,
+        augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mix_prob=a.mix_prob if args.mix_prob is None else args.mix_prob,
                               label_smoothing=args.label_smoothing,
                               trivial_augment=not args.no_trivial_augment),
         distill=(args.distill or "hard") if args.teacher else "none")

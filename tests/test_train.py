@@ -608,6 +608,12 @@ def test_cli_refuses_a_teacher_of_another_image_size_naming_it(tmp_path, image_t
     assert "t64.safetensors takes 64x64 images" in err and not (tmp_path / "run").exists()
 
 
+def test_cli_refuses_a_mix_prob_with_mixup_and_cutmix_both_off_instead_of_ignoring_it(tmp_path, capsys):
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                      "--mixup", "0", "--cutmix", "0", "--mix-prob", "0.5"]) == 2
+    assert "--mix-prob is the chance a batch is mixed" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_cli_refuses_distill_without_a_teacher_instead_of_training_undistilled(tmp_path, capsys):
     assert run(main, ["--model", "vit_cifar_tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
                       "--distill", "soft"]) == 2
