@@ -21,9 +21,9 @@ import torch
 from quant.cli import max_threads, output_file, run, thread_count
 from quant.packfile import load_any
 
-from .exporter import FORMATS, export, is_quantized, model_format, quantize_for_export
-from .ortops import DOMAIN, library_path
-from .runtime import load, read_onnx
+from .exporter import FORMATS, export, is_quantized, model_format, on_bitvit_op, quantize_for_export
+from .ortops import library_path
+from .runtime import load
 
 
 def main(argv=None):
@@ -53,7 +53,7 @@ def main(argv=None):
     path = export(model, args.out, fmt, custom_ops=not args.standard_ops)
 
     lib = None
-    if any(op.domain == DOMAIN for op in read_onnx(path).opset_import):
+    if not args.standard_ops and any(map(on_bitvit_op, model.modules())):  # the file is on bitvit's ops
         try:
             lib = library_path()
         except (OSError, ValueError) as e:  # no compiler, no writable cache, no headers to download, a failed
