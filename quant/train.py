@@ -61,11 +61,9 @@ class TrainConfig:
         `fit` refuse the others)."""
         if not is_positive_int(self.epochs):  # 0 returned the untrained model as done
             raise ValueError(f"TrainConfig epochs must be a positive integer, got {self.epochs!r}")
-        if not (finite_number(self.grad_clip) and self.grad_clip >= 0):  # a negative one flipped the gradients
-            raise ValueError(f"TrainConfig grad_clip must be a number >= 0 (0: off), got {self.grad_clip!r}")
-        # a negative min_lr decayed the rate below 0 (gradient ascent); a negative weight decay, set per parameter
-        # group past AdamW's own check, grew the weights
-        for name in ("min_lr", "weight_decay", "warmup_epochs"):
+        # a negative grad_clip flipped the gradients; a negative min_lr decayed the rate below 0 (gradient ascent);
+        # a negative weight decay, set per parameter group past AdamW's own check, grew the weights
+        for name in ("grad_clip", "min_lr", "weight_decay", "warmup_epochs"):
             if not (finite_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"TrainConfig {name} must be a number >= 0, got {getattr(self, name)!r}")
         if not (finite_number(self.distill_weight) and 0 <= self.distill_weight <= 1):
@@ -576,10 +574,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    mix_prob = a.mix_prob if args.mix_prob is None else args.mix_prob
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, time_budget=args.time_budget, seed=args.seed,
-        augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mix_prob=a.mix_prob if args.mix_prob is None else args.mix_prob,
+        augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mix_prob=mix_prob,
                               label_smoothing=args.label_smoothing,
                               trivial_augment=not args.no_trivial_augment),
         distill=(args.distill or "hard") if args.teacher else "none")

@@ -267,8 +267,8 @@ def test_distilling_from_a_teacher_with_nan_logits_stops_as_divergence_naming_th
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("grad_clip", -1.0), ("grad_clip", float("nan")),
-                                          ("distill_weight", 1.5), ("distill_weight", -0.5), ("min_lr", -1e-3), ("weight_decay", -1.0),
-                                          ("warmup_epochs", float("nan"))])
+                                          ("distill_weight", 1.5), ("distill_weight", -0.5), ("min_lr", -1e-3),
+                                          ("weight_decay", -1.0), ("warmup_epochs", float("nan"))])
 def test_a_training_setting_that_trains_garbage_is_refused_when_the_config_is_built(field, value):
     # epochs 0 returned the untrained model as done; a negative grad_clip flipped every gradient (the loss
     # climbed, val top-1 fell to 0); a distillation weight over 1 weighed the labels negatively; a negative
