@@ -520,8 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     if ceil is None:
         print(f"{device_name}: no ceilings measured (--quick on a CPU), so no roofline")
     else:
-        print(f"{device_name}: copy {ceil['copy_TBps']:.2f} TB/s, {dtype_name} matmul {ceil['float_TFLOPs']:.1f} "
-              f"TFLOP/s, int8 matmul {ceil['int8_TOPs']:.1f} TOP/s (torch._int_mm {ceil['int8_TOPs_int_mm']:.1f})")
+        k, p = (1, "T") if args.device == "cuda" else (1e3, "G")  # a CPU's in G: in T they print 0.00
+        print(f"{device_name}: copy {ceil['copy_TBps'] * k:.2f} {p}B/s, {dtype_name} matmul "
+              f"{ceil['float_TFLOPs'] * k:.1f} {p}FLOP/s, int8 matmul {ceil['int8_TOPs'] * k:.1f} {p}OP/s "
+              f"(torch._int_mm {ceil['int8_TOPs_int_mm'] * k:.1f})")
     save()
     result["ops"] = bench_ops(op_models, batches, ops, args.device, dtype, ceil, ops_deadline, progress,
                               result["skipped"], saved=lambda rows: save(ops=rows))

@@ -437,3 +437,16 @@ def test_the_gpu_session_script_refuses_at_once_without_a_cuda_device(tmp_path, 
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "error: torch sees no CUDA device" in r.stderr, r.stdout + r.stderr
     assert "warm:" not in r.stdout and "exit code" not in r.stdout  # nothing was warmed or run
+
+
+def test_a_cpu_run_prints_its_ceilings_in_giga_units_and_a_cuda_run_in_tera(stubbed_main, monkeypatch, capsys):
+    import sys
+    from types import SimpleNamespace
+    bench.main(["--device", "cpu"])
+    assert "copy 1000.00 GB/s, float32 matmul 1000.0 GFLOP/s, int8 matmul 1000.0 GOP/s" in capsys.readouterr().out
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "a GPU")
+    monkeypatch.setitem(sys.modules, "triton", SimpleNamespace(__version__="0"))
+    monkeypatch.setitem(sys.modules, "cuda_ops.triton_kernels", SimpleNamespace(TUNER=SimpleNamespace(report=dict)))
+    bench.main(["--device", "cuda"])
+    assert "copy 1.00 TB/s, bfloat16 matmul 1.0 TFLOP/s, int8 matmul 1.0 TOP/s" in capsys.readouterr().out
