@@ -92,6 +92,8 @@ class Session:
         path = Path(path)
         if path.is_dir():
             raise ValueError(f"{path} is a folder, not an ONNX file")
+        if path.exists() and not path.is_file():  # a pipe or device, which reading would wait on for ever
+            raise ValueError(f"{path} is not a regular file; give an ONNX file")
         if not path.is_file():
             raise FileNotFoundError(f"no such ONNX file: {path}")
         if isinstance(threads, np.integer):  # a count computed with numpy

@@ -1,6 +1,7 @@
 """ONNX export: every format runs in ONNX Runtime and agrees with the torch model it came from."""
 import copy
 import json
+import os
 import re
 import sys
 
@@ -396,6 +397,12 @@ def test_a_model_whose_finite_weights_overflow_to_nan_logits_is_refused_not_scor
     session = runtime.load(tmp_path / "loud.onnx")  # finite, so it loads
     with pytest.raises(ValueError, match="gives NaN or infinite logits for finite images"):
         session(np.zeros((1, 3, 16, 16), np.float32))
+
+
+def test_a_pipe_is_refused_as_not_a_regular_file_not_as_missing(tmp_path):
+    os.mkfifo(tmp_path / "pipe.onnx")
+    with pytest.raises(ValueError, match="pipe.onnx is not a regular file; give an ONNX file"):
+        runtime.load(tmp_path / "pipe.onnx")
 
 
 def test_a_folder_an_empty_file_and_an_impossible_thread_count_are_refused_by_name(tiny_model, tmp_path):
