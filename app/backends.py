@@ -174,12 +174,13 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
 
 @functools.cache
 def bitvit_ops_missing() -> Exception | None:
-    """Why bitvit's ONNX Runtime op library cannot be had here (no C++ compiler, a failed build), or None: asked
-    once per process, when the first model that needs it opens, so that the models after it go straight to
-    standard ops."""
+    """Why bitvit's ONNX Runtime op library cannot be had here (no C++ compiler, a failed build, a library ONNX
+    Runtime will not load), or None: asked once per process, when the first model that needs it opens, so that
+    the models after it go straight to standard ops."""
+    import onnxruntime as ort
     from export import runtime
     try:
-        runtime.library_path()  # what export.runtime.load calls for a graph of bitvit's ops
+        runtime.register_library(ort.SessionOptions())  # what export.runtime.load does for a graph of bitvit's ops
     except (ValueError, OSError, RuntimeError) as e:
         return e
     return None

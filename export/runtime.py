@@ -84,6 +84,16 @@ def ort_message(e: Exception) -> str:
     return " ".join(text.split()).rstrip(",")
 
 
+def register_library(so: ort.SessionOptions, library: Path | None = None) -> None:
+    """Registers bitvit's op library (`library`, else `library_path()`'s, built on first use) with `so`; one
+    ValueError where it will not build or ONNX Runtime will not load it."""
+    lib = library or library_path()
+    try:
+        so.register_custom_ops_library(str(lib))
+    except Exception as e:  # ORT's own Fail/InvalidArgument are not RuntimeErrors
+        raise ValueError(f"ONNX Runtime cannot load bitvit's op library {lib}: {ort_message(e)}") from None
+
+
 class Session:
     """An ONNX Runtime session of a bitvit ViT plus the preprocessing it expects."""
 
@@ -130,11 +140,7 @@ class Session:
         for pool in ("intra_op", "inter_op"):
             so.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
         if self.uses_custom_ops:
-            lib = library or library_path()
-            try:
-                so.register_custom_ops_library(str(lib))
-            except Exception as e:  # ORT's own Fail/InvalidArgument are not RuntimeErrors
-                raise ValueError(f"ONNX Runtime cannot load bitvit's op library {lib}: {ort_message(e)}") from None
+            register_library(so, library)
         try:
             # enable_fallback=0: its retry on the CPU (where it already is) first prints an "EP Error" banner
             self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"],

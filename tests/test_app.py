@@ -340,6 +340,20 @@ def test_without_a_compiler_the_app_learns_it_once_and_exports_its_models_on_sta
     assert asked == [1] and exported == [True, False, False]  # the FP model's export holds no bitvit op
 
 
+def test_a_library_that_builds_but_will_not_load_is_learnt_once_and_models_go_to_standard_ops(assets, monkeypatch,
+                                                                                                   tmp_path):
+    from export import exporter
+    (tmp_path / "libbroken.so").write_bytes(b"not a shared library")
+    monkeypatch.setattr("export.runtime.library_path", lambda: tmp_path / "libbroken.so")
+    exported = []
+    export = exporter.export
+    monkeypatch.setattr(exporter, "export", lambda *a, **kw: exported.append(kw["custom_ops"]) or export(*a, **kw))
+    for name in ("tiny_ternary", "tiny_int8"):
+        backend = open_model(assets / f"{name}.safetensors")
+        assert backend.runtime == "ONNX Runtime" and "cannot load bitvit's op library" in backend.note
+    assert exported == [False, False]  # no model exported on bitvit's ops only to fail loading
+
+
 def test_a_failed_build_of_bitvit_ops_is_noted_with_its_reason_not_a_line_ending_in_a_colon(assets, monkeypatch):
     def failing(*args, **kwargs):  # as export.ortops._run says a failed command: a line, then the command's output
         raise ValueError("downloading ONNX Runtime's headers failed (exit 100):\nE: Could not resolve host")
