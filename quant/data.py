@@ -12,8 +12,9 @@ Splits: `train` is the training set minus a held-out validation split (`val`: th
 `val/`); `trainval` is all of it; `test` is for final reporting only.
 
 Decoded splits are cached as `.npy` files under `$BITVIT_CACHE` (default `~/.cache/bitvit`), keyed
-by the source path, its size and modification time (a folder's: every image file's), the split, the image size
-and `CACHE_VERSION`, and checked against a SHA-256 of their contents on every read.
+by the source path, its size and modification time (a folder's: every image file's; a `cifar-10-batches-py`
+folder's: every batch file's), the split, the image size and `CACHE_VERSION`, and checked against a SHA-256
+of their contents on every read.
 """
 from __future__ import annotations
 
@@ -377,7 +378,8 @@ class _PickleSource(_Source):
 
     def __init__(self, root: Path):
         self.root = root
-        self.key = _tree_key(root)
+        # its batches, which have no image ending: the tree's key would be the folder's path alone
+        self.key = "|".join([str(root.resolve())] + [_stat_key(root / n) for n in self.FILES if (root / n).is_file()])
 
     def has(self, split: str) -> bool:
         return split in ("train", "test")

@@ -618,3 +618,11 @@ def test_a_class_name_holding_a_newline_is_read_back_from_the_cache_as_one_class
     first = load_split(tree, "test", image_size=16, progress=False)
     again = load_split(tree, "test", image_size=16, progress=False)
     assert again.classes == first.classes == ("cat\ndog", "frog") and "damaged" not in capsys.readouterr().err
+
+
+def test_cifar_batches_rewritten_are_decoded_again_not_read_from_the_cache(cifar_batches):
+    before = load_split(cifar_batches, "test", progress=False)
+    with open(cifar_batches / "test_batch", "wb") as f:
+        pickle.dump({b"labels": [0] * 4, b"data": np.full((4, 3072), 7, np.uint8)}, f, protocol=2)
+    after = load_split(cifar_batches, "test", progress=False)
+    assert len(before) == 20 and len(after) == 4 and (after.images == 7).all()
