@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from quant.cli import finite_number, written_whole
 
@@ -478,6 +478,7 @@ def _decode(data: bytes, name: str, image_size: int) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # a phone's photo upright, as shown (and as the app reads it)
         return _resize(_to_8bit(img).convert("RGB"), image_size)
     except UnidentifiedImageError:  # its own message names a BytesIO object, not the file
         raise ValueError(f"cannot decode image {name}: not in an image format PIL reads") from None
@@ -506,8 +507,9 @@ def cache_dir() -> Path:
 
 # Raised whenever decoding changes what a source gives, so that copies decoded before are not read. 2 (2026-12-06):
 # archives' class folders without images, images stored as links, and "sea-lion/" beside "sea/" read right. 3
-# (2026-12-07): class names kept as JSON (a name holding a newline came back as two classes).
-CACHE_VERSION = 3
+# (2026-12-07): class names kept as JSON (a name holding a newline came back as two classes). 4 (2026-12-07): photos
+# turned upright by their EXIF orientation.
+CACHE_VERSION = 4
 
 
 def _cache_base(*parts: object) -> Path:

@@ -264,6 +264,17 @@ def test_other_sizes_are_resized_and_centre_cropped(tmp_path):
     assert data.images[0, :, 1:-1].min() > 200           # the crop kept the centre: white nearly edge to edge
 
 
+def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    img = np.zeros((16, 32, 3), np.uint8)
+    img[:, :16, 0] = img[:, 16:, 2] = 255                 # stored wide: red left half, blue right half
+    exif = Image.Exif()
+    exif[0x0112] = 6                                       # "rotate 90 degrees clockwise to view": red on top
+    (tmp_path / "tree" / "test" / "a").mkdir(parents=True)
+    Image.fromarray(img).save(tmp_path / "tree" / "test" / "a" / "0.jpg", exif=exif, quality=95)
+    data = load_split(tmp_path / "tree", "test", image_size=16, progress=False).images[0].astype(int)
+    assert (data[:6, :, 0] > 200).all() and (data[-6:, :, 2] > 200).all()
+
+
 def test_a_sliver_image_is_resized_from_its_centre_not_blown_up_whole(monkeypatch):
     from quant.data import _resize
     sizes = []
