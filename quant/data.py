@@ -479,7 +479,10 @@ def _decode(data: bytes, name: str, image_size: int) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # a phone's photo upright, as shown (and as the app reads it)
-        return _resize(_to_8bit(img).convert("RGB"), image_size)
+        img = _to_8bit(img)
+        if img.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in img.info:  # over white, as the app's
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+        return _resize(img.convert("RGB"), image_size)
     except UnidentifiedImageError:  # its own message names a BytesIO object, not the file
         raise ValueError(f"cannot decode image {name}: not in an image format PIL reads") from None
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's broken PNG
@@ -508,8 +511,8 @@ def cache_dir() -> Path:
 # Raised whenever decoding changes what a source gives, so that copies decoded before are not read. 2 (2026-12-06):
 # archives' class folders without images, images stored as links, and "sea-lion/" beside "sea/" read right. 3
 # (2026-12-07): class names kept as JSON (a name holding a newline came back as two classes). 4 (2026-12-07): photos
-# turned upright by their EXIF orientation.
-CACHE_VERSION = 4
+# turned upright by their EXIF orientation. 5 (2026-12-07): transparent pixels white, not their stored colour.
+CACHE_VERSION = 5
 
 
 def _cache_base(*parts: object) -> Path:

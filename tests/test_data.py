@@ -275,6 +275,21 @@ def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
     assert (data[:6, :, 0] > 200).all() and (data[-6:, :, 2] > 200).all()
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_white_as_the_app_reads_them_not_their_stored_colour(tmp_path, mode):
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[:, :8] = (200, 0, 0, 255)                         # an opaque red left half; the right half transparent black
+    img, path = Image.fromarray(rgba, "RGBA"), tmp_path / "tree" / "test" / "a" / "0.png"
+    path.parent.mkdir(parents=True)
+    if mode == "P":                                        # a palette image whose black entry is transparent
+        img = img.convert("RGB").convert("P")
+        img.save(path, transparency=img.getpixel((15, 0)))
+    else:
+        img.convert(mode).save(path)
+    data = load_split(tmp_path / "tree", "test", image_size=16, progress=False).images[0]
+    assert (data[:, 10:] == 255).all() and (data[:, :6] != 255).any()
+
+
 def test_a_sliver_image_is_resized_from_its_centre_not_blown_up_whole(monkeypatch):
     from quant.data import _resize
     sizes = []
