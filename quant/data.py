@@ -5,7 +5,7 @@ Sources `load_split` reads:
   * torchvision's official `cifar-10-batches-py` folder (read with a pickle loader that only admits
     numpy arrays, lists, dicts and strings, so a hostile file cannot run code);
   * any image-folder tree with `train/` and `test/` (optionally `val/`) folders of class folders,
-    or a flat tree of class folders, read as split `all` (images: the files ending in one of `IMAGE_EXTS`).
+    or a flat tree of class folders, read as split `all` (images: the files ending in one of `IMAGE_EXTS`, hidden ones left out).
 
 Splits: `train` is the training set minus a held-out validation split (`val`: the last
 `val_fraction` (10 %) of each class's images, 500 per CIFAR-10 class, unless the tree has its own
@@ -43,9 +43,11 @@ SPLITS = ("train", "val", "trainval", "test", "all")
 
 
 def _is_image(name: str) -> bool:
-    """Whether a file of this name is read as an image, in a tree and in an archive alike (by its suffix, any case:
-    ".jpg" alone, a hidden file's name, is none)."""
-    return Path(name).suffix.lower() in IMAGE_EXTS
+    """Whether a file of this name is read as an image, in a tree and in an archive alike: by its suffix, any case;
+    a hidden file is none (".jpg" alone, or the "._x.jpg" of metadata macOS writes beside x.jpg on other disks and
+    into its archives)."""
+    name = Path(name).name
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTS
 
 
 @dataclass

@@ -426,6 +426,16 @@ def test_a_file_named_only_by_an_image_ending_is_left_out_of_an_archive_as_of_it
 
 
 @pytest.mark.parametrize("packed", [False, True])
+def test_macos_hidden_metadata_files_beside_the_images_are_left_out(image_tree, tmp_path, packed):
+    expected = load_split(image_tree, "test", image_size=16, progress=False)
+    for image in list((image_tree / "test").rglob("*.jpg")):   # AppleDouble files: no image, though named .jpg
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(78))
+    data = write_tar(image_tree, tmp_path / "mac.tar.gz", splits=("test",)) if packed else image_tree
+    got = load_split(data, "test", image_size=16, progress=False)
+    assert np.array_equal(got.labels, expected.labels) and np.array_equal(got.images, expected.images)
+
+
+@pytest.mark.parametrize("packed", [False, True])
 def test_capitalised_split_folders_are_named_with_the_names_to_give(image_tree, tmp_path, packed):
     for split in ("train", "test"):
         (image_tree / split).rename(image_tree / split.capitalize())
