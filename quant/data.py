@@ -5,7 +5,8 @@ Sources `load_split` reads:
   * torchvision's official `cifar-10-batches-py` folder (read with a pickle loader that only admits
     numpy arrays, lists, dicts and strings, so a hostile file cannot run code);
   * any image-folder tree with `train/` and `test/` (optionally `val/`) folders of class folders,
-    or a flat tree of class folders, read as split `all` (images: the files ending in one of `IMAGE_EXTS`, hidden ones left out).
+    or a flat tree of class folders, read as split `all` (images: the files ending in one of `IMAGE_EXTS`,
+    hidden ones left out, in the class folder itself: images in its sub-folders are refused).
 
 Splits: `train` is the training set minus a held-out validation split (`val`: the last
 `val_fraction` (10 %) of each class's images, 500 per CIFAR-10 class, unless the tree has its own
@@ -238,6 +239,10 @@ class _FolderSource(_Source):
             raise ValueError(f"{folder} holds no class folders")
         files, labels = [], []
         for label, d in enumerate(class_dirs):
+            nested = next((p for p in sorted(d.iterdir()) if p.is_dir() and any(map(_is_image, p.rglob("*")))), None)
+            if nested:  # else left out without a word
+                raise ValueError(f"class folder {d} holds images in its sub-folder {nested.name}/, and a class's "
+                                 f"images are read from its own folder alone: move them up into {d}")
             # a folder named x.jpg is no image, as in an archive (whose images are its file members)
             found = sorted(p for p in d.iterdir() if _is_image(p.name) and not p.is_dir())
             if not found:
@@ -336,6 +341,11 @@ class _TarSource(_Source):
         classes = sorted({Path(m.name).parts[-2] for m in members})
         folders = {p[-2] for m in self.every if not m.isdir() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}
+        nested = next((m.name for m in self.members if len(p := Path(m.name).parts) >= 4
+                       and any(p[i] == split and p[i + 1] in folders for i in range(len(p) - 3))), None)
+        if nested:  # as a tree's: else left out without a word
+            raise ValueError(f"{self.path}:{nested} is an image in a sub-folder of a {split}/ class folder, and a "
+                             f"class's images are read from its own folder alone: archive them in the class folder")
         empty = sorted(folders - set(classes))
         if empty:  # as a tree's: a class left out would shift the others' labels without a word
             raise ValueError(f"class folder {self.path}:{split}/{empty[0]} {NO_IMAGES}")
@@ -513,8 +523,9 @@ def cache_dir() -> Path:
 # Raised whenever decoding changes what a source gives, so that copies decoded before are not read. 2 (2026-12-06):
 # archives' class folders without images, images stored as links, and "sea-lion/" beside "sea/" read right. 3
 # (2026-12-07): class names kept as JSON (a name holding a newline came back as two classes). 4 (2026-12-07): photos
-# turned upright by their EXIF orientation. 5 (2026-12-07): transparent pixels white, not their stored colour.
-CACHE_VERSION = 5
+# turned upright by their EXIF orientation. 5 (2026-12-07): transparent pixels white, not their stored colour. 6
+# (2026-12-07): images in a class folder's sub-folders refused (they were left out).
+CACHE_VERSION = 6
 
 
 def _cache_base(*parts: object) -> Path:

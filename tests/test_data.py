@@ -411,10 +411,10 @@ def test_a_class_folder_of_images_in_a_format_not_read_names_the_endings_read(im
 
 def test_a_folder_named_like_an_image_is_left_out_of_a_tree_as_of_its_archive(image_tree, tmp_path):
     (image_tree / "test" / "cat" / "x.jpg").mkdir()
-    (image_tree / "test" / "cat" / "0000.jpg").rename(image_tree / "test" / "cat" / "x.jpg" / "in.jpg")
+    (image_tree / "test" / "cat" / "x.jpg" / "notes.txt").write_text("")  # no image: its images would be refused
     archive = write_tar(image_tree, tmp_path / "t.tar.gz", splits=("test",))
     tree, packed = (load_split(p, "test", image_size=16, progress=False) for p in (image_tree, archive))
-    assert len(tree) == 17 and tree.classes == packed.classes
+    assert len(tree) == 18 and tree.classes == packed.classes
     assert (tree.images == packed.images).all() and (tree.labels == packed.labels).all()
 
 
@@ -433,6 +433,15 @@ def test_macos_hidden_metadata_files_beside_the_images_are_left_out(image_tree, 
     data = write_tar(image_tree, tmp_path / "mac.tar.gz", splits=("test",)) if packed else image_tree
     got = load_split(data, "test", image_size=16, progress=False)
     assert np.array_equal(got.labels, expected.labels) and np.array_equal(got.images, expected.images)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_images_in_a_sub_folder_of_a_class_folder_are_refused_not_left_out(image_tree, tmp_path, packed):
+    (image_tree / "test" / "cat" / "2019").mkdir()
+    (image_tree / "test" / "cat" / "0000.jpg").rename(image_tree / "test" / "cat" / "2019" / "0000.jpg")
+    data = write_tar(image_tree, tmp_path / "nested.tar.gz", splits=("test",)) if packed else image_tree
+    with pytest.raises(ValueError, match=r"sub-folder.*class's images are read from its own folder alone"):
+        load_split(data, "test", progress=False)
 
 
 @pytest.mark.parametrize("packed", [False, True])
