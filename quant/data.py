@@ -335,9 +335,12 @@ class _TarSource(_Source):
         members = [m for m in self.members if len(Path(m.name).parts) >= 3 and Path(m.name).parts[-3] == split]
         if not members:
             found = sorted({p[-3] + "/" for m in self.members if len(p := Path(m.name).parts) >= 3})
-            raise ValueError(f"{self.path} has no {split}/<class>/ images"
-                             + (f"; its images are in {', '.join(found)} (split folders are train/, test/, val/, "
-                                f"in lower case)" if found else ""))
+            if not any(f[:-1].lower() in ("train", "test", "val") for f in found):  # else taken for split folders
+                raise ValueError(f"{self.path} holds no train/, test/ or val/ folder of class folders: archive the "
+                                 f"class folders inside train/ (a test set inside test/), or unpack it and score a "
+                                 f"flat tree of class folders with split 'all'")
+            raise ValueError(f"{self.path} has no {split}/<class>/ images; its images are in {', '.join(found)} "
+                             f"(split folders are train/, test/, val/, in lower case)")
         classes = sorted({Path(m.name).parts[-2] for m in members})
         folders = {p[-2] for m in self.every if not m.isdir() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}

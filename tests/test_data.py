@@ -512,6 +512,18 @@ def test_a_split_a_flat_class_tree_lacks_is_refused_naming_the_tree_and_the_spli
         load_split(tree, "test")
 
 
+@pytest.mark.parametrize("top", ["", "flat/"])
+def test_an_archive_of_class_folders_without_split_folders_says_so_not_that_its_top_folder_is_a_split(tmp_path, top):
+    tree = write_tree(tmp_path / "flat", splits=("",))
+    archive = tmp_path / "flat.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname=top or ".")
+    for split in ("test", "all"):
+        with pytest.raises(ValueError, match=r"flat.tar.gz holds no train/, test/ or val/ folder of class folders: "
+                                             r"archive .* inside train/ .*or unpack it .* with split 'all'"):
+            load_split(archive, split, progress=False)
+
+
 def test_model_input_is_normalised_nchw():
     x = to_model_input(np.full((2, 4, 4, 3), 255, np.uint8), mean=(0.5,) * 3, std=(0.25,) * 3)
     assert x.shape == (2, 3, 4, 4) and torch.allclose(x, torch.full_like(x, 2.0))
