@@ -585,6 +585,9 @@ def main(argv=None):
     is_cnn = args.model in cnn.CONFIGS
     img_size = (cnn.CONFIGS if is_cnn else CONFIGS)[args.model].img_size
     train = load_split(args.data, args.split, img_size, limit=args.limit)
+    if len(train.classes) < 2:  # a model of one class is right about every image it is shown
+        raise ValueError(f"{args.data} holds one class ({train.classes[0]!r}) in its {args.split} split: a classifier "
+                         f"is trained on two or more class folders")
     val = load_split(args.data, "val", img_size, limit=args.limit) if args.split == "train" else None
     torch.manual_seed(cfg.seed)
     labels = dict(num_classes=len(train.classes), classes=tuple(train.classes))

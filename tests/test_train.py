@@ -592,6 +592,14 @@ def test_cli_refuses_a_val_folder_of_other_classes_before_training(tmp_path, cap
     assert "are not the train split's" in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
 
 
+def test_cli_refuses_a_tree_of_one_class_instead_of_training_a_model_that_is_always_right(tmp_path, capsys):
+    tree = write_tree(tmp_path / "t", splits=("train",), classes=("cat",))
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(tree), "--out", str(tmp_path / "run"),
+                      "--epochs", "1", "--batch-size", "4"]) == 2
+    assert "holds one class ('cat') in its train split" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def tiny_file(path: Path, seed: int, **overrides) -> Path:
     """A randomly initialised `vit_cifar_tiny` of the image tree's three classes, saved at `path`."""
     from quant.models import create_model, save_model
