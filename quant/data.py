@@ -180,13 +180,15 @@ def _stat_key(path: Path) -> str:
 
 
 def _tree_key(root: Path) -> str:
-    """Path, names, sizes and modification times of every image file under `root` (cache key)."""
+    """Path, names, sizes and modification times of every image file under `root`, and the folder each folder is
+    or links to (cache key)."""
     h = hashlib.sha1(os.fsencode(root.resolve()))  # fsencode: a name need not be UTF-8
     seen = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # class folders may be links
         dirnames.sort()
         real = os.path.realpath(dirpath)
-        if real in seen:  # a link back up the tree
+        h.update(os.fsencode(f"{dirpath}>{real}|"))  # a link to a folder walked already adds no files of its own
+        if real in seen:  # a link back up the tree, or a second link to one folder
             dirnames.clear()
             continue
         seen.add(real)

@@ -646,6 +646,17 @@ def test_a_tree_whose_class_folders_are_links_is_decoded_again_when_their_images
     assert len(after.labels) == len(before.labels) + 1
 
 
+def test_a_class_folder_linked_to_another_class_is_decoded_again_when_the_link_is_repointed(image_tree):
+    (image_tree / "test" / "lion").symlink_to("cat", target_is_directory=True)   # a class of the cat images
+    before = load_split(image_tree, "test", image_size=16, progress=False)
+    (image_tree / "test" / "lion").unlink()
+    (image_tree / "test" / "lion").symlink_to("dog", target_is_directory=True)   # now of the dog images
+    after = load_split(image_tree, "test", image_size=16, progress=False)
+    lion, cat, dog = (after.classes.index(c) for c in ("lion", "cat", "dog"))
+    assert np.array_equal(before.images[before.labels == lion], before.images[before.labels == cat])
+    assert np.array_equal(after.images[after.labels == lion], after.images[after.labels == dog])
+
+
 def test_a_cache_folder_that_cannot_be_written_warns_and_the_split_still_loads(image_tar, tmp_path, monkeypatch,
                                                                                capsys):
     blocked = tmp_path / "blocked"
