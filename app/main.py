@@ -75,11 +75,11 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     keep = []
     for m in variants:
         a, b = fp_file.config, m.config
-        if (a.img_size, a.classes) != (b.img_size, b.classes):
+        if (a.img_size, a.num_classes, a.classes) != (b.img_size, b.num_classes, b.classes):
             differ = (f"classes {', '.join(b.classes)}, the FP model's {', '.join(a.classes)}"
-                      if (a.img_size, len(a.classes)) == (b.img_size, len(b.classes)) else
-                      f"{b.img_size}x{b.img_size} images of {len(b.classes)} classes, the FP model "
-                      f"{a.img_size}x{a.img_size} of {len(a.classes)}")
+                      if (a.img_size, a.num_classes) == (b.img_size, b.num_classes) else  # (ImageNet configs name none)
+                      f"{b.img_size}x{b.img_size} images of {b.num_classes} classes, the FP model "
+                      f"{a.img_size}x{a.img_size} of {a.num_classes}")
             why = f"{m.path.name}: takes {differ}: not comparable"
             if quant is not None and m is variants[0]:
                 raise ValueError(f"--quant {why}")

@@ -579,6 +579,17 @@ def test_a_quantized_model_given_for_other_classes_is_refused_not_swapped_for_an
         make_comparison(assets / "fp.safetensors", path, assets, runtime="torch")
 
 
+def test_a_quantized_model_of_other_unnamed_classes_is_refused_naming_both_counts(tmp_path):
+    """ImageNet configs name no classes: a model of 1000 and one of 10 differ by their counts."""
+    unnamed = {**TINY.__dict__, "classes": ()}
+    fp = tmp_path / "fp.safetensors"
+    save_model(quant.models.VisionTransformer(quant.models.ViTConfig(**unnamed)), fp)
+    other = quant.models.VisionTransformer(quant.models.ViTConfig(**{**unnamed, "num_classes": 2}))
+    path = packed(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=f"takes {S}x{S} images of 2 classes, the FP model {S}x{S} of 3: not comparable"):
+        make_comparison(fp, path, tmp_path, runtime="torch")
+
+
 def test_a_quantized_model_of_as_many_classes_with_other_names_is_refused_naming_the_classes(assets, tmp_path):
     names = tuple(f"other{i}" for i in range(TINY.num_classes))
     other = quant.models.VisionTransformer(quant.models.ViTConfig(**{**TINY.__dict__, "classes": names}))
