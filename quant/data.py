@@ -78,7 +78,8 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
                val_fraction: float = 0.1, limit: int | None = None, progress: bool = True) -> ImageSet:
     """One split of a data source (see the module docstring) as a uint8 array.
 
-    `limit` keeps the first `limit` images of each class in turn (a balanced subset).
+    `limit` keeps the first `limit` images of each class in turn (a balanced subset), decoded alone where the
+    whole split is not in the cache yet.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -93,25 +94,24 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
     if not path.exists():
         raise FileNotFoundError(f"data path does not exist: {path}")
     source = _source_for(path)
-    if split in ("train", "val"):
-        if source.has("val"):
-            data = _cached(source, split, image_size, progress)
-        else:
-            data = _cached(source, "train", image_size, progress)
-            held_out = _last_per_class(data.labels, val_fraction, data.classes)
-            data = data.subset(held_out if split == "val" else ~held_out)
-    elif split == "trainval":
+    if split == "trainval" and source.has("val"):  # the tree's train/ and val/ images together
         data = _cached(source, "train", image_size, progress)
-        if source.has("val"):
-            val = _cached(source, "val", image_size, progress)
-            _check_same_classes(data, val, path)
-            data = ImageSet(np.concatenate([data.images, val.images]),
-                            np.concatenate([data.labels, val.labels]), data.classes)
-    else:
-        data = _cached(source, split, image_size, progress)
-    if limit is not None:
-        data = data.subset(_balanced_first(data.labels, limit))
-    return data
+        val = _cached(source, "val", image_size, progress)
+        _check_same_classes(data, val, path)
+        data = ImageSet(np.concatenate([data.images, val.images]),
+                        np.concatenate([data.labels, val.labels]), data.classes)
+        return data if limit is None else data.subset(_balanced_first(data.labels, limit))
+    held = split in ("train", "val") and not source.has("val")  # val: held out of the train split's images
+
+    def keep(labels: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
+        """Indices of the images asked for, among the split's."""
+        chosen = np.arange(len(labels))
+        if held:
+            held_out = _last_per_class(labels, val_fraction, classes)
+            chosen = chosen[held_out if split == "val" else ~held_out]
+        return chosen if limit is None else chosen[_balanced_first(labels[chosen], limit)]
+    return _cached(source, "train" if held or split == "trainval" else split, image_size, progress,
+                   keep if held or limit is not None else None, None if limit is None else (split, val_fraction, limit))
 
 
 def _last_per_class(labels: np.ndarray, fraction: float, classes: tuple[str, ...]) -> np.ndarray:
@@ -151,7 +151,8 @@ class _Source:
     def has(self, split: str) -> bool:
         raise NotImplementedError
 
-    def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
+    def decode(self, split: str, image_size: int, progress: bool, keep=None) -> ImageSet:
+        """The split's images, or with `keep(labels, classes)` only those at the indices it gives."""
         raise NotImplementedError
 
 
@@ -212,7 +213,7 @@ class _FolderSource(_Source):
     def has(self, split: str) -> bool:
         return split == "all" if self.flat else (self.root / split).is_dir()
 
-    def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
+    def decode(self, split: str, image_size: int, progress: bool, keep=None) -> ImageSet:
         if not self.flat and split == "all":
             raise ValueError(f"{self.root} holds split folders (train/, test/, ...): choose one of them; split "
                              f"'all' scores a tree of class folders alone")
@@ -251,9 +252,11 @@ class _FolderSource(_Source):
                 raise ValueError(f"class folder {d} {NO_IMAGES}")
             files += found
             labels += [label] * len(found)
-        images = np.stack([_decode(_read_file(f), str(f), image_size)
-                           for f in _progress(files, f"decoding {folder}", progress)])
-        return ImageSet(images, np.array(labels, dtype=np.int64), tuple(d.name for d in class_dirs))
+        labels, classes = np.array(labels, dtype=np.int64), tuple(d.name for d in class_dirs)
+        chosen = np.arange(len(files)) if keep is None else keep(labels, classes)
+        images = np.stack([_decode(_read_file(files[i]), str(files[i]), image_size)
+                           for i in _progress(chosen, f"decoding {folder}", progress)])
+        return ImageSet(images, labels[chosen], classes)
 
 
 @contextlib.contextmanager
@@ -331,7 +334,7 @@ class _TarSource(_Source):
             pass
         return split in splits
 
-    def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
+    def decode(self, split: str, image_size: int, progress: bool, keep=None) -> ImageSet:
         # read in the archive's own order (a step back in a .gz decompresses it again from the start), then
         # sorted by name, whatever order the archive was written in
         members = [m for m in self.members if len(Path(m.name).parts) >= 3 and Path(m.name).parts[-3] == split]
@@ -359,9 +362,18 @@ class _TarSource(_Source):
         if linked:  # the tree follows it to a class of its own; the archive holds none of its images
             raise ValueError(f"class folder {self.path}:{split}/{linked[0]} is a link, whose images the archive does "
                              f"not hold: archive the tree with its links followed (tar -h)")
+        # class by class, each by file name, as the unpacked tree reads (sorting whole names would put
+        # "sea-lion/" before "sea/", since "-" sorts before "/")
+        names = sorted({m.name for m in members}, key=lambda n: (classes.index(Path(n).parts[-2]), Path(n).name, n))
+        labels = np.array([classes.index(Path(n).parts[-2]) for n in names], dtype=np.int64)
+        if keep is not None:
+            chosen = keep(labels, tuple(classes))
+            names, labels = [names[i] for i in chosen], labels[chosen]
+        wanted = set(names)
         decoded = {}
         with _open_archive(self.path) as tar:
-            for m in _progress(members, f"decoding {self.path.name}:{split}", progress):
+            for m in _progress([m for m in members if m.name in wanted], f"decoding {self.path.name}:{split}",
+                               progress):
                 target = self._target(m)
                 if target is None:
                     raise ValueError(f"cannot read image {self.path}:{m.name}: a link to {m.linkname!r}, which is "
@@ -370,10 +382,6 @@ class _TarSource(_Source):
                     decoded[m.name] = decoded[target.name]
                 else:
                     decoded[m.name] = _decode(tar.extractfile(target).read(), f"{self.path}:{m.name}", image_size)
-        # class by class, each by file name, as the unpacked tree reads (sorting whole names would put
-        # "sea-lion/" before "sea/", since "-" sorts before "/")
-        names = sorted(decoded, key=lambda n: (classes.index(Path(n).parts[-2]), Path(n).name, n))
-        labels = np.array([classes.index(Path(n).parts[-2]) for n in names], dtype=np.int64)
         return ImageSet(np.stack([decoded[n] for n in names]), labels, tuple(classes))
 
 
@@ -414,7 +422,7 @@ class _PickleSource(_Source):
             raise ValueError(f"{path} is not a CIFAR python batch (holds a {type(obj).__name__})")
         return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
-    def decode(self, split: str, image_size: int, progress: bool) -> ImageSet:
+    def decode(self, split: str, image_size: int, progress: bool, keep=None) -> ImageSet:
         if split not in ("train", "test"):
             raise ValueError(f"{self.root} holds train and test batches only")
         meta = self._load("batches.meta")
@@ -438,12 +446,15 @@ class _PickleSource(_Source):
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(lab.astype(np.int64))
         images = np.ascontiguousarray(np.concatenate(images).astype(np.uint8))
-        if image_size != 32:
-            images = np.stack([_resize(Image.fromarray(im), image_size) for im in images])
         labels = np.concatenate(labels)
         if int(labels.max()) >= len(classes):  # a class absent from a subset's batches is no fault
             raise ValueError(f"{self.root}/batches.meta names {len(classes)} classes, "
                              f"labels go up to {int(labels.max())}")
+        if keep is not None:
+            chosen = keep(labels, classes)
+            images, labels = images[chosen], labels[chosen]
+        if image_size != 32:
+            images = np.stack([_resize(Image.fromarray(im), image_size) for im in images])
         return ImageSet(images, labels, classes)
 
 
@@ -538,10 +549,29 @@ def _cache_base(*parts: object) -> Path:
     return cache_dir() / "data" / hashlib.sha1(os.fsencode("|".join(map(str, parts)))).hexdigest()[:16]
 
 
-def _cached(source: _Source, split: str, image_size: int, progress: bool) -> ImageSet:
+def _cached(source: _Source, split: str, image_size: int, progress: bool, keep=None, alone=None) -> ImageSet:
     """A split decoded once and kept in the cache; a split the source lacks is refused by its `decode`.
-    The copy's SHA-256, written last, is checked on every read: a damaged copy is decoded again."""
+    `keep(labels, classes)` picks the images to return by their indices; `alone` (what identifies the pick) has
+    them decoded and cached apart unless the whole split is cached already: a few images of a big split (a
+    --limit at 224x224 pixels) need not decode all of it."""
     base = _cache_base(source.key, split, image_size, CACHE_VERSION)
+    data = _read_cache(base, image_size)
+    if data is None and alone is not None:
+        base = _cache_base(source.key, split, image_size, CACHE_VERSION, *alone)
+        data = _read_cache(base, image_size)
+        if data is None:
+            data = source.decode(split, image_size, progress, keep)
+            _write_cache(base, data)
+        return data
+    if data is None:
+        data = source.decode(split, image_size, progress)
+        _write_cache(base, data)
+    return data if keep is None else data.subset(keep(data.labels, data.classes))
+
+
+def _read_cache(base: Path, image_size: int) -> ImageSet | None:
+    """The copy cached under `base`, or None where there is none or it is damaged (which is said). Its SHA-256,
+    written last, is checked on every read."""
     files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.json", ".sha256")]
     if files[3].exists():
         try:
@@ -553,7 +583,12 @@ def _cached(source: _Source, split: str, image_size: int, progress: bool) -> Ima
         except Exception:  # truncated or damaged cache files (np.load's header parser raises its tokenizer's errors)
             pass
         print(f"the decoded copy in {base.parent} ({base.name}.*) is damaged: decoding again", file=sys.stderr)
-    data = source.decode(split, image_size, progress)
+    return None
+
+
+def _write_cache(base: Path, data: ImageSet) -> None:
+    """`data` cached under `base`; a cache that cannot be written is said, and left."""
+    files = [base.with_suffix(s) for s in (".images.npy", ".labels.npy", ".classes.json", ".sha256")]
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
         # each file replaced whole, the SHA-256 last: a copy another process wrote (the same, or a damaged one the
@@ -567,7 +602,6 @@ def _cached(source: _Source, split: str, image_size: int, progress: bool) -> Ima
     except OSError as e:  # a read-only or full cache: this run goes on with the copy in memory
         print(f"warning: cannot keep the decoded copy in the cache folder {base.parent} ($BITVIT_CACHE): "
               f"{e.strerror or e}; it will be decoded again next time", file=sys.stderr)
-    return data
 
 
 def _digest(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> str:

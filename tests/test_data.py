@@ -141,6 +141,22 @@ def test_limit_takes_a_balanced_subset(image_tree):
     assert np.bincount(data.labels).tolist() == [2, 2, 2]
 
 
+@pytest.mark.parametrize("source, split", [("image_tree", "test"), ("image_tree", "val"), ("image_tar", "train"),
+                                           ("image_tar", "trainval"), ("cifar_batches", "val")])
+def test_a_limited_load_decodes_only_the_images_it_returns(source, split, request, monkeypatch):
+    """A few images of a model's size (224x224) out of a big split: the whole split is not decoded first."""
+    path = request.getfixturevalue(source)
+    import quant.data
+    resized, resize = [], quant.data._resize
+    monkeypatch.setattr(quant.data, "_resize", lambda img, size: resized.append(1) or resize(img, size))
+    limited = load_split(path, split, image_size=16, limit=4, progress=False)
+    assert len(resized) == len(limited) <= 4  # (val holds 3 here)
+    load_split(path, split, image_size=16, progress=False)  # the whole split, cached
+    again = load_split(path, split, image_size=16, limit=4, progress=False)  # picked from the whole split's copy
+    assert np.array_equal(limited.images, again.images) and np.array_equal(limited.labels, again.labels)
+    assert limited.classes == again.classes
+
+
 def test_second_load_comes_from_the_cache(image_tree, monkeypatch):
     first = load_split(image_tree, "test", image_size=16, progress=False)
 
