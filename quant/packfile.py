@@ -347,8 +347,8 @@ def load_any(path: str | os.PathLike) -> nn.Module:
     fmt = read_safetensors_metadata(path).get("format")
     if is_quantized_format(fmt):
         return load_quantized(path)
-    if fmt in (FP_FORMAT, None):
-        return load_model(path)
+    if fmt == FP_FORMAT or not str(fmt or "").startswith("bitvit-"):  # timm's files are tagged "pt": load_model
+        return load_model(path)                                       # says to name their architecture
     from quant.teacher import FORMAT as TEACHER_FORMAT, load_teacher
     if fmt == TEACHER_FORMAT:
         return load_teacher(path)

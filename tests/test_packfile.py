@@ -325,9 +325,9 @@ def test_full_precision_file_is_not_a_quantized_one(tmp_path, tiny_model):
     assert type(quant.load_any(tmp_path / "fp.safetensors")).__name__ == "VisionTransformer"
 
 
-def test_foreign_safetensors_file_is_refused(tmp_path):
-    save_file({"x": torch.zeros(2)}, str(tmp_path / "f.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="neither"):
+def test_a_timm_safetensors_file_is_refused_saying_to_name_its_architecture(tmp_path):
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "f.safetensors"), metadata={"format": "pt"})  # timm's tag
+    with pytest.raises(ValueError, match=r"carries no bitvit config.*load_model\(path, name=\.\.\.\)"):
         quant.load_any(tmp_path / "f.safetensors")
 
 
