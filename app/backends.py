@@ -41,7 +41,7 @@ import quant
 from quant.cli import finite_number, written_whole
 from quant.data import cache_dir, check_model_input
 from quant.models import FORMAT as FP_FORMAT
-from quant.models import ViTConfig, existing_file, fp_parameters, read_safetensors_metadata
+from quant.models import ViTConfig, existing_file, fp_parameters, is_torch_file, read_safetensors_metadata
 from quant.packfile import FORMAT as QUANT_FORMAT
 from quant.packfile import is_quantized_format
 
@@ -106,6 +106,10 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
             raise ValueError(f"{path} is not a bitvit ONNX export (no bitvit.config metadata)")
         fmt = meta.get("bitvit.format", "?")
         return ModelFile(path, "fp" if fmt == "fp32" else "quant", fmt, ViTConfig.from_json(meta["bitvit.config"], path), None)
+    if is_torch_file(str(path)):  # bitvit writes safetensors under any name: a timm/DeiT .pth
+        raise ValueError(f"{path} is a torch checkpoint, not a bitvit model file; the app runs bitvit .safetensors "
+                         f"files and ONNX exports (a timm/DeiT checkpoint: quant.models.load_model(path, name=...), "
+                         f"then save_model)")
     meta = read_safetensors_metadata(path)
     if meta.get("format") == FP_FORMAT:
         return ModelFile(path, "fp", "fp32", ViTConfig.from_json(meta.get("config"), path), None)

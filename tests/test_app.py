@@ -240,6 +240,13 @@ def test_foreign_and_missing_model_files_are_refused(tmp_path, assets):
         inspect_file(assets / "notes.safetensors")
 
 
+def test_a_timm_pth_checkpoint_is_refused_as_a_torch_checkpoint_saying_how_to_convert_it(tmp_path, tiny_model):
+    torch.save({"model": tiny_model.state_dict()}, tmp_path / "deit.pth")  # DeiT's release layout
+    with pytest.raises(ValueError, match=r"deit.pth is a torch checkpoint, not a bitvit model file.*load_model\(path, "
+                                         r"name=\.\.\.\), then save_model"):
+        inspect_file(tmp_path / "deit.pth")
+
+
 def test_a_file_whose_format_version_is_a_superscript_digit_is_refused_naming_the_file(tmp_path):
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, tmp_path / "odd.safetensors", metadata={"format": "bitvit-quant/\u00b2"})
