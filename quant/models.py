@@ -450,7 +450,9 @@ RESUME_STATE_KEYS = frozenset({"model", "optimizer", "rng", "epoch", "trained_se
 
 
 def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a .pth/.pt file (timm or DeiT style), loaded with `weights_only=True`."""
+    """A state dict from a .pth/.pt file (timm or DeiT style, nested under "model" or "state_dict" or not, its
+    names prefixed "module." or not, as a training script's DistributedDataParallel wrapper saves them), loaded
+    with `weights_only=True`."""
     path = existing_file(path)
     refuse_compressed_zip(path)
     try:
@@ -476,6 +478,8 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"{path} holds no state dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
+        obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
 
 

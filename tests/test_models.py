@@ -135,6 +135,14 @@ def test_timm_pth_checkpoint_loads_with_a_config_name(tmp_path):
     assert torch.equal(loaded.state_dict()["head.weight"], model.state_dict()["head.weight"])
 
 
+@pytest.mark.parametrize("nest", ["model", "state_dict"])
+def test_a_pth_saved_from_a_distributed_wrapper_loads_without_its_module_prefix(tmp_path, nest):
+    model = VisionTransformer(CONFIGS["deit_tiny_patch16_224"])
+    torch.save({nest: {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / "ddp.pth")
+    loaded = load_model(tmp_path / "ddp.pth", name="deit_tiny_patch16_224")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 def test_a_training_runs_resume_state_is_refused_as_a_model_file_naming_what_to_give(tiny_model, tmp_path):
     torch.save({"model": tiny_model.state_dict(), "optimizer": {}, "rng": torch.get_rng_state(), "epoch": 1,
                 "trained_seconds": 1.0, "config": "{}"}, tmp_path / "last.pt")   # the keys quant.train writes
