@@ -24,7 +24,8 @@ from app.live import Comparison, LiveStats, Reading
 STREAM_EVERY = 0.05   # seconds between webcam frames sent to the server (at most 20 frames/s)
 MIRROR_WEBCAM = True  # the preview is a mirror (as people expect); frames are flipped back before the models
 STILL_REPEATS = 10    # an uploaded image is timed over this many runs per model (median)
-VIEW_SCALE = 4        # the models' view is shown enlarged by this factor (nearest neighbour)
+VIEW_SCALE = 4        # the models' view is shown enlarged by this factor (nearest neighbour),
+VIEW_MAX = 256        # to at most this many pixels: a 224x224 view is shown as it is
 
 
 def _mb(n: int) -> str:
@@ -60,8 +61,15 @@ def summary_markdown(fp: Reading, q: Reading, fp_ms: float, q_ms: float, fps: fl
     return line
 
 
+def view_scale(size: int) -> int:
+    """How many times the models' view of `size` pixels is enlarged on the page (a 224x224 view enlarged 4x
+    would cost the live stream a 896x896 image to encode every frame)."""
+    return max(1, min(VIEW_SCALE, VIEW_MAX // size))
+
+
 def _enlarge(view: np.ndarray) -> np.ndarray:
-    return view.repeat(VIEW_SCALE, axis=0).repeat(VIEW_SCALE, axis=1)
+    k = view_scale(len(view))
+    return view.repeat(k, axis=0).repeat(k, axis=1)
 
 
 def _upload_path(upload) -> str | None:
@@ -172,6 +180,7 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
     h = Handlers(comparison)
     fp = comparison.fp
     s = comparison.size
+    enlarged = ", enlarged" if view_scale(s) > 1 else ""
     classes = fp.config.classes
     results_dir = Path(results_dir)
     examples_dir = Path(tempfile.mkdtemp(prefix="bitvit-examples-"))  # in the temp folder, which Gradio serves
@@ -208,8 +217,8 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             with gr.Row():
                 webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="webcam",
                                   webcam_options=gr.WebcamOptions(mirror=MIRROR_WEBCAM), elem_id="webcam")
-                live_view = gr.Image(label=f"what the models see ({s}x{s}, enlarged)", interactive=False,
-                                     height=s * VIEW_SCALE + 60, elem_id="live-view")
+                live_view = gr.Image(label=f"what the models see ({s}x{s}{enlarged})", interactive=False,
+                                     height=s * view_scale(s) + 60, elem_id="live-view")
             live_out = outputs("live")
             stats = gr.State(LiveStats())
             # frames come unprocessed (preprocess=False), so the app checks a frame's size before decoding
@@ -224,8 +233,8 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             with gr.Row():
                 still = gr.Image(sources=["upload", "clipboard"], type="filepath", image_mode=None,
                                  label="upload or paste an image", elem_id="still")
-                still_view = gr.Image(label=f"what the models see ({s}x{s}, enlarged)", interactive=False,
-                                      height=s * VIEW_SCALE + 60)
+                still_view = gr.Image(label=f"what the models see ({s}x{s}{enlarged})", interactive=False,
+                                      height=s * view_scale(s) + 60)
             gr.Examples([[str(p)] for p in examples], inputs=[still],
                         label="drawn examples (not CIFAR images)")
             still_out = outputs("still")

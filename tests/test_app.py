@@ -893,6 +893,16 @@ def test_a_webcam_frame_of_any_mode_and_size_gives_both_models_results(handlers,
     assert "smaller on disk" in summary and stats.frames == 1
 
 
+def test_a_224_pixel_models_view_is_shown_as_it_is_not_enlarged_to_896_pixels(tmp_path):
+    """Enlarged 4x, a 224x224 view would cost the live stream an 896x896 image to encode every frame."""
+    big = quant.models.ViTConfig(**{**TINY.__dict__, "img_size": 224, "patch_size": 56, "stem_channels": ()})
+    save_model(quant.models.VisionTransformer(big), tmp_path / "fp.safetensors")
+    q = packed(quant.load_any(tmp_path / "fp.safetensors"), tmp_path / "q.safetensors")
+    h = Handlers(Comparison(open_model(tmp_path / "fp.safetensors", runtime="torch"),
+                            {"int8": lambda: open_model(q, runtime="torch")}))
+    assert h.live(frame((480, 640, 3)), None, LiveStats())[0].shape == (224, 224, 3)
+
+
 def data_url(img: Image.Image, fmt: str = "JPEG") -> str:
     buf = io.BytesIO()
     img.save(buf, fmt)
