@@ -193,7 +193,7 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             f"Both models classify the same frames, one after the other in the same call on this machine's "
             f"CPU. The models see **{s}x{s} pixels**: every frame is resized (shorter side to {s}) and "
             f"centre-cropped, as their training images were; the small picture shows exactly what they see. "
-            f"Classes: {', '.join(classes)}.\n\n"
+            f"Classes: {', '.join(classes) or f'{fp.config.num_classes}, unnamed (shown by number)'}.\n\n"
             f"Full precision: **{fp.name}** ({fp.weight_format}, {fp.runtime}, {_mb(fp.size_bytes)})."
             + (f" <small>{fp.note}</small>" if fp.note else ""))
         variant = gr.Dropdown(variant_labels, value=comparison.default, label="quantized model",

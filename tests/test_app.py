@@ -540,6 +540,17 @@ def test_the_page_lists_the_model_files_left_out_and_why(assets, tmp_path):
     assert any("notes.safetensors" in t for t in texts)
 
 
+def test_the_page_of_a_model_without_class_names_gives_their_number_not_an_empty_list(tmp_path):
+    from app.ui import build
+    unnamed = quant.models.VisionTransformer(quant.models.ViTConfig(**{**TINY.__dict__, "classes": ()}))  # as DeiT's
+    save_model(unnamed, tmp_path / "fp.safetensors")
+    q = packed(unnamed, tmp_path / "q.safetensors")
+    cmp = Comparison(open_model(tmp_path / "fp.safetensors", runtime="torch"),
+                     {"int8": lambda: open_model(q, runtime="torch")})
+    texts = [str(c.get("props", {}).get("value", "")) for c in build(cmp, ["int8"], tmp_path).config["components"]]
+    assert any("Classes: 3, unnamed (shown by number)." in t for t in texts)
+
+
 def test_the_pages_drawn_examples_are_removed_when_the_app_exits(handlers, tmp_path, monkeypatch):
     import atexit
     import shutil
@@ -593,7 +604,7 @@ def test_a_quantized_model_of_other_unnamed_classes_is_refused_naming_both_count
     save_model(quant.models.VisionTransformer(quant.models.ViTConfig(**unnamed)), fp)
     other = quant.models.VisionTransformer(quant.models.ViTConfig(**{**unnamed, "num_classes": 2}))
     path = packed(other, tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match=f"takes {S}x{S} images of 2 classes, the FP model {S}x{S} of 3: not comparable"):
+    with pytest.raises(ValueError, match=f"takes {S}x{S} images of 2 classes, the FP model {S}x{S} of 3: not compar"):
         make_comparison(fp, path, tmp_path, runtime="torch")
 
 
