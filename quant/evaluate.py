@@ -98,8 +98,9 @@ class OnnxModel(nn.Module):
 
 def confusion_figure(confusion, classes, title: str):
     """A confusion matrix (rows: true class) as a heat map of each row's fractions, with the counts (or a
-    matrix's own fractions) written in where there are at most 20 classes; `classes` name them (numbers when
-    they do not fit). Names and title are drawn as text: a "$" in them is a dollar, not TeX."""
+    matrix's own fractions) written in where there are at most 20 classes; `classes` name them where there are at
+    most 50 (numbers when they do not fit, or beyond). Names and title are drawn as text: a "$" in them is a
+    dollar, not TeX."""
     import matplotlib.pyplot as plt
     cm = np.asarray(confusion, dtype=float)
     k = cm.shape[0]
@@ -108,8 +109,9 @@ def confusion_figure(confusion, classes, title: str):
     norm = cm / np.where(sums > 0, sums, 1)  # (a matrix of fractions, not counts, has rows summing below 1)
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8, parse_math=False)
-    ax.set_yticks(range(k), names, fontsize=8, parse_math=False)
+    if k <= 50:  # more names run together into a black band (ImageNet's 1000): the axes number the classes
+        ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8, parse_math=False)
+        ax.set_yticks(range(k), names, fontsize=8, parse_math=False)
     if k <= 20:
         for i in range(k):
             for j in range(k):
