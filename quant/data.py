@@ -95,8 +95,10 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
         raise FileNotFoundError(f"data path does not exist: {path}")
     source = _source_for(path)
     if split == "trainval" and source.has("val"):  # the tree's train/ and val/ images together
-        data = _cached(source, "train", image_size, progress)
-        val = _cached(source, "val", image_size, progress)
+        # with a limit, each folder's own balanced pick holds all that the pick of the two together takes from it
+        pick = None if limit is None else lambda labels, classes: _balanced_first(labels, limit)
+        data, val = (_cached(source, s, image_size, progress, pick, None if limit is None else (s, val_fraction, limit))
+                     for s in ("train", "val"))
         _check_same_classes(data, val, path)
         data = ImageSet(np.concatenate([data.images, val.images]),
                         np.concatenate([data.labels, val.labels]), data.classes)

@@ -157,6 +157,19 @@ def test_a_limited_load_decodes_only_the_images_it_returns(source, split, reques
     assert limited.classes == again.classes
 
 
+def test_a_limited_trainval_of_a_tree_with_its_own_val_folder_decodes_a_few_images_of_each(tmp_path, monkeypatch):
+    """ImageNet's layout (train/, val/): 256 calibration images must not decode its 1.3 million."""
+    tree = write_tree(tmp_path / "t", splits=("train", "val"), per_class=4)  # 12 images each
+    import quant.data
+    resized, resize = [], quant.data._resize
+    monkeypatch.setattr(quant.data, "_resize", lambda img, size: resized.append(1) or resize(img, size))
+    limited = load_split(tree, "trainval", image_size=16, limit=4, progress=False)
+    assert len(resized) == 8  # each folder's own pick of 4, from which the 4 are taken
+    load_split(tree, "trainval", image_size=16, progress=False)
+    again = load_split(tree, "trainval", image_size=16, limit=4, progress=False)  # from the whole splits' copies
+    assert np.array_equal(limited.images, again.images) and np.array_equal(limited.labels, again.labels)
+
+
 def test_second_load_comes_from_the_cache(image_tree, monkeypatch):
     first = load_split(image_tree, "test", image_size=16, progress=False)
 
