@@ -488,7 +488,8 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
 
     `source` is a bitvit safetensors file (its config is inside), or, with `name` naming a config,
     a timm/DeiT `.safetensors`/`.pth` file or a Hugging Face hub id (`hf-hub:timm/...`, or
-    `name` alone with `source="hub"` for the config's default repository).
+    `name` alone with `source="hub"` for the config's default repository); such a file's head may have
+    another class count than the config's (`fitted_head`).
     """
     source = path_text(source)
     if source == "hub" or source.startswith("hf-hub:"):
@@ -517,8 +518,18 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
                          f"checkpoint loads in Python with its architecture named, quant.models.load_model(path, "
                          f"name=...), one of {', '.join(CONFIGS)}")
     else:
-        cfg = _config(name)
+        cfg = fitted_head(_config(name), state)
     return build_and_load(lambda: VisionTransformer(cfg), state, source).eval()
+
+
+def fitted_head(cfg: ViTConfig, state: dict[str, torch.Tensor]) -> ViTConfig:
+    """`cfg` with as many classes as a timm/DeiT file's `head.weight` has rows where that differs (a head
+    fine-tuned on other data, e.g. timm's `create_model(..., num_classes=10)`): classes unnamed, taken in the
+    order of the head's rows. Any other disagreement is left for `load_state_dict` to name."""
+    head = state.get("head.weight")
+    if head is None or head.dim() != 2 or head.shape[1] != cfg.embed_dim or head.shape[0] in (0, cfg.num_classes):
+        return cfg
+    return dataclasses.replace(cfg, num_classes=head.shape[0], classes=())
 
 
 def check_depth(cfg: ViTConfig, tensors: dict, source) -> None:
@@ -577,9 +588,10 @@ def _load_from_hub(repo: str, name: str) -> VisionTransformer:
             labels = json.load(f).get("label_names") or ()
     except Exception:  # label names are a nicety; weights are what matters
         labels = ()
+    state, _ = read_safetensors(path)
+    cfg = fitted_head(cfg, state)
     if isinstance(labels, list) and len(labels) == cfg.num_classes and all(isinstance(x, str) for x in labels):
         cfg = dataclasses.replace(cfg, classes=tuple(labels))
-    state, _ = read_safetensors(path)
     model = VisionTransformer(cfg)
     load_state_dict(model, state, source=f"hf-hub:{repo}")
     return model.eval()

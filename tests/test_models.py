@@ -135,6 +135,23 @@ def test_timm_pth_checkpoint_loads_with_a_config_name(tmp_path):
     assert torch.equal(loaded.state_dict()["head.weight"], model.state_dict()["head.weight"])
 
 
+def test_a_timm_file_fine_tuned_to_ten_classes_loads_with_ten_unnamed_classes(tmp_path):
+    model = VisionTransformer(dataclasses.replace(CONFIGS["deit_tiny_patch16_224"], num_classes=10, classes=()))
+    torch.save(model.state_dict(), tmp_path / "deit_cifar.pth")  # timm's create_model(..., num_classes=10)
+    loaded = load_model(tmp_path / "deit_cifar.pth", name="deit_tiny_patch16_224")
+    assert (loaded.config.num_classes, loaded.config.classes) == (10, ())
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_a_timm_file_whose_head_is_of_another_width_is_still_refused_naming_it(tmp_path):
+    state = VisionTransformer(CONFIGS["deit_tiny_patch16_224"]).state_dict()
+    state["head.weight"] = torch.zeros(10, 100)
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="head.weight"):
+        load_model(tmp_path / "odd.pth", name="deit_tiny_patch16_224")
+
+
 @pytest.mark.parametrize("nest", ["model", "state_dict"])
 def test_a_pth_saved_from_a_distributed_wrapper_loads_without_its_module_prefix(tmp_path, nest):
     model = VisionTransformer(CONFIGS["deit_tiny_patch16_224"])
