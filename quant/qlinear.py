@@ -118,6 +118,9 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """float32 (out_features, in_features)."""
         tensors = (self.packed, self.scales, self.zeros)
+        if any(t is not None and t.is_inference() for t in tensors):  # built under torch.inference_mode: they keep
+            # no version counter to tell an in-place change by, so the weight is unpacked afresh
+            return dequantize(self.codes(), self.scales, self.zeros, self.weight_format, self.group_size)
         versions = tuple(None if t is None else t._version for t in tensors)
         c = self._cache  # unpacking is slow: reuse the weight until a buffer is replaced or changed in place
         if (c is None or c[1] != versions or any(a is not b for a, b in zip(c[0], tensors))

@@ -242,6 +242,15 @@ def test_a_weight_cached_under_inference_mode_still_serves_autograd():
     assert x.grad is not None
 
 
+def test_a_layer_built_under_inference_mode_runs_there_and_follows_in_place_changes():
+    with torch.inference_mode():  # as quant.load_any or quant.quantize inside it build one
+        layer = QuantLinear.from_linear(nn.Linear(16, 8), "int4", 8, True)
+        x = torch.randn(2, 16)
+        y = layer(x)
+        layer.scales.mul_(2)
+        assert torch.allclose(layer(x) - layer.bias, 2 * (y - layer.bias))
+
+
 def test_quant_attention_spec_naming_an_unknown_slot_is_refused():
     spec = {"dim": 16, "num_heads": 4, "slots": {"qk_quant": None}}
     with pytest.raises(ValueError, match=r"unknown attention quantizer slots \['qk_quant'\]"):
