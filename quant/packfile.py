@@ -255,7 +255,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
 
     A bitvit ViT is rebuilt from the architecture in the header. For any other model, pass `model`,
     a full-precision instance of its architecture: its nn.Linear layers named in the header are
-    replaced and its other tensors loaded from the file, on the device the model is on. Refuses a file whose header, tensor names,
+    replaced and its other tensors loaded from the file, on the device and in the dtype the model has. Refuses a file whose header, tensor names,
     shapes, dtypes, code ranges or checksum disagree, with a ValueError saying what.
     """
     given = model is not None
@@ -328,8 +328,10 @@ def _rebuild_modules(model: nn.Module, header: dict, tensors: dict, path) -> Non
             raise ValueError(f"{path}: header entry of attention {name!r} is damaged ({type(e).__name__}: {e})") \
                 from None
     for name, entry in header["layers"].items():
-        _check_layer_fits(_module(model, name, path), entry, name, path)
-        model.set_submodule(name, _load_layer(name, entry, tensors, path))
+        old = _module(model, name, path)
+        _check_layer_fits(old, entry, name, path)
+        dtype = (old.weight if isinstance(old, nn.Linear) else old.scales).dtype  # a given half model's stay half
+        model.set_submodule(name, _load_layer(name, entry, tensors, path).to(dtype))
 
 
 def _module(model: nn.Module, name: str, path) -> nn.Module:
