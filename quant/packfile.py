@@ -45,7 +45,7 @@ from quant.models import (ViTConfig, VisionTransformer, check_depth, is_torch_fi
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear, is_qat_layer, runs_on_kernels
-from quant.quantizers import DoubleQuantized, double_dequantize, num_groups
+from quant.quantizers import DoubleQuantized, Log2Quantizer, double_dequantize, num_groups
 
 FORMAT = "bitvit-quant/2"  # /1 (before 2026-12-03) had the same layout, its checksum covering the tensors only
 _OWN = ("packed", "scales", "zeros")  # QuantLinear buffers stored in packed form
@@ -125,7 +125,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     header_layers = {name: _store_layer(name, layer, tensors) for name, layer in layers.items()}
     linear_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items())
     n_weights = sum(l.in_features * l.out_features for l in layers.values())
-    own = {f"{n}.{b}" for n in layers for b in _OWN}
+    own = {f"{n}.{b}" for n in layers for b in _OWN} | _log2_offsets(model)  # (the header holds the offsets)
     params = {n for n, _ in model.named_parameters()}
     rest = {k: v for k, v in model.state_dict().items() if k not in own and not k.endswith("num_batches_tracked")}
     for k, v in rest.items():
@@ -286,10 +286,15 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     # a given model is left as it was when a layer of the file does not fit; a fresh one needs no copy
     with unchanged_on_error(model) if given else contextlib.nullcontext():
         _rebuild_modules(model, header, tensors, path)
-        load_state_dict(model, tensors, source=str(path),
-                        loaded=frozenset(f"{n}.{b}" for n in header["layers"] for b in _OWN))  # the other tensors
+        load_state_dict(model, tensors, source=str(path),  # the other tensors
+                        loaded=frozenset(f"{n}.{b}" for n in header["layers"] for b in _OWN) | _log2_offsets(model))
     model.quant_recipe = header.get("recipe")
     return (model.to(device) if given else model).eval()  # the rebuilt layers join the given model's device
+
+
+def _log2_offsets(model: nn.Module) -> set[str]:
+    """The state-dict names of the model's log2 softmax offsets, which a file's header holds (attention specs)."""
+    return {f"{n}.offset" for n, m in model.named_modules() if isinstance(m, Log2Quantizer)}
 
 
 def _check_architecture(cfg: ViTConfig, header: dict, tensors: dict, path) -> None:

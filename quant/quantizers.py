@@ -421,8 +421,8 @@ class Log2Quantizer(torch.nn.Module):
         super().__init__()
         self.n_bits = bits
         shape = (1, len(offsets), 1, 1) if len(offsets) > 1 else ()
-        self.register_buffer("offset", torch.tensor([float(o) for o in offsets]).reshape(shape),
-                             persistent=False)  # not in the state dict: the spec holds the offsets
+        # in the state dict, so a state-dict round trip keeps calibrated offsets (a packed file's header holds them)
+        self.register_buffer("offset", torch.tensor([float(o) for o in offsets]).reshape(shape))
 
     @property
     def offsets(self) -> list[int]:

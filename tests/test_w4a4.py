@@ -294,3 +294,18 @@ def test_fc1_is_calibrated_on_inputs_that_passed_through_the_quantized_proj(tiny
     s, z = tensor_range(capture(model, fc1, x), 4, fp.blocks[0].mlp.fc1.weight.detach())
     torch.testing.assert_close(fc1.act_quant.scale, s.reshape(()))
     torch.testing.assert_close(fc1.act_quant.zero, z.reshape(()))
+
+
+def test_a_state_dict_round_trip_keeps_the_calibrated_softmax_offsets(tiny_model):
+    import copy
+    import io
+    x = torch.randn(8, 3, 16, 16)
+    model = quant.quantize(copy.deepcopy(tiny_model), "w4a4", calib=x)
+    fresh = quant.quantize(tiny_model, "w4a4", calib=x)
+    with torch.no_grad():
+        model.blocks[0].attn.attn_quant.offset.fill_(5)      # as calibrated on other images
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert fresh.blocks[0].attn.attn_quant.offsets == model.blocks[0].attn.attn_quant.offsets
+    assert torch.equal(fresh(x), model(x))
