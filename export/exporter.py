@@ -300,11 +300,17 @@ RECIPES = {"w8a8": dict(weight_format="int8", act_format="int8_token"),
            "binary": dict(weight_format="binary", act_format="int8_token")}
 
 
+_QAT_REFUSAL = ("the model holds quantization-aware training layers: pack them first (quant.bitlinear.freeze or "
+                "quant.qvit.freeze), then export the packed model")
+
+
 def quantize_for_export(model: VisionTransformer, fmt: str) -> VisionTransformer:
     """A copy of an FP model with every nn.Linear quantized (round to nearest) into what `fmt`
     exports; fp32/fp16 return the model itself. Trained (QAT/GPTQ) models come quantized already."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if any(is_qat_layer(m) for m in model.modules()):  # (nn.Linear subclasses: their latent weights would be rounded)
+        raise ValueError(_QAT_REFUSAL)
     if fmt in ("fp32", "fp16"):
         return model
     model = copy.deepcopy(model)
@@ -325,8 +331,7 @@ def _check_exportable(model: VisionTransformer, fmt: str) -> None:
         raise ValueError("the model runs on bitvit's kernels (cuda_ops.to_kernels): export the QuantLinear model "
                          "it was made from")
     if any(is_qat_layer(m) for m in model.modules()):
-        raise ValueError("the model holds quantization-aware training layers: pack them first "
-                         "(quant.bitlinear.freeze or quant.qvit.freeze), then export the packed model")
+        raise ValueError(_QAT_REFUSAL)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("export the float32 model (format fp16 stores its float weights at half precision)")
     if quantized and fmt != model_format(model):

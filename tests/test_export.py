@@ -441,6 +441,13 @@ def test_a_model_still_in_quantization_aware_training_is_refused_until_packed(ti
         export(quant.quantize(tiny_model, "w1.58a8"), tmp_path / "m.onnx", "fp32")
 
 
+def test_quantize_for_export_refuses_a_model_in_quantization_aware_training_rather_than_round_its_latent_weights(
+        tiny_model):
+    import quant
+    with pytest.raises(ValueError, match="quantization-aware training layers: pack them first"):
+        quantize_for_export(quant.quantize(tiny_model, "w1.58a8"), "ternary")  # BitLinear is an nn.Linear
+
+
 def test_a_model_on_bitvits_kernels_is_refused_naming_the_quantlinear_model_to_export(tiny_model, tmp_path):
     import quant
     from cuda_ops import to_kernels
