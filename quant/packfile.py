@@ -112,6 +112,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
         raise ValueError(f"save_quantized writes a model (nn.Module), got {type(model).__name__}")
     if not isinstance(float16, bool):
         raise ValueError(f"float16 must be True or False, got {float16!r}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper: its tensors are named
+        # _orig_mod.*, and the config it passes on from the ViT would rebuild a model without that prefix
+        raise ValueError("the model is torch.compile'd: save the model it compiled, model._orig_mod")
     if runs_on_kernels(model):  # its kernel layers' tensors would be written as unquantized ones
         raise ValueError("the model runs on bitvit's kernels (cuda_ops.to_kernels): save the QuantLinear model "
                          "it was made from")

@@ -390,6 +390,13 @@ def test_a_model_still_holding_training_time_layers_is_refused_naming_freeze(tmp
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_compiled_model_is_refused_rather_than_saved_to_a_file_that_does_not_load(tmp_path, tiny_model):
+    model = torch.compile(quant.quantize(tiny_model, "w4"))   # names under _orig_mod., beside the ViT's config
+    with pytest.raises(ValueError, match=r"torch\.compile'd: save the model it compiled, model\._orig_mod"):
+        quant.save_quantized(model, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 @pytest.mark.parametrize("model, kwargs, message", [("path", {}, "writes a model"),
                                                     ("tiny", {"float16": "no"}, "float16 must be True or False")])
 def test_saving_something_other_than_a_model_or_a_flag_that_is_not_a_bool_is_refused(tmp_path, tiny_model, model,
