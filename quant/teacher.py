@@ -83,7 +83,7 @@ class ResNetTeacher(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1:] != (3, s, s) or not x.is_floating_point():
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
             raise ValueError(f"expected {s}x{s} images as a float tensor (B, 3, {s}, {s}), got {got}")
-        dtype = self.head.weight.dtype
+        dtype = self.stem[0].weight.dtype  # (the conv the images meet: a quantized head holds no float weight)
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"the teacher's weights are {dtype} but the images {x.dtype}: give x.to({dtype})")
         x = self.stage1(self.stem(x))                  # (B, w1, s/2, s/2)

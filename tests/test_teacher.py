@@ -26,6 +26,14 @@ def test_the_teacher_refuses_channels_last_uint8_double_or_numpy_images_naming_w
         model(torch.zeros(2, 3, 32, 32, dtype=torch.float64))
 
 
+def test_a_quantized_teacher_runs_as_quantize_makes_it():
+    import quant
+    model = create_teacher("resnet_cifar_half").eval()
+    x = torch.randn(2, 3, 32, 32)
+    logits = model(x)
+    torch.testing.assert_close(quant.quantize(model, "w8a8")(x), logits, atol=0.01, rtol=0.01)  # (in place)
+
+
 def test_a_teacher_file_rebuilds_the_same_network(tmp_path):
     model = create_teacher("resnet_cifar_half").eval()
     save_teacher(model, tmp_path / "t.safetensors")
