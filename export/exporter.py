@@ -242,6 +242,8 @@ def to_onnx(model: VisionTransformer, fmt: str = "fp32", custom_ops: bool = True
     """The ONNX graph of `model` as it stands (FP or with quantized layers), which it leaves unchanged.
     `fmt` is the format its weights are in (`model_format`; an FP model's is fp32, or "fp16" to store the
     float weights at half precision) and is written to the metadata."""
+    if not isinstance(custom_ops, (bool, np.bool_)):  # "False" would ask for bitvit's ops
+        raise ValueError(f"custom_ops must be True or False, got {custom_ops!r}")
     _check_exportable(model, fmt)
     cfg = model.config
     g = _Graph(fp16=fmt == "fp16")

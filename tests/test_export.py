@@ -461,6 +461,14 @@ def test_a_half_precision_model_is_refused_in_favour_of_the_fp16_format(tiny_mod
         export(copy.deepcopy(tiny_model).half(), tmp_path / "m.onnx", "fp16")
 
 
+@pytest.mark.parametrize("custom_ops", ["False", 0, None])
+def test_a_custom_ops_flag_that_is_not_a_bool_is_refused_rather_than_read_as_true_or_false(tiny_model, tmp_path,
+                                                                                          custom_ops):
+    with pytest.raises(ValueError, match="custom_ops must be True or False"):
+        export(quantize_for_export(tiny_model, "ternary"), tmp_path / "m.onnx", "ternary", custom_ops)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_an_unknown_format_to_quantize_for_is_refused_by_name(tiny_model):
     with pytest.raises(ValueError, match="unknown format 'ternery'"):
         quantize_for_export(tiny_model, "ternery")
