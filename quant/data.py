@@ -636,7 +636,11 @@ def to_model_array(images: np.ndarray, mean, std) -> np.ndarray:
 def check_model_input(x, size: int) -> np.ndarray:
     """`x` if it is what a model runtime takes: normalised float32 images (B, 3, size, size), B >= 1, all
     finite; else one clear error."""
-    x = np.asarray(x)
+    try:
+        x = np.asarray(x)
+    except (TypeError, RuntimeError) as e:  # a torch tensor NumPy cannot read: bfloat16, needing grad, on a GPU
+        raise ValueError(f"expected float32 input (B, 3, {size}, {size}) with B >= 1, got a {type(x).__name__} "
+                         f"NumPy cannot read ({e})") from None
     if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (3, size, size) or len(x) == 0:
         raise ValueError(f"expected float32 input (B, 3, {size}, {size}) with B >= 1, got {x.dtype} {x.shape}")
     if not np.isfinite(x).all():

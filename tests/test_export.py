@@ -217,6 +217,14 @@ def test_input_of_the_wrong_shape_or_type_is_refused(tiny_model, tmp_path):
         session.preprocess(np.zeros((16, 16), np.uint8))
 
 
+@pytest.mark.parametrize("x", [torch.zeros(1, 3, 16, 16, dtype=torch.bfloat16),
+                               torch.zeros(1, 3, 16, 16).requires_grad_()], ids=["bfloat16", "requires-grad"])
+def test_a_torch_tensor_numpy_cannot_read_is_refused_as_input_of_the_wrong_type(tiny_model, tmp_path, x):
+    session = runtime.load(export(tiny_model, tmp_path / "m.onnx"))
+    with pytest.raises(ValueError, match=r"expected float32 input \(B, 3, 16, 16\) .* got a Tensor NumPy cannot read"):
+        session(x)
+
+
 def test_missing_corrupt_and_foreign_files_are_refused(tiny_model, tmp_path):
     with pytest.raises(FileNotFoundError):
         runtime.load(tmp_path / "none.onnx")
