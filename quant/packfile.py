@@ -258,8 +258,9 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
 
     A bitvit ViT is rebuilt from the architecture in the header. For any other model, pass `model`,
     a full-precision instance of its architecture: its nn.Linear layers named in the header are
-    replaced and its other tensors loaded from the file, on the device and in the dtype the model has. Refuses a file whose header, tensor names,
-    shapes, dtypes, code ranges or checksum disagree, with a ValueError saying what.
+    replaced and its other tensors loaded from the file, on the device and in the dtype the model has.
+    Refuses a file whose header, tensor names, shapes, dtypes, code ranges or checksum disagree, with a
+    ValueError saying what.
     """
     given = model is not None
     if given and not isinstance(model, nn.Module):  # a path given for it, say
