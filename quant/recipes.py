@@ -336,6 +336,11 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
     if dtypes - {torch.float32}:
         raise ValueError(f"quantize a float32 model (this one holds {sorted(map(str, dtypes))}); cast the "
                          f"quantized model afterwards (.half(), .bfloat16())")
+    made = next((n for n, t in model.state_dict(keep_vars=True).items() if t.is_inference()), None)
+    if made is not None and not torch.is_inference_mode_enabled():
+        raise ValueError(f"the model's {made} was made under torch.inference_mode, outside which torch lets it be "
+                         f"neither changed nor used by autograd: quantize the model inside torch.inference_mode(), "
+                         f"or load it outside")
     bad = next((n for n, p in model.named_parameters() if not p.is_meta and not torch.isfinite(p).all()), None)
     if bad is not None:
         raise ValueError(f"the model's {bad} holds NaN or infinite values: nothing to quantize")

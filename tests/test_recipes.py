@@ -1,4 +1,5 @@
 """quantize(model, recipe): the named recipes, overrides, and models that are not bitvit's ViT."""
+import copy
 import re
 
 import numpy as np
@@ -428,6 +429,18 @@ def test_post_training_quantization_of_a_model_on_the_meta_device_is_refused(nam
         model = plain_model()
     with pytest.raises(ValueError, match="on the meta device, without values"):
         quant.quantize(model, name, calib=torch.randn(4, 24))
+
+
+@pytest.mark.parametrize("name", ["w4", "w4a4", "w1.58a8"])
+def test_a_model_made_under_inference_mode_is_refused_outside_it_and_quantized_inside_it(tiny_model, name):
+    x = torch.randn(4, 3, 16, 16)
+    with torch.inference_mode():
+        model = copy.deepcopy(tiny_model)            # as quant.load_any inside it loads one
+    with pytest.raises(ValueError, match=r"model's cls_token was made under torch.inference_mode.* quantize the "
+                                         r"model inside torch.inference_mode\(\)"):
+        quant.quantize(model, name, calib=x)
+    with torch.inference_mode():
+        assert quant.quantize(model, name, calib=x)(x).shape == (4, 3)
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
