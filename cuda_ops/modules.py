@@ -47,8 +47,9 @@ def kernel_for(layer: nn.Module) -> str | None:
 
 class KernelLinear(nn.Module):
     """A QuantLinear computed by the bitvit ops. It keeps the QuantLinear's tensors under the same names
-    (packed, scales, zeros, bias, input_norm), so state dicts carry over (except `packed` in the base-3
-    ternary layout, which holds trit planes); scales stay float32 whatever dtype the model is cast to."""
+    (packed, scales, zeros, bias, input_norm), so state dicts carry over (except in the base-3 ternary layout,
+    whose `packed` holds trit planes and whose state dict adds a `trit_planes` flag, so that neither loads into
+    the other); scales stay float32 whatever dtype the model is cast to."""
 
     def __init__(self, layer: QuantLinear, ternary_layout: str = "2bit"):
         super().__init__()
@@ -68,6 +69,8 @@ class KernelLinear(nn.Module):
         if layer.weight_format == "ternary" and ternary_layout == "base3":
             packed = pack_trit_planes(unpack_codes(packed, 2, layer.in_features))
             self.op = "ternary_b3"
+            # in the state dict beside them: 2-bit codes, as many bytes at 128 or 256 inputs, must not load as planes
+            self.register_buffer("trit_planes", torch.ones((), dtype=torch.uint8, device=packed.device))
         self.register_buffer("packed", packed)
         self.register_buffer("scales", layer.scales.float())
         self.register_buffer("zeros", None if layer.zeros is None else layer.zeros.float())

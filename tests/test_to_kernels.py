@@ -82,6 +82,15 @@ def test_the_base3_ternary_layout_computes_the_same_in_less_weight_memory():
     assert KernelLinear(wide).packed.shape == (16, 192)
 
 
+def test_a_2bit_state_dict_does_not_load_into_the_base3_layout_where_their_shapes_agree():
+    layer = QuantLinear.from_linear(nn.Linear(128, 16), "ternary", None, False, "int8_token")
+    base3 = KernelLinear(copy.deepcopy(layer), "base3")
+    assert base3.packed.shape == layer.packed.shape           # 32 bytes a row either way: codes would load as planes
+    for source, target in ((layer, base3), (to_kernels(copy.deepcopy(layer)), base3), (base3, layer)):
+        with pytest.raises(RuntimeError, match="trit_planes"):
+            target.load_state_dict(source.state_dict())
+
+
 @pytest.mark.parametrize("recipe,layout", [("w1.58a8", "2bit"), ("w1.58a8", "base3"), ("w1a8", "2bit"),
                                            ("w8a8", "2bit"), ("w4", "2bit"), ("nf4", "2bit"), ("w2", "2bit")])
 def test_a_kernel_model_forward_makes_no_tensor_on_the_default_device(recipe, layout):
