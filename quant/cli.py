@@ -228,12 +228,16 @@ def utc_now() -> str:
 def written_whole(path: str | os.PathLike):
     """Yields a temporary path beside `path` to write to, renamed onto `path` when the block ends without
     an error, removed when it fails: `path` is written whole or not at all, should the run be killed
-    meanwhile, and a concurrent reader never sees half a file."""
+    meanwhile, and a concurrent reader never sees half a file. A failed write (a full disk) names `path`."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno is None or e.filename not in (None, str(tmp)):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None  # a write's error names no file, or the temporary
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -1,6 +1,7 @@
 """What every command line shares: counts must be positive, outputs must be files, failures are one line,
 results say how they were made."""
 import argparse
+import errno
 import io
 import json
 import os
@@ -260,6 +261,15 @@ def test_a_file_written_whole_keeps_its_old_content_and_no_temporary_when_the_wr
     with written_whole(path) as tmp:
         tmp.write_text("new")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model.bin"]
+
+
+def test_a_results_file_the_disk_has_no_room_for_is_named_in_the_error(tmp_path, monkeypatch):
+    def full(self, data, **kwargs):  # a write's own error names no file
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'r.json'}'"):
+        write_json(tmp_path / "r.json", {"top1": 0.5})
+    assert list(tmp_path.iterdir()) == []
 
 
 def _git(cwd, *args) -> str:
