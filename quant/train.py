@@ -321,10 +321,16 @@ def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: T
                 device: torch.device, **schedule) -> None:
     """Write the resume state `_resume` reads: the weights, optimizer and random streams, `schedule` (epoch,
     trained_seconds, warmup, step_seconds, warmup_seconds, warmup_start, peak), the config and `run_key`."""
-    with written_whole(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                    **schedule, **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                    "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}, tmp)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+             **schedule, **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+             "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}
+    with written_whole(path) as tmp, open(tmp, "wb") as f:  # a file object: its write's error is kept
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # torch's zip writer says "unexpected pos" where the write failed (a full disk)
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 
 
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfig,
