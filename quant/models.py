@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import file_to_write, finite_number, is_positive_int
+from quant.cli import file_to_write, finite_number, is_positive_int, written_whole
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -338,16 +338,22 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, metadata: dict
 def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """A state dict and its string metadata as one safetensors file, after the checks every model file
     gets: metadata of strings, an output path that can be written, no NaN or infinite value. The file is
-    readable as the umask allows, as any other written file (safetensors makes it owner-only)."""
+    readable as the umask allows, as any other written file (safetensors makes it owner-only), and written
+    whole or not at all; a failed write (a full disk) is an OSError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("metadata must map strings to strings (safetensors' header)")
     refuse_non_finite(state)
     path = file_to_write(path_text(path))
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    with written_whole(path) as tmp:
+        try:
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # "Error while serializing: I/O error: No space left on device (os error 28)"
+            raise OSError(f"cannot write {path}: {e}") from None
+        os.chmod(tmp, 0o666 & ~umask)
 
 
 def refuse_non_finite(state: dict[str, torch.Tensor]) -> None:

@@ -284,6 +284,23 @@ def test_save_model_refuses_a_folder_and_a_path_under_a_file(tiny_model, tmp_pat
         save_model(tiny_model, tmp_path / "f" / "m.safetensors")
 
 
+def test_a_model_file_the_disk_has_no_room_for_is_named_and_the_old_file_kept_whole(tiny_model, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+    path = tmp_path / "m.safetensors"
+    save_model(tiny_model, path)
+    old = path.read_bytes()
+
+    def full(tensors, filename, metadata=None):  # half a file written, then the disk is full
+        with open(filename, "wb") as f:
+            f.write(old[:100])
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=f"cannot write {path}: .*No space left on device"):
+        save_model(VisionTransformer(TINY), path)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
 def test_checkpoint_of_another_shape_names_the_tensor(tiny_model):
     wide = VisionTransformer(dataclasses.replace(TINY, mlp_ratio=4.0))
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight.* shape \(128, 32\).*\(64, 32\)"):
