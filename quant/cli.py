@@ -132,13 +132,24 @@ def results_file(out: str | None, limit: int | None, shipped: str) -> str:
     return out or shipped
 
 
+def _check_writable(path: Path, folder: Path) -> None:
+    """Refuse `path` where `folder`, the folder it goes in, takes no new file (a read-only folder)."""
+    probe = folder / f".{path.name}.{os.getpid()}.probe"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write files in {folder} ({e.strerror or e})") from None
+
+
 def run_folder(path: str | os.PathLike) -> Path:
-    """A run's folder, checked before any work is done (not an existing file, nor under one); made later, by
-    the run."""
+    """A run's folder, checked before any work is done (not an existing file, nor under one, and where files can
+    be written); made later, by the run."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file, not a run folder")
     _check_parents(path)
+    _check_writable(path, next(p for p in (path, *path.parents) if p.exists()))  # it, or where it will be made
     return path
 
 
@@ -163,12 +174,7 @@ def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Pat
     if any(i is not None and Path(i).resolve() == path.resolve() for i in inputs):
         raise ValueError(f"{path} is also this command's input; write the output to another file")
     path = file_to_write(path)
-    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")  # a read-only folder: refused before the work
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot write files in {path.parent} ({e.strerror or e})") from None
+    _check_writable(path, path.parent)  # a read-only folder: refused before the work
     return path
 
 

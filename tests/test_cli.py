@@ -169,6 +169,20 @@ def test_an_output_in_a_folder_it_cannot_write_is_refused_before_any_work(tmp_pa
     assert list(tmp_path.rglob("*")) == [tmp_path / "read-only"]
 
 
+def test_a_run_folder_it_cannot_write_is_refused_before_the_data_is_read_not_after_an_epoch(tmp_path, capsys):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root: permission bits do not stop it, but sysfs refuses even root a new file
+        folder = Path("/sys/fs")
+        if not folder.is_dir():
+            pytest.skip("running as root without /sys: no folder it cannot write")
+    for out in (folder, folder / "run"):
+        assert run(train_main, ["--data", str(tmp_path / "no-data"), "--out", str(out), "--epochs", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {out}: cannot write files in {folder} (") and len(err.splitlines()) == 1
+
+
 def test_an_output_or_run_folder_under_an_existing_file_is_refused_naming_the_file(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"x")
     with pytest.raises(ValueError, match="model.pt is a file, not a folder"):
