@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -19,10 +20,12 @@ from typing import Callable
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Call `main(argv)`; a bad path or bad file ends with `error: ...` on stderr and exit code 2. A character
-    stdout's encoding lacks (a class or file name on an ASCII terminal) is printed escaped, as on stderr."""
+    stdout's encoding lacks (a class or file name on an ASCII terminal) is printed escaped, as on stderr.
+    SIGTERM (`timeout`, `kill`) stops it as Ctrl-C does: the temporary file of a write under way is removed."""
     commit()  # the code as the command starts, for the results it writes (`provenance`)
     if hasattr(sys.stdout, "reconfigure"):  # not an error after the work, before the results file is written
         sys.stdout.reconfigure(errors="backslashreplace")
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return main(argv) or 0
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -31,6 +34,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, term)
 
 
 def positive_int(text: str) -> int:

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -244,6 +246,25 @@ def test_a_command_that_returns_nothing_exits_0_and_an_interrupted_one_130(capsy
     assert run(lambda argv: None, []) == 0
     assert run(interrupted, []) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_command_stopped_by_sigterm_midway_through_a_write_leaves_no_temporary_file(tmp_path):
+    script = ("import sys, time\n"
+              "from quant.cli import run, written_whole\n"
+              "def main(argv):\n"
+              "    with written_whole(sys.argv[1]) as tmp:\n"
+              "        tmp.write_text('half a model')\n"
+              "        time.sleep(60)\n"
+              "raise SystemExit(run(main))\n")
+    root = Path(quant.cli.__file__).parents[1]
+    p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "model.pt")], cwd=root, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.terminate()
+    assert p.wait(30) == 130 and p.stderr.read().strip() == "interrupted"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_name_the_stdout_encoding_lacks_is_printed_escaped_not_an_error(monkeypatch):
