@@ -183,6 +183,30 @@ def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Pat
     return path
 
 
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike):
+    """Hold a run's `folder` (made here) for this process while the block runs: another run given it meanwhile
+    is refused, as two runs in one folder would log each epoch twice and overwrite each other's resume state. A
+    lock on the folder itself, which the OS drops when the process ends, however it ends (none on Windows)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield folder
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{folder} is the run folder of another run still going; let it end, or use another "
+                             f"run folder") from None
+        yield folder
+    finally:
+        os.close(fd)
+
+
 def load_average() -> list[float] | None:
     """The 1, 5 and 15-minute load averages, recorded beside CPU timings; None where the OS keeps none
     (Windows)."""

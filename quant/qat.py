@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.cli import (mix_alpha, number_in, output_file, positive_int, provenance, random_seed, run, run_folder,
-                       thread_count, write_json)
+                       run_lock, thread_count, write_json)
 from quant.data import SPLITS
 from quant.recipes import QAT, BitNet, QViT
 
@@ -336,8 +336,9 @@ def main(argv=None):
         extra_loss={"feature_weight": args.feature_weight,  # the penalty weighs only in a searching stage
                     **({"bitops_weight": args.bitops_weight} if search else {})})
     left = None if args.time_limit is None else args.time_limit - (time.time() - started)  # calibration counts
-    student, done, epoch_logs = train_stages(student, teacher, r, train, val, train_cfg, run_dir, search, penalty,
-                                             features, left, args.device, args.save_every)
+    with run_lock(run_dir):
+        student, done, epoch_logs = train_stages(student, teacher, r, train, val, train_cfg, run_dir, search,
+                                                 penalty, features, left, args.device, args.save_every)
     if not done:
         print(f"stopped by --time-limit; rerun the same command to resume from {run_dir}")
         return 0

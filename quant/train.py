@@ -12,6 +12,7 @@ the same command resumes from, and fixed seeds. The same command runs on a CPU, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,7 +30,7 @@ import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
 from quant.cli import (finite_number, is_positive_int, mix_alpha, number_in, positive_int, random_seed, run, run_folder,
-                       thread_count, written_whole)
+                       run_lock, thread_count, written_whole)
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -620,9 +621,10 @@ def main(argv=None):
               f"{len(train)} training images"
               f"{f', {len(val)} validation images' if val is not None else ''}")
     t0 = time.time()
-    model, done = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device,
-                      time_limit=args.time_limit, save_every=args.save_every,
-                      end_within_time_limit=args.end_within_time_limit)
+    with run_lock(args.out) if main_rank else contextlib.nullcontext():  # torchrun's other processes share it
+        model, done = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device,
+                          time_limit=args.time_limit, save_every=args.save_every,
+                          end_within_time_limit=args.end_within_time_limit)
     if main_rank:  # a run stopped by --time-limit still saves the model so far, marked incomplete
         meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split, "init": args.init or "",
                 "train_seconds": f"{time.time() - t0:.0f}", "complete": str(done).lower()}

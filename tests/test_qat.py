@@ -131,6 +131,17 @@ def test_a_run_out_of_time_writes_no_model_and_the_same_command_without_the_limi
     assert quant.load_quantized(out)
 
 
+def test_a_run_folder_another_run_is_training_in_is_refused(teacher_file, image_tar, tmp_path, capsys):
+    from quant.cli import run_lock
+    out = tmp_path / "t.safetensors"
+    args = ["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar), "--out", str(out),
+            "--epochs", "1", "--batch-size", "8"]
+    with run_lock(tmp_path / "t.safetensors.run"):  # as the other run holds it
+        assert run(main, args) == 2
+    assert "t.safetensors.run is the run folder of another run still going" in capsys.readouterr().err
+    assert list((tmp_path / "t.safetensors.run").iterdir()) == [] and not out.exists()
+
+
 def three_bit_run(teacher_file, data, recipe: str, out, *more: str) -> list[str]:
     """quant.qat's arguments for a small Q-ViT-layer run (qvit or lsq) at 3 bits."""
     return ["--teacher", str(teacher_file), "--recipe", recipe, "--set", "budget_bits=3", "--data", str(data),

@@ -601,6 +601,18 @@ def test_cli_whose_resume_state_the_disk_has_no_room_for_ends_with_one_line_nami
     assert sorted(p.name for p in run_dir.iterdir()) == ["log.jsonl"]
 
 
+def test_cli_refuses_a_run_folder_another_run_is_training_in(tmp_path, image_tree, capsys):
+    from quant.cli import run_lock
+    argv = ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"), "--epochs", "1",
+            "--batch-size", "4", "--limit", "12"]
+    with run_lock(tmp_path / "run"):  # as the other run holds it
+        assert run(main, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'run'} is the run folder of another run still going; let it end, or use another run folder"
+    assert list((tmp_path / "run").iterdir()) == []
+    assert run(main, argv) == 0 and (tmp_path / "run" / "model.safetensors").exists()  # once it has ended
+
+
 def test_cli_refuses_a_val_folder_of_other_classes_before_training(tmp_path, capsys):
     tree = write_tree(tmp_path / "t", splits=("train",))
     write_tree(tmp_path / "t", splits=("val",), classes=TINY.classes[:2])
