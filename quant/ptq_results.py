@@ -113,9 +113,9 @@ def main(argv=None):
         return shlex.join(["python", "-m", "quant.evaluate", "--checkpoint", str(path), "--data", args.data,
                            "--split", args.split, *limit])
 
-    def record(entry: dict) -> None:
+    def record(entry: dict) -> None:  # into the file as it is now: another sweep may have written it meanwhile
         nonlocal entries
-        entries = [e for e in entries if not (e.get("recipe") == entry["recipe"] and of_file(e, ckpt))]
+        entries = [e for e in load_results(out) if not (e.get("recipe") == entry["recipe"] and of_file(e, ckpt))]
         entries.append({**entry, **common, "date": utc_now()})
         write_results(out, entries)
 

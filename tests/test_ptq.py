@@ -163,6 +163,22 @@ def test_results_table_rerun_replaces_its_own_entries_and_keeps_the_others_in_or
     assert entries[2]["top1"] != 0.123 and entries[2]["n"] == 3
 
 
+def test_results_table_keeps_the_entries_another_sweep_writes_into_the_file_meanwhile(checkpoint, image_tree, tmp_path,
+                                                                                     monkeypatch):
+    import quant.ptq_results
+    out, real_score = tmp_path / "r.json", quant.ptq_results.score
+
+    def score_beside_another_sweep(path, data, device):
+        if not out.exists():  # the other sweep, of another model, records its first result meanwhile
+            out.write_text(json.dumps({"results": [results_entry("w4", "other.safetensors")]}))
+        return real_score(path, data, device)
+    monkeypatch.setattr(quant.ptq_results, "score", score_beside_another_sweep)
+    results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",
+                  str(tmp_path / "models"), "--recipes", "w4", "--limit", "3", "--calib-size", "6"])
+    assert [(e["checkpoint"], e["recipe"]) for e in json.loads(out.read_text())["results"]] == [
+        ("other.safetensors", "w4"), (str(checkpoint), "fp32"), (str(checkpoint), "w4")]
+
+
 def test_results_table_rerun_replaces_the_entry_of_the_same_file_given_by_another_path(checkpoint, image_tree,
                                                                                        tmp_path):
     out, sub = tmp_path / "r.json", checkpoint.parent / "sub"
