@@ -585,6 +585,20 @@ def test_cli_trains_and_saves_a_loadable_model(tmp_path, image_tree, capsys):
     assert "saved" in capsys.readouterr().out
 
 
+def test_cli_rerun_of_a_run_keeps_the_training_seconds_of_all_its_epochs_in_the_model_file(tmp_path, image_tree,
+                                                                                            clock):
+    from safetensors import safe_open
+    run_dir = tmp_path / "run"
+    argv = ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(run_dir), "--epochs", "3",
+            "--batch-size", "4", "--limit", "12"]
+    seconds = []
+    for _ in range(2):  # the rerun resumes after the last epoch: it trains none, and keeps the run's seconds
+        main(argv)
+        with safe_open(run_dir / "model.safetensors", "pt") as f:
+            seconds.append(f.metadata()["train_seconds"])
+    assert seconds == [f"{sum(r['seconds'] for r in read_log(run_dir / 'log.jsonl')):.0f}"] * 2 != ["0"] * 2
+
+
 def test_cli_whose_resume_state_the_disk_has_no_room_for_ends_with_one_line_naming_it(tmp_path, image_tree, capsys,
                                                                                        monkeypatch):
     def full(obj, f, *args, **kwargs):  # as torch's zip writer reports the failed write of a full disk
