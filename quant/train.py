@@ -95,10 +95,12 @@ def read_log(path: Path) -> list[dict]:
 
 
 def _trim_log(path: Path, epochs: int) -> None:
-    """Drop the records of the epochs after `epochs` from a run's log (a resumed run redoes them)."""
+    """Drop the records of the epochs after `epochs` from a run's log (a resumed run redoes them); the log is
+    rewritten whole or not at all."""
     records = read_log(path)
     if records:
-        path.write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] <= epochs))
+        with written_whole(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] <= epochs))
 
 
 def _fingerprint(data: ImageSet) -> str:

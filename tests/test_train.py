@@ -321,6 +321,25 @@ def test_resume_drops_the_logged_epochs_after_the_checkpoint(tmp_path, monkeypat
     assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5]
 
 
+def test_a_resumed_run_interrupted_while_trimming_its_log_keeps_the_log_whole(tmp_path, monkeypatch):
+    data = colour_set(8)
+    cfg = TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, save_every=2)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    torch.save({**state, "epoch": 1}, tmp_path / "last.pt")  # as if killed after logging epoch 2, before saving it
+    log = (tmp_path / "log.jsonl").read_text()
+
+    def half(self, text, **kwargs):  # Ctrl-C midway through the write
+        with open(self, "w") as f:
+            f.write(text[:10])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(KeyboardInterrupt):
+        fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, save_every=2)
+    assert (tmp_path / "log.jsonl").read_text() == log and sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.pt", "log.jsonl"]
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str, cfg: TrainConfig):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
