@@ -514,8 +514,11 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             record["val_top1"] = evaluate(model, val, device=env.device)["top1"]
         if env.main:
             print(json.dumps(record), flush=True)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: the write's error names no file
+                raise OSError(e.errno, e.strerror, str(out / "log.jsonl")) from None
         if env.main and save:
             _save_state(ckpt_path, model, opt, cfg, run_key, env.device, epoch=epoch + 1, trained_seconds=trained,
                         warmup=warmup, step_seconds=step_seconds, warmup_seconds=warmup_seconds,

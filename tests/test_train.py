@@ -634,6 +634,23 @@ def test_cli_whose_resume_state_the_disk_has_no_room_for_ends_with_one_line_nami
     assert sorted(p.name for p in run_dir.iterdir()) == ["log.jsonl"]
 
 
+def test_cli_whose_log_the_disk_has_no_room_for_ends_with_one_line_naming_it(tmp_path, image_tree, capsys,
+                                                                              monkeypatch):
+    def full_log(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if Path(path).name == "log.jsonl" and "a" in mode:
+            def write(text):
+                raise OSError(errno.ENOSPC, "No space left on device")  # a write's own error names no file
+            f.write = write
+        return f
+    monkeypatch.setattr(quant.train, "open", full_log, raising=False)
+    run_dir = tmp_path / "run"
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(run_dir),
+                      "--epochs", "1", "--batch-size", "4", "--limit", "12"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"error: [Errno 28] No space left on device: '{run_dir / 'log.jsonl'}'"
+
+
 def test_cli_refuses_a_run_folder_another_run_is_training_in(tmp_path, image_tree, capsys):
     from quant.cli import run_lock
     argv = ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"), "--epochs", "1",
