@@ -73,10 +73,13 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
             raise ValueError(f"--quant {quant} is a full-precision model, not a quantized one")
         variants = [q] + [m for m in variants if m.path.resolve() != q.path.resolve()]
     keep = []
+
+    def named(c) -> str:  # (a timm head fine-tuned to other data names none)
+        return f"classes {', '.join(c.classes)}" if c.classes else f"{c.num_classes} unnamed classes"
     for m in variants:
         a, b = fp_file.config, m.config
         if (a.img_size, a.num_classes, a.classes) != (b.img_size, b.num_classes, b.classes):
-            differ = (f"classes {', '.join(b.classes)}, the FP model's {', '.join(a.classes)}"
+            differ = (f"{named(b)}, the FP model's {named(a)}"
                       if (a.img_size, a.num_classes) == (b.img_size, b.num_classes) else  # (ImageNet configs name none)
                       f"{b.img_size}x{b.img_size} images of {b.num_classes} classes, the FP model "
                       f"{a.img_size}x{a.img_size} of {a.num_classes}")

@@ -616,6 +616,14 @@ def test_a_quantized_model_of_as_many_classes_with_other_names_is_refused_naming
         make_comparison(assets / "fp.safetensors", path, assets, runtime="torch")
 
 
+def test_a_quantized_model_of_as_many_unnamed_classes_is_refused_saying_they_are_unnamed(assets, tmp_path):
+    """A timm head fine-tuned to 3 classes names none of them: no empty list of names beside the FP model's."""
+    other = quant.models.VisionTransformer(quant.models.ViTConfig(**{**TINY.__dict__, "classes": ()}))
+    path = packed(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="takes 3 unnamed classes, the FP model's classes cat, dog, frog: not compar"):
+        make_comparison(assets / "fp.safetensors", path, assets, runtime="torch")
+
+
 def test_an_onnx_fp_model_with_nothing_to_compare_it_with_asks_for_a_quantized_model(tiny_model, tmp_path):
     from export.exporter import export
     onnx_fp = export(tiny_model, tmp_path / "fp.onnx")
