@@ -6,7 +6,7 @@ Sources `load_split` reads:
     numpy arrays, lists, dicts and strings, so a hostile file cannot run code);
   * any image-folder tree with `train/` and `test/` (optionally `val/`) folders of class folders,
     or a flat tree of class folders, read as split `all` (images: the files ending in one of `IMAGE_EXTS`,
-    hidden ones left out, in the class folder itself: images in its sub-folders are refused).
+    hidden files and folders left out, in the class folder itself: images in its other sub-folders are refused).
 
 Splits: `train` is the training set minus a held-out validation split (`val`: the last
 `val_fraction` (10 %) of each class's images, 500 per CIFAR-10 class, unless the tree has its own
@@ -244,7 +244,9 @@ class _FolderSource(_Source):
             raise ValueError(f"{folder} holds no class folders")
         files, labels = [], []
         for label, d in enumerate(class_dirs):
-            nested = next((p for p in sorted(d.iterdir()) if p.is_dir() and any(map(_is_image, p.rglob("*")))), None)
+            # a hidden sub-folder is left out as a hidden file is (a NAS's metadata beside the images: .AppleDouble/)
+            nested = next((p for p in sorted(d.iterdir()) if p.is_dir() and not p.name.startswith(".")
+                           and any(map(_is_image, p.rglob("*")))), None)
             if nested:  # else left out without a word
                 raise ValueError(f"class folder {d} holds images in its sub-folder {nested.name}/, and a class's "
                                  f"images are read from its own folder alone: move them up into {d}")
@@ -351,8 +353,8 @@ class _TarSource(_Source):
         classes = sorted({Path(m.name).parts[-2] for m in members})
         folders = {p[-2] for m in self.every if not m.isdir() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}
-        nested = next((m.name for m in self.members if len(p := Path(m.name).parts) >= 4
-                       and any(p[i] == split and p[i + 1] in folders for i in range(len(p) - 3))), None)
+        nested = next((m.name for m in self.members if len(p := Path(m.name).parts) >= 4 and any(
+            p[i] == split and p[i + 1] in folders and not p[i + 2].startswith(".") for i in range(len(p) - 3))), None)
         if nested:  # as a tree's: else left out without a word
             raise ValueError(f"{self.path}:{nested} is an image in a sub-folder of a {split}/ class folder, and a "
                              f"class's images are read from its own folder alone: archive them in the class folder")

@@ -474,6 +474,17 @@ def test_images_in_a_sub_folder_of_a_class_folder_are_refused_not_left_out(image
 
 
 @pytest.mark.parametrize("packed", [False, True])
+def test_a_hidden_sub_folder_of_a_class_folder_is_left_out_as_hidden_files_are(image_tree, tmp_path, packed):
+    expected = load_split(image_tree, "test", image_size=16, progress=False)
+    for d in (image_tree / "test").iterdir():  # a NAS's or netatalk's metadata folder beside the images
+        (d / ".AppleDouble").mkdir()
+        (d / ".AppleDouble" / "0000.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(78))
+    data = write_tar(image_tree, tmp_path / "hidden.tar.gz", splits=("test",)) if packed else image_tree
+    got = load_split(data, "test", image_size=16, progress=False)
+    assert np.array_equal(got.labels, expected.labels) and np.array_equal(got.images, expected.images)
+
+
+@pytest.mark.parametrize("packed", [False, True])
 def test_capitalised_split_folders_are_named_with_the_names_to_give(image_tree, tmp_path, packed):
     for split in ("train", "test"):
         (image_tree / split).rename(image_tree / split.capitalize())
