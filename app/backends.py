@@ -106,11 +106,13 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
             raise ValueError(f"{path} is not a bitvit ONNX export (no bitvit.config metadata)")
         fmt = meta.get("bitvit.format", "?")
         return ModelFile(path, "fp" if fmt == "fp32" else "quant", fmt, ViTConfig.from_json(meta["bitvit.config"], path), None)
-    if is_torch_file(str(path)):  # bitvit writes safetensors under any name: a timm/DeiT .pth
-        raise ValueError(f"{path} is a torch checkpoint, not a bitvit model file; the app runs bitvit .safetensors "
-                         f"files and ONNX exports (a timm/DeiT checkpoint: quant.models.load_model(path, name=...), "
-                         f"then save_model)")
-    meta = read_safetensors_metadata(path)
+    torch_file = is_torch_file(str(path))  # bitvit writes safetensors under any name: a timm/DeiT .pth
+    meta = {} if torch_file else read_safetensors_metadata(path)
+    if not str(meta.get("format", "")).startswith("bitvit-"):  # a .pth, or timm's safetensors (tagged "pt")
+        what = "a torch checkpoint" if torch_file else f"a safetensors file of format {meta.get('format')!r}"
+        raise ValueError(f"{path} is {what}, not a bitvit model file; the app runs bitvit .safetensors files and "
+                         f"ONNX exports (a timm/DeiT checkpoint: quant.models.load_model(path, name=...), then "
+                         f"save_model)")
     if meta.get("format") == FP_FORMAT:
         return ModelFile(path, "fp", "fp32", ViTConfig.from_json(meta.get("config"), path), None)
     if not is_quantized_format(meta.get("format")):

@@ -247,6 +247,14 @@ def test_a_timm_pth_checkpoint_is_refused_as_a_torch_checkpoint_saying_how_to_co
         inspect_file(tmp_path / "deit.pth")
 
 
+def test_a_timm_safetensors_file_is_refused_saying_how_to_convert_it_as_its_pth_is(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+    save_file(tiny_model.state_dict(), tmp_path / "deit.safetensors", metadata={"format": "pt"})  # timm's tag
+    with pytest.raises(ValueError, match=r"deit.safetensors .*not a bitvit model file.*load_model\(path, name=\.\.\.\), "
+                                         r"then save_model"):
+        inspect_file(tmp_path / "deit.safetensors")
+
+
 def test_a_file_whose_format_version_is_a_superscript_digit_is_refused_naming_the_file(tmp_path):
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, tmp_path / "odd.safetensors", metadata={"format": "bitvit-quant/\u00b2"})
