@@ -26,6 +26,7 @@ import torch.nn as nn
 from quant.cli import is_positive_int
 from quant.models import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, build_and_load, check_image_config,
                           read_safetensors, refuse_newer, write_safetensors)
+from quant.qlinear import is_quantized_layer
 
 FORMAT = "bitvit-cnn/1"
 
@@ -100,6 +101,12 @@ def create_teacher(name: str, **overrides) -> ResNetTeacher:
 
 
 def save_teacher(model: ResNetTeacher, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a float teacher as `load_teacher` reads it; a wrapped (torch.compile'd) or quantized one is refused,
+    as save_model refuses them (their tensors' names would not load)."""
+    if not isinstance(model, ResNetTeacher):
+        raise ValueError(f"save_teacher writes bitvit's ResNetTeacher, got {type(model).__name__}")
+    if any(is_quantized_layer(m) for m in model.modules()):
+        raise ValueError("the teacher holds quantized layers: write it with quant.save_quantized (packed codes)")
     meta = {**(metadata or {}), "format": FORMAT, "config": model.config.to_json()}
     write_safetensors(model.state_dict(), path, meta)
 

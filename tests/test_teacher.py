@@ -118,6 +118,17 @@ def test_a_teacher_is_saved_with_the_checks_every_model_file_gets(tmp_path):
     assert not (tmp_path / "t.safetensors").exists()
 
 
+@pytest.mark.parametrize("wrap", ["compiled", "quantized"])
+def test_a_compiled_or_quantized_teacher_is_refused_rather_than_saved_to_a_file_that_does_not_load(tmp_path, wrap):
+    import quant
+    teacher = create_teacher("resnet_cifar_half").eval()
+    model = torch.compile(teacher) if wrap == "compiled" else quant.quantize(teacher, "w8a8")
+    with pytest.raises(ValueError, match="save_teacher writes bitvit's ResNetTeacher|holds quantized layers: write it "
+                                         "with quant.save_quantized"):
+        save_teacher(model, tmp_path / "t.safetensors")
+    assert not (tmp_path / "t.safetensors").exists()
+
+
 def test_a_vit_file_is_not_a_teacher_file(tmp_path, tiny_model):
     from quant.models import save_model
     save_model(tiny_model, tmp_path / "vit.safetensors")
