@@ -353,8 +353,10 @@ class _TarSource(_Source):
         classes = sorted({Path(m.name).parts[-2] for m in members})
         folders = {p[-2] for m in self.every if not m.isdir() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}
+        # an image below a class folder of the split folder (by its path: an archive need hold no folder members)
+        tops = {Path(m.name).parts[:-2] for m in members}
         nested = next((m.name for m in self.members if len(p := Path(m.name).parts) >= 4 and any(
-            p[i] == split and p[i + 1] in folders and not p[i + 2].startswith(".") for i in range(len(p) - 3))), None)
+            p[:i] in tops and not p[i + 1].startswith(".") for i in range(1, len(p) - 2))), None)
         if nested:  # as a tree's: else left out without a word
             raise ValueError(f"{self.path}:{nested} is an image in a sub-folder of a {split}/ class folder, and a "
                              f"class's images are read from its own folder alone: archive them in the class folder")

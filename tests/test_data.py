@@ -473,6 +473,17 @@ def test_images_in_a_sub_folder_of_a_class_folder_are_refused_not_left_out(image
         load_split(data, "test", progress=False)
 
 
+def test_a_class_of_images_in_a_sub_folder_alone_is_refused_in_an_archive_without_folder_members(image_tree, tmp_path):
+    (image_tree / "test" / "frog" / "2019").mkdir()
+    for image in list((image_tree / "test" / "frog").glob("*.jpg")):   # no image left in frog/ itself
+        image.rename(image.parent / "2019" / image.name)
+    with tarfile.open(tmp_path / "files.tar.gz", "w:gz") as tar:          # files alone, as tar of `find -type f`
+        for image in sorted((image_tree / "test").rglob("*.jpg")):
+            tar.add(image, arcname=str(image.relative_to(image_tree)))
+    with pytest.raises(ValueError, match=r"sub-folder.*class's images are read from its own folder alone"):
+        load_split(tmp_path / "files.tar.gz", "test", progress=False)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_a_hidden_sub_folder_of_a_class_folder_is_left_out_as_hidden_files_are(image_tree, tmp_path, packed):
     expected = load_split(image_tree, "test", image_size=16, progress=False)
