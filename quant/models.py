@@ -456,8 +456,7 @@ RESUME_STATE_KEYS = frozenset({"model", "optimizer", "rng", "epoch", "trained_se
 
 
 def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a .pth/.pt file (timm or DeiT style, nested under "model" or "state_dict" or not, its
-    names prefixed "module." or not, as a training script's DistributedDataParallel wrapper saves them), loaded
+    """A state dict from a .pth/.pt file (timm or DeiT style, nested under "model" or "state_dict" or not), loaded
     with `weights_only=True`."""
     path = existing_file(path)
     refuse_compressed_zip(path)
@@ -484,8 +483,6 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"{path} holds no state dict of tensors")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
-        obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
 
 
@@ -524,6 +521,8 @@ def load_model(source: str | os.PathLike, name: str | None = None) -> VisionTran
                          f"checkpoint loads in Python with its architecture named, quant.models.load_model(path, "
                          f"name=...), one of {', '.join(CONFIGS)}")
     else:
+        if state and all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
+            state = {k[len("module."):]: v for k, v in state.items()}
         cfg = fitted_head(_config(name), state)
     return build_and_load(lambda: VisionTransformer(cfg), state, source).eval()
 

@@ -152,11 +152,13 @@ def test_a_timm_file_whose_head_is_of_another_width_is_still_refused_naming_it(t
         load_model(tmp_path / "odd.pth", name="deit_tiny_patch16_224")
 
 
-@pytest.mark.parametrize("nest", ["model", "state_dict"])
-def test_a_pth_saved_from_a_distributed_wrapper_loads_without_its_module_prefix(tmp_path, nest):
+@pytest.mark.parametrize("nest", ["model", "state_dict", "safetensors"])
+def test_a_file_saved_from_a_distributed_wrapper_loads_without_its_module_prefix(tmp_path, nest):
     model = VisionTransformer(CONFIGS["deit_tiny_patch16_224"])
-    torch.save({nest: {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / "ddp.pth")
-    loaded = load_model(tmp_path / "ddp.pth", name="deit_tiny_patch16_224")
+    state = {"module." + k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / ("ddp.safetensors" if nest == "safetensors" else "ddp.pth")
+    save_file(state, str(path)) if nest == "safetensors" else torch.save({nest: state}, path)
+    loaded = load_model(path, name="deit_tiny_patch16_224")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
