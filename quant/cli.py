@@ -13,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -21,11 +22,13 @@ from typing import Callable
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Call `main(argv)`; a bad path or bad file ends with `error: ...` on stderr and exit code 2. A character
     stdout's encoding lacks (a class or file name on an ASCII terminal) is printed escaped, as on stderr.
-    SIGTERM (`timeout`, `kill`) stops it as Ctrl-C does: the temporary file of a write under way is removed."""
+    SIGTERM (`timeout`, `kill`) stops it as Ctrl-C does: the temporary file of a write under way is removed (on
+    the main thread, the one signals reach; elsewhere it is left as it is)."""
     commit()  # the code as the command starts, for the results it writes (`provenance`)
     if hasattr(sys.stdout, "reconfigure"):  # not an error after the work, before the results file is written
         sys.stdout.reconfigure(errors="backslashreplace")
-    term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    main_thread = threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         return main(argv) or 0
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -35,7 +38,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, term)
+        if main_thread:
+            signal.signal(signal.SIGTERM, term)
 
 
 def positive_int(text: str) -> int:

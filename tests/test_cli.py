@@ -248,6 +248,27 @@ def test_a_command_that_returns_nothing_exits_0_and_an_interrupted_one_130(capsy
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
+def test_a_command_puts_back_the_sigterm_handler_it_found():
+    import signal
+    def handler(signum, frame):
+        pass
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        assert run(lambda argv: None, []) == 0
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_command_run_off_the_main_thread_runs():
+    import threading
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(run(lambda argv: 3, [])))
+    thread.start()
+    thread.join()
+    assert codes == [3]
+
+
 def test_a_command_stopped_by_sigterm_midway_through_a_write_leaves_no_temporary_file(tmp_path):
     script = ("import sys, time\n"
               "from quant.cli import run, written_whole\n"
