@@ -328,6 +328,14 @@ def test_a_results_file_the_disk_has_no_room_for_is_named_in_the_error(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_temporary_file_the_disk_has_no_room_for_is_named_as_the_results_file(tmp_path, monkeypatch):
+    def full(self, data, **kwargs):  # opening the temporary file fails, naming it
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'r.json'}'$"):
+        write_json(tmp_path / "r.json", {"top1": 0.5})
+
+
 def _git(cwd, *args) -> str:
     return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, capture_output=True,
                           text=True, check=True).stdout.strip()
