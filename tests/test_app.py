@@ -255,6 +255,13 @@ def test_a_timm_safetensors_file_is_refused_saying_how_to_convert_it_as_its_pth_
         inspect_file(tmp_path / "deit.safetensors")
 
 
+def test_a_safetensors_state_dict_without_metadata_is_refused_saying_how_to_convert_it(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+    save_file(tiny_model.state_dict(), tmp_path / "sd.safetensors")  # save_file(model.state_dict()): no format
+    with pytest.raises(ValueError, match=r"sd.safetensors .*not a bitvit model file.*load_model\(path, name=\.\.\.\)"):
+        inspect_file(tmp_path / "sd.safetensors")
+
+
 def test_a_file_whose_format_version_is_a_superscript_digit_is_refused_naming_the_file(tmp_path):
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, tmp_path / "odd.safetensors", metadata={"format": "bitvit-quant/\u00b2"})
@@ -630,6 +637,14 @@ def test_a_quantized_model_of_as_many_unnamed_classes_is_refused_saying_they_are
     path = packed(other, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="takes 3 unnamed classes, the FP model's classes cat, dog, frog: not compar"):
         make_comparison(assets / "fp.safetensors", path, assets, runtime="torch")
+
+
+def test_an_fp_model_of_as_many_unnamed_classes_is_said_to_name_none_beside_a_named_quantized_one(assets, tmp_path):
+    """The FP model is the timm head fine-tuned to 3 classes: its classes are said unnamed, not an empty list."""
+    fp = tmp_path / "fp.safetensors"
+    save_model(quant.models.VisionTransformer(quant.models.ViTConfig(**{**TINY.__dict__, "classes": ()})), fp)
+    with pytest.raises(ValueError, match="takes classes cat, dog, frog, the FP model's 3 unnamed classes: not compar"):
+        make_comparison(fp, assets / "tiny_int8.safetensors", assets, runtime="torch")
 
 
 def test_an_onnx_fp_model_with_nothing_to_compare_it_with_asks_for_a_quantized_model(tiny_model, tmp_path):
