@@ -450,3 +450,8 @@ def test_a_cpu_run_prints_its_ceilings_in_giga_units_and_a_cuda_run_in_tera(stub
     monkeypatch.setitem(sys.modules, "cuda_ops.triton_kernels", SimpleNamespace(TUNER=SimpleNamespace(report=dict)))
     bench.main(["--device", "cuda"])
     assert "copy 1.00 TB/s, bfloat16 matmul 1.0 TFLOP/s, int8 matmul 1.0 TOP/s" in capsys.readouterr().out
+
+
+def test_a_cpu_run_prints_its_int_mm_ceiling_in_giga_units_too(stubbed_main, capsys):
+    bench.main(["--device", "cpu"])
+    assert "int8 matmul 1000.0 GOP/s (torch._int_mm 1000.0)" in capsys.readouterr().out
