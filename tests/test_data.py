@@ -745,3 +745,18 @@ def test_cifar_batches_rewritten_are_decoded_again_not_read_from_the_cache(cifar
         pickle.dump({b"labels": [0] * 4, b"data": np.full((4, 3072), 7, np.uint8)}, f, protocol=2)
     after = load_split(cifar_batches, "test", progress=False)
     assert len(before) == 20 and len(after) == 4 and (after.images == 7).all()
+
+
+def test_a_rewritten_cifar_train_batch_is_decoded_again_not_read_from_the_cache(cifar_batches):
+    before = load_split(cifar_batches, "trainval", progress=False)
+    with open(cifar_batches / "data_batch_1", "wb") as f:
+        pickle.dump({b"labels": [0] * 20, b"data": np.full((20, 3072), 7, np.uint8)}, f, protocol=2)
+    after = load_split(cifar_batches, "trainval", progress=False)
+    assert len(before) == len(after) == 100 and (after.images[:20] == 7).all()
+
+
+def test_rewritten_cifar_class_names_are_read_again_not_from_the_cache(cifar_batches):
+    load_split(cifar_batches, "test", progress=False)
+    with open(cifar_batches / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f, protocol=2)
+    assert load_split(cifar_batches, "test", progress=False).classes == tuple(f"c{i}" for i in range(10))
