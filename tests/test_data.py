@@ -464,6 +464,13 @@ def test_macos_hidden_metadata_files_beside_the_images_are_left_out(image_tree, 
     assert np.array_equal(got.labels, expected.labels) and np.array_equal(got.images, expected.images)
 
 
+def test_any_hidden_image_file_is_left_out_not_only_macos_metadata(image_tree):
+    expected = load_split(image_tree, "test", image_size=16, progress=False)
+    image = next((image_tree / "test").rglob("*.jpg"))
+    (image.parent / ".cover.jpg").write_bytes(image.read_bytes())   # a real image, but hidden
+    assert len(load_split(image_tree, "test", image_size=16, progress=False)) == len(expected)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_images_in_a_sub_folder_of_a_class_folder_are_refused_not_left_out(image_tree, tmp_path, packed):
     (image_tree / "test" / "cat" / "2019").mkdir()
