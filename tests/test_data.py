@@ -503,6 +503,24 @@ def test_a_hidden_sub_folder_of_a_class_folder_is_left_out_as_hidden_files_are(i
 
 
 @pytest.mark.parametrize("packed", [False, True])
+def test_images_two_folders_deep_in_a_class_folder_are_refused_too(image_tree, tmp_path, packed):
+    (image_tree / "test" / "cat" / "2019" / "jan").mkdir(parents=True)
+    (image_tree / "test" / "cat" / "0000.jpg").rename(image_tree / "test" / "cat" / "2019" / "jan" / "0000.jpg")
+    data = write_tar(image_tree, tmp_path / "nested.tar.gz", splits=("test",)) if packed else image_tree
+    with pytest.raises(ValueError, match=r"sub-folder.*class's images are read from its own folder alone"):
+        load_split(data, "test", progress=False)
+
+
+def test_an_archive_whose_top_folder_is_named_like_a_split_is_not_taken_for_nested_images(image_tree, tmp_path):
+    archive = tmp_path / "wrapped.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # test/train/cat/0000.jpg, test/test/cat/0000.jpg..., files alone
+        for image in sorted(image_tree.rglob("*.jpg")):
+            tar.add(image, arcname=f"test/{image.relative_to(image_tree)}")
+    got = load_split(archive, "test", image_size=16, progress=False)
+    assert np.array_equal(got.images, load_split(image_tree, "test", image_size=16, progress=False).images)
+
+
+@pytest.mark.parametrize("packed", [False, True])
 def test_capitalised_split_folders_are_named_with_the_names_to_give(image_tree, tmp_path, packed):
     for split in ("train", "test"):
         (image_tree / split).rename(image_tree / split.capitalize())
