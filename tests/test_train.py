@@ -925,3 +925,10 @@ def test_a_resume_state_that_is_not_a_regular_file_is_refused_not_waited_on(tmp_
     os.mkfifo(tmp_path / "last.pt")
     with pytest.raises(ValueError, match="is not a regular file"):
         read_resume_state(tmp_path / "last.pt", "delete it")
+
+
+def test_cli_trains_on_a_tree_of_two_classes_the_fewest_a_classifier_takes(tmp_path):
+    tree = write_tree(tmp_path / "t", splits=("train",), classes=("cat", "dog"))
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(tree), "--out", str(tmp_path / "run"),
+                      "--epochs", "1", "--batch-size", "4"]) == 0
+    assert (tmp_path / "run" / "model.safetensors").exists()
