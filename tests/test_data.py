@@ -170,6 +170,23 @@ def test_a_limited_trainval_of_a_tree_with_its_own_val_folder_decodes_a_few_imag
     assert np.array_equal(limited.images, again.images) and np.array_equal(limited.labels, again.labels)
 
 
+def test_a_limited_trainval_of_a_tree_with_its_own_val_folder_holds_limit_images(tmp_path):
+    tree = write_tree(tmp_path / "t", splits=("train", "val"), per_class=4)
+    limited = load_split(tree, "trainval", image_size=16, limit=4, progress=False)
+    assert len(limited) == 4 and np.bincount(limited.labels).tolist() == [2, 1, 1]
+
+
+def test_a_limited_val_split_of_another_val_fraction_is_not_served_the_first_ones_cached_pick(image_tree):
+    assert len(load_split(image_tree, "val", image_size=16, val_fraction=0.1, limit=4, progress=False)) == 3
+    assert len(load_split(image_tree, "val", image_size=16, val_fraction=0.5, limit=4, progress=False)) == 4
+
+
+def test_limited_train_and_val_splits_held_out_of_one_folder_are_cached_apart(image_tree):
+    load_split(image_tree, "train", image_size=16, limit=4, progress=False)
+    val = load_split(image_tree, "val", image_size=16, limit=4, progress=False)
+    assert np.array_equal(val.images, load_split(image_tree, "val", image_size=16, progress=False).images)
+
+
 def test_second_load_comes_from_the_cache(image_tree, monkeypatch):
     first = load_split(image_tree, "test", image_size=16, progress=False)
 
