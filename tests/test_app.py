@@ -262,6 +262,11 @@ def test_a_safetensors_state_dict_without_metadata_is_refused_saying_how_to_conv
         inspect_file(tmp_path / "sd.safetensors")
 
 
+def test_a_bitvit_model_saved_under_a_pth_name_is_read_not_refused_as_a_torch_checkpoint(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "model.pth")  # save_model writes safetensors under any name
+    assert inspect_file(tmp_path / "model.pth").kind == "fp"
+
+
 def test_a_file_whose_format_version_is_a_superscript_digit_is_refused_naming_the_file(tmp_path):
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, tmp_path / "odd.safetensors", metadata={"format": "bitvit-quant/\u00b2"})
