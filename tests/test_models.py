@@ -162,6 +162,15 @@ def test_a_file_saved_from_a_distributed_wrapper_loads_without_its_module_prefix
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
+def test_a_pth_whose_names_are_only_partly_prefixed_module_is_refused_naming_them_unchanged(tmp_path):
+    model = VisionTransformer(CONFIGS["deit_tiny_patch16_224"])
+    torch.save({("module." + k if k.startswith("head.") else k): v for k, v in model.state_dict().items()},
+               tmp_path / "mixed.pth")
+    with pytest.raises(ValueError, match=r"missing 2 tensor\(s\), first 'head.bias'; unexpected 2 tensor\(s\), first "
+                                         r"'module.head.bias'"):
+        load_model(tmp_path / "mixed.pth", name="deit_tiny_patch16_224")
+
+
 def test_a_training_runs_resume_state_is_refused_as_a_model_file_naming_what_to_give(tiny_model, tmp_path):
     torch.save({"model": tiny_model.state_dict(), "optimizer": {}, "rng": torch.get_rng_state(), "epoch": 1,
                 "trained_seconds": 1.0, "config": "{}"}, tmp_path / "last.pt")   # the keys quant.train writes
