@@ -950,6 +950,23 @@ def test_a_224_pixel_models_view_is_shown_as_it_is_not_enlarged_to_896_pixels(tm
     assert h.live(frame((480, 640, 3)), None, LiveStats())[0].shape == (224, 224, 3)
 
 
+def test_a_32_pixel_view_is_still_enlarged_4x_and_one_past_256_pixels_is_shown_as_it_is():
+    from app.ui import view_scale
+    assert [view_scale(s) for s in (32, 64, 224, 384)] == [4, 4, 1, 1]  # 384: not scaled to nothing
+
+
+def test_the_page_of_a_224_pixel_model_labels_its_view_unenlarged_at_its_own_height(tmp_path):
+    from app.ui import build
+    big = quant.models.ViTConfig(**{**TINY.__dict__, "img_size": 224, "patch_size": 56, "stem_channels": ()})
+    save_model(quant.models.VisionTransformer(big), tmp_path / "fp.safetensors")
+    q = packed(quant.load_any(tmp_path / "fp.safetensors"), tmp_path / "q.safetensors")
+    cmp = Comparison(open_model(tmp_path / "fp.safetensors", runtime="torch"),
+                     {"int8": lambda: open_model(q, runtime="torch")})
+    views = [c["props"] for c in build(cmp, ["int8"], tmp_path).config["components"]
+             if str(c.get("props", {}).get("label", "")).startswith("what the models see")]
+    assert len(views) == 2 and all(v["label"] == "what the models see (224x224)" and v["height"] == 284 for v in views)
+
+
 def data_url(img: Image.Image, fmt: str = "JPEG") -> str:
     buf = io.BytesIO()
     img.save(buf, fmt)
