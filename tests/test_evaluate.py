@@ -148,6 +148,25 @@ def test_a_confusion_figure_of_1000_classes_numbers_its_axes_instead_of_naming_e
     assert 0 < len(ticks) <= 20 and not any(t.startswith("n") for t in ticks)
 
 
+def test_a_confusion_figure_of_1000_classes_numbers_its_y_axis_too():
+    import matplotlib
+    import numpy as np
+    matplotlib.use("Agg")
+    from quant.evaluate import confusion_figure
+    fig = confusion_figure(np.eye(1000, dtype=int), [f"n{i:08d}" for i in range(1000)], "t")
+    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert 0 < len(ticks) <= 20 and not any(t.startswith("n") for t in ticks)
+
+
+def test_a_confusion_figure_of_50_classes_still_names_them():
+    import matplotlib
+    import numpy as np
+    matplotlib.use("Agg")
+    from quant.evaluate import confusion_figure
+    fig = confusion_figure(np.eye(50, dtype=int), [f"c{i}" for i in range(50)], "t")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [f"c{i}" for i in range(50)]
+
+
 def test_an_interrupted_confusion_plot_leaves_the_old_one_whole(tmp_path, savefig_killed_midway):
     from quant.evaluate import plot_confusion
     path = tmp_path / "c.png"
