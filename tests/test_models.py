@@ -152,6 +152,28 @@ def test_a_timm_file_whose_head_is_of_another_width_is_still_refused_naming_it(t
         load_model(tmp_path / "odd.pth", name="deit_tiny_patch16_224")
 
 
+def test_a_timm_file_whose_head_has_no_rows_is_refused_naming_the_head_not_the_config(tmp_path):
+    state = VisionTransformer(CONFIGS["deit_tiny_patch16_224"]).state_dict()
+    state["head.weight"], state["head.bias"] = torch.zeros(0, 192), torch.zeros(0)
+    torch.save(state, tmp_path / "empty.pth")
+    with pytest.raises(ValueError, match=r"empty.pth does not fit this model: tensor 'head.weight' has shape \(0, 192\)"):
+        load_model(tmp_path / "empty.pth", name="deit_tiny_patch16_224")
+
+
+def test_a_file_for_a_config_that_names_its_classes_fine_tuned_to_three_loads_with_them_unnamed(tmp_path):
+    model = VisionTransformer(dataclasses.replace(CONFIGS["vit_cifar_tiny"], num_classes=3, classes=()))
+    torch.save(model.state_dict(), tmp_path / "three.pth")  # not CIFAR-10's ten names for three rows
+    assert load_model(tmp_path / "three.pth", name="vit_cifar_tiny").config.classes == ()
+
+
+def test_a_hub_repository_fine_tuned_to_ten_classes_loads_with_its_ten_label_names(tmp_path, monkeypatch):
+    local_hub_cache(tmp_path, monkeypatch, [f"c{i}" for i in range(10)])
+    model = VisionTransformer(dataclasses.replace(CONFIGS["deit_tiny_patch16_224"], num_classes=10, classes=()))
+    snap = tmp_path / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k" / "snapshots" / ("a" * 40)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "model.safetensors"))
+    assert load_model("hub", name="deit_tiny_patch16_224").config.classes == tuple(f"c{i}" for i in range(10))
+
+
 @pytest.mark.parametrize("nest", ["model", "state_dict", "safetensors"])
 def test_a_file_saved_from_a_distributed_wrapper_loads_without_its_module_prefix(tmp_path, nest):
     model = VisionTransformer(CONFIGS["deit_tiny_patch16_224"])
