@@ -251,6 +251,13 @@ def test_a_layer_built_under_inference_mode_runs_there_and_follows_in_place_chan
         assert torch.allclose(layer(x) - layer.bias, 2 * (y - layer.bias))
 
 
+def test_a_symmetric_layer_built_under_inference_mode_runs_there():
+    with torch.inference_mode():  # no zeros buffer: the scales and codes alone are inference tensors
+        layer = QuantLinear.from_linear(nn.Linear(16, 8), "int4", 8, False)
+        x = torch.randn(2, 16)
+        assert torch.allclose(layer(x), layer(x))
+
+
 def test_quant_attention_spec_naming_an_unknown_slot_is_refused():
     spec = {"dim": 16, "num_heads": 4, "slots": {"qk_quant": None}}
     with pytest.raises(ValueError, match=r"unknown attention quantizer slots \['qk_quant'\]"):
