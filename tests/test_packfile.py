@@ -420,6 +420,14 @@ def test_layers_rebuilt_into_a_given_half_model_are_half_and_run(tmp_path):
     assert torch.allclose(back(x.half()).float(), model(x), atol=1e-2)
 
 
+def test_a_file_loads_into_a_given_model_already_quantized(tmp_path):
+    model = quantized_mlp("int4", 16, 8, 8, True)
+    quant.save_quantized(model, tmp_path / "m.safetensors")
+    back = quant.load_quantized(tmp_path / "m.safetensors", model=quantized_mlp("int4", 16, 8, 8, True))
+    x = torch.randn(4, 16)
+    assert torch.equal(back(x), model(x))
+
+
 def test_scales_that_are_not_float16_values_are_stored_exactly(tmp_path):
     model = quantized_mlp("int4", 16, 8, 8, True)
     with torch.no_grad():
