@@ -456,6 +456,12 @@ def test_quantize_for_export_refuses_a_model_in_quantization_aware_training_rath
         quantize_for_export(quant.quantize(tiny_model, "w1.58a8"), "ternary")  # BitLinear is an nn.Linear
 
 
+def test_quantize_for_export_refuses_a_model_in_lsq_training_too(tiny_model):
+    import quant
+    with pytest.raises(ValueError, match="quantization-aware training layers: pack them first"):
+        quantize_for_export(quant.quantize(tiny_model, "lsq"), "w8a8")  # Q-ViT's LSQLinear, an nn.Linear too
+
+
 def test_a_model_on_bitvits_kernels_is_refused_naming_the_quantlinear_model_to_export(tiny_model, tmp_path):
     import quant
     from cuda_ops import to_kernels
@@ -475,6 +481,11 @@ def test_a_custom_ops_flag_that_is_not_a_bool_is_refused_rather_than_read_as_tru
     with pytest.raises(ValueError, match="custom_ops must be True or False"):
         export(quantize_for_export(tiny_model, "ternary"), tmp_path / "m.onnx", "ternary", custom_ops)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_numpy_bool_custom_ops_flag_is_taken_as_the_bool_it_is(tiny_model, tmp_path):
+    export(quantize_for_export(tiny_model, "ternary"), tmp_path / "m.onnx", "ternary", np.bool_(False))
+    assert not any(n.domain == "bitvit" for n in onnx.load(tmp_path / "m.onnx").graph.node)
 
 
 def test_an_unknown_format_to_quantize_for_is_refused_by_name(tiny_model):
