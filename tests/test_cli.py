@@ -158,27 +158,30 @@ def test_an_output_that_is_a_folder_is_refused_and_a_missing_folder_is_made(tmp_
     assert output_file(tmp_path / "new" / "out.json", ".json").parent.is_dir()
 
 
-def test_an_output_in_a_folder_it_cannot_write_is_refused_before_any_work(tmp_path):
+@pytest.fixture
+def read_only(tmp_path) -> Path:
+    """A folder this process cannot write in: a read-only one, or for root, whom permission bits do not stop,
+    /sys/fs, where sysfs refuses even root a new file."""
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o555)
-    if os.access(folder, os.W_OK):  # root: permission bits do not stop it, but sysfs refuses even root a new file
-        folder = Path("/sys")
+    if os.access(folder, os.W_OK):
+        folder = Path("/sys/fs")
         if not folder.is_dir():
             pytest.skip("running as root without /sys: no folder it cannot write")
+    return folder
+
+
+def test_an_output_in_a_folder_it_cannot_write_is_refused_before_any_work(tmp_path, read_only):
+    folder = read_only
     with pytest.raises(ValueError, match=f"cannot write files in {folder}"):
         output_file(folder / "out.json", ".json")
     assert list(tmp_path.rglob("*")) == [tmp_path / "read-only"]
 
 
-def test_a_run_folder_it_cannot_write_is_refused_before_the_data_is_read_not_after_an_epoch(tmp_path, capsys):
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    folder.chmod(0o555)
-    if os.access(folder, os.W_OK):  # root: permission bits do not stop it, but sysfs refuses even root a new file
-        folder = Path("/sys/fs")
-        if not folder.is_dir():
-            pytest.skip("running as root without /sys: no folder it cannot write")
+def test_a_run_folder_it_cannot_write_is_refused_before_the_data_is_read_not_after_an_epoch(tmp_path, capsys,
+                                                                                              read_only):
+    folder = read_only
     for out in (folder, folder / "run"):
         assert run(train_main, ["--data", str(tmp_path / "no-data"), "--out", str(out), "--epochs", "1"]) == 2
         err = capsys.readouterr().err.strip()
