@@ -4,7 +4,8 @@ Prints top-1 (as `top1=0.xxxx` on the last line), per-class accuracy, parameter 
 and batch-1 latency; writes a confusion-matrix PNG and, with `--json`, all of it as JSON (its fields below).
 The checkpoint is a bitvit `.safetensors` file (run in torch) or a bitvit `.onnx` export (run in ONNX
 Runtime, with bitvit's ops where the graph uses them). Post-training quantization and QAT score their
-torch models through `evaluate`, export's benchmark its ONNX Runtime sessions through `predict`.
+torch models through `evaluate`, export's benchmark its ONNX Runtime sessions through `predict`. The data
+may hold some of the model's classes only, by name (`ImageSet.scored_by`).
 
 The JSON's fields: `top1` (the fraction of images predicted right), `n` (images scored), `per_class`
 ({class: accuracy}, null for a class without images), `confusion` (counts; rows: true class, columns:
@@ -50,9 +51,10 @@ def predict(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, m
 
 def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, device="cpu",
              progress: bool = False) -> dict:
-    """top1, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    """top1, per-class accuracy and the confusion matrix (rows: true class, columns: predicted), over the model's
+    classes (`ImageSet.scored_by`: the data may hold some of them only)."""
     cfg = model.config
-    data.require_classes(cfg)
+    data = data.scored_by(cfg)
     logits = predict(model, data.images, cfg.mean, cfg.std, batch_size, device, progress)
     bad = int((~logits.isfinite().all(1)).sum())
     if bad:  # argmax would call them all class 0 and report a top-1 regardless
@@ -163,7 +165,7 @@ def main(argv=None):
                                        else Path(str(args.checkpoint) + ".confusion.png"))
     if not args.confusion:  # the default path too, before scoring (here, where the checkpoint's folder is known)
         output_file(confusion_png, ".png", inputs=(args.checkpoint, args.json))
-    data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
+    data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit).scored_by(cfg)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() and not onnx else "cpu"
     t0 = time.perf_counter()
     res = evaluate(model.to(device), data, args.batch_size, device, progress=True)

@@ -32,6 +32,16 @@ def test_data_must_have_the_models_classes_by_name_or_where_it_names_none_by_num
         data.require_classes(dataclasses.replace(TINY, num_classes=7, classes=()))
 
 
+def test_data_of_some_of_the_models_classes_is_scored_with_the_models_class_indices():
+    data = ImageSet(np.zeros((3, 16, 16, 3), np.uint8), np.array([0, 1, 1]), ("cat", "frog"))
+    scored = data.scored_by(TINY)  # TINY's classes: cat, dog, frog
+    assert scored.classes == TINY.classes and scored.labels.tolist() == [0, 2, 2]
+    with pytest.raises(ValueError, match="are not the model's"):  # training data must be the model's classes
+        data.require_classes(TINY)
+    with pytest.raises(ValueError, match="are not the model's"):  # a class the model has not
+        ImageSet(data.images, data.labels, ("cat", "lion")).scored_by(TINY)
+
+
 def test_images_keep_their_colour_class(image_tree):
     data = load_split(image_tree, "test", image_size=16, progress=False)
     dominant = data.images.reshape(len(data), -1, 3).mean(1).argmax(1)

@@ -37,6 +37,17 @@ def test_cli_reports_and_ends_with_top1(checkpoint, image_tree, tmp_path):
     assert "parameters" in out and "MB on disk" in out
 
 
+def test_cli_scores_a_tree_of_some_of_the_models_classes_by_their_names(checkpoint, image_tree, tmp_path):
+    import shutil
+    shutil.rmtree(image_tree / "test" / "cat")  # photos of a dog and a frog, scored by a cat/dog/frog model
+    out = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(checkpoint),
+                          "--data", str(image_tree), "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, check=True).stdout
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["n"] == 12 and res["per_class"]["cat"] is None and res["confusion"][0] == [0, 0, 0]
+    assert sum(map(sum, res["confusion"][1:])) == 12 and re.search(r"cat +no images", out)
+
+
 def test_cli_json_records_the_device_that_scored(checkpoint, image_tree, tmp_path):
     subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(checkpoint), "--data", str(image_tree),
                     "--json", str(tmp_path / "r.json")], capture_output=True, text=True, check=True)
