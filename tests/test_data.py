@@ -36,6 +36,8 @@ def test_data_of_some_of_the_models_classes_is_scored_with_the_models_class_indi
     data = ImageSet(np.zeros((3, 16, 16, 3), np.uint8), np.array([0, 1, 1]), ("cat", "frog"))
     scored = data.scored_by(TINY)  # TINY's classes: cat, dog, frog
     assert scored.classes == TINY.classes and scored.labels.tolist() == [0, 2, 2]
+    shuffled = ImageSet(data.images, np.array([0, 1, 2]), ("dog", "frog", "cat")).scored_by(TINY)
+    assert shuffled.classes == TINY.classes and shuffled.labels.tolist() == [1, 2, 0]
     with pytest.raises(ValueError, match="are not the model's"):  # training data must be the model's classes
         data.require_classes(TINY)
     with pytest.raises(ValueError, match="are not the model's"):  # a class the model has not
