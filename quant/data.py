@@ -76,8 +76,13 @@ class ImageSet:
     def scored_by(self, cfg) -> "ImageSet":
         """This set labelled for scoring a model of config `cfg`: as `require_classes`, or, where its classes
         are some or all of the model's by name, in another order (photos of a cat and a dog scored by a CIFAR-10
-        model), with its labels turned into the model's class indices and the model's classes."""
-        if self.classes and cfg.classes and set(self.classes) <= set(cfg.classes):
+        model), with its labels turned into the model's class indices and the model's classes. A class the model
+        names twice (a hub model's labels may) is refused: its images would have no one right answer."""
+        if (self.classes and cfg.classes and tuple(self.classes) != tuple(cfg.classes)
+                and set(self.classes) <= set(cfg.classes)):
+            twice = [c for c in self.classes if cfg.classes.count(c) > 1]
+            if twice:
+                raise ValueError(f"the model names the data's classes {twice} more than once; give data without them")
             index = np.array([cfg.classes.index(c) for c in self.classes], dtype=np.int64)
             return ImageSet(self.images, index[self.labels], tuple(cfg.classes))
         return self.require_classes(cfg)

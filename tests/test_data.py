@@ -44,6 +44,14 @@ def test_data_of_some_of_the_models_classes_is_scored_with_the_models_class_indi
         ImageSet(data.images, data.labels, ("cat", "lion")).scored_by(TINY)
 
 
+def test_a_class_the_model_names_twice_is_kept_as_given_or_refused_by_name():
+    cfg = dataclasses.replace(TINY, classes=("crane", "dog", "crane"))  # a hub model's labels may repeat a name
+    data = ImageSet(np.zeros((3, 16, 16, 3), np.uint8), np.array([0, 1, 2]), cfg.classes)
+    assert data.scored_by(cfg).labels.tolist() == [0, 1, 2]  # labelled by the model's indices: kept
+    with pytest.raises(ValueError, match=r"names the data's classes \['crane'\] more than once"):
+        ImageSet(data.images[:2], np.array([0, 1]), ("dog", "crane")).scored_by(cfg)
+
+
 def test_images_keep_their_colour_class(image_tree):
     data = load_split(image_tree, "test", image_size=16, progress=False)
     dominant = data.images.reshape(len(data), -1, 3).mean(1).argmax(1)
