@@ -23,6 +23,15 @@ def test_evaluate_counts_correct_predictions(tiny_model, image_tree):
     assert res["per_class"] == {"cat": 1.0, "dog": 0.0, "frog": 0.0}
 
 
+def test_evaluate_scores_a_set_of_some_of_the_models_classes_by_their_names(tiny_model, image_tree):
+    import shutil
+    shutil.rmtree(image_tree / "test" / "dog")  # cat and frog: the folders' labels 0 and 1, the model's 0 and 2
+    tiny_model.forward = lambda x: x.mean((2, 3))  # reads the colour: always right
+    res = evaluate(tiny_model, load_split(image_tree, "test", image_size=16, progress=False))
+    assert res["top1"] == 1.0 and res["confusion"] == [[6, 0, 0], [0, 0, 0], [0, 0, 6]]
+    assert res["per_class"] == {"cat": 1.0, "dog": None, "frog": 1.0}
+
+
 def test_cli_reports_and_ends_with_top1(checkpoint, image_tree, tmp_path):
     out = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(checkpoint),
                           "--data", str(image_tree), "--json", str(tmp_path / "r.json")],

@@ -146,6 +146,17 @@ def test_data_of_other_classes_is_refused_before_any_timing(fp_file, tmp_path, c
     assert "are not the model's" in capsys.readouterr().err
 
 
+def test_a_tree_of_some_of_the_models_classes_is_scored_by_their_names(fp_file, tiny_model, image_tree, tmp_path):
+    import shutil
+    from quant.data import load_split
+    from quant.evaluate import evaluate
+    shutil.rmtree(image_tree / "test" / "cat")  # photos of a dog and a frog, scored by a cat/dog/frog model
+    code, out = bench(fp_file, tmp_path, "--data", str(image_tree), "--split", "test")
+    assert code == 0
+    want = evaluate(tiny_model, load_split(image_tree, "test", image_size=16, progress=False))["top1"]
+    assert json.loads(out.read_text())["results"]["reference"]["variants"]["ORT fp32"]["torch_top1"] == want
+
+
 def test_a_quantized_file_trained_with_another_drop_path_rate_is_the_same_model(fp_file, tiny_model, tmp_path):
     trained = VisionTransformer(dataclasses.replace(tiny_model.config, drop_path_rate=0.1)).eval()
     quant.save_quantized(quant.quantize(trained, "w8a8"), tmp_path / "w8a8.safetensors")

@@ -108,6 +108,19 @@ def test_cli_refuses_data_of_other_classes(tiny_model, tmp_path, capsys):
     assert "are not the model's" in capsys.readouterr().err
 
 
+def test_cli_scores_a_tree_of_some_of_the_models_classes_by_their_names(tiny_model, image_tree, tmp_path):
+    import shutil
+    from quant.data import load_split
+    from quant.evaluate import evaluate
+    ckpt, out = tmp_path / "fp.safetensors", tmp_path / "rob.json"
+    save_model(tiny_model, ckpt)
+    shutil.rmtree(image_tree / "test" / "cat")  # photos of a dog and a frog, scored by a cat/dog/frog model
+    assert run(main, ["--checkpoint", str(ckpt), "--data", str(image_tree), "--out", str(out), "--split", "test",
+                      "--bits", "8", "--calib-size", "6"]) == 0
+    want = evaluate(tiny_model, load_split(image_tree, "test", image_size=16, progress=False))
+    assert json.loads(out.read_text())["fp_top1"] == want["top1"] and want["n"] == 12
+
+
 def test_every_head_of_every_block_is_tried_once_per_slot(tiny_model):
     res = analyse(tiny_model, inputs(6, 0), torch.arange(6) % 3, inputs(8, 1), bits=(2,), progress=False)
     tried = sorted((t["component"], t["block"], t["head"]) for t in res["trials"] if t["component"].startswith("h_"))
