@@ -184,6 +184,12 @@ def test_a_file_saved_from_a_distributed_wrapper_loads_without_its_module_prefix
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
+def test_a_fine_tuned_head_saved_from_a_distributed_wrapper_gives_its_class_count(tmp_path):
+    model = VisionTransformer(dataclasses.replace(CONFIGS["deit_tiny_patch16_224"], num_classes=10, classes=()))
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pth")
+    assert load_model(tmp_path / "ddp.pth", name="deit_tiny_patch16_224").config.num_classes == 10
+
+
 def test_a_pth_whose_names_are_only_partly_prefixed_module_is_refused_naming_them_unchanged(tmp_path):
     model = VisionTransformer(CONFIGS["deit_tiny_patch16_224"])
     torch.save({("module." + k if k.startswith("head.") else k): v for k, v in model.state_dict().items()},
