@@ -503,8 +503,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             # and 2 % of what is left (scoring val, saving, logging) in reserve; shrunk here, so that an
             # epoch the shrunk budget ends is the last, scored and saved
             left = time_limit - env.agree(time.perf_counter() - started)
-            # (at least what is trained: a limit that leaves no room ends the run here, with no negative budget)
-            budget = max(trained, min(budget, trained + 0.98 * left - 1.5 * epoch_seconds))
+            # (to what is trained at least: a limit that leaves no room ends the run here, with no negative budget;
+            # never above the budget given, which an epoch may have overrun)
+            budget = min(budget, max(trained, trained + 0.98 * left - 1.5 * epoch_seconds))
         if budget != cfg.time_budget:
             record["time_budget"] = budget
         last = epoch + 1 == cfg.epochs or bool(cfg.time_budget and trained >= budget)

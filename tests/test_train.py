@@ -196,6 +196,14 @@ def test_a_budget_shrunk_by_a_limit_that_leaves_no_room_ends_the_run_and_is_logg
     assert done and len(log) == 1 and log[0]["time_budget"] == log[0]["trained_seconds"]
 
 
+def test_a_budget_an_epoch_overran_is_not_raised_to_what_was_trained_by_a_limit_that_leaves_no_room(tmp_path, clock):
+    cfg = TrainConfig(epochs=10_000, batch_size=4, warmup_epochs=1, time_budget=0.05, augment=NO_AUG)
+    _, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False, time_limit=0.35,
+                  end_within_time_limit=True)
+    log = read_log(tmp_path / "log.jsonl")  # the one epoch trained 0.3 s of a 0.05 s budget
+    assert done and len(log) == 1 and log[0]["trained_seconds"] > 0.05 and "time_budget" not in log[0]
+
+
 def test_the_epoch_a_budget_shrunk_to_the_time_limit_ends_is_scored_and_saved(tmp_path, clock):
     cfg = TrainConfig(epochs=10_000, batch_size=8, warmup_epochs=1, time_budget=100.0, augment=NO_AUG)
     data = colour_set(8)
