@@ -5,7 +5,7 @@ and batch-1 latency; writes a confusion-matrix PNG and, with `--json`, all of it
 The checkpoint is a bitvit `.safetensors` file (run in torch) or a bitvit `.onnx` export (run in ONNX
 Runtime, with bitvit's ops where the graph uses them). Post-training quantization and QAT score their
 torch models through `evaluate`, export's benchmark its ONNX Runtime sessions through `predict`. The data
-may hold some of the model's classes only, by name (`ImageSet.scored_by`).
+may hold some of the model's classes only, or all in another order, by name (`ImageSet.scored_by`).
 
 The JSON's fields: `top1` (the fraction of images predicted right), `n` (images scored), `per_class`
 ({class: accuracy}, null for a class without images), `confusion` (counts; rows: true class, columns:
@@ -52,7 +52,7 @@ def predict(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, m
 def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, device="cpu",
              progress: bool = False) -> dict:
     """top1, per-class accuracy and the confusion matrix (rows: true class, columns: predicted), over the model's
-    classes (`ImageSet.scored_by`: the data may hold some of them only)."""
+    classes (`ImageSet.scored_by`: the data may hold some of them only, or all in another order)."""
     cfg = model.config
     data = data.scored_by(cfg)
     logits = predict(model, data.images, cfg.mean, cfg.std, batch_size, device, progress)
