@@ -19,7 +19,7 @@ import numpy as np
 
 from app.backends import Backend
 from app.frames import model_view
-from quant.data import to_model_array
+from quant.data import class_names, to_model_array
 
 TOP_K = 3
 WINDOW = 30  # frames in the sliding windows of latency and frame rate
@@ -35,10 +35,8 @@ class Reading:
     def top(self, k: int = TOP_K) -> dict[str, float]:
         """The k likeliest classes, name -> probability; a name the model gives two classes (ImageNet's "crane",
         the bird and the machine) carries each one's index, "crane (class 134)", so that they stay apart."""
-        classes = self.backend.config.classes or tuple(f"class {i}" for i in range(len(self.probs)))
-        best = np.argsort(-self.probs)[:k]
-        return {(classes[i] if classes.count(classes[i]) == 1 else f"{classes[i]} (class {i})"): float(self.probs[i])
-                for i in best}
+        names = class_names(self.backend.config.classes, len(self.probs))
+        return {names[i]: float(self.probs[i]) for i in np.argsort(-self.probs)[:k]}
 
 
 class Meter:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import collections
 import hashlib
 import io
 import json
@@ -86,6 +87,16 @@ class ImageSet:
             index = np.array([cfg.classes.index(c) for c in self.classes], dtype=np.int64)
             return ImageSet(self.images, index[self.labels], tuple(cfg.classes))
         return self.require_classes(cfg)
+
+
+def class_names(classes: tuple[str, ...], n: int) -> tuple[str, ...]:
+    """The names of `n` classes as shown: a name given to two classes (ImageNet's "crane", the bird and the
+    machine) carries each one's index, "crane (class 134)", so that they stay apart; unnamed classes are
+    "class 0", "class 1", ..."""
+    if not classes:
+        return tuple(f"class {i}" for i in range(n))
+    count = collections.Counter(classes)
+    return tuple(c if count[c] == 1 else f"{c} (class {i})" for i, c in enumerate(classes))
 
 
 def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 32,

@@ -8,7 +8,8 @@ torch models through `evaluate`, export's benchmark its ONNX Runtime sessions th
 may hold some of the model's classes only, or all in another order, by name (`ImageSet.scored_by`).
 
 The JSON's fields: `top1` (the fraction of images predicted right), `n` (images scored), `per_class`
-({class: accuracy}, null for a class without images), `confusion` (counts; rows: true class, columns:
+({class: accuracy}, null for a class without images; a name given to two classes carries each one's index,
+"crane (class 134)", and unnamed classes are "class 0", "class 1", ...), `confusion` (counts; rows: true class, columns:
 predicted, in `per_class`'s order), `checkpoint`, `runtime` ("torch" or "onnxruntime"), `device` (where it
 scored: "cuda:N" for a torch checkpoint where a GPU is visible, else "cpu"), `split`, `params` (each
 packed weight counted as one), `size_bytes` (the checkpoint file's), `latency_ms_batch1_cpu` (in ms,
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json, write_png
-from quant.data import ImageSet, load_split, to_model_input
+from quant.data import ImageSet, class_names, load_split, to_model_input
 
 
 @torch.no_grad()
@@ -64,8 +65,9 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, device="cp
     confusion = np.bincount(data.labels * k + pred, minlength=k * k).reshape(k, k)
     counts = confusion.sum(1)                                     # images of each true class
     per_class = confusion.diagonal() / np.maximum(counts, 1)
+    names = class_names(data.classes, k)  # a name the model gives two classes carries each one's index
     return {"top1": float((pred == data.labels).mean()), "n": int(len(pred)),  # per class: None without images
-            "per_class": {c: float(a) if n else None for c, a, n in zip(data.classes, per_class, counts)},
+            "per_class": {c: float(a) if n else None for c, a, n in zip(names, per_class, counts)},
             "confusion": confusion.tolist()}
 
 
@@ -179,11 +181,11 @@ def main(argv=None):
                split=args.split, params=params, size_bytes=size, latency_ms_batch1_cpu=lat, threads=threads,
                eval_seconds=eval_s, **provenance("quant.evaluate", argv))
 
-    plot_confusion(res["confusion"], data.classes, confusion_png,
+    plot_confusion(res["confusion"], list(res["per_class"]), confusion_png,
                    f"{Path(args.checkpoint).name} on {args.split} (top-1 {res['top1']:.4f})")
     res["confusion_png"] = str(confusion_png)
 
-    width = max(len(c) for c in data.classes)
+    width = max(map(len, res["per_class"]))
     print(f"{args.checkpoint}: {params:,} parameters, {size / 1e6:.2f} MB on disk, "
           f"batch-1 CPU latency {lat:.2f} ms in {res['runtime']} ({threads} threads)")
     print(f"{args.split} split: {res['n']} images")

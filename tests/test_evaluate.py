@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from quant.data import load_split
+from quant.data import ImageSet, load_split
 from quant.evaluate import evaluate
 from export.exporter import export
 from quant.models import count_parameters
@@ -30,6 +30,22 @@ def test_evaluate_scores_a_set_of_some_of_the_models_classes_by_their_names(tiny
     res = evaluate(tiny_model, load_split(image_tree, "test", image_size=16, progress=False))
     assert res["top1"] == 1.0 and res["confusion"] == [[6, 0, 0], [0, 0, 0], [0, 0, 6]]
     assert res["per_class"] == {"cat": 1.0, "dog": None, "frog": 1.0}
+
+
+def test_per_class_accuracy_keeps_a_name_given_to_two_classes_apart_by_their_indices(tiny_model, image_tree):
+    import dataclasses
+    tiny_model.config = dataclasses.replace(tiny_model.config, classes=("crane", "dog", "crane"))
+    data = load_split(image_tree, "test", image_size=16, progress=False)
+    data = ImageSet(data.images, data.labels, tiny_model.config.classes)
+    tiny_model.forward = lambda x: x.mean((2, 3))  # reads the colour: right about every image
+    assert evaluate(tiny_model, data)["per_class"] == {"crane (class 0)": 1.0, "dog": 1.0, "crane (class 2)": 1.0}
+
+
+def test_per_class_accuracy_of_unnamed_classes_is_keyed_by_their_numbers(tiny_model, image_tree):
+    data = load_split(image_tree, "test", image_size=16, progress=False)
+    tiny_model.forward = lambda x: x.mean((2, 3))
+    assert list(evaluate(tiny_model, ImageSet(data.images, data.labels, ()))["per_class"]) == [
+        "class 0", "class 1", "class 2"]
 
 
 def test_cli_reports_and_ends_with_top1(checkpoint, image_tree, tmp_path):
