@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from quant.cli import is_positive_int, max_threads
 from quant.data import check_model_input, to_model_array
-from quant.models import ViTConfig, fp_parameters, refuse_newer
+from quant.models import ViTConfig, existing_file, fp_parameters, refuse_newer
 
 from .exporter import META_FORMAT
 from .ortops import DOMAIN, DOMAIN_VERSION, library_path
@@ -99,13 +99,7 @@ class Session:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = False,
                  library: Path | None = None):
-        path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"{path} is a folder, not an ONNX file")
-        if path.exists() and not path.is_file():  # a pipe or device, which reading would wait on for ever
-            raise ValueError(f"{path} is not a regular file; give an ONNX file")
-        if not path.is_file():
-            raise FileNotFoundError(f"no such ONNX file: {path}")
+        path = existing_file(path, "ONNX")
         if isinstance(threads, np.integer):  # a count computed with numpy
             threads = int(threads)
         if threads is not None and not (is_positive_int(threads) and threads <= max_threads()):

@@ -379,15 +379,16 @@ def refuse_newer(found, known: str, path) -> None:
                          f"bitvit to load it")
 
 
-def existing_file(path: str | os.PathLike) -> Path:
-    """`path` if it is a file; else one clear error (missing, or a folder)."""
+def existing_file(path: str | os.PathLike, kind: str = "model") -> Path:
+    """`path` if it is a file; else one clear error (missing, a folder, a pipe) naming the `kind` of file."""
     path = Path(path_text(path))
+    a = "an" if kind[0] in "AEIOUaeiou" else "a"
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a model file")
+        raise ValueError(f"{path} is a folder, not {a} {kind} file")
     if path.exists() and not path.is_file():  # a pipe or device, which reading would wait on for ever
-        raise ValueError(f"{path} is not a regular file; give a model file")
+        raise ValueError(f"{path} is not a regular file; give {a} {kind} file")
     if not path.is_file():
-        raise FileNotFoundError(f"no such model file: {path}")
+        raise FileNotFoundError(f"no such {kind} file: {path}")
     return path
 
 
