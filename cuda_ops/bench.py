@@ -365,13 +365,18 @@ def check_targets(ops: list[dict], models: list[dict], base: str = "bf16") -> li
 
 # ----------------------------------------------------------------------------- printing
 
+def printed_units(device: str) -> tuple[float, str]:
+    """The factor and prefix rates (kept in T: TB/s, TOPS) are printed with: a CPU's in G, as in T they round
+    to 0.00."""
+    return (1, "T") if device == "cuda" else (1e3, "G")
+
+
 def print_ops(rows: list[dict], device: str) -> None:
     if not rows:  # --models "": no per-op part
         return
-    # a CPU's rates in GB/s and GOPS: in TB/s and TOPS they round to 0.00 and 0.0 (the JSON keeps TB/s, TOPS)
-    scale, bw, ops = (1, "TB/s", "TOPS") if device == "cuda" else (1e3, "GB/s", "GOPS")
-    print(f"\n{'model':<24}{'layer':<6}{'N x K':>12}{'M':>7}  {'op':<11}{'us':>9}{'eager':>9}{'x dense':>8}{bw:>7}"
-          f"{ops:>8}  bound    roofline")
+    scale, p = printed_units(device)
+    print(f"\n{'model':<24}{'layer':<6}{'N x K':>12}{'M':>7}  {'op':<11}{'us':>9}{'eager':>9}{'x dense':>8}"
+          f"{p + 'B/s':>7}{p + 'OPS':>8}  bound    roofline")
     for r in rows:
         sp = f"{r['speedup_vs_dense']:.2f}" if r["speedup_vs_dense"] else "-"
         frac = f"{100 * r['roofline_frac']:>5.0f}%" if r["roofline_frac"] is not None else f"{'-':>5}"
@@ -520,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     if ceil is None:
         print(f"{device_name}: no ceilings measured (--quick on a CPU), so no roofline")
     else:
-        k, p = (1, "T") if args.device == "cuda" else (1e3, "G")  # a CPU's in G: in T they print 0.00
+        k, p = printed_units(args.device)
         print(f"{device_name}: copy {ceil['copy_TBps'] * k:.2f} {p}B/s, {dtype_name} matmul "
               f"{ceil['float_TFLOPs'] * k:.1f} {p}FLOP/s, int8 matmul {ceil['int8_TOPs'] * k:.1f} {p}OP/s "
               f"(torch._int_mm {ceil['int8_TOPs_int_mm'] * k:.1f})")
