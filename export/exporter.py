@@ -302,8 +302,12 @@ RECIPES = {"w8a8": dict(weight_format="int8", act_format="int8_token"),
            "binary": dict(weight_format="binary", act_format="int8_token")}
 
 
-_QAT_REFUSAL = ("the model holds quantization-aware training layers: pack them first (quant.bitlinear.freeze or "
-                "quant.qvit.freeze), then export the packed model")
+def _refuse_qat_layers(model: nn.Module) -> None:
+    """Refuse a model still in quantization-aware training: its layers are no format the exporter knows, and
+    as nn.Linear subclasses `quantize_for_export` would round their latent weights."""
+    if any(is_qat_layer(m) for m in model.modules()):
+        raise ValueError("the model holds quantization-aware training layers: pack them first "
+                         "(quant.bitlinear.freeze or quant.qvit.freeze), then export the packed model")
 
 
 def quantize_for_export(model: VisionTransformer, fmt: str) -> VisionTransformer:
@@ -311,8 +315,7 @@ def quantize_for_export(model: VisionTransformer, fmt: str) -> VisionTransformer
     exports; fp32/fp16 return the model itself. Trained (QAT/GPTQ) models come quantized already."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if any(is_qat_layer(m) for m in model.modules()):  # (nn.Linear subclasses: their latent weights would be rounded)
-        raise ValueError(_QAT_REFUSAL)
+    _refuse_qat_layers(model)
     if fmt in ("fp32", "fp16"):
         return model
     model = copy.deepcopy(model)
@@ -332,8 +335,7 @@ def _check_exportable(model: VisionTransformer, fmt: str) -> None:
     if runs_on_kernels(model):  # (its KernelLinear layers are no format the exporter knows)
         raise ValueError("the model runs on bitvit's kernels (cuda_ops.to_kernels): export the QuantLinear model "
                          "it was made from")
-    if any(is_qat_layer(m) for m in model.modules()):
-        raise ValueError(_QAT_REFUSAL)
+    _refuse_qat_layers(model)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("export the float32 model (format fp16 stores its float weights at half precision)")
     if quantized and fmt != model_format(model):
