@@ -161,10 +161,10 @@ def open_model(path: str | os.PathLike, threads: int | None = None, runtime: str
             if custom_ops and any(map(on_bitvit_op, model.modules())) and bitvit_ops_missing():
                 error = bitvit_ops_missing()  # no library here: not exported nor loaded only to fail again
             else:
-                cached = _export_path(model, path, custom_ops).is_file()
-                for again in (False, True) if cached else (True,):  # a cached export that fails is written again
+                out = _export_path(model, path, custom_ops)
+                for again in (False, True) if out.is_file() else (True,):  # a cached export that fails is written again
                     try:
-                        backend = _ort_backend(_exported(model, path, custom_ops, again), path, threads, linear_bits)
+                        backend = _ort_backend(_exported(model, out, custom_ops, again), path, threads, linear_bits)
                         backend.note = f"bitvit ops failed: {why[0]}" if why else ""
                         return backend
                     except (ValueError, OSError, RuntimeError) as e:  # not exportable, not cached, or does not load
@@ -291,11 +291,10 @@ def _export_path(model: nn.Module, source: Path, custom_ops: bool) -> Path:
     return _cache() / f"{digest}-{exporter.model_format(model)}{'' if custom_ops else '-standard-ops'}.onnx"
 
 
-def _exported(model: nn.Module, source: Path, custom_ops: bool = True, again: bool = False) -> Path:
-    """The ONNX export of a loaded model, written once into the bitvit cache (`again`: written anew, over a
-    cached file that failed to load)."""
+def _exported(model: nn.Module, out: Path, custom_ops: bool = True, again: bool = False) -> Path:
+    """`out`, the ONNX export of a loaded model in the bitvit cache (`_export_path`), written there once
+    (`again`: written anew, over a cached file that failed to load)."""
     from export import exporter
-    out = _export_path(model, source, custom_ops)
     if again or not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)  # here, where an unwritable cache leaves the model to torch
         with written_whole(out) as tmp:

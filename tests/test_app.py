@@ -297,8 +297,11 @@ def test_the_onnx_export_and_the_model_quantized_on_the_fly_are_made_anew_after_
     import shutil
     from app import backends
     model = quant.load_any(fp_file)
-    exported, built = backends._exported(model, fp_file), quantize_on_the_fly(fp_file, "w8a8")
-    assert backends._exported(model, fp_file) == exported and quantize_on_the_fly(fp_file, "w8a8") == built
+
+    def export():  # as the app opens the file
+        return backends._exported(model, backends._export_path(model, fp_file, True))
+    exported, built = export(), quantize_on_the_fly(fp_file, "w8a8")
+    assert export() == exported and quantize_on_the_fly(fp_file, "w8a8") == built
     code = tmp_path / "code"
     for folder in backends.CODE:
         shutil.copytree(folder, code / folder.name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -306,7 +309,7 @@ def test_the_onnx_export_and_the_model_quantized_on_the_fly_are_made_anew_after_
         f.write("# changed\n")
     monkeypatch.setattr(backends, "CODE", tuple(code / folder.name for folder in backends.CODE))
     backends.code_digest.cache_clear()  # as the app's next start
-    assert backends._exported(model, fp_file) != exported
+    assert export() != exported
     assert quantize_on_the_fly(fp_file, "w8a8") != built
 
 
@@ -323,7 +326,8 @@ def test_a_model_whose_export_is_cached_opens_without_building_a_graph(assets, m
 
 def test_a_damaged_cached_onnx_export_is_written_again_not_passed_over(fp_file):
     from app import backends
-    cached = backends._exported(quant.load_any(fp_file), fp_file)
+    model = quant.load_any(fp_file)
+    cached = backends._exported(model, backends._export_path(model, fp_file, True))
     cached.write_bytes(cached.read_bytes()[:500])  # truncated
     backend = open_model(fp_file, runtime="onnxruntime")
     assert backend.runtime == "ONNX Runtime" and backend.note == ""
