@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from quant.data import _resize
+from quant.data import _resize, pil_to_rgb
 
 MAX_PIXELS = 50_000_000   # uploads beyond 50 megapixels are refused, not decoded
 MAX_FILE_BYTES = 50 << 20
@@ -86,23 +86,9 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     return a.astype(np.uint8)
 
 
-# PIL modes whose convert("RGB"/"RGBA") gives the colours shown (LAB, for one, would copy its channels as RGB)
-_PIL_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV", "LA", "PA", "RGBA", "RGBa"}
-
-
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode.startswith("I;16"):  # 16-bit grayscale, whatever its values: dark stays dark
-        return to_rgb(np.asarray(img).astype(np.uint16))
-    if img.mode == "I":  # 32-bit integers: 16-bit values (as 16-bit PNGs once opened) when any exceeds 255
-        a = np.asarray(img)
-        return to_rgb(a.astype(np.uint16) if 255 < a.max(initial=0) <= 65535 and a.min(initial=0) >= 0 else a)
-    if img.mode == "F":  # float grayscale: value ranges as for arrays
-        return to_rgb(np.asarray(img))
-    if img.mode not in _PIL_MODES:
-        raise ValueError(f"images of PIL mode {img.mode!r} are not supported (give RGB, RGBA, L, P or CMYK)")
-    if img.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in img.info:
-        return to_rgb(np.asarray(img.convert("RGBA")))
-    return to_rgb(np.asarray(img.convert("RGB")))
+    """A PIL image as uint8 RGB, pixel for pixel as `quant.data` decodes a data set's."""
+    return to_rgb(np.asarray(pil_to_rgb(img)))
 
 
 def load_image_file(path: str | os.PathLike) -> np.ndarray:

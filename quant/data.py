@@ -515,22 +515,45 @@ def _read_file(path: Path) -> bytes:
         raise ValueError(f"cannot read image {path} ({e.strerror or e})") from None
 
 
+# PIL modes whose convert("RGB"/"RGBA") gives the colours shown (LAB, for one, would copy its channels as RGB)
+_PIL_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV", "LA", "PA", "RGBA", "RGBa"}
+
+
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit (I;16*), 32-bit integer (I) and float (F) grayscale scaled to 8 bits, which PIL's convert("RGB")
-    would clip (a 16-bit mid-grey turning white): 16-bit full scale, I as 16-bit when a value exceeds 255,
-    F in 0..1 or 0..255. Other modes as they are."""
+    """16-bit (I;16*), 32-bit integer (I) and float (F) grayscale as 8-bit (L), which PIL's convert("RGB") would
+    clip (a 16-bit mid-grey turning white): 16-bit values divided by 257, whatever they are (dark stays dark), I as
+    8-bit values where none exceeds 255, else as 16-bit, F in 0..1 or 0..255; values beyond those refused. Other
+    modes as they are."""
     if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
         return img
-    a = np.asarray(img, dtype=np.float64)
-    if not np.isfinite(a).all():
-        raise ValueError("it holds NaN or infinite values")
+    a = np.asarray(img)
+    lo, hi = (a.min(), a.max()) if a.size else (0, 0)  # an empty image is refused by its caller (the app's)
     if img.mode == "F":
-        top = 1.0 if a.max() <= 1 else 255.0
-    elif img.mode == "I" and a.max() <= 255:
-        top = 255.0
+        if not np.isfinite(a).all():
+            raise ValueError("the image holds NaN or infinite values")
+        lo, hi = float(lo), float(hi)
+        if lo < 0 or hi > 255:
+            raise ValueError(f"float image values must lie in 0..1 or 0..255, got {lo:g}..{hi:g}")
+        a = np.clip(a * (255 if hi <= 1 else 1) + 0.5, 0, 255)
     else:
-        top = 65535.0
-    return Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"integer image values must lie in 0..255 (8-bit) or 0..65535 (16-bit), got {lo}..{hi}")
+        if img.mode != "I" or hi > 255:
+            a = a // 257
+    return Image.fromarray(a.astype(np.uint8), "L")
+
+
+def pil_to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image as the 8-bit RGB the models see, for the data sets and the app alike: deep grayscale
+    scaled (`_to_8bit`), other modes converted, transparent pixels composited over white; a mode whose
+    conversion would garble its colours (LAB) refused."""
+    img = _to_8bit(img)
+    if img.mode not in _PIL_MODES:
+        raise ValueError(f"images of PIL mode {img.mode!r} are not supported (give RGB, RGBA, L, P or CMYK)")
+    if img.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
 
 
 def _decode(data: bytes, name: str, image_size: int) -> np.ndarray:
@@ -538,10 +561,7 @@ def _decode(data: bytes, name: str, image_size: int) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # a phone's photo upright, as shown (and as the app reads it)
-        img = _to_8bit(img)
-        if img.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in img.info:  # over white, as the app's
-            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-        return _resize(img.convert("RGB"), image_size)
+        return _resize(pil_to_rgb(img), image_size)  # the app's pixels (app.frames)
     except UnidentifiedImageError:  # its own message names a BytesIO object, not the file
         raise ValueError(f"cannot decode image {name}: not in an image format PIL reads") from None
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's broken PNG
@@ -571,8 +591,10 @@ def cache_dir() -> Path:
 # archives' class folders without images, images stored as links, and "sea-lion/" beside "sea/" read right. 3
 # (2026-12-07): class names kept as JSON (a name holding a newline came back as two classes). 4 (2026-12-07): photos
 # turned upright by their EXIF orientation. 5 (2026-12-07): transparent pixels white, not their stored colour. 6
-# (2026-12-07): images in a class folder's sub-folders refused (they were left out).
-CACHE_VERSION = 6
+# (2026-12-07): images in a class folder's sub-folders refused (they were left out). 7 (2026-12-07): 16-bit and
+# 32-bit grayscale levels divided by 257 as the app's (they were rounded: one level up at times), float images
+# beyond 0..255 refused (they were clipped); 8-bit images decode as before (CIFAR-10's JPEG copy: the same arrays).
+CACHE_VERSION = 7
 
 
 def _cache_base(*parts: object) -> Path:

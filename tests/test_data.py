@@ -112,6 +112,29 @@ def test_a_16_bit_image_in_a_tree_keeps_its_grey_level(tmp_path):
     assert Image.open(grey).mode == "I;16" and (data.images[data.labels == 0][-1] == 128).all()
 
 
+@pytest.mark.parametrize("make", [
+    lambda: Image.fromarray(np.full((16, 16), 200 * 257 + 130, np.uint16)),   # 16-bit: 200.5 levels
+    lambda: Image.fromarray(np.full((16, 16), 1000, np.int32)),               # 32-bit integers, 16-bit values
+    lambda: Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)),
+    lambda: Image.new("RGBA", (16, 16), (10, 200, 30, 100)), lambda: Image.new("LA", (16, 16), (77, 133)),
+    lambda: Image.new("CMYK", (16, 16), (10, 80, 160, 20)), lambda: Image.new("RGB", (16, 16), "teal").convert("P")])
+def test_an_image_scored_from_a_tree_and_uploaded_to_the_app_gives_the_same_pixels(tmp_path, make):
+    from app.frames import load_image_file
+    path = tmp_path / "tree" / "test" / "a" / "0.tif"
+    path.parent.mkdir(parents=True)
+    make().save(path)
+    data = load_split(tmp_path / "tree", "test", image_size=16, progress=False).images[0]
+    assert np.array_equal(data, load_image_file(path))
+
+
+def test_a_float_image_beyond_0_to_255_is_refused_not_clipped_white(tmp_path):
+    path = tmp_path / "tree" / "test" / "a" / "0.tif"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.full((16, 16), 300.0, np.float32)).save(path)
+    with pytest.raises(ValueError, match=r"0\.tif: float image values must lie in 0..1 or 0..255, got 300..300"):
+        load_split(tmp_path / "tree", "test", image_size=16, progress=False)
+
+
 def test_an_archive_cut_within_its_first_bytes_is_named(image_tar, tmp_path):
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(image_tar.read_bytes()[:20])
