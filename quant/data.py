@@ -13,9 +13,9 @@ Splits: `train` is the training set minus a held-out validation split (`val`: th
 `val/`); `trainval` is all of it; `test` is for final reporting only.
 
 Decoded splits are cached as `.npy` files under `$BITVIT_CACHE` (default `~/.cache/bitvit`), keyed
-by the source path, its size and modification time (a folder's: every image file's; a `cifar-10-batches-py`
-folder's: every batch file's), the split, the image size and `CACHE_VERSION`, and checked against a SHA-256
-of their contents on every read.
+by the source's real path, its size, modification and change times (a folder's: every image file's; a
+`cifar-10-batches-py` folder's: every batch file's), the split, the image size and `CACHE_VERSION`, and checked
+against a SHA-256 of their contents on every read.
 """
 from __future__ import annotations
 
@@ -203,14 +203,17 @@ def _source_for(path: Path) -> _Source:
 
 
 def _stat_key(path: Path) -> str:
+    """A file's real path, size, modification and change times (cache key): a file replaced by one of the same size
+    and modification time (cp -p) has a new change time."""
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
 def _tree_key(root: Path) -> str:
-    """Path, names, sizes and modification times of every image file under `root`, and the folder each folder is
-    or links to (cache key)."""
-    h = hashlib.sha1(os.fsencode(root.resolve()))  # fsencode: a name need not be UTF-8
+    """Real path, names, sizes, modification and change times (as `_stat_key`) of every image file under `root`,
+    and the folder each folder is or links to (cache key)."""
+    root = root.resolve()  # "./x", "x/.." or a linked parent: one tree, decoded once
+    h = hashlib.sha1(os.fsencode(root))  # fsencode: a name need not be UTF-8
     seen = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # class folders may be links
         dirnames.sort()
@@ -227,7 +230,7 @@ def _tree_key(root: Path) -> str:
                 st = os.stat(os.path.join(dirpath, name))
             except OSError as e:  # a dangling link, a file without permission to read
                 raise ValueError(f"cannot read {os.path.join(dirpath, name)} ({e.strerror})") from None
-            h.update(os.fsencode(f"{dirpath}/{name}|{st.st_size}|{st.st_mtime_ns}"))
+            h.update(os.fsencode(f"{dirpath}/{name}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"))
     return h.hexdigest()
 
 

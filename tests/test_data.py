@@ -343,6 +343,28 @@ def test_changed_file_invalidates_the_cache(image_tree):
         load_split(image_tree, "test", image_size=16, progress=False)
 
 
+def test_an_image_replaced_by_one_of_the_same_size_and_modification_time_is_decoded_again(tmp_path):
+    tree, st = tmp_path / "tree", None
+    for colour in ("red", "blue"):  # BMPs of one size; the second written over the first keeps its mtime (cp -p)
+        path = tree / "test" / "a" / "0.bmp"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), colour).save(path)
+        if st:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        st = path.stat()
+        data = load_split(tree, "test", image_size=16, progress=False)
+    assert tuple(data.images[0, 0, 0]) == (0, 0, 255)
+
+
+def test_a_tree_spelt_another_way_comes_from_the_cache(image_tree, tmp_path, monkeypatch):
+    load_split(image_tree, "test", image_size=16, progress=False)
+    monkeypatch.setattr("quant.data._decode", lambda *args: pytest.fail("decoded again"))
+    os.symlink(tmp_path, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    for spelt in ("./tree/", "link/tree/", tmp_path / "link" / "tree" / "test" / ".."):
+        assert len(load_split(spelt, "test", image_size=16, progress=False)) == 18
+
+
 def test_other_sizes_are_resized_and_centre_cropped(tmp_path):
     img = np.zeros((20, 40, 3), np.uint8)
     img[:, 10:30] = 255                                   # a white centre square in a 40x20 frame
