@@ -39,7 +39,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from quant.cli import finite_number, written_whole
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+IMAGE_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 NO_IMAGES = f"holds no images (files ending {', '.join(IMAGE_EXTS)}; others, such as .qoi, are not read)"
 SPLITS = ("train", "val", "trainval", "test", "all")
 
@@ -597,7 +597,8 @@ def cache_dir() -> Path:
 # (2026-12-07): images in a class folder's sub-folders refused (they were left out). 7 (2026-12-07): 16-bit and
 # 32-bit grayscale levels divided by 257 as the app's (they were rounded: one level up at times), float images
 # beyond 0..255 refused (they were clipped); 8-bit images decode as before (CIFAR-10's JPEG copy: the same arrays).
-CACHE_VERSION = 7
+# 8 (2026-12-07): .jfif and .jpe files read (an archive's were left out beside its .jpg files).
+CACHE_VERSION = 8
 
 
 def _cache_base(*parts: object) -> Path:

@@ -520,6 +520,14 @@ def test_a_class_folder_of_images_in_a_format_not_read_names_the_endings_read(im
         load_split(data, "test", progress=False)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_jpegs_ending_jfif_or_jpe_are_read_as_images(image_tree, tmp_path, packed):
+    (image_tree / "test" / "cat" / "0000.jpg").rename(image_tree / "test" / "cat" / "0000.jfif")
+    (image_tree / "test" / "dog" / "0000.jpg").rename(image_tree / "test" / "dog" / "0000.JPE")
+    data = write_tar(image_tree, tmp_path / "j.tar.gz", splits=("test",)) if packed else image_tree
+    assert np.bincount(load_split(data, "test", image_size=16, progress=False).labels).tolist() == [6, 6, 6]
+
+
 def test_a_folder_named_like_an_image_is_left_out_of_a_tree_as_of_its_archive(image_tree, tmp_path):
     (image_tree / "test" / "cat" / "x.jpg").mkdir()
     (image_tree / "test" / "cat" / "x.jpg" / "notes.txt").write_text("")  # no image: its images would be refused
