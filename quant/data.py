@@ -267,7 +267,8 @@ class _FolderSource(_Source):
         folder = self.root if split == "all" else self.root / split
         if not folder.is_dir():
             raise FileNotFoundError(f"{self.root} has no {split}/ folder")
-        class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+        # a hidden folder is left out as a hidden file is (a notebook's .ipynb_checkpoints/ beside the class folders)
+        class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
             raise ValueError(f"{folder} holds no class folders")
         files, labels = [], []
@@ -369,7 +370,9 @@ class _TarSource(_Source):
     def decode(self, split: str, image_size: int, progress: bool, keep=None) -> ImageSet:
         # read in the archive's own order (a step back in a .gz decompresses it again from the start), then
         # sorted by name, whatever order the archive was written in
-        members = [m for m in self.members if len(Path(m.name).parts) >= 3 and Path(m.name).parts[-3] == split]
+        # a hidden class folder is left out, as of the tree (.ipynb_checkpoints/)
+        members = [m for m in self.members if len(p := Path(m.name).parts) >= 3 and p[-3] == split
+                   and not p[-2].startswith(".")]
         if not members:
             found = sorted({p[-3] + "/" for m in self.members if len(p := Path(m.name).parts) >= 3})
             if not any(f[:-1].lower() in ("train", "test", "val") for f in found):  # else taken for split folders
@@ -381,10 +384,12 @@ class _TarSource(_Source):
         classes = sorted({Path(m.name).parts[-2] for m in members})
         folders = {p[-2] for m in self.every if not m.isdir() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}
+        folders = {f for f in folders if not f.startswith(".")}
         # an image below a class folder of the split folder (by its path: an archive need hold no folder members)
         tops = {Path(m.name).parts[:-2] for m in members}
         nested = next((m.name for m in self.members if len(p := Path(m.name).parts) >= 4 and any(
-            p[:i] in tops and not p[i + 1].startswith(".") for i in range(1, len(p) - 2))), None)
+            p[:i] in tops and not p[i].startswith(".") and not p[i + 1].startswith(".") for i in range(1, len(p) - 2))),
+            None)
         if nested:  # as a tree's: else left out without a word
             raise ValueError(f"{self.path}:{nested} is an image in a sub-folder of a {split}/ class folder, and a "
                              f"class's images are read from its own folder alone: archive them in the class folder")
@@ -392,7 +397,7 @@ class _TarSource(_Source):
         if empty:  # as a tree's: a class left out would shift the others' labels without a word
             raise ValueError(f"class folder {self.path}:{split}/{empty[0]} {NO_IMAGES}")
         linked = sorted(p[-1] for m in self.every if m.issym() and len(p := Path(m.name).parts) >= 2 and p[-2] == split
-                        and self._target(m) is None)  # a link to no file: to a folder (or to nothing)
+                        and not p[-1].startswith(".") and self._target(m) is None)  # a link to no file: to a folder (or to nothing)
         if linked:  # the tree follows it to a class of its own; the archive holds none of its images
             raise ValueError(f"class folder {self.path}:{split}/{linked[0]} is a link, whose images the archive does "
                              f"not hold: archive the tree with its links followed (tar -h)")
@@ -597,8 +602,9 @@ def cache_dir() -> Path:
 # (2026-12-07): images in a class folder's sub-folders refused (they were left out). 7 (2026-12-07): 16-bit and
 # 32-bit grayscale levels divided by 257 as the app's (they were rounded: one level up at times), float images
 # beyond 0..255 refused (they were clipped); 8-bit images decode as before (CIFAR-10's JPEG copy: the same arrays).
-# 8 (2026-12-07): .jfif and .jpe files read (an archive's were left out beside its .jpg files).
-CACHE_VERSION = 8
+# 8 (2026-12-07): .jfif and .jpe files read (an archive's were left out beside its .jpg files). 9 (2026-12-07):
+# hidden folders beside the class folders left out (one holding images was a class).
+CACHE_VERSION = 9
 
 
 def _cache_base(*parts: object) -> Path:

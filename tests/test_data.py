@@ -528,6 +528,16 @@ def test_jpegs_ending_jfif_or_jpe_are_read_as_images(image_tree, tmp_path, packe
     assert np.bincount(load_split(data, "test", image_size=16, progress=False).labels).tolist() == [6, 6, 6]
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_hidden_folders_beside_the_class_folders_are_left_out_not_taken_for_classes(image_tree, tmp_path, packed):
+    (image_tree / "test" / ".ipynb_checkpoints").mkdir()                  # empty: was refused as a class of none
+    (image_tree / "test" / ".thumbs").mkdir()
+    Image.new("RGB", (16, 16)).save(image_tree / "test" / ".thumbs" / "0.jpg")   # was a class of its own
+    data = write_tar(image_tree, tmp_path / "h.tar.gz", splits=("test",)) if packed else image_tree
+    got = load_split(data, "test", image_size=16, progress=False)
+    assert got.classes == TINY.classes and len(got) == 18
+
+
 def test_a_folder_named_like_an_image_is_left_out_of_a_tree_as_of_its_archive(image_tree, tmp_path):
     (image_tree / "test" / "cat" / "x.jpg").mkdir()
     (image_tree / "test" / "cat" / "x.jpg" / "notes.txt").write_text("")  # no image: its images would be refused
