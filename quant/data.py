@@ -6,7 +6,8 @@ Sources `load_split` reads:
     numpy arrays, lists, dicts and strings, so a hostile file cannot run code);
   * any image-folder tree with `train/` and `test/` (optionally `val/`) folders of class folders,
     or a flat tree of class folders, read as split `all` (images: the files ending in one of `IMAGE_EXTS`,
-    hidden files and folders left out, in the class folder itself: images in its other sub-folders are refused).
+    hidden files and folders left out, in the class folder itself: images in its other sub-folders are refused;
+    class names: the folders' names, composed (NFC) as a model's are).
 
 Splits: `train` is the training set minus a held-out validation split (`val`: the last
 `val_fraction` (10 %) of each class's images, 500 per CIFAR-10 class, unless the tree has its own
@@ -30,6 +31,7 @@ import pickle
 import posixpath
 import sys
 import tarfile
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,12 @@ def _is_image(name: str) -> bool:
     into its archives)."""
     name = Path(name).name
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTS
+
+
+def _class_name(folder: str) -> str:
+    """A class folder's name as a class name: composed (NFC), as a model names its classes, though a tree copied
+    from a Mac's HFS+ disk names "café/" decomposed ("e" and a combining accent)."""
+    return unicodedata.normalize("NFC", folder)
 
 
 @dataclass
@@ -268,7 +276,8 @@ class _FolderSource(_Source):
         if not folder.is_dir():
             raise FileNotFoundError(f"{self.root} has no {split}/ folder")
         # a hidden folder is left out as a hidden file is (a notebook's .ipynb_checkpoints/ beside the class folders)
-        class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        class_dirs = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                            key=lambda p: _class_name(p.name))
         if not class_dirs:
             raise ValueError(f"{folder} holds no class folders")
         files, labels = [], []
@@ -285,7 +294,7 @@ class _FolderSource(_Source):
                 raise ValueError(f"class folder {d} {NO_IMAGES}")
             files += found
             labels += [label] * len(found)
-        labels, classes = np.array(labels, dtype=np.int64), tuple(d.name for d in class_dirs)
+        labels, classes = np.array(labels, dtype=np.int64), tuple(_class_name(d.name) for d in class_dirs)
         chosen = np.arange(len(files)) if keep is None else keep(labels, classes)
         images = np.stack([_decode(_read_file(files[i]), str(files[i]), image_size)
                            for i in _progress(chosen, f"decoding {folder}", progress)])
@@ -381,10 +390,10 @@ class _TarSource(_Source):
                                  f"flat tree of class folders with split 'all'")
             raise ValueError(f"{self.path} has no {split}/<class>/ images; its images are in {', '.join(found)} "
                              f"(split folders are train/, test/, val/, in lower case)")
-        classes = sorted({Path(m.name).parts[-2] for m in members})
+        classes = sorted({_class_name(Path(m.name).parts[-2]) for m in members})
         folders = {p[-2] for m in self.every if not m.isdir() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}
-        folders = {f for f in folders if not f.startswith(".")}
+        folders = {_class_name(f) for f in folders if not f.startswith(".")}
         # an image below a class folder of the split folder (by its path: an archive need hold no folder members)
         tops = {Path(m.name).parts[:-2] for m in members}
         nested = next((m.name for m in self.members if len(p := Path(m.name).parts) >= 4 and any(
@@ -403,8 +412,9 @@ class _TarSource(_Source):
                              f"not hold: archive the tree with its links followed (tar -h)")
         # class by class, each by file name, as the unpacked tree reads (sorting whole names would put
         # "sea-lion/" before "sea/", since "-" sorts before "/")
-        names = sorted({m.name for m in members}, key=lambda n: (classes.index(Path(n).parts[-2]), Path(n).name, n))
-        labels = np.array([classes.index(Path(n).parts[-2]) for n in names], dtype=np.int64)
+        names = sorted({m.name for m in members},
+                       key=lambda n: (classes.index(_class_name(Path(n).parts[-2])), Path(n).name, n))
+        labels = np.array([classes.index(_class_name(Path(n).parts[-2])) for n in names], dtype=np.int64)
         if keep is not None:
             chosen = keep(labels, tuple(classes))
             names, labels = [names[i] for i in chosen], labels[chosen]
@@ -603,8 +613,9 @@ def cache_dir() -> Path:
 # 32-bit grayscale levels divided by 257 as the app's (they were rounded: one level up at times), float images
 # beyond 0..255 refused (they were clipped); 8-bit images decode as before (CIFAR-10's JPEG copy: the same arrays).
 # 8 (2026-12-07): .jfif and .jpe files read (an archive's were left out beside its .jpg files). 9 (2026-12-07):
-# hidden folders beside the class folders left out (one holding images was a class).
-CACHE_VERSION = 9
+# hidden folders beside the class folders left out (one holding images was a class). 10 (2026-12-07): class folder
+# names composed (NFC; a Mac's decomposed "café/" was another name, sorted elsewhere).
+CACHE_VERSION = 10
 
 
 def _cache_base(*parts: object) -> Path:

@@ -104,6 +104,19 @@ def test_an_archives_linked_images_read_like_the_trees_in_one_pass(image_tree, t
     assert offsets == sorted(offsets)  # the hard link's image is not read again from behind
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_class_folders_named_in_decomposed_unicode_match_the_models_composed_names(tmp_path, packed):
+    import unicodedata
+    cfg = dataclasses.replace(TINY, classes=("zoo", "café", "été"))   # composed (NFC), as a model's names are
+    # a tree copied from a Mac's HFS+ disk names its folders decomposed (NFD): "e" and a combining accent
+    tree = write_tree(tmp_path / "t", splits=("test",), per_class=1,
+                      classes=[unicodedata.normalize("NFD", c) for c in cfg.classes])
+    data = write_tar(tree, tmp_path / "t.tar.gz", splits=("test",)) if packed else tree
+    got = load_split(data, "test", image_size=16, progress=False)
+    assert got.classes == ("café", "zoo", "été")   # in the order of a composed tree ("é" after "z", as a code point)
+    assert got.scored_by(cfg).labels.tolist() == [1, 0, 2]
+
+
 def test_a_16_bit_image_in_a_tree_keeps_its_grey_level(tmp_path):
     tree = write_tree(tmp_path / "t", splits=("test",), per_class=1)
     grey = tree / "test" / TINY.classes[0] / "grey16.png"
