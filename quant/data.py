@@ -379,6 +379,12 @@ class _TarSource(_Source):
     def decode(self, split: str, image_size: int, progress: bool, keep=None) -> ImageSet:
         # read in the archive's own order (a step back in a .gz decompresses it again from the start), then
         # sorted by name, whatever order the archive was written in
+        tops = sorted({p[:-3] for m in self.members
+                       if len(p := Path(m.name).parts) >= 3 and p[-3] in ("train", "test", "val")})
+        if len(tops) > 1:  # else their classes would be taken for one data set's
+            raise ValueError(f"{self.path} holds split folders under more than one top folder "
+                             f"({', '.join('/'.join(t) + '/' if t else './' for t in tops)}): give an archive of "
+                             f"one tree")
         # a hidden class folder is left out, as of the tree (.ipynb_checkpoints/)
         members = [m for m in self.members if len(p := Path(m.name).parts) >= 3 and p[-3] == split
                    and not p[-2].startswith(".")]
@@ -614,8 +620,9 @@ def cache_dir() -> Path:
 # beyond 0..255 refused (they were clipped); 8-bit images decode as before (CIFAR-10's JPEG copy: the same arrays).
 # 8 (2026-12-07): .jfif and .jpe files read (an archive's were left out beside its .jpg files). 9 (2026-12-07):
 # hidden folders beside the class folders left out (one holding images was a class). 10 (2026-12-07): class folder
-# names composed (NFC; a Mac's decomposed "café/" was another name, sorted elsewhere).
-CACHE_VERSION = 10
+# names composed (NFC; a Mac's decomposed "café/" was another name, sorted elsewhere). 11 (2026-12-07): an archive
+# of trees under two top folders refused (their classes were merged).
+CACHE_VERSION = 11
 
 
 def _cache_base(*parts: object) -> Path:

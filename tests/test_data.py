@@ -713,6 +713,21 @@ def test_an_archive_of_class_folders_without_split_folders_says_so_not_that_its_
             load_split(archive, split, progress=False)
 
 
+@pytest.mark.parametrize("tops", [("a/", "b/"), ("", "b/"), ("a/", "a/"), ("", "")])
+def test_an_archive_of_trees_under_two_top_folders_is_refused_naming_both_not_merged(image_tree, tmp_path, tops):
+    archive = tmp_path / "two.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # cat's and frog's images under one top folder, dog's under another
+        for image in sorted(image_tree.rglob("*.jpg")):
+            tar.add(image, arcname=tops[image.parent.name == "dog"] + str(image.relative_to(image_tree)))
+    if tops[0] == tops[1]:  # one tree, under a top folder or none: read as it is
+        assert len(load_split(archive, "test", image_size=16, progress=False)) == 18
+    else:
+        with pytest.raises(ValueError, match=rf"two.tar.gz holds split folders under more than one top folder "
+                                             rf"\({tops[0] or './'}, b/\): give an archive "
+                                             rf"of one tree"):
+            load_split(archive, "test", image_size=16, progress=False)
+
+
 def test_model_input_is_normalised_nchw():
     x = to_model_input(np.full((2, 4, 4, 3), 255, np.uint8), mean=(0.5,) * 3, std=(0.25,) * 3)
     assert x.shape == (2, 3, 4, 4) and torch.allclose(x, torch.full_like(x, 2.0))
