@@ -472,6 +472,10 @@ class _PickleSource(_Source):
             with open(path, "rb") as f:
                 obj = _SafeUnpickler(f, encoding="bytes").load()
         except Exception as e:
+            if isinstance(e, EOFError) or str(e) == "pickle data was truncated":  # empty, or cut short
+                size = path.stat().st_size
+                raise ValueError(f"{path} {'is empty' if not size else f'is cut short ({size:,} bytes)'}: download "
+                                 f"and unpack CIFAR-10's python batches again") from None
             raise ValueError(f"{path} is not a CIFAR python batch ({type(e).__name__}: {e})") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{path} is not a CIFAR python batch (holds a {type(obj).__name__})")

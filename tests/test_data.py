@@ -837,6 +837,15 @@ def test_a_cifar_batch_of_impossible_labels_or_pixels_is_refused_naming_it(cifar
         load_split(cifar_batches, "test", progress=False)
 
 
+@pytest.mark.parametrize("name, keep, says", [("test_batch", 0, "is empty"), ("test_batch", 200, r"is cut short "
+                                               r"\(200 bytes\)"), ("batches.meta", 30, r"is cut short \(30 bytes\)")])
+def test_an_empty_or_cut_cifar_batch_file_is_named_as_such(cifar_batches, name, keep, says):
+    (cifar_batches / name).write_bytes((cifar_batches / name).read_bytes()[:keep])
+    with pytest.raises(ValueError, match=rf"cifar-10-batches-py/{name} {says}: download and unpack CIFAR-10's "
+                                         rf"python batches again$"):
+        load_split(cifar_batches, "test", progress=False)
+
+
 def test_a_tree_whose_class_folders_are_links_is_decoded_again_when_their_images_change(tmp_path):
     real = write_tree(tmp_path / "real", splits=("test",))
     tree = tmp_path / "linked" / "test"
