@@ -436,9 +436,10 @@ def refuse_compressed_zip(path: Path) -> None:
 
 
 def is_torch_file(path: str) -> bool:
-    """Whether `path` is a torch checkpoint rather than safetensors: by the zip signature torch.save writes, or by
-    its suffix, any case (.pth, .pt, .bin, .ckpt), unless it starts as a safetensors file does (save_model writes
-    safetensors under whatever name it is given)."""
+    """Whether `path` is a torch checkpoint rather than safetensors: by the zip signature torch.save writes, or the
+    pickle protocol opcode its legacy format (before torch 1.6) starts with, or by its suffix, any case (.pth, .pt,
+    .bin, .ckpt), unless it starts as a safetensors file does (save_model writes safetensors under whatever name it
+    is given)."""
     suffix = path.lower().endswith((".pth", ".pt", ".bin", ".ckpt"))
     if not os.path.isfile(path):  # missing, a folder or a pipe (never opened): the reader names the problem
         return suffix
@@ -449,7 +450,7 @@ def is_torch_file(path: str) -> bool:
         return suffix
     if head[8:] == b"{":  # safetensors: the header's length in 8 bytes, then the header's JSON
         return False
-    return suffix or head[:4] == b"PK\x03\x04"
+    return suffix or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 # what quant.train's resume state (last.pt) holds: told apart from a model checkpoint by it

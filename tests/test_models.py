@@ -166,6 +166,13 @@ def test_a_file_for_a_config_that_names_its_classes_fine_tuned_to_three_loads_wi
     assert load_model(tmp_path / "three.pth", name="vit_cifar_tiny").config.classes == ()
 
 
+def test_a_legacy_torch_checkpoint_named_without_a_torch_suffix_loads_as_a_torch_file(tmp_path):
+    model = VisionTransformer(dataclasses.replace(CONFIGS["vit_cifar_tiny"], num_classes=3, classes=()))
+    # the pickle torch.save wrote before torch 1.6 (and still does when asked); its zip archive was told by its bytes
+    torch.save(model.state_dict(), tmp_path / "weights", _use_new_zipfile_serialization=False)
+    assert load_model(tmp_path / "weights", name="vit_cifar_tiny").config.num_classes == 3
+
+
 def test_a_hub_repository_fine_tuned_to_ten_classes_loads_with_its_ten_label_names(tmp_path, monkeypatch):
     local_hub_cache(tmp_path, monkeypatch, [f"c{i}" for i in range(10)])
     model = VisionTransformer(dataclasses.replace(CONFIGS["deit_tiny_patch16_224"], num_classes=10, classes=()))
