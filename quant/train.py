@@ -74,13 +74,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def read_log(path: Path) -> list[dict]:
+def read_log(path: Path, drop_torn: bool = False) -> list[dict]:
     """The epoch records of a run's `log.jsonl` (none if there is no log); blank lines are skipped, a damaged
-    line is named."""
+    line is named. With `drop_torn`, a last line with no newline, the record of a run killed (or out of disk)
+    while writing it, is dropped with a note (every record ends in one)."""
     if not path.exists():
         return []
+    text = path.read_text()
+    if drop_torn and text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        print(f"{path}: dropping its last line, a record cut short as it was written")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -95,10 +100,11 @@ def read_log(path: Path) -> list[dict]:
 
 
 def _trim_log(path: Path, epochs: int) -> None:
-    """Drop the records of the epochs after `epochs` from a run's log (a resumed run redoes them); the log is
-    rewritten whole or not at all."""
-    records = read_log(path)
-    if records:
+    """Drop the records of the epochs after `epochs` from a run's log (a resumed run redoes them), and a record cut
+    short as it was written (one of those: it is written before the resume state); the log is rewritten whole or
+    not at all."""
+    records = read_log(path, drop_torn=True)
+    if path.exists():
         with written_whole(path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] <= epochs))
 

@@ -545,6 +545,18 @@ def test_a_resumed_run_skips_blank_log_lines_and_names_a_damaged_log(tmp_path, r
         assert fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False)[1]
 
 
+def test_a_resumed_run_drops_a_last_log_line_cut_short_as_it_was_written_with_a_note(tmp_path, capsys):
+    data = colour_set(8)
+    cfg = TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False)  # 2 epochs logged, epoch 2 saved
+    log = (tmp_path / "log.jsonl").read_text()
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')  # killed (or out of disk) while logging an epoch after the saved one
+    assert fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False)[1]
+    assert (tmp_path / "log.jsonl").read_text() == log
+    assert f"{tmp_path / 'log.jsonl'}: dropping its last line" in capsys.readouterr().out
+
+
 def test_an_out_path_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, capsys):
     (tmp_path / "run").write_text("")
     assert run(main, ["--data", str(tmp_path / "no-data-here"), "--out", str(tmp_path / "run")]) == 2
