@@ -637,12 +637,13 @@ def main(argv=None):
         model, done = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device,
                           time_limit=args.time_limit, save_every=args.save_every,
                           end_within_time_limit=args.end_within_time_limit)
-    if main_rank:  # a run stopped by --time-limit still saves the model so far, marked incomplete
-        seconds = sum(r["seconds"] for r in read_log(Path(args.out) / "log.jsonl"))  # every run a resumed one took
-        meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split, "init": args.init or "",
-                "train_seconds": f"{seconds:.0f}", "complete": str(done).lower()}
-        (cnn.save_teacher if is_cnn else save_model)(model, Path(args.out) / "model.safetensors", metadata=meta)
-        print(f"saved {Path(args.out) / 'model.safetensors'}{'' if done else ' (incomplete: rerun to resume)'}")
+        # (under the lock: a rerun let in as training ends would log epochs while this run reads the log)
+        if main_rank:  # a run stopped by --time-limit still saves the model so far, marked incomplete
+            seconds = sum(r["seconds"] for r in read_log(Path(args.out) / "log.jsonl"))  # all its runs' epochs
+            meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split, "init": args.init or "",
+                    "train_seconds": f"{seconds:.0f}", "complete": str(done).lower()}
+            (cnn.save_teacher if is_cnn else save_model)(model, Path(args.out) / "model.safetensors", metadata=meta)
+            print(f"saved {Path(args.out) / 'model.safetensors'}{'' if done else ' (incomplete: rerun to resume)'}")
 
 
 if __name__ == "__main__":

@@ -692,6 +692,21 @@ def test_cli_refuses_a_run_folder_another_run_is_training_in(tmp_path, image_tre
     assert run(main, argv) == 0 and (tmp_path / "run" / "model.safetensors").exists()  # once it has ended
 
 
+def test_cli_holds_its_run_folder_until_its_model_file_is_written(tmp_path, image_tree, monkeypatch):
+    import quant.models
+    from quant.cli import run_lock
+    save_model, run_dir = quant.models.save_model, tmp_path / "run"
+
+    def save_unless_let_in(*args, **kwargs):  # as a rerun given the folder while this run writes its model file
+        with pytest.raises(ValueError, match="the run folder of another run still going"), run_lock(run_dir):
+            pass
+        save_model(*args, **kwargs)
+    monkeypatch.setattr(quant.models, "save_model", save_unless_let_in)
+    main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(run_dir), "--epochs", "1",
+          "--batch-size", "4", "--limit", "12"])
+    assert (run_dir / "model.safetensors").exists()
+
+
 def test_cli_refuses_a_val_folder_of_other_classes_before_training(tmp_path, capsys):
     tree = write_tree(tmp_path / "t", splits=("train",))
     write_tree(tmp_path / "t", splits=("val",), classes=TINY.classes[:2])
