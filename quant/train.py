@@ -40,7 +40,7 @@ from quant.models import RESUME_STATE_KEYS, refuse_compressed_zip
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    batch_size: int = 256            # global, over all processes
+    batch_size: int = 256            # global, over all processes (a multiple of their number)
     lr: float = 1e-3                 # peak learning rate
     min_lr: float = 1e-5
     weight_decay: float = 0.05
@@ -377,6 +377,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         teacher.to(env.device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                             fused=env.device.type == "cuda")
+    if cfg.batch_size % env.world:  # each process would take the quotient: a smaller batch than the one asked for
+        raise ValueError(f"batch size {cfg.batch_size} does not divide among {env.world} processes; give a multiple "
+                         f"of {env.world}")
     per_rank = cfg.batch_size // env.world
     if per_rank < 1 or per_rank > len(train) // env.world:
         raise ValueError(f"batch size {cfg.batch_size} does not fit {len(train)} images on {env.world} process(es)")

@@ -419,6 +419,14 @@ def test_two_processes_shrinking_the_budget_to_the_time_limit_agree_on_it(tmp_pa
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
 
 
+def test_a_batch_size_that_does_not_divide_among_the_processes_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # batch 5 trained batches of 4, two images a process
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as torchrun's process group, joined
+    with pytest.raises(ValueError, match="batch size 5 does not divide among 2 processes; give a multiple of 2"):
+        fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(epochs=1, batch_size=5), tmp_path,
+            progress=False, device="cpu")
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=2, batch_size=16, warmup_epochs=0.5,
                       augment=AugmentConfig(mixup_alpha=0.2, label_smoothing=0.1))
