@@ -142,6 +142,16 @@ def test_a_run_folder_another_run_is_training_in_is_refused(teacher_file, image_
     assert list((tmp_path / "t.safetensors.run").iterdir()) == [] and not out.exists()
 
 
+def test_cli_under_torchrun_is_refused_with_one_clear_line(teacher_file, image_tar, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each process: one was refused the run lock, the other waited for it
+    out = tmp_path / "t.safetensors"
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar),
+                      "--out", str(out), "--epochs", "1", "--batch-size", "8"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: quant.qat trains in one process: run it with python -m quant.qat, not under torchrun"
+    assert not out.exists() and not (tmp_path / "t.safetensors.run").exists()
+
+
 def three_bit_run(teacher_file, data, recipe: str, out, *more: str) -> list[str]:
     """quant.qat's arguments for a small Q-ViT-layer run (qvit or lsq) at 3 bits."""
     return ["--teacher", str(teacher_file), "--recipe", recipe, "--set", "budget_bits=3", "--data", str(data),
