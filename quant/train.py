@@ -631,17 +631,25 @@ def main(argv=None):
             raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "
                              f"{teacher.config.mean}, std {teacher.config.std}; the student uses "
                              f"{model.config.mean}, {model.config.std}")
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    if main_rank:
+    env = _Dist(args.device)  # torchrun's processes join here, before the run lock (fit trains in this group)
+    if env.main:
         print(f"{args.model}: {count_parameters(model):,} parameters{f' from {args.init}' if args.init else ''}; "
               f"{len(train)} training images"
               f"{f', {len(val)} validation images' if val is not None else ''}")
-    with run_lock(args.out) if main_rank else contextlib.nullcontext():  # torchrun's other processes share it
+    with contextlib.ExitStack() as lock:
+        refused = None
+        if env.main:  # torchrun's other processes share its lock
+            try:
+                lock.enter_context(run_lock(args.out))
+            except ValueError as e:
+                refused = e
+        if env.agree(refused is not None):  # every process ends (the others waited for rank 0 till torchrun
+            raise refused or SystemExit(2)  # killed them); rank 0 says why
         model, done = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device,
                           time_limit=args.time_limit, save_every=args.save_every,
                           end_within_time_limit=args.end_within_time_limit)
         # (under the lock: a rerun let in as training ends would log epochs while this run reads the log)
-        if main_rank:  # a run stopped by --time-limit still saves the model so far, marked incomplete
+        if env.main:  # a run stopped by --time-limit still saves the model so far, marked incomplete
             seconds = sum(r["seconds"] for r in read_log(Path(args.out) / "log.jsonl"))  # all its runs' epochs
             meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split, "init": args.init or "",
                     "train_seconds": f"{seconds:.0f}", "complete": str(done).lower()}

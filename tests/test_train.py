@@ -3,6 +3,7 @@ import dataclasses
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -713,6 +714,40 @@ def test_cli_holds_its_run_folder_until_its_model_file_is_written(tmp_path, imag
     main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(run_dir), "--epochs", "1",
           "--batch-size", "4", "--limit", "12"])
     assert (run_dir / "model.safetensors").exists()
+
+
+def torchrun(args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m quant.train ARGS` on one CPU thread a process; the processes
+    are killed at `timeout` seconds (a hang fails the test, not CI)."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "quant.train", "--threads", "1", *args], cwd=Path(__file__).parents[1],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="kills the process group at the timeout")
+def test_torchrun_with_two_processes_trains_saves_once_and_resumes(tmp_path, image_tree):
+    run_dir = tmp_path / "run"
+    args = ["--data", str(image_tree), "--out", str(run_dir), "--epochs", "2", "--batch-size", "4"]
+    r = torchrun(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["last.pt", "log.jsonl", "model.safetensors"]
+    assert [rec["epoch"] for rec in read_log(run_dir / "log.jsonl")] == [1, 2]  # rank 0 logs, once an epoch
+    assert r.stdout.count(f"saved {run_dir / 'model.safetensors'}\n") == 1
+    r = torchrun(args)  # every process resumes from rank 0's state
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("resuming from") == 1 and [rec["epoch"] for rec in read_log(run_dir / "log.jsonl")] == [1, 2]
+    from quant.cli import run_lock
+    with run_lock(run_dir):  # as another run holds it: every process ends, not only rank 0, which is refused it
+        r = torchrun(args, timeout=25)
+    assert r.returncode != 0 and r.stderr.count(f"error: {run_dir} is the run folder of another run still going") == 1
 
 
 def test_cli_refuses_a_val_folder_of_other_classes_before_training(tmp_path, capsys):
