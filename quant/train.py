@@ -607,11 +607,12 @@ def main(argv=None):
         distill=(args.distill or "hard") if args.teacher else "none")
     is_cnn = args.model in cnn.CONFIGS
     img_size = (cnn.CONFIGS if is_cnn else CONFIGS)[args.model].img_size
-    train = load_split(args.data, args.split, img_size, limit=args.limit)
+    env = _Dist(args.device)  # torchrun's processes join here (fit trains in this group); rank 0 shows the progress
+    train = load_split(args.data, args.split, img_size, limit=args.limit, progress=env.main)
     if len(train.classes) < 2:  # a model of one class is right about every image it is shown
         raise ValueError(f"{args.data} holds one class ({train.classes[0]!r}) in its {args.split} split: a classifier "
                          f"is trained on two or more class folders")
-    val = load_split(args.data, "val", img_size, limit=args.limit) if args.split == "train" else None
+    val = load_split(args.data, "val", img_size, limit=args.limit, progress=env.main) if args.split == "train" else None
     torch.manual_seed(cfg.seed)
     labels = dict(num_classes=len(train.classes), classes=tuple(train.classes))
     model = (cnn.create_teacher(args.model, **labels) if is_cnn
@@ -631,7 +632,6 @@ def main(argv=None):
             raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "
                              f"{teacher.config.mean}, std {teacher.config.std}; the student uses "
                              f"{model.config.mean}, {model.config.std}")
-    env = _Dist(args.device)  # torchrun's processes join here, before the run lock (fit trains in this group)
     if env.main:
         print(f"{args.model}: {count_parameters(model):,} parameters{f' from {args.init}' if args.init else ''}; "
               f"{len(train)} training images"

@@ -750,6 +750,22 @@ def test_torchrun_with_two_processes_trains_saves_once_and_resumes(tmp_path, ima
     assert r.returncode != 0 and r.stderr.count(f"error: {run_dir} is the run folder of another run still going") == 1
 
 
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_cli_under_torchrun_shows_the_decoding_progress_of_rank_0_only(tmp_path, image_tree, monkeypatch, rank, shown):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # every process drew its bar over the others'
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as torchrun's process group, joined
+    bars = []
+
+    def load_split(*args, progress=True, **kwargs):
+        bars.append(progress)
+        raise KeyboardInterrupt  # (the rest needs the process group)
+    monkeypatch.setattr(quant.train, "load_split", load_split)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--data", str(image_tree), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4"])
+    assert bars == [shown]
+
+
 def test_cli_refuses_a_val_folder_of_other_classes_before_training(tmp_path, capsys):
     tree = write_tree(tmp_path / "t", splits=("train",))
     write_tree(tmp_path / "t", splits=("val",), classes=TINY.classes[:2])
