@@ -220,6 +220,10 @@ class _Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
+        if cuda and torch.device(device or "cuda").index is not None \
+                and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:  # NCCL fails on a GPU two processes share
+            raise ValueError(f"device {device!r} puts every process torchrun starts here on one GPU; give cuda "
+                             f"(each process takes its own, LOCAL_RANK)")
         if cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():

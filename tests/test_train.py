@@ -428,6 +428,15 @@ def test_a_batch_size_that_does_not_divide_among_the_processes_is_refused(tmp_pa
             progress=False, device="cpu")
 
 
+def test_a_gpu_named_by_its_index_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc-per-node 2 ... --device cuda:0: both on GPU 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device 'cuda:0' puts every process torchrun starts here on one GPU; "
+                                         r"give cuda \(each process takes its own, LOCAL_RANK\)"):
+        quant.train._Dist("cuda:0")
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=2, batch_size=16, warmup_epochs=0.5,
                       augment=AugmentConfig(mixup_alpha=0.2, label_smoothing=0.1))
