@@ -209,6 +209,9 @@ def resolve_device(device: str | None) -> torch.device:
     d = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if d.type == "cuda" and d.index is None:
         d = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        if d.index >= torch.cuda.device_count():  # else "invalid device ordinal" from torch
+            raise ValueError(f"torchrun started more processes on this machine than its {torch.cuda.device_count()} "
+                             f"CUDA device(s); give --nproc-per-node {torch.cuda.device_count()} at most")
     return d
 
 

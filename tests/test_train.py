@@ -437,6 +437,15 @@ def test_a_gpu_named_by_its_index_under_torchrun_is_refused(monkeypatch):
         quant.train._Dist("cuda:0")
 
 
+def test_more_processes_than_gpus_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun --nproc-per-node 2 on a machine of one GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"torchrun started more processes on this machine than its 1 CUDA "
+                                         r"device\(s\); give --nproc-per-node 1 at most"):
+        quant.train.resolve_device(None)
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=2, batch_size=16, warmup_epochs=0.5,
                       augment=AugmentConfig(mixup_alpha=0.2, label_smoothing=0.1))
