@@ -245,6 +245,14 @@ class _Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
+    def gather(self, obj) -> list:
+        """`obj` of every process, by rank (a collective: every process calls it)."""
+        if self.world == 1:
+            return [obj]
+        objs = [None] * self.world
+        dist.all_gather_object(objs, obj)
+        return objs
+
 
 def read_resume_state(path: Path, advice: str) -> dict:
     """A resume state `fit` wrote (`last.pt`), read without unpickling code, its "config" parsed from its
@@ -283,6 +291,8 @@ def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: Train
     stands: the epochs done, the seconds trained and per step, the warmup's steps (at most `warmup`), the
     budget's clock when the warmup ended (None: it goes on), the (step, rate) it rises from, the peak rate."""
     state = read_resume_state(path, "delete it to start over")
+    streams = state.get("rank_rngs")  # every process's random streams, by rank (kept by runs of several)
+    own = streams[env.rank] if isinstance(streams, list) and len(streams) == env.world else state
     was, now = state["config"], json.loads(json.dumps(cfg.to_dict()))  # tuples as lists
     was.setdefault("extra_loss", now["extra_loss"])  # states written before it was kept: unchecked
     if was != now:
@@ -305,7 +315,7 @@ def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: Train
                          f"({(str(e).splitlines() or [''])[0][:120]}); use another run folder or delete it") \
             from None
     try:
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(own["rng"])
         epoch, trained = int(state["epoch"]), float(state["trained_seconds"])
         step_seconds = float(state.get("step_seconds", 0.0))  # the budget's clock runs on from the first step
         warmup = min(warmup, int(state.get("warmup", warmup)))  # as a time budget may have cut it
@@ -320,25 +330,32 @@ def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: Train
             raise ValueError(f"epoch {epoch} of {cfg.epochs}, {trained} s trained, warmup {warmup}, "
                              f"{step_seconds} s a step, warmup ended at {warmup_seconds} s, rising from {start}, "
                              f"decaying from {peak}")
-    except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:
+    except (TypeError, ValueError, RuntimeError, ArithmeticError, LookupError) as e:
         raise ValueError(f"{path} holds a damaged resume state ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0][:120]}); delete it to start over") from None
-    if env.device.type == "cuda" and "cuda_rng" in state:  # the on-device augmentation's draws
-        torch.cuda.set_rng_state(state["cuda_rng"], env.device)
-    if env.rank:  # only rank 0's draws are saved: the others start a stream of their rank and epoch
-        torch.manual_seed(cfg.seed + env.rank + 1000 * epoch)
+    if env.device.type == "cuda" and "cuda_rng" in own:  # the on-device augmentation's draws
+        torch.cuda.set_rng_state(own["cuda_rng"], env.device)
+    if env.rank and own is state:  # states written before every process's streams were kept, or by another
+        torch.manual_seed(cfg.seed + env.rank + 1000 * epoch)  # number of processes: a stream of its rank and epoch
     if env.main:
         print(f"resuming from {path} after epoch {epoch}")
         _trim_log(path.with_name("log.jsonl"), epoch)
     return epoch, trained, step_seconds, warmup, warmup_seconds, start, peak
 
 
+def _rng_state(device: torch.device) -> dict:
+    """This process's random streams: the augmentation's and stochastic depth's draws."""
+    return {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda"
+                                              else {})}
+
+
 def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, run_key: dict,
-                device: torch.device, **schedule) -> None:
-    """Write the resume state `_resume` reads: the weights, optimizer and random streams, `schedule` (epoch,
-    trained_seconds, warmup, step_seconds, warmup_seconds, warmup_start, peak), the config and `run_key`."""
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-             **schedule, **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                rngs: list[dict], **schedule) -> None:
+    """Write the resume state `_resume` reads: the weights, optimizer and random streams (`rngs`, every
+    process's `_rng_state` by rank), `schedule` (epoch, trained_seconds, warmup, step_seconds, warmup_seconds,
+    warmup_start, peak), the config and `run_key`."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), **rngs[0],
+             **({"rank_rngs": rngs} if len(rngs) > 1 else {}), **schedule,
              "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}
     with written_whole(path) as tmp, open(tmp, "wb") as f:  # a file object: its write's error is kept
         try:
@@ -537,8 +554,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                     f.write(json.dumps(record) + "\n")
             except OSError as e:  # a full disk: the write's error names no file
                 raise OSError(e.errno, e.strerror, str(out / "log.jsonl")) from None
+        rngs = env.gather(_rng_state(env.device)) if save else None
         if env.main and save:
-            _save_state(ckpt_path, model, opt, cfg, run_key, env.device, epoch=epoch + 1, trained_seconds=trained,
+            _save_state(ckpt_path, model, opt, cfg, run_key, rngs, epoch=epoch + 1, trained_seconds=trained,
                         warmup=warmup, step_seconds=step_seconds, warmup_seconds=warmup_seconds,
                         warmup_start=start, peak=peak)
     if env.world > 1:

@@ -389,6 +389,40 @@ def test_two_processes_under_a_time_budget_stop_together_with_the_same_weights(t
     assert not torch.equal(a["next_draws"], b["next_draws"])  # each process augments with its own draws
 
 
+def _ddp_resume_worker(rank: int, world: int, port: int, out: str, cfg: TrainConfig, time_limit: float | None):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    quant.train.time = FakeClock()
+    torch.manual_seed(0)
+    model, done = fit(VisionTransformer(TINY), colour_set(8), None, cfg, out, progress=False, device="cpu",
+                      time_limit=time_limit)
+    torch.save({"done": done, "params": dict(model.named_parameters())}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _ddp_stopped_worker(rank: int, world: int, port: int, out: str, cfg: TrainConfig):
+    _ddp_resume_worker(rank, world, port, out, cfg, time_limit=0.5)  # stops after epoch 1 on the fake clock
+
+
+def _ddp_unlimited_worker(rank: int, world: int, port: int, out: str, cfg: TrainConfig):
+    _ddp_resume_worker(rank, world, port, out, cfg, time_limit=None)
+
+
+@pytest.mark.timeout(180)
+def test_two_processes_stopped_and_resumed_end_with_the_weights_of_an_unbroken_run(tmp_path):
+    """Every process's augmentation draws are kept in the resume state, not rank 0's only."""
+    cfg = TrainConfig(epochs=3, batch_size=8, warmup_epochs=0.5, augment=AugmentConfig(mixup_alpha=0.2))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight, _ = _run_two_processes(_ddp_unlimited_worker, tmp_path / "a", cfg)
+    stopped, _ = _run_two_processes(_ddp_stopped_worker, tmp_path / "b", cfg)
+    assert not stopped["done"] and len(read_log(tmp_path / "b" / "log.jsonl")) == 1
+    resumed, _ = _run_two_processes(_ddp_unlimited_worker, tmp_path / "b", cfg)
+    assert resumed["done"]
+    assert all(torch.equal(straight["params"][k], resumed["params"][k]) for k in straight["params"])
+
+
 class _RankClock(FakeClock):
     """A FakeClock ticking `tick` seconds a reading: processes whose epochs take different times."""
 
