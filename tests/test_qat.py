@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import quant
 from quant import bitlinear, qvit
@@ -167,6 +168,26 @@ def test_cli_qvit_searches_then_fine_tunes_and_writes_the_bit_allocation(teacher
     assert (tmp_path / "q.safetensors.run" / "search" / "log.jsonl").exists()
     assert (tmp_path / "q.safetensors.run" / "finetune" / "log.jsonl").exists()
     quant.load_quantized(out)
+
+
+def test_a_qvit_run_stopped_after_its_search_resumes_to_the_model_of_an_unbroken_run(teacher_file, image_tar,
+                                                                                    tmp_path, monkeypatch):
+    """The search's last gradients of the widths, fixed since, do not count in the fine-tuning's gradient
+    clipping of the unbroken run (a resumed run has none)."""
+    def args(out):  # a feature weight whose gradients the clipping scales down
+        return three_bit_run(teacher_file, image_tar, "qvit", out, "--epochs", "2", "--feature-weight", "100")
+    assert run(main, args(tmp_path / "a.safetensors")) == 0
+    real_fix_bits = qvit.fix_bits
+
+    def stop(*a, **k):  # Ctrl-C as the search ends
+        raise KeyboardInterrupt
+    monkeypatch.setattr(qvit, "fix_bits", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(args(tmp_path / "b.safetensors"))
+    monkeypatch.setattr(qvit, "fix_bits", real_fix_bits)
+    assert run(main, args(tmp_path / "b.safetensors")) == 0
+    a, b = (load_file(tmp_path / f"{n}.safetensors") for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_lsq_trains_every_width_at_the_budget_without_a_search_stage(teacher_file, image_tar, tmp_path):
