@@ -394,7 +394,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + env.rank)  # each process its own augmentation draws (DDP makes the weights agree)
-    np.random.seed(cfg.seed + env.rank)
+    np.random.seed((cfg.seed + env.rank) % 2**32)  # numpy takes seeds below 2**32 only (--seed takes up to 2**32 - 1)
 
     model.to(env.device)
     if teacher is not None:

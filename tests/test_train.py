@@ -423,6 +423,13 @@ def test_two_processes_stopped_and_resumed_end_with_the_weights_of_an_unbroken_r
     assert all(torch.equal(straight["params"][k], resumed["params"][k]) for k in straight["params"])
 
 
+@pytest.mark.timeout(120)
+def test_two_processes_train_with_the_largest_seed_the_cli_takes(tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG, seed=2**32 - 1)  # rank 1's seed + 1 is past numpy's
+    a, b = _run_two_processes(_ddp_worker, tmp_path, cfg)
+    assert a["done"] and b["done"]
+
+
 class _RankClock(FakeClock):
     """A FakeClock ticking `tick` seconds a reading: processes whose epochs take different times."""
 
