@@ -1,6 +1,7 @@
 """`python -m quant.evaluate`: its report, its last line, ONNX exports scored like torch models, and one
 clear error for bad input."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -122,6 +123,15 @@ def test_cli_wrong_data_path_is_one_error_line(checkpoint, tmp_path):
                         "--data", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert r.returncode == 2 and "data path does not exist" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_under_torchrun_is_refused_with_one_clear_line(checkpoint, image_tree, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(checkpoint), "--data", str(image_tree),
+                        "--json", str(tmp_path / "r.json")], capture_output=True, text=True,
+                       env={**os.environ, "WORLD_SIZE": "2"})  # each process scored and wrote the same files
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: quant.evaluate scores in one process: run it with python -m quant.evaluate, not under torchrun"]
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.confusion.png").exists()
 
 
 def test_cli_checks_the_default_confusion_plots_path_before_scoring(checkpoint, image_tree, tmp_path):

@@ -105,6 +105,15 @@ def test_ptq_cli_refuses_to_write_over_its_checkpoint(checkpoint):
     assert checkpoint.read_bytes() == before
 
 
+def test_ptq_cli_under_torchrun_is_refused_with_one_clear_line(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each process quantized and wrote the same file
+    out = tmp_path / "q.safetensors"
+    assert run(ptq_main, ["--checkpoint", str(checkpoint), "--recipe", "w4", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: quant.ptq quantizes in one process: run it with python -m quant.ptq, not under torchrun"]
+    assert not out.exists()
+
+
 def test_ptq_cli_calibrates_on_calib_size_images(checkpoint, image_tree, tmp_path, capsys):
     ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4-gptq", "--calib", str(image_tree), "--calib-size", "5",
               "--out", str(tmp_path / "q.safetensors")])  # the tree has 18 training images
