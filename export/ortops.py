@@ -86,6 +86,7 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
         return out
     digest = out.with_name(LIB_NAME + ".sha256")
     out.parent.mkdir(parents=True, exist_ok=True)
+    print("compiling bitvit's ONNX Runtime ops (once for this machine; 10 s to a minute)...", file=sys.stderr)
     with written_whole(out) as tmp:  # a concurrent build never sees a half-written library
         _run([*cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)], what="compiling bitvit's ONNX Runtime ops")
         if not tmp.is_file():  # a "compiler" that exits 0 without writing (CXX=true)
@@ -121,6 +122,7 @@ def _headers() -> Path:
             raise FileNotFoundError(f"ORT_INCLUDE_DIR={include} holds no onnxruntime_cxx_api.h")
         return _check_api_version(include)
     if not (include / "onnxruntime_cxx_api.h").is_file():
+        print("downloading ONNX Runtime's headers to build bitvit's ops (once)...", file=sys.stderr)
         _fetch_headers(cache_root() / "headers")
     return _check_api_version(include)
 

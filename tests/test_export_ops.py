@@ -141,6 +141,16 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     assert ortops.library_path() == path and path.read_text().count("build") == 2  # rebuilt
 
 
+def test_a_build_says_it_is_compiling_before_it_compiles_and_a_cached_library_says_nothing(
+        tmp_path, monkeypatch, capsys):
+    use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
+                      'while [ "$1" != -o ]; do shift; done\necho built > "$2"\n', tmp_path, monkeypatch)
+    ortops.library_path()  # seconds to a minute of silence with g++
+    assert "compiling bitvit's ONNX Runtime ops" in capsys.readouterr().err
+    ortops.library_path()
+    assert capsys.readouterr().err == ""
+
+
 def test_headers_are_fetched_by_a_user_id_with_no_name(tmp_path, monkeypatch):
     # a container run as a user id the password database lacks, with no $USER: getpass.getuser() raises KeyError
     monkeypatch.setattr("getpass.getuser", lambda: (_ for _ in ()).throw(KeyError("getpwuid(): uid not found")))
