@@ -748,6 +748,20 @@ def test_the_app_where_the_cache_cannot_be_written_keeps_its_exports_for_the_run
     assert "cannot write the bitvit cache" in capsys.readouterr().err
 
 
+def test_the_app_says_it_is_opening_the_models_before_the_silent_seconds_of_opening_them(
+        assets, monkeypatch, capsys):
+    import gradio as gr
+    import app.main
+    said = []  # what stderr held when the models began to open (exports and a build: a minute on a first start)
+    monkeypatch.setattr(app.main, "make_comparison", lambda *a, **kw: said.append(capsys.readouterr().out)
+                        or make_comparison(*a, **kw))
+    monkeypatch.setattr(app.main, "check_port_free", lambda host, number: None)
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: None)
+    monkeypatch.setenv("CXX", "no-such-compiler")  # standard ONNX ops: no build in the test
+    main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets)])
+    assert "opening the models" in said[0]
+
+
 def test_a_bitvit_cache_naming_a_file_gets_a_temporary_cache_removed_at_exit(tmp_path, monkeypatch, capsys):
     import app.main
     (tmp_path / "file").write_text("")
