@@ -49,6 +49,8 @@ def main(argv=None):
             print(f"note: rounding a full-precision model to {fmt} weights without training loses much of its "
                   f"accuracy; {fmt} models are trained (python -m quant.qat --recipe "
                   f"{'w1.58a8' if fmt == 'ternary' else 'w1a8'}): export the trained file instead", file=sys.stderr)
+        if fmt != "fp32":  # (seconds; ViT-B's 86 M weights: half a minute)
+            print(f"rounding {args.checkpoint} to {fmt}...")  # (stdout, as the next: an error is stderr's one line)
         model = quantize_for_export(model, fmt)
     path = export(model, args.out, fmt, custom_ops=not args.standard_ops)
 
@@ -62,6 +64,7 @@ def main(argv=None):
             print(f"{path}: {fmt}, {path.stat().st_size / 1e6:.2f} MB, custom ops: bitvit; not checked against "
                   f"torch: {e}{advice}", file=sys.stderr)
             return
+    print(f"checking {path} against torch on 8 random images...")  # a minute for ViT-B's torch forward
     session = load(path, threads=args.threads, library=lib)  # the library looked up once
     cfg = model.config
     x = torch.randn(8, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
