@@ -124,7 +124,7 @@ def confusion_figure(confusion, classes, title: str):
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10, parse_math=False)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(im, ax=ax, fraction=0.046).set_label("fraction of the true class's images")
     fig.tight_layout()
     return fig
 

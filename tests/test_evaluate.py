@@ -173,6 +173,14 @@ def test_the_confusion_figure_shades_each_true_class_row_by_its_fractions():
     assert fig.axes[0].images[0].get_array().tolist() == [[0.25, 0.75], [0.0, 1.0]]
 
 
+def test_the_confusion_figures_colour_bar_says_what_its_0_to_1_measures():
+    import matplotlib
+    matplotlib.use("Agg")
+    from quant.evaluate import confusion_figure
+    fig = confusion_figure([[1, 3], [0, 4]], ["a", "b"], "t")
+    assert fig.axes[1].get_ylabel() == "fraction of the true class's images"  # the bar beside the matrix
+
+
 def test_a_confusion_matrix_of_fractions_is_shaded_by_row_and_its_fractions_written_in():
     """A matrix normalised over all cells (another tool's) was shaded unscaled and written in as zeros."""
     import matplotlib
