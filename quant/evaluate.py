@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -178,6 +179,7 @@ def main(argv=None):
     model.cpu()
     size = Path(args.checkpoint).stat().st_size
     params = model.session.weight_count if onnx else weight_count(model)
+    print("timing batch-1 latency on the CPU (33 forward passes)...", file=sys.stderr)  # ViT-B's: many seconds
     lat = latency_ms(model, cfg.img_size)
     threads = torch.get_num_threads()  # ONNX Runtime was given as many
     res.update(checkpoint=str(args.checkpoint), runtime="onnxruntime" if onnx else "torch", device=device,

@@ -134,6 +134,17 @@ def test_cli_under_torchrun_is_refused_with_one_clear_line(checkpoint, image_tre
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.confusion.png").exists()
 
 
+def test_cli_says_it_is_timing_latency_before_the_silent_forward_passes_of_it(checkpoint, image_tree, tmp_path,
+                                                                              monkeypatch, capsys):
+    import quant.evaluate
+    from quant.cli import run
+    said = []  # stderr when the timing began (33 batch-1 forwards after the bar has gone: many seconds for ViT-B)
+    monkeypatch.setattr(quant.evaluate, "latency_ms", lambda *a: said.append(capsys.readouterr().err) or 1.0)
+    assert run(quant.evaluate.main, ["--checkpoint", str(checkpoint), "--data", str(image_tree),
+                                     "--json", str(tmp_path / "r.json")]) == 0
+    assert "timing batch-1 latency on the CPU" in said[0]
+
+
 def test_cli_checks_the_default_confusion_plots_path_before_scoring(checkpoint, image_tree, tmp_path):
     (tmp_path / "r.confusion.png").mkdir()  # where the plot beside --json r.json would go
     r = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(checkpoint),
