@@ -147,10 +147,17 @@ def analyse(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor
     batch_size = 250  # evaluation images per forward pass
     model.eval()
     _wrap_attention(model)
-    acts = _activations(model, calib)
     chunks = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    cached = [_block_inputs(model, x) for x, _ in chunks]                # [chunk][block] (b, N, D)
-    fp_logits = [_logits_from(model, 0, c[0]) for c in cached]
+    # the FP model's passes over the calibration batch and every chunk: minutes for ViT-B, before any trial
+    bar = tqdm(total=1 + len(chunks), desc="FP model", unit="batch", disable=not progress, leave=False)
+    acts = _activations(model, calib)
+    bar.update()
+    cached, fp_logits = [], []                                           # [chunk][block] (b, N, D), [chunk] (b, K)
+    for x, _ in chunks:
+        cached.append(_block_inputs(model, x))
+        fp_logits.append(_logits_from(model, 0, cached[-1][0]))
+        bar.update()
+    bar.close()
     bad = sum(int((~lg.isfinite().all(1)).sum()) for lg in fp_logits)
     if bad:  # every trial's drop and KL would be measured against NaN
         raise ValueError(f"the model gives NaN or infinite logits for {bad} of {len(images)} images (a damaged model?)")

@@ -27,6 +27,14 @@ def test_every_block_weight_activation_and_head_is_tried_at_every_width(tiny_mod
     assert kinds == {"w_qkv", "w_proj", "w_fc1", "w_fc2", "a_gelu", "h_q", "h_k", "h_v", "h_attn"}
 
 
+def test_the_fp_models_passes_before_the_first_trial_show_a_bar_of_the_calibration_batch_and_every_chunk(
+        tiny_model, capsys):
+    analyse(tiny_model, inputs(300, 0), torch.arange(300) % 3, inputs(8, 1), bits=(2,))  # chunks of 250: 2
+    err = capsys.readouterr().err
+    assert re.search(r"FP model: +0%\|[^|]*\| 0/3 ", err)  # drawn when it starts
+    assert re.search(r"robustness: +100%\|[^|]*\| 26/26 ", err.replace("\r", "\n"))
+
+
 def test_fewer_bits_hurt_more(tiny_model):
     res = analyse(tiny_model, inputs(12, 0), torch.arange(12) % 3, inputs(8, 1), bits=(2, 8), progress=False)
     kl = {b: sum(t["kl"] for t in res["trials"] if t["bits"] == b) for b in (2, 8)}
