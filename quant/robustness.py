@@ -247,7 +247,7 @@ def figure(result: dict):
             ax.set_ylabel("block")
             name = {"attn": "attention scores"}.get(slot, slot.upper())
             ax.set_title(f"{name}, {low}-bit: " + ("logit KL" if metric == "kl" else "top-1 drop") + " per head")
-            fig.colorbar(im, ax=ax, fraction=0.046)
+            fig.colorbar(im, ax=ax, fraction=0.046).set_label("nats" if metric == "kl" else "points")
     fig.suptitle(f"Quantizing one component at a time (FP top-1 {result['fp_top1']:.4f}, "
                  f"{result['n']} {result.get('split', '')} images)")
     fig.tight_layout()

@@ -240,6 +240,11 @@ def test_the_figures_heat_maps_show_the_kl_then_the_drop_per_head_at_the_lowest_
     assert fig.axes[7].get_title() == "attention scores, 2-bit: logit KL per head"
 
 
+def test_the_heat_maps_colour_bars_give_their_units():
+    fig = figure_of(bits=(2, 4))
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"] == ["nats"] * 4 + ["points"] * 4
+
+
 def test_a_heat_maps_numbers_are_white_on_its_dark_cells_when_some_drops_are_negative():
     trials = [trial(2, "h_q", 0, h, drop=d) for h, d in enumerate((0.0, -5.0))]  # a better top-1 and no change
     texts = {t.get_text(): t.get_color() for t in figure({"fp_top1": 0.9, "n": 20, "trials": trials}).axes[8].texts}
