@@ -2,6 +2,7 @@
 import dataclasses
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -163,6 +164,11 @@ def test_cifar_python_batches_load(cifar_batches):
     with open(cifar_batches / "test_batch", "rb") as f:
         raw = pickle.load(f, encoding="bytes")
     assert np.array_equal(test.images[0], raw[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_cifar_batches_resized_to_a_larger_models_size_show_a_bar_of_every_image(cifar_batches, capsys):
+    load_split(cifar_batches, "test", image_size=48, progress=True)  # silent for a minute at 224 pixels
+    assert re.search(r"resizing cifar-10-batches-py:test: +0%\|[^|]*\| 0/20 ", capsys.readouterr().err)
 
 
 def test_cifar_batches_without_their_first_batch_are_still_told_apart_from_an_image_tree(cifar_batches):
