@@ -49,7 +49,7 @@ PY=${PYTHON:-python3}
 BATCH=${BATCH:-512}
 export PYTHONUNBUFFERED=1
 
-quiet() { tr '\r' '\n' | grep -v "step/s\|s/step\|img/s\|^ *$" || true; }  # drop tqdm's redraws
+quiet() { tr '\r' '\n' | grep -v "step/s\|s/step\|img/s\|batch/s\|s/batch\|^ *$" || true; }  # drop tqdm's redraws
 left_until() { local s=$(($1 - SECONDS)); echo $((s > 1 ? s : 1)); }  # seconds from now to $1 s after the start
 budget=${TIME_BUDGET:-390}
 PART=${PART:-}

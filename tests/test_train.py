@@ -3,6 +3,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,6 +44,12 @@ def test_loss_falls_on_a_learnable_task(tmp_path):
     assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"]
     assert log[-1]["val_top1"] >= 0.9
     assert not model.training
+
+
+def test_scoring_val_shows_a_bar_as_the_epochs_do(tmp_path, capsys):
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), colour_set(4, seed=5), cfg, tmp_path)
+    assert re.search(r"evaluating: +0%\|[^|]*\| 0/1 ", capsys.readouterr().err)  # 12 images: one batch
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
