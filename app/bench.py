@@ -115,6 +115,7 @@ def main(argv=None):
 
     writable_cache()  # as the app: the models' exports and the ones it quantizes need it
     start, load_before = time.time(), load_average()
+    print("opening the models (a first run also exports them to ONNX and may build bitvit's ops: a minute or so)...")
     comparison, labels, skipped = make_comparison(args.fp, None, args.assets, args.threads, args.runtime,
                                                   has_quant_option=False)
     labels = open_default(comparison, labels, skipped, explicit=False)  # the app's default, as the app opens it

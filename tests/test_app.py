@@ -1273,6 +1273,17 @@ def test_a_clip_just_over_the_memory_limit_is_not_said_to_be_as_large_as_the_lim
     assert "4,295,577,600 bytes" in str(e.value) and "GiB" in str(e.value)
 
 
+def test_the_bench_says_it_is_opening_the_models_before_the_silent_seconds_of_opening_them(
+        assets, tmp_path, monkeypatch, capsys):
+    import app.bench
+    said = []  # stderr when the models began to open (exports and a build: a minute on a first run)
+    monkeypatch.setattr(app.bench, "make_comparison", lambda *a, **kw: said.append(capsys.readouterr().out)
+                        or make_comparison(*a, **kw))
+    bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "2",
+                "--size", "64x48", "--runtime", "torch", "--out", str(tmp_path / "b.json")])
+    assert "opening the models" in said[0]
+
+
 def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(assets, tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "3",
