@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {**provenance("cuda_ops.parity", argv), "cpu_threads": torch.get_num_threads(),
               "device": device, "data": f"{args.data} split={args.split} n={len(data)}", "rows": [],
               "complete": False}  # until the last row: a run killed or refused midway leaves a partial file
-    for name, make in models:
+    for i, (name, make) in enumerate(models, 1):
         model = make()
         if not any(map(kernel_for, model.modules())):  # else both forwards are the reference: "agreement"
             raise ValueError(f"{name} has no layer bitvit's kernels run (to_kernels would leave every quantized layer "
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"(cuda_ops/README.md)")
         if data.images.shape[1] != model.config.img_size:  # a file of another input size: the split at its size
             data = load_split(args.data, args.split, image_size=model.config.img_size, limit=args.limit)
+        # (the two bars, one a pass, name no model: minutes a model on a CPU's full test split)
+        print(f"[{i}/{len(models)}] {name}: {len(data)} images through the reference forward, then the kernels",
+              file=sys.stderr)
         result["rows"].append(compare(name, model, data, device, args.batch_size))
         result["wall_s"] = time.monotonic() - start
         result["complete"] = len(result["rows"]) == len(models)

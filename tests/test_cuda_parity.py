@@ -25,6 +25,15 @@ def test_parity_scores_each_recipe_and_file_twice_and_finds_them_in_agreement(ti
     assert {"command", "date", "machine", "data", "wall_s"} <= set(r)
 
 
+def test_parity_says_which_model_of_how_many_it_is_scoring_before_each(tiny_model, image_tree, tmp_path, capsys):
+    fp = tmp_path / "fp.safetensors"
+    quant.models.save_model(tiny_model, fp)
+    assert parity.main(["--model", str(fp), "--recipes", "w4,nf4", "--data", str(image_tree)]) == 0
+    err = capsys.readouterr().err
+    assert "[1/2] fp.safetensors w4: 18 images through the reference forward, then the kernels" in err
+    assert "[2/2] fp.safetensors nf4: 18 images" in err
+
+
 @pytest.mark.parametrize("recipe", ["w4-gptq", "w1.58a8"])
 def test_a_recipe_that_needs_calibration_or_training_is_refused(tiny_model, image_tree, tmp_path, recipe):
     quant.models.save_model(tiny_model, tmp_path / "fp.safetensors")
