@@ -114,6 +114,14 @@ def test_ptq_cli_under_torchrun_is_refused_with_one_clear_line(checkpoint, tmp_p
     assert not out.exists()
 
 
+def test_ptq_cli_says_it_is_quantizing_before_the_silent_rounding(checkpoint, tmp_path, capsys, monkeypatch):
+    said = []  # stderr when quantize began (round to nearest draws no bar)
+    real = quant.quantize
+    monkeypatch.setattr(quant, "quantize", lambda *a, **kw: said.append(capsys.readouterr().out) or real(*a, **kw))
+    ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4", "--out", str(tmp_path / "q.safetensors")])
+    assert said == [f"quantizing {checkpoint} with w4...\n"]
+
+
 def test_ptq_cli_calibrates_on_calib_size_images(checkpoint, image_tree, tmp_path, capsys):
     ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4-gptq", "--calib", str(image_tree), "--calib-size", "5",
               "--out", str(tmp_path / "q.safetensors")])  # the tree has 18 training images
