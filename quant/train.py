@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
 from quant.cli import (finite_number, is_positive_int, mix_alpha, number_in, positive_int, random_seed, run, run_folder,
-                       run_lock, thread_count, written_whole)
+                       run_lock, thread_count, write_png, written_whole)
 from quant.data import ImageSet, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -97,6 +97,31 @@ def read_log(path: Path, drop_torn: bool = False) -> list[dict]:
             raise ValueError(f"{path}, line {n}, is not an epoch record; fix or delete the log")
         records.append(record)
     return records
+
+
+def plot_log(records: list[dict], path: str | os.PathLike, title: str) -> None:
+    """A run's curves from its epoch records (`read_log`), written to `path` (PNG): the training loss, and the
+    training accuracy (on augmented, mixed batches) beside val top-1 where it was scored."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [r["epoch"] for r in records]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [r["train_loss"] for r in records], marker=".")
+    loss_ax.set_ylabel("training loss (cross-entropy)")
+    acc_ax.plot(epochs, [r["train_acc"] for r in records], marker=".", label="training (augmented batches)")
+    val = [(r["epoch"], r["val_top1"]) for r in records if "val_top1" in r]
+    if val:
+        acc_ax.plot(*zip(*val), marker="o", label="val top-1")
+    acc_ax.set_ylabel("accuracy (fraction right)")
+    acc_ax.legend()
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    write_png(path, fig, dpi=100)
 
 
 def _trim_log(path: Path, epochs: int) -> None:
@@ -677,11 +702,15 @@ def main(argv=None):
                           end_within_time_limit=args.end_within_time_limit)
         # (under the lock: a rerun let in as training ends would log epochs while this run reads the log)
         if env.main:  # a run stopped by --time-limit still saves the model so far, marked incomplete
-            seconds = sum(r["seconds"] for r in read_log(Path(args.out) / "log.jsonl"))  # all its runs' epochs
+            records = read_log(Path(args.out) / "log.jsonl")
+            seconds = sum(r["seconds"] for r in records)  # all its runs' epochs
             meta = {"train_config": json.dumps(cfg.to_dict()), "train_split": args.split, "init": args.init or "",
                     "train_seconds": f"{seconds:.0f}", "complete": str(done).lower()}
             (cnn.save_teacher if is_cnn else save_model)(model, Path(args.out) / "model.safetensors", metadata=meta)
             print(f"saved {Path(args.out) / 'model.safetensors'}{'' if done else ' (incomplete: rerun to resume)'}")
+            plot_log(records, Path(args.out) / "curves.png", f"{args.model}: {len(records)} epochs of {len(train)} "
+                                                             f"{args.split} images")
+            print(f"curves: {Path(args.out) / 'curves.png'}")
 
 
 if __name__ == "__main__":

@@ -708,6 +708,21 @@ def test_cli_trains_and_saves_a_loadable_model(tmp_path, image_tree, capsys):
     assert "saved" in capsys.readouterr().out
 
 
+def test_cli_plots_the_runs_loss_and_accuracy_per_epoch_beside_the_model(tmp_path, image_tree, capsys, monkeypatch):
+    drawn = []  # the figures, as write_png is handed them
+    monkeypatch.setattr(quant.train, "write_png", lambda path, fig, dpi: drawn.append((path, fig))
+                        or fig.savefig(path, format="png"))
+    main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
+          "--epochs", "2", "--batch-size", "4", "--limit", "12"])
+    (path, fig), = drawn
+    assert path == tmp_path / "run" / "curves.png" and path.read_bytes()[:4] == b"\x89PNG"
+    loss, acc = fig.axes
+    assert [len(line.get_xdata()) for line in loss.lines + acc.lines] == [2, 2, 2]  # loss; training acc, val top-1
+    assert (loss.get_xlabel(), loss.get_ylabel()) == ("epoch", "training loss (cross-entropy)")
+    assert [t.get_text() for t in acc.get_legend().get_texts()] == ["training (augmented batches)", "val top-1"]
+    assert f"curves: {path}" in capsys.readouterr().out
+
+
 def test_cli_rerun_of_a_run_keeps_the_training_seconds_of_all_its_epochs_in_the_model_file(tmp_path, image_tree,
                                                                                             clock):
     from safetensors import safe_open
@@ -804,7 +819,7 @@ def test_torchrun_with_two_processes_trains_saves_once_and_resumes(tmp_path, ima
     args = ["--data", str(image_tree), "--out", str(run_dir), "--epochs", "2", "--batch-size", "4"]
     r = torchrun(args)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["last.pt", "log.jsonl", "model.safetensors"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["curves.png", "last.pt", "log.jsonl", "model.safetensors"]
     assert [rec["epoch"] for rec in read_log(run_dir / "log.jsonl")] == [1, 2]  # rank 0 logs, once an epoch
     assert r.stdout.count(f"saved {run_dir / 'model.safetensors'}\n") == 1
     r = torchrun(args)  # every process resumes from rank 0's state
