@@ -149,6 +149,19 @@ def test_a_float_image_beyond_0_to_255_is_refused_not_clipped_white(tmp_path):
         load_split(tmp_path / "tree", "test", image_size=16, progress=False)
 
 
+@pytest.mark.parametrize("values, says", [
+    (np.full((16, 16), np.nan, np.float32), "the image holds NaN or infinite values"),
+    (np.full((16, 16), 70_000, np.int32), r"integer image values must lie in 0..255 \(8-bit\) or 0..65535 \(16-bit\), "
+                                          r"got 70000..70000"),
+    (np.full((16, 16), -5, np.int32), r"integer image values must lie in .*, got -5..-5")])
+def test_an_image_of_nan_or_of_integers_beyond_16_bits_is_refused_not_garbled(tmp_path, values, says):
+    path = tmp_path / "tree" / "test" / "a" / "0.tif"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(values).save(path)
+    with pytest.raises(ValueError, match=rf"0\.tif: {says}"):
+        load_split(tmp_path / "tree", "test", image_size=16, progress=False)
+
+
 def test_an_archive_cut_within_its_first_bytes_is_named(image_tar, tmp_path):
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(image_tar.read_bytes()[:20])
@@ -375,6 +388,22 @@ def test_an_image_replaced_by_one_of_the_same_size_and_modification_time_is_deco
     assert tuple(data.images[0, 0, 0]) == (0, 0, 255)
 
 
+def test_an_archive_replaced_by_one_of_the_same_size_and_modification_time_is_decoded_again(tmp_path):
+    archive, st = tmp_path / "data.tar", None
+    for colour in ("red", "blue"):  # uncompressed archives of one size; the second keeps the first's mtime (cp -p)
+        image = tmp_path / colour / "test" / "a" / "0.bmp"
+        image.parent.mkdir(parents=True)
+        Image.new("RGB", (16, 16), colour).save(image)
+        with tarfile.open(archive, "w") as tar:
+            tar.add(image, arcname="test/a/0.bmp")
+        if st:
+            os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert archive.stat().st_size == st.st_size
+        st = archive.stat()
+        data = load_split(archive, "test", image_size=16, progress=False)
+    assert tuple(data.images[0, 0, 0]) == (0, 0, 255)
+
+
 def test_a_tree_spelt_another_way_comes_from_the_cache(image_tree, tmp_path, monkeypatch):
     load_split(image_tree, "test", image_size=16, progress=False)
     monkeypatch.setattr("quant.data._decode", lambda *args: pytest.fail("decoded again"))
@@ -552,6 +581,9 @@ def test_hidden_folders_beside_the_class_folders_are_left_out_not_taken_for_clas
     (image_tree / "test" / ".ipynb_checkpoints").mkdir()                  # empty: was refused as a class of none
     (image_tree / "test" / ".thumbs").mkdir()
     Image.new("RGB", (16, 16)).save(image_tree / "test" / ".thumbs" / "0.jpg")   # was a class of its own
+    (image_tree / "test" / ".thumbs" / "small").mkdir()   # not a class's sub-folder of images either
+    Image.new("RGB", (16, 16)).save(image_tree / "test" / ".thumbs" / "small" / "0.jpg")
+    os.symlink("cat", image_tree / "test" / ".latest")   # nor a class folder linked to
     data = write_tar(image_tree, tmp_path / "h.tar.gz", splits=("test",)) if packed else image_tree
     got = load_split(data, "test", image_size=16, progress=False)
     assert got.classes == TINY.classes and len(got) == 18
