@@ -173,6 +173,15 @@ def test_a_legacy_torch_checkpoint_named_without_a_torch_suffix_loads_as_a_torch
     assert load_model(tmp_path / "weights", name="vit_cifar_tiny").config.num_classes == 3
 
 
+def test_a_safetensors_file_named_without_a_suffix_whose_first_byte_is_a_pickles_loads_as_safetensors(tmp_path):
+    model, path = VisionTransformer(TINY), tmp_path / "weights"
+    for pad in range(256):  # a header of 128 bytes and more, 256 apart, starts the file with 0x80 (a pickle's opcode)
+        save_model(model, path, metadata={"note": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80" and load_model(path).config == model.config
+
+
 def test_a_hub_repository_fine_tuned_to_ten_classes_loads_with_its_ten_label_names(tmp_path, monkeypatch):
     local_hub_cache(tmp_path, monkeypatch, [f"c{i}" for i in range(10)])
     model = VisionTransformer(dataclasses.replace(CONFIGS["deit_tiny_patch16_224"], num_classes=10, classes=()))
