@@ -60,6 +60,17 @@ def _class_name(folder: str) -> str:
     return unicodedata.normalize("NFC", folder)
 
 
+def _refuse_one_class_twice(folders, where: str) -> None:
+    """Refuse two class folders whose names compose to one class name (a decomposed copy of "café/" beside it):
+    an archive's would be read as one class, a tree's as two of one name."""
+    named = {}
+    for folder in sorted(folders):
+        if (name := _class_name(folder)) in named:
+            raise ValueError(f"{where} holds class folders {ascii(named[name])} and {ascii(folder)}, one name in two "
+                             f"Unicode forms: merge or rename them")
+        named[name] = folder
+
+
 @dataclass
 class ImageSet:
     images: np.ndarray        # (N, H, W, 3) uint8
@@ -280,6 +291,7 @@ class _FolderSource(_Source):
                             key=lambda p: _class_name(p.name))
         if not class_dirs:
             raise ValueError(f"{folder} holds no class folders")
+        _refuse_one_class_twice((d.name for d in class_dirs), str(folder))
         files, labels = [], []
         for label, d in enumerate(class_dirs):
             # a hidden sub-folder is left out as a hidden file is (a NAS's metadata beside the images: .AppleDouble/)
@@ -396,6 +408,7 @@ class _TarSource(_Source):
                                  f"flat tree of class folders with split 'all'")
             raise ValueError(f"{self.path} has no {split}/<class>/ images; its images are in {', '.join(found)} "
                              f"(split folders are train/, test/, val/, in lower case)")
+        _refuse_one_class_twice({Path(m.name).parts[-2] for m in members}, f"{self.path}:{split}/")
         classes = sorted({_class_name(Path(m.name).parts[-2]) for m in members})
         folders = {p[-2] for m in self.every if not m.isdir() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}
@@ -626,8 +639,9 @@ def cache_dir() -> Path:
 # 8 (2026-12-07): .jfif and .jpe files read (an archive's were left out beside its .jpg files). 9 (2026-12-07):
 # hidden folders beside the class folders left out (one holding images was a class). 10 (2026-12-07): class folder
 # names composed (NFC; a Mac's decomposed "café/" was another name, sorted elsewhere). 11 (2026-12-07): an archive
-# of trees under two top folders refused (their classes were merged).
-CACHE_VERSION = 11
+# of trees under two top folders refused (their classes were merged). 12 (2026-12-07): class folders naming one class
+# in two Unicode forms refused (an archive's were merged).
+CACHE_VERSION = 12
 
 
 def _cache_base(*parts: object) -> Path:

@@ -118,6 +118,18 @@ def test_class_folders_named_in_decomposed_unicode_match_the_models_composed_nam
     assert got.scored_by(cfg).labels.tolist() == [1, 0, 2]
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_two_class_folders_naming_one_class_in_two_unicode_forms_are_refused_not_merged(tmp_path, packed):
+    import unicodedata
+    # "café/" composed beside a copy of it decomposed (NFD: "e" and a combining accent), as from a Mac's disk
+    tree = write_tree(tmp_path / "t", splits=("test",), per_class=1,
+                      classes=["café", unicodedata.normalize("NFD", "café"), "dog"])
+    data = write_tar(tree, tmp_path / "t.tar.gz", splits=("test",)) if packed else tree
+    with pytest.raises(ValueError, match=r"holds class folders 'cafe\\u0301' and 'caf\\xe9', one name in two "
+                                         r"Unicode forms: merge or rename them$"):
+        load_split(data, "test", image_size=16, progress=False)
+
+
 def test_a_16_bit_image_in_a_tree_keeps_its_grey_level(tmp_path):
     tree = write_tree(tmp_path / "t", splits=("test",), per_class=1)
     grey = tree / "test" / TINY.classes[0] / "grey16.png"
