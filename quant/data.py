@@ -97,13 +97,15 @@ class ImageSet:
         """This set labelled for scoring a model of config `cfg`: as `require_classes`, or, where its classes
         are some or all of the model's by name, in another order (photos of a cat and a dog scored by a CIFAR-10
         model), with its labels turned into the model's class indices and the model's classes. A class the model
-        names twice (a hub model's labels may) is refused: its images would have no one right answer."""
+        names twice (a hub model's labels may) is refused: its images would have no one right answer. The model's
+        names are matched composed (NFC), as the data's are read (one trained before on a Mac's decomposed tree)."""
+        named = [_class_name(c) for c in cfg.classes]
         if (self.classes and cfg.classes and tuple(self.classes) != tuple(cfg.classes)
-                and set(self.classes) <= set(cfg.classes)):
-            twice = [c for c in self.classes if cfg.classes.count(c) > 1]
+                and set(self.classes) <= set(named)):
+            twice = [c for c in self.classes if named.count(c) > 1]
             if twice:
                 raise ValueError(f"the model names the data's classes {twice} more than once; give data without them")
-            index = np.array([cfg.classes.index(c) for c in self.classes], dtype=np.int64)
+            index = np.array([named.index(c) for c in self.classes], dtype=np.int64)
             return ImageSet(self.images, index[self.labels], tuple(cfg.classes))
         return self.require_classes(cfg)
 

@@ -118,6 +118,15 @@ def test_class_folders_named_in_decomposed_unicode_match_the_models_composed_nam
     assert got.scored_by(cfg).labels.tolist() == [1, 0, 2]
 
 
+def test_a_model_trained_on_a_decomposed_tree_before_names_were_composed_still_scores_it(tmp_path):
+    import unicodedata
+    decomposed = [unicodedata.normalize("NFD", c) for c in ("café", "zoo", "été")]
+    cfg = dataclasses.replace(TINY, classes=tuple(sorted(decomposed)))  # as the tree named and sorted its classes
+    tree = write_tree(tmp_path / "t", splits=("test",), per_class=1, classes=decomposed)
+    got = load_split(tree, "test", image_size=16, progress=False).scored_by(cfg)
+    assert got.classes == cfg.classes and got.labels.tolist() == [0, 2, 1]   # café, zoo, été: the model's 0, 2, 1
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_two_class_folders_naming_one_class_in_two_unicode_forms_are_refused_not_merged(tmp_path, packed):
     import unicodedata
