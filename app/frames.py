@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from quant.data import _resize, pil_to_rgb
+from quant.data import _resize, float_to_8bit, pil_to_rgb
 
 MAX_PIXELS = 50_000_000   # uploads beyond 50 megapixels are refused, not decoded
 MAX_FILE_BYTES = 50 << 20
@@ -69,14 +69,7 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     if np.issubdtype(a.dtype, np.complexfloating):
         raise ValueError(f"expected a real-valued image, got {a.dtype}")
     if np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all():
-            raise ValueError("the image holds NaN or infinite values")
-        lo, hi = float(a.min()), float(a.max())
-        if lo < 0 or hi > 255:
-            raise ValueError(f"float image values must lie in 0..1 or 0..255, got {lo:g}..{hi:g}")
-        if hi <= 1.0:
-            a = a * 255
-        return np.clip(a + 0.5, 0, 255).astype(np.uint8)
+        return float_to_8bit(a)
     if a.dtype == np.uint16:  # 16-bit whatever its values, as PIL's 16-bit images: a dark frame stays dark
         return (a // 257).astype(np.uint8)
     lo, hi = int(a.min()), int(a.max())

@@ -571,21 +571,25 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
         return img
     a = np.asarray(img)
-    lo, hi = (a.min(), a.max()) if a.size else (0, 0)  # an empty image is refused by its caller (the app's)
     if img.mode == "F":
-        if not np.isfinite(a).all():
-            raise ValueError("the image holds NaN or infinite values")
-        lo, hi = float(lo), float(hi)
-        if lo < 0 or hi > 255:
-            raise ValueError(f"float image values must lie in 0..1 or 0..255, got {lo:g}..{hi:g}")
-        a = np.clip(a * (255 if hi <= 1 else 1) + 0.5, 0, 255)
-    else:
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi > 65535:
-            raise ValueError(f"integer image values must lie in 0..255 (8-bit) or 0..65535 (16-bit), got {lo}..{hi}")
-        if img.mode != "I" or hi > 255:
-            a = a // 257
+        return Image.fromarray(float_to_8bit(a), "L")
+    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)  # an empty image is refused by its caller (the app's)
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"integer image values must lie in 0..255 (8-bit) or 0..65535 (16-bit), got {lo}..{hi}")
+    if img.mode != "I" or hi > 255:
+        a = a // 257
     return Image.fromarray(a.astype(np.uint8), "L")
+
+
+def float_to_8bit(a: np.ndarray) -> np.ndarray:
+    """Float image values as uint8, for the data sets' images and the app's frames alike: 0..1 where none exceeds 1,
+    else 0..255, rounded; NaN, infinite or other values refused."""
+    if not np.isfinite(a).all():
+        raise ValueError("the image holds NaN or infinite values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+        raise ValueError(f"float image values must lie in 0..1 or 0..255, got {lo:g}..{hi:g}")
+    return np.clip(a * (255 if hi <= 1 else 1) + 0.5, 0, 255).astype(np.uint8)
 
 
 def pil_to_rgb(img: Image.Image) -> Image.Image:
