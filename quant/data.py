@@ -86,8 +86,9 @@ class ImageSet:
     def require_classes(self, cfg, whose: str = "the model's") -> "ImageSet":
         """This set, if its classes are those of the model config `cfg` (in order; by number where the model
         names none, as an ImageNet config does); else one clear error. A set without class names (an
-        in-memory one) is taken as it is."""
-        if self.classes and cfg.classes and tuple(self.classes) != tuple(cfg.classes):
+        in-memory one) is taken as it is. The model's names are matched composed (NFC), as the data's are read (one
+        trained before on a Mac's decomposed tree)."""
+        if self.classes and cfg.classes and tuple(self.classes) != tuple(_class_name(c) for c in cfg.classes):
             raise ValueError(f"the data's classes {list(self.classes)} are not {whose} {list(cfg.classes)}")
         if self.classes and len(self.classes) != cfg.num_classes:
             raise ValueError(f"the data's {len(self.classes)} classes are not {whose} {cfg.num_classes}")
@@ -97,8 +98,8 @@ class ImageSet:
         """This set labelled for scoring a model of config `cfg`: as `require_classes`, or, where its classes
         are some or all of the model's by name, in another order (photos of a cat and a dog scored by a CIFAR-10
         model), with its labels turned into the model's class indices and the model's classes. A class the model
-        names twice (a hub model's labels may) is refused: its images would have no one right answer. The model's
-        names are matched composed (NFC), as the data's are read (one trained before on a Mac's decomposed tree)."""
+        names twice (a hub model's labels may) is refused: its images would have no one right answer. Names are
+        matched as by `require_classes`."""
         named = [_class_name(c) for c in cfg.classes]
         if (self.classes and cfg.classes and tuple(self.classes) != tuple(cfg.classes)
                 and set(self.classes) <= set(named)):

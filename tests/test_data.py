@@ -127,6 +127,14 @@ def test_a_model_trained_on_a_decomposed_tree_before_names_were_composed_still_s
     assert got.classes == cfg.classes and got.labels.tolist() == [0, 2, 1]   # café, zoo, été: the model's 0, 2, 1
 
 
+def test_a_teacher_trained_on_a_decomposed_tree_before_names_were_composed_still_names_its_classes(tmp_path):
+    import unicodedata
+    decomposed = [unicodedata.normalize("NFD", c) for c in ("café", "dog", "été")]   # sorted alike, either form
+    cfg = dataclasses.replace(TINY, classes=tuple(decomposed))
+    tree = write_tree(tmp_path / "t", splits=("test",), per_class=1, classes=decomposed)
+    assert load_split(tree, "test", image_size=16, progress=False).require_classes(cfg).labels.tolist() == [0, 1, 2]
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_two_class_folders_naming_one_class_in_two_unicode_forms_are_refused_not_merged(tmp_path, packed):
     import unicodedata
