@@ -961,6 +961,16 @@ def test_cli_refuses_an_init_file_of_another_model_naming_what_differs(tmp_path,
     assert message in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
 
 
+def test_an_init_file_trained_before_class_names_were_composed_starts_a_run_on_its_tree(tmp_path):
+    import unicodedata
+    from quant.models import create_model
+    start = tiny_file(tmp_path / "start.safetensors", seed=1,   # trained on a Mac's tree: "é" decomposed
+                      classes=tuple(unicodedata.normalize("NFD", c) for c in ("café", "dog", "été")))
+    model = create_model("vit_cifar_tiny", num_classes=3, classes=("café", "dog", "été"))   # the tree as now read
+    quant.train.start_from(model, str(start), "vit_cifar_tiny")
+    assert model.config.classes == ("café", "dog", "été")
+
+
 def test_cli_refuses_a_quantized_init_file(tmp_path, image_tree, capsys):
     import quant
     from quant.models import load_model
