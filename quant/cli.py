@@ -19,17 +19,23 @@ from pathlib import Path
 from typing import Callable
 
 
-def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
+        several_processes: bool = False) -> int:
     """Call `main(argv)`; a bad path or bad file ends with `error: ...` on stderr and exit code 2. A character
     stdout's encoding lacks (a class or file name on an ASCII terminal) is printed escaped, as on stderr.
     SIGTERM (`timeout`, `kill`) stops it as Ctrl-C does: the temporary file of a write under way is removed (on
-    the main thread, the one signals reach; elsewhere it is left as it is)."""
+    the main thread, the one signals reach; elsewhere it is left as it is). Started by torchrun as one of several
+    processes, a command is refused unless it runs in `several_processes` (quant.train): each process would do
+    all the work and write the same files."""
     commit()  # the code as the command starts, for the results it writes (`provenance`)
     if hasattr(sys.stdout, "reconfigure"):  # not an error after the work, before the results file is written
         sys.stdout.reconfigure(errors="backslashreplace")
     main_thread = threading.current_thread() is threading.main_thread()
     term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not several_processes:
+            raise ValueError("this command runs in one process: start it with python, not torchrun (quant.train is "
+                             "the one that trains in several)")
         return main(argv) or 0
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -152,9 +152,6 @@ def main(argv=None):
     p.add_argument("--threads", type=thread_count, help="CPU threads of torch or ONNX Runtime "
                                                        "(default: torch's, one per core)")
     args = p.parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would score every image and write the same files
-        raise ValueError("quant.evaluate scores in one process: run it with python -m quant.evaluate, "
-                         "not under torchrun")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.json:

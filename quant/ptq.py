@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -64,8 +63,6 @@ def main(argv=None):
                    help="store the parameters left in floating point (embeddings, norms, biases) in float16; "
                         "calibrated activation ranges stay float32")
     args = p.parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would quantize and write the same file
-        raise ValueError("quant.ptq quantizes in one process: run it with python -m quant.ptq, not under torchrun")
     output_file(args.out, ".safetensors", inputs=(args.checkpoint,))
     device = resolve_device(args.device)
     if args.threads:

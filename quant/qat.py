@@ -272,8 +272,6 @@ def main(argv=None):
     from quant.train import TrainConfig, _weights_digest, resolve_device
 
     args = _parser().parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process took the run lock and wrote the model file
-        raise ValueError("quant.qat trains in one process: run it with python -m quant.qat, not under torchrun")
     output_file(args.out, ".safetensors", inputs=(args.teacher,))
     run_dir = run_folder(args.run_dir or f"{args.out}.run")
     device = resolve_device(args.device)

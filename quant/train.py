@@ -715,4 +715,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(run(main, several_processes=True))

@@ -251,6 +251,23 @@ def test_a_command_that_returns_nothing_exits_0_and_an_interrupted_one_130(capsy
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
+def test_a_command_started_by_torchrun_among_several_is_refused_unless_it_runs_in_several(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each process would do all the work and write the same files
+    ran = []
+    assert run(ran.append, []) == 2 and ran == []
+    assert capsys.readouterr().err.strip() == ("error: this command runs in one process: start it with python, not "
+                                               "torchrun (quant.train is the one that trains in several)")
+    assert run(ran.append, [], several_processes=True) == 0 and ran == [[]]
+
+
+@pytest.mark.parametrize("module", ["quant.robustness", "export", "export.bench", "app.bench",
+                                    "cuda_ops.parity", "quant.report"])
+def test_every_command_but_quant_train_is_refused_under_torchrun(module):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                       env={**os.environ, "WORLD_SIZE": "2"})
+    assert r.returncode == 2 and "runs in one process" in r.stderr
+
+
 def test_a_command_puts_back_the_sigterm_handler_it_found():
     import signal
     def handler(signum, frame):

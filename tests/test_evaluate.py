@@ -130,7 +130,7 @@ def test_cli_under_torchrun_is_refused_with_one_clear_line(checkpoint, image_tre
                         "--json", str(tmp_path / "r.json")], capture_output=True, text=True,
                        env={**os.environ, "WORLD_SIZE": "2"})  # each process scored and wrote the same files
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: quant.evaluate scores in one process: run it with python -m quant.evaluate, not under torchrun"]
+        "error: this command runs in one process: start it with python, not torchrun (quant.train is the one that trains in several)"]
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.confusion.png").exists()
 
 

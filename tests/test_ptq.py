@@ -110,7 +110,7 @@ def test_ptq_cli_under_torchrun_is_refused_with_one_clear_line(checkpoint, tmp_p
     out = tmp_path / "q.safetensors"
     assert run(ptq_main, ["--checkpoint", str(checkpoint), "--recipe", "w4", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: quant.ptq quantizes in one process: run it with python -m quant.ptq, not under torchrun"]
+        "error: this command runs in one process: start it with python, not torchrun (quant.train is the one that trains in several)"]
     assert not out.exists()
 
 

@@ -149,7 +149,7 @@ def test_cli_under_torchrun_is_refused_with_one_clear_line(teacher_file, image_t
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar),
                       "--out", str(out), "--epochs", "1", "--batch-size", "8"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        "error: quant.qat trains in one process: run it with python -m quant.qat, not under torchrun"
+        "error: this command runs in one process: start it with python, not torchrun (quant.train is the one that trains in several)"
     assert not out.exists() and not (tmp_path / "t.safetensors.run").exists()
 
 
