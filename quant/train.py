@@ -280,6 +280,14 @@ class _Dist:
         return objs
 
 
+def per_process_batch(batch_size: int, world: int) -> int:
+    """Each of `world` processes' share of the global `batch_size`, which must divide among them (each process
+    taking the quotient would train a smaller batch than the one asked for)."""
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} does not divide among {world} processes; give a multiple of {world}")
+    return batch_size // world
+
+
 def read_resume_state(path: Path, advice: str) -> dict:
     """A resume state `fit` wrote (`last.pt`), read without unpickling code, its "config" parsed from its
     JSON, or one clear error ending in `advice`."""
@@ -427,10 +435,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         teacher.to(env.device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                             fused=env.device.type == "cuda")
-    if cfg.batch_size % env.world:  # each process would take the quotient: a smaller batch than the one asked for
-        raise ValueError(f"batch size {cfg.batch_size} does not divide among {env.world} processes; give a multiple "
-                         f"of {env.world}")
-    per_rank = cfg.batch_size // env.world
+    per_rank = per_process_batch(cfg.batch_size, env.world)
     if per_rank < 1 or per_rank > len(train) // env.world:
         raise ValueError(f"batch size {cfg.batch_size} does not fit {len(train)} images on {env.world} process(es)")
     steps_per_epoch = len(train) // env.world // per_rank
@@ -661,6 +666,7 @@ def main(argv=None):
     is_cnn = args.model in cnn.CONFIGS
     img_size = (cnn.CONFIGS if is_cnn else CONFIGS)[args.model].img_size
     env = _Dist(args.device)  # torchrun's processes join here (fit trains in this group); rank 0 shows the progress
+    per_process_batch(cfg.batch_size, env.world)  # refused before the data is decoded
     train = load_split(args.data, args.split, img_size, limit=args.limit, progress=env.main)
     if len(train.classes) < 2:  # a model of one class is right about every image it is shown
         raise ValueError(f"{args.data} holds one class ({train.classes[0]!r}) in its {args.split} split: a classifier "

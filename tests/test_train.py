@@ -476,6 +476,15 @@ def test_a_batch_size_that_does_not_divide_among_the_processes_is_refused(tmp_pa
             progress=False, device="cpu")
 
 
+def test_cli_refuses_a_batch_size_that_does_not_divide_among_the_processes_before_decoding_the_data(
+        tmp_path, image_tree, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as torchrun's process group, joined
+    monkeypatch.setattr(quant.train, "load_split", lambda *a, **k: pytest.fail("the data was decoded first"))
+    with pytest.raises(ValueError, match="batch size 5 does not divide among 2 processes; give a multiple of 2"):
+        main(["--data", str(image_tree), "--out", str(tmp_path / "run"), "--batch-size", "5"])
+
+
 def test_a_gpu_named_by_its_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc-per-node 2 ... --device cuda:0: both on GPU 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
