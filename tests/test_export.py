@@ -530,6 +530,20 @@ def test_the_cli_says_it_is_checking_before_the_silent_torch_forward_of_the_chec
     assert "rounding" in said[0]
 
 
+@pytest.mark.parametrize("fmt, said_before", [("w8a8", "rounding {} to w8a8...\n"), ("fp32", "")])
+def test_the_cli_says_it_is_rounding_before_the_silent_rounding_and_not_for_an_fp32_export(
+        tiny_model, tmp_path, monkeypatch, capsys, fmt, said_before):
+    from export import __main__ as cli
+    said = []  # stdout when the rounding began (ViT-B's 86 M weights: half a minute); fp32 rounds nothing
+    real = cli.quantize_for_export
+    monkeypatch.setattr(cli, "quantize_for_export", lambda *a: said.append(capsys.readouterr().out) or real(*a))
+    save_model(tiny_model, tmp_path / "fp.safetensors")
+    assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path / "t.onnx"),
+                      "--format", fmt, "--standard-ops"]) == 0
+    assert said == [said_before.format(tmp_path / "fp.safetensors")]
+    assert "rounding" not in capsys.readouterr().out
+
+
 def test_the_cli_looks_up_bitvits_op_library_once(tiny_model, tmp_path, monkeypatch):
     from export import ortops
     asked = []  # each lookup runs g++ --version and hashes the source and headers
