@@ -151,6 +151,24 @@ def test_a_build_says_it_is_compiling_before_it_compiles_and_a_cached_library_sa
     assert capsys.readouterr().err == ""
 
 
+def test_a_fetch_of_the_headers_says_so_before_it_downloads_and_fetched_headers_say_nothing(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ORT_INCLUDE_DIR", raising=False)
+    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(tmp_path / "cache"))
+    said = []  # stderr when the download began (apt-get update and download: seconds, before any compiling)
+
+    def fetch(dest):
+        said.append(capsys.readouterr().err)
+        (dest / "usr/include/onnxruntime").mkdir(parents=True)
+        (dest / "usr/include/onnxruntime/onnxruntime_cxx_api.h").write_text("")
+        (dest / "usr/include/onnxruntime/onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 1\n")
+    monkeypatch.setattr(ortops, "_fetch_headers", fetch)
+    ortops._headers()
+    assert said == ["downloading ONNX Runtime's headers to build bitvit's ops (once)...\n"]
+    ortops._headers()
+    assert len(said) == 1 and capsys.readouterr().err == ""
+
+
 def test_headers_are_fetched_by_a_user_id_with_no_name(tmp_path, monkeypatch):
     # a container run as a user id the password database lacks, with no $USER: getpass.getuser() raises KeyError
     monkeypatch.setattr("getpass.getuser", lambda: (_ for _ in ()).throw(KeyError("getpwuid(): uid not found")))
