@@ -831,6 +831,7 @@ def test_torchrun_with_two_processes_trains_saves_once_and_resumes(tmp_path, ima
     assert sorted(p.name for p in run_dir.iterdir()) == ["curves.png", "last.pt", "log.jsonl", "model.safetensors"]
     assert [rec["epoch"] for rec in read_log(run_dir / "log.jsonl")] == [1, 2]  # rank 0 logs, once an epoch
     assert r.stdout.count(f"saved {run_dir / 'model.safetensors'}\n") == 1
+    assert len(re.findall(r"evaluating: +0%", r.stderr)) == 2  # rank 0's bar scoring val after each epoch, only
     r = torchrun(args)  # every process resumes from rank 0's state
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("resuming from") == 1 and [rec["epoch"] for rec in read_log(run_dir / "log.jsonl")] == [1, 2]
