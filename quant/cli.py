@@ -33,7 +33,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     main_thread = threading.current_thread() is threading.main_thread()
     term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not several_processes:
+        world = os.environ.get("WORLD_SIZE", "")  # torchrun's count of processes (empty: set by another tool)
+        if world.isdigit() and int(world) > 1 and not several_processes:
             raise ValueError("this command runs in one process: start it with python, not torchrun (quant.train is "
                              "the one that trains in several)")
         return main(argv) or 0

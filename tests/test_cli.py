@@ -260,6 +260,13 @@ def test_a_command_started_by_torchrun_among_several_is_refused_unless_it_runs_i
     assert run(ran.append, [], several_processes=True) == 0 and ran == [[]]
 
 
+@pytest.mark.parametrize("world", ["", "1"])
+def test_a_command_runs_where_world_size_names_no_several_processes(monkeypatch, world):
+    monkeypatch.setenv("WORLD_SIZE", world)  # exported empty by a shell script, not torchrun: every command died
+    ran = []                                 # in the refusal's check ("invalid literal for int() ...: ''")
+    assert run(ran.append, []) == 0 and ran == [[]]
+
+
 @pytest.mark.parametrize("module", ["quant.robustness", "export", "export.bench", "app.bench",
                                     "cuda_ops.parity", "quant.report"])
 def test_every_command_but_quant_train_is_refused_under_torchrun(module):
