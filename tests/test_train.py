@@ -728,6 +728,8 @@ def test_cli_plots_the_runs_loss_and_accuracy_per_epoch_beside_the_model(tmp_pat
     loss, acc = fig.axes
     assert [len(line.get_xdata()) for line in loss.lines + acc.lines] == [2, 2, 2]  # loss; training acc, val top-1
     assert (loss.get_xlabel(), loss.get_ylabel()) == ("epoch", "training loss (cross-entropy)")
+    assert (acc.get_xlabel(), acc.get_ylabel()) == ("epoch", "accuracy (fraction right)")
+    assert all(float(t).is_integer() for ax in (loss, acc) for t in ax.get_xticks())  # epochs 1 and 2, no 1.2
     assert [t.get_text() for t in acc.get_legend().get_texts()] == ["training (augmented batches)", "val top-1"]
     assert f"curves: {path}" in capsys.readouterr().out
 
