@@ -752,7 +752,7 @@ def test_the_app_says_it_is_opening_the_models_before_the_silent_seconds_of_open
         assets, monkeypatch, capsys):
     import gradio as gr
     import app.main
-    said = []  # what stderr held when the models began to open (exports and a build: a minute on a first start)
+    said = []  # what stdout held when the models began to open (exports and a build: a minute on a first start)
     monkeypatch.setattr(app.main, "make_comparison", lambda *a, **kw: said.append(capsys.readouterr().out)
                         or make_comparison(*a, **kw))
     monkeypatch.setattr(app.main, "check_port_free", lambda host, number: None)
@@ -1276,7 +1276,7 @@ def test_a_clip_just_over_the_memory_limit_is_not_said_to_be_as_large_as_the_lim
 def test_the_bench_says_it_is_opening_the_models_before_the_silent_seconds_of_opening_them(
         assets, tmp_path, monkeypatch, capsys):
     import app.bench
-    said = []  # stderr when the models began to open (exports and a build: a minute on a first run)
+    said = []  # stdout when the models began to open (exports and a build: a minute on a first run)
     monkeypatch.setattr(app.bench, "make_comparison", lambda *a, **kw: said.append(capsys.readouterr().out)
                         or make_comparison(*a, **kw))
     bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "2",

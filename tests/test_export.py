@@ -521,7 +521,7 @@ def test_the_cli_exports_and_checks_against_torch(tiny_model, tmp_path, capsys):
 def test_the_cli_says_it_is_checking_before_the_silent_torch_forward_of_the_check(tiny_model, tmp_path, monkeypatch,
                                                                                 capsys):
     from export import __main__ as cli
-    said = []  # stderr when the check began (ViT-B's torch forward on 8 images: a minute)
+    said = []  # stdout when the check began (ViT-B's torch forward on 8 images: a minute)
     monkeypatch.setattr(cli, "load", lambda *a, **kw: said.append(capsys.readouterr().out) or runtime.load(*a, **kw))
     save_model(tiny_model, tmp_path / "fp.safetensors")
     assert run(main, ["--checkpoint", str(tmp_path / "fp.safetensors"), "--out", str(tmp_path / "t.onnx"),

@@ -115,7 +115,7 @@ def test_ptq_cli_under_torchrun_is_refused_with_one_clear_line(checkpoint, tmp_p
 
 
 def test_ptq_cli_says_it_is_quantizing_before_the_silent_rounding(checkpoint, tmp_path, capsys, monkeypatch):
-    said = []  # stderr when quantize began (round to nearest draws no bar)
+    said = []  # stdout when quantize began (round to nearest draws no bar)
     real = quant.quantize
     monkeypatch.setattr(quant, "quantize", lambda *a, **kw: said.append(capsys.readouterr().out) or real(*a, **kw))
     ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4", "--out", str(tmp_path / "q.safetensors")])
