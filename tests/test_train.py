@@ -919,6 +919,7 @@ def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, i
     with safe_open(tmp_path / "run" / "model.safetensors", "pt") as f:
         assert f.metadata()["complete"] == "false"
     assert "incomplete" in capsys.readouterr().out
+    assert (tmp_path / "run" / "curves.png").is_file()  # the epochs so far, beside the model so far
 
 
 def test_cli_init_starts_training_from_the_files_weights(tmp_path, image_tree, monkeypatch):
