@@ -16,8 +16,8 @@
 # script's start (counted from when training starts, after the data is loaded: a few tens of seconds
 # later; the budget shrinks to fit, so that the learning rate still decays fully,
 # `--end-within-time-limit`); then scores the test and val splits (until 590 s after the start at
-# most) and copies the model, its training log and both scores to $OUT: model.safetensors, log.jsonl,
-# train.log, test.json, val.json. About 8-9 minutes in all, so that a 15-minute lease keeps time for a
+# most) and copies the model, its training log and curves and both scores to $OUT: model.safetensors,
+# log.jsonl, curves.png, train.log, test.json, val.json. About 8-9 minutes in all, so that a 15-minute lease keeps time for a
 # short kernel benchmark after it (README, "GPU runs").
 # Arguments go on to quant.train after the recipe's own, so they override it (smoke test on a CPU:
 # `DATA=some/image/tree TIME_BUDGET=5 BATCH=8 bash quant/gpu_reference.sh --device cpu`). A warm restart
@@ -105,7 +105,7 @@ if [ ! -f "$RUN/model.safetensors" ] && [ ! -f "$RUN/last.pt" ] && [ "$SECONDS" 
     rm -f "$RUN/log.jsonl"  # epochs the failed run may have logged
     TORCH_COMPILE_DISABLE=1 train_vit "$@"
 fi
-tail -n 4 "$OUT/train.log"  # the last epochs, or the error that ended training
+tail -n 5 "$OUT/train.log"  # the last epochs, or the error that ended training
 if [ ! -f "$RUN/model.safetensors" ]; then
     echo "reference model: training failed (see $OUT/train.log)"
     exit 1
@@ -115,7 +115,7 @@ if [ "$PART" = 1 ]; then  # the resume state stays on the machine for PART=2
     echo "part 1 done: run PART=2 with the same TIME_BUDGET at once, while the machine keeps $RUN/last.pt"
     exit 0
 fi
-cp "$RUN/model.safetensors" "$RUN/log.jsonl" "$OUT/"  # back first: the scores below can be redone here
+cp "$RUN/model.safetensors" "$RUN/log.jsonl" "$RUN/curves.png" "$OUT/"  # back first: the scores below can be redone here
 complete=$("$PY" -c "import sys; from safetensors import safe_open
 print((safe_open(sys.argv[1], 'pt').metadata() or {}).get('complete', '?'))" "$RUN/model.safetensors")
 if [ "$complete" != true ]; then
