@@ -232,9 +232,9 @@ def main(argv=None):
                                 f"files of a folder)")
     check_port_free(args.host, args.port)  # before minutes of loading and warming models
     writable_cache()
-    from app.ui import build
     print("opening the models (a first start also exports them to ONNX and may build bitvit's ops: a minute or "
           "so)...")  # (stdout: stderr stays one error line for a model that does not open)
+    from app.ui import build  # gradio's import: seconds
     comparison, labels, skipped = make_comparison(args.fp, args.quant, args.assets, args.threads)
     labels = open_default(comparison, labels, skipped, explicit=args.quant is not None)
     for line in skipped:
