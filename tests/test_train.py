@@ -1003,8 +1003,8 @@ def test_the_gpu_reference_script_trains_scores_and_hands_back_its_files(tmp_pat
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().endswith("reference model done")
-    assert sorted(os.listdir(tmp_path / "out")) == ["log.jsonl", "model.safetensors", "test.json", "train.log",
-                                                    "val.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["curves.png", "log.jsonl", "model.safetensors", "test.json",
+                                                    "train.log", "val.json"]
     assert json.loads((tmp_path / "out" / "test.json").read_text())["split"] == "test"
     assert ("resnet_cifar" in (tmp_path / "out" / "train.log").read_text()) == (teacher_budget == "1")
 
