@@ -33,8 +33,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     main_thread = threading.current_thread() is threading.main_thread()
     term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
-        world = os.environ.get("WORLD_SIZE", "")  # torchrun's count of processes (empty: set by another tool)
-        if world.isdigit() and int(world) > 1 and not several_processes:
+        if world_size() > 1 and not several_processes:
             raise ValueError("this command runs in one process: start it with python, not torchrun (quant.train is "
                              "the one that trains in several)")
         return main(argv) or 0
@@ -47,6 +46,13 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, term)
+
+
+def world_size() -> int:
+    """How many processes torchrun started (`WORLD_SIZE`): 1 where it is unset, or set empty by another tool
+    (`export WORLD_SIZE=$SLURM_NTASKS` with that unset)."""
+    world = os.environ.get("WORLD_SIZE", "")
+    return int(world) if world.isdigit() else 1
 
 
 def positive_int(text: str) -> int:

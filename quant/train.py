@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
 from quant.cli import (finite_number, is_positive_int, mix_alpha, number_in, positive_int, random_seed, run, run_folder,
-                       run_lock, thread_count, write_png, written_whole)
+                       run_lock, thread_count, world_size, write_png, written_whole)
 from quant.data import ImageSet, _class_name, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -245,7 +245,7 @@ class _Dist:
     """Rank, world size and device, from torchrun's environment when present."""
 
     def __init__(self, device: str | None):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world = world_size()
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"

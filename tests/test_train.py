@@ -485,6 +485,11 @@ def test_cli_refuses_a_batch_size_that_does_not_divide_among_the_processes_befor
         main(["--data", str(image_tree), "--out", str(tmp_path / "run"), "--batch-size", "5"])
 
 
+def test_a_run_trains_in_one_process_where_world_size_is_set_empty(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "")  # export WORLD_SIZE=$SLURM_NTASKS, that one unset
+    assert quant.train._Dist("cpu").world == 1
+
+
 def test_a_gpu_named_by_its_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc-per-node 2 ... --device cuda:0: both on GPU 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
