@@ -54,7 +54,7 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTS
 
 
-def _class_name(folder: str) -> str:
+def composed_name(folder: str) -> str:
     """A class folder's name as a class name: composed (NFC), as a model names its classes, though a tree copied
     from a Mac's HFS+ disk names "café/" decomposed ("e" and a combining accent)."""
     return unicodedata.normalize("NFC", folder)
@@ -65,7 +65,7 @@ def _refuse_one_class_twice(folders, where: str) -> None:
     an archive's would be read as one class, a tree's as two of one name."""
     named = {}
     for folder in sorted(folders):
-        if (name := _class_name(folder)) in named:
+        if (name := composed_name(folder)) in named:
             raise ValueError(f"{where} holds class folders {ascii(named[name])} and {ascii(folder)}, one name in two "
                              f"Unicode forms: merge or rename them")
         named[name] = folder
@@ -88,7 +88,7 @@ class ImageSet:
         names none, as an ImageNet config does); else one clear error. A set without class names (an
         in-memory one) is taken as it is. The model's names are matched composed (NFC), as the data's are read (one
         trained before on a Mac's decomposed tree)."""
-        if self.classes and cfg.classes and tuple(self.classes) != tuple(_class_name(c) for c in cfg.classes):
+        if self.classes and cfg.classes and tuple(self.classes) != tuple(composed_name(c) for c in cfg.classes):
             raise ValueError(f"the data's classes {list(self.classes)} are not {whose} {list(cfg.classes)}")
         if self.classes and len(self.classes) != cfg.num_classes:
             raise ValueError(f"the data's {len(self.classes)} classes are not {whose} {cfg.num_classes}")
@@ -100,7 +100,7 @@ class ImageSet:
         model), with its labels turned into the model's class indices and the model's classes. A class the model
         names twice (a hub model's labels may) is refused: its images would have no one right answer. Names are
         matched as by `require_classes`."""
-        named = [_class_name(c) for c in cfg.classes]
+        named = [composed_name(c) for c in cfg.classes]
         if (self.classes and cfg.classes and tuple(self.classes) != tuple(cfg.classes)
                 and set(self.classes) <= set(named)):
             twice = [c for c in self.classes if named.count(c) > 1]
@@ -291,7 +291,7 @@ class _FolderSource(_Source):
             raise FileNotFoundError(f"{self.root} has no {split}/ folder")
         # a hidden folder is left out as a hidden file is (a notebook's .ipynb_checkpoints/ beside the class folders)
         class_dirs = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                            key=lambda p: _class_name(p.name))
+                            key=lambda p: composed_name(p.name))
         if not class_dirs:
             raise ValueError(f"{folder} holds no class folders")
         _refuse_one_class_twice((d.name for d in class_dirs), str(folder))
@@ -309,7 +309,7 @@ class _FolderSource(_Source):
                 raise ValueError(f"class folder {d} {NO_IMAGES}")
             files += found
             labels += [label] * len(found)
-        labels, classes = np.array(labels, dtype=np.int64), tuple(_class_name(d.name) for d in class_dirs)
+        labels, classes = np.array(labels, dtype=np.int64), tuple(composed_name(d.name) for d in class_dirs)
         chosen = np.arange(len(files)) if keep is None else keep(labels, classes)
         images = np.stack([_decode(_read_file(files[i]), str(files[i]), image_size)
                            for i in _progress(chosen, f"decoding {folder}", progress)])
@@ -412,10 +412,10 @@ class _TarSource(_Source):
             raise ValueError(f"{self.path} has no {split}/<class>/ images; its images are in {', '.join(found)} "
                              f"(split folders are train/, test/, val/, in lower case)")
         _refuse_one_class_twice({Path(m.name).parts[-2] for m in members}, f"{self.path}:{split}/")
-        classes = sorted({_class_name(Path(m.name).parts[-2]) for m in members})
+        classes = sorted({composed_name(Path(m.name).parts[-2]) for m in members})
         folders = {p[-2] for m in self.every if not m.isdir() and len(p := Path(m.name).parts) >= 3 and p[-3] == split}
         folders |= {p[-1] for m in self.every if m.isdir() and len(p := Path(m.name).parts) >= 2 and p[-2] == split}
-        folders = {_class_name(f) for f in folders if not f.startswith(".")}
+        folders = {composed_name(f) for f in folders if not f.startswith(".")}
         # an image below a class folder of the split folder (by its path: an archive need hold no folder members)
         tops = {Path(m.name).parts[:-2] for m in members}
         nested = next((m.name for m in self.members if len(p := Path(m.name).parts) >= 4 and any(
@@ -435,8 +435,8 @@ class _TarSource(_Source):
         # class by class, each by file name, as the unpacked tree reads (sorting whole names would put
         # "sea-lion/" before "sea/", since "-" sorts before "/")
         names = sorted({m.name for m in members},
-                       key=lambda n: (classes.index(_class_name(Path(n).parts[-2])), Path(n).name, n))
-        labels = np.array([classes.index(_class_name(Path(n).parts[-2])) for n in names], dtype=np.int64)
+                       key=lambda n: (classes.index(composed_name(Path(n).parts[-2])), Path(n).name, n))
+        labels = np.array([classes.index(composed_name(Path(n).parts[-2])) for n in names], dtype=np.int64)
         if keep is not None:
             chosen = keep(labels, tuple(classes))
             names, labels = [names[i] for i in chosen], labels[chosen]

@@ -31,7 +31,7 @@ import torch.nn as nn
 from quant.augment import Augment, AugmentConfig
 from quant.cli import (finite_number, is_positive_int, mix_alpha, number_in, positive_int, random_seed, run, run_folder,
                        run_lock, thread_count, world_size, write_png, written_whole)
-from quant.data import ImageSet, _class_name, load_split
+from quant.data import ImageSet, composed_name, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
 from quant.models import RESUME_STATE_KEYS, refuse_compressed_zip
@@ -171,7 +171,7 @@ def start_from(model: nn.Module, path: str, name: str) -> str:
     if type(start) is not type(model):
         raise ValueError(f"--init {path} holds a {type(start).__name__}, not the {type(model).__name__} to train")
     was, now = dataclasses.asdict(start.config), dataclasses.asdict(model.config)
-    was["classes"] = tuple(map(_class_name, was["classes"]))  # composed as a tree's are (one trained on a Mac's: NFD)
+    was["classes"] = tuple(map(composed_name, was["classes"]))  # composed as a tree's are (one trained on a Mac's: NFD)
     differ = [f"{k} {was[k]!r} (to train: {now[k]!r})" for k in was if k != "drop_path_rate" and was[k] != now[k]]
     if differ:
         raise ValueError(f"--init {path} holds another model than the one to train: {'; '.join(differ)}")
