@@ -44,10 +44,11 @@ def predict(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, m
     if isinstance(model, nn.Module):
         model.eval()
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="evaluating", unit="batch",
-                  disable=not progress, leave=False):
-        x = to_model_input(images[i:i + batch_size], mean, std, device=device)
-        out.append(model(x).float().cpu())
+    with tqdm(total=len(images), desc="evaluating", unit="img", disable=not progress, leave=False) as bar:
+        for i in range(0, len(images), batch_size):
+            x = to_model_input(images[i:i + batch_size], mean, std, device=device)
+            out.append(model(x).float().cpu())
+            bar.update(len(x))
     return torch.cat(out)
 
 

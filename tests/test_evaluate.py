@@ -145,6 +145,13 @@ def test_cli_says_it_is_timing_latency_before_the_silent_forward_passes_of_it(ch
     assert "timing batch-1 latency on the CPU" in said[0]
 
 
+def test_the_scoring_bar_counts_images_not_batches(tiny_model, image_tree, capsys):
+    data = load_split(image_tree, "test", image_size=16, progress=False)  # 18 images
+    tiny_model.forward = lambda x: x.mean((2, 3))
+    evaluate(tiny_model, data, batch_size=4, progress=True)
+    assert "| 0/18 [00:00<?, ?img/s]" in capsys.readouterr().err  # not 0/5 batches
+
+
 def test_cli_checks_the_default_confusion_plots_path_before_scoring(checkpoint, image_tree, tmp_path):
     (tmp_path / "r.confusion.png").mkdir()  # where the plot beside --json r.json would go
     r = subprocess.run([sys.executable, "-m", "quant.evaluate", "--checkpoint", str(checkpoint),

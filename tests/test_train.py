@@ -49,7 +49,7 @@ def test_loss_falls_on_a_learnable_task(tmp_path):
 def test_scoring_val_shows_a_bar_as_the_epochs_do(tmp_path, capsys):
     cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
     fit(VisionTransformer(TINY), colour_set(8), colour_set(4, seed=5), cfg, tmp_path)
-    assert re.search(r"evaluating: +0%\|[^|]*\| 0/1 ", capsys.readouterr().err)  # 12 images: one batch
+    assert re.search(r"evaluating: +0%\|[^|]*\| 0/12 ", capsys.readouterr().err)  # 12 val images
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
