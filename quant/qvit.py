@@ -336,7 +336,7 @@ def allocation_figure(alloc: dict, title: str = "Q-ViT bit allocation"):
         ax.set_xticks(range(width))
         ax.set_yticks(range(len(names)), [n.replace(".attn", "") for n in names] if j == 0 else [])
         ax.set_xlabel("head")
-        ax.set_title({"attn": "attention probs", "out": "head outputs"}.get(slot, slot.upper()))
+        ax.set_title({"attn": "attention probs", "out": "head outputs"}.get(slot, slot.upper()) + ": bits per head")
     if layers:
         ax = fig.add_subplot(grid[-1, :])
         x = np.arange(len(layers))

@@ -131,6 +131,13 @@ def test_bit_allocation_is_saved_as_json_and_plotted(tiny_model, tmp_path):
     assert (tmp_path / "bits.png").stat().st_size > 1000
 
 
+def test_the_allocation_heat_maps_say_their_cells_are_bits_per_head(tiny_model):
+    model, _ = prepared(tiny_model, budget=3)
+    qvit.fix_bits(model, budget_bits=3)
+    fig = qvit.allocation_figure(qvit.bit_allocation(model))
+    assert fig.axes[0].get_title() == "Q: bits per head" and fig.axes[0].get_xlabel() == "head"
+
+
 def test_a_frozen_lsq_layer_holds_exactly_the_weights_it_trained_with():
     torch.manual_seed(0)
     layer = qvit.LSQLinear(128, 64, bits=(2, 8), init_bits=3)
