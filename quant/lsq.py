@@ -89,6 +89,7 @@ class LearnedQuantizer(nn.Module):
         self.register_buffer("held", torch.ones(groups * nb))
         self.register_buffer("used", torch.ones(groups * nb, dtype=torch.bool))
         self._calibrating = False
+        self._ready = False  # `initialized` once seen True (read once: on a GPU each read waits for the device)
 
     # ------------------------------------------------------------------ bit-width
     @property
@@ -140,6 +141,11 @@ class LearnedQuantizer(nn.Module):
                              f"tensor has shape {tuple(x.shape)}")
         if self._calibrating and not bool(self.initialized):
             self.init_scales(x.detach())
+        if not self._ready:
+            if not bool(self.initialized):  # its step sizes would be 1.0: outputs of whole numbers, silently
+                raise RuntimeError("a learned quantizer was run before calibration: run quant.qvit.calibrate(model, "
+                                   "x) on a batch of inputs first")
+            self._ready = True
         dtype, x = x.dtype, widen(x)  # the arithmetic below in float32 also for half inputs (autocast)
         bits = self.bits()                                                  # (bit_groups,)
         bits = bits.expand(self.groups)                                     # (groups,)
@@ -184,6 +190,7 @@ class LearnedQuantizer(nn.Module):
             state_dict[prefix + "held"] = scale.detach().clone()
             state_dict[prefix + "used"] = torch.ones(scale.shape, dtype=torch.bool, device=scale.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = False  # a state may be one never calibrated: `initialized` is read again
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()

@@ -320,7 +320,8 @@ def _check_patterns(r, model: nn.Module) -> None:
 
 def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None = None) -> nn.Module:
     """Quantize `model` in place with `recipe` (a Recipe or its name); returns the model: post-training recipes
-    in eval mode, quantization-aware ones (BitNet, QViT) with their training-time layers, to be trained.
+    in eval mode, quantization-aware ones (BitNet, QViT) with their training-time layers, to be trained
+    (QViT's learned step sizes first set by `quant.qvit.calibrate(model, x)`: before that they refuse to run).
 
     `calib` is a batch of model inputs (e.g. a few hundred normalised training images, (N, 3, H, W))
     for the recipes that calibrate (GPTQ, W4A4). The recipe is recorded on the model

@@ -102,6 +102,7 @@ def test_each_groups_step_size_gradient_is_scaled_by_its_own_groups_numel():
     q = LearnedQuantizer(4, groups=2, dim=1)                # signed: Qp = 7; 3 of the 6 values in each group
     with torch.no_grad():
         q.scale.copy_(torch.tensor([0.1, 0.2]))
+        q.initialized.fill_(True)
     x = torch.tensor([[-100.0, 0.33], [0.01, 0.52], [0.77, 100.0]])
     q(x).sum().backward()
     v = x / q.scale.detach()
@@ -116,6 +117,7 @@ def test_the_clipping_that_stops_the_gradient_is_of_x_over_s_not_of_its_rounding
         q = LearnedQuantizer(4, signed=signed)
         with torch.no_grad():
             q.scale.fill_(1.0)
+            q.initialized.fill_(True)
         v = torch.tensor([bounds[0] - 0.3, bounds[0] + 0.3, bounds[1] - 0.3, bounds[1] + 0.3], requires_grad=True)
         q(v).sum().backward()
         assert v.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
@@ -321,10 +323,25 @@ def test_a_state_saved_before_the_held_step_sizes_were_kept_still_loads_and_hold
             {k: v for k, v in old.items() if k != "initialized"})
 
 
+def test_a_quantizer_run_before_calibration_is_refused_not_run_with_step_size_1():
+    q = LearnedQuantizer(4)
+    with pytest.raises(RuntimeError, match="run before calibration: run quant.qvit.calibrate"):
+        q(torch.randn(10))
+
+
+def test_a_state_of_a_never_calibrated_quantizer_loaded_into_a_calibrated_one_is_refused_when_run():
+    x = torch.randn(100)
+    q = calibrated(LearnedQuantizer(4), x)
+    q.load_state_dict(LearnedQuantizer(4).state_dict())
+    with pytest.raises(RuntimeError, match="run before calibration"):
+        q(x)
+
+
 def test_calibration_after_a_training_forward_keeps_every_calibrated_step_size():
     x = torch.randn(5000)
     q = LearnedQuantizer((2, 8), init_bits=8, learn_bits=True)
-    q(x)  # a training forward before calibration (a dry run)
+    with pytest.raises(RuntimeError):
+        q(x)  # a training forward before calibration (a dry run): refused, and it changes nothing
     q = calibrated(q, x)
     scales = q.scale.detach().clone()
     q(x)

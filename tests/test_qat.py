@@ -502,7 +502,8 @@ def test_qvit_searches_under_penalty_and_features_then_fine_tunes_fixed_widths_o
     calls = []
     monkeypatch.setattr("quant.train.fit", fake_fit(calls))
     student = quant.quantize(copy.deepcopy(tiny_model), "qvit")
-    qvit.measure_macs(student, torch.randn(1, 3, 16, 16))  # no step-size calibration: fit is not run
+    qvit.calibrate(student, torch.randn(2, 3, 16, 16))
+    qvit.measure_macs(student, torch.randn(1, 3, 16, 16))
     _, done, logs = train_stages(student, tiny_model, quant.recipe("qvit"), [0] * 6, None, TrainConfig(epochs=3),
                                  tmp_path, 2, penalty=lambda m: 1.0, features=lambda m: 10.0)
     assert done and calls == [("search", 2, 11.0, True), ("finetune", 1, 10.0, False)]
@@ -513,7 +514,8 @@ def test_the_searched_widths_are_brought_within_the_budget_before_fine_tuning(ti
     monkeypatch.setattr("quant.train.fit", fake_fit([], widen_bits=True))
     r = quant.recipe("qvit", budget_bits=3)
     student = quant.quantize(copy.deepcopy(tiny_model), "qvit")
-    qvit.measure_macs(student, torch.randn(1, 3, 16, 16))  # no step-size calibration: fit is not run
+    qvit.calibrate(student, torch.randn(2, 3, 16, 16))
+    qvit.measure_macs(student, torch.randn(1, 3, 16, 16))
     train_stages(student, tiny_model, r, [0] * 6, None, TrainConfig(epochs=2), tmp_path, 1)
     assert qvit.bitops(student) <= qvit.bitops(student, uniform_bits=3)
 

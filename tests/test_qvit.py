@@ -225,6 +225,7 @@ def test_fix_bits_lowers_the_width_that_lies_closest_to_rounding_down(tiny_model
 
 def test_a_width_fix_bits_lowered_counts_as_well_inside_its_new_width_not_as_far_above_it():
     model = qvit.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), budget_bits=4)
+    qvit.calibrate(model, torch.randn(4, 8))
     qvit.measure_macs(model, torch.randn(1, 8))                      # 64 multiply-adds a layer
     qs = [model[0].weight_quant, model[0].input_quant, model[1].weight_quant, model[1].input_quant]
     with torch.no_grad():
