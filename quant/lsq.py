@@ -190,7 +190,7 @@ class LearnedQuantizer(nn.Module):
             state_dict[prefix + "held"] = scale.detach().clone()
             state_dict[prefix + "used"] = torch.ones(scale.shape, dtype=torch.bool, device=scale.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._ready = False  # a state may be one never calibrated: `initialized` is read again
+        self._ready = bool(self.initialized)  # a state may be one never calibrated
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
