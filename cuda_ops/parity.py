@@ -83,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     headers = {f: quant.read_header(f) for f in files}  # refuses a file that is not a packed bitvit model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fp = load_model(args.model) if args.model else None
-    models = [(f"{Path(args.model).name} {r}", lambda r=r: quant.quantize(copy.deepcopy(fp), r)) for r in recipes]
-    models += [(Path(f).name, lambda f=f: quant.load_quantized(f)) for f in files]
-    first = fp if fp is not None else models[0][1]()
-    data = load_split(args.data, args.split, image_size=first.config.img_size, limit=args.limit)
+    models = [(f"{Path(args.model).name} {r}", quant.quantize(copy.deepcopy(fp), r)) for r in recipes]
+    models += [(Path(f).name, quant.load_quantized(f)) for f in files]
+    for name, model in models:  # before any is scored (minutes each on a CPU's full test split)
+        if not any(map(kernel_for, model.modules())):  # else both forwards are the reference: "agreement"
+            raise ValueError(f"{name} has no layer bitvit's kernels run (to_kernels would leave every quantized layer "
+                             f"on the reference forward): give a model quantized to a format with a kernel "
+                             f"(cuda_ops/README.md)")
+    data = load_split(args.data, args.split, image_size=models[0][1].config.img_size, limit=args.limit)
     configs = [(Path(args.model).name, fp.config)] if fp is not None else []
     configs += [(Path(f).name, ViTConfig.from_json(json.dumps(h["architecture"]["config"]), f))
                 for f, h in headers.items() if h["architecture"] is not None]
@@ -96,12 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {**provenance("cuda_ops.parity", argv), "cpu_threads": torch.get_num_threads(),
               "device": device, "data": f"{args.data} split={args.split} n={len(data)}", "rows": [],
               "complete": False}  # until the last row: a run killed or refused midway leaves a partial file
-    for i, (name, make) in enumerate(models, 1):
-        model = make()
-        if not any(map(kernel_for, model.modules())):  # else both forwards are the reference: "agreement"
-            raise ValueError(f"{name} has no layer bitvit's kernels run (to_kernels would leave every quantized layer "
-                             f"on the reference forward): give a model quantized to a format with a kernel "
-                             f"(cuda_ops/README.md)")
+    for i, (name, model) in enumerate(models, 1):
         if data.images.shape[1] != model.config.img_size:  # a file of another input size: the split at its size
             data = load_split(args.data, args.split, image_size=model.config.img_size, limit=args.limit)
         # (the two bars, one a pass, name no model: minutes a model on a CPU's full test split)

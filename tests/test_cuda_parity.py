@@ -1,4 +1,5 @@
 """`python -m cuda_ops.parity`: a saved model, quantized and put on the kernels, scores as its reference does."""
+import copy
 import json
 import types
 
@@ -150,6 +151,16 @@ def test_a_run_ended_midway_leaves_its_rows_in_a_file_marked_incomplete(tiny_mod
         parity.main(args)
     r = json.loads(out.read_text())
     assert [row["model"] for row in r["rows"]] == ["fp.safetensors w4"] and r["complete"] is False
+
+
+def test_a_model_with_no_layer_the_kernels_run_is_refused_before_any_model_is_scored(tiny_model, image_tree, tmp_path,
+                                                                                     monkeypatch):
+    good, bad = tmp_path / "w4.safetensors", tmp_path / "w3.safetensors"
+    quant.save_quantized(quant.quantize(copy.deepcopy(tiny_model), "w4"), good)
+    quant.save_quantized(quant.quantize(tiny_model, quant.recipe("w3", layer_formats=())), bad)
+    monkeypatch.setattr(parity, "compare", lambda *a: pytest.fail("scored a model before the refusal"))
+    with pytest.raises(ValueError, match="w3.safetensors has no layer bitvit's kernels run"):
+        parity.main(["--quantized", f"{good},{bad}", "--data", str(image_tree)])
 
 
 def test_a_model_with_no_layer_the_kernels_run_is_refused_not_found_in_agreement(tiny_model, image_tree, tmp_path):
