@@ -72,7 +72,8 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | N
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     except torch.linalg.LinAlgError:
         raise ValueError(f"GPTQ: the Hessian of {what} is not positive definite even with damp={damp}; "
-                         f"raise damp (e.g. --set damp=0.1) or calibrate on more images") from None
+                         f"raise the recipe's damp (quant.recipe(name, damp=0.1); --set damp=0.1 on the command line) "
+                         f"or calibrate on more images") from None
 
     codes = torch.zeros(O, K, device=W.device)
     cols = perm.tolist()  # on the host: one transfer, not a device sync per column

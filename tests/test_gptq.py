@@ -85,8 +85,9 @@ def test_gptq_model_refuses_a_singular_hessian_naming_the_layer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8)).eval()
     x = torch.randn(4, 16)                                   # 4 tokens: rank 4 < 16 inputs, and no damping
-    with pytest.raises(ValueError, match="Hessian of the inputs of 0 is not positive definite"):
+    with pytest.raises(ValueError, match="Hessian of the inputs of 0 is not positive definite") as e:
         gptq_model(model, x, lambda name, layer: {"weight_format": "int4", "damp": 0.0}, progress=False)
+    assert "quant.recipe(name, damp=0.1)" in str(e.value)  # the advice for the library's users, not the CLI's only
 
 
 def test_gptq_model_rounds_a_layer_the_forward_pass_never_calls_to_nearest_instead_of_leaving_it_float():
