@@ -9,12 +9,15 @@ page's new values, or a message in the page when the input is bad.
 from __future__ import annotations
 
 import atexit
+import hashlib
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from PIL import Image
 
 from app import results as results_mod
 from app.examples import write_examples
@@ -26,6 +29,7 @@ MIRROR_WEBCAM = True  # the preview is a mirror (as people expect); frames are f
 STILL_REPEATS = 10    # an uploaded image is timed over this many runs per model (median)
 VIEW_SCALE = 4        # the models' view is shown enlarged by this factor (nearest neighbour),
 VIEW_MAX = 256        # to at most this many pixels: a 224x224 view is shown as it is
+LIVE_VIEWS_KEPT = 100  # a visitor's latest live views kept as files for the page to fetch (5 s of frames)
 
 
 def _mb(n: int) -> str:
@@ -70,6 +74,17 @@ def view_scale(size: int) -> int:
 def _enlarge(view: np.ndarray) -> np.ndarray:
     k = view_scale(len(view))
     return view.repeat(k, axis=0).repeat(k, axis=1)
+
+
+def _view_file(view: np.ndarray, frame: int, folder: Path) -> str:
+    """The live view of a visitor's `frame` written as its own file in the visitor's `folder`, and the one
+    LIVE_VIEWS_KEPT frames back removed: Gradio would keep a copy of every frame's image (20 a second a visitor)
+    in its cache for the server's life."""
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{frame}.webp"
+    Image.fromarray(view).save(path)
+    (folder / f"{frame - LIVE_VIEWS_KEPT}.webp").unlink(missing_ok=True)
+    return str(path)
 
 
 def _upload_path(upload) -> str | None:
@@ -186,6 +201,19 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
     examples_dir = Path(tempfile.mkdtemp(prefix="bitvit-examples-"))  # in the temp folder, which Gradio serves
     atexit.register(shutil.rmtree, examples_dir, ignore_errors=True)  # not one more folder left at every start
     examples = write_examples(examples_dir)
+    live_views = Path(tempfile.mkdtemp(prefix="bitvit-live-"))  # served from there, not copied into Gradio's cache
+    atexit.register(shutil.rmtree, live_views, ignore_errors=True)
+    gr.set_static_paths([live_views])
+    secret = secrets.token_hex(16)  # in the visitors' folder names: one visitor cannot guess another's
+
+    def own_folder(stats: LiveStats) -> Path:
+        return live_views / hashlib.sha256(f"{secret}:{id(stats)}".encode()).hexdigest()[:32]
+
+    def live(frame, variant, stats):
+        out = h.live(frame, variant, stats)
+        if isinstance(out[0], np.ndarray):
+            out = (_view_file(out[0], out[-1].frames, own_folder(out[-1])),) + out[1:]
+        return out
 
     with gr.Blocks(title="bitvit: full precision vs quantized ViT") as demo:
         gr.Markdown(
@@ -220,12 +248,12 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                 live_view = gr.Image(label=f"what the models see ({s}x{s}{enlarged})", interactive=False,
                                      height=s * view_scale(s) + 60, elem_id="live-view")
             live_out = outputs("live")
-            stats = gr.State(LiveStats())
+            stats = gr.State(LiveStats(), delete_callback=lambda s: shutil.rmtree(own_folder(s), ignore_errors=True))
             # frames come unprocessed (preprocess=False), so the app checks a frame's size before decoding
             # it, as /classify does for uploads; the stream is the page's own, not a listed API endpoint.
             # A stream holds its worker until its webcam stops: with a limit, the next visitor's would wait
             # in the queue all that time; the handler is safe to run for several visitors at once
-            webcam.stream(h.live, [webcam, variant, stats], [live_view, *live_out, stats],
+            webcam.stream(live, [webcam, variant, stats], [live_view, *live_out, stats],
                           stream_every=STREAM_EVERY, concurrency_limit=None, show_progress="hidden",
                           api_name=False, preprocess=False)
 
