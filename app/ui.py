@@ -30,6 +30,7 @@ STILL_REPEATS = 10    # an uploaded image is timed over this many runs per model
 VIEW_SCALE = 4        # the models' view is shown enlarged by this factor (nearest neighbour),
 VIEW_MAX = 256        # to at most this many pixels: a 224x224 view is shown as it is
 LIVE_VIEWS_KEPT = 100  # a visitor's latest live views kept as files for the page to fetch (5 s of frames)
+DELETE_CACHE = (60, 600)  # every 60 s, the files Gradio keeps (uploads, the Image tab's views) over 10 minutes old go
 
 
 def _mb(n: int) -> str:
@@ -215,7 +216,7 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             out = (_view_file(out[0], out[-1].frames, own_folder(out[-1])),) + out[1:]
         return out
 
-    with gr.Blocks(title="bitvit: full precision vs quantized ViT") as demo:
+    with gr.Blocks(title="bitvit: full precision vs quantized ViT", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(
             f"# bitvit: a full-precision and a quantized Vision Transformer, side by side\n"
             f"Both models classify the same frames, one after the other in the same call on this machine's "

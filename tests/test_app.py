@@ -633,6 +633,32 @@ def test_a_visitor_who_leaves_has_their_live_views_removed(handlers, tmp_path, m
     assert not last.parent.exists()
 
 
+def test_an_uploaded_image_and_its_view_are_removed_from_gradios_cache_after_a_while_not_kept_for_days(
+        handlers, tmp_path, monkeypatch):
+    """An upload may be 50 MB; a Space serves uploads for days."""
+    import asyncio
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+    from gradio import route_utils
+    from gradio.state_holder import SessionState
+    from app.ui import build
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build(handlers.cmp, ["int8"], tmp_path)
+    upload = tmp_path / "gradio" / "upload" / "x.png"
+    upload.parent.mkdir()
+    Image.fromarray(frame((40, 40, 3))).save(upload)
+    demo.upload_file_set.add(str(upload))  # as Gradio's upload route records it
+    classify = next(fn for fn in demo.fns.values() if fn.api_name == "classify")
+    out = asyncio.run(demo.process_api(block_fn=classify, inputs=[{"path": str(upload)}, "int8"], state=SessionState(demo)))
+    view = Path(out["data"][0]["path"])
+    assert view.is_file() and demo.delete_cache is not None
+    frequency, age = demo.delete_cache
+    later = datetime.now() + timedelta(seconds=age + 1)  # Gradio's scheduled deletion, `age` seconds on
+    monkeypatch.setattr(route_utils, "datetime", SimpleNamespace(now=lambda: later, fromtimestamp=datetime.fromtimestamp))
+    route_utils.delete_files_created_by_app(demo, age)
+    assert not upload.exists() and not view.exists() and frequency <= age <= 3600
+
+
 @pytest.mark.parametrize("label", [["a"], {"x": 1}, 12345])
 def test_a_variant_that_is_not_a_menu_label_is_refused_clearly(assets, label):
     cmp, _, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
