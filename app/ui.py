@@ -267,11 +267,13 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             gr.Examples([[str(p)] for p in examples], inputs=[still],
                         label="drawn examples (not CIFAR images)")
             still_out = outputs("still")
-            # preprocess=False: the handler decodes the file itself, so a bad upload gets a message
+            # preprocess=False: the handler decodes the file itself, so a bad upload gets a message. One queue
+            # for both events: a visitor's upload and variant change are answered in the order made (the page
+            # ends on the variant chosen last), and no two images are timed at once
             still.change(h.still, [still, variant], [still_view, *still_out], preprocess=False,
-                         api_name="classify")
+                         api_name="classify", concurrency_id="still")
             variant.change(h.still, [still, variant], [still_view, *still_out], preprocess=False,
-                           api_name=False)
+                           api_name=False, concurrency_id="still")
 
         with gr.Tab("Results"):
             res_md = gr.Markdown()

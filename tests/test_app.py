@@ -659,6 +659,16 @@ def test_an_uploaded_image_and_its_view_are_removed_from_gradios_cache_after_a_w
     assert not upload.exists() and not view.exists() and frequency <= age <= 3600
 
 
+def test_an_upload_and_a_variant_change_wait_in_one_queue_so_the_page_ends_on_the_variant_chosen_last(
+        handlers, tmp_path):
+    """In two queues, an upload waiting behind other visitors' would be answered after the variant change made
+    since, showing the variant chosen before it."""
+    from app.ui import build
+    demo = build(handlers.cmp, ["int8"], tmp_path)
+    stills = [fn for fn in demo.fns.values() if fn.name == "still"]
+    assert len(stills) == 2 and len({fn.concurrency_id for fn in stills}) == 1
+
+
 @pytest.mark.parametrize("label", [["a"], {"x": 1}, 12345])
 def test_a_variant_that_is_not_a_menu_label_is_refused_clearly(assets, label):
     cmp, _, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
