@@ -30,7 +30,7 @@ STILL_REPEATS = 10    # an uploaded image is timed over this many runs per model
 VIEW_SCALE = 4        # the models' view is shown enlarged by this factor (nearest neighbour),
 VIEW_MAX = 256        # to at most this many pixels: a 224x224 view is shown as it is
 LIVE_VIEWS_KEPT = 100  # a visitor's latest live views kept as files for the page to fetch (5 s of frames)
-DELETE_CACHE = (60, 600)  # every 60 s, the files Gradio keeps (uploads, the Image tab's views) over 10 minutes old go
+DELETE_CACHE = (600, 3600)  # every 10 minutes, the files Gradio keeps (uploads, the Image tab's views) over an hour old go
 
 
 def _mb(n: int) -> str:
