@@ -26,7 +26,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     SIGTERM (`timeout`, `kill`) stops it as Ctrl-C does: the temporary file of a write under way is removed (on
     the main thread, the one signals reach; elsewhere it is left as it is). Started by torchrun as one of several
     processes, a command is refused unless it runs in `several_processes` (quant.train): each process would do
-    all the work and write the same files."""
+    all the work and write the same files; one whose collective fails as another process ended (with its own
+    error) ends with one line saying so, not the backend's traceback."""
     commit()  # the code as the command starts, for the results it writes (`provenance`)
     if hasattr(sys.stdout, "reconfigure"):  # not an error after the work, before the results file is written
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -40,6 +41,11 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # gloo's, in a collective, where another of torchrun's processes ended: that one says why
+        if world_size() > 1 and ("Connection closed by peer" in str(e) or "Connection reset by peer" in str(e)):
+            print("stopped: another process of this run failed", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -260,6 +260,22 @@ def test_a_command_started_by_torchrun_among_several_is_refused_unless_it_runs_i
     assert run(ran.append, [], several_processes=True) == 0 and ran == [[]]
 
 
+@pytest.mark.parametrize("message", [
+    "[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:35510. This is typically caused by a "
+    "remote worker crashing.",  # waiting in a collective as the other process ended
+    "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:52147: Connection reset by peer."])  # in DDP's backward
+def test_a_process_whose_collective_fails_as_another_process_failed_says_so_in_one_line(monkeypatch, capsys, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the other process printed its own error: this one printed gloo's traceback
+
+    def lost_peer(argv):
+        raise RuntimeError(message)
+    assert run(lost_peer, [], several_processes=True) == 2
+    assert capsys.readouterr().err == "stopped: another process of this run failed\n"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="by peer"):  # not under torchrun: not one of its processes
+        run(lost_peer, [])
+
+
 @pytest.mark.parametrize("world", ["", "1"])
 def test_a_command_runs_where_world_size_names_no_several_processes(monkeypatch, world):
     monkeypatch.setenv("WORLD_SIZE", world)  # exported empty by a shell script, not torchrun: every command died
