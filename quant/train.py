@@ -271,6 +271,16 @@ class _Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
+    def settle(self, error: Exception | None) -> None:
+        """End every process where any failed (a collective: each passes its own error, or None): rank 0 raises
+        its error, another process one other than rank 0's (its own cause, such as a machine without the data),
+        and the rest end with exit code 2 and no word, so that an error every process hits is printed once."""
+        errors = self.gather(None if error is None else str(error))
+        if any(e is not None for e in errors):
+            if error is not None and (self.main or str(error) != errors[0]):
+                raise error
+            raise SystemExit(2)
+
     def gather(self, obj) -> list:
         """`obj` of every process, by rank (a collective: every process calls it)."""
         if self.world == 1:
@@ -449,16 +459,20 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                "teacher_digest": _weights_digest(teacher) if teacher is not None else None,
                "recipe": getattr(model, "quant_recipe", None)}   # a dict: budget_bits 3 and 3.0 are one recipe
 
-    ckpt_path = out / "last.pt"
-    if ckpt_path.exists():
-        start_epoch, trained, step_seconds, warmup, warmup_seconds, start, peak = _resume(
-            ckpt_path, model, opt, cfg, run_key, env, warmup)
-    else:
-        start_epoch, trained, step_seconds = 0, 0.0, 0.0  # epochs done, seconds spent in training steps, per step
-        warmup_seconds = None  # the budget's clock when the warmup ended (None: it goes on)
-        start, peak = (0, 0.0), cfg.lr  # the step and rate the warmup rises from, the rate the decay starts from
-        if env.main:
-            (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run: no earlier run's epochs in its log
+    ckpt_path, failed = out / "last.pt", None
+    try:  # a damaged log, which rank 0 alone reads, ends every process; a refused state is named once (`settle`)
+        if ckpt_path.exists():
+            start_epoch, trained, step_seconds, warmup, warmup_seconds, start, peak = _resume(
+                ckpt_path, model, opt, cfg, run_key, env, warmup)
+        else:
+            start_epoch, trained, step_seconds = 0, 0.0, 0.0  # epochs done, seconds spent in training steps, per step
+            warmup_seconds = None  # the budget's clock when the warmup ended (None: it goes on)
+            start, peak = (0, 0.0), cfg.lr  # the step and rate the warmup rises from, the rate the decay starts from
+            if env.main:
+                (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run: no earlier run's epochs in its log
+    except (ValueError, OSError) as e:
+        failed = e
+    env.settle(failed)
 
     cuda = env.device.type == "cuda"
     fwd = model
@@ -643,67 +657,67 @@ def main(argv=None):
                         "model.safetensors, or a timm/DeiT checkpoint, of the same --model and classes): a warm "
                         "restart, whose warmup and decay start over")
     args = p.parse_args(argv)
-    if args.distill and not args.teacher:
-        raise ValueError(f"--distill {args.distill} needs --teacher, the model file to distil from")
-    if args.mix_prob is not None and args.mixup == 0 and args.cutmix == 0:
-        raise ValueError("--mix-prob is the chance a batch is mixed: use it with --mixup or --cutmix, not with both 0")
-    if args.end_within_time_limit and not (args.time_budget and args.time_limit is not None):
-        raise ValueError("--end-within-time-limit needs --time-budget and --time-limit (it shrinks the budget to "
-                         "what the limit leaves)")
-    check_device(args.device)
-    run_folder(args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    mix_prob = a.mix_prob if args.mix_prob is None else args.mix_prob
-    cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, time_budget=args.time_budget, seed=args.seed,
-        augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mix_prob=mix_prob,
-                              label_smoothing=args.label_smoothing,
-                              trivial_augment=not args.no_trivial_augment),
-        distill=(args.distill or "hard") if args.teacher else "none")
-    is_cnn = args.model in cnn.CONFIGS
-    img_size = (cnn.CONFIGS if is_cnn else CONFIGS)[args.model].img_size
     env = _Dist(args.device)  # torchrun's processes join here (fit trains in this group); rank 0 shows the progress
-    per_process_batch(cfg.batch_size, env.world)  # refused before the data is decoded
-    train = load_split(args.data, args.split, img_size, limit=args.limit, progress=env.main)
-    if len(train.classes) < 2:  # a model of one class is right about every image it is shown
-        raise ValueError(f"{args.data} holds one class ({train.classes[0]!r}) in its {args.split} split: a classifier "
-                         f"is trained on two or more class folders")
-    val = load_split(args.data, "val", img_size, limit=args.limit, progress=env.main) if args.split == "train" else None
-    torch.manual_seed(cfg.seed)
-    labels = dict(num_classes=len(train.classes), classes=tuple(train.classes))
-    model = (cnn.create_teacher(args.model, **labels) if is_cnn
-             else create_model(args.model, drop_path_rate=args.drop_path, **labels))
-    if val is not None:  # a tree's own val/ folder may name other classes: refused now, not after an epoch
-        val.require_classes(model.config, whose="the train split's")
-    if args.init:
-        cfg.init = start_from(model, args.init, args.model)
-    teacher = load_any(args.teacher) if args.teacher else None
-    if teacher is not None:
-        train.require_classes(teacher.config, whose=f"the teacher {args.teacher}'s")
-        if teacher.config.img_size != img_size:  # it sees the student's images
-            raise ValueError(f"the teacher {args.teacher} takes {teacher.config.img_size}x{teacher.config.img_size} "
-                             f"images; the student {args.model} takes {img_size}x{img_size}")
-        if any(tuple(getattr(teacher.config, k)) != tuple(getattr(model.config, k))
-               for k in ("mean", "std")):  # it sees the student's normalised input
-            raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "
-                             f"{teacher.config.mean}, std {teacher.config.std}; the student uses "
-                             f"{model.config.mean}, {model.config.std}")
-    if env.main:
-        print(f"{args.model}: {count_parameters(model):,} parameters{f' from {args.init}' if args.init else ''}; "
-              f"{len(train)} training images"
-              f"{f', {len(val)} validation images' if val is not None else ''}")
-    with contextlib.ExitStack() as lock:
-        refused = None
-        if env.main:  # torchrun's other processes share its lock
-            try:
-                lock.enter_context(run_lock(args.out))
-            except ValueError as e:
-                refused = e
-        if env.agree(refused is not None):  # every process ends (the others waited for rank 0 till torchrun
-            raise refused or SystemExit(2)  # killed them); rank 0 says why
+    lock, failed = contextlib.ExitStack(), None
+    try:  # an error every process hits (a bad --data) is printed once, by rank 0; one some hit ends every process
+        if args.distill and not args.teacher:
+            raise ValueError(f"--distill {args.distill} needs --teacher, the model file to distil from")
+        if args.mix_prob is not None and args.mixup == 0 and args.cutmix == 0:
+            raise ValueError("--mix-prob is the chance a batch is mixed: use it with --mixup or --cutmix, not with "
+                             "both 0")
+        if args.end_within_time_limit and not (args.time_budget and args.time_limit is not None):
+            raise ValueError("--end-within-time-limit needs --time-budget and --time-limit (it shrinks the budget to "
+                             "what the limit leaves)")
+        run_folder(args.out)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+
+        mix_prob = a.mix_prob if args.mix_prob is None else args.mix_prob
+        cfg = TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            warmup_epochs=args.warmup_epochs, time_budget=args.time_budget, seed=args.seed,
+            augment=AugmentConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mix_prob=mix_prob,
+                                  label_smoothing=args.label_smoothing,
+                                  trivial_augment=not args.no_trivial_augment),
+            distill=(args.distill or "hard") if args.teacher else "none")
+        is_cnn = args.model in cnn.CONFIGS
+        img_size = (cnn.CONFIGS if is_cnn else CONFIGS)[args.model].img_size
+        per_process_batch(cfg.batch_size, env.world)  # refused before the data is decoded
+        train = load_split(args.data, args.split, img_size, limit=args.limit, progress=env.main)
+        if len(train.classes) < 2:  # a model of one class is right about every image it is shown
+            raise ValueError(f"{args.data} holds one class ({train.classes[0]!r}) in its {args.split} split: a "
+                             f"classifier is trained on two or more class folders")
+        val = (load_split(args.data, "val", img_size, limit=args.limit, progress=env.main) if args.split == "train"
+               else None)
+        torch.manual_seed(cfg.seed)
+        labels = dict(num_classes=len(train.classes), classes=tuple(train.classes))
+        model = (cnn.create_teacher(args.model, **labels) if is_cnn
+                 else create_model(args.model, drop_path_rate=args.drop_path, **labels))
+        if val is not None:  # a tree's own val/ folder may name other classes: refused now, not after an epoch
+            val.require_classes(model.config, whose="the train split's")
+        if args.init:
+            cfg.init = start_from(model, args.init, args.model)
+        teacher = load_any(args.teacher) if args.teacher else None
+        if teacher is not None:
+            train.require_classes(teacher.config, whose=f"the teacher {args.teacher}'s")
+            if teacher.config.img_size != img_size:  # it sees the student's images
+                raise ValueError(f"the teacher {args.teacher} takes {teacher.config.img_size}x"
+                                 f"{teacher.config.img_size} images; the student {args.model} takes "
+                                 f"{img_size}x{img_size}")
+            if any(tuple(getattr(teacher.config, k)) != tuple(getattr(model.config, k))
+                   for k in ("mean", "std")):  # it sees the student's normalised input
+                raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "
+                                 f"{teacher.config.mean}, std {teacher.config.std}; the student uses "
+                                 f"{model.config.mean}, {model.config.std}")
+        if env.main:
+            print(f"{args.model}: {count_parameters(model):,} parameters{f' from {args.init}' if args.init else ''}; "
+                  f"{len(train)} training images"
+                  f"{f', {len(val)} validation images' if val is not None else ''}")
+            lock.enter_context(run_lock(args.out))  # torchrun's other processes share its lock
+    except (ValueError, OSError) as e:
+        failed = e
+    with lock:
+        env.settle(failed)
         model, done = fit(model, train, val, cfg, args.out, teacher=teacher, device=args.device,
                           time_limit=args.time_limit, save_every=args.save_every,
                           end_within_time_limit=args.end_within_time_limit)

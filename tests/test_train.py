@@ -468,6 +468,18 @@ def test_two_processes_shrinking_the_budget_to_the_time_limit_agree_on_it(tmp_pa
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
 
 
+def as_rank(monkeypatch, rank: int, rank_0=lambda obj: obj):
+    """This process as rank `rank` of torchrun's 2, its process group joined; what the processes exchange
+    (`_Dist.gather`) is this process's own object from each, `rank_0(it)` from rank 0."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as torchrun's process group, joined
+
+    def all_gather_object(objs, obj):
+        objs[:] = [rank_0(obj), *[obj] * (len(objs) - 1)]
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+
+
 def test_a_batch_size_that_does_not_divide_among_the_processes_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # batch 5 trained batches of 4, two images a process
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as torchrun's process group, joined
@@ -478,11 +490,43 @@ def test_a_batch_size_that_does_not_divide_among_the_processes_is_refused(tmp_pa
 
 def test_cli_refuses_a_batch_size_that_does_not_divide_among_the_processes_before_decoding_the_data(
         tmp_path, image_tree, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as torchrun's process group, joined
+    as_rank(monkeypatch, 0)
     monkeypatch.setattr(quant.train, "load_split", lambda *a, **k: pytest.fail("the data was decoded first"))
     with pytest.raises(ValueError, match="batch size 5 does not divide among 2 processes; give a multiple of 2"):
         main(["--data", str(image_tree), "--out", str(tmp_path / "run"), "--batch-size", "5"])
+
+
+@pytest.mark.parametrize("rank, said", [(0, True), (1, False)])
+def test_cli_under_torchrun_prints_an_error_every_process_hits_once_from_rank_0(tmp_path, capsys, monkeypatch, rank,
+                                                                                said):
+    as_rank(monkeypatch, rank)  # each process printed it
+    try:
+        code = run(main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--batch-size", "4"],
+                   several_processes=True)
+    except SystemExit as e:  # (as the process exits)
+        code = e.code
+    assert code == 2
+    assert capsys.readouterr().err == (f"error: data path does not exist: {tmp_path / 'none'}\n" if said else "")
+
+
+def test_cli_under_torchrun_a_process_that_fails_where_rank_0_does_not_prints_its_own_error(tmp_path, capsys,
+                                                                                            monkeypatch):
+    as_rank(monkeypatch, 1, rank_0=lambda error: None)  # rank 0 found the data: this machine has none
+    assert run(main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--batch-size", "4"],
+               several_processes=True) == 2
+    assert capsys.readouterr().err == f"error: data path does not exist: {tmp_path / 'none'}\n"
+
+
+def test_under_torchrun_a_damaged_log_rank_0_finds_on_resume_ends_the_other_processes_before_training(tmp_path,
+                                                                                                      monkeypatch):
+    data, cfg = colour_set(8), TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False)
+    as_rank(monkeypatch, 1, rank_0=lambda error: f"{tmp_path / 'log.jsonl'}, line 1, is not an epoch record")
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda *a, **k: pytest.fail(
+        "rank 1 went on to train, where gloo's traceback ended it as rank 0 ended"))
+    with pytest.raises(SystemExit) as e:  # silently: rank 0 says why
+        fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, device="cpu")
+    assert e.value.code == 2
 
 
 def test_a_run_trains_in_one_process_where_world_size_is_set_empty(monkeypatch):
@@ -846,6 +890,11 @@ def test_torchrun_with_two_processes_trains_saves_once_and_resumes(tmp_path, ima
     with run_lock(run_dir):  # as another run holds it: every process ends, not only rank 0, which is refused it
         r = torchrun(args, timeout=25)
     assert r.returncode != 0 and r.stderr.count(f"error: {run_dir} is the run folder of another run still going") == 1
+    log = run_dir / "log.jsonl"
+    log.write_text("damaged\n" + log.read_text())  # read by rank 0 alone: rank 1 died of gloo's traceback
+    r = torchrun(args, timeout=25)
+    assert r.returncode != 0 and r.stderr.count("error: ") == 1 and "[rank1]" not in r.stderr
+    assert f"error: {log}, line 1, is not an epoch record; fix or delete the log" in r.stderr
 
 
 @pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
