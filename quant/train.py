@@ -556,6 +556,10 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{(i + 1) * per_rank * env.world / (time.perf_counter() - t0):.0f}")
         bar.close()
+        if env.world > 1:  # the log's loss and accuracy: over every process's sampled steps, not rank 0's alone
+            sums = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=env.device)
+            dist.all_reduce(sums)
+            loss_sum, correct, seen = sums.tolist()
         weights_finite = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # 1 sync
         if not (math.isfinite(loss_sum) and weights_finite):
             # every later step would be NaN too: stop before scoring or saving the weights

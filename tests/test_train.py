@@ -437,6 +437,17 @@ def test_two_processes_train_with_the_largest_seed_the_cli_takes(tmp_path):
     assert a["done"] and b["done"]
 
 
+def _ddp_rank_loss_worker(rank: int, world: int, port: int, out: str, cfg: TrainConfig):
+    quant.train.soft_cross_entropy = lambda logits, target: logits.sum() * 0 + rank  # 0 on rank 0, 1 on rank 1
+    _ddp_worker(rank, world, port, out, cfg)
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_log_the_loss_of_both_processes_batches_not_rank_0s_alone(tmp_path):
+    _run_two_processes(_ddp_rank_loss_worker, tmp_path, TrainConfig(epochs=1, batch_size=8, augment=NO_AUG))
+    assert read_log(tmp_path / "log.jsonl")[0]["train_loss"] == 0.5
+
+
 class _RankClock(FakeClock):
     """A FakeClock ticking `tick` seconds a reading: processes whose epochs take different times."""
 
