@@ -335,8 +335,8 @@ def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: Train
     stands: the epochs done, the seconds trained and per step, the warmup's steps (at most `warmup`), the
     budget's clock when the warmup ended (None: it goes on), the (step, rate) it rises from, the peak rate."""
     state = read_resume_state(path, "delete it to start over")
-    streams = state.get("rank_rngs")  # every process's random streams, by rank (kept by runs of several)
-    own = streams[env.rank] if isinstance(streams, list) and len(streams) == env.world else state
+    streams = state.get("rank_rngs")  # every process's random streams, by rank (one for a run of one process)
+    own = streams[env.rank] if isinstance(streams, list) and len(streams) == env.world > 1 else state  # one: alike
     was, now = state["config"], json.loads(json.dumps(cfg.to_dict()))  # tuples as lists
     was.setdefault("extra_loss", now["extra_loss"])  # states written before it was kept: unchecked
     if was != now:
@@ -383,6 +383,9 @@ def _resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: Train
         torch.manual_seed(cfg.seed + env.rank + 1000 * epoch)  # number of processes: a stream of its rank and epoch
     if env.main:
         print(f"resuming from {path} after epoch {epoch}")
+        if isinstance(streams, list) and len(streams) != env.world:  # (states written before it was kept: no word)
+            print(f"{path} was saved by {len(streams)} process(es), this run has {env.world}: it trains on with the "
+                  f"same global batch of {cfg.batch_size} images, from other augmentation draws than an unbroken run")
         _trim_log(path.with_name("log.jsonl"), epoch)
     return epoch, trained, step_seconds, warmup, warmup_seconds, start, peak
 
@@ -399,7 +402,7 @@ def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: T
     process's `_rng_state` by rank), `schedule` (epoch, trained_seconds, warmup, step_seconds, warmup_seconds,
     warmup_start, peak), the config and `run_key`."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), **rngs[0],
-             **({"rank_rngs": rngs} if len(rngs) > 1 else {}), **schedule,
+             "rank_rngs": rngs, **schedule,
              "config": json.dumps(cfg.to_dict(), sort_keys=True), **run_key}
     with written_whole(path) as tmp, open(tmp, "wb") as f:  # a file object: its write's error is kept
         try:

@@ -589,6 +589,18 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_a_run_resumed_by_another_number_of_processes_says_so_and_keeps_the_global_batch(tmp_path, capsys):
+    data, cfg = colour_set(8), TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), data, None, cfg, tmp_path, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state["rank_rngs"] = [{"rng": state["rng"]}] * 2  # as torchrun's 2 processes saved it: it resumed without a word
+    torch.save(state, tmp_path / "last.pt")
+    capsys.readouterr()
+    assert fit(VisionTransformer(TINY), data, None, cfg, tmp_path, progress=False)[1]
+    assert f"{tmp_path / 'last.pt'} was saved by 2 process(es), this run has 1: it trains on with the same global " \
+           f"batch of 8 images, from other augmentation draws than an unbroken run" in capsys.readouterr().out
+
+
 def test_resuming_with_another_config_is_refused_naming_what_changed(tmp_path):
     data = colour_set(8)
     fit(VisionTransformer(TINY), data, None, TrainConfig(epochs=1, batch_size=8, augment=NO_AUG), tmp_path,
