@@ -476,6 +476,10 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
     except (ValueError, OSError) as e:
         failed = e
     env.settle(failed)
+    epochs = env.gather(start_epoch)  # a machine whose run folder is its own would train other epochs, and wait
+    env.settle(ValueError(f"the processes found other resume states in {out}: epochs done {', '.join(map(str, epochs))}"
+                          f" by rank; give every machine of the run the same run folder (a shared one)")
+               if len(set(epochs)) > 1 else None)
 
     cuda = env.device.type == "cuda"
     fwd = model

@@ -479,15 +479,15 @@ def test_two_processes_shrinking_the_budget_to_the_time_limit_agree_on_it(tmp_pa
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
 
 
-def as_rank(monkeypatch, rank: int, rank_0=lambda obj: obj):
+def as_rank(monkeypatch, rank: int, sends=lambda rank, obj: obj):
     """This process as rank `rank` of torchrun's 2, its process group joined; what the processes exchange
-    (`_Dist.gather`) is this process's own object from each, `rank_0(it)` from rank 0."""
+    (`_Dist.gather`) is `sends(r, this process's object)` from each rank r."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as torchrun's process group, joined
 
     def all_gather_object(objs, obj):
-        objs[:] = [rank_0(obj), *[obj] * (len(objs) - 1)]
+        objs[:] = [sends(r, obj) for r in range(len(objs))]
     monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
 
 
@@ -522,7 +522,7 @@ def test_cli_under_torchrun_prints_an_error_every_process_hits_once_from_rank_0(
 
 def test_cli_under_torchrun_a_process_that_fails_where_rank_0_does_not_prints_its_own_error(tmp_path, capsys,
                                                                                             monkeypatch):
-    as_rank(monkeypatch, 1, rank_0=lambda error: None)  # rank 0 found the data: this machine has none
+    as_rank(monkeypatch, 1, sends=lambda r, error: error if r else None)  # rank 0 found the data: this machine has none
     assert run(main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--batch-size", "4"],
                several_processes=True) == 2
     assert capsys.readouterr().err == f"error: data path does not exist: {tmp_path / 'none'}\n"
@@ -532,12 +532,24 @@ def test_under_torchrun_a_damaged_log_rank_0_finds_on_resume_ends_the_other_proc
                                                                                                       monkeypatch):
     data, cfg = colour_set(8), TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
     fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False)
-    as_rank(monkeypatch, 1, rank_0=lambda error: f"{tmp_path / 'log.jsonl'}, line 1, is not an epoch record")
+    as_rank(monkeypatch, 1, sends=lambda r, error: error if r else f"{tmp_path / 'log.jsonl'}, line 1, is not an "
+                                                                   f"epoch record")
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda *a, **k: pytest.fail(
         "rank 1 went on to train, where gloo's traceback ended it as rank 0 ended"))
     with pytest.raises(SystemExit) as e:  # silently: rank 0 says why
         fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, device="cpu")
     assert e.value.code == 2
+
+
+def test_under_torchrun_processes_that_find_other_resume_states_are_refused_not_left_waiting(tmp_path, monkeypatch):
+    data, cfg = colour_set(8), TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False)
+    as_rank(monkeypatch, 0, sends=lambda r, obj: 0 if r and isinstance(obj, int) else obj)  # another machine's own
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda *a, **k: pytest.fail(  # run folder
+        "the processes went on to train from other epochs, where they waited for each other till torchrun's timeout"))
+    with pytest.raises(ValueError, match=r"processes found other resume states in .*: epochs done 2, 0 by rank; give "
+                                         r"every machine of the run the same run folder"):
+        fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, device="cpu")
 
 
 def test_a_run_trains_in_one_process_where_world_size_is_set_empty(monkeypatch):
