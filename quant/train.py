@@ -570,6 +570,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
         weights_finite = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # 1 sync
         if not (math.isfinite(loss_sum) and weights_finite):
             # every later step would be NaN too: stop before scoring or saving the weights
+            if not env.main:  # rank 0 says why: the loss, summed over every process, and the weights are its own too
+                raise SystemExit(2)
             what, advice = "the loss or the weights", "a lower --lr"
             if cfg.distill != "none":  # a teacher's NaN logits make the loss NaN (quant.distill)
                 what = "the loss, the weights or the teacher's logits"

@@ -552,6 +552,16 @@ def test_under_torchrun_processes_that_find_other_resume_states_are_refused_not_
         fit(VisionTransformer(TINY), data, data, cfg, tmp_path, progress=False, device="cpu")
 
 
+def test_under_torchrun_a_run_whose_loss_turns_nan_is_named_by_rank_0_only(tmp_path, monkeypatch):
+    as_rank(monkeypatch, 1)  # every process printed it
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, **kwargs: model)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op=None: None)  # (sums: this process's)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e30, warmup_epochs=0, augment=NO_AUG)
+    with pytest.raises(SystemExit) as e:
+        fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False, device="cpu")
+    assert e.value.code == 2
+
+
 def test_a_run_trains_in_one_process_where_world_size_is_set_empty(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "")  # export WORLD_SIZE=$SLURM_NTASKS, that one unset
     assert quant.train._Dist("cpu").world == 1
