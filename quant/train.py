@@ -230,11 +230,11 @@ def check_device(device: str | None) -> None:
 
 def resolve_device(device: str | None) -> torch.device:
     """The device a run trains on: `device`, else CUDA when there is one; "cuda" is this process's GPU
-    (torchrun's LOCAL_RANK)."""
+    (torchrun's LOCAL_RANK; the first outside torchrun)."""
     check_device(device)
     d = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if d.type == "cuda" and d.index is None:
-        d = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        d = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) if world_size() > 1 else 0}")
         if d.index >= torch.cuda.device_count():  # else "invalid device ordinal" from torch
             raise ValueError(f"torchrun started more processes on this machine than its {torch.cuda.device_count()} "
                              f"CUDA device(s); give --nproc-per-node {torch.cuda.device_count()} at most")
@@ -246,7 +246,7 @@ class _Dist:
 
     def __init__(self, device: str | None):
         self.world = world_size()
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0  # one process: 0, whatever RANK says
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
         if cuda and torch.device(device or "cuda").index is not None \

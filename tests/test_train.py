@@ -567,6 +567,17 @@ def test_a_run_trains_in_one_process_where_world_size_is_set_empty(monkeypatch):
     assert quant.train._Dist("cpu").world == 1
 
 
+@pytest.mark.parametrize("rank", ["", "1"])
+def test_a_run_in_one_process_is_rank_0_and_takes_the_first_gpu_whatever_rank_is_set_to(monkeypatch, rank):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # RANK=$SLURM_PROCID exported, that one unset: int('') failed;
+    monkeypatch.setenv("RANK", rank)                 # set to 1, the run logged and saved nothing
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    assert quant.train._Dist("cpu").rank == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert quant.train.resolve_device(None) == torch.device("cuda:0")
+
+
 def test_a_gpu_named_by_its_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc-per-node 2 ... --device cuda:0: both on GPU 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -578,6 +589,7 @@ def test_a_gpu_named_by_its_index_under_torchrun_is_refused(monkeypatch):
 
 def test_more_processes_than_gpus_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun --nproc-per-node 2 on a machine of one GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"torchrun started more processes on this machine than its 1 CUDA "
