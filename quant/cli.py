@@ -55,10 +55,10 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
 
 
 def world_size() -> int:
-    """How many processes torchrun started (`WORLD_SIZE`): 1 where it is unset, or set empty by another tool
-    (`export WORLD_SIZE=$SLURM_NTASKS` with that unset)."""
+    """How many processes torchrun started (`WORLD_SIZE`): 1 where it is unset, or set empty or 0 by another tool
+    (`export WORLD_SIZE=$SLURM_NTASKS`, or `$((SLURM_NTASKS))`, with that unset)."""
     world = os.environ.get("WORLD_SIZE", "")
-    return int(world) if world.isdigit() else 1
+    return max(int(world), 1) if world.isdigit() else 1
 
 
 def positive_int(text: str) -> int:

@@ -562,8 +562,9 @@ def test_under_torchrun_a_run_whose_loss_turns_nan_is_named_by_rank_0_only(tmp_p
     assert e.value.code == 2
 
 
-def test_a_run_trains_in_one_process_where_world_size_is_set_empty(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "")  # export WORLD_SIZE=$SLURM_NTASKS, that one unset
+@pytest.mark.parametrize("world", ["", "0"])  # 0: $((SLURM_NTASKS)), a ZeroDivisionError dividing the batch
+def test_a_run_trains_in_one_process_where_world_size_is_set_empty(monkeypatch, world):
+    monkeypatch.setenv("WORLD_SIZE", world)  # export WORLD_SIZE=$SLURM_NTASKS, that one unset
     assert quant.train._Dist("cpu").world == 1
 
 
