@@ -294,7 +294,8 @@ def per_process_batch(batch_size: int, world: int) -> int:
     """Each of `world` processes' share of the global `batch_size`, which must divide among them (each process
     taking the quotient would train a smaller batch than the one asked for)."""
     if batch_size % world:
-        raise ValueError(f"batch size {batch_size} does not divide among {world} processes; give a multiple of {world}")
+        raise ValueError(f"batch size {batch_size} does not divide among {world} processes; give a multiple of {world} "
+                         f"(to resume a run, which keeps its batch size, start a number of processes that divides it)")
     return batch_size // world
 
 

@@ -499,6 +499,12 @@ def test_a_batch_size_that_does_not_divide_among_the_processes_is_refused(tmp_pa
             progress=False, device="cpu")
 
 
+def test_a_batch_size_the_processes_do_not_divide_is_refused_saying_how_to_resume_a_run_that_keeps_it():
+    with pytest.raises(ValueError, match=r"give a multiple of 4 \(to resume a run, which keeps its batch size, start a "
+                                         r"number of processes that divides it\)$"):  # a run of batch 6 resumed by 4
+        quant.train.per_process_batch(6, 4)  # processes: the multiple of 4 it was told to give was another config
+
+
 def test_cli_refuses_a_batch_size_that_does_not_divide_among_the_processes_before_decoding_the_data(
         tmp_path, image_tree, monkeypatch):
     as_rank(monkeypatch, 0)
