@@ -683,6 +683,9 @@ def main(argv=None):
             raise ValueError("--end-within-time-limit needs --time-budget and --time-limit (it shrinks the budget to "
                              "what the limit leaves)")
         run_folder(args.out)
+        for name in ("model.safetensors", "last.pt", "log.jsonl", "curves.png"):  # else found at the end of training
+            if (Path(args.out) / name).is_dir():
+                raise ValueError(f"{Path(args.out) / name} is a folder, where the run writes its {name}; move it away")
         if args.threads:
             torch.set_num_threads(args.threads)
 

@@ -754,6 +754,13 @@ def test_a_resumed_run_drops_a_last_log_line_cut_short_as_it_was_written_with_a_
     assert f"{tmp_path / 'log.jsonl'}: dropping its last line" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "curves.png"])
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_the_data_is_read(tmp_path, capsys, name):
+    (tmp_path / "run" / name).mkdir(parents=True)
+    assert run(main, ["--data", str(tmp_path / "no-data-here"), "--out", str(tmp_path / "run")]) == 2
+    assert f"run/{name} is a folder, where the run writes its {name}" in capsys.readouterr().err
+
+
 def test_an_out_path_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, capsys):
     (tmp_path / "run").write_text("")
     assert run(main, ["--data", str(tmp_path / "no-data-here"), "--out", str(tmp_path / "run")]) == 2
