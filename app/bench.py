@@ -28,7 +28,6 @@ from app.examples import DRAWINGS
 from app.frames import MAX_PIXELS
 from app.live import LiveStats
 from app.main import ASSETS, OTHER, make_comparison, open_default, writable_cache
-from app.ui import Handlers
 from quant.cli import load_average, output_file, positive_int, provenance, run, thread_count, write_json
 
 TARGET_FPS = 15
@@ -50,8 +49,9 @@ def recorded_clip(n: int, height: int, width: int) -> list[np.ndarray]:
     return frames
 
 
-def bench_pair(handlers: Handlers, variant: str, frames: list[np.ndarray]) -> dict:
-    """Every frame through the live handler (as the page calls it); frames/s over the timed frames."""
+def bench_pair(handlers, variant: str, frames: list[np.ndarray]) -> dict:
+    """Every frame through the live handler of `handlers`, the page's `app.ui.Handlers` (as the page calls it);
+    frames/s over the timed frames."""
     stats = LiveStats()
     def live(frame, stats):
         out = handlers.live(frame, variant, stats)
@@ -134,6 +134,7 @@ def main(argv=None):
     if not order:
         raise ValueError(f"no quantized model of {comparison.fp.name}'s architecture in {args.assets} to time it "
                          f"against (make one with python -m quant.ptq or quant.qat)")
+    from app.ui import Handlers  # gradio's import: seconds, which --help and a refused argument need not wait
     handlers = Handlers(comparison)
     frames = recorded_clip(args.frames, h, w)
     rows = [bench_pair(handlers, label, frames) for label in order]

@@ -1339,6 +1339,13 @@ def test_the_bench_refuses_a_clip_too_large_to_hold_before_loading_any_model(tmp
         bench_main(["--assets", str(tmp_path / "none"), "--frames", "100000000", "--out", str(tmp_path / "b.json")])
 
 
+def test_the_bench_imports_no_gradio_before_it_times_so_its_help_and_refusals_come_quickly():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", "import sys, app.bench; print('gradio' in sys.modules)"],
+                       capture_output=True, text=True, cwd=ASSETS.parent)  # gradio's import: seconds
+    assert r.stdout.strip() == "False", r.stderr
+
 
 def test_a_clip_just_over_the_memory_limit_is_not_said_to_be_as_large_as_the_limit(tmp_path):
     with pytest.raises(ValueError) as e:  # 4,661 frames of 640x480: 4,295,577,600 bytes, 4 GiB and 0.06 %
