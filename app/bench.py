@@ -28,7 +28,7 @@ from app.examples import DRAWINGS
 from app.frames import MAX_PIXELS
 from app.live import LiveStats
 from app.main import ASSETS, OTHER, make_comparison, open_default, writable_cache
-from quant.cli import load_average, output_file, positive_int, provenance, run, thread_count, write_json
+from quant.cli import HelpFormatter, load_average, output_file, positive_int, provenance, run, thread_count, write_json
 
 TARGET_FPS = 15
 MAX_CLIP_BYTES = 4 << 30  # the recorded clip, held in memory
@@ -83,7 +83,8 @@ def bench_pair(handlers, variant: str, frames: list[np.ndarray]) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_small.safetensors)")
     p.add_argument("--assets", default=str(ASSETS), help="folder of packed models (default: assets/)")
     p.add_argument("--frames", type=positive_int, default=300, help="timed frames per pair (default 300)")

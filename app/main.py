@@ -29,7 +29,7 @@ import tempfile  # noqa: E402
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from quant.cli import run, thread_count  # noqa: E402
+from quant.cli import HelpFormatter, run, thread_count  # noqa: E402
 
 ASSETS = ROOT / "assets"
 DEFAULT_FP = ASSETS / "vit_cifar_small.safetensors"
@@ -208,7 +208,8 @@ def port(text: str) -> int:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python app/main.py", description="bitvit's demo page: a full-precision and a "
-                                "quantized ViT classify the same webcam frames or images side by side.")
+                                "quantized ViT classify the same webcam frames or images side by side.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
                    help="address to listen on (default: $GRADIO_SERVER_NAME or 0.0.0.0)")
     p.add_argument("--port", type=port,

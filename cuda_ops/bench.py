@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from cuda_ops.modules import CUDAGraphModel, KernelLinear, capture_graph, to_kernels
 from cuda_ops.ops import A8_OPS, weight_only_linear
-from quant.cli import load_average, number_in, output_file, positive_int, provenance, run, write_json, write_png
+from quant.cli import (HelpFormatter, load_average, number_in, output_file, positive_int, provenance, run, write_json,
+                       write_png)
 from quant.models import CONFIGS, ViTConfig, VisionTransformer
 from quant.pack import pack_codes, pack_trit_planes
 
@@ -432,8 +433,10 @@ def plot(rows: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cuda_ops.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(prog="python -m cuda_ops.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to time (default: cuda when available)")
     p.add_argument("--models", help="comma-separated configs for the per-op part (default: per device)")
     p.add_argument("--e2e-models", help="comma-separated configs for the end-to-end part ('' to skip it)")
     p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8,64,256 on a GPU, 1,8 on a CPU)")

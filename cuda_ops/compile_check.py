@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 from cuda_ops import triton_kernels as tk
 from cuda_ops.ops import A8_FORMATS
-from quant.cli import output_file, positive_int, provenance, run, write_json
+from quant.cli import HelpFormatter, output_file, positive_int, provenance, run, write_json
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}  # bytes of shared memory a program may use
 
@@ -171,7 +171,8 @@ def quantize_jobs():
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cuda_ops.compile_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cuda_ops.compile_check", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--arch", type=int, choices=sorted(SMEM_LIMIT), default=90,
                    help="compute capability x 10 (90: H100/H200, 80: A100, 89: L4/RTX 40)")
     p.add_argument("--kernels", default="a8,weight_only,quantize", help="comma-separated: a8,weight_only,quantize")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cuda_ops.modules import KernelLinear, kernel_for, to_kernels
-from quant.cli import output_file, positive_int, provenance, run, write_json
+from quant.cli import HelpFormatter, output_file, positive_int, provenance, run, write_json
 from quant.data import load_split
 from quant.evaluate import predict
 from quant.models import ViTConfig, load_model
@@ -54,15 +54,16 @@ def compare(name: str, model: torch.nn.Module, data, device: str, batch_size: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cuda_ops.parity", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cuda_ops.parity", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", help="a full-precision bitvit model file, quantized with each of --recipes")
     p.add_argument("--recipes", help="comma-separated post-training recipes that need no calibration data "
                                      f"(default: {RECIPES})")
     p.add_argument("--quantized", default="", help="comma-separated quantized bitvit files to check as they are")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz or any source quant.data reads")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split to score on")
     p.add_argument("--limit", type=positive_int, help="only this many images (balanced over classes)")
-    p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--batch-size", type=positive_int, default=500, help="images a forward pass")
     p.add_argument("--out", type=Path, help="write the results JSON here")
     args = p.parse_args(argv)
     if args.out:

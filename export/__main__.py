@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from quant.cli import max_threads, output_file, run, thread_count
+from quant.cli import HelpFormatter, max_threads, output_file, run, thread_count
 from quant.packfile import load_any
 
 from .exporter import FORMATS, export, is_quantized, model_format, on_bitvit_op, quantize_for_export
@@ -27,7 +27,8 @@ from .runtime import load
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="bitvit model file (.safetensors)")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--format", choices=("auto",) + FORMATS, default="auto",

@@ -37,8 +37,8 @@ import numpy as np
 import onnx
 import torch
 
-from quant.cli import (load_average, max_threads, output_file, positive_int, provenance, results_file, run,
-                       thread_count, write_json, write_png)
+from quant.cli import (HelpFormatter, load_average, max_threads, output_file, positive_int, provenance, results_file,
+                       run, thread_count, write_json, write_png)
 from quant.models import VisionTransformer, create_model, save_model
 from quant.packfile import load_any
 
@@ -170,17 +170,19 @@ def targets(rows: dict) -> dict[str, dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default="assets/vit_cifar_tiny.safetensors", help="the reference FP model")
     p.add_argument("--quantized", nargs="*", default=[],
                    help="trained quantized files of the reference model (e.g. its QAT ternary model) to use "
                         "instead of round to nearest for their format")
     p.add_argument("--data", help="CIFAR-10 source for top-1 (e.g. ../shared/data/cifar10-jpeg.tar.gz)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split --data is scored on")
     p.add_argument("--limit", type=positive_int, help="score only this many images (a balanced subset; for dry runs)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model and batch, 30..10000 (default 30)")
-    p.add_argument("--threads", type=thread_count, default=min(2, max_threads()))
-    p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=thread_count, default=min(2, max_threads()),
+                   help="CPU threads of torch and ONNX Runtime")
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8], help="batch sizes timed, 1 among them")
     p.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/16 224 model")
     p.add_argument("--spinning", action="store_true",
                    help="ONNX Runtime's worker threads spin-wait between calls (its own default) instead of sleeping")

@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quant.cli import written_whole
+from quant.cli import HelpFormatter, written_whole
 from quant.data import cache_dir
 
 SOURCE = Path(__file__).with_name("ops") / "bitvit_ops.cc"
@@ -228,7 +228,8 @@ def _run(cmd: list[str], cwd: Path | None = None, what: str | None = None) -> st
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m export.ortops", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m export.ortops", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--isa", default="native", choices=list(ISAS))
     p.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
     args = p.parse_args(argv)

@@ -54,6 +54,19 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
             signal.signal(signal.SIGTERM, term)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every bitvit command's `--help`: an option's default is told after its help, where the help does not
+    tell it already (a default of None or False, an option left out, is not told)."""
+
+    def _get_help_string(self, action):
+        text, default = action.help, action.default
+        if default in (None, False, "", [], argparse.SUPPRESS) or action.required or "default" in text.lower():
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"  # (help is %-formatted)
+
+
 def world_size() -> int:
     """How many processes torchrun started (`WORLD_SIZE`): 1 where it is unset, or set empty or 0 by another tool
     (`export WORLD_SIZE=$SLURM_NTASKS`, or `$((SLURM_NTASKS))`, with that unset)."""

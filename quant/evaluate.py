@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json, write_png
+from quant.cli import HelpFormatter, output_file, positive_int, provenance, run, thread_count, write_json, write_png
 from quant.data import ImageSet, class_names, load_split, to_model_input
 
 
@@ -139,7 +139,8 @@ def plot_confusion(confusion, classes, path: str | os.PathLike, title: str) -> N
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m quant.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m quant.evaluate", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="bitvit model file (.safetensors, or an .onnx export "
                                                        "run in ONNX Runtime)")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its unpacked folder, "
@@ -149,7 +150,7 @@ def main(argv=None):
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--confusion", help="confusion-matrix PNG (default: next to --json, "
                                        "or <checkpoint>.confusion.png)")
-    p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--batch-size", type=positive_int, default=500, help="images a forward pass")
     p.add_argument("--threads", type=thread_count, help="CPU threads of torch or ONNX Runtime "
                                                        "(default: torch's, one per core)")
     args = p.parse_args(argv)

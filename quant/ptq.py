@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import output_file, positive_int, run, thread_count
+from quant.cli import HelpFormatter, output_file, positive_int, run, thread_count
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -47,7 +47,8 @@ def main(argv=None):
     from quant.models import load_model
     from quant.recipes import GPTQ, QAT, W4A4
     from quant.train import resolve_device
-    p = argparse.ArgumentParser(prog="python -m quant.ptq", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m quant.ptq", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
     p.add_argument("--recipe", required=True,
                    help="w8a8, w4a8, w4a8-gptq, w4, w3, w2, nf4, w4-gptq, w3-gptq, w2-gptq, w4a4")

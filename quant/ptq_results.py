@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import (finite_number, output_file, positive_int, provenance, results_file, run, run_folder,
-                       thread_count, utc_now, write_json)
+from quant.cli import (HelpFormatter, finite_number, output_file, positive_int, provenance, results_file, run,
+                       run_folder, thread_count, utc_now, write_json)
 
 TABLE_KEYS = ("recipe", "top1", "drop", "bits_per_weight", "size_bytes", "quantize_s")
 DEFAULT_RECIPES = ("w8a8", "w4a8", "w4a8-gptq", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
@@ -72,7 +72,8 @@ def main(argv=None):
     from quant.models import load_model
     from quant.ptq import calibration_inputs
     from quant.recipes import QAT
-    p = argparse.ArgumentParser(prog="python -m quant.ptq_results", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m quant.ptq_results", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
     p.add_argument("--data", required=True, help="CIFAR-10 (calibration on its training images)")
     p.add_argument("--out", help="results file (entries are merged; default assets/results/ptq.json, the shipped "

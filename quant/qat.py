@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import (mix_alpha, number_in, output_file, positive_int, provenance, random_seed, run, run_folder,
-                       run_lock, thread_count, write_json)
+from quant.cli import (HelpFormatter, mix_alpha, number_in, output_file, positive_int, provenance, random_seed, run,
+                       run_folder, run_lock, thread_count, write_json)
 from quant.data import SPLITS
 from quant.recipes import QAT, BitNet, QViT
 
@@ -208,7 +208,8 @@ def freeze_and_save(student: nn.Module, r, name: str, out: str, float16: bool) -
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m quant.qat", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m quant.qat", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, help="full-precision bitvit model (.safetensors): teacher and start")
     p.add_argument("--recipe", required=True, help="w1.58a8, w1a8, qvit or lsq")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree")
@@ -219,14 +220,15 @@ def _parser() -> argparse.ArgumentParser:
                         "fresh schedule (a warm restart)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. --set budget_bits=3 --set input_norm=false")
-    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs")
     p.add_argument("--limit", type=positive_int, help="train on this many images only (balanced over classes)")
     p.add_argument("--val-limit", type=positive_int, default=2000, help="validation images scored after each epoch")
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=number_in(0), default=5e-4)
-    p.add_argument("--weight-decay", type=number_in(0), default=0.01)
-    p.add_argument("--warmup-epochs", type=number_in(0), default=0.5)
-    p.add_argument("--distill", default="soft", choices=["soft", "hard", "none"])
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images a step")
+    p.add_argument("--lr", type=number_in(0), default=5e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=number_in(0), default=0.01, help="AdamW weight decay")
+    p.add_argument("--warmup-epochs", type=number_in(0), default=0.5, help="epochs of linear warmup")
+    p.add_argument("--distill", default="soft", choices=["soft", "hard", "none"],
+                   help="learn from the teacher's soft or hard predictions beside the labels, or the labels only")
     p.add_argument("--distill-weight", type=number_in(0, 1),
                    help="weight of the distillation loss (0..1, default 0.9; not with --distill none)")
     p.add_argument("--temperature", type=number_in(0, lo_open=True),
@@ -256,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=number_in(0), default=0.0,
                    help="seconds of training for all stages together, shared by their epochs; the learning rate "
                         "decays over them and --epochs becomes a cap (0: schedule by epochs)")
-    p.add_argument("--seed", type=random_seed, default=0)
+    p.add_argument("--seed", type=random_seed, default=0, help="random seed, 0..2^32-1")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     return p

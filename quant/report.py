@@ -40,7 +40,7 @@ matplotlib.rcParams["text.parse_math"] = False  # names from results files are t
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from quant.cli import finite_number, output_file, run, write_png  # noqa: E402
+from quant.cli import HelpFormatter, finite_number, output_file, run, write_png  # noqa: E402
 
 BITS_KEYS = ("bits_per_weight", "mean_weight_bits")
 NAME_KEYS = ("name", "recipe", "variant")
@@ -307,7 +307,8 @@ def markdown(entries: list[Entry]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m quant.report", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(prog="python -m quant.report", description=" ".join(__doc__.split("\n\n")[0].split()),
+                                formatter_class=HelpFormatter)
     p.add_argument("--results", default="assets/results", help="folder of results JSON files")
     p.add_argument("--out", default="assets/results/accuracy_vs_bits.png", help="plot to write (PNG)")
     p.add_argument("--title", help="plot title (default: the models and split the entries name)")

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import output_file, positive_int, provenance, run, thread_count, write_json, write_png
+from quant.cli import HelpFormatter, output_file, positive_int, provenance, run, thread_count, write_json, write_png
 from quant.lsq import LearnedQuantizer
 from quant.models import Attention, VisionTransformer, forward_with_hooks
 from quant.qattention import QuantAttention
@@ -275,13 +275,14 @@ def summary(result: dict) -> list[str]:
 def main(argv=None):
     from quant.data import load_split, to_model_input
     from quant.models import load_model
-    p = argparse.ArgumentParser(prog="python -m quant.robustness", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m quant.robustness", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree")
     p.add_argument("--out", required=True, help="results JSON to write; the plot goes next to it (.png)")
     p.add_argument("--split", default="val", help="split to score on (default val; keep test for final numbers)")
     p.add_argument("--limit", type=positive_int, default=1000, help="images scored per trial (balanced over classes)")
-    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="bit widths each layer is tried at, 2..8")
     p.add_argument("--calib-size", type=positive_int, default=128, help="training images that set activation ranges")
     p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     args = p.parse_args(argv)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import output_file, provenance, run, write_json
+from quant.cli import HelpFormatter, output_file, provenance, run, write_json
 
 DEFAULT_MODELS = "vit_cifar_tiny,vit_cifar_small,deit_small_patch16_224,vit_base_patch16_224"
 DEFAULT_RECIPES = "w8a8,w4,nf4,w2,w1.58a8,w1a8"
@@ -81,7 +81,8 @@ def main(argv=None):
     from tqdm import tqdm
     from quant.models import CONFIGS
     from quant.recipes import RECIPES, QViT
-    p = argparse.ArgumentParser(prog="python -m quant.sizes", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m quant.sizes", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--recipes", default=DEFAULT_RECIPES,
                    help="comma-separated recipe names (not qvit or lsq, whose files need training)")

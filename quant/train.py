@@ -29,8 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import (finite_number, is_positive_int, mix_alpha, number_in, positive_int, random_seed, run, run_folder,
-                       run_lock, thread_count, world_size, write_png, written_whole)
+from quant.cli import (HelpFormatter, finite_number, is_positive_int, mix_alpha, number_in, positive_int, random_seed,
+                       run, run_folder, run_lock, thread_count, world_size, write_png, written_whole)
 from quant.data import ImageSet, composed_name, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -630,7 +630,8 @@ def main(argv=None):
     from quant.models import CONFIGS, count_parameters, create_model, save_model
     from quant.packfile import load_any
     d, a = TrainConfig(), AugmentConfig()
-    p = argparse.ArgumentParser(prog="python -m quant.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m quant.train", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="vit_cifar_tiny", choices=list(CONFIGS) + list(cnn.CONFIGS),
                    help="a ViT config, or a CNN teacher (quant.teacher) to distil a ViT from later")
     p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree")
@@ -642,21 +643,21 @@ def main(argv=None):
     p.add_argument("--time-budget", type=number_in(0), default=d.time_budget,
                    help="seconds of training: the learning rate decays over what the warmup leaves of them and "
                         "training ends when they are spent (for a fixed-length GPU lease); 0 = schedule by epochs")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
-    p.add_argument("--lr", type=number_in(0), default=d.lr)
-    p.add_argument("--weight-decay", type=number_in(0), default=d.weight_decay)
-    p.add_argument("--warmup-epochs", type=number_in(0), default=d.warmup_epochs)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images a step (the global batch)")
+    p.add_argument("--lr", type=number_in(0), default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=number_in(0), default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--warmup-epochs", type=number_in(0), default=d.warmup_epochs, help="epochs of linear warmup")
     p.add_argument("--drop-path", type=number_in(0, 1, hi_open=True), default=0.1,
                    help="stochastic depth rate of the last block")
-    p.add_argument("--label-smoothing", type=number_in(0, 1), default=a.label_smoothing)
+    p.add_argument("--label-smoothing", type=number_in(0, 1), default=a.label_smoothing, help="label smoothing, 0..1")
     p.add_argument("--mixup", type=mix_alpha, default=a.mixup_alpha, help="mixup alpha, 0 disables")
     p.add_argument("--cutmix", type=mix_alpha, default=a.cutmix_alpha, help="cutmix alpha, 0 disables")
     p.add_argument("--mix-prob", type=number_in(0, 1),
                    help=f"chance a batch is mixed, with --mixup or --cutmix (default {a.mix_prob})")
-    p.add_argument("--no-trivial-augment", action="store_true")
+    p.add_argument("--no-trivial-augment", action="store_true", help="train without TrivialAugment")
     p.add_argument("--teacher", help="model file to distil from: a bitvit ViT or a CNN teacher")
     p.add_argument("--distill", choices=["hard", "soft"], help="with --teacher (default hard)")
-    p.add_argument("--seed", type=random_seed, default=d.seed)
+    p.add_argument("--seed", type=random_seed, default=d.seed, help="random seed, 0..2^32-1")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many "
