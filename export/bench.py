@@ -177,7 +177,7 @@ def main(argv=None):
                    help="trained quantized files of the reference model (e.g. its QAT ternary model) to use "
                         "instead of round to nearest for their format")
     p.add_argument("--data", help="CIFAR-10 source for top-1 (e.g. ../shared/data/cifar10-jpeg.tar.gz)")
-    p.add_argument("--split", default="test", help="split --data is scored on")
+    p.add_argument("--split", help="split --data is scored on (default: test)")
     p.add_argument("--limit", type=positive_int, help="score only this many images (a balanced subset; for dry runs)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model and batch, 30..10000 (default 30)")
     p.add_argument("--threads", type=thread_count, default=min(2, max_threads()),
@@ -190,6 +190,10 @@ def main(argv=None):
                                  "shipped results, which a --limit dry run must not overwrite: it needs --out)")
     args = p.parse_args(argv)
     args.out = results_file(args.out, args.limit, "assets/results/export_bench.json")
+    for flag, given in (("--split", args.split), ("--limit", args.limit)):
+        if given and not args.data:  # (timing alone scores no images: left out silently, it was a surprise)
+            raise ValueError(f"{flag} picks the images of --data that top-1 is scored on: give --data too")
+    args.split = args.split or "test"
     output_file(args.out, ".json")
     output_file(Path(args.out).with_suffix(".png"), ".png")  # the plot beside it, checked before the timing
     if not 30 <= args.runs <= 10_000:

@@ -279,3 +279,10 @@ def test_the_load_average_is_recorded_as_null_where_the_os_has_none(fp_file, tmp
 def test_a_limit_dry_run_without_out_is_refused_not_written_over_the_shipped_results(fp_file, capsys):
     assert run(main, ["--checkpoint", str(fp_file), "--no-vit-s", "--limit", "5"]) == 2
     assert "a --limit dry run needs --out FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--split", "val"), ("--limit", "5")])
+def test_a_split_or_limit_without_data_to_score_is_refused_not_ignored(fp_file, tmp_path, capsys, measured, flag,
+                                                                      value):
+    assert bench(fp_file, tmp_path, flag, value)[0] == 2
+    assert f"{flag} picks the images of --data that top-1 is scored on: give --data too" in capsys.readouterr().err
