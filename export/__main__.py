@@ -1,4 +1,4 @@
-"""`python -m export --checkpoint PATH --out model.onnx [--format F] [--standard-ops]`.
+"""Export a checkpoint to ONNX: `python -m export --checkpoint PATH --out model.onnx [--format F] [--standard-ops]`.
 
 Writes a bitvit checkpoint (FP or quantized) as ONNX, then checks the file in ONNX Runtime against
 the torch model on random images and prints the agreement (where bitvit's op library cannot be built,

@@ -410,11 +410,13 @@ def test_reading_the_commit_writes_nothing_into_the_repository(tmp_path, monkeyp
     assert index.stat().st_mtime_ns == before  # a concurrent git command never finds index.lock taken by it
 
 
-@pytest.mark.parametrize("module", ["quant.train", "quant.evaluate", "quant.qat", "quant.ptq", "quant.robustness",
-                                    "quant.report", "quant.ptq_results", "quant.sizes", "export.__main__",
-                                    "export.bench", "cuda_ops.bench", "cuda_ops.parity", "cuda_ops.compile_check",
-                                    "app.bench", "app.main"])
-def test_every_option_of_every_command_says_in_its_help_what_it_does_and_its_default(module, monkeypatch):
+COMMANDS = ["quant.train", "quant.evaluate", "quant.qat", "quant.ptq", "quant.robustness", "quant.report",
+            "quant.ptq_results", "quant.sizes", "export.__main__", "export.bench", "cuda_ops.bench", "cuda_ops.parity",
+            "cuda_ops.compile_check", "app.bench", "app.main"]
+
+
+def command_parser(module: str, monkeypatch) -> argparse.ArgumentParser:
+    """The argument parser a command's `main` builds, caught as it parses."""
     import importlib
     parsers = []
     def parsed(parser, argv=None):
@@ -423,8 +425,20 @@ def test_every_option_of_every_command_says_in_its_help_what_it_does_and_its_def
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parsed)
     with pytest.raises(SystemExit):
         importlib.import_module(module).main([])
-    formatter = parsers[0]._get_formatter()
-    for action in parsers[0]._actions:
+    return parsers[0]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_option_of_every_command_says_in_its_help_what_it_does_and_its_default(module, monkeypatch):
+    parser = command_parser(module, monkeypatch)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
         assert action.help, f"{module} {action.option_strings} has no help"
         if action.default not in (None, False, "", [], argparse.SUPPRESS) and not action.required:
             assert "default" in formatter._get_help_string(action).lower(), f"{module} {action.option_strings}"
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_commands_help_says_what_it_does_not_only_how_it_is_called(module, monkeypatch):
+    import re
+    assert re.sub(r"`[^`]*`", "", command_parser(module, monkeypatch).description).strip(" .:")
