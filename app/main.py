@@ -43,6 +43,9 @@ def make_comparison(fp: str | Path | None, quant: str | Path | None, assets: str
     from app.backends import ON_THE_FLY, RUNTIME, inspect_file, open_model, scan
     from app.live import Comparison
     runtime = runtime or RUNTIME
+    if Path(assets).is_file():  # (said to be no such folder, it was taken for a typo)
+        raise ValueError(f"{assets} is a file; --assets takes the folder of models to compare with"
+                         + (" (one quantized model: --quant FILE)" if has_quant_option else ""))
     if not Path(assets).is_dir():
         raise FileNotFoundError(f"no such models folder: {assets}")
     found, skipped = scan(assets)

@@ -403,6 +403,14 @@ def test_a_model_quantized_on_the_fly_is_a_real_packed_file_close_to_the_fp_mode
     assert quantize_on_the_fly(fp_file, "w8a8") == path   # built once, then taken from the cache
 
 
+@pytest.mark.parametrize("has_quant_option, advice", [(True, " (one quantized model: --quant FILE)"), (False, "")])
+def test_a_model_file_given_as_the_models_folder_is_refused_as_a_file_not_as_missing(fp_file, has_quant_option,
+                                                                                     advice):
+    with pytest.raises(ValueError) as e:
+        make_comparison(fp_file, None, fp_file, runtime="torch", has_quant_option=has_quant_option)
+    assert str(e.value) == f"{fp_file} is a file; --assets takes the folder of models to compare with{advice}"
+
+
 def test_a_model_quantized_on_the_fly_whose_write_fails_after_start_up_gets_the_reason_on_the_page(fp_file, tmp_path,
                                                                                                    monkeypatch):
     import errno
