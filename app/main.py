@@ -249,6 +249,8 @@ def main(argv=None):
     demo.queue(default_concurrency_limit=1).launch(
         server_name=server_name(args.host), server_port=args.port, share=args.share, show_error=True,
         allowed_paths=[str(demo.examples_dir)], max_file_size="50mb")
+    if demo.is_running:  # launch returned still running: gradio caught Ctrl+C or SIGTERM and closed the server
+        raise KeyboardInterrupt  # (exit code 0, as if done): ends as every interrupted command, code 130
 
 
 if __name__ == "__main__":

@@ -1001,6 +1001,18 @@ def test_the_app_stopped_by_sigterm_removes_its_temporary_folders(assets, tmp_pa
     assert list((tmp_path / "tmp").glob("bitvit-*")) == []
 
 
+def test_the_app_stopped_by_ctrl_c_exits_130_as_every_interrupted_command_not_0(assets):
+    import signal
+    import time
+    app = started_app(assets)
+    time.sleep(5)  # past launch's last steps, into the loop where gradio waits for Ctrl+C
+    app.send_signal(signal.SIGINT)  # gradio caught it, closed the server and returned: the app exited 0, as if done
+    try:
+        assert app.wait(60) == 130
+    finally:
+        app.kill()
+
+
 @pytest.mark.parametrize("where", ["missing", "file"])
 def test_a_results_folder_that_is_not_a_folder_is_refused_before_the_app_starts(tmp_path, capsys, where):
     path = tmp_path / "results"
@@ -1771,7 +1783,7 @@ def test_an_unbracketed_ipv6_host_reaches_the_server_bracketed(monkeypatch):
     launched = {}
 
     class Demo:
-        examples_dir = "."
+        examples_dir, is_running = ".", False
 
         def queue(self, **kwargs):
             return self
