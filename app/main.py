@@ -12,6 +12,7 @@ expects (0.0.0.0:7860, or $GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT).
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,9 +249,12 @@ def main(argv=None):
           f"default {comparison.default}")
     demo.queue(default_concurrency_limit=1).launch(
         server_name=server_name(args.host), server_port=args.port, share=args.share, show_error=True,
-        allowed_paths=[str(demo.examples_dir)], max_file_size="50mb")
-    if demo.is_running:  # launch returned still running: gradio caught Ctrl+C or SIGTERM and closed the server
-        raise KeyboardInterrupt  # (exit code 0, as if done): ends as every interrupted command, code 130
+        allowed_paths=[str(demo.examples_dir)], max_file_size="50mb", prevent_thread_lock=True)
+    try:  # serving till Ctrl+C or SIGTERM (gradio's own wait would catch them and return: exit code 0, as if done)
+        while demo.is_running:
+            time.sleep(0.1)
+    finally:
+        demo.close()  # then `run` ends as every interrupted command: 'interrupted', code 130
 
 
 if __name__ == "__main__":
