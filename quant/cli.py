@@ -60,7 +60,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text, default = action.help, action.default
-        if default in (None, False, "", [], argparse.SUPPRESS) or action.required or "default" in text.lower():
+        if text is None or default in (None, False, "", [], argparse.SUPPRESS) or action.required \
+                or "default" in text.lower():
             return text
         if isinstance(default, (list, tuple)):
             default = " ".join(map(str, default))
