@@ -37,7 +37,7 @@ def main(argv=None):
                    help="w8a8 as MatMulInteger, w4a8/ternary/binary as com.microsoft MatMulNBits, "
                         "instead of bitvit's ops")
     p.add_argument("--threads", type=thread_count, default=min(2, max_threads()),
-                   help="threads for the check run (default 2)")
+                   help="threads for the check run (default: 2, or 1 on a one-core machine)")
     args = p.parse_args(argv)
 
     output_file(args.out, ".onnx", inputs=(args.checkpoint,))

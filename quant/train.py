@@ -638,7 +638,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="run folder: model.safetensors, last.pt, log.jsonl")
     p.add_argument("--split", default="train", choices=["train", "trainval"],
                    help="train (holds out val for model selection) or trainval (all training images)")
-    p.add_argument("--limit", type=positive_int, help="train on this many images only (smoke tests)")
+    p.add_argument("--limit", type=positive_int, help="this many images of the split, and of val, only (smoke tests)")
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs (with --time-budget: at most)")
     p.add_argument("--time-budget", type=number_in(0), default=d.time_budget,
                    help="seconds of training: the learning rate decays over what the warmup leaves of them and "
