@@ -1,5 +1,6 @@
 """`python -m quant.evaluate`: its report, its last line, ONNX exports scored like torch models, and one
 clear error for bad input."""
+import functools
 import json
 import os
 import re
@@ -150,6 +151,15 @@ def test_the_scoring_bar_counts_images_not_batches(tiny_model, image_tree, capsy
     tiny_model.forward = lambda x: x.mean((2, 3))
     evaluate(tiny_model, data, batch_size=4, progress=True)
     assert "| 0/18 [00:00<?, ?img/s]" in capsys.readouterr().err  # not 0/5 batches
+
+
+def test_the_scoring_bar_advances_by_each_batchs_images(tiny_model, image_tree, capsys, monkeypatch):
+    import tqdm
+    monkeypatch.setattr(tqdm, "tqdm", functools.partial(tqdm.tqdm, mininterval=0))  # every update drawn
+    data = load_split(image_tree, "test", image_size=16, progress=False)  # 18 images
+    tiny_model.forward = lambda x: x.mean((2, 3))
+    evaluate(tiny_model, data, batch_size=4, progress=True)
+    assert "| 8/18 [" in capsys.readouterr().err  # two batches of 4, not 2 ticks
 
 
 def test_cli_checks_the_default_confusion_plots_path_before_scoring(checkpoint, image_tree, tmp_path):
