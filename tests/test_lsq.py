@@ -329,6 +329,29 @@ def test_a_quantizer_run_before_calibration_is_refused_not_run_with_step_size_1(
         q(torch.randn(10))
 
 
+def test_a_quantizer_refused_before_calibration_is_refused_again_not_let_through_the_second_time():
+    q = LearnedQuantizer(4)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="run before calibration"):
+            q(torch.randn(10))
+
+
+def test_a_calibrated_quantizer_reads_its_calibrated_flag_in_its_first_forward_only():
+    x = torch.randn(100)
+    q = calibrated(LearnedQuantizer(4), x)
+    q(x)
+    q.initialized.fill_(False)  # read again, it would refuse: on a GPU each read waits for the device
+    q(x)
+
+
+def test_a_loaded_calibrated_state_sets_the_flag_so_the_first_forward_reads_no_buffer():
+    x = torch.randn(100)
+    q = LearnedQuantizer(4)
+    q.load_state_dict(calibrated(LearnedQuantizer(4), x).state_dict())
+    q.initialized.fill_(False)  # read at the first forward, it would refuse
+    q(x)
+
+
 def test_a_state_of_a_never_calibrated_quantizer_loaded_into_a_calibrated_one_is_refused_when_run():
     x = torch.randn(100)
     q = calibrated(LearnedQuantizer(4), x)
