@@ -628,6 +628,16 @@ def test_a_long_stream_keeps_only_the_visitors_latest_live_views_on_disk_and_non
     assert not list((tmp_path / "gradio").rglob("*.webp"))
 
 
+def test_two_visitors_live_views_lie_in_folders_of_their_own(handlers, tmp_path, monkeypatch):
+    """In one folder, a visitor's stream would remove the other's views, and one leaving would remove both's."""
+    from gradio.state_holder import SessionState
+    from app.ui import build
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build(handlers.cmp, ["int8"], tmp_path)
+    first, second = SessionState(demo), SessionState(demo)  # both held, as Gradio holds its visitors' states
+    assert _stream(demo, first, 1).parent != _stream(demo, second, 1).parent
+
+
 def test_a_visitor_who_leaves_has_their_live_views_removed(handlers, tmp_path, monkeypatch):
     from gradio.state_holder import StateHolder
     from app.ui import build
@@ -665,6 +675,24 @@ def test_an_uploaded_image_and_its_view_are_removed_from_gradios_cache_after_a_w
     monkeypatch.setattr(route_utils, "datetime", SimpleNamespace(now=lambda: later, fromtimestamp=datetime.fromtimestamp))
     route_utils.delete_files_created_by_app(demo, age)
     assert not upload.exists() and not view.exists() and frequency <= age <= 3600
+
+
+def test_an_upload_is_kept_for_a_visitor_back_from_a_short_break(handlers, tmp_path, monkeypatch):
+    """Removed 10 minutes on, a visitor back from a coffee was asked to upload again."""
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+    from gradio import route_utils
+    from app.ui import build
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build(handlers.cmp, ["int8"], tmp_path)
+    upload = tmp_path / "gradio" / "upload" / "x.png"
+    upload.parent.mkdir()
+    Image.fromarray(frame((40, 40, 3))).save(upload)
+    demo.upload_file_set.add(str(upload))  # as Gradio's upload route records it
+    later = datetime.now() + timedelta(minutes=30)
+    monkeypatch.setattr(route_utils, "datetime", SimpleNamespace(now=lambda: later, fromtimestamp=datetime.fromtimestamp))
+    route_utils.delete_files_created_by_app(demo, demo.delete_cache[1])
+    assert upload.exists()
 
 
 def test_an_upload_and_a_variant_change_wait_in_one_queue_so_the_page_ends_on_the_variant_chosen_last(
