@@ -642,6 +642,28 @@ def test_a_run_resumed_by_another_number_of_processes_says_so_and_keeps_the_glob
            f"batch of 8 images, from other augmentation draws than an unbroken run" in capsys.readouterr().out
 
 
+def test_a_run_of_one_process_resumed_by_two_says_so(tmp_path, capsys, monkeypatch):
+    data, cfg = colour_set(8), TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), data, None, cfg, tmp_path, progress=False)  # its streams kept as one process's
+    as_rank(monkeypatch, 0)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, **kwargs: model)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op=None: None)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    capsys.readouterr()
+    assert fit(VisionTransformer(TINY), data, None, cfg, tmp_path, progress=False, device="cpu")[1]
+    assert f"{tmp_path / 'last.pt'} was saved by 1 process(es), this run has 2" in capsys.readouterr().out
+
+
+def test_under_torchrun_a_log_rank_0_cannot_remove_ends_the_other_processes_before_training(tmp_path, monkeypatch):
+    (tmp_path / "log.jsonl").mkdir()  # an OSError of rank 0 alone, as a fresh run starts
+    told = []
+    as_rank(monkeypatch, 0, sends=lambda r, error: told.append(error) or error)
+    with pytest.raises(OSError):
+        fit(VisionTransformer(TINY), colour_set(8), None, TrainConfig(epochs=1, batch_size=8, augment=NO_AUG),
+            tmp_path, progress=False, device="cpu")
+    assert told and told[0] is not None  # the other processes learn of it (else they wait in the next collective)
+
+
 def test_resuming_with_another_config_is_refused_naming_what_changed(tmp_path):
     data = colour_set(8)
     fit(VisionTransformer(TINY), data, None, TrainConfig(epochs=1, batch_size=8, augment=NO_AUG), tmp_path,
@@ -754,7 +776,7 @@ def test_a_resumed_run_drops_a_last_log_line_cut_short_as_it_was_written_with_a_
     assert f"{tmp_path / 'log.jsonl'}: dropping its last line" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "curves.png"])
+@pytest.mark.parametrize("name", ["model.safetensors", "last.pt", "log.jsonl", "curves.png"])
 def test_a_folder_where_the_run_writes_a_file_is_refused_before_the_data_is_read(tmp_path, capsys, name):
     (tmp_path / "run" / name).mkdir(parents=True)
     assert run(main, ["--data", str(tmp_path / "no-data-here"), "--out", str(tmp_path / "run")]) == 2
