@@ -272,12 +272,13 @@ class _Dist:
         return float(t)
 
     def settle(self, error: Exception | None) -> None:
-        """End every process where any failed (a collective: each passes its own error, or None): rank 0 raises
-        its error, another process one other than rank 0's (its own cause, such as a machine without the data),
-        and the rest end with exit code 2 and no word, so that an error every process hits is printed once."""
+        """End every process where any failed (a collective: each passes its own error, or None): a process
+        raises its error where no process of a lower rank has the same (rank 0 its own; another its own cause,
+        such as a machine without the data, once for that machine's processes), and the rest end with exit code 2
+        and no word, so that an error every process, or every process of a machine, hits is printed once."""
         errors = self.gather(None if error is None else str(error))
         if any(e is not None for e in errors):
-            if error is not None and (self.main or str(error) != errors[0]):
+            if error is not None and str(error) not in errors[:self.rank]:
                 raise error
             raise SystemExit(2)
 

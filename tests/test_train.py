@@ -534,6 +534,14 @@ def test_cli_under_torchrun_a_process_that_fails_where_rank_0_does_not_prints_it
     assert capsys.readouterr().err == f"error: data path does not exist: {tmp_path / 'none'}\n"
 
 
+def test_under_torchrun_an_error_every_process_of_another_machine_hits_is_printed_once(monkeypatch):
+    as_rank(monkeypatch, 2, sends=lambda r, error: error if r else None)  # ranks 1 and 2, a machine without the data
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as e:  # rank 1 says why
+        quant.train._Dist("cpu").settle(ValueError("data path does not exist: /data"))
+    assert e.value.code == 2
+
+
 def test_under_torchrun_a_damaged_log_rank_0_finds_on_resume_ends_the_other_processes_before_training(tmp_path,
                                                                                                       monkeypatch):
     data, cfg = colour_set(8), TrainConfig(epochs=2, batch_size=8, augment=NO_AUG)
