@@ -101,15 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {**provenance("cuda_ops.parity", argv), "cpu_threads": torch.get_num_threads(),
               "device": device, "data": f"{args.data} split={args.split} n={len(data)}", "rows": [],
               "complete": False}  # until the last row: a run killed or refused midway leaves a partial file
-    for i, (name, model) in enumerate(models, 1):
+    count = len(models)
+    for i in range(1, count + 1):
+        name, model = models.pop(0)  # let go once scored: `compare` moves it to the GPU
         if data.images.shape[1] != model.config.img_size:  # a file of another input size: the split at its size
             data = load_split(args.data, args.split, image_size=model.config.img_size, limit=args.limit)
         # (the two bars, one a pass, name no model: minutes a model on a CPU's full test split)
-        print(f"[{i}/{len(models)}] {name}: {len(data)} images through the reference forward, then the kernels",
+        print(f"[{i}/{count}] {name}: {len(data)} images through the reference forward, then the kernels",
               file=sys.stderr)
         result["rows"].append(compare(name, model, data, device, args.batch_size))
         result["wall_s"] = time.monotonic() - start
-        result["complete"] = len(result["rows"]) == len(models)
+        result["complete"] = len(result["rows"]) == count
         if args.out:
             write_json(args.out, result)
     print(f"\n{'model':<44}{'layers':>7}{'top-1 ref':>10}{'kernels':>9}{'agree':>8}{'logit err':>11}")

@@ -163,6 +163,26 @@ def test_a_model_with_no_layer_the_kernels_run_is_refused_before_any_model_is_sc
         parity.main(["--quantized", f"{good},{bad}", "--data", str(image_tree)])
 
 
+def test_a_scored_model_is_let_go_before_the_next_is_scored(tiny_model, image_tree, tmp_path, monkeypatch):
+    """`compare` moves a model to the GPU: kept, every model scored would stay there to the end."""
+    import gc
+    import weakref
+    files = [tmp_path / f"w4-{i}.safetensors" for i in range(2)]
+    for f in files:
+        quant.save_quantized(quant.quantize(copy.deepcopy(tiny_model), "w4"), f)
+    scored = []
+
+    def compare(name, model, *args):
+        gc.collect()
+        assert all(ref() is None for ref in scored), "a model scored before is still held"
+        scored.append(weakref.ref(model))
+        return {"model": name, **{k: 0.0 for k in ("kernel_layers", "top1_reference", "top1_kernels",
+                                                   "predictions_agree", "logits_rel_err")}}
+    monkeypatch.setattr(parity, "compare", compare)
+    assert parity.main(["--quantized", ",".join(map(str, files)), "--data", str(image_tree)]) == 0
+    assert len(scored) == 2
+
+
 def test_a_model_with_no_layer_the_kernels_run_is_refused_not_found_in_agreement(tiny_model, image_tree, tmp_path):
     packed = tmp_path / "w3.safetensors"  # int3 weights, the head's too: to_kernels converts none of its layers
     quant.save_quantized(quant.quantize(tiny_model, quant.recipe("w3", layer_formats=())), packed)
