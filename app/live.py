@@ -65,6 +65,7 @@ class LiveStats:
     quant: Meter = field(default_factory=Meter)
     stamps: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     frames: int = 0
+    views: str | None = None  # the session's folder of live views: a random name, given on its first frame
 
     def reset(self, variant: str) -> None:
         self.variant, self.fp, self.quant, self.stamps = variant, Meter(), Meter(), deque(maxlen=WINDOW)

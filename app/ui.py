@@ -9,7 +9,6 @@ page's new values, or a message in the page when the input is bad.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import secrets
 import shutil
 import tempfile
@@ -205,10 +204,13 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
     live_views = Path(tempfile.mkdtemp(prefix="bitvit-live-"))  # served from there, not copied into Gradio's cache
     atexit.register(shutil.rmtree, live_views, ignore_errors=True)
     gr.set_static_paths([live_views])
-    secret = secrets.token_hex(16)  # in the visitors' folder names: one visitor cannot guess another's
 
     def own_folder(stats: LiveStats) -> Path:
-        return live_views / hashlib.sha256(f"{secret}:{id(stats)}".encode()).hexdigest()[:32]
+        """The visitor's folder, named at random on their first frame (not in the initial state, which Gradio copies
+        to every session, nor from the state's address, which a later visitor's may take): no visitor can guess
+        or inherit another's."""
+        stats.views = stats.views or secrets.token_hex(16)
+        return live_views / stats.views
 
     def live(frame, variant, stats):
         out = h.live(frame, variant, stats)
@@ -249,7 +251,8 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                 live_view = gr.Image(label=f"what the models see ({s}x{s}{enlarged})", interactive=False,
                                      height=s * view_scale(s) + 60, elem_id="live-view")
             live_out = outputs("live")
-            stats = gr.State(LiveStats(), delete_callback=lambda s: shutil.rmtree(own_folder(s), ignore_errors=True))
+            stats = gr.State(LiveStats(), delete_callback=lambda s: s.views and shutil.rmtree(live_views / s.views,
+                                                                                            ignore_errors=True))
             # frames come unprocessed (preprocess=False), so the app checks a frame's size before decoding
             # it, as /classify does for uploads; the stream is the page's own, not a listed API endpoint.
             # A stream holds its worker until its webcam stops: with a limit, the next visitor's would wait

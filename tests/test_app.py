@@ -638,6 +638,21 @@ def test_two_visitors_live_views_lie_in_folders_of_their_own(handlers, tmp_path,
     assert _stream(demo, first, 1).parent != _stream(demo, second, 1).parent
 
 
+def test_a_visitor_whose_state_takes_a_departed_visitors_address_gets_a_folder_of_their_own(handlers, tmp_path,
+                                                                                              monkeypatch):
+    """CPython often reuses a freed object's address: named from it, the folder would pass to the next visitor."""
+    from gradio.state_holder import StateHolder
+    from app import ui
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setattr(ui, "id", lambda obj: 1, raising=False)  # every state at one address
+    demo = ui.build(handlers.cmp, ["int8"], tmp_path)
+    sessions = StateHolder()
+    sessions.set_blocks(demo)
+    left = _stream(demo, sessions["left"], 1).parent
+    sessions.delete_state("left")
+    assert _stream(demo, sessions["came"], 1).parent != left
+
+
 def test_a_visitor_who_leaves_has_their_live_views_removed(handlers, tmp_path, monkeypatch):
     from gradio.state_holder import StateHolder
     from app.ui import build
