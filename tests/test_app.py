@@ -666,47 +666,52 @@ def test_a_visitor_who_leaves_has_their_live_views_removed(handlers, tmp_path, m
     assert not last.parent.exists()
 
 
-def test_an_uploaded_image_and_its_view_are_removed_from_gradios_cache_after_a_while_not_kept_for_days(
-        handlers, tmp_path, monkeypatch):
-    """An upload may be 50 MB; a Space serves uploads for days."""
-    import asyncio
-    from datetime import datetime, timedelta
-    from types import SimpleNamespace
-    from gradio import route_utils
-    from gradio.state_holder import SessionState
-    from app.ui import build
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    demo = build(handlers.cmp, ["int8"], tmp_path)
+def _uploaded(demo, tmp_path) -> Path:
+    """An image uploaded to the page, in Gradio's cache (`GRADIO_TEMP_DIR`: tmp_path / "gradio")."""
     upload = tmp_path / "gradio" / "upload" / "x.png"
     upload.parent.mkdir()
     Image.fromarray(frame((40, 40, 3))).save(upload)
     demo.upload_file_set.add(str(upload))  # as Gradio's upload route records it
+    return upload
+
+
+def _sweep_cache(demo, monkeypatch, after) -> None:
+    """Gradio's sweep of its cache (`delete_cache`), run `after` (a timedelta) from now."""
+    from datetime import datetime
+    from types import SimpleNamespace
+    from gradio import route_utils
+    later = datetime.now() + after
+    monkeypatch.setattr(route_utils, "datetime", SimpleNamespace(now=lambda: later, fromtimestamp=datetime.fromtimestamp))
+    route_utils.delete_files_created_by_app(demo, demo.delete_cache[1])
+
+
+def test_an_uploaded_image_and_its_view_are_removed_from_gradios_cache_after_a_while_not_kept_for_days(
+        handlers, tmp_path, monkeypatch):
+    """An upload may be 50 MB; a Space serves uploads for days."""
+    import asyncio
+    from datetime import timedelta
+    from gradio.state_holder import SessionState
+    from app.ui import build
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build(handlers.cmp, ["int8"], tmp_path)
+    upload = _uploaded(demo, tmp_path)
     classify = next(fn for fn in demo.fns.values() if fn.api_name == "classify")
     out = asyncio.run(demo.process_api(block_fn=classify, inputs=[{"path": str(upload)}, "int8"], state=SessionState(demo)))
     view = Path(out["data"][0]["path"])
     assert view.is_file() and demo.delete_cache is not None
     frequency, age = demo.delete_cache
-    later = datetime.now() + timedelta(seconds=age + 1)  # Gradio's scheduled deletion, `age` seconds on
-    monkeypatch.setattr(route_utils, "datetime", SimpleNamespace(now=lambda: later, fromtimestamp=datetime.fromtimestamp))
-    route_utils.delete_files_created_by_app(demo, age)
+    _sweep_cache(demo, monkeypatch, timedelta(seconds=age + 1))  # Gradio's scheduled deletion, `age` seconds on
     assert not upload.exists() and not view.exists() and frequency <= age <= 3600
 
 
 def test_an_upload_is_kept_for_a_visitor_back_from_a_short_break(handlers, tmp_path, monkeypatch):
     """Removed 10 minutes on, a visitor back from a coffee was asked to upload again."""
-    from datetime import datetime, timedelta
-    from types import SimpleNamespace
-    from gradio import route_utils
+    from datetime import timedelta
     from app.ui import build
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     demo = build(handlers.cmp, ["int8"], tmp_path)
-    upload = tmp_path / "gradio" / "upload" / "x.png"
-    upload.parent.mkdir()
-    Image.fromarray(frame((40, 40, 3))).save(upload)
-    demo.upload_file_set.add(str(upload))  # as Gradio's upload route records it
-    later = datetime.now() + timedelta(minutes=30)
-    monkeypatch.setattr(route_utils, "datetime", SimpleNamespace(now=lambda: later, fromtimestamp=datetime.fromtimestamp))
-    route_utils.delete_files_created_by_app(demo, demo.delete_cache[1])
+    upload = _uploaded(demo, tmp_path)
+    _sweep_cache(demo, monkeypatch, timedelta(minutes=30))
     assert upload.exists()
 
 
@@ -1809,8 +1814,19 @@ def test_a_bracketed_ipv6_host_is_checked_as_its_address():
     check_port_free("[::1]", free)   # no error: the brackets are URL syntax, not part of the address
 
 
-def test_an_unbracketed_ipv6_host_reaches_the_server_bracketed(monkeypatch):
+def _serve_in_process(monkeypatch, demo) -> None:
+    """`app.main.main` then serves `demo`, a stand-in page, with no model loaded nor port checked."""
     import app.ui
+
+    class Fp:
+        name, runtime = "fp", "torch"
+    monkeypatch.setattr("app.main.check_port_free", lambda host, number: None)
+    monkeypatch.setattr("app.main.make_comparison", lambda *a, **k: (type("C", (), {"fp": Fp, "default": "q"}), ["q"], []))
+    monkeypatch.setattr("app.main.open_default", lambda comparison, labels, skipped, explicit: labels)
+    monkeypatch.setattr(app.ui, "build", lambda *a, **k: demo)
+
+
+def test_an_unbracketed_ipv6_host_reaches_the_server_bracketed(monkeypatch):
     launched = {}
 
     class Demo:
@@ -1825,19 +1841,13 @@ def test_an_unbracketed_ipv6_host_reaches_the_server_bracketed(monkeypatch):
         def close(self):
             pass
 
-    class Fp:
-        name, runtime = "fp", "torch"
-    monkeypatch.setattr("app.main.check_port_free", lambda host, number: None)
-    monkeypatch.setattr("app.main.make_comparison", lambda *a, **k: (type("C", (), {"fp": Fp, "default": "q"}), ["q"], []))
-    monkeypatch.setattr("app.main.open_default", lambda comparison, labels, skipped, explicit: labels)
-    monkeypatch.setattr(app.ui, "build", lambda *a, **k: Demo())
+    _serve_in_process(monkeypatch, Demo())
     for host, expected in [("::1", "[::1]"), ("[::1]", "[::1]"), ("127.0.0.1", "127.0.0.1")]:
         assert run(main, ["--host", host]) == 0 and launched["server_name"] == expected
 
 
 def test_the_app_stopped_by_ctrl_c_while_serving_closes_the_server_and_exits_130_not_0(monkeypatch):
     """gradio's own wait in launch catches Ctrl+C (and SIGTERM, which `run` turns into it) and returns: exit code 0."""
-    import app.ui
     closed = []
 
     class Demo:
@@ -1852,12 +1862,7 @@ def test_the_app_stopped_by_ctrl_c_while_serving_closes_the_server_and_exits_130
         def close(self):
             closed.append(True)
 
-    class Fp:
-        name, runtime = "fp", "torch"
-    monkeypatch.setattr("app.main.check_port_free", lambda host, number: None)
-    monkeypatch.setattr("app.main.make_comparison", lambda *a, **k: (type("C", (), {"fp": Fp, "default": "q"}), ["q"], []))
-    monkeypatch.setattr("app.main.open_default", lambda comparison, labels, skipped, explicit: labels)
-    monkeypatch.setattr(app.ui, "build", lambda *a, **k: Demo())
+    _serve_in_process(monkeypatch, Demo())
     monkeypatch.setattr("app.main.time.sleep", lambda s: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl+C, serving
     assert run(main, []) == 130 and closed
 
