@@ -20,8 +20,8 @@ import torch
 
 from quant.cli import HelpFormatter, output_file, provenance, run, write_json
 
-DEFAULT_MODELS = "vit_cifar_tiny,vit_cifar_small,deit_small_patch16_224,vit_base_patch16_224"
-DEFAULT_RECIPES = "w8a8,w4,nf4,w2,w1.58a8,w1a8"
+DEFAULT_MODELS = ["vit_cifar_tiny", "vit_cifar_small", "deit_small_patch16_224", "vit_base_patch16_224"]
+DEFAULT_RECIPES = ["w8a8", "w4", "nf4", "w2", "w1.58a8", "w1a8"]
 
 
 def packed_model(name: str, recipe_name: str) -> torch.nn.Module:
@@ -83,15 +83,16 @@ def main(argv=None):
     from quant.recipes import RECIPES, QViT
     p = argparse.ArgumentParser(prog="python -m quant.sizes", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of: {', '.join(CONFIGS)}")
-    p.add_argument("--recipes", default=DEFAULT_RECIPES,
-                   help="comma-separated recipe names (not qvit or lsq, whose files need training)")
+    # lists are spaced, as in the other commands; commas (this command's first form, in recorded commands) work too
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help=f"of: {', '.join(CONFIGS)}")
+    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
+                   help="recipe names (not qvit or lsq, whose files need training)")
     p.add_argument("--json", help="write the table here as well (.json)")
     args = p.parse_args(argv)
     if args.json:
         output_file(args.json, ".json")
-    models = list(dict.fromkeys(m for m in args.models.split(",") if m))
-    recipes = list(dict.fromkeys(r for r in args.recipes.split(",") if r))
+    models = list(dict.fromkeys(m for a in args.models for m in a.split(",") if m))
+    recipes = list(dict.fromkeys(r for a in args.recipes for r in a.split(",") if r))
     # Q-ViT's layers (qvit, lsq) freeze only with calibrated step sizes, and qvit's widths come from training
     fixed = [n for n, r in RECIPES.items() if not isinstance(r, QViT)]
     for what, given, known in (("model", models, list(CONFIGS)), ("recipe", recipes, fixed)):
