@@ -64,7 +64,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _random_sign(m: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.rand_like(m) < 0.5, -1.0, 1.0)
+    return torch.where(torch.rand_like(m) < 0.5, -1.0, 1.0).to(m.dtype)
 
 
 def _color_op(name: str, x: torch.Tensor, m: torch.Tensor, sign: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,7 +105,7 @@ def _affine(op: torch.Tensor, m: torch.Tensor, sign: torch.Tensor | None = None)
     identity for the others)."""
     B = op.shape[0]
     sign = _random_sign(m) if sign is None else sign
-    theta = torch.zeros(B, 2, 3, device=m.device)
+    theta = torch.zeros(B, 2, 3, device=m.device, dtype=m.dtype)
     angle = sign * m * math.radians(135) * (op == _OPS.index("rotate"))
     theta[:, 0, 0] = torch.cos(angle)
     theta[:, 0, 1] = -torch.sin(angle)
@@ -133,13 +133,13 @@ def _trivial_augment_dense(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, s
 
 
 def trivial_augment(x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
-    """One random op of random strength per image; x is (B, 3, H, W) in [0, 1]. `dense` (default: on
-    CUDA) computes every op for every image and selects, with no host sync; the CPU default computes
-    each op on its images only, drawing their directions op by op (so one seed augments otherwise than
-    `dense` does)."""
+    """One random op of random strength per image; x is (B, 3, H, W) in [0, 1], of any floating dtype (the
+    result keeps it). `dense` (default: on CUDA) computes every op for every image and selects, with no host
+    sync; the CPU default computes each op on its images only, drawing their directions op by op (so one
+    seed augments otherwise than `dense` does)."""
     B = x.shape[0]
     op = torch.randint(len(_OPS), (B,), device=x.device)
-    m = torch.rand(B, device=x.device)
+    m = torch.rand(B, device=x.device, dtype=x.dtype)
     if x.is_cuda if dense is None else dense:
         return _trivial_augment_dense(x, op, m, _random_sign(m))
     out = x.clone()

@@ -67,6 +67,14 @@ def test_trivial_augment_keeps_images_in_range_and_draws_an_op_per_image():
     assert 0.02 < unchanged < 0.2  # identity is one op in 13; the rest change the image
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dense", [False, True], ids=["cpu", "dense"])
+def test_trivial_augment_takes_images_of_any_floating_dtype_and_keeps_it(dtype, dense):
+    torch.manual_seed(0)  # 64 images draw every op, the geometric ones (float32 matrices, which failed) too
+    y = trivial_augment(_images(64, size=8).permute(0, 3, 1, 2).to(dtype) / 255, dense=dense)
+    assert y.dtype == dtype and float(y.min()) >= 0 and float(y.max()) <= 1
+
+
 def test_the_gpu_augment_path_makes_no_tensor_on_the_default_device():
     """The dense path runs on the GPU: a tensor made there on the default device (the host) would fail.
     With the batch on the CPU and meta as the default device, the same mistake fails here."""
