@@ -98,6 +98,12 @@ def test_ptq_cli_asks_for_calibration_data_for_w4a4_too(checkpoint, tmp_path):
         ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4a4", "--out", str(tmp_path / "q.safetensors")])
 
 
+def test_ptq_cli_notes_that_a_round_to_nearest_recipe_ignores_calib(checkpoint, tmp_path, capsys):
+    ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4", "--calib", str(tmp_path / "none"),
+              "--out", str(tmp_path / "q.safetensors")])  # the data is not read: a missing folder is no error
+    assert capsys.readouterr().err == "note: recipe w4 rounds to nearest and calibrates on nothing: --calib is ignored\n"
+
+
 def test_ptq_cli_refuses_to_write_over_its_checkpoint(checkpoint):
     before = checkpoint.read_bytes()
     with pytest.raises(ValueError, match="also this command's input"):
