@@ -116,17 +116,23 @@ class QuantLinear(nn.Module):
         return unpack_codes(self.packed, self.bits, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """float32 (out_features, in_features)."""
+        """float32 (out_features, in_features), cached until `packed`, `scales` or `zeros` is replaced (also
+        through `.data = t`) or changed in place. An in-place write through `.data` (`layer.scales.data.mul_(2)`)
+        leaves no trace to tell it by: write on the tensor itself (`layer.scales.mul_(2)`, under torch.no_grad()
+        where needed) instead; comparing the contents at each call would cost a fifth of a 64-token forward."""
         tensors = (self.packed, self.scales, self.zeros)
         if any(t is not None and t.is_inference() for t in tensors):  # built under torch.inference_mode: they keep
             # no version counter to tell an in-place change by, so the weight is unpacked afresh
             return dequantize(self.codes(), self.scales, self.zeros, self.weight_format, self.group_size)
-        versions = tuple(None if t is None else t._version for t in tensors)
+        # a write through `.data` leaves the version as it was: `.data = t` is told by the storage's address
+        state = tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)
         c = self._cache  # unpacking is slow: reuse the weight until a buffer is replaced or changed in place
-        if (c is None or c[1] != versions or any(a is not b for a, b in zip(c[0], tensors))
+        if (c is None or c[1] != state or any(a is not b for a, b in zip(c[0], tensors))
                 or c[2].is_inference() and not torch.is_inference_mode_enabled()):  # unusable by autograd
-            self._cache = (tensors, versions, dequantize(self.codes(), self.scales, self.zeros,
-                                                         self.weight_format, self.group_size))
+            # aliases hold the storages, so that the address of one replaced meanwhile cannot come back
+            self._cache = (tensors, state, dequantize(self.codes(), self.scales, self.zeros, self.weight_format,
+                                                      self.group_size),
+                           tuple(None if t is None else t.detach() for t in tensors))
         return self._cache[2]
 
     # -- the reference computation

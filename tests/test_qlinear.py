@@ -152,6 +152,13 @@ def test_cached_weight_follows_a_replaced_buffer():
     assert torch.equal(a.dequantized_weight(), b.dequantized_weight())
 
 
+def test_cached_weight_follows_a_buffer_replaced_through_data():
+    q = QuantLinear.from_linear(linear(), "int4", group_size=10)
+    w0 = q.dequantized_weight().clone()
+    q.scales.data = q.scales.data * 2  # the same tensor, its version counter as it was
+    assert torch.allclose(q.dequantized_weight(), 2 * w0)
+
+
 @pytest.mark.parametrize("norm", [{"elementwise_affine": True}, {"elementwise_affine": False}, {"bias": False}],
                          ids=["affine", "no-affine", "no-bias"])
 def test_a_layer_is_rebuilt_from_its_spec(norm):
