@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -300,9 +301,14 @@ def utc_now() -> str:
 def written_whole(path: str | os.PathLike):
     """Yields a temporary path beside `path` to write to, renamed onto `path` when the block ends without
     an error, removed when it fails: `path` is written whole or not at all, should the run be killed
-    meanwhile, and a concurrent reader never sees half a file. A failed write (a full disk) names `path`."""
+    meanwhile, and a concurrent reader never sees half a file. A failed write (a full disk) names `path`.
+    The temporary, `NAME.HOST.PID.tmp`, names the machine and process writing it: one that a process killed
+    outright (SIGKILL) left is removed by the next write of `path` on that machine, never one of a process
+    still running (there, or on another machine sharing the folder)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    host = platform.node()
+    tmp = path.with_name(f"{path.name}.{host}.{os.getpid()}.tmp")
+    _remove_dead_temporaries(path, host)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -312,6 +318,28 @@ def written_whole(path: str | os.PathLike):
         raise OSError(e.errno, e.strerror, str(path)) from None  # a write's error names no file, or the temporary
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_dead_temporaries(path: Path, host: str) -> None:
+    """Remove the temporaries of `path` (`written_whole`) left by processes of `host`, this machine, that no
+    longer run (killed outright); none on Windows, where signal 0 cannot ask whether a process runs."""
+    if os.name != "posix":  # Windows' os.kill ends the process
+        return
+    temporary = re.compile(re.escape(f"{path.name}.{host}.") + r"([0-9]+)\.tmp")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:  # no such folder: the write itself says so
+        return
+    for entry in entries:
+        if (m := temporary.fullmatch(entry.name)) is None:
+            continue
+        try:
+            os.kill(int(m[1]), 0)  # signal 0 sends nothing: it asks whether the process exists
+        except ProcessLookupError:  # it ended without removing its temporary
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        except (OSError, OverflowError):  # another user's live process, or a number no process has
+            pass
 
 
 def write_json(path: str | os.PathLike, data, default=None) -> None:

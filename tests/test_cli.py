@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -329,6 +330,37 @@ def test_a_command_stopped_by_sigterm_midway_through_a_write_leaves_no_temporary
     p.terminate()
     assert p.wait(30) == 130 and p.stderr.read().strip() == "interrupted"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_temporary_file_of_a_command_killed_midway_through_a_write_is_removed_by_the_next_write(tmp_path):
+    script = ("import sys, time\n"
+              "from quant.cli import written_whole\n"
+              "with written_whole(sys.argv[1]) as tmp:\n"
+              "    tmp.write_text('half a model')\n"
+              "    time.sleep(60)\n")
+    root = Path(quant.cli.__file__).parents[1]
+    p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "model.pt")], cwd=root)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.kill()  # SIGKILL: nothing runs to remove the temporary
+    p.wait(30)
+    assert len(list(tmp_path.iterdir())) == 1
+    with written_whole(tmp_path / "model.pt") as tmp:
+        tmp.write_text("a model")
+    assert [f.name for f in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_a_write_leaves_the_temporaries_of_live_processes_and_of_other_machines(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait(30)
+    kept = {f"model.pt.{platform.node()}.{os.getppid()}.tmp", f"model.pt.another-machine.{ended.pid}.tmp",
+            f"model.pt.{ended.pid}.tmp"}  # (no machine named: which one's process it was is not known)
+    for name in kept:
+        (tmp_path / name).write_text("half a model")
+    with written_whole(tmp_path / "model.pt") as tmp:
+        tmp.write_text("a model")
+    assert {f.name for f in tmp_path.iterdir()} == kept | {"model.pt"}
 
 
 def test_a_name_the_stdout_encoding_lacks_is_printed_escaped_not_an_error(monkeypatch):
