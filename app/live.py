@@ -1,13 +1,14 @@
 """Both models on every frame: the side-by-side comparison behind the app's Live and Image tabs.
 
 `Comparison` holds the full-precision backend and the quantized variants (opened on first use and
-kept). `Comparison.run(rgb, variant)` turns one frame into the models' 32x32 (or whatever the models
+kept; one that fails to open keeps its error until its file changes). `Comparison.run(rgb, variant)` turns one frame into the models' 32x32 (or whatever the models
 take) view and runs both models on it, one after the other in the same call, so they see the same
 input on the same, equally busy CPU; the order alternates from frame to frame. `LiveStats` keeps one
 browser session's sliding windows: each model's latencies and the times frames were processed.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -94,6 +95,7 @@ class Comparison:
         if self.default not in self.openers:
             raise ValueError(f"unknown variant {self.default!r}; known: {', '.join(self.openers)}")
         self._open: dict[str, Backend] = {}
+        self._failed: dict[str, tuple[tuple | None, Exception]] = {}  # label -> (its file's stamp, the error)
         self._lock = threading.Lock()
         _warm(fp)
 
@@ -102,24 +104,40 @@ class Comparison:
         return self.fp.config.img_size
 
     def variant(self, label: str | None) -> Backend:
-        """The quantized backend of a variant label (opened, checked against the FP model and warmed once)."""
+        """The quantized backend of a variant label (opened, checked against the FP model and warmed once).
+
+        One that fails to open raises the same error again, without being opened again (on every frame, holding
+        the lock every visitor's new variant waits on), until the file its opener names changes (`_file_stamp`)."""
         label = label or self.default
         if not isinstance(label, str) or label not in self.openers:
             raise ValueError(f"unknown quantized variant {label!r}")
         opened = self._open.get(label)
         if opened is not None:  # not waiting on the lock while another visitor's variant is built (minutes)
             return opened
+        self._raise_failure(label)
         with self._lock:
             if label not in self._open:
-                backend = self.openers[label]()
-                a, b = self.fp.config, backend.config
-                if (a.img_size, a.classes, a.num_classes) != (b.img_size, b.classes, b.num_classes):
-                    raise ValueError(f"{backend.name} takes {b.img_size}x{b.img_size} images and classes "
-                                     f"{list(b.classes)}; the full-precision model takes {a.img_size}x"
-                                     f"{a.img_size} and {list(a.classes)}: they cannot be compared")
-                _warm(backend)
+                self._raise_failure(label)  # (failed while this call waited)
+                stamp = _file_stamp(self.openers[label])
+                try:
+                    backend = self.openers[label]()
+                    a, b = self.fp.config, backend.config
+                    if (a.img_size, a.classes, a.num_classes) != (b.img_size, b.classes, b.num_classes):
+                        raise ValueError(f"{backend.name} takes {b.img_size}x{b.img_size} images and classes "
+                                         f"{list(b.classes)}; the full-precision model takes {a.img_size}x"
+                                         f"{a.img_size} and {list(a.classes)}: they cannot be compared")
+                    _warm(backend)
+                except (ValueError, OSError) as e:
+                    self._failed[label] = (stamp, e)
+                    raise
                 self._open[label] = backend
             return self._open[label]
+
+    def _raise_failure(self, label: str) -> None:
+        """The error a variant failed to open with, raised again while its file is as it was then."""
+        failed = self._failed.get(label)
+        if failed is not None and failed[0] == _file_stamp(self.openers[label]):
+            raise failed[1].with_traceback(None)  # (not a traceback grown by every frame)
 
     def run(self, rgb: np.ndarray, label: str | None, mirrored: bool = False, frame_index: int = 0,
             repeats: int = 1) -> tuple[np.ndarray, Reading, Reading]:
@@ -141,6 +159,20 @@ class Comparison:
                 raise ValueError(f"{backend.name} gave NaN or infinite scores for this image")
             readings[id(backend)] = Reading(backend, _softmax(logits[0]), statistics.median(times))
         return view, readings[id(self.fp)], readings[id(quant)]
+
+
+def _file_stamp(opener) -> tuple | None:
+    """The model file an opener opens as it is now (modification time, size), for openers of a file's path as
+    `app.main` makes them (a functools.partial whose first argument is the path); None for another opener or a
+    file that is not there."""
+    args = getattr(opener, "args", ())
+    if not args or not isinstance(args[0], (str, os.PathLike)):
+        return None
+    try:
+        st = os.stat(args[0])
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -1637,6 +1637,38 @@ def test_the_fp_model_and_a_variant_are_opened_and_warmed_once():
     assert len(opened) == 1 and [name for name, _ in log].count("q") == 4
 
 
+def test_a_variant_that_fails_to_open_is_not_opened_again_on_every_frame_and_says_the_same_error():
+    """Opened again on every frame, holding the lock every visitor's new variant waits on, one bad file made the
+    live stream slow for everyone."""
+    log, opened = [], []
+
+    def damaged():
+        opened.append(1)
+        raise ValueError("bad.safetensors is damaged")
+    h = Handlers(Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log), "bad": damaged}))
+    summaries = [h.live(frame((40, 40, 3)), "bad", LiveStats())[5] for _ in range(3)]
+    assert len(opened) == 1 and summaries == ["⚠ bad.safetensors is damaged"] * 3
+
+
+def test_a_variant_that_failed_to_open_is_opened_again_once_its_file_is_replaced(tmp_path):
+    import functools
+    log, opened = [], []
+
+    def open_file(path):  # as app.main's openers: a functools.partial of the file's path
+        opened.append(1)
+        if Path(path).read_bytes() == b"damaged":
+            raise ValueError(f"{path} is damaged")
+        return FakeBackend("q", log)
+    path = tmp_path / "q.safetensors"
+    path.write_bytes(b"damaged")
+    cmp = Comparison(FakeBackend("fp", log), {"q": functools.partial(open_file, path)})
+    for _ in range(2):
+        with pytest.raises(ValueError, match="is damaged"):
+            cmp.variant("q")
+    path.write_bytes(b"a good model")
+    assert cmp.variant("q").name == "q" and len(opened) == 2
+
+
 def test_frames_of_an_open_variant_do_not_wait_while_another_visitors_variant_is_being_built():
     import threading
     log, building, release = [], threading.Event(), threading.Event()
