@@ -24,6 +24,8 @@ from quant.data import class_names, to_model_array
 
 TOP_K = 3
 WINDOW = 30  # frames in the sliding windows of latency and frame rate
+PAUSED = 10  # a gap between frames over 10 times the window's median gap, and over a second, is a webcam stopped
+             # and started again: the frame rate starts afresh from the frame after it
 
 
 @dataclass
@@ -72,12 +74,15 @@ class LiveStats:
         self.variant, self.fp, self.quant, self.stamps = variant, Meter(), Meter(), deque(maxlen=WINDOW)
 
     def tick(self) -> None:
-        self.stamps.append(time.perf_counter())
+        now = time.perf_counter()
+        if len(self.stamps) > 1 and now - self.stamps[-1] > max(1.0, PAUSED * statistics.median(np.diff(self.stamps))):
+            self.stamps.clear()  # (else the pause would count in the rate for the next WINDOW frames)
+        self.stamps.append(now)
         self.frames += 1
 
     @property
     def fps(self) -> float | None:
-        """Frames processed per second over the window (both models on each)."""
+        """Frames processed per second over the window (both models on each), since the last pause (`PAUSED`)."""
         if len(self.stamps) < 2 or self.stamps[-1] == self.stamps[0]:
             return None
         return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])

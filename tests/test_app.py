@@ -2040,6 +2040,17 @@ def test_the_frame_rate_is_over_the_last_30_frames(monkeypatch):
     assert stats.fps == pytest.approx(1.0) and stats.frames == 40
 
 
+def test_the_frame_rate_of_a_webcam_stopped_and_started_again_does_not_count_the_pause(monkeypatch):
+    from types import SimpleNamespace
+    from app import live
+    clock = iter([0.05 * i for i in range(30)] + [100.0 + 0.05 * i for i in range(5)])   # 20 frames/s, a minute's pause
+    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    stats = LiveStats()
+    for _ in range(35):
+        stats.tick()
+    assert stats.fps == pytest.approx(20.0) and stats.frames == 35
+
+
 def test_a_comparison_needs_a_quantized_variant_and_a_default_among_them():
     log = []
     with pytest.raises(ValueError, match="no quantized variant"):
