@@ -12,6 +12,7 @@ import atexit
 import secrets
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import gradio as gr
@@ -208,8 +209,11 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
     def own_folder(stats: LiveStats) -> Path:
         """The visitor's folder, named at random on their first frame (not in the initial state, which Gradio copies
         to every session, nor from the state's address, which a later visitor's may take): no visitor can guess
-        or inherit another's."""
-        stats.views = stats.views or secrets.token_hex(16)
+        or inherit another's. It is removed when the session's state goes: Gradio deletes a closed tab's after an
+        hour, and drops the oldest past `state_session_capacity` without calling a delete callback."""
+        if stats.views is None:
+            stats.views = secrets.token_hex(16)
+            weakref.finalize(stats, shutil.rmtree, live_views / stats.views, ignore_errors=True)
         return live_views / stats.views
 
     def live(frame, variant, stats):
@@ -251,8 +255,7 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                 live_view = gr.Image(label=f"what the models see ({s}x{s}{enlarged})", interactive=False,
                                      height=s * view_scale(s) + 60, elem_id="live-view")
             live_out = outputs("live")
-            stats = gr.State(LiveStats(), delete_callback=lambda s: s.views and shutil.rmtree(live_views / s.views,
-                                                                                            ignore_errors=True))
+            stats = gr.State(LiveStats())
             # frames come unprocessed (preprocess=False), so the app checks a frame's size before decoding
             # it, as /classify does for uploads; the stream is the page's own, not a listed API endpoint.
             # A stream holds its worker until its webcam stops: with a limit, the next visitor's would wait

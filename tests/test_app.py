@@ -623,7 +623,8 @@ def test_a_long_stream_keeps_only_the_visitors_latest_live_views_on_disk_and_non
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     monkeypatch.setattr(ui, "LIVE_VIEWS_KEPT", 3, raising=False)
     demo = ui.build(handlers.cmp, ["int8"], tmp_path)
-    last = _stream(demo, SessionState(demo), 6)
+    session = SessionState(demo)  # held, as Gradio holds its visitors' states: the views go with it
+    last = _stream(demo, session, 6)
     assert last.is_file() and sorted(p.name for p in last.parent.iterdir()) == ["4.webp", "5.webp", "6.webp"]
     assert not list((tmp_path / "gradio").rglob("*.webp"))
 
@@ -664,6 +665,21 @@ def test_a_visitor_who_leaves_has_their_live_views_removed(handlers, tmp_path, m
     assert last.is_file()
     sessions.delete_state("visitor")  # what Gradio does an hour after the visitor's tab closes
     assert not last.parent.exists()
+
+
+def test_a_visitor_evicted_past_the_servers_session_capacity_has_their_live_views_removed(handlers, tmp_path,
+                                                                                          monkeypatch):
+    """Gradio drops the oldest sessions past `state_session_capacity` without their delete callbacks."""
+    from gradio.state_holder import StateHolder
+    from app.ui import build
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build(handlers.cmp, ["int8"], tmp_path)
+    sessions = StateHolder()
+    sessions.set_blocks(demo)
+    sessions.capacity = 1
+    first = _stream(demo, sessions["first"], 1).parent
+    second = _stream(demo, sessions["second"], 1).parent  # the first session evicted
+    assert "first" not in sessions and not first.exists() and second.is_dir()
 
 
 def _uploaded(demo, tmp_path) -> Path:
