@@ -12,6 +12,7 @@ import atexit
 import secrets
 import shutil
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 
@@ -179,6 +180,19 @@ def _results_outputs(folder: Path, classes: tuple[str, ...]):
             _plot(results_mod.robustness_plot(robust[0]) if robust else None))
 
 
+def _stamp(folder: Path) -> tuple:
+    """The results files as they are now: each `*.json`'s name, modification time and size (None for one that
+    vanished meanwhile)."""
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            st = path.stat()
+            out.append((path.name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((path.name, None))
+    return tuple(out)
+
+
 def _plot(fig):
     return gr.update(value=fig, visible=fig is not None)
 
@@ -296,15 +310,32 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             reload = gr.Button("Reload results")
             res_outputs = [res_md, acc_plot, lat_plot, size_plot, fps_plot, cm_pick, cm_plot, alloc_pick, alloc_plot,
                            robust_pick, robust_plot]
-            load_results = lambda: _results_outputs(results_dir, classes)  # noqa: E731
-            demo.load(load_results, None, res_outputs, api_name=False)
-            reload.click(load_results, None, res_outputs, api_name=False)
-            cm_pick.change(lambda label: _pick(results_dir, "confusion", label,
-                                               lambda e: results_mod.confusion_plot(e, classes)),
+            drawn, drawing = {}, threading.Lock()
+
+            def cached(key, make, outputs, again=False):
+                """make()'s values for `outputs`, plots encoded as the page gets them, kept while the results files
+                stay as they are (`again`: made anew): drawn for every page load, they cost seconds of CPU a visit."""
+                with drawing:
+                    stamp = _stamp(results_dir)
+                    if again or drawn.get("stamp") != stamp:
+                        drawn.clear()
+                        drawn["stamp"] = stamp
+                    if key not in drawn:
+                        drawn[key] = [{**v, "value": c.postprocess(v["value"])} if isinstance(c, gr.Plot) else v
+                                      for v, c in zip(make(), outputs)]
+                    return [dict(v) if isinstance(v, dict) else v for v in drawn[key]]  # (Gradio pops their values)
+
+            tab = lambda: _results_outputs(results_dir, classes)  # noqa: E731
+            demo.load(lambda: cached("tab", tab, res_outputs), None, res_outputs, api_name=False)
+            reload.click(lambda: cached("tab", tab, res_outputs, again=True), None, res_outputs, api_name=False)
+
+            def pick(prop, plot, draw):  # a menu's plot of the entry picked (on every page load, the first)
+                return lambda label: cached((prop, label), lambda: [_pick(results_dir, prop, label, draw)], [plot])[0]
+            cm_pick.change(pick("confusion", cm_plot, lambda e: results_mod.confusion_plot(e, classes)),
                            cm_pick, cm_plot, api_name=False)
-            alloc_pick.change(lambda label: _pick(results_dir, "allocation", label, results_mod.allocation_plot),
-                              alloc_pick, alloc_plot, api_name=False)
-            robust_pick.change(lambda label: _pick(results_dir, "robustness", label, results_mod.robustness_plot),
-                               robust_pick, robust_plot, api_name=False)
+            alloc_pick.change(pick("allocation", alloc_plot, results_mod.allocation_plot), alloc_pick, alloc_plot,
+                              api_name=False)
+            robust_pick.change(pick("robustness", robust_plot, results_mod.robustness_plot), robust_pick, robust_plot,
+                               api_name=False)
     demo.examples_dir = examples_dir
     return demo

@@ -2017,6 +2017,30 @@ def test_picking_a_robustness_analysis_draws_that_one(tmp_path):
     assert not _pick(folder, "robustness", "gone (gone)", lambda e: e.source)["visible"]
 
 
+def test_the_results_tab_draws_its_plots_once_while_the_results_files_stay_as_they_are(handlers, tmp_path,
+                                                                                      monkeypatch):
+    """Drawn again for every page load (and the menus' plots its load picks), they cost seconds of CPU a visitor."""
+    import asyncio
+    from gradio.state_holder import SessionState
+    from app.ui import build
+    folder = write_robustness(tmp_path / "results", "r1")
+    demo = build(handlers.cmp, ["int8"], folder)
+    load = next(fn for fn in demo.fns.values() if fn.targets and fn.targets[0][1] == "load")
+    pick = next(fn for fn in demo.fns.values() if fn.inputs and fn.inputs[0].label == "robustness analysis of")
+    reads, read = [], results.load
+    monkeypatch.setattr(results, "load", lambda f: reads.append(f) or read(f))
+
+    def visit():  # a page load: the tab's outputs, then the plot of the robustness menu's entry the load picked
+        session = SessionState(demo)
+        tab = asyncio.run(demo.process_api(block_fn=load, inputs=[], state=session))["data"]
+        return tab, asyncio.run(demo.process_api(block_fn=pick, inputs=[tab[9]["value"]], state=session))["data"]
+    first = visit()
+    assert len(reads) == 2 and visit() == first and len(reads) == 2 and first[1][0]["value"] is not None
+    write_robustness(folder, "r1", "r2")
+    visit()
+    assert len(reads) == 4
+
+
 def test_two_confusion_matrices_of_one_name_are_told_apart_in_the_menu_and_each_is_drawn_when_picked(tmp_path):
     from app.ui import _pick, _results_outputs
     (tmp_path / "r.json").write_text(json.dumps({"runs": [{"name": "w4", "top1": 0.5, "confusion": [[1, 0], [0, 1]]},
