@@ -132,8 +132,9 @@ def accuracy(variants: dict, data, mean, std) -> dict[str, dict]:
     from quant.evaluate import predict
     res = {}
     for name, v in tqdm(variants.items(), desc="accuracy", unit="variant"):
-        preds = predict(lambda x, fn=v.fn: torch.from_numpy(fn(x.numpy())), data.images, mean, std, 250)
-        ref = predict(v.model, data.images, mean, std, 250)
+        # (an inner bar of images for each pass: a variant's two passes over 10,000 images take minutes)
+        preds = predict(lambda x, fn=v.fn: torch.from_numpy(fn(x.numpy())), data.images, mean, std, 250, progress=True)
+        ref = predict(v.model, data.images, mean, std, 250, progress=True)
         preds, ref = preds.argmax(1).numpy(), ref.argmax(1).numpy()
         res[name] = {"top1": float((preds == data.labels).mean()), "torch_top1": float((ref == data.labels).mean()),
                      "prediction_agreement": float((preds == ref).mean())}

@@ -224,6 +224,13 @@ def test_accuracy_scores_each_variant_in_its_runtime_and_its_torch_model_and_how
     assert res == {"v": {"top1": 0.75, "torch_top1": 0.5, "prediction_agreement": 0.25}}
 
 
+def test_accuracy_shows_a_bar_of_the_images_within_each_variant(capsys):
+    data = SimpleNamespace(images=np.zeros((300, 4, 4, 3), np.uint8), labels=np.zeros(300, int))
+    export_bench.accuracy({"v": Variant(lambda x: np.eye(3, dtype=np.float32)[[0] * len(x)],
+                                        lambda x: torch.eye(3)[[0] * len(x)], 0, "")}, data, (0.5,) * 3, (0.5,) * 3)
+    assert "0/300 [" in capsys.readouterr().err  # a bar of the images, not just of the variants
+
+
 def test_batches_without_batch_1_are_refused(fp_file, tmp_path, capsys):
     out = tmp_path / "b.json"
     assert run(main, ["--checkpoint", str(fp_file), "--no-vit-s", "--batches", "8", "--out", str(out)]) == 2
