@@ -8,6 +8,7 @@ browser session's sliding windows: each model's latencies and the times frames w
 """
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import threading
@@ -133,7 +134,9 @@ class Comparison:
                                          f"{a.img_size} and {list(a.classes)}: they cannot be compared")
                     _warm(backend)
                 except (ValueError, OSError) as e:
-                    self._failed[label] = (stamp, e)
+                    # a copy, raised never: the error's traceback, which grows as it is raised, would hold the
+                    # frames it passes through, and the visitor's state in them (their live views never removed)
+                    self._failed[label] = (stamp, copy.copy(e))
                     raise
                 self._open[label] = backend
             return self._open[label]
@@ -142,7 +145,7 @@ class Comparison:
         """The error a variant failed to open with, raised again while its file is as it was then."""
         failed = self._failed.get(label)
         if failed is not None and failed[0] == _file_stamp(self.openers[label]):
-            raise failed[1].with_traceback(None)  # (not a traceback grown by every frame)
+            raise copy.copy(failed[1])  # (not the kept one: see `variant`)
 
     def run(self, rgb: np.ndarray, label: str | None, mirrored: bool = False, frame_index: int = 0,
             repeats: int = 1) -> tuple[np.ndarray, Reading, Reading]:

@@ -682,6 +682,30 @@ def test_a_visitor_evicted_past_the_servers_session_capacity_has_their_live_view
     assert "first" not in sessions and not first.exists() and second.is_dir()
 
 
+def test_a_visitor_shown_a_variants_failure_to_open_has_their_live_views_removed_when_they_leave(handlers, tmp_path,
+                                                                                                monkeypatch):
+    """The error kept for the variant must hold no visitor's frames: the state in them would never go."""
+    import asyncio
+    from gradio.state_holder import StateHolder
+    from app.ui import build
+
+    def damaged():
+        raise ValueError("bad.safetensors is damaged")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build(Comparison(handlers.cmp.fp, {**handlers.cmp.openers, "bad": damaged}), ["int8", "bad"], tmp_path)
+    sessions = StateHolder()
+    sessions.set_blocks(demo)
+    folder = _stream(demo, sessions["visitor"], 1).parent
+    live = next(fn for fn in demo.fns.values() if fn.name == "live")
+    for _ in range(2):  # the error as first raised, then raised again
+        url = data_url(Image.fromarray(frame((40, 40, 3))))
+        out = asyncio.run(demo.process_api(block_fn=live, inputs=[{"url": url}, "bad", None],
+                                           state=sessions["visitor"]))
+        assert out["data"][5] == "⚠ bad.safetensors is damaged"
+    sessions.delete_state("visitor")
+    assert not folder.exists()
+
+
 def _uploaded(demo, tmp_path) -> Path:
     """An image uploaded to the page, in Gradio's cache (`GRADIO_TEMP_DIR`: tmp_path / "gradio")."""
     upload = tmp_path / "gradio" / "upload" / "x.png"
@@ -2142,3 +2166,4 @@ def test_an_onnx_export_of_a_newer_bitvit_format_is_left_out_of_the_menu_saying_
     onnx.save(proto, str(path))
     with pytest.raises(ValueError, match="written by a newer bitvit"):
         inspect_file(path)
+
