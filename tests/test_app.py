@@ -1709,6 +1709,61 @@ def test_a_variant_that_failed_to_open_is_opened_again_once_its_file_is_replaced
     assert cmp.variant("q").name == "q" and len(opened) == 2
 
 
+def test_a_visitor_who_waited_while_a_variant_failed_to_open_gets_its_error_without_opening_it_again():
+    import threading
+    import time
+    log, opened, building, release, errors = [], [], threading.Event(), threading.Event(), []
+
+    def damaged():
+        opened.append(1)
+        building.set()
+        release.wait(10)
+        raise ValueError("bad.safetensors is damaged")
+
+    def choose():
+        try:
+            cmp.variant("bad")
+        except ValueError as e:
+            errors.append(str(e))
+    cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log), "bad": damaged})
+    visitors = [threading.Thread(target=choose) for _ in range(2)]
+    visitors[0].start()
+    assert building.wait(5)
+    visitors[1].start()
+    time.sleep(0.2)  # the second visitor waits on the lock the first holds while opening
+    release.set()
+    for t in visitors:
+        t.join(10)
+    assert len(opened) == 1 and errors == ["bad.safetensors is damaged"] * 2
+
+
+def test_frames_of_a_variant_that_failed_to_open_do_not_wait_while_another_visitors_variant_is_being_built():
+    import threading
+    log, building, release = [], threading.Event(), threading.Event()
+
+    def damaged():
+        raise ValueError("bad.safetensors is damaged")
+
+    def slow():
+        building.set()
+        release.wait(10)
+        return FakeBackend("slow", log)
+    cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log), "bad": damaged, "slow": slow})
+    with pytest.raises(ValueError, match="damaged"):
+        cmp.variant("bad")
+    other = threading.Thread(target=cmp.variant, args=("slow",))
+    other.start()
+    try:
+        assert building.wait(5)
+        said = threading.Event()
+        threading.Thread(target=lambda: pytest.raises(ValueError, cmp.variant, "bad") and said.set(),
+                         daemon=True).start()
+        assert said.wait(5), "a frame of the failed variant waited for the other variant to be built"
+    finally:
+        release.set()
+        other.join()
+
+
 def test_frames_of_an_open_variant_do_not_wait_while_another_visitors_variant_is_being_built():
     import threading
     log, building, release = [], threading.Event(), threading.Event()
