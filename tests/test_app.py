@@ -2170,6 +2170,29 @@ def test_the_frame_rate_of_a_webcam_stopped_and_started_again_does_not_count_the
     assert stats.fps == pytest.approx(20.0) and stats.frames == 35
 
 
+def test_the_frame_rate_counts_a_gap_of_under_a_second_though_over_ten_times_the_others(monkeypatch):
+    from types import SimpleNamespace
+    from app import live
+    clock = iter([0.05 * i for i in range(30)] + [2.25 + 0.05 * i for i in range(5)])  # a 0.8 s hiccup, no pause
+    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    stats = LiveStats()
+    for _ in range(35):
+        stats.tick()
+    assert stats.fps == pytest.approx(29 / (2.45 - 0.25))
+
+
+def test_a_pause_is_told_by_the_windows_usual_gap_not_by_one_slow_frame_in_it(monkeypatch):
+    from types import SimpleNamespace
+    from app import live
+    before = [0.05 * i for i in range(15)] + [1.5 + 0.05 * i for i in range(15)]  # 20 frames/s, a 0.8 s hiccup
+    clock = iter(before + [7.15 + 0.05 * i for i in range(5)])  # then a 5 s pause
+    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    stats = LiveStats()
+    for _ in range(35):
+        stats.tick()
+    assert stats.fps == pytest.approx(20.0)
+
+
 def test_a_comparison_needs_a_quantized_variant_and_a_default_among_them():
     log = []
     with pytest.raises(ValueError, match="no quantized variant"):
