@@ -605,13 +605,13 @@ def test_two_visitors_can_stream_their_webcams_at_once(handlers, tmp_path):
     assert live.concurrency_limit is None  # a stream holds its worker until its webcam stops
 
 
-def _stream(demo, session, frames: int) -> Path:
+def _stream(demo, session, frames: int, variant: str = "int8") -> Path:
     """`frames` webcam frames through the page's live event as Gradio runs it; the last live view's file."""
     import asyncio
     live = next(fn for fn in demo.fns.values() if fn.name == "live")
     for i in range(frames):
         url = data_url(Image.fromarray(frame((40, 40, 3), seed=i)))
-        out = asyncio.run(demo.process_api(block_fn=live, inputs=[{"url": url}, "int8", None], state=session))
+        out = asyncio.run(demo.process_api(block_fn=live, inputs=[{"url": url}, variant, None], state=session))
     return Path(out["data"][0]["path"])
 
 
@@ -665,6 +665,20 @@ def test_a_visitor_who_leaves_has_their_live_views_removed(handlers, tmp_path, m
     assert last.is_file()
     sessions.delete_state("visitor")  # what Gradio does an hour after the visitor's tab closes
     assert not last.parent.exists()
+
+
+def test_a_visitor_who_picks_another_variant_midstream_keeps_their_live_views(handlers, tmp_path, monkeypatch):
+    """Their windows start afresh; their folder, which goes only with their session, stays."""
+    from gradio.state_holder import SessionState
+    from app.ui import build
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    opener = handlers.cmp.openers["int8"]
+    demo = build(Comparison(handlers.cmp.fp, {"int8": opener, "int8 again": opener}), ["int8", "int8 again"],
+                 tmp_path)
+    session = SessionState(demo)
+    _stream(demo, session, 2)
+    last = _stream(demo, session, 1, "int8 again")
+    assert sorted(p.name for p in last.parent.iterdir()) == ["1.webp", "2.webp", "3.webp"]
 
 
 def test_a_visitor_evicted_past_the_servers_session_capacity_has_their_live_views_removed(handlers, tmp_path,
