@@ -2134,6 +2134,55 @@ def test_the_results_tab_draws_its_plots_once_while_the_results_files_stay_as_th
     assert len(reads) == 4
 
 
+def _results_events(handlers, folder):
+    """The page over results `folder` and a runner of its Results tab's events: "load", "click" (Reload) or a
+    robustness analysis picked by label, each as Gradio runs it for a new visitor; its outputs."""
+    import asyncio
+    from gradio.state_holder import SessionState
+    from app.ui import build
+    demo = build(handlers.cmp, ["int8"], folder)
+    fns = {fn.targets[0][1]: fn for fn in demo.fns.values() if fn.targets and fn.targets[0][1] in ("load", "click")}
+    pick = next(fn for fn in demo.fns.values() if fn.inputs and fn.inputs[0].label == "robustness analysis of")
+
+    def run(event):
+        session = SessionState(demo)
+        tab = asyncio.run(demo.process_api(block_fn=fns["load"], inputs=[], state=session))["data"]
+        if event == "load":
+            return tab
+        fn, inputs = (fns[event], []) if event == "click" else (pick, [event])
+        return asyncio.run(demo.process_api(block_fn=fn, inputs=inputs, state=session))["data"]
+    return run
+
+
+def test_reload_reads_the_results_files_again_though_they_stay_as_they_are(handlers, tmp_path, monkeypatch):
+    """Reload is how a visitor has an allocation file a results file links to (not checked for changes) read again."""
+    run = _results_events(handlers, write_robustness(tmp_path / "results", "r1"))
+    reads, read = [], results.load
+    monkeypatch.setattr(results, "load", lambda f: reads.append(f) or read(f))
+    run("load")
+    run("click")
+    assert len(reads) == 2
+
+
+def test_a_results_file_rewritten_in_place_is_read_again_at_the_next_page_load(handlers, tmp_path, monkeypatch):
+    folder = write_robustness(tmp_path / "results", "r1")
+    run = _results_events(handlers, folder)
+    before = run("load")[10]["value"]
+    data = json.loads((folder / "r1.json").read_text())
+    data["trials"][0]["drop"] = 0.5  # the same name and size, another plot
+    (folder / "r1.json").write_text(json.dumps(data))
+    assert run("load")[10]["value"] != before
+
+
+def test_each_robustness_analysis_picked_on_the_page_is_drawn(handlers, tmp_path):
+    folder = write_robustness(tmp_path / "results", "r1", "r2")
+    data = json.loads((folder / "r2.json").read_text())
+    data["trials"][0]["drop"] = 0.5
+    (folder / "r2.json").write_text(json.dumps(data))
+    run = _results_events(handlers, folder)
+    assert run("r1 (r1)")[0]["value"] != run("r2 (r2)")[0]["value"]
+
+
 def test_two_confusion_matrices_of_one_name_are_told_apart_in_the_menu_and_each_is_drawn_when_picked(tmp_path):
     from app.ui import _pick, _results_outputs
     (tmp_path / "r.json").write_text(json.dumps({"runs": [{"name": "w4", "top1": 0.5, "confusion": [[1, 0], [0, 1]]},
