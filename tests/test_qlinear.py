@@ -159,6 +159,17 @@ def test_cached_weight_follows_a_buffer_replaced_through_data():
     assert torch.allclose(q.dequantized_weight(), 2 * w0)
 
 
+def test_cached_weight_follows_a_buffer_replaced_through_data_twice_between_calls():
+    """The second replacement is often made at the address the first freed, the one the cache was checked by (with
+    glibc, mostly, at this size: scales of 128 kB)."""
+    q = QuantLinear.from_linear(linear(k=5120, o=64), "int4", group_size=10)
+    for _ in range(5):
+        w = q.dequantized_weight().clone()
+        for _ in range(2):
+            q.scales.data = q.scales.data * 2
+        assert torch.allclose(q.dequantized_weight(), 4 * w)
+
+
 @pytest.mark.parametrize("norm", [{"elementwise_affine": True}, {"elementwise_affine": False}, {"bias": False}],
                          ids=["affine", "no-affine", "no-bias"])
 def test_a_layer_is_rebuilt_from_its_spec(norm):
