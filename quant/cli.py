@@ -302,11 +302,11 @@ def written_whole(path: str | os.PathLike):
     """Yields a temporary path beside `path` to write to, renamed onto `path` when the block ends without
     an error, removed when it fails: `path` is written whole or not at all, should the run be killed
     meanwhile, and a concurrent reader never sees half a file. A failed write (a full disk) names `path`.
-    The temporary, `NAME.HOST.PID.tmp`, names the machine and process writing it: one that a process killed
-    outright (SIGKILL) left is removed by the next write of `path` on that machine, never one of a process
-    still running (there, or on another machine sharing the folder)."""
+    The temporary, `NAME.HOST.PID.tmp`, names the machine (`_process_space`) and process writing it: one that a
+    process killed outright (SIGKILL) left is removed by the next write of `path` on that machine, never one of a
+    process still running (there, in another container, or on another machine sharing the folder)."""
     path = Path(path)
-    host = platform.node()
+    host = _process_space()
     tmp = path.with_name(f"{path.name}.{host}.{os.getpid()}.tmp")
     _remove_dead_temporaries(path, host)
     try:
@@ -320,9 +320,18 @@ def written_whole(path: str | os.PathLike):
         tmp.unlink(missing_ok=True)
 
 
+def _process_space() -> str:
+    """Where a process number names one process: the machine's name and, on Linux, its PID namespace's number
+    (containers that share the machine's name, as Docker's --network host gives them, number their own)."""
+    try:
+        return f"{platform.node()}-{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc: not Linux
+        return platform.node()
+
+
 def _remove_dead_temporaries(path: Path, host: str) -> None:
-    """Remove the temporaries of `path` (`written_whole`) left by processes of `host`, this machine, that no
-    longer run (killed outright); none on Windows, where signal 0 cannot ask whether a process runs."""
+    """Remove the temporaries of `path` (`written_whole`) left by processes of `host` (this machine's
+    `_process_space`) that no longer run (killed outright); none on Windows, where signal 0 cannot ask whether a process runs."""
     if os.name != "posix":  # Windows' os.kill ends the process
         return
     temporary = re.compile(re.escape(f"{path.name}.{host}.") + r"([0-9]+)\.tmp")

@@ -5,7 +5,6 @@ import errno
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -354,13 +353,31 @@ def test_the_temporary_file_of_a_command_killed_midway_through_a_write_is_remove
 def test_a_write_leaves_the_temporaries_of_live_processes_and_of_other_machines(tmp_path):
     ended = subprocess.Popen([sys.executable, "-c", ""])
     ended.wait(30)
-    kept = {f"model.pt.{platform.node()}.{os.getppid()}.tmp", f"model.pt.another-machine.{ended.pid}.tmp",
+    here = quant.cli._process_space()
+    kept = {f"model.pt.{here}.{os.getppid()}.tmp", f"model.pt.another-machine.{ended.pid}.tmp",
             f"model.pt.{ended.pid}.tmp"}  # (no machine named: which one's process it was is not known)
     for name in kept:
         (tmp_path / name).write_text("half a model")
     with written_whole(tmp_path / "model.pt") as tmp:
         tmp.write_text("a model")
     assert {f.name for f in tmp_path.iterdir()} == kept | {"model.pt"}
+
+
+def test_a_write_in_another_pid_namespace_leaves_the_temporary_of_a_live_process_here(tmp_path):
+    """Containers that share the machine's name (Docker's --network host) and a folder number their processes apart:
+    a process number that runs in none of theirs may be this process's."""
+    unshare = ["unshare", "--pid", "--fork"]
+    if shutil.which("unshare") is None or subprocess.run([*unshare, "true"], capture_output=True).returncode:
+        pytest.skip("no PID namespace can be made here (needs unshare and the right to use it)")
+    script = ("import sys\n"
+              "from quant.cli import written_whole\n"
+              "with written_whole(sys.argv[1]) as tmp:\n"
+              "    tmp.write_text('a model')\n")
+    root = Path(quant.cli.__file__).parents[1]
+    with written_whole(tmp_path / "model.pt") as tmp:
+        tmp.write_text("half a model")
+        subprocess.run([*unshare, sys.executable, "-c", script, str(tmp_path / "model.pt")], cwd=root, check=True)
+        assert tmp.is_file()
 
 
 def test_a_name_the_stdout_encoding_lacks_is_printed_escaped_not_an_error(monkeypatch):
