@@ -355,12 +355,27 @@ def test_a_write_leaves_the_temporaries_of_live_processes_and_of_other_machines(
     ended.wait(30)
     here = quant.cli._process_space()
     kept = {f"model.pt.{here}.{os.getppid()}.tmp", f"model.pt.another-machine.{ended.pid}.tmp",
-            f"model.pt.{ended.pid}.tmp"}  # (no machine named: which one's process it was is not known)
+            f"model.pt.{ended.pid}.tmp",  # (no machine named: which one's process it was is not known)
+            f"old-model.pt.{here}.{ended.pid}.tmp"}  # (another file's)
     for name in kept:
         (tmp_path / name).write_text("half a model")
     with written_whole(tmp_path / "model.pt") as tmp:
         tmp.write_text("a model")
     assert {f.name for f in tmp_path.iterdir()} == kept | {"model.pt"}
+
+
+def test_a_write_leaves_the_temporary_of_another_users_live_process(tmp_path, monkeypatch):
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait(30)
+    kept = tmp_path / f"model.pt.{quant.cli._process_space()}.{ended.pid}.tmp"
+    kept.write_text("half a model")
+
+    def kill(pid, sig):  # what signal 0 to another user's process gets
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "kill", kill)
+    with written_whole(tmp_path / "model.pt") as tmp:
+        tmp.write_text("a model")
+    assert kept.is_file()
 
 
 def test_a_write_in_another_pid_namespace_leaves_the_temporary_of_a_live_process_here(tmp_path):
