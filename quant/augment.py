@@ -137,6 +137,8 @@ def trivial_augment(x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
     result keeps it). `dense` (default: on CUDA) computes every op for every image and selects, with no host
     sync; the CPU default computes each op on its images only, drawing their directions op by op (so one
     seed augments otherwise than `dense` does)."""
+    if not x.is_floating_point():
+        raise ValueError(f"trivial_augment takes floating-point images in [0, 1], got {x.dtype} (divide by 255)")
     B = x.shape[0]
     op = torch.randint(len(_OPS), (B,), device=x.device)
     m = torch.rand(B, device=x.device, dtype=x.dtype)

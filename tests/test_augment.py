@@ -75,6 +75,11 @@ def test_trivial_augment_takes_images_of_any_floating_dtype_and_keeps_it(dtype, 
     assert y.dtype == dtype and float(y.min()) >= 0 and float(y.max()) <= 1
 
 
+def test_trivial_augment_refuses_integer_images_with_one_clear_error():
+    with pytest.raises(ValueError, match=r"floating-point images in \[0, 1\], got torch.uint8"):
+        trivial_augment(_images(4, size=8).permute(0, 3, 1, 2))
+
+
 def test_the_gpu_augment_path_makes_no_tensor_on_the_default_device():
     """The dense path runs on the GPU: a tensor made there on the default device (the host) would fail.
     With the batch on the CPU and meta as the default device, the same mistake fails here."""
