@@ -121,8 +121,9 @@ class QuantLinear(nn.Module):
         leaves no trace to tell it by: write on the tensor itself (`layer.scales.mul_(2)`, under torch.no_grad()
         where needed) instead; comparing the contents at each call would cost a fifth of a 64-token forward."""
         tensors = (self.packed, self.scales, self.zeros)
-        if any(t is not None and t.is_inference() for t in tensors):  # built under torch.inference_mode: they keep
-            # no version counter to tell an in-place change by, so the weight is unpacked afresh
+        if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in tensors):
+            # traced (torch.export, torch.compile: fake tensors have no address), or built under torch.inference_mode
+            # (no version counter to tell an in-place change by): the weight is unpacked afresh
             return dequantize(self.codes(), self.scales, self.zeros, self.weight_format, self.group_size)
         # a write through `.data` leaves the version as it was: `.data = t` is told by the storage's address
         state = tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)

@@ -170,6 +170,14 @@ def test_cached_weight_follows_a_buffer_replaced_through_data_twice_between_call
         assert torch.allclose(q.dequantized_weight(), 4 * w)
 
 
+def test_a_layer_exports_with_torch_export():
+    """Traced, the buffers are fake tensors, which have no storage address to check the cache by."""
+    q = QuantLinear.from_linear(linear(), "int4", group_size=10)
+    x = torch.randn(3, 20)
+    ep = torch.export.export(q, (x,))
+    assert torch.allclose(ep.module()(x), q(x))
+
+
 @pytest.mark.parametrize("norm", [{"elementwise_affine": True}, {"elementwise_affine": False}, {"bias": False}],
                          ids=["affine", "no-affine", "no-bias"])
 def test_a_layer_is_rebuilt_from_its_spec(norm):
