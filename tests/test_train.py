@@ -1153,8 +1153,9 @@ def test_cli_refuses_a_quantized_init_file(tmp_path, image_tree, capsys):
 def test_the_gpu_reference_script_trains_scores_and_hands_back_its_files(tmp_path, image_tree, teacher_budget):
     env = {**os.environ, "DATA": str(image_tree), "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out"),
            "TIME_BUDGET": "1", "TEACHER_BUDGET": teacher_budget, "BATCH": "4", "PYTHON": sys.executable}
+    # --epochs 1: one epoch of the ViT, whose budget the teacher's would otherwise raise to the script's 60 s floor
     r = subprocess.run(["bash", "quant/gpu_reference.sh", "--model", "vit_cifar_tiny", "--device", "cpu",
-                        "--warmup-epochs", "1"], cwd=Path(__file__).parents[1], env=env,
+                        "--warmup-epochs", "1", "--epochs", "1"], cwd=Path(__file__).parents[1], env=env,
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().endswith("reference model done")
