@@ -227,7 +227,7 @@ def test_a_backends_size_is_its_file_and_bits_per_weight_follow_from_it(assets):
 @pytest.mark.parametrize("x", [np.zeros((1, 3, 16, 16), np.float64), np.full((1, 3, 16, 16), np.nan, np.float32),
                                np.zeros((1, 16, 16, 3), np.float32), np.zeros((0, 3, 16, 16), np.float32)],
                          ids=["float64", "nan", "channels-last", "empty"])
-def test_both_runtimes_refuse_what_is_not_a_batch_of_normalised_images_alike(assets, runtime, x):
+def test_both_runtimes_refuse_what_is_not_a_batch_of_normalised_images_alike(assets, runtime, x, shared_ortops_cache):
     b = open_model(assets / "tiny_ternary.safetensors", runtime=runtime)
     with pytest.raises(ValueError, match="expected float32 input|NaN or infinite"):
         b(x)
@@ -313,7 +313,7 @@ def test_the_onnx_export_and_the_model_quantized_on_the_fly_are_made_anew_after_
     assert quantize_on_the_fly(fp_file, "w8a8") != built
 
 
-def test_a_model_whose_export_is_cached_opens_without_building_a_graph(assets, monkeypatch):
+def test_a_model_whose_export_is_cached_opens_without_building_a_graph(assets, monkeypatch, shared_ortops_cache):
     from export import exporter
     for name in ("fp.safetensors", "tiny_ternary.safetensors"):
         open_model(assets / name, runtime="onnxruntime")          # exported into the cache
@@ -424,7 +424,8 @@ def test_a_model_quantized_on_the_fly_whose_write_fails_after_start_up_gets_the_
     assert out[5].startswith("⚠") and "No space left on device" in out[5]
 
 
-def test_a_damaged_cached_model_quantized_on_the_fly_is_built_again_not_left_out(fp_file, tmp_path):
+def test_a_damaged_cached_model_quantized_on_the_fly_is_built_again_not_left_out(fp_file, tmp_path,
+                                                                             shared_ortops_cache):
     cached = quantize_on_the_fly(fp_file, "w8a8")
     cached.write_bytes(cached.read_bytes()[:len(cached.read_bytes()) // 2])  # truncated
     (tmp_path / "models").mkdir()                                            # no packed model: built by the app
@@ -1539,7 +1540,7 @@ def test_the_bench_leaves_out_a_packed_model_that_does_not_open_as_the_app_does(
     assert "skipped ternary · int8 activations · a_ternary" in err and "skipped int8" in err
 
 
-def test_the_bench_leaves_out_packed_models_of_another_architecture(assets, tmp_path, capsys):
+def test_the_bench_leaves_out_packed_models_of_another_architecture(assets, tmp_path, capsys, shared_ortops_cache):
     packed_other_architecture(assets)
     out = tmp_path / "bench.json"
     bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "3",
