@@ -379,6 +379,22 @@ def test_the_input_layernorm_is_as_accurate_as_torchs_on_rows_far_from_zero(isa,
 
 
 @pytest.mark.parametrize("isa", list(ortops.ISAS))
+def test_the_input_layernorm_normalizes_finite_rows_whose_squares_or_sum_pass_float32s_range(isa):
+    """Deviations past 1.8e19 overflow float32 squares (the variance came out inf: the LayerNorm gave
+    its bias alone); values near FLT_MAX overflow a float32 sum (the mean), to NaN where signs mix."""
+    codes, packed, scales, bias = random_layer("TernaryLinear", 16, 48, seed=19)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 48)).astype(np.float32)
+    x[1] *= np.float32(1e20)
+    x[2] = rng.uniform(1e38, 3e38, 48)
+    x[3] = x[2] * np.tile([1, -1], 24)                                     # sums of +inf and -inf: NaN
+    norm = (rng.uniform(0.5, 2, 48).astype(np.float32), rng.standard_normal(48).astype(np.float32))
+    y = session(op_model("TernaryLinear", packed, scales, bias, norm=norm), isa).run(None, {"x": x})[0]
+    assert_equal_but_for_rounding_ties(y, reference(x, codes, scales, bias, 2, norm), layer_norm(x, norm, 1e-5),
+                                       scales, weights(codes, 2))
+
+
+@pytest.mark.parametrize("isa", list(ortops.ISAS))
 @pytest.mark.parametrize("norms,act", [(0, "none"), (1, "none"), (2, "gelu")])
 def test_a_token_holding_nan_or_inf_gives_nan_outputs_and_leaves_the_others_alone(isa, norms, act):
     codes, packed, scales, bias = random_layer("TernaryLinear", 8, 40, seed=14)

@@ -394,7 +394,8 @@ void RunTask(const Problem& p, int64_t task) {
 
 // out = LayerNorm(x) over k values: the mean, then the mean squared deviation, then the affine map.
 // The sums run in 16 lanes (AVX-512 registers, double for the mean; or float arrays the compiler
-// vectorizes), folded together in double.
+// vectorizes), folded together in double; a finite row whose float sums overflow (deviations past ~1e19)
+// is summed again in double.
 void NormRow(const float* x, int64_t k, const float* w, const float* b, float eps, float* out) {
   constexpr int kLanes = 16;
   double sum = 0.0, var = 0.0;
@@ -414,7 +415,7 @@ void NormRow(const float* x, int64_t k, const float* w, const float* b, float ep
   for (int j = 0; j < kLanes; ++j) sum += lane[j];
 #endif
   for (; i < k; ++i) sum += x[i];
-  const float mean = static_cast<float>(sum / static_cast<double>(k));
+  float mean = static_cast<float>(sum / static_cast<double>(k));
   i = 0;
 #if defined(BITVIT_AVX512)
   const __m512 vmean = _mm512_set1_ps(mean);
@@ -431,12 +432,20 @@ void NormRow(const float* x, int64_t k, const float* w, const float* b, float ep
   for (int j = 0; j < kLanes; ++j) var += sq[j];
 #endif
   for (; i < k; ++i) var += (x[i] - mean) * (x[i] - mean);
-  const float rstd = 1.f / std::sqrt(static_cast<float>(var / static_cast<double>(k)) + eps);
+  float rstd = 1.f / std::sqrt(static_cast<float>(var / static_cast<double>(k)) + eps);
+  if (!std::isfinite(var)) {  // a row holding NaN or inf stays NaN
+    sum = var = 0.0;
+    for (i = 0; i < k; ++i) sum += x[i];
+    const double mean64 = sum / static_cast<double>(k);
+    for (i = 0; i < k; ++i) var += (x[i] - mean64) * (x[i] - mean64);
+    mean = static_cast<float>(mean64);
+    rstd = static_cast<float>(1.0 / std::sqrt(var / static_cast<double>(k) + eps));
+  }
   i = 0;
 #if defined(BITVIT_AVX512)
-  const __m512 vrstd = _mm512_set1_ps(rstd);
+  const __m512 vcenter = _mm512_set1_ps(mean), vrstd = _mm512_set1_ps(rstd);
   for (; i + kLanes <= k; i += kLanes) {
-    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmean), vrstd);
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vcenter), vrstd);
     _mm512_storeu_ps(out + i, _mm512_fmadd_ps(d, _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i)));
   }
 #endif
