@@ -507,6 +507,12 @@ def test_weights_of_the_wrong_rank_are_refused():
         session(op_model("TernaryLinear", np.zeros((4, 2, 1), np.uint8), scales, bias))
 
 
+@pytest.mark.parametrize("shape", [(0, 2), (4, 0)])
+def test_weights_with_no_rows_or_no_bytes_are_refused_as_empty_not_as_of_the_wrong_rank(shape):
+    with pytest.raises(Exception, match=r"W must hold at least one output row of at least one byte, got shape"):
+        session(op_model("TernaryLinear", np.zeros(shape, np.uint8), np.ones(shape[0], np.float32)))
+
+
 def test_unknown_isa_is_refused():
     with pytest.raises(ValueError, match="unknown isa"):
         ortops.library_path("sse9")

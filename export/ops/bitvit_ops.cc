@@ -539,8 +539,9 @@ struct PackedLinearKernel {
     const auto shape = info.GetShape();
     if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
       return op_ + ": W must be a uint8 tensor of packed codes";
-    if (shape.size() != 2 || shape[0] < 1 || shape[1] < 1)
-      return op_ + ": W must be 2-D (out_features, packed bytes), got shape " + Shape(shape);
+    if (shape.size() != 2) return op_ + ": W must be 2-D (out_features, packed bytes), got shape " + Shape(shape);
+    if (shape[0] < 1 || shape[1] < 1)
+      return op_ + ": W must hold at least one output row of at least one byte, got shape " + Shape(shape);
     return TileWeights(w.GetTensorData<uint8_t>(), shape[0], shape[1], bits_, t);
   }
 
