@@ -2212,48 +2212,36 @@ def test_a_meter_keeps_the_last_30_latencies_and_gives_their_median_and_the_late
     assert m.median == 2.0
 
 
-def test_the_frame_rate_is_over_the_last_30_frames(monkeypatch):
+def _ticked(monkeypatch, stamps: list[float]) -> LiveStats:
+    """A LiveStats that saw one frame at each of `stamps` (seconds)."""
     from types import SimpleNamespace
     from app import live
-    clock = iter([10.0 * i for i in range(10)] + [100.0 + i for i in range(30)])   # slow at first, then 1 frame/s
+    clock = iter(stamps)
     monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     stats = LiveStats()
-    for _ in range(40):
+    for _ in stamps:
         stats.tick()
+    return stats
+
+
+def test_the_frame_rate_is_over_the_last_30_frames(monkeypatch):
+    stats = _ticked(monkeypatch, [10.0 * i for i in range(10)] + [100.0 + i for i in range(30)])  # slow, then 1/s
     assert stats.fps == pytest.approx(1.0) and stats.frames == 40
 
 
 def test_the_frame_rate_of_a_webcam_stopped_and_started_again_does_not_count_the_pause(monkeypatch):
-    from types import SimpleNamespace
-    from app import live
-    clock = iter([0.05 * i for i in range(30)] + [100.0 + 0.05 * i for i in range(5)])   # 20 frames/s, a minute's pause
-    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
-    stats = LiveStats()
-    for _ in range(35):
-        stats.tick()
+    stats = _ticked(monkeypatch, [0.05 * i for i in range(30)] + [100.0 + 0.05 * i for i in range(5)])  # 20/s, a pause
     assert stats.fps == pytest.approx(20.0) and stats.frames == 35
 
 
 def test_the_frame_rate_counts_a_gap_of_under_a_second_though_over_ten_times_the_others(monkeypatch):
-    from types import SimpleNamespace
-    from app import live
-    clock = iter([0.05 * i for i in range(30)] + [2.25 + 0.05 * i for i in range(5)])  # a 0.8 s hiccup, no pause
-    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
-    stats = LiveStats()
-    for _ in range(35):
-        stats.tick()
+    stats = _ticked(monkeypatch, [0.05 * i for i in range(30)] + [2.25 + 0.05 * i for i in range(5)])  # a 0.8 s hiccup
     assert stats.fps == pytest.approx(29 / (2.45 - 0.25))
 
 
 def test_a_pause_is_told_by_the_windows_usual_gap_not_by_one_slow_frame_in_it(monkeypatch):
-    from types import SimpleNamespace
-    from app import live
     before = [0.05 * i for i in range(15)] + [1.5 + 0.05 * i for i in range(15)]  # 20 frames/s, a 0.8 s hiccup
-    clock = iter(before + [7.15 + 0.05 * i for i in range(5)])  # then a 5 s pause
-    monkeypatch.setattr(live, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
-    stats = LiveStats()
-    for _ in range(35):
-        stats.tick()
+    stats = _ticked(monkeypatch, before + [7.15 + 0.05 * i for i in range(5)])  # then a 5 s pause
     assert stats.fps == pytest.approx(20.0)
 
 
