@@ -2,7 +2,7 @@
 
 Loads a full-precision bitvit checkpoint, takes `--calib-size` TRAINING images of `--calib` (split
 `trainval`, balanced over classes; never the test split) as calibration inputs for the recipes that
-need them (GPTQ, W4A4; the others, which round to nearest, say on stderr that they ignore it), quantizes
+need them (GPTQ, W4A4; the others, which round to nearest, say on stderr that they ignore both), quantizes
 with the recipe (any field overridable: `--set group_size=128`), and writes one packed file
 (`quant.save_quantized`). Prints the storage cost: bits per linear weight (scales and zeros included) and
 the file size. Score the file with `python -m quant.evaluate`.
@@ -56,7 +56,7 @@ def main(argv=None):
                    help="w8a8, w4a8, w4a8-gptq, w4, w3, w2, nf4, w4-gptq, w3-gptq, w2-gptq, w4a4")
     p.add_argument("--calib", help="data for calibration (its training images); needed by GPTQ and W4A4, "
                                    "ignored (with a note) by the recipes that round to nearest")
-    p.add_argument("--calib-size", type=positive_int, default=256,
+    p.add_argument("--calib-size", type=positive_int,  # (None: not given, which a round-to-nearest recipe notes)
                    help="calibration images (default 256, as quant.ptq_results and quant/README.md's tables)")
     p.add_argument("--out", required=True, help="quantized model file to write (.safetensors)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -81,10 +81,11 @@ def main(argv=None):
     if isinstance(r, (GPTQ, W4A4)):  # the other recipes round to nearest: no images needed
         if not args.calib:
             raise ValueError(f"recipe {args.recipe} calibrates: give --calib DATA (training images to calibrate on)")
-        calib = calibration_inputs(args.calib, args.calib_size, model.config)
-    elif args.calib:  # not refused: quant.ptq_results records its commands with --calib for every recipe
-        print(f"note: recipe {args.recipe} rounds to nearest and calibrates on nothing: --calib is ignored",
-              file=sys.stderr)
+        calib = calibration_inputs(args.calib, args.calib_size or 256, model.config)
+    elif given := [o for o, v in (("--calib", args.calib), ("--calib-size", args.calib_size)) if v is not None]:
+        # not refused: quant.ptq_results records its commands with --calib and --calib-size for every recipe
+        print(f"note: recipe {args.recipe} rounds to nearest and calibrates on nothing: {' and '.join(given)} "
+              f"{'is' if len(given) == 1 else 'are'} ignored", file=sys.stderr)
     # (round to nearest draws no bar: a minute for vit_base_patch16_224 on a 2-core CPU)
     print(f"quantizing {args.checkpoint} with {args.recipe}...")  # (stdout: an error after it is stderr's one line)
     t0 = time.perf_counter()

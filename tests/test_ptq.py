@@ -104,6 +104,12 @@ def test_ptq_cli_notes_that_a_round_to_nearest_recipe_ignores_calib(checkpoint, 
     assert capsys.readouterr().err == "note: recipe w4 rounds to nearest and calibrates on nothing: --calib is ignored\n"
 
 
+def test_ptq_cli_notes_that_a_round_to_nearest_recipe_ignores_calib_size_too(checkpoint, tmp_path, capsys):
+    ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4", "--calib-size", "64",
+              "--out", str(tmp_path / "q.safetensors")])
+    assert capsys.readouterr().err == "note: recipe w4 rounds to nearest and calibrates on nothing: --calib-size is ignored\n"
+
+
 def test_ptq_cli_notes_nothing_of_calib_for_a_recipe_that_calibrates_on_it(checkpoint, image_tree, tmp_path, capsys):
     ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4-gptq", "--calib", str(image_tree), "--calib-size", "5",
               "--out", str(tmp_path / "q.safetensors")])
