@@ -169,18 +169,22 @@ class Comparison:
         return view, readings[id(self.fp)], readings[id(quant)]
 
 
-def _file_stamp(opener) -> tuple | None:
-    """The model file an opener opens as it is now (modification time, size), for openers of a file's path as
-    `app.main` makes them (a functools.partial whose first argument is the path); None for another opener or a
-    file that is not there."""
-    args = getattr(opener, "args", ())
-    if not args or not isinstance(args[0], (str, os.PathLike)):
-        return None
+def file_stamp(path: str | os.PathLike) -> tuple | None:
+    """A file as it is now, to tell when it changes: (modification time, size), or None where it is not there."""
     try:
-        st = os.stat(args[0])
+        st = os.stat(path)
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size
+
+
+def _file_stamp(opener) -> tuple | None:
+    """`file_stamp` of the model file an opener opens, for openers of a file's path as `app.main` makes them (a
+    functools.partial whose first argument is the path); None for another opener."""
+    args = getattr(opener, "args", ())
+    if not args or not isinstance(args[0], (str, os.PathLike)):
+        return None
+    return file_stamp(args[0])
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

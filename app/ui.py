@@ -23,7 +23,7 @@ from PIL import Image
 from app import results as results_mod
 from app.examples import write_examples
 from app.frames import load_data_url, load_image_file, to_rgb
-from app.live import Comparison, LiveStats, Reading
+from app.live import Comparison, LiveStats, Reading, file_stamp
 
 STREAM_EVERY = 0.05   # seconds between webcam frames sent to the server (at most 20 frames/s)
 MIRROR_WEBCAM = True  # the preview is a mirror (as people expect); frames are flipped back before the models
@@ -181,16 +181,9 @@ def _results_outputs(folder: Path, classes: tuple[str, ...]):
 
 
 def _stamp(folder: Path) -> tuple:
-    """The results files as they are now: each `*.json`'s name, modification time and size (None for one that
-    vanished meanwhile)."""
-    out = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            st = path.stat()
-            out.append((path.name, st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append((path.name, None))
-    return tuple(out)
+    """The results files as they are now: each `*.json`'s name and `file_stamp` (None for one that vanished
+    meanwhile)."""
+    return tuple((path.name, file_stamp(path)) for path in sorted(folder.glob("*.json")))
 
 
 def _plot(fig):
