@@ -1,5 +1,6 @@
 """The app's pieces on tiny models and synthetic frames: frames, backends, handlers, results plots."""
 import base64
+import contextlib
 import io
 import json
 import os
@@ -1752,53 +1753,59 @@ def test_a_visitor_who_waited_while_a_variant_failed_to_open_gets_its_error_with
     assert len(opened) == 1 and errors == ["bad.safetensors is damaged"] * 2
 
 
+class _SlowVariant:
+    """An opener that holds its caller, as a variant built on the fly (or exported and its ops compiled) does at
+    first choice: `being_built(cmp)` has another visitor's thread open it for the block's duration."""
+
+    def __init__(self, log):
+        import threading
+        self.log, self.building, self.release = log, threading.Event(), threading.Event()
+
+    def __call__(self):
+        self.building.set()
+        self.release.wait(10)
+        return FakeBackend("slow", self.log)
+
+    @contextlib.contextmanager
+    def being_built(self, cmp):
+        import threading
+        other = threading.Thread(target=cmp.variant, args=("slow",))
+        other.start()
+        try:
+            assert self.building.wait(5)
+            yield
+        finally:
+            self.release.set()
+            other.join()
+
+
 def test_frames_of_a_variant_that_failed_to_open_do_not_wait_while_another_visitors_variant_is_being_built():
     import threading
-    log, building, release = [], threading.Event(), threading.Event()
+    log = []
 
     def damaged():
         raise ValueError("bad.safetensors is damaged")
-
-    def slow():
-        building.set()
-        release.wait(10)
-        return FakeBackend("slow", log)
+    slow = _SlowVariant(log)
     cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log), "bad": damaged, "slow": slow})
     with pytest.raises(ValueError, match="damaged"):
         cmp.variant("bad")
-    other = threading.Thread(target=cmp.variant, args=("slow",))
-    other.start()
-    try:
-        assert building.wait(5)
+    with slow.being_built(cmp):
         said = threading.Event()
         threading.Thread(target=lambda: pytest.raises(ValueError, cmp.variant, "bad") and said.set(),
                          daemon=True).start()
         assert said.wait(5), "a frame of the failed variant waited for the other variant to be built"
-    finally:
-        release.set()
-        other.join()
 
 
 def test_frames_of_an_open_variant_do_not_wait_while_another_visitors_variant_is_being_built():
     import threading
-    log, building, release = [], threading.Event(), threading.Event()
-
-    def slow():  # a variant built on the fly, or exported and its ops compiled, at first choice
-        building.set()
-        release.wait(10)
-        return FakeBackend("slow", log)
+    log = []
+    slow = _SlowVariant(log)
     cmp = Comparison(FakeBackend("fp", log), {"q": lambda: FakeBackend("q", log), "slow": slow})
     cmp.variant("q")
-    other = threading.Thread(target=cmp.variant, args=("slow",))
-    other.start()
-    try:
-        assert building.wait(5)
+    with slow.being_built(cmp):
         done = threading.Event()
         threading.Thread(target=lambda: (cmp.run(frame((40, 40, 3)), "q"), done.set()), daemon=True).start()
         assert done.wait(5), "a frame of the open variant waited for the other variant to be built"
-    finally:
-        release.set()
-        other.join()
 
 
 def test_confidences_are_a_softmax_that_survives_large_logits_and_rank_best_first():
