@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -177,7 +178,8 @@ def results_file(out: str | None, limit: int | None, shipped: str) -> str:
 
 def _check_writable(path: Path, folder: Path) -> None:
     """Refuse `path` where `folder`, the folder it goes in, takes no new file (a read-only folder)."""
-    probe = folder / f".{path.name}.{os.getpid()}.probe"
+    tail = f".{os.getpid()}.probe"
+    probe = folder / f".{_fitted(path.name, len(tail) + 1)}{tail}"
     try:
         probe.touch()
         probe.unlink()
@@ -304,11 +306,13 @@ def written_whole(path: str | os.PathLike):
     meanwhile, and a concurrent reader never sees half a file. A failed write (a full disk) names `path`.
     The temporary, `NAME.HOST.PID.tmp`, names the machine (`_process_space`) and process writing it: one that a
     process killed outright (SIGKILL) left is removed by the next write of `path` on that machine, never one of a
-    process still running (there, in another container, or on another machine sharing the folder)."""
+    process still running (there, in another container, or on another machine sharing the folder). A NAME too
+    long to take the rest within the file-name limit is shortened (`_fitted`), alike for every process."""
     path = Path(path)
     host = _process_space()
-    tmp = path.with_name(f"{path.name}.{host}.{os.getpid()}.tmp")
-    _remove_dead_temporaries(path, host)
+    name = _fitted(path.name, len(os.fsencode(f".{host}.")) + _PID_DIGITS + len(".tmp"))
+    tmp = path.with_name(f"{name}.{host}.{os.getpid()}.tmp")
+    _remove_dead_temporaries(path.with_name(name), host)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -318,6 +322,20 @@ def written_whole(path: str | os.PathLike):
         raise OSError(e.errno, e.strerror, str(path)) from None  # a write's error names no file, or the temporary
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_NAME_MAX = 255  # the bytes a file name may have on the usual file systems (ext4, XFS, APFS)
+_PID_DIGITS = 10  # the most a process number has (32 bits)
+
+
+def _fitted(name: str, room: int) -> str:
+    """`name`, or where `room` more bytes after it would pass the file-name limit, its start and a digest of the
+    whole name: a name of its own for each, that leaves the room."""
+    raw = os.fsencode(name)
+    if len(raw) + room <= _NAME_MAX:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return raw[:_NAME_MAX - room - len(digest) - 1].decode("utf-8", "ignore") + "~" + digest  # (no half character)
 
 
 def _process_space() -> str:

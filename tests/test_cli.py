@@ -364,6 +364,32 @@ def test_a_write_leaves_the_temporaries_of_live_processes_and_of_other_machines(
     assert {f.name for f in tmp_path.iterdir()} == kept | {"model.pt"}
 
 
+def test_an_output_whose_name_leaves_no_room_for_a_temporarys_suffix_is_written(tmp_path):
+    path = output_file(tmp_path / ("\u00e9" * 120 + ".json"), ".json")  # 245 bytes: the limit is 255
+    write_json(path, {"top1": 0.5})
+    assert [f.name for f in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_write_of_a_long_name_removes_its_dead_temporaries_and_leaves_live_and_other_names_ones(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait(30)
+    path, other = tmp_path / ("m" * 240 + ".pt"), tmp_path / ("m" * 240 + ".pT")
+    names = []
+    for p in (path, other):  # the temporaries' names this process's writes use
+        with written_whole(p) as tmp:
+            names.append(tmp.name)
+            tmp.write_text("")
+        p.unlink()
+    name, other_name = names
+    assert name != other_name
+    dead, live = (name.replace(f".{os.getpid()}.tmp", f".{pid}.tmp") for pid in (ended.pid, os.getppid()))
+    for temporary in (dead, live, other_name):
+        (tmp_path / temporary).write_text("half a model")
+    with written_whole(path) as tmp:
+        tmp.write_text("a model")
+    assert {f.name for f in tmp_path.iterdir()} == {path.name, live, other_name}
+
+
 def test_a_write_leaves_the_temporary_of_another_users_live_process(tmp_path, monkeypatch):
     ended = subprocess.Popen([sys.executable, "-c", ""])
     ended.wait(30)
