@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from quant.cli import is_positive_int
 from quant.models import forward_with_hooks
 from quant.qlinear import QuantLinear
 from quant.quantizers import QuantizedWeight, num_groups, uniform_params
@@ -40,8 +41,15 @@ from quant.quantizers import QuantizedWeight, num_groups, uniform_params
 def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
                 asymmetric: bool = True, act_order: bool = False, damp: float = 0.01,
                 block_size: int = 128, what: str = "the inputs") -> QuantizedWeight:
-    """GPTQ codes (O, K) of weight w (O, K) given the input Hessian H (K, K), with scales/zeros (O, G);
-    `what` names the inputs in a refusal ("the inputs of blocks.0.attn.qkv")."""
+    """GPTQ codes (O, K) of weight w (O, K) given the input Hessian H (K, K), with scales/zeros (O, G): one
+    scale per `group_size` consecutive inputs (None: one per output channel), columns updated `block_size` at a
+    time (any positive number: the codes do not depend on it); `what` names the inputs in a refusal ("the
+    inputs of blocks.0.attn.qkv")."""
+    if group_size is not None and not is_positive_int(group_size):
+        raise ValueError(f"group_size must be a positive integer or None (one scale per output channel), "
+                         f"got {group_size!r}")
+    if not is_positive_int(block_size):  # a negative one quantized no column: codes all 0
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     W = w.detach().float().clone()
     O, K = W.shape
     gs = group_size or K

@@ -118,6 +118,14 @@ def test_gptq_codes_do_not_depend_on_the_lazy_batch_size():
         assert torch.equal(gptq_weight(w, h, 4, 64, block_size=block).codes, whole.codes)
 
 
+@pytest.mark.parametrize("setting", [{"group_size": -2}, {"group_size": 0}, {"group_size": 2.5},
+                                     {"block_size": 0}, {"block_size": -1}])
+def test_gptq_refuses_a_group_or_block_size_that_is_not_a_positive_integer_naming_it(setting):
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+        gptq_weight(torch.randn(4, 8), torch.eye(8), 4, **setting)
+
+
 def obs_reference(w, H, bits, group_size, asymmetric, act_order, damp=0.01):
     """GPTQ's Algorithm 1 the slow way: one column at a time in float64, the inverse Hessian of the columns
     still to quantize kept explicitly and shrunk by one row and column after each (the OBS update), no
