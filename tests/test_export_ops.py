@@ -1,5 +1,6 @@
 """bitvit's ONNX Runtime ops: built from source, equal to a numpy reference, refusing bad input cleanly."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -493,6 +494,22 @@ def test_scales_of_the_wrong_length_are_refused():
     _, packed, scales, bias = random_layer("BinaryLinear", 8, 16, seed=7)
     with pytest.raises(Exception, match="one value per output row"):
         session(op_model("BinaryLinear", packed, scales[:5], bias)).run(None, {"x": np.ones((1, 16), np.float32)})
+
+
+def test_scales_of_shape_n_by_1_give_what_a_vector_of_them_gives():
+    _, packed, scales, bias = random_layer("TernaryLinear", 8, 16, seed=7)
+    x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(2, 16)
+    y = session(op_model("TernaryLinear", packed, scales, bias)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(session(op_model("TernaryLinear", packed, scales[:, None], bias)).run(
+        None, {"x": x})[0], y)
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1, 1)])
+def test_scales_of_another_shape_than_n_or_n_by_1_are_refused_naming_both(shape):
+    _, packed, scales, bias = random_layer("BinaryLinear", 8, 16, seed=7)
+    with pytest.raises(Exception, match=re.escape(f"of shape (8,) or (8, 1), got shape {shape}")):
+        session(op_model("BinaryLinear", packed, scales.reshape(shape), bias)).run(
+            None, {"x": np.ones((1, 16), np.float32)})
 
 
 def test_weights_that_are_not_uint8_codes_are_refused():

@@ -583,10 +583,11 @@ struct PackedLinearKernel {
                      std::to_string(bits_) + " bit(s) per weight");
     Ort::ConstValue sv = ctx.GetInput(2);
     const auto sinfo = sv.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> sshape = sinfo.GetShape();
     if (sinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
-        static_cast<int64_t>(sinfo.GetElementCount()) != w->n || sinfo.GetShape().size() > 2)
-      return Invalid(op_ + ": scales must be float32 with one value per output row (" + std::to_string(w->n) +
-                     "), got shape " + Shape(sinfo.GetShape()));
+        (sshape != std::vector<int64_t>{w->n} && sshape != std::vector<int64_t>{w->n, 1}))
+      return Invalid(op_ + ": scales must be float32 with one value per output row, of shape (" +
+                     std::to_string(w->n) + ",) or (" + std::to_string(w->n) + ", 1), got shape " + Shape(sshape));
     // The optional 1-D inputs, read straight into the Problem: bias (N), then two LayerNorms' weight
     // and bias (K).
     Problem p{};
