@@ -1,7 +1,8 @@
 """Score a checkpoint: `python -m quant.evaluate --checkpoint PATH --data PATH [--split test]`.
 
 Prints top-1 (as `top1=0.xxxx` on the last line), per-class accuracy, parameter count, size on disk
-and batch-1 latency; writes a confusion-matrix PNG and, with `--json`, all of it as JSON (its fields below).
+and batch-1 latency; writes a confusion-matrix PNG and, with `--out` (or `--json`, its first name), all of it
+as JSON (its fields below).
 The checkpoint is a bitvit `.safetensors` file (run in torch) or a bitvit `.onnx` export (run in ONNX
 Runtime, with bitvit's ops where the graph uses them). Post-training quantization and QAT score their
 torch models through `evaluate`, export's benchmark its ONNX Runtime sessions through `predict`. The data
@@ -147,8 +148,8 @@ def main(argv=None):
                                                  "cifar-10-batches-py, or an image-folder tree")
     p.add_argument("--split", default="test", help="test (default), val, train, trainval or all")
     p.add_argument("--limit", type=positive_int, help="score only this many images (balanced over classes)")
-    p.add_argument("--json", help="write all results to this JSON file")
-    p.add_argument("--confusion", help="confusion-matrix PNG (default: next to --json, "
+    p.add_argument("--out", "--json", help="write all results to this JSON file (--json: its first name)")
+    p.add_argument("--confusion", help="confusion-matrix PNG (default: next to --out, "
                                        "or <checkpoint>.confusion.png)")
     p.add_argument("--batch-size", type=positive_int, default=500, help="images a forward pass")
     p.add_argument("--threads", type=thread_count, help="CPU threads of torch or ONNX Runtime "
@@ -156,20 +157,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.json:
-        output_file(args.json, ".json", inputs=(args.checkpoint,))
+    if args.out:
+        output_file(args.out, ".json", inputs=(args.checkpoint,))
     if args.confusion:
-        output_file(args.confusion, ".png", inputs=(args.checkpoint, args.json))
+        output_file(args.confusion, ".png", inputs=(args.checkpoint, args.out))
 
     from quant.qlinear import weight_count
     from quant.packfile import load_any
     onnx = Path(args.checkpoint).suffix.lower() == ".onnx"
     model = OnnxModel(args.checkpoint, torch.get_num_threads()) if onnx else load_any(args.checkpoint)
     cfg = model.config
-    confusion_png = args.confusion or (Path(args.json).with_suffix(".confusion.png") if args.json
+    confusion_png = args.confusion or (Path(args.out).with_suffix(".confusion.png") if args.out
                                        else Path(str(args.checkpoint) + ".confusion.png"))
     if not args.confusion:  # the default path too, before scoring (here, where the checkpoint's folder is known)
-        output_file(confusion_png, ".png", inputs=(args.checkpoint, args.json))
+        output_file(confusion_png, ".png", inputs=(args.checkpoint, args.out))
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit).scored_by(cfg)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() and not onnx else "cpu"
     t0 = time.perf_counter()
@@ -196,9 +197,9 @@ def main(argv=None):
     for c, a in res["per_class"].items():
         print(f"  {c:<{width}}  {'no images' if a is None else f'{a:.4f}'}")
     print(f"confusion matrix: {confusion_png}")
-    if args.json:
-        write_json(args.json, res)
-        print(f"results: {args.json}")
+    if args.out:
+        write_json(args.out, res)
+        print(f"results: {args.out}")
     print(f"top1={res['top1']:.4f}")
 
 

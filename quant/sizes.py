@@ -5,10 +5,10 @@ writes the full-precision file (`quant.models.save_model`, float32), then quanti
 with each recipe and writes the packed file (`quant.save_quantized`) twice: with the tensors left in
 floating point (patch embedding, position embeddings, norms, biases, a full-precision head) in
 float32, and in float16 (`--float16` of quant.ptq / quant.qat). It prints one table of sizes and
-ratios, and with `--json` writes it with the command, machine and date (under keys of its own, so
-the app's Results tab does not plot these random models beside trained ones). QAT recipes are frozen right
-after their layers are swapped in (no training: the file layout is what is measured); recipes that
-calibrate get random calibration inputs.
+ratios, and with `--out` (or `--json`, its first name) writes it with the command, machine and date
+(under keys of its own, so the app's Results tab does not plot these random models beside trained ones).
+QAT recipes are frozen right after their layers are swapped in (no training: the file layout is what is
+measured); recipes that calibrate get random calibration inputs.
 """
 from __future__ import annotations
 
@@ -87,10 +87,10 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help=f"of: {', '.join(CONFIGS)}")
     p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
                    help="recipe names (not qvit or lsq, whose files need training)")
-    p.add_argument("--json", help="write the table here as well (.json)")
+    p.add_argument("--out", "--json", help="write the table here as well (.json; --json: its first name)")
     args = p.parse_args(argv)
-    if args.json:
-        output_file(args.json, ".json")
+    if args.out:
+        output_file(args.out, ".json")
     models = list(dict.fromkeys(m for a in args.models for m in a.split(",") if m))
     recipes = list(dict.fromkeys(r for a in args.recipes for r in a.split(",") if r))
     # Q-ViT's layers (qvit, lsq) freeze only with calibrated step sizes, and qvit's widths come from training
@@ -105,9 +105,9 @@ def main(argv=None):
         for name in tqdm(models, desc="models", unit="model"):
             rows += measure(name, recipes, Path(tmp))
     print(table(rows))
-    if args.json:
-        write_json(args.json, {**provenance("quant.sizes", argv), "rows": rows})
-        print(f"wrote {args.json}")
+    if args.out:
+        write_json(args.out, {**provenance("quant.sizes", argv), "rows": rows})
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,16 @@ def test_cli_says_it_is_timing_latency_before_the_silent_forward_passes_of_it(ch
     assert "timing batch-1 latency on the CPU" in said[0]
 
 
+def test_cli_writes_its_results_to_out_the_plot_beside_them(checkpoint, image_tree, tmp_path, monkeypatch):
+    import quant.evaluate
+    from quant.cli import run
+    monkeypatch.setattr(quant.evaluate, "latency_ms", lambda *a: 1.0)
+    out = tmp_path / "r.json"  # (--json, its first name, as the other tests give it)
+    assert run(quant.evaluate.main, ["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["confusion_png"] == str(tmp_path / "r.confusion.png")
+    assert (tmp_path / "r.confusion.png").is_file()
+
+
 def test_the_scoring_bar_counts_images_not_batches(tiny_model, image_tree, capsys):
     data = load_split(image_tree, "test", image_size=16, progress=False)  # 18 images
     tiny_model.forward = lambda x: x.mean((2, 3))

@@ -49,6 +49,15 @@ def test_sizes_takes_spaced_lists_like_the_other_commands_and_commas_as_recorded
     assert measured == [("vit_cifar_tiny", ["w8a8", "w4"]), ("vit_cifar_small", ["w8a8", "w4"])] * 2
 
 
+def test_sizes_writes_its_table_to_out_as_to_json_its_first_name(tmp_path, monkeypatch):
+    row = {"model": "m", "parameters": 1000, "recipe": "w4", "linear_bits": 4.5, "fp32_bytes": 8_000_000,
+           "file_bytes": 2_000_000, "file_bytes_float16": 1_000_000}
+    monkeypatch.setattr("quant.sizes.measure", lambda name, recipes, tmp: [row])
+    for option in ("--out", "--json"):
+        main(["--models", "vit_cifar_tiny", "--recipes", "w4", option, str(tmp_path / f"{option[2:]}.json")])
+        assert json.loads((tmp_path / f"{option[2:]}.json").read_text())["rows"] == [row]
+
+
 def test_sizes_table_divides_the_float32_file_by_each_packed_file():
     row = {"model": "m", "parameters": 1000, "recipe": "w4", "linear_bits": 4.5, "fp32_bytes": 8_000_000,
            "file_bytes": 2_000_000, "file_bytes_float16": 1_000_000}
