@@ -353,7 +353,22 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, m
             save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
         except SafetensorError as e:  # "Error while serializing: I/O error: No space left on device (os error 28)"
             raise OSError(f"cannot write {path}: {e}") from None
+        _sort_metadata(tmp)
         os.chmod(tmp, 0o666 & ~umask)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata in sorted order of keys. safetensors writes them in
+    an order drawn afresh for every file (its issue #584), so saving the same model twice gave two files of
+    different bytes, and sha1 sums (the model cards') that no rerun reproduces."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        # the same keys and values, escaped as serde_json escapes them: the same length, the tensors stay where they are
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        f.seek(8)
+        f.write(text.ljust(size))  # (safetensors pads its header with spaces)
 
 
 def refuse_non_finite(state: dict[str, torch.Tensor]) -> None:

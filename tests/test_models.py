@@ -115,6 +115,14 @@ def test_saved_model_rebuilds_itself(tiny_model, tmp_path):
     assert torch.equal(loaded(x), tiny_model(x))
 
 
+def test_saving_the_same_model_twice_writes_the_same_bytes(tiny_model, tmp_path):
+    # (safetensors writes its metadata in a random order of keys: six keys make a chance match 1 in 720)
+    metadata = {f"key{i}": str(i) for i in range(4)}
+    for name in ("a", "b"):
+        save_model(tiny_model, tmp_path / f"{name}.safetensors", metadata)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
 def test_extra_metadata_cannot_overwrite_the_files_format_or_config(tiny_model, tmp_path):
     save_model(tiny_model, tmp_path / "m.safetensors", metadata={"format": "other", "config": "{}", "run": "r1"})
     assert load_model(tmp_path / "m.safetensors").config == tiny_model.config
