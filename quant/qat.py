@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -87,15 +88,25 @@ def record_result(path: str | os.PathLike, name: str, entry: dict) -> None:
 
 def _known_teacher_top1(results: str | None, teacher: str, split: str, n: int) -> float | None:
     """The teacher's top-1 on this split from an earlier entry of the same results file, if the same
-    teacher file (path and size) was scored on the same images there."""
+    teacher (the file's SHA-256: not its path, which another working directory or a teacher trained again
+    into it makes another file's) was scored on the same images there."""
     if not results:
         return None
-    size = Path(teacher).stat().st_size
+    digest = file_sha256(teacher)
     for e in read_results(results)["runs"].values():
-        if (e.get("teacher"), e.get("teacher_bytes"), e.get("split"), e.get("n")) == (str(teacher), size, split, n) \
+        if (e.get("teacher_sha256"), e.get("split"), e.get("n")) == (digest, split, n) \
                 and isinstance(e.get("teacher_top1"), float):
             return e["teacher_top1"]
     return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_init(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -367,6 +378,7 @@ def main(argv=None):
             "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
             "float16": args.float16,
             "teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
+            "teacher_sha256": file_sha256(args.teacher),
             "file": str(args.out), "init": args.init,
             "epochs": len(epoch_logs), "max_epochs": args.epochs,  # fewer: --time-budget
             "train_images": len(train), "images_per_epoch": len(train),

@@ -1,5 +1,6 @@
 """Quantization-aware training: a few steps lower the distillation loss; the CLI trains, packs, scores and records."""
 import copy
+import hashlib
 import json
 import os
 import re
@@ -15,12 +16,12 @@ import quant
 from quant import bitlinear, qvit
 from quant.cli import run
 from quant.data import load_split
-from quant.models import save_model
+from quant.models import VisionTransformer, save_model
 from quant.qat import (FeatureDistill, _known_teacher_top1, init_student, main, prepare_student, read_init,
                        read_results, record_result, train_stages)
 from quant.recipes import BitNet
 from quant.train import TrainConfig, read_log
-from tests.conftest import write_tree
+from tests.conftest import TINY, write_tree
 
 
 def distill_steps(student, teacher, x, steps=15, lr=3e-3):
@@ -574,13 +575,37 @@ def test_a_results_file_holding_an_integer_of_more_digits_than_python_reads_is_r
         read_results(tmp_path / "qat.json")
 
 
-@pytest.mark.parametrize("change, known", [({}, 0.75), ({"teacher_bytes": 1}, None), ({"split": "val"}, None),
+def _recorded_teacher(path) -> dict:
+    """What quant.qat records of its teacher."""
+    return {"teacher": str(path), "teacher_bytes": path.stat().st_size,
+            "teacher_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+@pytest.mark.parametrize("change, known", [({}, 0.75), ({"teacher_sha256": "0" * 64}, None), ({"split": "val"}, None),
                                            ({"n": 17}, None), ({"teacher_top1": "0.75"}, None)])
 def test_the_teachers_score_is_reused_only_for_the_same_file_split_and_images(teacher_file, tmp_path, change, known):
-    entry = {"teacher": str(teacher_file), "teacher_bytes": teacher_file.stat().st_size, "split": "test", "n": 18,
-             "teacher_top1": 0.75}
+    entry = {**_recorded_teacher(teacher_file), "split": "test", "n": 18, "teacher_top1": 0.75}
     record_result(tmp_path / "qat.json", "earlier", {**entry, **change})
     assert _known_teacher_top1(str(tmp_path / "qat.json"), str(teacher_file), "test", 18) == known
+
+
+def test_the_teachers_score_is_not_reused_for_another_teacher_at_the_same_path_and_of_the_same_size(teacher_file,
+                                                                                                     tmp_path):
+    # a teacher trained again into the same file, or the same relative path typed in another working directory
+    record_result(tmp_path / "qat.json", "earlier", {**_recorded_teacher(teacher_file), "split": "test", "n": 18,
+                                                     "teacher_top1": 0.75})
+    size = teacher_file.stat().st_size
+    torch.manual_seed(1)
+    save_model(VisionTransformer(TINY), teacher_file)
+    assert teacher_file.stat().st_size == size
+    assert _known_teacher_top1(str(tmp_path / "qat.json"), str(teacher_file), "test", 18) is None
+
+
+def test_the_teachers_score_is_reused_for_the_same_teacher_under_another_path(teacher_file, tmp_path):
+    record_result(tmp_path / "qat.json", "earlier", {**_recorded_teacher(teacher_file), "split": "test", "n": 18,
+                                                     "teacher_top1": 0.75})
+    teacher_file.rename(tmp_path / "moved.safetensors")
+    assert _known_teacher_top1(str(tmp_path / "qat.json"), str(tmp_path / "moved.safetensors"), "test", 18) == 0.75
 
 
 def test_a_warm_restart_from_a_missing_state_is_a_file_not_found_error(tmp_path):
@@ -625,13 +650,13 @@ def test_a_recorded_run_is_named_by_name_and_records_its_teacher_and_float16(tea
                       "--eval-split", "test", "--results", str(results), "--name", "mine"]) == 0
     entry = read_results(results)["runs"]["mine"]
     assert (entry["name"], entry["recipe"], entry["float16"]) == ("mine", "w1a8", True)
-    assert (entry["teacher"], entry["teacher_bytes"]) == (str(teacher_file), teacher_file.stat().st_size)
+    assert {k: entry[k] for k in ("teacher", "teacher_bytes", "teacher_sha256")} == _recorded_teacher(teacher_file)
 
 
 def test_a_run_reuses_the_teachers_score_recorded_for_the_same_teacher_and_images(teacher_file, image_tar, tmp_path):
     results = tmp_path / "qat.json"
-    record_result(results, "earlier", {"teacher": str(teacher_file), "teacher_bytes": teacher_file.stat().st_size,
-                                       "split": "test", "n": 18, "teacher_top1": 0.123})  # no real score of 18 images
+    record_result(results, "earlier", {**_recorded_teacher(teacher_file), "split": "test", "n": 18,
+                                       "teacher_top1": 0.123})  # no real score of 18 images
     assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
                       "--out", str(tmp_path / "b.safetensors"), "--epochs", "1", "--batch-size", "8",
                       "--eval-split", "test", "--results", str(results)]) == 0
