@@ -367,6 +367,8 @@ def _sort_metadata(path: Path) -> None:
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
         # the same keys and values, escaped as serde_json escapes them: the same length, the tensors stay where they are
         text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(text) > size:  # (an escaping of another length: left unsorted rather than written over a tensor)
+            return
         f.seek(8)
         f.write(text.ljust(size))  # (safetensors pads its header with spaces)
 
