@@ -76,8 +76,13 @@ def labels(entries: list[Entry]) -> list[str]:
     return out
 
 
-def confusion_plot(entry: Entry, classes: tuple[str, ...] = ()):
+def confusion_plot(entry: Entry):
+    """The entry's confusion matrix, its classes named as its own file names them (`quant.evaluate`'s `per_class`,
+    in the matrix's order), not as the page's models do: a results folder may score another data set's classes.
+    Numbered where the file names none or not one per row."""
     top1 = entry.top1
+    per_class = entry.data.get("per_class")
+    classes = tuple(map(str, per_class)) if isinstance(per_class, dict) else ()
     return confusion_figure(entry.confusion, classes,
                             entry.label + (f", top-1 {100 * top1:.2f} %" if top1 is not None else ""))
 

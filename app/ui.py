@@ -161,7 +161,7 @@ class Handlers:
                 summary_markdown(fp, q, fp.latency_ms, q.latency_ms, None, f"median of {STILL_REPEATS} runs"))
 
 
-def _results_outputs(folder: Path, classes: tuple[str, ...]):
+def _results_outputs(folder: Path):
     res = results_mod.load(folder)
     cms = res.having("confusion")
     allocs = res.having("allocation")
@@ -172,7 +172,7 @@ def _results_outputs(folder: Path, classes: tuple[str, ...]):
             _plot(results_mod.accuracy_vs_bits(res)), _plot(results_mod.latency_bars(res)),
             _plot(results_mod.size_bars(res)), _plot(results_mod.fps_bars(res)),
             gr.update(choices=results_mod.labels(cms), value=cm_choice, visible=bool(cms)),
-            _plot(results_mod.confusion_plot(cms[0], classes) if cms else None),
+            _plot(results_mod.confusion_plot(cms[0]) if cms else None),
             gr.update(choices=results_mod.labels(allocs), value=alloc_choice, visible=bool(allocs)),
             _plot(results_mod.allocation_plot(allocs[0]) if allocs else None),
             gr.update(choices=results_mod.labels(robust), value=robust[0].label if robust else None,
@@ -318,13 +318,13 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                                       for v, c in zip(make(), outputs)]
                     return [dict(v) if isinstance(v, dict) else v for v in drawn[key]]  # (Gradio pops their values)
 
-            tab = lambda: _results_outputs(results_dir, classes)  # noqa: E731
+            tab = lambda: _results_outputs(results_dir)  # noqa: E731
             demo.load(lambda: cached("tab", tab, res_outputs), None, res_outputs, api_name=False)
             reload.click(lambda: cached("tab", tab, res_outputs, again=True), None, res_outputs, api_name=False)
 
             def pick(prop, plot, draw):  # a menu's plot of the entry picked (on every page load, the first)
                 return lambda label: cached((prop, label), lambda: [_pick(results_dir, prop, label, draw)], [plot])[0]
-            cm_pick.change(pick("confusion", cm_plot, lambda e: results_mod.confusion_plot(e, classes)),
+            cm_pick.change(pick("confusion", cm_plot, results_mod.confusion_plot),
                            cm_pick, cm_plot, api_name=False)
             alloc_pick.change(pick("allocation", alloc_plot, results_mod.allocation_plot), alloc_pick, alloc_plot,
                               api_name=False)

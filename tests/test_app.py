@@ -1286,7 +1286,7 @@ def test_the_results_tab_reads_every_file_and_draws_what_exists(tmp_path):
     assert [e.source for e in res.entries].count("robustness") == 1                # its trials are not entries
     assert res.errors and "broken.json" in res.errors[0]
     for fig in (results.accuracy_vs_bits(res), results.latency_bars(res), results.size_bars(res), results.fps_bars(res),
-                results.confusion_plot(res.having("confusion")[0], TINY.classes),
+                results.confusion_plot(res.having("confusion")[0]),
                 results.allocation_plot(res.having("allocation")[0]),
                 results.robustness_plot(res.having("robustness")[0])):
         assert any(ax.has_data() for ax in fig.axes)
@@ -1943,7 +1943,15 @@ def test_the_results_summary_counts_one_entry_in_the_singular(tmp_path):
 
 def test_a_confusion_matrix_is_titled_with_its_top_1_accuracy_in_percent(tmp_path):
     entry = results.load(write_results(tmp_path / "results")).having("confusion")[0]
-    assert results.confusion_plot(entry, TINY.classes).axes[0].get_title().endswith(", top-1 80.00 %")
+    assert results.confusion_plot(entry).axes[0].get_title().endswith(", top-1 80.00 %")
+
+
+def test_a_confusion_matrix_is_labelled_with_the_classes_its_own_file_names_not_the_page_models(tmp_path):
+    from app.ui import _results_outputs
+    (tmp_path / "eval.json").write_text(json.dumps({  # quant.evaluate's JSON, of a data set other than the models'
+        "top1": 0.5, "per_class": {"circle": 1.0, "square": 0.0, "star": 0.5}, "confusion": np.eye(3).tolist()}))
+    fig = _results_outputs(tmp_path)[6]["value"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["circle", "square", "star"]
 
 
 @pytest.mark.parametrize("text", ["0", "65536", "http", "-1"])
@@ -2105,7 +2113,7 @@ def write_robustness(folder, *names):
 
 def test_the_results_tab_opens_on_the_first_robustness_analysis_and_hides_what_it_has_nothing_for(tmp_path):
     from app.ui import _results_outputs
-    out = _results_outputs(write_robustness(tmp_path / "results", "r1", "r2"), TINY.classes)
+    out = _results_outputs(write_robustness(tmp_path / "results", "r1", "r2"))
     assert out[9]["choices"] == ["r1 (r1)", "r2 (r2)"] and out[9]["value"] == "r1 (r1)" and out[9]["visible"]
     assert out[10]["visible"] and out[10]["value"] is not None
     assert not any(out[i]["visible"] for i in (1, 2, 3, 4, 5, 6, 7, 8))
@@ -2195,7 +2203,7 @@ def test_two_confusion_matrices_of_one_name_are_told_apart_in_the_menu_and_each_
     from app.ui import _pick, _results_outputs
     (tmp_path / "r.json").write_text(json.dumps({"runs": [{"name": "w4", "top1": 0.5, "confusion": [[1, 0], [0, 1]]},
                                                           {"name": "w4", "top1": 0.6, "confusion": [[0, 1], [1, 0]]}]}))
-    assert _results_outputs(tmp_path, TINY.classes)[5]["choices"] == ["w4 (r)", "w4 (r) #2"]
+    assert _results_outputs(tmp_path)[5]["choices"] == ["w4 (r)", "w4 (r) #2"]
     assert [_pick(tmp_path, "confusion", label, lambda e: e.top1)["value"] for label in ("w4 (r)", "w4 (r) #2")] == [
         0.5, 0.6]
 
