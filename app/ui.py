@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from app import results as results_mod
-from app.examples import write_examples
+from app.examples import DRAWINGS, write_examples
 from app.frames import load_data_url, load_image_file, to_rgb
 from app.live import Comparison, LiveStats, Reading, file_stamp
 
@@ -208,7 +208,10 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
     results_dir = Path(results_dir)
     examples_dir = Path(tempfile.mkdtemp(prefix="bitvit-examples-"))  # in the temp folder, which Gradio serves
     atexit.register(shutil.rmtree, examples_dir, ignore_errors=True)  # not one more folder left at every start
-    examples = write_examples(examples_dir)
+    # drawings of CIFAR-10 subjects, for a model that names one of them or names none (ImageNet's): to a model of
+    # other classes (a user's own data set's) they would be pictures it has no class for
+    drawn = not classes or any(c in DRAWINGS for c in classes)
+    examples = write_examples(examples_dir) if drawn else []
     live_views = Path(tempfile.mkdtemp(prefix="bitvit-live-"))  # served from there, not copied into Gradio's cache
     atexit.register(shutil.rmtree, live_views, ignore_errors=True)
     gr.set_static_paths([live_views])
@@ -277,8 +280,9 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                                  label="upload or paste an image", elem_id="still")
                 still_view = gr.Image(label=f"what the models see ({s}x{s}{enlarged})", interactive=False,
                                       height=s * view_scale(s) + 60)
-            gr.Examples([[str(p)] for p in examples], inputs=[still],
-                        label="drawn examples (not CIFAR images)")
+            if examples:
+                gr.Examples([[str(p)] for p in examples], inputs=[still],
+                            label="drawn examples (not CIFAR images)")
             still_out = outputs("still")
             # preprocess=False: the handler decodes the file itself, so a bad upload gets a message. One queue
             # for both events: a visitor's upload and variant change are answered in the order made (the page

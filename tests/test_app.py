@@ -585,6 +585,19 @@ def test_the_page_of_a_model_without_class_names_gives_their_number_not_an_empty
     assert any("Classes: 3, unnamed (shown by number)." in t for t in texts)
 
 
+@pytest.mark.parametrize("classes, offered", [(("circle", "square", "star"), False), (TINY.classes, True), ((), True)])
+def test_the_drawn_cifar_examples_are_offered_only_to_a_model_naming_one_of_their_subjects_or_none(
+        classes, offered, tmp_path):
+    from app.ui import build
+    model = quant.models.VisionTransformer(quant.models.ViTConfig(**{**TINY.__dict__, "classes": classes}))
+    save_model(model, tmp_path / "fp.safetensors")
+    q = packed(model, tmp_path / "q.safetensors")
+    cmp = Comparison(open_model(tmp_path / "fp.safetensors", runtime="torch"),
+                     {"int8": lambda: open_model(q, runtime="torch")})
+    types = [c["type"] for c in build(cmp, ["int8"], tmp_path).config["components"]]
+    assert ("dataset" in types) == offered
+
+
 def test_the_pages_drawn_examples_are_removed_when_the_app_exits(handlers, tmp_path, monkeypatch):
     import atexit
     import shutil
