@@ -87,7 +87,9 @@ def main(argv=None):
         print(f"note: recipe {args.recipe} rounds to nearest and calibrates on nothing: {' and '.join(given)} "
               f"{'is' if len(given) == 1 else 'are'} ignored", file=sys.stderr)
     # (round to nearest draws no bar: a minute for vit_base_patch16_224 on a 2-core CPU)
-    print(f"quantizing {args.checkpoint} with {args.recipe}...")  # (stdout: an error after it is stderr's one line)
+    # the fields --set changed beside the name: "w2" with weight_format=ternary writes no int2 weights
+    what = args.recipe + (f" ({', '.join(args.set)})" if args.set else "")
+    print(f"quantizing {args.checkpoint} with {what}...")  # (stdout: an error after it is stderr's one line)
     t0 = time.perf_counter()
     quantize(model, r, calib=calib)  # calibration inputs follow the model to its device
     seconds = time.perf_counter() - t0
@@ -95,7 +97,7 @@ def main(argv=None):
     storage = save_quantized(model, args.out, args.float16)
     size = Path(args.out).stat().st_size
     fp_size = Path(args.checkpoint).stat().st_size
-    print(f"{args.recipe}: quantized in {seconds:.1f} s"
+    print(f"{what}: quantized in {seconds:.1f} s"
           + (f" with {len(calib)} calibration images" if calib is not None else ""))
     print(f"linear weights: {storage['linear_weights']:,} at {storage['bits_per_weight']:.3f} bits/weight "
           f"(scales and zeros included)")

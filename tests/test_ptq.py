@@ -140,6 +140,14 @@ def test_ptq_cli_says_it_is_quantizing_before_the_silent_rounding(checkpoint, tm
     assert said == [f"quantizing {checkpoint} with w4...\n"]
 
 
+def test_ptq_cli_names_the_fields_set_beside_the_recipe_it_quantizes_with(checkpoint, tmp_path, capsys):
+    ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w2", "--set", "weight_format=ternary",
+              "--out", str(tmp_path / "q.safetensors")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"quantizing {checkpoint} with w2 (weight_format=ternary)..."
+    assert out[1].startswith("w2 (weight_format=ternary): quantized in ")
+
+
 def test_ptq_cli_calibrates_on_calib_size_images(checkpoint, image_tree, tmp_path, capsys):
     ptq_main(["--checkpoint", str(checkpoint), "--recipe", "w4-gptq", "--calib", str(image_tree), "--calib-size", "5",
               "--out", str(tmp_path / "q.safetensors")])  # the tree has 18 training images
