@@ -15,8 +15,8 @@ one session leaves spinning slow the next:
   ops) | bitvit ternary op | bitvit binary op
 Quantized variants come from the FP model by round to nearest unless `--quantized` gives trained
 files (e.g. the QAT ternary model; one with no ONNX export, or whose layers would not run on the bitvit op
-its row names, is refused). With `--data`, each reference variant is also scored on the
-CIFAR-10 test split in ONNX Runtime and in torch, side by side, with the share of predictions that agree
+its row names, is refused). With `--data`, each reference variant is also scored on its
+`--split` (test) in ONNX Runtime and in torch, side by side, with the share of predictions that agree
 (nothing enforces a match: integer rounding ties move a few images, and ORT dynamic int8's torch model is the
 float one it was quantized from). Prints tables, writes
 `--out` (JSON) and a plot next to it.
@@ -126,7 +126,7 @@ def time_variants(variants: dict, img_size: int, batch: int, runs: int, round_ro
 
 
 def accuracy(variants: dict, data, mean, std) -> dict[str, dict]:
-    """CIFAR top-1 of each variant in its runtime and of the torch model it came from."""
+    """Top-1 on --data of each variant in its runtime and of the torch model it came from."""
     from tqdm import tqdm
 
     from quant.evaluate import predict
@@ -177,7 +177,8 @@ def main(argv=None):
     p.add_argument("--quantized", nargs="*", default=[],
                    help="trained quantized files of the reference model (e.g. its QAT ternary model) to use "
                         "instead of round to nearest for their format")
-    p.add_argument("--data", help="CIFAR-10 source for top-1 (e.g. ../shared/data/cifar10-jpeg.tar.gz)")
+    p.add_argument("--data", help="data for top-1: CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree "
+                                  "of the model's classes (e.g. ../shared/data/cifar10-jpeg.tar.gz)")
     p.add_argument("--split", help="split --data is scored on (default: test)")
     p.add_argument("--limit", type=positive_int, help="score only this many images (a balanced subset; for dry runs)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model and batch, 30..10000 (default 30)")
