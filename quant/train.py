@@ -731,7 +731,8 @@ def main(argv=None):
         if env.main:
             print(f"{args.model}: {count_parameters(model):,} parameters{f' from {args.init}' if args.init else ''}; "
                   f"{len(train)} training images"
-                  f"{f', {len(val)} validation images' if val is not None else ''}")
+                  f"{f', {len(val)} validation images' if val is not None else ''}, seen at {img_size}x{img_size} "
+                  f"pixels (shorter side resized to {img_size}, then centre-cropped)")
             lock.enter_context(run_lock(args.out))  # torchrun's other processes share its lock
     except (ValueError, OSError) as e:
         failed = e

@@ -867,6 +867,12 @@ def test_cli_trains_and_saves_a_loadable_model(tmp_path, image_tree, capsys):
     assert "saved" in capsys.readouterr().out
 
 
+def test_cli_says_at_what_size_the_model_sees_the_images(tmp_path, image_tree, capsys):
+    main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
+          "--epochs", "1", "--batch-size", "4", "--limit", "8"])  # the tree's files are not 32x32
+    assert ", seen at 32x32 pixels (shorter side resized to 32, then centre-cropped)\n" in capsys.readouterr().out
+
+
 def test_cli_plots_the_runs_loss_and_accuracy_per_epoch_beside_the_model(tmp_path, image_tree, capsys, monkeypatch):
     drawn = []  # the figures, as write_png is handed them
     monkeypatch.setattr(quant.train, "write_png", lambda path, fig, dpi: drawn.append((path, fig))
