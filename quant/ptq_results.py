@@ -75,7 +75,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m quant.ptq_results", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="full-precision bitvit model (.safetensors)")
-    p.add_argument("--data", required=True, help="CIFAR-10 (calibration on its training images)")
+    p.add_argument("--data", required=True, help="CIFAR-10 .tar.gz, its folder, cifar-10-batches-py or an image tree "
+                                                 "(calibration on its training images, scoring on --split)")
     p.add_argument("--out", help="results file (entries are merged; default assets/results/ptq.json, the shipped "
                                  "results, which a --limit dry run must not overwrite: it needs --out)")
     p.add_argument("--models", default="runs/ptq", help="folder for the quantized model files")
