@@ -11,9 +11,12 @@ then `fix_bits` and fine-tuning with the widths fixed. The trained model is froz
 (`PATH.bits.json`) and its plot (`PATH.bits.png`).
 
 Everything resumes: rerun the same command (e.g. after `--time-limit` stopped it) and each stage
-continues from `--run-dir`. `--time-budget S` fits the training into S seconds instead (for a GPU
-lent for a fixed time): each stage gets the share of S its epochs have, its cosine decays over that
-time, and its epochs become a cap. `--init STATE` warm-restarts a BitNet run: the student starts from
+continues from `--run-dir`. `--time-limit S` counts the training stages only, not the student's
+initialisation before them (on `--calib-size` images; Q-ViT's step-size search takes minutes on a small
+CPU), which every run does again: a limit shorter than that still trains, so each rerun gets on (in a
+call of fixed length, leave room for it as for loading the data). `--time-budget S` fits the training
+into S seconds instead (for a GPU lent for a fixed time): each stage gets the share of S its epochs
+have, its cosine decays over that time, and its epochs become a cap. `--init STATE` warm-restarts a BitNet run: the student starts from
 the weights of an earlier run of the same recipe and teacher (a stage's `last.pt` in its run folder)
 under a fresh schedule, so training can go on past the epochs that run was scheduled for (in a run folder
 of its own: one holding another run's state, such as the one it starts from, is refused).
@@ -264,8 +267,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="store the parameters left in floating point (embeddings, norms, biases, head) in float16")
     p.add_argument("--save-every", type=positive_int, default=1,
                    help="score the val split and write the resume state every N epochs (and after the last)")
-    p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many seconds "
-                                                    "(all stages together); rerun the same command to resume")
+    p.add_argument("--time-limit", type=number_in(0),
+                   help="stop after the last epoch that fits in this many seconds of training (all stages together; "
+                        "the student's initialisation before them, redone by every run, not counted); rerun the "
+                        "same command to resume")
     p.add_argument("--time-budget", type=number_in(0), default=0.0,
                    help="seconds of training for all stages together, shared by their epochs; the learning rate "
                         "decays over them and --epochs becomes a cap (0: schedule by epochs)")
@@ -348,10 +353,11 @@ def main(argv=None):
         init=_weights_digest(student) if init else "",  # a warm restart never resumes the run it starts from
         extra_loss={"feature_weight": args.feature_weight,  # the penalty weighs only in a searching stage
                     **({"bitops_weight": args.bitops_weight} if search else {})})
-    left = None if args.time_limit is None else args.time_limit - (time.time() - started)  # calibration counts
+    # the limit counts training only: the calibration above, redone by every run, would spend a limit shorter
+    # than itself in each rerun and leave none for an epoch, so that rerunning never got past it
     with run_lock(run_dir):
         student, done, epoch_logs = train_stages(student, teacher, r, train, val, train_cfg, run_dir, search,
-                                                 penalty, features, left, args.device, args.save_every)
+                                                 penalty, features, args.time_limit, args.device, args.save_every)
     if not done:
         print(f"stopped by --time-limit; rerun the same command to resume from {run_dir}")
         return 0

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,9 +128,27 @@ def test_a_run_out_of_time_writes_no_model_and_the_same_command_without_the_limi
     out = tmp_path / "t.safetensors"
     args = ["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar), "--out", str(out),
             "--epochs", "1", "--batch-size", "8"]
-    assert run(main, args + ["--time-limit", "0"]) == 0   # calibration alone spends it
+    assert run(main, args + ["--time-limit", "0"]) == 0   # no time for an epoch
     assert "stopped by --time-limit" in capsys.readouterr().out and not out.exists()
     assert run(main, args) == 0
+    assert quant.load_quantized(out)
+
+
+def test_a_time_limit_shorter_than_the_students_calibration_still_trains(teacher_file, image_tar, tmp_path,
+                                                                          monkeypatch):
+    """Calibration, redone by every run, is not charged to the limit: charged, a limit shorter than it stopped
+    every rerun before its first epoch."""
+    clock = [0.0]
+    monkeypatch.setattr("quant.qat.time", SimpleNamespace(time=lambda: clock[0]))
+    init = bitlinear.init_input_norms
+
+    def an_hour_of_calibrating(model, x):
+        clock[0] += 3600
+        init(model, x)
+    monkeypatch.setattr(bitlinear, "init_input_norms", an_hour_of_calibrating)
+    out = tmp_path / "t.safetensors"
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar),
+                      "--out", str(out), "--epochs", "1", "--batch-size", "8", "--time-limit", "600"]) == 0
     assert quant.load_quantized(out)
 
 
