@@ -88,6 +88,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def counted(n: int, noun: str) -> str:
+    """`n` and the noun, singular for one: "1 epoch", "3 epochs"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def max_threads() -> int:
     """The most CPU threads bitvit lets torch or ONNX Runtime use: the machine's logical cores (more only slows
     them down, and thousands hang them)."""
@@ -98,7 +103,8 @@ def thread_count(text: str) -> int:
     """argparse type for CPU threads: 1 up to `max_threads()`."""
     value, cores = positive_int(text), max_threads()
     if value > cores:
-        raise argparse.ArgumentTypeError(f"expected at most {cores} threads (the machine's logical cores), got {value}")
+        raise argparse.ArgumentTypeError(f"expected at most {counted(cores, 'thread')} (the machine's logical cores), "
+                                         f"got {value}")
     return value
 
 

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from quant.cli import HelpFormatter, output_file, positive_int, provenance, run, thread_count, write_json, write_png
+from quant.cli import (HelpFormatter, counted, output_file, positive_int, provenance, run, thread_count, write_json,
+                       write_png)
 from quant.data import ImageSet, class_names, load_split, to_model_input
 
 
@@ -192,8 +193,8 @@ def main(argv=None):
 
     width = max(map(len, res["per_class"]))
     print(f"{args.checkpoint}: {params:,} parameters, {size / 1e6:.2f} MB on disk, "
-          f"batch-1 CPU latency {lat:.2f} ms in {res['runtime']} ({threads} threads)")
-    print(f"{args.split} split: {res['n']} images")
+          f"batch-1 CPU latency {lat:.2f} ms in {res['runtime']} ({counted(threads, 'thread')})")
+    print(f"{args.split} split: {counted(res['n'], 'image')}")
     for c, a in res["per_class"].items():
         print(f"  {c:<{width}}  {'no images' if a is None else f'{a:.4f}'}")
     print(f"confusion matrix: {confusion_png}")

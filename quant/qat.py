@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import (HelpFormatter, mix_alpha, number_in, output_file, positive_int, provenance, random_seed, run,
-                       run_folder, run_lock, thread_count, write_json)
+from quant.cli import (HelpFormatter, counted, mix_alpha, number_in, output_file, positive_int, provenance, random_seed,
+                       run, run_folder, run_lock, thread_count, write_json)
 from quant.data import SPLITS
 from quant.recipes import QAT, BitNet, QViT
 
@@ -192,7 +192,7 @@ def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cf
         left = None if time_limit is None else time_limit - (time.time() - started)
         if left is not None and left <= 0:
             return student, False, []
-        print(f"{stage} stage: {epochs} epochs of {len(train)} images")
+        print(f"{stage} stage: {counted(epochs, 'epoch')} of {counted(len(train), 'image')}")
         stage_cfg = dataclasses.replace(train_cfg, epochs=epochs,
                                         time_budget=train_cfg.time_budget * epochs / train_cfg.epochs)
         student, done = fit(student, train, val, stage_cfg, run_dir / stage, teacher=teacher, device=device,

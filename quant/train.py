@@ -29,8 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from quant.augment import Augment, AugmentConfig
-from quant.cli import (HelpFormatter, finite_number, is_positive_int, mix_alpha, number_in, positive_int, random_seed,
-                       run, run_folder, run_lock, thread_count, world_size, write_png, written_whole)
+from quant.cli import (HelpFormatter, counted, finite_number, is_positive_int, mix_alpha, number_in, positive_int,
+                       random_seed, run, run_folder, run_lock, thread_count, world_size, write_png, written_whole)
 from quant.data import ImageSet, composed_name, load_split
 from quant.distill import distill_loss, soft_cross_entropy
 from quant.evaluate import evaluate
@@ -749,8 +749,8 @@ def main(argv=None):
                     "train_seconds": f"{seconds:.0f}", "complete": str(done).lower()}
             (cnn.save_teacher if is_cnn else save_model)(model, Path(args.out) / "model.safetensors", metadata=meta)
             print(f"saved {Path(args.out) / 'model.safetensors'}{'' if done else ' (incomplete: rerun to resume)'}")
-            plot_log(records, Path(args.out) / "curves.png", f"{args.model}: {len(records)} epochs of {len(train)} "
-                                                             f"{args.split} images")
+            plot_log(records, Path(args.out) / "curves.png", f"{args.model}: {counted(len(records), 'epoch')} of "
+                                                             f"{counted(len(train), args.split + ' image')}")
             print(f"curves: {Path(args.out) / 'curves.png'}")
 
 

@@ -41,6 +41,12 @@ def test_more_threads_than_the_machine_has_cores_are_refused(monkeypatch):
         thread_count("5000")
 
 
+def test_a_machine_of_one_core_names_its_one_thread_in_the_singular(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected at most 1 thread \(the machine's"):
+        thread_count("2")
+
+
 @pytest.mark.parametrize("text", ["-5", str(2**32), "99999999999999999999999", "x"])
 def test_a_seed_outside_what_the_generators_take_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected an integer"):

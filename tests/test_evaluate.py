@@ -64,6 +64,17 @@ def test_cli_reports_and_ends_with_top1(checkpoint, image_tree, tmp_path):
     assert "parameters" in out and "MB on disk" in out
 
 
+def test_cli_on_one_thread_and_one_image_says_so_in_the_singular(checkpoint, image_tree, capsys):
+    from quant.evaluate import main
+    threads = torch.get_num_threads()
+    try:
+        main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--threads", "1", "--limit", "1"])
+    finally:  # the rest of the session on the threads it had
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert " (1 thread)\n" in out and "test split: 1 image\n" in out
+
+
 def test_cli_scores_a_tree_of_some_of_the_models_classes_by_their_names(checkpoint, image_tree, tmp_path):
     import shutil
     shutil.rmtree(image_tree / "test" / "cat")  # photos of a dog and a frog, scored by a cat/dog/frog model
