@@ -56,7 +56,7 @@ class Backend:
     name: str                         # the model file's name
     runtime: str                      # "torch" or "ONNX Runtime"
     weight_format: str                # "fp32"; in ONNX Runtime the export's format ("ternary", "w8a8", "int4", ...),
-                                      # in torch the layers' ("ternary", "int8", ...; "+"-joined when they differ)
+                                      # in torch the layers' ("ternary", "int8", ...; `joined_formats` when they differ)
     config: ViTConfig
     size_bytes: int
     run: Callable[[np.ndarray], np.ndarray] = field(repr=False)
@@ -72,9 +72,18 @@ class Backend:
         return self.run(x)
 
 
+def joined_formats(weights: dict[str, int]) -> str:
+    """Weight formats "+"-joined, the one holding the most weights first (the one the ONNX export, and so the
+    model's card, names it by: "ternary+int8" for ternary blocks and an int8 head), or "fp32" for none."""
+    return "+".join(sorted(weights, key=lambda f: (-weights[f], f))) or "fp32"
+
+
 def weight_format(model: nn.Module) -> str:
-    formats = sorted({m.weight_format for m in model.modules() if isinstance(m, quant.QuantLinear)})
-    return "+".join(formats) or "fp32"
+    weights = {}
+    for m in model.modules():
+        if isinstance(m, quant.QuantLinear):
+            weights[m.weight_format] = weights.get(m.weight_format, 0) + m.in_features * m.out_features
+    return joined_formats(weights)
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,13 @@ class ModelFile:
 
     @property
     def label(self) -> str:
-        """The app's menu entry, e.g. "int4+int8 · int8 activations · x.safetensors · linear layers 4.06
-        bits/weight" (a weight-only file reads "float activations": the two run differently)."""
-        acts = f" · {self.activations} activations" if self.activations else ""
+        """The app's menu entry, e.g. "int4+int8 weights · int8 activations · x.safetensors · linear layers 4.06
+        bits/weight" (the weight format holding the most weights first; a weight-only file reads "float
+        activations": the two run differently)."""
+        what = f"{self.weight_format} weights · {self.activations} activations" if self.activations \
+            else self.weight_format
         bits = f" · linear layers {self.linear_bits:.2f} bits/weight" if self.linear_bits is not None else ""
-        return f"{self.weight_format}{acts} · {self.path.name}{bits}"
+        return f"{what} · {self.path.name}{bits}"
 
 
 def inspect_file(path: str | os.PathLike) -> ModelFile:
@@ -122,10 +133,14 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
     arch = header.get("architecture") or {}
     if arch.get("kind") != "bitvit-vit":
         raise ValueError(f"{path} holds no bitvit ViT architecture")
-    formats = sorted({str(entry.get("weight_format", "?")) for entry in header["layers"].values()})
+    weights = {}
+    for entry in header["layers"].values():
+        fmt = str(entry.get("weight_format", "?"))
+        k, n = entry.get("in_features"), entry.get("out_features")  # a damaged entry's: refused when opened
+        weights[fmt] = weights.get(fmt, 0) + (k * n if isinstance(k, int) and isinstance(n, int) else 0)
     acts = sorted({activation_name(str(entry.get("act_format", "?"))) for entry in header["layers"].values()})
     bits = header["storage"].get("bits_per_weight")
-    return ModelFile(path, "quant", "+".join(formats), ViTConfig.from_json(json.dumps(arch.get("config")), path),
+    return ModelFile(path, "quant", joined_formats(weights), ViTConfig.from_json(json.dumps(arch.get("config")), path),
                      float(bits) if finite_number(bits) else None, "+".join(acts))
 
 

@@ -460,7 +460,7 @@ def test_a_packed_model_of_another_architecture_is_labelled_and_not_the_default(
     packed_other_architecture(assets)
     cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
     assert sum("other architecture" in label for label in labels) == 1
-    assert cmp.default.startswith("ternary · int8 activations · tiny_ternary")
+    assert cmp.default.startswith("ternary weights · int8 activations · tiny_ternary")
 
 
 def test_with_packed_models_of_other_architectures_only_the_fp_model_is_quantized_on_the_fly(assets):
@@ -476,8 +476,8 @@ def test_without_a_ternary_model_of_its_own_architecture_the_default_is_another_
     (assets / "tiny_ternary.safetensors").unlink()
     packed_other_architecture(assets)
     cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
-    assert labels[0].startswith("ternary · int8 activations · a_wide_ternary")
-    assert cmp.default.startswith("int8 · int8 activations · tiny_int8")
+    assert labels[0].startswith("ternary weights · int8 activations · a_wide_ternary")
+    assert cmp.default.startswith("int8 weights · int8 activations · tiny_int8")
 
 
 def test_a_ternary_model_with_an_int8_head_is_the_ternary_one_started_on(assets, fp_file):
@@ -486,7 +486,7 @@ def test_a_ternary_model_with_an_int8_head_is_the_ternary_one_started_on(assets,
                                                               layer_formats=(("head", "int8"),)))
     quant.save_quantized(q, assets / "x_ternary.safetensors")  # sorts after tiny_int8
     cmp, labels, _ = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
-    assert cmp.default.startswith("int8+ternary · int8 activations · x_ternary")
+    assert cmp.default.startswith("ternary+int8 weights · int8 activations · x_ternary")
 
 
 def test_the_menu_tells_int8_activations_from_weight_only_models_of_the_same_weights(tmp_path, fp_file):
@@ -496,7 +496,20 @@ def test_the_menu_tells_int8_activations_from_weight_only_models_of_the_same_wei
         quant.save_quantized(quant.quantize(quant.load_any(fp_file), recipe), folder / f"{recipe}.safetensors")
     found, _ = scan(folder)
     assert sorted(m.label.split(" · ")[:3] for m in found) == [
-        ["int4+int8", "float activations", "w4.safetensors"], ["int4+int8", "int8 activations", "w4a8.safetensors"]]
+        ["int4+int8 weights", "float activations", "w4.safetensors"],
+        ["int4+int8 weights", "int8 activations", "w4a8.safetensors"]]
+
+
+def test_the_menu_names_a_files_weight_formats_as_its_card_does_the_one_of_most_weights_first(tmp_path, fp_file):
+    """A weight-only ternary file with an int8 head read "int8+ternary · float activations" (sorted by name,
+    as if int8 were most of it, or its activations), while its card named it by its ternary weights."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    model = quant.quantize(quant.load_any(fp_file), quant.recipe("w2", weight_format="ternary"))
+    quant.save_quantized(model, folder / "t.safetensors")
+    (found,), _ = scan(folder)
+    assert found.label.startswith("ternary+int8 weights · float activations · t.safetensors")
+    assert open_model(folder / "t.safetensors", runtime="torch").weight_format == "ternary+int8"
 
 
 def test_without_a_packed_model_the_app_quantizes_the_fp_model_itself(fp_file, tmp_path):
@@ -526,7 +539,7 @@ def test_a_default_quantized_model_that_does_not_open_leaves_the_menu_for_the_ne
     cmp, labels, skipped = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
     labels = open_default(cmp, labels, skipped, explicit=False)
     assert labels == [cmp.default] and cmp.default.startswith("int8")
-    assert any(s.startswith("ternary · int8 activations · tiny_ternary") and "corrupt" in s for s in skipped)
+    assert any(s.startswith("ternary weights · int8 activations · tiny_ternary") and "corrupt" in s for s in skipped)
     assert list(cmp.openers) == labels                         # the damaged file is not read again
 
 
@@ -1551,7 +1564,7 @@ def test_the_bench_leaves_out_a_packed_model_that_does_not_open_as_the_app_does(
                 "--size", "64x48", "--runtime", "torch", "--out", str(out)])
     assert [p["quant"]["file"] for p in json.loads(out.read_text())["pairs"]] == ["tiny_ternary.safetensors"]
     err = capsys.readouterr().err
-    assert "skipped ternary · int8 activations · a_ternary" in err and "skipped int8" in err
+    assert "skipped ternary weights · int8 activations · a_ternary" in err and "skipped int8" in err
 
 
 def test_the_bench_leaves_out_packed_models_of_another_architecture(assets, tmp_path, capsys, shared_ortops_cache):
@@ -1561,7 +1574,7 @@ def test_the_bench_leaves_out_packed_models_of_another_architecture(assets, tmp_
                 "--size", "64x48", "--runtime", "torch", "--out", str(out)])
     assert [p["quant"]["file"] for p in json.loads(out.read_text())["pairs"]] == ["tiny_ternary.safetensors",
                                                                                   "tiny_int8.safetensors"]
-    assert "left out ternary · int8 activations · a_wide_ternary" in capsys.readouterr().err
+    assert "left out ternary weights · int8 activations · a_wide_ternary" in capsys.readouterr().err
     for name in ("tiny_ternary", "tiny_int8"):
         (assets / f"{name}.safetensors").unlink()
     from export.exporter import export
@@ -2042,7 +2055,7 @@ def test_when_the_default_does_not_open_the_next_default_is_of_the_fp_models_arc
     damage(assets / "tiny_ternary.safetensors")
     cmp, labels, skipped = make_comparison(assets / "fp.safetensors", None, assets, runtime="torch")
     open_default(cmp, labels, skipped, explicit=False)
-    assert cmp.default.startswith("int8 · int8 activations · tiny_int8")
+    assert cmp.default.startswith("int8 weights · int8 activations · tiny_int8")
 
 
 def test_a_still_images_card_gives_images_per_second_from_its_median_latency():
