@@ -28,7 +28,7 @@ from app.examples import DRAWINGS
 from app.frames import MAX_PIXELS
 from app.live import LiveStats
 from app.main import ASSETS, OTHER, make_comparison, open_default, writable_cache
-from quant.cli import HelpFormatter, load_average, output_file, positive_int, provenance, run, thread_count, write_json
+from quant.cli import HelpFormatter, counted, load_average, output_file, positive_int, provenance, run, thread_count, write_json
 
 TARGET_FPS = 15
 MAX_CLIP_BYTES = 4 << 30  # the recorded clip, held in memory
@@ -145,8 +145,8 @@ def main(argv=None):
     load_after = load_average()
     loads = [f"{load[0]:.2f}" if load else "n/a" for load in (load_before, load_after)]  # n/a: Windows keeps none
 
-    print(f"\napp live handler, {args.frames} frames of {w}x{h}, both models on every frame "
-          f"(load average {loads[0]} before, {loads[1]} after; {os.cpu_count()} CPUs)")
+    print(f"\napp live handler, {counted(args.frames, 'frame')} of {w}x{h}, both models on every frame "
+          f"(load average {loads[0]} before, {loads[1]} after; {counted(os.cpu_count(), 'CPU')})")
     width = max(len("quantized variant"), *(len(r["variant"]) + len(" (default)") for r in rows))
     print(f"{'quantized variant':<{width}} {'frames/s':>8} {'FP ms':>7} {'quant ms':>8} {'speed-up':>8} "
           f"{'smaller':>7} {'other ms':>8}")

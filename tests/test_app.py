@@ -1502,6 +1502,14 @@ def test_the_bench_says_it_is_opening_the_models_before_the_silent_seconds_of_op
     assert "opening the models" in said[0]
 
 
+def test_the_bench_of_one_frame_on_one_cpu_says_both_in_the_singular(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "1",
+                "--size", "64x48", "--runtime", "torch", "--out", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert "app live handler, 1 frame of 64x48, both models" in out and "; 1 CPU)" in out
+
+
 def test_the_bench_times_every_pair_through_the_live_handler_and_writes_json(assets, tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench_main(["--fp", str(assets / "fp.safetensors"), "--assets", str(assets), "--frames", "3",
