@@ -16,10 +16,11 @@ initialisation before them (on `--calib-size` images; Q-ViT's step-size search t
 CPU), which every run does again: a limit shorter than that still trains, so each rerun gets on (in a
 call of fixed length, leave room for it as for loading the data). `--time-budget S` fits the training
 into S seconds instead (for a GPU lent for a fixed time): each stage gets the share of S its epochs
-have, its cosine decays over that time, and its epochs become a cap. `--init STATE` warm-restarts a BitNet run: the student starts from
-the weights of an earlier run of the same recipe and teacher (a stage's `last.pt` in its run folder)
-under a fresh schedule, so training can go on past the epochs that run was scheduled for (in a run folder
-of its own: one holding another run's state, such as the one it starts from, is refused).
+have, its cosine decays over that time, and its epochs become a cap. `--init STATE` warm-restarts a
+BitNet run: the student starts from the weights of an earlier run of the same recipe and teacher (a
+stage's `last.pt` in its run folder) under a fresh schedule, so training can go on past the epochs that
+run was scheduled for (in a run folder of its own: one holding another run's state, such as the one it
+starts from, is refused).
 `--eval-split test` scores the frozen file and its teacher on that split, on the device it trained on;
 `--results FILE --name KEY` records the run (top-1, size, bits/weight, command, machine, wall time).
 """
