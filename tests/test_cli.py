@@ -376,6 +376,24 @@ def test_an_output_whose_name_leaves_no_room_for_a_temporarys_suffix_is_written(
     assert [f.name for f in tmp_path.iterdir()] == [path.name]
 
 
+def test_a_file_name_that_leaves_the_room_asked_for_is_kept_as_it_is():
+    assert quant.cli._fitted("m" * 245, 10) == "m" * 245
+    assert quant.cli._fitted("m" * 246, 10) != "m" * 246
+
+
+@pytest.mark.parametrize("room", [20, 21])  # the cut falls inside a two-byte character or after it
+def test_a_shortened_file_name_leaves_the_room_asked_for_and_cuts_no_character_in_two(room):
+    name = quant.cli._fitted("\u00e9" * 200, room)
+    assert name.startswith("\u00e9" * 100) and len(os.fsencode(name)) + room <= 255
+
+
+def test_a_long_named_output_is_written_by_a_process_of_the_largest_number(tmp_path, monkeypatch):
+    path = output_file(tmp_path / ("m" * 250 + ".json"), ".json")  # 255 bytes, the limit
+    monkeypatch.setattr(quant.cli.os, "getpid", lambda: 2 ** 32 - 1)  # ten digits
+    write_json(path, {"top1": 0.5})
+    assert [f.name for f in tmp_path.iterdir()] == [path.name]
+
+
 def test_a_write_of_a_long_name_removes_its_dead_temporaries_and_leaves_live_and_other_names_ones(tmp_path):
     ended = subprocess.Popen([sys.executable, "-c", ""])
     ended.wait(30)
