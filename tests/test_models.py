@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import quant
 
 from quant.models import (CONFIGS, FORMAT, ViTConfig, VisionTransformer, create_model, forward_with_hooks,
-                          load_model, load_state_dict, save_model)
+                          load_model, load_state_dict, read_safetensors_metadata, save_model)
 from tests.conftest import TINY
 
 TIMM_BLOCK_KEYS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
@@ -121,6 +121,17 @@ def test_saving_the_same_model_twice_writes_the_same_bytes(tiny_model, tmp_path)
     for name in ("a", "b"):
         save_model(tiny_model, tmp_path / f"{name}.safetensors", metadata)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("pad", range(8))  # safetensors pads its header to a multiple of 8 bytes: each padding
+def test_a_saved_models_header_lists_its_metadata_in_sorted_order_whatever_the_values(tiny_model, tmp_path, pad):
+    metadata = {"z": "caf\u00e9 \u65e5\u672c \U0001f642", "b": "\x00\x1f\n\t\"quoted\" \\ /", "m": "x" * (1000 + pad), "a": ""}
+    save_model(tiny_model, tmp_path / "m.safetensors", metadata)
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    keys = list(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"])
+    assert keys == sorted(keys) and set(metadata) <= set(keys)
+    assert {k: read_safetensors_metadata(tmp_path / "m.safetensors")[k] for k in metadata} == metadata
+    assert load_model(tmp_path / "m.safetensors").config == tiny_model.config  # the tensors where they were
 
 
 def test_extra_metadata_cannot_overwrite_the_files_format_or_config(tiny_model, tmp_path):
