@@ -634,6 +634,16 @@ def test_the_teachers_score_is_reused_for_the_same_teacher_under_another_path(te
     assert _known_teacher_top1(str(tmp_path / "qat.json"), str(tmp_path / "moved.safetensors"), "test", 18) == 0.75
 
 
+def test_the_teachers_score_is_not_reused_for_a_teacher_differing_past_its_first_megabyte(tmp_path):
+    teacher = tmp_path / "fp.safetensors"  # (the file is hashed, not read as a model)
+    teacher.write_bytes(bytes(3 << 20))
+    record_result(tmp_path / "qat.json", "earlier", {**_recorded_teacher(teacher), "split": "test", "n": 18,
+                                                     "teacher_top1": 0.75})
+    assert _known_teacher_top1(str(tmp_path / "qat.json"), str(teacher), "test", 18) == 0.75
+    teacher.write_bytes(bytes((3 << 20) - 1) + b"\x01")
+    assert _known_teacher_top1(str(tmp_path / "qat.json"), str(teacher), "test", 18) is None
+
+
 def test_a_warm_restart_from_a_missing_state_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such resume state"):
         read_init(tmp_path / "last.pt")
