@@ -1988,6 +1988,14 @@ def test_a_confusion_matrix_is_labelled_with_the_classes_its_own_file_names_not_
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["circle", "square", "star"]
 
 
+def test_a_confusion_matrix_whose_file_gives_per_class_as_a_list_is_numbered_not_labelled_by_its_values(tmp_path):
+    from app.ui import _results_outputs
+    (tmp_path / "eval.json").write_text(json.dumps({"top1": 0.5, "per_class": [1.0, 0.0, 0.5],
+                                                    "confusion": np.eye(3).tolist()}))
+    fig = _results_outputs(tmp_path)[6]["value"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["0", "1", "2"]
+
+
 @pytest.mark.parametrize("text", ["0", "65536", "http", "-1"])
 def test_a_port_outside_1_to_65535_or_not_a_number_is_refused_by_the_port_type(text):
     import argparse
