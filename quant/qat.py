@@ -90,15 +90,14 @@ def record_result(path: str | os.PathLike, name: str, entry: dict) -> None:
     write_json(path, data)
 
 
-def _known_teacher_top1(results: str | None, teacher: str, split: str, n: int) -> float | None:
+def _known_teacher_top1(results: str | None, teacher_sha256: str, split: str, n: int) -> float | None:
     """The teacher's top-1 on this split from an earlier entry of the same results file, if the same
-    teacher (the file's SHA-256: not its path, which another working directory or a teacher trained again
+    teacher (the SHA-256 of its file: not its path, which another working directory or a teacher trained again
     into it makes another file's) was scored on the same images there."""
     if not results:
         return None
-    digest = file_sha256(teacher)
     for e in read_results(results)["runs"].values():
-        if (e.get("teacher_sha256"), e.get("split"), e.get("n")) == (digest, split, n) \
+        if (e.get("teacher_sha256"), e.get("split"), e.get("n")) == (teacher_sha256, split, n) \
                 and isinstance(e.get("teacher_top1"), float):
             return e["teacher_top1"]
     return None
@@ -331,6 +330,9 @@ def main(argv=None):
     init = (*read_init(args.init), args.init) if args.init else None
 
     teacher = load_model(args.teacher)
+    # its file as loaded: a teacher trained again into the path while this run trains is another one
+    teacher_file = {"teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
+                    "teacher_sha256": file_sha256(args.teacher)}
     cfg = teacher.config
     train = load_split(args.data, "train", cfg.img_size, limit=args.limit).require_classes(cfg)
     val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
@@ -372,7 +374,7 @@ def main(argv=None):
         return 0
     packed = load_quantized(args.out).to(device)   # score the file as users will load it, where it trained
     res = evaluate(packed, data, device=device, progress=True)
-    fp = {"top1": _known_teacher_top1(args.results, args.teacher, args.eval_split, res["n"])}
+    fp = {"top1": _known_teacher_top1(args.results, teacher_file["teacher_sha256"], args.eval_split, res["n"])}
     if fp["top1"] is None:
         fp = evaluate(teacher.to(device), data, device=device, progress=True)
     drop = round(100 * (fp["top1"] - res["top1"]), 4)  # top-1 points, without float noise
@@ -384,9 +386,7 @@ def main(argv=None):
             "split": args.eval_split, "n": res["n"], "size_bytes": size,
             "bits_per_weight": storage["bits_per_weight"], "linear_weights": storage["linear_weights"],
             "float16": args.float16,
-            "teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
-            "teacher_sha256": file_sha256(args.teacher),
-            "file": str(args.out), "init": args.init,
+            **teacher_file, "file": str(args.out), "init": args.init,
             "epochs": len(epoch_logs), "max_epochs": args.epochs,  # fewer: --time-budget
             "train_images": len(train), "images_per_epoch": len(train),
             "train_seconds": round(train_seconds, 1), "wall_time_s": round(time.time() - started, 1),

@@ -18,8 +18,8 @@ from quant import bitlinear, qvit
 from quant.cli import run
 from quant.data import load_split
 from quant.models import VisionTransformer, save_model
-from quant.qat import (FeatureDistill, _known_teacher_top1, init_student, main, prepare_student, read_init,
-                       read_results, record_result, train_stages)
+from quant.qat import (FeatureDistill, _known_teacher_top1, file_sha256, init_student, main, prepare_student,
+                       read_init, read_results, record_result, train_stages)
 from quant.recipes import BitNet
 from quant.train import TrainConfig, read_log
 from tests.conftest import TINY, write_tree
@@ -612,7 +612,7 @@ def _recorded_teacher(path) -> dict:
 def test_the_teachers_score_is_reused_only_for_the_same_file_split_and_images(teacher_file, tmp_path, change, known):
     entry = {**_recorded_teacher(teacher_file), "split": "test", "n": 18, "teacher_top1": 0.75}
     record_result(tmp_path / "qat.json", "earlier", {**entry, **change})
-    assert _known_teacher_top1(str(tmp_path / "qat.json"), str(teacher_file), "test", 18) == known
+    assert _known_teacher_top1(str(tmp_path / "qat.json"), file_sha256(teacher_file), "test", 18) == known
 
 
 def test_the_teachers_score_is_not_reused_for_another_teacher_at_the_same_path_and_of_the_same_size(teacher_file,
@@ -624,14 +624,7 @@ def test_the_teachers_score_is_not_reused_for_another_teacher_at_the_same_path_a
     torch.manual_seed(1)
     save_model(VisionTransformer(TINY), teacher_file)
     assert teacher_file.stat().st_size == size
-    assert _known_teacher_top1(str(tmp_path / "qat.json"), str(teacher_file), "test", 18) is None
-
-
-def test_the_teachers_score_is_reused_for_the_same_teacher_under_another_path(teacher_file, tmp_path):
-    record_result(tmp_path / "qat.json", "earlier", {**_recorded_teacher(teacher_file), "split": "test", "n": 18,
-                                                     "teacher_top1": 0.75})
-    teacher_file.rename(tmp_path / "moved.safetensors")
-    assert _known_teacher_top1(str(tmp_path / "qat.json"), str(tmp_path / "moved.safetensors"), "test", 18) == 0.75
+    assert _known_teacher_top1(str(tmp_path / "qat.json"), file_sha256(teacher_file), "test", 18) is None
 
 
 def test_the_teachers_score_is_not_reused_for_a_teacher_differing_past_its_first_megabyte(tmp_path):
@@ -639,9 +632,9 @@ def test_the_teachers_score_is_not_reused_for_a_teacher_differing_past_its_first
     teacher.write_bytes(bytes(3 << 20))
     record_result(tmp_path / "qat.json", "earlier", {**_recorded_teacher(teacher), "split": "test", "n": 18,
                                                      "teacher_top1": 0.75})
-    assert _known_teacher_top1(str(tmp_path / "qat.json"), str(teacher), "test", 18) == 0.75
+    assert _known_teacher_top1(str(tmp_path / "qat.json"), file_sha256(teacher), "test", 18) == 0.75
     teacher.write_bytes(bytes((3 << 20) - 1) + b"\x01")
-    assert _known_teacher_top1(str(tmp_path / "qat.json"), str(teacher), "test", 18) is None
+    assert _known_teacher_top1(str(tmp_path / "qat.json"), file_sha256(teacher), "test", 18) is None
 
 
 def test_a_warm_restart_from_a_missing_state_is_a_file_not_found_error(tmp_path):
@@ -687,6 +680,25 @@ def test_a_recorded_run_is_named_by_name_and_records_its_teacher_and_float16(tea
     entry = read_results(results)["runs"]["mine"]
     assert (entry["name"], entry["recipe"], entry["float16"]) == ("mine", "w1a8", True)
     assert {k: entry[k] for k in ("teacher", "teacher_bytes", "teacher_sha256")} == _recorded_teacher(teacher_file)
+
+
+def test_a_run_records_the_teacher_it_loaded_not_one_written_to_its_path_while_it_trained(teacher_file, image_tar,
+                                                                                          tmp_path, monkeypatch):
+    loaded = _recorded_teacher(teacher_file)
+
+    def train_stages_meanwhile_retraining_the_teacher(*args):
+        torch.manual_seed(1)
+        save_model(VisionTransformer(TINY), teacher_file)  # the same size, other weights
+        return train_stages(*args)
+
+    monkeypatch.setattr("quant.qat.train_stages", train_stages_meanwhile_retraining_the_teacher)
+    results = tmp_path / "qat.json"
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
+                      "--out", str(tmp_path / "b.safetensors"), "--epochs", "1", "--batch-size", "8",
+                      "--eval-split", "test", "--results", str(results), "--name", "mine"]) == 0
+    assert _recorded_teacher(teacher_file) != loaded
+    entry = read_results(results)["runs"]["mine"]
+    assert {k: entry[k] for k in ("teacher", "teacher_bytes", "teacher_sha256")} == loaded
 
 
 def test_a_run_reuses_the_teachers_score_recorded_for_the_same_teacher_and_images(teacher_file, image_tar, tmp_path):
