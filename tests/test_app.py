@@ -598,7 +598,8 @@ def test_the_page_of_a_model_without_class_names_gives_their_number_not_an_empty
     assert any("Classes: 3, unnamed (shown by number)." in t for t in texts)
 
 
-@pytest.mark.parametrize("classes, offered", [(("circle", "square", "star"), False), (TINY.classes, True), ((), True)])
+@pytest.mark.parametrize("classes, offered", [(("circle", "square", "star"), False), (TINY.classes, True), ((), True),
+                                             (("Airplane", "Bird", "Cat"), True)])
 def test_the_drawn_cifar_examples_are_offered_only_to_a_model_naming_one_of_their_subjects_or_none(
         classes, offered, tmp_path):
     from app.ui import build
