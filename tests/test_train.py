@@ -867,10 +867,11 @@ def test_cli_trains_and_saves_a_loadable_model(tmp_path, image_tree, capsys):
     assert "saved" in capsys.readouterr().out
 
 
-def test_cli_says_at_what_size_the_model_sees_the_images(tmp_path, image_tree, capsys):
+def test_cli_says_at_what_size_the_model_sees_the_images(tmp_path, image_tree, capsys, monkeypatch):
+    monkeypatch.setitem(quant.models.CONFIGS, "vit_cifar_tiny", dataclasses.replace(TINY, img_size=24))
     main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
-          "--epochs", "1", "--batch-size", "4", "--limit", "8"])  # the tree's files are not 32x32
-    assert ", seen at 32x32 pixels (shorter side resized to 32, then centre-cropped)\n" in capsys.readouterr().out
+          "--epochs", "1", "--batch-size", "4", "--limit", "8"])  # the tree's files are 16x16
+    assert ", seen at 24x24 pixels (shorter side resized to 24, then centre-cropped)\n" in capsys.readouterr().out
 
 
 def test_the_plot_of_a_one_epoch_run_titles_it_in_the_singular(tmp_path, image_tree, monkeypatch):
