@@ -167,6 +167,14 @@ def test_cli_writes_its_results_to_out_the_plot_beside_them(checkpoint, image_tr
     assert (tmp_path / "r.confusion.png").is_file()
 
 
+def test_cli_refuses_an_out_not_named_json_before_reading_model_or_data(tmp_path, capsys):
+    import quant.evaluate
+    from quant.cli import run
+    assert run(quant.evaluate.main, ["--checkpoint", str(tmp_path / "none.safetensors"), "--data",
+                                     str(tmp_path / "none"), "--out", str(tmp_path / "r.txt")]) != 0
+    assert "r.txt: give a .json file name to write" in capsys.readouterr().err
+
+
 def test_the_scoring_bar_counts_images_not_batches(tiny_model, image_tree, capsys):
     data = load_split(image_tree, "test", image_size=16, progress=False)  # 18 images
     tiny_model.forward = lambda x: x.mean((2, 3))

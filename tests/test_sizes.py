@@ -58,6 +58,12 @@ def test_sizes_writes_its_table_to_out_as_to_json_its_first_name(tmp_path, monke
         assert json.loads((tmp_path / f"{option[2:]}.json").read_text())["rows"] == [row]
 
 
+def test_sizes_refuses_an_out_not_named_json_before_measuring(tmp_path, monkeypatch):
+    monkeypatch.setattr("quant.sizes.measure", lambda name, recipes, tmp: pytest.fail("measured"))
+    with pytest.raises(ValueError, match=r"r\.txt: give a \.json file name to write"):
+        main(["--models", "vit_cifar_tiny", "--recipes", "w4", "--out", str(tmp_path / "r.txt")])
+
+
 def test_sizes_table_divides_the_float32_file_by_each_packed_file():
     row = {"model": "m", "parameters": 1000, "recipe": "w4", "linear_bits": 4.5, "fp32_bytes": 8_000_000,
            "file_bytes": 2_000_000, "file_bytes_float16": 1_000_000}
