@@ -74,8 +74,10 @@ class Backend:
 
 def joined_formats(weights: dict[str, int]) -> str:
     """Weight formats "+"-joined, the one holding the most weights first (the one the ONNX export, and so the
-    model's card, names it by: "ternary+int8" for ternary blocks and an int8 head), or "fp32" for none."""
-    return "+".join(sorted(weights, key=lambda f: (-weights[f], f))) or "fp32"
+    model's card, names it by: "ternary+int8" for ternary blocks and an int8 head), or "fp32" for none.
+    `weights` in layer order: formats holding as many weights go in the order of their first layers, as the export
+    breaks the tie."""
+    return "+".join(sorted(weights, key=lambda f: -weights[f])) or "fp32"
 
 
 def weight_format(model: nn.Module) -> str:

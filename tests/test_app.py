@@ -14,7 +14,7 @@ from PIL import Image
 import quant
 from app.bench import bench_pair
 from app.bench import main as bench_main
-from app.backends import inspect_file, open_model, quantize_on_the_fly, scan
+from app.backends import inspect_file, open_model, quantize_on_the_fly, scan, weight_format
 from app.examples import SIZE, write_examples
 from app.frames import load_image_file, model_view, to_rgb
 from app.live import Comparison, LiveStats
@@ -510,6 +510,24 @@ def test_the_menu_names_a_files_weight_formats_as_its_card_does_the_one_of_most_
     (found,), _ = scan(folder)
     assert found.label.startswith("ternary+int8 weights · float activations · t.safetensors")
     assert open_model(folder / "t.safetensors", runtime="torch").weight_format == "ternary+int8"
+
+
+def mixed_formats(fp_file, path, layer_formats):
+    """`fp_file` quantized weight-only to int4, but for the layers `layer_formats` patterns give other formats,
+    written to `path`; returns the model."""
+    model = quant.quantize(quant.load_any(fp_file), quant.recipe("w4", layer_formats=layer_formats))
+    quant.save_quantized(model, path)
+    return model
+
+
+def test_formats_holding_as_many_weights_are_named_first_as_the_export_names_the_model(tmp_path, fp_file):
+    """A tie went to the format first in the alphabet (int8), while the export, and so the card, names the model
+    by the one of the first layer (ternary)."""
+    from export.exporter import model_format
+    model = mixed_formats(fp_file, tmp_path / "m.safetensors", (("*.attn.*", "ternary"), ("*.mlp.*", "int8")))
+    assert model_format(model) == "ternary"  # 8192 weights each: ternary's qkv and proj, int8's fc1 and fc2
+    assert inspect_file(tmp_path / "m.safetensors").weight_format == "ternary+int8+int4"
+    assert weight_format(model) == "ternary+int8+int4"
 
 
 def test_without_a_packed_model_the_app_quantizes_the_fp_model_itself(fp_file, tmp_path):
