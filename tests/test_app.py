@@ -520,6 +520,16 @@ def mixed_formats(fp_file, path, layer_formats):
     return model
 
 
+def test_the_menu_orders_a_files_weight_formats_by_the_weights_they_hold_not_their_layers(tmp_path, fp_file):
+    # TINY: qkv 32x96, proj 32x32, fc1 32x64, fc2 64x32, head 32x3: int8 has the most layers (4) and the largest
+    # sum of their sizes (259 inputs and outputs against ternary's 256), ternary the most weights (6144 to 4192)
+    model = mixed_formats(fp_file, tmp_path / "m.safetensors", (
+        ("*.qkv", "ternary"), ("*.proj", "int8"), ("head", "int8"), ("blocks.0.mlp.fc2", "int8"),
+        ("blocks.1.mlp.fc2", "int2")))
+    assert inspect_file(tmp_path / "m.safetensors").weight_format == "ternary+int8+int4+int2"
+    assert weight_format(model) == "ternary+int8+int4+int2"
+
+
 def test_formats_holding_as_many_weights_are_named_first_as_the_export_names_the_model(tmp_path, fp_file):
     """A tie went to the format first in the alphabet (int8), while the export, and so the card, names the model
     by the one of the first layer (ternary)."""
@@ -528,6 +538,30 @@ def test_formats_holding_as_many_weights_are_named_first_as_the_export_names_the
     assert model_format(model) == "ternary"  # 8192 weights each: ternary's qkv and proj, int8's fc1 and fc2
     assert inspect_file(tmp_path / "m.safetensors").weight_format == "ternary+int8+int4"
     assert weight_format(model) == "ternary+int8+int4"
+
+
+def test_a_packed_file_with_a_layer_entry_missing_its_sizes_is_listed_and_refused_when_opened(tmp_path, fp_file):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    folder = tmp_path / "models"
+    folder.mkdir()
+    mixed_formats(fp_file, tmp_path / "m.safetensors", (("head", "int8"),))
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    header = json.loads(meta["header"])
+    header["layers"]["blocks.0.attn.qkv"]["in_features"] = None
+    header["layers"]["blocks.0.attn.proj"]["out_features"] = "32"
+    save_file(tensors, folder / "m.safetensors", metadata={**meta, "header": json.dumps(header)})
+    (found,), skipped = scan(folder)
+    assert found.weight_format == "int4+int8" and not skipped
+    with pytest.raises(ValueError, match="m.safetensors"):
+        open_model(folder / "m.safetensors", runtime="torch")
+
+
+def test_an_onnx_export_is_listed_by_the_format_it_was_exported_as(tiny_model, tmp_path):
+    from export.exporter import export, quantize_for_export
+    export(quantize_for_export(tiny_model, "w8a8"), tmp_path / "q.onnx", "w8a8", custom_ops=False)
+    assert inspect_file(tmp_path / "q.onnx").label == "w8a8 · q.onnx"
 
 
 def test_without_a_packed_model_the_app_quantizes_the_fp_model_itself(fp_file, tmp_path):
