@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import quant.cli
-from quant.cli import (finite_number, is_positive_int, number_in, output_file, positive_int, provenance, random_seed,
-                       run, run_folder, thread_count, write_json, written_whole)
+from quant.cli import (counted, finite_number, is_positive_int, number_in, output_file, positive_int, provenance,
+                       random_seed, run, run_folder, thread_count, write_json, written_whole)
 from quant.train import main as train_main
 
 
@@ -45,6 +45,10 @@ def test_a_machine_of_one_core_names_its_one_thread_in_the_singular(monkeypatch)
     monkeypatch.setattr("os.cpu_count", lambda: 1)
     with pytest.raises(argparse.ArgumentTypeError, match=r"expected at most 1 thread \(the machine's"):
         thread_count("2")
+
+
+def test_a_count_is_singular_for_one_only_none_is_plural():
+    assert [counted(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
 
 
 @pytest.mark.parametrize("text", ["-5", str(2**32), "99999999999999999999999", "x"])

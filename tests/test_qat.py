@@ -551,11 +551,11 @@ def test_an_earlier_runs_search_log_is_not_counted_by_a_run_without_a_searching_
     assert done and len(logs) == 2
 
 
-def test_a_stage_of_one_epoch_is_announced_in_the_singular(tiny_model, tmp_path, monkeypatch, capsys):
+def test_a_stage_of_one_epoch_on_one_image_is_announced_in_the_singular(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("quant.train.fit", fake_fit([]))
     student = quant.quantize(copy.deepcopy(tiny_model), "lsq")
-    train_stages(student, tiny_model, quant.recipe("lsq"), [0] * 6, None, TrainConfig(epochs=1), tmp_path, 0)
-    assert "finetune stage: 1 epoch of 6 images\n" in capsys.readouterr().out
+    train_stages(student, tiny_model, quant.recipe("lsq"), [0], None, TrainConfig(epochs=1), tmp_path, 0)
+    assert "finetune stage: 1 epoch of 1 image\n" in capsys.readouterr().out
 
 
 def test_the_student_is_initialised_on_calib_size_training_images(tiny_model, image_tree, monkeypatch):

@@ -874,12 +874,12 @@ def test_cli_says_at_what_size_the_model_sees_the_images(tmp_path, image_tree, c
     assert ", seen at 24x24 pixels (shorter side resized to 24, then centre-cropped)\n" in capsys.readouterr().out
 
 
-def test_the_plot_of_a_one_epoch_run_titles_it_in_the_singular(tmp_path, image_tree, monkeypatch):
+def test_the_plot_of_a_one_epoch_run_on_one_image_titles_it_in_the_singular(tmp_path, image_tree, monkeypatch):
     drawn = []
     monkeypatch.setattr(quant.train, "write_png", lambda path, fig, dpi: drawn.append(fig))
     main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
-          "--epochs", "1", "--batch-size", "4", "--limit", "12"])
-    assert drawn[0].get_suptitle() == "vit_cifar_tiny: 1 epoch of 12 train images"
+          "--epochs", "1", "--batch-size", "1", "--limit", "1"])
+    assert drawn[0].get_suptitle() == "vit_cifar_tiny: 1 epoch of 1 train image"
 
 
 def test_cli_plots_the_runs_loss_and_accuracy_per_epoch_beside_the_model(tmp_path, image_tree, capsys, monkeypatch):
