@@ -558,6 +558,40 @@ def test_a_stage_of_one_epoch_on_one_image_is_announced_in_the_singular(tiny_mod
     assert "finetune stage: 1 epoch of 1 image\n" in capsys.readouterr().out
 
 
+def stages_of_a_minute(monkeypatch, tiny_model, calls):
+    """A qvit student whose stages (`fake_fit`, their time limits recorded in `calls`) each take a minute of
+    quant.qat's clock."""
+    clock, fit = [0.0], fake_fit([])
+
+    def a_minute(student, *args, time_limit=None, **kwargs):
+        calls.append((Path(args[3]).name, time_limit))
+        clock[0] += 60
+        return fit(student, *args, **kwargs)
+    monkeypatch.setattr("quant.qat.time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr("quant.train.fit", a_minute)
+    student = quant.quantize(copy.deepcopy(tiny_model), "qvit")
+    qvit.calibrate(student, torch.randn(2, 3, 16, 16))
+    qvit.measure_macs(student, torch.randn(1, 3, 16, 16))
+    return student
+
+
+def test_the_time_limit_is_shared_by_the_stages_fine_tuning_getting_what_the_search_left(tiny_model, tmp_path,
+                                                                                         monkeypatch):
+    calls = []
+    student = stages_of_a_minute(monkeypatch, tiny_model, calls)
+    _, done, _ = train_stages(student, tiny_model, quant.recipe("qvit"), [0] * 6, None, TrainConfig(epochs=2),
+                              tmp_path, 1, time_limit=100)
+    assert done and calls == [("search", 100), ("finetune", 40)]
+
+
+def test_a_search_that_spends_the_time_limit_leaves_the_fine_tuning_unstarted(tiny_model, tmp_path, monkeypatch):
+    calls = []
+    student = stages_of_a_minute(monkeypatch, tiny_model, calls)
+    _, done, _ = train_stages(student, tiny_model, quant.recipe("qvit"), [0] * 6, None, TrainConfig(epochs=2),
+                              tmp_path, 1, time_limit=60)
+    assert not done and calls == [("search", 60)]
+
+
 def test_the_student_is_initialised_on_calib_size_training_images(tiny_model, image_tree, monkeypatch):
     seen = []
     init = bitlinear.init_input_norms
