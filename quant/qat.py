@@ -11,16 +11,17 @@ then `fix_bits` and fine-tuning with the widths fixed. The trained model is froz
 (`PATH.bits.json`) and its plot (`PATH.bits.png`).
 
 Everything resumes: rerun the same command (e.g. after `--time-limit` stopped it) and each stage
-continues from `--run-dir`. `--time-limit S` counts the training stages only, not the student's
-initialisation before them (on `--calib-size` images; Q-ViT's step-size search takes minutes on a small
-CPU), which every run does again: a limit shorter than that still trains, so each rerun gets on (in a
-call of fixed length, leave room for it as for loading the data). `--time-budget S` fits the training
-into S seconds instead (for a GPU lent for a fixed time): each stage gets the share of S its epochs
-have, its cosine decays over that time, and its epochs become a cap. `--init STATE` warm-restarts a
-BitNet run: the student starts from the weights of an earlier run of the same recipe and teacher (a
-stage's `last.pt` in its run folder) under a fresh schedule, so training can go on past the epochs that
-run was scheduled for (in a run folder of its own: one holding another run's state, such as the one it
-starts from, is refused).
+continues from `--run-dir`. `--time-limit S` counts the training stages only, from the first one a run
+trains in, not the student's initialisation before them (on `--calib-size` images; Q-ViT's step-size
+search takes minutes on a small CPU) nor the reloading of a stage an earlier run finished, which every
+run does again: a limit shorter than that still trains, so each rerun gets on (in a call of fixed
+length, leave room for it as for loading the data). `--time-budget S` fits the training into S seconds
+instead (for a GPU lent for a fixed time): each stage gets the share of S its epochs have, its cosine
+decays over that time, and its epochs become a cap. `--init STATE` warm-restarts a BitNet run: the
+student starts from the weights of an earlier run of the same recipe and teacher (a stage's `last.pt` in
+its run folder) under a fresh schedule, so training can go on past the epochs that run was scheduled for
+(in a run folder of its own: one holding another run's state, such as the one it starts from, is
+refused).
 `--eval-split test` scores the frozen file and its teacher on that split, on the device it trained on;
 `--results FILE --name KEY` records the run (top-1, size, bits/weight, command, machine, wall time).
 """
@@ -174,11 +175,11 @@ def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cf
     """Q-ViT: `search_epochs` learning bit-widths under the BitOPs penalty, `fix_bits`, then the rest
     fine-tuning; BitNet: one stage. Each stage is its own `fit` (schedule, resume folder) with its share
     of `train_cfg.time_budget`. Returns (student, done, every epoch's log record); done is False when
-    `time_limit` (seconds, all stages together) stopped it. Each stage scores val and writes its resume state
-    every `save_every` epochs and after its last."""
+    `time_limit` (seconds, all stages together from the first this run trains in) stopped it. Each stage scores
+    val and writes its resume state every `save_every` epochs and after its last."""
     from quant import qvit
     from quant.train import fit, read_log
-    started = time.time()
+    trained = False  # whether this run has trained an epoch
     stages = [("search", search_epochs, _sum_losses(penalty, features)),
               ("finetune", train_cfg.epochs - search_epochs, features)]
     for stage, epochs, extra in stages:
@@ -189,16 +190,21 @@ def train_stages(student: nn.Module, teacher: nn.Module, r, train, val, train_cf
                   f"mean weight bits {alloc['mean_weight_bits']:.2f}")
         if epochs == 0:
             continue
+        if not trained:  # the limit counts from the first stage this run trains in: reloading one an earlier run
+            started = time.time()  # finished, and fixing the widths after it, every rerun redoes, as it calibrates
         left = None if time_limit is None else time_limit - (time.time() - started)
         if left is not None and left <= 0:
             return student, False, []
         print(f"{stage} stage: {counted(epochs, 'epoch')} of {counted(len(train), 'image')}")
         stage_cfg = dataclasses.replace(train_cfg, epochs=epochs,
                                         time_budget=train_cfg.time_budget * epochs / train_cfg.epochs)
+        log = run_dir / stage / "log.jsonl"
+        logged = log.read_bytes() if log.exists() else None
         student, done = fit(student, train, val, stage_cfg, run_dir / stage, teacher=teacher, device=device,
                             extra_loss=extra, time_limit=left, save_every=save_every)
         if not done:
             return student, False, []
+        trained = trained or (log.read_bytes() if log.exists() else None) != logged
     # the stages this run trained: the folder may keep the log of one an earlier run trained and this one skips
     return student, True, [record for stage, epochs, _ in stages if epochs
                            for record in read_log(run_dir / stage / "log.jsonl")]

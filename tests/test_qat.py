@@ -558,15 +558,19 @@ def test_a_stage_of_one_epoch_on_one_image_is_announced_in_the_singular(tiny_mod
     assert "finetune stage: 1 epoch of 1 image\n" in capsys.readouterr().out
 
 
-def stages_of_a_minute(monkeypatch, tiny_model, calls):
-    """A qvit student whose stages (`fake_fit`, their time limits recorded in `calls`) each take a minute of
-    quant.qat's clock."""
-    clock, fit = [0.0], fake_fit([])
+def stages_of_a_minute(monkeypatch, tiny_model, calls, finished=()):
+    """A qvit student whose stages (their time limits recorded in `calls`) each take a minute of quant.qat's
+    clock, logging an epoch, or (those named in `finished`, trained by an earlier run) logging nothing."""
+    clock = [0.0]
 
-    def a_minute(student, *args, time_limit=None, **kwargs):
-        calls.append((Path(args[3]).name, time_limit))
+    def a_minute(student, train, val, cfg, out_dir, time_limit=None, **kwargs):
+        calls.append((Path(out_dir).name, time_limit))
         clock[0] += 60
-        return fit(student, *args, **kwargs)
+        if Path(out_dir).name not in finished:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps({"epoch": 1, "seconds": 60.0}) + "\n")
+        return student, True
     monkeypatch.setattr("quant.qat.time", SimpleNamespace(time=lambda: clock[0]))
     monkeypatch.setattr("quant.train.fit", a_minute)
     student = quant.quantize(copy.deepcopy(tiny_model), "qvit")
@@ -590,6 +594,18 @@ def test_a_search_that_spends_the_time_limit_leaves_the_fine_tuning_unstarted(ti
     _, done, _ = train_stages(student, tiny_model, quant.recipe("qvit"), [0] * 6, None, TrainConfig(epochs=2),
                               tmp_path, 1, time_limit=60)
     assert not done and calls == [("search", 60)]
+
+
+def test_reloading_a_stage_an_earlier_run_finished_is_not_charged_to_the_time_limit(tiny_model, tmp_path,
+                                                                                    monkeypatch):
+    """Charged, a limit shorter than the reload stopped every rerun before the fine-tuning, which never began."""
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "log.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 60.0}) + "\n")
+    calls = []
+    student = stages_of_a_minute(monkeypatch, tiny_model, calls, finished=("search",))
+    _, done, _ = train_stages(student, tiny_model, quant.recipe("qvit"), [0] * 6, None, TrainConfig(epochs=2),
+                              tmp_path, 1, time_limit=30)
+    assert done and calls == [("search", 30), ("finetune", 30)]
 
 
 def test_the_student_is_initialised_on_calib_size_training_images(tiny_model, image_tree, monkeypatch):
