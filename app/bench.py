@@ -28,7 +28,8 @@ from app.examples import DRAWINGS
 from app.frames import MAX_PIXELS
 from app.live import LiveStats
 from app.main import ASSETS, OTHER, make_comparison, open_default, writable_cache
-from quant.cli import HelpFormatter, counted, load_average, output_file, positive_int, provenance, run, thread_count, write_json
+from quant.cli import (HelpFormatter, counted, load_average, output_file, positive_int, provenance, run, thread_count,
+                       write_json)
 
 TARGET_FPS = 15
 MAX_CLIP_BYTES = 4 << 30  # the recorded clip, held in memory
