@@ -38,7 +38,7 @@ import torch.nn as nn
 
 import export
 import quant
-from quant.cli import finite_number, written_whole
+from quant.cli import file_sha256, finite_number, written_whole
 from quant.data import cache_dir, check_model_input
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import ViTConfig, existing_file, fp_parameters, is_torch_file, read_safetensors_metadata
@@ -226,7 +226,7 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str, again: bool = F
     r = quant.recipe(recipe)
     if not isinstance(r, quant.recipes.RTN):
         raise ValueError(f"recipe {recipe!r} is not a round-to-nearest PTQ recipe (it needs training or calibration)")
-    digest = hashlib.sha256(fp_path.read_bytes()).hexdigest()[:16]
+    digest = file_sha256(fp_path)[:16]
     out = _cache() / f"{fp_path.stem}-{digest}-{recipe}.safetensors"
     if out.is_file() and not again:
         return out
@@ -304,7 +304,7 @@ def _export_path(model: nn.Module, source: Path, custom_ops: bool) -> Path:
     """Where the bitvit cache keeps a model's ONNX export: one file per source file and op set in the folder of
     this version of bitvit's code."""
     from export import exporter
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    digest = file_sha256(source)[:16]
     return _cache() / f"{digest}-{exporter.model_format(model)}{'' if custom_ops else '-standard-ops'}.onnx"
 
 

@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quant.cli import HelpFormatter, written_whole
+from quant.cli import HelpFormatter, file_sha256, written_whole
 from quant.data import cache_dir
 
 SOURCE = Path(__file__).with_name("ops") / "bitvit_ops.cc"
@@ -91,7 +91,7 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
         _run([*cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(tmp)], what="compiling bitvit's ONNX Runtime ops")
         if not tmp.is_file():  # a "compiler" that exits 0 without writing (CXX=true)
             raise ValueError(f"the compiler {shlex.join(cxx)} wrote no library (is $CXX a C++ compiler?)")
-        sha = _sha256(tmp)
+        sha = file_sha256(tmp)
     with written_whole(digest) as tmp:
         tmp.write_text(sha)
     return out
@@ -100,11 +100,7 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
 def _intact(lib: Path) -> bool:
     """Whether a cached library is whole: a damaged one is rebuilt, never loaded."""
     digest = lib.with_name(LIB_NAME + ".sha256")
-    return lib.is_file() and digest.is_file() and digest.read_text() == _sha256(lib)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return lib.is_file() and digest.is_file() and digest.read_text() == file_sha256(lib)
 
 
 def kernel_isa(path: str | os.PathLike) -> str:

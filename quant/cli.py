@@ -355,7 +355,8 @@ def _process_space() -> str:
 
 def _remove_dead_temporaries(path: Path, host: str) -> None:
     """Remove the temporaries of `path` (`written_whole`) left by processes of `host` (this machine's
-    `_process_space`) that no longer run (killed outright); none on Windows, where signal 0 cannot ask whether a process runs."""
+    `_process_space`) that no longer run (killed outright); none on Windows, where signal 0 cannot ask whether a
+    process runs."""
     if os.name != "posix":  # Windows' os.kill ends the process
         return
     temporary = re.compile(re.escape(f"{path.name}.{host}.") + r"([0-9]+)\.tmp")
@@ -373,6 +374,15 @@ def _remove_dead_temporaries(path: Path, host: str) -> None:
                 os.unlink(entry.path)
         except (OSError, OverflowError):  # another user's live process, or a number no process has
             pass
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path: str | os.PathLike, data, default=None) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -40,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import (HelpFormatter, counted, mix_alpha, number_in, output_file, positive_int, provenance, random_seed,
-                       run, run_folder, run_lock, thread_count, write_json)
+from quant.cli import (HelpFormatter, counted, file_sha256, mix_alpha, number_in, output_file, positive_int, provenance,
+                       random_seed, run, run_folder, run_lock, thread_count, write_json)
 from quant.data import SPLITS
 from quant.recipes import QAT, BitNet, QViT
 
@@ -102,15 +101,6 @@ def _known_teacher_top1(results: str | None, teacher_sha256: str, split: str, n:
                 and isinstance(e.get("teacher_top1"), float):
             return e["teacher_top1"]
     return None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes, read a megabyte at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_init(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 import quant
 from quant import bitlinear, qvit
-from quant.cli import run
+from quant.cli import file_sha256, run
 from quant.data import load_split
 from quant.models import VisionTransformer, save_model
-from quant.qat import (FeatureDistill, _known_teacher_top1, file_sha256, init_student, main, prepare_student,
+from quant.qat import (FeatureDistill, _known_teacher_top1, init_student, main, prepare_student,
                        read_init, read_results, record_result, train_stages)
 from quant.recipes import BitNet
 from quant.train import TrainConfig, read_log
