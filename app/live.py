@@ -1,10 +1,11 @@
 """Both models on every frame: the side-by-side comparison behind the app's Live and Image tabs.
 
 `Comparison` holds the full-precision backend and the quantized variants (opened on first use and
-kept; one that fails to open keeps its error until its file changes). `Comparison.run(rgb, variant)` turns one frame into the models' 32x32 (or whatever the models
-take) view and runs both models on it, one after the other in the same call, so they see the same
-input on the same, equally busy CPU; the order alternates from frame to frame. `LiveStats` keeps one
-browser session's sliding windows: each model's latencies and the times frames were processed.
+kept; one that fails to open keeps its error until its file changes). `Comparison.run(rgb, variant)`
+turns one frame into the models' 32x32 (or whatever the models take) view and runs both models on it,
+one after the other in the same call, so they see the same input on the same, equally busy CPU; the
+order alternates from frame to frame. `LiveStats` keeps one browser session's sliding windows: each
+model's latencies and the times frames were processed.
 """
 from __future__ import annotations
 

@@ -102,7 +102,8 @@ def summary(res: Results) -> str:
                      + (f" ({detail})" if detail else ""))
     lines += [f"- ⚠ {e}" for e in res.errors]
     lines += [f"- missing: {m}" for m in res.missing]
-    return f"Plots drawn from `{res.folder}/*.json` when the page first loaded after they changed (or on Reload):\n\n" + "\n".join(lines)
+    return (f"Plots drawn from `{res.folder}/*.json` when the page first loaded after they changed (or on Reload):\n\n"
+            + "\n".join(lines))
 
 
 def robustness_plot(entry: Entry):

@@ -211,8 +211,8 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
     # drawings of CIFAR-10 subjects, for a model that names one of them or names none (ImageNet's): to a model of
     # other classes (a user's own data set's) they would be pictures it has no class for. Named in any case: an
     # image tree's folders name the classes, "Airplane" as well as "airplane"
-    drawn = not classes or any(c.lower() in DRAWINGS for c in classes)
-    examples = write_examples(examples_dir) if drawn else []
+    offer_drawings = not classes or any(c.lower() in DRAWINGS for c in classes)
+    examples = write_examples(examples_dir) if offer_drawings else []
     live_views = Path(tempfile.mkdtemp(prefix="bitvit-live-"))  # served from there, not copied into Gradio's cache
     atexit.register(shutil.rmtree, live_views, ignore_errors=True)
     gr.set_static_paths([live_views])
