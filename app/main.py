@@ -30,7 +30,7 @@ import tempfile  # noqa: E402
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from quant.cli import HelpFormatter, run, thread_count  # noqa: E402
+from quant.cli import HelpFormatter, counted, run, thread_count  # noqa: E402
 
 ASSETS = ROOT / "assets"
 DEFAULT_FP = ASSETS / "vit_cifar_small.safetensors"
@@ -245,7 +245,7 @@ def main(argv=None):
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     demo = build(comparison, labels, args.results or Path(args.assets) / "results", skipped)
-    print(f"full precision: {comparison.fp.name} ({comparison.fp.runtime}); quantized: {len(labels)} variant(s), "
+    print(f"full precision: {comparison.fp.name} ({comparison.fp.runtime}); quantized: {counted(len(labels), 'variant')}, "
           f"default {comparison.default}")
     demo.queue(default_concurrency_limit=1).launch(
         server_name=server_name(args.host), server_port=args.port, share=args.share, show_error=True,

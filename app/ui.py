@@ -24,6 +24,7 @@ from app import results as results_mod
 from app.examples import DRAWINGS, write_examples
 from app.frames import load_data_url, load_image_file, to_rgb
 from app.live import Comparison, LiveStats, Reading, file_stamp
+from quant.cli import counted
 
 STREAM_EVERY = 0.05   # seconds between webcam frames sent to the server (at most 20 frames/s)
 MIRROR_WEBCAM = True  # the preview is a mirror (as people expect); frames are flipped back before the models
@@ -245,7 +246,7 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
         variant = gr.Dropdown(variant_labels, value=comparison.default, label="quantized model",
                               info="the packed models found in the models folder", elem_id="variant")
         if skipped:
-            with gr.Accordion(f"{len(skipped)} model file(s) left out", open=False):
+            with gr.Accordion(f"{counted(len(skipped), 'model file')} left out", open=False):
                 gr.Markdown("\n".join(f"- {line}" for line in skipped))
 
         def outputs(prefix: str):

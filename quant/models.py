@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import file_to_write, finite_number, is_positive_int, written_whole
+from quant.cli import counted, file_to_write, finite_number, is_positive_int, written_whole
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -296,9 +296,9 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensor(s), first {missing[0]!r}")
+            parts.append(f"missing {counted(len(missing), 'tensor')}, first {missing[0]!r}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s), first {unexpected[0]!r}")
+            parts.append(f"unexpected {counted(len(unexpected), 'tensor')}, first {unexpected[0]!r}")
         raise ValueError(f"{source} does not fit this model: {'; '.join(parts)}")
     cast = {}  # the file's tensors in the model's dtypes
     for k, v in state.items():

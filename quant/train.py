@@ -236,8 +236,8 @@ def resolve_device(device: str | None) -> torch.device:
     if d.type == "cuda" and d.index is None:
         d = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) if world_size() > 1 else 0}")
         if d.index >= torch.cuda.device_count():  # else "invalid device ordinal" from torch
-            raise ValueError(f"torchrun started more processes on this machine than its {torch.cuda.device_count()} "
-                             f"CUDA device(s); give --nproc-per-node {torch.cuda.device_count()} at most")
+            raise ValueError(f"torchrun started more processes on this machine than its "
+                             f"{counted(torch.cuda.device_count(), 'CUDA device')}; give --nproc-per-node {torch.cuda.device_count()} at most")
     return d
 
 

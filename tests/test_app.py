@@ -637,6 +637,8 @@ def test_the_page_lists_the_model_files_left_out_and_why(assets, tmp_path):
     demo = build(cmp, labels, tmp_path, skipped)
     texts = [str(c.get("props", {}).get("value", "")) for c in demo.config["components"]]
     assert any("notes.safetensors" in t for t in texts)
+    titles = [c.get("props", {}).get("label") for c in demo.config["components"]]
+    assert len(skipped) == 1 and "1 model file left out" in titles  # counted in the singular
 
 
 def test_the_page_of_a_model_without_class_names_gives_their_number_not_an_empty_list(tmp_path):
