@@ -35,7 +35,7 @@ import torch.nn as nn
 from quant.cli import is_positive_int
 from quant.models import forward_with_hooks
 from quant.qlinear import QuantLinear
-from quant.quantizers import QuantizedWeight, num_groups, uniform_params
+from quant.quantizers import WEIGHT_FORMATS, QuantizedWeight, is_uniform_format, num_groups, uniform_params
 
 
 def gptq_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
@@ -206,13 +206,13 @@ def gptq_model(model: nn.Module, calib: torch.Tensor, plan: Callable[[str, nn.Li
             continue
         settings = dict(settings)
         fmt, act_format = settings.pop("weight_format"), settings.pop("act_format", "none")
-        if not fmt.startswith("int"):
+        if not is_uniform_format(fmt):
             raise ValueError(f"GPTQ makes uniform integer codes (intB), not {fmt!r}")
         # a layer the forward pass never calls has no inputs to weigh its error by: H = I, round to nearest
         h = hessian(capture(model, layer, calib, 128, calls=calls[name])) if name not in unused else \
             torch.eye(layer.in_features, dtype=torch.float64, device=layer.weight.device)
         refuse_non_finite_inputs(h, f"GPTQ: the inputs of {name}")  # else blamed on the Hessian's definiteness
-        q = gptq_weight(layer.weight, h, int(fmt[3:]), **settings, what=f"the inputs of {name}")
+        q = gptq_weight(layer.weight, h, WEIGHT_FORMATS[fmt], **settings, what=f"the inputs of {name}")
         model.set_submodule(name, QuantLinear.from_codes(q.codes, q.scales, q.zeros, layer.bias, fmt,
                                                          settings.get("group_size"), act_format))
     return model

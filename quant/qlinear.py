@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from quant.cli import is_positive_int
 from quant.pack import pack_codes, packed_row_bytes, unpack_codes
-from quant.quantizers import (WEIGHT_FORMATS, DoubleQuantized, UniformQuantizer, dequantize, num_groups,
-                              quantize_int8_token, quantize_nf4, quantize_weight)
+from quant.quantizers import (WEIGHT_FORMATS, DoubleQuantized, UniformQuantizer, dequantize, is_uniform_format,
+                              num_groups, quantize_int8_token, quantize_nf4, quantize_weight)
 
 _UINT_TENSOR = re.compile(r"uint([2-8])_tensor")
 
@@ -45,7 +45,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"unknown weight format {weight_format!r}; known: {', '.join(WEIGHT_FORMATS)}")
-        if asymmetric and not weight_format.startswith("int"):
+        if asymmetric and not is_uniform_format(weight_format):
             raise ValueError(f"{weight_format} weights have no zero points; only intB formats are asymmetric")
         for field, v in (("in_features", in_features), ("out_features", out_features), ("group_size", group_size)):
             if not ((v is None and field == "group_size") or is_positive_int(v)):

@@ -259,6 +259,19 @@ WEIGHT_FORMATS = {"int8": 8, "int7": 7, "int6": 6, "int5": 5, "int4": 4, "int3":
                   "nf4": 4, "ternary": 2, "binary": 1}  # format -> code width in bits
 
 
+def is_uniform_format(weight_format: str) -> bool:
+    """Whether a weight format is a uniform integer grid, intB: the formats with zero points (asymmetric) and
+    the only ones GPTQ solves for. Every other format has a code meaning of its own here."""
+    return isinstance(weight_format, str) and weight_format == f"int{WEIGHT_FORMATS.get(weight_format)}"
+
+
+def _unknown_format(weight_format: str) -> ValueError:
+    if weight_format in WEIGHT_FORMATS:  # listed, but given no code meaning (nor quantizer) below
+        return ValueError(f"weight format {weight_format!r} is in WEIGHT_FORMATS but quant.quantizers gives its "
+                          f"codes no meaning: add it to code_values and quantize_weight")
+    return ValueError(f"unknown weight format {weight_format!r}; known: {', '.join(WEIGHT_FORMATS)}")
+
+
 def code_values(codes: torch.Tensor, weight_format: str, zeros: torch.Tensor | None = None,
                 group_size: int | None = None) -> torch.Tensor:
     """float32 values (O, K) of codes (O, K) before scaling (zeros (O, G) for asymmetric int formats)."""
@@ -268,11 +281,11 @@ def code_values(codes: torch.Tensor, weight_format: str, zeros: torch.Tensor | N
         return codes.float() * 2 - 1
     if weight_format == "nf4":
         return NF4_CODEBOOK.to(codes.device)[codes.long()]
-    if weight_format in WEIGHT_FORMATS:
+    if is_uniform_format(weight_format):
         if zeros is not None:
             return codes.float() - expand_groups(zeros, codes.shape[1], group_size or codes.shape[1])
         return codes.float() - 2 ** (WEIGHT_FORMATS[weight_format] - 1)
-    raise ValueError(f"unknown weight format {weight_format!r}; known: {', '.join(WEIGHT_FORMATS)}")
+    raise _unknown_format(weight_format)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, weight_format: str,
@@ -291,9 +304,9 @@ def quantize_weight(w: torch.Tensor, weight_format: str, group_size: int | None 
         return quantize_binary(w)
     if weight_format == "nf4":
         return quantize_nf4(w, group_size or 64, double_quant=False)[0]
-    if weight_format in WEIGHT_FORMATS:
+    if is_uniform_format(weight_format):
         return quantize_uniform(w, WEIGHT_FORMATS[weight_format], group_size, not asymmetric)
-    raise ValueError(f"unknown weight format {weight_format!r}; known: {', '.join(WEIGHT_FORMATS)}")
+    raise _unknown_format(weight_format)
 
 
 # ----------------------------------------------------------------------------- activations

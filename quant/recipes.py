@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from quant.models import unchanged_on_error
 from quant.qlinear import QuantLinear, is_quantized_layer, runs_on_kernels
-from quant.quantizers import WEIGHT_FORMATS
+from quant.quantizers import WEIGHT_FORMATS, is_uniform_format
 
 
 def _linears(model: nn.Module) -> list[str]:
@@ -148,7 +148,7 @@ class RTN(_Checked):
                                             "int8_token" if self.act_format != "none" else "none")
             else:   # group_size None is one scale per output channel, for NF4 too (from_linear's own default is 64)
                 q = QuantLinear.from_linear(layer, self.weight_format, self.group_size or layer.in_features,
-                                            self.asymmetric and self.weight_format.startswith("int"),
+                                            self.asymmetric and is_uniform_format(self.weight_format),
                                             self.act_format)
             model.set_submodule(name, q)
         return model
@@ -169,7 +169,7 @@ class GPTQ(_Checked):
 
     def __post_init__(self):
         super().__post_init__()
-        if bad := [f for _, f in self.layer_formats if not f.startswith("int")]:
+        if bad := [f for _, f in self.layer_formats if not is_uniform_format(f)]:
             raise ValueError(f"recipe {self.name!r}: GPTQ solves for uniform integer codes, so its layer_formats "
                              f"must be int2..int8, got {bad[0]!r}")
 

@@ -41,8 +41,8 @@ from quant.gptq import capture, gptq_weight, hessian, refuse_non_finite_inputs
 from quant.models import forward_with_hooks
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
-from quant.quantizers import (Log2Quantizer, UniformQuantizer, fake_quant_log2, quantize_weight, uint_fake,
-                              uint_range_params)
+from quant.quantizers import (WEIGHT_FORMATS, Log2Quantizer, UniformQuantizer, fake_quant_log2, is_uniform_format,
+                              quantize_weight, uint_fake, uint_range_params)
 from quant.recipes import format_override
 
 _CLIPS = torch.linspace(1.0, 0.2, 33)   # candidate range shrink factors for the searches below
@@ -188,10 +188,10 @@ def quantize_w4a4(model: nn.Module, calib: torch.Tensor, recipe) -> nn.Module:
     for n, m in model.named_modules():
         if id(m) in in_blocks:
             fmt = format_override(n, recipe.layer_formats)
-            if fmt is not None and not fmt.startswith("int"):
+            if fmt is not None and not is_uniform_format(fmt):
                 raise ValueError(f"w4a4 quantizes the weights of qkv, proj, fc1 and fc2 to uniform integer codes, "
                                  f"so layer_formats can give {n!r} int2..int8, not {fmt!r}")
-            weight_bits[id(m)] = recipe.weight_bits if fmt is None else int(fmt[3:])
+            weight_bits[id(m)] = recipe.weight_bits if fmt is None else WEIGHT_FORMATS[fmt]
     others = {n: format_override(n, recipe.layer_formats) for n, m in model.named_modules()
               if type(m) is nn.Linear and id(m) not in in_blocks}                  # e.g. the head
     if unplaced := [n for n, fmt in others.items() if fmt is None]:

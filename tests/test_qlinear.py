@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from quant.models import Attention
 from quant.pack import pack_codes
 from quant.qattention import SLOTS, QuantAttention
+from quant import quantizers
 from quant.qlinear import QuantLinear
 from quant.quantizers import (NF4_CODEBOOK, Log2Quantizer, UniformQuantizer, double_dequantize,
                               quantize_uniform)
@@ -113,6 +114,12 @@ def test_bad_format_group_size_and_act_format_are_refused():
         QuantLinear(8, 4, "int4", act_format="fp8")
     with pytest.raises(ValueError, match="zero points"):
         QuantLinear(8, 4, "ternary", asymmetric=True)
+
+
+def test_a_format_named_like_intb_that_is_no_uniform_grid_gets_no_zero_points(monkeypatch):
+    monkeypatch.setitem(quantizers.WEIGHT_FORMATS, "int2s", 2)  # a new format: "int" in its name only
+    with pytest.raises(ValueError, match="int2s weights have no zero points"):
+        QuantLinear(8, 4, "int2s", asymmetric=True)
 
 
 @pytest.mark.parametrize("act_format", ["uint1_tensor", "uint9_tensor", "uint4_tensors", "int4_tensor"])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quant.quantizers import (NF4_CODEBOOK, Log2Quantizer, UniformQuantizer, code_values, dequantize,
+from quant.quantizers import (NF4_CODEBOOK, WEIGHT_FORMATS, Log2Quantizer, UniformQuantizer, code_values, dequantize,
                               double_dequantize, double_quantize, fake_quant_log2, fake_quant_uniform,
                               log2_dequantize, nf4_codes, quantize_binary, quantize_int8_token,
                               quantize_log2, quantize_nf4, quantize_ternary, quantize_uniform,
@@ -236,6 +236,15 @@ def test_dequantize_is_code_value_times_group_scale(fmt):
                                       lambda: quantize_weight(weight(), "fp8")])
 def test_an_unknown_weight_format_is_refused_naming_the_known_ones(quantize):
     with pytest.raises(ValueError, match="unknown weight format 'fp8'; known: int8, .*binary"):
+        quantize()
+
+
+@pytest.mark.parametrize("quantize", [lambda: code_values(torch.zeros(2, 2, dtype=torch.uint8), "sym2"),
+                                      lambda: quantize_weight(weight(), "sym2")])
+def test_a_listed_weight_format_without_code_meaning_is_refused_not_read_as_a_uniform_grid(monkeypatch, quantize):
+    monkeypatch.setitem(WEIGHT_FORMATS, "sym2", 2)  # a new format listed, its quantizer not yet written
+    with pytest.raises(ValueError, match="weight format 'sym2' is in WEIGHT_FORMATS but quant.quantizers gives its "
+                                         "codes no meaning"):
         quantize()
 
 
