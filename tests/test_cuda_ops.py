@@ -6,13 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cuda_ops  # noqa: F401  (registers torch.ops.bitvit)
-from cuda_ops.ops import unpack_aligned
+from cuda_ops.ops import A8_FORMATS, unpack_aligned
 from kernel_reference import (WEIGHT_ONLY_CASES, gen, make_a8_layer, make_weight_only_layer, quantize_tokens,
                               reference_a8, reference_weight_only, rel_err)
 from quant.pack import pack_codes, unpack_codes
 
 OPS = torch.ops.bitvit
-A8_FORMATS = ["ternary", "ternary_b3", "binary", "int4", "int8"]
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

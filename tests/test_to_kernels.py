@@ -11,6 +11,7 @@ from cuda_ops import CUDAGraphModel, KernelLinear, kernel_for, to_kernels
 from quant.models import VisionTransformer, save_model
 from quant.pack import pack_trit_planes, unpack_codes
 from quant.qlinear import QuantLinear
+from quant.quantizers import WEIGHT_FORMATS
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -58,6 +59,12 @@ def test_to_kernels_matches_the_quantlinear_reference_forward(recipe):
     assert not any(isinstance(m, QuantLinear) for m in fast.modules())
     assert sum(isinstance(m, KernelLinear) for m in fast.modules()) == 4 * TINY.depth + 1
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_every_weight_format_a_kernel_runs_is_checked_against_the_reference_here():
+    run = {f for f in WEIGHT_FORMATS for act in ("int8_token", "none")
+           if kernel_for(QuantLinear(64, 8, f, act_format=act))}  # one scale a row: what every kernel takes
+    assert run <= {fmt for fmt, *_ in FORMATS.values()}
 
 
 @pytest.mark.parametrize("recipe", ["w1.58a8", "nf4", "w4-asym"])
