@@ -49,6 +49,9 @@ OPSET = 20
 FORMATS = ("fp32", "fp16", "w8a8", "w4a8", "int4", "ternary", "binary")
 # bitvit's op per weight format (with int8 per-token input and one scale per output)
 OPS = {"ternary": "TernaryLinear", "binary": "BinaryLinear", "int4": "Int4Linear", "int8": "Int8Linear"}
+# weight formats standard ops export (MatMulNBits; int8 with int8 per-token input and a scale a row: MatMulInteger):
+# every format of OPS is among them, for runtimes without bitvit's library
+STANDARD_FORMATS = ("ternary", "binary", "int2", "int4", "int8")
 # (weight format, activation format) -> export format name, where it is not the weight format
 _ACT_FORMATS = {("int8", "int8_token"): "w8a8", ("int4", "int8_token"): "w4a8"}
 META_FORMAT = "bitvit-onnx/1"
@@ -211,9 +214,10 @@ def _quantized_linear(g: _Graph, x: str, m: nn.Module, name: str) -> str:
         return _matmul_nbits(g, x, codes + 1, m.scales, None, 2, m.group_size, m.bias, name)
     if fmt == "binary":    # codes {0, 1} -> {1, 3}: values (c - 2) = -1, +1
         return _matmul_nbits(g, x, codes * 2 + 1, m.scales, None, 2, m.group_size, m.bias, name)
-    if fmt in ("int2", "int4", "int8"):
+    if fmt in STANDARD_FORMATS:  # int2, int4, int8: the codes and zero points as they are
         return _matmul_nbits(g, x, codes, m.scales, m.zeros, m.bits, m.group_size, m.bias, name)
-    raise ValueError(f"{name}: weight format {fmt!r} has no ONNX export (MatMulNBits runs 2, 4 and 8 bits)")
+    raise ValueError(f"{name}: weight format {fmt!r} has no ONNX export (the weight formats that export: "
+                     f"{', '.join(STANDARD_FORMATS)})")
 
 
 def _attention(g: _Graph, x: str, attn: nn.Module, name: str, custom_ops: bool,

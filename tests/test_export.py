@@ -13,11 +13,13 @@ from onnx import helper, numpy_helper
 
 from export import runtime
 from export.__main__ import main
-from export.exporter import FORMATS, export, quantize_for_export, to_onnx, write_onnx
+from export.exporter import (FORMATS, OPS, STANDARD_FORMATS, export, model_format, quantize_for_export, to_onnx,
+                             write_onnx)
 from quant.cli import run
 from quant.data import to_model_input
 from quant.models import save_model
 from quant.qlinear import QuantLinear
+from quant.quantizers import WEIGHT_FORMATS
 
 # (format, custom ops) -> max |logit difference| allowed, relative to the largest logit. Formats with
 # int8 activations may round a few values differently after float reordering: a small tolerance.
@@ -44,6 +46,35 @@ def test_every_format_agrees_with_its_torch_model(tiny_model, tmp_path, fmt, cus
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 15 / 16
     assert np.abs(out - ref).max() <= CASES[fmt, custom] * np.abs(ref).max()
     assert session.uses_custom_ops == (custom and fmt in ("w8a8", "w4a8", "ternary", "binary"))
+
+
+def every_linear_in(model, fmt: str, act_format: str):
+    """A copy of `model` with every nn.Linear round-to-nearest `fmt`, one scale a row."""
+    model = copy.deepcopy(model)
+    for name in [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]:
+        model.set_submodule(name, QuantLinear.from_linear(model.get_submodule(name), fmt, None, False, act_format))
+    return model
+
+
+def test_every_weight_format_bitvits_ops_run_also_exports_in_standard_ops():
+    assert set(OPS) <= set(STANDARD_FORMATS) <= set(WEIGHT_FORMATS)  # the app falls back to them without the library
+
+
+@pytest.mark.parametrize("fmt", STANDARD_FORMATS)
+@pytest.mark.parametrize("act_format", ["none", "int8_token"])
+def test_every_weight_format_standard_ops_export_agrees_with_its_torch_model(tiny_model, tmp_path, fmt, act_format):
+    model = every_linear_in(tiny_model, fmt, act_format)
+    session = runtime.load(export(model, tmp_path / "m.onnx", model_format(model), custom_ops=False), threads=2)
+    x = images(8)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(session(x.numpy()) - ref).max() <= 5e-2 * np.abs(ref).max()
+
+
+def test_a_weight_format_without_an_export_is_refused_naming_those_with_one(tiny_model):
+    with pytest.raises(ValueError, match=r"weight format 'nf4' has no ONNX export \(the weight formats that export: "
+                                         r"ternary, binary, int2, int4, int8\)"):
+        to_onnx(every_linear_in(tiny_model, "nf4", "none"), "nf4", custom_ops=False)
 
 
 def test_the_batch_is_dynamic(tiny_model, tmp_path):
