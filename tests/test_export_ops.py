@@ -11,10 +11,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export import ortops
+from export import exporter, ortops
 from quant.pack import pack_codes
+from quant.quantizers import WEIGHT_FORMATS
 
-OPS = {"TernaryLinear": 2, "BinaryLinear": 1, "Int4Linear": 4, "Int8Linear": 8}
+OPS = {op: fmt for fmt, op in exporter.OPS.items()}  # every op the exporter writes -> its weight format
 BIG = (4, 150, 130, 70)  # large enough (600 tokens, 5.5M multiply-adds) for the op to use the thread pool
 
 
@@ -34,16 +35,16 @@ def gelu(y):
     return 0.5 * y * (1 + torch.erf(torch.from_numpy(y) / np.sqrt(2)).numpy())
 
 
-def weights(codes, bits):
-    """The integer weights (N, K) the codes stand for, float64."""
+def weights(codes, fmt):
+    """The integer weights (N, K) the codes of weight format `fmt` stand for, float64."""
     c = codes.astype(np.float64)
-    return {2: c - 1, 1: c * 2 - 1, 4: c - 8, 8: c - 128}[bits]
+    return {"ternary": c - 1, "binary": c * 2 - 1, "int4": c - 8, "int8": c - 128}[fmt]
 
 
-def reference(x, codes, scales, bias, bits, norm=None, eps=1e-5, norm2=None, eps2=1e-5, act="none"):
+def reference(x, codes, scales, bias, fmt, norm=None, eps=1e-5, norm2=None, eps2=1e-5, act="none"):
     """The contract's int8-per-token linear, in float64 numpy: torch.round is round-half-to-even.
     `norm` = (weight, bias) of the input LayerNorm applied first, `norm2` of a second one after it."""
-    w = weights(codes, bits)
+    w = weights(codes, fmt)
     x2 = x.reshape(-1, x.shape[-1])
     if norm is not None:
         x2 = layer_norm(x2, norm, eps)
@@ -102,8 +103,9 @@ def session(model, isa="native", threads=2):
 
 def random_layer(op, n, k, seed):
     rng = np.random.default_rng(seed)
-    codes = rng.integers(0, {2: 3, 1: 2, 4: 16, 8: 256}[OPS[op]], (n, k)).astype(np.uint8)
-    packed = pack_codes(torch.from_numpy(codes), OPS[op]).numpy()
+    fmt = OPS[op]
+    codes = rng.integers(0, 3 if fmt == "ternary" else 1 << WEIGHT_FORMATS[fmt], (n, k)).astype(np.uint8)
+    packed = pack_codes(torch.from_numpy(codes), WEIGHT_FORMATS[fmt]).numpy()
     scales = rng.uniform(0.01, 1.0, n).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     return codes, packed, scales, bias
@@ -343,7 +345,7 @@ def test_the_layernorms_default_to_epsilon_1e_5_and_need_no_bias_for_the_linear(
             np.full(40, 1.5, np.float32), np.zeros(40, np.float32))[:2 * norms]
     x = (np.random.default_rng(4).standard_normal((6, 40)) * 0.003).astype(np.float32)
     y = session(op_model("TernaryLinear", packed, scales, norm=norm)).run(None, {"x": x})[0]
-    np.testing.assert_allclose(y, reference(x, codes, scales, None, 2, norm[:2], 1e-5, norm[2:] or None, 1e-5),
+    np.testing.assert_allclose(y, reference(x, codes, scales, None, "ternary", norm[:2], 1e-5, norm[2:] or None, 1e-5),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -369,14 +371,14 @@ def test_the_input_layernorm_is_as_accurate_as_torchs_on_rows_far_from_zero(isa,
     codes, packed, scales, bias = random_layer("TernaryLinear", 16, k, seed=0)
     x = (offset + np.random.default_rng(0).standard_normal((200, k))).astype(np.float32)
     norm = (np.ones(k, np.float32), np.zeros(k, np.float32))
-    want = reference(x, codes, scales, bias, 2, norm)              # LayerNorm in float64
+    want = reference(x, codes, scales, bias, "ternary", norm)              # LayerNorm in float64
 
     def tokens_off(y):
         return int((~np.isclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()).all(-1)).sum())
 
     normed_by_torch = torch.nn.functional.layer_norm(torch.from_numpy(x), (k,), eps=1e-5).numpy()
     y = session(op_model("TernaryLinear", packed, scales, bias, norm=norm), isa).run(None, {"x": x})[0]
-    assert tokens_off(y) <= tokens_off(reference(normed_by_torch, codes, scales, bias, 2))
+    assert tokens_off(y) <= tokens_off(reference(normed_by_torch, codes, scales, bias, "ternary"))
 
 
 @pytest.mark.parametrize("isa", list(ortops.ISAS))
@@ -391,8 +393,8 @@ def test_the_input_layernorm_normalizes_finite_rows_whose_squares_or_sum_pass_fl
     x[3] = x[2] * np.tile([1, -1], 24)                                     # sums of +inf and -inf: NaN
     norm = (rng.uniform(0.5, 2, 48).astype(np.float32), rng.standard_normal(48).astype(np.float32))
     y = session(op_model("TernaryLinear", packed, scales, bias, norm=norm), isa).run(None, {"x": x})[0]
-    assert_equal_but_for_rounding_ties(y, reference(x, codes, scales, bias, 2, norm), layer_norm(x, norm, 1e-5),
-                                       scales, weights(codes, 2))
+    assert_equal_but_for_rounding_ties(y, reference(x, codes, scales, bias, "ternary", norm), layer_norm(x, norm, 1e-5),
+                                       scales, weights(codes, "ternary"))
 
 
 @pytest.mark.parametrize("isa", list(ortops.ISAS))
@@ -404,7 +406,7 @@ def test_a_token_holding_nan_or_inf_gives_nan_outputs_and_leaves_the_others_alon
     norm = (np.ones(40, np.float32), np.zeros(40, np.float32)) * norms
     y = session(op_model("TernaryLinear", packed, scales, bias, norm=norm, activation=act), isa).run(None, {"x": x})[0]
     assert np.isnan(y[1:3]).all()
-    want = reference(x[[0, 3]], codes, scales, bias, 2, norm[:2] or None, norm2=norm[2:] or None, act=act)
+    want = reference(x[[0, 3]], codes, scales, bias, "ternary", norm[:2] or None, norm2=norm[2:] or None, act=act)
     np.testing.assert_allclose(y[[0, 3]], want, rtol=1e-4, atol=1e-4)
 
 
@@ -459,7 +461,7 @@ def test_int8_weights_and_activations_at_their_extremes_sum_exactly(isa):
     x = np.tile(np.array([[1, -1], [-1, -1], [1, 1]], np.float32), (1, 100))            # q = +-127
     scales = np.ones(3, np.float32)
     y = session(op_model("Int8Linear", codes, scales), isa).run(None, {"x": x})[0]
-    np.testing.assert_array_equal(y, reference(x, codes, scales, None, 8).astype(np.float32))
+    np.testing.assert_array_equal(y, reference(x, codes, scales, None, "int8").astype(np.float32))
 
 
 @pytest.mark.parametrize("op", list(OPS))
@@ -542,7 +544,7 @@ def test_outputs_are_the_float32_product_of_the_exact_dot_and_the_two_scales(isa
     codes, packed, scales, _ = random_layer("Int8Linear", 20, 48, seed=17)
     x = np.random.default_rng(6).standard_normal((256, 48)).astype(np.float32)
     s = np.abs(x).max(-1, keepdims=True) / np.float32(127)
-    dot = np.clip(np.round(x / s), -127, 127).astype(np.int64) @ weights(codes, 8).astype(np.int64).T
+    dot = np.clip(np.round(x / s), -127, 127).astype(np.int64) @ weights(codes, "int8").astype(np.int64).T
     y = session(op_model("Int8Linear", packed, scales), isa).run(None, {"x": x})[0]
     np.testing.assert_array_equal(y, dot.astype(np.float32) * s * scales[None])
 
@@ -567,7 +569,7 @@ def test_a_nan_among_the_first_features_gives_nan_outputs(isa):
     x[1, 5] = np.nan
     y = session(op_model("TernaryLinear", packed, scales, bias), isa).run(None, {"x": x})[0]
     assert np.isnan(y[1]).all()
-    np.testing.assert_allclose(y[[0, 2]], reference(x[[0, 2]], codes, scales, bias, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[[0, 2]], reference(x[[0, 2]], codes, scales, bias, "ternary"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shift", [0, 2, 4, 6])
