@@ -45,7 +45,7 @@ from quant.models import (ViTConfig, VisionTransformer, check_depth, is_torch_fi
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear, is_qat_layer, runs_on_kernels
-from quant.quantizers import DoubleQuantized, Log2Quantizer, double_dequantize, num_groups
+from quant.quantizers import DoubleQuantized, Log2Quantizer, double_dequantize, max_code, num_groups
 
 FORMAT = "bitvit-quant/2"  # /1 (before 2026-12-03) had the same layout, its checksum covering the tensors only
 _OWN = ("packed", "scales", "zeros")  # QuantLinear buffers stored in packed form
@@ -193,8 +193,9 @@ def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
         codes = unpack_codes(layer.packed, bits, k)
     else:
         raise ValueError(f"{path}: layer {name!r} has unknown packing {entry.get('packing')!r}")
-    if layer.weight_format == "ternary" and codes.numel() and int(codes.max()) > 2:
-        raise ValueError(f"{path}: layer {name!r} holds ternary code {int(codes.max())} (codes are 0, 1, 2)")
+    if codes.numel() and int(codes.max()) > max_code(layer.weight_format):  # ternary's 3, say
+        raise ValueError(f"{path}: layer {name!r} holds {layer.weight_format} code {int(codes.max())} (codes are "
+                         f"0..{max_code(layer.weight_format)})")
     g = num_groups(k, layer.group_size)
     kind = entry.get("scales")
     if kind == "double_quant":

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from quant.cli import is_positive_int
 from quant.pack import pack_codes, packed_row_bytes, unpack_codes
 from quant.quantizers import (WEIGHT_FORMATS, DoubleQuantized, UniformQuantizer, dequantize, is_uniform_format,
-                              num_groups, quantize_int8_token, quantize_nf4, quantize_weight)
+                              max_code, num_groups, quantize_int8_token, quantize_nf4, quantize_weight)
 
 _UINT_TENSOR = re.compile(r"uint([2-8])_tensor")
 
@@ -77,7 +77,7 @@ class QuantLinear(nn.Module):
         """A layer from uint8 codes (O, K), scales (O, G), zeros (O, G) or None, bias (O,) or None."""
         o, k = codes.shape
         layer = cls(k, o, weight_format, group_size, bias is not None, zeros is not None, act_format, input_norm)
-        top = 2 if weight_format == "ternary" else 2 ** layer.bits - 1  # never cast: int8 -1 or 256 would wrap
+        top = max_code(weight_format)  # never cast: int8 -1 or 256 would wrap
         if codes.dtype != torch.uint8 or (codes.numel() and int(codes.max()) > top):
             got = codes.dtype if codes.dtype != torch.uint8 else f"a {int(codes.max())}"
             raise ValueError(f"{weight_format} codes must be uint8 in 0..{top}, got {got}")

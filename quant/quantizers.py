@@ -259,6 +259,11 @@ WEIGHT_FORMATS = {"int8": 8, "int7": 7, "int6": 6, "int5": 5, "int4": 4, "int3":
                   "nf4": 4, "ternary": 2, "binary": 1}  # format -> code width in bits
 
 
+def max_code(weight_format: str) -> int:
+    """The largest code of a weight format: ternary's 2-bit codes stop at 2, every other format uses all its bits."""
+    return 2 if weight_format == "ternary" else 2 ** WEIGHT_FORMATS[weight_format] - 1
+
+
 def is_uniform_format(weight_format: str) -> bool:
     """Whether a weight format is a uniform integer grid, intB: the formats with zero points (asymmetric) and
     the only ones GPTQ solves for. Every other format has a code meaning of its own here."""

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 import quant
 from quant.models import VisionTransformer, load_model, save_model
 from quant.qlinear import QuantLinear
+from quant.quantizers import WEIGHT_FORMATS, is_uniform_format
 
-FORMATS = ["int8", "int4", "int3", "int2", "nf4", "ternary", "binary"]
+FORMATS = list(WEIGHT_FORMATS)  # a format added there is round-tripped here
 
 
 def mlp(k: int, hidden: int, seed: int = 0) -> nn.Sequential:
@@ -24,7 +25,7 @@ def mlp(k: int, hidden: int, seed: int = 0) -> nn.Sequential:
 def quantized_mlp(fmt: str, k: int, hidden: int, group_size: int | None, asymmetric: bool, seed: int = 0):
     model = mlp(k, hidden, seed)
     for i in (0, 2):
-        model[i] = QuantLinear.from_linear(model[i], fmt, group_size, asymmetric and fmt.startswith("int"))
+        model[i] = QuantLinear.from_linear(model[i], fmt, group_size, asymmetric and is_uniform_format(fmt))
     return model
 
 
