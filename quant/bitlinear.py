@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from quant.models import forward_with_hooks, linear_from
 from quant.qlinear import QuantLinear
-from quant.quantizers import dequantize, quantize_binary, quantize_int8_token, quantize_ternary, ste
+from quant.quantizers import dequantize, quantize_int8_token, quantize_weight, ste
 
 FORMATS = ("binary", "ternary")
 
@@ -56,7 +56,7 @@ class BitLinear(nn.Linear):
         return linear_from(cls, linear, weight_format, input_norm)
 
     def _codes(self):
-        return quantize_ternary(self.weight) if self.weight_format == "ternary" else quantize_binary(self.weight)
+        return quantize_weight(self.weight, self.weight_format)  # BitNet's absmean ternary or binary codes
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight (O, K), straight-through to the latent weight: the very codes and

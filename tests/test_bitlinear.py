@@ -4,9 +4,10 @@ import torch
 import torch.nn as nn
 
 import quant
+from quant import bitlinear
 from quant.bitlinear import BitLinear, freeze, prepare
 from quant.qlinear import QuantLinear
-from quant.quantizers import quantize_int8_token
+from quant.quantizers import quantize_int8_token, quantize_weight
 
 
 def layer(fmt, norm=True):
@@ -81,6 +82,12 @@ def test_input_gradient_is_the_straight_through_estimators(fmt):
 def test_unknown_weight_format_is_refused():
     with pytest.raises(ValueError, match="binary or ternary"):
         BitLinear(4, 4, weight_format="int4")
+
+
+def test_a_format_added_to_bitlinears_formats_packs_its_own_codes_not_binary_ones(monkeypatch):
+    monkeypatch.setattr(bitlinear, "FORMATS", (*bitlinear.FORMATS, "int2"))  # a third BitNet format, say
+    m = layer("int2")
+    assert torch.equal(m.freeze().codes(), quantize_weight(m.weight, "int2").codes)
 
 
 def test_prepare_keeps_the_head_and_freeze_saves_and_loads(tiny_model, tmp_path):
