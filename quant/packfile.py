@@ -45,7 +45,7 @@ from quant.models import (ViTConfig, VisionTransformer, check_depth, is_torch_fi
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear, is_qat_layer, runs_on_kernels
-from quant.quantizers import DoubleQuantized, Log2Quantizer, double_dequantize, max_code, num_groups
+from quant.quantizers import WEIGHT_FORMATS, DoubleQuantized, Log2Quantizer, double_dequantize, max_code, num_groups
 
 FORMAT = "bitvit-quant/2"  # /1 (before 2026-12-03) had the same layout, its checksum covering the tensors only
 _OWN = ("packed", "scales", "zeros")  # QuantLinear buffers stored in packed form
@@ -169,6 +169,11 @@ def _take(tensors: dict, key: str, path, shape: tuple, dtype: torch.dtype) -> to
 
 
 def _load_layer(name: str, entry: dict, tensors: dict, path) -> QuantLinear:
+    fmt = entry.get("weight_format")
+    if isinstance(fmt, str) and fmt not in WEIGHT_FORMATS:  # files keep their format version when a format is added
+        raise ValueError(f"{path}: layer {name!r} holds {fmt!r} weights, a format this bitvit does not know (it "
+                         f"knows {', '.join(WEIGHT_FORMATS)}): update bitvit if a newer one wrote the file, else "
+                         f"the file is damaged")
     try:
         layer = QuantLinear.from_spec(entry)
     except (KeyError, TypeError, ValueError, AttributeError) as e:

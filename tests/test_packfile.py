@@ -202,7 +202,8 @@ def test_an_edited_header_is_refused_by_the_checksum(saved, tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(input_norm="x"), "layer 'blocks.0.mlp.fc1' is damaged"),
     (lambda h: h["layers"]["blocks.0.mlp.fc1"].pop("act_format"), "layer 'blocks.0.mlp.fc1' is damaged"),
-    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(weight_format="int9"), "layer 'blocks.0.mlp.fc1' is damaged"),
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(weight_format="int9"),  # maybe a newer bitvit's format
+     "layer 'blocks.0.mlp.fc1' holds 'int9' weights, a format this bitvit does not know .*update bitvit"),
     (lambda h: h["architecture"].pop("config"), "the ViT config is not a JSON object"),
     (lambda h: h["architecture"]["config"].update(num_heads=0), "ViT config field 'num_heads'"),
     (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(group_size=True), "layer 'blocks.0.mlp.fc1' is damaged"),
