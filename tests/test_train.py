@@ -608,7 +608,7 @@ def test_more_processes_than_gpus_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"torchrun started more processes on this machine than its 1 CUDA "
-                                         r"device\(s\); give --nproc-per-node 1 at most"):
+                                         r"device; give --nproc-per-node 1 at most"):
         quant.train.resolve_device(None)
 
 
