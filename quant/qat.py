@@ -263,7 +263,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="store the parameters left in floating point (embeddings, norms, biases, head) in float16")
     p.add_argument("--save-every", type=positive_int, default=1,
                    help="score the val split and write the resume state every N epochs (and after the last)")
-    p.add_argument("--time-limit", type=number_in(0),
+    p.add_argument("--time-limit", type=number_in(0, lo_open=True),  # 0 would train nothing (no limit: leave it out)
                    help="stop after the last epoch that fits in this many seconds of training (all stages together; "
                         "the student's initialisation before them, redone by every run, not counted); rerun the "
                         "same command to resume")

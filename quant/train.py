@@ -661,8 +661,8 @@ def main(argv=None):
     p.add_argument("--seed", type=random_seed, default=d.seed, help="random seed, 0..2^32-1")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--threads", type=thread_count, help="torch CPU threads")
-    p.add_argument("--time-limit", type=number_in(0), help="stop after the last epoch that fits in this many "
-                                                    "seconds; rerun the same command to resume")
+    p.add_argument("--time-limit", type=number_in(0, lo_open=True),  # 0 would train nothing (no limit: leave it out)
+                   help="stop after the last epoch that fits in this many seconds; rerun the same command to resume")
     p.add_argument("--end-within-time-limit", action="store_true",
                    help="with --time-budget and --time-limit: shrink the budget to what the limit leaves, so "
                         "the learning rate decays fully and the run ends complete (one-call runs)")

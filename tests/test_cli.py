@@ -95,7 +95,8 @@ def test_an_open_end_excludes_its_bound():
 
 
 @pytest.mark.parametrize("flag, value", [("--drop-path", "1"), ("--label-smoothing", "5"), ("--warmup-epochs", "-1"),
-                                         ("--mixup", "-1"), ("--time-limit", "-1"), ("--lr", "inf")])
+                                         ("--mixup", "-1"), ("--time-limit", "-1"), ("--time-limit", "0"),
+                                         ("--lr", "inf")])
 def test_training_settings_out_of_range_are_argument_errors(tmp_path, image_tree, capsys, flag, value):
     with pytest.raises(SystemExit):
         train_main(["--data", str(image_tree), "--out", str(tmp_path / "run"), flag, value])

@@ -128,7 +128,7 @@ def test_a_run_out_of_time_writes_no_model_and_the_same_command_without_the_limi
     out = tmp_path / "t.safetensors"
     args = ["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar), "--out", str(out),
             "--epochs", "1", "--batch-size", "8"]
-    assert run(main, args + ["--time-limit", "0"]) == 0   # no time for an epoch
+    assert run(main, args + ["--time-limit", "1e-9"]) == 0   # no time for an epoch
     assert "stopped by --time-limit" in capsys.readouterr().out and not out.exists()
     assert run(main, args) == 0
     assert quant.load_quantized(out)
@@ -294,6 +294,14 @@ def test_a_zero_temperature_is_an_argument_error(teacher_file, image_tar, tmp_pa
         main(["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar),
               "--out", str(tmp_path / "x.safetensors"), "--temperature", "0"])
     assert "--temperature: expected a number > 0" in capsys.readouterr().err
+
+
+def test_a_zero_time_limit_is_an_argument_error_not_a_run_that_trains_nothing(teacher_file, image_tar, tmp_path,
+                                                                               capsys):
+    with pytest.raises(SystemExit):
+        main(["--teacher", str(teacher_file), "--recipe", "w1.58a8", "--data", str(image_tar),
+              "--out", str(tmp_path / "x.safetensors"), "--time-limit", "0"])
+    assert "--time-limit: expected a number > 0" in capsys.readouterr().err
 
 
 def test_feature_distillation_without_logit_distillation_is_refused_before_training(teacher_file, image_tar,

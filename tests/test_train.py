@@ -1085,7 +1085,7 @@ def test_cli_refuses_end_within_time_limit_without_a_budget_and_a_limit_instead_
 def test_cli_stopped_by_time_limit_saves_the_model_marked_incomplete(tmp_path, image_tree, capsys):
     from safetensors import safe_open
     main(["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
-          "--epochs", "2", "--batch-size", "4", "--limit", "12", "--time-limit", "0"])
+          "--epochs", "2", "--batch-size", "4", "--limit", "12", "--time-limit", "1e-9"])
     with safe_open(tmp_path / "run" / "model.safetensors", "pt") as f:
         assert f.metadata()["complete"] == "false"
     assert "incomplete" in capsys.readouterr().out
