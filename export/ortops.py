@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import getpass
 import hashlib
 import os
@@ -71,17 +72,13 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
     flags = FLAGS + ISAS[isa]
     if sys.platform == "darwin" and platform.machine() == "arm64":  # Apple clang before 15 refuses it there, and
         flags.remove("-march=native")                                 # its default target has the NEON it needs
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), (include / "onnxruntime_c_api.h").read_bytes(),
-                 _cpu_signature().encode()):
-        key.update(part)
-    folder = cache_root() / key.hexdigest()[:16]
+    folder = cache_root() / _build_key(tuple(flags), include)
     if not compiler:  # a library that a compiler since removed built serves
         built = [lib for lib in sorted(folder.glob(f"*/{LIB_NAME}")) if _intact(lib)]
         if built and not force:
             return built[0]
         raise no_compiler
-    out = folder / hashlib.sha256(_run([*cxx, "--version"]).encode()).hexdigest()[:16] / LIB_NAME
+    out = folder / _compiler_key(tuple(cxx)) / LIB_NAME
     if _intact(out) and not force:
         return out
     digest = out.with_name(LIB_NAME + ".sha256")
@@ -95,6 +92,24 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
     with written_whole(digest) as tmp:
         tmp.write_text(sha)
     return out
+
+
+# Each computed once a process (the app and export.bench open many sessions, each asking for the library); a
+# process started after the source, the headers or the compiler changed builds anew.
+@functools.cache
+def _build_key(flags: tuple[str, ...], include: Path) -> str:
+    """The library's cache folder name: a hash of the source, the flags, ONNX Runtime's C API header and the CPU."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), (include / "onnxruntime_c_api.h").read_bytes(),
+                 _cpu_signature().encode()):
+        key.update(part)
+    return key.hexdigest()[:16]
+
+
+@functools.cache
+def _compiler_key(cxx: tuple[str, ...]) -> str:
+    """The compiler's sub-folder name: a hash of what `cxx --version` prints."""
+    return hashlib.sha256(_run([*cxx, "--version"]).encode()).hexdigest()[:16]
 
 
 def _intact(lib: Path) -> bool:

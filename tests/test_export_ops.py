@@ -134,6 +134,20 @@ def use_fake_compiler(script: str, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(tmp_path / "cache"))
 
 
+def new_process() -> None:
+    """What a process started from now on would see: the library's keys, computed once a process, computed anew."""
+    ortops._build_key.cache_clear()
+    ortops._compiler_key.cache_clear()
+
+
+def test_the_compiler_is_asked_its_version_once_a_process_not_at_every_session(tmp_path, monkeypatch):
+    use_fake_compiler(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo asked >> {tmp_path}/asked; echo fake; exit 0; }}\n'
+                      'while [ "$1" != -o ]; do shift; done\necho built > "$2"\n', tmp_path, monkeypatch)
+    path = ortops.library_path()
+    assert [ortops.library_path() for _ in range(3)] == [path] * 3
+    assert (tmp_path / "asked").read_text() == "asked\n"
+
+
 def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     use_fake_compiler('#!/bin/sh\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'  # counts its builds into
                       'while [ "$1" != -o ]; do shift; done\n'                            # the library it writes
@@ -231,6 +245,7 @@ def test_headers_changed_in_place_rebuild_the_library(tmp_path, monkeypatch):
                       f'echo build >> {tmp_path}/builds; cat {tmp_path}/builds > "$2"\n', tmp_path, monkeypatch)
     ortops.library_path()
     (tmp_path / "include" / "onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 0\n")  # same folder
+    new_process()
     assert ortops.library_path().read_text().count("build") == 2
 
 
@@ -675,6 +690,7 @@ def test_another_compiler_version_builds_a_library_of_its_own(tmp_path, monkeypa
     use_fake_compiler(FAKE_BUILD, tmp_path, monkeypatch)
     first = ortops.library_path()
     monkeypatch.setenv("FAKE_VERSION", "2.0")
+    new_process()
     second = ortops.library_path()
     assert second != first and second.parent.parent == first.parent.parent and first.is_file()
 
@@ -696,6 +712,7 @@ def test_on_an_intel_mac_another_cpus_features_build_a_library_of_their_own(tmp_
     monkeypatch.setenv("FAKE_LEAF7", "AVX2 AVX512F")
     first = ortops.library_path()
     monkeypatch.setenv("FAKE_LEAF7", "AVX2")
+    new_process()
     second = ortops.library_path()
     assert second.parent.parent != first.parent.parent and first.is_file()
 
@@ -708,5 +725,6 @@ def test_on_arm_linux_another_cpus_features_build_a_library_of_their_own(tmp_pat
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
     first = ortops.library_path()
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    new_process()
     second = ortops.library_path()
     assert second.parent.parent != first.parent.parent and first.is_file()
