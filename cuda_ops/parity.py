@@ -91,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{name} has no layer bitvit's kernels run (to_kernels would leave every quantized layer "
                              f"on the reference forward): give a model quantized to a format with a kernel "
                              f"(cuda_ops/README.md)")
-    data = load_split(args.data, args.split, image_size=models[0][1].config.img_size, limit=args.limit)
     configs = [(Path(args.model).name, fp.config)] if fp is not None else []
     configs += [(Path(f).name, ViTConfig.from_json(json.dumps(h["architecture"]["config"]), f))
                 for f, h in headers.items() if h["architecture"] is not None]
-    for name, cfg in configs:  # every model's classes before the first is scored: top-1s against other
-        data.require_classes(cfg, whose=f"{name}'s")  # classes' labels mean nothing
+
+    def fits(data):  # every model's classes before the first is scored (and before the split is decoded): top-1s
+        for name, cfg in configs:  # against other classes' labels mean nothing
+            data.require_classes(cfg, whose=f"{name}'s")
+        return data
+    data = load_split(args.data, args.split, image_size=models[0][1].config.img_size, limit=args.limit, check=fits)
     start = time.monotonic()
     result = {**provenance("cuda_ops.parity", argv), "cpu_threads": torch.get_num_threads(),
               "device": device, "data": f"{args.data} split={args.split} n={len(data)}", "rows": [],
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(1, count + 1):
         name, model = models.pop(0)  # let go once scored: `compare` moves it to the GPU
         if data.images.shape[1] != model.config.img_size:  # a file of another input size: the split at its size
-            data = load_split(args.data, args.split, image_size=model.config.img_size, limit=args.limit)
+            data = load_split(args.data, args.split, image_size=model.config.img_size, limit=args.limit, check=fits)
         # (the two bars, one a pass, name no model: minutes a model on a CPU's full test split)
         print(f"[{i}/{count}] {name}: {len(data)} images through the reference forward, then the kernels",
               file=sys.stderr)

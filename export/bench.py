@@ -239,8 +239,8 @@ def main(argv=None):
     data = None
     if args.data:  # decoded (and refused, if it must be) before minutes of timing
         from quant.data import load_split
-        data = load_split(args.data, args.split, image_size=ref.config.img_size,
-                          limit=args.limit).scored_by(ref.config)
+        data = load_split(args.data, args.split, image_size=ref.config.img_size, limit=args.limit,
+                          check=lambda s: s.scored_by(ref.config))
     torch.manual_seed(0)
     suites = {"reference": (ref, Path(args.checkpoint).name)}
     if not args.no_vit_s:

@@ -35,6 +35,7 @@ import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -122,11 +123,14 @@ def class_names(classes: tuple[str, ...], n: int) -> tuple[str, ...]:
 
 
 def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 32,
-               val_fraction: float = 0.1, limit: int | None = None, progress: bool = True) -> ImageSet:
+               val_fraction: float = 0.1, limit: int | None = None, progress: bool = True,
+               check: Callable[[ImageSet], ImageSet] | None = None) -> ImageSet:
     """One split of a data source (see the module docstring) as a uint8 array.
 
     `limit` keeps the first `limit` images of each class in turn (a balanced subset), decoded alone where the
-    whole split is not in the cache yet.
+    whole split is not in the cache yet. `check` (a model's `ImageSet.require_classes` or `scored_by`) gives the
+    set returned; where the split is decoded, it is first given a set of no images but the split's classes, so that
+    data a model cannot take is refused before minutes of decoding, not after.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -144,12 +148,13 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
     if split == "trainval" and source.has("val"):  # the tree's train/ and val/ images together
         # with a limit, each folder's own balanced pick holds all that the pick of the two together takes from it
         pick = None if limit is None else lambda labels, classes: _balanced_first(labels, limit)
-        data, val = (_cached(source, s, image_size, progress, pick, None if limit is None else (s, val_fraction, limit))
-                     for s in ("train", "val"))
+        data, val = (_cached(source, s, image_size, progress, pick, None if limit is None else (s, val_fraction, limit),
+                             check) for s in ("train", "val"))
         _check_same_classes(data, val, path)
         data = ImageSet(np.concatenate([data.images, val.images]),
                         np.concatenate([data.labels, val.labels]), data.classes)
-        return data if limit is None else data.subset(_balanced_first(data.labels, limit))
+        data = data if limit is None else data.subset(_balanced_first(data.labels, limit))
+        return data if check is None else check(data)
     held = split in ("train", "val") and not source.has("val")  # val: held out of the train split's images
 
     def keep(labels: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
@@ -159,8 +164,10 @@ def load_split(path: str | os.PathLike, split: str = "train", image_size: int = 
             held_out = _last_per_class(labels, val_fraction, classes)
             chosen = chosen[held_out if split == "val" else ~held_out]
         return chosen if limit is None else chosen[_balanced_first(labels[chosen], limit)]
-    return _cached(source, "train" if held or split == "trainval" else split, image_size, progress,
-                   keep if held or limit is not None else None, None if limit is None else (split, val_fraction, limit))
+    data = _cached(source, "train" if held or split == "trainval" else split, image_size, progress,
+                   keep if held or limit is not None else None, None if limit is None else (split, val_fraction, limit),
+                   check)
+    return data if check is None else check(data)
 
 
 def _last_per_class(labels: np.ndarray, fraction: float, classes: tuple[str, ...]) -> np.ndarray:
@@ -200,9 +207,15 @@ class _Source:
     def has(self, split: str) -> bool:
         raise NotImplementedError
 
-    def decode(self, split: str, image_size: int, progress: bool, keep=None) -> ImageSet:
-        """The split's images, or with `keep(labels, classes)` only those at the indices it gives."""
+    def decode(self, split: str, image_size: int, progress: bool, keep=None, check=None) -> ImageSet:
+        """The split's images, or with `keep(labels, classes)` only those at the indices it gives; `check` is given
+        the split's classes (`_no_images`) before any image is decoded."""
         raise NotImplementedError
+
+
+def _no_images(classes, image_size: int) -> ImageSet:
+    """A set of no images but these classes: what `load_split`'s `check` is given before decoding."""
+    return ImageSet(np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros(0, np.int64), tuple(classes))
 
 
 def _source_for(path: Path) -> _Source:
@@ -265,7 +278,7 @@ class _FolderSource(_Source):
     def has(self, split: str) -> bool:
         return split == "all" if self.flat else (self.root / split).is_dir()
 
-    def decode(self, split: str, image_size: int, progress: bool, keep=None) -> ImageSet:
+    def decode(self, split: str, image_size: int, progress: bool, keep=None, check=None) -> ImageSet:
         if not self.flat and split == "all":
             raise ValueError(f"{self.root} holds split folders (train/, test/, ...): choose one of them; split "
                              f"'all' scores a tree of class folders alone")
@@ -310,6 +323,8 @@ class _FolderSource(_Source):
             files += found
             labels += [label] * len(found)
         labels, classes = np.array(labels, dtype=np.int64), tuple(composed_name(d.name) for d in class_dirs)
+        if check is not None:
+            check(_no_images(classes, image_size))
         chosen = np.arange(len(files)) if keep is None else keep(labels, classes)
         images = np.stack([_decode(_read_file(files[i]), str(files[i]), image_size)
                            for i in _progress(chosen, f"decoding {folder}", progress)])
@@ -391,7 +406,7 @@ class _TarSource(_Source):
             pass
         return split in splits
 
-    def decode(self, split: str, image_size: int, progress: bool, keep=None) -> ImageSet:
+    def decode(self, split: str, image_size: int, progress: bool, keep=None, check=None) -> ImageSet:
         # read in the archive's own order (a step back in a .gz decompresses it again from the start), then
         # sorted by name, whatever order the archive was written in
         tops = sorted({p[:-3] for m in self.members
@@ -432,6 +447,8 @@ class _TarSource(_Source):
         if linked:  # the tree follows it to a class of its own; the archive holds none of its images
             raise ValueError(f"class folder {self.path}:{split}/{linked[0]} is a link, whose images the archive does "
                              f"not hold: archive the tree with its links followed (tar -h)")
+        if check is not None:
+            check(_no_images(classes, image_size))
         # class by class, each by file name, as the unpacked tree reads (sorting whole names would put
         # "sea-lion/" before "sea/", since "-" sorts before "/")
         names = sorted({m.name for m in members},
@@ -497,11 +514,13 @@ class _PickleSource(_Source):
             raise ValueError(f"{path} is not a CIFAR python batch (holds a {type(obj).__name__})")
         return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
-    def decode(self, split: str, image_size: int, progress: bool, keep=None) -> ImageSet:
+    def decode(self, split: str, image_size: int, progress: bool, keep=None, check=None) -> ImageSet:
         if split not in ("train", "test"):
             raise ValueError(f"{self.root} holds train and test batches only")
         meta = self._load("batches.meta")
         classes = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in meta.get("label_names", ()))
+        if check is not None:
+            check(_no_images(classes, image_size))
         images, labels = [], []
         for name in self.TRAIN if split == "train" else ("test_batch",):
             batch = self._load(name)
@@ -656,22 +675,23 @@ def _cache_base(*parts: object) -> Path:
     return cache_dir() / "data" / hashlib.sha1(os.fsencode("|".join(map(str, parts)))).hexdigest()[:16]
 
 
-def _cached(source: _Source, split: str, image_size: int, progress: bool, keep=None, alone=None) -> ImageSet:
+def _cached(source: _Source, split: str, image_size: int, progress: bool, keep=None, alone=None,
+            check=None) -> ImageSet:
     """A split decoded once and kept in the cache; a split the source lacks is refused by its `decode`.
     `keep(labels, classes)` picks the images to return by their indices; `alone` (what identifies the pick) has
     them decoded and cached apart unless the whole split is cached already: a few images of a big split (a
-    --limit at 224x224 pixels) need not decode all of it."""
+    --limit at 224x224 pixels) need not decode all of it. `check` goes to `decode`."""
     base = _cache_base(source.key, split, image_size, CACHE_VERSION)
     data = _read_cache(base, image_size)
     if data is None and alone is not None:
         base = _cache_base(source.key, split, image_size, CACHE_VERSION, *alone)
         data = _read_cache(base, image_size)
         if data is None:
-            data = source.decode(split, image_size, progress, keep)
+            data = source.decode(split, image_size, progress, keep, check)
             _write_cache(base, data)
         return data
     if data is None:
-        data = source.decode(split, image_size, progress)
+        data = source.decode(split, image_size, progress, None, check)
         _write_cache(base, data)
     return data if keep is None else data.subset(keep(data.labels, data.classes))
 

@@ -172,7 +172,8 @@ def main(argv=None):
                                        else Path(str(args.checkpoint) + ".confusion.png"))
     if not args.confusion:  # the default path too, before scoring (here, where the checkpoint's folder is known)
         output_file(confusion_png, ".png", inputs=(args.checkpoint, args.out))
-    data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit).scored_by(cfg)
+    data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit,
+                      check=lambda s: s.scored_by(cfg))  # refused, if it must be, before it is decoded
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() and not onnx else "cpu"
     t0 = time.perf_counter()
     res = evaluate(model.to(device), data, args.batch_size, device, progress=True)

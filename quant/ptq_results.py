@@ -98,7 +98,8 @@ def main(argv=None):
     ckpt, out, models = Path(args.checkpoint), Path(args.out), Path(args.models)
     entries = load_results(out)
     cfg = load_model(ckpt).config
-    data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit)
+    data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit,
+                      check=lambda s: s.scored_by(cfg))  # refused, if it must be, before it is decoded
     for e in entries:  # one table, one fp32 score its drops are measured against
         if of_file(e, ckpt) and (e.get("split", args.split), e.get("n", len(data))) != (args.split, len(data)):
             raise ValueError(f"{out} holds {ckpt.name}'s {e['recipe']} scored on {e.get('n')} {e.get('split')} "

@@ -330,13 +330,15 @@ def main(argv=None):
     teacher_file = {"teacher": str(args.teacher), "teacher_bytes": Path(args.teacher).stat().st_size,
                     "teacher_sha256": file_sha256(args.teacher)}
     cfg = teacher.config
-    train = load_split(args.data, "train", cfg.img_size, limit=args.limit).require_classes(cfg)
-    val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit) if args.val_limit else None
-    if val is not None:  # a tree's own val/ folder may name other classes: refused now, not after an epoch
-        val.require_classes(cfg)
+
+    def fits(data):  # data of other classes is refused before it is decoded (minutes for 50,000 JPEGs), not after
+        return data.require_classes(cfg)
+    train = load_split(args.data, "train", cfg.img_size, limit=args.limit, check=fits)
+    # a tree's own val/ folder may name other classes: refused now, not after an epoch
+    val = load_split(args.data, "val", cfg.img_size, limit=args.val_limit, check=fits) if args.val_limit else None
     data = None  # the split scored at the end, read now: one the data lacks is refused before training, not after
     if args.eval_split:
-        data = load_split(args.data, args.eval_split, cfg.img_size, limit=args.eval_limit).require_classes(cfg)
+        data = load_split(args.data, args.eval_split, cfg.img_size, limit=args.eval_limit, check=fits)
     started = time.time()
     student, penalty = prepare_student(teacher, r, train, args.calib_size, args.seed, device, args.bitops_weight,
                                        init)

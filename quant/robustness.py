@@ -295,7 +295,7 @@ def main(argv=None):
     output_file(out.with_suffix(".png"), ".png")  # the plot's path too, before minutes of trials
     model = load_model(args.checkpoint)
     cfg = model.config
-    data = load_split(args.data, args.split, cfg.img_size, limit=args.limit).scored_by(cfg)
+    data = load_split(args.data, args.split, cfg.img_size, limit=args.limit, check=lambda s: s.scored_by(cfg))
     calib = load_split(args.data, "train", cfg.img_size, limit=args.calib_size)
     t0 = time.perf_counter()
     result = analyse(model, to_model_input(data.images, cfg.mean, cfg.std), torch.from_numpy(data.labels),

@@ -702,27 +702,29 @@ def main(argv=None):
         is_cnn = args.model in cnn.CONFIGS
         img_size = (cnn.CONFIGS if is_cnn else CONFIGS)[args.model].img_size
         per_process_batch(cfg.batch_size, env.world)  # refused before the data is decoded
-        train = load_split(args.data, args.split, img_size, limit=args.limit, progress=env.main)
+        # the teacher first: data of other classes than its own is refused before it is decoded, not after
+        teacher = load_any(args.teacher) if args.teacher else None
+        if teacher is not None and teacher.config.img_size != img_size:  # it sees the student's images
+            raise ValueError(f"the teacher {args.teacher} takes {teacher.config.img_size}x"
+                             f"{teacher.config.img_size} images; the student {args.model} takes "
+                             f"{img_size}x{img_size}")
+        whose = f"the teacher {args.teacher}'s"
+        train = load_split(args.data, args.split, img_size, limit=args.limit, progress=env.main,
+                           check=None if teacher is None else lambda s: s.require_classes(teacher.config, whose))
         if len(train.classes) < 2:  # a model of one class is right about every image it is shown
             raise ValueError(f"{args.data} holds one class ({train.classes[0]!r}) in its {args.split} split: a "
                              f"classifier is trained on two or more class folders")
-        val = (load_split(args.data, "val", img_size, limit=args.limit, progress=env.main) if args.split == "train"
-               else None)
         torch.manual_seed(cfg.seed)
         labels = dict(num_classes=len(train.classes), classes=tuple(train.classes))
         model = (cnn.create_teacher(args.model, **labels) if is_cnn
                  else create_model(args.model, drop_path_rate=args.drop_path, **labels))
-        if val is not None:  # a tree's own val/ folder may name other classes: refused now, not after an epoch
-            val.require_classes(model.config, whose="the train split's")
+        # a tree's own val/ folder may name other classes: refused before it is decoded, not after an epoch
+        val = (load_split(args.data, "val", img_size, limit=args.limit, progress=env.main,
+                          check=lambda s: s.require_classes(model.config, whose="the train split's"))
+               if args.split == "train" else None)
         if args.init:
             cfg.init = start_from(model, args.init, args.model)
-        teacher = load_any(args.teacher) if args.teacher else None
         if teacher is not None:
-            train.require_classes(teacher.config, whose=f"the teacher {args.teacher}'s")
-            if teacher.config.img_size != img_size:  # it sees the student's images
-                raise ValueError(f"the teacher {args.teacher} takes {teacher.config.img_size}x"
-                                 f"{teacher.config.img_size} images; the student {args.model} takes "
-                                 f"{img_size}x{img_size}")
             if any(tuple(getattr(teacher.config, k)) != tuple(getattr(model.config, k))
                    for k in ("mean", "std")):  # it sees the student's normalised input
                 raise ValueError(f"the teacher {args.teacher} was trained on inputs normalised with mean "

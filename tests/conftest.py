@@ -102,6 +102,14 @@ def image_tar(tmp_path, image_tree) -> Path:
 
 
 @pytest.fixture
+def no_decoding(monkeypatch):
+    """An image decoded (or resized) fails the test: for what must be refused before minutes of decoding."""
+    def decoded(*args):
+        raise AssertionError("an image was decoded")
+    monkeypatch.setattr("quant.data._resize", decoded)
+
+
+@pytest.fixture
 def cifar_batches(tmp_path) -> Path:
     """A folder in torchvision's cifar-10-batches-py format (python-2 style byte-keyed pickles)."""
     root = tmp_path / "cifar-10-batches-py"

@@ -113,7 +113,8 @@ def test_every_quantized_file_is_checked_before_the_data_is_read(tiny_model, tmp
         parity.main(["--quantized", files, "--data", str(tmp_path / "no-such-data")])
 
 
-def test_data_of_other_classes_than_the_model_is_refused_before_scoring(tiny_model, tmp_path):
+def test_data_of_other_classes_than_the_model_is_refused_before_scoring_or_decoding(tiny_model, tmp_path,
+                                                                                    no_decoding):
     from conftest import write_tree
     packed = tmp_path / "w8a8.safetensors"
     quant.save_quantized(quant.quantize(tiny_model, "w8a8"), packed)

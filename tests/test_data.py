@@ -291,6 +291,30 @@ def test_limited_train_and_val_splits_held_out_of_one_folder_are_cached_apart(im
     assert np.array_equal(val.images, load_split(image_tree, "val", image_size=16, progress=False).images)
 
 
+OTHER = dataclasses.replace(TINY, classes=("a", "b", "c"))
+
+
+@pytest.mark.parametrize("source, split", [("image_tree", "train"), ("image_tree", "val"), ("image_tar", "test"),
+                                           ("image_tar", "trainval"), ("cifar_batches", "train")])
+@pytest.mark.parametrize("limit", [None, 4])
+def test_data_a_models_check_refuses_is_refused_before_any_image_is_decoded(source, split, limit, request,
+                                                                           no_decoding):
+    """A model's classes are checked on the split's class names alone (a tree's folders, an archive's listing,
+    batches.meta): data of other classes is refused in seconds, not after minutes of decoding 50,000 JPEGs."""
+    with pytest.raises(ValueError, match="are not the model's"):
+        load_split(request.getfixturevalue(source), split, image_size=16, limit=limit, progress=False,
+                   check=lambda s: s.require_classes(OTHER))
+
+
+def test_a_split_from_the_cache_is_checked_and_given_as_the_check_gives_it(image_tree):
+    whole = load_split(image_tree, "test", image_size=16, progress=False)  # decoded and cached
+    reordered = dataclasses.replace(TINY, classes=("frog", "dog", "cat"))
+    again = load_split(image_tree, "test", image_size=16, progress=False, check=lambda s: s.scored_by(reordered))
+    assert again.classes == reordered.classes and np.array_equal(again.labels, 2 - whole.labels)
+    with pytest.raises(ValueError, match="are not the model's"):
+        load_split(image_tree, "test", image_size=16, progress=False, check=lambda s: s.require_classes(OTHER))
+
+
 def test_second_load_comes_from_the_cache(image_tree, monkeypatch):
     first = load_split(image_tree, "test", image_size=16, progress=False)
 

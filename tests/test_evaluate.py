@@ -75,6 +75,15 @@ def test_cli_on_one_thread_and_one_image_says_so_in_the_singular(checkpoint, ima
     assert " (1 thread)\n" in out and "test split: 1 image\n" in out
 
 
+def test_cli_refuses_data_of_other_classes_before_any_image_is_decoded(checkpoint, tmp_path, capsys, no_decoding):
+    from quant.cli import run
+    from quant.evaluate import main
+    from tests.conftest import write_tree
+    other = write_tree(tmp_path / "other", classes=("a", "b", "c"))
+    assert run(main, ["--checkpoint", str(checkpoint), "--data", str(other)]) == 2
+    assert "are not the model's" in capsys.readouterr().err
+
+
 def test_cli_scores_a_tree_of_some_of_the_models_classes_by_their_names(checkpoint, image_tree, tmp_path):
     import shutil
     shutil.rmtree(image_tree / "test" / "cat")  # photos of a dog and a frog, scored by a cat/dog/frog model

@@ -137,7 +137,8 @@ def test_a_quantized_file_whose_layers_miss_bitvits_op_is_refused_not_timed_as_i
     assert "w4a8.safetensors: its w4a8 layers do not all run on bitvit's op" in err and "standard ops" in err
 
 
-def test_data_of_other_classes_is_refused_before_any_timing(fp_file, tmp_path, capsys, monkeypatch):
+def test_data_of_other_classes_is_refused_before_any_timing_or_decoding(fp_file, tmp_path, capsys, monkeypatch,
+                                                                         no_decoding):
     def no_timing(*args):
         raise AssertionError("timed before the data was checked")
     monkeypatch.setattr("export.bench.time_variants", no_timing)

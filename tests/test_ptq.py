@@ -244,6 +244,13 @@ def test_results_table_refuses_a_file_holding_the_checkpoints_scores_on_another_
     assert len(json.loads(out.read_text())["results"]) == 1
 
 
+def test_results_table_refuses_data_of_other_classes_before_any_image_is_decoded(checkpoint, tmp_path, no_decoding):
+    other = write_tree(tmp_path / "other", classes=("a", "b", "c"))
+    with pytest.raises(ValueError, match="are not the model's"):
+        results_main(["--checkpoint", str(checkpoint), "--data", str(other), "--out", str(tmp_path / "r.json"),
+                      "--models", str(tmp_path / "models"), "--recipes", "w8a8"])
+
+
 def test_results_full_precision_entry_counts_32_bits_per_linear_weight(checkpoint, image_tree, tmp_path, tiny_model):
     out = tmp_path / "r.json"
     results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(out), "--models",

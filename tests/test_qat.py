@@ -22,7 +22,7 @@ from quant.qat import (FeatureDistill, _known_teacher_top1, init_student, main, 
                        read_init, read_results, record_result, train_stages)
 from quant.recipes import BitNet
 from quant.train import TrainConfig, read_log
-from tests.conftest import TINY, write_tree
+from tests.conftest import TINY, write_tar, write_tree
 
 
 def distill_steps(student, teacher, x, steps=15, lr=3e-3):
@@ -327,6 +327,14 @@ def test_data_of_other_classes_is_refused_before_training(teacher_file, tmp_path
                       "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "are not the model's" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors.run").exists()
+
+
+def test_an_archive_of_other_classes_is_refused_before_any_image_is_decoded(teacher_file, tmp_path, capsys,
+                                                                            no_decoding):
+    other = write_tar(write_tree(tmp_path / "other", classes=("a", "b", "c")), tmp_path / "other.tar.gz")
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(other),
+                      "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "are not the model's" in capsys.readouterr().err
 
 
 def test_a_val_folder_of_other_classes_is_refused_before_training(teacher_file, tmp_path, capsys):

@@ -107,7 +107,7 @@ def test_cli_refuses_a_plot_path_that_is_a_folder_before_any_trial(tiny_model, i
     assert "r.png is a folder" in capsys.readouterr().err
 
 
-def test_cli_refuses_data_of_other_classes(tiny_model, tmp_path, capsys):
+def test_cli_refuses_data_of_other_classes_before_any_image_is_decoded(tiny_model, tmp_path, capsys, no_decoding):
     ckpt = tmp_path / "fp.safetensors"
     save_model(tiny_model, ckpt)
     other = write_tree(tmp_path / "other", classes=("a", "b", "c"))

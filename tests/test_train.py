@@ -1053,6 +1053,28 @@ def tiny_file(path: Path, seed: int, **overrides) -> Path:
     return path
 
 
+def test_cli_refuses_data_of_other_classes_than_the_teachers_before_any_image_is_decoded(tmp_path, capsys,
+                                                                                         no_decoding):
+    teacher = tiny_file(tmp_path / "t.safetensors", seed=0)
+    other = write_tree(tmp_path / "other", splits=("train",), classes=("a", "b", "c"))
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(other), "--out", str(tmp_path / "run"),
+                      "--epochs", "1", "--batch-size", "4", "--teacher", str(teacher)]) == 2
+    assert "are not the teacher" in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_cli_refuses_a_val_folder_of_other_classes_before_any_of_its_images_is_decoded(tmp_path, capsys,
+                                                                                      monkeypatch):
+    tree = write_tree(tmp_path / "t", splits=("train",))
+    write_tree(tmp_path / "t", splits=("val",), classes=TINY.classes[:2])
+    import quant.data
+    decode = quant.data._decode
+    monkeypatch.setattr(quant.data, "_decode", lambda data, name, size: decode(data, name, size) if "/val/" not in name
+                        else pytest.fail(f"decoded {name}"))
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(tree), "--out", str(tmp_path / "run"),
+                      "--epochs", "1", "--batch-size", "4"]) == 2
+    assert "are not the train split's" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_teacher_of_another_image_size_naming_it(tmp_path, image_tree, capsys):
     teacher = tiny_file(tmp_path / "t64.safetensors", seed=0, img_size=64)
     assert run(main, ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
