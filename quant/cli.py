@@ -214,10 +214,23 @@ def file_to_write(path: str | os.PathLike) -> Path:
     return path
 
 
-def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Path:
-    """An output file's path, checked before any work is done: not a folder, named `*{suffix}`, and not one of
-    the command's `inputs` (a model it reads); its folder is made, and must take a new file."""
+def name_fits(path: str | os.PathLike, shorter: str = "give a shorter name") -> Path:
+    """`path`, if its file name fits the file-name limit; else one clear error saying how to give a `shorter` one
+    (for a name made from the user's, as `x.safetensors.confusion.png` from `x.safetensors`: the option naming it,
+    or a shorter name to make it from)."""
     path = Path(path)
+    size = len(os.fsencode(path.name))
+    if size > _NAME_MAX:
+        raise ValueError(f"{path}: a file name of {size} bytes, more than the {_NAME_MAX} a file system takes; "
+                         f"{shorter}")
+    return path
+
+
+def output_file(path: str | os.PathLike, suffix: str, inputs: tuple = ()) -> Path:
+    """An output file's path, checked before any work is done: not a folder, named `*{suffix}`, within the
+    file-name limit, and not one of the command's `inputs` (a model it reads); its folder is made, and must take a
+    new file."""
+    path = name_fits(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give a file name to write")
     if path.suffix.lower() != suffix:

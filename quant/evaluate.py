@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from quant.cli import (HelpFormatter, counted, output_file, positive_int, provenance, run, thread_count, write_json,
-                       write_png)
+from quant.cli import (HelpFormatter, counted, name_fits, output_file, positive_int, provenance, run, thread_count,
+                       write_json, write_png)
 from quant.data import ImageSet, class_names, load_split, to_model_input
 
 
@@ -171,6 +171,7 @@ def main(argv=None):
     confusion_png = args.confusion or (Path(args.out).with_suffix(".confusion.png") if args.out
                                        else Path(str(args.checkpoint) + ".confusion.png"))
     if not args.confusion:  # the default path too, before scoring (here, where the checkpoint's folder is known)
+        name_fits(confusion_png, f"give --confusion PATH, or a shorter {'--out' if args.out else 'checkpoint'} name")
         output_file(confusion_png, ".png", inputs=(args.checkpoint, args.out))
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit,
                       check=lambda s: s.scored_by(cfg))  # refused, if it must be, before it is decoded

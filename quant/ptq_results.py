@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import (HelpFormatter, finite_number, output_file, positive_int, provenance, results_file, run,
-                       run_folder, thread_count, utc_now, write_json)
+from quant.cli import (HelpFormatter, finite_number, name_fits, output_file, positive_int, provenance, results_file,
+                       run, run_folder, thread_count, utc_now, write_json)
 
 TABLE_KEYS = ("recipe", "top1", "drop", "bits_per_weight", "size_bytes", "quantize_s")
 DEFAULT_RECIPES = ("w8a8", "w4a8", "w4a8-gptq", "w4", "nf4", "w4-gptq", "w4a4", "w3", "w3-gptq", "w2", "w2-gptq")
@@ -96,6 +96,9 @@ def main(argv=None):
         if isinstance(recipe(name), QAT):
             raise ValueError(f"{name} is a quantization-aware training recipe: train it with python -m quant.qat")
     ckpt, out, models = Path(args.checkpoint), Path(args.out), Path(args.models)
+    for name in args.recipes:  # the quantized files' names, made from the checkpoint's: refused now, not after minutes
+        name_fits(models / f"{ckpt.stem}.{name}.safetensors", "give the checkpoint a shorter name (each quantized "
+                  "model is named after it and its recipe)")
     entries = load_results(out)
     cfg = load_model(ckpt).config
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit,

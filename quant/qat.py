@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.cli import (HelpFormatter, counted, file_sha256, mix_alpha, number_in, output_file, positive_int, provenance,
-                       random_seed, run, run_folder, run_lock, thread_count, write_json)
+from quant.cli import (HelpFormatter, counted, file_sha256, mix_alpha, name_fits, number_in, output_file, positive_int,
+                       provenance, random_seed, run, run_folder, run_lock, thread_count, write_json)
 from quant.data import SPLITS
 from quant.recipes import QAT, BitNet, QViT
 
@@ -287,7 +287,7 @@ def main(argv=None):
 
     args = _parser().parse_args(argv)
     output_file(args.out, ".safetensors", inputs=(args.teacher,))
-    run_dir = run_folder(args.run_dir or f"{args.out}.run")
+    run_dir = run_folder(args.run_dir or name_fits(f"{args.out}.run", "give --run-dir PATH, or a shorter --out name"))
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -316,6 +316,8 @@ def main(argv=None):
     if args.init and not isinstance(r, BitNet):  # a Q-ViT student's widths are fixed between its two stages
         raise ValueError(f"--init warm-restarts the BitNet recipes (w1.58a8, w1a8), not {args.recipe}")
     searches = isinstance(r, QViT) and r.learn_bits  # a bit-width search (qvit; lsq keeps its widths)
+    if isinstance(r, QViT):  # its bit allocation, written beside --out after training: refused now, not then
+        name_fits(f"{args.out}.bits.json", "give a shorter --out name (the bit allocation is written beside it)")
     # the Q-ViT options do nothing with the other recipes: refused like --init, not ignored
     if args.search_ratio is not None and not searches:
         raise ValueError(f"--search-ratio sets the qvit recipe's bit-width search; {args.recipe} searches none")

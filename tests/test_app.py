@@ -412,6 +412,15 @@ def test_a_model_file_given_as_the_models_folder_is_refused_as_a_file_not_as_mis
     assert str(e.value) == f"{fp_file} is a file; --assets takes the folder of models to compare with{advice}"
 
 
+def test_a_model_of_a_long_file_name_is_quantized_on_the_fly_into_a_cache_file_of_a_shorter_one(fp_file):
+    long = fp_file.with_name("m" * 240 + ".safetensors")  # 252 bytes: the limit is 255
+    fp_file.rename(long)
+    path = quantize_on_the_fly(long, "w8a8")
+    assert len(os.fsencode(path.name)) <= 255 and path.name.startswith("m" * 100)
+    assert quant.read_header(path)["storage"]["bits_per_weight"] > 8
+    assert quantize_on_the_fly(long, "w8a8") == path
+
+
 def test_a_model_quantized_on_the_fly_whose_write_fails_after_start_up_gets_the_reason_on_the_page(fp_file, tmp_path,
                                                                                                    monkeypatch):
     import errno

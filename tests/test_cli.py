@@ -381,6 +381,12 @@ def test_an_output_whose_name_leaves_no_room_for_a_temporarys_suffix_is_written(
     assert [f.name for f in tmp_path.iterdir()] == [path.name]
 
 
+def test_an_output_name_past_the_file_name_limit_is_refused_naming_its_length(tmp_path):
+    with pytest.raises(ValueError, match="a file name of 256 bytes, more than the 255 a file system takes; give a "
+                                         "shorter name"):
+        output_file(tmp_path / ("m" * 251 + ".json"), ".json")
+
+
 def test_a_file_name_that_leaves_the_room_asked_for_is_kept_as_it_is():
     assert quant.cli._fitted("m" * 245, 10) == "m" * 245
     assert quant.cli._fitted("m" * 246, 10) != "m" * 246

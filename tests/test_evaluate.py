@@ -75,6 +75,18 @@ def test_cli_on_one_thread_and_one_image_says_so_in_the_singular(checkpoint, ima
     assert " (1 thread)\n" in out and "test split: 1 image\n" in out
 
 
+def test_a_default_confusion_name_past_the_file_name_limit_is_refused_before_scoring_naming_the_option(
+        tiny_model, image_tree, tmp_path, capsys, monkeypatch):
+    from quant.cli import run
+    from quant.evaluate import main
+    from quant.models import save_model
+    checkpoint = tmp_path / ("m" * 232 + ".safetensors")  # 244 bytes, and 258 with .confusion.png
+    save_model(tiny_model, checkpoint)
+    monkeypatch.setattr("quant.evaluate.evaluate", lambda *a, **k: pytest.fail("scored before the refusal"))
+    assert run(main, ["--checkpoint", str(checkpoint), "--data", str(image_tree)]) == 2
+    assert "confusion.png: a file name of 258 bytes" in capsys.readouterr().err
+
+
 def test_cli_refuses_data_of_other_classes_before_any_image_is_decoded(checkpoint, tmp_path, capsys, no_decoding):
     from quant.cli import run
     from quant.evaluate import main

@@ -244,6 +244,18 @@ def test_results_table_refuses_a_file_holding_the_checkpoints_scores_on_another_
     assert len(json.loads(out.read_text())["results"]) == 1
 
 
+def test_results_table_refuses_a_checkpoint_whose_quantized_files_names_pass_the_limit_before_scoring(
+        tiny_model, image_tree, tmp_path, monkeypatch):
+    import quant.ptq_results
+    from quant.models import save_model
+    checkpoint = tmp_path / ("m" * 240 + ".safetensors")  # 252 bytes, and 257 as m...m.w8a8.safetensors
+    save_model(tiny_model, checkpoint)
+    monkeypatch.setattr(quant.ptq_results, "score", lambda *a: pytest.fail("scored before the refusal"))
+    with pytest.raises(ValueError, match="w8a8.safetensors: a file name of 257 bytes.*give the checkpoint a shorter"):
+        results_main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--out", str(tmp_path / "r.json"),
+                      "--models", str(tmp_path / "models"), "--recipes", "w8a8"])
+
+
 def test_results_table_refuses_data_of_other_classes_before_any_image_is_decoded(checkpoint, tmp_path, no_decoding):
     other = write_tree(tmp_path / "other", classes=("a", "b", "c"))
     with pytest.raises(ValueError, match="are not the model's"):

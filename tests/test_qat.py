@@ -296,6 +296,24 @@ def test_a_zero_temperature_is_an_argument_error(teacher_file, image_tar, tmp_pa
     assert "--temperature: expected a number > 0" in capsys.readouterr().err
 
 
+def test_an_out_name_leaving_no_room_for_the_bit_allocation_beside_it_is_refused_before_training(
+        teacher_file, image_tar, tmp_path, capsys):
+    out = tmp_path / ("m" * 234 + ".safetensors")  # 246 bytes, and 256 with .bits.json
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--data", str(image_tar),
+                      "--out", str(out), "--epochs", "1", "--batch-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert ".bits.json: a file name of 256 bytes" in err and "give a shorter --out name" in err
+    assert not any(tmp_path.glob("*.run"))
+
+
+def test_an_out_name_leaving_no_room_for_the_default_run_folder_is_refused_naming_run_dir(teacher_file, image_tar,
+                                                                                          tmp_path, capsys):
+    out = tmp_path / ("m" * 240 + ".safetensors")  # 252 bytes, and 256 with .run
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", "w1a8", "--data", str(image_tar),
+                      "--out", str(out)]) == 2
+    assert "give --run-dir PATH" in capsys.readouterr().err
+
+
 def test_a_zero_time_limit_is_an_argument_error_not_a_run_that_trains_nothing(teacher_file, image_tar, tmp_path,
                                                                                capsys):
     with pytest.raises(SystemExit):
