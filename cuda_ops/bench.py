@@ -445,8 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="baseline and activation dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--quick", action="store_true", help="shorter CPU timings and, on a CPU, no ceilings (smoke tests)")
-    p.add_argument("--time-limit", default=math.inf,  # "inf", the default, too: no limit
-                   type=lambda text: math.inf if text.strip().lower() in ("inf", "infinity") else number_in(0)(text),
+    p.add_argument("--time-limit", default=math.inf,  # "inf", the default, too: no limit; 0 would measure nothing
+                   type=lambda text: (math.inf if text.strip().lower() in ("inf", "infinity")
+                                      else number_in(0, lo_open=True)(text)),
                    help="seconds: stop adding rows after this long, the per-op part after 60%% of it so the "
                         "end-to-end part gets its share (the JSON lists what was skipped; default: inf, no limit)")
     p.add_argument("--out", type=Path, help="write the results JSON here")

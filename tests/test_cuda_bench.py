@@ -396,6 +396,12 @@ def test_a_time_limit_of_inf_the_default_is_accepted_as_no_limit(stubbed_main):
     assert stubbed_main["ops_deadline"] == stubbed_main["models_deadline"] == float("inf")
 
 
+def test_a_zero_time_limit_is_an_argument_error_not_a_bench_that_measures_nothing(stubbed_main, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--time-limit", "0"])
+    assert "--time-limit: expected a number > 0" in capsys.readouterr().err
+
+
 def test_a_quick_cuda_run_still_measures_its_ceilings(stubbed_main, tmp_path, monkeypatch):
     import sys
     from types import SimpleNamespace
