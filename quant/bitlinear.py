@@ -82,8 +82,8 @@ class BitLinear(nn.Linear):
         if self.input_norm is not None:
             norm = nn.LayerNorm(self.in_features, eps=self.input_norm.eps)
             norm.load_state_dict(self.input_norm.state_dict())
-        return QuantLinear.from_codes(q.codes, q.scales, None, self.bias, self.weight_format,
-                                      act_format="int8_token", input_norm=norm).to(self.weight.device)
+        return QuantLinear.from_codes(q.codes, q.scales, None, self.bias, self.weight_format,  # in the model's
+                                      act_format="int8_token", input_norm=norm).to(self.weight)  # dtype too
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_format={self.weight_format}, input_norm={self.input_norm is not None}"

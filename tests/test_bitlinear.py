@@ -70,6 +70,18 @@ def test_a_frozen_and_reloaded_model_gives_its_training_forms_logits_bit_for_bit
         assert torch.equal(quant.load_quantized(tmp_path / "m.safetensors")(x), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_student_cast_to_half_precision_freezes_into_layers_of_its_dtype(tiny_model, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16, dtype=dtype)
+    model = prepare(tiny_model, "ternary").to(dtype).eval()
+    with torch.no_grad():
+        want = model(x)
+        freeze(model)
+        assert {p.dtype for p in model.parameters()} == {dtype}
+        assert torch.equal(model(x), want)
+
+
 @pytest.mark.parametrize("fmt", ["binary", "ternary"])
 def test_input_gradient_is_the_straight_through_estimators(fmt):
     m = layer(fmt, norm=False)
