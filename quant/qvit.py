@@ -45,7 +45,7 @@ from quant.lsq import LearnedQuantizer, levels
 from quant.models import Attention, Mlp, forward_with_hooks, linear_from
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
-from quant.quantizers import UniformQuantizer
+from quant.quantizers import UniformQuantizer, widen
 
 BIT_RANGE = (2, 8)
 HEAD_SLOTS = {"q_quant": True, "k_quant": True, "v_quant": True, "attn_quant": False, "out_quant": True}  # signed?
@@ -82,14 +82,15 @@ class LSQLinear(nn.Linear):
         b = wq.int_bits()[0]
         s = wq.scale.view(wq.groups, -1)[:, b - wq.b_min].abs() + 1e-8          # (O,)
         qn, qp = 2 ** (b - 1), 2 ** (b - 1) - 1
-        codes = (torch.clamp(torch.round(self.weight / s[:, None]), -qn, qp) + qn).to(torch.uint8)
+        # divided in float32 at least, as the training forward divides a half model's weights
+        codes = (torch.clamp(torch.round(widen(self.weight) / s[:, None]), -qn, qp) + qn).to(torch.uint8)
         act_format = "none"
         if self.input_quant is not None:
             act_format = f"uint{self.input_quant.int_bits()[0]}_tensor"
-        layer = QuantLinear.from_codes(codes, s[:, None].float(), None, self.bias, f"int{b}", act_format=act_format)
+        layer = QuantLinear.from_codes(codes, s[:, None], None, self.bias, f"int{b}", act_format=act_format)
         if self.input_quant is not None:
             _to_uniform(self.input_quant, layer.act_quant)
-        return layer.to(self.weight.device)
+        return layer.to(self.weight)  # the model's device and dtype
 
 
 @torch.no_grad()

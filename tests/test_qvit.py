@@ -150,6 +150,19 @@ def test_a_frozen_lsq_layer_holds_exactly_the_weights_it_trained_with():
     assert torch.equal(layer.weight_quant(layer.weight), layer.freeze().dequantized_weight())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_layer_cast_to_half_precision_freezes_into_a_layer_of_its_dtype(dtype):
+    torch.manual_seed(0)
+    layer = qvit.LSQLinear(128, 64, bits=(2, 8), init_bits=3)
+    with LearnedQuantizer.calibrating(layer):
+        layer(torch.randn(4, 128))
+    layer.to(dtype)
+    x = torch.randn(4, 128, dtype=dtype)
+    with torch.no_grad():
+        frozen = layer.freeze()
+        assert frozen.bias.dtype == dtype and torch.equal(frozen(x), layer(x))
+
+
 def test_prepare_keeps_the_weights_and_biases_of_the_layers_it_replaces(tiny_model):
     with torch.no_grad():
         for p in tiny_model.parameters():
