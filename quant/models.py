@@ -330,6 +330,7 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, metadata: dict
                          "it was made from, with quant.save_quantized")
     if any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError("the model holds quantized layers: write it with quant.save_quantized (packed codes)")
+    refuse_meta(model, "saving it")
     state = {k: (v.float() if v.is_floating_point() else v)
              for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     write_safetensors(state, path, {**(metadata or {}), "format": FORMAT, "config": model.config.to_json()})
@@ -631,6 +632,14 @@ def fp_parameters(cfg: ViTConfig) -> int:
     the meta device, so nothing is allocated."""
     with torch.device("meta"):
         return count_parameters(VisionTransformer(cfg))
+
+
+def refuse_meta(model: nn.Module, before: str) -> None:
+    """One error for a model with a tensor on the meta device, which holds no values (`model.to("meta")`, a
+    skeleton built under `torch.device("meta")`): nothing to write, export or quantize `before` its weights load."""
+    name = next((n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta), None)
+    if name is not None:
+        raise ValueError(f"the model's {name} is on the meta device, without values: load its weights before {before}")
 
 
 def linear_from(cls: type[nn.Linear], linear: nn.Linear, *args, **kwargs) -> nn.Linear:

@@ -40,8 +40,8 @@ import torch.nn as nn
 from quant.cli import finite_number
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import (ViTConfig, VisionTransformer, check_depth, is_torch_file, load_model, load_state_dict,
-                          meta_skeleton, path_text, read_safetensors, read_safetensors_metadata, refuse_newer,
-                          unchanged_on_error, write_safetensors)
+                          meta_skeleton, path_text, read_safetensors, read_safetensors_metadata, refuse_meta,
+                          refuse_newer, unchanged_on_error, write_safetensors)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear, is_qat_layer, runs_on_kernels
@@ -124,6 +124,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no QuantLinear layers: quantize it first (quant.quantize)")
+    refuse_meta(model, "saving it")
     tensors: dict[str, torch.Tensor] = {}
     header_layers = {name: _store_layer(name, layer, tensors) for name, layer in layers.items()}
     linear_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items())

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from quant.models import unchanged_on_error
+from quant.models import refuse_meta, unchanged_on_error
 from quant.qlinear import QuantLinear, is_quantized_layer, runs_on_kernels
 from quant.quantizers import WEIGHT_FORMATS, is_uniform_format
 
@@ -345,10 +345,8 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
     bad = next((n for n, p in model.named_parameters() if not p.is_meta and not torch.isfinite(p).all()), None)
     if bad is not None:
         raise ValueError(f"the model's {bad} holds NaN or infinite values: nothing to quantize")
-    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
-    if meta is not None and not isinstance(r, QAT):   # QAT recipes only swap layers: a meta skeleton is fine
-        raise ValueError(f"the model's {meta} is on the meta device, without values: load its weights before "
-                         f"post-training quantization")
+    if not isinstance(r, QAT):   # QAT recipes only swap layers: a meta skeleton is fine
+        refuse_meta(model, "post-training quantization")
     if any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError("the model is already quantized: quantize its full-precision original")
     if runs_on_kernels(model):

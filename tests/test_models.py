@@ -345,6 +345,12 @@ def test_save_model_refuses_a_quantized_model_pointing_to_save_quantized(tiny_mo
         save_model(quant.quantize(tiny_model, "w8a8"), tmp_path / "m.safetensors")
 
 
+def test_save_model_refuses_a_model_on_the_meta_device_naming_a_tensor_without_values(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="cls_token is on the meta device, without values"):
+        save_model(tiny_model.to("meta"), tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_save_model_refuses_something_other_than_a_path_as_a_path(tiny_model):
     with pytest.raises(ValueError, match="expected a file path, got NoneType"):
         save_model(tiny_model, None)

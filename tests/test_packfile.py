@@ -380,6 +380,13 @@ def test_saving_an_unquantized_model_is_refused(tmp_path, tiny_model):
         quant.save_quantized(tiny_model, tmp_path / "x.safetensors")
 
 
+def test_a_model_moved_to_the_meta_device_is_refused_rather_than_crashing_midway(tmp_path, tiny_model):
+    model = quant.quantize(tiny_model, "w8a8").to("meta")
+    with pytest.raises(ValueError, match="is on the meta device, without values: load its weights before saving"):
+        quant.save_quantized(model, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 @pytest.mark.parametrize("frozen", [False, True])
 def test_a_model_still_holding_training_time_layers_is_refused_naming_freeze(tmp_path, tiny_model, frozen):
     """Not 'quantize it first' for a model in QAT; and one layer frozen by hand no longer writes a file that
