@@ -39,7 +39,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from quant.cli import file_to_write, written_whole
-from quant.models import Attention, VisionTransformer
+from quant.models import Attention, VisionTransformer, refuse_meta
 from quant.pack import pack_codes
 from quant.qlinear import QuantLinear, is_qat_layer, runs_on_kernels, weight_count
 
@@ -340,6 +340,7 @@ def _check_exportable(model: VisionTransformer, fmt: str) -> None:
         raise ValueError("the model runs on bitvit's kernels (cuda_ops.to_kernels): export the QuantLinear model "
                          "it was made from")
     _refuse_qat_layers(model)
+    refuse_meta(model, "exporting it")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("export the float32 model (format fp16 stores its float weights at half precision)")
     if quantized and fmt != model_format(model):

@@ -202,6 +202,14 @@ def test_the_graph_builder_refuses_a_format_the_model_is_not_in(tiny_model):
         to_onnx(quantize_for_export(tiny_model, "w8a8"), "fp16")
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "w8a8"])
+def test_a_model_on_the_meta_device_is_refused_rather_than_crashing_midway(tiny_model, tmp_path, fmt):
+    model = (quantize_for_export(tiny_model, fmt) if fmt != "fp32" else tiny_model).to("meta")
+    with pytest.raises(ValueError, match="is on the meta device, without values: load its weights before exporting"):
+        export(model, tmp_path / "m.onnx", fmt)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_exporting_leaves_a_model_in_training_mode_as_it_was(tiny_model, tmp_path):
     tiny_model.train()
     export(tiny_model, tmp_path / "m.onnx")
