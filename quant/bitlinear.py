@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant.models import forward_with_hooks, linear_from
+from quant.models import forward_with_hooks, linear_from, refuse_meta
 from quant.qlinear import QuantLinear
 from quant.quantizers import dequantize, quantize_int8_token, quantize_weight, ste
 
@@ -119,6 +119,7 @@ def init_input_norms(model: nn.Module, x: torch.Tensor) -> None:
 
 def freeze(model: nn.Module) -> nn.Module:
     """Replace every BitLinear of `model` by its packed QuantLinear (in place)."""
+    refuse_meta(model, "freezing it")
     for name in [n for n, m in model.named_modules() if isinstance(m, BitLinear)]:
         model.set_submodule(name, model.get_submodule(name).freeze())
     return model

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from quant.cli import finite_number, write_json, write_png
 from quant.lsq import LearnedQuantizer, levels
-from quant.models import Attention, Mlp, forward_with_hooks, linear_from
+from quant.models import Attention, Mlp, forward_with_hooks, linear_from, refuse_meta
 from quant.qattention import QuantAttention
 from quant.qlinear import QuantLinear
 from quant.quantizers import UniformQuantizer, widen
@@ -378,6 +378,7 @@ def plot_allocation(alloc: dict, path: str | os.PathLike, title: str = "Q-ViT bi
 def freeze(model: nn.Module) -> nn.Module:
     """Replace LSQLinear layers by packed QuantLinear layers and learned attention quantizers by
     `UniformQuantizer`s of the same widths, step sizes and zero points (in place)."""
+    refuse_meta(model, "freezing it")
     if missing := [n for n, q in quantizers(model).items() if not bool(q.initialized)]:  # step sizes still 1.0
         raise ValueError(f"quantizer {missing[0]} was never calibrated: run qvit.calibrate(model, x) on a batch of "
                          f"inputs before training and freezing")

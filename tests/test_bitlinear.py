@@ -82,6 +82,12 @@ def test_a_student_cast_to_half_precision_freezes_into_layers_of_its_dtype(tiny_
         assert torch.equal(model(x), want)
 
 
+def test_freezing_a_student_on_the_meta_device_is_refused_naming_a_tensor_without_values(tiny_model):
+    model = prepare(tiny_model, "ternary").to("meta")
+    with pytest.raises(ValueError, match="is on the meta device, without values: load its weights before freezing"):
+        freeze(model)
+
+
 @pytest.mark.parametrize("fmt", ["binary", "ternary"])
 def test_input_gradient_is_the_straight_through_estimators(fmt):
     m = layer(fmt, norm=False)

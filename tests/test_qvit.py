@@ -163,6 +163,12 @@ def test_a_layer_cast_to_half_precision_freezes_into_a_layer_of_its_dtype(dtype)
         assert frozen.bias.dtype == dtype and torch.equal(frozen(x), layer(x))
 
 
+def test_freezing_a_model_on_the_meta_device_is_refused_naming_a_tensor_without_values(tiny_model):
+    model = qvit.prepare(tiny_model, budget_bits=4).to("meta")
+    with pytest.raises(ValueError, match="is on the meta device, without values: load its weights before freezing"):
+        qvit.freeze(model)
+
+
 def test_prepare_keeps_the_weights_and_biases_of_the_layers_it_replaces(tiny_model):
     with torch.no_grad():
         for p in tiny_model.parameters():
