@@ -136,6 +136,11 @@ class QuantLinear(nn.Module):
                            tuple(None if t is None else t.detach() for t in tensors))
         return self._cache[2]
 
+    def __getstate__(self):
+        # pickled, deep-copied or torch.save'd without the unpacked float32 weight (4 to 32 times the packed bytes),
+        # which the copy would not reuse anyway: its buffers are other tensors
+        return {**super().__getstate__(), "_cache": None}
+
     # -- the reference computation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

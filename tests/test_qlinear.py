@@ -1,5 +1,7 @@
 """QuantLinear and QuantAttention: the contract's buffers, code meanings and reference computation."""
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -264,6 +266,16 @@ def test_head_wise_quantizer_uses_each_heads_own_range():
     qa.q_quant.set_range(torch.zeros(1, 4, 1, 1), torch.tensor([3.0, 6.0, 9.0, 12.0]).view(1, 4, 1, 1))
     out = qa.q_quant(torch.full((1, 4, 1, 1), 100.0))
     assert out.flatten().tolist() == [3.0, 6.0, 9.0, 12.0]
+
+
+@pytest.mark.parametrize("copy_of", ["pickle", "deepcopy"])
+def test_a_copied_layer_leaves_its_unpacked_weight_behind_and_computes_the_same(copy_of):
+    layer = QuantLinear.from_linear(nn.Linear(64, 32), "int4", 32, True)
+    x = torch.randn(2, 64)
+    y = layer(x)                                            # unpacks and caches the float32 weight
+    copied = pickle.loads(pickle.dumps(layer)) if copy_of == "pickle" else copy.deepcopy(layer)
+    assert copied._cache is None and len(pickle.dumps(layer)) < 64 * 32 * 4
+    assert torch.equal(copied(x), y)
 
 
 def test_a_weight_cached_under_inference_mode_still_serves_autograd():
