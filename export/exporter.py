@@ -322,6 +322,7 @@ def quantize_for_export(model: VisionTransformer, fmt: str) -> VisionTransformer
     _refuse_qat_layers(model)
     if fmt in ("fp32", "fp16"):
         return model
+    refuse_meta(model, "quantizing it")
     model = copy.deepcopy(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -210,6 +210,11 @@ def test_a_model_on_the_meta_device_is_refused_rather_than_crashing_midway(tiny_
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_rounding_a_model_on_the_meta_device_for_export_is_refused_naming_a_tensor_without_values(tiny_model):
+    with pytest.raises(ValueError, match="is on the meta device, without values: load its weights before quantizing"):
+        quantize_for_export(tiny_model.to("meta"), "w8a8")
+
+
 def test_exporting_leaves_a_model_in_training_mode_as_it_was(tiny_model, tmp_path):
     tiny_model.train()
     export(tiny_model, tmp_path / "m.onnx")
