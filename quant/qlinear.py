@@ -130,11 +130,12 @@ class QuantLinear(nn.Module):
         c = self._cache  # unpacking is slow: reuse the weight until a buffer is replaced or changed in place
         if (c is None or c[1] != state or any(a is not b for a, b in zip(c[0], tensors))
                 or c[2].is_inference() and not torch.is_inference_mode_enabled()):  # unusable by autograd
-            # aliases hold the storages, so that the address of one replaced meanwhile cannot come back
-            self._cache = (tensors, state, dequantize(self.codes(), self.scales, self.zeros, self.weight_format,
-                                                      self.group_size),
-                           tuple(None if t is None else t.detach() for t in tensors))
-        return self._cache[2]
+            # aliases hold the storages, so that the address of one replaced meanwhile cannot come back; this call
+            # returns its own weight (another thread's, stored meanwhile, may be an inference tensor)
+            c = self._cache = (tensors, state, dequantize(self.codes(), self.scales, self.zeros, self.weight_format,
+                                                          self.group_size),
+                               tuple(None if t is None else t.detach() for t in tensors))
+        return c[2]
 
     def __getstate__(self):
         # pickled, deep-copied or torch.save'd without the unpacked float32 weight (4 to 32 times the packed bytes),

@@ -287,6 +287,24 @@ def test_a_weight_cached_under_inference_mode_still_serves_autograd():
     assert x.grad is not None
 
 
+def test_a_weight_another_thread_caches_meanwhile_under_inference_mode_does_not_reach_this_calls_autograd():
+    """Two threads' first calls, one under torch.inference_mode: its weight, stored just after this call's, was
+    what this call returned (an inference tensor, which autograd refuses to save)."""
+    class Raced(QuantLinear):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name == "_cache" and value is not None and not torch.is_inference_mode_enabled():
+                with torch.inference_mode():   # the other thread's call, storing its weight right after
+                    other = (value[0], value[1], value[2].clone(), value[3])
+                super().__setattr__(name, other)
+
+    torch.manual_seed(0)
+    layer = Raced(16, 8, "int4", 8)
+    x = torch.randn(2, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+
+
 def test_a_layer_built_under_inference_mode_runs_there_and_follows_in_place_changes():
     with torch.inference_mode():  # as quant.load_any or quant.quantize inside it build one
         layer = QuantLinear.from_linear(nn.Linear(16, 8), "int4", 8, True)
