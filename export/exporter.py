@@ -41,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quant.cli import file_to_write, written_whole
 from quant.models import Attention, VisionTransformer, refuse_meta
 from quant.pack import pack_codes
-from quant.qlinear import QuantLinear, is_qat_layer, runs_on_kernels, weight_count
+from quant.qlinear import KERNELS_IN_PLACE, QuantLinear, is_qat_layer, runs_on_kernels, weight_count
 
 from .ortops import DOMAIN, DOMAIN_VERSION
 
@@ -338,8 +338,8 @@ def _check_exportable(model: VisionTransformer, fmt: str) -> None:
     if fmt not in FORMATS and not (quantized and fmt == model_format(model)):
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if runs_on_kernels(model):  # (its KernelLinear layers are no format the exporter knows)
-        raise ValueError("the model runs on bitvit's kernels (cuda_ops.to_kernels): export the QuantLinear model "
-                         "it was made from")
+        raise ValueError(f"the model runs on bitvit's kernels (cuda_ops.to_kernels): export the QuantLinear model "
+                         f"it was made from ({KERNELS_IN_PLACE})")
     _refuse_qat_layers(model)
     refuse_meta(model, "exporting it")
     if any(p.dtype != torch.float32 for p in model.parameters()):

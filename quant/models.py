@@ -324,10 +324,10 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, metadata: dict
     model holding NaN or infinite values (a diverged run) is refused, as loading would refuse it."""
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"save_model writes bitvit's VisionTransformer, got {type(model).__name__}")
-    from quant.qlinear import is_quantized_layer, runs_on_kernels
+    from quant.qlinear import KERNELS_IN_PLACE, is_quantized_layer, runs_on_kernels
     if runs_on_kernels(model):  # its packed layers would be written as a full-precision model's tensors
-        raise ValueError("the model runs on bitvit's kernels (cuda_ops.to_kernels): save the QuantLinear model "
-                         "it was made from, with quant.save_quantized")
+        raise ValueError(f"the model runs on bitvit's kernels (cuda_ops.to_kernels): save the QuantLinear model "
+                         f"it was made from, with quant.save_quantized ({KERNELS_IN_PLACE})")
     if any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError("the model holds quantized layers: write it with quant.save_quantized (packed codes)")
     refuse_meta(model, "saving it")

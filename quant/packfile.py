@@ -44,7 +44,7 @@ from quant.models import (ViTConfig, VisionTransformer, check_depth, is_torch_fi
                           refuse_newer, unchanged_on_error, write_safetensors)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
-from quant.qlinear import QuantLinear, is_qat_layer, runs_on_kernels
+from quant.qlinear import KERNELS_IN_PLACE, QuantLinear, is_qat_layer, runs_on_kernels
 from quant.quantizers import WEIGHT_FORMATS, DoubleQuantized, Log2Quantizer, double_dequantize, max_code, num_groups
 
 FORMAT = "bitvit-quant/2"  # /1 (before 2026-12-03) had the same layout, its checksum covering the tensors only
@@ -116,8 +116,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, float16: bool = Fa
         # _orig_mod.*, and the config it passes on from the ViT would rebuild a model without that prefix
         raise ValueError("the model is torch.compile'd: save the model it compiled, model._orig_mod")
     if runs_on_kernels(model):  # its kernel layers' tensors would be written as unquantized ones
-        raise ValueError("the model runs on bitvit's kernels (cuda_ops.to_kernels): save the QuantLinear model "
-                         "it was made from")
+        raise ValueError(f"the model runs on bitvit's kernels (cuda_ops.to_kernels): save the QuantLinear model "
+                         f"it was made from ({KERNELS_IN_PLACE})")
     if any(is_qat_layer(m) for m in model.modules()):  # their latent weights would be written as unexpected tensors
         raise ValueError("the model holds quantization-aware training layers: freeze them first "
                          "(quant.bitlinear.freeze or quant.qvit.freeze), then save the packed model")

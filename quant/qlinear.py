@@ -201,6 +201,10 @@ def is_quantized_layer(m: nn.Module) -> bool:
     return isinstance(m, QuantLinear) or is_qat_layer(m)
 
 
+# what the refusals of a model on the kernels add: the model it was made from is gone
+KERNELS_IN_PLACE = "to_kernels swaps layers in place: load its file again, or give to_kernels a copy.deepcopy(model)"
+
+
 def runs_on_kernels(model: nn.Module) -> bool:
     """Whether `cuda_ops.to_kernels` put layers of `model` on the bitvit ops (cuda_ops.modules.KernelLinear:
     no QuantLinear any more, and no layer quant's recipes or files know). None exists before cuda_ops is

@@ -283,6 +283,17 @@ def test_a_model_partly_on_the_kernels_is_not_saved_as_a_quantized_file_that_can
     assert not (tmp_path / "m.safetensors").exists()
 
 
+@pytest.mark.parametrize("write", ["save_quantized", "save_model", "export"])
+def test_a_model_on_the_kernels_is_refused_saying_that_to_kernels_changed_it_in_place(tmp_path, write):
+    """The refusal asks for the QuantLinear model it was made from, which the in-place swap consumed."""
+    from export.exporter import export
+    model = to_kernels(quantized_tiny("w8a8"))
+    call = {"save_quantized": quant.save_quantized, "save_model": save_model,
+            "export": lambda m, p: export(m, p, "w8a8")}[write]
+    with pytest.raises(ValueError, match=r"swaps layers in place: load its file again, or give to_kernels a copy"):
+        call(model, tmp_path / "m.out")
+
+
 def test_a_model_on_the_kernels_is_not_saved_as_a_full_precision_file(tmp_path):
     model = to_kernels(quantized_tiny("w8a8"))
     with pytest.raises(ValueError, match="runs on bitvit's kernels .*save the QuantLinear model it was made from"):
