@@ -348,10 +348,12 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
     if not isinstance(r, QAT):   # QAT recipes only swap layers: a meta skeleton is fine
         refuse_meta(model, "post-training quantization")
     if any(is_quantized_layer(m) for m in model.modules()):
-        raise ValueError("the model is already quantized: quantize its full-precision original")
+        raise ValueError("the model is already quantized: quantize its full-precision original (quantize changes "
+                         "the model it is given in place: load it again, or quantize a copy.deepcopy(model))")
     if runs_on_kernels(model):
         raise ValueError("the model is already quantized, on bitvit's kernels (cuda_ops.to_kernels): quantize "
-                         "its full-precision original")
+                         "its full-precision original (quantize changes the model it is given in place: load it "
+                         "again, or quantize a copy.deepcopy(model))")
     first: dict[nn.Module, str] = {}   # a layer reached under two names would be swapped under the first only
     for name, m in model.named_modules(remove_duplicate=False):
         if type(m) is nn.Linear and first.setdefault(m, name) != name:

@@ -387,6 +387,14 @@ def test_an_already_quantized_model_is_refused(tiny_model):
         quant.quantize(quantized, "w4")
 
 
+def test_quantizing_a_model_again_with_another_recipe_is_refused_saying_the_first_call_changed_it_in_place(
+        tiny_model):
+    quant.quantize(tiny_model, "w8a8")       # the notebook's first try, result unassigned
+    with pytest.raises(ValueError, match=r"changes the model it is given in place: load it again, or quantize a "
+                                         r"copy\.deepcopy\(model\)"):
+        quant.quantize(tiny_model, "w4")
+
+
 def test_a_model_holding_multihead_attention_is_not_taken_for_a_quantized_one():
     """nn.MultiheadAttention's out_proj is an nn.Linear subclass, not a QAT layer: the plain linears are quantized."""
     class WithAttention(nn.Module):
