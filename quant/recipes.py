@@ -333,6 +333,10 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
     if not isinstance(model, nn.Module):
         raise ValueError(f"quantize takes a model (nn.Module), got {type(model).__name__}; load a file first "
                          f"(quant.models.load_model)")
+    if type(model) is nn.Linear:  # else torch's "Cannot set the submodule without a target name!"
+        raise ValueError("quantize replaces the linear layers inside a model and cannot replace the model itself: "
+                         "give a model holding the layer (nn.Sequential(layer)), or quantize one layer with "
+                         "quant.qlinear.QuantLinear.from_linear(layer, weight_format)")
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes - {torch.float32}:
         raise ValueError(f"quantize a float32 model (this one holds {sorted(map(str, dtypes))}); cast the "

@@ -339,9 +339,11 @@ def test_w4a4_refuses_a_model_without_vit_blocks():
 
 @pytest.mark.parametrize("model, recipe, message", [
     ("model.safetensors", "w4", "quantize takes a model"), (None, "w4", "quantize takes a model"),
-    ("half", "w4", "quantize a float32 model"), ("tiny", quant.recipes.RTN, "not a recipe")])
+    ("half", "w4", "quantize a float32 model"), ("tiny", quant.recipes.RTN, "not a recipe"),
+    ("linear", "w4", r"cannot replace the model itself: give a model holding the layer \(nn.Sequential"),
+    ("linear", "w1.58a8", "cannot replace the model itself")])
 def test_quantize_refuses_what_it_cannot_quantize_saying_what_to_give(tiny_model, model, recipe, message):
-    model = {"tiny": tiny_model, "half": tiny_model.half()}.get(model, model)
+    model = {"tiny": tiny_model, "half": tiny_model.half(), "linear": torch.nn.Linear(8, 4)}.get(model, model)
     with pytest.raises(ValueError, match=message):
         quant.quantize(model, recipe)
 
