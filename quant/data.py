@@ -87,9 +87,10 @@ class ImageSet:
     def require_classes(self, cfg, whose: str = "the model's") -> "ImageSet":
         """This set, if its classes are those of the model config `cfg` (in order; by number where the model
         names none, as an ImageNet config does); else one clear error. A set without class names (an
-        in-memory one) is taken as it is. The model's names are matched composed (NFC), as the data's are read (one
-        trained before on a Mac's decomposed tree)."""
-        if self.classes and cfg.classes and tuple(self.classes) != tuple(composed_name(c) for c in cfg.classes):
+        in-memory one) is taken as it is. Names are matched composed (NFC), as the data's are read (a model
+        trained before on a Mac's decomposed tree; a set `scored_by` labelled with its names as they are)."""
+        named = tuple(map(composed_name, cfg.classes))
+        if self.classes and named and tuple(map(composed_name, self.classes)) != named:
             raise ValueError(f"the data's classes {list(self.classes)} are not {whose} {list(cfg.classes)}")
         if self.classes and len(self.classes) != cfg.num_classes:
             raise ValueError(f"the data's {len(self.classes)} classes are not {whose} {cfg.num_classes}")

@@ -127,6 +127,16 @@ def test_a_model_trained_on_a_decomposed_tree_before_names_were_composed_still_s
     assert got.classes == cfg.classes and got.labels.tolist() == [0, 2, 1]   # café, zoo, été: the model's 0, 2, 1
 
 
+def test_a_set_scored_by_a_model_of_decomposed_class_names_is_scored_by_it_again_unchanged(tmp_path):
+    import unicodedata  # (quant.evaluate scores the split that load_split's check scored already)
+    decomposed = [unicodedata.normalize("NFD", c) for c in ("café", "zoo", "été")]
+    cfg = dataclasses.replace(TINY, classes=tuple(sorted(decomposed)))
+    tree = write_tree(tmp_path / "t", splits=("test",), per_class=1, classes=decomposed)
+    once = load_split(tree, "test", image_size=16, progress=False).scored_by(cfg)
+    twice = once.scored_by(cfg)
+    assert twice.classes == once.classes and twice.labels.tolist() == once.labels.tolist() == [0, 2, 1]
+
+
 def test_a_teacher_trained_on_a_decomposed_tree_before_names_were_composed_still_names_its_classes(tmp_path):
     import unicodedata
     decomposed = [unicodedata.normalize("NFD", c) for c in ("café", "dog", "été")]   # sorted alike, either form
