@@ -96,9 +96,12 @@ def main(argv=None):
         if isinstance(recipe(name), QAT):
             raise ValueError(f"{name} is a quantization-aware training recipe: train it with python -m quant.qat")
     ckpt, out, models = Path(args.checkpoint), Path(args.out), Path(args.models)
+
+    def quantized_file(name: str) -> Path:
+        return models / f"{ckpt.stem}.{name}.safetensors"
     for name in args.recipes:  # the quantized files' names, made from the checkpoint's: refused now, not after minutes
-        name_fits(models / f"{ckpt.stem}.{name}.safetensors", "give the checkpoint a shorter name (each quantized "
-                  "model is named after it and its recipe)")
+        name_fits(quantized_file(name), "give the checkpoint a shorter name (each quantized model is named after it "
+                  "and its recipe)")
     entries = load_results(out)
     cfg = load_model(ckpt).config
     data = load_split(args.data, args.split, image_size=cfg.img_size, limit=args.limit,
@@ -133,7 +136,7 @@ def main(argv=None):
     print(f"fp32: top1={fp['top1']:.4f}")
     for name in args.recipes:
         r = recipe(name)
-        path = models / f"{ckpt.stem}.{name}.safetensors"
+        path = quantized_file(name)
         model = load_model(ckpt)
         t0 = time.perf_counter()
         quantize(model, r, calib=calib)
