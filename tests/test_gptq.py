@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from quant import quantizers
 from quant.gptq import capture, execution_order, gptq_model, gptq_weight, hessian
 from quant.qlinear import QuantLinear
 from quant.quantizers import num_groups, quantize_uniform, uniform_dequantize, uniform_params
@@ -201,6 +202,13 @@ def test_gptq_weighs_a_layer_called_twice_by_the_inputs_of_both_calls():
     want = gptq_weight(model.fc.weight, hessian(both), 4, 8)
     gptq_model(model, x, lambda name, layer: {"weight_format": "int4", "group_size": 8}, progress=False)
     assert torch.equal(model.fc.codes(), want.codes)
+
+
+def test_gptq_model_refuses_a_format_named_like_intb_that_is_no_uniform_grid(monkeypatch):
+    monkeypatch.setitem(quantizers.WEIGHT_FORMATS, "int2s", 2)  # a new format: "int" in its name only
+    with pytest.raises(ValueError, match=r"GPTQ makes uniform integer codes \(intB\), not 'int2s'"):
+        gptq_model(nn.Sequential(nn.Linear(8, 4)), torch.randn(16, 8), lambda name, layer: {"weight_format": "int2s"},
+                   progress=False)
 
 
 def test_capturing_a_module_the_forward_pass_never_runs_is_refused():

@@ -417,6 +417,12 @@ def test_gptq_refuses_a_layer_format_it_cannot_solve_for_before_touching_the_mod
         quant.recipe("w4-gptq", layer_formats=(("2", "nf4"),))
 
 
+def test_gptq_refuses_a_layer_format_named_like_intb_that_is_no_uniform_grid(monkeypatch):
+    monkeypatch.setitem(quant.quantizers.WEIGHT_FORMATS, "int2s", 2)  # a new format: "int" in its name only
+    with pytest.raises(ValueError, match="layer_formats must be int2..int8, got 'int2s'"):
+        quant.recipe("w4-gptq", layer_formats=(("2", "int2s"),))
+
+
 def test_a_layer_formats_pattern_that_matches_no_layer_is_refused_naming_it(tiny_model):
     typo = quant.recipe("w4", layer_formats=(("head", "int8"), ("blocks.*.mlp.fc3", "int8")))
     with pytest.raises(ValueError, match=r"pattern 'blocks\.\*\.mlp\.fc3' matches no linear layer"):

@@ -163,6 +163,13 @@ def test_a_layer_formats_pattern_giving_a_block_layer_a_non_integer_format_is_re
         quant.quantize(tiny_model, r, calib=torch.randn(8, 3, 16, 16))
 
 
+def test_a_block_layer_given_a_format_named_like_intb_that_is_no_uniform_grid_is_refused(tiny_model, monkeypatch):
+    monkeypatch.setitem(quant.quantizers.WEIGHT_FORMATS, "int2s", 2)  # a new format: "int" in its name only
+    r = quant.recipe("w4a4", layer_formats=(("head", "int8"), ("blocks.*.attn.qkv", "int2s")))
+    with pytest.raises(ValueError, match="'blocks.0.attn.qkv' int2..int8, not 'int2s'"):
+        quant.quantize(tiny_model, r, calib=torch.randn(8, 3, 16, 16))
+
+
 class HeadlessAttention(nn.Module):
     """qkv and proj as in a ViT, but the head count under another name (no num_heads, head_dim)."""
 
