@@ -387,6 +387,11 @@ def test_an_output_name_past_the_file_name_limit_is_refused_naming_its_length(tm
         output_file(tmp_path / ("m" * 251 + ".json"), ".json")
 
 
+def test_an_output_name_within_the_limit_in_characters_but_past_it_in_bytes_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="a file name of 265 bytes, more than the 255"):
+        output_file(tmp_path / ("é" * 130 + ".json"), ".json")  # 135 characters, two bytes each "é" in UTF-8
+
+
 def test_a_file_name_that_leaves_the_room_asked_for_is_kept_as_it_is():
     assert quant.cli._fitted("m" * 245, 10) == "m" * 245
     assert quant.cli._fitted("m" * 246, 10) != "m" * 246
