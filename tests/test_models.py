@@ -351,6 +351,12 @@ def test_save_model_refuses_a_model_on_the_meta_device_naming_a_tensor_without_v
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_save_model_refuses_a_model_with_one_vector_on_the_meta_device_naming_it(tiny_model, tmp_path):
+    tiny_model.head.bias = torch.nn.Parameter(torch.empty_like(tiny_model.head.bias, device="meta"))  # a bias left out
+    with pytest.raises(ValueError, match="the model's head.bias is on the meta device, without values"):
+        save_model(tiny_model, tmp_path / "m.safetensors")
+
+
 def test_save_model_refuses_something_other_than_a_path_as_a_path(tiny_model):
     with pytest.raises(ValueError, match="expected a file path, got NoneType"):
         save_model(tiny_model, None)
