@@ -325,6 +325,14 @@ def test_a_split_from_the_cache_is_checked_and_given_as_the_check_gives_it(image
         load_split(image_tree, "test", image_size=16, progress=False, check=lambda s: s.require_classes(OTHER))
 
 
+def test_a_trainval_split_of_a_tree_with_val_is_given_as_the_check_gives_it(tmp_path):
+    tree = write_tree(tmp_path / "t", splits=("train", "val"))
+    plain = load_split(tree, "trainval", image_size=16, progress=False)
+    reordered = dataclasses.replace(TINY, classes=("frog", "dog", "cat"))
+    got = load_split(tree, "trainval", image_size=16, progress=False, check=lambda s: s.scored_by(reordered))
+    assert got.classes == reordered.classes and np.array_equal(got.labels, 2 - plain.labels)
+
+
 def test_second_load_comes_from_the_cache(image_tree, monkeypatch):
     first = load_split(image_tree, "test", image_size=16, progress=False)
 
