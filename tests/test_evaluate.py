@@ -84,7 +84,8 @@ def test_a_default_confusion_name_past_the_file_name_limit_is_refused_before_sco
     save_model(tiny_model, checkpoint)
     monkeypatch.setattr("quant.evaluate.evaluate", lambda *a, **k: pytest.fail("scored before the refusal"))
     assert run(main, ["--checkpoint", str(checkpoint), "--data", str(image_tree)]) == 2
-    assert "confusion.png: a file name of 258 bytes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "confusion.png: a file name of 258 bytes" in err and "give --confusion PATH, or a shorter checkpoint" in err
 
 
 def test_cli_refuses_data_of_other_classes_before_any_image_is_decoded(checkpoint, tmp_path, capsys, no_decoding):
