@@ -304,8 +304,15 @@ def test_limited_train_and_val_splits_held_out_of_one_folder_are_cached_apart(im
 OTHER = dataclasses.replace(TINY, classes=("a", "b", "c"))
 
 
+@pytest.fixture
+def tree_with_val(tmp_path) -> Path:
+    """A tree with its own val/ folder: its trainval split is train/ and val/ together."""
+    return write_tree(tmp_path / "tv", splits=("train", "val"))
+
+
 @pytest.mark.parametrize("source, split", [("image_tree", "train"), ("image_tree", "val"), ("image_tar", "test"),
-                                           ("image_tar", "trainval"), ("cifar_batches", "train")])
+                                           ("image_tar", "trainval"), ("tree_with_val", "trainval"),
+                                           ("cifar_batches", "train")])
 @pytest.mark.parametrize("limit", [None, 4])
 def test_data_a_models_check_refuses_is_refused_before_any_image_is_decoded(source, split, limit, request,
                                                                            no_decoding):
