@@ -296,10 +296,11 @@ def test_a_zero_temperature_is_an_argument_error(teacher_file, image_tar, tmp_pa
     assert "--temperature: expected a number > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("recipe", ["qvit", "lsq"])  # a bit-width search, and fixed widths: both write it
 def test_an_out_name_leaving_no_room_for_the_bit_allocation_beside_it_is_refused_before_training(
-        teacher_file, image_tar, tmp_path, capsys):
+        teacher_file, image_tar, tmp_path, capsys, recipe):
     out = tmp_path / ("m" * 234 + ".safetensors")  # 246 bytes, and 256 with .bits.json
-    assert run(main, ["--teacher", str(teacher_file), "--recipe", "qvit", "--data", str(image_tar),
+    assert run(main, ["--teacher", str(teacher_file), "--recipe", recipe, "--data", str(image_tar),
                       "--out", str(out), "--epochs", "1", "--batch-size", "8"]) == 2
     err = capsys.readouterr().err
     assert ".bits.json: a file name of 256 bytes" in err and "give a shorter --out name" in err
