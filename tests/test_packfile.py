@@ -207,8 +207,9 @@ def test_an_edited_header_is_refused_by_the_checksum(saved, tmp_path):
     (lambda h: h["architecture"].pop("config"), "the ViT config is not a JSON object"),
     (lambda h: h["architecture"]["config"].update(num_heads=0), "ViT config field 'num_heads'"),
     (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(group_size=True), "layer 'blocks.0.mlp.fc1' is damaged"),
-    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(bits=3), "layer 'blocks.0.mlp.fc1' says 3 bits for int4")],
-    ids=["norm", "act", "int9", "noconfig", "heads", "group-true", "bits"])
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(bits=3), "layer 'blocks.0.mlp.fc1' says 3 bits for int4"),
+    (lambda h: h["layers"]["blocks.0.mlp.fc1"].update(weight_format=["int4"]), "layer 'blocks.0.mlp.fc1' is damaged")],
+    ids=["norm", "act", "int9", "noconfig", "heads", "group-true", "bits", "format-list"])
 def test_a_header_of_the_wrong_shape_is_refused_naming_the_file_even_with_a_fixed_checksum(saved, tmp_path, edit,
                                                                                            message):
     with pytest.raises(ValueError, match=f"bad.safetensors: .*{message}"):
