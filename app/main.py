@@ -245,8 +245,8 @@ def main(argv=None):
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     demo = build(comparison, labels, args.results or Path(args.assets) / "results", skipped)
-    print(f"full precision: {comparison.fp.name} ({comparison.fp.runtime}); quantized: {counted(len(labels), 'variant')}, "
-          f"default {comparison.default}")
+    print(f"full precision: {comparison.fp.name} ({comparison.fp.runtime}); quantized: "
+          f"{counted(len(labels), 'variant')}, default {comparison.default}")
     demo.queue(default_concurrency_limit=1).launch(
         server_name=server_name(args.host), server_port=args.port, share=args.share, show_error=True,
         allowed_paths=[str(demo.examples_dir)], max_file_size="50mb", prevent_thread_lock=True)

@@ -235,9 +235,9 @@ def resolve_device(device: str | None) -> torch.device:
     d = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if d.type == "cuda" and d.index is None:
         d = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) if world_size() > 1 else 0}")
-        if d.index >= torch.cuda.device_count():  # else "invalid device ordinal" from torch
-            raise ValueError(f"torchrun started more processes on this machine than its "
-                             f"{counted(torch.cuda.device_count(), 'CUDA device')}; give --nproc-per-node {torch.cuda.device_count()} at most")
+        if d.index >= (n := torch.cuda.device_count()):  # else "invalid device ordinal" from torch
+            raise ValueError(f"torchrun started more processes on this machine than its {counted(n, 'CUDA device')}; "
+                             f"give --nproc-per-node {n} at most")
     return d
 
 
