@@ -38,7 +38,7 @@ import torch.nn as nn
 
 import export
 import quant
-from quant.cli import _fitted, file_sha256, finite_number, written_whole
+from quant.cli import file_sha256, finite_number, shortened_name, written_whole
 from quant.data import cache_dir, check_model_input
 from quant.models import FORMAT as FP_FORMAT
 from quant.models import ViTConfig, existing_file, fp_parameters, is_torch_file, read_safetensors_metadata
@@ -228,7 +228,7 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str, again: bool = F
         raise ValueError(f"recipe {recipe!r} is not a round-to-nearest PTQ recipe (it needs training or calibration)")
     digest = file_sha256(fp_path)[:16]
     tail = f"-{digest}-{recipe}.safetensors"
-    out = _cache() / f"{_fitted(fp_path.stem, len(tail))}{tail}"  # a long file name shortened, not refused
+    out = _cache() / f"{shortened_name(fp_path.stem, len(tail))}{tail}"  # a long file name shortened, not refused
     if out.is_file() and not again:
         return out
     model = quant.load_any(fp_path)

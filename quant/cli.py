@@ -185,7 +185,7 @@ def results_file(out: str | None, limit: int | None, shipped: str) -> str:
 def _check_writable(path: Path, folder: Path) -> None:
     """Refuse `path` where `folder`, the folder it goes in, takes no new file (a read-only folder)."""
     tail = f".{os.getpid()}.probe"
-    probe = folder / f".{_fitted(path.name, len(tail) + 1)}{tail}"
+    probe = folder / f".{shortened_name(path.name, len(tail) + 1)}{tail}"
     try:
         probe.touch()
         probe.unlink()
@@ -326,10 +326,10 @@ def written_whole(path: str | os.PathLike):
     The temporary, `NAME.HOST.PID.tmp`, names the machine (`_process_space`) and process writing it: one that a
     process killed outright (SIGKILL) left is removed by the next write of `path` on that machine, never one of a
     process still running (there, in another container, or on another machine sharing the folder). A NAME too
-    long to take the rest within the file-name limit is shortened (`_fitted`), alike for every process."""
+    long to take the rest within the file-name limit is shortened (`shortened_name`), alike for every process."""
     path = Path(path)
     host = _process_space()
-    name = _fitted(path.name, len(os.fsencode(f".{host}.")) + _PID_DIGITS + len(".tmp"))
+    name = shortened_name(path.name, len(os.fsencode(f".{host}.")) + _PID_DIGITS + len(".tmp"))
     tmp = path.with_name(f"{name}.{host}.{os.getpid()}.tmp")
     _remove_dead_temporaries(path.with_name(name), host)
     try:
@@ -347,7 +347,7 @@ _NAME_MAX = 255  # the bytes a file name may have on the usual file systems (ext
 _PID_DIGITS = 10  # the most a process number has (32 bits)
 
 
-def _fitted(name: str, room: int) -> str:
+def shortened_name(name: str, room: int) -> str:
     """`name`, or where `room` more bytes after it would pass the file-name limit, its start and a digest of the
     whole name: a name of its own for each, that leaves the room."""
     raw = os.fsencode(name)

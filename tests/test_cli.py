@@ -393,13 +393,13 @@ def test_an_output_name_within_the_limit_in_characters_but_past_it_in_bytes_is_r
 
 
 def test_a_file_name_that_leaves_the_room_asked_for_is_kept_as_it_is():
-    assert quant.cli._fitted("m" * 245, 10) == "m" * 245
-    assert quant.cli._fitted("m" * 246, 10) != "m" * 246
+    assert quant.cli.shortened_name("m" * 245, 10) == "m" * 245
+    assert quant.cli.shortened_name("m" * 246, 10) != "m" * 246
 
 
 @pytest.mark.parametrize("room", [20, 21])  # the cut falls inside a two-byte character or after it
 def test_a_shortened_file_name_leaves_the_room_asked_for_and_cuts_no_character_in_two(room):
-    name = quant.cli._fitted("\u00e9" * 200, room)
+    name = quant.cli.shortened_name("\u00e9" * 200, room)
     assert name.startswith("\u00e9" * 100) and len(os.fsencode(name)) + room <= 255
 
 
