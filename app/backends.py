@@ -118,7 +118,8 @@ def inspect_file(path: str | os.PathLike) -> ModelFile:
         if "bitvit.config" not in meta:
             raise ValueError(f"{path} is not a bitvit ONNX export (no bitvit.config metadata)")
         fmt = meta.get("bitvit.format", "?")
-        return ModelFile(path, "fp" if fmt == "fp32" else "quant", fmt, ViTConfig.from_json(meta["bitvit.config"], path), None)
+        return ModelFile(path, "fp" if fmt == "fp32" else "quant", fmt,
+                         ViTConfig.from_json(meta["bitvit.config"], path), None)
     torch_file = is_torch_file(str(path))  # bitvit writes safetensors under any name: a timm/DeiT .pth
     meta = {} if torch_file else read_safetensors_metadata(path)
     if not str(meta.get("format", "")).startswith("bitvit-"):  # a .pth, or timm's safetensors (tagged "pt")
@@ -228,7 +229,7 @@ def quantize_on_the_fly(fp_path: str | os.PathLike, recipe: str, again: bool = F
         raise ValueError(f"recipe {recipe!r} is not a round-to-nearest PTQ recipe (it needs training or calibration)")
     digest = file_sha256(fp_path)[:16]
     tail = f"-{digest}-{recipe}.safetensors"
-    out = _cache() / f"{shortened_name(fp_path.stem, len(tail))}{tail}"  # a long file name shortened, not refused
+    out = _cache() / f"{shortened_name(fp_path.stem, len(tail))}{tail}"  # a long name shortened, not refused
     if out.is_file() and not again:
         return out
     model = quant.load_any(fp_path)
