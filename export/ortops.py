@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quant.cli import HelpFormatter, file_sha256, written_whole
+from quant.cli import HelpFormatter, file_sha256, remove_dead_temporaries, written_whole
 from quant.data import cache_dir
 
 SOURCE = Path(__file__).with_name("ops") / "bitvit_ops.cc"
@@ -79,6 +79,7 @@ def library_path(isa: str = "native", force: bool = False) -> Path:
             return built[0]
         raise no_compiler
     out = folder / _compiler_key(tuple(cxx)) / LIB_NAME
+    remove_dead_temporaries(out)  # one a killed build's compiler wrote after the build that replaced it began
     if _intact(out) and not force:
         return out
     digest = out.with_name(LIB_NAME + ".sha256")

@@ -329,9 +329,9 @@ def written_whole(path: str | os.PathLike):
     long to take the rest within the file-name limit is shortened (`shortened_name`), alike for every process."""
     path = Path(path)
     host = _process_space()
-    name = shortened_name(path.name, len(os.fsencode(f".{host}.")) + _PID_DIGITS + len(".tmp"))
+    name = _temporary_stem(path, host)
     tmp = path.with_name(f"{name}.{host}.{os.getpid()}.tmp")
-    _remove_dead_temporaries(path.with_name(name), host)
+    remove_dead_temporaries(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -345,6 +345,11 @@ def written_whole(path: str | os.PathLike):
 
 _NAME_MAX = 255  # the bytes a file name may have on the usual file systems (ext4, XFS, APFS)
 _PID_DIGITS = 10  # the most a process number has (32 bits)
+
+
+def _temporary_stem(path: Path, host: str) -> str:
+    """The start of `path`'s temporaries' names, `NAME` of `NAME.HOST.PID.tmp` (`written_whole`)."""
+    return shortened_name(path.name, len(os.fsencode(f".{host}.")) + _PID_DIGITS + len(".tmp"))
 
 
 def shortened_name(name: str, room: int) -> str:
@@ -366,13 +371,16 @@ def _process_space() -> str:
         return platform.node()
 
 
-def _remove_dead_temporaries(path: Path, host: str) -> None:
-    """Remove the temporaries of `path` (`written_whole`) left by processes of `host` (this machine's
-    `_process_space`) that no longer run (killed outright); none on Windows, where signal 0 cannot ask whether a
-    process runs."""
+def remove_dead_temporaries(path: str | os.PathLike) -> None:
+    """Remove the temporaries of `path` (`written_whole`, which does this first) left by processes of this
+    machine (`_process_space`) that no longer run (killed outright); none on Windows, where signal 0 cannot ask
+    whether a process runs. Also for a file written once and then only read, where a child of a process killed
+    outright (a compiler) may write its temporary after the write that replaced it had cleared them."""
     if os.name != "posix":  # Windows' os.kill ends the process
         return
-    temporary = re.compile(re.escape(f"{path.name}.{host}.") + r"([0-9]+)\.tmp")
+    path, host = Path(path), _process_space()
+    name = _temporary_stem(path, host)
+    temporary = re.compile(re.escape(f"{name}.{host}.") + r"([0-9]+)\.tmp")
     try:
         entries = list(os.scandir(path.parent))
     except OSError:  # no such folder: the write itself says so

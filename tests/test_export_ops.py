@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import quant.cli
 from export import exporter, ortops
 from quant.pack import pack_codes
 from quant.quantizers import WEIGHT_FORMATS
@@ -156,6 +157,22 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     assert ortops.library_path() == path and path.read_text().count("build") == 1  # cached
     path.write_bytes(path.read_bytes()[:3])                                          # truncated
     assert ortops.library_path() == path and path.read_text().count("build") == 2  # rebuilt
+
+
+def test_a_library_temporary_that_a_killed_builds_compiler_wrote_after_the_rebuild_is_removed_by_the_next_use(
+        tmp_path, monkeypatch):
+    """A build killed outright (SIGKILL) leaves its compiler running; it writes the killed process's temporary
+    after the rerun's build cleared them, and the library, cached from then on, is never written again."""
+    use_fake_compiler(FAKE_BUILD, tmp_path, monkeypatch)
+    path = ortops.library_path()
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait(30)
+    left, live = (path.with_name(f"{path.name}.{quant.cli._process_space()}.{pid}.tmp") for pid in (ended.pid,
+                                                                                                     os.getppid()))
+    for temporary in (left, live):
+        temporary.write_text("half a library")
+    assert ortops.library_path() == path
+    assert not left.exists() and live.exists()
 
 
 def test_a_build_says_it_is_compiling_before_it_compiles_and_a_cached_library_says_nothing(
