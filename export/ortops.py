@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quant.cli import HelpFormatter, file_sha256, remove_dead_temporaries, written_whole
+from quant.cli import HelpFormatter, file_sha256, remove_dead_temporaries, temporary_of, written_whole
 from quant.data import cache_dir
 
 SOURCE = Path(__file__).with_name("ops") / "bitvit_ops.cc"
@@ -181,7 +181,10 @@ def _fetch_headers(dest: Path) -> None:
         if not debs:
             raise FileNotFoundError("apt-get downloaded no libonnxruntime-dev package")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=dest.parent))  # beside dest: os.replace cannot cross filesystems
+        remove_dead_temporaries(dest)  # the copy a fetch killed outright was unpacking
+        staging = temporary_of(dest)  # beside dest: os.replace cannot cross filesystems
+        shutil.rmtree(staging, ignore_errors=True)  # (a dead process's of the same number)
+        staging.mkdir()
         try:
             _run(["dpkg-deb", "-x", str(debs[-1]), str(staging)], what="unpacking libonnxruntime-dev")
             try:

@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -328,9 +329,7 @@ def written_whole(path: str | os.PathLike):
     process still running (there, in another container, or on another machine sharing the folder). A NAME too
     long to take the rest within the file-name limit is shortened (`shortened_name`), alike for every process."""
     path = Path(path)
-    host = _process_space()
-    name = _temporary_stem(path, host)
-    tmp = path.with_name(f"{name}.{host}.{os.getpid()}.tmp")
+    tmp = temporary_of(path)
     remove_dead_temporaries(path)
     try:
         yield tmp
@@ -345,6 +344,13 @@ def written_whole(path: str | os.PathLike):
 
 _NAME_MAX = 255  # the bytes a file name may have on the usual file systems (ext4, XFS, APFS)
 _PID_DIGITS = 10  # the most a process number has (32 bits)
+
+
+def temporary_of(path: str | os.PathLike) -> Path:
+    """This process's temporary beside `path`, `NAME.HOST.PID.tmp` (`written_whole`): a file, or a folder that
+    is moved onto `path` whole."""
+    path, host = Path(path), _process_space()
+    return path.with_name(f"{_temporary_stem(path, host)}.{host}.{os.getpid()}.tmp")
 
 
 def _temporary_stem(path: Path, host: str) -> str:
@@ -372,7 +378,7 @@ def _process_space() -> str:
 
 
 def remove_dead_temporaries(path: str | os.PathLike) -> None:
-    """Remove the temporaries of `path` (`written_whole`, which does this first) left by processes of this
+    """Remove the temporaries of `path` (`temporary_of`; `written_whole` does this first) left by processes of this
     machine (`_process_space`) that no longer run (killed outright); none on Windows, where signal 0 cannot ask
     whether a process runs. Also for a file written once and then only read, where a child of a process killed
     outright (a compiler) may write its temporary after the write that replaced it had cleared them."""
@@ -392,7 +398,10 @@ def remove_dead_temporaries(path: str | os.PathLike) -> None:
             os.kill(int(m[1]), 0)  # signal 0 sends nothing: it asks whether the process exists
         except ProcessLookupError:  # it ended without removing its temporary
             with contextlib.suppress(OSError):
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
         except (OSError, OverflowError):  # another user's live process, or a number no process has
             pass
 

@@ -240,6 +240,34 @@ def test_a_process_that_loses_the_race_to_fetch_the_headers_takes_the_winners_co
     assert (dest / header).read_text() == "winner" and [p.name for p in tmp_path.iterdir()] == ["headers"]
 
 
+FAKE_APT = """
+def fake(cmd, cwd=None, what=None):  # apt-get writes a package; dpkg-deb unpacks the header from it
+    if cmd[-2:] == ["download", "libonnxruntime-dev"]:
+        (Path(cwd) / "libonnxruntime-dev_1.0_amd64.deb").write_text("deb")
+    elif cmd[0] == "dpkg-deb":
+        (Path(cmd[-1]) / "usr/include/onnxruntime").mkdir(parents=True)
+        (Path(cmd[-1]) / "usr/include/onnxruntime/onnxruntime_cxx_api.h").write_text("half")
+        if KILLED:
+            os._exit(137)  # as SIGKILL ends it: nothing after runs
+"""
+
+
+def test_the_half_unpacked_headers_of_a_fetch_killed_outright_are_removed_by_the_next_fetch(tmp_path, monkeypatch):
+    dest = tmp_path / "cache" / "headers"
+    script = ("import os, sys\nfrom pathlib import Path\nfrom export import ortops\nKILLED = True\n" + FAKE_APT
+              + "ortops._debian_archive = lambda: ('http://deb.debian.org/debian', '')\nortops._run = fake\n"
+              + f"ortops._fetch_headers(Path({str(dest)!r}))\n")
+    killed = subprocess.run([sys.executable, "-c", script], cwd=Path(ortops.__file__).parents[1],
+                            env=dict(os.environ, TMPDIR=str(tmp_path)), timeout=120)
+    assert killed.returncode == 137 and len(list(dest.parent.iterdir())) == 1  # its half copy, beside dest
+    scope = {"Path": Path, "os": os, "KILLED": False}
+    exec(FAKE_APT, scope)
+    monkeypatch.setattr(ortops, "_debian_archive", lambda: ("http://deb.debian.org/debian", ""))
+    monkeypatch.setattr(ortops, "_run", scope["fake"])
+    ortops._fetch_headers(dest)
+    assert [p.name for p in dest.parent.iterdir()] == ["headers"]
+
+
 def test_a_failed_move_of_the_headers_with_no_other_copy_in_place_is_raised(tmp_path, monkeypatch):
     monkeypatch.setattr(ortops, "_debian_archive", lambda: ("http://deb.debian.org/debian", ""))
 
