@@ -410,6 +410,16 @@ def test_a_long_named_output_is_written_by_a_process_of_the_largest_number(tmp_p
     assert [f.name for f in tmp_path.iterdir()] == [path.name]
 
 
+def test_a_file_written_whole_is_on_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """Renamed before its bytes reach the disk, a power cut could leave the new name on an empty file."""
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync",
+                        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("replace", str(src))) or replace(src, dst))
+    write_json(tmp_path / "results.json", {"top1": 0.5})
+    assert [e for e, _ in events] == ["fsync", "replace"] and events[0][1] == events[1][1]
+
+
 def test_a_write_of_a_long_name_removes_its_dead_temporaries_and_leaves_live_and_other_names_ones(tmp_path):
     ended = subprocess.Popen([sys.executable, "-c", ""])
     ended.wait(30)
