@@ -614,6 +614,9 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, cfg: TrainConfi
             try:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+                    if save:  # on disk before the resume state that counts it, else lost by a power cut after both
+                        f.flush()
+                        os.fsync(f.fileno())
             except OSError as e:  # a full disk: the write's error names no file
                 raise OSError(e.errno, e.strerror, str(out / "log.jsonl")) from None
         rngs = env.gather(_rng_state(env.device)) if save else None

@@ -46,6 +46,17 @@ def test_loss_falls_on_a_learnable_task(tmp_path):
     assert not model.training
 
 
+def test_an_epochs_log_record_is_on_disk_before_the_resume_state_that_counts_it(tmp_path, monkeypatch):
+    """A power cut after both writes must not keep the resume state of an epoch whose record it lost."""
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(f"-> {Path(dst).name}") or replace(src, dst))
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    assert events.index("log.jsonl") < events.index("-> last.pt")
+
+
 def test_scoring_val_shows_a_bar_as_the_epochs_do(tmp_path, capsys):
     cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
     fit(VisionTransformer(TINY), colour_set(8), colour_set(4, seed=5), cfg, tmp_path)
