@@ -582,3 +582,41 @@ def test_every_option_of_every_command_says_in_its_help_what_it_does_and_its_def
 def test_every_commands_help_says_what_it_does_not_only_how_it_is_called(module, monkeypatch):
     import re
     assert re.sub(r"`[^`]*`", "", command_parser(module, monkeypatch).description).strip(" .:")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="no /proc/self/fd to count open files in")
+def test_a_file_written_whole_leaves_no_file_open(tmp_path):
+    """Each write opens its temporary to flush it to disk: a long run's many writes must not run out of files."""
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        write_json(tmp_path / "results.json", {"top1": 0.5})
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_dead_processs_temporary_that_links_to_a_folder_is_removed_and_the_folder_kept(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait(30)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "file").write_text("not a temporary")
+    link = tmp_path / f"model.pt.{quant.cli._process_space()}.{ended.pid}.tmp"
+    link.symlink_to(tmp_path / "kept", target_is_directory=True)
+    with written_whole(tmp_path / "model.pt") as tmp:
+        tmp.write_text("a model")
+    assert not link.is_symlink() and (tmp_path / "kept" / "file").read_text() == "not a temporary"
+
+
+def test_a_dead_processs_temporary_another_process_removes_first_is_no_error(tmp_path, monkeypatch):
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait(30)
+    left = tmp_path / f"model.pt.{quant.cli._process_space()}.{ended.pid}.tmp"
+    left.write_text("half a model")
+    kill = os.kill
+
+    def removed_meanwhile(pid, sig):  # another process's write removes it between this one's look and its removal
+        if pid == ended.pid:
+            left.unlink()
+        return kill(pid, sig)
+    monkeypatch.setattr(os, "kill", removed_meanwhile)
+    with written_whole(tmp_path / "model.pt") as tmp:
+        tmp.write_text("a model")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
