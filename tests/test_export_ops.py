@@ -773,3 +773,18 @@ def test_on_arm_linux_another_cpus_features_build_a_library_of_their_own(tmp_pat
     new_process()
     second = ortops.library_path()
     assert second.parent.parent != first.parent.parent and first.is_file()
+
+
+def test_a_headers_copy_left_under_this_processs_own_number_is_not_taken_into_the_fetched_one(tmp_path, monkeypatch):
+    """A process killed outright whose number this one now has left its half copy where this one unpacks."""
+    dest = tmp_path / "cache" / "headers"
+    left = quant.cli.temporary_of(dest)
+    (left / "usr/include/onnxruntime").mkdir(parents=True)
+    (left / "usr/include/onnxruntime/stale.h").write_text("half")
+    scope = {"Path": Path, "os": os, "KILLED": False}
+    exec(FAKE_APT, scope)
+    monkeypatch.setattr(ortops, "_debian_archive", lambda: ("http://deb.debian.org/debian", ""))
+    monkeypatch.setattr(ortops, "_run", scope["fake"])
+    ortops._fetch_headers(dest)
+    assert sorted(p.name for p in (dest / "usr/include/onnxruntime").iterdir()) == ["onnxruntime_cxx_api.h"]
+    assert [p.name for p in dest.parent.iterdir()] == ["headers"]
