@@ -57,6 +57,19 @@ def test_an_epochs_log_record_is_on_disk_before_the_resume_state_that_counts_it(
     assert events.index("log.jsonl") < events.index("-> last.pt")
 
 
+def test_an_epochs_log_record_is_written_out_before_it_is_synced(tmp_path, monkeypatch):
+    """Synced while still in the process's buffer, the record would not be on disk all the same."""
+    synced, fsync = [], os.fsync
+
+    def look(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name == "log.jsonl":
+            synced.append(len((tmp_path / "log.jsonl").read_text().splitlines()))
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", look)
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
+    fit(VisionTransformer(TINY), colour_set(8), None, cfg, tmp_path, progress=False)
+    assert synced == [1]
+
 def test_scoring_val_shows_a_bar_as_the_epochs_do(tmp_path, capsys):
     cfg = TrainConfig(epochs=1, batch_size=8, augment=NO_AUG)
     fit(VisionTransformer(TINY), colour_set(8), colour_set(4, seed=5), cfg, tmp_path)
