@@ -323,8 +323,8 @@ def utc_now() -> str:
 def written_whole(path: str | os.PathLike):
     """Yields a temporary path beside `path` to write to, renamed onto `path` when the block ends without
     an error, removed when it fails: `path` is written whole or not at all, should the run be killed
-    meanwhile or the machine lose power (it is flushed to disk first), and a concurrent reader never sees half a
-    file. A failed write (a full disk) names `path`.
+    meanwhile or the machine lose power (on Linux and macOS it is flushed to disk first), and a concurrent reader
+    never sees half a file. A failed write (a full disk) names `path`.
     The temporary, `NAME.HOST.PID.tmp`, names the machine (`_process_space`) and process writing it: one that a
     process killed outright (SIGKILL) left is removed by the next write of `path` on that machine, never one of a
     process still running (there, in another container, or on another machine sharing the folder). A NAME too
