@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from quant.cli import HelpFormatter, file_sha256, remove_dead_temporaries, temporary_of, written_whole
@@ -126,6 +127,9 @@ def kernel_isa(path: str | os.PathLike) -> str:
     return lib.bitvit_ops_isa().decode()
 
 
+_FETCHING = threading.Lock()  # a process's threads share the folder a fetch unpacks into (temporary_of)
+
+
 def _headers() -> Path:
     """The folder holding `onnxruntime_cxx_api.h`, fetched once into the cache."""
     include = _include_dir()
@@ -133,9 +137,10 @@ def _headers() -> Path:
         if not (include / "onnxruntime_cxx_api.h").is_file():
             raise FileNotFoundError(f"ORT_INCLUDE_DIR={include} holds no onnxruntime_cxx_api.h")
         return _check_api_version(include)
-    if not (include / "onnxruntime_cxx_api.h").is_file():
-        print("downloading ONNX Runtime's headers to build bitvit's ops (once)...", file=sys.stderr)
-        _fetch_headers(cache_root() / "headers")
+    with _FETCHING:
+        if not (include / "onnxruntime_cxx_api.h").is_file():
+            print("downloading ONNX Runtime's headers to build bitvit's ops (once)...", file=sys.stderr)
+            _fetch_headers(cache_root() / "headers")
     return _check_api_version(include)
 
 

@@ -3,6 +3,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -788,3 +790,47 @@ def test_a_headers_copy_left_under_this_processs_own_number_is_not_taken_into_th
     ortops._fetch_headers(dest)
     assert sorted(p.name for p in (dest / "usr/include/onnxruntime").iterdir()) == ["onnxruntime_cxx_api.h"]
     assert [p.name for p in dest.parent.iterdir()] == ["headers"]
+
+
+def test_two_threads_of_one_process_fetching_the_headers_at_once_both_get_them_whole(tmp_path, monkeypatch):
+    """Threads share their process's number, and so the folder a fetch unpacks into (temporary_of)."""
+    monkeypatch.delenv("ORT_INCLUDE_DIR", raising=False)
+    monkeypatch.setenv("BITVIT_ORTOPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ortops, "_debian_archive", lambda: ("http://deb.debian.org/debian", ""))
+    dest, unpacking, second = tmp_path / "cache" / "headers", [], threading.Event()
+
+    def fake(cmd, cwd=None, what=None):  # the first unpack, halfway, waits a while for a second to begin, which
+        if cmd[-2:] == ["download", "libonnxruntime-dev"]:                 # goes on once the first is moved in
+            (Path(cwd) / "libonnxruntime-dev_1.0_amd64.deb").write_text("deb")
+        elif cmd[0] == "dpkg-deb":
+            unpacking.append(cmd[-1])
+            include = Path(cmd[-1]) / "usr/include/onnxruntime"
+            if len(unpacking) == 1:
+                include.mkdir(parents=True)
+                (include / "onnxruntime_cxx_api.h").write_text("")
+                second.wait(0.5)
+            else:
+                second.set()
+                for _ in range(50):
+                    if dest.exists():
+                        break
+                    time.sleep(0.01)
+                include.mkdir(parents=True, exist_ok=True)
+                (include / "onnxruntime_cxx_api.h").write_text("")
+            include.mkdir(parents=True, exist_ok=True)  # (as tar makes the folders of what it unpacks)
+            (include / "onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 1\n")
+    monkeypatch.setattr(ortops, "_run", fake)
+    got, failed = [], []
+
+    def headers():
+        try:
+            got.append(ortops._headers())
+        except Exception as e:
+            failed.append(e)
+    threads = [threading.Thread(target=headers) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert failed == [] and len(got) == 2 and len(unpacking) == 1  # fetched once
+    assert sorted(p.name for p in got[0].iterdir()) == ["onnxruntime_c_api.h", "onnxruntime_cxx_api.h"]
