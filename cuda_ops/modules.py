@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from cuda_ops.ops import A8_OPS, weight_only_group_ok, weight_only_linear
 from quant.pack import pack_trit_planes, unpack_codes
-from quant.qlinear import QuantLinear
+from quant.qlinear import QuantLinear, ScalesDQState
 from quant.quantizers import NF4_CODEBOOK, undo_dtype_casts
 
 WEIGHT_ONLY_FORMATS = ("int8", "int4", "int2", "nf4")
@@ -45,7 +45,7 @@ def kernel_for(layer: nn.Module) -> str | None:
     return None
 
 
-class KernelLinear(nn.Module):
+class KernelLinear(ScalesDQState):
     """A QuantLinear computed by the bitvit ops. It keeps the QuantLinear's tensors under the same names
     (packed, scales, zeros, bias, input_norm), so state dicts carry over (except in the base-3 ternary layout,
     whose `packed` holds trit planes and whose state dict adds a `trit_planes` flag, so that neither loads into
@@ -78,6 +78,7 @@ class KernelLinear(nn.Module):
                              else None, persistent=False)
         self.bias = layer.bias
         self.input_norm = layer.input_norm
+        self.scales_dq = layer.scales_dq  # NF4: in the state dict, as QuantLinear's (ScalesDQState)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.input_norm

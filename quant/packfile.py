@@ -44,11 +44,11 @@ from quant.models import (ViTConfig, VisionTransformer, check_depth, is_torch_fi
                           refuse_newer, unchanged_on_error, write_safetensors)
 from quant.pack import pack_base3, pack_codes, packed_row_bytes, unpack_base3, unpack_codes
 from quant.qattention import QuantAttention
-from quant.qlinear import KERNELS_IN_PLACE, QuantLinear, is_qat_layer, runs_on_kernels
+from quant.qlinear import DQ_STATE_KEYS, KERNELS_IN_PLACE, QuantLinear, is_qat_layer, runs_on_kernels
 from quant.quantizers import WEIGHT_FORMATS, DoubleQuantized, Log2Quantizer, double_dequantize, max_code, num_groups
 
 FORMAT = "bitvit-quant/2"  # /1 (before 2026-12-03) had the same layout, its checksum covering the tensors only
-_OWN = ("packed", "scales", "zeros")  # QuantLinear buffers stored in packed form
+_OWN = ("packed", "scales", "zeros", *DQ_STATE_KEYS)  # QuantLinear state stored in packed form
 
 
 def is_quantized_format(fmt) -> bool:

@@ -5,7 +5,8 @@ The layer holds no float copy of its weight. Its state is:
   scales  float32 (out_features, n_groups)                    n_groups = ceil(in_features / group_size)
   zeros   float32 (out_features, n_groups) or None            integer zero points, asymmetric int formats
   bias    float32 (out_features,) or None
-(NF4 layers also keep `scales_dq`, the double-quantized form of `scales`, which files store instead.)
+(NF4 layers also keep `scales_dq`, the double-quantized form of `scales`, which files store instead and the
+state dict carries as scales_dq.codes, .absmax, .offset and .block.)
 and the dequantized weight is W[o, k] = value(code[o, k]) * scales[o, k // group_size], with the code
 meanings of `quant.quantizers` (ternary code = w + 1; binary code 1 = +1, 0 = -1; symmetric intB
 code = q + 2**(B-1); asymmetric value = code - zero; nf4 an index into NF4_CODEBOOK).
@@ -36,9 +37,53 @@ from quant.quantizers import (WEIGHT_FORMATS, DoubleQuantized, UniformQuantizer,
                               max_code, num_groups, quantize_int8_token, quantize_nf4, quantize_weight)
 
 _UINT_TENSOR = re.compile(r"uint([2-8])_tensor")
+DQ_STATE_KEYS = ("scales_dq.codes", "scales_dq.absmax", "scales_dq.offset", "scales_dq.block")
 
 
-class QuantLinear(nn.Module):
+class ScalesDQState(nn.Module):
+    """NF4's double-quantized scales (`scales_dq`) in the state dict, as scales_dq.{codes,absmax,offset,block}, so
+    that a model loaded through load_state_dict is saved with them; a state dict without them (older ones) loads as
+    before. For QuantLinear and the modules that carry its tensors over (cuda_ops' KernelLinear)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.scales_dq is not None:
+            codes, absmax, offset, block = self.scales_dq
+            for key, t in zip(DQ_STATE_KEYS, (codes, absmax, offset, torch.tensor(block, device=codes.device))):
+                destination[prefix + key] = t.detach()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.scales_dq is not None:  # plain tensors, not buffers: they follow the device, never the dtype
+            def follow(t):
+                moved = fn(t)
+                return moved if moved.dtype == t.dtype else t.to(moved.device)
+            codes, absmax, offset, block = self.scales_dq
+            self.scales_dq = DoubleQuantized(follow(codes), follow(absmax), follow(offset), block)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        dq = [state_dict.pop(prefix + key, None) for key in DQ_STATE_KEYS]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if all(t is None for t in dq):
+            if prefix + "scales" in state_dict:  # new scales without their double-quantized form
+                self.scales_dq = None
+            return
+        codes, absmax, offset, block = dq
+        if (self.weight_format != "nf4" or any(t is None for t in dq) or codes.dtype != torch.int8
+                or tuple(codes.shape) != tuple(self.scales.shape) or block.numel() != 1 or int(block) < 1
+                or absmax.shape != (-(-codes.numel() // int(block)),)):
+            error_msgs.append(f"{prefix}scales_dq: expected, for an nf4 layer, int8 codes of the scales' shape "
+                              f"{tuple(self.scales.shape)}, a positive block and one absmax per block of codes")
+            return
+        device = self.scales.device
+        self.scales_dq = DoubleQuantized(codes.to(device), absmax.float().to(device), offset.float().to(device),
+                                         int(block))
+
+
+class QuantLinear(ScalesDQState):
     def __init__(self, in_features: int, out_features: int, weight_format: str, group_size: int | None = None,
                  bias: bool = True, asymmetric: bool = False, act_format: str = "none",
                  input_norm: nn.LayerNorm | None = None):

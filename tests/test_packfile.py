@@ -120,6 +120,28 @@ def test_a_loaded_nf4_model_saved_again_keeps_its_double_quantized_scales(tmp_pa
     assert quant.save_quantized(back, tmp_path / "b.safetensors") == first      # 4.13 bits, not 4.5 with float32 scales
 
 
+def test_an_nf4_model_loaded_through_load_state_dict_is_saved_with_double_quantized_scales(tmp_path):
+    source, target = quantized_mlp("nf4", 256, 64, 64, False), quantized_mlp("nf4", 256, 64, 64, False, seed=1)
+    target.load_state_dict(source.state_dict())
+    first = quant.save_quantized(source, tmp_path / "a.safetensors")
+    assert quant.save_quantized(target, tmp_path / "b.safetensors") == first    # 4.13 bits, not 4.5
+
+
+def test_an_nf4_state_dict_without_double_quantized_scales_still_loads_and_is_saved_as_its_scales(tmp_path):
+    source, target = quantized_mlp("nf4", 128, 8, 64, False), quantized_mlp("nf4", 128, 8, 64, False, seed=1)
+    old = {k: v for k, v in source.state_dict().items() if ".scales_dq." not in k}   # as state dicts were before
+    target.load_state_dict(old)
+    quant.save_quantized(target, tmp_path / "m.safetensors")
+    back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(128, 8))
+    assert torch.equal(back[0].scales, source[0].scales)
+
+
+def test_an_nf4_layers_double_quantized_scales_join_the_given_models_device(tmp_path):
+    quant.save_quantized(quantized_mlp("nf4", 128, 8, 64, False), tmp_path / "m.safetensors")
+    back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(128, 8).to("meta"))
+    assert {t.device.type for t in back.state_dict().values()} == {"meta"}
+
+
 def test_nf4_scales_changed_after_quantizing_are_stored_as_they_are_not_as_the_stale_double_quantized_form(tmp_path):
     model = quantized_mlp("nf4", 128, 8, 64, False)
     with torch.no_grad():
