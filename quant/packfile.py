@@ -346,7 +346,7 @@ def _rebuild_modules(model: nn.Module, header: dict, tensors: dict, path) -> Non
     for name, entry in header["layers"].items():
         old = _module(model, name, path)
         _check_layer_fits(old, entry, name, path)
-        dtype = (old.weight if isinstance(old, nn.Linear) else old.scales).dtype  # a given half model's stay half
+        dtype = next(old.parameters(), torch.empty(0)).dtype  # a given half model's stay half (scales: float32)
         model.set_submodule(name, _load_layer(name, entry, tensors, path).to(dtype))
 
 

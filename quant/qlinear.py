@@ -5,7 +5,8 @@ The layer holds no float copy of its weight. Its state is:
   scales  float32 (out_features, n_groups)                    n_groups = ceil(in_features / group_size)
   zeros   float32 (out_features, n_groups) or None            integer zero points, asymmetric int formats
   bias    float32 (out_features,) or None
-(NF4 layers also keep `scales_dq`, the double-quantized form of `scales`, which files store instead and the
+(scales and zeros stay float32 when the layer is cast to another dtype (.half()), as on the kernels;
+NF4 layers also keep `scales_dq`, the double-quantized form of `scales`, which files store instead and the
 state dict carries as scales_dq.codes, .absmax, .offset and .block.)
 and the dequantized weight is W[o, k] = value(code[o, k]) * scales[o, k // group_size], with the code
 meanings of `quant.quantizers` (ternary code = w + 1; binary code 1 = +1, 0 = -1; symmetric intB
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 from quant.cli import is_positive_int
 from quant.pack import pack_codes, packed_row_bytes, unpack_codes
 from quant.quantizers import (WEIGHT_FORMATS, DoubleQuantized, UniformQuantizer, dequantize, is_uniform_format,
-                              max_code, num_groups, quantize_int8_token, quantize_nf4, quantize_weight)
+                              max_code, num_groups, quantize_int8_token, quantize_nf4, quantize_weight,
+                              undo_dtype_casts)
 
 _UINT_TENSOR = re.compile(r"uint([2-8])_tensor")
 DQ_STATE_KEYS = ("scales_dq.codes", "scales_dq.absmax", "scales_dq.offset", "scales_dq.block")
@@ -181,6 +183,13 @@ class QuantLinear(ScalesDQState):
                                                           self.group_size),
                                tuple(None if t is None else t.detach() for t in tensors))
         return c[2]
+
+    def _apply(self, fn, recurse=True):
+        # scales and zero points follow the device, never the dtype (.half(), .bfloat16()), as on the kernels: in
+        # float16 a scale above 65504 would become inf, and bfloat16 would round every scale to 8 bits
+        exact = {n: getattr(self, n) for n in ("scales", "zeros") if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        return undo_dtype_casts(self, exact)
 
     def __getstate__(self):
         # pickled, deep-copied or torch.save'd without the unpacked float32 weight (4 to 32 times the packed bytes),

@@ -443,12 +443,13 @@ def test_layers_rebuilt_into_a_given_model_join_its_device(tmp_path):
     assert {t.device.type for t in back.state_dict().values()} == {"meta"}
 
 
-def test_layers_rebuilt_into_a_given_half_model_are_half_and_run(tmp_path):
+def test_layers_rebuilt_into_a_given_half_model_run_in_half_keeping_float32_scales(tmp_path):
     model = quantized_mlp("int4", 16, 8, 8, True)
     quant.save_quantized(model, tmp_path / "m.safetensors")
     back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(16, 8).half())
     x = torch.randn(4, 16)
-    assert {t.dtype for t in back.state_dict().values() if t.is_floating_point()} == {torch.float16}
+    assert {p.dtype for p in back.parameters()} == {torch.float16}
+    assert {back[i].scales.dtype for i in (0, 2)} == {back[i].zeros.dtype for i in (0, 2)} == {torch.float32}
     assert torch.allclose(back(x.half()).float(), model(x), atol=1e-2)
 
 

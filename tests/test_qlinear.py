@@ -153,6 +153,21 @@ def test_nf4_layer_keeps_the_double_quantized_scales_it_was_built_from():
     assert q.scales_dq is not None and torch.equal(double_dequantize(q.scales_dq), q.scales)
 
 
+def test_a_half_layer_keeps_float32_scales_so_a_scale_past_float16s_range_gives_finite_outputs():
+    codes = torch.full((2, 4), 8, dtype=torch.uint8)                    # NF4 level 0.08: weights 0.08 * 1e5 fit
+    layer = QuantLinear.from_codes(codes, torch.full((2, 1), 1e5), None, torch.zeros(2), "nf4").half()
+    assert layer.scales.dtype == torch.float32 and layer.bias.dtype == torch.float16
+    assert torch.isfinite(layer(torch.ones(1, 4, dtype=torch.float16))).all()
+
+
+def test_a_bfloat16_layer_computes_with_the_float32_weight_cast_once():
+    layer = QuantLinear.from_linear(nn.Linear(64, 8), "int8")
+    w = layer.dequantized_weight().to(torch.bfloat16)                   # the scales not rounded to 8 bits first
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    layer = layer.bfloat16()
+    assert torch.equal(layer(x), F.linear(x, w, layer.bias))
+
+
 def test_cached_weight_follows_a_replaced_buffer():
     a = QuantLinear.from_linear(linear(seed=0), "int4", group_size=10)
     b = QuantLinear.from_linear(linear(seed=1), "int4", group_size=10)
