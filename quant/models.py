@@ -315,8 +315,9 @@ def load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: st
         if v.is_floating_point() and not torch.isfinite(cast[k]).all():  # float64 past float32's range too
             raise ValueError(f"{source}: tensor {k!r} holds NaN or infinite values, or values beyond the model's "
                              f"{own[k].dtype} (a damaged file?)")
-    if copy:
-        model.load_state_dict(cast, strict=False)
+    if copy:  # a tensor on the meta device holds no values: it gets itself (torch warns at each value copied in)
+        model.load_state_dict({**{k: v for k, v in cast.items() if not own[k].is_meta},
+                               **{k: t for k, t in own.items() if t.is_meta}}, strict=False)
 
 
 def save_model(model: VisionTransformer, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -265,7 +266,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
 
     A bitvit ViT is rebuilt from the architecture in the header. For any other model, pass `model`,
     a full-precision instance of its architecture: its nn.Linear layers named in the header are
-    replaced and its other tensors loaded from the file, on the device and in the dtype the model has.
+    replaced and its other tensors loaded from the file, on the device and in the dtype the model has (a model on
+    the meta device holds no values, so the one returned holds none either: a warning says so).
     Refuses a file whose header, tensor names, shapes, dtypes, code ranges or checksum disagree, with a
     ValueError saying what.
     """
@@ -274,6 +276,10 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         raise ValueError(f"model must be a full-precision nn.Module of the file's architecture, got "
                          f"{type(model).__name__}")
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu")) if given else None
+    if given and device.type == "meta":
+        warnings.warn(f"the model given for {path} is on the meta device, which holds no values: the model returned "
+                      f"is on it too and cannot run; give one on the CPU or a GPU (model.to_empty(device='cpu'))",
+                      stacklevel=2)
     tensors, meta = read_safetensors(path)
     header = _parse_header(meta, path)
     if _digest(tensors, header) != header["sha256"]:

@@ -138,7 +138,8 @@ def test_an_nf4_state_dict_without_double_quantized_scales_still_loads_and_is_sa
 
 def test_an_nf4_layers_double_quantized_scales_join_the_given_models_device(tmp_path):
     quant.save_quantized(quantized_mlp("nf4", 128, 8, 64, False), tmp_path / "m.safetensors")
-    back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(128, 8).to("meta"))
+    with pytest.warns(UserWarning, match="meta device"):
+        back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(128, 8).to("meta"))
     assert {t.device.type for t in back.state_dict().values()} == {"meta"}
 
 
@@ -439,8 +440,18 @@ def test_saving_something_other_than_a_model_or_a_flag_that_is_not_a_bool_is_ref
 
 def test_layers_rebuilt_into_a_given_model_join_its_device(tmp_path):
     quant.save_quantized(quantized_mlp("int4", 16, 8, 8, False), tmp_path / "m.safetensors")
-    back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(16, 8).to("meta"))  # meta: as a GPU would be
+    with pytest.warns(UserWarning, match="meta device"):
+        back = quant.load_quantized(tmp_path / "m.safetensors", model=mlp(16, 8).to("meta"))  # as a GPU would be
     assert {t.device.type for t in back.state_dict().values()} == {"meta"}
+
+
+def test_a_file_loaded_into_a_meta_model_gives_one_warning_saying_it_holds_no_values(tmp_path, tiny_model):
+    quant.save_quantized(quant.quantize(tiny_model, "w4"), tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = VisionTransformer(tiny_model.config)
+    with pytest.warns(UserWarning) as caught:
+        quant.load_quantized(tmp_path / "m.safetensors", model=skeleton)
+    assert len(caught) == 1 and "is on the meta device, which holds no values" in str(caught[0].message)
 
 
 def test_layers_rebuilt_into_a_given_half_model_run_in_half_keeping_float32_scales(tmp_path):
