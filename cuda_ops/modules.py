@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from cuda_ops.ops import A8_OPS, weight_only_group_ok, weight_only_linear
 from quant.pack import pack_trit_planes, unpack_codes
-from quant.qlinear import QuantLinear, ScalesDQState
-from quant.quantizers import NF4_CODEBOOK, undo_dtype_casts
+from quant.qlinear import PackedState, QuantLinear
+from quant.quantizers import NF4_CODEBOOK
 
 WEIGHT_ONLY_FORMATS = ("int8", "int4", "int2", "nf4")
 TERNARY_LAYOUTS = ("2bit", "base3")  # 2-bit codes (QuantLinear's own), or trit planes (1.6 bits)
@@ -45,11 +45,12 @@ def kernel_for(layer: nn.Module) -> str | None:
     return None
 
 
-class KernelLinear(ScalesDQState):
+class KernelLinear(PackedState):
     """A QuantLinear computed by the bitvit ops. It keeps the QuantLinear's tensors under the same names
     (packed, scales, zeros, bias, input_norm), so state dicts carry over (except in the base-3 ternary layout,
     whose `packed` holds trit planes and whose state dict adds a `trit_planes` flag, so that neither loads into
-    the other); scales stay float32 whatever dtype the model is cast to."""
+    the other); scales stay float32 whatever dtype the model is cast to, and so does NF4's code book."""
+    EXACT = (*PackedState.EXACT, "codebook")
 
     def __init__(self, layer: QuantLinear, ternary_layout: str = "2bit"):
         super().__init__()
@@ -78,7 +79,7 @@ class KernelLinear(ScalesDQState):
                              else None, persistent=False)
         self.bias = layer.bias
         self.input_norm = layer.input_norm
-        self.scales_dq = layer.scales_dq  # NF4: in the state dict, as QuantLinear's (ScalesDQState)
+        self.scales_dq = layer.scales_dq  # NF4: in the state dict, as QuantLinear's (PackedState)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.input_norm
@@ -93,11 +94,6 @@ class KernelLinear(ScalesDQState):
             x = norm(x)
         return weight_only_linear(x, self.packed, self.scales, self.zeros, self.codebook, self.bias, self.bits,
                                   self.group_size, self.in_features)
-
-    def _apply(self, fn, recurse=True):
-        exact = {n: getattr(self, n) for n in ("scales", "zeros", "codebook") if getattr(self, n) is not None}
-        super()._apply(fn, recurse)
-        return undo_dtype_casts(self, exact)  # they follow the device, never the dtype
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -42,10 +42,14 @@ _UINT_TENSOR = re.compile(r"uint([2-8])_tensor")
 DQ_STATE_KEYS = ("scales_dq.codes", "scales_dq.absmax", "scales_dq.offset", "scales_dq.block")
 
 
-class ScalesDQState(nn.Module):
-    """NF4's double-quantized scales (`scales_dq`) in the state dict, as scales_dq.{codes,absmax,offset,block}, so
-    that a model loaded through load_state_dict is saved with them; a state dict without them (older ones) loads as
-    before. For QuantLinear and the modules that carry its tensors over (cuda_ops' KernelLinear)."""
+class PackedState(nn.Module):
+    """The state QuantLinear shares with the modules that carry its tensors over (cuda_ops' KernelLinear): the
+    tensors named in `EXACT` (scales, zero points) follow the device, never the dtype (.half(), .bfloat16()): in
+    float16 a scale above 65504 would become inf, and bfloat16 would round every scale to 8 bits; and NF4's
+    double-quantized scales (`scales_dq`) are in the state dict, as scales_dq.{codes,absmax,offset,block}, so that a
+    model loaded through load_state_dict is saved with them (a state dict without them, an older one, loads as
+    before)."""
+    EXACT = ("scales", "zeros")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -55,8 +59,10 @@ class ScalesDQState(nn.Module):
                 destination[prefix + key] = t.detach()
 
     def _apply(self, fn, recurse=True):
+        exact = {n: getattr(self, n) for n in self.EXACT if getattr(self, n) is not None}
         super()._apply(fn, recurse)
-        if self.scales_dq is not None:  # plain tensors, not buffers: they follow the device, never the dtype
+        undo_dtype_casts(self, exact)
+        if self.scales_dq is not None:  # plain tensors, not buffers: likewise the device, never the dtype
             def follow(t):
                 moved = fn(t)
                 return moved if moved.dtype == t.dtype else t.to(moved.device)
@@ -85,7 +91,7 @@ class ScalesDQState(nn.Module):
                                          int(block))
 
 
-class QuantLinear(ScalesDQState):
+class QuantLinear(PackedState):
     def __init__(self, in_features: int, out_features: int, weight_format: str, group_size: int | None = None,
                  bias: bool = True, asymmetric: bool = False, act_format: str = "none",
                  input_norm: nn.LayerNorm | None = None):
@@ -183,13 +189,6 @@ class QuantLinear(ScalesDQState):
                                                           self.group_size),
                                tuple(None if t is None else t.detach() for t in tensors))
         return c[2]
-
-    def _apply(self, fn, recurse=True):
-        # scales and zero points follow the device, never the dtype (.half(), .bfloat16()), as on the kernels: in
-        # float16 a scale above 65504 would become inf, and bfloat16 would round every scale to 8 bits
-        exact = {n: getattr(self, n) for n in ("scales", "zeros") if getattr(self, n) is not None}
-        super()._apply(fn, recurse)
-        return undo_dtype_casts(self, exact)
 
     def __getstate__(self):
         # pickled, deep-copied or torch.save'd without the unpacked float32 weight (4 to 32 times the packed bytes),
