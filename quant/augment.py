@@ -49,7 +49,7 @@ class AugmentConfig:
 
 # TrivialAugment-wide ops. Colour ops act on [0, 1] images; geometric ops build affine matrices.
 _COLOR_OPS = ("identity", "brightness", "color", "contrast", "sharpness",
-              "posterize", "solarize", "autocontrast")
+              "posterize", "solarize", "autocontrast", "equalize")
 _GEOM_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 _OPS = _COLOR_OPS + _GEOM_OPS
 
@@ -97,7 +97,25 @@ def _color_op(name: str, x: torch.Tensor, m: torch.Tensor, sign: torch.Tensor | 
         lo = x.amin(dim=(2, 3), keepdim=True)
         hi = x.amax(dim=(2, 3), keepdim=True)
         return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
+    if name == "equalize":
+        return _equalize(x)
     raise ValueError(name)
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageOps.equalize on each channel of x (B, 3, H, W), whose values are multiples of 1/255: a
+    channel's levels go through its histogram's cumulative sum, spread over 0..255 in steps of (pixels less
+    the top level's count) // 255; a channel with one level, or too few pixels for a step, stays as it is."""
+    B, C, H, W = x.shape
+    levels = (x * 255).round().long().flatten(2)                          # (B, C, H*W)
+    hist = torch.zeros(B, C, 256, dtype=torch.long, device=x.device)
+    hist.scatter_add_(2, levels, torch.ones_like(levels))                 # (B, C, 256)
+    top = 255 - (hist > 0).flip(2).long().argmax(2, keepdim=True)         # highest level present, (B, C, 1)
+    step = (H * W - hist.gather(2, top)) // 255
+    below = hist.cumsum(2) - hist                                         # pixels under each level
+    lut = ((step // 2 + below) // step.clamp_min(1)).clamp_(max=255)      # PIL clips its table to 8 bits
+    out = (lut.gather(2, levels).to(x.dtype) / 255).view_as(x)
+    return torch.where((step > 0).view(B, C, 1, 1), out, x)
 
 
 def _affine(op: torch.Tensor, m: torch.Tensor, sign: torch.Tensor | None = None) -> torch.Tensor:

@@ -64,7 +64,7 @@ def test_trivial_augment_keeps_images_in_range_and_draws_an_op_per_image():
     y = trivial_augment(x)
     assert float(y.min()) >= 0 and float(y.max()) <= 1
     unchanged = (y == x).flatten(1).all(1).float().mean()
-    assert 0.02 < unchanged < 0.2  # identity is one op in 13; the rest change the image
+    assert 0.02 < unchanged < 0.2  # identity is one op in 14; the rest change the image
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
@@ -108,6 +108,18 @@ def test_sharpness_matches_pils_and_leaves_the_border_pixels_as_they_are():
         assert (y[0].permute(1, 2, 0) * 255 - want).abs().max() <= 1.5, factor
     small = torch.rand(2, 3, 2, 2)  # all border
     assert torch.equal(_color_op("sharpness", small, torch.ones(2)), small)
+
+
+def test_equalize_matches_pils_on_every_channel_and_leaves_single_level_channels_alone():
+    from PIL import Image, ImageOps
+    rng = np.random.default_rng(0)
+    flat = np.full((5, 7, 3), 90, dtype=np.uint8)
+    flat[0, 0, 0] = 3  # channel 0: two levels, too few pixels for a step; channels 1, 2: one level
+    for a in (rng.integers(0, 256, (9, 11, 3), dtype=np.uint8), rng.integers(100, 110, (16, 16, 3), dtype=np.uint8),
+              (rng.integers(0, 3, (16, 16, 3)) * 120).astype(np.uint8), flat):
+        want = np.array(ImageOps.equalize(Image.fromarray(a)))
+        y = _color_op("equalize", torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255, torch.ones(1))
+        assert np.array_equal((y[0].permute(1, 2, 0) * 255).round().byte().numpy(), want)
 
 
 def test_crops_and_flips_are_drawn_per_image():
