@@ -153,21 +153,27 @@ def _weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def start_from(model: nn.Module, path: str, name: str) -> str:
-    """Copy the weights of the model file at `path` into `model`, of config `name` (`--init`: a warm restart of a
-    finished run, or a fine-tune on other data of the same classes) and return their digest. The file must hold
-    the network being trained: a full-precision bitvit ViT or CNN teacher, or a timm/DeiT checkpoint of a ViT,
-    of the same config, classes and input normalisation (training settings such as stochastic depth aside)."""
-    from quant.models import VisionTransformer, is_torch_file, load_model, read_safetensors_metadata
+def init_model(path: str, name: str) -> nn.Module:
+    """The full-precision model in the file at `path` (`--init`: a warm restart of a finished run, or a fine-tune
+    on other data of the same classes): a bitvit ViT or CNN teacher, or a timm/DeiT checkpoint of the ViT config
+    `name`. Loaded before the data, so that data of other classes is refused before it is decoded."""
+    from quant.models import CONFIGS, is_torch_file, load_model, read_safetensors_metadata
     from quant.packfile import load_any
     from quant.qlinear import is_quantized_layer
-    foreign = isinstance(model, VisionTransformer) and (  # a timm/DeiT file: its config is the named one
+    foreign = name in CONFIGS and (  # a timm/DeiT file: its config is the named one
         is_torch_file(path) or not str(read_safetensors_metadata(path).get("format", "")).startswith("bitvit-"))
     start = load_model(path, name=name) if foreign else load_any(path)
     if any(map(is_quantized_layer, start.modules())):
         raise ValueError(f"--init {path} is a quantized model; start from a full-precision one (a quantization-"
                          f"aware run warm-restarts from its training state: python -m quant.qat --init "
                          f"RUN_DIR/finetune/last.pt)")
+    return start
+
+
+def start_from(model: nn.Module, start: nn.Module, path: str) -> str:
+    """Copy the weights of `start`, the `init_model` of the file at `path`, into `model` and return their digest.
+    It must be the network being trained: of the same class, config, classes and input normalisation (training
+    settings such as stochastic depth aside)."""
     if type(start) is not type(model):
         raise ValueError(f"--init {path} holds a {type(start).__name__}, not the {type(model).__name__} to train")
     was, now = dataclasses.asdict(start.config), dataclasses.asdict(model.config)
@@ -707,13 +713,18 @@ def main(argv=None):
         per_process_batch(cfg.batch_size, env.world)  # refused before the data is decoded
         # the teacher first: data of other classes than its own is refused before it is decoded, not after
         teacher = load_any(args.teacher) if args.teacher else None
+        start = init_model(args.init, args.model) if args.init else None  # as is the --init file
         if teacher is not None and teacher.config.img_size != img_size:  # it sees the student's images
             raise ValueError(f"the teacher {args.teacher} takes {teacher.config.img_size}x"
                              f"{teacher.config.img_size} images; the student {args.model} takes "
                              f"{img_size}x{img_size}")
-        whose = f"the teacher {args.teacher}'s"
-        train = load_split(args.data, args.split, img_size, limit=args.limit, progress=env.main,
-                           check=None if teacher is None else lambda s: s.require_classes(teacher.config, whose))
+
+        def same_classes(data):  # as the teacher's and the --init file's
+            for m, whose in ((teacher, f"the teacher {args.teacher}'s"), (start, f"the --init file {args.init}'s")):
+                if m is not None:
+                    data.require_classes(m.config, whose)
+            return data
+        train = load_split(args.data, args.split, img_size, limit=args.limit, progress=env.main, check=same_classes)
         if len(train.classes) < 2:  # a model of one class is right about every image it is shown
             raise ValueError(f"{args.data} holds one class ({train.classes[0]!r}) in its {args.split} split: a "
                              f"classifier is trained on two or more class folders")
@@ -726,7 +737,7 @@ def main(argv=None):
                           check=lambda s: s.require_classes(model.config, whose="the train split's"))
                if args.split == "train" else None)
         if args.init:
-            cfg.init = start_from(model, args.init, args.model)
+            cfg.init = start_from(model, start, args.init)
         if teacher is not None:
             if any(tuple(getattr(teacher.config, k)) != tuple(getattr(model.config, k))
                    for k in ("mean", "std")):  # it sees the student's normalised input

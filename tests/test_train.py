@@ -1086,6 +1086,15 @@ def test_cli_refuses_data_of_other_classes_than_the_teachers_before_any_image_is
     assert "are not the teacher" in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
 
 
+def test_cli_refuses_data_of_other_classes_than_the_init_files_before_any_image_is_decoded(tmp_path, capsys,
+                                                                                           no_decoding):
+    start = tiny_file(tmp_path / "start.safetensors", seed=0)
+    other = write_tree(tmp_path / "other", splits=("train",), classes=("a", "b", "c"))
+    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(other), "--out", str(tmp_path / "run"),
+                      "--epochs", "1", "--batch-size", "4", "--init", str(start)]) == 2
+    assert "are not the --init file " in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
+
+
 def test_cli_refuses_a_val_folder_of_other_classes_before_any_of_its_images_is_decoded(tmp_path, capsys,
                                                                                       monkeypatch):
     tree = write_tree(tmp_path / "t", splits=("train",))
@@ -1167,7 +1176,7 @@ def test_cli_refuses_a_timm_checkpoint_of_other_classes_naming_them(tmp_path, im
     torch.save(create_model("vit_cifar_tiny").state_dict(), tmp_path / "timm.pth")   # CIFAR-10's 10 classes
     assert run(main, ["--model", "vit_cifar_tiny", "--data", str(image_tree), "--out", str(tmp_path / "run"),
                       "--epochs", "1", "--batch-size", "4", "--init", str(tmp_path / "timm.pth")]) == 2
-    assert "num_classes 10 (to train: 3)" in capsys.readouterr().err
+    assert "['cat', 'dog', 'frog'] are not the --init file" in capsys.readouterr().err
 
 
 def test_resuming_with_another_init_is_refused(tmp_path, image_tree, capsys):
@@ -1180,7 +1189,7 @@ def test_resuming_with_another_init_is_refused(tmp_path, image_tree, capsys):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"embed_dim": 64}, "holds another model than the one to train: embed_dim 64 (to train: 128)"),
-    ({"num_classes": 2, "classes": TINY.classes[:2]}, "num_classes 2 (to train: 3)"),
+    ({"num_classes": 2, "classes": TINY.classes[:2]}, "['cat', 'dog', 'frog'] are not the --init file"),
 ])
 def test_cli_refuses_an_init_file_of_another_model_naming_what_differs(tmp_path, image_tree, capsys, overrides,
                                                                         message):
@@ -1196,7 +1205,7 @@ def test_an_init_file_trained_before_class_names_were_composed_starts_a_run_on_i
     start = tiny_file(tmp_path / "start.safetensors", seed=1,   # trained on a Mac's tree: "é" decomposed
                       classes=tuple(unicodedata.normalize("NFD", c) for c in ("café", "dog", "été")))
     model = create_model("vit_cifar_tiny", num_classes=3, classes=("café", "dog", "été"))   # the tree as now read
-    quant.train.start_from(model, str(start), "vit_cifar_tiny")
+    quant.train.start_from(model, quant.train.init_model(str(start), "vit_cifar_tiny"), str(start))
     assert model.config.classes == ("café", "dog", "été")
 
 
