@@ -40,6 +40,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FORMAT = "bitvit-vit/1"  # safetensors metadata key "format" of a full-precision bitvit checkpoint
+MAX_LAYERS = 1000  # blocks, and stem layers, a ViT config may ask for
 
 
 def check_image_config(cfg, kind: str, sizes: tuple[str, ...]) -> Callable[[bool, str, str], None]:
@@ -88,6 +89,10 @@ class ViTConfig:
         check(finite_number(self.drop_path_rate) and 0 <= self.drop_path_rate < 1, "drop_path_rate", "in [0, 1)")
         check(isinstance(self.stem_channels, tuple) and all(map(is_positive_int, self.stem_channels)),
               "stem_channels", "a list of positive integers")
+        # a file's config is built (as a skeleton on the meta device) before its tensors are checked, at milliseconds
+        # a layer: a crafted 100 kB config of 100,000 layers took minutes and gigabytes (ViT-22B has 48 blocks)
+        check(self.depth <= MAX_LAYERS, "depth", f"at most {MAX_LAYERS} blocks")
+        check(len(self.stem_channels) <= MAX_LAYERS, "stem_channels", f"at most {MAX_LAYERS} layers")
 
     @property
     def num_patches(self) -> int:

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 import quant
 
-from quant.models import (CONFIGS, FORMAT, ViTConfig, VisionTransformer, create_model, forward_with_hooks,
-                          load_model, load_state_dict, read_safetensors_metadata, save_model)
+from quant.models import (CONFIGS, FORMAT, MAX_LAYERS, ViTConfig, VisionTransformer, create_model,
+                          forward_with_hooks, load_model, load_state_dict, read_safetensors_metadata, save_model)
 from tests.conftest import TINY
 
 TIMM_BLOCK_KEYS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
@@ -474,11 +474,19 @@ def test_a_model_holding_nan_or_infinity_is_not_saved(tiny_model, tmp_path, valu
 
 def test_a_config_of_more_blocks_than_the_file_holds_is_refused_before_a_model_is_built(tiny_model, tmp_path):
     state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
-    deep = dataclasses.replace(TINY, depth=10**6)  # a million blocks would take hours to build, even on meta
+    deep = dataclasses.replace(TINY, depth=MAX_LAYERS)  # seconds to build, even on meta
     save_file(state, tmp_path / "m.safetensors", metadata={"format": FORMAT, "config": deep.to_json()})
-    with pytest.raises(ValueError, match=f"the config has {10**6} blocks, the file holds tensors of {TINY.depth} "
+    with pytest.raises(ValueError, match=f"the config has {MAX_LAYERS} blocks, the file holds tensors of {TINY.depth} "
                                          f"\\(none of 'blocks.{TINY.depth}'\\)"):
         load_model(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("field, value, limit", [("depth", MAX_LAYERS + 1, "1000 blocks"),
+                                                 ("stem_channels", [1] * (MAX_LAYERS + 1), "1000 layers")])
+def test_a_config_of_more_layers_than_any_vit_has_is_refused_before_a_skeleton_is_built(field, value, limit):
+    """A file naming one empty tensor per block passes the depth check: 100,000 blocks took minutes on meta."""
+    with pytest.raises(ValueError, match=f"m.safetensors: ViT config field '{field}' must be at most {limit}"):
+        ViTConfig.from_json(json.dumps({field: value}), "m.safetensors")
 
 
 def test_a_config_too_large_for_any_storage_is_refused_with_a_message(tiny_model, tmp_path):

@@ -248,8 +248,8 @@ def test_a_header_asking_for_a_huge_architecture_is_refused_before_building_it(s
 
 def test_a_header_asking_for_more_blocks_than_the_file_holds_is_refused_before_building_it(saved, tmp_path):
     def deep(h):
-        h["architecture"]["config"].update(depth=10**6)
-    with pytest.raises(ValueError, match=f"the config has {10**6} blocks, the file holds tensors of"):
+        h["architecture"]["config"].update(depth=1000)  # the most a config may ask for
+    with pytest.raises(ValueError, match="the config has 1000 blocks, the file holds tensors of"):
         quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=deep))
 
 
