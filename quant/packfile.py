@@ -324,6 +324,12 @@ def _check_architecture(cfg: ViTConfig, header: dict, tensors: dict, path) -> No
         _check_layer_fits(_module(skeleton, name, path), entry, name, path)
     load_state_dict(skeleton, {k: v for k, v in tensors.items() if not k.startswith(quantized)}, source=str(path),
                     loaded=frozenset(k for k in skeleton.state_dict() if k.startswith(quantized)), copy=False)
+    # the tensors of the layers the header names are checked after the model is built: their sizes must not
+    # ask for more than the file holds (a 7 kB file's header asked for a 10^9-class head, 32 GB of float32)
+    weights, held = sum(t.numel() for t in skeleton.state_dict().values()), sum(t.nbytes for t in tensors.values())
+    if weights > 8 * held:
+        raise ValueError(f"{path}: its architecture has {weights:,} weights, but the file holds {held:,} bytes of "
+                         f"tensors, under the 1 bit a weight that the smallest format takes (a damaged header?)")
 
 
 def _check_layer_fits(old: nn.Module, entry: dict, name: str, path) -> None:

@@ -253,6 +253,18 @@ def test_a_header_asking_for_more_blocks_than_the_file_holds_is_refused_before_b
         quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=deep))
 
 
+def test_a_header_asking_for_more_weights_than_its_bytes_can_pack_is_refused_before_building_the_model(saved,
+                                                                                                       tmp_path):
+    """The quantized layers' tensors are checked once the model is built: a header whose head (with all its
+    tensors) is quantized could ask for 10^12 classes, 32 TB of float32, from a file of a few kB."""
+    def wide(h):
+        h["architecture"]["config"].update(num_classes=10**12, classes=[])
+        h["layers"]["head"]["out_features"] = 10**12
+    with pytest.raises(ValueError, match="bad.safetensors: its architecture has 33,000,000,0.* weights, but the file "
+                                         "holds .* bytes of tensors, under the 1 bit a weight"):
+        quant.load_quantized(rewrite(saved, tmp_path / "bad.safetensors", edit_header=wide))
+
+
 def test_a_header_whose_layers_ask_for_more_than_the_file_holds_is_refused_before_building_the_model(
         saved, tmp_path, monkeypatch):
     built = []
