@@ -509,6 +509,14 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"{path} holds no state dict of tensors")
+    # a pickle may view a few stored values with zero strides as any shape: a 10^9-class head from 4 bytes, which
+    # the checks that follow (and the model built to that head) would expand to gigabytes
+    wide = next((k for k, v in obj.items() if v.layout == torch.strided
+                 and v.numel() * v.element_size() > v.untyped_storage().nbytes()), None)
+    if wide is not None:
+        stored = obj[wide].untyped_storage().nbytes()
+        raise ValueError(f"{path}: tensor {wide!r} of shape {tuple(obj[wide].shape)} repeats the {stored:,} bytes the "
+                         f"file stores for it; a model's state dict holds each value once")
     return obj
 
 

@@ -503,6 +503,13 @@ def test_an_integer_tensor_is_refused_naming_it(tiny_model):
         load_state_dict(tiny_model, state)
 
 
+def test_a_pth_tensor_viewing_a_few_stored_values_as_a_huge_shape_is_refused_before_it_is_expanded(tmp_path):
+    torch.save({"head.weight": torch.zeros(1, 1).expand(10**12, 192)}, tmp_path / "x.pth")  # 4 bytes stored
+    with pytest.raises(ValueError, match=r"x.pth: tensor 'head.weight' of shape \(1000000000000, 192\) repeats the "
+                                         r"4 bytes the file stores for it"):
+        load_model(tmp_path / "x.pth", name="deit_tiny_patch16_224")
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("kind", ["empty", "plain pickle"])
 def test_a_pth_that_is_no_torch_checkpoint_is_refused_without_blaming_pickled_code(tmp_path, kind):
