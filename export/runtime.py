@@ -40,12 +40,29 @@ def read_onnx(path: Path) -> onnx.ModelProto:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises its own DecodeError for garbage
         raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
-        raise ValueError(f"{path} keeps tensors in external files; a bitvit export holds all of its weights")
+    external = _external_tensor(proto, "model")
+    if external is not None:  # ONNX Runtime would read it from the working folder, a Constant's as an initializer's
+        raise ValueError(f"{path} keeps tensors in external files (its {external}'s data); a bitvit export holds all "
+                         f"of its weights")
     bad = _non_utf8_text(proto, "model")
     if bad is not None:  # ONNX Runtime's error naming it would fail to decode ("'utf-8' codec can't decode")
         raise ValueError(f"{path} is damaged: its {bad[0]} holds {bad[1]!r}, which is not UTF-8 text")
     return proto
+
+
+def _external_tensor(msg: Message, where: str) -> str | None:
+    """The field path of the first tensor anywhere in `msg` (an initializer, a sparse one's values, a node's
+    attribute, in a subgraph or a function) whose data lies in another file, or None."""
+    if isinstance(msg, onnx.TensorProto) and msg.data_location == onnx.TensorProto.EXTERNAL:
+        return where
+    for field, value in msg.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            for i, sub in enumerate((value,) if isinstance(value, Message) else value):
+                found = _external_tensor(sub, f"{where}.{field.name}"
+                                         + ("" if isinstance(value, Message) else f"[{i}]"))
+                if found is not None:
+                    return found
+    return None
 
 
 def _non_utf8_text(msg: Message, where: str) -> tuple[str, bytes] | None:

@@ -815,6 +815,21 @@ def test_an_onnx_file_keeping_its_weights_in_external_files_is_refused(tiny_mode
         runtime.load(tmp_path / "m.onnx")
 
 
+def test_an_onnx_file_keeping_a_constant_nodes_value_in_an_external_file_is_refused_before_it_is_read(tiny_model,
+                                                                                                       tmp_path):
+    """ONNX Runtime reads a Constant's external data from the working folder, whatever folder the model is in."""
+    proto = to_onnx(tiny_model)
+    t = next(t for t in proto.graph.initializer if t.name == "pos_embed")
+    proto.graph.initializer.remove(t)
+    t.data_location, t.raw_data = onnx.TensorProto.EXTERNAL, b""
+    t.external_data.add(key="location", value="secret.bin")
+    proto.graph.node.insert(0, helper.make_node("Constant", [], [t.name], value=t))
+    onnx.save(proto, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"m.onnx keeps tensors in external files \(its "
+                                         r"model.graph.node\[0\].attribute\[0\].t's data\)"):
+        runtime.load(tmp_path / "m.onnx")
+
+
 def test_a_file_whose_damaged_name_is_not_utf8_is_refused_by_name_without_onnx_runtimes_banner(tiny_model, tmp_path,
                                                                                                 capfd):
     data = to_onnx(tiny_model).SerializeToString()
