@@ -45,6 +45,9 @@ from quant.cli import finite_number, written_whole
 IMAGE_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 NO_IMAGES = f"holds no images (files ending {', '.join(IMAGE_EXTS)}; others, such as .qoi, are not read)"
 SPLITS = ("train", "val", "trainval", "test", "all")
+# an image file is read whole before PIL decodes it (which refuses images past 179 megapixels, 0.7 GB as RGBA): a
+# larger one (a 13 MB .tar.gz held a 3 GB member of zeros named .jpg) is refused unread
+MAX_IMAGE_BYTES = 1 << 30
 
 
 def _is_image(name: str) -> bool:
@@ -353,7 +356,12 @@ class _TarSource(_Source):
     def every(self) -> list[tarfile.TarInfo]:
         """All the archive's members (listing them decompresses all of it: seconds for CIFAR-10)."""
         with _open_archive(self.path) as tar:
-            every = tar.getmembers()
+            every = []
+            for m in tar:  # each member's size checked before tarfile reads past it (decompressing it all)
+                if m.isfile() and _is_image(m.name) and m.size > MAX_IMAGE_BYTES:
+                    raise ValueError(f"image {self.path}:{m.name} is {m.size:,} bytes, over the {MAX_IMAGE_BYTES:,} "
+                                     f"an image file may be (a damaged or hostile archive?)")
+                every.append(m)
             # tarfile ends its listing without a word where a member's header is cut short or damaged; at the
             # end-of-archive marker it has read one whole zero block, and what follows is zeros (or nothing)
             cut = tar.fileobj.tell() != tar.offset + tarfile.BLOCKSIZE
@@ -575,6 +583,9 @@ def _resize(img: Image.Image, size: int) -> np.ndarray:
 
 def _read_file(path: Path) -> bytes:
     try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise ValueError(f"image {path} is {size:,} bytes, over the {MAX_IMAGE_BYTES:,} an image file may be")
         return path.read_bytes()
     except OSError as e:
         raise ValueError(f"cannot read image {path} ({e.strerror or e})") from None

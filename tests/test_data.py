@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from quant.augment import Augment, AugmentConfig, random_crop_flip
-from quant.data import ImageSet, cache_dir, load_split, to_model_input
+from quant.data import MAX_IMAGE_BYTES, ImageSet, cache_dir, load_split, to_model_input
 from tests.conftest import TINY, write_tar, write_tree
 
 
@@ -538,6 +538,28 @@ def test_a_sliver_image_is_resized_from_its_centre_not_blown_up_whole(monkeypatc
     out = _resize(Image.fromarray(sliver), 32)
     assert out.shape == (32, 32, 3) and out[:, 14:18].min() > 0
     assert sizes and max(w * h for w, h in sizes) <= 4 * 32 * 32   # not 3.2 million x 32
+
+
+def test_an_archive_image_larger_than_any_image_file_is_refused_before_it_is_read(tmp_path):
+    """A .tar.gz of a few MB can unpack to a member of gigabytes of zeros named .jpg, which was read whole."""
+    head = tarfile.TarInfo("train/a/x.jpg")
+    head.size = MAX_IMAGE_BYTES + 1
+    path = tmp_path / "big.tar"
+    with open(path, "wb") as f:
+        f.write(head.tobuf())
+        f.truncate(512 + (head.size + 511) // 512 * 512 + 1024)  # sparse: its data and end blocks, all zeros
+    with pytest.raises(ValueError, match=f"image {path}:train/a/x.jpg is 1,073,741,825 bytes, over the "
+                                         f"1,073,741,824 an image file may be"):
+        load_split(path, "train")
+
+
+def test_a_tree_image_larger_than_any_image_file_is_refused_before_it_is_read(image_tree):
+    big = image_tree / "test" / "cat" / "big.jpg"
+    with open(big, "wb") as f:
+        f.truncate(MAX_IMAGE_BYTES + 1)  # sparse
+    with pytest.raises(ValueError, match=f"image {big} is 1,073,741,825 bytes, over the 1,073,741,824 an image "
+                                         f"file may be"):
+        load_split(image_tree, "test")
 
 
 def test_a_truncated_archive_is_named(image_tar, tmp_path):
