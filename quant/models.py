@@ -41,6 +41,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FORMAT = "bitvit-vit/1"  # safetensors metadata key "format" of a full-precision bitvit checkpoint
 MAX_LAYERS = 1000  # blocks, and stem layers, a ViT config may ask for
+MAX_TENSORS = 100_000  # in a model file: a ViT of MAX_LAYERS quantized blocks holds about 25,000
 
 
 def check_image_config(cfg, kind: str, sizes: tuple[str, ...]) -> Callable[[bool, str, str], None]:
@@ -422,10 +423,15 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     path = existing_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            meta, names = f.metadata() or {}, f.keys()
+            # (unread past the count: a header of 10^6 empty tensors took a minute and 2 GB to read)
+            tensors = {k: f.get_tensor(k) for k in names} if len(names) <= MAX_TENSORS else None
     except Exception as e:  # safetensors raises its own error types for truncated/garbage files
         raise unreadable_safetensors(path, e) from None
+    if tensors is None:
+        raise ValueError(f"{path} holds {len(names):,} tensors, over the {MAX_TENSORS:,} of any model bitvit builds "
+                         f"(a damaged file?)")
+    return tensors, meta
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import quant
 
-from quant.models import (CONFIGS, FORMAT, MAX_LAYERS, ViTConfig, VisionTransformer, create_model,
+from quant.models import (CONFIGS, FORMAT, MAX_LAYERS, MAX_TENSORS, ViTConfig, VisionTransformer, create_model,
                           forward_with_hooks, load_model, load_state_dict, read_safetensors_metadata, save_model)
 from tests.conftest import TINY
 
@@ -487,6 +487,14 @@ def test_a_config_of_more_layers_than_any_vit_has_is_refused_before_a_skeleton_i
     """A file naming one empty tensor per block passes the depth check: 100,000 blocks took minutes on meta."""
     with pytest.raises(ValueError, match=f"m.safetensors: ViT config field '{field}' must be at most {limit}"):
         ViTConfig.from_json(json.dumps({field: value}), "m.safetensors")
+
+
+def test_a_file_of_more_tensors_than_any_model_holds_is_refused_before_they_are_read(tmp_path):
+    names = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(MAX_TENSORS + 1)}
+    header = json.dumps(names).encode()  # (written by hand: safetensors' writer takes seconds for as many)
+    (tmp_path / "m.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match="m.safetensors holds 100,001 tensors, over the 100,000 of any model"):
+        load_model(tmp_path / "m.safetensors")
 
 
 def test_a_config_too_large_for_any_storage_is_refused_with_a_message(tiny_model, tmp_path):
