@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pickle
+import reprlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,8 @@ def check_image_config(cfg, kind: str, sizes: tuple[str, ...]) -> Callable[[bool
     """Refuse a model config (ViT or CNN teacher) whose `sizes` fields, num_classes, classes, mean or std
     no model can be built from or fed with, naming the field; returns the check for the kind's own fields."""
     def check(ok: bool, field: str, want: str):
-        if not ok:
-            raise ValueError(f"{kind} config field {field!r} must be {want}, got {getattr(cfg, field)!r}")
+        if not ok:  # reprlib: a file's 10^6 class names shown as the first six, not as a message of megabytes
+            raise ValueError(f"{kind} config field {field!r} must be {want}, got {reprlib.repr(getattr(cfg, field))}")
 
     for f in (*sizes, "num_classes"):
         check(is_positive_int(getattr(cfg, f)), f, "a positive integer")

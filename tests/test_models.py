@@ -442,6 +442,14 @@ def test_a_config_field_of_the_wrong_type_or_range_is_refused_naming_it(field, v
         ViTConfig.from_json(json.dumps({field: value}), "m.safetensors")
 
 
+def test_a_config_field_refused_shows_a_long_value_shortened():
+    names = [f"class{i}" for i in range(100_000)]  # 1.2 MB of names for a config of 10 classes
+    with pytest.raises(ValueError, match=r"field 'classes' must be 10 class names or none, got "
+                                         r"\('class0', 'class1', .*, \.\.\.\)$") as e:
+        ViTConfig.from_json(json.dumps({"classes": names}), "m.safetensors")
+    assert len(str(e.value)) < 200
+
+
 def test_an_mlp_ratio_giving_a_zero_wide_mlp_is_refused_naming_it():
     with pytest.raises(ValueError, match="ViT config field 'mlp_ratio' must be at least 1/embed_dim"):
         dataclasses.replace(TINY, mlp_ratio=0.01)  # int(32 * 0.01) = 0 hidden units
