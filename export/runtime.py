@@ -95,10 +95,12 @@ def ort_message(e: Exception) -> str:
     """ONNX Runtime's error as one line, without the C++ source location and signature it prefixes
     (`/onnxruntime_src/...cc:256 onnxruntime::Model::Model(...) `, the signature maybe after a return type
     `void `), or the bare location and function name (`tensorprotoutils.cc:1534 ValidateEmbedded... `, or a
-    lambda's `matmul_nbits.cc:316 operator() `)."""
+    lambda's `matmul_nbits.cc:316 operator() `). Cut short past 1000 characters: ONNX Runtime quotes the node, whose
+    name a file may make megabytes long."""
     text = re.sub(r"/onnxruntime_src/\S+:\d+ (?:[^(]*? )?[^(\s]+\([^)]*\)\s*", "", str(e))
     text = re.sub(r"\b\w+\.(?:cc|h):\d+ \w+(?:\(\))?\s+", "", text)
-    return " ".join(text.split()).rstrip(",")
+    text = " ".join(text.split()).rstrip(",")
+    return text if len(text) <= 1000 else text[:1000] + " ..."
 
 
 def register_library(so: ort.SessionOptions, library: Path | None = None) -> None:

@@ -830,6 +830,15 @@ def test_an_onnx_file_keeping_a_constant_nodes_value_in_an_external_file_is_refu
         runtime.load(tmp_path / "m.onnx")
 
 
+def test_onnx_runtimes_error_quoting_a_node_of_a_huge_name_is_cut_short(tiny_model, tmp_path):
+    proto = to_onnx(tiny_model)
+    proto.graph.node[0].name, proto.graph.node[0].op_type = "n" * 100_000, "NoSuchOp"
+    onnx.save(proto, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"ONNX Runtime cannot load .*m.onnx: .*n \.\.\.$") as e:
+        runtime.load(tmp_path / "m.onnx")
+    assert len(str(e.value)) < 1200
+
+
 def test_a_file_whose_damaged_name_is_not_utf8_is_refused_by_name_without_onnx_runtimes_banner(tiny_model, tmp_path,
                                                                                                 capfd):
     data = to_onnx(tiny_model).SerializeToString()
