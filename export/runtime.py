@@ -210,7 +210,13 @@ class Session:
         floats = (T.FLOAT, T.FLOAT16, T.BFLOAT16, T.DOUBLE)
         constants = [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
         for t in [*proto.graph.initializer, *constants]:  # a damaged weight or scale turns every output into NaN
-            if t.data_type in floats and not np.isfinite(numpy_helper.to_array(t).astype(np.float32)).all():
+            if t.data_type not in floats:
+                continue
+            try:
+                values = numpy_helper.to_array(t)
+            except ValueError as e:  # data of another size than its dims, in one ONNX Runtime left unread (unused)
+                raise ValueError(f"{self.path}: weight {t.name!r} is damaged ({e})") from None
+            if not np.isfinite(values.astype(np.float32)).all():
                 raise ValueError(f"{self.path}: weight {t.name!r} holds NaN or infinite values (a damaged file?)")
 
     @property

@@ -830,6 +830,17 @@ def test_an_onnx_file_keeping_a_constant_nodes_value_in_an_external_file_is_refu
         runtime.load(tmp_path / "m.onnx")
 
 
+def test_an_unused_weight_whose_data_does_not_fill_its_dims_is_refused_naming_the_file_and_weight(tiny_model,
+                                                                                                   tmp_path):
+    proto = to_onnx(tiny_model)
+    junk = numpy_helper.from_array(np.zeros(4, np.float32), "junk")
+    junk.dims[:] = [100_000, 100_000]  # 4 values stored; ONNX Runtime drops the unused weight unread
+    proto.graph.initializer.append(junk)
+    onnx.save(proto, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"m.onnx: weight 'junk' is damaged \(cannot reshape array of size 4"):
+        runtime.load(tmp_path / "m.onnx")
+
+
 def test_onnx_runtimes_error_quoting_a_node_of_a_huge_name_is_cut_short(tiny_model, tmp_path):
     proto = to_onnx(tiny_model)
     proto.graph.node[0].name, proto.graph.node[0].op_type = "n" * 100_000, "NoSuchOp"
