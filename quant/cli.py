@@ -63,8 +63,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text, default = action.help, action.default
-        if text is None or default in (None, False, "", [], argparse.SUPPRESS) or action.required \
-                or "default" in text.lower():
+        # (`is`: a default of 0 is told, though 0 == False)
+        if text is None or default is None or default is False or default in ("", [], argparse.SUPPRESS) \
+                or action.required or "default" in text.lower():
             return text
         if isinstance(default, (list, tuple)):
             default = " ".join(map(str, default))

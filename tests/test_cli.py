@@ -620,3 +620,14 @@ def test_a_dead_processs_temporary_another_process_removes_first_is_no_error(tmp
     with written_whole(tmp_path / "model.pt") as tmp:
         tmp.write_text("a model")
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_help_tells_a_default_of_0_as_it_tells_any_other():
+    from quant.cli import HelpFormatter
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="random seed")  # 0 == False: it was left untold
+    p.add_argument("--budget", type=float, default=0.0, help="seconds")
+    p.add_argument("--flag", action="store_true", help="a switch")
+    text = p.format_help()
+    assert "random seed (default: 0)" in text and "seconds (default: 0.0)" in text
+    assert "a switch\n" in text
