@@ -55,8 +55,8 @@ def cache_root() -> Path:
 def library_path(isa: str = "native", force: bool = False) -> Path:
     """The custom-op library for this machine, built first if needed.
 
-    `isa` picks the kernel: "native" (AVX-512 VNNI or AVX2, whichever the compiler targets here),
-    or forces the "avx2" or "portable" one (for tests and comparisons).
+    `isa` picks the kernel: "native" (AVX-512 VNNI, else AVX2, else the portable one, as the compiler targets
+    here: portable on an Arm CPU), or forces the "avx2" or "portable" one (for tests and comparisons).
     """
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}; choose one of {', '.join(ISAS)}")
@@ -250,7 +250,8 @@ def _run(cmd: list[str], cwd: Path | None = None, what: str | None = None) -> st
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m export.ortops", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--isa", default="native", choices=list(ISAS))
+    p.add_argument("--isa", default="native", choices=list(ISAS),
+                   help="the kernel: native (the best this CPU runs: avx512-vnni, avx2 or portable), or force one")
     p.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
     args = p.parse_args(argv)
     path = library_path(args.isa, force=args.force)
