@@ -86,7 +86,8 @@ def bench_pair(handlers, variant: str, frames: list[np.ndarray]) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_small.safetensors)")
+    p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_small.safetensors; with another "
+                                "--assets, the first full-precision model there)")
     p.add_argument("--assets", default=str(ASSETS), help="folder of packed models (default: assets/)")
     p.add_argument("--frames", type=positive_int, default=300, help="timed frames per pair (default 300)")
     p.add_argument("--size", default="640x480", help="frame size WxH (default 640x480, a webcam's)")

@@ -219,7 +219,8 @@ def main(argv=None):
     p.add_argument("--port", type=port,
                    help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
-    p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_small.safetensors)")
+    p.add_argument("--fp", help="full-precision model (default: assets/vit_cifar_small.safetensors; with another "
+                                "--assets, the first full-precision model there)")
     p.add_argument("--quant", help="quantized model to select first (.safetensors or .onnx; default: "
                                    "a ternary model from assets/)")
     p.add_argument("--assets", default=str(ASSETS), help="folder of models to offer (default: assets/)")
