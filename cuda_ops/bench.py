@@ -35,6 +35,7 @@ import math
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -408,11 +409,18 @@ def print_targets(rows: list[dict], device: str) -> None:
         print(f"  {r['target']:<72} {r['measured']:>7.2f}  {verdict}")
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Speed-up over the baseline against M, one panel per model (geometric mean over its 4 layers)."""
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Speed-up over the baseline against M, one panel per model (geometric mean over its 4 layers), under `title`
+    (the device and the baseline). Speed-ups and the Ms measured are written as numbers ("0.5", "197"), not as
+    powers of ten."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, NullFormatter
+
+    class Plain(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False)
     for ax, name in zip(axes[0], models):
@@ -425,7 +433,13 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(ms, [math.exp(sum(pts[m]) / len(pts[m])) for m in ms], marker="o", label=op)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set(xscale="log", yscale="log", title=name, xlabel="M = batch x tokens", ylabel="speed-up over dense")
+        ax.set_xticks(sorted({r["M"] for r in rows if r["model"] == name}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(Plain())  # the ticks matplotlib labels, as "0.4", not "4 x 10^-1"
+        ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False))
         ax.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 72 / 6)), fontsize=10)  # ~6 pt a character at 10 pt
     fig.tight_layout()
     write_png(path, fig, dpi=120)
 
@@ -538,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                               result["skipped"], saved=lambda rows: save(ops=rows))
     print_ops(result["ops"], args.device)
     if args.plot and result["ops"]:  # drawn now: the plot shows the per-op part, which a later timeout keeps
-        plot(result["ops"], args.plot)
+        plot(result["ops"], args.plot, f"{device_name}: each op's speed-up over {result['baseline']}, "
+                                       f"geometric mean over the layers")
     elif args.plot:  # every op shape skipped (time limit) or failed
         print(f"WARNING: no op was measured, so no plot was written to {args.plot}", file=sys.stderr)
     result["models"] = bench_models(e2e_models, batches, variants, args.device, dtype, deadline, progress,

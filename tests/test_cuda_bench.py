@@ -200,8 +200,34 @@ def test_the_speed_up_plot_leaves_no_figure_open(tmp_path):
     import matplotlib.pyplot as plt
     open_before = plt.get_fignums()
     rows = [{"model": "vit_cifar_tiny", "op": op, "M": 65, "speedup_vs_dense": s} for op, s in [("dense", 1), ("w1a8", 2)]]
-    bench.plot(rows, tmp_path / "b.png")
+    bench.plot(rows, tmp_path / "b.png", "cpu")
     assert (tmp_path / "b.png").stat().st_size > 0 and plt.get_fignums() == open_before
+
+
+def speed_up_figure(monkeypatch, rows, title="cpu"):
+    figs = []
+    monkeypatch.setattr(bench, "write_png", lambda path, fig, dpi: figs.append(fig))
+    bench.plot(rows, "b.png", title)
+    figs[0].canvas.draw()
+    return figs[0]
+
+
+def test_the_speed_up_plot_writes_speed_ups_and_ms_as_numbers_not_powers_of_ten(monkeypatch):
+    rows = [{"model": "vit_cifar_tiny", "op": op, "M": m, "speedup_vs_dense": s}
+            for m in (197, 12608) for op, s in [("dense", 1), ("w1a8", 0.3 if m == 197 else 0.45)]]
+    ax = speed_up_figure(monkeypatch, rows).axes[0]
+    ys = [t.get_text() for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True) if t.get_text()]
+    xs = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert "0.3" in ys and "1" in ys and xs == ["197", "12608"]
+
+
+def test_the_speed_up_plot_names_the_device_and_baseline_within_the_figure(monkeypatch):
+    rows = [{"model": "vit_cifar_tiny", "op": op, "M": 65, "speedup_vs_dense": s} for op, s in [("dense", 1), ("w1a8", 2)]]
+    title = "NVIDIA H200: each op's speed-up over dense = F.linear in bfloat16 (cuBLAS), geometric mean over the layers"
+    fig = speed_up_figure(monkeypatch, rows, title)
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert " ".join(fig._suptitle.get_text().split()) == title
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
 
 
 def test_targets_skip_op_rows_measured_without_the_dense_baseline():
