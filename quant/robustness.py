@@ -193,7 +193,8 @@ def figure(result: dict):
     """Row 1: per bit-width, the top-1 drop and the logit KL per block for each weight and the post-GELU
     activation. Rows 2-3: per slot (Q, K, V, attention scores), block x head heat maps of the KL and of
     the top-1 drop at the lowest bit-width (the Q-ViT paper's figure 2, made per head).
-    On a few hundred images the drop moves in steps of 100 / n points; the KL resolves far smaller effects."""
+    On a few hundred images the drop moves in steps of 100 / n points; the KL resolves far smaller effects (its
+    cells are written to two significant digits, so a KL of 0.0004 reads as such, not as 0.000)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -239,7 +240,7 @@ def figure(result: dict):
             im = ax.imshow(grid, cmap="magma_r", vmin=min(0, grid.min()), vmax=max(grid.max(), 1e-6), aspect="auto")
             for r in range(grid.shape[0]):
                 for c in range(grid.shape[1]):
-                    ax.text(c, r, f"{grid[r, c]:.3f}" if metric == "kl" else f"{grid[r, c]:.1f}", ha="center",
+                    ax.text(c, r, f"{grid[r, c]:.2g}" if metric == "kl" else f"{grid[r, c]:.1f}", ha="center",
                             va="center", fontsize=7, color="white" if im.norm(grid[r, c]) > 0.6 else "black")  # on the dark end
             ax.set_xticks(range(len(heads)))
             ax.set_yticks(range(len(blocks)))

@@ -251,5 +251,11 @@ def test_a_heat_maps_numbers_are_white_on_its_dark_cells_when_some_drops_are_neg
     assert texts == {"0.0": "white", "-5.0": "black"}  # 0 is the top of the scale, -5 its bottom
 
 
+def test_a_heat_maps_kl_is_written_to_two_significant_digits_however_small():
+    trials = [trial(2, "h_q", 0, h, kl=k) for h, k in enumerate((0.00042, 0.0123, 0.0))]
+    texts = [t.get_text() for t in figure({"fp_top1": 0.9, "n": 20, "trials": trials}).axes[4].texts]
+    assert texts == ["0.00042", "0.012", "0"]
+
+
 def test_the_figure_is_titled_with_the_fp_top1_and_how_many_images_of_which_split():
     assert figure_of().get_suptitle() == "Quantizing one component at a time (FP top-1 0.9000, 40 val images)"
