@@ -275,20 +275,25 @@ def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weigh
 
 
 def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
-    """Name each point beside it, lifting a name in steps of one line while it would cover one placed before."""
+    """Name each point beside it, on its left where the name would run past the right of the plot, lifting a
+    name in steps of one line while it would cover one placed before; a lifted name has a line to its point."""
     size = 7                                             # font size, points
     ax.autoscale_view()                                  # settle the axis limits the positions depend on
     px_per_pt = ax.figure.dpi / 72
     placed = []                                          # (left, bottom, width) of each name, in pixels
     for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):
         px, py = ax.transData.transform((x, y))
-        left, width, height = px + 4 * px_per_pt, 0.6 * size * len(text) * px_per_pt, 1.2 * size * px_per_pt
+        width, height = 0.6 * size * len(text) * px_per_pt, 1.2 * size * px_per_pt
+        dx = 4.0 if px + (4 * px_per_pt) + width <= ax.bbox.x1 else -4.0
+        left = px + dx * px_per_pt - (width if dx < 0 else 0)
         dy = 3.0
         while any(left < ql + qw and ql < left + width and abs(py + dy * px_per_pt - qb) < height
                   for ql, qb, qw in placed):
             dy += 1.2 * size
         placed.append((left, py + dy * px_per_pt, width))
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, dy), fontsize=size)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=size,
+                    ha="left" if dx > 0 else "right", arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5,
+                                                                       shrinkA=0, shrinkB=3) if dy > 3 else None)
     over = max((b + 1.2 * size * px_per_pt for _, b, _ in placed), default=0) - ax.bbox.y1
     if over > 0:                                         # names stacked above the top: make room for them
         lo, hi = ax.get_ylim()

@@ -538,6 +538,22 @@ def test_report_plots_models_of_16_bits_and_more_as_lines_and_the_rest_as_points
     assert ax.collections[0].get_offsets().tolist() == [[4.0, pytest.approx(85.0)]]
 
 
+def test_report_names_the_rightmost_point_on_its_left_where_its_name_would_run_past_the_plot(tmp_path):
+    folder = results_folder(tmp_path, ptq={"results": [{"recipe": "w2", "top1": 0.5, "bits_per_weight": 2.0},
+                                                       {"recipe": "w8a8-" + "x" * 40, "top1": 0.9, "bits_per_weight": 8.0}]})
+    fig = accuracy_vs_bits(load(folder))
+    fig.canvas.draw()
+    ax, renderer = fig.axes[0], fig.canvas.get_renderer()
+    assert all(t.get_window_extent(renderer).x1 <= ax.bbox.x1 for t in ax.texts)
+
+
+def test_report_draws_a_line_from_a_name_lifted_off_another_to_its_point(tmp_path):
+    folder = results_folder(tmp_path, ptq={"results": [{"recipe": "w4", "top1": 0.8, "bits_per_weight": 4.0},
+                                                       {"recipe": "w4-gptq", "top1": 0.8, "bits_per_weight": 4.0}]})
+    texts = accuracy_vs_bits(load(folder)).axes[0].texts
+    assert [(t.get_text(), t.arrow_patch is not None) for t in texts] == [("w4", False), ("w4-gptq", True)]
+
+
 def test_report_titles_the_plot_with_the_models_and_the_split_and_says_which_files_it_skipped(tmp_path, capsys,
                                                                                             monkeypatch):
     titles = []
