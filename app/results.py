@@ -23,7 +23,7 @@ def _bars(entries: list[Entry], values: list[float], xlabel: str, title: str, fm
     fig, ax = plt.subplots(figsize=(7.5, min(0.8 + 0.28 * len(entries), MAX_SIDE)))
     y = np.arange(len(entries))
     ax.barh(y, values, color=[palette[e.source] for e in entries])
-    ax.set_yticks(y, [e.label for e in entries], fontsize=7)
+    ax.set_yticks(y, [e.label for e in entries], fontsize=7, parse_math=False)  # "$" in a name is a dollar, not TeX
     ax.invert_yaxis()
     for i, v in enumerate(values):
         ax.text(v, i, " " + fmt.format(v), va="center", fontsize=7)

@@ -335,7 +335,7 @@ def allocation_figure(alloc: dict, title: str = "Q-ViT bit allocation"):
             ax.text(c, r, f"{data[r, c]:g}", ha="center", va="center", fontsize=8,
                     color="white" if data[r, c] < 5 else "black")
         ax.set_xticks(range(width))
-        ax.set_yticks(range(len(names)), [n.replace(".attn", "") for n in names] if j == 0 else [])
+        ax.set_yticks(range(len(names)), [n.replace(".attn", "") for n in names] if j == 0 else [], parse_math=False)
         ax.set_xlabel("head")
         ax.set_title({"attn": "attention probs", "out": "head outputs"}.get(slot, slot.upper()) + ": bits per head")
     if layers:
@@ -345,7 +345,7 @@ def allocation_figure(alloc: dict, title: str = "Q-ViT bit allocation"):
         ax.bar(x - 0.2, [float(v["weight"]) for v in layers.values()], 0.4, label="weight")
         ax.bar(x + 0.2, [float(v["input"]) if finite_number(v.get("input")) else 0 for v in layers.values()], 0.4,
                label="input (0: head-wise, above)")
-        ax.set_xticks(x, list(layers), rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(x, list(layers), rotation=60, ha="right", fontsize=7, parse_math=False)  # "$": no TeX
         ax.set_ylabel("bits")
         ax.set_ylim(0, BIT_RANGE[1] + 0.5)
         ax.legend(fontsize=8, loc="upper left")
@@ -356,7 +356,7 @@ def allocation_figure(alloc: dict, title: str = "Q-ViT bit allocation"):
             summary[-1] += f" / budget {alloc['budget_bitops'] / 1e6:.1f} M ({alloc['budget_bits']:g}-bit)"
     if finite_number(alloc.get("mean_weight_bits")):
         summary.append(f"mean weight bits {alloc['mean_weight_bits']:.2f}")
-    fig.suptitle(f"{title}: {', '.join(summary)}" if summary else title)
+    fig.suptitle(f"{title}: {', '.join(summary)}" if summary else title, parse_math=False)
     fig.tight_layout()
     return fig
 

@@ -36,7 +36,6 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-matplotlib.rcParams["text.parse_math"] = False  # names from results files are text: "$" is a dollar, not TeX
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -267,9 +266,10 @@ def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weigh
     _label_points(ax, [(e.bits, 100 * e.top1, e.name) for e in entries if e.bits < 16])
     ax.set_xlabel("bits per linear weight on disk, scales and zeros included (log scale)")
     ax.set_ylabel("top-1 accuracy, %")
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)  # names from results files are text: "$" is a dollar, not TeX
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    for text in ax.legend(loc="best", fontsize=8).get_texts():
+        text.set_parse_math(False)
     fig.tight_layout()
     return fig
 
@@ -291,7 +291,7 @@ def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
                   for ql, qb, qw in placed):
             dy += 1.2 * size
         placed.append((left, py + dy * px_per_pt, width))
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=size,
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=size, parse_math=False,
                     ha="left" if dx > 0 else "right", arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5,
                                                                        shrinkA=0, shrinkB=3) if dy > 3 else None)
     over = max((b + 1.2 * size * px_per_pt for _, b, _ in placed), default=0) - ax.bbox.y1

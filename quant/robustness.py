@@ -250,7 +250,7 @@ def figure(result: dict):
             ax.set_title(f"{name}, {low}-bit: " + ("logit KL" if metric == "kl" else "top-1 drop") + " per head")
             fig.colorbar(im, ax=ax, fraction=0.046).set_label("nats" if metric == "kl" else "points")
     fig.suptitle(f"Quantizing one component at a time (FP top-1 {result['fp_top1']:.4f}, "
-                 f"{result['n']} {result.get('split', '')} images)")
+                 f"{result['n']} {result.get('split', '')} images)", parse_math=False)
     fig.tight_layout()
     return fig
 

@@ -1400,6 +1400,30 @@ def test_malformed_confusion_matrices_allocations_and_robustness_analyses_are_no
     assert any("deep.json" in e for e in res.errors)
 
 
+def test_the_results_tabs_log_axes_are_labelled_as_powers_of_ten_not_as_tex_source(tmp_path):
+    res = results.load(write_results(tmp_path / "results"))  # (quant.report is loaded: its names are drawn as text)
+    fig = results.robustness_plot(res.having("robustness")[0])
+    fig.canvas.draw()
+    ax = fig.axes[1]                                          # the KL per block, on a log scale
+    assert ax.get_yscale() == "log"
+    assert all(t.get_window_extent(fig.canvas.get_renderer()).width < 40 for t in ax.get_yticklabels() if t.get_text())
+
+
+def test_every_results_plot_draws_names_holding_tex_as_text(tmp_path):
+    tex = "$\\frac$"                                         # to matplotlib's mathtext, a parse error
+    (tmp_path / "r.json").write_text(json.dumps({
+        "ptq": [{"recipe": f"w4 {tex}", "top1": 0.5, "bits_per_weight": 4, "latency_ms": 2.0, "size_bytes": 10,
+                 "fps": 3.0}],
+        "alloc": {"attention": {f"blocks.0.attn{tex}": {"q": [4]}}, "layers": {f"fc{tex}": {"weight": 4}}, "bitops": 1},
+        "robust": {"fp_top1": 0.8, "n": 10, "split": tex, "trials": [
+            {"bits": 2, "component": "w_qkv", "block": 0, "drop": 1.0, "kl": 0.1}]}}))
+    res = results.load(tmp_path)
+    for fig in (results.accuracy_vs_bits(res), results.latency_bars(res), results.size_bars(res), results.fps_bars(res),
+                results.allocation_plot(res.having("allocation")[0]),
+                results.robustness_plot(res.having("robustness")[0])):
+        fig.savefig(io.BytesIO(), format="png")
+
+
 def test_latency_bars_of_600_entries_reach_the_page_as_a_webp_plot(tmp_path):
     """Gradio sends plots as WebP, at most 16383 pixels a side: 600 bars' figure was taller, and the tab failed."""
     import gradio as gr
