@@ -19,17 +19,23 @@ MAX_SIDE = 160  # inches: the page gets each plot as WebP, at most 16383 pixels 
 
 
 def _bars(entries: list[Entry], values: list[float], xlabel: str, title: str, fmt: str):
+    """One bar an entry, named by its label and given its number; the figure widened by the longest label (7 pt:
+    ~0.06 inches a character) so that 5 inches are left for the bars and their numbers, and the value axis logarithmic
+    where the values span two decades or more (a GPU's 0.7 ms beside a CPU's 300 ms)."""
     palette = colors([e.source for e in entries])
-    fig, ax = plt.subplots(figsize=(7.5, min(0.8 + 0.28 * len(entries), MAX_SIDE)))
+    longest = max(len(e.label) for e in entries)
+    fig, ax = plt.subplots(figsize=(min(max(7.5, 5 + 0.06 * longest), MAX_SIDE),
+                                    min(0.8 + 0.28 * len(entries), MAX_SIDE)))
     y = np.arange(len(entries))
-    ax.barh(y, values, color=[palette[e.source] for e in entries])
+    log = max(values) >= 100 * min(values)
+    ax.barh(y, values, color=[palette[e.source] for e in entries], log=log)
     ax.set_yticks(y, [e.label for e in entries], fontsize=7, parse_math=False)  # "$" in a name is a dollar, not TeX
-    ax.invert_yaxis()
+    ax.set_ylim(len(entries) - 0.5, -0.5)  # the first entry on top, no empty rows above or below
     for i, v in enumerate(values):
         ax.text(v, i, " " + fmt.format(v), va="center", fontsize=7)
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(xlabel + (" (log scale)" if log else ""))
     ax.set_title(title)
-    ax.margins(x=0.15)
+    ax.margins(x=0.2)
     fig.tight_layout()
     return fig
 

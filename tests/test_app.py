@@ -1424,6 +1424,27 @@ def test_every_results_plot_draws_names_holding_tex_as_text(tmp_path):
         fig.savefig(io.BytesIO(), format="png")
 
 
+def bar_entries(tmp_path, values):
+    (tmp_path / "bench.json").write_text(json.dumps({"results": {
+        f"deit_small_patch16_224, random weights: ORT w8a8 (MatMulInteger) {i}": {"latency_ms": v}
+        for i, v in enumerate(values)}}))
+    return results.load(tmp_path)
+
+
+def test_latency_bars_spanning_two_decades_or_more_are_drawn_on_a_log_scale(tmp_path):
+    assert results.latency_bars(bar_entries(tmp_path, [0.7, 291.7])).axes[0].get_xscale() == "log"
+    assert results.latency_bars(bar_entries(tmp_path, [2.0, 20.0])).axes[0].get_xscale() == "linear"
+
+
+def test_bars_keep_long_names_their_numbers_and_the_axis_label_within_the_figure(tmp_path):
+    fig = results.latency_bars(bar_entries(tmp_path, [0.7, 12.3, 291.7]))
+    fig.canvas.draw()
+    ax, renderer = fig.axes[0], fig.canvas.get_renderer()
+    for text in ax.get_yticklabels() + ax.texts + [ax.xaxis.label, ax.title]:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, text.get_text()
+
+
 def test_latency_bars_of_600_entries_reach_the_page_as_a_webp_plot(tmp_path):
     """Gradio sends plots as WebP, at most 16383 pixels a side: 600 bars' figure was taller, and the tab failed."""
     import gradio as gr
