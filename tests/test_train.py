@@ -1356,3 +1356,14 @@ def test_cli_trains_on_a_tree_of_two_classes_the_fewest_a_classifier_takes(tmp_p
     assert run(main, ["--model", "vit_cifar_tiny", "--data", str(tree), "--out", str(tmp_path / "run"),
                       "--epochs", "1", "--batch-size", "4"]) == 0
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_curves_of_a_one_epoch_run_number_the_epoch_axis_in_whole_epochs(tmp_path, monkeypatch):
+    import quant.train as train
+    figs = []
+    monkeypatch.setattr(train, "write_png", lambda path, fig, dpi: figs.append(fig))
+    train.plot_log([{"epoch": 1, "train_loss": 2.0, "train_acc": 0.1, "val_top1": 0.2}], tmp_path / "c.png", "1 epoch")
+    figs[0].canvas.draw()
+    for ax in figs[0].axes:
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert "1" in labels and all(label.lstrip("−-").isdecimal() for label in labels), labels
