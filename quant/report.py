@@ -261,7 +261,12 @@ def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weigh
             ax.scatter([e.bits for e in low], [100 * e.top1 for e in low], color=color, marker="osD^vP*X"[i % 8],
                        s=40, label=source, zorder=3)
     ax.set_xscale("log", base=2)
-    ax.set_xticks([1, 1.6, 2, 3, 4, 8], ["1", "1.6", "2", "3", "4", "8"])
+    ax.autoscale_view()
+    ticks = [t for t in (1, 1.6, 2, 3, 4, 8) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    if len(ticks) < 2:  # points between two of them (all near 4 bits): the axis is numbered at the outermost points
+        ticks = sorted({round(e.bits, 2) for e in entries if e.bits < 16}) or ticks
+        ticks = sorted({ticks[0], ticks[-1]}) if ticks else ticks
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
     _label_points(ax, [(e.bits, 100 * e.top1, e.name) for e in entries if e.bits < 16])
     ax.set_xlabel("bits per linear weight on disk, scales and zeros included (log scale)")

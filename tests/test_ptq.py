@@ -554,6 +554,14 @@ def test_report_draws_a_line_from_a_name_lifted_off_another_to_its_point(tmp_pat
     assert [(t.get_text(), t.arrow_patch is not None) for t in texts] == [("w4", False), ("w4-gptq", True)]
 
 
+def test_report_numbers_the_bits_axis_at_the_outermost_points_when_they_lie_between_its_usual_ticks(tmp_path):
+    folder = results_folder(tmp_path, ptq={"results": [{"recipe": "w4", "top1": 0.5, "bits_per_weight": 4.27},
+                                                       {"recipe": "w4a8", "top1": 0.6, "bits_per_weight": 4.02}]})
+    ax = accuracy_vs_bits(load(folder)).axes[0]
+    lo, hi = ax.get_xlim()
+    assert [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi] == ["4.02", "4.27"]
+
+
 def test_report_titles_the_plot_with_the_models_and_the_split_and_says_which_files_it_skipped(tmp_path, capsys,
                                                                                             monkeypatch):
     titles = []
