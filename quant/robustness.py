@@ -192,7 +192,8 @@ def plot(result: dict, path: str | Path) -> None:
 def figure(result: dict):
     """Row 1: per bit-width, the top-1 drop and the logit KL per block for each weight and the post-GELU
     activation. Rows 2-3: per slot (Q, K, V, attention scores), block x head heat maps of the KL and of
-    the top-1 drop at the lowest bit-width (the Q-ViT paper's figure 2, made per head).
+    the top-1 drop at the lowest bit-width (the Q-ViT paper's figure 2, made per head), the drop red, a gain (a
+    negative drop) blue and no change white.
     On a few hundred images the drop moves in steps of 100 / n points; the KL resolves far smaller effects (its
     cells are written to two significant digits, so a KL of 0.0004 reads as such, not as 0.000)."""
     import matplotlib
@@ -237,11 +238,17 @@ def figure(result: dict):
             for t in trials:
                 if t["bits"] == low and t["component"] == f"h_{slot}" and t.get("head") is not None:
                     grid[blocks.index(t["block"]), heads.index(t["head"])] = t[metric]
-            im = ax.imshow(grid, cmap="magma_r", vmin=min(0, grid.min()), vmax=max(grid.max(), 1e-6), aspect="auto")
+            if metric == "kl":  # 0 up
+                im = ax.imshow(grid, cmap="magma_r", vmin=0, vmax=max(grid.max(), 1e-6), aspect="auto")
+                dark = lambda v: im.norm(v) > 0.6  # noqa: E731
+            else:  # a drop or a gain (below 0): red or blue, no change white
+                m = max(np.abs(grid).max(), 1e-6)
+                im = ax.imshow(grid, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto")
+                dark = lambda v: abs(im.norm(v) - 0.5) > 0.3  # noqa: E731
             for r in range(grid.shape[0]):
                 for c in range(grid.shape[1]):
                     ax.text(c, r, f"{grid[r, c]:.2g}" if metric == "kl" else f"{grid[r, c]:.1f}", ha="center",
-                            va="center", fontsize=7, color="white" if im.norm(grid[r, c]) > 0.6 else "black")  # on the dark end
+                            va="center", fontsize=7, color="white" if dark(grid[r, c]) else "black")
             ax.set_xticks(range(len(heads)))
             ax.set_yticks(range(len(blocks)))
             ax.set_xlabel("head")

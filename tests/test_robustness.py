@@ -248,7 +248,13 @@ def test_the_heat_maps_colour_bars_give_their_units():
 def test_a_heat_maps_numbers_are_white_on_its_dark_cells_when_some_drops_are_negative():
     trials = [trial(2, "h_q", 0, h, drop=d) for h, d in enumerate((0.0, -5.0))]  # a better top-1 and no change
     texts = {t.get_text(): t.get_color() for t in figure({"fp_top1": 0.9, "n": 20, "trials": trials}).axes[8].texts}
-    assert texts == {"0.0": "white", "-5.0": "black"}  # 0 is the top of the scale, -5 its bottom
+    assert texts == {"0.0": "black", "-5.0": "white"}  # 0 the pale middle of the scale, -5 its dark end
+
+
+def test_the_drop_heat_maps_scale_is_centred_on_no_change():
+    trials = [trial(2, "h_q", 0, h, drop=d) for h, d in enumerate((0.2, -1.0))]
+    image = figure({"fp_top1": 0.9, "n": 20, "trials": trials}).axes[8].images[0]
+    assert image.norm(0.0) == pytest.approx(0.5) and image.norm.vmin == -image.norm.vmax
 
 
 def test_a_heat_maps_kl_is_written_to_two_significant_digits_however_small():
