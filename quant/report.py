@@ -239,9 +239,11 @@ def load(folder: str | Path) -> Results:
 # ----------------------------------------------------------------------------- accuracy against bits
 
 def colors(sources: list[str]) -> dict[str, tuple]:
-    """One colour per results file, the same in every plot."""
-    cmap = plt.get_cmap("tab10")
-    return {s: cmap(i % 10) for i, s in enumerate(dict.fromkeys(sources))}
+    """One colour per results file, the same in every plot: ten strong ones, or twenty (each hue dark and light) for
+    more files, and only past twenty does a colour come round again."""
+    files = list(dict.fromkeys(sources))
+    cmap = plt.get_cmap("tab10" if len(files) <= 10 else "tab20")
+    return {s: cmap(i % cmap.N) for i, s in enumerate(files)}
 
 
 def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weight"):

@@ -562,6 +562,11 @@ def test_report_numbers_the_bits_axis_at_the_outermost_points_when_they_lie_betw
     assert [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi] == ["4.02", "4.27"]
 
 
+def test_report_gives_each_of_up_to_twenty_results_files_a_colour_of_its_own():
+    assert len(set(report.colors([f"f{i}" for i in range(20)]).values())) == 20
+    assert report.colors(["a", "b"]) == {"a": report.plt.get_cmap("tab10")(0), "b": report.plt.get_cmap("tab10")(1)}
+
+
 def test_report_titles_the_plot_with_the_models_and_the_split_and_says_which_files_it_skipped(tmp_path, capsys,
                                                                                             monkeypatch):
     titles = []
