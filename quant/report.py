@@ -246,12 +246,17 @@ def colors(sources: list[str]) -> dict[str, tuple]:
     return {s: cmap(i % cmap.N) for i, s in enumerate(files)}
 
 
-def accuracy_vs_bits(res: Results, title: str = "Accuracy against bits per weight"):
+def accuracy_vs_bits(res: Results, title: str | None = None):
     """Top-1 against bits per weight, one colour and marker per results file; models of 16 bits and more
-    (full precision) as dashed lines. None when no entry has both."""
+    (full precision) as dashed lines; titled with the models and splits the entries name unless `title` is given.
+    None when no entry has both."""
     entries = res.having("top1", "bits")
     if not entries:
         return None
+    if title is None:
+        models = sorted({Path(str(e.data["checkpoint"])).stem for e in entries if e.data.get("checkpoint")})
+        splits = sorted({str(e.data["split"]) for e in entries if e.data.get("split")})
+        title = f"{', '.join(models) or 'bitvit'}: top-1 on the {'/'.join(splits) or 'eval'} split"
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (source, color) in enumerate(colors([e.source for e in entries]).items()):
         group = [e for e in entries if e.source == source]
@@ -323,7 +328,7 @@ def main(argv=None):
                                 formatter_class=HelpFormatter)
     p.add_argument("--results", default="assets/results", help="folder of results JSON files")
     p.add_argument("--out", default="assets/results/accuracy_vs_bits.png", help="plot to write (PNG)")
-    p.add_argument("--title", help="plot title (default: the models and split the entries name)")
+    p.add_argument("--title", help="plot title (default: the models and splits the entries name)")
     args = p.parse_args(argv)
     output_file(args.out, ".png")
     if Path(args.results).is_file():
@@ -339,10 +344,7 @@ def main(argv=None):
         raise ValueError(f"no entries with top1 and bits_per_weight in {args.results}/*.json: "
                          f"run python -m quant.ptq_results first")
     print(markdown(entries))
-    models = sorted({Path(str(e.data["checkpoint"])).stem for e in entries if e.data.get("checkpoint")})
-    splits = sorted({str(e.data["split"]) for e in entries if e.data.get("split")})
-    title = args.title or f"{', '.join(models) or 'bitvit'}: top-1 on the {'/'.join(splits) or 'eval'} split"
-    fig = accuracy_vs_bits(res, title)
+    fig = accuracy_vs_bits(res, args.title)
     write_png(args.out, fig, dpi=120)
     print(f"plot: {args.out}")
 

@@ -1400,6 +1400,13 @@ def test_malformed_confusion_matrices_allocations_and_robustness_analyses_are_no
     assert any("deep.json" in e for e in res.errors)
 
 
+def test_the_results_tabs_accuracy_plot_is_titled_with_the_models_and_split_its_entries_name(tmp_path):
+    (tmp_path / "ptq.json").write_text(json.dumps({"results": [
+        {"recipe": "w4", "top1": 0.8, "bits_per_weight": 4.0, "checkpoint": "assets/vit_cifar_tiny.safetensors",
+         "split": "test"}]}))
+    assert results.accuracy_vs_bits(results.load(tmp_path)).axes[0].get_title() == "vit_cifar_tiny: top-1 on the test split"
+
+
 def test_the_results_tabs_log_axes_are_labelled_as_powers_of_ten_not_as_tex_source(tmp_path):
     res = results.load(write_results(tmp_path / "results"))  # (quant.report is loaded: its names are drawn as text)
     fig = results.robustness_plot(res.having("robustness")[0])

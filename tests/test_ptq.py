@@ -570,8 +570,7 @@ def test_report_gives_each_of_up_to_twenty_results_files_a_colour_of_its_own():
 def test_report_titles_the_plot_with_the_models_and_the_split_and_says_which_files_it_skipped(tmp_path, capsys,
                                                                                             monkeypatch):
     titles = []
-    draw = report.accuracy_vs_bits
-    monkeypatch.setattr(report, "accuracy_vs_bits", lambda res, title: titles.append(title) or draw(res, title))
+    monkeypatch.setattr(report, "write_png", lambda path, fig, dpi: titles.append(fig.axes[0].get_title()))
     folder = results_folder(tmp_path, ptq={"results": [
         {"recipe": "w4", "top1": 0.8, "bits_per_weight": 4.0, "checkpoint": "runs/tiny.safetensors", "split": "val"}]})
     (folder / "broken.json").write_text("{")
