@@ -195,7 +195,8 @@ def figure(result: dict):
     the top-1 drop at the lowest bit-width (the Q-ViT paper's figure 2, made per head), the drop red, a gain (a
     negative drop) blue and no change white.
     On a few hundred images the drop moves in steps of 100 / n points; the KL resolves far smaller effects (its
-    cells are written to two significant digits, so a KL of 0.0004 reads as such, not as 0.000)."""
+    cells are written to two significant digits in the panel's power of ten, named by its colour bar: with 0.0052
+    nats the largest, "1e-3 nats", 0.0052 reads 5.2 and 0.0004 0.4)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -238,7 +239,10 @@ def figure(result: dict):
             for t in trials:
                 if t["bits"] == low and t["component"] == f"h_{slot}" and t.get("head") is not None:
                     grid[blocks.index(t["block"]), heads.index(t["head"])] = t[metric]
-            if metric == "kl":  # 0 up
+            unit = "points"
+            if metric == "kl":  # 0 up; a panel's largest below 0.1 nats: in its power of ten (0.0052 reads 5.2)
+                e = int(np.floor(np.log10(grid.max()))) if 0 < grid.max() < 0.1 else 0
+                grid, unit = grid / 10.0 ** e, f"1e{e} nats" if e else "nats"
                 im = ax.imshow(grid, cmap="magma_r", vmin=0, vmax=max(grid.max(), 1e-6), aspect="auto")
                 dark = lambda v: im.norm(v) > 0.6  # noqa: E731
             else:  # a drop or a gain (below 0): red or blue, no change white
@@ -255,7 +259,7 @@ def figure(result: dict):
             ax.set_ylabel("block")
             name = {"attn": "attention scores"}.get(slot, slot.upper())
             ax.set_title(f"{name}, {low}-bit: " + ("logit KL" if metric == "kl" else "top-1 drop") + " per head")
-            fig.colorbar(im, ax=ax, fraction=0.046).set_label("nats" if metric == "kl" else "points")
+            fig.colorbar(im, ax=ax, fraction=0.046).set_label(unit)
     fig.suptitle(f"Quantizing one component at a time (FP top-1 {result['fp_top1']:.4f}, "
                  f"{result['n']} {result.get('split', '')} images)", parse_math=False)
     fig.tight_layout()

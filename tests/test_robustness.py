@@ -257,10 +257,11 @@ def test_the_drop_heat_maps_scale_is_centred_on_no_change():
     assert image.norm(0.0) == pytest.approx(0.5) and image.norm.vmin == -image.norm.vmax
 
 
-def test_a_heat_maps_kl_is_written_to_two_significant_digits_however_small():
+def test_a_heat_maps_small_kl_is_written_in_its_largest_values_power_of_ten_named_by_the_colour_bar():
     trials = [trial(2, "h_q", 0, h, kl=k) for h, k in enumerate((0.00042, 0.0123, 0.0))]
-    texts = [t.get_text() for t in figure({"fp_top1": 0.9, "n": 20, "trials": trials}).axes[4].texts]
-    assert texts == ["0.00042", "0.012", "0"]
+    fig = figure({"fp_top1": 0.9, "n": 20, "trials": trials})
+    assert [t.get_text() for t in fig.axes[4].texts] == ["0.042", "1.2", "0"]
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"][0] == "1e-2 nats"
 
 
 def test_the_figure_is_titled_with_the_fp_top1_and_how_many_images_of_which_split():
