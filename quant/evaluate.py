@@ -190,7 +190,8 @@ def main(argv=None):
                eval_seconds=eval_s, **provenance("quant.evaluate", argv))
 
     plot_confusion(res["confusion"], list(res["per_class"]), confusion_png,
-                   f"{Path(args.checkpoint).name} on {args.split} (top-1 {res['top1']:.4f})")
+                   f"{Path(args.checkpoint).name} on {counted(res['n'], args.split + ' image')} "
+                   f"(top-1 {res['top1']:.4f})")
     res["confusion_png"] = str(confusion_png)
 
     width = max(map(len, res["per_class"]))

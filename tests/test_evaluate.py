@@ -75,6 +75,16 @@ def test_cli_on_one_thread_and_one_image_says_so_in_the_singular(checkpoint, ima
     assert " (1 thread)\n" in out and "test split: 1 image\n" in out
 
 
+def test_the_confusion_plot_is_titled_with_how_many_images_of_the_split_were_scored(checkpoint, image_tree, tmp_path,
+                                                                                    monkeypatch):
+    from quant import evaluate
+    titles = []
+    monkeypatch.setattr(evaluate, "plot_confusion", lambda cm, classes, path, title: titles.append(title))
+    evaluate.main(["--checkpoint", str(checkpoint), "--data", str(image_tree), "--limit", "2",
+                   "--json", str(tmp_path / "r.json")])
+    assert titles[0].startswith(f"{checkpoint.name} on 2 test images (top-1 ")
+
+
 def test_a_default_confusion_name_past_the_file_name_limit_is_refused_before_scoring_naming_the_option(
         tiny_model, image_tree, tmp_path, capsys, monkeypatch):
     from quant.cli import run
