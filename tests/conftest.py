@@ -25,6 +25,13 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _gradio_files_kept(tmp_path_factory, monkeypatch):
+    """The files Gradio caches for a page (its example images, uploads, outputs) go to a folder of the test's own,
+    not into the machine's shared <temp>/gradio (another user's there is a folder this one cannot write)."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
+
+
+@pytest.fixture(autouse=True)
 def _figures_closed():
     """Figures a test draws are closed after it (the functions that draw hand them to their caller to close, as
     Gradio's Plot does)."""

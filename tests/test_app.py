@@ -690,6 +690,15 @@ def test_the_pages_drawn_examples_are_removed_when_the_app_exits(handlers, tmp_p
     assert not any(f.exists() for f in folders)
 
 
+def test_the_copies_gradio_makes_of_a_pages_examples_go_to_the_tests_own_folder(handlers, tmp_path,
+                                                                                 tmp_path_factory):
+    """Not into the machine's <temp>/gradio, where every run of the suite left them."""
+    from app.ui import build
+    build(handlers.cmp, ["int8"], tmp_path)
+    cached = Path(os.environ["GRADIO_TEMP_DIR"])
+    assert cached.is_relative_to(tmp_path_factory.getbasetemp()) and len(list(cached.glob("*/*.png"))) == 5
+
+
 def test_two_visitors_can_stream_their_webcams_at_once(handlers, tmp_path):
     from app.ui import build
     demo = build(handlers.cmp, ["int8"], tmp_path)

@@ -47,7 +47,8 @@ def server(tmp_path_factory, ortops_cache):
     quant.save_quantized(q, assets / "tiny_ternary.safetensors")
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "BITVIT_CACHE": str(tmp / "cache"), "BITVIT_ORTOPS_CACHE": str(ortops_cache)}
+           "BITVIT_CACHE": str(tmp / "cache"), "BITVIT_ORTOPS_CACHE": str(ortops_cache),
+           "GRADIO_TEMP_DIR": str(tmp / "gradio")}  # the uploads it is sent, not into the machine's /tmp/gradio
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app" / "main.py"), "--host", "127.0.0.1",
                              "--port", str(port), "--fp", str(assets / "tiny_fp.safetensors"), "--assets", str(assets)],
@@ -73,7 +74,7 @@ def test_the_app_answers_an_upload_through_gradio_client(server, tmp_path):
     from gradio_client import Client, handle_file
     url, _ = server
     DRAWINGS["ship"]().resize((SIZE, SIZE)).save(tmp_path / "ship.png")
-    client = Client(url, verbose=False)
+    client = Client(url, verbose=False, download_files=tmp_path)
     view, fp_top, fp_card, q_top, q_card, summary = client.predict(handle_file(str(tmp_path / "ship.png")),
                                                                    api_name="/classify")
     assert Path(view).is_file()
@@ -86,7 +87,7 @@ def test_a_bad_upload_gets_a_message_and_the_app_keeps_serving(server, tmp_path)
     from gradio_client import Client, handle_file
     url, _ = server
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
-    client = Client(url, verbose=False)
+    client = Client(url, verbose=False, download_files=tmp_path)
     *_, summary = client.predict(handle_file(str(tmp_path / "bad.png")), api_name="/classify")
     assert summary.startswith("⚠")
     Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(tmp_path / "ok.png")
