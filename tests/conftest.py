@@ -32,6 +32,16 @@ def _gradio_files_kept(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _threads_kept():
+    """A command run in a test sets torch's thread count (--threads, export.bench's 2): later tests keep the
+    count they started with."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _figures_closed():
     """Figures a test draws are closed after it (the functions that draw hand them to their caller to close, as
     Gradio's Plot does)."""
