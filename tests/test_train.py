@@ -1077,22 +1077,14 @@ def tiny_file(path: Path, seed: int, **overrides) -> Path:
     return path
 
 
-def test_cli_refuses_data_of_other_classes_than_the_teachers_before_any_image_is_decoded(tmp_path, capsys,
-                                                                                         no_decoding):
-    teacher = tiny_file(tmp_path / "t.safetensors", seed=0)
+@pytest.mark.parametrize("option, whose", [("--teacher", "the teacher"), ("--init", "the --init file")])
+def test_cli_refuses_data_of_other_classes_than_a_teachers_or_init_files_before_any_image_is_decoded(
+        tmp_path, capsys, no_decoding, option, whose):
+    model = tiny_file(tmp_path / "m.safetensors", seed=0)
     other = write_tree(tmp_path / "other", splits=("train",), classes=("a", "b", "c"))
     assert run(main, ["--model", "vit_cifar_tiny", "--data", str(other), "--out", str(tmp_path / "run"),
-                      "--epochs", "1", "--batch-size", "4", "--teacher", str(teacher)]) == 2
-    assert "are not the teacher" in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
-
-
-def test_cli_refuses_data_of_other_classes_than_the_init_files_before_any_image_is_decoded(tmp_path, capsys,
-                                                                                           no_decoding):
-    start = tiny_file(tmp_path / "start.safetensors", seed=0)
-    other = write_tree(tmp_path / "other", splits=("train",), classes=("a", "b", "c"))
-    assert run(main, ["--model", "vit_cifar_tiny", "--data", str(other), "--out", str(tmp_path / "run"),
-                      "--epochs", "1", "--batch-size", "4", "--init", str(start)]) == 2
-    assert "are not the --init file " in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
+                      "--epochs", "1", "--batch-size", "4", option, str(model)]) == 2
+    assert f"are not {whose} " in capsys.readouterr().err and not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_cli_refuses_a_val_folder_of_other_classes_before_any_of_its_images_is_decoded(tmp_path, capsys,
