@@ -18,6 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from gradio.components.plot import PlotData
 from PIL import Image
 
 from app import results as results_mod
@@ -191,6 +192,16 @@ def _plot(fig):
     return gr.update(value=fig, visible=fig is not None)
 
 
+class _NamedPlot(PlotData):
+    """A drawn plot that names itself: Gradio's page makes `chart` the image's alt text ("<chart> plot visualising
+    provided data"), which for a matplotlib figure, holding none, a screen reader reads as "undefined plot ..."."""
+    chart: str
+
+
+def _named(plot: PlotData | None, label: str) -> _NamedPlot | None:
+    return plot and _NamedPlot(**plot.model_dump(), chart=label)
+
+
 def _pick(folder: Path, prop: str, label: str | None, draw):
     entries = results_mod.load(folder).having(prop)
     entries = dict(zip(results_mod.labels(entries), entries))
@@ -205,6 +216,7 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
     fp = comparison.fp
     s = comparison.size
     enlarged = ", enlarged" if view_scale(s) > 1 else ""
+    seen = f"the picture as the models see it: resized and centre-cropped to {s}x{s} pixels{enlarged}"
     classes = fp.config.classes
     results_dir = Path(results_dir)
     examples_dir = Path(tempfile.mkdtemp(prefix="bitvit-examples-"))  # in the temp folder, which Gradio serves
@@ -265,7 +277,7 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                 webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="webcam",
                                   webcam_options=gr.WebcamOptions(mirror=MIRROR_WEBCAM), elem_id="webcam")
                 live_view = gr.Image(label=f"what the models see ({s}x{s}{enlarged})", interactive=False,
-                                     height=s * view_scale(s) + 60, elem_id="live-view")
+                                     height=s * view_scale(s) + 60, elem_id="live-view", alt_text=seen)
             live_out = outputs("live")
             stats = gr.State(LiveStats())
             # frames come unprocessed (preprocess=False), so the app checks a frame's size before decoding
@@ -279,12 +291,13 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
         with gr.Tab("Image"):
             with gr.Row():
                 still = gr.Image(sources=["upload", "clipboard"], type="filepath", image_mode=None,
-                                 label="upload or paste an image", elem_id="still")
+                                 label="upload or paste an image", elem_id="still", alt_text="the image to classify")
                 still_view = gr.Image(label=f"what the models see ({s}x{s}{enlarged})", interactive=False,
-                                      height=s * view_scale(s) + 60)
+                                      height=s * view_scale(s) + 60, elem_id="still-view", alt_text=seen)
             if examples:
+                # Gradio gives an example's picture no alt text and its button no name: the label names them in order
                 gr.Examples([[str(p)] for p in examples], inputs=[still],
-                            label="drawn examples (not CIFAR images)")
+                            label=f"drawn examples (not CIFAR images): {', '.join(p.stem for p in examples)}")
             still_out = outputs("still")
             # preprocess=False: the handler decodes the file itself, so a bad upload gets a message. One queue
             # for both events: a visitor's upload and variant change are answered in the order made (the page
@@ -320,8 +333,8 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                         drawn.clear()
                         drawn["stamp"] = stamp
                     if key not in drawn:
-                        drawn[key] = [{**v, "value": c.postprocess(v["value"])} if isinstance(c, gr.Plot) else v
-                                      for v, c in zip(make(), outputs)]
+                        drawn[key] = [{**v, "value": _named(c.postprocess(v["value"]), c.label)}
+                                      if isinstance(c, gr.Plot) else v for v, c in zip(make(), outputs)]
                     return [dict(v) if isinstance(v, dict) else v for v in drawn[key]]  # (Gradio pops their values)
 
             tab = lambda: _results_outputs(results_dir)  # noqa: E731

@@ -2366,6 +2366,33 @@ def test_each_robustness_analysis_picked_on_the_page_is_drawn(handlers, tmp_path
     assert run("r1 (r1)")[0]["value"] != run("r2 (r2)")[0]["value"]
 
 
+
+def test_each_results_plot_is_named_in_its_alt_text_not_undefined(handlers, tmp_path):
+    """Gradio's page reads a plot's alt text as "<chart> plot visualising provided data": a screen reader's only
+    name for the picture."""
+    run = _results_events(handlers, write_robustness(tmp_path / "results", "r1"))
+    where = "where the bits matter: one component quantized at a time"
+    assert run("load")[10]["value"]["chart"] == where and run("r1 (r1)")[0]["value"]["chart"] == where
+
+
+def test_the_models_view_and_the_uploaded_image_have_alt_text(handlers, tmp_path):
+    props = {c["props"].get("elem_id"): c["props"] for c in build_page(handlers, tmp_path).config["components"]}
+    for view in ("live-view", "still-view"):
+        assert props[view]["alt_text"].startswith("the picture as the models see it: resized and centre-cropped to")
+    assert props["still"]["alt_text"] == "the image to classify"
+
+
+def test_the_drawn_examples_are_named_in_order_in_their_label(handlers, tmp_path):
+    """Gradio gives an example's picture no alt text and its button no name."""
+    labels = [c["props"].get("label") for c in build_page(handlers, tmp_path).config["components"]
+              if c["type"] == "dataset"]
+    assert labels == ["drawn examples (not CIFAR images): airplane, automobile, frog, ship, truck"]
+
+
+def build_page(handlers, folder):
+    from app.ui import build
+    return build(handlers.cmp, ["int8"], folder)
+
 def test_two_confusion_matrices_of_one_name_are_told_apart_in_the_menu_and_each_is_drawn_when_picked(tmp_path):
     from app.ui import _pick, _results_outputs
     (tmp_path / "r.json").write_text(json.dumps({"runs": [{"name": "w4", "top1": 0.5, "confusion": [[1, 0], [0, 1]]},
