@@ -308,7 +308,6 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
                            api_name=False, concurrency_id="still")
 
         with gr.Tab("Results"):
-            res_md = gr.Markdown()
             acc_plot = gr.Plot(label="accuracy against bits per weight")
             lat_plot = gr.Plot(label="latency")
             size_plot = gr.Plot(label="size on disk")
@@ -319,6 +318,7 @@ def build(comparison: Comparison, variant_labels: list[str], results_dir: str | 
             alloc_plot = gr.Plot(label="bit allocation")
             robust_pick = gr.Dropdown(label="robustness analysis of")
             robust_plot = gr.Plot(label="where the bits matter: one component quantized at a time")
+            res_md = gr.Markdown(elem_id="results-files")  # below the plots: a page of them (a phone's three) above
             reload = gr.Button("Reload results")
             res_outputs = [res_md, acc_plot, lat_plot, size_plot, fps_plot, cm_pick, cm_plot, alloc_pick, alloc_plot,
                            robust_pick, robust_plot]

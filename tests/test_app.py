@@ -2389,6 +2389,13 @@ def test_the_drawn_examples_are_named_in_order_in_their_label(handlers, tmp_path
     assert labels == ["drawn examples (not CIFAR images): airplane, automobile, frog, ship, truck"]
 
 
+
+def test_the_results_tab_shows_its_plots_before_the_list_of_files_they_were_drawn_from(handlers, tmp_path):
+    """The list, a command and machine per file, runs a screen or more long: above the plots, it hid them."""
+    components = build_page(handlers, tmp_path).config["components"]
+    order = [c["props"].get("label") or c["props"].get("elem_id") for c in components]
+    assert order.index("accuracy against bits per weight") < order.index("results-files")
+
 def build_page(handlers, folder):
     from app.ui import build
     return build(handlers.cmp, ["int8"], folder)
