@@ -351,13 +351,12 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib: torch.Tensor | None 
         raise ValueError(f"the model's {bad} holds NaN or infinite values: nothing to quantize")
     if not isinstance(r, QAT):   # QAT recipes only swap layers: a meta skeleton is fine
         refuse_meta(model, "post-training quantization")
+    in_place = "quantize changes the model it is given in place: load it again, or quantize a copy.deepcopy(model)"
     if any(is_quantized_layer(m) for m in model.modules()):
-        raise ValueError("the model is already quantized: quantize its full-precision original (quantize changes "
-                         "the model it is given in place: load it again, or quantize a copy.deepcopy(model))")
+        raise ValueError(f"the model is already quantized: quantize its full-precision original ({in_place})")
     if runs_on_kernels(model):
-        raise ValueError("the model is already quantized, on bitvit's kernels (cuda_ops.to_kernels): quantize "
-                         "its full-precision original (quantize changes the model it is given in place: load it "
-                         "again, or quantize a copy.deepcopy(model))")
+        raise ValueError(f"the model is already quantized, on bitvit's kernels (cuda_ops.to_kernels): quantize "
+                         f"its full-precision original ({in_place})")
     first: dict[nn.Module, str] = {}   # a layer reached under two names would be swapped under the first only
     for name, m in model.named_modules(remove_duplicate=False):
         if type(m) is nn.Linear and first.setdefault(m, name) != name:
