@@ -7,7 +7,8 @@ For the full-precision model and each recipe (default: w8a8, w4a8, w4a8-gptq, w4
 and w3, w3-gptq, w2, w2-gptq to show what GPTQ buys over round to nearest at 3 and 2 bits, groups of
 64), it does
 what `python -m quant.ptq` and `python -m quant.evaluate` do: quantizes with `--calib-size` training images
-(`quant.ptq.calibration_inputs`: the first of each class, never the test split's), writes the packed file under `--models`, loads that file back (`quant.load_any`)
+(`quant.ptq.calibration_inputs`: the first of each class, never the test split's), writes the packed file
+under `--models`, loads that file back (`quant.load_any`)
 and scores it on `--split` (default test). Each entry records top-1, the drop against the FP model,
 the file's size and bits per linear weight (scales and zeros included), the two equivalent
 commands, the machine, the date and the wall times. Entries already in `--out` for other recipes or

@@ -116,7 +116,8 @@ def plot_log(records: list[dict], path: str | os.PathLike, title: str) -> None:
     acc_ax.set_ylabel("accuracy (fraction right)")
     acc_ax.legend()
     for ax in (loss_ax, acc_ax):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))  # one epoch: "1", not 0.99
+        # whole epochs, one at least: a one-epoch run's axis reads "1", not 0.945 ... 1.050
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.suptitle(title)

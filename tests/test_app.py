@@ -1413,7 +1413,8 @@ def test_the_results_tabs_accuracy_plot_is_titled_with_the_models_and_split_its_
     (tmp_path / "ptq.json").write_text(json.dumps({"results": [
         {"recipe": "w4", "top1": 0.8, "bits_per_weight": 4.0, "checkpoint": "assets/vit_cifar_tiny.safetensors",
          "split": "test"}]}))
-    assert results.accuracy_vs_bits(results.load(tmp_path)).axes[0].get_title() == "vit_cifar_tiny: top-1 on the test split"
+    title = results.accuracy_vs_bits(results.load(tmp_path)).axes[0].get_title()
+    assert title == "vit_cifar_tiny: top-1 on the test split"
 
 
 def test_the_results_tabs_log_axes_are_labelled_as_powers_of_ten_not_as_tex_source(tmp_path):

@@ -196,11 +196,14 @@ def test_a_plot_without_the_per_op_part_is_refused_before_any_timing(tmp_path):
     assert not (tmp_path / "b.png").exists()
 
 
+_TWO_OPS = [{"model": "vit_cifar_tiny", "op": op, "M": 65, "speedup_vs_dense": s}
+            for op, s in [("dense", 1), ("w1a8", 2)]]
+
+
 def test_the_speed_up_plot_leaves_no_figure_open(tmp_path):
     import matplotlib.pyplot as plt
     open_before = plt.get_fignums()
-    rows = [{"model": "vit_cifar_tiny", "op": op, "M": 65, "speedup_vs_dense": s} for op, s in [("dense", 1), ("w1a8", 2)]]
-    bench.plot(rows, tmp_path / "b.png", "cpu")
+    bench.plot(_TWO_OPS, tmp_path / "b.png", "cpu")
     assert (tmp_path / "b.png").stat().st_size > 0 and plt.get_fignums() == open_before
 
 
@@ -222,9 +225,8 @@ def test_the_speed_up_plot_writes_speed_ups_and_ms_as_numbers_not_powers_of_ten(
 
 
 def test_the_speed_up_plot_names_the_device_and_baseline_within_the_figure(monkeypatch):
-    rows = [{"model": "vit_cifar_tiny", "op": op, "M": 65, "speedup_vs_dense": s} for op, s in [("dense", 1), ("w1a8", 2)]]
     title = "NVIDIA H200: each op's speed-up over dense = F.linear in bfloat16 (cuBLAS), geometric mean over the layers"
-    fig = speed_up_figure(monkeypatch, rows, title)
+    fig = speed_up_figure(monkeypatch, _TWO_OPS, title)
     box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
     assert " ".join(fig._suptitle.get_text().split()) == title
     assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1

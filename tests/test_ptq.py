@@ -539,8 +539,9 @@ def test_report_plots_models_of_16_bits_and_more_as_lines_and_the_rest_as_points
 
 
 def test_report_names_the_rightmost_point_on_its_left_where_its_name_would_run_past_the_plot(tmp_path):
-    folder = results_folder(tmp_path, ptq={"results": [{"recipe": "w2", "top1": 0.5, "bits_per_weight": 2.0},
-                                                       {"recipe": "w8a8-" + "x" * 40, "top1": 0.9, "bits_per_weight": 8.0}]})
+    long_name = {"recipe": "w8a8-" + "x" * 40, "top1": 0.9, "bits_per_weight": 8.0}
+    short_name = {"recipe": "w2", "top1": 0.5, "bits_per_weight": 2.0}
+    folder = results_folder(tmp_path, ptq={"results": [short_name, long_name]})
     fig = accuracy_vs_bits(load(folder))
     fig.canvas.draw()
     ax, renderer = fig.axes[0], fig.canvas.get_renderer()
